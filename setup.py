@@ -1,0 +1,81 @@
+"""Build script: sparsekit._C from csrc/ (CPU always, CUDA when available), kernels/ as sparsekit.kernels.
+
+Environment:
+  SPARSEKIT_BUILD_EXT=0   pure-Python install (no C++ extension)
+  FORCE_CUDA=1            build the CUDA sources even when torch is a CPU build or no GPU is present
+  TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0;9.0a")
+  MAX_JOBS                parallel compile jobs (read by torch's BuildExtension)
+
+Install with `pip install --no-build-isolation .` so that the torch already installed is used.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(msg: str) -> None:
+    print(f"[sparsekit setup] {msg}", file=sys.stderr)
+
+
+def _want_cuda(torch_mod) -> bool:
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch_mod.version.cuda is not None and CUDA_HOME is not None
+
+
+def get_extensions() -> tuple[list, dict]:
+    """Return (ext_modules, cmdclass); empty when the extension is switched off or torch is missing."""
+    if os.environ.get("SPARSEKIT_BUILD_EXT", "1") == "0":
+        _log("SPARSEKIT_BUILD_EXT=0: pure-Python install")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        _log("torch is not importable in the build environment (use --no-build-isolation); "
+             "installing without the C++ extension")
+        return [], {}
+
+    sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG"]
+    link_flags = ["-fopenmp"]
+    define_macros = []
+    if _want_cuda(torch):
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        define_macros.append(("SPARSEKIT_WITH_CUDA", "1"))
+        ext = CUDAExtension(
+            "sparsekit._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=link_flags,
+        )
+        _log(f"building CPU + CUDA sources for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    else:
+        ext = CppExtension(
+            "sparsekit._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+        _log("building CPU sources only (torch is a CPU build or nvcc was not found; FORCE_CUDA=1 overrides)")
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = get_extensions()
+
+setup(
+    packages=find_packages(include=["sparsekit", "sparsekit.*"]) + ["sparsekit.kernels"],
+    package_dir={"sparsekit.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

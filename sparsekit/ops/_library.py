@@ -1,0 +1,129 @@
+"""Registers the sparsekit ops with torch.library: schemas (when the C++ extension did not), fake (meta)
+implementations, autograd formulas, and the pure-PyTorch reference as the CompositeExplicitAutograd kernel
+(used for any device that has no dedicated kernel, e.g. the backward ops on CUDA before those kernels land).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _extension
+from . import reference
+from ._schema import SCHEMAS
+
+_extension.load()
+_LIB_DEF = torch.library.Library("sparsekit", "FRAGMENT")  # defines only what C++ did not
+
+
+def _op(name: str):
+    return getattr(torch.ops.sparsekit, name).default
+
+
+def _is_defined(name: str) -> bool:
+    try:
+        _op(name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def has_kernel(name: str, dispatch_key: str) -> bool:
+    """True when op `name` has a kernel registered for `dispatch_key` ("CPU", "CUDA") itself."""
+    return _is_defined(name) and torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekit::{name}", dispatch_key)
+
+
+for _name, _schema in SCHEMAS.items():
+    if not _is_defined(_name):
+        _LIB_DEF.define(_name + _schema)
+    torch.library.impl(f"sparsekit::{_name}", "CompositeExplicitAutograd", lib=_LIB_DEF)(reference.REFERENCES[_name])
+
+
+# ------------------------------------------------------------------------------------------------ fakes
+def _fake_mm(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    return x.new_empty(x.shape[0], n)
+
+
+def _fake_mm_t(dy: Tensor, crow: Tensor, col: Tensor, values: Tensor, k: int) -> Tensor:
+    return dy.new_empty(dy.shape[0], k)
+
+
+@torch.library.register_fake("sparsekit::bsr_sddmm")
+def _fake_bsr_sddmm(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor, block_n: int, block_k: int) -> Tensor:
+    return dy.new_empty(col.shape[0], block_n, block_k)
+
+
+@torch.library.register_fake("sparsekit::csr_sddmm")
+def _fake_csr_sddmm(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tensor:
+    return dy.new_empty(col.shape[0])
+
+
+@torch.library.register_fake("sparsekit::nm_mm")
+def _fake_nm_mm(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int, m: int) -> Tensor:
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+@torch.library.register_fake("sparsekit::nm_mm_t")
+def _fake_nm_mm_t(dy: Tensor, values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
+    return dy.new_empty(dy.shape[0], values.shape[1] // n * m)
+
+
+@torch.library.register_fake("sparsekit::nm_sddmm")
+def _fake_nm_sddmm(dy: Tensor, x: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
+    return dy.new_empty(indices.shape)
+
+
+for _fam in ("bsr", "csr"):
+    torch.library.register_fake(f"sparsekit::{_fam}_mm")(_fake_mm)
+    torch.library.register_fake(f"sparsekit::{_fam}_mm_t")(_fake_mm_t)
+
+
+# --------------------------------------------------------------------------------------------- autograd
+# Forward y = x @ W^T + b.  dx = dy @ W (the *_mm_t op), dW = dy^T @ x on W's pattern (the *_sddmm op).
+def _setup_indexed(ctx, inputs, output) -> None:
+    x, crow, col, values, bias, _n = inputs
+    ctx.save_for_backward(x, crow, col, values)
+    ctx.has_bias = bias is not None
+
+
+def _bsr_backward(ctx, dy: Tensor):
+    x, crow, col, values = ctx.saved_tensors
+    dy = dy.contiguous()
+    need_x, _, _, need_v, need_b, _ = ctx.needs_input_grad
+    dx = _op("bsr_mm_t")(dy, crow, col, values, x.shape[1]) if need_x else None
+    dv = _op("bsr_sddmm")(dy, x, crow, col, values.shape[1], values.shape[2]) if need_v else None
+    db = dy.sum(0) if ctx.has_bias and need_b else None
+    return dx, None, None, dv, db, None
+
+
+def _csr_backward(ctx, dy: Tensor):
+    x, crow, col, values = ctx.saved_tensors
+    dy = dy.contiguous()
+    need_x, _, _, need_v, need_b, _ = ctx.needs_input_grad
+    dx = _op("csr_mm_t")(dy, crow, col, values, x.shape[1]) if need_x else None
+    dv = _op("csr_sddmm")(dy, x, crow, col) if need_v else None
+    db = dy.sum(0) if ctx.has_bias and need_b else None
+    return dx, None, None, dv, db, None
+
+
+def _nm_setup(ctx, inputs, output) -> None:
+    x, values, indices, bias, n, m = inputs
+    ctx.save_for_backward(x, values, indices)
+    ctx.has_bias = bias is not None
+    ctx.nm = (n, m)
+
+
+def _nm_backward(ctx, dy: Tensor):
+    x, values, indices = ctx.saved_tensors
+    n, m = ctx.nm
+    dy = dy.contiguous()
+    need_x, need_v, _, need_b, _, _ = ctx.needs_input_grad
+    dx = _op("nm_mm_t")(dy, values, indices, n, m) if need_x else None
+    dv = _op("nm_sddmm")(dy, x, indices, n, m) if need_v else None
+    db = dy.sum(0) if ctx.has_bias and need_b else None
+    return dx, dv, None, db, None, None
+
+
+torch.library.register_autograd("sparsekit::bsr_mm", _bsr_backward, setup_context=_setup_indexed)
+torch.library.register_autograd("sparsekit::csr_mm", _csr_backward, setup_context=_setup_indexed)
+torch.library.register_autograd("sparsekit::nm_mm", _nm_backward, setup_context=_nm_setup)

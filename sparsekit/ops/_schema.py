@@ -1,0 +1,17 @@
+"""Op schemas, mirrored from csrc/ops.cpp so that a pure-Python install defines the same ops.
+
+tests/test_ops_registration.py checks the two stay identical when the extension is built.
+"""
+
+SCHEMAS: dict[str, str] = {
+    "bsr_mm": "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, SymInt n) -> Tensor",
+    "bsr_mm_t": "(Tensor dy, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt k) -> Tensor",
+    "bsr_sddmm": "(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, SymInt block_n, SymInt block_k) "
+                 "-> Tensor",
+    "csr_mm": "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, SymInt n) -> Tensor",
+    "csr_mm_t": "(Tensor dy, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt k) -> Tensor",
+    "csr_sddmm": "(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices) -> Tensor",
+    "nm_mm": "(Tensor x, Tensor values, Tensor indices, Tensor? bias, int n, int m) -> Tensor",
+    "nm_mm_t": "(Tensor dy, Tensor values, Tensor indices, int n, int m) -> Tensor",
+    "nm_sddmm": "(Tensor dy, Tensor x, Tensor indices, int n, int m) -> Tensor",
+}

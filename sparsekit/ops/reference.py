@@ -1,0 +1,87 @@
+"""Pure-PyTorch reference implementations of every sparsekit op (same signatures as the schemas).
+
+They densify the weight and use torch's matmul: slow, simple, always available, and the ground truth
+every fast backend is tested against. They are differentiable through ordinary autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..formats import BSR, CSR, NM
+
+
+def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
+    return y if bias is None else y + bias
+
+
+def _dense_bsr(crow: Tensor, col: Tensor, values: Tensor, n: int, k: int) -> Tensor:
+    return BSR(values=values, crow_indices=crow, col_indices=col, shape=(int(n), int(k))).to_dense()
+
+
+def _dense_csr(crow: Tensor, col: Tensor, values: Tensor, n: int, k: int) -> Tensor:
+    return CSR(values=values, crow_indices=crow, col_indices=col, shape=(int(n), int(k))).to_dense()
+
+
+def _dense_nm(values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
+    rows, kept = values.shape
+    return NM(values=values, indices=indices, shape=(rows, kept // n * m), n=n, m=m).to_dense()
+
+
+# ------------------------------------------------------------------------------------------------- BSR
+def bsr_mm(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    return _add_bias(x @ _dense_bsr(crow, col, values, n, x.shape[1]).t(), bias)
+
+
+def bsr_mm_t(dy: Tensor, crow: Tensor, col: Tensor, values: Tensor, k: int) -> Tensor:
+    return dy @ _dense_bsr(crow, col, values, dy.shape[1], k)
+
+
+def bsr_sddmm(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor, block_n: int, block_k: int) -> Tensor:
+    n, k = dy.shape[1], x.shape[1]
+    full = (dy.t() @ x).reshape(n // block_n, block_n, k // block_k, block_k).transpose(1, 2)
+    rows = torch.repeat_interleave(torch.arange(n // block_n, device=dy.device), (crow[1:] - crow[:-1]).long(),
+                                   output_size=col.numel())
+    return full[rows, col.long()].contiguous()
+
+
+# ------------------------------------------------------------------------------------------------- CSR
+def csr_mm(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    return _add_bias(x @ _dense_csr(crow, col, values, n, x.shape[1]).t(), bias)
+
+
+def csr_mm_t(dy: Tensor, crow: Tensor, col: Tensor, values: Tensor, k: int) -> Tensor:
+    return dy @ _dense_csr(crow, col, values, dy.shape[1], k)
+
+
+def csr_sddmm(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tensor:
+    n = dy.shape[1]
+    rows = torch.repeat_interleave(torch.arange(n, device=dy.device), (crow[1:] - crow[:-1]).long(),
+                                   output_size=col.numel())
+    # one dot product per stored entry: sum_m dy[m, row] * x[m, col]
+    return (dy.t()[rows] * x.t()[col.long()]).sum(dim=1)
+
+
+# -------------------------------------------------------------------------------------------------- NM
+def nm_mm(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int, m: int) -> Tensor:
+    return _add_bias(x @ _dense_nm(values, indices, n, m).t(), bias)
+
+
+def nm_mm_t(dy: Tensor, values: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
+    return dy @ _dense_nm(values, indices, n, m)
+
+
+def nm_sddmm(dy: Tensor, x: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
+    rows, kept = indices.shape
+    groups = kept // n
+    cols = (torch.arange(groups, device=x.device).repeat_interleave(n) * m).unsqueeze(0) + indices.long()
+    full = dy.t() @ x                      # [N, K]
+    return full.gather(1, cols)
+
+
+REFERENCES = {
+    "bsr_mm": bsr_mm, "bsr_mm_t": bsr_mm_t, "bsr_sddmm": bsr_sddmm,
+    "csr_mm": csr_mm, "csr_mm_t": csr_mm_t, "csr_sddmm": csr_sddmm,
+    "nm_mm": nm_mm, "nm_mm_t": nm_mm_t, "nm_sddmm": nm_sddmm,
+}
