@@ -1,0 +1,10 @@
+"""Triton kernels (installed as ``sparsekit.kernels``).
+
+Importing this package is cheap and never imports triton: sparsekit must import without triton
+installed. Import a kernel module explicitly when you need it (that imports triton):
+
+    k_bsr_mm        BSR x dense, y = x @ W^T (+ bias):
+                    ``bsr_mm(x, crow_indices, col_indices, values, bias, n)``
+    _configs        launch-config tables (BLOCK_M / num_warps / num_stages); imports torch only
+    _compile_check  ``check_all()``: compile every kernel for sm80/sm90 without a GPU
+"""

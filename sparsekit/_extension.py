@@ -12,9 +12,11 @@ LOAD_ERROR: str | None = None
 def load() -> bool:
     """Import sparsekit._C (which registers the C++ kernels); remember why it failed otherwise."""
     global LOADED, LOAD_ERROR
-    if LOADED:
-        return True
+    if LOADED or LOAD_ERROR is not None:  # decided once per process
+        return LOADED
     try:
+        import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
         importlib.import_module("sparsekit._C")
     except ImportError as exc:  # not built (SPARSEKIT_BUILD_EXT=0) or built against another torch
         LOAD_ERROR = f"{type(exc).__name__}: {exc}"

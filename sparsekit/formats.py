@@ -478,7 +478,8 @@ def _row_of_each_entry(crow: Tensor, nnz: int) -> Tensor:
 def _check_same_device(fmt: _Format) -> None:
     devices = {getattr(fmt, f).device for f in fmt._tensor_fields()}
     if len(devices) > 1:
-        raise ValueError(f"all tensors of a {type(fmt).__name__} must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"all tensors of a {type(fmt).__name__} must be on one device, "
+                         f"got {sorted(map(str, devices))}")
 
 
 FORMATS = {"bsr": BSR, "csr": CSR, "nm": NM, "channel": ChannelIndex}

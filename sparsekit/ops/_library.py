@@ -28,9 +28,19 @@ def _is_defined(name: str) -> bool:
     return True
 
 
+_KERNELS: dict[tuple[str, str], bool] = {}
+
+
 def has_kernel(name: str, dispatch_key: str) -> bool:
-    """True when op `name` has a kernel registered for `dispatch_key` ("CPU", "CUDA") itself."""
-    return _is_defined(name) and torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekit::{name}", dispatch_key)
+    """True when op `name` has a kernel registered for `dispatch_key` ("CPU", "CUDA") itself.
+
+    Cached in a plain dict so the dispatcher stays traceable by torch.compile (registrations happen at import).
+    """
+    key = (name, dispatch_key)
+    if key not in _KERNELS:
+        _KERNELS[key] = _is_defined(name) and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"sparsekit::{name}", dispatch_key)
+    return _KERNELS[key]
 
 
 for _name, _schema in SCHEMAS.items():
@@ -80,13 +90,13 @@ for _fam in ("bsr", "csr"):
 
 # --------------------------------------------------------------------------------------------- autograd
 # Forward y = x @ W^T + b.  dx = dy @ W (the *_mm_t op), dW = dy^T @ x on W's pattern (the *_sddmm op).
-def _setup_indexed(ctx, inputs, output) -> None:
+def setup_indexed(ctx, inputs, output) -> None:
     x, crow, col, values, bias, _n = inputs
     ctx.save_for_backward(x, crow, col, values)
     ctx.has_bias = bias is not None
 
 
-def _bsr_backward(ctx, dy: Tensor):
+def bsr_backward(ctx, dy: Tensor):
     x, crow, col, values = ctx.saved_tensors
     dy = dy.contiguous()
     need_x, _, _, need_v, need_b, _ = ctx.needs_input_grad
@@ -124,6 +134,10 @@ def _nm_backward(ctx, dy: Tensor):
     return dx, dv, None, db, None, None
 
 
-torch.library.register_autograd("sparsekit::bsr_mm", _bsr_backward, setup_context=_setup_indexed)
-torch.library.register_autograd("sparsekit::csr_mm", _csr_backward, setup_context=_setup_indexed)
+torch.library.register_autograd("sparsekit::bsr_mm", bsr_backward, setup_context=setup_indexed)
+torch.library.register_autograd("sparsekit::csr_mm", _csr_backward, setup_context=setup_indexed)
 torch.library.register_autograd("sparsekit::nm_mm", _nm_backward, setup_context=_nm_setup)
+
+for _name in SCHEMAS:  # fill the cache now, outside any torch.compile trace
+    for _key in ("CPU", "CUDA"):
+        has_kernel(_name, _key)

@@ -1,0 +1,216 @@
+"""Compile the Triton kernels for sm80 (A100) and sm90 (H100) without a GPU.
+
+``check_all()`` runs ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for every case
+below, through the whole NVIDIA pipeline ttir -> ttgir -> llir -> ptx -> cubin (cubin via the ptxas that
+ships inside the triton wheel; no CUDA toolkit or driver needed). Each case uses the launch config the
+launcher would pick on that arch (kernels/_configs.py), so a table entry that needs more shared memory
+than the GPU has is reported too. Returns a list of failure messages (empty = all good) and prints one
+line per compile.
+
+Run: python -m sparsekit.kernels._compile_check [--fresh] [--full]   (exit status 1 on any failure)
+
+TRITON_INTERPRET=1 replaces every @triton.jit function by an interpreter object that cannot be compiled,
+so when it is set the check re-runs itself in a subprocess without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from ._configs import interpreting  # torch only, no triton
+
+__all__ = ["check_all", "CASES", "TARGETS"]
+
+# (compute capability, max dynamic shared memory per block in bytes)
+TARGETS = ((80, 163 * 1024), (90, 227 * 1024))
+
+# (dtype, (bn, bk), M the config is chosen for, has_bias, fp32 dot precision)
+CASES = (
+    ("float16", (32, 32), 4096, True, None),
+    ("float16", (128, 128), 4096, False, None),
+    ("float16", (16, 64), 8, True, None),
+    ("bfloat16", (64, 32), 4096, True, None),
+    ("bfloat16", (32, 128), 16, False, None),
+    ("float32", (32, 32), 4096, True, "tf32"),
+    ("float32", (64, 16), 64, False, "ieee"),
+)
+
+_TL_TYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+_RESULT_TAG = "SPARSEKIT_COMPILE_CHECK_RESULT "
+
+
+def _in_subprocess(verbose: bool, fresh: bool, full: bool) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json; from sparsekit.kernels._compile_check import check_all; "
+            f"r = check_all(verbose={verbose!r}, fresh={fresh!r}, full={full!r}); "
+            f"print({_RESULT_TAG!r} + json.dumps(r))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(_RESULT_TAG):
+            result = json.loads(line[len(_RESULT_TAG):])
+        elif verbose:
+            print(line)
+    if result is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        return [f"compile check subprocess (run without TRITON_INTERPRET) failed with exit status "
+                f"{proc.returncode}:\n" + "\n".join(tail)]
+    return result
+
+
+def _bsr_mm_sources(dtype: str, block: tuple[int, int], m: int, has_bias: bool, precision: str | None,
+                    cc: int, smem: int):
+    import torch
+    from triton.compiler import ASTSource
+
+    from . import k_bsr_mm
+    from ._configs import bsr_mm_config
+
+    bn, bk = block
+    t = _TL_TYPE[dtype]
+    cfg = bsr_mm_config(m, bn, bk, getattr(torch, dtype), arch=(cc // 10, smem))
+    signature = {
+        "x_ptr": f"*{t}", "crow_ptr": "*i32", "col_ptr": "*i32", "val_ptr": f"*{t}",
+        "bias_ptr": f"*{t}" if has_bias else "constexpr", "y_ptr": f"*{t}",
+        "M": "i32", "N": "i32", "K": "i32",
+        "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BN": "constexpr", "BK": "constexpr",
+        "GROUP_M": "constexpr", "INPUT_PRECISION": "constexpr", "WHILE_LOOP": "constexpr",
+    }
+    constexprs = {
+        "HAS_BIAS": has_bias, "BLOCK_M": cfg.block_m, "BN": bn, "BK": bk, "GROUP_M": cfg.group_m,
+        "INPUT_PRECISION": precision or "ieee", "WHILE_LOOP": False,
+    }
+    if not has_bias:
+        constexprs["bias_ptr"] = None  # what the JIT does with bias=None
+    # what the JIT infers for real launches: 16-byte aligned tensors, N and K multiples of 16 (block sides)
+    names = list(signature)
+    aligned = ["x_ptr", "crow_ptr", "col_ptr", "val_ptr", "y_ptr", "N", "K"]
+    if has_bias:
+        aligned.append("bias_ptr")
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=k_bsr_mm._bsr_mm_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    desc = (f"_bsr_mm_kernel sm{cc} {dtype:<8} block={bn}x{bk} M~{m} bias={int(has_bias)}"
+            f"{' ' + precision if precision else ''} BLOCK_M={cfg.block_m} warps={cfg.num_warps} "
+            f"stages={cfg.num_stages}")
+    return src, options, desc
+
+
+def _compile(src, target, options, ptx_only: bool):
+    import triton
+    from triton import knobs
+
+    hook = None
+    if ptx_only:
+        def hook(backend, stages, options, language, capability):
+            stages.pop("cubin", None)
+    old = knobs.runtime.add_stages_inspection_hook
+    knobs.runtime.add_stages_inspection_hook = hook
+    try:
+        return triton.compile(src, target=target, options=options)
+    finally:
+        knobs.runtime.add_stages_inspection_hook = old
+
+
+def _full_cases(cc: int, smem: int) -> list[tuple]:
+    """Every distinct launch config of the table on this arch, for 2-byte and 4-byte dtypes."""
+    import torch
+
+    from ._configs import M_BUCKETS, bsr_mm_config
+
+    seen, cases = set(), []
+    for dtype, precision in (("float16", None), ("float32", "tf32")):
+        for bn in (16, 32, 64, 128):
+            for bk in (16, 32, 64, 128):
+                for m in M_BUCKETS:
+                    cfg = bsr_mm_config(m, bn, bk, getattr(torch, dtype), arch=(cc // 10, smem))
+                    if (dtype, bn, bk, cfg) not in seen:
+                        seen.add((dtype, bn, bk, cfg))
+                        cases.append((dtype, (bn, bk), m, True, precision))
+    return cases
+
+
+def check_all(verbose: bool = True, fresh: bool = False, full: bool = False) -> list[str]:
+    """Compile every case for sm80 and sm90; return failure messages (empty list = all compiled).
+
+    fresh=True ignores Triton's on-disk cache (TRITON_ALWAYS_COMPILE), so the times are real compiles.
+    full=True compiles every distinct config of the table in kernels/_configs.py (all 16 block shapes,
+    every M bucket, fp16 and fp32: a few hundred compiles, a minute or two) instead of CASES.
+    If the bundled ptxas cannot run, falls back to stopping at PTX and says so in a failure message.
+    """
+    if interpreting():
+        if verbose:
+            print("compile check: TRITON_INTERPRET is set (kernels would be interpreter objects); "
+                  "re-running in a subprocess without it")
+        return _in_subprocess(verbose, fresh, full)
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.runtime.jit import JITFunction
+
+        from . import k_bsr_mm
+    except ImportError as exc:
+        return [f"cannot import triton / the kernels: {exc}"]
+    if not isinstance(k_bsr_mm._bsr_mm_kernel, JITFunction):
+        return ["k_bsr_mm was imported while TRITON_INTERPRET=1 was set, so its kernels are interpreter "
+                "objects; run the compile check in a fresh process without TRITON_INTERPRET"]
+
+    from triton import knobs
+
+    failures: list[str] = []
+    old_always = knobs.compilation.always_compile
+    knobs.compilation.always_compile = bool(fresh)
+    t_all = time.perf_counter()
+    ptx_only = False
+    try:
+        for cc, smem in TARGETS:
+            target = GPUTarget("cuda", cc, 32)
+            for dtype, block, m, has_bias, precision in (_full_cases(cc, smem) if full else CASES):
+                src, options, desc = _bsr_mm_sources(dtype, block, m, has_bias, precision, cc, smem)
+                t0 = time.perf_counter()
+                try:
+                    kernel = _compile(src, target, options, ptx_only)
+                except Exception as exc:  # noqa: BLE001 - every compiler error becomes a message
+                    msg = str(exc).strip().splitlines()
+                    if not ptx_only and "ptxas" in str(exc):
+                        ptx_only = True
+                        failures.append(f"{desc}: cubin generation failed (ptxas): {' '.join(msg[:3])}; "
+                                        "checking the remaining cases up to PTX only")
+                        try:
+                            kernel = _compile(src, target, options, True)
+                        except Exception as exc2:  # noqa: BLE001
+                            failures.append(f"{desc}: {type(exc2).__name__}: {str(exc2).strip()[:800]}")
+                            continue
+                    else:
+                        failures.append(f"{desc}: {type(exc).__name__}: {' '.join(msg)[:800]}")
+                        if verbose:
+                            print(f"FAIL {desc}: {type(exc).__name__} ({time.perf_counter() - t0:.1f}s)")
+                        continue
+                dt = time.perf_counter() - t0
+                cubin, ptx = kernel.asm.get("cubin"), kernel.asm.get("ptx")
+                stage = "cubin" if cubin else "ptx" if ptx else "?"
+                shared = int(kernel.metadata.shared)
+                if stage == "?":
+                    failures.append(f"{desc}: compiled but produced neither PTX nor cubin")
+                elif cubin and cubin[:4] != b"\x7fELF":
+                    failures.append(f"{desc}: the cubin is not an ELF file")
+                if shared > smem:
+                    failures.append(f"{desc}: needs {shared} B of shared memory, sm{cc} allows {smem} B "
+                                    "(fix the table in kernels/_configs.py)")
+                if verbose:
+                    size = len(kernel.asm.get(stage, b""))
+                    print(f"ok   {desc}: {stage} {size} B, shared {shared} B ({dt:.1f}s)")
+    finally:
+        knobs.compilation.always_compile = old_always
+    if verbose:
+        print(f"compile check: {len(failures)} failure(s), {time.perf_counter() - t_all:.1f}s total "
+              f"(triton {triton.__version__})")
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(1 if check_all(fresh="--fresh" in sys.argv, full="--full" in sys.argv) else 0)

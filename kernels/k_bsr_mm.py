@@ -1,0 +1,215 @@
+"""BSR x dense on Triton: y = x @ W^T (+ bias), W block-sparse [N, K] in BSR.
+
+Layout (sparsekit.formats.BSR): values [nnzb, bn, bk], crow_indices int32 [N/bn + 1], col_indices int32
+[nnzb] (block columns, sorted within a block-row). x is [M, K] row-major, y is [M, N] in x's dtype.
+
+One program computes the output tile y[m0:m0+BLOCK_M, r*bn:(r+1)*bn] of block-row r: it walks the stored
+blocks of that row (crow[r]..crow[r+1]), and for each block (column c) loads the x tile
+x[m0:m0+BLOCK_M, c*bk:(c+1)*bk] and the block [bn, bk] and accumulates tl.dot(x_tile, block^T) in fp32.
+Block-rows without stored blocks write zeros (or the bias). Rows past M are masked, so any M works.
+Programs are ordered in groups of GROUP_M row tiles per block-row (the usual L2 swizzle): neighbouring
+programs share a weight block-row and, across a group, the same x tiles.
+
+Precision: fp16/bf16 inputs use tensor-core dots with fp32 accumulation. fp32 inputs use TF32 tensor
+cores on the GPU when torch.backends.cuda.matmul.allow_tf32 is True (torch's switch for exactly this
+trade-off; off by default), and full-precision fp32 ("ieee") dots otherwise; ``input_precision``
+overrides it. The accumulator is always fp32; the bias is added in fp32 before the final cast.
+
+Importing this module imports triton; keep it out of sparsekit's import path (sparsekit.ops imports it
+lazily on the first call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._configs import bsr_mm_config, interpreting
+
+__all__ = ["bsr_mm", "SUPPORTED_BLOCK_SIDES", "SUPPORTED_DTYPES"]
+
+SUPPORTED_BLOCK_SIDES = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+@triton.jit
+def _bsr_mm_acc_block(acc, x_tile_ptrs, mask_m, col_ptr, val_ptr, w_offs, i,
+                      BN: tl.constexpr, BK: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += x[:, col_i*BK : (col_i+1)*BK] @ block_i^T for stored block i."""
+    col = tl.load(col_ptr + i)
+    x_tile = tl.load(x_tile_ptrs + col * BK, mask=mask_m[:, None], other=0.0)   # [BLOCK_M, BK]
+    blk = tl.load(val_ptr + i.to(tl.int64) * (BN * BK) + w_offs)   # [BN, BK]; nnzb * bn * bk may pass 2**31
+    return tl.dot(x_tile, tl.trans(blk), acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _bsr_mm_kernel(
+    x_ptr, crow_ptr, col_ptr, val_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WHILE_LOOP: tl.constexpr = False,
+):
+    # ---- which (row tile, block-row) this program owns: grouped order for L2 reuse
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = N // BN
+    pids_per_group = GROUP_M * num_pid_n
+    group = pid // pids_per_group
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % group_size
+    pid_n = (pid % pids_per_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rows = offs_m.to(tl.int64)                      # M * K and M * N may pass 2**31
+    offs_n = tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    x_tile_ptrs = x_ptr + rows[:, None] * K + offs_k[None, :]   # [BLOCK_M, BK] at block column 0
+    w_offs = offs_n[:, None] * BK + offs_k[None, :]              # [BN, BK] inside one block
+
+    start = tl.load(crow_ptr + pid_n)
+    end = tl.load(crow_ptr + pid_n + 1)
+    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    if WHILE_LOOP:
+        # Interpreter only: Triton 3.6's interpreter cannot take a tensor as a range() bound under
+        # numpy >= 2.4 (triton-lang/triton#9171). Same body; a while loop is not software-pipelined, so
+        # compiled code always takes the for loop below.
+        i = start
+        while i < end:
+            acc = _bsr_mm_acc_block(acc, x_tile_ptrs, mask_m, col_ptr, val_ptr, w_offs, i,
+                                    BN, BK, INPUT_PRECISION)
+            i += 1
+    else:
+        for i in range(start, end):
+            acc = _bsr_mm_acc_block(acc, x_tile_ptrs, mask_m, col_ptr, val_ptr, w_offs, i,
+                                    BN, BK, INPUT_PRECISION)
+
+    out_cols = pid_n * BN + offs_n
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out_cols).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows[:, None] * N + out_cols[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+def _check_tensor(t: object, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)}); "
+                         f"call .contiguous() first")
+    return t
+
+
+def default_input_precision(dtype: torch.dtype) -> str:
+    """Dot precision for fp32 inputs: "tf32" when torch allows TF32 for CUDA matmuls, else "ieee".
+
+    fp16/bf16 dots ignore it (they always run on tensor cores with fp32 accumulation)."""
+    if dtype != torch.float32:
+        return "ieee"
+    try:
+        allow = bool(torch.backends.cuda.matmul.allow_tf32)
+    except (AttributeError, RuntimeError):
+        allow = False
+    return "tf32" if allow else "ieee"
+
+
+def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Tensor | None,
+           n: int, *, input_precision: str | None = None) -> Tensor:
+    """y = x @ W^T (+ bias) for a BSR weight W of shape [n, K] (K = x.shape[1]); y is [M, n] in x's dtype.
+
+    x            [M, K] contiguous, float16 / bfloat16 / float32
+    crow_indices int32 [n/bn + 1] contiguous
+    col_indices  int32 [nnzb] contiguous (block columns, sorted per block-row)
+    values       [nnzb, bn, bk] contiguous, x's dtype; bn, bk each one of 16, 32, 64, 128
+    bias         None or [n] contiguous, x's dtype
+    input_precision  fp32 only: "ieee", "tf32" or "tf32x3"; default follows
+                 torch.backends.cuda.matmul.allow_tf32 (TF32 tensor cores when it is True).
+
+    Shapes, dtypes and devices are checked; the index *contents* are not (that would synchronise the
+    GPU): pass a validated BSR (``BSR.validate()``). Runs on CUDA tensors, or on CPU tensors under
+    TRITON_INTERPRET=1. M == 0 or n == 0 returns an empty result without launching.
+    """
+    x = _check_tensor(x, "x")
+    crow_indices = _check_tensor(crow_indices, "crow_indices")
+    col_indices = _check_tensor(col_indices, "col_indices")
+    values = _check_tensor(values, "values")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if values.dim() != 3:
+        raise ValueError(f"values must be 3-D [nnzb, bn, bk], got shape {tuple(values.shape)}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}; cast one of them")
+    nnzb, bn, bk = (int(s) for s in values.shape)
+    if bn not in SUPPORTED_BLOCK_SIDES or bk not in SUPPORTED_BLOCK_SIDES:
+        raise ValueError(f"values has blocks of {(bn, bk)}; the Triton kernel supports block sides "
+                         f"{SUPPORTED_BLOCK_SIDES} only (rectangular combinations allowed)")
+    if isinstance(n, bool) or not hasattr(n, "__index__"):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    n = int(n)  # also numpy / torch integer scalars
+    m, k = (int(s) for s in x.shape)
+    if n < 0 or n % bn:
+        raise ValueError(f"n={n} must be a non-negative multiple of the block rows bn={bn}")
+    if k % bk:
+        raise ValueError(f"x.shape[1]={k} (K) must be a multiple of the block columns bk={bk}")
+    for t, name in ((crow_indices, "crow_indices"), (col_indices, "col_indices")):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if crow_indices.numel() != n // bn + 1:
+        raise ValueError(f"crow_indices must have n/bn + 1 = {n // bn + 1} entries, "
+                         f"got {crow_indices.numel()}")
+    if col_indices.numel() != nnzb:
+        raise ValueError(f"col_indices has {col_indices.numel()} entries but values has {nnzb} blocks")
+    if bias is not None:
+        bias = _check_tensor(bias, "bias")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    named = [("x", x), ("crow_indices", crow_indices), ("col_indices", col_indices), ("values", values)]
+    if bias is not None:
+        named.append(("bias", bias))
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        raise ValueError("x, crow_indices, col_indices, values and bias must be on one device, got "
+                         + ", ".join(f"{name}={t.device}" for name, t in named))
+    device = x.device
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ValueError(f"x is on {device}; the Triton kernel runs on CUDA tensors (CPU tensors only under "
+                         "TRITON_INTERPRET=1)")
+    if input_precision is None:
+        input_precision = default_input_precision(x.dtype)
+    elif input_precision not in _INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
+
+    y = torch.empty((m, n), dtype=x.dtype, device=device)
+    if m == 0 or n == 0:
+        return y
+
+    cfg = bsr_mm_config(m, bn, bk, x.dtype, device)
+    grid = (triton.cdiv(m, cfg.block_m) * (n // bn),)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _bsr_mm_kernel[grid](
+            x, crow_indices, col_indices, values, bias, y,
+            m, n, k,
+            HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m, BN=bn, BK=bk,
+            GROUP_M=cfg.group_m, INPUT_PRECISION=input_precision, WHILE_LOOP=interpreting(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return y
+

@@ -1,0 +1,143 @@
+"""`sparsekit info`: versions, build flags, CPU/GPU features, and which backends can run here (and why not)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from . import _extension
+from .ops._dispatch import BACKENDS, triton_interpreting
+from .ops._library import has_kernel
+
+FAMILIES = ("bsr", "csr", "nm")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> dict[str, bool]:
+    flags = _cpu_flags()
+    return {"avx2": "avx2" in flags, "fma": "fma" in flags, "avx512f": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx_tile": "amx_tile" in flags, "amx_bf16": "amx_bf16" in flags}
+
+
+def _gpu() -> dict:
+    if not torch.cuda.is_available():
+        return {"available": False, "reason": "torch is a CPU build" if torch.version.cuda is None
+                else "no CUDA device visible"}
+    idx = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(idx)
+    return {"available": True, "name": torch.cuda.get_device_name(idx), "capability": f"{major}.{minor}"}
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def backend_status() -> dict[str, dict]:
+    """For each backend: families it can run on this machine, and why the others cannot."""
+    gpu = torch.cuda.is_available()
+    out = {}
+    for name, b in BACKENDS.items():
+        reasons = list(b.environment_reasons())
+        families = []
+        for fam in b.families:
+            if name == "cpu" and _extension.LOADED and not has_kernel(f"{fam}_mm", "CPU"):
+                reasons.append(f"no CPU kernel for {fam}_mm in sparsekit._C")
+                continue
+            if name == "cuda":
+                if _extension.LOADED and not has_kernel(f"{fam}_mm", "CUDA"):
+                    reasons.append(f"no CUDA kernel for {fam}_mm (extension built without CUDA)")
+                    continue
+                if not gpu:
+                    continue
+            families.append(fam)
+        if name == "cuda" and not gpu:
+            reasons.append("no CUDA GPU visible")
+        if name == "triton" and not gpu:
+            reasons.append("no CUDA GPU visible" + (" (TRITON_INTERPRET=1: CPU tensors run in the interpreter)"
+                                                   if triton_interpreting() else ""))
+        usable = not b.environment_reasons() and bool(families) and (name not in ("cuda", "triton") or gpu
+                                                                      or (name == "triton" and triton_interpreting()))
+        out[name] = {"usable": usable, "families": families if usable else [], "reasons": reasons,
+                     "description": b.description}
+    return out
+
+
+def info() -> dict:
+    _extension.load()
+    return {
+        "sparsekit": _version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _triton_version(),
+        "extension": {"loaded": _extension.LOADED, "error": _extension.LOAD_ERROR,
+                      "cpu_kernels": [f for f in FAMILIES if _extension.LOADED and has_kernel(f"{f}_mm", "CPU")],
+                      "cuda_kernels": [f for f in FAMILIES if _extension.LOADED and has_kernel(f"{f}_mm", "CUDA")]},
+        "cpu": {"model": _cpu_model(), "threads": torch.get_num_threads(),
+                "torch_capability": torch.backends.cpu.get_cpu_capability(), **cpu_features()},
+        "gpu": _gpu(),
+        "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "OMP_NUM_THREADS", "SPARSEKIT_BUILD_EXT")
+                if k in os.environ},
+        "backends": backend_status(),
+    }
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("sparsekit")
+    except Exception:  # not installed (running from a source tree)
+        return "unknown"
+
+
+def format_info(d: dict) -> str:
+    ext = d["extension"]
+    lines = [
+        f"sparsekit {d['sparsekit']}  python {d['python']}  torch {d['torch']} (CUDA {d['torch_cuda'] or 'none'})"
+        f"  triton {d['triton'] or 'not installed'}",
+        f"extension sparsekit._C: {'loaded' if ext['loaded'] else 'NOT loaded: ' + str(ext['error'])}"
+        + (f"  CPU kernels: {', '.join(ext['cpu_kernels']) or 'none'}  CUDA kernels: "
+           f"{', '.join(ext['cuda_kernels']) or 'none'}" if ext["loaded"] else ""),
+        f"CPU: {d['cpu']['model']}, {d['cpu']['threads']} threads, torch uses {d['cpu']['torch_capability']}; "
+        + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in d["cpu"].items()
+                   if k not in ("model", "threads", "torch_capability")),
+        "GPU: " + (f"{d['gpu']['name']} (compute capability {d['gpu']['capability']})" if d["gpu"]["available"]
+                   else f"none ({d['gpu']['reason']})"),
+    ]
+    if d["env"]:
+        lines.append("env: " + " ".join(f"{k}={v}" for k, v in d["env"].items()))
+    lines.append("backends (tried in order cpu: cpu, triton, reference; cuda: triton, cuda, reference):")
+    for name, s in d["backends"].items():
+        state = f"usable for {', '.join(s['families'])}" if s["usable"] else "not usable"
+        lines.append(f"  {name:<9} {state:<24} {s['description']}")
+        for r in s["reasons"]:
+            lines.append(f"  {'':<9}   - {r}")
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""SparseLinear and SparseConv2d: drop-in replacements for nn.Linear / nn.Conv2d holding a sparse-format weight.
+
+The format's values are an ``nn.Parameter`` (they train, the pattern stays fixed); its index tensors are
+buffers, so ``state_dict()`` holds everything as plain tensors. ``format="dense"`` keeps an ordinary dense weight
+(the fallback ``sparsify`` uses when nothing beats dense).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .formats import BSR, CSR, NM, ChannelIndex
+from .ops import sparse_conv2d, sparse_linear
+
+FORMAT_NAMES = ("dense", "bsr", "csr", "nm", "channel")
+_INDEX_FIELDS = {"bsr": ("crow_indices", "col_indices"), "csr": ("crow_indices", "col_indices"),
+                 "nm": ("indices",), "channel": ("indices",), "dense": ()}
+
+
+def _to_format(weight2d: Tensor, format: str, block, n: int, m: int):
+    if format == "bsr":
+        return BSR.from_dense(weight2d, block=block)
+    if format == "csr":
+        return CSR.from_dense(weight2d)
+    if format == "nm":
+        return NM.from_dense(weight2d, n=n, m=m)
+    if format == "channel":
+        return ChannelIndex.from_dense(weight2d, dim=0)
+    return weight2d.detach().clone()
+
+
+def _check_format(format: object) -> str:
+    if format not in FORMAT_NAMES:
+        raise ValueError(f"format must be one of {FORMAT_NAMES}, got {format!r}")
+    return format  # type: ignore[return-value]
+
+
+class _SparseWeight(nn.Module):
+    """Holds one weight in a format: values as a Parameter, indices as buffers, metadata as attributes."""
+
+    def _init_weight(self, fmt, format: str, backend: str | None) -> None:
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+        self.format = format
+        self.backend = backend
+        if format == "dense":
+            self.weight2d = nn.Parameter(fmt)
+            self.weight_shape = tuple(fmt.shape)
+            return
+        self.values = nn.Parameter(fmt.values.detach().clone())
+        for name in _INDEX_FIELDS[format]:
+            self.register_buffer(name, getattr(fmt, name).clone())
+        self.weight_shape = tuple(fmt.shape)
+        self.nm = (fmt.n, fmt.m) if format == "nm" else None
+
+    def sparse_weight(self) -> BSR | CSR | NM | ChannelIndex | Tensor:
+        """The weight as a format object sharing this module's tensors (the dense Parameter for "dense")."""
+        if self.format == "dense":
+            return self.weight2d
+        if self.format in ("bsr", "csr"):
+            cls = BSR if self.format == "bsr" else CSR
+            return cls(values=self.values, crow_indices=self.crow_indices, col_indices=self.col_indices,
+                       shape=self.weight_shape)
+        if self.format == "nm":
+            return NM(values=self.values, indices=self.indices, shape=self.weight_shape, n=self.nm[0], m=self.nm[1])
+        return ChannelIndex(values=self.values, indices=self.indices, shape=self.weight_shape, dim=0)
+
+    def dense_weight2d(self) -> Tensor:
+        w = self.sparse_weight()
+        return w if isinstance(w, Tensor) else w.to_dense()
+
+    @property
+    def density(self) -> float:
+        w = self.sparse_weight()
+        if isinstance(w, Tensor):
+            return float(w.ne(0).float().mean()) if w.numel() else 0.0
+        return w.density
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of the stored weight (values + indices)."""
+        w = self.sparse_weight()
+        return w.numel() * w.element_size() if isinstance(w, Tensor) else w.nbytes
+
+    def _describe(self) -> str:
+        w = self.sparse_weight()
+        extra = f", block={w.block}" if isinstance(w, BSR) else f", n:m={w.n}:{w.m}" if isinstance(w, NM) else ""
+        backend = f", backend={self.backend}" if self.backend else ""
+        return f"format={self.format}{extra}, density={self.density:.3f}{backend}"
+
+
+class SparseLinear(_SparseWeight):
+    """nn.Linear with a sparse weight: y = x @ W^T + b through sparsekit.ops."""
+
+    def __init__(self, weight, bias: Tensor | None, format: str, backend: str | None = None) -> None:
+        super().__init__()
+        self._init_weight(weight, _check_format(format), backend)
+        self.out_features, self.in_features = self.weight_shape
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
+                   m: int = 4, backend: str | None = None) -> SparseLinear:
+        """Convert an nn.Linear (typically pruned). BSR keeps nonzero blocks; CSR nonzero elements; NM requires an
+        n:m-sparse weight (see NM.prune); "channel" keeps the nonzero output rows; "dense" keeps it dense."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        fmt = _to_format(linear.weight.detach(), _check_format(format), block, n, m)
+        return cls(fmt, linear.bias, format, backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sparse_linear(x, self.sparse_weight(), self.bias, self.backend)
+
+    def to_dense(self) -> nn.Linear:
+        """An ordinary nn.Linear with the same weight (zeros where nothing is stored)."""
+        p = self.values if self.format != "dense" else self.weight2d
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=p.device,
+                        dtype=p.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.dense_weight2d())
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               + self._describe()
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        pads = []
+        for k, d in zip(conv.kernel_size, conv.dilation):
+            if (d * (k - 1)) % 2:
+                raise ValueError("conv.padding='same' with an even effective kernel pads asymmetrically; "
+                                 "not supported (use explicit padding)")
+            pads.append(d * (k - 1) // 2)
+        return tuple(pads)  # type: ignore[return-value]
+    return tuple(conv.padding)  # type: ignore[return-value]
+
+
+class SparseConv2d(_SparseWeight):
+    """nn.Conv2d with a sparse weight over [C_out, C_in/groups*kh*kw] (sparsekit.ops.sparse_conv2d)."""
+
+    def __init__(self, weight, bias: Tensor | None, format: str, in_channels: int, kernel_size: tuple[int, int],
+                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                 dilation: tuple[int, int] = (1, 1), groups: int = 1, backend: str | None = None) -> None:
+        super().__init__()
+        self._init_weight(weight, _check_format(format), backend)
+        self.out_channels = self.weight_shape[0]
+        self.in_channels = in_channels
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), tuple(padding)
+        self.dilation, self.groups = tuple(dilation), groups
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
+                   m: int = 4, backend: str | None = None) -> SparseConv2d:
+        """Convert an nn.Conv2d; the weight is viewed as [C_out, C_in/groups*kh*kw] for the format."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        padding = _explicit_padding(conv)
+        w2d = conv.weight.detach().reshape(conv.out_channels, -1)
+        fmt = _to_format(w2d, _check_format(format), block, n, m)
+        return cls(fmt, conv.bias, format, conv.in_channels, conv.kernel_size, conv.stride, padding,
+                   conv.dilation, conv.groups, backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.sparse_weight()
+        if isinstance(w, Tensor):  # dense fallback: torch's own conv (oneDNN / cuDNN)
+            weight = w.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return sparse_conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                             kernel_size=self.kernel_size, backend=self.backend)
+
+    def to_dense(self) -> nn.Conv2d:
+        p = self.values if self.format != "dense" else self.weight2d
+        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                        self.dilation, self.groups, bias=self.bias is not None, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.dense_weight2d().reshape_as(out.weight))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}, " + self._describe())
+
+
+
+def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
+                    m: int = 4, backend: str | None = None, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace (in place) every nn.Linear / nn.Conv2d whose weight has zeros by its Sparse* twin in one format.
+
+    Layers with no zeros, or whose shape the format cannot take (a block that does not divide, K not a multiple
+    of m), stay dense and are listed in the returned model's ``sparsekit_skipped`` attribute with the reason.
+    ``sparsekit.sparsify`` (measured per-layer choice) is the smarter sibling of this function.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_format(format)
+    skipped: dict[str, str] = {}
+    inside_attention = {f"{n}.{c}" if n else c for n, mod in model.named_modules()
+                        if isinstance(mod, nn.MultiheadAttention) for c, _ in mod.named_children()}
+    for name, mod in list(model.named_modules()):
+        # masked (parametrized) layers count too; MultiheadAttention reads its projections' weights directly
+        if not name or name in skip or not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        if name in inside_attention:
+            skipped[name] = "inside nn.MultiheadAttention"
+            continue
+        if not bool((mod.weight == 0).any()):
+            skipped[name] = "no zeros"
+            continue
+        cls = SparseLinear if isinstance(mod, nn.Linear) else SparseConv2d
+        try:
+            new = cls.from_dense(mod, format=format, block=block, n=n, m=m, backend=backend)
+        except ValueError as exc:
+            skipped[name] = str(exc).split(". ")[0]
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    model.sparsekit_skipped = skipped
+    return model
+
+
+__all__ = ["SparseLinear", "SparseConv2d", "convert_modules", "FORMAT_NAMES"]

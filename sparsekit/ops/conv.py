@@ -1,0 +1,117 @@
+"""Sparse 2-D convolution: a sparse weight over [C_out, C_in/groups * kh * kw] times im2col patches.
+
+1x1 convolutions with stride 1 and no padding go straight to the sparse GEMM over channels-last pixels; the
+general case unfolds the input (F.unfold) and runs the sparse GEMM per group. Gradients flow through the
+sparse ops' autograd (x, the format's values and bias).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..formats import BSR, CSR, NM, ChannelIndex
+from .linear import sparse_linear
+
+_Pair = int | tuple[int, int]
+
+
+def _pair(name: str, v: object, minimum: int) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+        raise TypeError(f"sparse_conv2d: {name} must be an int or a pair of ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"sparse_conv2d: {name} must be >= {minimum}, got {tuple(v)}")
+    return int(v[0]), int(v[1])
+
+
+def _kernel_size(w, c_in: int, groups: int, kernel_size: object) -> tuple[int, int]:
+    per_group = c_in // groups
+    k = w.shape[1]
+    if kernel_size is not None:
+        kh, kw = _pair("kernel_size", kernel_size, 1)
+        if per_group * kh * kw != k:
+            raise ValueError(f"sparse_conv2d: w has K={k} columns but C_in/groups*kh*kw = "
+                             f"{per_group}*{kh}*{kw} = {per_group * kh * kw}")
+        return kh, kw
+    if k % per_group:
+        raise ValueError(f"sparse_conv2d: w has K={k} columns, not a multiple of C_in/groups={per_group} "
+                         f"(x has {c_in} channels, groups={groups}); w must be over [C_out, C_in/groups*kh*kw]")
+    side = math.isqrt(k // per_group)
+    if side * side != k // per_group:
+        raise ValueError(f"sparse_conv2d: cannot infer a square kernel from K={k} and C_in/groups={per_group}; "
+                         "pass kernel_size=(kh, kw)")
+    return side, side
+
+
+def _rows(w, start: int, stop: int):
+    """The sub-weight of output rows [start, stop), sharing (and differentiable through) w's values."""
+    if isinstance(w, Tensor):
+        return w[start:stop]
+    if isinstance(w, NM):
+        return NM(values=w.values[start:stop], indices=w.indices[start:stop], shape=(stop - start, w.shape[1]),
+                  n=w.n, m=w.m)
+    if isinstance(w, (BSR, CSR)):
+        unit = w.block[0] if isinstance(w, BSR) else 1
+        if start % unit or stop % unit:
+            raise ValueError(f"sparse_conv2d: with groups, each group's C_out ({stop - start}) must be a multiple "
+                             f"of the block rows ({unit})")
+        crow = w.crow_indices[start // unit:stop // unit + 1]
+        lo, hi = int(crow[0]), int(crow[-1])
+        return type(w)(values=w.values[lo:hi], crow_indices=(crow - lo).contiguous(),
+                       col_indices=w.col_indices[lo:hi], shape=(stop - start, w.shape[1]))
+    raise ValueError(f"sparse_conv2d: groups > 1 is not supported for a {type(w).__name__} weight")
+
+
+def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Tensor | None = None,
+                  stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1, groups: int = 1,
+                  kernel_size: _Pair | None = None, backend: str | None = None) -> Tensor:
+    """Conv2d of x [B, C_in, H, W] with a sparse weight over [C_out, C_in/groups*kh*kw].
+
+    kernel_size defaults to the square kernel implied by the weight's K; pass it for non-square kernels.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"sparse_conv2d: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"sparse_conv2d: x must be 4-D [B, C_in, H, W], got shape {tuple(x.shape)}")
+    if not isinstance(w, (BSR, CSR, NM, ChannelIndex, Tensor)) or (isinstance(w, Tensor) and w.dim() != 2):
+        raise TypeError("sparse_conv2d: w must be a BSR, CSR, NM, ChannelIndex or 2-D Tensor over "
+                        f"[C_out, C_in/groups*kh*kw], got {type(w).__name__}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"sparse_conv2d: groups must be a positive int, got {groups!r}")
+    b, c_in, h, wd = x.shape
+    c_out = w.shape[0]
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"sparse_conv2d: groups={groups} must divide C_in={c_in} and C_out={c_out}")
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    dilation = _pair("dilation", dilation, 1)
+    kh, kw = _kernel_size(w, c_in, groups, kernel_size)
+    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"sparse_conv2d: output would be empty ({h_out}x{w_out}) for input {h}x{wd}, "
+                         f"kernel {kh}x{kw}, stride {stride}, padding {padding}, dilation {dilation}")
+
+    if (kh, kw) == (1, 1) and padding == (0, 0) and groups == 1:
+        pix = x[:, :, ::stride[0], ::stride[1]].permute(0, 2, 3, 1)          # channels-last pixels
+        y = sparse_linear(pix, w, bias, backend)                              # [B, Ho, Wo, C_out]
+        return y.permute(0, 3, 1, 2)
+
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, C_in*kh*kw, L]
+    cols = cols.transpose(1, 2)                                                      # [B, L, C_in*kh*kw]
+    if groups == 1:
+        y = sparse_linear(cols, w, bias, backend)                                    # [B, L, C_out]
+    else:
+        k_g, n_g = (c_in // groups) * kh * kw, c_out // groups
+        outs = []
+        for g in range(groups):
+            bias_g = None if bias is None else bias[g * n_g:(g + 1) * n_g]
+            outs.append(sparse_linear(cols[..., g * k_g:(g + 1) * k_g], _rows(w, g * n_g, (g + 1) * n_g),
+                                      bias_g, backend))
+        y = torch.cat(outs, dim=-1)
+    return y.transpose(1, 2).reshape(b, c_out, h_out, w_out)

@@ -1,0 +1,120 @@
+"""The Python faces of the sparse GEMM ops: y = x @ W^T + bias for a sparse-format weight W [N, K].
+
+x may have any leading dims ([..., K]); it is flattened to [M, K] for the kernel and the result is reshaped
+back to [..., N]. Inputs are validated here (argument named, value given, value expected); the backend is
+chosen by the dispatcher (``backend=None``) or forced (``backend="cpu" | "cuda" | "triton" | "reference"``).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..formats import BSR, CSR, NM, ChannelIndex
+from ._dispatch import Format, choose
+
+
+def check_linear_args(fn: str, x: object, w: object, fmt: type, bias: object) -> None:
+    """Validate (x, w, bias) for ``fn``; raises TypeError/ValueError naming the argument."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(w, fmt):
+        hint = f"; convert a dense weight with {fmt.__name__}.from_dense(weight, ...)" if isinstance(w, Tensor) else ""
+        raise TypeError(f"{fn}: w must be a {fmt.__name__}, got {type(w).__name__}{hint}")
+    n, k = w.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{fn}: x must have shape [..., {k}] (K = w.shape[1]), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating tensor, got {x.dtype}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"{fn}: x has dtype {x.dtype} but w's values are {w.dtype}; cast one of them "
+                        f"(x.to({w.dtype}) or w.to(dtype={x.dtype})) — sparsekit never converts silently")
+    if x.device != w.device:
+        raise ValueError(f"{fn}: x is on {x.device} but w is on {w.device}; move one with .to(device)")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"{fn}: bias must have shape ({n},) (N = w.shape[0]), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{fn}: bias has dtype {bias.dtype}, expected {x.dtype} (x's dtype)")
+        if bias.device != x.device:
+            raise ValueError(f"{fn}: bias is on {bias.device}, expected {x.device} (x's device)")
+    _check_structure(fn, w)
+
+
+def _check_structure(fn: str, w: Format) -> None:
+    """Cheap O(1) consistency checks of the format's tensors (the full check is w.validate())."""
+    n, k = w.shape
+    if isinstance(w, BSR):
+        bn, bk = w.block
+        if w.values.dim() != 3 or n % bn or k % bk or w.crow_indices.numel() != n // bn + 1 \
+                or w.col_indices.numel() != w.nnzb:
+            raise ValueError(f"{fn}: w is an inconsistent BSR (values {tuple(w.values.shape)}, crow "
+                             f"{w.crow_indices.numel()}, col {w.col_indices.numel()}, shape {w.shape}); "
+                             "call w.validate() for details")
+    elif isinstance(w, CSR):
+        if w.values.dim() != 1 or w.crow_indices.numel() != n + 1 or w.col_indices.numel() != w.nnz:
+            raise ValueError(f"{fn}: w is an inconsistent CSR; call w.validate() for details")
+    elif isinstance(w, NM) and (tuple(w.values.shape) != (n, k // w.m * w.n) or w.indices.shape != w.values.shape):
+        raise ValueError(f"{fn}: w is an inconsistent NM; call w.validate() for details")
+
+
+def _linear(fn: str, family: str, fmt: type, x: Tensor, w: Format, bias: Tensor | None,
+            backend: str | None) -> Tensor:
+    check_linear_args(fn, x, w, fmt, bias)
+    n, k = w.shape
+    x2 = x.reshape(-1, k).contiguous()
+    y = choose(family, x2, w, backend).mm(family, x2, w, bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def bsr_linear(x: Tensor, w: BSR, bias: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """y = x @ W^T + bias for a block-sparse W (BSR). x [..., K] -> y [..., N]."""
+    return _linear("bsr_linear", "bsr", BSR, x, w, bias, backend)
+
+
+def csr_linear(x: Tensor, w: CSR, bias: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """y = x @ W^T + bias for an unstructured-sparse W (CSR). x [..., K] -> y [..., N]."""
+    return _linear("csr_linear", "csr", CSR, x, w, bias, backend)
+
+
+def nm_linear(x: Tensor, w: NM, bias: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """y = x @ W^T + bias for an n:m semi-structured W (NM). x [..., K] -> y [..., N]."""
+    return _linear("nm_linear", "nm", NM, x, w, bias, backend)
+
+
+def channel_linear(x: Tensor, w: ChannelIndex, bias: Tensor | None = None) -> Tensor:
+    """y = x @ W^T + bias for a channel-compacted W: a dense GEMM on the kept channels only.
+
+    dim=0: only the kept output rows are computed, the others are bias (or 0). dim=1: only the kept input
+    columns of x are read.
+    """
+    check_linear_args("channel_linear", x, w, ChannelIndex, bias)
+    if w.dim == 1:
+        return F.linear(x.index_select(-1, w.indices), w.values, bias)
+    kept = F.linear(x, w.values)
+    out = kept.new_zeros(*x.shape[:-1], w.shape[0]) if bias is None else bias.expand(*x.shape[:-1], -1).clone()
+    return out.index_add(-1, w.indices, kept)
+
+
+_BY_FORMAT = {BSR: bsr_linear, CSR: csr_linear, NM: nm_linear}
+
+
+def sparse_linear(x: Tensor, w: Format | ChannelIndex | Tensor, bias: Tensor | None = None,
+                  backend: str | None = None) -> Tensor:
+    """Dispatch on the weight's format (BSR, CSR, NM, ChannelIndex, or a dense tensor -> F.linear)."""
+    if isinstance(w, Tensor):
+        return F.linear(x, w, bias)
+    if isinstance(w, ChannelIndex):
+        if backend not in (None, "reference"):
+            raise ValueError(f"backend must be None for a ChannelIndex weight (a dense GEMM), got {backend!r}")
+        return channel_linear(x, w, bias)
+    try:
+        fn = _BY_FORMAT[type(w)]
+    except KeyError:
+        raise TypeError(f"w must be a BSR, CSR, NM, ChannelIndex or dense Tensor, got {type(w).__name__}") from None
+    return fn(x, w, bias, backend)
+
+
+__all__ = ["bsr_linear", "csr_linear", "nm_linear", "channel_linear", "sparse_linear", "check_linear_args"]

@@ -1,0 +1,337 @@
+"""Masks: from scores to boolean keep-masks, and masks held on modules as parametrizations.
+
+Selection. A weight is viewed as 2-D ``[out, in*kh*kw]`` (``as_2d``; for a conv the trailing dims flatten
+in memory order, the layout of ``sparsekit.formats``). Granularities:
+
+    element   every weight is a unit
+    block     (bn, bk) tiles of the 2-D view; both dims must divide (ValueError with the remedy otherwise)
+    nm        n of every m consecutive weights along the input dim are kept (sparsity is 1 - n/m)
+    channel   whole output channels (rows); ``sparsity`` is the fraction of channels removed
+
+A unit's score is the sum of its element scores (``unit_scores``). At layer scope exactly
+``floor(sparsity * units)`` units with the lowest scores are removed (``num_to_remove``); ties go to the
+lower flat index first (stable sort), so decisions are deterministic. ``global_keep`` applies one
+threshold over the units of several layers (ties: earlier layer, then lower index).
+
+Parametrization. ``apply_mask`` registers ``WeightMask`` (``torch.nn.utils.parametrize``) on
+``module.weight`` (and on ``module.bias`` for channel masks): the forward pass sees ``weight * mask``, the
+stored ``original`` keeps every value, gradients of masked entries are zero. ``remove_masks`` restores the
+original values (un-prune); ``bake_masks`` makes the zeros permanent plain parameters.
+
+Saving. A masked model's ``state_dict`` holds ``<layer>.parametrizations.weight.original`` and
+``<layer>.parametrizations.weight.0.mask``. Load it with ``load_masked_state_dict(fresh_model, sd)``,
+which puts placeholder masks on the layers named in ``sd`` and then calls ``load_state_dict`` (masks
+included). Or ``bake_masks`` before saving to get a plain state_dict any unmasked model loads.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "GRANULARITIES", "PRUNABLE", "WeightMask", "as_2d", "check_granularity", "check_sparsity", "check_block",
+    "check_nm", "check_layer", "num_to_remove", "unit_scores", "lowest_removed", "expand_units", "nm_keep",
+    "layer_mask", "global_keep", "apply_mask", "is_masked", "get_masks", "remove_masks", "bake_masks",
+    "load_masked_state_dict",
+]
+
+GRANULARITIES = ("element", "block", "nm", "channel")
+PRUNABLE = (nn.Linear, nn.Conv2d)
+_EPS = 1e-9  # floor(0.29 * 100) must be 29, not 28 (0.29 * 100 == 28.999999999999996)
+
+
+# ------------------------------------------------------------------------------------------ validation
+def check_granularity(granularity: object) -> str:
+    """Return ``granularity`` if it is one of ``GRANULARITIES``; raise naming the value given otherwise."""
+    if not isinstance(granularity, str):
+        raise TypeError(f"granularity must be a str, one of {GRANULARITIES}, "
+                        f"got {type(granularity).__name__}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    return granularity
+
+
+def check_sparsity(sparsity: object, name: str = "sparsity") -> float:
+    """Return ``sparsity`` as a float in [0, 1); 1.0 (remove everything) is refused."""
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(sparsity).__name__} {sparsity!r}")
+    if not (0.0 <= sparsity < 1.0):
+        raise ValueError(f"{name} must be in [0, 1) (fraction of weights/channels removed), got {sparsity!r}")
+    return float(sparsity)
+
+
+def check_block(block: object) -> tuple[int, int]:
+    """Return ``block`` as ``(bn, bk)``; an int ``b`` means ``(b, b)``."""
+    if isinstance(block, int) and not isinstance(block, bool):
+        block = (block, block)
+    if (not isinstance(block, (tuple, list)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in block)):
+        raise TypeError(f"block must be an int or a pair of ints (rows, cols), got {block!r}")
+    if block[0] < 1 or block[1] < 1:
+        raise ValueError(f"block sides must be positive, got {tuple(block)}")
+    return int(block[0]), int(block[1])
+
+
+def check_nm(n: object, m: object) -> tuple[int, int]:
+    """Return ``(n, m)``; requires ints with ``1 <= n < m``."""
+    for name, v in (("n", n), ("m", m)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    if not (1 <= n < m):  # type: ignore[operator]
+        raise ValueError(f"n:m keeps n of every m weights, so it needs 1 <= n < m; got n={n}, m={m}")
+    return int(n), int(m)  # type: ignore[arg-type]
+
+
+def _divisors(x: int) -> list[int]:
+    return [d for d in range(1, x + 1) if x % d == 0]
+
+
+def check_layer(shape: Sequence[int], granularity: str, *, block: tuple[int, int] = (32, 32), n: int = 2,
+                m: int = 4, name: str = "weight") -> None:
+    """Raise ValueError if a weight of ``shape`` cannot take ``granularity`` (block or m not dividing)."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    if granularity == "block":
+        bn, bk = block
+        if rows % bn or cols % bk:
+            raise ValueError(
+                f"block {block} does not divide {name} viewed as 2-D {(rows, cols)}: rows need a multiple of "
+                f"{bn}, cols a multiple of {bk}. Remedy: choose a block that divides both (rows fit "
+                f"{_divisors(rows)[-4:]}, cols fit {_divisors(cols)[-4:]}), or leave this layer out with "
+                f"ignore=[{name!r}]")
+    elif granularity == "nm" and cols % m:
+        raise ValueError(f"m={m} does not divide the input dim {cols} of {name} (2-D {(rows, cols)}); "
+                         f"n:m groups run along it. Remedy: choose m dividing {cols}, or ignore=[{name!r}]")
+
+
+# ------------------------------------------------------------------------------------------- selection
+def as_2d(t: Tensor) -> Tensor:
+    """View a weight (or element scores) as ``[out, in*kh*kw]``."""
+    return t.reshape(t.shape[0], -1)
+
+
+def num_to_remove(sparsity: float, units: int) -> int:
+    """``floor(sparsity * units)``, robust to float rounding: how many units a layer loses."""
+    return min(units, int(math.floor(sparsity * units + _EPS)))
+
+
+def unit_scores(scores: Tensor, granularity: str, *, block: tuple[int, int] = (32, 32)) -> Tensor:
+    """Aggregate scores to units: element ``[out, K]``, block ``[out/bn, K/bk]`` (sums), channel ``[out]``.
+
+    ``scores`` are element scores (weight-shaped) or, for ``channel`` only, one score per output channel.
+    """
+    if scores.dim() == 1:
+        if granularity != "channel":
+            raise ValueError(f"per-channel scores (shape {tuple(scores.shape)}) need granularity='channel', "
+                             f"got {granularity!r}")
+        return scores
+    s = as_2d(scores)
+    if granularity == "element":
+        return s
+    if granularity == "channel":
+        return s.sum(dim=1)
+    if granularity == "block":
+        check_layer(s.shape, "block", block=block, name="scores")
+        bn, bk = block
+        return s.reshape(s.shape[0] // bn, bn, s.shape[1] // bk, bk).sum(dim=(1, 3))
+    raise ValueError(f"unit_scores has no units for granularity {granularity!r} (n:m selects within groups; "
+                     "use nm_keep)")
+
+
+def lowest_removed(units: Tensor, k: int) -> Tensor:
+    """Keep-mask (shape of ``units``) with the ``k`` lowest scores False; ties: lower flat index first."""
+    order = torch.sort(units.reshape(-1), stable=True).indices
+    keep = torch.ones(units.numel(), dtype=torch.bool, device=units.device)
+    keep[order[:k]] = False
+    return keep.reshape(units.shape)
+
+
+def expand_units(keep: Tensor, granularity: str, shape: Sequence[int], *,
+                 block: tuple[int, int] = (32, 32)) -> Tensor:
+    """Expand a unit keep-mask to a keep-mask of the weight's ``shape``."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    if granularity == "element":
+        full = keep
+    elif granularity == "channel":
+        full = keep.reshape(rows, 1).expand(rows, cols)
+    elif granularity == "block":
+        full = keep.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
+    else:
+        raise ValueError(f"expand_units: granularity must be element, block or channel, got {granularity!r}")
+    return full.reshape(tuple(shape)).contiguous()
+
+
+def nm_keep(scores: Tensor, n: int, m: int) -> Tensor:
+    """Keep-mask keeping the ``n`` highest scores of every ``m`` consecutive along the input dim.
+
+    Ties go to the lower position in the group (stable sort), so the result is deterministic.
+    """
+    if scores.dim() == 1:
+        raise ValueError("n:m needs element scores (weight-shaped), got per-channel scores")
+    n, m = check_nm(n, m)
+    s = as_2d(scores)
+    check_layer(s.shape, "nm", n=n, m=m, name="scores")
+    groups = s.reshape(s.shape[0], -1, m)
+    top = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+    return keep.reshape(scores.shape)
+
+
+def layer_mask(scores: Tensor, sparsity: float, granularity: str, *, shape: Sequence[int] | None = None,
+               block: tuple[int, int] = (32, 32), n: int = 2, m: int = 4) -> Tensor:
+    """Layer-scope keep-mask of the weight's ``shape`` (default ``scores.shape``).
+
+    element/block/channel remove exactly ``floor(sparsity * units)`` units; nm keeps n of every m and
+    ignores ``sparsity`` (the pattern fixes it at ``1 - n/m``).
+    """
+    granularity = check_granularity(granularity)
+    shape = tuple(scores.shape) if shape is None else tuple(shape)
+    if granularity == "nm":
+        return nm_keep(scores, n, m)
+    sparsity = check_sparsity(sparsity)
+    units = unit_scores(scores, granularity, block=block)
+    keep = lowest_removed(units, num_to_remove(sparsity, units.numel()))
+    return expand_units(keep, granularity, shape, block=block)
+
+
+def global_keep(scores: Mapping[str, Tensor], sparsity: float, granularity: str, *,
+                shapes: Mapping[str, Sequence[int]] | None = None,
+                block: tuple[int, int] = (32, 32)) -> dict[str, Tensor]:
+    """One threshold over all layers: remove ``floor(sparsity * total units)`` lowest-scoring units.
+
+    ``scores`` maps layer name -> scores (its order breaks ties). Units must be comparable across layers:
+    element and block (same block everywhere) are; channel scores of different layers are not without
+    normalisation (see Salama et al. 2019), so channel is refused here for now.
+    """
+    granularity = check_granularity(granularity)
+    if granularity not in ("element", "block"):
+        raise ValueError(f"global scope supports granularity 'element' and 'block' so far, "
+                         f"got {granularity!r}")
+    sparsity = check_sparsity(sparsity)
+    names = list(scores)
+    units = [unit_scores(scores[k], granularity, block=block) for k in names]
+    flat = torch.cat([u.reshape(-1).to(torch.float64) for u in units]) if units else torch.zeros(0)
+    keep = lowest_removed(flat, num_to_remove(sparsity, flat.numel()))
+    out, start = {}, 0
+    for k, u in zip(names, units):
+        shape = tuple(shapes[k]) if shapes is not None else tuple(scores[k].shape)
+        out[k] = expand_units(keep[start:start + u.numel()].reshape(u.shape), granularity, shape, block=block)
+        start += u.numel()
+    return out
+
+
+# ------------------------------------------------------------------------------------ parametrization
+class WeightMask(nn.Module):
+    """Parametrization ``tensor -> where(mask, tensor, 0)`` with ``mask`` a registered bool buffer."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(self.mask, x, x.new_zeros(()))
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.mask.shape)}, sparsity={1 - self.mask.float().mean().item():.4f}"
+
+
+def _mask_param(module: nn.Module, tensor_name: str) -> WeightMask | None:
+    if not parametrize.is_parametrized(module, tensor_name):
+        return None
+    found = [p for p in getattr(module.parametrizations, tensor_name) if isinstance(p, WeightMask)]
+    return found[0] if found else None
+
+
+def _set_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None:
+    t = getattr(module, tensor_name)
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(t.shape):
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{tensor_name} mask must be a tensor of shape {tuple(t.shape)}, got {got}")
+    mask = mask.to(device=t.device, dtype=torch.bool)
+    existing = _mask_param(module, tensor_name)
+    if existing is not None:
+        existing.mask.copy_(mask)
+    else:
+        parametrize.register_parametrization(module, tensor_name, WeightMask(mask))
+
+
+def apply_mask(module: nn.Module, mask: Tensor, bias_mask: Tensor | None = None) -> None:
+    """Mask ``module.weight`` with ``mask`` (and ``module.bias`` with ``bias_mask``); updates in place if
+    already masked, so repeated calls never stack parametrizations."""
+    if not isinstance(module, nn.Module) or not isinstance(getattr(module, "weight", None), Tensor):
+        raise TypeError(f"module must be an nn.Module with a weight tensor, got {type(module).__name__}")
+    _set_mask(module, "weight", mask)
+    if bias_mask is not None and getattr(module, "bias", None) is not None:
+        _set_mask(module, "bias", bias_mask)
+
+
+def is_masked(module: nn.Module) -> bool:
+    """True if ``module.weight`` carries a ``WeightMask``."""
+    return _mask_param(module, "weight") is not None
+
+
+def get_masks(model: nn.Module) -> dict[str, Tensor]:
+    """Module name -> a copy of its weight keep-mask, for every masked module in ``model``."""
+    return {name: p.mask.clone() for name, mod in model.named_modules()
+            if (p := _mask_param(mod, "weight")) is not None}
+
+
+def _unmask(model: nn.Module, leave_parametrized: bool) -> int:
+    count = 0
+    for name, mod in list(model.named_modules()):
+        for tensor_name in ("weight", "bias"):
+            if _mask_param(mod, tensor_name) is None:
+                continue
+            plist = getattr(mod.parametrizations, tensor_name)
+            if not all(isinstance(p, WeightMask) for p in plist):
+                raise ValueError(f"{name or 'model'}.{tensor_name} has other parametrizations besides "
+                                 f"WeightMask ({[type(p).__name__ for p in plist]}); remove those first")
+            parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=leave_parametrized)
+            count += 1
+    return count
+
+
+def remove_masks(model: nn.Module) -> int:
+    """Un-prune: drop every ``WeightMask`` in ``model`` and restore the original (unmasked) values.
+
+    Returns the number of tensors unmasked. Entries that training never touched come back exactly.
+    """
+    return _unmask(model, leave_parametrized=False)
+
+
+def bake_masks(model: nn.Module) -> int:
+    """Make masks permanent: every masked tensor becomes a plain Parameter holding ``weight * mask``.
+
+    The Parameter objects are kept (optimizers stay valid). Returns the number of tensors baked.
+    """
+    return _unmask(model, leave_parametrized=True)
+
+
+_MASK_KEY = re.compile(r"^(?:(.*)\.)?parametrizations\.(weight|bias)\.(\d+)\.mask$")
+
+
+def load_masked_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True):
+    """Load the ``state_dict`` of a masked model into ``model`` (masked or not).
+
+    Layers whose mask appears in ``state_dict`` get a placeholder ``WeightMask`` first (if they have none),
+    then ``model.load_state_dict(state_dict, strict)`` fills in originals and masks. Returns its result.
+    """
+    modules = dict(model.named_modules())
+    for key, value in state_dict.items():
+        match = _MASK_KEY.match(key)
+        if match is None:
+            continue
+        prefix, tensor_name = match.group(1) or "", match.group(2)
+        if prefix not in modules:
+            raise ValueError(f"state_dict key {key!r} names module {prefix!r}, which model does not have")
+        mod = modules[prefix]
+        if _mask_param(mod, tensor_name) is None:
+            parametrize.register_parametrization(
+                mod, tensor_name, WeightMask(torch.ones_like(value, dtype=torch.bool,
+                                                             device=getattr(mod, tensor_name).device)))
+    return model.load_state_dict(state_dict, strict=strict)

@@ -1,0 +1,94 @@
+"""sk.verify: check that a pruned / compacted / sparsified model computes what the reference computes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class VerificationError(AssertionError):
+    """Raised by verify() when outputs differ; the message names the worst output and the first layer off."""
+
+
+def _tensors(obj: Any, path: str = "output") -> Iterator[tuple[str, Tensor]]:
+    if isinstance(obj, Tensor):
+        yield path, obj
+    elif isinstance(obj, (tuple, list)):
+        for i, o in enumerate(obj):
+            yield from _tensors(o, f"{path}[{i}]")
+    elif isinstance(obj, dict):
+        for k, o in obj.items():
+            yield from _tensors(o, f"{path}[{k!r}]")
+    elif hasattr(obj, "to_tuple"):  # Hugging Face ModelOutput
+        yield from _tensors(obj.to_tuple(), path)
+
+
+def _as_args(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a Tensor or a tuple/list of positional inputs, "
+                    f"got {type(example_inputs).__name__}")
+
+
+def _run_recording(model: nn.Module, args: tuple) -> tuple[Any, dict[str, Tensor]]:
+    """Run the model, recording each named submodule's (first tensor) output."""
+    seen: dict[str, Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if name:
+            def hook(_m, _i, out, name=name):
+                first = next(_tensors(out), None)
+                if first is not None and name not in seen:
+                    seen[name] = first[1].detach()
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen
+
+
+def _max_diff(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol: float = 1e-4,
+           rtol: float = 0.0) -> dict[str, float]:
+    """Run both models on example_inputs and compare every output tensor.
+
+    Returns {output path: max abs difference}. Raises VerificationError naming the worst output and the first
+    submodule (same name in both models, same output shape) whose output differs by more than the tolerance.
+    """
+    for name, m in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
+    if not isinstance(atol, (int, float)) or atol < 0:
+        raise ValueError(f"atol must be a non-negative number, got {atol!r}")
+    args = _as_args(example_inputs)
+    ref_out, ref_seen = _run_recording(reference, args)
+    cand_out, cand_seen = _run_recording(candidate, args)
+    ref_t, cand_t = dict(_tensors(ref_out)), dict(_tensors(cand_out))
+    if ref_t.keys() != cand_t.keys():
+        raise VerificationError(f"outputs differ in structure: reference {sorted(ref_t)} vs candidate {sorted(cand_t)}")
+    diffs = {}
+    for path, a in ref_t.items():
+        b = cand_t[path]
+        if a.shape != b.shape:
+            raise VerificationError(f"{path}: shape {tuple(a.shape)} (reference) vs {tuple(b.shape)} (candidate)")
+        diffs[path] = _max_diff(a, b)
+    bad = {p: d for p, d in diffs.items() if d > atol + rtol * float(ref_t[p].abs().max() if ref_t[p].numel() else 0)}
+    if bad:
+        worst = max(bad, key=bad.get)
+        first_layer = next((n for n in ref_seen if n in cand_seen and ref_seen[n].shape == cand_seen[n].shape
+                            and _max_diff(ref_seen[n], cand_seen[n]) > atol), None)
+        where = (f"; first layer off: {first_layer!r} (max |diff| "
+                 f"{_max_diff(ref_seen[first_layer], cand_seen[first_layer]):.3g})") if first_layer else ""
+        raise VerificationError(f"{worst}: max |diff| {bad[worst]:.3g} > atol {atol}{where}")
+    return diffs

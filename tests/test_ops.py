@@ -1,0 +1,190 @@
+"""The public ops faces: correctness of every usable backend against the dense result, autograd, opcheck,
+gradcheck, dispatch, and clear errors for bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsekit as sk
+from sparsekit import _extension
+from sparsekit.formats import BSR, CSR, NM
+from sparsekit.ops._dispatch import BACKENDS, choose
+from sparsekit.ops._library import has_kernel
+from sparsekit.ops._schema import SCHEMAS
+
+CPU_BACKENDS = ["reference"] + (["cpu"] if has_kernel("bsr_mm", "CPU") else [])
+
+
+def _weight(n, k, family, density=0.4, block=(16, 16), dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64)
+    if family == "bsr":
+        bn, bk = block
+        keep = torch.rand(n // bn, k // bk, generator=g) < density
+        w = w * keep.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
+        return w.to(dtype), BSR.from_dense(w.to(dtype), block)
+    if family == "csr":
+        w = w * (torch.rand(n, k, generator=g) < density)
+        return w.to(dtype), CSR.from_dense(w.to(dtype))
+    w = NM.prune(w, 2, 4)
+    return w.to(dtype), NM.from_dense(w.to(dtype), 2, 4)
+
+
+LINEAR = {"bsr": sk.ops.bsr_linear, "csr": sk.ops.csr_linear, "nm": sk.ops.nm_linear}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("family", ["bsr", "csr", "nm"])
+@pytest.mark.parametrize("m", [1, 7, 0])
+@pytest.mark.parametrize("density", [0.0, 0.35, 1.0])
+def test_linear_matches_dense(backend, family, m, density):
+    dense, w = _weight(48, 64, family, density)
+    x = torch.randn(m, 64)
+    bias = torch.randn(48)
+    for b in (None, bias):
+        y = LINEAR[family](x, w, b, backend=backend)
+        torch.testing.assert_close(y, F.linear(x, dense, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_half_precision(backend, dtype, tol):
+    """16-bit storage: compare against an fp32 computation of the same (rounded) weights."""
+    dense, w = _weight(64, 96, "bsr", 0.5, dtype=dtype)
+    x = torch.randn(5, 96).to(dtype)
+    y = sk.ops.bsr_linear(x, w, backend=backend)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), F.linear(x.float(), dense.float()), rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_leading_dims(backend):
+    dense, w = _weight(32, 48, "bsr", 0.5)
+    x = torch.randn(2, 3, 5, 48)
+    torch.testing.assert_close(sk.ops.bsr_linear(x, w, backend=backend), F.linear(x, dense), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("family", ["bsr", "csr", "nm"])
+def test_gradients_match_dense(backend, family):
+    dense, w = _weight(32, 48, family, 0.5)
+    x = torch.randn(6, 48, requires_grad=True)
+    bias = torch.randn(32, requires_grad=True)
+    values = w.values.detach().clone().requires_grad_()
+    w_train = type(w)(**{**{f: getattr(w, f) for f in w.__dataclass_fields__}, "values": values})
+    y = LINEAR[family](x, w_train, bias, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    x2 = x.detach().clone().requires_grad_()
+    dense2 = dense.clone().requires_grad_()
+    bias2 = bias.detach().clone().requires_grad_()
+    F.linear(x2, dense2, bias2).backward(dy)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.grad, bias2.grad)
+    # values' gradient = the dense gradient on the pattern
+    grad_w = type(w)(**{**{f: getattr(w, f) for f in w.__dataclass_fields__}, "values": values.grad}).to_dense()
+    pattern = type(w)(**{**{f: getattr(w, f) for f in w.__dataclass_fields__},
+                         "values": torch.ones_like(values)}).to_dense().bool()
+    torch.testing.assert_close(grad_w, dense2.grad * pattern, rtol=1e-5, atol=1e-5)
+
+
+def _op_args(family, w, x, bias):
+    if family == "nm":
+        return (x, w.values, w.indices, bias, w.n, w.m)
+    return (x, w.crow_indices, w.col_indices, w.values, bias, w.shape[0])
+
+
+@pytest.mark.parametrize("family", ["bsr", "csr", "nm"])
+def test_opcheck(family):
+    _, w = _weight(32, 48, family, 0.5, dtype=torch.float64)
+    x = torch.randn(5, 48, dtype=torch.float64, requires_grad=True)
+    w.values.requires_grad_()
+    bias = torch.randn(32, dtype=torch.float64, requires_grad=True)
+    op = getattr(torch.ops.sparsekit, f"{family}_mm").default
+    torch.library.opcheck(op, _op_args(family, w, x, bias))
+    torch.library.opcheck(op, _op_args(family, w, x.detach(), None))
+
+
+@pytest.mark.parametrize("family", ["bsr", "csr", "nm"])
+def test_gradcheck_float64(family):
+    _, w = _weight(16, 24, family, 0.5, block=(8, 4), dtype=torch.float64)
+    x = torch.randn(3, 24, dtype=torch.float64, requires_grad=True)
+    values = w.values.detach().clone().requires_grad_()
+    bias = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    op = getattr(torch.ops.sparsekit, f"{family}_mm")
+
+    def f(x, values, bias):
+        args = list(_op_args(family, w, x, bias))
+        args[1 if family == "nm" else 3] = values
+        return op(*args)
+
+    assert torch.autograd.gradcheck(f, (x, values, bias))
+
+
+def test_schemas_match_the_cpp_definitions():
+    for name, schema in SCHEMAS.items():
+        got = str(getattr(torch.ops.sparsekit, name).default._schema)
+        assert got == f"sparsekit::{name}{schema}", got
+
+
+def test_extension_kernels_registered_when_built():
+    if not _extension.LOADED:
+        pytest.skip(f"extension not built: {_extension.LOAD_ERROR}")
+    for fam in ("bsr", "csr", "nm"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekit::{fam}_mm", "CPU")
+
+
+def test_dispatch_prefers_cpu_kernel_and_reference_is_always_there():
+    _, w = _weight(32, 48, "bsr")
+    x = torch.randn(2, 48)
+    assert choose("bsr", x, w).name == ("cpu" if has_kernel("bsr_mm", "CPU") else "reference")
+    assert choose("bsr", x, w, backend="reference").name == "reference"
+
+
+def test_forced_backend_error_lists_every_backend():
+    _, w = _weight(32, 48, "bsr")
+    with pytest.raises(ValueError) as exc:
+        sk.ops.bsr_linear(torch.randn(2, 48), w, backend="cuda")
+    msg = str(exc.value)
+    for name in BACKENDS:
+        assert f"  {name}:" in msg
+    assert "runs on cuda tensors" in msg
+
+
+def test_torch_compile_fullgraph():
+    dense, w = _weight(32, 48, "bsr")
+    x = torch.randn(4, 48)
+    fn = torch.compile(lambda x: sk.ops.bsr_linear(x, w), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(x), F.linear(x, dense), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda w: sk.ops.bsr_linear([[1.0]], w), TypeError, "x must be a torch.Tensor"),
+    (lambda w: sk.ops.bsr_linear(torch.randn(2, 47), w), ValueError, r"x must have shape \[\.\.\., 48\]"),
+    (lambda w: sk.ops.bsr_linear(torch.randn(2, 48, dtype=torch.float64), w), TypeError, "dtype"),
+    (lambda w: sk.ops.bsr_linear(torch.ones(2, 48, dtype=torch.int32), w), TypeError, "floating"),
+    (lambda w: sk.ops.bsr_linear(torch.randn(2, 48), w.to_dense()), TypeError, r"w must be a BSR.*from_dense"),
+    (lambda w: sk.ops.csr_linear(torch.randn(2, 48), w), TypeError, "w must be a CSR"),
+    (lambda w: sk.ops.bsr_linear(torch.randn(2, 48), w, bias=torch.randn(31)), ValueError, r"bias must have shape"),
+    (lambda w: sk.ops.bsr_linear(torch.randn(2, 48), w, bias=torch.randn(32).double()), TypeError, "bias has dtype"),
+    (lambda w: sk.ops.bsr_linear(torch.randn(2, 48), w, bias=[0.0] * 32), TypeError, "bias must be a torch.Tensor"),
+    (lambda w: sk.ops.bsr_linear(torch.randn(2, 48), w, backend="gpu"), ValueError, "backend must be one of"),
+    (lambda w: sk.ops.bsr_linear(torch.randn(2, 48), w, backend=3), TypeError, "backend must be a str"),
+    (lambda w: sk.ops.sparse_conv2d(torch.randn(2, 48), w), ValueError, "4-D"),
+    (lambda w: sk.ops.sparse_conv2d(torch.randn(1, 5, 8, 8), w), ValueError, "C_in/groups"),
+    (lambda w: sk.ops.sparse_conv2d(torch.randn(1, 3, 8, 8), w, stride=0), ValueError, "stride must be >= 1"),
+    (lambda w: sk.ops.sparse_conv2d(torch.randn(1, 3, 8, 8), w, groups=2), ValueError, "groups=2 must divide"),
+])
+def test_bad_input(call, exc, match):
+    _, w = _weight(32, 48, "bsr")
+    with pytest.raises(exc, match=match):
+        call(w)
+
+
+def test_device_mismatch_is_reported():
+    _, w = _weight(32, 48, "bsr")
+    meta_x = torch.empty(2, 48, device="meta")
+    with pytest.raises(ValueError, match="x is on meta but w is on cpu"):
+        sk.ops.bsr_linear(meta_x, w)

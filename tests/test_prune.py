@@ -1,0 +1,416 @@
+"""Pruning layer: criteria registry, mask selection per granularity, parametrizations, Pruner."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sparsekit import models
+from sparsekit.prune import Pruner, criteria, masks
+
+
+def _mlp(seed: int = 0) -> models.MLP:
+    torch.manual_seed(seed)
+    return models.MLP([64, 32, 16, 8])
+
+
+def _resnet(seed: int = 0) -> models.ResNet20:
+    torch.manual_seed(seed)
+    return models.ResNet20(width=0.5, image_size=8)   # 8/16/32 channels; conv1 has K = 27
+
+
+def _lenet(seed: int = 0) -> models.LeNet5:
+    torch.manual_seed(seed)
+    return models.LeNet5(image_size=8)
+
+
+def _effective(mod: nn.Module) -> torch.Tensor:
+    return mod.weight.detach()
+
+
+# ------------------------------------------------------------------------------------------------ criteria
+def test_registry_lists_builtins_with_papers():
+    assert {"magnitude", "l1"} <= set(criteria.available())
+    docs = criteria.describe()
+    assert "Han et al. 2015" in docs["magnitude"]
+    assert "Li et al. 2017" in docs["l1"] and "Pruning Filters for Efficient ConvNets" in docs["l1"]
+    assert criteria.get("l1").data_dependent is False
+
+
+def test_register_decorator_and_duplicates(monkeypatch):
+    monkeypatch.setattr(criteria, "_REGISTRY", dict(criteria._REGISTRY))
+
+    @criteria.register("neg_magnitude", doc="test only")
+    def neg(module):
+        return -module.weight.detach().abs()
+
+    assert "neg_magnitude" in criteria.available()
+    assert criteria.get("neg_magnitude").fn is neg
+    with pytest.raises(ValueError, match="already registered"):
+        criteria.register("neg_magnitude", neg)
+    criteria.register("plain", lambda mod: mod.weight.detach().abs())
+    assert criteria.get("plain").data_dependent is False
+
+
+def test_unknown_criterion_lists_available():
+    with pytest.raises(ValueError, match=r"unknown criterion 'taylorr'.*l1.*magnitude"):
+        criteria.get("taylorr")
+    with pytest.raises(ValueError, match="available: l1, magnitude"):
+        m = _mlp()
+        Pruner(m, m.example_input(), criterion="nope")
+
+
+def test_criterion_output_is_checked(monkeypatch):
+    monkeypatch.setattr(criteria, "_REGISTRY", dict(criteria._REGISTRY))
+    criteria.register("bad_shape", lambda mod: mod.weight.detach().abs().sum(1, keepdim=True))
+    criteria.register("nan", lambda mod: mod.weight.detach() * float("nan"))
+    m = _mlp()
+    with pytest.raises(ValueError, match="bad_shape.*expected"):
+        Pruner(m, m.example_input(), criterion="bad_shape").step()
+    with pytest.raises(ValueError, match="non-finite"):
+        Pruner(m, m.example_input(), criterion="nan").step()
+
+
+def test_per_channel_scores_only_for_channel(monkeypatch):
+    monkeypatch.setattr(criteria, "_REGISTRY", dict(criteria._REGISTRY))
+    criteria.register("row_index", lambda mod: torch.arange(mod.weight.shape[0], dtype=torch.float32))
+    m = _mlp()
+    p = Pruner(m, m.example_input(), criterion="row_index", granularity="channel", sparsity=0.5)
+    p.step()
+    assert torch.equal(p.masks["layers.0"][:, 0], torch.arange(32) >= 16)  # lowest rows removed
+    with pytest.raises(ValueError, match="granularity='channel'"):
+        Pruner(_mlp(), m.example_input(), criterion="row_index").step()
+
+
+# ---------------------------------------------------------------------------------------- granularity
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_element_layer_scope_exact(sparsity):
+    m = _resnet()
+    p = Pruner(m, m.example_input(), sparsity=sparsity)
+    p.step()
+    assert len(p.masks) == 22
+    for name, mask in p.masks.items():
+        assert (~mask).sum().item() == math.floor(sparsity * mask.numel() + 1e-9), name
+        assert torch.count_nonzero(_effective(p.layers[name])[~mask]) == 0
+    for row in p.sparsity_report():
+        assert row["sparsity"] == pytest.approx(math.floor(sparsity * math.prod(row["shape"]) + 1e-9)
+                                                / math.prod(row["shape"]))
+
+
+def test_layer_mask_floor_is_robust_to_rounding():
+    scores = torch.arange(100.0)
+    keep = masks.layer_mask(scores.reshape(10, 10), 0.29, "element")   # 0.29 * 100 == 28.999999999999996
+    assert (~keep).sum() == 29 and not keep.reshape(-1)[:29].any()
+
+
+def test_global_element_one_threshold():
+    m = _resnet()
+    p = Pruner(m, m.example_input(), scope="global", sparsity=0.6)
+    p.step()
+    removed, kept = [], []
+    total = 0
+    for name, mask in p.masks.items():
+        w = p.layers[name].parametrizations.weight.original.detach().abs()
+        removed.append(w[~mask])
+        kept.append(w[mask])
+        total += mask.numel()
+    removed, kept = torch.cat(removed), torch.cat(kept)
+    assert removed.numel() == math.floor(0.6 * total)
+    assert removed.max() <= kept.min()
+    per_layer = [r["sparsity"] for r in p.sparsity_report()]
+    assert max(per_layer) - min(per_layer) > 0.1   # layers differ: the threshold is global
+
+
+def test_block_masks_are_aligned_and_exact():
+    m = _resnet()
+    p = Pruner(m, m.example_input(), granularity="block", block=(8, 4), sparsity=0.5, ignore=["conv1", "fc"])
+    p.step()
+    for name, mask in p.masks.items():
+        m2 = masks.as_2d(mask)
+        blocks = m2.reshape(m2.shape[0] // 8, 8, m2.shape[1] // 4, 4)
+        per_block = blocks.sum(dim=(1, 3))
+        assert bool(((per_block == 0) | (per_block == 32)).all()), name
+        assert (per_block == 0).sum().item() == math.floor(0.5 * per_block.numel())
+
+
+def test_block_global_scope():
+    m = _mlp()
+    p = Pruner(m, m.example_input(), granularity="block", block=8, scope="global", sparsity=0.5)
+    p.step()
+    total = sum(mk.numel() // 64 for mk in p.masks.values())
+    removed = sum(int((~mk).sum()) // 64 for mk in p.masks.values())
+    assert removed == total // 2
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_nm_masks_are_n_of_m(n, m):
+    model = _resnet()
+    p = Pruner(model, model.example_input(), granularity="nm", n=n, m=m, sparsity=1 - n / m, ignore=["conv1"])
+    p.step()
+    assert p.masks, "nothing pruned"
+    for name, mask in p.masks.items():
+        groups = masks.as_2d(mask).reshape(mask.shape[0], -1, m)
+        assert bool((groups.sum(-1) == n).all()), name
+        w = masks.as_2d(p.layers[name].parametrizations.weight.original.detach().abs()).reshape(groups.shape)
+        # the kept values are the n largest of each group: max removed <= min kept
+        max_removed = w.masked_fill(groups, -1).amax(-1)
+        assert bool((max_removed <= w.masked_fill(~groups, float("inf")).amin(-1)).all())
+
+
+def test_channel_masks_zero_rows_and_bias_and_skip_classifier():
+    m = _lenet()
+    p = Pruner(m, m.example_input(), criterion="l1", granularity="channel", sparsity=0.5)
+    assert p.ignored == {"fc"}
+    p.step()
+    assert set(p.masks) == {"conv1", "conv2", "fc1", "fc2"}
+    for name, mask in p.masks.items():
+        mod = p.layers[name]
+        rows = masks.as_2d(mask)
+        row_keep = rows.any(dim=1)
+        assert bool((rows.all(dim=1) == row_keep).all())                 # whole rows
+        assert (~row_keep).sum().item() == math.floor(0.5 * mod.weight.shape[0])
+        assert torch.count_nonzero(masks.as_2d(_effective(mod))[~row_keep]) == 0
+        assert torch.count_nonzero(mod.bias.detach()[~row_keep]) == 0   # bias entry masked too
+        l1 = masks.as_2d(mod.parametrizations.weight.original.detach()).abs().sum(1)
+        assert l1[~row_keep].max() <= l1[row_keep].min()               # lowest-L1 filters go
+    assert not parametrize.is_parametrized(m.fc)
+
+
+def test_channel_ignore_empty_prunes_classifier_too():
+    m = _lenet()
+    p = Pruner(m, m.example_input(), granularity="channel", sparsity=0.5, ignore=[])
+    p.step()
+    assert "fc" in p.masks
+
+
+def test_default_ignore_uses_execution_order():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 3)     # registered first, runs last
+            self.body = nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.head(self.body(x).relu())
+
+    net = Net()
+    p = Pruner(net, torch.randn(2, 4), granularity="channel")
+    assert p.ignored == {"head"} and list(p.layers) == ["body"]
+
+
+def test_ignore_by_module_and_container():
+    m = _resnet()
+    p = Pruner(m, m.example_input(), ignore=[m.fc, "layer3"])
+    assert "fc" in p.ignored and all(k.startswith("layer3.") for k in p.ignored - {"fc"})
+    assert len(p.ignored) == 1 + 7      # layer3: 3 blocks x 2 convs + a projection shortcut
+    assert not any(k.startswith("layer3") for k in p.layers)
+
+
+# ------------------------------------------------------------------------------------------ parametrize
+def test_masked_weights_stay_zero_during_training():
+    m = _resnet()
+    x = m.example_input(4)
+    p = Pruner(m, x, granularity="element", sparsity=0.7)
+    p.step()
+    before = p.masks
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    m.train()
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+    for name, mask in before.items():
+        assert torch.count_nonzero(_effective(p.layers[name])[~mask]) == 0
+        assert torch.equal(masks.get_masks(m)[name], mask)
+
+
+def test_remove_restores_exactly():
+    m = _resnet()
+    x = m.example_input()
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    m.eval()
+    y_ref = m(x)
+    p = Pruner(m, x, granularity="channel", sparsity=0.5)
+    p.step()
+    assert not torch.allclose(m(x), y_ref)
+    p.remove()
+    assert not any(parametrize.is_parametrized(mod) for mod in m.modules())
+    state = m.state_dict()
+    assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
+    assert torch.equal(m(x), y_ref)
+    assert p.masks == {}
+
+
+def test_bake_leaves_plain_parameters_with_zeros():
+    m = _mlp()
+    param_ids = {id(mod.weight) for mod in m.modules() if isinstance(mod, nn.Linear)}
+    p = Pruner(m, m.example_input(), sparsity=0.5)
+    p.step()
+    saved = p.masks
+    p.bake()
+    for name, mask in saved.items():
+        mod = p.layers[name]
+        assert not parametrize.is_parametrized(mod)
+        assert type(mod.weight) is nn.Parameter
+        assert torch.count_nonzero(mod.weight.detach()[~mask]) == 0
+    assert {id(mod.weight) for mod in m.modules() if isinstance(mod, nn.Linear)} == param_ids
+    assert set(m.state_dict()) == set(_mlp().state_dict())
+
+
+def test_state_dict_round_trip():
+    m = _lenet()
+    x = m.example_input()
+    p = Pruner(m, x, granularity="channel", sparsity=0.5)
+    p.step()
+    sd = m.state_dict()
+    assert "conv1.parametrizations.weight.0.mask" in sd and "conv1.parametrizations.bias.0.mask" in sd
+    fresh = _lenet(seed=1)                       # unmasked, different weights
+    masks.load_masked_state_dict(fresh, sd)
+    assert torch.equal(fresh(x), m(x))
+    assert all(torch.equal(masks.get_masks(fresh)[k], v) for k, v in p.masks.items())
+    other = _lenet(seed=2)                       # already masked (differently) by its own pruner
+    Pruner(other, x, granularity="channel", sparsity=0.25).step()
+    other.load_state_dict(sd)
+    assert torch.equal(other(x), m(x))
+
+
+def test_apply_mask_updates_in_place():
+    lin = nn.Linear(4, 3)
+    masks.apply_mask(lin, torch.ones(3, 4, dtype=torch.bool))
+    masks.apply_mask(lin, torch.zeros(3, 4, dtype=torch.bool))
+    assert len(lin.parametrizations.weight) == 1 and torch.count_nonzero(lin.weight) == 0
+    with pytest.raises(ValueError, match=r"shape \(3, 4\)"):
+        masks.apply_mask(lin, torch.ones(4, 3, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------- determinism, steps
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_deterministic(granularity):
+    a, b = _resnet(seed=3), _resnet(seed=3)
+    pa = Pruner(a, a.example_input(), granularity=granularity)
+    pb = Pruner(b, b.example_input(), granularity=granularity)
+    pa.step()
+    pb.step()
+    assert pa.masks.keys() == pb.masks.keys()
+    assert all(torch.equal(pa.masks[k], pb.masks[k]) for k in pa.masks)
+
+
+def test_ties_break_by_lower_index():
+    lin = nn.Linear(4, 6)
+    nn.init.constant_(lin.weight, 1.0)
+    p = Pruner(lin, torch.randn(1, 4), granularity="channel", sparsity=0.5, ignore=[])
+    p.step()
+    assert torch.equal(p.masks[""][:, 0], torch.tensor([False, False, False, True, True, True]))
+    keep = masks.nm_keep(torch.ones(2, 8), 2, 4)
+    assert torch.equal(keep[0], torch.tensor([True, True, False, False] * 2))
+
+
+def test_schedule_steps_are_monotone():
+    m = _mlp()
+    targets = [0.25, 0.5, 0.75]
+    p = Pruner(m, m.example_input(), sparsity=0.75, schedule=lambda t: targets[t])
+    prev = None
+    for t in targets:
+        assert p.step() == t
+        for name, mask in p.masks.items():
+            assert (~mask).sum().item() == math.floor(t * mask.numel())
+            if prev is not None:
+                assert not bool((mask & ~prev[name]).any())   # removed stays removed
+        prev = p.masks
+    assert p.sparsity_report()[0]["target"] == 0.75
+
+
+def test_one_shot_step_is_idempotent_and_keeps_training_flags():
+    m = _resnet()
+    m.train()
+    stats = m.bn1.running_mean.clone()
+    p = Pruner(m, m.example_input())
+    assert m.training and torch.equal(m.bn1.running_mean, stats)   # tracing changed nothing
+    p.step()
+    first = p.masks
+    p.step()
+    assert all(torch.equal(first[k], p.masks[k]) for k in first)
+    assert all(len(mod.parametrizations.weight) == 1 for mod in p.layers.values())
+
+
+def test_sparsity_report_fields():
+    m = _lenet()
+    p = Pruner(m, m.example_input(), granularity="channel", sparsity=0.5)
+    assert all(r["sparsity"] == 0.0 for r in p.sparsity_report())
+    p.step()
+    rows = p.sparsity_report()
+    assert [r["name"] for r in rows] == ["conv1", "conv2", "fc1", "fc2"]
+    assert rows[0] == {"name": "conv1", "type": "Conv2d", "shape": (6, 1, 5, 5), "granularity": "channel",
+                       "target": 0.5, "sparsity": 0.5, "units": 6, "removed": 3}
+
+
+def test_transformer_with_dict_inputs():
+    m = models.TransformerEncoder(vocab=20, dim=32, heads=4, ffn=64, layers=1, seq_len=8)
+    ids = m.example_input()
+    p = Pruner(m, {"ids": ids}, granularity="block", block=(16, 16), sparsity=0.5, ignore=[m.fc])
+    p.step()
+    assert set(p.masks) == {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.ffn.fc1", "blocks.0.ffn.fc2"}
+    assert "fc" in p.ignored
+
+
+# -------------------------------------------------------------------------------------------- bad inputs
+def _bad(**kwargs):
+    m = _resnet()
+    return Pruner(m, kwargs.pop("example_inputs", m.example_input()), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"sparsity": 1.0}, ValueError, r"sparsity must be in \[0, 1\).*1\.0"),
+    ({"sparsity": -0.1}, ValueError, r"sparsity must be in \[0, 1\).*-0\.1"),
+    ({"sparsity": "0.5"}, TypeError, "sparsity must be a float"),
+    ({"sparsity": True}, TypeError, "sparsity"),
+    ({"granularity": "row"}, ValueError, r"granularity must be one of .*'row'"),
+    ({"granularity": 2}, TypeError, "granularity must be a str"),
+    ({"granularity": "nm", "n": 4, "m": 4, "ignore": ["conv1"]}, ValueError, "1 <= n < m.*n=4, m=4"),
+    ({"granularity": "nm", "n": 5, "m": 4}, ValueError, "n < m"),
+    ({"granularity": "nm", "n": 2.0, "m": 4}, TypeError, "n must be an int"),
+    ({"granularity": "nm", "n": 1, "m": 4, "ignore": ["conv1"]}, ValueError, "Pass sparsity=0.75"),
+    ({"granularity": "nm"}, ValueError, "m=4 does not divide the input dim 27 of conv1.*ignore"),
+    ({"granularity": "block", "block": (8, 8)}, ValueError, r"block \(8, 8\) does not divide conv1.*Remedy"),
+    ({"granularity": "block", "block": (8, "8")}, TypeError, "block must be an int or a pair"),
+    ({"granularity": "block", "block": 0}, ValueError, "block sides must be positive"),
+    ({"scope": "network"}, ValueError, "scope must be one of"),
+    ({"scope": "global", "granularity": "channel"}, ValueError, "dependency graph"),
+    ({"scope": "global", "granularity": "nm", "ignore": ["conv1"]}, ValueError, "global threshold"),
+    ({"ignore": [nn.Linear(2, 2)]}, ValueError, r"ignore\[0\] \(Linear\) is not a submodule"),
+    ({"ignore": ["layer1.0.conv3"]}, ValueError, r"not a module name.*did you mean"),
+    ({"ignore": [3]}, TypeError, r"ignore\[0\] must be an nn.Module"),
+    ({"ignore": 3}, TypeError, "ignore must be None or a list"),
+    ({"ignore": [""]}, ValueError, "no nn.Linear / nn.Conv2d left"),
+    ({"example_inputs": "image"}, TypeError, "example_inputs must be a Tensor"),
+    ({"example_inputs": torch.randn(2, 5, 8, 8)}, ValueError, "example_inputs could not be run"),
+    ({"criterion": 3}, TypeError, "criterion must be a str"),
+    ({"schedule": "cubic"}, TypeError, "schedule must be None or a callable"),
+    ({"granularity": "nm", "ignore": ["conv1"], "schedule": lambda t: 0.5}, ValueError, "schedule=None"),
+])
+def test_bad_inputs(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        _bad(**kwargs)
+
+
+def test_bad_model_and_schedule_value():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        Pruner(lambda x: x, torch.randn(1))
+    m = _mlp()
+    p = Pruner(m, m.example_input(), schedule=lambda t: 1.5)
+    with pytest.raises(ValueError, match=r"schedule\(0\) must be in \[0, 1\)"):
+        p.step()
+
+
+def test_data_dependent_criterion_needs_calib(monkeypatch):
+    monkeypatch.setattr(criteria, "_REGISTRY", dict(criteria._REGISTRY))
+    criteria.register("wanda_like", lambda mod, stats: mod.weight.detach().abs(), data_dependent=True)
+    m = _mlp()
+    with pytest.raises(ValueError, match="data-dependent: pass calib"):
+        Pruner(m, m.example_input(), criterion="wanda_like")
+    with pytest.raises(NotImplementedError, match="calibration statistics"):
+        Pruner(m, m.example_input(), criterion="wanda_like", calib=[m.example_input()])

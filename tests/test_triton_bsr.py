@@ -1,0 +1,282 @@
+"""kernels/k_bsr_mm.py (Triton BSR x dense) against sparsekit.ops.reference.bsr_mm.
+
+On CPU these run through the Triton interpreter: `pytest tests/test_triton_bsr.py --triton-interpret`
+(fp32/fp16 only there: the interpreter gets bfloat16 wrong). On a GPU machine, run without
+--triton-interpret: the same tests then run compiled, plus the `cuda` ones (bf16, larger shapes, TF32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sparsekit.formats import BSR
+from sparsekit.ops.reference import bsr_mm as reference_bsr_mm
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cpu" if INTERPRET or not HAS_CUDA else "cuda"
+
+pytestmark = pytest.mark.triton
+needs_runner = pytest.mark.skipif(
+    not (INTERPRET or HAS_CUDA),
+    reason="needs TRITON_INTERPRET=1 (pytest --triton-interpret) or a CUDA GPU to run Triton kernels")
+# (without a GPU the conftest skips `cuda` tests with its own reason)
+compiled_only = pytest.mark.skipif(INTERPRET and HAS_CUDA,
+                                   reason="checks compiled GPU code; run without --triton-interpret")
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 2e-2)}
+
+
+def _kernel():
+    from sparsekit.kernels import k_bsr_mm
+
+    return k_bsr_mm
+
+
+def make_bsr(n: int, k: int, block: tuple[int, int], density: float, dtype: torch.dtype, seed: int = 0,
+             empty_rows: tuple[int, ...] = (), device: str = DEVICE) -> BSR:
+    """A BSR weight with about `density` of its blocks stored and the given block-rows empty."""
+    g = torch.Generator().manual_seed(seed)
+    bn, bk = block
+    keep = torch.rand(n // bn, k // bk, generator=g) < density
+    for r in empty_rows:
+        keep[r] = False
+    dense = torch.randn(n, k, generator=g) * keep.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
+    w = BSR.from_dense(dense, block=block).to(device=device, dtype=dtype)
+    return w.validate()
+
+
+def run_and_check(m: int, w: BSR, bias: bool, dtype: torch.dtype, seed: int = 1, **kw) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    n, k = w.shape
+    x = torch.randn(m, k, generator=g).to(device=DEVICE, dtype=dtype)
+    b = torch.randn(n, generator=g).to(device=DEVICE, dtype=dtype) if bias else None
+    y = _kernel().bsr_mm(x, w.crow_indices, w.col_indices, w.values, b, n, **kw)
+    assert y.shape == (m, n) and y.dtype == dtype and y.device == x.device
+    expect = reference_bsr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(),
+                              None if b is None else b.double(), n)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y.double(), expect, atol=atol, rtol=rtol)
+    return y
+
+
+# ------------------------------------------------------------------------------ interpreter-sized tests
+@needs_runner
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("block", [(16, 32), (32, 16), (32, 32)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("m", [1, 5, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_matches_reference(dtype, m, block, bias):
+    # block-row 1 empty, the rest about half full
+    w = make_bsr(64, 96, block, density=0.5, dtype=dtype, empty_rows=(1,))
+    y = run_and_check(m, w, bias, dtype)
+    bn = block[0]
+    if not bias:
+        assert y[:, bn:2 * bn].eq(0).all()  # the empty block-row writes exact zeros
+
+
+@needs_runner
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("density", [0.0, 1.0], ids=["sparsity100", "sparsity0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_sparsity_extremes(dtype, density, bias):
+    w = make_bsr(64, 64, (16, 16), density=density, dtype=dtype)
+    assert w.nnzb == (0 if density == 0.0 else 16)
+    y = run_and_check(5, w, bias, dtype)
+    if density == 0.0 and not bias:
+        assert y.eq(0).all()
+
+
+@needs_runner
+@pytest.mark.parametrize("block", [(16, 16), (64, 64), (128, 128), (16, 128), (128, 16), (64, 32)],
+                         ids=lambda b: f"{b[0]}x{b[1]}")
+def test_block_shapes(block):
+    bn, bk = block
+    w = make_bsr(2 * bn, 2 * bk, block, density=0.75, dtype=torch.float32, seed=3)
+    run_and_check(3, w, True, torch.float32)
+
+
+@needs_runner
+@pytest.mark.parametrize("seed", range(12))
+def test_random_shapes(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    sides = (16, 32, 64, 128)
+    bn, bk = (sides[int(i)] for i in torch.randint(0, 4, (2,), generator=g))
+    rows, cols = (int(v) for v in torch.randint(1, 4, (2,), generator=g))
+    m = int(torch.randint(1, 40, (1,), generator=g))
+    density = float(torch.rand(1, generator=g))
+    dtype = (torch.float32, torch.float16)[seed % 2]
+    empty = (int(torch.randint(0, rows, (1,), generator=g)),) if seed % 3 == 0 else ()
+    w = make_bsr(rows * bn, cols * bk, (bn, bk), density=density, dtype=dtype, seed=seed, empty_rows=empty)
+    run_and_check(m, w, bool(seed % 4 < 2), dtype, seed=seed)
+
+
+@needs_runner
+def test_many_row_tiles_and_block_rows():
+    # > GROUP_M (8) row tiles under the interpreter's BLOCK_M=16: exercises the grouped program order,
+    # including a partial last group, and a masked last row tile
+    w = make_bsr(48, 32, (16, 16), density=0.7, dtype=torch.float32, seed=4, empty_rows=(2,))
+    run_and_check(16 * 9 + 5, w, True, torch.float32)
+
+
+@needs_runner
+def test_single_block_row_every_column():
+    w = make_bsr(16, 128, (16, 16), density=1.0, dtype=torch.float16, seed=5)
+    run_and_check(2, w, False, torch.float16)
+
+
+@needs_runner
+def test_empty_m_and_n_do_not_launch(monkeypatch):
+    k_bsr_mm = _kernel()
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the kernel must not be launched for an empty result")
+
+    monkeypatch.setattr(k_bsr_mm, "_bsr_mm_kernel", NoLaunch())
+    w = make_bsr(32, 32, (16, 16), density=1.0, dtype=torch.float32)
+    x = torch.empty(0, 32, device=DEVICE)
+    y = k_bsr_mm.bsr_mm(x, w.crow_indices, w.col_indices, w.values, None, 32)
+    assert y.shape == (0, 32) and y.dtype == torch.float32
+
+    crow = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    col = torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    values = torch.zeros(0, 16, 16, device=DEVICE)
+    y = k_bsr_mm.bsr_mm(torch.randn(4, 32, device=DEVICE), crow, col, values, None, 0)
+    assert y.shape == (4, 0)
+
+
+@needs_runner
+def test_input_precision_argument():
+    w = make_bsr(32, 32, (16, 16), density=1.0, dtype=torch.float32)
+    run_and_check(4, w, False, torch.float32, input_precision="ieee")
+    with pytest.raises(ValueError, match="input_precision"):
+        run_and_check(4, w, False, torch.float32, input_precision="fp8")
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _args(block=(16, 16), dtype=torch.float32, m=4, n=32, k=32):
+    # validation happens before any launch, so CPU tensors are fine here whatever the environment
+    bn, bk = block
+    w = BSR.from_dense(torch.randn(n, k), block=block).to(dtype=dtype)
+    return torch.randn(m, k, dtype=dtype), w.crow_indices, w.col_indices, w.values, None, n
+
+
+@pytest.mark.parametrize("block", [(8, 16), (16, 8), (48, 16), (16, 96)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_unsupported_block_sides_raise(block):
+    bn, bk = block
+    x, crow, col, values, bias, n = _args(block=block, n=bn * 2, k=bk * 2)
+    with pytest.raises(ValueError, match=r"16, 32, 64, 128"):
+        _kernel().bsr_mm(x, crow, col, values, bias, n)
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    bsr_mm = _kernel().bsr_mm
+    x, crow, col, values, _, n = _args()
+    with pytest.raises(TypeError, match="values dtype"):
+        bsr_mm(x, crow, col, values.half(), None, n)
+    with pytest.raises(TypeError, match="x must be float16, bfloat16 or float32"):
+        bsr_mm(x.double(), crow, col, values.double(), None, n)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        bsr_mm(torch.randn(32, 4).t(), crow, col, values, None, n)
+    with pytest.raises(ValueError, match="values must be contiguous"):
+        bsr_mm(x, crow, col, values.transpose(1, 2), None, n)
+    with pytest.raises(TypeError, match="crow_indices must be int32"):
+        bsr_mm(x, crow.long(), col, values, None, n)
+    with pytest.raises(TypeError, match="col_indices must be int32"):
+        bsr_mm(x, crow, col.long(), values, None, n)
+    with pytest.raises(ValueError, match="crow_indices must have"):
+        bsr_mm(x, crow[:-1].contiguous(), col, values, None, n)
+    with pytest.raises(ValueError, match="col_indices has"):
+        bsr_mm(x, crow, col[:-1].contiguous(), values, None, n)
+    with pytest.raises(ValueError, match="n=40"):
+        bsr_mm(x, crow, col, values, None, 40)
+    with pytest.raises(ValueError, match=r"x.shape\[1\]"):
+        bsr_mm(torch.randn(4, 40), crow, col, values, None, n)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        bsr_mm(x, crow, col, values, torch.randn(n + 1), n)
+    with pytest.raises(TypeError, match="bias dtype"):
+        bsr_mm(x, crow, col, values, torch.randn(n, dtype=torch.float16), n)
+    with pytest.raises(TypeError, match="n must be an int"):
+        bsr_mm(x, crow, col, values, None, 32.0)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        bsr_mm(x.numpy(), crow, col, values, None, n)
+
+
+@pytest.mark.skipif(INTERPRET, reason="CPU tensors are accepted under TRITON_INTERPRET=1")
+def test_cpu_tensors_rejected_without_interpreter():
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        _kernel().bsr_mm(*_args())
+
+
+@pytest.mark.slow
+def test_compiles_for_sm80_and_sm90():
+    # no GPU needed: triton.compile for GPUTarget sm80/sm90 down to cubin (with triton's bundled ptxas);
+    # under --triton-interpret check_all re-runs itself in a subprocess without TRITON_INTERPRET
+    from sparsekit.kernels._compile_check import check_all
+
+    assert check_all(verbose=False) == []
+
+
+# --------------------------------------------------------------------------------------- GPU (compiled)
+@pytest.mark.cuda
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (128, 128), (32, 128), (128, 32)],
+                         ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("m", [1, 7, 64, 200, 1031])
+def test_cuda_matches_reference(m, block, dtype):
+    w = make_bsr(512, 768, block, density=0.3, dtype=dtype, seed=m, empty_rows=(0,), device="cuda")
+    atol, rtol = TOL[dtype]
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 768, generator=g).to("cuda", dtype)
+    b = torch.randn(512, generator=g).to("cuda", dtype)
+    y = _kernel().bsr_mm(x, w.crow_indices, w.col_indices, w.values, b, 512)
+    expect = reference_bsr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(), b.double(), 512)
+    # K=768 sums: scale the tolerance with sqrt(K) for the low-precision dtypes
+    scale = 1.0 if dtype == torch.float32 else 4.0
+    torch.testing.assert_close(y.double(), expect, atol=atol * scale, rtol=rtol)
+
+
+@pytest.mark.cuda
+@compiled_only
+@pytest.mark.parametrize("density", [0.0, 1.0], ids=["sparsity100", "sparsity0"])
+def test_cuda_sparsity_extremes(density):
+    w = make_bsr(256, 256, (32, 32), density=density, dtype=torch.float16, device="cuda")
+    x = torch.randn(100, 256, device="cuda", dtype=torch.float16)
+    y = _kernel().bsr_mm(x, w.crow_indices, w.col_indices, w.values, None, 256)
+    expect = reference_bsr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(), None, 256)
+    torch.testing.assert_close(y.double(), expect, atol=4e-2, rtol=1e-2)
+
+
+@pytest.mark.cuda
+@compiled_only
+def test_cuda_tf32_follows_torch_flag(monkeypatch):
+    k_bsr_mm = _kernel()
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert k_bsr_mm.default_input_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert k_bsr_mm.default_input_precision(torch.float32) == "tf32"
+    w = make_bsr(256, 512, (64, 64), density=0.5, dtype=torch.float32, device="cuda")
+    x = torch.randn(128, 512, device="cuda")
+    y = k_bsr_mm.bsr_mm(x, w.crow_indices, w.col_indices, w.values, None, 256)
+    expect = reference_bsr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(), None, 256)
+    torch.testing.assert_close(y.double(), expect, atol=5e-2, rtol=1e-2)  # TF32: ~1e-3 relative per product
+
+
+@pytest.mark.cuda
+@compiled_only
+def test_cuda_non_default_device_and_large_grid():
+    # many block-rows x row tiles (grouped order with a partial last group), on the last visible device
+    dev = f"cuda:{torch.cuda.device_count() - 1}"
+    w = make_bsr(4096, 256, (16, 16), density=0.2, dtype=torch.float16, device=dev)
+    x = torch.randn(3000, 256, device=dev, dtype=torch.float16)
+    y = _kernel().bsr_mm(x, w.crow_indices, w.col_indices, w.values, None, 4096)
+    expect = reference_bsr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(), None, 4096)
+    torch.testing.assert_close(y.double(), expect, atol=4e-2, rtol=1e-2)
