@@ -1,4 +1,4 @@
-"""The `sparsekit` command: info | demo."""
+"""The `sparsekit` command: info | demo | bench | report."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--reps", type=int, default=10)
     pd.add_argument("--backend", default=None, help="force a backend (cpu, triton, reference, cuda)")
     pd.set_defaults(fn=_cmd_demo)
+
+    # bench / report: argument parsing only here; the sweep itself is imported when the command runs
+    from .benchmark.command import add_bench_parser, add_report_parser
+
+    add_bench_parser(sub)
+    add_report_parser(sub)
     return p
 
 

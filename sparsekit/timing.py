@@ -33,9 +33,10 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10, min_tim
     return statistics.median(times)
 
 
-def interleaved_median_ms(fns: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 10,
-                          device: torch.device | str | None = None) -> dict[str, float]:
-    """Median ms of each fn, measured round-robin in the same loop so machine noise hits all of them alike."""
+def interleaved_samples_ms(fns: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 10,
+                           device: torch.device | str | None = None) -> dict[str, list[float]]:
+    """Milliseconds of every run of each fn, measured round-robin in the same loop so machine noise hits all of
+    them alike (after `warmup` rounds; under no_grad; CUDA synchronised around each call)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
         for _ in range(warmup):
@@ -48,4 +49,10 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], warmup: int = 3,
                 fn()
                 _sync(device)
                 times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_median_ms(fns: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 10,
+                          device: torch.device | str | None = None) -> dict[str, float]:
+    """Median ms of each fn from ``interleaved_samples_ms``."""
+    return {k: statistics.median(v) for k, v in interleaved_samples_ms(fns, warmup, reps, device).items()}

@@ -1,0 +1,158 @@
+"""What a result was measured on (machine, versions, flags) and this machine's rough peaks for the roofline.
+
+Peaks are *measured in the run*, not taken from a spec sheet: peak FLOP/s is the best rate of a large dense
+matmul in the benchmarked dtype (torch's own GEMM: MKL/oneDNN on CPU, cuBLAS on CUDA), and bandwidth is the
+best rate of a large tensor copy (read + write bytes); best, not median, because a peak is what the machine
+can do and other jobs only ever slow it down. Kernels are then expressed as % of those, which says
+"how close to what this machine demonstrably does", not "% of the theoretical hardware peak".
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["machine_info", "machine_slug", "measure_peaks", "tf32_state"]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except ImportError:
+        return None
+    return getattr(mod, "__version__", "unknown")
+
+
+def _git_commit() -> str | None:
+    """The sparsekit source tree's commit (+ '-dirty'), if it is a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("-dirty" if dirty else "")) or None
+
+
+def tf32_state() -> dict[str, object]:
+    """TF32 / reduced-precision matmul settings in force (they change fp32 numbers on GPUs)."""
+    return {"cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def machine_info(device: str) -> dict[str, object]:
+    """Machine, versions and settings, recorded with every result file."""
+    from .. import _extension
+
+    _extension.load()
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        load = None
+    info: dict[str, object] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl": torch.backends.mkl.is_available(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "sparsekit": _sparsekit_version(),
+        "sparsekit_commit": _git_commit(),
+        "extension_loaded": _extension.LOADED,
+        "tf32": tf32_state(),
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRITON_INTERPRET",
+                                           "CUDA_VISIBLE_DEVICES") if k in os.environ},
+        "loadavg_start": load,
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        idx = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        info["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                       "memory_gib": round(props.total_memory / 2**30, 1), "sms": props.multi_processor_count}
+    return info
+
+
+def _sparsekit_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"\((r|tm)\)|\bprocessor\b|\bcpu\b|@.*$", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:40] or "unknown"
+
+
+def machine_slug(info: dict) -> str:
+    """A short file-name-safe machine id: 'cpu-intel-xeon-2t', 'cuda-nvidia-h100-80gb-hbm3'."""
+    if info["device"] == "cuda" and "gpu" in info:
+        return f"cuda-{_slug(info['gpu']['name'])}"
+    return f"cpu-{_slug(str(info['cpu_model']))}-{info['threads']}t"
+
+
+def _best_s(fn, device: str, reps: int) -> float:
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _mm_fn(size: int, dtype: torch.dtype, device: str, gen: torch.Generator):
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    return lambda: torch.mm(a, b)
+
+
+def measure_peaks(device: str, dtype: torch.dtype, size: int | None = None, copy_mib: int | None = None,
+                  reps: int = 10) -> dict[str, object]:
+    """Measured peak FLOP/s (dense matmul of size^3) and bandwidth (copy of copy_mib MiB) for the roofline."""
+    if size is None:
+        size = 8192 if device == "cuda" else 2048
+    if copy_mib is None:
+        copy_mib = 1024 if device == "cuda" else 256
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    numel = copy_mib * 2**20 // 4
+    with torch.no_grad():
+        t_mm = _best_s(_mm_fn(size, dtype, device, gen), device, reps)
+        src = torch.ones(numel, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src)
+        t_copy = _best_s(lambda: dst.copy_(src), device, reps)
+    return {"flops": 2.0 * size**3 / t_mm, "bytes_per_s": 2.0 * numel * 4 / t_copy,
+            "how": f"measured in this run: fastest of {reps} dense {size}x{size}x{size} {str(dtype).split('.')[-1]} "
+                   f"matmuls (torch.mm) and of {reps} copies of {copy_mib} MiB (read + write bytes)"}

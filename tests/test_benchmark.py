@@ -1,0 +1,280 @@
+"""The benchmark infrastructure (sparsekit.benchmark, bench/): well-formed rows and files, the correctness guard,
+break-even arithmetic, README block rewriting and CLI errors. Nothing here asserts a speed."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsekit import _extension
+from sparsekit.benchmark.machine import measure_peaks
+from sparsekit.benchmark.patterns import Pattern, make_weight, nm_for_sparsity, parse_block, to_format
+from sparsekit.benchmark.progress import Progress
+from sparsekit.benchmark.report import (
+    END_MARKER,
+    START_MARKER,
+    break_even,
+    load_results,
+    replace_marked_block,
+    summarize,
+    to_markdown,
+)
+from sparsekit.benchmark.shapes import ConvShape, LinearShape, get_shapes
+from sparsekit.benchmark.sweep import ROW_FIELDS, Candidate, SweepConfig, measure, run_kernel_sweep, save_results
+from sparsekit.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_LINEAR = LinearShape("tiny.linear", 64, 32, 8, 8, "test")
+TINY_CONV = ConvShape("tiny.conv", 16, 16, 3, 6, 1, 1, 1, 1, "test")
+
+
+def _tiny_config(**kw) -> SweepConfig:
+    base = {"shapes": (TINY_LINEAR, TINY_CONV), "sparsities": (0.5, 0.9), "formats": ("bsr", "csr", "nm"),
+            "blocks": ((16, 16), (1, 4)), "compile": False, "peaks": False, "warmup": 1, "min_reps": 2,
+            "max_reps": 2, "budget_s": 0.01, "progress": False}
+    return SweepConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_results() -> dict:
+    return run_kernel_sweep(_tiny_config())
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+def test_sweep_rows_are_well_formed(tiny_results):
+    rows = tiny_results["rows"]
+    assert rows
+    for r in rows:
+        assert set(ROW_FIELDS) <= set(r), set(ROW_FIELDS) - set(r)
+        if r["status"] != "ok":     # recorded, not timed: e.g. MKL sparse has no non-square BSR blocks
+            assert r["status"] == "unsupported" and r["ms"] is None and r["speedup"] is None and r["note"], r
+            continue
+        assert r["ms"] > 0 and r["speedup"] > 0 and r["reps"] == 2
+        assert math.isclose(r["ideal"], 1 / (1 - r["sparsity"]))
+        assert math.isclose(r["pct_ideal"], 100 * r["speedup"] / r["ideal"])
+        if r["candidate"] == "dense":
+            assert r["speedup"] == 1.0
+    shapes = {(r["op"], r["shape"]) for r in rows}
+    assert shapes == {("linear", "tiny.linear"), ("conv2d", "tiny.conv")}
+    pats = {r["pattern"] for r in rows}
+    assert {"bsr16x16", "bsr1x4", "csr", "nm2:4"} <= pats
+    cands = {r["candidate"] for r in rows}
+    assert {"dense", "torch_bsr", "torch_csr", "dense_cl"} <= cands
+    assert "sparsekit_reference" not in cands                 # densify + matmul: only with include_reference
+    if _extension.LOADED:
+        assert "sparsekit_cpu" in cands
+    # exact sparsity per pattern; n:m at 0.9 has no n:m within 0.02 for K=144 (conv) and is noted, not run
+    for r in rows:
+        if r["format"] in ("bsr", "csr"):   # exact up to one unit: tiny.linear has only 8 blocks of 16x16
+            bn, bk = map(int, r["block"].split("x")) if r["block"] else (1, 1)
+            assert abs(r["sparsity"] - r["target_sparsity"]) <= bn * bk / (r["N"] * r["K"]) / 2 + 1e-9
+    assert any(k.startswith("nm@0.9") for k in tiny_results["notes"])
+    meta = tiny_results["meta"]
+    for key in ("cpu_model", "threads", "torch", "triton", "tf32", "date", "timing", "dense_baseline", "config"):
+        assert key in meta
+
+
+def test_include_reference_and_peaks():
+    res = run_kernel_sweep(_tiny_config(shapes=(TINY_LINEAR,), formats=("csr",), sparsities=(0.9,),
+                                        include_reference=True))
+    assert "sparsekit_reference" in {r["candidate"] for r in res["rows"]}
+    peaks = measure_peaks("cpu", torch.float32, size=128, copy_mib=4, reps=2)
+    assert peaks["flops"] > 0 and peaks["bytes_per_s"] > 0 and "measured in this run" in peaks["how"]
+
+
+def test_save_and_load_round_trip(tiny_results, tmp_path):
+    paths = save_results(tiny_results, tmp_path, plots=False)
+    data = json.loads(Path(paths["json"]).read_text())
+    assert data["schema"] == "sparsekit-bench/1" and len(data["rows"]) == len(tiny_results["rows"])
+    assert Path(paths["json"]).name.startswith("cpu-") and "_kernels" in Path(paths["json"]).name
+    with open(paths["csv"], newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == ROW_FIELDS
+        assert len(list(reader)) == len(tiny_results["rows"])
+    assert "# sparsekit benchmark report" in Path(paths["report"]).read_text()
+    for p in (paths["json"], paths["csv"], tmp_path):      # a file of either kind, or the directory
+        loaded = load_results(p)
+        assert len(loaded["rows"]) == len(tiny_results["rows"])
+        assert summarize(loaded["rows"])
+
+
+def test_plots_written_or_skipped(tiny_results, tmp_path, monkeypatch):
+    from sparsekit.benchmark.plots import plot_results
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        paths, msg = plot_results(tiny_results, tmp_path / "plots")
+        names = {p.name for p in paths}
+        assert "speedup_linear_tiny.linear_float32.png" in names and "summary_linear_float32.png" not in names
+        assert all(p.stat().st_size > 1000 for p in paths)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # as if not installed
+    paths, msg = plot_results(tiny_results, tmp_path / "none")
+    assert paths == [] and "matplotlib is not installed" in msg
+
+
+def test_correctness_guard_records_failures_instead_of_timings():
+    x, w = torch.randn(8, 16), torch.randn(32, 16)
+    cands = [Candidate("dense", "dense", lambda: x @ w.T),
+             Candidate("good", "sparsekit", lambda: (w @ x.T).T),
+             Candidate("wrong", "sparsekit", lambda: x @ w.T + 1e-2),
+             Candidate("broken", "torch", lambda: (_ for _ in ()).throw(RuntimeError("no kernel for this")))]
+    cfg = SweepConfig(warmup=0, min_reps=2, max_reps=2, budget_s=0.01)
+    res, reps = measure(cands, 1e-4, "cpu", cfg)
+    assert res["good"]["status"] == "ok" and res["good"]["ms"] > 0
+    assert res["wrong"]["status"] == "mismatch" and res["wrong"]["ms"] is None
+    assert "differs from dense" in res["wrong"]["note"]
+    assert res["broken"]["status"] == "unsupported" and res["broken"]["ms"] is None
+    assert "no kernel for this" in res["broken"]["note"]
+
+
+# ---------------------------------------------------------------------------------------------- patterns
+@pytest.mark.parametrize("pattern", [Pattern("bsr", block=(16, 16)), Pattern("bsr", block=(1, 4)), Pattern("csr"),
+                                     Pattern("nm", n=1, m=4)])
+def test_make_weight_exact_sparsity(pattern):
+    w = make_weight(64, 128, pattern, 0.75, seed=3)
+    assert float((w == 0).float().mean()) == pytest.approx(0.75, abs=1e-3)
+    fmt = to_format(w, pattern)
+    torch.testing.assert_close(fmt.to_dense(), w)
+
+
+def test_nm_and_block_parsing():
+    assert nm_for_sparsity(0.5, 768) == (2, 4)
+    assert nm_for_sparsity(0.95, 768) == (1, 16)
+    n, m = nm_for_sparsity(0.9, 768)
+    assert abs(1 - n / m - 0.9) <= 0.02
+    assert nm_for_sparsity(0.9, 6) is None
+    assert parse_block("32") == (32, 32) and parse_block("1x4") == (1, 4)
+    with pytest.raises(ValueError, match="'3y'"):
+        parse_block("3y")
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"sparsities.*1\.2"):
+        SweepConfig(sparsities=(1.2,)).validate()
+    with pytest.raises(ValueError, match="formats.*'coo'"):
+        SweepConfig(formats=("coo",)).validate()
+    with pytest.raises(ValueError, match="unknown shape 'nope'"):
+        SweepConfig(shapes=("nope",)).validate()
+    with pytest.raises(ValueError, match="dtypes.*'float8'"):
+        SweepConfig(dtypes=("float8",)).validate()
+    assert [s.name for s in get_shapes(["llama-7b.*"])][0] == "llama-7b.attn_proj"
+
+
+def test_progress_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    with Progress(2, "sweep") as p:
+        p.update(desc="a")
+        p.update(desc="b")
+    err = capsys.readouterr().err
+    assert "[2/2] sweep b" in err
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _row(s: float, speedup: float, cand: str = "sparsekit_cpu", fmt: str = "bsr") -> dict:
+    return {"op": "linear", "shape": "x", "dtype": "float32", "format": fmt, "pattern": "bsr32x32", "M": 1,
+            "N": 2, "K": 3, "candidate": cand, "kind": "sparsekit", "status": "ok", "sparsity": s,
+            "target_sparsity": s, "speedup": speedup, "pct_ideal": 100 * speedup * (1 - s), "ms": 1.0}
+
+
+def test_break_even_interpolates():
+    assert break_even([(0.5, 0.5), (0.9, 1.5)]).value == pytest.approx(0.7)
+    assert break_even([(0.9, 1.5), (0.5, 0.5)]).value == pytest.approx(0.7)       # any order
+    be = break_even([(0.5, 0.2), (0.7, 0.6), (0.8, 0.9), (0.9, 1.1)])
+    assert be.kind == "interpolated" and be.value == pytest.approx(0.85)
+    assert break_even([(0.5, 1.2), (0.9, 3.0)]).kind == "below"
+    never = break_even([(0.5, 0.2), (0.9, 0.8)])
+    assert never.kind == "never" and never.value is None and str(never) == "never (<= 0.90)"
+    assert break_even([]).kind == "none"
+
+
+def test_summary_and_markdown_on_synthetic_rows():
+    rows = [_row(0.5, 0.5), _row(0.9, 1.5), {**_row(0.9, 1.0), "candidate": "dense", "kind": "dense"}]
+    (entry,) = summarize(rows)
+    assert entry["break_even"].value == pytest.approx(0.7)
+    assert entry["best_speedup"] == 1.5 and entry["best_at"] == 0.9
+    assert entry["pct_ideal_at_best"] == pytest.approx(15.0)
+    md = to_markdown({"meta": {}, "rows": rows})
+    assert "| 0.70 |" in md and "1.50x @ 0.90 (15%)" in md
+
+
+def test_replace_marked_block_only_touches_the_block():
+    text = f"# Title\n\nbefore\n{START_MARKER}\nold table\n{END_MARKER}\nafter\n"
+    new = replace_marked_block(text, "new table")
+    assert new == f"# Title\n\nbefore\n{START_MARKER}\nnew table\n{END_MARKER}\nafter\n"
+    with pytest.raises(ValueError, match="no '<!-- bench-table -->'"):
+        replace_marked_block("no markers here", "x")
+    with pytest.raises(ValueError, match="comes before"):
+        replace_marked_block(f"{END_MARKER}\n{START_MARKER}\n", "x")
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_make_readme_table_rewrites_only_the_marked_block(tiny_results, tmp_path, capsys):
+    results = tmp_path / "results"
+    save_results(tiny_results, results, plots=False)
+    readme = tmp_path / "README.md"
+    outside_before, outside_after = "# Project\n\nintro text\n\n", "\n## Later section\n\nkept as is\n"
+    readme.write_text(f"{outside_before}{START_MARKER}\nstale numbers\n{END_MARKER}{outside_after}")
+    script = _load_script("make_readme_table")
+    assert script.main(["--results", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(outside_before + START_MARKER) and text.endswith(END_MARKER + outside_after)
+    block = text[text.index(START_MARKER):text.index(END_MARKER)]
+    assert "stale numbers" not in block and "#### CPU kernels" in block and "tiny.linear" in block
+    assert "#### GPU" in block and "Not measured yet" in block
+    assert script.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="marker"):
+        script.main(["--results", str(results), "--readme", str(readme)])
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("argv, expect", [
+    (["bench", "kernels", "--sparsity", "1.5"], ["--sparsity", "'1.5'", "[0, 1)"]),
+    (["bench", "kernels", "--sparsity", "abc"], ["--sparsity", "'abc'", "not a number"]),
+    (["bench", "kernels", "--block", "3y"], ["--block", "'3y'", "1x4"]),
+    (["bench", "kernels", "--formats", "coo"], ["--formats", "'coo'", "bsr, csr, nm"]),
+    (["bench", "kernels", "--dtype", "float8"], ["--dtype", "'float8'", "float32"]),
+    (["bench", "model", "--models", "gpt"], ["--models", "'gpt'", "ffn"]),
+    (["bench", "kernels", "--device", "tpu"], ["--device", "'tpu'"]),
+])
+def test_cli_rejects_bad_arguments(argv, expect, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for piece in expect:
+        assert piece in err, (piece, err)
+
+
+def test_cli_errors_after_parsing(tmp_path):
+    with pytest.raises(SystemExit, match="unknown shape 'nope'"):
+        cli_main(["bench", "kernels", "--shapes", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli_main(["report", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="no results .json"):
+        cli_main(["report", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            cli_main(["bench", "kernels", "--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_cli_report_prints_markdown(tiny_results, tmp_path, capsys):
+    paths = save_results(tiny_results, tmp_path, plots=False)
+    assert cli_main(["report", str(paths["json"])]) == 0
+    out = capsys.readouterr().out
+    assert "break-even" in out and "tiny.linear" in out
+    assert cli_main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
+    assert (tmp_path / "r.md").read_text().startswith("# sparsekit benchmark report")
