@@ -1,0 +1,371 @@
+// CPU kernels for the CSR ops (schemas and semantics in csrc/ops.cpp):
+//   csr_mm     y  = x @ W^T + bias    parallel over (M tile, row of W): each task owns a tile of y
+//   csr_mm_t   dx = dy @ W            the same kernel over W^T (a CSC copy built per call): each task owns
+//                                     a tile of dx, no atomics; tiny M scatters rows of W instead
+//   csr_sddmm  dW = dy^T @ x on W's entries, parallel over rows of W: one contiguous dot over M per entry
+// col_indices is int16 (K <= 32768) or int32: the kernels are templated on the index type.
+// 16-bit value types accumulate in fp32 (at::opmath_type).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMinWork = 32768;  // multiply-adds per parallel chunk, so tiny problems stay serial
+constexpr int64_t kScatterMaxM = 8;  // csr_mm_t below this M scatters instead of transposing W (measured)
+
+// ------------------------------------------------------------------------------------------- checks
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kByte: return "torch.uint8";
+    case at::kLong: return "torch.int64";
+    default: return c10::toString(t);
+  }
+}
+
+void check_tensor(const char* op, const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+void check_floating(const char* op, const at::Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", dtype_name(s));
+}
+
+void check_same_dtype(const char* op, const at::Tensor& t, const char* name, const at::Tensor& ref,
+                      const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
+              dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+}
+
+void check_indices(const char* op, const at::Tensor& crow, const at::Tensor& col) {
+  check_tensor(op, crow, "crow_indices", 1);
+  TORCH_CHECK(crow.scalar_type() == at::kInt, op, ": crow_indices must have dtype torch.int32, got ",
+              dtype_name(crow.scalar_type()));
+  TORCH_CHECK(crow.is_contiguous(), op, ": crow_indices must be contiguous");
+  check_tensor(op, col, "col_indices", 1);
+  TORCH_CHECK(col.scalar_type() == at::kShort || col.scalar_type() == at::kInt, op,
+              ": col_indices must have dtype torch.int16 or torch.int32, got ", dtype_name(col.scalar_type()));
+  TORCH_CHECK(col.is_contiguous(), op, ": col_indices must be contiguous");
+}
+
+// Rejects index data that would read out of bounds. O(N + nnz), small next to the product.
+template <typename I>
+void check_structure(const char* op, const int32_t* crow, const I* col, int64_t rows, int64_t nnz, int64_t cols) {
+  TORCH_CHECK(crow[0] == 0 && crow[rows] == nnz, op, ": crow_indices must start at 0 and end at nnz=", nnz,
+              ", got ", crow[0], "..", crow[rows]);
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(crow[r] <= crow[r + 1], op, ": crow_indices must be non-decreasing, got ", crow[r], " > ",
+                crow[r + 1], " at row ", r);
+  }
+  for (int64_t e = 0; e < nnz; ++e) {
+    TORCH_CHECK(col[e] >= 0 && col[e] < cols, op, ": col_indices must lie in [0, K=", cols, "), got ",
+                int64_t(col[e]), " at position ", e);
+  }
+}
+
+int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_task));
+}
+
+// Dispatches on the value dtype and the column index dtype (int16 / int32).
+#define SPARSEKIT_DISPATCH_CSR(VALUES, COL, NAME, ...)                                          \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (VALUES).scalar_type(), NAME, [&] { \
+    if ((COL).scalar_type() == at::kShort) {                                                   \
+      using index_t = int16_t;                                                                 \
+      __VA_ARGS__();                                                                           \
+    } else {                                                                                   \
+      using index_t = int32_t;                                                                 \
+      __VA_ARGS__();                                                                           \
+    }                                                                                          \
+  })
+
+// ------------------------------------------------------------------------------------ data movement
+// The kernels vectorize over M: activations are packed in tiles of MT rows, transposed, in the
+// accumulation type: packed[t][c][j] = src[t*MT + j][c], zero past M. Each stored weight then costs one
+// MT-wide contiguous axpy instead of a scalar gather, and 16-bit inputs are converted once.
+template <int64_t MT, typename T, typename A>
+at::Tensor pack_rows(const at::Tensor& src, int64_t M, int64_t C) {
+  const int64_t tiles = (M + MT - 1) / MT;
+  at::Tensor dst = at::empty({tiles, C, MT}, src.options().dtype(c10::CppTypeToScalarType<A>::value));
+  const T* s = src.const_data_ptr<T>();
+  A* d = dst.mutable_data_ptr<A>();
+  at::parallel_for(0, tiles, grain_for(C * MT), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t j = 0; j < MT; ++j) {
+        const int64_t m = t * MT + j;
+        A* dt = d + t * C * MT + j;
+        if (m < M) {
+          for (int64_t c = 0; c < C; ++c) dt[c * MT] = static_cast<A>(s[m * C + c]);
+        } else {
+          for (int64_t c = 0; c < C; ++c) dt[c * MT] = A(0);
+        }
+      }
+    }
+  });
+  return dst;
+}
+
+// MT = 16 lanes for real batches; 4 or 1 for tiny M, where padding to 16 would waste most of the work.
+template <typename F>
+void with_m_tile(int64_t M, const F& f) {
+  if (M >= 16) {
+    f(std::integral_constant<int64_t, 16>{});
+  } else if (M >= 4) {
+    f(std::integral_constant<int64_t, 4>{});
+  } else {
+    f(std::integral_constant<int64_t, 1>{});
+  }
+}
+
+// W^T in CSR form (= W in CSC), values in the accumulation type, rows ascending inside each column: turns
+// dx = dy @ W into the forward kernel over W^T, so each task owns its outputs (no atomics, no private dx).
+// A serial O(nnz + K) counting sort, small next to the O(M * nnz) product.
+template <typename I, typename T, typename A>
+void transpose_csr(const int32_t* crow, const I* col, const T* v, int64_t N, int64_t K, std::vector<int32_t>& tptr,
+                   std::vector<int32_t>& trow, std::vector<A>& tval) {
+  const int64_t nnz = crow[N];
+  tptr.assign(K + 1, 0);
+  trow.resize(nnz);
+  tval.resize(nnz);
+  for (int64_t e = 0; e < nnz; ++e) ++tptr[int64_t(col[e]) + 1];
+  for (int64_t k = 0; k < K; ++k) tptr[k + 1] += tptr[k];
+  std::vector<int32_t> next(tptr.begin(), tptr.end() - 1);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t e = crow[n]; e < crow[n + 1]; ++e) {
+      const int32_t p = next[col[e]]++;
+      trow[p] = static_cast<int32_t>(n);
+      tval[p] = static_cast<A>(v[e]);
+    }
+  }
+}
+
+// MT accumulators held in 16-byte vectors (GCC/Clang vector extension: SSE2 on plain x86-64, NEON on
+// arm64). Written as a plain loop over MT, GCC 12 sometimes vectorized the surrounding loop over stored
+// weights instead and ran 4x slower; explicit vectors keep the accumulators in registers. MT is 1 or a
+// multiple of the lanes (with_m_tile gives 1, 4 or 16).
+template <typename A, int64_t MT>
+struct Tile {
+  typedef A V __attribute__((vector_size(16)));
+  static constexpr int64_t kLanes = 16 / sizeof(A), kVecs = MT == 1 ? 1 : MT / kLanes;
+  static_assert(MT == 1 || MT % kLanes == 0, "M tile must be 1 or a multiple of the vector lanes");
+  V acc[kVecs] = {};
+  A acc1 = 0;  // MT == 1
+
+  // acc[0:MT] += w * x[0:MT]
+  inline void fma(A w, const A* x) {
+    if constexpr (MT == 1) {
+      acc1 += w * x[0];
+    } else {
+      for (int64_t i = 0; i < kVecs; ++i) {
+        V xv;
+        std::memcpy(&xv, x + i * kLanes, sizeof(V));  // unaligned vector load
+        acc[i] += w * xv;
+      }
+    }
+  }
+  inline A operator[](int64_t j) const {
+    if constexpr (MT == 1) {
+      return acc1;
+    } else {
+      return acc[j / kLanes][j % kLanes];
+    }
+  }
+};
+
+template <typename A>
+inline A dot(const A* a, const A* b, int64_t n) {
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------ kernels
+// out[m, r] = sum_e v[e] * in[m, idx[e]] (+ bias[r]) for the entries e of row r: the forward product over
+// W's rows, and (with W^T's rows) the backward dx. `in` is packed by pack_rows; out is [M, R] row-major.
+template <int64_t MT, typename I, typename T, typename A>
+void csr_rows_kernel(const A* in, const int32_t* ptr, const I* idx, const A* v, const T* bias, T* out, int64_t M,
+                     int64_t C, int64_t R) {
+  const int64_t tiles = (M + MT - 1) / MT;
+  const int64_t avg_work = R ? MT * (ptr[R] / R + 1) : 1;
+  // task = (M tile, row), row fastest: a thread's chunk reuses one packed tile of `in`
+  at::parallel_for(0, tiles * R, grain_for(avg_work), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t % R, m0 = (t / R) * MT, mc = std::min(MT, M - m0);
+      const A* it = in + (t / R) * C * MT;
+      const int64_t e0 = ptr[r], e1 = ptr[r + 1];
+      Tile<A, MT> acc;
+      for (int64_t e = e0; e < e1; ++e) acc.fma(v[e], it + int64_t(idx[e]) * MT);
+      const A bv = bias ? static_cast<A>(bias[r]) : A(0);
+      for (int64_t j = 0; j < mc; ++j) out[(m0 + j) * R + r] = static_cast<T>(acc[j] + bv);
+    }
+  });
+}
+
+// dx = dy @ W for a few rows of dy: scatter each row of W into a private fp32/fp64 row of dx. Cheaper than
+// building W^T (a serial pass over nnz) when M is small; parallel over rows of dy, so no races.
+template <typename I, typename T, typename A>
+void csr_mm_t_scatter_kernel(const T* dy, const int32_t* crow, const I* col, const T* v, T* dx, int64_t M, int64_t K,
+                             int64_t N) {
+  at::parallel_for(0, M, grain_for(crow[N] + K), [&](int64_t m0, int64_t m1) {
+    std::vector<A> acc(K);
+    for (int64_t m = m0; m < m1; ++m) {
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const A a = static_cast<A>(dy[m * N + n]);
+        const int64_t e0 = crow[n], e1 = crow[n + 1];
+        for (int64_t e = e0; e < e1; ++e) acc[col[e]] += a * static_cast<A>(v[e]);
+      }
+      for (int64_t k = 0; k < K; ++k) dx[m * K + k] = static_cast<T>(acc[k]);
+    }
+  });
+}
+
+// out[e] = dy[:, row_e] . x[:, col_e], from transposed copies dyT [N, M], xT [K, M]: every dot is
+// contiguous over M.
+template <typename I, typename T, typename A>
+void csr_sddmm_kernel(const A* dyT, const A* xT, const int32_t* crow, const I* col, T* out, int64_t M, int64_t N) {
+  const int64_t avg_work = N ? (crow[N] / N + 1) * M : 1;
+  at::parallel_for(0, N, grain_for(avg_work), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t e = crow[n]; e < crow[n + 1]; ++e) {
+        out[e] = static_cast<T>(dot(dyT + n * M, xT + int64_t(col[e]) * M, M));
+      }
+    }
+  });
+}
+
+// Values (and transposed activations for sddmm) in the accumulation type: a no-op for float32/float64.
+at::Tensor to_acc(const at::Tensor& t) { return t.to(at::toOpMathType(t.scalar_type())); }
+
+// ------------------------------------------------------------------------------------------------ ops
+at::Tensor csr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                  const std::optional<at::Tensor>& bias_in, int64_t n) {
+  constexpr const char* op = "sparsekit::csr_mm";
+  check_tensor(op, x_in, "x", 2);
+  check_floating(op, x_in, "x");
+  check_tensor(op, values, "values", 1);
+  check_same_dtype(op, values, "values", x_in, "x");
+  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  check_indices(op, crow, col);
+  TORCH_CHECK(n >= 0, op, ": n must be non-negative, got ", n);
+  TORCH_CHECK(crow.numel() == n + 1, op, ": crow_indices must have n + 1 = ", n + 1, " entries, got ", crow.numel());
+  TORCH_CHECK(col.numel() == values.numel(), op, ": col_indices has ", col.numel(), " entries but values has ",
+              values.numel());
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    check_tensor(op, *bias_in, "bias", 1);
+    check_same_dtype(op, *bias_in, "bias", x_in, "x");
+    TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
+    bias = bias_in->contiguous();
+  }
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor y = at::empty({M, n}, x.options());
+  SPARSEKIT_DISPATCH_CSR(x, col, "sparsekit_csr_mm", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const index_t* c = col.const_data_ptr<index_t>();
+    check_structure(op, crow.const_data_ptr<int32_t>(), c, n, values.numel(), K);
+    const at::Tensor v = to_acc(values);
+    with_m_tile(M, [&](auto mt) {
+      constexpr int64_t MT = decltype(mt)::value;
+      const at::Tensor xp = pack_rows<MT, scalar_t, A>(x, M, K);
+      csr_rows_kernel<MT, index_t, scalar_t, A>(xp.const_data_ptr<A>(), crow.const_data_ptr<int32_t>(), c,
+                                                v.const_data_ptr<A>(),
+                                                bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                                                y.mutable_data_ptr<scalar_t>(), M, K, n);
+    });
+  });
+  return y;
+}
+
+at::Tensor csr_mm_t(const at::Tensor& dy_in, const at::Tensor& crow, const at::Tensor& col,
+                    const at::Tensor& values, int64_t k) {
+  constexpr const char* op = "sparsekit::csr_mm_t";
+  check_tensor(op, dy_in, "dy", 2);
+  check_floating(op, dy_in, "dy");
+  check_tensor(op, values, "values", 1);
+  check_same_dtype(op, values, "values", dy_in, "dy");
+  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  check_indices(op, crow, col);
+  TORCH_CHECK(k >= 0, op, ": k must be non-negative, got ", k);
+  const int64_t M = dy_in.size(0), N = dy_in.size(1);
+  TORCH_CHECK(crow.numel() == N + 1, op, ": crow_indices must have dy.size(1) + 1 = ", N + 1, " entries, got ",
+              crow.numel());
+  TORCH_CHECK(col.numel() == values.numel(), op, ": col_indices has ", col.numel(), " entries but values has ",
+              values.numel());
+  const at::Tensor dy = dy_in.contiguous();
+  at::Tensor dx = at::empty({M, k}, dy.options());
+  SPARSEKIT_DISPATCH_CSR(dy, col, "sparsekit_csr_mm_t", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const index_t* c = col.const_data_ptr<index_t>();
+    const int32_t* cr = crow.const_data_ptr<int32_t>();
+    check_structure(op, cr, c, N, values.numel(), k);
+    if (M < kScatterMaxM) {
+      csr_mm_t_scatter_kernel<index_t, scalar_t, A>(dy.const_data_ptr<scalar_t>(), cr, c,
+                                                    values.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+                                                    M, k, N);
+      return;
+    }
+    std::vector<int32_t> tptr, trow;
+    std::vector<A> tval;
+    transpose_csr<index_t, scalar_t, A>(cr, c, values.const_data_ptr<scalar_t>(), N, k, tptr, trow, tval);
+    with_m_tile(M, [&](auto mt) {
+      constexpr int64_t MT = decltype(mt)::value;
+      const at::Tensor dyp = pack_rows<MT, scalar_t, A>(dy, M, N);
+      csr_rows_kernel<MT, int32_t, scalar_t, A>(dyp.const_data_ptr<A>(), tptr.data(), trow.data(), tval.data(),
+                                                nullptr, dx.mutable_data_ptr<scalar_t>(), M, N, k);
+    });
+  });
+  return dx;
+}
+
+at::Tensor csr_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col) {
+  constexpr const char* op = "sparsekit::csr_sddmm";
+  check_tensor(op, dy, "dy", 2);
+  check_floating(op, dy, "dy");
+  check_tensor(op, x, "x", 2);
+  check_same_dtype(op, x, "x", dy, "dy");
+  check_indices(op, crow, col);
+  const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
+  TORCH_CHECK(x.size(0) == M, op, ": x and dy must have the same number of rows M, got x.size(0)=", x.size(0),
+              " and dy.size(0)=", M);
+  TORCH_CHECK(crow.numel() == N + 1, op, ": crow_indices must have dy.size(1) + 1 = ", N + 1, " entries, got ",
+              crow.numel());
+  at::Tensor out = at::empty({col.numel()}, dy.options());
+  SPARSEKIT_DISPATCH_CSR(dy, col, "sparsekit_csr_sddmm", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const index_t* c = col.const_data_ptr<index_t>();
+    check_structure(op, crow.const_data_ptr<int32_t>(), c, N, col.numel(), K);
+    const at::Tensor dyT = to_acc(dy.t()).contiguous(), xT = to_acc(x.t()).contiguous();
+    csr_sddmm_kernel<index_t, scalar_t, A>(dyT.const_data_ptr<A>(), xT.const_data_ptr<A>(),
+                                           crow.const_data_ptr<int32_t>(), c, out.mutable_data_ptr<scalar_t>(), M, N);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsekit, CPU, m) {
+  m.impl("csr_mm", &csr_mm);
+  m.impl("csr_mm_t", &csr_mm_t);
+  m.impl("csr_sddmm", &csr_sddmm);
+}

@@ -1,0 +1,334 @@
+// CPU kernels for the n:m ops (schemas and semantics in csrc/ops.cpp). W [N, K] keeps n values in every
+// group of m along K: values [N, K/m*n], indices uint8 [N, K/m*n] (position inside the group).
+//   nm_mm     y  = x @ W^T + bias    parallel over (M tile, row of W): each task owns a tile of y
+//   nm_mm_t   dx = dy @ W            parallel over (M tile, chunk of groups): group g only feeds dx
+//                                    columns [g*m, (g+1)*m), so each task owns a tile of dx
+//   nm_sddmm  dW = dy^T @ x on W's pattern, parallel over rows of W: one contiguous dot over M per value
+// 16-bit types accumulate in fp32 (at::opmath_type).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTileCols = 256;   // dx columns per nm_mm_t task (whole groups)
+constexpr int64_t kMinWork = 32768;  // multiply-adds per parallel chunk, so tiny problems stay serial
+
+// ------------------------------------------------------------------------------------------- checks
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kByte: return "torch.uint8";
+    case at::kLong: return "torch.int64";
+    default: return c10::toString(t);
+  }
+}
+
+void check_tensor(const char* op, const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+void check_floating(const char* op, const at::Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", dtype_name(s));
+}
+
+void check_same_dtype(const char* op, const at::Tensor& t, const char* name, const at::Tensor& ref,
+                      const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
+              dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+}
+
+// n, m and the indices tensor; returns K = indices.size(1) / n * m. Positions >= m would read out of bounds,
+// so they are rejected (O(N * K/m*n), small next to the product).
+int64_t check_pattern(const char* op, const at::Tensor& indices, int64_t n, int64_t m) {
+  TORCH_CHECK(n >= 1 && n <= m && m <= 256, op, ": n and m must satisfy 1 <= n <= m <= 256 (uint8 positions), got n=",
+              n, ", m=", m);
+  check_tensor(op, indices, "indices", 2);
+  TORCH_CHECK(indices.scalar_type() == at::kByte, op, ": indices must have dtype torch.uint8, got ",
+              dtype_name(indices.scalar_type()));
+  TORCH_CHECK(indices.is_contiguous(), op, ": indices must be contiguous");
+  const int64_t kept = indices.size(1);
+  TORCH_CHECK(kept % n == 0, op, ": indices.size(1) (", kept, ") must be a multiple of n=", n,
+              " (K/m groups of n kept values per row)");
+  const uint8_t* p = indices.const_data_ptr<uint8_t>();
+  for (int64_t e = 0; e < indices.numel(); ++e) {
+    TORCH_CHECK(p[e] < m, op, ": indices must lie in [0, m=", m, "), got ", int64_t(p[e]), " at flat position ", e);
+  }
+  return kept / n * m;
+}
+
+void check_values(const char* op, const at::Tensor& values, const at::Tensor& indices, const at::Tensor& ref,
+                  const char* ref_name) {
+  check_tensor(op, values, "values", 2);
+  check_same_dtype(op, values, "values", ref, ref_name);
+  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  TORCH_CHECK(values.sizes() == indices.sizes(), op, ": values and indices must have the same shape, got ",
+              values.sizes(), " and ", indices.sizes());
+}
+
+int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_task));
+}
+
+// ------------------------------------------------------------------------------------ data movement
+// The kernels vectorize over M: activations are packed in tiles of MT rows, transposed, in the
+// accumulation type: packed[t][c][j] = src[t*MT + j][c], zero past M. Each kept weight then costs one
+// MT-wide contiguous axpy instead of a scalar gather, and 16-bit inputs are converted once.
+template <int64_t MT, typename T, typename A>
+at::Tensor pack_rows(const at::Tensor& src, int64_t M, int64_t C) {
+  const int64_t tiles = (M + MT - 1) / MT;
+  at::Tensor dst = at::empty({tiles, C, MT}, src.options().dtype(c10::CppTypeToScalarType<A>::value));
+  const T* s = src.const_data_ptr<T>();
+  A* d = dst.mutable_data_ptr<A>();
+  at::parallel_for(0, tiles, grain_for(C * MT), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t j = 0; j < MT; ++j) {
+        const int64_t m = t * MT + j;
+        A* dt = d + t * C * MT + j;
+        if (m < M) {
+          for (int64_t c = 0; c < C; ++c) dt[c * MT] = static_cast<A>(s[m * C + c]);
+        } else {
+          for (int64_t c = 0; c < C; ++c) dt[c * MT] = A(0);
+        }
+      }
+    }
+  });
+  return dst;
+}
+
+// MT = 16 lanes for real batches; 4 or 1 for tiny M, where padding to 16 would waste most of the work.
+template <typename F>
+void with_m_tile(int64_t M, const F& f) {
+  if (M >= 16) {
+    f(std::integral_constant<int64_t, 16>{});
+  } else if (M >= 4) {
+    f(std::integral_constant<int64_t, 4>{});
+  } else {
+    f(std::integral_constant<int64_t, 1>{});
+  }
+}
+
+// MT accumulators held in 16-byte vectors (GCC/Clang vector extension: SSE2 on plain x86-64, NEON on
+// arm64). Written as a plain loop over MT, GCC 12 sometimes vectorized the surrounding loop over stored
+// weights instead and ran 4x slower; explicit vectors keep the accumulators in registers. MT is 1 or a
+// multiple of the lanes (with_m_tile gives 1, 4 or 16).
+template <typename A, int64_t MT>
+struct Tile {
+  typedef A V __attribute__((vector_size(16)));
+  static constexpr int64_t kLanes = 16 / sizeof(A), kVecs = MT == 1 ? 1 : MT / kLanes;
+  static_assert(MT == 1 || MT % kLanes == 0, "M tile must be 1 or a multiple of the vector lanes");
+  V acc[kVecs] = {};
+  A acc1 = 0;  // MT == 1
+
+  // acc[0:MT] += w * x[0:MT]
+  inline void fma(A w, const A* x) {
+    if constexpr (MT == 1) {
+      acc1 += w * x[0];
+    } else {
+      for (int64_t i = 0; i < kVecs; ++i) {
+        V xv;
+        std::memcpy(&xv, x + i * kLanes, sizeof(V));  // unaligned vector load
+        acc[i] += w * xv;
+      }
+    }
+  }
+  inline A operator[](int64_t j) const {
+    if constexpr (MT == 1) {
+      return acc1;
+    } else {
+      return acc[j / kLanes][j % kLanes];
+    }
+  }
+};
+
+template <typename A>
+inline A dot(const A* a, const A* b, int64_t n) {
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------ kernels
+// y[mm, r] = sum over kept values e of row r: v[r, e] * x[mm, (e / n) * m + idx[r, e]]
+template <int64_t MT, typename T, typename A>
+void nm_mm_kernel(const A* xp, const A* v, const uint8_t* idx, const T* bias, T* y, int64_t M, int64_t K, int64_t N,
+                  int64_t n, int64_t m) {
+  const int64_t groups = K / m, kept = groups * n, tiles = (M + MT - 1) / MT;
+  // task = (M tile, row of W), row fastest: a thread's chunk reuses one packed x tile
+  at::parallel_for(0, tiles * N, grain_for(MT * kept), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t % N, m0 = (t / N) * MT, mc = std::min(MT, M - m0);
+      const A* xt = xp + (t / N) * K * MT;
+      const A* vr = v + r * kept;
+      const uint8_t* ir = idx + r * kept;
+      Tile<A, MT> acc;
+      for (int64_t g = 0, e = 0; g < groups; ++g) {
+        const A* xg = xt + g * m * MT;
+        for (int64_t j = 0; j < n; ++j, ++e) acc.fma(vr[e], xg + int64_t(ir[e]) * MT);
+      }
+      const A bv = bias ? static_cast<A>(bias[r]) : A(0);
+      for (int64_t l = 0; l < mc; ++l) y[(m0 + l) * N + r] = static_cast<T>(acc[l] + bv);
+    }
+  });
+}
+
+// dx[mm, g*m + idx[r, e]] += dy[mm, r] * v[r, e]. Group g only feeds dx columns [g*m, (g+1)*m), so a task
+// owning (M tile, chunk of groups) owns that tile of dx: no atomics. Its accumulator [width][MT] stays in L1.
+template <int64_t MT, typename T, typename A>
+void nm_mm_t_kernel(const A* dyp, const A* v, const uint8_t* idx, T* dx, int64_t M, int64_t K, int64_t N, int64_t n,
+                    int64_t m) {
+  const int64_t groups = K / m, kept = groups * n, tiles = (M + MT - 1) / MT;
+  const int64_t tile_groups = std::max<int64_t>(1, kTileCols / m);
+  const int64_t gtiles = (groups + tile_groups - 1) / tile_groups;
+  at::parallel_for(0, tiles * gtiles, grain_for(MT * N * tile_groups * n), [&](int64_t t0, int64_t t1) {
+    std::vector<A> acc(tile_groups * m * MT);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t gt = t % gtiles, m0 = (t / gtiles) * MT, mc = std::min(MT, M - m0);
+      const int64_t g0 = gt * tile_groups, gc = std::min(tile_groups, groups - g0), width = gc * m;
+      const A* dyt = dyp + (t / gtiles) * N * MT;
+      std::fill(acc.begin(), acc.begin() + width * MT, A(0));
+      for (int64_t r = 0; r < N; ++r) {
+        const A* d = dyt + r * MT;
+        const A* vr = v + r * kept + g0 * n;
+        const uint8_t* ir = idx + r * kept + g0 * n;
+        for (int64_t g = 0, e = 0; g < gc; ++g) {
+          for (int64_t j = 0; j < n; ++j, ++e) {
+            const A wv = vr[e];
+            A* a = acc.data() + (g * m + ir[e]) * MT;
+#pragma omp simd
+            for (int64_t l = 0; l < MT; ++l) a[l] += wv * d[l];
+          }
+        }
+      }
+      for (int64_t c = 0; c < width; ++c) {
+        for (int64_t l = 0; l < mc; ++l) dx[(m0 + l) * K + g0 * m + c] = static_cast<T>(acc[c * MT + l]);
+      }
+    }
+  });
+}
+
+// out[r, e] = dy[:, r] . x[:, col_e], from transposed copies dyT [N, M], xT [K, M]: every dot is
+// contiguous over M.
+template <typename T, typename A>
+void nm_sddmm_kernel(const A* dyT, const A* xT, const uint8_t* idx, T* out, int64_t M, int64_t K, int64_t N,
+                     int64_t n, int64_t m) {
+  const int64_t kept = K / m * n;
+  at::parallel_for(0, N, grain_for(kept * M), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* ir = idx + r * kept;
+      for (int64_t g = 0, e = 0; e < kept; ++g) {
+        for (int64_t j = 0; j < n; ++j, ++e) {
+          out[r * kept + e] = static_cast<T>(dot(dyT + r * M, xT + (g * m + ir[e]) * M, M));
+        }
+      }
+    }
+  });
+}
+
+// Values (and transposed activations for sddmm) in the accumulation type: a no-op for float32/float64.
+at::Tensor to_acc(const at::Tensor& t) { return t.to(at::toOpMathType(t.scalar_type())); }
+
+// ------------------------------------------------------------------------------------------------ ops
+at::Tensor nm_mm(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& indices,
+                 const std::optional<at::Tensor>& bias_in, int64_t n, int64_t m) {
+  constexpr const char* op = "sparsekit::nm_mm";
+  check_tensor(op, x_in, "x", 2);
+  check_floating(op, x_in, "x");
+  const int64_t K = check_pattern(op, indices, n, m);
+  check_values(op, values, indices, x_in, "x");
+  const int64_t M = x_in.size(0), N = values.size(0);
+  TORCH_CHECK(x_in.size(1) == K, op, ": x.size(1) must be K = values.size(1) / n * m = ", K, ", got ", x_in.size(1));
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    check_tensor(op, *bias_in, "bias", 1);
+    check_same_dtype(op, *bias_in, "bias", x_in, "x");
+    TORCH_CHECK(bias_in->size(0) == N, op, ": bias must have N = values.size(0) = ", N, " entries, got ",
+                bias_in->size(0));
+    bias = bias_in->contiguous();
+  }
+  const at::Tensor x = x_in.contiguous(), v = to_acc(values);
+  at::Tensor y = at::empty({M, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparsekit_nm_mm", [&] {
+    using A = at::opmath_type<scalar_t>;
+    with_m_tile(M, [&](auto mt) {
+      constexpr int64_t MT = decltype(mt)::value;
+      const at::Tensor xp = pack_rows<MT, scalar_t, A>(x, M, K);
+      nm_mm_kernel<MT, scalar_t, A>(xp.const_data_ptr<A>(), v.const_data_ptr<A>(), indices.const_data_ptr<uint8_t>(),
+                                    bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                                    y.mutable_data_ptr<scalar_t>(), M, K, N, n, m);
+    });
+  });
+  return y;
+}
+
+at::Tensor nm_mm_t(const at::Tensor& dy_in, const at::Tensor& values, const at::Tensor& indices, int64_t n,
+                   int64_t m) {
+  constexpr const char* op = "sparsekit::nm_mm_t";
+  check_tensor(op, dy_in, "dy", 2);
+  check_floating(op, dy_in, "dy");
+  const int64_t K = check_pattern(op, indices, n, m);
+  check_values(op, values, indices, dy_in, "dy");
+  const int64_t M = dy_in.size(0), N = dy_in.size(1);
+  TORCH_CHECK(values.size(0) == N, op, ": dy.size(1) must be N = values.size(0) = ", values.size(0), ", got ", N);
+  const at::Tensor dy = dy_in.contiguous(), v = to_acc(values);
+  at::Tensor dx = at::empty({M, K}, dy.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "sparsekit_nm_mm_t", [&] {
+    using A = at::opmath_type<scalar_t>;
+    with_m_tile(M, [&](auto mt) {
+      constexpr int64_t MT = decltype(mt)::value;
+      const at::Tensor dyp = pack_rows<MT, scalar_t, A>(dy, M, N);
+      nm_mm_t_kernel<MT, scalar_t, A>(dyp.const_data_ptr<A>(), v.const_data_ptr<A>(),
+                                      indices.const_data_ptr<uint8_t>(), dx.mutable_data_ptr<scalar_t>(), M, K, N, n,
+                                      m);
+    });
+  });
+  return dx;
+}
+
+at::Tensor nm_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& indices, int64_t n, int64_t m) {
+  constexpr const char* op = "sparsekit::nm_sddmm";
+  check_tensor(op, dy, "dy", 2);
+  check_floating(op, dy, "dy");
+  check_tensor(op, x, "x", 2);
+  check_same_dtype(op, x, "x", dy, "dy");
+  const int64_t K = check_pattern(op, indices, n, m);
+  const int64_t M = dy.size(0), N = dy.size(1);
+  TORCH_CHECK(x.size(0) == M, op, ": x and dy must have the same number of rows M, got x.size(0)=", x.size(0),
+              " and dy.size(0)=", M);
+  TORCH_CHECK(indices.size(0) == N, op, ": dy.size(1) must be N = indices.size(0) = ", indices.size(0), ", got ", N);
+  TORCH_CHECK(x.size(1) == K, op, ": x.size(1) must be K = indices.size(1) / n * m = ", K, ", got ", x.size(1));
+  at::Tensor out = at::empty(indices.sizes(), dy.options());
+  const at::Tensor dyT = to_acc(dy.t()).contiguous(), xT = to_acc(x.t()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "sparsekit_nm_sddmm", [&] {
+    using A = at::opmath_type<scalar_t>;
+    nm_sddmm_kernel<scalar_t, A>(dyT.const_data_ptr<A>(), xT.const_data_ptr<A>(), indices.const_data_ptr<uint8_t>(),
+                                 out.mutable_data_ptr<scalar_t>(), M, K, N, n, m);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsekit, CPU, m) {
+  m.impl("nm_mm", &nm_mm);
+  m.impl("nm_mm_t", &nm_mm_t);
+  m.impl("nm_sddmm", &nm_sddmm);
+}
