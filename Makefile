@@ -43,7 +43,7 @@ $(BIN)/python:
 $(VENV)/.stamp-deps: $(BIN)/python Makefile
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q "triton==$(TRITON_VERSION)"
-	$(BIN)/python -m pip install -q numpy ninja setuptools wheel
+	$(BIN)/python -m pip install -q numpy safetensors ninja setuptools wheel
 	touch $@
 
 $(VENV)/.stamp-build: $(VENV)/.stamp-deps $(EXT_SOURCES) pyproject.toml

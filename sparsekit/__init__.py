@@ -16,8 +16,10 @@ _extension.load()
 
 from . import formats, models, nn, ops, prune  # noqa: E402
 from .formats import BSR, CSR, NM, ChannelIndex  # noqa: E402
+from .serialize import load, save  # noqa: E402
+from .sparsify import SparsifyReport, sparsify  # noqa: E402
 from .verify import VerificationError, verify  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["formats", "ops", "nn", "prune", "models", "verify", "VerificationError", "BSR", "CSR", "NM",
-           "ChannelIndex", "__version__"]
+__all__ = ["formats", "ops", "nn", "prune", "models", "verify", "VerificationError", "sparsify", "SparsifyReport",
+           "save", "load", "BSR", "CSR", "NM", "ChannelIndex", "__version__"]

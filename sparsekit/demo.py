@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from . import models
 from .nn import SparseConv2d, SparseLinear, convert_modules
 from .prune import Pruner
+from .sparsify import capture_inputs
 from .timing import interleaved_median_ms
 from .verify import verify
 
@@ -42,23 +43,6 @@ def _build(cfg: DemoConfig) -> tuple[nn.Module, Tensor]:
     return model.eval(), model.example_input(cfg.batch)
 
 
-def _capture_inputs(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
-    seen: dict[str, Tensor] = {}
-
-    def record(name: str):
-        def hook(_mod, inp, _out) -> None:  # returning a value would replace the module's output
-            seen.setdefault(name, inp[0].detach())
-        return hook
-
-    hooks = [m.register_forward_hook(record(name))
-             for name, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return seen
-
-
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole story; returns the measured rows (also printed by main)."""
     dense, x = _build(cfg)
@@ -70,7 +54,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     diffs = verify(masked, sparse, x, atol=1e-4)
 
     rows = []
-    inputs = _capture_inputs(sparse, x)
+    inputs = capture_inputs(sparse, x, lambda m: isinstance(m, (SparseLinear, SparseConv2d)))
     for name, inp in inputs.items():
         layer = sparse.get_submodule(name)
         dense_layer = dense.get_submodule(name)

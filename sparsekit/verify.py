@@ -26,7 +26,7 @@ def _tensors(obj: Any, path: str = "output") -> Iterator[tuple[str, Tensor]]:
         yield from _tensors(obj.to_tuple(), path)
 
 
-def _as_args(example_inputs: Any) -> tuple:
+def as_args(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
@@ -71,7 +71,7 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol
             raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
     if not isinstance(atol, (int, float)) or atol < 0:
         raise ValueError(f"atol must be a non-negative number, got {atol!r}")
-    args = _as_args(example_inputs)
+    args = as_args(example_inputs)
     ref_out, ref_seen = _run_recording(reference, args)
     cand_out, cand_seen = _run_recording(candidate, args)
     ref_t, cand_t = dict(_tensors(ref_out)), dict(_tensors(cand_out))

@@ -1,0 +1,125 @@
+"""sk.save / sk.load: a sparsified model as safetensors + a JSON spec. No pickled modules.
+
+    path/model.safetensors   every tensor of model.state_dict() (sparse values and indices included)
+    path/sparsekit.json      which submodules are SparseLinear / SparseConv2d and with what format, block,
+                             n:m, conv geometry and (forced) backend
+
+``load(path, Model())`` re-applies the spec to a fresh instance of the original class: each recorded submodule is
+rebuilt from the stored tensors, then the whole state_dict is loaded. A forced backend that cannot run on the
+loading machine is dropped (the dispatcher re-selects) with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .formats import BSR, CSR, NM, ChannelIndex
+from .nn import SparseConv2d, SparseLinear
+from .ops._dispatch import BACKENDS
+
+SPEC_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "sparsekit.json"
+
+
+def _module_spec(mod: SparseLinear | SparseConv2d) -> dict:
+    spec = {"class": type(mod).__name__, "format": mod.format, "weight_shape": list(mod.weight_shape),
+            "backend": mod.backend, "has_bias": mod.bias is not None}
+    if mod.format == "nm":
+        spec["nm"] = list(mod.nm)
+    if isinstance(mod, SparseConv2d):
+        spec.update(in_channels=mod.in_channels, kernel_size=list(mod.kernel_size), stride=list(mod.stride),
+                    padding=list(mod.padding), dilation=list(mod.dilation), groups=mod.groups)
+    return spec
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` to the directory ``path`` (created if needed); returns the directory."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    masked = [n for n, m in model.named_modules() if hasattr(m, "parametrizations")]
+    if masked:
+        raise ValueError(f"model has mask parametrizations on {masked[:3]}{'...' if len(masked) > 3 else ''}; "
+                         "bake them first (pruner.bake() or sparsekit.prune.masks.bake_masks(model)) or sparsify")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"sparsekit_spec": SPEC_VERSION, "torch": torch.__version__, "model_class": type(model).__name__,
+            "modules": {n: _module_spec(m) for n, m in model.named_modules() if isinstance(m, (SparseLinear,
+                                                                                               SparseConv2d))}}
+    # safetensors refuses shared or non-contiguous storage: store contiguous copies
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / SPEC_FILE).write_text(json.dumps(spec, indent=1))
+    return out
+
+
+def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
+    prefix = f"{name}." if name else ""
+    get = lambda key: tensors[prefix + key]
+    shape = tuple(spec["weight_shape"])
+    fmt = spec["format"]
+    if fmt == "dense":
+        weight = get("weight2d")
+    elif fmt == "bsr":
+        weight = BSR(values=get("values"), crow_indices=get("crow_indices"), col_indices=get("col_indices"),
+                     shape=shape)
+    elif fmt == "csr":
+        weight = CSR(values=get("values"), crow_indices=get("crow_indices"), col_indices=get("col_indices"),
+                     shape=shape)
+    elif fmt == "nm":
+        n, m = spec["nm"]
+        weight = NM(values=get("values"), indices=get("indices"), shape=shape, n=n, m=m)
+    elif fmt == "channel":
+        weight = ChannelIndex(values=get("values"), indices=get("indices"), shape=shape, dim=0)
+    else:
+        raise ValueError(f"{name}: unknown format {fmt!r} in the spec")
+    if not isinstance(weight, torch.Tensor):
+        weight.validate()
+    bias = get("bias") if spec["has_bias"] else None
+    backend = spec.get("backend")
+    if backend is not None and BACKENDS[backend].environment_reasons():
+        warnings.warn(f"{name}: backend {backend!r} was forced when saving but cannot run here "
+                      f"({'; '.join(BACKENDS[backend].environment_reasons())}); letting the dispatcher choose",
+                      RuntimeWarning, stacklevel=3)
+        backend = None
+    if spec["class"] == "SparseLinear":
+        return SparseLinear(weight, bias, fmt, backend)
+    return SparseConv2d(weight, bias, fmt, spec["in_channels"], tuple(spec["kernel_size"]), tuple(spec["stride"]),
+                        tuple(spec["padding"]), tuple(spec["dilation"]), spec["groups"], backend)
+
+
+def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Re-apply a saved spec and weights to ``model`` (a fresh instance of the original class); returns it."""
+    from safetensors.torch import load_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (a fresh instance of the saved class), got {type(model).__name__}")
+    src = Path(path)
+    if not (src / SPEC_FILE).is_file() or not (src / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"path must be a directory written by sparsekit.save (with {SPEC_FILE} and "
+                                f"{WEIGHTS_FILE}), got {str(src)!r}")
+    spec = json.loads((src / SPEC_FILE).read_text())
+    if spec.get("sparsekit_spec") != SPEC_VERSION:
+        raise ValueError(f"unsupported spec version {spec.get('sparsekit_spec')!r} (this sparsekit reads "
+                         f"{SPEC_VERSION})")
+    if spec.get("model_class") not in (None, type(model).__name__):
+        raise TypeError(f"model is a {type(model).__name__} but the saved model was a {spec['model_class']}")
+    tensors = load_file(str(src / WEIGHTS_FILE), device=str(map_location))
+    for name, mspec in spec["modules"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the saved spec has a sparse module {name!r} that the given model lacks") from None
+        new = _rebuild(name, mspec, tensors)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    model.load_state_dict(tensors, strict=True)
+    return model

@@ -1,0 +1,174 @@
+"""sk.sparsify, the tuning cache, the report, training/compile/export of a sparsified model, sk.save / sk.load."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit as sk
+from sparsekit.nn import SparseConv2d, SparseLinear
+from sparsekit.tuning_cache import TuningCache
+
+
+def _block_mask_(lin: nn.Module, density: float, block: int = 16, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    w = lin.weight.data.reshape(lin.weight.shape[0], -1)
+    n, k = w.shape
+    keep = (torch.rand(n // block, k // block, generator=g) < density)
+    w.mul_(keep.repeat_interleave(block, 0).repeat_interleave(block, 1))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _net():
+    torch.manual_seed(0)
+    net = Net().eval()
+    _block_mask_(net.conv, 0.3)
+    _block_mask_(net.fc1, 0.2)
+    return net, torch.randn(4, 16, 8, 8)
+
+
+def test_forced_sparse_choice_and_report():
+    net, x = _net()
+    fast, report = sk.sparsify(net, x, min_speedup=1e-9, cache=False, reps=2)
+    assert isinstance(fast.conv, SparseConv2d) and isinstance(fast.fc1, SparseLinear)
+    assert isinstance(fast.fc2, nn.Linear)              # no zeros: untouched
+    assert isinstance(net.fc1, nn.Linear)               # the original model is not modified
+    sk.verify(net, fast, x, atol=1e-4)
+    names = [d.name for d in report.layers]
+    assert names == ["conv", "fc1"]
+    for d in report.layers:
+        assert "dense" in d.times_ms and d.choice in d.times_ms and d.choice != "dense"
+        assert d.speedup == pytest.approx(d.times_ms["dense"] / d.times_ms[d.choice])
+    assert report.dense_ms > 0 and report.sparse_ms > 0
+    text = str(report)
+    assert "fc1" in text and "whole model" in text
+    assert report.to_dict()["layers"][0]["name"] == "conv"
+
+
+def test_nothing_beats_an_impossible_min_speedup():
+    net, x = _net()
+    fast, report = sk.sparsify(net, x, min_speedup=1e9, cache=False, reps=2, measure_model=False)
+    assert all(d.choice == "dense" for d in report.layers)
+    assert isinstance(fast.fc1, nn.Linear)
+
+
+def test_formats_restrict_candidates():
+    net, x = _net()
+    _, report = sk.sparsify(net, x, formats=["dense", "csr"], min_speedup=1e-9, cache=False, reps=2,
+                            measure_model=False)
+    for d in report.layers:
+        assert set(d.times_ms) <= {"dense", "csr"}
+
+
+def test_cache_makes_the_second_call_skip_measuring(tmp_path):
+    net, x = _net()
+    path = tmp_path / "cache.json"
+    _, first = sk.sparsify(net, x, cache=path, reps=2, measure_model=False)
+    assert path.exists() and not any(d.cached for d in first.layers)
+    _, second = sk.sparsify(net, x, cache=path, reps=2, measure_model=False)
+    assert all(d.cached for d in second.layers)
+    assert [d.times_ms for d in first.layers] == [d.times_ms for d in second.layers]
+    assert len(TuningCache(path).entries) == 2
+
+
+def test_masked_model_from_the_pruner():
+    model = sk.models.FFN(dim=64, hidden=128, tokens=4).eval()
+    x = model.example_input(2)
+    pruner = sk.prune.Pruner(model, x, criterion="magnitude", granularity="block", block=(16, 16), sparsity=0.8)
+    pruner.step()
+    fast, report = sk.sparsify(model, x, min_speedup=1e-9, cache=False, reps=2, measure_model=False)
+    assert isinstance(fast.fc1, SparseLinear) and isinstance(fast.fc2, SparseLinear)
+    sk.verify(model, fast, x, atol=1e-4)
+    assert hasattr(model.fc1, "parametrizations")   # the user's masked model is intact
+
+
+def test_sparsified_model_trains_like_the_masked_dense_model():
+    net, x = _net()
+    fast, _ = sk.sparsify(net, x, formats=["dense", "bsr"], min_speedup=1e-9, cache=False, reps=2,
+                          measure_model=False, exact=True)
+    masks = {n: m.weight.ne(0) for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    ref = copy.deepcopy(net)
+    opt_f = torch.optim.SGD(fast.parameters(), lr=0.05)
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.05)
+    target = torch.randint(0, 10, (4,))
+    for _ in range(3):
+        for model, opt in ((fast, opt_f), (ref, opt_r)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), target).backward()
+            opt.step()
+        with torch.no_grad():
+            for n, mask in masks.items():
+                ref.get_submodule(n).weight.mul_(mask)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_exact_excludes_formats_storing_zeros():
+    net, x = _net()   # fc1 is masked in 16x16 blocks: 32x32 blocks and 1x4 rows over them are exact, 64x64 not
+    _, report = sk.sparsify(net, x, formats=["dense", "bsr"], min_speedup=1e-9, cache=False, reps=2,
+                            measure_model=False, exact=True, blocks=[(16, 16), (32, 32), (1, 4)])
+    fc1 = next(d for d in report.layers if d.name == "fc1")
+    assert "bsr16x16" in fc1.times_ms and "bsr1x4" in fc1.times_ms and "bsr32x32" not in fc1.times_ms
+
+
+def test_compile_fullgraph_and_export():
+    net, x = _net()
+    fast, _ = sk.sparsify(net, x, min_speedup=1e-9, cache=False, reps=2, measure_model=False)
+    compiled = torch.compile(fast, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), fast(x))
+    exported = torch.export.export(fast, (x,))
+    torch.testing.assert_close(exported.module()(x), fast(x))
+    assert any("sparsekit" in str(n.target) for n in exported.graph.nodes)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    net, x = _net()
+    fast, _ = sk.sparsify(net, x, min_speedup=1e-9, cache=False, reps=2, measure_model=False)
+    out = sk.save(fast, tmp_path / "m")
+    assert (out / "model.safetensors").is_file() and (out / "sparsekit.json").is_file()
+    loaded = sk.load(out, Net())
+    assert type(loaded.fc1) is type(fast.fc1) and loaded.fc1.format == fast.fc1.format
+    torch.testing.assert_close(loaded(x), fast(x))
+
+
+def test_load_drops_a_backend_that_cannot_run_here(tmp_path, monkeypatch):
+    lin = nn.Linear(32, 16)
+    _block_mask_(lin, 0.5)
+    model = nn.Sequential(SparseLinear.from_dense(lin, format="bsr", block=16, backend="reference"))
+    out = sk.save(model, tmp_path / "m")
+    spec = (out / "sparsekit.json").read_text().replace('"reference"', '"triton"')
+    (out / "sparsekit.json").write_text(spec)
+    monkeypatch.setattr(sk.ops.BACKENDS["triton"], "environment_reasons", lambda: ["no triton on this machine"])
+    with pytest.warns(RuntimeWarning, match="cannot run here"):
+        loaded = sk.load(out, nn.Sequential(nn.Linear(32, 16)))
+    assert loaded[0].backend is None
+
+
+def test_bad_input(tmp_path):
+    net, x = _net()
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        sk.sparsify("net", x)
+    with pytest.raises(ValueError, match="formats must be"):
+        sk.sparsify(net, x, formats=["coo"])
+    with pytest.raises(ValueError, match="min_speedup"):
+        sk.sparsify(net, x, min_speedup=0)
+    with pytest.raises(TypeError, match="cache must be"):
+        sk.sparsify(net, x, cache=3.5)
+    with pytest.raises(FileNotFoundError, match="written by sparsekit.save"):
+        sk.load(tmp_path, Net())
+    model = sk.models.FFN(dim=64, hidden=128, tokens=4)
+    sk.prune.Pruner(model, model.example_input(2), sparsity=0.5).step()
+    with pytest.raises(ValueError, match="bake them first"):
+        sk.save(model, tmp_path / "masked")
