@@ -50,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # bench / report: argument parsing only here; the sweep itself is imported when the command runs
     from .benchmark.command import add_bench_parser, add_report_parser
+    from .sparsify_command import add_sparsify_parser
 
     add_bench_parser(sub)
     add_report_parser(sub)
+    add_sparsify_parser(sub)
     return p
 
 

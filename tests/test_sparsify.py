@@ -172,3 +172,25 @@ def test_bad_input(tmp_path):
     sk.prune.Pruner(model, model.example_input(2), sparsity=0.5).step()
     with pytest.raises(ValueError, match="bake them first"):
         sk.save(model, tmp_path / "masked")
+
+
+def test_sparsify_command(tmp_path, capsys):
+    from sparsekit.cli import main
+
+    model = sk.models.FFN(dim=64, hidden=128, tokens=4)
+    _block_mask_(model.fc1, 0.2)
+    src = tmp_path / "ffn.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
+    kwargs = '{"dim": 64, "hidden": 128, "tokens": 4}'
+    assert main(["sparsify", str(src), "--model", "ffn", "--model-kwargs", kwargs, "--batch", "2",
+                 "--out", str(tmp_path / "out"), "--min-speedup", "0.000001"]) == 0
+    out = capsys.readouterr().out
+    assert "fc1" in out and "saved to" in out
+    loaded = sk.load(tmp_path / "out", sk.models.FFN(dim=64, hidden=128, tokens=4))
+    assert isinstance(loaded.fc1, SparseLinear)
+    x = model.example_input(2)
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(SystemExit, match="--model"):
+        main(["sparsify", str(src), "--model", "nosuchmodel", "--out", str(tmp_path / "o2")])
