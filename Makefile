@@ -12,7 +12,7 @@ TRITON_VERSION ?= 3.6.0
 MAX_JOBS      ?= 2
 export MAX_JOBS
 
-EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/*.inc csrc/cuda/*.cu csrc/cuda/*.cuh)
 TEST_DEPS   := pytest expecttest ruff numpy
 
 .PHONY: demo test test-unit test-triton check-compile lint install clean

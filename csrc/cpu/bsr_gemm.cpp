@@ -2,8 +2,8 @@
 //   bsr_mm     y  = x @ W^T + bias    parallel over (block-row, M tile): each task owns a tile of y
 //   bsr_mm_t   dx = dy @ W            parallel over (block-column, M tile) through a block-CSC view of W
 //   bsr_sddmm  dW = dy^T @ x on W's blocks, parallel over stored blocks
-// 16-bit types accumulate in fp32 (at::opmath_type). Plain loops with a contiguous inner loop that the
-// compiler vectorizes (see pack_rows); hand-written SIMD micro-kernels are a later step.
+// float32 / bfloat16 / float16 run the SIMD micro-kernels of simd.h (AVX-512, AVX2+FMA or portable, chosen
+// at run time; fp32 accumulation; bf16 weights are read as stored); float64 runs the plain loops below.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,42 +17,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
+#include "panel.h"
+#include "simd.h"
+
 namespace {
 
-constexpr int64_t kMaxBlock = 128;   // sparsekit.formats.MAX_BLOCK
-constexpr int64_t kMinWork = 32768;  // multiply-adds per parallel chunk, so tiny problems stay serial
-
-// ------------------------------------------------------------------------------------------- checks
-const char* dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kInt: return "torch.int32";
-    case at::kShort: return "torch.int16";
-    case at::kByte: return "torch.uint8";
-    case at::kLong: return "torch.int64";
-    default: return c10::toString(t);
-  }
-}
-
-void check_tensor(const char* op, const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
-}
-
-void check_floating(const char* op, const at::Tensor& t, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", dtype_name(s));
-}
-
-void check_same_dtype(const char* op, const at::Tensor& t, const char* name, const at::Tensor& ref,
-                      const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
-              dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
-}
+using namespace sparsekit::cpu;
 
 void check_index(const char* op, const at::Tensor& t, const char* name) {
   check_tensor(op, t, name, 1);
@@ -85,9 +56,6 @@ void check_structure(const char* op, const at::Tensor& crow, const at::Tensor& c
   }
 }
 
-int64_t grain_for(int64_t work_per_task) {
-  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_task));
-}
 
 // ------------------------------------------------------------------------------------ data movement
 // The kernels vectorize over M: activations are packed in tiles of MT rows, transposed, in the
@@ -267,6 +235,153 @@ void bsr_sddmm_kernel(const A* dyT, const A* xT, const int32_t* crow, const int3
   });
 }
 
+// ------------------------------------------------------------------------------- SIMD fast path
+// y[M, N] = x[M, K] @ W^T (+ bias) for float32 / bfloat16 / float16 activations, fp32 accumulation, with
+// the run-time selected micro-kernels of simd.h. W is given as raw BSR arrays so the backward (dx = dy @ W)
+// can run the same code over the transposed blocks. v holds fp32 values or raw bf16 bits (wk).
+//   M small (2*M <= vector width): GEMV per row of x, reading each stored weight once per row.
+//   otherwise: x packed into fp32 panels [tiles][K][MT]; tasks = (M tile, nonzero-balanced chunk of
+//   block-rows), M tile outermost so a thread's chunk reuses one panel; each block-row is computed as an
+//   fp32 panel [bn][MT] and transposed into y with the bias.
+template <typename T>
+void bsr_mm_fast(const T* x, const int32_t* crow, const int32_t* col, const void* v, WKind wk, const T* bias, T* y,
+                 int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
+  const Isa isa = active_isa();
+  const int64_t rows = N / bn, nnzb = crow[rows];
+  const int64_t threads = at::get_num_threads();
+  const int W = vec_floats(isa);
+  if (M == 0 || N == 0) return;
+  if (2 * M <= W) {
+    const std::vector<int64_t> bounds = balanced_chunks(crow, rows, 4 * threads, bn * bk, bn);
+    const int64_t chunks = int64_t(bounds.size()) - 1;
+    std::vector<float> xf;
+    const float* xr = nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      xr = x;
+    } else {
+      xf.resize(M * K);
+      for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(x[i]);
+      xr = xf.data();
+    }
+    const int64_t grain = M * nnzb * bn * bk < kMinWork ? chunks : 1;
+    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+      std::vector<float> out(bn);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
+            bsr_gemv_row(isa, xr + m * K, col, crow[r], crow[r + 1], v, wk, bn, bk, out.data());
+            T* yr = y + m * N + r * bn;
+            for (int64_t i = 0; i < bn; ++i) {
+              yr[i] = static_cast<T>(out[i] + (bias ? static_cast<float>(bias[r * bn + i]) : 0.f));
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
+  if (bn % W == 0) {
+    // Vectorized over N: every stored block transposed to fp32 [bk][bn] per call (O(nnzb * bn * bk), freed on
+    // return); tasks = (chunk of ~1 MiB of rows of x, nonzero-balanced chunk of block-rows), rows of x outermost.
+    at::Tensor wt_t = at::empty({nnzb * bn * bk}, at::TensorOptions().dtype(at::kFloat));
+    float* wt = wt_t.mutable_data_ptr<float>();
+    at::parallel_for(0, nnzb, grain_for(bn * bk), [&](int64_t p0, int64_t p1) {
+      std::vector<float> wide;
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* src;
+        if (wk == WKind::kF32) {
+          src = static_cast<const float*>(v) + p * bn * bk;
+        } else {
+          const uint16_t* raw = static_cast<const uint16_t*>(v) + p * bn * bk;
+          wide.resize(bn * bk);
+          for (int64_t e = 0; e < bn * bk; ++e) {
+            const uint32_t u = uint32_t(raw[e]) << 16;
+            std::memcpy(&wide[e], &u, sizeof(float));
+          }
+          src = wide.data();
+        }
+        transpose(isa, src, bk, bn, bk, nullptr, wt + p * bn * bk, bn);
+      }
+    });
+    at::Tensor xf_t;
+    const float* xf;
+    if constexpr (std::is_same_v<T, float>) {
+      xf = x;
+    } else {
+      xf_t = at::empty({M * K}, at::TensorOptions().dtype(at::kFloat));
+      float* d = xf_t.mutable_data_ptr<float>();
+      at::parallel_for(0, M, grain_for(K), [&](int64_t m0, int64_t m1) {
+        for (int64_t i = m0 * K; i < m1 * K; ++i) d[i] = static_cast<float>(x[i]);
+      });
+      xf = d;
+    }
+    const std::vector<float> bf = bias_f32(bias, N);
+    const int64_t mc_rows = std::clamp<int64_t>((int64_t(1) << 20) / std::max<int64_t>(1, K * 4), 24, M);
+    const int64_t mchunks = (M + mc_rows - 1) / mc_rows;
+    const std::vector<int64_t> bounds = balanced_chunks(crow, rows, (4 * threads + mchunks - 1) / mchunks, bn * bk, bn);
+    const int64_t chunks = int64_t(bounds.size()) - 1, tasks = mchunks * chunks;
+    const int64_t grain = M * nnzb * bn * bk < kMinWork ? tasks : 1;
+    at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scratch;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t mi = t / chunks, c = t % chunks;
+        const int64_t m0 = mi * M / mchunks, m1 = (mi + 1) * M / mchunks, mr = m1 - m0;
+        for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
+          const float* br = bias ? bf.data() + r * bn : nullptr;
+          if constexpr (std::is_same_v<T, float>) {
+            bsr_nvec_row(isa, xf + m0 * K, K, mr, col, crow[r], crow[r + 1], wt, bn, bk, br, y + m0 * N + r * bn, N);
+          } else {
+            scratch.resize(mr * bn);
+            bsr_nvec_row(isa, xf + m0 * K, K, mr, col, crow[r], crow[r + 1], wt, bn, bk, br, scratch.data(), bn);
+            for (int64_t j = 0; j < mr; ++j)
+              for (int64_t i = 0; i < bn; ++i) y[(m0 + j) * N + r * bn + i] = static_cast<T>(scratch[j * bn + i]);
+          }
+        }
+      }
+    });
+    return;
+  }
+  const int nv = choose_nv(isa, M, bn);
+  const int64_t MT = int64_t(nv) * W, tiles = (M + MT - 1) / MT;
+  at::Tensor xp_t = at::empty({tiles * K * MT}, at::TensorOptions().dtype(at::kFloat));
+  float* xp = xp_t.mutable_data_ptr<float>();
+  pack_panels<T>(isa, x, K, M, K, MT, xp);
+  const std::vector<float> bf = bias_f32(bias, N);
+  const int64_t want = (4 * threads + tiles - 1) / tiles;
+  const std::vector<int64_t> bounds = balanced_chunks(crow, rows, want, bn * bk, bn);
+  const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
+  const int64_t grain = M * nnzb * bn * bk < kMinWork ? tasks : 1;
+  // block-rows are computed `group` at a time into one fp32 panel, so the transpose into y writes runs of
+  // >= 64 contiguous outputs per row of y (one output per row for 1xk blocks would thrash cache and TLB)
+  const int64_t group = std::max<int64_t>(1, (64 + bn - 1) / bn);
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> out(group * bn * MT), scratch;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t tile = t / chunks, c = t % chunks, m0 = tile * MT, mc = std::min(MT, M - m0);
+      const float* xt = xp + tile * K * MT;
+      for (int64_t r0 = bounds[c]; r0 < bounds[c + 1]; r0 += group) {
+        const int64_t r1 = std::min(bounds[c + 1], r0 + group), cols = (r1 - r0) * bn;
+        for (int64_t r = r0; r < r1; ++r) {
+          bsr_panel_row(isa, nv, xt, col, crow[r], crow[r + 1], v, wk, bn, bk, out.data() + (r - r0) * bn * MT);
+        }
+        store_panel<T>(isa, out.data(), MT, cols, mc, bias ? bf.data() + r0 * bn : nullptr, y + m0 * N + r0 * bn, N,
+                       scratch);
+      }
+    }
+  });
+}
+
+// The values as the fast path reads them: fp32 as is, bf16 as raw bits, fp16 converted to fp32 (a copy).
+std::pair<at::Tensor, WKind> fast_values(const at::Tensor& values) {
+  if (values.scalar_type() == at::kBFloat16) return {values, WKind::kBF16};
+  return {values.to(at::kFloat).contiguous(), WKind::kF32};
+}
+
+bool use_fast(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+#define SPARSEKIT_DISPATCH_FAST(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
 // Values (and transposed activations for sddmm) in the accumulation type: a no-op for float32/float64.
 at::Tensor to_acc(const at::Tensor& t) { return t.to(at::toOpMathType(t.scalar_type())); }
 
@@ -295,8 +410,21 @@ at::Tensor bsr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tens
     TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
     bias = bias_in->contiguous();
   }
-  const at::Tensor x = x_in.contiguous(), v = to_acc(values);
+  const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty({M, n}, x.options());
+  if (use_fast(x.scalar_type())) {
+    const auto [fv, wk] = fast_values(values);
+    SPARSEKIT_DISPATCH_FAST(x.scalar_type(), "sparsekit_bsr_mm_fast", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        bsr_mm_fast<scalar_t>(x.const_data_ptr<scalar_t>(), crow.const_data_ptr<int32_t>(),
+                              col.const_data_ptr<int32_t>(), fv.const_data_ptr(), wk,
+                              bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                              y.mutable_data_ptr<scalar_t>(), M, K, n, bn, bk);
+      }
+    });
+    return y;
+  }
+  const at::Tensor v = to_acc(values);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparsekit_bsr_mm", [&] {
     using A = at::opmath_type<scalar_t>;
     with_m_tile(M, [&](auto mt) {
@@ -328,8 +456,38 @@ at::Tensor bsr_mm_t(const at::Tensor& dy_in, const at::Tensor& crow, const at::T
   TORCH_CHECK(col.numel() == values.size(0), op, ": col_indices has ", col.numel(), " entries but values has ",
               values.size(0), " blocks");
   check_structure(op, crow, col, N / bn, k / bk);
-  const at::Tensor dy = dy_in.contiguous(), v = to_acc(values);
+  const at::Tensor dy = dy_in.contiguous();
   at::Tensor dx = at::empty({M, k}, dy.options());
+  if (use_fast(dy.scalar_type())) {
+    // dx = dy @ W is the forward product with W^T: a BSR of [K/bk, N/bn] block-rows of transposed blocks
+    // [bk, bn], built per call (O(nnzb * bn * bk), small next to the O(M * nnzb * bn * bk) product).
+    const int64_t rows = N / bn, cols = k / bk;
+    const int32_t* cr = crow.const_data_ptr<int32_t>();
+    const BlockColumns bc = block_columns(cr, col.const_data_ptr<int32_t>(), rows, cols);
+    const int64_t nnzb = col.numel();
+    std::vector<int32_t> tptr(cols + 1), tcol(nnzb);
+    for (int64_t c = 0; c <= cols; ++c) tptr[c] = static_cast<int32_t>(bc.ptr[c]);
+    for (int64_t p = 0; p < nnzb; ++p) tcol[p] = static_cast<int32_t>(bc.row[p]);
+    const at::Tensor vf = values.to(at::kFloat).contiguous();
+    std::vector<float> tval(nnzb * bn * bk);
+    const float* vs = vf.const_data_ptr<float>();
+    at::parallel_for(0, nnzb, grain_for(bn * bk), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* src = vs + bc.block[p] * bn * bk;
+        float* dst = tval.data() + p * bn * bk;
+        for (int64_t i = 0; i < bn; ++i)
+          for (int64_t kk = 0; kk < bk; ++kk) dst[kk * bn + i] = src[i * bk + kk];
+      }
+    });
+    SPARSEKIT_DISPATCH_FAST(dy.scalar_type(), "sparsekit_bsr_mm_t_fast", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        bsr_mm_fast<scalar_t>(dy.const_data_ptr<scalar_t>(), tptr.data(), tcol.data(), tval.data(), WKind::kF32,
+                              nullptr, dx.mutable_data_ptr<scalar_t>(), M, N, k, bk, bn);
+      }
+    });
+    return dx;
+  }
+  const at::Tensor v = to_acc(values);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "sparsekit_bsr_mm_t", [&] {
     using A = at::opmath_type<scalar_t>;
     with_m_tile(M, [&](auto mt) {

@@ -1,0 +1,58 @@
+"""The SIMD paths of the CPU kernels (csrc/cpu/spmm_kernels.inc) under every ISA this machine can run.
+
+SPARSEKIT_CPU_ISA lowers the run-time choice (avx512 -> avx2 -> scalar), so one AVX-512 machine tests the code
+that AVX2-only CPUs (and non-x86 builds) run. Shapes cover every path of bsr_mm: GEMV (2*M <= vector width),
+N-vectorized (block rows a multiple of the vector width) and M-panel (1xk, kx1, odd blocks), with M tails,
+empty block-rows, 0% and 100% sparsity.
+
+Tolerances: float32 rtol=1e-5/atol=1e-4 against the float64 reference on the same inputs; bfloat16 rtol=atol=1e-2
+(fp32 accumulation, one rounding of the output to bfloat16).
+"""
+
+import pytest
+import torch
+
+import sparsekit.ops  # noqa: F401
+from sparsekit import _extension
+from sparsekit.formats import BSR
+
+pytestmark = pytest.mark.skipif(not _extension.LOADED, reason=f"sparsekit._C not loaded: {_extension.LOAD_ERROR}")
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
+BLOCKS = [(1, 4), (4, 1), (3, 5), (8, 16), (16, 16), (32, 32), (32, 16), (16, 8), (64, 64)]
+
+
+def _weight(rows, cols, block, density, dtype, gen):
+    bn, bk = block
+    keep = torch.rand(rows, cols, generator=gen) < density
+    if 0 < density < 1 and rows > 2:
+        keep[1] = False
+        keep[-1] = False
+    mask = keep.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
+    return BSR.from_dense((torch.randn(rows * bn, cols * bk, generator=gen, dtype=torch.float64) * mask).to(dtype),
+                          block)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", BLOCKS)
+def test_bsr_simd_paths(isa, dtype, block, monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(hash((isa, block)) % 10_000)
+    bn, bk = block
+    rows, cols = max(2, 96 // max(bn, 8)), max(2, 80 // max(bk, 8))
+    n, k = rows * bn, cols * bk
+    rtol, atol = TOL[dtype]
+    for density in (0.0, 0.45, 1.0):
+        w = _weight(rows, cols, block, density, dtype, gen)
+        dense = w.to_dense().double()
+        for m in (1, 3, 9, 26, 61):
+            x = torch.randn(m, k, generator=gen, dtype=torch.float64).to(dtype)
+            dy = torch.randn(m, n, generator=gen, dtype=torch.float64).to(dtype)
+            bias = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+            for b in (None, bias):
+                y = torch.ops.sparsekit.bsr_mm(x, w.crow_indices, w.col_indices, w.values, b, n)
+                ref = x.double() @ dense.t() + (0 if b is None else b.double())
+                torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=atol)
+            dx = torch.ops.sparsekit.bsr_mm_t(dy, w.crow_indices, w.col_indices, w.values, k)
+            torch.testing.assert_close(dx.double(), dy.double() @ dense, rtol=rtol, atol=atol)
