@@ -1,7 +1,8 @@
 """Compile the Triton kernels for sm80 (A100) and sm90 (H100) without a GPU.
 
 ``check_all()`` runs ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for every case
-below, through the whole NVIDIA pipeline ttir -> ttgir -> llir -> ptx -> cubin (cubin via the ptxas that
+below (every kernel in kernels/k_*.py: BSR forward and split-K, BSR dx and SDDMM, N:M, channel gather/scatter),
+through the whole NVIDIA pipeline ttir -> ttgir -> llir -> ptx -> cubin (cubin via the ptxas that
 ships inside the triton wheel; no CUDA toolkit or driver needed). Each case uses the launch config the
 launcher would pick on that arch (kernels/_configs.py), so a table entry that needs more shared memory
 than the GPU has is reported too. Returns a list of failure messages (empty = all good) and prints one
@@ -38,6 +39,21 @@ CASES = (
     ("float32", (32, 32), 4096, True, "tf32"),
     ("float32", (64, 16), 64, False, "ieee"),
 )
+
+# split-K forward: (dtype, (bn, bk), M, fp32 dot precision)
+SPLITK_CASES = (("float16", (32, 32), 8, None), ("bfloat16", (64, 64), 1, None), ("float32", (16, 128), 32, "tf32"))
+# dx = dy @ W: (dtype, (bn, bk), M, precision)
+BSR_T_CASES = (("float16", (32, 64), 4096, None), ("bfloat16", (128, 32), 16, None),
+               ("float32", (64, 64), 4096, "tf32"))
+# SDDMM: (dtype, (bn, bk), M, split, precision)
+SDDMM_CASES = (("float16", (32, 32), 4096, 1, None), ("bfloat16", (64, 64), 4096, 4, None),
+               ("float16", (128, 128), 4096, 1, None), ("float32", (16, 64), 4096, 1, "tf32"))
+# N:M: (dtype, (n, m), M, has_bias, precision)
+NM_CASES = (("float16", (2, 4), 4096, True, None), ("bfloat16", (2, 4), 16, False, None),
+            ("float16", (4, 8), 64, False, None), ("float32", (1, 4), 4096, True, "tf32"))
+# channel gather GEMM: (dtype, M, has_bias, has_out_idx, precision)
+CHANNEL_CASES = (("float16", 4096, True, False, None), ("bfloat16", 32, False, True, None),
+                 ("float32", 4096, True, True, "tf32"))
 
 _TL_TYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _RESULT_TAG = "SPARSEKIT_COMPILE_CHECK_RESULT "
@@ -98,6 +114,110 @@ def _bsr_mm_sources(dtype: str, block: tuple[int, int], m: int, has_bias: bool, 
             f"{' ' + precision if precision else ''} BLOCK_M={cfg.block_m} warps={cfg.num_warps} "
             f"stages={cfg.num_stages}")
     return src, options, desc
+
+
+def _src(fn, signature: dict, constexprs: dict, aligned: list[str]):
+    from triton.compiler import ASTSource
+
+    names = list(signature)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def _extra_sources(cc: int, smem: int) -> list[tuple]:
+    """(src, options, desc) for the kernels beyond the forward BSR kernel: split-K, dx, SDDMM, N:M, channel."""
+    import torch
+
+    from . import k_bsr_mm, k_bsr_mm_t, k_bsr_sddmm, k_channel, k_nm_mm
+    from ._configs import bsr_mm_config, bsr_sddmm_config, channel_mm_config, nm_mm_config
+
+    arch = (cc // 10, smem)
+    out = []
+    for dtype, (bn, bk), m, prec in SPLITK_CASES:
+        t = _TL_TYPE[dtype]
+        cfg = bsr_mm_config(m, bn, bk, getattr(torch, dtype), arch=arch)
+        sig = {"x_ptr": f"*{t}", "crow_ptr": "*i32", "col_ptr": "*i32", "val_ptr": f"*{t}", "acc_ptr": "*fp32",
+               "M": "i32", "N": "i32", "K": "i32", "BLOCK_M": "constexpr", "BN": "constexpr", "BK": "constexpr",
+               "SPLIT_K": "constexpr", "INPUT_PRECISION": "constexpr", "WHILE_LOOP": "constexpr"}
+        ce = {"BLOCK_M": cfg.block_m, "BN": bn, "BK": bk, "SPLIT_K": 4, "INPUT_PRECISION": prec or "ieee",
+              "WHILE_LOOP": False}
+        src = _src(k_bsr_mm._bsr_mm_splitk_kernel, sig, ce,
+                   ["x_ptr", "crow_ptr", "col_ptr", "val_ptr", "acc_ptr", "N", "K"])
+        out.append((src, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                    f"_bsr_mm_splitk_kernel sm{cc} {dtype:<8} block={bn}x{bk} M~{m} split=4 BLOCK_M={cfg.block_m}"))
+    for dtype, (bn, bk), m, prec in BSR_T_CASES:
+        t = _TL_TYPE[dtype]
+        cfg = bsr_mm_config(m, bk, bn, getattr(torch, dtype), arch=arch)
+        sig = {"dy_ptr": f"*{t}", "t_crow_ptr": "*i32", "t_row_ptr": "*i32", "t_perm_ptr": "*i32",
+               "val_ptr": f"*{t}", "dx_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32",
+               "BLOCK_M": "constexpr", "BN": "constexpr", "BK": "constexpr", "GROUP_M": "constexpr",
+               "INPUT_PRECISION": "constexpr", "WHILE_LOOP": "constexpr"}
+        ce = {"BLOCK_M": cfg.block_m, "BN": bn, "BK": bk, "GROUP_M": cfg.group_m, "INPUT_PRECISION": prec or "ieee",
+              "WHILE_LOOP": False}
+        src = _src(k_bsr_mm_t._bsr_mm_t_kernel, sig, ce,
+                   ["dy_ptr", "t_crow_ptr", "t_row_ptr", "t_perm_ptr", "val_ptr", "dx_ptr", "N", "K"])
+        out.append((src, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                    f"_bsr_mm_t_kernel sm{cc} {dtype:<8} block={bn}x{bk} M~{m} BLOCK_M={cfg.block_m} "
+                    f"warps={cfg.num_warps} stages={cfg.num_stages}"))
+    for dtype, (bn, bk), m, split, prec in SDDMM_CASES:
+        t = _TL_TYPE[dtype]
+        cfg = bsr_sddmm_config(m, 10**6, bn, bk, getattr(torch, dtype), arch=arch)
+        sig = {"dy_ptr": f"*{t}", "x_ptr": f"*{t}", "row_ptr": "*i32", "col_ptr": "*i32",
+               "out_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
+               "BLOCK_M": "constexpr", "BN": "constexpr", "BK": "constexpr", "SPLIT": "constexpr",
+               "INPUT_PRECISION": "constexpr", "WHILE_LOOP": "constexpr"}
+        ce = {"BLOCK_M": cfg.block_m, "BN": bn, "BK": bk, "SPLIT": split, "INPUT_PRECISION": prec or "ieee",
+              "WHILE_LOOP": False}
+        src = _src(k_bsr_sddmm._bsr_sddmm_kernel, sig, ce,
+                   ["dy_ptr", "x_ptr", "row_ptr", "col_ptr", "out_ptr", "N", "K"])
+        out.append((src, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                    f"_bsr_sddmm_kernel sm{cc} {dtype:<8} block={bn}x{bk} split={split} BLOCK_M={cfg.block_m} "
+                    f"warps={cfg.num_warps} stages={cfg.num_stages}"))
+    for dtype, (n, mm), m, has_bias, prec in NM_CASES:
+        t = _TL_TYPE[dtype]
+        cfg = nm_mm_config(m, getattr(torch, dtype), arch=arch)
+        sig = {"x_ptr": f"*{t}", "val_ptr": f"*{t}", "idx_ptr": "*u8",
+               "bias_ptr": f"*{t}" if has_bias else "constexpr", "y_ptr": f"*{t}",
+               "M": "i32", "N": "i32", "K": "i32", "KC": "i32", "HAS_BIAS": "constexpr", "NN": "constexpr",
+               "MM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+               "GROUP_M": "constexpr", "INPUT_PRECISION": "constexpr", "WHILE_LOOP": "constexpr"}
+        ce = {"HAS_BIAS": has_bias, "NN": n, "MM": mm, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+              "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "INPUT_PRECISION": prec or "ieee", "WHILE_LOOP": False}
+        if not has_bias:
+            ce["bias_ptr"] = None
+        src = _src(k_nm_mm._nm_mm_kernel, sig, ce, ["x_ptr", "val_ptr", "idx_ptr", "y_ptr"])
+        out.append((src, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                    f"_nm_mm_kernel sm{cc} {dtype:<8} {n}:{mm} M~{m} bias={int(has_bias)} tile={cfg.block_m}x"
+                    f"{cfg.block_n}x{cfg.block_k} warps={cfg.num_warps} stages={cfg.num_stages}"))
+    for dtype, m, has_bias, has_out, prec in CHANNEL_CASES:
+        t = _TL_TYPE[dtype]
+        cfg = channel_mm_config(m, getattr(torch, dtype), arch=arch)
+        sig = {"x_ptr": f"*{t}", "in_idx_ptr": "*i64", "w_ptr": f"*{t}",
+               "bias_ptr": f"*{t}" if has_bias else "constexpr", "out_idx_ptr": "*i64" if has_out else "constexpr",
+               "y_ptr": f"*{t}", "M": "i32", "NC": "i32", "KC": "i32",
+               "sxb": "i32", "sxm": "i32", "sxk": "i32", "syb": "i32", "sym": "i32", "syn": "i32",
+               "HAS_BIAS": "constexpr", "HAS_OUT_IDX": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+               "BLOCK_K": "constexpr", "GROUP_M": "constexpr", "INPUT_PRECISION": "constexpr",
+               "WHILE_LOOP": "constexpr"}
+        ce = {"HAS_BIAS": has_bias, "HAS_OUT_IDX": has_out, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+              "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "INPUT_PRECISION": prec or "ieee", "WHILE_LOOP": False}
+        if not has_bias:
+            ce["bias_ptr"] = None
+        if not has_out:
+            ce["out_idx_ptr"] = None
+        src = _src(k_channel._channel_mm_kernel, sig, ce, ["x_ptr", "in_idx_ptr", "w_ptr", "y_ptr"])
+        out.append((src, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                    f"_channel_mm_kernel sm{cc} {dtype:<8} M~{m} bias={int(has_bias)} out_idx={int(has_out)} "
+                    f"tile={cfg.block_m}x{cfg.block_n}x{cfg.block_k}"))
+    for dtype in ("float16", "bfloat16", "float32"):
+        t = _TL_TYPE[dtype]
+        sig = {"y_ptr": f"*{t}", "idx_ptr": "*i64", "bias_ptr": f"*{t}", "out_ptr": f"*{t}", "C": "i32",
+               "INNER": "i32", "syo": "i32", "syc": "i32", "syi": "i32", "soo": "i32", "soc": "i32", "soi": "i32",
+               "HAS_BIAS": "constexpr", "BLOCK_C": "constexpr", "BLOCK_I": "constexpr"}
+        ce = {"HAS_BIAS": True, "BLOCK_C": 32, "BLOCK_I": 128}
+        src = _src(k_channel._channel_scatter_kernel, sig, ce, ["y_ptr", "idx_ptr", "bias_ptr", "out_ptr"])
+        out.append((src, {"num_warps": 4}, f"_channel_scatter_kernel sm{cc} {dtype:<8} bias=1 tile=32x128"))
+    return out
 
 
 def _compile(src, target, options, ptx_only: bool):
@@ -169,8 +289,9 @@ def check_all(verbose: bool = True, fresh: bool = False, full: bool = False) -> 
     try:
         for cc, smem in TARGETS:
             target = GPUTarget("cuda", cc, 32)
-            for dtype, block, m, has_bias, precision in (_full_cases(cc, smem) if full else CASES):
-                src, options, desc = _bsr_mm_sources(dtype, block, m, has_bias, precision, cc, smem)
+            jobs = [_bsr_mm_sources(*case, cc, smem) for case in (_full_cases(cc, smem) if full else CASES)]
+            jobs += _extra_sources(cc, smem)
+            for src, options, desc in jobs:
                 t0 = time.perf_counter()
                 try:
                     kernel = _compile(src, target, options, ptx_only)

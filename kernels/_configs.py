@@ -31,7 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KernelConfig", "bsr_mm_config", "M_BUCKETS", "BSR_MM_TABLE", "interpreting"]
+__all__ = ["KernelConfig", "bsr_mm_config", "bsr_mm_split_k", "bsr_sddmm_config", "nm_mm_config",
+           "channel_mm_config", "TileConfig", "M_BUCKETS", "BSR_MM_TABLE", "NM_MM_TABLE", "CHANNEL_MM_TABLE",
+           "interpreting", "sm_count"]
 
 
 @dataclass(frozen=True)
@@ -136,3 +138,137 @@ def bsr_mm_config(m: int, bn: int, bk: int, dtype: torch.dtype, device: torch.de
     elem = torch.empty((), dtype=dtype).element_size()
     block_m, num_stages = _fit(block_m, num_stages, bn, bk, elem, major, smem)
     return KernelConfig(block_m=block_m, num_warps=num_warps, num_stages=num_stages, group_m=8)
+
+
+# ---------------------------------------------------------------------------------- split-K (decode shapes)
+SPLIT_K_MAX_M = 64          # split-K only for M up to this (decode / small batch)
+SPLIT_K_MAX = 16
+_SM_FALLBACK = {8: 108, 9: 132}   # A100, H100 SXM
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def sm_count(device: torch.device | None = None, arch_major: int | None = None) -> int:
+    """Streaming multiprocessors of the device (or of an A100/H100 when only the arch is known)."""
+    if device is not None and torch.device(device).type == "cuda":
+        dev = torch.device(device)
+        return _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
+    return _SM_FALLBACK.get(arch_major or 9, 108)
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(1, v).bit_length() - 1)
+
+
+def bsr_mm_split_k(m: int, n_block_rows: int, nnzb: int, bn: int, bk: int, device: torch.device | None = None,
+                   sms: int | None = None) -> int:
+    """How many programs share one block-row in ``k_bsr_mm`` (1 = the plain kernel).
+
+    Split only when M <= 64 and the plain grid (row tiles x block-rows) gives fewer than two programs
+    per SM; then split so that the grid reaches about two waves, keeping at least 2 stored blocks per
+    program on average (the atomics of a split that has nothing to do are skipped, but its launch is
+    not free). Uses nnzb (a shape, no GPU sync) rather than the per-row counts. Under the interpreter
+    the answer is 1 (tests force split_k explicitly). Not measured on a GPU yet (none here).
+    """
+    if m > SPLIT_K_MAX_M or n_block_rows == 0 or nnzb == 0:
+        return 1
+    if sms is None:
+        if interpreting() or device is None or torch.device(device).type != "cuda":
+            return 1
+        sms = sm_count(device)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    programs = n_block_rows * -(-m // block_m)
+    if programs >= 2 * sms:
+        return 1
+    avg_blocks = nnzb / n_block_rows
+    by_work = int(avg_blocks // 2)
+    by_grid = -(-2 * sms // programs)
+    return max(1, min(SPLIT_K_MAX, _pow2_floor(min(by_work, by_grid))))
+
+
+# ------------------------------------------------------------------------------- SDDMM / N:M / channel
+@dataclass(frozen=True)
+class TileConfig:
+    """A GEMM-like tile: BLOCK_M x BLOCK_N output, BLOCK_K reduction step (kernels that fix a side ignore it)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+    split: int = 1
+
+
+# bsr_sddmm: one program per stored block [bn, bk] (reduction over M in steps of BLOCK_M).
+# (arch major, bn * bk) -> (BLOCK_M step, num_warps, num_stages)
+BSR_SDDMM_TABLE: dict[tuple[int, int], tuple[int, int, int]] = {
+    (8, 256): (64, 2, 4), (8, 512): (64, 4, 4), (8, 1024): (64, 4, 4), (8, 2048): (64, 4, 4),
+    (8, 4096): (64, 4, 3), (8, 8192): (32, 8, 3), (8, 16384): (32, 8, 3),
+    (9, 256): (64, 2, 4), (9, 512): (64, 4, 4), (9, 1024): (64, 4, 4), (9, 2048): (64, 4, 4),
+    (9, 4096): (64, 4, 4), (9, 8192): (64, 8, 3), (9, 16384): (64, 8, 3),
+}
+
+
+def bsr_sddmm_config(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype, device: torch.device | None = None,
+                     arch: tuple[int, int] | None = None) -> TileConfig:
+    """Config for ``k_bsr_sddmm``: the M step, warps, stages, and a split of M over programs (fp32 atomics)
+    when there are too few stored blocks to fill the GPU and M is long."""
+    if arch is None and interpreting():
+        return TileConfig(block_m=16, block_n=bn, block_k=bk, num_warps=1, num_stages=1, split=1)
+    if arch is None:
+        dev = torch.device(device) if device is not None else torch.device("cuda")
+        arch = _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
+    major, smem = arch
+    block_m, warps, stages = BSR_SDDMM_TABLE.get((major, bn * bk), (32, 4, 3))
+    elem = torch.empty((), dtype=dtype).element_size()
+    while stages > 1 and stages * block_m * (bn + bk) * elem + bn * bk * 4 > smem * 0.9:
+        stages -= 1
+    sms = sm_count(device, major) if device is not None else _SM_FALLBACK.get(major, 108)
+    split = 1
+    if 0 < nnzb < 2 * sms:
+        split = max(1, min(SPLIT_K_MAX, _pow2_floor(min(-(-2 * sms // nnzb), m // (4 * block_m) or 1))))
+    return TileConfig(block_m=block_m, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, split=split)
+
+
+# nm_mm and channel_mm: (arch major) -> one (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M bucket
+#                 M<=16                M<=32                M<=64                M<=128               M>128
+NM_MM_TABLE: dict[int, tuple[tuple[int, int, int, int, int], ...]] = {
+    8: ((16, 64, 128, 4, 3), (32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)),
+    9: ((16, 64, 128, 4, 3), (32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 3)),
+}
+CHANNEL_MM_TABLE: dict[int, tuple[tuple[int, int, int, int, int], ...]] = {
+    8: ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3)),
+    9: ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 3)),
+}
+
+
+def _tile_config(table: dict, m: int, dtype: torch.dtype, device: torch.device | None,
+                 arch: tuple[int, int] | None) -> TileConfig:
+    if arch is None and interpreting():
+        return TileConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)
+    if arch is None:
+        dev = torch.device(device) if device is not None else torch.device("cuda")
+        arch = _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
+    major, smem = arch
+    bm, bn, bk, warps, stages = table.get(major, table[8])[_bucket(m)]
+    elem = torch.empty((), dtype=dtype).element_size()
+    if elem == 4 and bk > 32:   # fp32 tiles: halve the K step (twice the bytes per element)
+        bk //= 2
+    while stages > 2 and stages * (bm + bn) * bk * elem > smem * 0.9:
+        stages -= 1
+    return TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+
+
+def nm_mm_config(m: int, dtype: torch.dtype, device: torch.device | None = None,
+                 arch: tuple[int, int] | None = None) -> TileConfig:
+    """Config for ``k_nm_mm``: [BLOCK_M, BLOCK_N] output tile, BLOCK_K dense columns per step."""
+    return _tile_config(NM_MM_TABLE, m, dtype, device, arch)
+
+
+def channel_mm_config(m: int, dtype: torch.dtype, device: torch.device | None = None,
+                      arch: tuple[int, int] | None = None) -> TileConfig:
+    """Config for ``k_channel._channel_mm_kernel`` (gathered-input GEMM)."""
+    return _tile_config(CHANNEL_MM_TABLE, m, dtype, device, arch)

@@ -10,6 +10,14 @@ Block-rows without stored blocks write zeros (or the bias). Rows past M are mask
 Programs are ordered in groups of GROUP_M row tiles per block-row (the usual L2 swizzle): neighbouring
 programs share a weight block-row and, across a group, the same x tiles.
 
+Decode shapes (M <= 64, kernels/_configs.bsr_mm_split_k): with one program per (row tile, block-row) a
+small M gives too few programs to fill the GPU, each walking a whole block-row. The split-K kernel
+``_bsr_mm_splitk_kernel`` gives each block-row SPLIT_K programs; program s takes the stored blocks
+crow[r] + s, crow[r] + s + SPLIT_K, ... (strided, so uneven block-rows still balance) and atomically adds
+its fp32 partial [BLOCK_M, bn] into an fp32 buffer that starts as zeros (or the bias); one cast to x's
+dtype follows (none for fp32). The order of the atomic adds is not fixed, so split-K results can differ
+in the last bits from run to run; pass ``split_k=1`` for bitwise reproducibility.
+
 Precision: fp16/bf16 inputs use tensor-core dots with fp32 accumulation. fp32 inputs use TF32 tensor
 cores on the GPU when torch.backends.cuda.matmul.allow_tf32 is True (torch's switch for exactly this
 trade-off; off by default), and full-precision fp32 ("ieee") dots otherwise; ``input_precision``
@@ -28,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._configs import bsr_mm_config, interpreting
+from ._configs import bsr_mm_config, bsr_mm_split_k, interpreting
 
 __all__ = ["bsr_mm", "SUPPORTED_BLOCK_SIDES", "SUPPORTED_DTYPES"]
 
@@ -99,6 +107,46 @@ def _bsr_mm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
+@triton.jit
+def _bsr_mm_splitk_kernel(
+    x_ptr, crow_ptr, col_ptr, val_ptr, acc_ptr,
+    M, N, K,
+    BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WHILE_LOOP: tl.constexpr = False,
+):
+    """acc[m0:m0+BLOCK_M, r*BN:(r+1)*BN] += sum over this program's share of block-row r (fp32 atomics).
+
+    grid = (N // BN, SPLIT_K, cdiv(M, BLOCK_M)); acc is fp32 [M, N], pre-filled with zeros or the bias."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rows = offs_m.to(tl.int64)
+    offs_n = tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    x_tile_ptrs = x_ptr + rows[:, None] * K + offs_k[None, :]
+    w_offs = offs_n[:, None] * BK + offs_k[None, :]
+
+    start = tl.load(crow_ptr + pid_n) + split
+    end = tl.load(crow_ptr + pid_n + 1)
+    if start < end:   # nothing to add: skip the atomics (empty block-rows cost one load per program)
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+        if WHILE_LOOP:   # interpreter only, see _bsr_mm_kernel
+            i = start
+            while i < end:
+                acc = _bsr_mm_acc_block(acc, x_tile_ptrs, mask_m, col_ptr, val_ptr, w_offs, i,
+                                        BN, BK, INPUT_PRECISION)
+                i += SPLIT_K
+        else:
+            for i in range(start, end, SPLIT_K):
+                acc = _bsr_mm_acc_block(acc, x_tile_ptrs, mask_m, col_ptr, val_ptr, w_offs, i,
+                                        BN, BK, INPUT_PRECISION)
+        out_cols = pid_n * BN + offs_n
+        tl.atomic_add(acc_ptr + rows[:, None] * N + out_cols[None, :], acc, mask=mask_m[:, None], sem="relaxed")
+
+
 # ---------------------------------------------------------------------------------------------- launcher
 def _check_tensor(t: object, name: str) -> Tensor:
     if not isinstance(t, Tensor):
@@ -125,7 +173,7 @@ def default_input_precision(dtype: torch.dtype) -> str:
 
 
 def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Tensor | None,
-           n: int, *, input_precision: str | None = None) -> Tensor:
+           n: int, *, input_precision: str | None = None, split_k: int | None = None) -> Tensor:
     """y = x @ W^T (+ bias) for a BSR weight W of shape [n, K] (K = x.shape[1]); y is [M, n] in x's dtype.
 
     x            [M, K] contiguous, float16 / bfloat16 / float32
@@ -135,6 +183,8 @@ def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
     bias         None or [n] contiguous, x's dtype
     input_precision  fp32 only: "ieee", "tf32" or "tf32x3"; default follows
                  torch.backends.cuda.matmul.allow_tf32 (TF32 tensor cores when it is True).
+    split_k      None: the launcher decides (split-K only for M <= 64 when the plain grid would leave
+                 the GPU idle, kernels/_configs.bsr_mm_split_k); 1: never; > 1: force that many splits.
 
     Shapes, dtypes and devices are checked; the index *contents* are not (that would synchronise the
     GPU): pass a validated BSR (``BSR.validate()``). Runs on CUDA tensors, or on CPU tensors under
@@ -196,10 +246,17 @@ def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
     elif input_precision not in _INPUT_PRECISIONS:
         raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
 
-    y = torch.empty((m, n), dtype=x.dtype, device=device)
-    if m == 0 or n == 0:
-        return y
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be None or a positive int, got {split_k!r}")
 
+    if m == 0 or n == 0:
+        return torch.empty((m, n), dtype=x.dtype, device=device)
+    if split_k is None:
+        split_k = bsr_mm_split_k(m, n // bn, nnzb, bn, bk, device)
+    if split_k > 1:
+        return _bsr_mm_split(x, crow_indices, col_indices, values, bias, n, bn, bk, input_precision, split_k)
+
+    y = torch.empty((m, n), dtype=x.dtype, device=device)
     cfg = bsr_mm_config(m, bn, bk, x.dtype, device)
     grid = (triton.cdiv(m, cfg.block_m) * (n // bn),)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -213,3 +270,22 @@ def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
         )
     return y
 
+
+
+def _bsr_mm_split(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int, bn: int,
+                  bk: int, input_precision: str, split_k: int) -> Tensor:
+    m, k = (int(s) for s in x.shape)
+    device = x.device
+    if bias is None:
+        acc = torch.zeros((m, n), dtype=torch.float32, device=device)
+    else:
+        acc = torch.empty((m, n), dtype=torch.float32, device=device).copy_(bias.expand(m, n))  # never a view of bias
+    cfg = bsr_mm_config(m, bn, bk, x.dtype, device)
+    grid = (n // bn, split_k, triton.cdiv(m, cfg.block_m))
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _bsr_mm_splitk_kernel[grid](
+            x, crow, col, values, acc, m, n, k,
+            BLOCK_M=cfg.block_m, BN=bn, BK=bk, SPLIT_K=split_k, INPUT_PRECISION=input_precision,
+            WHILE_LOOP=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return acc if x.dtype == torch.float32 else acc.to(x.dtype)

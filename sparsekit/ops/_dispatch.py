@@ -126,7 +126,7 @@ def _capability(device: torch.device) -> tuple[int, int]:
 class TritonBackend(Backend):
     name = "triton"
     description = "Triton kernels (kernels/), CUDA GPUs of compute capability >= 8.0; CPU under TRITON_INTERPRET=1"
-    families = ("bsr",)
+    families = ("bsr", "nm")
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     block_sides = (16, 32, 64, 128)
 
@@ -149,6 +149,11 @@ class TritonBackend(Backend):
             reasons.append(f"runs on cuda tensors, got {x.device.type}")
         if isinstance(w, BSR) and any(b not in self.block_sides for b in w.block):
             reasons.append(f"block {w.block} not supported (each side must be one of {self.block_sides})")
+        if isinstance(w, NM):
+            if w.indices.dtype != torch.uint8:
+                reasons.append(f"NM indices must be uint8, got {w.indices.dtype}")
+            if not 1 <= w.n <= w.m <= 255:
+                reasons.append(f"n:m = {w.n}:{w.m} not supported (needs 1 <= n <= m <= 255)")
         return reasons
 
     def mm(self, family: str, x: Tensor, w: Format, bias: Tensor | None) -> Tensor:

@@ -1,7 +1,14 @@
-"""Triton kernels wrapped as torch.library custom ops (``sparsekit::<family>_mm_triton``).
+"""Triton kernels wrapped as torch.library custom ops (``sparsekit::<family>_<verb>_triton``).
 
-Defining the op does not import triton; the kernel module is imported on the first call. The backward
-reuses the registered ``*_mm_t`` / ``*_sddmm`` ops (C++ kernels where built, the reference otherwise).
+    bsr_mm_triton     y = x @ W^T + b            kernels/k_bsr_mm.py (split-K path for M <= 64)
+    bsr_mm_t_triton   dx = dy @ W                kernels/k_bsr_mm_t.py (transposed pattern, cached per pattern)
+    bsr_sddmm_triton  dW on W's stored blocks    kernels/k_bsr_sddmm.py
+    nm_mm_triton      y = x @ W^T + b, W n:m     kernels/k_nm_mm.py
+
+Defining the ops does not import triton; the kernel module is imported on the first call. The autograd of
+bsr_mm_triton runs its backward on the Triton ops above (CUDA, or CPU under TRITON_INTERPRET=1), so
+training with a fixed block pattern stays on Triton. nm_mm_triton's backward reuses the registered
+``nm_mm_t`` / ``nm_sddmm`` ops (C++ kernels where built, the reference otherwise).
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._library import bsr_backward, setup_indexed
+from ._library import _nm_backward, _nm_setup, setup_indexed
 
 
 @torch.library.custom_op("sparsekit::bsr_mm_triton", mutates_args=(), device_types=("cuda", "cpu"))
@@ -26,7 +33,57 @@ def _(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias
     return x.new_empty(x.shape[0], n)
 
 
-# same formulas as sparsekit::bsr_mm
-bsr_mm_triton.register_autograd(bsr_backward, setup_context=setup_indexed)
+@torch.library.custom_op("sparsekit::bsr_mm_t_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def bsr_mm_t_triton(dy: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, k: int) -> Tensor:
+    from ..kernels import k_bsr_mm_t
 
-OPS = {"bsr": bsr_mm_triton}
+    return k_bsr_mm_t.bsr_mm_t(dy, crow_indices, col_indices, values, k)
+
+
+@bsr_mm_t_triton.register_fake
+def _(dy: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, k: int) -> Tensor:
+    return dy.new_empty(dy.shape[0], k)
+
+
+@torch.library.custom_op("sparsekit::bsr_sddmm_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def bsr_sddmm_triton(dy: Tensor, x: Tensor, crow_indices: Tensor, col_indices: Tensor, block_n: int,
+                     block_k: int) -> Tensor:
+    from ..kernels import k_bsr_sddmm
+
+    return k_bsr_sddmm.bsr_sddmm(dy, x, crow_indices, col_indices, block_n, block_k)
+
+
+@bsr_sddmm_triton.register_fake
+def _(dy: Tensor, x: Tensor, crow_indices: Tensor, col_indices: Tensor, block_n: int, block_k: int) -> Tensor:
+    return dy.new_empty(col_indices.shape[0], block_n, block_k)
+
+
+def _bsr_triton_backward(ctx, dy: Tensor):
+    x, crow, col, values = ctx.saved_tensors
+    dy = dy.contiguous()
+    need_x, _, _, need_v, need_b, _ = ctx.needs_input_grad
+    dx = bsr_mm_t_triton(dy, crow, col, values, x.shape[1]) if need_x else None
+    dv = bsr_sddmm_triton(dy, x, crow, col, values.shape[1], values.shape[2]) if need_v else None
+    db = dy.sum(0) if ctx.has_bias and need_b else None
+    return dx, None, None, dv, db, None
+
+
+bsr_mm_triton.register_autograd(_bsr_triton_backward, setup_context=setup_indexed)
+
+
+@torch.library.custom_op("sparsekit::nm_mm_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def nm_mm_triton(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int, m: int) -> Tensor:
+    from ..kernels import k_nm_mm
+
+    return k_nm_mm.nm_mm(x, values, indices, bias, n, m)
+
+
+@nm_mm_triton.register_fake
+def _(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int, m: int) -> Tensor:
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+# same formulas as sparsekit::nm_mm (nm_mm_t / nm_sddmm: C++ where built, the reference otherwise)
+nm_mm_triton.register_autograd(_nm_backward, setup_context=_nm_setup)
+
+OPS = {"bsr": bsr_mm_triton, "nm": nm_mm_triton}

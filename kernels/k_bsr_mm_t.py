@@ -1,0 +1,150 @@
+"""BSR backward for the input on Triton: dx = dy @ W, W block-sparse [N, K] in BSR, dy [M, N], dx [M, K].
+
+It walks the pattern of W^T (kernels/_transpose.py: t_crow / t_row / t_perm, computed on the device and
+cached per pattern), so it has the forward's structure with the roles of bn and bk swapped: one program
+computes dx[m0:m0+BLOCK_M, c*bk:(c+1)*bk] for block-column c by walking the stored blocks of that column
+(block-row r = t_row[j], block values[t_perm[j]] of shape [bn, bk]) and accumulating
+tl.dot(dy[m0:m0+BLOCK_M, r*bn:(r+1)*bn], block) in fp32. Empty block-columns write zeros. The values are
+read in place (no transposed copy of the weights). Programs are grouped (GROUP_M row tiles per block-
+column) like the forward. Launch configs: kernels/_configs.bsr_mm_config with (bn, bk) swapped (the output
+tile is [BLOCK_M, bk], the reduction step bn). Precision as in k_bsr_mm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._configs import bsr_mm_config, interpreting
+from ._transpose import cached_transpose_meta
+from .k_bsr_mm import SUPPORTED_BLOCK_SIDES, SUPPORTED_DTYPES, _check_tensor, default_input_precision
+
+__all__ = ["bsr_mm_t"]
+
+
+@triton.jit
+def _bsr_mm_t_acc_block(acc, dy_tile_ptrs, mask_m, t_row_ptr, t_perm_ptr, val_ptr, w_offs, j,
+                        BN: tl.constexpr, BK: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    r = tl.load(t_row_ptr + j)
+    b = tl.load(t_perm_ptr + j)
+    dy_tile = tl.load(dy_tile_ptrs + r * BN, mask=mask_m[:, None], other=0.0)   # [BLOCK_M, BN]
+    blk = tl.load(val_ptr + b.to(tl.int64) * (BN * BK) + w_offs)             # [BN, BK]
+    return tl.dot(dy_tile, blk, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _bsr_mm_t_kernel(
+    dy_ptr, t_crow_ptr, t_row_ptr, t_perm_ptr, val_ptr, dx_ptr,
+    M, N, K,
+    BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WHILE_LOOP: tl.constexpr = False,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_k = K // BK
+    pids_per_group = GROUP_M * num_pid_k
+    group = pid // pids_per_group
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % group_size
+    pid_c = (pid % pids_per_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rows = offs_m.to(tl.int64)
+    offs_n = tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    dy_tile_ptrs = dy_ptr + rows[:, None] * N + offs_n[None, :]   # [BLOCK_M, BN] at block-row 0
+    w_offs = offs_n[:, None] * BK + offs_k[None, :]
+
+    start = tl.load(t_crow_ptr + pid_c)
+    end = tl.load(t_crow_ptr + pid_c + 1)
+    acc = tl.zeros((BLOCK_M, BK), dtype=tl.float32)
+    if WHILE_LOOP:   # interpreter only (triton-lang/triton#9171), see k_bsr_mm
+        j = start
+        while j < end:
+            acc = _bsr_mm_t_acc_block(acc, dy_tile_ptrs, mask_m, t_row_ptr, t_perm_ptr, val_ptr, w_offs, j,
+                                      BN, BK, INPUT_PRECISION)
+            j += 1
+    else:
+        for j in range(start, end):
+            acc = _bsr_mm_t_acc_block(acc, dy_tile_ptrs, mask_m, t_row_ptr, t_perm_ptr, val_ptr, w_offs, j,
+                                      BN, BK, INPUT_PRECISION)
+    out_cols = pid_c * BK + offs_k
+    tl.store(dx_ptr + rows[:, None] * K + out_cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+def bsr_mm_t(dy: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, k: int, *,
+             input_precision: str | None = None, meta: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """dx = dy @ W for a BSR W of shape [N, k] (N = dy.shape[1]); dx is [M, k] in dy's dtype.
+
+    Same conventions and checks as ``k_bsr_mm.bsr_mm``. ``meta`` = (t_crow, t_row, t_perm) from
+    ``kernels._transpose.bsr_transpose_meta``; by default it is computed on the device and cached per
+    (crow_indices, col_indices).
+    """
+    dy = _check_tensor(dy, "dy")
+    crow_indices = _check_tensor(crow_indices, "crow_indices")
+    col_indices = _check_tensor(col_indices, "col_indices")
+    values = _check_tensor(values, "values")
+    if dy.dim() != 2:
+        raise ValueError(f"dy must be 2-D [M, N], got shape {tuple(dy.shape)}")
+    if dy.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dy must be float16, bfloat16 or float32, got {dy.dtype}")
+    if values.dim() != 3:
+        raise ValueError(f"values must be 3-D [nnzb, bn, bk], got shape {tuple(values.shape)}")
+    if values.dtype != dy.dtype:
+        raise TypeError(f"values dtype {values.dtype} does not match dy dtype {dy.dtype}; cast one of them")
+    nnzb, bn, bk = (int(s) for s in values.shape)
+    if bn not in SUPPORTED_BLOCK_SIDES or bk not in SUPPORTED_BLOCK_SIDES:
+        raise ValueError(f"values has blocks of {(bn, bk)}; the Triton kernel supports block sides "
+                         f"{SUPPORTED_BLOCK_SIDES} only (rectangular combinations allowed)")
+    if isinstance(k, bool) or not hasattr(k, "__index__"):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k = int(k)
+    m, n = (int(s) for s in dy.shape)
+    if n % bn:
+        raise ValueError(f"dy.shape[1]={n} (N) must be a multiple of the block rows bn={bn}")
+    if k < 0 or k % bk:
+        raise ValueError(f"k={k} must be a non-negative multiple of the block columns bk={bk}")
+    for t, name in ((crow_indices, "crow_indices"), (col_indices, "col_indices")):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if crow_indices.numel() != n // bn + 1:
+        raise ValueError(f"crow_indices must have N/bn + 1 = {n // bn + 1} entries, got {crow_indices.numel()}")
+    if col_indices.numel() != nnzb:
+        raise ValueError(f"col_indices has {col_indices.numel()} entries but values has {nnzb} blocks")
+    devices = {t.device for t in (dy, crow_indices, col_indices, values)}
+    if len(devices) > 1:
+        raise ValueError("dy, crow_indices, col_indices and values must be on one device, got "
+                         f"{sorted(map(str, devices))}")
+    device = dy.device
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ValueError(f"dy is on {device}; the Triton kernel runs on CUDA tensors (CPU tensors only under "
+                         "TRITON_INTERPRET=1)")
+    if input_precision is None:
+        input_precision = default_input_precision(dy.dtype)
+
+    dx = torch.empty((m, k), dtype=dy.dtype, device=device)
+    if m == 0 or k == 0:
+        return dx
+    if n == 0 or nnzb == 0:
+        return dx.zero_()
+    if meta is None:
+        meta = cached_transpose_meta(crow_indices, col_indices, n // bn, k // bk)
+    t_crow, t_row, t_perm = meta
+    cfg = bsr_mm_config(m, bk, bn, dy.dtype, device)   # output tile [BLOCK_M, bk], reduction step bn
+    grid = (triton.cdiv(m, cfg.block_m) * (k // bk),)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _bsr_mm_t_kernel[grid](
+            dy, t_crow, t_row, t_perm, values, dx, m, n, k,
+            BLOCK_M=cfg.block_m, BN=bn, BK=bk, GROUP_M=cfg.group_m, INPUT_PRECISION=input_precision,
+            WHILE_LOOP=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return dx

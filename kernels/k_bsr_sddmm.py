@@ -1,0 +1,137 @@
+"""BSR backward for the weight on Triton (SDDMM): dW restricted to W's stored blocks.
+
+For every stored block b (block-row r, block-column c = col[b]):
+
+    dvalues[b] = dy[:, r*bn:(r+1)*bn]^T @ x[:, c*bk:(c+1)*bk]          ([bn, bk], a reduction over M)
+
+One program per stored block (grid axis 0) accumulates the [bn, bk] tile in fp32 while it walks M in
+steps of BLOCK_M, loading a [BLOCK_M, bn] tile of dy and a [BLOCK_M, bk] tile of x per step. Only the
+blocks present are computed, so the cost is density x the dense dW GEMM. When there are too few stored
+blocks to fill the GPU and M is long (kernels/_configs.bsr_sddmm_config), M is split over SPLIT programs
+per block (grid axis 1) that atomically add fp32 partials (run-to-run last-bit differences; pass
+split=1 for reproducible results). The block-row of each block comes from crow with a device-side
+repeat_interleave (no sync).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._configs import bsr_sddmm_config, interpreting
+from ._transpose import block_rows
+from .k_bsr_mm import SUPPORTED_BLOCK_SIDES, SUPPORTED_DTYPES, _check_tensor, default_input_precision
+
+__all__ = ["bsr_sddmm"]
+
+
+@triton.jit
+def _bsr_sddmm_step(acc, dy_ptrs, x_ptrs, offs_m, m0, M, N, K,
+                    INPUT_PRECISION: tl.constexpr):
+    rows = m0 + offs_m
+    mask = rows < M
+    rows64 = rows.to(tl.int64)
+    a = tl.load(dy_ptrs + rows64[:, None] * N, mask=mask[:, None], other=0.0)   # [BLOCK_M, BN]
+    b = tl.load(x_ptrs + rows64[:, None] * K, mask=mask[:, None], other=0.0)    # [BLOCK_M, BK]
+    return tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _bsr_sddmm_kernel(
+    dy_ptr, x_ptr, row_ptr, col_ptr, out_ptr,
+    M, N, K,
+    BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WHILE_LOOP: tl.constexpr = False,
+):
+    b = tl.program_id(0)
+    s = tl.program_id(1)
+    r = tl.load(row_ptr + b)
+    c = tl.load(col_ptr + b)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    dy_ptrs = dy_ptr + (r * BN + offs_n)[None, :]
+    x_ptrs = x_ptr + (c * BK + offs_k)[None, :]
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    if WHILE_LOOP:   # interpreter only (triton-lang/triton#9171), see k_bsr_mm
+        m0 = s * BLOCK_M
+        while m0 < M:
+            acc = _bsr_sddmm_step(acc, dy_ptrs, x_ptrs, offs_m, m0, M, N, K, INPUT_PRECISION)
+            m0 += SPLIT * BLOCK_M
+    else:
+        for m0 in range(s * BLOCK_M, M, SPLIT * BLOCK_M):
+            acc = _bsr_sddmm_step(acc, dy_ptrs, x_ptrs, offs_m, m0, M, N, K, INPUT_PRECISION)
+    out_ptrs = out_ptr + b.to(tl.int64) * (BN * BK) + offs_n[:, None] * BK + offs_k[None, :]
+    if SPLIT == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))
+    else:
+        tl.atomic_add(out_ptrs, acc, sem="relaxed")
+
+
+def bsr_sddmm(dy: Tensor, x: Tensor, crow_indices: Tensor, col_indices: Tensor, block_n: int, block_k: int, *,
+              input_precision: str | None = None, split: int | None = None) -> Tensor:
+    """dvalues [nnzb, block_n, block_k] = (dy^T @ x) on the stored blocks of the pattern (crow, col).
+
+    dy [M, N], x [M, K] contiguous, same float dtype (fp16/bf16/fp32); the result has that dtype.
+    ``split``: None = from the config table; 1 = no split of M (reproducible); > 1 forces it.
+    """
+    dy = _check_tensor(dy, "dy")
+    x = _check_tensor(x, "x")
+    crow_indices = _check_tensor(crow_indices, "crow_indices")
+    col_indices = _check_tensor(col_indices, "col_indices")
+    for t, name in ((dy, "dy"), (x, "x")):
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if x.dtype != dy.dtype:
+        raise TypeError(f"x dtype {x.dtype} does not match dy dtype {dy.dtype}")
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"dy {tuple(dy.shape)} and x {tuple(x.shape)} must have the same number of rows M")
+    bn, bk = int(block_n), int(block_k)
+    if bn not in SUPPORTED_BLOCK_SIDES or bk not in SUPPORTED_BLOCK_SIDES:
+        raise ValueError(f"block ({bn}, {bk}) not supported; block sides must be one of {SUPPORTED_BLOCK_SIDES}")
+    m, n = (int(s) for s in dy.shape)
+    k = int(x.shape[1])
+    if n % bn or k % bk:
+        raise ValueError(f"N={n} and K={k} must be multiples of the block ({bn}, {bk})")
+    for t, name in ((crow_indices, "crow_indices"), (col_indices, "col_indices")):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if crow_indices.numel() != n // bn + 1:
+        raise ValueError(f"crow_indices must have N/bn + 1 = {n // bn + 1} entries, got {crow_indices.numel()}")
+    devices = {t.device for t in (dy, x, crow_indices, col_indices)}
+    if len(devices) > 1:
+        raise ValueError(f"dy, x, crow_indices and col_indices must be on one device, got {sorted(map(str, devices))}")
+    device = dy.device
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ValueError(f"dy is on {device}; the Triton kernel runs on CUDA tensors (CPU tensors only under "
+                         "TRITON_INTERPRET=1)")
+    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
+        raise ValueError(f"split must be None or a positive int, got {split!r}")
+    if input_precision is None:
+        input_precision = default_input_precision(dy.dtype)
+
+    nnzb = int(col_indices.numel())
+    if nnzb == 0 or m == 0:
+        return torch.zeros((nnzb, bn, bk), dtype=dy.dtype, device=device)
+    rows = block_rows(crow_indices, nnzb)
+    cfg = bsr_sddmm_config(m, nnzb, bn, bk, dy.dtype, device)
+    split = cfg.split if split is None else split
+    split = max(1, min(split, triton.cdiv(m, cfg.block_m)))
+    out = (torch.empty if split == 1 else torch.zeros)(
+        (nnzb, bn, bk), dtype=dy.dtype if split == 1 else torch.float32, device=device)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _bsr_sddmm_kernel[(nnzb, split)](
+            dy, x, rows, col_indices, out, m, n, k,
+            BLOCK_M=cfg.block_m, BN=bn, BK=bk, SPLIT=split, INPUT_PRECISION=input_precision,
+            WHILE_LOOP=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out if out.dtype == dy.dtype else out.to(dy.dtype)

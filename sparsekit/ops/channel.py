@@ -1,0 +1,265 @@
+"""Channel-compacted layer helpers: the gather of kept input channels fused into the layer's input load, and
+the scatter of compact output channels into a wider tensor.
+
+    channel_gather_linear(x, in_idx, weight, bias=None, out_idx=None, n_out=None, backend=None)
+        y = x[..., in_idx] @ weight^T + bias                                  ([..., Nc])
+        with out_idx: a [..., n_out] zero tensor whose channels out_idx hold that result
+    channel_gather_conv2d(x, in_idx, weight, bias=None, out_idx=None, n_out=None,
+                          stride=1, padding=0, dilation=1, groups=1, backend=None)
+        conv2d(x[:, in_idx], weight, bias, ...)                               (NCHW, weight [Nc, Kc/groups, kh, kw])
+        with out_idx: scattered into channels out_idx of an [N, n_out, H', W'] zero tensor
+    channel_scatter(y, out_idx, n_out, bias=None, dim=-1, backend=None)
+        out = bias (full width [n_out], or 0) broadcast along `dim`; out[..., out_idx, ...] += y
+
+backend: None picks "triton" for CUDA tensors when Triton can run the call (compute capability >= 8.0,
+fp16/bf16/fp32, no autograd needed, for the conv a 1x1 kernel with stride 1, padding 0, groups 1), and the
+pure-PyTorch "reference" (index_select + F.linear / F.conv2d, index_add) otherwise; "triton" forces the
+kernels (kernels/k_channel.py; on CPU only under TRITON_INTERPRET=1) and raises with the reasons when it
+cannot run; "reference" forces PyTorch. The Triton path has no backward (inference helpers): with autograd
+recording and an input that requires grad, backend=None takes the reference. Index contents (range,
+uniqueness of out_idx) are not checked on CUDA tensors (that would synchronise); on CPU they are.
+GPU speed of the Triton path is unmeasured (no GPU where it was written).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._dispatch import _capability, _triton_import_error, triton_interpreting
+
+__all__ = ["channel_gather_linear", "channel_gather_conv2d", "channel_scatter", "triton_reasons"]
+
+_BACKENDS = ("triton", "reference")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_reasons(*tensors: Tensor) -> list[str]:
+    """Why the Triton channel kernels cannot run on these tensors (empty list = they can)."""
+    reasons = []
+    err = _triton_import_error()
+    if err:
+        reasons.append(f"triton is not importable ({err})")
+    t = tensors[0]
+    if t.device.type == "cuda":
+        major, minor = _capability(t.device)
+        if major < 8:
+            reasons.append(f"needs compute capability >= 8.0, the GPU has {major}.{minor}")
+    elif t.device.type == "cpu":
+        if not triton_interpreting():
+            reasons.append("runs on CUDA tensors; on CPU only with TRITON_INTERPRET=1 (the interpreter, for tests)")
+        elif t.dtype == torch.bfloat16:
+            reasons.append("bfloat16 is unreliable under the Triton interpreter")
+    else:
+        reasons.append(f"runs on cuda tensors, got {t.device.type}")
+    if t.dtype not in _TRITON_DTYPES:
+        reasons.append(f"dtype {t.dtype} not supported (float16, bfloat16, float32)")
+    if torch.is_grad_enabled() and any(isinstance(u, Tensor) and u.requires_grad for u in tensors):
+        reasons.append("has no backward (an input requires grad while autograd is recording)")
+    return reasons
+
+
+def _use_triton(fn: str, backend: str | None, tensors: list[Tensor], extra: list[str]) -> bool:
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"{fn}: backend must be a str or None, got {type(backend).__name__}")
+    if backend not in (None, *_BACKENDS):
+        raise ValueError(f"{fn}: backend must be one of {list(_BACKENDS)} or None, got {backend!r}")
+    if backend == "reference":
+        return False
+    reasons = triton_reasons(*tensors) + extra
+    if backend == "triton":
+        if reasons:
+            raise ValueError(f"{fn}: backend='triton' cannot run this call: " + "; ".join(reasons))
+        return True
+    return not reasons and tensors[0].device.type == "cuda"
+
+
+def _check_tensor(fn: str, t: object, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_index(fn: str, idx: object, name: str, limit: int, device: torch.device, unique: bool = False) -> Tensor:
+    idx = _check_tensor(fn, idx, name)
+    if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+        raise TypeError(f"{fn}: {name} must be a 1-D int32/int64 tensor, got {idx.dtype} with shape {tuple(idx.shape)}")
+    if idx.device != device:
+        raise ValueError(f"{fn}: {name} is on {idx.device}, expected {device}")
+    if idx.device.type == "cpu" and idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= limit:
+            raise ValueError(f"{fn}: {name} entries must lie in [0, {limit}), got [{lo}, {hi}]")
+        if unique and torch.unique(idx).numel() != idx.numel():
+            raise ValueError(f"{fn}: {name} must not repeat a channel")
+    return idx.contiguous()
+
+
+def _check_float(fn: str, t: Tensor, name: str, dtype: torch.dtype, device: torch.device) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{fn}: {name} has dtype {t.dtype}, expected {dtype} (x's dtype); cast one of them")
+    if t.device != device:
+        raise ValueError(f"{fn}: {name} is on {t.device}, expected {device} (x's device)")
+
+
+def _out_args(fn: str, out_idx: Tensor | None, n_out: int | None, nc: int, device: torch.device
+              ) -> tuple[Tensor | None, int | None]:
+    if out_idx is None:
+        if n_out is not None:
+            raise ValueError(f"{fn}: n_out is only meaningful with out_idx")
+        return None, None
+    if isinstance(n_out, bool) or not isinstance(n_out, int):
+        raise TypeError(f"{fn}: n_out must be an int when out_idx is given, got {type(n_out).__name__}")
+    out_idx = _check_index(fn, out_idx, "out_idx", n_out, device, unique=True)
+    if out_idx.numel() != nc:
+        raise ValueError(f"{fn}: out_idx has {out_idx.numel()} entries, expected {nc} (weight.shape[0])")
+    return out_idx, n_out
+
+
+# ------------------------------------------------------------------------------------------------ linear
+def channel_gather_linear(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None = None,
+                          out_idx: Tensor | None = None, n_out: int | None = None,
+                          backend: str | None = None) -> Tensor:
+    """y = x[..., in_idx] @ weight^T + bias (optionally scattered into channels out_idx of n_out); see module doc."""
+    fn = "channel_gather_linear"
+    x = _check_tensor(fn, x, "x")
+    weight = _check_tensor(fn, weight, "weight")
+    if x.dim() < 1 or not x.is_floating_point():
+        raise ValueError(f"{fn}: x must be a floating tensor [..., K], got {x.dtype} {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: weight must be 2-D [Nc, Kc], got shape {tuple(weight.shape)}")
+    _check_float(fn, weight, "weight", x.dtype, x.device)
+    nc, kc = (int(s) for s in weight.shape)
+    k = int(x.shape[-1])
+    in_idx = _check_index(fn, in_idx, "in_idx", k, x.device)
+    if in_idx.numel() != kc:
+        raise ValueError(f"{fn}: in_idx has {in_idx.numel()} entries, expected {kc} (weight.shape[1])")
+    if bias is not None:
+        bias = _check_tensor(fn, bias, "bias")
+        _check_float(fn, bias, "bias", x.dtype, x.device)
+        if tuple(bias.shape) != (nc,):
+            raise ValueError(f"{fn}: bias must have shape ({nc},) (weight.shape[0]), got {tuple(bias.shape)}")
+    out_idx, n_out = _out_args(fn, out_idx, n_out, nc, x.device)
+    lead = x.shape[:-1]
+    width = nc if out_idx is None else n_out
+    if not _use_triton(fn, backend, [x, weight] + ([bias] if bias is not None else []), []):
+        y = F.linear(x.index_select(-1, in_idx), weight, bias)
+        if out_idx is None:
+            return y
+        return y.new_zeros(*lead, n_out).index_copy(-1, out_idx, y)
+    from ..kernels import k_channel
+
+    x2 = x.reshape(-1, k).contiguous()
+    m = int(x2.shape[0])
+    y = (torch.empty if out_idx is None else torch.zeros)((m, width), dtype=x.dtype, device=x.device)
+    k_channel.channel_mm(x2, in_idx, weight.contiguous(), None if bias is None else bias.contiguous(), y,
+                         (0, k, 1), (0, width, 1), 1, m, out_idx)
+    return y.reshape(*lead, width)
+
+
+# -------------------------------------------------------------------------------------------------- conv
+def _pair(v: object, name: str, fn: str) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return (int(v[0]), int(v[1]))
+    raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")
+
+
+def channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None = None,
+                          out_idx: Tensor | None = None, n_out: int | None = None, stride=1, padding=0,
+                          dilation=1, groups: int = 1, backend: str | None = None) -> Tensor:
+    """conv2d(x[:, in_idx], weight, bias, ...) (optionally scattered into channels out_idx of n_out)."""
+    fn = "channel_gather_conv2d"
+    x = _check_tensor(fn, x, "x")
+    weight = _check_tensor(fn, weight, "weight")
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"{fn}: x must be a floating 4-D [N, C, H, W] tensor, got {x.dtype} {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"{fn}: weight must be 4-D [Nc, Kc/groups, kh, kw], got shape {tuple(weight.shape)}")
+    _check_float(fn, weight, "weight", x.dtype, x.device)
+    stride, padding, dilation = (_pair(v, nm, fn) for v, nm in ((stride, "stride"), (padding, "padding"),
+                                                                 (dilation, "dilation")))
+    nc, kcg, kh, kw = (int(s) for s in weight.shape)
+    in_idx = _check_index(fn, in_idx, "in_idx", int(x.shape[1]), x.device)
+    if in_idx.numel() != kcg * groups:
+        raise ValueError(f"{fn}: in_idx has {in_idx.numel()} entries, expected weight.shape[1] * groups = "
+                         f"{kcg * groups}")
+    if bias is not None:
+        bias = _check_tensor(fn, bias, "bias")
+        _check_float(fn, bias, "bias", x.dtype, x.device)
+        if tuple(bias.shape) != (nc,):
+            raise ValueError(f"{fn}: bias must have shape ({nc},) (weight.shape[0]), got {tuple(bias.shape)}")
+    out_idx, n_out = _out_args(fn, out_idx, n_out, nc, x.device)
+    b, _c, h, w = (int(s) for s in x.shape)
+    extra = []
+    if (kh, kw) != (1, 1) or stride != (1, 1) or padding != (0, 0) or groups != 1:
+        extra.append(f"only 1x1 kernels with stride 1, padding 0, groups 1 (got kernel {(kh, kw)}, stride {stride}, "
+                     f"padding {padding}, groups {groups})")
+    elif x.stride(2) != w * x.stride(3):
+        extra.append(f"x's spatial dims must be flattenable (NCHW or channels_last), got strides {x.stride()}")
+    if not _use_triton(fn, backend, [x, weight] + ([bias] if bias is not None else []), extra):
+        y = F.conv2d(x.index_select(1, in_idx), weight, bias, stride, padding, dilation, groups)
+        if out_idx is None:
+            return y
+        return y.new_zeros(y.shape[0], n_out, *y.shape[2:]).index_copy(1, out_idx, y)
+    from ..kernels import k_channel
+
+    width = nc if out_idx is None else n_out
+    y = (torch.empty if out_idx is None else torch.zeros)((b, width, h, w), dtype=x.dtype, device=x.device)
+    hw = h * w
+    k_channel.channel_mm(x, in_idx, weight.reshape(nc, kcg).contiguous(),
+                         None if bias is None else bias.contiguous(), y,
+                         (x.stride(0), x.stride(3), x.stride(1)), (width * hw, 1, hw), b, hw, out_idx)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------ scatter
+def channel_scatter(y: Tensor, out_idx: Tensor, n_out: int, bias: Tensor | None = None, dim: int = -1,
+                    backend: str | None = None) -> Tensor:
+    """out = bias (full width n_out, broadcast along ``dim``; 0 without) with out[.., out_idx, ..] += y."""
+    fn = "channel_scatter"
+    y = _check_tensor(fn, y, "y")
+    if y.dim() < 1 or not y.is_floating_point():
+        raise ValueError(f"{fn}: y must be a floating tensor with at least 1 dim, got {y.dtype} {tuple(y.shape)}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -y.dim() <= dim < y.dim():
+        raise ValueError(f"{fn}: dim must be an int in [{-y.dim()}, {y.dim()}), got {dim!r}")
+    dim %= y.dim()
+    if isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 0:
+        raise TypeError(f"{fn}: n_out must be a non-negative int, got {n_out!r}")
+    c = int(y.shape[dim])
+    out_idx = _check_index(fn, out_idx, "out_idx", n_out, y.device, unique=True)
+    if out_idx.numel() != c:
+        raise ValueError(f"{fn}: out_idx has {out_idx.numel()} entries, expected y.shape[{dim}] = {c}")
+    if bias is not None:
+        bias = _check_tensor(fn, bias, "bias")
+        _check_float(fn, bias, "bias", y.dtype, y.device)
+        if tuple(bias.shape) != (n_out,):
+            raise ValueError(f"{fn}: bias must have shape ({n_out},) (the full width), got {tuple(bias.shape)}")
+    shape = list(y.shape)
+    shape[dim] = n_out
+    view = [1] * y.dim()
+    view[dim] = n_out
+    if not _use_triton(fn, backend, [y] + ([bias] if bias is not None else []), []):
+        out = y.new_zeros(shape) if bias is None else bias.reshape(view).expand(shape).clone()
+        return out.index_add(dim, out_idx, y)
+    from ..kernels import k_channel
+
+    yc = y.contiguous()
+    outer = 1
+    for s in y.shape[:dim]:
+        outer *= int(s)
+    inner = 1
+    for s in y.shape[dim + 1:]:
+        inner *= int(s)
+    out = torch.zeros(shape, dtype=y.dtype, device=y.device) if bias is None else \
+        torch.empty(shape, dtype=y.dtype, device=y.device).copy_(bias.reshape(view).expand(shape))
+    if inner == 1:   # channels last (a linear layer's output): rows become the inner axis, tiles cover rows
+        outer, inner = 1, outer
+        y_strides, out_strides = (0, 1, c), (0, 1, n_out)
+    else:
+        y_strides, out_strides = (c * inner, inner, 1), (n_out * inner, inner, 1)
+    k_channel.channel_scatter(yc, out_idx, None if bias is None else bias.contiguous(), out, outer, c, inner,
+                              y_strides, out_strides)
+    return out

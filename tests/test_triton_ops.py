@@ -1,0 +1,413 @@
+"""Triton kernels beyond the BSR forward: split-K decode path, BSR backward (dx via the transposed
+pattern, SDDMM for dW) through autograd, N:M x dense, and the channel gather/scatter helpers.
+
+Interpreter runs: `pytest -m triton --triton-interpret tests/test_triton_ops.py` (fp32/fp16, small odd
+shapes). On a GPU machine run without --triton-interpret: the same tests run compiled plus the `cuda` ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import sparsekit as sk
+from sparsekit.formats import BSR, NM
+from sparsekit.ops import reference as R
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cpu" if INTERPRET or not HAS_CUDA else "cuda"
+
+pytestmark = pytest.mark.triton
+needs_runner = pytest.mark.skipif(
+    not (INTERPRET or HAS_CUDA),
+    reason="needs TRITON_INTERPRET=1 (pytest --triton-interpret) or a CUDA GPU to run Triton kernels")
+compiled_only = pytest.mark.skipif(INTERPRET and HAS_CUDA,
+                                   reason="checks compiled GPU code; run without --triton-interpret")
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 2e-2)}
+DTYPES = [torch.float32, torch.float16]
+DT_IDS = ["fp32", "fp16"]
+
+
+def make_bsr(n, k, block, density, dtype, seed=0, empty_rows=(), empty_cols=(), device=DEVICE) -> BSR:
+    g = torch.Generator().manual_seed(seed)
+    bn, bk = block
+    keep = torch.rand(n // bn, k // bk, generator=g) < density
+    for r in empty_rows:
+        keep[r] = False
+    for c in empty_cols:
+        keep[:, c] = False
+    dense = torch.randn(n, k, generator=g) * keep.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
+    return BSR.from_dense(dense, block=block).to(device=device, dtype=dtype).validate()
+
+
+def randn(*shape, dtype=torch.float32, seed=1, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+def close(got, expect, dtype, scale=1.0):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.double(), expect.double(), atol=atol * scale, rtol=rtol)
+
+
+# ------------------------------------------------------------------------------------------ split-K forward
+@needs_runner
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_split_k_matches_reference(dtype, m, split_k):
+    from sparsekit.kernels import k_bsr_mm
+
+    w = make_bsr(64, 128, (16, 32), 0.6, dtype, empty_rows=(1,))
+    x, b = randn(m, 128, dtype=dtype), randn(64, dtype=dtype, seed=2)
+    y = k_bsr_mm.bsr_mm(x, w.crow_indices, w.col_indices, w.values, b, 64, split_k=split_k)
+    assert y.dtype == dtype and y.shape == (m, 64)
+    close(y, R.bsr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(), b.double(), 64), dtype)
+    y0 = k_bsr_mm.bsr_mm(x, w.crow_indices, w.col_indices, w.values, None, 64, split_k=split_k)
+    assert y0[:, 16:32].eq(0).all()   # empty block-row
+
+
+def test_split_k_choice():
+    from sparsekit.kernels._configs import bsr_mm_split_k
+
+    assert bsr_mm_split_k(1, 8, 8 * 64, 32, 32, sms=132) > 1          # decode: few programs, long rows
+    assert bsr_mm_split_k(128, 8, 8 * 64, 32, 32, sms=132) == 1       # M > 64: plain kernel
+    assert bsr_mm_split_k(1, 4096, 4096 * 8, 32, 32, sms=132) == 1    # enough block-rows already
+    assert bsr_mm_split_k(1, 8, 8, 32, 32, sms=132) == 1              # one block per row: nothing to split
+    assert bsr_mm_split_k(1, 8, 0, 32, 32, sms=132) == 1
+    assert bsr_mm_split_k(4, 1, 10_000, 32, 32, sms=132) <= 16
+
+
+@needs_runner
+def test_split_k_argument_checked():
+    from sparsekit.kernels import k_bsr_mm
+
+    w = make_bsr(32, 32, (16, 16), 1.0, torch.float32)
+    with pytest.raises(ValueError, match="split_k"):
+        k_bsr_mm.bsr_mm(randn(2, 32), w.crow_indices, w.col_indices, w.values, None, 32, split_k=0)
+
+
+# ----------------------------------------------------------------------------------- transposed metadata
+def test_transpose_meta_matches_dense_transpose():
+    from sparsekit.kernels._transpose import bsr_transpose_meta
+
+    w = make_bsr(80, 96, (16, 32), 0.5, torch.float32, seed=7, empty_rows=(2,), empty_cols=(1,), device="cpu")
+    t_crow, t_row, t_perm = bsr_transpose_meta(w.crow_indices, w.col_indices, 5, 3)
+    wt = BSR.from_dense(w.to_dense().t().contiguous(), block=(32, 16))
+    assert torch.equal(t_crow, wt.crow_indices) and torch.equal(t_row, wt.col_indices)
+    assert torch.equal(w.values[t_perm.long()].transpose(1, 2), wt.values)
+    assert t_crow.dtype == t_row.dtype == t_perm.dtype == torch.int32
+
+
+def test_transpose_meta_cache_hits_and_invalidates():
+    from sparsekit.kernels import _transpose
+
+    _transpose.clear_cache()
+    w = make_bsr(64, 64, (16, 16), 0.5, torch.float32, seed=8, device="cpu")
+    crow, col = w.crow_indices.clone(), w.col_indices.clone()
+    a = _transpose.cached_transpose_meta(crow, col, 4, 4)
+    assert _transpose.cached_transpose_meta(crow, col, 4, 4) is a
+    col.add_(0)   # in-place edit bumps the version counter: recomputed
+    assert _transpose.cached_transpose_meta(crow, col, 4, 4) is not a
+
+
+def test_transpose_meta_empty():
+    from sparsekit.kernels._transpose import bsr_transpose_meta
+
+    crow = torch.zeros(4, dtype=torch.int32)
+    t_crow, t_row, t_perm = bsr_transpose_meta(crow, torch.zeros(0, dtype=torch.int32), 3, 5)
+    assert t_crow.tolist() == [0] * 6 and t_row.numel() == 0 and t_perm.numel() == 0
+
+
+# --------------------------------------------------------------------------------------- BSR backward
+@needs_runner
+@pytest.mark.parametrize("block", [(16, 32), (32, 16)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("m", [1, 19])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_mm_t_and_sddmm_match_reference(dtype, m, block):
+    from sparsekit.kernels import k_bsr_mm_t, k_bsr_sddmm
+
+    w = make_bsr(64, 96, block, 0.5, dtype, seed=m, empty_rows=(0,), empty_cols=(1,))
+    dy, x = randn(m, 64, dtype=dtype), randn(m, 96, dtype=dtype, seed=3)
+    dx = k_bsr_mm_t.bsr_mm_t(dy, w.crow_indices, w.col_indices, w.values, 96)
+    close(dx, R.bsr_mm_t(dy.double(), w.crow_indices, w.col_indices, w.values.double(), 96), dtype)
+    assert dx[:, block[1]:2 * block[1]].eq(0).all()   # empty block-column writes zeros
+    for split in (1, 2):
+        dv = k_bsr_sddmm.bsr_sddmm(dy, x, w.crow_indices, w.col_indices, *block, split=split)
+        assert dv.shape == w.values.shape and dv.dtype == dtype
+        close(dv, R.bsr_sddmm(dy.double(), x.double(), w.crow_indices, w.col_indices, *block), dtype)
+
+
+@needs_runner
+@pytest.mark.parametrize("density", [0.0, 1.0], ids=["sparsity100", "sparsity0"])
+def test_backward_sparsity_extremes(density):
+    from sparsekit.kernels import k_bsr_mm_t, k_bsr_sddmm
+
+    w = make_bsr(32, 48, (16, 16), density, torch.float32)
+    dy, x = randn(5, 32), randn(5, 48, seed=4)
+    dx = k_bsr_mm_t.bsr_mm_t(dy, w.crow_indices, w.col_indices, w.values, 48)
+    close(dx, R.bsr_mm_t(dy.double(), w.crow_indices, w.col_indices, w.values.double(), 48), torch.float32)
+    dv = k_bsr_sddmm.bsr_sddmm(dy, x, w.crow_indices, w.col_indices, 16, 16)
+    assert dv.shape == w.values.shape
+    close(dv, R.bsr_sddmm(dy.double(), x.double(), w.crow_indices, w.col_indices, 16, 16), torch.float32)
+
+
+@needs_runner
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_bsr_linear_triton_autograd(dtype):
+    w = make_bsr(48, 64, (16, 32), 0.6, dtype, seed=5, empty_rows=(1,))
+    values = w.values.clone().requires_grad_()
+    wt = BSR(values=values, crow_indices=w.crow_indices, col_indices=w.col_indices, shape=w.shape)
+    x = randn(3, 5, 64, dtype=dtype).requires_grad_()
+    b = randn(48, dtype=dtype, seed=6).requires_grad_()
+    y = sk.ops.bsr_linear(x, wt, b, backend="triton")
+    g = randn(3, 5, 48, dtype=dtype, seed=9)
+    y.backward(g)
+
+    xr, vr, br = (t.detach().double().requires_grad_() for t in (x, values, b))
+    yr = R.bsr_mm(xr.reshape(-1, 64), w.crow_indices, w.col_indices, vr, br, 48).reshape(3, 5, 48)
+    yr.backward(g.double())
+    close(y, yr, dtype)
+    close(x.grad, xr.grad, dtype)
+    close(values.grad, vr.grad, dtype, scale=2.0)
+    close(b.grad, br.grad, dtype, scale=2.0)
+
+
+@needs_runner
+def test_triton_backward_uses_triton_ops(monkeypatch):
+    from sparsekit.ops import _triton_ops
+
+    called = []
+    for name in ("bsr_mm_t_triton", "bsr_sddmm_triton"):
+        fn = getattr(_triton_ops, name)
+        monkeypatch.setattr(_triton_ops, name, lambda *a, _fn=fn, _n=name: called.append(_n) or _fn(*a))
+    w = make_bsr(32, 32, (16, 16), 1.0, torch.float32)
+    values = w.values.clone().requires_grad_()
+    x = randn(4, 32).requires_grad_()
+    y = _triton_ops.bsr_mm_triton(x, w.crow_indices, w.col_indices, values, None, 32)
+    y.sum().backward()
+    assert called == ["bsr_mm_t_triton", "bsr_sddmm_triton"]
+
+
+def test_backward_ops_have_fakes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w = BSR.from_dense(torch.randn(32, 48), block=(16, 16))
+    nmw = NM.from_dense(NM.prune(torch.randn(8, 16), 2, 4))
+    with FakeTensorMode() as mode:
+        dy, x = mode.from_tensor(torch.randn(3, 32)), mode.from_tensor(torch.randn(3, 48))
+        crow, col, vals = (mode.from_tensor(t) for t in (w.crow_indices, w.col_indices, w.values))
+        assert torch.ops.sparsekit.bsr_mm_t_triton(dy, crow, col, vals, 48).shape == (3, 48)
+        assert torch.ops.sparsekit.bsr_sddmm_triton(dy, x, crow, col, 16, 16).shape == tuple(w.values.shape)
+        v, i = mode.from_tensor(nmw.values), mode.from_tensor(nmw.indices)
+        assert torch.ops.sparsekit.nm_mm_triton(mode.from_tensor(torch.randn(3, 16)), v, i, None, 2, 4).shape == (3, 8)
+
+
+# -------------------------------------------------------------------------------------------------- N:M
+@needs_runner
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8), (2, 3)], ids=lambda p: f"{p[0]}of{p[1]}")
+@pytest.mark.parametrize("m", [1, 18])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_nm_mm_matches_reference(dtype, m, nm):
+    from sparsekit.kernels import k_nm_mm
+
+    n_, m_ = nm
+    k = m_ * 7   # K not a multiple of the K tile: masked tail
+    w = NM.from_dense(NM.prune(randn(21, k, device="cpu"), n_, m_), n_, m_).to(device=DEVICE, dtype=dtype)
+    x, b = randn(m, k, dtype=dtype, seed=2), randn(21, dtype=dtype, seed=3)
+    y = k_nm_mm.nm_mm(x, w.values, w.indices, b, n_, m_)
+    assert y.shape == (m, 21) and y.dtype == dtype
+    close(y, R.nm_mm(x.double(), w.values.double(), w.indices, b.double(), n_, m_), dtype)
+
+
+@needs_runner
+def test_nm_linear_triton_autograd_and_dispatch():
+    dense = NM.prune(randn(24, 32, device="cpu"), 2, 4)
+    w = NM.from_dense(dense, 2, 4).to(device=DEVICE)
+    assert not sk.ops.all_reasons("nm", randn(2, 32), w)["triton"]
+    values = w.values.clone().requires_grad_()
+    wt = NM(values=values, indices=w.indices, shape=w.shape, n=2, m=4)
+    x = randn(2, 3, 32).requires_grad_()
+    y = sk.ops.nm_linear(x, wt, backend="triton")
+    y.sum().backward()
+    xr, vr = x.detach().double().requires_grad_(), values.detach().double().requires_grad_()
+    yr = R.nm_mm(xr.reshape(-1, 32), vr, w.indices, None, 2, 4).reshape(2, 3, 24)
+    yr.sum().backward()
+    close(y, yr, torch.float32)
+    close(x.grad, xr.grad, torch.float32)
+    close(values.grad, vr.grad, torch.float32)
+
+
+@needs_runner
+def test_nm_all_zero_weight():
+    from sparsekit.kernels import k_nm_mm
+
+    w = NM.from_dense(torch.zeros(16, 16), 2, 4).to(device=DEVICE)
+    y = k_nm_mm.nm_mm(randn(3, 16), w.values, w.indices, None, 2, 4)
+    assert y.eq(0).all()
+
+
+def test_nm_bad_inputs_raise():
+    from sparsekit.kernels import k_nm_mm
+
+    w = NM.from_dense(NM.prune(torch.randn(8, 16), 2, 4))
+    x = torch.randn(3, 16)
+    with pytest.raises(TypeError, match="indices must be uint8"):
+        k_nm_mm.nm_mm(x, w.values, w.indices.long(), None, 2, 4)
+    with pytest.raises(ValueError, match="values must be"):
+        k_nm_mm.nm_mm(x, w.values, w.indices, None, 1, 4)
+    with pytest.raises(ValueError, match="multiple of m"):
+        k_nm_mm.nm_mm(torch.randn(3, 15), w.values, w.indices, None, 2, 4)
+    with pytest.raises(TypeError, match="values dtype"):
+        k_nm_mm.nm_mm(x, w.values.half(), w.indices, None, 2, 4)
+
+
+# ---------------------------------------------------------------------------------------------- channel
+@needs_runner
+@pytest.mark.parametrize("scatter", [False, True], ids=["compact", "scatter"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_channel_gather_linear(dtype, scatter):
+    x = randn(3, 7, 40, dtype=dtype)
+    in_idx = torch.tensor([0, 3, 4, 9, 11, 19, 20, 38, 39], device=DEVICE)
+    w, b = randn(13, 9, dtype=dtype, seed=2), randn(13, dtype=dtype, seed=3)
+    kw = {"out_idx": torch.randperm(30, generator=torch.Generator().manual_seed(0))[:13].to(DEVICE),
+          "n_out": 30} if scatter else {}
+    ref = sk.ops.channel_gather_linear(x.double(), in_idx, w.double(), b.double(), backend="reference", **kw)
+    got = sk.ops.channel_gather_linear(x, in_idx, w, b, backend="triton", **kw)
+    assert got.shape == ref.shape and got.dtype == dtype
+    close(got, ref, dtype)
+
+
+@needs_runner
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_channel_gather_conv1x1(channels_last):
+    x = randn(2, 20, 5, 3)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    in_idx = torch.tensor([1, 2, 5, 7, 19], device=DEVICE, dtype=torch.int32)
+    w, b = randn(6, 5, 1, 1, seed=2), randn(6, seed=3)
+    out_idx = torch.tensor([0, 2, 3, 7, 8, 9], device=DEVICE)
+    for kw in ({}, {"out_idx": out_idx, "n_out": 11}):
+        ref = sk.ops.channel_gather_conv2d(x, in_idx, w, b, backend="reference", **kw)
+        got = sk.ops.channel_gather_conv2d(x, in_idx, w, b, backend="triton", **kw)
+        close(got, ref, torch.float32)
+
+
+@needs_runner
+@pytest.mark.parametrize("dim", [1, -1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_channel_scatter(dtype, dim):
+    y = randn(2, 5, 3, 6, dtype=dtype) if dim == 1 else randn(4, 3, 5, dtype=dtype)
+    out_idx = torch.tensor([6, 0, 2, 9, 4], device=DEVICE)
+    for bias in (None, randn(10, dtype=dtype, seed=4)):
+        ref = sk.ops.channel_scatter(y, out_idx, 10, bias, dim=dim, backend="reference")
+        got = sk.ops.channel_scatter(y, out_idx, 10, bias, dim=dim, backend="triton")
+        assert got.shape == ref.shape
+        close(got, ref, dtype)
+
+
+def test_channel_helpers_reference_and_errors():
+    x, w = torch.randn(4, 10), torch.randn(3, 2)
+    idx = torch.tensor([1, 8])
+    torch.testing.assert_close(sk.ops.channel_gather_linear(x, idx, w, backend="reference"), x[:, [1, 8]] @ w.t())
+    with pytest.raises(ValueError, match="in_idx entries must lie"):
+        sk.ops.channel_gather_linear(x, torch.tensor([1, 10]), w)
+    with pytest.raises(ValueError, match="in_idx has 3 entries"):
+        sk.ops.channel_gather_linear(x, torch.tensor([1, 2, 3]), w)
+    with pytest.raises(ValueError, match="out_idx must not repeat"):
+        sk.ops.channel_scatter(torch.randn(2, 2), torch.tensor([1, 1]), 4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sk.ops.channel_scatter(torch.randn(2, 2), torch.tensor([0, 1]), 4, backend="cuda")
+    with pytest.raises(TypeError, match="weight has dtype"):
+        sk.ops.channel_gather_linear(x, idx, w.double())
+    y = sk.ops.channel_gather_conv2d(torch.randn(1, 6, 5, 5), torch.tensor([0, 2, 4]), torch.randn(4, 3, 3, 3),
+                                     padding=1, backend="reference")
+    assert y.shape == (1, 4, 5, 5)
+    if not INTERPRET:
+        with pytest.raises(ValueError, match="backend='triton' cannot run"):
+            sk.ops.channel_scatter(torch.randn(2, 2), torch.tensor([0, 1]), 4, backend="triton")
+
+
+@needs_runner
+def test_channel_triton_rejects_unsupported_conv_and_grad():
+    x = randn(1, 6, 5, 5)
+    with pytest.raises(ValueError, match="only 1x1 kernels"):
+        sk.ops.channel_gather_conv2d(x, torch.tensor([0, 2, 4], device=DEVICE), randn(4, 3, 3, 3), backend="triton")
+    w = randn(3, 2).requires_grad_()
+    with pytest.raises(ValueError, match="no backward"):
+        sk.ops.channel_gather_linear(randn(4, 10), torch.tensor([1, 8], device=DEVICE), w, backend="triton")
+
+
+# --------------------------------------------------------------------------------------- GPU (compiled)
+@pytest.mark.cuda
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (128, 128), (32, 128)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("m", [1, 8, 64, 300])
+def test_cuda_split_k_and_backward(m, block, dtype):
+    from sparsekit.kernels import k_bsr_mm, k_bsr_mm_t, k_bsr_sddmm
+
+    w = make_bsr(1024, 1024, block, 0.3, dtype, seed=m, empty_rows=(0,), device="cuda")
+    x, dy = randn(m, 1024, dtype=dtype, device="cuda"), randn(m, 1024, dtype=dtype, seed=2, device="cuda")
+    scale = 1.0 if dtype == torch.float32 else 6.0
+    expect = R.bsr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(), None, 1024)
+    for split_k in (None, 1, 4):
+        y = k_bsr_mm.bsr_mm(x, w.crow_indices, w.col_indices, w.values, None, 1024, split_k=split_k)
+        close(y, expect, dtype, scale)
+    close(k_bsr_mm_t.bsr_mm_t(dy, w.crow_indices, w.col_indices, w.values, 1024),
+          R.bsr_mm_t(dy.double(), w.crow_indices, w.col_indices, w.values.double(), 1024), dtype, scale)
+    for split in (None, 1, 4):
+        close(k_bsr_sddmm.bsr_sddmm(dy, x, w.crow_indices, w.col_indices, *block, split=split),
+              R.bsr_sddmm(dy.double(), x.double(), w.crow_indices, w.col_indices, *block), dtype,
+              scale * (m ** 0.5))
+
+
+@pytest.mark.cuda
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_training_step(dtype):
+    w = make_bsr(512, 256, (32, 32), 0.4, dtype, device="cuda")
+    values = w.values.clone().requires_grad_()
+    wt = BSR(values=values, crow_indices=w.crow_indices, col_indices=w.col_indices, shape=w.shape)
+    x = randn(4, 64, 256, dtype=dtype, device="cuda").requires_grad_()
+    for _ in range(2):   # the second step hits the transposed-metadata cache
+        sk.ops.bsr_linear(x, wt, backend="triton").float().square().mean().backward()
+    assert torch.isfinite(values.grad).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.cuda
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8)], ids=lambda p: f"{p[0]}of{p[1]}")
+@pytest.mark.parametrize("m", [1, 33, 1000])
+def test_cuda_nm(m, nm, dtype):
+    from sparsekit.kernels import k_nm_mm
+
+    w = NM.from_dense(NM.prune(torch.randn(1000, 1024), *nm), *nm).to(device="cuda", dtype=dtype)
+    x, b = randn(m, 1024, dtype=dtype, device="cuda"), randn(1000, dtype=dtype, seed=3, device="cuda")
+    close(k_nm_mm.nm_mm(x, w.values, w.indices, b, *nm),
+          R.nm_mm(x.double(), w.values.double(), w.indices, b.double(), *nm), dtype,
+          1.0 if dtype == torch.float32 else 6.0)
+
+
+@pytest.mark.cuda
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_cuda_channel(dtype):
+    in_idx = torch.randperm(256, device="cuda")[:160].sort().values
+    out_idx = torch.randperm(384, device="cuda")[:200]
+    x = randn(8, 256, 14, 14, dtype=dtype, device="cuda")
+    w, b = randn(200, 160, 1, 1, dtype=dtype, seed=2, device="cuda"), randn(200, dtype=dtype, seed=3, device="cuda")
+    ref = sk.ops.channel_gather_conv2d(x, in_idx, w, b, out_idx=out_idx, n_out=384, backend="reference")
+    got = sk.ops.channel_gather_conv2d(x, in_idx, w, b, out_idx=out_idx, n_out=384, backend="triton")
+    close(got, ref, dtype, 1.0 if dtype == torch.float32 else 6.0)
+    y = randn(8, 200, 14, 14, dtype=dtype, device="cuda")
+    bb = randn(384, dtype=dtype, seed=5, device="cuda")
+    close(sk.ops.channel_scatter(y, out_idx, 384, bb, dim=1, backend="triton"),
+          sk.ops.channel_scatter(y, out_idx, 384, bb, dim=1, backend="reference"), dtype)
