@@ -59,7 +59,7 @@ def test_register_decorator_and_duplicates(monkeypatch):
 def test_unknown_criterion_lists_available():
     with pytest.raises(ValueError, match=r"unknown criterion 'taylorr'.*l1.*magnitude"):
         criteria.get("taylorr")
-    with pytest.raises(ValueError, match="available: l1, magnitude"):
+    with pytest.raises(ValueError, match="available: apoz, bn_scale, .*l1, l1_mean, .*magnitude"):
         m = _mlp()
         Pruner(m, m.example_input(), criterion="nope")
 
@@ -379,7 +379,7 @@ def _bad(**kwargs):
     ({"granularity": "block", "block": (8, "8")}, TypeError, "block must be an int or a pair"),
     ({"granularity": "block", "block": 0}, ValueError, "block sides must be positive"),
     ({"scope": "network"}, ValueError, "scope must be one of"),
-    ({"scope": "global", "granularity": "channel"}, ValueError, "dependency graph"),
+    ({"scope": "global", "granularity": "channel", "criterion": "lasso"}, ValueError, "ranks within a layer"),
     ({"scope": "global", "granularity": "nm", "ignore": ["conv1"]}, ValueError, "global threshold"),
     ({"ignore": [nn.Linear(2, 2)]}, ValueError, r"ignore\[0\] \(Linear\) is not a submodule"),
     ({"ignore": ["layer1.0.conv3"]}, ValueError, r"not a module name.*did you mean"),
@@ -389,7 +389,8 @@ def _bad(**kwargs):
     ({"example_inputs": "image"}, TypeError, "example_inputs must be a Tensor"),
     ({"example_inputs": torch.randn(2, 5, 8, 8)}, ValueError, "example_inputs could not be run"),
     ({"criterion": 3}, TypeError, "criterion must be a str"),
-    ({"schedule": "cubic"}, TypeError, "schedule must be None or a callable"),
+    ({"schedule": "cubic"}, ValueError, "schedule must be 'oneshot', a Schedule.*'cubic'"),
+    ({"schedule": 3}, TypeError, "schedule must be None, 'oneshot'.*int 3"),
     ({"granularity": "nm", "ignore": ["conv1"], "schedule": lambda t: 0.5}, ValueError, "schedule=None"),
 ])
 def test_bad_inputs(kwargs, exc, match):
@@ -408,9 +409,28 @@ def test_bad_model_and_schedule_value():
 
 def test_data_dependent_criterion_needs_calib(monkeypatch):
     monkeypatch.setattr(criteria, "_REGISTRY", dict(criteria._REGISTRY))
-    criteria.register("wanda_like", lambda mod, stats: mod.weight.detach().abs(), data_dependent=True)
+    criteria.register("act_weighted", lambda mod, ctx: mod.weight.detach().abs() * ctx.stat("act_sum")[:, None],
+                      data_dependent=True)
+    assert criteria.get("act_weighted").needs == ("activations",)
     m = _mlp()
     with pytest.raises(ValueError, match="data-dependent: pass calib"):
-        Pruner(m, m.example_input(), criterion="wanda_like")
-    with pytest.raises(NotImplementedError, match="calibration statistics"):
-        Pruner(m, m.example_input(), criterion="wanda_like", calib=[m.example_input()])
+        Pruner(m, m.example_input(), criterion="act_weighted")
+    p = Pruner(m, m.example_input(), criterion="act_weighted", calib=[m.example_input(8)])
+    p.step()
+    assert set(p.masks) == {"layers.0", "layers.2", "fc"}
+
+
+def test_baking_a_deepcopy_leaves_the_original_masked():
+    """deepcopy shares torch's dynamic parametrized class; un/baking the copy must not strip the original."""
+    import copy
+
+    import sparsekit as sk
+
+    model = sk.models.FFN(dim=32, hidden=64, tokens=2)
+    sk.prune.Pruner(model, model.example_input(2), sparsity=0.5).step()
+    clone = copy.deepcopy(model)
+    sk.prune.masks.bake_masks(clone)
+    assert type(clone.fc1) is torch.nn.Linear
+    assert sk.prune.masks.is_masked(model.fc1) and float(model.fc1.weight.eq(0).float().mean()) == 0.5
+    sk.prune.masks.remove_masks(model)
+    assert type(model.fc1) is torch.nn.Linear

@@ -201,26 +201,40 @@ def layer_mask(scores: Tensor, sparsity: float, granularity: str, *, shape: Sequ
 
 def global_keep(scores: Mapping[str, Tensor], sparsity: float, granularity: str, *,
                 shapes: Mapping[str, Sequence[int]] | None = None,
-                block: tuple[int, int] = (32, 32)) -> dict[str, Tensor]:
+                block: tuple[int, int] = (32, 32), min_keep: int = 0) -> dict[str, Tensor]:
     """One threshold over all layers: remove ``floor(sparsity * total units)`` lowest-scoring units.
 
     ``scores`` maps layer name -> scores (its order breaks ties). Units must be comparable across layers:
-    element and block (same block everywhere) are; channel scores of different layers are not without
-    normalisation (see Salama et al. 2019), so channel is refused here for now.
+    element and block (same block everywhere) are; channel scores are when the criterion makes them so
+    (``l1_mean`` divides each filter's L1 norm by its number of weights, Salama et al. 2019).
+    ``min_keep`` units of every layer (its highest-scoring ones) are never removed, so no layer loses all
+    its channels; the number removed is capped accordingly.
     """
     granularity = check_granularity(granularity)
-    if granularity not in ("element", "block"):
-        raise ValueError(f"global scope supports granularity 'element' and 'block' so far, "
-                         f"got {granularity!r}")
+    if granularity == "nm":
+        raise ValueError("global scope does not apply to granularity 'nm': n:m keeps n of every m in each "
+                         "group, so one global threshold has no meaning")
     sparsity = check_sparsity(sparsity)
+    if not isinstance(min_keep, int) or isinstance(min_keep, bool) or min_keep < 0:
+        raise ValueError(f"min_keep must be an int >= 0, got {min_keep!r}")
     names = list(scores)
-    units = [unit_scores(scores[k], granularity, block=block) for k in names]
-    flat = torch.cat([u.reshape(-1).to(torch.float64) for u in units]) if units else torch.zeros(0)
-    keep = lowest_removed(flat, num_to_remove(sparsity, flat.numel()))
+    units = [unit_scores(scores[k], granularity, block=block).to(torch.float64) for k in names]
+    flats = []
+    protected = 0
+    for u in units:
+        f = u.reshape(-1).clone()
+        if min_keep:
+            top = torch.sort(f, stable=True).indices[-min_keep:]
+            f[top] = float("inf")
+            protected += top.numel()
+        flats.append(f)
+    flat = torch.cat(flats) if flats else torch.zeros(0, dtype=torch.float64)
+    k = min(num_to_remove(sparsity, flat.numel()), flat.numel() - protected)
+    keep = lowest_removed(flat, k)
     out, start = {}, 0
-    for k, u in zip(names, units):
-        shape = tuple(shapes[k]) if shapes is not None else tuple(scores[k].shape)
-        out[k] = expand_units(keep[start:start + u.numel()].reshape(u.shape), granularity, shape, block=block)
+    for name, u in zip(names, units):
+        shape = tuple(shapes[name]) if shapes is not None else tuple(scores[name].shape)
+        out[name] = expand_units(keep[start:start + u.numel()].reshape(u.shape), granularity, shape, block=block)
         start += u.numel()
     return out
 
@@ -281,9 +295,23 @@ def get_masks(model: nn.Module) -> dict[str, Tensor]:
             if (p := _mask_param(mod, "weight")) is not None}
 
 
+def _own_parametrized_class(mod: nn.Module) -> None:
+    """Give ``mod`` a private copy of its parametrized class.
+
+    torch.nn.utils.parametrize makes one dynamic class per module, but ``copy.deepcopy`` of a model shares it
+    between the copy and the original; removing a parametrization deletes a property from that class, which would
+    strip the other model too. Removing from a private copy of the class leaves the original intact.
+    """
+    cls = type(mod)
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    mod.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
 def _unmask(model: nn.Module, leave_parametrized: bool) -> int:
     count = 0
     for name, mod in list(model.named_modules()):
+        if parametrize.is_parametrized(mod):
+            _own_parametrized_class(mod)
         for tensor_name in ("weight", "bias"):
             if _mask_param(mod, tensor_name) is None:
                 continue

@@ -10,8 +10,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import calibration as _calibration
+from . import chains as _chains
 from . import criteria as _criteria
+from . import distributed as _dist
 from . import masks as _masks
+from . import schedules as _schedules
+from .scores_reconstruction import refit_consumer
 
 __all__ = ["Pruner", "SCOPES", "check_example_inputs", "run_example", "execution_order"]
 
@@ -68,39 +73,56 @@ class Pruner:
     """Prune a model's ``nn.Linear`` and ``nn.Conv2d`` layers with masks (reversible parametrizations).
 
     Args:
-        model: the ``nn.Module`` to prune (modified in place by ``step``).
+        model: the ``nn.Module`` to prune (modified in place by ``step``); a ``DistributedDataParallel``
+            model is unwrapped (its ``.module`` is pruned) and pruned in ``"replicated"`` mode.
         example_inputs: what ``model(...)`` accepts: a Tensor, a tuple/list of positional args, or a dict of
-            keyword args. Run once (eval mode, no grad) to find the layers' execution order.
-        criterion: a name from ``criteria.available()`` (``"magnitude"``, ``"l1"``) or a ``Criterion``.
+            keyword args. Run once (eval mode, no grad) to find the layers' execution order and, for
+            criteria that need it, how each layer's channels flow to the next layer (``chains``).
+        criterion: a name from ``criteria.available()`` or a ``Criterion``.
         granularity: ``"element"`` | ``"block"`` (``block=(bn, bk)`` tiles of the 2-D weight
             ``[out, in*kh*kw]``) | ``"nm"`` (keep ``n`` of every ``m`` along the input dim; ``sparsity`` must
             equal ``1 - n/m``) | ``"channel"`` (whole output channels, bias entry included; ``sparsity`` is
             the fraction of channels removed).
         scope: ``"layer"``: every layer loses exactly ``floor(sparsity * units)`` units. ``"global"``: one
-            threshold over all layers' units (granularity ``"element"`` or ``"block"`` for now).
+            threshold over all layers' units (element, block or channel). For channels use a criterion whose
+            scores compare across layers, e.g. ``"l1_mean"`` (Salama et al. 2019: the filter L1 norm over
+            its number of weights); every layer keeps at least ``min_channels`` channels.
         sparsity: final target in [0, 1).
         ignore: modules or module names (a container covers every layer inside it) left unpruned. For
             ``granularity="channel"`` with ``ignore=None`` the model's final layer (the last prunable module
             to run on ``example_inputs``, normally the classifier) is left out; pass ``ignore=[]`` to
             prune it too.
-        calib: calibration data for data-dependent criteria (none registered yet; stored for them).
-        schedule: ``None`` (one-shot: every ``step()`` prunes to ``sparsity``) or a callable
-            ``schedule(step_index) -> target sparsity`` with ``step_index`` counting ``step()`` calls from 0.
+        calib: calibration data for data-dependent criteria: an iterable of batches, or of
+            ``(input, target)`` pairs for gradient-based ones (``taylor``, ``hessian``). Read again at every
+            ``step()``; a one-shot iterator is turned into a list first.
+        schedule: ``None`` / ``"oneshot"``, a ``schedules.Schedule`` (``Iterative(steps=k)``,
+            ``AGP(steps=n, initial=0.0)``) or a callable ``schedule(step_index) -> target sparsity`` with
+            ``step_index`` counting ``step()`` calls from 0.
         block, n, m: pattern parameters for ``"block"`` and ``"nm"``.
+        loss_fn: ``loss_fn(output, target)`` for gradient-based criteria (default cross-entropy).
+        seed: seed for randomised criteria (``random``, the Hutchinson probes, row sampling).
+        reconstruct: refit the next layer by least squares after masking (default: what the criterion
+            asks for; ``lasso`` and ``thinet`` do).
+        min_channels: channels every layer keeps under global channel pruning (default 1).
+        distributed: ``None`` (single process; ``"replicated"`` for a DDP model), ``"replicated"`` or
+            ``"sharded"`` (see ``sparsekit.prune.distributed``).
 
     ``step()`` computes masks for the current target and applies them at once. Units removed by an earlier
-    step are scored lowest, so they stay removed while the target does not decrease. Nothing is random:
-    results depend only on the model's weights (ties go to the lower index).
+    step are scored lowest, so they stay removed while the target does not decrease. Results depend only
+    on the model's weights, ``calib`` and ``seed`` (ties go to the lower index).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any,
                  criterion: str | _criteria.Criterion = "magnitude", granularity: str = "element",
                  scope: str = "layer", sparsity: float = 0.5,
                  ignore: Iterable[nn.Module | str] | nn.Module | str | None = None, calib: Any = None,
-                 schedule: Callable[[int], float] | None = None, block: int | tuple[int, int] = (32, 32),
-                 n: int = 2, m: int = 4) -> None:
+                 schedule: str | _schedules.Schedule | Callable[[int], float] | None = None,
+                 block: int | tuple[int, int] = (32, 32), n: int = 2, m: int = 4, *,
+                 loss_fn: Callable[[Any, Any], Tensor] | None = None, seed: int = 0,
+                 reconstruct: bool | None = None, min_channels: int = 1, distributed: str | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        model, wrapped = _dist.unwrap(model)
         check_example_inputs(example_inputs)
         self.model = model
         self.example_inputs = example_inputs
@@ -114,17 +136,32 @@ class Pruner:
         self.sparsity = _masks.check_sparsity(sparsity)
         self.block = _masks.check_block(block)
         self.n, self.m = _masks.check_nm(n, m)
-        if schedule is not None and not callable(schedule):
-            raise TypeError(f"schedule must be None or a callable step_index -> sparsity, got "
-                            f"{type(schedule).__name__} {schedule!r}")
-        self.schedule = schedule
-        self.calib = calib
+        self.schedule = _schedules.resolve(schedule)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
+        self.seed = seed
+        if not isinstance(min_channels, int) or isinstance(min_channels, bool) or min_channels < 0:
+            raise ValueError(f"min_channels must be an int >= 0, got {min_channels!r}")
+        self.min_channels = min_channels
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be a callable (output, target) -> loss, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        self.reconstruct = self.criterion.reconstructs if reconstruct is None else bool(reconstruct)
+        self.distributed = _dist.check_mode(distributed, wrapped)
         self._check_combination()
-        if self.criterion.data_dependent:
+        if self.reconstruct and calib is None:
+            raise ValueError("reconstruct=True refits the next layer on calibration data: pass calib=<batches>")
+        if self.criterion.data_dependent or self.reconstruct:
             if calib is None:
-                raise ValueError(f"criterion {self.criterion.name!r} is data-dependent: pass calib=<batches>")
-            raise NotImplementedError(f"criterion {self.criterion.name!r} is data-dependent; calibration "
-                                      "statistics arrive with the data-dependent criteria")
+                raise ValueError(f"criterion {self.criterion.name!r} is data-dependent: pass calib=<batches> "
+                                 "(an iterable of batches, or of (input, target) pairs for gradient-based "
+                                 "criteria)")
+            if not isinstance(calib, Iterable) or isinstance(calib, (Tensor, str)):
+                raise TypeError(f"calib must be an iterable of batches (a list, a DataLoader), got "
+                                f"{type(calib).__name__}")
+            if iter(calib) is calib:   # a one-shot iterator: keep its batches for later steps
+                calib = list(calib)
+        self.calib = calib
 
         executed = execution_order(model, example_inputs)
         modules = dict(model.named_modules())
@@ -140,9 +177,43 @@ class Pruner:
         for name, mod in self.layers.items():
             _masks.check_layer(tuple(mod.weight.shape), self.granularity, block=self.block, n=self.n,
                                m=self.m, name=name)
+        self._events: list[_chains.Event] | None = None
+        self.links: dict[str, _chains.Link] = {}
+        if set(self.criterion.needs) - {"seed", "grads", "hessian"} or self.reconstruct:
+            self._trace_links()
         self._masks: dict[str, Tensor] = {}
         self._target = 0.0
         self._steps = 0
+
+    def _trace_links(self) -> None:
+        self._events = _chains.trace_events(self.model, self.example_inputs)
+        self.links = _chains.trace_links(self.model, self.example_inputs, self.layers, events=self._events)
+        needs = set(self.criterion.needs)
+        if "consumer" in needs or self.reconstruct:
+            bad = {k: v.reason for k, v in self.links.items() if v.consumer is None}
+            if bad:
+                lines = "; ".join(f"{k}: {r}" for k, r in bad.items())
+                raise ValueError(f"criterion {self.criterion.name!r} reconstructs the layer that consumes each "
+                                 f"pruned layer's channels, which is found only along plain sequential chains; "
+                                 f"{lines}. Leave these layers out with ignore={sorted(bad)} or use a "
+                                 "criterion that needs no next layer")
+        if "bn" in needs:
+            missing = [k for k in self.layers if self._bn_of(k) is None]
+            if missing:
+                raise ValueError(f"criterion {self.criterion.name!r} needs a BatchNorm right after each pruned "
+                                 f"layer; {missing} have none. Leave them out with ignore={missing}")
+
+    def _bn_of(self, name: str) -> nn.Module | None:
+        link = self.links.get(name)
+        if link is None or self._events is None:
+            return None
+        for idx in link.path:
+            if idx > link.feature:
+                break
+            mod = self._events[idx].module
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                return mod
+        return None
 
     # ------------------------------------------------------------------------------------ validation
     def _check_combination(self) -> None:
@@ -152,13 +223,17 @@ class Pruner:
             if abs(self.sparsity - implied) > 1e-9:
                 raise ValueError(f"granularity='nm' with n={self.n}, m={self.m} has sparsity {implied:g}; "
                                  f"got sparsity={self.sparsity!r}. Pass sparsity={implied:g} or change n/m")
-            if self.schedule is not None:
+            if not isinstance(self.schedule, _schedules.OneShot):
                 raise ValueError("granularity='nm' fixes the pattern in one step; use schedule=None")
-        if s == "global" and g not in ("element", "block"):
-            reason = ("n:m keeps n of every m in each group, so one global threshold has no meaning"
-                      if g == "nm" else "channel scores must be compared as coupled groups, which arrives "
-                      "with the dependency graph; use scope='layer'")
-            raise ValueError(f"scope='global' with granularity={g!r} is not supported: {reason}")
+        if s == "global" and g == "nm":
+            raise ValueError("scope='global' with granularity='nm' is not supported: n:m keeps n of every m "
+                             "in each group, so one global threshold has no meaning")
+        if s == "global" and not self.criterion.comparable:
+            raise ValueError(f"scope='global' with criterion {self.criterion.name!r} is not supported: its scores "
+                             "are ranks within a layer and do not compare across layers; use scope='layer'")
+        if (self.criterion.reconstructs or self.reconstruct) and g != "channel":
+            raise ValueError(f"criterion {self.criterion.name!r} (reconstruct=True) selects whole channels; "
+                             f"use granularity='channel', got {g!r}")
 
     def _resolve_ignore(self, ignore: Any, modules: dict[str, nn.Module]) -> set[str]:
         if ignore is None:
@@ -193,14 +268,61 @@ class Pruner:
         """The target sparsity the next ``step()`` prunes to."""
         if self.granularity == "nm":
             return 1.0 - self.n / self.m
-        if self.schedule is None:
-            return self.sparsity
-        return _masks.check_sparsity(self.schedule(self._steps), name=f"schedule({self._steps})")
+        name = f"schedule({self._steps})"
+        if isinstance(self.schedule, _schedules.Schedule):
+            return _masks.check_sparsity(self.schedule.target(self._steps, self.sparsity), name=name)
+        return _masks.check_sparsity(self.schedule(self._steps), name=name)
 
-    def _scores(self) -> dict[str, Tensor]:
+    @property
+    def steps_taken(self) -> int:
+        """How many times ``step()`` has run."""
+        return self._steps
+
+    @property
+    def done(self) -> bool:
+        """True once a ``Schedule`` has reached the final sparsity (always False for a plain callable)."""
+        if isinstance(self.schedule, _schedules.Schedule):
+            return self.schedule.done(self._steps)
+        return False
+
+    def contexts(self) -> dict[str, _calibration.LayerContext]:
+        """Per layer the ``LayerContext`` the criterion sees; collects calibration statistics if needed."""
+        needs = set(self.criterion.needs)
+        stats: dict[str, dict[str, Tensor]] = {k: {} for k in self.layers}
+        if self.criterion.data_dependent or self.reconstruct:
+            if self.reconstruct:
+                needs.add("consumer")
+            stats = _calibration.collect(self.model, self.layers, self.links, self.calib, needs,
+                                         granularity=self.granularity, loss_fn=self.loss_fn, seed=self.seed,
+                                         events=self._events)
+            if self.distributed == "replicated":
+                _dist.reduce_stats(stats)
+        modules = dict(self.model.named_modules())
+        out = {}
+        for name in self.layers:
+            link = self.links.get(name)
+            consumer = modules.get(link.consumer) if link is not None and link.consumer else None
+            out[name] = _calibration.LayerContext(
+                name=name, granularity=self.granularity, seed=self.seed, link=link, bn=self._bn_of(name),
+                consumer=consumer, group=link.group if link is not None else 1, stats=stats[name])
+        return out
+
+    def scores(self) -> dict[str, Tensor]:
+        """Layer name -> the criterion's scores now (units removed by earlier steps at -inf); applies nothing.
+
+        With ``select`` this previews masks for any sparsity, e.g. to search the sparsity that meets a
+        parameter budget without collecting calibration statistics again for every candidate.
+        """
+        return self._scores(self.contexts())
+
+    def select(self, scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+        """Keep-masks (layer name -> bool, weight-shaped) that ``scores`` give at ``sparsity``; applies nothing."""
+        return self._select(dict(scores), _masks.check_sparsity(sparsity))
+
+    def _scores(self, ctxs: Mapping[str, _calibration.LayerContext]) -> dict[str, Tensor]:
         out = {}
         for name, mod in self.layers.items():
-            s = self.criterion.score(mod)
+            s = self.criterion.score(mod, ctxs[name])
             prev = self._masks.get(name)
             if prev is not None:  # units removed before score lowest: they stay removed
                 low = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
@@ -209,21 +331,35 @@ class Pruner:
             out[name] = s
         return out
 
+    def _select(self, scores: dict[str, Tensor], target: float) -> dict[str, Tensor]:
+        shapes = {k: tuple(self.layers[k].weight.shape) for k in scores}
+        if self.scope == "layer":
+            return {k: _masks.layer_mask(s, target, self.granularity, shape=shapes[k], block=self.block,
+                                         n=self.n, m=self.m) for k, s in scores.items()}
+        min_keep = self.min_channels if self.granularity == "channel" else 0
+        if self.distributed == "sharded":
+            merged, merged_shapes, mine = _dist.gather_scores(scores, shapes)
+            keep = _masks.global_keep(merged, target, self.granularity, shapes=merged_shapes, block=self.block,
+                                      min_keep=min_keep)
+            return {k: keep[mine + k] for k in scores}
+        return _masks.global_keep(scores, target, self.granularity, shapes=shapes, block=self.block,
+                                  min_keep=min_keep)
+
     def step(self) -> float:
         """Compute masks for the current target and apply them; returns that target."""
         target = self.current_target()
-        scores = self._scores()
-        if self.scope == "global":
-            shapes = {k: tuple(self.layers[k].weight.shape) for k in scores}
-            masks = _masks.global_keep(scores, target, self.granularity, shapes=shapes, block=self.block)
-        else:
-            masks = {k: _masks.layer_mask(s, target, self.granularity, shape=self.layers[k].weight.shape,
-                                          block=self.block, n=self.n, m=self.m)
-                     for k, s in scores.items()}
+        ctxs = self.contexts()
+        masks = self._select(self._scores(ctxs), target)
+        if self.distributed == "replicated":
+            masks = _dist.broadcast_masks(masks)
         for name, mask in masks.items():
             mod = self.layers[name]
             bias_mask = _masks.as_2d(mask).any(dim=1) if self.granularity == "channel" else None
             _masks.apply_mask(mod, mask, bias_mask)
+        if self.reconstruct:
+            for name, mask in masks.items():
+                if ctxs[name].consumer is not None:
+                    refit_consumer(_masks.as_2d(mask).any(dim=1), ctxs[name])
         self._masks = masks
         self._target = target
         self._steps += 1

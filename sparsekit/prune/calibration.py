@@ -1,0 +1,243 @@
+"""Calibration statistics for data-dependent criteria, collected over ``calib`` with hooks.
+
+A criterion declares what it ``needs``; ``collect`` runs the model over ``calib`` once and accumulates only
+that, per pruned layer, as sums (so statistics from several ranks add up exactly):
+
+==============  =============================================================================================
+need            statistics (``LayerContext.stats`` keys)
+==============  =============================================================================================
+``seed``        none: the criterion gets ``LayerContext`` (name, seed) only, e.g. ``random``
+``bn``          none: ``LayerContext.bn`` is the BatchNorm right after the layer (from the traced chain)
+``activations`` of the layer's feature map (its output after BN/activation, see ``chains``), per channel:
+                ``act_count`` (values per channel), ``act_zeros`` (values <= 0), ``act_sum``, ``act_sumsq``,
+                ``gap`` (``[samples, C]`` spatial means, for entropy)
+``rank``        ``rank_sum`` (sum over samples of each channel's feature-map matrix rank), ``rank_count``
+``grads``       ``taylor_elem`` (sum over batches of ``(g * w)**2``), ``taylor_chan`` (sum over batches of
+                ``(sum of g * w over the channel)**2``), ``batches``
+``hessian``     element granularity: ``fisher`` (sum over batches of ``g**2``, the empirical diagonal Fisher);
+                channel granularity: ``hutchinson`` (sum of ``v * Hv`` over one Rademacher ``v`` per batch,
+                an unbiased estimate of the Hessian diagonal), ``batches``
+``consumer``    ``gram`` = ``X^T X`` over sampled rows of the consumer layer's (unfolded) input, ``rows``;
+                ``LayerContext.consumer`` is that layer, ``group`` its input columns per channel
+==============  =============================================================================================
+
+``calib`` is an iterable of batches: a Tensor (or dict of keyword args, or tuple of positional args) per
+batch, or ``(input, target)`` pairs; gradient-based needs (``grads``, ``hessian``) require the pairs and
+use ``loss_fn(model(input), target)`` (default cross-entropy). The model runs in eval mode (BN running
+statistics, no dropout); training flags are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .chains import Event, Link, Recorder, run_model
+
+__all__ = ["NEEDS", "LayerContext", "split_batch", "collect", "weight_param", "layer_seed"]
+
+NEEDS = ("seed", "bn", "activations", "rank", "grads", "hessian", "consumer")
+DATA_NEEDS = ("activations", "rank", "grads", "hessian", "consumer")
+
+
+@dataclass
+class LayerContext:
+    """What a criterion with ``needs`` sees besides the module: see the module docstring."""
+
+    name: str
+    granularity: str = "element"
+    seed: int = 0
+    link: Link | None = None
+    bn: nn.Module | None = None
+    consumer: nn.Module | None = None
+    group: int = 1
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+    def stat(self, key: str) -> Tensor:
+        """The statistic ``key``; a KeyError says which were collected."""
+        if key not in self.stats:
+            raise KeyError(f"statistic {key!r} was not collected for layer {self.name!r} (have "
+                           f"{sorted(self.stats)}); declare it in the criterion's needs")
+        return self.stats[key]
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A per-layer seed derived from ``seed`` and the layer's name (stable across runs and processes)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def weight_param(module: nn.Module) -> Tensor:
+    """The leaf Parameter behind ``module.weight`` (the unmasked original when masked)."""
+    params = getattr(module, "parametrizations", None)
+    if params is not None and "weight" in params:
+        return params.weight.original
+    return module.weight
+
+
+def split_batch(item: Any, index: int = 0) -> tuple[Any, Any]:
+    """``(inputs, target)`` of one ``calib`` item (``target`` None for a plain batch)."""
+    if isinstance(item, (Tensor, Mapping)):
+        return item, None
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], item[1]
+    raise TypeError(f"calib[{index}] must be a Tensor, a dict of keyword args or an (input, target) pair, "
+                    f"got {type(item).__name__}"
+                    + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
+
+
+def _add(acc: dict[str, Any], key: str, value: Tensor) -> None:
+    value = value.detach().to(torch.float64)
+    acc[key] = acc[key] + value if key in acc else value.clone()
+
+
+def _channels_last_rows(t: Tensor) -> Tensor:
+    """``[C, everything else]`` view of a feature map ``[N, C, ...]``."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _acc_activations(acc: dict[str, Any], fmap: Tensor) -> None:
+    v = _channels_last_rows(fmap.float())
+    _add(acc, "act_count", torch.tensor(float(v.shape[1])))
+    _add(acc, "act_zeros", (v <= 0).sum(1))
+    _add(acc, "act_sum", v.sum(1))
+    _add(acc, "act_sumsq", (v * v).sum(1))
+    gap = fmap.float().flatten(2).mean(2) if fmap.dim() > 2 else fmap.float()
+    acc.setdefault("_gap", []).append(gap.detach().to(torch.float64))
+
+
+def _acc_rank(acc: dict[str, Any], fmap: Tensor) -> None:
+    f = fmap.float()
+    if f.dim() == 4:
+        ranks = torch.linalg.matrix_rank(f).to(torch.float64)          # [N, C]
+    else:                                                             # a neuron's "map" is one number
+        ranks = (f.abs() > 1e-6).to(torch.float64).reshape(f.shape[0], f.shape[1], -1).amax(-1)
+    _add(acc, "rank_sum", ranks.sum(0))
+    _add(acc, "rank_count", torch.tensor(float(f.shape[0])))
+
+
+def consumer_rows(consumer: nn.Module, x: Tensor) -> Tensor:
+    """The consumer's input as rows of its 2-D weight's columns: unfolded patches for a conv."""
+    if isinstance(consumer, nn.Conv2d):
+        cols = F.unfold(x, consumer.kernel_size, dilation=consumer.dilation, padding=consumer.padding,
+                        stride=consumer.stride)                               # [N, K, L]
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _acc_gram(acc: dict[str, Any], consumer: nn.Module, x: Tensor, gen: torch.Generator,
+              max_rows: int) -> None:
+    rows = consumer_rows(consumer, x.detach().float())
+    if rows.shape[0] > max_rows:
+        rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows]]
+    rows = rows.to(torch.float64)
+    _add(acc, "gram", rows.T @ rows)
+    _add(acc, "rows", torch.tensor(float(rows.shape[0])))
+
+
+def _acc_grads(acc: dict[str, dict[str, Any]], layers: Mapping[str, nn.Module], loss: Tensor,
+               needs: set[str], granularity: str, gen: torch.Generator) -> None:
+    names = list(layers)
+    params = [weight_param(layers[k]) for k in names]
+    hutch = "hessian" in needs and granularity == "channel"
+    grads = torch.autograd.grad(loss, params, allow_unused=True, create_graph=hutch)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    if "grads" in needs:
+        for k, g in zip(names, grads):
+            prod = g.detach() * layers[k].weight.detach()
+            _add(acc[k], "taylor_elem", prod * prod)
+            _add(acc[k], "taylor_chan", prod.reshape(prod.shape[0], -1).sum(1).square())
+    if "hessian" in needs and not hutch:
+        for k, g in zip(names, grads):
+            _add(acc[k], "fisher", g.detach().square())
+    if hutch:
+        vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.dtype) for p in params]
+        gv = sum((g * v).sum() for g, v in zip(grads, vs) if g.requires_grad)
+        if isinstance(gv, Tensor) and gv.requires_grad:
+            hv = torch.autograd.grad(gv, params, allow_unused=True)
+        else:
+            hv = [None] * len(params)
+        for k, v, h in zip(names, vs, hv):
+            _add(acc[k], "hutchinson", torch.zeros_like(v) if h is None else v * h)
+    for k in names:
+        _add(acc[k], "batches", torch.tensor(1.0))
+
+
+def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[str, Link],
+            calib: Iterable[Any], needs: Iterable[str], *, granularity: str = "element",
+            loss_fn: Callable[[Any, Any], Tensor] | None = None, seed: int = 0, max_rows: int = 1024,
+            events: list[Event] | None = None) -> dict[str, dict[str, Tensor]]:
+    """Run ``model`` over ``calib`` and return layer name -> accumulated statistics (see module doc).
+
+    ``links`` come from ``chains.trace_links`` on the same model; ``events`` (the traced event list)
+    lets every batch be checked to take the same path as the trace.
+    """
+    needs = set(needs) & set(DATA_NEEDS)
+    acc: dict[str, dict[str, Any]] = {k: {} for k in layers}
+    feature_at: dict[int, list[str]] = {}
+    consumer_at: dict[int, list[str]] = {}
+    for name in layers:
+        link = links.get(name)
+        if needs & {"activations", "rank"}:
+            if link is None or link.feature < 0:
+                raise ValueError(f"layer {name!r} has no feature map to collect: "
+                                 f"{link.reason if link else 'not traced'}")
+            feature_at.setdefault(link.feature, []).append(name)
+        if "consumer" in needs:
+            if link is None or link.consumer_event is None:
+                raise ValueError(f"layer {name!r} has no consumer layer: {link.reason if link else 'not traced'}")
+            consumer_at.setdefault(link.consumer_event, []).append(name)
+    expected = {ev.index: ev.name for ev in events} if events is not None else {}
+    gen = torch.Generator().manual_seed(int(seed))
+    modules = dict(model.named_modules())
+
+    def on_event(ev: Event) -> None:
+        if expected and expected.get(ev.index) != ev.name and (ev.index in feature_at or ev.index in consumer_at):
+            raise ValueError(f"a calib batch took another path through the model than example_inputs: step "
+                             f"{ev.index} is {ev.name!r}, expected {expected.get(ev.index)!r}")
+        for name in feature_at.get(ev.index, ()):
+            if "activations" in needs:
+                _acc_activations(acc[name], ev.output.detach())
+            if "rank" in needs:
+                _acc_rank(acc[name], ev.output.detach())
+        for name in consumer_at.get(ev.index, ()):
+            _acc_gram(acc[name], modules[links[name].consumer], ev.inputs[0], gen, max_rows)
+
+    grad_needed = bool(needs & {"grads", "hessian"})
+    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    modes = {mod: mod.training for mod in model.modules()}
+    batches = 0
+    try:
+        model.eval()
+        with Recorder(model, on_event) as rec:
+            for i, item in enumerate(calib):
+                inputs, target = split_batch(item, i)
+                rec.reset()
+                if grad_needed:
+                    if target is None:
+                        raise ValueError(f"calib[{i}] is a plain batch, but this criterion needs gradients: "
+                                         "pass (input, target) pairs (loss_fn(model(input), target) is used)")
+                    with torch.enable_grad():
+                        loss = loss_fn(run_model(model, inputs), target)
+                        if not isinstance(loss, Tensor) or loss.dim() != 0:
+                            raise ValueError(f"loss_fn must return a scalar tensor, got "
+                                             f"{getattr(loss, 'shape', type(loss).__name__)}")
+                        _acc_grads(acc, layers, loss, needs, granularity, gen)
+                else:
+                    with torch.no_grad():
+                        run_model(model, inputs)
+                batches += 1
+    finally:
+        for mod, mode in modes.items():
+            mod.training = mode
+    if batches == 0:
+        raise ValueError("calib is empty: pass at least one batch")
+    for stats in acc.values():
+        if "_gap" in stats:
+            stats["gap"] = torch.cat(stats.pop("_gap"))
+    return acc

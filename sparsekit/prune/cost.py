@@ -1,0 +1,95 @@
+"""Parameters and FLOPs a masked model has once its removed channels are taken out physically.
+
+A layer keeps the output rows that still have a weight and, along plain chains (``chains``), only the
+input columns of the channels its producer kept; a BatchNorm between them keeps the producer's channels.
+Element / block / n:m zeros inside the kept rows and columns count as removed too (``params``), so compare
+unstructured results with ``index_params`` in mind: a sparse format stores an index per kept weight.
+
+    cost = model_cost(model, example_inputs)                  # masks read from the model's parametrizations
+    cost = model_cost(model, example_inputs, masks=pruner.select(pruner.scores(), 0.7))   # a preview
+    cost["params"], cost["flops"], cost["dense_params"], cost["dense_flops"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import chains as _chains
+from . import masks as _masks
+
+__all__ = ["model_cost", "layer_positions"]
+
+
+def layer_positions(events: list[_chains.Event]) -> dict[str, int]:
+    """Output positions per prunable layer call (H*W for a conv, tokens for a linear) from traced events."""
+    out = {}
+    for ev in events:
+        if ev.kind == "module" and isinstance(ev.module, _masks.PRUNABLE) and ev.output is not None:
+            shape = ev.output.shape
+            if isinstance(ev.module, nn.Conv2d):
+                out[ev.name] = int(shape[-1] * shape[-2])
+            else:
+                out[ev.name] = int(torch.Size(shape[1:-1]).numel()) if len(shape) > 2 else 1
+    return out
+
+
+def model_cost(model: nn.Module, example_inputs: Any, masks: Mapping[str, Tensor] | None = None,
+               events: list[_chains.Event] | None = None) -> dict[str, float]:
+    """``params`` / ``flops`` (multiply-accumulates per sample) after structural removal, their dense
+    counterparts, and ``index_params`` (``params`` plus one index per weight kept inside a layer that is not
+    entirely dense, the storage view of Salama et al. 2019, Table 4)."""
+    events = _chains.trace_events(model, example_inputs) if events is None else events
+    modules = dict(model.named_modules())
+    layers = {k: v for k, v in modules.items() if isinstance(v, _masks.PRUNABLE)}
+    masks = dict(_masks.get_masks(model) if masks is None else masks)
+    links = _chains.trace_links(model, example_inputs, layers, events=events)
+    positions = layer_positions(events)
+    rows_keep = {}
+    for name, mod in layers.items():
+        mask = masks.get(name)
+        w = mod.weight
+        rows_keep[name] = (torch.ones(w.shape[0], dtype=torch.bool) if mask is None
+                           else _masks.as_2d(mask).any(dim=1).cpu())
+    cols_keep: dict[str, Tensor] = {}
+    bn_keep: dict[nn.Module, Tensor] = {}
+    for name, link in links.items():
+        if link.consumer is None:
+            continue
+        cq = _masks.as_2d(layers[link.consumer].weight).shape[1]
+        keep = rows_keep[name]
+        cols_keep[link.consumer] = keep.repeat_interleave(cq // keep.numel())
+        for idx in link.path:
+            mod = events[idx].module
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                bn_keep[mod] = keep
+    params = dense_params = flops = dense_flops = index_extra = 0.0
+    for name, mod in modules.items():
+        if name in layers:
+            w2 = _masks.as_2d(mod.weight)
+            mask = masks.get(name)
+            m2 = torch.ones(w2.shape, dtype=torch.bool) if mask is None else _masks.as_2d(mask).cpu()
+            rows, cols = rows_keep[name], cols_keep.get(name, torch.ones(w2.shape[1], dtype=torch.bool))
+            sub = m2[rows][:, cols]
+            kept = float(sub.sum())
+            pos = positions.get(name, 1)
+            bias = getattr(mod, "bias", None)
+            params += kept + (float(rows.sum()) if bias is not None else 0.0)
+            dense_params += w2.numel() + (bias.numel() if bias is not None else 0)
+            flops += kept * pos
+            dense_flops += w2.numel() * pos
+            if kept < sub.numel():
+                index_extra += kept
+        elif mod in bn_keep:
+            n_aff = sum(p.numel() for p in mod.parameters(recurse=False))
+            params += n_aff * float(bn_keep[mod].float().mean())
+            dense_params += n_aff
+        elif not any(name.startswith(k + ".") for k in layers):
+            n = sum(p.numel() for p in mod.parameters(recurse=False))
+            params += n
+            dense_params += n
+    return {"params": params, "dense_params": dense_params, "flops": flops, "dense_flops": dense_flops,
+            "index_params": params + index_extra}

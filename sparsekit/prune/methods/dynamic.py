@@ -1,0 +1,99 @@
+"""Dynamic (run-time) channel pruning: a per-input gate that skips output channels (seed 001 "dynamic";
+seed 000 sec. 2.1, Zhang et al. 2021: a channel-importance predictor decides which channels to compute).
+
+``ChannelGate`` wraps an ``nn.Conv2d`` / ``nn.Linear``. A small predictor (global average pool of the input
+-> Linear) scores the layer's output channels for each input; the ``keep`` fraction with the highest
+scores is computed, scaled by ``sigmoid(score)``, and the others are 0. In eval mode only the kept
+channels are computed, through the channel-compacted ops (``sparsekit.ops.sparse_conv2d`` /
+``channel_linear`` with a ``ChannelIndex`` of the kept rows); in training mode the dense layer runs and
+the hard top-k mask times the sigmoid lets gradients reach the predictor.
+
+    add_channel_gates(model, ["conv2", "fc1"], keep=0.5)   # in place
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ...formats import ChannelIndex
+from ...ops import channel_linear, sparse_conv2d
+from .. import masks as _masks
+
+__all__ = ["ChannelGate", "add_channel_gates"]
+
+
+class ChannelGate(nn.Module):
+    """``layer`` with a per-input gate keeping ``ceil(keep * out_channels)`` channels (see module doc)."""
+
+    def __init__(self, layer: nn.Module, keep: float = 0.5) -> None:
+        super().__init__()
+        if not isinstance(layer, _masks.PRUNABLE):
+            raise TypeError(f"layer must be an nn.Conv2d or nn.Linear, got {type(layer).__name__}")
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            raise ValueError(f"grouped convolutions are not gated (groups={layer.groups})")
+        if not isinstance(keep, (int, float)) or isinstance(keep, bool) or not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must be a fraction in (0, 1], got {keep!r}")
+        self.layer = layer
+        c_in, c_out = layer.weight.shape[1], layer.weight.shape[0]
+        self.k = max(1, int(-(-keep * c_out // 1)))
+        self.predictor = nn.Linear(c_in, c_out)
+        with torch.no_grad():                        # start from the static L1 order, input-independent
+            self.predictor.weight.zero_()
+            l1 = layer.weight.detach().reshape(c_out, -1).abs().sum(1)
+            self.predictor.bias.copy_((l1 - l1.mean()) / l1.std().clamp_min(1e-12) + 2.0)
+        self.last_kept: Tensor | None = None
+
+    def scores(self, x: Tensor) -> Tensor:
+        """Per-sample channel scores ``[batch, out_channels]``."""
+        pooled = x.flatten(2).mean(2) if x.dim() > 2 else x
+        return self.predictor(pooled)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.scores(x)
+        top = torch.topk(s, self.k, dim=1, sorted=False).indices.sort(dim=1).values     # [B, k]
+        self.last_kept = top
+        gate = torch.sigmoid(s)
+        if self.training:
+            hard = torch.zeros_like(s).scatter_(1, top, 1.0)
+            y = self.layer(x)
+            g = (hard * gate).reshape(*gate.shape, *([1] * (y.dim() - 2)))
+            return y * g
+        return self._compact(x, top, gate)
+
+    def _compact(self, x: Tensor, top: Tensor, gate: Tensor) -> Tensor:
+        w = self.layer.weight
+        w2 = w.reshape(w.shape[0], -1)
+        outs = []
+        for i in range(x.shape[0]):
+            idx = top[i]
+            fmt = ChannelIndex(values=w2.index_select(0, idx).contiguous(), indices=idx.contiguous(),
+                               shape=tuple(w2.shape), dim=0)
+            xi = x[i:i + 1]
+            if isinstance(self.layer, nn.Conv2d):
+                y = sparse_conv2d(xi, fmt, None, self.layer.stride, self.layer.padding, self.layer.dilation,
+                                  kernel_size=self.layer.kernel_size)
+            else:
+                y = channel_linear(xi, fmt, None)
+            scale = torch.zeros_like(gate[i]).index_copy(0, idx, gate[i, idx])
+            bias = self.layer.bias
+            if bias is not None:
+                y = y + bias.reshape(1, -1, *([1] * (y.dim() - 2)))
+            outs.append(y * scale.reshape(1, -1, *([1] * (y.dim() - 2))))
+        return torch.cat(outs)
+
+
+def add_channel_gates(model: nn.Module, layers: Iterable[str], keep: float = 0.5) -> dict[str, ChannelGate]:
+    """Replace each named layer of ``model`` by a ``ChannelGate`` around it, in place; returns the gates."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name in layers:
+        if name not in modules:
+            raise ValueError(f"layers names {name!r}, which is not a module of model")
+        gate = ChannelGate(modules[name], keep)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, gate)
+        out[name] = gate
+    return out

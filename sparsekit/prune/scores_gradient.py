@@ -1,0 +1,43 @@
+"""Sensitivity criteria from gradients over ``calib`` (``(input, target)`` pairs, ``loss_fn``)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .calibration import LayerContext
+from .criteria import register
+
+__all__ = ["taylor", "hessian"]
+
+
+@register("taylor", needs=("grads",), doc="first-order Taylor estimate of the loss change, (g*w)^2 per weight "
+                                          "and (sum of g*w over the filter)^2 per channel, averaged over "
+                                          "batches (Molchanov et al. 2019, 'Importance Estimation for Neural "
+                                          "Network Pruning')")
+def taylor(module: nn.Module, ctx: LayerContext) -> Tensor:
+    """Element granularity: mean over batches of (g_i w_i)^2. Channel granularity: mean over batches of
+    (sum over the filter of g_i w_i)^2, the group form (Molchanov et al. 2019, eq. 7-8)."""
+    batches = ctx.stat("batches")
+    if ctx.granularity == "channel":
+        return ctx.stat("taylor_chan") / batches
+    return ctx.stat("taylor_elem") / batches
+
+
+@register("hessian", needs=("hessian",), doc="second order: OBD saliency h_ii w_i^2 / 2 with the diagonal "
+                                             "Fisher for h_ii per element (LeCun et al. 1989, 'Optimal Brain "
+                                             "Damage'); per channel the HAP sensitivity |Tr(H_c)| / n_c * "
+                                             "||w_c||^2 with a Hutchinson trace (Yu et al. 2022, 'Hessian-Aware "
+                                             "Pruning and Optimal Neural Implant')")
+def hessian(module: nn.Module, ctx: LayerContext) -> Tensor:
+    """Element granularity: 0.5 * F_ii * w_i^2, F the empirical diagonal Fisher (mean over batches of g^2,
+    LeCun et al. 1989). Channel granularity: |Tr(H_c)| / n_c * ||w_c||^2 with Tr(H_c) summed from the
+    Hutchinson estimate E[v * Hv] of the Hessian diagonal (Rademacher v, one per batch; Yu et al. 2022).
+    The trace's absolute value is used because a few samples can leave it slightly negative."""
+    w = module.weight.detach().double()
+    batches = ctx.stat("batches")
+    if ctx.granularity == "channel":
+        diag = ctx.stat("hutchinson") / batches
+        rows = w.reshape(w.shape[0], -1)
+        trace = diag.reshape(w.shape[0], -1).sum(1)
+        return trace.abs() / rows.shape[1] * rows.square().sum(1)
+    return 0.5 * (ctx.stat("fisher") / batches) * w.square()

@@ -1,0 +1,104 @@
+"""Data-independent criteria: scores from the weights alone (and, for ``bn_scale``, the next BatchNorm)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .calibration import LayerContext, layer_seed
+from .criteria import register
+
+__all__ = ["magnitude", "random", "l1", "l2", "l1_mean", "fpgm", "mean_variance", "bn_scale"]
+
+
+def _w(module: nn.Module) -> Tensor:
+    return module.weight.detach()
+
+
+def _rows(module: nn.Module) -> Tensor:
+    w = _w(module)
+    return w.reshape(w.shape[0], -1).float()
+
+
+@register("magnitude", doc="|w| per element; low-magnitude weights go first (Han et al. 2015, "
+                           "'Learning both Weights and Connections for Efficient Neural Networks')")
+def magnitude(module: nn.Module) -> Tensor:
+    """Absolute value of every weight (Han et al. 2015)."""
+    return _w(module).abs()
+
+
+@register("random", needs=("seed",), doc="uniform random scores from a seed and the layer's name: the baseline "
+                                  "(e.g. Frankle & Carbin 2019, 'The Lottery Ticket Hypothesis', random pruning)")
+def random(module: nn.Module, ctx: LayerContext) -> Tensor:
+    """Seeded uniform scores, different per layer, identical across runs for the same seed."""
+    gen = torch.Generator().manual_seed(layer_seed(ctx.seed, ctx.name))
+    return torch.rand(_w(module).shape, generator=gen)
+
+
+@register("l1", doc="L1 norm of each output channel/filter, sum of |w| (Li et al. 2017, "
+                    "'Pruning Filters for Efficient ConvNets'); per element it equals magnitude")
+def l1(module: nn.Module) -> Tensor:
+    """Element scores |w|; summed per output channel by the granularity code they are the filter L1 norm."""
+    return _w(module).abs()
+
+
+@register("l2", doc="squared L2 norm of each filter, sum of w^2 (Li et al. 2017 / He et al. 2018, 'Soft "
+                    "Filter Pruning'); same order as the L2 norm")
+def l2(module: nn.Module) -> Tensor:
+    """Element scores w^2: per channel the squared L2 norm, which ranks filters like their L2 norm."""
+    return _w(module).square()
+
+
+@register("l1_mean", doc="filter L1 norm divided by its number of weights, so filters of different layers "
+                         "compare under one global threshold (Salama et al. 2019, 'Pruning at a Glance: "
+                         "Global Neural Pruning for Model Compression', seed 003)")
+def l1_mean(module: nn.Module) -> Tensor:
+    """Element scores |w| / (weights per filter): per channel the mean |w| (Salama et al. 2019, Alg. 1)."""
+    w = _w(module)
+    return w.abs() / max(1, w[0].numel())
+
+
+@register("fpgm", doc="filter pruning via geometric median: a filter's summed Euclidean distance to the other "
+                      "filters of its layer; the most replaceable (nearest the median) go first (He et al. "
+                      "2019, 'Filter Pruning via Geometric Median for Deep CNN Acceleration')")
+def fpgm(module: nn.Module) -> Tensor:
+    """Per channel: sum over j of ||F_c - F_j||_2; the filters closest to the layer's geometric median
+    (smallest sum) carry information the others already have (He et al. 2019)."""
+    rows = _rows(module).double()
+    return torch.cdist(rows, rows).sum(1)
+
+
+@register("mean_variance", doc="filters clustered by (mean |w|, variance of w); the low cluster is "
+                               "redundant (Gong et al. 2020, 'CNN model pruning combined with tensor "
+                               "decomposition compression', seed 000 sec. 4.2)")
+def mean_variance(module: nn.Module) -> Tensor:
+    """Per channel. Each filter is a point (mean |w|, var w), both scaled by their layer maximum; 2-means
+    (initialised at the smallest and largest point) splits the layer; filters of the low cluster score
+    below every filter of the high one, ordered by their distance from the origin (Gong et al. 2020)."""
+    rows = _rows(module).double()
+    pts = torch.stack([rows.abs().mean(1), rows.var(1, unbiased=False)], dim=1)
+    pts = pts / pts.amax(0).clamp_min(1e-30)
+    norm = pts.norm(dim=1)
+    if pts.shape[0] < 2:
+        return norm
+    centers = torch.stack([pts[norm.argmin()], pts[norm.argmax()]])
+    for _ in range(20):
+        assign = torch.cdist(pts, centers).argmin(1)
+        new = torch.stack([pts[assign == k].mean(0) if bool((assign == k).any()) else centers[k]
+                           for k in range(2)])
+        if torch.allclose(new, centers):
+            break
+        centers = new
+    high = int(centers.norm(dim=1).argmax())
+    return norm + 2.0 * (assign == high).double()
+
+
+@register("bn_scale", needs=("bn",), doc="|gamma| of the BatchNorm after each channel; train with an L1 penalty "
+                                         "on gamma first (Liu et al. 2017, 'Learning Efficient Convolutional "
+                                         "Networks through Network Slimming')")
+def bn_scale(module: nn.Module, ctx: LayerContext) -> Tensor:
+    """Per channel: |gamma| of the BatchNorm that follows the layer (Liu et al. 2017). See
+    ``methods.slimming`` for the L1 penalty on the scales."""
+    if ctx.bn is None or getattr(ctx.bn, "weight", None) is None:
+        raise ValueError(f"bn_scale needs an affine BatchNorm right after layer {ctx.name!r}; it has none")
+    return ctx.bn.weight.detach().abs()

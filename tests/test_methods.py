@@ -1,0 +1,256 @@
+"""Procedures in sparsekit.prune.methods: slimming, lottery ticket, alpha-blend, low rank, width search,
+dynamic gates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit import models
+from sparsekit.prune import Pruner, masks
+from sparsekit.prune.methods import (
+    AlphaBlend,
+    ChannelGate,
+    LotteryTicket,
+    abc_search,
+    add_channel_gates,
+    bn_l1_penalty,
+    factorize,
+    low_rank,
+    slimming_pruner,
+    svd_rank,
+)
+
+
+def _data(n: int = 64, seed: int = 0, shape=(1, 8, 8), classes: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def _fit(model: nn.Module, x, y, steps: int = 5, lr: float = 1e-2, extra=None) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if extra is not None:
+            loss = loss + extra()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+# ------------------------------------------------------------------------------------------- slimming
+def test_slimming_penalty_shrinks_scales_then_prunes_the_smallest():
+    torch.manual_seed(0)
+    m = models.ResNet20(width=0.25, image_size=8, in_channels=1)
+    x, y = _data(16)
+    assert bn_l1_penalty(m, 1e-2).item() == pytest.approx(1e-2 * sum(b.weight.abs().sum().item()
+                                                                      for b in m.modules()
+                                                                      if isinstance(b, nn.BatchNorm2d)))
+    before = sum(b.weight.abs().sum().item() for b in m.modules() if isinstance(b, nn.BatchNorm2d))
+    _fit(m, x, y, steps=3, extra=lambda: bn_l1_penalty(m, 1e-1))
+    after = sum(b.weight.abs().sum().item() for b in m.modules() if isinstance(b, nn.BatchNorm2d))
+    assert after < before
+    p = slimming_pruner(m, x[:2], sparsity=0.5, min_channels=0)      # the pure threshold (no per-layer guard)
+    p.step()
+    gammas = torch.cat([p._bn_of(k).weight.detach().abs() for k in p.layers])
+    keep = torch.cat([masks.as_2d(p.masks[k]).any(1) for k in p.layers])
+    assert float(gammas[~keep].max()) <= float(gammas[keep].min())        # one global threshold on |gamma|
+    with pytest.raises(ValueError, match="strength must be"):
+        bn_l1_penalty(m, -1.0)
+    assert bn_l1_penalty(nn.Linear(2, 2)).item() == 0.0
+
+
+# -------------------------------------------------------------------------------------------- lottery
+@pytest.mark.parametrize("rewind", ["init", "iteration", "random", "finetune"])
+def test_lottery_rewinds_surviving_weights(rewind):
+    torch.manual_seed(0)
+    m = models.MLP([64, 32, 16, 10])
+    x, y = _data(32, shape=(64,))
+    init = {k: v.clone() for k, v in m.state_dict().items()}
+    ticket = LotteryTicket(m, x[:2], sparsity=0.75, rounds=2, rewind=rewind)
+    _fit(m, x, y, steps=2)
+    if rewind == "iteration":
+        ticket.snapshot()
+        snap = {k: v.clone() for k, v in m.state_dict().items()}
+    _fit(m, x, y, steps=2)
+    trained = {k: v.clone() for k, v in m.state_dict().items()}
+    assert ticket.prune_round() == pytest.approx(0.5)                      # geometric: half of what is left
+    w = m.layers[0].parametrizations.weight.original.detach()
+    expect = {"init": init, "iteration": snap if rewind == "iteration" else None, "finetune": trained}.get(rewind)
+    if expect is not None:
+        assert torch.equal(w, expect["layers.0.weight"])
+    else:
+        assert not torch.equal(w, init["layers.0.weight"]) and not torch.equal(w, trained["layers.0.weight"])
+    assert ticket.prune_round() == pytest.approx(0.75)
+    total = sum(mk.numel() for mk in ticket.pruner.masks.values())
+    assert sum(int((~mk).sum()) for mk in ticket.pruner.masks.values()) == int(0.75 * total)
+
+
+def test_lottery_run_and_errors():
+    torch.manual_seed(0)
+    m = models.MLP([64, 32, 10])
+    x, y = _data(16, shape=(64,))
+    LotteryTicket(m, x[:2], sparsity=0.5, rounds=2).run(lambda model: _fit(model, x, y, steps=1))
+    assert masks.get_masks(m)
+    with pytest.raises(ValueError, match="already masked"):
+        LotteryTicket(m, x[:2])
+    m2 = models.MLP([64, 32, 10])
+    with pytest.raises(ValueError, match="rewind must be one of"):
+        LotteryTicket(m2, x[:2], rewind="late")
+    with pytest.raises(ValueError, match=r"needs ticket.snapshot\(\)"):
+        LotteryTicket(m2, x[:2], rewind="iteration").prune_round()
+
+
+# ---------------------------------------------------------------------------------------- alpha blend
+def test_alpha_blend_merge_gives_the_alpha0_outputs():
+    torch.manual_seed(0)
+    m = models.LeNet5(image_size=8)
+    x, y = _data(32)
+    ref = m(x).detach()
+    blend = AlphaBlend(m, x[:2], widths={"conv1": 3, "conv2": 8, "fc1": 40, "fc2": 30})
+    assert torch.equal(m(x), ref)                                     # alpha = 1: the original model
+    opt = torch.optim.SGD(m.parameters(), lr=1e-2)                    # both branches train
+    names = {k for k, _ in m.named_parameters()}
+    assert any(k.startswith("alpha_blend.") for k in names)
+    assert blend.alphas(0.25) == [1.0, 0.75, 0.5, 0.25, 0.0]
+    for alpha in blend.alphas(0.5):
+        blend.set_alpha(alpha)
+        m.train()
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+    m.eval()
+    y0 = m(x).detach()
+    blend.merge()
+    assert not hasattr(m, "alpha_blend")
+    assert (m.conv1.out_channels, m.conv2.in_channels, m.conv2.out_channels) == (3, 3, 8)
+    assert (m.fc1.in_features, m.fc1.out_features, m.fc2.in_features, m.fc2.out_features) == (32, 40, 40, 30)
+    assert m.fc.in_features == 30
+    torch.testing.assert_close(m(x), y0, atol=1e-5, rtol=1e-4)
+    assert sum(p.numel() for p in m.parameters()) < sum(p.numel() for p in models.LeNet5(image_size=8).parameters())
+
+
+def test_alpha_blend_with_batchnorm_chain_and_errors():
+    torch.manual_seed(0)
+    m = models.VGG16_BN(width=0.125, in_channels=1)
+    x = m.example_input(4)
+    blend = AlphaBlend(m, x[:2], widths={"features.0": 4, "features.3": 5})
+    blend.set_alpha(0.0)
+    with torch.no_grad():
+        m.alpha_blend["features__0"].a_bias.add_(0.1)               # anything trained
+        y0 = m(x)
+    blend.merge()
+    assert isinstance(m.features[1], nn.BatchNorm2d) and m.features[1].num_features == 4
+    torch.testing.assert_close(m(x), y0, atol=1e-5, rtol=1e-4)
+    r = models.ResNet20(width=0.25, image_size=8)
+    with pytest.raises(ValueError, match="cannot blend 'conv1'.*plain sequential chain"):
+        AlphaBlend(r, r.example_input(), widths={"conv1": 2})
+    le = models.LeNet5(image_size=8)
+    with pytest.raises(ValueError, match=r"widths\['conv1'\] must be an int in \[1, 6\)"):
+        AlphaBlend(le, le.example_input(), widths={"conv1": 6})
+    with pytest.raises(ValueError, match="not an nn.Linear/nn.Conv2d"):
+        AlphaBlend(le, le.example_input(), widths={"pool": 2})
+    b = AlphaBlend(le, le.example_input(), widths=0.5)
+    assert b.widths == {"conv1": 3, "conv2": 8, "fc1": 60, "fc2": 42}
+    with pytest.raises(ValueError, match="merge\\(\\) needs alpha == 0"):
+        b.merge()
+
+
+# ------------------------------------------------------------------------------------------- low rank
+def test_low_rank_exact_at_full_rank_and_energy_target():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(24, 4) @ torch.randn(4, 32))     # rank 4
+    seq = factorize(lin, energy=0.999)
+    assert seq[0].out_features == 4
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(seq(x), lin(x), atol=1e-4, rtol=1e-4)
+    conv = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+    seq = factorize(conv, rank=8)
+    xi = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(seq(xi), conv(xi), atol=1e-4, rtol=1e-4)
+    assert svd_rank(torch.tensor([3.0, 1.0, 0.0]), energy=0.9) == 1
+    with pytest.raises(ValueError, match="exactly one of rank and energy"):
+        svd_rank(torch.ones(3))
+
+
+def test_low_rank_on_a_model_and_combined_with_channel_pruning():
+    torch.manual_seed(0)
+    m = models.MLP([64, 48, 48, 10])
+    x = m.example_input(4)
+    p = Pruner(m, x, criterion="l1", granularity="channel", sparsity=0.75)
+    p.step()
+    y_masked = m(x).detach()
+    with pytest.raises(ValueError, match="bake the masks first"):
+        low_rank(m, energy=1.0)
+    p.bake()
+    report = low_rank(m, energy=1.0)                                 # lossless: rank = kept channels
+    assert report["layers.0"][0] == 12 and report["layers.2"][0] <= 12
+    torch.testing.assert_close(m(x), y_masked, atol=1e-4, rtol=1e-4)
+    assert all(after < before for _, before, after in report.values())
+
+
+# --------------------------------------------------------------------------------------- width search
+def test_abc_search_meets_budget_and_finds_the_redundant_layer():
+    torch.manual_seed(0)
+    m = models.MLP([16, 32, 32, 4])
+    with torch.no_grad():                         # layer 0: only 4 neurons matter; layer 2: all 32 do
+        m.layers[0].weight[4:] *= 1e-3
+        m.layers[0].bias[4:] = 0
+        m.layers[2].weight[:, 4:] = 0
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 16, generator=g)
+    y = m(x).argmax(1)
+    calib = [(x[:128], y[:128]), (x[128:], y[128:])]
+    res = abc_search(m, x[:2], calib, budget=0.4, metric="params", colony=4, cycles=4, seed=0)
+    assert res.cost <= 0.4 + 1e-9
+    assert res.widths["layers.0"] < res.widths["layers.2"]
+    assert res.fitness >= 0.9
+    again = abc_search(m, x[:2], calib, budget=0.4, metric="params", colony=4, cycles=4, seed=0)
+    assert again.widths == res.widths                                   # deterministic
+    with pytest.raises(ValueError, match="budget must be a fraction"):
+        abc_search(m, x[:2], calib, budget=0.0)
+    with pytest.raises(ValueError, match="metric must be"):
+        abc_search(m, x[:2], calib, budget=0.5, metric="latency")
+
+
+# -------------------------------------------------------------------------------------------- dynamic
+def test_channel_gate_compact_path_matches_dense_masked():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    gate = ChannelGate(conv, keep=0.5)
+    with torch.no_grad():
+        gate.predictor.weight.normal_()
+    x = torch.randn(3, 4, 6, 6)
+    gate.eval()
+    y = gate(x)
+    kept = gate.last_kept
+    assert kept.shape == (3, 4)
+    assert len({tuple(r.tolist()) for r in kept}) > 1                  # depends on the input
+    s = torch.sigmoid(gate.scores(x))
+    hard = torch.zeros_like(s).scatter_(1, kept, 1.0)
+    torch.testing.assert_close(y, conv(x) * (hard * s)[:, :, None, None], atol=1e-5, rtol=1e-5)
+    gate.train()
+    torch.testing.assert_close(gate(x), y, atol=1e-5, rtol=1e-5)
+    gate(x).sum().backward()
+    assert gate.predictor.weight.grad is not None and conv.weight.grad is not None
+
+
+def test_add_channel_gates_on_lenet():
+    torch.manual_seed(0)
+    m = models.LeNet5(image_size=8)
+    gates = add_channel_gates(m, ["conv2", "fc1"], keep=0.25)
+    assert isinstance(m.conv2, ChannelGate) and gates["fc1"].k == 30
+    m.eval()
+    out = m(m.example_input(2))
+    assert out.shape == (2, 10)
+    with pytest.raises(ValueError, match="keep must be a fraction"):
+        ChannelGate(nn.Linear(2, 2), keep=0.0)
+    with pytest.raises(ValueError, match="not a module of model"):
+        add_channel_gates(m, ["conv9"])
