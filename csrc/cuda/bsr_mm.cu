@@ -2,6 +2,7 @@
 // float32/float64/float16/bfloat16, 16-bit types accumulate in fp32 (at::opmath_type).
 //
 //   bsr_mm     y  = x @ W^T + bias   one thread block per (block-row, M tile)
+//                                    (fp16/bf16 with square 16/32/64 blocks: tensor cores, bsr_mm_tc.cu)
 //   bsr_mm_t   dx = dy @ W           one thread block per (block-column, M tile), through a block-CSC view of
 //                                    W built on the device (stable sort of col_indices): no atomics, and the
 //                                    summation order is deterministic
@@ -30,6 +31,8 @@
 #include <climits>
 #include <optional>
 #include <tuple>
+
+#include "bsr_mm_tc.cuh"
 
 namespace {
 
@@ -275,6 +278,8 @@ at::Tensor bsr_mm_cuda(const at::Tensor& x_in, const at::Tensor& crow, const at:
   const int tm = rows_per_tile(static_cast<int>(bn));
   const int64_t mtiles = (M + tm - 1) / tm;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // fp16/bf16 with square 16/32/64 blocks: mma.sync tensor cores (bsr_mm_tc.cu); everything else below
+  if (sparsekit_cuda::bsr_mm_tensor_core(x, crow, col, values, bias, y, rows, stream)) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparsekit_bsr_mm_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     bsr_gathered_gemm_kernel<scalar_t, A, false><<<grid_size(op, rows * mtiles), kThreads, 0, stream>>>(

@@ -1,0 +1,274 @@
+// CUDA kernels for the NM ops (schemas and semantics in csrc/ops.cpp): n:m semi-structured W [N, K] stored as
+// values [N, K/m*n] and uint8 indices (position 0..m-1 of each kept value inside its group of m), any
+// 1 <= n <= m <= 256, float32/float64/float16/bfloat16, 16-bit types accumulate in fp32 (at::opmath_type).
+//
+//   nm_mm     y  = x @ W^T + bias   "load sparse, compute dense" on CUDA cores: one thread block per
+//   nm_mm_t   dx = dy @ W           (kTM rows of the input) x (kTO output columns); per kRC-wide chunk of the
+//                                   reduction axis the input tile is staged in shared memory and the matching
+//                                   tile of W is expanded from its compressed form into a dense shared tile
+//                                   (zero fill, then each stored value scattered to its column), then a dense
+//                                   register-tiled product. The chunk need not align with the groups of m: the
+//                                   groups overlapping the chunk are scanned and entries outside it dropped.
+//                                   No atomics; x / dy are read exactly as given (row-major, coalesced).
+//   nm_sddmm  dW = (dy^T @ x) on W's pattern: the entry-wise kernels of sddmm.cuh.
+//
+// Not here yet: 2:4 fp16/bf16 on the sparse tensor cores (mma.sp.m16n8k32), which needs our positions
+// re-encoded into the hardware's metadata layout (2-bit indices, per-thread-group interleaving); until a GPU
+// can validate that layout, 2:4 runs on this generic kernel (or cuSPARSELt via torch.sparse in the benchmarks).
+//
+// Index data is trusted here (checking it would need a device sync); sparsekit.formats validates it.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <optional>
+
+#include "sddmm.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kTM = 32;                          // rows of the input per thread block
+constexpr int kTO = 64;                          // output columns per thread block
+constexpr int kRC = 32;                          // reduction chunk
+constexpr int kRowsPerThread = kTM * kTO / kThreads;  // 8: each thread owns one output column, 8 rows
+static_assert(kThreads % kTO == 0 && kRowsPerThread * (kThreads / kTO) == kTM, "tile shape");
+
+// ------------------------------------------------------------------------------------------ kernels
+// out[i, o] = sum_j in[i, j] * B(j, o) (+ bias[o]):
+//   nm_mm   (kTrans = false): in = x [M, K],  j over K, o over N, B(j, o) = W[o, j]
+//   nm_mm_t (kTrans = true):  in = dy [M, N], j over N, o over K, B(j, o) = W[j, o]
+template <typename T, typename A, bool kTrans>
+__global__ void __launch_bounds__(kThreads)
+nm_gemm_kernel(const T* __restrict__ in, const T* __restrict__ values, const uint8_t* __restrict__ indices,
+               const T* __restrict__ bias, T* __restrict__ out, int64_t M, int64_t N, int64_t K, int64_t kept, int n,
+               int m, int64_t otiles) {
+  __shared__ A a_s[kTM][kRC];
+  __shared__ A b_s[kRC][kTO + 1];  // +1: the scatter of one W row (kTrans = false) walks down a column
+
+  const int64_t groups = kept / n;
+  const int64_t red = kTrans ? N : K, out_cols = kTrans ? K : N;
+  const int64_t o0 = (blockIdx.x % otiles) * kTO, m0 = (blockIdx.x / otiles) * kTM;
+  const int tid = threadIdx.x, oi = tid % kTO, mg = tid / kTO;
+
+  A acc[kRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) acc[i] = A(0);
+
+  for (int64_t j0 = 0; j0 < red; j0 += kRC) {
+    for (int idx = tid; idx < kRC * (kTO + 1); idx += kThreads) (&b_s[0][0])[idx] = A(0);
+    for (int idx = tid; idx < kTM * kRC; idx += kThreads) {
+      const int mi = idx / kRC, j = idx % kRC;
+      const int64_t mm = m0 + mi, jj = j0 + j;
+      a_s[mi][j] = (mm < M && jj < red) ? static_cast<A>(in[mm * red + jj]) : A(0);
+    }
+    __syncthreads();
+    // expand: the W rows of this tile and the K range [k_lo, k_lo + k_len) of it
+    const int64_t w_row0 = kTrans ? j0 : o0, k_lo = kTrans ? o0 : j0;
+    const int w_rows = kTrans ? kRC : kTO, k_len = kTrans ? kTO : kRC;
+    const int64_t g_lo = k_lo / m, g_hi = std::min<int64_t>(groups - 1, (k_lo + k_len - 1) / m);
+    const int64_t ne = (g_hi - g_lo + 1) * n;  // stored entries per W row in the overlapping groups
+    for (int64_t idx = tid; idx < w_rows * ne; idx += kThreads) {
+      const int ri = static_cast<int>(idx / ne);
+      const int64_t e = g_lo * n + idx % ne, row = w_row0 + ri;
+      if (row < N) {
+        const int64_t pos = row * kept + e;
+        const int64_t kk = (e / n) * m + indices[pos] - k_lo;
+        if (kk >= 0 && kk < k_len) {
+          const A v = static_cast<A>(values[pos]);
+          if (kTrans) b_s[ri][kk] = v; else b_s[kk][ri] = v;
+        }
+      }
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int j = 0; j < kRC; ++j) {
+      const A b = b_s[j][oi];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) acc[i] += a_s[mg * kRowsPerThread + i][j] * b;
+    }
+    __syncthreads();
+  }
+
+  const int64_t o = o0 + oi;
+  if (o < out_cols) {
+    const A bv = bias != nullptr ? static_cast<A>(bias[o]) : A(0);
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int64_t mm = m0 + mg * kRowsPerThread + i;
+      if (mm < M) out[mm * out_cols + o] = static_cast<T>(acc[i] + bv);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------- checks
+void check_cuda(const char* op, const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the other inputs are on ",
+              ref.device());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+void check_floating(const char* op, const at::Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", s);
+}
+
+void check_same_dtype(const char* op, const at::Tensor& t, const char* name, const at::Tensor& ref,
+                      const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
+              ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+// Checks n, m and indices; returns K = indices.size(1) / n * m.
+int64_t check_pattern(const char* op, const at::Tensor& indices, int64_t n, int64_t m, const at::Tensor& ref) {
+  TORCH_CHECK(n >= 1 && n <= m && m <= 256, op, ": n and m must satisfy 1 <= n <= m <= 256 (uint8 positions), got n=",
+              n, ", m=", m);
+  check_cuda(op, indices, "indices", 2, ref);
+  TORCH_CHECK(indices.scalar_type() == at::kByte, op, ": indices must have dtype torch.uint8, got ",
+              indices.scalar_type());
+  TORCH_CHECK(indices.is_contiguous(), op, ": indices must be contiguous");
+  const int64_t kept = indices.size(1);
+  TORCH_CHECK(kept % n == 0, op, ": indices.size(1) (", kept, ") must be a multiple of n=", n);
+  return kept / n * m;
+}
+
+void check_values(const char* op, const at::Tensor& values, const at::Tensor& indices, const at::Tensor& ref,
+                  const char* ref_name) {
+  check_cuda(op, values, "values", 2, ref);
+  check_same_dtype(op, values, "values", ref, ref_name);
+  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  TORCH_CHECK(values.sizes() == indices.sizes(), op, ": values and indices must have the same shape, got ",
+              values.sizes(), " and ", indices.sizes());
+}
+
+unsigned grid_size(const char* op, int64_t blocks) {
+  TORCH_CHECK(blocks <= INT_MAX, op, ": problem too large for one launch (", blocks, " thread blocks)");
+  return static_cast<unsigned>(std::max<int64_t>(blocks, 1));
+}
+
+template <bool kTrans>
+void launch_gemm(const char* op, const at::Tensor& in, const at::Tensor& values, const at::Tensor& indices,
+                 const at::Tensor& bias, at::Tensor& out, int64_t N, int64_t K, int64_t n, int64_t m) {
+  const int64_t M = in.size(0), out_cols = out.size(1);
+  const int64_t otiles = (out_cols + kTO - 1) / kTO, mtiles = (M + kTM - 1) / kTM;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "sparsekit_nm_gemm_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    nm_gemm_kernel<scalar_t, A, kTrans><<<grid_size(op, otiles * mtiles), kThreads, 0, stream>>>(
+        in.const_data_ptr<scalar_t>(), values.const_data_ptr<scalar_t>(), indices.const_data_ptr<uint8_t>(),
+        bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), M, N, K,
+        indices.size(1), static_cast<int>(n), static_cast<int>(m), otiles);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// -------------------------------------------------------------------------------------------------- ops
+at::Tensor nm_mm_cuda(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& indices,
+                      const std::optional<at::Tensor>& bias_in, int64_t n, int64_t m) {
+  constexpr const char* op = "sparsekit::nm_mm";
+  check_cuda(op, x_in, "x", 2, x_in);
+  check_floating(op, x_in, "x");
+  const int64_t K = check_pattern(op, indices, n, m, x_in);
+  check_values(op, values, indices, x_in, "x");
+  const int64_t M = x_in.size(0), N = values.size(0);
+  TORCH_CHECK(x_in.size(1) == K, op, ": x.size(1) must be K = values.size(1) / n * m = ", K, ", got ", x_in.size(1));
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    check_cuda(op, *bias_in, "bias", 1, x_in);
+    check_same_dtype(op, *bias_in, "bias", x_in, "x");
+    TORCH_CHECK(bias_in->size(0) == N, op, ": bias must have N = values.size(0) = ", N, " entries, got ",
+                bias_in->size(0));
+    bias = bias_in->contiguous();
+  }
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return bias.defined() ? bias.unsqueeze(0).expand({M, N}).contiguous() : at::zeros({M, N}, x.options());
+  launch_gemm<false>(op, x, values, indices, bias, y, N, K, n, m);
+  return y;
+}
+
+at::Tensor nm_mm_t_cuda(const at::Tensor& dy_in, const at::Tensor& values, const at::Tensor& indices, int64_t n,
+                        int64_t m) {
+  constexpr const char* op = "sparsekit::nm_mm_t";
+  check_cuda(op, dy_in, "dy", 2, dy_in);
+  check_floating(op, dy_in, "dy");
+  const int64_t K = check_pattern(op, indices, n, m, dy_in);
+  check_values(op, values, indices, dy_in, "dy");
+  const int64_t M = dy_in.size(0), N = dy_in.size(1);
+  TORCH_CHECK(values.size(0) == N, op, ": dy.size(1) must be N = values.size(0) = ", values.size(0), ", got ", N);
+  const c10::cuda::CUDAGuard guard(dy_in.device());
+  const at::Tensor dy = dy_in.contiguous();
+  if (M == 0 || K == 0 || N == 0) return at::zeros({M, K}, dy.options());
+  at::Tensor dx = at::empty({M, K}, dy.options());
+  launch_gemm<true>(op, dy, values, indices, at::Tensor(), dx, N, K, n, m);
+  return dx;
+}
+
+at::Tensor nm_sddmm_cuda(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& indices, int64_t n,
+                         int64_t m) {
+  constexpr const char* op = "sparsekit::nm_sddmm";
+  check_cuda(op, dy_in, "dy", 2, dy_in);
+  check_floating(op, dy_in, "dy");
+  check_cuda(op, x_in, "x", 2, dy_in);
+  check_same_dtype(op, x_in, "x", dy_in, "dy");
+  const int64_t K = check_pattern(op, indices, n, m, dy_in);
+  const int64_t M = dy_in.size(0), N = dy_in.size(1), kept = indices.size(1), nnz = N * kept;
+  TORCH_CHECK(x_in.size(0) == M, op, ": x and dy must have the same number of rows M, got x.size(0)=", x_in.size(0),
+              " and dy.size(0)=", M);
+  TORCH_CHECK(indices.size(0) == N, op, ": dy.size(1) must be N = indices.size(0) = ", indices.size(0), ", got ", N);
+  TORCH_CHECK(x_in.size(1) == K, op, ": x.size(1) must be K = indices.size(1) / n * m = ", K, ", got ", x_in.size(1));
+  const c10::cuda::CUDAGuard guard(dy_in.device());
+  if (nnz == 0 || M == 0) return at::zeros({N, kept}, dy_in.options());
+  const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous();
+  at::Tensor out = at::empty({N, kept}, dy.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const NmEntries entries{indices.const_data_ptr<uint8_t>(), kept, static_cast<int>(n), static_cast<int>(m)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "sparsekit_nm_sddmm_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    if (M <= kSddmmThreadMaxM) {
+      sddmm_thread_kernel<scalar_t, A, NmEntries>
+          <<<grid_size(op, (nnz + kSddmmThreads - 1) / kSddmmThreads), kSddmmThreads, 0, stream>>>(
+              dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), entries, out.mutable_data_ptr<scalar_t>(),
+              nnz, M, N, K);
+    } else {
+      constexpr int V = VecWidth<scalar_t>::value;
+      const int64_t Mp = (M + V - 1) / V * V;
+      auto transposed = [&](const at::Tensor& s) {
+        if (Mp == M) return s.t().contiguous();
+        at::Tensor t = at::zeros({s.size(1), Mp}, s.options());
+        t.narrow(1, 0, M).copy_(s.t());
+        return t;
+      };
+      const at::Tensor dyT = transposed(dy), xT = transposed(x);
+      const int64_t warps = (nnz + kSddmmWarpEntries - 1) / kSddmmWarpEntries;
+      constexpr int kWarpsPerBlock = kSddmmThreads / 32;
+      sddmm_warp_kernel<scalar_t, A, NmEntries>
+          <<<grid_size(op, (warps + kWarpsPerBlock - 1) / kWarpsPerBlock), kSddmmThreads, 0, stream>>>(
+              dyT.const_data_ptr<scalar_t>(), xT.const_data_ptr<scalar_t>(), entries,
+              out.mutable_data_ptr<scalar_t>(), nnz, Mp);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsekit, CUDA, m) {
+  m.impl("nm_mm", &nm_mm_cuda);
+  m.impl("nm_mm_t", &nm_mm_t_cuda);
+  m.impl("nm_sddmm", &nm_sddmm_cuda);
+}
