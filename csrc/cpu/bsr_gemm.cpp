@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/im2col.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -371,6 +372,42 @@ void bsr_mm_fast(const T* x, const int32_t* crow, const int32_t* col, const void
   });
 }
 
+// y^T [B, N, M] = W @ x^T [B, K, M] (+ bias[:, None]) for convolutions (x^T per image = im2col patches or
+// NCHW pixels): M-panels are strided copies of x^T, each block-row's fp32 panel [bn][MT] is copied straight
+// into y^T. Tasks = (tile of an image's M, nonzero-balanced chunk of block-rows), tile outermost.
+template <typename T>
+void bsr_xt_fast(const T* xt, int64_t B, const int32_t* crow, const int32_t* col, const void* v, WKind wk,
+                 const T* bias, T* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
+  const Isa isa = active_isa();
+  const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
+  if (B == 0 || M == 0 || N == 0) return;
+  const int W = vec_floats(isa);
+  const int nv = choose_nv(isa, M, bn);
+  const int64_t MT = int64_t(nv) * W, tpi = (M + MT - 1) / MT, tiles = B * tpi;
+  at::Tensor xp_t = at::empty({tiles * K * MT}, at::TensorOptions().dtype(at::kFloat));
+  float* xp = xp_t.mutable_data_ptr<float>();
+  pack_panels_xt<T>(xt, B, K, M, MT, xp);
+  const std::vector<float> bf = bias_f32(bias, N);
+  const int64_t want = (4 * threads + tiles - 1) / tiles;
+  const std::vector<int64_t> bounds = balanced_chunks(crow, rows, want, bn * bk, bn);
+  const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
+  const int64_t grain = B * M * nnzb * bn * bk < kMinWork ? tasks : 1;
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> out(bn * MT);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t tile = t / chunks, c = t % chunks;
+      const int64_t b = tile / tpi, m0 = (tile % tpi) * MT, mc = std::min(MT, M - m0);
+      const float* xtile = xp + tile * K * MT;
+      for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
+        bsr_panel_row(isa, nv, xtile, col, crow[r], crow[r + 1], v, wk, bn, bk, out.data());
+        store_panel_xt<T>(out.data(), MT, bn, mc, bias ? bf.data() + r * bn : nullptr, y + b * N * M + r * bn * M + m0,
+                          M);
+      }
+    }
+  });
+}
+
+
 // The values as the fast path reads them: fp32 as is, bf16 as raw bits, fp16 converted to fp32 (a copy).
 std::pair<at::Tensor, WKind> fast_values(const at::Tensor& values) {
   if (values.scalar_type() == at::kBFloat16) return {values, WKind::kBF16};
@@ -438,6 +475,115 @@ at::Tensor bsr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tens
   });
   return y;
 }
+
+// y^T [B, n, M] = W @ x^T [B, K, M] (+ bias[:, None]): bsr_mm in the transposed (convolution) layout.
+at::Tensor bsr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                     const std::optional<at::Tensor>& bias_in, int64_t n) {
+  constexpr const char* op = "sparsekit::bsr_mm_xt";
+  check_tensor(op, xt_in, "xt", 3);
+  check_floating(op, xt_in, "xt");
+  check_tensor(op, values, "values", 3);
+  check_same_dtype(op, values, "values", xt_in, "xt");
+  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  check_index(op, crow, "crow_indices");
+  check_index(op, col, "col_indices");
+  const int64_t bn = values.size(1), bk = values.size(2), B = xt_in.size(0), K = xt_in.size(1), M = xt_in.size(2);
+  check_block(op, bn, bk);
+  TORCH_CHECK(n >= 0 && n % bn == 0, op, ": n (", n, ") must be a non-negative multiple of block_n=", bn);
+  TORCH_CHECK(K % bk == 0, op, ": xt.size(1) (K=", K, ") must be a multiple of block_k=", bk, " (values.size(2))");
+  TORCH_CHECK(col.numel() == values.size(0), op, ": col_indices has ", col.numel(), " entries but values has ",
+              values.size(0), " blocks");
+  check_structure(op, crow, col, n / bn, K / bk);
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    check_tensor(op, *bias_in, "bias", 1);
+    check_same_dtype(op, *bias_in, "bias", xt_in, "xt");
+    TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
+    bias = bias_in->contiguous();
+  }
+  if (!use_fast(xt_in.scalar_type())) {  // float64: the row-layout kernel on transposed copies
+    const at::Tensor y = bsr_mm(xt_in.transpose(1, 2).reshape({B * M, K}), crow, col, values, bias_in, n);
+    return y.reshape({B, M, n}).transpose(1, 2).contiguous();
+  }
+  const at::Tensor xt = xt_in.contiguous();
+  at::Tensor y = at::empty({B, n, M}, xt.options());
+  const auto [fv, wk] = fast_values(values);
+  SPARSEKIT_DISPATCH_FAST(xt.scalar_type(), "sparsekit_bsr_mm_xt", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      bsr_xt_fast<scalar_t>(xt.const_data_ptr<scalar_t>(), B, crow.const_data_ptr<int32_t>(),
+                            col.const_data_ptr<int32_t>(), fv.const_data_ptr(), wk,
+                            bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
+                            M, K, n, bn, bk);
+    }
+  });
+  return y;
+}
+
+
+// y [B, n, Ho, Wo] = conv2d(x [B, C, H, W], W [n, C*kh*kw] BSR, stride 1) (+ bias): conv_panels (panel.h), no im2col.
+at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                      const std::optional<at::Tensor>& bias_in, at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                      at::IntArrayRef dilation) {
+  constexpr const char* op = "sparsekit::bsr_conv2d";
+  check_tensor(op, values, "values", 3);
+  check_index(op, crow, "crow_indices");
+  check_index(op, col, "col_indices");
+  TORCH_CHECK(kernel_size.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": kernel_size, padding and dilation must have 2 entries each");
+  check_tensor(op, x_in, "x", 4);
+  check_floating(op, x_in, "x");
+  check_same_dtype(op, values, "values", x_in, "x");
+  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  const ConvGeom g{x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3), kernel_size[0], kernel_size[1],
+                   padding[0], padding[1], dilation[0], dilation[1]};
+  TORCH_CHECK(g.kh >= 1 && g.kw >= 1 && g.ph >= 0 && g.pw >= 0 && g.dh >= 1 && g.dw >= 1, op,
+              ": kernel_size and dilation must be >= 1 and padding >= 0, got ", kernel_size, ", ", padding, ", ",
+              dilation);
+  TORCH_CHECK(g.Ho() >= 1 && g.Wo() >= 1, op, ": output would be empty (", g.Ho(), "x", g.Wo(), ")");
+  const int64_t K = g.C * g.kh * g.kw;
+  const int64_t bn = values.size(1), bk = values.size(2), n = (crow.numel() - 1) * bn;
+  check_block(op, bn, bk);
+  TORCH_CHECK(K % bk == 0, op, ": C*kh*kw (K=", K, ") must be a multiple of block_k=", bk, " (values.size(2))");
+  TORCH_CHECK(col.numel() == values.size(0), op, ": col_indices has ", col.numel(), " entries but values has ",
+              values.size(0), " blocks");
+  check_structure(op, crow, col, n / bn, K / bk);
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    check_tensor(op, *bias_in, "bias", 1);
+    check_same_dtype(op, *bias_in, "bias", x_in, "x");
+    TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
+    bias = bias_in->contiguous();
+  }
+  if (!use_fast(x_in.scalar_type())) {  // float64: im2col + the transposed-layout op
+    const at::Tensor cols = at::im2col(x_in, kernel_size, dilation, padding, {1, 1});
+    return bsr_mm_xt(cols, crow, col, values, bias_in, n).reshape({g.B, n, g.Ho(), g.Wo()});
+  }
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty({g.B, n, g.Ho(), g.Wo()}, x.options());
+  if (g.B == 0 || n == 0) return y;
+  const auto [fv, wk] = fast_values(values);
+  const Isa isa = active_isa();
+  const int64_t threads = at::get_num_threads(), Mg = g.Ho() * g.Wp();
+  const int64_t rows = n / bn;
+  const int nv = choose_nv(isa, Mg, bn);
+  const int64_t MT = int64_t(nv) * vec_floats(isa), tiles = g.B * ((Mg + MT - 1) / MT);
+  const int32_t* cr = crow.const_data_ptr<int32_t>();
+  const int32_t* cc = col.const_data_ptr<int32_t>();
+  const std::vector<int64_t> bounds = balanced_chunks(cr, rows, (4 * threads + tiles - 1) / tiles, bn * bk, bn);
+  const void* v = fv.const_data_ptr();
+  const std::vector<float> bf = bias_vec(bias);
+  SPARSEKIT_DISPATCH_FAST(x.scalar_type(), "sparsekit_bsr_conv2d", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      conv_panels<scalar_t>(x.const_data_ptr<scalar_t>(), g, n, MT, bounds, bn, bf.empty() ? nullptr : bf.data(),
+                            y.mutable_data_ptr<scalar_t>(), [&](const float* xt, int64_t u0, int64_t u1, float* out) {
+                              for (int64_t r = u0; r < u1; ++r)
+                                bsr_panel_row(isa, nv, xt, cc, cr[r], cr[r + 1], v, wk, bn, bk, out + (r - u0) * bn * MT);
+                            });
+    }
+  });
+  return y;
+}
+
 
 at::Tensor bsr_mm_t(const at::Tensor& dy_in, const at::Tensor& crow, const at::Tensor& col,
                     const at::Tensor& values, int64_t k) {
@@ -533,5 +679,7 @@ at::Tensor bsr_sddmm(const at::Tensor& dy_in, const at::Tensor& x_in, const at::
 TORCH_LIBRARY_IMPL(sparsekit, CPU, m) {
   m.impl("bsr_mm", &bsr_mm);
   m.impl("bsr_mm_t", &bsr_mm_t);
+  m.impl("bsr_mm_xt", &bsr_mm_xt);
+  m.impl("bsr_conv2d", &bsr_conv2d);
   m.impl("bsr_sddmm", &bsr_sddmm);
 }

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/im2col.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,43 +19,17 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
+#include "panel.h"
+#include "simd.h"
+
 namespace {
 
-constexpr int64_t kMinWork = 32768;  // multiply-adds per parallel chunk, so tiny problems stay serial
+using namespace sparsekit::cpu;
+
 constexpr int64_t kScatterMaxM = 8;  // csr_mm_t below this M scatters instead of transposing W (measured)
 
 // ------------------------------------------------------------------------------------------- checks
-const char* dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kInt: return "torch.int32";
-    case at::kShort: return "torch.int16";
-    case at::kByte: return "torch.uint8";
-    case at::kLong: return "torch.int64";
-    default: return c10::toString(t);
-  }
-}
-
-void check_tensor(const char* op, const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
-}
-
-void check_floating(const char* op, const at::Tensor& t, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", dtype_name(s));
-}
-
-void check_same_dtype(const char* op, const at::Tensor& t, const char* name, const at::Tensor& ref,
-                      const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
-              dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
-}
-
 void check_indices(const char* op, const at::Tensor& crow, const at::Tensor& col) {
   check_tensor(op, crow, "crow_indices", 1);
   TORCH_CHECK(crow.scalar_type() == at::kInt, op, ": crow_indices must have dtype torch.int32, got ",
@@ -75,14 +50,24 @@ void check_structure(const char* op, const int32_t* crow, const I* col, int64_t 
     TORCH_CHECK(crow[r] <= crow[r + 1], op, ": crow_indices must be non-decreasing, got ", crow[r], " > ",
                 crow[r + 1], " at row ", r);
   }
-  for (int64_t e = 0; e < nnz; ++e) {
-    TORCH_CHECK(col[e] >= 0 && col[e] < cols, op, ": col_indices must lie in [0, K=", cols, "), got ",
-                int64_t(col[e]), " at position ", e);
+  // a branch-free (vectorized) min/max pass first: it runs on every call, and a per-entry check costs as much
+  // as a sparse GEMV; the position of a bad index is only searched for when there is one
+  int64_t lo = 0, hi = 0;
+  if (nnz > 0) {
+    I mn = col[0], mx = col[0];
+    for (int64_t e = 1; e < nnz; ++e) {
+      mn = std::min(mn, col[e]);
+      mx = std::max(mx, col[e]);
+    }
+    lo = mn;
+    hi = mx;
   }
-}
-
-int64_t grain_for(int64_t work_per_task) {
-  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_task));
+  if (nnz > 0 && (lo < 0 || hi >= cols)) {
+    for (int64_t e = 0; e < nnz; ++e) {
+      TORCH_CHECK(col[e] >= 0 && col[e] < cols, op, ": col_indices must lie in [0, K=", cols, "), got ",
+                  int64_t(col[e]), " at position ", e);
+    }
+  }
 }
 
 // Dispatches on the value dtype and the column index dtype (int16 / int32).
@@ -253,6 +238,121 @@ void csr_sddmm_kernel(const A* dyT, const A* xT, const int32_t* crow, const I* c
   });
 }
 
+// ------------------------------------------------------------------------------- SIMD fast path
+// float32 / bfloat16 / float16 with the run-time selected micro-kernels of simd.h, fp32 accumulation; v holds
+// fp32 values or raw bf16 bits (wk).
+//   xt == false: y [M, N] = x [M, K] @ W^T (+ bias). Small M (2*M <= vector width): a gather dot per (row of
+//                x, row of W). Otherwise x is packed into fp32 panels [tiles][K][MT].
+//   xt == true:  y^T [B, N, M] = W @ x^T [B, K, M] (+ bias[:, None]) (convolutions): the panels are strided
+//                copies of x^T and the output panels are copied straight into y^T.
+// Tasks = (M tile, nonzero-balanced chunk of rows), M tile outermost so a thread's chunk reuses one panel; rows
+// are computed kGroup at a time into one fp32 panel [rows][MT] and then stored.
+constexpr int64_t kGroup = 64;
+
+template <typename WT>
+inline float wload(const WT* p, int64_t e) {
+  if constexpr (std::is_same_v<WT, float>) {
+    return p[e];
+  } else {
+    const uint32_t u = uint32_t(p[e]) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
+}
+
+// y[m, r] = sum_e v[e] * x[m, idx[e]]: four independent partial sums per row.
+template <typename I, typename WT>
+float csr_dot(const float* x, const int32_t* ptr, const I* idx, const WT* v, int64_t r) {
+  float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};  // eight chains hide the add latency
+  int64_t e = ptr[r];
+  const int64_t e1 = ptr[r + 1];
+  for (; e + 8 <= e1; e += 8) {
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u) a[u] += wload(v, e + u) * x[idx[e + u]];
+  }
+  for (; e < e1; ++e) a[0] += wload(v, e) * x[idx[e]];
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+template <typename T, typename I>
+void csr_fast(const T* x, bool xt, int64_t B, const int32_t* crow, const I* col, const void* v, WKind wk,
+              const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
+  const Isa isa = active_isa();
+  const int64_t threads = at::get_num_threads(), nnz = crow[N];
+  const int W = vec_floats(isa);
+  if (B == 0 || M == 0 || N == 0) return;
+  const std::vector<float> bf = bias_f32(bias, N);
+  if (!xt && 2 * M <= W) {
+    std::vector<float> xf;
+    const float* xr = nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      xr = x;
+    } else {
+      xf.resize(M * K);
+      for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(x[i]);
+      xr = xf.data();
+    }
+    const std::vector<int64_t> bounds = balanced_chunks(crow, N, 4 * threads, 1, 2);
+    const int64_t chunks = int64_t(bounds.size()) - 1;
+    const int64_t grain = M * (nnz + N) < kMinWork ? chunks : 1;
+    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
+            const float s = wk == WKind::kBF16
+                                ? csr_dot(xr + m * K, crow, col, static_cast<const uint16_t*>(v), r)
+                                : csr_dot(xr + m * K, crow, col, static_cast<const float*>(v), r);
+            y[m * N + r] = static_cast<T>(s + (bias ? bf[r] : 0.f));
+          }
+        }
+      }
+    });
+    return;
+  }
+  const int64_t mv = (M + W - 1) / W;
+  const int nv = mv >= 4 ? 4 : mv >= 2 ? 2 : 1;
+  const int64_t MT = int64_t(nv) * W, tpi = (M + MT - 1) / MT, tiles = B * tpi;
+  at::Tensor xp_t = at::empty({tiles * K * MT}, at::TensorOptions().dtype(at::kFloat));
+  float* xp = xp_t.mutable_data_ptr<float>();
+  if (xt) {
+    pack_panels_xt<T>(x, B, K, M, MT, xp);
+  } else {
+    pack_panels<T>(isa, x, K, M, K, MT, xp);
+  }
+  const int64_t want = (4 * threads + tiles - 1) / tiles;
+  const std::vector<int64_t> bounds = balanced_chunks(crow, N, want, 1, 4);
+  const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
+  const int64_t grain = B * M * (nnz + N) < kMinWork ? tasks : 1;
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> out(kGroup * MT), scratch;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t tile = t / chunks, c = t % chunks;
+      const int64_t b = tile / tpi, m0 = (tile % tpi) * MT, mc = std::min(MT, M - m0);
+      const float* xtile = xp + tile * K * MT;
+      for (int64_t r0 = bounds[c]; r0 < bounds[c + 1]; r0 += kGroup) {
+        const int64_t r1 = std::min(bounds[c + 1], r0 + kGroup);
+        csr_panel_rows(isa, nv, xtile, crow, col, v, wk, r0, r1, out.data());
+        const float* br = bias ? bf.data() + r0 : nullptr;
+        if (xt) {
+          store_panel_xt<T>(out.data(), MT, r1 - r0, mc, br, y + b * N * M + r0 * M + m0, M);
+        } else {
+          store_panel<T>(isa, out.data(), MT, r1 - r0, mc, br, y + m0 * N + r0, N, scratch);
+        }
+      }
+    }
+  });
+}
+
+// The values as the fast path reads them: fp32 as is, bf16 as raw bits, fp16 converted to fp32 (a copy).
+std::pair<at::Tensor, WKind> fast_values(const at::Tensor& values) {
+  if (values.scalar_type() == at::kBFloat16) return {values, WKind::kBF16};
+  return {values.to(at::kFloat).contiguous(), WKind::kF32};
+}
+
+bool use_fast(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+
 // Values (and transposed activations for sddmm) in the accumulation type: a no-op for float32/float64.
 at::Tensor to_acc(const at::Tensor& t) { return t.to(at::toOpMathType(t.scalar_type())); }
 
@@ -280,6 +380,19 @@ at::Tensor csr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tens
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, n}, x.options());
+  if (use_fast(x.scalar_type())) {
+    const auto [fv, wk] = fast_values(values);
+    SPARSEKIT_DISPATCH_CSR(x, col, "sparsekit_csr_mm_fast", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        const index_t* c = col.const_data_ptr<index_t>();
+        check_structure(op, crow.const_data_ptr<int32_t>(), c, n, values.numel(), K);
+        csr_fast<scalar_t, index_t>(x.const_data_ptr<scalar_t>(), false, 1, crow.const_data_ptr<int32_t>(), c,
+                                    fv.const_data_ptr(), wk, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                                    y.mutable_data_ptr<scalar_t>(), M, K, n);
+      }
+    });
+    return y;
+  }
   SPARSEKIT_DISPATCH_CSR(x, col, "sparsekit_csr_mm", [&] {
     using A = at::opmath_type<scalar_t>;
     const index_t* c = col.const_data_ptr<index_t>();
@@ -296,6 +409,110 @@ at::Tensor csr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tens
   });
   return y;
 }
+
+// y^T [B, n, M] = W @ x^T [B, K, M] (+ bias[:, None]): csr_mm in the transposed (convolution) layout.
+at::Tensor csr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                     const std::optional<at::Tensor>& bias_in, int64_t n) {
+  constexpr const char* op = "sparsekit::csr_mm_xt";
+  check_tensor(op, xt_in, "xt", 3);
+  check_floating(op, xt_in, "xt");
+  check_tensor(op, values, "values", 1);
+  check_same_dtype(op, values, "values", xt_in, "xt");
+  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  check_indices(op, crow, col);
+  TORCH_CHECK(n >= 0, op, ": n must be non-negative, got ", n);
+  TORCH_CHECK(crow.numel() == n + 1, op, ": crow_indices must have n + 1 = ", n + 1, " entries, got ", crow.numel());
+  TORCH_CHECK(col.numel() == values.numel(), op, ": col_indices has ", col.numel(), " entries but values has ",
+              values.numel());
+  const int64_t B = xt_in.size(0), K = xt_in.size(1), M = xt_in.size(2);
+  if (!use_fast(xt_in.scalar_type())) {  // float64: the row-layout kernel on transposed copies
+    const at::Tensor y = csr_mm(xt_in.transpose(1, 2).reshape({B * M, K}), crow, col, values, bias_in, n);
+    return y.reshape({B, M, n}).transpose(1, 2).contiguous();
+  }
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    check_tensor(op, *bias_in, "bias", 1);
+    check_same_dtype(op, *bias_in, "bias", xt_in, "xt");
+    TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
+    bias = bias_in->contiguous();
+  }
+  const at::Tensor xt = xt_in.contiguous();
+  at::Tensor y = at::empty({B, n, M}, xt.options());
+  const auto [fv, wk] = fast_values(values);
+  SPARSEKIT_DISPATCH_CSR(xt, col, "sparsekit_csr_mm_xt", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const index_t* c = col.const_data_ptr<index_t>();
+      check_structure(op, crow.const_data_ptr<int32_t>(), c, n, values.numel(), K);
+      csr_fast<scalar_t, index_t>(xt.const_data_ptr<scalar_t>(), true, B, crow.const_data_ptr<int32_t>(), c,
+                                  fv.const_data_ptr(), wk, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                                  y.mutable_data_ptr<scalar_t>(), M, K, n);
+    }
+  });
+  return y;
+}
+
+
+// y [B, n, Ho, Wo] = conv2d(x [B, C, H, W], W [n, C*kh*kw] CSR, stride 1) (+ bias): conv_panels (panel.h), no im2col.
+at::Tensor csr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                      const std::optional<at::Tensor>& bias_in, at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                      at::IntArrayRef dilation) {
+  constexpr const char* op = "sparsekit::csr_conv2d";
+  check_tensor(op, values, "values", 1);
+  check_indices(op, crow, col);
+  TORCH_CHECK(kernel_size.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": kernel_size, padding and dilation must have 2 entries each");
+  check_tensor(op, x_in, "x", 4);
+  check_floating(op, x_in, "x");
+  check_same_dtype(op, values, "values", x_in, "x");
+  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  const ConvGeom g{x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3), kernel_size[0], kernel_size[1],
+                   padding[0], padding[1], dilation[0], dilation[1]};
+  TORCH_CHECK(g.kh >= 1 && g.kw >= 1 && g.ph >= 0 && g.pw >= 0 && g.dh >= 1 && g.dw >= 1, op,
+              ": kernel_size and dilation must be >= 1 and padding >= 0, got ", kernel_size, ", ", padding, ", ",
+              dilation);
+  TORCH_CHECK(g.Ho() >= 1 && g.Wo() >= 1, op, ": output would be empty (", g.Ho(), "x", g.Wo(), ")");
+  const int64_t K = g.C * g.kh * g.kw;
+  const int64_t n = crow.numel() - 1;
+  TORCH_CHECK(n >= 0, op, ": crow_indices must have n + 1 >= 1 entries");
+  TORCH_CHECK(col.numel() == values.numel(), op, ": col_indices has ", col.numel(), " entries but values has ",
+              values.numel());
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    check_tensor(op, *bias_in, "bias", 1);
+    check_same_dtype(op, *bias_in, "bias", x_in, "x");
+    TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
+    bias = bias_in->contiguous();
+  }
+  if (!use_fast(x_in.scalar_type())) {  // float64: im2col + the transposed-layout op
+    const at::Tensor cols = at::im2col(x_in, kernel_size, dilation, padding, {1, 1});
+    return csr_mm_xt(cols, crow, col, values, bias_in, n).reshape({g.B, n, g.Ho(), g.Wo()});
+  }
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty({g.B, n, g.Ho(), g.Wo()}, x.options());
+  if (g.B == 0 || n == 0) return y;
+  const auto [fv, wk] = fast_values(values);
+  const Isa isa = active_isa();
+  const int64_t threads = at::get_num_threads(), Mg = g.Ho() * g.Wp();
+  const int64_t W = vec_floats(isa), mv = (Mg + W - 1) / W;
+  const int nv = mv >= 4 ? 4 : mv >= 2 ? 2 : 1;
+  const int64_t MT = int64_t(nv) * W, tiles = g.B * ((Mg + MT - 1) / MT);
+  const int32_t* cr = crow.const_data_ptr<int32_t>();
+  const std::vector<int64_t> bounds = balanced_chunks(cr, n, (4 * threads + tiles - 1) / tiles, 1, 4);
+  const void* v = fv.const_data_ptr();
+  const std::vector<float> bf = bias_vec(bias);
+  SPARSEKIT_DISPATCH_CSR(x, col, "sparsekit_csr_conv2d", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const index_t* c = col.const_data_ptr<index_t>();
+      check_structure(op, cr, c, n, values.numel(), K);
+      conv_panels<scalar_t>(x.const_data_ptr<scalar_t>(), g, n, MT, bounds, 1, bf.empty() ? nullptr : bf.data(),
+                            y.mutable_data_ptr<scalar_t>(), [&](const float* xt, int64_t u0, int64_t u1, float* out) {
+                              csr_panel_rows(isa, nv, xt, cr, c, v, wk, u0, u1, out);
+                            });
+    }
+  });
+  return y;
+}
+
 
 at::Tensor csr_mm_t(const at::Tensor& dy_in, const at::Tensor& crow, const at::Tensor& col,
                     const at::Tensor& values, int64_t k) {
@@ -328,6 +545,11 @@ at::Tensor csr_mm_t(const at::Tensor& dy_in, const at::Tensor& crow, const at::T
     std::vector<int32_t> tptr, trow;
     std::vector<A> tval;
     transpose_csr<index_t, scalar_t, A>(cr, c, values.const_data_ptr<scalar_t>(), N, k, tptr, trow, tval);
+    if constexpr (std::is_same_v<A, float>) {  // float32 / bfloat16 / float16: the SIMD forward over W^T
+      csr_fast<scalar_t, int32_t>(dy.const_data_ptr<scalar_t>(), false, 1, tptr.data(), trow.data(), tval.data(),
+                                  WKind::kF32, nullptr, dx.mutable_data_ptr<scalar_t>(), M, N, k);
+      return;
+    }
     with_m_tile(M, [&](auto mt) {
       constexpr int64_t MT = decltype(mt)::value;
       const at::Tensor dyp = pack_rows<MT, scalar_t, A>(dy, M, N);
@@ -367,5 +589,7 @@ at::Tensor csr_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
 TORCH_LIBRARY_IMPL(sparsekit, CPU, m) {
   m.impl("csr_mm", &csr_mm);
   m.impl("csr_mm_t", &csr_mm_t);
+  m.impl("csr_mm_xt", &csr_mm_xt);
+  m.impl("csr_conv2d", &csr_conv2d);
   m.impl("csr_sddmm", &csr_sddmm);
 }

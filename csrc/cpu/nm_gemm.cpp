@@ -18,43 +18,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
+
 namespace {
 
+using namespace sparsekit::cpu;
+
 constexpr int64_t kTileCols = 256;   // dx columns per nm_mm_t task (whole groups)
-constexpr int64_t kMinWork = 32768;  // multiply-adds per parallel chunk, so tiny problems stay serial
 
 // ------------------------------------------------------------------------------------------- checks
-const char* dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kInt: return "torch.int32";
-    case at::kShort: return "torch.int16";
-    case at::kByte: return "torch.uint8";
-    case at::kLong: return "torch.int64";
-    default: return c10::toString(t);
-  }
-}
-
-void check_tensor(const char* op, const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
-}
-
-void check_floating(const char* op, const at::Tensor& t, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", dtype_name(s));
-}
-
-void check_same_dtype(const char* op, const at::Tensor& t, const char* name, const at::Tensor& ref,
-                      const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
-              dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
-}
-
 // n, m and the indices tensor; returns K = indices.size(1) / n * m. Positions >= m would read out of bounds,
 // so they are rejected (O(N * K/m*n), small next to the product).
 int64_t check_pattern(const char* op, const at::Tensor& indices, int64_t n, int64_t m) {
@@ -81,10 +53,6 @@ void check_values(const char* op, const at::Tensor& values, const at::Tensor& in
   TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
   TORCH_CHECK(values.sizes() == indices.sizes(), op, ": values and indices must have the same shape, got ",
               values.sizes(), " and ", indices.sizes());
-}
-
-int64_t grain_for(int64_t work_per_task) {
-  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_task));
 }
 
 // ------------------------------------------------------------------------------------ data movement

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -59,6 +60,119 @@ void store_panel(Isa isa, const float* out, int64_t MT, int64_t cols, int64_t mc
     for (int64_t j = 0; j < mc; ++j)
       for (int64_t i = 0; i < cols; ++i) y[j * ldy + i] = static_cast<T>(scratch[j * cols + i]);
   }
+}
+
+// The x^T layout (convolutions: per image, im2col patches or NCHW pixels are already [C, M]): src is
+// [B][C][M]; dst[t][c][j] = float(src[b][c][m0 + j]) for the ceil(M/MT) tiles of each image b (tile
+// t = b * tiles_per_image + m0 / MT), zero past M. A strided copy, no transpose.
+template <typename T>
+void pack_panels_xt(const T* src, int64_t B, int64_t C, int64_t M, int64_t MT, float* dst) {
+  const int64_t tpi = (M + MT - 1) / MT, tiles = B * tpi;
+  at::parallel_for(0, tiles, grain_for(C * MT), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / tpi, m0 = (t % tpi) * MT, mc = std::min(MT, M - m0);
+      const T* s = src + b * C * M + m0;
+      float* d = dst + t * C * MT;
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t j = 0; j < mc; ++j) d[c * MT + j] = static_cast<float>(s[c * M + j]);
+        for (int64_t j = mc; j < MT; ++j) d[c * MT + j] = 0.f;
+      }
+    }
+  });
+}
+
+// y^T rows [0, rows) (output channels), columns [0, mc) = the fp32 panel out[rows][MT] (+ bias[i] per row).
+template <typename T>
+void store_panel_xt(const float* out, int64_t MT, int64_t rows, int64_t mc, const float* bias, T* y, int64_t ldy) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float bv = bias ? bias[i] : 0.f;
+    const float* o = out + i * MT;
+    T* yr = y + i * ldy;
+    for (int64_t j = 0; j < mc; ++j) yr[j] = static_cast<T>(o[j] + bv);
+  }
+}
+
+// Direct stride-1 convolution over M-panels, no im2col tensor: x [B, C, H, W] is copied once into a zero-padded
+// fp32 image xpad [B, C, Hp, Wp] (+ slack), and outputs are computed on the Ho x Wp grid of each image (Wp - Wo
+// wasted columns per row), where weight column k = (c, ky, kx) of output m reads xpad[b][c][ky*dh*Wp + kx*dw + m]:
+// every panel row is one contiguous copy of MT floats. Tasks = ((image, tile), chunk of `bounds`) with the
+// panel packed per task in a thread-local buffer (L2-resident, no per-call image-sized panel tensor);
+// compute(xtile, u0, u1, out) fills out[(u - u0) * unit + i][MT] for the units (block-rows / rows) [u0, u1).
+struct ConvGeom {
+  int64_t B, C, H, W, kh, kw, ph, pw, dh, dw;
+  int64_t Hp() const { return H + 2 * ph; }
+  int64_t Wp() const { return W + 2 * pw; }
+  int64_t Ho() const { return Hp() - (kh - 1) * dh; }
+  int64_t Wo() const { return Wp() - (kw - 1) * dw; }
+};
+
+template <typename T, typename F>
+void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std::vector<int64_t>& bounds,
+                 int64_t unit, const float* bias, T* y, const F& compute) {
+  const int64_t Hp = g.Hp(), Wp = g.Wp(), Ho = g.Ho(), Wo = g.Wo(), K = g.C * g.kh * g.kw;
+  const int64_t Mg = Ho * Wp, tpi = (Mg + MT - 1) / MT, tiles = g.B * tpi, img = g.C * Hp * Wp;
+  const int64_t slack = MT + (g.kw - 1) * g.dw + 1;
+  std::vector<float> xpad(g.B * img + slack, 0.f);
+  at::parallel_for(0, g.B * g.C, grain_for(Hp * Wp), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* s = x + p * g.H * g.W;
+      float* d = xpad.data() + p * Hp * Wp + g.ph * Wp + g.pw;
+      for (int64_t i = 0; i < g.H; ++i)
+        for (int64_t j = 0; j < g.W; ++j) d[i * Wp + j] = static_cast<float>(s[i * g.W + j]);
+    }
+  });
+  std::vector<int64_t> off(K);
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t ky = 0; ky < g.kh; ++ky)
+      for (int64_t kx = 0; kx < g.kw; ++kx) off[(c * g.kh + ky) * g.kw + kx] = c * Hp * Wp + ky * g.dh * Wp + kx * g.dw;
+  const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
+  const int64_t gunits = std::max<int64_t>(1, 64 / unit);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> xtile(K * MT), out(gunits * unit * MT);
+    std::vector<int64_t> seg;  // runs of valid outputs in the tile: (panel column, output pixel, length)
+    int64_t packed = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t tile = t / chunks, c = t % chunks, b = tile / tpi, m0 = (tile % tpi) * MT;
+      if (tile != packed) {
+        const float* src = xpad.data() + b * img + m0;
+        for (int64_t k = 0; k < K; ++k) {
+          const float* s = src + off[k];
+          float* d = xtile.data() + k * MT;
+          for (int64_t j = 0; j < MT; ++j) d[j] = s[j];
+        }
+        seg.clear();
+        int64_t oy = m0 / Wp, ox = m0 - oy * Wp;
+        for (int64_t j = 0; j < MT && oy < Ho; ++oy, ox = 0) {
+          const int64_t len = std::min(MT - j, Wp - ox), valid = std::max<int64_t>(0, std::min(len, Wo - ox));
+          if (valid) seg.insert(seg.end(), {j, oy * Wo + ox, valid});
+          j += len;
+        }
+        packed = tile;
+      }
+      for (int64_t u0 = bounds[c]; u0 < bounds[c + 1]; u0 += gunits) {
+        const int64_t u1 = std::min(bounds[c + 1], u0 + gunits);
+        compute(xtile.data(), u0, u1, out.data());
+        for (int64_t i = 0; i < (u1 - u0) * unit; ++i) {
+          const int64_t n = u0 * unit + i;
+          const float bv = bias ? bias[n] : 0.f;
+          const float* o = out.data() + i * MT;
+          T* yr = y + (b * N + n) * Ho * Wo;
+          for (size_t q = 0; q < seg.size(); q += 3) {
+            const float* os = o + seg[q];
+            T* ys = yr + seg[q + 1];
+            for (int64_t e = 0; e < seg[q + 2]; ++e) ys[e] = static_cast<T>(os[e] + bv);
+          }
+        }
+      }
+    }
+  });
+}
+
+// A (possibly undefined) bias tensor as fp32 values (empty when undefined).
+inline std::vector<float> bias_vec(const at::Tensor& bias) {
+  if (!bias.defined()) return {};
+  const at::Tensor b = bias.to(at::kFloat).contiguous();
+  return std::vector<float>(b.const_data_ptr<float>(), b.const_data_ptr<float>() + b.numel());
 }
 
 // The bias widened to fp32 once per call (empty when there is none).

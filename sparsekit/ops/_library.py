@@ -83,9 +83,23 @@ def _fake_nm_sddmm(dy: Tensor, x: Tensor, indices: Tensor, n: int, m: int) -> Te
     return dy.new_empty(indices.shape)
 
 
+def _fake_mm_xt(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    return xt.new_empty(xt.shape[0], n, xt.shape[2])
+
+
+def _fake_conv2d(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
+                 padding: list[int], dilation: list[int]) -> Tensor:
+    n = (crow.shape[0] - 1) * (values.shape[1] if values.dim() == 3 else 1)
+    ho = x.shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1)
+    wo = x.shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1)
+    return x.new_empty(x.shape[0], n, ho, wo)
+
+
 for _fam in ("bsr", "csr"):
+    torch.library.register_fake(f"sparsekit::{_fam}_conv2d")(_fake_conv2d)
     torch.library.register_fake(f"sparsekit::{_fam}_mm")(_fake_mm)
     torch.library.register_fake(f"sparsekit::{_fam}_mm_t")(_fake_mm_t)
+    torch.library.register_fake(f"sparsekit::{_fam}_mm_xt")(_fake_mm_xt)
 
 
 # --------------------------------------------------------------------------------------------- autograd
@@ -116,6 +130,61 @@ def _csr_backward(ctx, dy: Tensor):
     return dx, None, None, dv, db, None
 
 
+def _xt_backward(ctx, dyt: Tensor):
+    """y^T = W @ x^T per image: the row-layout backward ops on [B*M, .] views (dy = dyt^T, x = xt^T)."""
+    xt, crow, col, values = ctx.saved_tensors
+    b, k, m = xt.shape
+    n = dyt.shape[1]
+    family = "bsr" if values.dim() == 3 else "csr"
+    need_x, _, _, need_v, need_b, _ = ctx.needs_input_grad
+    dy = dyt.transpose(1, 2).reshape(b * m, n).contiguous()
+    dx = dv = db = None
+    if need_x:
+        dx = _op(f"{family}_mm_t")(dy, crow, col, values, k).reshape(b, m, k).transpose(1, 2)
+    if need_v:
+        x = xt.transpose(1, 2).reshape(b * m, k).contiguous()
+        if family == "bsr":
+            dv = _op("bsr_sddmm")(dy, x, crow, col, values.shape[1], values.shape[2])
+        else:
+            dv = _op("csr_sddmm")(dy, x, crow, col)
+    if ctx.has_bias and need_b:
+        db = dyt.sum((0, 2))
+    return dx, None, None, dv, db, None
+
+
+def _conv_setup(ctx, inputs, output) -> None:
+    x, crow, col, values, bias, kernel_size, padding, dilation = inputs
+    ctx.save_for_backward(x, crow, col, values)
+    ctx.has_bias = bias is not None
+    ctx.conv = (tuple(kernel_size), tuple(padding), tuple(dilation))
+
+
+def _conv_backward(ctx, dy: Tensor):
+    """Stride-1 conv = W @ unfold(x) per image: dx = fold(W^T @ dy), dW = dy @ unfold(x)^T on W's pattern."""
+    from torch.nn.functional import fold, unfold
+
+    x, crow, col, values = ctx.saved_tensors
+    ks, pad, dil = ctx.conv
+    b, c, h, w = x.shape
+    n, length, k = dy.shape[1], dy.shape[2] * dy.shape[3], c * ks[0] * ks[1]
+    family = "bsr" if values.dim() == 3 else "csr"
+    need_x, _, _, need_v, need_b, _, _, _ = ctx.needs_input_grad
+    dy2 = dy.reshape(b, n, length).transpose(1, 2).reshape(b * length, n).contiguous()
+    dx = dv = db = None
+    if need_x:
+        dcols = _op(f"{family}_mm_t")(dy2, crow, col, values, k).reshape(b, length, k).transpose(1, 2)
+        dx = fold(dcols, (h, w), ks, dilation=dil, padding=pad)
+    if need_v:
+        cols = unfold(x, ks, dilation=dil, padding=pad).transpose(1, 2).reshape(b * length, k).contiguous()
+        if family == "bsr":
+            dv = _op("bsr_sddmm")(dy2, cols, crow, col, values.shape[1], values.shape[2])
+        else:
+            dv = _op("csr_sddmm")(dy2, cols, crow, col)
+    if ctx.has_bias and need_b:
+        db = dy.sum((0, 2, 3))
+    return dx, None, None, dv, db, None, None, None
+
+
 def _nm_setup(ctx, inputs, output) -> None:
     x, values, indices, bias, n, m = inputs
     ctx.save_for_backward(x, values, indices)
@@ -136,6 +205,10 @@ def _nm_backward(ctx, dy: Tensor):
 
 torch.library.register_autograd("sparsekit::bsr_mm", bsr_backward, setup_context=setup_indexed)
 torch.library.register_autograd("sparsekit::csr_mm", _csr_backward, setup_context=setup_indexed)
+torch.library.register_autograd("sparsekit::bsr_mm_xt", _xt_backward, setup_context=setup_indexed)
+torch.library.register_autograd("sparsekit::csr_mm_xt", _xt_backward, setup_context=setup_indexed)
+torch.library.register_autograd("sparsekit::bsr_conv2d", _conv_backward, setup_context=_conv_setup)
+torch.library.register_autograd("sparsekit::csr_conv2d", _conv_backward, setup_context=_conv_setup)
 torch.library.register_autograd("sparsekit::nm_mm", _nm_backward, setup_context=_nm_setup)
 
 for _name in SCHEMAS:  # fill the cache now, outside any torch.compile trace

@@ -1,7 +1,10 @@
 """Sparse 2-D convolution: a sparse weight over [C_out, C_in/groups * kh * kw] times im2col patches.
 
-1x1 convolutions with stride 1 and no padding go straight to the sparse GEMM over channels-last pixels; the
-general case unfolds the input (F.unfold) and runs the sparse GEMM per group. Gradients flow through the
+On CPU with a BSR/CSR weight, stride-1 convolutions (1x1 included) run the direct ops sparsekit::bsr_conv2d /
+csr_conv2d (im2col panels built per tile inside the kernel), and strided ones unfold (or subsample, for 1x1) into
+x^T [B, K, L] for *_mm_xt, which writes y^T = [B, C_out, L] directly: no transposes of patches or outputs.
+Elsewhere, 1x1 convolutions with stride 1 and no padding go straight to the sparse GEMM over channels-last pixels;
+the general case unfolds the input (F.unfold) and runs the sparse GEMM per group. Gradients flow through the
 sparse ops' autograd (x, the format's values and bias).
 """
 
@@ -14,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..formats import BSR, CSR, NM, ChannelIndex
-from .linear import sparse_linear
+from ._library import has_kernel
+from .linear import _check_structure, sparse_linear
 
 _Pair = int | tuple[int, int]
 
@@ -68,6 +72,27 @@ def _rows(w, start: int, stop: int):
     raise ValueError(f"sparse_conv2d: groups > 1 is not supported for a {type(w).__name__} weight")
 
 
+_XT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _cpu_family(x: Tensor, w: object, bias: Tensor | None, c_out: int, backend: str | None) -> str | None:
+    """"bsr" / "csr" when the CPU conv ops (*_conv2d, *_mm_xt: no transposes of patches or outputs) can run
+    this call, else None: other devices/backends and mismatched dtypes or devices take the generic path (which
+    also raises the usual argument errors).
+    """
+    if not isinstance(w, (BSR, CSR)) or backend not in (None, "cpu") or x.device.type != "cpu":
+        return None
+    family = "bsr" if isinstance(w, BSR) else "csr"
+    if not (has_kernel(f"{family}_mm_xt", "CPU") and has_kernel(f"{family}_conv2d", "CPU")) \
+            or x.dtype not in _XT_DTYPES or x.dtype != w.dtype or w.device != x.device:
+        return None
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (c_out,) or bias.dtype != x.dtype
+                             or bias.device != x.device):
+        return None
+    _check_structure(f"{family}_linear", w)
+    return family
+
+
 def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Tensor | None = None,
                   stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1, groups: int = 1,
                   kernel_size: _Pair | None = None, backend: str | None = None) -> Tensor:
@@ -96,6 +121,28 @@ def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Te
     if h_out < 1 or w_out < 1:
         raise ValueError(f"sparse_conv2d: output would be empty ({h_out}x{w_out}) for input {h}x{wd}, "
                          f"kernel {kh}x{kw}, stride {stride}, padding {padding}, dilation {dilation}")
+
+    family = _cpu_family(x, w, bias, c_out, backend)
+    if family is not None:  # CPU BSR/CSR: per image, NCHW pixels (1x1) and unfolded patches are already x^T
+        conv_op = getattr(torch.ops.sparsekit, f"{family}_conv2d")
+        xt_op = getattr(torch.ops.sparsekit, f"{family}_mm_xt")
+        c_g, n_g = c_in // groups, c_out // groups
+        outs = []
+        for g in range(groups):
+            xg = x if groups == 1 else x[:, g * c_g:(g + 1) * c_g]
+            wg = w if groups == 1 else _rows(w, g * n_g, (g + 1) * n_g)
+            bias_g = bias if bias is None or groups == 1 else bias[g * n_g:(g + 1) * n_g]
+            if stride == (1, 1):  # direct: im2col panels built per tile inside the kernel, no unfold
+                y = conv_op(xg, wg.crow_indices, wg.col_indices, wg.values, bias_g, [kh, kw], list(padding),
+                            list(dilation))
+            elif (kh, kw) == (1, 1) and padding == (0, 0):  # strided 1x1: the subsampled NCHW pixels are x^T
+                xs = xg[:, :, ::stride[0], ::stride[1]].reshape(b, c_g, h_out * w_out)
+                y = xt_op(xs, wg.crow_indices, wg.col_indices, wg.values, bias_g, n_g)
+            else:
+                cols = F.unfold(xg, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, K, L]
+                y = xt_op(cols, wg.crow_indices, wg.col_indices, wg.values, bias_g, n_g)
+            outs.append(y.reshape(b, n_g, h_out, w_out))
+        return outs[0] if groups == 1 else torch.cat(outs, dim=1)
 
     if (kh, kw) == (1, 1) and padding == (0, 0) and groups == 1:
         pix = x[:, :, ::stride[0], ::stride[1]].permute(0, 2, 3, 1)          # channels-last pixels

@@ -7,6 +7,7 @@ every fast backend is tested against. They are differentiable through ordinary a
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..formats import BSR, CSR, NM
@@ -34,6 +35,21 @@ def bsr_mm(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | 
     return _add_bias(x @ _dense_bsr(crow, col, values, n, x.shape[1]).t(), bias)
 
 
+def _add_bias_rows(yt: Tensor, bias: Tensor | None) -> Tensor:
+    return yt if bias is None else yt + bias[:, None]
+
+
+def bsr_mm_xt(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    return _add_bias_rows(_dense_bsr(crow, col, values, n, xt.shape[1]) @ xt, bias)
+
+
+def bsr_conv2d(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
+               padding: list[int], dilation: list[int]) -> Tensor:
+    n, c = (crow.numel() - 1) * values.shape[1], x.shape[1]
+    w = _dense_bsr(crow, col, values, n, c * kernel_size[0] * kernel_size[1]).reshape(n, c, *kernel_size)
+    return F.conv2d(x, w, bias, padding=tuple(padding), dilation=tuple(dilation))
+
+
 def bsr_mm_t(dy: Tensor, crow: Tensor, col: Tensor, values: Tensor, k: int) -> Tensor:
     return dy @ _dense_bsr(crow, col, values, dy.shape[1], k)
 
@@ -49,6 +65,17 @@ def bsr_sddmm(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor, block_n: int, bl
 # ------------------------------------------------------------------------------------------------- CSR
 def csr_mm(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int) -> Tensor:
     return _add_bias(x @ _dense_csr(crow, col, values, n, x.shape[1]).t(), bias)
+
+
+def csr_mm_xt(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    return _add_bias_rows(_dense_csr(crow, col, values, n, xt.shape[1]) @ xt, bias)
+
+
+def csr_conv2d(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
+               padding: list[int], dilation: list[int]) -> Tensor:
+    n, c = crow.numel() - 1, x.shape[1]
+    w = _dense_csr(crow, col, values, n, c * kernel_size[0] * kernel_size[1]).reshape(n, c, *kernel_size)
+    return F.conv2d(x, w, bias, padding=tuple(padding), dilation=tuple(dilation))
 
 
 def csr_mm_t(dy: Tensor, crow: Tensor, col: Tensor, values: Tensor, k: int) -> Tensor:
@@ -81,7 +108,7 @@ def nm_sddmm(dy: Tensor, x: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
 
 
 REFERENCES = {
-    "bsr_mm": bsr_mm, "bsr_mm_t": bsr_mm_t, "bsr_sddmm": bsr_sddmm,
-    "csr_mm": csr_mm, "csr_mm_t": csr_mm_t, "csr_sddmm": csr_sddmm,
+    "bsr_mm": bsr_mm, "bsr_mm_t": bsr_mm_t, "bsr_mm_xt": bsr_mm_xt, "bsr_conv2d": bsr_conv2d, "bsr_sddmm": bsr_sddmm,
+    "csr_mm": csr_mm, "csr_mm_t": csr_mm_t, "csr_mm_xt": csr_mm_xt, "csr_conv2d": csr_conv2d, "csr_sddmm": csr_sddmm,
     "nm_mm": nm_mm, "nm_mm_t": nm_mm_t, "nm_sddmm": nm_sddmm,
 }
