@@ -54,6 +54,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     spec = {"sparsekit_spec": SPEC_VERSION, "torch": torch.__version__, "model_class": type(model).__name__,
             "modules": {n: _module_spec(m) for n, m in model.named_modules() if isinstance(m, (SparseLinear,
                                                                                                SparseConv2d))}}
+    from .prune.compact import compacted_widths  # layer widths, so a compacted (smaller) model loads back
+    spec["widths"] = compacted_widths(model)
     # safetensors refuses shared or non-contiguous storage: store contiguous copies
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -113,6 +115,9 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
     if spec.get("model_class") not in (None, type(model).__name__):
         raise TypeError(f"model is a {type(model).__name__} but the saved model was a {spec['model_class']}")
     tensors = load_file(str(src / WEIGHTS_FILE), device=str(map_location))
+    if spec.get("widths"):
+        from .prune.compact import apply_widths  # re-create compacted layer widths in the fresh instance
+        apply_widths(model, spec["widths"])
     for name, mspec in spec["modules"].items():
         try:
             model.get_submodule(name)

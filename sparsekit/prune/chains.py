@@ -82,12 +82,12 @@ def _leaves(model: nn.Module) -> dict[nn.Module, str]:
     out: dict[nn.Module, str] = {}
 
     def walk(mod: nn.Module, prefix: str) -> None:
-        if isinstance(mod, _PRUNABLE) or not any(True for _ in mod.children()):
+        # a mask parametrization (e.g. on a BatchNorm) is not a child: the module stays one leaf
+        children = [(n, c) for n, c in mod.named_children() if n != "parametrizations"]
+        if isinstance(mod, _PRUNABLE) or not children:
             out.setdefault(mod, prefix)
             return
-        for child_name, child in mod.named_children():
-            if child_name == "parametrizations":
-                continue
+        for child_name, child in children:
             walk(child, f"{prefix}.{child_name}" if prefix else child_name)
 
     walk(model, "")

@@ -360,6 +360,8 @@ class Pruner:
             for name, mask in masks.items():
                 if ctxs[name].consumer is not None:
                     refit_consumer(_masks.as_2d(mask).any(dim=1), ctxs[name])
+        if self.granularity == "channel":
+            self._mask_coupled_members()   # ``masks`` stays the selection; the model also masks coupled members
         self._masks = masks
         self._target = target
         self._steps += 1
@@ -395,17 +397,62 @@ class Pruner:
         return rows
 
     def remove(self) -> None:
-        """Un-prune: drop the masks from every pruned layer and restore the original weights.
-
-        The pruner starts over: ``masks`` is empty and a schedule restarts at step 0."""
-        for mod in self.layers.values():
+        """Un-prune: drop the masks from every pruned layer (and the coupled norms / consumers a channel step
+        masked) and restore the original weights. The pruner starts over: ``masks`` is empty and a schedule
+        restarts at step 0."""
+        for mod in self._touched_modules():
             _masks.remove_masks(mod)
         self._masks, self._target, self._steps = {}, 0.0, 0
 
     def bake(self) -> None:
         """Make the masks permanent: pruned layers get plain Parameters holding the zeros."""
-        for mod in self.layers.values():
+        for mod in self._touched_modules():
             _masks.bake_masks(mod)
+
+    # ------------------------------------------------------------------------------ structured removal
+    def _touched_modules(self) -> list[nn.Module]:
+        extra = [self.model.get_submodule(n) for n in getattr(self, "_coupled", ())]
+        return list(self.layers.values()) + [m for m in extra if m not in self.layers.values()]
+
+    def _dependency_graph(self):
+        from .graph import DependencyGraph
+
+        if getattr(self, "_graph", None) is None:
+            self._graph = DependencyGraph.build(self.model, self.example_inputs)
+        return self._graph
+
+    def _mask_coupled_members(self) -> None:
+        """Make the masked model the one ``compact()`` builds: a channel unit goes when every producer of its
+        dependency group (residual adds, concat, heads ...) removed it; then every member of a removed unit is
+        masked — producer rows and bias, BN/GN scale and shift, consumer columns. Coupled units that not all
+        producers removed are kept (and restored in the producers that had removed them)."""
+        from .compact import keep_from_masks, member_masks
+
+        graph = self._dependency_graph()
+        keep = keep_from_masks(self.model, graph)
+        coupled = set()
+        for name, (wmask, bmask) in member_masks(graph, keep).items():
+            _masks.apply_mask(self.model.get_submodule(name), wmask, bmask)
+            coupled.add(name)
+        self._coupled = coupled
+
+    def compact(self, round_to: int | None = None) -> nn.Module:
+        """A physically smaller plain model (same module classes) whose outputs equal this masked model's.
+
+        Needs granularity="channel". ``round_to`` (e.g. 8 or 16) keeps channel counts multiples of it, keeping
+        the highest-scoring extra channels. The model is traced with torch.fx (sparsekit.prune.graph); coupled
+        channels (residual adds, concat, BN, depthwise groups, attention heads) are removed together.
+        """
+        if self.granularity != "channel":
+            raise ValueError(f"compact() removes whole channels: it needs granularity='channel', this pruner has "
+                             f"granularity={self.granularity!r} (use sparsekit.sparsify for element/block/n:m zeros)")
+        if round_to is not None and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
+            raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
+        from .compact import compact_from_masks
+
+        small, _ = compact_from_masks(self.model, self.example_inputs, round_to=round_to,
+                                      graph=self._dependency_graph())
+        return small
 
     def __repr__(self) -> str:
         return (f"Pruner(criterion={self.criterion.name!r}, granularity={self.granularity!r}, "

@@ -1,0 +1,390 @@
+"""Compaction: structured keep-sets -> a physically smaller plain model of the same module classes.
+
+    graph = DependencyGraph.build(model, x)
+    keep = graph.select(0.5, scope="global", round_to=8)     # {group id: kept unit indices}
+    small = compact(model, x, keep, graph=graph)             # deepcopy; Conv2d/Linear/BN/GN/Embedding resized
+    ref = mask_groups(model, x, keep, graph=graph)           # same shapes, every group member zeroed
+    sk.verify(ref, small, x, atol=1e-4)
+
+What "equal outputs" compares against. A removed channel is removed from *every* member of its group: the
+producer's rows and bias, the BN/GN gamma and beta (so the masked channel outputs exactly 0, not BN's
+beta), and the consumers' input columns. ``mask_groups`` builds that reference (a deepcopy with those
+entries zeroed); ``compact`` equals it to float rounding. The Pruner's channel masks zero only the
+producer's rows and bias: ``compact_from_masks`` derives the keep-sets from them (a unit goes when every
+masked producer in its group masks all its rows) and returns ``(small, keep)``; the reference for the
+Pruner's masked model is ``mask_groups(model, x, keep)``, which differs from the row-masked model only by
+the BN beta of removed channels that the row masks let through.
+
+Channel selection (seed 000, section 2.3): where a BatchNorm reads a shared stream, the compacted model
+wraps it as ``ChannelSelect(index, bn)`` (``torch.index_select`` over the kept channels of the stream).
+
+Save / load: ``compacted_widths(model)`` is a JSON-able spec of every resized module and selection;
+``apply_widths(fresh, widths)`` rebuilds those shapes in a fresh instance of the original class, after which
+``load_state_dict`` of the compacted weights succeeds (``sk.save`` / ``sk.load`` call these).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .channel_select import ChannelSelect
+from .graph import DependencyGraph, Group, attention_kind, set_heads
+
+__all__ = ["resize_module", "module_keeps", "member_masks", "mask_groups", "compact", "compact_from_masks",
+           "keep_from_masks", "compacted_widths", "apply_widths", "ChannelSelect"]
+
+_RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.Embedding, nn.LayerNorm)
+
+
+def _base_class(mod: nn.Module) -> type:
+    return parametrize.type_before_parametrizations(mod)
+
+
+def _sel(t: Tensor | None, dim: int, idx: Tensor | None) -> Tensor | None:
+    if t is None or idx is None:
+        return t
+    return t.detach().index_select(dim, idx.to(t.device))
+
+
+def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tensor | None = None) -> nn.Module:
+    """A new module of the same class keeping indices ``keep_out`` (weight dim 0 / channels / embedding dim)
+    and ``keep_in`` (weight dim 1) of ``mod``; ``None`` keeps everything."""
+    cls = _base_class(mod)
+    w = mod.weight.detach() if getattr(mod, "weight", None) is not None else None
+    b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
+    dd = {"device": w.device if w is not None else None, "dtype": w.dtype if w is not None else None}
+    if isinstance(mod, nn.Conv2d):
+        out_c = mod.out_channels if keep_out is None else keep_out.numel()
+        in_c = mod.in_channels if keep_in is None else keep_in.numel()
+        groups = mod.groups
+        if groups > 1:
+            if keep_in is not None:
+                raise ValueError(f"a grouped conv ({groups} groups) loses whole groups, not input columns")
+            groups = groups * out_c // mod.out_channels
+            in_c = mod.in_channels // mod.groups * groups
+        new = cls(in_c, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups, b is not None,
+                  mod.padding_mode, **dd)
+        tensors = {"weight": _sel(_sel(w, 0, keep_out), 1, keep_in), "bias": _sel(b, 0, keep_out)}
+    elif isinstance(mod, nn.Linear):
+        out_f = mod.out_features if keep_out is None else keep_out.numel()
+        in_f = mod.in_features if keep_in is None else keep_in.numel()
+        new = cls(in_f, out_f, bias=b is not None, **dd)
+        tensors = {"weight": _sel(_sel(w, 0, keep_out), 1, keep_in), "bias": _sel(b, 0, keep_out)}
+    elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        n = mod.num_features if keep_out is None else keep_out.numel()
+        new = cls(n, mod.eps, mod.momentum, mod.affine, mod.track_running_stats, **dd)
+        tensors = {"weight": _sel(w, 0, keep_out), "bias": _sel(b, 0, keep_out),
+                   "running_mean": _sel(mod.running_mean, 0, keep_out),
+                   "running_var": _sel(mod.running_var, 0, keep_out)}
+        if mod.num_batches_tracked is not None:
+            tensors["num_batches_tracked"] = mod.num_batches_tracked.detach()
+    elif isinstance(mod, nn.GroupNorm):
+        n = mod.num_channels if keep_out is None else keep_out.numel()
+        g = mod.num_groups * n // mod.num_channels
+        new = cls(g, n, mod.eps, mod.affine, **dd)
+        tensors = {"weight": _sel(w, 0, keep_out), "bias": _sel(b, 0, keep_out)}
+    elif isinstance(mod, nn.Embedding):
+        d = mod.embedding_dim if keep_out is None else keep_out.numel()
+        new = cls(mod.num_embeddings, d, mod.padding_idx, mod.max_norm, mod.norm_type, mod.scale_grad_by_freq,
+                  mod.sparse, **dd)
+        tensors = {"weight": _sel(w, 1, keep_out)}
+    elif isinstance(mod, nn.LayerNorm) and keep_out is None:
+        return copy.deepcopy(mod)
+    else:
+        raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv2d, Linear, BatchNorm, GroupNorm, "
+                        "Embedding)")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if v is None:
+                continue
+            cur = getattr(new, k)
+            if cur.shape != v.shape:
+                raise ValueError(f"resize_module: {k} shape {tuple(v.shape)} vs expected {tuple(cur.shape)}")
+            cur.copy_(v)
+    new.train(mod.training)
+    if w is not None and not mod.weight.requires_grad:
+        new.requires_grad_(False)
+    return new
+
+
+def _unit_mask(g: Group, kept: Tensor | None) -> Tensor:
+    m = torch.ones(g.size, dtype=torch.bool)
+    if kept is not None:
+        m[:] = False
+        m[torch.as_tensor(kept, dtype=torch.long)] = True
+    return m
+
+
+def _effective_keep(graph: DependencyGraph, keep: Mapping[int, Tensor]) -> dict[int, Tensor]:
+    """Unit keep-masks per group; a selection group also loses the channels its stream loses."""
+    eff = {g.id: _unit_mask(g, keep.get(g.id)) for g in graph.groups}
+    for gid, kept in keep.items():
+        g = graph.groups[gid]
+        if not g.prunable and not bool(_unit_mask(g, kept).all()):
+            raise ValueError(f"group {gid} is not prunable ({g.reason}) but its keep-set removes units")
+    for sel in graph.selections.values():
+        sg = sel["group"]
+        if sg is None:
+            continue
+        stream = _stream_mask(graph, sel["segs"], eff)
+        g = graph.groups[sg]
+        per = stream.numel() // g.size
+        eff[sg] = eff[sg] & stream.reshape(g.size, per).all(1)
+    return eff
+
+
+def _stream_mask(graph: DependencyGraph, segs: list, eff: Mapping[int, Tensor]) -> Tensor:
+    parts = []
+    for gid, span in segs:
+        if gid is None:
+            parts.append(torch.ones(span, dtype=torch.bool))
+        else:
+            um = eff[gid]
+            parts.append(um.repeat_interleave(span // um.numel()))
+    return torch.cat(parts)
+
+
+def module_keeps(graph: DependencyGraph, keep: Mapping[int, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """``{module: {"out"|"in": kept indices}}`` for every module a keep-set shrinks."""
+    eff = _effective_keep(graph, keep)
+    removed: dict[tuple[str, str], set[int]] = {}
+    for g in graph.groups:
+        gone = torch.nonzero(~eff[g.id]).reshape(-1)
+        if gone.numel() == 0:
+            continue
+        for m in g.members:
+            removed.setdefault((m.module, m.axis), set()).update(g.member_indices(m, gone).tolist())
+    out: dict[str, dict[str, Tensor]] = {}
+    for (name, axis), gone_idx in removed.items():
+        mod = graph.modules[name]
+        n = _axis_size(mod, axis)
+        km = torch.ones(n, dtype=torch.bool)
+        km[torch.tensor(sorted(gone_idx), dtype=torch.long)] = False
+        out.setdefault(name, {})[axis] = torch.nonzero(km).reshape(-1)
+    return out
+
+
+def _axis_size(mod: nn.Module, axis: str) -> int:
+    if isinstance(mod, nn.Embedding):
+        return mod.embedding_dim
+    w = mod.weight
+    return w.shape[0] if axis == "out" else w.shape[1]
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _check_keep(graph: DependencyGraph, keep: Mapping[int, Any]) -> dict[int, Tensor]:
+    out = {}
+    for gid, k in keep.items():
+        if not isinstance(gid, int) or not 0 <= gid < len(graph.groups):
+            raise ValueError(f"keep has group id {gid!r}; the graph has groups 0..{len(graph.groups) - 1}")
+        t = torch.as_tensor(k)
+        g = graph.groups[gid]
+        if t.dtype == torch.bool:
+            if t.numel() != g.size:
+                raise ValueError(f"keep[{gid}] is a mask of {t.numel()} units; group {gid} has {g.size}")
+            t = torch.nonzero(t).reshape(-1)
+        t = t.to(torch.long).reshape(-1)
+        if t.numel() == 0:
+            raise ValueError(f"keep[{gid}] keeps no unit of group {gid}: a layer would lose all its channels")
+        if int(t.min()) < 0 or int(t.max()) >= g.size:
+            raise ValueError(f"keep[{gid}] has indices outside [0, {g.size})")
+        out[gid] = torch.unique(t)
+    return out
+
+
+def member_masks(graph: DependencyGraph, keep: Mapping[int, Any]) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """``{module: (weight keep-mask, bias keep-mask or None)}`` zeroing every member of every removed unit:
+    what ``masks.apply_mask`` needs so a Pruner's masked model equals ``mask_groups`` (and so ``compact``)."""
+    keep = _check_keep(graph, keep)
+    out: dict[str, tuple[Tensor, Tensor | None]] = {}
+    for name, ax in module_keeps(graph, keep).items():
+        mod = graph.modules[name]
+        w = torch.zeros(mod.weight.shape, dtype=torch.bool)
+        if isinstance(mod, nn.Embedding):
+            w[:, ax.get("out", torch.arange(mod.embedding_dim))] = True
+            out[name] = (w, None)
+            continue
+        rows = ax.get("out", torch.arange(mod.weight.shape[0]))
+        w.index_fill_(0, rows, True)
+        if "in" in ax and w.dim() > 1:
+            cols = torch.zeros(mod.weight.shape[1], dtype=torch.bool)
+            cols[ax["in"]] = True
+            w &= cols.reshape((1, -1) + (1,) * (w.dim() - 2))
+        b = None
+        if getattr(mod, "bias", None) is not None:
+            b = torch.zeros(mod.bias.shape, dtype=torch.bool)
+            b[rows] = True
+        out[name] = (w, b)
+    return out
+
+
+def mask_groups(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any],
+                graph: DependencyGraph | None = None) -> nn.Module:
+    """Reference for ``compact``: a deepcopy (same shapes) with every member of every removed unit zeroed."""
+    graph = DependencyGraph.build(model, example_inputs) if graph is None else graph
+    keep = _check_keep(graph, keep)
+    ref = copy.deepcopy(model)
+    from .masks import bake_masks
+    bake_masks(ref)
+    mods = dict(ref.named_modules())
+    eff = _effective_keep(graph, keep)
+    with torch.no_grad():
+        for g in graph.groups:
+            gone = torch.nonzero(~eff[g.id]).reshape(-1)
+            if gone.numel() == 0:
+                continue
+            for m in g.members:
+                mod = mods[m.module]
+                idx = g.member_indices(m, gone)
+                if isinstance(mod, nn.Embedding):
+                    mod.weight[:, idx] = 0
+                    continue
+                dim = 0 if m.axis == "out" else 1
+                mod.weight.index_fill_(dim, idx, 0.0)
+                if m.axis == "out" and getattr(mod, "bias", None) is not None:
+                    mod.bias.index_fill_(0, idx, 0.0)
+    return ref
+
+
+def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], round_to: int | None = None,
+            graph: DependencyGraph | None = None, scores: Mapping[int, Tensor] | None = None) -> nn.Module:
+    """A plain, physically smaller copy of ``model`` keeping ``keep[group id]`` units of each group.
+
+    ``keep`` maps group ids (``graph.groups``) to kept unit indices (channels; heads for head groups) or
+    a bool mask over the units; groups not in ``keep`` stay whole. ``round_to`` first rounds kept channel
+    counts up to multiples (``graph.round_keep``; best ``scores`` added back). Masks (parametrizations)
+    left on untouched modules are baked. The model is not modified.
+    """
+    graph = DependencyGraph.build(model, example_inputs) if graph is None else graph
+    keep = _check_keep(graph, keep)
+    if round_to:
+        keep = graph.round_keep(keep, round_to, scores)
+    plan = module_keeps(graph, keep)
+    small = copy.deepcopy(model)
+    mods = dict(small.named_modules())
+    for name, ax in plan.items():
+        _set(small, name, resize_module(mods[name], ax.get("out"), ax.get("in")))
+    # channel selection before BNs that read a shared stream
+    eff = _effective_keep(graph, keep)
+    for bn, sel in graph.selections.items():
+        stream = _stream_mask(graph, sel["segs"], eff)
+        own = plan.get(bn, {}).get("out")
+        own = torch.arange(stream.numel()) if own is None else own
+        if own.numel() == stream.numel() and bool(stream.all()):
+            continue
+        pos = torch.cumsum(stream.long(), 0) - 1          # position of each kept stream channel after compaction
+        index = pos[own]
+        _set(small, bn, ChannelSelect(index, small.get_submodule(bn)))
+    for mod in small.modules():
+        if attention_kind(mod) in ("hf", "fused"):
+            set_heads(mod)
+    from .masks import bake_masks
+    bake_masks(small)
+    small._sparsekit_keep = {k: v.clone() for k, v in keep.items()}  # type: ignore[attr-defined]
+    return small
+
+
+def keep_from_masks(model: nn.Module, graph: DependencyGraph) -> dict[int, Tensor]:
+    """Keep-sets from the Pruner's channel masks: a unit goes when every masked producer (conv / linear /
+    embedding ``out`` member with a ``WeightMask``) in its group masks all of its rows."""
+    from .masks import get_masks
+
+    masks = get_masks(model)
+    keep = {}
+    for g in graph.prunable:
+        gone = None
+        for m in g.members:
+            if m.axis != "out" or m.module not in masks:
+                continue
+            mk = masks[m.module]
+            rows = mk.reshape(mk.shape[0], -1).any(1)[m.offset:m.offset + m.span]
+            unit_gone = ~rows.reshape(g.size, -1).any(1)
+            gone = unit_gone if gone is None else gone & unit_gone
+        if gone is not None and bool(gone.any()) and not bool(gone.all()):
+            keep[g.id] = torch.nonzero(~gone).reshape(-1)
+    return keep
+
+
+def compact_from_masks(model: nn.Module, example_inputs: Any, round_to: int | None = None,
+                       graph: DependencyGraph | None = None) -> tuple[nn.Module, dict[int, Tensor]]:
+    """Compact a masked model: keep-sets from its channel masks (``keep_from_masks``). Returns
+    ``(small, keep)``; ``small`` equals ``mask_groups(model, example_inputs, keep)``."""
+    graph = DependencyGraph.build(model, example_inputs) if graph is None else graph
+    keep = keep_from_masks(model, graph)
+    if round_to:
+        keep = graph.round_keep(keep, round_to, graph.group_scores())
+    small = compact(model, example_inputs, keep, graph=graph)
+    return small, keep
+
+
+# ------------------------------------------------------------------------------------------ save / load
+def compacted_widths(model: nn.Module) -> dict[str, dict]:
+    """JSON-able shapes of every resizable module and every ``ChannelSelect`` in ``model``."""
+    spec: dict[str, dict] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, ChannelSelect):
+            spec[name] = {"select": int(mod.index.numel()), "dim": mod.dim}
+        elif isinstance(mod, nn.Conv2d):
+            spec[name] = {"in": mod.in_channels, "out": mod.out_channels, "groups": mod.groups}
+        elif isinstance(mod, nn.Linear):
+            spec[name] = {"in": mod.in_features, "out": mod.out_features}
+        elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            spec[name] = {"out": mod.num_features}
+        elif isinstance(mod, nn.GroupNorm):
+            spec[name] = {"out": mod.num_channels, "groups": mod.num_groups}
+        elif isinstance(mod, nn.Embedding):
+            spec[name] = {"out": mod.embedding_dim}
+    return spec
+
+
+def _blank(mod: nn.Module, w: dict) -> nn.Module:
+    """Resize ``mod`` to the widths ``w`` (values are placeholders until load_state_dict)."""
+    out = torch.arange(w["out"]) if "out" in w else None
+    if isinstance(mod, nn.Conv2d):
+        if mod.groups > 1:
+            new = resize_module(mod, torch.arange(w["out"]) % mod.out_channels)
+            return new
+        return resize_module(mod, out % mod.out_channels, torch.arange(w["in"]) % mod.in_channels)
+    if isinstance(mod, nn.Linear):
+        return resize_module(mod, out % mod.out_features, torch.arange(w["in"]) % mod.in_features)
+    if isinstance(mod, nn.Embedding):
+        return resize_module(mod, out % mod.embedding_dim)
+    n = mod.num_features if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) else mod.num_channels
+    return resize_module(mod, out % n)
+
+
+def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:
+    """Rebuild the compacted shapes ``widths`` (from ``compacted_widths``) in ``model``, a fresh instance of
+    the original class; then ``model.load_state_dict(compacted.state_dict())`` works. Returns ``model``."""
+    selects = {n: w for n, w in widths.items() if "select" in w}
+    for name, w in widths.items():
+        if name in selects:
+            continue
+        inner = name
+        parent = name.rpartition(".")[0]
+        if parent in selects and name.endswith(".module"):
+            inner = parent
+        try:
+            mod = model.get_submodule(inner)
+        except AttributeError:
+            raise ValueError(f"widths name module {name!r}, which the given {type(model).__name__} lacks") from None
+        same = compacted_widths(nn.ModuleDict({"m": mod})).get("m") == w
+        if not same:
+            _set(model, inner, _blank(mod, w))
+    for name, w in selects.items():
+        _set(model, name, ChannelSelect(torch.zeros(w["select"], dtype=torch.long), model.get_submodule(name),
+                                        w["dim"]))
+    for _, mod in model.named_modules():
+        if attention_kind(mod) in ("hf", "fused"):
+            set_heads(mod)
+    return model

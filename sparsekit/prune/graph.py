@@ -1,0 +1,890 @@
+"""Dependency graph: which channels of which layers must be removed together.
+
+    graph = DependencyGraph.build(model, example_inputs)
+    graph.groups                       # list[Group]; g.prunable, g.size (units), g.unit (channels per unit)
+    scores = graph.group_scores()      # {group id: one score per unit} (L1 of every member, aggregated)
+    keep = graph.select(0.5, scores)   # {group id: kept unit indices}, global or layer-wise
+    small = sparsekit.prune.compact.compact(model, example_inputs, keep, graph=graph)
+
+Tracing: ``torch.fx`` symbolic tracing at module level (Conv2d, Linear, norms, embeddings and the attention
+modules below are leaves); Hugging Face ``PreTrainedModel``s go through ``transformers.utils.fx.HFTracer``
+(same leaf rules). Concrete shapes come from running the traced graph once on ``example_inputs``. When
+tracing fails the ``GraphError`` names the module being traced and the failing op.
+
+Channel spaces. Every tensor value carries a *tag*: its channel dim and the list of segments along it, each
+``(space, span)``; a space is a set of coupled channels split into ``n_units`` equal units. A unit ``u`` of a
+space covers indices ``offset + [u*span/n, (u+1)*span/n)`` of every *member* ``(module, axis, offset,
+span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1). Rules:
+
+* Conv2d (groups=1) / Linear: the input segments gain ``in`` members; the output is a new space (``out``).
+* depthwise / grouped convs: output channels stay in the input's space (whole conv groups are units).
+* BatchNorm: ``out`` members on its input's spaces; when its input is shared with other ops (pre-activation
+  blocks, DenseNet concat streams, seed 000 section 2.3) its output is a new *selection* space: the
+  compacted model picks the kept channels out of the unshrunk stream with ``ChannelSelect``.
+* GroupNorm: units coarsen to whole norm groups. LayerNorm normalises over its channels, so removing any
+  changes its statistics: its space is pinned.
+* residual add / mul between tagged tensors: spaces merged (coarsened to a common unit); concat: segments
+  appended (index offsets); split / chunk / slicing along channels: the pieces keep their segments when the
+  cut falls on a segment boundary (else pinned); flatten after a conv: span times H*W (feature expansion).
+* attention: Hugging Face ``BertSelfAttention``-style (``query``/``key``/``value``, ``num_attention_heads``)
+  and fused-qkv modules (``qkv``, ``proj``, ``heads``/``num_heads``, ``head_dim``) get a head space (unit =
+  one head: q, k, v rows and the output projection's columns). Whether the module's forward still runs with
+  fewer heads is probed once; if not, the heads are pinned with the reason. ``nn.MultiheadAttention`` ties
+  its inner width to ``embed_dim`` (input = inner = output width), so its heads and streams are pinned.
+* embeddings: a new space on the embedding dim; model outputs and anything an unknown op touches: pinned.
+
+Pinned groups (``prunable=False``, ``reason``) are never pruned: this is what keeps the classifier intact.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+__all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind", "set_heads", "NORMS"]
+
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+_LEAVES = (nn.Conv2d, nn.Linear, nn.Embedding, nn.MultiheadAttention) + NORMS
+_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU,
+                 nn.Dropout, nn.Dropout2d, nn.Identity, nn.Hardsigmoid, nn.Mish)
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_PASS_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish", "elu",
+            "dropout", "contiguous", "clone", "detach", "float", "to", "type_as", "mish", "hardtanh",
+            "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "neg", "abs", "exp"}
+_BINARY_FN = {"add", "iadd", "sub", "isub", "mul", "imul", "truediv", "div", "add_", "mul_"}
+_REDUCE_FN = {"mean", "sum", "amax", "max", "amin", "min"}
+
+
+class GraphError(RuntimeError):
+    """Tracing or analysis failed; the message names the module and the op."""
+
+
+# ----------------------------------------------------------------------------------------- data model
+@dataclass(frozen=True)
+class Member:
+    """Indices ``offset + [u*span/n, (u+1)*span/n)`` along ``axis`` of ``module`` belong to unit ``u``."""
+
+    module: str
+    axis: str        # "out" (weight dim 0 / bias / norm params / embedding dim) | "in" (weight dim 1)
+    offset: int
+    span: int
+
+
+@dataclass
+class _Space:
+    n_units: int
+    members: list[Member] = field(default_factory=list)
+    pinned: str = ""
+    kind: str = "channel"       # "channel" | "heads" | "selection"
+    parent: int | None = None   # union-find
+
+
+@dataclass
+class Group:
+    """Channels that are removed together: ``size`` units of ``unit`` channels (heads: head_dim)."""
+
+    id: int
+    size: int
+    members: list[Member]
+    kind: str
+    prunable: bool
+    reason: str = ""
+
+    @property
+    def unit(self) -> int:
+        """Indices per unit in the group's first member (1 for plain channels, head_dim for heads)."""
+        return self.members[0].span // self.size if self.members else 1
+
+    def member_indices(self, m: Member, units: Tensor) -> Tensor:
+        """Indices along ``m.axis`` covered by the given units."""
+        per = m.span // self.size
+        units = torch.as_tensor(units, dtype=torch.long).reshape(-1, 1)
+        return (m.offset + units * per + torch.arange(per)).reshape(-1)
+
+
+@dataclass
+class _Seg:
+    space: int | None    # None: fixed channels (model input, unknown producer): never removed
+    span: int
+
+
+@dataclass
+class _Tag:
+    dim: int
+    segs: list[_Seg]
+
+    @property
+    def width(self) -> int:
+        return sum(s.span for s in self.segs)
+
+
+# ------------------------------------------------------------------------------------------ attention
+def attention_kind(mod: nn.Module) -> str | None:
+    """``"hf"`` (query/key/value + num_attention_heads), ``"fused"`` (qkv + proj + heads), ``"mha"`` or None."""
+    if isinstance(mod, nn.MultiheadAttention):
+        return "mha"
+    if (all(isinstance(getattr(mod, n, None), nn.Linear) for n in ("query", "key", "value"))
+            and hasattr(mod, "num_attention_heads") and hasattr(mod, "attention_head_size")):
+        return "hf"
+    if (isinstance(getattr(mod, "qkv", None), nn.Linear) and isinstance(getattr(mod, "proj", None), nn.Linear)
+            and (hasattr(mod, "heads") or hasattr(mod, "num_heads")) and hasattr(mod, "head_dim")):
+        return "fused"
+    return None
+
+
+def _heads_attr(mod: nn.Module) -> str:
+    return "heads" if hasattr(mod, "heads") else "num_heads"
+
+
+def set_heads(mod: nn.Module) -> None:
+    """After q/k/v Linears were resized, update the attention module's head-count attributes."""
+    kind = attention_kind(mod)
+    if kind == "hf":
+        mod.num_attention_heads = mod.query.out_features // mod.attention_head_size
+        mod.all_head_size = mod.query.out_features
+    elif kind == "fused":
+        setattr(mod, _heads_attr(mod), mod.qkv.out_features // 3 // mod.head_dim)
+
+
+# -------------------------------------------------------------------------------------------- tracing
+class _LeafMixin:
+    stack: list[str]
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # noqa: D401
+        if isinstance(m, _LEAVES) or attention_kind(m) is not None:
+            return True
+        return m.__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList,
+                                                                          nn.ModuleDict))
+
+    def call_module(self, m, forward, args, kwargs):  # noqa: ANN001
+        self.stack.append(self.path_of_module(m) or type(m).__name__)
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if not getattr(self, "failed_at", None):
+                self.failed_at = self.stack[-1]
+            raise
+        finally:
+            self.stack.pop()
+        return out
+
+
+class _Tracer(_LeafMixin, fx.Tracer):
+    """fx tracer whose control flow on traced values (``if x.dim() != 2``) is decided by the concrete values
+    of the example inputs: the partial graph is run to get the bool (the graph records the branch taken)."""
+
+    def __init__(self, example: tuple | None = None) -> None:
+        super().__init__()
+        self.stack = []
+        self.example = example
+
+    def _concrete(self, node: fx.Node) -> Any:
+        gm = fx.GraphModule(self.root, self.graph)
+        interp = fx.Interpreter(gm, garbage_collect_values=False)
+        it = iter(self.example or ())
+        with torch.no_grad():
+            for n in self.graph.nodes:
+                if n.op == "placeholder":
+                    interp.env[n] = next(it, n.args[0] if n.args else None)
+                else:
+                    interp.env[n] = interp.run_node(n)
+                if n is node:
+                    return interp.env[n]
+        raise GraphError(f"node {node.name} not found")
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if self.example is None:
+            return super().to_bool(obj)
+        return bool(self._concrete(obj.node))
+
+    def iter(self, obj: fx.Proxy):  # noqa: ANN201
+        if self.example is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(len(self._concrete(obj.node)))])
+
+
+def _trace(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, tuple, dict]:
+    """Module-level fx graph of ``model`` plus the positional / keyword inputs to run it with."""
+    if isinstance(example_inputs, Tensor):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise TypeError(f"example_inputs must be a Tensor, a tuple/list or a dict, got {type(example_inputs).__name__}")
+    is_hf = type(model).__module__.startswith("transformers.")
+    try:
+        if is_hf:
+            from transformers.utils import fx as hfx
+
+            class _HF(_LeafMixin, hfx.HFTracer):
+                def __init__(self, *a: Any, **k: Any) -> None:
+                    super().__init__(*a, **k)
+                    self.stack = []
+
+            names = list(kwargs) or ["input_ids"]
+            gm = hfx.symbolic_trace(model, input_names=names, tracer_cls=_HF)
+            return gm, args, kwargs
+        import inspect
+
+        params = list(inspect.signature(model.forward).parameters.values())
+        concrete = {p.name: p.default for p in params[len(args):]
+                    if p.default is not inspect.Parameter.empty and p.name not in kwargs}
+        tracer = _Tracer()
+        try:
+            graph = tracer.trace(model, concrete_args=concrete or None)
+        except Exception:  # noqa: BLE001 - retry deciding control flow on the example inputs
+            if kwargs:
+                raise
+            tracer = _Tracer(args)
+            graph = tracer.trace(model, concrete_args=concrete or None)
+        return fx.GraphModule(model, graph), args, kwargs
+    except Exception as e:  # noqa: BLE001 - re-raised with where it happened
+        where = getattr(tracer, "failed_at", None) if not is_hf else None
+        where = where or type(model).__name__
+        import traceback
+
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename
+                  and not f.filename.endswith("graph.py")]
+        op = f"`{frames[-1].line}` ({frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else "?"
+        raise GraphError(f"torch.fx could not trace {type(model).__name__}: in module {where!r}, op {op} failed with "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Make that module a "
+                         "leaf, rewrite the data-dependent control flow, or prune with granularity "
+                         "'element'/'block' (no dependency graph needed)") from e
+
+
+def _fn_name(target: Any) -> str:
+    if isinstance(target, str):
+        return target
+    name = getattr(target, "__name__", str(target))
+    return name.strip("_")
+
+
+def _meta(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return torch.Size(v.shape)
+    if isinstance(v, (tuple, list)) and not isinstance(v, torch.Size):
+        return [_meta(x) for x in v]
+    return None
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, Any] = {}
+        self.attn_args: dict[str, tuple] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.shapes[n] = _meta(out)
+        if n.op == "call_module" and attention_kind(self.module.get_submodule(n.target)) in ("hf", "fused"):
+            a, k = self.fetch_args_kwargs_from_env(n)
+            self.attn_args[n.target] = (a, k)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- graph
+class DependencyGraph:
+    """Groups of coupled channels of a model (see the module docstring). Build with ``build``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self._spaces: list[_Space] = []
+        self.groups: list[Group] = []
+        self.selections: dict[str, dict] = {}   # BN name -> {"space": id, "segs": input segments}
+        self.space_of_group: dict[int, int] = {}
+
+    # --------------------------------------------------------------------- union-find over spaces
+    def _new(self, n: int, kind: str = "channel") -> int:
+        self._spaces.append(_Space(n, kind=kind))
+        return len(self._spaces) - 1
+
+    def _find(self, s: int) -> int:
+        while self._spaces[s].parent is not None:
+            s = self._spaces[s].parent  # type: ignore[assignment]
+        return s
+
+    def _union(self, a: int, b: int) -> int:
+        a, b = self._find(a), self._find(b)
+        if a == b:
+            return a
+        sa, sb = self._spaces[a], self._spaces[b]
+        sa.n_units = math.gcd(sa.n_units, sb.n_units)
+        sa.members += sb.members
+        sa.pinned = sa.pinned or sb.pinned
+        if sb.kind != "channel":
+            sa.kind = sb.kind
+        sb.parent = a
+        return a
+
+    def _coarsen(self, s: int, n: int) -> None:
+        sp = self._spaces[self._find(s)]
+        sp.n_units = math.gcd(sp.n_units, n)
+
+    def _pin(self, tag: Any, reason: str) -> None:
+        for t in _flat_tags(tag):
+            for seg in t.segs:
+                if seg.space is not None:
+                    sp = self._spaces[self._find(seg.space)]
+                    sp.pinned = sp.pinned or reason
+
+    def _add(self, seg: _Seg, module: str, axis: str, offset: int, span: int | None = None) -> None:
+        if seg.space is not None:
+            self._spaces[self._find(seg.space)].members.append(Member(module, axis, offset, seg.span
+                                                                      if span is None else span))
+
+    # ----------------------------------------------------------------------------------- building
+    @classmethod
+    def build(cls, model: nn.Module, example_inputs: Any) -> DependencyGraph:
+        """Trace ``model`` on ``example_inputs`` (eval mode, no grad; training flags restored) and group it."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        modes = {m: m.training for m in model.modules()}
+        try:
+            model.eval()
+            gm, args, kwargs = _trace(model, example_inputs)
+            rec = _Recorder(gm)
+            with torch.no_grad():
+                try:
+                    if kwargs:
+                        placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+                        rec.run(*[kwargs.get(p) for p in placeholders])
+                    else:
+                        rec.run(*args)
+                except Exception as e:
+                    raise GraphError(f"running the traced graph of {type(model).__name__} on example_inputs "
+                                     f"failed: {type(e).__name__}: {e}") from e
+            g = cls(model)
+            g._propagate(gm, rec.shapes)
+            g._probe_heads(rec.attn_args)
+            g._finish()
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        return g
+
+    def _propagate(self, gm: fx.GraphModule, shapes: dict) -> None:
+        tags: dict[fx.Node, Any] = {}
+        self._shapes = shapes
+        users = {n: len(n.users) for n in gm.graph.nodes}
+
+        def tag(a: Any) -> Any:
+            return tags.get(a) if isinstance(a, fx.Node) else None
+
+        for n in gm.graph.nodes:
+            shape = shapes.get(n)
+            where = f"{n.op} {n.target if n.op != 'call_module' else repr(n.target)} (node {n.name})"
+            if n.op in ("placeholder", "get_attr"):
+                tags[n] = None
+            elif n.op == "output":
+                self._pin([tag(a) for a in _flat_args(n.args)], "model output (classifier / returned tensor)")
+            elif n.op == "call_module":
+                tags[n] = self._module(n, gm.get_submodule(n.target), tag, shape, users, where)
+            else:
+                tags[n] = self._function(n, tag, shape, shapes, where)
+
+    # ------------------------------------------------------------------------------- module rules
+    def _module(self, n: fx.Node, mod: nn.Module, tag: Callable, shape: Any, users: dict, where: str) -> Any:
+        name = n.target
+        x = tag(n.args[0]) if n.args else None
+        kind = attention_kind(mod)
+        if isinstance(mod, nn.Conv2d):
+            return self._conv(name, mod, x, shape)
+        if isinstance(mod, nn.Linear):
+            if x is not None:
+                if x.dim != len(shape) - 1:
+                    self._pin(x, f"{name!r} (Linear) takes channels on a non-last dim")
+                else:
+                    off = 0
+                    for seg in x.segs:
+                        self._add(seg, name, "in", off)
+                        off += seg.span
+            s = self._new(mod.out_features)
+            self._add(_Seg(s, mod.out_features), name, "out", 0)
+            return _Tag(len(shape) - 1, [_Seg(s, mod.out_features)])
+        if isinstance(mod, nn.Embedding):
+            s = self._new(mod.embedding_dim)
+            self._add(_Seg(s, mod.embedding_dim), name, "out", 0)
+            return _Tag(len(shape) - 1, [_Seg(s, mod.embedding_dim)])
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if x is None:
+                return None
+            src = n.args[0]
+            if isinstance(mod, nn.BatchNorm2d) and users.get(src, 1) > 1 and any(s.space is not None
+                                                                                  for s in x.segs):
+                # pre-activation: the stream is shared, so this BN (and what it feeds) selects its own channels
+                off = 0
+                for seg in x.segs:
+                    self._add(seg, name, "out", off)
+                    off += seg.span
+                s = self._new(mod.num_features, "selection")
+                self._add(_Seg(s, mod.num_features), name, "out", 0)
+                self.selections[name] = {"space": s, "segs": [(seg.space, seg.span) for seg in x.segs]}
+                return _Tag(x.dim, [_Seg(s, mod.num_features)])
+            off = 0
+            for seg in x.segs:
+                self._add(seg, name, "out", off)
+                off += seg.span
+            return x
+        if isinstance(mod, nn.GroupNorm):
+            if x is not None:
+                per = mod.num_channels // mod.num_groups
+                off = 0
+                for seg in x.segs:
+                    if off % per or seg.span % per:
+                        self._pin(x, f"{name!r} (GroupNorm) groups straddle concatenated segments")
+                        break
+                    if seg.space is not None:
+                        self._coarsen(seg.space, seg.span // per)
+                    self._add(seg, name, "out", off)
+                    off += seg.span
+            return x
+        if isinstance(mod, nn.LayerNorm):
+            self._pin(x, f"{name!r} (LayerNorm) normalises over these channels; removing any changes its "
+                         "statistics")
+            return x
+        if kind == "mha":
+            self._pin([tag(a) for a in _flat_args(n.args) + list(n.kwargs.values())],
+                      f"{name!r} (nn.MultiheadAttention) ties input, inner and output width to embed_dim")
+            return [None, None]
+        if kind == "hf":
+            if x is not None:
+                for lin in ("query", "key", "value"):
+                    off = 0
+                    for seg in x.segs:
+                        self._add(seg, f"{name}.{lin}", "in", off)
+                        off += seg.span
+            h, width = mod.num_attention_heads, mod.all_head_size
+            s = self._new(h, "heads")
+            for lin in ("query", "key", "value"):
+                self._add(_Seg(s, width), f"{name}.{lin}", "out", 0)
+            return [_Tag(len(shape[0]) - 1, [_Seg(s, width)])] + [None] * (len(shape) - 1)
+        if kind == "fused":
+            if x is not None:
+                off = 0
+                for seg in x.segs:
+                    self._add(seg, f"{name}.qkv", "in", off)
+                    off += seg.span
+            h = getattr(mod, _heads_attr(mod))
+            inner = h * mod.head_dim
+            s = self._new(h, "heads")
+            for i in range(3):
+                self._add(_Seg(s, inner), f"{name}.qkv", "out", i * inner)
+            self._add(_Seg(s, inner), f"{name}.proj", "in", 0)
+            o = self._new(mod.proj.out_features)
+            self._add(_Seg(o, mod.proj.out_features), f"{name}.proj", "out", 0)
+            return _Tag(len(shape) - 1, [_Seg(o, mod.proj.out_features)]) if isinstance(shape, torch.Size) else None
+        if isinstance(mod, _PASS_MODULES):
+            return x
+        if isinstance(mod, _POOL_MODULES):
+            return x if x is not None and x.dim == 1 else self._unknown(n, x, where)
+        if isinstance(mod, nn.Flatten):
+            return self._flatten(x, shape, mod.start_dim, n, where, tag)
+        return self._unknown(n, [tag(a) for a in _flat_args(n.args)], where)
+
+    def _conv(self, name: str, mod: nn.Conv2d, x: _Tag | None, shape: Any) -> _Tag:
+        if mod.groups == 1:
+            if x is not None:
+                off = 0
+                for seg in x.segs:
+                    self._add(seg, name, "in", off)
+                    off += seg.span
+            s = self._new(mod.out_channels)
+            self._add(_Seg(s, mod.out_channels), name, "out", 0)
+            return _Tag(1, [_Seg(s, mod.out_channels)])
+        ipg, opg = mod.in_channels // mod.groups, mod.out_channels // mod.groups
+        if x is None or any(seg.space is None for seg in x.segs):
+            s = self._new(mod.groups)     # conv groups are units of a fresh space, input fixed
+            self._pin(_Tag(1, [_Seg(s, 1)]), f"{name!r} (grouped conv) reads fixed input channels")
+            self._add(_Seg(s, mod.out_channels), name, "out", 0)
+            return _Tag(1, [_Seg(s, mod.out_channels)])
+        out_segs, off = [], 0
+        for seg in x.segs:
+            if off % ipg or seg.span % ipg:
+                self._pin(x, f"{name!r} (groups={mod.groups}) conv groups straddle concatenated segments")
+                s = self._new(mod.out_channels)
+                self._pin(_Tag(1, [_Seg(s, 1)]), "see above")
+                return _Tag(1, [_Seg(s, mod.out_channels)])
+            self._coarsen(seg.space, seg.span // ipg)
+            span = seg.span // ipg * opg
+            self._add(seg, name, "out", off // ipg * opg, span)
+            out_segs.append(_Seg(seg.space, span))
+            off += seg.span
+        return _Tag(1, out_segs)
+
+    def _flatten(self, x: _Tag | None, shape: Any, start: int, n: fx.Node, where: str, tag: Callable) -> Any:
+        if x is None:
+            return None
+        if x.dim == start and len(shape) == start + 1:
+            in_shape = None
+            src = n.args[0]
+            if isinstance(src, fx.Node):
+                in_shape = self._shapes.get(src)
+            factor = shape[start] // x.width if in_shape is None else math.prod(in_shape[start + 1:])
+            return _Tag(start, [_Seg(s.space, s.span * factor) for s in x.segs])
+        if x.dim < start:
+            return x
+        return self._unknown(n, x, where)
+
+    def _unknown(self, n: fx.Node, tags: Any, where: str) -> None:
+        self._pin(tags, f"unsupported op {where}")
+        return None
+
+    # ----------------------------------------------------------------------------- function rules
+    def _function(self, n: fx.Node, tag: Callable, shape: Any, shapes: dict, where: str) -> Any:
+        fname = _fn_name(n.target)
+        args = list(n.args)
+        in_tags = [tag(a) for a in _flat_args(args) + list(n.kwargs.values())]
+        if not any(t is not None for t in _flat_tags(in_tags)):
+            return None
+        if shape is None:       # size(), dim(), shape access: no tensor comes out
+            if fname in ("size", "dim", "getattr", "numel") or n.op == "call_method":
+                return None
+            if fname == "getitem":
+                return None
+            return self._unknown(n, in_tags, where)
+        x = tag(args[0]) if args else None
+        if fname == "getitem":
+            src = args[0]
+            if isinstance(x, list):
+                return x[args[1]] if isinstance(args[1], int) and args[1] < len(x) else None
+            if isinstance(x, _Tag):
+                return self._index(x, args[1], shapes.get(src), shape, n, where)
+            return None
+        if fname in _PASS_FN or (n.op == "call_method" and fname in ("relu", "sigmoid", "contiguous", "float",
+                                                                    "clone", "detach", "to", "gelu")):
+            if isinstance(x, _Tag) and isinstance(shape, torch.Size):
+                return x
+            return self._unknown(n, in_tags, where)
+        if fname in _BINARY_FN:
+            return self._binary(n, args, tag, shapes, shape, where)
+        if fname in ("flatten",):
+            start = args[1] if len(args) > 1 else n.kwargs.get("start_dim", 0)
+            end = args[2] if len(args) > 2 else n.kwargs.get("end_dim", -1)
+            in_shape = shapes.get(args[0])
+            if end not in (-1, len(in_shape) - 1):
+                return self._unknown(n, in_tags, where)
+            return self._flatten(x, shape, start % len(in_shape), n, where, tag)
+        if fname in ("view", "reshape"):
+            in_shape = shapes.get(args[0])
+            if isinstance(x, _Tag) and in_shape is not None:
+                if tuple(in_shape) == tuple(shape):
+                    return x
+                if (len(shape) == x.dim + 1 and tuple(shape[:x.dim]) == tuple(in_shape[:x.dim])):
+                    return self._flatten(x, shape, x.dim, n, where, tag)
+            return self._unknown(n, in_tags, where)
+        if fname in ("cat", "concat", "concatenate"):
+            return self._cat(n, tag, shapes, shape, where)
+        if fname in ("split", "chunk", "tensor_split"):
+            return self._split(n, x, args, shapes, where, in_tags)
+        if fname in _REDUCE_FN:
+            dims = args[1] if len(args) > 1 else n.kwargs.get("dim")
+            keep = n.kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+            if isinstance(x, _Tag) and dims is not None:
+                nd = len(shapes.get(args[0]))
+                dims = [d % nd for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+                if x.dim not in dims:
+                    return _Tag(x.dim if keep else x.dim - sum(d < x.dim for d in dims), x.segs)
+            return self._unknown(n, in_tags, where)
+        if fname in ("adaptive_avg_pool2d", "max_pool2d", "avg_pool2d") and isinstance(x, _Tag) and x.dim == 1:
+            return x
+        return self._unknown(n, in_tags, where)
+
+    def _index(self, x: _Tag, idx: Any, in_shape: Any, shape: Any, n: fx.Node, where: str) -> Any:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if any(i is Ellipsis or i is None or isinstance(i, fx.Node) for i in idx):
+            return self._unknown(n, x, where)
+        if len(idx) > x.dim and idx[x.dim] != slice(None):
+            return self._unknown(n, x, where)
+        dropped = sum(isinstance(i, int) for i in idx[:x.dim])
+        return _Tag(x.dim - dropped, x.segs)
+
+    def _binary(self, n: fx.Node, args: list, tag: Callable, shapes: dict, shape: Any, where: str) -> Any:
+        tensors = [a for a in args if isinstance(a, fx.Node) and isinstance(shapes.get(a), torch.Size)]
+        tg = [tag(a) for a in tensors]
+        nd = len(shape)
+        known = [(t, shapes[a]) for t, a in zip(tg, tensors) if t is not None]
+        if not known:
+            return None
+        out = known[0][0]
+        out = _Tag(out.dim + nd - len(known[0][1]), out.segs)
+        for a, t in zip(tensors, tg):
+            s = shapes[a]
+            if t is None:
+                d = out.dim - (nd - len(s))
+                if 0 <= d < len(s) and s[d] != 1:
+                    self._pin(out, f"{where}: combines the channels with an untracked tensor")
+                continue
+            t = _Tag(t.dim + nd - len(s), t.segs)
+            if t.dim != out.dim or [sg.span for sg in t.segs] != [sg.span for sg in out.segs]:
+                self._pin([out, t], f"{where}: operands have different channel layouts")
+                continue
+            for sa, sb in zip(out.segs, t.segs):
+                if sa.space is None or sb.space is None:
+                    self._pin([out, t], f"{where}: adds fixed channels")
+                else:
+                    self._union(sa.space, sb.space)
+        return out
+
+    def _cat(self, n: fx.Node, tag: Callable, shapes: dict, shape: Any, where: str) -> Any:
+        tensors = n.args[0]
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        dim %= len(shape)
+        tg = [tag(a) for a in tensors]
+        if any(t is not None and t.dim != dim for t in tg):
+            ref = next(t for t in tg if t is not None)
+            if all(t is not None and [s.span for s in t.segs] == [s.span for s in ref.segs] for t in tg):
+                for t in tg[1:]:
+                    for sa, sb in zip(ref.segs, t.segs):
+                        if sa.space is not None and sb.space is not None:
+                            self._union(sa.space, sb.space)
+                return ref
+            return self._unknown(n, tg, where)
+        segs: list[_Seg] = []
+        for a, t in zip(tensors, tg):
+            segs += t.segs if t is not None else [_Seg(None, shapes[a][dim])]
+        return _Tag(dim, segs)
+
+    def _split(self, n: fx.Node, x: Any, args: list, shapes: dict, where: str, in_tags: list) -> Any:
+        if not isinstance(x, _Tag):
+            return None
+        in_shape = shapes.get(args[0])
+        out_shapes = shapes.get(n)
+        dim = args[2] if len(args) > 2 else n.kwargs.get("dim", 0)
+        dim %= len(in_shape)
+        if dim != x.dim:
+            return [x for _ in out_shapes]
+        pieces, start = [], 0
+        bounds = [0]
+        for s in x.segs:
+            bounds.append(bounds[-1] + s.span)
+        for o in out_shapes:
+            end = start + o[dim]
+            if start not in bounds or end not in bounds:
+                self._pin(x, f"{where}: splits inside a channel group")
+                pieces.append(None)
+            else:
+                i, j = bounds.index(start), bounds.index(end)
+                pieces.append(_Tag(dim, x.segs[i:j]))
+            start = end
+        return pieces
+
+    # ------------------------------------------------------------------------------ heads probing
+    def _probe_heads(self, attn_args: dict) -> None:
+        from .compact import resize_module
+
+        for name, (a, k) in attn_args.items():
+            mod = self.modules[name]
+            hs = [s for s in range(len(self._spaces)) if self._spaces[s].kind == "heads" and any(
+                m.module.startswith(name + ".") for m in self._spaces[s].members)]
+            if not hs:
+                continue
+            sp = self._spaces[self._find(hs[0])]
+            if sp.n_units < 2:
+                sp.pinned = sp.pinned or f"{name!r} has a single head"
+                continue
+            probe = copy.deepcopy(mod)
+            reason = ""
+            try:
+                members = [m for m in sp.members if m.module.startswith(name + ".")]
+                g = Group(0, sp.n_units, members, "heads", True)
+                gone: dict[tuple[str, str], list[Tensor]] = {}
+                for m in members:
+                    gone.setdefault((m.module[len(name) + 1:], m.axis), []).append(
+                        g.member_indices(m, torch.tensor([sp.n_units - 1])))
+                plan: dict[str, dict[str, Tensor]] = {}
+                for (sub_name, axis), idx in gone.items():
+                    sub = probe.get_submodule(sub_name)
+                    full = torch.arange(sub.weight.shape[0 if axis == "out" else 1])
+                    plan.setdefault(sub_name, {})[axis] = full[~torch.isin(full, torch.cat(idx))]
+                for sub_name, ax in plan.items():
+                    new = resize_module(probe.get_submodule(sub_name), ax.get("out"), ax.get("in"))
+                    parent, _, child = sub_name.rpartition(".")
+                    setattr(probe.get_submodule(parent) if parent else probe, child, new)
+                set_heads(probe)
+                with torch.no_grad():
+                    probe(*a, **k)
+            except Exception as e:  # noqa: BLE001 - the reason is reported on the group
+                reason = (f"{name!r} ({type(mod).__name__}) does not run with fewer heads "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            if reason:
+                sp.pinned = sp.pinned or reason
+
+    # ---------------------------------------------------------------------------------- finishing
+    def _finish(self) -> None:
+        roots = sorted({self._find(s) for s in range(len(self._spaces))})
+        for r in roots:
+            sp = self._spaces[r]
+            members = list(dict.fromkeys(sp.members))
+            if not members:
+                continue
+            gid = len(self.groups)
+            pinned = sp.pinned
+            if not pinned and sp.n_units < 2:
+                pinned = "a single unit"
+            self.groups.append(Group(gid, sp.n_units, members, sp.kind, not pinned, pinned))
+            self.space_of_group[gid] = r
+        self.group_of_space = {r: g for g, r in self.space_of_group.items()}
+        for sel in self.selections.values():
+            sel["group"] = self.group_of_space.get(self._find(sel["space"]))
+            sel["segs"] = [(None if s is None else self.group_of_space.get(self._find(s)), span)
+                           for s, span in sel["segs"]]
+
+    # --------------------------------------------------------------------------------- public API
+    @property
+    def prunable(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def __repr__(self) -> str:
+        return (f"DependencyGraph({len(self.groups)} groups, {len(self.prunable)} prunable, "
+                f"{len(self.selections)} channel selections)")
+
+    def describe(self) -> str:
+        """One line per group: id, kind, size x unit, members, and why pinned groups are pinned."""
+        lines = []
+        for g in self.groups:
+            mem = ", ".join(f"{m.module}.{m.axis}[{m.offset}:{m.offset + m.span}]" for m in g.members[:6])
+            more = f" (+{len(g.members) - 6})" if len(g.members) > 6 else ""
+            state = "prunable" if g.prunable else f"pinned: {g.reason}"
+            lines.append(f"#{g.id} {g.kind} {g.size}x{g.unit}: {mem}{more}  [{state}]")
+        return "\n".join(lines)
+
+    def member_channel_scores(self, m: Member, fn: str = "l1") -> Tensor:
+        """Per-index score of a member: L1 (or L2) of weight rows (``out``) or columns (``in``)."""
+        mod = self.modules[m.module]
+        w = mod.weight.detach()
+        if isinstance(mod, nn.Embedding):
+            v = w.abs() if fn == "l1" else w.pow(2)
+            return v.sum(0)[m.offset:m.offset + m.span]
+        if w.dim() == 1:     # norms: |gamma|
+            return w.abs()[m.offset:m.offset + m.span]
+        v = w.abs() if fn == "l1" else w.pow(2)
+        dims = [d for d in range(v.dim()) if d != (0 if m.axis == "out" else 1)]
+        return v.sum(dim=dims)[m.offset:m.offset + m.span]
+
+    def group_scores(self, score_fn: Callable[[nn.Module, Member], Tensor] | str = "l1",
+                     reduce: str = "mean", prunable_only: bool = True) -> dict[int, Tensor]:
+        """One score per unit of each group, aggregated over its weight members (conv / linear / embedding).
+
+        ``score_fn``: ``"l1"`` / ``"l2"`` or a callable ``(module, member) -> Tensor[member.span]`` of
+        per-index scores. Each member's scores are summed per unit and divided by the member's per-unit
+        size; ``reduce`` (``"mean"``, ``"sum"``, ``"max"``) combines the members. BN/GN/LN gammas are left
+        out of ``"l1"``/``"l2"`` (different scale); a callable sees them too.
+        """
+        out = {}
+        for g in self.groups:
+            if prunable_only and not g.prunable:
+                continue
+            rows = []
+            for m in g.members:
+                mod = self.modules[m.module]
+                if isinstance(score_fn, str):
+                    if isinstance(mod, NORMS):
+                        continue
+                    s = self.member_channel_scores(m, score_fn)
+                else:
+                    s = torch.as_tensor(score_fn(mod, m)).detach().float()
+                rows.append(s.reshape(g.size, -1).float().mean(1))
+            if not rows:
+                rows = [torch.zeros(g.size)]
+            st = torch.stack(rows)
+            out[g.id] = {"mean": st.mean(0), "sum": st.sum(0), "max": st.amax(0)}[reduce]
+        return out
+
+    def select(self, sparsity: float, scores: Mapping[int, Tensor] | None = None, scope: str = "global",
+               round_to: int | None = None, min_keep: int = 1, normalize: bool = True) -> dict[int, Tensor]:
+        """Kept unit indices per prunable group removing ``sparsity`` of the units (lowest scores first).
+
+        ``scope="global"`` ranks all groups' units together (scores divided by their group's mean when
+        ``normalize``); ``"layer"`` removes the fraction from each group. ``round_to`` rounds every
+        group's kept channel count up to a multiple (channel groups only).
+        """
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        scores = self.group_scores() if scores is None else scores
+        groups = [g for g in self.prunable if g.id in scores]
+        keep: dict[int, Tensor] = {}
+        if scope == "layer":
+            for g in groups:
+                k = max(min_keep, g.size - int(math.floor(sparsity * g.size + 1e-9)))
+                keep[g.id] = torch.sort(torch.argsort(scores[g.id], descending=True, stable=True)[:k]).values
+        elif scope == "global":
+            flat, owner = [], []
+            for g in groups:
+                s = scores[g.id].double()
+                if normalize:
+                    s = s / s.mean().clamp_min(1e-12)
+                s = s.clone()
+                s[torch.argsort(s, descending=True, stable=True)[:min_keep]] = float("inf")
+                flat.append(s)
+                owner.append(torch.full((g.size,), g.id))
+            if not flat:
+                return {}
+            allf = torch.cat(flat)
+            k = int(math.floor(sparsity * allf.numel() + 1e-9))
+            removed = torch.zeros(allf.numel(), dtype=torch.bool)
+            removed[torch.argsort(allf, stable=True)[:k]] = True
+            removed &= torch.isfinite(allf)
+            start = 0
+            for g in groups:
+                r = removed[start:start + g.size]
+                keep[g.id] = torch.nonzero(~r).reshape(-1)
+                start += g.size
+        else:
+            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+        return self.round_keep(keep, round_to, scores) if round_to else keep
+
+    def round_keep(self, keep: Mapping[int, Tensor], round_to: int | None,
+                   scores: Mapping[int, Tensor] | None = None) -> dict[int, Tensor]:
+        """Round each channel group's kept count up to a multiple of ``round_to`` (capped at its size),
+        adding back the best-scoring removed units (lowest index without scores). Head groups unchanged."""
+        out = {k: torch.as_tensor(v, dtype=torch.long) for k, v in keep.items()}
+        if not round_to:
+            return out
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+        for gid, kept in out.items():
+            g = self.groups[gid]
+            if g.kind == "heads":
+                continue
+            target = min(g.size, -(-kept.numel() // round_to) * round_to)
+            if target == kept.numel():
+                continue
+            removed = torch.tensor([u for u in range(g.size) if u not in set(kept.tolist())], dtype=torch.long)
+            if scores is not None and gid in scores:
+                removed = removed[torch.argsort(scores[gid][removed], descending=True, stable=True)]
+            out[gid] = torch.sort(torch.cat([kept, removed[:target - kept.numel()]])).values
+        return out
+
+
+def _flat_args(args: Any) -> list:
+    out = []
+    for a in args if isinstance(args, (tuple, list)) else (args,):
+        if isinstance(a, (tuple, list)):
+            out += _flat_args(a)
+        elif isinstance(a, dict):
+            out += _flat_args(list(a.values()))
+        else:
+            out.append(a)
+    return out
+
+
+def _flat_tags(t: Any) -> list[_Tag]:
+    if isinstance(t, _Tag):
+        return [t]
+    if isinstance(t, (list, tuple)):
+        return [x for a in t for x in _flat_tags(a)]
+    return []
+
+
+_ = operator  # operator.add etc. are matched by name

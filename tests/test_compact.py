@@ -1,0 +1,360 @@
+"""Compaction: physically smaller models of the same classes whose outputs equal the group-masked model."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit as sk
+from sparsekit.models import VGG16_BN, LeNet5, ResNet20, ResNet50, ResNet56, TransformerEncoder
+from sparsekit.prune.channel_select import ChannelSelect
+from sparsekit.prune.compact import (
+    apply_widths,
+    compact,
+    compact_from_masks,
+    compacted_widths,
+    mask_groups,
+    member_masks,
+)
+from sparsekit.prune.graph import DependencyGraph
+from sparsekit.prune.masks import apply_mask
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (nn.BatchNorm2d, nn.GroupNorm, nn.BatchNorm1d)):
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
+                mod.bias.copy_(torch.rand(mod.bias.shape, generator=g) - 0.5)
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.running_mean.copy_(torch.rand(mod.running_mean.shape, generator=g) - 0.5)
+                    mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _random_keep(graph: DependencyGraph, frac: float = 0.5, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    keep = {}
+    for gr in graph.prunable:
+        k = max(1, int(gr.size * frac))
+        keep[gr.id] = torch.sort(torch.randperm(gr.size, generator=g)[:k]).values
+    return keep
+
+
+def _check(model, x, keep=None, graph=None, sparsity=0.5, verify_args=None):
+    graph = graph or DependencyGraph.build(model, x)
+    keep = graph.select(sparsity) if keep is None else keep
+    small = compact(model, x, keep, graph=graph)
+    ref = mask_groups(model, x, keep, graph=graph)
+    sk.verify(ref, small, verify_args if verify_args is not None else x, atol=1e-4)
+    assert _params(small) < _params(model)
+    for name, mod in small.named_modules():      # plain modules of the same classes, no masks left
+        assert not hasattr(mod, "parametrizations"), name
+    return graph, small, keep
+
+
+@pytest.mark.parametrize("name", ["lenet", "vgg", "resnet20", "resnet56", "resnet50"])
+def test_cnn_models_random_and_l1(name):
+    model = {"lenet": lambda: LeNet5(), "vgg": lambda: VGG16_BN(width=0.125),
+             "resnet20": lambda: ResNet20(width=0.5), "resnet56": lambda: ResNet56(width=0.25),
+             "resnet50": lambda: ResNet50(width=0.25, image_size=32)}[name]()
+    _randomize(model)
+    x = model.example_input(2)
+    graph, small, _ = _check(model, x)                          # L1, global
+    _check(model, x, keep=_random_keep(graph, 0.4, seed=1), graph=graph)
+    assert type(small.fc) is nn.Linear and small.fc.out_features == model.fc.out_features   # classifier intact
+
+
+def test_param_count_matches_prediction_for_a_chain():
+    model = _randomize(LeNet5())
+    x = model.example_input()
+    graph = DependencyGraph.build(model, x)
+    (g1,) = [g for g in graph.groups if any(m.module == "conv1" for m in g.members)]
+    small = compact(model, x, {g1.id: torch.tensor([0, 2, 4])}, graph=graph)
+    assert small.conv1.out_channels == 3 and small.conv2.in_channels == 3
+    assert _params(model) - _params(small) == 3 * (1 * 25 + 1) + 3 * 16 * 25
+
+
+def test_round_to_keeps_multiples():
+    model = _randomize(ResNet20(width=1.0))
+    x = model.example_input()
+    graph = DependencyGraph.build(model, x)
+    keep = graph.select(0.6)
+    small = compact(model, x, keep, graph=graph, round_to=8, scores=graph.group_scores())
+    for mod in small.modules():
+        if isinstance(mod, nn.Conv2d) and mod.out_channels != 10:
+            assert mod.out_channels % 8 == 0
+    sk.verify(mask_groups(model, x, small._sparsekit_keep, graph=graph), small, x, atol=1e-4)
+
+
+class DenseBlock(nn.Module):
+    """DenseNet-style: BN-ReLU-conv layers appending to a concatenated stream (pre-activation)."""
+
+    def __init__(self, c0=8, growth=4, layers=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c0, 3, padding=1)
+        self.layers = nn.ModuleList()
+        c = c0
+        for _ in range(layers):
+            self.layers.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, growth, 3, padding=1)))
+            c += growth
+        self.bn = nn.BatchNorm2d(c)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], 1)
+        return self.fc(self.pool(torch.relu(self.bn(x))).flatten(1))
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, 12, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(12), nn.Conv2d(12, c, 3, padding=1)
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = self.conv1(torch.relu(self.bn1(x)))
+        out = self.conv2(torch.relu(self.bn2(out)))
+        return self.fc((x + out).mean((2, 3)))
+
+
+def test_densenet_concat_offsets_and_channel_selection():
+    model = _randomize(DenseBlock())
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph.build(model, x)
+    assert len(graph.selections) >= 3
+    _, small, _ = _check(model, x, keep=_random_keep(graph, 0.5))
+    assert any(isinstance(m, ChannelSelect) for m in small.modules())
+    _check(model, x, graph=graph)
+
+
+def test_preactivation_block_selects_from_unshrunk_stream():
+    model = _randomize(PreActBlock())
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph.build(model, x)
+    assert "bn1" in graph.selections
+    sel = graph.groups[graph.selections["bn1"]["group"]]
+    stream = [g for g in graph.groups if any(m.module == "stem" for m in g.members)][0]
+    # keep the whole stream, let bn1/conv1 read 3 of its 8 channels
+    _, small, _ = _check(model, x, keep={sel.id: torch.tensor([1, 4, 6])}, graph=graph)
+    assert isinstance(small.bn1, ChannelSelect) and small.bn1.index.tolist() == [1, 4, 6]
+    assert small.conv1.in_channels == 3 and small.stem.out_channels == 8
+    # and shrinking the stream itself remaps the selection
+    _check(model, x, keep={stream.id: torch.tensor([0, 1, 4, 6, 7]), sel.id: torch.tensor([1, 2, 6])}, graph=graph)
+
+
+class MobileBlock(nn.Module):
+    """MobileNet-style depthwise separable blocks plus a grouped conv and a GroupNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 24, 1)
+        self.gn = nn.GroupNorm(4, 24)
+        self.gconv = nn.Conv2d(24, 24, 3, padding=1, groups=4)
+        self.dw2 = nn.Conv2d(24, 48, 3, padding=1, groups=24)      # depth multiplier 2
+        self.pw2 = nn.Conv2d(48, 16, 1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.relu(self.bn1(self.dw(x)))
+        x = torch.relu(self.gn(self.pw(x)))
+        x = self.pw2(torch.relu(self.dw2(self.gconv(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_depthwise_grouped_and_groupnorm():
+    model = _randomize(MobileBlock())
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph.build(model, x)
+    (stem,) = [g for g in graph.groups if any(m.module == "stem" for m in g.members)]
+    assert {m.module for m in stem.members} >= {"stem", "bn0", "dw", "bn1", "pw"}
+    (pw,) = [g for g in graph.groups if any(m.module == "pw" and m.axis == "out" for m in g.members)]
+    assert pw.size == 4          # GroupNorm(4) and the 4-group conv: whole groups are the units
+    _, small, _ = _check(model, x, keep=_random_keep(graph, 0.5))
+    assert small.dw.groups == small.dw.in_channels == small.dw.out_channels < 16
+    assert small.gconv.groups == 2 and small.gn.num_groups == 2 and small.dw2.out_channels == 2 * small.dw2.groups
+
+
+class SplitNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.c1 = nn.Conv2d(8, 6, 1)
+        self.c2 = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        p, q = torch.chunk(torch.relu(y), 2, dim=1)
+        return self.fc(torch.cat([self.c1(p), self.c2(q)], 1).mean((2, 3)))
+
+
+def test_concat_then_chunk():
+    model = _randomize(SplitNet())
+    x = torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph.build(model, x)
+    (ga,) = [g for g in graph.groups if any(m.module == "a" for m in g.members)]
+    assert ga.prunable and {m.module for m in ga.members} == {"a", "c1"}
+    _check(model, x, keep=_random_keep(graph, 0.5))
+
+
+class FusedAttention(nn.Module):
+    """Hand-written attention with a fused qkv projection whose forward follows its head count."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)).softmax(-1) @ v
+        return self.proj(a.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.attn = FusedAttention()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.attn(h)
+        h = h + self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+        return self.fc(h.mean(1))
+
+
+def test_fused_qkv_whole_heads_and_embedding_stream():
+    model = TinyEncoder().eval()
+    x = torch.randint(0, 50, (2, 7))
+    graph = DependencyGraph.build(model, x)
+    (heads,) = [g for g in graph.groups if g.kind == "heads"]
+    assert heads.prunable and heads.size == 4 and heads.unit == 8
+    (stream,) = [g for g in graph.groups if any(m.module == "embed" for m in g.members)]
+    assert stream.prunable and {"attn.qkv", "attn.proj", "fc1", "fc2", "fc"} <= {m.module for m in stream.members}
+    _, small, _ = _check(model, x, keep={heads.id: torch.tensor([0, 2]), stream.id: torch.arange(0, 32, 2)},
+                         graph=graph)
+    assert small.attn.heads == 2 and small.attn.qkv.out_features == 48 and small.embed.embedding_dim == 16
+
+
+def test_transformer_encoder_ffn():
+    model = TransformerEncoder(vocab=50, dim=32, heads=4, ffn=64, layers=2).eval()
+    x = model.example_input()
+    _, small, _ = _check(model, x)
+    assert small.blocks[0].ffn.fc1.out_features < 64
+
+
+_BERT_SCRIPT = r"""
+import torch, transformers
+import sparsekit as sk
+from sparsekit.prune.compact import compact, mask_groups
+from sparsekit.prune.graph import DependencyGraph
+cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=32, attn_implementation="eager")
+torch.manual_seed(0)
+model = transformers.BertModel(cfg).eval()
+ids = torch.randint(0, 100, (2, 8))
+graph = DependencyGraph.build(model, {"input_ids": ids})
+heads = [g for g in graph.groups if g.kind == "heads"]
+assert len(heads) == 2 and all(g.prunable and g.size == 4 for g in heads), graph.describe()
+keep = {heads[0].id: torch.tensor([1, 3]), **{g.id: torch.arange(g.size)[::2] for g in graph.prunable
+                                              if g.kind == "channel"}}
+small = compact(model, {"input_ids": ids}, keep, graph=graph)
+ref = mask_groups(model, {"input_ids": ids}, keep, graph=graph)
+sk.verify(ref, small, (ids,), atol=1e-4)
+sa = small.encoder.layer[0].attention.self
+assert sa.num_attention_heads == 2 and sa.query.out_features == 16
+assert small.encoder.layer[0].intermediate.dense.out_features == 32
+assert not graph.groups[[g.id for g in graph.groups if any(m.module == "embeddings.word_embeddings"
+                                                           for m in g.members)][0]].prunable   # LayerNorm stream
+print("BERT-OK")
+"""
+
+
+def test_hf_bert_heads_and_ffn():
+    # a subprocess: importing transformers 4.x into this process breaks torch.compile guards in later tests
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is a test-only dependency: pip install --no-deps transformers (see README)")
+    r = subprocess.run([sys.executable, "-c", _BERT_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "BERT-OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_compact_from_pruner_style_masks():
+    model = _randomize(ResNet20(width=0.5))
+    x = model.example_input()
+    graph = DependencyGraph.build(model, x)
+    (g,) = [gr for gr in graph.groups if any(m.module == "layer1.0.conv1" and m.axis == "out" for m in gr.members)]
+    rows = torch.ones(model.layer1[0].conv1.out_channels, dtype=torch.bool)
+    rows[[0, 3]] = False
+    apply_mask(model.layer1[0].conv1, rows[:, None, None, None].expand_as(model.layer1[0].conv1.weight))
+    small, keep = compact_from_masks(model, x, graph=graph)
+    assert list(keep) == [g.id] and torch.equal(keep[g.id], torch.nonzero(rows).reshape(-1))
+    sk.verify(mask_groups(model, x, keep, graph=graph), small, x, atol=1e-4)
+    assert small.layer1[0].conv1.out_channels == rows.sum()
+
+
+def test_invalid_keep_is_refused():
+    model = LeNet5()
+    x = model.example_input()
+    graph = DependencyGraph.build(model, x)
+    fc = [g for g in graph.groups if not g.prunable][0]
+    with pytest.raises(ValueError, match="not prunable"):
+        compact(model, x, {fc.id: torch.tensor([0])}, graph=graph)
+    with pytest.raises(ValueError, match="keeps no unit"):
+        compact(model, x, {graph.prunable[0].id: torch.tensor([], dtype=torch.long)}, graph=graph)
+
+
+def test_save_load_round_trip_into_original_class(tmp_path):
+    for make, x in ((lambda: ResNet20(width=0.5), None), (DenseBlock, torch.randn(2, 3, 8, 8))):
+        model = _randomize(make())
+        x = model.example_input() if x is None else x
+        graph = DependencyGraph.build(model, x)
+        small = compact(model, x, _random_keep(graph, 0.5), graph=graph)
+        sk.save(small, tmp_path / type(model).__name__)
+        back = sk.load(tmp_path / type(model).__name__, _randomize(make(), seed=3))
+        sk.verify(small, back.eval(), x, atol=0)
+        assert compacted_widths(back) == compacted_widths(small)
+        fresh = apply_widths(make(), compacted_widths(small))
+        fresh.load_state_dict(small.state_dict())
+
+
+def test_member_masks_reproduce_the_reference():
+    model = _randomize(DenseBlock())
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph.build(model, x)
+    keep = _random_keep(graph, 0.5, seed=2)
+    ref = mask_groups(model, x, keep, graph=graph)
+    masked = _randomize(DenseBlock())
+    masked.load_state_dict(model.state_dict())
+    for name, (w, b) in member_masks(graph, keep).items():
+        apply_mask(masked.get_submodule(name), w, b)
+    sk.verify(ref, masked.eval(), x, atol=1e-6)
+    small, keep2 = compact_from_masks(masked, x, graph=graph)
+    sk.verify(masked, small, x, atol=1e-4)
