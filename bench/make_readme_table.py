@@ -40,6 +40,21 @@ def _newest(results_dir: Path, device: str, suite: str) -> Path | None:
         return None
 
 
+def _same_day(results_dir: Path, newest: Path, device: str, suite: str) -> list[Path]:
+    """Every full ``suite`` run on ``device`` from the day of ``newest`` (e.g. linear M=512, GEMV M=1, conv)."""
+    day = str(_load(newest)["meta"].get("date", ""))[:10]
+    runs = []
+    for f in sorted(results_dir.glob("*.json")):
+        try:
+            meta = _load(f).get("meta", {})
+        except (OSError, ValueError, KeyError):
+            continue
+        if meta.get("device") == device and meta.get("suite") == suite and not meta.get("quick") \
+                and str(meta.get("date", ""))[:10] == day:
+            runs.append(f)
+    return runs or [newest]
+
+
 def _section(title: str, path: Path, readme: Path, shapes: list[str] | None) -> list[str]:
     res = _load(path)
     meta = res["meta"]
@@ -80,7 +95,8 @@ def build_block(results_dir: Path, readme: Path, shapes: list[str] | None = None
                       "commit `bench/results/`, then `python bench/make_readme_table.py`.", ""]
             continue
         if kernels is not None:
-            lines += _section(f"{title} kernels", kernels, readme, shapes)
+            for run in _same_day(results_dir, kernels, device, "kernels"):
+                lines += _section(f"{title} kernels", run, readme, shapes)
         if model is not None:
             lines += _section(f"{title} whole models", model, readme, None)
     return "\n".join(lines).rstrip() + "\n"
