@@ -13,7 +13,7 @@ MAX_JOBS      ?= 2
 export MAX_JOBS
 
 EXT_SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cpu/*.inc csrc/cuda/*.cu csrc/cuda/*.cuh)
-TEST_DEPS   := pytest expecttest ruff numpy
+TEST_DEPS   := pytest expecttest ruff numpy transformers==4.46.3
 
 .PHONY: demo test test-unit test-triton check-compile lint install clean
 
