@@ -362,13 +362,7 @@ at::Tensor bsr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tens
   TORCH_CHECK(col.numel() == values.size(0), op, ": col_indices has ", col.numel(), " entries but values has ",
               values.size(0), " blocks");
   check_structure(op, crow, col, n / bn, K / bk);
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_tensor(op, *bias_in, "bias", 1);
-    check_same_dtype(op, *bias_in, "bias", x_in, "x");
-    TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty({M, n}, x.options());
   if (use_fast(x.scalar_type())) {
@@ -416,13 +410,7 @@ at::Tensor bsr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::
   TORCH_CHECK(col.numel() == values.size(0), op, ": col_indices has ", col.numel(), " entries but values has ",
               values.size(0), " blocks");
   check_structure(op, crow, col, n / bn, K / bk);
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_tensor(op, *bias_in, "bias", 1);
-    check_same_dtype(op, *bias_in, "bias", xt_in, "xt");
-    TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = checked_bias(op, bias_in, n, xt_in, "xt");
   if (!use_fast(xt_in.scalar_type())) {  // float64: the row-layout kernel on transposed copies
     const at::Tensor y = bsr_mm(xt_in.transpose(1, 2).reshape({B * M, K}), crow, col, values, bias_in, n);
     return y.reshape({B, M, n}).transpose(1, 2).contiguous();
@@ -469,13 +457,7 @@ at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
   TORCH_CHECK(col.numel() == values.size(0), op, ": col_indices has ", col.numel(), " entries but values has ",
               values.size(0), " blocks");
   check_structure(op, crow, col, n / bn, K / bk);
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_tensor(op, *bias_in, "bias", 1);
-    check_same_dtype(op, *bias_in, "bias", x_in, "x");
-    TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
   if (!use_fast(x_in.scalar_type())) {  // float64: im2col + the transposed-layout op
     const at::Tensor cols = at::im2col(x_in, kernel_size, dilation, padding, {1, 1});
     return bsr_mm_xt(cols, crow, col, values, bias_in, n).reshape({g.B, n, g.Ho(), g.Wo()});

@@ -1,6 +1,8 @@
 // Argument checks and small helpers shared by the CPU kernel files (CPU-only; never included by .cu files).
 #pragma once
 
+#include <optional>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -41,6 +43,17 @@ inline void check_same_dtype(const char* op, const at::Tensor& t, const char* na
                              const char* ref_name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
               dtype_name(ref.scalar_type()), "), got ", dtype_name(t.scalar_type()));
+}
+
+// The optional bias of a *_mm op: undefined when absent, else checked (1-D, ref's dtype, n entries) and
+// contiguous.
+inline at::Tensor checked_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t n,
+                               const at::Tensor& ref, const char* ref_name) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  check_tensor(op, *bias, "bias", 1);
+  check_same_dtype(op, *bias, "bias", ref, ref_name);
+  TORCH_CHECK(bias->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias->size(0));
+  return bias->contiguous();
 }
 
 inline int64_t grain_for(int64_t work_per_task) {

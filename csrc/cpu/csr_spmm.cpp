@@ -293,13 +293,7 @@ at::Tensor csr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tens
   TORCH_CHECK(crow.numel() == n + 1, op, ": crow_indices must have n + 1 = ", n + 1, " entries, got ", crow.numel());
   TORCH_CHECK(col.numel() == values.numel(), op, ": col_indices has ", col.numel(), " entries but values has ",
               values.numel());
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_tensor(op, *bias_in, "bias", 1);
-    check_same_dtype(op, *bias_in, "bias", x_in, "x");
-    TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, n}, x.options());
@@ -352,13 +346,7 @@ at::Tensor csr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::
     const at::Tensor y = csr_mm(xt_in.transpose(1, 2).reshape({B * M, K}), crow, col, values, bias_in, n);
     return y.reshape({B, M, n}).transpose(1, 2).contiguous();
   }
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_tensor(op, *bias_in, "bias", 1);
-    check_same_dtype(op, *bias_in, "bias", xt_in, "xt");
-    TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = checked_bias(op, bias_in, n, xt_in, "xt");
   const at::Tensor xt = xt_in.contiguous();
   at::Tensor y = at::empty({B, n, M}, xt.options());
   const auto [fv, wk] = fast_values(values);
@@ -399,13 +387,7 @@ at::Tensor csr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
   TORCH_CHECK(n >= 0, op, ": crow_indices must have n + 1 >= 1 entries");
   TORCH_CHECK(col.numel() == values.numel(), op, ": col_indices has ", col.numel(), " entries but values has ",
               values.numel());
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_tensor(op, *bias_in, "bias", 1);
-    check_same_dtype(op, *bias_in, "bias", x_in, "x");
-    TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
   if (!use_fast(x_in.scalar_type())) {  // float64: im2col + the transposed-layout op
     const at::Tensor cols = at::im2col(x_in, kernel_size, dilation, padding, {1, 1});
     return csr_mm_xt(cols, crow, col, values, bias_in, n).reshape({g.B, n, g.Ho(), g.Wo()});

@@ -146,14 +146,7 @@ at::Tensor nm_mm(const at::Tensor& x_in, const at::Tensor& values, const at::Ten
   check_values(op, values, indices, x_in, "x");
   const int64_t M = x_in.size(0), N = values.size(0);
   TORCH_CHECK(x_in.size(1) == K, op, ": x.size(1) must be K = values.size(1) / n * m = ", K, ", got ", x_in.size(1));
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_tensor(op, *bias_in, "bias", 1);
-    check_same_dtype(op, *bias_in, "bias", x_in, "x");
-    TORCH_CHECK(bias_in->size(0) == N, op, ": bias must have N = values.size(0) = ", N, " entries, got ",
-                bias_in->size(0));
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = checked_bias(op, bias_in, N, x_in, "x");
   const at::Tensor x = x_in.contiguous(), v = to_acc(values);
   at::Tensor y = at::empty({M, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparsekit_nm_mm", [&] {
