@@ -158,6 +158,35 @@ def _check_tensor(t: object, name: str) -> Tensor:
                          f"call .contiguous() first")
     return t
 
+def check_bsr_operands(act: object, act_name: str, act_shape: str, crow_indices: object, col_indices: object,
+                       values: object) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Checks shared by the BSR launchers: the 2-D activation (x or dy), index tensors, and the values' dims,
+    dtype and block sides."""
+    act = _check_tensor(act, act_name)
+    crow_indices = _check_tensor(crow_indices, "crow_indices")
+    col_indices = _check_tensor(col_indices, "col_indices")
+    values = _check_tensor(values, "values")
+    if act.dim() != 2:
+        raise ValueError(f"{act_name} must be 2-D {act_shape}, got shape {tuple(act.shape)}")
+    if act.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{act_name} must be float16, bfloat16 or float32, got {act.dtype}")
+    if values.dim() != 3:
+        raise ValueError(f"values must be 3-D [nnzb, bn, bk], got shape {tuple(values.shape)}")
+    if values.dtype != act.dtype:
+        raise TypeError(f"values dtype {values.dtype} does not match {act_name} dtype {act.dtype}; cast one of them")
+    bn, bk = int(values.shape[1]), int(values.shape[2])
+    if bn not in SUPPORTED_BLOCK_SIDES or bk not in SUPPORTED_BLOCK_SIDES:
+        raise ValueError(f"values has blocks of {(bn, bk)}; the Triton kernel supports block sides "
+                         f"{SUPPORTED_BLOCK_SIDES} only (rectangular combinations allowed)")
+    return act, crow_indices, col_indices, values
+
+
+def check_int(v: object, name: str) -> int:
+    """An int argument (numpy / torch integer scalars accepted, bool refused)."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    return int(v)
+
 
 def default_input_precision(dtype: torch.dtype) -> str:
     """Dot precision for fp32 inputs: "tf32" when torch allows TF32 for CUDA matmuls, else "ieee".
@@ -190,25 +219,9 @@ def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
     GPU): pass a validated BSR (``BSR.validate()``). Runs on CUDA tensors, or on CPU tensors under
     TRITON_INTERPRET=1. M == 0 or n == 0 returns an empty result without launching.
     """
-    x = _check_tensor(x, "x")
-    crow_indices = _check_tensor(crow_indices, "crow_indices")
-    col_indices = _check_tensor(col_indices, "col_indices")
-    values = _check_tensor(values, "values")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    if values.dim() != 3:
-        raise ValueError(f"values must be 3-D [nnzb, bn, bk], got shape {tuple(values.shape)}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}; cast one of them")
+    x, crow_indices, col_indices, values = check_bsr_operands(x, "x", "[M, K]", crow_indices, col_indices, values)
     nnzb, bn, bk = (int(s) for s in values.shape)
-    if bn not in SUPPORTED_BLOCK_SIDES or bk not in SUPPORTED_BLOCK_SIDES:
-        raise ValueError(f"values has blocks of {(bn, bk)}; the Triton kernel supports block sides "
-                         f"{SUPPORTED_BLOCK_SIDES} only (rectangular combinations allowed)")
-    if isinstance(n, bool) or not hasattr(n, "__index__"):
-        raise TypeError(f"n must be an int, got {type(n).__name__}")
-    n = int(n)  # also numpy / torch integer scalars
+    n = check_int(n, "n")
     m, k = (int(s) for s in x.shape)
     if n < 0 or n % bn:
         raise ValueError(f"n={n} must be a non-negative multiple of the block rows bn={bn}")

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._configs import bsr_mm_config, interpreting
 from ._transpose import cached_transpose_meta
-from .k_bsr_mm import SUPPORTED_BLOCK_SIDES, SUPPORTED_DTYPES, _check_tensor, default_input_precision
+from .k_bsr_mm import check_bsr_operands, check_int, default_input_precision
 
 __all__ = ["bsr_mm_t"]
 
@@ -87,25 +87,10 @@ def bsr_mm_t(dy: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tens
     ``kernels._transpose.bsr_transpose_meta``; by default it is computed on the device and cached per
     (crow_indices, col_indices).
     """
-    dy = _check_tensor(dy, "dy")
-    crow_indices = _check_tensor(crow_indices, "crow_indices")
-    col_indices = _check_tensor(col_indices, "col_indices")
-    values = _check_tensor(values, "values")
-    if dy.dim() != 2:
-        raise ValueError(f"dy must be 2-D [M, N], got shape {tuple(dy.shape)}")
-    if dy.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"dy must be float16, bfloat16 or float32, got {dy.dtype}")
-    if values.dim() != 3:
-        raise ValueError(f"values must be 3-D [nnzb, bn, bk], got shape {tuple(values.shape)}")
-    if values.dtype != dy.dtype:
-        raise TypeError(f"values dtype {values.dtype} does not match dy dtype {dy.dtype}; cast one of them")
+    dy, crow_indices, col_indices, values = check_bsr_operands(dy, "dy", "[M, N]", crow_indices, col_indices,
+                                                               values)
     nnzb, bn, bk = (int(s) for s in values.shape)
-    if bn not in SUPPORTED_BLOCK_SIDES or bk not in SUPPORTED_BLOCK_SIDES:
-        raise ValueError(f"values has blocks of {(bn, bk)}; the Triton kernel supports block sides "
-                         f"{SUPPORTED_BLOCK_SIDES} only (rectangular combinations allowed)")
-    if isinstance(k, bool) or not hasattr(k, "__index__"):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    k = int(k)
+    k = check_int(k, "k")
     m, n = (int(s) for s in dy.shape)
     if n % bn:
         raise ValueError(f"dy.shape[1]={n} (N) must be a multiple of the block rows bn={bn}")
