@@ -38,6 +38,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "checks.cuh"
+
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -192,24 +194,9 @@ __global__ void csr_row_of_kernel(const int32_t* __restrict__ crow, int32_t* __r
 }
 
 // ------------------------------------------------------------------------------------------- checks
-void check_cuda(const char* op, const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& ref) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the other inputs are on ",
-              ref.device());
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
-}
-
-void check_floating(const char* op, const at::Tensor& t, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", s);
-}
-
-void check_same_dtype(const char* op, const at::Tensor& t, const char* name, const at::Tensor& ref,
-                      const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
-              ref.scalar_type(), "), got ", t.scalar_type());
-}
+using sparsekit_cuda::check_cuda;
+using sparsekit_cuda::check_floating;
+using sparsekit_cuda::check_same_dtype;
 
 void check_csr_index(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t rows, int64_t cols,
                      const at::Tensor& ref) {
