@@ -110,24 +110,30 @@ def setup_indexed(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
 
 
-def bsr_backward(ctx, dy: Tensor):
+def _sparse_grads(dy: Tensor, x, crow: Tensor, col: Tensor, values: Tensor, k: int, need_x: bool,
+                  need_v: bool) -> tuple[Tensor | None, Tensor | None]:
+    """For y = x @ W^T in row layout (dy [M, N]): dx = dy @ W and dW = dy^T @ x on W's pattern, through the
+    *_mm_t / *_sddmm ops of W's family (BSR values are 3-D, CSR values 1-D). ``x`` may be a callable, so a
+    caller builds it only when dW is needed."""
+    family = "bsr" if values.dim() == 3 else "csr"
+    dx = _op(f"{family}_mm_t")(dy, crow, col, values, k) if need_x else None
+    dv = None
+    if need_v:
+        x = x() if callable(x) else x
+        blocks = (values.shape[1], values.shape[2]) if family == "bsr" else ()
+        dv = _op(f"{family}_sddmm")(dy, x, crow, col, *blocks)
+    return dx, dv
+
+
+def indexed_backward(ctx, dy: Tensor):
+    """Backward of bsr_mm / csr_mm."""
     x, crow, col, values = ctx.saved_tensors
     dy = dy.contiguous()
     need_x, _, _, need_v, need_b, _ = ctx.needs_input_grad
-    dx = _op("bsr_mm_t")(dy, crow, col, values, x.shape[1]) if need_x else None
-    dv = _op("bsr_sddmm")(dy, x, crow, col, values.shape[1], values.shape[2]) if need_v else None
+    dx, dv = _sparse_grads(dy, x, crow, col, values, x.shape[1], need_x, need_v)
     db = dy.sum(0) if ctx.has_bias and need_b else None
     return dx, None, None, dv, db, None
 
-
-def _csr_backward(ctx, dy: Tensor):
-    x, crow, col, values = ctx.saved_tensors
-    dy = dy.contiguous()
-    need_x, _, _, need_v, need_b, _ = ctx.needs_input_grad
-    dx = _op("csr_mm_t")(dy, crow, col, values, x.shape[1]) if need_x else None
-    dv = _op("csr_sddmm")(dy, x, crow, col) if need_v else None
-    db = dy.sum(0) if ctx.has_bias and need_b else None
-    return dx, None, None, dv, db, None
 
 
 def _xt_backward(ctx, dyt: Tensor):
@@ -135,18 +141,13 @@ def _xt_backward(ctx, dyt: Tensor):
     xt, crow, col, values = ctx.saved_tensors
     b, k, m = xt.shape
     n = dyt.shape[1]
-    family = "bsr" if values.dim() == 3 else "csr"
     need_x, _, _, need_v, need_b, _ = ctx.needs_input_grad
     dy = dyt.transpose(1, 2).reshape(b * m, n).contiguous()
-    dx = dv = db = None
-    if need_x:
-        dx = _op(f"{family}_mm_t")(dy, crow, col, values, k).reshape(b, m, k).transpose(1, 2)
-    if need_v:
-        x = xt.transpose(1, 2).reshape(b * m, k).contiguous()
-        if family == "bsr":
-            dv = _op("bsr_sddmm")(dy, x, crow, col, values.shape[1], values.shape[2])
-        else:
-            dv = _op("csr_sddmm")(dy, x, crow, col)
+    db = None
+    dx, dv = _sparse_grads(dy, lambda: xt.transpose(1, 2).reshape(b * m, k).contiguous(), crow, col, values, k,
+                           need_x, need_v)
+    if dx is not None:
+        dx = dx.reshape(b, m, k).transpose(1, 2)
     if ctx.has_bias and need_b:
         db = dyt.sum((0, 2))
     return dx, None, None, dv, db, None
@@ -167,19 +168,14 @@ def _conv_backward(ctx, dy: Tensor):
     ks, pad, dil = ctx.conv
     b, c, h, w = x.shape
     n, length, k = dy.shape[1], dy.shape[2] * dy.shape[3], c * ks[0] * ks[1]
-    family = "bsr" if values.dim() == 3 else "csr"
     need_x, _, _, need_v, need_b, _, _, _ = ctx.needs_input_grad
     dy2 = dy.reshape(b, n, length).transpose(1, 2).reshape(b * length, n).contiguous()
-    dx = dv = db = None
-    if need_x:
-        dcols = _op(f"{family}_mm_t")(dy2, crow, col, values, k).reshape(b, length, k).transpose(1, 2)
-        dx = fold(dcols, (h, w), ks, dilation=dil, padding=pad)
-    if need_v:
-        cols = unfold(x, ks, dilation=dil, padding=pad).transpose(1, 2).reshape(b * length, k).contiguous()
-        if family == "bsr":
-            dv = _op("bsr_sddmm")(dy2, cols, crow, col, values.shape[1], values.shape[2])
-        else:
-            dv = _op("csr_sddmm")(dy2, cols, crow, col)
+    db = None
+    dcols, dv = _sparse_grads(
+        dy2, lambda: unfold(x, ks, dilation=dil, padding=pad).transpose(1, 2).reshape(b * length, k).contiguous(),
+        crow, col, values, k, need_x, need_v)
+    dx = None if dcols is None else fold(dcols.reshape(b, length, k).transpose(1, 2), (h, w), ks, dilation=dil,
+                                         padding=pad)
     if ctx.has_bias and need_b:
         db = dy.sum((0, 2, 3))
     return dx, None, None, dv, db, None, None, None
@@ -203,8 +199,8 @@ def _nm_backward(ctx, dy: Tensor):
     return dx, dv, None, db, None, None
 
 
-torch.library.register_autograd("sparsekit::bsr_mm", bsr_backward, setup_context=setup_indexed)
-torch.library.register_autograd("sparsekit::csr_mm", _csr_backward, setup_context=setup_indexed)
+torch.library.register_autograd("sparsekit::bsr_mm", indexed_backward, setup_context=setup_indexed)
+torch.library.register_autograd("sparsekit::csr_mm", indexed_backward, setup_context=setup_indexed)
 torch.library.register_autograd("sparsekit::bsr_mm_xt", _xt_backward, setup_context=setup_indexed)
 torch.library.register_autograd("sparsekit::csr_mm_xt", _xt_backward, setup_context=setup_indexed)
 torch.library.register_autograd("sparsekit::bsr_conv2d", _conv_backward, setup_context=_conv_setup)
