@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,36 @@ def test_cli_report_prints_markdown(tiny_results, tmp_path, capsys):
     assert "break-even" in out and "tiny.linear" in out
     assert cli_main(["report", str(tmp_path), "--out", str(tmp_path / "r.md")]) == 0
     assert (tmp_path / "r.md").read_text().startswith("# sparsekit benchmark report")
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def test_interleaved_timing_repeats_short_calls_within_a_sample():
+    from sparsekit.timing import interleaved_samples_ms
+
+    counts = {"fast": 0, "slow": 0}
+
+    def fast():
+        counts["fast"] += 1
+
+    def slow():
+        counts["slow"] += 1
+        time.sleep(0.003)
+
+    samples = interleaved_samples_ms({"fast": fast, "slow": slow}, warmup=1, reps=3, min_sample_ms=1.0)
+    assert [len(v) for v in samples.values()] == [3, 3]
+    assert counts["slow"] == 1 + 1 + 3          # warm-up, calibration, one call per sample (3 ms > 1 ms)
+    assert counts["fast"] > 2 * (1 + 1 + 3)     # sub-microsecond calls are repeated to fill each sample
+    assert min(samples["slow"]) >= 3.0 and max(samples["fast"]) < 1.0   # per-call ms, not per-sample
+
+    counts.update(fast=0, slow=0)
+    interleaved_samples_ms({"fast": fast, "slow": slow}, warmup=1, reps=3, min_sample_ms=0.0)
+    assert counts == {"fast": 4, "slow": 4}
+
+
+def test_min_sample_ms_is_validated():
+    from sparsekit.timing import interleaved_samples_ms
+
+    with pytest.raises(ValueError, match="min_sample_ms"):
+        SweepConfig(min_sample_ms=-1).validate()
+    with pytest.raises(ValueError, match="min_sample_ms"):
+        interleaved_samples_ms({"f": lambda: None}, min_sample_ms=-0.5)

@@ -114,6 +114,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser, suite: str, ops: tuple[str, 
     p.add_argument("--max-reps", type=_positive_int, default=None, help="most timed rounds (default 30; --quick 25)")
     p.add_argument("--budget", type=_positive_float, default=None, metavar="SECONDS",
                    help="timing budget per configuration; reps fill it within [min, max] (default 1; --quick 0.5)")
+    p.add_argument("--min-sample-ms", type=float, default=None, metavar="MS",
+                   help="interleaved timer: repeat calls shorter than this back-to-back within one sample "
+                        "(default 1; 0 = time single calls)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmul/conv on CUDA (default: off)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile dense baseline")
     p.add_argument("--compile-mode", default="default",
@@ -165,7 +168,7 @@ def config_from_args(args: argparse.Namespace, suite: str, argv: list[str] | Non
           "seed": args.seed, "progress": args.progress, "argv": list(argv) if argv is not None else sys.argv[1:]}
     for key, name in (("sparsities", "sparsity"), ("blocks", "block"), ("formats", "formats"),
                       ("warmup", "warmup"), ("min_reps", "min_reps"), ("max_reps", "max_reps"),
-                      ("budget_s", "budget")):
+                      ("budget_s", "budget"), ("min_sample_ms", "min_sample_ms")):
         if getattr(args, name) is not None:
             kw[key] = getattr(args, name)
     if suite == "kernels":

@@ -99,6 +99,7 @@ class SweepConfig:
     min_reps: int = 5
     max_reps: int = 30
     budget_s: float = 1.0                            # timing budget per configuration (all candidates)
+    min_sample_ms: float = 1.0                       # CPU: shorter calls repeated back-to-back per sample
     tf32: bool = False
     peaks: bool = True
     seed: int = 0
@@ -159,6 +160,9 @@ class SweepConfig:
             raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
         if not isinstance(self.budget_s, (int, float)) or self.budget_s <= 0:
             raise ValueError(f"budget_s must be > 0 seconds, got {self.budget_s!r}")
+        if isinstance(self.min_sample_ms, bool) or not isinstance(self.min_sample_ms, (int, float)) \
+                or self.min_sample_ms < 0:
+            raise ValueError(f"min_sample_ms must be a number >= 0, got {self.min_sample_ms!r}")
         return self
 
     def selected_shapes(self, op: str) -> list[LinearShape | ConvShape]:
@@ -308,7 +312,8 @@ def measure(candidates: list[Candidate], tol: float, device: str, cfg: SweepConf
                 fns[c.name] = c.fn
             del y
     timed, noise, reps = time_candidates(fns, device=device, timer=cfg.timer, warmup=cfg.warmup,
-                                         min_reps=cfg.min_reps, max_reps=cfg.max_reps, budget_s=cfg.budget_s)
+                                         min_reps=cfg.min_reps, max_reps=cfg.max_reps, budget_s=cfg.budget_s,
+                                         min_sample_ms=cfg.min_sample_ms)
     for name, ms in timed.items():
         res[name]["ms"] = ms
         res[name]["noise_pct"] = noise.get(name)
@@ -397,7 +402,10 @@ def new_results(suite: str, cfg: SweepConfig) -> dict:
 
 def _timing_text(cfg: SweepConfig) -> str:
     timer = cfg.timer if cfg.timer != "auto" else ("events" if cfg.device == "cuda" else "interleaved")
-    how = {"interleaved": "time.perf_counter around each call, candidates round-robin in one loop",
+    repeat = (f"; a call under {cfg.min_sample_ms:g} ms is repeated back-to-back to fill one sample (mean per "
+              "call; its operands stay cache-resident within the sample, for dense and sparse alike)"
+              if cfg.min_sample_ms > 0 else "; single calls (no back-to-back repeats)")
+    how = {"interleaved": "time.perf_counter around each sample, candidates round-robin in one loop" + repeat,
            "events": "CUDA events around each call (L2 flushed before each), candidates round-robin in one loop",
            "do_bench": "triton.testing.do_bench, median, per candidate"}[timer]
     return (f"median over {cfg.min_reps}-{cfg.max_reps} reps (as many as fit {cfg.budget_s:g} s per "

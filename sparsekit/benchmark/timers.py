@@ -1,8 +1,9 @@
 """Side-by-side timing of candidates: interleaved medians after warm-up, with a per-config time budget.
 
-CPU: the method of ``sparsekit.timing.interleaved_median_ms`` (perf_counter around each call, candidates
-round-robin in one loop so machine noise hits all of them alike, under no_grad, after warm-up rounds), keeping
-the samples so the spread can be reported too (``noise_pct`` = interquartile range / median). CUDA: the same
+CPU: the method of ``sparsekit.timing.interleaved_median_ms`` (perf_counter around each sample, candidates
+round-robin in one loop so machine noise hits all of them alike, under no_grad, after warm-up rounds; a call
+shorter than ``min_sample_ms`` is repeated back-to-back within its sample), keeping the samples so the spread
+can be reported too (``noise_pct`` = interquartile range / median). CUDA: the same
 round-robin with CUDA events around each call and an L2 flush before it, or ``triton.testing.do_bench``
 (median) per candidate with ``timer="do_bench"``.
 """
@@ -23,8 +24,8 @@ TIMERS = ("auto", "interleaved", "events", "do_bench")
 
 
 def _perf_counter_interleaved(fns: dict[str, Callable[[], object]], warmup: int, reps: int,
-                              device: str | None = None) -> dict[str, list[float]]:
-    return interleaved_samples_ms(fns, warmup=warmup, reps=reps, device=device)
+                              device: str | None = None, min_sample_ms: float = 0.0) -> dict[str, list[float]]:
+    return interleaved_samples_ms(fns, warmup=warmup, reps=reps, device=device, min_sample_ms=min_sample_ms)
 
 
 def _events_interleaved(fns: dict[str, Callable[[], object]], warmup: int, reps: int,
@@ -70,13 +71,15 @@ def _spread_pct(samples: list[float]) -> float | None:
 
 def time_candidates(fns: dict[str, Callable[[], object]], device: str = "cpu", timer: str = "auto",
                     warmup: int = 3, min_reps: int = 5, max_reps: int = 30,
-                    budget_s: float = 1.0) -> tuple[dict[str, float], dict[str, float | None], int]:
+                    budget_s: float = 1.0, min_sample_ms: float = 0.0
+                    ) -> tuple[dict[str, float], dict[str, float | None], int]:
     """Median ms of each candidate, measured in the same loop; returns (medians, noise_pct, reps used).
 
     Reps adapt to the budget: one measured round after warm-up gives the round time, then
     clamp(budget_s / round_time, min_reps, max_reps) rounds are timed. noise_pct is the interquartile range of
-    a candidate's samples as % of its median. With timer="do_bench", do_bench's own defaults are used (25 ms
-    warm-up, 100 ms of reps) and noise_pct is None.
+    a candidate's samples as % of its median. ``min_sample_ms`` (timer "interleaved" only) repeats shorter
+    calls back-to-back within one sample (see ``sparsekit.timing.interleaved_samples_ms``). With
+    timer="do_bench", do_bench's own defaults are used (25 ms warm-up, 100 ms of reps) and noise_pct is None.
     """
     if timer not in TIMERS:
         raise ValueError(f"timer must be one of {TIMERS}, got {timer!r}")
@@ -90,12 +93,13 @@ def time_candidates(fns: dict[str, Callable[[], object]], device: str = "cpu", t
         raise ValueError(f"timer={timer!r} needs device='cuda', got device={device!r}")
     if timer == "do_bench":
         return _do_bench(fns, warmup=25, reps=100), {k: None for k in fns}, 0
-    if timer == "interleaved" and device == "cuda":
-        run = lambda f, warmup, reps: _perf_counter_interleaved(f, warmup, reps, device="cuda")
+    if timer == "events":
+        run = _events_interleaved
     else:
-        run = _events_interleaved if timer == "events" else _perf_counter_interleaved
+        run = lambda f, warmup, reps: _perf_counter_interleaved(f, warmup, reps, device=device,   # noqa: E731
+                                                                min_sample_ms=min_sample_ms)
     first = run(fns, warmup=warmup, reps=1)
-    round_s = sum(v[0] for v in first.values()) / 1e3
+    round_s = sum(max(v[0], min_sample_ms) for v in first.values()) / 1e3
     reps = max(min_reps, min(max_reps, math.ceil(budget_s / max(round_s, 1e-9))))
     samples = run(fns, warmup=0, reps=reps)
     return ({k: statistics.median(v) for k, v in samples.items()}, {k: _spread_pct(v) for k, v in samples.items()},
