@@ -56,9 +56,23 @@ class _SparseWeight(nn.Module):
         self.nm = (fmt.n, fmt.m) if format == "nm" else None
 
     def sparse_weight(self) -> BSR | CSR | NM | ChannelIndex | Tensor:
-        """The weight as a format object sharing this module's tensors (the dense Parameter for "dense")."""
+        """The weight as a format object sharing this module's tensors (the dense Parameter for "dense").
+
+        The object is kept while the module holds the same tensor objects (building it is on every forward's
+        path); moving, casting or loading into the module gives a fresh one."""
         if self.format == "dense":
             return self.weight2d
+        buffers = self._buffers
+        tensors = (self._parameters["values"], *(buffers[name] for name in _INDEX_FIELDS[self.format]))
+        cached = self.__dict__.get("_format_cache")
+        if cached is not None and cached[0] == tuple(map(id, tensors)):
+            return cached[1]
+        fmt = self._build_format()
+        if not torch.compiler.is_compiling():
+            self.__dict__["_format_cache"] = (tuple(map(id, tensors)), fmt)
+        return fmt
+
+    def _build_format(self) -> BSR | CSR | NM | ChannelIndex:
         if self.format in ("bsr", "csr"):
             cls = BSR if self.format == "bsr" else CSR
             return cls(values=self.values, crow_indices=self.crow_indices, col_indices=self.col_indices,

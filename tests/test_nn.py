@@ -109,3 +109,18 @@ def test_bad_input():
         SparseConv2d.from_dense(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), format="csr")
     with pytest.raises(ValueError, match="does not divide"):
         SparseLinear.from_dense(nn.Linear(30, 32), format="bsr", block=16)
+
+
+def test_cached_format_follows_moves_and_loads():
+    """The forward reuses one format object; .to() and load_state_dict must still be seen."""
+    lin = _pruned_linear()
+    sl = SparseLinear.from_dense(lin, format="bsr", block=16)
+    x = torch.randn(4, 96)
+    assert sl.sparse_weight() is sl.sparse_weight()
+    sl.to(torch.float64)
+    torch.testing.assert_close(sl(x.double()), lin.double()(x.double()))
+    other = SparseLinear.from_dense(_pruned_linear(seed=0), format="bsr", block=16).double()
+    with torch.no_grad():
+        other.values.mul_(2)
+    sl.load_state_dict(other.state_dict())
+    torch.testing.assert_close(sl(x.double()), other(x.double()))

@@ -188,3 +188,22 @@ def test_device_mismatch_is_reported():
     meta_x = torch.empty(2, 48, device="meta")
     with pytest.raises(ValueError, match="x is on meta but w is on cpu"):
         sk.ops.bsr_linear(meta_x, w)
+
+
+def test_no_grad_calls_skip_the_autograd_layer_but_grad_calls_do_not():
+    """call_op goes below autograd only when no gradient can flow; results are the same either way."""
+    from sparsekit.ops._library import _needs_autograd_layer
+
+    w = BSR.from_dense(torch.randn(32, 48) * (torch.rand(32, 48) > 0.5), (16, 16))
+    x = torch.randn(5, 48)
+    values = w.values.clone().requires_grad_()
+    assert _needs_autograd_layer((x, values))
+    with torch.no_grad():
+        assert not _needs_autograd_layer((x, values))
+        y0 = sk.ops.bsr_linear(x, BSR(values, w.crow_indices, w.col_indices, w.shape))
+    assert y0.grad_fn is None
+    y1 = sk.ops.bsr_linear(x, BSR(values, w.crow_indices, w.col_indices, w.shape))
+    assert y1.grad_fn is not None
+    y1.sum().backward()
+    assert values.grad is not None and values.grad.shape == values.shape
+    torch.testing.assert_close(y0, y1.detach())

@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import _extension
 from ..formats import BSR, CSR, NM
 from . import reference
-from ._library import has_kernel
+from ._library import call_op, has_kernel
 
 Format = BSR | CSR | NM
 FAMILY_OF = {BSR: "bsr", CSR: "csr", NM: "nm"}
@@ -25,8 +25,8 @@ FAMILY_OF = {BSR: "bsr", CSR: "csr", NM: "nm"}
 
 def _call_mm(fn: Callable, family: str, x: Tensor, w: Format, bias: Tensor | None) -> Tensor:
     if family == "nm":
-        return fn(x, w.values, w.indices, bias, w.n, w.m)
-    return fn(x, w.crow_indices, w.col_indices, w.values, bias, w.shape[0])
+        return call_op(fn, x, w.values, w.indices, bias, w.n, w.m)
+    return call_op(fn, x, w.crow_indices, w.col_indices, w.values, bias, w.shape[0])
 
 
 class Backend:
@@ -93,7 +93,7 @@ class CppBackend(Backend):
         return reasons
 
     def mm(self, family: str, x: Tensor, w: Format, bias: Tensor | None) -> Tensor:
-        return _call_mm(getattr(torch.ops.sparsekit, f"{family}_mm"), family, x, w, bias)
+        return _call_mm(getattr(torch.ops.sparsekit, f"{family}_mm").default, family, x, w, bias)
 
 
 def triton_interpreting() -> bool:
@@ -190,8 +190,25 @@ def all_reasons(family: str, x: Tensor, w: Format) -> dict[str, list[str]]:
     return {name: b.not_supported_reasons(family, x, w) for name, b in BACKENDS.items()}
 
 
+_CHOSEN: dict[tuple, Backend] = {}   # (family, device, dtype, pattern, interpreter) -> the backend picked
+
+
+def _choice_key(family: str, x: Tensor, w: Format) -> tuple:
+    """Everything the backends' reasons depend on, cheaply (this is on every call's path): device (type and
+    index), dtype, the pattern's kind, and the Triton interpreter switch."""
+    if family == "bsr":
+        pattern = w.values.shape[1:]
+    elif family == "nm":
+        pattern = (w.n, w.m, w.indices.dtype)
+    else:
+        pattern = None
+    device = "cpu" if x.is_cpu else (x.get_device() if x.is_cuda else str(x.device))
+    return family, device, x.dtype, pattern, os.environ.get("TRITON_INTERPRET")
+
+
 def choose(family: str, x: Tensor, w: Format, backend: str | None = None) -> Backend:
-    """The backend that will run this call: the forced one, or the first usable in priority order."""
+    """The backend that will run this call: the forced one, or the first usable in priority order (the
+    unforced pick is remembered per device, dtype and pattern kind: it is on every call's path)."""
     if backend is not None:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
@@ -203,6 +220,16 @@ def choose(family: str, x: Tensor, w: Format, backend: str | None = None) -> Bac
                              f"(x {tuple(x.shape)} {x.dtype} on {x.device}, block/pattern {_describe(w)}):\n"
                              + _format_reasons(all_reasons(family, x, w)))
         return BACKENDS[backend]
+    if torch.compiler.is_compiling():   # no global dict writes while tracing
+        return _first_usable(family, x, w)
+    key = _choice_key(family, x, w)
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        chosen = _CHOSEN[key] = _first_usable(family, x, w)
+    return chosen
+
+
+def _first_usable(family: str, x: Tensor, w: Format) -> Backend:
     for name in PRIORITY.get(x.device.type, ("reference",)):
         b = BACKENDS[name]
         if not b.not_supported_reasons(family, x, w):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..formats import BSR, CSR, NM, ChannelIndex
-from ._library import has_kernel
+from ._library import call_op, has_kernel
 from .linear import _check_structure, sparse_linear
 
 _Pair = int | tuple[int, int]
@@ -124,8 +124,8 @@ def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Te
 
     family = _cpu_family(x, w, bias, c_out, backend)
     if family is not None:  # CPU BSR/CSR: per image, NCHW pixels (1x1) and unfolded patches are already x^T
-        conv_op = getattr(torch.ops.sparsekit, f"{family}_conv2d")
-        xt_op = getattr(torch.ops.sparsekit, f"{family}_mm_xt")
+        conv_op = getattr(torch.ops.sparsekit, f"{family}_conv2d").default
+        xt_op = getattr(torch.ops.sparsekit, f"{family}_mm_xt").default
         c_g, n_g = c_in // groups, c_out // groups
         outs = []
         for g in range(groups):
@@ -133,14 +133,14 @@ def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Te
             wg = w if groups == 1 else _rows(w, g * n_g, (g + 1) * n_g)
             bias_g = bias if bias is None or groups == 1 else bias[g * n_g:(g + 1) * n_g]
             if stride == (1, 1):  # direct: im2col panels built per tile inside the kernel, no unfold
-                y = conv_op(xg, wg.crow_indices, wg.col_indices, wg.values, bias_g, [kh, kw], list(padding),
-                            list(dilation))
+                y = call_op(conv_op, xg, wg.crow_indices, wg.col_indices, wg.values, bias_g, [kh, kw],
+                            list(padding), list(dilation))
             elif (kh, kw) == (1, 1) and padding == (0, 0):  # strided 1x1: the subsampled NCHW pixels are x^T
                 xs = xg[:, :, ::stride[0], ::stride[1]].reshape(b, c_g, h_out * w_out)
-                y = xt_op(xs, wg.crow_indices, wg.col_indices, wg.values, bias_g, n_g)
+                y = call_op(xt_op, xs, wg.crow_indices, wg.col_indices, wg.values, bias_g, n_g)
             else:
                 cols = F.unfold(xg, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, K, L]
-                y = xt_op(cols, wg.crow_indices, wg.col_indices, wg.values, bias_g, n_g)
+                y = call_op(xt_op, cols, wg.crow_indices, wg.col_indices, wg.values, bias_g, n_g)
             outs.append(y.reshape(b, n_g, h_out, w_out))
         return outs[0] if groups == 1 else torch.cat(outs, dim=1)
 
