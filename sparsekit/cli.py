@@ -15,14 +15,28 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _formats_arg(text: str) -> tuple[str, ...]:
+    from .nn import FORMAT_NAMES
+
+    names = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in names if f not in FORMAT_NAMES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(FORMAT_NAMES)}, "
+                                         f"got {text!r}")
+    return names
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_result, run_demo
 
-    if not 0.0 <= args.sparsity < 1.0:
-        raise SystemExit(f"sparsekit demo: --sparsity must be in [0, 1), got {args.sparsity}")
-    cfg = DemoConfig(model=args.model, sparsity=args.sparsity, granularity=args.granularity,
-                     criterion=args.criterion, format=args.format, block=args.block, batch=args.batch,
-                     reps=args.reps, backend=args.backend)
+    for name in ("sparsity", "channels"):
+        value = getattr(args, name)
+        if not 0.0 <= value < 1.0:
+            raise SystemExit(f"sparsekit demo: --{name} must be in [0, 1), got {value}")
+    cfg = DemoConfig(model=args.model, width=args.width, channels=args.channels,
+                     channel_criterion=args.channel_criterion, sparsity=args.sparsity, criterion=args.criterion,
+                     block=args.block, formats=args.formats, min_speedup=args.min_speedup, batch=args.batch,
+                     tokens=args.tokens, reps=args.reps, backend=args.backend, save=not args.no_save)
     print(format_result(run_demo(cfg)))
     return 0
 
@@ -35,17 +49,28 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--json", action="store_true", help="machine-readable output")
     pi.set_defaults(fn=_cmd_info)
 
-    pd = sub.add_parser("demo", help="prune a reference model, sparsify it, verify, time sparse vs dense")
-    pd.add_argument("--model", default="ffn", help="reference model from sparsekit.models (default: ffn, "
-                                                   "BERT-base MLP shapes 768->3072->768)")
-    pd.add_argument("--sparsity", type=float, default=0.9)
-    pd.add_argument("--granularity", default="block", choices=["element", "block", "channel"])
-    pd.add_argument("--criterion", default="magnitude")
-    pd.add_argument("--format", default="bsr", choices=["bsr", "csr", "channel", "dense"])
-    pd.add_argument("--block", type=int, default=32)
+    pd = sub.add_parser("demo", help="dense -> channel-pruned + compacted -> block-pruned -> sparsified -> saved/"
+                                      "loaded: each stage verified and timed against dense in one table")
+    pd.add_argument("--model", default="ffn", choices=["ffn", "transformer"],
+                    help="ffn: BERT-base MLP 768->3072->768 (default); transformer: 2 encoder layers of BERT-base "
+                         "width")
+    pd.add_argument("--width", type=float, default=1.0, help="scale the model's dims (default 1.0)")
+    pd.add_argument("--channels", type=float, default=0.5,
+                    help="fraction of the FFN hidden channels removed and compacted (default 0.5)")
+    pd.add_argument("--channel-criterion", default="l1", help="criterion of the channel stage (default l1)")
+    pd.add_argument("--sparsity", type=float, default=0.9,
+                    help="block sparsity of the compacted model's weights (default 0.9)")
+    pd.add_argument("--criterion", default="magnitude", help="criterion of the block stage (default magnitude)")
+    pd.add_argument("--block", type=int, default=32, help="block side of the block stage (default 32)")
+    pd.add_argument("--formats", type=_formats_arg, default=None,
+                    help="formats sparsify may choose, comma-separated (default: all of dense,bsr,csr,nm,channel)")
+    pd.add_argument("--min-speedup", type=float, default=1.1,
+                    help="a sparse format must beat dense by this factor to be kept (default 1.1)")
     pd.add_argument("--batch", type=int, default=8)
+    pd.add_argument("--tokens", type=int, default=64)
     pd.add_argument("--reps", type=int, default=10)
     pd.add_argument("--backend", default=None, help="force a backend (cpu, triton, reference, cuda)")
+    pd.add_argument("--no-save", action="store_true", help="skip the sk.save -> sk.load round trip")
     pd.set_defaults(fn=_cmd_demo)
 
     # bench / report: argument parsing only here; the sweep itself is imported when the command runs

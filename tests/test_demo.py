@@ -1,0 +1,67 @@
+"""`sparsekit demo` on a tiny configuration: every stage verified, the structure right. No timing assertions."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from sparsekit.cli import main
+from sparsekit.demo import ATOL, DemoConfig, format_result, run_demo
+from sparsekit.nn import SparseLinear
+
+# width 1/8: FFN 96->384->96; min_speedup tiny so sparsify keeps a sparse format whatever the timings say
+TINY = dict(width=0.125, batch=2, tokens=8, reps=2, min_speedup=1e-3)
+
+
+@pytest.fixture(scope="module", params=["ffn", "transformer"])
+def result(request) -> dict:
+    return run_demo(DemoConfig(model=request.param, **TINY))
+
+
+def _rows(res: dict) -> dict[str, dict]:
+    return {r["stage"].split(" (")[0]: r for r in res["rows"]}
+
+
+def test_every_stage_present_and_verified(result):
+    rows = _rows(result)
+    assert list(rows) == ["dense original", "compacted", "block-pruned", "sparsified", "saved -> loaded"]
+    for stage in ("compacted", "sparsified", "saved -> loaded"):
+        assert rows[stage]["max_diff"] is not None and rows[stage]["max_diff"] <= ATOL, stage
+    for r in rows.values():
+        assert r["ms"] > 0 and r["speedup"] > 0
+
+
+def test_compacted_is_smaller_and_sparsified_uses_sparse_formats(result):
+    rows = _rows(result)
+    assert rows["compacted"]["params"] < rows["dense original"]["params"]
+    assert rows["sparsified"]["weight_bytes"] < rows["block-pruned"]["weight_bytes"]
+    fast = result["models"]["sparsified"]
+    pruned = result["models"]["block-pruned"]
+    block_pruned = [n for n, m in pruned.named_modules() if isinstance(m, nn.Linear) and n not in result["left_whole"]]
+    assert block_pruned
+    for name in block_pruned:
+        layer = fast.get_submodule(name)
+        assert isinstance(layer, SparseLinear) and layer.format != "dense", name
+    assert set(result["formats"]) == set(block_pruned)
+
+
+def test_format_result_prints_one_table(result):
+    text = format_result(result)
+    for needle in ("dense original", "compacted", "block-pruned", "sparsified", "saved -> loaded", "threads",
+                   "median"):
+        assert needle in text
+
+
+def test_cli_demo(capsys):
+    assert main(["demo", "--width", "0.125", "--batch", "2", "--tokens", "8", "--reps", "2", "--no-save",
+                 "--formats", "dense,bsr", "--min-speedup", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "sparsified" in out and "saved -> loaded" not in out
+
+
+@pytest.mark.parametrize("change, match", [({"model": "vgg"}, "model"), ({"channels": 1.5}, "channels"),
+                                           ({"sparsity": -0.1}, "sparsity"), ({"reps": 0}, "reps"),
+                                           ({"width": 0.01}, "block")])
+def test_bad_config_names_the_argument(change, match):
+    with pytest.raises(ValueError, match=match):
+        run_demo(DemoConfig(**{**TINY, **change}))
