@@ -99,7 +99,11 @@ def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
 
 
 def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Re-apply a saved spec and weights to ``model`` (a fresh instance of the original class); returns it."""
+    """Re-apply a saved spec and weights to ``model`` (a fresh instance of the original class); returns it.
+
+    ``model`` may be built on the meta device (``with torch.device("meta"): model = Model()``): the saved
+    tensors are then assigned instead of copied, so no dense weight is ever allocated in the loading process
+    (``bench/bench_memory.py`` measures the peak RSS this saves)."""
     from safetensors.torch import load_file
 
     if not isinstance(model, nn.Module):
@@ -126,5 +130,6 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
         new = _rebuild(name, mspec, tensors)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    model.load_state_dict(tensors, strict=True)
+    on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    model.load_state_dict(tensors, strict=True, assign=on_meta)
     return model

@@ -143,6 +143,17 @@ def test_save_and_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded(x), fast(x))
 
 
+def test_load_into_a_meta_skeleton_allocates_no_dense_weight(tmp_path):
+    net, x = _net()
+    fast, _ = sk.sparsify(net, x, min_speedup=1e-9, cache=False, reps=2, measure_model=False)
+    out = sk.save(fast, tmp_path / "m")
+    with torch.device("meta"):
+        skeleton = Net()
+    loaded = sk.load(out, skeleton)
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    torch.testing.assert_close(loaded(x), fast(x))
+
+
 def test_load_drops_a_backend_that_cannot_run_here(tmp_path, monkeypatch):
     lin = nn.Linear(32, 16)
     _block_mask_(lin, 0.5)
