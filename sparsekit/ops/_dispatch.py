@@ -190,7 +190,7 @@ def all_reasons(family: str, x: Tensor, w: Format) -> dict[str, list[str]]:
     return {name: b.not_supported_reasons(family, x, w) for name, b in BACKENDS.items()}
 
 
-_CHOSEN: dict[tuple, Backend] = {}   # (family, device, dtype, pattern, interpreter) -> the backend picked
+_CHOSEN: dict[tuple, Backend] = {}   # (forced name, family, device, dtype, pattern, interpreter) -> backend
 
 
 def _choice_key(family: str, x: Tensor, w: Format) -> tuple:
@@ -207,26 +207,31 @@ def _choice_key(family: str, x: Tensor, w: Format) -> tuple:
 
 
 def choose(family: str, x: Tensor, w: Format, backend: str | None = None) -> Backend:
-    """The backend that will run this call: the forced one, or the first usable in priority order (the
-    unforced pick is remembered per device, dtype and pattern kind: it is on every call's path)."""
+    """The backend that will run this call: the forced one, or the first usable in priority order. The pick
+    (and a forced backend's check) is remembered per device, dtype and pattern kind: it is on every call's path."""
     if backend is not None:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {backend!r}")
-        reasons = BACKENDS[backend].not_supported_reasons(family, x, w)
-        if reasons:
-            raise ValueError(f"backend={backend!r} cannot run this {family} call "
-                             f"(x {tuple(x.shape)} {x.dtype} on {x.device}, block/pattern {_describe(w)}):\n"
-                             + _format_reasons(all_reasons(family, x, w)))
-        return BACKENDS[backend]
     if torch.compiler.is_compiling():   # no global dict writes while tracing
-        return _first_usable(family, x, w)
-    key = _choice_key(family, x, w)
+        return _pick(family, x, w, backend)
+    key = (backend, *_choice_key(family, x, w))
     chosen = _CHOSEN.get(key)
     if chosen is None:
-        chosen = _CHOSEN[key] = _first_usable(family, x, w)
+        chosen = _CHOSEN[key] = _pick(family, x, w, backend)
     return chosen
+
+
+def _pick(family: str, x: Tensor, w: Format, backend: str | None) -> Backend:
+    if backend is None:
+        return _first_usable(family, x, w)
+    reasons = BACKENDS[backend].not_supported_reasons(family, x, w)
+    if reasons:
+        raise ValueError(f"backend={backend!r} cannot run this {family} call "
+                         f"(x {tuple(x.shape)} {x.dtype} on {x.device}, block/pattern {_describe(w)}):\n"
+                         + _format_reasons(all_reasons(family, x, w)))
+    return BACKENDS[backend]
 
 
 def _first_usable(family: str, x: Tensor, w: Format) -> Backend:
