@@ -1,5 +1,6 @@
 """Compaction: physically smaller models of the same classes whose outputs equal the group-masked model."""
 
+import copy
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import sparsekit as sk
 from sparsekit.models import VGG16_BN, LeNet5, ResNet20, ResNet50, ResNet56, TransformerEncoder
 from sparsekit.prune.channel_select import ChannelSelect
 from sparsekit.prune.compact import (
+    PrunedMultiheadAttention,
     apply_widths,
     compact,
     compact_from_masks,
@@ -358,3 +360,148 @@ def test_member_masks_reproduce_the_reference():
     sk.verify(ref, masked.eval(), x, atol=1e-6)
     small, keep2 = compact_from_masks(masked, x, graph=graph)
     sk.verify(masked, small, x, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- nn.MultiheadAttention
+def _mha_pair(heads=None, **kw):
+    """An nn.MultiheadAttention with random biases and the PrunedMultiheadAttention keeping ``heads``."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, **kw).eval()
+    with torch.no_grad():
+        for p in mha.parameters():
+            if p.dim() < 2 or p.shape[0] == 1:
+                p.normal_()
+    return mha, PrunedMultiheadAttention.from_module(mha, torch.arange(4) if heads is None else heads).eval()
+
+
+def _calls(batch_first, kv_dim=16, L=5, S=6, N=2):
+    q = torch.randn(N, L, 16) if batch_first else torch.randn(L, N, 16)
+    kv = torch.randn(N, S, kv_dim) if batch_first else torch.randn(S, N, kv_dim)
+    pad = torch.zeros(N, S, dtype=torch.bool)
+    pad[1, -2:] = True
+    causal = torch.triu(torch.full((L, L), float("-inf")), 1)
+    return [
+        ((q, kv, kv), {}),
+        ((q, kv, kv), {"need_weights": True, "average_attn_weights": False}),
+        ((q, kv, kv), {"key_padding_mask": pad, "need_weights": False}),
+        ((q, kv, kv), {"attn_mask": torch.randn(L, S)}),
+        ((q, kv, kv), {"attn_mask": torch.rand(N * 4, L, S) > 0.8, "need_weights": False}),
+        ((q, q, q), {"attn_mask": causal, "is_causal": True, "need_weights": False}) if kv_dim == 16 else None,
+        ((q[0], kv[0], kv[0]) if batch_first else (q[:, 0], kv[:, 0], kv[:, 0]), {}),      # unbatched
+    ]
+
+
+@pytest.mark.parametrize("kw", [{"batch_first": True}, {"batch_first": False},
+                                {"batch_first": True, "add_bias_kv": True, "add_zero_attn": True},
+                                {"batch_first": False, "kdim": 12, "vdim": 12}])
+def test_pruned_mha_with_every_head_is_nn_multihead_attention(kw):
+    mha, same = _mha_pair(**kw)
+    assert {k for k, _ in same.named_parameters()} == {k for k, _ in mha.named_parameters()}
+    for call in _calls(kw["batch_first"], kw.get("kdim", 16)):
+        if call is None:
+            continue
+        (a, k) = call
+        with torch.no_grad():
+            want, got = mha(*a, **k), same(*a, **k)
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        assert (got[1] is None) == (want[1] is None)
+        if want[1] is not None:
+            torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{"batch_first": True}, {"batch_first": False, "kdim": 12, "vdim": 12,
+                                                         "add_bias_kv": True}])
+def test_pruned_mha_equals_the_masked_heads(kw):
+    mha, small = _mha_pair(torch.tensor([1, 3]), **kw)
+    assert small.num_heads == 2 and small.orig_heads == 4 and small.head_index.tolist() == [1, 3]
+    ref = copy.deepcopy(mha)
+    gone = torch.cat([torch.arange(0, 4), torch.arange(8, 12)])   # heads 0 and 2 (head_dim 4)
+    with torch.no_grad():
+        for w in ([ref.in_proj_weight] if ref.in_proj_weight is not None else
+                  [ref.q_proj_weight, ref.k_proj_weight, ref.v_proj_weight]):
+            rows = torch.cat([gone + i * 16 for i in range(3)]) if w.shape[0] == 48 else gone
+            w[rows] = 0
+        ref.in_proj_bias[torch.cat([gone + i * 16 for i in range(3)])] = 0
+        ref.out_proj.weight[:, gone] = 0
+    for call in _calls(kw["batch_first"], kw.get("kdim", 16)):
+        if call is None:
+            continue
+        a, k = call
+        with torch.no_grad():
+            torch.testing.assert_close(small(*a, **k)[0], ref(*a, **k)[0], atol=1e-5, rtol=1e-5)
+
+
+class MHANet(nn.Module):
+    def __init__(self, batch_first=True):
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp = nn.Linear(8, 16)
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):                      # x: [batch, seq, 8]
+        h = self.inp(x)
+        h = h if self.batch_first else h.transpose(0, 1)
+        out, _ = self.mha(h, h, h)
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.fc((h if self.batch_first else h.transpose(0, 1)) + out).mean(1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_pruner_removes_multihead_attention_heads(batch_first):
+    model = _randomize(MHANet(batch_first))
+    x = torch.randn(2, 5, 8)
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    assert pruner.masks["mha.out_proj"].all()                 # its rows are the embed_dim stream: kept
+    assert model.mha.out_proj.weight.eq(0).all(0).sum() == 8   # two heads' columns masked
+    small = pruner.compact()
+    assert isinstance(small.mha, PrunedMultiheadAttention) and small.mha.num_heads == 2
+    assert small.mha.in_proj_weight.shape == (24, 16) and small.mha.out_proj.weight.shape == (16, 8)
+    assert small.inp.out_features == 16                       # the embed_dim stream keeps its width
+    sk.verify(model, small, x, atol=1e-4)
+    with torch.no_grad():                                     # also off verify's hooks (MHA's own fast path)
+        torch.testing.assert_close(small(x), model(x), atol=1e-4, rtol=0)
+    fresh = MHANet(batch_first).eval()                        # in_proj masks go through a state_dict too
+    sk.prune.masks.load_masked_state_dict(fresh, model.state_dict())
+    assert torch.equal(fresh(x), model(x))
+    pruner.remove()
+    assert not sk.prune.masks.tensor_masks(model) and model.mha.in_proj_weight.ne(0).all()
+
+
+class TorchEncoder(nn.Module):
+    def __init__(self, batch_first=True, norm_first=False):
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp = nn.Linear(8, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=batch_first and not norm_first)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x, pad):                 # x: [batch, seq, 8]; pad: True at padded positions
+        h = self.inp(x)
+        h = self.enc(h if self.batch_first else h.transpose(0, 1), src_key_padding_mask=pad)
+        h = h if self.batch_first else h.transpose(0, 1)
+        w = (~pad).to(h.dtype).unsqueeze(-1)
+        return self.fc((h * w).sum(1) / w.sum(1))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")   # the reference's own fast path
+@pytest.mark.parametrize("batch_first,norm_first", [(True, False), (False, True)])
+def test_torch_transformer_encoder_heads_compact_and_save(tmp_path, batch_first, norm_first):
+    model = _randomize(TorchEncoder(batch_first, norm_first))
+    x, pad = torch.randn(2, 6, 8), torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, -2:] = True
+    pruner = sk.prune.Pruner(model, (x, pad), granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    for layer in small.enc.layers:
+        assert isinstance(layer.self_attn, PrunedMultiheadAttention) and layer.self_attn.num_heads == 2
+        assert layer.linear1.out_features == 16 and layer.self_attn.embed_dim == 16
+    sk.verify(model, small, (x, pad), atol=1e-4)
+    with torch.no_grad():                     # eval without hooks: the reference takes torch's fast paths
+        torch.testing.assert_close(small(x, pad), model(x, pad), atol=1e-4, rtol=0)
+    sk.save(small, tmp_path / "enc")
+    back = sk.load(tmp_path / "enc", _randomize(TorchEncoder(batch_first, norm_first), seed=5))
+    assert isinstance(back.enc.layers[1].self_attn, PrunedMultiheadAttention)
+    sk.verify(small, back.eval(), (x, pad), atol=0)

@@ -124,3 +124,24 @@ def test_ffn_default_sizes_and_fc_alias():
 def test_bad_arguments(ctor, kwargs, exc):
     with pytest.raises(exc):
         ctor(**kwargs)
+
+
+def test_transformer_heads_are_pruned_and_compacted():
+    """The attention's inner width follows its head count, so the Pruner removes whole heads and compact()
+    builds an encoder with fewer heads whose outputs equal the masked model's."""
+    import sparsekit as sk
+    from sparsekit.prune import Pruner
+
+    torch.manual_seed(0)
+    model = models.TransformerEncoder(vocab=50, dim=32, heads=4, ffn=64, layers=2).eval()
+    ids = model.example_input(2)
+    pad = torch.ones_like(ids, dtype=torch.bool)
+    pad[1, -3:] = False
+    pruner = Pruner(model, (ids, pad), criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    for block in small.blocks:
+        assert block.attn.heads == 2 and block.attn.qkv.out_features == 3 * 2 * 8
+        assert block.attn.proj.in_features == 16 and block.ffn.fc1.out_features == 32
+    sk.verify(model, small, (ids, pad), atol=1e-4)
+    sk.verify(model, small, ids, atol=1e-4)

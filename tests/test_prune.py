@@ -302,11 +302,11 @@ def test_deterministic(granularity):
 
 
 def test_ties_break_by_lower_index():
-    lin = nn.Linear(4, 6)
-    nn.init.constant_(lin.weight, 1.0)
-    p = Pruner(lin, torch.randn(1, 4), granularity="channel", sparsity=0.5, ignore=[])
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))   # the model's outputs are never pruned
+    nn.init.constant_(net[0].weight, 1.0)
+    p = Pruner(net, torch.randn(1, 4), granularity="channel", sparsity=0.5)
     p.step()
-    assert torch.equal(p.masks[""][:, 0], torch.tensor([False, False, False, True, True, True]))
+    assert torch.equal(p.masks["0"][:, 0], torch.tensor([False, False, False, True, True, True]))
     keep = masks.nm_keep(torch.ones(2, 8), 2, 4)
     assert torch.equal(keep[0], torch.tensor([True, True, False, False] * 2))
 
@@ -462,3 +462,170 @@ def test_pruner_compact_needs_channel_granularity():
     pruner.step()
     with pytest.raises(ValueError, match="granularity='channel'"):
         pruner.compact()
+
+
+# ------------------------------------------------------------------------------------ group selection
+class _Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class ResidualNet(nn.Module):
+    """stem -> two identity-shortcut blocks -> pooled classifier: stem, blocks.0.conv2 and blocks.1.conv2
+    write one residual stream (one dependency group of 8 channels)."""
+
+    RESIDUAL = ("stem", "blocks.0.conv2", "blocks.1.conv2")
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.blocks = nn.ModuleList(_Block(c) for _ in range(2))
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def _residual_net(seed: int = 0) -> ResidualNet:
+    """The producers disagree: the stem's weakest filters are 0-3, both blocks' conv2 weakest are 4-7."""
+    torch.manual_seed(seed)
+    net = ResidualNet()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5, generator=g)
+                mod.bias.uniform_(-0.5, 0.5, generator=g)
+                mod.running_mean.uniform_(-0.5, 0.5, generator=g)
+        net.stem.weight[:4] *= 0.1
+        for block in net.blocks:
+            block.conv2.weight[4:] *= 0.1
+    return net.eval()
+
+
+def _rows_kept(p: Pruner, name: str) -> torch.Tensor:
+    return masks.as_2d(p.masks[name]).any(1)
+
+
+def test_residual_group_pruned_where_the_union_rule_kept_it():
+    import sparsekit as sk
+
+    net = _residual_net()
+    x = torch.randn(2, 3, 8, 8)
+    # per layer, the 4 lowest-L1 filters of the stream's producers are disjoint: a unit-removed-by-every-producer
+    # rule (the former per-layer selection) would keep the whole stream
+    lowest = [set(torch.argsort(net.get_submodule(n).weight.detach().abs().sum((1, 2, 3)))[:4].tolist())
+              for n in ResidualNet.RESIDUAL]
+    assert not set.intersection(*lowest)
+    p = Pruner(net, x, criterion="l1", granularity="channel", sparsity=0.5)
+    p.step()
+    for name in ResidualNet.RESIDUAL:          # the group's aggregated score removes 4..7 from every producer
+        assert _rows_kept(p, name).tolist() == [True] * 4 + [False] * 4, name
+    assert net.bn.weight.detach()[4:].eq(0).all() and net.bn.bias.detach()[4:].eq(0).all()
+    assert net.blocks[0].conv1.weight.detach()[:, 4:].eq(0).all()        # the stream's consumers lose columns
+    small = p.compact()
+    assert small.stem.out_channels == 4 and small.fc.in_features == 4
+    assert all(b.conv1.out_channels == 4 and b.conv2.out_channels == 4 for b in small.blocks)
+    sk.verify(net, small, x, atol=1e-4)
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
+def test_layer_scope_removes_the_fraction_of_every_group(sparsity):
+    import sparsekit as sk
+
+    net = _residual_net()
+    x = torch.randn(2, 3, 8, 8)
+    p = Pruner(net, x, criterion="l2", granularity="channel", sparsity=sparsity)
+    p.step()
+    graph = p._dependency_graph()
+    groups = [g for g in graph.prunable]
+    assert len(groups) == 3                    # the residual stream and each block's inner channels
+    for g in groups:
+        producers = [m.module for m in g.members if m.axis == "out" and m.module in p.layers]
+        removed = {int((~_rows_kept(p, n)).sum()) for n in producers}
+        assert removed == {math.floor(sparsity * g.size)}, g.id
+    sk.verify(net, p.compact(), x, atol=1e-4)
+
+
+def test_global_scope_one_threshold_over_aggregated_group_scores():
+    import sparsekit as sk
+
+    net = _residual_net()
+    x = torch.randn(2, 3, 8, 8)
+    p = Pruner(net, x, criterion="l1_mean", granularity="channel", scope="global", sparsity=0.5)
+    p.step()
+    scored, kept_flags, best = [], [], []
+    for g in p._dependency_graph().prunable:
+        producers = [m.module for m in g.members if m.axis == "out" and m.module in p.layers]
+        s = torch.stack([p.layers[n].parametrizations.weight.original.detach().abs().mean((1, 2, 3))
+                         for n in producers]).double()                   # l1_mean per filter
+        c = s.mean(1, keepdim=True)
+        agg = (s / c).mean(0) * c.mean()        # the documented aggregation: scale-free mean, criterion's scale
+        scored.append(agg)
+        best.append(torch.arange(g.size) == torch.argmax(agg))            # min_channels=1 protects the best unit
+        kept_flags.append(_rows_kept(p, producers[0]))
+        assert all(torch.equal(_rows_kept(p, n), kept_flags[-1]) for n in producers)
+    s, kept, best = torch.cat(scored), torch.cat(kept_flags), torch.cat(best)
+    assert int((~kept).sum()) == math.floor(0.5 * s.numel())
+    assert float(s[~kept].max()) <= float(s[kept & ~best].min())          # one threshold
+    assert kept_flags[0].sum() == 1            # the weak residual stream falls below it but for its best unit
+    fractions = {round(1 - float(k.float().mean()), 3) for k in kept_flags}
+    assert len(fractions) > 1                  # groups are pruned to different fractions
+    sk.verify(net, p.compact(), x, atol=1e-4)
+
+
+def test_global_scope_keeps_min_channels_per_group():
+    net = _residual_net()
+    with torch.no_grad():
+        net.blocks[1].conv1.weight.mul_(1e-4)  # every inner filter of block 1 below every other filter
+    p = Pruner(net, torch.randn(2, 3, 8, 8), criterion="l1_mean", granularity="channel", scope="global",
+               sparsity=0.5, min_channels=2)
+    p.step()
+    assert int(_rows_kept(p, "blocks.1.conv1").sum()) == 2
+
+
+def test_group_selection_steps_are_monotone_and_ignore_keeps_a_group_whole():
+    import sparsekit as sk
+
+    net = _residual_net()
+    x = torch.randn(2, 3, 8, 8)
+    p = Pruner(net, x, criterion="l1", granularity="channel", sparsity=0.75, schedule=lambda t: [0.25, 0.75][t])
+    p.step()
+    first = {k: _rows_kept(p, k) for k in p.layers}
+    p.step()
+    for name, rows in first.items():
+        now = _rows_kept(p, name)
+        assert not bool((now & ~rows).any()), name                        # removed stays removed
+        assert int((~now).sum()) == math.floor(0.75 * rows.numel()), name
+    sk.verify(net, p.compact(), x, atol=1e-4)
+    p.remove()
+    q = Pruner(net, x, criterion="l1", granularity="channel", sparsity=0.5, ignore=["fc", "blocks.1.conv2"])
+    q.step()
+    assert all(bool(_rows_kept(q, n).all()) for n in ("stem", "blocks.0.conv2"))   # a producer is ignored
+    assert int((~_rows_kept(q, "blocks.0.conv1")).sum()) == 4
+
+
+def test_select_previews_the_group_selection_and_empty_groups_do_not_compact():
+    net = _residual_net()
+    x = torch.randn(2, 3, 8, 8)
+    p = Pruner(net, x, criterion="l1", granularity="channel", sparsity=0.5)
+    preview = p.select(p.scores(), 0.5)
+    assert not masks.get_masks(net)                          # select applies nothing
+    p.step()
+    assert all(torch.equal(preview[k], p.masks[k]) for k in p.masks)
+    q = Pruner(_residual_net(), x, criterion="l1_mean", granularity="channel", scope="global", sparsity=0.9,
+               min_channels=0)                                # the pure threshold may empty a group
+    with torch.no_grad():
+        q.model.blocks[1].conv1.weight.mul_(1e-6)
+    q.step()
+    assert not _rows_kept(q, "blocks.1.conv1").any()
+    with pytest.raises(ValueError, match="every unit of group"):
+        q.compact()

@@ -38,13 +38,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
-        b, t, d = x.shape
+        b, t, _ = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)   # [b, heads, t, t]
         if pad_mask is not None:
             scores = scores.masked_fill(~pad_mask[:, None, None, :], float("-inf"))
         out = scores.softmax(dim=-1) @ v                                 # [b, heads, t, head_dim]
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+        # the inner width follows the head count (not the input width d), so heads can be pruned
+        return self.proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 
 class EncoderLayer(nn.Module):

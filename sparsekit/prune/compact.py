@@ -9,14 +9,23 @@
 What "equal outputs" compares against. A removed channel is removed from *every* member of its group: the
 producer's rows and bias, the BN/GN gamma and beta (so the masked channel outputs exactly 0, not BN's
 beta), and the consumers' input columns. ``mask_groups`` builds that reference (a deepcopy with those
-entries zeroed); ``compact`` equals it to float rounding. The Pruner's channel masks zero only the
-producer's rows and bias: ``compact_from_masks`` derives the keep-sets from them (a unit goes when every
-masked producer in its group masks all its rows) and returns ``(small, keep)``; the reference for the
-Pruner's masked model is ``mask_groups(model, x, keep)``, which differs from the row-masked model only by
-the BN beta of removed channels that the row masks let through.
+entries zeroed); ``compact`` equals it to float rounding. ``member_tensor_masks`` gives the same zeros as
+masks (the Pruner applies them, so its masked model *is* that reference). ``compact_from_masks`` derives the
+keep-sets from a masked model (a unit goes when every masked producer in its group masks all its rows) and
+returns ``(small, keep)``; for masks that zero only producer rows, the reference is ``mask_groups(model, x,
+keep)``, which differs from the row-masked model only by the BN beta of removed channels.
 
 Channel selection (seed 000, section 2.3): where a BatchNorm reads a shared stream, the compacted model
 wraps it as ``ChannelSelect(index, bn)`` (``torch.index_select`` over the kept channels of the stream).
+
+Attention heads. One exception to "same module classes": ``nn.MultiheadAttention`` cannot have an inner
+width (``num_heads * head_dim``) other than ``embed_dim``, so an instance that loses heads becomes a
+``PrunedMultiheadAttention``: same forward signature and results, same parameter names (``in_proj_weight``,
+``in_proj_bias``, ``out_proj``, ``bias_k`` / ``bias_v``, ``q/k/v_proj_weight``; plus a ``head_index`` buffer),
+fewer heads, the same ``embed_dim`` in and out (works inside ``nn.TransformerEncoderLayer``, which then
+calls it rather than its fused native kernel). An ``nn.TransformerEncoder`` holding one stops converting
+padded batches to nested tensors (its fast path assumes a stock attention): outputs at padded positions are
+then computed rather than zeroed.
 
 Save / load: ``compacted_widths(model)`` is a JSON-able spec of every resized module and selection;
 ``apply_widths(fresh, widths)`` rebuilds those shapes in a fresh instance of the original class, after which
@@ -34,10 +43,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .channel_select import ChannelSelect
-from .graph import DependencyGraph, Group, attention_kind, set_heads
+from .graph import DependencyGraph, Group, attention_kind, in_proj_parts, set_heads
+from .pruned_mha import PrunedMultiheadAttention
 
-__all__ = ["resize_module", "module_keeps", "member_masks", "mask_groups", "compact", "compact_from_masks",
-           "keep_from_masks", "compacted_widths", "apply_widths", "ChannelSelect"]
+__all__ = ["resize_module", "module_keeps", "member_masks", "member_tensor_masks", "mask_groups", "compact",
+           "compact_from_masks", "keep_from_masks", "compacted_widths", "apply_widths", "ChannelSelect",
+           "PrunedMultiheadAttention"]
 
 _RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.Embedding, nn.LayerNorm)
 
@@ -54,7 +65,10 @@ def _sel(t: Tensor | None, dim: int, idx: Tensor | None) -> Tensor | None:
 
 def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tensor | None = None) -> nn.Module:
     """A new module of the same class keeping indices ``keep_out`` (weight dim 0 / channels / embedding dim)
-    and ``keep_in`` (weight dim 1) of ``mod``; ``None`` keeps everything."""
+    and ``keep_in`` (weight dim 1) of ``mod``; ``None`` keeps everything. An attention module (``"mha"``)
+    keeps whole heads: ``keep_out`` indexes its packed q|k|v rows and it becomes a ``PrunedMultiheadAttention``."""
+    if attention_kind(mod) == "mha":
+        return _resize_mha(mod, keep_out, keep_in)
     cls = _base_class(mod)
     w = mod.weight.detach() if getattr(mod, "weight", None) is not None else None
     b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
@@ -111,6 +125,22 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
     if w is not None and not mod.weight.requires_grad:
         new.requires_grad_(False)
     return new
+
+
+def _resize_mha(mod: nn.Module, keep_out: Tensor | None, keep_in: Tensor | None) -> nn.Module:
+    if keep_in is not None:
+        raise ValueError(f"{type(mod).__name__} keeps its embed_dim: keep_in must be None, got {keep_in.numel()} "
+                         "indices")
+    if keep_out is None:
+        return copy.deepcopy(mod)
+    inner, d = mod.num_heads * mod.head_dim, mod.head_dim
+    rows = torch.sort(torch.as_tensor(keep_out, dtype=torch.long).reshape(-1)).values
+    heads = torch.unique(rows[rows < inner] // d)
+    idx = (heads.reshape(-1, 1) * d + torch.arange(d)).reshape(-1)
+    if not torch.equal(rows, torch.cat([idx, idx + inner, idx + 2 * inner])):
+        raise ValueError(f"keep_out of a {type(mod).__name__} must keep whole heads (the same heads' q, k and v "
+                         f"rows of {d}); got {rows.numel()} of {3 * inner} rows")
+    return PrunedMultiheadAttention.from_module(mod, heads)
 
 
 def _unit_mask(g: Group, kept: Tensor | None) -> Tensor:
@@ -171,6 +201,8 @@ def module_keeps(graph: DependencyGraph, keep: Mapping[int, Tensor]) -> dict[str
 
 
 def _axis_size(mod: nn.Module, axis: str) -> int:
+    if attention_kind(mod) == "mha" and axis == "out":
+        return 3 * mod.num_heads * mod.head_dim
     if isinstance(mod, nn.Embedding):
         return mod.embedding_dim
     w = mod.weight
@@ -182,7 +214,7 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _check_keep(graph: DependencyGraph, keep: Mapping[int, Any]) -> dict[int, Tensor]:
+def _check_keep(graph: DependencyGraph, keep: Mapping[int, Any], allow_empty: bool = False) -> dict[int, Tensor]:
     out = {}
     for gid, k in keep.items():
         if not isinstance(gid, int) or not 0 <= gid < len(graph.groups):
@@ -194,25 +226,30 @@ def _check_keep(graph: DependencyGraph, keep: Mapping[int, Any]) -> dict[int, Te
                 raise ValueError(f"keep[{gid}] is a mask of {t.numel()} units; group {gid} has {g.size}")
             t = torch.nonzero(t).reshape(-1)
         t = t.to(torch.long).reshape(-1)
-        if t.numel() == 0:
+        if t.numel() == 0 and not allow_empty:
             raise ValueError(f"keep[{gid}] keeps no unit of group {gid}: a layer would lose all its channels")
-        if int(t.min()) < 0 or int(t.max()) >= g.size:
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= g.size):
             raise ValueError(f"keep[{gid}] has indices outside [0, {g.size})")
         out[gid] = torch.unique(t)
     return out
 
 
-def member_masks(graph: DependencyGraph, keep: Mapping[int, Any]) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """``{module: (weight keep-mask, bias keep-mask or None)}`` zeroing every member of every removed unit:
-    what ``masks.apply_mask`` needs so a Pruner's masked model equals ``mask_groups`` (and so ``compact``)."""
-    keep = _check_keep(graph, keep)
-    out: dict[str, tuple[Tensor, Tensor | None]] = {}
+def member_tensor_masks(graph: DependencyGraph, keep: Mapping[int, Any],
+                        allow_empty: bool = False) -> dict[str, dict[str, Tensor]]:
+    """``{module: {tensor name: keep-mask}}`` zeroing every member of every removed unit (weights, biases,
+    attention in-projections): applied with ``masks.apply_tensor_mask`` the masked model equals ``mask_groups``
+    (and so ``compact``). ``allow_empty`` accepts groups that lose every unit (masks only; no compaction)."""
+    keep = _check_keep(graph, keep, allow_empty)
+    out: dict[str, dict[str, Tensor]] = {}
     for name, ax in module_keeps(graph, keep).items():
         mod = graph.modules[name]
+        if attention_kind(mod) == "mha":
+            out[name] = _mha_masks(mod, ax["out"])
+            continue
         w = torch.zeros(mod.weight.shape, dtype=torch.bool)
         if isinstance(mod, nn.Embedding):
             w[:, ax.get("out", torch.arange(mod.embedding_dim))] = True
-            out[name] = (w, None)
+            out[name] = {"weight": w}
             continue
         rows = ax.get("out", torch.arange(mod.weight.shape[0]))
         w.index_fill_(0, rows, True)
@@ -220,12 +257,33 @@ def member_masks(graph: DependencyGraph, keep: Mapping[int, Any]) -> dict[str, t
             cols = torch.zeros(mod.weight.shape[1], dtype=torch.bool)
             cols[ax["in"]] = True
             w &= cols.reshape((1, -1) + (1,) * (w.dim() - 2))
-        b = None
+        out[name] = {"weight": w}
         if getattr(mod, "bias", None) is not None:
             b = torch.zeros(mod.bias.shape, dtype=torch.bool)
             b[rows] = True
-        out[name] = (w, b)
+            out[name]["bias"] = b
     return out
+
+
+def _mha_masks(mod: nn.Module, rows: Tensor) -> dict[str, Tensor]:
+    """Keep-masks of the in-projection tensors of an attention module keeping packed q|k|v ``rows``."""
+    out = {}
+    for name, first, dim in in_proj_parts(mod):
+        t = getattr(mod, name)
+        n = t.shape[dim]
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[rows[(rows >= first) & (rows < first + n)] - first] = True
+        shape = [1] * t.dim()
+        shape[dim] = n
+        out[name] = kept.reshape(shape).expand(t.shape).clone()
+    return out
+
+
+def member_masks(graph: DependencyGraph, keep: Mapping[int, Any]) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """``{module: (weight keep-mask, bias keep-mask or None)}`` of ``member_tensor_masks`` for the modules with
+    a ``weight`` (what ``masks.apply_mask`` takes); attention in-projections are in ``member_tensor_masks``."""
+    return {name: (t["weight"], t.get("bias")) for name, t in member_tensor_masks(graph, keep).items()
+            if "weight" in t}
 
 
 def mask_groups(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any],
@@ -246,6 +304,9 @@ def mask_groups(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any],
             for m in g.members:
                 mod = mods[m.module]
                 idx = g.member_indices(m, gone)
+                if attention_kind(mod) == "mha":
+                    _zero_mha_rows(mod, idx)
+                    continue
                 if isinstance(mod, nn.Embedding):
                     mod.weight[:, idx] = 0
                     continue
@@ -254,6 +315,13 @@ def mask_groups(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any],
                 if m.axis == "out" and getattr(mod, "bias", None) is not None:
                     mod.bias.index_fill_(0, idx, 0.0)
     return ref
+
+
+def _zero_mha_rows(mod: nn.Module, rows: Tensor) -> None:
+    for name, first, dim in in_proj_parts(mod):
+        t = getattr(mod, name)
+        local = rows[(rows >= first) & (rows < first + t.shape[dim])] - first
+        t.index_fill_(dim % t.dim(), local.to(t.device), 0.0)
 
 
 def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], round_to: int | None = None,
@@ -288,29 +356,59 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
     for mod in small.modules():
         if attention_kind(mod) in ("hf", "fused"):
             set_heads(mod)
+    _no_nested_fast_path(small)
     from .masks import bake_masks
     bake_masks(small)
     small._sparsekit_keep = {k: v.clone() for k, v in keep.items()}  # type: ignore[attr-defined]
     return small
 
 
-def keep_from_masks(model: nn.Module, graph: DependencyGraph) -> dict[int, Tensor]:
-    """Keep-sets from the Pruner's channel masks: a unit goes when every masked producer (conv / linear /
-    embedding ``out`` member with a ``WeightMask``) in its group masks all of its rows."""
-    from .masks import get_masks
+def _no_nested_fast_path(model: nn.Module) -> None:
+    """A TransformerEncoder whose layers hold a PrunedMultiheadAttention must not hand them nested tensors:
+    its fast path checks the first layer's attention only when the encoder is built."""
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoder) and any(
+                isinstance(getattr(layer, "self_attn", None), PrunedMultiheadAttention) for layer in mod.layers):
+            mod.use_nested_tensor = False
 
-    masks = get_masks(model)
+
+def _masked_rows(mod: nn.Module, masks: Mapping[str, Tensor]) -> Tensor | None:
+    """Per output row (attention: per packed q|k|v row) whether any weight entry is kept; None if unmasked."""
+    if attention_kind(mod) == "mha":
+        parts = [(n, getattr(mod, n).shape[0]) for n, _, _ in in_proj_parts(mod) if n.endswith("weight")]
+        if not any(n in masks for n, _ in parts):
+            return None
+        return torch.cat([masks[n].reshape(r, -1).any(1).cpu() if n in masks else torch.ones(r, dtype=torch.bool)
+                          for n, r in parts])
+    mk = masks.get("weight")
+    if mk is None:
+        return None
+    return mk.reshape(mk.shape[0], -1).any(1).cpu()    # keep-sets are index math on the CPU
+
+
+def keep_from_masks(model: nn.Module, graph: DependencyGraph, allow_empty: bool = False) -> dict[int, Tensor]:
+    """Keep-sets from the Pruner's channel masks: a unit goes when every masked producer (conv / linear /
+    embedding / norm ``out`` member with a ``WeightMask``; attention in-projection rows) in its group masks
+    all of its rows. A group whose masked producers remove every unit raises ValueError (nothing to compact
+    to) unless ``allow_empty``, which gives it an empty keep-set (for masks, not for ``compact``)."""
+    from .masks import tensor_masks
+
+    masks = tensor_masks(model)
     keep = {}
     for g in graph.prunable:
         gone = None
         for m in g.members:
             if m.axis != "out" or m.module not in masks:
                 continue
-            mk = masks[m.module]
-            rows = mk.reshape(mk.shape[0], -1).any(1)[m.offset:m.offset + m.span]
-            unit_gone = ~rows.reshape(g.size, -1).any(1)
+            rows = _masked_rows(graph.modules[m.module], masks[m.module])
+            if rows is None:
+                continue
+            unit_gone = ~rows[m.offset:m.offset + m.span].reshape(g.size, -1).any(1)
             gone = unit_gone if gone is None else gone & unit_gone
-        if gone is not None and bool(gone.any()) and not bool(gone.all()):
+        if gone is not None and bool(gone.all()) and not allow_empty:
+            raise ValueError(f"the masks remove every unit of group {g.id} ({g.members[0].module} ...): a compacted "
+                             "layer would have no channels; keep at least one (e.g. Pruner(min_channels=1))")
+        if gone is not None and bool(gone.any()):
             keep[g.id] = torch.nonzero(~gone).reshape(-1)
     return keep
 
@@ -334,6 +432,8 @@ def compacted_widths(model: nn.Module) -> dict[str, dict]:
     for name, mod in model.named_modules():
         if isinstance(mod, ChannelSelect):
             spec[name] = {"select": int(mod.index.numel()), "dim": mod.dim}
+        elif isinstance(mod, PrunedMultiheadAttention):
+            spec[name] = {"heads": mod.num_heads}
         elif isinstance(mod, nn.Conv2d):
             spec[name] = {"in": mod.in_channels, "out": mod.out_channels, "groups": mod.groups}
         elif isinstance(mod, nn.Linear):
@@ -350,6 +450,10 @@ def compacted_widths(model: nn.Module) -> dict[str, dict]:
 def _blank(mod: nn.Module, w: dict) -> nn.Module:
     """Resize ``mod`` to the widths ``w`` (values are placeholders until load_state_dict)."""
     out = torch.arange(w["out"]) if "out" in w else None
+    if "heads" in w:
+        if attention_kind(mod) != "mha":
+            raise ValueError(f"widths give {w['heads']} attention heads to a {type(mod).__name__}")
+        return PrunedMultiheadAttention.from_module(mod, torch.arange(w["heads"]))
     if isinstance(mod, nn.Conv2d):
         if mod.groups > 1:
             new = resize_module(mod, torch.arange(w["out"]) % mod.out_channels)
@@ -387,4 +491,5 @@ def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:
     for _, mod in model.named_modules():
         if attention_kind(mod) in ("hf", "fused"):
             set_heads(mod)
+    _no_nested_fast_path(model)
     return model

@@ -29,8 +29,14 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
 * attention: Hugging Face ``BertSelfAttention``-style (``query``/``key``/``value``, ``num_attention_heads``)
   and fused-qkv modules (``qkv``, ``proj``, ``heads``/``num_heads``, ``head_dim``) get a head space (unit =
   one head: q, k, v rows and the output projection's columns). Whether the module's forward still runs with
-  fewer heads is probed once; if not, the heads are pinned with the reason. ``nn.MultiheadAttention`` ties
-  its inner width to ``embed_dim`` (input = inner = output width), so its heads and streams are pinned.
+  fewer heads is probed once; if not, the heads are pinned with the reason.
+* ``nn.MultiheadAttention`` (and ``compact.PrunedMultiheadAttention``): a head space whose unit is one head:
+  rows of ``in_proj_weight`` / ``in_proj_bias`` (or ``q/k/v_proj_weight``), member ``(mha, "out", ...)``
+  over the packed q|k|v rows, and the columns of ``out_proj`` (``(mha.out_proj, "in", ...)``). The
+  ``embed_dim`` streams (inputs and output) keep their width: they are pinned. Heads are pinned when the
+  returned attention weights are used (they average over all heads). ``nn.TransformerEncoderLayer`` /
+  ``nn.TransformerEncoder`` (stock forward) are leaves with the same rule for ``self_attn`` plus a prunable
+  feed-forward space (``linear1`` rows, ``linear2`` columns); their LayerNorms pin the stream.
 * embeddings: a new space on the embedding dim; model outputs and anything an unknown op touches: pinned.
 
 Pinned groups (``prunable=False``, ``reason``) are never pruned: this is what keeps the classifier intact.
@@ -42,17 +48,21 @@ import copy
 import math
 import operator
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.fx import _symbolic_trace
 
-__all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind", "set_heads", "NORMS"]
+__all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind", "set_heads", "in_proj_parts",
+           "NORMS"]
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
-_LEAVES = (nn.Conv2d, nn.Linear, nn.Embedding, nn.MultiheadAttention) + NORMS
+_LEAVES = (nn.Conv2d, nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.TransformerEncoderLayer,
+           nn.TransformerEncoder) + NORMS
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU,
                  nn.Dropout, nn.Dropout2d, nn.Identity, nn.Hardsigmoid, nn.Mish)
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -128,8 +138,11 @@ class _Tag:
 
 # ------------------------------------------------------------------------------------------ attention
 def attention_kind(mod: nn.Module) -> str | None:
-    """``"hf"`` (query/key/value + num_attention_heads), ``"fused"`` (qkv + proj + heads), ``"mha"`` or None."""
-    if isinstance(mod, nn.MultiheadAttention):
+    """``"hf"`` (query/key/value + num_attention_heads), ``"fused"`` (qkv + proj + heads), ``"mha"``
+    (``nn.MultiheadAttention`` or ``compact.PrunedMultiheadAttention``) or None."""
+    from .pruned_mha import PrunedMultiheadAttention  # it imports this module
+
+    if isinstance(mod, (nn.MultiheadAttention, PrunedMultiheadAttention)):
         return "mha"
     if (all(isinstance(getattr(mod, n, None), nn.Linear) for n in ("query", "key", "value"))
             and hasattr(mod, "num_attention_heads") and hasattr(mod, "attention_head_size")):
@@ -138,6 +151,27 @@ def attention_kind(mod: nn.Module) -> str | None:
             and (hasattr(mod, "heads") or hasattr(mod, "num_heads")) and hasattr(mod, "head_dim")):
         return "fused"
     return None
+
+
+def in_proj_parts(mod: nn.Module) -> list[tuple[str, int, int]]:
+    """The tensors of an ``"mha"`` module that hold its packed q|k|v rows (``3 * heads * head_dim``):
+    ``(parameter name, first row it covers, dim its rows run along)``. ``bias_k`` / ``bias_v`` cover the k / v
+    rows; ``q/k/v_proj_weight`` replace ``in_proj_weight`` when key / value widths differ."""
+    inner = mod.num_heads * mod.head_dim
+    if getattr(mod, "in_proj_weight", None) is not None:
+        parts = [("in_proj_weight", 0, 0)]
+    else:
+        parts = [("q_proj_weight", 0, 0), ("k_proj_weight", inner, 0), ("v_proj_weight", 2 * inner, 0)]
+    if getattr(mod, "in_proj_bias", None) is not None:
+        parts.append(("in_proj_bias", 0, 0))
+    if getattr(mod, "bias_k", None) is not None:
+        parts += [("bias_k", inner, -1), ("bias_v", 2 * inner, -1)]
+    return parts
+
+
+def _is_stock_encoder_layer(mod: nn.Module) -> bool:
+    # a subclass with its own forward may wire its parts differently: then it stays an unknown op
+    return isinstance(mod, nn.TransformerEncoderLayer) and type(mod).forward is nn.TransformerEncoderLayer.forward
 
 
 def _heads_attr(mod: nn.Module) -> str:
@@ -190,7 +224,10 @@ class _Tracer(_LeafMixin, fx.Tracer):
         gm = fx.GraphModule(self.root, self.graph)
         interp = fx.Interpreter(gm, garbage_collect_values=False)
         it = iter(self.example or ())
-        with torch.no_grad():
+        # while tracing, fx patches nn.Module.__call__ / __getattr__ to emit proxies; running the partial graph
+        # under those patches would recurse into tracing (and into this method) instead of computing a value
+        unpatched = getattr(_symbolic_trace, "_maybe_revert_all_patches", nullcontext)
+        with torch.no_grad(), unpatched():
             for n in self.graph.nodes:
                 if n.op == "placeholder":
                     interp.env[n] = next(it, n.args[0] if n.args else None)
@@ -455,8 +492,23 @@ class DependencyGraph:
             return x
         if kind == "mha":
             self._pin([tag(a) for a in _flat_args(n.args) + list(n.kwargs.values())],
-                      f"{name!r} (nn.MultiheadAttention) ties input, inner and output width to embed_dim")
+                      f"{name!r} ({type(mod).__name__}) keeps its embed_dim: its input and output width stay")
+            s = self._mha_heads(name, mod)
+            if _weights_used(n):
+                self._spaces[self._find(s)].pinned = (f"{name!r}: the attention weights it returns are used "
+                                                      "(they average over all heads)")
             return [None, None]
+        if _is_stock_encoder_layer(mod):
+            self._pin([tag(a) for a in _flat_args(n.args) + list(n.kwargs.values())],
+                      f"{name!r} (nn.TransformerEncoderLayer) normalises over these channels (LayerNorm)")
+            self._encoder_layer(name, mod)
+            return None
+        if isinstance(mod, nn.TransformerEncoder) and all(_is_stock_encoder_layer(m) for m in mod.layers):
+            self._pin([tag(a) for a in _flat_args(n.args) + list(n.kwargs.values())],
+                      f"{name!r} (nn.TransformerEncoder) normalises over these channels (LayerNorm)")
+            for i, layer in enumerate(mod.layers):
+                self._encoder_layer(f"{name}.layers.{i}", layer)
+            return None
         if kind == "hf":
             if x is not None:
                 for lin in ("query", "key", "value"):
@@ -491,6 +543,22 @@ class DependencyGraph:
         if isinstance(mod, nn.Flatten):
             return self._flatten(x, shape, mod.start_dim, n, where, tag)
         return self._unknown(n, [tag(a) for a in _flat_args(n.args)], where)
+
+    def _mha_heads(self, name: str, mod: nn.Module) -> int:
+        """Head space of an ``"mha"`` module: packed q|k|v in-projection rows and ``out_proj`` columns."""
+        inner = mod.num_heads * mod.head_dim
+        s = self._new(mod.num_heads, "heads")
+        for i in range(3):
+            self._add(_Seg(s, inner), name, "out", i * inner)
+        self._add(_Seg(s, inner), f"{name}.out_proj", "in", 0)
+        return s
+
+    def _encoder_layer(self, name: str, layer: nn.TransformerEncoderLayer) -> None:
+        """``self_attn`` heads (called with need_weights=False) and the feed-forward hidden channels."""
+        self._mha_heads(f"{name}.self_attn", layer.self_attn)
+        s = self._new(layer.linear1.out_features)
+        self._add(_Seg(s, layer.linear1.out_features), f"{name}.linear1", "out", 0)
+        self._add(_Seg(s, layer.linear1.out_features), f"{name}.linear2", "in", 0)
 
     def _conv(self, name: str, mod: nn.Conv2d, x: _Tag | None, shape: Any) -> _Tag:
         if mod.groups == 1:
@@ -760,8 +828,12 @@ class DependencyGraph:
         return "\n".join(lines)
 
     def member_channel_scores(self, m: Member, fn: str = "l1") -> Tensor:
-        """Per-index score of a member: L1 (or L2) of weight rows (``out``) or columns (``in``)."""
+        """Per-index score of a member: L1 (or L2) of weight rows (``out``) or columns (``in``); for an
+        attention module's in-projection, of its q|k|v weight rows."""
         mod = self.modules[m.module]
+        if attention_kind(mod) == "mha":
+            rows = [_row_norms(getattr(mod, t).detach(), fn) for t, _, _ in in_proj_parts(mod) if "weight" in t]
+            return torch.cat(rows)[m.offset:m.offset + m.span]
         w = mod.weight.detach()
         if isinstance(mod, nn.Embedding):
             v = w.abs() if fn == "l1" else w.pow(2)
@@ -772,15 +844,22 @@ class DependencyGraph:
         dims = [d for d in range(v.dim()) if d != (0 if m.axis == "out" else 1)]
         return v.sum(dim=dims)[m.offset:m.offset + m.span]
 
-    def group_scores(self, score_fn: Callable[[nn.Module, Member], Tensor] | str = "l1",
-                     reduce: str = "mean", prunable_only: bool = True) -> dict[int, Tensor]:
+    def group_scores(self, score_fn: Callable[[nn.Module, Member], Tensor | None] | str = "l1",
+                     reduce: str = "mean", prunable_only: bool = True, normalize: bool = False) -> dict[int, Tensor]:
         """One score per unit of each group, aggregated over its weight members (conv / linear / embedding).
 
         ``score_fn``: ``"l1"`` / ``"l2"`` or a callable ``(module, member) -> Tensor[member.span]`` of
-        per-index scores. Each member's scores are summed per unit and divided by the member's per-unit
-        size; ``reduce`` (``"mean"``, ``"sum"``, ``"max"``) combines the members. BN/GN/LN gammas are left
-        out of ``"l1"``/``"l2"`` (different scale); a callable sees them too.
+        per-index scores, or None to leave that member out. Each member's scores are averaged per unit;
+        ``reduce`` (``"mean"``, ``"sum"``, ``"max"``) combines the members. BN/GN/LN gammas are left out of
+        ``"l1"``/``"l2"`` (different scale); a callable sees them too. ``normalize``: each member's unit
+        scores are first divided by their mean magnitude ``c`` (so a layer with large weights does not
+        outvote the others) and the combined scores multiplied by the members' mean ``c`` (so they stay on
+        the criterion's scale and compare across groups; a one-member group keeps its scores exactly).
+        Non-finite scores (units removed before, at -inf) stay -inf and are left out of ``c``. A group
+        with no member scored gets zeros.
         """
+        if reduce not in ("mean", "sum", "max"):
+            raise ValueError(f"reduce must be 'mean', 'sum' or 'max', got {reduce!r}")
         out = {}
         for g in self.groups:
             if prunable_only and not g.prunable:
@@ -793,12 +872,14 @@ class DependencyGraph:
                         continue
                     s = self.member_channel_scores(m, score_fn)
                 else:
-                    s = torch.as_tensor(score_fn(mod, m)).detach().float()
-                rows.append(s.reshape(g.size, -1).float().mean(1))
+                    s = score_fn(mod, m)
+                    if s is None:
+                        continue
+                    s = torch.as_tensor(s).detach()
+                rows.append(s.reshape(g.size, -1).double().mean(1))
             if not rows:
-                rows = [torch.zeros(g.size)]
-            st = torch.stack(rows)
-            out[g.id] = {"mean": st.mean(0), "sum": st.sum(0), "max": st.amax(0)}[reduce]
+                rows = [torch.zeros(g.size, dtype=torch.float64)]
+            out[g.id] = _combine(torch.stack(rows), reduce, normalize)
         return out
 
     def select(self, sparsity: float, scores: Mapping[int, Tensor] | None = None, scope: str = "global",
@@ -865,6 +946,31 @@ class DependencyGraph:
                 removed = removed[torch.argsort(scores[gid][removed], descending=True, stable=True)]
             out[gid] = torch.sort(torch.cat([kept, removed[:target - kept.numel()]])).values
         return out
+
+
+def _row_norms(w: Tensor, fn: str) -> Tensor:
+    v = w.abs() if fn == "l1" else w.pow(2)
+    return v.reshape(v.shape[0], -1).sum(1) if v.dim() > 1 else v
+
+
+def _combine(rows: Tensor, reduce: str, normalize: bool) -> Tensor:
+    """Combine per-member unit scores ``[members, units]`` (see ``group_scores``)."""
+    if not normalize or rows.shape[0] == 1:   # one member: its scores exactly, so selections match per-layer ones
+        return {"mean": rows.mean(0), "sum": rows.sum(0), "max": rows.amax(0)}[reduce]
+    finite = torch.isfinite(rows)
+    c = torch.where(finite, rows.abs(), 0.0).sum(1) / finite.sum(1).clamp_min(1)
+    out = rows / c.clamp_min(1e-30).unsqueeze(1)
+    out = {"mean": out.mean(0), "sum": out.sum(0), "max": out.amax(0)}[reduce]
+    return torch.where(torch.isfinite(out), out * c.mean(), out)
+
+
+def _weights_used(n: fx.Node) -> bool:
+    """Whether anything reads output [1] (the attention weights) of an attention call, or the whole tuple."""
+    for u in n.users:
+        if u.op == "call_function" and _fn_name(u.target) == "getitem" and (u.args[1] == 0 or not u.users):
+            continue
+        return True
+    return False
 
 
 def _flat_args(args: Any) -> list:

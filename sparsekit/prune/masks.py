@@ -16,7 +16,9 @@ threshold over the units of several layers (ties: earlier layer, then lower inde
 Parametrization. ``apply_mask`` registers ``WeightMask`` (``torch.nn.utils.parametrize``) on
 ``module.weight`` (and on ``module.bias`` for channel masks): the forward pass sees ``weight * mask``, the
 stored ``original`` keeps every value, gradients of masked entries are zero. ``remove_masks`` restores the
-original values (un-prune); ``bake_masks`` makes the zeros permanent plain parameters.
+original values (un-prune); ``bake_masks`` makes the zeros permanent plain parameters. Other tensors take
+masks the same way (``apply_tensor_mask``): channel pruning masks the rows of
+``nn.MultiheadAttention.in_proj_weight`` / ``in_proj_bias`` of removed heads.
 
 Saving. A masked model's ``state_dict`` holds ``<layer>.parametrizations.weight.original`` and
 ``<layer>.parametrizations.weight.0.mask``. Load it with ``load_masked_state_dict(fresh_model, sd)``,
@@ -37,8 +39,8 @@ from torch.nn.utils import parametrize
 __all__ = [
     "GRANULARITIES", "PRUNABLE", "WeightMask", "as_2d", "check_granularity", "check_sparsity", "check_block",
     "check_nm", "check_layer", "num_to_remove", "unit_scores", "lowest_removed", "expand_units", "nm_keep",
-    "layer_mask", "global_keep", "apply_mask", "is_masked", "get_masks", "remove_masks", "bake_masks",
-    "load_masked_state_dict",
+    "layer_mask", "global_keep", "apply_mask", "apply_tensor_mask", "is_masked", "get_masks", "tensor_masks",
+    "remove_masks", "bake_masks", "load_masked_state_dict",
 ]
 
 GRANULARITIES = ("element", "block", "nm", "channel")
@@ -284,6 +286,13 @@ def apply_mask(module: nn.Module, mask: Tensor, bias_mask: Tensor | None = None)
         _set_mask(module, "bias", bias_mask)
 
 
+def apply_tensor_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None:
+    """Mask ``module.<tensor_name>`` (any parameter, e.g. ``in_proj_weight``); updates in place if already masked."""
+    if not isinstance(module, nn.Module) or not isinstance(getattr(module, tensor_name, None), Tensor):
+        raise TypeError(f"module must be an nn.Module with a tensor {tensor_name!r}, got {type(module).__name__}")
+    _set_mask(module, tensor_name, mask)
+
+
 def is_masked(module: nn.Module) -> bool:
     """True if ``module.weight`` carries a ``WeightMask``."""
     return _mask_param(module, "weight") is not None
@@ -293,6 +302,22 @@ def get_masks(model: nn.Module) -> dict[str, Tensor]:
     """Module name -> a copy of its weight keep-mask, for every masked module in ``model``."""
     return {name: p.mask.clone() for name, mod in model.named_modules()
             if (p := _mask_param(mod, "weight")) is not None}
+
+
+def _masked_tensor_names(mod: nn.Module) -> list[str]:
+    if not parametrize.is_parametrized(mod):
+        return []
+    return [t for t in mod.parametrizations if _mask_param(mod, t) is not None]
+
+
+def tensor_masks(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """Module name -> {tensor name: a copy of its keep-mask} for every masked tensor (weights, biases, and
+    others such as ``in_proj_weight``)."""
+    out: dict[str, dict[str, Tensor]] = {}
+    for name, mod in model.named_modules():
+        for t in _masked_tensor_names(mod):
+            out.setdefault(name, {})[t] = _mask_param(mod, t).mask.clone()  # type: ignore[union-attr]
+    return out
 
 
 def _own_parametrized_class(mod: nn.Module) -> None:
@@ -312,9 +337,7 @@ def _unmask(model: nn.Module, leave_parametrized: bool) -> int:
     for name, mod in list(model.named_modules()):
         if parametrize.is_parametrized(mod):
             _own_parametrized_class(mod)
-        for tensor_name in ("weight", "bias"):
-            if _mask_param(mod, tensor_name) is None:
-                continue
+        for tensor_name in _masked_tensor_names(mod):
             plist = getattr(mod.parametrizations, tensor_name)
             if not all(isinstance(p, WeightMask) for p in plist):
                 raise ValueError(f"{name or 'model'}.{tensor_name} has other parametrizations besides "
@@ -340,7 +363,7 @@ def bake_masks(model: nn.Module) -> int:
     return _unmask(model, leave_parametrized=True)
 
 
-_MASK_KEY = re.compile(r"^(?:(.*)\.)?parametrizations\.(weight|bias)\.(\d+)\.mask$")
+_MASK_KEY = re.compile(r"^(?:(.*)\.)?parametrizations\.(\w+)\.(\d+)\.mask$")
 
 
 def load_masked_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True):

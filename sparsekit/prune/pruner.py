@@ -16,11 +16,17 @@ from . import criteria as _criteria
 from . import distributed as _dist
 from . import masks as _masks
 from . import schedules as _schedules
+from .graph import attention_kind, in_proj_parts
 from .scores_reconstruction import refit_consumer
 
 __all__ = ["Pruner", "SCOPES", "check_example_inputs", "run_example", "execution_order"]
 
 SCOPES = ("layer", "global")
+
+
+def _unit_indices(keep: Mapping[int, Tensor]) -> dict[int, Tensor]:
+    """Bool unit keep-masks -> kept unit indices (what the graph's keep-sets hold)."""
+    return {gid: torch.nonzero(k).reshape(-1) for gid, k in keep.items()}
 
 
 def check_example_inputs(example_inputs: Any) -> None:
@@ -83,15 +89,17 @@ class Pruner:
             ``[out, in*kh*kw]``) | ``"nm"`` (keep ``n`` of every ``m`` along the input dim; ``sparsity`` must
             equal ``1 - n/m``) | ``"channel"`` (whole output channels, bias entry included; ``sparsity`` is
             the fraction of channels removed).
-        scope: ``"layer"``: every layer loses exactly ``floor(sparsity * units)`` units. ``"global"``: one
-            threshold over all layers' units (element, block or channel). For channels use a criterion whose
-            scores compare across layers, e.g. ``"l1_mean"`` (Salama et al. 2019: the filter L1 norm over
-            its number of weights); every layer keeps at least ``min_channels`` channels.
+        scope: ``"layer"``: every layer (channels: every group) loses exactly ``floor(sparsity * units)``
+            units. ``"global"``: one threshold over all layers' units (element, block or channel; channel
+            groups' units). For channels use a criterion whose scores compare across layers, e.g.
+            ``"l1_mean"`` (Salama et al. 2019: the filter L1 norm over its number of weights); every channel
+            group keeps at least ``min_channels`` units.
         sparsity: final target in [0, 1).
         ignore: modules or module names (a container covers every layer inside it) left unpruned. For
             ``granularity="channel"`` with ``ignore=None`` the model's final layer (the last prunable module
             to run on ``example_inputs``, normally the classifier) is left out; pass ``ignore=[]`` to
-            prune it too.
+            score it too. Under group selection (below) a channel group with an ignored producer stays
+            whole, and the model's outputs are never removed (the dependency graph pins them).
         calib: calibration data for data-dependent criteria: an iterable of batches, or of
             ``(input, target)`` pairs for gradient-based ones (``taylor``, ``hessian``). Read again at every
             ``step()``; a one-shot iterator is turned into a list first.
@@ -103,13 +111,34 @@ class Pruner:
         seed: seed for randomised criteria (``random``, the Hutchinson probes, row sampling).
         reconstruct: refit the next layer by least squares after masking (default: what the criterion
             asks for; ``lasso`` and ``thinet`` do).
-        min_channels: channels every layer keeps under global channel pruning (default 1).
+        min_channels: units (channels; heads of head groups) every channel group keeps under global channel
+            pruning (default 1; 0 is the pure threshold, which may empty a group: then compact() refuses).
         distributed: ``None`` (single process; ``"replicated"`` for a DDP model), ``"replicated"`` or
             ``"sharded"`` (see ``sparsekit.prune.distributed``).
 
     ``step()`` computes masks for the current target and applies them at once. Units removed by an earlier
     step are scored lowest, so they stay removed while the target does not decrease. Results depend only
     on the model's weights, ``calib`` and ``seed`` (ties go to the lower index).
+
+    Channels are selected per dependency group (``sparsekit.prune.graph``): the channels that residual adds,
+    concatenation, norms, depthwise convs and attention heads couple are one group, removed from all its
+    members together, so the masked model is exactly the model ``compact()`` builds. A group's unit scores
+    aggregate the criterion's channel scores over its *producers* (the pruned Linear / Conv2d layers whose
+    output rows it holds, and ``nn.MultiheadAttention`` in-projections): for producer ``m`` let ``s_m[u]`` be
+    the mean score of unit ``u``'s rows (a head's ``head_dim`` rows of q, k and v are three producers) and
+    ``c_m`` the mean ``|s_m|``; the group scores ``mean_m(s_m / c_m) * mean_m(c_m)``. Dividing by ``c_m``
+    keeps a layer with large weights from outvoting the others; multiplying by the mean ``c_m`` keeps the
+    criterion's scale, so ``scope="global"`` compares groups as the criterion compares layers (``l1_mean``
+    stays comparable) and a one-producer group keeps its layer's scores exactly (the selection of plain
+    chains is unchanged). ``scope="layer"`` removes ``floor(sparsity * units)`` units of every group;
+    ``"global"`` ranks all groups' units (channels; heads of head groups) with one threshold, every group
+    keeping ``min_channels`` units. Groups the graph pins (model outputs such as the classifier, LayerNorm
+    streams, an attention's ``embed_dim``) and groups with an ignored producer stay whole; so do
+    ``nn.MultiheadAttention`` heads under a data-dependent criterion (its in-projection is not a layer the
+    calibration hooks see). Per-layer selection remains where aggregation does not apply:
+    reconstruction criteria (``reconstruct=True``, ``lasso``, ``thinet``) refit each layer's consumer for
+    that layer's own selection along a plain chain, and ``distributed="sharded"`` ranks see only their own
+    layers; there a coupled unit goes only when every producer removed it.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any,
@@ -182,6 +211,9 @@ class Pruner:
         if set(self.criterion.needs) - {"seed", "grads", "hessian"} or self.reconstruct:
             self._trace_links()
         self._masks: dict[str, Tensor] = {}
+        self._keep: dict[int, Tensor] = {}      # group id -> unit keep-mask of the last grouped step
+        self._coupled: set[str] = set()          # masked modules other than self.layers (norms, attention ...)
+        self._groups: dict[int, list] | None = None
         self._target = 0.0
         self._steps = 0
 
@@ -332,6 +364,8 @@ class Pruner:
         return out
 
     def _select(self, scores: dict[str, Tensor], target: float) -> dict[str, Tensor]:
+        if self._grouped:
+            return self._row_masks(self._group_keep(scores, target))
         shapes = {k: tuple(self.layers[k].weight.shape) for k in scores}
         if self.scope == "layer":
             return {k: _masks.layer_mask(s, target, self.granularity, shape=shapes[k], block=self.block,
@@ -349,7 +383,18 @@ class Pruner:
         """Compute masks for the current target and apply them; returns that target."""
         target = self.current_target()
         ctxs = self.contexts()
-        masks = self._select(self._scores(ctxs), target)
+        scores = self._scores(ctxs)
+        if self._grouped:
+            keep = self._group_keep(scores, target)
+            if self.distributed == "replicated":   # on the weights' device, as the backend may need
+                dev = next(iter(self.layers.values())).weight.device
+                sent = _dist.broadcast_masks({str(k): v.to(dev) for k, v in keep.items()})
+                keep = {int(k): v.cpu() for k, v in sent.items()}
+            self._masks = self._apply_group_keep(keep)
+            self._keep, self._target = keep, target
+            self._steps += 1
+            return target
+        masks = self._select(scores, target)
         if self.distributed == "replicated":
             masks = _dist.broadcast_masks(masks)
         for name, mask in masks.items():
@@ -370,7 +415,9 @@ class Pruner:
     # ---------------------------------------------------------------------------------------- results
     @property
     def masks(self) -> dict[str, Tensor]:
-        """Layer name -> bool keep-mask of its weight's shape (True = kept), from the last ``step()``."""
+        """Layer name -> bool keep-mask of its weight's shape (True = kept), from the last ``step()``. For
+        channels: the output rows each layer keeps (the model also masks what they couple: consumers' input
+        columns, norms, attention in-projections)."""
         return dict(self._masks)
 
     def sparsity_report(self) -> list[dict[str, Any]]:
@@ -402,7 +449,7 @@ class Pruner:
         restarts at step 0."""
         for mod in self._touched_modules():
             _masks.remove_masks(mod)
-        self._masks, self._target, self._steps = {}, 0.0, 0
+        self._masks, self._keep, self._coupled, self._target, self._steps = {}, {}, set(), 0.0, 0
 
     def bake(self) -> None:
         """Make the masks permanent: pruned layers get plain Parameters holding the zeros."""
@@ -411,7 +458,7 @@ class Pruner:
 
     # ------------------------------------------------------------------------------ structured removal
     def _touched_modules(self) -> list[nn.Module]:
-        extra = [self.model.get_submodule(n) for n in getattr(self, "_coupled", ())]
+        extra = [self.model.get_submodule(n) for n in self._coupled]
         return list(self.layers.values()) + [m for m in extra if m not in self.layers.values()]
 
     def _dependency_graph(self):
@@ -422,26 +469,150 @@ class Pruner:
         return self._graph
 
     def _mask_coupled_members(self) -> None:
-        """Make the masked model the one ``compact()`` builds: a channel unit goes when every producer of its
-        dependency group (residual adds, concat, heads ...) removed it; then every member of a removed unit is
-        masked — producer rows and bias, BN/GN scale and shift, consumer columns. Coupled units that not all
-        producers removed are kept (and restored in the producers that had removed them)."""
-        from .compact import keep_from_masks, member_masks
+        """Per-layer path: make the masked model the one ``compact()`` builds: a channel unit goes when every
+        producer of its dependency group (residual adds, concat, heads ...) removed it; then every member of a
+        removed unit is masked — producer rows and bias, BN/GN scale and shift, consumer columns. Coupled units
+        that not all producers removed are kept (and restored in the producers that had removed them)."""
+        from .compact import keep_from_masks, member_tensor_masks
 
         graph = self._dependency_graph()
-        keep = keep_from_masks(self.model, graph)
+        keep = keep_from_masks(self.model, graph, allow_empty=True)
         coupled = set()
-        for name, (wmask, bmask) in member_masks(graph, keep).items():
-            _masks.apply_mask(self.model.get_submodule(name), wmask, bmask)
+        for name, tensors in member_tensor_masks(graph, keep, allow_empty=True).items():
+            mod = self.model.get_submodule(name)
+            for t, mask in tensors.items():
+                _masks.apply_tensor_mask(mod, t, mask)
             coupled.add(name)
         self._coupled = coupled
+
+    # ---------------------------------------------------------------------------- group selection
+    @property
+    def _grouped(self) -> bool:
+        """Whether channels are selected per dependency group (see the class docstring) or per layer."""
+        return (self.granularity == "channel" and not self.reconstruct and "consumer" not in self.criterion.needs
+                and self.distributed != "sharded")
+
+    def _scores_weight_views(self) -> bool:
+        # an attention in-projection is scored as a stand-alone Linear: only criteria reading weights alone
+        return not self.criterion.data_dependent and set(self.criterion.needs) <= {"seed"}
+
+    def _is_attention(self, name: str) -> bool:
+        return attention_kind(self.model.get_submodule(name)) == "mha"
+
+    def _selectable_groups(self) -> dict[int, list]:
+        """Group id -> its scored producer members, for the groups this pruner selects (in execution order of
+        their first producer, which breaks ties under a global threshold)."""
+        if self._groups is not None:
+            return self._groups
+        graph = self._dependency_graph()
+        # an attention module's in-projection produces its heads when its out_proj is a pruned layer (ignoring
+        # the module or its out_proj ignores the heads) and the criterion can score it from the weights alone
+        attn = {m.module for g in graph.prunable for m in g.members if m.axis == "out" and self._is_attention(m.module)}
+        producers = set(self.layers)
+        if self._scores_weight_views():
+            producers |= {a for a in attn if f"{a}.out_proj" in self.layers}
+        ignored = set(self.ignored) | {a for a in attn if f"{a}.out_proj" in self.ignored}
+        groups = {}
+        for g in graph.prunable:
+            outs = [m for m in g.members if m.axis == "out"]
+            scored = [m for m in outs if m.module in producers]
+            if scored and not any(m.module in ignored for m in outs):    # an ignored producer keeps it whole
+                groups[g.id] = scored
+        order = {name: i for i, name in enumerate(self.layers)}
+
+        def first_run(gid: int) -> int:
+            return min(order.get(m.module, order.get(f"{m.module}.out_proj", len(order))) for m in groups[gid])
+
+        self._groups = {gid: groups[gid] for gid in sorted(groups, key=first_run)}
+        return self._groups
+
+    def _in_proj_scores(self, names: set[str]) -> dict[str, Tensor]:
+        """Per packed q|k|v row of each attention module: the criterion's channel scores of its in-projection
+        weights, each scored as a Linear."""
+        out = {}
+        for name in sorted(names):
+            mod = self.model.get_submodule(name)
+            parts = []
+            for t, _, _ in in_proj_parts(mod):
+                if not t.endswith("weight"):
+                    continue
+                w = getattr(mod, t).detach()
+                view = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+                view.weight = nn.Parameter(w, requires_grad=False)
+                ctx = _calibration.LayerContext(name=f"{name}.{t}", granularity="channel", seed=self.seed)
+                parts.append(_masks.unit_scores(self.criterion.score(view, ctx), "channel"))
+            out[name] = torch.cat(parts)
+        return out
+
+    def _group_unit_scores(self, scores: Mapping[str, Tensor]) -> dict[int, Tensor]:
+        """Group id -> one score per unit, aggregated over its producers (see the class docstring)."""
+        groups = self._selectable_groups()
+        members = {m for ms in groups.values() for m in ms}
+        rows = {k: _masks.unit_scores(v, "channel") for k, v in scores.items()}
+        rows.update(self._in_proj_scores({m.module for m in members if m.module not in self.layers}))
+
+        def member_scores(_mod: nn.Module, m: Any) -> Tensor | None:
+            return rows[m.module][m.offset:m.offset + m.span] if m in members else None
+
+        every = self._dependency_graph().group_scores(member_scores, reduce="mean", normalize=True)
+        out = {}
+        for gid in groups:
+            s = every[gid]
+            prev = self._keep.get(gid)
+            s = s.detach().cpu()   # one score per unit: small, and the graph's index math runs on the CPU
+            if prev is not None:   # units removed before score lowest: they stay removed
+                s = s.masked_fill(~prev, float("-inf"))
+            out[gid] = s
+        return out
+
+    def _group_keep(self, scores: Mapping[str, Tensor], target: float) -> dict[int, Tensor]:
+        """Group id -> bool unit keep-mask at ``target`` for every selectable group."""
+        units = self._group_unit_scores(scores)
+        if self.scope == "layer":
+            return {gid: _masks.lowest_removed(s, _masks.num_to_remove(target, s.numel())) for gid, s in units.items()}
+        keep = _masks.global_keep({str(gid): s for gid, s in units.items()}, target, "channel",
+                                  shapes={str(gid): (s.numel(), 1) for gid, s in units.items()},
+                                  min_keep=self.min_channels)
+        return {int(k): v[:, 0] for k, v in keep.items()}
+
+    def _row_masks(self, keep: Mapping[int, Tensor]) -> dict[str, Tensor]:
+        """Layer name -> weight-shaped keep-mask of the output rows the group selection ``keep`` keeps."""
+        from .compact import module_keeps
+
+        kept = module_keeps(self._dependency_graph(), _unit_indices(keep))
+        out = {}
+        for name, mod in self.layers.items():
+            shape = tuple(mod.weight.shape)
+            rows = torch.zeros(shape[0], dtype=torch.bool)
+            rows[kept.get(name, {}).get("out", torch.arange(shape[0]))] = True
+            out[name] = rows.reshape((-1,) + (1,) * (len(shape) - 1)).expand(shape).contiguous().to(mod.weight.device)
+        return out
+
+    def _apply_group_keep(self, keep: Mapping[int, Tensor]) -> dict[str, Tensor]:
+        """Mask every member of every removed unit (and nothing else); returns the layers' row keep-masks."""
+        from .compact import member_tensor_masks
+
+        plan = member_tensor_masks(self._dependency_graph(), _unit_indices(keep), allow_empty=True)
+        for name in (set(self.layers) | self._coupled) - set(plan):    # whatever is not removed now is kept
+            mod = self.model.get_submodule(name)
+            tensors = ("weight", "bias") if name in self.layers else _masks.tensor_masks(mod).get("", {})
+            plan[name] = {t: torch.ones(getattr(mod, t).shape, dtype=torch.bool) for t in tensors
+                          if getattr(mod, t, None) is not None}
+        for name, tensors in plan.items():
+            mod = self.model.get_submodule(name)
+            for t, mask in tensors.items():
+                _masks.apply_tensor_mask(mod, t, mask)
+        self._coupled = set(plan) - set(self.layers)
+        return self._row_masks(keep)
 
     def compact(self, round_to: int | None = None) -> nn.Module:
         """A physically smaller plain model (same module classes) whose outputs equal this masked model's.
 
         Needs granularity="channel". ``round_to`` (e.g. 8 or 16) keeps channel counts multiples of it, keeping
-        the highest-scoring extra channels. The model is traced with torch.fx (sparsekit.prune.graph); coupled
-        channels (residual adds, concat, BN, depthwise groups, attention heads) are removed together.
+        the highest-scoring (L1) extra channels (those are masked here, so outputs then differ). The model is
+        traced with torch.fx (sparsekit.prune.graph); coupled channels (residual adds, concat, BN, depthwise
+        groups, attention heads) are removed together. An ``nn.MultiheadAttention`` that loses heads becomes
+        a ``compact.PrunedMultiheadAttention`` (same forward and parameter names, fewer heads).
         """
         if self.granularity != "channel":
             raise ValueError(f"compact() removes whole channels: it needs granularity='channel', this pruner has "
