@@ -60,11 +60,11 @@ def call_op(op, *args):
 
 
 def _needs_autograd_layer(args: tuple) -> bool:
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    # args[0] is the activation: a FakeTensor / FunctionalTensor there means tracing (the weights are traced too)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
+            or type(args[0]) not in _PLAIN_TENSORS:
         return True
-    grad = torch.is_grad_enabled()
-    return any(isinstance(a, Tensor) and (type(a) not in _PLAIN_TENSORS or (grad and a.requires_grad))
-               for a in args)
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
 
 for _name, _schema in SCHEMAS.items():
