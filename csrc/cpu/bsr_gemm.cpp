@@ -285,7 +285,8 @@ void bsr_mm_fast(const T* x, const int32_t* crow, const int32_t* col, const void
       for (int64_t r0 = bounds[c]; r0 < bounds[c + 1]; r0 += group) {
         const int64_t r1 = std::min(bounds[c + 1], r0 + group), cols = (r1 - r0) * bn;
         for (int64_t r = r0; r < r1; ++r) {
-          bsr_panel_row(isa, nv, xt, col, crow[r], crow[r + 1], v, wk, bn, bk, out.data() + (r - r0) * bn * MT);
+          bsr_panel_row(isa, nv, xt, MT, col, crow[r], crow[r + 1], v, wk, bn, bk,
+                        out.data() + (r - r0) * bn * MT);
         }
         store_panel<T>(isa, out.data(), MT, cols, mc, bias ? bf.data() + r0 * bn : nullptr, y + m0 * N + r0 * bn, N,
                        scratch);
@@ -306,9 +307,13 @@ void bsr_xt_fast(const T* xt, int64_t B, const int32_t* crow, const int32_t* col
   const int W = vec_floats(isa);
   const int nv = choose_nv(isa, M, bn);
   const int64_t MT = int64_t(nv) * W, tpi = (M + MT - 1) / MT, tiles = B * tpi;
-  at::Tensor xp_t = at::empty({tiles * K * MT}, at::TensorOptions().dtype(at::kFloat));
+  // fp32 x^T is read in place (row k of a tile at xt + k * M): only the last, partial tile of each image is
+  // packed (zero-padded to MT). Other dtypes are converted into packed panels.
+  constexpr bool kInPlace = std::is_same_v<T, float>;
+  const int64_t full = kInPlace ? M / MT : 0, packed_per_image = tpi - full;
+  at::Tensor xp_t = at::empty({B * packed_per_image * K * MT}, at::TensorOptions().dtype(at::kFloat));
   float* xp = xp_t.mutable_data_ptr<float>();
-  pack_panels_xt<T>(xt, B, K, M, MT, xp);
+  if (packed_per_image) pack_panels_xt<T>(xt, B, K, M, MT, xp, full * MT);
   const std::vector<float> bf = bias_f32(bias, N);
   const int64_t want = (4 * threads + tiles - 1) / tiles;
   const std::vector<int64_t> bounds = balanced_chunks(crow, rows, want, bn * bk, bn);
@@ -318,10 +323,21 @@ void bsr_xt_fast(const T* xt, int64_t B, const int32_t* crow, const int32_t* col
     std::vector<float> out(bn * MT);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t tile = t / chunks, c = t % chunks;
-      const int64_t b = tile / tpi, m0 = (tile % tpi) * MT, mc = std::min(MT, M - m0);
-      const float* xtile = xp + tile * K * MT;
+      const int64_t b = tile / tpi, ti = tile % tpi, m0 = ti * MT, mc = std::min(MT, M - m0);
+      const float* xtile;
+      int64_t ldx = MT;
+      if constexpr (kInPlace) {
+        if (ti < full) {
+          xtile = reinterpret_cast<const float*>(xt) + b * K * M + m0;
+          ldx = M;
+        } else {
+          xtile = xp + (b * packed_per_image + ti - full) * K * MT;
+        }
+      } else {
+        xtile = xp + tile * K * MT;
+      }
       for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
-        bsr_panel_row(isa, nv, xtile, col, crow[r], crow[r + 1], v, wk, bn, bk, out.data());
+        bsr_panel_row(isa, nv, xtile, ldx, col, crow[r], crow[r + 1], v, wk, bn, bk, out.data());
         store_panel_xt<T>(out.data(), MT, bn, mc, bias ? bf.data() + r * bn : nullptr, y + b * N * M + r * bn * M + m0,
                           M);
       }
@@ -481,7 +497,8 @@ at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
       conv_panels<scalar_t>(x.const_data_ptr<scalar_t>(), g, n, MT, bounds, bn, bf.empty() ? nullptr : bf.data(),
                             y.mutable_data_ptr<scalar_t>(), [&](const float* xt, int64_t u0, int64_t u1, float* out) {
                               for (int64_t r = u0; r < u1; ++r)
-                                bsr_panel_row(isa, nv, xt, cc, cr[r], cr[r + 1], v, wk, bn, bk, out + (r - u0) * bn * MT);
+                                bsr_panel_row(isa, nv, xt, MT, cc, cr[r], cr[r + 1], v, wk, bn, bk,
+                                              out + (r - u0) * bn * MT);
                             });
     }
   });

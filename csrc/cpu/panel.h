@@ -63,14 +63,14 @@ void store_panel(Isa isa, const float* out, int64_t MT, int64_t cols, int64_t mc
 }
 
 // The x^T layout (convolutions: per image, im2col patches or NCHW pixels are already [C, M]): src is
-// [B][C][M]; dst[t][c][j] = float(src[b][c][m0 + j]) for the ceil(M/MT) tiles of each image b (tile
-// t = b * tiles_per_image + m0 / MT), zero past M. A strided copy, no transpose.
+// [B][C][M]; dst[t][c][j] = float(src[b][c][m0 + j]) for the ceil((M - from)/MT) tiles of columns [from, M) of
+// each image b (tile t = b * tiles_per_image + (m0 - from) / MT), zero past M. A strided copy, no transpose.
 template <typename T>
-void pack_panels_xt(const T* src, int64_t B, int64_t C, int64_t M, int64_t MT, float* dst) {
-  const int64_t tpi = (M + MT - 1) / MT, tiles = B * tpi;
+void pack_panels_xt(const T* src, int64_t B, int64_t C, int64_t M, int64_t MT, float* dst, int64_t from = 0) {
+  const int64_t tpi = (M - from + MT - 1) / MT, tiles = B * tpi;
   at::parallel_for(0, tiles, grain_for(C * MT), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / tpi, m0 = (t % tpi) * MT, mc = std::min(MT, M - m0);
+      const int64_t b = t / tpi, m0 = from + (t % tpi) * MT, mc = std::min(MT, M - m0);
       const T* s = src + b * C * M + m0;
       float* d = dst + t * C * MT;
       for (int64_t c = 0; c < C; ++c) {

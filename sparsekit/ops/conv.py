@@ -132,12 +132,12 @@ def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Te
             xg = x if groups == 1 else x[:, g * c_g:(g + 1) * c_g]
             wg = w if groups == 1 else _rows(w, g * n_g, (g + 1) * n_g)
             bias_g = bias if bias is None or groups == 1 else bias[g * n_g:(g + 1) * n_g]
-            if stride == (1, 1):  # direct: im2col panels built per tile inside the kernel, no unfold
+            if (kh, kw) == (1, 1) and padding == (0, 0):  # 1x1: the (subsampled) NCHW pixels are x^T, read
+                xs = xg[:, :, ::stride[0], ::stride[1]].reshape(b, c_g, h_out * w_out)   # in place when fp32
+                y = call_op(xt_op, xs, wg.crow_indices, wg.col_indices, wg.values, bias_g, n_g)
+            elif stride == (1, 1):  # direct: im2col panels built per tile inside the kernel, no unfold
                 y = call_op(conv_op, xg, wg.crow_indices, wg.col_indices, wg.values, bias_g, [kh, kw],
                             list(padding), list(dilation))
-            elif (kh, kw) == (1, 1) and padding == (0, 0):  # strided 1x1: the subsampled NCHW pixels are x^T
-                xs = xg[:, :, ::stride[0], ::stride[1]].reshape(b, c_g, h_out * w_out)
-                y = call_op(xt_op, xs, wg.crow_indices, wg.col_indices, wg.values, bias_g, n_g)
             else:
                 cols = F.unfold(xg, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, K, L]
                 y = call_op(xt_op, cols, wg.crow_indices, wg.col_indices, wg.values, bias_g, n_g)
