@@ -285,7 +285,7 @@ void bsr_mm_fast(const T* x, const int32_t* crow, const int32_t* col, const void
       for (int64_t r0 = bounds[c]; r0 < bounds[c + 1]; r0 += group) {
         const int64_t r1 = std::min(bounds[c + 1], r0 + group), cols = (r1 - r0) * bn;
         for (int64_t r = r0; r < r1; ++r) {
-          bsr_panel_row(isa, nv, xt, MT, col, crow[r], crow[r + 1], v, wk, bn, bk,
+          bsr_panel_row(isa, nv, xt, MT, nullptr, col, crow[r], crow[r + 1], v, wk, bn, bk,
                         out.data() + (r - r0) * bn * MT);
         }
         store_panel<T>(isa, out.data(), MT, cols, mc, bias ? bf.data() + r0 * bn : nullptr, y + m0 * N + r0 * bn, N,
@@ -337,7 +337,7 @@ void bsr_xt_fast(const T* xt, int64_t B, const int32_t* crow, const int32_t* col
         xtile = xp + tile * K * MT;
       }
       for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
-        bsr_panel_row(isa, nv, xtile, ldx, col, crow[r], crow[r + 1], v, wk, bn, bk, out.data());
+        bsr_panel_row(isa, nv, xtile, ldx, nullptr, col, crow[r], crow[r + 1], v, wk, bn, bk, out.data());
         store_panel_xt<T>(out.data(), MT, bn, mc, bias ? bf.data() + r * bn : nullptr, y + b * N * M + r * bn * M + m0,
                           M);
       }
@@ -495,9 +495,10 @@ at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
   SPARSEKIT_DISPATCH_FAST(x.scalar_type(), "sparsekit_bsr_conv2d", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       conv_panels<scalar_t>(x.const_data_ptr<scalar_t>(), g, n, MT, bounds, bn, bf.empty() ? nullptr : bf.data(),
-                            y.mutable_data_ptr<scalar_t>(), [&](const float* xt, int64_t u0, int64_t u1, float* out) {
+                            y.mutable_data_ptr<scalar_t>(), /*in_place=*/true,
+                            [&](const float* xt, const int64_t* rowoff, int64_t u0, int64_t u1, float* out) {
                               for (int64_t r = u0; r < u1; ++r)
-                                bsr_panel_row(isa, nv, xt, MT, cc, cr[r], cr[r + 1], v, wk, bn, bk,
+                                bsr_panel_row(isa, nv, xt, MT, rowoff, cc, cr[r], cr[r + 1], v, wk, bn, bk,
                                               out + (r - u0) * bn * MT);
                             });
     }

@@ -410,7 +410,8 @@ at::Tensor csr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
       const index_t* c = col.const_data_ptr<index_t>();
       check_structure(op, cr, c, n, values.numel(), K);
       conv_panels<scalar_t>(x.const_data_ptr<scalar_t>(), g, n, MT, bounds, 1, bf.empty() ? nullptr : bf.data(),
-                            y.mutable_data_ptr<scalar_t>(), [&](const float* xt, int64_t u0, int64_t u1, float* out) {
+                            y.mutable_data_ptr<scalar_t>(), /*in_place=*/false,
+                            [&](const float* xt, const int64_t*, int64_t u0, int64_t u1, float* out) {
                               csr_panel_rows(isa, nv, xt, cr, c, v, wk, u0, u1, out);
                             });
     }

@@ -95,9 +95,11 @@ void store_panel_xt(const float* out, int64_t MT, int64_t rows, int64_t mc, cons
 // Direct stride-1 convolution over M-panels, no im2col tensor: x [B, C, H, W] is copied once into a zero-padded
 // fp32 image xpad [B, C, Hp, Wp] (+ slack), and outputs are computed on the Ho x Wp grid of each image (Wp - Wo
 // wasted columns per row), where weight column k = (c, ky, kx) of output m reads xpad[b][c][ky*dh*Wp + kx*dw + m]:
-// every panel row is one contiguous copy of MT floats. Tasks = ((image, tile), chunk of `bounds`) with the
-// panel packed per task in a thread-local buffer (L2-resident, no per-call image-sized panel tensor);
-// compute(xtile, u0, u1, out) fills out[(u - u0) * unit + i][MT] for the units (block-rows / rows) [u0, u1).
+// every panel row is one contiguous run of MT floats. Tasks = ((image, tile), chunk of `bounds`). in_place: the
+// kernel reads those runs straight from xpad (compute gets the tile's base and the row offsets); otherwise the
+// panel is packed per task in a thread-local buffer (L2-resident, no per-call image-sized panel tensor) and
+// compute gets it with rowoff = nullptr (rows MT apart). compute(xt, rowoff, u0, u1, out) fills
+// out[(u - u0) * unit + i][MT] for the units (block-rows / rows) [u0, u1).
 struct ConvGeom {
   int64_t B, C, H, W, kh, kw, ph, pw, dh, dw;
   int64_t Hp() const { return H + 2 * ph; }
@@ -108,7 +110,7 @@ struct ConvGeom {
 
 template <typename T, typename F>
 void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std::vector<int64_t>& bounds,
-                 int64_t unit, const float* bias, T* y, const F& compute) {
+                 int64_t unit, const float* bias, T* y, bool in_place, const F& compute) {
   const int64_t Hp = g.Hp(), Wp = g.Wp(), Ho = g.Ho(), Wo = g.Wo(), K = g.C * g.kh * g.kw;
   const int64_t Mg = Ho * Wp, tpi = (Mg + MT - 1) / MT, tiles = g.B * tpi, img = g.C * Hp * Wp;
   const int64_t slack = MT + (g.kw - 1) * g.dw + 1;
@@ -128,14 +130,14 @@ void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std
   const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
   const int64_t gunits = std::max<int64_t>(1, 64 / unit);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> xtile(K * MT), out(gunits * unit * MT);
+    std::vector<float> xtile(in_place ? 0 : K * MT), out(gunits * unit * MT);
     std::vector<int64_t> seg;  // runs of valid outputs in the tile: (panel column, output pixel, length)
     int64_t packed = -1;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t tile = t / chunks, c = t % chunks, b = tile / tpi, m0 = (tile % tpi) * MT;
+      const float* src = xpad.data() + b * img + m0;
       if (tile != packed) {
-        const float* src = xpad.data() + b * img + m0;
-        for (int64_t k = 0; k < K; ++k) {
+        for (int64_t k = 0; !in_place && k < K; ++k) {
           const float* s = src + off[k];
           float* d = xtile.data() + k * MT;
           for (int64_t j = 0; j < MT; ++j) d[j] = s[j];
@@ -151,7 +153,11 @@ void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std
       }
       for (int64_t u0 = bounds[c]; u0 < bounds[c + 1]; u0 += gunits) {
         const int64_t u1 = std::min(bounds[c + 1], u0 + gunits);
-        compute(xtile.data(), u0, u1, out.data());
+        if (in_place) {
+          compute(src, off.data(), u0, u1, out.data());
+        } else {
+          compute(xtile.data(), nullptr, u0, u1, out.data());
+        }
         for (int64_t i = 0; i < (u1 - u0) * unit; ++i) {
           const int64_t n = u0 * unit + i;
           const float bv = bias ? bias[n] : 0.f;

@@ -23,9 +23,10 @@ int acc_regs(Isa);          // accumulator registers the register tiles may use:
 
 // BSR, one block-row: out[i][0:MT] = sum_{b in [b0,b1)} sum_kk W_b[i][kk] * xp[col[b]*bk + kk][0:MT]
 // for i < bn; v points at the values of block 0 ([nnzb, bn, bk] row-major). MT = nv * vec_floats(isa); row k of
-// xp starts at xp + k * ldx (MT for a packed panel; M to read a [K, M] x^T in place).
-void bsr_panel_row(Isa isa, int nv, const float* xp, int64_t ldx, const int32_t* col, int64_t b0, int64_t b1,
-                   const void* v, WKind wk, int64_t bn, int64_t bk, float* out);
+// xp starts at xp + k * ldx (MT for a packed panel; M to read a [K, M] x^T in place), or at xp + rowoff[k] when
+// rowoff is given (a convolution reading its padded image in place).
+void bsr_panel_row(Isa isa, int nv, const float* xp, int64_t ldx, const int64_t* rowoff, const int32_t* col,
+                   int64_t b0, int64_t b1, const void* v, WKind wk, int64_t bn, int64_t bk, float* out);
 
 // BSR, one block-row times a single row of x (GEMV): out[i] = sum_b W_b[i, :] . x[col[b]*bk : +bk].
 void bsr_gemv_row(Isa isa, const float* x, const int32_t* col, int64_t b0, int64_t b1, const void* v, WKind wk,

@@ -188,9 +188,9 @@ int acc_regs(Isa isa) { return isa == Isa::kAvx512 ? 24 : 12; }
 #define SPARSEKIT_ISA_CALL(FN, ...) return portable::FN(__VA_ARGS__);
 #endif
 
-void bsr_panel_row(Isa isa, int nv, const float* xp, int64_t ldx, const int32_t* col, int64_t b0, int64_t b1,
-                   const void* v, WKind wk, int64_t bn, int64_t bk, float* out) {
-  SPARSEKIT_ISA_CALL(bsr_panel_row, nv, xp, ldx, col, b0, b1, v, wk, bn, bk, out)
+void bsr_panel_row(Isa isa, int nv, const float* xp, int64_t ldx, const int64_t* rowoff, const int32_t* col,
+                   int64_t b0, int64_t b1, const void* v, WKind wk, int64_t bn, int64_t bk, float* out) {
+  SPARSEKIT_ISA_CALL(bsr_panel_row, nv, xp, ldx, rowoff, col, b0, b1, v, wk, bn, bk, out)
 }
 
 void bsr_gemv_row(Isa isa, const float* x, const int32_t* col, int64_t b0, int64_t b1, const void* v, WKind wk,
