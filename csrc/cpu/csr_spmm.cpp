@@ -255,7 +255,7 @@ void csr_fast(const T* x, bool xt, int64_t B, const int32_t* crow, const I* col,
       const float* xtile = xp + tile * K * MT;
       for (int64_t r0 = bounds[c]; r0 < bounds[c + 1]; r0 += kGroup) {
         const int64_t r1 = std::min(bounds[c + 1], r0 + kGroup);
-        csr_panel_rows(isa, nv, xtile, crow, col, v, wk, r0, r1, out.data());
+        csr_panel_rows(isa, nv, xtile, nullptr, crow, col, v, wk, r0, r1, out.data());
         const float* br = bias ? bf.data() + r0 : nullptr;
         if (xt) {
           store_panel_xt<T>(out.data(), MT, r1 - r0, mc, br, y + b * N * M + r0 * M + m0, M);
@@ -410,9 +410,9 @@ at::Tensor csr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
       const index_t* c = col.const_data_ptr<index_t>();
       check_structure(op, cr, c, n, values.numel(), K);
       conv_panels<scalar_t>(x.const_data_ptr<scalar_t>(), g, n, MT, bounds, 1, bf.empty() ? nullptr : bf.data(),
-                            y.mutable_data_ptr<scalar_t>(), /*in_place=*/false,
-                            [&](const float* xt, const int64_t*, int64_t u0, int64_t u1, float* out) {
-                              csr_panel_rows(isa, nv, xt, cr, c, v, wk, u0, u1, out);
+                            y.mutable_data_ptr<scalar_t>(), /*in_place=*/true,
+                            [&](const float* xt, const int64_t* rowoff, int64_t u0, int64_t u1, float* out) {
+                              csr_panel_rows(isa, nv, xt, rowoff, cr, c, v, wk, u0, u1, out);
                             });
     }
   });

@@ -42,10 +42,11 @@ void bsr_nvec_row(Isa isa, const float* x, int64_t ldx, int64_t mrows, const int
 void transpose(Isa isa, const float* src, int64_t lds, int64_t rows, int64_t cols, const float* bias, float* dst,
                int64_t ldd);
 
-// CSR rows [r0, r1): out[r - r0][0:MT] = sum_e v[e] * xp[idx[e]][0:MT]
-void csr_panel_rows(Isa isa, int nv, const float* xp, const int32_t* ptr, const int16_t* idx, const void* v,
-                    WKind wk, int64_t r0, int64_t r1, float* out);
-void csr_panel_rows(Isa isa, int nv, const float* xp, const int32_t* ptr, const int32_t* idx, const void* v,
-                    WKind wk, int64_t r0, int64_t r1, float* out);
+// CSR rows [r0, r1): out[r - r0][0:MT] = sum_e v[e] * xp[idx[e]][0:MT], row k of xp at xp + k * MT (rowoff null)
+// or at xp + rowoff[k] (a convolution reading its padded image in place).
+void csr_panel_rows(Isa isa, int nv, const float* xp, const int64_t* rowoff, const int32_t* ptr, const int16_t* idx,
+                    const void* v, WKind wk, int64_t r0, int64_t r1, float* out);
+void csr_panel_rows(Isa isa, int nv, const float* xp, const int64_t* rowoff, const int32_t* ptr, const int32_t* idx,
+                    const void* v, WKind wk, int64_t r0, int64_t r1, float* out);
 
 }  // namespace sparsekit::cpu

@@ -208,14 +208,14 @@ void transpose(Isa isa, const float* src, int64_t lds, int64_t rows, int64_t col
   SPARSEKIT_ISA_CALL(transpose, src, lds, rows, cols, bias, dst, ldd)
 }
 
-void csr_panel_rows(Isa isa, int nv, const float* xp, const int32_t* ptr, const int16_t* idx, const void* v,
-                    WKind wk, int64_t r0, int64_t r1, float* out) {
-  SPARSEKIT_ISA_CALL(csr_panel_rows<int16_t>, nv, xp, ptr, idx, v, wk, r0, r1, out)
+void csr_panel_rows(Isa isa, int nv, const float* xp, const int64_t* rowoff, const int32_t* ptr, const int16_t* idx,
+                    const void* v, WKind wk, int64_t r0, int64_t r1, float* out) {
+  SPARSEKIT_ISA_CALL(csr_panel_rows<int16_t>, nv, xp, rowoff, ptr, idx, v, wk, r0, r1, out)
 }
 
-void csr_panel_rows(Isa isa, int nv, const float* xp, const int32_t* ptr, const int32_t* idx, const void* v,
-                    WKind wk, int64_t r0, int64_t r1, float* out) {
-  SPARSEKIT_ISA_CALL(csr_panel_rows<int32_t>, nv, xp, ptr, idx, v, wk, r0, r1, out)
+void csr_panel_rows(Isa isa, int nv, const float* xp, const int64_t* rowoff, const int32_t* ptr, const int32_t* idx,
+                    const void* v, WKind wk, int64_t r0, int64_t r1, float* out) {
+  SPARSEKIT_ISA_CALL(csr_panel_rows<int32_t>, nv, xp, rowoff, ptr, idx, v, wk, r0, r1, out)
 }
 
 }  // namespace sparsekit::cpu
