@@ -454,18 +454,7 @@ at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
   check_tensor(op, values, "values", 3);
   check_index(op, crow, "crow_indices");
   check_index(op, col, "col_indices");
-  TORCH_CHECK(kernel_size.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-              ": kernel_size, padding and dilation must have 2 entries each");
-  check_tensor(op, x_in, "x", 4);
-  check_floating(op, x_in, "x");
-  check_same_dtype(op, values, "values", x_in, "x");
-  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
-  const ConvGeom g{x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3), kernel_size[0], kernel_size[1],
-                   padding[0], padding[1], dilation[0], dilation[1]};
-  TORCH_CHECK(g.kh >= 1 && g.kw >= 1 && g.ph >= 0 && g.pw >= 0 && g.dh >= 1 && g.dw >= 1, op,
-              ": kernel_size and dilation must be >= 1 and padding >= 0, got ", kernel_size, ", ", padding, ", ",
-              dilation);
-  TORCH_CHECK(g.Ho() >= 1 && g.Wo() >= 1, op, ": output would be empty (", g.Ho(), "x", g.Wo(), ")");
+  const ConvGeom g = checked_conv_geom(op, x_in, values, kernel_size, padding, dilation);
   const int64_t K = g.C * g.kh * g.kw;
   const int64_t bn = values.size(1), bk = values.size(2), n = (crow.numel() - 1) * bn;
   check_block(op, bn, bk);

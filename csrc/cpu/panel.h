@@ -108,6 +108,25 @@ struct ConvGeom {
   int64_t Wo() const { return Wp() - (kw - 1) * dw; }
 };
 
+// Validates a stride-1 conv call's x [B, C, H, W], values and kernel_size / padding / dilation (op named in the
+// errors) and returns its geometry; shared by the BSR and CSR conv ops.
+inline ConvGeom checked_conv_geom(const char* op, const at::Tensor& x, const at::Tensor& values,
+                                  at::IntArrayRef kernel_size, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(kernel_size.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": kernel_size, padding and dilation must have 2 entries each");
+  check_tensor(op, x, "x", 4);
+  check_floating(op, x, "x");
+  check_same_dtype(op, values, "values", x, "x");
+  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  const ConvGeom g{x.size(0), x.size(1), x.size(2), x.size(3), kernel_size[0], kernel_size[1],
+                   padding[0], padding[1], dilation[0], dilation[1]};
+  TORCH_CHECK(g.kh >= 1 && g.kw >= 1 && g.ph >= 0 && g.pw >= 0 && g.dh >= 1 && g.dw >= 1, op,
+              ": kernel_size and dilation must be >= 1 and padding >= 0, got ", kernel_size, ", ", padding, ", ",
+              dilation);
+  TORCH_CHECK(g.Ho() >= 1 && g.Wo() >= 1, op, ": output would be empty (", g.Ho(), "x", g.Wo(), ")");
+  return g;
+}
+
 template <typename T, typename F>
 void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std::vector<int64_t>& bounds,
                  int64_t unit, const float* bias, T* y, bool in_place, const F& compute) {

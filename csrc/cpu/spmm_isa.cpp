@@ -112,31 +112,7 @@ inline vec vload_bf16(const uint16_t* p) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
-inline void tr8x8(const float* s, int64_t lds, const float* bias, float* d, int64_t ldd) {
-  __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + lds), r2 = _mm256_loadu_ps(s + 2 * lds),
-         r3 = _mm256_loadu_ps(s + 3 * lds), r4 = _mm256_loadu_ps(s + 4 * lds), r5 = _mm256_loadu_ps(s + 5 * lds),
-         r6 = _mm256_loadu_ps(s + 6 * lds), r7 = _mm256_loadu_ps(s + 7 * lds);
-  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
-         t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
-         t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-  r0 = _mm256_shuffle_ps(t0, t2, 0x44);
-  r1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  r2 = _mm256_shuffle_ps(t1, t3, 0x44);
-  r3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  r4 = _mm256_shuffle_ps(t4, t6, 0x44);
-  r5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  r6 = _mm256_shuffle_ps(t5, t7, 0x44);
-  r7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  const __m256 b = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-  _mm256_storeu_ps(d, _mm256_add_ps(b, _mm256_permute2f128_ps(r0, r4, 0x20)));
-  _mm256_storeu_ps(d + ldd, _mm256_add_ps(b, _mm256_permute2f128_ps(r1, r5, 0x20)));
-  _mm256_storeu_ps(d + 2 * ldd, _mm256_add_ps(b, _mm256_permute2f128_ps(r2, r6, 0x20)));
-  _mm256_storeu_ps(d + 3 * ldd, _mm256_add_ps(b, _mm256_permute2f128_ps(r3, r7, 0x20)));
-  _mm256_storeu_ps(d + 4 * ldd, _mm256_add_ps(b, _mm256_permute2f128_ps(r0, r4, 0x31)));
-  _mm256_storeu_ps(d + 5 * ldd, _mm256_add_ps(b, _mm256_permute2f128_ps(r1, r5, 0x31)));
-  _mm256_storeu_ps(d + 6 * ldd, _mm256_add_ps(b, _mm256_permute2f128_ps(r2, r6, 0x31)));
-  _mm256_storeu_ps(d + 7 * ldd, _mm256_add_ps(b, _mm256_permute2f128_ps(r3, r7, 0x31)));
-}
+using avx2::tr8x8;  // 256-bit transposes: the AVX2 code is the AVX-512 one too
 #include "spmm_kernels.inc"
 }  // namespace avx512
 #pragma GCC pop_options
