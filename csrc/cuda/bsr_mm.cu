@@ -2,7 +2,8 @@
 // float32/float64/float16/bfloat16, 16-bit types accumulate in fp32 (at::opmath_type).
 //
 //   bsr_mm     y  = x @ W^T + bias   one thread block per (block-row, M tile)
-//                                    (fp16/bf16 with square 16/32/64 blocks: tensor cores, bsr_mm_tc.cu)
+//                                    (fp16/bf16 with square 16/32/64 blocks: tensor cores, bsr_mm_tc.cu,
+//                                    after a first-use self-check against the generic kernel, selfcheck.cuh)
 //   bsr_mm_t   dx = dy @ W           one thread block per (block-column, M tile), through a block-CSC view of
 //                                    W built on the device (stable sort of col_indices): no atomics, and the
 //                                    summation order is deterministic
@@ -16,9 +17,11 @@
 // Index data is trusted here (checking it would need a device sync); sparsekit.formats validates it.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
@@ -32,9 +35,12 @@
 #include <algorithm>
 #include <climits>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "bsr_mm_tc.cuh"
+#include "selfcheck.cuh"
 
 namespace {
 
@@ -236,6 +242,65 @@ at::Tensor block_rows(const at::Tensor& crow, int64_t rows, int64_t nnzb, cudaSt
 // Rows of x per thread block: as many as keep tm * OB <= kMaxOut outputs.
 int rows_per_tile(int out_block) { return std::min(kMaxTM, std::max(1, kMaxOut / out_block)); }
 
+// y = x @ W^T (+ bias) on the generic CUDA-core kernel; x, y contiguous, M > 0, rows > 0.
+void bsr_mm_generic(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                    const at::Tensor& bias, at::Tensor& y, int64_t n, cudaStream_t stream) {
+  constexpr const char* op = "sparsekit::bsr_mm";
+  const int64_t bn = values.size(1), bk = values.size(2), M = x.size(0), K = x.size(1), rows = n / bn;
+  const int tm = rows_per_tile(static_cast<int>(bn));
+  const int64_t mtiles = (M + tm - 1) / tm;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparsekit_bsr_mm_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    bsr_gathered_gemm_kernel<scalar_t, A, false><<<grid_size(op, rows * mtiles), kThreads, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), crow.const_data_ptr<int32_t>(), nullptr, col.const_data_ptr<int32_t>(),
+        values.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+        y.mutable_data_ptr<scalar_t>(), M, K, n, static_cast<int>(bn), static_cast<int>(bk), rows, tm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// First-use self-check of the tensor-core path (selfcheck.cuh): for fp16 and bf16 and blocks 16/32/64, a
+// problem with an M tail, an empty block-row and a bias, whose entries are small multiples of 1/8 and 1/4
+// (exact in both dtypes, sums exact in fp32), run through both kernels and compared.
+std::string bsr_tc_probe(const at::Device& device, cudaStream_t stream) {
+  const int64_t row_blocks[5][3] = {{0, 2, -1}, {-1, -1, -1}, {1, -1, -1}, {0, 1, 2}, {2, -1, -1}};
+  for (const auto dtype : {at::kHalf, at::kBFloat16}) {
+    for (const int64_t B : {16, 32, 64}) {
+      const int64_t M = 37, K = 3 * B, rows = 5, n = rows * B;
+      std::vector<int32_t> crow_h{0}, col_h;
+      for (const auto& r : row_blocks) {
+        for (const int64_t c : r) {
+          if (c >= 0) col_h.push_back(static_cast<int32_t>(c));
+        }
+        crow_h.push_back(static_cast<int32_t>(col_h.size()));
+      }
+      const auto i32 = at::TensorOptions().dtype(at::kInt);
+      const at::Tensor crow = at::from_blob(crow_h.data(), {rows + 1}, i32).to(device);
+      const at::Tensor col = at::from_blob(col_h.data(), {static_cast<int64_t>(col_h.size())}, i32).to(device);
+      const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+      const int64_t nnzb = static_cast<int64_t>(col_h.size());
+      const at::Tensor values =
+          ((at::arange(nnzb * B * B, f32).remainder(7) - 3) * 0.25).view({nnzb, B, B}).to(dtype);
+      const at::Tensor x = ((at::arange(M * K, f32).mul(3).remainder(11) - 5) * 0.125).view({M, K}).to(dtype);
+      const at::Tensor bias = ((at::arange(n, f32).remainder(5) - 2) * 0.5).to(dtype);
+      at::Tensor y_tc = at::empty({M, n}, x.options());
+      at::Tensor y_ref = at::empty({M, n}, x.options());
+      if (!sparsekit_cuda::bsr_mm_tensor_core(x, crow, col, values, bias, y_tc, rows, stream)) continue;
+      bsr_mm_generic(x, crow, col, values, bias, y_ref, n, stream);
+      const at::Tensor ref = y_ref.to(at::kFloat);
+      const float err = (y_tc.to(at::kFloat) - ref).abs().max().item<float>();
+      const float tol = 1e-2f * (1.0f + ref.abs().max().item<float>());  // a rounding step, not a layout error
+      if (!(err <= tol)) {
+        return std::string(dtype == at::kHalf ? "float16" : "bfloat16") + " block " + std::to_string(B) +
+               ": max abs difference " + std::to_string(err);
+      }
+    }
+  }
+  return "";
+}
+
+struct BsrTensorCoreTag {};
+
 // -------------------------------------------------------------------------------------------------- ops
 at::Tensor bsr_mm_cuda(const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                        const std::optional<at::Tensor>& bias_in, int64_t n) {
@@ -262,19 +327,16 @@ at::Tensor bsr_mm_cuda(const at::Tensor& x_in, const at::Tensor& crow, const at:
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0 || rows == 0) return y;
-  const int tm = rows_per_tile(static_cast<int>(bn));
-  const int64_t mtiles = (M + tm - 1) / tm;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // fp16/bf16 with square 16/32/64 blocks: mma.sync tensor cores (bsr_mm_tc.cu); everything else below
-  if (sparsekit_cuda::bsr_mm_tensor_core(x, crow, col, values, bias, y, rows, stream)) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparsekit_bsr_mm_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    bsr_gathered_gemm_kernel<scalar_t, A, false><<<grid_size(op, rows * mtiles), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), crow.const_data_ptr<int32_t>(), nullptr, col.const_data_ptr<int32_t>(),
-        values.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-        y.mutable_data_ptr<scalar_t>(), M, K, n, static_cast<int>(bn), static_cast<int>(bk), rows, tm);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  // fp16/bf16 with square 16/32/64 blocks: mma.sync tensor cores (bsr_mm_tc.cu), once its self-check passed
+  const bool tc_candidate = (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) && bn == bk;
+  if (tc_candidate &&
+      sparsekit_cuda::path_enabled<BsrTensorCoreTag>("SPARSEKIT_BSR_TC", x.get_device(),
+                                                     [&] { return bsr_tc_probe(x.device(), stream); }) &&
+      sparsekit_cuda::bsr_mm_tensor_core(x, crow, col, values, bias, y, rows, stream)) {
+    return y;
+  }
+  bsr_mm_generic(x, crow, col, values, bias, y, n, stream);
   return y;
 }
 

@@ -1,0 +1,62 @@
+// First-use self-check for the specialised CUDA paths (tensor-core BSR, 2:4 on sparse tensor cores, the
+// skinny "load sparse, compute dense" kernel). Each such path sits beside a generic kernel that computes the
+// same op; before the specialised one runs for real on a device, it is run once on a small fixed problem and
+// compared with the generic kernel. A path that disagrees is switched off for the process with a warning
+// naming it, and the generic kernel serves every call: a wrong fragment or metadata layout on a GPU model we
+// never ran on costs speed, not results.
+//
+// Environment, per path (the name given at the call site, e.g. SPARSEKIT_NM_SP):
+//   unset or "1"  probe on first use per device, then run the path if the probe passed
+//   "0"           never run the path (the generic kernel serves every call)
+//   "force"       run the path without probing (tests use this to compare it with the reference directly)
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+namespace sparsekit_cuda {
+
+enum class PathMode { kOff, kAuto, kForce };
+
+inline PathMode path_mode(const char* env_name) {
+  const char* v = std::getenv(env_name);
+  if (v == nullptr || std::strcmp(v, "1") == 0 || v[0] == '\0') return PathMode::kAuto;
+  if (std::strcmp(v, "0") == 0) return PathMode::kOff;
+  if (std::strcmp(v, "force") == 0) return PathMode::kForce;
+  TORCH_CHECK(false, env_name, " must be unset, \"1\", \"0\" or \"force\", got \"", v, "\"");
+  return PathMode::kAuto;
+}
+
+// Whether the specialised path named by env_name may run on `device`. probe() -> std::string runs the path
+// and the generic kernel on a small problem and returns "" when they agree, or a description of the mismatch;
+// it is called at most once per device per process, and must call the path's raw launcher, not the gated
+// entry point (that would ask this function again). Distinct call sites must pass distinct Tag types, so
+// that each path keeps its own verdicts.
+template <class Tag, class Probe>
+bool path_enabled(const char* env_name, int device, Probe&& probe) {
+  const PathMode mode = path_mode(env_name);
+  if (mode == PathMode::kOff) return false;
+  if (mode == PathMode::kForce) return true;
+  constexpr int kMaxDevices = 64;
+  static std::mutex mu;
+  static int8_t verdict[kMaxDevices] = {};  // 0 not probed, 1 passed, -1 failed
+  if (device < 0 || device >= kMaxDevices) return false;
+  std::lock_guard<std::mutex> lock(mu);
+  if (verdict[device] == 0) {
+    const std::string mismatch = probe();
+    verdict[device] = mismatch.empty() ? 1 : -1;
+    if (!mismatch.empty()) {
+      TORCH_WARN("sparsekit: the CUDA path ", env_name, " disagreed with the generic kernel on its first-use ",
+                 "self-check on device ", device, " (", mismatch, "); it is switched off for this process and ",
+                 "the generic kernel is used. Please report this with the GPU model.");
+    }
+  }
+  return verdict[device] == 1;
+}
+
+}  // namespace sparsekit_cuda
