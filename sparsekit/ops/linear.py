@@ -7,11 +7,13 @@ chosen by the dispatcher (``backend=None``) or forced (``backend="cpu" | "cuda" 
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..formats import BSR, CSR, NM, ChannelIndex
-from ._dispatch import Format, choose
+from ._dispatch import CppBackend, Format, choose
+from ._library import _needs_autograd_layer
 
 
 def check_linear_args(fn: str, x: object, w: object, fmt: type, bias: object) -> None:
@@ -60,11 +62,67 @@ def _check_structure(fn: str, w: Format) -> None:
         raise ValueError(f"{fn}: w is an inconsistent NM; call w.validate() for details")
 
 
+class _RepeatCall:
+    """A checked (w, bias, backend) combination of an eager CPU call on the C++ kernels that needed no autograd.
+
+    Repeating such a call with an x of the same type, dtype and K, the same bias object and w's same tensors
+    gives the same check results and the same backend, so it goes straight to the op: the checks and the
+    dispatcher cost ~8 µs of Python, about as much as a GEMV's arithmetic. Kept on w (not a dataclass field,
+    so never saved); anything that differs takes the full path, which refreshes it."""
+
+    __slots__ = ("backend", "dtype", "k", "bias", "tensors", "op", "tail")
+
+    def __init__(self, backend: str | None, x: Tensor, w: Format, bias: Tensor | None, op, tail: tuple) -> None:
+        self.backend, self.dtype, self.k, self.bias = backend, x.dtype, x.shape[1], bias
+        self.tensors = _format_tensors(w)
+        self.op, self.tail = op, tail
+
+
+def _format_tensors(w: Format) -> tuple[Tensor, ...]:
+    return (w.values, w.indices) if isinstance(w, NM) else (w.values, w.crow_indices, w.col_indices)
+
+
+def _repeat(w: Format, x: Tensor, bias: Tensor | None, backend: str | None) -> Tensor | None:
+    """The result of a repeated call (see _RepeatCall), or None when this call is not one."""
+    rc = w.__dict__.get("_repeat_call")
+    if rc is None or backend != rc.backend or bias is not rc.bias or type(x) is not Tensor or not x.is_cpu \
+            or x.dtype != rc.dtype or x.dim() != 2 or x.shape[1] != rc.k:
+        return None
+    tensors = rc.tensors
+    if tensors[0] is not w.values or tensors[-1] is not (w.indices if len(tensors) == 2 else w.col_indices) \
+            or (len(tensors) == 3 and tensors[1] is not w.crow_indices) or w.values.dtype != rc.dtype:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or w.values.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return None
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    with torch._C._AutoDispatchBelowAutograd():
+        return rc.op(x.contiguous(), *rc.tail)
+
+
+def _remember(family: str, w: Format, x: Tensor, bias: Tensor | None, backend: str | None, chosen) -> None:
+    if not (isinstance(chosen, CppBackend) and chosen.device_type == "cpu" and type(x) is Tensor and x.is_cpu) \
+            or _needs_autograd_layer((x, *_format_tensors(w), bias)):
+        return
+    op = getattr(torch.ops.sparsekit, f"{family}_mm").default
+    tail = (w.values, w.indices, bias, w.n, w.m) if family == "nm" else \
+        (w.crow_indices, w.col_indices, w.values, bias, w.shape[0])
+    w.__dict__["_repeat_call"] = _RepeatCall(backend, x, w, bias, op, tail)
+
+
 def _linear(fn: str, family: str, fmt: type, x: Tensor, w: Format, bias: Tensor | None,
             backend: str | None) -> Tensor:
+    if type(w) is fmt:
+        y = _repeat(w, x, bias, backend)
+        if y is not None:
+            return y
     check_linear_args(fn, x, w, fmt, bias)
     if x.dim() == 2:   # the common case, without the reshape round trip (this path is on every call)
-        return choose(family, x, w, backend).mm(family, x.contiguous(), w, bias)
+        chosen = choose(family, x, w, backend)
+        if not torch.compiler.is_compiling():
+            _remember(family, w, x, bias, backend, chosen)
+        return chosen.mm(family, x.contiguous(), w, bias)
     n, k = w.shape
     x2 = x.reshape(-1, k).contiguous()
     y = choose(family, x2, w, backend).mm(family, x2, w, bias)
