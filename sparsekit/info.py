@@ -8,7 +8,8 @@ import platform
 import torch
 
 from . import _extension
-from .ops._dispatch import BACKENDS, triton_interpreting
+from .ops import _cusparselt
+from .ops._dispatch import BACKENDS, MEASURE_ENV, MEASURE_SKIP, PRIORITY, measure_enabled, triton_interpreting
 from .ops._library import has_kernel
 
 FAMILIES = ("bsr", "csr", "nm")
@@ -82,10 +83,26 @@ def backend_status() -> dict[str, dict]:
         if name == "triton" and not gpu:
             reasons.append("no CUDA GPU visible" + (" (TRITON_INTERPRET=1: CPU tensors run in the interpreter)"
                                                    if triton_interpreting() else ""))
-        usable = not b.environment_reasons() and bool(families) and (name not in ("cuda", "triton") or gpu
+        usable_gpu = gpu
+        if name == "cusparselt":
+            if not gpu:
+                reasons.append("no CUDA GPU visible")
+            elif not b.environment_reasons():
+                major, minor = torch.cuda.get_device_capability(torch.cuda.current_device())
+                if (major, minor) < _cusparselt.MIN_CAPABILITY:
+                    reasons.append(f"needs compute capability >= 8.0 (sparse tensor cores), the GPU has "
+                                   f"{major}.{minor}")
+                    usable_gpu = False
+        usable = not b.environment_reasons() and bool(families) and (name not in ("cuda", "triton", "cusparselt")
+                                                                      or usable_gpu
                                                                       or (name == "triton" and triton_interpreting()))
         out[name] = {"usable": usable, "families": families if usable else [], "reasons": reasons,
                      "description": b.description}
+        if name == "cusparselt" and not b.environment_reasons():
+            out[name]["kernel"] = _cusparselt.kernel_name()
+            rows, cols = _cusparselt.min_shape(torch.float16)
+            out[name]["note"] = (f"2:4 NM only, fp16/bf16, forward on {_cusparselt.kernel_name()}: W's N a multiple "
+                                 f"of {rows}, K of {cols}")
     return out
 
 
@@ -106,7 +123,30 @@ def info() -> dict:
         "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "OMP_NUM_THREADS", "SPARSEKIT_BUILD_EXT")
                 if k in os.environ},
         "backends": backend_status(),
+        "dispatcher": dispatcher_status(),
     }
+
+
+def dispatcher_status() -> dict:
+    """How backend=None picks, per device type: measured (fastest on the call's shape) or priority order."""
+    return {dev: {"measured": measure_enabled(dev), "order": list(PRIORITY.get(dev, ("reference",)))}
+            for dev in ("cpu", "cuda")} | {"env": os.environ.get(MEASURE_ENV), "not_measured": sorted(MEASURE_SKIP)}
+
+
+def format_dispatcher(d: dict) -> list[str]:
+    lines = ["dispatcher (backend=None):"]
+    for dev in ("cuda", "cpu"):
+        s = d[dev]
+        order = ", ".join(s["order"])
+        if s["measured"]:
+            lines.append(f"  {dev}: measures every usable backend (not {', '.join(d['not_measured'])}) on a call's "
+                         "real shape the first time its key (family, dtype, pattern, M bucket, N, K, density) is "
+                         f"seen and keeps the fastest; order {order} while compiling / capturing CUDA graphs")
+        else:
+            lines.append(f"  {dev}: first usable in order {order} (not measured)")
+    lines.append(f"  {MEASURE_ENV}={d['env'] if d['env'] is not None else '(unset: measure on cuda only)'}; "
+                 "0 = never, 1 = every device type, or a list such as cuda,cpu")
+    return lines
 
 
 def _version() -> str:
@@ -134,10 +174,14 @@ def format_info(d: dict) -> str:
     ]
     if d["env"]:
         lines.append("env: " + " ".join(f"{k}={v}" for k, v in d["env"].items()))
-    lines.append("backends (tried in order cpu: cpu, triton, reference; cuda: triton, cuda, reference):")
+    lines.append("backends:")
     for name, s in d["backends"].items():
         state = f"usable for {', '.join(s['families'])}" if s["usable"] else "not usable"
-        lines.append(f"  {name:<9} {state:<24} {s['description']}")
+        lines.append(f"  {name:<10} {state:<24} {s['description']}")
+        if s.get("note"):
+            lines.append(f"  {'':<10}   ({s['note']})")
         for r in s["reasons"]:
-            lines.append(f"  {'':<9}   - {r}")
+            lines.append(f"  {'':<10}   - {r}")
+    if "dispatcher" in d:
+        lines += format_dispatcher(d["dispatcher"])
     return "\n".join(lines)

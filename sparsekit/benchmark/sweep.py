@@ -16,7 +16,11 @@ Candidates (``kind`` in brackets):
     torch_2:4        [torch]     torch.sparse.to_sparse_semi_structured(W) + F.linear; CUDA, pattern 2:4 only
     sparsekit_<b>    [sparsekit] the op face (bsr_linear/csr_linear/nm_linear/sparse_conv2d) with backend=<b>,
                                  for every backend in sparsekit.ops.BACKENDS that ``all_reasons`` allows here
-                                 ("reference" only with include_reference: it is densify + matmul)
+                                 ("reference" only with include_reference: it is densify + matmul). This
+                                 includes sparsekit_cusparselt (2:4 NM, fp16/bf16, CUDA sm80+): the same torch
+                                 kernels as torch_2:4, compressed from the NM weight, through sparsekit's face
+                                 (its one-time compression happens in the correctness check, before timing);
+                                 where it cannot run, the notes say why
 
 Every row carries ``speedup`` = dense_ms / ms (dense = torch eager), ``speedup_vs_best_dense`` (best of the dense
 kinds), ``ideal`` = 1 / (1 - sparsity), ``pct_ideal`` = 100 * speedup / ideal, and roofline figures against

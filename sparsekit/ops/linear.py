@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..formats import BSR, CSR, NM, ChannelIndex
-from ._dispatch import CppBackend, Format, choose
+from ._dispatch import CppBackend, Format, choose, measure_enabled
 from ._library import _needs_autograd_layer
 
 
@@ -102,8 +102,9 @@ def _repeat(w: Format, x: Tensor, bias: Tensor | None, backend: str | None) -> T
 
 
 def _remember(family: str, w: Format, x: Tensor, bias: Tensor | None, backend: str | None, chosen) -> None:
+    # (a measured choice depends on M: not a repeat of another M's call)
     if not (isinstance(chosen, CppBackend) and chosen.device_type == "cpu" and type(x) is Tensor and x.is_cpu) \
-            or _needs_autograd_layer((x, *_format_tensors(w), bias)):
+            or measure_enabled("cpu") or _needs_autograd_layer((x, *_format_tensors(w), bias)):
         return
     op = getattr(torch.ops.sparsekit, f"{family}_mm").default
     tail = (w.values, w.indices, bias, w.n, w.m) if family == "nm" else \

@@ -1,0 +1,280 @@
+"""The dispatcher's measured choice (backend=None): the fastest usable backend per key, measured once, never
+while tracing; fake backends on CPU, the real cpu/triton pair under the Triton interpreter (`-m triton`), and
+the CUDA backends on a GPU (`-m cuda`)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsekit as sk
+from sparsekit.formats import BSR, NM
+from sparsekit.ops import _dispatch
+from sparsekit.ops._dispatch import ReferenceBackend
+
+
+class FakeBackend(ReferenceBackend):
+    """The reference, slowed down by ``delay`` seconds per call, counting calls and releases."""
+
+    def __init__(self, name: str, delay: float = 0.0, fail: bool = False) -> None:
+        self.name = name
+        self.description = f"fake {name}"
+        self.delay = delay
+        self.fail = fail
+        self.calls = 0
+        self.released = 0
+
+    def mm(self, family, x, w, bias):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError(f"{self.name} is broken")
+        if self.delay:
+            time.sleep(self.delay)
+        return super().mm(family, x, w, bias)
+
+    def release(self, family, w):
+        self.released += 1
+
+
+@pytest.fixture
+def measuring(monkeypatch):
+    """Measurement on for CPU, few runs, no remembered choices before or after."""
+    monkeypatch.setattr(_dispatch, "_MEASURE", set(_dispatch._MEASURE))
+    monkeypatch.setattr(_dispatch, "_NO_MEASURE", set(_dispatch._NO_MEASURE))
+    monkeypatch.setattr(_dispatch, "MEASURE_WARMUP", 1)
+    monkeypatch.setattr(_dispatch, "MEASURE_REPS", 3)
+    _dispatch.set_measure("cpu", True)
+    yield
+    _dispatch.clear_choices()
+
+
+@pytest.fixture
+def fakes(monkeypatch, measuring):
+    slow, fast = FakeBackend("slow", delay=0.004), FakeBackend("fast")
+    backends = {"slow": slow, "fast": fast, "reference": ReferenceBackend()}
+    monkeypatch.setattr(_dispatch, "BACKENDS", backends)
+    monkeypatch.setattr(_dispatch, "PRIORITY", {"cpu": ("slow", "fast", "reference")})
+    return slow, fast
+
+
+def _bsr(n=32, k=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randn(n, k, generator=g)
+    keep = (torch.rand(n // 16, k // 16, generator=g) < 0.5).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    dense = dense * keep
+    return dense, BSR.from_dense(dense, (16, 16))
+
+
+# ------------------------------------------------------------------------------------------- settings
+def test_env_parsing():
+    p = _dispatch._parse_measure
+    assert p(None) == {"cuda"}           # default: measure on CUDA only
+    assert p("0") == p("off") == p("") == set()
+    assert p("1") == p("on") == {"*"}
+    assert p("cuda, cpu") == {"cuda", "cpu"}
+
+
+def test_defaults_keep_cpu_on_the_priority_list():
+    if _dispatch.MEASURE_ENV in __import__("os").environ:
+        pytest.skip(f"{_dispatch.MEASURE_ENV} is set in this environment")
+    assert _dispatch.measure_enabled("cuda") and not _dispatch.measure_enabled("cpu")
+
+
+def test_set_measure_returns_previous_and_forgets(measuring):
+    _dispatch._CHOSEN[("x",)] = None
+    assert _dispatch.set_measure("cpu", False) is True
+    assert not _dispatch._CHOSEN and not _dispatch.measure_enabled("cpu")
+    _dispatch._MEASURE.add("*")
+    assert not _dispatch.measure_enabled("cpu")   # switched off explicitly: wins over "all"
+    assert _dispatch.measure_enabled("xpu")
+    with pytest.raises(TypeError):
+        _dispatch.set_measure(None, True)
+
+
+# ------------------------------------------------------------------------------------------- fake backends
+def test_fastest_is_picked_and_remembered(fakes):
+    slow, fast = fakes
+    dense, w = _bsr()
+    x = torch.randn(4, 48)
+    y = sk.ops.bsr_linear(x, w)
+    torch.testing.assert_close(y, F.linear(x, dense))   # the real call runs once, on the winner
+    assert (slow.calls, fast.calls) == (1 + 3, 1 + 3 + 1)
+    (key, rec), = _dispatch.MEASUREMENTS.items()
+    assert rec["chosen"] == "fast" and set(rec["ms"]) == {"slow", "fast"} and rec["ms"]["slow"] > rec["ms"]["fast"]
+    assert rec["shape"] == (4, 32, 48)
+    assert slow.released == 1 and fast.released == 0   # the loser drops what it cached for w
+    assert "reference" not in rec["ms"]                 # densify + matmul is never a candidate
+
+    y2 = sk.ops.bsr_linear(x[:3], w, torch.ones(32))   # same key (M 3 -> bucket 4): no new measurement
+    torch.testing.assert_close(y2, F.linear(x[:3], dense, torch.ones(32)))
+    assert (slow.calls, fast.calls) == (4, 6) and len(_dispatch.MEASUREMENTS) == 1
+
+    sk.ops.bsr_linear(torch.randn(5, 48), w)          # M bucket 8: a new key, measured again
+    assert (slow.calls, fast.calls) == (8, 6 + 4 + 1) and len(_dispatch.MEASUREMENTS) == 2
+    _, w2 = _bsr(32, 64)
+    sk.ops.bsr_linear(torch.randn(4, 64), w2)          # another K
+    assert len(_dispatch.MEASUREMENTS) == 3
+
+
+def test_forced_backend_is_not_measured(fakes):
+    slow, fast = fakes
+    _, w = _bsr()
+    sk.ops.bsr_linear(torch.randn(4, 48), w, backend="slow")
+    assert (slow.calls, fast.calls) == (1, 0) and not _dispatch.MEASUREMENTS
+
+
+def test_a_backend_that_fails_while_measured_is_not_chosen(fakes, monkeypatch):
+    slow, fast = fakes
+    fast.fail = True
+    dense, w = _bsr()
+    x = torch.randn(4, 48)
+    y = sk.ops.bsr_linear(x, w)
+    torch.testing.assert_close(y, F.linear(x, dense))
+    rec, = _dispatch.MEASUREMENTS.values()
+    assert rec["chosen"] == "slow" and "fast is broken" in rec["errors"]["fast"]
+
+
+def test_grad_flows_and_timed_runs_build_no_graph(fakes):
+    dense, w = _bsr()
+    x = torch.randn(4, 48, requires_grad=True)
+    y = sk.ops.bsr_linear(x, w)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, dense.sum(0).expand(4, -1))
+
+
+def test_single_candidate_is_not_timed(fakes, monkeypatch):
+    slow, fast = fakes
+    monkeypatch.setattr(_dispatch, "PRIORITY", {"cpu": ("fast", "reference")})
+    _, w = _bsr()
+    sk.ops.bsr_linear(torch.randn(4, 48), w)
+    assert fast.calls == 1 and not _dispatch.MEASUREMENTS
+
+
+def test_not_measured_while_compiling(fakes, monkeypatch):
+    slow, fast = fakes
+    slow.delay = 0.0
+
+    def boom(*args):
+        raise AssertionError("measured while tracing")
+
+    monkeypatch.setattr(_dispatch, "_measure", boom)
+    dense, w = _bsr()
+    x = torch.randn(4, 48)
+    fn = torch.compile(lambda x: sk.ops.bsr_linear(x, w), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(x), F.linear(x, dense))
+    assert not _dispatch.MEASUREMENTS and not _dispatch._CHOSEN   # priority order, nothing remembered
+
+
+def test_not_measured_nor_remembered_under_a_dispatch_mode(fakes):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    slow, fast = fakes
+    dense, w = _bsr()
+    x = torch.randn(4, 48)
+    with Count():
+        y = sk.ops.bsr_linear(x, w)
+    torch.testing.assert_close(y, F.linear(x, dense))
+    assert (slow.calls, fast.calls) == (1, 0)          # the first in priority order
+    assert not _dispatch.MEASUREMENTS and not _dispatch._CHOSEN
+    sk.ops.bsr_linear(x, w)                            # outside the mode: measured now
+    assert _dispatch.MEASUREMENTS
+
+
+def test_cached_call_does_not_rebuild_reasons(fakes, monkeypatch):
+    """The remembered case is one key build + one dict lookup: no backend is asked anything."""
+    _, w = _bsr()
+    x = torch.randn(4, 48)
+    sk.ops.bsr_linear(x, w)
+    for b in _dispatch.BACKENDS.values():
+        monkeypatch.setattr(b, "not_supported_reasons", lambda *a: pytest.fail("reasons recomputed"))
+    monkeypatch.setattr(_dispatch, "_measured_pick", lambda *a: pytest.fail("re-measured"))
+    sk.ops.bsr_linear(x, w)
+
+
+# --------------------------------------------------------------------------- real backends (interpreter)
+@pytest.mark.triton
+def test_measures_cpu_and_triton_under_the_interpreter(measuring, monkeypatch):
+    if not _dispatch.triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (pytest -m triton --triton-interpret)")
+    if _dispatch.BACKENDS["triton"].environment_reasons():
+        pytest.skip(f"triton unusable: {_dispatch.BACKENDS['triton'].environment_reasons()}")
+    dense, w = _bsr(32, 32)
+    x = torch.randn(4, 32)
+    reasons = _dispatch.all_reasons("bsr", x, w)
+    usable = [name for name, r in reasons.items() if not r and name not in _dispatch.MEASURE_SKIP]
+    if len(usable) < 2:
+        pytest.skip(f"fewer than two measurable backends here: {reasons}")
+    y = sk.ops.bsr_linear(x, w)
+    torch.testing.assert_close(y, F.linear(x, dense), rtol=1e-4, atol=1e-4)
+    rec, = _dispatch.MEASUREMENTS.values()
+    assert set(rec["ms"]) == set(usable) and rec["chosen"] in rec["ms"], rec
+    chosen = _dispatch.choose("bsr", x, w)
+    assert chosen.name == rec["chosen"]
+    monkeypatch.setattr(_dispatch, "_measure", lambda *a: pytest.fail("re-measured"))
+    torch.testing.assert_close(sk.ops.bsr_linear(x, w), y, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["bsr", "nm"])
+def test_cuda_measures_by_default_and_matches_reference(family):
+    if not _dispatch.measure_enabled("cuda"):
+        pytest.skip(f"{_dispatch.MEASURE_ENV} turned measuring off on cuda")
+    _dispatch.clear_choices()
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(256, 512, generator=g)
+    if family == "nm":
+        dense = NM.prune(dense, 2, 4)
+        w = NM.from_dense(dense, 2, 4)
+    else:
+        keep = (torch.rand(8, 16, generator=g) < 0.3).repeat_interleave(32, 0).repeat_interleave(32, 1)
+        dense = dense * keep
+        w = BSR.from_dense(dense, (32, 32))
+    w = w.to(device="cuda", dtype=torch.float16)
+    x = torch.randn(64, 512, generator=g).to("cuda", torch.float16)
+    y = (sk.ops.nm_linear if family == "nm" else sk.ops.bsr_linear)(x, w)
+    ref = F.linear(x.double(), dense.to("cuda").double())
+    assert (y.double() - ref).abs().max().item() <= 2e-2 * max(1.0, ref.abs().max().item())
+    usable = [n for n, r in _dispatch.all_reasons(family, x, w).items() if not r and n not in _dispatch.MEASURE_SKIP]
+    if len(usable) >= 2:
+        rec, = _dispatch.MEASUREMENTS.values()
+        assert set(rec["ms"]) | set(rec["errors"]) == set(usable) and rec["chosen"] in rec["ms"], rec
+    _dispatch.clear_choices()
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_uses_priority_and_remembers_nothing():
+    if not _dispatch.measure_enabled("cuda"):
+        pytest.skip(f"{_dispatch.MEASURE_ENV} turned measuring off on cuda")
+    _dispatch.clear_choices()
+    _, w = _bsr(64, 64)
+    w = w.to(device="cuda", dtype=torch.float16)
+    sk.ops.bsr_linear(torch.randn(32, 64, device="cuda", dtype=torch.float16), w)   # M bucket 32: measured,
+    torch.cuda.synchronize()                                                      # kernels compiled eagerly
+    chosen_before, measured_before = dict(_dispatch._CHOSEN), dict(_dispatch.MEASUREMENTS)
+    x = torch.randn(16, 64, device="cuda", dtype=torch.float16)                   # M bucket 16: a new key
+    called = []
+    real = _dispatch._measure
+    _dispatch._measure = lambda *a: called.append(a) or real(*a)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                y = sk.ops.bsr_linear(x, w)
+        except Exception as exc:   # a backend that cannot be captured is not this test's subject
+            pytest.skip(f"capture failed: {type(exc).__name__}: {exc}")
+        graph.replay()
+        torch.cuda.synchronize()
+        assert y.shape == (16, 64)
+        chosen_after, measured_after = dict(_dispatch._CHOSEN), dict(_dispatch.MEASUREMENTS)
+        assert not called and chosen_after == chosen_before and measured_after == measured_before
+    finally:
+        _dispatch._measure = real
+        _dispatch.clear_choices()
