@@ -10,17 +10,21 @@
 //                                   register-tiled product. The chunk need not align with the groups of m: the
 //                                   groups overlapping the chunk are scanned and entries outside it dropped.
 //                                   No atomics; x / dy are read exactly as given (row-major, coalesced).
+//                                   (nm_mm with 2:4 fp16/bf16: sparse tensor cores, mma.sp in nm_mm_sp.cu,
+//                                   after a first-use self-check against this kernel, selfcheck.cuh)
 //   nm_sddmm  dW = (dy^T @ x) on W's pattern: the entry-wise kernels of sddmm.cuh.
 //
-// Not here yet: 2:4 fp16/bf16 on the sparse tensor cores (mma.sp.m16n8k32), which needs our positions
-// re-encoded into the hardware's metadata layout (2-bit indices, per-thread-group interleaving); until a GPU
-// can validate that layout, 2:4 runs on this generic kernel (or cuSPARSELt via torch.sparse in the benchmarks).
+// 2:4 fp16/bf16 nm_mm runs on the sparse tensor cores (nm_mm_sp.cu: mma.sp.m16n8k32 with our uint8 positions
+// re-encoded into the hardware's 2-bit metadata while tiles are staged) once its probe agreed with the generic
+// kernel on the device; SPARSEKIT_NM_SP=0 keeps it off, =force skips the probe. nm_mm_t and nm_sddmm, and
+// every other n:m, dtype or GPU below compute capability 8.0, run the generic kernels here.
 //
 // Index data is trusted here (checking it would need a device sync); sparsekit.formats validates it.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -33,8 +37,12 @@
 #include <climits>
 #include <cstdint>
 #include <optional>
+#include <string>
+#include <vector>
 
+#include "nm_mm_sp.cuh"
 #include "sddmm.cuh"
+#include "selfcheck.cuh"
 
 namespace {
 
@@ -160,6 +168,56 @@ void launch_gemm(const char* op, const at::Tensor& in, const at::Tensor& values,
   });
 }
 
+// First-use self-check of the 2:4 sparse-tensor-core path (selfcheck.cuh): for fp16 and bf16, problems that
+// reach every tile shape of nm_mm_sp.cu (M <= 8, <= 16, <= 32, > 32 and two M tiles), N and K tails (K not a
+// multiple of the stage, of 32, of 16 and of 8: the element-load paths), an all-zero row, bias and no bias,
+// all six 2:4 patterns; entries are small multiples of 1/8 and 1/4 (exact in both dtypes, every partial sum
+// exact in fp32), so the two kernels should agree to the bit. Both run on `stream` and are compared there.
+std::string nm_sp_probe(const at::Device& device, cudaStream_t stream) {
+  struct Case { int64_t M, N, K; bool bias; };
+  const Case cases[] = {{1, 40, 520, true},   {7, 96, 512, false},  {13, 70, 132, true},
+                        {30, 64, 256, false}, {45, 130, 224, true}, {70, 33, 100, false}};
+  const uint8_t pairs[6][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}};
+  for (const auto dtype : {at::kHalf, at::kBFloat16}) {
+    for (const Case& c : cases) {
+      const int64_t kept = c.K / 2;
+      std::vector<float> x_h(c.M * c.K), v_h(c.N * kept), b_h(c.N);
+      std::vector<uint8_t> i_h(c.N * kept);
+      for (int64_t i = 0; i < c.M; ++i) {
+        for (int64_t k = 0; k < c.K; ++k) x_h[i * c.K + k] = static_cast<float>((i * 3 + k * 5) % 11 - 5) * 0.125f;
+      }
+      for (int64_t r = 0; r < c.N; ++r) {
+        b_h[r] = static_cast<float>(r % 5 - 2) * 0.5f;
+        for (int64_t e = 0; e < kept; ++e) {
+          const int64_t grp = e / 2;
+          i_h[r * kept + e] = pairs[(r * 5 + grp * 3 + r * grp) % 6][e % 2];
+          v_h[r * kept + e] = r % 17 == 3 ? 0.f : static_cast<float>((r * 7 + e * 3) % 9 - 4) * 0.25f;
+        }
+      }
+      const auto f32 = at::TensorOptions().dtype(at::kFloat);
+      const at::Tensor x = at::from_blob(x_h.data(), {c.M, c.K}, f32).to(device, dtype);
+      const at::Tensor values = at::from_blob(v_h.data(), {c.N, kept}, f32).to(device, dtype);
+      const at::Tensor indices = at::from_blob(i_h.data(), {c.N, kept}, at::TensorOptions().dtype(at::kByte)).to(device);
+      const at::Tensor bias = c.bias ? at::from_blob(b_h.data(), {c.N}, f32).to(device, dtype) : at::Tensor();
+      at::Tensor y_sp = at::empty({c.M, c.N}, x.options());
+      at::Tensor y_ref = at::empty({c.M, c.N}, x.options());
+      if (!sparsekit_cuda::nm_mm_sparse_tensor_core(x, values, indices, bias, y_sp, 2, 4, stream)) continue;
+      launch_gemm<false>("sparsekit::nm_mm", x, values, indices, bias, y_ref, c.N, c.K, 2, 4);
+      const at::Tensor ref = y_ref.to(at::kFloat);
+      const float err = y_sp.to(at::kFloat).sub(ref).abs().max().item<float>();
+      const float tol = 1e-3f * (1.0f + ref.abs().max().item<float>());  // exact sums: any rounding is a bug
+      if (!(err <= tol)) {
+        return std::string(dtype == at::kHalf ? "float16" : "bfloat16") + " M=" + std::to_string(c.M) +
+               " N=" + std::to_string(c.N) + " K=" + std::to_string(c.K) + ": max abs difference " +
+               std::to_string(err);
+      }
+    }
+  }
+  return "";
+}
+
+struct NmSparseTensorCoreTag {};
+
 // -------------------------------------------------------------------------------------------------- ops
 at::Tensor nm_mm_cuda(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& indices,
                       const std::optional<at::Tensor>& bias_in, int64_t n, int64_t m) {
@@ -183,6 +241,15 @@ at::Tensor nm_mm_cuda(const at::Tensor& x_in, const at::Tensor& values, const at
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (K == 0) return bias.defined() ? bias.unsqueeze(0).expand({M, N}).contiguous() : at::zeros({M, N}, x.options());
+  // 2:4 fp16/bf16: sparse tensor cores (nm_mm_sp.cu), once its self-check passed on this device
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool sp_candidate = n == 2 && m == 4 && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
+  if (sp_candidate &&
+      sparsekit_cuda::path_enabled<NmSparseTensorCoreTag>("SPARSEKIT_NM_SP", x.get_device(),
+                                                          [&] { return nm_sp_probe(x.device(), stream); }) &&
+      sparsekit_cuda::nm_mm_sparse_tensor_core(x, values, indices, bias, y, n, m, stream)) {
+    return y;
+  }
   launch_gemm<false>(op, x, values, indices, bias, y, N, K, n, m);
   return y;
 }

@@ -11,6 +11,8 @@
 //   "force"       run the path without probing (tests use this to compare it with the reference directly)
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -34,7 +36,8 @@ inline PathMode path_mode(const char* env_name) {
 
 // Whether the specialised path named by env_name may run on `device`. probe() -> std::string runs the path
 // and the generic kernel on a small problem and returns "" when they agree, or a description of the mismatch;
-// it is called at most once per device per process, and must call the path's raw launcher, not the gated
+// it is called at most once per device per process (never while the current stream captures a CUDA graph:
+// such calls take the generic kernel), and must call the path's raw launcher, not the gated
 // entry point (that would ask this function again). Distinct call sites must pass distinct Tag types, so
 // that each path keeps its own verdicts.
 template <class Tag, class Probe>
@@ -48,6 +51,11 @@ bool path_enabled(const char* env_name, int device, Probe&& probe) {
   if (device < 0 || device >= kMaxDevices) return false;
   std::lock_guard<std::mutex> lock(mu);
   if (verdict[device] == 0) {
+    // the probe synchronises, which a stream capturing a CUDA graph forbids: the generic kernel serves the
+    // captured call and the probe runs on the first call outside a capture
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device).stream(), &capture));
+    if (capture != cudaStreamCaptureStatusNone) return false;
     const std::string mismatch = probe();
     verdict[device] = mismatch.empty() ? 1 : -1;
     if (!mismatch.empty()) {
