@@ -1,7 +1,11 @@
 // CUDA kernels for the CSR ops (schemas and semantics in csrc/ops.cpp): unstructured sparsity, float32/float64/
 // float16/bfloat16, 16-bit types accumulate in fp32 (at::opmath_type), col_indices int16 (K <= 32768) or int32.
 //
-//   csr_mm     y = x @ W^T + bias, two kernels picked by M:
+//   csr_mm     y = x @ W^T + bias. fp16/bf16 with M <= 64 (decode) and 50-91% sparsity on compute capability
+//     >= 8.0: first the tensor-core "load sparse, compute dense" path of csr_skinny.cu (Flash-LLM style: W's
+//     tiles expanded in shared memory, mma.sync; see csr_skinny.cuh for the exact rule and the
+//     SPARSEKIT_CSR_SKINNY switch), once its first-use self-check against the kernels below passed
+//     (selfcheck.cuh). Otherwise, or when it declines, two kernels picked by M:
 //     M <= kRowDotMaxM (decode): csr_spmm_rowdot_kernel, one warp per sparse row, lanes over its nonzeros,
 //       x read row-major as given, one shuffle reduction per row of x.
 //     otherwise: csr_spmm_tiled_kernel, after Sputnik (Gale et al., SC'20), computing yT = W @ xT:
@@ -39,6 +43,7 @@
 #include <torch/library.h>
 
 #include "checks.cuh"
+#include "csr_skinny.cuh"
 
 #include <algorithm>
 #include <climits>
@@ -308,6 +313,12 @@ at::Tensor row_of_entries(const at::Tensor& crow, int64_t rows, int64_t nnz, cud
   return row_of;
 }
 
+// csr_mm on the generic kernels above: what csr_skinny.cu's tensor-core path is checked against.
+at::Tensor csr_mm_generic(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                          const at::Tensor& values, const at::Tensor& bias, int64_t n) {
+  return spmm("sparsekit::csr_mm", x, crow, col, values, bias, n);
+}
+
 // -------------------------------------------------------------------------------------------------- ops
 at::Tensor csr_mm_cuda(const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                        const std::optional<at::Tensor>& bias_in, int64_t n) {
@@ -325,7 +336,13 @@ at::Tensor csr_mm_cuda(const at::Tensor& x_in, const at::Tensor& crow, const at:
     bias = bias_in->contiguous();
   }
   const c10::cuda::CUDAGuard guard(x_in.device());
-  return spmm(op, x_in.contiguous(), crow, col, values, bias, n);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y;  // fp16/bf16, M <= 64: the tensor-core path (csr_skinny.cu) when it applies
+  if (sparsekit_cuda::csr_mm_skinny(x, crow, col, values, bias, n, y, &csr_mm_generic,
+                                    c10::cuda::getCurrentCUDAStream())) {
+    return y;
+  }
+  return spmm(op, x, crow, col, values, bias, n);
 }
 
 at::Tensor csr_mm_t_cuda(const at::Tensor& dy_in, const at::Tensor& crow, const at::Tensor& col,
