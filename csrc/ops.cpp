@@ -8,6 +8,11 @@
 //   *_conv2d y = conv2d(x [B, C, H, W], W over [N, C*kh*kw], stride 1, groups 1) (+ bias) -> [B, N, Ho, Wo]
 //            (autograd through F.unfold/F.fold and *_mm_t / *_sddmm)
 //   *_sddmm  dW = (dy^T @ x) restricted to W's pattern, returned in W's values layout
+//   channel_gather_conv2d  y = conv2d(x[:, in_idx], weight [C_out, len(in_idx)/groups, kh, kw], bias, stride,
+//            padding, dilation, groups) for a layer whose input channels were compacted to in_idx (int32|int64)
+//            while x keeps them all; with out_idx (int32|int64 [C_out]) and n_out: a zero [B, n_out, Ho, Wo]
+//            tensor whose channels out_idx hold the result (out_idx and n_out are given together or not at all).
+//            y is channels_last when x is (channels_last-contiguous, not NCHW-contiguous), else contiguous.
 // Index tensors are plain contiguous tensors (never views of torch sparse tensors).
 //   BSR: crow_indices int32 [N/bn + 1], col_indices int32 [nnzb] (block columns), values [nnzb, bn, bk]
 //   CSR: crow_indices int32 [N + 1],    col_indices int16|int32 [nnz],               values [nnz]
@@ -38,4 +43,6 @@ TORCH_LIBRARY(sparsekit, m) {
   m.def("nm_mm(Tensor x, Tensor values, Tensor indices, Tensor? bias, int n, int m) -> Tensor");
   m.def("nm_mm_t(Tensor dy, Tensor values, Tensor indices, int n, int m) -> Tensor");
   m.def("nm_sddmm(Tensor dy, Tensor x, Tensor indices, int n, int m) -> Tensor");
+
+  m.def("channel_gather_conv2d(Tensor x, Tensor in_idx, Tensor weight, Tensor? bias, Tensor? out_idx, int? n_out, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
 }

@@ -126,6 +126,19 @@ for _fam in ("bsr", "csr"):
     torch.library.register_fake(f"sparsekit::{_fam}_mm_xt")(_fake_mm_xt)
 
 
+@torch.library.register_fake("sparsekit::channel_gather_conv2d")
+def _fake_channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None,
+                                out_idx: Tensor | None, n_out: int | None, stride: list[int], padding: list[int],
+                                dilation: list[int], groups: int) -> Tensor:
+    torch._check((out_idx is None) == (n_out is None),
+                 lambda: "channel_gather_conv2d: out_idx and n_out must be given together")
+    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+    width = weight.shape[0] if out_idx is None else n_out
+    return torch.empty((x.shape[0], width, ho, wo), dtype=x.dtype, device=x.device,
+                       memory_format=reference.channel_conv_memory_format(x))
+
+
 # --------------------------------------------------------------------------------------------- autograd
 # Forward y = x @ W^T + b.  dx = dy @ W (the *_mm_t op), dW = dy^T @ x on W's pattern (the *_sddmm op).
 def setup_indexed(ctx, inputs, output) -> None:
@@ -223,6 +236,31 @@ def _nm_backward(ctx, dy: Tensor):
     return dx, dv, None, db, None, None
 
 
+def _channel_conv_setup(ctx, inputs, output) -> None:
+    x, in_idx, weight, bias, out_idx, _n_out, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, in_idx, weight, out_idx)
+    ctx.has_bias = bias is not None
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+
+
+def _channel_conv_backward(ctx, dy: Tensor):
+    """y = conv2d(x[:, in_idx], weight, bias): torch's convolution_backward on the gathered operand, dx scattered
+    back with index_add (a repeated in_idx entry sums). The gathered x is built only when dweight is needed."""
+    x, in_idx, weight, out_idx = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+    need_b = need_b and ctx.has_bias
+    if out_idx is not None:
+        dy = dy.index_select(1, out_idx)
+    shape = (x.shape[0], in_idx.shape[0], x.shape[2], x.shape[3])
+    xs = x.index_select(1, in_idx) if need_w else dy.new_empty(1).expand(shape)
+    dxs, dw, db = torch.ops.aten.convolution_backward(
+        dy, xs, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False, [0, 0], groups,
+        [need_x, need_w, need_b])
+    dx = x.new_zeros(x.shape).index_add(1, in_idx, dxs) if need_x else None
+    return dx, None, dw, db if need_b else None, None, None, None, None, None, None
+
+
 torch.library.register_autograd("sparsekit::bsr_mm", indexed_backward, setup_context=setup_indexed)
 torch.library.register_autograd("sparsekit::csr_mm", indexed_backward, setup_context=setup_indexed)
 torch.library.register_autograd("sparsekit::bsr_mm_xt", _xt_backward, setup_context=setup_indexed)
@@ -230,6 +268,8 @@ torch.library.register_autograd("sparsekit::csr_mm_xt", _xt_backward, setup_cont
 torch.library.register_autograd("sparsekit::bsr_conv2d", _conv_backward, setup_context=_conv_setup)
 torch.library.register_autograd("sparsekit::csr_conv2d", _conv_backward, setup_context=_conv_setup)
 torch.library.register_autograd("sparsekit::nm_mm", _nm_backward, setup_context=_nm_setup)
+torch.library.register_autograd("sparsekit::channel_gather_conv2d", _channel_conv_backward,
+                                setup_context=_channel_conv_setup)
 
 for _name in SCHEMAS:  # fill the cache now, outside any torch.compile trace
     for _key in ("CPU", "CUDA"):

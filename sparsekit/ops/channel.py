@@ -19,6 +19,17 @@ cannot run; "reference" forces PyTorch. The Triton path has no backward (inferen
 recording and an input that requires grad, backend=None takes the reference. Index contents (range,
 uniqueness of out_idx) are not checked on CUDA tensors (that would synchronise); on CPU they are.
 GPU speed of the Triton path is unmeasured (no GPU where it was written).
+
+channel_gather_conv2d has a third backend, "cuda": the op ``torch.ops.sparsekit.channel_gather_conv2d`` with
+its CUDA C++ kernel (csrc/cuda/channel_conv.cu: an implicit-GEMM convolution whose input load gathers the kept
+channels; tensor cores for fp16/bf16). It takes any kernel size, stride, padding, dilation and groups, x in
+any strides, float16/bfloat16/float32/float64, the fused out_idx scatter, and has a backward (autograd formula
+in _library.py: torch's convolution_backward on the gathered input, dx scattered back with index_add). Its
+output is channels_last when x is (channels_last-contiguous, not NCHW-contiguous), NCHW otherwise. For the
+conv, backend=None picks, in order: "cuda" when it can run (CUDA tensors, the extension built with its CUDA
+kernel, compute capability >= 8.0), else "triton" under the rules above, else "reference"; backend="cuda"
+forces it and raises with the reasons when it cannot run (``cuda_conv_reasons``). Its GPU speed is
+unmeasured too (written without a GPU): whether it beats index_select + cuDNN depends on the shape.
 """
 
 from __future__ import annotations
@@ -27,12 +38,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import reference
 from ._dispatch import _capability, _triton_import_error, triton_interpreting
+from ._library import call_op, has_kernel
 
-__all__ = ["channel_gather_linear", "channel_gather_conv2d", "channel_scatter", "triton_reasons"]
+__all__ = ["channel_gather_linear", "channel_gather_conv2d", "channel_scatter", "triton_reasons",
+           "cuda_conv_reasons", "conv_backend"]
 
 _BACKENDS = ("triton", "reference")
+_CONV_BACKENDS = ("cuda", "triton", "reference")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def triton_reasons(*tensors: Tensor) -> list[str]:
@@ -60,11 +76,33 @@ def triton_reasons(*tensors: Tensor) -> list[str]:
     return reasons
 
 
-def _use_triton(fn: str, backend: str | None, tensors: list[Tensor], extra: list[str]) -> bool:
+def cuda_conv_reasons(x: Tensor) -> list[str]:
+    """Why the CUDA kernel of channel_gather_conv2d cannot run on x (empty list = it can)."""
+    reasons = []
+    if not has_kernel("channel_gather_conv2d", "CUDA"):
+        reasons.append("sparsekit._C has no CUDA kernel for channel_gather_conv2d (build it on a CUDA machine: "
+                       "pip install --no-build-isolation -e ., or FORCE_CUDA=1)")
+    if x.device.type != "cuda":
+        reasons.append(f"runs on cuda tensors, got {x.device.type}")
+    else:
+        major, minor = _capability(x.device)
+        if major < 8:
+            reasons.append(f"built for compute capability >= 8.0 (sm_80, sm_90a), the GPU has {major}.{minor}")
+    if x.dtype not in _CUDA_DTYPES:
+        reasons.append(f"dtype {x.dtype} not supported (float16, bfloat16, float32, float64)")
+    return reasons
+
+
+def _check_backend(fn: str, backend: object, allowed: tuple[str, ...]) -> None:
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"{fn}: backend must be a str or None, got {type(backend).__name__}")
-    if backend not in (None, *_BACKENDS):
-        raise ValueError(f"{fn}: backend must be one of {list(_BACKENDS)} or None, got {backend!r}")
+    if backend not in (None, *allowed):
+        raise ValueError(f"{fn}: backend must be one of {list(allowed)} or None, got {backend!r}")
+
+
+def _use_triton(fn: str, backend: str | None, tensors: list[Tensor], extra: list[str],
+                allowed: tuple[str, ...] = _BACKENDS) -> bool:
+    _check_backend(fn, backend, allowed)
     if backend == "reference":
         return False
     reasons = triton_reasons(*tensors) + extra
@@ -147,7 +185,7 @@ def channel_gather_linear(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tenso
         y = F.linear(x.index_select(-1, in_idx), weight, bias)
         if out_idx is None:
             return y
-        return y.new_zeros(*lead, n_out).index_copy(-1, out_idx, y)
+        return y.new_zeros(*lead, n_out).index_copy(-1, out_idx.long(), y)
     from ..kernels import k_channel
 
     x2 = x.reshape(-1, k).contiguous()
@@ -167,11 +205,9 @@ def _pair(v: object, name: str, fn: str) -> tuple[int, int]:
     raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {v!r}")
 
 
-def channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None = None,
-                          out_idx: Tensor | None = None, n_out: int | None = None, stride=1, padding=0,
-                          dilation=1, groups: int = 1, backend: str | None = None) -> Tensor:
-    """conv2d(x[:, in_idx], weight, bias, ...) (optionally scattered into channels out_idx of n_out)."""
-    fn = "channel_gather_conv2d"
+def _conv_args(fn: str, x: object, in_idx: object, weight: object, bias: object, out_idx: object, n_out: object,
+               stride: object, padding: object, dilation: object, groups: object) -> tuple:
+    """Validated (x, in_idx, weight, bias, out_idx, n_out, stride, padding, dilation, groups) of the conv."""
     x = _check_tensor(fn, x, "x")
     weight = _check_tensor(fn, weight, "weight")
     if x.dim() != 4 or not x.is_floating_point():
@@ -181,7 +217,12 @@ def channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tenso
     _check_float(fn, weight, "weight", x.dtype, x.device)
     stride, padding, dilation = (_pair(v, nm, fn) for v, nm in ((stride, "stride"), (padding, "padding"),
                                                                  (dilation, "dilation")))
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{fn}: stride and dilation must be >= 1 and padding >= 0, got stride {stride}, "
+                         f"padding {padding}, dilation {dilation}")
     nc, kcg, kh, kw = (int(s) for s in weight.shape)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or nc % groups:
+        raise ValueError(f"{fn}: groups must be a positive int dividing weight.shape[0] = {nc}, got {groups!r}")
     in_idx = _check_index(fn, in_idx, "in_idx", int(x.shape[1]), x.device)
     if in_idx.numel() != kcg * groups:
         raise ValueError(f"{fn}: in_idx has {in_idx.numel()} entries, expected weight.shape[1] * groups = "
@@ -192,18 +233,61 @@ def channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tenso
         if tuple(bias.shape) != (nc,):
             raise ValueError(f"{fn}: bias must have shape ({nc},) (weight.shape[0]), got {tuple(bias.shape)}")
     out_idx, n_out = _out_args(fn, out_idx, n_out, nc, x.device)
-    b, _c, h, w = (int(s) for s in x.shape)
+    eh, ew = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    hp, wp = int(x.shape[2]) + 2 * padding[0], int(x.shape[3]) + 2 * padding[1]
+    if hp < eh or wp < ew:
+        raise ValueError(f"{fn}: the (dilated) kernel {eh}x{ew} is larger than the padded input {hp}x{wp}")
+    return x, in_idx, weight, bias, out_idx, n_out, stride, padding, dilation, groups
+
+
+def _conv_choice(fn: str, backend: object, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
+                 groups: int) -> str:
+    """The backend that runs the conv: "cuda", "triton" or "reference" (see the module doc)."""
+    _check_backend(fn, backend, _CONV_BACKENDS)
+    if backend in (None, "cuda"):
+        reasons = cuda_conv_reasons(x)
+        if not reasons:
+            return "cuda"
+        if backend == "cuda":
+            raise ValueError(f"{fn}: backend='cuda' cannot run this call: " + "; ".join(reasons))
+    kh, kw, w = int(weight.shape[2]), int(weight.shape[3]), int(x.shape[3])
     extra = []
     if (kh, kw) != (1, 1) or stride != (1, 1) or padding != (0, 0) or groups != 1:
         extra.append(f"only 1x1 kernels with stride 1, padding 0, groups 1 (got kernel {(kh, kw)}, stride {stride}, "
                      f"padding {padding}, groups {groups})")
     elif x.stride(2) != w * x.stride(3):
         extra.append(f"x's spatial dims must be flattenable (NCHW or channels_last), got strides {x.stride()}")
-    if not _use_triton(fn, backend, [x, weight] + ([bias] if bias is not None else []), extra):
-        y = F.conv2d(x.index_select(1, in_idx), weight, bias, stride, padding, dilation, groups)
-        if out_idx is None:
-            return y
-        return y.new_zeros(y.shape[0], n_out, *y.shape[2:]).index_copy(1, out_idx, y)
+    tensors = [x, weight] + ([bias] if bias is not None else [])
+    return "triton" if _use_triton(fn, backend, tensors, extra, _CONV_BACKENDS) else "reference"
+
+
+def conv_backend(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None = None,
+                 out_idx: Tensor | None = None, n_out: int | None = None, stride=1, padding=0, dilation=1,
+                 groups: int = 1, backend: str | None = None) -> str:
+    """The backend channel_gather_conv2d would run these arguments on ("cuda", "triton" or "reference"); raises
+    what the call would raise (bad arguments, a forced backend that cannot run)."""
+    fn = "channel_gather_conv2d"
+    x, in_idx, weight, bias, out_idx, n_out, stride, padding, dilation, groups = _conv_args(
+        fn, x, in_idx, weight, bias, out_idx, n_out, stride, padding, dilation, groups)
+    return _conv_choice(fn, backend, x, weight, bias, stride, padding, groups)
+
+
+def channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None = None,
+                          out_idx: Tensor | None = None, n_out: int | None = None, stride=1, padding=0,
+                          dilation=1, groups: int = 1, backend: str | None = None) -> Tensor:
+    """conv2d(x[:, in_idx], weight, bias, ...) (optionally scattered into channels out_idx of n_out)."""
+    fn = "channel_gather_conv2d"
+    x, in_idx, weight, bias, out_idx, n_out, stride, padding, dilation, groups = _conv_args(
+        fn, x, in_idx, weight, bias, out_idx, n_out, stride, padding, dilation, groups)
+    choice = _conv_choice(fn, backend, x, weight, bias, stride, padding, groups)
+    if choice == "cuda":
+        return call_op(torch.ops.sparsekit.channel_gather_conv2d.default, x, in_idx, weight, bias, out_idx, n_out,
+                       list(stride), list(padding), list(dilation), groups)
+    nc, kcg = int(weight.shape[0]), int(weight.shape[1])
+    b, h, w = int(x.shape[0]), int(x.shape[2]), int(x.shape[3])
+    if choice == "reference":   # index_select + F.conv2d (+ index_copy), plain autograd
+        return reference.channel_gather_conv2d(x, in_idx, weight, bias, out_idx, n_out, list(stride),
+                                               list(padding), list(dilation), groups)
     from ..kernels import k_channel
 
     width = nc if out_idx is None else n_out

@@ -107,8 +107,38 @@ def nm_sddmm(dy: Tensor, x: Tensor, indices: Tensor, n: int, m: int) -> Tensor:
     return full.gather(1, cols)
 
 
+# ---------------------------------------------------------------------------------------------- channel
+def channel_conv_memory_format(x: Tensor) -> torch.memory_format:
+    """Memory format of channel_gather_conv2d's output: channels_last when x is channels_last-contiguous and not
+    NCHW-contiguous, else contiguous (the same rule in the fake and the CUDA kernel)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None, out_idx: Tensor | None,
+                          n_out: int | None, stride: list[int], padding: list[int], dilation: list[int],
+                          groups: int) -> Tensor:
+    """conv2d(x[:, in_idx], weight, bias, ...), with out_idx scattered into channels out_idx of n_out zeros."""
+    if (out_idx is None) != (n_out is None):
+        raise ValueError("channel_gather_conv2d: out_idx and n_out must be given together")
+    if in_idx.numel() == 0:   # F.conv2d gets zero input channels wrong (returns zero output channels)
+        b, h, w = x.shape[0], x.shape[2], x.shape[3]
+        ho = (h + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
+        wo = (w + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+        y = x.new_zeros(b, weight.shape[0], ho, wo)
+        if bias is not None:
+            y = y + bias[:, None, None]
+    else:
+        y = F.conv2d(x.index_select(1, in_idx), weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+    if out_idx is not None:
+        y = y.new_zeros(y.shape[0], n_out, *y.shape[2:]).index_copy(1, out_idx.long(), y)
+    return y.contiguous(memory_format=channel_conv_memory_format(x))
+
+
 REFERENCES = {
     "bsr_mm": bsr_mm, "bsr_mm_t": bsr_mm_t, "bsr_mm_xt": bsr_mm_xt, "bsr_conv2d": bsr_conv2d, "bsr_sddmm": bsr_sddmm,
     "csr_mm": csr_mm, "csr_mm_t": csr_mm_t, "csr_mm_xt": csr_mm_xt, "csr_conv2d": csr_conv2d, "csr_sddmm": csr_sddmm,
     "nm_mm": nm_mm, "nm_mm_t": nm_mm_t, "nm_sddmm": nm_sddmm,
+    "channel_gather_conv2d": channel_gather_conv2d,
 }
