@@ -133,6 +133,7 @@ class PreActBlock(nn.Module):
 
 
 def test_densenet_concat_offsets_and_channel_selection():
+    torch.manual_seed(0)    # some weights / keep-sets empty a selection (global seeds 5, 47): not order-dependent
     model = _randomize(DenseBlock())
     x = torch.randn(2, 3, 8, 8)
     graph = DependencyGraph.build(model, x)

@@ -8,7 +8,8 @@ need            statistics (``LayerContext.stats`` keys)
 ==============  =============================================================================================
 ``seed``        none: the criterion gets ``LayerContext`` (name, seed) only, e.g. ``random``
 ``bn``          none: ``LayerContext.bn`` is the BatchNorm right after the layer (from the traced chain)
-``activations`` of the layer's feature map (its output after BN/activation, see ``chains``), per channel:
+``activations`` of the layer's feature map (its output after BN/activation, see ``chains``; a Linear's
+                channels are its last dim), per channel:
                 ``act_count`` (values per channel), ``act_zeros`` (values <= 0), ``act_sum``, ``act_sumsq``,
                 ``gap`` (``[samples, C]`` spatial means, for entropy)
 ``rank``        ``rank_sum`` (sum over samples of each channel's feature-map matrix rank), ``rank_count``
@@ -29,6 +30,7 @@ statistics, no dropout); training flags are restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .chains import Event, Link, Recorder, run_model
+from .head_taps import HeadTaps
 
 __all__ = ["NEEDS", "LayerContext", "split_batch", "collect", "weight_param", "layer_seed"]
 
@@ -141,22 +144,25 @@ def _acc_gram(acc: dict[str, Any], consumer: nn.Module, x: Tensor, gen: torch.Ge
 
 
 def _acc_grads(acc: dict[str, dict[str, Any]], layers: Mapping[str, nn.Module], loss: Tensor,
-               needs: set[str], granularity: str, gen: torch.Generator) -> None:
-    names = list(layers)
-    params = [weight_param(layers[k]) for k in names]
+               needs: set[str], granularity: str, gen: torch.Generator,
+               gates: Mapping[str, Tensor] | None = None) -> None:
+    gates = gates or {}
+    names = list(layers) + list(gates)
+    params = [weight_param(layers[k]) for k in layers] + list(gates.values())
+    weights = [layers[k].weight.detach() for k in layers] + [g.detach() for g in gates.values()]
     hutch = "hessian" in needs and granularity == "channel"
     grads = torch.autograd.grad(loss, params, allow_unused=True, create_graph=hutch)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     if "grads" in needs:
-        for k, g in zip(names, grads):
-            prod = g.detach() * layers[k].weight.detach()
+        for k, g, w in zip(names, grads, weights):
+            prod = g.detach() * w
             _add(acc[k], "taylor_elem", prod * prod)
             _add(acc[k], "taylor_chan", prod.reshape(prod.shape[0], -1).sum(1).square())
     if "hessian" in needs and not hutch:
         for k, g in zip(names, grads):
             _add(acc[k], "fisher", g.detach().square())
     if hutch:
-        vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.dtype) for p in params]
+        vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.device, p.dtype) for p in params]
         gv = sum((g * v).sum() for g, v in zip(grads, vs) if g.requires_grad)
         if isinstance(gv, Tensor) and gv.requires_grad:
             hv = torch.autograd.grad(gv, params, allow_unused=True)
@@ -168,17 +174,31 @@ def _acc_grads(acc: dict[str, dict[str, Any]], layers: Mapping[str, nn.Module], 
         _add(acc[k], "batches", torch.tensor(1.0))
 
 
+def _twice_differentiable(needs: set[str], granularity: str) -> Any:
+    """Hutchinson's Hessian-vector products differentiate the gradients again: attention then runs the math
+    scaled_dot_product_attention (the fused CPU / flash kernels have no double backward)."""
+    if "hessian" in needs and granularity == "channel":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
 def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[str, Link],
             calib: Iterable[Any], needs: Iterable[str], *, granularity: str = "element",
             loss_fn: Callable[[Any, Any], Tensor] | None = None, seed: int = 0, max_rows: int = 1024,
-            events: list[Event] | None = None) -> dict[str, dict[str, Tensor]]:
+            events: list[Event] | None = None, heads: Iterable[str] = ()) -> dict[str, dict[str, Tensor]]:
     """Run ``model`` over ``calib`` and return layer name -> accumulated statistics (see module doc).
 
     ``links`` come from ``chains.trace_links`` on the same model; ``events`` (the traced event list)
-    lets every batch be checked to take the same path as the trace.
+    lets every batch be checked to take the same path as the trace. ``heads``: attention modules whose
+    heads get statistics too, under their own name, as if each head were a channel of a layer whose weight
+    is the heads' gates (``head_taps``): ``activations`` / ``rank`` of the head's output ``[tgt, head_dim]``
+    per sample, ``grads`` / ``hessian`` of its gate (``taylor_chan`` is ``(sum of out_h * d loss / d out_h)**2``).
     """
     needs = set(needs) & set(DATA_NEEDS)
-    acc: dict[str, dict[str, Any]] = {k: {} for k in layers}
+    heads = list(heads)
+    acc: dict[str, dict[str, Any]] = {k: {} for k in list(layers) + heads}
     feature_at: dict[int, list[str]] = {}
     consumer_at: dict[int, list[str]] = {}
     for name in layers:
@@ -201,12 +221,21 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
             raise ValueError(f"a calib batch took another path through the model than example_inputs: step "
                              f"{ev.index} is {ev.name!r}, expected {expected.get(ev.index)!r}")
         for name in feature_at.get(ev.index, ()):
+            fmap = ev.output.detach()
+            if isinstance(layers[name], nn.Linear) and fmap.dim() > 2:    # [batch, tokens..., C] -> [batch, C, ...]
+                fmap = fmap.movedim(-1, 1)
             if "activations" in needs:
-                _acc_activations(acc[name], ev.output.detach())
+                _acc_activations(acc[name], fmap)
             if "rank" in needs:
-                _acc_rank(acc[name], ev.output.detach())
+                _acc_rank(acc[name], fmap)
         for name in consumer_at.get(ev.index, ()):
             _acc_gram(acc[name], modules[links[name].consumer], ev.inputs[0], gen, max_rows)
+
+    def on_heads(name: str, out: Tensor) -> None:
+        if "activations" in needs:
+            _acc_activations(acc[name], out.detach())
+        if "rank" in needs:
+            _acc_rank(acc[name], out.detach())
 
     grad_needed = bool(needs & {"grads", "hessian"})
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
@@ -214,7 +243,7 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
     batches = 0
     try:
         model.eval()
-        with Recorder(model, on_event) as rec:
+        with Recorder(model, on_event) as rec, HeadTaps(model, heads, on_heads, gates=grad_needed) as taps:
             for i, item in enumerate(calib):
                 inputs, target = split_batch(item, i)
                 rec.reset()
@@ -222,12 +251,13 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
                     if target is None:
                         raise ValueError(f"calib[{i}] is a plain batch, but this criterion needs gradients: "
                                          "pass (input, target) pairs (loss_fn(model(input), target) is used)")
-                    with torch.enable_grad():
+                    with torch.enable_grad(), _twice_differentiable(needs, granularity):
+                        gates = taps.new_gates()
                         loss = loss_fn(run_model(model, inputs), target)
                         if not isinstance(loss, Tensor) or loss.dim() != 0:
                             raise ValueError(f"loss_fn must return a scalar tensor, got "
                                              f"{getattr(loss, 'shape', type(loss).__name__)}")
-                        _acc_grads(acc, layers, loss, needs, granularity, gen)
+                        _acc_grads(acc, layers, loss, needs, granularity, gen, gates)
                 else:
                     with torch.no_grad():
                         run_model(model, inputs)

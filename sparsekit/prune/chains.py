@@ -97,6 +97,9 @@ def _leaves(model: nn.Module) -> dict[nn.Module, str]:
 class Recorder:
     """Context manager recording top-level events of forward passes; ``on_event(event)`` sees each one.
 
+    While recording, stock ``nn.MultiheadAttention`` modules run ``head_taps.attention_path`` (same results),
+    so their ``out_proj`` is a module call (an event) like any Linear's.
+
     ``keep=True`` stores the events (with their tensors) in ``events``; ``counter`` restarts with
     ``reset()`` (call it before each forward pass so event indices repeat from 0).
     """
@@ -109,6 +112,7 @@ class Recorder:
         self._depth = 0
         self._handles: list[Any] = []
         self._mode: _Mode | None = None
+        self._path: Any = None
 
     def reset(self) -> None:
         self.counter = 0
@@ -127,6 +131,10 @@ class Recorder:
                 self._depth -= 1
 
     def __enter__(self) -> Recorder:
+        from .head_taps import attention_path  # it imports pruned_mha, which imports graph
+
+        self._path = attention_path(self.model)    # out_proj of nn.MultiheadAttention: a module call
+        self._path.__enter__()
         for mod, name in _leaves(self.model).items():
             def pre(m: nn.Module, args: tuple) -> None:
                 self._depth += 1
@@ -149,6 +157,7 @@ class Recorder:
             h.remove()
         self._handles.clear()
         self._depth = 0
+        self._path.__exit__(*exc)
 
 
 class _Mode(TorchFunctionMode):

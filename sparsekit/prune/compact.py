@@ -23,7 +23,8 @@ width (``num_heads * head_dim``) other than ``embed_dim``, so an instance that l
 ``PrunedMultiheadAttention``: same forward signature and results, same parameter names (``in_proj_weight``,
 ``in_proj_bias``, ``out_proj``, ``bias_k`` / ``bias_v``, ``q/k/v_proj_weight``; plus a ``head_index`` buffer),
 fewer heads, the same ``embed_dim`` in and out (works inside ``nn.TransformerEncoderLayer``, which then
-calls it rather than its fused native kernel). An ``nn.TransformerEncoder`` holding one stops converting
+calls it rather than its fused native kernel, and as ``nn.TransformerDecoderLayer``'s self- and
+cross-attention). An ``nn.TransformerEncoder`` holding one stops converting
 padded batches to nested tensors (its fast path assumes a stock attention): outputs at padded positions are
 then computed rather than zeroed.
 

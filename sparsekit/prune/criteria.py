@@ -41,6 +41,12 @@ thinet            consumer    greedy next-layer reconstruction + least squares (
 Scores are computed from ``module.weight`` as the forward pass sees it, i.e. *after* any mask already
 applied, so pruned entries score 0 and iterative pruning is monotone.
 
+Attention heads (channel pruning with group selection, ``Pruner``): criteria reading weights alone score an
+``nn.MultiheadAttention``'s q / k / v in-projection rows as Linears; data-dependent criteria whose needs are
+among ``activations``, ``rank``, ``grads``, ``hessian`` (and ``seed``) score its heads as the channels of a
+"layer" whose weight is a per-head gate (ones, ``[heads, 1]``) on the heads' output before ``out_proj``
+(``head_taps``): activation statistics of each head's output, the gradient / Hessian of its gate.
+
     @criteria.register("my_score", doc="What it is (Author et al. 2020)")
     def my_score(module): return module.weight.detach().abs()
 """

@@ -7,9 +7,13 @@
     small = sparsekit.prune.compact.compact(model, example_inputs, keep, graph=graph)
 
 Tracing: ``torch.fx`` symbolic tracing at module level (Conv2d, Linear, norms, embeddings and the attention
-modules below are leaves); Hugging Face ``PreTrainedModel``s go through ``transformers.utils.fx.HFTracer``
-(same leaf rules). Concrete shapes come from running the traced graph once on ``example_inputs``. When
-tracing fails the ``GraphError`` names the module being traced and the failing op.
+modules below are leaves, ``is_leaf_module``); Hugging Face ``PreTrainedModel``s go through
+``transformers.utils.fx.HFTracer`` (same leaf rules). Control flow on traced values is decided by the
+positional example inputs. Where fx fails (``range(x.shape[0])``, ``len(x)``, other Python on traced
+values), the graph comes from ``torch.export`` on ``example_inputs`` instead, mapped back to the model's
+leaf modules (``export_graph``), and the same rules below run on it. Concrete shapes come from running the
+graph once on ``example_inputs``. When both fail the ``GraphError`` names, for each attempt, the module
+being traced and the failing op.
 
 Channel spaces. Every tensor value carries a *tag*: its channel dim and the list of segments along it, each
 ``(space, span)``; a space is a set of coupled channels split into ``n_units`` equal units. A unit ``u`` of a
@@ -35,8 +39,11 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
   over the packed q|k|v rows, and the columns of ``out_proj`` (``(mha.out_proj, "in", ...)``). The
   ``embed_dim`` streams (inputs and output) keep their width: they are pinned. Heads are pinned when the
   returned attention weights are used (they average over all heads). ``nn.TransformerEncoderLayer`` /
-  ``nn.TransformerEncoder`` (stock forward) are leaves with the same rule for ``self_attn`` plus a prunable
-  feed-forward space (``linear1`` rows, ``linear2`` columns); their LayerNorms pin the stream.
+  ``nn.TransformerDecoderLayer`` / ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` / ``nn.Transformer``
+  (torch's forward, ``transformer_layers``) are leaves with the same rule for every layer's ``self_attn``
+  and a decoder layer's cross-attention ``multihead_attn`` (its queries come from the target stream, its
+  keys and values from the memory stream, which keeps its width), plus a prunable feed-forward space per
+  layer (``linear1`` rows, ``linear2`` columns); their LayerNorms pin the streams.
 * embeddings: a new space on the embedding dim; model outputs and anything an unknown op touches: pinned.
 
 Pinned groups (``prunable=False``, ``reason``) are never pruned: this is what keeps the classifier intact.
@@ -58,17 +65,18 @@ from torch import Tensor, nn
 from torch.fx import _symbolic_trace
 
 __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind", "set_heads", "in_proj_parts",
-           "NORMS"]
+           "is_leaf_module", "transformer_layers", "NORMS"]
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 _LEAVES = (nn.Conv2d, nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.TransformerEncoderLayer,
-           nn.TransformerEncoder) + NORMS
+           nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Transformer) + NORMS
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU,
                  nn.Dropout, nn.Dropout2d, nn.Identity, nn.Hardsigmoid, nn.Mish)
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _PASS_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish", "elu",
             "dropout", "contiguous", "clone", "detach", "float", "to", "type_as", "mish", "hardtanh",
-            "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "neg", "abs", "exp"}
+            "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "neg", "abs", "exp",
+            "alias", "to_copy"}
 _BINARY_FN = {"add", "iadd", "sub", "isub", "mul", "imul", "truediv", "div", "add_", "mul_"}
 _REDUCE_FN = {"mean", "sum", "amax", "max", "amin", "min"}
 
@@ -169,9 +177,27 @@ def in_proj_parts(mod: nn.Module) -> list[tuple[str, int, int]]:
     return parts
 
 
-def _is_stock_encoder_layer(mod: nn.Module) -> bool:
+def _stock(mod: nn.Module, cls: type) -> bool:
     # a subclass with its own forward may wire its parts differently: then it stays an unknown op
-    return isinstance(mod, nn.TransformerEncoderLayer) and type(mod).forward is nn.TransformerEncoderLayer.forward
+    return isinstance(mod, cls) and type(mod).forward is cls.forward
+
+
+def transformer_layers(mod: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """``(relative name, layer)`` of every encoder / decoder layer of a stock ``nn.TransformerEncoderLayer``,
+    ``nn.TransformerDecoderLayer``, ``nn.TransformerEncoder``, ``nn.TransformerDecoder`` or ``nn.Transformer``
+    (every part with torch's own forward), or None."""
+    if _stock(mod, nn.TransformerEncoderLayer) or _stock(mod, nn.TransformerDecoderLayer):
+        return [("", mod)]
+    if _stock(mod, nn.TransformerEncoder) or _stock(mod, nn.TransformerDecoder):
+        layers = [(f"layers.{i}", layer) for i, layer in enumerate(mod.layers)]
+        return layers if all(transformer_layers(layer) for _, layer in layers) else None
+    if _stock(mod, nn.Transformer) and _stock(mod.encoder, nn.TransformerEncoder) and _stock(
+            mod.decoder, nn.TransformerDecoder):
+        enc, dec = transformer_layers(mod.encoder), transformer_layers(mod.decoder)
+        if enc is None or dec is None:
+            return None
+        return [(f"encoder.{n}", layer) for n, layer in enc] + [(f"decoder.{n}", layer) for n, layer in dec]
+    return None
 
 
 def _heads_attr(mod: nn.Module) -> str:
@@ -189,14 +215,19 @@ def set_heads(mod: nn.Module) -> None:
 
 
 # -------------------------------------------------------------------------------------------- tracing
+def is_leaf_module(m: nn.Module) -> bool:
+    """Whether tracing keeps ``m`` as one call (Conv2d, Linear, norms, embeddings, attention modules, other
+    ``torch.nn`` modules but containers) rather than tracing through its forward."""
+    if isinstance(m, _LEAVES) or attention_kind(m) is not None:
+        return True
+    return m.__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
 class _LeafMixin:
     stack: list[str]
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # noqa: D401
-        if isinstance(m, _LEAVES) or attention_kind(m) is not None:
-            return True
-        return m.__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList,
-                                                                          nn.ModuleDict))
+        return is_leaf_module(m)
 
     def call_module(self, m, forward, args, kwargs):  # noqa: ANN001
         self.stack.append(self.path_of_module(m) or type(m).__name__)
@@ -293,15 +324,26 @@ def _trace(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, tuple
         frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename
                   and not f.filename.endswith("graph.py")]
         op = f"`{frames[-1].line}` ({frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else "?"
-        raise GraphError(f"torch.fx could not trace {type(model).__name__}: in module {where!r}, op {op} failed with "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Make that module a "
-                         "leaf, rewrite the data-dependent control flow, or prune with granularity "
-                         "'element'/'block' (no dependency graph needed)") from e
+        fx_error = (f"in module {where!r}, op {op} failed with {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}")
+        fx_exc = e
+    from .export_graph import export_failure, export_trace
+
+    try:   # fallback: torch.export on the example inputs, rebuilt as a module-level graph
+        gm, flat = export_trace(model, args, kwargs, is_leaf_module)
+        return gm, flat, {}
+    except Exception as e:  # noqa: BLE001 - both attempts are reported
+        raise GraphError(f"torch.fx could not trace {type(model).__name__}: {fx_error}; the torch.export fallback "
+                         f"failed too: {export_failure(model, e)}. Make that module a leaf, rewrite the "
+                         "data-dependent control flow, or prune with granularity 'element'/'block' (no "
+                         "dependency graph needed)") from fx_exc
 
 
 def _fn_name(target: Any) -> str:
     if isinstance(target, str):
         return target
+    if isinstance(target, torch._ops.OpOverload):     # graphs rebuilt from torch.export: aten.add.Tensor -> add
+        return target._opname.strip("_")
     name = getattr(target, "__name__", str(target))
     return name.strip("_")
 
@@ -498,16 +540,12 @@ class DependencyGraph:
                 self._spaces[self._find(s)].pinned = (f"{name!r}: the attention weights it returns are used "
                                                       "(they average over all heads)")
             return [None, None]
-        if _is_stock_encoder_layer(mod):
+        layers = transformer_layers(mod)
+        if layers is not None:
             self._pin([tag(a) for a in _flat_args(n.args) + list(n.kwargs.values())],
-                      f"{name!r} (nn.TransformerEncoderLayer) normalises over these channels (LayerNorm)")
-            self._encoder_layer(name, mod)
-            return None
-        if isinstance(mod, nn.TransformerEncoder) and all(_is_stock_encoder_layer(m) for m in mod.layers):
-            self._pin([tag(a) for a in _flat_args(n.args) + list(n.kwargs.values())],
-                      f"{name!r} (nn.TransformerEncoder) normalises over these channels (LayerNorm)")
-            for i, layer in enumerate(mod.layers):
-                self._encoder_layer(f"{name}.layers.{i}", layer)
+                      f"{name!r} (nn.{type(mod).__name__}) normalises over these channels (LayerNorm)")
+            for rel, layer in layers:
+                self._transformer_layer(f"{name}.{rel}" if rel else name, layer)
             return None
         if kind == "hf":
             if x is not None:
@@ -553,9 +591,12 @@ class DependencyGraph:
         self._add(_Seg(s, inner), f"{name}.out_proj", "in", 0)
         return s
 
-    def _encoder_layer(self, name: str, layer: nn.TransformerEncoderLayer) -> None:
-        """``self_attn`` heads (called with need_weights=False) and the feed-forward hidden channels."""
+    def _transformer_layer(self, name: str, layer: nn.Module) -> None:
+        """``self_attn`` heads, a decoder layer's cross-attention (``multihead_attn``) heads (both called with
+        need_weights=False; the memory stream keeps its width) and the feed-forward hidden channels."""
         self._mha_heads(f"{name}.self_attn", layer.self_attn)
+        if isinstance(layer, nn.TransformerDecoderLayer):
+            self._mha_heads(f"{name}.multihead_attn", layer.multihead_attn)
         s = self._new(layer.linear1.out_features)
         self._add(_Seg(s, layer.linear1.out_features), f"{name}.linear1", "out", 0)
         self._add(_Seg(s, layer.linear1.out_features), f"{name}.linear2", "in", 0)
@@ -653,8 +694,16 @@ class DependencyGraph:
             return self._unknown(n, in_tags, where)
         if fname in ("cat", "concat", "concatenate"):
             return self._cat(n, tag, shapes, shape, where)
-        if fname in ("split", "chunk", "tensor_split"):
+        if fname in ("split", "split_with_sizes", "chunk", "tensor_split"):
             return self._split(n, x, args, shapes, where, in_tags)
+        if fname in ("slice", "select") and isinstance(x, _Tag):     # aten ops of x[...] (torch.export graphs)
+            in_shape = shapes.get(args[0])
+            dim = (args[1] if len(args) > 1 else n.kwargs.get("dim", 0)) % len(in_shape)
+            if dim != x.dim:
+                return _Tag(x.dim - int(fname == "select" and dim < x.dim), x.segs)
+            if fname == "slice" and tuple(shape) == tuple(in_shape):
+                return x
+            return self._unknown(n, in_tags, where)
         if fname in _REDUCE_FN:
             dims = args[1] if len(args) > 1 else n.kwargs.get("dim")
             keep = n.kwargs.get("keepdim", args[2] if len(args) > 2 else False)

@@ -4,6 +4,9 @@
 (``sparsekit.prune.compact``) turns an instance that loses heads into this module: the same forward signature
 and results for the kept heads, the same parameter names, the same ``embed_dim`` in and out. It is the one
 exception to "compaction keeps the module classes".
+
+Its forward is ``mha_forward(module, ...)``, which also runs a stock ``nn.MultiheadAttention`` (same results)
+with ``out_proj`` called as a module on the heads' outputs: ``head_taps`` uses that to read and gate them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import Tensor, nn
 
 from .graph import attention_kind, in_proj_parts
 
-__all__ = ["PrunedMultiheadAttention"]
+__all__ = ["PrunedMultiheadAttention", "mha_forward"]
 
 
 class PrunedMultiheadAttention(nn.Module):
@@ -107,118 +110,135 @@ class PrunedMultiheadAttention(nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
-        if query.dim() not in (2, 3):
-            raise ValueError(f"query must be [L, E] or batched (3-D), got shape {tuple(query.shape)}")
-        batched = query.dim() == 3
-        key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
-                                             other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
-                                             target_type=query.dtype)
-        if is_causal and attn_mask is None:
-            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)")
-        if is_causal and key_padding_mask is None and not need_weights:
-            attn_mask = None        # scaled_dot_product_attention applies the causal mask itself
-        else:
-            attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
-                                          target_type=query.dtype, check_other=False)
-            is_causal = is_causal and key_padding_mask is None
-        query, key, value = self._seq_first(query, key, value, batched)
-        if not batched and key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.unsqueeze(0)
-        tgt, bsz = query.shape[:2]
-        q, k, v = self._project(query, key, value)
-        attn_mask = self._head_mask(attn_mask, bsz, tgt, key.shape[0])
-        if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
-            v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
-            attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
-        h, d = self.num_heads, self.head_dim
-        q, k, v = (t.reshape(t.shape[0], bsz * h, d).transpose(0, 1) for t in (q, k, v))
-        if self.add_zero_attn:
-            k, v = (torch.cat([t, t.new_zeros(bsz * h, 1, d)], dim=1) for t in (k, v))
-            attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
-        src = k.shape[1]
-        if key_padding_mask is not None:
-            kpm = key_padding_mask.view(bsz, 1, 1, src).expand(-1, h, -1, -1).reshape(bsz * h, 1, src)
-            attn_mask = kpm if attn_mask is None else attn_mask + kpm
-        p = self.dropout if self.training else 0.0
-        if need_weights:
-            out, weights = self._attend_with_weights(q, k, v, attn_mask, p)
-            weights = weights.view(bsz, h, tgt, src)
-            weights = weights.mean(dim=1) if average_attn_weights else weights
-            weights = weights if batched else weights.squeeze(0)
-        else:
-            out, weights = self._attend(q, k, v, attn_mask, p, is_causal, bsz), None
-        out = self.out_proj(out).view(tgt, bsz, -1)
-        if not batched:
-            return out.squeeze(1), weights
-        return (out.transpose(0, 1) if self.batch_first else out), weights
-
-    def _seq_first(self, query: Tensor, key: Tensor, value: Tensor, batched: bool) -> tuple[Tensor, ...]:
-        """Inputs as ``[L, N, E]``, keeping ``query is key is value`` so self-attention projects once."""
-        same_kv, same_qk = key is value, query is key
-        if batched and self.batch_first:
-            query = query.transpose(0, 1)
-            key = query if same_qk else key.transpose(0, 1)
-            value = key if same_kv else value.transpose(0, 1)
-        elif not batched:
-            query = query.unsqueeze(1)
-            key = query if same_qk else key.unsqueeze(1)
-            value = key if same_kv else value.unsqueeze(1)
-        return query, key, value
-
-    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        inner = self.num_heads * self.head_dim
-        b = (None, None, None) if self.in_proj_bias is None else self.in_proj_bias.split(inner)
-        if self.in_proj_weight is None:
-            ws = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
-        else:
-            if query is key and key is value:
-                return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(inner, dim=-1)
-            ws = self.in_proj_weight.split(inner)
-        return F.linear(query, ws[0], b[0]), F.linear(key, ws[1], b[1]), F.linear(value, ws[2], b[2])
-
-    def _head_mask(self, attn_mask: Tensor | None, bsz: int, tgt: int, src: int) -> Tensor | None:
-        """``attn_mask`` as ``[1 or bsz*heads, tgt, src]``; a 3-D mask per original head keeps the kept heads."""
-        if attn_mask is None:
-            return None
-        if attn_mask.dim() == 2:
-            if tuple(attn_mask.shape) != (tgt, src):
-                raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be "
-                                   f"{(tgt, src)}.")
-            return attn_mask.unsqueeze(0)
-        if attn_mask.dim() != 3:
-            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
-        if tuple(attn_mask.shape) == (bsz * self.orig_heads, tgt, src) and self.orig_heads != self.num_heads:
-            per_head = attn_mask.view(bsz, self.orig_heads, tgt, src)
-            return per_head.index_select(1, self.head_index).reshape(bsz * self.num_heads, tgt, src)
-        if tuple(attn_mask.shape) != (bsz * self.num_heads, tgt, src):
-            raise RuntimeError(f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
-                               f"{(bsz * self.orig_heads, tgt, src)} (per original head) or "
-                               f"{(bsz * self.num_heads, tgt, src)} (per kept head).")
-        return attn_mask
-
-    def _attend_with_weights(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-                             p: float) -> tuple[Tensor, Tensor]:
-        q = q * math.sqrt(1.0 / float(self.head_dim))
-        logits = torch.bmm(q, k.transpose(-2, -1)) if mask is None else torch.baddbmm(mask, q, k.transpose(-2, -1))
-        weights = logits.softmax(dim=-1)
-        if p > 0.0:
-            weights = F.dropout(weights, p=p)
-        out = torch.bmm(weights, v).transpose(0, 1)                  # [tgt, bsz*heads, d]
-        return out.reshape(-1, self.num_heads * self.head_dim), weights
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, is_causal: bool,
-                bsz: int) -> Tensor:
-        h, d = self.num_heads, self.head_dim
-        if mask is not None:
-            mask = mask.unsqueeze(0) if mask.shape[0] == 1 else mask.view(bsz, h, -1, k.shape[1])
-        q, k, v = (t.view(bsz, h, -1, d) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal)    # [bsz, heads, tgt, d]
-        return out.permute(2, 0, 1, 3).reshape(-1, h * d)
+        return mha_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                           is_causal)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads} (of {self.orig_heads}), "
                 f"head_dim={self.head_dim}, batch_first={self.batch_first}")
+
+
+def mha_forward(mod: nn.Module, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``PrunedMultiheadAttention.forward`` for any ``"mha"`` module (a stock ``nn.MultiheadAttention`` gives its
+    own results). ``mod.out_proj`` is called as a module on the heads' outputs ``[tgt * batch, heads *
+    head_dim]`` (rows: target position major, then batch; columns: head major), which is where
+    ``head_taps`` reads and gates them."""
+    if query.dim() not in (2, 3):
+        raise ValueError(f"query must be [L, E] or batched (3-D), got shape {tuple(query.shape)}")
+    batched = query.dim() == 3
+    key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                         other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                         target_type=query.dtype)
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)")
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask = None        # scaled_dot_product_attention applies the causal mask itself
+    else:
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                      target_type=query.dtype, check_other=False)
+        is_causal = is_causal and key_padding_mask is None
+    query, key, value = _seq_first(mod, query, key, value, batched)
+    if not batched and key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.unsqueeze(0)
+    tgt, bsz = query.shape[:2]
+    q, k, v = _project(mod, query, key, value)
+    attn_mask = _head_mask(mod, attn_mask, bsz, tgt, key.shape[0])
+    if mod.bias_k is not None:
+        k = torch.cat([k, mod.bias_k.repeat(1, bsz, 1)])
+        v = torch.cat([v, mod.bias_v.repeat(1, bsz, 1)])
+        attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
+    h, d = mod.num_heads, mod.head_dim
+    q, k, v = (t.reshape(t.shape[0], bsz * h, d).transpose(0, 1) for t in (q, k, v))
+    if mod.add_zero_attn:
+        k, v = (torch.cat([t, t.new_zeros(bsz * h, 1, d)], dim=1) for t in (k, v))
+        attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
+    src = k.shape[1]
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(bsz, 1, 1, src).expand(-1, h, -1, -1).reshape(bsz * h, 1, src)
+        attn_mask = kpm if attn_mask is None else attn_mask + kpm
+    p = mod.dropout if mod.training else 0.0
+    if need_weights:
+        out, weights = _attend_with_weights(mod, q, k, v, attn_mask, p)
+        weights = weights.view(bsz, h, tgt, src)
+        weights = weights.mean(dim=1) if average_attn_weights else weights
+        weights = weights if batched else weights.squeeze(0)
+    else:
+        out, weights = _attend(mod, q, k, v, attn_mask, p, is_causal, bsz), None
+    out = mod.out_proj(out).view(tgt, bsz, -1)
+    if not batched:
+        return out.squeeze(1), weights
+    return (out.transpose(0, 1) if mod.batch_first else out), weights
+
+
+def _seq_first(mod: nn.Module, query: Tensor, key: Tensor, value: Tensor, batched: bool) -> tuple[Tensor, ...]:
+    """Inputs as ``[L, N, E]``, keeping ``query is key is value`` so self-attention projects once."""
+    same_kv, same_qk = key is value, query is key
+    if batched and mod.batch_first:
+        query = query.transpose(0, 1)
+        key = query if same_qk else key.transpose(0, 1)
+        value = key if same_kv else value.transpose(0, 1)
+    elif not batched:
+        query = query.unsqueeze(1)
+        key = query if same_qk else key.unsqueeze(1)
+        value = key if same_kv else value.unsqueeze(1)
+    return query, key, value
+
+
+def _project(mod: nn.Module, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    inner = mod.num_heads * mod.head_dim
+    b = (None, None, None) if mod.in_proj_bias is None else mod.in_proj_bias.split(inner)
+    if mod.in_proj_weight is None:
+        ws = (mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight)
+    else:
+        if query is key and key is value:
+            return F.linear(query, mod.in_proj_weight, mod.in_proj_bias).split(inner, dim=-1)
+        ws = mod.in_proj_weight.split(inner)
+    return F.linear(query, ws[0], b[0]), F.linear(key, ws[1], b[1]), F.linear(value, ws[2], b[2])
+
+
+def _head_mask(mod: nn.Module, attn_mask: Tensor | None, bsz: int, tgt: int, src: int) -> Tensor | None:
+    """``attn_mask`` as ``[1 or bsz*heads, tgt, src]``; a 3-D mask per original head keeps the kept heads."""
+    orig = getattr(mod, "orig_heads", mod.num_heads)
+    if attn_mask is None:
+        return None
+    if attn_mask.dim() == 2:
+        if tuple(attn_mask.shape) != (tgt, src):
+            raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                               f"{(tgt, src)}.")
+        return attn_mask.unsqueeze(0)
+    if attn_mask.dim() != 3:
+        raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+    if tuple(attn_mask.shape) == (bsz * orig, tgt, src) and orig != mod.num_heads:
+        per_head = attn_mask.view(bsz, orig, tgt, src)
+        return per_head.index_select(1, mod.head_index).reshape(bsz * mod.num_heads, tgt, src)
+    if tuple(attn_mask.shape) != (bsz * mod.num_heads, tgt, src):
+        raise RuntimeError(f"The shape of the 3D attn_mask is {tuple(attn_mask.shape)}, but should be "
+                           f"{(bsz * orig, tgt, src)} (per original head) or "
+                           f"{(bsz * mod.num_heads, tgt, src)} (per kept head).")
+    return attn_mask
+
+
+def _attend_with_weights(mod: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                        p: float) -> tuple[Tensor, Tensor]:
+    q = q * math.sqrt(1.0 / float(mod.head_dim))
+    logits = torch.bmm(q, k.transpose(-2, -1)) if mask is None else torch.baddbmm(mask, q, k.transpose(-2, -1))
+    weights = logits.softmax(dim=-1)
+    if p > 0.0:
+        weights = F.dropout(weights, p=p)
+    out = torch.bmm(weights, v).transpose(0, 1)                  # [tgt, bsz*heads, d]
+    return out.reshape(-1, mod.num_heads * mod.head_dim), weights
+
+
+def _attend(mod: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: float, is_causal: bool,
+            bsz: int) -> Tensor:
+    h, d = mod.num_heads, mod.head_dim
+    if mask is not None:
+        mask = mask.unsqueeze(0) if mask.shape[0] == 1 else mask.view(bsz, h, -1, k.shape[1])
+    q, k, v = (t.view(bsz, h, -1, d) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal)    # [bsz, heads, tgt, d]
+    return out.permute(2, 0, 1, 3).reshape(-1, h * d)
 
 
 def _pad_masks(attn_mask: Tensor | None, key_padding_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:

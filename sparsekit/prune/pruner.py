@@ -29,6 +29,14 @@ def _unit_indices(keep: Mapping[int, Tensor]) -> dict[int, Tensor]:
     return {gid: torch.nonzero(k).reshape(-1) for gid, k in keep.items()}
 
 
+def _gate_view(mha: nn.Module) -> nn.Module:
+    """What a criterion scoring an attention module's heads sees as the layer: weight = the heads' gates (ones,
+    ``[heads, 1]``); its statistics are the heads' (``calibration.collect(heads=...)``)."""
+    view = nn.Linear(1, mha.num_heads, bias=False, device="meta")
+    view.weight = nn.Parameter(torch.ones(mha.num_heads, 1), requires_grad=False)
+    return view
+
+
 def check_example_inputs(example_inputs: Any) -> None:
     """Raise TypeError unless ``example_inputs`` is a Tensor, a tuple/list (positional) or a dict (kwargs)."""
     if not isinstance(example_inputs, (Tensor, tuple, list, Mapping)):
@@ -133,12 +141,17 @@ class Pruner:
     chains is unchanged). ``scope="layer"`` removes ``floor(sparsity * units)`` units of every group;
     ``"global"`` ranks all groups' units (channels; heads of head groups) with one threshold, every group
     keeping ``min_channels`` units. Groups the graph pins (model outputs such as the classifier, LayerNorm
-    streams, an attention's ``embed_dim``) and groups with an ignored producer stay whole; so do
-    ``nn.MultiheadAttention`` heads under a data-dependent criterion (its in-projection is not a layer the
-    calibration hooks see). Per-layer selection remains where aggregation does not apply:
-    reconstruction criteria (``reconstruct=True``, ``lasso``, ``thinet``) refit each layer's consumer for
-    that layer's own selection along a plain chain, and ``distributed="sharded"`` ranks see only their own
-    layers; there a coupled unit goes only when every producer removed it.
+    streams, an attention's ``embed_dim``) and groups with an ignored producer stay whole. The heads of an
+    ``nn.MultiheadAttention`` (also inside ``nn.Transformer*`` layers) are scored from its in-projection
+    weights (each q / k / v weight scored as a Linear) by criteria reading weights alone, and from
+    calibration data by data-dependent ones (activation, rank, ``taylor``, ``hessian``): the criterion then
+    sees each head as one channel of a layer whose weight is a per-head gate (ones) on the heads' output
+    before ``out_proj``, with the head's output ``[tokens, head_dim]`` as its feature map and the gate's
+    gradient (``sum(out_h * d loss / d out_h)``) as its gradient (``head_taps``); a criterion needing
+    anything else (``bn``, ``consumer``) leaves heads whole. Per-layer selection remains where aggregation
+    does not apply: reconstruction criteria (``reconstruct=True``, ``lasso``, ``thinet``) refit each layer's
+    consumer for that layer's own selection along a plain chain, and ``distributed="sharded"`` ranks see only
+    their own layers; there a coupled unit goes only when every producer removed it.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any,
@@ -318,15 +331,18 @@ class Pruner:
         return False
 
     def contexts(self) -> dict[str, _calibration.LayerContext]:
-        """Per layer the ``LayerContext`` the criterion sees; collects calibration statistics if needed."""
+        """Per layer the ``LayerContext`` the criterion sees; collects calibration statistics if needed. Under
+        group selection with a data-dependent criterion, also one per attention module whose heads it scores
+        (its per-head statistics, see ``calibration.collect``)."""
         needs = set(self.criterion.needs)
+        heads = self._tapped_heads()
         stats: dict[str, dict[str, Tensor]] = {k: {} for k in self.layers}
         if self.criterion.data_dependent or self.reconstruct:
             if self.reconstruct:
                 needs.add("consumer")
             stats = _calibration.collect(self.model, self.layers, self.links, self.calib, needs,
                                          granularity=self.granularity, loss_fn=self.loss_fn, seed=self.seed,
-                                         events=self._events)
+                                         events=self._events, heads=heads)
             if self.distributed == "replicated":
                 _dist.reduce_stats(stats)
         modules = dict(self.model.named_modules())
@@ -337,10 +353,15 @@ class Pruner:
             out[name] = _calibration.LayerContext(
                 name=name, granularity=self.granularity, seed=self.seed, link=link, bn=self._bn_of(name),
                 consumer=consumer, group=link.group if link is not None else 1, stats=stats[name])
+        for name in heads:
+            out[name] = _calibration.LayerContext(name=name, granularity=self.granularity, seed=self.seed,
+                                                  stats=stats[name])
         return out
 
     def scores(self) -> dict[str, Tensor]:
         """Layer name -> the criterion's scores now (units removed by earlier steps at -inf); applies nothing.
+        Attention modules whose heads a data-dependent criterion scores (group selection) get one score per
+        head under their own name.
 
         With ``select`` this previews masks for any sparsity, e.g. to search the sparsity that meets a
         parameter budget without collecting calibration statistics again for every candidate.
@@ -352,7 +373,8 @@ class Pruner:
         return self._select(dict(scores), _masks.check_sparsity(sparsity))
 
     def _scores(self, ctxs: Mapping[str, _calibration.LayerContext]) -> dict[str, Tensor]:
-        out = {}
+        out = {name: self.criterion.score(_gate_view(self.model.get_submodule(name)), ctxs[name])
+               for name in self._tapped_heads()}    # one score per head
         for name, mod in self.layers.items():
             s = self.criterion.score(mod, ctxs[name])
             prev = self._masks.get(name)
@@ -496,6 +518,18 @@ class Pruner:
         # an attention in-projection is scored as a stand-alone Linear: only criteria reading weights alone
         return not self.criterion.data_dependent and set(self.criterion.needs) <= {"seed"}
 
+    def _scores_head_taps(self) -> bool:
+        # data-dependent criteria score heads from their per-head outputs / gates (``head_taps``)
+        return (self._grouped and self.criterion.data_dependent
+                and set(self.criterion.needs) <= {"seed", "activations", "rank", "grads", "hessian"})
+
+    def _tapped_heads(self) -> list[str]:
+        """Attention modules whose heads the criterion scores from calibration data (see ``head_taps``)."""
+        if not self._scores_head_taps():
+            return []
+        return sorted({m.module for ms in self._selectable_groups().values() for m in ms
+                       if m.module not in self.layers})
+
     def _is_attention(self, name: str) -> bool:
         return attention_kind(self.model.get_submodule(name)) == "mha"
 
@@ -509,7 +543,7 @@ class Pruner:
         # the module or its out_proj ignores the heads) and the criterion can score it from the weights alone
         attn = {m.module for g in graph.prunable for m in g.members if m.axis == "out" and self._is_attention(m.module)}
         producers = set(self.layers)
-        if self._scores_weight_views():
+        if self._scores_weight_views() or self._scores_head_taps():
             producers |= {a for a in attn if f"{a}.out_proj" in self.layers}
         ignored = set(self.ignored) | {a for a in attn if f"{a}.out_proj" in self.ignored}
         groups = {}
@@ -548,8 +582,12 @@ class Pruner:
         """Group id -> one score per unit, aggregated over its producers (see the class docstring)."""
         groups = self._selectable_groups()
         members = {m for ms in groups.values() for m in ms}
-        rows = {k: _masks.unit_scores(v, "channel") for k, v in scores.items()}
-        rows.update(self._in_proj_scores({m.module for m in members if m.module not in self.layers}))
+        rows = {k: _masks.unit_scores(v, "channel") for k, v in scores.items() if k in self.layers}
+        attn = {m.module for m in members if m.module not in self.layers}
+        rows.update(self._in_proj_scores({a for a in attn if a not in scores}))
+        for a in attn & set(scores):     # one score per head -> every packed q|k|v row of the head
+            mod = self.model.get_submodule(a)
+            rows[a] = _masks.unit_scores(scores[a], "channel").repeat_interleave(mod.head_dim).repeat(3)
 
         def member_scores(_mod: nn.Module, m: Any) -> Tensor | None:
             return rows[m.module][m.offset:m.offset + m.span] if m in members else None
@@ -610,9 +648,10 @@ class Pruner:
 
         Needs granularity="channel". ``round_to`` (e.g. 8 or 16) keeps channel counts multiples of it, keeping
         the highest-scoring (L1) extra channels (those are masked here, so outputs then differ). The model is
-        traced with torch.fx (sparsekit.prune.graph); coupled channels (residual adds, concat, BN, depthwise
-        groups, attention heads) are removed together. An ``nn.MultiheadAttention`` that loses heads becomes
-        a ``compact.PrunedMultiheadAttention`` (same forward and parameter names, fewer heads).
+        traced with torch.fx, or torch.export where fx fails (sparsekit.prune.graph); coupled channels
+        (residual adds, concat, BN, depthwise groups, attention heads) are removed together. An
+        ``nn.MultiheadAttention`` that loses heads becomes a ``compact.PrunedMultiheadAttention`` (same forward
+        and parameter names, fewer heads).
         """
         if self.granularity != "channel":
             raise ValueError(f"compact() removes whole channels: it needs granularity='channel', this pruner has "

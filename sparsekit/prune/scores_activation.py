@@ -1,4 +1,7 @@
-"""Data-dependent criteria from each channel's feature map (the layer's output after BN/activation)."""
+"""Data-dependent criteria from each channel's feature map (the layer's output after BN/activation).
+
+An attention head is a channel whose feature map is the head's output before the output projection
+(``[tokens, head_dim]`` per sample, ``head_taps``): ``hrank`` is then the rank of that matrix."""
 
 from __future__ import annotations
 

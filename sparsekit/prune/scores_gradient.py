@@ -1,4 +1,8 @@
-"""Sensitivity criteria from gradients over ``calib`` (``(input, target)`` pairs, ``loss_fn``)."""
+"""Sensitivity criteria from gradients over ``calib`` (``(input, target)`` pairs, ``loss_fn``).
+
+An attention head is scored through a gate ``g_h = 1`` on its output (``head_taps``): ``taylor`` gives the
+mean over batches of ``(d loss / d g_h)**2 = (sum of out_h * d loss / d out_h)**2`` (Molchanov et al. 2019's
+group form; the head importance of Michel et al. 2019), ``hessian`` the gate's ``|H_hh|`` (Hutchinson)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,108 @@
+"""Per-head outputs of attention modules, for criteria that score heads from data.
+
+``attention_path(model)`` runs every stock ``nn.MultiheadAttention`` of ``model`` through
+``PrunedMultiheadAttention``'s code (``pruned_mha.mha_forward``, same results) while it is active: its
+``out_proj`` is then called as a module on the heads' concatenated outputs, so hooks (the calibration
+``chains.Recorder``, these taps) see it, and torch's fused fast paths, which skip the module calls
+(``nn.TransformerEncoderLayer``'s, ``nn.MultiheadAttention``'s own), are off. ``chains.Recorder`` enters it.
+
+``HeadTaps(model, names, on_heads, gates=...)`` hooks the ``out_proj`` input of each attention module in
+``names`` (``nn.MultiheadAttention`` under ``attention_path``, or ``PrunedMultiheadAttention``):
+
+* ``on_heads(name, out)`` sees the heads' output before the output projection as ``[batch, heads, tgt,
+  head_dim]`` (a head's "feature map": its ``tgt x head_dim`` matrix per sample);
+* with ``gates=True`` each call multiplies head ``h``'s output by ``gates[name][h]``, a tensor of ones that
+  requires grad (new ones after ``new_gates()``): ``d loss / d gate_h`` is ``sum(out_h * d loss / d out_h)``,
+  the first-order change of the loss when the head is removed (the head importance of Michel et al. 2019,
+  'Are Sixteen Heads Really Better than One?'), and second-order statistics of the gate are the head's.
+
+Enter ``HeadTaps`` inside a ``Recorder`` (its hooks must run after the Recorder's, so the torch calls they make
+are not recorded as events of the forward pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from .pruned_mha import mha_forward
+
+__all__ = ["attention_path", "HeadTaps"]
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def attention_path(model: nn.Module) -> Iterator[None]:
+    """While active, every stock ``nn.MultiheadAttention`` in ``model`` runs ``mha_forward`` (see module doc)."""
+    saved = []
+    for mod in model.modules():
+        if type(mod) is nn.MultiheadAttention or (isinstance(mod, nn.MultiheadAttention)
+                                                   and type(mod).forward is nn.MultiheadAttention.forward):
+            saved.append((mod, mod.__dict__.get("forward", _MISSING), mod._qkv_same_embed_dim))
+            mod.forward = partial(mha_forward, mod)
+            mod._qkv_same_embed_dim = False      # the encoder layer's fused path would skip the call
+    try:
+        yield
+    finally:
+        for mod, fwd, same in saved:
+            if fwd is _MISSING:
+                del mod.forward
+            else:
+                mod.forward = fwd
+            mod._qkv_same_embed_dim = same
+
+
+class HeadTaps:
+    """Context manager reading (and gating) the per-head outputs of attention modules (see module doc)."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str], on_heads: Callable[[str, Tensor], None] | None = None,
+                 gates: bool = False) -> None:
+        self.model, self.names, self.on_heads, self.use_gates = model, list(names), on_heads, gates
+        self.gates: dict[str, Tensor] = {}
+        self._shape: dict[str, tuple[int, int]] = {}
+        self._handles: list = []
+
+    def new_gates(self) -> dict[str, Tensor]:
+        """Fresh gates (ones requiring grad, one per head) for the next forward pass."""
+        for name in self.names:
+            mod = self.model.get_submodule(name)
+            ref = mod.out_proj.weight
+            self.gates[name] = torch.ones(mod.num_heads, device=ref.device, dtype=ref.dtype, requires_grad=True)
+        return self.gates
+
+    def __enter__(self) -> HeadTaps:
+        for name in self.names:
+            mod = self.model.get_submodule(name)
+            self._handles.append(mod.register_forward_pre_hook(partial(self._query_shape, name), with_kwargs=True))
+            self._handles.append(mod.out_proj.register_forward_pre_hook(partial(self._heads, name, mod)))
+        if self.use_gates:
+            self.new_gates()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _query_shape(self, name: str, mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        q = args[0] if args else kwargs["query"]
+        if q.dim() == 2:
+            self._shape[name] = (q.shape[0], 1)
+        else:
+            self._shape[name] = (q.shape[1], q.shape[0]) if mod.batch_first else (q.shape[0], q.shape[1])
+
+    def _heads(self, name: str, mod: nn.Module, _proj: nn.Module, args: tuple) -> tuple | None:
+        x = args[0]
+        tgt, bsz = self._shape[name]
+        h, d = mod.num_heads, mod.head_dim
+        if self.on_heads is not None:
+            self.on_heads(name, x.view(tgt, bsz, h, d).permute(1, 2, 0, 3))
+        if not self.use_gates:
+            return None
+        gate = self.gates[name].view(1, h, 1)
+        return ((x.view(-1, h, d) * gate).reshape(x.shape),) + tuple(args[1:])
