@@ -16,7 +16,10 @@ returns ``(small, keep)``; for masks that zero only producer rows, the reference
 keep)``, which differs from the row-masked model only by the BN beta of removed channels.
 
 Channel selection (seed 000, section 2.3): where a BatchNorm reads a shared stream, the compacted model
-wraps it as ``ChannelSelect(index, bn)`` (``torch.index_select`` over the kept channels of the stream).
+wraps it as ``ChannelSelect(index, bn)`` (``torch.index_select`` over the kept channels of the stream). The
+selection keeps the units its own group keeps *and* its stream keeps; like every group it must keep at least
+one (``graph.select`` ensures ``min_keep``; ``graph.keep_selections`` repairs hand-made keep-sets), else
+``compact`` refuses: the layer would read no channel.
 
 Attention heads. One exception to "same module classes": ``nn.MultiheadAttention`` cannot have an inner
 width (``num_heads * head_dim``) other than ``embed_dim``, so an instance that loses heads becomes a
@@ -232,6 +235,13 @@ def _check_keep(graph: DependencyGraph, keep: Mapping[int, Any], allow_empty: bo
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= g.size):
             raise ValueError(f"keep[{gid}] has indices outside [0, {g.size})")
         out[gid] = torch.unique(t)
+    if not allow_empty:     # a selection keeps only what its stream keeps: that too must not be empty
+        eff = _effective_keep(graph, out)
+        for bn, sel in graph.selections.items():
+            if sel["group"] is not None and not bool(eff[sel["group"]].any()):
+                raise ValueError(f"keep[{sel['group']}] keeps none of the channels its stream keeps: {bn!r} and the "
+                                 "layer after it would read no channel; keep one of them (graph.select does; "
+                                 "graph.keep_selections(keep) adds the best ones back)")
     return out
 
 

@@ -28,8 +28,11 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
 * GroupNorm: units coarsen to whole norm groups. LayerNorm normalises over its channels, so removing any
   changes its statistics: its space is pinned.
 * residual add / mul between tagged tensors: spaces merged (coarsened to a common unit); concat: segments
-  appended (index offsets); split / chunk / slicing along channels: the pieces keep their segments when the
-  cut falls on a segment boundary (else pinned); flatten after a conv: span times H*W (feature expansion).
+  appended (index offsets); ``chunk`` / ``tensor_split`` into k equal parts along channels: the pieces keep
+  their segments when the cuts fall on segment boundaries, and the pieces' segments are merged position by
+  position (the compacted pieces must stay equally wide to be cut at the same channels); else, and for
+  fixed sizes (``split(8)``, ``split([8, 8])``, slicing), pinned; flatten after a conv: span times H*W
+  (feature expansion).
 * attention: Hugging Face ``BertSelfAttention``-style (``query``/``key``/``value``, ``num_attention_heads``)
   and fused-qkv modules (``qkv``, ``proj``, ``heads``/``num_heads``, ``head_dim``) get a head space (unit =
   one head: q, k, v rows and the output projection's columns). Whether the module's forward still runs with
@@ -794,6 +797,24 @@ class DependencyGraph:
                 i, j = bounds.index(start), bounds.index(end)
                 pieces.append(_Tag(dim, x.segs[i:j]))
             start = end
+        # The compacted model splits its *compacted* width: chunk(k) / tensor_split(k) into equal parts cut at
+        # the same channels only if every piece keeps as many channels as the others (their segments are
+        # coupled position by position); sizes or indices in the code (split(8), split([8, 8])) cannot follow
+        # a smaller input at all.
+        k = args[1] if len(args) > 1 else next((n.kwargs[a] for a in ("chunks", "sections", "indices_or_sections")
+                                                if a in n.kwargs), None)
+        if _fn_name(n.target) not in ("chunk", "tensor_split") or not isinstance(k, int):
+            self._pin(x, f"{where}: splits the channels at fixed sizes")
+        elif all(p is not None for p in pieces):
+            if any([s.span for s in p.segs] != [s.span for s in pieces[0].segs] for p in pieces):
+                self._pin(x, f"{where}: chunks of different channel layouts")
+            else:
+                for p in pieces[1:]:
+                    for sa, sb in zip(pieces[0].segs, p.segs):
+                        if sa.space is not None and sb.space is not None:
+                            self._union(sa.space, sb.space)
+                        elif sa.space is not None or sb.space is not None:
+                            self._pin(x, f"{where}: chunks fixed channels with prunable ones")
         return pieces
 
     # ------------------------------------------------------------------------------ heads probing
@@ -937,7 +958,9 @@ class DependencyGraph:
 
         ``scope="global"`` ranks all groups' units together (scores divided by their group's mean when
         ``normalize``); ``"layer"`` removes the fraction from each group. ``round_to`` rounds every
-        group's kept channel count up to a multiple (channel groups only).
+        group's kept channel count up to a multiple (channel groups only). Every group keeps at least
+        ``min_keep`` units; a selection group (``ChannelSelect``) counts only the units its stream keeps
+        too (``keep_selections``).
         """
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
@@ -972,7 +995,37 @@ class DependencyGraph:
                 start += g.size
         else:
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+        keep = self.keep_selections(keep, scores, min_keep)
         return self.round_keep(keep, round_to, scores) if round_to else keep
+
+    def keep_selections(self, keep: Mapping[int, Tensor], scores: Mapping[int, Tensor] | None = None,
+                        min_keep: int = 1) -> dict[int, Tensor]:
+        """``keep`` where every selection group keeps at least ``min_keep`` units that its stream keeps too.
+
+        A selection group (the channels a ``ChannelSelect`` picks out of a shared stream, e.g. a DenseNet layer's
+        BN and conv input) and its stream's groups are chosen independently, and a unit survives only where
+        both keep it (``compact`` intersects them); when too few survive, the best-scoring surviving units
+        (lowest index without ``scores``) are added back. Without this a layer could read no channel at all,
+        which ``compact`` refuses (like any group that keeps no unit).
+        """
+        from .compact import _effective_keep, _stream_mask
+
+        out = {k: torch.as_tensor(v) for k, v in keep.items()}
+        out = {k: (torch.nonzero(v) if v.dtype == torch.bool else v.to(torch.long)).reshape(-1) for k, v in out.items()}
+        for sel in self.selections.values():
+            gid = sel["group"]
+            if gid not in out:
+                continue
+            eff = _effective_keep(self, out)      # again per selection: one stream may hold an earlier selection
+            short = min(min_keep, self.groups[gid].size) - int(eff[gid].sum())
+            if short <= 0:
+                continue
+            in_stream = _stream_mask(self, sel["segs"], eff).reshape(self.groups[gid].size, -1).all(1)
+            extra = torch.nonzero(in_stream & ~eff[gid]).reshape(-1)
+            if scores is not None and gid in scores:
+                extra = extra[torch.argsort(scores[gid][extra], descending=True, stable=True)]
+            out[gid] = torch.unique(torch.cat([out[gid], extra[:short]]))
+        return out
 
     def round_keep(self, keep: Mapping[int, Tensor], round_to: int | None,
                    scores: Mapping[int, Tensor] | None = None) -> dict[int, Tensor]:
