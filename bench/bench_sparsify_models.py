@@ -1,14 +1,18 @@
 """End-to-end: pruned models through sk.sparsify, timed against the dense original in the same run.
 
     python bench/bench_sparsify_models.py [--models bert,resnet50] [--reps 5] [--layers 12]
+    python bench/bench_sparsify_models.py --device cuda --dtype float16 --batch 32 --out gpu_out/results
 
 bert      BERT-base-sized encoder (hidden 768, 12 heads, FFN 3072, seq 128, batch 8; sparsekit.models), every
           Linear but the classifier pruned to 90% with 32x32 blocks (magnitude, layer scope), then sparsified.
 resnet50  ResNet-50 (batch 8, 224x224): 50% global channel pruning compacted (dependency graph), then 80% 32x32
           block sparsity in the remaining 3x3 convs, then sparsified.
 
-Writes bench/results/sparsify_models_<machine>_<date>.json/.md with medians (interleaved dense/sparse runs),
-per-model speedup, and the Linear weight bytes after sparsify vs dense.
+Pruning (and ResNet-50's compaction) runs on CPU in float32; the models are then moved to --device/--dtype, where
+sparsify measures its candidates and the timing runs (CUDA: synchronised). Writes
+<--out, default bench/results>/sparsify_models_<machine>_<date>.json/.md with medians (interleaved dense/sparse
+runs), per-model speedup, and the Linear weight bytes after sparsify vs dense. A model whose sparsified output
+differs from the pruned dense one by more than the dtype's tolerance is still timed; the row says so.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,44 +29,72 @@ import torch
 from torch import nn
 
 import sparsekit as sk
-from sparsekit.benchmark.machine import machine_info
+from sparsekit.benchmark.machine import machine_info, machine_slug
 from sparsekit.nn import SparseConv2d, SparseLinear
 from sparsekit.prune.compact import compact
 from sparsekit.prune.graph import DependencyGraph
 from sparsekit.timing import interleaved_median_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# sk.verify tolerance (atol, rtol x max |dense output|) per dtype: fp32 as before; half types round every layer
+VERIFY_TOL = {torch.float32: (1e-3, 0.0), torch.float16: (1e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
 
 
-def bert(reps: int, layers: int) -> dict:
+def _place(model: nn.Module, x: torch.Tensor, device: str, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor]:
+    """Model and input on the benchmark's device/dtype (token ids keep their integer dtype)."""
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, (x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device))
+
+
+def _verify(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> dict:
+    """{"verify_max_diff": ..., "verify_error": message or None}: a mismatch is reported, not raised."""
+    atol, rtol = VERIFY_TOL[dtype]
+    try:
+        diffs = sk.verify(reference, candidate, x, atol=atol, rtol=rtol)
+    except sk.VerificationError as exc:
+        with torch.no_grad():
+            diff = float((reference(x).float() - candidate(x).float()).abs().max())
+        return {"verify_max_diff": diff, "verify_error": str(exc)[:500]}
+    return {"verify_max_diff": max(diffs.values()), "verify_error": None}
+
+
+def bert(reps: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 8) -> dict:
     cfg = {**sk.models.bert_base_config(), "layers": layers, "max_len": 128}
     torch.manual_seed(0)
     dense = sk.models.TransformerEncoder(**cfg, seq_len=128).eval()
-    x = dense.example_input(8)
+    x = dense.example_input(batch)
     masked = copy.deepcopy(dense)
     pruner = sk.prune.Pruner(masked, x, criterion="magnitude", granularity="block", block=(32, 32),
                              scope="layer", sparsity=0.9, ignore=[masked.fc])
     pruner.step()
+    dense, _ = _place(dense, x, device, dtype)
+    masked, x = _place(masked, x, device, dtype)
     t0 = time.perf_counter()
     fast, report = sk.sparsify(masked, x, formats=["dense", "bsr"], blocks=[(32, 32), (16, 16)], cache=False,
                                reps=3, measure_model=False)
     sparsify_s = time.perf_counter() - t0
-    diffs = sk.verify(masked, fast, x, atol=1e-3)
-    t = interleaved_median_ms({"dense": lambda: dense(x), "sparse": lambda: fast(x)}, warmup=1, reps=reps)
-    lin_dense = sum(m.weight.numel() * 4 for n, m in dense.named_modules() if isinstance(m, nn.Linear) and n != "fc")
-    lin_sparse = sum(m.weight_nbytes for m in fast.modules() if isinstance(m, SparseLinear))
+    check = _verify(masked, fast, x, dtype)
+    t = interleaved_median_ms({"dense": lambda: dense(x), "sparse": lambda: fast(x)}, warmup=1, reps=reps,
+                              device=device)
+    lin_dense = sum(m.weight.numel() * m.weight.element_size() for n, m in dense.named_modules()
+                    if isinstance(m, nn.Linear) and n != "fc")
+    # the Linear weights after sparsify, the ones left dense included (all dense would read 100%, not 0%)
+    lin_sparse = sum(m.weight_nbytes if isinstance(m, SparseLinear) else m.weight.numel() * m.weight.element_size()
+                     for n, m in fast.named_modules() if isinstance(m, (SparseLinear, nn.Linear)) and n != "fc")
     n_sparse = sum(isinstance(m, SparseLinear) for m in fast.modules())
-    return {"model": f"BERT-base encoder ({layers} layers), seq 128, batch 8", "pruning": "90% 32x32 blocks, magnitude",
+    return {"model": f"BERT-base encoder ({layers} layers), seq 128, batch {batch}",
+            "pruning": "90% 32x32 blocks, magnitude", "device": device, "dtype": str(dtype).split(".")[-1],
             "dense_ms": t["dense"], "sparse_ms": t["sparse"], "speedup": t["dense"] / t["sparse"], "target": 3.0,
             "sparse_layers": n_sparse, "choices": sorted({d.choice for d in report.layers}),
             "linear_weight_bytes_pct": 100.0 * lin_sparse / lin_dense, "memory_target_pct": 15.0,
-            "verify_max_diff": max(diffs.values()), "sparsify_s": sparsify_s}
+            **check, "sparsify_s": sparsify_s}
 
 
-def resnet50(reps: int) -> dict:
+def resnet50(reps: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 8) -> dict:
     torch.manual_seed(0)
     dense = sk.models.ResNet50().eval()
-    x = dense.example_input(8)
+    x = dense.example_input(batch)
     graph = DependencyGraph.build(dense, x[:1])
     # channel counts rounded to 32 so the remaining 3x3 convs take 32x32 blocks
     keep = graph.select(0.5, graph.group_scores("l1"), scope="global", round_to=32)
@@ -73,51 +106,79 @@ def resnet50(reps: int) -> dict:
                              ignore=[m for m in small.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
                                      and m not in blockable])
     pruner.step()
+    dense, _ = _place(dense, x, device, dtype)
+    small, x = _place(small, x, device, dtype)
     t0 = time.perf_counter()
     fast, report = sk.sparsify(small, x, formats=["dense", "bsr"], blocks=[(32, 32)], cache=False, reps=3,
                                measure_model=False)
     sparsify_s = time.perf_counter() - t0
-    diffs = sk.verify(small, fast, x, atol=1e-3)
+    check = _verify(small, fast, x, dtype)
     t = interleaved_median_ms({"dense": lambda: dense(x), "compact": lambda: small(x), "sparse": lambda: fast(x)},
-                              warmup=1, reps=reps)
-    return {"model": "ResNet-50, batch 8, 224x224", "pruning": "50% global channels compacted + 80% 32x32 blocks "
-            "in 3x3 convs", "dense_ms": t["dense"], "compact_ms": t["compact"], "sparse_ms": t["sparse"],
+                              warmup=1, reps=reps, device=device)
+    return {"model": f"ResNet-50, batch {batch}, 224x224", "pruning": "50% global channels compacted + 80% 32x32 "
+            "blocks in 3x3 convs", "device": device, "dtype": str(dtype).split(".")[-1], "dense_ms": t["dense"],
+            "compact_ms": t["compact"], "sparse_ms": t["sparse"],
             "speedup": t["dense"] / t["sparse"], "compact_only_speedup": t["dense"] / t["compact"], "target": 2.5,
             "sparse_layers": sum(isinstance(m, SparseConv2d) for m in fast.modules()),
-            "choices": sorted({d.choice for d in report.layers}), "verify_max_diff": max(diffs.values()),
-            "sparsify_s": sparsify_s}
+            "choices": sorted({d.choice for d in report.layers}), **check, "sparsify_s": sparsify_s}
 
 
-def main() -> None:
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 else f"{v:.2f}"
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="bert,resnet50")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=12, help="BERT encoder layers (12 = BERT-base)")
-    a = ap.parse_args()
-    rows = []
-    for name in a.models.split(","):
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where sparsify and timing run")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
+    ap.add_argument("--batch", type=int, default=8, help="batch size of both models (default 8)")
+    ap.add_argument("--out", default=str(RESULTS), metavar="DIR", help="where the .json/.md go (default bench/results)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    names = [n for n in a.models.split(",") if n]
+    for name in names:
         if name not in ("bert", "resnet50"):
             raise SystemExit(f"--models: unknown model {name!r}; expected bert and/or resnet50")
-        row = bert(a.reps, a.layers) if name == "bert" else resnet50(a.reps)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")
+    if a.reps < 1 or a.batch < 1 or a.layers < 1:
+        raise SystemExit("--reps, --batch and --layers must be >= 1")
+    dtype = DTYPES[a.dtype]
+    rows = []
+    for name in names:
+        row = (bert(a.reps, a.layers, a.device, dtype, a.batch) if name == "bert"
+               else resnet50(a.reps, a.device, dtype, a.batch))
         print(json.dumps(row, indent=1))
         rows.append(row)
-    info = machine_info("cpu")
+    info = machine_info(a.device)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    RESULTS.mkdir(exist_ok=True)
-    base = RESULTS / f"sparsify_models_cpu-{torch.get_num_threads()}t_{stamp}"
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = f"cpu-{torch.get_num_threads()}t" if a.device == "cpu" else machine_slug(info)
+    base = out / f"sparsify_models_{machine}_{stamp}"
     base.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1, default=str))
-    lines = [f"# sparsify end to end ({info.get('cpu_model', '')}, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}, {stamp} UTC)", "",
+    where = (f"{info.get('cpu_model', '')}, {torch.get_num_threads()} threads" if a.device == "cpu"
+             else f"{info.get('gpu', {}).get('name', 'cuda')}")
+    lines = [f"# sparsify end to end ({where}, {a.dtype}, torch {torch.__version__}, {stamp} UTC)", "",
              "| model | pruning | dense ms | sparse ms | speedup | target | notes |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         note = (f"Linear weights {r['linear_weight_bytes_pct']:.1f}% of dense bytes (target <= 15%)"
                 if "linear_weight_bytes_pct" in r else f"compaction alone {r['compact_only_speedup']:.2f}x")
-        lines.append(f"| {r['model']} | {r['pruning']} | {r['dense_ms']:.0f} | {r['sparse_ms']:.0f} | "
+        if r.get("verify_error"):
+            note += f"; OUTPUT MISMATCH (max |diff| {r['verify_max_diff']:.3g})"
+        lines.append(f"| {r['model']} | {r['pruning']} | {_ms(r['dense_ms'])} | {_ms(r['sparse_ms'])} | "
                      f"{r['speedup']:.2f}x | >= {r['target']}x | {note}; choices {', '.join(r['choices'])} |")
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"results: {base}.json / .md")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,6 @@
 """Real model shapes for the benchmarks: BERT-base/large MLP and attention projections, LLaMA-7B / Llama-3-8B
-linears, ViT-B MLP, ResNet-50 1x1 and 3x3 convolutions, MobileNetV2 pointwise convolutions.
+linears, ViT-B MLP, OPT-30B linears and a square 4096 GEMM (these two in the default sweep on CUDA only),
+ResNet-50 1x1 and 3x3 convolutions, MobileNetV2 pointwise convolutions.
 
 The table itself lives in ``sparsekit/benchmark/shapes.py`` (installed, so ``sparsekit bench`` can use it);
 this module re-exports it for the scripts in bench/ and prints it:

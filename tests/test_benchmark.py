@@ -312,3 +312,75 @@ def test_min_sample_ms_is_validated():
         SweepConfig(min_sample_ms=-1).validate()
     with pytest.raises(ValueError, match="min_sample_ms"):
         interleaved_samples_ms({"f": lambda: None}, min_sample_ms=-0.5)
+
+
+# ------------------------------------------------------------------------- GPU-session support in the sweep
+def test_gpu_only_shapes_stay_out_of_the_cpu_default_sweep():
+    from sparsekit.benchmark.shapes import shape_names
+
+    gpu_only = {"square.4096", "opt-30b.attn_proj", "opt-30b.fc1", "opt-30b.fc2"}
+    assert gpu_only.isdisjoint(shape_names("linear", "cpu"))
+    assert gpu_only <= set(shape_names("linear", "cuda")) and gpu_only <= set(shape_names())
+    assert gpu_only.isdisjoint(s.name for s in SweepConfig(device="cpu").selected_shapes("linear"))
+    opt = {s.name: (s.n, s.k) for s in get_shapes(["opt-30b.*"])}
+    assert opt == {"opt-30b.attn_proj": (7168, 7168), "opt-30b.fc1": (28672, 7168), "opt-30b.fc2": (7168, 28672)}
+    # named explicitly, a GPU-only shape runs on CPU too
+    assert [s.name for s in SweepConfig(shapes=("square.4096",)).selected_shapes("linear")] == ["square.4096"]
+    assert get_shapes(["square.4096"])[0].gemm("cuda") == (4096, 4096, 4096)
+
+
+def test_with_env_sets_and_restores(monkeypatch):
+    import os
+
+    from sparsekit.benchmark.sweep import with_env
+
+    monkeypatch.delenv("SK_TEST_SWITCH", raising=False)
+    seen = []
+    with_env(lambda: seen.append(os.environ.get("SK_TEST_SWITCH")), "SK_TEST_SWITCH", "0")()
+    assert seen == ["0"] and "SK_TEST_SWITCH" not in os.environ
+    monkeypatch.setenv("SK_TEST_SWITCH", "force")
+
+    def boom():
+        seen.append(os.environ["SK_TEST_SWITCH"])
+        raise RuntimeError("kernel failed")
+
+    with pytest.raises(RuntimeError):
+        with_env(boom, "SK_TEST_SWITCH", "0")()
+    assert seen[-1] == "0" and os.environ["SK_TEST_SWITCH"] == "force"
+
+
+def test_csr_skinny_off_candidate_only_where_the_skinny_path_can_run():
+    import os
+
+    from sparsekit.benchmark.sweep import CSR_SKINNY_ENV, csr_skinny_off_candidates
+
+    cuda = Candidate("sparsekit_cuda", "sparsekit", lambda: os.environ.get(CSR_SKINNY_ENV), 123)
+    other = Candidate("sparsekit_triton", "sparsekit", lambda: None)
+    got = csr_skinny_off_candidates("csr", "cuda", 16, torch.float16, [other, cuda])
+    assert [c.name for c in got] == ["sparsekit_cuda_noskinny"] and got[0].nbytes == 123
+    assert got[0].fn() == "0" and got[0].kind == "sparsekit"
+    assert csr_skinny_off_candidates("csr", "cuda", 64, torch.bfloat16, [cuda])
+    for args in (("csr", "cuda", 65, torch.float16), ("csr", "cuda", 16, torch.float32),
+                 ("csr", "cpu", 16, torch.float16), ("bsr", "cuda", 16, torch.float16)):
+        assert csr_skinny_off_candidates(*args, [cuda]) == [], args
+    assert csr_skinny_off_candidates("csr", "cuda", 16, torch.float16, [other]) == []
+
+
+@pytest.mark.parametrize("stop_at", [0, 1])
+def test_interrupted_sweep_keeps_the_finished_configurations(monkeypatch, tmp_path, stop_at):
+    from sparsekit.benchmark import sweep
+
+    real, calls = sweep._run_job, []
+
+    def run_job(*args, **kw):
+        calls.append(1)
+        if len(calls) > stop_at:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sweep, "_run_job", run_job)
+    res = run_kernel_sweep(_tiny_config(shapes=(TINY_LINEAR,), formats=("csr",), sparsities=(0.5, 0.9)))
+    assert res["meta"]["interrupted"] == f"interrupted (SIGINT) after {stop_at} of 2 configurations"
+    assert len({r["target_sparsity"] for r in res["rows"]}) == stop_at
+    paths = save_results(res, tmp_path, plots=False)
+    assert "**incomplete**" in Path(paths["report"]).read_text()

@@ -194,7 +194,8 @@ def _list_shapes() -> int:
 
     print(f"{'linear shape':<28}{'N(out)':>8}{'K(in)':>8}{'M cpu':>7}{'M cuda':>8}  source")
     for s in LINEAR_SHAPES:
-        print(f"{s.name:<28}{s.n:>8}{s.k:>8}{s.m_cpu:>7}{s.m_cuda:>8}  {s.source}")
+        only = "" if "cpu" in s.default_devices else " [in the default sweep on cuda only]"
+        print(f"{s.name:<28}{s.n:>8}{s.k:>8}{s.m_cpu:>7}{s.m_cuda:>8}  {s.source}{only}")
     print(f"\n{'conv shape':<30}{'C_in':>6}{'C_out':>6}{'k':>3}{'HxW':>5}{'B cpu':>6}{'B cuda':>7}  source")
     for c in CONV_SHAPES:
         print(f"{c.name:<30}{c.c_in:>6}{c.c_out:>6}{c.kernel:>3}{c.hw:>5}{c.batch_cpu:>6}{c.batch_cuda:>7}  "
@@ -226,6 +227,8 @@ def run_bench(args: argparse.Namespace, suite: str, argv: list[str] | None = Non
     ok = sum(1 for r in results["rows"] if r["status"] == "ok")
     bad = len(results["rows"]) - ok
     print(f"sparsekit bench {suite}: {len(results['rows'])} rows ({ok} ok, {bad} not measured) in {elapsed:.0f} s")
+    if results["meta"].get("interrupted"):
+        print(f"sparsekit bench {suite}: {results['meta']['interrupted']}: the results hold those only")
     table = speedup_table(results, kinds=("sparsekit", "torch"))
     if table.count("\n") <= 60:
         print(table)

@@ -224,6 +224,8 @@ def to_markdown(results: dict, plots_dir: str | None = None) -> str:
                    f"({p['how']})")
     if meta.get("argv"):
         out.append(f"- command: `{' '.join(meta['argv'])}`")
+    if meta.get("interrupted"):
+        out.append(f"- **incomplete**: {meta['interrupted']}; only the configurations finished before are here")
     out += ["", "Speedup = dense eager ms / candidate ms (same run, same loop); ideal = 1/(1-sparsity); "
             "'best vs fastest dense' divides by the fastest dense variant (eager, torch.compile, channels_last) "
             "instead; "

@@ -3,8 +3,10 @@
 Linear shapes are weights [N, K] = [out_features, in_features] applied to M rows (tokens); conv shapes are
 ResNet-50 / MobileNetV2 convolutions at 224x224 input. ``m`` / ``batch`` have a CPU and a CUDA default (a
 2-core CPU cannot sweep LLaMA-sized GEMMs at GPU batch sizes in reasonable time); ``--m`` / ``--batch``
-override them. The table lives in the installed package so ``sparsekit bench`` can use it; ``bench/shapes.py``
-re-exports it and prints it.
+override them. A linear shape's ``default_devices`` says on which devices the default sweep (no ``--shapes``)
+includes it: the square 4096 GEMM and the OPT-30B linears are GPU-only by default (too large, or a duplicate of
+llama-7b.attn_proj, for a 2-core CPU), but run anywhere when named. The table lives in the installed package
+so ``sparsekit bench`` can use it; ``bench/shapes.py`` re-exports it and prints it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class LinearShape:
     m_cpu: int        # rows (tokens) on CPU
     m_cuda: int       # rows (tokens) on CUDA
     source: str       # where the shape comes from
+    default_devices: tuple[str, ...] = ("cpu", "cuda")   # devices whose default sweep includes it
 
     op = "linear"
 
@@ -83,6 +86,12 @@ class ConvShape:
 _BERT = "BERT-base/large (hidden 768/1024, FFN 3072/4096); CPU M = 4 x 128 tokens"
 _LLAMA = "LLaMA-7B / Llama-3-8B (hidden 4096, FFN 11008/14336, GQA k/v 1024)"
 _VIT = "ViT-B/16 (197 tokens per image; MLP 768-3072-768)"
+_SQUARE = "square M=N=K=4096 GEMM, the usual sparse-GEMM comparison point (CPU M = 128)"
+# OPT-30B: d_model 7168, 56 heads, 48 layers (Zhang et al. 2022, "OPT: Open Pre-trained Transformer Language
+# Models", arXiv:2205.01068, Table 1); FFN 4 x 7168 = 28672 (ffn_dim in the facebook/opt-30b config.json). One of
+# the models Flash-LLM (Xia et al. 2023, arXiv:2309.10285) evaluates its skinny unstructured-sparse kernel on.
+_OPT30 = "OPT-30B (hidden 7168, FFN 28672; arXiv:2205.01068 Table 1, HF facebook/opt-30b); CPU M = 16 (decode)"
+_GPU_ONLY = ("cuda",)
 
 LINEAR_SHAPES: tuple[LinearShape, ...] = (
     LinearShape("bert-base.mlp_up", 3072, 768, 512, 4096, _BERT),
@@ -100,6 +109,10 @@ LINEAR_SHAPES: tuple[LinearShape, ...] = (
     LinearShape("llama3-8b.attn_kv", 1024, 4096, 128, 2048, _LLAMA + " (each of k, v)"),
     LinearShape("llama3-8b.mlp_gate_up", 14336, 4096, 128, 2048, _LLAMA + " (each of gate, up)"),
     LinearShape("llama3-8b.mlp_down", 4096, 14336, 128, 2048, _LLAMA),
+    LinearShape("square.4096", 4096, 4096, 128, 4096, _SQUARE, _GPU_ONLY),
+    LinearShape("opt-30b.attn_proj", 7168, 7168, 16, 2048, _OPT30 + " (each of q, k, v, out_proj)", _GPU_ONLY),
+    LinearShape("opt-30b.fc1", 28672, 7168, 16, 2048, _OPT30, _GPU_ONLY),
+    LinearShape("opt-30b.fc2", 7168, 28672, 16, 2048, _OPT30, _GPU_ONLY),
 )
 
 _R50 = "ResNet-50 at 224x224, a non-downsampling bottleneck block"
@@ -127,9 +140,11 @@ QUICK_CONV: tuple[str, ...] = ("resnet50.layer3.conv3x3",)
 _BY_NAME: dict[str, LinearShape | ConvShape] = {s.name: s for s in LINEAR_SHAPES + CONV_SHAPES}
 
 
-def shape_names(op: str | None = None) -> list[str]:
-    """Names of the known shapes (of one op, "linear" or "conv2d", if given)."""
-    return [s.name for s in LINEAR_SHAPES + CONV_SHAPES if op is None or s.op == op]
+def shape_names(op: str | None = None, device: str | None = None) -> list[str]:
+    """Names of the known shapes (of one op, "linear" or "conv2d", if given; of the default sweep on ``device``,
+    if given: a shape whose ``default_devices`` leaves the device out is skipped)."""
+    return [s.name for s in LINEAR_SHAPES + CONV_SHAPES if (op is None or s.op == op)
+            and (device is None or device in getattr(s, "default_devices", (device,)))]
 
 
 def get_shapes(names: list[str] | tuple[str, ...]) -> list[LinearShape | ConvShape]:

@@ -21,6 +21,9 @@ Candidates (``kind`` in brackets):
                                  kernels as torch_2:4, compressed from the NM weight, through sparsekit's face
                                  (its one-time compression happens in the correctness check, before timing);
                                  where it cannot run, the notes say why
+    sparsekit_cuda_noskinny      csr on CUDA, fp16/bf16, M <= 64 only: the cuda backend with its skinny
+                     [sparsekit] tensor-core path switched off (SPARSEKIT_CSR_SKINNY=0 around each call: the
+                                 generic CSR kernels), so one run times csr_mm with and without it
 
 Every row carries ``speedup`` = dense_ms / ms (dense = torch eager), ``speedup_vs_best_dense`` (best of the dense
 kinds), ``ideal`` = 1 / (1 - sparsity), ``pct_ideal`` = 100 * speedup / ideal, and roofline figures against
@@ -53,7 +56,7 @@ from .timers import TIMERS, time_candidates
 
 __all__ = ["SweepConfig", "DTYPES", "DEFAULT_SPARSITIES", "DEFAULT_BLOCKS", "QUICK_SPARSITIES", "QUICK_BLOCKS",
            "ROW_FIELDS", "Candidate", "check_output", "measure", "run_kernel_sweep", "save_results",
-           "results_stem", "new_results"]
+           "results_stem", "new_results", "with_env", "csr_skinny_off_candidates", "mark_interrupted"]
 
 SCHEMA = "sparsekit-bench/1"
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -172,7 +175,8 @@ class SweepConfig:
     def selected_shapes(self, op: str) -> list[LinearShape | ConvShape]:
         """The shapes of one op this sweep covers (a name list may mix linear and conv shapes)."""
         if self.shapes is None:
-            names = (QUICK_LINEAR if op == "linear" else QUICK_CONV) if self.quick else tuple(shape_names(op))
+            names = (QUICK_LINEAR if op == "linear" else QUICK_CONV) if self.quick \
+                else tuple(shape_names(op, self.device))
             return get_shapes(names)
         out: list[LinearShape | ConvShape] = []
         for item in self.shapes:
@@ -267,6 +271,36 @@ def _torch_sparse_candidates(pattern: Pattern, w: Tensor, x: Tensor, device: str
                 return [Candidate("torch_2:4", "torch", _raiser(exc))]
             out.append(Candidate("torch_2:4", "torch", lambda: F.linear(x, ws)))
     return out
+
+
+CSR_SKINNY_ENV = "SPARSEKIT_CSR_SKINNY"   # read by csrc/cuda on every csr_mm call (selfcheck.cuh: path_mode)
+CSR_SKINNY_MAX_M = 64                    # csr_skinny.cu's kMaxM: larger M never takes the skinny path
+
+
+def with_env(fn: Callable[[], Tensor], name: str, value: str) -> Callable[[], Tensor]:
+    """``fn`` run with the environment variable ``name`` set to ``value``, its old value (or absence) restored
+    after, also when fn raises. For switches the C++ kernels read per call."""
+    def run() -> Tensor:
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+    return run
+
+
+def csr_skinny_off_candidates(family: str, device: str, m: int, dtype: torch.dtype,
+                              cands: list[Candidate]) -> list[Candidate]:
+    """Where csr_mm may take the skinny tensor-core path (CUDA, fp16/bf16, M <= 64), the cuda candidate again
+    with the path switched off, so the same run times both; nothing elsewhere."""
+    if family != "csr" or device != "cuda" or m > CSR_SKINNY_MAX_M or dtype not in (torch.float16, torch.bfloat16):
+        return []
+    return [Candidate("sparsekit_cuda_noskinny", "sparsekit", with_env(c.fn, CSR_SKINNY_ENV, "0"), c.nbytes,
+                      note=f"{CSR_SKINNY_ENV}=0: generic CSR kernels") for c in cands if c.name == "sparsekit_cuda"]
 
 
 def _raiser(exc: BaseException) -> Callable[[], Tensor]:
@@ -404,6 +438,13 @@ def new_results(suite: str, cfg: SweepConfig) -> dict:
     return {"schema": SCHEMA, "meta": meta, "peaks": peaks, "notes": {}, "rows": []}
 
 
+def mark_interrupted(results: dict, done: int, total: int, what: str) -> None:
+    """Ctrl-C / SIGINT (e.g. `timeout -s INT`) during a sweep: keep the finished configurations, say so in
+    meta["interrupted"], and let the caller save them instead of losing the run."""
+    results["meta"]["interrupted"] = f"interrupted (SIGINT) after {done} of {total} configurations"
+    print(f"{what}: interrupted after {done} of {total} configurations; keeping those", file=sys.stderr, flush=True)
+
+
 def _timing_text(cfg: SweepConfig) -> str:
     timer = cfg.timer if cfg.timer != "auto" else ("events" if cfg.device == "cuda" else "interleaved")
     repeat = (f"; a call under {cfg.min_sample_ms:g} ms is repeated back-to-back to fill one sample (mean per "
@@ -443,9 +484,13 @@ def run_kernel_sweep(cfg: SweepConfig) -> dict:
             raise ValueError(f"nothing to run: no shape of ops={cfg.ops} matches shapes={cfg.shapes}")
         state: dict = {}
         with Progress(len(jobs), "sparsekit bench kernels", enabled=cfg.progress) as bar:
-            for op, shape, dtype, pattern, s in jobs:
-                results["rows"] += _run_job(cfg, op, shape, dtype, pattern, s, results["peaks"].get(dtype),
-                                            notes, state)
+            for done, (op, shape, dtype, pattern, s) in enumerate(jobs):
+                try:
+                    results["rows"] += _run_job(cfg, op, shape, dtype, pattern, s, results["peaks"].get(dtype),
+                                                notes, state)
+                except KeyboardInterrupt:
+                    mark_interrupted(results, done, len(jobs), "sparsekit bench kernels")
+                    break
                 bar.update(1, desc=f"{shape.name} {dtype} {pattern.name} s={s:g}")
         with contextlib.suppress(OSError):
             results["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -511,7 +556,10 @@ def _run_job(cfg: SweepConfig, op: str, shape: LinearShape | ConvShape, dtype_na
                          "sparsekit against dense only")
         run = lambda b: sparse_conv2d(x, fmt, None, st, pad, kernel_size=(ks, ks), backend=b)
         io_bytes = (x.numel() + m * n) * es
-    cands += _sparsekit_candidates(pattern.family, x_probe, fmt, run, cfg.include_reference, notes, pattern.name)
+    sk_cands = _sparsekit_candidates(pattern.family, x_probe, fmt, run, cfg.include_reference, notes, pattern.name)
+    cands += sk_cands
+    if op == "linear":
+        cands += csr_skinny_off_candidates(pattern.family, device, m, dtype, sk_cands)
     tol = TF32_TOLERANCE if (dtype == torch.float32 and cfg.tf32 and device == "cuda") else TOLERANCE[dtype]
     res, reps = measure(cands, tol, device, cfg)
     return make_rows(base, cands, res, reps, 2.0 * m * n * k, io_bytes, n * k * es, peak)

@@ -35,6 +35,7 @@ from .sweep import (
     SweepConfig,
     compile_dense,
     make_rows,
+    mark_interrupted,
     measure,
     new_results,
     note_unusable,
@@ -134,9 +135,13 @@ def run_model_sweep(cfg: SweepConfig) -> dict:
                     plan.append((spec, master, dtype, p, s))
         with Progress(len(plan), "sparsekit bench model", enabled=cfg.progress) as bar:
             state: dict = {}
-            for spec, master, dtype_name, p, s in plan:
-                results["rows"] += _run_model_job(cfg, spec, master, dtype_name, p, s, notes, state,
-                                                  SparseLinear, SparseConv2d, convert_modules, all_reasons)
+            for done, (spec, master, dtype_name, p, s) in enumerate(plan):
+                try:
+                    results["rows"] += _run_model_job(cfg, spec, master, dtype_name, p, s, notes, state,
+                                                      SparseLinear, SparseConv2d, convert_modules, all_reasons)
+                except KeyboardInterrupt:
+                    mark_interrupted(results, done, len(plan), "sparsekit bench model")
+                    break
                 bar.update(1, desc=f"{spec.name} {dtype_name} {p.name} s={s:g}")
         with contextlib.suppress(OSError):
             results["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]

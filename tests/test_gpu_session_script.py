@@ -1,0 +1,250 @@
+"""bench/gpu_session.sh (the GPU-session runbook) on a machine without a GPU: its dry run prints every stage's
+commands, the benchmark commands it prints parse and validate (with --device cpu), and its Python helpers
+(bench/gpu_session_helpers.py) and bench/bench_sparsify_models.py's --device/--dtype work on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_session.sh"
+STAGES = ("build", "test", "bench-targets-1", "bench-targets-2", "bench-models")
+BENCH_LABELS = ("a", "b", "c", "d", "d2", "e", "f", "m1", "m2")
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "ONLY", "TEST_FILES", "SESSION_BUDGET_S")}
+    full.update(env or {})
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=full, timeout=60,
+                          cwd=ROOT)
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    """{stage: its [dry-run] lines}."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"== stage (\S+) ==", line)
+        if m:
+            current = m.group(1)
+            out[current] = []
+        elif line.startswith("[dry-run] ") and current:
+            out[current].append(line[len("[dry-run] "):])
+    return out
+
+
+def _commands(lines: list[str]) -> dict[str, list[str]]:
+    """{label: argv} of the dry-run lines 'label: command'."""
+    out = {}
+    for line in lines:
+        label, sep, cmd = line.partition(": ")
+        if sep:
+            out[label] = shlex.split(cmd)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dry_all(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("gpu") / "out"
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    return _run("--dry-run", "all", env={"OUT": str(out), "PYTHON": "python3"}), out
+
+
+@needs_bash
+def test_dry_run_all_prints_commands_for_every_stage(dry_all):
+    proc, out = dry_all
+    assert proc.returncode == 0, proc.stderr
+    sections = _sections(proc.stdout)
+    assert list(sections) == list(STAGES)
+    for stage in STAGES:
+        assert sections[stage], f"stage {stage} printed no command"
+    assert not out.exists(), "a dry run must not create $OUT"
+
+    build = _commands(sections["build"])
+    pip = build["pip-install"]
+    for flag in ("--no-index", "--no-build-isolation", "--no-deps", "-e"):
+        assert flag in pip, (flag, pip)
+    assert "MAX_JOBS=16" in pip and "FORCE_CUDA=1" in pip
+    assert build["info"][-1] == "info"
+
+    tests = [c for c in _commands(sections["test"]).values() if "pytest" in c]
+    files = [c[c.index("pytest") + 1] for c in tests]
+    selfcheck = ["tests/test_cuda_selfcheck.py", "tests/test_cuda_nm_sp.py", "tests/test_cuda_csr_skinny.py",
+                 "tests/test_cuda_channel_conv.py"]
+    assert files[:4] == selfcheck
+    marked = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                    if "pytest.mark.cuda" in p.read_text())
+    assert sorted(files) == marked, "every test file with a cuda marker runs exactly once"
+    for argv in tests:
+        assert argv[argv.index("-m", 2) + 1] == "cuda" and any(a.startswith("--junitxml=") for a in argv)
+
+    labels = {label for s in ("bench-targets-1", "bench-targets-2", "bench-models")
+              for label in _commands(sections[s])}
+    assert set(BENCH_LABELS) <= labels
+
+
+@needs_bash
+def test_dry_run_bench_commands_parse_and_validate(dry_all):
+    """Every benchmark command the runbook prints is accepted by its parser, and its sweep config validates
+    (with --device cpu: the cuda check is the only thing that differs on the GPU machine)."""
+    from sparsekit.benchmark.command import config_from_args
+    from sparsekit.cli import build_parser
+
+    skm = _load("bench_sparsify_models_t", ROOT / "bench" / "bench_sparsify_models.py")
+    proc, _ = dry_all
+    seen = set()
+    for lines in _sections(proc.stdout).values():
+        for label, argv in _commands(lines).items():
+            if "sparsekit.cli" in argv and "bench" in argv:
+                args = argv[argv.index("sparsekit.cli") + 1:]
+                assert args[args.index("--device") + 1] == "cuda"
+                args[args.index("--device") + 1] = "cpu"
+                ns = build_parser().parse_args(args)
+                cfg = config_from_args(ns, ns.suite, args)
+                assert cfg.dtypes == ("float16",), label
+                if ns.suite == "kernels":
+                    assert cfg.ops == ("linear",) and cfg.selected_shapes("linear"), label
+                seen.add(label)
+            elif any(a.endswith("bench_sparsify_models.py") for a in argv):
+                args = argv[[i for i, a in enumerate(argv) if a.endswith("bench_sparsify_models.py")][0] + 1:]
+                ns = skm.build_parser().parse_args(args)
+                assert (ns.device, ns.dtype) == ("cuda", "float16")
+                seen.add(label)
+    assert seen == set(BENCH_LABELS)
+
+
+@needs_bash
+def test_dry_run_targets_cover_the_issue_shapes(dry_all):
+    from sparsekit.benchmark.shapes import get_shapes
+
+    proc, _ = dry_all
+    cmds = {}
+    for lines in _sections(proc.stdout).values():
+        cmds.update(_commands(lines))
+
+    def opt(label, name):
+        argv = cmds[label]
+        return argv[argv.index(name) + 1] if name in argv else None
+
+    assert opt("a", "--shapes") == "square.4096" and opt("a", "--block") == "16,32,64,128"
+    assert [s.gemm("cuda") for s in get_shapes(["square.4096"])] == [(4096, 4096, 4096)]
+    assert opt("c", "--m") == "16" and opt("f", "--m") == "16" and opt("d2", "--m") == "16"
+    assert opt("d", "--formats") == "nm" and opt("d", "--sparsity") == "0.5"
+    assert opt("e", "--formats") == "csr" and opt("e", "--sparsity") == "0.9"
+    assert "opt-30b.*" in opt("f", "--shapes") and opt("f", "--sparsity") == "0.8"
+
+
+@needs_bash
+@pytest.mark.parametrize("args, env, code, expect", [
+    ((), {}, 2, "name at least one stage"),
+    (("--dry-run", "deploy"), {}, 2, "unknown argument 'deploy'"),
+    (("--help",), {}, 0, "bench-targets-1"),
+])
+def test_arguments(args, env, code, expect):
+    proc = _run(*args, env=env)
+    assert proc.returncode == code
+    assert expect in proc.stdout + proc.stderr
+
+
+@needs_bash
+def test_stage_aliases_env_dry_run_and_only():
+    proc = _run("bench-targets", env={"DRY_RUN": "1", "ONLY": "a,f"})
+    assert proc.returncode == 0, proc.stderr
+    sections = _sections(proc.stdout)
+    assert list(sections) == ["bench-targets-1", "bench-targets-2"]
+    labels = [label for lines in sections.values() for label in _commands(lines)]
+    assert [lb for lb in labels if lb != "ensure-ext"] == ["a", "f"]
+    proc = _run("-n", "test", env={"TEST_FILES": "tests/test_cuda_ops.py"})
+    files = [c for c in _commands(_sections(proc.stdout)["test"]).values() if "pytest" in c]
+    assert [c[c.index("pytest") + 1] for c in files] == ["tests/test_cuda_ops.py"]
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def helpers():
+    return _load("gpu_session_helpers_t", ROOT / "bench" / "gpu_session_helpers.py")
+
+
+def test_junit_summary_counts_and_failures(helpers, tmp_path):
+    xml = tmp_path / "test_x.xml"
+    xml.write_text('<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="4" failures="1" errors="0" '
+                   'skipped="1" time="2.5"><testcase classname="tests.test_x" name="test_ok"/>'
+                   '<testcase classname="tests.test_x" name="test_bad"><failure message="assert 1 == 2">'
+                   'trace</failure></testcase><testcase classname="tests.test_x" name="test_s"><skipped/>'
+                   '</testcase><testcase classname="tests.test_x" name="test_ok2"/></testsuite></testsuites>')
+    md = helpers.junit_summary([str(xml), str(tmp_path / "missing.xml")])
+    assert "| test_x | 4 | 2 | 1 | 0 | 1 | 2 |" in md
+    assert "tests.test_x::test_bad`: assert 1 == 2" in md
+    assert "| missing | no junit" in md
+
+
+def test_sources_hash_and_arch(helpers):
+    a, b = helpers.sources_hash("9.0a"), helpers.sources_hash("8.0;9.0a")
+    assert a == helpers.sources_hash("9.0a") and a != b and re.fullmatch(r"[0-9a-f]{16}", a)
+    if not torch.cuda.is_available():
+        assert helpers.arch_list() == helpers.DEFAULT_ARCHS
+
+
+def test_preflight_and_ext_ok_report_instead_of_crashing(helpers, tmp_path):
+    out = tmp_path / "pre.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_session_helpers.py"), "preflight", "--json",
+                           str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert "torch:" in proc.stdout and out.exists()
+    if torch.version.cuda is None:
+        assert proc.returncode == 1 and "PROBLEM: torch is a CPU build" in proc.stdout
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_session_helpers.py"), "ext-ok"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert "extension" in proc.stdout
+    if not torch.cuda.is_available() and torch.version.cuda is None:
+        assert proc.returncode == 1 and "no CUDA kernels" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ bench_sparsify_models
+@pytest.fixture(scope="module")
+def skm():
+    return _load("bench_sparsify_models_t2", ROOT / "bench" / "bench_sparsify_models.py")
+
+
+def test_bench_sparsify_models_device_and_dtype_on_cpu(skm, tmp_path, capsys):
+    assert skm.main(["--models", "bert", "--layers", "1", "--reps", "1", "--batch", "1", "--dtype", "bfloat16",
+                     "--out", str(tmp_path)]) == 0
+    import json
+
+    data = json.loads(next(tmp_path.glob("sparsify_models_cpu-*.json")).read_text())
+    row = data["rows"][0]
+    assert (row["device"], row["dtype"]) == ("cpu", "bfloat16") and row["verify_error"] is None
+    assert row["dense_ms"] > 0 and row["sparse_ms"] > 0
+    assert "bfloat16" in next(tmp_path.glob("*.md")).read_text()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            skm.main(["--device", "cuda", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown model"):
+        skm.main(["--models", "gpt", "--out", str(tmp_path)])
+
+
+def test_bench_sparsify_models_reports_a_mismatch_instead_of_raising(skm):
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    res = skm._verify(a, b, torch.randn(2, 8), torch.float32)
+    assert res["verify_error"] and res["verify_max_diff"] > 0
+    assert skm._verify(a, a, torch.randn(2, 8), torch.float16)["verify_error"] is None
