@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -277,6 +278,31 @@ void bsr_mm_fast(const T* x, const int32_t* crow, const int32_t* col, const void
   // block-rows are computed `group` at a time into one fp32 panel, so the transpose into y writes runs of
   // >= 64 contiguous outputs per row of y (one output per row for 1xk blocks would thrash cache and TLB)
   const int64_t group = std::max<int64_t>(1, (64 + bn - 1) / bn);
+  // 1-row blocks whose panel exceeds kKblockPanel bytes: K-blocked (bsr_kblock_rows), the block-rows of a task
+  // kKblockRows at a time (their partial sums, kKblockRows * MT floats, stay in L2), each such group then stored
+  // 8 rows of y at a time (the kernel prefetched those rows of y during its last chunk).
+  constexpr int64_t kKblockPanel = 32 * 1024, kKblockRows = 256;
+  const int64_t kc_rows = kKblockPanel / (MT * int64_t(sizeof(float)));
+  if (bn == 1 && K > kc_rows) {
+    const int64_t kcb = std::max<int64_t>(1, kc_rows / bk);
+    at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+      std::vector<float> buf(kKblockRows * MT + 16), scratch;
+      float* out = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+      std::vector<int64_t> cur(kKblockRows);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t tile = t / chunks, c = t % chunks, m0 = tile * MT, mc = std::min(MT, M - m0);
+        for (int64_t q0 = bounds[c]; q0 < bounds[c + 1]; q0 += kKblockRows) {
+          const int64_t q1 = std::min(bounds[c + 1], q0 + kKblockRows);
+          T* yq = y + m0 * N + q0;
+          bsr_kblock_rows(isa, nv, xp + tile * K * MT, crow, col, q0, q1, v, wk, bk, K / bk, kcb, cur.data(), out,
+                          reinterpret_cast<const char*>(yq), N * int64_t(sizeof(T)), (q1 - q0) * int64_t(sizeof(T)),
+                          mc);
+          store_panel_rows<T>(isa, out, MT, q1 - q0, mc, bias ? bf.data() + q0 : nullptr, yq, N, scratch);
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> out(group * bn * MT), scratch;
     for (int64_t t = t0; t < t1; ++t) {

@@ -19,7 +19,8 @@
 namespace sparsekit::cpu {
 
 // dst[t][c][j] = float(src[(t*MT + j) * ld + c]) for c < C, zero for rows past M: a transpose per tile
-// (8x8 register transposes for fp32; 16-bit inputs are widened row by row first).
+// (8x8 register transposes for fp32; 16-bit inputs are widened row by row first), 32 columns at a time, so
+// that the panel rows being written (32 x MT floats) stay in L1 until they are whole.
 template <typename T>
 void pack_panels(Isa isa, const T* src, int64_t ld, int64_t M, int64_t C, int64_t MT, float* dst) {
   const int64_t tiles = (M + MT - 1) / MT;
@@ -40,7 +41,9 @@ void pack_panels(Isa isa, const T* src, int64_t ld, int64_t M, int64_t C, int64_
         s = wide.data();
         lds = C;
       }
-      transpose(isa, s, lds, mc, C, nullptr, d, MT);
+      for (int64_t c0 = 0; c0 < C; c0 += 32) {
+        transpose(isa, s + c0, lds, mc, std::min<int64_t>(32, C - c0), nullptr, d + c0 * MT, MT);
+      }
       if (mc < MT) {
         for (int64_t c = 0; c < C; ++c) std::fill(d + c * MT + mc, d + (c + 1) * MT, 0.f);
       }
@@ -59,6 +62,24 @@ void store_panel(Isa isa, const float* out, int64_t MT, int64_t cols, int64_t mc
     transpose(isa, out, MT, cols, mc, bias, scratch.data(), cols);
     for (int64_t j = 0; j < mc; ++j)
       for (int64_t i = 0; i < cols; ++i) y[j * ldy + i] = static_cast<T>(scratch[j * cols + i]);
+  }
+}
+
+// store_panel, 8 rows of y at a time: each row of y gets its `cols` outputs as one contiguous run (one page
+// touched per row per pass; store_panel walks the columns 8 at a time down all mc rows).
+template <typename T>
+void store_panel_rows(Isa isa, const float* out, int64_t MT, int64_t cols, int64_t mc, const float* bias, T* y,
+                      int64_t ldy, std::vector<float>& scratch) {
+  for (int64_t j0 = 0; j0 < mc; j0 += 8) {
+    const int64_t jc = std::min<int64_t>(8, mc - j0);
+    if constexpr (std::is_same_v<T, float>) {
+      transpose(isa, out + j0, MT, cols, jc, bias, y + j0 * ldy, ldy);
+    } else {
+      scratch.resize(8 * cols);
+      transpose(isa, out + j0, MT, cols, jc, bias, scratch.data(), cols);
+      for (int64_t j = 0; j < jc; ++j)
+        for (int64_t i = 0; i < cols; ++i) y[(j0 + j) * ldy + i] = static_cast<T>(scratch[j * cols + i]);
+    }
   }
 }
 

@@ -28,6 +28,15 @@ int acc_regs(Isa);          // accumulator registers the register tiles may use:
 void bsr_panel_row(Isa isa, int nv, const float* xp, int64_t ldx, const int64_t* rowoff, const int32_t* col,
                    int64_t b0, int64_t b1, const void* v, WKind wk, int64_t bn, int64_t bk, float* out);
 
+// BSR with 1-row blocks (bn == 1), block-rows [r0, r1): out[r - r0][0:MT] as bsr_panel_row gives it for a packed
+// panel (rows MT apart; out 64-byte aligned), computed K-blocked: block-columns in chunks of kcb (cols = K / bk in
+// all), every block-row taking its blocks of a chunk while the chunk's kcb * bk panel rows stay in L1. cur is
+// scratch of r1 - r0 entries. ypf (may be null): ypf_rows rows of ypf_bytes bytes, ypf_ld bytes apart, prefetched
+// for writing during the last chunk (the part of y the caller stores next).
+void bsr_kblock_rows(Isa isa, int nv, const float* xp, const int32_t* crow, const int32_t* col, int64_t r0,
+                     int64_t r1, const void* v, WKind wk, int64_t bk, int64_t cols, int64_t kcb, int64_t* cur,
+                     float* out, const char* ypf, int64_t ypf_ld, int64_t ypf_bytes, int64_t ypf_rows);
+
 // BSR, one block-row times a single row of x (GEMV): out[i] = sum_b W_b[i, :] . x[col[b]*bk : +bk].
 void bsr_gemv_row(Isa isa, const float* x, const int32_t* col, int64_t b0, int64_t b1, const void* v, WKind wk,
                   int64_t bn, int64_t bk, float* out);

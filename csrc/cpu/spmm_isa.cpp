@@ -169,6 +169,13 @@ void bsr_panel_row(Isa isa, int nv, const float* xp, int64_t ldx, const int64_t*
   SPARSEKIT_ISA_CALL(bsr_panel_row, nv, xp, ldx, rowoff, col, b0, b1, v, wk, bn, bk, out)
 }
 
+void bsr_kblock_rows(Isa isa, int nv, const float* xp, const int32_t* crow, const int32_t* col, int64_t r0,
+                     int64_t r1, const void* v, WKind wk, int64_t bk, int64_t cols, int64_t kcb, int64_t* cur,
+                     float* out, const char* ypf, int64_t ypf_ld, int64_t ypf_bytes, int64_t ypf_rows) {
+  SPARSEKIT_ISA_CALL(bsr_kblock_rows, nv, xp, crow, col, r0, r1, v, wk, bk, cols, kcb, cur, out, ypf, ypf_ld, ypf_bytes,
+                     ypf_rows)
+}
+
 void bsr_gemv_row(Isa isa, const float* x, const int32_t* col, int64_t b0, int64_t b1, const void* v, WKind wk,
                   int64_t bn, int64_t bk, float* out) {
   SPARSEKIT_ISA_CALL(bsr_gemv_row, x, col, b0, b1, v, wk, bn, bk, out)
