@@ -40,18 +40,25 @@ def _newest(results_dir: Path, device: str, suite: str) -> Path | None:
         return None
 
 
-def _same_day(results_dir: Path, newest: Path, device: str, suite: str) -> list[Path]:
-    """Every full ``suite`` run on ``device`` from the day of ``newest`` (e.g. linear M=512, GEMV M=1, conv)."""
-    day = str(_load(newest)["meta"].get("date", ""))[:10]
-    runs = []
+def _newest_per_config(results_dir: Path, newest: Path, device: str, suite: str) -> list[Path]:
+    """The newest full ``suite`` run on ``device`` of every distinct sweep configuration (ops, shapes, M,
+    dtypes, formats, blocks, sample batching: e.g. linear M=512, GEMV M=1 hot and as single calls, conv, a
+    bf16 sweep), oldest first; a re-run of a configuration replaces the earlier one."""
+    best: dict[str, tuple[str, Path]] = {}
     for f in sorted(results_dir.glob("*.json")):
         try:
             meta = _load(f).get("meta", {})
         except (OSError, ValueError, KeyError):
             continue
-        if meta.get("device") == device and meta.get("suite") == suite and not meta.get("quick") \
-                and str(meta.get("date", ""))[:10] == day:
-            runs.append(f)
+        if meta.get("device") != device or meta.get("suite") != suite or meta.get("quick"):
+            continue
+        cfg = meta.get("config", {})
+        fields = ("ops", "shapes", "m", "dtypes", "formats", "blocks", "min_sample_ms")
+        key = json.dumps({k: cfg.get(k) for k in fields}, sort_keys=True)
+        date = str(meta.get("date", ""))
+        if key not in best or date >= best[key][0]:
+            best[key] = (date, f)
+    runs = [f for _, f in sorted(best.values(), key=lambda t: t[0])]
     return runs or [newest]
 
 
@@ -95,7 +102,7 @@ def build_block(results_dir: Path, readme: Path, shapes: list[str] | None = None
                       "commit `bench/results/`, then `python bench/make_readme_table.py`.", ""]
             continue
         if kernels is not None:
-            for run in _same_day(results_dir, kernels, device, "kernels"):
+            for run in _newest_per_config(results_dir, kernels, device, "kernels"):
                 lines += _section(f"{title} kernels", run, readme, shapes)
         if model is not None:
             lines += _section(f"{title} whole models", model, readme, None)
