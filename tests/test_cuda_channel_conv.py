@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from _tolerance import assert_close_to_reference as _close
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparsekit as sk
@@ -218,7 +219,6 @@ def test_op_rejects_n_out_without_out_idx():
 
 # ------------------------------------------------------------------------------------------------------ GPU
 DEV = "cuda"
-EPS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 def _cuda_op():
@@ -226,16 +226,6 @@ def _cuda_op():
         pytest.fail(f"sparsekit._C has no CUDA kernel for {OP}: build on a CUDA machine "
                     "(pip install --no-build-isolation -e .) or with FORCE_CUDA=1")
     return _op()
-
-
-def _close(got, ref64, dtype, reduction):
-    """got (dtype) vs the float64 reference: error bound ~ eps * sqrt(reduction) * scale."""
-    assert got.dtype == dtype and got.shape == ref64.shape, (got.dtype, got.shape, ref64.shape)
-    assert torch.isfinite(got).all()
-    scale = ref64.abs().max().item() if ref64.numel() else 1.0
-    tol = EPS[dtype] * 4 * max(1.0, reduction ** 0.5) * max(1.0, scale) + EPS[dtype]
-    err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
-    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
 
 
 PATHS = [("fp32", torch.float32, None), ("fp64", torch.float64, None),

@@ -19,6 +19,7 @@ import sys
 
 import pytest
 import torch
+from _tolerance import assert_close_to_reference as _close
 
 from sparsekit.formats import CSR
 from sparsekit.ops import reference
@@ -27,22 +28,11 @@ pytestmark = pytest.mark.cuda
 
 DEV = "cuda"
 ENV = "SPARSEKIT_CSR_SKINNY"
-EPS = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 2e-6}
 
 
 def _needs_sm80():
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the skinny path needs compute capability >= 8.0")
-
-
-def _close(got, ref64, dtype, reduction):
-    """got (dtype) vs the float64 reference: error bound ~ eps * sqrt(reduction) * scale."""
-    assert got.dtype == dtype and got.shape == ref64.shape, (got.dtype, got.shape, ref64.shape)
-    assert torch.isfinite(got).all()
-    scale = ref64.abs().max().item() if ref64.numel() else 1.0
-    tol = EPS[dtype] * 4 * max(1.0, reduction ** 0.5) * max(1.0, scale) + EPS[dtype]
-    err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
-    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
 
 
 def _csr(n, k, density, dtype, seed, col_dtype, empty_rows=()):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _tolerance import assert_close_to_reference as _close
 
 import sparsekit as sk
 from sparsekit.formats import BSR, CSR, NM
@@ -26,7 +27,6 @@ pytestmark = pytest.mark.cuda
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-EPS = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 OPS = ["bsr_mm", "bsr_mm_t", "bsr_sddmm", "csr_mm", "csr_mm_t", "csr_sddmm", "nm_mm", "nm_mm_t", "nm_sddmm"]
 
 
@@ -35,16 +35,6 @@ def _op(name):
         pytest.fail(f"sparsekit._C has no CUDA kernel for {name}: build on a CUDA machine "
                     "(pip install --no-build-isolation -e .) or with FORCE_CUDA=1")
     return getattr(torch.ops.sparsekit, name)
-
-
-def _close(got, ref64, dtype, reduction):
-    """got (dtype) vs the float64 reference: error bound ~ eps * sqrt(reduction) * scale."""
-    assert got.dtype == dtype and got.shape == ref64.shape, (got.dtype, got.shape, ref64.shape)
-    assert torch.isfinite(got).all()
-    scale = ref64.abs().max().item() if ref64.numel() else 1.0
-    tol = EPS[dtype] * 4 * max(1.0, reduction ** 0.5) * max(1.0, scale) + EPS[dtype]
-    err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
-    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
 
 
 def _rand(*shape, seed=0, dtype=torch.float32):

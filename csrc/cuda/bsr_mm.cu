@@ -287,13 +287,9 @@ std::string bsr_tc_probe(const at::Device& device, cudaStream_t stream) {
       at::Tensor y_ref = at::empty({M, n}, x.options());
       if (!sparsekit_cuda::bsr_mm_tensor_core(x, crow, col, values, bias, y_tc, rows, stream)) continue;
       bsr_mm_generic(x, crow, col, values, bias, y_ref, n, stream);
-      const at::Tensor ref = y_ref.to(at::kFloat);
-      const float err = (y_tc.to(at::kFloat) - ref).abs().max().item<float>();
-      const float tol = 1e-2f * (1.0f + ref.abs().max().item<float>());  // a rounding step, not a layout error
-      if (!(err <= tol)) {
-        return std::string(dtype == at::kHalf ? "float16" : "bfloat16") + " block " + std::to_string(B) +
-               ": max abs difference " + std::to_string(err);
-      }
+      const std::string mismatch = sparsekit_cuda::probe_mismatch(
+          y_tc, y_ref, 1e-2f, std::string(sparsekit_cuda::probe_dtype_name(dtype)) + " block " + std::to_string(B));
+      if (!mismatch.empty()) return mismatch;
     }
   }
   return "";

@@ -54,6 +54,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "mma.cuh"
 #include "checks.cuh"
 #include "selfcheck.cuh"
 
@@ -241,26 +242,7 @@ constexpr int kTcThreads = 128;  // 4 warps, 2 x 2 over the 64 x 64 tile
 constexpr int kTcK = 32;         // reduction slice
 constexpr int kTcLdw = (kTcK + 8) / 2;  // shared row length in 32-bit words (8 elements of padding)
 
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-#else
-  __trap();  // the host side only launches on compute capability >= 8.0
-#endif
-}
+using sparsekit_cuda::mma_16816;
 
 // 16-bit values are moved as raw bits (uint16_t): zero is all-zero bits in both fp16 and bf16, and a pair of
 // consecutive reduction entries packs into one 32-bit operand register (lower index in the low half).
@@ -489,13 +471,10 @@ std::string channel_conv_tc_probe(const at::Device& device) {
                                                c.groups, &tc);
       const at::Tensor y_ref = channel_conv_run(x, in_idx, w, bias, out_idx, n_out, c.stride, c.padding,
                                                 c.dilation, c.groups, &generic);
-      const at::Tensor ref = y_ref.to(at::kFloat);
-      const float err = (y_tc.to(at::kFloat) - ref).abs().max().item<float>();
-      const float tol = 1e-2f * (1.0f + ref.abs().max().item<float>());  // a rounding step, not a layout error
-      if (!(err <= tol)) {
-        return std::string(dtype == at::kHalf ? "float16" : "bfloat16") + " case " +
-               std::to_string(&c - cases.data()) + ": max abs difference " + std::to_string(err);
-      }
+      const std::string mismatch = sparsekit_cuda::probe_mismatch(
+          y_tc, y_ref, 1e-2f,
+          std::string(sparsekit_cuda::probe_dtype_name(dtype)) + " case " + std::to_string(&c - cases.data()));
+      if (!mismatch.empty()) return mismatch;
     }
   }
   return "";

@@ -39,6 +39,7 @@
 // guarantees); unsorted columns would give wrong sums but never write outside the tile. Because no GPU has
 // validated the fragment and pipeline code yet, the path runs only after the first-use self-check
 // (selfcheck.cuh) agreed with the generic kernel on this device.
+#include "mma.cuh"
 #include "csr_skinny.cuh"
 
 #include <ATen/Dispatch.h>
@@ -69,7 +70,6 @@ constexpr int kChunk = 64;                         // K columns per step (4 mma 
 constexpr int kLd = kChunk + 8;                    // shared row stride in elements (144 bytes)
 constexpr int kWin = 32;                           // entries of a row read per round (one per lane)
 constexpr int kMaxM = 64;
-constexpr int kMaxDevices = 64;
 // Density window of the automatic rule (SPARSEKIT_CSR_SKINNY unset or "1"; csr_skinny.cuh), first guesses
 // around Flash-LLM's 60-90% sparsity target, to be tuned on a GPU against the generic kernels:
 //   below ~9% the work per 16 x 64 tile that does not shrink with the nonzeros (zero fill, one 32-entry window
@@ -85,28 +85,8 @@ constexpr int kMinBlocksPerSm = 4;                 // register cap (<= 128 per t
 constexpr const char* kEnv = "SPARSEKIT_CSR_SKINNY";
 
 // ------------------------------------------------------------------------------------------ device helpers
-__device__ __forceinline__ uint32_t lds32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-#else
-  __trap();  // the host side only launches on compute capability >= 8.0
-#endif
-}
+using sparsekit_cuda::ld32;
+using sparsekit_cuda::mma_16816;
 
 // 16 bytes global -> shared, asynchronous; zero-filled when !full (src is then not read).
 __device__ __forceinline__ void cp_async16(uint16_t* smem, const uint16_t* gmem, bool full) {
@@ -297,12 +277,12 @@ csr_skinny_kernel(const uint16_t* __restrict__ x, const int32_t* __restrict__ cr
 #pragma unroll
     for (int kk = 0; kk < kChunk; kk += 16) {
       const uint16_t* wa = tile + g * kLd + kk + 2 * t;
-      const uint32_t a[4] = {lds32(wa), lds32(wa + 8 * kLd), lds32(wa + 8), lds32(wa + 8 * kLd + 8)};
+      const uint32_t a[4] = {ld32(wa), ld32(wa + 8 * kLd), ld32(wa + 8), ld32(wa + 8 * kLd + 8)};
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         if (nt * 8 < M) {  // uniform: n-tiles wholly past M are skipped
           const uint16_t* xp = xb + (nt * 8 + g) * kLd + kk + 2 * t;
-          mma_16816<T>(acc[nt], a, lds32(xp), lds32(xp + 8));
+          mma_16816<T>(acc[nt], a, ld32(xp), ld32(xp + 8));
         }
       }
     }
@@ -482,7 +462,7 @@ std::string run_probe_case(const ProbeCase& pc, at::ScalarType dtype, const at::
   const float err = diff.max().item<float>();
   if (err == 0.f) return "";
   const int64_t at_flat = diff.view({-1}).argmax().item<int64_t>();
-  return std::string(dtype == at::kHalf ? "float16" : "bfloat16") + " M=" + std::to_string(M) +
+  return std::string(sparsekit_cuda::probe_dtype_name(dtype)) + " M=" + std::to_string(M) +
          " N=" + std::to_string(N) + " K=" + std::to_string(K) + " splits=" + std::to_string(pc.splits) +
          (pc.int32_cols ? " int32" : " int16") + " columns: max |skinny - generic| = " + std::to_string(err) +
          " at y[" + std::to_string(at_flat / N) + ", " + std::to_string(at_flat % N) + "]";
@@ -516,13 +496,12 @@ bool csr_mm_skinny(const at::Tensor& x, const at::Tensor& crow, const at::Tensor
   if (!can_run(x, values, n)) return false;
   const PathMode mode = path_mode(kEnv);
   if (mode == PathMode::kOff) return false;
-  const int device = x.get_device();
-  if (device < 0 || device >= kMaxDevices) return false;
   if (mode == PathMode::kAuto) {
     const double density = static_cast<double>(values.numel()) / (static_cast<double>(n) * x.size(1));
     if (density < kMinDensity || density > kMaxDensity) return false;
     // (selfcheck.cuh never probes while the stream captures a CUDA graph: such calls take the generic kernel)
-    if (!path_enabled<CsrSkinnyTag>(kEnv, device, [&] { return probe(x.device(), generic, stream); })) return false;
+    const auto run_probe = [&] { return probe(x.device(), generic, stream); };
+    if (!path_enabled<CsrSkinnyTag>(kEnv, x.get_device(), run_probe)) return false;
   }
   y = at::empty({x.size(0), n}, x.options());
   launch_skinny(x, crow, col, values, bias, y, 0, stream);

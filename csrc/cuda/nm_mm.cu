@@ -203,14 +203,11 @@ std::string nm_sp_probe(const at::Device& device, cudaStream_t stream) {
       at::Tensor y_ref = at::empty({c.M, c.N}, x.options());
       if (!sparsekit_cuda::nm_mm_sparse_tensor_core(x, values, indices, bias, y_sp, 2, 4, stream)) continue;
       launch_gemm<false>("sparsekit::nm_mm", x, values, indices, bias, y_ref, c.N, c.K, 2, 4);
-      const at::Tensor ref = y_ref.to(at::kFloat);
-      const float err = y_sp.to(at::kFloat).sub(ref).abs().max().item<float>();
-      const float tol = 1e-3f * (1.0f + ref.abs().max().item<float>());  // exact sums: any rounding is a bug
-      if (!(err <= tol)) {
-        return std::string(dtype == at::kHalf ? "float16" : "bfloat16") + " M=" + std::to_string(c.M) +
-               " N=" + std::to_string(c.N) + " K=" + std::to_string(c.K) + ": max abs difference " +
-               std::to_string(err);
-      }
+      const std::string mismatch = sparsekit_cuda::probe_mismatch(  // exact sums: any rounding is a bug
+          y_sp, y_ref, 1e-3f,
+          std::string(sparsekit_cuda::probe_dtype_name(dtype)) + " M=" + std::to_string(c.M) + " N=" +
+              std::to_string(c.N) + " K=" + std::to_string(c.K));
+      if (!mismatch.empty()) return mismatch;
     }
   }
   return "";

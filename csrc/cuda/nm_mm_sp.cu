@@ -36,6 +36,7 @@
 // Positions must be strictly increasing inside a group (NM.validate checks it), as mma.sp::ordered_metadata
 // (PTX ISA 8.5, CUDA >= 12.5; plain mma.sp before) requires; padded groups (K tail, rows >= N) get
 // positions (0, 1) with zero values.
+#include "mma.cuh"
 #include "nm_mm_sp.cuh"
 
 #include <c10/cuda/CUDAException.h>
@@ -92,7 +93,7 @@ struct Tile {
                 "stage chunks must divide among the threads");
 };
 
-__device__ __forceinline__ uint32_t ld_shared32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+using sparsekit_cuda::ld32;
 
 // 8 consecutive 16-bit elements from p, of which `avail` (> 0) exist; zeros past them. kVecOnly: the caller
 // guarantees 16-byte alignment and avail >= 8 (every operand vectorisable, so a chunk is all in or all out).
@@ -263,15 +264,15 @@ nm24_sp_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ valu
 #pragma unroll
       for (int s = 0; s < KS; ++s) {
         const uint16_t* ap = as + ra * ALD + 16 * s + 2 * t;
-        const uint32_t a[4] = {ld_shared32(ap), ld_shared32(ap + 8 * ALD), ld_shared32(ap + 8),
-                               ld_shared32(ap + 8 * ALD + 8)};
+        const uint32_t a[4] = {ld32(ap), ld32(ap + 8 * ALD), ld32(ap + 8),
+                               ld32(ap + 8 * ALD + 8)};
         const uint32_t e = __byte_perm(es[ra * ELD + s], es[(ra + 8) * ELD + s], half_sel);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           if (nt < nt_active) {
             const uint16_t* bp = bs + (nt * 8 + g) * BLD + 32 * s + 2 * t;
-            const uint32_t b[4] = {ld_shared32(bp), ld_shared32(bp + 8), ld_shared32(bp + 16),
-                                   ld_shared32(bp + 24)};
+            const uint32_t b[4] = {ld32(bp), ld32(bp + 8), ld32(bp + 16),
+                                   ld32(bp + 24)};
             mma_sp_16832<T>(acc[nt], a, b, e);
           }
         }

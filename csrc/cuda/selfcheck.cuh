@@ -11,6 +11,8 @@
 //   "force"       run the path without probing (tests use this to compare it with the reference directly)
 #pragma once
 
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -66,5 +68,17 @@ bool path_enabled(const char* env_name, int device, Probe&& probe) {
   }
   return verdict[device] == 1;
 }
+
+// For a probe: "" when `got` matches `ref` (max |got - ref| <= rel_tol * (1 + max |ref|), in fp32), else
+// "<what>: max abs difference <err>". The probes' entries are exact in fp16/bf16 with exact fp32 sums, so
+// rel_tol only has to allow a final rounding step, far below what a layout error gives.
+inline std::string probe_mismatch(const at::Tensor& got, const at::Tensor& ref, float rel_tol, const std::string& what) {
+  const at::Tensor r = ref.to(at::kFloat);
+  const float err = (got.to(at::kFloat) - r).abs().max().item<float>();
+  if (err <= rel_tol * (1.0f + r.abs().max().item<float>())) return "";
+  return what + ": max abs difference " + std::to_string(err);
+}
+
+inline const char* probe_dtype_name(at::ScalarType dtype) { return dtype == at::kHalf ? "float16" : "bfloat16"; }
 
 }  // namespace sparsekit_cuda
