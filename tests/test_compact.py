@@ -153,6 +153,8 @@ def test_selection_keeps_a_channel_its_stream_keeps():
     with pytest.raises(ValueError, match="keeps none of the channels its stream keeps"):
         compact(model, x, disjoint, graph=graph)
     scores = {sel: torch.arange(8.0)}
+    with pytest.raises(ValueError, match="min_keep must be an int >= 0, got -1"):
+        graph.keep_selections(disjoint, scores, min_keep=-1)
     fixed = graph.keep_selections(disjoint, scores, min_keep=2)
     assert fixed[stream].tolist() == [0, 1, 2] and fixed[sel].tolist() == [1, 2, 3, 5, 6, 7]   # best two added
     _, small, _ = _check(model, x, keep=fixed, graph=graph)

@@ -1010,6 +1010,8 @@ class DependencyGraph:
         """
         from .compact import _effective_keep, _stream_mask
 
+        if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
+            raise ValueError(f"min_keep must be an int >= 0, got {min_keep!r}")
         out = {k: torch.as_tensor(v) for k, v in keep.items()}
         out = {k: (torch.nonzero(v) if v.dtype == torch.bool else v.to(torch.long)).reshape(-1) for k, v in out.items()}
         for sel in self.selections.values():
