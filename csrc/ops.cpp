@@ -44,5 +44,9 @@ TORCH_LIBRARY(sparsekit, m) {
   m.def("nm_mm_t(Tensor dy, Tensor values, Tensor indices, int n, int m) -> Tensor");
   m.def("nm_sddmm(Tensor dy, Tensor x, Tensor indices, int n, int m) -> Tensor");
 
+  // The CPU kernels' instruction set as chosen now: "avx512", "avx2" or "scalar", with "+amx" when bf16 BSR
+  // products run on AMX tiles (both honour SPARSEKIT_CPU_ISA, read per call).
+  m.def("cpu_kernel_isa() -> str");
+
   m.def("channel_gather_conv2d(Tensor x, Tensor in_idx, Tensor weight, Tensor? bias, Tensor? out_idx, int? n_out, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
 }

@@ -106,6 +106,14 @@ def backend_status() -> dict[str, dict]:
     return out
 
 
+def _cpu_kernel_isa() -> str | None:
+    """The instruction set the CPU kernels run with now ("avx512+amx", "avx2", ...); None without the extension
+    (or with an extension built before the op existed)."""
+    if not _extension.LOADED or not hasattr(torch.ops.sparsekit, "cpu_kernel_isa"):
+        return None
+    return torch.ops.sparsekit.cpu_kernel_isa()
+
+
 def info() -> dict:
     _extension.load()
     return {
@@ -116,7 +124,8 @@ def info() -> dict:
         "triton": _triton_version(),
         "extension": {"loaded": _extension.LOADED, "error": _extension.LOAD_ERROR,
                       "cpu_kernels": [f for f in FAMILIES if _extension.LOADED and has_kernel(f"{f}_mm", "CPU")],
-                      "cuda_kernels": [f for f in FAMILIES if _extension.LOADED and has_kernel(f"{f}_mm", "CUDA")]},
+                      "cuda_kernels": [f for f in FAMILIES if _extension.LOADED and has_kernel(f"{f}_mm", "CUDA")],
+                      "cpu_isa": _cpu_kernel_isa()},
         "cpu": {"model": _cpu_model(), "threads": torch.get_num_threads(),
                 "torch_capability": torch.backends.cpu.get_cpu_capability(), **cpu_features()},
         "gpu": _gpu(),
@@ -165,7 +174,9 @@ def format_info(d: dict) -> str:
         f"  triton {d['triton'] or 'not installed'}",
         f"extension sparsekit._C: {'loaded' if ext['loaded'] else 'NOT loaded: ' + str(ext['error'])}"
         + (f"  CPU kernels: {', '.join(ext['cpu_kernels']) or 'none'}  CUDA kernels: "
-           f"{', '.join(ext['cuda_kernels']) or 'none'}" if ext["loaded"] else ""),
+           f"{', '.join(ext['cuda_kernels']) or 'none'}" if ext["loaded"] else "")
+        + (f"  CPU kernel ISA: {ext['cpu_isa']}" + (" (bf16 BSR on AMX tiles)" if "amx" in ext["cpu_isa"] else "")
+           if ext.get("cpu_isa") else ""),
         f"CPU: {d['cpu']['model']}, {d['cpu']['threads']} threads, torch uses {d['cpu']['torch_capability']}; "
         + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in d["cpu"].items()
                    if k not in ("model", "threads", "torch_capability")),

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "amx.h"
 #include "checks.h"
 #include "tiles.h"
 #include "panel.h"
@@ -159,6 +160,54 @@ void bsr_sddmm_kernel(const A* dyT, const A* xT, const int32_t* crow, const int3
   });
 }
 
+// ------------------------------------------------------------------------------------ AMX (bf16)
+// y = x @ W^T (+ bias) for bfloat16 x and values on AMX tiles (amx.h): blocks packed into VNNI order per call;
+// tasks = (nonzero-balanced chunk of block-rows, kAmxMT rows of x), chunks outermost and small enough to stay
+// in L2 while every tile of x passes (weights would otherwise stream from memory once per tile);
+// block-rows are computed `group` at a time (>= 64 contiguous outputs per row of y) into fp32 rows and stored.
+constexpr int64_t kAmxChunkBytes = 256 * 1024;
+
+void bsr_mm_amx(const uint16_t* x, const int32_t* crow, const int32_t* col, const uint16_t* v, const float* bias,
+                uint16_t* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
+  const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
+  const int64_t tiles = (M + kAmxMT - 1) / kAmxMT;
+  at::Tensor wv_t = at::empty({nnzb * bn * bk / 2}, at::TensorOptions().dtype(at::kInt));
+  uint32_t* wv = reinterpret_cast<uint32_t*>(wv_t.mutable_data_ptr<int32_t>());
+  at::parallel_for(0, nnzb, grain_for(bn * bk), [&](int64_t b0, int64_t b1) { amx_pack_w(v, b0, b1, bn, bk, wv); });
+  // chunks of block-rows whose packed blocks stay in L2 (kAmxChunkBytes) while every tile of x passes them
+  const int64_t l2_chunks = (nnzb * bn * bk * 2 + kAmxChunkBytes - 1) / kAmxChunkBytes;
+  const std::vector<int64_t> bounds =
+      balanced_chunks(crow, rows, std::max((4 * threads + tiles - 1) / tiles, l2_chunks), bn * bk, bn);
+  const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
+  const int64_t grain = M * nnzb * bn * bk < kMinWork ? tasks : 1;
+  const int64_t group = std::max<int64_t>(1, 64 / bn), ldo = group * bn;
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    const AmxTileScope tiles_configured(bk);
+    std::vector<float> out(kAmxMT * ldo);
+    std::vector<uint16_t> tail;
+    for (int64_t t = t0; t < t1; ++t) {  // chunk-major: a thread's consecutive tasks share a chunk's blocks
+      const int64_t c = t / tiles, tile = t % tiles, m0 = tile * kAmxMT, mc = std::min(kAmxMT, M - m0);
+      const uint16_t* xt = x + m0 * K;
+      if (mc < kAmxMT) {  // the last, partial tile: read from a zero-padded copy
+        tail.assign(kAmxMT * K, 0);
+        std::memcpy(tail.data(), xt, mc * K * sizeof(uint16_t));
+        xt = tail.data();
+      }
+      for (int64_t r0 = bounds[c]; r0 < bounds[c + 1]; r0 += group) {
+        const int64_t r1 = std::min(bounds[c + 1], r0 + group);
+        amx_bsr_rows(xt, K, crow, col, r0, r1, wv, bn, bk, out.data(), ldo);
+        amx_store_bf16(out.data(), ldo, (r1 - r0) * bn, mc, bias ? bias + r0 * bn : nullptr, y + m0 * N + r0 * bn, N);
+      }
+    }
+  });
+}
+
+// Whether bsr_mm_fast takes the AMX path: bf16 activations and weights, blocks of 16-multiples, more rows than
+// the GEMV path takes, and AMX available (amx_enabled: CPU, OS grant, SPARSEKIT_CPU_ISA).
+bool use_amx(bool bf16, WKind wk, int64_t M, int64_t bn, int64_t bk, int vec) {
+  return bf16 && wk == WKind::kBF16 && 2 * M > vec && amx_block_ok(bn, bk) && amx_enabled();
+}
+
 // ------------------------------------------------------------------------------- SIMD fast path
 // y[M, N] = x[M, K] @ W^T (+ bias) for float32 / bfloat16 / float16 activations, fp32 accumulation, with
 // the run-time selected micro-kernels of simd.h. W is given as raw BSR arrays so the backward (dx = dy @ W)
@@ -175,6 +224,12 @@ void bsr_mm_fast(const T* x, const int32_t* crow, const int32_t* col, const void
   const int64_t threads = at::get_num_threads();
   const int W = vec_floats(isa);
   if (M == 0 || N == 0) return;
+  if (use_amx(std::is_same_v<T, c10::BFloat16>, wk, M, bn, bk, W)) {
+    const std::vector<float> bf = bias_f32(bias, N);
+    bsr_mm_amx(reinterpret_cast<const uint16_t*>(x), crow, col, static_cast<const uint16_t*>(v),
+               bias ? bf.data() : nullptr, reinterpret_cast<uint16_t*>(y), M, K, N, bn, bk);
+    return;
+  }
   if (2 * M <= W) {
     const std::vector<int64_t> bounds = balanced_chunks(crow, rows, 4 * threads, bn * bk, bn);
     const int64_t chunks = int64_t(bounds.size()) - 1;
@@ -551,21 +606,31 @@ at::Tensor bsr_mm_t(const at::Tensor& dy_in, const at::Tensor& crow, const at::T
     std::vector<int32_t> tptr(cols + 1), tcol(nnzb);
     for (int64_t c = 0; c <= cols; ++c) tptr[c] = static_cast<int32_t>(bc.ptr[c]);
     for (int64_t p = 0; p < nnzb; ++p) tcol[p] = static_cast<int32_t>(bc.row[p]);
-    const at::Tensor vf = values.to(at::kFloat).contiguous();
-    std::vector<float> tval(nnzb * bn * bk);
-    const float* vs = vf.const_data_ptr<float>();
-    at::parallel_for(0, nnzb, grain_for(bn * bk), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const float* src = vs + bc.block[p] * bn * bk;
-        float* dst = tval.data() + p * bn * bk;
-        for (int64_t i = 0; i < bn; ++i)
-          for (int64_t kk = 0; kk < bk; ++kk) dst[kk * bn + i] = src[i * bk + kk];
-      }
-    });
+    // bf16 values stay bf16 (bit copies, so the AMX path can take them); others go to fp32
+    const bool bf16 = values.scalar_type() == at::kBFloat16;
+    const at::Tensor vf = bf16 ? values : values.to(at::kFloat).contiguous();
+    const at::Tensor tval = at::empty({nnzb * bn * bk}, vf.options());
+    auto transpose_blocks = [&](auto* vt, const auto* vs) {
+      at::parallel_for(0, nnzb, grain_for(bn * bk), [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const auto* src = vs + bc.block[p] * bn * bk;
+          auto* dst = vt + p * bn * bk;
+          for (int64_t i = 0; i < bn; ++i)
+            for (int64_t kk = 0; kk < bk; ++kk) dst[kk * bn + i] = src[i * bk + kk];
+        }
+      });
+    };
+    if (bf16) {
+      transpose_blocks(static_cast<uint16_t*>(tval.mutable_data_ptr()),
+                       static_cast<const uint16_t*>(vf.const_data_ptr()));
+    } else {
+      transpose_blocks(tval.mutable_data_ptr<float>(), vf.const_data_ptr<float>());
+    }
     SPARSEKIT_DISPATCH_FAST(dy.scalar_type(), "sparsekit_bsr_mm_t_fast", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        bsr_mm_fast<scalar_t>(dy.const_data_ptr<scalar_t>(), tptr.data(), tcol.data(), tval.data(), WKind::kF32,
-                              nullptr, dx.mutable_data_ptr<scalar_t>(), M, N, k, bk, bn);
+        bsr_mm_fast<scalar_t>(dy.const_data_ptr<scalar_t>(), tptr.data(), tcol.data(), tval.const_data_ptr(),
+                              bf16 ? WKind::kBF16 : WKind::kF32, nullptr, dx.mutable_data_ptr<scalar_t>(), M, N, k,
+                              bk, bn);
       }
     });
     return dx;

@@ -3,6 +3,10 @@
 // extension does, so the library still loads and runs on any x86-64 (and builds on arm64: portable only).
 #include "simd.h"
 
+#include <torch/library.h>
+
+#include "amx.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -138,7 +142,7 @@ Isa active_isa() {
   const char* env = std::getenv("SPARSEKIT_CPU_ISA");  // read per call: tests switch it at run time
   if (env == nullptr || *env == '\0') return best;
   const std::string s(env);
-  const Isa want = s == "avx512" ? Isa::kAvx512 : s == "avx2" ? Isa::kAvx2 : Isa::kScalar;
+  const Isa want = s == "amx" || s == "avx512" ? Isa::kAvx512 : s == "avx2" ? Isa::kAvx2 : Isa::kScalar;
   return static_cast<int>(want) < static_cast<int>(best) ? want : best;
 }
 
@@ -202,3 +206,12 @@ void csr_panel_rows(Isa isa, int nv, const float* xp, const int64_t* rowoff, con
 }
 
 }  // namespace sparsekit::cpu
+
+namespace {
+std::string cpu_kernel_isa() {
+  using namespace sparsekit::cpu;
+  return std::string(isa_name(active_isa())) + (amx_enabled() ? "+amx" : "");
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsekit, CompositeExplicitAutograd, m) { m.impl("cpu_kernel_isa", &cpu_kernel_isa); }

@@ -1,0 +1,221 @@
+// bfloat16 BSR on Intel AMX tiles: the VNNI packing of the blocks, the tile kernel and the bf16 store (amx.h).
+// Only the functions inside the `#pragma GCC target` region use AMX / AVX-512; they run only after
+// amx_enabled() said yes, so the library still loads and runs on any x86-64 (and builds on arm64: stubs).
+#include "amx.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__) && defined(__GNUC__)
+#define SPARSEKIT_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define SPARSEKIT_AMX 0
+#endif
+
+namespace sparsekit::cpu {
+
+#if SPARSEKIT_AMX
+namespace {
+
+// CPUID.(7,0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE; AVX-512F/BW (EBX bits 16, 30) for the packing;
+// CPUID.(7,1):EAX bit 5 = AVX512-BF16 for the output conversion. Linux
+// hands out the 8 KiB tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, feature 18);
+// the grant covers every thread of the process.
+bool detect() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool amx = ((d >> 22) & 1) && ((d >> 24) & 1) && ((b >> 16) & 1) && ((b >> 30) & 1);
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  const bool cpu = amx && ((a >> 5) & 1);
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtileData = 18;
+  return cpu && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtileData) == 0;
+}
+
+// The 64-byte operand of LDTILECFG (palette 1): per tile its rows and bytes per row.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: fp32 accumulators C[m 16][n 16] (tile 2 * m-half + n-half); 4-5: A = rows of x [m 16][KC bf16];
+// 6-7: B = packed weight words [KC/2 pairs][n 16].
+TileConfig config_for(int kc) {
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  for (int t = 4; t < 6; ++t) cfg.rows[t] = 16, cfg.colsb[t] = static_cast<uint16_t>(kc * 2);
+  for (int t = 6; t < 8; ++t) cfg.rows[t] = static_cast<uint8_t>(kc / 2), cfg.colsb[t] = 64;
+  return cfg;
+}
+
+}  // namespace
+
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")
+namespace {
+
+// 16x16 transpose of 32-bit words: r[i] holds row i on entry and column i on return (integer shuffles only,
+// so bf16 pairs pass bit-exact: no float arithmetic that could flush denormal-looking words).
+inline void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // lane L of r[4i + c]: rows 4i..4i+3 of column 4L + c
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // 4x4 transpose of 128-bit lanes across r[c], r[4+c], r[8+c], r[12+c]
+    const __m512i a = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), b = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+    const __m512i e = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88),
+                  f = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+    t[c] = _mm512_shuffle_i32x4(a, e, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(b, f, 0x88);
+    t[8 + c] = _mm512_shuffle_i32x4(a, e, 0xDD);
+    t[12 + c] = _mm512_shuffle_i32x4(b, f, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// wv[b] = the words of block b ([bn][bk/2] bf16 pairs) transposed to [bk/2][bn], for blocks [b0, b1).
+void pack_w_avx512(const uint16_t* v, int64_t b0, int64_t b1, int64_t bn, int64_t bk, uint32_t* wv) {
+  const int64_t words = bk / 2;
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(v + b * bn * bk);
+    uint32_t* dst = wv + b * bn * words;
+    for (int64_t i0 = 0; i0 < bn; i0 += 16) {
+      for (int64_t w0 = 0; w0 < words; w0 += 16) {
+        const int64_t nw = words - w0 < 16 ? words - w0 : 16;
+        const __mmask16 mask = static_cast<__mmask16>((1u << nw) - 1);
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_epi32(mask, src + (i0 + i) * words + w0);
+        transpose16(r);
+        for (int64_t w = 0; w < nw; ++w) _mm512_storeu_si512(dst + (w0 + w) * bn + i0, r[w]);
+      }
+    }
+  }
+}
+
+// One NS-column slab (NS = 16 or 32) of every block-row in [r0, r1) for kAmxMT rows of x, k-steps of KC (16
+// or 32) bf16: C[m 16][n 16] tiles, A = rows of x read in place, B = packed weight words.
+template <int NS, int KC>
+void rows_kernel(const uint16_t* x, int64_t ldx, const int32_t* crow, const int32_t* col, int64_t r0, int64_t r1,
+                 const uint32_t* wv, int64_t bn, int64_t bk, float* out, int64_t ldo) {
+  const int64_t lda = ldx * 2, ldb = bn * 4, ldc = ldo * 4, half = 16 * ldx;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t s = 0; s < bn; s += NS) {
+      _tile_zero(0);
+      _tile_zero(2);
+      if constexpr (NS == 32) {
+        _tile_zero(1);
+        _tile_zero(3);
+      }
+      for (int64_t b = crow[r]; b < crow[r + 1]; ++b) {
+        const uint16_t* xa = x + col[b] * bk;
+        const uint32_t* wb = wv + b * bn * (bk / 2) + s;
+        for (int64_t kc = 0; kc < bk; kc += KC) {
+          const uint32_t* wk = wb + (kc / 2) * bn;
+          _tile_loadd(4, xa + kc, lda);
+          _tile_loadd(5, xa + half + kc, lda);
+          _tile_loadd(6, wk, ldb);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(2, 5, 6);
+          if constexpr (NS == 32) {
+            _tile_loadd(7, wk + 16, ldb);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+      }
+      float* o = out + (r - r0) * bn + s;
+      _tile_stored(0, o, ldc);
+      _tile_stored(2, o + 16 * ldo, ldc);
+      if constexpr (NS == 32) {
+        _tile_stored(1, o + 16, ldc);
+        _tile_stored(3, o + 16 * ldo + 16, ldc);
+      }
+    }
+  }
+}
+
+void bsr_rows_amx(const uint16_t* x, int64_t ldx, const int32_t* crow, const int32_t* col, int64_t r0, int64_t r1,
+                  const uint32_t* wv, int64_t bn, int64_t bk, float* out, int64_t ldo) {
+  const bool wide = bn % 32 == 0, k32 = bk % 32 == 0;
+  if (wide && k32) rows_kernel<32, 32>(x, ldx, crow, col, r0, r1, wv, bn, bk, out, ldo);
+  else if (wide) rows_kernel<32, 16>(x, ldx, crow, col, r0, r1, wv, bn, bk, out, ldo);
+  else if (k32) rows_kernel<16, 32>(x, ldx, crow, col, r0, r1, wv, bn, bk, out, ldo);
+  else rows_kernel<16, 16>(x, ldx, crow, col, r0, r1, wv, bn, bk, out, ldo);
+}
+
+void load_config(int64_t bk) {
+  const TileConfig cfg = config_for(bk % 32 == 0 ? 32 : 16);
+  // not _tile_loadconfig: GCC 12's version tells the compiler it reads 8 bytes, so the stores filling the rest
+  // of a local config can be dropped as dead (palette 0 then leaves the tiles unconfigured: SIGILL)
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+void release_tiles() { _tile_release(); }
+
+void store_bf16_avx512(const float* out, int64_t ldo, int64_t cols, int64_t mc, const float* bias, uint16_t* y,
+                       int64_t ldy) {
+  for (int64_t j = 0; j < mc; ++j) {
+    for (int64_t i = 0; i < cols; i += 16) {
+      __m512 f = _mm512_loadu_ps(out + j * ldo + i);
+      if (bias) f = _mm512_add_ps(f, _mm512_loadu_ps(bias + i));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j * ldy + i), (__m256i)_mm512_cvtneps_pbh(f));
+    }
+  }
+}
+
+}  // namespace
+#pragma GCC pop_options
+
+bool amx_enabled() {
+  static const bool ready = detect();
+  if (!ready) return false;
+  const char* env = std::getenv("SPARSEKIT_CPU_ISA");  // read per call, as active_isa() does
+  return env == nullptr || *env == '\0' || std::string(env) == "amx";
+}
+
+void amx_pack_w(const uint16_t* v, int64_t b0, int64_t b1, int64_t bn, int64_t bk, uint32_t* wv) {
+  pack_w_avx512(v, b0, b1, bn, bk, wv);
+}
+
+AmxTileScope::AmxTileScope(int64_t bk) { load_config(bk); }
+AmxTileScope::~AmxTileScope() { release_tiles(); }
+
+void amx_bsr_rows(const uint16_t* x, int64_t ldx, const int32_t* crow, const int32_t* col, int64_t r0, int64_t r1,
+                  const uint32_t* wv, int64_t bn, int64_t bk, float* out, int64_t ldo) {
+  bsr_rows_amx(x, ldx, crow, col, r0, r1, wv, bn, bk, out, ldo);
+}
+
+void amx_store_bf16(const float* out, int64_t ldo, int64_t cols, int64_t mc, const float* bias, uint16_t* y,
+                    int64_t ldy) {
+  store_bf16_avx512(out, ldo, cols, mc, bias, y, ldy);
+}
+
+#else  // not x86-64 Linux: never enabled, so the entry points below are unreachable
+
+bool amx_enabled() { return false; }
+void amx_pack_w(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*) { std::abort(); }
+AmxTileScope::AmxTileScope(int64_t) { std::abort(); }
+AmxTileScope::~AmxTileScope() = default;
+void amx_bsr_rows(const uint16_t*, int64_t, const int32_t*, const int32_t*, int64_t, int64_t, const uint32_t*, int64_t,
+                  int64_t, float*, int64_t) {
+  std::abort();
+}
+void amx_store_bf16(const float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t) { std::abort(); }
+
+#endif
+
+}  // namespace sparsekit::cpu
