@@ -15,7 +15,9 @@ Variants, timed side by side in one run (round-robin over the models, median of 
                         the Torch-Pruning model's (within 0.5%): the equal-parameter comparison
 
 sparsekit's compacted model is checked against its group-masked reference with ``sk.verify`` (atol 1e-4,
-on a small batch). Results: bench/results/compact_<machine>_<date>.md and .json.
+on a small batch). The notes of sk-layer and sk@tp-global say whether their per-layer widths equal tp-layer's
+and tp-global's (``width_note``): identical architectures can differ in speed only by run noise.
+Results: bench/results/compact_<machine>_<date>.md and .json.
 """
 
 from __future__ import annotations
@@ -41,6 +43,21 @@ from sparsekit.prune.graph import DependencyGraph
 
 def params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
+
+
+def layer_shapes(m: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Weight shape of every Conv2d / Linear / BatchNorm2d, by module name."""
+    return {n: tuple(mod.weight.shape) for n, mod in m.named_modules()
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d))}
+
+
+def width_note(a: torch.nn.Module, b: torch.nn.Module, b_label: str) -> str:
+    """Whether ``a`` and ``b`` have the same per-layer widths: if so, their speeds can only differ by noise."""
+    sa, sb = layer_shapes(a), layer_shapes(b)
+    differ = sum(sa.get(n) != sb.get(n) for n in sa.keys() | sb.keys())
+    if not differ:
+        return f"same per-layer widths as {b_label} (identical architecture: speed differences are run noise)"
+    return f"{differ} of {len(sa.keys() | sb.keys())} layers differ in width from {b_label}"
 
 
 def gmacs(m: torch.nn.Module, x: torch.Tensor) -> float:
@@ -166,6 +183,9 @@ def main(argv=None) -> int:
     keep_l = graph.select(a.sparsity, scores, scope="layer", round_to=a.round_to or None)
     models["sk-layer"] = compact(model, x_small, keep_l, graph=graph)
     notes["sk-layer"] = f"sparsekit layer-wise: {a.sparsity} of every group's units (TP layer-wise's recipe)"
+    for sk_label, tp_label in (("sk-layer", "tp-layer"), ("sk@tp-global", "tp-global")):
+        if tp_label in models:
+            notes[sk_label] += "; " + width_note(models[sk_label], models[tp_label], tp_label)
     load = os.getloadavg()
     times = time_models(models, x, a.reps)
     base = statistics.median(times["dense"])

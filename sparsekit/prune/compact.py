@@ -346,7 +346,7 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
     """
     graph = DependencyGraph.build(model, example_inputs) if graph is None else graph
     keep = _check_keep(graph, keep)
-    if round_to:
+    if round_to is not None:   # round_keep rejects anything but a positive int
         keep = graph.round_keep(keep, round_to, scores)
     plan = module_keeps(graph, keep)
     small = copy.deepcopy(model)
@@ -430,7 +430,7 @@ def compact_from_masks(model: nn.Module, example_inputs: Any, round_to: int | No
     ``(small, keep)``; ``small`` equals ``mask_groups(model, example_inputs, keep)``."""
     graph = DependencyGraph.build(model, example_inputs) if graph is None else graph
     keep = keep_from_masks(model, graph)
-    if round_to:
+    if round_to is not None:
         keep = graph.round_keep(keep, round_to, graph.group_scores())
     small = compact(model, example_inputs, keep, graph=graph)
     return small, keep

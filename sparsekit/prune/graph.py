@@ -957,13 +957,14 @@ class DependencyGraph:
         """Kept unit indices per prunable group removing ``sparsity`` of the units (lowest scores first).
 
         ``scope="global"`` ranks all groups' units together (scores divided by their group's mean when
-        ``normalize``); ``"layer"`` removes the fraction from each group. ``round_to`` rounds every
-        group's kept channel count up to a multiple (channel groups only). Every group keeps at least
-        ``min_keep`` units; a selection group (``ChannelSelect``) counts only the units its stream keeps
-        too (``keep_selections``).
+        ``normalize``); ``"layer"`` removes the fraction from each group. ``round_to`` (a positive int or None)
+        rounds every group's kept channel count up to a multiple, heads included (``round_keep``). Every
+        group keeps at least ``min_keep`` units; a selection group (``ChannelSelect``) counts only the units
+        its stream keeps too (``keep_selections``).
         """
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+        _check_round_to(round_to)
         scores = self.group_scores() if scores is None else scores
         groups = [g for g in self.prunable if g.id in scores]
         keep: dict[int, Tensor] = {}
@@ -996,7 +997,7 @@ class DependencyGraph:
         else:
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
         keep = self.keep_selections(keep, scores, min_keep)
-        return self.round_keep(keep, round_to, scores) if round_to else keep
+        return self.round_keep(keep, round_to, scores)
 
     def keep_selections(self, keep: Mapping[int, Tensor], scores: Mapping[int, Tensor] | None = None,
                         min_keep: int = 1) -> dict[int, Tensor]:
@@ -1031,25 +1032,60 @@ class DependencyGraph:
 
     def round_keep(self, keep: Mapping[int, Tensor], round_to: int | None,
                    scores: Mapping[int, Tensor] | None = None) -> dict[int, Tensor]:
-        """Round each channel group's kept count up to a multiple of ``round_to`` (capped at its size),
-        adding back the best-scoring removed units (lowest index without scores). Head groups unchanged."""
-        out = {k: torch.as_tensor(v, dtype=torch.long) for k, v in keep.items()}
-        if not round_to:
+        """Round every kept group's channel count up to a multiple of ``round_to`` (None: unchanged), adding
+        back the best-scoring removed units (lowest index without ``scores``).
+
+        Counts are in channels, not units: a group steps by ``round_to / gcd(round_to, channels per unit)``
+        units, so a head group whose ``head_dim`` is a multiple keeps any number of heads, and a unit of 16
+        channels (GroupNorm, grouped conv) is already a multiple of 8. Where the next multiple is wider than
+        the group, it keeps its full width (e.g. 12 channels with ``round_to=8``). A selection group
+        (``ChannelSelect``) keeps only what its stream keeps too, so it is rounded after the other groups on
+        those surviving channels, and capped at what its stream keeps (a multiple when every stream group
+        rounded to one).
+        """
+        _check_round_to(round_to)
+        out = {k: torch.as_tensor(v) for k, v in keep.items()}
+        out = {k: (torch.nonzero(v) if v.dtype == torch.bool else v.to(torch.long)).reshape(-1)
+               for k, v in out.items()}
+        if round_to is None or round_to == 1:
             return out
-        if not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f"round_to must be a positive int, got {round_to!r}")
-        for gid, kept in out.items():
+        from .compact import _effective_keep, _stream_mask
+
+        def add_best(gid: int, kept: Tensor, n_kept: int, candidates: Tensor) -> None:
+            """Add the best ``candidates`` (bool over units) so ``n_kept`` reaches the rounded count."""
             g = self.groups[gid]
-            if g.kind == "heads":
-                continue
-            target = min(g.size, -(-kept.numel() // round_to) * round_to)
-            if target == kept.numel():
-                continue
-            removed = torch.tensor([u for u in range(g.size) if u not in set(kept.tolist())], dtype=torch.long)
+            # channels, not units: a unit can be several channels (head_dim, GroupNorm / grouped-conv groups)
+            per = math.gcd(*(m.span // g.size for m in g.members))
+            step = round_to // math.gcd(round_to, per)
+            short = min(-(-n_kept // step) * step, g.size) - n_kept
+            extra = torch.nonzero(candidates).reshape(-1)
+            if short <= 0 or extra.numel() == 0:
+                return
             if scores is not None and gid in scores:
-                removed = removed[torch.argsort(scores[gid][removed], descending=True, stable=True)]
-            out[gid] = torch.sort(torch.cat([kept, removed[:target - kept.numel()]])).values
+                extra = extra[torch.argsort(scores[gid][extra], descending=True, stable=True)]
+            out[gid] = torch.sort(torch.cat([kept, extra[:short]])).values
+
+        selection_groups = {sel["group"] for sel in self.selections.values()}
+        for gid, kept in list(out.items()):
+            if gid not in selection_groups:
+                missing = torch.ones(self.groups[gid].size, dtype=torch.bool)
+                missing[kept] = False
+                add_best(gid, kept, kept.numel(), missing)
+        # compact intersects a selection with its stream, so rounding its own keep-set proves nothing: round
+        # what survives, with units the stream keeps; in graph order (a stream may hold an earlier selection)
+        for sel in self.selections.values():
+            gid = sel["group"]
+            if gid not in out:
+                continue
+            eff = _effective_keep(self, out)
+            in_stream = _stream_mask(self, sel["segs"], eff).reshape(self.groups[gid].size, -1).all(1)
+            add_best(gid, out[gid], int(eff[gid].sum()), in_stream & ~eff[gid])
         return out
+
+
+def _check_round_to(round_to: Any) -> None:
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
 
 
 def _row_norms(w: Tensor, fn: str) -> Tensor:

@@ -16,7 +16,7 @@ from . import criteria as _criteria
 from . import distributed as _dist
 from . import masks as _masks
 from . import schedules as _schedules
-from .graph import attention_kind, in_proj_parts
+from .graph import _check_round_to, attention_kind, in_proj_parts
 from .scores_reconstruction import refit_consumer
 
 __all__ = ["Pruner", "SCOPES", "check_example_inputs", "run_example", "execution_order"]
@@ -656,8 +656,7 @@ class Pruner:
         if self.granularity != "channel":
             raise ValueError(f"compact() removes whole channels: it needs granularity='channel', this pruner has "
                              f"granularity={self.granularity!r} (use sparsekit.sparsify for element/block/n:m zeros)")
-        if round_to is not None and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
-            raise ValueError(f"round_to must be a positive int or None, got {round_to!r}")
+        _check_round_to(round_to)
         from .compact import compact_from_masks
 
         small, _ = compact_from_masks(self.model, self.example_inputs, round_to=round_to,
