@@ -1,10 +1,12 @@
 """bfloat16 BSR on AMX tiles (csrc/cpu/amx.cpp), on CPUs that have AMX-BF16 (Sapphire Rapids and later).
 
-bsr_mm (and bsr_mm_t, which runs it over the transposed blocks) takes the AMX path for bf16 activations and
-values when both block sides are multiples of 16 and M is above the GEMV size; every other case runs the SIMD
-kernels (tests/test_cpu_simd.py). Shapes cover both tile slabs (16 and 32 output columns), both k-steps (16 and
-32), several k-steps per block, partial last row tiles (M not a multiple of 32), empty block-rows, 0% and 100%
-density and a bias.
+bsr_mm (and bsr_mm_t, which runs it over the transposed blocks), bsr_mm_xt (1x1 and strided convolutions) and
+bsr_conv2d (stride-1 convolutions, the im2col matrix packed straight from the image) take the AMX path for bf16
+activations and values when both block sides are multiples of 16 and M (pixels per image for convolutions) is
+above the GEMV size; every other case runs the SIMD kernels (tests/test_cpu_simd.py). Shapes cover both tile
+slabs (16 and 32 output columns), both k-steps (16 and 32), several k-steps per block, partial last row tiles (M
+not a multiple of 32), empty block-rows, 0% and 100% density, a bias, and convolutions with padding, dilation,
+strides, non-square kernels and output rows wider than one 32-column chunk.
 
 Tolerance: rtol=atol=1e-2 against the float64 reference on the same bf16 inputs (fp32 accumulation, one
 rounding of the output to bf16), and the AMX result against the AVX-512 path on the same inputs.
@@ -105,3 +107,44 @@ def test_isa_override_turns_amx_off(monkeypatch):
     cpu_flags = cpuinfo.read_text() if cpuinfo.exists() else ""
     if "amx" in _isa():      # reported only where the hardware really has it
         assert "amx_bf16" in cpu_flags and "amx_tile" in cpu_flags
+
+
+CONVS = [  # (C_in, C_out, kernel, stride, padding, dilation, H, W, batch)
+    (32, 64, (1, 1), 1, 0, 1, 7, 9, 2),      # 1x1: NCHW pixels are x^T (bsr_mm_xt)
+    (16, 32, (1, 1), 2, 0, 1, 11, 11, 1),    # strided 1x1: subsampled pixels
+    (32, 32, (3, 3), 1, 1, 1, 14, 14, 2),    # stride 1: the implicit im2col packed from the image
+    (16, 48, (3, 3), 1, 0, 1, 9, 40, 1),     # no padding; Wo = 38 > 32: two column chunks
+    (16, 32, (3, 3), 1, 2, 2, 10, 7, 3),     # dilation 2
+    (32, 16, (5, 5), 1, 2, 1, 6, 6, 1),      # kh*kw*C_in = 800
+    (32, 32, (3, 1), 1, (1, 0), 1, 8, 5, 2),  # non-square kernel
+    (16, 32, (3, 3), 2, 1, 1, 13, 13, 2),    # strided: unfold + bsr_mm_xt
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("conv", CONVS, ids=[f"{c[2][0]}x{c[2][1]}s{c[3]}p{c[4]}d{c[5]}" for c in CONVS])
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (16, 32)])
+def test_amx_conv_matches_reference_and_avx512(conv, block, monkeypatch):
+    import torch.nn.functional as F
+
+    c_in, c_out, (kh, kw), stride, padding, dilation, h, w_, batch = conv
+    bn, bk = block
+    k = c_in * kh * kw
+    if c_out % bn or k % bk:
+        pytest.skip(f"block {block} does not divide the weight [{c_out}, {k}]")
+    gen = torch.Generator().manual_seed(hash((conv, block)) % 10_000)
+    for density in (0.0, 0.5, 1.0):
+        w = _weight(c_out // bn, k // bk, block, density, gen)
+        x = torch.randn(batch, c_in, h, w_, generator=gen).to(torch.bfloat16)
+        bias = torch.randn(c_out, generator=gen).to(torch.bfloat16)
+        monkeypatch.delenv("SPARSEKIT_CPU_ISA", raising=False)
+        y = sk.ops.sparse_conv2d(x, w, bias, stride=stride, padding=padding, dilation=dilation,
+                                 kernel_size=(kh, kw), backend="cpu")
+        ref = F.conv2d(x.double(), w.to_dense().double().reshape(c_out, c_in, kh, kw), bias.double(),
+                       stride=stride, padding=padding, dilation=dilation)
+        assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+        torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=2e-2, msg=f"density {density}")
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", "avx512")
+        y_simd = sk.ops.sparse_conv2d(x, w, bias, stride=stride, padding=padding, dilation=dilation,
+                                      kernel_size=(kh, kw), backend="cpu")
+        torch.testing.assert_close(y.double(), y_simd.double(), rtol=1e-2, atol=2e-2)

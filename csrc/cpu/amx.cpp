@@ -3,6 +3,7 @@
 // amx_enabled() said yes, so the library still loads and runs on any x86-64 (and builds on arm64: stubs).
 #include "amx.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -58,7 +59,7 @@ TileConfig config_for(int kc) {
 }  // namespace
 
 #pragma GCC push_options
-#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")
 namespace {
 
 // 16x16 transpose of 32-bit words: r[i] holds row i on entry and column i on return (integer shuffles only,
@@ -157,6 +158,140 @@ void bsr_rows_amx(const uint16_t* x, int64_t ldx, const int32_t* crow, const int
   else rows_kernel<16, 16>(x, ldx, crow, col, r0, r1, wv, bn, bk, out, ldo);
 }
 
+// ---- x^T layout (convolutions): C[n 16][m 16] tiles, A = the stored blocks read in place, B = x^T row pairs
+
+// xv[r * ldv + j] = bf16 pair (xt[2r][m0 + j], xt[2r + 1][m0 + j]) for r in [r0, r1), j < ldv (zero past M).
+void pack_xt_avx512(const uint16_t* xt, int64_t M, int64_t m0, int64_t r0, int64_t r1, int64_t ldv, uint32_t* xv) {
+  __m512i lo_idx, hi_idx;  // interleave 32 + 32 bf16 into pairs: words 0..15 and 16..31
+  alignas(64) uint16_t lo[32], hi[32];
+  for (int i = 0; i < 32; ++i) {
+    lo[i] = static_cast<uint16_t>((i % 2 ? 32 : 0) + i / 2);
+    hi[i] = static_cast<uint16_t>((i % 2 ? 32 : 0) + 16 + i / 2);
+  }
+  lo_idx = _mm512_load_si512(lo);
+  hi_idx = _mm512_load_si512(hi);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* e = xt + 2 * r * M;
+    const uint16_t* o = e + M;
+    uint32_t* dst = xv + r * ldv;
+    for (int64_t j = 0; j < ldv; j += 32) {
+      const int64_t n = M - m0 - j;
+      const __mmask32 mask = n >= 32 ? ~__mmask32(0) : n <= 0 ? 0 : static_cast<__mmask32>((uint64_t(1) << n) - 1);
+      const __m512i a = _mm512_maskz_loadu_epi16(mask, e + m0 + j), b = _mm512_maskz_loadu_epi16(mask, o + m0 + j);
+      _mm512_storeu_si512(dst + j, _mm512_permutex2var_epi16(a, lo_idx, b));
+      _mm512_storeu_si512(dst + j + 16, _mm512_permutex2var_epi16(a, hi_idx, b));
+    }
+  }
+}
+
+// amx_pack_xt of a stride-1 convolution's implicit im2col matrix: K-row k = (c * kh + ky) * kw + kx holds, at
+// pixel m = ho * Wo + wo, x[c][ho + ky * dh - ph][wo + kx * dw - pw] (zero outside the image).
+void pack_conv_avx512(const uint16_t* x, const AmxConv& g, int64_t r0, int64_t r1, int64_t ldv, uint32_t* xv) {
+  alignas(64) uint16_t lo[32], hi[32];
+  for (int i = 0; i < 32; ++i) {
+    lo[i] = static_cast<uint16_t>((i % 2 ? 32 : 0) + i / 2);
+    hi[i] = static_cast<uint16_t>((i % 2 ? 32 : 0) + 16 + i / 2);
+  }
+  const __m512i lo_idx = _mm512_load_si512(lo), hi_idx = _mm512_load_si512(hi);
+  struct Tap {
+    const uint16_t* plane;
+    int64_t dy, dx;
+  };
+  auto tap = [&](int64_t k) {
+    const int64_t kx = k % g.kw, ky = (k / g.kw) % g.kh, c = k / (g.kw * g.kh);
+    return Tap{x + c * g.H * g.W, ky * g.dh - g.ph, kx * g.dw - g.pw};
+  };
+  // lanes of output columns [wo0, wo0 + n) that fall inside the image for a tap's column shift dx
+  auto cols_mask = [&](int64_t dx, int64_t wo0, int64_t n) {
+    const int64_t first = std::max<int64_t>(0, -(wo0 + dx)), last = std::min<int64_t>(n, g.W - (wo0 + dx));
+    if (first >= last) return __mmask32(0);
+    return static_cast<__mmask32>(((uint64_t(1) << last) - 1) & ~((uint64_t(1) << first) - 1));
+  };
+  for (int64_t r = r0; r < r1; ++r) {
+    const Tap a = tap(2 * r), b = tap(2 * r + 1);
+    uint32_t* dst = xv + r * ldv;
+    for (int64_t wo0 = 0; wo0 < g.Wo; wo0 += 32) {  // masks depend on the column chunk only: hoisted out of ho
+      const int64_t n = std::min<int64_t>(32, g.Wo - wo0);
+      const __mmask32 ma = cols_mask(a.dx, wo0, n), mb = cols_mask(b.dx, wo0, n);
+      const __mmask16 m_lo = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+      const __mmask16 m_hi = static_cast<__mmask16>(n >= 32 ? 0xFFFF : n <= 16 ? 0 : (1u << (n - 16)) - 1);
+      const uint16_t* pa = a.plane + a.dy * g.W + wo0 + a.dx;  // row ho of the tap at pa + ho * W
+      const uint16_t* pb = b.plane + b.dy * g.W + wo0 + b.dx;
+      for (int64_t ho = 0; ho < g.Ho; ++ho) {
+        const bool in_a = ho + a.dy >= 0 && ho + a.dy < g.H, in_b = ho + b.dy >= 0 && ho + b.dy < g.H;
+        const __m512i va = _mm512_maskz_loadu_epi16(in_a ? ma : 0, pa + ho * g.W);
+        const __m512i vb = _mm512_maskz_loadu_epi16(in_b ? mb : 0, pb + ho * g.W);
+        uint32_t* d = dst + ho * g.Wo + wo0;
+        _mm512_mask_storeu_epi32(d, m_lo, _mm512_permutex2var_epi16(va, lo_idx, vb));
+        if (m_hi) _mm512_mask_storeu_epi32(d + 16, m_hi, _mm512_permutex2var_epi16(va, hi_idx, vb));
+      }
+    }
+  }
+}
+
+// One NS-row slab (NS = 16 or 32) of every block-row in [r0, r1) for 32 columns of x^T (two B tiles).
+template <int NS, int KC>
+void rows_kernel_t(const uint32_t* xv, int64_t ldv, const int32_t* crow, const int32_t* col, int64_t r0, int64_t r1,
+                   const uint16_t* v, int64_t bn, int64_t bk, float* out) {
+  constexpr int64_t ldo = 32 * 4;
+  const int64_t lda = bk * 2, ldb = ldv * 4;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t s = 0; s < bn; s += NS) {
+      _tile_zero(0);
+      _tile_zero(1);
+      if constexpr (NS == 32) {
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int64_t b = crow[r]; b < crow[r + 1]; ++b) {
+        const uint16_t* a = v + b * bn * bk + s * bk;
+        const uint32_t* xb = xv + col[b] * (bk / 2) * ldv;
+        for (int64_t kc = 0; kc < bk; kc += KC) {
+          const uint32_t* xk = xb + (kc / 2) * ldv;
+          _tile_loadd(4, a + kc, lda);
+          _tile_loadd(6, xk, ldb);
+          _tile_loadd(7, xk + 16, ldb);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if constexpr (NS == 32) {
+            _tile_loadd(5, a + 16 * bk + kc, lda);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+      }
+      float* o = out + ((r - r0) * bn + s) * 32;
+      _tile_stored(0, o, ldo);
+      _tile_stored(1, o + 16, ldo);
+      if constexpr (NS == 32) {
+        _tile_stored(2, o + 16 * 32, ldo);
+        _tile_stored(3, o + 16 * 32 + 16, ldo);
+      }
+    }
+  }
+}
+
+void bsr_rows_amx_t(const uint32_t* xv, int64_t ldv, const int32_t* crow, const int32_t* col, int64_t r0, int64_t r1,
+                    const uint16_t* v, int64_t bn, int64_t bk, float* out) {
+  const bool wide = bn % 32 == 0, k32 = bk % 32 == 0;
+  if (wide && k32) rows_kernel_t<32, 32>(xv, ldv, crow, col, r0, r1, v, bn, bk, out);
+  else if (wide) rows_kernel_t<32, 16>(xv, ldv, crow, col, r0, r1, v, bn, bk, out);
+  else if (k32) rows_kernel_t<16, 32>(xv, ldv, crow, col, r0, r1, v, bn, bk, out);
+  else rows_kernel_t<16, 16>(xv, ldv, crow, col, r0, r1, v, bn, bk, out);
+}
+
+void store_bf16_t_avx512(const float* out, int64_t rows, int64_t mc, const float* bias, uint16_t* y, int64_t ldy) {
+  const __mmask16 m_lo = static_cast<__mmask16>(mc >= 16 ? 0xFFFF : (1u << mc) - 1);
+  const __mmask16 m_hi = static_cast<__mmask16>(mc >= 32 ? 0xFFFF : mc <= 16 ? 0 : (1u << (mc - 16)) - 1);
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512 b = _mm512_set1_ps(bias ? bias[i] : 0.f);
+    const __m512 f0 = _mm512_add_ps(_mm512_loadu_ps(out + i * 32), b);
+    const __m512 f1 = _mm512_add_ps(_mm512_loadu_ps(out + i * 32 + 16), b);
+    _mm256_mask_storeu_epi16(y + i * ldy, m_lo, (__m256i)_mm512_cvtneps_pbh(f0));
+    if (m_hi) _mm256_mask_storeu_epi16(y + i * ldy + 16, m_hi, (__m256i)_mm512_cvtneps_pbh(f1));
+  }
+}
+
 void load_config(int64_t bk) {
   const TileConfig cfg = config_for(bk % 32 == 0 ? 32 : 16);
   // not _tile_loadconfig: GCC 12's version tells the compiler it reads 8 bytes, so the stores filling the rest
@@ -204,6 +339,23 @@ void amx_store_bf16(const float* out, int64_t ldo, int64_t cols, int64_t mc, con
   store_bf16_avx512(out, ldo, cols, mc, bias, y, ldy);
 }
 
+void amx_pack_xt(const uint16_t* xt, int64_t M, int64_t m0, int64_t r0, int64_t r1, int64_t ldv, uint32_t* xv) {
+  pack_xt_avx512(xt, M, m0, r0, r1, ldv, xv);
+}
+
+void amx_pack_conv(const uint16_t* x, const AmxConv& g, int64_t r0, int64_t r1, int64_t ldv, uint32_t* xv) {
+  pack_conv_avx512(x, g, r0, r1, ldv, xv);
+}
+
+void amx_bsr_rows_t(const uint32_t* xv, int64_t ldv, const int32_t* crow, const int32_t* col, int64_t r0, int64_t r1,
+                    const uint16_t* v, int64_t bn, int64_t bk, float* out) {
+  bsr_rows_amx_t(xv, ldv, crow, col, r0, r1, v, bn, bk, out);
+}
+
+void amx_store_bf16_t(const float* out, int64_t rows, int64_t mc, const float* bias, uint16_t* y, int64_t ldy) {
+  store_bf16_t_avx512(out, rows, mc, bias, y, ldy);
+}
+
 #else  // not x86-64 Linux: never enabled, so the entry points below are unreachable
 
 bool amx_enabled() { return false; }
@@ -215,6 +367,13 @@ void amx_bsr_rows(const uint16_t*, int64_t, const int32_t*, const int32_t*, int6
   std::abort();
 }
 void amx_store_bf16(const float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t) { std::abort(); }
+void amx_pack_xt(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t*) { std::abort(); }
+void amx_pack_conv(const uint16_t*, const AmxConv&, int64_t, int64_t, int64_t, uint32_t*) { std::abort(); }
+void amx_bsr_rows_t(const uint32_t*, int64_t, const int32_t*, const int32_t*, int64_t, int64_t, const uint16_t*,
+                    int64_t, int64_t, float*) {
+  std::abort();
+}
+void amx_store_bf16_t(const float*, int64_t, int64_t, const float*, uint16_t*, int64_t) { std::abort(); }
 
 #endif
 

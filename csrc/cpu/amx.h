@@ -4,7 +4,7 @@
 // the stored blocks as the B operand in VNNI order: each block's [bn][bk] bf16 values, seen as [bn][bk/2]
 // 32-bit pairs, transposed to wv_b[bk/2][bn] (amx_pack_w, O(nnz) per call, beside the O(M * nnz) product).
 // Accumulation is fp32 in the tiles; results come back as fp32 rows out[m][cols], kAmxMT rows of x at a time,
-// and amx_store_bf16 adds the bias and rounds them into y.
+// and amx_store_bf16 adds the bias and rounds them into y. Convolutions use the transposed layout (bottom).
 #pragma once
 
 #include <cstdint>
@@ -45,5 +45,31 @@ void amx_bsr_rows(const uint16_t* x, int64_t ldx, const int32_t* crow, const int
 // even (AVX512-BF16 VCVTNEPS2BF16, which also flushes fp32 denormals to zero). bias may be null.
 void amx_store_bf16(const float* out, int64_t ldo, int64_t cols, int64_t mc, const float* bias, uint16_t* y,
                     int64_t ldy);
+
+// ---- The transposed layout of convolutions: y^T [N, M] = W @ x^T [K, M] per image. Here the stored blocks are
+// the A operand, read in place, and x^T the B operand: pairs of its rows interleaved into VNNI words; results
+// come back as fp32 panels out[row][32] (32 columns of y^T), in y^T's own orientation.
+
+// xv[r * ldv + j] = bf16 pair (xt[2r][m0 + j], xt[2r + 1][m0 + j]) for r in [r0, r1), j < ldv (a multiple of 32;
+// zero where m0 + j >= M); xt is one image's [K, M] bf16 bits.
+void amx_pack_xt(const uint16_t* xt, int64_t M, int64_t m0, int64_t r0, int64_t r1, int64_t ldv, uint32_t* xv);
+
+// A stride-1 convolution's geometry: one image x [C, H, W], kernel kh x kw, padding, dilation, output Ho x Wo.
+struct AmxConv {
+  int64_t C, H, W, kh, kw, ph, pw, dh, dw, Ho, Wo;
+};
+
+// amx_pack_xt of the convolution's im2col matrix [C * kh * kw, Ho * Wo] (never materialized), for row pairs
+// [r0, r1) of one image; columns past Ho * Wo are left as they are (their results are never stored).
+void amx_pack_conv(const uint16_t* x, const AmxConv& g, int64_t r0, int64_t r1, int64_t ldv, uint32_t* xv);
+
+// For block-rows r in [r0, r1) and j < 32: out[((r - r0) * bn + i) * 32 + j] = sum over the row's blocks b and
+// kk < bk of v_b[i][kk] * x^T[col[b] * bk + kk][j], x^T given as amx_pack_xt words (row pairs ldv apart, the 32
+// columns at xv); amx_block_ok(bn, bk) must hold; inside an AmxTileScope of this bk.
+void amx_bsr_rows_t(const uint32_t* xv, int64_t ldv, const int32_t* crow, const int32_t* col, int64_t r0, int64_t r1,
+                    const uint16_t* v, int64_t bn, int64_t bk, float* out);
+
+// y[i * ldy + j] = bf16(out[i * 32 + j] + bias[i]) for i < rows, j < mc <= 32 (bias may be null).
+void amx_store_bf16_t(const float* out, int64_t rows, int64_t mc, const float* bias, uint16_t* y, int64_t ldy);
 
 }  // namespace sparsekit::cpu

@@ -202,6 +202,54 @@ void bsr_mm_amx(const uint16_t* x, const int32_t* crow, const int32_t* col, cons
   });
 }
 
+// y^T [B, N, M] = W @ x^T [B, K, M] (+ bias[:, None]) for bfloat16 on AMX tiles (amx.h, transposed layout): each
+// image's x^T packed into VNNI row pairs [K/2][Mp] (Mp = M rounded up to 32); tasks = (L2-sized chunk of
+// block-rows, 32 columns of one image), chunk-major; results land in y^T's own orientation (no transpose).
+// pack(b, r0, r1, Mp, xv_b) fills row pairs [r0, r1) of image b's packed x^T (Mp words apart).
+template <typename Pack>
+void bsr_xt_amx(int64_t B, Pack&& pack, const int32_t* crow, const int32_t* col, const uint16_t* v,
+                const float* bias, uint16_t* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
+  const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
+  const int64_t Mp = (M + 31) / 32 * 32, tpi = Mp / 32, tiles = B * tpi, image = (K / 2) * Mp;
+  at::Tensor xv_t = at::empty({B * image}, at::TensorOptions().dtype(at::kInt));
+  uint32_t* xv = reinterpret_cast<uint32_t*>(xv_t.mutable_data_ptr<int32_t>());
+  // only the block-columns some block references are packed (at 90% block sparsity a third or more of them
+  // are empty in every block-row); runs of used block-columns, as row-pair ranges
+  std::vector<char> used(K / bk, 0);
+  for (int64_t b = 0; b < nnzb; ++b) used[col[b]] = 1;
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  for (int64_t c = 0; c < K / bk; ++c) {
+    if (!used[c]) continue;
+    if (!runs.empty() && runs.back().second == c * bk / 2) runs.back().second = (c + 1) * bk / 2;
+    else runs.emplace_back(c * bk / 2, (c + 1) * bk / 2);
+  }
+  const int64_t nruns = int64_t(runs.size());
+  at::parallel_for(0, B * nruns, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) pack(q / nruns, runs[q % nruns].first, runs[q % nruns].second, Mp,
+                                          xv + (q / nruns) * image);
+  });
+  const int64_t l2_chunks = (nnzb * bn * bk * 2 + kAmxChunkBytes - 1) / kAmxChunkBytes;
+  const std::vector<int64_t> bounds =
+      balanced_chunks(crow, rows, std::max((4 * threads + tiles - 1) / tiles, l2_chunks), bn * bk, bn);
+  const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
+  const int64_t grain = B * M * nnzb * bn * bk < kMinWork ? tasks : 1;
+  const int64_t group = std::max<int64_t>(1, 64 / bn);
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    const AmxTileScope tiles_configured(bk);
+    std::vector<float> out(group * bn * 32);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c = t / tiles, tile = t % tiles, b = tile / tpi, m0 = (tile % tpi) * 32;
+      const int64_t mc = std::min<int64_t>(32, M - m0);
+      for (int64_t r0 = bounds[c]; r0 < bounds[c + 1]; r0 += group) {
+        const int64_t r1 = std::min(bounds[c + 1], r0 + group);
+        amx_bsr_rows_t(xv + b * image + m0, Mp, crow, col, r0, r1, v, bn, bk, out.data());
+        amx_store_bf16_t(out.data(), (r1 - r0) * bn, mc, bias ? bias + r0 * bn : nullptr,
+                         y + b * N * M + r0 * bn * M + m0, M);
+      }
+    }
+  });
+}
+
 // Whether bsr_mm_fast takes the AMX path: bf16 activations and weights, blocks of 16-multiples, more rows than
 // the GEMV path takes, and AMX available (amx_enabled: CPU, OS grant, SPARSEKIT_CPU_ISA).
 bool use_amx(bool bf16, WKind wk, int64_t M, int64_t bn, int64_t bk, int vec) {
@@ -386,6 +434,16 @@ void bsr_xt_fast(const T* xt, int64_t B, const int32_t* crow, const int32_t* col
   const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
   if (B == 0 || M == 0 || N == 0) return;
   const int W = vec_floats(isa);
+  if (use_amx(std::is_same_v<T, c10::BFloat16>, wk, M, bn, bk, W)) {
+    const std::vector<float> bf = bias_f32(bias, N);
+    const uint16_t* xb = reinterpret_cast<const uint16_t*>(xt);
+    auto pack = [&](int64_t b, int64_t r0, int64_t r1, int64_t Mp, uint32_t* xv) {
+      amx_pack_xt(xb + b * K * M, M, 0, r0, r1, Mp, xv);
+    };
+    bsr_xt_amx(B, pack, crow, col, static_cast<const uint16_t*>(v), bias ? bf.data() : nullptr,
+               reinterpret_cast<uint16_t*>(y), M, K, N, bn, bk);
+    return;
+  }
   const int nv = choose_nv(isa, M, bn);
   const int64_t MT = int64_t(nv) * W, tpi = (M + MT - 1) / MT, tiles = B * tpi;
   // fp32 x^T is read in place (row k of a tile at xt + k * M): only the last, partial tile of each image is
@@ -544,6 +602,23 @@ at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
               values.size(0), " blocks");
   check_structure(op, crow, col, n / bn, K / bk);
   const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
+  if (x_in.scalar_type() == at::kBFloat16 &&
+      use_amx(true, WKind::kBF16, g.Ho() * g.Wo(), bn, bk, vec_floats(active_isa()))) {
+    // AMX: the implicit im2col matrix packed straight from the image into VNNI row pairs (amx_pack_conv)
+    const at::Tensor x = x_in.contiguous();
+    at::Tensor y = at::empty({g.B, n, g.Ho(), g.Wo()}, x.options());
+    if (g.B == 0 || n == 0) return y;
+    const AmxConv ag{g.C, g.H, g.W, g.kh, g.kw, g.ph, g.pw, g.dh, g.dw, g.Ho(), g.Wo()};
+    const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
+    auto pack = [&](int64_t b, int64_t r0, int64_t r1, int64_t Mp, uint32_t* xv) {
+      amx_pack_conv(xb + b * g.C * g.H * g.W, ag, r0, r1, Mp, xv);
+    };
+    const std::vector<float> bf = bias_vec(bias);
+    bsr_xt_amx(g.B, pack, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(),
+               static_cast<const uint16_t*>(values.const_data_ptr()), bf.empty() ? nullptr : bf.data(),
+               reinterpret_cast<uint16_t*>(y.mutable_data_ptr<at::BFloat16>()), g.Ho() * g.Wo(), K, n, bn, bk);
+    return y;
+  }
   if (!use_fast(x_in.scalar_type())) {  // float64: im2col + the transposed-layout op
     const at::Tensor cols = at::im2col(x_in, kernel_size, dilation, padding, {1, 1});
     return bsr_mm_xt(cols, crow, col, values, bias_in, n).reshape({g.B, n, g.Ho(), g.Wo()});
