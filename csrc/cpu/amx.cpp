@@ -93,7 +93,7 @@ void pack_w_avx512(const uint16_t* v, int64_t b0, int64_t b1, int64_t bn, int64_
   const int64_t words = bk / 2;
   for (int64_t b = b0; b < b1; ++b) {
     const uint32_t* src = reinterpret_cast<const uint32_t*>(v + b * bn * bk);
-    uint32_t* dst = wv + b * bn * words;
+    uint32_t* dst = wv + (b - b0) * bn * words;
     for (int64_t i0 = 0; i0 < bn; i0 += 16) {
       for (int64_t w0 = 0; w0 < words; w0 += 16) {
         const int64_t nw = words - w0 < 16 ? words - w0 : 16;
@@ -111,7 +111,7 @@ void pack_w_avx512(const uint16_t* v, int64_t b0, int64_t b1, int64_t bn, int64_
 // or 32) bf16: C[m 16][n 16] tiles, A = rows of x read in place, B = packed weight words.
 template <int NS, int KC>
 void rows_kernel(const uint16_t* x, int64_t ldx, const int32_t* crow, const int32_t* col, int64_t r0, int64_t r1,
-                 const uint32_t* wv, int64_t bn, int64_t bk, float* out, int64_t ldo) {
+                 const uint32_t* wv, int64_t b_base, int64_t bn, int64_t bk, float* out, int64_t ldo) {
   const int64_t lda = ldx * 2, ldb = bn * 4, ldc = ldo * 4, half = 16 * ldx;
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t s = 0; s < bn; s += NS) {
@@ -123,7 +123,7 @@ void rows_kernel(const uint16_t* x, int64_t ldx, const int32_t* crow, const int3
       }
       for (int64_t b = crow[r]; b < crow[r + 1]; ++b) {
         const uint16_t* xa = x + col[b] * bk;
-        const uint32_t* wb = wv + b * bn * (bk / 2) + s;
+        const uint32_t* wb = wv + (b - b_base) * bn * (bk / 2) + s;
         for (int64_t kc = 0; kc < bk; kc += KC) {
           const uint32_t* wk = wb + (kc / 2) * bn;
           _tile_loadd(4, xa + kc, lda);
@@ -150,12 +150,12 @@ void rows_kernel(const uint16_t* x, int64_t ldx, const int32_t* crow, const int3
 }
 
 void bsr_rows_amx(const uint16_t* x, int64_t ldx, const int32_t* crow, const int32_t* col, int64_t r0, int64_t r1,
-                  const uint32_t* wv, int64_t bn, int64_t bk, float* out, int64_t ldo) {
+                  const uint32_t* wv, int64_t b_base, int64_t bn, int64_t bk, float* out, int64_t ldo) {
   const bool wide = bn % 32 == 0, k32 = bk % 32 == 0;
-  if (wide && k32) rows_kernel<32, 32>(x, ldx, crow, col, r0, r1, wv, bn, bk, out, ldo);
-  else if (wide) rows_kernel<32, 16>(x, ldx, crow, col, r0, r1, wv, bn, bk, out, ldo);
-  else if (k32) rows_kernel<16, 32>(x, ldx, crow, col, r0, r1, wv, bn, bk, out, ldo);
-  else rows_kernel<16, 16>(x, ldx, crow, col, r0, r1, wv, bn, bk, out, ldo);
+  if (wide && k32) rows_kernel<32, 32>(x, ldx, crow, col, r0, r1, wv, b_base, bn, bk, out, ldo);
+  else if (wide) rows_kernel<32, 16>(x, ldx, crow, col, r0, r1, wv, b_base, bn, bk, out, ldo);
+  else if (k32) rows_kernel<16, 32>(x, ldx, crow, col, r0, r1, wv, b_base, bn, bk, out, ldo);
+  else rows_kernel<16, 16>(x, ldx, crow, col, r0, r1, wv, b_base, bn, bk, out, ldo);
 }
 
 // ---- x^T layout (convolutions): C[n 16][m 16] tiles, A = the stored blocks read in place, B = x^T row pairs
@@ -330,8 +330,8 @@ AmxTileScope::AmxTileScope(int64_t bk) { load_config(bk); }
 AmxTileScope::~AmxTileScope() { release_tiles(); }
 
 void amx_bsr_rows(const uint16_t* x, int64_t ldx, const int32_t* crow, const int32_t* col, int64_t r0, int64_t r1,
-                  const uint32_t* wv, int64_t bn, int64_t bk, float* out, int64_t ldo) {
-  bsr_rows_amx(x, ldx, crow, col, r0, r1, wv, bn, bk, out, ldo);
+                  const uint32_t* wv, int64_t b_base, int64_t bn, int64_t bk, float* out, int64_t ldo) {
+  bsr_rows_amx(x, ldx, crow, col, r0, r1, wv, b_base, bn, bk, out, ldo);
 }
 
 void amx_store_bf16(const float* out, int64_t ldo, int64_t cols, int64_t mc, const float* bias, uint16_t* y,
@@ -363,7 +363,7 @@ void amx_pack_w(const uint16_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*) 
 AmxTileScope::AmxTileScope(int64_t) { std::abort(); }
 AmxTileScope::~AmxTileScope() = default;
 void amx_bsr_rows(const uint16_t*, int64_t, const int32_t*, const int32_t*, int64_t, int64_t, const uint32_t*, int64_t,
-                  int64_t, float*, int64_t) {
+                  int64_t, int64_t, float*, int64_t) {
   std::abort();
 }
 void amx_store_bf16(const float*, int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t) { std::abort(); }

@@ -2,7 +2,8 @@
 //
 // y = x @ W^T with rows of x as the A operand, read in place ([16 rows][32 bf16] of x is an AMX A tile), and
 // the stored blocks as the B operand in VNNI order: each block's [bn][bk] bf16 values, seen as [bn][bk/2]
-// 32-bit pairs, transposed to wv_b[bk/2][bn] (amx_pack_w, O(nnz) per call, beside the O(M * nnz) product).
+// 32-bit pairs, transposed to wv_b[bk/2][bn] (amx_pack_w, per call and per L2-sized chunk of block-rows, so the
+// packed copy never goes to memory: the weights are read once, as by a dense GEMV).
 // Accumulation is fp32 in the tiles; results come back as fp32 rows out[m][cols], kAmxMT rows of x at a time,
 // and amx_store_bf16 adds the bias and rounds them into y. Convolutions use the transposed layout (bottom).
 #pragma once
@@ -21,8 +22,8 @@ bool amx_enabled();
 // Blocks the AMX kernel takes: bn and bk multiples of 16.
 inline bool amx_block_ok(int64_t bn, int64_t bk) { return bn > 0 && bk > 0 && bn % 16 == 0 && bk % 16 == 0; }
 
-// wv[b * bn * bk/2 + w * bn + i] = bf16 pair (v_b[i][2w], v_b[i][2w + 1]) for blocks b in [b0, b1); v is the
-// values array ([nnzb, bn, bk] bf16 bits).
+// wv[(b - b0) * bn * bk/2 + w * bn + i] = bf16 pair (v_b[i][2w], v_b[i][2w + 1]) for blocks b in [b0, b1); v is
+// the values array ([nnzb, bn, bk] bf16 bits).
 void amx_pack_w(const uint16_t* v, int64_t b0, int64_t b1, int64_t bn, int64_t bk, uint32_t* wv);
 
 // Tile configuration for one bk, loaded on construction and released on destruction: amx_bsr_rows runs only
@@ -36,10 +37,11 @@ class AmxTileScope {
 };
 
 // For block-rows r in [r0, r1) and m < kAmxMT: out[m * ldo + (r - r0) * bn + i] = sum over the row's blocks b
-// and kk < bk of x[m * ldx + col[b] * bk + kk] * v_b[i][kk], with wv from amx_pack_w. x must have kAmxMT readable
-// rows (the caller pads a tail); amx_block_ok(bn, bk) must hold.
+// and kk < bk of x[m * ldx + col[b] * bk + kk] * v_b[i][kk], with wv from amx_pack_w holding the blocks from
+// b_base on (b_base <= crow[r0]). x must have kAmxMT readable rows (the caller pads a tail); amx_block_ok(bn, bk)
+// must hold; inside an AmxTileScope of this bk.
 void amx_bsr_rows(const uint16_t* x, int64_t ldx, const int32_t* crow, const int32_t* col, int64_t r0, int64_t r1,
-                  const uint32_t* wv, int64_t bn, int64_t bk, float* out, int64_t ldo);
+                  const uint32_t* wv, int64_t b_base, int64_t bn, int64_t bk, float* out, int64_t ldo);
 
 // y[j * ldy + i] = bf16(out[j * ldo + i] + bias[i]) for j < mc, i < cols (a multiple of 16), rounded to nearest
 // even (AVX512-BF16 VCVTNEPS2BF16, which also flushes fp32 denormals to zero). bias may be null.

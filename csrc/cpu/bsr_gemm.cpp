@@ -161,7 +161,7 @@ void bsr_sddmm_kernel(const A* dyT, const A* xT, const int32_t* crow, const int3
 }
 
 // ------------------------------------------------------------------------------------ AMX (bf16)
-// y = x @ W^T (+ bias) for bfloat16 x and values on AMX tiles (amx.h): blocks packed into VNNI order per call;
+// y = x @ W^T (+ bias) for bfloat16 x and values on AMX tiles (amx.h): blocks packed into VNNI order per chunk;
 // tasks = (nonzero-balanced chunk of block-rows, kAmxMT rows of x), chunks outermost and small enough to stay
 // in L2 while every tile of x passes (weights would otherwise stream from memory once per tile);
 // block-rows are computed `group` at a time (>= 64 contiguous outputs per row of y) into fp32 rows and stored.
@@ -171,9 +171,6 @@ void bsr_mm_amx(const uint16_t* x, const int32_t* crow, const int32_t* col, cons
                 uint16_t* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
   const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
   const int64_t tiles = (M + kAmxMT - 1) / kAmxMT;
-  at::Tensor wv_t = at::empty({nnzb * bn * bk / 2}, at::TensorOptions().dtype(at::kInt));
-  uint32_t* wv = reinterpret_cast<uint32_t*>(wv_t.mutable_data_ptr<int32_t>());
-  at::parallel_for(0, nnzb, grain_for(bn * bk), [&](int64_t b0, int64_t b1) { amx_pack_w(v, b0, b1, bn, bk, wv); });
   // chunks of block-rows whose packed blocks stay in L2 (kAmxChunkBytes) while every tile of x passes them
   const int64_t l2_chunks = (nnzb * bn * bk * 2 + kAmxChunkBytes - 1) / kAmxChunkBytes;
   const std::vector<int64_t> bounds =
@@ -185,17 +182,27 @@ void bsr_mm_amx(const uint16_t* x, const int32_t* crow, const int32_t* col, cons
     const AmxTileScope tiles_configured(bk);
     std::vector<float> out(kAmxMT * ldo);
     std::vector<uint16_t> tail;
+    std::vector<uint32_t> wv;  // the current chunk's blocks in VNNI order (packed here, so they stay in L2)
+    int64_t packed = -1;
     for (int64_t t = t0; t < t1; ++t) {  // chunk-major: a thread's consecutive tasks share a chunk's blocks
       const int64_t c = t / tiles, tile = t % tiles, m0 = tile * kAmxMT, mc = std::min(kAmxMT, M - m0);
+      const int64_t b0 = crow[bounds[c]], b1 = crow[bounds[c + 1]];
+      if (c != packed) {
+        wv.resize((b1 - b0) * bn * bk / 2);
+        amx_pack_w(v, b0, b1, bn, bk, wv.data());
+        packed = c;
+      }
       const uint16_t* xt = x + m0 * K;
-      if (mc < kAmxMT) {  // the last, partial tile: read from a zero-padded copy
-        tail.assign(kAmxMT * K, 0);
-        std::memcpy(tail.data(), xt, mc * K * sizeof(uint16_t));
+      if (mc < kAmxMT) {  // the last, partial tile: read from a zero-padded copy (made once per thread)
+        if (tail.empty()) {
+          tail.assign(kAmxMT * K, 0);
+          std::memcpy(tail.data(), xt, mc * K * sizeof(uint16_t));
+        }
         xt = tail.data();
       }
       for (int64_t r0 = bounds[c]; r0 < bounds[c + 1]; r0 += group) {
         const int64_t r1 = std::min(bounds[c + 1], r0 + group);
-        amx_bsr_rows(xt, K, crow, col, r0, r1, wv, bn, bk, out.data(), ldo);
+        amx_bsr_rows(xt, K, crow, col, r0, r1, wv.data(), b0, bn, bk, out.data(), ldo);
         amx_store_bf16(out.data(), ldo, (r1 - r0) * bn, mc, bias ? bias + r0 * bn : nullptr, y + m0 * N + r0 * bn, N);
       }
     }
@@ -250,10 +257,13 @@ void bsr_xt_amx(int64_t B, Pack&& pack, const int32_t* crow, const int32_t* col,
   });
 }
 
-// Whether bsr_mm_fast takes the AMX path: bf16 activations and weights, blocks of 16-multiples, more rows than
-// the GEMV path takes, and AMX available (amx_enabled: CPU, OS grant, SPARSEKIT_CPU_ISA).
-bool use_amx(bool bf16, WKind wk, int64_t M, int64_t bn, int64_t bk, int vec) {
-  return bf16 && wk == WKind::kBF16 && 2 * M > vec && amx_block_ok(bn, bk) && amx_enabled();
+// Whether bsr_mm_fast / bsr_xt_fast take the AMX path: bf16 activations and weights, blocks of 16-multiples, at
+// least kAmxMinRows rows of x (below, the SIMD GEMV reads the weights once per row and wins: measured 1.2-3x
+// faster at M = 1-2, even at M = 4, 2x slower at M = 8), and AMX available (CPU, OS grant, SPARSEKIT_CPU_ISA).
+constexpr int64_t kAmxMinRows = 5;
+
+bool use_amx(bool bf16, WKind wk, int64_t M, int64_t bn, int64_t bk) {
+  return bf16 && wk == WKind::kBF16 && M >= kAmxMinRows && amx_block_ok(bn, bk) && amx_enabled();
 }
 
 // ------------------------------------------------------------------------------- SIMD fast path
@@ -272,7 +282,7 @@ void bsr_mm_fast(const T* x, const int32_t* crow, const int32_t* col, const void
   const int64_t threads = at::get_num_threads();
   const int W = vec_floats(isa);
   if (M == 0 || N == 0) return;
-  if (use_amx(std::is_same_v<T, c10::BFloat16>, wk, M, bn, bk, W)) {
+  if (use_amx(std::is_same_v<T, c10::BFloat16>, wk, M, bn, bk)) {
     const std::vector<float> bf = bias_f32(bias, N);
     bsr_mm_amx(reinterpret_cast<const uint16_t*>(x), crow, col, static_cast<const uint16_t*>(v),
                bias ? bf.data() : nullptr, reinterpret_cast<uint16_t*>(y), M, K, N, bn, bk);
@@ -434,7 +444,7 @@ void bsr_xt_fast(const T* xt, int64_t B, const int32_t* crow, const int32_t* col
   const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
   if (B == 0 || M == 0 || N == 0) return;
   const int W = vec_floats(isa);
-  if (use_amx(std::is_same_v<T, c10::BFloat16>, wk, M, bn, bk, W)) {
+  if (use_amx(std::is_same_v<T, c10::BFloat16>, wk, M, bn, bk)) {
     const std::vector<float> bf = bias_f32(bias, N);
     const uint16_t* xb = reinterpret_cast<const uint16_t*>(xt);
     auto pack = [&](int64_t b, int64_t r0, int64_t r1, int64_t Mp, uint32_t* xv) {
@@ -603,7 +613,7 @@ at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
   check_structure(op, crow, col, n / bn, K / bk);
   const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
   if (x_in.scalar_type() == at::kBFloat16 &&
-      use_amx(true, WKind::kBF16, g.Ho() * g.Wo(), bn, bk, vec_floats(active_isa()))) {
+      use_amx(true, WKind::kBF16, g.Ho() * g.Wo(), bn, bk)) {
     // AMX: the implicit im2col matrix packed straight from the image into VNNI row pairs (amx_pack_conv)
     const at::Tensor x = x_in.contiguous();
     at::Tensor y = at::empty({g.B, n, g.Ho(), g.Wo()}, x.options());
