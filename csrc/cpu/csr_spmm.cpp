@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "csr.h"
 #include "tiles.h"
 #include "panel.h"
 #include "simd.h"
@@ -480,6 +481,17 @@ at::Tensor csr_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
 }
 
 }  // namespace
+
+namespace sparsekit::cpu {
+at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                      const std::optional<at::Tensor>& bias, int64_t n) {
+  return csr_mm(x, crow, col, values, bias, n);
+}
+at::Tensor csr_mm_t_cpu(const at::Tensor& dy, const at::Tensor& crow, const at::Tensor& col,
+                        const at::Tensor& values, int64_t k) {
+  return csr_mm_t(dy, crow, col, values, k);
+}
+}  // namespace sparsekit::cpu
 
 TORCH_LIBRARY_IMPL(sparsekit, CPU, m) {
   m.impl("csr_mm", &csr_mm);

@@ -1,5 +1,6 @@
 // CPU kernels for the n:m ops (schemas and semantics in csrc/ops.cpp). W [N, K] keeps n values in every
 // group of m along K: values [N, K/m*n], indices uint8 [N, K/m*n] (position inside the group).
+// fp32 / bf16 / fp16 nm_mm and nm_mm_t run as CSR products (csr_view below); float64 runs the loops here:
 //   nm_mm     y  = x @ W^T + bias    parallel over (M tile, row of W): each task owns a tile of y
 //   nm_mm_t   dx = dy @ W            parallel over (M tile, chunk of groups): group g only feeds dx
 //                                    columns [g*m, (g+1)*m), so each task owns a tile of dx
@@ -16,9 +17,11 @@
 #include <cstring>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
+#include "csr.h"
 #include "tiles.h"
 
 namespace {
@@ -136,6 +139,34 @@ void nm_sddmm_kernel(const A* dyT, const A* xT, const uint8_t* idx, T* out, int6
 // Values (and transposed activations for sddmm) in the accumulation type: a no-op for float32/float64.
 at::Tensor to_acc(const at::Tensor& t) { return t.to(at::toOpMathType(t.scalar_type())); }
 
+// The n:m pattern as CSR index arrays (row r's kept values in stored order, column g * m + idx): every row holds
+// K/m*n values, so the values array [N, K/m*n] is already CSR's. The products of fp32/bf16/fp16 then run on the
+// CSR kernels' SIMD micro-kernels (csr.h) instead of the generic loops below; building the columns costs
+// O(nnz) int16 (int32 when K > 32767) per call, beside the O(M * nnz) product. Undefined tensors when nnz does
+// not fit CSR's int32 row pointers.
+std::pair<at::Tensor, at::Tensor> csr_view(const at::Tensor& indices, int64_t n, int64_t m, int64_t K) {
+  const int64_t N = indices.size(0), kept = indices.size(1);
+  if (N * kept >= (int64_t(1) << 31)) return {};
+  at::Tensor crow = at::empty({N + 1}, at::TensorOptions().dtype(at::kInt));
+  int32_t* cr = crow.mutable_data_ptr<int32_t>();
+  for (int64_t r = 0; r <= N; ++r) cr[r] = static_cast<int32_t>(r * kept);
+  const bool narrow = K <= 32767;
+  at::Tensor col = at::empty({N * kept}, at::TensorOptions().dtype(narrow ? at::kShort : at::kInt));
+  const uint8_t* idx = indices.const_data_ptr<uint8_t>();
+  auto fill = [&](auto* c) {
+    at::parallel_for(0, N, grain_for(kept), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t e = 0; e < kept; ++e)
+          c[r * kept + e] = static_cast<std::remove_pointer_t<decltype(c)>>((e / n) * m + idx[r * kept + e]);
+    });
+  };
+  if (narrow) fill(col.mutable_data_ptr<int16_t>());
+  else fill(col.mutable_data_ptr<int32_t>());
+  return {crow, col};
+}
+
+bool csr_fast_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
 // ------------------------------------------------------------------------------------------------ ops
 at::Tensor nm_mm(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& indices,
                  const std::optional<at::Tensor>& bias_in, int64_t n, int64_t m) {
@@ -147,6 +178,10 @@ at::Tensor nm_mm(const at::Tensor& x_in, const at::Tensor& values, const at::Ten
   const int64_t M = x_in.size(0), N = values.size(0);
   TORCH_CHECK(x_in.size(1) == K, op, ": x.size(1) must be K = values.size(1) / n * m = ", K, ", got ", x_in.size(1));
   const at::Tensor bias = checked_bias(op, bias_in, N, x_in, "x");
+  if (csr_fast_type(x_in.scalar_type())) {
+    const auto [crow, col] = csr_view(indices, n, m, K);
+    if (crow.defined()) return csr_mm_cpu(x_in, crow, col, values.reshape({-1}), bias_in, N);
+  }
   const at::Tensor x = x_in.contiguous(), v = to_acc(values);
   at::Tensor y = at::empty({M, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparsekit_nm_mm", [&] {
@@ -171,6 +206,10 @@ at::Tensor nm_mm_t(const at::Tensor& dy_in, const at::Tensor& values, const at::
   check_values(op, values, indices, dy_in, "dy");
   const int64_t M = dy_in.size(0), N = dy_in.size(1);
   TORCH_CHECK(values.size(0) == N, op, ": dy.size(1) must be N = values.size(0) = ", values.size(0), ", got ", N);
+  if (csr_fast_type(dy_in.scalar_type())) {
+    const auto [crow, col] = csr_view(indices, n, m, K);
+    if (crow.defined()) return csr_mm_t_cpu(dy_in, crow, col, values.reshape({-1}), K);
+  }
   const at::Tensor dy = dy_in.contiguous(), v = to_acc(values);
   at::Tensor dx = at::empty({M, K}, dy.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "sparsekit_nm_mm_t", [&] {
