@@ -53,6 +53,10 @@ def test_csr_simd_paths(isa, dtype, index_dtype, monkeypatch):
                 dy = torch.randn(m, n, generator=gen, dtype=torch.float64).to(dtype)
                 dx = torch.ops.sparsekit.csr_mm_t(dy, w.crow_indices, w.col_indices, w.values, k)
                 torch.testing.assert_close(dx.double(), dy.double() @ dense, rtol=rtol, atol=atol)
+                dw = torch.ops.sparsekit.csr_sddmm(dy, x, w.crow_indices, w.col_indices)   # dW on the pattern
+                rows = torch.repeat_interleave(torch.arange(n), (w.crow_indices[1:] - w.crow_indices[:-1]).long())
+                ref = (dy.double().t() @ x.double())[rows, w.col_indices.long()]
+                torch.testing.assert_close(dw.double(), ref, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -1,7 +1,8 @@
 """The SIMD paths of the CPU kernels (csrc/cpu/spmm_kernels.inc) under every ISA this machine can run.
 
 SPARSEKIT_CPU_ISA lowers the run-time choice (avx512 -> avx2 -> scalar), so one AVX-512 machine tests the code
-that AVX2-only CPUs (and non-x86 builds) run. Shapes cover every path of bsr_mm: GEMV (2*M <= vector width),
+that AVX2-only CPUs (and non-x86 builds) run (bsr_sddmm too: its fast path needs block_k a multiple of the
+vector width, split into panels of up to 8 vectors). Shapes cover every path of bsr_mm: GEMV (2*M <= vector width),
 N-vectorized (block rows a multiple of the vector width) and M-panel (1xk, kx1, odd blocks), with M tails,
 empty block-rows, 0% and 100% sparsity.
 
@@ -33,6 +34,11 @@ def _weight(rows, cols, block, density, dtype, gen):
                           block)
 
 
+def _block_rows(w):
+    counts = w.crow_indices[1:] - w.crow_indices[:-1]
+    return torch.repeat_interleave(torch.arange(counts.numel()), counts.long())
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block", BLOCKS)
@@ -56,3 +62,8 @@ def test_bsr_simd_paths(isa, dtype, block, monkeypatch):
                 torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=atol)
             dx = torch.ops.sparsekit.bsr_mm_t(dy, w.crow_indices, w.col_indices, w.values, k)
             torch.testing.assert_close(dx.double(), dy.double() @ dense, rtol=rtol, atol=atol)
+            # dW on the stored blocks: M is the contraction, the block's columns the vectors
+            dw = torch.ops.sparsekit.bsr_sddmm(dy, x, w.crow_indices, w.col_indices, bn, bk)
+            full = dy.double().t() @ x.double()
+            ref_blocks = full.reshape(rows, bn, cols, bk).transpose(1, 2)[_block_rows(w), w.col_indices.long()]
+            torch.testing.assert_close(dw.double(), ref_blocks, rtol=rtol, atol=atol)

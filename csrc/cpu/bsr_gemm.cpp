@@ -739,6 +739,55 @@ at::Tensor bsr_mm_t(const at::Tensor& dy_in, const at::Tensor& crow, const at::T
   return dx;
 }
 
+// dW_b = dy[:, rows of b]^T @ x[:, columns of b] for every stored block b, on the SIMD micro-kernel of the
+// forward (bsr_panel_row) with M as the contraction: the "block" is the [bn, M] slab of dy^T (fp32, or bf16 bits),
+// the "panel" x itself read in place (fp32; other dtypes converted once), row m at x + m * K + col * bk, the
+// vectors across kk. bk must be a multiple of the vector width (split into panels of at most 8 vectors).
+void bsr_sddmm_fast(const at::Tensor& dy, const at::Tensor& x_in, const int32_t* crow, const int32_t* col,
+                    at::Tensor& out, int64_t bn, int64_t bk) {
+  const Isa isa = active_isa();
+  const int W = vec_floats(isa);
+  const int64_t M = dy.size(0), N = dy.size(1), K = x_in.size(1), rows = N / bn, nnzb = crow[rows];
+  if (nnzb == 0) return;
+  if (M == 0) {
+    out.zero_();
+    return;
+  }
+  const bool bf16 = dy.scalar_type() == at::kBFloat16;
+  const at::Tensor dyT = (bf16 ? dy.t() : dy.t().to(at::kFloat)).contiguous();  // [N, M]
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();                        // [M, K] (no copy for fp32)
+  const float* xf = x.const_data_ptr<float>();
+  const char* dt = static_cast<const char*>(dyT.const_data_ptr());
+  const int64_t dsz = dyT.element_size();
+  const WKind wk = bf16 ? WKind::kBF16 : WKind::kF32;
+  std::vector<int64_t> row_of(nnzb);
+  for (int64_t r = 0; r < rows; ++r) std::fill(row_of.begin() + crow[r], row_of.begin() + crow[r + 1], r);
+  const bool f32 = out.scalar_type() == at::kFloat;
+  at::parallel_for(0, nnzb, grain_for(M * bn * bk), [&](int64_t b0, int64_t b1) {
+    std::vector<float> panel(bn * 8 * W), block(f32 ? 0 : bn * bk);
+    const int32_t zero_col = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const void* slab = dt + row_of[b] * bn * M * dsz;
+      float* dst = f32 ? out.mutable_data_ptr<float>() + b * bn * bk : block.data();
+      for (int64_t k0 = 0; k0 < bk;) {  // panels of nv vectors, nv a power of two <= 8
+        int nv = 8;
+        while (nv * W > bk - k0) nv /= 2;
+        const int64_t mt = int64_t(nv) * W;
+        bsr_panel_row(isa, nv, xf + int64_t(col[b]) * bk + k0, K, nullptr, &zero_col, 0, 1, slab, wk, bn, M,
+                      panel.data());
+        for (int64_t i = 0; i < bn; ++i) std::memcpy(dst + i * bk + k0, panel.data() + i * mt, mt * sizeof(float));
+        k0 += mt;
+      }
+      if (!f32) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "sparsekit_bsr_sddmm_store", [&] {
+          scalar_t* o = out.mutable_data_ptr<scalar_t>() + b * bn * bk;
+          for (int64_t e = 0; e < bn * bk; ++e) o[e] = static_cast<scalar_t>(block[e]);
+        });
+      }
+    }
+  });
+}
+
 at::Tensor bsr_sddmm(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col,
                      int64_t block_n, int64_t block_k) {
   constexpr const char* op = "sparsekit::bsr_sddmm";
@@ -755,8 +804,12 @@ at::Tensor bsr_sddmm(const at::Tensor& dy_in, const at::Tensor& x_in, const at::
   TORCH_CHECK(N % block_n == 0, op, ": dy.size(1) (N=", N, ") must be a multiple of block_n=", block_n);
   TORCH_CHECK(K % block_k == 0, op, ": x.size(1) (K=", K, ") must be a multiple of block_k=", block_k);
   check_structure(op, crow, col, N / block_n, K / block_k);
-  const at::Tensor dyT = to_acc(dy_in.t()).contiguous(), xT = to_acc(x_in.t()).contiguous();
   at::Tensor out = at::empty({col.numel(), block_n, block_k}, dy_in.options());
+  if (use_fast(dy_in.scalar_type()) && block_k % vec_floats(active_isa()) == 0) {
+    bsr_sddmm_fast(dy_in, x_in, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), out, block_n, block_k);
+    return out;
+  }
+  const at::Tensor dyT = to_acc(dy_in.t()).contiguous(), xT = to_acc(x_in.t()).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy_in.scalar_type(), "sparsekit_bsr_sddmm", [&] {
     using A = at::opmath_type<scalar_t>;
     bsr_sddmm_kernel<scalar_t, A>(dyT.const_data_ptr<A>(), xT.const_data_ptr<A>(), crow.const_data_ptr<int32_t>(),

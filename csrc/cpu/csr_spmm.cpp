@@ -474,6 +474,20 @@ at::Tensor csr_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
     const index_t* c = col.const_data_ptr<index_t>();
     check_structure(op, crow.const_data_ptr<int32_t>(), c, N, col.numel(), K);
     const at::Tensor dyT = to_acc(dy.t()).contiguous(), xT = to_acc(x.t()).contiguous();
+    if constexpr (std::is_same_v<A, float>) {  // float32 / bfloat16 / float16: SIMD dots, fp32 results
+      const Isa isa = active_isa();
+      const int32_t* cr = crow.const_data_ptr<int32_t>();
+      at::Tensor of = std::is_same_v<scalar_t, float> ? out : at::empty({col.numel()}, out.options().dtype(at::kFloat));
+      float* o = of.mutable_data_ptr<float>();
+      const std::vector<int64_t> bounds = balanced_chunks(cr, N, 4 * at::get_num_threads(), M, 0);
+      at::parallel_for(0, int64_t(bounds.size()) - 1, 1, [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q)
+          csr_sddmm_rows(isa, dyT.const_data_ptr<float>(), xT.const_data_ptr<float>(), M, cr, c, bounds[q],
+                         bounds[q + 1], o);
+      });
+      if (!std::is_same_v<scalar_t, float>) out.copy_(of);
+      return;
+    }
     csr_sddmm_kernel<index_t, scalar_t, A>(dyT.const_data_ptr<A>(), xT.const_data_ptr<A>(),
                                            crow.const_data_ptr<int32_t>(), c, out.mutable_data_ptr<scalar_t>(), M, N);
   });
@@ -490,6 +504,9 @@ at::Tensor csr_mm_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Ten
 at::Tensor csr_mm_t_cpu(const at::Tensor& dy, const at::Tensor& crow, const at::Tensor& col,
                         const at::Tensor& values, int64_t k) {
   return csr_mm_t(dy, crow, col, values, k);
+}
+at::Tensor csr_sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col) {
+  return csr_sddmm(dy, x, crow, col);
 }
 }  // namespace sparsekit::cpu
 

@@ -1,6 +1,6 @@
 // CPU kernels for the n:m ops (schemas and semantics in csrc/ops.cpp). W [N, K] keeps n values in every
 // group of m along K: values [N, K/m*n], indices uint8 [N, K/m*n] (position inside the group).
-// fp32 / bf16 / fp16 nm_mm and nm_mm_t run as CSR products (csr_view below); float64 runs the loops here:
+// fp32 / bf16 / fp16 run as CSR products (csr_view below); float64 runs the loops here:
 //   nm_mm     y  = x @ W^T + bias    parallel over (M tile, row of W): each task owns a tile of y
 //   nm_mm_t   dx = dy @ W            parallel over (M tile, chunk of groups): group g only feeds dx
 //                                    columns [g*m, (g+1)*m), so each task owns a tile of dx
@@ -237,6 +237,10 @@ at::Tensor nm_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
               " and dy.size(0)=", M);
   TORCH_CHECK(indices.size(0) == N, op, ": dy.size(1) must be N = indices.size(0) = ", indices.size(0), ", got ", N);
   TORCH_CHECK(x.size(1) == K, op, ": x.size(1) must be K = indices.size(1) / n * m = ", K, ", got ", x.size(1));
+  if (csr_fast_type(dy.scalar_type())) {
+    const auto [crow, col] = csr_view(indices, n, m, K);
+    if (crow.defined()) return csr_sddmm_cpu(dy, x, crow, col).reshape(indices.sizes());
+  }
   at::Tensor out = at::empty(indices.sizes(), dy.options());
   const at::Tensor dyT = to_acc(dy.t()).contiguous(), xT = to_acc(x.t()).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "sparsekit_nm_sddmm", [&] {

@@ -58,4 +58,10 @@ void csr_panel_rows(Isa isa, int nv, const float* xp, const int64_t* rowoff, con
 void csr_panel_rows(Isa isa, int nv, const float* xp, const int64_t* rowoff, const int32_t* ptr, const int32_t* idx,
                     const void* v, WKind wk, int64_t r0, int64_t r1, float* out);
 
+// CSR SDDMM rows [r0, r1): out[e] = sum_m dyT[r * M + m] * xT[idx[e] * M + m] for e in [ptr[r], ptr[r + 1]).
+void csr_sddmm_rows(Isa isa, const float* dyT, const float* xT, int64_t M, const int32_t* ptr, const int16_t* idx,
+                    int64_t r0, int64_t r1, float* out);
+void csr_sddmm_rows(Isa isa, const float* dyT, const float* xT, int64_t M, const int32_t* ptr, const int32_t* idx,
+                    int64_t r0, int64_t r1, float* out);
+
 }  // namespace sparsekit::cpu

@@ -205,6 +205,16 @@ void csr_panel_rows(Isa isa, int nv, const float* xp, const int64_t* rowoff, con
   SPARSEKIT_ISA_CALL(csr_panel_rows<int32_t>, nv, xp, rowoff, ptr, idx, v, wk, r0, r1, out)
 }
 
+void csr_sddmm_rows(Isa isa, const float* dyT, const float* xT, int64_t M, const int32_t* ptr, const int16_t* idx,
+                    int64_t r0, int64_t r1, float* out) {
+  SPARSEKIT_ISA_CALL(csr_sddmm_rows<int16_t>, dyT, xT, M, ptr, idx, r0, r1, out)
+}
+
+void csr_sddmm_rows(Isa isa, const float* dyT, const float* xT, int64_t M, const int32_t* ptr, const int32_t* idx,
+                    int64_t r0, int64_t r1, float* out) {
+  SPARSEKIT_ISA_CALL(csr_sddmm_rows<int32_t>, dyT, xT, M, ptr, idx, r0, r1, out)
+}
+
 }  // namespace sparsekit::cpu
 
 namespace {
