@@ -1,12 +1,12 @@
 """bfloat16 BSR on AMX tiles (csrc/cpu/amx.cpp), on CPUs that have AMX-BF16 (Sapphire Rapids and later).
 
-bsr_mm (and bsr_mm_t, which runs it over the transposed blocks), bsr_mm_xt (1x1 and strided convolutions) and
-bsr_conv2d (stride-1 convolutions, the im2col matrix packed straight from the image) take the AMX path for bf16
-activations and values when both block sides are multiples of 16 and M (pixels per image for convolutions) is
-above the GEMV size; every other case runs the SIMD kernels (tests/test_cpu_simd.py). Shapes cover both tile
-slabs (16 and 32 output columns), both k-steps (16 and 32), several k-steps per block, partial last row tiles (M
-not a multiple of 32), empty block-rows, 0% and 100% density, a bias, and convolutions with padding, dilation,
-strides, non-square kernels and output rows wider than one 32-column chunk.
+bsr_mm (and bsr_mm_t, which runs it over the transposed blocks), bsr_sddmm (dW on the blocks, any M), bsr_mm_xt
+(1x1 and strided convolutions) and bsr_conv2d (stride-1 convolutions, the im2col matrix packed straight from the
+image) take the AMX path for bf16 activations and values when both block sides are multiples of 16 and M (pixels
+per image for convolutions) is at least 5; every other case runs the SIMD kernels (tests/test_cpu_simd.py).
+Shapes cover both tile slabs (16 and 32 output columns), both k-steps (16 and 32), several k-steps per block,
+partial last row tiles (M not a multiple of 32), empty block-rows, 0% and 100% density, a bias, and convolutions
+with padding, dilation, strides, non-square kernels and output rows wider than one 32-column chunk.
 
 Tolerance: rtol=atol=1e-2 against the float64 reference on the same bf16 inputs (fp32 accumulation, one
 rounding of the output to bf16), and the AMX result against the AVX-512 path on the same inputs.
@@ -148,3 +148,25 @@ def test_amx_conv_matches_reference_and_avx512(conv, block, monkeypatch):
         y_simd = sk.ops.sparse_conv2d(x, w, bias, stride=stride, padding=padding, dilation=dilation,
                                       kernel_size=(kh, kw), backend="cpu")
         torch.testing.assert_close(y.double(), y_simd.double(), rtol=1e-2, atol=2e-2)
+
+
+@needs_amx
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (32, 16), (16, 32), (48, 16), (64, 64)])
+def test_amx_sddmm_matches_reference_and_avx512(block, monkeypatch):
+    gen = torch.Generator().manual_seed(sum(block))
+    bn, bk = block
+    rows, cols = max(3, 96 // bn), max(2, 160 // bk)
+    for density in (0.0, 0.5, 1.0):
+        w = _weight(rows, cols, block, density, gen)
+        stored_rows = torch.repeat_interleave(torch.arange(rows), (w.crow_indices[1:] - w.crow_indices[:-1]).long())
+        for m in (1, 5, 33, 70):                  # M padded to 32 inside, with zeros
+            x = torch.randn(m, cols * bk, generator=gen).to(torch.bfloat16)
+            dy = torch.randn(m, rows * bn, generator=gen).to(torch.bfloat16)
+            monkeypatch.delenv("SPARSEKIT_CPU_ISA", raising=False)
+            dw = torch.ops.sparsekit.bsr_sddmm(dy, x, w.crow_indices, w.col_indices, bn, bk)
+            full = dy.double().t() @ x.double()
+            ref = full.reshape(rows, bn, cols, bk).transpose(1, 2)[stored_rows, w.col_indices.long()]
+            torch.testing.assert_close(dw.double(), ref, rtol=1e-2, atol=2e-2)
+            monkeypatch.setenv("SPARSEKIT_CPU_ISA", "avx512")
+            dw_simd = torch.ops.sparsekit.bsr_sddmm(dy, x, w.crow_indices, w.col_indices, bn, bk)
+            torch.testing.assert_close(dw.double(), dw_simd.double(), rtol=1e-2, atol=2e-2)

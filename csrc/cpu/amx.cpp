@@ -292,6 +292,54 @@ void store_bf16_t_avx512(const float* out, int64_t rows, int64_t mc, const float
   }
 }
 
+// ---- SDDMM: dW_b = dy^T[rows of b] @ x[:, columns of b], M (padded to 32) the contraction
+
+// One block: out[i * bk + j] = sum_m dyt[i * ldd + m] * x[m][j], x given as amx_pack_xt row pairs of its
+// columns (xv at the block's first column, ldv words apart). NS rows (16 or 32) by NJ columns (16 or 32) per step.
+template <int NS, int NJ>
+void sddmm_block_kernel(const uint16_t* dyt, int64_t ldd, const uint32_t* xv, int64_t ldv, int64_t Mp, int64_t bn,
+                        int64_t bk, float* out) {
+  const int64_t lda = ldd * 2, ldb = ldv * 4, ldc = bk * 4;
+  for (int64_t s = 0; s < bn; s += NS) {
+    for (int64_t j = 0; j < bk; j += NJ) {
+      _tile_zero(0);
+      if constexpr (NJ == 32) _tile_zero(1);
+      if constexpr (NS == 32) _tile_zero(2);
+      if constexpr (NS == 32 && NJ == 32) _tile_zero(3);
+      for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+        const uint16_t* a = dyt + s * ldd + m0;
+        const uint32_t* b = xv + (m0 / 2) * ldv + j;
+        _tile_loadd(4, a, lda);
+        _tile_loadd(6, b, ldb);
+        _tile_dpbf16ps(0, 4, 6);
+        if constexpr (NJ == 32) {
+          _tile_loadd(7, b + 16, ldb);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        if constexpr (NS == 32) {
+          _tile_loadd(5, a + 16 * ldd, lda);
+          _tile_dpbf16ps(2, 5, 6);
+          if constexpr (NJ == 32) _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      float* o = out + s * bk + j;
+      _tile_stored(0, o, ldc);
+      if constexpr (NJ == 32) _tile_stored(1, o + 16, ldc);
+      if constexpr (NS == 32) _tile_stored(2, o + 16 * bk, ldc);
+      if constexpr (NS == 32 && NJ == 32) _tile_stored(3, o + 16 * bk + 16, ldc);
+    }
+  }
+}
+
+void sddmm_block_amx(const uint16_t* dyt, int64_t ldd, const uint32_t* xv, int64_t ldv, int64_t Mp, int64_t bn,
+                     int64_t bk, float* out) {
+  const bool wide = bn % 32 == 0, j32 = bk % 32 == 0;
+  if (wide && j32) sddmm_block_kernel<32, 32>(dyt, ldd, xv, ldv, Mp, bn, bk, out);
+  else if (wide) sddmm_block_kernel<32, 16>(dyt, ldd, xv, ldv, Mp, bn, bk, out);
+  else if (j32) sddmm_block_kernel<16, 32>(dyt, ldd, xv, ldv, Mp, bn, bk, out);
+  else sddmm_block_kernel<16, 16>(dyt, ldd, xv, ldv, Mp, bn, bk, out);
+}
+
 void load_config(int64_t bk) {
   const TileConfig cfg = config_for(bk % 32 == 0 ? 32 : 16);
   // not _tile_loadconfig: GCC 12's version tells the compiler it reads 8 bytes, so the stores filling the rest
@@ -356,6 +404,11 @@ void amx_store_bf16_t(const float* out, int64_t rows, int64_t mc, const float* b
   store_bf16_t_avx512(out, rows, mc, bias, y, ldy);
 }
 
+void amx_sddmm_block(const uint16_t* dyt, int64_t ldd, const uint32_t* xv, int64_t ldv, int64_t Mp, int64_t bn,
+                     int64_t bk, float* out) {
+  sddmm_block_amx(dyt, ldd, xv, ldv, Mp, bn, bk, out);
+}
+
 #else  // not x86-64 Linux: never enabled, so the entry points below are unreachable
 
 bool amx_enabled() { return false; }
@@ -374,6 +427,9 @@ void amx_bsr_rows_t(const uint32_t*, int64_t, const int32_t*, const int32_t*, in
   std::abort();
 }
 void amx_store_bf16_t(const float*, int64_t, int64_t, const float*, uint16_t*, int64_t) { std::abort(); }
+void amx_sddmm_block(const uint16_t*, int64_t, const uint32_t*, int64_t, int64_t, int64_t, int64_t, float*) {
+  std::abort();
+}
 
 #endif
 

@@ -74,4 +74,10 @@ void amx_bsr_rows_t(const uint32_t* xv, int64_t ldv, const int32_t* crow, const 
 // y[i * ldy + j] = bf16(out[i * 32 + j] + bias[i]) for i < rows, j < mc <= 32 (bias may be null).
 void amx_store_bf16_t(const float* out, int64_t rows, int64_t mc, const float* bias, uint16_t* y, int64_t ldy);
 
+// ---- SDDMM (dW on the blocks): out[i * bk + j] = sum_m dyt[i * ldd + m] * x[m][j] for i < bn, j < bk, one block:
+// dyt its [bn, Mp] slab of dy^T (bf16, zero past M), x its columns as amx_pack_xt row pairs of the zero-padded
+// [Mp, K] x (xv at the block's first column, ldv words apart); Mp a multiple of 32; inside an AmxTileScope(32).
+void amx_sddmm_block(const uint16_t* dyt, int64_t ldd, const uint32_t* xv, int64_t ldv, int64_t Mp, int64_t bn,
+                     int64_t bk, float* out);
+
 }  // namespace sparsekit::cpu

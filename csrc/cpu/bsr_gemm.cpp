@@ -739,6 +739,41 @@ at::Tensor bsr_mm_t(const at::Tensor& dy_in, const at::Tensor& crow, const at::T
   return dx;
 }
 
+// bsr_sddmm for bfloat16 on AMX tiles: dy^T as [N, Mp] bf16 slabs (A tiles in place), x zero-padded to Mp rows
+// and packed as VNNI row pairs [Mp/2, Kp] (B tiles), per block an fp32 [bn, bk] result rounded into out.
+void bsr_sddmm_amx(const at::Tensor& dy, const at::Tensor& x, const int32_t* crow, const int32_t* col,
+                   at::Tensor& out, int64_t bn, int64_t bk) {
+  const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1), rows = N / bn, nnzb = crow[rows];
+  const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 31) / 32 * 32;
+  const auto bf = at::TensorOptions().dtype(at::kBFloat16);
+  at::Tensor dyT = at::empty({N, Mp}, bf), xpad = at::empty({Mp, K}, bf);
+  if (Mp > M) {  // zero only the padding
+    dyT.narrow(1, M, Mp - M).zero_();
+    xpad.narrow(0, M, Mp - M).zero_();
+  }
+  xpad.narrow(0, 0, M).copy_(x);
+  // ATen's transposing copy runs on one thread: split it over row ranges of dy^T
+  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+    dyT.narrow(0, n0, n1 - n0).narrow(1, 0, M).copy_(dy.narrow(1, n0, n1 - n0).t());
+  });
+  at::Tensor xv_t = at::empty({Mp / 2 * Kp}, at::TensorOptions().dtype(at::kInt));
+  uint32_t* xv = reinterpret_cast<uint32_t*>(xv_t.mutable_data_ptr<int32_t>());
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(xpad.const_data_ptr<at::BFloat16>());
+  at::parallel_for(0, Mp / 2, grain_for(Kp), [&](int64_t r0, int64_t r1) { amx_pack_xt(xb, K, 0, r0, r1, Kp, xv); });
+  const uint16_t* dt = reinterpret_cast<const uint16_t*>(dyT.const_data_ptr<at::BFloat16>());
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
+  std::vector<int64_t> row_of(nnzb);
+  for (int64_t r = 0; r < rows; ++r) std::fill(row_of.begin() + crow[r], row_of.begin() + crow[r + 1], r);
+  at::parallel_for(0, nnzb, grain_for(Mp * bn * bk), [&](int64_t b0, int64_t b1) {
+    const AmxTileScope tiles_configured(32);
+    std::vector<float> block(bn * bk);
+    for (int64_t b = b0; b < b1; ++b) {
+      amx_sddmm_block(dt + row_of[b] * bn * Mp, Mp, xv + int64_t(col[b]) * bk, Kp, Mp, bn, bk, block.data());
+      amx_store_bf16(block.data(), bk, bk, bn, nullptr, o + b * bn * bk, bk);
+    }
+  });
+}
+
 // dW_b = dy[:, rows of b]^T @ x[:, columns of b] for every stored block b, on the SIMD micro-kernel of the
 // forward (bsr_panel_row) with M as the contraction: the "block" is the [bn, M] slab of dy^T (fp32, or bf16 bits),
 // the "panel" x itself read in place (fp32; other dtypes converted once), row m at x + m * K + col * bk, the
@@ -805,6 +840,10 @@ at::Tensor bsr_sddmm(const at::Tensor& dy_in, const at::Tensor& x_in, const at::
   TORCH_CHECK(K % block_k == 0, op, ": x.size(1) (K=", K, ") must be a multiple of block_k=", block_k);
   check_structure(op, crow, col, N / block_n, K / block_k);
   at::Tensor out = at::empty({col.numel(), block_n, block_k}, dy_in.options());
+  if (dy_in.scalar_type() == at::kBFloat16 && amx_block_ok(block_n, block_k) && amx_enabled() && col.numel() > 0) {
+    bsr_sddmm_amx(dy_in, x_in, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), out, block_n, block_k);
+    return out;
+  }
   if (use_fast(dy_in.scalar_type()) && block_k % vec_floats(active_isa()) == 0) {
     bsr_sddmm_fast(dy_in, x_in, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), out, block_n, block_k);
     return out;
