@@ -24,9 +24,8 @@ namespace sparsekit::cpu {
 namespace {
 
 // CPUID.(7,0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE; AVX-512F/BW (EBX bits 16, 30) for the packing;
-// CPUID.(7,1):EAX bit 5 = AVX512-BF16 for the output conversion. Linux
-// hands out the 8 KiB tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, feature 18);
-// the grant covers every thread of the process.
+// CPUID.(7,1):EAX bit 5 = AVX512-BF16 for the output conversion. Linux hands out the 8 KiB tile state only on
+// request (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, feature 18); the grant covers every thread of the process.
 bool detect() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
