@@ -67,3 +67,21 @@ def test_bsr_simd_paths(isa, dtype, block, monkeypatch):
             full = dy.double().t() @ x.double()
             ref_blocks = full.reshape(rows, bn, cols, bk).transpose(1, 2)[_block_rows(w), w.col_indices.long()]
             torch.testing.assert_close(dw.double(), ref_blocks, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# the N-vectorized path: M >= 256 with K <= 1024, or M >= 512 (smaller M take the M-panel path, tested above)
+@pytest.mark.parametrize("m,cols", [(260, 3), (515, 40)])
+def test_bsr_n_vectorized_path(isa, dtype, m, cols, monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)     # (bf16 under the "avx512" ISA name: no AMX)
+    gen = torch.Generator().manual_seed(m)
+    rtol, atol = TOL[dtype]
+    for block in [(16, 16), (32, 32), (32, 16)]:
+        bn, bk = block
+        w = _weight(4, cols, block, 0.45, dtype, gen)
+        dense = w.to_dense().double()
+        x = torch.randn(m, cols * bk, generator=gen, dtype=torch.float64).to(dtype)
+        bias = torch.randn(4 * bn, generator=gen, dtype=torch.float64).to(dtype)
+        y = torch.ops.sparsekit.bsr_mm(x, w.crow_indices, w.col_indices, w.values, bias, 4 * bn)
+        torch.testing.assert_close(y.double(), x.double() @ dense.t() + bias.double(), rtol=rtol, atol=atol)
