@@ -161,10 +161,6 @@ void bsr_sddmm_kernel(const A* dyT, const A* xT, const int32_t* crow, const int3
 }
 
 // ------------------------------------------------------------------------------------ AMX (bf16)
-// y = x @ W^T (+ bias) for bfloat16 x and values on AMX tiles (amx.h): blocks packed into VNNI order per chunk;
-// tasks = (nonzero-balanced chunk of block-rows, kAmxMT rows of x), chunks outermost and small enough to stay
-// in L2 while every tile of x passes (weights would otherwise stream from memory once per tile);
-// block-rows are computed `group` at a time (>= 64 contiguous outputs per row of y) into fp32 rows and stored.
 // Bytes of packed blocks per chunk: what L2 (2 MiB per core on Sapphire Rapids) holds beside one tile of x
 // (kAmxMT rows of K), within [256 KiB, 1 MiB]. Larger chunks re-stream x fewer times (2048x4096x4096 at 50%:
 // 30 -> 23 ms from 256 KiB to 1 MiB); smaller ones leave room for x's tile when K is long.
@@ -172,6 +168,10 @@ int64_t amx_chunk_bytes(int64_t K) {
   return std::clamp<int64_t>(1536 * 1024 - kAmxMT * K * 2, 256 * 1024, 1024 * 1024);
 }
 
+// y = x @ W^T (+ bias) for bfloat16 x and values on AMX tiles (amx.h): blocks packed into VNNI order per chunk;
+// tasks = (nonzero-balanced chunk of block-rows, kAmxMT rows of x), chunks outermost and small enough to stay
+// in L2 while every tile of x passes (weights would otherwise stream from memory once per tile);
+// block-rows are computed `group` at a time (>= 64 contiguous outputs per row of y) into fp32 rows and stored.
 void bsr_mm_amx(const uint16_t* x, const int32_t* crow, const int32_t* col, const uint16_t* v, const float* bias,
                 uint16_t* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
   const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
