@@ -17,11 +17,13 @@ DEFAULT_PATH = Path(os.environ.get("SPARSEKIT_CACHE_DIR", Path.home() / ".cache"
 
 
 def device_name(device: torch.device) -> str:
+    """The device as tuning decisions depend on it; on CPU the model, the thread count and the instruction set the
+    CPU kernels run with (``SPARSEKIT_CPU_ISA``, AMX), so a decision measured under other kernels is not reused."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    from .info import _cpu_model
+    from .info import _cpu_kernel_isa, _cpu_model
 
-    return f"cpu:{_cpu_model()}:{torch.get_num_threads()}t"
+    return f"cpu:{_cpu_model()}:{torch.get_num_threads()}t:{_cpu_kernel_isa() or 'no-ext'}"
 
 
 class TuningCache:

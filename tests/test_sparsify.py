@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import sparsekit as sk
+from sparsekit import _extension
 from sparsekit.nn import SparseConv2d, SparseLinear
 from sparsekit.tuning_cache import TuningCache
 
@@ -205,3 +206,18 @@ def test_sparsify_command(tmp_path, capsys):
     torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(SystemExit, match="--model"):
         main(["sparsify", str(src), "--model", "nosuchmodel", "--out", str(tmp_path / "o2")])
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason="the CPU kernels' instruction set is reported by sparsekit._C")
+def test_tuning_key_names_the_cpu_kernel_isa(monkeypatch):
+    """Decisions measured with other CPU kernels (SPARSEKIT_CPU_ISA lowered, AMX on or off) are not reused."""
+    from sparsekit.tuning_cache import device_name
+
+    monkeypatch.setenv("SPARSEKIT_CPU_ISA", "scalar")
+    scalar = device_name(torch.device("cpu"))
+    monkeypatch.delenv("SPARSEKIT_CPU_ISA")
+    best = device_name(torch.device("cpu"))
+    assert scalar.endswith(":scalar")
+    assert best.endswith(":" + torch.ops.sparsekit.cpu_kernel_isa())
+    if torch.ops.sparsekit.cpu_kernel_isa() != "scalar":
+        assert scalar != best
