@@ -88,6 +88,8 @@ def machine_info(device: str) -> dict[str, object]:
         "sparsekit": _sparsekit_version(),
         "sparsekit_commit": _git_commit(),
         "extension_loaded": _extension.LOADED,
+        "cpu_kernel_isa": torch.ops.sparsekit.cpu_kernel_isa() if _extension.LOADED
+        and hasattr(torch.ops.sparsekit, "cpu_kernel_isa") else None,
         "tf32": tf32_state(),
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRITON_INTERPRET",
                                            "CUDA_VISIBLE_DEVICES") if k in os.environ},

@@ -168,7 +168,8 @@ def machine_line(meta: dict) -> str:
         return f"source: `{meta.get('source', '?')}` (CSV: no machine information)"
     dev = meta.get("device", "?")
     hw = (f"{meta['gpu']['name']} (sm_{meta['gpu']['capability'].replace('.', '')})" if dev == "cuda"
-          and meta.get("gpu") else f"{meta.get('cpu_model')}, {meta.get('threads')} threads")
+          and meta.get("gpu") else f"{meta.get('cpu_model')}, {meta.get('threads')} threads"
+          + (f", sparsekit CPU kernels {meta['cpu_kernel_isa']}" if meta.get("cpu_kernel_isa") else ""))
     tf32 = meta.get("tf32", {})
     tf = "on" if tf32.get("cuda.matmul.allow_tf32") else "off"
     load = meta.get("loadavg_start")
