@@ -8,7 +8,9 @@
 #include <cstring>
 #include <string>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__) && defined(__GNUC__)
+// AMX intrinsics need GCC 11 / clang 12 or newer; older compilers build the stubs (AMX never enabled).
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define SPARSEKIT_AMX 1
 #include <cpuid.h>
 #include <immintrin.h>
