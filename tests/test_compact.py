@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from _norms import randomize_norms as _randomize
 from torch import nn
 
 import sparsekit as sk
@@ -21,19 +22,6 @@ from sparsekit.prune.compact import (
 )
 from sparsekit.prune.graph import DependencyGraph
 from sparsekit.prune.masks import apply_mask
-
-
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, (nn.BatchNorm2d, nn.GroupNorm, nn.BatchNorm1d)):
-                mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
-                mod.bias.copy_(torch.rand(mod.bias.shape, generator=g) - 0.5)
-                if isinstance(mod, nn.BatchNorm2d):
-                    mod.running_mean.copy_(torch.rand(mod.running_mean.shape, generator=g) - 0.5)
-                    mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
-    return model.eval()
 
 
 def _params(m: nn.Module) -> int:

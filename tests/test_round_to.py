@@ -3,26 +3,13 @@ selections, grouped / GroupNorm units, attention heads), and the compacted model
 
 import pytest
 import torch
+from _norms import randomize_norms as _randomize
 from torch import nn
 
 import sparsekit as sk
 from sparsekit.models import VGG16_BN, ResNet20, ResNet50, TransformerEncoder
 from sparsekit.prune.compact import _effective_keep, _stream_mask, compact, mask_groups
 from sparsekit.prune.graph import DependencyGraph
-
-
-def _randomize(model: nn.Module) -> nn.Module:
-    """Spread-out BN / GN parameters and statistics, so masked channels matter and L1 choices are not ties."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, (nn.BatchNorm2d, nn.GroupNorm)):
-                mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
-                mod.bias.copy_(torch.rand(mod.bias.shape, generator=g) - 0.5)
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.copy_(torch.rand(mod.running_mean.shape, generator=g) - 0.5)
-                mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
-    return model.eval()
 
 
 class Mobile(nn.Module):
