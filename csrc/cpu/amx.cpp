@@ -161,16 +161,17 @@ void bsr_rows_amx(const uint16_t* x, int64_t ldx, const int32_t* crow, const int
 
 // ---- x^T layout (convolutions): C[n 16][m 16] tiles, A = the stored blocks read in place, B = x^T row pairs
 
+// _mm512_permutex2var_epi16 indices interleaving two rows a, b of 32 bf16 into the pairs (a[j], b[j]) for
+// j = first .. first + 15 (first = 0: words 0..15, first = 16: words 16..31).
+inline __m512i pair_index(int first) {
+  alignas(64) uint16_t idx[32];
+  for (int i = 0; i < 32; ++i) idx[i] = static_cast<uint16_t>((i % 2 ? 32 : 0) + first + i / 2);
+  return _mm512_load_si512(idx);
+}
+
 // xv[r * ldv + j] = bf16 pair (xt[2r][m0 + j], xt[2r + 1][m0 + j]) for r in [r0, r1), j < ldv (zero past M).
 void pack_xt_avx512(const uint16_t* xt, int64_t M, int64_t m0, int64_t r0, int64_t r1, int64_t ldv, uint32_t* xv) {
-  __m512i lo_idx, hi_idx;  // interleave 32 + 32 bf16 into pairs: words 0..15 and 16..31
-  alignas(64) uint16_t lo[32], hi[32];
-  for (int i = 0; i < 32; ++i) {
-    lo[i] = static_cast<uint16_t>((i % 2 ? 32 : 0) + i / 2);
-    hi[i] = static_cast<uint16_t>((i % 2 ? 32 : 0) + 16 + i / 2);
-  }
-  lo_idx = _mm512_load_si512(lo);
-  hi_idx = _mm512_load_si512(hi);
+  const __m512i lo_idx = pair_index(0), hi_idx = pair_index(16);
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* e = xt + 2 * r * M;
     const uint16_t* o = e + M;
@@ -188,12 +189,7 @@ void pack_xt_avx512(const uint16_t* xt, int64_t M, int64_t m0, int64_t r0, int64
 // amx_pack_xt of a stride-1 convolution's implicit im2col matrix: K-row k = (c * kh + ky) * kw + kx holds, at
 // pixel m = ho * Wo + wo, x[c][ho + ky * dh - ph][wo + kx * dw - pw] (zero outside the image).
 void pack_conv_avx512(const uint16_t* x, const AmxConv& g, int64_t r0, int64_t r1, int64_t ldv, uint32_t* xv) {
-  alignas(64) uint16_t lo[32], hi[32];
-  for (int i = 0; i < 32; ++i) {
-    lo[i] = static_cast<uint16_t>((i % 2 ? 32 : 0) + i / 2);
-    hi[i] = static_cast<uint16_t>((i % 2 ? 32 : 0) + 16 + i / 2);
-  }
-  const __m512i lo_idx = _mm512_load_si512(lo), hi_idx = _mm512_load_si512(hi);
+  const __m512i lo_idx = pair_index(0), hi_idx = pair_index(16);
   struct Tap {
     const uint16_t* plane;
     int64_t dy, dx;

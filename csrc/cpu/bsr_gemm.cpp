@@ -141,14 +141,20 @@ void bsr_mm_t_kernel(const A* dyp, const int32_t* crow, const int32_t* col, cons
   });
 }
 
+// The block-row of every stored block (the SDDMMs run over blocks, not rows).
+std::vector<int64_t> block_rows(const int32_t* crow, int64_t rows) {
+  std::vector<int64_t> row_of(crow[rows]);
+  for (int64_t r = 0; r < rows; ++r) std::fill(row_of.begin() + crow[r], row_of.begin() + crow[r + 1], r);
+  return row_of;
+}
+
 // out[b, i, kk] = dy[:, row_b*bn + i] . x[:, col_b*bk + kk], from transposed copies dyT [N, M], xT [K, M]
 // so that every dot is contiguous over M.
 template <typename T, typename A>
 void bsr_sddmm_kernel(const A* dyT, const A* xT, const int32_t* crow, const int32_t* col, T* out, int64_t M,
                       int64_t N, int64_t bn, int64_t bk) {
   const int64_t rows = N / bn, nnzb = crow[rows];
-  std::vector<int64_t> row_of(nnzb);
-  for (int64_t r = 0; r < rows; ++r) std::fill(row_of.begin() + crow[r], row_of.begin() + crow[r + 1], r);
+  const std::vector<int64_t> row_of = block_rows(crow, rows);
   at::parallel_for(0, nnzb, grain_for(M * bn * bk), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const A* d = dyT + row_of[b] * bn * M;
@@ -168,6 +174,14 @@ int64_t amx_chunk_bytes(int64_t K) {
   return std::clamp<int64_t>(1536 * 1024 - kAmxMT * K * 2, 256 * 1024, 1024 * 1024);
 }
 
+// Nonzero-balanced chunks of block-rows whose blocks stay in L2 (amx_chunk_bytes) while every tile of x passes
+// them, and at least enough of them for 4 tasks per thread over `tiles` tiles of x.
+std::vector<int64_t> amx_chunks(const int32_t* crow, int64_t rows, int64_t bn, int64_t bk, int64_t K, int64_t tiles,
+                                int64_t threads) {
+  const int64_t l2_chunks = (crow[rows] * bn * bk * 2 + amx_chunk_bytes(K) - 1) / amx_chunk_bytes(K);
+  return balanced_chunks(crow, rows, std::max((4 * threads + tiles - 1) / tiles, l2_chunks), bn * bk, bn);
+}
+
 // y = x @ W^T (+ bias) for bfloat16 x and values on AMX tiles (amx.h): blocks packed into VNNI order per chunk;
 // tasks = (nonzero-balanced chunk of block-rows, kAmxMT rows of x), chunks outermost and small enough to stay
 // in L2 while every tile of x passes (weights would otherwise stream from memory once per tile);
@@ -176,10 +190,7 @@ void bsr_mm_amx(const uint16_t* x, const int32_t* crow, const int32_t* col, cons
                 uint16_t* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
   const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
   const int64_t tiles = (M + kAmxMT - 1) / kAmxMT;
-  // chunks of block-rows whose packed blocks stay in L2 (amx_chunk_bytes) while every tile of x passes them
-  const int64_t l2_chunks = (nnzb * bn * bk * 2 + amx_chunk_bytes(K) - 1) / amx_chunk_bytes(K);
-  const std::vector<int64_t> bounds =
-      balanced_chunks(crow, rows, std::max((4 * threads + tiles - 1) / tiles, l2_chunks), bn * bk, bn);
+  const std::vector<int64_t> bounds = amx_chunks(crow, rows, bn, bk, K, tiles, threads);
   const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
   const int64_t grain = M * nnzb * bn * bk < kMinWork ? tasks : 1;
   const int64_t group = std::max<int64_t>(1, 64 / bn), ldo = group * bn;
@@ -240,9 +251,7 @@ void bsr_xt_amx(int64_t B, Pack&& pack, const int32_t* crow, const int32_t* col,
     for (int64_t q = q0; q < q1; ++q) pack(q / nruns, runs[q % nruns].first, runs[q % nruns].second, Mp,
                                           xv + (q / nruns) * image);
   });
-  const int64_t l2_chunks = (nnzb * bn * bk * 2 + amx_chunk_bytes(K) - 1) / amx_chunk_bytes(K);
-  const std::vector<int64_t> bounds =
-      balanced_chunks(crow, rows, std::max((4 * threads + tiles - 1) / tiles, l2_chunks), bn * bk, bn);
+  const std::vector<int64_t> bounds = amx_chunks(crow, rows, bn, bk, K, tiles, threads);
   const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
   const int64_t grain = B * M * nnzb * bn * bk < kMinWork ? tasks : 1;
   const int64_t group = std::max<int64_t>(1, 64 / bn);
@@ -766,8 +775,7 @@ void bsr_sddmm_amx(const at::Tensor& dy, const at::Tensor& x, const int32_t* cro
   at::parallel_for(0, Mp / 2, grain_for(Kp), [&](int64_t r0, int64_t r1) { amx_pack_xt(xb, K, 0, r0, r1, Kp, xv); });
   const uint16_t* dt = reinterpret_cast<const uint16_t*>(dyT.const_data_ptr<at::BFloat16>());
   uint16_t* o = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
-  std::vector<int64_t> row_of(nnzb);
-  for (int64_t r = 0; r < rows; ++r) std::fill(row_of.begin() + crow[r], row_of.begin() + crow[r + 1], r);
+  const std::vector<int64_t> row_of = block_rows(crow, rows);
   at::parallel_for(0, nnzb, grain_for(Mp * bn * bk), [&](int64_t b0, int64_t b1) {
     const AmxTileScope tiles_configured(32);
     std::vector<float> block(bn * bk);
@@ -799,8 +807,7 @@ void bsr_sddmm_fast(const at::Tensor& dy, const at::Tensor& x_in, const int32_t*
   const char* dt = static_cast<const char*>(dyT.const_data_ptr());
   const int64_t dsz = dyT.element_size();
   const WKind wk = bf16 ? WKind::kBF16 : WKind::kF32;
-  std::vector<int64_t> row_of(nnzb);
-  for (int64_t r = 0; r < rows; ++r) std::fill(row_of.begin() + crow[r], row_of.begin() + crow[r + 1], r);
+  const std::vector<int64_t> row_of = block_rows(crow, rows);
   const bool f32 = out.scalar_type() == at::kFloat;
   at::parallel_for(0, nnzb, grain_for(M * bn * bk), [&](int64_t b0, int64_t b1) {
     std::vector<float> panel(bn * 8 * W), block(f32 ? 0 : bn * bk);
