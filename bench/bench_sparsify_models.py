@@ -2,6 +2,7 @@
 
     python bench/bench_sparsify_models.py [--models bert,resnet50] [--reps 5] [--layers 12]
     python bench/bench_sparsify_models.py --device cuda --dtype float16 --batch 32 --out gpu_out/results
+    python bench/bench_sparsify_models.py --compile        # also both models under torch.compile
 
 bert      BERT-base-sized encoder (hidden 768, 12 heads, FFN 3072, seq 128, batch 8; sparsekit.models), every
           Linear but the classifier pruned to 90% with 32x32 blocks (magnitude, layer scope), then sparsified.
@@ -13,6 +14,11 @@ sparsify measures its candidates and the timing runs (CUDA: synchronised). Write
 <--out, default bench/results>/sparsify_models_<machine>_<date>.json/.md with medians (interleaved dense/sparse
 runs), per-model speedup, and the Linear weight bytes after sparsify vs dense. A model whose sparsified output
 differs from the pruned dense one by more than the dtype's tolerance is still timed; the row says so.
+
+--compile adds torch.compile(dynamic=False) of the dense original and of the sparsified model (fullgraph=True:
+the sparse ops go through their fake implementations) to the same interleaved loop, and reports the speedup of
+the compiled pair and of the best sparse variant over the best dense one (dense compiled is not always faster
+than eager: the slower is still shown).
 """
 
 from __future__ import annotations
@@ -59,7 +65,39 @@ def _verify(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, dtype: 
     return {"verify_max_diff": max(diffs.values()), "verify_error": None}
 
 
-def bert(reps: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 8) -> dict:
+def _timed(dense: nn.Module, fast: nn.Module, x: torch.Tensor, reps: int, device: str, compile_: bool,
+           extra: dict | None = None) -> dict:
+    """Interleaved medians of dense and sparse (and ``extra``), plus their torch.compile'd versions with
+    ``compile_``: {"dense_ms", "sparse_ms", ..., "dense_compile_ms", "sparse_compile_ms", "dense_compile_s",
+    "sparse_compile_s", "speedup_compiled", "speedup_best"}."""
+    fns = {"dense": lambda: dense(x), "sparse": lambda: fast(x), **(extra or {})}
+    out: dict = {}
+    if compile_:
+        torch._dynamo.reset()
+        dense_c = torch.compile(dense, dynamic=False)
+        sparse_c = torch.compile(fast, dynamic=False, fullgraph=True)
+        try:
+            with torch.no_grad():
+                for name, fn in (("dense", dense_c), ("sparse", sparse_c)):
+                    t0 = time.perf_counter()
+                    fn(x)
+                    out[f"{name}_compile_s"] = time.perf_counter() - t0
+        except Exception as exc:   # a compile failure is a result to report; the eager timing goes on
+            out["compile_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+            compile_ = False
+        else:
+            fns |= {"dense_compile": lambda: dense_c(x), "sparse_compile": lambda: sparse_c(x)}
+    t = interleaved_median_ms(fns, warmup=1, reps=reps, device=device)
+    out |= {f"{k}_ms": v for k, v in t.items()}
+    out["speedup"] = t["dense"] / t["sparse"]
+    if compile_:
+        out["speedup_compiled"] = t["dense_compile"] / t["sparse_compile"]
+        out["speedup_best"] = min(t["dense"], t["dense_compile"]) / min(t["sparse"], t["sparse_compile"])
+    return out
+
+
+def bert(reps: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 8,
+         compile_: bool = False) -> dict:
     cfg = {**sk.models.bert_base_config(), "layers": layers, "max_len": 128}
     torch.manual_seed(0)
     dense = sk.models.TransformerEncoder(**cfg, seq_len=128).eval()
@@ -75,8 +113,7 @@ def bert(reps: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch
                                reps=3, measure_model=False)
     sparsify_s = time.perf_counter() - t0
     check = _verify(masked, fast, x, dtype)
-    t = interleaved_median_ms({"dense": lambda: dense(x), "sparse": lambda: fast(x)}, warmup=1, reps=reps,
-                              device=device)
+    t = _timed(dense, fast, x, reps, device, compile_)
     lin_dense = sum(m.weight.numel() * m.weight.element_size() for n, m in dense.named_modules()
                     if isinstance(m, nn.Linear) and n != "fc")
     # the Linear weights after sparsify, the ones left dense included (all dense would read 100%, not 0%)
@@ -85,13 +122,14 @@ def bert(reps: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch
     n_sparse = sum(isinstance(m, SparseLinear) for m in fast.modules())
     return {"model": f"BERT-base encoder ({layers} layers), seq 128, batch {batch}",
             "pruning": "90% 32x32 blocks, magnitude", "device": device, "dtype": str(dtype).split(".")[-1],
-            "dense_ms": t["dense"], "sparse_ms": t["sparse"], "speedup": t["dense"] / t["sparse"], "target": 3.0,
+            **t, "target": 3.0,
             "sparse_layers": n_sparse, "choices": sorted({d.choice for d in report.layers}),
             "linear_weight_bytes_pct": 100.0 * lin_sparse / lin_dense, "memory_target_pct": 15.0,
             **check, "sparsify_s": sparsify_s}
 
 
-def resnet50(reps: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 8) -> dict:
+def resnet50(reps: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 8,
+             compile_: bool = False) -> dict:
     torch.manual_seed(0)
     dense = sk.models.ResNet50().eval()
     x = dense.example_input(batch)
@@ -113,12 +151,10 @@ def resnet50(reps: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
                                measure_model=False)
     sparsify_s = time.perf_counter() - t0
     check = _verify(small, fast, x, dtype)
-    t = interleaved_median_ms({"dense": lambda: dense(x), "compact": lambda: small(x), "sparse": lambda: fast(x)},
-                              warmup=1, reps=reps, device=device)
+    t = _timed(dense, fast, x, reps, device, compile_, extra={"compact": lambda: small(x)})
     return {"model": f"ResNet-50, batch {batch}, 224x224", "pruning": "50% global channels compacted + 80% 32x32 "
-            "blocks in 3x3 convs", "device": device, "dtype": str(dtype).split(".")[-1], "dense_ms": t["dense"],
-            "compact_ms": t["compact"], "sparse_ms": t["sparse"],
-            "speedup": t["dense"] / t["sparse"], "compact_only_speedup": t["dense"] / t["compact"], "target": 2.5,
+            "blocks in 3x3 convs", "device": device, "dtype": str(dtype).split(".")[-1], **t,
+            "compact_only_speedup": t["dense_ms"] / t["compact_ms"], "target": 2.5,
             "sparse_layers": sum(isinstance(m, SparseConv2d) for m in fast.modules()),
             "choices": sorted({d.choice for d in report.layers}), **check, "sparsify_s": sparsify_s}
 
@@ -135,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where sparsify and timing run")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
     ap.add_argument("--batch", type=int, default=8, help="batch size of both models (default 8)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile'd dense and sparsified models in the same loop")
     ap.add_argument("--out", default=str(RESULTS), metavar="DIR", help="where the .json/.md go (default bench/results)")
     return ap
 
@@ -152,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[a.dtype]
     rows = []
     for name in names:
-        row = (bert(a.reps, a.layers, a.device, dtype, a.batch) if name == "bert"
-               else resnet50(a.reps, a.device, dtype, a.batch))
+        row = (bert(a.reps, a.layers, a.device, dtype, a.batch, a.compile) if name == "bert"
+               else resnet50(a.reps, a.device, dtype, a.batch, a.compile))
         print(json.dumps(row, indent=1))
         rows.append(row)
     info = machine_info(a.device)
@@ -167,13 +205,23 @@ def main(argv: list[str] | None = None) -> int:
              else f"{info.get('gpu', {}).get('name', 'cuda')}")
     lines = [f"# sparsify end to end ({where}, {a.dtype}, torch {torch.__version__}, {stamp} UTC)", "",
              "| model | pruning | dense ms | sparse ms | speedup | target | notes |", "|---|---|---|---|---|---|---|"]
+    compiled = [r for r in rows if "speedup_compiled" in r]
     for r in rows:
         note = (f"Linear weights {r['linear_weight_bytes_pct']:.1f}% of dense bytes (target <= 15%)"
                 if "linear_weight_bytes_pct" in r else f"compaction alone {r['compact_only_speedup']:.2f}x")
+        if r.get("compile_error"):
+            note += f"; torch.compile FAILED: {r['compile_error'][:200]}"
         if r.get("verify_error"):
             note += f"; OUTPUT MISMATCH (max |diff| {r['verify_max_diff']:.3g})"
         lines.append(f"| {r['model']} | {r['pruning']} | {_ms(r['dense_ms'])} | {_ms(r['sparse_ms'])} | "
                      f"{r['speedup']:.2f}x | >= {r['target']}x | {note}; choices {', '.join(r['choices'])} |")
+    if compiled:
+        lines += ["", "Under torch.compile(dynamic=False) (sparsified model with fullgraph=True), same loop:", "",
+                  "| model | dense compiled ms | sparse compiled ms | speedup compiled | best sparse vs best dense |"
+                  " compile s (dense / sparse) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {_ms(r['dense_compile_ms'])} | {_ms(r['sparse_compile_ms'])} | "
+                  f"{r['speedup_compiled']:.2f}x | {r['speedup_best']:.2f}x | "
+                  f"{r['dense_compile_s']:.0f} / {r['sparse_compile_s']:.0f} |" for r in compiled]
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"results: {base}.json / .md")

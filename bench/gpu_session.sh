@@ -20,7 +20,8 @@
 #                    at M=16 (LLaMA-7B, OPT-30B) with the skinny path on and off in the same run, (d2) 2:4 at M=16
 #   bench-targets    bench-targets-1 then bench-targets-2
 #   bench-models     fp16 whole models: sk.sparsify of the BERT-base encoder (90% 32x32 blocks) and ResNet-50
-#                    (compact 50% + 80% blocks), then `sparsekit bench model` on the BERT-base-width encoder
+#                    (compact 50% + 80% blocks), eager and compiled, then `sparsekit bench model` on the
+#                    BERT-base-width encoder
 #   all              every stage in order, with no overall time budget (a machine with no per-call limit)
 #
 # Time: all the stages named in one invocation share SESSION_BUDGET_S seconds (default 570, to fit a 600 s
@@ -415,8 +416,8 @@ stage_bench_models() {
     stage_begin bench-models
     ensure_ext || note "- the extension is not ready: sparsekit_cuda rows will be missing"
     if selected m1; then
-        step m1 "sk.sparsify end to end, fp16, batch 32: BERT-base encoder 90% 32x32 blocks; ResNet-50 compact 50% + 80% 32x32 blocks" \
-            "$CAP_MODELS" 90 "$PY" bench/bench_sparsify_models.py --device cuda --dtype float16 --batch 32 --reps 20 \
+        step m1 "sk.sparsify end to end, fp16, batch 32, eager and torch.compile: BERT-base encoder 90% 32x32 blocks; ResNet-50 compact 50% + 80% 32x32 blocks" \
+            "$CAP_MODELS" 90 "$PY" bench/bench_sparsify_models.py --device cuda --dtype float16 --batch 32 --reps 20 --compile \
             --out "${W:-.}/results"
         [[ $DRY_RUN == 1 || ! -f $W/m1.log ]] || { note '```'; grep '^|' "$W/m1.log" >>"$SUMMARY" || true; note '```'; }
     fi

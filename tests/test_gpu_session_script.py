@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsekit.nn import SparseLinear
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_session.sh"
 STAGES = ("build", "test", "bench-targets-1", "bench-targets-2", "bench-models")
@@ -251,3 +253,18 @@ def test_bench_sparsify_models_reports_a_mismatch_instead_of_raising(skm):
     res = skm._verify(a, b, torch.randn(2, 8), torch.float32)
     assert res["verify_error"] and res["verify_max_diff"] > 0
     assert skm._verify(a, a, torch.randn(2, 8), torch.float16)["verify_error"] is None
+
+
+def test_bench_sparsify_models_times_compiled_pairs_in_the_same_loop(skm):
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(64, 64)).eval()
+    with torch.no_grad():
+        dense[0].weight[:32] = 0                       # two empty 32x32 block-rows
+    fast = torch.nn.Sequential(SparseLinear.from_dense(dense[0], "bsr", block=32)).eval()
+    t = skm._timed(dense, fast, torch.randn(4, 64), reps=1, device="cpu", compile_=True)
+    assert {"dense_ms", "sparse_ms", "dense_compile_ms", "sparse_compile_ms", "dense_compile_s",
+            "sparse_compile_s"} <= t.keys()
+    assert t["speedup_compiled"] == t["dense_compile_ms"] / t["sparse_compile_ms"]
+    best = min(t["dense_ms"], t["dense_compile_ms"]) / min(t["sparse_ms"], t["sparse_compile_ms"])
+    assert t["speedup_best"] == best
+    assert "dense_compile_ms" not in skm._timed(dense, fast, torch.randn(4, 64), 1, "cpu", compile_=False)
