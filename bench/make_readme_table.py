@@ -1,9 +1,12 @@
-"""Rewrite the README's benchmark block (between <!-- bench-table --> and <!-- /bench-table -->) from bench/results.
+"""Rewrite the README's benchmark block (between <!-- bench-table --> and <!-- /bench-table -->) and its targets
+block (between <!-- targets-table --> and <!-- /targets-table -->) from bench/results.
 
-Takes the newest CPU kernel results (a full sweep if there is one, else the newest quick sweep), the newest CUDA
-kernel results if any, and the newest whole-model results per device, and writes for each: the machine and
-date, a speedup table for the headline shapes and a link to the speedup-vs-sparsity plot and the full report.
-Nothing outside the markers is touched; no number is typed by hand.
+Benchmark block: the newest full CPU kernel sweep of every distinct configuration (else the newest quick sweep),
+the same for CUDA if any, and the newest whole-model results per device; for each, a title derived from its
+configuration, the machine and date, a speedup table for the headline shapes and a link to the
+speedup-vs-sparsity plot and the full report. Targets block: every target of bench/targets.py with its measured
+figures, status and source file, one table per device. Nothing outside the markers is touched; no number is typed
+by hand. A README without the targets markers gets the benchmark block only.
 
     python bench/make_readme_table.py                 # rewrite README.md in place
     python bench/make_readme_table.py --check         # exit 1 if README.md is out of date (for CI)
@@ -19,10 +22,15 @@ import sys
 from pathlib import Path
 
 from sparsekit.benchmark.report import find_results, machine_line, replace_marked_block, speedup_table
+from sparsekit.benchmark.shapes import get_shapes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/targets.py, also when loaded by path (tests)
+import targets  # noqa: E402
 
 HEADLINE = ("bert-base.mlp_up", "bert-base.mlp_down", "llama-7b.mlp_gate_up", "llama-7b.mlp_down",
             "resnet50.layer3.conv3x3", "resnet50.layer4.conv1x1_out")
 ROOT = Path(__file__).resolve().parents[1]
+TARGETS_START, TARGETS_END = "<!-- targets-table -->", "<!-- /targets-table -->"
 
 
 def _load(path: Path) -> dict:
@@ -62,9 +70,63 @@ def _newest_per_config(results_dir: Path, newest: Path, device: str, suite: str)
     return runs or [newest]
 
 
+def _shape_names(cfg: dict) -> list[str]:
+    """The shapes a sweep configuration names (names, or shape objects saved as dicts); [] for the default set."""
+    return [s if isinstance(s, str) else str(s.get("name")) for s in cfg.get("shapes") or []]
+
+
+def _m_text(ops: list[str], cfg: dict, rows: list[dict], device: str) -> str:
+    """'GEMV (M = 1)', 'linear, M = 512', 'linear, M = 128-512 (per shape)', 'conv2d, batch 8': the op and its
+    rows (linear) or batch (conv)."""
+    m = cfg.get("m")
+    if ops == ["linear"]:
+        if m == 1:
+            return "GEMV (M = 1)"
+        ms = sorted({r["M"] for r in rows if r.get("M") is not None})
+        if m is not None or len(ms) == 1:
+            return f"linear, M = {m if m is not None else ms[0]}"
+        return f"linear, M = {ms[0]}-{ms[-1]} (per shape)" if ms else "linear"
+    if ops == ["conv2d"]:
+        if m is None:
+            try:
+                batches = sorted({s.batch(device) for s in get_shapes(sorted({r["shape"] for r in rows}))})
+            except ValueError:          # shapes not in sparsekit.benchmark.shapes (e.g. shape objects)
+                batches = []
+            m = batches[0] if len(batches) == 1 else None
+        return "conv2d" + (f", batch {m}" if m is not None else "")
+    return " + ".join(ops)
+
+
+def _title(device_title: str, res: dict) -> str:
+    """A section title from a result's meta.config and rows: op and M (or batch), dtypes, the shapes if the
+    sweep named them, and how calls were timed where that matters (repeated within a sample, or single cold
+    calls), e.g. 'CPU kernels: GEMV (M = 1), float32, bert-base mlp_up/mlp_down, repeated calls'."""
+    meta, rows = res["meta"], res["rows"]
+    cfg = meta.get("config") or {}
+    if meta.get("suite") == "model":
+        shapes = list(dict.fromkeys(r["shape"] for r in rows))
+        return f"{device_title} whole models: {', '.join(shapes)}, {', '.join(cfg.get('dtypes') or [])}".rstrip(", ")
+    ops = list(dict.fromkeys(r["op"] for r in rows)) or list(cfg.get("ops") or [])
+    parts = [_m_text(ops, cfg, rows, meta.get("device", "cpu")),
+             ", ".join(cfg.get("dtypes") or sorted({r["dtype"] for r in rows}))]
+    by_model: dict[str, list[str]] = {}
+    for name in _shape_names(cfg):
+        model, _, layer = name.partition(".")
+        by_model.setdefault(model, []).append(layer or model)
+    parts += [f"{model} {'/'.join(layers)}" for model, layers in by_model.items()]
+    sample_ms = cfg.get("min_sample_ms")
+    if meta.get("device") == "cpu" and sample_ms == 0:
+        parts.append("single cold calls (--min-sample-ms 0)")
+    elif meta.get("device") == "cpu" and sample_ms and all(
+            (r.get("ms") or 0) < sample_ms for r in rows if r.get("candidate") == "dense" and r.get("ms")):
+        parts.append("repeated calls")           # every call, dense's too, was repeated to fill a sample
+    return f"{device_title} kernels: " + ", ".join(p for p in parts if p)
+
+
 def _section(title: str, path: Path, readme: Path, shapes: list[str] | None) -> list[str]:
     res = _load(path)
     meta = res["meta"]
+    title = _title(title, res)
     present = list(dict.fromkeys(r["shape"] for r in res["rows"]))
     pick = [s for s in (shapes or HEADLINE) if s in present] or present
     kind = "quick sweep (`--quick`)" if meta.get("quick") else "full sweep"
@@ -103,9 +165,9 @@ def build_block(results_dir: Path, readme: Path, shapes: list[str] | None = None
             continue
         if kernels is not None:
             for run in _newest_per_config(results_dir, kernels, device, "kernels"):
-                lines += _section(f"{title} kernels", run, readme, shapes)
+                lines += _section(title, run, readme, shapes)
         if model is not None:
-            lines += _section(f"{title} whole models", model, readme, None)
+            lines += _section(title, model, readme, None)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -125,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     text = readme.read_text()
     try:
         new = replace_marked_block(text, build_block(results, readme, shapes))
+        if TARGETS_START in new or TARGETS_END in new:
+            new = replace_marked_block(new, targets.targets_block(results, lambda p: _rel(p, readme)),
+                                       start=TARGETS_START, end=TARGETS_END)
+        else:
+            print(f"make_readme_table: {readme} has no {TARGETS_START} block; targets table skipped", file=sys.stderr)
     except ValueError as exc:
         raise SystemExit(f"make_readme_table: {readme}: {exc}") from None
     if args.check:
@@ -135,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if new != text:
         readme.write_text(new)
-        print(f"make_readme_table: rewrote the benchmark block of {readme}")
+        print(f"make_readme_table: rewrote the generated blocks of {readme}")
     else:
         print(f"make_readme_table: {readme} already up to date")
     return 0

@@ -1,0 +1,546 @@
+"""The performance targets of the issues, declared once and evaluated against the result files in bench/results.
+
+A ``Target`` names its issue, its device, the target as text and a ``measure`` function. ``measure`` takes the
+loaded results, finds the newest file that holds the rows it needs (full sweeps before quick ones) and returns a
+``Measured``: the figures as text, a status and the files they come from. The status is "met" or "not met" against
+the threshold declared here, "not measured yet" when no file holds the rows, and "reported" for figures without a
+threshold. bench/make_readme_table.py writes ``targets_block`` into the README between <!-- targets-table --> and
+<!-- /targets-table -->; the thresholds below are the only numbers typed by hand.
+
+Kernel targets read the sweep rows (``sparsekit bench kernels``): ``speedup`` = dense eager ms / candidate ms in
+the same run. On CPU the candidate is ``sparsekit_cpu``; on GPU it is the fastest ``sparsekit_*`` candidate of the
+same point, named in the figures. A shape's M is the sweep's ``--m`` (``Points.m``, the batch for a convolution)
+or, with None, the shape's default on the device, both from sparsekit.benchmark.shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sparsekit.benchmark.report import break_even, machine_line
+from sparsekit.benchmark.shapes import get_shapes, shape_names
+from sparsekit.benchmark.sweep import DTYPES
+
+__all__ = ["MET", "NOT_MET", "NOT_MEASURED", "REPORTED", "Run", "Results", "Measured", "Target", "Points",
+           "TARGETS", "evaluate", "targets_block"]
+
+MET, NOT_MET, NOT_MEASURED, REPORTED = "met", "not met", "not measured yet", "reported"
+# result files that are not `sparsekit bench` sweeps, by file-name prefix (a sweep says its suite in meta)
+SCRIPT_KINDS = ("sparsify_models", "memory", "compact", "prune_digits", "train_step")
+
+
+# --------------------------------------------------------------------------------------------- loading
+@dataclass(frozen=True, eq=False)
+class Run:
+    """One result file (compared and hashed by identity: each file is loaded once)."""
+
+    path: Path
+    kind: str          # a meta suite ("kernels", "model") or one of SCRIPT_KINDS
+    device: str
+    date: str          # as recorded; compared only between files of one kind
+    quick: bool
+    data: dict
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.data.get("rows") or []
+
+    @property
+    def config(self) -> dict:
+        return (self.data.get("meta") or {}).get("config") or {}
+
+    @property
+    def machine(self) -> str:
+        """The hardware and torch version, without date or load (those are in the file)."""
+        meta = self.data.get("meta") if self.kind not in ("sparsify_models", "memory") else self.data.get("machine")
+        if isinstance(meta, dict) and meta.get("device"):      # machine_info() metadata: reuse report's line
+            return ", ".join(machine_line(meta).split("; ")[:2])   # "CPU: <hardware>", "torch <version>"
+        if isinstance(meta, dict):                              # bench_compact.py, bench_train_step.py
+            return f"{meta.get('machine', '?')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')}"
+        return str(self.data.get("machine", "?"))               # prune_digits.py: one string
+
+
+def _run(path: Path, data: dict) -> Run | None:
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    machine = data.get("machine") if isinstance(data.get("machine"), dict) else {}
+    kind = next((k for k in SCRIPT_KINDS if path.name.startswith(k + "_")), meta.get("suite"))
+    if kind is None:
+        return None
+    # bench_compact.py and prune_digits.py run on CPU only and do not record a device
+    device = meta.get("device") or machine.get("device") or "cpu"
+    date = str(meta.get("date") or machine.get("date") or data.get("date") or "")
+    return Run(path, kind, device, date, bool(meta.get("quick") or data.get("quick")), data)
+
+
+class Results:
+    """Every result file of a directory, loaded once."""
+
+    def __init__(self, directory: str | Path):
+        self.runs: list[Run] = []
+        for path in sorted(Path(directory).glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            run = _run(path, data) if isinstance(data, dict) else None
+            if run is not None:
+                self.runs.append(run)
+
+    def newest(self, kind: str, device: str, has: Callable[[Run], bool] = lambda run: True) -> Run | None:
+        """The newest ``kind`` file on ``device`` for which ``has`` holds, a full sweep before a quick one (the
+        order of report.find_results, which returns the newest file whatever it holds)."""
+        found = [r for r in self.runs if r.kind == kind and r.device == device and has(r)]
+        return max(found, key=lambda r: (not r.quick, r.date), default=None)
+
+
+# --------------------------------------------------------------------------------------------- targets
+@dataclass(frozen=True)
+class Measured:
+    value: str
+    status: str
+    sources: tuple[Run, ...] = ()
+
+
+NOT_YET = Measured("-", NOT_MEASURED)
+
+
+@dataclass(frozen=True)
+class Target:
+    issue: str
+    device: str        # "cpu" | "cuda": the table it goes in
+    text: str
+    measure: Callable[[Results], Measured]
+
+
+def _verdict(values: list[float], threshold: float | None, at_most: bool = False) -> str:
+    if threshold is None:
+        return REPORTED
+    return MET if all((v <= threshold) if at_most else (v >= threshold) for v in values) else NOT_MET
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}x"
+
+
+def _span(values: list[float], fmt: Callable[[float], str] = _x) -> str:
+    lo, hi = fmt(min(values)), fmt(max(values))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+# ------------------------------------------------------------------------------------- kernel sweeps
+@dataclass(frozen=True)
+class Points:
+    """The kernel-sweep rows a target reads: per shape, the rows at the shape's M of one dtype, of some
+    patterns (e.g. "bsr32x32", "csr", "nm2:4") and target sparsities (None: all measured ones)."""
+
+    device: str
+    shapes: tuple[str, ...]                     # every one must be in the file ('prefix*' allowed)
+    patterns: tuple[str, ...]
+    sparsities: tuple[float, ...] | None = None
+    dtype: str = "float32"
+    m: int | None = None                        # the sweep's --m (conv: the batch); None: the shape's default
+    candidate: str | None = "sparsekit_cpu"     # None: the fastest sparsekit_* candidate of each point
+    extra: tuple[str, ...] = ()                 # shapes also reported where the file has them
+    config: Callable[[dict], bool] = field(default=lambda cfg: True, compare=False)   # on meta.config
+
+    def m_of(self, shape: str) -> int:
+        return get_shapes([shape])[0].gemm(self.device, self.m)[0]
+
+    def rows(self, run: Run, shape: str) -> list[dict]:
+        """The rows of ``run`` at one shape, every candidate, any status."""
+        m, wanted = self.m_of(shape), None if self.sparsities is None else {round(s, 4) for s in self.sparsities}
+        return [r for r in run.rows if r.get("shape") == shape and r.get("M") == m and r.get("dtype") == self.dtype
+                and r.get("pattern") in self.patterns
+                and (wanted is None or round(r.get("target_sparsity", -1.0), 4) in wanted)]
+
+
+def _is(row: dict, candidate: str | None) -> bool:
+    return row.get("candidate") == candidate if candidate else str(row.get("candidate")).startswith("sparsekit_")
+
+
+def _best(rows: list[dict], candidate: str | None) -> dict | None:
+    """The fastest ok row of ``candidate`` (None: of any sparsekit_* candidate)."""
+    ok = [r for r in rows if _is(r, candidate) and r.get("status") == "ok" and r.get("speedup")]
+    return max(ok, key=lambda r: r["speedup"], default=None)
+
+
+def _by_point(rows: list[dict]) -> dict[tuple[str, float], list[dict]]:
+    out: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["pattern"], round(r["target_sparsity"], 4)), []).append(r)
+    return out
+
+
+def kernel_rows(res: Results, pts: Points, need: tuple[str, ...] = ()) -> tuple[Run | None, dict[str, list[dict]]]:
+    """The newest sweep on ``pts.device`` with rows of ``pts.candidate`` (and of every candidate in ``need``) at
+    each of ``pts.shapes`` (at one or more ``pts.extra`` shapes if ``pts.shapes`` is empty), and its rows per
+    shape, the extra shapes it has included."""
+    required = [s.name for s in get_shapes(pts.shapes)]
+    extra = [s.name for s in get_shapes(pts.extra) if s.name not in required]
+
+    def present(run: Run, shape: str) -> bool:
+        rows = pts.rows(run, shape)
+        return all(any(_is(r, c) for r in rows) for c in (pts.candidate, *need))
+
+    def has(run: Run) -> bool:
+        found = [s for s in required + extra if present(run, s)]
+        return pts.config(run.config) and all(s in found for s in required) and bool(found)
+
+    run = res.newest("kernels", pts.device, has)
+    if run is None:
+        return None, {}
+    return run, {s: pts.rows(run, s) for s in required + extra if present(run, s)}
+
+
+def _speedups(pts: Points, picked: dict[str, dict | None]) -> str:
+    """One speedup per shape, 'a / b' in the order of the target text, each with the candidate when the target
+    takes the fastest sparsekit_* one and with the shape when the file has shapes beyond the required ones; with
+    more than three shapes, the lowest and the highest."""
+    named, label = pts.candidate is None, any(s not in pts.shapes for s in picked)
+
+    def one(shape: str, r: dict | None) -> str:
+        notes = ([r["candidate"]] if named and r else []) + ([shape] if label else [])
+        return ("failed" if r is None else _x(r["speedup"])) + (f" ({', '.join(notes)})" if notes else "")
+
+    if len(picked) <= 3:
+        return " / ".join(one(s, r) for s, r in picked.items())
+    ok = {s: r for s, r in picked.items() if r is not None}
+    failed = f", {len(picked) - len(ok)} failed" if len(ok) < len(picked) else ""
+    if not ok:
+        return f"failed on all {len(picked)} shapes"
+    lo, hi = (f(ok, key=lambda s: ok[s]["speedup"]) for f in (min, max))
+    if _x(ok[lo]["speedup"]) == _x(ok[hi]["speedup"]):
+        return f"{_x(ok[lo]['speedup'])} on each of {len(picked)} shapes{failed}"
+    return f"{one(lo, ok[lo])} to {one(hi, ok[hi])} over {len(picked)} shapes{failed}"
+
+
+def speedup_at(pts: Points, threshold: float | None) -> Callable[[Results], Measured]:
+    """Speedup over dense eager at one (pattern, sparsity) per shape; met if every shape reaches ``threshold``."""
+    def measure(res: Results) -> Measured:
+        run, groups = kernel_rows(res, pts)
+        if run is None:
+            return NOT_YET
+        picked = {s: _best(rows, pts.candidate) for s, rows in groups.items()}
+        values = [r["speedup"] for r in picked.values() if r is not None]
+        status = _verdict(values, threshold) if len(values) == len(picked) else NOT_MET
+        return Measured(_speedups(pts, picked), status, (run,))
+    return measure
+
+
+def break_even_at_most(pts: Points, threshold: float) -> Callable[[Results], Measured]:
+    """The sparsity where the speedup crosses 1 (report.break_even over the actual sparsities), per shape; met
+    if it is at or below ``threshold`` on every shape."""
+    def measure(res: Results) -> Measured:
+        run, groups = kernel_rows(res, pts)
+        if run is None:
+            return NOT_YET
+        found = {s: break_even([(r["sparsity"], r["speedup"]) for r in rows if _is(r, pts.candidate)
+                                and r.get("status") == "ok" and r.get("speedup")]) for s, rows in groups.items()}
+        met = all(be.kind == "below" or (be.kind == "interpolated" and be.value <= threshold)
+                  for be in found.values())
+        return Measured(" / ".join(str(be) for be in found.values()), MET if met else NOT_MET, (run,))
+    return measure
+
+
+def faster_than(pts: Points, other: str, threshold: float, min_sparsity: float = 0.0
+                ) -> Callable[[Results], Measured]:
+    """``other`` ms / sparsekit ms at every point (shape, pattern, sparsity >= min_sparsity) where both ran:
+    the range over the points; met if its minimum reaches ``threshold``."""
+    def measure(res: Results) -> Measured:
+        run, groups = kernel_rows(res, pts, need=(other,))
+        if run is None:
+            return NOT_YET
+        ratios, skipped = [], 0
+        for rows in groups.values():
+            for (_, s), point in _by_point(rows).items():
+                if s < min_sparsity:
+                    continue
+                mine, theirs = _best(point, pts.candidate), _best(point, other)
+                if mine is None or theirs is None:
+                    skipped += 1
+                    continue
+                ratios.append(theirs["ms"] / mine["ms"])
+        if not ratios:
+            return Measured(f"no point where both ran ({skipped} tried)", NOT_MET, (run,))
+        text = f"{_span(ratios)} ({len(ratios)} point{'s' if len(ratios) > 1 else ''})"
+        text += f"; {skipped} where one did not run" if skipped else ""
+        return Measured(text, _verdict([min(ratios)], threshold), (run,))
+    return measure
+
+
+def weight_bytes_at_most(pts: Points, threshold_pct: float) -> Callable[[Results], Measured]:
+    """The candidate's weight bytes (values + indices) as % of the dense weight's, per shape. A sweep row's
+    ``bytes`` is the input and output bytes plus the weight bytes the candidate reads (sweep.make_rows), so the
+    sparse weight = dense N*K*itemsize - (dense row's bytes - sparse row's bytes)."""
+    def measure(res: Results) -> Measured:
+        run, groups = kernel_rows(res, pts, need=("dense",))
+        if run is None:
+            return NOT_YET
+        pcts = []
+        for rows in groups.values():
+            dense, mine = _best(rows, "dense"), _best(rows, pts.candidate)
+            if dense is None or mine is None or dense.get("bytes") is None or mine.get("bytes") is None:
+                return Measured("bytes not recorded", NOT_MEASURED, (run,))
+            full = dense["N"] * dense["K"] * DTYPES[pts.dtype].itemsize
+            pcts.append(100.0 * (full - (dense["bytes"] - mine["bytes"])) / full)
+        return Measured(" / ".join(f"{p:.1f}%" for p in pcts), _verdict(pcts, threshold_pct, at_most=True), (run,))
+    return measure
+
+
+def with_info(main: Callable[[Results], Measured], info: Callable[[Results], Measured], label: str
+              ) -> Callable[[Results], Measured]:
+    """``main``'s figures and status, followed by ``info``'s figures (no verdict) where they were measured."""
+    def measure(res: Results) -> Measured:
+        a, b = main(res), info(res)
+        if b.status == NOT_MEASURED:
+            return a
+        value = f"{b.value} ({label})" if a.status == NOT_MEASURED else f"{a.value}; {label}: {b.value}"
+        return Measured(value, a.status, a.sources + tuple(s for s in b.sources if s not in a.sources))
+    return measure
+
+
+# ----------------------------------------------------------------------------- whole models and pruning
+def _model_row(res: Results, device: str, dtype: str, model: str) -> tuple[Run | None, dict | None]:
+    """The newest bench_sparsify_models.py row of ``model`` (a prefix of its name) in ``dtype`` on ``device``
+    (files written before rows carried a dtype are float32, the script's default)."""
+    def rows(run: Run) -> list[dict]:
+        return [r for r in run.rows if str(r.get("model", "")).startswith(model)
+                and r.get("dtype", "float32") == dtype]
+
+    run = res.newest("sparsify_models", device, lambda r: bool(rows(r)))
+    return (run, rows(run)[0]) if run else (None, None)
+
+
+def model_figure(device: str, dtype: str, model: str, key: str, threshold: float | None,
+                 fmt: Callable[[dict], str], at_most: bool = False) -> Callable[[Results], Measured]:
+    """One figure (``key``) of a bench_sparsify_models.py row, shown with ``fmt``."""
+    def measure(res: Results) -> Measured:
+        run, row = _model_row(res, device, dtype, model)
+        if row is None:
+            return NOT_YET
+        return Measured(fmt(row), _verdict([row[key]], threshold, at_most), (run,))
+    return measure
+
+
+def models_reported(device: str, dtype: str, models: tuple[str, ...]) -> Callable[[Results], Measured]:
+    """The end-to-end speedups of several bench_sparsify_models.py models, without a verdict."""
+    def measure(res: Results) -> Measured:
+        found = [(m, *_model_row(res, device, dtype, m)) for m in models]
+        found = [(m, run, row) for m, run, row in found if row is not None]
+        if not found:
+            return NOT_YET
+        sources = tuple(dict.fromkeys(run for _, run, _ in found))
+        return Measured(", ".join(f"{m} {_x(row['speedup'])}" for m, _, row in found), REPORTED, sources)
+    return measure
+
+
+def memory_peak(res: Results) -> Measured:
+    """bench_memory.py: peak RSS over the import baseline of a fresh process loading the saved model."""
+    run = res.newest("memory", "cpu", lambda r: bool(r.rows))
+    if run is None:
+        return NOT_YET
+    inc = {(r["kind"], r["skeleton"]): (r["end"]["ru_maxrss"] - r["baseline"]["ru_maxrss"]) / 2**20
+           for r in run.rows if not r.get("error")}
+    sparse = sorted((v, sk) for (kind, sk), v in inc.items() if kind == "sparse")
+    dense = [v for (kind, _), v in inc.items() if kind == "dense"]
+    if not sparse or not dense:
+        return Measured("incomplete run", NOT_MEASURED, (run,))
+    text = "sparse " + ", ".join(f"{v:.0f} MB ({sk} skeleton)" for v, sk in sparse) + \
+        f" vs dense {_span(dense, lambda v: f'{v:.0f} MB')}"
+    return Measured(text, REPORTED, (run,))
+
+
+def _compact_rows(res: Results, names: tuple[str, ...]) -> tuple[Run | None, dict[str, dict]]:
+    run = res.newest("compact", "cpu", lambda r: set(names) <= {x.get("model") for x in r.rows})
+    return (run, {r["model"]: r for r in run.rows}) if run else (None, {})
+
+
+def compact_speedup(model: str, threshold: float) -> Callable[[Results], Measured]:
+    """bench_compact.py: the speedup of one compacted model over dense ResNet-50."""
+    def measure(res: Results) -> Measured:
+        run, rows = _compact_rows(res, (model,))
+        if run is None:
+            return NOT_YET
+        return Measured(_x(rows[model]["speedup"]), _verdict([rows[model]["speedup"]], threshold), (run,))
+    return measure
+
+
+def compact_vs(ours: str, theirs: str, also: str | None = None) -> Callable[[Results], Measured]:
+    """bench_compact.py: sparsekit's model ``ours`` at least as fast as Torch-Pruning's ``theirs`` (no margin).
+    When the file says both are one architecture (identical per-layer widths) the row gets that note instead
+    of a verdict: their difference is run noise. ``also``: one more sparsekit model, shown for context."""
+    def measure(res: Results) -> Measured:
+        run, rows = _compact_rows(res, (ours, theirs))
+        if run is None:
+            return NOT_YET
+        a, b = rows[ours], rows[theirs]
+        text = f"{_x(a['speedup'])} ({ours}, {a['params'] / 1e6:.2f}M params) vs {_x(b['speedup'])} ({theirs}, " \
+               f"{b['params'] / 1e6:.2f}M)"
+        if also and also in rows:
+            text += f"; {also} {_x(rows[also]['speedup'])}"
+        same = [c for c in str(a.get("note", "")).split("; ") if "identical architecture" in c]
+        if same:
+            return Measured(f"{text}; {same[0]}", "no verdict (one architecture)", (run,))
+        return Measured(text, _verdict([a["speedup"]], b["speedup"]), (run,))
+    return measure
+
+
+def lenet_goal(removed_pct: float, max_loss_pt: float) -> Callable[[Results], Measured]:
+    """prune_digits.py: LeNet-5, global structured iterative pruning (the first ablation variant, as the
+    script's own goal line): parameters removed and test accuracy lost against the dense baseline."""
+    def measure(res: Results) -> Measured:
+        def goal(run: Run) -> dict | None:
+            return next((r for r in run.data.get("ablation", []) if r.get("model") == "lenet5"
+                         and r.get("scope") == "global" and r.get("granularity") == "channel"
+                         and r.get("steps", 1) > 1), None)
+
+        run = res.newest("prune_digits", "cpu", lambda r: goal(r) is not None)
+        if run is None:
+            return NOT_YET
+        row = goal(run)
+        base = next(b["accuracy"] for b in run.data["baselines"] if b["model"] == "lenet5")
+        lost = base - row["accuracy"]
+        met = row["params_removed"] >= removed_pct and lost <= max_loss_pt
+        return Measured(f"{row['params_removed']:.1f}% removed, {-lost:+.2f} pt ({row['criterion']}, "
+                        f"{row['steps']} steps)",
+                        MET if met else NOT_MET, (run,))
+    return measure
+
+
+# -------------------------------------------------------------------------------------- the declarations
+BERT = ("bert-base.mlp_up", "bert-base.mlp_down")
+CPU_BSR32 = Points("cpu", BERT, ("bsr32x32",))
+RESNET_1X1 = tuple(n for n in shape_names("conv2d") if n.startswith("resnet50.") and "conv1x1" in n)
+
+
+def _cpu(pattern: str, sparsity: float | None = None, **kw) -> Points:
+    return Points("cpu", BERT, (pattern,), None if sparsity is None else (sparsity,), **kw)
+
+
+def _gpu(shapes: tuple[str, ...], patterns: tuple[str, ...], sparsity: float | None, m: int | None = None,
+         **kw) -> Points:
+    return Points("cuda", shapes, patterns, None if sparsity is None else (sparsity,), "float16", m, None, **kw)
+
+
+LARGE_24 = _gpu(("square.4096",), ("nm2:4",), 0.5, extra=("llama-7b.*", "llama3-8b.mlp*"))
+
+TARGETS: list[Target] = [
+    # issue 3: CPU kernels, fp32, BERT-base MLP (M = 512), sparsekit_cpu vs dense eager in the same run
+    Target("3", "cpu", "BSR 32x32, BERT-base MLP up / down (M = 512, fp32): >= 1.0x dense at 50%",
+           speedup_at(_cpu("bsr32x32", 0.5), 1.0)),
+    Target("3", "cpu", "... >= 5x at 90%", speedup_at(_cpu("bsr32x32", 0.9), 5.0)),
+    Target("3", "cpu", "... >= 8x at 95%", speedup_at(_cpu("bsr32x32", 0.95), 8.0)),
+    Target("3", "cpu", "... >= 3x faster than torch.sparse BSR (torch_bsr) at every sparsity from 50% "
+           "(torch ms / sparsekit ms)", faster_than(CPU_BSR32, "torch_bsr", 3.0, min_sparsity=0.5)),
+    Target("3", "cpu", "BSR 16x16 break-even <= 0.70 (up / down)", break_even_at_most(_cpu("bsr16x16"), 0.70)),
+    Target("3", "cpu", "BSR 1x4 break-even <= 0.70 (up / down)", break_even_at_most(_cpu("bsr1x4"), 0.70)),
+    Target("3", "cpu", "CSR >= 2x at 90% (up / down)", speedup_at(_cpu("csr", 0.9), 2.0)),
+    Target("3", "cpu", "CSR break-even <= 0.75 (up / down)", break_even_at_most(_cpu("csr"), 0.75)),
+    Target("3", "cpu", "GEMV (M = 1), BSR 32x32 at 90% >= 8x (up / down; calls repeated within a sample)",
+           with_info(speedup_at(_cpu("bsr32x32", 0.9, m=1, config=lambda c: c.get("min_sample_ms", 1.0) > 0), 8.0),
+                     speedup_at(_cpu("bsr32x32", 0.9, m=1, config=lambda c: c.get("min_sample_ms") == 0), None),
+                     "single cold calls (`--min-sample-ms 0`), no target")),
+    Target("3", "cpu", "ResNet-50 layer3 3x3 conv (256 ch, 14x14, batch 8), BSR 32x32 at 90% >= 3x",
+           speedup_at(Points("cpu", ("resnet50.layer3.conv3x3",), ("bsr32x32",), (0.9,), m=8), 3.0)),
+    Target("3", "cpu", "ResNet-50 1x1 convs (layer4 512->2048 and any other measured, batch 8), BSR 32x32 at 90% "
+           ">= 3x", speedup_at(Points("cpu", ("resnet50.layer4.conv1x1_out",), ("bsr32x32",), (0.9,), m=8,
+                                      extra=RESNET_1X1), 3.0)),
+    Target("3", "cpu", "BSR 32x32 weight at 90% <= 12% of dense bytes (values + indices; up / down)",
+           weight_bytes_at_most(_cpu("bsr32x32", 0.9), 12.0)),
+    Target("3", "cpu", "CSR weight at 90% <= 16% of dense bytes (up / down)",
+           weight_bytes_at_most(_cpu("csr", 0.9), 16.0)),
+    # issue 8: whole models on CPU, fp32 (bench_sparsify_models.py, bench_memory.py)
+    Target("8", "cpu", "BERT-base encoder (12 layers, seq 128, batch 8), 90% 32x32 blocks, end to end >= 3x",
+           model_figure("cpu", "float32", "BERT-base encoder (12 layers)", "speedup", 3.0,
+                        lambda r: f"{_x(r['speedup'])} ({r['dense_ms']:.0f} -> {r['sparse_ms']:.0f} ms)")),
+    Target("8", "cpu", "... its Linear weights <= 15% of dense bytes",
+           model_figure("cpu", "float32", "BERT-base encoder (12 layers)", "linear_weight_bytes_pct", 15.0,
+                        lambda r: f"{r['linear_weight_bytes_pct']:.1f}%", at_most=True)),
+    Target("8", "cpu", "ResNet-50 (batch 8, 224), 50% channels compacted + 80% 32x32 blocks in 3x3 convs >= 2.5x",
+           model_figure("cpu", "float32", "ResNet-50", "speedup", 2.5,
+                        lambda r: f"{_x(r['speedup'])} (compaction alone {_x(r['compact_only_speedup'])})")),
+    Target("8", "cpu", "the same two models in bfloat16 (not a target)",
+           models_reported("cpu", "bfloat16", ("BERT-base encoder", "ResNet-50"))),
+    Target("8", "cpu", "memory: peak RSS of a fresh process loading the saved 90% BSR encoder vs the dense one "
+           "(over its import baseline)", memory_peak),
+    # issue 7: structured compaction (bench_compact.py)
+    Target("7", "cpu", "ResNet-50, 50% global channel pruning, compacted, >= 2.3x", compact_speedup("sk-global", 2.3)),
+    Target("7", "cpu", "... at equal parameter count at least as fast as Torch-Pruning, global",
+           compact_vs("sk@tp-global", "tp-global", also="sk-global")),
+    Target("7", "cpu", "... layer-wise recipes", compact_vs("sk-layer", "tp-layer")),
+    # issue 6: pruning accuracy (prune_digits.py)
+    Target("6", "cpu", "LeNet-5 on digits, global structured pruning, iterative: >= 90% of parameters removed, "
+           "<= 0.5 pt accuracy lost",
+           lenet_goal(90.0, 0.5)),
+    # issue 4: GPU BSR, fp16, vs cuBLAS (dense eager) and torch.sparse
+    Target("4", "cuda", "BSR 32x32, square M = N = K = 4096, fp16: >= 1.0x cuBLAS at 50%",
+           speedup_at(_gpu(("square.4096",), ("bsr32x32",), 0.5), 1.0)),
+    Target("4", "cuda", "... >= 6x at 90%", speedup_at(_gpu(("square.4096",), ("bsr32x32",), 0.9), 6.0)),
+    Target("4", "cuda", "... block 64x64 >= 7x at 90%", speedup_at(_gpu(("square.4096",), ("bsr64x64",), 0.9), 7.0)),
+    Target("4", "cuda", "... >= 1.5x faster than torch.sparse BSR at every (block, sparsity) measured",
+           faster_than(_gpu(("square.4096",), ("bsr16x16", "bsr32x32", "bsr64x64", "bsr128x128"), None),
+                       "torch_bsr", 1.5)),
+    Target("4", "cuda", "decode M = 16, LLaMA-7B 4096x4096 (attn_proj), BSR 32x32 at 90% >= 4x",
+           speedup_at(_gpu(("llama-7b.attn_proj",), ("bsr32x32",), 0.9, m=16), 4.0)),
+    Target("4, 5", "cuda", "2:4 on the large GEMMs (square 4096, LLaMA-7B, Llama-3-8B MLP; default M) >= 1.3x "
+           "cuBLAS (one row for both issues)",
+           with_info(speedup_at(LARGE_24, 1.3), speedup_at(replace(LARGE_24, candidate="torch_2:4"), None),
+                     "torch_2:4")),
+    # issue 5: GPU CSR, fp16
+    Target("5", "cuda", "CSR at 90%, square 4096, fp16: >= 2x cuBLAS",
+           speedup_at(_gpu(("square.4096",), ("csr",), 0.9), 2.0)),
+    Target("5", "cuda", "... >= 3x cuSPARSE (torch_csr)", faster_than(_gpu(("square.4096",), ("csr",), 0.9),
+                                                                     "torch_csr", 3.0)),
+    Target("5", "cuda", "skinny M = 16, LLaMA-7B / OPT-30B linears, CSR at 80% >= 1.7x cuBLAS",
+           speedup_at(_gpu((), ("csr",), 0.8, m=16, extra=("llama-7b.*", "opt-30b.*")), 1.7)),
+    # issue 8: whole models on GPU, fp16 (report only)
+    Target("8", "cuda", "BERT-base encoder and ResNet-50 as on CPU, fp16 (report only)",
+           models_reported("cuda", "float16", ("BERT-base encoder", "ResNet-50"))),
+]
+
+
+# ----------------------------------------------------------------------------------------- rendering
+def evaluate(results: Results, targets: list[Target] | None = None) -> list[tuple[Target, Measured]]:
+    return [(t, t.measure(results)) for t in (TARGETS if targets is None else targets)]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _report(path: Path) -> Path:
+    """A result file's markdown report if it has one, else the file itself."""
+    md = path.with_suffix(".md")
+    return md if md.exists() else path
+
+
+def targets_block(results_dir: str | Path, link: Callable[[Path], str],
+                  targets: list[Target] | None = None) -> str:
+    """The markdown between the targets markers: one table per device, then the machines the figures come
+    from. ``link(path)`` makes a file path into a link target (relative to the README)."""
+    evaluated = evaluate(Results(results_dir), targets)
+    lines = ["<!-- generated by bench/make_readme_table.py from bench/targets.py and bench/results; "
+             "do not edit by hand -->", ""]
+    for device, title in (("cpu", "CPU"), ("cuda", "GPU")):
+        rows = [(t, m) for t, m in evaluated if t.device == device]
+        if not rows:
+            continue
+        lines += [f"### {title}", "", "| issue | target | measured | status | source |", "|---|---|---|---|---|"]
+        for t, m in rows:
+            src = ", ".join(f"[{run.path.stem}]({link(_report(run.path))})" for run in m.sources) or "-"
+            lines.append(f"| {t.issue} | {_cell(t.text)} | {_cell(m.value)} | {m.status} | {src} |")
+        runs = list(dict.fromkeys(run for _, m in rows for run in m.sources))
+        if runs:
+            dates = sorted(run.date[:10] for run in runs)
+            span = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+            lines += ["", f"Measured on {' · '.join(dict.fromkeys(run.machine for run in runs))}; result files "
+                      f"of {span} (each file records the full machine, versions and load)."]
+        else:
+            how = ("on a GPU machine `bash bench/gpu_session.sh bench-targets bench-models`, copy its results "
+                   "into bench/results/" if device == "cuda" else "run the benchmarks (bench/README.md)")
+            lines += ["", f"No {title} results in bench/results yet: {how}, then `python bench/make_readme_table.py`."]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,171 @@
+"""bench/targets.py and the README's generated targets table: each target's verdict from tiny synthetic result
+files (met, not met, not measured yet; the newest full sweep that holds the rows wins), and the committed README
+matches what bench/make_readme_table.py generates from bench/results. No benchmark runs here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BERT = ("bert-base.mlp_up", "bert-base.mlp_down")
+NK = {"bert-base.mlp_up": (3072, 768), "bert-base.mlp_down": (768, 3072), "square.4096": (4096, 4096)}
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _load_script("make_readme_table")
+
+
+@pytest.fixture(scope="module")
+def tg(script):
+    return script.targets          # bench/targets.py, as make_readme_table imports it
+
+
+def _row(shape: str, m: int, pattern: str, s: float, candidate: str, speedup: float | None, dtype="float32",
+         status="ok", nbytes=None) -> dict:
+    n, k = NK[shape]
+    dense_ms = 10.0
+    return {"op": "linear", "shape": shape, "M": m, "N": n, "K": k, "dtype": dtype, "pattern": pattern,
+            "target_sparsity": s, "sparsity": s, "candidate": candidate, "status": status,
+            "ms": dense_ms / speedup if speedup else None, "speedup": speedup, "bytes": nbytes}
+
+
+def _sweep(directory: Path, name: str, rows: list[dict], device="cpu", date="2026-01-01T00:00:00+00:00",
+           quick=False, **config) -> Path:
+    path = directory / f"{name}.json"
+    meta = {"device": device, "date": date, "suite": "kernels", "quick": quick,
+            "config": {"min_sample_ms": 1.0, **config}}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    return path
+
+
+def _bert(s: float, speedups: tuple[float, float], pattern="bsr32x32", candidate="sparsekit_cpu", m=512) -> list:
+    return [_row(shape, m, pattern, s, candidate, v) for shape, v in zip(BERT, speedups)]
+
+
+def _measure(tg, directory: Path, text_start: str, device: str = "cpu"):
+    (target,) = [t for t in tg.TARGETS if t.device == device and t.text.startswith(text_start)]
+    return target.measure(tg.Results(directory))
+
+
+def test_speedup_target_met_not_met_and_not_measured(tg, tmp_path):
+    at50 = "BSR 32x32, BERT-base MLP"
+    assert _measure(tg, tmp_path, at50).status == tg.NOT_MEASURED
+    _sweep(tmp_path, "a", _bert(0.5, (1.30, 1.39)), date="2026-01-01T00:00:00+00:00")
+    got = _measure(tg, tmp_path, at50)
+    assert (got.value, got.status, [r.path.name for r in got.sources]) == ("1.30x / 1.39x", tg.MET, ["a.json"])
+    # a newer full sweep wins; a still newer quick one does not; one at another M holds no rows for the target
+    _sweep(tmp_path, "b", _bert(0.5, (1.10, 0.95)), date="2026-01-02T00:00:00+00:00")
+    _sweep(tmp_path, "c", _bert(0.5, (3.0, 3.0)), date="2026-01-03T00:00:00+00:00", quick=True)
+    _sweep(tmp_path, "d", _bert(0.5, (3.0, 3.0), m=1), date="2026-01-04T00:00:00+00:00")
+    got = _measure(tg, tmp_path, at50)
+    assert (got.value, got.status, got.sources[0].path.name) == ("1.10x / 0.95x", tg.NOT_MET, "b.json")
+
+
+def test_break_even_ratio_and_weight_bytes(tg, tmp_path):
+    rows = []
+    for s, v, torch_v in ((0.5, 0.5, 0.25), (0.9, 1.5, 0.3)):
+        rows += _bert(s, (v, v), "bsr16x16")
+        rows += _bert(s, (v * 4, v * 3), "bsr32x32") + _bert(s, (torch_v, torch_v), "bsr32x32", "torch_bsr")
+    full = 3072 * 768 * 4       # a row's bytes: input + output (here 1000) + the weight bytes the candidate reads
+    rows += [_row(shape, 512, "csr", 0.9, "dense", 1.0, nbytes=1000 + full) for shape in BERT]
+    rows += [_row(shape, 512, "csr", 0.9, "sparsekit_cpu", 2.5, nbytes=1000 + int(full * p))
+             for shape, p in zip(BERT, (0.151, 0.17))]
+    _sweep(tmp_path, "k", rows)
+    be = _measure(tg, tmp_path, "BSR 16x16 break-even")       # report.break_even: 0.5 at 0.5, 1.5 at 0.9 -> 0.70
+    assert (be.value, be.status) == ("0.70 / 0.70", tg.MET)
+    assert _measure(tg, tmp_path, "BSR 1x4 break-even").status == tg.NOT_MEASURED
+    ratio = _measure(tg, tmp_path, "... >= 3x faster than torch.sparse BSR")
+    assert ratio.value == "6.00x–20.00x (4 points)" and ratio.status == tg.MET   # torch ms / sparsekit ms
+    mem = _measure(tg, tmp_path, "CSR weight at 90%")
+    assert (mem.value, mem.status) == ("15.1% / 17.0%", tg.NOT_MET)
+
+
+def test_gemv_informational_single_calls_and_config_filter(tg, tmp_path):
+    gemv = "GEMV (M = 1)"
+    _sweep(tmp_path, "hot", _bert(0.9, (10.0, 13.0), m=1), date="2026-01-01T00:00:00+00:00")
+    got = _measure(tg, tmp_path, gemv)
+    assert (got.value, got.status) == ("10.00x / 13.00x", tg.MET)
+    # newer, but single cold calls: not the target's file, shown as information only
+    _sweep(tmp_path, "cold", _bert(0.9, (3.7, 3.9), m=1), date="2026-01-02T00:00:00+00:00", min_sample_ms=0.0)
+    got = _measure(tg, tmp_path, gemv)
+    assert got.status == tg.MET and got.value.startswith("10.00x / 13.00x; single cold calls")
+    assert got.value.endswith("3.70x / 3.90x") and [r.path.name for r in got.sources] == ["hot.json", "cold.json"]
+
+
+def test_gpu_targets_name_the_fastest_sparsekit_candidate(tg, tmp_path):
+    square = "BSR 32x32, square M = N = K = 4096"
+    _sweep(tmp_path, "cpu", [_row("square.4096", 4096, "bsr32x32", 0.5, "sparsekit_cpu", 5.0, "float16")])
+    assert _measure(tg, tmp_path, square, "cuda").status == tg.NOT_MEASURED     # a CPU file does not count
+    rows = [_row("square.4096", 4096, "bsr32x32", 0.5, c, v, "float16") for c, v in
+            (("sparsekit_cuda", 0.9), ("sparsekit_triton", 1.2), ("torch_bsr", 0.5))]
+    rows.append(_row("square.4096", 4096, "bsr32x32", 0.5, "sparsekit_cusparselt", None, "float16", "mismatch"))
+    _sweep(tmp_path, "gpu", rows, device="cuda")
+    got = _measure(tg, tmp_path, square, "cuda")
+    assert (got.value, got.status) == ("1.20x (sparsekit_triton)", tg.MET)
+    vs_torch = _measure(tg, tmp_path, "... >= 1.5x faster than torch.sparse BSR", "cuda")
+    assert (vs_torch.value, vs_torch.status) == ("2.40x (1 point)", tg.MET)
+    assert _measure(tg, tmp_path, "... >= 6x at 90%", "cuda").status == tg.NOT_MEASURED
+
+
+def _compact(directory: Path, layer_note: str) -> None:
+    rows = [{"model": m, "params": 6.9e6, "speedup": v, "note": note} for m, v, note in
+            (("sk-global", 2.9, ""), ("tp-global", 3.0, ""), ("sk@tp-global", 2.95, ""),
+             ("tp-layer", 3.4, ""), ("sk-layer", 3.3, layer_note))]
+    (directory / "compact_x_1.json").write_text(json.dumps({"meta": {"date": "2026-01-01T00:00:00"}, "rows": rows}))
+
+
+def test_compaction_rows_no_fudge_and_one_architecture_note(tg, tmp_path):
+    _compact(tmp_path, "sparsekit layer-wise; same per-layer widths (identical architecture: run noise)")
+    assert _measure(tg, tmp_path, "ResNet-50, 50% global channel").status == tg.MET           # 2.9 >= 2.3
+    assert _measure(tg, tmp_path, "... at equal parameter count").status == tg.NOT_MET          # 2.95 < 3.0
+    layer = _measure(tg, tmp_path, "... layer-wise recipes")
+    assert layer.status.startswith("no verdict") and "identical architecture: run noise" in layer.value
+    _compact(tmp_path, "")
+    assert _measure(tg, tmp_path, "... layer-wise recipes").status == tg.NOT_MET
+
+
+def test_targets_block_one_table_per_device_with_links(tg, tmp_path):
+    _sweep(tmp_path, "k", _bert(0.5, (1.3, 1.4)))
+    (tmp_path / "k.md").write_text("report")
+    block = tg.targets_block(tmp_path, lambda p: f"rel/{p.name}")
+    cpu, gpu = block.split("### GPU")
+    assert "### CPU" in cpu and "| 1.30x / 1.40x | met | [k](rel/k.md) |" in cpu and "Measured on" in cpu
+    assert "| - | not measured yet | - |" in gpu and "No GPU results" in gpu
+
+
+def test_make_readme_table_writes_and_checks_both_blocks(script, tmp_path, capsys):
+    from sparsekit.benchmark.report import END_MARKER, START_MARKER
+
+    results = tmp_path / "results"
+    results.mkdir()
+    _sweep(results, "k", _bert(0.5, (1.3, 1.4)))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# X\n{START_MARKER}\nold\n{END_MARKER}\n\n## Targets\n\n{script.TARGETS_START}\nstale\n"
+                      f"{script.TARGETS_END}\n\nkept\n")
+    args = ["--results", str(results), "--readme", str(readme)]
+    assert script.main(args) == 0
+    text = readme.read_text()
+    block = text[text.index(script.TARGETS_START):text.index(script.TARGETS_END)]
+    assert "stale" not in block and "| 1.30x / 1.40x | met | [k](results/k.json) |" in block
+    assert text.endswith(f"{script.TARGETS_END}\n\nkept\n") and script.main([*args, "--check"]) == 0
+    readme.write_text(text.replace("| met |", "| not met |"))
+    assert script.main([*args, "--check"]) == 1
+    capsys.readouterr()
+
+
+def test_readme_is_generated_from_the_committed_results(script, capsys):
+    text = (ROOT / "README.md").read_text()
+    assert script.TARGETS_START in text and script.TARGETS_END in text
+    assert script.main(["--check"]) == 0, capsys.readouterr().err
