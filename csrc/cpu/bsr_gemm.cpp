@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -24,6 +25,7 @@
 #include "tiles.h"
 #include "panel.h"
 #include "simd.h"
+#include "values.h"
 
 namespace {
 
@@ -58,6 +60,42 @@ void check_structure(const char* op, const at::Tensor& crow, const at::Tensor& c
     TORCH_CHECK(cc[b] >= 0 && cc[b] < cols, op, ": col_indices must lie in [0, K/block_k = ", cols, "), got ",
                 cc[b], " at position ", b);
   }
+}
+
+// The arguments bsr_mm, bsr_mm_xt and bsr_mm_t share: the dense operand act and values [nnzb, bn, bk]
+// (check_operands), the int32 index tensors and the block shape, which it returns.
+std::pair<int64_t, int64_t> check_bsr_operands(const char* op, const at::Tensor& act, const char* act_name,
+                                               int64_t act_dim, const at::Tensor& crow, const at::Tensor& col,
+                                               const at::Tensor& values) {
+  check_operands(op, act, act_name, act_dim, values, 3);
+  check_index(op, crow, "crow_indices");
+  check_index(op, col, "col_indices");
+  const int64_t bn = values.size(1), bk = values.size(2);
+  check_block(op, bn, bk);
+  return {bn, bk};
+}
+
+// One block of values per col index, and the pattern within rows x cols blocks (check_structure).
+void check_blocks(const char* op, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                  int64_t rows, int64_t cols) {
+  TORCH_CHECK(col.numel() == values.size(0), op, ": col_indices has ", col.numel(), " entries but values has ",
+              values.size(0), " blocks");
+  check_structure(op, crow, col, rows, cols);
+}
+
+// The checks of bsr_mm and bsr_mm_xt (act = x [M, K] or xt [B, K, M]: K = act.size(1) in both, W is [n, K]);
+// returns the block shape and the bias (checked_bias: undefined when absent, else contiguous).
+std::tuple<int64_t, int64_t, at::Tensor> check_bsr_mm_args(const char* op, const at::Tensor& act, const char* act_name,
+                                                           int64_t act_dim, const at::Tensor& crow,
+                                                           const at::Tensor& col, const at::Tensor& values,
+                                                           const std::optional<at::Tensor>& bias, int64_t n) {
+  const auto [bn, bk] = check_bsr_operands(op, act, act_name, act_dim, crow, col, values);
+  const int64_t K = act.size(1);
+  TORCH_CHECK(n >= 0 && n % bn == 0, op, ": n (", n, ") must be a non-negative multiple of block_n=", bn);
+  TORCH_CHECK(K % bk == 0, op, ": ", act_name, ".size(1) (K=", K, ") must be a multiple of block_k=", bk,
+              " (values.size(2))");
+  check_blocks(op, crow, col, values, n / bn, K / bk);
+  return {bn, bk, checked_bias(op, bias, n, act, act_name)};
 }
 
 
@@ -306,14 +344,7 @@ void bsr_mm_fast(const T* x, const int32_t* crow, const int32_t* col, const void
     const std::vector<int64_t> bounds = balanced_chunks(crow, rows, 4 * threads, bn * bk, bn);
     const int64_t chunks = int64_t(bounds.size()) - 1;
     std::vector<float> xf;
-    const float* xr = nullptr;
-    if constexpr (std::is_same_v<T, float>) {
-      xr = x;
-    } else {
-      xf.resize(M * K);
-      for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(x[i]);
-      xr = xf.data();
-    }
+    const float* xr = as_f32(x, M * K, xf);
     const int64_t grain = M * nnzb * bn * bk < kMinWork ? chunks : 1;
     at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
       std::vector<float> out(bn);
@@ -512,40 +543,14 @@ void bsr_xt_fast(const T* xt, int64_t B, const int32_t* crow, const int32_t* col
   });
 }
 
-
-// The values as the fast path reads them: fp32 as is, bf16 as raw bits, fp16 converted to fp32 (a copy).
-std::pair<at::Tensor, WKind> fast_values(const at::Tensor& values) {
-  if (values.scalar_type() == at::kBFloat16) return {values, WKind::kBF16};
-  return {values.to(at::kFloat).contiguous(), WKind::kF32};
-}
-
-bool use_fast(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
 #define SPARSEKIT_DISPATCH_FAST(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-// Values (and transposed activations for sddmm) in the accumulation type: a no-op for float32/float64.
-at::Tensor to_acc(const at::Tensor& t) { return t.to(at::toOpMathType(t.scalar_type())); }
 
 // ------------------------------------------------------------------------------------------------ ops
 at::Tensor bsr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                   const std::optional<at::Tensor>& bias_in, int64_t n) {
-  constexpr const char* op = "sparsekit::bsr_mm";
-  check_tensor(op, x_in, "x", 2);
-  check_floating(op, x_in, "x");
-  check_tensor(op, values, "values", 3);
-  check_same_dtype(op, values, "values", x_in, "x");
-  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
-  check_index(op, crow, "crow_indices");
-  check_index(op, col, "col_indices");
-  const int64_t bn = values.size(1), bk = values.size(2), M = x_in.size(0), K = x_in.size(1);
-  check_block(op, bn, bk);
-  TORCH_CHECK(n >= 0 && n % bn == 0, op, ": n (", n, ") must be a non-negative multiple of block_n=", bn);
-  TORCH_CHECK(K % bk == 0, op, ": x.size(1) (K=", K, ") must be a multiple of block_k=", bk, " (values.size(2))");
-  TORCH_CHECK(col.numel() == values.size(0), op, ": col_indices has ", col.numel(), " entries but values has ",
-              values.size(0), " blocks");
-  check_structure(op, crow, col, n / bn, K / bk);
-  const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
+  const auto [bn, bk, bias] = check_bsr_mm_args("sparsekit::bsr_mm", x_in, "x", 2, crow, col, values, bias_in, n);
+  const int64_t M = x_in.size(0), K = x_in.size(1);
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty({M, n}, x.options());
   if (use_fast(x.scalar_type())) {
@@ -553,8 +558,7 @@ at::Tensor bsr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tens
     SPARSEKIT_DISPATCH_FAST(x.scalar_type(), "sparsekit_bsr_mm_fast", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) {
         bsr_mm_fast<scalar_t>(x.const_data_ptr<scalar_t>(), crow.const_data_ptr<int32_t>(),
-                              col.const_data_ptr<int32_t>(), fv.const_data_ptr(), wk,
-                              bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                              col.const_data_ptr<int32_t>(), fv.const_data_ptr(), wk, bias_ptr<scalar_t>(bias),
                               y.mutable_data_ptr<scalar_t>(), M, K, n, bn, bk);
       }
     });
@@ -563,13 +567,10 @@ at::Tensor bsr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tens
   const at::Tensor v = to_acc(values);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparsekit_bsr_mm", [&] {
     using A = at::opmath_type<scalar_t>;
-    with_m_tile(M, [&](auto mt) {
-      constexpr int64_t MT = decltype(mt)::value;
-      const at::Tensor xp = pack_rows<MT, scalar_t, A>(x, M, K);
-      bsr_mm_kernel<MT, scalar_t, A>(xp.const_data_ptr<A>(), crow.const_data_ptr<int32_t>(),
-                                     col.const_data_ptr<int32_t>(), v.const_data_ptr<A>(),
-                                     bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                                     y.mutable_data_ptr<scalar_t>(), M, K, n, bn, bk);
+    with_packed_rows<scalar_t, A>(x, M, K, [&](auto mt, const A* xp) {
+      bsr_mm_kernel<decltype(mt)::value, scalar_t, A>(xp, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(),
+                                                      v.const_data_ptr<A>(), bias_ptr<scalar_t>(bias),
+                                                      y.mutable_data_ptr<scalar_t>(), M, K, n, bn, bk);
     });
   });
   return y;
@@ -578,22 +579,9 @@ at::Tensor bsr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tens
 // y^T [B, n, M] = W @ x^T [B, K, M] (+ bias[:, None]): bsr_mm in the transposed (convolution) layout.
 at::Tensor bsr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                      const std::optional<at::Tensor>& bias_in, int64_t n) {
-  constexpr const char* op = "sparsekit::bsr_mm_xt";
-  check_tensor(op, xt_in, "xt", 3);
-  check_floating(op, xt_in, "xt");
-  check_tensor(op, values, "values", 3);
-  check_same_dtype(op, values, "values", xt_in, "xt");
-  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
-  check_index(op, crow, "crow_indices");
-  check_index(op, col, "col_indices");
-  const int64_t bn = values.size(1), bk = values.size(2), B = xt_in.size(0), K = xt_in.size(1), M = xt_in.size(2);
-  check_block(op, bn, bk);
-  TORCH_CHECK(n >= 0 && n % bn == 0, op, ": n (", n, ") must be a non-negative multiple of block_n=", bn);
-  TORCH_CHECK(K % bk == 0, op, ": xt.size(1) (K=", K, ") must be a multiple of block_k=", bk, " (values.size(2))");
-  TORCH_CHECK(col.numel() == values.size(0), op, ": col_indices has ", col.numel(), " entries but values has ",
-              values.size(0), " blocks");
-  check_structure(op, crow, col, n / bn, K / bk);
-  const at::Tensor bias = checked_bias(op, bias_in, n, xt_in, "xt");
+  const auto [bn, bk, bias] =
+      check_bsr_mm_args("sparsekit::bsr_mm_xt", xt_in, "xt", 3, crow, col, values, bias_in, n);
+  const int64_t B = xt_in.size(0), K = xt_in.size(1), M = xt_in.size(2);
   if (!use_fast(xt_in.scalar_type())) {  // float64: the row-layout kernel on transposed copies
     const at::Tensor y = bsr_mm(xt_in.transpose(1, 2).reshape({B * M, K}), crow, col, values, bias_in, n);
     return y.reshape({B, M, n}).transpose(1, 2).contiguous();
@@ -604,9 +592,8 @@ at::Tensor bsr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::
   SPARSEKIT_DISPATCH_FAST(xt.scalar_type(), "sparsekit_bsr_mm_xt", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       bsr_xt_fast<scalar_t>(xt.const_data_ptr<scalar_t>(), B, crow.const_data_ptr<int32_t>(),
-                            col.const_data_ptr<int32_t>(), fv.const_data_ptr(), wk,
-                            bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
-                            M, K, n, bn, bk);
+                            col.const_data_ptr<int32_t>(), fv.const_data_ptr(), wk, bias_ptr<scalar_t>(bias),
+                            y.mutable_data_ptr<scalar_t>(), M, K, n, bn, bk);
     }
   });
   return y;
@@ -626,9 +613,7 @@ at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
   const int64_t bn = values.size(1), bk = values.size(2), n = (crow.numel() - 1) * bn;
   check_block(op, bn, bk);
   TORCH_CHECK(K % bk == 0, op, ": C*kh*kw (K=", K, ") must be a multiple of block_k=", bk, " (values.size(2))");
-  TORCH_CHECK(col.numel() == values.size(0), op, ": col_indices has ", col.numel(), " entries but values has ",
-              values.size(0), " blocks");
-  check_structure(op, crow, col, n / bn, K / bk);
+  check_blocks(op, crow, col, values, n / bn, K / bk);
   const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
   if (x_in.scalar_type() == at::kBFloat16 &&
       use_amx(true, WKind::kBF16, g.Ho() * g.Wo(), bn, bk)) {
@@ -683,20 +668,11 @@ at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
 at::Tensor bsr_mm_t(const at::Tensor& dy_in, const at::Tensor& crow, const at::Tensor& col,
                     const at::Tensor& values, int64_t k) {
   constexpr const char* op = "sparsekit::bsr_mm_t";
-  check_tensor(op, dy_in, "dy", 2);
-  check_floating(op, dy_in, "dy");
-  check_tensor(op, values, "values", 3);
-  check_same_dtype(op, values, "values", dy_in, "dy");
-  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
-  check_index(op, crow, "crow_indices");
-  check_index(op, col, "col_indices");
-  const int64_t bn = values.size(1), bk = values.size(2), M = dy_in.size(0), N = dy_in.size(1);
-  check_block(op, bn, bk);
+  const auto [bn, bk] = check_bsr_operands(op, dy_in, "dy", 2, crow, col, values);
+  const int64_t M = dy_in.size(0), N = dy_in.size(1);
   TORCH_CHECK(N % bn == 0, op, ": dy.size(1) (N=", N, ") must be a multiple of block_n=", bn, " (values.size(1))");
   TORCH_CHECK(k >= 0 && k % bk == 0, op, ": k (", k, ") must be a non-negative multiple of block_k=", bk);
-  TORCH_CHECK(col.numel() == values.size(0), op, ": col_indices has ", col.numel(), " entries but values has ",
-              values.size(0), " blocks");
-  check_structure(op, crow, col, N / bn, k / bk);
+  check_blocks(op, crow, col, values, N / bn, k / bk);
   const at::Tensor dy = dy_in.contiguous();
   at::Tensor dx = at::empty({M, k}, dy.options());
   if (use_fast(dy.scalar_type())) {
@@ -741,12 +717,10 @@ at::Tensor bsr_mm_t(const at::Tensor& dy_in, const at::Tensor& crow, const at::T
   const at::Tensor v = to_acc(values);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "sparsekit_bsr_mm_t", [&] {
     using A = at::opmath_type<scalar_t>;
-    with_m_tile(M, [&](auto mt) {
-      constexpr int64_t MT = decltype(mt)::value;
-      const at::Tensor dyp = pack_rows<MT, scalar_t, A>(dy, M, N);
-      bsr_mm_t_kernel<MT, scalar_t, A>(dyp.const_data_ptr<A>(), crow.const_data_ptr<int32_t>(),
-                                       col.const_data_ptr<int32_t>(), v.const_data_ptr<A>(),
-                                       dx.mutable_data_ptr<scalar_t>(), M, k, N, bn, bk);
+    with_packed_rows<scalar_t, A>(dy, M, N, [&](auto mt, const A* dyp) {
+      bsr_mm_t_kernel<decltype(mt)::value, scalar_t, A>(dyp, crow.const_data_ptr<int32_t>(),
+                                                        col.const_data_ptr<int32_t>(), v.const_data_ptr<A>(),
+                                                        dx.mutable_data_ptr<scalar_t>(), M, k, N, bn, bk);
     });
   });
   return dx;
@@ -837,16 +811,12 @@ void bsr_sddmm_fast(const at::Tensor& dy, const at::Tensor& x_in, const int32_t*
 at::Tensor bsr_sddmm(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col,
                      int64_t block_n, int64_t block_k) {
   constexpr const char* op = "sparsekit::bsr_sddmm";
-  check_tensor(op, dy_in, "dy", 2);
-  check_floating(op, dy_in, "dy");
-  check_tensor(op, x_in, "x", 2);
-  check_same_dtype(op, x_in, "x", dy_in, "dy");
+  check_sddmm_operands(op, dy_in, x_in);
   check_index(op, crow, "crow_indices");
   check_index(op, col, "col_indices");
   check_block(op, block_n, block_k);
   const int64_t M = dy_in.size(0), N = dy_in.size(1), K = x_in.size(1);
-  TORCH_CHECK(x_in.size(0) == M, op, ": x and dy must have the same number of rows M, got x.size(0)=",
-              x_in.size(0), " and dy.size(0)=", M);
+  check_sddmm_rows(op, dy_in, x_in);
   TORCH_CHECK(N % block_n == 0, op, ": dy.size(1) (N=", N, ") must be a multiple of block_n=", block_n);
   TORCH_CHECK(K % block_k == 0, op, ": x.size(1) (K=", K, ") must be a multiple of block_k=", block_k);
   check_structure(op, crow, col, N / block_n, K / block_k);

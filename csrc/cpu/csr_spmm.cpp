@@ -24,6 +24,7 @@
 #include "tiles.h"
 #include "panel.h"
 #include "simd.h"
+#include "values.h"
 
 namespace {
 
@@ -41,6 +42,24 @@ void check_indices(const char* op, const at::Tensor& crow, const at::Tensor& col
   TORCH_CHECK(col.scalar_type() == at::kShort || col.scalar_type() == at::kInt, op,
               ": col_indices must have dtype torch.int16 or torch.int32, got ", dtype_name(col.scalar_type()));
   TORCH_CHECK(col.is_contiguous(), op, ": col_indices must be contiguous");
+}
+
+// One value per col index.
+void check_nnz(const char* op, const at::Tensor& col, const at::Tensor& values) {
+  TORCH_CHECK(col.numel() == values.numel(), op, ": col_indices has ", col.numel(), " entries but values has ",
+              values.numel());
+}
+
+// The checks of csr_mm and csr_mm_xt (act = x [M, K] or xt [B, K, M], W [n, K]): the dense operand and 1-D
+// values (check_operands), the index tensors and their sizes. The pattern is checked per index type
+// (check_structure), the bias by each op.
+void check_csr_mm_args(const char* op, const at::Tensor& act, const char* act_name, int64_t act_dim,
+                       const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values, int64_t n) {
+  check_operands(op, act, act_name, act_dim, values, 1);
+  check_indices(op, crow, col);
+  TORCH_CHECK(n >= 0, op, ": n must be non-negative, got ", n);
+  TORCH_CHECK(crow.numel() == n + 1, op, ": crow_indices must have n + 1 = ", n + 1, " entries, got ", crow.numel());
+  check_nnz(op, col, values);
 }
 
 // Rejects index data that would read out of bounds. O(N + nnz), small next to the product.
@@ -199,6 +218,12 @@ float csr_dot(const float* x, const int32_t* ptr, const I* idx, const WT* v, int
   return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
+// How many M-vectors a CSR panel spans (csr_fast, csr_conv2d): 4, or fewer when M needs fewer.
+int csr_nv(int64_t M, int64_t W) {
+  const int64_t mv = (M + W - 1) / W;
+  return mv >= 4 ? 4 : mv >= 2 ? 2 : 1;
+}
+
 template <typename T, typename I>
 void csr_fast(const T* x, bool xt, int64_t B, const int32_t* crow, const I* col, const void* v, WKind wk,
               const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
@@ -209,14 +234,7 @@ void csr_fast(const T* x, bool xt, int64_t B, const int32_t* crow, const I* col,
   const std::vector<float> bf = bias_f32(bias, N);
   if (!xt && 2 * M <= W) {
     std::vector<float> xf;
-    const float* xr = nullptr;
-    if constexpr (std::is_same_v<T, float>) {
-      xr = x;
-    } else {
-      xf.resize(M * K);
-      for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(x[i]);
-      xr = xf.data();
-    }
+    const float* xr = as_f32(x, M * K, xf);
     const std::vector<int64_t> bounds = balanced_chunks(crow, N, 4 * threads, 1, 2);
     const int64_t chunks = int64_t(bounds.size()) - 1;
     const int64_t grain = M * (nnz + N) < kMinWork ? chunks : 1;
@@ -234,8 +252,7 @@ void csr_fast(const T* x, bool xt, int64_t B, const int32_t* crow, const I* col,
     });
     return;
   }
-  const int64_t mv = (M + W - 1) / W;
-  const int nv = mv >= 4 ? 4 : mv >= 2 ? 2 : 1;
+  const int nv = csr_nv(M, W);
   const int64_t MT = int64_t(nv) * W, tpi = (M + MT - 1) / MT, tiles = B * tpi;
   at::Tensor xp_t = at::empty({tiles * K * MT}, at::TensorOptions().dtype(at::kFloat));
   float* xp = xp_t.mutable_data_ptr<float>();
@@ -268,47 +285,34 @@ void csr_fast(const T* x, bool xt, int64_t B, const int32_t* crow, const I* col,
   });
 }
 
-// The values as the fast path reads them: fp32 as is, bf16 as raw bits, fp16 converted to fp32 (a copy).
-std::pair<at::Tensor, WKind> fast_values(const at::Tensor& values) {
-  if (values.scalar_type() == at::kBFloat16) return {values, WKind::kBF16};
-  return {values.to(at::kFloat).contiguous(), WKind::kF32};
+// The SIMD path of csr_mm (xt false: x [M, K]) and csr_mm_xt (xt true: x^T [B, K, M]) into y: the pattern
+// checked for the column index type (check_structure), then csr_fast with the values as fast_values gives them.
+void csr_mm_fast(const char* op, const at::Tensor& x, bool xt, int64_t B, const at::Tensor& crow,
+                 const at::Tensor& col, const at::Tensor& values, const at::Tensor& bias, at::Tensor& y, int64_t M,
+                 int64_t K, int64_t n) {
+  const auto [fv, wk] = fast_values(values);
+  SPARSEKIT_DISPATCH_CSR(x, col, "sparsekit_csr_mm_fast", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      const index_t* c = col.const_data_ptr<index_t>();
+      check_structure(op, crow.const_data_ptr<int32_t>(), c, n, values.numel(), K);
+      csr_fast<scalar_t, index_t>(x.const_data_ptr<scalar_t>(), xt, B, crow.const_data_ptr<int32_t>(), c,
+                                  fv.const_data_ptr(), wk, bias_ptr<scalar_t>(bias), y.mutable_data_ptr<scalar_t>(), M,
+                                  K, n);
+    }
+  });
 }
-
-bool use_fast(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
-
-// Values (and transposed activations for sddmm) in the accumulation type: a no-op for float32/float64.
-at::Tensor to_acc(const at::Tensor& t) { return t.to(at::toOpMathType(t.scalar_type())); }
 
 // ------------------------------------------------------------------------------------------------ ops
 at::Tensor csr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                   const std::optional<at::Tensor>& bias_in, int64_t n) {
   constexpr const char* op = "sparsekit::csr_mm";
-  check_tensor(op, x_in, "x", 2);
-  check_floating(op, x_in, "x");
-  check_tensor(op, values, "values", 1);
-  check_same_dtype(op, values, "values", x_in, "x");
-  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
-  check_indices(op, crow, col);
-  TORCH_CHECK(n >= 0, op, ": n must be non-negative, got ", n);
-  TORCH_CHECK(crow.numel() == n + 1, op, ": crow_indices must have n + 1 = ", n + 1, " entries, got ", crow.numel());
-  TORCH_CHECK(col.numel() == values.numel(), op, ": col_indices has ", col.numel(), " entries but values has ",
-              values.numel());
+  check_csr_mm_args(op, x_in, "x", 2, crow, col, values, n);
   const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, n}, x.options());
   if (use_fast(x.scalar_type())) {
-    const auto [fv, wk] = fast_values(values);
-    SPARSEKIT_DISPATCH_CSR(x, col, "sparsekit_csr_mm_fast", [&] {
-      if constexpr (!std::is_same_v<scalar_t, double>) {
-        const index_t* c = col.const_data_ptr<index_t>();
-        check_structure(op, crow.const_data_ptr<int32_t>(), c, n, values.numel(), K);
-        csr_fast<scalar_t, index_t>(x.const_data_ptr<scalar_t>(), false, 1, crow.const_data_ptr<int32_t>(), c,
-                                    fv.const_data_ptr(), wk, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                                    y.mutable_data_ptr<scalar_t>(), M, K, n);
-      }
-    });
+    csr_mm_fast(op, x, false, 1, crow, col, values, bias, y, M, K, n);
     return y;
   }
   SPARSEKIT_DISPATCH_CSR(x, col, "sparsekit_csr_mm", [&] {
@@ -316,13 +320,10 @@ at::Tensor csr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tens
     const index_t* c = col.const_data_ptr<index_t>();
     check_structure(op, crow.const_data_ptr<int32_t>(), c, n, values.numel(), K);
     const at::Tensor v = to_acc(values);
-    with_m_tile(M, [&](auto mt) {
-      constexpr int64_t MT = decltype(mt)::value;
-      const at::Tensor xp = pack_rows<MT, scalar_t, A>(x, M, K);
-      csr_rows_kernel<MT, index_t, scalar_t, A>(xp.const_data_ptr<A>(), crow.const_data_ptr<int32_t>(), c,
-                                                v.const_data_ptr<A>(),
-                                                bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                                                y.mutable_data_ptr<scalar_t>(), M, K, n);
+    with_packed_rows<scalar_t, A>(x, M, K, [&](auto mt, const A* xp) {
+      csr_rows_kernel<decltype(mt)::value, index_t, scalar_t, A>(xp, crow.const_data_ptr<int32_t>(), c,
+                                                                 v.const_data_ptr<A>(), bias_ptr<scalar_t>(bias),
+                                                                 y.mutable_data_ptr<scalar_t>(), M, K, n);
     });
   });
   return y;
@@ -332,16 +333,7 @@ at::Tensor csr_mm(const at::Tensor& x_in, const at::Tensor& crow, const at::Tens
 at::Tensor csr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                      const std::optional<at::Tensor>& bias_in, int64_t n) {
   constexpr const char* op = "sparsekit::csr_mm_xt";
-  check_tensor(op, xt_in, "xt", 3);
-  check_floating(op, xt_in, "xt");
-  check_tensor(op, values, "values", 1);
-  check_same_dtype(op, values, "values", xt_in, "xt");
-  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
-  check_indices(op, crow, col);
-  TORCH_CHECK(n >= 0, op, ": n must be non-negative, got ", n);
-  TORCH_CHECK(crow.numel() == n + 1, op, ": crow_indices must have n + 1 = ", n + 1, " entries, got ", crow.numel());
-  TORCH_CHECK(col.numel() == values.numel(), op, ": col_indices has ", col.numel(), " entries but values has ",
-              values.numel());
+  check_csr_mm_args(op, xt_in, "xt", 3, crow, col, values, n);
   const int64_t B = xt_in.size(0), K = xt_in.size(1), M = xt_in.size(2);
   if (!use_fast(xt_in.scalar_type())) {  // float64: the row-layout kernel on transposed copies
     const at::Tensor y = csr_mm(xt_in.transpose(1, 2).reshape({B * M, K}), crow, col, values, bias_in, n);
@@ -350,16 +342,7 @@ at::Tensor csr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::
   const at::Tensor bias = checked_bias(op, bias_in, n, xt_in, "xt");
   const at::Tensor xt = xt_in.contiguous();
   at::Tensor y = at::empty({B, n, M}, xt.options());
-  const auto [fv, wk] = fast_values(values);
-  SPARSEKIT_DISPATCH_CSR(xt, col, "sparsekit_csr_mm_xt", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) {
-      const index_t* c = col.const_data_ptr<index_t>();
-      check_structure(op, crow.const_data_ptr<int32_t>(), c, n, values.numel(), K);
-      csr_fast<scalar_t, index_t>(xt.const_data_ptr<scalar_t>(), true, B, crow.const_data_ptr<int32_t>(), c,
-                                  fv.const_data_ptr(), wk, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                                  y.mutable_data_ptr<scalar_t>(), M, K, n);
-    }
-  });
+  csr_mm_fast(op, xt, true, B, crow, col, values, bias, y, M, K, n);
   return y;
 }
 
@@ -375,8 +358,7 @@ at::Tensor csr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
   const int64_t K = g.C * g.kh * g.kw;
   const int64_t n = crow.numel() - 1;
   TORCH_CHECK(n >= 0, op, ": crow_indices must have n + 1 >= 1 entries");
-  TORCH_CHECK(col.numel() == values.numel(), op, ": col_indices has ", col.numel(), " entries but values has ",
-              values.numel());
+  check_nnz(op, col, values);
   const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
   if (!use_fast(x_in.scalar_type())) {  // float64: im2col + the transposed-layout op
     const at::Tensor cols = at::im2col(x_in, kernel_size, dilation, padding, {1, 1});
@@ -388,8 +370,8 @@ at::Tensor csr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
   const auto [fv, wk] = fast_values(values);
   const Isa isa = active_isa();
   const int64_t threads = at::get_num_threads(), Mg = g.Ho() * g.Wp();
-  const int64_t W = vec_floats(isa), mv = (Mg + W - 1) / W;
-  const int nv = mv >= 4 ? 4 : mv >= 2 ? 2 : 1;
+  const int64_t W = vec_floats(isa);
+  const int nv = csr_nv(Mg, W);
   const int64_t MT = int64_t(nv) * W, tiles = g.B * ((Mg + MT - 1) / MT);
   const int32_t* cr = crow.const_data_ptr<int32_t>();
   const std::vector<int64_t> bounds = balanced_chunks(cr, n, (4 * threads + tiles - 1) / tiles, 1, 4);
@@ -413,18 +395,13 @@ at::Tensor csr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
 at::Tensor csr_mm_t(const at::Tensor& dy_in, const at::Tensor& crow, const at::Tensor& col,
                     const at::Tensor& values, int64_t k) {
   constexpr const char* op = "sparsekit::csr_mm_t";
-  check_tensor(op, dy_in, "dy", 2);
-  check_floating(op, dy_in, "dy");
-  check_tensor(op, values, "values", 1);
-  check_same_dtype(op, values, "values", dy_in, "dy");
-  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  check_operands(op, dy_in, "dy", 2, values, 1);
   check_indices(op, crow, col);
   TORCH_CHECK(k >= 0, op, ": k must be non-negative, got ", k);
   const int64_t M = dy_in.size(0), N = dy_in.size(1);
   TORCH_CHECK(crow.numel() == N + 1, op, ": crow_indices must have dy.size(1) + 1 = ", N + 1, " entries, got ",
               crow.numel());
-  TORCH_CHECK(col.numel() == values.numel(), op, ": col_indices has ", col.numel(), " entries but values has ",
-              values.numel());
+  check_nnz(op, col, values);
   const at::Tensor dy = dy_in.contiguous();
   at::Tensor dx = at::empty({M, k}, dy.options());
   SPARSEKIT_DISPATCH_CSR(dy, col, "sparsekit_csr_mm_t", [&] {
@@ -446,11 +423,9 @@ at::Tensor csr_mm_t(const at::Tensor& dy_in, const at::Tensor& crow, const at::T
                                   WKind::kF32, nullptr, dx.mutable_data_ptr<scalar_t>(), M, N, k);
       return;
     }
-    with_m_tile(M, [&](auto mt) {
-      constexpr int64_t MT = decltype(mt)::value;
-      const at::Tensor dyp = pack_rows<MT, scalar_t, A>(dy, M, N);
-      csr_rows_kernel<MT, int32_t, scalar_t, A>(dyp.const_data_ptr<A>(), tptr.data(), trow.data(), tval.data(),
-                                                nullptr, dx.mutable_data_ptr<scalar_t>(), M, N, k);
+    with_packed_rows<scalar_t, A>(dy, M, N, [&](auto mt, const A* dyp) {
+      csr_rows_kernel<decltype(mt)::value, int32_t, scalar_t, A>(dyp, tptr.data(), trow.data(), tval.data(), nullptr,
+                                                                 dx.mutable_data_ptr<scalar_t>(), M, N, k);
     });
   });
   return dx;
@@ -458,14 +433,10 @@ at::Tensor csr_mm_t(const at::Tensor& dy_in, const at::Tensor& crow, const at::T
 
 at::Tensor csr_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col) {
   constexpr const char* op = "sparsekit::csr_sddmm";
-  check_tensor(op, dy, "dy", 2);
-  check_floating(op, dy, "dy");
-  check_tensor(op, x, "x", 2);
-  check_same_dtype(op, x, "x", dy, "dy");
+  check_sddmm_operands(op, dy, x);
   check_indices(op, crow, col);
   const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1);
-  TORCH_CHECK(x.size(0) == M, op, ": x and dy must have the same number of rows M, got x.size(0)=", x.size(0),
-              " and dy.size(0)=", M);
+  check_sddmm_rows(op, dy, x);
   TORCH_CHECK(crow.numel() == N + 1, op, ": crow_indices must have dy.size(1) + 1 = ", N + 1, " entries, got ",
               crow.numel());
   at::Tensor out = at::empty({col.numel()}, dy.options());

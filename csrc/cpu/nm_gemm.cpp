@@ -23,6 +23,7 @@
 #include "checks.h"
 #include "csr.h"
 #include "tiles.h"
+#include "values.h"
 
 namespace {
 
@@ -50,13 +51,17 @@ int64_t check_pattern(const char* op, const at::Tensor& indices, int64_t n, int6
   return kept / n * m;
 }
 
-void check_values(const char* op, const at::Tensor& values, const at::Tensor& indices, const at::Tensor& ref,
-                  const char* ref_name) {
-  check_tensor(op, values, "values", 2);
-  check_same_dtype(op, values, "values", ref, ref_name);
-  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+// The arguments nm_mm and nm_mm_t share: the dense operand act (floating, 2-D), the pattern (check_pattern) and
+// values [N, K/m*n] of act's dtype (check_values) shaped like indices; returns K.
+int64_t check_nm_operands(const char* op, const at::Tensor& act, const char* act_name, const at::Tensor& values,
+                          const at::Tensor& indices, int64_t n, int64_t m) {
+  check_tensor(op, act, act_name, 2);
+  check_floating(op, act, act_name);
+  const int64_t K = check_pattern(op, indices, n, m);
+  check_values(op, values, 2, act, act_name);
   TORCH_CHECK(values.sizes() == indices.sizes(), op, ": values and indices must have the same shape, got ",
               values.sizes(), " and ", indices.sizes());
+  return K;
 }
 
 // ------------------------------------------------------------------------------------------ kernels
@@ -136,9 +141,6 @@ void nm_sddmm_kernel(const A* dyT, const A* xT, const uint8_t* idx, T* out, int6
   });
 }
 
-// Values (and transposed activations for sddmm) in the accumulation type: a no-op for float32/float64.
-at::Tensor to_acc(const at::Tensor& t) { return t.to(at::toOpMathType(t.scalar_type())); }
-
 // The n:m pattern as CSR index arrays (row r's kept values in stored order, column g * m + idx): every row holds
 // K/m*n values, so the values array [N, K/m*n] is already CSR's. The products of fp32/bf16/fp16 then run on the
 // CSR kernels' SIMD micro-kernels (csr.h) instead of the generic loops below; building the columns costs
@@ -165,20 +167,15 @@ std::pair<at::Tensor, at::Tensor> csr_view(const at::Tensor& indices, int64_t n,
   return {crow, col};
 }
 
-bool csr_fast_type(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
 // ------------------------------------------------------------------------------------------------ ops
 at::Tensor nm_mm(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& indices,
                  const std::optional<at::Tensor>& bias_in, int64_t n, int64_t m) {
   constexpr const char* op = "sparsekit::nm_mm";
-  check_tensor(op, x_in, "x", 2);
-  check_floating(op, x_in, "x");
-  const int64_t K = check_pattern(op, indices, n, m);
-  check_values(op, values, indices, x_in, "x");
+  const int64_t K = check_nm_operands(op, x_in, "x", values, indices, n, m);
   const int64_t M = x_in.size(0), N = values.size(0);
   TORCH_CHECK(x_in.size(1) == K, op, ": x.size(1) must be K = values.size(1) / n * m = ", K, ", got ", x_in.size(1));
   const at::Tensor bias = checked_bias(op, bias_in, N, x_in, "x");
-  if (csr_fast_type(x_in.scalar_type())) {
+  if (use_fast(x_in.scalar_type())) {
     const auto [crow, col] = csr_view(indices, n, m, K);
     if (crow.defined()) return csr_mm_cpu(x_in, crow, col, values.reshape({-1}), bias_in, N);
   }
@@ -186,12 +183,10 @@ at::Tensor nm_mm(const at::Tensor& x_in, const at::Tensor& values, const at::Ten
   at::Tensor y = at::empty({M, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sparsekit_nm_mm", [&] {
     using A = at::opmath_type<scalar_t>;
-    with_m_tile(M, [&](auto mt) {
-      constexpr int64_t MT = decltype(mt)::value;
-      const at::Tensor xp = pack_rows<MT, scalar_t, A>(x, M, K);
-      nm_mm_kernel<MT, scalar_t, A>(xp.const_data_ptr<A>(), v.const_data_ptr<A>(), indices.const_data_ptr<uint8_t>(),
-                                    bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                                    y.mutable_data_ptr<scalar_t>(), M, K, N, n, m);
+    with_packed_rows<scalar_t, A>(x, M, K, [&](auto mt, const A* xp) {
+      nm_mm_kernel<decltype(mt)::value, scalar_t, A>(xp, v.const_data_ptr<A>(), indices.const_data_ptr<uint8_t>(),
+                                                     bias_ptr<scalar_t>(bias), y.mutable_data_ptr<scalar_t>(), M, K, N,
+                                                     n, m);
     });
   });
   return y;
@@ -200,13 +195,10 @@ at::Tensor nm_mm(const at::Tensor& x_in, const at::Tensor& values, const at::Ten
 at::Tensor nm_mm_t(const at::Tensor& dy_in, const at::Tensor& values, const at::Tensor& indices, int64_t n,
                    int64_t m) {
   constexpr const char* op = "sparsekit::nm_mm_t";
-  check_tensor(op, dy_in, "dy", 2);
-  check_floating(op, dy_in, "dy");
-  const int64_t K = check_pattern(op, indices, n, m);
-  check_values(op, values, indices, dy_in, "dy");
+  const int64_t K = check_nm_operands(op, dy_in, "dy", values, indices, n, m);
   const int64_t M = dy_in.size(0), N = dy_in.size(1);
   TORCH_CHECK(values.size(0) == N, op, ": dy.size(1) must be N = values.size(0) = ", values.size(0), ", got ", N);
-  if (csr_fast_type(dy_in.scalar_type())) {
+  if (use_fast(dy_in.scalar_type())) {
     const auto [crow, col] = csr_view(indices, n, m, K);
     if (crow.defined()) return csr_mm_t_cpu(dy_in, crow, col, values.reshape({-1}), K);
   }
@@ -214,12 +206,9 @@ at::Tensor nm_mm_t(const at::Tensor& dy_in, const at::Tensor& values, const at::
   at::Tensor dx = at::empty({M, K}, dy.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "sparsekit_nm_mm_t", [&] {
     using A = at::opmath_type<scalar_t>;
-    with_m_tile(M, [&](auto mt) {
-      constexpr int64_t MT = decltype(mt)::value;
-      const at::Tensor dyp = pack_rows<MT, scalar_t, A>(dy, M, N);
-      nm_mm_t_kernel<MT, scalar_t, A>(dyp.const_data_ptr<A>(), v.const_data_ptr<A>(),
-                                      indices.const_data_ptr<uint8_t>(), dx.mutable_data_ptr<scalar_t>(), M, K, N, n,
-                                      m);
+    with_packed_rows<scalar_t, A>(dy, M, N, [&](auto mt, const A* dyp) {
+      nm_mm_t_kernel<decltype(mt)::value, scalar_t, A>(dyp, v.const_data_ptr<A>(), indices.const_data_ptr<uint8_t>(),
+                                                       dx.mutable_data_ptr<scalar_t>(), M, K, N, n, m);
     });
   });
   return dx;
@@ -227,17 +216,13 @@ at::Tensor nm_mm_t(const at::Tensor& dy_in, const at::Tensor& values, const at::
 
 at::Tensor nm_sddmm(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& indices, int64_t n, int64_t m) {
   constexpr const char* op = "sparsekit::nm_sddmm";
-  check_tensor(op, dy, "dy", 2);
-  check_floating(op, dy, "dy");
-  check_tensor(op, x, "x", 2);
-  check_same_dtype(op, x, "x", dy, "dy");
+  check_sddmm_operands(op, dy, x);
   const int64_t K = check_pattern(op, indices, n, m);
   const int64_t M = dy.size(0), N = dy.size(1);
-  TORCH_CHECK(x.size(0) == M, op, ": x and dy must have the same number of rows M, got x.size(0)=", x.size(0),
-              " and dy.size(0)=", M);
+  check_sddmm_rows(op, dy, x);
   TORCH_CHECK(indices.size(0) == N, op, ": dy.size(1) must be N = indices.size(0) = ", indices.size(0), ", got ", N);
   TORCH_CHECK(x.size(1) == K, op, ": x.size(1) must be K = indices.size(1) / n * m = ", K, ", got ", x.size(1));
-  if (csr_fast_type(dy.scalar_type())) {
+  if (use_fast(dy.scalar_type())) {
     const auto [crow, col] = csr_view(indices, n, m, K);
     if (crow.defined()) return csr_sddmm_cpu(dy, x, crow, col).reshape(indices.sizes());
   }

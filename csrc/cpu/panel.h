@@ -221,6 +221,19 @@ inline std::vector<float> bias_vec(const at::Tensor& bias) {
   return std::vector<float>(b.const_data_ptr<float>(), b.const_data_ptr<float>() + b.numel());
 }
 
+// The n values at x as fp32 for the small-M GEMV paths (bsr_mm_fast, csr_fast): x itself for float, else a
+// serial converted copy in buf.
+template <typename T>
+const float* as_f32(const T* x, int64_t n, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    buf.resize(n);
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[i]);
+    return buf.data();
+  }
+}
+
 // The bias widened to fp32 once per call (empty when there is none).
 template <typename T>
 std::vector<float> bias_f32(const T* bias, int64_t n) {

@@ -49,6 +49,16 @@ void with_m_tile(int64_t M, const F& f) {
   }
 }
 
+// The plain kernels' prologue, written once: src [M, C] packed (pack_rows) in the M tile with_m_tile picks, then
+// f(mt, packed) with mt an integral_constant (decltype(mt)::value is MT, for the kernel's template argument).
+template <typename T, typename A, typename F>
+void with_packed_rows(const at::Tensor& src, int64_t M, int64_t C, const F& f) {
+  with_m_tile(M, [&](auto mt) {
+    const at::Tensor packed = pack_rows<decltype(mt)::value, T, A>(src, M, C);
+    f(mt, packed.template const_data_ptr<A>());
+  });
+}
+
 // MT accumulators held in 16-byte vectors (GCC/Clang vector extension: SSE2 on plain x86-64, NEON on
 // arm64). Written as a plain loop over MT, GCC 12 sometimes vectorized the surrounding loop over stored
 // weights instead and ran 4x slower; explicit vectors keep the accumulators in registers. MT is 1 or a
