@@ -136,6 +136,26 @@ def test_compaction_rows_no_fudge_and_one_architecture_note(tg, tmp_path):
     assert _measure(tg, tmp_path, "... layer-wise recipes").status == tg.NOT_MET
 
 
+def _models(directory: Path, name: str, **bert) -> None:
+    row = {"model": "BERT-base encoder (12 layers), seq 128, batch 8", "dtype": "float32", "dense_ms": 700.0,
+           "sparse_ms": 200.0, "speedup": 3.5, "linear_weight_bytes_pct": 10.0, **bert}
+    machine = {"device": "cpu", "date": f"2026-01-0{len(name)}T00:00:00+00:00"}
+    (directory / f"sparsify_models_{name}.json").write_text(json.dumps({"machine": machine, "rows": [row]}))
+
+
+def test_model_speedup_needs_eager_and_best_vs_best_when_compiled(tg, tmp_path):
+    bert = "BERT-base encoder (12 layers"
+    _models(tmp_path, "a")
+    got = _measure(tg, tmp_path, bert)
+    assert (got.value, got.status) == ("3.50x (700 -> 200 ms)", tg.MET)
+    # a newer run with --compile: dense compiled is much faster, so best sparse vs best dense falls below 3x
+    _models(tmp_path, "bb", dense_compile_ms=500.0, sparse_compile_ms=190.0, speedup_compiled=500 / 190,
+            speedup_best=500 / 190)
+    got = _measure(tg, tmp_path, bert)
+    assert got.status == tg.NOT_MET and "best sparse vs best dense 2.63x" in got.value
+    assert "under torch.compile 500 -> 190 ms" in got.value
+
+
 def test_targets_block_one_table_per_device_with_links(tg, tmp_path):
     _sweep(tmp_path, "k", _bert(0.5, (1.3, 1.4)))
     (tmp_path / "k.md").write_text("report")
