@@ -78,10 +78,29 @@ def _in_subprocess(verbose: bool, fresh: bool, full: bool) -> list[str]:
     return result
 
 
+def _src(fn, signature: dict, constexprs: dict, aligned: list[str]):
+    """The ASTSource of one launch: a pointer typed "constexpr" in ``signature`` is a None argument (what the
+    JIT does with bias=None), and the ``aligned`` arguments carry the 16-divisibility the JIT infers for real
+    launches (16-byte aligned tensors, sizes that are multiples of 16)."""
+    from triton.compiler import ASTSource
+
+    constexprs = dict(constexprs)
+    for name, ty in signature.items():
+        if ty == "constexpr" and name.endswith("_ptr"):
+            constexprs.setdefault(name, None)
+    names = list(signature)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def _job(fn, signature: dict, constexprs: dict, aligned: list[str], cfg, desc: str) -> tuple:
+    """(src, options, desc) of one compile, with the launch config's num_warps / num_stages."""
+    return _src(fn, signature, constexprs, aligned), {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, desc
+
+
 def _bsr_mm_sources(dtype: str, block: tuple[int, int], m: int, has_bias: bool, precision: str | None,
                     cc: int, smem: int):
     import torch
-    from triton.compiler import ASTSource
 
     from . import k_bsr_mm
     from ._configs import bsr_mm_config
@@ -100,28 +119,12 @@ def _bsr_mm_sources(dtype: str, block: tuple[int, int], m: int, has_bias: bool, 
         "HAS_BIAS": has_bias, "BLOCK_M": cfg.block_m, "BN": bn, "BK": bk, "GROUP_M": cfg.group_m,
         "INPUT_PRECISION": precision or "ieee", "WHILE_LOOP": False,
     }
-    if not has_bias:
-        constexprs["bias_ptr"] = None  # what the JIT does with bias=None
-    # what the JIT infers for real launches: 16-byte aligned tensors, N and K multiples of 16 (block sides)
-    names = list(signature)
-    aligned = ["x_ptr", "crow_ptr", "col_ptr", "val_ptr", "y_ptr", "N", "K"]
-    if has_bias:
-        aligned.append("bias_ptr")
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    src = ASTSource(fn=k_bsr_mm._bsr_mm_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    desc = (f"_bsr_mm_kernel sm{cc} {dtype:<8} block={bn}x{bk} M~{m} bias={int(has_bias)}"
-            f"{' ' + precision if precision else ''} BLOCK_M={cfg.block_m} warps={cfg.num_warps} "
-            f"stages={cfg.num_stages}")
-    return src, options, desc
-
-
-def _src(fn, signature: dict, constexprs: dict, aligned: list[str]):
-    from triton.compiler import ASTSource
-
-    names = list(signature)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    # N and K are multiples of 16 (block sides)
+    aligned = ["x_ptr", "crow_ptr", "col_ptr", "val_ptr", "y_ptr", "N", "K"] + (["bias_ptr"] if has_bias else [])
+    return _job(k_bsr_mm._bsr_mm_kernel, signature, constexprs, aligned, cfg,
+                f"_bsr_mm_kernel sm{cc} {dtype:<8} block={bn}x{bk} M~{m} bias={int(has_bias)}"
+                f"{' ' + precision if precision else ''} BLOCK_M={cfg.block_m} warps={cfg.num_warps} "
+                f"stages={cfg.num_stages}")
 
 
 def _extra_sources(cc: int, smem: int) -> list[tuple]:
@@ -141,10 +144,10 @@ def _extra_sources(cc: int, smem: int) -> list[tuple]:
                "SPLIT_K": "constexpr", "INPUT_PRECISION": "constexpr", "WHILE_LOOP": "constexpr"}
         ce = {"BLOCK_M": cfg.block_m, "BN": bn, "BK": bk, "SPLIT_K": 4, "INPUT_PRECISION": prec or "ieee",
               "WHILE_LOOP": False}
-        src = _src(k_bsr_mm._bsr_mm_splitk_kernel, sig, ce,
-                   ["x_ptr", "crow_ptr", "col_ptr", "val_ptr", "acc_ptr", "N", "K"])
-        out.append((src, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                    f"_bsr_mm_splitk_kernel sm{cc} {dtype:<8} block={bn}x{bk} M~{m} split=4 BLOCK_M={cfg.block_m}"))
+        out.append(_job(k_bsr_mm._bsr_mm_splitk_kernel, sig, ce,
+                        ["x_ptr", "crow_ptr", "col_ptr", "val_ptr", "acc_ptr", "N", "K"], cfg,
+                        f"_bsr_mm_splitk_kernel sm{cc} {dtype:<8} block={bn}x{bk} M~{m} split=4 "
+                        f"BLOCK_M={cfg.block_m}"))
     for dtype, (bn, bk), m, prec in BSR_T_CASES:
         t = _TL_TYPE[dtype]
         cfg = bsr_mm_config(m, bk, bn, getattr(torch, dtype), arch=arch)
@@ -154,11 +157,10 @@ def _extra_sources(cc: int, smem: int) -> list[tuple]:
                "INPUT_PRECISION": "constexpr", "WHILE_LOOP": "constexpr"}
         ce = {"BLOCK_M": cfg.block_m, "BN": bn, "BK": bk, "GROUP_M": cfg.group_m, "INPUT_PRECISION": prec or "ieee",
               "WHILE_LOOP": False}
-        src = _src(k_bsr_mm_t._bsr_mm_t_kernel, sig, ce,
-                   ["dy_ptr", "t_crow_ptr", "t_row_ptr", "t_perm_ptr", "val_ptr", "dx_ptr", "N", "K"])
-        out.append((src, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                    f"_bsr_mm_t_kernel sm{cc} {dtype:<8} block={bn}x{bk} M~{m} BLOCK_M={cfg.block_m} "
-                    f"warps={cfg.num_warps} stages={cfg.num_stages}"))
+        out.append(_job(k_bsr_mm_t._bsr_mm_t_kernel, sig, ce,
+                        ["dy_ptr", "t_crow_ptr", "t_row_ptr", "t_perm_ptr", "val_ptr", "dx_ptr", "N", "K"], cfg,
+                        f"_bsr_mm_t_kernel sm{cc} {dtype:<8} block={bn}x{bk} M~{m} BLOCK_M={cfg.block_m} "
+                        f"warps={cfg.num_warps} stages={cfg.num_stages}"))
     for dtype, (bn, bk), m, split, prec in SDDMM_CASES:
         t = _TL_TYPE[dtype]
         cfg = bsr_sddmm_config(m, 10**6, bn, bk, getattr(torch, dtype), arch=arch)
@@ -168,11 +170,10 @@ def _extra_sources(cc: int, smem: int) -> list[tuple]:
                "INPUT_PRECISION": "constexpr", "WHILE_LOOP": "constexpr"}
         ce = {"BLOCK_M": cfg.block_m, "BN": bn, "BK": bk, "SPLIT": split, "INPUT_PRECISION": prec or "ieee",
               "WHILE_LOOP": False}
-        src = _src(k_bsr_sddmm._bsr_sddmm_kernel, sig, ce,
-                   ["dy_ptr", "x_ptr", "row_ptr", "col_ptr", "out_ptr", "N", "K"])
-        out.append((src, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                    f"_bsr_sddmm_kernel sm{cc} {dtype:<8} block={bn}x{bk} split={split} BLOCK_M={cfg.block_m} "
-                    f"warps={cfg.num_warps} stages={cfg.num_stages}"))
+        out.append(_job(k_bsr_sddmm._bsr_sddmm_kernel, sig, ce,
+                        ["dy_ptr", "x_ptr", "row_ptr", "col_ptr", "out_ptr", "N", "K"], cfg,
+                        f"_bsr_sddmm_kernel sm{cc} {dtype:<8} block={bn}x{bk} split={split} BLOCK_M={cfg.block_m} "
+                        f"warps={cfg.num_warps} stages={cfg.num_stages}"))
     for dtype, (n, mm), m, has_bias, prec in NM_CASES:
         t = _TL_TYPE[dtype]
         cfg = nm_mm_config(m, getattr(torch, dtype), arch=arch)
@@ -183,12 +184,9 @@ def _extra_sources(cc: int, smem: int) -> list[tuple]:
                "GROUP_M": "constexpr", "INPUT_PRECISION": "constexpr", "WHILE_LOOP": "constexpr"}
         ce = {"HAS_BIAS": has_bias, "NN": n, "MM": mm, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
               "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "INPUT_PRECISION": prec or "ieee", "WHILE_LOOP": False}
-        if not has_bias:
-            ce["bias_ptr"] = None
-        src = _src(k_nm_mm._nm_mm_kernel, sig, ce, ["x_ptr", "val_ptr", "idx_ptr", "y_ptr"])
-        out.append((src, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                    f"_nm_mm_kernel sm{cc} {dtype:<8} {n}:{mm} M~{m} bias={int(has_bias)} tile={cfg.block_m}x"
-                    f"{cfg.block_n}x{cfg.block_k} warps={cfg.num_warps} stages={cfg.num_stages}"))
+        out.append(_job(k_nm_mm._nm_mm_kernel, sig, ce, ["x_ptr", "val_ptr", "idx_ptr", "y_ptr"], cfg,
+                        f"_nm_mm_kernel sm{cc} {dtype:<8} {n}:{mm} M~{m} bias={int(has_bias)} tile={cfg.block_m}x"
+                        f"{cfg.block_n}x{cfg.block_k} warps={cfg.num_warps} stages={cfg.num_stages}"))
     for dtype, m, has_bias, has_out, prec in CHANNEL_CASES:
         t = _TL_TYPE[dtype]
         cfg = channel_mm_config(m, getattr(torch, dtype), arch=arch)
@@ -201,14 +199,9 @@ def _extra_sources(cc: int, smem: int) -> list[tuple]:
                "WHILE_LOOP": "constexpr"}
         ce = {"HAS_BIAS": has_bias, "HAS_OUT_IDX": has_out, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
               "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "INPUT_PRECISION": prec or "ieee", "WHILE_LOOP": False}
-        if not has_bias:
-            ce["bias_ptr"] = None
-        if not has_out:
-            ce["out_idx_ptr"] = None
-        src = _src(k_channel._channel_mm_kernel, sig, ce, ["x_ptr", "in_idx_ptr", "w_ptr", "y_ptr"])
-        out.append((src, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                    f"_channel_mm_kernel sm{cc} {dtype:<8} M~{m} bias={int(has_bias)} out_idx={int(has_out)} "
-                    f"tile={cfg.block_m}x{cfg.block_n}x{cfg.block_k}"))
+        out.append(_job(k_channel._channel_mm_kernel, sig, ce, ["x_ptr", "in_idx_ptr", "w_ptr", "y_ptr"], cfg,
+                        f"_channel_mm_kernel sm{cc} {dtype:<8} M~{m} bias={int(has_bias)} out_idx={int(has_out)} "
+                        f"tile={cfg.block_m}x{cfg.block_n}x{cfg.block_k}"))
     for dtype in ("float16", "bfloat16", "float32"):
         t = _TL_TYPE[dtype]
         sig = {"y_ptr": f"*{t}", "idx_ptr": "*i64", "bias_ptr": f"*{t}", "out_ptr": f"*{t}", "C": "i32",

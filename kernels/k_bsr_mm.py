@@ -29,19 +29,29 @@ lazily on the first call).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._configs import bsr_mm_config, bsr_mm_split_k, interpreting
+from ._launch import (
+    SUPPORTED_DTYPES,
+    check_activation,
+    check_bias,
+    check_index,
+    check_int,
+    check_optional_positive_int,
+    check_runnable,
+    check_tensor,
+    default_input_precision,
+    device_ctx,
+)
+from ._tiles import grouped_pid, row_tile
 
 __all__ = ["bsr_mm", "SUPPORTED_BLOCK_SIDES", "SUPPORTED_DTYPES"]
 
 SUPPORTED_BLOCK_SIDES = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
@@ -56,6 +66,15 @@ def _bsr_mm_acc_block(acc, x_tile_ptrs, mask_m, col_ptr, val_ptr, w_offs, i,
 
 
 @triton.jit
+def bsr_row_tile(pid_m, M, BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Row tile pid_m of the BSR kernels here and in k_bsr_mm_t: (int64 rows, row mask, arange(BN), arange(BK))."""
+    rows, mask_m = row_tile(pid_m * BLOCK_M, M, BLOCK_M)
+    offs_n = tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    return rows, mask_m, offs_n, offs_k
+
+
+@triton.jit
 def _bsr_mm_kernel(
     x_ptr, crow_ptr, col_ptr, val_ptr, bias_ptr, y_ptr,
     M, N, K,
@@ -65,21 +84,8 @@ def _bsr_mm_kernel(
     WHILE_LOOP: tl.constexpr = False,
 ):
     # ---- which (row tile, block-row) this program owns: grouped order for L2 reuse
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = N // BN
-    pids_per_group = GROUP_M * num_pid_n
-    group = pid // pids_per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_size
-    pid_n = (pid % pids_per_group) // group_size
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    rows = offs_m.to(tl.int64)                      # M * K and M * N may pass 2**31
-    offs_n = tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
+    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), N // BN, GROUP_M)
+    rows, mask_m, offs_n, offs_k = bsr_row_tile(pid_m, M, BLOCK_M, BN, BK)
     x_tile_ptrs = x_ptr + rows[:, None] * K + offs_k[None, :]   # [BLOCK_M, BK] at block column 0
     w_offs = offs_n[:, None] * BK + offs_k[None, :]              # [BN, BK] inside one block
 
@@ -120,12 +126,7 @@ def _bsr_mm_splitk_kernel(
     grid = (N // BN, SPLIT_K, cdiv(M, BLOCK_M)); acc is fp32 [M, N], pre-filled with zeros or the bias."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    rows = offs_m.to(tl.int64)
-    offs_n = tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
+    rows, mask_m, offs_n, offs_k = bsr_row_tile(tl.program_id(2), M, BLOCK_M, BN, BK)
     x_tile_ptrs = x_ptr + rows[:, None] * K + offs_k[None, :]
     w_offs = offs_n[:, None] * BK + offs_k[None, :]
 
@@ -148,28 +149,15 @@ def _bsr_mm_splitk_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- launcher
-def _check_tensor(t: object, name: str) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)}); "
-                         f"call .contiguous() first")
-    return t
-
 def check_bsr_operands(act: object, act_name: str, act_shape: str, crow_indices: object, col_indices: object,
                        values: object) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Checks shared by the BSR launchers: the 2-D activation (x or dy), index tensors, and the values' dims,
     dtype and block sides."""
-    act = _check_tensor(act, act_name)
-    crow_indices = _check_tensor(crow_indices, "crow_indices")
-    col_indices = _check_tensor(col_indices, "col_indices")
-    values = _check_tensor(values, "values")
-    if act.dim() != 2:
-        raise ValueError(f"{act_name} must be 2-D {act_shape}, got shape {tuple(act.shape)}")
-    if act.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{act_name} must be float16, bfloat16 or float32, got {act.dtype}")
+    act = check_tensor(act, act_name)
+    crow_indices = check_tensor(crow_indices, "crow_indices")
+    col_indices = check_tensor(col_indices, "col_indices")
+    values = check_tensor(values, "values")
+    check_activation(act, act_name, act_shape)
     if values.dim() != 3:
         raise ValueError(f"values must be 3-D [nnzb, bn, bk], got shape {tuple(values.shape)}")
     if values.dtype != act.dtype:
@@ -179,26 +167,6 @@ def check_bsr_operands(act: object, act_name: str, act_shape: str, crow_indices:
         raise ValueError(f"values has blocks of {(bn, bk)}; the Triton kernel supports block sides "
                          f"{SUPPORTED_BLOCK_SIDES} only (rectangular combinations allowed)")
     return act, crow_indices, col_indices, values
-
-
-def check_int(v: object, name: str) -> int:
-    """An int argument (numpy / torch integer scalars accepted, bool refused)."""
-    if isinstance(v, bool) or not hasattr(v, "__index__"):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    return int(v)
-
-
-def default_input_precision(dtype: torch.dtype) -> str:
-    """Dot precision for fp32 inputs: "tf32" when torch allows TF32 for CUDA matmuls, else "ieee".
-
-    fp16/bf16 dots ignore it (they always run on tensor cores with fp32 accumulation)."""
-    if dtype != torch.float32:
-        return "ieee"
-    try:
-        allow = bool(torch.backends.cuda.matmul.allow_tf32)
-    except (AttributeError, RuntimeError):
-        allow = False
-    return "tf32" if allow else "ieee"
 
 
 def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Tensor | None,
@@ -227,22 +195,14 @@ def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
         raise ValueError(f"n={n} must be a non-negative multiple of the block rows bn={bn}")
     if k % bk:
         raise ValueError(f"x.shape[1]={k} (K) must be a multiple of the block columns bk={bk}")
-    for t, name in ((crow_indices, "crow_indices"), (col_indices, "col_indices")):
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
-        if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    check_index(crow_indices, "crow_indices")
+    check_index(col_indices, "col_indices")
     if crow_indices.numel() != n // bn + 1:
         raise ValueError(f"crow_indices must have n/bn + 1 = {n // bn + 1} entries, "
                          f"got {crow_indices.numel()}")
     if col_indices.numel() != nnzb:
         raise ValueError(f"col_indices has {col_indices.numel()} entries but values has {nnzb} blocks")
-    if bias is not None:
-        bias = _check_tensor(bias, "bias")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    bias = check_bias(bias, x, n)
     named = [("x", x), ("crow_indices", crow_indices), ("col_indices", col_indices), ("values", values)]
     if bias is not None:
         named.append(("bias", bias))
@@ -251,16 +211,13 @@ def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
         raise ValueError("x, crow_indices, col_indices, values and bias must be on one device, got "
                          + ", ".join(f"{name}={t.device}" for name, t in named))
     device = x.device
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
-        raise ValueError(f"x is on {device}; the Triton kernel runs on CUDA tensors (CPU tensors only under "
-                         "TRITON_INTERPRET=1)")
+    check_runnable(device, "x is")
     if input_precision is None:
         input_precision = default_input_precision(x.dtype)
     elif input_precision not in _INPUT_PRECISIONS:
         raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
 
-    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
-        raise ValueError(f"split_k must be None or a positive int, got {split_k!r}")
+    check_optional_positive_int(split_k, "split_k")
 
     if m == 0 or n == 0:
         return torch.empty((m, n), dtype=x.dtype, device=device)
@@ -272,7 +229,7 @@ def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
     y = torch.empty((m, n), dtype=x.dtype, device=device)
     cfg = bsr_mm_config(m, bn, bk, x.dtype, device)
     grid = (triton.cdiv(m, cfg.block_m) * (n // bn),)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_ctx(device):
         _bsr_mm_kernel[grid](
             x, crow_indices, col_indices, values, bias, y,
             m, n, k,
@@ -295,7 +252,7 @@ def _bsr_mm_split(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Te
         acc = torch.empty((m, n), dtype=torch.float32, device=device).copy_(bias.expand(m, n))  # never a view of bias
     cfg = bsr_mm_config(m, bn, bk, x.dtype, device)
     grid = (n // bn, split_k, triton.cdiv(m, cfg.block_m))
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_ctx(device):
         _bsr_mm_splitk_kernel[grid](
             x, crow, col, values, acc, m, n, k,
             BLOCK_M=cfg.block_m, BN=bn, BK=bk, SPLIT_K=split_k, INPUT_PRECISION=input_precision,

@@ -12,16 +12,16 @@ tile is [BLOCK_M, bk], the reduction step bn). Precision as in k_bsr_mm.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._configs import bsr_mm_config, interpreting
+from ._launch import check_index, check_int, check_runnable, default_input_precision, device_ctx
+from ._tiles import grouped_pid
 from ._transpose import cached_transpose_meta
-from .k_bsr_mm import check_bsr_operands, check_int, default_input_precision
+from .k_bsr_mm import bsr_row_tile, check_bsr_operands
 
 __all__ = ["bsr_mm_t"]
 
@@ -44,21 +44,8 @@ def _bsr_mm_t_kernel(
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     WHILE_LOOP: tl.constexpr = False,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = K // BK
-    pids_per_group = GROUP_M * num_pid_k
-    group = pid // pids_per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_size
-    pid_c = (pid % pids_per_group) // group_size
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    rows = offs_m.to(tl.int64)
-    offs_n = tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
+    pid_m, pid_c = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), K // BK, GROUP_M)
+    rows, mask_m, offs_n, offs_k = bsr_row_tile(pid_m, M, BLOCK_M, BN, BK)
     dy_tile_ptrs = dy_ptr + rows[:, None] * N + offs_n[None, :]   # [BLOCK_M, BN] at block-row 0
     w_offs = offs_n[:, None] * BK + offs_k[None, :]
 
@@ -96,11 +83,8 @@ def bsr_mm_t(dy: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tens
         raise ValueError(f"dy.shape[1]={n} (N) must be a multiple of the block rows bn={bn}")
     if k < 0 or k % bk:
         raise ValueError(f"k={k} must be a non-negative multiple of the block columns bk={bk}")
-    for t, name in ((crow_indices, "crow_indices"), (col_indices, "col_indices")):
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
-        if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    check_index(crow_indices, "crow_indices")
+    check_index(col_indices, "col_indices")
     if crow_indices.numel() != n // bn + 1:
         raise ValueError(f"crow_indices must have N/bn + 1 = {n // bn + 1} entries, got {crow_indices.numel()}")
     if col_indices.numel() != nnzb:
@@ -110,9 +94,7 @@ def bsr_mm_t(dy: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tens
         raise ValueError("dy, crow_indices, col_indices and values must be on one device, got "
                          f"{sorted(map(str, devices))}")
     device = dy.device
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
-        raise ValueError(f"dy is on {device}; the Triton kernel runs on CUDA tensors (CPU tensors only under "
-                         "TRITON_INTERPRET=1)")
+    check_runnable(device, "dy is")
     if input_precision is None:
         input_precision = default_input_precision(dy.dtype)
 
@@ -126,7 +108,7 @@ def bsr_mm_t(dy: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tens
     t_crow, t_row, t_perm = meta
     cfg = bsr_mm_config(m, bk, bn, dy.dtype, device)   # output tile [BLOCK_M, bk], reduction step bn
     grid = (triton.cdiv(m, cfg.block_m) * (k // bk),)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_ctx(device):
         _bsr_mm_t_kernel[grid](
             dy, t_crow, t_row, t_perm, values, dx, m, n, k,
             BLOCK_M=cfg.block_m, BN=bn, BK=bk, GROUP_M=cfg.group_m, INPUT_PRECISION=input_precision,

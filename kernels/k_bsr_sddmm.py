@@ -15,16 +15,23 @@ repeat_interleave (no sync).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._configs import bsr_sddmm_config, interpreting
+from ._launch import (
+    check_activation,
+    check_index,
+    check_optional_positive_int,
+    check_runnable,
+    check_tensor,
+    default_input_precision,
+    device_ctx,
+)
 from ._transpose import block_rows
-from .k_bsr_mm import SUPPORTED_BLOCK_SIDES, SUPPORTED_DTYPES, _check_tensor, default_input_precision
+from .k_bsr_mm import SUPPORTED_BLOCK_SIDES
 
 __all__ = ["bsr_sddmm"]
 
@@ -80,15 +87,12 @@ def bsr_sddmm(dy: Tensor, x: Tensor, crow_indices: Tensor, col_indices: Tensor, 
     dy [M, N], x [M, K] contiguous, same float dtype (fp16/bf16/fp32); the result has that dtype.
     ``split``: None = from the config table; 1 = no split of M (reproducible); > 1 forces it.
     """
-    dy = _check_tensor(dy, "dy")
-    x = _check_tensor(x, "x")
-    crow_indices = _check_tensor(crow_indices, "crow_indices")
-    col_indices = _check_tensor(col_indices, "col_indices")
-    for t, name in ((dy, "dy"), (x, "x")):
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    dy = check_tensor(dy, "dy")
+    x = check_tensor(x, "x")
+    crow_indices = check_tensor(crow_indices, "crow_indices")
+    col_indices = check_tensor(col_indices, "col_indices")
+    check_activation(dy, "dy")
+    check_activation(x, "x")
     if x.dtype != dy.dtype:
         raise TypeError(f"x dtype {x.dtype} does not match dy dtype {dy.dtype}")
     if dy.shape[0] != x.shape[0]:
@@ -100,22 +104,16 @@ def bsr_sddmm(dy: Tensor, x: Tensor, crow_indices: Tensor, col_indices: Tensor, 
     k = int(x.shape[1])
     if n % bn or k % bk:
         raise ValueError(f"N={n} and K={k} must be multiples of the block ({bn}, {bk})")
-    for t, name in ((crow_indices, "crow_indices"), (col_indices, "col_indices")):
-        if t.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {t.dtype}")
-        if t.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    check_index(crow_indices, "crow_indices")
+    check_index(col_indices, "col_indices")
     if crow_indices.numel() != n // bn + 1:
         raise ValueError(f"crow_indices must have N/bn + 1 = {n // bn + 1} entries, got {crow_indices.numel()}")
     devices = {t.device for t in (dy, x, crow_indices, col_indices)}
     if len(devices) > 1:
         raise ValueError(f"dy, x, crow_indices and col_indices must be on one device, got {sorted(map(str, devices))}")
     device = dy.device
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
-        raise ValueError(f"dy is on {device}; the Triton kernel runs on CUDA tensors (CPU tensors only under "
-                         "TRITON_INTERPRET=1)")
-    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
-        raise ValueError(f"split must be None or a positive int, got {split!r}")
+    check_runnable(device, "dy is")
+    check_optional_positive_int(split, "split")
     if input_precision is None:
         input_precision = default_input_precision(dy.dtype)
 
@@ -128,7 +126,7 @@ def bsr_sddmm(dy: Tensor, x: Tensor, crow_indices: Tensor, col_indices: Tensor, 
     split = max(1, min(split, triton.cdiv(m, cfg.block_m)))
     out = (torch.empty if split == 1 else torch.zeros)(
         (nnzb, bn, bk), dtype=dy.dtype if split == 1 else torch.float32, device=device)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_ctx(device):
         _bsr_sddmm_kernel[(nnzb, split)](
             dy, x, rows, col_indices, out, m, n, k,
             BLOCK_M=cfg.block_m, BN=bn, BK=bk, SPLIT=split, INPUT_PRECISION=input_precision,

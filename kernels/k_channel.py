@@ -20,15 +20,14 @@ x loads are gathers, not TMA/cp.async-friendly contiguous tiles): benchmark befo
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._configs import channel_mm_config, interpreting
-from .k_bsr_mm import SUPPORTED_DTYPES, default_input_precision
+from ._launch import SUPPORTED_DTYPES, check_runnable, default_input_precision, device_ctx
+from ._tiles import grouped_pid, row_tile
 
 __all__ = ["channel_mm", "channel_scatter"]
 
@@ -56,22 +55,11 @@ def _channel_mm_kernel(
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     WHILE_LOOP: tl.constexpr = False,
 ):
-    pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(NC, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    group = pid // pids_per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_size
-    pid_n = (pid % pids_per_group) // group_size
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NC, BLOCK_N), GROUP_M)
+    rows, mask_m = row_tile(pid_m * BLOCK_M, M, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = cols < NC
-    rows = offs_m.to(tl.int64)
     x_base = x_ptr + batch * sxb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if WHILE_LOOP:   # interpreter only (triton-lang/triton#9171), see k_bsr_mm
@@ -113,16 +101,10 @@ def _channel_scatter_kernel(
     tl.store(out_ptr + o * soo + dst[:, None] * soc + offs_i[None, :] * soi, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _device_ctx(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _check_runnable(device: torch.device, dtype: torch.dtype) -> None:
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
-        raise ValueError(f"tensors are on {device}; the Triton kernel runs on CUDA tensors (CPU tensors only "
-                         "under TRITON_INTERPRET=1)")
+    check_runnable(device, "tensors are")
 
 
 def channel_mm(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor,
@@ -140,7 +122,7 @@ def channel_mm(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None, y
         input_precision = default_input_precision(x.dtype)
     cfg = channel_mm_config(m, x.dtype, x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(nc, cfg.block_n), batch)
-    with _device_ctx(x.device):
+    with device_ctx(x.device):
         _channel_mm_kernel[grid](
             x, in_idx, weight, bias, out_idx, y, m, nc, kc, *x_strides, *y_strides,
             HAS_BIAS=bias is not None, HAS_OUT_IDX=out_idx is not None,
@@ -162,7 +144,7 @@ def channel_scatter(y: Tensor, out_idx: Tensor, bias: Tensor | None, out: Tensor
     block_c = 16 if interpreting() else max(1, 4096 // block_i) if inner < 128 else 32
     block_c = min(block_c, 128)
     grid = (outer, triton.cdiv(c, block_c), triton.cdiv(inner, block_i))
-    with _device_ctx(y.device):
+    with device_ctx(y.device):
         _channel_scatter_kernel[grid](
             y, out_idx, bias, out, c, inner, *y_strides, *out_strides,
             HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_I=block_i, num_warps=4,

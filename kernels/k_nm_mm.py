@@ -17,15 +17,22 @@ which Triton does not expose. GPU speed is unmeasured here (no GPU where this wa
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._configs import interpreting, nm_mm_config
-from .k_bsr_mm import SUPPORTED_DTYPES, _check_tensor, default_input_precision
+from ._launch import (
+    check_activation,
+    check_bias,
+    check_int,
+    check_runnable,
+    check_tensor,
+    default_input_precision,
+    device_ctx,
+)
+from ._tiles import grouped_pid, row_tile
 
 __all__ = ["nm_mm"]
 
@@ -59,21 +66,10 @@ def _nm_mm_kernel(
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     WHILE_LOOP: tl.constexpr = False,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    group = pid // pids_per_group
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_size
-    pid_n = (pid % pids_per_group) // group_size
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows, mask_m = row_tile(pid_m * BLOCK_M, M, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < N
-    rows = offs_m.to(tl.int64)
     wrows = offs_n.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if WHILE_LOOP:   # interpreter only (triton-lang/triton#9171: no tensor range() bounds), see k_bsr_mm
@@ -99,21 +95,15 @@ def nm_mm(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: in
     x [M, K] contiguous (fp16/bf16/fp32), values in x's dtype, bias None or [N]. Index contents are not
     checked (that would sync): pass a validated NM (``NM.validate()``).
     """
-    x = _check_tensor(x, "x")
-    values = _check_tensor(values, "values")
-    indices = _check_tensor(indices, "indices")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    x = check_tensor(x, "x")
+    values = check_tensor(values, "values")
+    indices = check_tensor(indices, "indices")
+    check_activation(x, "x", "[M, K]")
     if values.dtype != x.dtype:
         raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}; cast one of them")
     if indices.dtype != torch.uint8:
         raise TypeError(f"indices must be uint8, got {indices.dtype}")
-    for v, name in ((n, "n"), (m, "m")):
-        if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    n, m = int(n), int(m)
+    n, m = check_int(n, "n"), check_int(m, "m")
     if not 1 <= n <= m or m > 255:
         raise ValueError(f"need 1 <= n <= m <= 255, got n={n}, m={m}")
     mx, k = (int(s) for s in x.shape)
@@ -124,19 +114,12 @@ def nm_mm(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: in
     if tuple(indices.shape) != tuple(values.shape):
         raise ValueError(f"indices shape {tuple(indices.shape)} must equal values shape {tuple(values.shape)}")
     rows = int(values.shape[0])
-    if bias is not None:
-        bias = _check_tensor(bias, "bias")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
-        if tuple(bias.shape) != (rows,):
-            raise ValueError(f"bias must have shape ({rows},), got {tuple(bias.shape)}")
+    bias = check_bias(bias, x, rows)
     tensors = [x, values, indices] + ([bias] if bias is not None else [])
     if len({t.device for t in tensors}) > 1:
         raise ValueError(f"x, values, indices and bias must be on one device, got {[str(t.device) for t in tensors]}")
     device = x.device
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
-        raise ValueError(f"x is on {device}; the Triton kernel runs on CUDA tensors (CPU tensors only under "
-                         "TRITON_INTERPRET=1)")
+    check_runnable(device, "x is")
     if input_precision is None:
         input_precision = default_input_precision(x.dtype)
 
@@ -147,7 +130,7 @@ def nm_mm(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: in
         return y.zero_() if bias is None else y.copy_(bias.expand(mx, rows))
     cfg = nm_mm_config(mx, x.dtype, device)
     grid = (triton.cdiv(mx, cfg.block_m) * triton.cdiv(rows, cfg.block_n),)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_ctx(device):
         _nm_mm_kernel[grid](
             x, values, indices, bias, y, mx, rows, k, k // m * n,
             HAS_BIAS=bias is not None, NN=n, MM=m,

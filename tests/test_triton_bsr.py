@@ -7,48 +7,22 @@ On CPU these run through the Triton interpreter: `pytest tests/test_triton_bsr.p
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from _triton import DEVICE, INTERPRET, close, compiled_only, make_bsr, needs_runner
 
 from sparsekit.formats import BSR
 from sparsekit.ops.reference import bsr_mm as reference_bsr_mm
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cpu" if INTERPRET or not HAS_CUDA else "cuda"
-
 pytestmark = pytest.mark.triton
-needs_runner = pytest.mark.skipif(
-    not (INTERPRET or HAS_CUDA),
-    reason="needs TRITON_INTERPRET=1 (pytest --triton-interpret) or a CUDA GPU to run Triton kernels")
-# (without a GPU the conftest skips `cuda` tests with its own reason)
-compiled_only = pytest.mark.skipif(INTERPRET and HAS_CUDA,
-                                   reason="checks compiled GPU code; run without --triton-interpret")
-
-TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 2e-2)}
 
 
 def _kernel():
     from sparsekit.kernels import k_bsr_mm
 
     return k_bsr_mm
-
-
-def make_bsr(n: int, k: int, block: tuple[int, int], density: float, dtype: torch.dtype, seed: int = 0,
-             empty_rows: tuple[int, ...] = (), device: str = DEVICE) -> BSR:
-    """A BSR weight with about `density` of its blocks stored and the given block-rows empty."""
-    g = torch.Generator().manual_seed(seed)
-    bn, bk = block
-    keep = torch.rand(n // bn, k // bk, generator=g) < density
-    for r in empty_rows:
-        keep[r] = False
-    dense = torch.randn(n, k, generator=g) * keep.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
-    w = BSR.from_dense(dense, block=block).to(device=device, dtype=dtype)
-    return w.validate()
 
 
 def run_and_check(m: int, w: BSR, bias: bool, dtype: torch.dtype, seed: int = 1, **kw) -> torch.Tensor:
@@ -60,8 +34,7 @@ def run_and_check(m: int, w: BSR, bias: bool, dtype: torch.dtype, seed: int = 1,
     assert y.shape == (m, n) and y.dtype == dtype and y.device == x.device
     expect = reference_bsr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(),
                               None if b is None else b.double(), n)
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(y.double(), expect, atol=atol, rtol=rtol)
+    close(y, expect, dtype)
     return y
 
 
@@ -233,15 +206,13 @@ def test_compiles_for_sm80_and_sm90():
 @pytest.mark.parametrize("m", [1, 7, 64, 200, 1031])
 def test_cuda_matches_reference(m, block, dtype):
     w = make_bsr(512, 768, block, density=0.3, dtype=dtype, seed=m, empty_rows=(0,), device="cuda")
-    atol, rtol = TOL[dtype]
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, 768, generator=g).to("cuda", dtype)
     b = torch.randn(512, generator=g).to("cuda", dtype)
     y = _kernel().bsr_mm(x, w.crow_indices, w.col_indices, w.values, b, 512)
     expect = reference_bsr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(), b.double(), 512)
     # K=768 sums: scale the tolerance with sqrt(K) for the low-precision dtypes
-    scale = 1.0 if dtype == torch.float32 else 4.0
-    torch.testing.assert_close(y.double(), expect, atol=atol * scale, rtol=rtol)
+    close(y, expect, dtype, scale=1.0 if dtype == torch.float32 else 4.0)
 
 
 @pytest.mark.cuda

@@ -7,10 +7,9 @@ shapes). On a GPU machine run without --triton-interpret: the same tests run com
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from _triton import DEVICE, INTERPRET, close, compiled_only, make_bsr, needs_runner
 
 import sparsekit as sk
 from sparsekit.formats import BSR, NM
@@ -18,42 +17,14 @@ from sparsekit.ops import reference as R
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cpu" if INTERPRET or not HAS_CUDA else "cuda"
-
 pytestmark = pytest.mark.triton
-needs_runner = pytest.mark.skipif(
-    not (INTERPRET or HAS_CUDA),
-    reason="needs TRITON_INTERPRET=1 (pytest --triton-interpret) or a CUDA GPU to run Triton kernels")
-compiled_only = pytest.mark.skipif(INTERPRET and HAS_CUDA,
-                                   reason="checks compiled GPU code; run without --triton-interpret")
-
-TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 2e-2)}
 DTYPES = [torch.float32, torch.float16]
 DT_IDS = ["fp32", "fp16"]
-
-
-def make_bsr(n, k, block, density, dtype, seed=0, empty_rows=(), empty_cols=(), device=DEVICE) -> BSR:
-    g = torch.Generator().manual_seed(seed)
-    bn, bk = block
-    keep = torch.rand(n // bn, k // bk, generator=g) < density
-    for r in empty_rows:
-        keep[r] = False
-    for c in empty_cols:
-        keep[:, c] = False
-    dense = torch.randn(n, k, generator=g) * keep.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
-    return BSR.from_dense(dense, block=block).to(device=device, dtype=dtype).validate()
 
 
 def randn(*shape, dtype=torch.float32, seed=1, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-
-def close(got, expect, dtype, scale=1.0):
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(got.double(), expect.double(), atol=atol * scale, rtol=rtol)
 
 
 # ------------------------------------------------------------------------------------------ split-K forward

@@ -56,6 +56,20 @@ struct Chunk {
   static constexpr int value = sizeof(A) == 8 ? 16 : 32;
 };
 
+// The kPerThread outputs of thread tid in a thread block's tile of n_out outputs, `width` per row: output
+// tid + s*kThreads is (row_of[s], col_of[s]) ((0, 0) past n_out; the caller skips those), acc zeroed.
+template <typename A>
+__device__ __forceinline__ void thread_outputs(int tid, int n_out, int width, int (&row_of)[kPerThread],
+                                               int (&col_of)[kPerThread], A (&acc)[kPerThread]) {
+#pragma unroll
+  for (int s = 0; s < kPerThread; ++s) {
+    const int idx = tid + s * kThreads;
+    row_of[s] = idx < n_out ? idx / width : 0;
+    col_of[s] = idx < n_out ? idx % width : 0;
+    acc[s] = A(0);
+  }
+}
+
 // ------------------------------------------------------------------------------------------ kernels
 // out[m, o*OB + p] = sum_j in[m, a_col(j)] * B(j, p) (+ bias[o*OB + p]) over the gathered axis j of segment o.
 // Segment o holds stored blocks q in [ptr[o], ptr[o+1]), each contributing seg_len = (kTrans ? bn : bk)
@@ -81,13 +95,7 @@ bsr_gathered_gemm_kernel(const T* __restrict__ in, const int32_t* __restrict__ p
 
   int row_of[kPerThread], col_of[kPerThread];
   A acc[kPerThread];
-#pragma unroll
-  for (int s = 0; s < kPerThread; ++s) {
-    const int idx = tid + s * kThreads;
-    row_of[s] = idx < n_out ? idx / OB : 0;
-    col_of[s] = idx < n_out ? idx % OB : 0;
-    acc[s] = A(0);
-  }
+  thread_outputs(tid, n_out, OB, row_of, col_of, acc);
 
   for (int64_t j0 = 0; j0 < len; j0 += KC) {
     // stage in[m0:m0+tm, a_col(j0:j0+KC)]: consecutive threads read consecutive columns of a block
@@ -162,13 +170,7 @@ bsr_sddmm_kernel(const T* __restrict__ dy, const T* __restrict__ x, const int32_
 
   int row_of[kPerThread], col_of[kPerThread];
   A acc[kPerThread];
-#pragma unroll
-  for (int s = 0; s < kPerThread; ++s) {
-    const int idx = tid + s * kThreads;
-    row_of[s] = idx < n_out ? idx / bk : 0;
-    col_of[s] = idx < n_out ? idx % bk : 0;
-    acc[s] = A(0);
-  }
+  thread_outputs(tid, n_out, bk, row_of, col_of, acc);
 
   for (int64_t m0 = 0; m0 < M; m0 += KC) {
     for (int idx = tid; idx < KC * rows_here; idx += kThreads) {
@@ -202,6 +204,8 @@ bsr_sddmm_kernel(const T* __restrict__ dy, const T* __restrict__ x, const int32_
 using sparsekit_cuda::check_cuda;
 using sparsekit_cuda::check_floating;
 using sparsekit_cuda::check_same_dtype;
+using sparsekit_cuda::checked_bias;
+using sparsekit_cuda::grid_size;
 
 void check_index(const char* op, const at::Tensor& t, const char* name, const at::Tensor& ref) {
   check_cuda(op, t, name, 1, ref);
@@ -222,11 +226,6 @@ void check_values(const char* op, const at::Tensor& values, const at::Tensor& co
   TORCH_CHECK(col.numel() == values.size(0), op, ": col_indices has ", col.numel(), " entries but values has ",
               values.size(0), " blocks");
   check_block(op, values.size(1), values.size(2));
-}
-
-unsigned grid_size(const char* op, int64_t blocks) {
-  TORCH_CHECK(blocks <= INT_MAX, op, ": problem too large for one launch (", blocks, " thread blocks)");
-  return static_cast<unsigned>(blocks);
 }
 
 at::Tensor block_rows(const at::Tensor& crow, int64_t rows, int64_t nnzb, cudaStream_t stream) {
@@ -312,13 +311,7 @@ at::Tensor bsr_mm_cuda(const at::Tensor& x_in, const at::Tensor& crow, const at:
   const int64_t rows = n / bn;
   TORCH_CHECK(crow.numel() == rows + 1, op, ": crow_indices must have N/block_n + 1 = ", rows + 1, " entries, got ",
               crow.numel());
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_cuda(op, *bias_in, "bias", 1, x_in);
-    check_same_dtype(op, *bias_in, "bias", x_in, "x");
-    TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = checked_bias(op, bias_in, x_in, "x", n, "n=");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty({M, n}, x.options());

@@ -362,6 +362,8 @@ channel_conv_tc_kernel(const T* __restrict__ x_in, const void* __restrict__ in_i
 using sparsekit_cuda::check_cuda;
 using sparsekit_cuda::check_floating;
 using sparsekit_cuda::check_same_dtype;
+using sparsekit_cuda::checked_bias;
+using sparsekit_cuda::grid_size;
 
 enum class Path { kGeneric, kTensorCore };
 
@@ -392,8 +394,7 @@ at::Tensor launch(const at::Tensor& x, const at::Tensor& in_idx, const at::Tenso
                   const at::Tensor& out_idx, at::Tensor& y, const Geom& G, int64_t blocks, Path path,
                   cudaStream_t stream) {
   constexpr const char* op = "sparsekit::channel_gather_conv2d";
-  TORCH_CHECK(blocks <= INT_MAX, op, ": problem too large for one launch (", blocks, " thread blocks)");
-  const unsigned grid = static_cast<unsigned>(blocks);
+  const unsigned grid = grid_size(op, blocks);
   const void* in_ptr = in_idx.const_data_ptr();
   const void* out_ptr = out_idx.defined() ? out_idx.const_data_ptr() : nullptr;
   if (path == Path::kTensorCore) {
@@ -505,14 +506,7 @@ at::Tensor channel_conv_run(const at::Tensor& x, const at::Tensor& in_idx_in, co
               Cout, ")");
   TORCH_CHECK(in_idx_in.numel() == Kg * groups, op, ": in_idx has ", in_idx_in.numel(),
               " entries, expected weight.size(1) * groups = ", Kg * groups);
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_cuda(op, *bias_in, "bias", 1, x);
-    check_same_dtype(op, *bias_in, "bias", x, "x");
-    TORCH_CHECK(bias_in->size(0) == Cout, op, ": bias must have weight.size(0) = ", Cout, " entries, got ",
-                bias_in->size(0));
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = checked_bias(op, bias_in, x, "x", Cout, "weight.size(0) = ");
   at::Tensor out_idx;
   const bool scatter = out_idx_in.has_value() && out_idx_in->defined();
   TORCH_CHECK(scatter == n_out.has_value(), op, ": out_idx and n_out must be given together");

@@ -1,8 +1,14 @@
-// Input checks shared by the CUDA ops (device, dims, dtype), with messages naming the op and the argument.
+// Input checks shared by the CUDA ops (device, dims, dtype, the optional bias, the grid size of a launch), with
+// messages naming the op and the argument.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <optional>
 
 namespace sparsekit_cuda {
 
@@ -23,6 +29,24 @@ inline void check_same_dtype(const char* op, const at::Tensor& t, const char* na
                       const char* ref_name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
               ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+// The optional bias of an op: undefined when absent, else checked (a 1-D CUDA tensor on ref's device, of ref's
+// dtype, with `size` entries) and made contiguous. `size_name` names the size in the message
+// "bias must have <size_name><size> entries, got ...".
+inline at::Tensor checked_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& ref,
+                               const char* ref_name, int64_t size, const char* size_name) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  check_cuda(op, *bias, "bias", 1, ref);
+  check_same_dtype(op, *bias, "bias", ref, ref_name);
+  TORCH_CHECK(bias->size(0) == size, op, ": bias must have ", size_name, size, " entries, got ", bias->size(0));
+  return bias->contiguous();
+}
+
+// The grid of a 1-D launch of `blocks` thread blocks (at least one), or an error when it passes INT_MAX.
+inline unsigned grid_size(const char* op, int64_t blocks) {
+  TORCH_CHECK(blocks <= INT_MAX, op, ": problem too large for one launch (", blocks, " thread blocks)");
+  return static_cast<unsigned>(std::max<int64_t>(blocks, 1));
 }
 
 }  // namespace sparsekit_cuda

@@ -202,6 +202,8 @@ __global__ void csr_row_of_kernel(const int32_t* __restrict__ crow, int32_t* __r
 using sparsekit_cuda::check_cuda;
 using sparsekit_cuda::check_floating;
 using sparsekit_cuda::check_same_dtype;
+using sparsekit_cuda::checked_bias;
+using sparsekit_cuda::grid_size;
 
 void check_csr_index(const char* op, const at::Tensor& crow, const at::Tensor& col, int64_t rows, int64_t cols,
                      const at::Tensor& ref) {
@@ -228,22 +230,7 @@ void check_values(const char* op, const at::Tensor& values, const at::Tensor& co
               values.numel());
 }
 
-unsigned grid_size(const char* op, int64_t blocks) {
-  TORCH_CHECK(blocks <= INT_MAX, op, ": problem too large for one launch (", blocks, " thread blocks)");
-  return static_cast<unsigned>(std::max<int64_t>(blocks, 1));
-}
-
 // ------------------------------------------------------------------------------------------ host side
-int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
-// src [M, C] -> [C, Mp], Mp >= M, the pad columns zero.
-at::Tensor transposed_padded(const at::Tensor& src, int64_t Mp) {
-  if (Mp == src.size(0)) return src.t().contiguous();
-  at::Tensor t = at::zeros({src.size(1), Mp}, src.options());
-  t.narrow(1, 0, src.size(0)).copy_(src.t());
-  return t;
-}
-
 // Rows by decreasing length (stable: equal lengths keep ascending row order), int32.
 at::Tensor row_order(const at::Tensor& crow, int64_t rows) {
   const at::Tensor len = crow.narrow(0, 1, rows).sub(crow.narrow(0, 0, rows));
@@ -328,13 +315,7 @@ at::Tensor csr_mm_cuda(const at::Tensor& x_in, const at::Tensor& crow, const at:
   TORCH_CHECK(n >= 0, op, ": n must be non-negative, got ", n);
   check_csr_index(op, crow, col, n, x_in.size(1), x_in);
   check_values(op, values, col, x_in, "x");
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_cuda(op, *bias_in, "bias", 1, x_in);
-    check_same_dtype(op, *bias_in, "bias", x_in, "x");
-    TORCH_CHECK(bias_in->size(0) == n, op, ": bias must have n=", n, " entries, got ", bias_in->size(0));
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = checked_bias(op, bias_in, x_in, "x", n, "n=");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   at::Tensor y;  // fp16/bf16, M <= 64: the tensor-core path (csr_skinny.cu) when it applies
@@ -386,25 +367,8 @@ at::Tensor csr_sddmm_cuda(const at::Tensor& dy_in, const at::Tensor& x_in, const
   at::Tensor out = at::empty({nnz}, dy.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const CsrEntries entries{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), N};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "sparsekit_csr_sddmm_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    if (M <= kSddmmThreadMaxM) {
-      sddmm_thread_kernel<scalar_t, A, CsrEntries>
-          <<<grid_size(op, (nnz + kSddmmThreads - 1) / kSddmmThreads), kSddmmThreads, 0, stream>>>(
-              dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), entries, out.mutable_data_ptr<scalar_t>(),
-              nnz, M, N, K);
-    } else {
-      const int64_t Mp = round_up(M, VecWidth<scalar_t>::value);
-      const at::Tensor dyT = transposed_padded(dy, Mp), xT = transposed_padded(x, Mp);
-      const int64_t warps = (nnz + kSddmmWarpEntries - 1) / kSddmmWarpEntries;
-      constexpr int kWarpsPerBlock = kSddmmThreads / 32;
-      sddmm_warp_kernel<scalar_t, A, CsrEntries>
-          <<<grid_size(op, (warps + kWarpsPerBlock - 1) / kWarpsPerBlock), kSddmmThreads, 0, stream>>>(
-              dyT.const_data_ptr<scalar_t>(), xT.const_data_ptr<scalar_t>(), entries,
-              out.mutable_data_ptr<scalar_t>(), nnz, Mp);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "sparsekit_csr_sddmm_cuda",
+                                  [&] { launch_sddmm<scalar_t>(op, dy, x, entries, out, stream); });
   return out;
 }
 

@@ -124,6 +124,8 @@ nm_gemm_kernel(const T* __restrict__ in, const T* __restrict__ values, const uin
 using sparsekit_cuda::check_cuda;
 using sparsekit_cuda::check_floating;
 using sparsekit_cuda::check_same_dtype;
+using sparsekit_cuda::checked_bias;
+using sparsekit_cuda::grid_size;
 
 // Checks n, m and indices; returns K = indices.size(1) / n * m.
 int64_t check_pattern(const char* op, const at::Tensor& indices, int64_t n, int64_t m, const at::Tensor& ref) {
@@ -145,11 +147,6 @@ void check_values(const char* op, const at::Tensor& values, const at::Tensor& in
   TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
   TORCH_CHECK(values.sizes() == indices.sizes(), op, ": values and indices must have the same shape, got ",
               values.sizes(), " and ", indices.sizes());
-}
-
-unsigned grid_size(const char* op, int64_t blocks) {
-  TORCH_CHECK(blocks <= INT_MAX, op, ": problem too large for one launch (", blocks, " thread blocks)");
-  return static_cast<unsigned>(std::max<int64_t>(blocks, 1));
 }
 
 template <bool kTrans>
@@ -225,14 +222,7 @@ at::Tensor nm_mm_cuda(const at::Tensor& x_in, const at::Tensor& values, const at
   check_values(op, values, indices, x_in, "x");
   const int64_t M = x_in.size(0), N = values.size(0);
   TORCH_CHECK(x_in.size(1) == K, op, ": x.size(1) must be K = values.size(1) / n * m = ", K, ", got ", x_in.size(1));
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_cuda(op, *bias_in, "bias", 1, x_in);
-    check_same_dtype(op, *bias_in, "bias", x_in, "x");
-    TORCH_CHECK(bias_in->size(0) == N, op, ": bias must have N = values.size(0) = ", N, " entries, got ",
-                bias_in->size(0));
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = checked_bias(op, bias_in, x_in, "x", N, "N = values.size(0) = ");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
@@ -287,32 +277,8 @@ at::Tensor nm_sddmm_cuda(const at::Tensor& dy_in, const at::Tensor& x_in, const 
   at::Tensor out = at::empty({N, kept}, dy.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const NmEntries entries{indices.const_data_ptr<uint8_t>(), kept, static_cast<int>(n), static_cast<int>(m)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "sparsekit_nm_sddmm_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
-    if (M <= kSddmmThreadMaxM) {
-      sddmm_thread_kernel<scalar_t, A, NmEntries>
-          <<<grid_size(op, (nnz + kSddmmThreads - 1) / kSddmmThreads), kSddmmThreads, 0, stream>>>(
-              dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), entries, out.mutable_data_ptr<scalar_t>(),
-              nnz, M, N, K);
-    } else {
-      constexpr int V = VecWidth<scalar_t>::value;
-      const int64_t Mp = (M + V - 1) / V * V;
-      auto transposed = [&](const at::Tensor& s) {
-        if (Mp == M) return s.t().contiguous();
-        at::Tensor t = at::zeros({s.size(1), Mp}, s.options());
-        t.narrow(1, 0, M).copy_(s.t());
-        return t;
-      };
-      const at::Tensor dyT = transposed(dy), xT = transposed(x);
-      const int64_t warps = (nnz + kSddmmWarpEntries - 1) / kSddmmWarpEntries;
-      constexpr int kWarpsPerBlock = kSddmmThreads / 32;
-      sddmm_warp_kernel<scalar_t, A, NmEntries>
-          <<<grid_size(op, (warps + kWarpsPerBlock - 1) / kWarpsPerBlock), kSddmmThreads, 0, stream>>>(
-              dyT.const_data_ptr<scalar_t>(), xT.const_data_ptr<scalar_t>(), entries,
-              out.mutable_data_ptr<scalar_t>(), nnz, Mp);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "sparsekit_nm_sddmm_cuda",
+                                  [&] { launch_sddmm<scalar_t>(op, dy, x, entries, out, stream); });
   return out;
 }
 

@@ -11,13 +11,19 @@
 //     consecutive threads read nearby columns of the same row of x (sorted columns), and one dy element.
 //   sddmm_warp_kernel: one warp per kSddmmWarpEntries entries, lanes over M with 16-byte vector loads from the
 //     transposed, zero-padded copies dyT [N, Mp] and xT [K, Mp]; a shuffle reduction per entry.
-// Both accumulate in at::opmath_type<T> (fp32 for fp16/bf16).
+// Both accumulate in at::opmath_type<T> (fp32 for fp16/bf16). launch_sddmm (host) picks and launches one of
+// them, the same way for both families; transposed_padded also serves csr_spmm.cu's tiled SpMM.
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+
+#include "checks.cuh"
 
 namespace {
 
@@ -132,6 +138,41 @@ sddmm_warp_kernel(const T* __restrict__ dyT, const T* __restrict__ xT, Entries e
     const A s = warp_sum(acc[q]);
     if (lane == 0 && e0 + q < nnz) out[e0 + q] = static_cast<T>(s);
   }
+}
+
+// ------------------------------------------------------------------------------------------ host side
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// src [M, C] -> [C, Mp], Mp >= M, the pad columns zero.
+inline at::Tensor transposed_padded(const at::Tensor& src, int64_t Mp) {
+  if (Mp == src.size(0)) return src.t().contiguous();
+  at::Tensor t = at::zeros({src.size(1), Mp}, src.options());
+  t.narrow(1, 0, src.size(0)).copy_(src.t());
+  return t;
+}
+
+// out[e] for every entry e < out.numel() of `entries`, from dy [M, N] and x [M, K] (contiguous, of type T,
+// M > 0, out not empty), on `stream`: sddmm_thread_kernel for M <= kSddmmThreadMaxM, else sddmm_warp_kernel
+// over transposed, zero-padded copies of dy and x. Called from the op's AT_DISPATCH with T = scalar_t.
+template <typename T, typename Entries>
+void launch_sddmm(const char* op, const at::Tensor& dy, const at::Tensor& x, const Entries& entries, at::Tensor& out,
+                  cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  const int64_t M = dy.size(0), N = dy.size(1), K = x.size(1), nnz = out.numel();
+  if (M <= kSddmmThreadMaxM) {
+    sddmm_thread_kernel<T, A, Entries>
+        <<<sparsekit_cuda::grid_size(op, (nnz + kSddmmThreads - 1) / kSddmmThreads), kSddmmThreads, 0, stream>>>(
+            dy.const_data_ptr<T>(), x.const_data_ptr<T>(), entries, out.mutable_data_ptr<T>(), nnz, M, N, K);
+  } else {
+    const int64_t Mp = round_up(M, VecWidth<T>::value);
+    const at::Tensor dyT = transposed_padded(dy, Mp), xT = transposed_padded(x, Mp);
+    const int64_t warps = (nnz + kSddmmWarpEntries - 1) / kSddmmWarpEntries;
+    constexpr int kWarpsPerBlock = kSddmmThreads / 32;
+    sddmm_warp_kernel<T, A, Entries>
+        <<<sparsekit_cuda::grid_size(op, (warps + kWarpsPerBlock - 1) / kWarpsPerBlock), kSddmmThreads, 0, stream>>>(
+            dyT.const_data_ptr<T>(), xT.const_data_ptr<T>(), entries, out.mutable_data_ptr<T>(), nnz, Mp);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

@@ -1,0 +1,98 @@
+"""Launcher plumbing shared by the Triton kernel modules (k_bsr_mm, k_bsr_mm_t, k_bsr_sddmm, k_nm_mm,
+k_channel), written once: the argument checks they have in common (with their error messages), the default
+dot precision, and the device context of a launch. Imports torch only (never triton).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from ._configs import interpreting
+
+__all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_activation", "check_int", "check_index", "check_bias",
+           "check_optional_positive_int", "check_runnable", "default_input_precision", "device_ctx"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_tensor(t: object, name: str) -> Tensor:
+    """``t`` itself when it is a dense, contiguous torch.Tensor; TypeError / ValueError naming it otherwise."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)}); "
+                         f"call .contiguous() first")
+    return t
+
+
+def check_activation(t: Tensor, name: str, shape: str = "") -> None:
+    """An activation (x, dy): 2-D (``shape`` describes it in the message, e.g. "[M, K]") in a supported dtype."""
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D{' ' + shape if shape else ''}, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def check_int(v: object, name: str) -> int:
+    """An int argument (numpy / torch integer scalars accepted, bool refused)."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    return int(v)
+
+
+def check_index(t: Tensor, name: str) -> None:
+    """An index vector of the BSR launchers (crow_indices, col_indices): int32 and 1-D."""
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+
+
+def check_bias(bias: object, x: Tensor, n: int) -> Tensor | None:
+    """None, or a contiguous bias of shape (n,) in x's dtype."""
+    if bias is None:
+        return None
+    bias = check_tensor(bias, "bias")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    return bias
+
+
+def check_optional_positive_int(v: object, name: str) -> None:
+    """A split count: None (the launcher decides) or an int >= 1 (bool refused)."""
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise ValueError(f"{name} must be None or a positive int, got {v!r}")
+
+
+def check_runnable(device: torch.device, subject: str) -> None:
+    """The kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; ``subject`` starts the
+    message ("x is", "tensors are")."""
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ValueError(f"{subject} on {device}; the Triton kernel runs on CUDA tensors (CPU tensors only under "
+                         "TRITON_INTERPRET=1)")
+
+
+def default_input_precision(dtype: torch.dtype) -> str:
+    """Dot precision for fp32 inputs: "tf32" when torch allows TF32 for CUDA matmuls, else "ieee".
+
+    fp16/bf16 dots ignore it (they always run on tensor cores with fp32 accumulation)."""
+    if dtype != torch.float32:
+        return "ieee"
+    try:
+        allow = bool(torch.backends.cuda.matmul.allow_tf32)
+    except (AttributeError, RuntimeError):
+        allow = False
+    return "tf32" if allow else "ieee"
+
+
+def device_ctx(device: torch.device):
+    """The context to launch on ``device``: its CUDA device (so a tensor on cuda:1 launches there), or none for
+    CPU tensors under the interpreter."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
