@@ -340,9 +340,12 @@ def models_reported(device: str, dtype: str, models: tuple[str, ...]) -> Callabl
         if not found:
             return NOT_YET
         sources = tuple(dict.fromkeys(run for _, run, _ in found))
-        return Measured(", ".join(f"{m} {_x(row['speedup'])}" + (f" (compiled {_x(row['speedup_compiled'])})"
-                                                               if "speedup_compiled" in row else "")
-                                  for m, _, row in found), REPORTED, sources)
+        def text(m: str, row: dict) -> str:
+            if "speedup_compiled" not in row:
+                return f"{m} {_x(row['speedup'])}"
+            return (f"{m} {_x(row['speedup'])} (compiled {_x(row['speedup_compiled'])}, best sparse vs best dense "
+                    f"{_x(row['speedup_best'])})")
+        return Measured(", ".join(text(m, row) for m, _, row in found), REPORTED, sources)
     return measure
 
 
@@ -545,8 +548,9 @@ def targets_block(results_dir: str | Path, link: Callable[[Path], str],
         if runs:
             dates = sorted(run.date[:10] for run in runs)
             span = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
-            lines += ["", f"Measured on {' · '.join(dict.fromkeys(run.machine for run in runs))}; result files "
-                      f"of {span} (each file records the full machine, versions and load)."]
+            lines += ["", f"Result files of {span}; the machines as they record them (each file also has the "
+                      "versions and load):", ""]
+            lines += [f"- {machine}" for machine in dict.fromkeys(run.machine for run in runs)]
         else:
             how = ("on a GPU machine `bash bench/gpu_session.sh bench-targets bench-models`, copy its results "
                    "into bench/results/" if device == "cuda" else "run the benchmarks (bench/README.md)")
