@@ -13,7 +13,8 @@ from torch import Tensor
 from ._configs import interpreting
 
 __all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_activation", "check_int", "check_index", "check_bias",
-           "check_optional_positive_int", "check_runnable", "default_input_precision", "device_ctx"]
+           "check_optional_positive_int", "check_runnable", "default_input_precision", "device_ctx",
+           "INPUT_PRECISIONS", "resolve_input_precision"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -90,6 +91,19 @@ def default_input_precision(dtype: torch.dtype) -> str:
     except (AttributeError, RuntimeError):
         allow = False
     return "tf32" if allow else "ieee"
+
+
+INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def resolve_input_precision(dtype: torch.dtype, input_precision: str | None) -> str:
+    """A launcher's ``input_precision`` argument: the default for ``dtype`` when None, else checked against
+    INPUT_PRECISIONS (so a typo fails here, naming the argument, not inside Triton's compiler)."""
+    if input_precision is None:
+        return default_input_precision(dtype)
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    return input_precision
 
 
 def device_ctx(device: torch.device):

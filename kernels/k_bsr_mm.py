@@ -44,15 +44,14 @@ from ._launch import (
     check_optional_positive_int,
     check_runnable,
     check_tensor,
-    default_input_precision,
     device_ctx,
+    resolve_input_precision,
 )
 from ._tiles import grouped_pid, row_tile
 
 __all__ = ["bsr_mm", "SUPPORTED_BLOCK_SIDES", "SUPPORTED_DTYPES"]
 
 SUPPORTED_BLOCK_SIDES = (16, 32, 64, 128)
-_INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
 @triton.jit
@@ -212,10 +211,7 @@ def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
                          + ", ".join(f"{name}={t.device}" for name, t in named))
     device = x.device
     check_runnable(device, "x is")
-    if input_precision is None:
-        input_precision = default_input_precision(x.dtype)
-    elif input_precision not in _INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
+    input_precision = resolve_input_precision(x.dtype, input_precision)
 
     check_optional_positive_int(split_k, "split_k")
 

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._configs import bsr_mm_config, interpreting
-from ._launch import check_index, check_int, check_runnable, default_input_precision, device_ctx
+from ._launch import check_index, check_int, check_runnable, device_ctx, resolve_input_precision
 from ._tiles import grouped_pid
 from ._transpose import cached_transpose_meta
 from .k_bsr_mm import bsr_row_tile, check_bsr_operands
@@ -95,8 +95,7 @@ def bsr_mm_t(dy: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tens
                          f"{sorted(map(str, devices))}")
     device = dy.device
     check_runnable(device, "dy is")
-    if input_precision is None:
-        input_precision = default_input_precision(dy.dtype)
+    input_precision = resolve_input_precision(dy.dtype, input_precision)
 
     dx = torch.empty((m, k), dtype=dy.dtype, device=device)
     if m == 0 or k == 0:

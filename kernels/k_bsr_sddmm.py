@@ -24,11 +24,12 @@ from ._configs import bsr_sddmm_config, interpreting
 from ._launch import (
     check_activation,
     check_index,
+    check_int,
     check_optional_positive_int,
     check_runnable,
     check_tensor,
-    default_input_precision,
     device_ctx,
+    resolve_input_precision,
 )
 from ._transpose import block_rows
 from .k_bsr_mm import SUPPORTED_BLOCK_SIDES
@@ -97,7 +98,7 @@ def bsr_sddmm(dy: Tensor, x: Tensor, crow_indices: Tensor, col_indices: Tensor, 
         raise TypeError(f"x dtype {x.dtype} does not match dy dtype {dy.dtype}")
     if dy.shape[0] != x.shape[0]:
         raise ValueError(f"dy {tuple(dy.shape)} and x {tuple(x.shape)} must have the same number of rows M")
-    bn, bk = int(block_n), int(block_k)
+    bn, bk = check_int(block_n, "block_n"), check_int(block_k, "block_k")
     if bn not in SUPPORTED_BLOCK_SIDES or bk not in SUPPORTED_BLOCK_SIDES:
         raise ValueError(f"block ({bn}, {bk}) not supported; block sides must be one of {SUPPORTED_BLOCK_SIDES}")
     m, n = (int(s) for s in dy.shape)
@@ -114,8 +115,7 @@ def bsr_sddmm(dy: Tensor, x: Tensor, crow_indices: Tensor, col_indices: Tensor, 
     device = dy.device
     check_runnable(device, "dy is")
     check_optional_positive_int(split, "split")
-    if input_precision is None:
-        input_precision = default_input_precision(dy.dtype)
+    input_precision = resolve_input_precision(dy.dtype, input_precision)
 
     nnzb = int(col_indices.numel())
     if nnzb == 0 or m == 0:

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._configs import channel_mm_config, interpreting
-from ._launch import SUPPORTED_DTYPES, check_runnable, default_input_precision, device_ctx
+from ._launch import SUPPORTED_DTYPES, check_runnable, device_ctx, resolve_input_precision
 from ._tiles import grouped_pid, row_tile
 
 __all__ = ["channel_mm", "channel_scatter"]
@@ -118,8 +118,7 @@ def channel_mm(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None, y
     nc, kc = (int(s) for s in weight.shape)
     if batch == 0 or m == 0 or nc == 0:
         return y
-    if input_precision is None:
-        input_precision = default_input_precision(x.dtype)
+    input_precision = resolve_input_precision(x.dtype, input_precision)
     cfg = channel_mm_config(m, x.dtype, x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(nc, cfg.block_n), batch)
     with device_ctx(x.device):

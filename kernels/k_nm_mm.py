@@ -29,8 +29,8 @@ from ._launch import (
     check_int,
     check_runnable,
     check_tensor,
-    default_input_precision,
     device_ctx,
+    resolve_input_precision,
 )
 from ._tiles import grouped_pid, row_tile
 
@@ -105,7 +105,8 @@ def nm_mm(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: in
         raise TypeError(f"indices must be uint8, got {indices.dtype}")
     n, m = check_int(n, "n"), check_int(m, "m")
     if not 1 <= n <= m or m > 255:
-        raise ValueError(f"need 1 <= n <= m <= 255, got n={n}, m={m}")
+        raise ValueError(f"need 1 <= n <= m <= 255 (the Triton kernel pads groups with position 255; the "
+                         f"CUDA and CPU kernels take m = 256), got n={n}, m={m}")
     mx, k = (int(s) for s in x.shape)
     if k % m:
         raise ValueError(f"x.shape[1]={k} (K) must be a multiple of m={m}")
@@ -120,8 +121,7 @@ def nm_mm(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: in
         raise ValueError(f"x, values, indices and bias must be on one device, got {[str(t.device) for t in tensors]}")
     device = x.device
     check_runnable(device, "x is")
-    if input_precision is None:
-        input_precision = default_input_precision(x.dtype)
+    input_precision = resolve_input_precision(x.dtype, input_precision)
 
     y = torch.empty((mx, rows), dtype=x.dtype, device=device)
     if mx == 0 or rows == 0:

@@ -229,11 +229,13 @@ def test_cuda_sparsity_extremes(density):
 @pytest.mark.cuda
 @compiled_only
 def test_cuda_tf32_follows_torch_flag(monkeypatch):
+    from sparsekit.kernels._launch import default_input_precision
+
     k_bsr_mm = _kernel()
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert k_bsr_mm.default_input_precision(torch.float32) == "ieee"
+    assert default_input_precision(torch.float32) == "ieee"
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert k_bsr_mm.default_input_precision(torch.float32) == "tf32"
+    assert default_input_precision(torch.float32) == "tf32"
     w = make_bsr(256, 512, (64, 64), density=0.5, dtype=torch.float32, device="cuda")
     x = torch.randn(128, 512, device="cuda")
     y = k_bsr_mm.bsr_mm(x, w.crow_indices, w.col_indices, w.values, None, 256)
@@ -251,3 +253,40 @@ def test_cuda_non_default_device_and_large_grid():
     y = _kernel().bsr_mm(x, w.crow_indices, w.col_indices, w.values, None, 4096)
     expect = reference_bsr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(), None, 4096)
     torch.testing.assert_close(y.double(), expect, atol=4e-2, rtol=1e-2)
+
+
+@needs_runner
+def test_every_launcher_rejects_an_unknown_input_precision():
+    from sparsekit.kernels import k_bsr_mm_t, k_bsr_sddmm, k_channel, k_nm_mm
+
+    from sparsekit.formats import NM
+
+    w = make_bsr(64, 64, (16, 16), density=0.5, dtype=torch.float32, device=DEVICE)
+    x = torch.randn(8, 64, device=DEVICE)
+    nm = NM.from_dense(NM.prune(torch.randn(32, 64, device=DEVICE), 2, 4), 2, 4)
+    calls = {
+        "bsr_mm": lambda p: _kernel().bsr_mm(x, w.crow_indices, w.col_indices, w.values, None, 64,
+                                             input_precision=p),
+        "bsr_mm_t": lambda p: k_bsr_mm_t.bsr_mm_t(x, w.crow_indices, w.col_indices, w.values, 64,
+                                                  input_precision=p),
+        "bsr_sddmm": lambda p: k_bsr_sddmm.bsr_sddmm(x, x, w.crow_indices, w.col_indices, 16, 16,
+                                                     input_precision=p),
+        "nm_mm": lambda p: k_nm_mm.nm_mm(x, nm.values, nm.indices, None, 2, 4, input_precision=p),
+        "channel_mm": lambda p: k_channel.channel_mm(
+            x[None], torch.arange(0, 64, 2, device=DEVICE, dtype=torch.int32), torch.randn(16, 32, device=DEVICE),
+            None, torch.empty(1, 8, 16, device=DEVICE), (8 * 64, 64, 1), (8 * 16, 16, 1), 1, 8, input_precision=p),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="input_precision must be one of"):
+            call("tf33")
+        assert call(None) is not None, name          # the default still runs
+
+
+@needs_runner
+def test_bsr_sddmm_block_sides_must_be_ints():
+    from sparsekit.kernels import k_bsr_sddmm
+
+    w = make_bsr(64, 64, (16, 16), density=0.5, dtype=torch.float32, device=DEVICE)
+    x = torch.randn(8, 64, device=DEVICE)
+    with pytest.raises(TypeError, match="block_n must be an int, got float"):
+        k_bsr_sddmm.bsr_sddmm(x, x, w.crow_indices, w.col_indices, 16.5, 16)
