@@ -60,15 +60,19 @@ class SparsifyReport:
         return {**asdict(self), "speedup": self.speedup}
 
     def __str__(self) -> str:
+        # column widths from the longest entry (Hugging Face names run to 40+ characters)
+        nw = max([28, *(len(d.name) + 2 for d in self.layers)])
+        sw = max([16, *(len("x".join(map(str, d.weight_shape))) + 2 for d in self.layers)])
+        iw = max([18, *(len("x".join(map(str, d.input_shape))) + 2 for d in self.layers)])
         lines = [f"sparsify on {self.device}, {self.dtype}, min_speedup {self.min_speedup}",
-                 f"{'layer':<28}{'weight':>16}{'input':>18}{'sparsity':>9}  {'choice':<10}{'speedup':>8}  "
+                 f"{'layer':<{nw}}{'weight':>{sw}}{'input':>{iw}}{'sparsity':>9}  {'choice':<10}{'speedup':>8}  "
                  "candidates (ms)"]
         for d in self.layers:
             cands = " ".join(f"{k}={v:.2f}" for k, v in sorted(d.times_ms.items(), key=lambda kv: kv[1]))
             shape, inp = "x".join(map(str, d.weight_shape)), "x".join(map(str, d.input_shape))
-            lines.append(f"{d.name:<28}{shape:>16}{inp:>18}{d.sparsity:>9.3f}  {d.choice:<10}{d.speedup:>7.2f}x  "
-                         f"{cands}{' (cached)' if d.cached else ''}")
-            lines += [f"{'':<28}note: {n}" for n in d.notes]
+            lines.append(f"{d.name:<{nw}}{shape:>{sw}}{inp:>{iw}}{d.sparsity:>9.3f}  {d.choice:<10}"
+                         f"{d.speedup:>7.2f}x  {cands}{' (cached)' if d.cached else ''}")
+            lines += [f"{'':<{nw}}note: {n}" for n in d.notes]
         if self.speedup is not None:
             lines.append(f"whole model: dense {self.dense_ms:.2f} ms -> sparse {self.sparse_ms:.2f} ms "
                          f"({self.speedup:.2f}x)")

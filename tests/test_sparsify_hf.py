@@ -1,0 +1,75 @@
+"""sk.sparsify on a Hugging Face transformers BertModel (built from a small config, no download): the user flow
+"prune my HF model, make it faster" end to end: block pruning with the Pruner, sparsify, same outputs, the
+report's layer names, torch.compile(fullgraph=True), a training step, save / load."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit as sk
+from sparsekit.nn import SparseLinear
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def pruned_bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=100, max_position_embeddings=32)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    masked = copy.deepcopy(model)
+    sk.prune.Pruner(masked, ids, criterion="magnitude", granularity="block", block=(32, 32), scope="layer",
+                    sparsity=0.5).step()
+    return cfg, masked, ids
+
+
+def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).last_hidden_state
+
+
+def test_sparsify_swaps_every_linear_of_a_hf_bert_and_keeps_its_outputs(pruned_bert):
+    cfg, masked, ids = pruned_bert
+    fast, report = sk.sparsify(masked, ids, formats=["dense", "bsr"], blocks=[(32, 32)], min_speedup=1e-9,
+                               cache=False, reps=1, measure_model=False)
+    linears = [n for n, m in masked.named_modules() if isinstance(m, nn.Linear)]
+    swapped = [n for n, m in fast.named_modules() if isinstance(m, SparseLinear)]
+    assert len(linears) == 6 * cfg.num_hidden_layers and swapped == linears
+    torch.testing.assert_close(_hidden(fast, ids), _hidden(masked, ids), atol=1e-5, rtol=1e-5)
+    # the report's columns fit Hugging Face's long layer names
+    text = str(report)
+    name = "encoder.layer.1.attention.output.dense"
+    row = next(line for line in text.splitlines() if line.startswith(name))
+    assert row[len(name)] == " " and text.splitlines()[1].index("weight") < row.index("64x64") + 5
+
+
+def test_sparsified_hf_bert_compiles_trains_and_round_trips(pruned_bert, tmp_path):
+    cfg, masked, ids = pruned_bert
+    fast, _ = sk.sparsify(masked, ids, formats=["dense", "bsr"], blocks=[(32, 32)], min_speedup=1e-9, cache=False,
+                          reps=1, measure_model=False)
+    expected = _hidden(fast, ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(_hidden(compiled, ids), expected, atol=1e-5, rtol=1e-5)
+
+    sk.save(fast, tmp_path / "bert")
+    loaded = sk.load(tmp_path / "bert", transformers.BertModel(cfg, add_pooling_layer=False).eval())
+    torch.testing.assert_close(_hidden(loaded, ids), expected, atol=0, rtol=0)
+
+    # one optimizer step on the sparse values: the loss falls and nothing leaves the stored pattern
+    layer = fast.encoder.layer[0].intermediate.dense
+    before = layer.dense_weight2d().eq(0)
+    opt = torch.optim.SGD(fast.parameters(), lr=0.1)   # eval mode: no dropout, so the two losses compare
+    loss0 = fast(ids).last_hidden_state.square().mean()
+    loss0.backward()
+    opt.step()
+    with torch.no_grad():
+        loss1 = fast(ids).last_hidden_state.square().mean()
+    assert loss1 < loss0
+    assert bool(layer.dense_weight2d().eq(0)[before].all())
