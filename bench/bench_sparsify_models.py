@@ -8,6 +8,8 @@ bert      BERT-base-sized encoder (hidden 768, 12 heads, FFN 3072, seq 128, batc
           Linear but the classifier pruned to 90% with 32x32 blocks (magnitude, layer scope), then sparsified.
 resnet50  ResNet-50 (batch 8, 224x224): 50% global channel pruning compacted (dependency graph), then 80% 32x32
           block sparsity in the remaining 3x3 convs, then sparsified.
+hf-bert   the same pruning as bert on Hugging Face transformers' BertModel (BERT-base config, random weights, no
+          download, no pooler; every Linear pruned): the user's own model, not ours (needs transformers).
 
 Pruning (and ResNet-50's compaction) runs on CPU in float32; the models are then moved to --device/--dtype, where
 sparsify measures its candidates and the timing runs (CUDA: synchronised). Writes
@@ -59,8 +61,9 @@ def _verify(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, dtype: 
     try:
         diffs = sk.verify(reference, candidate, x, atol=atol, rtol=rtol)
     except sk.VerificationError as exc:
-        with torch.no_grad():
-            diff = float((reference(x).float() - candidate(x).float()).abs().max())
+        with torch.no_grad():   # a Hugging Face model returns a ModelOutput: compare its first tensor
+            first = lambda out: out if isinstance(out, torch.Tensor) else out[0]
+            diff = float((first(reference(x)).float() - first(candidate(x)).float()).abs().max())
         return {"verify_max_diff": diff, "verify_error": str(exc)[:500]}
     return {"verify_max_diff": max(diffs.values()), "verify_error": None}
 
@@ -96,15 +99,30 @@ def _timed(dense: nn.Module, fast: nn.Module, x: torch.Tensor, reps: int, device
     return out
 
 
-def bert(reps: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 8,
-         compile_: bool = False) -> dict:
-    cfg = {**sk.models.bert_base_config(), "layers": layers, "max_len": 128}
+def _bert_model(layers: int, batch: int, hf: bool) -> tuple[nn.Module, torch.Tensor, list[str], str]:
+    """(model, token ids [batch, 128], names of the Linears left dense, label): sparsekit.models' encoder (its
+    classifier `fc` stays dense) or, with ``hf``, Hugging Face transformers' BertModel from the BERT-base config
+    (random weights, no download; no pooler)."""
     torch.manual_seed(0)
-    dense = sk.models.TransformerEncoder(**cfg, seq_len=128).eval()
-    x = dense.example_input(batch)
+    if not hf:
+        cfg = {**sk.models.bert_base_config(), "layers": layers, "max_len": 128}
+        dense = sk.models.TransformerEncoder(**cfg, seq_len=128).eval()
+        return dense, dense.example_input(batch), ["fc"], f"BERT-base encoder ({layers} layers)"
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("--models hf-bert needs the transformers package (pip install transformers)") from None
+    cfg = transformers.BertConfig(num_hidden_layers=layers)       # the defaults are BERT-base's
+    dense = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    return dense, torch.randint(0, cfg.vocab_size, (batch, 128)), [], f"Hugging Face BertModel ({layers} layers)"
+
+
+def bert(reps: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 8,
+         compile_: bool = False, hf: bool = False) -> dict:
+    dense, x, keep_dense, label = _bert_model(layers, batch, hf)
     masked = copy.deepcopy(dense)
     pruner = sk.prune.Pruner(masked, x, criterion="magnitude", granularity="block", block=(32, 32),
-                             scope="layer", sparsity=0.9, ignore=[masked.fc])
+                             scope="layer", sparsity=0.9, ignore=[masked.get_submodule(n) for n in keep_dense])
     pruner.step()
     dense, _ = _place(dense, x, device, dtype)
     masked, x = _place(masked, x, device, dtype)
@@ -115,12 +133,13 @@ def bert(reps: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch
     check = _verify(masked, fast, x, dtype)
     t = _timed(dense, fast, x, reps, device, compile_)
     lin_dense = sum(m.weight.numel() * m.weight.element_size() for n, m in dense.named_modules()
-                    if isinstance(m, nn.Linear) and n != "fc")
+                    if isinstance(m, nn.Linear) and n not in keep_dense)
     # the Linear weights after sparsify, the ones left dense included (all dense would read 100%, not 0%)
     lin_sparse = sum(m.weight_nbytes if isinstance(m, SparseLinear) else m.weight.numel() * m.weight.element_size()
-                     for n, m in fast.named_modules() if isinstance(m, (SparseLinear, nn.Linear)) and n != "fc")
+                     for n, m in fast.named_modules()
+                     if isinstance(m, (SparseLinear, nn.Linear)) and n not in keep_dense)
     n_sparse = sum(isinstance(m, SparseLinear) for m in fast.modules())
-    return {"model": f"BERT-base encoder ({layers} layers), seq 128, batch {batch}",
+    return {"model": f"{label}, seq 128, batch {batch}",
             "pruning": "90% 32x32 blocks, magnitude", "device": device, "dtype": str(dtype).split(".")[-1],
             **t, "target": 3.0,
             "sparse_layers": n_sparse, "choices": sorted({d.choice for d in report.layers}),
@@ -165,7 +184,8 @@ def _ms(v: float) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="bert,resnet50")
+    ap.add_argument("--models", default="bert,resnet50",
+                    help="comma-separated: bert, resnet50, hf-bert (Hugging Face BertModel; needs transformers)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=12, help="BERT encoder layers (12 = BERT-base)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where sparsify and timing run")
@@ -181,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     names = [n for n in a.models.split(",") if n]
     for name in names:
-        if name not in ("bert", "resnet50"):
-            raise SystemExit(f"--models: unknown model {name!r}; expected bert and/or resnet50")
+        if name not in ("bert", "resnet50", "hf-bert"):
+            raise SystemExit(f"--models: unknown model {name!r}; expected bert, resnet50 and/or hf-bert")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")
     if a.reps < 1 or a.batch < 1 or a.layers < 1:
@@ -190,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[a.dtype]
     rows = []
     for name in names:
-        row = (bert(a.reps, a.layers, a.device, dtype, a.batch, a.compile) if name == "bert"
-               else resnet50(a.reps, a.device, dtype, a.batch, a.compile))
+        row = (resnet50(a.reps, a.device, dtype, a.batch, a.compile) if name == "resnet50"
+               else bert(a.reps, a.layers, a.device, dtype, a.batch, a.compile, hf=name == "hf-bert"))
         print(json.dumps(row, indent=1))
         rows.append(row)
     info = machine_info(a.device)

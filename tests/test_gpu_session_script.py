@@ -268,3 +268,14 @@ def test_bench_sparsify_models_times_compiled_pairs_in_the_same_loop(skm):
     best = min(t["dense_ms"], t["dense_compile_ms"]) / min(t["sparse_ms"], t["sparse_compile_ms"])
     assert t["speedup_best"] == best
     assert "dense_compile_ms" not in skm._timed(dense, fast, torch.randn(4, 64), 1, "cpu", compile_=False)
+
+
+def test_bench_sparsify_models_hf_bert(skm, tmp_path):
+    pytest.importorskip("transformers")
+    assert skm.main(["--models", "hf-bert", "--layers", "1", "--reps", "1", "--batch", "1",
+                     "--out", str(tmp_path)]) == 0
+    import json
+
+    row = json.loads(next(tmp_path.glob("sparsify_models_cpu-*.json")).read_text())["rows"][0]
+    assert row["model"].startswith("Hugging Face BertModel (1 layers)") and row["verify_error"] is None
+    assert row["sparse_layers"] == 6 and row["linear_weight_bytes_pct"] < 15
