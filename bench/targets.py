@@ -471,6 +471,10 @@ TARGETS: list[Target] = [
     Target("8", "cpu", "... its Linear weights <= 15% of dense bytes",
            model_figure("cpu", "float32", "BERT-base encoder (12 layers)", "linear_weight_bytes_pct", 15.0,
                         lambda r: f"{r['linear_weight_bytes_pct']:.1f}%", at_most=True)),
+    Target("8", "cpu", "the same 90% BERT-base pruning on Hugging Face transformers' BertModel (a transformers "
+           "config) >= 3x",
+           model_figure("cpu", "float32", "Hugging Face BertModel (12 layers)", "speedup", 3.0,
+                        lambda r: f"{_x(r['speedup'])} ({r['dense_ms']:.0f} -> {r['sparse_ms']:.0f} ms)")),
     Target("8", "cpu", "ResNet-50 (batch 8, 224), 50% channels compacted + 80% 32x32 blocks in 3x3 convs >= 2.5x",
            model_figure("cpu", "float32", "ResNet-50", "speedup", 2.5,
                         lambda r: f"{_x(r['speedup'])} (compaction alone {_x(r['compact_only_speedup'])})")),
