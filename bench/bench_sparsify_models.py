@@ -10,6 +10,7 @@ resnet50  ResNet-50 (batch 8, 224x224): 50% global channel pruning compacted (de
           block sparsity in the remaining 3x3 convs, then sparsified.
 hf-bert   the same pruning as bert on Hugging Face transformers' BertModel (BERT-base config, random weights, no
           download, no pooler; every Linear pruned): the user's own model, not ours (needs transformers).
+hf-gpt2   the same on transformers' GPT2Model (GPT-2 small config, seq 128), after sk.nn.conv1d_to_linear.
 
 Pruning (and ResNet-50's compaction) runs on CPU in float32; the models are then moved to --device/--dtype, where
 sparsify measures its candidates and the timing runs (CUDA: synchronised). Writes
@@ -99,27 +100,34 @@ def _timed(dense: nn.Module, fast: nn.Module, x: torch.Tensor, reps: int, device
     return out
 
 
-def _bert_model(layers: int, batch: int, hf: bool) -> tuple[nn.Module, torch.Tensor, list[str], str]:
-    """(model, token ids [batch, 128], names of the Linears left dense, label): sparsekit.models' encoder (its
-    classifier `fc` stays dense) or, with ``hf``, Hugging Face transformers' BertModel from the BERT-base config
-    (random weights, no download; no pooler)."""
+def _transformer_model(kind: str, layers: int, batch: int) -> tuple[nn.Module, torch.Tensor, list[str], str]:
+    """(model, token ids [batch, 128], names of the Linears left dense, label) for ``kind``: "bert" is
+    sparsekit.models' encoder (its classifier `fc` stays dense); "hf-bert" Hugging Face transformers' BertModel
+    from the BERT-base config (no pooler); "hf-gpt2" transformers' GPT2Model (GPT-2 small config), its Conv1D
+    projections turned into nn.Linear by sk.nn.conv1d_to_linear first. Random weights, no download."""
     torch.manual_seed(0)
-    if not hf:
+    if kind == "bert":
         cfg = {**sk.models.bert_base_config(), "layers": layers, "max_len": 128}
         dense = sk.models.TransformerEncoder(**cfg, seq_len=128).eval()
         return dense, dense.example_input(batch), ["fc"], f"BERT-base encoder ({layers} layers)"
     try:
         import transformers
     except ImportError:
-        raise SystemExit("--models hf-bert needs the transformers package (pip install transformers)") from None
-    cfg = transformers.BertConfig(num_hidden_layers=layers)       # the defaults are BERT-base's
-    dense = transformers.BertModel(cfg, add_pooling_layer=False).eval()
-    return dense, torch.randint(0, cfg.vocab_size, (batch, 128)), [], f"Hugging Face BertModel ({layers} layers)"
+        raise SystemExit(f"--models {kind} needs the transformers package (pip install transformers)") from None
+    if kind == "hf-bert":
+        cfg = transformers.BertConfig(num_hidden_layers=layers)       # the defaults are BERT-base's
+        dense = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+        label = f"Hugging Face BertModel ({layers} layers)"
+    else:
+        cfg = transformers.GPT2Config(n_layer=layers)                  # the defaults are GPT-2 small's
+        dense = sk.nn.conv1d_to_linear(transformers.GPT2Model(cfg).eval(), inplace=True)
+        label = f"Hugging Face GPT2Model ({layers} layers)"
+    return dense, torch.randint(0, cfg.vocab_size, (batch, 128)), [], label
 
 
-def bert(reps: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 8,
-         compile_: bool = False, hf: bool = False) -> dict:
-    dense, x, keep_dense, label = _bert_model(layers, batch, hf)
+def transformer(kind: str, reps: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                batch: int = 8, compile_: bool = False) -> dict:
+    dense, x, keep_dense, label = _transformer_model(kind, layers, batch)
     masked = copy.deepcopy(dense)
     pruner = sk.prune.Pruner(masked, x, criterion="magnitude", granularity="block", block=(32, 32),
                              scope="layer", sparsity=0.9, ignore=[masked.get_submodule(n) for n in keep_dense])
@@ -185,9 +193,9 @@ def _ms(v: float) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="bert,resnet50",
-                    help="comma-separated: bert, resnet50, hf-bert (Hugging Face BertModel; needs transformers)")
+                    help="comma-separated: bert, resnet50, hf-bert, hf-gpt2 (Hugging Face models; need transformers)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--layers", type=int, default=12, help="BERT encoder layers (12 = BERT-base)")
+    ap.add_argument("--layers", type=int, default=12, help="transformer layers (12 = BERT-base, GPT-2 small)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where sparsify and timing run")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
     ap.add_argument("--batch", type=int, default=8, help="batch size of both models (default 8)")
@@ -201,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     names = [n for n in a.models.split(",") if n]
     for name in names:
-        if name not in ("bert", "resnet50", "hf-bert"):
-            raise SystemExit(f"--models: unknown model {name!r}; expected bert, resnet50 and/or hf-bert")
+        if name not in ("bert", "resnet50", "hf-bert", "hf-gpt2"):
+            raise SystemExit(f"--models: unknown model {name!r}; expected bert, resnet50, hf-bert and/or hf-gpt2")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")
     if a.reps < 1 or a.batch < 1 or a.layers < 1:
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         row = (resnet50(a.reps, a.device, dtype, a.batch, a.compile) if name == "resnet50"
-               else bert(a.reps, a.layers, a.device, dtype, a.batch, a.compile, hf=name == "hf-bert"))
+               else transformer(name, a.reps, a.layers, a.device, dtype, a.batch, a.compile))
         print(json.dumps(row, indent=1))
         rows.append(row)
     info = machine_info(a.device)

@@ -7,6 +7,8 @@ buffers, so ``state_dict()`` holds everything as plain tensors. ``format="dense"
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -245,4 +247,38 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
     return model
 
 
-__all__ = ["SparseLinear", "SparseConv2d", "convert_modules", "FORMAT_NAMES"]
+def _is_hf_conv1d(mod: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and friends): y = x @ W + b with W [nx, nf], i.e. a Linear with its
+    weight transposed. Recognised by name and layout, so transformers need not be importable."""
+    w = getattr(mod, "weight", None)
+    return (type(mod).__name__ == "Conv1D" and isinstance(w, Tensor) and w.dim() == 2
+            and tuple(w.shape) == (getattr(mod, "nx", None), getattr(mod, "nf", None)))
+
+
+def conv1d_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every Hugging Face ``Conv1D`` (GPT-2's attention and MLP projections) by the equivalent
+    ``nn.Linear`` (weight transposed, same bias, same outputs), so that pruning, compaction and ``sparsify``,
+    which work on nn.Linear / nn.Conv2d, see those layers. Returns the converted model (a copy unless
+    ``inplace``). A saved model loads back into a skeleton converted the same way:
+    ``sk.load(path, conv1d_to_linear(GPT2Model(config)))``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if _is_hf_conv1d(model):
+        raise ValueError("model is itself a Conv1D: convert the model that contains it")
+    target = model if inplace else copy.deepcopy(model)
+    for name, mod in list(target.named_modules()):
+        if not name or not _is_hf_conv1d(mod):
+            continue
+        w = mod.weight
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=mod.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.t())
+            if mod.bias is not None:
+                lin.bias.copy_(mod.bias)
+        lin.train(mod.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(target.get_submodule(parent_name) if parent_name else target, child, lin)
+    return target
+
+
+__all__ = ["SparseLinear", "SparseConv2d", "convert_modules", "conv1d_to_linear", "FORMAT_NAMES"]

@@ -270,12 +270,14 @@ def test_bench_sparsify_models_times_compiled_pairs_in_the_same_loop(skm):
     assert "dense_compile_ms" not in skm._timed(dense, fast, torch.randn(4, 64), 1, "cpu", compile_=False)
 
 
-def test_bench_sparsify_models_hf_bert(skm, tmp_path):
+def test_bench_sparsify_models_hugging_face_models(skm, tmp_path):
     pytest.importorskip("transformers")
-    assert skm.main(["--models", "hf-bert", "--layers", "1", "--reps", "1", "--batch", "1",
+    assert skm.main(["--models", "hf-bert,hf-gpt2", "--layers", "1", "--reps", "1", "--batch", "1",
                      "--out", str(tmp_path)]) == 0
     import json
 
-    row = json.loads(next(tmp_path.glob("sparsify_models_cpu-*.json")).read_text())["rows"][0]
-    assert row["model"].startswith("Hugging Face BertModel (1 layers)") and row["verify_error"] is None
-    assert row["sparse_layers"] == 6 and row["linear_weight_bytes_pct"] < 15
+    bert, gpt2 = json.loads(next(tmp_path.glob("sparsify_models_cpu-*.json")).read_text())["rows"]
+    assert bert["model"].startswith("Hugging Face BertModel (1 layers)") and bert["verify_error"] is None
+    assert bert["sparse_layers"] == 6 and bert["linear_weight_bytes_pct"] < 15
+    assert gpt2["model"].startswith("Hugging Face GPT2Model (1 layers)") and gpt2["verify_error"] is None
+    assert gpt2["sparse_layers"] == 4 and gpt2["linear_weight_bytes_pct"] < 15

@@ -73,3 +73,30 @@ def test_sparsified_hf_bert_compiles_trains_and_round_trips(pruned_bert, tmp_pat
         loss1 = fast(ids).last_hidden_state.square().mean()
     assert loss1 < loss0
     assert bool(layer.dense_weight2d().eq(0)[before].all())
+
+
+def test_gpt2_conv1d_layers_become_linears_then_prune_and_sparsify(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=100)
+    model = transformers.GPT2Model(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    lin = sk.nn.conv1d_to_linear(model)
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv1d) == 4 * cfg.n_layer and all(isinstance(lin.get_submodule(n), nn.Linear) for n in conv1d)
+    assert type(model.h[0].attn.c_attn).__name__ == "Conv1D"          # the original is left alone (a copy)
+    torch.testing.assert_close(_hidden(lin, ids), _hidden(model, ids), atol=1e-6, rtol=1e-6)
+
+    sk.prune.Pruner(lin, ids, criterion="magnitude", granularity="block", block=(32, 32), scope="layer",
+                    sparsity=0.5).step()
+    fast, _ = sk.sparsify(lin, ids, formats=["dense", "bsr"], blocks=[(32, 32)], min_speedup=1e-9, cache=False,
+                          reps=1, measure_model=False)
+    assert sum(isinstance(m, SparseLinear) for m in fast.modules()) == len(conv1d)
+    torch.testing.assert_close(_hidden(fast, ids), _hidden(lin, ids), atol=1e-5, rtol=1e-5)
+    sk.save(fast, tmp_path / "gpt2")
+    loaded = sk.load(tmp_path / "gpt2", sk.nn.conv1d_to_linear(transformers.GPT2Model(cfg).eval()))
+    torch.testing.assert_close(_hidden(loaded, ids), _hidden(fast, ids), atol=0, rtol=0)
+
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        sk.nn.conv1d_to_linear("gpt2")
+    with pytest.raises(ValueError, match="is itself a Conv1D"):
+        sk.nn.conv1d_to_linear(model.h[0].attn.c_attn)
