@@ -100,3 +100,18 @@ def test_gpt2_conv1d_layers_become_linears_then_prune_and_sparsify(tmp_path):
         sk.nn.conv1d_to_linear("gpt2")
     with pytest.raises(ValueError, match="is itself a Conv1D"):
         sk.nn.conv1d_to_linear(model.h[0].attn.c_attn)
+
+
+def test_gpt2_mlp_channels_compact_through_its_pow_written_gelu():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=100)
+    model = sk.nn.conv1d_to_linear(transformers.GPT2Model(cfg).eval())
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    pruner = sk.prune.Pruner(model, ids, criterion="l1", granularity="channel", scope="layer", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    # GPT-2's MLP (c_fc -> tanh GELU written with torch.pow -> c_proj) shrinks; the fused-qkv attention and the
+    # LayerNorm-normalised residual stream stay whole
+    assert [small.h[i].mlp.c_fc.out_features for i in range(cfg.n_layer)] == [2 * cfg.n_embd] * cfg.n_layer
+    assert small.h[0].attn.c_attn.out_features == 3 * cfg.n_embd
+    torch.testing.assert_close(_hidden(small, ids), _hidden(model, ids), atol=1e-5, rtol=1e-5)

@@ -79,7 +79,7 @@ _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMa
 _PASS_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish", "elu",
             "dropout", "contiguous", "clone", "detach", "float", "to", "type_as", "mish", "hardtanh",
             "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "neg", "abs", "exp",
-            "alias", "to_copy"}
+            "alias", "to_copy", "square", "sqrt", "rsqrt", "erf", "softplus"}
 _BINARY_FN = {"add", "iadd", "sub", "isub", "mul", "imul", "truediv", "div", "add_", "mul_"}
 _REDUCE_FN = {"mean", "sum", "amax", "max", "amin", "min"}
 
@@ -673,8 +673,10 @@ class DependencyGraph:
             if isinstance(x, _Tag):
                 return self._index(x, args[1], shapes.get(src), shape, n, where)
             return None
-        if fname in _PASS_FN or (n.op == "call_method" and fname in ("relu", "sigmoid", "contiguous", "float",
-                                                                    "clone", "detach", "to", "gelu")):
+        # x ** c with a constant c (GPT-2's tanh GELU is written with torch.pow): elementwise, like the ones below
+        scalar_pow = fname in ("pow", "pow_") and len(args) > 1 and isinstance(args[1], (int, float))
+        if scalar_pow or fname in _PASS_FN or (n.op == "call_method" and fname in (
+                "relu", "sigmoid", "contiguous", "float", "clone", "detach", "to", "gelu")):
             if isinstance(x, _Tag) and isinstance(shape, torch.Size):
                 return x
             return self._unknown(n, in_tags, where)
