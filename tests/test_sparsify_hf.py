@@ -102,7 +102,7 @@ def test_gpt2_conv1d_layers_become_linears_then_prune_and_sparsify(tmp_path):
         sk.nn.conv1d_to_linear(model.h[0].attn.c_attn)
 
 
-def test_gpt2_mlp_channels_compact_through_its_pow_written_gelu():
+def test_gpt2_heads_and_mlp_channels_compact(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=100)
     model = sk.nn.conv1d_to_linear(transformers.GPT2Model(cfg).eval())
@@ -110,8 +110,16 @@ def test_gpt2_mlp_channels_compact_through_its_pow_written_gelu():
     pruner = sk.prune.Pruner(model, ids, criterion="l1", granularity="channel", scope="layer", sparsity=0.5)
     pruner.step()
     small = pruner.compact()
-    # GPT-2's MLP (c_fc -> tanh GELU written with torch.pow -> c_proj) shrinks; the fused-qkv attention and the
-    # LayerNorm-normalised residual stream stay whole
-    assert [small.h[i].mlp.c_fc.out_features for i in range(cfg.n_layer)] == [2 * cfg.n_embd] * cfg.n_layer
-    assert small.h[0].attn.c_attn.out_features == 3 * cfg.n_embd
+    # whole heads of the fused c_attn (q|k|v) and c_proj, and the MLP (c_fc -> tanh GELU written with torch.pow
+    # -> c_proj) shrink; the LayerNorm-normalised residual stream stays whole
+    head_dim = cfg.n_embd // cfg.n_head
+    for block in small.h:
+        attn = block.attn
+        assert (attn.num_heads, attn.split_size, attn.embed_dim) == (2, 2 * head_dim, 2 * head_dim)
+        assert attn.c_attn.out_features == 3 * 2 * head_dim and attn.c_proj.out_features == cfg.n_embd
+        assert block.mlp.c_fc.out_features == 2 * cfg.n_embd
     torch.testing.assert_close(_hidden(small, ids), _hidden(model, ids), atol=1e-5, rtol=1e-5)
+    sk.save(small, tmp_path / "small")
+    loaded = sk.load(tmp_path / "small", sk.nn.conv1d_to_linear(transformers.GPT2Model(cfg).eval()))
+    assert loaded.h[1].attn.num_heads == 2
+    torch.testing.assert_close(_hidden(loaded, ids), _hidden(small, ids), atol=0, rtol=0)

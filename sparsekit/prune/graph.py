@@ -34,7 +34,8 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
   fixed sizes (``split(8)``, ``split([8, 8])``, slicing), pinned; flatten after a conv: span times H*W
   (feature expansion).
 * attention: Hugging Face ``BertSelfAttention``-style (``query``/``key``/``value``, ``num_attention_heads``)
-  and fused-qkv modules (``qkv``, ``proj``, ``heads``/``num_heads``, ``head_dim``) get a head space (unit =
+  and fused-qkv modules (``qkv``, ``proj``, ``heads``/``num_heads``, ``head_dim``; or GPT-2's ``c_attn``,
+  ``c_proj``, ``num_heads``, ``head_dim``, ``split_size``) get a head space (unit =
   one head: q, k, v rows and the output projection's columns). Whether the module's forward still runs with
   fewer heads is probed once; if not, the heads are pinned with the reason.
 * ``nn.MultiheadAttention`` (and ``compact.PrunedMultiheadAttention``): a head space whose unit is one head:
@@ -158,9 +159,27 @@ def attention_kind(mod: nn.Module) -> str | None:
     if (all(isinstance(getattr(mod, n, None), nn.Linear) for n in ("query", "key", "value"))
             and hasattr(mod, "num_attention_heads") and hasattr(mod, "attention_head_size")):
         return "hf"
-    if (isinstance(getattr(mod, "qkv", None), nn.Linear) and isinstance(getattr(mod, "proj", None), nn.Linear)
-            and (hasattr(mod, "heads") or hasattr(mod, "num_heads")) and hasattr(mod, "head_dim")):
+    if fused_parts(mod) is not None:
         return "fused"
+    return None
+
+
+def fused_parts(mod: nn.Module) -> tuple[str, str] | None:
+    """(qkv, proj) attribute names of a fused-qkv self-attention module: ``qkv`` / ``proj`` with
+    ``heads``/``num_heads`` and ``head_dim``, or GPT-2's ``c_attn`` / ``c_proj`` (after
+    ``sparsekit.nn.conv1d_to_linear``) with ``num_heads``, ``head_dim`` and ``split_size``; None otherwise
+    (GPT-2 cross-attention, whose queries come from ``q_attn``, included)."""
+    if not hasattr(mod, "head_dim"):
+        return None
+    for qkv, proj in (("qkv", "proj"), ("c_attn", "c_proj")):
+        if not (isinstance(getattr(mod, qkv, None), nn.Linear) and isinstance(getattr(mod, proj, None), nn.Linear)):
+            continue
+        if qkv == "qkv" and (hasattr(mod, "heads") or hasattr(mod, "num_heads")):
+            return qkv, proj
+        if (qkv == "c_attn" and hasattr(mod, "num_heads") and hasattr(mod, "split_size")
+                and not getattr(mod, "is_cross_attention", False)
+                and getattr(mod, qkv).out_features % (3 * mod.head_dim) == 0):
+            return qkv, proj
     return None
 
 
@@ -214,7 +233,11 @@ def set_heads(mod: nn.Module) -> None:
         mod.num_attention_heads = mod.query.out_features // mod.attention_head_size
         mod.all_head_size = mod.query.out_features
     elif kind == "fused":
-        setattr(mod, _heads_attr(mod), mod.qkv.out_features // 3 // mod.head_dim)
+        qkv, _ = fused_parts(mod)
+        heads = getattr(mod, qkv).out_features // 3 // mod.head_dim
+        setattr(mod, _heads_attr(mod), heads)
+        if qkv == "c_attn":     # GPT-2 splits q|k|v at split_size and merges the heads back to embed_dim wide
+            mod.split_size = mod.embed_dim = heads * mod.head_dim
 
 
 # -------------------------------------------------------------------------------------------- tracing
@@ -563,20 +586,27 @@ class DependencyGraph:
                 self._add(_Seg(s, width), f"{name}.{lin}", "out", 0)
             return [_Tag(len(shape[0]) - 1, [_Seg(s, width)])] + [None] * (len(shape) - 1)
         if kind == "fused":
+            qkv, proj = fused_parts(mod)
             if x is not None:
                 off = 0
                 for seg in x.segs:
-                    self._add(seg, f"{name}.qkv", "in", off)
+                    self._add(seg, f"{name}.{qkv}", "in", off)
                     off += seg.span
             h = getattr(mod, _heads_attr(mod))
             inner = h * mod.head_dim
             s = self._new(h, "heads")
             for i in range(3):
-                self._add(_Seg(s, inner), f"{name}.qkv", "out", i * inner)
-            self._add(_Seg(s, inner), f"{name}.proj", "in", 0)
-            o = self._new(mod.proj.out_features)
-            self._add(_Seg(o, mod.proj.out_features), f"{name}.proj", "out", 0)
-            return _Tag(len(shape) - 1, [_Seg(o, mod.proj.out_features)]) if isinstance(shape, torch.Size) else None
+                self._add(_Seg(s, inner), f"{name}.{qkv}", "out", i * inner)
+            self._add(_Seg(s, inner), f"{name}.{proj}", "in", 0)
+            width = getattr(mod, proj).out_features
+            o = self._new(width)
+            self._add(_Seg(o, width), f"{name}.{proj}", "out", 0)
+            if isinstance(shape, torch.Size):
+                return _Tag(len(shape) - 1, [_Seg(o, width)])
+            if isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], torch.Size):
+                # GPT-2 returns (output, present, ...): the first is the projection's output
+                return [_Tag(len(shape[0]) - 1, [_Seg(o, width)])] + [None] * (len(shape) - 1)
+            return None
         if isinstance(mod, _PASS_MODULES):
             return x
         if isinstance(mod, _POOL_MODULES):
