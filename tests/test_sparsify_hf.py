@@ -1,6 +1,7 @@
-"""sk.sparsify on a Hugging Face transformers BertModel (built from a small config, no download): the user flow
-"prune my HF model, make it faster" end to end: block pruning with the Pruner, sparsify, same outputs, the
-report's layer names, torch.compile(fullgraph=True), a training step, save / load."""
+"""Hugging Face transformers models (built from small configs, no download) through the user flow "prune my HF
+model, make it faster": BertModel (block pruning, sparsify, same outputs, the report's layer names,
+torch.compile(fullgraph=True), a training step, save / load), GPT2Model (Conv1D -> nn.Linear, sparsify, head and
+MLP compaction) and LlamaModel (sparsify, gated-MLP compaction)."""
 
 from __future__ import annotations
 
@@ -123,3 +124,26 @@ def test_gpt2_heads_and_mlp_channels_compact(tmp_path):
     loaded = sk.load(tmp_path / "small", sk.nn.conv1d_to_linear(transformers.GPT2Model(cfg).eval()))
     assert loaded.h[1].attn.num_heads == 2
     torch.testing.assert_close(_hidden(loaded, ids), _hidden(small, ids), atol=0, rtol=0)
+
+
+def test_llama_sparsifies_and_its_gated_mlp_compacts():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    model = transformers.LlamaModel(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    masked = copy.deepcopy(model)
+    sk.prune.Pruner(masked, ids, criterion="magnitude", granularity="block", block=(32, 32), scope="layer",
+                    sparsity=0.5).step()
+    fast, _ = sk.sparsify(masked, ids, formats=["dense", "bsr"], blocks=[(32, 32)], min_speedup=1e-9, cache=False,
+                          reps=1, measure_model=False)
+    assert sum(isinstance(m, SparseLinear) for m in fast.modules()) == 7 * cfg.num_hidden_layers
+    torch.testing.assert_close(_hidden(fast, ids), _hidden(masked, ids), atol=1e-5, rtol=1e-5)
+
+    pruner = sk.prune.Pruner(model, ids, criterion="l1", granularity="channel", scope="layer", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    # gate_proj * up_proj -> down_proj shrink together; the grouped-query attention's heads stay whole
+    assert [layer.mlp.down_proj.in_features for layer in small.layers] == [cfg.intermediate_size // 2] * 2
+    assert small.layers[0].self_attn.q_proj.out_features == cfg.hidden_size
+    torch.testing.assert_close(_hidden(small, ids), _hidden(model, ids), atol=1e-5, rtol=1e-5)
