@@ -80,7 +80,7 @@ def run(layers: int = 8, prompt_len: int = 32, new_tokens: int = 32, sparsity: f
             "choices": sorted({d.choice for d in report.layers}), "sparsify_s": sparsify_s}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8, help="decoder layers (TinyLlama has 22; default 8)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--out", default=str(RESULTS), metavar="DIR", help="where the .json/.md go (default bench/results)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     if min(a.layers, a.prompt, a.new_tokens, a.reps, a.vocab) < 1:
         raise SystemExit("--layers, --prompt, --new-tokens, --reps and --vocab must be >= 1")
     if not 0 <= a.sparsity < 1:

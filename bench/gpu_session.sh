@@ -21,7 +21,7 @@
 #   bench-targets    bench-targets-1 then bench-targets-2
 #   bench-models     fp16 whole models: sk.sparsify of the BERT-base encoder (90% 32x32 blocks) and ResNet-50
 #                    (compact 50% + 80% blocks), eager and compiled, then `sparsekit bench model` on the
-#                    BERT-base-width encoder
+#                    BERT-base-width encoder, then greedy decoding of a TinyLlama-shaped model (bench_decode.py)
 #   all              every stage in order, with no overall time budget (a machine with no per-call limit)
 #
 # Time: all the stages named in one invocation share SESSION_BUDGET_S seconds (default 570, to fit a 600 s
@@ -426,6 +426,14 @@ stage_bench_models() {
             "$CAP_MODELS" 90 "${SK[@]}" bench model "${MCOMMON[@]}" --models transformer --formats bsr,nm \
             --block 32,64 --sparsity 0.5,0.9 --out "${W:-.}/results"
         note_bench_table m2
+    fi
+    if selected m3 && [[ $DRY_RUN == 0 ]] && ! "$PY" -c "import transformers" 2>/dev/null; then
+        note "- m3 (bench_decode.py) skipped: transformers is not installed here (it needs LlamaForCausalLM)"
+    elif selected m3; then
+        step m3 "LLM decoding token by token: TinyLlama-1.1B-shaped (22 layers) fp16, 90% 32x32 blocks sparsified at M = 1, greedy generate() with the KV cache vs dense" \
+            "$CAP_MODELS" 90 "$PY" bench/bench_decode.py --device cuda --dtype float16 --layers 22 --new-tokens 64 \
+            --reps 5 --out "${W:-.}/results"
+        [[ $DRY_RUN == 1 || ! -f $W/m3.log ]] || { note '```'; grep '^|' "$W/m3.log" >>"$SUMMARY" || true; note '```'; }
     fi
     stage_end
 }

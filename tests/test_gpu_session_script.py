@@ -21,7 +21,7 @@ from sparsekit.nn import SparseLinear
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_session.sh"
 STAGES = ("build", "test", "bench-targets-1", "bench-targets-2", "bench-models")
-BENCH_LABELS = ("a", "b", "c", "d", "d2", "e", "f", "m1", "m2")
+BENCH_LABELS = ("a", "b", "c", "d", "d2", "e", "f", "m1", "m2", "m3")
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -116,6 +116,7 @@ def test_dry_run_bench_commands_parse_and_validate(dry_all):
     from sparsekit.cli import build_parser
 
     skm = _load("bench_sparsify_models_t", ROOT / "bench" / "bench_sparsify_models.py")
+    bdc = _load("bench_decode_t", ROOT / "bench" / "bench_decode.py")
     proc, _ = dry_all
     seen = set()
     for lines in _sections(proc.stdout).values():
@@ -130,9 +131,10 @@ def test_dry_run_bench_commands_parse_and_validate(dry_all):
                 if ns.suite == "kernels":
                     assert cfg.ops == ("linear",) and cfg.selected_shapes("linear"), label
                 seen.add(label)
-            elif any(a.endswith("bench_sparsify_models.py") for a in argv):
-                args = argv[[i for i, a in enumerate(argv) if a.endswith("bench_sparsify_models.py")][0] + 1:]
-                ns = skm.build_parser().parse_args(args)
+            elif any(a.endswith(("bench_sparsify_models.py", "bench_decode.py")) for a in argv):
+                i = [i for i, a in enumerate(argv) if a.endswith(("bench_sparsify_models.py", "bench_decode.py"))][0]
+                parser = (skm if argv[i].endswith("bench_sparsify_models.py") else bdc).build_parser()
+                ns = parser.parse_args(argv[i + 1:])
                 assert (ns.device, ns.dtype) == ("cuda", "float16")
                 seen.add(label)
     assert seen == set(BENCH_LABELS)
