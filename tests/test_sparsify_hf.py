@@ -1,7 +1,7 @@
 """Hugging Face transformers models (built from small configs, no download) through the user flow "prune my HF
 model, make it faster": BertModel (block pruning, sparsify, same outputs, the report's layer names,
 torch.compile(fullgraph=True), a training step, save / load), GPT2Model (Conv1D -> nn.Linear, sparsify, head and
-MLP compaction) and LlamaModel (sparsify, gated-MLP compaction)."""
+MLP compaction) and LlamaModel (sparsify, grouped-query head and gated-MLP compaction)."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def test_gpt2_heads_and_mlp_channels_compact(tmp_path):
     torch.testing.assert_close(_hidden(loaded, ids), _hidden(small, ids), atol=0, rtol=0)
 
 
-def test_llama_sparsifies_and_its_gated_mlp_compacts():
+def test_llama_sparsifies_and_its_heads_and_gated_mlp_compact(tmp_path):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
@@ -143,7 +143,17 @@ def test_llama_sparsifies_and_its_gated_mlp_compacts():
     pruner = sk.prune.Pruner(model, ids, criterion="l1", granularity="channel", scope="layer", sparsity=0.5)
     pruner.step()
     small = pruner.compact()
-    # gate_proj * up_proj -> down_proj shrink together; the grouped-query attention's heads stay whole
-    assert [layer.mlp.down_proj.in_features for layer in small.layers] == [cfg.intermediate_size // 2] * 2
-    assert small.layers[0].self_attn.q_proj.out_features == cfg.hidden_size
+    # gate_proj * up_proj -> down_proj shrink together; grouped-query attention loses whole key/value groups
+    # (one of two: its key/value head and the two query heads sharing it)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    for layer in small.layers:
+        attn = layer.self_attn
+        assert layer.mlp.down_proj.in_features == cfg.intermediate_size // 2
+        assert (attn.num_heads, attn.num_key_value_heads, attn.num_key_value_groups) == (2, 1, 2)
+        assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == (
+            2 * head_dim, head_dim, 2 * head_dim)
     torch.testing.assert_close(_hidden(small, ids), _hidden(model, ids), atol=1e-5, rtol=1e-5)
+    sk.save(small, tmp_path / "small")
+    loaded = sk.load(tmp_path / "small", transformers.LlamaModel(cfg).eval())
+    assert loaded.layers[0].self_attn.num_key_value_heads == 1
+    torch.testing.assert_close(_hidden(loaded, ids), _hidden(small, ids), atol=0, rtol=0)

@@ -365,7 +365,7 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
         index = pos[own]
         _set(small, bn, ChannelSelect(index, small.get_submodule(bn)))
     for mod in small.modules():
-        if attention_kind(mod) in ("hf", "fused"):
+        if attention_kind(mod) in ("hf", "fused", "gqa"):
             set_heads(mod)
     _no_nested_fast_path(small)
     from .masks import bake_masks
@@ -500,7 +500,7 @@ def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:
         _set(model, name, ChannelSelect(torch.zeros(w["select"], dtype=torch.long), model.get_submodule(name),
                                         w["dim"]))
     for _, mod in model.named_modules():
-        if attention_kind(mod) in ("hf", "fused"):
+        if attention_kind(mod) in ("hf", "fused", "gqa"):
             set_heads(mod)
     _no_nested_fast_path(model)
     return model

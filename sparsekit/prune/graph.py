@@ -36,8 +36,10 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
 * attention: Hugging Face ``BertSelfAttention``-style (``query``/``key``/``value``, ``num_attention_heads``)
   and fused-qkv modules (``qkv``, ``proj``, ``heads``/``num_heads``, ``head_dim``; or GPT-2's ``c_attn``,
   ``c_proj``, ``num_heads``, ``head_dim``, ``split_size``) get a head space (unit =
-  one head: q, k, v rows and the output projection's columns). Whether the module's forward still runs with
-  fewer heads is probed once; if not, the heads are pinned with the reason.
+  one head: q, k, v rows and the output projection's columns); Llama-style grouped-query attention
+  (``q/k/v/o_proj``, ``num_heads``, ``num_key_value_heads``, ``head_dim``) one whose unit is a key/value group
+  (its k and v rows, the query heads sharing it, their ``o_proj`` columns). Whether the module's forward still
+  runs with fewer heads is probed once; if not, the heads are pinned with the reason.
 * ``nn.MultiheadAttention`` (and ``compact.PrunedMultiheadAttention``): a head space whose unit is one head:
   rows of ``in_proj_weight`` / ``in_proj_bias`` (or ``q/k/v_proj_weight``), member ``(mha, "out", ...)``
   over the packed q|k|v rows, and the columns of ``out_proj`` (``(mha.out_proj, "in", ...)``). The
@@ -150,7 +152,8 @@ class _Tag:
 
 # ------------------------------------------------------------------------------------------ attention
 def attention_kind(mod: nn.Module) -> str | None:
-    """``"hf"`` (query/key/value + num_attention_heads), ``"fused"`` (qkv + proj + heads), ``"mha"``
+    """``"hf"`` (query/key/value + num_attention_heads), ``"fused"`` (qkv + proj + heads), ``"gqa"`` (Llama-style
+    grouped-query attention: q/k/v/o_proj + num_heads, num_key_value_heads, head_dim), ``"mha"``
     (``nn.MultiheadAttention`` or ``compact.PrunedMultiheadAttention``) or None."""
     from .pruned_mha import PrunedMultiheadAttention  # it imports this module
 
@@ -161,6 +164,9 @@ def attention_kind(mod: nn.Module) -> str | None:
         return "hf"
     if fused_parts(mod) is not None:
         return "fused"
+    if (all(isinstance(getattr(mod, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and all(hasattr(mod, a) for a in ("num_heads", "num_key_value_heads", "head_dim"))):
+        return "gqa"
     return None
 
 
@@ -238,6 +244,9 @@ def set_heads(mod: nn.Module) -> None:
         setattr(mod, _heads_attr(mod), heads)
         if qkv == "c_attn":     # GPT-2 splits q|k|v at split_size and merges the heads back to embed_dim wide
             mod.split_size = mod.embed_dim = heads * mod.head_dim
+    elif kind == "gqa":         # whole key/value groups go: num_key_value_groups (query heads per group) stays
+        mod.num_heads = mod.q_proj.out_features // mod.head_dim
+        mod.num_key_value_heads = mod.k_proj.out_features // mod.head_dim
 
 
 # -------------------------------------------------------------------------------------------- tracing
@@ -391,7 +400,7 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         self.shapes[n] = _meta(out)
-        if n.op == "call_module" and attention_kind(self.module.get_submodule(n.target)) in ("hf", "fused"):
+        if n.op == "call_module" and attention_kind(self.module.get_submodule(n.target)) in ("hf", "fused", "gqa"):
             a, k = self.fetch_args_kwargs_from_env(n)
             self.attn_args[n.target] = (a, k)
         return out
@@ -585,6 +594,27 @@ class DependencyGraph:
             for lin in ("query", "key", "value"):
                 self._add(_Seg(s, width), f"{name}.{lin}", "out", 0)
             return [_Tag(len(shape[0]) - 1, [_Seg(s, width)])] + [None] * (len(shape) - 1)
+        if kind == "gqa":
+            # unit = one key/value group: its k and v rows, its num_key_value_groups query heads' q rows and the
+            # o_proj columns they feed (repeat_kv pairs query head j with key/value head j // groups)
+            if x is not None:
+                for lin in ("q_proj", "k_proj", "v_proj"):
+                    off = 0
+                    for seg in x.segs:
+                        self._add(seg, f"{name}.{lin}", "in", off)
+                        off += seg.span
+            s = self._new(mod.num_key_value_heads, "heads")
+            for lin in ("q_proj", "k_proj", "v_proj"):
+                self._add(_Seg(s, getattr(mod, lin).out_features), f"{name}.{lin}", "out", 0)
+            self._add(_Seg(s, mod.q_proj.out_features), f"{name}.o_proj", "in", 0)
+            width = mod.o_proj.out_features
+            o = self._new(width)
+            self._add(_Seg(o, width), f"{name}.o_proj", "out", 0)
+            if isinstance(shape, torch.Size):
+                return _Tag(len(shape) - 1, [_Seg(o, width)])
+            if isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], torch.Size):
+                return [_Tag(len(shape[0]) - 1, [_Seg(o, width)])] + [None] * (len(shape) - 1)
+            return None
         if kind == "fused":
             qkv, proj = fused_parts(mod)
             if x is not None:
