@@ -5,11 +5,14 @@ dense, greedy generation with the KV cache, in one interleaved loop.
     python bench/bench_decode.py                          # TinyLlama-1.1B widths, 8 of its 22 layers, fp32
     python bench/bench_decode.py --layers 22 --new-tokens 64
     python bench/bench_decode.py --device cuda --dtype float16 --out gpu_out/results
+    python bench/bench_decode.py --method compact          # structured: 50% of heads and MLP width removed
 
 Every step after the prompt multiplies one token's activations (M = 1) by every weight: decoding is the
 memory-bound GEMV case, where a 90%-sparse weight moves a tenth of the bytes. The lm_head (vocabulary
-projection) and the embeddings stay dense. Both models must generate the same tokens (greedy; the sparse one
-computes the same products in another order, so a near-tie could flip a token: the row says so if it does).
+projection) and the embeddings stay dense. --method compact removes whole key/value groups of the attention and
+MLP channels instead (the dependency graph), giving a smaller dense model. The pruned model must generate the
+same tokens as the masked one it came from (greedy; it computes the same products in another order, so a
+near-tie could flip a token: the row says so if it does).
 Writes <--out>/decode_<machine>_<date>.json/.md: medians of whole generate() calls, tokens/s, speedup.
 """
 
@@ -47,18 +50,30 @@ def build(layers: int, vocab: int, widths: dict) -> torch.nn.Module:
 
 def run(layers: int = 8, prompt_len: int = 32, new_tokens: int = 32, sparsity: float = 0.9, reps: int = 5,
         device: str = "cpu", dtype: torch.dtype = torch.float32, vocab: int = 32000,
-        widths: dict | None = None, min_speedup: float = 1.1) -> dict:
+        widths: dict | None = None, min_speedup: float = 1.1, method: str = "block") -> dict:
     dense = build(layers, vocab, widths or TINYLLAMA)
     prompt = torch.randint(0, vocab, (1, prompt_len))
     masked = copy.deepcopy(dense)
-    sk.prune.Pruner(masked, prompt, criterion="magnitude", granularity="block", block=(32, 32), scope="layer",
-                    sparsity=sparsity, ignore=[masked.lm_head]).step()
-    dense, masked = (m.to(device=device, dtype=dtype) for m in (dense, masked))
+    if method == "block":
+        sk.prune.Pruner(masked, prompt, criterion="magnitude", granularity="block", block=(32, 32), scope="layer",
+                        sparsity=sparsity, ignore=[masked.lm_head]).step()
+        pruning = f"{sparsity:.0%} 32x32 blocks in every Linear but lm_head, magnitude"
+    else:   # whole key/value groups of the attention and MLP channels, removed: a smaller dense model
+        pruner = sk.prune.Pruner(masked, prompt, criterion="l1", granularity="channel", scope="layer",
+                                 sparsity=sparsity, ignore=[masked.lm_head])
+        pruner.step()
+        compacted = pruner.compact()
+        pruning = f"{sparsity:.0%} of key/value groups and MLP channels per layer (l1), compacted"
+    dense, masked = (m.to(device=device, dtype=dtype) for m in (dense, masked))   # masked: the reference
     prompt = prompt.to(device)
     t0 = time.perf_counter()
-    # the layers run at M = 1 while decoding: measure the candidates at that shape, not at the prompt's
-    fast, report = sk.sparsify(masked, prompt[:, :1], formats=["dense", "bsr"], blocks=[(32, 32), (16, 16)],
-                               min_speedup=min_speedup, cache=False, reps=5, measure_model=False)
+    if method == "block":
+        # the layers run at M = 1 while decoding: measure the candidates at that shape, not at the prompt's
+        fast, report = sk.sparsify(masked, prompt[:, :1], formats=["dense", "bsr"], blocks=[(32, 32), (16, 16)],
+                                   min_speedup=min_speedup, cache=False, reps=5, measure_model=False)
+        choices = sorted({d.choice for d in report.layers})
+    else:
+        fast, choices = compacted.to(device=device, dtype=dtype), ["compact"]
     sparsify_s = time.perf_counter() - t0
 
     def generate(model: torch.nn.Module) -> torch.Tensor:
@@ -72,12 +87,12 @@ def run(layers: int = 8, prompt_len: int = 32, new_tokens: int = 32, sparsity: f
     params = sum(p.numel() for p in dense.parameters())
     return {"model": f"Llama-shaped ({layers} layers, hidden {dense.config.hidden_size}, MLP "
                      f"{dense.config.intermediate_size}, {params / 1e6:.0f}M params)",
-            "pruning": f"{sparsity:.0%} 32x32 blocks in every Linear but lm_head, magnitude",
+            "pruning": pruning, "method": method,
             "device": device, "dtype": str(dtype).split(".")[-1], "prompt": prompt_len, "new_tokens": new_tokens,
             "dense_ms": t["dense"], "sparse_ms": t["sparse"], "speedup": t["dense"] / t["sparse"],
             "dense_tok_s": new_tokens / t["dense"] * 1e3, "sparse_tok_s": new_tokens / t["sparse"] * 1e3,
             "same_tokens": same, "sparse_layers": sum(isinstance(m, sk.nn.SparseLinear) for m in fast.modules()),
-            "choices": sorted({d.choice for d in report.layers}), "sparsify_s": sparsify_s}
+            "choices": choices, "sparsify_s": sparsify_s}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layers", type=int, default=8, help="decoder layers (TinyLlama has 22; default 8)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per call (default 32)")
-    ap.add_argument("--sparsity", type=float, default=0.9, help="block sparsity of the Linears (default 0.9)")
+    ap.add_argument("--method", default="block", choices=["block", "compact"],
+                    help="block: 32x32 blocks, sparsified (default); compact: whole key/value groups and MLP "
+                         "channels removed through the dependency graph")
+    ap.add_argument("--sparsity", type=float, default=None,
+                    help="fraction pruned (default 0.9 for block, 0.5 for compact)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000, Llama's)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -98,11 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if min(a.layers, a.prompt, a.new_tokens, a.reps, a.vocab) < 1:
         raise SystemExit("--layers, --prompt, --new-tokens, --reps and --vocab must be >= 1")
+    if a.sparsity is None:
+        a.sparsity = 0.9 if a.method == "block" else 0.5
     if not 0 <= a.sparsity < 1:
         raise SystemExit(f"--sparsity must be in [0, 1), got {a.sparsity}")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")
-    row = run(a.layers, a.prompt, a.new_tokens, a.sparsity, a.reps, a.device, DTYPES[a.dtype], a.vocab)
+    row = run(a.layers, a.prompt, a.new_tokens, a.sparsity, a.reps, a.device, DTYPES[a.dtype], a.vocab,
+              method=a.method)
     info = machine_info(a.device)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = Path(a.out)

@@ -40,3 +40,9 @@ def test_main_writes_results_and_refuses_bad_arguments(bd, tmp_path, monkeypatch
         bd.main(["--sparsity", "1.0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="must be >= 1"):
         bd.main(["--new-tokens", "0", "--out", str(tmp_path)])
+
+
+def test_decode_row_compacted(bd):
+    row = bd.run(layers=2, prompt_len=4, new_tokens=3, reps=1, vocab=50, widths=TINY, sparsity=0.5,
+                 method="compact")
+    assert row["same_tokens"] and row["choices"] == ["compact"] and row["method"] == "compact"
