@@ -157,3 +157,29 @@ def test_llama_sparsifies_and_its_heads_and_gated_mlp_compact(tmp_path):
     loaded = sk.load(tmp_path / "small", transformers.LlamaModel(cfg).eval())
     assert loaded.layers[0].self_attn.num_key_value_heads == 1
     torch.testing.assert_close(_hidden(loaded, ids), _hidden(small, ids), atol=0, rtol=0)
+
+
+def test_tracing_a_hf_model_first_leaves_torch_compile_working():
+    # HFTracer swaps torch functions (torch.finfo, ...) for stand-ins while it traces; if torch._dynamo were
+    # first imported in that window, its table of constant types kept the stand-in, and later torch.compile
+    # guards failed with "isinstance() arg 2 must be a type" whenever a check reached it (set order: by chance).
+    # Checked in a fresh interpreter, where nothing has imported torch._dynamo yet.
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch, transformers, sparsekit as sk
+assert "torch._dynamo" not in sys.modules
+cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=50, max_position_embeddings=64)
+sk.prune.graph.DependencyGraph.build(transformers.LlamaModel(cfg).eval(), torch.randint(0, 50, (1, 4)))
+from torch._dynamo import utils
+bad = [t for t in getattr(utils, "common_constant_types", ()) if not isinstance(t, type)]
+assert not bad, bad
+w = sk.formats.BSR.from_dense(torch.ones(32, 32), (16, 16))
+f = torch.compile(lambda x: sk.ops.bsr_linear(x, w), fullgraph=True, backend="eager")   # guards on w.shape
+assert torch.equal(f(torch.ones(2, 32)), torch.full((2, 32), 32.0))
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

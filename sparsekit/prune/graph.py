@@ -327,6 +327,10 @@ def _trace(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, tuple
     is_hf = type(model).__module__.startswith("transformers.")
     try:
         if is_hf:
+            # HFTracer swaps torch functions (torch.finfo, ...) for tracing stand-ins while it traces; a first
+            # import of torch._dynamo inside that window would keep the stand-ins in its constant-type tables
+            # and break every later torch.compile in the process. Import it before.
+            import torch._dynamo  # noqa: F401
             from transformers.utils import fx as hfx
 
             class _HF(_LeafMixin, hfx.HFTracer):
