@@ -456,6 +456,28 @@ class DependencyGraph:
                     sp = self._spaces[self._find(seg.space)]
                     sp.pinned = sp.pinned or reason
 
+    def _feed(self, x: _Tag | None, modules: list[str], axis: str = "in") -> None:
+        """The channels of ``x`` (if tagged), in order, are those of each of ``modules`` along ``axis``."""
+        if x is None:
+            return
+        for module in modules:
+            off = 0
+            for seg in x.segs:
+                self._add(seg, module, axis, off)
+                off += seg.span
+
+    def _out_proj(self, module: str, width: int, shape: Any) -> _Tag | list | None:
+        """An attention module's output: a new channel space, the rows of its output projection ``module``;
+        the tag of its output, or of the first element when it returns a tuple (GPT-2 and Llama return
+        (output, cache / weights, ...))."""
+        o = self._new(width)
+        self._add(_Seg(o, width), module, "out", 0)
+        if isinstance(shape, torch.Size):
+            return _Tag(len(shape) - 1, [_Seg(o, width)])
+        if isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], torch.Size):
+            return [_Tag(len(shape[0]) - 1, [_Seg(o, width)])] + [None] * (len(shape) - 1)
+        return None
+
     def _add(self, seg: _Seg, module: str, axis: str, offset: int, span: int | None = None) -> None:
         if seg.space is not None:
             self._spaces[self._find(seg.space)].members.append(Member(module, axis, offset, seg.span
@@ -523,10 +545,7 @@ class DependencyGraph:
                 if x.dim != len(shape) - 1:
                     self._pin(x, f"{name!r} (Linear) takes channels on a non-last dim")
                 else:
-                    off = 0
-                    for seg in x.segs:
-                        self._add(seg, name, "in", off)
-                        off += seg.span
+                    self._feed(x, [name])
             s = self._new(mod.out_features)
             self._add(_Seg(s, mod.out_features), name, "out", 0)
             return _Tag(len(shape) - 1, [_Seg(s, mod.out_features)])
@@ -541,18 +560,12 @@ class DependencyGraph:
             if isinstance(mod, nn.BatchNorm2d) and users.get(src, 1) > 1 and any(s.space is not None
                                                                                   for s in x.segs):
                 # pre-activation: the stream is shared, so this BN (and what it feeds) selects its own channels
-                off = 0
-                for seg in x.segs:
-                    self._add(seg, name, "out", off)
-                    off += seg.span
+                self._feed(x, [name], "out")
                 s = self._new(mod.num_features, "selection")
                 self._add(_Seg(s, mod.num_features), name, "out", 0)
                 self.selections[name] = {"space": s, "segs": [(seg.space, seg.span) for seg in x.segs]}
                 return _Tag(x.dim, [_Seg(s, mod.num_features)])
-            off = 0
-            for seg in x.segs:
-                self._add(seg, name, "out", off)
-                off += seg.span
+            self._feed(x, [name], "out")
             return x
         if isinstance(mod, nn.GroupNorm):
             if x is not None:
@@ -587,12 +600,7 @@ class DependencyGraph:
                 self._transformer_layer(f"{name}.{rel}" if rel else name, layer)
             return None
         if kind == "hf":
-            if x is not None:
-                for lin in ("query", "key", "value"):
-                    off = 0
-                    for seg in x.segs:
-                        self._add(seg, f"{name}.{lin}", "in", off)
-                        off += seg.span
+            self._feed(x, [f"{name}.{lin}" for lin in ("query", "key", "value")])
             h, width = mod.num_attention_heads, mod.all_head_size
             s = self._new(h, "heads")
             for lin in ("query", "key", "value"):
@@ -601,46 +609,22 @@ class DependencyGraph:
         if kind == "gqa":
             # unit = one key/value group: its k and v rows, its num_key_value_groups query heads' q rows and the
             # o_proj columns they feed (repeat_kv pairs query head j with key/value head j // groups)
-            if x is not None:
-                for lin in ("q_proj", "k_proj", "v_proj"):
-                    off = 0
-                    for seg in x.segs:
-                        self._add(seg, f"{name}.{lin}", "in", off)
-                        off += seg.span
+            self._feed(x, [f"{name}.{lin}" for lin in ("q_proj", "k_proj", "v_proj")])
             s = self._new(mod.num_key_value_heads, "heads")
             for lin in ("q_proj", "k_proj", "v_proj"):
                 self._add(_Seg(s, getattr(mod, lin).out_features), f"{name}.{lin}", "out", 0)
             self._add(_Seg(s, mod.q_proj.out_features), f"{name}.o_proj", "in", 0)
-            width = mod.o_proj.out_features
-            o = self._new(width)
-            self._add(_Seg(o, width), f"{name}.o_proj", "out", 0)
-            if isinstance(shape, torch.Size):
-                return _Tag(len(shape) - 1, [_Seg(o, width)])
-            if isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], torch.Size):
-                return [_Tag(len(shape[0]) - 1, [_Seg(o, width)])] + [None] * (len(shape) - 1)
-            return None
+            return self._out_proj(f"{name}.o_proj", mod.o_proj.out_features, shape)
         if kind == "fused":
             qkv, proj = fused_parts(mod)
-            if x is not None:
-                off = 0
-                for seg in x.segs:
-                    self._add(seg, f"{name}.{qkv}", "in", off)
-                    off += seg.span
+            self._feed(x, [f"{name}.{qkv}"])
             h = getattr(mod, _heads_attr(mod))
             inner = h * mod.head_dim
             s = self._new(h, "heads")
             for i in range(3):
                 self._add(_Seg(s, inner), f"{name}.{qkv}", "out", i * inner)
             self._add(_Seg(s, inner), f"{name}.{proj}", "in", 0)
-            width = getattr(mod, proj).out_features
-            o = self._new(width)
-            self._add(_Seg(o, width), f"{name}.{proj}", "out", 0)
-            if isinstance(shape, torch.Size):
-                return _Tag(len(shape) - 1, [_Seg(o, width)])
-            if isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], torch.Size):
-                # GPT-2 returns (output, present, ...): the first is the projection's output
-                return [_Tag(len(shape[0]) - 1, [_Seg(o, width)])] + [None] * (len(shape) - 1)
-            return None
+            return self._out_proj(f"{name}.{proj}", getattr(mod, proj).out_features, shape)
         if isinstance(mod, _PASS_MODULES):
             return x
         if isinstance(mod, _POOL_MODULES):
@@ -670,11 +654,7 @@ class DependencyGraph:
 
     def _conv(self, name: str, mod: nn.Conv2d, x: _Tag | None, shape: Any) -> _Tag:
         if mod.groups == 1:
-            if x is not None:
-                off = 0
-                for seg in x.segs:
-                    self._add(seg, name, "in", off)
-                    off += seg.span
+            self._feed(x, [name])
             s = self._new(mod.out_channels)
             self._add(_Seg(s, mod.out_channels), name, "out", 0)
             return _Tag(1, [_Seg(s, mod.out_channels)])
