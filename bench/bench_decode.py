@@ -23,13 +23,12 @@ import copy
 import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 import sparsekit as sk
-from sparsekit.benchmark.machine import machine_info, machine_slug
+from sparsekit.benchmark.machine import script_results
 from sparsekit.timing import interleaved_median_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -125,16 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")
     row = run(a.layers, a.prompt, a.new_tokens, a.sparsity, a.reps, a.device, DTYPES[a.dtype], a.vocab,
               method=a.method)
-    info = machine_info(a.device)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    machine = f"cpu-{torch.get_num_threads()}t" if a.device == "cpu" else machine_slug(info)
-    base = out / f"decode_{machine}_{stamp}"
+    base, info, stamp, where = script_results(a.out, "decode", a.device)
     base.with_suffix(".json").write_text(json.dumps({"machine": info, "argv": sys.argv, "rows": [row]}, indent=1,
                                                     default=str))
-    where = (f"{info.get('cpu_model', '')}, {torch.get_num_threads()} threads" if a.device == "cpu"
-             else info.get("gpu", {}).get("name", "cuda"))
     lines = [f"# greedy decoding, dense vs sparsified ({where}, {a.dtype}, torch {torch.__version__}, {stamp} UTC)",
              "", f"`{' '.join(sys.argv)}`; medians of {a.reps} interleaved generate() calls", "",
              "| model | pruning | prompt + new tokens | dense tok/s | sparse tok/s | speedup | same tokens | choices |",

@@ -31,14 +31,13 @@ import copy
 import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import sparsekit as sk
-from sparsekit.benchmark.machine import machine_info, machine_slug
+from sparsekit.benchmark.machine import script_results
 from sparsekit.nn import SparseConv2d, SparseLinear
 from sparsekit.prune.compact import compact
 from sparsekit.prune.graph import DependencyGraph
@@ -222,15 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                else transformer(name, a.reps, a.layers, a.device, dtype, a.batch, a.compile))
         print(json.dumps(row, indent=1))
         rows.append(row)
-    info = machine_info(a.device)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    machine = f"cpu-{torch.get_num_threads()}t" if a.device == "cpu" else machine_slug(info)
-    base = out / f"sparsify_models_{machine}_{stamp}"
+    base, info, stamp, where = script_results(a.out, "sparsify_models", a.device)
     base.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1, default=str))
-    where = (f"{info.get('cpu_model', '')}, {torch.get_num_threads()} threads" if a.device == "cpu"
-             else f"{info.get('gpu', {}).get('name', 'cuda')}")
     lines = [f"# sparsify end to end ({where}, {a.dtype}, torch {torch.__version__}, {stamp} UTC)", "",
              "| model | pruning | dense ms | sparse ms | speedup | target | notes |", "|---|---|---|---|---|---|---|"]
     compiled = [r for r in rows if "speedup_compiled" in r]

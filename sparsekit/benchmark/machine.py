@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["machine_info", "machine_slug", "measure_peaks", "tf32_state"]
+__all__ = ["machine_info", "machine_slug", "measure_peaks", "script_results", "tf32_state"]
 
 
 def _cpu_model() -> str:
@@ -119,6 +119,21 @@ def machine_slug(info: dict) -> str:
     if info["device"] == "cuda" and "gpu" in info:
         return f"cuda-{_slug(info['gpu']['name'])}"
     return f"cpu-{_slug(str(info['cpu_model']))}-{info['threads']}t"
+
+
+def script_results(out: str | Path, prefix: str, device: str) -> tuple[Path, dict, str, str]:
+    """Where a bench/ script writes its .json/.md and what it records: (``<out>/<prefix>_<machine>_<UTC stamp>``
+    without suffix, machine_info, the stamp, a short label: CPU model and threads, or the GPU's name). ``out``
+    is created. The CPU machine id is 'cpu-<threads>t', as those scripts have always named their files."""
+    info = machine_info(device)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    machine = f"cpu-{threads}t" if device == "cpu" else machine_slug(info)
+    where = (f"{info.get('cpu_model', '')}, {threads} threads" if device == "cpu"
+             else str(info.get("gpu", {}).get("name", "cuda")))
+    return out / f"{prefix}_{machine}_{stamp}", info, stamp, where
 
 
 def _best_s(fn, device: str, reps: int) -> float:
