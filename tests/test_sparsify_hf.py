@@ -17,6 +17,26 @@ from sparsekit.nn import SparseLinear
 transformers = pytest.importorskip("transformers")
 
 
+def _block_prune(model: nn.Module, ids: torch.Tensor) -> nn.Module:
+    """``model``, its Linears masked to 50% 32x32 blocks (in place)."""
+    sk.prune.Pruner(model, ids, criterion="magnitude", granularity="block", block=(32, 32), scope="layer",
+                    sparsity=0.5).step()
+    return model
+
+
+def _sparsify(masked: nn.Module, ids: torch.Tensor):
+    """sparsify with every zero-holding Linear swapped (tiny layers: the swap is forced, the flow is tested)."""
+    return sk.sparsify(masked, ids, formats=["dense", "bsr"], blocks=[(32, 32)], min_speedup=1e-9, cache=False,
+                       reps=1, measure_model=False)
+
+
+def _compact_half(model: nn.Module, ids: torch.Tensor) -> nn.Module:
+    """``model`` (masked in place) and its compacted copy, half of every prunable channel group removed."""
+    pruner = sk.prune.Pruner(model, ids, criterion="l1", granularity="channel", scope="layer", sparsity=0.5)
+    pruner.step()
+    return pruner.compact()
+
+
 @pytest.fixture(scope="module")
 def pruned_bert():
     torch.manual_seed(0)
@@ -24,10 +44,7 @@ def pruned_bert():
                                   vocab_size=100, max_position_embeddings=32)
     model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
-    masked = copy.deepcopy(model)
-    sk.prune.Pruner(masked, ids, criterion="magnitude", granularity="block", block=(32, 32), scope="layer",
-                    sparsity=0.5).step()
-    return cfg, masked, ids
+    return cfg, _block_prune(copy.deepcopy(model), ids), ids
 
 
 def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -37,8 +54,7 @@ def _hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def test_sparsify_swaps_every_linear_of_a_hf_bert_and_keeps_its_outputs(pruned_bert):
     cfg, masked, ids = pruned_bert
-    fast, report = sk.sparsify(masked, ids, formats=["dense", "bsr"], blocks=[(32, 32)], min_speedup=1e-9,
-                               cache=False, reps=1, measure_model=False)
+    fast, report = _sparsify(masked, ids)
     linears = [n for n, m in masked.named_modules() if isinstance(m, nn.Linear)]
     swapped = [n for n, m in fast.named_modules() if isinstance(m, SparseLinear)]
     assert len(linears) == 6 * cfg.num_hidden_layers and swapped == linears
@@ -52,8 +68,7 @@ def test_sparsify_swaps_every_linear_of_a_hf_bert_and_keeps_its_outputs(pruned_b
 
 def test_sparsified_hf_bert_compiles_trains_and_round_trips(pruned_bert, tmp_path):
     cfg, masked, ids = pruned_bert
-    fast, _ = sk.sparsify(masked, ids, formats=["dense", "bsr"], blocks=[(32, 32)], min_speedup=1e-9, cache=False,
-                          reps=1, measure_model=False)
+    fast, _ = _sparsify(masked, ids)
     expected = _hidden(fast, ids)
     torch._dynamo.reset()
     compiled = torch.compile(fast, fullgraph=True, dynamic=False)
@@ -87,10 +102,7 @@ def test_gpt2_conv1d_layers_become_linears_then_prune_and_sparsify(tmp_path):
     assert type(model.h[0].attn.c_attn).__name__ == "Conv1D"          # the original is left alone (a copy)
     torch.testing.assert_close(_hidden(lin, ids), _hidden(model, ids), atol=1e-6, rtol=1e-6)
 
-    sk.prune.Pruner(lin, ids, criterion="magnitude", granularity="block", block=(32, 32), scope="layer",
-                    sparsity=0.5).step()
-    fast, _ = sk.sparsify(lin, ids, formats=["dense", "bsr"], blocks=[(32, 32)], min_speedup=1e-9, cache=False,
-                          reps=1, measure_model=False)
+    fast, _ = _sparsify(_block_prune(lin, ids), ids)
     assert sum(isinstance(m, SparseLinear) for m in fast.modules()) == len(conv1d)
     torch.testing.assert_close(_hidden(fast, ids), _hidden(lin, ids), atol=1e-5, rtol=1e-5)
     sk.save(fast, tmp_path / "gpt2")
@@ -108,9 +120,7 @@ def test_gpt2_heads_and_mlp_channels_compact(tmp_path):
     cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=100)
     model = sk.nn.conv1d_to_linear(transformers.GPT2Model(cfg).eval())
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
-    pruner = sk.prune.Pruner(model, ids, criterion="l1", granularity="channel", scope="layer", sparsity=0.5)
-    pruner.step()
-    small = pruner.compact()
+    small = _compact_half(model, ids)
     # whole heads of the fused c_attn (q|k|v) and c_proj, and the MLP (c_fc -> tanh GELU written with torch.pow
     # -> c_proj) shrink; the LayerNorm-normalised residual stream stays whole
     head_dim = cfg.n_embd // cfg.n_head
@@ -132,17 +142,12 @@ def test_llama_sparsifies_and_its_heads_and_gated_mlp_compact(tmp_path):
                                    num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
     model = transformers.LlamaModel(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
-    masked = copy.deepcopy(model)
-    sk.prune.Pruner(masked, ids, criterion="magnitude", granularity="block", block=(32, 32), scope="layer",
-                    sparsity=0.5).step()
-    fast, _ = sk.sparsify(masked, ids, formats=["dense", "bsr"], blocks=[(32, 32)], min_speedup=1e-9, cache=False,
-                          reps=1, measure_model=False)
+    masked = _block_prune(copy.deepcopy(model), ids)
+    fast, _ = _sparsify(masked, ids)
     assert sum(isinstance(m, SparseLinear) for m in fast.modules()) == 7 * cfg.num_hidden_layers
     torch.testing.assert_close(_hidden(fast, ids), _hidden(masked, ids), atol=1e-5, rtol=1e-5)
 
-    pruner = sk.prune.Pruner(model, ids, criterion="l1", granularity="channel", scope="layer", sparsity=0.5)
-    pruner.step()
-    small = pruner.compact()
+    small = _compact_half(model, ids)
     # gate_proj * up_proj -> down_proj shrink together; grouped-query attention loses whole key/value groups
     # (one of two: its key/value head and the two query heads sharing it)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
