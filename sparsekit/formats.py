@@ -73,8 +73,23 @@ def _check_index(t: Tensor, name: str, dtypes: tuple[torch.dtype, ...], dim: int
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if t.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    _check_contiguous(t, name)
+
+
+def _check_contiguous(t: Tensor, name: str) -> None:
+    # the C++/CUDA kernels read every format tensor as one dense run of memory
     if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}; "
+                         f"pass {name}.contiguous()")
+
+
+def _check_shape(shape: object) -> tuple[int, int]:
+    if not (isinstance(shape, tuple) and len(shape) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
+        raise ValueError(f"shape must be a pair of ints (N, K), got {shape!r}")
+    if min(shape) < 0:
+        raise ValueError(f"shape must be non-negative, got {shape!r}")
+    return shape  # type: ignore[return-value]
 
 
 def _check_crow(crow: Tensor, rows: int, nnz: int, name: str = "crow_indices") -> None:
@@ -105,6 +120,13 @@ class _Format:
     """Shared plumbing for the dataclass formats: state_dict round trip, .to(), byte counts."""
 
     shape: tuple[int, int]
+    # per-call state the op faces keep on a format object (not a dataclass field): ops/linear.py's _RepeatCall
+    # holds an op handle, which cannot be pickled; pickle, torch.save and copy.deepcopy leave it out and the
+    # copy's first call makes its own
+    _TRANSIENT = ("_repeat_call",)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
 
     @classmethod
     def _tensor_fields(cls) -> list[str]:
@@ -137,8 +159,17 @@ class _Format:
     def nnz(self) -> int:
         return self.values_tensor.numel()
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        """Move to a device and/or cast the values (indices keep their integer dtype)."""
+    def to(self, device: torch.device | str | int | torch.dtype | None = None, dtype: torch.dtype | None = None):
+        """Move to a device and/or cast the values (indices keep their integer dtype).
+
+        Like ``Tensor.to``, a dtype may also come first: ``fmt.to(torch.float16)``."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError(f"to() got a dtype as its first argument ({device}) and dtype={dtype}; pass one")
+            device, dtype = None, device
+        if device is not None and (isinstance(device, bool) or not isinstance(device, (torch.device, str, int))):
+            raise TypeError(f"device must be a torch.device, str, int or None (or a dtype as the first argument), "
+                            f"got {type(device).__name__} {device!r}")
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         kw = {}
@@ -174,7 +205,7 @@ class _Format:
             if f.name == "shape":
                 kw[f.name] = tuple(int(s) for s in v.tolist())
             elif f.name in cls._tensor_fields():
-                kw[f.name] = v
+                kw[f.name] = v.contiguous()   # validate() and the kernels need dense runs; a saved view may not be
             else:
                 kw[f.name] = int(v)
         obj = cls(**kw)
@@ -244,13 +275,13 @@ class BSR(_Format):
 
     def validate(self) -> BSR:
         """Check every invariant; raises ValueError/TypeError naming the field. Returns self."""
-        if not (isinstance(self.shape, tuple) and len(self.shape) == 2):
-            raise ValueError(f"shape must be a pair (N, K), got {self.shape!r}")
+        _check_shape(self.shape)
         if not isinstance(self.values, Tensor) or self.values.dim() != 3:
             raise ValueError("values must be a 3-D tensor [nnzb, bn, bk], got "
                              f"{getattr(self.values, 'shape', type(self.values).__name__)}")
         if self.values.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"values must be floating, got {self.values.dtype}")
+        _check_contiguous(self.values, "values")
         bn, bk = _normalize_block(self.block, self.shape)
         _check_crow(self.crow_indices, self.shape[0] // bn, self.nnzb)
         _check_index(self.col_indices, "col_indices", (torch.int32,), 1)
@@ -303,12 +334,12 @@ class CSR(_Format):
         return dense.index_put((rows, self.col_indices.long()), self.values)
 
     def validate(self) -> CSR:
-        if not (isinstance(self.shape, tuple) and len(self.shape) == 2):
-            raise ValueError(f"shape must be a pair (N, K), got {self.shape!r}")
+        _check_shape(self.shape)
         if not isinstance(self.values, Tensor) or self.values.dim() != 1:
             raise ValueError("values must be a 1-D tensor [nnz]")
         if self.values.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"values must be floating, got {self.values.dtype}")
+        _check_contiguous(self.values, "values")
         _check_crow(self.crow_indices, self.shape[0], self.nnz)
         _check_index(self.col_indices, "col_indices", (torch.int16, torch.int32), 1)
         if self.col_indices.numel() != self.nnz:
@@ -394,13 +425,14 @@ class NM(_Format):
 
     def validate(self) -> NM:
         n, m = _check_nm(self.n, self.m)
-        rows, k = self.shape
+        rows, k = _check_shape(self.shape)
         _check_k_multiple(k, m)
         if not isinstance(self.values, Tensor) or tuple(self.values.shape) != (rows, k // m * n):
             raise ValueError(f"values must have shape {(rows, k // m * n)}, got "
                              f"{getattr(self.values, 'shape', type(self.values).__name__)}")
         if self.values.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"values must be floating, got {self.values.dtype}")
+        _check_contiguous(self.values, "values")
         _check_index(self.indices, "indices", (torch.uint8,), 2)
         if tuple(self.indices.shape) != tuple(self.values.shape):
             raise ValueError(f"indices shape {tuple(self.indices.shape)} != values shape {tuple(self.values.shape)}")
@@ -451,6 +483,7 @@ class ChannelIndex(_Format):
     def validate(self) -> ChannelIndex:
         if self.dim not in (0, 1):
             raise ValueError(f"dim must be 0 or 1, got {self.dim!r}")
+        _check_shape(self.shape)
         _check_index(self.indices, "indices", (torch.int64,), 1)
         expect = list(self.shape)
         expect[self.dim] = self.indices.numel()
@@ -459,6 +492,7 @@ class ChannelIndex(_Format):
                              f"{getattr(self.values, 'shape', type(self.values).__name__)}")
         if self.values.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"values must be floating, got {self.values.dtype}")
+        _check_contiguous(self.values, "values")
         if self.indices.numel():
             if int(self.indices.min()) < 0 or int(self.indices.max()) >= self.shape[self.dim]:
                 raise ValueError(f"indices must lie in [0, {self.shape[self.dim]})")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .formats import BSR, CSR, NM, ChannelIndex
 from .ops import sparse_conv2d, sparse_linear
+from .ops.conv import group_starts
 
 FORMAT_NAMES = ("dense", "bsr", "csr", "nm", "channel")
 _INDEX_FIELDS = {"bsr": ("crow_indices", "col_indices"), "csr": ("crow_indices", "col_indices"),
@@ -73,6 +74,13 @@ class _SparseWeight(nn.Module):
         if not torch.compiler.is_compiling():
             self.__dict__["_format_cache"] = (tuple(map(id, tensors)), fmt)
         return fmt
+
+    def __getstate__(self) -> dict:
+        # the cached format is keyed by tensor ids, which mean nothing in the copy (and it may hold the op faces'
+        # per-call state): pickle, torch.save and deepcopy leave it out; the copy builds its own
+        state = super().__getstate__()
+        state.pop("_format_cache", None)
+        return state
 
     def _build_format(self) -> BSR | CSR | NM | ChannelIndex:
         if self.format in ("bsr", "csr"):
@@ -174,6 +182,27 @@ class SparseConv2d(_SparseWeight):
         self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), tuple(padding)
         self.dilation, self.groups = tuple(dilation), groups
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self._update_group_starts()
+
+    def _update_group_starts(self) -> None:
+        """Per-group entry offsets of a grouped BSR/CSR weight as Python ints, read now (eager), so that a trace
+        (torch.export, torch.compile) splits the groups without reading tensor data (see ops/conv.py)."""
+        self._group_starts = None
+        self.__dict__.pop("_format_cache", None)   # it holds the previous offsets
+        unit = self.values.shape[1] if self.format == "bsr" else 1   # (not a multiple: the forward says so)
+        if self.groups > 1 and self.format in ("bsr", "csr") and not self.crow_indices.is_meta \
+                and (self.out_channels // self.groups) % unit == 0:
+            self._group_starts = group_starts(self._build_format(), self.groups)
+
+    def _build_format(self) -> BSR | CSR | NM | ChannelIndex:
+        fmt = super()._build_format()
+        if getattr(self, "_group_starts", None) is not None:
+            fmt.__dict__["_group_starts"] = (self.groups, self._group_starts)
+        return fmt
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._update_group_starts()   # a loaded pattern may split differently between the groups
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,

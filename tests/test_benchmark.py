@@ -384,3 +384,32 @@ def test_interrupted_sweep_keeps_the_finished_configurations(monkeypatch, tmp_pa
     assert len({r["target_sparsity"] for r in res["rows"]}) == stop_at
     paths = save_results(res, tmp_path, plots=False)
     assert "**incomplete**" in Path(paths["report"]).read_text()
+
+
+# -------------------------------------------------------------------------------- schema, timer/device
+def test_report_reads_only_bench_results(tiny_results, tmp_path, capsys):
+    """Other scripts (bench/bench_compact.py, ...) write JSON with 'rows' of their own beside the sweep's."""
+    paths = save_results(tiny_results, tmp_path, plots=False)
+    other = tmp_path / "compact_new.json"     # newer than the sweep's file, with rows but no schema
+    other.write_text(json.dumps({"meta": {"date": "2999-01-01T00:00:00"}, "rows": [{"model": "dense"}]}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert load_results(tmp_path)["meta"]["source"] == str(paths["json"])
+    with pytest.raises(ValueError, match=r"compact_new\.json.*schema is None, expected 'sparsekit-bench/1'"):
+        load_results(other)
+    with pytest.raises(SystemExit, match=r"sparsekit report: .*compact_new\.json.*'sparsekit-bench/1'"):
+        cli_main(["report", str(other)])
+    assert cli_main(["report", str(tmp_path)]) == 0
+    assert "tiny.linear" in capsys.readouterr().out
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    other.rename(alone / other.name)
+    with pytest.raises(FileNotFoundError, match="no results .json"):
+        load_results(alone)
+
+
+@pytest.mark.parametrize("timer", ["events", "do_bench"])
+def test_cuda_timers_need_a_cuda_device(timer):
+    with pytest.raises(ValueError, match=rf"timer='{timer}' .*needs device='cuda', got device='cpu'"):
+        SweepConfig(device="cpu", timer=timer).validate()
+    with pytest.raises(SystemExit, match=rf"timer='{timer}'"):
+        cli_main(["bench", "kernels", "--device", "cpu", "--timer", timer, "--quick"])

@@ -165,3 +165,49 @@ def test_validate_catches_corruption():
             shape=b.shape).validate()
     with pytest.raises(TypeError, match="col_indices"):
         BSR(values=b.values, crow_indices=b.crow_indices, col_indices=b.col_indices.long(), shape=b.shape).validate()
+
+
+def _all_formats():
+    w = _block_sparse(32, 64, (16, 16), 0.5, seed=5)
+    return (BSR.from_dense(w, 16), CSR.from_dense(w), NM.from_dense(NM.prune(w, 2, 4), 2, 4),
+            ChannelIndex.from_dense(w))
+
+
+def test_validate_rejects_non_contiguous_tensors():
+    """The kernels read every format tensor as one dense run; validate() says so instead of a kernel error."""
+    for fmt in _all_formats():
+        v = fmt.values
+        strided = torch.empty(*v.shape[:-1], 2 * v.shape[-1], dtype=v.dtype)[..., ::2].copy_(v)
+        bad = type(fmt)(**{**{f: getattr(fmt, f) for f in fmt.__dataclass_fields__}, "values": strided})
+        with pytest.raises(ValueError, match=r"values must be contiguous.*values\.contiguous\(\)"):
+            bad.validate()
+        # a saved view is data all the same: from_state_dict makes it contiguous
+        back = type(fmt).from_state_dict({**fmt.state_dict(), "values": strided})
+        assert back.values.is_contiguous() and torch.equal(back.to_dense(), fmt.to_dense())
+    b = _all_formats()[0]
+    col = torch.empty(2 * b.nnzb, dtype=torch.int32)[::2].copy_(b.col_indices)
+    with pytest.raises(ValueError, match=r"col_indices must be contiguous.*col_indices\.contiguous\(\)"):
+        BSR(values=b.values, crow_indices=b.crow_indices, col_indices=col, shape=b.shape).validate()
+
+
+@pytest.mark.parametrize("shape, match", [((32.0, 64), "pair of ints"), ((-32, 64), "non-negative"),
+                                          ([32, 64], "pair of ints"), ((32, 64, 1), "pair of ints")])
+def test_validate_checks_shape(shape, match):
+    for fmt in _all_formats():
+        bad = type(fmt)(**{**{f: getattr(fmt, f) for f in fmt.__dataclass_fields__}, "shape": shape})
+        with pytest.raises(ValueError, match=match):
+            bad.validate()
+
+
+def test_to_takes_a_dtype_first_like_tensor_to():
+    for fmt in _all_formats():
+        half = fmt.to(torch.float16)
+        assert half.dtype == torch.float16 and half.device == fmt.device
+        assert torch.equal(half.to_dense(), fmt.to_dense().half())
+        assert fmt.to("cpu", torch.float64).dtype == torch.float64
+        with pytest.raises(TypeError, match="pass one"):
+            fmt.to(torch.float16, dtype=torch.float32)
+        with pytest.raises(TypeError, match="device must be"):
+            fmt.to(3.0)
+        with pytest.raises(TypeError, match="floating dtype"):
+            fmt.to(torch.int32)

@@ -124,3 +124,79 @@ def test_cached_format_follows_moves_and_loads():
         other.values.mul_(2)
     sl.load_state_dict(other.state_dict())
     torch.testing.assert_close(sl(x.double()), other(x.double()))
+
+
+def _pruned_conv(c_in, c_out, groups, seed=0):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, groups=groups)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) > 0.6)
+    return conv
+
+
+def _modules():
+    lin = _pruned_linear()
+    nm_lin = nn.Linear(96, 64)
+    with torch.no_grad():
+        nm_lin.weight.copy_(NM.prune(nm_lin.weight, 2, 4))
+    return [(SparseLinear.from_dense(lin, format="bsr", block=16), torch.randn(4, 96)),
+            (SparseLinear.from_dense(lin, format="csr"), torch.randn(4, 96)),
+            (SparseLinear.from_dense(nm_lin, format="nm"), torch.randn(4, 96)),
+            (SparseConv2d.from_dense(_pruned_conv(8, 16, 1), format="bsr", block=8), torch.randn(2, 8, 6, 6)),
+            (SparseConv2d.from_dense(_pruned_conv(8, 16, 2), format="csr"), torch.randn(2, 8, 6, 6))]
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_modules_pickle_save_and_copy_after_inference(i):
+    """The cached format (and the op faces' per-call state on it) stays out of pickles and copies."""
+    import copy
+    import io
+    import pickle
+
+    mod, x = _modules()[i]
+    with torch.no_grad():
+        y = mod(x)
+        mod(x)
+    assert "_format_cache" in mod.__dict__
+    buf = io.BytesIO()
+    torch.save(mod, buf)
+    buf.seek(0)
+    for c in (torch.load(buf, weights_only=False), pickle.loads(pickle.dumps(mod)), copy.deepcopy(mod)):
+        assert "_format_cache" not in c.__dict__
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), y)
+        torch.testing.assert_close(c(x), y)            # with autograd too
+
+
+@pytest.mark.parametrize("format, block", [("csr", None), ("bsr", (8, 4))])
+@pytest.mark.parametrize("depthwise", [False, True], ids=["grouped", "depthwise"])
+def test_grouped_and_depthwise_conv_export(format, block, depthwise):
+    """torch.export cannot read the index data, so the groups split at offsets computed when the module was built."""
+    c = 16
+    conv = _pruned_conv(c, c if depthwise else 2 * c, c if depthwise else 2)
+    if depthwise:
+        block = None if block is None else (1, 3)   # one output channel per group, K = 9
+    mod = SparseConv2d.from_dense(conv, format=format, **({"block": block} if block else {}))
+    x = torch.randn(2, c, 9, 9)
+    exported = torch.export.export(mod, (x,))
+    torch.testing.assert_close(exported.module()(x), conv(x), rtol=1e-4, atol=1e-5)
+    assert any("sparsekit" in str(n.target) for n in exported.graph.nodes)
+    compiled = torch.compile(mod, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), conv(x), rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_conv_offsets_follow_load_state_dict():
+    """Same nnz, different split between the groups: loading in place must refresh the per-group offsets."""
+    w1 = torch.tensor([[1.0, 0], [0, 0], [2, 3], [4, 0]]).reshape(4, 2, 1, 1)   # groups hold 1 and 3 entries
+    w2 = torch.tensor([[1.0, 5], [6, 0], [0, 0], [7, 0]]).reshape(4, 2, 1, 1)   # 3 and 1
+    convs = []
+    for w in (w1, w2):
+        conv = nn.Conv2d(4, 4, 1, groups=2, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+        convs.append(conv)
+    mod = SparseConv2d.from_dense(convs[0], format="csr")
+    mod.load_state_dict(SparseConv2d.from_dense(convs[1], format="csr").state_dict())
+    x = torch.randn(1, 4, 3, 3)
+    torch.testing.assert_close(mod(x), convs[1](x))
+    torch.testing.assert_close(torch.export.export(mod, (x,)).module()(x), convs[1](x))

@@ -207,3 +207,61 @@ def test_no_grad_calls_skip_the_autograd_layer_but_grad_calls_do_not():
     y1.sum().backward()
     assert values.grad is not None and values.grad.shape == values.shape
     torch.testing.assert_close(y0, y1.detach())
+
+
+# ------------------------------------------------------------------------- bad input: conv bias, dense weights
+def _grouped_weights():
+    dense = torch.randn(16, 36) * (torch.rand(16, 36) < 0.5)    # a 3x3 conv, 4 input channels per group
+    return {"bsr": BSR.from_dense(dense, (8, 4)), "csr": CSR.from_dense(dense), "nm": NM.from_dense(
+        NM.prune(dense, 2, 4), 2, 4), "dense": dense}
+
+
+@pytest.mark.parametrize("family", ["bsr", "csr", "nm", "dense"])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("bias, exc, match", [
+    (torch.randn(20), ValueError, r"sparse_conv2d: bias must have shape \(16,\) \(C_out = w.shape\[0\]\), got \(20,\)"),
+    (torch.randn(16, 1), ValueError, r"sparse_conv2d: bias must have shape \(16,\).*got \(16, 1\)"),
+    (torch.randn(16, dtype=torch.float64), TypeError, "sparse_conv2d: bias has dtype torch.float64, expected "
+                                                      "torch.float32"),
+    ([0.0] * 16, TypeError, "sparse_conv2d: bias must be a torch.Tensor or None, got list"),
+])
+def test_conv_bias_is_checked_whole(family, groups, bias, exc, match):
+    """The per-group paths slice the bias: a wrong one must be caught before (not truncated or cast)."""
+    w = _grouped_weights()[family]
+    x = torch.randn(2, 4 * groups, 7, 7)    # 4 channels per group, 3x3 kernel: K = 36
+    with pytest.raises(exc, match=match):
+        sk.ops.sparse_conv2d(x, w, bias, 1, 1, 1, groups)
+
+
+@pytest.mark.parametrize("family", ["bsr", "csr", "dense"])
+def test_conv_rejects_integer_x(family):
+    w = _grouped_weights()[family]
+    with pytest.raises(TypeError, match="sparse_conv2d: x must be a floating tensor, got torch.int64"):
+        sk.ops.sparse_conv2d(torch.ones(2, 8, 7, 7, dtype=torch.int64), w, None, 1, 1, 1, 2)
+
+
+def test_dense_weight_checks_backend_and_bias():
+    """A dense weight runs F.linear / F.unfold whatever the backend, but a bad name or bias is still an error."""
+    w, x, x4 = torch.randn(16, 32), torch.randn(3, 32), torch.randn(2, 8, 5, 5)
+    names = r"\['cpu', 'cuda', 'cusparselt', 'reference', 'triton'\]"
+    with pytest.raises(ValueError, match=rf"sparse_linear: backend must be one of {names} or None, got 'bogus'"):
+        sk.ops.sparse_linear(x, w, backend="bogus")
+    with pytest.raises(ValueError, match=rf"sparse_conv2d: backend must be one of {names} or None, got 'bogus'"):
+        sk.ops.sparse_conv2d(x4, w, kernel_size=(2, 2), backend="bogus")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        sk.ops.sparse_linear(x, w, backend=1)
+    with pytest.raises(TypeError, match="sparse_linear: bias has dtype torch.float64"):
+        sk.ops.sparse_linear(x.reshape(3, 1, 32), w, torch.randn(16, dtype=torch.float64))
+    with pytest.raises(TypeError, match="sparse_conv2d: bias has dtype torch.float64"):
+        sk.ops.sparse_conv2d(x4, w[:, :8], torch.randn(16, dtype=torch.float64))   # 1x1
+    torch.testing.assert_close(sk.ops.sparse_linear(x, w, backend="cpu"), F.linear(x, w))   # a known name is fine
+
+
+def test_channel_index_backend_message_names_what_it_accepts():
+    from sparsekit.formats import ChannelIndex
+
+    w = ChannelIndex.from_dense(torch.randn(16, 32) * (torch.arange(16) % 2)[:, None])
+    x = torch.randn(3, 32)
+    with pytest.raises(ValueError, match=r"backend must be one of \['reference'\] or None, got 'cpu'"):
+        sk.ops.sparse_linear(x, w, backend="cpu")
+    torch.testing.assert_close(sk.ops.sparse_linear(x, w, backend="reference"), F.linear(x, w.to_dense()))

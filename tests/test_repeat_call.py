@@ -65,3 +65,28 @@ def test_forced_backend_is_not_bypassed(monkeypatch):
     fn(x, w, backend="reference")
     fn(x, w, backend="reference")
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("family", ["bsr", "csr", "nm"])
+def test_formats_pickle_and_copy_after_a_remembered_call(family):
+    """The remembered call holds an op handle (not picklable): pickle, torch.save and deepcopy leave it out."""
+    import copy
+    import io
+    import pickle
+
+    fn, w = _weights()[family]
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        y = fn(x, w)
+    assert "_repeat_call" in w.__dict__
+    buf = io.BytesIO()
+    torch.save(w, buf)
+    buf.seek(0)
+    copies = [torch.load(buf, weights_only=False), pickle.loads(pickle.dumps(w)), copy.deepcopy(w), copy.copy(w)]
+    for c in copies:
+        assert type(c) is type(w) and "_repeat_call" not in c.__dict__
+        c.validate()
+        with torch.no_grad():
+            torch.testing.assert_close(fn(x, c), y)
+            torch.testing.assert_close(fn(x, c), y)       # and its own remembered call works
+    assert "_repeat_call" in w.__dict__                     # the original keeps its own

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["BreakEven", "break_even", "load_results", "summarize", "to_markdown", "speedup_table", "machine_line",
-           "is_noisy", "replace_marked_block", "find_results", "group_key", "START_MARKER", "END_MARKER"]
+           "is_noisy", "replace_marked_block", "find_results", "group_key", "START_MARKER", "END_MARKER",
+           "SCHEMA"]
 
+SCHEMA = "sparsekit-bench/1"   # what `sparsekit bench` writes (sweep.new_results); the report reads only that
 _OP_ORDER = {"linear": 0, "conv2d": 1, "model": 2}
 START_MARKER = "<!-- bench-table -->"
 END_MARKER = "<!-- /bench-table -->"
@@ -71,9 +73,12 @@ def find_results(path: str | os.PathLike, device: str | None = None, suite: str 
     found = []
     for f in p.glob("*.json"):
         try:
-            meta = json.loads(f.read_text()).get("meta", {})
+            data = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:   # other tools' JSON (bench/*.py, caches)
+            continue
+        meta = data.get("meta", {})
         if (device and meta.get("device") != device) or (suite and meta.get("suite") != suite):
             continue
         found.append((not (prefer_full and meta.get("quick")), str(meta.get("date", "")), f))
@@ -108,8 +113,10 @@ def load_results(path: str | os.PathLike) -> dict:
         data = json.loads(p.read_text())
     except ValueError as exc:
         raise ValueError(f"RESULTS: {str(p)!r} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or "rows" not in data:
-        raise ValueError(f"RESULTS: {str(p)!r} is not a sparsekit results file (no 'rows')")
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema != SCHEMA or not isinstance(data.get("rows"), list):
+        raise ValueError(f"RESULTS: {str(p)!r} is not a `sparsekit bench` results file: its schema is {schema!r}, "
+                         f"expected {SCHEMA!r} (other benchmark scripts write their own JSON)")
     data.setdefault("meta", {})["source"] = str(p)
     return data
 

@@ -51,14 +51,14 @@ from torch import Tensor
 from .machine import machine_info, machine_slug, measure_peaks
 from .patterns import PATTERN_KINDS, Pattern, make_weight, patterns_for, to_format
 from .progress import Progress
+from .report import SCHEMA
 from .shapes import QUICK_CONV, QUICK_LINEAR, ConvShape, LinearShape, get_shapes, shape_names
-from .timers import TIMERS, time_candidates
+from .timers import CUDA_TIMERS, TIMERS, time_candidates
 
 __all__ = ["SweepConfig", "DTYPES", "DEFAULT_SPARSITIES", "DEFAULT_BLOCKS", "QUICK_SPARSITIES", "QUICK_BLOCKS",
            "ROW_FIELDS", "Candidate", "check_output", "measure", "run_kernel_sweep", "save_results",
            "results_stem", "new_results", "with_env", "csr_skinny_off_candidates", "mark_interrupted"]
 
-SCHEMA = "sparsekit-bench/1"
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 DEFAULT_BLOCKS = ((1, 4), (16, 16), (32, 32), (64, 64))
 QUICK_SPARSITIES = (0.5, 0.9, 0.95)
@@ -159,6 +159,9 @@ class SweepConfig:
             raise ValueError(f"m must be a positive int or None, got {self.m!r}")
         if self.timer not in TIMERS:
             raise ValueError(f"timer must be one of {TIMERS}, got {self.timer!r}")
+        if self.timer in CUDA_TIMERS and self.device != "cuda":   # else the sweep fails at its first timing
+            raise ValueError(f"timer={self.timer!r} times on a CUDA device and needs device='cuda', got "
+                             f"device={self.device!r}; use timer='auto' or 'interleaved' on the CPU")
         if not (isinstance(self.min_reps, int) and isinstance(self.max_reps, int) and 1 <= self.min_reps
                 <= self.max_reps):
             raise ValueError(f"reps: need 1 <= min_reps <= max_reps, got min_reps={self.min_reps!r}, "

@@ -18,9 +18,10 @@ import torch
 
 from ..timing import interleaved_samples_ms
 
-__all__ = ["TIMERS", "time_candidates"]
+__all__ = ["TIMERS", "CUDA_TIMERS", "time_candidates"]
 
 TIMERS = ("auto", "interleaved", "events", "do_bench")
+CUDA_TIMERS = ("events", "do_bench")   # these need device="cuda"
 
 
 def _perf_counter_interleaved(fns: dict[str, Callable[[], object]], warmup: int, reps: int,
@@ -89,7 +90,7 @@ def time_candidates(fns: dict[str, Callable[[], object]], device: str = "cpu", t
         return {}, {}, 0
     if timer == "auto":
         timer = "events" if device == "cuda" else "interleaved"
-    if timer in ("events", "do_bench") and device != "cuda":
+    if timer in CUDA_TIMERS and device != "cuda":
         raise ValueError(f"timer={timer!r} needs device='cuda', got device={device!r}")
     if timer == "do_bench":
         return _do_bench(fns, warmup=25, reps=100), {k: None for k in fns}, 0

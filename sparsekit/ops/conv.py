@@ -20,7 +20,8 @@ from torch import Tensor
 
 from ..formats import BSR, CSR, NM, ChannelIndex
 from ._library import call_op, has_kernel
-from .linear import _check_structure, sparse_linear
+from .channel import _check_backend
+from .linear import BACKEND_NAMES, _check_structure, check_bias, sparse_linear
 
 _Pair = int | tuple[int, int]
 
@@ -55,8 +56,33 @@ def _kernel_size(w, c_in: int, groups: int, kernel_size: object) -> tuple[int, i
     return side, side
 
 
-def _rows(w, start: int, stop: int):
-    """The sub-weight of output rows [start, stop), sharing (and differentiable through) w's values."""
+def group_starts(w: BSR | CSR, groups: int) -> tuple[int, ...]:
+    """Where each of ``groups`` equal row groups of ``w`` starts in w.values / w.col_indices, plus nnz at the end
+    (groups + 1 Python ints, read from w.crow_indices: eager only)."""
+    unit = w.block[0] if isinstance(w, BSR) else 1
+    n_g = w.shape[0] // groups
+    if n_g % unit:
+        raise ValueError(f"sparse_conv2d: with groups, each group's C_out ({n_g}) must be a multiple "
+                         f"of the block rows ({unit})")
+    return tuple(int(v) for v in w.crow_indices[::n_g // unit].tolist()) if n_g else (0,) * (groups + 1)
+
+
+def _entry_starts(w: object, groups: int) -> tuple[int, ...] | None:
+    """group_starts for a BSR/CSR weight (None for the others, whose groups are plain row slices). A trace
+    (torch.export, torch.compile) cannot read tensor data, so it takes the offsets SparseConv2d computed when it
+    was built or loaded, kept on w as ``_group_starts = (groups, starts)``."""
+    if not isinstance(w, (BSR, CSR)):
+        return None
+    hint = w.__dict__.get("_group_starts")
+    if torch.compiler.is_compiling() and hint is not None and hint[0] == groups \
+            and hint[1][-1] == w.values.shape[0]:
+        return hint[1]
+    return group_starts(w, groups)
+
+
+def _rows(w, start: int, stop: int, entries: tuple[int, int] | None = None):
+    """The sub-weight of output rows [start, stop), sharing (and differentiable through) w's values; for BSR/CSR
+    ``entries`` is (first, end) of those rows' entries in w.values (from _entry_starts)."""
     if isinstance(w, Tensor):
         return w[start:stop]
     if isinstance(w, NM):
@@ -64,11 +90,8 @@ def _rows(w, start: int, stop: int):
                   n=w.n, m=w.m)
     if isinstance(w, (BSR, CSR)):
         unit = w.block[0] if isinstance(w, BSR) else 1
-        if start % unit or stop % unit:
-            raise ValueError(f"sparse_conv2d: with groups, each group's C_out ({stop - start}) must be a multiple "
-                             f"of the block rows ({unit})")
         crow = w.crow_indices[start // unit:stop // unit + 1]
-        lo, hi = int(crow[0]), int(crow[-1])
+        lo, hi = entries
         return type(w)(values=w.values[lo:hi], crow_indices=(crow - lo).contiguous(),
                        col_indices=w.col_indices[lo:hi], shape=(stop - start, w.shape[1]))
     raise ValueError(f"sparse_conv2d: groups > 1 is not supported for a {type(w).__name__} weight")
@@ -77,19 +100,16 @@ def _rows(w, start: int, stop: int):
 _XT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _cpu_family(x: Tensor, w: object, bias: Tensor | None, c_out: int, backend: str | None) -> str | None:
+def _cpu_family(x: Tensor, w: object, backend: str | None) -> str | None:
     """"bsr" / "csr" when the CPU conv ops (*_conv2d, *_mm_xt: no transposes of patches or outputs) can run
     this call, else None: other devices/backends and mismatched dtypes or devices take the generic path (which
-    also raises the usual argument errors).
+    also raises the usual argument errors; bias was checked by sparse_conv2d).
     """
     if not isinstance(w, (BSR, CSR)) or backend not in (None, "cpu") or x.device.type != "cpu":
         return None
     family = "bsr" if isinstance(w, BSR) else "csr"
     if not (has_kernel(f"{family}_mm_xt", "CPU") and has_kernel(f"{family}_conv2d", "CPU")) \
             or x.dtype not in _XT_DTYPES or x.dtype != w.dtype or w.device != x.device:
-        return None
-    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (c_out,) or bias.dtype != x.dtype
-                             or bias.device != x.device):
         return None
     _check_structure(f"{family}_linear", w)
     return family
@@ -106,13 +126,18 @@ def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Te
         raise TypeError(f"sparse_conv2d: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"sparse_conv2d: x must be 4-D [B, C_in, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"sparse_conv2d: x must be a floating tensor, got {x.dtype}")
     if not isinstance(w, (BSR, CSR, NM, ChannelIndex, Tensor)) or (isinstance(w, Tensor) and w.dim() != 2):
         raise TypeError("sparse_conv2d: w must be a BSR, CSR, NM, ChannelIndex or 2-D Tensor over "
                         f"[C_out, C_in/groups*kh*kw], got {type(w).__name__}")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"sparse_conv2d: groups must be a positive int, got {groups!r}")
+    _check_backend("sparse_conv2d", backend, BACKEND_NAMES)
     b, c_in, h, wd = x.shape
     c_out = w.shape[0]
+    # once here: the per-group paths below slice the bias, which would hide a wrong length
+    check_bias("sparse_conv2d", bias, c_out, x, "C_out = w.shape[0]")
     if c_in % groups or c_out % groups:
         raise ValueError(f"sparse_conv2d: groups={groups} must divide C_in={c_in} and C_out={c_out}")
     stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
@@ -124,7 +149,8 @@ def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Te
         raise ValueError(f"sparse_conv2d: output would be empty ({h_out}x{w_out}) for input {h}x{wd}, "
                          f"kernel {kh}x{kw}, stride {stride}, padding {padding}, dilation {dilation}")
 
-    family = _cpu_family(x, w, bias, c_out, backend)
+    starts = None if groups == 1 else _entry_starts(w, groups)
+    family = _cpu_family(x, w, backend)
     if family is not None:  # CPU BSR/CSR: per image, NCHW pixels (1x1) and unfolded patches are already x^T
         conv_op = getattr(torch.ops.sparsekit, f"{family}_conv2d").default
         xt_op = getattr(torch.ops.sparsekit, f"{family}_mm_xt").default
@@ -132,7 +158,7 @@ def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Te
         outs = []
         for g in range(groups):
             xg = x if groups == 1 else x[:, g * c_g:(g + 1) * c_g]
-            wg = w if groups == 1 else _rows(w, g * n_g, (g + 1) * n_g)
+            wg = w if groups == 1 else _rows(w, g * n_g, (g + 1) * n_g, starts[g:g + 2])
             bias_g = bias if bias is None or groups == 1 else bias[g * n_g:(g + 1) * n_g]
             if (kh, kw) == (1, 1) and padding == (0, 0):  # 1x1: the (subsampled) NCHW pixels are x^T, read
                 xs = xg[:, :, ::stride[0], ::stride[1]].reshape(b, c_g, h_out * w_out)   # in place when fp32
@@ -160,7 +186,7 @@ def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Te
         outs = []
         for g in range(groups):
             bias_g = None if bias is None else bias[g * n_g:(g + 1) * n_g]
-            outs.append(sparse_linear(cols[..., g * k_g:(g + 1) * k_g], _rows(w, g * n_g, (g + 1) * n_g),
-                                      bias_g, backend))
+            wg = _rows(w, g * n_g, (g + 1) * n_g, None if starts is None else starts[g:g + 2])
+            outs.append(sparse_linear(cols[..., g * k_g:(g + 1) * k_g], wg, bias_g, backend))
         y = torch.cat(outs, dim=-1)
     return y.transpose(1, 2).reshape(b, c_out, h_out, w_out)

@@ -12,8 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..formats import BSR, CSR, NM, ChannelIndex
-from ._dispatch import CppBackend, Format, choose, measure_enabled
+from ._dispatch import BACKENDS, CppBackend, Format, choose, measure_enabled
 from ._library import _needs_autograd_layer
+from .channel import _check_backend
+
+BACKEND_NAMES = tuple(sorted(BACKENDS))
 
 
 def check_linear_args(fn: str, x: object, w: object, fmt: type, bias: object) -> None:
@@ -33,16 +36,22 @@ def check_linear_args(fn: str, x: object, w: object, fmt: type, bias: object) ->
                         f"(x.to({w.dtype}) or w.to(dtype={x.dtype})) — sparsekit never converts silently")
     if not (x.is_cpu and w.values.is_cpu) and x.device != w.device:   # the CPU case without device objects
         raise ValueError(f"{fn}: x is on {x.device} but w is on {w.device}; move one with .to(device)")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"{fn}: bias must have shape ({n},) (N = w.shape[0]), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{fn}: bias has dtype {bias.dtype}, expected {x.dtype} (x's dtype)")
-        if bias.device != x.device:
-            raise ValueError(f"{fn}: bias is on {bias.device}, expected {x.device} (x's device)")
+    check_bias(fn, bias, n, x)
     _check_structure(fn, w)
+
+
+def check_bias(fn: str, bias: object, n: int | None, x: Tensor, what: str = "N = w.shape[0]") -> None:
+    """bias must be None or a tensor of shape (n,) (any shape when n is None) with x's dtype and device."""
+    if bias is None:
+        return
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if n is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{fn}: bias must have shape ({n},) ({what}), got {tuple(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"{fn}: bias has dtype {bias.dtype}, expected {x.dtype} (x's dtype)")
+    if bias.device != x.device:
+        raise ValueError(f"{fn}: bias is on {bias.device}, expected {x.device} (x's device)")
 
 
 def _check_structure(fn: str, w: Format) -> None:
@@ -165,11 +174,15 @@ _BY_FORMAT = {BSR: bsr_linear, CSR: csr_linear, NM: nm_linear}
 def sparse_linear(x: Tensor, w: Format | ChannelIndex | Tensor, bias: Tensor | None = None,
                   backend: str | None = None) -> Tensor:
     """Dispatch on the weight's format (BSR, CSR, NM, ChannelIndex, or a dense tensor -> F.linear)."""
-    if isinstance(w, Tensor):
+    if isinstance(w, Tensor):   # F.linear, whatever the backend: still reject a name no backend has
+        _check_backend("sparse_linear", backend, BACKEND_NAMES)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"sparse_linear: x must be a torch.Tensor, got {type(x).__name__}")
+        check_bias("sparse_linear", bias, w.shape[0] if w.dim() == 2 else None, x)
         return F.linear(x, w, bias)
     if isinstance(w, ChannelIndex):
-        if backend not in (None, "reference"):
-            raise ValueError(f"backend must be None for a ChannelIndex weight (a dense GEMM), got {backend!r}")
+        _check_backend("sparse_linear (a ChannelIndex weight: a dense GEMM on the kept channels)", backend,
+                       ("reference",))
         return channel_linear(x, w, bias)
     try:
         fn = _BY_FORMAT[type(w)]
@@ -178,4 +191,5 @@ def sparse_linear(x: Tensor, w: Format | ChannelIndex | Tensor, bias: Tensor | N
     return fn(x, w, bias, backend)
 
 
-__all__ = ["bsr_linear", "csr_linear", "nm_linear", "channel_linear", "sparse_linear", "check_linear_args"]
+__all__ = ["bsr_linear", "csr_linear", "nm_linear", "channel_linear", "sparse_linear", "check_linear_args",
+           "check_bias"]
