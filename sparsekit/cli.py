@@ -15,33 +15,27 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _formats_arg(text: str) -> tuple[str, ...]:
-    from .nn import FORMAT_NAMES
-
-    names = tuple(f.strip() for f in text.split(",") if f.strip())
-    bad = [f for f in names if f not in FORMAT_NAMES]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(FORMAT_NAMES)}, "
-                                         f"got {text!r}")
-    return names
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_result, run_demo
 
-    for name in ("sparsity", "channels"):
+    for name in ("sparsity", "channels", "unstructured"):
         value = getattr(args, name)
         if not 0.0 <= value < 1.0:
             raise SystemExit(f"sparsekit demo: --{name} must be in [0, 1), got {value}")
     cfg = DemoConfig(model=args.model, width=args.width, channels=args.channels,
                      channel_criterion=args.channel_criterion, sparsity=args.sparsity, criterion=args.criterion,
-                     block=args.block, formats=args.formats, min_speedup=args.min_speedup, batch=args.batch,
-                     tokens=args.tokens, reps=args.reps, backend=args.backend, save=not args.no_save)
+                     block=args.block, unstructured=args.unstructured, formats=args.formats,
+                     min_speedup=args.min_speedup, batch=args.batch, tokens=args.tokens, reps=args.reps,
+                     backend=args.backend, save=not args.no_save)
     print(format_result(run_demo(cfg)))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # bench / report / sparsify: argument parsing only here; the sweep itself is imported when the command runs
+    from .benchmark.command import add_bench_parser, add_report_parser
+    from .sparsify_command import add_sparsify_parser, formats_arg, min_speedup_arg
+
     p = argparse.ArgumentParser(prog="sparsekit", description="Make pruned networks actually faster.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -49,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--json", action="store_true", help="machine-readable output")
     pi.set_defaults(fn=_cmd_info)
 
-    pd = sub.add_parser("demo", help="dense -> channel-pruned + compacted -> block-pruned -> sparsified -> saved/"
-                                      "loaded: each stage verified and timed against dense in one table")
+    pd = sub.add_parser("demo", help="dense -> channel-pruned + compacted -> block- or element-pruned -> "
+                                      "sparsified -> saved/loaded: each stage verified and timed against dense in "
+                                      "one table")
     pd.add_argument("--model", default="ffn", choices=["ffn", "transformer"],
                     help="ffn: BERT-base MLP 768->3072->768 (default); transformer: 2 encoder layers of BERT-base "
                          "width")
@@ -62,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block sparsity of the compacted model's weights (default 0.9)")
     pd.add_argument("--criterion", default="magnitude", help="criterion of the block stage (default magnitude)")
     pd.add_argument("--block", type=int, default=32, help="block side of the block stage (default 32)")
-    pd.add_argument("--formats", type=_formats_arg, default=None,
+    pd.add_argument("--unstructured", type=float, default=0.95,
+                    help="element sparsity of the unstructured stage, on the compacted model (default 0.95)")
+    pd.add_argument("--formats", type=formats_arg, default=None,
                     help="formats sparsify may choose, comma-separated (default: all of dense,bsr,csr,nm,channel)")
-    pd.add_argument("--min-speedup", type=float, default=1.1,
+    pd.add_argument("--min-speedup", type=min_speedup_arg, default=1.1,
                     help="a sparse format must beat dense by this factor to be kept (default 1.1)")
     pd.add_argument("--batch", type=int, default=8)
     pd.add_argument("--tokens", type=int, default=64)
@@ -72,10 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--backend", default=None, help="force a backend (cpu, triton, reference, cuda)")
     pd.add_argument("--no-save", action="store_true", help="skip the sk.save -> sk.load round trip")
     pd.set_defaults(fn=_cmd_demo)
-
-    # bench / report: argument parsing only here; the sweep itself is imported when the command runs
-    from .benchmark.command import add_bench_parser, add_report_parser
-    from .sparsify_command import add_sparsify_parser
 
     add_bench_parser(sub)
     add_report_parser(sub)

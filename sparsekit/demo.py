@@ -6,7 +6,9 @@
     3. block pruning of the compacted model's remaining weights (a second Pruner, granularity="block"), baked
        (dense storage, zeros still multiplied)
     4. ``sk.sparsify``: per layer the measured-fastest format (dense fallback); verified == the block-pruned model
-    5. ``sk.save`` -> ``sk.load`` into a fresh instance; verified == the sparsified model
+    5. unstructured: element (magnitude) pruning of another copy of the compacted model's weights, baked, then
+       ``sk.sparsify`` (typically CSR); verified == the element-pruned model
+    6. ``sk.save`` -> ``sk.load`` of the block-sparsified model into a fresh instance; verified == it
 
 All latencies come from one loop that runs every stage round-robin with the dense original (medians), so machine
 noise hits them alike. Pruning here is one-shot on random weights, without fine-tuning: the demo shows speed and
@@ -45,6 +47,7 @@ class DemoConfig:
     sparsity: float = 0.9                 # block sparsity of the compacted model's remaining weights
     criterion: str = "magnitude"
     block: int = 32
+    unstructured: float = 0.95            # element sparsity of the unstructured stage (on the compacted model)
     formats: tuple[str, ...] | None = None  # sparsify candidates (None = every format)
     min_speedup: float = 1.1              # a sparse format must beat dense by this factor to be kept
     batch: int = 8
@@ -60,7 +63,7 @@ def _check_config(cfg: object) -> DemoConfig:
         raise TypeError(f"cfg must be a DemoConfig, got {type(cfg).__name__}")
     if cfg.model not in DEMO_MODELS:
         raise ValueError(f"model must be one of {DEMO_MODELS}, got {cfg.model!r}")
-    for name in ("channels", "sparsity"):
+    for name in ("channels", "sparsity", "unstructured"):
         value = getattr(cfg, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
             raise ValueError(f"{name} must be a fraction in [0, 1), got {value!r}")
@@ -146,6 +149,16 @@ def _block_pruned(compacted: nn.Module, x: Tensor, cfg: DemoConfig) -> tuple[nn.
     return pruned, whole
 
 
+def _element_pruned(compacted: nn.Module, x: Tensor, cfg: DemoConfig) -> nn.Module:
+    """Unstructured: prune a copy of every layer's smallest-magnitude elements (cfg.criterion), masks baked."""
+    pruned = copy.deepcopy(compacted)
+    pruner = Pruner(pruned, x, criterion=cfg.criterion, granularity="element", scope="layer",
+                    sparsity=cfg.unstructured)
+    pruner.step()
+    pruner.bake()
+    return pruned
+
+
 def _round_trip(fast: nn.Module, cfg: DemoConfig) -> nn.Module:
     """sk.save to a temporary directory, then sk.load into a fresh (full-width) instance."""
     with tempfile.TemporaryDirectory(prefix="sparsekit-demo-") as tmp:
@@ -168,16 +181,23 @@ def run_demo(cfg: DemoConfig) -> dict:
     masked, compacted = _structured(dense, x, cfg)
     compact_diff = max(verify(masked, compacted, x, atol=ATOL).values())
     pruned, whole = _block_pruned(compacted, x, cfg)
-    fast, report = sparsify(pruned, x, formats=cfg.formats, min_speedup=cfg.min_speedup, cache=False,
-                            reps=max(3, cfg.reps // 2), backend=cfg.backend, measure_model=False)
+    sparsify_args = dict(formats=cfg.formats, min_speedup=cfg.min_speedup, cache=False, reps=max(3, cfg.reps // 2),
+                         backend=cfg.backend, measure_model=False)
+    fast, report = sparsify(pruned, x, **sparsify_args)
     sparse_diff = max(verify(pruned, fast, x, atol=ATOL).values())
+    elements = _element_pruned(compacted, x, cfg)
+    fast_elements, report_elements = sparsify(elements, x, **sparsify_args)
+    elements_diff = max(verify(elements, fast_elements, x, atol=ATOL).values())
 
-    stages = {"dense": dense, "compacted": compacted, "block-pruned": pruned, "sparsified": fast}
+    stages = {"dense": dense, "compacted": compacted, "block-pruned": pruned, "sparsified": fast,
+              "unstructured": fast_elements}
     rows = [_row("dense original", dense, None, "-"),
             _row(f"compacted ({cfg.channels:.0%} hidden ch.)", compacted, compact_diff, "channel-masked"),
             _row(f"block-pruned ({cfg.sparsity:.0%}, {cfg.block}x{cfg.block})", pruned, None,
                  "lossy step, dense storage"),
-            _row("sparsified", fast, sparse_diff, "block-pruned")]
+            _row("sparsified", fast, sparse_diff, "block-pruned"),
+            _row(f"unstructured ({cfg.unstructured:.0%} elem.)", fast_elements, elements_diff,
+                 "element-pruned compacted")]
     if cfg.save:
         loaded = stages["loaded"] = _round_trip(fast, cfg)
         rows.append(_row("saved -> loaded", loaded, max(verify(fast, loaded, x, atol=ATOL).values()), "sparsified"))
@@ -188,9 +208,13 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     with torch.no_grad():  # what one-shot pruning without fine-tuning does to the outputs (not a verification)
         pruning_error = {"channel": float((dense(x) - masked(x)).abs().max()),
-                         "block": float((compacted(x) - pruned(x)).abs().max())}
-    return {"config": cfg, "rows": rows, "report": report, "models": stages, "input_shape": tuple(x.shape),
+                         "block": float((compacted(x) - pruned(x)).abs().max()),
+                         "element": float((compacted(x) - elements(x)).abs().max())}
+    return {"config": cfg, "rows": rows, "report": report, "report_unstructured": report_elements,
+            "models": stages, "input_shape": tuple(x.shape),
             "formats": {n: m.format for n, m in _layers(fast).items() if isinstance(m, (SparseLinear, SparseConv2d))},
+            "formats_unstructured": {n: m.format for n, m in _layers(fast_elements).items()
+                                     if isinstance(m, (SparseLinear, SparseConv2d))},
             "left_whole": whole, "pruning_error": pruning_error, "threads": torch.get_num_threads(),
             "dtype": str(next(dense.parameters()).dtype).replace("torch.", ""),
             "torch": torch.__version__}
@@ -227,15 +251,18 @@ def format_result(res: dict) -> str:
         diff = f"{r['max_diff']:.1e}" if r["max_diff"] is not None else "-"
         out.append(f"{r['stage']:<30}{_fmt_count(r['params']):>9}{r['weight_bytes'] / 2**20:>11.2f}"
                    f"{r['ms']:>12.2f}{r['speedup']:>8.2f}x{diff:>12}  {r['vs']}")
-    out += ["", f"verified (sk.verify, atol {ATOL:.0e}): compacted == channel-masked, sparsified == block-pruned"
-            + (", loaded == sparsified" if cfg.save else ""),
+    out += ["", f"verified (sk.verify, atol {ATOL:.0e}): compacted == channel-masked, sparsified == block-pruned,",
+            "  unstructured == element-pruned compacted" + (", loaded == sparsified" if cfg.save else ""),
             f"sparsify's per-layer choice (measured at the real input, kept only if >= {cfg.min_speedup}x dense):"]
     out += _choices(res["report"])
     if res["left_whole"]:
         out.append(f"  left dense ({cfg.block}x{cfg.block} blocks do not divide them): {', '.join(res['left_whole'])}")
+    out.append(f"  unstructured stage ({cfg.unstructured:.0%} of each compacted layer's elements):")
+    out += _choices(res["report_unstructured"])
     err = res["pruning_error"]
     out.append(f"pruning is one-shot on random weights, no fine-tuning: output change dense->channel-masked "
-               f"{err['channel']:.2g}, compacted->block-pruned {err['block']:.2g} (accuracy is not the point here)")
-    out.append(f"(FLOP-ideal speedup of {cfg.sparsity:.0%} sparsity over the compacted model: "
-               f"{1 / (1 - cfg.sparsity):.1f}x)")
+               f"{err['channel']:.2g}, compacted->block-pruned {err['block']:.2g}, compacted->element-pruned "
+               f"{err['element']:.2g} (accuracy is not the point here)")
+    out.append(f"(FLOP-ideal speedup over the compacted model: {1 / (1 - cfg.sparsity):.1f}x at {cfg.sparsity:.0%} "
+               f"block sparsity, {1 / (1 - cfg.unstructured):.1f}x at {cfg.unstructured:.0%} element sparsity)")
     return "\n".join(out)

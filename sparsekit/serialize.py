@@ -1,12 +1,14 @@
 """sk.save / sk.load: a sparsified model as safetensors + a JSON spec. No pickled modules.
 
     path/model.safetensors   every tensor of model.state_dict() (sparse values and indices included)
-    path/sparsekit.json      which submodules are SparseLinear / SparseConv2d and with what format, block,
-                             n:m, conv geometry and (forced) backend
+    path/sparsekit.json      which submodules are SparseLinear / SparseConv2d and with what format, BSR block
+                             shape, n:m, conv geometry, forced backend ("backend", null unless forced) and the
+                             backend that ran the layer when sk.sparsify chose it ("chosen_backend", information)
 
 ``load(path, Model())`` re-applies the spec to a fresh instance of the original class: each recorded submodule is
-rebuilt from the stored tensors, then the whole state_dict is loaded. A forced backend that cannot run on the
-loading machine is dropped (the dispatcher re-selects) with a warning.
+rebuilt from the stored tensors, then the whole state_dict is loaded. The dispatcher re-selects the backend on
+the loading machine (``chosen_backend`` is not applied); a forced backend that cannot run there is dropped with
+a warning.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ SPEC_FILE = "sparsekit.json"
 
 def _module_spec(mod: SparseLinear | SparseConv2d) -> dict:
     spec = {"class": type(mod).__name__, "format": mod.format, "weight_shape": list(mod.weight_shape),
-            "backend": mod.backend, "has_bias": mod.bias is not None}
+            "backend": mod.backend, "chosen_backend": getattr(mod, "chosen_backend", mod.backend),
+            "has_bias": mod.bias is not None}
+    if mod.format == "bsr":
+        spec["block"] = list(mod.sparse_weight().block)
     if mod.format == "nm":
         spec["nm"] = list(mod.nm)
     if isinstance(mod, SparseConv2d):
@@ -73,6 +78,9 @@ def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
     elif fmt == "bsr":
         weight = BSR(values=get("values"), crow_indices=get("crow_indices"), col_indices=get("col_indices"),
                      shape=shape)
+        if "block" in spec and list(weight.block) != list(spec["block"]):
+            raise ValueError(f"{name}: the spec records block {spec['block']} but the stored values hold "
+                             f"{list(weight.block)} blocks")
     elif fmt == "csr":
         weight = CSR(values=get("values"), crow_indices=get("crow_indices"), col_indices=get("col_indices"),
                      shape=shape)
@@ -83,7 +91,7 @@ def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
         weight = ChannelIndex(values=get("values"), indices=get("indices"), shape=shape, dim=0)
     else:
         raise ValueError(f"{name}: unknown format {fmt!r} in the spec")
-    if not isinstance(weight, torch.Tensor):
+    if not isinstance(weight, torch.Tensor) and not weight.values.is_meta:  # (meta tensors hold no indices to check)
         weight.validate()
     bias = get("bias") if spec["has_bias"] else None
     backend = spec.get("backend")
@@ -103,11 +111,17 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
 
     ``model`` may be built on the meta device (``with torch.device("meta"): model = Model()``): the saved
     tensors are then assigned instead of copied, so no dense weight is ever allocated in the loading process
-    (``bench/bench_memory.py`` measures the peak RSS this saves)."""
+    (``bench/bench_memory.py`` measures the peak RSS this saves). Otherwise ``model`` is moved to
+    ``map_location`` first, so that the whole model (unsaved buffers included) ends there."""
     from safetensors.torch import load_file
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module (a fresh instance of the saved class), got {type(model).__name__}")
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"map_location must be a torch.device or a device string such as 'cpu' or 'cuda:0', "
+                         f"got {map_location!r}") from exc
     src = Path(path)
     if not (src / SPEC_FILE).is_file() or not (src / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"path must be a directory written by sparsekit.save (with {SPEC_FILE} and "
@@ -118,7 +132,8 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
                          f"{SPEC_VERSION})")
     if spec.get("model_class") not in (None, type(model).__name__):
         raise TypeError(f"model is a {type(model).__name__} but the saved model was a {spec['model_class']}")
-    tensors = load_file(str(src / WEIGHTS_FILE), device=str(map_location))
+    tensors = load_file(str(src / WEIGHTS_FILE), device=str(device))
+    on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))  # (the skeleton, before rebuilding)
     if spec.get("widths"):
         from .prune.compact import apply_widths  # re-create compacted layer widths in the fresh instance
         apply_widths(model, spec["widths"])
@@ -130,6 +145,7 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
         new = _rebuild(name, mspec, tensors)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    if not on_meta:  # move, then copy: tied weights stay tied and non-persistent buffers follow
+        model.to(device)
     model.load_state_dict(tensors, strict=True, assign=on_meta)
     return model

@@ -1,31 +1,35 @@
 """sk.sparsify: swap every Linear/Conv2d whose weight has zeros for the format measured fastest at its real shape.
 
 For each layer: capture its real input (one run of example_inputs), list the candidate formats the zero pattern
-allows (dense; bsr with each block shape whose blocks are mostly empty; csr; nm when the weight is n:m sparse;
-channel when whole output rows are zero), check each candidate's output against dense, time them side by side
-(interleaved medians), keep the fastest, and fall back to dense unless a sparse format beats it by
+allows (dense; bsr with each block shape whose blocks are mostly empty; csr; nm with each n:m pattern the weight
+fits; channel when whole output rows are zero), check each candidate's output against dense, time them side by
+side (interleaved medians), keep the fastest, and fall back to dense unless a sparse format beats it by
 ``min_speedup``. Timings go to a tuning cache keyed by device, dtype, shape and pattern statistics, so a second
-call on the same model is near-instant.
+call on the same model is near-instant. Layers already sparsified (SparseLinear / SparseConv2d, e.g. from
+``sk.load``) are turned back into dense candidates and measured again: the best format differs between machines.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .nn import FORMAT_NAMES, SparseConv2d, SparseLinear
+from .ops._dispatch import BACKENDS
 from .timing import interleaved_median_ms
 from .tuning_cache import TuningCache, device_name, resolve_cache
 from .verify import as_args
 
 DEFAULT_BLOCKS: tuple[tuple[int, int], ...] = ((1, 4), (4, 1), (16, 16), (32, 32), (64, 64))
 MAX_STORED_DENSITY = 0.75   # a format storing more than this fraction of the weight cannot beat dense
-NM_PATTERNS = ((2, 4), (1, 4), (4, 8))
+NM_PATTERNS = ((1, 4), (2, 4), (4, 8))   # sparsest (smallest n/m) first
 
 
 @dataclass
@@ -41,6 +45,7 @@ class LayerDecision:
     speedup: float
     cached: bool = False
     notes: list[str] = field(default_factory=list)
+    backend: str | None = None   # what runs the chosen format here ("torch" for dense/channel GEMMs)
 
 
 @dataclass
@@ -64,14 +69,16 @@ class SparsifyReport:
         nw = max([28, *(len(d.name) + 2 for d in self.layers)])
         sw = max([16, *(len("x".join(map(str, d.weight_shape))) + 2 for d in self.layers)])
         iw = max([18, *(len("x".join(map(str, d.input_shape))) + 2 for d in self.layers)])
+        pw = max([9, *(len(d.pattern) + 2 for d in self.layers)])
+        cw = max([10, *(len(d.choice) + 2 for d in self.layers)])
         lines = [f"sparsify on {self.device}, {self.dtype}, min_speedup {self.min_speedup}",
-                 f"{'layer':<{nw}}{'weight':>{sw}}{'input':>{iw}}{'sparsity':>9}  {'choice':<10}{'speedup':>8}  "
-                 "candidates (ms)"]
+                 f"{'layer':<{nw}}{'weight':>{sw}}{'input':>{iw}}{'sparsity':>9}  {'pattern':<{pw}}"
+                 f"{'choice':<{cw}}{'speedup':>8}  candidates (ms)"]
         for d in self.layers:
             cands = " ".join(f"{k}={v:.2f}" for k, v in sorted(d.times_ms.items(), key=lambda kv: kv[1]))
             shape, inp = "x".join(map(str, d.weight_shape)), "x".join(map(str, d.input_shape))
-            lines.append(f"{d.name:<{nw}}{shape:>{sw}}{inp:>{iw}}{d.sparsity:>9.3f}  {d.choice:<10}"
-                         f"{d.speedup:>7.2f}x  {cands}{' (cached)' if d.cached else ''}")
+            lines.append(f"{d.name:<{nw}}{shape:>{sw}}{inp:>{iw}}{d.sparsity:>9.3f}  {d.pattern:<{pw}}"
+                         f"{d.choice:<{cw}}{d.speedup:>7.2f}x  {cands}{' (cached)' if d.cached else ''}")
             lines += [f"{'':<{nw}}note: {n}" for n in d.notes]
         if self.speedup is not None:
             lines.append(f"whole model: dense {self.dense_ms:.2f} ms -> sparse {self.sparse_ms:.2f} ms "
@@ -156,10 +163,11 @@ def _candidates(mod: nn.Module, w: Tensor, stats: dict, formats: tuple[str, ...]
                 out[f"bsr{b[0]}x{b[1]}"] = lambda b=b: cls.from_dense(mod, format="bsr", block=b, backend=backend)
     if "csr" in formats and 1 - stats["sparsity"] <= MAX_STORED_DENSITY:
         out["csr"] = lambda: cls.from_dense(mod, format="csr", backend=backend)
-    if "nm" in formats and stats["nm"]:
-        n, m = map(int, stats["nm"][0].split(":"))   # the sparsest n:m pattern the weight fits
-        out[f"nm{n}:{m}"] = lambda: cls.from_dense(mod, format="nm", n=n, m=m, backend=backend)
-    if "channel" in formats and isinstance(mod, nn.Linear) and stats["zero_rows"] >= 1 - MAX_STORED_DENSITY:
+    if "nm" in formats:  # every n:m pattern the weight fits: the sparsest is not always the fastest kernel
+        for label in stats["nm"]:
+            n, m = map(int, label.split(":"))
+            out[f"nm{label}"] = lambda n=n, m=m: cls.from_dense(mod, format="nm", n=n, m=m, backend=backend)
+    if "channel" in formats and stats["zero_rows"] >= 1 - MAX_STORED_DENSITY:
         out["channel"] = lambda: cls.from_dense(mod, format="channel")
     if exact:  # only formats whose stored entries are exactly the nonzeros: fine-tuning then keeps every zero
         nnz = int(w.ne(0).sum())
@@ -168,11 +176,15 @@ def _candidates(mod: nn.Module, w: Tensor, stats: dict, formats: tuple[str, ...]
 
 
 def _kind(mod: nn.Module) -> dict:
+    """The layer's kind and everything besides the weight that decides which candidates can be built and how
+    fast they run (the cache key holds it: a decision for a zero-padded conv must not be reused for a
+    reflect-padded one, whose sparse candidates cannot be built)."""
+    bias = {"bias": mod.bias is not None, "weight_dtype": str(mod.weight.dtype)}
     if isinstance(mod, nn.Conv2d):
         return {"kind": "conv2d", "kernel": list(mod.kernel_size), "stride": list(mod.stride),
                 "padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
-                "dilation": list(mod.dilation), "groups": mod.groups}
-    return {"kind": "linear"}
+                "padding_mode": mod.padding_mode, "dilation": list(mod.dilation), "groups": mod.groups, **bias}
+    return {"kind": "linear", **bias}
 
 
 def _plain_dense(mod: nn.Module) -> nn.Module:
@@ -207,7 +219,7 @@ def _measure(mod: nn.Module, inp: Tensor, factories: dict[str, Callable[[], nn.M
                 cand = make()
                 out = cand(inp)
             except (ValueError, TypeError, RuntimeError) as exc:
-                notes.append(f"{label} skipped: {str(exc).splitlines()[0][:120]}")
+                notes.append(f"{label} skipped: {_first_line(exc)}")
                 continue
             tol = 1e-3 if inp.dtype == torch.float32 else 3e-2
             if not torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol * max(1.0, float(ref.abs().max()))):
@@ -219,21 +231,106 @@ def _measure(mod: nn.Module, inp: Tensor, factories: dict[str, Callable[[], nn.M
     return times, built
 
 
+def _first_line(exc: BaseException, limit: int = 120) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _densify_sparse_layers(model: nn.Module) -> None:
+    """Turn every SparseLinear/SparseConv2d back into a plain nn.Linear/nn.Conv2d (same zeros), so that an
+    already-sparsified model is measured again like any pruned one: its best formats and backends were measured
+    on another machine, or with other inputs. A forced backend is dropped: the dispatcher re-selects."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, (SparseLinear, SparseConv2d)):
+            _set_submodule(model, name, mod.to_dense())
+
+
+def _dense_baseline(model: nn.Module) -> nn.Module:
+    """What the whole model is timed against: a plain dense eval-mode stand-in for ``model``.
+
+    The module tree is copied with every parameter and buffer shared (no weight copied; ``model`` itself is
+    neither run nor changed: a train-mode model would update its BatchNorm statistics), then each masked
+    Linear/Conv2d is replaced by a plain one with its mask baked in (``_plain_dense``): a pruner's
+    parametrizations cost about half a dense forward again, which would count as sparsify's speedup."""
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    base = copy.deepcopy(model, memo)
+    for name, mod in list(base.named_modules()):
+        if name and isinstance(mod, (nn.Linear, nn.Conv2d)) and parametrize.is_parametrized(mod):
+            _set_submodule(base, name, _plain_dense(mod))
+    return base.eval()
+
+
+def _backend_used(mod: nn.Module, inp: Tensor) -> str | None:
+    """The backend that runs ``mod`` on ``inp`` on this machine (sk.save records it, as information): the
+    dispatcher's pick, seen by running the layer once ("cpu" where the CPU convolution kernels are called
+    directly; "torch" for the dense and channel formats, plain torch GEMMs)."""
+    if not isinstance(mod, (SparseLinear, SparseConv2d)) or mod.format in ("dense", "channel"):
+        return "torch"
+    seen: list[str] = []
+
+    def spy(b, mm: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def mm_seen(family: str, x: Tensor, w: Any, bias: Tensor | None) -> Tensor:
+            seen.append(b.name)
+            return mm(family, x, w, bias)
+        return mm_seen
+
+    for b in BACKENDS.values():  # an instance attribute shadows Backend.mm for this one forward
+        b.mm = spy(b, b.mm)
+    try:
+        with torch.no_grad():
+            mod(inp)
+    finally:
+        for b in BACKENDS.values():
+            vars(b).pop("mm", None)
+    # the last call is the real one (a first call the dispatcher measures runs every candidate before it)
+    return seen[-1] if seen else ("cpu" if inp.device.type == "cpu" else None)
+
+
 # ------------------------------------------------------------------------------------------ the call
-def _check_args(model: object, formats: object, min_speedup: object, blocks: object) -> tuple[tuple, tuple]:
+def _check_args(model: object, formats: object, min_speedup: object, blocks: object, reps: object,
+                backend: object, flags: dict[str, object]) -> tuple[tuple[str, ...], tuple[tuple[int, int], ...]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise ValueError(f"model has tensors on the meta device ({', '.join(on_meta[:3])}"
+                         f"{', ...' if len(on_meta) > 3 else ''}); sparsify needs real weights: load them first "
+                         "(load_state_dict(..., assign=True) or sk.load)")
     if formats is None:
         formats = FORMAT_NAMES
-    if isinstance(formats, str) or not all(f in FORMAT_NAMES for f in formats):  # type: ignore[union-attr]
+    if isinstance(formats, str) or not isinstance(formats, Iterable):
         raise ValueError(f"formats must be a list drawn from {FORMAT_NAMES} (or None for all), got {formats!r}")
-    if not isinstance(min_speedup, (int, float)) or isinstance(min_speedup, bool) or min_speedup <= 0:
-        raise ValueError(f"min_speedup must be a positive number, got {min_speedup!r}")
-    blocks = DEFAULT_BLOCKS if blocks is None else tuple(tuple(b) for b in blocks)  # type: ignore[union-attr]
+    formats = tuple(formats)  # once: a generator would be used up by the check
+    if not formats or not all(isinstance(f, str) and f in FORMAT_NAMES for f in formats):
+        raise ValueError(f"formats must be a non-empty list drawn from {FORMAT_NAMES} (or None for all), "
+                         f"got {list(formats)!r}")
+    if not isinstance(min_speedup, (int, float)) or isinstance(min_speedup, bool) or not math.isfinite(min_speedup) \
+            or min_speedup <= 0:
+        raise ValueError(f"min_speedup must be a positive finite number, got {min_speedup!r}")
+    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
+        raise ValueError(f"reps must be a positive int (timed rounds per candidate), got {reps!r}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None (the dispatcher's choice), "
+                         f"got {backend!r}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    if blocks is None:
+        blocks = DEFAULT_BLOCKS
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Iterable):
+        raise ValueError(f"blocks must be a list of (rows, cols) pairs of ints in [1, 128], got {blocks!r}")
+    checked = []
     for b in blocks:
-        if len(b) != 2 or not all(isinstance(i, int) and 1 <= i <= 128 for i in b):
+        pair = tuple(b) if isinstance(b, (tuple, list)) else (b,)
+        if len(pair) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= 128 for i in pair):
             raise ValueError(f"blocks must be pairs of ints in [1, 128], got {b!r}")
-    return tuple(formats), blocks  # type: ignore[arg-type]
+        checked.append(pair)
+    return formats, tuple(checked)
 
 
 def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[str, ...] | None = None,
@@ -242,23 +339,38 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
              measure_model: bool = True) -> tuple[nn.Module, SparsifyReport]:
     """Return (fast_model, report). ``fast_model`` is a copy (``inplace=False``) in which every Linear/Conv2d
     whose weight has zeros is replaced by the measured-fastest SparseLinear/SparseConv2d, or left dense.
+    SparseLinear/SparseConv2d layers already in ``model`` (e.g. from ``sk.load``) are measured again from
+    their dense equivalent. ``fast_model`` is in eval mode; ``model`` is not run (nor changed, unless inplace).
 
-    formats      subset of ("dense", "bsr", "csr", "nm", "channel"); None = all
-    min_speedup  a sparse format must beat dense by this factor to be chosen
+    formats      non-empty subset of ("dense", "bsr", "csr", "nm", "channel"); None = all
+    min_speedup  a sparse format must beat dense by this factor (positive, finite) to be chosen
     cache        None: the default JSON file (~/.cache/sparsekit/sparsify.json or $SPARSEKIT_CACHE_DIR);
                  False: in memory; a path; or a TuningCache
     blocks       BSR block shapes to try (those that divide the weight and leave blocks mostly empty)
-    backend      force a backend for the sparse candidates (default: the dispatcher's choice)
+    reps         timed rounds per candidate (interleaved medians)
+    backend      force a backend for the sparse candidates (a name in sparsekit.ops.BACKENDS; default: the
+                 dispatcher's choice)
     exact        only formats that store exactly the nonzeros (no explicit zeros inside stored blocks), so that
                  fine-tuning the result keeps every zero, as fine-tuning the masked model would; False allows
                  coarser blocks whose stored zeros become trainable
+    measure_model  also time the whole model: a plain dense eval-mode copy (masks baked) against the result
     """
-    formats, blocks = _check_args(model, formats, min_speedup, blocks)
+    formats, blocks = _check_args(model, formats, min_speedup, blocks, reps, backend,
+                                  {"exact": exact, "inplace": inplace, "measure_model": measure_model})
+    args = as_args(example_inputs)
     tcache: TuningCache = resolve_cache(cache)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
+    _densify_sparse_layers(target)
+    baseline = _dense_baseline(target) if measure_model else None   # before any layer is swapped
     is_layer = lambda m: isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, (SparseLinear, SparseConv2d))
-    inputs = capture_inputs(target, example_inputs, is_layer)
+    try:
+        inputs = capture_inputs(target, args, is_layer)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        given = [tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__ for a in args]
+        raise ValueError(f"example_inputs: the model failed to run on them ({type(exc).__name__}: "
+                         f"{_first_line(exc, 200)}); expected inputs that model(*example_inputs) accepts, got "
+                         f"{given}") from exc
     inside_mha = {f"{n}.{c}" if n else c for n, m in target.named_modules()
                   if isinstance(m, nn.MultiheadAttention) for c, _ in m.named_children()}
     first = next(iter(inputs.values()), None)
@@ -278,28 +390,35 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
                                "weight": list(w.shape), "input": list(inp.shape), "stats": stats,
                                "candidates": sorted(factories), "backend": backend, "exact": exact})
         notes: list[str] = []
+        built: dict[str, nn.Module] = {}
         hit = tcache.get(key)
         if hit is not None:
             times = hit["times_ms"]
             notes = list(hit.get("notes", []))
         else:
-            times, _ = _measure(mod, inp, factories, reps, notes)
+            times, built = _measure(mod, inp, factories, reps, notes)
             tcache.put(key, {"times_ms": times, "notes": notes})
-        sparse_times = {k: v for k, v in times.items() if k != "dense"}
+            notes = list(notes)   # notes added below are about this call, not the stored measurement
+        sparse_times = {k: v for k, v in times.items() if k in factories}
         best = min(sparse_times, key=sparse_times.get) if sparse_times else "dense"
         choice = best if best != "dense" and times["dense"] / sparse_times[best] >= min_speedup else "dense"
+        used = "torch"
         if choice != "dense":
-            new = factories[choice]()
-            parent, _, child = name.rpartition(".")
-            setattr(target.get_submodule(parent) if parent else target, child, new)
+            try:  # a cached choice is built here for the first time: it may still fail
+                new = built[choice] if choice in built else factories[choice]()
+            except (ValueError, TypeError, RuntimeError) as exc:
+                notes.append(f"{choice} could not be built ({_first_line(exc)}); kept dense")
+                choice = "dense"
+            else:
+                _set_submodule(target, name, new)
+                used = new.chosen_backend = _backend_used(new, inp)   # sk.save records it (information only)
         report.layers.append(LayerDecision(
             name=name, kind=_kind(mod)["kind"], weight_shape=tuple(mod.weight.shape), input_shape=tuple(inp.shape),
             sparsity=stats["sparsity"], pattern=_describe(stats), times_ms=times, choice=choice,
-            speedup=times["dense"] / times[choice], cached=hit is not None, notes=notes))
+            speedup=times["dense"] / times[choice], cached=hit is not None, notes=notes, backend=used))
     tcache.save()
-    if measure_model and report.layers:
-        args = as_args(example_inputs)
-        t = interleaved_median_ms({"dense": lambda: model(*args), "sparse": lambda: target(*args)}, warmup=2,
+    if baseline is not None and report.layers:
+        t = interleaved_median_ms({"dense": lambda: baseline(*args), "sparse": lambda: target(*args)}, warmup=2,
                                   reps=reps, device=device)
         report.dense_ms, report.sparse_ms = t["dense"], t["sparse"]
     return target, report

@@ -5,16 +5,51 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 
-def _build_model(spec: str, kwargs_json: str | None) -> nn.Module:
-    kwargs = json.loads(kwargs_json) if kwargs_json else {}
-    if not isinstance(kwargs, dict):
-        raise SystemExit(f"sparsekit sparsify: --model-kwargs must be a JSON object, got {kwargs_json!r}")
+# ------------------------------------------------------------------ argument types (argparse -> parser.error)
+def formats_arg(text: str) -> tuple[str, ...]:
+    """--formats: a comma-separated subset of sparsekit.nn.FORMAT_NAMES."""
+    from .nn import FORMAT_NAMES
+
+    names = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in names if f not in FORMAT_NAMES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(FORMAT_NAMES)}, "
+                                         f"got {text!r}")
+    return names
+
+
+def min_speedup_arg(text: str) -> float:
+    """--min-speedup: a positive finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number such as 1.1, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number such as 1.1, got {text!r}")
+    return value
+
+
+def json_object_arg(text: str) -> dict:
+    """--model-kwargs: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"dim\": 64}}', got {text!r} "
+                                         f"({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"dim\": 64}}', got {text!r}")
+    return value
+
+
+def _build_model(spec: str, kwargs: dict | None) -> nn.Module:
+    kwargs = kwargs or {}
     if ":" in spec:   # "package.module:Class"
         mod_name, _, cls_name = spec.partition(":")
         try:
@@ -61,15 +96,21 @@ def _example_input(model: nn.Module, batch: int, shape: str | None) -> torch.Ten
 
 
 def add_sparsify_parser(sub) -> None:
-    p = sub.add_parser("sparsify", help="measure formats per layer for a saved model and save the fast model")
+    from .benchmark.command import _positive_int
+
+    p = sub.add_parser("sparsify", help="measure formats per layer for a saved model (a sparsekit.save directory "
+                                        "is measured again on this machine) and save the fast model")
     p.add_argument("weights", type=Path, help="sparsekit.save directory, .safetensors or .pt state_dict")
     p.add_argument("--model", required=True, help="a sparsekit.models name (see sparsekit.models.available()) "
                                                   "or package.module:Class")
-    p.add_argument("--model-kwargs", default=None, help="JSON object of constructor arguments")
-    p.add_argument("--batch", type=int, default=8, help="batch of the example input (default 8)")
+    p.add_argument("--model-kwargs", type=json_object_arg, default=None,
+                   help="JSON object of constructor arguments")
+    p.add_argument("--batch", type=_positive_int, default=8, help="batch of the example input (default 8)")
     p.add_argument("--input-shape", default=None, help="example input shape, e.g. 8,3,224,224")
-    p.add_argument("--formats", default=None, help="comma-separated subset of dense,bsr,csr,nm,channel")
-    p.add_argument("--min-speedup", type=float, default=1.1)
+    p.add_argument("--formats", type=formats_arg, default=None,
+                   help="comma-separated subset of dense,bsr,csr,nm,channel (default: all)")
+    p.add_argument("--min-speedup", type=min_speedup_arg, default=1.1,
+                   help="a sparse format must beat dense by this factor to be kept (default 1.1)")
     p.add_argument("--exact", action="store_true", help="only formats storing exactly the nonzeros")
     p.add_argument("--out", type=Path, required=True, help="directory for the sparsified model (sparsekit.save)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -82,8 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = _load_weights(_build_model(args.model, args.model_kwargs), args.weights).eval()
     x = _example_input(model, args.batch, args.input_shape)
-    formats = args.formats.split(",") if args.formats else None
-    fast, report = sparsify(model, x, formats=formats, min_speedup=args.min_speedup, exact=args.exact)
+    fast, report = sparsify(model, x, formats=args.formats, min_speedup=args.min_speedup, exact=args.exact)
     save(fast, args.out)
     print(json.dumps(report.to_dict(), indent=1, default=str) if args.json else report)
     print(f"saved to {args.out}")

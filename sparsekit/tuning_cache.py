@@ -7,11 +7,21 @@ layer — is near-instant. Stored as JSON (human-readable, no pickling).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+try:  # advisory lock between processes sharing the file (POSIX); elsewhere the unique temp file still keeps
+    import fcntl  # every write whole, and the merge before replacing keeps most concurrent entries
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 DEFAULT_PATH = Path(os.environ.get("SPARSEKIT_CACHE_DIR", Path.home() / ".cache" / "sparsekit")) / "sparsify.json"
 
@@ -26,17 +36,65 @@ def device_name(device: torch.device) -> str:
     return f"cpu:{_cpu_model()}:{torch.get_num_threads()}t:{_cpu_kernel_isa() or 'no-ext'}"
 
 
+def _valid_entry(entry: object) -> bool:
+    """An entry sparsify can use: {"times_ms": {label: finite ms >= 0, ..., "dense": ...}, "notes": [str, ...]}."""
+    if not isinstance(entry, dict):
+        return False
+    times, notes = entry.get("times_ms"), entry.get("notes", [])
+    return (isinstance(times, dict) and "dense" in times
+            and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) and v >= 0 for k, v in times.items())
+            and isinstance(notes, list) and all(isinstance(n, str) for n in notes))
+
+
+def _read_entries(path: Path, warn: bool = True) -> dict[str, dict]:
+    """The valid entries of the cache file at ``path``; a missing file is empty, a corrupt one (undecodable, not
+    JSON, not an object of entries) or corrupt entries are dropped, with a warning naming the file (if ``warn``):
+    a lost cache only costs the measuring again."""
+    problem = None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        data, problem = {}, f"is unreadable ({type(exc).__name__}: {exc}); starting with an empty cache"
+    if not isinstance(data, dict):
+        problem = f"holds a JSON {type(data).__name__}, expected an object of entries; starting with an empty cache"
+        data = {}
+    entries = {k: v for k, v in data.items() if _valid_entry(v)}
+    if len(entries) < len(data):
+        problem = (f"has {len(data) - len(entries)} malformed entries (expected {{'times_ms': {{..., 'dense': ms}}, "
+                   "'notes': [...]}); dropped them")
+    if warn and problem:
+        warnings.warn(f"sparsify tuning cache {str(path)!r} {problem}", RuntimeWarning, stacklevel=3)
+    return entries
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` + ".lock" (where fcntl exists) for a read-merge-replace."""
+    if fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class TuningCache:
-    """A dict of decisions, optionally backed by a JSON file (``path=None`` keeps it in memory only)."""
+    """A dict of decisions, optionally backed by a JSON file (``path=None`` keeps it in memory only).
+
+    Several processes may share the file: ``save`` merges this cache's entries into what the file holds now,
+    under a lock, and replaces it atomically (a reader sees the old or the new file, never half of one)."""
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.entries: dict[str, dict] = {}
-        if self.path is not None and self.path.exists():
-            try:
-                self.entries = json.loads(self.path.read_text())
-            except (OSError, json.JSONDecodeError):
-                self.entries = {}  # a corrupt cache is only a lost speed-up: start over
+        if self.path is not None:
+            self.entries = _read_entries(self.path)
 
     @staticmethod
     def key(parts: dict) -> str:
@@ -52,9 +110,18 @@ class TuningCache:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
-        tmp.replace(self.path)
+        with _locked(self.path):
+            # entries other processes saved since this cache was read are kept; ours win on the same key
+            self.entries = {**_read_entries(self.path, warn=False), **self.entries}  # (warned when read)
+            fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(self.entries, f, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
 
 
 def resolve_cache(cache: object) -> TuningCache:

@@ -24,8 +24,9 @@ def _rows(res: dict) -> dict[str, dict]:
 
 def test_every_stage_present_and_verified(result):
     rows = _rows(result)
-    assert list(rows) == ["dense original", "compacted", "block-pruned", "sparsified", "saved -> loaded"]
-    for stage in ("compacted", "sparsified", "saved -> loaded"):
+    assert list(rows) == ["dense original", "compacted", "block-pruned", "sparsified", "unstructured",
+                          "saved -> loaded"]
+    for stage in ("compacted", "sparsified", "unstructured", "saved -> loaded"):
         assert rows[stage]["max_diff"] is not None and rows[stage]["max_diff"] <= ATOL, stage
     for r in rows.values():
         assert r["ms"] > 0 and r["speedup"] > 0
@@ -45,10 +46,21 @@ def test_compacted_is_smaller_and_sparsified_uses_sparse_formats(result):
     assert set(result["formats"]) == set(block_pruned)
 
 
+def test_unstructured_stage_prunes_elements_and_sparsifies(result):
+    """The structured-and-unstructured story: element pruning of the compacted model, sparsified (its own row)."""
+    rows = _rows(result)
+    assert rows["unstructured"]["weight_bytes"] < rows["compacted"]["weight_bytes"]
+    fast = result["models"]["unstructured"]
+    assert result["formats_unstructured"] and all(fmt != "dense" for fmt in result["formats_unstructured"].values())
+    for decision in result["report_unstructured"].layers:
+        assert decision.sparsity >= 0.9
+        assert isinstance(fast.get_submodule(decision.name), SparseLinear)
+
+
 def test_format_result_prints_one_table(result):
     text = format_result(result)
-    for needle in ("dense original", "compacted", "block-pruned", "sparsified", "saved -> loaded", "threads",
-                   "median"):
+    for needle in ("dense original", "compacted", "block-pruned", "sparsified", "unstructured (95% elem.)",
+                   "saved -> loaded", "threads", "median", "unstructured stage"):
         assert needle in text
 
 
@@ -61,6 +73,7 @@ def test_cli_demo(capsys):
 
 @pytest.mark.parametrize("change, match", [({"model": "vgg"}, "model"), ({"channels": 1.5}, "channels"),
                                            ({"sparsity": -0.1}, "sparsity"), ({"reps": 0}, "reps"),
+                                           ({"unstructured": 1.0}, "unstructured"),
                                            ({"width": 0.01}, "block")])
 def test_bad_config_names_the_argument(change, match):
     with pytest.raises(ValueError, match=match):

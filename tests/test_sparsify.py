@@ -1,6 +1,7 @@
 """sk.sparsify, the tuning cache, the report, training/compile/export of a sparsified model, sk.save / sk.load."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 import sparsekit as sk
 from sparsekit import _extension
 from sparsekit.nn import SparseConv2d, SparseLinear
+from sparsekit.sparsify import DEFAULT_BLOCKS, pattern_stats
 from sparsekit.tuning_cache import TuningCache
 
 
@@ -221,3 +223,168 @@ def test_tuning_key_names_the_cpu_kernel_isa(monkeypatch):
     assert best.endswith(":" + torch.ops.sparsekit.cpu_kernel_isa())
     if torch.ops.sparsekit.cpu_kernel_isa() != "scalar":
         assert scalar != best
+
+
+# ----------------------------------------------------------------------------- audit regressions (issue 8)
+def _reflect_or_zeros_conv(mode: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, padding=1, padding_mode=mode)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) > 0.7)
+    return nn.Sequential(conv)
+
+
+def test_cached_decision_is_not_reused_for_a_reflect_padded_conv():
+    """padding_mode (and bias) are in the cache key: a zero-padded conv's decision does not apply."""
+    cache, x = TuningCache(None), torch.randn(2, 16, 9, 10)
+    fast, _ = sk.sparsify(_reflect_or_zeros_conv("zeros"), x, min_speedup=1e-9, cache=cache, reps=2,
+                          measure_model=False)
+    assert isinstance(fast[0], SparseConv2d)
+    model = _reflect_or_zeros_conv("reflect")
+    fast, report = sk.sparsify(model, x, min_speedup=1e-9, cache=cache, reps=2, measure_model=False)
+    (d,) = report.layers
+    assert not d.cached and d.choice == "dense" and isinstance(fast[0], nn.Conv2d)
+    assert any("padding_mode" in n for n in d.notes)
+    torch.testing.assert_close(fast(x), model(x))
+
+
+def test_a_cached_choice_that_cannot_be_built_falls_back_to_dense(monkeypatch):
+    net, x = _net()
+    cache = TuningCache(None)
+    sk.sparsify(net, x, formats=["dense", "csr"], min_speedup=1e-9, cache=cache, reps=2, measure_model=False)
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot build this here")
+
+    monkeypatch.setattr(SparseLinear, "from_dense", classmethod(broken))
+    fast, report = sk.sparsify(net, x, formats=["dense", "csr"], min_speedup=1e-9, cache=cache, reps=2,
+                               measure_model=False)
+    fc1 = next(d for d in report.layers if d.name == "fc1")
+    assert fc1.cached and fc1.choice == "dense" and fc1.speedup == 1.0
+    assert any("could not be built" in n and "cannot build this here" in n for n in fc1.notes)
+    assert type(fast.fc1) is nn.Linear and isinstance(fast.conv, SparseConv2d)
+    sk.verify(net, fast, x, atol=1e-4)
+
+
+def test_whole_model_baseline_is_a_plain_dense_copy_and_the_model_is_not_run(monkeypatch):
+    """A train-mode model keeps its BatchNorm statistics; the pruner's parametrizations are baked in the
+    baseline (not timed); with inplace=True the baseline is taken before the layers are swapped."""
+    sparsify_mod = importlib.import_module("sparsekit.sparsify")   # (sk.sparsify is the function)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 64)).train()
+    x = torch.randn(16, 64)
+    sk.prune.Pruner(model, x, criterion="magnitude", granularity="block", block=(16, 16), sparsity=0.8).step()
+    stats = model[1].running_mean.clone()
+    bases, calls = [], []
+    real = sparsify_mod._dense_baseline
+
+    def spy(m):
+        bases.append(real(m))
+        bases[-1].register_forward_pre_hook(lambda *_: calls.append(1))
+        return bases[-1]
+
+    monkeypatch.setattr(sparsify_mod, "_dense_baseline", spy)
+    fast, report = sk.sparsify(model, x, min_speedup=1e-9, cache=False, reps=2)
+    assert model.training and torch.equal(model[1].running_mean, stats) and int(model[1].num_batches_tracked) == 0
+    assert hasattr(model[0], "parametrizations")   # the user's masked model is intact
+    (base,) = bases
+    assert calls and report.dense_ms > 0 and not base.training
+    assert all(type(base[i]) is nn.Linear for i in (0, 3))   # plain: no parametrization left to time
+    model.eval()
+    torch.testing.assert_close(base(x), model(x))
+
+    bases.clear()
+    target = copy.deepcopy(model)
+    fast, report = sk.sparsify(target, x, min_speedup=1e-9, cache=False, reps=2, inplace=True)
+    assert fast is target and isinstance(target[0], SparseLinear)
+    (base,) = bases
+    assert type(base[0]) is nn.Linear and type(base[3]) is nn.Linear   # not the swapped (sparse) layers
+    torch.testing.assert_close(base(x), model(x))
+
+
+def test_an_already_sparsified_model_is_measured_again(tmp_path):
+    """sk.load -> sk.sparsify on another machine re-selects: Sparse* layers become dense candidates again."""
+    net, x = _net()
+    fast, _ = sk.sparsify(net, x, formats=["dense", "bsr"], min_speedup=1e-9, cache=False, reps=2,
+                          measure_model=False)
+    loaded = sk.load(sk.save(fast, tmp_path / "m"), Net())
+    again, report = sk.sparsify(loaded, x, formats=["dense", "csr"], min_speedup=1e-9, cache=False, reps=2)
+    assert [d.name for d in report.layers] == ["conv", "fc1"]
+    assert all(d.choice == "csr" and "dense" in d.times_ms for d in report.layers)
+    assert again.fc1.format == "csr" and again.conv.format == "csr"
+    assert loaded.fc1.format == "bsr"   # inplace=False: the loaded model is unchanged
+    sk.verify(net, again, x, atol=1e-4)
+    dense, report = sk.sparsify(loaded, x, min_speedup=1e9, cache=False, reps=2, measure_model=False)
+    assert type(dense.fc1) is nn.Linear and type(dense.conv) is nn.Conv2d
+    sk.verify(net, dense, x, atol=1e-4)
+
+
+def test_every_fitting_nm_pattern_is_offered_sparsest_first():
+    w = torch.zeros(64, 128)
+    w[:, ::4] = torch.randn(64, 32)
+    assert pattern_stats(w, DEFAULT_BLOCKS)["nm"] == ["1:4", "2:4", "4:8"]
+    lin = nn.Linear(128, 64)
+    lin.weight.data.copy_(w)
+    x = torch.randn(8, 128)
+    _, report = sk.sparsify(nn.Sequential(lin), x, formats=["dense", "nm"], cache=False, reps=2,
+                            measure_model=False)
+    assert {"nm1:4", "nm2:4", "nm4:8"} <= set(report.layers[0].times_ms)
+    assert "n:m 1:4" in report.layers[0].pattern
+    _, report = sk.sparsify(nn.Sequential(lin), x, formats=["dense", "nm"], cache=False, reps=2,
+                            measure_model=False, exact=True)
+    assert set(report.layers[0].times_ms) == {"dense", "nm1:4"}
+
+
+def test_report_table_shows_the_pattern():
+    net, x = _net()
+    _, report = sk.sparsify(net, x, min_speedup=1e-9, cache=False, reps=2, measure_model=False)
+    lines = str(report).splitlines()
+    assert "pattern" in lines[1]
+    for d in report.layers:
+        assert d.pattern and any(line.startswith(d.name) and d.pattern in line for line in lines[2:])
+        assert d.backend is not None   # what ran the chosen format here
+
+
+def test_channel_candidate_is_offered_for_conv2d():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 64, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(64, 1, 1, 1) > 0.75)
+    x = torch.randn(2, 16, 8, 8)
+    fast, report = sk.sparsify(nn.Sequential(conv), x, formats=["dense", "channel"], min_speedup=1e-9, cache=False,
+                               reps=2, measure_model=False)
+    assert "channel" in report.layers[0].times_ms and report.layers[0].choice == "channel"
+    assert isinstance(fast[0], SparseConv2d) and fast[0].format == "channel"
+    torch.testing.assert_close(fast(x), conv(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"min_speedup": float("nan")}, ValueError, "min_speedup must be a positive finite number, got nan"),
+    ({"min_speedup": float("inf")}, ValueError, "min_speedup"),
+    ({"formats": []}, ValueError, "formats must be a non-empty list"),
+    ({"backend": "nosuch"}, ValueError, r"backend must be one of \['cpu', 'cuda', .*got 'nosuch'"),
+    ({"reps": 0}, ValueError, "reps must be a positive int"),
+    ({"blocks": [(True, True)]}, ValueError, r"blocks must be pairs of ints in \[1, 128\], got \(True, True\)"),
+    ({"blocks": [4]}, ValueError, "blocks must be pairs"),
+    ({"exact": "no"}, TypeError, "exact must be a bool"),
+    ({"example_inputs": torch.randn(4, 15, 8, 8)}, ValueError, "example_inputs: the model failed to run"),
+])
+def test_bad_arguments_name_the_argument(kwargs, error, match):
+    net, x = _net()
+    args = {"model": net, "example_inputs": x, "cache": False, "reps": 2, "measure_model": False, **kwargs}
+    with pytest.raises(error, match=match) as info:
+        sk.sparsify(**args)
+    if "example_inputs" in kwargs:
+        assert isinstance(info.value.__cause__, RuntimeError)   # the model's own error is chained
+
+
+def test_formats_may_be_any_iterable_and_meta_models_are_rejected():
+    net, x = _net()
+    _, report = sk.sparsify(net, x, formats=(f for f in ["dense", "csr"]), min_speedup=1e-9, cache=False, reps=2,
+                            measure_model=False)
+    assert all(d.choice == "csr" for d in report.layers)   # the generator was not used up by the check
+    with torch.device("meta"):
+        meta = Net()
+    with pytest.raises(ValueError, match="meta device"):
+        sk.sparsify(meta, x, cache=False)

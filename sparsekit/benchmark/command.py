@@ -148,7 +148,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
     """`sparsekit report RESULTS`."""
-    pr = sub.add_parser("report", help="markdown summary of benchmark results (break-even, best speedup, % ideal)")
+    pr = sub.add_parser("report", help="markdown summary of benchmark results (break-even, best speedup, %% ideal)")
     pr.add_argument("results", metavar="RESULTS",
                     help="a results .json or .csv, or a directory (its newest results .json)")
     pr.add_argument("--out", default=None, metavar="FILE", help="write the markdown here instead of stdout")

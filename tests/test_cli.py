@@ -1,0 +1,58 @@
+"""The `sparsekit` command line: every subcommand's --help, bad arguments answered by argparse (no traceback),
+`sparsekit sparsify` on a sparsekit.save directory."""
+
+import pytest
+import torch
+
+import sparsekit as sk
+from sparsekit.cli import build_parser, main
+from sparsekit.nn import SparseLinear
+
+SUBCOMMANDS = [[], ["info"], ["demo"], ["bench"], ["bench", "kernels"], ["bench", "model"], ["report"], ["sparsify"]]
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=lambda w: " ".join(w) or "sparsekit")
+def test_every_subcommand_prints_its_help(words, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([*words, "--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: sparsekit")
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["sparsify", "w.safetensors", "--model", "ffn", "--out", "o", "--formats", "coo"], "--formats"),
+        (["sparsify", "w.safetensors", "--model", "ffn", "--out", "o", "--min-speedup", "-1"], "--min-speedup"),
+        (["sparsify", "w.safetensors", "--model", "ffn", "--out", "o", "--min-speedup", "nan"], "--min-speedup"),
+        (["sparsify", "w.safetensors", "--model", "ffn", "--out", "o", "--model-kwargs", "{bad"], "--model-kwargs"),
+        (["sparsify", "w.safetensors", "--model", "ffn", "--out", "o", "--model-kwargs", "[1]"], "--model-kwargs"),
+        (["sparsify", "w.safetensors", "--model", "ffn", "--out", "o", "--batch", "0"], "--batch"),
+        (["demo", "--min-speedup", "0"], "--min-speedup"),
+        (["demo", "--formats", "dense,coo"], "--formats"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv, match, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+
+
+def test_sparsify_command_measures_a_saved_sparse_model_again(tmp_path, capsys):
+    """A sparsekit.save directory is re-measured on this machine (here: forced to csr), not passed through."""
+    torch.manual_seed(0)
+    model = sk.models.FFN(dim=64, hidden=128, tokens=4).eval()
+    x = model.example_input(2)
+    sk.prune.Pruner(model, x, criterion="magnitude", granularity="block", block=(16, 16), sparsity=0.8).step()
+    fast, _ = sk.sparsify(model, x, formats=["dense", "bsr"], min_speedup=1e-9, cache=False, reps=2)
+    sk.save(fast, tmp_path / "saved")
+    kwargs = '{"dim": 64, "hidden": 128, "tokens": 4}'
+    argv = ["sparsify", str(tmp_path / "saved"), "--model", "ffn", "--model-kwargs", kwargs, "--batch", "2"]
+    assert main([*argv, "--formats", "dense,csr", "--min-speedup", "1e-9", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "fc1" in out and "fc2" in out and "saved to" in out
+    loaded = sk.load(tmp_path / "out", sk.models.FFN(dim=64, hidden=128, tokens=4))
+    assert isinstance(loaded.fc1, SparseLinear) and loaded.fc1.format == "csr" and loaded.fc2.format == "csr"
+    torch.testing.assert_close(loaded(x), fast(x), rtol=1e-4, atol=1e-5)

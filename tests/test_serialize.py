@@ -1,0 +1,82 @@
+"""sk.save / sk.load: what the spec records (formats, block shapes, chosen backends) and where a loaded model ends."""
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+import sparsekit as sk
+from sparsekit.nn import SparseLinear
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64)
+        self.register_buffer("scale", torch.ones(64), persistent=False)  # not saved: must still follow the model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)) * self.scale
+
+
+def _sparsified(formats: list[str]) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = TwoLayers()
+    keep = (torch.rand(4, 4) < 0.3).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    with torch.no_grad():
+        model.a.weight.mul_(keep)
+    x = torch.randn(2, 64)
+    fast, _ = sk.sparsify(
+        model, x, formats=formats, blocks=[(16, 16)], min_speedup=1e-9, cache=False, reps=2, measure_model=False
+    )
+    return fast, x
+
+
+def test_spec_records_block_shape_and_chosen_backend(tmp_path):
+    fast, x = _sparsified(["dense", "bsr"])
+    assert isinstance(fast.a, SparseLinear) and fast.a.format == "bsr"
+    out = sk.save(fast, tmp_path / "m")
+    spec = json.loads((out / "sparsekit.json").read_text())["modules"]["a"]
+    assert spec["block"] == [16, 16]
+    assert spec["backend"] is None  # nothing forced: loading lets the dispatcher choose
+    assert spec["chosen_backend"] in sk.ops.BACKENDS  # what ran the layer when sparsify chose it
+    loaded = sk.load(out, TwoLayers())
+    assert loaded.a.backend is None and loaded.a.sparse_weight().block == (16, 16)
+    torch.testing.assert_close(loaded(x), fast(x))
+
+
+def test_load_rejects_a_spec_whose_block_disagrees_with_the_values(tmp_path):
+    fast, _ = _sparsified(["dense", "bsr"])
+    out = sk.save(fast, tmp_path / "m")
+    spec = json.loads((out / "sparsekit.json").read_text())
+    spec["modules"]["a"]["block"] = [32, 32]
+    (out / "sparsekit.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"block \[32, 32\]"):
+        sk.load(out, TwoLayers())
+
+
+def test_load_puts_the_whole_model_on_map_location(tmp_path, monkeypatch):
+    """Every parameter and buffer ends on map_location, also those of dense layers and unsaved buffers
+    (emulated with the meta device: this machine may have no GPU)."""
+    fast, _ = _sparsified(["dense", "bsr"])
+    out = sk.save(fast, tmp_path / "m")
+    real = safetensors.torch.load_file
+    monkeypatch.setattr(
+        safetensors.torch,
+        "load_file",
+        lambda path, device="cpu": {k: v.to(device) for k, v in real(path, device="cpu").items()},
+    )
+    loaded = sk.load(out, TwoLayers(), map_location="meta")
+    devices = {name: t.device.type for name, t in (*loaded.named_parameters(), *loaded.named_buffers())}
+    assert set(devices.values()) == {"meta"}, devices
+    assert isinstance(loaded.a, SparseLinear) and type(loaded.b) is nn.Linear
+
+
+def test_load_rejects_a_bad_map_location(tmp_path):
+    fast, _ = _sparsified(["dense", "bsr"])
+    out = sk.save(fast, tmp_path / "m")
+    with pytest.raises(ValueError, match="map_location must be"):
+        sk.load(out, TwoLayers(), map_location="nowhere")
