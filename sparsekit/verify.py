@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .prune.pruner import check_example_inputs, run_example
+
 
 class VerificationError(AssertionError):
     """Raised by verify() when outputs differ; the message names the worst output and the first layer off."""
@@ -35,7 +37,7 @@ def as_args(example_inputs: Any) -> tuple:
                     f"got {type(example_inputs).__name__}")
 
 
-def _run_recording(model: nn.Module, args: tuple) -> tuple[Any, dict[str, Tensor]]:
+def _run_recording(model: nn.Module, example_inputs: Any) -> tuple[Any, dict[str, Tensor]]:
     """Run the model, recording each named submodule's (first tensor) output."""
     seen: dict[str, Tensor] = {}
     hooks = []
@@ -48,7 +50,7 @@ def _run_recording(model: nn.Module, args: tuple) -> tuple[Any, dict[str, Tensor
             hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            out = model(*args)
+            out = run_example(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -61,7 +63,8 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
 
 def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol: float = 1e-4,
            rtol: float = 0.0) -> dict[str, float]:
-    """Run both models on example_inputs and compare every output tensor.
+    """Run both models on example_inputs (a Tensor, a tuple/list of positional args or a dict of keyword args,
+    as the Pruner takes them) and compare every output tensor.
 
     Returns {output path: max abs difference}. Raises VerificationError naming the worst output and the first
     submodule (same name in both models, same output shape) whose output differs by more than the tolerance.
@@ -71,9 +74,9 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol
             raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
     if not isinstance(atol, (int, float)) or atol < 0:
         raise ValueError(f"atol must be a non-negative number, got {atol!r}")
-    args = as_args(example_inputs)
-    ref_out, ref_seen = _run_recording(reference, args)
-    cand_out, cand_seen = _run_recording(candidate, args)
+    check_example_inputs(example_inputs)
+    ref_out, ref_seen = _run_recording(reference, example_inputs)
+    cand_out, cand_seen = _run_recording(candidate, example_inputs)
     ref_t, cand_t = dict(_tensors(ref_out)), dict(_tensors(cand_out))
     if ref_t.keys() != cand_t.keys():
         raise VerificationError(f"outputs differ in structure: reference {sorted(ref_t)} vs candidate {sorted(cand_t)}")

@@ -33,5 +33,28 @@ def test_shape_mismatch_and_bad_args():
         sk.verify(a, nn.Sequential(nn.Linear(8, 5)), torch.randn(3, 8))
     with pytest.raises(TypeError, match="candidate must be an nn.Module"):
         sk.verify(a, "model", torch.randn(3, 8))
-    with pytest.raises(TypeError, match="example_inputs"):
-        sk.verify(a, a, {"x": 1})
+    with pytest.raises(TypeError, match="example_inputs must be a Tensor, a tuple/list .* or a dict .* got int"):
+        sk.verify(a, a, 1)
+
+
+class _Keywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x, scale=1.0, mask=None):
+        y = self.lin(x) * scale
+        return {"y": y if mask is None else y * mask}
+
+
+def test_dict_example_inputs_are_keyword_args_like_the_pruners():
+    torch.manual_seed(0)
+    a, b = _Keywords(), _Keywords()
+    b.load_state_dict(a.state_dict())
+    inputs = {"x": torch.randn(3, 8), "mask": torch.ones(3, 4), "scale": 2.0}
+    assert sk.verify(a, b, inputs) == {"output['y']": 0.0}
+    with torch.no_grad():
+        b.lin.bias.add_(1.0)
+    with pytest.raises(sk.VerificationError, match="first layer off: 'lin'"):
+        sk.verify(a, b, inputs)
+    assert sk.verify(a, a, [torch.randn(3, 8), 0.5]) == {"output['y']": 0.0}

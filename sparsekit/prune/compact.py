@@ -16,10 +16,10 @@ returns ``(small, keep)``; for masks that zero only producer rows, the reference
 keep)``, which differs from the row-masked model only by the BN beta of removed channels.
 
 Channel selection (seed 000, section 2.3): where a BatchNorm reads a shared stream, the compacted model
-wraps it as ``ChannelSelect(index, bn)`` (``torch.index_select`` over the kept channels of the stream). The
-selection keeps the units its own group keeps *and* its stream keeps; like every group it must keep at least
-one (``graph.select`` ensures ``min_keep``; ``graph.keep_selections`` repairs hand-made keep-sets), else
-``compact`` refuses: the layer would read no channel.
+wraps it as ``ChannelSelect(index, bn)`` (``torch.index_select`` over the kept channels of the stream; none
+where that is the whole compacted stream in order). The selection keeps the units its own group keeps *and*
+its stream keeps; like every group it must keep at least one (``graph.select`` ensures ``min_keep``;
+``graph.keep_selections`` repairs hand-made keep-sets), else ``compact`` refuses: the layer would read no channel.
 
 Attention heads. One exception to "same module classes": ``nn.MultiheadAttention`` cannot have an inner
 width (``num_heads * head_dim``) other than ``embed_dim``, so an instance that loses heads becomes a
@@ -209,6 +209,10 @@ def _axis_size(mod: nn.Module, axis: str) -> int:
         return 3 * mod.num_heads * mod.head_dim
     if isinstance(mod, nn.Embedding):
         return mod.embedding_dim
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):     # affine=False: no weight to read it from
+        return mod.num_features
+    if isinstance(mod, nn.GroupNorm):
+        return mod.num_channels
     w = mod.weight
     return w.shape[0] if axis == "out" else w.shape[1]
 
@@ -256,6 +260,8 @@ def member_tensor_masks(graph: DependencyGraph, keep: Mapping[int, Any],
         mod = graph.modules[name]
         if attention_kind(mod) == "mha":
             out[name] = _mha_masks(mod, ax["out"])
+            continue
+        if getattr(mod, "weight", None) is None:     # a norm without affine parameters: nothing to mask
             continue
         w = torch.zeros(mod.weight.shape, dtype=torch.bool)
         if isinstance(mod, nn.Embedding):
@@ -321,6 +327,8 @@ def mask_groups(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any],
                 if isinstance(mod, nn.Embedding):
                     mod.weight[:, idx] = 0
                     continue
+                if getattr(mod, "weight", None) is None:     # a norm without affine parameters
+                    continue
                 dim = 0 if m.axis == "out" else 1
                 mod.weight.index_fill_(dim, idx, 0.0)
                 if m.axis == "out" and getattr(mod, "bias", None) is not None:
@@ -363,6 +371,8 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
             continue
         pos = torch.cumsum(stream.long(), 0) - 1          # position of each kept stream channel after compaction
         index = pos[own]
+        if torch.equal(index, torch.arange(int(stream.sum()))):
+            continue      # the BN reads the whole compacted stream in order: nothing to select
         _set(small, bn, ChannelSelect(index, small.get_submodule(bn)))
     for mod in small.modules():
         if attention_kind(mod) in ("hf", "fused", "gqa"):
@@ -466,9 +476,10 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
             raise ValueError(f"widths give {w['heads']} attention heads to a {type(mod).__name__}")
         return PrunedMultiheadAttention.from_module(mod, torch.arange(w["heads"]))
     if isinstance(mod, nn.Conv2d):
+        if "groups" in w:       # the saved groups: a conv compacted twice need not follow the original class's
+            return _blank_conv(mod, w["in"], w["out"], w["groups"])
         if mod.groups > 1:
-            new = resize_module(mod, torch.arange(w["out"]) % mod.out_channels)
-            return new
+            return resize_module(mod, torch.arange(w["out"]) % mod.out_channels)
         return resize_module(mod, out % mod.out_channels, torch.arange(w["in"]) % mod.in_channels)
     if isinstance(mod, nn.Linear):
         return resize_module(mod, out % mod.out_features, torch.arange(w["in"]) % mod.in_features)
@@ -476,6 +487,21 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
         return resize_module(mod, out % mod.embedding_dim)
     n = mod.num_features if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) else mod.num_channels
     return resize_module(mod, out % n)
+
+
+def _blank_conv(mod: nn.Conv2d, in_c: Any, out_c: Any, groups: Any) -> nn.Conv2d:
+    """A conv like ``mod`` with ``in_c`` / ``out_c`` channels in ``groups`` groups (placeholder values)."""
+    for what, v in (("in", in_c), ("out", out_c), ("groups", groups)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"widths of a Conv2d: {what!r} must be a positive int, got {v!r}")
+    if in_c % groups or out_c % groups:
+        raise ValueError(f"widths of a Conv2d: groups={groups} must divide in={in_c} and out={out_c}")
+    w = mod.weight
+    new = _base_class(mod)(in_c, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups,
+                           mod.bias is not None, mod.padding_mode, device=w.device, dtype=w.dtype)
+    new.train(mod.training)
+    new.requires_grad_(w.requires_grad)
+    return new
 
 
 def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:

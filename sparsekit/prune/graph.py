@@ -21,18 +21,25 @@ space covers indices ``offset + [u*span/n, (u+1)*span/n)`` of every *member* ``(
 span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1). Rules:
 
 * Conv2d (groups=1) / Linear: the input segments gain ``in`` members; the output is a new space (``out``).
+* a module with weights called more than once (shared, or in a loop): one set of spaces, its inputs of every call
+  coupled channel by channel and every call's output in the first call's spaces; where the inputs' layouts
+  differ (or a BatchNorm selects from two streams) they are pinned.
 * depthwise / grouped convs: output channels stay in the input's space (whole conv groups are units).
 * BatchNorm: ``out`` members on its input's spaces; when its input is shared with other ops (pre-activation
   blocks, DenseNet concat streams, seed 000 section 2.3) its output is a new *selection* space: the
-  compacted model picks the kept channels out of the unshrunk stream with ``ChannelSelect``.
+  compacted model picks the kept channels out of the unshrunk stream with ``ChannelSelect``. Without affine
+  parameters but with running statistics its input is pinned: a removed (zeroed) channel would come out as
+  the constant ``-mean / sqrt(var + eps)``, not 0, and the compacted model would lose it.
 * GroupNorm: units coarsen to whole norm groups. LayerNorm normalises over its channels, so removing any
   changes its statistics: its space is pinned.
 * residual add / mul between tagged tensors: spaces merged (coarsened to a common unit); concat: segments
-  appended (index offsets); ``chunk`` / ``tensor_split`` into k equal parts along channels: the pieces keep
-  their segments when the cuts fall on segment boundaries, and the pieces' segments are merged position by
-  position (the compacted pieces must stay equally wide to be cut at the same channels); else, and for
-  fixed sizes (``split(8)``, ``split([8, 8])``, slicing), pinned; flatten after a conv: span times H*W
-  (feature expansion).
+  appended (index offsets); ``chunk`` / ``tensor_split`` into k equal parts along channels (or ``split`` by a
+  traced ``x.shape[d] // k``): the pieces keep their segments when the cuts fall on segment boundaries, and the
+  pieces' segments are merged position by position (the compacted pieces must stay equally wide to be cut at
+  the same channels); a single segment (one layer's output, ``gate, up = gate_up(x).chunk(2, -1)``) becomes
+  k interleaved blocks of one space: unit ``j`` is channel ``j`` of every piece (the layer's rows ``j``,
+  ``j + C/k``, ...; a space's ``factor`` records the interleaving); other cuts, and fixed sizes
+  (``split(8)``, ``split([8, 8])``, slicing), pinned; flatten after a conv: span times H*W (feature expansion).
 * attention: Hugging Face ``BertSelfAttention``-style (``query``/``key``/``value``, ``num_attention_heads``)
   and fused-qkv modules (``qkv``, ``proj``, ``heads``/``num_heads``, ``head_dim``; or GPT-2's ``c_attn``,
   ``c_proj``, ``num_heads``, ``head_dim``, ``split_size``) get a head space (unit =
@@ -58,6 +65,7 @@ Pinned groups (``prunable=False``, ``reason``) are never pruned: this is what ke
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import operator
 from collections.abc import Callable, Mapping
@@ -109,6 +117,7 @@ class _Space:
     pinned: str = ""
     kind: str = "channel"       # "channel" | "heads" | "selection"
     parent: int | None = None   # union-find
+    factor: int = 1             # a segment of this space is ``factor`` interleaved blocks in ``parent`` (chunk)
 
 
 @dataclass
@@ -339,7 +348,19 @@ def _trace(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, tuple
                     self.stack = []
 
             names = list(kwargs) or ["input_ids"]
-            gm = hfx.symbolic_trace(model, input_names=names, tracer_cls=_HF)
+            # symbolic_trace sets model.config.use_cache = False (and warns so) when past_key_values is not an
+            # input: the graph is traced that way, the model keeps its own setting
+            config = getattr(model, "config", None)
+            saved = getattr(config, "use_cache", _MISSING)
+            log = logging.getLogger(hfx.__name__)
+            level = log.level
+            log.setLevel(logging.ERROR)
+            try:
+                gm = hfx.symbolic_trace(model, input_names=names, tracer_cls=_HF)
+            finally:
+                log.setLevel(level)
+                if saved is not _MISSING:
+                    config.use_cache = saved
             return gm, args, kwargs
         import inspect
 
@@ -376,6 +397,9 @@ def _trace(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, tuple
                          f"failed too: {export_failure(model, e)}. Make that module a leaf, rewrite the "
                          "data-dependent control flow, or prune with granularity 'element'/'block' (no "
                          "dependency graph needed)") from fx_exc
+
+
+_MISSING = object()
 
 
 def _fn_name(target: Any) -> str:
@@ -421,6 +445,7 @@ class DependencyGraph:
         self.groups: list[Group] = []
         self.selections: dict[str, dict] = {}   # BN name -> {"space": id, "segs": input segments}
         self.space_of_group: dict[int, int] = {}
+        self._calls: dict[str, tuple[list, list[int]]] = {}   # module -> (input tags, spaces made) of its 1st call
 
     # --------------------------------------------------------------------- union-find over spaces
     def _new(self, n: int, kind: str = "channel") -> int:
@@ -428,26 +453,57 @@ class DependencyGraph:
         return len(self._spaces) - 1
 
     def _find(self, s: int) -> int:
+        return self._resolve(s)[0]
+
+    def _resolve(self, s: int) -> tuple[int, int]:
+        """Root of space ``s`` and into how many equal interleaved blocks its root cuts a segment of ``s``."""
+        f = 1
         while self._spaces[s].parent is not None:
+            f *= self._spaces[s].factor
             s = self._spaces[s].parent  # type: ignore[assignment]
-        return s
+        return s, f
 
-    def _union(self, a: int, b: int) -> int:
-        a, b = self._find(a), self._find(b)
-        if a == b:
-            return a
-        sa, sb = self._spaces[a], self._spaces[b]
-        sa.n_units = math.gcd(sa.n_units, sb.n_units)
-        sa.members += sb.members
-        sa.pinned = sa.pinned or sb.pinned
-        if sb.kind != "channel":
-            sa.kind = sb.kind
-        sb.parent = a
-        return a
+    def _link(self, child: int, root: int, q: int) -> bool:
+        """Root ``child`` goes under root ``root``, each of its segments as ``q`` interleaved blocks there (a
+        chunk into ``q`` coupled pieces): every member splits into ``q`` and unit ``j`` covers channel ``j``
+        of each block. False (nothing changed) when its units do not split that way."""
+        c, p = self._spaces[child], self._spaces[root]
+        if q > 1:
+            if c.n_units % q or c.kind != "channel" or any(m.span % q for m in c.members):
+                return False
+            c.members = [Member(m.module, m.axis, m.offset + i * (m.span // q), m.span // q)
+                         for m in c.members for i in range(q)]
+            c.n_units //= q
+        p.n_units = math.gcd(p.n_units, c.n_units)
+        p.members += c.members
+        p.pinned = p.pinned or c.pinned
+        if c.kind != "channel":
+            p.kind = c.kind
+        c.parent, c.factor = root, q
+        return True
 
-    def _coarsen(self, s: int, n: int) -> None:
-        sp = self._spaces[self._find(s)]
-        sp.n_units = math.gcd(sp.n_units, n)
+    def _union(self, a: int, b: int) -> None:
+        """Couple two segments of equal span channel by channel."""
+        (ra, fa), (rb, fb) = self._resolve(a), self._resolve(b)
+        if ra == rb and fa == fb:
+            return
+        if ra != rb and fa % fb == 0 and self._link(rb, ra, fa // fb):
+            return
+        if ra != rb and fb % fa == 0 and self._link(ra, rb, fb // fa):
+            return
+        for r in (ra, rb):
+            sp = self._spaces[r]
+            sp.pinned = sp.pinned or "coupled channels are chunked into different numbers of pieces"
+
+    def _coarsen(self, s: int, span: int, per: int) -> bool:
+        """Units of the segment ``(s, span)`` become whole runs of ``per`` channels (norm / conv groups); False
+        when its interleaved blocks (chunk) cut such a run."""
+        r, f = self._resolve(s)
+        if span % f or (span // f) % per:
+            return False
+        sp = self._spaces[r]
+        sp.n_units = math.gcd(sp.n_units, span // f // per)
+        return True
 
     def _pin(self, tag: Any, reason: str) -> None:
         for t in _flat_tags(tag):
@@ -479,9 +535,15 @@ class DependencyGraph:
         return None
 
     def _add(self, seg: _Seg, module: str, axis: str, offset: int, span: int | None = None) -> None:
-        if seg.space is not None:
-            self._spaces[self._find(seg.space)].members.append(Member(module, axis, offset, seg.span
-                                                                      if span is None else span))
+        if seg.space is None:
+            return
+        r, f = self._resolve(seg.space)
+        span = seg.span if span is None else span
+        sp = self._spaces[r]
+        if span % f:
+            sp.pinned = sp.pinned or f"{module!r} takes chunked channels in runs that do not split into the chunks"
+            return
+        sp.members += [Member(module, axis, offset + i * (span // f), span // f) for i in range(f)]
 
     # ----------------------------------------------------------------------------------- building
     @classmethod
@@ -535,6 +597,52 @@ class DependencyGraph:
 
     # ------------------------------------------------------------------------------- module rules
     def _module(self, n: fx.Node, mod: nn.Module, tag: Callable, shape: Any, users: dict, where: str) -> Any:
+        """The rule of ``mod``'s kind; a module with channel-indexed weights that runs again (shared, or in a
+        loop) keeps one set of spaces: this call's inputs are coupled with the first call's channel by channel,
+        and the spaces it makes are those of the first call."""
+        name = n.target
+        ins = [tag(a) for a in _flat_args(n.args) + list(n.kwargs.values())]
+        first = self._calls.get(name)
+        before, selection = len(self._spaces), self.selections.get(name)
+        out = self._module_rule(n, mod, tag, shape, users, where)
+        made = list(range(before, len(self._spaces)))
+        if not (isinstance(mod, _LEAVES) or attention_kind(mod) is not None):
+            return out       # activations, pooling ...: nothing to share
+        if first is None:
+            self._calls[name] = (ins, made)
+            return out
+        old_ins, old_made = first
+        if selection is not None or name in self.selections or len(made) != len(old_made):
+            # one ChannelSelect cannot pick the kept channels of two different streams
+            reason = f"{name!r} is called more than once and selects channels of a shared stream"
+            self._pin([old_ins, ins] + [_Tag(0, [_Seg(s, 1)]) for s in old_made + made], reason)
+            if selection is not None:
+                self.selections[name] = selection
+            return out
+        for a, b in zip(old_made, made):
+            self._union(a, b)
+        self._couple_calls(name, old_ins, ins)
+        return out
+
+    def _couple_calls(self, name: str, old: list, new: list) -> None:
+        """Couple the inputs of two calls of ``name`` position by position (its weights read both)."""
+        reason = f"{name!r} is called more than once on inputs of different channel layouts or fixed channels"
+        if len(old) != len(new):
+            self._pin([old, new], reason)
+            return
+        for a, b in zip(old, new):
+            ta, tb = _flat_tags(a), _flat_tags(b)
+            if len(ta) != len(tb) or any([s.span for s in x.segs] != [s.span for s in y.segs] for x, y in zip(ta, tb)):
+                self._pin([a, b], reason)
+                continue
+            for x, y in zip(ta, tb):
+                for sa, sb in zip(x.segs, y.segs):
+                    if sa.space is not None and sb.space is not None:
+                        self._union(sa.space, sb.space)
+                    elif sa.space is not None or sb.space is not None:
+                        self._pin([x, y], reason)
+
+    def _module_rule(self, n: fx.Node, mod: nn.Module, tag: Callable, shape: Any, users: dict, where: str) -> Any:
         name = n.target
         x = tag(n.args[0]) if n.args else None
         kind = attention_kind(mod)
@@ -556,6 +664,13 @@ class DependencyGraph:
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
             if x is None:
                 return None
+            if not mod.affine and mod.track_running_stats:
+                # no gamma / beta to zero: a removed (zeroed) channel comes out as -mean / sqrt(var + eps), a
+                # constant the layers after it add up, which the compacted model would not have
+                self._pin(x, f"{name!r} ({type(mod).__name__}, affine=False) turns a removed channel into the "
+                             "constant -running_mean / sqrt(running_var + eps), which compaction would drop")
+                self._feed(x, [name], "out")
+                return x
             src = n.args[0]
             if isinstance(mod, nn.BatchNorm2d) and users.get(src, 1) > 1 and any(s.space is not None
                                                                                   for s in x.segs):
@@ -572,11 +687,10 @@ class DependencyGraph:
                 per = mod.num_channels // mod.num_groups
                 off = 0
                 for seg in x.segs:
-                    if off % per or seg.span % per:
-                        self._pin(x, f"{name!r} (GroupNorm) groups straddle concatenated segments")
+                    if off % per or seg.span % per or (seg.space is not None
+                                                       and not self._coarsen(seg.space, seg.span, per)):
+                        self._pin(x, f"{name!r} (GroupNorm) groups straddle concatenated segments or chunks")
                         break
-                    if seg.space is not None:
-                        self._coarsen(seg.space, seg.span // per)
                     self._add(seg, name, "out", off)
                     off += seg.span
             return x
@@ -666,12 +780,11 @@ class DependencyGraph:
             return _Tag(1, [_Seg(s, mod.out_channels)])
         out_segs, off = [], 0
         for seg in x.segs:
-            if off % ipg or seg.span % ipg:
-                self._pin(x, f"{name!r} (groups={mod.groups}) conv groups straddle concatenated segments")
+            if off % ipg or seg.span % ipg or not self._coarsen(seg.space, seg.span, ipg):
+                self._pin(x, f"{name!r} (groups={mod.groups}) conv groups straddle concatenated segments or chunks")
                 s = self._new(mod.out_channels)
                 self._pin(_Tag(1, [_Seg(s, 1)]), "see above")
                 return _Tag(1, [_Seg(s, mod.out_channels)])
-            self._coarsen(seg.space, seg.span // ipg)
             span = seg.span // ipg * opg
             self._add(seg, name, "out", off // ipg * opg, span)
             out_segs.append(_Seg(seg.space, span))
@@ -830,6 +943,21 @@ class DependencyGraph:
         dim %= len(in_shape)
         if dim != x.dim:
             return [x for _ in out_shapes]
+        # The compacted model splits its *compacted* width: chunk(k) / tensor_split(k) into equal parts (or a split
+        # whose size is traced as ``x.shape[d] // k``) cut at the same channels only if every piece keeps as many
+        # channels as the others (coupled position by position); sizes or indices in the code (split(8),
+        # split([8, 8])) cannot follow a smaller input at all.
+        k = args[1] if len(args) > 1 else next((n.kwargs[a] for a in ("chunks", "sections", "indices_or_sections",
+                                                                      "split_size_or_sections", "split_size")
+                                                if a in n.kwargs), None)
+        fname = _fn_name(n.target)
+        follows = ((fname in ("chunk", "tensor_split") and isinstance(k, int))
+                   or (fname == "split" and _traced_chunks(k, args[0], dim, len(in_shape)) is not None))
+        widths = [o[dim] for o in out_shapes]
+        if follows and len(x.segs) == 1 and len(widths) > 1 and widths == [x.width // len(widths)] * len(widths):
+            pieces = self._chunk_space(x, len(widths))
+            if pieces is not None:
+                return pieces
         pieces, start = [], 0
         bounds = [0]
         for s in x.segs:
@@ -843,13 +971,7 @@ class DependencyGraph:
                 i, j = bounds.index(start), bounds.index(end)
                 pieces.append(_Tag(dim, x.segs[i:j]))
             start = end
-        # The compacted model splits its *compacted* width: chunk(k) / tensor_split(k) into equal parts cut at
-        # the same channels only if every piece keeps as many channels as the others (their segments are
-        # coupled position by position); sizes or indices in the code (split(8), split([8, 8])) cannot follow
-        # a smaller input at all.
-        k = args[1] if len(args) > 1 else next((n.kwargs[a] for a in ("chunks", "sections", "indices_or_sections")
-                                                if a in n.kwargs), None)
-        if _fn_name(n.target) not in ("chunk", "tensor_split") or not isinstance(k, int):
+        if not follows:
             self._pin(x, f"{where}: splits the channels at fixed sizes")
         elif all(p is not None for p in pieces):
             if any([s.span for s in p.segs] != [s.span for s in pieces[0].segs] for p in pieces):
@@ -862,6 +984,27 @@ class DependencyGraph:
                         elif sa.space is not None or sb.space is not None:
                             self._pin(x, f"{where}: chunks fixed channels with prunable ones")
         return pieces
+
+    def _chunk_space(self, x: _Tag, k: int) -> list[_Tag] | None:
+        """``k`` equal pieces of a one-segment tag, coupled channel by channel: unit ``j`` of their space is
+        channel ``j`` of every piece (the producer's rows ``j``, ``j + C/k``, ...). None when the segment's units
+        do not split into ``k`` interleaved blocks (e.g. whole norm groups across the cut)."""
+        seg = x.segs[0]
+        width = seg.span // k
+        if seg.space is None:
+            return [_Tag(x.dim, [_Seg(None, width)]) for _ in range(k)]
+        root, f = self._resolve(seg.space)
+        blocks = math.lcm(f, k)
+        if blocks > f:      # a new root over the old one, whose segments it cuts into more interleaved blocks
+            top = self._new(self._spaces[root].n_units)
+            if not self._link(root, top, blocks // f):
+                return None
+            root = top
+        piece = root
+        if blocks > k:      # each piece is blocks // k consecutive blocks of the root
+            piece = self._new(1)
+            self._spaces[piece].parent, self._spaces[piece].factor = root, blocks // k
+        return [_Tag(x.dim, [_Seg(piece, width)]) for _ in range(k)]
 
     # ------------------------------------------------------------------------------ heads probing
     def _probe_heads(self, attn_args: dict) -> None:
@@ -921,8 +1064,12 @@ class DependencyGraph:
         self.group_of_space = {r: g for g, r in self.space_of_group.items()}
         for sel in self.selections.values():
             sel["group"] = self.group_of_space.get(self._find(sel["space"]))
-            sel["segs"] = [(None if s is None else self.group_of_space.get(self._find(s)), span)
-                           for s, span in sel["segs"]]
+            segs = []
+            for s, span in sel["segs"]:
+                r, f = (None, 1) if s is None else self._resolve(s)
+                # a chunked segment is f interleaved blocks of its group: the stream's order, block by block
+                segs += [(None if r is None else self.group_of_space.get(r), span // f)] * f
+            sel["segs"] = segs
 
     # --------------------------------------------------------------------------------- public API
     @property
@@ -1157,6 +1304,21 @@ def _weights_used(n: fx.Node) -> bool:
             continue
         return True
     return False
+
+
+def _traced_chunks(size: Any, src: Any, dim: int, nd: int) -> int | None:
+    """``k`` when a split size is traced as ``src.shape[dim] // k`` or ``src.size(dim) // k`` (it then follows a
+    compacted width), else None."""
+    if not (isinstance(size, fx.Node) and _fn_name(size.target) == "floordiv" and len(size.args) == 2
+            and isinstance(size.args[1], int) and isinstance(size.args[0], fx.Node)):
+        return None
+    a, d = size.args[0], None
+    if _fn_name(a.target) == "size" and a.args and a.args[0] is src:
+        d = a.args[1] if len(a.args) > 1 else a.kwargs.get("dim")
+    elif (_fn_name(a.target) == "getitem" and isinstance(a.args[0], fx.Node)
+          and _fn_name(a.args[0].target) == "getattr" and tuple(a.args[0].args) == (src, "shape")):
+        d = a.args[1]
+    return size.args[1] if isinstance(d, int) and d % nd == dim else None
 
 
 def _flat_args(args: Any) -> list:

@@ -1,0 +1,385 @@
+"""Dependency-graph edge cases: modules called more than once, norms without affine parameters, chunked single
+layers (GLU / fused gate-up), grouped convs compacted twice, Hugging Face config flags, no-op selections."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _norms import randomize_norms as _randomize
+from torch import nn
+
+import sparsekit as sk
+from sparsekit.prune.channel_select import ChannelSelect
+from sparsekit.prune.compact import apply_widths, compact, compacted_widths, mask_groups
+from sparsekit.prune.graph import DependencyGraph
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _groups_of(graph: DependencyGraph, module: str, axis: str = "out") -> list:
+    return [g for g in graph.groups if any(m.module == module and m.axis == axis for m in g.members)]
+
+
+def _compacts(make, x, tmp_path, sparsity=0.5, scopes=("global", "layer"), prepare=_randomize):
+    """Every scope: compact == the group-masked model (1e-4), fewer parameters, and a save / load round trip."""
+    model = prepare(make())
+    graph = DependencyGraph.build(model, x)
+    for scope in scopes:
+        keep = graph.select(sparsity, scope=scope)
+        small = compact(model, x, keep, graph=graph)
+        sk.verify(mask_groups(model, x, keep, graph=graph), small, x, atol=1e-4)
+        assert _params(small) < _params(model), scope
+        sk.save(small, tmp_path / scope)
+        back = sk.load(tmp_path / scope, make()).eval()
+        sk.verify(small, back, x, atol=0)
+    return model, graph
+
+
+# ------------------------------------------------------------------------------ modules called twice
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 3, padding=1)
+        self.shared = nn.Conv2d(12, 12, 3, padding=1)
+        self.b = nn.Conv2d(12, 10, 1)
+        self.fc = nn.Linear(10, 4)
+
+    def forward(self, x):
+        h = F.relu(self.shared(F.relu(self.a(x))))
+        h = F.relu(self.shared(h))
+        return self.fc(F.relu(self.b(h)).mean((2, 3)))
+
+
+class SharedLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p, self.q = nn.Linear(6, 16), nn.Linear(6, 16)
+        self.shared = nn.Linear(16, 20)
+        self.h, self.fc = nn.Linear(40, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        u, v = self.shared(F.relu(self.p(x))), self.shared(F.relu(self.q(x)))
+        return self.fc(F.relu(self.h(torch.cat([u, v], -1))))
+
+
+class SharedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.b, self.c = nn.Conv2d(12, 12, 3, padding=1), nn.Conv2d(12, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.a(x)))
+        h = F.relu(self.bn(self.b(h)))
+        return self.fc(F.relu(self.c(h)).mean((2, 3)))
+
+
+class Loop(nn.Module):
+    def __init__(self, fx_traceable=True):
+        super().__init__()
+        self.fx_traceable = fx_traceable
+        self.a, self.s = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        for _ in range(3 if self.fx_traceable else len(x)):  # len(x): fx fails, the torch.export fallback runs
+            h = F.relu(self.s(h))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["conv", "linear", "bn", "loop", "loop_export"])
+def test_a_module_called_twice_is_in_one_group_per_axis(name, tmp_path):
+    make, x = {
+        "conv": (SharedConv, torch.randn(2, 3, 8, 8)),
+        "linear": (SharedLinear, torch.randn(4, 6)),
+        "bn": (SharedBN, torch.randn(2, 3, 8, 8)),
+        "loop": (Loop, torch.randn(2, 3, 8, 8)),
+        "loop_export": (lambda: Loop(False), torch.randn(2, 3, 8, 8)),
+    }[name]
+    model, graph = _compacts(make, x, tmp_path)
+    shared = {"conv": "shared", "linear": "shared", "bn": "bn", "loop": "s", "loop_export": "s"}[name]
+    axes = ("out",) if name == "bn" else ("out", "in")
+    for axis in axes:
+        (g,) = _groups_of(graph, shared, axis)  # was one group per call: compaction removed their union
+        assert g.prunable
+    pruner = sk.prune.Pruner(model, x, criterion="l1_mean", granularity="channel", sparsity=0.5)
+    pruner.step()
+    sk.verify(model, pruner.compact(), x, atol=1e-4)
+
+
+def test_a_selecting_bn_called_on_two_streams_is_pinned():
+    class TwoStreams(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+            self.bn, self.c = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            a, b = self.a(x), self.b(x)
+            y = self.c(self.bn(a)) + self.c(self.bn(b))  # each stream is also read by the sum below
+            return self.fc((y + a + b).mean((2, 3)))
+
+    model = _randomize(TwoStreams())
+    x = torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph.build(model, x)
+    assert all(not g.prunable for g in _groups_of(graph, "bn"))
+    assert any("called more than once" in g.reason for g in _groups_of(graph, "bn"))
+    small = compact(model, x, graph.select(0.5), graph=graph)
+    sk.verify(model, small, x, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- norms without affine
+class NoAffine(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.a, self.n = nn.Conv2d(3, 16, 3, padding=1), norm
+        self.b, self.fc = nn.Conv2d(16, 12, 3, padding=1), nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.b(F.relu(self.n(self.a(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("norm", ["bn", "bn_batch_stats", "gn"])
+def test_norms_without_affine_parameters(norm, tmp_path):
+    def make():
+        return NoAffine(
+            {
+                "bn": lambda: nn.BatchNorm2d(16, affine=False),
+                "bn_batch_stats": lambda: nn.BatchNorm2d(16, affine=False, track_running_stats=False),
+                "gn": lambda: nn.GroupNorm(4, 16, affine=False),
+            }[norm]()
+        )
+
+    def prepare(model):
+        if norm == "bn":
+            with torch.no_grad():
+                model.n.running_mean.uniform_(-1, 1)  # a zeroed channel comes out as a nonzero constant
+        return model.eval()
+
+    x = torch.randn(2, 3, 8, 8)
+    model = prepare(make())
+    graph = DependencyGraph.build(model, x)
+    (g,) = _groups_of(graph, "a")
+    if norm == "bn":
+        assert not g.prunable and "affine=False" in g.reason
+    else:
+        assert g.prunable and {m.module for m in g.members} == {"a", "n", "b"}
+    _compacts(make, x, tmp_path, prepare=prepare)
+    pruner = sk.prune.Pruner(model, x, criterion="l1_mean", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    sk.verify(model, small, x, atol=1e-4)
+    assert _params(small) < _params(model)
+
+
+# -------------------------------------------------------------------------------- chunk of one layer
+class GLU(nn.Module):
+    """Fused gate / up projection (Phi-3 style): ``gate, up = gate_up(x).chunk(2, -1)``."""
+
+    def __init__(self, hidden=16, traced_split=False):
+        super().__init__()
+        self.traced_split = traced_split
+        self.inp = nn.Linear(8, 16)
+        self.gate_up = nn.Linear(16, 2 * hidden)
+        self.down = nn.Linear(hidden, 16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        y = self.gate_up(h)
+        gate, up = y.split(y.shape[-1] // 2, -1) if self.traced_split else y.chunk(2, dim=-1)
+        return self.fc(h + self.down(F.silu(gate) * up))
+
+
+class ConvChunk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.b = nn.Conv2d(8, 6, 3, padding=1)
+        self.c = nn.Conv2d(16, 6, 1)  # also reads the whole (unchunked) tensor
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.bn(self.a(x))
+        u, v = y.chunk(2, 1)
+        return self.fc((self.b(u * torch.sigmoid(v)) + self.c(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("traced_split", [False, True])
+def test_glu_chunk_of_one_layer_is_coupled_piece_by_piece(traced_split, tmp_path):
+    x = torch.randn(2, 5, 8)
+    model, graph = _compacts(lambda: GLU(traced_split=traced_split), x, tmp_path)
+    (g,) = _groups_of(graph, "gate_up")
+    assert g.prunable and g.size == 16
+    assert {(m.module, m.axis, m.offset, m.span) for m in g.members} == {
+        ("gate_up", "out", 0, 16),
+        ("gate_up", "out", 16, 16),
+        ("down", "in", 0, 16),
+    }
+    keep = {g.id: torch.tensor([1, 4, 9])}  # unit j: rows j and 16 + j of gate_up, column j of down
+    small = compact(model, x, keep, graph=graph)
+    assert small.gate_up.out_features == 6 and small.down.in_features == 3
+    torch.testing.assert_close(small.gate_up.weight, model.gate_up.weight[[1, 4, 9, 17, 20, 25]])
+    sk.verify(mask_groups(model, x, keep, graph=graph), small, x, atol=1e-4)
+    pruner = sk.prune.Pruner(model, x, criterion="l1_mean", granularity="channel", scope="layer", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    sk.verify(model, small, x, atol=1e-4)
+    assert small.down.in_features == 8
+
+
+def test_conv_chunk_with_its_norm_and_a_whole_reader(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    model, graph = _compacts(ConvChunk, x, tmp_path)
+    (g,) = _groups_of(graph, "a")
+    assert g.prunable and g.size == 8
+    assert {(m.module, m.offset) for m in g.members if m.module in ("a", "bn", "c")} == {
+        ("a", 0),
+        ("a", 8),
+        ("bn", 0),
+        ("bn", 8),
+        ("c", 0),
+        ("c", 8),
+    }
+
+
+class ChunkTwice(nn.Module):
+    """The same tensor chunked into 2 and into 4, and a piece chunked again."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 16)
+        self.p, self.q = nn.Linear(8, 5), nn.Linear(4, 5)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        h, _ = y.chunk(2, -1)
+        q = y.chunk(4, -1)
+        r = h.chunk(2, -1)
+        return self.fc(self.p(h) + self.q(q[0] * q[3] + r[1]))
+
+
+def test_chunks_of_chunks_share_one_interleaving(tmp_path):
+    x = torch.randn(3, 6)
+    _, graph = _compacts(ChunkTwice, x, tmp_path)
+    (g,) = _groups_of(graph, "a")
+    assert g.prunable and g.size == 4  # unit j: channel j of each quarter
+
+
+class UnequalSplit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(10, 4), nn.Linear(6, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        u, v = self.a(x).split([10, 6], -1)
+        return self.fc(self.b(u) + self.c(v))
+
+
+def test_unequal_split_of_one_layer_stays_pinned():
+    x = torch.randn(3, 6)
+    model = UnequalSplit()
+    graph = DependencyGraph.build(model, x)
+    (g,) = _groups_of(graph, "a")
+    assert not g.prunable and "split" in g.reason
+    keep = graph.select(0.5)
+    sk.verify(mask_groups(model, x, keep, graph=graph), compact(model, x, keep, graph=graph), x, atol=1e-4)
+
+
+# -------------------------------------------------------------------- grouped conv compacted twice
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a, self.gn = nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.b, self.dw = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.g = nn.Conv2d(16, 16, 1, groups=2)
+        self.c, self.fc = nn.Conv2d(16, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        y = self.gn(self.a(h)) + self.dw(F.relu(self.b(h))) + self.g(h)
+        return self.fc(F.relu(self.c(F.relu(y))).mean((2, 3)))
+
+
+def test_grouped_conv_compacted_twice_loads_with_its_saved_groups(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    model = _randomize(Mixed())
+    small = model
+    for _ in range(2):
+        pruner = sk.prune.Pruner(small, x, criterion="l1_mean", granularity="channel", sparsity=0.5)
+        pruner.step()
+        small = pruner.compact()
+    sk.save(small, tmp_path / "twice")
+    back = sk.load(tmp_path / "twice", Mixed()).eval()
+    sk.verify(small, back, x, atol=0)
+    assert compacted_widths(back) == compacted_widths(small)
+    # a spec narrower than one group of the original class (groups = 2 * 4 // 16 = 0 before)
+    fresh = apply_widths(Mixed(), {"g": {"in": 4, "out": 4, "groups": 1}})
+    assert (fresh.g.in_channels, fresh.g.out_channels, fresh.g.groups) == (4, 4, 1)
+    with pytest.raises(ValueError, match="groups=4 must divide in=6"):
+        apply_widths(Mixed(), {"g": {"in": 6, "out": 4, "groups": 4}})
+
+
+# -------------------------------------------------------------------------------- no-op channel selection
+class PreDW(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn, self.dw = nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.c, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.dw(F.relu(self.bn(h)))  # the selection is added back to its stream: it keeps what it keeps
+        return self.fc(F.relu(self.c(h)).mean((2, 3)))
+
+
+def test_a_selection_of_the_whole_compacted_stream_is_no_channel_select():
+    model = _randomize(PreDW())
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph.build(model, x)
+    assert "bn" in graph.selections
+    keep = graph.select(0.5)
+    small = compact(model, x, keep, graph=graph)
+    assert isinstance(small.bn, nn.BatchNorm2d) and not any(isinstance(m, ChannelSelect) for m in small.modules())
+    sk.verify(mask_groups(model, x, keep, graph=graph), small, x, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face
+def test_tracing_a_hf_model_keeps_its_use_cache():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 100, (1, 6))
+    assert model.config.use_cache
+    DependencyGraph.build(model, {"input_ids": ids})
+    assert model.config.use_cache  # HFTracer turned it off for the trace
+    pruner = sk.prune.Pruner(model, {"input_ids": ids}, criterion="l1_mean", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert model.config.use_cache and small.config.use_cache
+    with torch.no_grad():
+        assert small(input_ids=ids).past_key_values is not None
+    sk.verify(model, small, {"input_ids": ids, "use_cache": False}, atol=1e-4)  # caches: fewer kv heads
+    off = copy.deepcopy(model)
+    off.config.use_cache = False
+    DependencyGraph.build(off, {"input_ids": ids})
+    assert off.config.use_cache is False
