@@ -3,7 +3,10 @@
 Environment:
   SPARSEKIT_BUILD_EXT=0   pure-Python install (no C++ extension)
   FORCE_CUDA=1            build the CUDA sources even when torch is a CPU build or no GPU is present
-  TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0;9.0a")
+  TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0+PTX;9.0a": sm_80 machine code, which 8.6/8.7/8.9 run
+                          too, sm_90a for Hopper's wgmma/TMA features, and compute_80 PTX that the driver compiles
+                          for newer GPUs (10.x, 12.x) at load time; 7.x needs "7.5" added. On a GPU the built code
+                          cannot run, the dispatcher's cuda backend says so: sparsekit.ops._dispatch.cuda_build_reasons)
   MAX_JOBS                parallel compile jobs (read by torch's BuildExtension)
 
 Install with `pip install --no-build-isolation .` so that the torch already installed is used.
@@ -16,6 +19,9 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# torch turns it into -gencode for sm_80 and sm_90a machine code plus compute_80 PTX (the "+PTX"), the one that
+# keeps the extension usable on GPUs newer than the list; mirrored by sparsekit.ops._dispatch.DEFAULT_CUDA_ARCH_LIST
+DEFAULT_CUDA_ARCH_LIST = "8.0+PTX;9.0a"
 
 
 def _log(msg: str) -> None:
@@ -48,7 +54,7 @@ def get_extensions() -> tuple[list, dict]:
     link_flags = ["-fopenmp"]
     define_macros = []
     if _want_cuda(torch):
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         define_macros.append(("SPARSEKIT_WITH_CUDA", "1"))
         ext = CUDAExtension(
@@ -76,6 +82,8 @@ ext_modules, cmdclass = get_extensions()
 setup(
     packages=find_packages(include=["sparsekit", "sparsekit.*"]) + ["sparsekit.kernels"],
     package_dir={"sparsekit.kernels": "kernels"},
+    # pre-tuned Triton launch tables (kernels/tuned_sm*.json, written by bench/tune_triton.py) ship with the kernels
+    package_data={"sparsekit.kernels": ["*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

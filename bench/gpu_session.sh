@@ -9,7 +9,7 @@
 # Stages (`all` runs them in this order):
 #   build            preflight (versions, GPU, nvcc, ninja, modules); `pip install --no-index --no-build-isolation
 #                    --no-deps -e .` with FORCE_CUDA=1, MAX_JOBS=16 and TORCH_CUDA_ARCH_LIST set to this GPU's
-#                    arch only ("9.0a" on H100/H200: half the nvcc time of setup.py's "8.0;9.0a"); `sparsekit
+#                    arch only ("9.0a" on H100/H200: half the nvcc time of setup.py's "8.0+PTX;9.0a"); `sparsekit
 #                    info`; a stripped copy of the built sparsekit/_C*.so as $OUT/prebuilt.tgz
 #   test             pytest -m cuda, one pytest per file (a CUDA error that poisons the context stays in its
 #                    file), --maxfail instead of -x (one run shows more than the first failure), the self-check
@@ -19,10 +19,15 @@
 #   bench-targets-2  (c) decode M=16 BSR32, (d) 2:4 at large M vs torch's semi-structured, (f) skinny CSR 80%
 #                    at M=16 (LLaMA-7B, OPT-30B) with the skinny path on and off in the same run, (d2) 2:4 at M=16
 #   bench-targets    bench-targets-1 then bench-targets-2
+#   tune             optional: bench/tune_triton.py times the candidate launch configs of every Triton table row
+#                    (fp16; bsr_mm 32/64 first) within TUNE_BUDGET_S (default 360 s, less if the session budget
+#                    leaves less) and writes results/tuned_sm<major>0.json; then tests/test_triton_gpu_configs.py
+#                    runs the measured configs against the reference. Copy the file to kernels/ and commit it
 #   bench-models     fp16 whole models: sk.sparsify of the BERT-base encoder (90% 32x32 blocks) and ResNet-50
 #                    (compact 50% + 80% blocks), eager and compiled, then `sparsekit bench model` on the
 #                    BERT-base-width encoder, then greedy decoding of a TinyLlama-shaped model (bench_decode.py)
-#   all              every stage in order, with no overall time budget (a machine with no per-call limit)
+#   all              every stage in order (tune after bench-targets), with no overall time budget (a machine with
+#                    no per-call limit)
 #
 # Time: all the stages named in one invocation share SESSION_BUDGET_S seconds (default 570, to fit a 600 s
 # call; 0 = no budget, the default for `all`). A step that would not fit in what is left is skipped and listed
@@ -45,7 +50,8 @@
 # steps to run, by label; default all), TEST_FILES="tests/x.py ..." (test files instead of the default list),
 # PYTEST_MAXFAIL (10), PYTEST_TIMEOUT (150 s per test, if pytest-timeout is installed), PREBUILT,
 # PREBUILT_FORCE=1 (use PREBUILT even if built from other sources), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (the
-# GPU's), GPU_SESSION_WORK (scratch directory, default ${TMPDIR:-/tmp}/sparsekit-gpu-session).
+# GPU's), GPU_SESSION_WORK (scratch directory, default ${TMPDIR:-/tmp}/sparsekit-gpu-session), TUNE_BUDGET_S (360),
+# TUNE_MAX_CANDIDATES (12: the table's config and its nearest neighbours per row; 0 = all).
 set -euo pipefail
 
 usage() {
@@ -59,9 +65,9 @@ for arg in "$@"; do
     case $arg in
         -n | --dry-run) DRY_RUN=1 ;;
         -h | --help) usage; exit 0 ;;
-        build | test | bench-targets-1 | bench-targets-2 | bench-models) STAGES+=("$arg") ;;
+        build | test | bench-targets-1 | bench-targets-2 | tune | bench-models) STAGES+=("$arg") ;;
         bench-targets) STAGES+=(bench-targets-1 bench-targets-2) ;;
-        all) STAGES+=(build test bench-targets-1 bench-targets-2 bench-models) ;;
+        all) STAGES+=(build test bench-targets-1 bench-targets-2 tune bench-models) ;;
         *) echo "gpu_session.sh: unknown argument '$arg'" >&2; usage >&2; exit 2 ;;
     esac
 done
@@ -96,6 +102,8 @@ CAP_BUILD=540
 CAP_TEST_FILE=300
 CAP_BENCH=330
 CAP_MODELS=420
+CAP_TUNE=480
+CAP_TUNE_CHECK=240
 
 # The self-check files first (they tell whether the unvalidated tensor-core paths work), then the core kernels,
 # then the rest; any other test file with a cuda marker is appended.
@@ -412,6 +420,31 @@ stage_bench_targets_2() {
     stage_end
 }
 
+stage_tune() {
+    stage_begin tune
+    ensure_ext || note "- the extension is not ready (sparsekit.kernels must be installed: pip install -e .)"
+    # the script stops starting rows at its budget and rewrites its table after every row: leave the step's limit
+    # (and the session's budget) room for the row in progress and the check below
+    local budget=${TUNE_BUDGET_S:-360} left
+    if [[ $DRY_RUN != 1 && $DEADLINE -gt 0 ]]; then
+        left=$(( $(left_s) - 15 - 120 - CAP_TUNE_CHECK / 2 ))
+        [[ $left -lt $budget ]] && budget=$left
+        [[ $budget -lt 30 ]] && budget=30
+    fi
+    step tune "Triton launch configs measured per table row (bench/tune_triton.py, fp16, at most ${budget}s of rows)" \
+        "$CAP_TUNE" 90 "$PY" bench/tune_triton.py --device cuda --dtype float16 --budget-s "$budget" \
+        --max-candidates "${TUNE_MAX_CANDIDATES:-12}" --out-dir "${W:-.}/results"
+    [[ $DRY_RUN == 1 || ! -f $W/tune.log ]] || { note '```'; grep -E '^  [a-z_]+\[' "$W/tune.log" >>"$SUMMARY" || true; note '```'; }
+    # the measured configs run for real against the reference before anyone ships them
+    step tune-check "the measured table's configs against the reference (tests/test_triton_gpu_configs.py, SPARSEKIT_TRITON_CONFIGS set)" \
+        "$CAP_TUNE_CHECK" 30 sh -c "f=\$(ls $(printf %q "${W:-.}")/results/tuned_sm*0.json 2>/dev/null | head -n 1); \
+[ -n \"\$f\" ] || { echo 'no measured table to check'; exit 1; }; \
+SPARSEKIT_TRITON_CONFIGS=\$f exec$(quoted "$PY" -m pytest tests/test_triton_gpu_configs.py -m triton -q -rfE \
+-p no:cacheprovider --maxfail="$PYTEST_MAXFAIL")"
+    note "- a table that passed tune-check: copy tune/results/tuned_sm<major>0.json to kernels/ and commit it with tune.log"
+    stage_end
+}
+
 stage_bench_models() {
     stage_begin bench-models
     ensure_ext || note "- the extension is not ready: sparsekit_cuda rows will be missing"
@@ -491,6 +524,7 @@ for s in "${STAGES[@]}"; do
         test) stage_test ;;
         bench-targets-1) stage_bench_targets_1 ;;
         bench-targets-2) stage_bench_targets_2 ;;
+        tune) stage_tune ;;
         bench-models) stage_bench_models ;;
     esac
 done

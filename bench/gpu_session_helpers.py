@@ -28,7 +28,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ARCHS = "8.0;9.0a"   # setup.py's default TORCH_CUDA_ARCH_LIST
+DEFAULT_ARCHS = "8.0+PTX;9.0a"   # setup.py's default TORCH_CUDA_ARCH_LIST
 # importable modules that matter in a session: (name, what it is for, needed to build?)
 MODULES = (("setuptools", "the build backend (>= 64 for an editable install)", True),
            ("wheel", "editable wheels on setuptools < 70.1", False),

@@ -16,9 +16,16 @@ S = 7..8 three; sm90 wgmma tiles (BLOCK_M >= 64) keep one more. Hence S = 5 as t
 
 The entries follow the usual Triton GEMM shapes (BLOCK_M = 16 for decode-sized M up to 128 for large M,
 8 warps only for 128x128 output tiles). They have NOT been measured on a GPU (none where they were
-written): re-tune with bench/ on an A100/H100 and edit the rows below.
-``python -m sparsekit.kernels._compile_check --full`` compiles every entry for sm80/sm90 and checks that
-its shared memory fits.
+written). ``python -m sparsekit.kernels._compile_check --full`` compiles every entry for sm80/sm90 and checks
+that its shared memory fits.
+
+Measured tables take precedence over the hand-written rows, per arch major (``tuned_tables``):
+``bench/tune_triton.py`` times the candidate configs (``*_candidates`` below) of every family and table row on a
+GPU and writes a JSON table; the launchers read ``$SPARSEKIT_TRITON_CONFIGS`` (a file, applied when its
+``arch_major`` is the device's) or else ``tuned_sm<major>0.json`` shipped next to this module, validated on first
+use (a ValueError names the file and the bad entry), read once per process (``reload_tuned()`` forgets). Rows a
+table leaves out keep the hand-written values. ``SPARSEKIT_TRITON_AUTOTUNE=1`` times the candidates live instead,
+on the first launch of each key (kernels/_autotune.py).
 
 This module imports torch only (never triton), so the dispatcher can consult it cheaply.
 """
@@ -26,14 +33,18 @@ This module imports torch only (never triton), so the dispatcher can consult it 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 __all__ = ["KernelConfig", "bsr_mm_config", "bsr_mm_split_k", "bsr_sddmm_config", "nm_mm_config",
-           "channel_mm_config", "TileConfig", "M_BUCKETS", "BSR_MM_TABLE", "NM_MM_TABLE", "CHANNEL_MM_TABLE",
-           "interpreting", "sm_count"]
+           "channel_mm_config", "TileConfig", "M_BUCKETS", "SPLIT_LIMIT", "tuned_tables", "load_tuned",
+           "validate_tuned", "reload_tuned", "tuned_path", "TUNED_ENV", "FAMILIES", "bsr_mm_candidates",
+           "bsr_sddmm_candidates", "tile_candidates", "hand_written_tables", "arch_of", "m_bucket", "BSR_MM_TABLE",
+           "NM_MM_TABLE", "CHANNEL_MM_TABLE", "interpreting", "sm_count"]
 
 
 @dataclass(frozen=True)
@@ -133,7 +144,7 @@ def bsr_mm_config(m: int, bn: int, bk: int, dtype: torch.dtype, device: torch.de
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         arch = _device_info(index)
     major, smem = arch
-    row = BSR_MM_TABLE.get((major, bn), _DEFAULT_ROW)
+    row = tuned_tables(major).get("bsr_mm", {}).get(bn) or BSR_MM_TABLE.get((major, bn), _DEFAULT_ROW)
     block_m, num_warps, num_stages = row[_bucket(m)]
     elem = torch.empty((), dtype=dtype).element_size()
     block_m, num_stages = _fit(block_m, num_stages, bn, bk, elem, major, smem)
@@ -143,6 +154,10 @@ def bsr_mm_config(m: int, bn: int, bk: int, dtype: torch.dtype, device: torch.de
 # ---------------------------------------------------------------------------------- split-K (decode shapes)
 SPLIT_K_MAX_M = 64          # split-K only for M up to this (decode / small batch)
 SPLIT_K_MAX = 16
+# explicit split_k (k_bsr_mm) / split (k_bsr_sddmm) above this are refused: the split is a grid dimension (CUDA
+# allows 65535) and a constexpr (every value compiles a kernel of its own), and past a few dozen programs per
+# block-row the atomics cost more than the parallelism gains
+SPLIT_LIMIT = 64
 _SM_FALLBACK = {8: 108, 9: 132}   # A100, H100 SXM
 
 
@@ -222,7 +237,8 @@ def bsr_sddmm_config(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype, de
         dev = torch.device(device) if device is not None else torch.device("cuda")
         arch = _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
     major, smem = arch
-    block_m, warps, stages = BSR_SDDMM_TABLE.get((major, bn * bk), (32, 4, 3))
+    block_m, warps, stages = tuned_tables(major).get("bsr_sddmm", {}).get(bn * bk) \
+        or BSR_SDDMM_TABLE.get((major, bn * bk), (32, 4, 3))
     elem = torch.empty((), dtype=dtype).element_size()
     while stages > 1 and stages * block_m * (bn + bk) * elem + bn * bk * 4 > smem * 0.9:
         stages -= 1
@@ -245,7 +261,7 @@ CHANNEL_MM_TABLE: dict[int, tuple[tuple[int, int, int, int, int], ...]] = {
 }
 
 
-def _tile_config(table: dict, m: int, dtype: torch.dtype, device: torch.device | None,
+def _tile_config(family: str, table: dict, m: int, dtype: torch.dtype, device: torch.device | None,
                  arch: tuple[int, int] | None) -> TileConfig:
     if arch is None and interpreting():
         return TileConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)
@@ -253,7 +269,8 @@ def _tile_config(table: dict, m: int, dtype: torch.dtype, device: torch.device |
         dev = torch.device(device) if device is not None else torch.device("cuda")
         arch = _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
     major, smem = arch
-    bm, bn, bk, warps, stages = table.get(major, table[8])[_bucket(m)]
+    rows = tuned_tables(major).get(family) or table.get(major, table[8])
+    bm, bn, bk, warps, stages = rows[_bucket(m)]
     elem = torch.empty((), dtype=dtype).element_size()
     if elem == 4 and bk > 32:   # fp32 tiles: halve the K step (twice the bytes per element)
         bk //= 2
@@ -265,10 +282,262 @@ def _tile_config(table: dict, m: int, dtype: torch.dtype, device: torch.device |
 def nm_mm_config(m: int, dtype: torch.dtype, device: torch.device | None = None,
                  arch: tuple[int, int] | None = None) -> TileConfig:
     """Config for ``k_nm_mm``: [BLOCK_M, BLOCK_N] output tile, BLOCK_K dense columns per step."""
-    return _tile_config(NM_MM_TABLE, m, dtype, device, arch)
+    return _tile_config("nm_mm", NM_MM_TABLE, m, dtype, device, arch)
 
 
 def channel_mm_config(m: int, dtype: torch.dtype, device: torch.device | None = None,
                       arch: tuple[int, int] | None = None) -> TileConfig:
     """Config for ``k_channel._channel_mm_kernel`` (gathered-input GEMM)."""
-    return _tile_config(CHANNEL_MM_TABLE, m, dtype, device, arch)
+    return _tile_config("channel_mm", CHANNEL_MM_TABLE, m, dtype, device, arch)
+
+
+# ------------------------------------------------------------------------------ measured tables (JSON)
+TUNED_ENV = "SPARSEKIT_TRITON_CONFIGS"
+TUNED_FORMAT = "sparsekit-triton-configs"
+TUNED_VERSION = 1
+FAMILIES = ("bsr_mm", "bsr_sddmm", "nm_mm", "channel_mm")
+BLOCK_SIDES = (16, 32, 64, 128)
+# informative fields of a table file (what it was measured on), not validated beyond their JSON type
+_INFO_KEYS = ("device", "capability", "smem", "sms", "dtype", "torch", "triton", "created", "shapes", "measured")
+_WARPS = (1, 2, 4, 8, 16)
+
+
+def tuned_path(major: int) -> Path:
+    """The measured table shipped for arch ``major`` next to this module (it may not exist)."""
+    return Path(__file__).with_name(f"tuned_sm{major}0.json")
+
+
+def _pow2(v: int, lo: int, hi: int) -> bool:
+    return lo <= v <= hi and v & (v - 1) == 0
+
+
+def _ints(value: object, n: int, where: str, source: str, fields: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) != n or \
+            any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise ValueError(f"{source}: {where} must be a list of {n} ints [{fields}], got {value!r}")
+    return tuple(value)
+
+
+def _launch_row(value: object, where: str, source: str) -> tuple[int, int, int]:
+    """[BLOCK_M, num_warps, num_stages] (bsr_mm per M bucket, bsr_sddmm per block size)."""
+    bm, warps, stages = _ints(value, 3, where, source, "BLOCK_M, num_warps, num_stages")
+    if not _pow2(bm, 16, 256) or warps not in _WARPS or not 1 <= stages <= 8:
+        raise ValueError(f"{source}: {where} = {list(value)}: BLOCK_M must be a power of two in [16, 256], num_warps "
+                         f"one of {_WARPS}, num_stages in [1, 8]")
+    return bm, warps, stages
+
+
+def _tile_row(value: object, where: str, source: str) -> tuple[int, int, int, int, int]:
+    """[BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages] (nm_mm / channel_mm per M bucket)."""
+    bm, bn, bk, warps, stages = _ints(value, 5, where, source, "BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages")
+    if not all(_pow2(v, 16, 256) for v in (bm, bn, bk)) or warps not in _WARPS or not 1 <= stages <= 8:
+        raise ValueError(f"{source}: {where} = {list(value)}: BLOCK_M, BLOCK_N and BLOCK_K must be powers of two in "
+                         f"[16, 256], num_warps one of {_WARPS}, num_stages in [1, 8]")
+    return bm, bn, bk, warps, stages
+
+
+def _per_bucket(value: object, where: str, source: str, row) -> tuple:
+    if not isinstance(value, list) or len(value) != len(M_BUCKETS):
+        raise ValueError(f"{source}: {where} must be a list of {len(M_BUCKETS)} rows, one per M bucket (M <= "
+                         f"{', '.join(map(str, M_BUCKETS[:-1]))}, more), got {value!r}")
+    return tuple(row(v, f"{where}[{i}]", source) for i, v in enumerate(value))
+
+
+def _int_keys(value: object, where: str, source: str, allowed: tuple[int, ...]) -> dict[int, object]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{source}: {where} must be an object keyed by {allowed}, got {type(value).__name__}")
+    out = {}
+    for key, v in value.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) in allowed):
+            raise ValueError(f"{source}: {where} has key {key!r}; keys must be one of {[str(a) for a in allowed]}")
+        out[int(key)] = v
+    return out
+
+
+def validate_tuned(data: object, source: str = "<table>") -> dict:
+    """A measured table (as bench/tune_triton.py writes it, parsed from JSON) checked and normalised:
+    {"arch_major": int, "bsr_mm": {bn: rows}, "bsr_sddmm": {bn*bk: row}, "nm_mm": rows, "channel_mm": rows} with
+    only the families present. ValueError naming ``source`` (the file) and the bad entry otherwise."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a measured Triton table must be a JSON object, got {type(data).__name__}")
+    allowed = ("format", "version", "arch_major", "m_buckets", *FAMILIES, *_INFO_KEYS)
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; a table has {list(allowed)}")
+    if data.get("format") != TUNED_FORMAT or data.get("version") != TUNED_VERSION:
+        raise ValueError(f"{source}: format/version must be {TUNED_FORMAT!r}/{TUNED_VERSION}, got "
+                         f"{data.get('format')!r}/{data.get('version')!r} (written by bench/tune_triton.py?)")
+    major = data.get("arch_major")
+    if isinstance(major, bool) or not isinstance(major, int) or not 7 <= major <= 20:
+        raise ValueError(f"{source}: arch_major must be the GPU's compute capability major (an int such as 8 or 9), "
+                         f"got {major!r}")
+    if data.get("m_buckets") != list(M_BUCKETS):
+        raise ValueError(f"{source}: m_buckets must be {list(M_BUCKETS)} (this sparsekit's M buckets), got "
+                         f"{data.get('m_buckets')!r}: re-run bench/tune_triton.py")
+    out: dict = {"arch_major": major}
+    if "bsr_mm" in data:
+        rows = _int_keys(data["bsr_mm"], "bsr_mm", source, BLOCK_SIDES)
+        out["bsr_mm"] = {bn: _per_bucket(v, f"bsr_mm[{bn}]", source, _launch_row) for bn, v in rows.items()}
+    if "bsr_sddmm" in data:
+        sizes = tuple(sorted({a * b for a in BLOCK_SIDES for b in BLOCK_SIDES}))
+        rows = _int_keys(data["bsr_sddmm"], "bsr_sddmm", source, sizes)
+        out["bsr_sddmm"] = {size: _launch_row(v, f"bsr_sddmm[{size}]", source) for size, v in rows.items()}
+    for family in ("nm_mm", "channel_mm"):
+        if family in data:
+            out[family] = _per_bucket(data[family], family, source, _tile_row)
+    if isinstance(data.get("measured"), (list, str, int, float)):
+        raise ValueError(f"{source}: measured must be an object (the timings), got {type(data['measured']).__name__}")
+    return out
+
+
+def load_tuned(path: str | os.PathLike) -> dict:
+    """Read and validate a measured table file (see validate_tuned); ValueError naming the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the measured Triton table ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    return validate_tuned(data, str(path))
+
+
+@functools.cache
+def _cached(path: str) -> dict:
+    return load_tuned(path)
+
+
+@functools.cache
+def _shipped(major: int) -> str | None:
+    p = tuned_path(major)
+    return str(p) if p.is_file() else None
+
+
+def tuned_tables(major: int) -> dict:
+    """The measured table for arch ``major``: the file named by $SPARSEKIT_TRITON_CONFIGS when its arch_major is
+    ``major``, else the one shipped next to this module, else {} (the hand-written tables serve)."""
+    env = os.environ.get(TUNED_ENV)
+    if env:
+        try:
+            table = _cached(env)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (named by {TUNED_ENV})") from None
+        if table["arch_major"] == major:
+            return table
+    shipped = _shipped(major)
+    return _cached(shipped) if shipped is not None else {}
+
+
+def reload_tuned() -> None:
+    """Forget the tables read so far (the next launch reads the files again)."""
+    _cached.cache_clear()
+    _shipped.cache_clear()
+
+
+def hand_written_tables(major: int) -> dict:
+    """The hand-written rows for arch ``major`` in the measured tables' JSON layout (what tune_triton.py starts
+    from, so a table it writes is complete even where it measured nothing)."""
+    return {
+        "bsr_mm": {str(bn): [list(r) for r in BSR_MM_TABLE.get((major, bn), _DEFAULT_ROW)] for bn in BLOCK_SIDES},
+        "bsr_sddmm": {str(size): list(BSR_SDDMM_TABLE.get((major, size), (32, 4, 3)))
+                      for size in sorted({a * b for a in BLOCK_SIDES for b in BLOCK_SIDES})},
+        "nm_mm": [list(r) for r in NM_MM_TABLE.get(major, NM_MM_TABLE[8])],
+        "channel_mm": [list(r) for r in CHANNEL_MM_TABLE.get(major, CHANNEL_MM_TABLE[8])],
+    }
+
+
+# ------------------------------------------------------------------------------ candidates (tuning, autotune)
+def arch_of(device: torch.device) -> tuple[int, int]:
+    """(arch major, shared memory bytes) of a CUDA device; for CPU tensors (the interpreter, tests only) an H100's,
+    so that the candidate lists are those an sm90 GPU would time."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return 9, _SMEM_FALLBACK[9]
+    return _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+def m_bucket(m: int) -> int:
+    """Index of M's bucket in M_BUCKETS (the tables' columns; part of the live autotuner's keys)."""
+    return _bucket(m)
+
+
+def _block_ms(m: int, top: int = 128) -> list[int]:
+    """BLOCK_M worth trying for M rows: 16 up to M rounded up to a power of two (at most ``top``); for large M the
+    three largest."""
+    hi = min(top, max(16, 1 << max(0, (max(m, 1) - 1).bit_length())))
+    sides = [b for b in (16, 32, 64, 128) if b <= hi]
+    return sides[-3:]
+
+
+def _nearest_first(items: list) -> list:
+    """Duplicates dropped, the first (the table's config) kept first and the rest ordered by how far they are from
+    it (powers of two of the tile sides and warps, then stages), so that a truncated list (the tuner's
+    --max-candidates) keeps the table's neighbourhood."""
+    from math import log2
+
+    items = list(dict.fromkeys(items))
+    first = items[0]
+
+    def distance(c) -> float:
+        d = sum(abs(log2(getattr(c, f)) - log2(getattr(first, f))) for f in ("block_m", "block_n", "block_k",
+                                                                               "num_warps") if hasattr(c, f))
+        return d + abs(c.num_stages - first.num_stages) / 2
+
+    return [first] + sorted(items[1:], key=distance)
+
+
+def bsr_mm_candidates(m: int, bn: int, bk: int, dtype: torch.dtype, arch: tuple[int, int]) -> list[KernelConfig]:
+    """Configs of ``_bsr_mm_kernel`` (and bsr_mm_t's, sides swapped) worth timing for M rows and (bn x bk) blocks on
+    ``arch`` = (major, shared memory bytes): the table's own choice first, then BLOCK_M from the M bucket, 2-8
+    warps, 3/5/7 stages (one, two or three pipeline buffers, see the module docstring), each fitted to the shared
+    memory as the table's rows are, duplicates dropped, nearest to the table's first."""
+    major, smem = arch
+    elem = torch.empty((), dtype=dtype).element_size()
+    out = [bsr_mm_config(m, bn, bk, dtype, arch=arch)]
+    for bm in _block_ms(m):
+        for warps in (2, 4, 8):
+            for stages in (3, 5, 7):
+                fbm, fst = _fit(bm, stages, bn, bk, elem, major, smem)
+                out.append(KernelConfig(block_m=fbm, num_warps=warps, num_stages=fst, group_m=8))
+    return _nearest_first(out)
+
+
+def bsr_sddmm_candidates(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype,
+                         arch: tuple[int, int]) -> list[TileConfig]:
+    """Configs of ``k_bsr_sddmm`` worth timing: the table's first, then BLOCK_M (the M step) 32/64/128, 2-8 warps,
+    2-4 stages, fitted to the shared memory; the split of M as the table's rule gives it."""
+    major, smem = arch
+    elem = torch.empty((), dtype=dtype).element_size()
+    first = bsr_sddmm_config(m, nnzb, bn, bk, dtype, arch=arch)
+    out = [first]
+    for bm in (32, 64, 128):
+        for warps in (2, 4, 8):
+            for stages in (2, 3, 4):
+                while stages > 1 and stages * bm * (bn + bk) * elem + bn * bk * 4 > smem * 0.9:
+                    stages -= 1
+                out.append(TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                                      split=first.split))
+    return _nearest_first(out)
+
+
+def tile_candidates(family: str, m: int, dtype: torch.dtype, arch: tuple[int, int]) -> list[TileConfig]:
+    """Configs of ``k_nm_mm`` (family "nm_mm") or ``k_channel._channel_mm_kernel`` ("channel_mm") worth timing:
+    the table's first, then BLOCK_M from the M bucket x (BLOCK_N, BLOCK_K) in (64, 64), (64, 128), (128, 64),
+    (128, 32) x 4/8 warps x 3/4 stages, fitted to the shared memory (fp32 halves BLOCK_K as the table's rows do)."""
+    if family not in ("nm_mm", "channel_mm"):
+        raise ValueError(f"family must be 'nm_mm' or 'channel_mm', got {family!r}")
+    major, smem = arch
+    table = NM_MM_TABLE if family == "nm_mm" else CHANNEL_MM_TABLE
+    elem = torch.empty((), dtype=dtype).element_size()
+    out = [_tile_config(family, table, m, dtype, None, arch)]
+    for bm in _block_ms(m):
+        for bn, bk in ((64, 64), (64, 128), (128, 64), (128, 32)):
+            if elem == 4 and bk > 32:
+                bk //= 2
+            for warps in (4, 8):
+                for stages in (3, 4):
+                    while stages > 2 and stages * (bm + bn) * bk * elem > smem * 0.9:
+                        stages -= 1
+                    out.append(TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages))
+    return _nearest_first(out)

@@ -6,6 +6,7 @@ dot precision, and the device context of a launch. Imports torch only (never tri
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -13,8 +14,8 @@ from torch import Tensor
 from ._configs import interpreting
 
 __all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_activation", "check_int", "check_index", "check_bias",
-           "check_optional_positive_int", "check_runnable", "default_input_precision", "device_ctx",
-           "INPUT_PRECISIONS", "resolve_input_precision"]
+           "check_optional_positive_int", "check_runnable", "cuda_matmul_allows_tf32", "default_input_precision",
+           "device_ctx", "INPUT_PRECISIONS", "resolve_input_precision"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -66,10 +67,13 @@ def check_bias(bias: object, x: Tensor, n: int) -> Tensor | None:
     return bias
 
 
-def check_optional_positive_int(v: object, name: str) -> None:
-    """A split count: None (the launcher decides) or an int >= 1 (bool refused)."""
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-        raise ValueError(f"{name} must be None or a positive int, got {v!r}")
+def check_optional_positive_int(v: object, name: str, upper: int | None = None) -> None:
+    """A split count: None (the launcher decides) or an int in [1, upper] (bool refused)."""
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (upper is not None and v > upper):
+        allowed = "a positive int" if upper is None else f"an int in [1, {upper}]"
+        raise ValueError(f"{name} must be None or {allowed}, got {v!r}")
 
 
 def check_runnable(device: torch.device, subject: str) -> None:
@@ -80,17 +84,44 @@ def check_runnable(device: torch.device, subject: str) -> None:
                          "TRITON_INTERPRET=1)")
 
 
+def _fp32_setting(getter: Callable[[], object]) -> str | None:
+    """One of torch's fp32_precision settings ("ieee", "tf32", "none", ...) in lower case, or None where this
+    torch has no such attribute (or refuses to read it)."""
+    try:
+        value = getter()
+    except (AttributeError, RuntimeError):
+        return None
+    return value.lower() if isinstance(value, str) else None
+
+
+def cuda_matmul_allows_tf32() -> bool:
+    """Whether torch lets cuBLAS use TF32 for fp32 matmuls, by either of torch's APIs.
+
+    torch >= 2.9: ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" / "ieee"; "none" inherits the global
+    ``torch.backends.fp32_precision``). Once it is set, reading the legacy
+    ``torch.backends.cuda.matmul.allow_tf32`` can raise RuntimeError (mixed APIs), so the new API is read
+    first and the legacy flag only when neither level says "tf32" or "ieee" (older torch, or nothing set)."""
+    backends = torch.backends
+    for getter in (lambda: backends.cuda.matmul.fp32_precision, lambda: backends.fp32_precision):
+        setting = _fp32_setting(getter)
+        if setting == "tf32":
+            return True
+        if setting == "ieee":
+            return False
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def default_input_precision(dtype: torch.dtype) -> str:
-    """Dot precision for fp32 inputs: "tf32" when torch allows TF32 for CUDA matmuls, else "ieee".
+    """Dot precision for fp32 inputs: "tf32" when torch allows TF32 for CUDA matmuls (the same switch cuBLAS
+    follows, see cuda_matmul_allows_tf32), else "ieee".
 
     fp16/bf16 dots ignore it (they always run on tensor cores with fp32 accumulation)."""
     if dtype != torch.float32:
         return "ieee"
-    try:
-        allow = bool(torch.backends.cuda.matmul.allow_tf32)
-    except (AttributeError, RuntimeError):
-        allow = False
-    return "tf32" if allow else "ieee"
+    return "tf32" if cuda_matmul_allows_tf32() else "ieee"
 
 
 INPUT_PRECISIONS = ("ieee", "tf32", "tf32x3")

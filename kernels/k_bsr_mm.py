@@ -19,8 +19,9 @@ dtype follows (none for fp32). The order of the atomic adds is not fixed, so spl
 in the last bits from run to run; pass ``split_k=1`` for bitwise reproducibility.
 
 Precision: fp16/bf16 inputs use tensor-core dots with fp32 accumulation. fp32 inputs use TF32 tensor
-cores on the GPU when torch.backends.cuda.matmul.allow_tf32 is True (torch's switch for exactly this
-trade-off; off by default), and full-precision fp32 ("ieee") dots otherwise; ``input_precision``
+cores on the GPU when torch lets cuBLAS use TF32 (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, or
+the legacy ``allow_tf32``: torch's switch for exactly this trade-off; off by default; _launch.default_input_precision),
+and full-precision fp32 ("ieee") dots otherwise; ``input_precision``
 overrides it. The accumulator is always fp32; the bias is added in fp32 before the final cast.
 
 Importing this module imports triton; keep it out of sparsekit's import path (sparsekit.ops imports it
@@ -34,7 +35,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._configs import bsr_mm_config, bsr_mm_split_k, interpreting
+from . import _autotune
+from ._configs import (
+    SPLIT_LIMIT,
+    KernelConfig,
+    arch_of,
+    bsr_mm_candidates,
+    bsr_mm_config,
+    bsr_mm_split_k,
+    interpreting,
+    m_bucket,
+)
 from ._launch import (
     SUPPORTED_DTYPES,
     check_activation,
@@ -169,7 +180,8 @@ def check_bsr_operands(act: object, act_name: str, act_shape: str, crow_indices:
 
 
 def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Tensor | None,
-           n: int, *, input_precision: str | None = None, split_k: int | None = None) -> Tensor:
+           n: int, *, input_precision: str | None = None, split_k: int | None = None,
+           config: KernelConfig | None = None) -> Tensor:
     """y = x @ W^T (+ bias) for a BSR weight W of shape [n, K] (K = x.shape[1]); y is [M, n] in x's dtype.
 
     x            [M, K] contiguous, float16 / bfloat16 / float32
@@ -178,9 +190,12 @@ def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
     values       [nnzb, bn, bk] contiguous, x's dtype; bn, bk each one of 16, 32, 64, 128
     bias         None or [n] contiguous, x's dtype
     input_precision  fp32 only: "ieee", "tf32" or "tf32x3"; default follows
-                 torch.backends.cuda.matmul.allow_tf32 (TF32 tensor cores when it is True).
+                 torch's cuBLAS TF32 setting (_launch.default_input_precision: TF32 tensor cores when on).
     split_k      None: the launcher decides (split-K only for M <= 64 when the plain grid would leave
-                 the GPU idle, kernels/_configs.bsr_mm_split_k); 1: never; > 1: force that many splits.
+                 the GPU idle, kernels/_configs.bsr_mm_split_k); 1: never; 2..SPLIT_LIMIT (64): force that many
+                 splits.
+    config       the launch config (BLOCK_M, warps, stages); None: the table's (_configs.bsr_mm_config), or the
+                 fastest candidate under SPARSEKIT_TRITON_AUTOTUNE=1 (_autotune). bench/tune_triton.py passes it.
 
     Shapes, dtypes and devices are checked; the index *contents* are not (that would synchronise the
     GPU): pass a validated BSR (``BSR.validate()``). Runs on CUDA tensors, or on CPU tensors under
@@ -213,17 +228,25 @@ def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
     check_runnable(device, "x is")
     input_precision = resolve_input_precision(x.dtype, input_precision)
 
-    check_optional_positive_int(split_k, "split_k")
+    check_optional_positive_int(split_k, "split_k", SPLIT_LIMIT)
 
     if m == 0 or n == 0:
         return torch.empty((m, n), dtype=x.dtype, device=device)
     if split_k is None:
         split_k = bsr_mm_split_k(m, n // bn, nnzb, bn, bk, device)
+    cfg = config
+    if cfg is None:
+        cfg = _autotune.pick(
+            ("bsr_mm", str(device), x.dtype, bn, bk, m_bucket(m), split_k, input_precision),
+            bsr_mm_config(m, bn, bk, x.dtype, device),
+            lambda: bsr_mm_candidates(m, bn, bk, x.dtype, arch_of(device)),
+            lambda c: bsr_mm(x, crow_indices, col_indices, values, bias, n, input_precision=input_precision,
+                             split_k=split_k, config=c),
+            device)
     if split_k > 1:
-        return _bsr_mm_split(x, crow_indices, col_indices, values, bias, n, bn, bk, input_precision, split_k)
+        return _bsr_mm_split(x, crow_indices, col_indices, values, bias, n, bn, bk, input_precision, split_k, cfg)
 
     y = torch.empty((m, n), dtype=x.dtype, device=device)
-    cfg = bsr_mm_config(m, bn, bk, x.dtype, device)
     grid = (triton.cdiv(m, cfg.block_m) * (n // bn),)
     with device_ctx(device):
         _bsr_mm_kernel[grid](
@@ -237,16 +260,14 @@ def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
     return y
 
 
-
 def _bsr_mm_split(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int, bn: int,
-                  bk: int, input_precision: str, split_k: int) -> Tensor:
+                  bk: int, input_precision: str, split_k: int, cfg: KernelConfig) -> Tensor:
     m, k = (int(s) for s in x.shape)
     device = x.device
     if bias is None:
         acc = torch.zeros((m, n), dtype=torch.float32, device=device)
     else:
         acc = torch.empty((m, n), dtype=torch.float32, device=device).copy_(bias.expand(m, n))  # never a view of bias
-    cfg = bsr_mm_config(m, bn, bk, x.dtype, device)
     grid = (n // bn, split_k, triton.cdiv(m, cfg.block_m))
     with device_ctx(device):
         _bsr_mm_splitk_kernel[grid](

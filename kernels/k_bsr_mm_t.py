@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._configs import bsr_mm_config, interpreting
+from . import _autotune
+from ._configs import KernelConfig, arch_of, bsr_mm_candidates, bsr_mm_config, interpreting, m_bucket
 from ._launch import check_index, check_int, check_runnable, device_ctx, resolve_input_precision
 from ._tiles import grouped_pid
 from ._transpose import cached_transpose_meta
@@ -67,12 +68,14 @@ def _bsr_mm_t_kernel(
 
 
 def bsr_mm_t(dy: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, k: int, *,
-             input_precision: str | None = None, meta: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+             input_precision: str | None = None, meta: tuple[Tensor, Tensor, Tensor] | None = None,
+             config: KernelConfig | None = None) -> Tensor:
     """dx = dy @ W for a BSR W of shape [N, k] (N = dy.shape[1]); dx is [M, k] in dy's dtype.
 
     Same conventions and checks as ``k_bsr_mm.bsr_mm``. ``meta`` = (t_crow, t_row, t_perm) from
     ``kernels._transpose.bsr_transpose_meta``; by default it is computed on the device and cached per
-    (crow_indices, col_indices).
+    (crow_indices, col_indices). ``config``: as in bsr_mm (the table's: bsr_mm_config with the block sides
+    swapped).
     """
     dy, crow_indices, col_indices, values = check_bsr_operands(dy, "dy", "[M, N]", crow_indices, col_indices,
                                                                values)
@@ -105,7 +108,15 @@ def bsr_mm_t(dy: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tens
     if meta is None:
         meta = cached_transpose_meta(crow_indices, col_indices, n // bn, k // bk)
     t_crow, t_row, t_perm = meta
-    cfg = bsr_mm_config(m, bk, bn, dy.dtype, device)   # output tile [BLOCK_M, bk], reduction step bn
+    cfg = config   # output tile [BLOCK_M, bk], reduction step bn: bsr_mm's table with the sides swapped
+    if cfg is None:
+        cfg = _autotune.pick(
+            ("bsr_mm_t", str(device), dy.dtype, bn, bk, m_bucket(m), input_precision),
+            bsr_mm_config(m, bk, bn, dy.dtype, device),
+            lambda: bsr_mm_candidates(m, bk, bn, dy.dtype, arch_of(device)),
+            lambda c: bsr_mm_t(dy, crow_indices, col_indices, values, k, input_precision=input_precision, meta=meta,
+                               config=c),
+            device)
     grid = (triton.cdiv(m, cfg.block_m) * (k // bk),)
     with device_ctx(device):
         _bsr_mm_t_kernel[grid](

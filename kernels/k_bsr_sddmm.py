@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._configs import bsr_sddmm_config, interpreting
+from . import _autotune
+from ._configs import SPLIT_LIMIT, TileConfig, arch_of, bsr_sddmm_candidates, bsr_sddmm_config, interpreting, m_bucket
 from ._launch import (
     check_activation,
     check_index,
@@ -82,11 +83,14 @@ def _bsr_sddmm_kernel(
 
 
 def bsr_sddmm(dy: Tensor, x: Tensor, crow_indices: Tensor, col_indices: Tensor, block_n: int, block_k: int, *,
-              input_precision: str | None = None, split: int | None = None) -> Tensor:
+              input_precision: str | None = None, split: int | None = None, config: TileConfig | None = None
+              ) -> Tensor:
     """dvalues [nnzb, block_n, block_k] = (dy^T @ x) on the stored blocks of the pattern (crow, col).
 
     dy [M, N], x [M, K] contiguous, same float dtype (fp16/bf16/fp32); the result has that dtype.
-    ``split``: None = from the config table; 1 = no split of M (reproducible); > 1 forces it.
+    ``split``: None = from the config table; 1 = no split of M (reproducible); 2..SPLIT_LIMIT (64) forces it.
+    ``config``: the launch config (its block_n/block_k ignored); None: the table's (_configs.bsr_sddmm_config), or
+    the fastest candidate under SPARSEKIT_TRITON_AUTOTUNE=1 (_autotune).
     """
     dy = check_tensor(dy, "dy")
     x = check_tensor(x, "x")
@@ -114,14 +118,22 @@ def bsr_sddmm(dy: Tensor, x: Tensor, crow_indices: Tensor, col_indices: Tensor, 
         raise ValueError(f"dy, x, crow_indices and col_indices must be on one device, got {sorted(map(str, devices))}")
     device = dy.device
     check_runnable(device, "dy is")
-    check_optional_positive_int(split, "split")
+    check_optional_positive_int(split, "split", SPLIT_LIMIT)
     input_precision = resolve_input_precision(dy.dtype, input_precision)
 
     nnzb = int(col_indices.numel())
     if nnzb == 0 or m == 0:
         return torch.zeros((nnzb, bn, bk), dtype=dy.dtype, device=device)
     rows = block_rows(crow_indices, nnzb)
-    cfg = bsr_sddmm_config(m, nnzb, bn, bk, dy.dtype, device)
+    cfg = config
+    if cfg is None:
+        cfg = _autotune.pick(
+            ("bsr_sddmm", str(device), dy.dtype, bn, bk, m_bucket(m), split, input_precision),
+            bsr_sddmm_config(m, nnzb, bn, bk, dy.dtype, device),
+            lambda: bsr_sddmm_candidates(m, nnzb, bn, bk, dy.dtype, arch_of(device)),
+            lambda c: bsr_sddmm(dy, x, crow_indices, col_indices, bn, bk, input_precision=input_precision,
+                                split=split, config=c),
+            device)
     split = cfg.split if split is None else split
     split = max(1, min(split, triton.cdiv(m, cfg.block_m)))
     out = (torch.empty if split == 1 else torch.zeros)(

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._configs import channel_mm_config, interpreting
+from . import _autotune
+from ._configs import TileConfig, arch_of, channel_mm_config, interpreting, m_bucket, tile_candidates
 from ._launch import SUPPORTED_DTYPES, check_runnable, device_ctx, resolve_input_precision
 from ._tiles import grouped_pid, row_tile
 
@@ -109,17 +110,28 @@ def _check_runnable(device: torch.device, dtype: torch.dtype) -> None:
 
 def channel_mm(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor,
                x_strides: tuple[int, int, int], y_strides: tuple[int, int, int], batch: int, m: int,
-               out_idx: Tensor | None = None, *, input_precision: str | None = None) -> Tensor:
+               out_idx: Tensor | None = None, *, input_precision: str | None = None,
+               config: TileConfig | None = None) -> Tensor:
     """Low-level launcher (arguments validated by sparsekit.ops.channel): writes
     y[b, r, out(n)] = sum_k x[b, r, in_idx[k]] * weight[n, k] + bias[n] for b < batch, r < m, n < Nc, where
     element (b, r, c) of x is at x.data_ptr() + b*x_strides[0] + r*x_strides[1] + c*x_strides[2] (elements;
-    y likewise with y_strides and out(n) = out_idx[n] or n). weight [Nc, Kc] contiguous. Returns y."""
+    y likewise with y_strides and out(n) = out_idx[n] or n). weight [Nc, Kc] contiguous. Returns y. ``config``: the
+    launch tile; None: the table's (_configs.channel_mm_config), or the fastest candidate under
+    SPARSEKIT_TRITON_AUTOTUNE=1 (_autotune; timed into a scratch copy of y)."""
     _check_runnable(x.device, x.dtype)
     nc, kc = (int(s) for s in weight.shape)
     if batch == 0 or m == 0 or nc == 0:
         return y
     input_precision = resolve_input_precision(x.dtype, input_precision)
-    cfg = channel_mm_config(m, x.dtype, x.device)
+    cfg = config
+    if cfg is None:
+        cfg = _autotune.pick(
+            ("channel_mm", str(x.device), x.dtype, m_bucket(m), out_idx is not None, input_precision),
+            channel_mm_config(m, x.dtype, x.device),
+            lambda: tile_candidates("channel_mm", m, x.dtype, arch_of(x.device)),
+            lambda c: channel_mm(x, in_idx, weight, bias, torch.empty_like(y), x_strides, y_strides, batch, m,
+                                 out_idx, input_precision=input_precision, config=c),
+            x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(nc, cfg.block_n), batch)
     with device_ctx(x.device):
         _channel_mm_kernel[grid](

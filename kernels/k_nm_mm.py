@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._configs import interpreting, nm_mm_config
+from . import _autotune
+from ._configs import TileConfig, arch_of, interpreting, m_bucket, nm_mm_config, tile_candidates
 from ._launch import (
     check_activation,
     check_bias,
@@ -89,11 +90,12 @@ def _nm_mm_kernel(
 
 
 def nm_mm(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int, m: int, *,
-          input_precision: str | None = None) -> Tensor:
+          input_precision: str | None = None, config: TileConfig | None = None) -> Tensor:
     """y = x @ W^T (+ bias) for an n:m W given as NM values [N, K/m*n] and uint8 indices; y [M, N] in x's dtype.
 
     x [M, K] contiguous (fp16/bf16/fp32), values in x's dtype, bias None or [N]. Index contents are not
-    checked (that would sync): pass a validated NM (``NM.validate()``).
+    checked (that would sync): pass a validated NM (``NM.validate()``). ``config``: the launch tile; None: the
+    table's (_configs.nm_mm_config), or the fastest candidate under SPARSEKIT_TRITON_AUTOTUNE=1 (_autotune).
     """
     x = check_tensor(x, "x")
     values = check_tensor(values, "values")
@@ -128,7 +130,14 @@ def nm_mm(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: in
         return y
     if k == 0:
         return y.zero_() if bias is None else y.copy_(bias.expand(mx, rows))
-    cfg = nm_mm_config(mx, x.dtype, device)
+    cfg = config
+    if cfg is None:
+        cfg = _autotune.pick(
+            ("nm_mm", str(device), x.dtype, n, m, m_bucket(mx), input_precision),
+            nm_mm_config(mx, x.dtype, device),
+            lambda: tile_candidates("nm_mm", mx, x.dtype, arch_of(device)),
+            lambda c: nm_mm(x, values, indices, bias, n, m, input_precision=input_precision, config=c),
+            device)
     grid = (triton.cdiv(mx, cfg.block_m) * triton.cdiv(rows, cfg.block_n),)
     with device_ctx(device):
         _nm_mm_kernel[grid](

@@ -13,7 +13,7 @@ lines come from `nvcc --time`; when a source fails, it is recompiled one arch at
 
 Exit status: 0 when everything compiled or was skipped (no nvcc, no triton), 1 when anything failed.
 
-    python scripts/check_compile.py [--skip-nvcc] [--skip-triton] [-j N]
+    python scripts/check_compile.py [--skip-nvcc] [--skip-triton] [-j N] [--sources SRC ...]
 """
 
 from __future__ import annotations
@@ -160,8 +160,27 @@ def check_source(nvcc: str, flags: list[str], src: Path, archs: list[str], out_d
     return lines, failures
 
 
-def check_nvcc(jobs: int) -> list[str]:
+def select_sources(names: list[str] | None) -> list[Path]:
+    """csrc/cuda/*.cu, or those of them ``names`` picks (a path, a file name, or a stem: csr_spmm.cu,
+    csrc/cuda/csr_spmm.cu and csr_spmm all name the same file). ValueError naming what matched nothing."""
     sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    if not names:
+        return sources
+    picked, unknown = [], []
+    for name in names:
+        hits = [s for s in sources if name in (s.name, s.stem, str(s.relative_to(ROOT)), str(s))]
+        if hits:
+            picked += [h for h in hits if h not in picked]
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"--sources: no csrc/cuda/*.cu source matches {', '.join(unknown)} (have: "
+                         f"{', '.join(s.name for s in sources)})")
+    return picked
+
+
+def check_nvcc(jobs: int, names: list[str] | None = None) -> list[str]:
+    sources = select_sources(names)
     if not sources:
         print("nvcc: no csrc/cuda/*.cu sources")
         return []
@@ -228,11 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-j", "--jobs", type=int, default=2,
                         help="parallel nvcc jobs: sources at once, and the per-arch device compiles of a source "
                              "through nvcc --threads (default 2)")
+    parser.add_argument("--sources", nargs="+", metavar="SRC", default=None,
+                        help="compile only these csrc/cuda sources (csr_spmm.cu, csrc/cuda/csr_spmm.cu or csr_spmm); "
+                             "while iterating on a few files: the full check takes minutes per source")
     args = parser.parse_args(argv)
+    try:
+        select_sources(args.sources)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     failures: list[str] = []
     if not args.skip_nvcc:
-        failures += check_nvcc(args.jobs)
+        failures += check_nvcc(args.jobs, args.sources)
     if not args.skip_triton:
         failures += check_triton()
     if failures:

@@ -9,7 +9,15 @@ import torch
 
 from . import _extension
 from .ops import _cusparselt
-from .ops._dispatch import BACKENDS, MEASURE_ENV, MEASURE_SKIP, PRIORITY, measure_enabled, triton_interpreting
+from .ops._dispatch import (
+    BACKENDS,
+    MEASURE_ENV,
+    MEASURE_SKIP,
+    PRIORITY,
+    cuda_build_reasons,
+    measure_enabled,
+    triton_interpreting,
+)
 from .ops._library import has_kernel
 
 FAMILIES = ("bsr", "csr", "nm")
@@ -80,10 +88,14 @@ def backend_status() -> dict[str, dict]:
             families.append(fam)
         if name == "cuda" and not gpu:
             reasons.append("no CUDA GPU visible")
+        usable_gpu = gpu
+        if name == "cuda" and gpu and families:   # built for this GPU's arch? (one probe launch per device)
+            build = cuda_build_reasons(torch.device("cuda", torch.cuda.current_device()))
+            reasons += build
+            usable_gpu = not build
         if name == "triton" and not gpu:
             reasons.append("no CUDA GPU visible" + (" (TRITON_INTERPRET=1: CPU tensors run in the interpreter)"
                                                    if triton_interpreting() else ""))
-        usable_gpu = gpu
         if name == "cusparselt":
             if not gpu:
                 reasons.append("no CUDA GPU visible")
@@ -150,7 +162,8 @@ def format_dispatcher(d: dict) -> list[str]:
         if s["measured"]:
             lines.append(f"  {dev}: measures every usable backend (not {', '.join(d['not_measured'])}) on a call's "
                          "real shape the first time its key (family, dtype, pattern, M bucket, N, K, density) is "
-                         f"seen and keeps the fastest; order {order} while compiling / capturing CUDA graphs")
+                         f"seen and keeps the fastest (csr on cuda: each CUDA kernel -- skinny, rowdot, tiled -- "
+                         f"timed on its own); order {order} while compiling / capturing CUDA graphs")
         else:
             lines.append(f"  {dev}: first usable in order {order} (not measured)")
     lines.append(f"  {MEASURE_ENV}={d['env'] if d['env'] is not None else '(unset: measure on cuda only)'}; "

@@ -198,6 +198,151 @@ def test_cached_call_does_not_rebuild_reasons(fakes, monkeypatch):
     sk.ops.bsr_linear(x, w)
 
 
+# ------------------------------------------------------------------------------------ kernel variants
+class VariantFake(FakeBackend):
+    """A backend whose kernels come in variants (like csr_mm on CUDA: skinny, rowdot, tiled), each its own speed."""
+
+    def __init__(self, name, delays):
+        super().__init__(name)
+        self.delays = delays
+        self.ran: list[str | None] = []
+
+    def variants(self, family, x, w):
+        return tuple(self.delays)
+
+    def mm(self, family, x, w, bias):
+        self.ran.append(None)
+        return super().mm(family, x, w, bias)
+
+    def mm_variant(self, family, x, w, bias, variant):
+        self.ran.append(variant)
+        time.sleep(self.delays[variant])
+        return ReferenceBackend.mm(self, family, x, w, bias)
+
+
+def test_kernel_variants_are_measured_as_candidates_of_their_own(measuring, monkeypatch):
+    multi = VariantFake("multi", {"slow": 0.004, "fast": 0.0, "slower": 0.006})
+    monkeypatch.setattr(_dispatch, "BACKENDS", {"multi": multi, "reference": ReferenceBackend()})
+    monkeypatch.setattr(_dispatch, "PRIORITY", {"cpu": ("multi", "reference")})
+    dense, w = _bsr()
+    x = torch.randn(4, 48)
+    torch.testing.assert_close(sk.ops.bsr_linear(x, w), F.linear(x, dense))
+    rec, = _dispatch.MEASUREMENTS.values()
+    assert set(rec["ms"]) == {"multi:slow", "multi:fast", "multi:slower"} and rec["chosen"] == "multi:fast"
+    chosen = _dispatch.choose("bsr", x, w)
+    assert (chosen.name, chosen.variant, chosen.label) == ("multi", "fast", "multi:fast")
+    assert multi.ran[-1] == "fast" and None not in multi.ran   # the real call ran on the winner
+    multi.ran.clear()
+    sk.ops.bsr_linear(x, w, torch.ones(32))
+    assert multi.ran == ["fast"] and len(_dispatch.MEASUREMENTS) == 1
+    assert multi.released == 0    # a backend whose variant won keeps its caches
+
+
+def test_kernel_variants_compete_with_other_backends_and_the_loser_releases(fakes, monkeypatch):
+    slow, fast = fakes
+    multi = VariantFake("multi", {"a": 0.004, "b": 0.006})
+    monkeypatch.setattr(_dispatch, "BACKENDS", {**_dispatch.BACKENDS, "multi": multi})
+    monkeypatch.setattr(_dispatch, "PRIORITY", {"cpu": ("multi", "slow", "fast", "reference")})
+    _, w = _bsr()
+    sk.ops.bsr_linear(torch.randn(4, 48), w)
+    rec, = _dispatch.MEASUREMENTS.values()
+    assert set(rec["ms"]) == {"multi:a", "multi:b", "slow", "fast"} and rec["chosen"] == "fast"
+    assert multi.released == 1 and slow.released == 1 and fast.released == 0   # once per losing backend
+
+
+def test_without_measuring_the_backend_keeps_its_own_kernel_rule(measuring, monkeypatch):
+    multi = VariantFake("multi", {"a": 0.0, "b": 0.0})
+    monkeypatch.setattr(_dispatch, "BACKENDS", {"multi": multi, "reference": ReferenceBackend()})
+    monkeypatch.setattr(_dispatch, "PRIORITY", {"cpu": ("multi", "reference")})
+    _dispatch.set_measure("cpu", False)
+    _, w = _bsr()
+    sk.ops.bsr_linear(torch.randn(4, 48), w)
+    assert multi.ran == [None] and not _dispatch.MEASUREMENTS   # mm, not a variant: the thresholds in the op
+
+
+def test_csr_mm_variants_follow_the_kernels_limits():
+    v = _dispatch.csr_mm_variants
+    assert v(4, torch.float16, (8, 0)) == ("skinny", "rowdot", "tiled")
+    assert v(8, torch.bfloat16, (9, 0)) == ("skinny", "rowdot", "tiled")
+    assert v(16, torch.float16, (9, 0)) == ("skinny", "tiled")
+    assert v(64, torch.float16, (12, 0)) == ("skinny", "tiled")
+    assert v(65, torch.float16, (9, 0)) == ("tiled",)
+    assert v(4, torch.float32, (9, 0)) == ("rowdot", "tiled")        # the skinny kernel is fp16/bf16 only
+    assert v(4, torch.float16, (7, 5)) == ("rowdot", "tiled")        # ... and sm80+
+    # the key's M bucket (powers of two) never straddles a kernel's limit
+    for m in range(1, 130):
+        bucket = 1 << (m - 1).bit_length()
+        assert v(m, torch.float16, (9, 0)) == v(bucket, torch.float16, (9, 0))
+
+
+def test_only_the_cuda_csr_kernels_have_variants(monkeypatch):
+    cuda, cpu = _dispatch.BACKENDS["cuda"], _dispatch.BACKENDS["cpu"]
+    _, w = _bsr()
+    x = torch.randn(4, 48)
+    assert cuda.variants("csr", x, w) == () and cpu.variants("csr", x, w) == () and cuda.variants("bsr", x, w) == ()
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(_dispatch, "has_kernel", lambda op, key: True)
+    monkeypatch.setattr(_dispatch, "_capability", lambda device: (9, 0))
+    xc = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16, shape=(4, 48))
+    assert cuda.variants("csr", xc, w) == ("skinny", "rowdot", "tiled")
+    assert cuda.variants("nm", xc, w) == ()
+
+
+def test_a_variant_call_that_needs_autograd_takes_the_plain_op(monkeypatch):
+    cuda = _dispatch.BACKENDS["cuda"]
+    plain = []
+    monkeypatch.setattr(type(cuda), "mm", lambda self, family, x, w, bias: plain.append(family) or "plain")
+    _, w = _bsr()
+    x = torch.randn(4, 48, requires_grad=True)
+    assert cuda.mm_variant("csr", x, w, None, "skinny") == "plain" and plain == ["csr"]
+    with pytest.raises(NotImplementedError, match="has no kernel variants"):
+        ReferenceBackend().mm_variant("bsr", x, w, None, "a")
+
+
+# ----------------------------------------------------------------- CUDA code built for this GPU's arch?
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """cuda_build_reasons on a CPU machine: device context, capture query and capability stood in for."""
+    import contextlib
+
+    monkeypatch.setattr(_dispatch, "_CUDA_BUILD", {})
+    monkeypatch.setattr(torch.cuda, "device", lambda idx: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(_dispatch, "_capability", lambda device: (7, 5))
+    probes = []
+    return probes
+
+
+def test_cuda_backend_says_when_its_code_was_not_built_for_the_gpu(fake_gpu, monkeypatch):
+    from types import SimpleNamespace
+
+    error = "CUDA error: no kernel image is available for execution on the device"
+    monkeypatch.setattr(_dispatch, "_probe_cuda_build", lambda index: fake_gpu.append(index) or error)
+    reasons = _dispatch.cuda_build_reasons(torch.device("cuda", 0))
+    assert len(reasons) == 1 and "compute capability 7.5" in reasons[0] and error in reasons[0]
+    assert "TORCH_CUDA_ARCH_LIST" in reasons[0] and _dispatch.DEFAULT_CUDA_ARCH_LIST in reasons[0]
+    assert _dispatch.cuda_build_reasons(torch.device("cuda", 0)) == reasons and fake_gpu == [0]   # probed once
+    # the backend reports it (so backend=None never picks it there, and a forced call explains why)
+    monkeypatch.setattr(_dispatch, "has_kernel", lambda op, key: True)
+    monkeypatch.setattr(_dispatch._extension, "LOADED", True)
+    _, w = _bsr()
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16, shape=(4, 48))
+    assert _dispatch.BACKENDS["cuda"].input_reasons("bsr", x, w) == reasons
+
+
+def test_cuda_build_probe_passes_and_is_skipped_while_tracing(fake_gpu, monkeypatch):
+    monkeypatch.setattr(_dispatch, "_probe_cuda_build", lambda index: fake_gpu.append(index))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _dispatch.cuda_build_reasons(torch.device("cuda", 1)) == [] and fake_gpu == []   # not now, not cached
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _dispatch.cuda_build_reasons(torch.device("cuda", 1)) == [] and fake_gpu == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert _dispatch.cuda_build_reasons(torch.device("cuda", 1)) == [] and fake_gpu == [1]
+    assert _dispatch._CUDA_BUILD == {1: []}
+
+
 # --------------------------------------------------------------------------- real backends (interpreter)
 @pytest.mark.triton
 def test_measures_cpu_and_triton_under_the_interpreter(measuring, monkeypatch):

@@ -226,15 +226,71 @@ def test_cuda_sparsity_extremes(density):
     torch.testing.assert_close(y.double(), expect, atol=4e-2, rtol=1e-2)
 
 
+@pytest.fixture
+def tf32_flags():
+    """Restores torch's TF32 settings, legacy and new API, exactly as they were (the legacy matmul precision
+    first: it also writes the new API's matmul setting, and a legacy flag left out of step with the new API makes
+    every later read of ``allow_tf32`` raise)."""
+    backends = torch.backends
+    new_api = hasattr(backends, "fp32_precision") and hasattr(backends.cuda.matmul, "fp32_precision")
+    saved = (torch.get_float32_matmul_precision(),
+             (backends.fp32_precision, backends.cuda.matmul.fp32_precision) if new_api else None)
+    yield new_api
+    torch.set_float32_matmul_precision(saved[0])
+    if saved[1] is not None:
+        backends.fp32_precision, backends.cuda.matmul.fp32_precision = saved[1]
+
+
+def test_tf32_default_follows_the_new_fp32_precision_api(tf32_flags):
+    """torch >= 2.9: matmul.fp32_precision ("none" inherits the global fp32_precision) decides; reading the legacy
+    allow_tf32 after the new API was used raises in torch, which must not turn TF32 off silently."""
+    from sparsekit.kernels._launch import default_input_precision
+
+    if not tf32_flags:
+        pytest.skip("this torch has no torch.backends.*.fp32_precision API")
+    matmul = torch.backends.cuda.matmul
+    matmul.fp32_precision = "tf32"
+    assert default_input_precision(torch.float32) == "tf32"
+    assert default_input_precision(torch.float16) == "ieee"
+    matmul.fp32_precision = "ieee"
+    assert default_input_precision(torch.float32) == "ieee"
+    matmul.fp32_precision = "none"
+    torch.backends.fp32_precision = "tf32"
+    assert default_input_precision(torch.float32) == "tf32"   # inherited from the global setting
+    torch.backends.fp32_precision = "ieee"
+    assert default_input_precision(torch.float32) == "ieee"
+    matmul.fp32_precision = "tf32"                             # the matmul setting wins over the global one
+    assert default_input_precision(torch.float32) == "tf32"
+
+
+def test_tf32_default_follows_the_legacy_flag(tf32_flags, monkeypatch):
+    from types import SimpleNamespace
+
+    from sparsekit.kernels._launch import default_input_precision
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert default_input_precision(torch.float32) == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert default_input_precision(torch.float32) == "ieee"
+    # a torch without the new API: only the legacy flag exists
+    monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(allow_tf32=True))
+    if tf32_flags:
+        monkeypatch.setattr(torch.backends, "fp32_precision", "none")
+    assert default_input_precision(torch.float32) == "tf32"
+
+
 @pytest.mark.cuda
 @compiled_only
-def test_cuda_tf32_follows_torch_flag(monkeypatch):
+def test_cuda_tf32_follows_torch_flag(tf32_flags):
     from sparsekit.kernels._launch import default_input_precision
 
     k_bsr_mm = _kernel()
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.backends.cuda.matmul.allow_tf32 = False
     assert default_input_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    if tf32_flags:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
     assert default_input_precision(torch.float32) == "tf32"
     w = make_bsr(256, 512, (64, 64), density=0.5, dtype=torch.float32, device="cuda")
     x = torch.randn(128, 512, device="cuda")

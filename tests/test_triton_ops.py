@@ -62,6 +62,16 @@ def test_split_k_argument_checked():
     w = make_bsr(32, 32, (16, 16), 1.0, torch.float32)
     with pytest.raises(ValueError, match="split_k"):
         k_bsr_mm.bsr_mm(randn(2, 32), w.crow_indices, w.col_indices, w.values, None, 32, split_k=0)
+    # a grid dimension (CUDA: <= 65535) and a constexpr (one compiled kernel per value): bounded
+    with pytest.raises(ValueError, match=r"split_k must be None or an int in \[1, 64\], got 100000"):
+        k_bsr_mm.bsr_mm(randn(2, 32), w.crow_indices, w.col_indices, w.values, None, 32, split_k=100000)
+    from sparsekit.kernels import k_bsr_sddmm
+
+    with pytest.raises(ValueError, match=r"split must be None or an int in \[1, 64\], got 65"):
+        k_bsr_sddmm.bsr_sddmm(randn(2, 32), randn(2, 32), w.crow_indices, w.col_indices, 16, 16, split=65)
+    y = k_bsr_mm.bsr_mm(randn(2, 32), w.crow_indices, w.col_indices, w.values, None, 32, split_k=64)
+    close(y, R.bsr_mm(randn(2, 32).double(), w.crow_indices, w.col_indices, w.values.double(), None, 32),
+          torch.float32)
 
 
 # ----------------------------------------------------------------------------------- transposed metadata
@@ -265,9 +275,13 @@ def test_channel_gather_conv1x1(channels_last):
     w, b = randn(6, 5, 1, 1, seed=2), randn(6, seed=3)
     out_idx = torch.tensor([0, 2, 3, 7, 8, 9], device=DEVICE)
     for kw in ({}, {"out_idx": out_idx, "n_out": 11}):
-        ref = sk.ops.channel_gather_conv2d(x, in_idx, w, b, backend="reference", **kw)
+        # float64 reference: on a GPU an fp32 one runs cuDNN, TF32 by default
+        ref = sk.ops.channel_gather_conv2d(x.double(), in_idx, w.double(), b.double(), backend="reference", **kw)
         got = sk.ops.channel_gather_conv2d(x, in_idx, w, b, backend="triton", **kw)
         close(got, ref, torch.float32)
+        # the same memory format as the reference and the CUDA kernel: channels_last in, channels_last out
+        assert got.stride() == ref.stride()
+        assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 @needs_runner
@@ -281,6 +295,118 @@ def test_channel_scatter(dtype, dim):
         got = sk.ops.channel_scatter(y, out_idx, 10, bias, dim=dim, backend="triton")
         assert got.shape == ref.shape
         close(got, ref, dtype)
+
+
+@needs_runner
+def test_non_contiguous_bias_and_x_on_the_triton_backend():
+    """The Triton kernels need dense row-major x and bias; the ops (and so a forced backend) take any layout,
+    as the C++ kernels do."""
+    w = make_bsr(64, 64, (16, 16), 0.5, torch.float32)
+    nmw = NM.from_dense(NM.prune(randn(64, 64, device="cpu"), 2, 4), 2, 4).to(device=DEVICE)
+    bias = randn(128, seed=2)[::2]
+    x = randn(64, 5, seed=3).t()   # [5, 64], not contiguous
+    assert not bias.is_contiguous() and not x.is_contiguous()
+    for linear, wt in ((sk.ops.bsr_linear, w), (sk.ops.nm_linear, nmw)):
+        expect = x.double() @ wt.to_dense().double().t() + bias.double()
+        close(linear(x, wt, bias, backend="triton"), expect, torch.float32)
+    # the ops themselves, through autograd (the backward's SDDMM reads the saved, non-contiguous x)
+    from sparsekit.ops import _triton_ops
+
+    xg = x.detach().requires_grad_()
+    values = w.values.clone().requires_grad_()
+    y = _triton_ops.bsr_mm_triton(xg, w.crow_indices, w.col_indices, values, bias, 64)
+    close(y, x.double() @ w.to_dense().double().t() + bias.double(), torch.float32)
+    y.sum().backward()
+    close(values.grad, R.bsr_sddmm(torch.ones(5, 64, dtype=torch.float64, device=DEVICE), x.double(),
+                                   w.crow_indices, w.col_indices, 16, 16), torch.float32)
+    y = _triton_ops.nm_mm_triton(x, nmw.values, nmw.indices, bias, 2, 4)
+    close(y, x.double() @ nmw.to_dense().double().t() + bias.double(), torch.float32)
+
+
+# ----------------------------------------------------------------------- channel helpers: measured choice
+@pytest.fixture
+def measure_cpu(monkeypatch):
+    """backend=None measured on CPU (the interpreter standing in for the GPU), few runs, nothing remembered
+    before or after."""
+    from sparsekit.ops import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_MEASURE", set(_dispatch._MEASURE))
+    monkeypatch.setattr(_dispatch, "_NO_MEASURE", set(_dispatch._NO_MEASURE))
+    monkeypatch.setattr(_dispatch, "MEASURE_WARMUP", 1)
+    monkeypatch.setattr(_dispatch, "MEASURE_REPS", 1)
+    _dispatch.set_measure("cpu", True)
+    yield _dispatch
+    _dispatch.clear_choices()
+
+
+def _spy_channel_kernels(monkeypatch) -> list[str]:
+    from sparsekit.kernels import k_channel
+
+    called: list[str] = []
+    for name in ("channel_mm", "channel_scatter"):
+        real = getattr(k_channel, name)
+        monkeypatch.setattr(k_channel, name, lambda *a, _r=real, _n=name, **k: called.append(_n) or _r(*a, **k))
+    return called
+
+
+@needs_runner
+def test_channel_backend_none_is_measured_once_per_shape(measure_cpu, monkeypatch):
+    if DEVICE != "cpu":
+        pytest.skip("the CPU stand-in for the GPU's measurement")
+    dispatch = measure_cpu
+    called = _spy_channel_kernels(monkeypatch)
+    x, in_idx, w = randn(2, 6, 3, 4), torch.tensor([0, 2, 5]), randn(4, 3, 1, 1, seed=2)
+    ref = sk.ops.channel_gather_conv2d(x, in_idx, w, backend="reference")
+    close(sk.ops.channel_gather_conv2d(x, in_idx, w), ref, torch.float32)   # measured: both paths ran
+    (key, rec), = dispatch.MEASUREMENTS.items()
+    assert key[0] == "channel_gather_conv2d" and set(rec["ms"]) == {"triton", "reference"}, rec
+    assert sk.ops.channel.conv_backend(x, in_idx, w) == rec["chosen"]
+    n = len(called)
+    monkeypatch.setattr(dispatch, "_time_candidates", lambda *a: pytest.fail("measured twice"))
+    close(sk.ops.channel_gather_conv2d(x, in_idx, w), ref, torch.float32)
+    assert len(called) == n + (rec["chosen"] == "triton")
+
+
+@needs_runner
+@pytest.mark.parametrize("winner", ["triton", "reference"])
+def test_channel_backend_none_runs_the_measured_winner(measure_cpu, monkeypatch, winner):
+    if DEVICE != "cpu":
+        pytest.skip("the CPU stand-in for the GPU's measurement")
+    dispatch = measure_cpu
+    timings = {"triton": 1.0, "reference": 2.0} if winner == "triton" else {"triton": 2.0, "reference": 1.0}
+    monkeypatch.setattr(dispatch, "_time_candidates", lambda calls, device: ({n: timings[n] for n in calls}, {}))
+    called = _spy_channel_kernels(monkeypatch)
+    x, in_idx, w, b = randn(3, 10), torch.tensor([1, 4, 9]), randn(5, 3, seed=2), randn(5, seed=3)
+    for _ in range(2):
+        got = sk.ops.channel_gather_linear(x, in_idx, w, b)
+        close(got, sk.ops.channel_gather_linear(x, in_idx, w, b, backend="reference"), torch.float32)
+    y, out_idx = randn(2, 3, 4), torch.tensor([5, 0, 2])
+    got = sk.ops.channel_scatter(y, out_idx, 6, dim=1)
+    close(got, sk.ops.channel_scatter(y, out_idx, 6, dim=1, backend="reference"), torch.float32)
+    assert called == (["channel_mm"] * 2 + ["channel_scatter"] if winner == "triton" else [])
+    assert [r["chosen"] for r in dispatch.MEASUREMENTS.values()] == [winner, winner]
+
+
+@needs_runner
+def test_channel_backend_none_takes_the_unfused_path_when_not_measured(monkeypatch):
+    from sparsekit.ops import _dispatch
+
+    if _dispatch.measure_enabled(DEVICE):
+        pytest.skip(f"measuring is on for {DEVICE} here")
+    called = _spy_channel_kernels(monkeypatch)
+    monkeypatch.setattr(_dispatch, "_time_candidates", lambda *a: pytest.fail("measured"))
+    x, in_idx, w = randn(3, 10), torch.tensor([1, 4, 9], device=DEVICE), randn(5, 3, seed=2)
+    sk.ops.channel_gather_linear(x, in_idx, w)
+    sk.ops.channel_gather_conv2d(randn(1, 6, 2, 2), in_idx[:2], randn(4, 2, 1, 1))
+    assert called == [] and sk.ops.channel.conv_backend(randn(1, 6, 2, 2), in_idx[:2], randn(4, 2, 1, 1)) == \
+        "reference"
+
+
+def test_channel_backend_none_measures_nothing_when_autograd_needs_the_unfused_path(measure_cpu, monkeypatch):
+    monkeypatch.setattr(measure_cpu, "_time_candidates", lambda *a: pytest.fail("measured"))
+    x, in_idx, w = torch.randn(3, 10), torch.tensor([1, 4, 9]), torch.randn(5, 3, requires_grad=True)
+    sk.ops.channel_gather_linear(x, in_idx, w).sum().backward()
+    assert w.grad is not None and not measure_cpu.MEASUREMENTS
 
 
 def test_channel_helpers_reference_and_errors():
@@ -375,7 +501,10 @@ def test_cuda_channel(dtype):
     out_idx = torch.randperm(384, device="cuda")[:200]
     x = randn(8, 256, 14, 14, dtype=dtype, device="cuda")
     w, b = randn(200, 160, 1, 1, dtype=dtype, seed=2, device="cuda"), randn(200, dtype=dtype, seed=3, device="cuda")
-    ref = sk.ops.channel_gather_conv2d(x, in_idx, w, b, out_idx=out_idx, n_out=384, backend="reference")
+    # float64 reference: an fp32 one would run cuDNN, which uses TF32 by default (torch.backends.cudnn.conv), while
+    # the Triton kernel's fp32 dots follow the cuBLAS setting (ieee by default): ~1e-2 apart at K = 160
+    ref = sk.ops.channel_gather_conv2d(x.double(), in_idx, w.double(), b.double(), out_idx=out_idx, n_out=384,
+                                       backend="reference")
     got = sk.ops.channel_gather_conv2d(x, in_idx, w, b, out_idx=out_idx, n_out=384, backend="triton")
     close(got, ref, dtype, 1.0 if dtype == torch.float32 else 6.0)
     y = randn(8, 200, 14, 14, dtype=dtype, device="cuda")

@@ -71,7 +71,9 @@ constexpr int kLd = kChunk + 8;                    // shared row stride in eleme
 constexpr int kWin = 32;                           // entries of a row read per round (one per lane)
 constexpr int kMaxM = 64;
 // Density window of the automatic rule (SPARSEKIT_CSR_SKINNY unset or "1"; csr_skinny.cuh), first guesses
-// around Flash-LLM's 60-90% sparsity target, to be tuned on a GPU against the generic kernels:
+// around Flash-LLM's 60-90% sparsity target, untuned: they serve only where the dispatcher does not measure
+// (sparsekit.ops._dispatch times this path, the row-dot and the tiled kernels per shape through
+// sparsekit::csr_mm_variant and keeps the fastest, SkinnyRule::kMeasured then skips the window):
 //   below ~9% the work per 16 x 64 tile that does not shrink with the nonzeros (zero fill, one 32-entry window
 //   per row, the mma on a mostly-zero tile, the x chunk) outweighs the nnz-proportional generic kernels;
 //   above 50% a CSR weight (2-byte value + 2-byte column per nonzero) moves as many bytes as the dense one,
@@ -492,13 +494,14 @@ struct CsrSkinnyTag {};
 namespace sparsekit_cuda {
 
 bool csr_mm_skinny(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                   const at::Tensor& bias, int64_t n, at::Tensor& y, CsrMmGeneric generic, cudaStream_t stream) {
+                   const at::Tensor& bias, int64_t n, at::Tensor& y, CsrMmGeneric generic, cudaStream_t stream,
+                   SkinnyRule rule) {
   if (!can_run(x, values, n)) return false;
   const PathMode mode = path_mode(kEnv);
   if (mode == PathMode::kOff) return false;
   if (mode == PathMode::kAuto) {
     const double density = static_cast<double>(values.numel()) / (static_cast<double>(n) * x.size(1));
-    if (density < kMinDensity || density > kMaxDensity) return false;
+    if (rule == SkinnyRule::kAuto && (density < kMinDensity || density > kMaxDensity)) return false;
     // (selfcheck.cuh never probes while the stream captures a CUDA graph: such calls take the generic kernel)
     const auto run_probe = [&] { return probe(x.device(), generic, stream); };
     if (!path_enabled<CsrSkinnyTag>(kEnv, x.get_device(), run_probe)) return false;

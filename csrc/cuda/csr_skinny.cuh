@@ -25,7 +25,12 @@ using CsrMmGeneric = at::Tensor (*)(const at::Tensor& x, const at::Tensor& crow,
 // kernel until an eager call has probed the device).
 // "force": the same hard requirements (dtype, M, compute capability, sizes) but no density window and no probe.
 // "0": never. x contiguous; bias undefined or contiguous [n].
+//
+// rule = kMeasured (sparsekit::csr_mm_variant "skinny": the dispatcher measured this path against the generic
+// kernels for the shape and it won) drops the density window; the switch and the self-check still apply.
+enum class SkinnyRule { kAuto, kMeasured };
 bool csr_mm_skinny(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                   const at::Tensor& bias, int64_t n, at::Tensor& y, CsrMmGeneric generic, cudaStream_t stream);
+                   const at::Tensor& bias, int64_t n, at::Tensor& y, CsrMmGeneric generic, cudaStream_t stream,
+                   SkinnyRule rule = SkinnyRule::kAuto);
 
 }  // namespace sparsekit_cuda

@@ -5,7 +5,9 @@
 //     >= 8.0: first the tensor-core "load sparse, compute dense" path of csr_skinny.cu (Flash-LLM style: W's
 //     tiles expanded in shared memory, mma.sync; see csr_skinny.cuh for the exact rule and the
 //     SPARSEKIT_CSR_SKINNY switch), once its first-use self-check against the kernels below passed
-//     (selfcheck.cuh). Otherwise, or when it declines, two kernels picked by M:
+//     (selfcheck.cuh). Otherwise, or when it declines, two kernels picked by M. These thresholds are the op's
+//     own rule, untuned; where the dispatcher measures, it times each kernel per shape through csr_mm_variant
+//     (below: the same op on a named kernel) and keeps the fastest:
 //     M <= kRowDotMaxM (decode): csr_spmm_rowdot_kernel, one warp per sparse row, lanes over its nonzeros,
 //       x read row-major as given, one shuffle reduction per row of x.
 //     otherwise: csr_spmm_tiled_kernel, after Sputnik (Gale et al., SC'20), computing yT = W @ xT:
@@ -49,6 +51,7 @@
 #include <climits>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -58,7 +61,14 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kStripPerLane = 4;  // sparse entries each lane stages per strip (one vector load)
+// Largest M of the row-dot kernel (its accumulators are registers). Below it the op's own rule takes that
+// kernel: an untuned threshold that serves only where the dispatcher does not measure (it times the kernels per
+// shape through csr_mm_variant, see below).
 constexpr int kRowDotMaxM = 8;
+
+// Which kernel runs csr_mm: kAuto is the op's rule (skinny path when csr_skinny.cuh says it applies, else
+// row-dot for M <= kRowDotMaxM, else tiled); the others name one (sparsekit::csr_mm_variant).
+enum class CsrKernel { kAuto, kSkinny, kRowDot, kTiled };
 
 // out[q] = p[q] for q < 4; one 8/16-byte load (two 16-byte loads for 8-byte T) when `vec`, p then aligned.
 template <typename T, typename Out>
@@ -239,9 +249,10 @@ at::Tensor row_order(const at::Tensor& crow, int64_t rows) {
 
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-// out [M, rows] = in [M, cols] @ S^T (+ bias) for the CSR matrix S [rows, cols] (crow, col, values).
+// out [M, rows] = in [M, cols] @ S^T (+ bias) for the CSR matrix S [rows, cols] (crow, col, values), on the
+// row-dot kernel (kRowDot, or kAuto with M <= kRowDotMaxM; the caller checks M for kRowDot) or the tiled one.
 at::Tensor spmm(const char* op, const at::Tensor& in, const at::Tensor& crow, const at::Tensor& col,
-                const at::Tensor& values, const at::Tensor& bias, int64_t rows) {
+                const at::Tensor& values, const at::Tensor& bias, int64_t rows, CsrKernel kernel = CsrKernel::kAuto) {
   const int64_t M = in.size(0), cols = in.size(1);
   if (M == 0 || rows == 0) return at::zeros({M, rows}, in.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -251,7 +262,7 @@ at::Tensor spmm(const char* op, const at::Tensor& in, const at::Tensor& crow, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "sparsekit_csr_spmm_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    if (M <= kRowDotMaxM) {
+    if (kernel == CsrKernel::kRowDot || (kernel != CsrKernel::kTiled && M <= kRowDotMaxM)) {
       out = at::empty({M, rows}, in.options());
       const unsigned grid = grid_size(op, (rows + kThreads / 32 - 1) / (kThreads / 32));
       auto launch = [&](auto* col_ptr) {
@@ -307,9 +318,8 @@ at::Tensor csr_mm_generic(const at::Tensor& x, const at::Tensor& crow, const at:
 }
 
 // -------------------------------------------------------------------------------------------------- ops
-at::Tensor csr_mm_cuda(const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                       const std::optional<at::Tensor>& bias_in, int64_t n) {
-  constexpr const char* op = "sparsekit::csr_mm";
+at::Tensor csr_mm_on(const char* op, const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col,
+                     const at::Tensor& values, const std::optional<at::Tensor>& bias_in, int64_t n, CsrKernel kernel) {
   check_cuda(op, x_in, "x", 2, x_in);
   check_floating(op, x_in, "x");
   TORCH_CHECK(n >= 0, op, ": n must be non-negative, got ", n);
@@ -318,12 +328,52 @@ at::Tensor csr_mm_cuda(const at::Tensor& x_in, const at::Tensor& crow, const at:
   const at::Tensor bias = checked_bias(op, bias_in, x_in, "x", n, "n=");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  at::Tensor y;  // fp16/bf16, M <= 64: the tensor-core path (csr_skinny.cu) when it applies
-  if (sparsekit_cuda::csr_mm_skinny(x, crow, col, values, bias, n, y, &csr_mm_generic,
-                                    c10::cuda::getCurrentCUDAStream())) {
-    return y;
+  if (kernel == CsrKernel::kAuto || kernel == CsrKernel::kSkinny) {
+    at::Tensor y;  // fp16/bf16, M <= 64: the tensor-core path (csr_skinny.cu) when it applies
+    const auto rule = kernel == CsrKernel::kSkinny ? sparsekit_cuda::SkinnyRule::kMeasured
+                                                   : sparsekit_cuda::SkinnyRule::kAuto;
+    if (sparsekit_cuda::csr_mm_skinny(x, crow, col, values, bias, n, y, &csr_mm_generic,
+                                      c10::cuda::getCurrentCUDAStream(), rule)) {
+      return y;
+    }
+    TORCH_CHECK(kernel == CsrKernel::kAuto, op, ": the skinny kernel cannot run this call: it needs float16 or ",
+                "bfloat16 x with 1 <= M <= 64 rows, N >= 1, K >= 1, compute capability >= 8.0, SPARSEKIT_CSR_SKINNY ",
+                "other than \"0\", and its first-use self-check passed on this device (got ", x.scalar_type(), ", M=",
+                x.size(0), ", N=", n, ", K=", x.size(1), ")");
   }
-  return spmm(op, x, crow, col, values, bias, n);
+  TORCH_CHECK(kernel != CsrKernel::kRowDot || x.size(0) <= kRowDotMaxM, op, ": the rowdot kernel takes M <= ",
+              kRowDotMaxM, " rows, got M=", x.size(0));
+  return spmm(op, x, crow, col, values, bias, n, kernel);
+}
+
+at::Tensor csr_mm_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                       const std::optional<at::Tensor>& bias, int64_t n) {
+  return csr_mm_on("sparsekit::csr_mm", x, crow, col, values, bias, n, CsrKernel::kAuto);
+}
+
+// csr_mm on a named kernel: "auto" (csr_mm's own rule), "skinny" (csr_skinny.cu without its density window),
+// "rowdot" (M <= kRowDotMaxM) or "tiled". The dispatcher (sparsekit.ops._dispatch) times them per shape where it
+// measures and keeps the fastest: measured, not the thresholds above. A named kernel that cannot run the call
+// raises (the measurement then drops it). No autograd formula: the dispatcher calls it only where no gradient
+// flows (csr_mm serves the rest).
+at::Tensor csr_mm_variant_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                               const at::Tensor& values, const std::optional<at::Tensor>& bias, int64_t n,
+                               c10::string_view variant) {
+  constexpr const char* op = "sparsekit::csr_mm_variant";
+  CsrKernel kernel;
+  if (variant == "auto") {
+    kernel = CsrKernel::kAuto;
+  } else if (variant == "skinny") {
+    kernel = CsrKernel::kSkinny;
+  } else if (variant == "rowdot") {
+    kernel = CsrKernel::kRowDot;
+  } else if (variant == "tiled") {
+    kernel = CsrKernel::kTiled;
+  } else {
+    TORCH_CHECK(false, op, ": variant must be one of \"auto\", \"skinny\", \"rowdot\", \"tiled\", got \"",
+                std::string(variant), "\"");
+  }
+  return csr_mm_on(op, x, crow, col, values, bias, n, kernel);
 }
 
 at::Tensor csr_mm_t_cuda(const at::Tensor& dy_in, const at::Tensor& crow, const at::Tensor& col,
@@ -374,7 +424,14 @@ at::Tensor csr_sddmm_cuda(const at::Tensor& dy_in, const at::Tensor& x_in, const
 
 }  // namespace
 
+// Defined here, not in csrc/ops.cpp: only CUDA builds have the op (the dispatcher checks has_kernel before use).
+TORCH_LIBRARY_FRAGMENT(sparsekit, m) {
+  m.def("csr_mm_variant(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, SymInt n, "
+        "str variant) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(sparsekit, CUDA, m) {
+  m.impl("csr_mm_variant", &csr_mm_variant_cuda);
   m.impl("csr_mm", &csr_mm_cuda);
   m.impl("csr_mm_t", &csr_mm_t_cuda);
   m.impl("csr_sddmm", &csr_sddmm_cuda);

@@ -17,7 +17,10 @@
 // 2:4 fp16/bf16 nm_mm runs on the sparse tensor cores (nm_mm_sp.cu: mma.sp.m16n8k32 with our uint8 positions
 // re-encoded into the hardware's 2-bit metadata while tiles are staged) once its probe agreed with the generic
 // kernel on the device; SPARSEKIT_NM_SP=0 keeps it off, =force skips the probe. nm_mm_t and nm_sddmm, and
-// every other n:m, dtype or GPU below compute capability 8.0, run the generic kernels here.
+// every other n:m or dtype, run the generic kernels here. (Those need no sm_80 feature, but the extension only
+// holds code for the TORCH_CUDA_ARCH_LIST it was built with: setup.py's default "8.0+PTX;9.0a" covers 8.x, 9.0
+// and, through the PTX, newer GPUs, not 7.x; the dispatcher's cuda backend says so rather than failing with
+// "no kernel image is available".)
 //
 // Index data is trusted here (checking it would need a device sync); sparsekit.formats validates it.
 #include <ATen/Dispatch.h>

@@ -23,6 +23,20 @@ Choosing (``backend=None``)
     they are not persisted: a few calls per new shape is cheap, and stored timings go stale with drivers,
     kernels and clocks.
 
+Kernel variants
+    A backend whose kernels pick among several by built-in thresholds can name them (``Backend.variants``):
+    measuring then times each as a candidate of its own (labelled ``"<backend>:<variant>"`` in MEASUREMENTS) and
+    remembers the winner as a ``VariantBackend``, whose ``name`` is still the backend's. Today: csr on the ``cuda``
+    backend (``csr_mm_variants``: the skinny tensor-core kernel, the row-dot and the Sputnik-style tiled kernel,
+    through ``sparsekit::csr_mm_variant``); without measuring, the op's own thresholds decide.
+
+The same timing and cache serve ``measured_choice``, for helpers that pick between a fused kernel and the
+unfused PyTorch path (sparsekit.ops.channel).
+
+The ``cuda`` backend also checks that sparsekit._C holds code this GPU can run (``cuda_build_reasons``: one probe
+launch per device), so a GPU outside the TORCH_CUDA_ARCH_LIST the extension was built for gets a reason, not
+"no kernel image is available" from every call.
+
 The pick is remembered per key in a plain dict (``_CHOSEN``), so the cached case costs one key build and one
 dict lookup per call.
 """
@@ -40,7 +54,7 @@ from torch import Tensor
 from .. import _extension
 from ..formats import BSR, CSR, NM
 from . import _cusparselt, reference
-from ._library import call_op, has_kernel
+from ._library import _needs_autograd_layer, call_op, has_kernel
 
 Format = BSR | CSR | NM
 FAMILY_OF = {BSR: "bsr", CSR: "csr", NM: "nm"}
@@ -81,6 +95,44 @@ class Backend:
     def release(self, family: str, w: Format) -> None:
         """Drop anything cached for ``w`` (called when this backend lost a measurement for it)."""
 
+    variant: str | None = None   # set on a VariantBackend only
+
+    @property
+    def label(self) -> str:
+        """The backend's name in MEASUREMENTS: its name, plus ":<variant>" for one of its kernel variants."""
+        return self.name if self.variant is None else f"{self.name}:{self.variant}"
+
+    def variants(self, family: str, x: Tensor, w: Format) -> tuple[str, ...]:
+        """Kernel variants that measuring times as candidates of their own, replacing the rule by which this
+        backend's kernels pick one (untuned thresholds) with the measured winner; () = the backend as it is."""
+        return ()
+
+    def mm_variant(self, family: str, x: Tensor, w: Format, bias: Tensor | None, variant: str) -> Tensor:
+        """``mm`` on kernel variant ``variant`` (one of ``variants()``)."""
+        raise NotImplementedError(f"backend {self.name!r} has no kernel variants")
+
+
+class VariantBackend(Backend):
+    """``base`` running one of its kernel variants: what measuring chose for a key. ``name`` stays the base's
+    (the backend a call ran on); ``label`` names the variant."""
+
+    def __init__(self, base: Backend, variant: str) -> None:
+        self.base, self.variant = base, variant
+        self.name, self.description, self.families, self.dtypes = base.name, base.description, base.families, \
+            base.dtypes
+
+    def environment_reasons(self) -> list[str]:
+        return self.base.environment_reasons()
+
+    def input_reasons(self, family: str, x: Tensor, w: Format) -> list[str]:
+        return self.base.input_reasons(family, x, w)
+
+    def mm(self, family: str, x: Tensor, w: Format, bias: Tensor | None) -> Tensor:
+        return self.base.mm_variant(family, x, w, bias, self.variant)
+
+    def release(self, family: str, w: Format) -> None:
+        self.base.release(family, w)
+
 
 class ReferenceBackend(Backend):
     name = "reference"
@@ -116,10 +168,98 @@ class CppBackend(Backend):
             why = " (torch is a CPU build or the extension was built without FORCE_CUDA)" \
                 if self.dispatch_key == "CUDA" else ""
             reasons.append(f"sparsekit._C has no {self.dispatch_key} kernel for {family}_mm{why}")
+        elif self.dispatch_key == "CUDA" and x.device.type == "cuda" and _extension.LOADED:
+            reasons += cuda_build_reasons(x.device)
         return reasons
 
     def mm(self, family: str, x: Tensor, w: Format, bias: Tensor | None) -> Tensor:
         return _call_mm(getattr(torch.ops.sparsekit, f"{family}_mm").default, family, x, w, bias)
+
+    def variants(self, family: str, x: Tensor, w: Format) -> tuple[str, ...]:
+        # csr_mm on CUDA picks among three kernels by untuned thresholds (csrc/cuda/csr_spmm.cu, csr_skinny.cu);
+        # sparsekit::csr_mm_variant runs a named one, so measuring times each
+        if family != "csr" or self.dispatch_key != "CUDA" or x.device.type != "cuda" \
+                or not has_kernel(CSR_VARIANT_OP, "CUDA"):
+            return ()
+        return csr_mm_variants(x.shape[0], x.dtype, _capability(x.device))
+
+    def mm_variant(self, family: str, x: Tensor, w: Format, bias: Tensor | None, variant: str) -> Tensor:
+        if family != "csr" or _needs_autograd_layer((x, w.values, bias)):
+            # the variant op has no autograd formula (nor fake): csr_mm, with its kernels' own rule, serves
+            # calls that need autograd or are traced
+            return self.mm(family, x, w, bias)
+        op = getattr(torch.ops.sparsekit, CSR_VARIANT_OP).default
+        return call_op(op, x, w.crow_indices, w.col_indices, w.values, bias, w.shape[0], variant)
+
+
+# sparsekit::csr_mm_variant (csrc/cuda/csr_spmm.cu, CUDA builds only): csr_mm on a named kernel
+CSR_VARIANT_OP = "csr_mm_variant"
+CSR_SKINNY_MAX_M = 64   # csr_skinny.cu kMaxM
+CSR_ROWDOT_MAX_M = 8    # csr_spmm.cu kRowDotMaxM
+
+
+def csr_mm_variants(m: int, dtype: torch.dtype, capability: tuple[int, int]) -> tuple[str, ...]:
+    """The CUDA csr_mm kernels that can run x of ``m`` rows in ``dtype`` on a GPU of ``capability``: "skinny"
+    (tensor-core "load sparse, compute dense", fp16/bf16, 1 <= M <= 64, sm80+; any density), "rowdot" (a warp per
+    sparse row, M <= 8) and "tiled" (the Sputnik-style subwarp kernel, any M). Without measuring, the op picks by
+    its thresholds (skinny for density 0.09-0.5 once its self-check passed, rowdot for M <= 8, else tiled)."""
+    out = []
+    if dtype in (torch.float16, torch.bfloat16) and 1 <= m <= CSR_SKINNY_MAX_M and tuple(capability) >= (8, 0):
+        out.append("skinny")
+    if 1 <= m <= CSR_ROWDOT_MAX_M:
+        out.append("rowdot")
+    out.append("tiled")
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------- can the built CUDA code run here
+DEFAULT_CUDA_ARCH_LIST = "8.0+PTX;9.0a"   # setup.py's default TORCH_CUDA_ARCH_LIST
+_CUDA_BUILD: dict[int, list[str]] = {}    # device index -> cuda_build_reasons
+
+
+def cuda_build_reasons(device: torch.device) -> list[str]:
+    """Why sparsekit._C's CUDA kernels cannot run on ``device`` (empty: they can). The extension holds code for
+    the TORCH_CUDA_ARCH_LIST it was built with only (default: sm_80 and sm_90a machine code, compute_80 PTX that
+    newer GPUs compile at load time; nothing for 7.x), and every launch on another GPU fails with "no kernel image
+    is available". Probed once per device with a one-entry csr_mm, remembered for the process; not probed (and
+    assumed fine) while tracing, under a dispatch mode or functorch transform, or while a CUDA graph is captured."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx in _CUDA_BUILD:
+        return _CUDA_BUILD[idx]
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return []
+    from torch.utils import _python_dispatch
+
+    if _python_dispatch.is_in_torch_dispatch_mode() or torch._C._len_torch_dispatch_stack():
+        return []
+    with torch.cuda.device(idx):
+        if torch.cuda.is_current_stream_capturing():
+            return []
+    error = _probe_cuda_build(idx)
+    reasons = []
+    if error is not None:
+        major, minor = _capability(torch.device("cuda", idx))
+        reasons.append(f"sparsekit._C's CUDA code does not run on this GPU (compute capability {major}.{minor}): "
+                       f"{error}; rebuild with TORCH_CUDA_ARCH_LIST naming it (e.g. \"{major}.{minor}\"; setup.py's "
+                       f"default \"{DEFAULT_CUDA_ARCH_LIST}\" covers 8.x, 9.0 and, through PTX, newer GPUs)")
+    _CUDA_BUILD[idx] = reasons
+    return reasons
+
+
+def _probe_cuda_build(index: int) -> str | None:
+    """None when a sparsekit CUDA kernel runs on device ``index`` (and computes 1 * 2 = 2), else the error."""
+    dev = torch.device("cuda", index)
+    try:
+        with torch.cuda.device(index), torch.no_grad():
+            ones = torch.ones(1, device=dev)
+            crow = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+            col = torch.zeros(1, dtype=torch.int32, device=dev)
+            y = call_op(torch.ops.sparsekit.csr_mm.default, ones.view(1, 1) * 2, crow, col, ones, None, 1)
+            if y.item() != 2.0:
+                return f"a probe csr_mm returned {y.item()} instead of 2.0"
+    except RuntimeError as exc:   # torch.AcceleratorError too
+        return str(exc).strip().splitlines()[0][:300]
+    return None
 
 
 def triton_interpreting() -> bool:
@@ -281,7 +421,7 @@ def _parse_measure(value: str | None) -> set[str]:
 
 _MEASURE: set[str] = _parse_measure(os.environ.get(MEASURE_ENV))
 _NO_MEASURE: set[str] = set()        # switched off by set_measure (wins over "*")
-_CHOSEN: dict[tuple, Backend] = {}   # (forced name, *_choice_key) -> backend
+_CHOSEN: dict[tuple, Backend | str] = {}   # (forced name, *_choice_key) -> backend; measured_choice's keys -> name
 MEASUREMENTS: dict[tuple, dict] = {}   # _choice_key -> {"shape", "ms": {name: median ms}, "errors", "chosen"}
 
 
@@ -417,7 +557,7 @@ def _measured_pick(family: str, x: Tensor, w: Format, key: tuple) -> tuple[Backe
               if not BACKENDS[name].not_supported_reasons(family, x, w)]
     if not usable:
         return BACKENDS["reference"], True
-    candidates = [b for b in usable if b.name not in MEASURE_SKIP]
+    candidates = [c for b in usable if b.name not in MEASURE_SKIP for c in _with_variants(b, family, x, w)]
     if len(candidates) < 2:
         return usable[0], True
     if _why_not_measure(x) is not None:
@@ -425,23 +565,70 @@ def _measured_pick(family: str, x: Tensor, w: Format, key: tuple) -> tuple[Backe
     return _measure(family, x, w, candidates, key), True
 
 
+def _with_variants(b: Backend, family: str, x: Tensor, w: Format) -> list[Backend]:
+    variants = b.variants(family, x, w)
+    return [VariantBackend(b, v) for v in variants] if variants else [b]
+
+
 def _measure(family: str, x: Tensor, w: Format, candidates: list[Backend], key: tuple) -> Backend:
     xc = x.detach().contiguous()
+    by_label = {b.label: b for b in candidates}
+    ms, errors = _time_candidates({label: (lambda b=b: b.mm(family, xc, w, None)) for label, b in by_label.items()},
+                                  xc.device)
+    timed = [b for b in candidates if b.label in ms]   # priority order: min() keeps the first of equals
+    best = min(timed, key=lambda b: ms[b.label]) if timed else candidates[0]
+    winner = getattr(best, "base", best)
+    for b in {getattr(b, "base", b) for b in candidates} - {winner}:   # (a backend's variants share its caches)
+        b.release(family, w)
+    MEASUREMENTS[key] = {"shape": (xc.shape[0], *w.shape), "ms": ms, "errors": errors, "chosen": best.label}
+    return best
+
+
+def _time_candidates(calls: dict[str, Callable[[], object]], device: torch.device
+                     ) -> tuple[dict[str, float], dict[str, str]]:
+    """({name: median ms}, {name: error}) of each call, under no_grad (see _time_call). A call that raises is not
+    timed; its error is kept for inspection."""
     ms: dict[str, float] = {}
     errors: dict[str, str] = {}
     with torch.no_grad():
-        for b in candidates:
+        for name, fn in calls.items():
             try:
-                ms[b.name] = _time_call(lambda b=b: b.mm(family, xc, w, None), xc.device)
-            except Exception as exc:   # a backend that fails here is not chosen; the error is kept for inspection
-                errors[b.name] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
-    timed = [b for b in candidates if b.name in ms]   # priority order: min() keeps the first of equals
-    best = min(timed, key=lambda b: ms[b.name]) if timed else candidates[0]
-    for b in candidates:
-        if b is not best:
-            b.release(family, w)
-    MEASUREMENTS[key] = {"shape": (xc.shape[0], *w.shape), "ms": ms, "errors": errors, "chosen": best.name}
+                ms[name] = _time_call(fn, device)
+            except Exception as exc:
+                errors[name] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+    return ms, errors
+
+
+def measured_choice(key: tuple, x: Tensor, calls: dict[str, Callable[[], object]], default: str,
+                    shape: tuple = ()) -> str:
+    """The fastest of ``calls`` (name -> a call on this call's real inputs; ties and failures go to the first in
+    their order) for ``key``, measured like the backends above and remembered with their choices (``_CHOSEN``,
+    ``MEASUREMENTS``; ``clear_choices()`` forgets both). For helpers outside the sparse formats (the channel
+    gather/scatter ops) that pick between a fused kernel and the unfused PyTorch path.
+
+    ``key`` must start with a name of its own (the helper's), not a backend name. Returns ``default`` without
+    measuring or remembering anything where measuring is off for x's device type, or not possible now (tracing,
+    functorch transforms, a TorchDispatchMode, CUDA graph capture); a single candidate is returned as is."""
+    if len(calls) == 1:
+        return next(iter(calls))
+    if torch.compiler.is_compiling():
+        return default
+    chosen = _CHOSEN.get(key)
+    if chosen is not None:
+        return chosen
+    if not measure_enabled(x.device.type) or _why_not_measure(x) is not None:
+        return default
+    ms, errors = _time_candidates(calls, x.device)
+    timed = [name for name in calls if name in ms]
+    best = min(timed, key=ms.__getitem__) if timed else default
+    MEASUREMENTS[key] = {"shape": shape, "ms": ms, "errors": errors, "chosen": best}
+    _CHOSEN[key] = best
     return best
+
+
+def remembered_choice(key: tuple) -> object | None:
+    """What ``choose`` / ``measured_choice`` remembered for ``key`` (None: nothing yet)."""
+    return _CHOSEN.get(key)
 
 
 def _time_call(fn: Callable[[], object], device: torch.device) -> float:

@@ -5,9 +5,11 @@
     bsr_sddmm_triton  dW on W's stored blocks    kernels/k_bsr_sddmm.py
     nm_mm_triton      y = x @ W^T + b, W n:m     kernels/k_nm_mm.py
 
-Defining the ops does not import triton; the kernel module is imported on the first call. The autograd of
-bsr_mm_triton runs its backward on the Triton ops above (CUDA, or CPU under TRITON_INTERPRET=1), so
-training with a fixed block pattern stays on Triton. nm_mm_triton's backward reuses the registered
+The ops take x, dy and bias in any strides (made contiguous for the kernels, as the C++ kernels do); the format
+tensors as the formats hold them (contiguous: BSR/NM.validate()). Defining the ops does not import triton;
+the kernel module is imported on the first call. The autograd of bsr_mm_triton runs its backward on the
+Triton ops above (CUDA, or CPU under TRITON_INTERPRET=1), so training with a fixed block pattern stays on
+Triton. nm_mm_triton's backward reuses the registered
 ``nm_mm_t`` / ``nm_sddmm`` ops (C++ kernels where built, the reference otherwise).
 """
 
@@ -19,12 +21,19 @@ from torch import Tensor
 from ._library import _nm_backward, _nm_setup, setup_indexed
 
 
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    # the kernels address x / dy / bias as dense row-major arrays (k_*.check_tensor refuses anything else), while
+    # the ops accept any layout like the C++ kernels do (a bias sliced from a wider one, a transposed x): a copy
+    # only where the layout differs
+    return None if t is None else t.contiguous()
+
+
 @torch.library.custom_op("sparsekit::bsr_mm_triton", mutates_args=(), device_types=("cuda", "cpu"))
 def bsr_mm_triton(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Tensor | None,
                   n: int) -> Tensor:
     from ..kernels import k_bsr_mm
 
-    return k_bsr_mm.bsr_mm(x, crow_indices, col_indices, values, bias, n)
+    return k_bsr_mm.bsr_mm(x.contiguous(), crow_indices, col_indices, values, _contiguous(bias), n)
 
 
 @bsr_mm_triton.register_fake
@@ -37,7 +46,7 @@ def _(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias
 def bsr_mm_t_triton(dy: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, k: int) -> Tensor:
     from ..kernels import k_bsr_mm_t
 
-    return k_bsr_mm_t.bsr_mm_t(dy, crow_indices, col_indices, values, k)
+    return k_bsr_mm_t.bsr_mm_t(dy.contiguous(), crow_indices, col_indices, values, k)
 
 
 @bsr_mm_t_triton.register_fake
@@ -50,7 +59,7 @@ def bsr_sddmm_triton(dy: Tensor, x: Tensor, crow_indices: Tensor, col_indices: T
                      block_k: int) -> Tensor:
     from ..kernels import k_bsr_sddmm
 
-    return k_bsr_sddmm.bsr_sddmm(dy, x, crow_indices, col_indices, block_n, block_k)
+    return k_bsr_sddmm.bsr_sddmm(dy.contiguous(), x.contiguous(), crow_indices, col_indices, block_n, block_k)
 
 
 @bsr_sddmm_triton.register_fake
@@ -75,7 +84,7 @@ bsr_mm_triton.register_autograd(_bsr_triton_backward, setup_context=setup_indexe
 def nm_mm_triton(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int, m: int) -> Tensor:
     from ..kernels import k_nm_mm
 
-    return k_nm_mm.nm_mm(x, values, indices, bias, n, m)
+    return k_nm_mm.nm_mm(x.contiguous(), values, indices, _contiguous(bias), n, m)
 
 
 @nm_mm_triton.register_fake

@@ -11,35 +11,50 @@ the scatter of compact output channels into a wider tensor.
     channel_scatter(y, out_idx, n_out, bias=None, dim=-1, backend=None)
         out = bias (full width [n_out], or 0) broadcast along `dim`; out[..., out_idx, ...] += y
 
-backend: None picks "triton" for CUDA tensors when Triton can run the call (compute capability >= 8.0,
-fp16/bf16/fp32, no autograd needed, for the conv a 1x1 kernel with stride 1, padding 0, groups 1), and the
-pure-PyTorch "reference" (index_select + F.linear / F.conv2d, index_add) otherwise; "triton" forces the
-kernels (kernels/k_channel.py; on CPU only under TRITON_INTERPRET=1) and raises with the reasons when it
-cannot run; "reference" forces PyTorch. The Triton path has no backward (inference helpers): with autograd
-recording and an input that requires grad, backend=None takes the reference. Index contents (range,
-uniqueness of out_idx) are not checked on CUDA tensors (that would synchronise); on CPU they are.
-GPU speed of the Triton path is unmeasured (no GPU where it was written).
+backend: "triton" forces the kernels (kernels/k_channel.py; on CPU only under TRITON_INTERPRET=1) and raises
+with the reasons when they cannot run; "reference" forces the unfused PyTorch path (index_select + F.linear /
+F.conv2d, index_add). None takes the fused kernels only where they beat the unfused path: the first call with a
+new shape key (op, device, dtype, rows rounded up to a power of two, the other sizes, bias, layout) times every
+path that can run it on its real inputs and remembers the fastest (sparsekit.ops._dispatch.measured_choice: the
+dispatcher's timing, its cache and its rules — measured where ``measure_enabled`` says so for the device type,
+by default CUDA only; never while tracing, under functorch transforms or a TorchDispatchMode, or while a CUDA
+graph is captured; ``clear_choices()`` forgets). Where it does not measure, None takes the unfused path. Triton
+can run a call on CUDA tensors of compute capability >= 8.0 (or CPU tensors under TRITON_INTERPRET=1) in
+fp16/bf16/fp32 when no autograd is needed — the Triton path has no backward (inference helpers) — and, for the
+conv, with a 1x1 kernel, stride 1, padding 0, groups 1. Index contents (range, uniqueness of out_idx) are not
+checked on CUDA tensors (that would synchronise); on CPU they are. GPU speed of the Triton path is unmeasured
+(no GPU where it was written).
 
 channel_gather_conv2d has a third backend, "cuda": the op ``torch.ops.sparsekit.channel_gather_conv2d`` with
 its CUDA C++ kernel (csrc/cuda/channel_conv.cu: an implicit-GEMM convolution whose input load gathers the kept
 channels; tensor cores for fp16/bf16). It takes any kernel size, stride, padding, dilation and groups, x in
 any strides, float16/bfloat16/float32/float64, the fused out_idx scatter, and has a backward (autograd formula
-in _library.py: torch's convolution_backward on the gathered input, dx scattered back with index_add). Its
-output is channels_last when x is (channels_last-contiguous, not NCHW-contiguous), NCHW otherwise. For the
-conv, backend=None picks, in order: "cuda" when it can run (CUDA tensors, the extension built with its CUDA
-kernel, compute capability >= 8.0), else "triton" under the rules above, else "reference"; backend="cuda"
-forces it and raises with the reasons when it cannot run (``cuda_conv_reasons``). Its GPU speed is
-unmeasured too (written without a GPU): whether it beats index_select + cuDNN depends on the shape.
+in _library.py: torch's convolution_backward on the gathered input, dx scattered back with index_add). Every
+path's output is channels_last when x is (channels_last-contiguous, not NCHW-contiguous), NCHW otherwise
+(reference.channel_conv_memory_format). For the conv, backend=None measures "cuda" (when it can run: CUDA
+tensors, the extension built with its CUDA kernel for this GPU's arch), "triton" and "reference" against each
+other; without measuring it takes "cuda" when it can run, else "reference". backend="cuda" forces it and raises
+with the reasons when it cannot run (``cuda_conv_reasons``). Its GPU speed is unmeasured too (written without
+a GPU): whether it beats index_select + cuDNN depends on the shape, which is what the measurement decides.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from ._dispatch import _capability, _triton_import_error, triton_interpreting
+from ._dispatch import (
+    _capability,
+    _triton_import_error,
+    cuda_build_reasons,
+    measured_choice,
+    remembered_choice,
+    triton_interpreting,
+)
 from ._library import call_op, has_kernel
 
 __all__ = ["channel_gather_linear", "channel_gather_conv2d", "channel_scatter", "triton_reasons",
@@ -79,15 +94,14 @@ def triton_reasons(*tensors: Tensor) -> list[str]:
 def cuda_conv_reasons(x: Tensor) -> list[str]:
     """Why the CUDA kernel of channel_gather_conv2d cannot run on x (empty list = it can)."""
     reasons = []
-    if not has_kernel("channel_gather_conv2d", "CUDA"):
+    built = has_kernel("channel_gather_conv2d", "CUDA")
+    if not built:
         reasons.append("sparsekit._C has no CUDA kernel for channel_gather_conv2d (build it on a CUDA machine: "
                        "pip install --no-build-isolation -e ., or FORCE_CUDA=1)")
     if x.device.type != "cuda":
         reasons.append(f"runs on cuda tensors, got {x.device.type}")
-    else:
-        major, minor = _capability(x.device)
-        if major < 8:
-            reasons.append(f"built for compute capability >= 8.0 (sm_80, sm_90a), the GPU has {major}.{minor}")
+    elif built:   # the extension's arch list covers this GPU (one probe per device, _dispatch.cuda_build_reasons)
+        reasons += cuda_build_reasons(x.device)
     if x.dtype not in _CUDA_DTYPES:
         reasons.append(f"dtype {x.dtype} not supported (float16, bfloat16, float32, float64)")
     return reasons
@@ -100,17 +114,35 @@ def _check_backend(fn: str, backend: object, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{fn}: backend must be one of {list(allowed)} or None, got {backend!r}")
 
 
-def _use_triton(fn: str, backend: str | None, tensors: list[Tensor], extra: list[str],
-                allowed: tuple[str, ...] = _BACKENDS) -> bool:
+def _triton_candidate(fn: str, backend: str | None, tensors: list[Tensor], extra: list[str],
+                      allowed: tuple[str, ...] = _BACKENDS) -> bool:
+    """Whether the Triton kernels take part in this call: forced (raises with the reasons when they cannot run),
+    or, for backend=None, a candidate that measuring weighs against the unfused path (where Triton can run)."""
     _check_backend(fn, backend, allowed)
-    if backend == "reference":
+    if backend not in (None, "triton"):
         return False
     reasons = triton_reasons(*tensors) + extra
-    if backend == "triton":
-        if reasons:
-            raise ValueError(f"{fn}: backend='triton' cannot run this call: " + "; ".join(reasons))
-        return True
-    return not reasons and tensors[0].device.type == "cuda"
+    if backend == "triton" and reasons:
+        raise ValueError(f"{fn}: backend='triton' cannot run this call: " + "; ".join(reasons))
+    return not reasons
+
+
+def _pick(fn: str, backend: str | None, x: Tensor, key: tuple, calls: dict[str, Callable[[], Tensor]],
+          default: str = "reference") -> str:
+    """The path that runs: the forced one, else the fastest of ``calls`` measured once per key against the unfused
+    path (sparsekit.ops._dispatch.measured_choice: the dispatcher's timing, cache and rules for when not to
+    measure), else ``default`` (the unfused path, or the CUDA conv kernel) where measuring is off or impossible."""
+    if backend is not None:
+        return backend
+    return measured_choice((fn, *key), x, calls, default, shape=key[2:])
+
+
+def _device_key(t: Tensor) -> tuple:
+    return (t.get_device() if t.is_cuda else str(t.device)), t.dtype
+
+
+def _bucket(m: int) -> int:
+    return 1 << (m - 1).bit_length() if m > 0 else 0
 
 
 def _check_tensor(fn: str, t: object, name: str) -> Tensor:
@@ -181,19 +213,28 @@ def channel_gather_linear(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tenso
     out_idx, n_out = _out_args(fn, out_idx, n_out, nc, x.device)
     lead = x.shape[:-1]
     width = nc if out_idx is None else n_out
-    if not _use_triton(fn, backend, [x, weight] + ([bias] if bias is not None else []), []):
+
+    def unfused() -> Tensor:
         y = F.linear(x.index_select(-1, in_idx), weight, bias)
         if out_idx is None:
             return y
         return y.new_zeros(*lead, n_out).index_copy(-1, out_idx.long(), y)
-    from ..kernels import k_channel
 
-    x2 = x.reshape(-1, k).contiguous()
-    m = int(x2.shape[0])
-    y = (torch.empty if out_idx is None else torch.zeros)((m, width), dtype=x.dtype, device=x.device)
-    k_channel.channel_mm(x2, in_idx, weight.contiguous(), None if bias is None else bias.contiguous(), y,
-                         (0, k, 1), (0, width, 1), 1, m, out_idx)
-    return y.reshape(*lead, width)
+    def fused() -> Tensor:
+        from ..kernels import k_channel
+
+        x2 = x.reshape(-1, k).contiguous()
+        m = int(x2.shape[0])
+        y = (torch.empty if out_idx is None else torch.zeros)((m, width), dtype=x.dtype, device=x.device)
+        k_channel.channel_mm(x2, in_idx, weight.contiguous(), None if bias is None else bias.contiguous(), y,
+                             (0, k, 1), (0, width, 1), 1, m, out_idx)
+        return y.reshape(*lead, width)
+
+    calls = {"reference": unfused}
+    if _triton_candidate(fn, backend, [x, weight] + ([bias] if bias is not None else []), []):
+        calls = {"triton": fused, "reference": unfused}
+    key = (*_device_key(x), _bucket(x.numel() // k if k else 0), k, kc, nc, n_out, bias is not None)
+    return calls[_pick(fn, backend, x, key, calls)]()
 
 
 # -------------------------------------------------------------------------------------------------- conv
@@ -240,16 +281,20 @@ def _conv_args(fn: str, x: object, in_idx: object, weight: object, bias: object,
     return x, in_idx, weight, bias, out_idx, n_out, stride, padding, dilation, groups
 
 
-def _conv_choice(fn: str, backend: object, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
-                 groups: int) -> str:
-    """The backend that runs the conv: "cuda", "triton" or "reference" (see the module doc)."""
+def _conv_candidates(fn: str, backend: object, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding,
+                     groups: int) -> list[str]:
+    """The paths that may run the conv, in priority order ("cuda", "triton", "reference"): just the forced one
+    (raising with the reasons when it cannot run), or every one that can (see the module doc)."""
     _check_backend(fn, backend, _CONV_BACKENDS)
+    out = []
     if backend in (None, "cuda"):
         reasons = cuda_conv_reasons(x)
-        if not reasons:
-            return "cuda"
         if backend == "cuda":
-            raise ValueError(f"{fn}: backend='cuda' cannot run this call: " + "; ".join(reasons))
+            if reasons:
+                raise ValueError(f"{fn}: backend='cuda' cannot run this call: " + "; ".join(reasons))
+            return ["cuda"]
+        if not reasons:
+            out.append("cuda")
     kh, kw, w = int(weight.shape[2]), int(weight.shape[3]), int(x.shape[3])
     extra = []
     if (kh, kw) != (1, 1) or stride != (1, 1) or padding != (0, 0) or groups != 1:
@@ -258,18 +303,40 @@ def _conv_choice(fn: str, backend: object, x: Tensor, weight: Tensor, bias: Tens
     elif x.stride(2) != w * x.stride(3):
         extra.append(f"x's spatial dims must be flattenable (NCHW or channels_last), got strides {x.stride()}")
     tensors = [x, weight] + ([bias] if bias is not None else [])
-    return "triton" if _use_triton(fn, backend, tensors, extra, _CONV_BACKENDS) else "reference"
+    if _triton_candidate(fn, backend, tensors, extra, _CONV_BACKENDS):
+        if backend == "triton":
+            return ["triton"]
+        out.append("triton")
+    return out + ["reference"] if backend is None else ["reference"]
+
+
+def _conv_key(x: Tensor, weight: Tensor, bias: Tensor | None, n_out: int | None, conv: tuple) -> tuple:
+    b, c, h, w = (int(s) for s in x.shape)
+    return (*_device_key(x), _bucket(b), c, h, w, tuple(weight.shape), n_out, bias is not None, conv,
+            reference.channel_conv_memory_format(x) == torch.channels_last)
 
 
 def conv_backend(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None = None,
                  out_idx: Tensor | None = None, n_out: int | None = None, stride=1, padding=0, dilation=1,
                  groups: int = 1, backend: str | None = None) -> str:
-    """The backend channel_gather_conv2d would run these arguments on ("cuda", "triton" or "reference"); raises
-    what the call would raise (bad arguments, a forced backend that cannot run)."""
+    """The backend channel_gather_conv2d would run these arguments on ("cuda", "triton" or "reference"): the forced
+    one, the one measured for this shape if a call measured it, else the one taken without measuring; raises what
+    the call would raise (bad arguments, a forced backend that cannot run)."""
     fn = "channel_gather_conv2d"
     x, in_idx, weight, bias, out_idx, n_out, stride, padding, dilation, groups = _conv_args(
         fn, x, in_idx, weight, bias, out_idx, n_out, stride, padding, dilation, groups)
-    return _conv_choice(fn, backend, x, weight, bias, stride, padding, groups)
+    names = _conv_candidates(fn, backend, x, weight, bias, stride, padding, groups)
+    if len(names) == 1:
+        return names[0]
+    key = _conv_key(x, weight, bias, n_out, (stride, padding, dilation, groups))
+    remembered = remembered_choice((fn, *key))
+    return remembered if remembered in names else _conv_default(names)
+
+
+def _conv_default(names: list[str]) -> str:
+    # unmeasured: the CUDA kernel where it runs (a fused kernel with a backward, any conv), else the unfused path;
+    # Triton only where a measurement found it faster
+    return "cuda" if "cuda" in names else "reference"
 
 
 def channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -279,23 +346,40 @@ def channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tenso
     fn = "channel_gather_conv2d"
     x, in_idx, weight, bias, out_idx, n_out, stride, padding, dilation, groups = _conv_args(
         fn, x, in_idx, weight, bias, out_idx, n_out, stride, padding, dilation, groups)
-    choice = _conv_choice(fn, backend, x, weight, bias, stride, padding, groups)
-    if choice == "cuda":
-        return call_op(torch.ops.sparsekit.channel_gather_conv2d.default, x, in_idx, weight, bias, out_idx, n_out,
-                       list(stride), list(padding), list(dilation), groups)
-    nc, kcg = int(weight.shape[0]), int(weight.shape[1])
-    b, h, w = int(x.shape[0]), int(x.shape[2]), int(x.shape[3])
-    if choice == "reference":   # index_select + F.conv2d (+ index_copy), plain autograd
-        return reference.channel_gather_conv2d(x, in_idx, weight, bias, out_idx, n_out, list(stride),
-                                               list(padding), list(dilation), groups)
+    names = _conv_candidates(fn, backend, x, weight, bias, stride, padding, groups)
+    paths = {
+        "cuda": lambda: call_op(torch.ops.sparsekit.channel_gather_conv2d.default, x, in_idx, weight, bias, out_idx,
+                                n_out, list(stride), list(padding), list(dilation), groups),
+        "triton": lambda: _triton_conv1x1(x, in_idx, weight, bias, out_idx, n_out),
+        # index_select + F.conv2d (+ index_copy), plain autograd
+        "reference": lambda: reference.channel_gather_conv2d(x, in_idx, weight, bias, out_idx, n_out, list(stride),
+                                                             list(padding), list(dilation), groups),
+    }
+    calls = {name: paths[name] for name in names}
+    if len(names) == 1:
+        return calls[names[0]]()
+    key = _conv_key(x, weight, bias, n_out, (stride, padding, dilation, groups))
+    return calls[_pick(fn, backend, x, key, calls, _conv_default(names))]()
+
+
+def _triton_conv1x1(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None, out_idx: Tensor | None,
+                    n_out: int | None) -> Tensor:
+    """The 1x1 conv as k_channel.channel_mm over the H*W positions, y in the memory format the other paths give
+    (reference.channel_conv_memory_format: channels_last for a channels_last x)."""
     from ..kernels import k_channel
 
+    nc, kcg = int(weight.shape[0]), int(weight.shape[1])
+    b, h, w = int(x.shape[0]), int(x.shape[2]), int(x.shape[3])
     width = nc if out_idx is None else n_out
-    y = (torch.empty if out_idx is None else torch.zeros)((b, width, h, w), dtype=x.dtype, device=x.device)
-    hw = h * w
+    y = torch.empty((b, width, h, w), dtype=x.dtype, device=x.device,
+                    memory_format=reference.channel_conv_memory_format(x))
+    if out_idx is not None:
+        y.zero_()   # the channels out of out_idx
+    # (batch, position, channel) strides; a position is (h, w) flattened, which both layouts allow
     k_channel.channel_mm(x, in_idx, weight.reshape(nc, kcg).contiguous(),
                          None if bias is None else bias.contiguous(), y,
-                         (x.stride(0), x.stride(3), x.stride(1)), (width * hw, 1, hw), b, hw, out_idx)
+                         (x.stride(0), x.stride(3), x.stride(1)), (y.stride(0), y.stride(3), y.stride(1)), b, h * w,
+                         out_idx)
     return y
 
 
@@ -325,12 +409,24 @@ def channel_scatter(y: Tensor, out_idx: Tensor, n_out: int, bias: Tensor | None 
     shape[dim] = n_out
     view = [1] * y.dim()
     view[dim] = n_out
-    if not _use_triton(fn, backend, [y] + ([bias] if bias is not None else []), []):
+
+    def unfused() -> Tensor:
         out = y.new_zeros(shape) if bias is None else bias.reshape(view).expand(shape).clone()
         return out.index_add(dim, out_idx, y)
+
+    calls = {"reference": unfused}
+    if _triton_candidate(fn, backend, [y] + ([bias] if bias is not None else []), []):
+        calls = {"triton": lambda: _triton_scatter(y, out_idx, n_out, bias, dim, shape, view), "reference": unfused}
+    key = (*_device_key(y), _bucket(int(y.shape[0])), *(int(s) for s in y.shape[1:]), dim, n_out, bias is not None)
+    return calls[_pick(fn, backend, y, key, calls)]()
+
+
+def _triton_scatter(y: Tensor, out_idx: Tensor, n_out: int, bias: Tensor | None, dim: int, shape: list[int],
+                    view: list[int]) -> Tensor:
     from ..kernels import k_channel
 
     yc = y.contiguous()
+    c = int(y.shape[dim])
     outer = 1
     for s in y.shape[:dim]:
         outer *= int(s)
