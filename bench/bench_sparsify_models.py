@@ -125,7 +125,7 @@ def _transformer_model(kind: str, layers: int, batch: int) -> tuple[nn.Module, t
 
 
 def transformer(kind: str, reps: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                batch: int = 8, compile_: bool = False) -> dict:
+                batch: int = 8, compile_: bool = False, min_speedup: float = 1.1) -> dict:
     dense, x, keep_dense, label = _transformer_model(kind, layers, batch)
     masked = copy.deepcopy(dense)
     pruner = sk.prune.Pruner(masked, x, criterion="magnitude", granularity="block", block=(32, 32),
@@ -135,7 +135,7 @@ def transformer(kind: str, reps: int, layers: int, device: str = "cpu", dtype: t
     masked, x = _place(masked, x, device, dtype)
     t0 = time.perf_counter()
     fast, report = sk.sparsify(masked, x, formats=["dense", "bsr"], blocks=[(32, 32), (16, 16)], cache=False,
-                               reps=3, measure_model=False)
+                               reps=3, measure_model=False, min_speedup=min_speedup)
     sparsify_s = time.perf_counter() - t0
     check = _verify(masked, fast, x, dtype)
     t = _timed(dense, fast, x, reps, device, compile_)
@@ -155,7 +155,7 @@ def transformer(kind: str, reps: int, layers: int, device: str = "cpu", dtype: t
 
 
 def resnet50(reps: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 8,
-             compile_: bool = False) -> dict:
+             compile_: bool = False, min_speedup: float = 1.1) -> dict:
     torch.manual_seed(0)
     dense = sk.models.ResNet50().eval()
     x = dense.example_input(batch)
@@ -174,7 +174,7 @@ def resnet50(reps: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
     small, x = _place(small, x, device, dtype)
     t0 = time.perf_counter()
     fast, report = sk.sparsify(small, x, formats=["dense", "bsr"], blocks=[(32, 32)], cache=False, reps=3,
-                               measure_model=False)
+                               measure_model=False, min_speedup=min_speedup)
     sparsify_s = time.perf_counter() - t0
     check = _verify(small, fast, x, dtype)
     t = _timed(dense, fast, x, reps, device, compile_, extra={"compact": lambda: small(x)})
@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=8, help="batch size of both models (default 8)")
     ap.add_argument("--compile", action="store_true",
                     help="also time torch.compile'd dense and sparsified models in the same loop")
+    ap.add_argument("--min-speedup", type=float, default=1.1,
+                    help="sk.sparsify's min_speedup: a layer goes sparse only if it beats dense by this (default 1.1)")
     ap.add_argument("--out", default=str(RESULTS), metavar="DIR", help="where the .json/.md go (default bench/results)")
     return ap
 
@@ -214,11 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")
     if a.reps < 1 or a.batch < 1 or a.layers < 1:
         raise SystemExit("--reps, --batch and --layers must be >= 1")
+    if not a.min_speedup > 0:
+        raise SystemExit(f"--min-speedup must be > 0, got {a.min_speedup}")
     dtype = DTYPES[a.dtype]
     rows = []
     for name in names:
-        row = (resnet50(a.reps, a.device, dtype, a.batch, a.compile) if name == "resnet50"
-               else transformer(name, a.reps, a.layers, a.device, dtype, a.batch, a.compile))
+        row = (resnet50(a.reps, a.device, dtype, a.batch, a.compile, a.min_speedup) if name == "resnet50"
+               else transformer(name, a.reps, a.layers, a.device, dtype, a.batch, a.compile, a.min_speedup))
         print(json.dumps(row, indent=1))
         rows.append(row)
     base, info, stamp, where = script_results(a.out, "sparsify_models", a.device)
