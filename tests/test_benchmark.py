@@ -413,3 +413,25 @@ def test_cuda_timers_need_a_cuda_device(timer):
         SweepConfig(device="cpu", timer=timer).validate()
     with pytest.raises(SystemExit, match=rf"timer='{timer}'"):
         cli_main(["bench", "kernels", "--device", "cpu", "--timer", timer, "--quick"])
+
+
+def test_tf32_settings_read_and_restore_under_the_new_api():
+    """torch >= 2.9: once fp32_precision is set, reading the legacy allow_tf32 raises; the benchmarks' TF32
+    record and switch must still work (and put back what was there)."""
+    from sparsekit.benchmark.machine import restore_tf32, set_tf32, tf32_state
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert tf32_state()["cuda.matmul.allow_tf32"] is True
+        old = set_tf32(False)
+        assert old["matmul"] is True and tf32_state()["cuda.matmul.allow_tf32"] is False
+        restore_tf32(old)
+        assert tf32_state()["cuda.matmul.allow_tf32"] is True
+    finally:
+        matmul.fp32_precision = before
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .machine import machine_info, machine_slug, measure_peaks
+from .machine import machine_info, machine_slug, measure_peaks, restore_tf32, set_tf32
 from .patterns import PATTERN_KINDS, Pattern, make_weight, patterns_for, to_format
 from .progress import Progress
 from .report import SCHEMA
@@ -468,13 +468,6 @@ def _dense_text(cfg: SweepConfig) -> str:
             "speedup_vs_best_dense vs the fastest dense variant")
 
 
-def set_tf32(enabled: bool) -> dict:
-    old = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-    return old
-
-
 def run_kernel_sweep(cfg: SweepConfig) -> dict:
     """Run the op-level sweep described by ``cfg``; returns the results dict (see ``save_results``)."""
     cfg.validate()
@@ -499,8 +492,7 @@ def run_kernel_sweep(cfg: SweepConfig) -> dict:
             results["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
         return results
     finally:
-        set_tf32(old_tf32["matmul"])
-        torch.backends.cudnn.allow_tf32 = old_tf32["cudnn"]
+        restore_tf32(old_tf32)
 
 
 def _run_job(cfg: SweepConfig, op: str, shape: LinearShape | ConvShape, dtype_name: str, pattern: Pattern,

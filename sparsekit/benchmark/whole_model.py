@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .machine import restore_tf32, set_tf32
 from .patterns import Pattern, nm_for_sparsity
 from .progress import Progress
 from .sweep import (
@@ -39,7 +40,6 @@ from .sweep import (
     measure,
     new_results,
     note_unusable,
-    set_tf32,
 )
 
 __all__ = ["MODELS", "ModelSpec", "run_model_sweep"]
@@ -147,8 +147,7 @@ def run_model_sweep(cfg: SweepConfig) -> dict:
             results["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
         return results
     finally:
-        set_tf32(old_tf32["matmul"])
-        torch.backends.cudnn.allow_tf32 = old_tf32["cudnn"]
+        restore_tf32(old_tf32)
 
 
 def _run_model_job(cfg, spec, master, dtype_name, p, s, notes, state, SparseLinear, SparseConv2d,
