@@ -19,3 +19,8 @@ t0 = time.perf_counter()
 acc = accuracy(model, xt, yt)                                         # eval: only kept channels computed
 print(f"gated (50% of channels per input): {acc:.2f}% in {time.perf_counter() - t0:.2f}s")
 print("channels kept for the first two test images (fc1):", gates["fc1"].last_kept[:2, :8].tolist(), "...")
+for name, gate in gates.items():      # dynamic: the kept channels must depend on the input
+    distinct = torch.unique(gate.last_kept, dim=0).shape[0]
+    print(f"{name}: {distinct} distinct kept-channel sets over {len(yt)} test images")
+    if distinct < 2:
+        raise SystemExit(f"{name}: every input keeps the same channels: the gate is static")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsekit.prune import Pruner, criteria, masks
@@ -292,3 +293,63 @@ def test_user_criterion_with_needs(monkeypatch):
     assert int(torch.argmin(scores)) == PLANT
     with pytest.raises(ValueError, match="needs must name statistics from"):
         criteria.register("bad", lambda m, c: m.weight, needs=("weights",))
+
+
+def test_l1_mean_divides_by_the_weights_a_filter_still_has():
+    """Seed 003: a filter's size shrinks when the previous layer's channels go (their input columns are
+    masked); dividing by the full size made later layers' scores fall at every iterative step."""
+    from sparsekit import models
+
+    torch.manual_seed(0)
+    m = models.LeNet5(image_size=8)
+    p = Pruner(m, m.example_input(), criterion="l1_mean", granularity="channel", scope="global", sparsity=0.5)
+    before = masks.unit_scores(p.scores()["fc2"], "channel")
+    p.step()
+    cols = masks.as_2d(m.fc2.parametrizations.weight[0].mask).any(0)
+    assert not bool(cols.all())                                  # fc1 lost neurons: fc2 lost input columns
+    w = m.fc2.parametrizations.weight.original.detach()
+    rows = masks.as_2d(p.masks["fc2"]).any(1)
+    after = masks.unit_scores(p.criterion.score(m.fc2), "channel")
+    torch.testing.assert_close(after[rows], w[rows][:, cols].abs().mean(1))
+    assert bool((after[~rows] == 0).all())
+    fresh = nn.Linear(4, 3)                                      # unmasked: the mean over all weights
+    torch.testing.assert_close(criteria.get("l1_mean").score(fresh).sum(1), fresh.weight.detach().abs().mean(1))
+    assert float(after[rows].mean()) > 0.9 * float(before[rows].mean())
+
+
+def test_hessian_fisher_is_per_sample_whatever_the_batching(monkeypatch):
+    """The empirical Fisher is the mean of per-sample squared gradients: one batch of 24, batches of 8 and
+    micro-batches of one (the fallback where vmap cannot run) give the same statistic and scores."""
+    from sparsekit.prune import calibration
+
+    net = _net()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(24, 3, 8, 8, generator=g), torch.randint(0, 4, (24,), generator=g)
+
+    def fisher(calib):
+        p = Pruner(net, x[:2], criterion="hessian", granularity="element", sparsity=0.5, calib=calib,
+                   ignore=["fc"])
+        ctx = p.contexts()["conv2"]
+        return ctx.stat("fisher") / ctx.stat("samples"), p.scores()["conv2"]
+
+    one, s_one = fisher([(x, y)])
+    eights, s_eights = fisher([(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)])
+    torch.testing.assert_close(one, eights, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(s_one, s_eights, rtol=1e-6, atol=1e-12)
+    manual = torch.zeros_like(one)
+    for i in range(24):
+        net.zero_grad()
+        F.cross_entropy(net(x[i:i + 1]), y[i:i + 1]).backward()
+        manual += net.conv2.weight.grad.double().square()
+    torch.testing.assert_close(one, manual / 24, rtol=1e-5, atol=1e-12)
+    squared_mean = sum(
+        torch.autograd.grad(F.cross_entropy(net(x[i:i + 8]), y[i:i + 8]), net.conv2.weight)[0].double().square()
+        for i in range(0, 24, 8)) / 3
+    assert float(one.sum()) > 2 * float(squared_mean.sum())      # what the batch-mean gradient gave
+
+    def no_vmap(*args, **kwargs):
+        raise RuntimeError("vmap unsupported")
+
+    monkeypatch.setattr(calibration, "_vmap_sq_grads", no_vmap)
+    loop, _ = fisher([(x, y)])
+    torch.testing.assert_close(loop, one, rtol=1e-5, atol=1e-12)

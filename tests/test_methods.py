@@ -103,6 +103,10 @@ def test_lottery_run_and_errors():
         LotteryTicket(m2, x[:2], rewind="late")
     with pytest.raises(ValueError, match=r"needs ticket.snapshot\(\)"):
         LotteryTicket(m2, x[:2], rewind="iteration").prune_round()
+    with pytest.raises(TypeError, match="rounds must be an int >= 1.*str '3'"):
+        LotteryTicket(m2, x[:2], rounds="3")
+    with pytest.raises(ValueError, match="rounds must be an int >= 1.*got 0"):
+        LotteryTicket(m2, x[:2], rounds=0)
 
 
 # ---------------------------------------------------------------------------------------- alpha blend
@@ -237,9 +241,43 @@ def test_channel_gate_compact_path_matches_dense_masked():
     hard = torch.zeros_like(s).scatter_(1, kept, 1.0)
     torch.testing.assert_close(y, conv(x) * (hard * s)[:, :, None, None], atol=1e-5, rtol=1e-5)
     gate.train()
+    gate.norm.eval()            # the same scores as in eval mode (training standardises with batch statistics)
     torch.testing.assert_close(gate(x), y, atol=1e-5, rtol=1e-5)
     gate(x).sum().backward()
     assert gate.predictor.weight.grad is not None and conv.weight.grad is not None
+
+
+def test_channel_gate_selection_depends_on_the_input_from_the_start():
+    """A fresh gate (statistics from one training batch) keeps different channels for different inputs; a
+    zero-weight predictor with an L1 bias kept the same channels for every input."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 16, 3, padding=1)
+    gate = ChannelGate(conv, keep=0.5)
+    x = torch.rand(64, 6, 4, 4) + torch.linspace(0, 1, 6)[:, None, None]   # channel means vary little
+    gate.train()
+    gate(x)
+    gate.eval()
+    gate(x)
+    assert torch.unique(gate.last_kept, dim=0).shape[0] > 8
+    one = ChannelGate(nn.Linear(4, 3), keep=0.5).train()
+    assert one(torch.randn(1, 4)).shape == (1, 3)            # one sample in training: running statistics
+
+
+def test_channel_gate_on_linear_tokens():
+    """[batch, tokens, features] inputs: scores from the features averaged over tokens (F != T)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 10)
+    gate = ChannelGate(lin, keep=0.3).eval()
+    x = torch.randn(3, 5, 6)
+    s = gate.scores(x)
+    assert s.shape == (3, 10)
+    torch.testing.assert_close(s, gate.predictor(gate.norm(x.mean(1))))
+    y = gate(x)
+    hard = torch.zeros_like(s).scatter_(1, gate.last_kept, 1.0)
+    torch.testing.assert_close(y, lin(x) * (hard * torch.sigmoid(s))[:, None, :], atol=1e-5, rtol=1e-5)
+    gate.train()
+    gate.norm.eval()
+    torch.testing.assert_close(gate(x), y, atol=1e-5, rtol=1e-5)
 
 
 def test_add_channel_gates_on_lenet():

@@ -246,6 +246,63 @@ def test_remove_restores_exactly():
     assert p.masks == {}
 
 
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-3),
+], ids=["sgd_momentum_wd", "adam_wd"])
+def test_remove_restores_the_values_at_masking_time_after_training(make_opt):
+    """Momentum, weight decay and Adam move the stored originals of masked entries (their gradient is 0, not
+    their update): remove() gives back the values the entries had when they were masked."""
+    m = _lenet()
+    x, y = m.example_input(16), torch.randint(0, 10, (16,))
+    opt = make_opt(m.parameters())
+
+    def train(steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+
+    train(3)                                     # momentum / moments built up before pruning
+    p = Pruner(m, x, granularity="element", sparsity=0.5)
+    p.step()
+    at_prune = {n: mod.parametrizations.weight.original.detach().clone() for n, mod in p.layers.items()}
+    train(20)
+    drifted = any(not torch.equal(mod.parametrizations.weight.original.detach()[~p.masks[n]], at_prune[n][~p.masks[n]])
+                  for n, mod in p.layers.items())
+    assert drifted                                # what remove() had restored before
+    kept = {n: mod.weight.detach().clone() for n, mod in p.layers.items()}
+    mk = p.masks
+    p.remove()
+    for n, mod in p.layers.items():
+        w = mod.weight.detach()
+        assert torch.equal(w[~mk[n]], at_prune[n][~mk[n]]), n
+        assert torch.equal(w[mk[n]], kept[n][mk[n]]), n      # trained values of the kept entries stay
+
+
+def test_mask_update_and_state_dict_load_restore_values():
+    lin = nn.Linear(4, 3)
+    w0 = lin.weight.detach().clone()
+    first = torch.ones(3, 4, dtype=torch.bool)
+    first[0] = False
+    masks.apply_mask(lin, first)
+    with torch.no_grad():
+        lin.parametrizations.weight.original.add_(1.0)        # an optimizer's drift
+    second = torch.ones(3, 4, dtype=torch.bool)
+    second[1] = False                                         # row 0 comes back, row 1 goes
+    masks.apply_mask(lin, second)
+    assert torch.equal(lin.weight.detach()[0], w0[0])        # the value it had when masked
+    masks.remove_masks(lin)
+    assert torch.equal(lin.weight.detach()[1], w0[1] + 1.0)  # its value when masked (after the drift)
+    assert torch.equal(lin.weight.detach()[2], w0[2] + 1.0)
+    src = nn.Linear(4, 3)
+    masks.apply_mask(src, second)
+    dst = nn.Linear(4, 3)
+    masks.load_masked_state_dict(dst, src.state_dict())      # the values at masking time are not saved:
+    masks.remove_masks(dst)                                  # un-pruning gives the loaded originals
+    assert torch.equal(dst.weight.detach(), src.parametrizations.weight.original.detach())
+
+
 def test_bake_leaves_plain_parameters_with_zeros():
     m = _mlp()
     param_ids = {id(mod.weight) for mod in m.modules() if isinstance(mod, nn.Linear)}
@@ -299,6 +356,9 @@ def test_deterministic(granularity):
     pb.step()
     assert pa.masks.keys() == pb.masks.keys()
     assert all(torch.equal(pa.masks[k], pb.masks[k]) for k in pa.masks)
+    ta, tb = masks.tensor_masks(a), masks.tensor_masks(b)     # every masked tensor, coupled members included
+    assert ta.keys() == tb.keys() and all(ta[k].keys() == tb[k].keys() for k in ta)
+    assert all(torch.equal(ta[k][t], tb[k][t]) for k in ta for t in ta[k])
 
 
 def test_ties_break_by_lower_index():
@@ -454,6 +514,89 @@ def test_pruner_compact_equals_the_masked_model(name, kw):
     assert not any(parametrize.is_parametrized(m) for m in small.modules())
     pruner.remove()
     assert masks.get_masks(model) == {}
+
+
+class _TwoConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.sigmoid(self.bn1(self.conv1(x)))      # sigmoid(0) != 0: an unmasked column would leak
+        x = torch.sigmoid(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_two_pruners_on_one_model_keep_each_others_masks():
+    """A second Pruner (e.g. one per layer to apply searched widths) must not unmask the consumer columns of
+    the first one's removed channels; removing one pruner leaves the other's masks."""
+    import sparsekit as sk
+
+    torch.manual_seed(0)
+    m = _TwoConvs().eval()
+    x = torch.randn(2, 3, 8, 8)
+    p1 = Pruner(m, x, criterion="l1", granularity="channel", sparsity=0.5, ignore=["conv2", "fc"])
+    p1.step()
+    gone1 = ~_rows_kept(p1, "conv1")
+    p2 = Pruner(m, x, criterion="l1", granularity="channel", sparsity=0.25, ignore=["conv1", "fc"])
+    p2.step()
+    gone2 = ~_rows_kept(p2, "conv2")
+    assert bool((m.conv2.weight.detach()[:, gone1] == 0).all())      # p1's columns stay masked
+    assert bool((m.conv2.weight.detach()[gone2] == 0).all()) and int(gone2.sum()) == 2
+    sk.verify(m, p2.compact(), x, atol=1e-5)
+    p2.step()                                                          # re-stepping keeps them too
+    assert bool((m.conv2.weight.detach()[:, gone1] == 0).all())
+    p2.remove()
+    assert bool((m.conv2.weight.detach()[:, gone1] == 0).all()) and masks.is_masked(m.conv1)
+    assert bool(m.conv2.weight.detach()[:, ~gone1].ne(0).all())          # p2's rows are back
+    assert not masks.is_masked(m.fc) and not parametrize.is_parametrized(m.bn2)
+    p1.remove()
+    assert not any(parametrize.is_parametrized(mod) for mod in m.modules())
+
+
+class _EmbeddingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 24)
+        self.a = nn.Linear(24, 32)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, ids):
+        return self.fc(torch.relu(self.a(self.emb(ids))).mean(1))
+
+
+@pytest.mark.parametrize("criterion", ["l1_mean", "l1", "magnitude", "random"])
+def test_channel_pruner_shrinks_embedding_features(criterion):
+    """An nn.Embedding produces channels (its features: the columns of its weight) like a Linear's neurons."""
+    from sparsekit.prune.compact import compact
+
+    torch.manual_seed(0)
+    m = _EmbeddingNet().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        m.emb.weight[:, :6] *= 1e-3                                      # six weak features
+    p = Pruner(m, ids, criterion=criterion, granularity="channel", sparsity=0.5, ignore=[])
+    p.step()
+    cols = masks.as_2d(m.emb.parametrizations.weight[0].mask).any(0)
+    assert int(cols.sum()) == 12
+    if criterion != "random":
+        assert not bool(cols[:6].any())
+    assert bool((m.a.weight.detach()[:, ~cols] == 0).all())             # its consumer lost those inputs
+    keep = {gid: torch.nonzero(k).reshape(-1) for gid, k in p._keep.items()}
+    small = compact(m, ids, keep, graph=p._dependency_graph())
+    assert small.emb.embedding_dim == 12 and small.a.in_features == 12
+    torch.testing.assert_close(small(ids), m(ids), atol=1e-5, rtol=1e-5)
+    assert p.compact().emb.embedding_dim == 12                          # keep-sets read from the masks too
+    with torch.no_grad():
+        w = m.emb.parametrizations.weight.original.clone()
+    p.remove()
+    assert torch.equal(m.emb.weight.detach(), w) and not masks.is_masked(m.emb)
+    q = Pruner(_EmbeddingNet().eval(), ids, criterion=criterion, granularity="channel", sparsity=0.5,
+               ignore=["emb"])
+    q.step()
+    assert not masks.is_masked(q.model.emb)                             # an ignored embedding stays whole
 
 
 def test_pruner_compact_needs_channel_granularity():

@@ -85,6 +85,13 @@ def test_bad_schedules(make, exc, match):
         make()
 
 
+def test_pruner_rejects_agp_starting_above_the_final_sparsity():
+    m = _mlp()
+    with pytest.raises(ValueError, match=r"AGP\(initial=0.6\) starts above sparsity=0.5"):
+        Pruner(m, m.example_input(), sparsity=0.5, schedule=AGP(steps=3, initial=0.6))
+    assert Pruner(m, m.example_input(), sparsity=0.5, schedule=AGP(steps=3, initial=0.5)).step() == 0.5
+
+
 def test_nm_refuses_a_schedule():
     m = _mlp()
     with pytest.raises(ValueError, match="schedule=None"):

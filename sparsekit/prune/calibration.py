@@ -15,9 +15,10 @@ need            statistics (``LayerContext.stats`` keys)
 ``rank``        ``rank_sum`` (sum over samples of each channel's feature-map matrix rank), ``rank_count``
 ``grads``       ``taylor_elem`` (sum over batches of ``(g * w)**2``), ``taylor_chan`` (sum over batches of
                 ``(sum of g * w over the channel)**2``), ``batches``
-``hessian``     element granularity: ``fisher`` (sum over batches of ``g**2``, the empirical diagonal Fisher);
-                channel granularity: ``hutchinson`` (sum of ``v * Hv`` over one Rademacher ``v`` per batch,
-                an unbiased estimate of the Hessian diagonal), ``batches``
+``hessian``     element granularity: ``fisher`` (sum over samples of ``g_i**2``, ``g_i`` the gradient of sample
+                ``i``'s own loss: the empirical diagonal Fisher, whatever the batching of ``calib``),
+                ``samples``; channel granularity: ``hutchinson`` (sum of ``v * Hv`` over one Rademacher
+                ``v`` per batch, an unbiased estimate of the Hessian diagonal), ``batches``
 ``consumer``    ``gram`` = ``X^T X`` over sampled rows of the consumer layer's (unfolded) input, ``rows``;
                 ``LayerContext.consumer`` is that layer, ``group`` its input columns per channel
 ==============  =============================================================================================
@@ -39,9 +40,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from .chains import Event, Link, Recorder, run_model
-from .head_taps import HeadTaps
+from .head_taps import HeadTaps, attention_path
 
 __all__ = ["NEEDS", "LayerContext", "split_batch", "collect", "weight_param", "layer_seed"]
 
@@ -158,9 +160,6 @@ def _acc_grads(acc: dict[str, dict[str, Any]], layers: Mapping[str, nn.Module], 
             prod = g.detach() * w
             _add(acc[k], "taylor_elem", prod * prod)
             _add(acc[k], "taylor_chan", prod.reshape(prod.shape[0], -1).sum(1).square())
-    if "hessian" in needs and not hutch:
-        for k, g in zip(names, grads):
-            _add(acc[k], "fisher", g.detach().square())
     if hutch:
         vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p.device, p.dtype) for p in params]
         gv = sum((g * v).sum() for g, v in zip(grads, vs) if g.requires_grad)
@@ -170,8 +169,83 @@ def _acc_grads(acc: dict[str, dict[str, Any]], layers: Mapping[str, nn.Module], 
             hv = [None] * len(params)
         for k, v, h in zip(names, vs, hv):
             _add(acc[k], "hutchinson", torch.zeros_like(v) if h is None else v * h)
-    for k in names:
-        _add(acc[k], "batches", torch.tensor(1.0))
+
+
+_FISHER_CHUNK = 1 << 26     # per-sample gradient entries held at once (256 MB in fp32)
+
+
+def _batch_size(inputs: Any) -> int:
+    leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
+    if not leaves or leaves[0].dim() == 0:
+        raise ValueError("per-sample gradients need batched tensors in the calib inputs (dim 0 = samples)")
+    return leaves[0].shape[0]
+
+
+def _rows(tree: Any, start: int, stop: int) -> Any:
+    """The samples ``start:stop`` of every tensor in ``tree`` (dim 0); other leaves pass through."""
+    return pytree.tree_map(lambda t: t[start:stop] if isinstance(t, Tensor) and t.dim() > 0 else t, tree)
+
+
+def _vmap_sq_grads(model: nn.Module, params: Mapping[str, Tensor], inputs: Any, target: Any,
+                   loss_fn: Callable[[Any, Any], Tensor]) -> dict[str, Tensor]:
+    """Sum over the samples of the squared per-sample gradients (``torch.func``: ``vmap`` of ``grad`` of each
+    sample's loss), computed a chunk of samples at a time."""
+    from torch.func import functional_call, grad, vmap
+
+    def loss_one(p: dict[str, Tensor], x: Any, t: Any) -> Tensor:
+        x1, t1 = pytree.tree_map(lambda v: v.unsqueeze(0), (x, t))
+        if isinstance(x1, Mapping):
+            out = functional_call(model, p, (), dict(x1))
+        else:
+            out = functional_call(model, p, (x1,) if isinstance(x1, Tensor) else tuple(x1))
+        return loss_fn(out, t1)
+
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    n = _batch_size(inputs)
+    chunk = max(1, min(n, _FISHER_CHUNK // max(1, sum(p.numel() for p in params.values()))))
+    sums = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
+    for start in range(0, n, chunk):
+        g = per_sample(dict(params), _rows(inputs, start, start + chunk), _rows(target, start, start + chunk))
+        for k in sums:
+            sums[k] += g[k].detach().to(torch.float64).square().sum(0)
+    return sums
+
+
+def _loop_sq_grads(model: nn.Module, params: Mapping[str, Tensor], inputs: Any, target: Any,
+                   loss_fn: Callable[[Any, Any], Tensor], taps: HeadTaps) -> dict[str, Tensor]:
+    """``_vmap_sq_grads`` by micro-batches of one sample (where ``vmap`` cannot run, and for head gates)."""
+    sums: dict[str, Tensor] = {}
+    for i in range(_batch_size(inputs)):
+        gates = taps.new_gates()
+        tensors = dict(params) | gates
+        loss = loss_fn(run_model(model, _rows(inputs, i, i + 1)), _rows(target, i, i + 1))
+        grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
+        for k, p, g in zip(tensors, tensors.values(), grads):
+            sq = torch.zeros_like(p, dtype=torch.float64) if g is None else g.detach().to(torch.float64).square()
+            sums[k] = sums[k] + sq if k in sums else sq
+    return sums
+
+
+def _acc_fisher(acc: dict[str, dict[str, Any]], model: nn.Module, layers: Mapping[str, nn.Module],
+                inputs: Any, target: Any, loss_fn: Callable[[Any, Any], Tensor], taps: HeadTaps) -> None:
+    """Add ``fisher`` (sum over the batch's samples of each one's squared gradient) and ``samples``.
+
+    The empirical Fisher is a mean of per-sample outer products; the square of a batch-mean gradient is not
+    (it shrinks with the batch size and depends on how ``calib`` is batched)."""
+    pname = {id(p): n for n, p in model.named_parameters()}
+    params = {k: weight_param(mod) for k, mod in layers.items()}
+    sums: dict[str, Tensor] | None = None
+    if not taps.names and all(id(p) in pname for p in params.values()):
+        try:
+            by_name = _vmap_sq_grads(model, {pname[id(p)]: p for p in params.values()}, inputs, target, loss_fn)
+            sums = {k: by_name[pname[id(p)]] for k, p in params.items()}
+        except Exception:    # an op or input vmap does not support: one sample at a time gives the same sums
+            sums = None
+    if sums is None:
+        sums = _loop_sq_grads(model, params, inputs, target, loss_fn, taps)
+    for k, v in sums.items():
+        _add(acc[k], "fisher", v)
+        _add(acc[k], "samples", torch.tensor(float(_batch_size(inputs))))
 
 
 def _twice_differentiable(needs: set[str], granularity: str) -> Any:
@@ -238,6 +312,9 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
             _acc_rank(acc[name], out.detach())
 
     grad_needed = bool(needs & {"grads", "hessian"})
+    fisher = "hessian" in needs and granularity != "channel"
+    batch_grads = "grads" in needs or ("hessian" in needs and not fisher)
+    fisher_items: list[tuple[Any, Any]] = []
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     modes = {mod: mod.training for mod in model.modules()}
     batches = 0
@@ -247,10 +324,12 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
             for i, item in enumerate(calib):
                 inputs, target = split_batch(item, i)
                 rec.reset()
-                if grad_needed:
-                    if target is None:
-                        raise ValueError(f"calib[{i}] is a plain batch, but this criterion needs gradients: "
-                                         "pass (input, target) pairs (loss_fn(model(input), target) is used)")
+                if grad_needed and target is None:
+                    raise ValueError(f"calib[{i}] is a plain batch, but this criterion needs gradients: "
+                                     "pass (input, target) pairs (loss_fn(model(input), target) is used)")
+                if fisher:
+                    fisher_items.append((inputs, target))
+                if batch_grads:
                     with torch.enable_grad(), _twice_differentiable(needs, granularity):
                         gates = taps.new_gates()
                         loss = loss_fn(run_model(model, inputs), target)
@@ -261,7 +340,14 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
                 else:
                     with torch.no_grad():
                         run_model(model, inputs)
+                if grad_needed:
+                    for k in acc:
+                        _add(acc[k], "batches", torch.tensor(1.0))
                 batches += 1
+        if fisher:    # per-sample passes, outside the Recorder (they are not events of the calib batches)
+            with attention_path(model), HeadTaps(model, heads, gates=True) as taps, torch.enable_grad():
+                for inputs, target in fisher_items:
+                    _acc_fisher(acc, model, layers, inputs, target, loss_fn, taps)
     finally:
         for mod, mode in modes.items():
             mod.training = mode

@@ -404,6 +404,8 @@ def _masked_rows(mod: nn.Module, masks: Mapping[str, Tensor]) -> Tensor | None:
     mk = masks.get("weight")
     if mk is None:
         return None
+    if isinstance(mod, nn.Embedding):   # weight [num_embeddings, dim]: its channels (features) are the columns
+        return mk.any(0).cpu()
     return mk.reshape(mk.shape[0], -1).any(1).cpu()    # keep-sets are index math on the CPU
 
 

@@ -16,7 +16,8 @@ threshold over the units of several layers (ties: earlier layer, then lower inde
 Parametrization. ``apply_mask`` registers ``WeightMask`` (``torch.nn.utils.parametrize``) on
 ``module.weight`` (and on ``module.bias`` for channel masks): the forward pass sees ``weight * mask``, the
 stored ``original`` keeps every value, gradients of masked entries are zero. ``remove_masks`` restores the
-original values (un-prune); ``bake_masks`` makes the zeros permanent plain parameters. Other tensors take
+original values (un-prune: masked entries get the values they had when masked, kept from the optimizer's
+drift in ``WeightMask.pruned``); ``bake_masks`` makes the zeros permanent plain parameters. Other tensors take
 masks the same way (``apply_tensor_mask``): channel pruning masks the rows of
 ``nn.MultiheadAttention.in_proj_weight`` / ``in_proj_bias`` of removed heads.
 
@@ -40,7 +41,7 @@ __all__ = [
     "GRANULARITIES", "PRUNABLE", "WeightMask", "as_2d", "check_granularity", "check_sparsity", "check_block",
     "check_nm", "check_layer", "num_to_remove", "unit_scores", "lowest_removed", "expand_units", "nm_keep",
     "layer_mask", "global_keep", "apply_mask", "apply_tensor_mask", "is_masked", "get_masks", "tensor_masks",
-    "remove_masks", "bake_masks", "load_masked_state_dict",
+    "remove_masks", "remove_tensor_mask", "bake_masks", "load_masked_state_dict",
 ]
 
 GRANULARITIES = ("element", "block", "nm", "channel")
@@ -243,14 +244,48 @@ def global_keep(scores: Mapping[str, Tensor], sparsity: float, granularity: str,
 
 # ------------------------------------------------------------------------------------ parametrization
 class WeightMask(nn.Module):
-    """Parametrization ``tensor -> where(mask, tensor, 0)`` with ``mask`` a registered bool buffer."""
+    """Parametrization ``tensor -> where(mask, tensor, 0)`` with ``mask`` a registered bool buffer.
 
-    def __init__(self, mask: Tensor) -> None:
+    ``pruned`` (a non-persistent buffer, 1-D in mask order: only the masked entries, not a full copy) holds
+    the values the masked entries had when they were masked. The forward pass never reads the stored
+    ``original`` there, but an optimizer still moves it (momentum, weight decay, Adam), so ``remove_masks``
+    writes ``pruned`` back instead. It is not saved: after a ``state_dict`` load the loaded originals are
+    the values an un-prune gives back (``pruned`` is then None).
+    """
+
+    def __init__(self, mask: Tensor, values: Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool).clone())
+        pruned = None if values is None else values.detach()[~self.mask].clone()
+        self.register_buffer("pruned", pruned, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.where(self.mask, x, x.new_zeros(()))
+
+    @torch.no_grad()
+    def update(self, mask: Tensor, original: Tensor | None) -> None:
+        """Set a new ``mask``. ``original`` (the tensor this parametrization reads, None when unknown): entries
+        masked before and kept now get their stored values back; newly masked entries are stored."""
+        if original is None:
+            self.pruned = None
+        else:
+            full = original.detach().clone()
+            if self.pruned is not None:
+                full[~self.mask] = self.pruned
+                back = mask & ~self.mask
+                original[back] = full[back]
+            self.pruned = full[~mask]
+        self.mask.copy_(mask)
+
+    @torch.no_grad()
+    def restore(self, original: Tensor) -> None:
+        """Write the stored values of the masked entries back into ``original``."""
+        if self.pruned is not None:
+            original[~self.mask] = self.pruned
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.pruned = None      # the loaded original holds the values to restore
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.mask.shape)}, sparsity={1 - self.mask.float().mean().item():.4f}"
@@ -263,6 +298,12 @@ def _mask_param(module: nn.Module, tensor_name: str) -> WeightMask | None:
     return found[0] if found else None
 
 
+def _masked_original(module: nn.Module, tensor_name: str) -> Tensor | None:
+    """The stored original a ``WeightMask`` reads: only when it is the first parametrization of the tensor."""
+    plist = getattr(module.parametrizations, tensor_name)
+    return plist.original if isinstance(plist[0], WeightMask) else None
+
+
 def _set_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None:
     t = getattr(module, tensor_name)
     if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(t.shape):
@@ -271,9 +312,10 @@ def _set_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None:
     mask = mask.to(device=t.device, dtype=torch.bool)
     existing = _mask_param(module, tensor_name)
     if existing is not None:
-        existing.mask.copy_(mask)
+        existing.update(mask, _masked_original(module, tensor_name))
     else:
-        parametrize.register_parametrization(module, tensor_name, WeightMask(mask))
+        values = t if not parametrize.is_parametrized(module, tensor_name) else None
+        parametrize.register_parametrization(module, tensor_name, WeightMask(mask, values))
 
 
 def apply_mask(module: nn.Module, mask: Tensor, bias_mask: Tensor | None = None) -> None:
@@ -332,25 +374,43 @@ def _own_parametrized_class(mod: nn.Module) -> None:
     mod.__class__ = type(cls.__name__, cls.__bases__, body)
 
 
+def _unmask_tensor(mod: nn.Module, tensor_name: str, leave_parametrized: bool, label: str) -> None:
+    plist = getattr(mod.parametrizations, tensor_name)
+    if not all(isinstance(p, WeightMask) for p in plist):
+        raise ValueError(f"{label}.{tensor_name} has other parametrizations besides "
+                         f"WeightMask ({[type(p).__name__ for p in plist]}); remove those first")
+    if not leave_parametrized:
+        plist[0].restore(plist.original)     # the values at masking time, not the optimizer's drift
+    parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=leave_parametrized)
+
+
 def _unmask(model: nn.Module, leave_parametrized: bool) -> int:
     count = 0
     for name, mod in list(model.named_modules()):
         if parametrize.is_parametrized(mod):
             _own_parametrized_class(mod)
         for tensor_name in _masked_tensor_names(mod):
-            plist = getattr(mod.parametrizations, tensor_name)
-            if not all(isinstance(p, WeightMask) for p in plist):
-                raise ValueError(f"{name or 'model'}.{tensor_name} has other parametrizations besides "
-                                 f"WeightMask ({[type(p).__name__ for p in plist]}); remove those first")
-            parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=leave_parametrized)
+            _unmask_tensor(mod, tensor_name, leave_parametrized, name or "model")
             count += 1
     return count
+
+
+def remove_tensor_mask(module: nn.Module, tensor_name: str) -> bool:
+    """Un-prune one tensor of ``module`` (see ``remove_masks``); returns whether it was masked."""
+    if _mask_param(module, tensor_name) is None:
+        return False
+    _own_parametrized_class(module)
+    _unmask_tensor(module, tensor_name, False, type(module).__name__)
+    return True
 
 
 def remove_masks(model: nn.Module) -> int:
     """Un-prune: drop every ``WeightMask`` in ``model`` and restore the original (unmasked) values.
 
-    Returns the number of tensors unmasked. Entries that training never touched come back exactly.
+    Returns the number of tensors unmasked. Masked entries come back with the values they had when they were
+    masked, even after an optimizer with momentum, weight decay or Adam moved the stored originals (the
+    forward pass never saw those moves); kept entries keep their trained values. After a ``state_dict`` load
+    the masked entries come back as loaded (the values at masking time are not saved).
     """
     return _unmask(model, leave_parametrized=False)
 

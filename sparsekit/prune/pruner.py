@@ -132,9 +132,11 @@ class Pruner:
     concatenation, norms, depthwise convs and attention heads couple are one group, removed from all its
     members together, so the masked model is exactly the model ``compact()`` builds. A group's unit scores
     aggregate the criterion's channel scores over its *producers* (the pruned Linear / Conv2d layers whose
-    output rows it holds, and ``nn.MultiheadAttention`` in-projections): for producer ``m`` let ``s_m[u]`` be
-    the mean score of unit ``u``'s rows (a head's ``head_dim`` rows of q, k and v are three producers) and
-    ``c_m`` the mean ``|s_m|``; the group scores ``mean_m(s_m / c_m) * mean_m(c_m)``. Dividing by ``c_m``
+    output rows it holds, ``nn.MultiheadAttention`` in-projections, and -- for criteria reading weights alone --
+    ``nn.Embedding`` layers, whose features are the columns of their weight, scored as the rows of
+    ``weight.T`` like a Linear's neurons; ``ignore`` an embedding to keep its features): for producer ``m``
+    let ``s_m[u]`` be the mean score of unit ``u``'s rows (a head's ``head_dim`` rows of q, k and v are three
+    producers) and ``c_m`` the mean ``|s_m|``; the group scores ``mean_m(s_m / c_m) * mean_m(c_m)``. Dividing by ``c_m``
     keeps a layer with large weights from outvoting the others; multiplying by the mean ``c_m`` keeps the
     criterion's scale, so ``scope="global"`` compares groups as the criterion compares layers (``l1_mean``
     stays comparable) and a one-producer group keeps its layer's scores exactly (the selection of plain
@@ -152,6 +154,10 @@ class Pruner:
     does not apply: reconstruction criteria (``reconstruct=True``, ``lasso``, ``thinet``) refit each layer's
     consumer for that layer's own selection along a plain chain, and ``distributed="sharded"`` ranks see only
     their own layers; there a coupled unit goes only when every producer removed it.
+
+    Several pruners may mask one model (e.g. one per layer to apply searched widths): each ANDs its masks with
+    the ones already on a tensor, so a second pruner never unmasks what a first one removed (such as the
+    consumer columns of its channels), and ``remove()`` takes back only its own.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any,
@@ -179,6 +185,10 @@ class Pruner:
         self.block = _masks.check_block(block)
         self.n, self.m = _masks.check_nm(n, m)
         self.schedule = _schedules.resolve(schedule)
+        if isinstance(self.schedule, _schedules.AGP) and self.schedule.initial > self.sparsity:
+            raise ValueError(f"schedule AGP(initial={self.schedule.initial}) starts above sparsity={self.sparsity}: "
+                             "the cubic schedule goes from initial up to the final sparsity; pass "
+                             "initial <= sparsity")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
         self.seed = seed
@@ -227,6 +237,8 @@ class Pruner:
         self._keep: dict[int, Tensor] = {}      # group id -> unit keep-mask of the last grouped step
         self._coupled: set[str] = set()          # masked modules other than self.layers (norms, attention ...)
         self._groups: dict[int, list] | None = None
+        # (module, tensor) -> (its mask before this pruner first masked it or None, this pruner's last mask)
+        self._applied: dict[tuple[str, str], tuple[Tensor | None, Tensor]] = {}
         self._target = 0.0
         self._steps = 0
 
@@ -304,7 +316,7 @@ class Pruner:
             else:
                 raise TypeError(f"ignore[{i}] must be an nn.Module or a module name, "
                                 f"got {type(item).__name__}")
-            out |= {k for k, v in modules.items() if isinstance(v, _masks.PRUNABLE)
+            out |= {k for k, v in modules.items() if isinstance(v, (*_masks.PRUNABLE, nn.Embedding))
                     and (prefix == "" or k == prefix or k.startswith(prefix + "."))}
         return out
 
@@ -420,9 +432,9 @@ class Pruner:
         if self.distributed == "replicated":
             masks = _dist.broadcast_masks(masks)
         for name, mask in masks.items():
-            mod = self.layers[name]
-            bias_mask = _masks.as_2d(mask).any(dim=1) if self.granularity == "channel" else None
-            _masks.apply_mask(mod, mask, bias_mask)
+            self._apply_tensor(name, "weight", mask)
+            if self.granularity == "channel" and self.layers[name].bias is not None:
+                self._apply_tensor(name, "bias", _masks.as_2d(mask).any(dim=1))
         if self.reconstruct:
             for name, mask in masks.items():
                 if ctxs[name].consumer is not None:
@@ -466,12 +478,24 @@ class Pruner:
         return rows
 
     def remove(self) -> None:
-        """Un-prune: drop the masks from every pruned layer (and the coupled norms / consumers a channel step
-        masked) and restore the original weights. The pruner starts over: ``masks`` is empty and a schedule
+        """Un-prune: drop this pruner's masks from every pruned layer (and the coupled norms / consumers a
+        channel step masked) and restore the original weights: masked entries get back the values they had
+        when they were masked (not what an optimizer's momentum or weight decay made of the stored originals
+        since; see ``masks.WeightMask``), kept entries keep their trained values. Masks another ``Pruner``
+        (or the user) put on the same tensors stay. The pruner starts over: ``masks`` is empty and a schedule
         restarts at step 0."""
-        for mod in self._touched_modules():
-            _masks.remove_masks(mod)
+        for (name, t), (base, mine) in self._applied.items():
+            mod = self.model.get_submodule(name)
+            p = _masks._mask_param(mod, t)
+            if p is None:     # baked or removed by someone else
+                continue
+            rest = self._others(p.mask, base, mine)
+            if bool(rest.all()):
+                _masks.remove_tensor_mask(mod, t)
+            else:             # another pruner's mask stays; the entries only this one masked come back
+                _masks.apply_tensor_mask(mod, t, rest)
         self._masks, self._keep, self._coupled, self._target, self._steps = {}, {}, set(), 0.0, 0
+        self._applied = {}
 
     def bake(self) -> None:
         """Make the masks permanent: pruned layers get plain Parameters holding the zeros."""
@@ -479,6 +503,31 @@ class Pruner:
             _masks.bake_masks(mod)
 
     # ------------------------------------------------------------------------------ structured removal
+    @staticmethod
+    def _others(current: Tensor, base: Tensor | None, mine: Tensor) -> Tensor:
+        """The part of a tensor's ``current`` mask that is not this pruner's: what it masked (``~mine``) is
+        released unless it was masked before this pruner first touched the tensor (``base``)."""
+        released = ~mine.to(current.device)
+        if base is not None:
+            released &= base.to(current.device)
+        return current | released
+
+    def _apply_tensor(self, name: str, tensor: str, mask: Tensor) -> None:
+        """Mask ``name.tensor`` with this pruner's selection ``mask``, ANDed with the masks others put there
+        (another Pruner on the same model, e.g. per-layer widths; the user): a second Pruner must not unmask
+        the consumer columns of a first one's removed channels. Entries this pruner masked before are
+        decided by ``mask`` alone, so a lower target can bring them back."""
+        mod = self.model.get_submodule(name)
+        mask = mask.to(torch.bool)
+        p = _masks._mask_param(mod, tensor)
+        key = (name, tensor)
+        if key not in self._applied:
+            self._applied[key] = (None if p is None else p.mask.detach().clone(), torch.ones_like(mask))
+        base, mine = self._applied[key]
+        combined = mask if p is None else mask.to(p.mask.device) & self._others(p.mask, base, mine)
+        _masks.apply_tensor_mask(mod, tensor, combined)
+        self._applied[key] = (base, mask.detach().clone())
+
     def _touched_modules(self) -> list[nn.Module]:
         extra = [self.model.get_submodule(n) for n in self._coupled]
         return list(self.layers.values()) + [m for m in extra if m not in self.layers.values()]
@@ -501,9 +550,8 @@ class Pruner:
         keep = keep_from_masks(self.model, graph, allow_empty=True)
         coupled = set()
         for name, tensors in member_tensor_masks(graph, keep, allow_empty=True).items():
-            mod = self.model.get_submodule(name)
             for t, mask in tensors.items():
-                _masks.apply_tensor_mask(mod, t, mask)
+                self._apply_tensor(name, t, mask)
             coupled.add(name)
         self._coupled = coupled
 
@@ -545,6 +593,9 @@ class Pruner:
         producers = set(self.layers)
         if self._scores_weight_views() or self._scores_head_taps():
             producers |= {a for a in attn if f"{a}.out_proj" in self.layers}
+        if self._scores_weight_views():   # an embedding's features: the columns of its weight, scored as rows
+            producers |= {m.module for g in graph.prunable for m in g.members if m.axis == "out"
+                          and isinstance(self.model.get_submodule(m.module), nn.Embedding)} - self.ignored
         ignored = set(self.ignored) | {a for a in attn if f"{a}.out_proj" in self.ignored}
         groups = {}
         for g in graph.prunable:
@@ -560,19 +611,23 @@ class Pruner:
         self._groups = {gid: groups[gid] for gid in sorted(groups, key=first_run)}
         return self._groups
 
-    def _in_proj_scores(self, names: set[str]) -> dict[str, Tensor]:
-        """Per packed q|k|v row of each attention module: the criterion's channel scores of its in-projection
-        weights, each scored as a Linear."""
+    def _view_scores(self, names: set[str]) -> dict[str, Tensor]:
+        """Per unit row of modules the criterion scores through a stand-in Linear: an attention module's packed
+        q|k|v rows (each in-projection weight scored as a Linear), an ``nn.Embedding``'s features (its
+        weight's columns, scored as the rows of ``weight.T``, like a Linear's output neurons)."""
         out = {}
         for name in sorted(names):
             mod = self.model.get_submodule(name)
+            emb = isinstance(mod, nn.Embedding)
+            tensors = ["weight"] if emb else [t for t, _, _ in in_proj_parts(mod) if t.endswith("weight")]
             parts = []
-            for t, _, _ in in_proj_parts(mod):
-                if not t.endswith("weight"):
-                    continue
-                w = getattr(mod, t).detach()
+            for t in tensors:
+                w, keep = getattr(mod, t).detach(), _masks._mask_param(mod, t)
+                w = w.T if emb else w
                 view = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
                 view.weight = nn.Parameter(w, requires_grad=False)
+                if keep is not None:      # the view's own mask: what e.g. l1_mean counts as the row's weights
+                    _masks.apply_mask(view, keep.mask.T if emb else keep.mask)
                 ctx = _calibration.LayerContext(name=f"{name}.{t}", granularity="channel", seed=self.seed)
                 parts.append(_masks.unit_scores(self.criterion.score(view, ctx), "channel"))
             out[name] = torch.cat(parts)
@@ -583,8 +638,8 @@ class Pruner:
         groups = self._selectable_groups()
         members = {m for ms in groups.values() for m in ms}
         rows = {k: _masks.unit_scores(v, "channel") for k, v in scores.items() if k in self.layers}
-        attn = {m.module for m in members if m.module not in self.layers}
-        rows.update(self._in_proj_scores({a for a in attn if a not in scores}))
+        attn = {m.module for m in members if m.module not in self.layers}     # attention modules, embeddings
+        rows.update(self._view_scores({a for a in attn if a not in scores}))
         for a in attn & set(scores):     # one score per head -> every packed q|k|v row of the head
             mod = self.model.get_submodule(a)
             rows[a] = _masks.unit_scores(scores[a], "channel").repeat_interleave(mod.head_dim).repeat(3)
@@ -637,9 +692,8 @@ class Pruner:
             plan[name] = {t: torch.ones(getattr(mod, t).shape, dtype=torch.bool) for t in tensors
                           if getattr(mod, t, None) is not None}
         for name, tensors in plan.items():
-            mod = self.model.get_submodule(name)
             for t, mask in tensors.items():
-                _masks.apply_tensor_mask(mod, t, mask)
+                self._apply_tensor(name, t, mask)
         self._coupled = set(plan) - set(self.layers)
         return self._row_masks(keep)
 

@@ -33,15 +33,15 @@ def taylor(module: nn.Module, ctx: LayerContext) -> Tensor:
                                              "||w_c||^2 with a Hutchinson trace (Yu et al. 2022, 'Hessian-Aware "
                                              "Pruning and Optimal Neural Implant')")
 def hessian(module: nn.Module, ctx: LayerContext) -> Tensor:
-    """Element granularity: 0.5 * F_ii * w_i^2, F the empirical diagonal Fisher (mean over batches of g^2,
-    LeCun et al. 1989). Channel granularity: |Tr(H_c)| / n_c * ||w_c||^2 with Tr(H_c) summed from the
+    """Element granularity: 0.5 * F_ii * w_i^2, F the empirical diagonal Fisher (mean over the calibration
+    samples of g_i^2, g_i the gradient of sample i's own loss; LeCun et al. 1989), so it does not depend on
+    how ``calib`` is batched. Channel granularity: |Tr(H_c)| / n_c * ||w_c||^2 with Tr(H_c) summed from the
     Hutchinson estimate E[v * Hv] of the Hessian diagonal (Rademacher v, one per batch; Yu et al. 2022).
     The trace's absolute value is used because a few samples can leave it slightly negative."""
     w = module.weight.detach().double()
-    batches = ctx.stat("batches")
     if ctx.granularity == "channel":
-        diag = ctx.stat("hutchinson") / batches
+        diag = ctx.stat("hutchinson") / ctx.stat("batches")
         rows = w.reshape(w.shape[0], -1)
         trace = diag.reshape(w.shape[0], -1).sum(1)
         return trace.abs() / rows.shape[1] * rows.square().sum(1)
-    return 0.5 * (ctx.stat("fisher") / batches) * w.square()
+    return 0.5 * (ctx.stat("fisher") / ctx.stat("samples")) * w.square()

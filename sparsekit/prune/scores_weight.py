@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .calibration import LayerContext, layer_seed
 from .criteria import register
+from .masks import _mask_param, as_2d
 
 __all__ = ["magnitude", "random", "l1", "l2", "l1_mean", "fpgm", "mean_variance", "bn_scale"]
 
@@ -53,9 +54,17 @@ def l2(module: nn.Module) -> Tensor:
                          "compare under one global threshold (Salama et al. 2019, 'Pruning at a Glance: "
                          "Global Neural Pruning for Model Compression', seed 003)")
 def l1_mean(module: nn.Module) -> Tensor:
-    """Element scores |w| / (weights per filter): per channel the mean |w| (Salama et al. 2019, Alg. 1)."""
+    """Element scores |w| / (weights the filter still has): per channel the mean |w| over its unmasked
+    weights (Salama et al. 2019, Alg. 1: ``L1(F_i) / size(F_i)``, where removing a filter also removes the
+    next layer's input channel it fed, so ``size`` shrinks). Dividing by the full filter size instead would
+    lower every later layer's scores at each iterative step (their masked input columns count as zeros)
+    until the global threshold empties them."""
     w = _w(module)
-    return w.abs() / max(1, w[0].numel())
+    keep = _mask_param(module, "weight")
+    if keep is None:
+        return w.abs() / max(1, w[0].numel())
+    count = as_2d(keep.mask).sum(1).clamp_min(1).to(w.dtype)      # a removed filter (count 0) scores 0
+    return w.abs() / count.reshape((-1,) + (1,) * (w.dim() - 1))
 
 
 @register("fpgm", doc="filter pruning via geometric median: a filter's summed Euclidean distance to the other "

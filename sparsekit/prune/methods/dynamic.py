@@ -1,12 +1,17 @@
 """Dynamic (run-time) channel pruning: a per-input gate that skips output channels (seed 001 "dynamic";
 seed 000 sec. 2.1, Zhang et al. 2021: a channel-importance predictor decides which channels to compute).
 
-``ChannelGate`` wraps an ``nn.Conv2d`` / ``nn.Linear``. A small predictor (global average pool of the input
--> Linear) scores the layer's output channels for each input; the ``keep`` fraction with the highest
-scores is computed, scaled by ``sigmoid(score)``, and the others are 0. In eval mode only the kept
-channels are computed, through the channel-compacted ops (``sparsekit.ops.sparse_conv2d`` /
-``channel_linear`` with a ``ChannelIndex`` of the kept rows); in training mode the dense layer runs and
-the hard top-k mask times the sigmoid lets gradients reach the predictor.
+``ChannelGate`` wraps an ``nn.Conv2d`` / ``nn.Linear``. A small predictor (the input averaged over its
+positions -- a conv's pixels, a Linear's tokens -- standardised per feature with running statistics that the
+first training batch sets, then a Linear) scores the layer's output channels for each input; the ``keep``
+fraction with the highest scores is computed, scaled by ``sigmoid(score)``, and the others are 0. The
+standardisation matters: pooled features differ little between inputs next to their mean (e.g. the 6 channel
+means a LeNet conv2 sees), so a plain Linear on them ranks the channels the same way for every input. The
+predictor starts from the default Linear initialisation (input-dependent scores) plus a bias of the filters'
+standardised L1 norms (the static order as a prior, of the same scale as the input-dependent part). In eval
+mode only the kept channels are computed, through the channel-compacted ops (``sparsekit.ops.sparse_conv2d``
+/ ``channel_linear`` with a ``ChannelIndex`` of the kept rows); in training mode the dense layer runs and the
+hard top-k mask times the sigmoid lets gradients reach the predictor.
 
     add_channel_gates(model, ["conv2", "fc1"], keep=0.5)   # in place
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...formats import ChannelIndex
@@ -39,16 +45,38 @@ class ChannelGate(nn.Module):
         self.layer = layer
         c_in, c_out = layer.weight.shape[1], layer.weight.shape[0]
         self.k = max(1, int(-(-keep * c_out // 1)))
-        self.predictor = nn.Linear(c_in, c_out)
-        with torch.no_grad():                        # start from the static L1 order, input-independent
-            self.predictor.weight.zero_()
+        self.norm = nn.BatchNorm1d(c_in, affine=False)     # pooled input standardised over the data
+        self.predictor = nn.Linear(c_in, c_out)             # default init: scores depend on the input
+        with torch.no_grad():                               # + the static L1 order as a prior
             l1 = layer.weight.detach().reshape(c_out, -1).abs().sum(1)
-            self.predictor.bias.copy_((l1 - l1.mean()) / l1.std().clamp_min(1e-12) + 2.0)
+            std = l1.std() if c_out > 1 else l1.new_ones(())
+            self.predictor.bias.copy_((l1 - l1.mean()) / std.clamp_min(1e-12) + 2.0)
         self.last_kept: Tensor | None = None
+
+    def _pool(self, x: Tensor) -> Tensor:
+        """``[batch, in_features]``: a conv's input averaged over pixels, a Linear's over tokens (its features
+        are the last dim of ``[batch, ..., features]``)."""
+        if isinstance(self.layer, nn.Conv2d):
+            return x.flatten(2).mean(2)
+        return x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
+
+    def _per_channel(self, v: Tensor, y: Tensor) -> Tensor:
+        """``[batch, out_channels]`` values shaped to broadcast over the layer's output ``y``."""
+        if isinstance(self.layer, nn.Conv2d):
+            return v.reshape(*v.shape, *([1] * (y.dim() - 2)))
+        return v.reshape(v.shape[0], *([1] * (y.dim() - 2)), v.shape[1])
 
     def scores(self, x: Tensor) -> Tensor:
         """Per-sample channel scores ``[batch, out_channels]``."""
-        pooled = x.flatten(2).mean(2) if x.dim() > 2 else x
+        pooled, n = self._pool(x), self.norm
+        if n.training and pooled.shape[0] == 1:          # no batch statistics from one sample
+            pooled = F.batch_norm(pooled, n.running_mean, n.running_var, training=False, eps=n.eps)
+        else:
+            if n.training and int(n.num_batches_tracked) == 0:       # the first batch sets the statistics
+                with torch.no_grad():
+                    n.running_mean.copy_(pooled.mean(0))
+                    n.running_var.copy_(pooled.var(0))
+            pooled = n(pooled)
         return self.predictor(pooled)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -59,8 +87,7 @@ class ChannelGate(nn.Module):
         if self.training:
             hard = torch.zeros_like(s).scatter_(1, top, 1.0)
             y = self.layer(x)
-            g = (hard * gate).reshape(*gate.shape, *([1] * (y.dim() - 2)))
-            return y * g
+            return y * self._per_channel(hard * gate, y)
         return self._compact(x, top, gate)
 
     def _compact(self, x: Tensor, top: Tensor, gate: Tensor) -> Tensor:
@@ -80,8 +107,8 @@ class ChannelGate(nn.Module):
             scale = torch.zeros_like(gate[i]).index_copy(0, idx, gate[i, idx])
             bias = self.layer.bias
             if bias is not None:
-                y = y + bias.reshape(1, -1, *([1] * (y.dim() - 2)))
-            outs.append(y * scale.reshape(1, -1, *([1] * (y.dim() - 2))))
+                y = y + self._per_channel(bias[None], y)
+            outs.append(y * self._per_channel(scale[None], y))
         return torch.cat(outs)
 
 

@@ -69,6 +69,10 @@ class LotteryTicket:
                  scope: str = "global", ignore: Any = None, seed: int = 0) -> None:
         if rewind not in REWINDS:
             raise ValueError(f"rewind must be one of {REWINDS}, got {rewind!r}")
+        if not isinstance(rounds, int) or isinstance(rounds, bool):
+            raise TypeError(f"rounds must be an int >= 1 (pruning rounds), got {type(rounds).__name__} {rounds!r}")
+        if rounds < 1:
+            raise ValueError(f"rounds must be an int >= 1 (pruning rounds), got {rounds}")
         if any(_masks.is_masked(m) for m in model.modules()):
             raise ValueError("model is already masked: start a lottery ticket from an unpruned model")
         self.model, self.rewind, self.rounds, self.seed = model, rewind, rounds, seed
