@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 
 from .nn import FORMAT_NAMES, SparseConv2d, SparseLinear
 from .ops._dispatch import BACKENDS
+from .prune.masks import bake_masks
 from .timing import interleaved_median_ms
 from .tuning_cache import TuningCache, device_name, resolve_cache
 from .verify import as_args
@@ -351,8 +352,10 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     backend      force a backend for the sparse candidates (a name in sparsekit.ops.BACKENDS; default: the
                  dispatcher's choice)
     exact        only formats that store exactly the nonzeros (no explicit zeros inside stored blocks), so that
-                 fine-tuning the result keeps every zero, as fine-tuning the masked model would; False allows
-                 coarser blocks whose stored zeros become trainable
+                 fine-tuning the result keeps every zero, as fine-tuning the masked model would; layers kept
+                 dense then keep their mask parametrizations (bake them before sk.save). False allows coarser
+                 blocks whose stored zeros become trainable and bakes every mask left in the model (a layer
+                 kept dense becomes a plain layer with its zeros baked in: what it was timed as)
     measure_model  also time the whole model: a plain dense eval-mode copy (masks baked) against the result
     """
     formats, blocks = _check_args(model, formats, min_speedup, blocks, reps, backend,
@@ -417,6 +420,11 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
             sparsity=stats["sparsity"], pattern=_describe(stats), times_ms=times, choice=choice,
             speedup=times["dense"] / times[choice], cached=hit is not None, notes=notes, backend=used))
     tcache.save()
+    if not exact:
+        # what is left masked (layers kept dense, masked norms and attention projections) becomes plain
+        # parameters with the zeros baked in: that is what the dense candidates were timed as (a mask
+        # parametrization costs about a dense forward again) and what sk.save stores
+        bake_masks(target)
     if baseline is not None and report.layers:
         t = interleaved_median_ms({"dense": lambda: baseline(*args), "sparse": lambda: target(*args)}, warmup=2,
                                   reps=reps, device=device)

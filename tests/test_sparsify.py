@@ -388,3 +388,24 @@ def test_formats_may_be_any_iterable_and_meta_models_are_rejected():
         meta = Net()
     with pytest.raises(ValueError, match="meta device"):
         sk.sparsify(meta, x, cache=False)
+
+
+def test_layers_kept_dense_are_baked_plain_layers_and_the_model_saves(tmp_path):
+    """A masked layer sparsify keeps dense must not keep its mask parametrization (it was timed as a plain
+    dense layer, and sk.save refuses masked models); with exact=True it keeps the mask (its zeros stay through
+    fine-tuning)."""
+    from sparsekit.prune import masks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    x = torch.randn(4, 64)
+    sk.prune.Pruner(model, x, criterion="magnitude", granularity="element", sparsity=0.5).step()
+    fast, report = sk.sparsify(model, x, cache=False, min_speedup=1e9, reps=1, measure_model=False)
+    assert {d.choice for d in report.layers} == {"dense"}
+    assert not any(masks.is_masked(m) for m in fast.modules())
+    assert type(fast[0]) is nn.Linear and type(fast[2]) is nn.Linear
+    torch.testing.assert_close(fast(x), model(x))
+    sk.save(fast, tmp_path / "m")                                  # raised "bake them first" before
+    assert masks.is_masked(model[0])                               # the user's model keeps its masks
+    exact, _ = sk.sparsify(model, x, cache=False, min_speedup=1e9, reps=1, measure_model=False, exact=True)
+    assert masks.is_masked(exact[0]) and masks.is_masked(exact[2])
