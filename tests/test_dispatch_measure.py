@@ -75,6 +75,8 @@ def test_env_parsing():
     assert p("0") == p("off") == p("") == set()
     assert p("1") == p("on") == {"*"}
     assert p("cuda, cpu") == {"cuda", "cpu"}
+    with pytest.warns(RuntimeWarning, match=r"\['gpu'\] are not device types"):
+        assert p("gpu,cpu") == {"cpu"}     # a typo is named, not silently measured nowhere
 
 
 def test_defaults_keep_cpu_on_the_priority_list():

@@ -128,6 +128,22 @@ def test_schemas_match_the_cpp_definitions():
         assert got == f"sparsekit::{name}{schema}", got
 
 
+def test_every_schema_in_ops_cpp_is_mirrored_in_python():
+    """csrc/ops.cpp and sparsekit/ops/_schema.py define the same ops (the Python copy registers them when the
+    extension is not built), read from the source so that an op added to one file only is caught."""
+    import re
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "ops.cpp").read_text()
+    defs = ["".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call)) for call in re.findall(r"m\.def\((.*?)\);", src, re.S)]
+    cpp = {d[:d.index("(")]: d[d.index("("):] for d in defs}
+    cpp.pop("cpu_kernel_isa")   # reports which SIMD kernels the C++ code runs: nothing to mirror without them
+    assert cpp and set(cpp) == set(SCHEMAS), sorted(set(cpp) ^ set(SCHEMAS))
+    squash = lambda t: re.sub(r"\s+", " ", t).strip()
+    for name, schema in cpp.items():
+        assert squash(schema) == squash(SCHEMAS[name]), name
+
+
 def test_extension_kernels_registered_when_built():
     if not _extension.LOADED:
         pytest.skip(f"extension not built: {_extension.LOAD_ERROR}")

@@ -46,6 +46,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -416,7 +417,19 @@ def _parse_measure(value: str | None) -> set[str]:
         return set()
     if v in _ON:
         return {"*"}
-    return {part.strip() for part in v.split(",") if part.strip()}
+    parts = {part.strip() for part in v.split(",") if part.strip()}
+    bad = sorted(p for p in parts if not _is_device_type(p))
+    if bad:
+        warnings.warn(f"{MEASURE_ENV}={value!r}: {bad} are not device types (expected a comma-separated list such "
+                      f"as 'cuda,cpu', or one of {_ON + _OFF[:-1]}); ignoring them", RuntimeWarning, stacklevel=2)
+    return parts - set(bad)
+
+
+def _is_device_type(name: str) -> bool:
+    try:
+        return torch.device(name).type == name
+    except RuntimeError:
+        return False
 
 
 _MEASURE: set[str] = _parse_measure(os.environ.get(MEASURE_ENV))

@@ -1,6 +1,7 @@
 """Op schemas, mirrored from csrc/ops.cpp so that a pure-Python install defines the same ops.
 
-tests/test_ops_registration.py checks the two stay identical when the extension is built.
+tests/test_ops.py checks the two stay identical (from the sources, and the registered ops when the extension is
+built); ``cpu_kernel_isa``, which only reports the C++ kernels' instruction set, is not mirrored.
 """
 
 SCHEMAS: dict[str, str] = {
