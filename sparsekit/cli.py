@@ -16,7 +16,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, format_result, run_demo
+    from .demo import DemoConfig, format_result, run_demo, save_demo_result
 
     for name in ("sparsity", "channels", "unstructured"):
         value = getattr(args, name)
@@ -27,7 +27,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                      block=args.block, unstructured=args.unstructured, formats=args.formats,
                      min_speedup=args.min_speedup, batch=args.batch, tokens=args.tokens, reps=args.reps,
                      backend=args.backend, save=not args.no_save)
-    print(format_result(run_demo(cfg)))
+    result = run_demo(cfg)
+    text = format_result(result)
+    print(text)
+    if args.out is not None:
+        print(f"results: {save_demo_result(result, text, args.out)}.json / .txt")
     return 0
 
 
@@ -68,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--reps", type=int, default=10)
     pd.add_argument("--backend", default=None, help="force a backend (cpu, triton, reference, cuda)")
     pd.add_argument("--no-save", action="store_true", help="skip the sk.save -> sk.load round trip")
+    pd.add_argument("--out", default=None, metavar="DIR",
+                    help="also write the table (.txt) and its data (.json, with machine and versions) to DIR, e.g. "
+                         "bench/results (README's demo block is generated from there)")
     pd.set_defaults(fn=_cmd_demo)
 
     add_bench_parser(sub)

@@ -18,8 +18,10 @@ exactness of each hand-off, not accuracy.
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -169,6 +171,23 @@ def _round_trip(fast: nn.Module, cfg: DemoConfig) -> nn.Module:
 def _row(stage: str, model: nn.Module, max_diff: float | None, vs: str) -> dict[str, Any]:
     return {"stage": stage, "params": _params(model), "weight_bytes": _weight_bytes(model), "max_diff": max_diff,
             "vs": vs}
+
+
+def save_demo_result(res: dict, text: str, out: str | Path) -> Path:
+    """Write ``text`` (format_result's table) to ``<out>/demo_<machine>_<stamp>.txt`` and the data behind it
+    (config, rows, per-layer choices, machine and versions) to the matching .json; returns the path without
+    suffix. bench/make_readme_table.py puts the newest default-config one into the README."""
+    from .benchmark.machine import script_results
+
+    device = next(iter(res["models"]["dense"].parameters())).device.type
+    base, info, _, _ = script_results(out, "demo", device)
+    data = {"machine": info, "config": asdict(res["config"]), "default_config": res["config"] == DemoConfig(),
+            "rows": res["rows"], "choices": {"block": res["report"].to_dict(),
+                                             "unstructured": res["report_unstructured"].to_dict()},
+            "text": text}
+    base.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
+    base.with_suffix(".txt").write_text(text + "\n")
+    return base
 
 
 # ----------------------------------------------------------------------------------------- the run

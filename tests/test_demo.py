@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from torch import nn
 
@@ -64,11 +66,16 @@ def test_format_result_prints_one_table(result):
         assert needle in text
 
 
-def test_cli_demo(capsys):
+def test_cli_demo(capsys, tmp_path):
     assert main(["demo", "--width", "0.125", "--batch", "2", "--tokens", "8", "--reps", "2", "--no-save",
-                 "--formats", "dense,bsr", "--min-speedup", "0.001"]) == 0
+                 "--formats", "dense,bsr", "--min-speedup", "0.001", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "sparsified" in out and "saved -> loaded" not in out
+    (saved,) = tmp_path.glob("demo_*.json")
+    data = json.loads(saved.read_text())
+    assert data["text"] in out and saved.with_suffix(".txt").read_text() == data["text"] + "\n"
+    assert data["default_config"] is False and data["config"]["width"] == 0.125
+    assert data["machine"]["device"] == "cpu" and [r["stage"] for r in data["rows"]][0] == "dense original"
 
 
 @pytest.mark.parametrize("change, match", [({"model": "vgg"}, "model"), ({"channels": 1.5}, "channels"),

@@ -190,3 +190,20 @@ def test_readme_is_generated_from_the_committed_results(script, capsys):
     text = (ROOT / "README.md").read_text()
     assert script.TARGETS_START in text and script.TARGETS_END in text
     assert script.main(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_demo_block_from_the_newest_default_run(script, tmp_path):
+    """The README's demo output comes from the newest CPU `sparsekit demo --out` run of the default config."""
+    def run(name: str, date: str, default: bool, device: str = "cpu") -> None:
+        data = {"machine": {"date": date, "device": device, "cpu_model": "Xeon", "threads": 2, "torch": "2.13"},
+                "default_config": default, "text": f"table of {name}"}
+        (tmp_path / f"demo_{name}.json").write_text(json.dumps(data))
+
+    readme = tmp_path / "README.md"
+    assert script.demo_block(tmp_path, readme) is None
+    run("old", "2026-01-01T00:00:00", True)
+    run("new", "2026-02-01T00:00:00", True)
+    run("newer_but_scaled", "2026-03-01T00:00:00", False)
+    run("newer_on_gpu", "2026-03-01T00:00:00", True, device="cuda")
+    block = script.demo_block(tmp_path, readme)
+    assert "table of new" in block and "2026-02-01" in block and "(demo_new.json)" in block
