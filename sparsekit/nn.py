@@ -270,8 +270,7 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
         except ValueError as exc:
             skipped[name] = str(exc).split(". ")[0]
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        model.set_submodule(name, new)
     model.sparsekit_skipped = skipped
     return model
 

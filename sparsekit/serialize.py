@@ -143,8 +143,7 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
         except AttributeError:
             raise ValueError(f"the saved spec has a sparse module {name!r} that the given model lacks") from None
         new = _rebuild(name, mspec, tensors)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.set_submodule(name, new)
     if not on_meta:  # move, then copy: tied weights stay tied and non-persistent buffers follow
         model.to(device)
     model.load_state_dict(tensors, strict=True, assign=on_meta)

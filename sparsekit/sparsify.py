@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .nn import FORMAT_NAMES, SparseConv2d, SparseLinear
-from .ops._dispatch import BACKENDS
+from .ops._dispatch import BACKENDS, recording_choices
 from .prune.masks import bake_masks
 from .timing import interleaved_median_ms
 from .tuning_cache import TuningCache, device_name, resolve_cache
@@ -237,18 +237,13 @@ def _first_line(exc: BaseException, limit: int = 120) -> str:
     return lines[0][:limit] if lines else type(exc).__name__
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def _densify_sparse_layers(model: nn.Module) -> None:
     """Turn every SparseLinear/SparseConv2d back into a plain nn.Linear/nn.Conv2d (same zeros), so that an
     already-sparsified model is measured again like any pruned one: its best formats and backends were measured
     on another machine, or with other inputs. A forced backend is dropped: the dispatcher re-selects."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (SparseLinear, SparseConv2d)):
-            _set_submodule(model, name, mod.to_dense())
+            model.set_submodule(name, mod.to_dense())
 
 
 def _dense_baseline(model: nn.Module) -> nn.Module:
@@ -262,33 +257,19 @@ def _dense_baseline(model: nn.Module) -> nn.Module:
     base = copy.deepcopy(model, memo)
     for name, mod in list(base.named_modules()):
         if name and isinstance(mod, (nn.Linear, nn.Conv2d)) and parametrize.is_parametrized(mod):
-            _set_submodule(base, name, _plain_dense(mod))
+            base.set_submodule(name, _plain_dense(mod))
     return base.eval()
 
 
 def _backend_used(mod: nn.Module, inp: Tensor) -> str | None:
     """The backend that runs ``mod`` on ``inp`` on this machine (sk.save records it, as information): the
-    dispatcher's pick, seen by running the layer once ("cpu" where the CPU convolution kernels are called
-    directly; "torch" for the dense and channel formats, plain torch GEMMs)."""
+    dispatcher's pick, recorded while the layer runs once ("cpu" where the CPU kernels are called without the
+    dispatcher: convolutions and repeated calls; "torch" for the dense and channel formats, plain torch GEMMs)."""
     if not isinstance(mod, (SparseLinear, SparseConv2d)) or mod.format in ("dense", "channel"):
         return "torch"
-    seen: list[str] = []
-
-    def spy(b, mm: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        def mm_seen(family: str, x: Tensor, w: Any, bias: Tensor | None) -> Tensor:
-            seen.append(b.name)
-            return mm(family, x, w, bias)
-        return mm_seen
-
-    for b in BACKENDS.values():  # an instance attribute shadows Backend.mm for this one forward
-        b.mm = spy(b, b.mm)
-    try:
-        with torch.no_grad():
-            mod(inp)
-    finally:
-        for b in BACKENDS.values():
-            vars(b).pop("mm", None)
-    # the last call is the real one (a first call the dispatcher measures runs every candidate before it)
+    with recording_choices() as seen, torch.no_grad():
+        mod(inp)
+    # the last pick is the real one (a call the dispatcher measures times every candidate first)
     return seen[-1] if seen else ("cpu" if inp.device.type == "cpu" else None)
 
 
@@ -413,7 +394,7 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
                 notes.append(f"{choice} could not be built ({_first_line(exc)}); kept dense")
                 choice = "dense"
             else:
-                _set_submodule(target, name, new)
+                target.set_submodule(name, new)
                 used = new.chosen_backend = _backend_used(new, inp)   # sk.save records it (information only)
         report.layers.append(LayerDecision(
             name=name, kind=_kind(mod)["kind"], weight_shape=tuple(mod.weight.shape), input_shape=tuple(inp.shape),

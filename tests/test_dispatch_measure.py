@@ -425,3 +425,43 @@ def test_cuda_graph_capture_uses_priority_and_remembers_nothing():
     finally:
         _dispatch._measure = real
         _dispatch.clear_choices()
+
+
+def test_measured_choice_never_returns_a_path_this_call_does_not_offer(measuring):
+    """One shape key, two calls offering different paths (a no_grad call may offer a forward-only fused kernel
+    that a training call cannot use): the second call must get one of its own paths (it got a KeyError)."""
+    x = torch.randn(4, 8)
+    key = ("test_helper", 4, 8)
+    slow = lambda: time.sleep(0.002)  # noqa: E731
+    fast = lambda: None  # noqa: E731
+    assert _dispatch.measured_choice(key, x, {"fused": fast, "unfused": slow}, "unfused") == "fused"
+    assert _dispatch.measured_choice(key, x, {"other": slow, "unfused": fast}, "unfused") == "unfused"
+    assert _dispatch.measured_choice(key, x, {"fused": fast, "unfused": slow}, "unfused") == "fused"
+
+
+def test_recording_choices_sees_only_its_own_thread():
+    """sk.sparsify records which backend ran a layer; another thread's sparse calls must not leak into it."""
+    import threading
+
+    from sparsekit.formats import BSR
+
+    if not _dispatch.has_kernel("bsr_mm", "CPU"):
+        pytest.skip("needs the CPU extension")
+    w = BSR.from_dense(torch.randn(32, 32), (16, 16))
+    x = torch.randn(4, 32)
+    stop = threading.Event()
+
+    def other():
+        while not stop.is_set():
+            _dispatch.choose("bsr", x, w, "reference")
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        with _dispatch.recording_choices() as seen:
+            for _ in range(50):
+                _dispatch.choose("bsr", x, w, "cpu")
+    finally:
+        stop.set()
+        t.join()
+    assert seen == ["cpu"] * 50

@@ -280,6 +280,20 @@ def test_channel_gate_on_linear_tokens():
     torch.testing.assert_close(gate(x), y, atol=1e-5, rtol=1e-5)
 
 
+def test_channel_gate_loads_a_state_dict_saved_before_the_input_norm():
+    """Gates saved by an earlier sparsekit have no ``norm.*`` entries: they load with identity statistics,
+    which give their old scores in eval mode (the predictor on the raw pooled input)."""
+    torch.manual_seed(0)
+    gate = ChannelGate(nn.Linear(6, 10), keep=0.3)
+    old = {k: v for k, v in gate.state_dict().items() if not k.startswith("norm.")}
+    fresh = ChannelGate(nn.Linear(6, 10), keep=0.3)
+    fresh.load_state_dict(old)
+    x = torch.randn(4, 5, 6)
+    expected = gate.predictor(x.mean(1))
+    torch.testing.assert_close(fresh.eval().scores(x), expected, atol=1e-4, rtol=1e-4)
+    assert int(fresh.norm.num_batches_tracked) == 1     # a first training batch does not reset them
+
+
 def test_add_channel_gates_on_lenet():
     torch.manual_seed(0)
     m = models.LeNet5(image_size=8)

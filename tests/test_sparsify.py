@@ -409,3 +409,14 @@ def test_layers_kept_dense_are_baked_plain_layers_and_the_model_saves(tmp_path):
     assert masks.is_masked(model[0])                               # the user's model keeps its masks
     exact, _ = sk.sparsify(model, x, cache=False, min_speedup=1e9, reps=1, measure_model=False, exact=True)
     assert masks.is_masked(exact[0]) and masks.is_masked(exact[2])
+
+
+def test_report_records_the_backend_that_ran_each_layer():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    with torch.no_grad():
+        lin.weight[:48] = 0
+    model = nn.Sequential(lin).eval()
+    _, report = sk.sparsify(model, torch.randn(4, 64), cache=False, min_speedup=1e-9, reps=1,
+                            measure_model=False, formats=["dense", "csr"], backend="reference")
+    assert [d.backend for d in report.layers] == ["reference"]

@@ -43,11 +43,13 @@ dict lookup per call.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -408,6 +410,19 @@ _OFF = ("0", "off", "false", "no", "none", "")
 _ON = ("1", "on", "true", "yes", "all", "*")
 
 
+def m_bucket(m: int) -> int:
+    """M rounded up to a power of two (0 stays 0): calls whose row counts share a bucket share a measurement."""
+    return 1 << (m - 1).bit_length() if m > 0 else 0
+
+
+def check_backend(fn: str, backend: object, allowed: tuple[str, ...]) -> None:
+    """``backend`` must be None or one of ``allowed`` (a TypeError / ValueError naming ``fn`` otherwise)."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"{fn}: backend must be a str or None, got {type(backend).__name__}")
+    if backend not in (None, *allowed):
+        raise ValueError(f"{fn}: backend must be one of {list(allowed)} or None, got {backend!r}")
+
+
 def _parse_measure(value: str | None) -> set[str]:
     """``SPARSEKIT_MEASURE_BACKENDS`` -> the device types measured ("*" = all). Unset: {"cuda"}."""
     if value is None:
@@ -501,14 +516,38 @@ def _choice_key(family: str, x: Tensor, w: Format) -> tuple:
         device, interp = "cpu", _interp_switch()
     else:
         device, interp = (x.get_device() if x.is_cuda else str(x.device)), None
-    return (family, device, x.dtype, pattern, 1 << (m - 1).bit_length() if m > 0 else 0, n, k,
+    return (family, device, x.dtype, pattern, m_bucket(m), n, k,
             -(-stored * 16 // (n * k)) if n * k else 0, interp)
+
+
+_RECORDING = threading.local()   # .seen: a list while recording_choices() is active in this thread
+
+
+@contextlib.contextmanager
+def recording_choices() -> Iterator[list[str]]:
+    """Collect the labels of the backends ``choose`` picks in this thread inside the block (which backend ran a
+    layer, for sk.sparsify's report). Calls that skip the dispatcher (the CPU C++ kernels' repeat path and
+    convolution kernels) record nothing."""
+    previous = getattr(_RECORDING, "seen", None)
+    _RECORDING.seen = seen = []
+    try:
+        yield seen
+    finally:
+        _RECORDING.seen = previous
 
 
 def choose(family: str, x: Tensor, w: Format, backend: str | None = None) -> Backend:
     """The backend that will run this call: the forced one, the fastest measured one, or the first usable in
     priority order (see the module docstring). The pick (and a forced backend's check) is remembered per key:
     it is on every call's path."""
+    chosen = _choose(family, x, w, backend)
+    seen = getattr(_RECORDING, "seen", None)
+    if seen is not None:
+        seen.append(chosen.label)
+    return chosen
+
+
+def _choose(family: str, x: Tensor, w: Format, backend: str | None) -> Backend:
     if backend is not None:
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
@@ -626,6 +665,7 @@ def measured_choice(key: tuple, x: Tensor, calls: dict[str, Callable[[], object]
         return next(iter(calls))
     if torch.compiler.is_compiling():
         return default
+    key = (*key, tuple(calls))   # which paths can run differs between calls of one shape (e.g. with autograd)
     chosen = _CHOSEN.get(key)
     if chosen is not None:
         return chosen

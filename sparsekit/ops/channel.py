@@ -50,7 +50,9 @@ from . import reference
 from ._dispatch import (
     _capability,
     _triton_import_error,
+    check_backend,
     cuda_build_reasons,
+    m_bucket,
     measured_choice,
     remembered_choice,
     triton_interpreting,
@@ -107,18 +109,11 @@ def cuda_conv_reasons(x: Tensor) -> list[str]:
     return reasons
 
 
-def _check_backend(fn: str, backend: object, allowed: tuple[str, ...]) -> None:
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"{fn}: backend must be a str or None, got {type(backend).__name__}")
-    if backend not in (None, *allowed):
-        raise ValueError(f"{fn}: backend must be one of {list(allowed)} or None, got {backend!r}")
-
-
 def _triton_candidate(fn: str, backend: str | None, tensors: list[Tensor], extra: list[str],
                       allowed: tuple[str, ...] = _BACKENDS) -> bool:
     """Whether the Triton kernels take part in this call: forced (raises with the reasons when they cannot run),
     or, for backend=None, a candidate that measuring weighs against the unfused path (where Triton can run)."""
-    _check_backend(fn, backend, allowed)
+    check_backend(fn, backend, allowed)
     if backend not in (None, "triton"):
         return False
     reasons = triton_reasons(*tensors) + extra
@@ -139,10 +134,6 @@ def _pick(fn: str, backend: str | None, x: Tensor, key: tuple, calls: dict[str, 
 
 def _device_key(t: Tensor) -> tuple:
     return (t.get_device() if t.is_cuda else str(t.device)), t.dtype
-
-
-def _bucket(m: int) -> int:
-    return 1 << (m - 1).bit_length() if m > 0 else 0
 
 
 def _check_tensor(fn: str, t: object, name: str) -> Tensor:
@@ -233,7 +224,7 @@ def channel_gather_linear(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tenso
     calls = {"reference": unfused}
     if _triton_candidate(fn, backend, [x, weight] + ([bias] if bias is not None else []), []):
         calls = {"triton": fused, "reference": unfused}
-    key = (*_device_key(x), _bucket(x.numel() // k if k else 0), k, kc, nc, n_out, bias is not None)
+    key = (*_device_key(x), m_bucket(x.numel() // k if k else 0), k, kc, nc, n_out, bias is not None)
     return calls[_pick(fn, backend, x, key, calls)]()
 
 
@@ -285,7 +276,7 @@ def _conv_candidates(fn: str, backend: object, x: Tensor, weight: Tensor, bias: 
                      groups: int) -> list[str]:
     """The paths that may run the conv, in priority order ("cuda", "triton", "reference"): just the forced one
     (raising with the reasons when it cannot run), or every one that can (see the module doc)."""
-    _check_backend(fn, backend, _CONV_BACKENDS)
+    check_backend(fn, backend, _CONV_BACKENDS)
     out = []
     if backend in (None, "cuda"):
         reasons = cuda_conv_reasons(x)
@@ -312,7 +303,7 @@ def _conv_candidates(fn: str, backend: object, x: Tensor, weight: Tensor, bias: 
 
 def _conv_key(x: Tensor, weight: Tensor, bias: Tensor | None, n_out: int | None, conv: tuple) -> tuple:
     b, c, h, w = (int(s) for s in x.shape)
-    return (*_device_key(x), _bucket(b), c, h, w, tuple(weight.shape), n_out, bias is not None, conv,
+    return (*_device_key(x), m_bucket(b), c, h, w, tuple(weight.shape), n_out, bias is not None, conv,
             reference.channel_conv_memory_format(x) == torch.channels_last)
 
 
@@ -329,7 +320,7 @@ def conv_backend(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None 
     if len(names) == 1:
         return names[0]
     key = _conv_key(x, weight, bias, n_out, (stride, padding, dilation, groups))
-    remembered = remembered_choice((fn, *key))
+    remembered = remembered_choice((fn, *key, tuple(names)))   # measured_choice's key: it holds the candidates
     return remembered if remembered in names else _conv_default(names)
 
 
@@ -417,7 +408,7 @@ def channel_scatter(y: Tensor, out_idx: Tensor, n_out: int, bias: Tensor | None 
     calls = {"reference": unfused}
     if _triton_candidate(fn, backend, [y] + ([bias] if bias is not None else []), []):
         calls = {"triton": lambda: _triton_scatter(y, out_idx, n_out, bias, dim, shape, view), "reference": unfused}
-    key = (*_device_key(y), _bucket(int(y.shape[0])), *(int(s) for s in y.shape[1:]), dim, n_out, bias is not None)
+    key = (*_device_key(y), m_bucket(int(y.shape[0])), *(int(s) for s in y.shape[1:]), dim, n_out, bias is not None)
     return calls[_pick(fn, backend, y, key, calls)]()
 
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..formats import BSR, CSR, NM, ChannelIndex
+from ._dispatch import check_backend
 from ._library import call_op, has_kernel
-from .channel import _check_backend
 from .linear import BACKEND_NAMES, _check_structure, check_bias, sparse_linear
 
 _Pair = int | tuple[int, int]
@@ -133,7 +133,7 @@ def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Te
                         f"[C_out, C_in/groups*kh*kw], got {type(w).__name__}")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"sparse_conv2d: groups must be a positive int, got {groups!r}")
-    _check_backend("sparse_conv2d", backend, BACKEND_NAMES)
+    check_backend("sparse_conv2d", backend, BACKEND_NAMES)
     b, c_in, h, wd = x.shape
     c_out = w.shape[0]
     # once here: the per-group paths below slice the bias, which would hide a wrong length

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..formats import BSR, CSR, NM, ChannelIndex
-from ._dispatch import BACKENDS, CppBackend, Format, choose, measure_enabled
+from ._dispatch import BACKENDS, CppBackend, Format, check_backend, choose, measure_enabled
 from ._library import _needs_autograd_layer
-from .channel import _check_backend
 
 BACKEND_NAMES = tuple(sorted(BACKENDS))
 
@@ -175,13 +174,14 @@ def sparse_linear(x: Tensor, w: Format | ChannelIndex | Tensor, bias: Tensor | N
                   backend: str | None = None) -> Tensor:
     """Dispatch on the weight's format (BSR, CSR, NM, ChannelIndex, or a dense tensor -> F.linear)."""
     if isinstance(w, Tensor):   # F.linear, whatever the backend: still reject a name no backend has
-        _check_backend("sparse_linear", backend, BACKEND_NAMES)
-        if not isinstance(x, Tensor):
-            raise TypeError(f"sparse_linear: x must be a torch.Tensor, got {type(x).__name__}")
-        check_bias("sparse_linear", bias, w.shape[0] if w.dim() == 2 else None, x)
+        # (SparseLinear(format="dense") calls this per forward: the checks run only where they could fail)
+        if backend is not None:
+            check_backend("sparse_linear", backend, BACKEND_NAMES)
+        if bias is not None and not (isinstance(bias, Tensor) and isinstance(x, Tensor) and bias.dtype == x.dtype):
+            check_bias("sparse_linear", bias, None, x)   # F.linear would promote or fail on another dtype
         return F.linear(x, w, bias)
     if isinstance(w, ChannelIndex):
-        _check_backend("sparse_linear (a ChannelIndex weight: a dense GEMM on the kept channels)", backend,
+        check_backend("sparse_linear (a ChannelIndex weight: a dense GEMM on the kept channels)", backend,
                        ("reference",))
         return channel_linear(x, w, bias)
     try:

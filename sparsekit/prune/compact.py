@@ -217,11 +217,6 @@ def _axis_size(mod: nn.Module, axis: str) -> int:
     return w.shape[0] if axis == "out" else w.shape[1]
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def _check_keep(graph: DependencyGraph, keep: Mapping[int, Any], allow_empty: bool = False) -> dict[int, Tensor]:
     out = {}
     for gid, k in keep.items():
@@ -360,7 +355,7 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
     small = copy.deepcopy(model)
     mods = dict(small.named_modules())
     for name, ax in plan.items():
-        _set(small, name, resize_module(mods[name], ax.get("out"), ax.get("in")))
+        small.set_submodule(name, resize_module(mods[name], ax.get("out"), ax.get("in")))
     # channel selection before BNs that read a shared stream
     eff = _effective_keep(graph, keep)
     for bn, sel in graph.selections.items():
@@ -373,7 +368,7 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
         index = pos[own]
         if torch.equal(index, torch.arange(int(stream.sum()))):
             continue      # the BN reads the whole compacted stream in order: nothing to select
-        _set(small, bn, ChannelSelect(index, small.get_submodule(bn)))
+        small.set_submodule(bn, ChannelSelect(index, small.get_submodule(bn)))
     for mod in small.modules():
         if attention_kind(mod) in ("hf", "fused", "gqa"):
             set_heads(mod)
@@ -523,10 +518,10 @@ def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:
             raise ValueError(f"widths name module {name!r}, which the given {type(model).__name__} lacks") from None
         same = compacted_widths(nn.ModuleDict({"m": mod})).get("m") == w
         if not same:
-            _set(model, inner, _blank(mod, w))
+            model.set_submodule(inner, _blank(mod, w))
     for name, w in selects.items():
-        _set(model, name, ChannelSelect(torch.zeros(w["select"], dtype=torch.long), model.get_submodule(name),
-                                        w["dim"]))
+        select = ChannelSelect(torch.zeros(w["select"], dtype=torch.long), model.get_submodule(name), w["dim"])
+        model.set_submodule(name, select)
     for _, mod in model.named_modules():
         if attention_kind(mod) in ("hf", "fused", "gqa"):
             set_heads(mod)

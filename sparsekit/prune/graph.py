@@ -1036,8 +1036,7 @@ class DependencyGraph:
                     plan.setdefault(sub_name, {})[axis] = full[~torch.isin(full, torch.cat(idx))]
                 for sub_name, ax in plan.items():
                     new = resize_module(probe.get_submodule(sub_name), ax.get("out"), ax.get("in"))
-                    parent, _, child = sub_name.rpartition(".")
-                    setattr(probe.get_submodule(parent) if parent else probe, child, new)
+                    probe.set_submodule(sub_name, new)
                 set_heads(probe)
                 with torch.no_grad():
                     probe(*a, **k)

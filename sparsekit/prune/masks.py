@@ -41,7 +41,8 @@ __all__ = [
     "GRANULARITIES", "PRUNABLE", "WeightMask", "as_2d", "check_granularity", "check_sparsity", "check_block",
     "check_nm", "check_layer", "num_to_remove", "unit_scores", "lowest_removed", "expand_units", "nm_keep",
     "layer_mask", "global_keep", "apply_mask", "apply_tensor_mask", "is_masked", "get_masks", "tensor_masks",
-    "remove_masks", "remove_tensor_mask", "bake_masks", "load_masked_state_dict",
+    "remove_masks", "remove_tensor_mask", "bake_masks", "load_masked_state_dict", "set_owned_mask",
+    "release_owned_mask",
 ]
 
 GRANULARITIES = ("element", "block", "nm", "channel")
@@ -246,7 +247,8 @@ def global_keep(scores: Mapping[str, Tensor], sparsity: float, granularity: str,
 class WeightMask(nn.Module):
     """Parametrization ``tensor -> where(mask, tensor, 0)`` with ``mask`` a registered bool buffer.
 
-    ``pruned`` (a non-persistent buffer, 1-D in mask order: only the masked entries, not a full copy) holds
+    ``pruned`` (a non-persistent buffer, 1-D in mask order: only the masked entries, so at 90% sparsity about
+    0.9x the weight's memory while the mask exists) holds
     the values the masked entries had when they were masked. The forward pass never reads the stored
     ``original`` there, but an optimizer still moves it (momentum, weight decay, Adam), so ``remove_masks``
     writes ``pruned`` back instead. It is not saved: after a ``state_dict`` load the loaded originals are
@@ -333,6 +335,41 @@ def apply_tensor_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None
     if not isinstance(module, nn.Module) or not isinstance(getattr(module, tensor_name, None), Tensor):
         raise TypeError(f"module must be an nn.Module with a tensor {tensor_name!r}, got {type(module).__name__}")
     _set_mask(module, tensor_name, mask)
+
+
+def set_owned_mask(module: nn.Module, tensor_name: str, owner: str, mask: Tensor) -> None:
+    """Set ``owner``'s keep-mask on ``module.<tensor_name>``. The tensor's mask is the AND of every owner's (a
+    Pruner is one; a mask already there when the first owner came counts as one more, ``None``), so owners
+    can be released in any order (``release_owned_mask``) without unmasking what another still masks."""
+    p = _mask_param(module, tensor_name)
+    owners = dict(getattr(p, "owners", None) or ({} if p is None else {None: p.mask.detach().clone()}))
+    owners[owner] = mask.detach().to(torch.bool).clone()
+    apply_tensor_mask(module, tensor_name, _and_of(owners))
+    _mask_param(module, tensor_name).owners = owners
+
+
+def release_owned_mask(module: nn.Module, tensor_name: str, owner: str) -> None:
+    """Drop ``owner``'s mask from ``module.<tensor_name>`` (see ``set_owned_mask``): entries no other owner
+    masks come back with their values at masking time; the parametrization goes when nothing stays masked."""
+    p = _mask_param(module, tensor_name)
+    owners = getattr(p, "owners", None)
+    if p is None or not owners or owner not in owners:
+        return
+    owners = {k: v for k, v in owners.items() if k != owner}
+    combined = _and_of(owners) if owners else None
+    if combined is None or bool(combined.all()):
+        remove_tensor_mask(module, tensor_name)
+        return
+    apply_tensor_mask(module, tensor_name, combined)
+    p.owners = owners
+
+
+def _and_of(owners: Mapping[object, Tensor]) -> Tensor:
+    masks = list(owners.values())
+    out = masks[0].clone()
+    for m in masks[1:]:
+        out &= m.to(out.device)
+    return out
 
 
 def is_masked(module: nn.Module) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -238,7 +239,8 @@ class Pruner:
         self._coupled: set[str] = set()          # masked modules other than self.layers (norms, attention ...)
         self._groups: dict[int, list] | None = None
         # (module, tensor) -> (its mask before this pruner first masked it or None, this pruner's last mask)
-        self._applied: dict[tuple[str, str], tuple[Tensor | None, Tensor]] = {}
+        self._applied: set[tuple[str, str]] = set()   # (module, tensor) this pruner masked
+        self._owner = f"Pruner-{uuid.uuid4().hex}"      # its name among a tensor's mask owners
         self._target = 0.0
         self._steps = 0
 
@@ -484,18 +486,10 @@ class Pruner:
         since; see ``masks.WeightMask``), kept entries keep their trained values. Masks another ``Pruner``
         (or the user) put on the same tensors stay. The pruner starts over: ``masks`` is empty and a schedule
         restarts at step 0."""
-        for (name, t), (base, mine) in self._applied.items():
-            mod = self.model.get_submodule(name)
-            p = _masks._mask_param(mod, t)
-            if p is None:     # baked or removed by someone else
-                continue
-            rest = self._others(p.mask, base, mine)
-            if bool(rest.all()):
-                _masks.remove_tensor_mask(mod, t)
-            else:             # another pruner's mask stays; the entries only this one masked come back
-                _masks.apply_tensor_mask(mod, t, rest)
+        for name, t in self._applied:   # (a tensor baked or unmasked by someone else is left as it is)
+            _masks.release_owned_mask(self.model.get_submodule(name), t, self._owner)
         self._masks, self._keep, self._coupled, self._target, self._steps = {}, {}, set(), 0.0, 0
-        self._applied = {}
+        self._applied = set()
 
     def bake(self) -> None:
         """Make the masks permanent: pruned layers get plain Parameters holding the zeros."""
@@ -503,30 +497,13 @@ class Pruner:
             _masks.bake_masks(mod)
 
     # ------------------------------------------------------------------------------ structured removal
-    @staticmethod
-    def _others(current: Tensor, base: Tensor | None, mine: Tensor) -> Tensor:
-        """The part of a tensor's ``current`` mask that is not this pruner's: what it masked (``~mine``) is
-        released unless it was masked before this pruner first touched the tensor (``base``)."""
-        released = ~mine.to(current.device)
-        if base is not None:
-            released &= base.to(current.device)
-        return current | released
-
     def _apply_tensor(self, name: str, tensor: str, mask: Tensor) -> None:
         """Mask ``name.tensor`` with this pruner's selection ``mask``, ANDed with the masks others put there
         (another Pruner on the same model, e.g. per-layer widths; the user): a second Pruner must not unmask
-        the consumer columns of a first one's removed channels. Entries this pruner masked before are
-        decided by ``mask`` alone, so a lower target can bring them back."""
-        mod = self.model.get_submodule(name)
-        mask = mask.to(torch.bool)
-        p = _masks._mask_param(mod, tensor)
-        key = (name, tensor)
-        if key not in self._applied:
-            self._applied[key] = (None if p is None else p.mask.detach().clone(), torch.ones_like(mask))
-        base, mine = self._applied[key]
-        combined = mask if p is None else mask.to(p.mask.device) & self._others(p.mask, base, mine)
-        _masks.apply_tensor_mask(mod, tensor, combined)
-        self._applied[key] = (base, mask.detach().clone())
+        the consumer columns of a first one's removed channels, and either may be removed first. Entries this
+        pruner masked before are decided by ``mask`` alone, so a lower target can bring them back."""
+        _masks.set_owned_mask(self.model.get_submodule(name), tensor, self._owner, mask)
+        self._applied.add((name, tensor))
 
     def _touched_modules(self) -> list[nn.Module]:
         extra = [self.model.get_submodule(n) for n in self._coupled]

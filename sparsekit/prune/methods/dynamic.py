@@ -53,6 +53,16 @@ class ChannelGate(nn.Module):
             self.predictor.bias.copy_((l1 - l1.mean()) / std.clamp_min(1e-12) + 2.0)
         self.last_kept: Tensor | None = None
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a gate saved before the input standardisation existed: identity statistics give its old scores, and
+        # one tracked batch keeps the first training batch from overwriting them
+        if f"{prefix}predictor.weight" in state_dict and f"{prefix}norm.running_mean" not in state_dict:
+            c_in = self.norm.num_features
+            state_dict[f"{prefix}norm.running_mean"] = torch.zeros(c_in)
+            state_dict[f"{prefix}norm.running_var"] = torch.ones(c_in)
+            state_dict[f"{prefix}norm.num_batches_tracked"] = torch.tensor(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _pool(self, x: Tensor) -> Tensor:
         """``[batch, in_features]``: a conv's input averaged over pixels, a Linear's over tokens (its features
         are the last dim of ``[batch, ..., features]``)."""
@@ -120,7 +130,6 @@ def add_channel_gates(model: nn.Module, layers: Iterable[str], keep: float = 0.5
         if name not in modules:
             raise ValueError(f"layers names {name!r}, which is not a module of model")
         gate = ChannelGate(modules[name], keep)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, gate)
+        model.set_submodule(name, gate)
         out[name] = gate
     return out

@@ -93,7 +93,6 @@ def low_rank(model: nn.Module, rank: int | None = None, energy: float | None = N
         after = sum(p.numel() for p in new.parameters())
         if after >= before:
             continue
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+        model.set_submodule(name, new)
         report[name] = (new[0].weight.shape[0], before, after)
     return report
