@@ -266,6 +266,16 @@ def test_bsr_mm_errors(case, match):
         _op("bsr_mm")(x, crow, col, values, bias, n)
 
 
+def test_conv_ops_reject_empty_crow_indices():
+    """An empty crow_indices gave bsr_conv2d N = -block_n and a read of a null pointer (a crash)."""
+    e = torch.empty(0, dtype=torch.int32)
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(RuntimeError, match=r"bsr_conv2d: crow_indices must have N/block_n \+ 1 >= 1 entries"):
+        torch.ops.sparsekit.bsr_conv2d(x, e, e, torch.empty(0, 2, 4), None, [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"csr_conv2d: crow_indices must have"):
+        torch.ops.sparsekit.csr_conv2d(x, e, e, torch.empty(0), None, [1, 1], [0, 0], [1, 1])
+
+
 def test_sddmm_row_mismatch_errors():
     x, crow, col, _ = _bsr_args()
     with pytest.raises(RuntimeError, match=r"bsr_sddmm: x and dy must have the same number of rows M"):

@@ -85,3 +85,12 @@ def test_bsr_n_vectorized_path(isa, dtype, m, cols, monkeypatch):
         bias = torch.randn(4 * bn, generator=gen, dtype=torch.float64).to(dtype)
         y = torch.ops.sparsekit.bsr_mm(x, w.crow_indices, w.col_indices, w.values, bias, 4 * bn)
         torch.testing.assert_close(y.double(), x.double() @ dense.t() + bias.double(), rtol=rtol, atol=atol)
+
+
+def test_isa_variable_is_case_insensitive_and_a_typo_keeps_the_best(monkeypatch):
+    """A mistyped SPARSEKIT_CPU_ISA must not drop the machine to the portable kernels without a word."""
+    best = torch.ops.sparsekit.cpu_kernel_isa()
+    monkeypatch.setenv("SPARSEKIT_CPU_ISA", "SCALAR")
+    assert torch.ops.sparsekit.cpu_kernel_isa() == "scalar"
+    monkeypatch.setenv("SPARSEKIT_CPU_ISA", "avx-512")       # not a name: ignored, with a (once per process) warning
+    assert torch.ops.sparsekit.cpu_kernel_isa() == best

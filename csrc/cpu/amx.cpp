@@ -2,6 +2,7 @@
 // Only the functions inside the `#pragma GCC target` region use AMX / AVX-512; they run only after
 // amx_enabled() said yes, so the library still loads and runs on any x86-64 (and builds on arm64: stubs).
 #include "amx.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -363,8 +364,8 @@ void store_bf16_avx512(const float* out, int64_t ldo, int64_t cols, int64_t mc, 
 bool amx_enabled() {
   static const bool ready = detect();
   if (!ready) return false;
-  const char* env = std::getenv("SPARSEKIT_CPU_ISA");  // read per call, as active_isa() does
-  return env == nullptr || *env == '\0' || std::string(env) == "amx";
+  const std::string want = requested_isa();  // read per call, as active_isa() does
+  return want.empty() || want == "amx";
 }
 
 void amx_pack_w(const uint16_t* v, int64_t b0, int64_t b1, int64_t bn, int64_t bk, uint32_t* wv) {

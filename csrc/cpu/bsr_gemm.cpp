@@ -608,6 +608,7 @@ at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
   check_tensor(op, values, "values", 3);
   check_index(op, crow, "crow_indices");
   check_index(op, col, "col_indices");
+  TORCH_CHECK(crow.numel() >= 1, op, ": crow_indices must have N/block_n + 1 >= 1 entries, got 0");
   const ConvGeom g = checked_conv_geom(op, x_in, values, kernel_size, padding, dilation);
   const int64_t K = g.C * g.kh * g.kw;
   const int64_t bn = values.size(1), bk = values.size(2), n = (crow.numel() - 1) * bn;

@@ -17,6 +17,9 @@ enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 enum class WKind : int { kF32 = 0, kBF16 = 1 };  // how stored weight values are held (bf16: raw uint16 bits)
 
 Isa active_isa();           // best supported, lowered by SPARSEKIT_CPU_ISA
+// SPARSEKIT_CPU_ISA as asked for (read per call, case-insensitive): "" when unset, else "amx", "avx512", "avx2"
+// or "scalar"; any other value warns once and counts as unset (a typo must not drop to the portable kernels)
+const char* requested_isa();
 const char* isa_name(Isa);  // "avx512", "avx2", "scalar"
 int vec_floats(Isa);        // fp32 lanes per vector: 16, 8, 4
 int acc_regs(Isa);          // accumulator registers the register tiles may use: 24, 12, 12

@@ -7,6 +7,7 @@
 
 #include "amx.h"
 
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -137,11 +138,23 @@ Isa detect() {
 }
 }  // namespace
 
+const char* requested_isa() {
+  const char* env = std::getenv("SPARSEKIT_CPU_ISA");  // read per call: tests switch it at run time
+  if (env == nullptr || *env == '\0') return "";
+  std::string s(env);
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  for (const char* known : {"amx", "avx512", "avx2", "scalar"}) {
+    if (s == known) return known;
+  }
+  TORCH_WARN_ONCE("SPARSEKIT_CPU_ISA=", env, " is not one of amx, avx512, avx2, scalar; ignored (the best ISA "
+                  "this CPU supports is used)");
+  return "";
+}
+
 Isa active_isa() {
   static const Isa best = detect();
-  const char* env = std::getenv("SPARSEKIT_CPU_ISA");  // read per call: tests switch it at run time
-  if (env == nullptr || *env == '\0') return best;
-  const std::string s(env);
+  const std::string s = requested_isa();
+  if (s.empty()) return best;
   const Isa want = s == "amx" || s == "avx512" ? Isa::kAvx512 : s == "avx2" ? Isa::kAvx2 : Isa::kScalar;
   return static_cast<int>(want) < static_cast<int>(best) ? want : best;
 }
