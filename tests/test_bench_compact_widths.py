@@ -1,19 +1,15 @@
 """bench/bench_compact.py's width comparison: equal per-layer widths are reported as an identical architecture."""
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import torch
+from _scripts import load_bench_script
 
 from sparsekit.models import ResNet20
 from sparsekit.prune.compact import compact
 from sparsekit.prune.graph import DependencyGraph
 
-_SCRIPT = Path(__file__).parents[1] / "bench" / "bench_compact.py"
-_spec = importlib.util.spec_from_file_location("bench_compact", _SCRIPT)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_bench_script("bench_compact")
 
 
 def test_width_note_same_and_different():

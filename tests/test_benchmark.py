@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_bench_script
 
 from sparsekit import _extension
 from sparsekit.benchmark.machine import measure_peaks
@@ -215,11 +216,7 @@ def test_replace_marked_block_only_touches_the_block():
         replace_marked_block(f"{END_MARKER}\n{START_MARKER}\n", "x")
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load_script = load_bench_script
 
 
 def test_make_readme_table_rewrites_only_the_marked_block(tiny_results, tmp_path, capsys):

@@ -4,7 +4,6 @@ commands, the benchmark commands it prints parse and validate (with --device cpu
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_bench_script
 
 from sparsekit.nn import SparseLinear
 
@@ -26,11 +26,6 @@ BENCH_LABELS = ("a", "b", "c", "d", "d2", "e", "f", "m1", "m2", "m3")
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -115,8 +110,8 @@ def test_dry_run_bench_commands_parse_and_validate(dry_all):
     from sparsekit.benchmark.command import config_from_args
     from sparsekit.cli import build_parser
 
-    skm = _load("bench_sparsify_models_t", ROOT / "bench" / "bench_sparsify_models.py")
-    bdc = _load("bench_decode_t", ROOT / "bench" / "bench_decode.py")
+    skm = load_bench_script("bench_sparsify_models")
+    bdc = load_bench_script("bench_decode")
     proc, _ = dry_all
     seen = set()
     for lines in _sections(proc.stdout).values():
@@ -169,7 +164,7 @@ def test_dry_run_tune_stage(dry_all, tmp_path):
     cmds = _commands(_sections(proc.stdout)["tune"])
     tune = cmds["tune"]
     i = next(i for i, a in enumerate(tune) if a.endswith("bench/tune_triton.py"))
-    mod = _load("tune_triton_t", ROOT / "bench" / "tune_triton.py")
+    mod = load_bench_script("tune_triton")
     ns = mod.build_parser().parse_args(tune[i + 1:])
     assert (ns.device, ns.dtype, ns.budget_s, ns.max_candidates) == ("cuda", "float16", 360, 12)
     assert ns.out_dir.endswith("results")
@@ -234,7 +229,7 @@ def test_stage_aliases_env_dry_run_and_only():
 # ------------------------------------------------------------------------------------------------- helpers
 @pytest.fixture(scope="module")
 def helpers():
-    return _load("gpu_session_helpers_t", ROOT / "bench" / "gpu_session_helpers.py")
+    return load_bench_script("gpu_session_helpers")
 
 
 def test_junit_summary_counts_and_failures(helpers, tmp_path):
@@ -274,7 +269,7 @@ def test_preflight_and_ext_ok_report_instead_of_crashing(helpers, tmp_path):
 # ------------------------------------------------------------------------------ bench_sparsify_models
 @pytest.fixture(scope="module")
 def skm():
-    return _load("bench_sparsify_models_t2", ROOT / "bench" / "bench_sparsify_models.py")
+    return load_bench_script("bench_sparsify_models")
 
 
 def test_bench_sparsify_models_device_and_dtype_on_cpu(skm, tmp_path, capsys):

@@ -4,22 +4,18 @@ matches what bench/make_readme_table.py generates from bench/results. No benchma
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from _scripts import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 BERT = ("bert-base.mlp_up", "bert-base.mlp_down")
 NK = {"bert-base.mlp_up": (3072, 768), "bert-base.mlp_down": (768, 3072), "square.4096": (4096, 4096)}
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load_script = load_bench_script
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ bench/tune_triton.py's logic, on CPU: stand-ins for the timings, the Triton inte
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_bench_script
 from _triton import INTERPRET, close, make_bsr
 from sparsekit.kernels import _autotune
 from sparsekit.kernels import _configs as C
@@ -244,10 +244,7 @@ def test_live_autotune_in_the_launcher(monkeypatch):
 # --------------------------------------------------------------------------------------- bench/tune_triton.py
 @pytest.fixture(scope="module")
 def tt():
-    spec = importlib.util.spec_from_file_location("tune_triton_t", ROOT / "bench" / "tune_triton.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("tune_triton")
 
 
 def test_rows_cover_every_table_row(tt):
