@@ -1,4 +1,6 @@
-// The one TORCH_LIBRARY(sparsekit, m): every C++ op schema lives here.
+// The one TORCH_LIBRARY(sparsekit, m): every public C++ op schema lives here (mirrored in sparsekit/ops/_schema.py).
+// A CUDA-only helper op without a Python face may be defined next to its kernel with TORCH_LIBRARY_FRAGMENT
+// (csr_mm_variant in cuda/csr_spmm.cu, which the dispatcher uses to time the CUDA CSR kernels one by one).
 //
 // Conventions shared by all ops (W is the sparse weight of logical shape [N, K]):
 //   *_mm     y  = x @ W^T (+ bias)        x [M, K]  -> y  [M, N]

@@ -15,6 +15,8 @@ repeat_interleave (no sync).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -127,13 +129,16 @@ def bsr_sddmm(dy: Tensor, x: Tensor, crow_indices: Tensor, col_indices: Tensor, 
     rows = block_rows(crow_indices, nnzb)
     cfg = config
     if cfg is None:
+        table = bsr_sddmm_config(m, nnzb, bn, bk, dy.dtype, device)
         cfg = _autotune.pick(
-            ("bsr_sddmm", str(device), dy.dtype, bn, bk, m_bucket(m), split, input_precision),
-            bsr_sddmm_config(m, nnzb, bn, bk, dy.dtype, device),
+            ("bsr_sddmm", str(device), dy.dtype, bn, bk, m_bucket(m), split, input_precision), table,
             lambda: bsr_sddmm_candidates(m, nnzb, bn, bk, dy.dtype, arch_of(device)),
             lambda c: bsr_sddmm(dy, x, crow_indices, col_indices, bn, bk, input_precision=input_precision,
                                 split=split, config=c),
             device)
+        # the split of M follows this call's block count (the tuned key holds none: a tuned tile for a small
+        # layer must not bring its split, fp32 atomics and run-to-run differences, to a large one)
+        cfg = dataclasses.replace(cfg, split=table.split)
     split = cfg.split if split is None else split
     split = max(1, min(split, triton.cdiv(m, cfg.block_m)))
     out = (torch.empty if split == 1 else torch.zeros)(

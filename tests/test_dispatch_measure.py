@@ -262,7 +262,8 @@ def test_without_measuring_the_backend_keeps_its_own_kernel_rule(measuring, monk
     assert multi.ran == [None] and not _dispatch.MEASUREMENTS   # mm, not a variant: the thresholds in the op
 
 
-def test_csr_mm_variants_follow_the_kernels_limits():
+def test_csr_mm_variants_follow_the_kernels_limits(monkeypatch):
+    monkeypatch.delenv("SPARSEKIT_CSR_SKINNY", raising=False)
     v = _dispatch.csr_mm_variants
     assert v(4, torch.float16, (8, 0)) == ("skinny", "rowdot", "tiled")
     assert v(8, torch.bfloat16, (9, 0)) == ("skinny", "rowdot", "tiled")
@@ -275,6 +276,8 @@ def test_csr_mm_variants_follow_the_kernels_limits():
     for m in range(1, 130):
         bucket = 1 << (m - 1).bit_length()
         assert v(m, torch.float16, (9, 0)) == v(bucket, torch.float16, (9, 0))
+    monkeypatch.setenv("SPARSEKIT_CSR_SKINNY", "0")                   # switched off: not offered (nor run when
+    assert v(4, torch.float16, (9, 0)) == ("rowdot", "tiled")        # an earlier measurement picked it)
 
 
 def test_only_the_cuda_csr_kernels_have_variants(monkeypatch):

@@ -241,6 +241,41 @@ def test_live_autotune_in_the_launcher(monkeypatch):
     assert launched[-1] == 16
 
 
+@pytest.mark.triton
+@interpreter_only
+def test_live_autotune_keeps_the_sddmm_split_per_call(monkeypatch):
+    """The autotune key of bsr_sddmm holds no block count: a tile tuned on a small layer must not bring that
+    layer's split of M (fp32 atomics) to a large one; the split follows each call's table rule."""
+    from sparsekit.kernels import k_bsr_sddmm
+
+    monkeypatch.setenv(_autotune.ENV, "1")
+    monkeypatch.setattr(_autotune, "CACHE", {})
+    monkeypatch.setattr(_autotune, "time_config", lambda fn, device: (fn(), 1.0)[1])
+    def table(m, nnzb, bn, bk, dtype, device=None, arch=None):   # a GPU table's rule: few blocks -> split M
+        return C.TileConfig(block_m=16, block_n=bn, block_k=bk, num_warps=1, num_stages=1,
+                            split=4 if nnzb < 100 else 1)
+
+    monkeypatch.setattr(k_bsr_sddmm, "bsr_sddmm_config", table)
+    monkeypatch.setattr(k_bsr_sddmm, "bsr_sddmm_candidates",
+                        lambda m, nnzb, bn, bk, dt, arch: [table(m, nnzb, bn, bk, dt)])
+    splits = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            splits.append(grid[1])
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(k_bsr_sddmm, "_bsr_sddmm_kernel", Spy())
+
+    def split_of(nblocks: int) -> int:
+        crow = torch.arange(0, nblocks + 1, dtype=torch.int32)
+        col = torch.zeros(nblocks, dtype=torch.int32)
+        k_bsr_sddmm.bsr_sddmm(torch.randn(1024, 16 * nblocks), torch.randn(1024, 16), crow, col, 16, 16)
+        return splits[-1]
+
+    assert split_of(4) == 4 and split_of(600) == 1 and len(_autotune.CACHE) == 1
+
+
 # --------------------------------------------------------------------------------------- bench/tune_triton.py
 @pytest.fixture(scope="module")
 def tt():
@@ -400,3 +435,24 @@ def test_tune_end_to_end_under_the_interpreter(tt, tables, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")  # the table lookup (the interpreter's own tiles ignore tables)
     cfg = C.bsr_mm_config(16, 16, 16, torch.float16, arch=H100)
     assert [cfg.block_m, cfg.num_warps, cfg.num_stages] == measured["bsr_mm[16][0]"]["chosen"]
+
+
+def test_measure_row_survives_a_failing_table_config(tt):
+    """The table's own config failing (out of shared memory) is what tuning is for: recorded, and the first
+    candidate that runs becomes the reference the others are checked against."""
+    out = {"a": torch.ones(4), "b": torch.ones(4), "wrong": torch.zeros(4)}
+    times = {"a": 2.0, "b": 1.0, "wrong": 0.5}
+    last = []
+
+    def run(cfg):
+        if cfg == "table":
+            raise RuntimeError("out of resource: shared memory")
+        last.append(cfg)
+        return out[cfg]
+
+    def timer(fn, device):
+        fn()
+        return times[last[-1]]
+
+    res = tt.measure_row(run, ["table", "a", "b", "wrong"], torch.device("cpu"), torch.float16, timer)
+    assert res["best"] == "b" and "shared memory" in res["errors"]["table"] and "wrong" in res["errors"]

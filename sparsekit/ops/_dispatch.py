@@ -187,9 +187,9 @@ class CppBackend(Backend):
         return csr_mm_variants(x.shape[0], x.dtype, _capability(x.device))
 
     def mm_variant(self, family: str, x: Tensor, w: Format, bias: Tensor | None, variant: str) -> Tensor:
-        if family != "csr" or _needs_autograd_layer((x, w.values, bias)):
+        if family != "csr" or _needs_autograd_layer((x, w.values, bias)) or (variant == "skinny" and skinny_off()):
             # the variant op has no autograd formula (nor fake): csr_mm, with its kernels' own rule, serves
-            # calls that need autograd or are traced
+            # calls that need autograd or are traced, and a measured "skinny" pick once the switch turned it off
             return self.mm(family, x, w, bias)
         op = getattr(torch.ops.sparsekit, CSR_VARIANT_OP).default
         return call_op(op, x, w.crow_indices, w.col_indices, w.values, bias, w.shape[0], variant)
@@ -201,13 +201,19 @@ CSR_SKINNY_MAX_M = 64   # csr_skinny.cu kMaxM
 CSR_ROWDOT_MAX_M = 8    # csr_spmm.cu kRowDotMaxM
 
 
+def skinny_off() -> bool:
+    """SPARSEKIT_CSR_SKINNY=0 (read per call by the CUDA op too): the skinny tensor-core CSR kernel is off."""
+    return os.environ.get("SPARSEKIT_CSR_SKINNY") == "0"   # the same test as selfcheck.cuh's path_mode
+
+
 def csr_mm_variants(m: int, dtype: torch.dtype, capability: tuple[int, int]) -> tuple[str, ...]:
     """The CUDA csr_mm kernels that can run x of ``m`` rows in ``dtype`` on a GPU of ``capability``: "skinny"
     (tensor-core "load sparse, compute dense", fp16/bf16, 1 <= M <= 64, sm80+; any density), "rowdot" (a warp per
     sparse row, M <= 8) and "tiled" (the Sputnik-style subwarp kernel, any M). Without measuring, the op picks by
     its thresholds (skinny for density 0.09-0.5 once its self-check passed, rowdot for M <= 8, else tiled)."""
     out = []
-    if dtype in (torch.float16, torch.bfloat16) and 1 <= m <= CSR_SKINNY_MAX_M and tuple(capability) >= (8, 0):
+    if dtype in (torch.float16, torch.bfloat16) and 1 <= m <= CSR_SKINNY_MAX_M and tuple(capability) >= (8, 0) \
+            and not skinny_off():
         out.append("skinny")
     if 1 <= m <= CSR_ROWDOT_MAX_M:
         out.append("rowdot")
