@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,8 +73,11 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol
     for name, m in (("reference", reference), ("candidate", candidate)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
-    if not isinstance(atol, (int, float)) or atol < 0:
-        raise ValueError(f"atol must be a non-negative number, got {atol!r}")
+    for name, tol in (("atol", atol), ("rtol", rtol)):
+        if not isinstance(tol, (int, float)) or isinstance(tol, bool):
+            raise TypeError(f"{name} must be a number, got {type(tol).__name__} {tol!r}")
+        if not math.isfinite(tol) or tol < 0:   # a NaN tolerance would let every difference pass
+            raise ValueError(f"{name} must be a finite non-negative number, got {tol!r}")
     check_example_inputs(example_inputs)
     ref_out, ref_seen = _run_recording(reference, example_inputs)
     cand_out, cand_seen = _run_recording(candidate, example_inputs)

@@ -432,3 +432,9 @@ def test_tf32_settings_read_and_restore_under_the_new_api():
         matmul.fp32_precision = before
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = True
+
+
+def test_break_even_asymmetric_interpolation():
+    from sparsekit.benchmark.report import break_even
+    # speedup 0.5 at 0.5 and 3.0 at 0.9: crosses 1.0 at 0.5 + 0.5 * 0.4 / 2.5 = 0.58
+    assert break_even([(0.5, 0.5), (0.9, 3.0)]).value == pytest.approx(0.58)

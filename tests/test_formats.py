@@ -211,3 +211,34 @@ def test_to_takes_a_dtype_first_like_tensor_to():
             fmt.to(3.0)
         with pytest.raises(TypeError, match="floating dtype"):
             fmt.to(torch.int32)
+
+
+def _bsr_2x2_grid():
+    return BSR.from_dense(torch.randn(4, 8), (2, 4))   # 2x2 block grid, all blocks stored
+
+
+def test_validate_rejects_out_of_range_and_duplicate_indices():
+    b = _bsr_2x2_grid()
+    col = b.col_indices.clone()
+    col[-1] = 2                       # == K/bk
+    with pytest.raises(ValueError, match=r"col_indices must lie in \[0, 2\)"):
+        BSR(values=b.values, crow_indices=b.crow_indices, col_indices=col, shape=b.shape).validate()
+    c = CSR.from_dense(torch.ones(2, 3))
+    col = c.col_indices.clone()
+    col[-1] = 3                       # == K
+    with pytest.raises(ValueError, match=r"lie in \[0, 3\)"):
+        CSR(values=c.values, crow_indices=c.crow_indices, col_indices=col, shape=c.shape).validate()
+    col = c.col_indices.clone()
+    col[1] = col[0]                   # duplicate inside a row
+    with pytest.raises(ValueError, match="strictly increasing"):
+        CSR(values=c.values, crow_indices=c.crow_indices, col_indices=col, shape=c.shape).validate()
+    nm = NM.from_dense(NM.prune(torch.randn(2, 8), 2, 4), 2, 4)
+    idx = nm.indices.clone()
+    idx[0, 1] = 4                        # == m
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 4\)"):
+        NM(values=nm.values, indices=idx, shape=nm.shape, n=2, m=4).validate()
+    ch = ChannelIndex.from_dense(torch.ones(3, 2))
+    idx = ch.indices.clone()
+    idx[-1] = 3                          # == N
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 3\)"):
+        ChannelIndex(values=ch.values, indices=idx, shape=ch.shape, dim=0).validate()

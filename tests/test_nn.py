@@ -200,3 +200,11 @@ def test_grouped_conv_offsets_follow_load_state_dict():
     x = torch.randn(1, 4, 3, 3)
     torch.testing.assert_close(mod(x), convs[1](x))
     torch.testing.assert_close(torch.export.export(mod, (x,)).module()(x), convs[1](x))
+
+
+def test_sparse_conv_to_dense_keeps_geometry():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, stride=2, padding=1, dilation=2)
+    sc = SparseConv2d.from_dense(conv, format="csr")
+    x = torch.randn(2, 16, 11, 11)
+    torch.testing.assert_close(sc.to_dense()(x), conv(x), rtol=1e-5, atol=1e-5)

@@ -281,3 +281,19 @@ def test_channel_index_backend_message_names_what_it_accepts():
     with pytest.raises(ValueError, match=r"backend must be one of \['reference'\] or None, got 'cpu'"):
         sk.ops.sparse_linear(x, w, backend="cpu")
     torch.testing.assert_close(sk.ops.sparse_linear(x, w, backend="reference"), F.linear(x, w.to_dense()))
+
+
+def test_reference_mm_xt_and_conv2d_bias():
+    from sparsekit.ops import reference as R
+    torch.manual_seed(0)
+    d = torch.randn(8, 12, dtype=torch.float64) * (torch.rand(8, 12) < 0.5)
+    w = BSR.from_dense(d, (4, 4))
+    xt, bias = torch.randn(2, 12, 5, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    torch.testing.assert_close(R.bsr_mm_xt(xt, w.crow_indices, w.col_indices, w.values, bias, 8),
+                               d @ xt + bias[:, None])
+    dc = torch.randn(8, 4 * 9, dtype=torch.float64) * (torch.rand(8, 36) < 0.5)
+    wc = BSR.from_dense(dc, (4, 4))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(R.bsr_conv2d(x, wc.crow_indices, wc.col_indices, wc.values, bias, [3, 3], [1, 1],
+                                            [1, 1]),
+                               torch.nn.functional.conv2d(x, dc.reshape(8, 4, 3, 3), bias, padding=1))

@@ -91,3 +91,9 @@ def test_global_keep_min_keep_unit():
     assert keep["b"][:, 0].tolist() == [False, True] and keep["a"][:, 0].tolist() == [False, False, True]
     with pytest.raises(ValueError, match="'nm'"):
         masks.global_keep(scores, 0.5, "nm")
+
+
+def test_global_keep_min_keep_holds_at_high_sparsity():
+    scores = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([0.1, 0.2])}
+    keep = masks.global_keep(scores, 0.9, "channel", shapes={"a": (3, 4), "b": (2, 4)}, min_keep=1)
+    assert keep["a"][:, 0].tolist() == [False, False, True] and keep["b"][:, 0].tolist() == [False, True]

@@ -420,3 +420,57 @@ def test_report_records_the_backend_that_ran_each_layer():
     _, report = sk.sparsify(model, torch.randn(4, 64), cache=False, min_speedup=1e-9, reps=1,
                             measure_model=False, formats=["dense", "csr"], backend="reference")
     assert [d.backend for d in report.layers] == ["reference"]
+
+
+def _masked_linear():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64))
+    with torch.no_grad():
+        m[0].weight.mul_(torch.rand(64, 64) > 0.8)
+    return m, torch.randn(8, 64)
+
+
+def test_sparsify_picks_the_fastest_candidate(monkeypatch):
+    S = importlib.import_module("sparsekit.sparsify")   # (the package attribute sparsekit.sparsify is the function)
+
+    def fake(fns, **kw):
+        t = {k: 10.0 for k in fns}
+        t["dense"] = 10.0
+        if "csr" in t:
+            t["csr"] = 1.0
+        return t
+    monkeypatch.setattr(S, "interleaved_median_ms", fake)
+    m, x = _masked_linear()
+    _, rep = sk.sparsify(m, x, formats=["dense", "bsr", "csr"], blocks=[(1, 4)], min_speedup=1.1, cache=False,
+                         reps=1, measure_model=False)
+    assert rep.layers[0].choice == "csr"
+
+
+def test_cache_key_separates_dtypes():
+    m, x = _masked_linear()
+    cache = TuningCache(None)
+    sk.sparsify(m, x, min_speedup=1e-9, cache=cache, reps=2, measure_model=False)
+    _, rep = sk.sparsify(copy.deepcopy(m).double(), x.double(), min_speedup=1e-9, cache=cache, reps=2,
+                         measure_model=False)
+    assert not rep.layers[0].cached
+
+
+class StridedDilated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 32, 3, stride=2, padding=1, dilation=2)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_save_load_keeps_conv_geometry(tmp_path):
+    torch.manual_seed(0)
+    net = StridedDilated()
+    with torch.no_grad():
+        net.conv.weight.mul_(torch.rand_like(net.conv.weight) > 0.7)
+    x = torch.randn(2, 16, 11, 11)
+    fast, _ = sk.sparsify(net, x, formats=["csr"], min_speedup=1e-9, cache=False, reps=1, measure_model=False)
+    assert isinstance(fast.conv, SparseConv2d)
+    loaded = sk.load(sk.save(fast, tmp_path / "m"), StridedDilated())
+    torch.testing.assert_close(loaded(x), net(x), rtol=1e-4, atol=1e-4)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -58,3 +60,24 @@ def test_dict_example_inputs_are_keyword_args_like_the_pruners():
     with pytest.raises(sk.VerificationError, match="first layer off: 'lin'"):
         sk.verify(a, b, inputs)
     assert sk.verify(a, a, [torch.randn(3, 8), 0.5]) == {"output['y']": 0.0}
+
+
+def test_verify_tolerance_boundaries():
+    torch.manual_seed(0)
+    a = nn.Linear(8, 4)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.bias.add_(2e-3)
+    x = torch.randn(3, 8)
+    sk.verify(a, b, x, atol=3e-3)
+    with pytest.raises(sk.VerificationError):
+        sk.verify(a, b, x, atol=1e-3)
+    ymax = float(a(x).abs().max())
+    sk.verify(a, b, x, atol=0.0, rtol=3e-3 / ymax)
+
+
+def test_verify_rejects_nan_and_negative_tolerances():
+    a = nn.Linear(8, 4)
+    for kw in ({"atol": float("nan")}, {"rtol": float("nan")}, {"rtol": -1.0}):
+        with pytest.raises(ValueError):
+            sk.verify(a, a, torch.randn(3, 8), **kw)
