@@ -14,8 +14,8 @@ from torch import Tensor
 from ._configs import interpreting
 
 __all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_activation", "check_int", "check_index", "check_bias",
-           "check_optional_positive_int", "check_runnable", "cuda_matmul_allows_tf32", "default_input_precision",
-           "device_ctx", "INPUT_PRECISIONS", "resolve_input_precision"]
+           "check_optional_positive_int", "check_runnable", "cuda_matmul_allows_tf32", "cudnn_allows_tf32",
+           "default_input_precision", "device_ctx", "INPUT_PRECISIONS", "resolve_input_precision"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -102,14 +102,25 @@ def cuda_matmul_allows_tf32() -> bool:
     ``torch.backends.cuda.matmul.allow_tf32`` can raise RuntimeError (mixed APIs), so the new API is read
     first and the legacy flag only when neither level says "tf32" or "ieee" (older torch, or nothing set)."""
     backends = torch.backends
-    for getter in (lambda: backends.cuda.matmul.fp32_precision, lambda: backends.fp32_precision):
-        setting = _fp32_setting(getter)
-        if setting == "tf32":
+    return _tf32_allowed(lambda: backends.cuda.matmul.fp32_precision, lambda: backends.cuda.matmul.allow_tf32)
+
+
+def cudnn_allows_tf32() -> bool:
+    """Whether torch lets cuDNN use TF32 for fp32 convolutions (``torch.backends.cudnn.conv.fp32_precision``,
+    then the global setting, then the legacy ``torch.backends.cudnn.allow_tf32``), as cuda_matmul_allows_tf32."""
+    backends = torch.backends
+    return _tf32_allowed(lambda: backends.cudnn.conv.fp32_precision, lambda: backends.cudnn.allow_tf32)
+
+
+def _tf32_allowed(setting: Callable[[], object], legacy: Callable[[], object]) -> bool:
+    for getter in (setting, lambda: torch.backends.fp32_precision):
+        value = _fp32_setting(getter)
+        if value == "tf32":
             return True
-        if setting == "ieee":
+        if value == "ieee":
             return False
     try:
-        return bool(torch.backends.cuda.matmul.allow_tf32)
+        return bool(legacy())
     except (AttributeError, RuntimeError):
         return False
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..kernels._launch import cuda_matmul_allows_tf32, cudnn_allows_tf32
+
 __all__ = ["machine_info", "machine_slug", "measure_peaks", "script_results", "tf32_state"]
 
 
@@ -56,26 +58,9 @@ def _git_commit() -> str | None:
     return (head + ("-dirty" if dirty else "")) or None
 
 
-def cudnn_allows_tf32() -> bool:
-    """Whether cuDNN may use TF32 for fp32 convolutions. torch >= 2.9 has a new API
-    (``torch.backends.cudnn.conv.fp32_precision``); once it is used, reading the legacy flag can raise."""
-    try:
-        setting = torch.backends.cudnn.conv.fp32_precision
-        if isinstance(setting, str) and setting.lower() in ("tf32", "ieee"):
-            return setting.lower() == "tf32"
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        return bool(torch.backends.cudnn.allow_tf32)
-    except RuntimeError:
-        return False
-
-
 def set_tf32(enabled: bool) -> dict[str, bool]:
     """Let (or stop) cuBLAS and cuDNN use TF32 for fp32 work; returns the previous settings for restore_tf32.
     Setting the legacy flags is accepted whichever API set them before (reading them is not: see above)."""
-    from ..kernels._launch import cuda_matmul_allows_tf32
-
     old = {"matmul": cuda_matmul_allows_tf32(), "cudnn": cudnn_allows_tf32()}
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
@@ -89,8 +74,6 @@ def restore_tf32(old: dict[str, bool]) -> None:
 
 def tf32_state() -> dict[str, object]:
     """TF32 / reduced-precision matmul settings in force (they change fp32 numbers on GPUs)."""
-    from ..kernels._launch import cuda_matmul_allows_tf32  # torch only; reads torch's old and new TF32 APIs
-
     return {"cuda.matmul.allow_tf32": cuda_matmul_allows_tf32(),
             "cudnn.allow_tf32": cudnn_allows_tf32(),
             "float32_matmul_precision": _float32_matmul_precision()}
