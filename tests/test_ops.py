@@ -297,3 +297,8 @@ def test_reference_mm_xt_and_conv2d_bias():
     torch.testing.assert_close(R.bsr_conv2d(x, wc.crow_indices, wc.col_indices, wc.values, bias, [3, 3], [1, 1],
                                             [1, 1]),
                                torch.nn.functional.conv2d(x, dc.reshape(8, 4, 3, 3), bias, padding=1))
+
+
+def test_dense_weight_path_names_a_bias_of_the_wrong_length():
+    with pytest.raises(ValueError, match=r"sparse_linear: bias must have shape \(3,\)"):
+        sk.ops.sparse_linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(5))

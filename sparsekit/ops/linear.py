@@ -177,8 +177,9 @@ def sparse_linear(x: Tensor, w: Format | ChannelIndex | Tensor, bias: Tensor | N
         # (SparseLinear(format="dense") calls this per forward: the checks run only where they could fail)
         if backend is not None:
             check_backend("sparse_linear", backend, BACKEND_NAMES)
-        if bias is not None and not (isinstance(bias, Tensor) and isinstance(x, Tensor) and bias.dtype == x.dtype):
-            check_bias("sparse_linear", bias, None, x)   # F.linear would promote or fail on another dtype
+        if bias is not None and not (isinstance(bias, Tensor) and isinstance(x, Tensor) and bias.dtype == x.dtype
+                                     and bias.shape == w.shape[:1]):
+            check_bias("sparse_linear", bias, w.shape[0] if w.dim() == 2 else None, x)   # names what is wrong
         return F.linear(x, w, bias)
     if isinstance(w, ChannelIndex):
         check_backend("sparse_linear (a ChannelIndex weight: a dense GEMM on the kept channels)", backend,
