@@ -341,6 +341,8 @@ def set_owned_mask(module: nn.Module, tensor_name: str, owner: str, mask: Tensor
     """Set ``owner``'s keep-mask on ``module.<tensor_name>``. The tensor's mask is the AND of every owner's (a
     Pruner is one; a mask already there when the first owner came counts as one more, ``None``), so owners
     can be released in any order (``release_owned_mask``) without unmasking what another still masks."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     p = _mask_param(module, tensor_name)
     owners = dict(getattr(p, "owners", None) or ({} if p is None else {None: p.mask.detach().clone()}))
     owners[owner] = mask.detach().to(torch.bool).clone()
