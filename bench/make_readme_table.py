@@ -22,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+from sparsekit.benchmark.machine import cpu_isa_class
 from sparsekit.benchmark.report import find_results, machine_line, replace_marked_block, speedup_table
 from sparsekit.benchmark.shapes import get_shapes
 
@@ -52,8 +53,8 @@ def _newest(results_dir: Path, device: str, suite: str) -> Path | None:
 
 def _newest_per_config(results_dir: Path, newest: Path, device: str, suite: str) -> list[Path]:
     """The newest full ``suite`` run on ``device`` of every distinct sweep configuration (ops, shapes, M,
-    dtypes, formats, blocks, sample batching: e.g. linear M=512, GEMV M=1 hot and as single calls, conv, a
-    bf16 sweep), oldest first; a re-run of a configuration replaces the earlier one."""
+    dtypes, formats, blocks, sample batching, CPU class: e.g. linear M=512, GEMV M=1 hot and as single calls,
+    conv, a bf16 sweep, an AVX2-class run), oldest first; a re-run of a configuration replaces the earlier one."""
     best: dict[str, tuple[str, Path]] = {}
     for f in sorted(results_dir.glob("*.json")):
         try:
@@ -64,7 +65,7 @@ def _newest_per_config(results_dir: Path, newest: Path, device: str, suite: str)
             continue
         cfg = meta.get("config", {})
         fields = ("ops", "shapes", "m", "dtypes", "formats", "blocks", "min_sample_ms")
-        key = json.dumps({k: cfg.get(k) for k in fields}, sort_keys=True)
+        key = json.dumps({k: cfg.get(k) for k in fields} | {"isa": cpu_isa_class(meta)}, sort_keys=True)
         date = str(meta.get("date", ""))
         if key not in best or date >= best[key][0]:
             best[key] = (date, f)
@@ -116,6 +117,8 @@ def _title(device_title: str, res: dict) -> str:
         model, _, layer = name.partition(".")
         by_model.setdefault(model, []).append(layer or model)
     parts += [f"{model} {'/'.join(layers)}" for model, layers in by_model.items()]
+    if meta.get("device") == "cpu" and cpu_isa_class(meta) != "native":
+        parts.append(f"{cpu_isa_class(meta).upper()} class")
     sample_ms = cfg.get("min_sample_ms")
     if meta.get("device") == "cpu" and sample_ms == 0:
         parts.append("single cold calls (--min-sample-ms 0)")

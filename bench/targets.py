@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sparsekit.benchmark.machine import cpu_isa_class
 from sparsekit.benchmark.report import break_even, machine_line
 from sparsekit.benchmark.shapes import get_shapes, shape_names
 from sparsekit.benchmark.sweep import DTYPES
@@ -53,11 +54,20 @@ class Run:
         return (self.data.get("meta") or {}).get("config") or {}
 
     @property
+    def isa_class(self) -> str:
+        """"avx2" / "scalar" for a CPU run whose sparsekit kernels ran at that level, else "native"."""
+        for info in (self.data.get("meta"), self.data.get("machine")):
+            if isinstance(info, dict) and info.get("cpu_kernel_isa"):
+                return cpu_isa_class(info)
+        return "native"
+
+    @property
     def machine(self) -> str:
         """The hardware and torch version, without date or load (those are in the file)."""
         meta = self.data.get("meta") if self.kind not in ("sparsify_models", "memory") else self.data.get("machine")
         if isinstance(meta, dict) and meta.get("device"):      # machine_info() metadata: reuse report's line
-            return ", ".join(machine_line(meta).split("; ")[:2])   # "CPU: <hardware>", "torch <version>"
+            parts = machine_line(meta).split("; ")       # "CPU: <hardware>", "torch <version>", ..., forced ISAs
+            return ", ".join(parts[:2] + [p for p in parts if p.startswith("instruction sets forced")])
         if isinstance(meta, dict):                              # bench_compact.py, bench_train_step.py
             return f"{meta.get('machine', '?')}, {meta.get('threads', '?')} threads, torch {meta.get('torch', '?')}"
         return str(self.data.get("machine", "?"))               # prune_digits.py: one string
@@ -89,10 +99,13 @@ class Results:
             if run is not None:
                 self.runs.append(run)
 
-    def newest(self, kind: str, device: str, has: Callable[[Run], bool] = lambda run: True) -> Run | None:
-        """The newest ``kind`` file on ``device`` for which ``has`` holds, a full sweep before a quick one (the
-        order of report.find_results, which returns the newest file whatever it holds)."""
-        found = [r for r in self.runs if r.kind == kind and r.device == device and has(r)]
+    def newest(self, kind: str, device: str, has: Callable[[Run], bool] = lambda run: True,
+               isa_class: str = "native") -> Run | None:
+        """The newest ``kind`` file on ``device`` of one CPU class (Run.isa_class) for which ``has`` holds, a full
+        sweep before a quick one (the order of report.find_results, which returns the newest file whatever it
+        holds)."""
+        found = [r for r in self.runs if r.kind == kind and r.device == device and r.isa_class == isa_class
+                 and has(r)]
         return max(found, key=lambda r: (not r.quick, r.date), default=None)
 
 
@@ -110,7 +123,7 @@ NOT_YET = Measured("-", NOT_MEASURED)
 @dataclass(frozen=True)
 class Target:
     issue: str
-    device: str        # "cpu" | "cuda": the table it goes in
+    device: str        # "cpu" | "cpu-avx2" | "cuda": the table it goes in
     text: str
     measure: Callable[[Results], Measured]
 
@@ -144,6 +157,7 @@ class Points:
     m: int | None = None                        # the sweep's --m (conv: the batch); None: the shape's default
     candidate: str | None = "sparsekit_cpu"     # None: the fastest sparsekit_* candidate of each point
     extra: tuple[str, ...] = ()                 # shapes also reported where the file has them
+    isa_class: str = "native"                   # the CPU class of the runs read (Run.isa_class)
     config: Callable[[dict], bool] = field(default=lambda cfg: True, compare=False)   # on meta.config
 
     def m_of(self, shape: str) -> int:
@@ -189,7 +203,7 @@ def kernel_rows(res: Results, pts: Points, need: tuple[str, ...] = ()) -> tuple[
         found = [s for s in required + extra if present(run, s)]
         return pts.config(run.config) and all(s in found for s in required) and bool(found)
 
-    run = res.newest("kernels", pts.device, has)
+    run = res.newest("kernels", pts.device, has, pts.isa_class)
     if run is None:
         return None, {}
     return run, {s: pts.rows(run, s) for s in required + extra if present(run, s)}
@@ -424,12 +438,7 @@ def lenet_goal(removed_pct: float, max_loss_pt: float) -> Callable[[Results], Me
 
 # -------------------------------------------------------------------------------------- the declarations
 BERT = ("bert-base.mlp_up", "bert-base.mlp_down")
-CPU_BSR32 = Points("cpu", BERT, ("bsr32x32",))
 RESNET_1X1 = tuple(n for n in shape_names("conv2d") if n.startswith("resnet50.") and "conv1x1" in n)
-
-
-def _cpu(pattern: str, sparsity: float | None = None, **kw) -> Points:
-    return Points("cpu", BERT, (pattern,), None if sparsity is None else (sparsity,), **kw)
 
 
 def _gpu(shapes: tuple[str, ...], patterns: tuple[str, ...], sparsity: float | None, m: int | None = None,
@@ -437,33 +446,48 @@ def _gpu(shapes: tuple[str, ...], patterns: tuple[str, ...], sparsity: float | N
     return Points("cuda", shapes, patterns, None if sparsity is None else (sparsity,), "float16", m, None, **kw)
 
 
+def cpu_kernel_targets(isa_class: str = "native", table: str = "cpu") -> list[Target]:
+    """Issue 3's CPU kernel targets (fp32, BERT-base MLP at M = 512, sparsekit_cpu vs dense eager in the same
+    run), read from the sweeps of one CPU class and listed in ``table``."""
+    def pts(shapes: tuple[str, ...], pattern: str, sparsity: float | None = None, **kw) -> Points:
+        return Points("cpu", shapes, (pattern,), None if sparsity is None else (sparsity,), isa_class=isa_class,
+                      **kw)
+
+    def bert(pattern: str, sparsity: float | None = None, **kw) -> Points:
+        return pts(BERT, pattern, sparsity, **kw)
+
+    def gemv(single: bool) -> Points:
+        return bert("bsr32x32", 0.9, m=1, config=(lambda c: c.get("min_sample_ms") == 0) if single
+                    else (lambda c: c.get("min_sample_ms", 1.0) > 0))
+
+    return [Target("3", table, text, measure) for text, measure in [
+        ("BSR 32x32, BERT-base MLP up / down (M = 512, fp32): >= 1.0x dense at 50%",
+         speedup_at(bert("bsr32x32", 0.5), 1.0)),
+        ("... >= 5x at 90%", speedup_at(bert("bsr32x32", 0.9), 5.0)),
+        ("... >= 8x at 95%", speedup_at(bert("bsr32x32", 0.95), 8.0)),
+        ("... >= 3x faster than torch.sparse BSR (torch_bsr) at every sparsity from 50% (torch ms / sparsekit ms)",
+         faster_than(bert("bsr32x32"), "torch_bsr", 3.0, min_sparsity=0.5)),
+        ("BSR 16x16 break-even <= 0.70 (up / down)", break_even_at_most(bert("bsr16x16"), 0.70)),
+        ("BSR 1x4 break-even <= 0.70 (up / down)", break_even_at_most(bert("bsr1x4"), 0.70)),
+        ("CSR >= 2x at 90% (up / down)", speedup_at(bert("csr", 0.9), 2.0)),
+        ("CSR break-even <= 0.75 (up / down)", break_even_at_most(bert("csr"), 0.75)),
+        ("GEMV (M = 1), BSR 32x32 at 90% >= 8x (up / down; calls repeated within a sample)",
+         with_info(speedup_at(gemv(single=False), 8.0), speedup_at(gemv(single=True), None),
+                   "single cold calls (`--min-sample-ms 0`), no target")),
+        ("ResNet-50 layer3 3x3 conv (256 ch, 14x14, batch 8), BSR 32x32 at 90% >= 3x",
+         speedup_at(pts(("resnet50.layer3.conv3x3",), "bsr32x32", 0.9, m=8), 3.0)),
+        ("ResNet-50 1x1 convs (layer4 512->2048 and any other measured, batch 8), BSR 32x32 at 90% >= 3x",
+         speedup_at(pts(("resnet50.layer4.conv1x1_out",), "bsr32x32", 0.9, m=8, extra=RESNET_1X1), 3.0)),
+        ("BSR 32x32 weight at 90% <= 12% of dense bytes (values + indices; up / down)",
+         weight_bytes_at_most(bert("bsr32x32", 0.9), 12.0)),
+        ("CSR weight at 90% <= 16% of dense bytes (up / down)", weight_bytes_at_most(bert("csr", 0.9), 16.0)),
+    ]]
+
+
 LARGE_24 = _gpu(("square.4096",), ("nm2:4",), 0.5, extra=("llama-7b.*", "llama3-8b.mlp*"))
 
 TARGETS: list[Target] = [
-    # issue 3: CPU kernels, fp32, BERT-base MLP (M = 512), sparsekit_cpu vs dense eager in the same run
-    Target("3", "cpu", "BSR 32x32, BERT-base MLP up / down (M = 512, fp32): >= 1.0x dense at 50%",
-           speedup_at(_cpu("bsr32x32", 0.5), 1.0)),
-    Target("3", "cpu", "... >= 5x at 90%", speedup_at(_cpu("bsr32x32", 0.9), 5.0)),
-    Target("3", "cpu", "... >= 8x at 95%", speedup_at(_cpu("bsr32x32", 0.95), 8.0)),
-    Target("3", "cpu", "... >= 3x faster than torch.sparse BSR (torch_bsr) at every sparsity from 50% "
-           "(torch ms / sparsekit ms)", faster_than(CPU_BSR32, "torch_bsr", 3.0, min_sparsity=0.5)),
-    Target("3", "cpu", "BSR 16x16 break-even <= 0.70 (up / down)", break_even_at_most(_cpu("bsr16x16"), 0.70)),
-    Target("3", "cpu", "BSR 1x4 break-even <= 0.70 (up / down)", break_even_at_most(_cpu("bsr1x4"), 0.70)),
-    Target("3", "cpu", "CSR >= 2x at 90% (up / down)", speedup_at(_cpu("csr", 0.9), 2.0)),
-    Target("3", "cpu", "CSR break-even <= 0.75 (up / down)", break_even_at_most(_cpu("csr"), 0.75)),
-    Target("3", "cpu", "GEMV (M = 1), BSR 32x32 at 90% >= 8x (up / down; calls repeated within a sample)",
-           with_info(speedup_at(_cpu("bsr32x32", 0.9, m=1, config=lambda c: c.get("min_sample_ms", 1.0) > 0), 8.0),
-                     speedup_at(_cpu("bsr32x32", 0.9, m=1, config=lambda c: c.get("min_sample_ms") == 0), None),
-                     "single cold calls (`--min-sample-ms 0`), no target")),
-    Target("3", "cpu", "ResNet-50 layer3 3x3 conv (256 ch, 14x14, batch 8), BSR 32x32 at 90% >= 3x",
-           speedup_at(Points("cpu", ("resnet50.layer3.conv3x3",), ("bsr32x32",), (0.9,), m=8), 3.0)),
-    Target("3", "cpu", "ResNet-50 1x1 convs (layer4 512->2048 and any other measured, batch 8), BSR 32x32 at 90% "
-           ">= 3x", speedup_at(Points("cpu", ("resnet50.layer4.conv1x1_out",), ("bsr32x32",), (0.9,), m=8,
-                                      extra=RESNET_1X1), 3.0)),
-    Target("3", "cpu", "BSR 32x32 weight at 90% <= 12% of dense bytes (values + indices; up / down)",
-           weight_bytes_at_most(_cpu("bsr32x32", 0.9), 12.0)),
-    Target("3", "cpu", "CSR weight at 90% <= 16% of dense bytes (up / down)",
-           weight_bytes_at_most(_cpu("csr", 0.9), 16.0)),
+    *cpu_kernel_targets(),
     # issue 8: whole models on CPU, fp32 (bench_sparsify_models.py, bench_memory.py)
     Target("8", "cpu", "BERT-base encoder (12 layers, seq 128, batch 8), 90% 32x32 blocks, end to end >= 3x",
            model_figure("cpu", "float32", "BERT-base encoder (12 layers)", "speedup", 3.0,
@@ -491,6 +515,8 @@ TARGETS: list[Target] = [
     Target("6", "cpu", "LeNet-5 on digits, global structured pruning, iterative: >= 90% of parameters removed, "
            "<= 0.5 pt accuracy lost",
            lenet_goal(90.0, 0.5)),
+    # issue 3 again on the issue's machine class (AVX2 + FMA): sweeps whose kernels ran at AVX2
+    *cpu_kernel_targets("avx2", "cpu-avx2"),
     # issue 4: GPU BSR, fp16, vs cuBLAS (dense eager) and torch.sparse
     Target("4", "cuda", "BSR 32x32, square M = N = K = 4096, fp16: >= 1.0x cuBLAS at 50%",
            speedup_at(_gpu(("square.4096",), ("bsr32x32",), 0.5), 1.0)),
@@ -533,6 +559,16 @@ def _report(path: Path) -> Path:
     return md if md.exists() else path
 
 
+TABLES = (("cpu", "CPU"), ("cpu-avx2", "CPU, AVX2 class (issue 3's machine class: sparsekit kernels at AVX2 + FMA)"),
+          ("cuda", "GPU"))
+HOW_TO_MEASURE = {
+    "cpu": "run the benchmarks (bench/README.md)",
+    "cpu-avx2": "on an AVX2 machine, or on an AVX-512 one through `bash bench/avx2_class.sh`, run issue 3's sweeps "
+                "(bench/README.md)",
+    "cuda": "on a GPU machine `bash bench/gpu_session.sh bench-targets bench-models`, copy its results into "
+            "bench/results/"}
+
+
 def targets_block(results_dir: str | Path, link: Callable[[Path], str],
                   targets: list[Target] | None = None) -> str:
     """The markdown between the targets markers: one table per device, then the machines the figures come
@@ -540,7 +576,7 @@ def targets_block(results_dir: str | Path, link: Callable[[Path], str],
     evaluated = evaluate(Results(results_dir), targets)
     lines = ["<!-- generated by bench/make_readme_table.py from bench/targets.py and bench/results; "
              "do not edit by hand -->", ""]
-    for device, title in (("cpu", "CPU"), ("cuda", "GPU")):
+    for device, title in TABLES:
         rows = [(t, m) for t, m in evaluated if t.device == device]
         if not rows:
             continue
@@ -556,8 +592,7 @@ def targets_block(results_dir: str | Path, link: Callable[[Path], str],
                       "versions and load):", ""]
             lines += [f"- {machine}" for machine in dict.fromkeys(run.machine for run in runs)]
         else:
-            how = ("on a GPU machine `bash bench/gpu_session.sh bench-targets bench-models`, copy its results "
-                   "into bench/results/" if device == "cuda" else "run the benchmarks (bench/README.md)")
-            lines += ["", f"No {title} results in bench/results yet: {how}, then `python bench/make_readme_table.py`."]
+            lines += ["", f"No {title} results in bench/results yet: {HOW_TO_MEASURE[device]}, then "
+                      "`python bench/make_readme_table.py`."]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

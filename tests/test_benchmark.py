@@ -438,3 +438,18 @@ def test_break_even_asymmetric_interpolation():
     from sparsekit.benchmark.report import break_even
     # speedup 0.5 at 0.5 and 3.0 at 0.9: crosses 1.0 at 0.5 + 0.5 * 0.4 / 2.5 = 0.58
     assert break_even([(0.5, 0.5), (0.9, 3.0)]).value == pytest.approx(0.58)
+
+
+def test_machine_info_records_lowered_instruction_sets(monkeypatch):
+    """A run under bench/avx2_class.sh says so: the forcing variables in meta.env, its class from the kernel ISA,
+    and the machine line names both (a figure from a lowered ISA is never mistaken for the native one)."""
+    from sparsekit.benchmark.machine import cpu_isa_class, machine_info
+    from sparsekit.benchmark.report import machine_line
+
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("SPARSEKIT_CPU_ISA", "avx2")
+    meta = machine_info("cpu")
+    assert meta["env"]["MKL_ENABLE_INSTRUCTIONS"] == "AVX2" and meta["env"]["SPARSEKIT_CPU_ISA"] == "avx2"
+    assert "instruction sets forced: " in machine_line(meta) and "MKL_ENABLE_INSTRUCTIONS=AVX2" in machine_line(meta)
+    assert [cpu_isa_class({"cpu_kernel_isa": isa}) for isa in ("avx2", "scalar", "avx512+amx", "avx512", None)] == \
+        ["avx2", "scalar", "native", "native", "native"]

@@ -162,6 +162,27 @@ def test_targets_block_one_table_per_device_with_links(tg, tmp_path):
     assert "| - | not measured yet | - |" in gpu and "No GPU results" in gpu
 
 
+def test_avx2_class_runs_fill_their_own_table_only(tg, tmp_path):
+    """A sweep whose sparsekit kernels ran at AVX2 (an AVX2 machine, or bench/avx2_class.sh) is judged in the
+    AVX2-class table and never stands in for the native CPU's figures, nor the other way round."""
+    at90 = "... >= 5x at 90%"
+    forced = {"SPARSEKIT_CPU_ISA": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    path = _sweep(tmp_path, "avx2", _bert(0.9, (6.0, 6.5)), date="2026-01-05T00:00:00+00:00")
+    data = json.loads(path.read_text())
+    data["meta"] |= {"cpu_kernel_isa": "avx2", "torch_cpu_capability": "AVX2", "env": forced}
+    path.write_text(json.dumps(data))
+    assert _measure(tg, tmp_path, at90).status == tg.NOT_MEASURED
+    got = _measure(tg, tmp_path, at90, device="cpu-avx2")
+    assert (got.value, got.status) == ("6.00x / 6.50x", tg.MET)
+    _sweep(tmp_path, "native", _bert(0.9, (4.0, 4.0)), date="2026-01-06T00:00:00+00:00")
+    assert _measure(tg, tmp_path, at90).status == tg.NOT_MET          # the newer native run: its own table
+    assert _measure(tg, tmp_path, at90, device="cpu-avx2").value == "6.00x / 6.50x"
+    block = tg.targets_block(tmp_path, lambda p: p.name)
+    avx2 = block.split("### CPU, AVX2 class")[1].split("### GPU")[0]
+    assert "| 6.00x / 6.50x | met | [avx2](avx2.json) |" in avx2
+    assert "instruction sets forced: SPARSEKIT_CPU_ISA=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2" in avx2
+
+
 def test_make_readme_table_writes_and_checks_both_blocks(script, tmp_path, capsys):
     from sparsekit.benchmark.report import END_MARKER, START_MARKER
 

@@ -21,7 +21,22 @@ import torch
 
 from ..kernels._launch import cuda_matmul_allows_tf32, cudnn_allows_tf32
 
-__all__ = ["machine_info", "machine_slug", "measure_peaks", "script_results", "tf32_state"]
+__all__ = ["ISA_ENV", "cpu_isa_class", "machine_info", "machine_slug", "measure_peaks", "script_results",
+           "tf32_state"]
+
+# Environment variables that lower the instruction set of sparsekit's CPU kernels and of torch's own CPU paths
+# (ATen kernels, MKL GEMM, oneDNN conv): with all four at AVX2, an AVX-512 machine runs both sides of a
+# comparison as an AVX2-only CPU would (bench/avx2_class.sh sets them).
+ISA_ENV = ("SPARSEKIT_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+           "DNNL_MAX_CPU_ISA")
+
+
+def cpu_isa_class(meta: dict) -> str:
+    """The CPU class a result belongs to, from the instruction set its sparsekit kernels ran with: "avx2" or
+    "scalar" (a machine without AVX-512, or one forced lower), else "native" (AVX-512 / AMX, no extension, or a
+    GPU run). Results of different classes are not compared with one another."""
+    isa = str(meta.get("cpu_kernel_isa") or "")
+    return next((c for c in ("avx2", "scalar") if isa.startswith(c)), "native")
 
 
 def _cpu_model() -> str:
@@ -115,7 +130,7 @@ def machine_info(device: str) -> dict[str, object]:
         and hasattr(torch.ops.sparsekit, "cpu_kernel_isa") else None,
         "tf32": tf32_state(),
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRITON_INTERPRET",
-                                           "CUDA_VISIBLE_DEVICES") if k in os.environ},
+                                           "CUDA_VISIBLE_DEVICES", *ISA_ENV) if k in os.environ},
         "loadavg_start": load,
     }
     if device == "cuda" and torch.cuda.is_available():

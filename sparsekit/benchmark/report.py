@@ -15,6 +15,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from .machine import ISA_ENV
+
 __all__ = ["BreakEven", "break_even", "load_results", "summarize", "to_markdown", "speedup_table", "machine_line",
            "is_noisy", "replace_marked_block", "find_results", "group_key", "START_MARKER", "END_MARKER",
            "SCHEMA"]
@@ -185,6 +187,10 @@ def machine_line(meta: dict) -> str:
              f"{meta.get('date', '?')[:16].replace('T', ' ')} UTC"]
     if load:
         parts.append(f"load average {load[0]:.1f} at start on {meta.get('cpu_count')} CPUs")
+    forced = {k: v for k, v in (meta.get("env") or {}).items() if k in ISA_ENV}
+    if forced:        # both sides of the comparison ran with a lowered instruction set (bench/avx2_class.sh)
+        parts.append("instruction sets forced: " + " ".join(f"{k}={v}" for k, v in forced.items())
+                     + f" (torch's CPU capability {meta.get('torch_cpu_capability', '?')})")
     return "; ".join(parts)
 
 
