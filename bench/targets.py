@@ -317,24 +317,26 @@ def with_info(main: Callable[[Results], Measured], info: Callable[[Results], Mea
 
 
 # ----------------------------------------------------------------------------- whole models and pruning
-def _model_row(res: Results, device: str, dtype: str, model: str) -> tuple[Run | None, dict | None]:
-    """The newest bench_sparsify_models.py row of ``model`` (a prefix of its name) in ``dtype`` on ``device``
-    (files written before rows carried a dtype are float32, the script's default)."""
+def _model_row(res: Results, device: str, dtype: str, model: str, isa_class: str = "native"
+               ) -> tuple[Run | None, dict | None]:
+    """The newest bench_sparsify_models.py row of ``model`` (a prefix of its name) in ``dtype`` on ``device``, of
+    one CPU class (files written before rows carried a dtype are float32, the script's default)."""
     def rows(run: Run) -> list[dict]:
         return [r for r in run.rows if str(r.get("model", "")).startswith(model)
                 and r.get("dtype", "float32") == dtype]
 
-    run = res.newest("sparsify_models", device, lambda r: bool(rows(r)))
+    run = res.newest("sparsify_models", device, lambda r: bool(rows(r)), isa_class)
     return (run, rows(run)[0]) if run else (None, None)
 
 
 def model_figure(device: str, dtype: str, model: str, key: str, threshold: float | None,
-                 fmt: Callable[[dict], str], at_most: bool = False) -> Callable[[Results], Measured]:
+                 fmt: Callable[[dict], str], at_most: bool = False, isa_class: str = "native"
+                 ) -> Callable[[Results], Measured]:
     """One figure (``key``) of a bench_sparsify_models.py row, shown with ``fmt``. For key "speedup", a row
     measured with --compile also shows the compiled pair, and the verdict needs both the eager speedup and the
     best sparse variant over the best dense one (eager or compiled) to reach the threshold."""
     def measure(res: Results) -> Measured:
-        run, row = _model_row(res, device, dtype, model)
+        run, row = _model_row(res, device, dtype, model, isa_class)
         if row is None:
             return NOT_YET
         values, text = [row[key]], fmt(row)
@@ -484,24 +486,34 @@ def cpu_kernel_targets(isa_class: str = "native", table: str = "cpu") -> list[Ta
     ]]
 
 
+def cpu_model_targets(isa_class: str = "native", table: str = "cpu") -> list[Target]:
+    """Issue 8's whole-model CPU targets (bench_sparsify_models.py, fp32) from the runs of one CPU class."""
+    def fig(model: str, key: str, threshold: float, fmt: Callable[[dict], str], at_most: bool = False):
+        return model_figure("cpu", "float32", model, key, threshold, fmt, at_most, isa_class)
+
+    return [Target("8", table, text, measure) for text, measure in [
+        ("BERT-base encoder (12 layers, seq 128, batch 8), 90% 32x32 blocks, end to end >= 3x",
+         fig("BERT-base encoder (12 layers)", "speedup", 3.0,
+             lambda r: f"{_x(r['speedup'])} ({r['dense_ms']:.0f} -> {r['sparse_ms']:.0f} ms)")),
+        ("... its Linear weights <= 15% of dense bytes",
+         fig("BERT-base encoder (12 layers)", "linear_weight_bytes_pct", 15.0,
+             lambda r: f"{r['linear_weight_bytes_pct']:.1f}%", at_most=True)),
+        ("ResNet-50 (batch 8, 224), 50% channels compacted + 80% 32x32 blocks in 3x3 convs >= 2.5x",
+         fig("ResNet-50", "speedup", 2.5,
+             lambda r: f"{_x(r['speedup'])} (compaction alone {_x(r['compact_only_speedup'])})")),
+    ]]
+
+
 LARGE_24 = _gpu(("square.4096",), ("nm2:4",), 0.5, extra=("llama-7b.*", "llama3-8b.mlp*"))
 
 TARGETS: list[Target] = [
     *cpu_kernel_targets(),
     # issue 8: whole models on CPU, fp32 (bench_sparsify_models.py, bench_memory.py)
-    Target("8", "cpu", "BERT-base encoder (12 layers, seq 128, batch 8), 90% 32x32 blocks, end to end >= 3x",
-           model_figure("cpu", "float32", "BERT-base encoder (12 layers)", "speedup", 3.0,
-                        lambda r: f"{_x(r['speedup'])} ({r['dense_ms']:.0f} -> {r['sparse_ms']:.0f} ms)")),
-    Target("8", "cpu", "... its Linear weights <= 15% of dense bytes",
-           model_figure("cpu", "float32", "BERT-base encoder (12 layers)", "linear_weight_bytes_pct", 15.0,
-                        lambda r: f"{r['linear_weight_bytes_pct']:.1f}%", at_most=True)),
+    *cpu_model_targets(),
     Target("8", "cpu", "the same 90% BERT-base pruning on Hugging Face transformers' BertModel (a transformers "
            "config) >= 3x",
            model_figure("cpu", "float32", "Hugging Face BertModel (12 layers)", "speedup", 3.0,
                         lambda r: f"{_x(r['speedup'])} ({r['dense_ms']:.0f} -> {r['sparse_ms']:.0f} ms)")),
-    Target("8", "cpu", "ResNet-50 (batch 8, 224), 50% channels compacted + 80% 32x32 blocks in 3x3 convs >= 2.5x",
-           model_figure("cpu", "float32", "ResNet-50", "speedup", 2.5,
-                        lambda r: f"{_x(r['speedup'])} (compaction alone {_x(r['compact_only_speedup'])})")),
     Target("8", "cpu", "the same two models in bfloat16 (not a target)",
            models_reported("cpu", "bfloat16", ("BERT-base encoder", "ResNet-50"))),
     Target("8", "cpu", "memory: peak RSS of a fresh process loading the saved 90% BSR encoder vs the dense one "
@@ -515,8 +527,9 @@ TARGETS: list[Target] = [
     Target("6", "cpu", "LeNet-5 on digits, global structured pruning, iterative: >= 90% of parameters removed, "
            "<= 0.5 pt accuracy lost",
            lenet_goal(90.0, 0.5)),
-    # issue 3 again on the issue's machine class (AVX2 + FMA): sweeps whose kernels ran at AVX2
+    # issues 3 and 8 again on issue 3's machine class (AVX2 + FMA): runs whose sparsekit kernels ran at AVX2
     *cpu_kernel_targets("avx2", "cpu-avx2"),
+    *cpu_model_targets("avx2", "cpu-avx2"),
     # issue 4: GPU BSR, fp16, vs cuBLAS (dense eager) and torch.sparse
     Target("4", "cuda", "BSR 32x32, square M = N = K = 4096, fp16: >= 1.0x cuBLAS at 50%",
            speedup_at(_gpu(("square.4096",), ("bsr32x32",), 0.5), 1.0)),

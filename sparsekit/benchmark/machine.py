@@ -171,6 +171,9 @@ def script_results(out: str | Path, prefix: str, device: str) -> tuple[Path, dic
     machine = f"cpu-{threads}t" if device == "cpu" else machine_slug(info)
     where = (f"{info.get('cpu_model', '')}, {threads} threads" if device == "cpu"
              else str(info.get("gpu", {}).get("name", "cuda")))
+    forced = [f"{k}={v}" for k, v in info["env"].items() if k in ISA_ENV]
+    if forced:
+        where += f", instruction sets forced: {' '.join(forced)}"
     return out / f"{prefix}_{machine}_{stamp}", info, stamp, where
 
 
