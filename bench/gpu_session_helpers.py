@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -98,6 +99,11 @@ def preflight() -> tuple[dict, list[str]]:
     facts["nvcc"] = version.splitlines()[-1] if version else None
     if facts["nvcc"] is None:
         problems.append("nvcc not found (PATH, CUDA_HOME): the CUDA sources cannot be compiled")
+    else:   # torch's build refuses a CUDA major other than its own, but only after minutes of setup
+        release = re.search(r"release (\d+)\.", version or "")
+        if release and torch.version.cuda and int(release.group(1)) != _major(torch.version.cuda):
+            problems.append(f"nvcc is CUDA {release.group(1)} but torch was built with CUDA {torch.version.cuda}: "
+                            "torch.utils.cpp_extension will refuse the build; point CUDA_HOME at a matching toolkit")
     facts["ninja_bin"] = shutil.which("ninja")
     facts["cpu_count"] = os.cpu_count()
     facts["env"] = {k: os.environ[k] for k in ("MAX_JOBS", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_VISIBLE_DEVICES",

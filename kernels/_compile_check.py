@@ -262,17 +262,17 @@ def check_all(verbose: bool = True, fresh: bool = False, full: bool = False) -> 
         return _in_subprocess(verbose, fresh, full)
     try:
         import triton
+        from triton import knobs  # Triton >= 3.4 (pyproject allows 3.0; torch 2.4-2.7 ship 3.0-3.3)
         from triton.backends.compiler import GPUTarget
         from triton.runtime.jit import JITFunction
 
         from . import k_bsr_mm
     except ImportError as exc:
-        return [f"cannot import triton / the kernels: {exc}"]
+        return [f"cannot import triton / the kernels (the compile check needs Triton >= 3.4, found "
+                f"{getattr(sys.modules.get('triton'), '__version__', 'none')}): {exc}"]
     if not isinstance(k_bsr_mm._bsr_mm_kernel, JITFunction):
         return ["k_bsr_mm was imported while TRITON_INTERPRET=1 was set, so its kernels are interpreter "
                 "objects; run the compile check in a fresh process without TRITON_INTERPRET"]
-
-    from triton import knobs
 
     failures: list[str] = []
     old_always = knobs.compilation.always_compile

@@ -54,13 +54,18 @@ def find_nvcc() -> str | None:
 
 
 def torch_cxx_std(cpp_extension) -> str:
-    """The -std torch builds extensions with (c++17 up to torch 2.9, c++20 since), read from cpp_extension."""
+    """The -std torch builds extensions with (c++17 through torch 2.11, c++20 in 2.13), read from cpp_extension:
+    the flag it adds when the caller sets none (``cpp_flag_prefix + 'c++NN'``), else its Linux flag list, never
+    a docstring example (2.11's docstring shows -std=c++20 while its build uses c++17)."""
     try:
         source = Path(cpp_extension.__file__).read_text()
     except OSError:
         return "c++17"
-    found = [int(v) for v in re.findall(r"-std=c\+\+(\d\d)\b", source)]
-    return f"c++{max(found)}" if found else "c++17"
+    for pattern in (r"cpp_flag_prefix \+ 'c\+\+(\d\d)'", r"common_cflags \+= \['-std=c\+\+(\d\d)'"):
+        found = re.search(pattern, source)
+        if found:
+            return f"c++{found.group(1)}"
+    return "c++17"
 
 
 def nvcc_base_flags() -> tuple[list[str], list[str]]:

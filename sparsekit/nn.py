@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._compat import set_submodule
 from .formats import BSR, CSR, NM, ChannelIndex
 from .ops import sparse_conv2d, sparse_linear
 from .ops.conv import group_starts
@@ -270,7 +271,7 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
         except ValueError as exc:
             skipped[name] = str(exc).split(". ")[0]
             continue
-        model.set_submodule(name, new)
+        set_submodule(model, name, new)
     model.sparsekit_skipped = skipped
     return model
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._compat import set_submodule
 from .formats import BSR, CSR, NM, ChannelIndex
 from .nn import SparseConv2d, SparseLinear
 from .ops._dispatch import BACKENDS
@@ -143,7 +144,7 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
         except AttributeError:
             raise ValueError(f"the saved spec has a sparse module {name!r} that the given model lacks") from None
         new = _rebuild(name, mspec, tensors)
-        model.set_submodule(name, new)
+        set_submodule(model, name, new)
     if not on_meta:  # move, then copy: tied weights stay tied and non-persistent buffers follow
         model.to(device)
     model.load_state_dict(tensors, strict=True, assign=on_meta)

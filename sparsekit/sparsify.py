@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ._compat import set_submodule
 from .nn import FORMAT_NAMES, SparseConv2d, SparseLinear
 from .ops._dispatch import BACKENDS, recording_choices
 from .prune.masks import bake_masks
@@ -243,7 +244,7 @@ def _densify_sparse_layers(model: nn.Module) -> None:
     on another machine, or with other inputs. A forced backend is dropped: the dispatcher re-selects."""
     for name, mod in list(model.named_modules()):
         if isinstance(mod, (SparseLinear, SparseConv2d)):
-            model.set_submodule(name, mod.to_dense())
+            set_submodule(model, name, mod.to_dense())
 
 
 def _dense_baseline(model: nn.Module) -> nn.Module:
@@ -257,7 +258,7 @@ def _dense_baseline(model: nn.Module) -> nn.Module:
     base = copy.deepcopy(model, memo)
     for name, mod in list(base.named_modules()):
         if name and isinstance(mod, (nn.Linear, nn.Conv2d)) and parametrize.is_parametrized(mod):
-            base.set_submodule(name, _plain_dense(mod))
+            set_submodule(base, name, _plain_dense(mod))
     return base.eval()
 
 
@@ -394,7 +395,7 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
                 notes.append(f"{choice} could not be built ({_first_line(exc)}); kept dense")
                 choice = "dense"
             else:
-                target.set_submodule(name, new)
+                set_submodule(target, name, new)
                 used = new.chosen_backend = _backend_used(new, inp)   # sk.save records it (information only)
         report.layers.append(LayerDecision(
             name=name, kind=_kind(mod)["kind"], weight_shape=tuple(mod.weight.shape), input_shape=tuple(inp.shape),

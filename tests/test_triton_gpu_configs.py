@@ -179,8 +179,7 @@ def _pick(entry: Entry, dt: str):
     preferring one chosen for this dtype; compiled on a GPU, the one its table gives for this GPU and dtype."""
     if INTERPRET or not HAS_CUDA:
         return next((c for (_, d), c in entry.cfgs.items() if d == dt), next(iter(entry.cfgs.values())))
-    major, _minor = torch.cuda.get_device_capability()
-    smem = torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    major, smem = C._device_info(torch.cuda.current_device())     # the kernels' own reading (older torch too)
     for (cc, d), cfg in entry.cfgs.items():
         if cc // 10 == major and d == dt and smem >= dict(TARGETS)[cc]:
             return cfg

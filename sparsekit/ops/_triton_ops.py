@@ -13,8 +13,8 @@ Triton. nm_mm_triton's backward reuses the registered
 ``nm_mm_t`` / ``nm_sddmm`` ops (C++ kernels where built, the reference otherwise).
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations` here: torch.library.custom_op reads the schema from the annotations,
+# and torch 2.4 cannot parse them as strings
 import torch
 from torch import Tensor
 

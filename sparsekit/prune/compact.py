@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._compat import set_submodule
 from .channel_select import ChannelSelect
 from .graph import DependencyGraph, Group, attention_kind, in_proj_parts, set_heads
 from .pruned_mha import PrunedMultiheadAttention
@@ -355,7 +356,7 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
     small = copy.deepcopy(model)
     mods = dict(small.named_modules())
     for name, ax in plan.items():
-        small.set_submodule(name, resize_module(mods[name], ax.get("out"), ax.get("in")))
+        set_submodule(small, name, resize_module(mods[name], ax.get("out"), ax.get("in")))
     # channel selection before BNs that read a shared stream
     eff = _effective_keep(graph, keep)
     for bn, sel in graph.selections.items():
@@ -368,7 +369,7 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
         index = pos[own]
         if torch.equal(index, torch.arange(int(stream.sum()))):
             continue      # the BN reads the whole compacted stream in order: nothing to select
-        small.set_submodule(bn, ChannelSelect(index, small.get_submodule(bn)))
+        set_submodule(small, bn, ChannelSelect(index, small.get_submodule(bn)))
     for mod in small.modules():
         if attention_kind(mod) in ("hf", "fused", "gqa"):
             set_heads(mod)
@@ -518,10 +519,10 @@ def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:
             raise ValueError(f"widths name module {name!r}, which the given {type(model).__name__} lacks") from None
         same = compacted_widths(nn.ModuleDict({"m": mod})).get("m") == w
         if not same:
-            model.set_submodule(inner, _blank(mod, w))
+            set_submodule(model, inner, _blank(mod, w))
     for name, w in selects.items():
         select = ChannelSelect(torch.zeros(w["select"], dtype=torch.long), model.get_submodule(name), w["dim"])
-        model.set_submodule(name, select)
+        set_submodule(model, name, select)
     for _, mod in model.named_modules():
         if attention_kind(mod) in ("hf", "fused", "gqa"):
             set_heads(mod)

@@ -35,6 +35,8 @@ from torch import nn
 from torch.export.graph_signature import ConstantArgument, InputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
+from .._compat import treespec_child
+
 __all__ = ["export_trace", "export_failure"]
 
 
@@ -73,7 +75,7 @@ def export_trace(model: nn.Module, args: tuple, kwargs: dict,
         for log, level in zip(logs, levels):
             log.setLevel(level)
     in_spec = ep.module_call_graph[0].signature.in_spec
-    order = in_spec.child(1).context if in_spec is not None else list(kwargs)
+    order = treespec_child(in_spec, 1).context if in_spec is not None else list(kwargs)
     flat = pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in order}))
     return _rebuild(model, ep, set(leaves)), tuple(flat)
 

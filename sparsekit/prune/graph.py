@@ -78,6 +78,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.fx import _symbolic_trace
 
+from .._compat import set_submodule
+
 __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind", "set_heads", "in_proj_parts",
            "is_leaf_module", "transformer_layers", "NORMS"]
 
@@ -1036,7 +1038,7 @@ class DependencyGraph:
                     plan.setdefault(sub_name, {})[axis] = full[~torch.isin(full, torch.cat(idx))]
                 for sub_name, ax in plan.items():
                     new = resize_module(probe.get_submodule(sub_name), ax.get("out"), ax.get("in"))
-                    probe.set_submodule(sub_name, new)
+                    set_submodule(probe, sub_name, new)
                 set_heads(probe)
                 with torch.no_grad():
                     probe(*a, **k)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..._compat import set_submodule
 from .. import chains as _chains
 from .. import masks as _masks
 
@@ -185,9 +186,9 @@ class AlphaBlend:
             a = br.a_weight.detach()
             w = torch.einsum("kc,c...->k...", a, p.weight.detach())
             b = br.a_bias.detach() + (a @ p.bias.detach() if p.bias is not None else 0.0)
-            self.model.set_submodule(name, _like(p, out_features=w.shape[0], in_features=None, weight=w, bias=b))
+            set_submodule(self.model, name, _like(p, out_features=w.shape[0], in_features=None, weight=w, bias=b))
             for idx, bn in br.bns.items():
-                self.model.set_submodule(self._events[int(idx)].name, bn)
+                set_submodule(self.model, self._events[int(idx)].name, bn)
             e = br.e_weight.detach()
             wq = q.weight.detach()
             if isinstance(q, nn.Conv2d):
@@ -195,7 +196,7 @@ class AlphaBlend:
             else:
                 c = e.shape[0]
                 wq_new = torch.einsum("ocg,ck->okg", wq.reshape(wq.shape[0], c, -1), e).reshape(wq.shape[0], -1)
-            self.model.set_submodule(link.consumer, _like(q, out_features=None, in_features=wq_new.shape[1],
+            set_submodule(self.model, link.consumer, _like(q, out_features=None, in_features=wq_new.shape[1],
                                                       weight=wq_new, bias=q.bias))
         del self.model.alpha_blend
         return self.model

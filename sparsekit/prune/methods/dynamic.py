@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..._compat import set_submodule
 from ...formats import ChannelIndex
 from ...ops import channel_linear, sparse_conv2d
 from .. import masks as _masks
@@ -130,6 +131,6 @@ def add_channel_gates(model: nn.Module, layers: Iterable[str], keep: float = 0.5
         if name not in modules:
             raise ValueError(f"layers names {name!r}, which is not a module of model")
         gate = ChannelGate(modules[name], keep)
-        model.set_submodule(name, gate)
+        set_submodule(model, name, gate)
         out[name] = gate
     return out

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..._compat import set_submodule
 from .. import masks as _masks
 
 __all__ = ["svd_rank", "factorize", "low_rank"]
@@ -93,6 +94,6 @@ def low_rank(model: nn.Module, rank: int | None = None, energy: float | None = N
         after = sum(p.numel() for p in new.parameters())
         if after >= before:
             continue
-        model.set_submodule(name, new)
+        set_submodule(model, name, new)
         report[name] = (new[0].weight.shape[0], before, after)
     return report
