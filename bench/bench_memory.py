@@ -18,7 +18,7 @@
 This driver never builds a model itself: a child's ru_maxrss starts at its parent's peak (Linux keeps the
 high-water mark across fork/exec), so a large parent would inflate every baseline. VmHWM (/proc) is recorded too.
 
-Writes bench/results/memory_<machine>_<UTC date-time>.md / .json.
+Writes <--out, default bench/results>/memory_<machine>_<UTC date-time>.md / .json.
 """
 
 from __future__ import annotations
@@ -248,12 +248,14 @@ def report(prep: dict, rows: list[dict], layers: int, stamp: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=12, help="encoder layers (12 = BERT-base)")
     ap.add_argument("--keep", type=Path, default=None, help="save the models here (default: a temporary dir)")
+    ap.add_argument("--out", type=Path, default=RESULTS, metavar="DIR",
+                    help="where the .json/.md go (default bench/results)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)   # internal: prepare DIR | measure DIR KIND MODE
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.layers < 1:
         raise SystemExit(f"--layers must be a positive int, got {a.layers}")
     if a.child:
@@ -271,8 +273,8 @@ def main() -> None:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     text = report(prep, rows, a.layers, stamp)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    base = RESULTS / f"memory_{prep['slug']}_{stamp}"
+    a.out.mkdir(parents=True, exist_ok=True)
+    base = a.out / f"memory_{prep['slug']}_{stamp}"
     base.with_suffix(".json").write_text(json.dumps({**prep, "layers": a.layers, "rows": rows}, indent=1,
                                                     default=str))
     base.with_suffix(".md").write_text(text + "\n")

@@ -366,8 +366,9 @@ def models_reported(device: str, dtype: str, models: tuple[str, ...]) -> Callabl
 
 
 def memory_peak(res: Results) -> Measured:
-    """bench_memory.py: peak RSS over the import baseline of a fresh process loading the saved model."""
-    run = res.newest("memory", "cpu", lambda r: bool(r.rows))
+    """bench_memory.py: peak RSS over the import baseline of a fresh process loading the saved BERT-base encoder
+    (12 layers: a run with fewer --layers measures a smaller model)."""
+    run = res.newest("memory", "cpu", lambda r: bool(r.rows) and r.data.get("layers", 12) == 12)
     if run is None:
         return NOT_YET
     inc = {(r["kind"], r["skeleton"]): (r["end"]["ru_maxrss"] - r["baseline"]["ru_maxrss"]) / 2**20

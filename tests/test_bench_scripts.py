@@ -1,0 +1,37 @@
+"""Smoke runs of the bench/ scripts that have no test of their own, at their smallest settings and into a
+temporary --out (never bench/results): they run to the end and write what bench/targets.py reads. No timing is
+judged here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from _scripts import load_bench_script
+
+
+def test_train_step_writes_one_row_per_shape_and_format(tmp_path):
+    script = load_bench_script("bench_train_step")
+    assert script.main(["--reps", "1", "--dtypes", "float32", "--out", str(tmp_path)]) in (0, None)
+    (path,) = tmp_path.glob("train_step_*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["shape"].split(" ")[0], r["format"]) for r in rows} == {
+        (s, f) for s in ("bert-base.mlp_up", "bert-base.mlp_down") for f in ("bsr32x32", "csr")}
+    assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["speedup"] > 0 for r in rows)
+    assert path.with_suffix(".md").exists()
+
+
+@pytest.mark.slow
+def test_memory_loads_the_sparse_model_without_dense_copies(tmp_path):
+    """One encoder layer: the saved sparse model loads in fresh processes, gives the reference outputs, and no
+    dense copy of a swapped weight stays referenced (issue 8's memory claim)."""
+    script = load_bench_script("bench_memory")
+    script.main(["--layers", "1", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("memory_*.json")
+    data = json.loads(path.read_text())
+    assert data["layers"] == 1 and data["sparse_linear_bytes"] <= 0.15 * data["dense_linear_bytes"]
+    sparse = [r for r in data["rows"] if r["kind"] == "sparse"]
+    assert sparse and all(r["error"] is None for r in data["rows"])
+    for r in sparse:
+        assert r["dense_weights_alive"] == [] and r["dense_shaped_tensors_alive"] == 0, r
+        assert r["max_diff"] <= 1e-4, r
