@@ -573,7 +573,7 @@ def _report(path: Path) -> Path:
     return md if md.exists() else path
 
 
-TABLES = (("cpu", "CPU"), ("cpu-avx2", "CPU, AVX2 class (issue 3's machine class: sparsekit kernels at AVX2 + FMA)"),
+TABLES = (("cpu", "CPU"), ("cpu-avx2", "CPU, AVX2 class (issue 3's machine class: AVX2 + FMA, no AVX-512)"),
           ("cuda", "GPU"))
 HOW_TO_MEASURE = {
     "cpu": "run the benchmarks (bench/README.md)",
