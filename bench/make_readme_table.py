@@ -169,8 +169,16 @@ def build_block(results_dir: Path, readme: Path, shapes: list[str] | None = None
                       "commit `bench/results/`, then `python bench/make_readme_table.py`.", ""]
             continue
         if kernels is not None:
-            for run in _newest_per_config(results_dir, kernels, device, "kernels"):
+            runs = _newest_per_config(results_dir, kernels, device, "kernels")
+            native = [r for r in runs if cpu_isa_class(_load(r).get("meta", {})) == "native"] or runs
+            for run in native:
                 lines += _section(title, run, readme, shapes)
+            lowered = [r for r in runs if r not in native]
+            if lowered:     # AVX2-class runs: judged in the targets table, linked here rather than repeated
+                links = ", ".join(f"[{_title(title, _load(r)).split(': ', 1)[1]}]({_rel(r.with_suffix('.md'), readme)})"
+                                  for r in lowered)
+                lines += [f"Also measured with a lowered instruction set (`bench/avx2_class.sh`; in the targets "
+                          f"table below): {links}.", ""]
         if model is not None:
             lines += _section(title, model, readme, None)
     return "\n".join(lines).rstrip() + "\n"
