@@ -3,6 +3,7 @@ break-even arithmetic, README block rewriting and CLI errors. Nothing here asser
 
 from __future__ import annotations
 
+import copy
 import csv
 import importlib.util
 import json
@@ -236,6 +237,20 @@ def test_make_readme_table_rewrites_only_the_marked_block(tiny_results, tmp_path
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="marker"):
         script.main(["--results", str(results), "--readme", str(readme)])
+
+
+def test_make_readme_table_links_lowered_isa_runs_instead_of_repeating_them(tiny_results, tmp_path):
+    """An AVX2-class sweep (bench/avx2_class.sh) of the same configuration gets one linking line, not a table of
+    its own, and never replaces the native run's table."""
+    results = tmp_path / "results"
+    save_results(tiny_results, results, plots=False)
+    avx2 = copy.deepcopy(tiny_results)
+    avx2["meta"] |= {"cpu_kernel_isa": "avx2", "date": "2999-01-01T00:00:00+00:00"}
+    avx2_md = Path(save_results(avx2, results, plots=False)["report"]).name
+    script = _load_script("make_readme_table")
+    block = script.build_block(results, tmp_path / "README.md")
+    assert block.count("#### CPU kernels") == 1 and "AVX2 class" not in block.split("Also measured")[0]
+    assert "Also measured with a lowered instruction set" in block and avx2_md in block
 
 
 # --------------------------------------------------------------------------------------------------- CLI
