@@ -14,8 +14,8 @@ from torch import Tensor
 from ._configs import interpreting
 
 __all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_activation", "check_int", "check_index", "check_bias",
-           "check_optional_positive_int", "check_runnable", "cuda_matmul_allows_tf32", "cudnn_allows_tf32",
-           "default_input_precision", "device_ctx", "INPUT_PRECISIONS", "resolve_input_precision"]
+           "check_grid", "check_optional_positive_int", "check_runnable", "cuda_matmul_allows_tf32",
+           "cudnn_allows_tf32", "default_input_precision", "device_ctx", "INPUT_PRECISIONS", "resolve_input_precision"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -152,3 +152,11 @@ def device_ctx(device: torch.device):
     """The context to launch on ``device``: its CUDA device (so a tensor on cuda:1 launches there), or none for
     CPU tensors under the interpreter."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_grid(what: str, grid: tuple[int, ...]) -> None:
+    """CUDA's launch limits (axis 0 < 2^31, axes 1-2 <= 65535), as a clear error instead of Triton's 'invalid
+    argument' from the driver."""
+    if grid[0] >= 2**31 or any(g > 65535 for g in grid[1:]):
+        raise ValueError(f"{what}: the problem is too large for one launch (grid {grid}; CUDA allows < 2^31 "
+                         "programs on axis 0 and <= 65535 on axes 1-2); split the input")

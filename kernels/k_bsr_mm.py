@@ -50,6 +50,7 @@ from ._launch import (
     SUPPORTED_DTYPES,
     check_activation,
     check_bias,
+    check_grid,
     check_index,
     check_int,
     check_optional_positive_int,
@@ -269,6 +270,7 @@ def _bsr_mm_split(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Te
     else:
         acc = torch.empty((m, n), dtype=torch.float32, device=device).copy_(bias.expand(m, n))  # never a view of bias
     grid = (n // bn, split_k, triton.cdiv(m, cfg.block_m))
+    check_grid("bsr_mm (split-K)", grid)     # M tiles on axis 2: only a forced split_k reaches its limit
     with device_ctx(device):
         _bsr_mm_splitk_kernel[grid](
             x, crow, col, values, acc, m, n, k,

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import _autotune
 from ._configs import TileConfig, arch_of, channel_mm_config, interpreting, m_bucket, tile_candidates
-from ._launch import SUPPORTED_DTYPES, check_runnable, device_ctx, resolve_input_precision
+from ._launch import SUPPORTED_DTYPES, check_grid, check_runnable, device_ctx, resolve_input_precision
 from ._tiles import grouped_pid, row_tile
 
 __all__ = ["channel_mm", "channel_scatter"]
@@ -41,8 +41,9 @@ def _channel_mm_step(acc, x_base, in_idx_ptr, w_ptr, rows, cols, mask_m, mask_n,
     kin = tl.load(in_idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)   # kept input channels
     x_tile = tl.load(x_base + rows[:, None] * sxm + kin[None, :] * sxk, mask=mask_m[:, None] & mask_k[None, :],
                      other=0.0)
-    w_tile = tl.load(w_ptr + cols[:, None] * KC + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
-                     other=0.0)
+    # int64 row offsets: Nc * Kc passes 2^31 on wide heads (a 256k vocabulary with 8.4k kept inputs)
+    w_tile = tl.load(w_ptr + cols.to(tl.int64)[:, None] * KC + offs_k[None, :],
+                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
     return tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
 
 
@@ -56,8 +57,11 @@ def _channel_mm_kernel(
     GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     WHILE_LOOP: tl.constexpr = False,
 ):
-    batch = tl.program_id(1).to(tl.int64)
-    pid_m, pid_n = grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NC, BLOCK_N), GROUP_M)
+    # one grid axis for (batch, tile): axis 1 would cap the batch (images of a 1x1 conv) at 65535
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(NC, BLOCK_N)
+    pid = tl.program_id(0)
+    batch = (pid // tiles).to(tl.int64)
+    pid_m, pid_n = grouped_pid(pid % tiles, tl.cdiv(M, BLOCK_M), tl.cdiv(NC, BLOCK_N), GROUP_M)
     rows, mask_m = row_tile(pid_m * BLOCK_M, M, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = cols < NC
@@ -90,9 +94,12 @@ def _channel_scatter_kernel(
     syo, syc, syi, soo, soc, soi,
     HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    o = tl.program_id(0).to(tl.int64)
+    # (outer, inner tile) on axis 0: inner is the row count of a linear output and would overflow axis 2's
+    # 65535 tiles past ~8.4M rows
+    i_tiles = tl.cdiv(INNER, BLOCK_I)
+    o = (tl.program_id(0) // i_tiles).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_i = (tl.program_id(2) * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
+    offs_i = ((tl.program_id(0) % i_tiles) * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
     mask_c = offs_c < C
     mask = mask_c[:, None] & (offs_i < INNER)[None, :]
     dst = tl.load(idx_ptr + offs_c, mask=mask_c, other=0).to(tl.int64)
@@ -132,7 +139,8 @@ def channel_mm(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tensor | None, y
             lambda c: channel_mm(x, in_idx, weight, bias, torch.empty_like(y), x_strides, y_strides, batch, m,
                                  out_idx, input_precision=input_precision, config=c),
             x.device)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(nc, cfg.block_n), batch)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(nc, cfg.block_n) * batch,)
+    check_grid("channel_mm", grid)
     with device_ctx(x.device):
         _channel_mm_kernel[grid](
             x, in_idx, weight, bias, out_idx, y, m, nc, kc, *x_strides, *y_strides,
@@ -154,7 +162,8 @@ def channel_scatter(y: Tensor, out_idx: Tensor, bias: Tensor | None, out: Tensor
     block_i = 16 if interpreting() else min(128, triton.next_power_of_2(inner))
     block_c = 16 if interpreting() else max(1, 4096 // block_i) if inner < 128 else 32
     block_c = min(block_c, 128)
-    grid = (outer, triton.cdiv(c, block_c), triton.cdiv(inner, block_i))
+    grid = (outer * triton.cdiv(inner, block_i), triton.cdiv(c, block_c))
+    check_grid("channel_scatter", grid)
     with device_ctx(y.device):
         _channel_scatter_kernel[grid](
             y, out_idx, bias, out, c, inner, *y_strides, *out_strides,

@@ -258,6 +258,9 @@ class BSR(_Format):
         blocks = weight.detach().reshape(n // bn, bn, k // bk, bk).transpose(1, 2)  # [R, C, bn, bk]
         keep = blocks.ne(0).any(dim=-1).any(dim=-1)                                 # [R, C]
         rows, cols = keep.nonzero(as_tuple=True)                                    # row-major order
+        if rows.numel() >= 2**31:    # crow_indices are int32 (tiny blocks on a multi-billion-element weight)
+            raise ValueError(f"weight has {rows.numel()} nonzero {bn}x{bk} blocks; BSR supports at most 2**31 - 1: "
+                             "use a larger block")
         values = blocks[rows, cols].contiguous()
         counts = keep.sum(dim=1)
         crow = torch.zeros(n // bn + 1, dtype=torch.int32, device=weight.device)

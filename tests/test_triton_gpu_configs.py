@@ -390,7 +390,7 @@ def test_channel_mm(monkeypatch, entry, dt):
     assert len(launches) == 2
     for (_, grid, kw), batch in zip(launches, (1, 2)):
         assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"]) == (block_m, block_n, block_k, group_m)
-        assert grid == (2 * 2, batch)
+        assert grid == (2 * 2 * batch,)
 
 
 @pytest.mark.parametrize("dt", list(DTYPES))
@@ -410,7 +410,7 @@ def test_channel_scatter(monkeypatch, dt, block_c, block_i, inner):
         close(got, sk.ops.channel_scatter(y, out_idx, n_out, bias, dim=1, backend="reference"), dtype)
     for _, grid, kw in launches:
         assert (kw["BLOCK_C"], kw["BLOCK_I"]) == (block_c, block_i)
-        assert grid == (2, 2, -(-inner // block_i))
+        assert grid == (2 * -(-inner // block_i), 2)
     assert len(launches) == 2
 
 

@@ -511,3 +511,13 @@ def test_cuda_channel(dtype):
     bb = randn(384, dtype=dtype, seed=5, device="cuda")
     close(sk.ops.channel_scatter(y, out_idx, 384, bb, dim=1, backend="triton"),
           sk.ops.channel_scatter(y, out_idx, 384, bb, dim=1, backend="reference"), dtype)
+
+
+def test_check_grid_names_the_launch_limits():
+    """A launch past CUDA's grid limits is a ValueError naming the op, not the driver's 'invalid argument'."""
+    from sparsekit.kernels._launch import check_grid
+
+    check_grid("ok", (2**31 - 1, 65535, 65535))
+    for grid in ((2**31, 1), (1, 65536), (1, 1, 65536)):
+        with pytest.raises(ValueError, match=r"channel_mm: the problem is too large for one launch"):
+            check_grid("channel_mm", grid)
