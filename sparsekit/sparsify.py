@@ -85,7 +85,25 @@ class SparsifyReport:
         if self.speedup is not None:
             lines.append(f"whole model: dense {self.dense_ms:.2f} ms -> sparse {self.sparse_ms:.2f} ms "
                          f"({self.speedup:.2f}x)")
+        lines += self._dense_hint()
         return "\n".join(lines)
+
+    def _dense_hint(self) -> list[str]:
+        """Why sparse layers stayed dense, and what pattern would pay off (the "pruned but not faster" case)."""
+        sparse = [d for d in self.layers if d.sparsity > 0]
+        stayed = [d for d in sparse if d.choice == "dense"]
+        if not stayed:
+            return []
+        unstructured = [d for d in stayed if d.pattern == "unstructured"]
+        lines = [f"{len(stayed)} of {len(sparse)} layers with zeros stayed dense: no format was >= "
+                 f"{self.min_speedup}x faster at its pattern and sparsity (times above)."]
+        if unstructured:
+            top = max(d.sparsity for d in unstructured)
+            lines += [f"  {len(unstructured)} of them hold single zeros (up to {top:.0%}), which pay off only at high "
+                      "sparsity; the same sparsity as whole blocks",
+                      "  (granularity='block', e.g. 16x16 or 1x4) or as removed channels (granularity='channel', "
+                      "then pruner.compact()) runs faster."]
+        return lines
 
 
 # ------------------------------------------------------------------------------------------ capture

@@ -474,3 +474,22 @@ def test_save_load_keeps_conv_geometry(tmp_path):
     assert isinstance(fast.conv, SparseConv2d)
     loaded = sk.load(sk.save(fast, tmp_path / "m"), StridedDilated())
     torch.testing.assert_close(loaded(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_report_says_why_sparse_layers_stayed_dense():
+    """The "pruned but not faster" case: the printed report counts the sparse layers kept dense and, for single
+    zeros, names the patterns that would pay off; it says nothing when every sparse layer got a format."""
+    from sparsekit.sparsify import LayerDecision, SparsifyReport
+
+    def layer(name, sparsity, pattern, choice):
+        return LayerDecision(name, "linear", (64, 64), (8, 64), sparsity, pattern, {"dense": 1.0, "csr": 1.3},
+                             choice, 1.0)
+
+    report = SparsifyReport([layer("a", 0.5, "unstructured", "dense"), layer("b", 0.9, "bsr32x32", "bsr32x32"),
+                             layer("c", 0.0, "dense", "dense")], "cpu", "torch.float32", 1.1)
+    text = str(report)
+    assert "1 of 2 layers with zeros stayed dense: no format was >= 1.1x faster" in text
+    assert "1 of them hold single zeros (up to 50%)" in text and "granularity='block'" in text
+    blocky = SparsifyReport([layer("a", 0.5, "bsr32x32", "dense")], "cpu", "torch.float32", 1.1)
+    assert "stayed dense" in str(blocky) and "single zeros" not in str(blocky)
+    assert "stayed dense" not in str(SparsifyReport([layer("b", 0.9, "bsr32x32", "bsr32x32")], "cpu", "x", 1.1))
