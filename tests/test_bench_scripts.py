@@ -5,6 +5,8 @@ judged here."""
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 from _scripts import load_bench_script
@@ -35,3 +37,14 @@ def test_memory_loads_the_sparse_model_without_dense_copies(tmp_path):
     for r in sparse:
         assert r["dense_weights_alive"] == [] and r["dense_shaped_tensors_alive"] == 0, r
         assert r["max_diff"] <= 1e-4, r
+
+
+def test_avx2_class_wrapper_lowers_every_instruction_set():
+    """bench/avx2_class.sh runs its command with sparsekit's, ATen's, MKL's and oneDNN's ISA held to AVX2 (the
+    variables the result files record), and refuses to run without a command."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "avx2_class.sh"
+    env = subprocess.run(["bash", str(script), "env"], capture_output=True, text=True, check=True).stdout
+    for var in ("SPARSEKIT_CPU_ISA=avx2", "ATEN_CPU_CAPABILITY=avx2", "MKL_ENABLE_INSTRUCTIONS=AVX2",
+                "ONEDNN_MAX_CPU_ISA=AVX2"):
+        assert var in env.splitlines(), var
+    assert subprocess.run(["bash", str(script)], capture_output=True, text=True).returncode == 2
