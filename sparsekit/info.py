@@ -8,6 +8,7 @@ import platform
 import torch
 
 from . import _extension
+from .benchmark.machine import ISA_ENV
 from .ops import _cusparselt
 from .ops._dispatch import (
     BACKENDS,
@@ -141,7 +142,7 @@ def info() -> dict:
         "cpu": {"model": _cpu_model(), "threads": torch.get_num_threads(),
                 "torch_capability": torch.backends.cpu.get_cpu_capability(), **cpu_features()},
         "gpu": _gpu(),
-        "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "OMP_NUM_THREADS", "SPARSEKIT_BUILD_EXT")
+        "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "OMP_NUM_THREADS", "SPARSEKIT_BUILD_EXT", *ISA_ENV)
                 if k in os.environ},
         "backends": backend_status(),
         "dispatcher": dispatcher_status(),
