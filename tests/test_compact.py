@@ -19,6 +19,7 @@ from sparsekit.prune.compact import (
     compacted_widths,
     mask_groups,
     member_masks,
+    resize_module,
 )
 from sparsekit.prune.graph import DependencyGraph
 from sparsekit.prune.masks import apply_mask
@@ -204,6 +205,53 @@ def test_depthwise_grouped_and_groupnorm():
     _, small, _ = _check(model, x, keep=_random_keep(graph, 0.5))
     assert small.dw.groups == small.dw.in_channels == small.dw.out_channels < 16
     assert small.gconv.groups == 2 and small.gn.num_groups == 2 and small.dw2.out_channels == 2 * small.dw2.groups
+
+
+class PReLUNet(nn.Module):
+    """Per-channel PReLUs after a conv (NCHW, dim 1) and after a Linear on [B, F] (dim 1), a shared-slope PReLU,
+    and a per-channel one on [B, T, F] that cannot follow the Linear's features (it applies along T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.act1 = nn.PReLU(16, init=0.1)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.act2 = nn.PReLU()
+        self.fc1 = nn.Linear(8, 12)
+        self.act3 = nn.PReLU(12, init=0.3)
+        self.fc2 = nn.Linear(12, 6)
+        self.seq = nn.Linear(6, 10)
+        self.act4 = nn.PReLU(4)
+        self.head = nn.Linear(10, 2)
+
+    def forward(self, x):
+        h = self.act2(self.conv2(self.act1(self.conv(x)))).mean((2, 3))
+        h = self.fc2(self.act3(self.fc1(h)))
+        t = self.seq(h.unsqueeze(1).expand(-1, 4, -1))         # [B, T=4, 10]
+        return self.head(self.act4(t)).mean(1)
+
+
+def test_prelu_slopes_follow_their_channels(tmp_path):
+    model = PReLUNet()
+    with torch.no_grad():
+        for act in (model.act1, model.act3, model.act4):
+            act.weight.uniform_(-0.5, 0.5)                    # distinct slopes: a wrong slice changes outputs
+    x = torch.randn(2, 3, 8, 8)
+    graph, small, _ = _check(model, x, keep=None)
+    assert small.act1.num_parameters == small.conv.out_channels < 16
+    assert small.act2.num_parameters == 1 and small.conv2.out_channels < 8
+    assert small.act3.num_parameters == small.fc1.out_features < 12
+    assert small.seq.out_features == 10 and small.act4.num_parameters == 4      # pinned: slopes along T
+    assert any("PReLU, 4 slopes" in (g.reason or "") for g in graph.groups)
+    assert compacted_widths(small)["act1"] == {"out": small.act1.num_parameters}
+    fresh = apply_widths(PReLUNet(), compacted_widths(small))
+    fresh.load_state_dict(small.state_dict())
+    sk.verify(small, fresh, x, atol=0)
+    sk.save(small, tmp_path / "prelu")
+    sk.verify(small, sk.load(tmp_path / "prelu", PReLUNet()), x, atol=0)
+    one = resize_module(model.act3, torch.tensor([5]))        # a per-channel PReLU left with one channel
+    assert one.num_parameters == 1 and one.weight.item() == model.act3.weight[5].item()
+    assert compacted_widths(nn.Sequential(one)) == {"0": {"out": 1}}   # still recorded: the original had 12
 
 
 class SplitNet(nn.Module):

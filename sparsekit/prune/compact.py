@@ -55,7 +55,6 @@ __all__ = ["resize_module", "module_keeps", "member_masks", "member_tensor_masks
            "compact_from_masks", "keep_from_masks", "compacted_widths", "apply_widths", "ChannelSelect",
            "PrunedMultiheadAttention"]
 
-_RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.Embedding, nn.LayerNorm)
 
 
 def _base_class(mod: nn.Module) -> type:
@@ -113,11 +112,15 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
         new = cls(mod.num_embeddings, d, mod.padding_idx, mod.max_norm, mod.norm_type, mod.scale_grad_by_freq,
                   mod.sparse, **dd)
         tensors = {"weight": _sel(w, 1, keep_out)}
+    elif isinstance(mod, nn.PReLU):
+        per_channel = mod.num_parameters > 1 and keep_out is not None
+        new = cls(keep_out.numel() if per_channel else mod.num_parameters, **dd)
+        tensors = {"weight": _sel(w, 0, keep_out) if per_channel else w}
     elif isinstance(mod, nn.LayerNorm) and keep_out is None:
         return copy.deepcopy(mod)
     else:
         raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv2d, Linear, BatchNorm, GroupNorm, "
-                        "Embedding)")
+                        "Embedding, PReLU)")
     with torch.no_grad():
         for k, v in tensors.items():
             if v is None:
@@ -463,6 +466,8 @@ def compacted_widths(model: nn.Module) -> dict[str, dict]:
             spec[name] = {"out": mod.num_channels, "groups": mod.num_groups}
         elif isinstance(mod, nn.Embedding):
             spec[name] = {"out": mod.embedding_dim}
+        elif isinstance(mod, nn.PReLU):       # also 1: a per-channel PReLU may keep a single channel
+            spec[name] = {"out": mod.num_parameters}
     return spec
 
 
@@ -483,6 +488,8 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
         return resize_module(mod, out % mod.out_features, torch.arange(w["in"]) % mod.in_features)
     if isinstance(mod, nn.Embedding):
         return resize_module(mod, out % mod.embedding_dim)
+    if isinstance(mod, nn.PReLU):
+        return resize_module(mod, out % mod.num_parameters)
     n = mod.num_features if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) else mod.num_channels
     return resize_module(mod, out % n)
 

@@ -85,7 +85,7 @@ __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind",
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 _LEAVES = (nn.Conv2d, nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.TransformerEncoderLayer,
-           nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Transformer) + NORMS
+           nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Transformer, nn.PReLU) + NORMS
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU,
                  nn.Dropout, nn.Dropout2d, nn.Identity, nn.Hardsigmoid, nn.Mish)
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -741,6 +741,15 @@ class DependencyGraph:
                 self._add(_Seg(s, inner), f"{name}.{qkv}", "out", i * inner)
             self._add(_Seg(s, inner), f"{name}.{proj}", "in", 0)
             return self._out_proj(f"{name}.{proj}", getattr(mod, proj).out_features, shape)
+        if isinstance(mod, nn.PReLU):
+            if x is None or mod.num_parameters == 1:      # one shared slope: elementwise
+                return x
+            if x.dim != 1:
+                self._pin(x, f"{name!r} (PReLU, {mod.num_parameters} slopes) applies them along dim 1, not along "
+                             "these channels")
+                return x
+            self._feed(x, [name], "out")                   # one slope per channel: sliced with them
+            return x
         if isinstance(mod, _PASS_MODULES):
             return x
         if isinstance(mod, _POOL_MODULES):
