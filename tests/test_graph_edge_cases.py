@@ -383,3 +383,30 @@ def test_tracing_a_hf_model_keeps_its_use_cache():
     off.config.use_cache = False
     DependencyGraph.build(off, {"input_ids": ids})
     assert off.config.use_cache is False
+
+
+class _ActNet(nn.Module):
+    def __init__(self, act: nn.Module | None, fn=None):
+        super().__init__()
+        self.a, self.act, self.fn, self.b = nn.Conv2d(3, 16, 3, padding=1), act, fn, nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = self.act(h) if self.act is not None else self.fn(h)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("act", [nn.SELU(), nn.CELU(), nn.Softplus(), nn.Hardtanh(), nn.LogSigmoid(), nn.Softsign(),
+                                 nn.Threshold(0.1, 0.0), nn.Hardshrink(), nn.AlphaDropout(0.1), nn.Tanhshrink(),
+                                 F.selu, F.logsigmoid, F.hardsigmoid, F.softsign],
+                         ids=lambda a: getattr(a, "__name__", type(a).__name__))
+def test_elementwise_activations_pass_channels_through(act):
+    """Parameterless elementwise modules / functions leave channels where they are: the conv before them is
+    prunable (not pinned as an unsupported op) and the compacted model equals the masked one."""
+    model = _ActNet(act if isinstance(act, nn.Module) else None, None if isinstance(act, nn.Module) else act).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph.build(model, x)
+    keep = graph.select(0.5)
+    small = compact(model, x, keep, graph=graph)
+    assert small.a.out_channels < 16
+    sk.verify(mask_groups(model, x, keep, graph=graph), small, x, atol=1e-5)

@@ -86,13 +86,18 @@ __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind",
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 _LEAVES = (nn.Conv2d, nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.TransformerEncoderLayer,
            nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Transformer, nn.PReLU) + NORMS
+# elementwise modules without per-channel state: channels pass through unchanged
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU,
-                 nn.Dropout, nn.Dropout2d, nn.Identity, nn.Hardsigmoid, nn.Mish)
+                 nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
+                 nn.Hardsigmoid, nn.Mish, nn.Hardtanh, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.LogSigmoid,
+                 nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.RReLU)
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _PASS_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish", "elu",
             "dropout", "contiguous", "clone", "detach", "float", "to", "type_as", "mish", "hardtanh",
             "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "neg", "abs", "exp",
-            "alias", "to_copy", "square", "sqrt", "rsqrt", "erf", "softplus"}
+            "alias", "to_copy", "square", "sqrt", "rsqrt", "erf", "softplus", "selu", "celu", "softsign",
+            "logsigmoid", "log_sigmoid", "hardsigmoid", "hardshrink", "softshrink", "tanhshrink", "threshold", "rrelu",
+            "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d"}
 _BINARY_FN = {"add", "iadd", "sub", "isub", "mul", "imul", "truediv", "div", "add_", "mul_"}
 _REDUCE_FN = {"mean", "sum", "amax", "max", "amin", "min"}
 
