@@ -410,3 +410,56 @@ def test_elementwise_activations_pass_channels_through(act):
     small = compact(model, x, keep, graph=graph)
     assert small.a.out_channels < 16
     sk.verify(mask_groups(model, x, keep, graph=graph), small, x, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", [nn.Upsample(scale_factor=2), nn.Upsample(size=(5, 7), mode="bilinear"),
+                                nn.ZeroPad2d((1, 0, 2, 1)), nn.ConstantPad2d(1, 3.0), nn.ReflectionPad2d(1),
+                                nn.ReplicationPad2d(1), nn.ConstantPad1d(2, -1.0),
+                                lambda h: F.interpolate(h, scale_factor=2, mode="nearest"),
+                                lambda h: F.pad(h, (1, 1, 1, 1), value=2.0)],
+                         ids=["upsample", "upsample-bilinear", "zeropad", "constpad", "reflectpad", "replicatepad",
+                              "constpad1d", "interpolate", "F.pad"])
+def test_resampling_and_padding_keep_channels_prunable(op):
+    """U-Net / FPN / super-resolution blocks: resampling and padding of the spatial dims pass channels through
+    (a constant pad fills removed channels too, but their consumer columns are removed with them)."""
+    model = _ActNet(op if isinstance(op, nn.Module) else None, None if isinstance(op, nn.Module) else op).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph.build(model, x)
+    keep = graph.select(0.5)
+    small = compact(model, x, keep, graph=graph)
+    assert small.a.out_channels < 16
+    sk.verify(mask_groups(model, x, keep, graph=graph), small, x, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", [nn.Softmax2d(), nn.LocalResponseNorm(2), "pad-features"],
+                         ids=["softmax2d", "lrn", "pad-features"])
+def test_ops_that_mix_or_pad_channels_pin_them(op):
+    if op == "pad-features":     # ConstantPad1d on [B, F]: it pads the Linear's features themselves
+        model, x = nn.Sequential(nn.Linear(4, 16), nn.ConstantPad1d(1, 0.0), nn.Linear(18, 2)), torch.randn(2, 4)
+        first = "0"
+    else:
+        model, x, first = _ActNet(op).eval(), torch.randn(2, 3, 8, 8), "a"
+    graph = DependencyGraph.build(model, x)
+    (group,) = [g for g in graph.groups if any(m.module == first and m.axis == "out" for m in g.members)]
+    assert not group.prunable and "unsupported op" in group.reason
+
+
+@pytest.mark.parametrize("kw", [{}, {"affine": True}, {"affine": True, "track_running_stats": True},
+                                {"track_running_stats": True}], ids=["plain", "affine", "affine-stats", "stats"])
+def test_instance_norm_channels(kw, tmp_path):
+    """InstanceNorm normalises each channel of each sample alone: prunable, sliced when it has parameters or
+    running statistics; without affine parameters its running statistics would turn a removed channel into a
+    constant, so that case is pinned with a reason."""
+    model = _ActNet(_randomize(nn.InstanceNorm2d(16, **kw))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph.build(model, x)
+    (group,) = [g for g in graph.groups if any(m.module == "a" and m.axis == "out" for m in g.members)]
+    if kw == {"track_running_stats": True}:
+        assert not group.prunable and "running statistics, affine=False" in group.reason
+        return
+    keep = graph.select(0.5)
+    small = compact(model, x, keep, graph=graph)
+    assert small.a.out_channels == small.act.num_features < 16
+    sk.verify(mask_groups(model, x, keep, graph=graph), small, x, atol=1e-5)
+    sk.save(small, tmp_path / "in")
+    sk.verify(small, sk.load(tmp_path / "in", _ActNet(nn.InstanceNorm2d(16, **kw))).eval(), x, atol=0)

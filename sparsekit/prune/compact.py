@@ -94,7 +94,7 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
         in_f = mod.in_features if keep_in is None else keep_in.numel()
         new = cls(in_f, out_f, bias=b is not None, **dd)
         tensors = {"weight": _sel(_sel(w, 0, keep_out), 1, keep_in), "bias": _sel(b, 0, keep_out)}
-    elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d)):
         n = mod.num_features if keep_out is None else keep_out.numel()
         new = cls(n, mod.eps, mod.momentum, mod.affine, mod.track_running_stats, **dd)
         tensors = {"weight": _sel(w, 0, keep_out), "bias": _sel(b, 0, keep_out),
@@ -120,7 +120,7 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
         return copy.deepcopy(mod)
     else:
         raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv2d, Linear, BatchNorm, GroupNorm, "
-                        "Embedding, PReLU)")
+                        "InstanceNorm, Embedding, PReLU)")
     with torch.no_grad():
         for k, v in tensors.items():
             if v is None:
@@ -213,8 +213,8 @@ def _axis_size(mod: nn.Module, axis: str) -> int:
         return 3 * mod.num_heads * mod.head_dim
     if isinstance(mod, nn.Embedding):
         return mod.embedding_dim
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):     # affine=False: no weight to read it from
-        return mod.num_features
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d)):   # affine=False:
+        return mod.num_features                                                                  # no weight
     if isinstance(mod, nn.GroupNorm):
         return mod.num_channels
     w = mod.weight
@@ -460,7 +460,7 @@ def compacted_widths(model: nn.Module) -> dict[str, dict]:
             spec[name] = {"in": mod.in_channels, "out": mod.out_channels, "groups": mod.groups}
         elif isinstance(mod, nn.Linear):
             spec[name] = {"in": mod.in_features, "out": mod.out_features}
-        elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d)):
             spec[name] = {"out": mod.num_features}
         elif isinstance(mod, nn.GroupNorm):
             spec[name] = {"out": mod.num_channels, "groups": mod.num_groups}
@@ -490,7 +490,7 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
         return resize_module(mod, out % mod.embedding_dim)
     if isinstance(mod, nn.PReLU):
         return resize_module(mod, out % mod.num_parameters)
-    n = mod.num_features if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) else mod.num_channels
+    n = mod.num_channels if isinstance(mod, nn.GroupNorm) else mod.num_features
     return resize_module(mod, out % n)
 
 

@@ -31,7 +31,11 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
   parameters but with running statistics its input is pinned: a removed (zeroed) channel would come out as
   the constant ``-mean / sqrt(var + eps)``, not 0, and the compacted model would lose it.
 * GroupNorm: units coarsen to whole norm groups. LayerNorm normalises over its channels, so removing any
-  changes its statistics: its space is pinned.
+  changes its statistics: its space is pinned. InstanceNorm: ``out`` members like BatchNorm (its channels
+  never mix), pinned without affine parameters but with running statistics. PReLU: one shared slope passes
+  channels through; per-channel slopes are ``out`` members.
+* elementwise activations and dropouts, pooling, resampling (``Upsample``, ``interpolate``) and padding of
+  the dims after the channels: channels pass through (padding that reaches the channel dim is unknown).
 * residual add / mul between tagged tensors: spaces merged (coarsened to a common unit); concat: segments
   appended (index offsets); ``chunk`` / ``tensor_split`` into k equal parts along channels (or ``split`` by a
   traced ``x.shape[d] // k``): the pieces keep their segments when the cuts fall on segment boundaries, and the
@@ -83,7 +87,7 @@ from .._compat import set_submodule
 __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind", "set_heads", "in_proj_parts",
            "is_leaf_module", "transformer_layers", "NORMS"]
 
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
 _LEAVES = (nn.Conv2d, nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.TransformerEncoderLayer,
            nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Transformer, nn.PReLU) + NORMS
 # elementwise modules without per-channel state: channels pass through unchanged
@@ -91,7 +95,12 @@ _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, 
                  nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
                  nn.Hardsigmoid, nn.Mish, nn.Hardtanh, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.LogSigmoid,
                  nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.RReLU)
-_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
+# pad the last len(padding) // 2 dims: channels pass through when they are not among those
+_PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
+                nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
+_RESAMPLE_FN = {"adaptive_avg_pool2d", "max_pool2d", "avg_pool2d", "interpolate", "upsample", "upsample_nearest",
+                "upsample_bilinear", "upsample_nearest2d", "upsample_bilinear2d", "upsample_bicubic2d"}
 _PASS_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish", "elu",
             "dropout", "contiguous", "clone", "detach", "float", "to", "type_as", "mish", "hardtanh",
             "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "neg", "abs", "exp",
@@ -689,6 +698,18 @@ class DependencyGraph:
                 return _Tag(x.dim, [_Seg(s, mod.num_features)])
             self._feed(x, [name], "out")
             return x
+        if isinstance(mod, (nn.InstanceNorm1d, nn.InstanceNorm2d)):
+            # per sample and channel: channels never mix; a removed (zero) channel normalises to 0 unless running
+            # statistics turn it into a constant that nothing would mask (affine: its shift is masked)
+            if x is None:
+                return None
+            if x.dim != 1:
+                self._pin(x, f"{name!r} ({type(mod).__name__}) normalises along dim 1, not along these channels")
+            elif mod.track_running_stats and not mod.affine:
+                self._pin(x, f"{name!r} ({type(mod).__name__}, running statistics, affine=False) turns a removed "
+                             "channel into a constant, which compaction would drop")
+            self._feed(x, [name], "out")        # resized with them (num_features), sliced where it has tensors
+            return x
         if isinstance(mod, nn.GroupNorm):
             if x is not None:
                 per = mod.num_channels // mod.num_groups
@@ -757,8 +778,10 @@ class DependencyGraph:
             return x
         if isinstance(mod, _PASS_MODULES):
             return x
-        if isinstance(mod, _POOL_MODULES):
+        if isinstance(mod, _POOL_MODULES):     # pooling / resampling of the dims after the channels
             return x if x is not None and x.dim == 1 else self._unknown(n, x, where)
+        if isinstance(mod, _PAD_MODULES):
+            return self._pad(x, len(mod.padding) // 2, shape, n, where)
         if isinstance(mod, nn.Flatten):
             return self._flatten(x, shape, mod.start_dim, n, where, tag)
         return self._unknown(n, [tag(a) for a in _flat_args(n.args)], where)
@@ -818,6 +841,12 @@ class DependencyGraph:
             factor = shape[start] // x.width if in_shape is None else math.prod(in_shape[start + 1:])
             return _Tag(start, [_Seg(s.space, s.span * factor) for s in x.segs])
         if x.dim < start:
+            return x
+        return self._unknown(n, x, where)
+
+    def _pad(self, x: _Tag | None, k: int, shape: Any, n: fx.Node, where: str) -> Any:
+        """Padding of the last ``k`` dims: channels pass through unless they are one of those dims."""
+        if x is None or (isinstance(shape, torch.Size) and len(shape) - k > x.dim):
             return x
         return self._unknown(n, x, where)
 
@@ -891,8 +920,12 @@ class DependencyGraph:
                 if x.dim not in dims:
                     return _Tag(x.dim if keep else x.dim - sum(d < x.dim for d in dims), x.segs)
             return self._unknown(n, in_tags, where)
-        if fname in ("adaptive_avg_pool2d", "max_pool2d", "avg_pool2d") and isinstance(x, _Tag) and x.dim == 1:
+        if fname in _RESAMPLE_FN and isinstance(x, _Tag) and x.dim == 1:
             return x
+        if fname in ("pad", "constant_pad_nd") and isinstance(x, _Tag):
+            pad = args[1] if len(args) > 1 else n.kwargs.get("pad")
+            if isinstance(pad, (tuple, list)):
+                return self._pad(x, len(pad) // 2, shape, n, where)
         return self._unknown(n, in_tags, where)
 
     def _index(self, x: _Tag, idx: Any, in_shape: Any, shape: Any, n: fx.Node, where: str) -> Any:
