@@ -95,8 +95,9 @@ class SparsifyReport:
         if not stayed:
             return []
         unstructured = [d for d in stayed if d.pattern == "unstructured"]
-        lines = [f"{len(stayed)} of {len(sparse)} layers with zeros stayed dense: no format was >= "
-                 f"{self.min_speedup}x faster at its pattern and sparsity (times above)."]
+        lines = [f"{len(stayed)} of {len(sparse)} layers with zeros stayed dense: no candidate format was >= "
+                 f"{self.min_speedup}x faster at its pattern and sparsity (times above; a layer's notes say what "
+                 "could not run)."]
         if unstructured:
             top = max(d.sparsity for d in unstructured)
             lines += [f"  {len(unstructured)} of them hold single zeros (up to {top:.0%}), which pay off only at high "

@@ -488,7 +488,7 @@ def test_report_says_why_sparse_layers_stayed_dense():
     report = SparsifyReport([layer("a", 0.5, "unstructured", "dense"), layer("b", 0.9, "bsr32x32", "bsr32x32"),
                              layer("c", 0.0, "dense", "dense")], "cpu", "torch.float32", 1.1)
     text = str(report)
-    assert "1 of 2 layers with zeros stayed dense: no format was >= 1.1x faster" in text
+    assert "1 of 2 layers with zeros stayed dense: no candidate format was >= 1.1x faster" in text
     assert "1 of them hold single zeros (up to 50%)" in text and "granularity='block'" in text
     blocky = SparsifyReport([layer("a", 0.5, "bsr32x32", "dense")], "cpu", "torch.float32", 1.1)
     assert "stayed dense" in str(blocky) and "single zeros" not in str(blocky)
