@@ -36,14 +36,16 @@ __all__ = ["Event", "Link", "Recorder", "trace_events", "trace_links", "ELEMENTW
 ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
     nn.Hardswish, nn.ELU, nn.Dropout, nn.Dropout2d, nn.Identity)
-RESHAPING: tuple[type[nn.Module], ...] = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+RESHAPING: tuple[type[nn.Module], ...] = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
+                                          nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
                                           nn.AdaptiveMaxPool2d, nn.Flatten)
 _ELEMENTWISE_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish",
                    "elu", "dropout", "batch_norm", "contiguous", "clone", "detach"}
-_RESHAPING_FN = {"flatten", "view", "reshape", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+_RESHAPING_FN = {"flatten", "view", "reshape", "max_pool1d", "avg_pool1d", "adaptive_avg_pool1d",
+                 "adaptive_max_pool1d", "max_pool1d_with_indices", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
                  "adaptive_max_pool2d", "_max_pool2d", "max_pool2d_with_indices",
                  "adaptive_avg_pool2d_with_indices"}
-_PRUNABLE = (nn.Linear, nn.Conv2d)
+_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 @dataclass
@@ -248,7 +250,7 @@ def _follow(events: Sequence[Event], start: int, name: str) -> Link:
 
 def _attach_consumer(link: Link, ev: Event, cur: Tensor, channels: int | None) -> Link:
     mod = ev.module
-    if isinstance(mod, nn.Conv2d):
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
         if mod.groups != 1 or mod.in_channels != channels:
             link.reason = (f"consumer {ev.name!r} is a conv with groups={mod.groups}, in_channels="
                            f"{mod.in_channels}; expected groups=1 and {channels} input channels")

@@ -77,7 +77,7 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
     w = mod.weight.detach() if getattr(mod, "weight", None) is not None else None
     b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
     dd = {"device": w.device if w is not None else None, "dtype": w.dtype if w is not None else None}
-    if isinstance(mod, nn.Conv2d):
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
         out_c = mod.out_channels if keep_out is None else keep_out.numel()
         in_c = mod.in_channels if keep_in is None else keep_in.numel()
         groups = mod.groups
@@ -119,8 +119,8 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
     elif isinstance(mod, nn.LayerNorm) and keep_out is None:
         return copy.deepcopy(mod)
     else:
-        raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv2d, Linear, BatchNorm, GroupNorm, "
-                        "InstanceNorm, Embedding, PReLU)")
+        raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv1d, Conv2d, Linear, BatchNorm, "
+                        "GroupNorm, InstanceNorm, Embedding, PReLU)")
     with torch.no_grad():
         for k, v in tensors.items():
             if v is None:
@@ -456,7 +456,7 @@ def compacted_widths(model: nn.Module) -> dict[str, dict]:
             spec[name] = {"select": int(mod.index.numel()), "dim": mod.dim}
         elif isinstance(mod, PrunedMultiheadAttention):
             spec[name] = {"heads": mod.num_heads}
-        elif isinstance(mod, nn.Conv2d):
+        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             spec[name] = {"in": mod.in_channels, "out": mod.out_channels, "groups": mod.groups}
         elif isinstance(mod, nn.Linear):
             spec[name] = {"in": mod.in_features, "out": mod.out_features}
@@ -478,7 +478,7 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
         if attention_kind(mod) != "mha":
             raise ValueError(f"widths give {w['heads']} attention heads to a {type(mod).__name__}")
         return PrunedMultiheadAttention.from_module(mod, torch.arange(w["heads"]))
-    if isinstance(mod, nn.Conv2d):
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
         if "groups" in w:       # the saved groups: a conv compacted twice need not follow the original class's
             return _blank_conv(mod, w["in"], w["out"], w["groups"])
         if mod.groups > 1:
@@ -494,13 +494,13 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
     return resize_module(mod, out % n)
 
 
-def _blank_conv(mod: nn.Conv2d, in_c: Any, out_c: Any, groups: Any) -> nn.Conv2d:
+def _blank_conv(mod: nn.Conv1d | nn.Conv2d, in_c: Any, out_c: Any, groups: Any) -> nn.Module:
     """A conv like ``mod`` with ``in_c`` / ``out_c`` channels in ``groups`` groups (placeholder values)."""
     for what, v in (("in", in_c), ("out", out_c), ("groups", groups)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"widths of a Conv2d: {what!r} must be a positive int, got {v!r}")
+            raise ValueError(f"widths of a {type(mod).__name__}: {what!r} must be a positive int, got {v!r}")
     if in_c % groups or out_c % groups:
-        raise ValueError(f"widths of a Conv2d: groups={groups} must divide in={in_c} and out={out_c}")
+        raise ValueError(f"widths of a {type(mod).__name__}: groups={groups} must divide in={in_c} and out={out_c}")
     w = mod.weight
     new = _base_class(mod)(in_c, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups,
                            mod.bias is not None, mod.padding_mode, device=w.device, dtype=w.dtype)

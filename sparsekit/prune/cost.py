@@ -30,8 +30,8 @@ def layer_positions(events: list[_chains.Event]) -> dict[str, int]:
     for ev in events:
         if ev.kind == "module" and isinstance(ev.module, _masks.PRUNABLE) and ev.output is not None:
             shape = ev.output.shape
-            if isinstance(ev.module, nn.Conv2d):
-                out[ev.name] = int(shape[-1] * shape[-2])
+            if isinstance(ev.module, (nn.Conv1d, nn.Conv2d)):
+                out[ev.name] = int(torch.Size(shape[2:]).numel())
             else:
                 out[ev.name] = int(torch.Size(shape[1:-1]).numel()) if len(shape) > 2 else 1
     return out

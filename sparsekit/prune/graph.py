@@ -88,18 +88,20 @@ __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind",
            "is_leaf_module", "transformer_layers", "NORMS"]
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
-_LEAVES = (nn.Conv2d, nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.TransformerEncoderLayer,
+_LEAVES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.TransformerEncoderLayer,
            nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Transformer, nn.PReLU) + NORMS
 # elementwise modules without per-channel state: channels pass through unchanged
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU,
                  nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
                  nn.Hardsigmoid, nn.Mish, nn.Hardtanh, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.LogSigmoid,
                  nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.RReLU)
-_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
+_POOL_MODULES = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.MaxPool2d, nn.AvgPool2d,
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
 # pad the last len(padding) // 2 dims: channels pass through when they are not among those
 _PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
                 nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
-_RESAMPLE_FN = {"adaptive_avg_pool2d", "max_pool2d", "avg_pool2d", "interpolate", "upsample", "upsample_nearest",
+_RESAMPLE_FN = {"adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool1d", "avg_pool1d", "adaptive_avg_pool2d",
+                "adaptive_max_pool2d", "max_pool2d", "avg_pool2d", "interpolate", "upsample", "upsample_nearest",
                 "upsample_bilinear", "upsample_nearest2d", "upsample_bilinear2d", "upsample_bicubic2d"}
 _PASS_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish", "elu",
             "dropout", "contiguous", "clone", "detach", "float", "to", "type_as", "mish", "hardtanh",
@@ -662,7 +664,7 @@ class DependencyGraph:
         name = n.target
         x = tag(n.args[0]) if n.args else None
         kind = attention_kind(mod)
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             return self._conv(name, mod, x, shape)
         if isinstance(mod, nn.Linear):
             if x is not None:
@@ -805,7 +807,7 @@ class DependencyGraph:
         self._add(_Seg(s, layer.linear1.out_features), f"{name}.linear1", "out", 0)
         self._add(_Seg(s, layer.linear1.out_features), f"{name}.linear2", "in", 0)
 
-    def _conv(self, name: str, mod: nn.Conv2d, x: _Tag | None, shape: Any) -> _Tag:
+    def _conv(self, name: str, mod: nn.Conv1d | nn.Conv2d, x: _Tag | None, shape: Any) -> _Tag:
         if mod.groups == 1:
             self._feed(x, [name])
             s = self._new(mod.out_channels)

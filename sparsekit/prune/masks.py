@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 __all__ = [
-    "GRANULARITIES", "PRUNABLE", "WeightMask", "as_2d", "check_granularity", "check_sparsity", "check_block",
+    "GRANULARITIES", "LINEAR_CONV2D", "PRUNABLE", "WeightMask", "as_2d", "check_granularity",
+    "check_sparsity", "check_block",
     "check_nm", "check_layer", "num_to_remove", "unit_scores", "lowest_removed", "expand_units", "nm_keep",
     "layer_mask", "global_keep", "apply_mask", "apply_tensor_mask", "is_masked", "get_masks", "tensor_masks",
     "remove_masks", "remove_tensor_mask", "bake_masks", "load_masked_state_dict", "set_owned_mask",
@@ -46,7 +47,8 @@ __all__ = [
 ]
 
 GRANULARITIES = ("element", "block", "nm", "channel")
-PRUNABLE = (nn.Linear, nn.Conv2d)
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)   # a conv's weight [C_out, C_in / groups, *kernel], channels on dim 1
+LINEAR_CONV2D = (nn.Linear, nn.Conv2d)   # what the procedures that rebuild layers (methods/) handle
 _EPS = 1e-9  # floor(0.29 * 100) must be 29, not 28 (0.29 * 100 == 28.999999999999996)
 
 

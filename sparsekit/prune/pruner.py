@@ -1,4 +1,4 @@
-"""``Pruner``: score, select and apply masks to a model's ``nn.Linear`` / ``nn.Conv2d`` layers."""
+"""``Pruner``: score, select and apply masks to a model's ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def execution_order(model: nn.Module, example_inputs: Any) -> list[str]:
 
 
 class Pruner:
-    """Prune a model's ``nn.Linear`` and ``nn.Conv2d`` layers with masks (reversible parametrizations).
+    """Prune a model's ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers with masks (reversible parametrizations).
 
     Args:
         model: the ``nn.Module`` to prune (modified in place by ``step``); a ``DistributedDataParallel``
@@ -225,7 +225,7 @@ class Pruner:
         self.ignored = self._resolve_ignore(ignore, modules)
         self.layers: dict[str, nn.Module] = {k: modules[k] for k in order if k not in self.ignored}
         if not self.layers:
-            raise ValueError("no nn.Linear / nn.Conv2d left to prune in model (after ignore="
+            raise ValueError("no nn.Linear / nn.Conv1d / nn.Conv2d left to prune in model (after ignore="
                              f"{sorted(self.ignored)})")
         for name, mod in self.layers.items():
             _masks.check_layer(tuple(mod.weight.shape), self.granularity, block=self.block, n=self.n,

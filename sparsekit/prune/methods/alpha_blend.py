@@ -71,7 +71,7 @@ class AlphaBlend:
 
     def __init__(self, model: nn.Module, example_inputs: Any, widths: dict[str, int] | float) -> None:
         modules = dict(model.named_modules())
-        prunable = [k for k, v in modules.items() if isinstance(v, _masks.PRUNABLE)]
+        prunable = [k for k, v in modules.items() if isinstance(v, _masks.LINEAR_CONV2D)]
         self.model = model
         self._events = _chains.trace_events(model, example_inputs)
         links = _chains.trace_links(model, example_inputs, prunable, events=self._events)

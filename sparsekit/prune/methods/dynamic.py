@@ -37,7 +37,7 @@ class ChannelGate(nn.Module):
 
     def __init__(self, layer: nn.Module, keep: float = 0.5) -> None:
         super().__init__()
-        if not isinstance(layer, _masks.PRUNABLE):
+        if not isinstance(layer, _masks.LINEAR_CONV2D):
             raise TypeError(f"layer must be an nn.Conv2d or nn.Linear, got {type(layer).__name__}")
         if isinstance(layer, nn.Conv2d) and layer.groups != 1:
             raise ValueError(f"grouped convolutions are not gated (groups={layer.groups})")

@@ -46,7 +46,7 @@ def svd_rank(singular_values: Tensor, rank: int | None = None, energy: float | N
 @torch.no_grad()
 def factorize(layer: nn.Module, rank: int | None = None, energy: float | None = None) -> nn.Sequential:
     """The two-factor ``nn.Sequential`` replacing ``layer`` (an unmasked ``nn.Linear`` / ``nn.Conv2d``)."""
-    if not isinstance(layer, _masks.PRUNABLE):
+    if not isinstance(layer, _masks.LINEAR_CONV2D):
         raise TypeError(f"layer must be an nn.Linear or nn.Conv2d, got {type(layer).__name__}")
     if _masks.is_masked(layer):
         raise ValueError("layer is masked: bake the masks first (pruner.bake()) so the SVD sees the zeros")
@@ -80,11 +80,11 @@ def low_rank(model: nn.Module, rank: int | None = None, energy: float | None = N
     """Factorise ``layers`` (default: every Linear/Conv2d not in ``ignore``) in place where it saves
     parameters; returns ``{name: (rank, params before, params after)}`` for the layers replaced."""
     modules = dict(model.named_modules())
-    names = [k for k, v in modules.items() if isinstance(v, _masks.PRUNABLE)] if layers is None else list(layers)
+    names = [k for k, v in modules.items() if isinstance(v, _masks.LINEAR_CONV2D)] if layers is None else list(layers)
     ignore = set(ignore)
     report = {}
     for name in names:
-        if name not in modules or not isinstance(modules[name], _masks.PRUNABLE):
+        if name not in modules or not isinstance(modules[name], _masks.LINEAR_CONV2D):
             raise ValueError(f"layers names {name!r}, which is not an nn.Linear/nn.Conv2d of model")
         if name in ignore or (isinstance(modules[name], nn.Conv2d) and modules[name].groups != 1):
             continue
