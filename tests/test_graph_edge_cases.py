@@ -463,3 +463,44 @@ def test_instance_norm_channels(kw, tmp_path):
     sk.verify(mask_groups(model, x, keep, graph=graph), small, x, atol=1e-5)
     sk.save(small, tmp_path / "in")
     sk.verify(small, sk.load(tmp_path / "in", _ActNet(nn.InstanceNorm2d(16, **kw))).eval(), x, atol=0)
+
+
+class _UNet(nn.Module):
+    """Two-level U-Net: ConvTranspose2d upsampling whose outputs are concatenated with the skip streams."""
+
+    def __init__(self, up_groups: int = 1):
+        super().__init__()
+        self.e1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.e2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2, groups=up_groups)
+        self.d1 = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.bn1(self.e1(x)))
+        b = torch.relu(self.bn2(self.e2(F.max_pool2d(a, 2))))
+        return self.head(torch.relu(self.d1(torch.cat([self.up(b), a], 1))))
+
+
+def test_transposed_conv_input_channels_follow_their_producer(tmp_path):
+    """A ConvTranspose2d's weight is [C_in, C_out, kh, kw]: its input channels (dim 0) shrink with the layer
+    that produces them; its outputs are a new, unscored space (kept whole by the Pruner), concatenated here."""
+    model = _randomize(_UNet())
+    x = torch.randn(2, 3, 16, 16)
+    graph = DependencyGraph.build(model, x)
+    (g,) = [g for g in graph.groups if any(m.module == "e2" and m.axis == "out" for m in g.members)]
+    assert {(m.module, m.axis) for m in g.members} >= {("e2", "out"), ("bn2", "out"), ("up", "in")}
+    keep = {gid: torch.arange(0, grp.size, 2) for gid, grp in ((grp.id, grp) for grp in graph.prunable)}
+    small = compact(model, x, keep, graph=graph)
+    assert small.up.in_channels == small.e2.out_channels == 8 and small.up.out_channels == 4
+    sk.verify(mask_groups(model, x, keep, graph=graph), small, x, atol=1e-5)
+    pruner = sk.prune.Pruner(model, (x,), criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    compacted = pruner.compact()
+    assert compacted.up.in_channels == compacted.e2.out_channels < 16 and compacted.up.out_channels == 8
+    sk.verify(model, compacted, x, atol=1e-5)
+    sk.save(compacted, tmp_path / "unet")
+    sk.verify(compacted, sk.load(tmp_path / "unet", _UNet()).eval(), x, atol=0)
+    grouped = DependencyGraph.build(_UNet(up_groups=2), x)
+    (g2,) = [g for g in grouped.groups if any(m.module == "e2" and m.axis == "out" for m in g.members)]
+    assert not g2.prunable and "ConvTranspose2d, groups=2" in g2.reason

@@ -48,7 +48,7 @@ from torch.nn.utils import parametrize
 
 from .._compat import set_submodule
 from .channel_select import ChannelSelect
-from .graph import DependencyGraph, Group, attention_kind, in_proj_parts, set_heads
+from .graph import DependencyGraph, Group, attention_kind, in_proj_parts, set_heads, weight_dim
 from .pruned_mha import PrunedMultiheadAttention
 
 __all__ = ["resize_module", "module_keeps", "member_masks", "member_tensor_masks", "mask_groups", "compact",
@@ -89,6 +89,14 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
         new = cls(in_c, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups, b is not None,
                   mod.padding_mode, **dd)
         tensors = {"weight": _sel(_sel(w, 0, keep_out), 1, keep_in), "bias": _sel(b, 0, keep_out)}
+    elif isinstance(mod, nn.ConvTranspose2d):
+        if mod.groups != 1:
+            raise ValueError(f"a grouped transposed conv ({mod.groups} groups) is not resized")
+        out_c = mod.out_channels if keep_out is None else keep_out.numel()
+        in_c = mod.in_channels if keep_in is None else keep_in.numel()
+        new = cls(in_c, out_c, mod.kernel_size, mod.stride, mod.padding, mod.output_padding, 1, b is not None,
+                  mod.dilation, mod.padding_mode, **dd)
+        tensors = {"weight": _sel(_sel(w, 0, keep_in), 1, keep_out), "bias": _sel(b, 0, keep_out)}
     elif isinstance(mod, nn.Linear):
         out_f = mod.out_features if keep_out is None else keep_out.numel()
         in_f = mod.in_features if keep_in is None else keep_in.numel()
@@ -119,8 +127,8 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
     elif isinstance(mod, nn.LayerNorm) and keep_out is None:
         return copy.deepcopy(mod)
     else:
-        raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv1d, Conv2d, Linear, BatchNorm, "
-                        "GroupNorm, InstanceNorm, Embedding, PReLU)")
+        raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv1d, Conv2d, ConvTranspose2d, Linear, "
+                        "BatchNorm, GroupNorm, InstanceNorm, Embedding, PReLU)")
     with torch.no_grad():
         for k, v in tensors.items():
             if v is None:
@@ -217,8 +225,7 @@ def _axis_size(mod: nn.Module, axis: str) -> int:
         return mod.num_features                                                                  # no weight
     if isinstance(mod, nn.GroupNorm):
         return mod.num_channels
-    w = mod.weight
-    return w.shape[0] if axis == "out" else w.shape[1]
+    return mod.weight.shape[weight_dim(mod, axis)]
 
 
 def _check_keep(graph: DependencyGraph, keep: Mapping[int, Any], allow_empty: bool = False) -> dict[int, Tensor]:
@@ -267,12 +274,13 @@ def member_tensor_masks(graph: DependencyGraph, keep: Mapping[int, Any],
             w[:, ax.get("out", torch.arange(mod.embedding_dim))] = True
             out[name] = {"weight": w}
             continue
-        rows = ax.get("out", torch.arange(mod.weight.shape[0]))
-        w.index_fill_(0, rows, True)
+        rows = ax.get("out", torch.arange(mod.weight.shape[weight_dim(mod, "out")]))
+        w.index_fill_(weight_dim(mod, "out"), rows, True)
         if "in" in ax and w.dim() > 1:
-            cols = torch.zeros(mod.weight.shape[1], dtype=torch.bool)
+            d = weight_dim(mod, "in")
+            cols = torch.zeros(mod.weight.shape[d], dtype=torch.bool)
             cols[ax["in"]] = True
-            w &= cols.reshape((1, -1) + (1,) * (w.dim() - 2))
+            w &= cols.reshape((1,) * d + (-1,) + (1,) * (w.dim() - d - 1))
         out[name] = {"weight": w}
         if getattr(mod, "bias", None) is not None:
             b = torch.zeros(mod.bias.shape, dtype=torch.bool)
@@ -328,8 +336,7 @@ def mask_groups(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any],
                     continue
                 if getattr(mod, "weight", None) is None:     # a norm without affine parameters
                     continue
-                dim = 0 if m.axis == "out" else 1
-                mod.weight.index_fill_(dim, idx, 0.0)
+                mod.weight.index_fill_(weight_dim(mod, m.axis), idx, 0.0)
                 if m.axis == "out" and getattr(mod, "bias", None) is not None:
                     mod.bias.index_fill_(0, idx, 0.0)
     return ref
@@ -405,7 +412,8 @@ def _masked_rows(mod: nn.Module, masks: Mapping[str, Tensor]) -> Tensor | None:
         return None
     if isinstance(mod, nn.Embedding):   # weight [num_embeddings, dim]: its channels (features) are the columns
         return mk.any(0).cpu()
-    return mk.reshape(mk.shape[0], -1).any(1).cpu()    # keep-sets are index math on the CPU
+    d = weight_dim(mod, "out")                          # 1 for a transposed conv
+    return mk.movedim(d, 0).reshape(mk.shape[d], -1).any(1).cpu()    # keep-sets are index math on the CPU
 
 
 def keep_from_masks(model: nn.Module, graph: DependencyGraph, allow_empty: bool = False) -> dict[int, Tensor]:
@@ -460,6 +468,8 @@ def compacted_widths(model: nn.Module) -> dict[str, dict]:
             spec[name] = {"in": mod.in_channels, "out": mod.out_channels, "groups": mod.groups}
         elif isinstance(mod, nn.Linear):
             spec[name] = {"in": mod.in_features, "out": mod.out_features}
+        elif isinstance(mod, nn.ConvTranspose2d):
+            spec[name] = {"in": mod.in_channels, "out": mod.out_channels}
         elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d)):
             spec[name] = {"out": mod.num_features}
         elif isinstance(mod, nn.GroupNorm):
@@ -486,6 +496,8 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
         return resize_module(mod, out % mod.out_channels, torch.arange(w["in"]) % mod.in_channels)
     if isinstance(mod, nn.Linear):
         return resize_module(mod, out % mod.out_features, torch.arange(w["in"]) % mod.in_features)
+    if isinstance(mod, nn.ConvTranspose2d):
+        return resize_module(mod, out % mod.out_channels, torch.arange(w["in"]) % mod.in_channels)
     if isinstance(mod, nn.Embedding):
         return resize_module(mod, out % mod.embedding_dim)
     if isinstance(mod, nn.PReLU):

@@ -36,6 +36,8 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
   channels through; per-channel slopes are ``out`` members.
 * elementwise activations and dropouts, pooling, resampling (``Upsample``, ``interpolate``) and padding of
   the dims after the channels: channels pass through (padding that reaches the channel dim is unknown).
+* ConvTranspose2d (groups=1; weight ``[C_in, C_out, kh, kw]``, ``weight_dim`` maps member axes to its dims):
+  ``in`` members on its input (weight dim 0) and a new output space (weight dim 1) like a conv's.
 * residual add / mul between tagged tensors: spaces merged (coarsened to a common unit); concat: segments
   appended (index offsets); ``chunk`` / ``tensor_split`` into k equal parts along channels (or ``split`` by a
   traced ``x.shape[d] // k``): the pieces keep their segments when the cuts fall on segment boundaries, and the
@@ -85,11 +87,12 @@ from torch.fx import _symbolic_trace
 from .._compat import set_submodule
 
 __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind", "set_heads", "in_proj_parts",
-           "is_leaf_module", "transformer_layers", "NORMS"]
+           "is_leaf_module", "transformer_layers", "weight_dim", "NORMS"]
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
-_LEAVES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.TransformerEncoderLayer,
-           nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Transformer, nn.PReLU) + NORMS
+_LEAVES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding, nn.MultiheadAttention,
+           nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder,
+           nn.Transformer, nn.PReLU) + NORMS
 # elementwise modules without per-channel state: channels pass through unchanged
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU,
                  nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
@@ -111,6 +114,14 @@ _PASS_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_
             "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d"}
 _BINARY_FN = {"add", "iadd", "sub", "isub", "mul", "imul", "truediv", "div", "add_", "mul_"}
 _REDUCE_FN = {"mean", "sum", "amax", "max", "amin", "min"}
+
+
+def weight_dim(mod: nn.Module, axis: str) -> int:
+    """The weight dim a member's channels index: ``out`` -> 0 and ``in`` -> 1, swapped for a transposed conv
+    (weight ``[C_in, C_out, *kernel]``)."""
+    if isinstance(mod, nn.ConvTranspose2d):
+        return 1 if axis == "out" else 0
+    return 0 if axis == "out" else 1
 
 
 class GraphError(RuntimeError):
@@ -666,6 +677,18 @@ class DependencyGraph:
         kind = attention_kind(mod)
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             return self._conv(name, mod, x, shape)
+        if isinstance(mod, nn.ConvTranspose2d):
+            # its input channels follow the producer (weight dim 0); its outputs are a new space, which the
+            # Pruner does not score (it is not one of its layers) but a residual add may couple to one it does
+            if mod.groups != 1:
+                self._pin(x, f"{name!r} (ConvTranspose2d, groups={mod.groups}) reads fixed input channels")
+            else:
+                self._feed(x, [name])
+            s = self._new(mod.out_channels)
+            self._add(_Seg(s, mod.out_channels), name, "out", 0)
+            if mod.groups != 1:
+                self._pin(_Tag(1, [_Seg(s, 1)]), f"{name!r} (ConvTranspose2d, groups={mod.groups})")
+            return _Tag(1, [_Seg(s, mod.out_channels)])
         if isinstance(mod, nn.Linear):
             if x is not None:
                 if x.dim != len(shape) - 1:
@@ -1154,7 +1177,7 @@ class DependencyGraph:
         if w.dim() == 1:     # norms: |gamma|
             return w.abs()[m.offset:m.offset + m.span]
         v = w.abs() if fn == "l1" else w.pow(2)
-        dims = [d for d in range(v.dim()) if d != (0 if m.axis == "out" else 1)]
+        dims = [d for d in range(v.dim()) if d != weight_dim(mod, m.axis)]
         return v.sum(dim=dims)[m.offset:m.offset + m.span]
 
     def group_scores(self, score_fn: Callable[[nn.Module, Member], Tensor | None] | str = "l1",
