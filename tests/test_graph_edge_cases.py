@@ -504,3 +504,41 @@ def test_transposed_conv_input_channels_follow_their_producer(tmp_path):
     grouped = DependencyGraph.build(_UNet(up_groups=2), x)
     (g2,) = [g for g in grouped.groups if any(m.module == "e2" and m.axis == "out" for m in g.members)]
     assert not g2.prunable and "ConvTranspose2d, groups=2" in g2.reason
+
+
+class _Decoder(nn.Module):
+    """An up-convolution coupled by a residual add to an encoder conv, through InstanceNorm and a per-channel
+    PReLU, then padding and a spatial crop: every piece of this session's graph rules at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.e1, self.e2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.up, self.inorm, self.act = nn.ConvTranspose2d(16, 8, 2, stride=2), nn.InstanceNorm2d(8, affine=True), \
+            nn.PReLU(8)
+        self.d, self.head = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        a = self.e1(x)
+        u = self.act(self.inorm(self.up(self.e2(torch.relu(a))))) + a
+        return self.head(torch.relu(self.d(F.pad(u, (1, 1, 1, 1)))[..., 1:-1, 1:-1]))
+
+
+@pytest.mark.parametrize("criterion", ["l1", "taylor"])
+def test_decoder_residual_through_transposed_conv_norm_and_prelu(criterion, tmp_path):
+    torch.manual_seed(0)
+    model = _Decoder().eval()
+    with torch.no_grad():
+        model.inorm.weight.uniform_(0.5, 1.5)
+        model.inorm.bias.uniform_(-0.5, 0.5)
+        model.act.weight.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 16, 16)
+    kw = {"calib": [(torch.randn(4, 3, 16, 16), torch.randn(4, 2, 16, 16))], "loss_fn": F.mse_loss} \
+        if criterion == "taylor" else {}
+    pruner = sk.prune.Pruner(model, (x,), criterion=criterion, granularity="channel", sparsity=0.5, **kw)
+    pruner.step()
+    small = pruner.compact()
+    # the residual couples up's outputs with e1's: pruned together, with the norm and the slopes between them
+    assert small.e1.out_channels == small.up.out_channels == small.inorm.num_features == small.act.num_parameters < 8
+    sk.verify(model, small, x, atol=1e-5)
+    sk.save(small, tmp_path / "dec")
+    sk.verify(small, sk.load(tmp_path / "dec", _Decoder()).eval(), x, atol=0)
