@@ -508,7 +508,7 @@ def test_transposed_conv_input_channels_follow_their_producer(tmp_path):
 
 class _Decoder(nn.Module):
     """An up-convolution coupled by a residual add to an encoder conv, through InstanceNorm and a per-channel
-    PReLU, then padding and a spatial crop: every piece of this session's graph rules at once."""
+    PReLU, then padding and a spatial crop: the transposed-conv, InstanceNorm, PReLU and padding rules together."""
 
     def __init__(self):
         super().__init__()
