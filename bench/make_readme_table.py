@@ -45,10 +45,20 @@ def _rel(path: Path, readme: Path) -> str:
 
 
 def _newest(results_dir: Path, device: str, suite: str) -> Path | None:
+    """The newest ``suite`` run on ``device``, full before quick, a native-CPU-class run before any other."""
     try:
-        return find_results(results_dir, device=device, suite=suite)
+        newest = find_results(results_dir, device=device, suite=suite)
     except FileNotFoundError:
         return None
+    native = []
+    for f in results_dir.glob("*.json"):
+        try:
+            meta = _load(f).get("meta", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if meta.get("device") == device and meta.get("suite") == suite and cpu_isa_class(meta) == "native":
+            native.append((not meta.get("quick"), str(meta.get("date", "")), f))
+    return max(native)[2] if native else newest
 
 
 def _newest_per_config(results_dir: Path, newest: Path, device: str, suite: str) -> list[Path]:
@@ -106,9 +116,11 @@ def _title(device_title: str, res: dict) -> str:
     calls), e.g. 'CPU kernels: GEMV (M = 1), float32, bert-base mlp_up/mlp_down, repeated calls'."""
     meta, rows = res["meta"], res["rows"]
     cfg = meta.get("config") or {}
+    cls = cpu_isa_class(meta)
     if meta.get("suite") == "model":
         shapes = list(dict.fromkeys(r["shape"] for r in rows))
-        return f"{device_title} whole models: {', '.join(shapes)}, {', '.join(cfg.get('dtypes') or [])}".rstrip(", ")
+        title = f"{device_title} whole models: {', '.join(shapes)}, {', '.join(cfg.get('dtypes') or [])}".rstrip(", ")
+        return title + (f", {cls.upper()} class" if cls != "native" else "")
     ops = list(dict.fromkeys(r["op"] for r in rows)) or list(cfg.get("ops") or [])
     parts = [_m_text(ops, cfg, rows, meta.get("device", "cpu")),
              ", ".join(cfg.get("dtypes") or sorted({r["dtype"] for r in rows}))]
@@ -117,8 +129,8 @@ def _title(device_title: str, res: dict) -> str:
         model, _, layer = name.partition(".")
         by_model.setdefault(model, []).append(layer or model)
     parts += [f"{model} {'/'.join(layers)}" for model, layers in by_model.items()]
-    if meta.get("device") == "cpu" and cpu_isa_class(meta) != "native":
-        parts.append(f"{cpu_isa_class(meta).upper()} class")
+    if cls != "native":
+        parts.append(f"{cls.upper()} class")
     sample_ms = cfg.get("min_sample_ms")
     if meta.get("device") == "cpu" and sample_ms == 0:
         parts.append("single cold calls (--min-sample-ms 0)")

@@ -55,10 +55,12 @@ class Run:
 
     @property
     def isa_class(self) -> str:
-        """"avx2" / "scalar" for a CPU run whose sparsekit kernels ran at that level, else "native"."""
+        """machine.cpu_isa_class of a CPU run ("avx2", "scalar", "mixed" or "native"); "native" for GPU runs."""
+        if self.device != "cpu":
+            return "native"
         for info in (self.data.get("meta"), self.data.get("machine")):
-            if isinstance(info, dict) and info.get("cpu_kernel_isa"):
-                return cpu_isa_class(info)
+            if isinstance(info, dict) and (info.get("cpu_kernel_isa") or info.get("env")):
+                return cpu_isa_class({**info, "device": "cpu"})
         return "native"
 
     @property
@@ -100,13 +102,14 @@ class Results:
                 self.runs.append(run)
 
     def newest(self, kind: str, device: str, has: Callable[[Run], bool] = lambda run: True,
-               isa_class: str = "native") -> Run | None:
-        """The newest ``kind`` file on ``device`` of one CPU class (Run.isa_class) for which ``has`` holds, a full
-        sweep before a quick one (the order of report.find_results, which returns the newest file whatever it
-        holds)."""
-        found = [r for r in self.runs if r.kind == kind and r.device == device and r.isa_class == isa_class
-                 and has(r)]
-        return max(found, key=lambda r: (not r.quick, r.date), default=None)
+               isa_class: str | None = None) -> Run | None:
+        """The newest ``kind`` file on ``device`` for which ``has`` holds, a full sweep before a quick one (the
+        order of report.find_results, which returns the newest file whatever it holds). ``isa_class``: only runs
+        of that CPU class (Run.isa_class; the per-class tables); None: native runs first, any class else (the
+        targets with one table: the machine line then names the class)."""
+        found = [r for r in self.runs if r.kind == kind and r.device == device and has(r)
+                 and (isa_class is None or r.isa_class == isa_class)]
+        return max(found, key=lambda r: (r.isa_class == "native", not r.quick, r.date), default=None)
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -317,7 +320,7 @@ def with_info(main: Callable[[Results], Measured], info: Callable[[Results], Mea
 
 
 # ----------------------------------------------------------------------------- whole models and pruning
-def _model_row(res: Results, device: str, dtype: str, model: str, isa_class: str = "native"
+def _model_row(res: Results, device: str, dtype: str, model: str, isa_class: str | None = None
                ) -> tuple[Run | None, dict | None]:
     """The newest bench_sparsify_models.py row of ``model`` (a prefix of its name) in ``dtype`` on ``device``, of
     one CPU class (files written before rows carried a dtype are float32, the script's default)."""
@@ -330,7 +333,7 @@ def _model_row(res: Results, device: str, dtype: str, model: str, isa_class: str
 
 
 def model_figure(device: str, dtype: str, model: str, key: str, threshold: float | None,
-                 fmt: Callable[[dict], str], at_most: bool = False, isa_class: str = "native"
+                 fmt: Callable[[dict], str], at_most: bool = False, isa_class: str | None = None
                  ) -> Callable[[Results], Measured]:
     """One figure (``key``) of a bench_sparsify_models.py row, shown with ``fmt``. For key "speedup", a row
     measured with --compile also shows the compiled pair, and the verdict needs both the eager speedup and the

@@ -465,6 +465,23 @@ def test_machine_info_records_lowered_instruction_sets(monkeypatch):
     monkeypatch.setenv("SPARSEKIT_CPU_ISA", "avx2")
     meta = machine_info("cpu")
     assert meta["env"]["MKL_ENABLE_INSTRUCTIONS"] == "AVX2" and meta["env"]["SPARSEKIT_CPU_ISA"] == "avx2"
+    if meta["cpu_kernel_isa"] is not None:           # the extension reads SPARSEKIT_CPU_ISA per call
+        assert cpu_isa_class(meta) == "avx2"
     assert "instruction sets forced: " in machine_line(meta) and "MKL_ENABLE_INSTRUCTIONS=AVX2" in machine_line(meta)
     assert [cpu_isa_class({"cpu_kernel_isa": isa}) for isa in ("avx2", "scalar", "avx512+amx", "avx512", None)] == \
         ["avx2", "scalar", "native", "native", "native"]
+    assert cpu_isa_class({"cpu_kernel_isa": "avx512", "env": {"ATEN_CPU_CAPABILITY": "avx2"}}) == "mixed"
+    assert cpu_isa_class({"device": "cuda", "cpu_kernel_isa": "avx2"}) == "native"
+
+
+def test_make_readme_table_prefers_a_native_whole_model_run(tmp_path):
+    from sparsekit.benchmark.report import SCHEMA
+
+    for name, date, isa in (("native", "2026-01-01T00:00:00+00:00", "avx512"),
+                            ("avx2", "2026-02-01T00:00:00+00:00", "avx2")):
+        meta = {"device": "cpu", "suite": "model", "date": date, "cpu_kernel_isa": isa, "quick": False}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"schema": SCHEMA, "meta": meta, "rows": []}))
+    script = _load_script("make_readme_table")
+    assert script._newest(tmp_path, "cpu", "model").name == "native.json"
+    (tmp_path / "native.json").unlink()
+    assert script._newest(tmp_path, "cpu", "model").name == "avx2.json"       # the only one: shown, class titled

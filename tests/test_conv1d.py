@@ -100,3 +100,85 @@ def test_reconstruction_with_same_padding_consumer():
                         ignore=["c1", "c2", "dw", "fc"]).step()
         assert int((m.bn0.weight == 0).sum()) == 8
     torch.testing.assert_close(a(x), b(x))
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (nn.Conv1d(4, 6, 4, padding="same", padding_mode="reflect", bias=False), (2, 4, 11)),
+    (nn.Conv1d(4, 6, 3, padding=2, dilation=2, stride=2, padding_mode="circular", bias=False), (2, 4, 13)),
+    (nn.Conv2d(4, 6, 3, padding=1, padding_mode="replicate", bias=False), (2, 4, 7, 9)),
+    (nn.Conv2d(4, 6, (2, 3), padding="same", bias=False), (2, 4, 7, 9)),
+    (nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False), (2, 4, 7, 9))],
+    ids=["1d-same-reflect", "1d-circular-dilated-strided", "2d-replicate", "2d-same-uneven", "2d-strided"])
+def test_consumer_rows_reproduce_the_conv(conv, shape):
+    """Reconstruction criteria fit the consumer on its unfolded input: rows @ W^T must be the conv's output,
+    whatever its padding mode (reflect / circular / replicate pad with data, not zeros) or 'same' padding."""
+    from sparsekit.prune.calibration import consumer_rows
+
+    x = torch.randn(*shape)
+    rows = consumer_rows(conv, x)
+    ref = conv(x).movedim(1, -1).reshape(-1, conv.out_channels)
+    torch.testing.assert_close(rows @ conv.weight.reshape(conv.out_channels, -1).T, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unbatched_conv_input_is_pinned_not_misread():
+    """A conv on an unbatched [C, L] input has its channels on dim 0: the graph must not couple them with what
+    reads dim 1 (here a Linear over L), so they stay whole, with the reason."""
+    from sparsekit.prune.graph import DependencyGraph
+
+    model = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(3, 8)
+    graph = DependencyGraph.build(model, x)
+    (g,) = [g for g in graph.groups if any(m.module == "0" and m.axis == "out" for m in g.members)]
+    assert not g.prunable and "unbatched input" in g.reason
+    assert not any(m.module == "2" for m in g.members)
+
+
+def test_alpha_blend_refuses_a_conv1d_consumer():
+    from sparsekit.prune.methods import AlphaBlend
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.q = nn.Conv2d(3, 8, 3, padding=1), nn.Conv1d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.q(torch.relu(self.c(x)).flatten(2))
+
+    with pytest.raises(ValueError, match=r"cannot blend 'c': its consumer 'q' is an nn.Conv1d"):
+        AlphaBlend(M(), (torch.randn(1, 3, 6, 6),), {"c": 4})
+
+
+def test_prelu_slopes_neither_score_nor_cost_like_weights():
+    """Per-channel PReLU slopes are coupled members, not weights: group L1 scores leave them out, and the
+    masked model's parameter count drops the slopes of removed channels (as compaction does)."""
+    from sparsekit.prune.cost import model_cost
+    from sparsekit.prune.graph import DependencyGraph
+
+    model = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.PReLU(8), nn.Conv1d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 10)
+    graph = DependencyGraph.build(model, x)
+    before = graph.group_scores()
+    with torch.no_grad():
+        model[1].weight[0] = 100.0
+    after = DependencyGraph.build(model, x).group_scores()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    pruner = sk.prune.Pruner(model, (x,), criterion="l1", granularity="channel", sparsity=0.5, ignore=["2"])
+    pruner.step()
+    small = pruner.compact()
+    assert model_cost(model, (x,))["params"] == \
+        sum(p.numel() for p in small.parameters())
+
+
+@pytest.mark.parametrize("mid", [nn.PReLU(8), nn.BatchNorm1d(8), nn.InstanceNorm1d(8, affine=True)],
+                         ids=["prelu", "batchnorm", "instancenorm"])
+def test_masked_parameter_count_matches_the_compacted_model(mid):
+    """model_cost of a channel-masked model (its per-channel members masked too, as parametrizations) counts
+    what compaction keeps: neither the removed channels' scales / slopes nor the masks' stored originals twice."""
+    from sparsekit.prune.cost import model_cost
+
+    model = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), mid, nn.ReLU(), nn.Conv1d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 10)
+    assert model_cost(model, (x,))["params"] == sum(p.numel() for p in model.parameters())
+    pruner = sk.prune.Pruner(model, (x,), criterion="l1", granularity="channel", sparsity=0.5, ignore=["3"])
+    pruner.step()
+    assert model_cost(model, (x,))["params"] == sum(p.numel() for p in pruner.compact().parameters())

@@ -107,7 +107,10 @@ def test_gpu_targets_name_the_fastest_sparsekit_candidate(tg, tmp_path):
     rows = [_row("square.4096", 4096, "bsr32x32", 0.5, c, v, "float16") for c, v in
             (("sparsekit_cuda", 0.9), ("sparsekit_triton", 1.2), ("torch_bsr", 0.5))]
     rows.append(_row("square.4096", 4096, "bsr32x32", 0.5, "sparsekit_cusparselt", None, "float16", "mismatch"))
-    _sweep(tmp_path, "gpu", rows, device="cuda")
+    path = _sweep(tmp_path, "gpu", rows, device="cuda")
+    data = json.loads(path.read_text())
+    data["meta"]["cpu_kernel_isa"] = "avx2"      # the GPU machine's host CPU: no bearing on GPU figures
+    path.write_text(json.dumps(data))
     got = _measure(tg, tmp_path, square, "cuda")
     assert (got.value, got.status) == ("1.20x (sparsekit_triton)", tg.MET)
     vs_torch = _measure(tg, tmp_path, "... >= 1.5x faster than torch.sparse BSR", "cuda")
@@ -181,6 +184,22 @@ def test_avx2_class_runs_fill_their_own_table_only(tg, tmp_path):
     avx2 = block.split("### CPU, AVX2 class")[1].split("### GPU")[0]
     assert "| 6.00x / 6.50x | met | [avx2](avx2.json) |" in avx2
     assert "instruction sets forced: SPARSEKIT_CPU_ISA=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2" in avx2
+
+
+def test_mixed_instruction_sets_count_nowhere_and_single_table_targets_prefer_native(tg, tmp_path):
+    """A run that held only torch's dense side to AVX2 (sparsekit's kernels native) would flatter the speedups:
+    it counts for neither table. Targets with one table take a native run first, another class otherwise."""
+    at90 = "... >= 5x at 90%"
+    path = _sweep(tmp_path, "mixed", _bert(0.9, (9.0, 9.0)))
+    data = json.loads(path.read_text())
+    data["meta"] |= {"cpu_kernel_isa": "avx512+amx", "env": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+    path.write_text(json.dumps(data))
+    assert _measure(tg, tmp_path, at90).status == tg.NOT_MEASURED
+    assert _measure(tg, tmp_path, at90, device="cpu-avx2").status == tg.NOT_MEASURED
+    res = tg.Results(tmp_path)
+    assert res.newest("kernels", "cpu").path.name == "mixed.json"          # only one there: taken, class shown
+    _sweep(tmp_path, "older-native", _bert(0.9, (6.0, 6.0)), date="2025-01-01T00:00:00+00:00")
+    assert tg.Results(tmp_path).newest("kernels", "cpu").path.name == "older-native.json"
 
 
 def test_make_readme_table_writes_and_checks_both_blocks(script, tmp_path, capsys):

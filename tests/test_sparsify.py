@@ -478,18 +478,30 @@ def test_save_load_keeps_conv_geometry(tmp_path):
 
 def test_report_says_why_sparse_layers_stayed_dense():
     """The "pruned but not faster" case: the printed report counts the sparse layers kept dense and, for single
-    zeros, names the patterns that would pay off; it says nothing when every sparse layer got a format."""
-    from sparsekit.sparsify import LayerDecision, SparsifyReport
+    zeros, names the patterns that would pay off; it says nothing when every sparse layer got a format. The
+    patterns are described as sparsify describes real weights."""
+    from sparsekit.sparsify import LayerDecision, SparsifyReport, _describe
 
-    def layer(name, sparsity, pattern, choice):
-        return LayerDecision(name, "linear", (64, 64), (8, 64), sparsity, pattern, {"dense": 1.0, "csr": 1.3},
+    g = torch.Generator().manual_seed(0)
+
+    def pattern(mask):
+        return _describe(pattern_stats(torch.randn(64, 64, generator=g) * mask, DEFAULT_BLOCKS))
+
+    scattered = {s: pattern(torch.rand(64, 64, generator=g) >= s) for s in (0.5, 0.9)}
+    blocks = pattern((torch.rand(2, 2, generator=g) >= 0.5).repeat_interleave(32, 0).repeat_interleave(32, 1))
+    assert scattered[0.5].startswith("unstructured") and scattered[0.9].startswith("blocks 1x4:")
+    assert "32x32" in blocks
+
+    def layer(name, sparsity, pat, choice):
+        return LayerDecision(name, "linear", (64, 64), (8, 64), sparsity, pat, {"dense": 1.0, "csr": 1.3},
                              choice, 1.0)
 
-    report = SparsifyReport([layer("a", 0.5, "unstructured", "dense"), layer("b", 0.9, "bsr32x32", "bsr32x32"),
-                             layer("c", 0.0, "dense", "dense")], "cpu", "torch.float32", 1.1)
+    report = SparsifyReport([layer("a", 0.5, scattered[0.5], "dense"), layer("b", 0.9, scattered[0.9], "dense"),
+                             layer("c", 0.5, blocks, "bsr32x32"), layer("d", 0.0, "dense", "dense")],
+                            "cpu", "torch.float32", 1.1)
     text = str(report)
-    assert "1 of 2 layers with zeros stayed dense: no candidate format was >= 1.1x faster" in text
-    assert "1 of them hold single zeros (up to 50%)" in text and "granularity='block'" in text
-    blocky = SparsifyReport([layer("a", 0.5, "bsr32x32", "dense")], "cpu", "torch.float32", 1.1)
+    assert "2 of 3 layers with zeros stayed dense: no candidate format was >= 1.1x faster" in text
+    assert "2 of them hold single zeros (up to 90%)" in text and "granularity='block'" in text
+    blocky = SparsifyReport([layer("a", 0.5, blocks, "dense")], "cpu", "torch.float32", 1.1)
     assert "stayed dense" in str(blocky) and "single zeros" not in str(blocky)
-    assert "stayed dense" not in str(SparsifyReport([layer("b", 0.9, "bsr32x32", "bsr32x32")], "cpu", "x", 1.1))
+    assert "stayed dense" not in str(SparsifyReport([layer("c", 0.5, blocks, "bsr32x32")], "cpu", "x", 1.1))

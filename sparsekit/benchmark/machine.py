@@ -33,10 +33,17 @@ ISA_ENV = ("SPARSEKIT_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS"
 
 def cpu_isa_class(meta: dict) -> str:
     """The CPU class a result belongs to, from the instruction set its sparsekit kernels ran with: "avx2" or
-    "scalar" (a machine without AVX-512, or one forced lower), else "native" (AVX-512 / AMX, no extension, or a
-    GPU run). Results of different classes are not compared with one another."""
+    "scalar" (a machine without AVX-512, or one forced lower); "mixed" when an instruction-set variable was set
+    but the kernels were not lowered (e.g. only torch's dense side held back: its speedups would flatter us);
+    else "native" (AVX-512 / AMX, no extension, or a GPU run). Results of different classes are not compared
+    with one another."""
+    if meta.get("device", "cpu") != "cpu":      # a GPU run: its host CPU's instruction set is beside the point
+        return "native"
     isa = str(meta.get("cpu_kernel_isa") or "")
-    return next((c for c in ("avx2", "scalar") if isa.startswith(c)), "native")
+    lowered = next((c for c in ("avx2", "scalar") if isa.startswith(c)), None)
+    if lowered:
+        return lowered
+    return "mixed" if any(k in ISA_ENV for k in (meta.get("env") or {})) else "native"
 
 
 def _cpu_model() -> str:

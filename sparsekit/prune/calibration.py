@@ -126,29 +126,20 @@ def _acc_rank(acc: dict[str, Any], fmap: Tensor) -> None:
     _add(acc, "rank_count", torch.tensor(float(f.shape[0])))
 
 
-def _unfold_padding(conv: nn.Module) -> tuple[int, ...]:
-    """The conv's padding as numbers for F.unfold (its "valid" / "same" strings resolved)."""
-    if not isinstance(conv.padding, str):
-        return tuple(conv.padding)
-    if conv.padding == "valid":
-        return (0,) * len(conv.kernel_size)
-    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-    if any(t % 2 for t in total):
-        raise ValueError(f"consumer conv with padding='same' and an even receptive field {conv.kernel_size} pads "
-                         "unevenly, which reconstruction statistics do not support; give it numeric padding")
-    return tuple(t // 2 for t in total)
-
-
 def consumer_rows(consumer: nn.Module, x: Tensor) -> Tensor:
-    """The consumer's input as rows of its 2-D weight's columns: unfolded patches for a conv."""
+    """The consumer's input as rows of its 2-D weight's columns: unfolded patches for a conv. The padding is
+    applied first exactly as the conv applies it (its mode, and "same" even when uneven), then unfolded."""
     if isinstance(consumer, (nn.Conv1d, nn.Conv2d)):
-        pad = _unfold_padding(consumer)
+        pad = consumer._reversed_padding_repeated_twice      # what the conv's forward pads with (any padding)
+        mode = "constant" if consumer.padding_mode == "zeros" else consumer.padding_mode
+        if any(pad):
+            x = F.pad(x, pad, mode=mode)
         if isinstance(consumer, nn.Conv1d):     # a Conv2d of height 1: same patch order (channel, then tap)
-            x, kernel, dilation, pad, stride = (x.unsqueeze(2), (1, *consumer.kernel_size), (1, *consumer.dilation),
-                                                (0, *pad), (1, *consumer.stride))
+            x, kernel, dilation, stride = (x.unsqueeze(2), (1, *consumer.kernel_size), (1, *consumer.dilation),
+                                           (1, *consumer.stride))
         else:
             kernel, dilation, stride = consumer.kernel_size, consumer.dilation, consumer.stride
-        cols = F.unfold(x, kernel, dilation=dilation, padding=pad, stride=stride)     # [N, K, L]
+        cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)     # [N, K, L]
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.reshape(-1, x.shape[-1])
 

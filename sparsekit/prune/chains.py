@@ -34,8 +34,9 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["Event", "Link", "Recorder", "trace_events", "trace_links", "ELEMENTWISE", "RESHAPING"]
 
 ELEMENTWISE: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.ELU, nn.Dropout, nn.Dropout2d, nn.Identity)
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.PReLU, nn.ReLU, nn.ReLU6,
+    nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
 RESHAPING: tuple[type[nn.Module], ...] = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
                                           nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
                                           nn.AdaptiveMaxPool2d, nn.Flatten)

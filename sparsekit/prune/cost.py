@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import chains as _chains
 from . import masks as _masks
@@ -35,6 +36,14 @@ def layer_positions(events: list[_chains.Event]) -> dict[str, int]:
             else:
                 out[ev.name] = int(torch.Size(shape[1:-1]).numel()) if len(shape) > 2 else 1
     return out
+
+
+def _own_params(mod: nn.Module) -> int:
+    """Parameters a module holds itself, masked ones (a parametrization's ``original``) included."""
+    n = sum(p.numel() for p in mod.parameters(recurse=False))
+    if parametrize.is_parametrized(mod):
+        n += sum(plist.original.numel() for plist in mod.parametrizations.values())
+    return n
 
 
 def model_cost(model: nn.Module, example_inputs: Any, masks: Mapping[str, Tensor] | None = None,
@@ -64,7 +73,8 @@ def model_cost(model: nn.Module, example_inputs: Any, masks: Mapping[str, Tensor
         cols_keep[link.consumer] = keep.repeat_interleave(cq // keep.numel())
         for idx in link.path:
             mod = events[idx].module
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d)) or (
+                    isinstance(mod, nn.PReLU) and mod.num_parameters > 1):   # per-channel parameters
                 bn_keep[mod] = keep
     params = dense_params = flops = dense_flops = index_extra = 0.0
     for name, mod in modules.items():
@@ -83,12 +93,14 @@ def model_cost(model: nn.Module, example_inputs: Any, masks: Mapping[str, Tensor
             dense_flops += w2.numel() * pos
             if kept < sub.numel():
                 index_extra += kept
+        elif "parametrizations" in name.split("."):     # a mask's container: counted with its module
+            continue
         elif mod in bn_keep:
-            n_aff = sum(p.numel() for p in mod.parameters(recurse=False))
+            n_aff = _own_params(mod)
             params += n_aff * float(bn_keep[mod].float().mean())
             dense_params += n_aff
         elif not any(name.startswith(k + ".") for k in layers):
-            n = sum(p.numel() for p in mod.parameters(recurse=False))
+            n = _own_params(mod)
             params += n
             dense_params += n
     return {"params": params, "dense_params": dense_params, "flops": flops, "dense_flops": dense_flops,

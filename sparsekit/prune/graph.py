@@ -105,7 +105,8 @@ _PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad
                 nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
 _RESAMPLE_FN = {"adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool1d", "avg_pool1d", "adaptive_avg_pool2d",
                 "adaptive_max_pool2d", "max_pool2d", "avg_pool2d", "interpolate", "upsample", "upsample_nearest",
-                "upsample_bilinear", "upsample_nearest2d", "upsample_bilinear2d", "upsample_bicubic2d"}
+                "upsample_bilinear", "upsample_nearest1d", "upsample_linear1d", "upsample_nearest2d",
+                "upsample_bilinear2d", "upsample_bicubic2d"}
 _PASS_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish", "elu",
             "dropout", "contiguous", "clone", "detach", "float", "to", "type_as", "mish", "hardtanh",
             "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "neg", "abs", "exp",
@@ -675,6 +676,15 @@ class DependencyGraph:
         name = n.target
         x = tag(n.args[0]) if n.args else None
         kind = attention_kind(mod)
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)) and isinstance(shape, torch.Size) \
+                and len(shape) == mod.weight.dim() - 1:
+            # unbatched input [C, *spatial]: channels on dim 0, which no rule below follows
+            reason = f"{name!r} runs on an unbatched input (channels on dim 0)"
+            self._pin(x, reason)
+            s = self._new(mod.out_channels)
+            self._add(_Seg(s, mod.out_channels), name, "out", 0)
+            self._pin(_Tag(0, [_Seg(s, mod.out_channels)]), reason)
+            return _Tag(0, [_Seg(s, mod.out_channels)])
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             return self._conv(name, mod, x, shape)
         if isinstance(mod, nn.ConvTranspose2d):
@@ -947,7 +957,8 @@ class DependencyGraph:
             return self._unknown(n, in_tags, where)
         if fname in _RESAMPLE_FN and isinstance(x, _Tag) and x.dim == 1:
             return x
-        if fname in ("pad", "constant_pad_nd") and isinstance(x, _Tag):
+        if fname in ("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
+                     "replication_pad2d", "replication_pad3d") and isinstance(x, _Tag):
             pad = args[1] if len(args) > 1 else n.kwargs.get("pad")
             if isinstance(pad, (tuple, list)):
                 return self._pad(x, len(pad) // 2, shape, n, where)
@@ -1204,7 +1215,7 @@ class DependencyGraph:
             for m in g.members:
                 mod = self.modules[m.module]
                 if isinstance(score_fn, str):
-                    if isinstance(mod, NORMS):
+                    if isinstance(mod, (*NORMS, nn.PReLU)):     # scales / slopes, not weights
                         continue
                     s = self.member_channel_scores(m, score_fn)
                 else:

@@ -91,6 +91,9 @@ class AlphaBlend:
                 raise ValueError(f"widths names {name!r}, which is not an nn.Linear/nn.Conv2d of model "
                                  f"(have {prunable})")
             mod, link = modules[name], links[name]
+            if link.consumer is not None and not isinstance(modules[link.consumer], _masks.LINEAR_CONV2D):
+                raise ValueError(f"cannot blend {name!r}: its consumer {link.consumer!r} is an "
+                                 f"nn.{type(modules[link.consumer]).__name__}; merging rebuilds Linear / Conv2d only")
             if _masks.is_masked(mod) or link.consumer is None:
                 raise ValueError(f"cannot blend {name!r}: " + ("it is masked; bake or remove masks first"
                                                                if _masks.is_masked(mod) else link.reason))
