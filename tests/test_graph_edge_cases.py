@@ -386,14 +386,30 @@ def test_tracing_a_hf_model_keeps_its_use_cache():
 
 
 class _ActNet(nn.Module):
-    def __init__(self, act: nn.Module | None, fn=None):
+    """conv a -> ``op`` (a module, or a function) -> conv b."""
+
+    def __init__(self, op):
         super().__init__()
-        self.a, self.act, self.fn, self.b = nn.Conv2d(3, 16, 3, padding=1), act, fn, nn.Conv2d(16, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+        if isinstance(op, nn.Module):
+            self.act = op
+        else:
+            self.fn = op
 
     def forward(self, x):
-        h = self.a(x)
-        h = self.act(h) if self.act is not None else self.fn(h)
-        return self.b(h)
+        return self.b((self.act if hasattr(self, "act") else self.fn)(self.a(x)))
+
+
+def _channels_pass_through(op) -> None:
+    """The conv before ``op`` is prunable (not pinned as an unsupported op) and the compacted model equals the
+    masked one."""
+    model = _ActNet(op).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph.build(model, x)
+    keep = graph.select(0.5)
+    small = compact(model, x, keep, graph=graph)
+    assert small.a.out_channels < 16
+    sk.verify(mask_groups(model, x, keep, graph=graph), small, x, atol=1e-5)
 
 
 @pytest.mark.parametrize("act", [nn.SELU(), nn.CELU(), nn.Softplus(), nn.Hardtanh(), nn.LogSigmoid(), nn.Softsign(),
@@ -401,15 +417,8 @@ class _ActNet(nn.Module):
                                  F.selu, F.logsigmoid, F.hardsigmoid, F.softsign],
                          ids=lambda a: getattr(a, "__name__", type(a).__name__))
 def test_elementwise_activations_pass_channels_through(act):
-    """Parameterless elementwise modules / functions leave channels where they are: the conv before them is
-    prunable (not pinned as an unsupported op) and the compacted model equals the masked one."""
-    model = _ActNet(act if isinstance(act, nn.Module) else None, None if isinstance(act, nn.Module) else act).eval()
-    x = torch.randn(2, 3, 8, 8)
-    graph = DependencyGraph.build(model, x)
-    keep = graph.select(0.5)
-    small = compact(model, x, keep, graph=graph)
-    assert small.a.out_channels < 16
-    sk.verify(mask_groups(model, x, keep, graph=graph), small, x, atol=1e-5)
+    """Parameterless elementwise modules / functions leave channels where they are."""
+    _channels_pass_through(act)
 
 
 @pytest.mark.parametrize("op", [nn.Upsample(scale_factor=2), nn.Upsample(size=(5, 7), mode="bilinear"),
@@ -422,13 +431,7 @@ def test_elementwise_activations_pass_channels_through(act):
 def test_resampling_and_padding_keep_channels_prunable(op):
     """U-Net / FPN / super-resolution blocks: resampling and padding of the spatial dims pass channels through
     (a constant pad fills removed channels too, but their consumer columns are removed with them)."""
-    model = _ActNet(op if isinstance(op, nn.Module) else None, None if isinstance(op, nn.Module) else op).eval()
-    x = torch.randn(2, 3, 8, 8)
-    graph = DependencyGraph.build(model, x)
-    keep = graph.select(0.5)
-    small = compact(model, x, keep, graph=graph)
-    assert small.a.out_channels < 16
-    sk.verify(mask_groups(model, x, keep, graph=graph), small, x, atol=1e-5)
+    _channels_pass_through(op)
 
 
 @pytest.mark.parametrize("op", [nn.Softmax2d(), nn.LocalResponseNorm(2), "pad-features"],
