@@ -48,6 +48,7 @@ class LayerDecision:
     cached: bool = False
     notes: list[str] = field(default_factory=list)
     backend: str | None = None   # what runs the chosen format here ("torch" for dense/channel GEMMs)
+    scattered: bool = False      # single zeros: no block pattern fits but 1x4 / 4x1 (``_scattered``)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class SparsifyReport:
         stayed = [d for d in sparse if d.choice == "dense"]
         if not stayed:
             return []
-        unstructured = [d for d in stayed if _scattered(d.pattern)]
+        unstructured = [d for d in stayed if d.scattered]
         lines = [f"{len(stayed)} of {len(sparse)} layers with zeros stayed dense: no candidate format was >= "
                  f"{self.min_speedup}x faster at its pattern and sparsity (times above; a layer's notes say what "
                  "could not run)."]
@@ -419,7 +420,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
         report.layers.append(LayerDecision(
             name=name, kind=_kind(mod)["kind"], weight_shape=tuple(mod.weight.shape), input_shape=tuple(inp.shape),
             sparsity=stats["sparsity"], pattern=_describe(stats), times_ms=times, choice=choice,
-            speedup=times["dense"] / times[choice], cached=hit is not None, notes=notes, backend=used))
+            speedup=times["dense"] / times[choice], cached=hit is not None, notes=notes, backend=used,
+            scattered=_scattered(stats)))
     tcache.save()
     if not exact:
         # what is left masked (layers kept dense, masked norms and attention projections) becomes plain
@@ -433,17 +435,19 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     return target, report
 
 
-def _scattered(pattern: str) -> bool:
-    """Whether a ``_describe`` pattern is single zeros: no block fits but 1x4 / 4x1 (which a scattered pattern
-    also fills partly: a random 90% mask leaves a third of its 1x4 blocks nonzero)."""
-    head = pattern.split(", ")[0]
-    if head.startswith("blocks "):
-        return all(entry.split(":")[0] in ("1x4", "4x1") for entry in head[len("blocks "):].split())
-    return head == "unstructured"
+def _fitting_blocks(stats: dict) -> dict[str, float]:
+    """The block shapes whose stored fraction of the weight could beat dense."""
+    return {k: v for k, v in stats["blocks"].items() if v is not None and v <= MAX_STORED_DENSITY}
+
+
+def _scattered(stats: dict) -> bool:
+    """Single zeros: no block fits but 1x4 / 4x1 (which a scattered pattern also fills partly: a random 90% mask
+    leaves a third of its 1x4 blocks nonzero)."""
+    return all(k in ("1x4", "4x1") for k in _fitting_blocks(stats))
 
 
 def _describe(stats: dict) -> str:
-    blocks = [f"{k}:{v:.2f}" for k, v in stats["blocks"].items() if v is not None and v <= MAX_STORED_DENSITY]
+    blocks = [f"{k}:{v:.2f}" for k, v in _fitting_blocks(stats).items()]
     parts = [f"blocks {' '.join(blocks)}" if blocks else "unstructured"]
     if stats["nm"]:
         parts.append(f"n:m {stats['nm'][0]}")

@@ -480,21 +480,23 @@ def test_report_says_why_sparse_layers_stayed_dense():
     """The "pruned but not faster" case: the printed report counts the sparse layers kept dense and, for single
     zeros, names the patterns that would pay off; it says nothing when every sparse layer got a format. The
     patterns are described as sparsify describes real weights."""
-    from sparsekit.sparsify import LayerDecision, SparsifyReport, _describe
+    from sparsekit.sparsify import LayerDecision, SparsifyReport, _describe, _scattered
 
     g = torch.Generator().manual_seed(0)
 
     def pattern(mask):
-        return _describe(pattern_stats(torch.randn(64, 64, generator=g) * mask, DEFAULT_BLOCKS))
+        return pattern_stats(torch.randn(64, 64, generator=g) * mask, DEFAULT_BLOCKS)
 
     scattered = {s: pattern(torch.rand(64, 64, generator=g) >= s) for s in (0.5, 0.9)}
     blocks = pattern((torch.rand(2, 2, generator=g) >= 0.5).repeat_interleave(32, 0).repeat_interleave(32, 1))
-    assert scattered[0.5].startswith("unstructured") and scattered[0.9].startswith("blocks 1x4:")
-    assert "32x32" in blocks
+    assert _describe(scattered[0.5]).startswith("unstructured") and _describe(scattered[0.9]).startswith("blocks 1x4:")
+    assert "32x32" in _describe(blocks)
 
-    def layer(name, sparsity, pat, choice):
-        return LayerDecision(name, "linear", (64, 64), (8, 64), sparsity, pat, {"dense": 1.0, "csr": 1.3},
-                             choice, 1.0)
+    def layer(name, sparsity, stats, choice):
+        if isinstance(stats, str):
+            return LayerDecision(name, "linear", (64, 64), (8, 64), sparsity, stats, {"dense": 1.0}, choice, 1.0)
+        return LayerDecision(name, "linear", (64, 64), (8, 64), sparsity, _describe(stats),
+                             {"dense": 1.0, "csr": 1.3}, choice, 1.0, scattered=_scattered(stats))
 
     report = SparsifyReport([layer("a", 0.5, scattered[0.5], "dense"), layer("b", 0.9, scattered[0.9], "dense"),
                              layer("c", 0.5, blocks, "bsr32x32"), layer("d", 0.0, "dense", "dense")],
