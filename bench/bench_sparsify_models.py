@@ -11,6 +11,10 @@ resnet50  ResNet-50 (batch 8, 224x224): 50% global channel pruning compacted (de
 hf-bert   the same pruning as bert on Hugging Face transformers' BertModel (BERT-base config, random weights, no
           download, no pooler; every Linear pruned): the user's own model, not ours (needs transformers).
 hf-gpt2   the same on transformers' GPT2Model (GPT-2 small config, seq 128), after sk.nn.conv1d_to_linear.
+vit       ViT-B/16 built from torch's stock nn.TransformerEncoder (nn.MultiheadAttention; sparsekit.models,
+          224x224, batch 8): the same pruning on every Linear but the classifier, the attention's packed q / k / v
+          included (sk.nn.mha_to_linear; the patch embedding stays dense), against the stock model and its fused
+          eval kernels.
 
 Pruning (and ResNet-50's compaction) runs on CPU in float32; the models are then moved to --device/--dtype, where
 sparsify measures its candidates and the timing runs (CUDA: synchronised). Writes
@@ -27,7 +31,6 @@ than eager: the slower is still shown).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -109,6 +112,9 @@ def _transformer_model(kind: str, layers: int, batch: int) -> tuple[nn.Module, t
         cfg = {**sk.models.bert_base_config(), "layers": layers, "max_len": 128}
         dense = sk.models.TransformerEncoder(**cfg, seq_len=128).eval()
         return dense, dense.example_input(batch), ["fc"], f"BERT-base encoder ({layers} layers)"
+    if kind == "vit":
+        dense = sk.models.VisionTransformer(**{**sk.models.vit_b_16_config(), "layers": layers}).eval()
+        return dense, dense.example_input(batch), ["fc", "patch"], f"ViT-B/16 of stock torch modules ({layers} layers)"
     try:
         import transformers
     except ImportError:
@@ -127,7 +133,9 @@ def _transformer_model(kind: str, layers: int, batch: int) -> tuple[nn.Module, t
 def transformer(kind: str, reps: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
                 batch: int = 8, compile_: bool = False, min_speedup: float = 1.1) -> dict:
     dense, x, keep_dense, label = _transformer_model(kind, layers, batch)
-    masked = copy.deepcopy(dense)
+    # nn.MultiheadAttention's packed q / k / v become Linear layers to be pruned; the stock model (its fused
+    # eval kernels) stays the dense baseline
+    masked = sk.nn.mha_to_linear(dense)
     pruner = sk.prune.Pruner(masked, x, criterion="magnitude", granularity="block", block=(32, 32),
                              scope="layer", sparsity=0.9, ignore=[masked.get_submodule(n) for n in keep_dense])
     pruner.step()
@@ -139,16 +147,17 @@ def transformer(kind: str, reps: int, layers: int, device: str = "cpu", dtype: t
     sparsify_s = time.perf_counter() - t0
     check = _verify(masked, fast, x, dtype)
     t = _timed(dense, fast, x, reps, device, compile_)
-    lin_dense = sum(m.weight.numel() * m.weight.element_size() for n, m in dense.named_modules()
-                    if isinstance(m, nn.Linear) and n not in keep_dense)
+    lin_dense = sum(m.weight.numel() * m.weight.element_size() for n, m in sk.nn.mha_to_linear(dense).named_modules()
+                    if isinstance(m, nn.Linear) and n not in keep_dense)     # (attention's q / k / v included)
     # the Linear weights after sparsify, the ones left dense included (all dense would read 100%, not 0%)
     lin_sparse = sum(m.weight_nbytes if isinstance(m, SparseLinear) else m.weight.numel() * m.weight.element_size()
                      for n, m in fast.named_modules()
                      if isinstance(m, (SparseLinear, nn.Linear)) and n not in keep_dense)
     n_sparse = sum(isinstance(m, SparseLinear) for m in fast.modules())
-    return {"model": f"{label}, seq 128, batch {batch}",
+    shape = "224x224" if kind == "vit" else "seq 128"
+    return {"model": f"{label}, {shape}, batch {batch}",
             "pruning": "90% 32x32 blocks, magnitude", "device": device, "dtype": str(dtype).split(".")[-1],
-            **t, "target": None if kind == "hf-gpt2" else 3.0,   # issue 8 names BERT-base only
+            **t, "target": 3.0 if kind in ("bert", "hf-bert") else None,   # issue 8 names BERT-base only
             "sparse_layers": n_sparse, "choices": sorted({d.choice for d in report.layers}),
             "linear_weight_bytes_pct": 100.0 * lin_sparse / lin_dense, "memory_target_pct": 15.0,
             **check, "sparsify_s": sparsify_s}
@@ -192,7 +201,8 @@ def _ms(v: float) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="bert,resnet50",
-                    help="comma-separated: bert, resnet50, hf-bert, hf-gpt2 (Hugging Face models; need transformers)")
+                    help="comma-separated: bert, resnet50, vit, hf-bert, hf-gpt2 (the Hugging Face models need "
+                         "transformers)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=12, help="transformer layers (12 = BERT-base, GPT-2 small)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where sparsify and timing run")
@@ -210,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     names = [n for n in a.models.split(",") if n]
     for name in names:
-        if name not in ("bert", "resnet50", "hf-bert", "hf-gpt2"):
-            raise SystemExit(f"--models: unknown model {name!r}; expected bert, resnet50, hf-bert and/or hf-gpt2")
+        if name not in ("bert", "resnet50", "vit", "hf-bert", "hf-gpt2"):
+            raise SystemExit(f"--models: unknown model {name!r}; expected bert, resnet50, vit, hf-bert and/or "
+                             "hf-gpt2")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")
     if a.reps < 1 or a.batch < 1 or a.layers < 1:

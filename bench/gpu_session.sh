@@ -23,7 +23,7 @@
 #                    (fp16; bsr_mm 32/64 first) within TUNE_BUDGET_S (default 360 s, less if the session budget
 #                    leaves less) and writes results/tuned_sm<major>0.json; then tests/test_triton_gpu_configs.py
 #                    runs the measured configs against the reference. Copy the file to kernels/ and commit it
-#   bench-models     fp16 whole models: sk.sparsify of the BERT-base encoder (90% 32x32 blocks) and ResNet-50
+#   bench-models     fp16 whole models: sk.sparsify of the BERT-base encoder and ViT-B/16 (90% 32x32 blocks) and ResNet-50
 #                    (compact 50% + 80% blocks), eager and compiled, then `sparsekit bench model` on the
 #                    BERT-base-width encoder, then greedy decoding of a TinyLlama-shaped model (bench_decode.py)
 #   all              every stage in order (tune after bench-targets), with no overall time budget (a machine with
@@ -449,8 +449,8 @@ stage_bench_models() {
     stage_begin bench-models
     ensure_ext || note "- the extension is not ready: sparsekit_cuda rows will be missing"
     if selected m1; then
-        step m1 "sk.sparsify end to end, fp16, batch 32, eager and torch.compile: BERT-base encoder 90% 32x32 blocks; ResNet-50 compact 50% + 80% 32x32 blocks" \
-            "$CAP_MODELS" 90 "$PY" bench/bench_sparsify_models.py --device cuda --dtype float16 --batch 32 --reps 20 --compile \
+        step m1 "sk.sparsify end to end, fp16, batch 32, eager and torch.compile: BERT-base encoder and ViT-B/16 (stock nn.MultiheadAttention) 90% 32x32 blocks; ResNet-50 compact 50% + 80% 32x32 blocks" \
+            "$CAP_MODELS" 90 "$PY" bench/bench_sparsify_models.py --models bert,resnet50,vit --device cuda --dtype float16 --batch 32 --reps 20 --compile \
             --out "${W:-.}/results"
         [[ $DRY_RUN == 1 || ! -f $W/m1.log ]] || { note '```'; grep '^|' "$W/m1.log" >>"$SUMMARY" || true; note '```'; }
     fi

@@ -518,6 +518,9 @@ TARGETS: list[Target] = [
            "config) >= 3x",
            model_figure("cpu", "float32", "Hugging Face BertModel (12 layers)", "speedup", 3.0,
                         lambda r: f"{_x(r['speedup'])} ({r['dense_ms']:.0f} -> {r['sparse_ms']:.0f} ms)")),
+    Target("8", "cpu", "the same pruning on a ViT-B/16 of torch's stock modules (nn.MultiheadAttention's packed "
+           "q / k / v included, via sk.nn.mha_to_linear; not a target)",
+           models_reported("cpu", "float32", ("ViT-B/16",))),
     Target("8", "cpu", "the same two models in bfloat16 (not a target)",
            models_reported("cpu", "bfloat16", ("BERT-base encoder", "ResNet-50"))),
     Target("8", "cpu", "memory: peak RSS of a fresh process loading the saved 90% BSR encoder vs the dense one "
@@ -556,8 +559,8 @@ TARGETS: list[Target] = [
     Target("5", "cuda", "skinny M = 16, LLaMA-7B / OPT-30B linears, CSR at 80% >= 1.7x cuBLAS",
            speedup_at(_gpu((), ("csr",), 0.8, m=16, extra=("llama-7b.*", "opt-30b.*")), 1.7)),
     # issue 8: whole models on GPU, fp16 (report only)
-    Target("8", "cuda", "BERT-base encoder and ResNet-50 as on CPU, fp16 (report only)",
-           models_reported("cuda", "float16", ("BERT-base encoder", "ResNet-50"))),
+    Target("8", "cuda", "BERT-base encoder, ResNet-50 and ViT-B/16 as on CPU, fp16 (report only)",
+           models_reported("cuda", "float16", ("BERT-base encoder", "ResNet-50", "ViT-B/16"))),
 ]
 
 

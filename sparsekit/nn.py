@@ -1,4 +1,5 @@
-"""SparseLinear and SparseConv2d: drop-in replacements for nn.Linear / nn.Conv2d holding a sparse-format weight.
+"""SparseLinear, SparseConv1d and SparseConv2d: drop-in replacements for nn.Linear / nn.Conv1d / nn.Conv2d holding
+a sparse-format weight.
 
 The format's values are an ``nn.Parameter`` (they train, the pattern stays fixed); its index tensors are
 buffers, so ``state_dict()`` holds everything as plain tensors. ``format="dense"`` keeps an ordinary dense weight
@@ -17,6 +18,14 @@ from ._compat import set_submodule
 from .formats import BSR, CSR, NM, ChannelIndex
 from .ops import sparse_conv2d, sparse_linear
 from .ops.conv import group_starts
+from .prune.linear_mha import (
+    LinearMultiheadAttention,
+    disable_fused_transformer_paths,
+    expose_sparse_attention,
+    is_stock_mha,
+    mha_to_linear,
+    restore_dense_attention,
+)
 
 FORMAT_NAMES = ("dense", "bsr", "csr", "nm", "channel")
 _INDEX_FIELDS = {"bsr": ("crow_indices", "col_indices"), "csr": ("crow_indices", "col_indices"),
@@ -240,38 +249,90 @@ class SparseConv2d(_SparseWeight):
                 f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}, " + self._describe())
 
 
+class SparseConv1d(SparseConv2d):
+    """nn.Conv1d with a sparse weight over [C_out, C_in/groups*k]: the same kernels as SparseConv2d, run on the
+    input viewed as [N, C, 1, L] with a 1 x k kernel. Its geometry attributes are those 2-D ones
+    (``kernel_size == (1, k)``, ``stride == (1, s)`` ...); inputs and outputs are Conv1d's ([N, C, L] or [C, L])."""
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv1d, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
+                   m: int = 4, backend: str | None = None) -> SparseConv1d:
+        """Convert an nn.Conv1d; the weight is viewed as [C_out, C_in/groups*k] for the format."""
+        if not isinstance(conv, nn.Conv1d):
+            raise TypeError(f"conv must be an nn.Conv1d, got {type(conv).__name__}")
+        (padding,) = _explicit_padding(conv)
+        w2d = conv.weight.detach().reshape(conv.out_channels, -1)
+        fmt = _to_format(w2d, _check_format(format), block, n, m)
+        return cls(fmt, conv.bias, format, conv.in_channels, (1, conv.kernel_size[0]), (1, conv.stride[0]),
+                   (0, padding), (1, conv.dilation[0]), conv.groups, backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (2, 3):
+            raise ValueError(f"x must be [N, C, L] or unbatched [C, L], got shape {tuple(x.shape)}")
+        if x.dim() == 2:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        return super().forward(x.unsqueeze(2)).squeeze(2)
+
+    def to_dense(self) -> nn.Conv1d:
+        p = self.values if self.format != "dense" else self.weight2d
+        out = nn.Conv1d(self.in_channels, self.out_channels, self.kernel_size[1], self.stride[1], self.padding[1],
+                        self.dilation[1], self.groups, bias=self.bias is not None, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.dense_weight2d().reshape_as(out.weight))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+
+SPARSE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)   # what SparseLinear / SparseConv1d / SparseConv2d replace
+
+
+def sparse_class(mod: nn.Module) -> type[_SparseWeight]:
+    """The Sparse* module that replaces ``mod`` (an nn.Linear, nn.Conv1d or nn.Conv2d)."""
+    for dense, sparse in ((nn.Linear, SparseLinear), (nn.Conv1d, SparseConv1d), (nn.Conv2d, SparseConv2d)):
+        if isinstance(mod, dense):
+            return sparse
+    raise TypeError(f"mod must be an nn.Linear, nn.Conv1d or nn.Conv2d, got {type(mod).__name__}")
+
 
 def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
                     m: int = 4, backend: str | None = None, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Replace (in place) every nn.Linear / nn.Conv2d whose weight has zeros by its Sparse* twin in one format.
+    """Replace (in place) every nn.Linear / nn.Conv1d / nn.Conv2d whose weight has zeros by its Sparse* twin in one
+    format.
 
     Layers with no zeros, or whose shape the format cannot take (a block that does not divide, K not a multiple
     of m), stay dense and are listed in the returned model's ``sparsekit_skipped`` attribute with the reason.
-    ``sparsekit.sparsify`` (measured per-layer choice) is the smarter sibling of this function.
+    An ``nn.MultiheadAttention`` whose projections have zeros becomes a ``LinearMultiheadAttention`` (its q / k /
+    v projections as Linear children, converted or skipped like any other; the stock module stays when none of
+    the four converts). ``sparsekit.sparsify`` (measured per-layer choice) is the smarter sibling of this function.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_format(format)
     skipped: dict[str, str] = {}
+    # attention projections with zeros become nn.Linear children (LinearMultiheadAttention); the stock module
+    # comes back where none of them converts
+    exposed = expose_sparse_attention(model)
     inside_attention = {f"{n}.{c}" if n else c for n, mod in model.named_modules()
-                        if isinstance(mod, nn.MultiheadAttention) for c, _ in mod.named_children()}
+                        if is_stock_mha(mod) for c, _ in mod.named_children()}
     for name, mod in list(model.named_modules()):
-        # masked (parametrized) layers count too; MultiheadAttention reads its projections' weights directly
-        if not name or name in skip or not isinstance(mod, (nn.Linear, nn.Conv2d)):
+        # masked (parametrized) layers count too
+        if not name or name in skip or not isinstance(mod, SPARSE_LAYERS):
             continue
         if name in inside_attention:
-            skipped[name] = "inside nn.MultiheadAttention"
+            skipped[name] = "inside nn.MultiheadAttention, whose projections have no zeros"
             continue
         if not bool((mod.weight == 0).any()):
             skipped[name] = "no zeros"
             continue
-        cls = SparseLinear if isinstance(mod, nn.Linear) else SparseConv2d
         try:
-            new = cls.from_dense(mod, format=format, block=block, n=n, m=m, backend=backend)
+            new = sparse_class(mod).from_dense(mod, format=format, block=block, n=n, m=m, backend=backend)
         except ValueError as exc:
             skipped[name] = str(exc).split(". ")[0]
             continue
         set_submodule(model, name, new)
+    restore_dense_attention(model, exposed)
+    disable_fused_transformer_paths(model)
     model.sparsekit_skipped = skipped
     return model
 
@@ -310,4 +371,5 @@ def conv1d_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
     return target
 
 
-__all__ = ["SparseLinear", "SparseConv2d", "convert_modules", "conv1d_to_linear", "FORMAT_NAMES"]
+__all__ = ["SparseLinear", "SparseConv1d", "SparseConv2d", "SPARSE_LAYERS", "sparse_class", "convert_modules",
+           "conv1d_to_linear", "mha_to_linear", "LinearMultiheadAttention", "FORMAT_NAMES"]

@@ -3,7 +3,8 @@
     path/model.safetensors   every tensor of model.state_dict() (sparse values and indices included)
     path/sparsekit.json      which submodules are SparseLinear / SparseConv2d and with what format, BSR block
                              shape, n:m, conv geometry, forced backend ("backend", null unless forced) and the
-                             backend that ran the layer when sk.sparsify chose it ("chosen_backend", information)
+                             backend that ran the layer when sk.sparsify chose it ("chosen_backend", information);
+                             which attention modules are LinearMultiheadAttention (converted again on load)
 
 ``load(path, Model())`` re-applies the spec to a fresh instance of the original class: each recorded submodule is
 rebuilt from the stored tensors, then the whole state_dict is loaded. The dispatcher re-selects the backend on
@@ -23,15 +24,18 @@ from torch import nn
 
 from ._compat import set_submodule
 from .formats import BSR, CSR, NM, ChannelIndex
-from .nn import SparseConv2d, SparseLinear
+from .nn import SparseConv1d, SparseConv2d, SparseLinear
 from .ops._dispatch import BACKENDS
+from .prune.linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
 
 SPEC_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "sparsekit.json"
 
 
-def _module_spec(mod: SparseLinear | SparseConv2d) -> dict:
+def _module_spec(mod: SparseLinear | SparseConv2d | LinearMultiheadAttention) -> dict:
+    if isinstance(mod, LinearMultiheadAttention):   # rebuilt from the fresh model's attention (same widths)
+        return {"class": type(mod).__name__}
     spec = {"class": type(mod).__name__, "format": mod.format, "weight_shape": list(mod.weight_shape),
             "backend": mod.backend, "chosen_backend": getattr(mod, "chosen_backend", mod.backend),
             "has_bias": mod.bias is not None}
@@ -58,8 +62,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     spec = {"sparsekit_spec": SPEC_VERSION, "torch": torch.__version__, "model_class": type(model).__name__,
-            "modules": {n: _module_spec(m) for n, m in model.named_modules() if isinstance(m, (SparseLinear,
-                                                                                               SparseConv2d))}}
+            "modules": {n: _module_spec(m) for n, m in model.named_modules()
+                        if isinstance(m, (SparseLinear, SparseConv2d, LinearMultiheadAttention))}}
     from .prune.compact import compacted_widths  # layer widths, so a compacted (smaller) model loads back
     spec["widths"] = compacted_widths(model)
     # safetensors refuses shared or non-contiguous storage: store contiguous copies
@@ -103,7 +107,8 @@ def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
         backend = None
     if spec["class"] == "SparseLinear":
         return SparseLinear(weight, bias, fmt, backend)
-    return SparseConv2d(weight, bias, fmt, spec["in_channels"], tuple(spec["kernel_size"]), tuple(spec["stride"]),
+    conv = SparseConv1d if spec["class"] == "SparseConv1d" else SparseConv2d    # (Conv1d: its 2-D geometry)
+    return conv(weight, bias, fmt, spec["in_channels"], tuple(spec["kernel_size"]), tuple(spec["stride"]),
                         tuple(spec["padding"]), tuple(spec["dilation"]), spec["groups"], backend)
 
 
@@ -143,8 +148,12 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
             model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the saved spec has a sparse module {name!r} that the given model lacks") from None
-        new = _rebuild(name, mspec, tensors)
+        if mspec["class"] == "LinearMultiheadAttention":
+            new = LinearMultiheadAttention.from_module(model.get_submodule(name))   # (its children follow)
+        else:
+            new = _rebuild(name, mspec, tensors)
         set_submodule(model, name, new)
+    disable_fused_transformer_paths(model)
     if not on_meta:  # move, then copy: tied weights stay tied and non-persistent buffers follow
         model.to(device)
     model.load_state_dict(tensors, strict=True, assign=on_meta)

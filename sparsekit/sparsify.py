@@ -1,12 +1,13 @@
-"""sk.sparsify: swap every Linear/Conv2d whose weight has zeros for the format measured fastest at its real shape.
+"""sk.sparsify: swap every Linear/Conv1d/Conv2d whose weight has zeros for the format measured fastest at its real
+shape.
 
 For each layer: capture its real input (one run of example_inputs), list the candidate formats the zero pattern
 allows (dense; bsr with each block shape whose blocks are mostly empty; csr; nm with each n:m pattern the weight
 fits; channel when whole output rows are zero), check each candidate's output against dense, time them side by
 side (interleaved medians), keep the fastest, and fall back to dense unless a sparse format beats it by
 ``min_speedup``. Timings go to a tuning cache keyed by device, dtype, shape and pattern statistics, so a second
-call on the same model is near-instant. Layers already sparsified (SparseLinear / SparseConv2d, e.g. from
-``sk.load``) are turned back into dense candidates and measured again: the best format differs between machines.
+call on the same model is near-instant. Layers already sparsified (SparseLinear / SparseConv1d / SparseConv2d, e.g.
+from ``sk.load``) are turned back into dense candidates and measured again: the best format differs between machines.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._compat import set_submodule
-from .nn import FORMAT_NAMES, SparseConv2d, SparseLinear
+from .nn import FORMAT_NAMES, SPARSE_LAYERS, SparseConv2d, SparseLinear, sparse_class
 from .ops._dispatch import BACKENDS, recording_choices
+from .prune.linear_mha import disable_fused_transformer_paths, expose_sparse_attention, restore_dense_attention
 from .prune.masks import bake_masks
 from .timing import interleaved_median_ms
 from .tuning_cache import TuningCache, device_name, resolve_cache
@@ -176,7 +178,7 @@ def _stored_elements(w: Tensor, label: str) -> int:
 
 def _candidates(mod: nn.Module, w: Tensor, stats: dict, formats: tuple[str, ...], blocks: tuple[tuple[int, int], ...],
                 backend: str | None, exact: bool) -> dict[str, Callable[[], nn.Module]]:
-    cls = SparseLinear if isinstance(mod, nn.Linear) else SparseConv2d
+    cls = sparse_class(mod)
     out: dict[str, Callable[[], nn.Module]] = {}
     if "bsr" in formats:
         for b in blocks:
@@ -202,25 +204,25 @@ def _kind(mod: nn.Module) -> dict:
     fast they run (the cache key holds it: a decision for a zero-padded conv must not be reused for a
     reflect-padded one, whose sparse candidates cannot be built)."""
     bias = {"bias": mod.bias is not None, "weight_dtype": str(mod.weight.dtype)}
-    if isinstance(mod, nn.Conv2d):
-        return {"kind": "conv2d", "kernel": list(mod.kernel_size), "stride": list(mod.stride),
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        return {"kind": f"conv{mod.weight.dim() - 2}d", "kernel": list(mod.kernel_size), "stride": list(mod.stride),
                 "padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
                 "padding_mode": mod.padding_mode, "dilation": list(mod.dilation), "groups": mod.groups, **bias}
     return {"kind": "linear", **bias}
 
 
 def _plain_dense(mod: nn.Module) -> nn.Module:
-    """A fresh plain nn.Linear/nn.Conv2d with the layer's (masked) weight baked in: the fair dense baseline.
+    """A fresh plain nn.Linear/nn.Conv1d/nn.Conv2d with the layer's (masked) weight baked in: the fair dense baseline.
 
     (Not deepcopy + remove_parametrizations: a copy shares the parametrized class, and removing the
     parametrization from it would strip the original too.)
     """
     w = mod.weight.detach()
     bias = mod.bias.detach() if mod.bias is not None else None
-    if isinstance(mod, nn.Conv2d):
-        new = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                        mod.groups, bias=bias is not None, padding_mode=mod.padding_mode, device=w.device,
-                        dtype=w.dtype)
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        conv = nn.Conv1d if isinstance(mod, nn.Conv1d) else nn.Conv2d
+        new = conv(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                   mod.groups, bias=bias is not None, padding_mode=mod.padding_mode, device=w.device, dtype=w.dtype)
     else:
         new = nn.Linear(mod.in_features, mod.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
@@ -277,7 +279,7 @@ def _dense_baseline(model: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
     base = copy.deepcopy(model, memo)
     for name, mod in list(base.named_modules()):
-        if name and isinstance(mod, (nn.Linear, nn.Conv2d)) and parametrize.is_parametrized(mod):
+        if name and isinstance(mod, SPARSE_LAYERS) and parametrize.is_parametrized(mod):
             set_submodule(base, name, _plain_dense(mod))
     return base.eval()
 
@@ -340,10 +342,12 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
              min_speedup: float = 1.1, cache: Any = None, blocks: list[tuple[int, int]] | None = None,
              reps: int = 7, backend: str | None = None, exact: bool = False, inplace: bool = False,
              measure_model: bool = True) -> tuple[nn.Module, SparsifyReport]:
-    """Return (fast_model, report). ``fast_model`` is a copy (``inplace=False``) in which every Linear/Conv2d
-    whose weight has zeros is replaced by the measured-fastest SparseLinear/SparseConv2d, or left dense.
+    """Return (fast_model, report). ``fast_model`` is a copy (``inplace=False``) in which every Linear/Conv1d/Conv2d
+    whose weight has zeros is replaced by the measured-fastest SparseLinear/SparseConv1d/SparseConv2d, or left dense.
     SparseLinear/SparseConv2d layers already in ``model`` (e.g. from ``sk.load``) are measured again from
     their dense equivalent. ``fast_model`` is in eval mode; ``model`` is not run (nor changed, unless inplace).
+    An ``nn.MultiheadAttention`` whose projections have zeros is measured as a ``LinearMultiheadAttention`` (its
+    packed q / k / v as three Linear layers beside ``out_proj``); it stays stock when none of the four goes sparse.
 
     formats      non-empty subset of ("dense", "bsr", "csr", "nm", "channel"); None = all
     min_speedup  a sparse format must beat dense by this factor (positive, finite) to be chosen
@@ -368,7 +372,9 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     target.eval()
     _densify_sparse_layers(target)
     baseline = _dense_baseline(target) if measure_model else None   # before any layer is swapped
-    is_layer = lambda m: isinstance(m, (nn.Linear, nn.Conv2d)) and not isinstance(m, (SparseLinear, SparseConv2d))
+    # attention projections with zeros become nn.Linear children (LinearMultiheadAttention) to be measured
+    exposed = expose_sparse_attention(target)
+    is_layer = lambda m: isinstance(m, SPARSE_LAYERS) and not isinstance(m, (SparseLinear, SparseConv2d))
     try:
         inputs = capture_inputs(target, args, is_layer)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -423,6 +429,11 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
             speedup=times["dense"] / times[choice], cached=hit is not None, notes=notes, backend=used,
             scattered=_scattered(stats)))
     tcache.save()
+    restored = restore_dense_attention(target, exposed)
+    for d in report.layers:
+        if d.name.rpartition(".")[0] in restored:
+            d.notes.append(f"nothing in {d.name.rpartition('.')[0]} beat dense: it stays an nn.MultiheadAttention")
+    disable_fused_transformer_paths(target)
     if not exact:
         # what is left masked (layers kept dense, masked norms and attention projections) becomes plain
         # parameters with the zeros baked in: that is what the dense candidates were timed as (a mask

@@ -48,3 +48,16 @@ def test_avx2_class_wrapper_lowers_every_instruction_set():
                 "ONEDNN_MAX_CPU_ISA=AVX2"):
         assert var in env.splitlines(), var
     assert subprocess.run(["bash", str(script)], capture_output=True, text=True).returncode == 2
+
+
+def test_conv1d_writes_every_shape_and_pattern(tmp_path):
+    script = load_bench_script("bench_conv1d")
+    assert script.main(["--reps", "1", "--batch", "1", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("conv1d_cpu-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["shape"], r["format"], r["sparsity"]) for r in rows} == {
+        (s, f, p) for s in script.SHAPES for f, p in (("bsr32x32", 0.8), ("bsr32x32", 0.9), ("bsr32x32", 0.95),
+                                                     ("csr", 0.9), ("csr", 0.95))}
+    assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows) and path.with_suffix(".md").exists()
+    with pytest.raises(SystemExit, match="must be >= 1"):
+        script.main(["--reps", "0", "--out", str(tmp_path)])

@@ -203,3 +203,21 @@ def test_conv2d_op_gradcheck_and_opcheck(fmt):
                              (x, v, bias))
     torch.library.opcheck(op, (x.detach().float(), w.crow_indices, w.col_indices, w.values.float(), None, [3, 3],
                                [1, 0], [1, 1]))
+
+
+@pytest.mark.parametrize("kernel,dilation,padding,stride", [
+    ((3, 3), (1, 1), (1, 1), (2, 2)), ((1, 3), (1, 1), (0, 0), (1, 2)), ((1, 3), (1, 2), (0, 3), (1, 3)),
+    ((5, 2), (2, 1), (2, 0), (3, 1)), ((1, 1), (1, 1), (1, 1), (2, 2)), ((3, 3), (1, 1), (0, 0), (1, 1))])
+def test_strided_patches_equal_unfold(kernel, dilation, padding, stride):
+    """The strided convolutions' patch matrix (built from views, not F.unfold): same values and gradient."""
+    from sparsekit.ops.conv import _patches_t
+
+    x = torch.randn(2, 3, 11, 13, requires_grad=True)
+    ref = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    got = _patches_t(x, kernel, dilation, padding, stride)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    g = torch.randn_like(ref)
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    (gx,) = torch.autograd.grad(got, x, g)
+    torch.testing.assert_close(gx, gx_ref)

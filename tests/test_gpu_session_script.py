@@ -324,3 +324,14 @@ def test_bench_sparsify_models_hugging_face_models(skm, tmp_path):
     assert bert["sparse_layers"] == 6 and bert["linear_weight_bytes_pct"] < 15
     assert gpt2["model"].startswith("Hugging Face GPT2Model (1 layers)") and gpt2["verify_error"] is None
     assert gpt2["sparse_layers"] == 4 and gpt2["linear_weight_bytes_pct"] < 15
+
+
+def test_bench_sparsify_models_vit_prunes_stock_attention(skm, tmp_path):
+    assert skm.main(["--models", "vit", "--layers", "1", "--reps", "1", "--batch", "1", "--min-speedup", "1e-6",
+                     "--out", str(tmp_path)]) == 0
+    import json
+
+    (vit,) = json.loads(next(tmp_path.glob("sparsify_models_cpu-*.json")).read_text())["rows"]
+    assert vit["model"].startswith("ViT-B/16 of stock torch modules (1 layers)") and vit["verify_error"] is None
+    # q, k, v (from nn.MultiheadAttention's packed in_proj_weight), out_proj, linear1, linear2
+    assert vit["sparse_layers"] == 6 and vit["linear_weight_bytes_pct"] < 15

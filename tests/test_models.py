@@ -22,6 +22,8 @@ CASES = [
     ("resnet50", {"width": 0.125, "image_size": 64, "num_classes": 7}, (2, 7)),
     ("transformer", {"vocab": 50, "dim": 32, "heads": 4, "ffn": 64, "layers": 2, "num_classes": 3}, (2, 3)),
     ("bert_base", {"vocab": 50, "dim": 48, "heads": 4, "ffn": 96, "layers": 1}, (2, 2)),
+    ("vit", {}, (2, 10)),
+    ("vit_b_16", {"image": 32, "dim": 48, "mlp": 96, "layers": 1, "num_classes": 5}, (2, 5)),
 ]
 
 
@@ -41,7 +43,7 @@ def test_forward_shape_and_fc(name, kwargs, out_shape):
 def test_available_and_build_errors():
     names = models.available()
     assert {"lenet5", "mlp", "ffn", "resnet20", "resnet56", "vgg16_bn", "resnet50", "transformer",
-            "bert_base"} <= set(names)
+            "bert_base", "vit", "vit_b_16"} <= set(names)
     assert isinstance(models.build("ResNet20", width=0.25), models.ResNet20)
     with pytest.raises(ValueError, match="resnet20"):
         models.build("alexnet")
@@ -145,3 +147,26 @@ def test_transformer_heads_are_pruned_and_compacted():
         assert block.attn.proj.in_features == 16 and block.ffn.fc1.out_features == 32
     sk.verify(model, small, (ids, pad), atol=1e-4)
     sk.verify(model, small, ids, atol=1e-4)
+
+
+def test_vit_is_stock_torch_attention_and_compacts():
+    """VisionTransformer is built from nn.TransformerEncoder layers (nn.MultiheadAttention): whole heads and MLP
+    channels are removed through the dependency graph, the residual (LayerNorm) stream stays whole."""
+    import sparsekit as sk
+    from sparsekit.prune import Pruner
+
+    torch.manual_seed(0)
+    model = models.VisionTransformer().eval()
+    assert isinstance(model.encoder.layers[0].self_attn, nn.MultiheadAttention)
+    x = model.example_input(2)
+    pruner = Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    layer = small.encoder.layers[0]
+    assert layer.self_attn.num_heads == 2 and layer.linear1.out_features == 128
+    assert small.patch.out_channels == 64
+    sk.verify(model, small, x, atol=1e-4)
+    with pytest.raises(ValueError, match="x must be"):
+        model(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="patch must divide"):
+        models.VisionTransformer(image=30, patch=8)

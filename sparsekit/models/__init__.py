@@ -20,14 +20,19 @@ from .resnet import ResNet50
 from .resnet_cifar import ResNet20, ResNet56, ResNetCifar
 from .transformer import TransformerEncoder, bert_base_config
 from .vgg import VGG16_BN
+from .vit import VisionTransformer, vit_b_16_config
 
 __all__ = ["LeNet5", "MLP", "FFN", "ResNetCifar", "ResNet20", "ResNet56", "VGG16_BN", "ResNet50",
-           "TransformerEncoder", "bert_base_config", "available", "build"]
+           "TransformerEncoder", "bert_base_config", "VisionTransformer", "vit_b_16_config", "available", "build"]
 
 
 def _bert_base(**kw: object) -> TransformerEncoder:
     cfg: dict = {**bert_base_config(), **kw}
     return TransformerEncoder(**cfg)
+
+
+def _vit_b_16(**kw: object) -> VisionTransformer:
+    return VisionTransformer(**{**vit_b_16_config(), **kw})
 
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
@@ -40,6 +45,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet50": ResNet50,
     "transformer": TransformerEncoder,
     "bert_base": _bert_base,
+    "vit": VisionTransformer,
+    "vit_b_16": _vit_b_16,
 }
 
 

@@ -49,6 +49,7 @@ from torch.nn.utils import parametrize
 from .._compat import set_submodule
 from .channel_select import ChannelSelect
 from .graph import DependencyGraph, Group, attention_kind, in_proj_parts, set_heads, weight_dim
+from .linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
 from .pruned_mha import PrunedMultiheadAttention
 
 __all__ = ["resize_module", "module_keeps", "member_masks", "member_tensor_masks", "mask_groups", "compact",
@@ -383,20 +384,11 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
     for mod in small.modules():
         if attention_kind(mod) in ("hf", "fused", "gqa"):
             set_heads(mod)
-    _no_nested_fast_path(small)
+    disable_fused_transformer_paths(small)   # a PrunedMultiheadAttention has no packed weights to hand them
     from .masks import bake_masks
     bake_masks(small)
     small._sparsekit_keep = {k: v.clone() for k, v in keep.items()}  # type: ignore[attr-defined]
     return small
-
-
-def _no_nested_fast_path(model: nn.Module) -> None:
-    """A TransformerEncoder whose layers hold a PrunedMultiheadAttention must not hand them nested tensors:
-    its fast path checks the first layer's attention only when the encoder is built."""
-    for mod in model.modules():
-        if isinstance(mod, nn.TransformerEncoder) and any(
-                isinstance(getattr(layer, "self_attn", None), PrunedMultiheadAttention) for layer in mod.layers):
-            mod.use_nested_tensor = False
 
 
 def _masked_rows(mod: nn.Module, masks: Mapping[str, Tensor]) -> Tensor | None:
@@ -459,10 +451,16 @@ def compact_from_masks(model: nn.Module, example_inputs: Any, round_to: int | No
 def compacted_widths(model: nn.Module) -> dict[str, dict]:
     """JSON-able shapes of every resizable module and every ``ChannelSelect`` in ``model``."""
     spec: dict[str, dict] = {}
+    # q / k / v projections of a LinearMultiheadAttention follow from its heads: the fresh model lacks them
+    implied = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention)
+               for p in ("q_proj", "k_proj", "v_proj")}
     for name, mod in model.named_modules():
+        if name in implied:
+            continue
         if isinstance(mod, ChannelSelect):
             spec[name] = {"select": int(mod.index.numel()), "dim": mod.dim}
-        elif isinstance(mod, PrunedMultiheadAttention):
+        elif isinstance(mod, PrunedMultiheadAttention) or (
+                isinstance(mod, LinearMultiheadAttention) and mod.num_heads != mod.orig_heads):
             spec[name] = {"heads": mod.num_heads}
         elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             spec[name] = {"in": mod.in_channels, "out": mod.out_channels, "groups": mod.groups}
@@ -545,5 +543,5 @@ def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:
     for _, mod in model.named_modules():
         if attention_kind(mod) in ("hf", "fused", "gqa"):
             set_heads(mod)
-    _no_nested_fast_path(model)
+    disable_fused_transformer_paths(model)
     return model

@@ -187,6 +187,8 @@ def _seq_first(mod: nn.Module, query: Tensor, key: Tensor, value: Tensor, batche
 
 
 def _project(mod: nn.Module, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if isinstance(getattr(mod, "q_proj", None), nn.Module):      # a LinearMultiheadAttention
+        return mod.q_proj(query), mod.k_proj(key), mod.v_proj(value)
     inner = mod.num_heads * mod.head_dim
     b = (None, None, None) if mod.in_proj_bias is None else mod.in_proj_bias.split(inner)
     if mod.in_proj_weight is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from . import distributed as _dist
 from . import masks as _masks
 from . import schedules as _schedules
 from .graph import _check_round_to, attention_kind, in_proj_parts
+from .linear_mha import is_stock_mha
 from .scores_reconstruction import refit_consumer
 
 __all__ = ["Pruner", "SCOPES", "check_example_inputs", "run_example", "execution_order"]
@@ -82,6 +84,19 @@ def execution_order(model: nn.Module, example_inputs: Any) -> list[str]:
             mod.training = mode
     last = {name: i for i, name in enumerate(calls)}
     return sorted(last, key=last.__getitem__)
+
+
+def _warn_unpruned_in_projections(modules: Mapping[str, nn.Module], ignored: set[str]) -> None:
+    """``nn.MultiheadAttention`` keeps its q / k / v projections in one raw parameter, which element, block and
+    N:M pruning (made for Linear / Conv layers) do not reach; say so, with the remedy."""
+    names = [n for n, m in modules.items() if n and is_stock_mha(m) and f"{n}.out_proj" not in ignored]
+    if names:
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        warnings.warn(f"the q / k / v in-projections of {len(names)} nn.MultiheadAttention module(s) ({names[:3]}"
+                      f"{more}) are not pruned at this granularity (only their out_proj is): they are one raw "
+                      "parameter, not Linear layers. Convert the model first with sparsekit.nn.mha_to_linear("
+                      "model) to prune them as Linear layers (same outputs; sk.sparsify and sk.save handle it)",
+                      UserWarning, stacklevel=3)
 
 
 class Pruner:
@@ -230,6 +245,8 @@ class Pruner:
         for name, mod in self.layers.items():
             _masks.check_layer(tuple(mod.weight.shape), self.granularity, block=self.block, n=self.n,
                                m=self.m, name=name)
+        if self.granularity != "channel":
+            _warn_unpruned_in_projections(modules, self.ignored)
         self._events: list[_chains.Event] | None = None
         self.links: dict[str, _chains.Link] = {}
         if set(self.criterion.needs) - {"seed", "grads", "hessian"} or self.reconstruct:

@@ -1,0 +1,204 @@
+"""``LinearMultiheadAttention``: ``nn.MultiheadAttention`` with its four projections as ``nn.Linear`` children.
+
+``nn.MultiheadAttention`` keeps its q / k / v projections in one raw parameter (``in_proj_weight``) and hands
+``out_proj.weight`` straight to ``F.multi_head_attention_forward``, so nothing that works on ``nn.Linear``
+modules reaches them: element / block / N:M pruning, ``sk.sparsify``'s per-layer formats, ``SparseLinear``.
+This module computes the same thing (``pruned_mha.mha_forward``, which calls ``q_proj``, ``k_proj``,
+``v_proj`` and ``out_proj`` as modules) with the projections as children that any of those can replace.
+
+``sk.nn.mha_to_linear(model)`` converts every attention of a model (before pruning, to prune the projections
+like any Linear); ``sk.sparsify`` converts the ones whose projections hold zeros by itself.
+
+``disable_fused_transformer_paths`` keeps ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` off
+their fused eval-mode kernels once a layer inside them is no longer a plain ``nn.Linear`` or
+``nn.MultiheadAttention``: those kernels read ``linear1.weight`` and ``self_attn.in_proj_weight`` directly.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .._compat import set_submodule
+from .graph import attention_kind
+from .masks import _mask_param, _masked_original, apply_tensor_mask
+from .pruned_mha import PrunedMultiheadAttention, mha_forward
+
+__all__ = ["LinearMultiheadAttention", "mha_to_linear", "disable_fused_transformer_paths", "is_stock_mha",
+           "expose_sparse_attention", "restore_dense_attention"]
+
+
+class LinearMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` (or ``PrunedMultiheadAttention``) with ``q_proj``, ``k_proj``, ``v_proj`` and
+    ``out_proj`` as ``nn.Linear`` children (or any module computing ``x @ W.T + b``, e.g. ``SparseLinear``).
+
+    Same forward signature and results as the module it was built from (``from_module``): ``forward(query,
+    key, value, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True,
+    is_causal=False)`` returns ``(output, weights or None)``; ``batch_first``, unbatched inputs, ``bias_k`` /
+    ``bias_v``, ``add_zero_attn`` and heads removed by compaction (``head_index``, ``orig_heads``) carry over.
+    Self-attention runs three projections of the same input instead of one packed GEMM.
+    """
+
+    # nn.TransformerEncoderLayer / nn.TransformerEncoder read these before taking their fused native path,
+    # which would use the packed in_proj_weight: with them, they call forward() instead
+    _qkv_same_embed_dim = False
+    in_proj_weight = None
+    in_proj_bias = None
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False, orig_heads: int | None = None,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
+        self.orig_heads = orig_heads or num_heads
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(embed_dim, inner, bias=bias, **dd)
+        self.k_proj = nn.Linear(self.kdim, inner, bias=bias, **dd)
+        self.v_proj = nn.Linear(self.vdim, inner, bias=bias, **dd)
+        self.out_proj = nn.Linear(inner, embed_dim, bias=bias, **dd)
+        for n in ("bias_k", "bias_v"):
+            self.register_parameter(n, nn.Parameter(torch.zeros(1, 1, inner, **dd)) if add_bias_kv else None)
+        self.register_buffer("head_index", torch.arange(num_heads, device=device))
+
+    @classmethod
+    def from_module(cls, mod: nn.Module) -> LinearMultiheadAttention:
+        """The same attention as ``mod`` (an ``nn.MultiheadAttention`` or ``PrunedMultiheadAttention``): its
+        q / k / v rows become ``q_proj`` / ``k_proj`` / ``v_proj`` (copies), its ``out_proj`` module is taken
+        over as it is. Masks (``sparsekit.prune`` parametrizations) on the in-projection follow their rows."""
+        if not is_stock_mha(mod):
+            raise TypeError(f"mod must be an nn.MultiheadAttention or PrunedMultiheadAttention (with their own "
+                            f"forward), got {type(mod).__name__}")
+        packed = mod.in_proj_weight is not None
+        ref = mod.in_proj_weight if packed else mod.q_proj_weight
+        new = cls(mod.embed_dim, mod.num_heads, mod.head_dim, mod.dropout, mod.in_proj_bias is not None,
+                  mod.bias_k is not None, mod.add_zero_attn, mod.kdim, mod.vdim, mod.batch_first,
+                  orig_heads=getattr(mod, "orig_heads", mod.num_heads), device=ref.device, dtype=ref.dtype)
+        inner = mod.num_heads * mod.head_dim
+        for i, proj in enumerate((new.q_proj, new.k_proj, new.v_proj)):
+            rows = slice(i * inner, (i + 1) * inner)
+            wname = "in_proj_weight" if packed else ("q_proj_weight", "k_proj_weight", "v_proj_weight")[i]
+            parts = [("weight", wname, rows if packed else slice(None))]
+            if mod.in_proj_bias is not None:
+                parts.append(("bias", "in_proj_bias", rows))
+            for mine, theirs, sel in parts:
+                mask = _mask_param(mod, theirs)
+                original = _masked_original(mod, theirs) if mask is not None else None
+                with torch.no_grad():   # the unmasked values, so that un-pruning the copy gives them back
+                    getattr(proj, mine).copy_((getattr(mod, theirs) if original is None else original)[sel])
+                if mask is not None:
+                    apply_tensor_mask(proj, mine, mask.mask[sel])
+        with torch.no_grad():
+            if mod.bias_k is not None:
+                new.bias_k.copy_(mod.bias_k)
+                new.bias_v.copy_(mod.bias_v)
+            new.head_index.copy_(getattr(mod, "head_index", torch.arange(mod.num_heads)))
+        new.out_proj = mod.out_proj
+        new.train(mod.training)
+        new.requires_grad_(ref.requires_grad)
+        return new
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        return mha_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                           is_causal)
+
+    def extra_repr(self) -> str:
+        heads = f"{self.num_heads}" + (f" (of {self.orig_heads})" if self.orig_heads != self.num_heads else "")
+        return (f"embed_dim={self.embed_dim}, num_heads={heads}, head_dim={self.head_dim}, "
+                f"batch_first={self.batch_first}")
+
+
+def is_stock_mha(mod: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` / ``PrunedMultiheadAttention`` running its own class's forward (a subclass
+    with another forward may use its weights differently)."""
+    return (attention_kind(mod) == "mha"
+            and type(mod).forward in (nn.MultiheadAttention.forward, PrunedMultiheadAttention.forward))
+
+
+def mha_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every ``nn.MultiheadAttention`` (and ``PrunedMultiheadAttention``) in ``model`` by the equivalent
+    ``LinearMultiheadAttention`` (same outputs), so that element / block / N:M pruning and ``sparsify`` reach
+    the attention projections as ``nn.Linear`` layers. Returns the converted model (a copy unless ``inplace``).
+    Parameter names change (``self_attn.in_proj_weight`` -> ``self_attn.q_proj.weight`` ...): a model saved with
+    ``sk.save`` loads back into the original class (``sk.load`` converts again). Channel pruning and compaction
+    (whole heads) work on the stock modules: prune channels first, then convert."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    target = model if inplace else copy.deepcopy(model)
+    if is_stock_mha(target):
+        return LinearMultiheadAttention.from_module(target)
+    for name, mod in list(target.named_modules()):
+        if name and is_stock_mha(mod):
+            set_submodule(target, name, LinearMultiheadAttention.from_module(mod))
+    disable_fused_transformer_paths(target)
+    return target
+
+
+def _plain_linear(mod: nn.Module) -> bool:
+    """An nn.Linear the fused kernels can read (a masked one too: its weight is computed on access)."""
+    return type(mod) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear) or (
+        parametrize.is_parametrized(mod) and isinstance(mod, nn.Linear))
+
+
+def disable_fused_transformer_paths(model: nn.Module) -> int:
+    """Route every ``nn.TransformerEncoderLayer`` whose ``linear1`` / ``linear2`` / ``self_attn`` was replaced
+    (by a ``SparseLinear``, a ``LinearMultiheadAttention`` ...) through its Python forward: its fused eval-mode
+    kernel (and ``nn.TransformerEncoder``'s nested-tensor path) reads those weights directly. Returns how many
+    layers were switched. The switch is the layer's ``activation_relu_or_gelu`` flag, which torch reads only
+    to pick the fused path."""
+    switched = 0
+    for mod in model.modules():
+        if not isinstance(mod, nn.TransformerEncoderLayer):
+            continue
+        replaced = (not _plain_linear(mod.linear1) or not _plain_linear(mod.linear2)
+                    or type(mod.self_attn) is not nn.MultiheadAttention)
+        if replaced and mod.activation_relu_or_gelu:
+            mod.activation_relu_or_gelu = 0
+            switched += 1
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoder) and any(
+                isinstance(layer, nn.TransformerEncoderLayer) and not layer.activation_relu_or_gelu
+                for layer in mod.layers):
+            mod.use_nested_tensor = False
+    return switched
+
+
+def _projection_weights(mod: nn.Module) -> list[Tensor]:
+    names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+    ws = [getattr(mod, n) for n in names if getattr(mod, n, None) is not None]
+    out = getattr(mod.out_proj, "weight", None)
+    return ws + ([out] if isinstance(out, Tensor) else [])
+
+
+def expose_sparse_attention(model: nn.Module) -> dict[str, nn.Module]:
+    """Replace (in place) every stock attention of ``model`` whose projection weights hold zeros by a
+    ``LinearMultiheadAttention``; returns name -> the module it replaced (for ``restore_dense_attention``)."""
+    exposed = {}
+    for name, mod in list(model.named_modules()):
+        if name and is_stock_mha(mod) and any(bool(w.eq(0).any()) for w in _projection_weights(mod)):
+            exposed[name] = mod
+            set_submodule(model, name, LinearMultiheadAttention.from_module(mod))
+    return exposed
+
+
+def restore_dense_attention(model: nn.Module, exposed: dict[str, nn.Module], plain: type = nn.Linear) -> list[str]:
+    """Put back (in place) the stock attention of every ``exposed`` entry whose four projections all stayed
+    ``plain`` modules (nothing was made sparse: the stock module runs its fused kernels); returns those names.
+    Its ``out_proj``, shared with the converted module, is the one the model holds now."""
+    restored = []
+    for name, original in exposed.items():
+        mod = model.get_submodule(name)
+        if all(isinstance(getattr(mod, p), plain) for p in ("q_proj", "k_proj", "v_proj", "out_proj")):
+            original.out_proj = mod.out_proj
+            set_submodule(model, name, original)
+            restored.append(name)
+    return restored

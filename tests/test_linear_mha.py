@@ -1,0 +1,232 @@
+"""nn.MultiheadAttention with Linear projections: LinearMultiheadAttention, mha_to_linear, and what uses them
+(pruning the q / k / v projections, sparsify, convert_modules, save / load, the encoder's fused path)."""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit as sk
+from sparsekit.nn import LinearMultiheadAttention, SparseLinear, convert_modules, mha_to_linear
+from sparsekit.prune.masks import apply_tensor_mask, remove_masks
+
+E, H = 16, 4
+
+
+def _inputs(batch_first: bool, kdim: int | None, batched: bool = True):
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 5, E, generator=g), torch.randn(2, 7, kdim or E, generator=g))
+    if not batch_first:
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+    return (q, k) if batched else (q[0] if batch_first else q[:, 0], k[0] if batch_first else k[:, 0])
+
+
+@pytest.mark.parametrize("batch_first,kdim,bias,bias_kv,zero_attn",
+                         list(itertools.product([False, True], [None, 12], [True, False], [False, True],
+                                                [False, True])))
+def test_same_outputs_as_stock(batch_first, kdim, bias, bias_kv, zero_attn):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, bias=bias, add_bias_kv=bias_kv, add_zero_attn=zero_attn, kdim=kdim,
+                                vdim=kdim, batch_first=batch_first).eval()
+    lin = LinearMultiheadAttention.from_module(mha)
+    assert isinstance(lin.q_proj, nn.Linear) and lin.out_proj is mha.out_proj
+    q, k = _inputs(batch_first, kdim)
+    calls = [(q, k, k)] + ([(q, q, q)] if kdim is None else [])
+    for args, need_weights in itertools.product(calls, [True, False]):
+        a, wa = mha(*args, need_weights=need_weights)
+        b, wb = lin(*args, need_weights=need_weights)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        if need_weights:
+            torch.testing.assert_close(wb, wa, atol=1e-5, rtol=1e-5)
+
+
+def test_masks_unbatched_and_causal():
+    torch.manual_seed(1)
+    mha = nn.MultiheadAttention(E, H, batch_first=True).eval()
+    lin = LinearMultiheadAttention.from_module(mha)
+    q, _ = _inputs(True, None)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    per_head = torch.randn(2 * H, 5, 5)
+    for kw in [dict(attn_mask=causal, is_causal=True, need_weights=False), dict(key_padding_mask=padding),
+               dict(attn_mask=per_head), dict(attn_mask=causal, average_attn_weights=False)]:
+        a, wa = mha(q, q, q, **kw)
+        b, wb = lin(q, q, q, **kw)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        if wa is not None:
+            torch.testing.assert_close(wb, wa, atol=1e-5, rtol=1e-5)
+    uq, _ = _inputs(True, None, batched=False)
+    torch.testing.assert_close(lin(uq, uq, uq)[0], mha(uq, uq, uq)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_from_compacted_heads_and_from_masks():
+    torch.manual_seed(2)
+    mha = nn.MultiheadAttention(E, H, batch_first=True).eval()
+    from sparsekit.prune.pruned_mha import PrunedMultiheadAttention
+
+    pruned = PrunedMultiheadAttention.from_module(mha, torch.tensor([0, 2]))
+    lin = LinearMultiheadAttention.from_module(pruned)
+    assert (lin.num_heads, lin.orig_heads, lin.head_index.tolist()) == (2, 4, [0, 2])
+    q, _ = _inputs(True, None)
+    torch.testing.assert_close(lin(q, q, q)[0], pruned(q, q, q)[0], atol=1e-5, rtol=1e-5)
+
+    original = mha.in_proj_weight.detach().clone()
+    mask = torch.rand(3 * E, E, generator=torch.Generator().manual_seed(3)) > 0.5
+    apply_tensor_mask(mha, "in_proj_weight", mask)
+    lin = LinearMultiheadAttention.from_module(mha)
+    torch.testing.assert_close(lin(q, q, q)[0], mha(q, q, q)[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(lin.k_proj.weight == 0, ~mask[E:2 * E] | (original[E:2 * E] == 0))
+    remove_masks(lin)   # un-pruning the copy gives back the values the masks hid
+    torch.testing.assert_close(torch.cat([lin.q_proj.weight, lin.k_proj.weight, lin.v_proj.weight]), original)
+
+
+def test_from_module_refuses_other_modules():
+    with pytest.raises(TypeError, match="nn.MultiheadAttention"):
+        LinearMultiheadAttention.from_module(nn.Linear(4, 4))
+
+
+def _encoder(norm_first: bool = False) -> nn.Module:
+    torch.manual_seed(4)
+    layer = nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=not norm_first).eval()
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_mha_to_linear_encoder_eval_paths(norm_first):
+    enc = _encoder(norm_first)
+    x = torch.randn(2, 6, E)
+    padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    conv = mha_to_linear(enc)
+    assert conv is not enc and isinstance(enc.layers[0].self_attn, nn.MultiheadAttention)
+    assert isinstance(conv.layers[1].self_attn, LinearMultiheadAttention)
+    assert not conv.layers[0].activation_relu_or_gelu and not conv.use_nested_tensor
+    with torch.no_grad():    # the fused eval kernels and the nested-tensor path are what the stock model runs
+        torch.testing.assert_close(conv(x), enc(x), atol=1e-5, rtol=1e-5)
+        ref, got = enc(x, src_key_padding_mask=padding), conv(x, src_key_padding_mask=padding)
+    # (the nested path leaves padded positions at 0; compare the real ones)
+    torch.testing.assert_close(got[~padding], ref[~padding], atol=1e-5, rtol=1e-5)
+
+
+def test_pruner_warns_about_stock_in_projections_and_prunes_converted_ones():
+    enc = _encoder()
+    x = torch.randn(2, 6, E)
+    with pytest.warns(UserWarning, match="mha_to_linear"):
+        sk.prune.Pruner(enc, x, granularity="element", sparsity=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sk.prune.Pruner(enc, x, granularity="channel", sparsity=0.5)     # heads are pruned as channels
+        attention = ["layers.0.self_attn", "layers.1.self_attn"]
+        sk.prune.Pruner(enc, x, granularity="element", sparsity=0.5, ignore=attention)
+        conv = mha_to_linear(enc)
+        pruner = sk.prune.Pruner(conv, x, granularity="element", sparsity=0.5)
+    pruner.step()
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        w = conv.get_submodule(f"layers.0.self_attn.{proj}").weight
+        assert abs(float((w == 0).float().mean()) - 0.5) < 0.01
+
+
+def _block_pruned_encoder(attention: bool, mlp: bool) -> nn.Module:
+    """Stock encoder whose attention projections and / or MLP hold 50% zero 4x4 blocks."""
+    enc = _encoder()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            is_attn = "self_attn" in name
+            if p.dim() == 2 and ((attention and is_attn) or (mlp and not is_attn)):
+                keep = torch.rand(p.shape[0] // 4, p.shape[1] // 4, generator=g) > 0.5
+                p.mul_(keep.repeat_interleave(4, 0).repeat_interleave(4, 1))
+    return enc
+
+
+def test_sparsify_reaches_attention_projections(tmp_path):
+    enc = _block_pruned_encoder(attention=True, mlp=True)
+    x = torch.randn(2, 6, E)
+    fast, report = sk.sparsify(enc, x, formats=("bsr",), blocks=((4, 4),), min_speedup=1e-9, cache=None)
+    attn = fast.layers[0].self_attn
+    assert isinstance(attn, LinearMultiheadAttention)
+    assert all(isinstance(getattr(attn, p), SparseLinear) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+    assert {f"layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")} <= {d.name for d in report.layers}
+    sk.verify(enc, fast, x, atol=1e-4)
+    sk.verify(enc, torch.compile(fast, fullgraph=True, backend="eager"), x, atol=1e-4)
+    sk.save(fast, tmp_path)
+    loaded = sk.load(tmp_path, _encoder())
+    assert isinstance(loaded.layers[1].self_attn.v_proj, SparseLinear)
+    sk.verify(fast, loaded, x, atol=0)
+    with torch.device("meta"):
+        skeleton = _encoder()
+    sk.verify(fast, sk.load(tmp_path, skeleton), x, atol=0)
+
+
+def test_sparsify_keeps_stock_attention_when_nothing_beats_dense():
+    enc = _block_pruned_encoder(attention=True, mlp=False)
+    x = torch.randn(2, 6, E)
+    fast, report = sk.sparsify(enc, x, formats=("bsr",), blocks=((4, 4),), min_speedup=1e9, cache=None)
+    assert type(fast.layers[0].self_attn) is nn.MultiheadAttention
+    assert fast.layers[0].activation_relu_or_gelu     # nothing replaced: the fused path stays
+    notes = [n for d in report.layers if d.name.startswith("layers.0.self_attn.") for n in d.notes]
+    assert any("stays an nn.MultiheadAttention" in n for n in notes)
+    sk.verify(enc, fast, x, atol=1e-4)
+
+
+def test_sparse_mlp_under_stock_attention_runs_in_eval():
+    """A SparseLinear in linear1 / linear2 must turn the encoder's fused eval path off: it reads their weights."""
+    enc = _block_pruned_encoder(attention=False, mlp=True)
+    x = torch.randn(2, 6, E)
+    padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    fast, _ = sk.sparsify(enc, x, formats=("bsr",), blocks=((4, 4),), min_speedup=1e-9, cache=None)
+    assert isinstance(fast.layers[0].linear1, SparseLinear)
+    assert type(fast.layers[0].self_attn) is nn.MultiheadAttention
+    with torch.no_grad():
+        sk.verify(enc, fast, x, atol=1e-4)
+        ref, got = enc(x, src_key_padding_mask=padding), fast(x, src_key_padding_mask=padding)
+    torch.testing.assert_close(got[~padding], ref[~padding], atol=1e-4, rtol=1e-4)
+    by_hand = convert_modules(_block_pruned_encoder(attention=False, mlp=True), format="bsr", block=4)
+    with torch.no_grad():
+        sk.verify(enc, by_hand, x, atol=1e-4)
+
+
+def test_convert_modules_converts_attention_with_zeros():
+    enc = _block_pruned_encoder(attention=True, mlp=False)
+    x = torch.randn(2, 6, E)
+    with torch.no_grad():
+        ref = enc(x)
+    fast = convert_modules(enc, format="bsr", block=4)
+    assert isinstance(fast.layers[0].self_attn.q_proj, SparseLinear)
+    assert fast.sparsekit_skipped["layers.0.linear1"] == "no zeros"
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_compacted_heads_then_linear_save_load(tmp_path):
+    enc = _encoder()
+    x = torch.randn(2, 6, E)
+    pruner = sk.prune.Pruner(enc, x, criterion="l1", granularity="channel", sparsity=0.5, ignore=[])
+    pruner.step()
+    small = mha_to_linear(pruner.compact())
+    attn = small.layers[0].self_attn
+    assert isinstance(attn, LinearMultiheadAttention) and attn.num_heads < attn.orig_heads
+    sk.verify(enc, small, x, atol=1e-4)
+    sk.save(small, tmp_path)
+    sk.verify(small, sk.load(tmp_path, _encoder()), x, atol=0)
+
+
+def test_sparsify_transformer_with_cross_attention(tmp_path):
+    torch.manual_seed(6)
+    model = nn.Transformer(E, H, 1, 1, 32, dropout=0.0, batch_first=True).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                keep = torch.rand(p.shape[0] // 4, p.shape[1] // 4, generator=g) > 0.5
+                p.mul_(keep.repeat_interleave(4, 0).repeat_interleave(4, 1))
+    src, tgt = torch.randn(2, 6, E), torch.randn(2, 5, E)
+    fast, report = sk.sparsify(model, (src, tgt), formats=("bsr",), blocks=((4, 4),), min_speedup=1e-9, cache=None)
+    cross = fast.decoder.layers[0].multihead_attn
+    assert isinstance(cross, LinearMultiheadAttention) and isinstance(cross.k_proj, SparseLinear)
+    assert len(report.layers) == 16     # 3 attentions x 4 projections + 2 feed-forwards x 2
+    sk.verify(model, fast, (src, tgt), atol=1e-4)
+    sk.save(fast, tmp_path)
+    fresh = nn.Transformer(E, H, 1, 1, 32, dropout=0.0, batch_first=True)
+    sk.verify(fast, sk.load(tmp_path, fresh), (src, tgt), atol=0)
