@@ -230,3 +230,42 @@ def test_sparsify_transformer_with_cross_attention(tmp_path):
     sk.save(fast, tmp_path)
     fresh = nn.Transformer(E, H, 1, 1, 32, dropout=0.0, batch_first=True)
     sk.verify(fast, sk.load(tmp_path, fresh), (src, tgt), atol=0)
+
+
+class _AttnNet(nn.Module):
+    def __init__(self, **mha_kw):
+        super().__init__()
+        self.inp = nn.Linear(8, E)
+        self.attn = nn.MultiheadAttention(E, H, batch_first=True, **mha_kw)
+        self.fc = nn.Linear(E, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.fc(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("criterion", ["l1", "mean_activation", "taylor"])
+def test_channel_pruning_removes_heads_after_conversion(criterion, tmp_path):
+    torch.manual_seed(8)
+    model = mha_to_linear(_AttnNet().eval())
+    x = torch.randn(2, 5, 8)
+    calib = [(x, torch.tensor([0, 2]))] if criterion == "taylor" else [x]
+    pruner = sk.prune.Pruner(model, x, criterion=criterion, granularity="channel", sparsity=0.5, calib=calib)
+    pruner.step()
+    small = pruner.compact()
+    attn = small.attn
+    assert isinstance(attn, LinearMultiheadAttention) and attn.num_heads == 2 and attn.orig_heads == H
+    assert attn.q_proj.out_features == attn.out_proj.in_features == 2 * (E // H)
+    assert len(set(attn.head_index.tolist())) == 2
+    sk.verify(model, small, x, atol=1e-4)           # the compacted model is the (head-)masked one
+    sk.save(small, tmp_path)
+    sk.verify(small, sk.load(tmp_path, _AttnNet()), x, atol=0)
+
+
+def test_heads_with_bias_kv_stay_whole_after_conversion():
+    from sparsekit.prune.graph import DependencyGraph
+
+    model = mha_to_linear(_AttnNet(add_bias_kv=True).eval())
+    graph = DependencyGraph.build(model, torch.randn(2, 5, 8))
+    (heads,) = [g for g in graph.groups if g.kind == "heads"]
+    assert not heads.prunable and "add_bias_kv" in heads.reason

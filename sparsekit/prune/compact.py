@@ -381,9 +381,12 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
         if torch.equal(index, torch.arange(int(stream.sum()))):
             continue      # the BN reads the whole compacted stream in order: nothing to select
         set_submodule(small, bn, ChannelSelect(index, small.get_submodule(bn)))
-    for mod in small.modules():
-        if attention_kind(mod) in ("hf", "fused", "gqa"):
+    for name, mod in small.named_modules():
+        if attention_kind(mod) in ("hf", "fused", "gqa", "mha_linear"):
             set_heads(mod)
+        if attention_kind(mod) == "mha_linear":     # which original heads are left (3-D masks per head)
+            heads = next(eff[g.id] for g in graph.groups for m in g.members if m.module == f"{name}.q_proj")
+            mod.head_index = mod.head_index[heads.to(mod.head_index.device)]
     disable_fused_transformer_paths(small)   # a PrunedMultiheadAttention has no packed weights to hand them
     from .masks import bake_masks
     bake_masks(small)

@@ -57,7 +57,9 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
   rows of ``in_proj_weight`` / ``in_proj_bias`` (or ``q/k/v_proj_weight``), member ``(mha, "out", ...)``
   over the packed q|k|v rows, and the columns of ``out_proj`` (``(mha.out_proj, "in", ...)``). The
   ``embed_dim`` streams (inputs and output) keep their width: they are pinned. Heads are pinned when the
-  returned attention weights are used (they average over all heads). ``nn.TransformerEncoderLayer`` /
+  returned attention weights are used (they average over all heads). ``LinearMultiheadAttention`` the same,
+  its head rows being the rows of its ``q_proj`` / ``k_proj`` / ``v_proj`` Linears (heads pinned with
+  ``add_bias_kv``). ``nn.TransformerEncoderLayer`` /
   ``nn.TransformerDecoderLayer`` / ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` / ``nn.Transformer``
   (torch's forward, ``transformer_layers``) are leaves with the same rule for every layer's ``self_attn``
   and a decoder layer's cross-attention ``multihead_attn`` (its queries come from the target stream, its
@@ -193,11 +195,15 @@ class _Tag:
 def attention_kind(mod: nn.Module) -> str | None:
     """``"hf"`` (query/key/value + num_attention_heads), ``"fused"`` (qkv + proj + heads), ``"gqa"`` (Llama-style
     grouped-query attention: q/k/v/o_proj + num_heads, num_key_value_heads, head_dim), ``"mha"``
-    (``nn.MultiheadAttention`` or ``compact.PrunedMultiheadAttention``) or None."""
-    from .pruned_mha import PrunedMultiheadAttention  # it imports this module
+    (``nn.MultiheadAttention`` or ``compact.PrunedMultiheadAttention``), ``"mha_linear"``
+    (``LinearMultiheadAttention``: the same with Linear projections) or None."""
+    from .linear_mha import LinearMultiheadAttention  # (both import this module)
+    from .pruned_mha import PrunedMultiheadAttention
 
     if isinstance(mod, (nn.MultiheadAttention, PrunedMultiheadAttention)):
         return "mha"
+    if isinstance(mod, LinearMultiheadAttention):
+        return "mha_linear"
     if (all(isinstance(getattr(mod, n, None), nn.Linear) for n in ("query", "key", "value"))
             and hasattr(mod, "num_attention_heads") and hasattr(mod, "attention_head_size")):
         return "hf"
@@ -286,6 +292,8 @@ def set_heads(mod: nn.Module) -> None:
     elif kind == "gqa":         # whole key/value groups go: num_key_value_groups (query heads per group) stays
         mod.num_heads = mod.q_proj.out_features // mod.head_dim
         mod.num_key_value_heads = mod.k_proj.out_features // mod.head_dim
+    elif kind == "mha_linear":  # (compact also selects its head_index: which original heads are left)
+        mod.num_heads = mod.q_proj.out_features // mod.head_dim
 
 
 # -------------------------------------------------------------------------------------------- tracing
@@ -761,7 +769,7 @@ class DependencyGraph:
             self._pin(x, f"{name!r} (LayerNorm) normalises over these channels; removing any changes its "
                          "statistics")
             return x
-        if kind == "mha":
+        if kind in ("mha", "mha_linear"):
             self._pin([tag(a) for a in _flat_args(n.args) + list(n.kwargs.values())],
                       f"{name!r} ({type(mod).__name__}) keeps its embed_dim: its input and output width stay")
             s = self._mha_heads(name, mod)
@@ -822,11 +830,19 @@ class DependencyGraph:
         return self._unknown(n, [tag(a) for a in _flat_args(n.args)], where)
 
     def _mha_heads(self, name: str, mod: nn.Module) -> int:
-        """Head space of an ``"mha"`` module: packed q|k|v in-projection rows and ``out_proj`` columns."""
+        """Head space of an ``"mha"`` module (packed q|k|v in-projection rows) or ``"mha_linear"`` one (rows of
+        its q / k / v Linears), and the ``out_proj`` columns."""
         inner = mod.num_heads * mod.head_dim
         s = self._new(mod.num_heads, "heads")
-        for i in range(3):
-            self._add(_Seg(s, inner), name, "out", i * inner)
+        if attention_kind(mod) == "mha_linear":
+            for lin in ("q_proj", "k_proj", "v_proj"):
+                self._add(_Seg(s, inner), f"{name}.{lin}", "out", 0)
+            if mod.bias_k is not None:
+                self._spaces[self._find(s)].pinned = (f"{name!r}: its bias_k / bias_v (add_bias_kv) are not "
+                                                      "sliced by head")
+        else:
+            for i in range(3):
+                self._add(_Seg(s, inner), name, "out", i * inner)
         self._add(_Seg(s, inner), f"{name}.out_proj", "in", 0)
         return s
 

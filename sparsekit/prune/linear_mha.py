@@ -129,8 +129,8 @@ def mha_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
     ``LinearMultiheadAttention`` (same outputs), so that element / block / N:M pruning and ``sparsify`` reach
     the attention projections as ``nn.Linear`` layers. Returns the converted model (a copy unless ``inplace``).
     Parameter names change (``self_attn.in_proj_weight`` -> ``self_attn.q_proj.weight`` ...): a model saved with
-    ``sk.save`` loads back into the original class (``sk.load`` converts again). Channel pruning and compaction
-    (whole heads) work on the stock modules: prune channels first, then convert."""
+    ``sk.save`` loads back into the original class (``sk.load`` converts again). Channel pruning removes whole
+    heads before or after the conversion (the dependency graph knows both modules)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     target = model if inplace else copy.deepcopy(model)
