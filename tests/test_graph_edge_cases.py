@@ -487,7 +487,8 @@ class _UNet(nn.Module):
 
 def test_transposed_conv_input_channels_follow_their_producer(tmp_path):
     """A ConvTranspose2d's weight is [C_in, C_out, kh, kw]: its input channels (dim 0) shrink with the layer
-    that produces them; its outputs are a new, unscored space (kept whole by the Pruner), concatenated here."""
+    that produces them; its outputs are a new space (concatenated here) that criteria reading weights score by
+    the weight's dim-1 slices, and data-dependent ones leave whole."""
     model = _randomize(_UNet())
     x = torch.randn(2, 3, 16, 16)
     graph = DependencyGraph.build(model, x)
@@ -500,10 +501,24 @@ def test_transposed_conv_input_channels_follow_their_producer(tmp_path):
     pruner = sk.prune.Pruner(model, (x,), criterion="l1", granularity="channel", sparsity=0.5)
     pruner.step()
     compacted = pruner.compact()
-    assert compacted.up.in_channels == compacted.e2.out_channels < 16 and compacted.up.out_channels == 8
+    assert compacted.up.in_channels == compacted.e2.out_channels == 8 and compacted.up.out_channels == 4
+    # its outputs go by their L1 norms over the weight's dim 1 (scope="layer": half of them)
+    by_l1 = model.up.weight.detach().abs().sum((0, 2, 3)).argsort(descending=True)[:4].sort().values
+    (up_group,) = [g for g in pruner._dependency_graph().groups if any(m.module == "up" and m.axis == "out"
+                                                                       for m in g.members)]
+    assert torch.equal(torch.nonzero(pruner._keep[up_group.id]).reshape(-1), by_l1)
     sk.verify(model, compacted, x, atol=1e-5)
     sk.save(compacted, tmp_path / "unet")
     sk.verify(compacted, sk.load(tmp_path / "unet", _UNet()).eval(), x, atol=0)
+    data = _randomize(_UNet())
+    ranked = sk.prune.Pruner(data, (x,), criterion="mean_activation", granularity="channel", sparsity=0.5,
+                             calib=[x])
+    ranked.step()
+    assert ranked.compact().up.out_channels == 8          # data-dependent criteria do not score it
+    ignored = sk.prune.Pruner(_randomize(_UNet()), (x,), criterion="l1", granularity="channel", sparsity=0.5,
+                              ignore=["up", "head"])      # ignore covers a transposed conv too
+    ignored.step()
+    assert ignored.compact().up.out_channels == 8
     grouped = DependencyGraph.build(_UNet(up_groups=2), x)
     (g2,) = [g for g in grouped.groups if any(m.module == "e2" and m.axis == "out" for m in g.members)]
     assert not g2.prunable and "ConvTranspose2d, groups=2" in g2.reason

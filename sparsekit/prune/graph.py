@@ -37,7 +37,8 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
 * elementwise activations and dropouts, pooling, resampling (``Upsample``, ``interpolate``) and padding of
   the dims after the channels: channels pass through (padding that reaches the channel dim is unknown).
 * ConvTranspose2d (groups=1; weight ``[C_in, C_out, kh, kw]``, ``weight_dim`` maps member axes to its dims):
-  ``in`` members on its input (weight dim 0) and a new output space (weight dim 1) like a conv's.
+  ``in`` members on its input (weight dim 0) and a new output space (weight dim 1) like a conv's (the Pruner
+  scores it by weight criteria only).
 * residual add / mul between tagged tensors: spaces merged (coarsened to a common unit); concat: segments
   appended (index offsets); ``chunk`` / ``tensor_split`` into k equal parts along channels (or ``split`` by a
   traced ``x.shape[d] // k``): the pieces keep their segments when the cuts fall on segment boundaries, and the

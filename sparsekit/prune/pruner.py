@@ -150,7 +150,8 @@ class Pruner:
     aggregate the criterion's channel scores over its *producers* (the pruned Linear / Conv2d layers whose
     output rows it holds, ``nn.MultiheadAttention`` in-projections, and -- for criteria reading weights alone --
     ``nn.Embedding`` layers, whose features are the columns of their weight, scored as the rows of
-    ``weight.T`` like a Linear's neurons; ``ignore`` an embedding to keep its features): for producer ``m``
+    ``weight.T`` like a Linear's neurons, and ``nn.ConvTranspose2d`` layers, whose output channels are dim 1
+    of their weight; ``ignore`` an embedding or a transposed conv to keep its channels): for producer ``m``
     let ``s_m[u]`` be the mean score of unit ``u``'s rows (a head's ``head_dim`` rows of q, k and v are three
     producers) and ``c_m`` the mean ``|s_m|``; the group scores ``mean_m(s_m / c_m) * mean_m(c_m)``. Dividing by ``c_m``
     keeps a layer with large weights from outvoting the others; multiplying by the mean ``c_m`` keeps the
@@ -335,7 +336,7 @@ class Pruner:
             else:
                 raise TypeError(f"ignore[{i}] must be an nn.Module or a module name, "
                                 f"got {type(item).__name__}")
-            out |= {k for k, v in modules.items() if isinstance(v, (*_masks.PRUNABLE, nn.Embedding))
+            out |= {k for k, v in modules.items() if isinstance(v, (*_masks.PRUNABLE, nn.Embedding, nn.ConvTranspose2d))
                     and (prefix == "" or k == prefix or k.startswith(prefix + "."))}
         return out
 
@@ -587,9 +588,10 @@ class Pruner:
         producers = set(self.layers)
         if self._scores_weight_views() or self._scores_head_taps():
             producers |= {a for a in attn if f"{a}.out_proj" in self.layers}
-        if self._scores_weight_views():   # an embedding's features: the columns of its weight, scored as rows
+        if self._scores_weight_views():   # an embedding's features, a transposed conv's outputs: scored as rows
             producers |= {m.module for g in graph.prunable for m in g.members if m.axis == "out"
-                          and isinstance(self.model.get_submodule(m.module), nn.Embedding)} - self.ignored
+                          and isinstance(self.model.get_submodule(m.module), (nn.Embedding, nn.ConvTranspose2d))
+                          } - self.ignored
         ignored = set(self.ignored) | {a for a in attn if f"{a}.out_proj" in self.ignored}
         groups = {}
         for g in graph.prunable:
@@ -608,20 +610,21 @@ class Pruner:
     def _view_scores(self, names: set[str]) -> dict[str, Tensor]:
         """Per unit row of modules the criterion scores through a stand-in Linear: an attention module's packed
         q|k|v rows (each in-projection weight scored as a Linear), an ``nn.Embedding``'s features (its
-        weight's columns, scored as the rows of ``weight.T``, like a Linear's output neurons)."""
+        weight's columns, scored as the rows of ``weight.T``, like a Linear's output neurons), an
+        ``nn.ConvTranspose2d``'s output channels (dim 1 of its weight ``[C_in, C_out, kh, kw]``)."""
         out = {}
         for name in sorted(names):
             mod = self.model.get_submodule(name)
-            emb = isinstance(mod, nn.Embedding)
-            tensors = ["weight"] if emb else [t for t, _, _ in in_proj_parts(mod) if t.endswith("weight")]
+            by_column = isinstance(mod, (nn.Embedding, nn.ConvTranspose2d))
+            tensors = ["weight"] if by_column else [t for t, _, _ in in_proj_parts(mod) if t.endswith("weight")]
+            rows_first = (lambda t: t.transpose(0, 1).reshape(t.shape[1], -1)) if by_column else (lambda t: t)
             parts = []
             for t in tensors:
-                w, keep = getattr(mod, t).detach(), _masks._mask_param(mod, t)
-                w = w.T if emb else w
+                w, keep = rows_first(getattr(mod, t).detach()), _masks._mask_param(mod, t)
                 view = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
                 view.weight = nn.Parameter(w, requires_grad=False)
                 if keep is not None:      # the view's own mask: what e.g. l1_mean counts as the row's weights
-                    _masks.apply_mask(view, keep.mask.T if emb else keep.mask)
+                    _masks.apply_mask(view, rows_first(keep.mask))
                 ctx = _calibration.LayerContext(name=f"{name}.{t}", granularity="channel", seed=self.seed)
                 parts.append(_masks.unit_scores(self.criterion.score(view, ctx), "channel"))
             out[name] = torch.cat(parts)
