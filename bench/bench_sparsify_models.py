@@ -153,6 +153,9 @@ def transformer(kind: str, reps: int, layers: int, device: str = "cpu", dtype: t
     lin_sparse = sum(m.weight_nbytes if isinstance(m, SparseLinear) else m.weight.numel() * m.weight.element_size()
                      for n, m in fast.named_modules()
                      if isinstance(m, (SparseLinear, nn.Linear)) and n not in keep_dense)
+    # an attention sparsify kept stock holds its q / k / v in in_proj_weight
+    lin_sparse += sum(m.in_proj_weight.numel() * m.in_proj_weight.element_size() for m in fast.modules()
+                      if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None)
     n_sparse = sum(isinstance(m, SparseLinear) for m in fast.modules())
     shape = "224x224" if kind == "vit" else "seq 128"
     return {"model": f"{label}, {shape}, batch {batch}",

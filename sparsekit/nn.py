@@ -22,10 +22,10 @@ from .prune.linear_mha import (
     LinearMultiheadAttention,
     disable_fused_transformer_paths,
     expose_sparse_attention,
-    is_stock_mha,
     mha_to_linear,
     restore_dense_attention,
 )
+from .prune.pruned_mha import PrunedMultiheadAttention
 
 FORMAT_NAMES = ("dense", "bsr", "csr", "nm", "channel")
 _INDEX_FIELDS = {"bsr": ("crow_indices", "col_indices"), "csr": ("crow_indices", "col_indices"),
@@ -163,12 +163,12 @@ class SparseLinear(_SparseWeight):
                + self._describe()
 
 
-def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
+def _explicit_padding(conv: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
     if conv.padding_mode != "zeros":
         raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
-            return (0, 0)
+            return (0,) * len(conv.kernel_size)
         pads = []
         for k, d in zip(conv.kernel_size, conv.dilation):
             if (d * (k - 1)) % 2:
@@ -313,8 +313,9 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
     # attention projections with zeros become nn.Linear children (LinearMultiheadAttention); the stock module
     # comes back where none of them converts
     exposed = expose_sparse_attention(model)
-    inside_attention = {f"{n}.{c}" if n else c for n, mod in model.named_modules()
-                        if is_stock_mha(mod) for c, _ in mod.named_children()}
+    inside_attention = {f"{n}.{c}" if n else c for n, mod in model.named_modules()    # (a subclass included)
+                        if isinstance(mod, (nn.MultiheadAttention, PrunedMultiheadAttention))
+                        for c, _ in mod.named_children()}
     for name, mod in list(model.named_modules()):
         # masked (parametrized) layers count too
         if not name or name in skip or not isinstance(mod, SPARSE_LAYERS):
@@ -331,7 +332,9 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
             skipped[name] = str(exc).split(". ")[0]
             continue
         set_submodule(model, name, new)
-    restore_dense_attention(model, exposed)
+    for name in restore_dense_attention(model, exposed):   # its q / k / v Linears are gone again
+        why = [f"{p}: {skipped.pop(f'{name}.{p}')}" for p in ("q_proj", "k_proj", "v_proj") if f"{name}.{p}" in skipped]
+        skipped[f"{name}.in_proj_weight"] = "; ".join(why)
     disable_fused_transformer_paths(model)
     model.sparsekit_skipped = skipped
     return model

@@ -149,7 +149,10 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
         except AttributeError:
             raise ValueError(f"the saved spec has a sparse module {name!r} that the given model lacks") from None
         if mspec["class"] == "LinearMultiheadAttention":
-            new = LinearMultiheadAttention.from_module(model.get_submodule(name))   # (its children follow)
+            mod = model.get_submodule(name)
+            if isinstance(mod, LinearMultiheadAttention):    # a skeleton converted by sk.nn.mha_to_linear already
+                continue
+            new = LinearMultiheadAttention.from_module(mod)   # (its children follow)
         else:
             new = _rebuild(name, mspec, tensors)
         set_submodule(model, name, new)

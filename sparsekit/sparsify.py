@@ -25,7 +25,13 @@ from torch.nn.utils import parametrize
 from ._compat import set_submodule
 from .nn import FORMAT_NAMES, SPARSE_LAYERS, SparseConv2d, SparseLinear, sparse_class
 from .ops._dispatch import BACKENDS, recording_choices
-from .prune.linear_mha import disable_fused_transformer_paths, expose_sparse_attention, restore_dense_attention
+from .prune.linear_mha import (
+    disable_fused_transformer_paths,
+    expose_sparse_attention,
+    no_nested_tensors,
+    restore_dense_attention,
+    restore_nested_tensors,
+)
 from .prune.masks import bake_masks
 from .timing import interleaved_median_ms
 from .tuning_cache import TuningCache, device_name, resolve_cache
@@ -372,7 +378,9 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     target.eval()
     _densify_sparse_layers(target)
     baseline = _dense_baseline(target) if measure_model else None   # before any layer is swapped
-    # attention projections with zeros become nn.Linear children (LinearMultiheadAttention) to be measured
+    # attention projections with zeros become nn.Linear children (LinearMultiheadAttention) to be measured;
+    # no nested tensors while layers are hooked or converted (put back for the encoders that stay stock)
+    nested = no_nested_tensors(target)
     exposed = expose_sparse_attention(target)
     is_layer = lambda m: isinstance(m, SPARSE_LAYERS) and not isinstance(m, (SparseLinear, SparseConv2d))
     try:
@@ -431,8 +439,13 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     tcache.save()
     restored = restore_dense_attention(target, exposed)
     for d in report.layers:
-        if d.name.rpartition(".")[0] in restored:
-            d.notes.append(f"nothing in {d.name.rpartition('.')[0]} beat dense: it stays an nn.MultiheadAttention")
+        parent = d.name.rpartition(".")[0]
+        if parent in restored:
+            d.notes.append(f"nothing in {parent} beat dense: it stays an nn.MultiheadAttention")
+        elif parent in exposed:
+            d.notes.append(f"{parent} runs as a LinearMultiheadAttention: q / k / v as three GEMMs, without the "
+                           "stock module's fused kernels")
+    restore_nested_tensors(nested)
     disable_fused_transformer_paths(target)
     if not exact:
         # what is left masked (layers kept dense, masked norms and attention projections) becomes plain

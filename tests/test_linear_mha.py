@@ -143,7 +143,7 @@ def _block_pruned_encoder(attention: bool, mlp: bool) -> nn.Module:
 def test_sparsify_reaches_attention_projections(tmp_path):
     enc = _block_pruned_encoder(attention=True, mlp=True)
     x = torch.randn(2, 6, E)
-    fast, report = sk.sparsify(enc, x, formats=("bsr",), blocks=((4, 4),), min_speedup=1e-9, cache=None)
+    fast, report = sk.sparsify(enc, x, formats=("bsr",), blocks=((4, 4),), min_speedup=1e-9, cache=False)
     attn = fast.layers[0].self_attn
     assert isinstance(attn, LinearMultiheadAttention)
     assert all(isinstance(getattr(attn, p), SparseLinear) for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
@@ -162,7 +162,7 @@ def test_sparsify_reaches_attention_projections(tmp_path):
 def test_sparsify_keeps_stock_attention_when_nothing_beats_dense():
     enc = _block_pruned_encoder(attention=True, mlp=False)
     x = torch.randn(2, 6, E)
-    fast, report = sk.sparsify(enc, x, formats=("bsr",), blocks=((4, 4),), min_speedup=1e9, cache=None)
+    fast, report = sk.sparsify(enc, x, formats=("bsr",), blocks=((4, 4),), min_speedup=1e9, cache=False)
     assert type(fast.layers[0].self_attn) is nn.MultiheadAttention
     assert fast.layers[0].activation_relu_or_gelu     # nothing replaced: the fused path stays
     notes = [n for d in report.layers if d.name.startswith("layers.0.self_attn.") for n in d.notes]
@@ -175,7 +175,7 @@ def test_sparse_mlp_under_stock_attention_runs_in_eval():
     enc = _block_pruned_encoder(attention=False, mlp=True)
     x = torch.randn(2, 6, E)
     padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
-    fast, _ = sk.sparsify(enc, x, formats=("bsr",), blocks=((4, 4),), min_speedup=1e-9, cache=None)
+    fast, _ = sk.sparsify(enc, x, formats=("bsr",), blocks=((4, 4),), min_speedup=1e-9, cache=False)
     assert isinstance(fast.layers[0].linear1, SparseLinear)
     assert type(fast.layers[0].self_attn) is nn.MultiheadAttention
     with torch.no_grad():
@@ -222,7 +222,7 @@ def test_sparsify_transformer_with_cross_attention(tmp_path):
                 keep = torch.rand(p.shape[0] // 4, p.shape[1] // 4, generator=g) > 0.5
                 p.mul_(keep.repeat_interleave(4, 0).repeat_interleave(4, 1))
     src, tgt = torch.randn(2, 6, E), torch.randn(2, 5, E)
-    fast, report = sk.sparsify(model, (src, tgt), formats=("bsr",), blocks=((4, 4),), min_speedup=1e-9, cache=None)
+    fast, report = sk.sparsify(model, (src, tgt), formats=("bsr",), blocks=((4, 4),), min_speedup=1e-9, cache=False)
     cross = fast.decoder.layers[0].multihead_attn
     assert isinstance(cross, LinearMultiheadAttention) and isinstance(cross.k_proj, SparseLinear)
     assert len(report.layers) == 16     # 3 attentions x 4 projections + 2 feed-forwards x 2
@@ -269,3 +269,94 @@ def test_heads_with_bias_kv_stay_whole_after_conversion():
     graph = DependencyGraph.build(model, torch.randn(2, 5, 8))
     (heads,) = [g for g in graph.groups if g.kind == "heads"]
     assert not heads.prunable and "add_bias_kv" in heads.reason
+
+
+class _Padded(nn.Module):
+    """A stock encoder called with a padding mask (its nested-tensor path on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = _encoder()
+
+    def forward(self, x, pad):
+        return self.enc(x, src_key_padding_mask=pad)
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_sparsify_with_a_padding_mask_in_the_example_inputs(attention):
+    model = _Padded().eval()
+    model.enc = _block_pruned_encoder(attention=attention, mlp=True)
+    assert model.enc.use_nested_tensor
+    x, pad = torch.randn(2, 6, E), torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    fast, report = sk.sparsify(model, (x, pad), formats=("bsr",), blocks=((4, 4),), min_speedup=1e-9, cache=False)
+    assert isinstance(fast.enc.layers[0].linear1, SparseLinear) and not fast.enc.use_nested_tensor
+    assert model.enc.use_nested_tensor          # the user's model is untouched
+    with torch.no_grad():
+        ref, got = model(x, pad), fast(x, pad)
+    torch.testing.assert_close(got[~pad], ref[~pad], atol=1e-4, rtol=1e-4)
+
+
+def test_sparsify_keeps_the_fused_path_of_a_masked_stock_attention():
+    enc = _encoder()
+    heads = torch.ones(3 * E, E, dtype=torch.bool)
+    heads[:E // H] = False                      # one head's query rows masked: zeros, no layer converts
+    apply_tensor_mask(enc.layers[0].self_attn, "in_proj_weight", heads)
+    fast, _ = sk.sparsify(enc, torch.randn(2, 6, E), min_speedup=1e9, cache=False)
+    assert type(fast.layers[0].self_attn) is nn.MultiheadAttention
+    assert fast.layers[0].activation_relu_or_gelu and fast.layers[1].activation_relu_or_gelu
+
+
+def test_convert_modules_leaves_attention_subclasses_alone():
+    class MyMHA(nn.MultiheadAttention):
+        def forward(self, q, k, v, **kw):
+            return super().forward(q, k, v, **kw)
+
+    net = _AttnNet()
+    net.attn = MyMHA(E, H, batch_first=True)
+    with torch.no_grad():
+        net.attn.out_proj.weight[:, :4] = 0
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        ref = net(x)
+    fast = convert_modules(net, format="csr")
+    assert type(fast.attn) is MyMHA and type(fast.attn.out_proj) is not SparseLinear
+    assert "inside nn.MultiheadAttention" in fast.sparsekit_skipped["attn.out_proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref)
+
+
+def test_restored_attention_is_reported_under_its_own_tensor_and_flags_stay():
+    enc = _block_pruned_encoder(attention=True, mlp=False)
+    enc.layers[0].self_attn.out_proj.weight.requires_grad_(False)
+    fast = convert_modules(enc, format="bsr", block=5)          # 5 divides nothing here: nothing converts
+    attn = fast.layers[0].self_attn
+    assert type(attn) is nn.MultiheadAttention and not attn.out_proj.weight.requires_grad
+    assert attn.in_proj_weight.requires_grad
+    assert "q_proj" in fast.sparsekit_skipped["layers.0.self_attn.in_proj_weight"]
+    assert not any(k.endswith(("q_proj", "k_proj", "v_proj")) for k in fast.sparsekit_skipped)
+
+
+def test_constructor_and_conversion_errors():
+    lin = LinearMultiheadAttention(E, H, 0.1, batch_first=True)
+    assert (lin.head_dim, lin.dropout, lin.q_proj.out_features) == (E // H, 0.1, E) and not lin.q_proj.bias.any()
+    with pytest.raises(ValueError, match="num_heads must divide"):
+        LinearMultiheadAttention(E, 3)
+    with pytest.raises(ValueError, match="head_dim must be a positive int"):
+        LinearMultiheadAttention(E, H, head_dim=0)
+    with pytest.raises(ValueError, match="itself an attention module"):
+        mha_to_linear(nn.MultiheadAttention(E, H), inplace=True)
+
+
+def test_load_into_a_converted_skeleton(tmp_path):
+    model = mha_to_linear(_AttnNet().eval())
+    with torch.no_grad():
+        model.attn.q_proj.weight[:8] = 0
+    x = torch.randn(2, 5, 8)
+    fast, _ = sk.sparsify(model, x, formats=("csr",), min_speedup=1e-9, cache=False)
+    sk.save(fast, tmp_path / "a")
+    sk.verify(fast, sk.load(tmp_path / "a", mha_to_linear(_AttnNet())), x, atol=0)
+    pruner = sk.prune.Pruner(_AttnNet().eval(), x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    sk.save(mha_to_linear(pruner.compact()), tmp_path / "b")
+    with pytest.raises(ValueError, match="unconverted model class"):
+        sk.load(tmp_path / "b", mha_to_linear(_AttnNet()))

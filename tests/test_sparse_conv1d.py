@@ -23,7 +23,7 @@ def _pruned_conv1d(seed: int = 0, **kw) -> nn.Conv1d:
 @pytest.mark.parametrize("format,fmt_kw", [("bsr", {"block": (8, 1)}), ("csr", {}), ("channel", {}),
                                            ("dense", {})])
 @pytest.mark.parametrize("conv_kw", [dict(padding=1), dict(kernel_size=1), dict(stride=2, padding=1, groups=2),
-                                     dict(padding="same"), dict(dilation=2, bias=False),
+                                     dict(padding="same"), dict(padding="valid"), dict(dilation=2, bias=False),
                                      dict(in_channels=5, out_channels=24, kernel_size=5, padding=3)])
 def test_matches_conv1d(format, fmt_kw, conv_kw):
     conv = _pruned_conv1d(**conv_kw)
@@ -115,7 +115,7 @@ def _pruned_tcn() -> TCN:
 def test_sparsify_swaps_conv1d_and_saves(tmp_path):
     model = _pruned_tcn()
     x = torch.randn(2, 8, 40)
-    fast, report = sk.sparsify(model, x, formats=("bsr", "csr"), blocks=((16, 1),), min_speedup=1e-9, cache=None)
+    fast, report = sk.sparsify(model, x, formats=("bsr", "csr"), blocks=((16, 1),), min_speedup=1e-9, cache=False)
     assert isinstance(fast.c1, SparseConv1d) and isinstance(fast.c2, SparseConv1d)
     kinds = {d.name: d.kind for d in report.layers}
     assert kinds == {"c1": "conv1d", "c2": "conv1d"}
@@ -125,7 +125,7 @@ def test_sparsify_swaps_conv1d_and_saves(tmp_path):
     loaded = sk.load(tmp_path, TCN())
     assert type(loaded.c1) is type(fast.c1) and loaded.c1.format == fast.c1.format
     sk.verify(fast, loaded, x, atol=0)
-    again, _ = sk.sparsify(loaded, x, formats=("csr",), min_speedup=1e-9, cache=None)   # measured anew
+    again, _ = sk.sparsify(loaded, x, formats=("csr",), min_speedup=1e-9, cache=False)   # measured anew
     assert again.c1.format == "csr"
     sk.verify(model, again, x, atol=1e-4)
 

@@ -1,6 +1,7 @@
 """A Vision Transformer built from PyTorch's stock modules (``nn.TransformerEncoder`` layers, whose attention is
-``nn.MultiheadAttention``), as torchvision's ``vit_b_16`` is: the model for "my transformer uses torch's own
-attention" (``sk.nn.mha_to_linear`` turns its packed q / k / v projections into Linear layers to prune them).
+``nn.MultiheadAttention``, as in torchvision's ``vit_b_16``, whose own encoder blocks wrap the same attention): the
+model for "my transformer uses torch's own attention" (``sk.nn.mha_to_linear`` turns its packed q / k / v
+projections into Linear layers to prune them).
 
 Patch embedding (a Conv2d with stride = kernel = patch), a class token and learned position embeddings,
 pre-norm encoder layers (GELU MLP), a final LayerNorm, and the classifier ``fc`` on the class token.

@@ -103,8 +103,9 @@ _XT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def _patches_t(x: Tensor, kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
                stride: tuple[int, int]) -> Tensor:
-    """``F.unfold(x, kernel, dilation, padding, stride)`` ([B, C*kh*kw, Ho*Wo], contiguous, same autograd) built from
-    ``Tensor.unfold`` views of the padded input and one copy."""
+    """``F.unfold(x, kernel, dilation, padding, stride)`` ([B, C*kh*kw, Ho*Wo], same autograd) built from
+    ``Tensor.unfold`` views of the padded input and one copy (none where the view already has that layout, e.g.
+    a 1 x 1 kernel over one output row: then it may not be contiguous; the *_mm_xt ops copy such an input)."""
     (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))

@@ -486,6 +486,9 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
     """Resize ``mod`` to the widths ``w`` (values are placeholders until load_state_dict)."""
     out = torch.arange(w["out"]) if "out" in w else None
     if "heads" in w:
+        if attention_kind(mod) == "mha_linear":
+            raise ValueError(f"widths give {w['heads']} attention heads to a LinearMultiheadAttention: load into "
+                             "the unconverted model class (its nn.MultiheadAttention), which sk.load converts")
         if attention_kind(mod) != "mha":
             raise ValueError(f"widths give {w['heads']} attention heads to a {type(mod).__name__}")
         return PrunedMultiheadAttention.from_module(mod, torch.arange(w["heads"]))

@@ -29,7 +29,7 @@ from .masks import _mask_param, _masked_original, apply_tensor_mask
 from .pruned_mha import PrunedMultiheadAttention, mha_forward
 
 __all__ = ["LinearMultiheadAttention", "mha_to_linear", "disable_fused_transformer_paths", "is_stock_mha",
-           "expose_sparse_attention", "restore_dense_attention"]
+           "expose_sparse_attention", "restore_dense_attention", "no_nested_tensors", "restore_nested_tensors"]
 
 
 class LinearMultiheadAttention(nn.Module):
@@ -49,11 +49,19 @@ class LinearMultiheadAttention(nn.Module):
     in_proj_weight = None
     in_proj_bias = None
 
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float = 0.0, bias: bool = True,
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
-                 vdim: int | None = None, batch_first: bool = False, orig_heads: int | None = None,
-                 device: Any = None, dtype: Any = None) -> None:
+                 vdim: int | None = None, batch_first: bool = False, *, head_dim: int | None = None,
+                 orig_heads: int | None = None, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
+        for name, v in (("embed_dim", embed_dim), ("num_heads", num_heads), ("head_dim", head_dim),
+                        ("kdim", kdim), ("vdim", vdim), ("orig_heads", orig_heads)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(f"num_heads must divide embed_dim={embed_dim} (or pass head_dim=), got {num_heads}")
+            head_dim = embed_dim // num_heads
         dd = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
@@ -67,6 +75,15 @@ class LinearMultiheadAttention(nn.Module):
         for n in ("bias_k", "bias_v"):
             self.register_parameter(n, nn.Parameter(torch.zeros(1, 1, inner, **dd)) if add_bias_kv else None)
         self.register_buffer("head_index", torch.arange(num_heads, device=device))
+        with torch.no_grad():   # as nn.MultiheadAttention initialises its projections
+            for proj in (self.q_proj, self.k_proj, self.v_proj):
+                nn.init.xavier_uniform_(proj.weight)
+            for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+                if proj.bias is not None:
+                    proj.bias.zero_()
+            for t in (self.bias_k, self.bias_v):
+                if t is not None:
+                    nn.init.xavier_normal_(t)
 
     @classmethod
     def from_module(cls, mod: nn.Module) -> LinearMultiheadAttention:
@@ -77,9 +94,9 @@ class LinearMultiheadAttention(nn.Module):
             raise TypeError(f"mod must be an nn.MultiheadAttention or PrunedMultiheadAttention (with their own "
                             f"forward), got {type(mod).__name__}")
         packed = mod.in_proj_weight is not None
-        ref = mod.in_proj_weight if packed else mod.q_proj_weight
-        new = cls(mod.embed_dim, mod.num_heads, mod.head_dim, mod.dropout, mod.in_proj_bias is not None,
-                  mod.bias_k is not None, mod.add_zero_attn, mod.kdim, mod.vdim, mod.batch_first,
+        ref = mod.in_proj_weight if packed else mod.q_proj_weight    # (device and dtype)
+        new = cls(mod.embed_dim, mod.num_heads, mod.dropout, mod.in_proj_bias is not None, mod.bias_k is not None,
+                  mod.add_zero_attn, mod.kdim, mod.vdim, mod.batch_first, head_dim=mod.head_dim,
                   orig_heads=getattr(mod, "orig_heads", mod.num_heads), device=ref.device, dtype=ref.dtype)
         inner = mod.num_heads * mod.head_dim
         for i, proj in enumerate((new.q_proj, new.k_proj, new.v_proj)):
@@ -93,6 +110,7 @@ class LinearMultiheadAttention(nn.Module):
                 original = _masked_original(mod, theirs) if mask is not None else None
                 with torch.no_grad():   # the unmasked values, so that un-pruning the copy gives them back
                     getattr(proj, mine).copy_((getattr(mod, theirs) if original is None else original)[sel])
+                getattr(proj, mine).requires_grad_(getattr(mod, theirs).requires_grad)
                 if mask is not None:
                     apply_tensor_mask(proj, mine, mask.mask[sel])
         with torch.no_grad():
@@ -100,9 +118,11 @@ class LinearMultiheadAttention(nn.Module):
                 new.bias_k.copy_(mod.bias_k)
                 new.bias_v.copy_(mod.bias_v)
             new.head_index.copy_(getattr(mod, "head_index", torch.arange(mod.num_heads)))
-        new.out_proj = mod.out_proj
+        if mod.bias_k is not None:
+            new.bias_k.requires_grad_(mod.bias_k.requires_grad)
+            new.bias_v.requires_grad_(mod.bias_v.requires_grad)
+        new.out_proj = mod.out_proj      # (shared as it is: its flags and masks stay the user's)
         new.train(mod.training)
-        new.requires_grad_(ref.requires_grad)
         return new
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
@@ -133,9 +153,10 @@ def mha_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
     heads before or after the conversion (the dependency graph knows both modules)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if is_stock_mha(model):
+        raise ValueError("model is itself an attention module: convert the model that contains it, or use "
+                         "LinearMultiheadAttention.from_module(attention)")
     target = model if inplace else copy.deepcopy(model)
-    if is_stock_mha(target):
-        return LinearMultiheadAttention.from_module(target)
     for name, mod in list(target.named_modules()):
         if name and is_stock_mha(mod):
             set_submodule(target, name, LinearMultiheadAttention.from_module(mod))
@@ -159,8 +180,9 @@ def disable_fused_transformer_paths(model: nn.Module) -> int:
     for mod in model.modules():
         if not isinstance(mod, nn.TransformerEncoderLayer):
             continue
+        attention = mod.self_attn      # a masked (parametrized) stock one still hands the kernel its weights
         replaced = (not _plain_linear(mod.linear1) or not _plain_linear(mod.linear2)
-                    or type(mod.self_attn) is not nn.MultiheadAttention)
+                    or not (isinstance(attention, nn.MultiheadAttention) and is_stock_mha(attention)))
         if replaced and mod.activation_relu_or_gelu:
             mod.activation_relu_or_gelu = 0
             switched += 1
@@ -170,6 +192,22 @@ def disable_fused_transformer_paths(model: nn.Module) -> int:
                 for layer in mod.layers):
             mod.use_nested_tensor = False
     return switched
+
+
+def no_nested_tensors(model: nn.Module) -> dict[nn.Module, bool]:
+    """Turn off (in place) every ``nn.TransformerEncoder``'s nested-tensor path and return the previous flags
+    (``restore_nested_tensors`` puts them back): with hooks on its layers (``sparsify`` capturing inputs) or a
+    converted attention, nested tensors would reach modules that cannot take them."""
+    flags = {m: m.use_nested_tensor for m in model.modules()
+             if isinstance(m, nn.TransformerEncoder) and hasattr(m, "use_nested_tensor")}
+    for m in flags:
+        m.use_nested_tensor = False
+    return flags
+
+
+def restore_nested_tensors(flags: dict[nn.Module, bool]) -> None:
+    for m, flag in flags.items():
+        m.use_nested_tensor = flag
 
 
 def _projection_weights(mod: nn.Module) -> list[Tensor]:

@@ -94,8 +94,8 @@ def _warn_unpruned_in_projections(modules: Mapping[str, nn.Module], ignored: set
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
         warnings.warn(f"the q / k / v in-projections of {len(names)} nn.MultiheadAttention module(s) ({names[:3]}"
                       f"{more}) are not pruned at this granularity (only their out_proj is): they are one raw "
-                      "parameter, not Linear layers. Convert the model first with sparsekit.nn.mha_to_linear("
-                      "model) to prune them as Linear layers (same outputs; sk.sparsify and sk.save handle it)",
+                      "parameter, not Linear layers. Convert the model first, model = sparsekit.nn.mha_to_linear("
+                      "model), to prune them as Linear layers (same outputs; sk.sparsify and sk.save handle it)",
                       UserWarning, stacklevel=3)
 
 
