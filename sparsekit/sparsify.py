@@ -353,7 +353,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     SparseLinear/SparseConv2d layers already in ``model`` (e.g. from ``sk.load``) are measured again from
     their dense equivalent. ``fast_model`` is in eval mode; ``model`` is not run (nor changed, unless inplace).
     An ``nn.MultiheadAttention`` whose projections have zeros is measured as a ``LinearMultiheadAttention`` (its
-    packed q / k / v as three Linear layers beside ``out_proj``); it stays stock when none of the four goes sparse.
+    packed q / k / v as three Linear layers beside ``out_proj``); it stays stock when none of the four goes sparse
+    or when, timed on its real call, the converted module does not beat the stock one by ``min_speedup``.
 
     formats      non-empty subset of ("dense", "bsr", "csr", "nm", "channel"); None = all
     min_speedup  a sparse format must beat dense by this factor (positive, finite) to be chosen
@@ -383,6 +384,9 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     nested = no_nested_tensors(target)
     exposed = expose_sparse_attention(target)
     is_layer = lambda m: isinstance(m, SPARSE_LAYERS) and not isinstance(m, (SparseLinear, SparseConv2d))
+    calls: dict[str, tuple] = {}       # each converted attention's first call, to time it against the stock one
+    hooks = [target.get_submodule(n).register_forward_pre_hook(_record_call(calls, n), with_kwargs=True)
+             for n in exposed]
     try:
         inputs = capture_inputs(target, args, is_layer)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -390,6 +394,9 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
         raise ValueError(f"example_inputs: the model failed to run on them ({type(exc).__name__}: "
                          f"{_first_line(exc, 200)}); expected inputs that model(*example_inputs) accepts, got "
                          f"{given}") from exc
+    finally:
+        for h in hooks:
+            h.remove()
     inside_mha = {f"{n}.{c}" if n else c for n, m in target.named_modules()
                   if isinstance(m, nn.MultiheadAttention) for c, _ in m.named_children()}
     first = next(iter(inputs.values()), None)
@@ -437,6 +444,7 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
             speedup=times["dense"] / times[choice], cached=hit is not None, notes=notes, backend=used,
             scattered=_scattered(stats)))
     tcache.save()
+    _keep_faster_attention(target, exposed, calls, report, reps, device)
     restored = restore_dense_attention(target, exposed)
     for d in report.layers:
         parent = d.name.rpartition(".")[0]
@@ -457,6 +465,38 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
                                   reps=reps, device=device)
         report.dense_ms, report.sparse_ms = t["dense"], t["sparse"]
     return target, report
+
+
+def _record_call(calls: dict[str, tuple], name: str) -> Callable:
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.setdefault(name, (args, dict(kwargs)))
+    return hook
+
+
+def _keep_faster_attention(target: nn.Module, exposed: dict[str, nn.Module], calls: dict[str, tuple],
+                           report: SparsifyReport, reps: int, device: torch.device) -> None:
+    """Time every converted attention that got sparse projections against the stock module it replaced, on its
+    recorded call (same loop, medians); the stock module comes back (and leaves ``exposed``) unless the
+    converted one beats it by ``min_speedup`` too: one packed q|k|v GEMM and fused kernels can outweigh a sparse
+    projection."""
+    for name, original in list(exposed.items()):
+        mod = target.get_submodule(name)
+        projections = [getattr(mod, p) for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        if name not in calls or not any(isinstance(p, SparseLinear) for p in projections):
+            continue
+        a, kw = calls[name]
+        fns = {"stock": lambda m=original, a=a, kw=kw: m(*a, **kw), "converted": lambda m=mod, a=a, kw=kw: m(*a, **kw)}
+        t = interleaved_median_ms(fns, warmup=2, reps=reps, device=device)
+        if t["stock"] / t["converted"] >= report.min_speedup:
+            continue
+        set_submodule(target, name, original)
+        del exposed[name]
+        for d in report.layers:
+            if d.name.rpartition(".")[0] == name:
+                d.choice, d.speedup, d.backend = "dense", 1.0, "torch"
+                d.notes.append(f"{name} with its sparse projections took {t['converted']:.2f} ms, the stock "
+                               f"nn.MultiheadAttention {t['stock']:.2f} ms (not {report.min_speedup}x faster): "
+                               "it stays stock")
 
 
 def _fitting_blocks(stats: dict) -> dict[str, float]:

@@ -360,3 +360,26 @@ def test_load_into_a_converted_skeleton(tmp_path):
     sk.save(mha_to_linear(pruner.compact()), tmp_path / "b")
     with pytest.raises(ValueError, match="unconverted model class"):
         sk.load(tmp_path / "b", mha_to_linear(_AttnNet()))
+
+
+def test_a_converted_attention_not_faster_than_the_stock_one_is_put_back():
+    """sparsify times the converted attention (sparse projections) against the stock module on its real call;
+    here the threshold cannot be met, so the stock module and dense decisions come back."""
+    from sparsekit.sparsify import LayerDecision, SparsifyReport, _keep_faster_attention
+
+    net = _AttnNet().eval()
+    original = net.attn
+    with torch.no_grad():
+        original.out_proj.weight[:, :8] = 0
+    net.attn = LinearMultiheadAttention.from_module(original)
+    net.attn.out_proj = SparseLinear.from_dense(net.attn.out_proj, format="csr")
+    h = torch.randn(2, 5, E)
+    decision = LayerDecision("attn.out_proj", "linear", (E, E), (10, E), 0.5, "unstructured",
+                             {"dense": 1.0, "csr": 0.5}, "csr", 2.0, backend="sparsekit_cpu")
+    report = SparsifyReport([decision], "cpu", "torch.float32", min_speedup=1e9)
+    exposed = {"attn": original}
+    _keep_faster_attention(net, exposed, {"attn": ((h, h, h), {"need_weights": False})}, report, 3,
+                           torch.device("cpu"))
+    assert net.attn is original and exposed == {}
+    assert (decision.choice, decision.speedup, decision.backend) == ("dense", 1.0, "torch")
+    assert "it stays stock" in decision.notes[-1]
