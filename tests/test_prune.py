@@ -449,7 +449,7 @@ def _bad(**kwargs):
     ({"ignore": ["layer1.0.conv3"]}, ValueError, r"not a module name.*did you mean"),
     ({"ignore": [3]}, TypeError, r"ignore\[0\] must be an nn.Module"),
     ({"ignore": 3}, TypeError, "ignore must be None or a list"),
-    ({"ignore": [""]}, ValueError, "no nn.Linear / nn.Conv1d / nn.Conv2d left"),
+    ({"ignore": [""]}, ValueError, "no nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d left"),
     ({"example_inputs": "image"}, TypeError, "example_inputs must be a Tensor"),
     ({"example_inputs": torch.randn(2, 5, 8, 8)}, ValueError, "example_inputs could not be run"),
     ({"criterion": 3}, TypeError, "criterion must be a str"),

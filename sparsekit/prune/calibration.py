@@ -32,6 +32,7 @@ statistics, no dropout); training flags are restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from torch.utils import _pytree as pytree
 
 from .chains import Event, Link, Recorder, run_model
 from .head_taps import HeadTaps, attention_path
+from .masks import CONVS
 
 __all__ = ["NEEDS", "LayerContext", "split_batch", "collect", "weight_param", "layer_seed"]
 
@@ -118,8 +120,8 @@ def _acc_activations(acc: dict[str, Any], fmap: Tensor) -> None:
 
 def _acc_rank(acc: dict[str, Any], fmap: Tensor) -> None:
     f = fmap.float()
-    if f.dim() == 4:
-        ranks = torch.linalg.matrix_rank(f).to(torch.float64)          # [N, C]
+    if f.dim() >= 4:     # [N, C, H, W]; a 3-D map [D, H, W] as the matrix [D*H, W]
+        ranks = torch.linalg.matrix_rank(f.flatten(2, -2)).to(torch.float64)          # [N, C]
     else:                                                             # a neuron's "map" is one number
         ranks = (f.abs() > 1e-6).to(torch.float64).reshape(f.shape[0], f.shape[1], -1).amax(-1)
     _add(acc, "rank_sum", ranks.sum(0))
@@ -129,18 +131,18 @@ def _acc_rank(acc: dict[str, Any], fmap: Tensor) -> None:
 def consumer_rows(consumer: nn.Module, x: Tensor) -> Tensor:
     """The consumer's input as rows of its 2-D weight's columns: unfolded patches for a conv. The padding is
     applied first exactly as the conv applies it (its mode, and "same" even when uneven), then unfolded."""
-    if isinstance(consumer, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(consumer, CONVS):
         pad = consumer._reversed_padding_repeated_twice      # what the conv's forward pads with (any padding)
         mode = "constant" if consumer.padding_mode == "zeros" else consumer.padding_mode
         if any(pad):
             x = F.pad(x, pad, mode=mode)
-        if isinstance(consumer, nn.Conv1d):     # a Conv2d of height 1: same patch order (channel, then tap)
-            x, kernel, dilation, stride = (x.unsqueeze(2), (1, *consumer.kernel_size), (1, *consumer.dilation),
-                                           (1, *consumer.stride))
-        else:
-            kernel, dilation, stride = consumer.kernel_size, consumer.dilation, consumer.stride
-        cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)     # [N, K, L]
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        for d, (k, dil, st) in enumerate(zip(consumer.kernel_size, consumer.dilation, consumer.stride)):
+            x = x.unfold(2 + d, dil * (k - 1) + 1, st)    # windows of every spatial dim: [N, C, *out, *window]
+        sd = len(consumer.kernel_size)
+        taps = x[(..., *[slice(None, None, dil) for dil in consumer.dilation])]     # the dilated taps of each window
+        # rows: one per (sample, output position); columns in the weight's order: channel, then taps
+        order = (0, *range(2, 2 + sd), 1, *range(2 + sd, 2 + 2 * sd))
+        return taps.permute(order).reshape(-1, taps.shape[1] * math.prod(consumer.kernel_size))
     return x.reshape(-1, x.shape[-1])
 
 

@@ -31,22 +31,26 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .masks import CHANNEL_NORMS, CONVS, PRUNABLE
+
 __all__ = ["Event", "Link", "Recorder", "trace_events", "trace_links", "ELEMENTWISE", "RESHAPING"]
 
 ELEMENTWISE: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.PReLU, nn.ReLU, nn.ReLU6,
+    *CHANNEL_NORMS, nn.PReLU, nn.ReLU, nn.ReLU6,
     nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
+    nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
 RESHAPING: tuple[type[nn.Module], ...] = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
                                           nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                                          nn.AdaptiveMaxPool2d, nn.Flatten)
+                                          nn.AdaptiveMaxPool2d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
+                                          nn.AdaptiveMaxPool3d, nn.Flatten)
 _ELEMENTWISE_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish",
                    "elu", "dropout", "batch_norm", "contiguous", "clone", "detach"}
 _RESHAPING_FN = {"flatten", "view", "reshape", "max_pool1d", "avg_pool1d", "adaptive_avg_pool1d",
                  "adaptive_max_pool1d", "max_pool1d_with_indices", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
                  "adaptive_max_pool2d", "_max_pool2d", "max_pool2d_with_indices",
-                 "adaptive_avg_pool2d_with_indices"}
-_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+                 "adaptive_avg_pool2d_with_indices", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d",
+                 "adaptive_max_pool3d", "max_pool3d_with_indices", "adaptive_max_pool3d_with_indices"}
+_PRUNABLE = PRUNABLE
 
 
 @dataclass
@@ -251,7 +255,7 @@ def _follow(events: Sequence[Event], start: int, name: str) -> Link:
 
 def _attach_consumer(link: Link, ev: Event, cur: Tensor, channels: int | None) -> Link:
     mod = ev.module
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(mod, CONVS):
         if mod.groups != 1 or mod.in_channels != channels:
             link.reason = (f"consumer {ev.name!r} is a conv with groups={mod.groups}, in_channels="
                            f"{mod.in_channels}; expected groups=1 and {channels} input channels")

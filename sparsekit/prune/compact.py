@@ -50,6 +50,7 @@ from .._compat import set_submodule
 from .channel_select import ChannelSelect
 from .graph import DependencyGraph, Group, attention_kind, in_proj_parts, set_heads, weight_dim
 from .linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
+from .masks import CHANNEL_NORMS, CONVS
 from .pruned_mha import PrunedMultiheadAttention
 
 __all__ = ["resize_module", "module_keeps", "member_masks", "member_tensor_masks", "mask_groups", "compact",
@@ -78,7 +79,7 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
     w = mod.weight.detach() if getattr(mod, "weight", None) is not None else None
     b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
     dd = {"device": w.device if w is not None else None, "dtype": w.dtype if w is not None else None}
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(mod, CONVS):
         out_c = mod.out_channels if keep_out is None else keep_out.numel()
         in_c = mod.in_channels if keep_in is None else keep_in.numel()
         groups = mod.groups
@@ -103,7 +104,7 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
         in_f = mod.in_features if keep_in is None else keep_in.numel()
         new = cls(in_f, out_f, bias=b is not None, **dd)
         tensors = {"weight": _sel(_sel(w, 0, keep_out), 1, keep_in), "bias": _sel(b, 0, keep_out)}
-    elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d)):
+    elif isinstance(mod, CHANNEL_NORMS):
         n = mod.num_features if keep_out is None else keep_out.numel()
         new = cls(n, mod.eps, mod.momentum, mod.affine, mod.track_running_stats, **dd)
         tensors = {"weight": _sel(w, 0, keep_out), "bias": _sel(b, 0, keep_out),
@@ -128,7 +129,7 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
     elif isinstance(mod, nn.LayerNorm) and keep_out is None:
         return copy.deepcopy(mod)
     else:
-        raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv1d, Conv2d, ConvTranspose2d, Linear, "
+        raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv1d/2d/3d, ConvTranspose2d, Linear, "
                         "BatchNorm, GroupNorm, InstanceNorm, Embedding, PReLU)")
     with torch.no_grad():
         for k, v in tensors.items():
@@ -222,7 +223,7 @@ def _axis_size(mod: nn.Module, axis: str) -> int:
         return 3 * mod.num_heads * mod.head_dim
     if isinstance(mod, nn.Embedding):
         return mod.embedding_dim
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d)):   # affine=False:
+    if isinstance(mod, CHANNEL_NORMS):   # affine=False:
         return mod.num_features                                                                  # no weight
     if isinstance(mod, nn.GroupNorm):
         return mod.num_channels
@@ -465,13 +466,13 @@ def compacted_widths(model: nn.Module) -> dict[str, dict]:
         elif isinstance(mod, PrunedMultiheadAttention) or (
                 isinstance(mod, LinearMultiheadAttention) and mod.num_heads != mod.orig_heads):
             spec[name] = {"heads": mod.num_heads}
-        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        elif isinstance(mod, CONVS):
             spec[name] = {"in": mod.in_channels, "out": mod.out_channels, "groups": mod.groups}
         elif isinstance(mod, nn.Linear):
             spec[name] = {"in": mod.in_features, "out": mod.out_features}
         elif isinstance(mod, nn.ConvTranspose2d):
             spec[name] = {"in": mod.in_channels, "out": mod.out_channels}
-        elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d)):
+        elif isinstance(mod, CHANNEL_NORMS):
             spec[name] = {"out": mod.num_features}
         elif isinstance(mod, nn.GroupNorm):
             spec[name] = {"out": mod.num_channels, "groups": mod.num_groups}
@@ -492,7 +493,7 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
         if attention_kind(mod) != "mha":
             raise ValueError(f"widths give {w['heads']} attention heads to a {type(mod).__name__}")
         return PrunedMultiheadAttention.from_module(mod, torch.arange(w["heads"]))
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(mod, CONVS):
         if "groups" in w:       # the saved groups: a conv compacted twice need not follow the original class's
             return _blank_conv(mod, w["in"], w["out"], w["groups"])
         if mod.groups > 1:
@@ -510,7 +511,7 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
     return resize_module(mod, out % n)
 
 
-def _blank_conv(mod: nn.Conv1d | nn.Conv2d, in_c: Any, out_c: Any, groups: Any) -> nn.Module:
+def _blank_conv(mod: nn.Conv1d | nn.Conv2d | nn.Conv3d, in_c: Any, out_c: Any, groups: Any) -> nn.Module:
     """A conv like ``mod`` with ``in_c`` / ``out_c`` channels in ``groups`` groups (placeholder values)."""
     for what, v in (("in", in_c), ("out", out_c), ("groups", groups)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:

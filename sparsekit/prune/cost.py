@@ -31,7 +31,7 @@ def layer_positions(events: list[_chains.Event]) -> dict[str, int]:
     for ev in events:
         if ev.kind == "module" and isinstance(ev.module, _masks.PRUNABLE) and ev.output is not None:
             shape = ev.output.shape
-            if isinstance(ev.module, (nn.Conv1d, nn.Conv2d)):
+            if isinstance(ev.module, _masks.CONVS):
                 out[ev.name] = int(torch.Size(shape[2:]).numel())
             else:
                 out[ev.name] = int(torch.Size(shape[1:-1]).numel()) if len(shape) > 2 else 1
@@ -73,7 +73,7 @@ def model_cost(model: nn.Module, example_inputs: Any, masks: Mapping[str, Tensor
         cols_keep[link.consumer] = keep.repeat_interleave(cq // keep.numel())
         for idx in link.path:
             mod = events[idx].module
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d, nn.InstanceNorm2d)) or (
+            if isinstance(mod, _masks.CHANNEL_NORMS) or (
                     isinstance(mod, nn.PReLU) and mod.num_parameters > 1):   # per-channel parameters
                 bn_keep[mod] = keep
     params = dense_params = flops = dense_flops = index_extra = 0.0

@@ -20,7 +20,8 @@ Channel spaces. Every tensor value carries a *tag*: its channel dim and the list
 space covers indices ``offset + [u*span/n, (u+1)*span/n)`` of every *member* ``(module, axis, offset,
 span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1). Rules:
 
-* Conv2d (groups=1) / Linear: the input segments gain ``in`` members; the output is a new space (``out``).
+* Conv1d / Conv2d / Conv3d (groups=1) / Linear: the input segments gain ``in`` members; the output is a new space
+  (``out``).
 * a module with weights called more than once (shared, or in a loop): one set of spaces, its inputs of every call
   coupled channel by channel and every call's output in the first call's spaces; where the inputs' layouts
   differ (or a BatchNorm selects from two streams) they are pinned.
@@ -88,28 +89,31 @@ from torch import Tensor, nn
 from torch.fx import _symbolic_trace
 
 from .._compat import set_submodule
+from .masks import BATCH_NORMS, CHANNEL_NORMS, CONVS
 
 __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind", "set_heads", "in_proj_parts",
            "is_leaf_module", "transformer_layers", "weight_dim", "NORMS"]
 
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
-_LEAVES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding, nn.MultiheadAttention,
+NORMS = (*CHANNEL_NORMS, nn.GroupNorm, nn.LayerNorm)
+_LEAVES = (*CONVS, nn.ConvTranspose2d, nn.Linear, nn.Embedding, nn.MultiheadAttention,
            nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder,
            nn.Transformer, nn.PReLU) + NORMS
 # elementwise modules without per-channel state: channels pass through unchanged
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU,
-                 nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
-                 nn.Hardsigmoid, nn.Mish, nn.Hardtanh, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign, nn.LogSigmoid,
-                 nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.RReLU)
+                 nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+                 nn.Identity, nn.Hardsigmoid, nn.Mish, nn.Hardtanh, nn.SELU, nn.CELU, nn.Softplus, nn.Softsign,
+                 nn.LogSigmoid, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.RReLU)
 _POOL_MODULES = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.MaxPool2d, nn.AvgPool2d,
-                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
+                 nn.AdaptiveMaxPool3d, nn.Upsample)
 # pad the last len(padding) // 2 dims: channels pass through when they are not among those
 _PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
                 nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
 _RESAMPLE_FN = {"adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool1d", "avg_pool1d", "adaptive_avg_pool2d",
                 "adaptive_max_pool2d", "max_pool2d", "avg_pool2d", "interpolate", "upsample", "upsample_nearest",
                 "upsample_bilinear", "upsample_nearest1d", "upsample_linear1d", "upsample_nearest2d",
-                "upsample_bilinear2d", "upsample_bicubic2d"}
+                "upsample_bilinear2d", "upsample_bicubic2d", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d",
+                "adaptive_max_pool3d", "upsample_nearest3d", "upsample_trilinear3d"}
 _PASS_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish", "elu",
             "dropout", "contiguous", "clone", "detach", "float", "to", "type_as", "mish", "hardtanh",
             "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "neg", "abs", "exp",
@@ -685,7 +689,7 @@ class DependencyGraph:
         name = n.target
         x = tag(n.args[0]) if n.args else None
         kind = attention_kind(mod)
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)) and isinstance(shape, torch.Size) \
+        if isinstance(mod, (*CONVS, nn.ConvTranspose2d)) and isinstance(shape, torch.Size) \
                 and len(shape) == mod.weight.dim() - 1:
             # unbatched input [C, *spatial]: channels on dim 0, which no rule below follows
             reason = f"{name!r} runs on an unbatched input (channels on dim 0)"
@@ -694,7 +698,7 @@ class DependencyGraph:
             self._add(_Seg(s, mod.out_channels), name, "out", 0)
             self._pin(_Tag(0, [_Seg(s, mod.out_channels)]), reason)
             return _Tag(0, [_Seg(s, mod.out_channels)])
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        if isinstance(mod, CONVS):
             return self._conv(name, mod, x, shape)
         if isinstance(mod, nn.ConvTranspose2d):
             # its input channels follow the producer (weight dim 0); its outputs are a new space, which the
@@ -721,7 +725,7 @@ class DependencyGraph:
             s = self._new(mod.embedding_dim)
             self._add(_Seg(s, mod.embedding_dim), name, "out", 0)
             return _Tag(len(shape) - 1, [_Seg(s, mod.embedding_dim)])
-        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if isinstance(mod, BATCH_NORMS):
             if x is None:
                 return None
             if not mod.affine and mod.track_running_stats:
@@ -742,7 +746,7 @@ class DependencyGraph:
                 return _Tag(x.dim, [_Seg(s, mod.num_features)])
             self._feed(x, [name], "out")
             return x
-        if isinstance(mod, (nn.InstanceNorm1d, nn.InstanceNorm2d)):
+        if isinstance(mod, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
             # per sample and channel: channels never mix; a removed (zero) channel normalises to 0 unless running
             # statistics turn it into a constant that nothing would mask (affine: its shift is masked)
             if x is None:
@@ -857,7 +861,7 @@ class DependencyGraph:
         self._add(_Seg(s, layer.linear1.out_features), f"{name}.linear1", "out", 0)
         self._add(_Seg(s, layer.linear1.out_features), f"{name}.linear2", "in", 0)
 
-    def _conv(self, name: str, mod: nn.Conv1d | nn.Conv2d, x: _Tag | None, shape: Any) -> _Tag:
+    def _conv(self, name: str, mod: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: _Tag | None, shape: Any) -> _Tag:
         if mod.groups == 1:
             self._feed(x, [name])
             s = self._new(mod.out_channels)

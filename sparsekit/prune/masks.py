@@ -47,7 +47,10 @@ __all__ = [
 ]
 
 GRANULARITIES = ("element", "block", "nm", "channel")
-PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)   # a conv's weight [C_out, C_in / groups, *kernel], channels on dim 1
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PRUNABLE = (nn.Linear, *CONVS)   # a conv's weight [C_out, C_in / groups, *kernel], channels on dim 1
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+CHANNEL_NORMS = (*BATCH_NORMS, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)   # per-channel, [N, C, ...]
 LINEAR_CONV2D = (nn.Linear, nn.Conv2d)   # what the procedures that rebuild layers (methods/) handle
 _EPS = 1e-9  # floor(0.29 * 100) must be 29, not 28 (0.29 * 100 == 28.999999999999996)
 

@@ -1,4 +1,5 @@
-"""``Pruner``: score, select and apply masks to a model's ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers."""
+"""``Pruner``: score, select and apply masks to a model's ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``
+layers."""
 
 from __future__ import annotations
 
@@ -100,7 +101,8 @@ def _warn_unpruned_in_projections(modules: Mapping[str, nn.Module], ignored: set
 
 
 class Pruner:
-    """Prune a model's ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers with masks (reversible parametrizations).
+    """Prune a model's ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` layers with masks (reversible
+    parametrizations).
 
     Args:
         model: the ``nn.Module`` to prune (modified in place by ``step``); a ``DistributedDataParallel``
@@ -241,7 +243,7 @@ class Pruner:
         self.ignored = self._resolve_ignore(ignore, modules)
         self.layers: dict[str, nn.Module] = {k: modules[k] for k in order if k not in self.ignored}
         if not self.layers:
-            raise ValueError("no nn.Linear / nn.Conv1d / nn.Conv2d left to prune in model (after ignore="
+            raise ValueError("no nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d left to prune in model (after ignore="
                              f"{sorted(self.ignored)})")
         for name, mod in self.layers.items():
             _masks.check_layer(tuple(mod.weight.shape), self.granularity, block=self.block, n=self.n,
@@ -288,7 +290,7 @@ class Pruner:
             if idx > link.feature:
                 break
             mod = self._events[idx].module
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if isinstance(mod, _masks.BATCH_NORMS):
                 return mod
         return None
 

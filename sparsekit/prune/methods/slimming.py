@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..masks import BATCH_NORMS
 from ..pruner import Pruner
 
 __all__ = ["bn_l1_penalty", "slimming_pruner"]
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_BN = BATCH_NORMS
 
 
 def bn_l1_penalty(model: nn.Module, strength: float = 1e-4, modules: Iterable[nn.Module] | None = None) -> Tensor:
