@@ -112,3 +112,80 @@ def test_conv3d_consumer_rows_reproduce_the_conv():
     x = torch.randn(2, 3, 6, 7, 5)
     ref = conv(x).movedim(1, -1).reshape(-1, 4)
     torch.testing.assert_close(consumer_rows(conv, x) @ conv.weight.reshape(4, -1).T, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_hrank_ranks_3d_feature_maps():
+    """HRank reads a channel's 3-D map [D, H, W] as the matrix [D*H, W]: channels with low-rank maps score
+    lower (here channel 0's map is constant, channel 1's random)."""
+    from sparsekit.prune.calibration import _acc_rank
+
+    acc: dict = {}
+    fmap = torch.randn(2, 3, 4, 5, 6)
+    fmap[:, 0] = 1.0
+    _acc_rank(acc, fmap)
+    ranks = acc["rank_sum"] / acc["rank_count"]
+    assert ranks[0] == 1 and ranks[1] == 6 and ranks[2] == 6
+
+
+class _DenseBlock3d(nn.Module):
+    """DenseNet-style 3-D block: pre-activation BatchNorm3d layers read the shared concatenated stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv3d(2, 8, 3, padding=1)
+        self.bn1, self.c1 = nn.BatchNorm3d(8), nn.Conv3d(8, 4, 3, padding=1)
+        self.bn2, self.c2 = nn.BatchNorm3d(12), nn.Conv3d(12, 4, 3, padding=1)
+        self.head = nn.Conv3d(16, 3, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        s = torch.cat([s, self.c1(F.dropout3d(torch.relu(self.bn1(s)), 0.0))], 1)
+        s = torch.cat([s, self.c2(torch.relu(self.bn2(s)))], 1)
+        return self.head(nn.functional.pad(s, (1, 1, 1, 1, 1, 1), mode="circular"))
+
+
+def test_dense_block_3d_selects_channels_from_the_shared_stream(tmp_path):
+    from sparsekit.prune.graph import DependencyGraph
+
+    torch.manual_seed(3)
+    model = _DenseBlock3d().eval()
+    for bn in (model.bn1, model.bn2):
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 2, 6, 6, 6)
+    graph = DependencyGraph.build(model, x)
+    assert set(graph.selections) == {"bn1", "bn2"}
+    assert all("dropout3d" not in g.reason and "pad" not in g.reason for g in graph.groups)
+    pruner = sk.prune.Pruner(model, (x,), criterion="l1", granularity="channel", sparsity=0.5, ignore=["head"])
+    pruner.step()
+    small = pruner.compact()
+    assert small.stem.out_channels < 8
+    sk.verify(model, small, x, atol=1e-4)
+    sk.save(small, tmp_path / "d")
+    sk.verify(small, sk.load(tmp_path / "d", _DenseBlock3d()).eval(), x, atol=0)
+
+
+def test_cost_counts_a_transposed_conv():
+    from sparsekit.prune.cost import model_cost
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.up = nn.Conv2d(3, 16, 3, padding=1), nn.ConvTranspose2d(16, 12, 2, stride=2)
+            self.b, self.c = nn.Conv2d(12, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.up(torch.relu(self.a(x)))))))
+
+    torch.manual_seed(4)
+    model = Up().eval()
+    x = torch.randn(1, 3, 8, 8)
+    cost = model_cost(model, (x,))
+    assert cost["dense_flops"] == 16 * 27 * 64 + 16 * 12 * 4 * 64 + 8 * 12 * 9 * 256 + 2 * 8 * 256
+    pruner = sk.prune.Pruner(model, (x,), criterion="l1", granularity="channel", sparsity=0.5, ignore=["c"])
+    pruner.step()
+    small = pruner.compact()
+    masked = model_cost(model, (x,))
+    assert masked["params"] == sum(p.numel() for p in small.parameters())
+    assert masked["flops"] == model_cost(small, (x,))["flops"]

@@ -357,9 +357,9 @@ def test_load_into_a_converted_skeleton(tmp_path):
     sk.verify(fast, sk.load(tmp_path / "a", mha_to_linear(_AttnNet())), x, atol=0)
     pruner = sk.prune.Pruner(_AttnNet().eval(), x, criterion="l1", granularity="channel", sparsity=0.5)
     pruner.step()
-    sk.save(mha_to_linear(pruner.compact()), tmp_path / "b")
-    with pytest.raises(ValueError, match="unconverted model class"):
-        sk.load(tmp_path / "b", mha_to_linear(_AttnNet()))
+    small = mha_to_linear(pruner.compact())
+    sk.save(small, tmp_path / "b")      # heads removed: the converted skeleton is resized to them
+    sk.verify(small, sk.load(tmp_path / "b", mha_to_linear(_AttnNet())), x, atol=0)
 
 
 def test_a_converted_attention_not_faster_than_the_stock_one_is_put_back():
@@ -383,3 +383,77 @@ def test_a_converted_attention_not_faster_than_the_stock_one_is_put_back():
     assert net.attn is original and exposed == {}
     assert (decision.choice, decision.speedup, decision.backend) == ("dense", 1.0, "torch")
     assert "it stays stock" in decision.notes[-1]
+
+
+@pytest.mark.parametrize("criterion", ["mean_activation", "apoz", "taylor", "l1"])
+def test_converted_heads_are_scored_as_the_stock_ones(criterion):
+    """Data-dependent criteria score the heads of a LinearMultiheadAttention from the heads' outputs / gates, as
+    for the stock module, so both keep the same heads."""
+    torch.manual_seed(9)
+    stock = _AttnNet().eval()
+    x = torch.randn(4, 5, 8)
+    calib = [(x, torch.tensor([0, 2, 1, 1]))] if criterion == "taylor" else [x]
+    kept = []
+    for model in (stock, mha_to_linear(stock)):
+        pruner = sk.prune.Pruner(model, x, criterion=criterion, granularity="channel", sparsity=0.5, calib=calib,
+                                 ignore=["inp", "fc"])
+        pruner.step()
+        kept.append(pruner.compact().attn.head_index.tolist())
+    assert kept[0] == kept[1] and len(kept[0]) == 2
+
+
+def test_ignoring_out_proj_keeps_converted_heads_whole():
+    model = mha_to_linear(_AttnNet().eval())
+    x = torch.randn(2, 5, 8)
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5,
+                             ignore=["attn.out_proj", "fc"])
+    pruner.step()
+    assert pruner.compact().attn.num_heads == H
+
+
+def test_compacted_head_index_serves_per_head_masks_and_unused_attention():
+    """head_index names the heads kept: a 3-D attn_mask given per original head still lines up after
+    compaction; an attention the forward never calls is left as it is."""
+    class Masked(_AttnNet):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.MultiheadAttention(E, H, batch_first=True)
+
+        def forward(self, x, mask):
+            h = self.inp(x)
+            return self.fc(self.attn(h, h, h, attn_mask=mask, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(10)
+    model = mha_to_linear(Masked().eval())
+    x = torch.randn(2, 5, 8)
+    mask = torch.randn(2 * H, 5, 5)                   # a different additive mask per (sample, head)
+    pruner = sk.prune.Pruner(model, (x, mask), criterion="l1", granularity="channel", sparsity=0.5,
+                             ignore=["inp", "fc", "unused"])
+    pruner.step()
+    small = pruner.compact()
+    assert small.attn.num_heads == 2 and small.attn.head_index.tolist() != [0, 1]   # (else the check is void)
+    sk.verify(model, small, (x, mask), atol=1e-4)
+    assert isinstance(small.unused, LinearMultiheadAttention) and small.unused.num_heads == H
+
+
+def test_native_linear_attention_compacts_and_loads(tmp_path):
+    class Native(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn, self.fc = nn.Linear(8, E), LinearMultiheadAttention(E, H, batch_first=True), \
+                nn.Linear(E, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.fc(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(11)
+    model = Native().eval()
+    x = torch.randn(2, 5, 8)
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert small.attn.num_heads == 2
+    sk.verify(model, small, x, atol=1e-4)
+    sk.save(small, tmp_path)
+    sk.verify(small, sk.load(tmp_path, Native()), x, atol=0)

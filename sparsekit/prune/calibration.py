@@ -128,9 +128,10 @@ def _acc_rank(acc: dict[str, Any], fmap: Tensor) -> None:
     _add(acc, "rank_count", torch.tensor(float(f.shape[0])))
 
 
-def consumer_rows(consumer: nn.Module, x: Tensor) -> Tensor:
+def consumer_rows(consumer: nn.Module, x: Tensor, pick: Callable[[int], Tensor | None] | None = None) -> Tensor:
     """The consumer's input as rows of its 2-D weight's columns: unfolded patches for a conv. The padding is
-    applied first exactly as the conv applies it (its mode, and "same" even when uneven), then unfolded."""
+    applied first exactly as the conv applies it (its mode, and "same" even when uneven), then unfolded.
+    ``pick(n_rows)`` may return the indices of the rows to keep (None: all): only those are copied out."""
     if isinstance(consumer, CONVS):
         pad = consumer._reversed_padding_repeated_twice      # what the conv's forward pads with (any padding)
         mode = "constant" if consumer.padding_mode == "zeros" else consumer.padding_mode
@@ -142,16 +143,23 @@ def consumer_rows(consumer: nn.Module, x: Tensor) -> Tensor:
         taps = x[(..., *[slice(None, None, dil) for dil in consumer.dilation])]     # the dilated taps of each window
         # rows: one per (sample, output position); columns in the weight's order: channel, then taps
         order = (0, *range(2, 2 + sd), 1, *range(2 + sd, 2 + 2 * sd))
-        return taps.permute(order).reshape(-1, taps.shape[1] * math.prod(consumer.kernel_size))
-    return x.reshape(-1, x.shape[-1])
+        taps = taps.permute(order)                     # still a view: [N, *out, C, *kernel]
+        positions = taps.shape[:1 + sd]
+        idx = pick(math.prod(positions)) if pick is not None else None
+        if idx is not None:
+            taps = taps[torch.unravel_index(idx, positions)]
+        return taps.reshape(-1, taps.shape[-1 - sd] * math.prod(consumer.kernel_size))
+    rows = x.reshape(-1, x.shape[-1])
+    idx = pick(rows.shape[0]) if pick is not None else None
+    return rows if idx is None else rows[idx]
 
 
 def _acc_gram(acc: dict[str, Any], consumer: nn.Module, x: Tensor, gen: torch.Generator,
               max_rows: int) -> None:
-    rows = consumer_rows(consumer, x.detach().float())
-    if rows.shape[0] > max_rows:
-        rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows]]
-    rows = rows.to(torch.float64)
+    def sample(n: int) -> Tensor | None:     # chosen before the patch matrix exists (3-D convs make it large)
+        return torch.randperm(n, generator=gen)[:max_rows] if n > max_rows else None
+
+    rows = consumer_rows(consumer, x.detach().float(), sample).to(torch.float64)
     _add(acc, "gram", rows.T @ rows)
     _add(acc, "rows", torch.tensor(float(rows.shape[0])))
 

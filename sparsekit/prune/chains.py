@@ -44,7 +44,8 @@ RESHAPING: tuple[type[nn.Module], ...] = (nn.MaxPool1d, nn.AvgPool1d, nn.Adaptiv
                                           nn.AdaptiveMaxPool2d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
                                           nn.AdaptiveMaxPool3d, nn.Flatten)
 _ELEMENTWISE_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish",
-                   "elu", "dropout", "batch_norm", "contiguous", "clone", "detach"}
+                   "elu", "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "batch_norm",
+                   "contiguous", "clone", "detach"}
 _RESHAPING_FN = {"flatten", "view", "reshape", "max_pool1d", "avg_pool1d", "adaptive_avg_pool1d",
                  "adaptive_max_pool1d", "max_pool1d_with_indices", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
                  "adaptive_max_pool2d", "_max_pool2d", "max_pool2d_with_indices",

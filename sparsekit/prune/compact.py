@@ -382,12 +382,13 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
         if torch.equal(index, torch.arange(int(stream.sum()))):
             continue      # the BN reads the whole compacted stream in order: nothing to select
         set_submodule(small, bn, ChannelSelect(index, small.get_submodule(bn)))
+    q_rows = {m.module: g.id for g in graph.groups for m in g.members if m.axis == "out"}
     for name, mod in small.named_modules():
         if attention_kind(mod) in ("hf", "fused", "gqa", "mha_linear"):
             set_heads(mod)
-        if attention_kind(mod) == "mha_linear":     # which original heads are left (3-D masks per head)
-            heads = next(eff[g.id] for g in graph.groups for m in g.members if m.module == f"{name}.q_proj")
-            mod.head_index = mod.head_index[heads.to(mod.head_index.device)]
+        gid = q_rows.get(f"{name}.q_proj")
+        if attention_kind(mod) == "mha_linear" and gid is not None:   # which original heads are left (3-D masks)
+            mod.head_index = mod.head_index[eff[gid].to(mod.head_index.device)]
     disable_fused_transformer_paths(small)   # a PrunedMultiheadAttention has no packed weights to hand them
     from .masks import bake_masks
     bake_masks(small)
@@ -487,9 +488,14 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
     """Resize ``mod`` to the widths ``w`` (values are placeholders until load_state_dict)."""
     out = torch.arange(w["out"]) if "out" in w else None
     if "heads" in w:
-        if attention_kind(mod) == "mha_linear":
-            raise ValueError(f"widths give {w['heads']} attention heads to a LinearMultiheadAttention: load into "
-                             "the unconverted model class (its nn.MultiheadAttention), which sk.load converts")
+        if attention_kind(mod) == "mha_linear":     # q / k / v rows and out_proj columns of the first heads
+            rows = torch.arange(w["heads"] * mod.head_dim)
+            for p in ("q_proj", "k_proj", "v_proj"):
+                setattr(mod, p, resize_module(getattr(mod, p), rows, None))
+            mod.out_proj = resize_module(mod.out_proj, None, rows)
+            mod.num_heads = w["heads"]
+            mod.head_index = mod.head_index[:w["heads"]].clone()    # (loaded with the state dict)
+            return mod
         if attention_kind(mod) != "mha":
             raise ValueError(f"widths give {w['heads']} attention heads to a {type(mod).__name__}")
         return PrunedMultiheadAttention.from_module(mod, torch.arange(w["heads"]))

@@ -26,9 +26,12 @@ __all__ = ["model_cost", "layer_positions"]
 
 
 def layer_positions(events: list[_chains.Event]) -> dict[str, int]:
-    """Output positions per prunable layer call (H*W for a conv, tokens for a linear) from traced events."""
+    """Output positions per prunable layer call (H*W for a conv, tokens for a linear) from traced events; for a
+    transposed conv its input positions (each input pixel meets every weight once)."""
     out = {}
     for ev in events:
+        if ev.kind == "module" and isinstance(ev.module, nn.ConvTranspose2d) and ev.inputs:
+            out[ev.name] = int(torch.Size(ev.inputs[0].shape[2:]).numel())
         if ev.kind == "module" and isinstance(ev.module, _masks.PRUNABLE) and ev.output is not None:
             shape = ev.output.shape
             if isinstance(ev.module, _masks.CONVS):
@@ -95,6 +98,15 @@ def model_cost(model: nn.Module, example_inputs: Any, masks: Mapping[str, Tensor
                 index_extra += kept
         elif "parametrizations" in name.split("."):     # a mask's container: counted with its module
             continue
+        elif isinstance(mod, nn.ConvTranspose2d):       # its channels go with their groups' masks
+            mask = masks.get(name)
+            kept = float(mod.weight.numel() if mask is None else mask.sum())
+            outs = mod.out_channels if mask is None else int(mask.any(0).flatten(1).any(1).sum())
+            bias = mod.bias is not None
+            params += kept + (outs if bias else 0)
+            dense_params += mod.weight.numel() + (mod.out_channels if bias else 0)
+            flops += kept * positions.get(name, 1)
+            dense_flops += mod.weight.numel() * positions.get(name, 1)
         elif mod in bn_keep:
             n_aff = _own_params(mod)
             params += n_aff * float(bn_keep[mod].float().mean())

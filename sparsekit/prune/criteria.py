@@ -1,6 +1,7 @@
 """Importance criteria: a registry from name to a scoring function.
 
-A criterion scores one prunable module (``nn.Linear`` / ``nn.Conv2d``); higher means more important.
+A criterion scores one prunable module (``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``); higher means
+more important.
 It returns either
 
 * element scores, a tensor of ``weight.shape`` (aggregated per block / channel by ``masks.unit_scores``,

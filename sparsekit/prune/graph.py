@@ -6,7 +6,7 @@
     keep = graph.select(0.5, scores)   # {group id: kept unit indices}, global or layer-wise
     small = sparsekit.prune.compact.compact(model, example_inputs, keep, graph=graph)
 
-Tracing: ``torch.fx`` symbolic tracing at module level (Conv2d, Linear, norms, embeddings and the attention
+Tracing: ``torch.fx`` symbolic tracing at module level (convs, Linear, norms, embeddings and the attention
 modules below are leaves, ``is_leaf_module``); Hugging Face ``PreTrainedModel``s go through
 ``transformers.utils.fx.HFTracer`` (same leaf rules). Control flow on traced values is decided by the
 positional example inputs. Where fx fails (``range(x.shape[0])``, ``len(x)``, other Python on traced
@@ -108,7 +108,8 @@ _POOL_MODULES = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMa
                  nn.AdaptiveMaxPool3d, nn.Upsample)
 # pad the last len(padding) // 2 dims: channels pass through when they are not among those
 _PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
-                nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
+                nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+                nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
 _RESAMPLE_FN = {"adaptive_avg_pool1d", "adaptive_max_pool1d", "max_pool1d", "avg_pool1d", "adaptive_avg_pool2d",
                 "adaptive_max_pool2d", "max_pool2d", "avg_pool2d", "interpolate", "upsample", "upsample_nearest",
                 "upsample_bilinear", "upsample_nearest1d", "upsample_linear1d", "upsample_nearest2d",
@@ -119,7 +120,7 @@ _PASS_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_
             "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "neg", "abs", "exp",
             "alias", "to_copy", "square", "sqrt", "rsqrt", "erf", "softplus", "selu", "celu", "softsign",
             "logsigmoid", "log_sigmoid", "hardsigmoid", "hardshrink", "softshrink", "tanhshrink", "threshold", "rrelu",
-            "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d"}
+            "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout"}
 _BINARY_FN = {"add", "iadd", "sub", "isub", "mul", "imul", "truediv", "div", "add_", "mul_"}
 _REDUCE_FN = {"mean", "sum", "amax", "max", "amin", "min"}
 
@@ -736,8 +737,7 @@ class DependencyGraph:
                 self._feed(x, [name], "out")
                 return x
             src = n.args[0]
-            if isinstance(mod, nn.BatchNorm2d) and users.get(src, 1) > 1 and any(s.space is not None
-                                                                                  for s in x.segs):
+            if x.dim == 1 and users.get(src, 1) > 1 and any(s.space is not None for s in x.segs):
                 # pre-activation: the stream is shared, so this BN (and what it feeds) selects its own channels
                 self._feed(x, [name], "out")
                 s = self._new(mod.num_features, "selection")
@@ -978,8 +978,9 @@ class DependencyGraph:
             return self._unknown(n, in_tags, where)
         if fname in _RESAMPLE_FN and isinstance(x, _Tag) and x.dim == 1:
             return x
-        if fname in ("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
-                     "replication_pad2d", "replication_pad3d") and isinstance(x, _Tag):
+        if fname in ("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
+                     "replication_pad1d", "replication_pad2d", "replication_pad3d", "circular_pad1d",
+                     "circular_pad2d", "circular_pad3d") and isinstance(x, _Tag):
             pad = args[1] if len(args) > 1 else n.kwargs.get("pad")
             if isinstance(pad, (tuple, list)):
                 return self._pad(x, len(pad) // 2, shape, n, where)

@@ -25,6 +25,8 @@ from .scores_reconstruction import refit_consumer
 
 __all__ = ["Pruner", "SCOPES", "check_example_inputs", "run_example", "execution_order"]
 
+_QKV = ("q_proj", "k_proj", "v_proj")
+
 SCOPES = ("layer", "global")
 
 
@@ -149,7 +151,7 @@ class Pruner:
     Channels are selected per dependency group (``sparsekit.prune.graph``): the channels that residual adds,
     concatenation, norms, depthwise convs and attention heads couple are one group, removed from all its
     members together, so the masked model is exactly the model ``compact()`` builds. A group's unit scores
-    aggregate the criterion's channel scores over its *producers* (the pruned Linear / Conv2d layers whose
+    aggregate the criterion's channel scores over its *producers* (the pruned Linear / conv layers whose
     output rows it holds, ``nn.MultiheadAttention`` in-projections, and -- for criteria reading weights alone --
     ``nn.Embedding`` layers, whose features are the columns of their weight, scored as the rows of
     ``weight.T`` like a Linear's neurons, and ``nn.ConvTranspose2d`` layers, whose output channels are dim 1
@@ -163,8 +165,9 @@ class Pruner:
     ``"global"`` ranks all groups' units (channels; heads of head groups) with one threshold, every group
     keeping ``min_channels`` units. Groups the graph pins (model outputs such as the classifier, LayerNorm
     streams, an attention's ``embed_dim``) and groups with an ignored producer stay whole. The heads of an
-    ``nn.MultiheadAttention`` (also inside ``nn.Transformer*`` layers) are scored from its in-projection
-    weights (each q / k / v weight scored as a Linear) by criteria reading weights alone, and from
+    ``nn.MultiheadAttention`` (also inside ``nn.Transformer*`` layers; and of a ``LinearMultiheadAttention``,
+    whose q / k / v Linears are layers) are scored from its in-projection weights (each q / k / v weight scored
+    as a Linear) by criteria reading weights alone, and from
     calibration data by data-dependent ones (activation, rank, ``taylor``, ``hessian``): the criterion then
     sees each head as one channel of a layer whose weight is a per-head gate (ones) on the heads' output
     before ``out_proj``, with the head's output ``[tokens, head_dim]`` as its feature map and the gate's
@@ -572,11 +575,18 @@ class Pruner:
         """Attention modules whose heads the criterion scores from calibration data (see ``head_taps``)."""
         if not self._scores_head_taps():
             return []
-        return sorted({m.module for ms in self._selectable_groups().values() for m in ms
-                       if m.module not in self.layers})
+        return sorted({a for ms in self._selectable_groups().values() for m in ms
+                       if (a := self._attention_of(m.module)) is not None})
 
-    def _is_attention(self, name: str) -> bool:
-        return attention_kind(self.model.get_submodule(name)) == "mha"
+    def _attention_of(self, member: str) -> str | None:
+        """The attention module whose heads a producer member holds: the module itself (``"mha"``: its packed
+        in-projection) or the parent of a ``LinearMultiheadAttention``'s q / k / v Linear; None otherwise."""
+        if attention_kind(self.model.get_submodule(member)) == "mha":
+            return member
+        parent, _, leaf = member.rpartition(".")
+        if leaf in _QKV and attention_kind(self.model.get_submodule(parent)) == "mha_linear":
+            return parent
+        return None
 
     def _selectable_groups(self) -> dict[int, list]:
         """Group id -> its scored producer members, for the groups this pruner selects (in execution order of
@@ -586,7 +596,10 @@ class Pruner:
         graph = self._dependency_graph()
         # an attention module's in-projection produces its heads when its out_proj is a pruned layer (ignoring
         # the module or its out_proj ignores the heads) and the criterion can score it from the weights alone
-        attn = {m.module for g in graph.prunable for m in g.members if m.axis == "out" and self._is_attention(m.module)}
+        # or from the heads' outputs; a LinearMultiheadAttention's q / k / v Linears are layers of their own
+        outs = {m.module for g in graph.prunable for m in g.members if m.axis == "out"}
+        attn = {name for name in outs if self._attention_of(name) == name}
+        linear_qkv = {name: a for name in outs if (a := self._attention_of(name)) not in (None, name)}
         producers = set(self.layers)
         if self._scores_weight_views() or self._scores_head_taps():
             producers |= {a for a in attn if f"{a}.out_proj" in self.layers}
@@ -594,7 +607,8 @@ class Pruner:
             producers |= {m.module for g in graph.prunable for m in g.members if m.axis == "out"
                           and isinstance(self.model.get_submodule(m.module), (nn.Embedding, nn.ConvTranspose2d))
                           } - self.ignored
-        ignored = set(self.ignored) | {a for a in attn if f"{a}.out_proj" in self.ignored}
+        ignored = (set(self.ignored) | {a for a in attn if f"{a}.out_proj" in self.ignored}
+                   | {q for q, a in linear_qkv.items() if f"{a}.out_proj" in self.ignored})
         groups = {}
         for g in graph.prunable:
             outs = [m for m in g.members if m.axis == "out"]
@@ -642,6 +656,11 @@ class Pruner:
         for a in attn & set(scores):     # one score per head -> every packed q|k|v row of the head
             mod = self.model.get_submodule(a)
             rows[a] = _masks.unit_scores(scores[a], "channel").repeat_interleave(mod.head_dim).repeat(3)
+        for m in members:                # a LinearMultiheadAttention's heads: those scores on its q / k / v rows
+            a = self._attention_of(m.module)
+            if a is not None and a != m.module and a in scores:
+                mod = self.model.get_submodule(a)
+                rows[m.module] = _masks.unit_scores(scores[a], "channel").repeat_interleave(mod.head_dim)
 
         def member_scores(_mod: nn.Module, m: Any) -> Tensor | None:
             return rows[m.module][m.offset:m.offset + m.span] if m in members else None

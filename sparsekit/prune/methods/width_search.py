@@ -101,7 +101,8 @@ def abc_search(model: nn.Module, example_inputs: Any, calib: Sequence[Any], budg
     names = order[:-1] if layers is None else list(layers)
     for n in names:
         if n not in modules or not isinstance(modules[n], _masks.PRUNABLE):
-            raise ValueError(f"layers names {n!r}, which is not an nn.Linear/nn.Conv2d of model")
+            raise ValueError(f"layers names {n!r}, which is not an nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d of "
+                             "model")
     channels = {n: modules[n].weight.shape[0] for n in names}
     dense = model_cost(model, example_inputs, masks={}, events=events)[metric]
     rng = _random.Random(seed)
