@@ -126,7 +126,12 @@ class _SparseWeight(nn.Module):
 
 
 class SparseLinear(_SparseWeight):
-    """nn.Linear with a sparse weight: y = x @ W^T + b through sparsekit.ops."""
+    """nn.Linear with a sparse weight: y = x @ W^T + b through sparsekit.ops.
+
+    It has no dense ``.weight``: code that reads one fails. Placed by hand into an ``nn.TransformerEncoderLayer``
+    (whose fused eval path reads ``linear1.weight``), call ``sk.nn.disable_fused_transformer_paths(model)``
+    afterwards; ``convert_modules``, ``sparsify`` and ``sk.load`` do.
+    """
 
     def __init__(self, weight, bias: Tensor | None, format: str, backend: str | None = None) -> None:
         super().__init__()
@@ -375,4 +380,5 @@ def conv1d_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 __all__ = ["SparseLinear", "SparseConv1d", "SparseConv2d", "SPARSE_LAYERS", "sparse_class", "convert_modules",
-           "conv1d_to_linear", "mha_to_linear", "LinearMultiheadAttention", "FORMAT_NAMES"]
+           "conv1d_to_linear", "mha_to_linear", "LinearMultiheadAttention", "disable_fused_transformer_paths",
+           "FORMAT_NAMES"]
