@@ -26,13 +26,13 @@ from torch.nn.utils import parametrize
 from .._compat import set_submodule
 from .graph import attention_kind
 from .masks import _mask_param, _masked_original, apply_tensor_mask
-from .pruned_mha import PrunedMultiheadAttention, mha_forward
+from .pruned_mha import MhaForward, PrunedMultiheadAttention
 
 __all__ = ["LinearMultiheadAttention", "mha_to_linear", "disable_fused_transformer_paths", "is_stock_mha",
            "expose_sparse_attention", "restore_dense_attention", "no_nested_tensors", "restore_nested_tensors"]
 
 
-class LinearMultiheadAttention(nn.Module):
+class LinearMultiheadAttention(MhaForward):
     """``nn.MultiheadAttention`` (or ``PrunedMultiheadAttention``) with ``q_proj``, ``k_proj``, ``v_proj`` and
     ``out_proj`` as ``nn.Linear`` children (or any module computing ``x @ W.T + b``, e.g. ``SparseLinear``).
 
@@ -124,17 +124,6 @@ class LinearMultiheadAttention(nn.Module):
         new.out_proj = mod.out_proj      # (shared as it is: its flags and masks stay the user's)
         new.train(mod.training)
         return new
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
-        return mha_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
-                           is_causal)
-
-    def extra_repr(self) -> str:
-        heads = f"{self.num_heads}" + (f" (of {self.orig_heads})" if self.orig_heads != self.num_heads else "")
-        return (f"embed_dim={self.embed_dim}, num_heads={heads}, head_dim={self.head_dim}, "
-                f"batch_first={self.batch_first}")
 
 
 def is_stock_mha(mod: nn.Module) -> bool:

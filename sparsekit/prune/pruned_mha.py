@@ -21,10 +21,28 @@ from torch import Tensor, nn
 
 from .graph import attention_kind, in_proj_parts
 
-__all__ = ["PrunedMultiheadAttention", "mha_forward"]
+__all__ = ["PrunedMultiheadAttention", "mha_forward", "MhaForward"]
 
 
-class PrunedMultiheadAttention(nn.Module):
+class MhaForward(nn.Module):
+    """``nn.MultiheadAttention``'s call signature over ``mha_forward`` (shared by its stand-ins)."""
+
+    num_heads: int
+    orig_heads: int
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        return mha_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                           is_causal)
+
+    def extra_repr(self) -> str:
+        heads = f"{self.num_heads}" + (f" (of {self.orig_heads})" if self.orig_heads != self.num_heads else "")
+        return (f"embed_dim={self.embed_dim}, num_heads={heads}, head_dim={self.head_dim}, "
+                f"batch_first={self.batch_first}")
+
+
+class PrunedMultiheadAttention(MhaForward):
     """``nn.MultiheadAttention`` with ``num_heads * head_dim`` inner channels, not ``embed_dim``.
 
     Built by ``compact`` (``from_module(mha, heads)``) when heads are removed. ``forward(query, key, value,
@@ -106,16 +124,6 @@ class PrunedMultiheadAttention(nn.Module):
         new.train(mod.training)
         new.requires_grad_(ref.requires_grad)
         return new
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
-        return mha_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
-                           is_causal)
-
-    def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads} (of {self.orig_heads}), "
-                f"head_dim={self.head_dim}, batch_first={self.batch_first}")
 
 
 def mha_forward(mod: nn.Module, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
