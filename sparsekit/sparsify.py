@@ -390,6 +390,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     try:
         inputs = capture_inputs(target, args, is_layer)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        restore_dense_attention(target, exposed)      # (inplace=True: the model goes back as it came)
+        restore_nested_tensors(nested)
         given = [tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__ for a in args]
         raise ValueError(f"example_inputs: the model failed to run on them ({type(exc).__name__}: "
                          f"{_first_line(exc, 200)}); expected inputs that model(*example_inputs) accepts, got "

@@ -470,3 +470,11 @@ def test_a_hand_placed_sparse_linear_needs_the_fused_path_off():
     assert sk.nn.disable_fused_transformer_paths(enc) == 1
     with torch.no_grad():
         torch.testing.assert_close(enc(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_inplace_sparsify_that_cannot_run_leaves_the_model_as_it_was():
+    model = _Padded().eval()
+    model.enc = _block_pruned_encoder(attention=True, mlp=False)
+    with pytest.raises(ValueError, match="example_inputs: the model failed to run"):
+        sk.sparsify(model, (torch.randn(2, 6, E + 1), None), inplace=True, cache=False)
+    assert type(model.enc.layers[0].self_attn) is nn.MultiheadAttention and model.enc.use_nested_tensor
