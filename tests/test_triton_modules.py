@@ -60,3 +60,12 @@ def test_linear_attention_with_triton_projections(dtype):
     with torch.no_grad():
         ref = mha.double()(x.double(), x.double(), x.double(), need_weights=False)[0]
     close(lin(x, x, x, need_weights=False)[0], ref, dtype, scale=4)
+
+
+@pytest.mark.cuda
+def test_modules_compiled_on_a_gpu():
+    """The same checks compiled (the GPU session runs `-m cuda` files; DEVICE is then "cuda")."""
+    for dtype in DTYPES:
+        for conv_kw in (dict(padding=1), dict(stride=2, dilation=2, padding=3)):
+            test_sparse_conv1d_on_triton(dtype, conv_kw)
+        test_linear_attention_with_triton_projections(dtype)
