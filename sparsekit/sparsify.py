@@ -57,6 +57,7 @@ class LayerDecision:
     notes: list[str] = field(default_factory=list)
     backend: str | None = None   # what runs the chosen format here ("torch" for dense/channel GEMMs)
     scattered: bool = False      # single zeros: no block pattern fits but 1x4 / 4x1 (``_scattered``)
+    stock_attention: bool = False   # a projection of an attention kept stock after timing it whole
 
 
 @dataclass
@@ -99,7 +100,7 @@ class SparsifyReport:
 
     def _dense_hint(self) -> list[str]:
         """Why sparse layers stayed dense, and what pattern would pay off (the "pruned but not faster" case)."""
-        sparse = [d for d in self.layers if d.sparsity > 0]
+        sparse = [d for d in self.layers if d.sparsity > 0 and not d.stock_attention]
         stayed = [d for d in sparse if d.choice == "dense"]
         if not stayed:
             return []
@@ -354,7 +355,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     their dense equivalent. ``fast_model`` is in eval mode; ``model`` is not run (nor changed, unless inplace).
     An ``nn.MultiheadAttention`` whose projections have zeros is measured as a ``LinearMultiheadAttention`` (its
     packed q / k / v as three Linear layers beside ``out_proj``); it stays stock when none of the four goes sparse
-    or when, timed on its real call, the converted module does not beat the stock one by ``min_speedup``.
+    or when, timed on its real call, the converted module does not beat the stock one by ``min_speedup``. An
+    attention converted beforehand (``sk.nn.mha_to_linear``) stays converted: its projections are layers.
 
     formats      non-empty subset of ("dense", "bsr", "csr", "nm", "channel"); None = all
     min_speedup  a sparse format must beat dense by this factor (positive, finite) to be chosen
@@ -389,9 +391,11 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
              for n in exposed]
     try:
         inputs = capture_inputs(target, args, is_layer)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        restore_dense_attention(target, exposed)      # (inplace=True: the model goes back as it came)
+    except BaseException as exc:
+        restore_dense_attention(target, exposed)      # (inplace=True: its attention and nested-tensor flags back)
         restore_nested_tensors(nested)
+        if not isinstance(exc, (RuntimeError, ValueError, TypeError, IndexError)):
+            raise
         given = [tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__ for a in args]
         raise ValueError(f"example_inputs: the model failed to run on them ({type(exc).__name__}: "
                          f"{_first_line(exc, 200)}); expected inputs that model(*example_inputs) accepts, got "
@@ -488,17 +492,20 @@ def _keep_faster_attention(target: nn.Module, exposed: dict[str, nn.Module], cal
             continue
         a, kw = calls[name]
         fns = {"stock": lambda m=original, a=a, kw=kw: m(*a, **kw), "converted": lambda m=mod, a=a, kw=kw: m(*a, **kw)}
-        t = interleaved_median_ms(fns, warmup=2, reps=reps, device=device)
-        if t["stock"] / t["converted"] >= report.min_speedup:
-            continue
-        set_submodule(target, name, original)
-        del exposed[name]
+        with parametrize.cached():   # masked weights computed once per call, as the baked model will hold them
+            t = interleaved_median_ms(fns, warmup=2, reps=reps, device=device)
+        keep = t["stock"] / t["converted"] >= report.min_speedup
+        if not keep:
+            set_submodule(target, name, original)
+            del exposed[name]
         for d in report.layers:
-            if d.name.rpartition(".")[0] == name:
-                d.choice, d.speedup, d.backend = "dense", 1.0, "torch"
-                d.notes.append(f"{name} with its sparse projections took {t['converted']:.2f} ms, the stock "
-                               f"nn.MultiheadAttention {t['stock']:.2f} ms (not {report.min_speedup}x faster): "
-                               "it stays stock")
+            if d.name.rpartition(".")[0] != name:
+                continue
+            d.notes.append(f"{name} with its sparse projections took {t['converted']:.2f} ms, the stock "
+                           f"nn.MultiheadAttention {t['stock']:.2f} ms"
+                           + ("" if keep else f" (not {report.min_speedup}x faster): it stays stock"))
+            if not keep:
+                d.choice, d.speedup, d.backend, d.stock_attention = "dense", 1.0, "torch", True
 
 
 def _fitting_blocks(stats: dict) -> dict[str, float]:

@@ -189,3 +189,19 @@ def test_cost_counts_a_transposed_conv():
     masked = model_cost(model, (x,))
     assert masked["params"] == sum(p.numel() for p in small.parameters())
     assert masked["flops"] == model_cost(small, (x,))["flops"]
+
+
+def test_batchnorm_over_tokens_is_pinned_and_grouped_consumers_refused():
+    """A BatchNorm1d on a Linear's [N, T, C] output normalises the T positions, not the C channels: those stay
+    whole (compaction used to resize the norm by them)."""
+    from sparsekit.prune.calibration import consumer_rows
+
+    model = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x = torch.randn(2, 4, 8)
+    pruner = sk.prune.Pruner(model, (x,), criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert small[0].out_features == 6 and small[1].num_features == 4
+    sk.verify(model, small, x, atol=1e-5)
+    with pytest.raises(ValueError, match="grouped conv"):
+        consumer_rows(nn.Conv3d(4, 4, 1, groups=2), torch.randn(1, 4, 2, 2, 2))

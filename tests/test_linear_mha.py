@@ -478,3 +478,46 @@ def test_inplace_sparsify_that_cannot_run_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match="example_inputs: the model failed to run"):
         sk.sparsify(model, (torch.randn(2, 6, E + 1), None), inplace=True, cache=False)
     assert type(model.enc.layers[0].self_attn) is nn.MultiheadAttention and model.enc.use_nested_tensor
+
+
+def test_fpgm_scores_packed_q_k_v_as_three_layers():
+    """A stock attention's packed in_proj_weight is scored as its q, k and v Linears (as after the conversion),
+    so a row-comparing criterion keeps the same heads for both."""
+    torch.manual_seed(12)
+    stock = _AttnNet().eval()
+    with torch.no_grad():
+        stock.attn.in_proj_weight[:E] *= 5.0          # q rows far larger than k / v rows
+    x = torch.randn(2, 5, 8)
+    kept = []
+    for model in (stock, mha_to_linear(stock)):
+        pruner = sk.prune.Pruner(model, x, criterion="fpgm", granularity="channel", sparsity=0.5,
+                                 ignore=["inp", "fc"])
+        pruner.step()
+        kept.append(pruner.compact().attn.head_index.tolist())
+    assert kept[0] == kept[1]
+
+
+def test_iterative_data_dependent_pruning_of_stock_attention():
+    """The second step reads masked in-projections outside any leaf module: their mask computation must not be
+    recorded as steps of the forward pass (it shifted the calibration events before)."""
+    model = sk.models.VisionTransformer(dim=32, heads=4, mlp=64, layers=2).eval()
+    x = model.example_input(4)
+    pruner = sk.prune.Pruner(model, x, criterion="mean_activation", granularity="channel", sparsity=0.5, calib=[x],
+                             schedule=sk.prune.Iterative(steps=2))
+    pruner.step()
+    pruner.step()
+    sk.verify(model, pruner.compact(), x, atol=1e-4)
+
+
+def test_sparsify_restores_attention_on_any_error():
+    class Broken(_AttnNet):
+        def forward(self, x):
+            super().forward(x)
+            raise KeyError("boom")
+
+    model = Broken().eval()
+    with torch.no_grad():
+        model.attn.in_proj_weight[:8] = 0
+    with pytest.raises(KeyError):
+        sk.sparsify(model, torch.randn(2, 5, 8), inplace=True, cache=False)
+    assert type(model.attn) is nn.MultiheadAttention

@@ -1,6 +1,6 @@
 """The modules added on top of the ops, through the Triton backend: SparseConv1d (the conv path with a 1 x k
-kernel, strided and dilated) and a LinearMultiheadAttention whose projections are Triton SparseLinears, forward
-and backward. Interpreter runs on CPU (`pytest -m triton --triton-interpret`); compiled on a GPU."""
+kernel, strided and dilated; forward and dx) and a LinearMultiheadAttention whose projections are Triton
+SparseLinears (forward). Interpreter runs on CPU (`pytest -m triton --triton-interpret`); compiled on a GPU."""
 
 from __future__ import annotations
 

@@ -133,6 +133,9 @@ def consumer_rows(consumer: nn.Module, x: Tensor, pick: Callable[[int], Tensor |
     applied first exactly as the conv applies it (its mode, and "same" even when uneven), then unfolded.
     ``pick(n_rows)`` may return the indices of the rows to keep (None: all): only those are copied out."""
     if isinstance(consumer, CONVS):
+        if consumer.groups != 1:
+            raise ValueError(f"consumer_rows: a grouped conv (groups={consumer.groups}) has no single patch matrix; "
+                             "expected groups=1")
         pad = consumer._reversed_padding_repeated_twice      # what the conv's forward pads with (any padding)
         mode = "constant" if consumer.padding_mode == "zeros" else consumer.padding_mode
         if any(pad):

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from .masks import CHANNEL_NORMS, CONVS, PRUNABLE
@@ -44,7 +45,8 @@ RESHAPING: tuple[type[nn.Module], ...] = (nn.MaxPool1d, nn.AvgPool1d, nn.Adaptiv
                                           nn.AdaptiveMaxPool2d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
                                           nn.AdaptiveMaxPool3d, nn.Flatten)
 _ELEMENTWISE_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish",
-                   "elu", "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "batch_norm",
+                   "elu", "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "alpha_dropout",
+                   "feature_alpha_dropout", "batch_norm",
                    "contiguous", "clone", "detach"}
 _RESHAPING_FN = {"flatten", "view", "reshape", "max_pool1d", "avg_pool1d", "adaptive_avg_pool1d",
                  "adaptive_max_pool1d", "max_pool1d_with_indices", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
@@ -125,6 +127,12 @@ class Recorder:
     def reset(self) -> None:
         self.counter = 0
 
+    def _enter_quiet(self, _mod: nn.Module, _args: tuple) -> None:
+        self._depth += 1
+
+    def _leave_quiet(self, _mod: nn.Module, _args: tuple, _out: Any) -> None:
+        self._depth -= 1
+
     def _emit(self, kind: str, name: str, module: nn.Module | None, inputs: Iterable[Any], output: Any) -> None:
         tensors = tuple(t for t in inputs if isinstance(t, Tensor))
         ev = Event(self.counter, kind, name, module, tensors, output if isinstance(output, Tensor) else None)
@@ -154,6 +162,12 @@ class Recorder:
 
             self._handles.append(mod.register_forward_pre_hook(pre))
             self._handles.append(mod.register_forward_hook(post))
+        # a masked tensor read outside a leaf (a stock attention's in_proj_weight) runs its parametrization:
+        # not a step of the forward pass (and not run when nothing is masked yet, so it would shift the events)
+        for mod in self.model.modules():
+            if isinstance(mod, parametrize.ParametrizationList):
+                self._handles.append(mod.register_forward_pre_hook(self._enter_quiet))
+                self._handles.append(mod.register_forward_hook(self._leave_quiet))
         self._mode = _Mode(self)
         self._mode.__enter__()
         return self

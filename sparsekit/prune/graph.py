@@ -729,6 +729,9 @@ class DependencyGraph:
         if isinstance(mod, BATCH_NORMS):
             if x is None:
                 return None
+            if x.dim != 1:     # e.g. BatchNorm1d over the tokens of a [N, T, C] Linear output
+                self._pin(x, f"{name!r} ({type(mod).__name__}) normalises along dim 1, not along these channels")
+                return x
             if not mod.affine and mod.track_running_stats:
                 # no gamma / beta to zero: a removed (zeroed) channel comes out as -mean / sqrt(var + eps), a
                 # constant the layers after it add up, which the compacted model would not have

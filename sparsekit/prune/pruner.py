@@ -637,12 +637,15 @@ class Pruner:
             parts = []
             for t in tensors:
                 w, keep = rows_first(getattr(mod, t).detach()), _masks._mask_param(mod, t)
-                view = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-                view.weight = nn.Parameter(w, requires_grad=False)
-                if keep is not None:      # the view's own mask: what e.g. l1_mean counts as the row's weights
-                    _masks.apply_mask(view, rows_first(keep.mask))
-                ctx = _calibration.LayerContext(name=f"{name}.{t}", granularity="channel", seed=self.seed)
-                parts.append(_masks.unit_scores(self.criterion.score(view, ctx), "channel"))
+                mask = None if keep is None else rows_first(keep.mask)
+                pieces = 3 if t == "in_proj_weight" else 1       # packed q | k | v: each scored as a Linear
+                for i, w_i in enumerate(w.chunk(pieces)):
+                    view = nn.Linear(w_i.shape[1], w_i.shape[0], bias=False, device="meta")
+                    view.weight = nn.Parameter(w_i, requires_grad=False)
+                    if mask is not None:  # the view's own mask: what e.g. l1_mean counts as the row's weights
+                        _masks.apply_mask(view, mask.chunk(pieces)[i])
+                    ctx = _calibration.LayerContext(name=f"{name}.{t}", granularity="channel", seed=self.seed)
+                    parts.append(_masks.unit_scores(self.criterion.score(view, ctx), "channel"))
             out[name] = torch.cat(parts)
         return out
 
