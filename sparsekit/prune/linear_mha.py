@@ -63,11 +63,8 @@ class LinearMultiheadAttention(MhaForward):
                 raise ValueError(f"num_heads must divide embed_dim={embed_dim} (or pass head_dim=), got {num_heads}")
             head_dim = embed_dim // num_heads
         dd = {"device": device, "dtype": dtype}
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
-        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
-        self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
-        self.orig_heads = orig_heads or num_heads
-        inner = num_heads * head_dim
+        inner = self._set_geometry(embed_dim, num_heads, head_dim, dropout, kdim, vdim, batch_first, add_zero_attn,
+                                   orig_heads)
         self.q_proj = nn.Linear(embed_dim, inner, bias=bias, **dd)
         self.k_proj = nn.Linear(self.kdim, inner, bias=bias, **dd)
         self.v_proj = nn.Linear(self.vdim, inner, bias=bias, **dd)

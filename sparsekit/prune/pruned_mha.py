@@ -30,6 +30,15 @@ class MhaForward(nn.Module):
     num_heads: int
     orig_heads: int
 
+    def _set_geometry(self, embed_dim: int, num_heads: int, head_dim: int, dropout: float, kdim: int | None,
+                      vdim: int | None, batch_first: bool, add_zero_attn: bool, orig_heads: int | None) -> int:
+        """The attributes ``mha_forward`` reads; returns the inner width ``num_heads * head_dim``."""
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
+        self.orig_heads = orig_heads or num_heads
+        return num_heads * head_dim
+
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -63,11 +72,8 @@ class PrunedMultiheadAttention(MhaForward):
                  orig_heads: int | None = None, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
-        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
-        self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
-        self.orig_heads = orig_heads or num_heads
-        inner = num_heads * head_dim
+        inner = self._set_geometry(embed_dim, num_heads, head_dim, dropout, kdim, vdim, batch_first, add_zero_attn,
+                                   orig_heads)
         if packed:
             self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim, **dd))
             for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
