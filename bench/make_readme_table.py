@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from sparsekit.benchmark.machine import cpu_isa_class
-from sparsekit.benchmark.report import SCHEMA, machine_line, replace_marked_block, speedup_table
+from sparsekit.benchmark.report import find_results, machine_line, replace_marked_block, speedup_table
 from sparsekit.benchmark.shapes import get_shapes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/targets.py, also when loaded by path (tests)
@@ -45,18 +45,11 @@ def _rel(path: Path, readme: Path) -> str:
 
 
 def _newest(results_dir: Path, device: str, suite: str) -> Path | None:
-    """The newest ``suite`` run on ``device``: a native-CPU-class run before any other, then full before quick
-    (report.find_results' order otherwise)."""
-    found = []
-    for f in results_dir.glob("*.json"):
-        try:
-            data = _load(f)
-        except (OSError, ValueError):
-            continue
-        meta = data.get("meta", {}) if isinstance(data, dict) and data.get("schema") == SCHEMA else {}
-        if meta.get("device") == device and meta.get("suite") == suite:
-            found.append((cpu_isa_class(meta) == "native", not meta.get("quick"), str(meta.get("date", "")), f))
-    return max(found)[3] if found else None
+    """The newest ``suite`` run on ``device``: a native-CPU-class run before any other, then full before quick."""
+    try:
+        return find_results(results_dir, device=device, suite=suite, prefer_native=True)
+    except FileNotFoundError:
+        return None
 
 
 def _newest_per_config(results_dir: Path, newest: Path, device: str, suite: str) -> list[Path]:

@@ -18,14 +18,15 @@ from ._compat import set_submodule
 from .formats import BSR, CSR, NM, ChannelIndex
 from .ops import sparse_conv2d, sparse_linear
 from .ops.conv import group_starts
+from .prune.graph import QKV_PROJ
 from .prune.linear_mha import (
     LinearMultiheadAttention,
+    attention_children,
     disable_fused_transformer_paths,
     expose_sparse_attention,
     mha_to_linear,
     restore_dense_attention,
 )
-from .prune.pruned_mha import PrunedMultiheadAttention
 
 FORMAT_NAMES = ("dense", "bsr", "csr", "nm", "channel")
 _INDEX_FIELDS = {"bsr": ("crow_indices", "col_indices"), "csr": ("crow_indices", "col_indices"),
@@ -289,12 +290,13 @@ class SparseConv1d(SparseConv2d):
         return out
 
 
-SPARSE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)   # what SparseLinear / SparseConv1d / SparseConv2d replace
+_SPARSE_TWINS = ((nn.Linear, SparseLinear), (nn.Conv1d, SparseConv1d), (nn.Conv2d, SparseConv2d))
+SPARSE_LAYERS = tuple(dense for dense, _ in _SPARSE_TWINS)   # what SparseLinear / SparseConv1d / SparseConv2d replace
 
 
 def sparse_class(mod: nn.Module) -> type[_SparseWeight]:
     """The Sparse* module that replaces ``mod`` (an nn.Linear, nn.Conv1d or nn.Conv2d)."""
-    for dense, sparse in ((nn.Linear, SparseLinear), (nn.Conv1d, SparseConv1d), (nn.Conv2d, SparseConv2d)):
+    for dense, sparse in _SPARSE_TWINS:
         if isinstance(mod, dense):
             return sparse
     raise TypeError(f"mod must be an nn.Linear, nn.Conv1d or nn.Conv2d, got {type(mod).__name__}")
@@ -318,9 +320,7 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
     # attention projections with zeros become nn.Linear children (LinearMultiheadAttention); the stock module
     # comes back where none of them converts
     exposed = expose_sparse_attention(model)
-    inside_attention = {f"{n}.{c}" if n else c for n, mod in model.named_modules()    # (a subclass included)
-                        if isinstance(mod, (nn.MultiheadAttention, PrunedMultiheadAttention))
-                        for c, _ in mod.named_children()}
+    inside_attention = attention_children(model)
     for name, mod in list(model.named_modules()):
         # masked (parametrized) layers count too
         if not name or name in skip or not isinstance(mod, SPARSE_LAYERS):
@@ -338,7 +338,7 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
             continue
         set_submodule(model, name, new)
     for name in restore_dense_attention(model, exposed):   # its q / k / v Linears are gone again
-        why = [f"{p}: {skipped.pop(f'{name}.{p}')}" for p in ("q_proj", "k_proj", "v_proj") if f"{name}.{p}" in skipped]
+        why = [f"{p}: {skipped.pop(f'{name}.{p}')}" for p in QKV_PROJ if f"{name}.{p}" in skipped]
         skipped[f"{name}.in_proj_weight"] = "; ".join(why)
     disable_fused_transformer_paths(model)
     model.sparsekit_skipped = skipped

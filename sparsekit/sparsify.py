@@ -25,7 +25,9 @@ from torch.nn.utils import parametrize
 from ._compat import set_submodule
 from .nn import FORMAT_NAMES, SPARSE_LAYERS, SparseConv2d, SparseLinear, sparse_class
 from .ops._dispatch import BACKENDS, recording_choices
+from .prune.graph import QKV_PROJ
 from .prune.linear_mha import (
+    attention_children,
     disable_fused_transformer_paths,
     expose_sparse_attention,
     no_nested_tensors,
@@ -403,8 +405,7 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     finally:
         for h in hooks:
             h.remove()
-    inside_mha = {f"{n}.{c}" if n else c for n, m in target.named_modules()
-                  if isinstance(m, nn.MultiheadAttention) for c, _ in m.named_children()}
+    inside_mha = attention_children(target)
     first = next(iter(inputs.values()), None)
     device = first.device if first is not None else torch.device("cpu")
     report = SparsifyReport([], device_name(device), str(first.dtype if first is not None else torch.float32),
@@ -452,13 +453,10 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     tcache.save()
     _keep_faster_attention(target, exposed, calls, report, reps, device)
     restored = restore_dense_attention(target, exposed)
-    for d in report.layers:
+    for d in report.layers:     # (a converted attention kept converted has its timing note already)
         parent = d.name.rpartition(".")[0]
         if parent in restored:
             d.notes.append(f"nothing in {parent} beat dense: it stays an nn.MultiheadAttention")
-        elif parent in exposed:
-            d.notes.append(f"{parent} runs as a LinearMultiheadAttention: q / k / v as three GEMMs, without the "
-                           "stock module's fused kernels")
     restore_nested_tensors(nested)
     disable_fused_transformer_paths(target)
     if not exact:
@@ -487,7 +485,7 @@ def _keep_faster_attention(target: nn.Module, exposed: dict[str, nn.Module], cal
     projection."""
     for name, original in list(exposed.items()):
         mod = target.get_submodule(name)
-        projections = [getattr(mod, p) for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        projections = [getattr(mod, p) for p in (*QKV_PROJ, "out_proj")]
         if name not in calls or not any(isinstance(p, SparseLinear) for p in projections):
             continue
         a, kw = calls[name]

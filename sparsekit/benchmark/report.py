@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .machine import ISA_ENV
+from .machine import ISA_ENV, cpu_isa_class
 
 __all__ = ["BreakEven", "break_even", "load_results", "summarize", "to_markdown", "speedup_table", "machine_line",
            "is_noisy", "replace_marked_block", "find_results", "group_key", "START_MARKER", "END_MARKER",
@@ -64,8 +64,9 @@ def break_even(points: list[tuple[float, float]]) -> BreakEven:
 
 # ----------------------------------------------------------------------------------------------- loading
 def find_results(path: str | os.PathLike, device: str | None = None, suite: str | None = None,
-                 prefer_full: bool = True) -> Path:
-    """A results file: ``path`` itself, or the newest matching JSON in a directory (full sweeps before quick)."""
+                 prefer_full: bool = True, prefer_native: bool = False) -> Path:
+    """A results file: ``path`` itself, or the newest matching JSON in a directory (full sweeps before quick;
+    with ``prefer_native``, runs of the machine's own CPU class before ones with a lowered instruction set)."""
     p = Path(path)
     if p.is_file():
         return p
@@ -83,12 +84,13 @@ def find_results(path: str | os.PathLike, device: str | None = None, suite: str 
         meta = data.get("meta", {})
         if (device and meta.get("device") != device) or (suite and meta.get("suite") != suite):
             continue
-        found.append((not (prefer_full and meta.get("quick")), str(meta.get("date", "")), f))
+        native = not prefer_native or cpu_isa_class(meta) == "native"
+        found.append((native, not (prefer_full and meta.get("quick")), str(meta.get("date", "")), f))
     if not found:
         what = " ".join(x for x in (device, suite) if x)
         raise FileNotFoundError(f"RESULTS: no {what + ' ' if what else ''}results .json in {str(p)!r}; "
                                 "run `sparsekit bench kernels --out DIR` first")
-    return max(found)[2]
+    return max(found)[-1]
 
 
 def _num(v: str) -> object:

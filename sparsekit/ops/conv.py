@@ -101,15 +101,23 @@ def _rows(w, start: int, stop: int, entries: tuple[int, int] | None = None):
 _XT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def conv_windows(x: Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
+    """The taps every output position of a convolution reads, as a view of the (already padded) input
+    ``[N, C, *spatial]``: ``[N, C, *out, *kernel]`` for any number of spatial dims."""
+    for d, (k, dil, st) in enumerate(zip(kernel, dilation, stride)):
+        x = x.unfold(2 + d, dil * (k - 1) + 1, st)         # windows of every spatial dim: [N, C, *out, *window]
+    return x[(..., *[slice(None, None, dil) for dil in dilation])]     # the dilated taps of each window
+
+
 def _patches_t(x: Tensor, kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
                stride: tuple[int, int]) -> Tensor:
     """``F.unfold(x, kernel, dilation, padding, stride)`` ([B, C*kh*kw, Ho*Wo], same autograd) built from
-    ``Tensor.unfold`` views of the padded input and one copy (none where the view already has that layout, e.g.
+    ``conv_windows`` of the padded input and one copy (none where the view already has that layout, e.g.
     a 1 x 1 kernel over one output row: then it may not be contiguous; the *_mm_xt ops copy such an input)."""
-    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
+    (kh, kw), (ph, pw) = kernel, padding
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))
-    v = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]  # [B, C, Ho, Wo, kh, kw]
+    v = conv_windows(x, kernel, dilation, stride)                                      # [B, C, Ho, Wo, kh, kw]
     b, c, ho, wo = v.shape[:4]
     return v.permute(0, 1, 4, 5, 2, 3).reshape(b, c * kh * kw, ho * wo)
 

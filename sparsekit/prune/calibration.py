@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from ..ops.conv import conv_windows
 from .chains import Event, Link, Recorder, run_model
 from .head_taps import HeadTaps, attention_path
 from .masks import CONVS
@@ -140,10 +141,8 @@ def consumer_rows(consumer: nn.Module, x: Tensor, pick: Callable[[int], Tensor |
         mode = "constant" if consumer.padding_mode == "zeros" else consumer.padding_mode
         if any(pad):
             x = F.pad(x, pad, mode=mode)
-        for d, (k, dil, st) in enumerate(zip(consumer.kernel_size, consumer.dilation, consumer.stride)):
-            x = x.unfold(2 + d, dil * (k - 1) + 1, st)    # windows of every spatial dim: [N, C, *out, *window]
+        taps = conv_windows(x, consumer.kernel_size, consumer.dilation, consumer.stride)   # [N, C, *out, *kernel]
         sd = len(consumer.kernel_size)
-        taps = x[(..., *[slice(None, None, dil) for dil in consumer.dilation])]     # the dilated taps of each window
         # rows: one per (sample, output position); columns in the weight's order: channel, then taps
         order = (0, *range(2, 2 + sd), 1, *range(2 + sd, 2 + 2 * sd))
         taps = taps.permute(order)                     # still a view: [N, *out, C, *kernel]

@@ -53,7 +53,6 @@ _RESHAPING_FN = {"flatten", "view", "reshape", "max_pool1d", "avg_pool1d", "adap
                  "adaptive_max_pool2d", "_max_pool2d", "max_pool2d_with_indices",
                  "adaptive_avg_pool2d_with_indices", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d",
                  "adaptive_max_pool3d", "max_pool3d_with_indices", "adaptive_max_pool3d_with_indices"}
-_PRUNABLE = PRUNABLE
 
 
 @dataclass
@@ -94,7 +93,7 @@ def _leaves(model: nn.Module) -> dict[nn.Module, str]:
     def walk(mod: nn.Module, prefix: str) -> None:
         # a mask parametrization (e.g. on a BatchNorm) is not a child: the module stays one leaf
         children = [(n, c) for n, c in mod.named_children() if n != "parametrizations"]
-        if isinstance(mod, _PRUNABLE) or not children:
+        if isinstance(mod, PRUNABLE) or not children:
             out.setdefault(mod, prefix)
             return
         for child_name, child in children:
@@ -250,7 +249,7 @@ def _follow(events: Sequence[Event], start: int, name: str) -> Link:
                            f"({', '.join(u.name for u in users[:3])}): not a plain sequential chain")
             return link
         ev = users[0]
-        if ev.kind == "module" and isinstance(ev.module, _PRUNABLE):
+        if ev.kind == "module" and isinstance(ev.module, PRUNABLE):
             return _attach_consumer(link, ev, cur, channels)
         if ev.output is None:
             link.reason = f"{ev.name!r} after {name!r} does not return a tensor"
@@ -293,7 +292,7 @@ def trace_links(model: nn.Module, example_inputs: Any, names: Iterable[str],
     events = trace_events(model, example_inputs) if events is None else events
     calls: dict[str, list[int]] = {}
     for ev in events:
-        if ev.kind == "module" and isinstance(ev.module, _PRUNABLE):
+        if ev.kind == "module" and isinstance(ev.module, PRUNABLE):
             calls.setdefault(ev.name, []).append(ev.index)
     out = {}
     for name in names:

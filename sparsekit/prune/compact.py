@@ -48,7 +48,7 @@ from torch.nn.utils import parametrize
 
 from .._compat import set_submodule
 from .channel_select import ChannelSelect
-from .graph import DependencyGraph, Group, attention_kind, in_proj_parts, set_heads, weight_dim
+from .graph import QKV_PROJ, DependencyGraph, Group, attention_kind, in_proj_parts, set_heads, weight_dim
 from .linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
 from .masks import CHANNEL_NORMS, CONVS
 from .pruned_mha import PrunedMultiheadAttention
@@ -458,7 +458,7 @@ def compacted_widths(model: nn.Module) -> dict[str, dict]:
     spec: dict[str, dict] = {}
     # q / k / v projections of a LinearMultiheadAttention follow from its heads: the fresh model lacks them
     implied = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention)
-               for p in ("q_proj", "k_proj", "v_proj")}
+               for p in QKV_PROJ}
     for name, mod in model.named_modules():
         if name in implied:
             continue
@@ -490,7 +490,7 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
     if "heads" in w:
         if attention_kind(mod) == "mha_linear":     # q / k / v rows and out_proj columns of the first heads
             rows = torch.arange(w["heads"] * mod.head_dim)
-            for p in ("q_proj", "k_proj", "v_proj"):
+            for p in QKV_PROJ:
                 setattr(mod, p, resize_module(getattr(mod, p), rows, None))
             mod.out_proj = resize_module(mod.out_proj, None, rows)
             mod.num_heads = w["heads"]

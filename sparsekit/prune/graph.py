@@ -89,12 +89,13 @@ from torch import Tensor, nn
 from torch.fx import _symbolic_trace
 
 from .._compat import set_submodule
-from .masks import BATCH_NORMS, CHANNEL_NORMS, CONVS
+from .masks import BATCH_NORMS, CHANNEL_NORMS, CONVS, INSTANCE_NORMS
 
 __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind", "set_heads", "in_proj_parts",
-           "is_leaf_module", "transformer_layers", "weight_dim", "NORMS"]
+           "is_leaf_module", "transformer_layers", "weight_dim", "NORMS", "QKV_PROJ"]
 
 NORMS = (*CHANNEL_NORMS, nn.GroupNorm, nn.LayerNorm)
+QKV_PROJ = ("q_proj", "k_proj", "v_proj")   # a LinearMultiheadAttention's in-projection Linears
 _LEAVES = (*CONVS, nn.ConvTranspose2d, nn.Linear, nn.Embedding, nn.MultiheadAttention,
            nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder,
            nn.Transformer, nn.PReLU) + NORMS
@@ -702,8 +703,8 @@ class DependencyGraph:
         if isinstance(mod, CONVS):
             return self._conv(name, mod, x, shape)
         if isinstance(mod, nn.ConvTranspose2d):
-            # its input channels follow the producer (weight dim 0); its outputs are a new space, which the
-            # Pruner does not score (it is not one of its layers) but a residual add may couple to one it does
+            # its input channels follow the producer (weight dim 0); its outputs are a new space (the Pruner
+            # scores it through a view of weight dim 1, with criteria reading weights alone)
             if mod.groups != 1:
                 self._pin(x, f"{name!r} (ConvTranspose2d, groups={mod.groups}) reads fixed input channels")
             else:
@@ -749,7 +750,7 @@ class DependencyGraph:
                 return _Tag(x.dim, [_Seg(s, mod.num_features)])
             self._feed(x, [name], "out")
             return x
-        if isinstance(mod, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
+        if isinstance(mod, INSTANCE_NORMS):
             # per sample and channel: channels never mix; a removed (zero) channel normalises to 0 unless running
             # statistics turn it into a constant that nothing would mask (affine: its shift is masked)
             if x is None:
@@ -843,7 +844,7 @@ class DependencyGraph:
         inner = mod.num_heads * mod.head_dim
         s = self._new(mod.num_heads, "heads")
         if attention_kind(mod) == "mha_linear":
-            for lin in ("q_proj", "k_proj", "v_proj"):
+            for lin in QKV_PROJ:
                 self._add(_Seg(s, inner), f"{name}.{lin}", "out", 0)
             if mod.bias_k is not None:
                 self._spaces[self._find(s)].pinned = (f"{name!r}: its bias_k / bias_v (add_bias_kv) are not "

@@ -17,6 +17,7 @@ their fused eval-mode kernels once a layer inside them is no longer a plain ``nn
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,12 +25,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._compat import set_submodule
-from .graph import attention_kind
+from .graph import QKV_PROJ, attention_kind
 from .masks import _mask_param, _masked_original, apply_tensor_mask
 from .pruned_mha import MhaForward, PrunedMultiheadAttention
 
 __all__ = ["LinearMultiheadAttention", "mha_to_linear", "disable_fused_transformer_paths", "is_stock_mha",
-           "expose_sparse_attention", "restore_dense_attention", "no_nested_tensors", "restore_nested_tensors"]
+           "expose_sparse_attention", "restore_dense_attention", "no_nested_tensors", "restore_nested_tensors",
+           "attention_children"]
 
 
 class LinearMultiheadAttention(MhaForward):
@@ -143,11 +145,27 @@ def mha_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
         raise ValueError("model is itself an attention module: convert the model that contains it, or use "
                          "LinearMultiheadAttention.from_module(attention)")
     target = model if inplace else copy.deepcopy(model)
-    for name, mod in list(target.named_modules()):
-        if name and is_stock_mha(mod):
-            set_submodule(target, name, LinearMultiheadAttention.from_module(mod))
+    _convert_attention(target, lambda mod: True)
     disable_fused_transformer_paths(target)
     return target
+
+
+def _convert_attention(model: nn.Module, wanted: Callable[[nn.Module], bool]) -> dict[str, nn.Module]:
+    """Replace (in place) every stock attention of ``model`` that ``wanted`` picks by a
+    ``LinearMultiheadAttention``; returns name -> the module it replaced."""
+    replaced = {}
+    for name, mod in list(model.named_modules()):
+        if name and is_stock_mha(mod) and wanted(mod):
+            replaced[name] = mod
+            set_submodule(model, name, LinearMultiheadAttention.from_module(mod))
+    return replaced
+
+
+def attention_children(model: nn.Module) -> set[str]:
+    """Names of the children of every ``nn.MultiheadAttention`` / ``PrunedMultiheadAttention`` left in ``model``
+    (a subclass included): such a module may read them directly (``out_proj.weight``), so they are not swapped."""
+    return {f"{n}.{c}" if n else c for n, m in model.named_modules()
+            if isinstance(m, (nn.MultiheadAttention, PrunedMultiheadAttention)) for c, _ in m.named_children()}
 
 
 def _plain_linear(mod: nn.Module) -> bool:
@@ -206,22 +224,17 @@ def _projection_weights(mod: nn.Module) -> list[Tensor]:
 def expose_sparse_attention(model: nn.Module) -> dict[str, nn.Module]:
     """Replace (in place) every stock attention of ``model`` whose projection weights hold zeros by a
     ``LinearMultiheadAttention``; returns name -> the module it replaced (for ``restore_dense_attention``)."""
-    exposed = {}
-    for name, mod in list(model.named_modules()):
-        if name and is_stock_mha(mod) and any(bool(w.eq(0).any()) for w in _projection_weights(mod)):
-            exposed[name] = mod
-            set_submodule(model, name, LinearMultiheadAttention.from_module(mod))
-    return exposed
+    return _convert_attention(model, lambda mod: any(bool(w.eq(0).any()) for w in _projection_weights(mod)))
 
 
-def restore_dense_attention(model: nn.Module, exposed: dict[str, nn.Module], plain: type = nn.Linear) -> list[str]:
+def restore_dense_attention(model: nn.Module, exposed: dict[str, nn.Module]) -> list[str]:
     """Put back (in place) the stock attention of every ``exposed`` entry whose four projections all stayed
-    ``plain`` modules (nothing was made sparse: the stock module runs its fused kernels); returns those names.
+    ``nn.Linear`` (nothing was made sparse: the stock module runs its fused kernels); returns those names.
     Its ``out_proj``, shared with the converted module, is the one the model holds now."""
     restored = []
     for name, original in exposed.items():
         mod = model.get_submodule(name)
-        if all(isinstance(getattr(mod, p), plain) for p in ("q_proj", "k_proj", "v_proj", "out_proj")):
+        if all(isinstance(getattr(mod, p), nn.Linear) for p in (*QKV_PROJ, "out_proj")):
             original.out_proj = mod.out_proj
             set_submodule(model, name, original)
             restored.append(name)

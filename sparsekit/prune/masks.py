@@ -38,19 +38,19 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 __all__ = [
-    "GRANULARITIES", "LINEAR_CONV2D", "PRUNABLE", "WeightMask", "as_2d", "check_granularity",
-    "check_sparsity", "check_block",
-    "check_nm", "check_layer", "num_to_remove", "unit_scores", "lowest_removed", "expand_units", "nm_keep",
-    "layer_mask", "global_keep", "apply_mask", "apply_tensor_mask", "is_masked", "get_masks", "tensor_masks",
-    "remove_masks", "remove_tensor_mask", "bake_masks", "load_masked_state_dict", "set_owned_mask",
-    "release_owned_mask",
+    "GRANULARITIES", "CONVS", "PRUNABLE", "BATCH_NORMS", "INSTANCE_NORMS", "CHANNEL_NORMS", "LINEAR_CONV2D",
+    "WeightMask", "as_2d", "check_granularity", "check_sparsity", "check_block", "check_nm", "check_layer",
+    "num_to_remove", "unit_scores", "lowest_removed", "expand_units", "nm_keep", "layer_mask", "global_keep",
+    "apply_mask", "apply_tensor_mask", "is_masked", "get_masks", "tensor_masks", "remove_masks",
+    "remove_tensor_mask", "bake_masks", "load_masked_state_dict", "set_owned_mask", "release_owned_mask",
 ]
 
 GRANULARITIES = ("element", "block", "nm", "channel")
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PRUNABLE = (nn.Linear, *CONVS)   # a conv's weight [C_out, C_in / groups, *kernel], channels on dim 1
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-CHANNEL_NORMS = (*BATCH_NORMS, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)   # per-channel, [N, C, ...]
+INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+CHANNEL_NORMS = (*BATCH_NORMS, *INSTANCE_NORMS)   # per-channel parameters over [N, C, ...]
 LINEAR_CONV2D = (nn.Linear, nn.Conv2d)   # what the procedures that rebuild layers (methods/) handle
 _EPS = 1e-9  # floor(0.29 * 100) must be 29, not 28 (0.29 * 100 == 28.999999999999996)
 

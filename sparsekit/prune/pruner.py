@@ -19,13 +19,12 @@ from . import criteria as _criteria
 from . import distributed as _dist
 from . import masks as _masks
 from . import schedules as _schedules
-from .graph import _check_round_to, attention_kind, in_proj_parts
+from .graph import QKV_PROJ, _check_round_to, attention_kind, in_proj_parts
 from .linear_mha import is_stock_mha
 from .scores_reconstruction import refit_consumer
 
 __all__ = ["Pruner", "SCOPES", "check_example_inputs", "run_example", "execution_order"]
 
-_QKV = ("q_proj", "k_proj", "v_proj")
 
 SCOPES = ("layer", "global")
 
@@ -584,7 +583,7 @@ class Pruner:
         if attention_kind(self.model.get_submodule(member)) == "mha":
             return member
         parent, _, leaf = member.rpartition(".")
-        if leaf in _QKV and attention_kind(self.model.get_submodule(parent)) == "mha_linear":
+        if leaf in QKV_PROJ and attention_kind(self.model.get_submodule(parent)) == "mha_linear":
             return parent
         return None
 
