@@ -468,6 +468,8 @@ def test_a_hand_placed_sparse_linear_needs_the_fused_path_off():
     with torch.no_grad(), pytest.raises(AttributeError, match="weight"):
         enc(x)                      # the fused eval kernel reads linear1.weight
     assert sk.nn.disable_fused_transformer_paths(enc) == 1
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        sk.nn.disable_fused_transformer_paths("encoder")
     with torch.no_grad():
         torch.testing.assert_close(enc(x), ref, atol=1e-4, rtol=1e-4)
 

@@ -180,6 +180,8 @@ def disable_fused_transformer_paths(model: nn.Module) -> int:
     kernel (and ``nn.TransformerEncoder``'s nested-tensor path) reads those weights directly. Returns how many
     layers were switched. The switch is the layer's ``activation_relu_or_gelu`` flag, which torch reads only
     to pick the fused path."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     switched = 0
     for mod in model.modules():
         if not isinstance(mod, nn.TransformerEncoderLayer):
