@@ -3,7 +3,7 @@
 On CPU with a BSR/CSR weight, 1x1 convolutions read the (subsampled) NCHW pixels as x^T [B, C_in, L] for
 *_mm_xt, which writes y^T = [B, C_out, L] directly; other stride-1 convolutions run the direct ops
 sparsekit::bsr_conv2d / csr_conv2d (im2col panels built per tile inside the kernel), and strided ones unfold into
-x^T for *_mm_xt (``_patches_t``: strided views and one copy, about twice as fast as F.unfold on CPU): no
+x^T for *_mm_xt (``_patches_t``: strided views and one copy instead of F.unfold): no
 transposes of patches or outputs. bfloat16 BSR with blocks of 16-multiples runs on AMX tiles
 where the CPU has them (csrc/cpu/amx.h; the stride-1 im2col matrix packed straight from the image).
 Elsewhere, 1x1 convolutions with stride 1 and no padding go straight to the sparse GEMM over channels-last pixels;
