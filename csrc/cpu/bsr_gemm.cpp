@@ -600,24 +600,29 @@ at::Tensor bsr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::
 }
 
 
-// y [B, n, Ho, Wo] = conv2d(x [B, C, H, W], W [n, C*kh*kw] BSR, stride 1) (+ bias): conv_panels (panel.h), no im2col.
+// y [B, n, Ho, Wo] = conv2d(x [B, C, H, W], W [n, C*kh*kw] BSR) (+ bias): conv_panels (panel.h), no im2col.
 at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                       const std::optional<at::Tensor>& bias_in, at::IntArrayRef kernel_size, at::IntArrayRef padding,
-                      at::IntArrayRef dilation) {
+                      at::IntArrayRef dilation, at::IntArrayRef stride) {
   constexpr const char* op = "sparsekit::bsr_conv2d";
   check_tensor(op, values, "values", 3);
   check_index(op, crow, "crow_indices");
   check_index(op, col, "col_indices");
   TORCH_CHECK(crow.numel() >= 1, op, ": crow_indices must have N/block_n + 1 >= 1 entries, got 0");
-  const ConvGeom g = checked_conv_geom(op, x_in, values, kernel_size, padding, dilation);
+  const ConvGeom g = checked_conv_geom(op, x_in, values, kernel_size, padding, dilation, stride);
   const int64_t K = g.C * g.kh * g.kw;
   const int64_t bn = values.size(1), bk = values.size(2), n = (crow.numel() - 1) * bn;
   check_block(op, bn, bk);
   TORCH_CHECK(K % bk == 0, op, ": C*kh*kw (K=", K, ") must be a multiple of block_k=", bk, " (values.size(2))");
   check_blocks(op, crow, col, values, n / bn, K / bk);
   const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
-  if (x_in.scalar_type() == at::kBFloat16 &&
-      use_amx(true, WKind::kBF16, g.Ho() * g.Wo(), bn, bk)) {
+  const bool amx = x_in.scalar_type() == at::kBFloat16 && use_amx(true, WKind::kBF16, g.Ho() * g.Wo(), bn, bk);
+  if ((amx && !g.unit_stride()) || !use_fast(x_in.scalar_type())) {
+    // strided on AMX (amx_pack_conv reads stride-1 taps) and float64: im2col + the transposed-layout op
+    const at::Tensor cols = at::im2col(x_in, kernel_size, dilation, padding, stride);
+    return bsr_mm_xt(cols, crow, col, values, bias_in, n).reshape({g.B, n, g.Ho(), g.Wo()});
+  }
+  if (amx) {
     // AMX: the implicit im2col matrix packed straight from the image into VNNI row pairs (amx_pack_conv)
     const at::Tensor x = x_in.contiguous();
     at::Tensor y = at::empty({g.B, n, g.Ho(), g.Wo()}, x.options());
@@ -633,16 +638,12 @@ at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
                reinterpret_cast<uint16_t*>(y.mutable_data_ptr<at::BFloat16>()), g.Ho() * g.Wo(), K, n, bn, bk);
     return y;
   }
-  if (!use_fast(x_in.scalar_type())) {  // float64: im2col + the transposed-layout op
-    const at::Tensor cols = at::im2col(x_in, kernel_size, dilation, padding, {1, 1});
-    return bsr_mm_xt(cols, crow, col, values, bias_in, n).reshape({g.B, n, g.Ho(), g.Wo()});
-  }
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty({g.B, n, g.Ho(), g.Wo()}, x.options());
   if (g.B == 0 || n == 0) return y;
   const auto [fv, wk] = fast_values(values);
   const Isa isa = active_isa();
-  const int64_t threads = at::get_num_threads(), Mg = g.Ho() * g.Wp();
+  const int64_t threads = at::get_num_threads(), Mg = g.Ho() * g.Wq();
   const int64_t rows = n / bn;
   const int nv = choose_nv(isa, Mg, bn);
   const int64_t MT = int64_t(nv) * vec_floats(isa), tiles = g.B * ((Mg + MT - 1) / MT);

@@ -347,21 +347,21 @@ at::Tensor csr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::
 }
 
 
-// y [B, n, Ho, Wo] = conv2d(x [B, C, H, W], W [n, C*kh*kw] CSR, stride 1) (+ bias): conv_panels (panel.h), no im2col.
+// y [B, n, Ho, Wo] = conv2d(x [B, C, H, W], W [n, C*kh*kw] CSR) (+ bias): conv_panels (panel.h), no im2col.
 at::Tensor csr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                       const std::optional<at::Tensor>& bias_in, at::IntArrayRef kernel_size, at::IntArrayRef padding,
-                      at::IntArrayRef dilation) {
+                      at::IntArrayRef dilation, at::IntArrayRef stride) {
   constexpr const char* op = "sparsekit::csr_conv2d";
   check_tensor(op, values, "values", 1);
   check_indices(op, crow, col);
-  const ConvGeom g = checked_conv_geom(op, x_in, values, kernel_size, padding, dilation);
+  const ConvGeom g = checked_conv_geom(op, x_in, values, kernel_size, padding, dilation, stride);
   const int64_t K = g.C * g.kh * g.kw;
   const int64_t n = crow.numel() - 1;
   TORCH_CHECK(n >= 0, op, ": crow_indices must have n + 1 >= 1 entries");
   check_nnz(op, col, values);
   const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
   if (!use_fast(x_in.scalar_type())) {  // float64: im2col + the transposed-layout op
-    const at::Tensor cols = at::im2col(x_in, kernel_size, dilation, padding, {1, 1});
+    const at::Tensor cols = at::im2col(x_in, kernel_size, dilation, padding, stride);
     return csr_mm_xt(cols, crow, col, values, bias_in, n).reshape({g.B, n, g.Ho(), g.Wo()});
   }
   const at::Tensor x = x_in.contiguous();
@@ -369,7 +369,7 @@ at::Tensor csr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
   if (g.B == 0 || n == 0) return y;
   const auto [fv, wk] = fast_values(values);
   const Isa isa = active_isa();
-  const int64_t threads = at::get_num_threads(), Mg = g.Ho() * g.Wp();
+  const int64_t threads = at::get_num_threads(), Mg = g.Ho() * g.Wq();
   const int64_t W = vec_floats(isa);
   const int nv = csr_nv(Mg, W);
   const int64_t MT = int64_t(nv) * W, tiles = g.B * ((Mg + MT - 1) / MT);

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -113,60 +114,104 @@ void store_panel_xt(const float* out, int64_t MT, int64_t rows, int64_t mc, cons
   }
 }
 
-// Direct stride-1 convolution over M-panels, no im2col tensor: x [B, C, H, W] is copied once into a zero-padded
-// fp32 image xpad [B, C, Hp, Wp] (+ slack), and outputs are computed on the Ho x Wp grid of each image (Wp - Wo
-// wasted columns per row), where weight column k = (c, ky, kx) of output m reads xpad[b][c][ky*dh*Wp + kx*dw + m]:
-// every panel row is one contiguous run of MT floats. Tasks = ((image, tile), chunk of `bounds`). in_place: the
+// Direct convolution over M-panels, no im2col tensor: x [B, C, H, W] is copied once into a zero-padded fp32 image
+// split into its stride phases, xpad [B][C][sh][sw][Hq][Wq] (+ slack; Hq = ceil(Hp / sh), Wq = ceil(Wp / sw)): padded
+// pixel (i, j) goes to phase (i % sh, j % sw) at (i / sh, j / sw). A stride-s convolution is then a stride-1 one
+// over the phases (tap ky * dh = sh * a + ry reads phase row ry, shifted a rows), so outputs are computed on the
+// Ho x Wq grid of each image (Wq - Wo wasted columns per row), where weight column k = (c, ky, kx) of output m reads
+// xpad[b] at off[k] + m: every panel row is one contiguous run of MT floats, for any stride (with stride 1 the
+// phases are the padded image itself). Tasks = ((image, tile), chunk of `bounds`). in_place: the
 // kernel reads those runs straight from xpad (compute gets the tile's base and the row offsets); otherwise the
 // panel is packed per task in a thread-local buffer (L2-resident, no per-call image-sized panel tensor) and
 // compute gets it with rowoff = nullptr (rows MT apart). compute(xt, rowoff, u0, u1, out) fills
 // out[(u - u0) * unit + i][MT] for the units (block-rows / rows) [u0, u1).
 struct ConvGeom {
-  int64_t B, C, H, W, kh, kw, ph, pw, dh, dw;
+  int64_t B, C, H, W, kh, kw, ph, pw, dh, dw, sh, sw;
   int64_t Hp() const { return H + 2 * ph; }
   int64_t Wp() const { return W + 2 * pw; }
-  int64_t Ho() const { return Hp() - (kh - 1) * dh; }
-  int64_t Wo() const { return Wp() - (kw - 1) * dw; }
+  int64_t Hq() const { return (Hp() + sh - 1) / sh; }  // rows of one stride phase
+  int64_t Wq() const { return (Wp() + sw - 1) / sw; }
+  int64_t Ho() const { return (Hp() - (kh - 1) * dh - 1) / sh + 1; }
+  int64_t Wo() const { return (Wp() - (kw - 1) * dw - 1) / sw + 1; }
+  bool unit_stride() const { return sh == 1 && sw == 1; }
 };
 
-// Validates a stride-1 conv call's x [B, C, H, W], values and kernel_size / padding / dilation (op named in the
+// Validates a conv call's x [B, C, H, W], values and kernel_size / padding / dilation / stride (op named in the
 // errors) and returns its geometry; shared by the BSR and CSR conv ops.
 inline ConvGeom checked_conv_geom(const char* op, const at::Tensor& x, const at::Tensor& values,
-                                  at::IntArrayRef kernel_size, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK(kernel_size.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
-              ": kernel_size, padding and dilation must have 2 entries each");
+                                  at::IntArrayRef kernel_size, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  at::IntArrayRef stride) {
+  TORCH_CHECK(kernel_size.size() == 2 && padding.size() == 2 && dilation.size() == 2 && stride.size() == 2, op,
+              ": kernel_size, padding, dilation and stride must have 2 entries each");
   check_tensor(op, x, "x", 4);
   check_floating(op, x, "x");
   check_same_dtype(op, values, "values", x, "x");
   TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
   const ConvGeom g{x.size(0), x.size(1), x.size(2), x.size(3), kernel_size[0], kernel_size[1],
-                   padding[0], padding[1], dilation[0], dilation[1]};
-  TORCH_CHECK(g.kh >= 1 && g.kw >= 1 && g.ph >= 0 && g.pw >= 0 && g.dh >= 1 && g.dw >= 1, op,
-              ": kernel_size and dilation must be >= 1 and padding >= 0, got ", kernel_size, ", ", padding, ", ",
-              dilation);
-  TORCH_CHECK(g.Ho() >= 1 && g.Wo() >= 1, op, ": output would be empty (", g.Ho(), "x", g.Wo(), ")");
+                   padding[0], padding[1], dilation[0], dilation[1], stride[0], stride[1]};
+  TORCH_CHECK(g.kh >= 1 && g.kw >= 1 && g.ph >= 0 && g.pw >= 0 && g.dh >= 1 && g.dw >= 1 && g.sh >= 1 && g.sw >= 1,
+              op, ": kernel_size, dilation and stride must be >= 1 and padding >= 0, got ", kernel_size, ", ",
+              padding, ", ", dilation, ", ", stride);
+  TORCH_CHECK(g.Hp() >= (g.kh - 1) * g.dh + 1 && g.Wp() >= (g.kw - 1) * g.dw + 1, op, ": output would be empty (",
+              "input ", g.H, "x", g.W, ", kernel ", kernel_size, ", padding ", padding, ", dilation ", dilation, ")");
   return g;
+}
+
+// The calling thread's grow-only scratch of at least `floats` floats for conv_panels' phase image, reused across
+// calls: a fresh image-sized allocation pays a page fault per 4 KiB page on every call (measured: up to half the
+// time of a 90%-sparse conv on this VM). Held until the thread exits; its size is the largest padded fp32 input
+// the thread has convolved.
+inline float* conv_scratch(size_t floats) {
+  thread_local std::unique_ptr<float[]> buf;
+  thread_local size_t capacity = 0;
+  if (floats > capacity) {
+    buf.reset();  // before the new allocation: the two never coexist
+    buf.reset(new float[floats]);
+    capacity = floats;
+  }
+  return buf.get();
 }
 
 template <typename T, typename F>
 void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std::vector<int64_t>& bounds,
                  int64_t unit, const float* bias, T* y, bool in_place, const F& compute) {
-  const int64_t Hp = g.Hp(), Wp = g.Wp(), Ho = g.Ho(), Wo = g.Wo(), K = g.C * g.kh * g.kw;
-  const int64_t Mg = Ho * Wp, tpi = (Mg + MT - 1) / MT, tiles = g.B * tpi, img = g.C * Hp * Wp;
-  const int64_t slack = MT + (g.kw - 1) * g.dw + 1;
-  std::vector<float> xpad(g.B * img + slack, 0.f);
-  at::parallel_for(0, g.B * g.C, grain_for(Hp * Wp), [&](int64_t p0, int64_t p1) {
+  const int64_t Hq = g.Hq(), Wq = g.Wq(), Ho = g.Ho(), Wo = g.Wo(), K = g.C * g.kh * g.kw;
+  const int64_t plane = Hq * Wq, phases = g.sh * g.sw;
+  const int64_t Mg = Ho * Wq, tpi = (Mg + MT - 1) / MT, tiles = g.B * tpi, img = g.C * phases * plane;
+  const int64_t slack = MT + (g.kw - 1) * g.dw / g.sw + 1;
+  // reused scratch, not value-initialised (a serial memset of an image-sized buffer costs as much as the copy):
+  // each (image, channel) slab is zeroed (padding, phase remainders) by the thread that fills it, while in cache
+  float* const xpad = conv_scratch(g.B * img + slack);
+  std::fill(xpad + g.B * img, xpad + g.B * img + slack, 0.f);
+  at::parallel_for(0, g.B * g.C, grain_for(g.H * g.W), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const T* s = x + p * g.H * g.W;
-      float* d = xpad.data() + p * Hp * Wp + g.ph * Wp + g.pw;
-      for (int64_t i = 0; i < g.H; ++i)
-        for (int64_t j = 0; j < g.W; ++j) d[i * Wp + j] = static_cast<float>(s[i * g.W + j]);
+      float* d = xpad + p * phases * plane;
+      std::fill(d, d + phases * plane, 0.f);
+      for (int64_t i = 0; i < g.H; ++i) {
+        const int64_t pi = i + g.ph;
+        float* drow = d + (pi % g.sh) * g.sw * plane + (pi / g.sh) * Wq;
+        if (g.sw == 1) {  // one phase: a plain (vectorised) row copy
+          for (int64_t j = 0; j < g.W; ++j) drow[g.pw + j] = static_cast<float>(s[i * g.W + j]);
+          continue;
+        }
+        for (int64_t rx = 0; rx < g.sw; ++rx) {  // column phase rx holds input columns j0, j0 + sw, ...
+          const int64_t j0 = ((rx - g.pw) % g.sw + g.sw) % g.sw;
+          const T* srow = s + i * g.W + j0;
+          float* dr = drow + rx * plane + (j0 + g.pw) / g.sw;
+          for (int64_t t = 0, n = (g.W - j0 + g.sw - 1) / g.sw; t < n; ++t) dr[t] = static_cast<float>(srow[t * g.sw]);
+        }
+      }
     }
   });
   std::vector<int64_t> off(K);
   for (int64_t c = 0; c < g.C; ++c)
     for (int64_t ky = 0; ky < g.kh; ++ky)
-      for (int64_t kx = 0; kx < g.kw; ++kx) off[(c * g.kh + ky) * g.kw + kx] = c * Hp * Wp + ky * g.dh * Wp + kx * g.dw;
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        const int64_t ty = ky * g.dh, tx = kx * g.dw;  // the tap's shift in padded pixels, split by phase
+        off[(c * g.kh + ky) * g.kw + kx] =
+            ((c * g.sh + ty % g.sh) * g.sw + tx % g.sw) * plane + (ty / g.sh) * Wq + tx / g.sw;
+      }
   const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
   const int64_t gunits = std::max<int64_t>(1, 64 / unit);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
@@ -175,7 +220,7 @@ void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std
     int64_t packed = -1;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t tile = t / chunks, c = t % chunks, b = tile / tpi, m0 = (tile % tpi) * MT;
-      const float* src = xpad.data() + b * img + m0;
+      const float* src = xpad + b * img + m0;
       if (tile != packed) {
         for (int64_t k = 0; !in_place && k < K; ++k) {
           const float* s = src + off[k];
@@ -183,9 +228,9 @@ void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std
           for (int64_t j = 0; j < MT; ++j) d[j] = s[j];
         }
         seg.clear();
-        int64_t oy = m0 / Wp, ox = m0 - oy * Wp;
+        int64_t oy = m0 / Wq, ox = m0 - oy * Wq;
         for (int64_t j = 0; j < MT && oy < Ho; ++oy, ox = 0) {
-          const int64_t len = std::min(MT - j, Wp - ox), valid = std::max<int64_t>(0, std::min(len, Wo - ox));
+          const int64_t len = std::min(MT - j, Wq - ox), valid = std::max<int64_t>(0, std::min(len, Wo - ox));
           if (valid) seg.insert(seg.end(), {j, oy * Wo + ox, valid});
           j += len;
         }

@@ -112,10 +112,10 @@ def _fake_mm_xt(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Ten
 
 
 def _fake_conv2d(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
-                 padding: list[int], dilation: list[int]) -> Tensor:
+                 padding: list[int], dilation: list[int], stride: list[int] = (1, 1)) -> Tensor:
     n = (crow.shape[0] - 1) * (values.shape[1] if values.dim() == 3 else 1)
-    ho = x.shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1)
-    wo = x.shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1)
+    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
     return x.new_empty(x.shape[0], n, ho, wo)
 
 
@@ -191,31 +191,31 @@ def _xt_backward(ctx, dyt: Tensor):
 
 
 def _conv_setup(ctx, inputs, output) -> None:
-    x, crow, col, values, bias, kernel_size, padding, dilation = inputs
+    x, crow, col, values, bias, kernel_size, padding, dilation, *stride = inputs
     ctx.save_for_backward(x, crow, col, values)
     ctx.has_bias = bias is not None
-    ctx.conv = (tuple(kernel_size), tuple(padding), tuple(dilation))
+    ctx.conv = (tuple(kernel_size), tuple(padding), tuple(dilation), tuple(stride[0]) if stride else (1, 1))
 
 
 def _conv_backward(ctx, dy: Tensor):
-    """Stride-1 conv = W @ unfold(x) per image: dx = fold(W^T @ dy), dW = dy @ unfold(x)^T on W's pattern."""
+    """conv = W @ unfold(x) per image: dx = fold(W^T @ dy), dW = dy @ unfold(x)^T on W's pattern."""
     from torch.nn.functional import fold, unfold
 
     x, crow, col, values = ctx.saved_tensors
-    ks, pad, dil = ctx.conv
+    ks, pad, dil, st = ctx.conv
     b, c, h, w = x.shape
     n, length, k = dy.shape[1], dy.shape[2] * dy.shape[3], c * ks[0] * ks[1]
-    need_x, _, _, need_v, need_b, _, _, _ = ctx.needs_input_grad
+    need_x, _, _, need_v, need_b = ctx.needs_input_grad[:5]
     dy2 = dy.reshape(b, n, length).transpose(1, 2).reshape(b * length, n).contiguous()
     db = None
     dcols, dv = _sparse_grads(
-        dy2, lambda: unfold(x, ks, dilation=dil, padding=pad).transpose(1, 2).reshape(b * length, k).contiguous(),
+        dy2, lambda: unfold(x, ks, dil, pad, st).transpose(1, 2).reshape(b * length, k).contiguous(),
         crow, col, values, k, need_x, need_v)
-    dx = None if dcols is None else fold(dcols.reshape(b, length, k).transpose(1, 2), (h, w), ks, dilation=dil,
-                                         padding=pad)
+    dx = None if dcols is None else fold(dcols.reshape(b, length, k).transpose(1, 2), (h, w), ks, dil, pad, st)
     if ctx.has_bias and need_b:
         db = dy.sum((0, 2, 3))
-    return dx, None, None, dv, db, None, None, None
+    # one entry per input: the dispatcher drops a trailing stride equal to its default before autograd sees it
+    return (dx, None, None, dv, db) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
 def _nm_setup(ctx, inputs, output) -> None:

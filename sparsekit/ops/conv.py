@@ -1,12 +1,12 @@
 """Sparse 2-D convolution: a sparse weight over [C_out, C_in/groups * kh * kw] times im2col patches.
 
-On CPU with a BSR/CSR weight, 1x1 convolutions read the (subsampled) NCHW pixels as x^T [B, C_in, L] for
-*_mm_xt, which writes y^T = [B, C_out, L] directly; other stride-1 convolutions run the direct ops
-sparsekit::bsr_conv2d / csr_conv2d (im2col panels built per tile inside the kernel), and strided ones unfold into
-x^T for *_mm_xt (``_patches_t``: strided views and one copy instead of F.unfold): no
-transposes of patches or outputs. bfloat16 BSR with blocks of 16-multiples runs on AMX tiles
-where the CPU has them (csrc/cpu/amx.h; the stride-1 im2col matrix packed straight from the image).
-Elsewhere, 1x1 convolutions with stride 1 and no padding go straight to the sparse GEMM over channels-last pixels;
+On CPU with a BSR/CSR weight, 1x1 convolutions without padding read the (subsampled) NCHW pixels as x^T
+[B, C_in, L] for *_mm_xt, which writes y^T = [B, C_out, L] directly; all others run the direct ops
+sparsekit::bsr_conv2d / csr_conv2d (im2col panels read from a padded copy of the image inside the kernel; a strided
+convolution as a stride-1 one over the image's stride phases): no unfold, no transposes of patches or outputs.
+bfloat16 BSR with blocks of 16-multiples runs on AMX tiles where the CPU has them (csrc/cpu/amx.h; the stride-1
+im2col matrix packed straight from the image, strided ones through im2col).
+Elsewhere, 1x1 convolutions without padding go straight to the sparse GEMM over channels-last pixels;
 the general case unfolds the input (F.unfold) and runs the sparse GEMM per group. Gradients flow through the
 sparse ops' autograd (x, the format's values and bias).
 """
@@ -109,19 +109,6 @@ def conv_windows(x: Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...], 
     return x[(..., *[slice(None, None, dil) for dil in dilation])]     # the dilated taps of each window
 
 
-def _patches_t(x: Tensor, kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
-               stride: tuple[int, int]) -> Tensor:
-    """``F.unfold(x, kernel, dilation, padding, stride)`` ([B, C*kh*kw, Ho*Wo], same autograd) built from
-    ``conv_windows`` of the padded input and one copy (none where the view already has that layout, e.g.
-    a 1 x 1 kernel over one output row: then it may not be contiguous; the *_mm_xt ops copy such an input)."""
-    (kh, kw), (ph, pw) = kernel, padding
-    if ph or pw:
-        x = F.pad(x, (pw, pw, ph, ph))
-    v = conv_windows(x, kernel, dilation, stride)                                      # [B, C, Ho, Wo, kh, kw]
-    b, c, ho, wo = v.shape[:4]
-    return v.permute(0, 1, 4, 5, 2, 3).reshape(b, c * kh * kw, ho * wo)
-
-
 def _cpu_family(x: Tensor, w: object, backend: str | None) -> str | None:
     """"bsr" / "csr" when the CPU conv ops (*_conv2d, *_mm_xt: no transposes of patches or outputs) can run
     this call, else None: other devices/backends and mismatched dtypes or devices take the generic path (which
@@ -185,12 +172,9 @@ def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Te
             if (kh, kw) == (1, 1) and padding == (0, 0):  # 1x1: the (subsampled) NCHW pixels are x^T, read
                 xs = xg[:, :, ::stride[0], ::stride[1]].reshape(b, c_g, h_out * w_out)   # in place when fp32
                 y = call_op(xt_op, xs, wg.crow_indices, wg.col_indices, wg.values, bias_g, n_g)
-            elif stride == (1, 1):  # direct: im2col panels built per tile inside the kernel, no unfold
+            else:  # direct: im2col panels built per tile inside the kernel, no unfold (strides as phases)
                 y = call_op(conv_op, xg, wg.crow_indices, wg.col_indices, wg.values, bias_g, [kh, kw],
-                            list(padding), list(dilation))
-            else:
-                cols = _patches_t(xg, (kh, kw), dilation, padding, stride)                     # [B, K, L]
-                y = call_op(xt_op, cols, wg.crow_indices, wg.col_indices, wg.values, bias_g, n_g)
+                            list(padding), list(dilation), list(stride))
             outs.append(y.reshape(b, n_g, h_out, w_out))
         return outs[0] if groups == 1 else torch.cat(outs, dim=1)
 

@@ -6,6 +6,8 @@ every fast backend is tested against. They are differentiable through ordinary a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -44,10 +46,10 @@ def bsr_mm_xt(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tenso
 
 
 def bsr_conv2d(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
-               padding: list[int], dilation: list[int]) -> Tensor:
+               padding: list[int], dilation: list[int], stride: Sequence[int] = (1, 1)) -> Tensor:
     n, c = (crow.numel() - 1) * values.shape[1], x.shape[1]
     w = _dense_bsr(crow, col, values, n, c * kernel_size[0] * kernel_size[1]).reshape(n, c, *kernel_size)
-    return F.conv2d(x, w, bias, padding=tuple(padding), dilation=tuple(dilation))
+    return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
 
 
 def bsr_mm_t(dy: Tensor, crow: Tensor, col: Tensor, values: Tensor, k: int) -> Tensor:
@@ -72,10 +74,10 @@ def csr_mm_xt(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tenso
 
 
 def csr_conv2d(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
-               padding: list[int], dilation: list[int]) -> Tensor:
+               padding: list[int], dilation: list[int], stride: Sequence[int] = (1, 1)) -> Tensor:
     n, c = crow.numel() - 1, x.shape[1]
     w = _dense_csr(crow, col, values, n, c * kernel_size[0] * kernel_size[1]).reshape(n, c, *kernel_size)
-    return F.conv2d(x, w, bias, padding=tuple(padding), dilation=tuple(dilation))
+    return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
 
 
 def csr_mm_t(dy: Tensor, crow: Tensor, col: Tensor, values: Tensor, k: int) -> Tensor:
