@@ -191,16 +191,28 @@ void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std
       for (int64_t i = 0; i < g.H; ++i) {
         const int64_t pi = i + g.ph;
         float* drow = d + (pi % g.sh) * g.sw * plane + (pi / g.sh) * Wq;
+        const T* srow = s + i * g.W;
         if (g.sw == 1) {  // one phase: a plain (vectorised) row copy
-          for (int64_t j = 0; j < g.W; ++j) drow[g.pw + j] = static_cast<float>(s[i * g.W + j]);
+          for (int64_t j = 0; j < g.W; ++j) drow[g.pw + j] = static_cast<float>(srow[j]);
           continue;
         }
-        for (int64_t rx = 0; rx < g.sw; ++rx) {  // column phase rx holds input columns j0, j0 + sw, ...
-          const int64_t j0 = ((rx - g.pw) % g.sw + g.sw) % g.sw;
-          const T* srow = s + i * g.W + j0;
-          float* dr = drow + rx * plane + (j0 + g.pw) / g.sw;
-          for (int64_t t = 0, n = (g.W - j0 + g.sw - 1) / g.sw; t < n; ++t) dr[t] = static_cast<float>(srow[t * g.sw]);
+        // input column j = t * sw + r lands in column phase (r + pw) % sw at index t + (r + pw) / sw
+        const int64_t full = g.W / g.sw, rest = g.W - full * g.sw;
+        auto dst = [&](int64_t r) { return drow + ((r + g.pw) % g.sw) * plane + (r + g.pw) / g.sw; };
+        if (g.sw == 2) {  // the common stride: a deinterleave the compiler vectorises
+          float* const d0 = dst(0);
+          float* const d1 = dst(1);
+          for (int64_t t = 0; t < full; ++t) {
+            d0[t] = static_cast<float>(srow[2 * t]);
+            d1[t] = static_cast<float>(srow[2 * t + 1]);
+          }
+        } else {
+          for (int64_t r = 0; r < g.sw; ++r) {
+            float* const d = dst(r);
+            for (int64_t t = 0; t < full; ++t) d[t] = static_cast<float>(srow[t * g.sw + r]);
+          }
         }
+        for (int64_t r = 0; r < rest; ++r) dst(r)[full] = static_cast<float>(srow[full * g.sw + r]);
       }
     }
   });

@@ -116,6 +116,7 @@ LINEAR_SHAPES: tuple[LinearShape, ...] = (
 )
 
 _R50 = "ResNet-50 at 224x224, a non-downsampling bottleneck block"
+_R50_DOWN = "ResNet-50 (v1.5) at 224x224, a stage's first bottleneck: stride 2 in its 3x3 conv and projection shortcut"
 _MBV2 = "MobileNetV2 at 224x224, pointwise conv"
 
 CONV_SHAPES: tuple[ConvShape, ...] = (
@@ -127,6 +128,10 @@ CONV_SHAPES: tuple[ConvShape, ...] = (
     ConvShape("resnet50.layer3.conv3x3", 256, 256, 3, 14, 1, 1, 1, 32, _R50),
     ConvShape("resnet50.layer4.conv3x3", 512, 512, 3, 7, 1, 1, 1, 32, _R50),
     ConvShape("resnet50.layer4.conv1x1_out", 512, 2048, 1, 7, 1, 0, 1, 32, _R50),
+    ConvShape("resnet50.layer2.conv3x3_s2", 128, 128, 3, 56, 2, 1, 1, 32, _R50_DOWN),
+    ConvShape("resnet50.layer3.conv3x3_s2", 256, 256, 3, 28, 2, 1, 1, 32, _R50_DOWN),
+    ConvShape("resnet50.layer4.conv3x3_s2", 512, 512, 3, 14, 2, 1, 1, 32, _R50_DOWN),
+    ConvShape("resnet50.layer3.downsample", 512, 1024, 1, 28, 2, 0, 1, 32, _R50_DOWN),
     ConvShape("mobilenetv2.expand_32_192", 32, 192, 1, 28, 1, 0, 1, 32, _MBV2),
     ConvShape("mobilenetv2.expand_64_384", 64, 384, 1, 14, 1, 0, 1, 32, _MBV2),
     ConvShape("mobilenetv2.project_384_64", 384, 64, 1, 14, 1, 0, 1, 32, _MBV2),
