@@ -5,9 +5,10 @@ For each layer: capture its real input (one run of example_inputs), list the can
 allows (dense; bsr with each block shape whose blocks are mostly empty; csr; nm with each n:m pattern the weight
 fits; channel when whole output rows are zero), check each candidate's output against dense, time them side by
 side (interleaved medians), keep the fastest, and fall back to dense unless a sparse format beats it by
-``min_speedup``. Timings go to a tuning cache keyed by device, dtype, shape and pattern statistics, so a second
-call on the same model is near-instant. Layers already sparsified (SparseLinear / SparseConv1d / SparseConv2d, e.g.
-from ``sk.load``) are turned back into dense candidates and measured again: the best format differs between machines.
+``min_speedup``. Timings go to a tuning cache keyed by device, dtype, shape, pattern statistics and sparsekit's code
+revision, so a second call on the same model is near-instant (and one after an upgrade measures again). Layers
+already sparsified (SparseLinear / SparseConv1d / SparseConv2d, e.g. from ``sk.load``) are turned back into dense
+candidates and measured again: the best format differs between machines.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .prune.linear_mha import (
 )
 from .prune.masks import bake_masks
 from .timing import interleaved_median_ms
-from .tuning_cache import TuningCache, device_name, resolve_cache
+from .tuning_cache import TuningCache, code_revision, device_name, resolve_cache
 from .verify import as_args
 
 DEFAULT_BLOCKS: tuple[tuple[int, int], ...] = ((1, 4), (4, 1), (16, 16), (32, 32), (64, 64))
@@ -419,7 +420,7 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
             continue
         stats = pattern_stats(w, blocks)
         factories = _candidates(mod, w, stats, formats, blocks, backend, exact)
-        key = TuningCache.key({"device": report.device, "dtype": str(inp.dtype), **_kind(mod),
+        key = TuningCache.key({"device": report.device, "code": code_revision(), "dtype": str(inp.dtype), **_kind(mod),
                                "weight": list(w.shape), "input": list(inp.shape), "stats": stats,
                                "candidates": sorted(factories), "backend": backend, "exact": exact})
         notes: list[str] = []

@@ -1,13 +1,17 @@
 """The tuning cache of sparsify decisions: which format won for a layer, keyed by what decides it.
 
-Key = device (type and name), dtype, layer kind and geometry, the layer's real input shape, and the weight's
-pattern statistics (rounded), so that a second sparsify of the same model — or of another model with the same
-layer — is near-instant. Stored as JSON (human-readable, no pickling).
+Key = device (type and name), dtype, layer kind and geometry, the layer's real input shape, the weight's
+pattern statistics (rounded) and the revision of sparsekit's code (``code_revision``), so that a second sparsify of
+the same model — or of another model with the same layer — is near-instant, while an upgrade or rebuild that
+changes the kernels measures again. Stored as JSON (human-readable, no pickling).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -34,6 +38,27 @@ def device_name(device: torch.device) -> str:
     from .info import _cpu_kernel_isa, _cpu_model
 
     return f"cpu:{_cpu_model()}:{torch.get_num_threads()}t:{_cpu_kernel_isa() or 'no-ext'}"
+
+
+@functools.cache
+def code_revision() -> str:
+    """A digest of the code that decides a layer's times: sparsekit's Python sources (dispatch, Triton kernels) and
+    the built extension's identity (file name, size, modification time). A decision measured under other code is
+    measured again, not reused: a cached "dense" for a layer a newer kernel runs faster would hide the gain."""
+    digest = hashlib.sha1()
+    package = Path(__file__).resolve().parent
+    roots = [package]
+    spec = importlib.util.find_spec("sparsekit.kernels")   # kernels/ outside the package in a development checkout
+    if spec is not None and spec.submodule_search_locations:
+        roots += [Path(p).resolve() for p in spec.submodule_search_locations]
+    for root in dict.fromkeys(roots):
+        for f in sorted(root.rglob("*.py")):
+            digest.update(f.relative_to(root).as_posix().encode())
+            digest.update(f.read_bytes())
+    for f in sorted(package.glob("_C*")):
+        st = f.stat()
+        digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:12]
 
 
 def _valid_entry(entry: object) -> bool:

@@ -455,6 +455,39 @@ def test_cache_key_separates_dtypes():
     assert not rep.layers[0].cached
 
 
+def test_cache_key_separates_code_revisions(monkeypatch):
+    """A decision measured under other kernels (an upgrade, a rebuild) is measured again, not reused."""
+    sparsify_module = importlib.import_module("sparsekit.sparsify")   # the module (sk.sparsify is the function)
+    m, x = _masked_linear()
+    cache = TuningCache(None)
+    monkeypatch.setattr(sparsify_module, "code_revision", lambda: "before")
+    sk.sparsify(m, x, min_speedup=1e-9, cache=cache, reps=2, measure_model=False)
+    _, again = sk.sparsify(m, x, min_speedup=1e-9, cache=cache, reps=2, measure_model=False)
+    assert again.layers[0].cached
+    monkeypatch.setattr(sparsify_module, "code_revision", lambda: "after")
+    _, rep = sk.sparsify(m, x, min_speedup=1e-9, cache=cache, reps=2, measure_model=False)
+    assert not rep.layers[0].cached
+
+
+def test_code_revision_follows_the_sources(tmp_path, monkeypatch):
+    from sparsekit import tuning_cache
+
+    tuning_cache.code_revision.cache_clear()
+    first = tuning_cache.code_revision()
+    assert first == tuning_cache.code_revision() and len(first) == 12
+    fake_init = tmp_path / "__init__.py"
+    fake_init.write_text("")
+    monkeypatch.setattr(tuning_cache, "__file__", str(tmp_path / "tuning_cache.py"))
+    tuning_cache.code_revision.cache_clear()
+    try:
+        alone = tuning_cache.code_revision()
+        fake_init.write_text("# changed")
+        tuning_cache.code_revision.cache_clear()
+        assert tuning_cache.code_revision() != alone
+    finally:
+        tuning_cache.code_revision.cache_clear()
+
+
 class StridedDilated(nn.Module):
     def __init__(self):
         super().__init__()
