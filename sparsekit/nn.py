@@ -1,5 +1,5 @@
-"""SparseLinear, SparseConv1d and SparseConv2d: drop-in replacements for nn.Linear / nn.Conv1d / nn.Conv2d holding
-a sparse-format weight.
+"""SparseLinear, SparseConv1d, SparseConv2d and SparseConv3d: drop-in replacements for nn.Linear / nn.Conv1d /
+nn.Conv2d / nn.Conv3d holding a sparse-format weight.
 
 The format's values are an ``nn.Parameter`` (they train, the pattern stays fixed); its index tensors are
 buffers, so ``state_dict()`` holds everything as plain tensors. ``format="dense"`` keeps an ordinary dense weight
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ._compat import set_submodule
 from .formats import BSR, CSR, NM, ChannelIndex
-from .ops import sparse_conv2d, sparse_linear
+from .ops import sparse_conv2d, sparse_conv3d, sparse_linear
 from .ops.conv import group_starts
 from .prune.graph import QKV_PROJ
 from .prune.linear_mha import (
@@ -290,22 +290,62 @@ class SparseConv1d(SparseConv2d):
         return out
 
 
-_SPARSE_TWINS = ((nn.Linear, SparseLinear), (nn.Conv1d, SparseConv1d), (nn.Conv2d, SparseConv2d))
-SPARSE_LAYERS = tuple(dense for dense, _ in _SPARSE_TWINS)   # what SparseLinear / SparseConv1d / SparseConv2d replace
+class SparseConv3d(SparseConv2d):
+    """nn.Conv3d with a sparse weight over [C_out, C_in/groups*kd*kh*kw] (sparsekit.ops.sparse_conv3d); its
+    geometry attributes are 3-tuples, its inputs Conv3d's ([N, C, D, H, W] or unbatched [C, D, H, W])."""
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv3d, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
+                   m: int = 4, backend: str | None = None) -> SparseConv3d:
+        """Convert an nn.Conv3d; the weight is viewed as [C_out, C_in/groups*kd*kh*kw] for the format."""
+        if not isinstance(conv, nn.Conv3d):
+            raise TypeError(f"conv must be an nn.Conv3d, got {type(conv).__name__}")
+        padding = _explicit_padding(conv)
+        w2d = conv.weight.detach().reshape(conv.out_channels, -1)
+        fmt = _to_format(w2d, _check_format(format), block, n, m)
+        return cls(fmt, conv.bias, format, conv.in_channels, conv.kernel_size, conv.stride, padding,
+                   conv.dilation, conv.groups, backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (4, 5):
+            raise ValueError(f"x must be [N, C, D, H, W] or unbatched [C, D, H, W], got shape {tuple(x.shape)}")
+        if x.dim() == 4:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        w = self.sparse_weight()
+        if isinstance(w, Tensor):  # dense fallback: torch's own conv
+            weight = w.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+            return F.conv3d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return sparse_conv3d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                             kernel_size=self.kernel_size, backend=self.backend)
+
+    def to_dense(self) -> nn.Conv3d:
+        p = self.values if self.format != "dense" else self.weight2d
+        out = nn.Conv3d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                        self.dilation, self.groups, bias=self.bias is not None, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.dense_weight2d().reshape_as(out.weight))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+
+_SPARSE_TWINS = ((nn.Linear, SparseLinear), (nn.Conv1d, SparseConv1d), (nn.Conv2d, SparseConv2d),
+                 (nn.Conv3d, SparseConv3d))
+SPARSE_LAYERS = tuple(dense for dense, _ in _SPARSE_TWINS)   # what the Sparse* modules replace
 
 
 def sparse_class(mod: nn.Module) -> type[_SparseWeight]:
-    """The Sparse* module that replaces ``mod`` (an nn.Linear, nn.Conv1d or nn.Conv2d)."""
+    """The Sparse* module that replaces ``mod`` (an nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d)."""
     for dense, sparse in _SPARSE_TWINS:
         if isinstance(mod, dense):
             return sparse
-    raise TypeError(f"mod must be an nn.Linear, nn.Conv1d or nn.Conv2d, got {type(mod).__name__}")
+    raise TypeError(f"mod must be an nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(mod).__name__}")
 
 
 def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
                     m: int = 4, backend: str | None = None, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Replace (in place) every nn.Linear / nn.Conv1d / nn.Conv2d whose weight has zeros by its Sparse* twin in one
-    format.
+    """Replace (in place) every nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d whose weight has zeros by its Sparse*
+    twin in one format.
 
     Layers with no zeros, or whose shape the format cannot take (a block that does not divide, K not a multiple
     of m), stay dense and are listed in the returned model's ``sparsekit_skipped`` attribute with the reason.
@@ -379,6 +419,6 @@ def conv1d_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
     return target
 
 
-__all__ = ["SparseLinear", "SparseConv1d", "SparseConv2d", "SPARSE_LAYERS", "sparse_class", "convert_modules",
-           "conv1d_to_linear", "mha_to_linear", "LinearMultiheadAttention", "disable_fused_transformer_paths",
-           "FORMAT_NAMES"]
+__all__ = ["SparseLinear", "SparseConv1d", "SparseConv2d", "SparseConv3d", "SPARSE_LAYERS", "sparse_class",
+           "convert_modules", "conv1d_to_linear", "mha_to_linear", "LinearMultiheadAttention",
+           "disable_fused_transformer_paths", "FORMAT_NAMES"]

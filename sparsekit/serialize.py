@@ -24,7 +24,7 @@ from torch import nn
 
 from ._compat import set_submodule
 from .formats import BSR, CSR, NM, ChannelIndex
-from .nn import SparseConv1d, SparseConv2d, SparseLinear
+from .nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear
 from .ops._dispatch import BACKENDS
 from .prune.linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
 
@@ -107,7 +107,8 @@ def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
         backend = None
     if spec["class"] == "SparseLinear":
         return SparseLinear(weight, bias, fmt, backend)
-    conv = SparseConv1d if spec["class"] == "SparseConv1d" else SparseConv2d    # (Conv1d: its 2-D geometry)
+    # (a Conv1d's saved geometry is its 2-D one)
+    conv = {"SparseConv1d": SparseConv1d, "SparseConv3d": SparseConv3d}.get(spec["class"], SparseConv2d)
     return conv(weight, bias, fmt, spec["in_channels"], tuple(spec["kernel_size"]), tuple(spec["stride"]),
                         tuple(spec["padding"]), tuple(spec["dilation"]), spec["groups"], backend)
 

@@ -1,5 +1,5 @@
-"""sk.sparsify: swap every Linear/Conv1d/Conv2d whose weight has zeros for the format measured fastest at its real
-shape.
+"""sk.sparsify: swap every Linear/Conv1d/Conv2d/Conv3d whose weight has zeros for the format measured fastest at its
+real shape.
 
 For each layer: capture its real input (one run of example_inputs), list the candidate formats the zero pattern
 allows (dense; bsr with each block shape whose blocks are mostly empty; csr; nm with each n:m pattern the weight
@@ -7,7 +7,7 @@ fits; channel when whole output rows are zero), check each candidate's output ag
 side (interleaved medians), keep the fastest, and fall back to dense unless a sparse format beats it by
 ``min_speedup``. Timings go to a tuning cache keyed by device, dtype, shape, pattern statistics and sparsekit's code
 revision, so a second call on the same model is near-instant (and one after an upgrade measures again). Layers
-already sparsified (SparseLinear / SparseConv1d / SparseConv2d, e.g. from ``sk.load``) are turned back into dense
+already sparsified (SparseLinear / SparseConv1d / 2d / 3d, e.g. from ``sk.load``) are turned back into dense
 candidates and measured again: the best format differs between machines.
 """
 
@@ -214,7 +214,7 @@ def _kind(mod: nn.Module) -> dict:
     fast they run (the cache key holds it: a decision for a zero-padded conv must not be reused for a
     reflect-padded one, whose sparse candidates cannot be built)."""
     bias = {"bias": mod.bias is not None, "weight_dtype": str(mod.weight.dtype)}
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return {"kind": f"conv{mod.weight.dim() - 2}d", "kernel": list(mod.kernel_size), "stride": list(mod.stride),
                 "padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
                 "padding_mode": mod.padding_mode, "dilation": list(mod.dilation), "groups": mod.groups, **bias}
@@ -222,15 +222,16 @@ def _kind(mod: nn.Module) -> dict:
 
 
 def _plain_dense(mod: nn.Module) -> nn.Module:
-    """A fresh plain nn.Linear/nn.Conv1d/nn.Conv2d with the layer's (masked) weight baked in: the fair dense baseline.
+    """A fresh plain nn.Linear/nn.Conv1d/nn.Conv2d/nn.Conv3d with the layer's (masked) weight baked in: the fair dense
+    baseline.
 
     (Not deepcopy + remove_parametrizations: a copy shares the parametrized class, and removing the
     parametrization from it would strip the original too.)
     """
     w = mod.weight.detach()
     bias = mod.bias.detach() if mod.bias is not None else None
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-        conv = nn.Conv1d if isinstance(mod, nn.Conv1d) else nn.Conv2d
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        conv = next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(mod, c))
         new = conv(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
                    mod.groups, bias=bias is not None, padding_mode=mod.padding_mode, device=w.device, dtype=w.dtype)
     else:
@@ -352,8 +353,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
              min_speedup: float = 1.1, cache: Any = None, blocks: list[tuple[int, int]] | None = None,
              reps: int = 7, backend: str | None = None, exact: bool = False, inplace: bool = False,
              measure_model: bool = True) -> tuple[nn.Module, SparsifyReport]:
-    """Return (fast_model, report). ``fast_model`` is a copy (``inplace=False``) in which every Linear/Conv1d/Conv2d
-    whose weight has zeros is replaced by the measured-fastest SparseLinear/SparseConv1d/SparseConv2d, or left dense.
+    """Return (fast_model, report). ``fast_model`` is a copy (``inplace=False``) in which every Linear/Conv1d/Conv2d/
+    Conv3d whose weight has zeros is replaced by the measured-fastest Sparse* twin (sparse_class), or left dense.
     SparseLinear/SparseConv2d layers already in ``model`` (e.g. from ``sk.load``) are measured again from
     their dense equivalent. ``fast_model`` is in eval mode; ``model`` is not run (nor changed, unless inplace).
     An ``nn.MultiheadAttention`` whose projections have zeros is measured as a ``LinearMultiheadAttention`` (its

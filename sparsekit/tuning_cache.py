@@ -43,8 +43,9 @@ def device_name(device: torch.device) -> str:
 @functools.cache
 def code_revision() -> str:
     """A digest of the code that decides a layer's times: sparsekit's Python sources (dispatch, Triton kernels) and
-    the built extension's identity (file name, size, modification time). A decision measured under other code is
-    measured again, not reused: a cached "dense" for a layer a newer kernel runs faster would hide the gain."""
+    the built extension's bytes. A decision measured under other code is measured again, not reused: a cached
+    "dense" for a layer a newer kernel runs faster would hide the gain (and ``TuningCache.save`` drops such
+    entries, so the file does not grow with every upgrade)."""
     digest = hashlib.sha1()
     package = Path(__file__).resolve().parent
     roots = [package]
@@ -55,10 +56,21 @@ def code_revision() -> str:
         for f in sorted(root.rglob("*.py")):
             digest.update(f.relative_to(root).as_posix().encode())
             digest.update(f.read_bytes())
-    for f in sorted(package.glob("_C*")):
-        st = f.stat()
-        digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for f in sorted(package.glob("_C*")):   # its bytes, not its mtime: a reinstall of the same build keeps the cache
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()[:12]
+
+
+def _current(key: str) -> bool:
+    """False for a sparsify key measured under another code revision (``code_revision``); True otherwise."""
+    try:
+        parts = json.loads(key)
+    except ValueError:
+        return True
+    return not isinstance(parts, dict) or parts.get("code", code_revision()) == code_revision()
 
 
 def _valid_entry(entry: object) -> bool:
@@ -136,8 +148,10 @@ class TuningCache:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.path):
-            # entries other processes saved since this cache was read are kept; ours win on the same key
-            self.entries = {**_read_entries(self.path, warn=False), **self.entries}  # (warned when read)
+            # entries other processes saved since this cache was read are kept (ours win on the same key), but
+            # not those measured under another code revision: they are never looked up again
+            merged = {**_read_entries(self.path, warn=False), **self.entries}  # (warned when read)
+            self.entries = {k: v for k, v in merged.items() if _current(k)}
             fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:

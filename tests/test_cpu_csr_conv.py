@@ -154,10 +154,10 @@ def test_sparse_conv2d_cpu_takes_the_cpu_ops():
 
     x = torch.randn(1, 4, 5, 5)
     w = BSR.from_dense(torch.randn(8, 4 * 9), (4, 4))
-    assert conv._cpu_family(x, w, None) == "bsr"
-    assert conv._cpu_family(x, CSR.from_dense(torch.randn(8, 36)), None) == "csr"
-    assert conv._cpu_family(x, w, "reference") is None
-    assert conv._cpu_family(x.double(), w, None) is None  # dtype mismatch: the generic path raises
+    assert conv._cpu_family(x, w, None, 2) == "bsr"
+    assert conv._cpu_family(x, CSR.from_dense(torch.randn(8, 36)), None, 2) == "csr"
+    assert conv._cpu_family(x, w, "reference", 2) is None
+    assert conv._cpu_family(x.double(), w, None, 2) is None  # dtype mismatch: the generic path raises
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -276,6 +276,18 @@ def test_conv_ops_reject_empty_crow_indices():
         torch.ops.sparsekit.csr_conv2d(x, e, e, torch.empty(0), None, [1, 1], [0, 0], [1, 1])
 
 
+def test_conv_geometry_too_large_to_address_raises():
+    """A huge padding with a huge stride gives a tiny output but a padded image whose size overflowed (a write
+    outside the scratch buffer): such geometry is refused by name."""
+    x = torch.randn(1, 1, 2, 2)
+    crow, col = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"csr_conv2d: kernel_size, padding, dilation and stride must be < 2\^31"):
+        torch.ops.sparsekit.csr_conv2d(x, crow, col, torch.randn(1), None, [1, 1], [2**31 - 1] * 2, [1, 1], [2**32] * 2)
+    with pytest.raises(RuntimeError, match="bsr_conv3d: the padded input .* is too large to address"):
+        torch.ops.sparsekit.bsr_conv3d(x[None], crow, col, torch.randn(1, 1, 1), None, [1, 1, 1], [2**30] * 3,
+                                       [1, 1, 1], [2**30] * 3)
+
+
 def test_sddmm_row_mismatch_errors():
     x, crow, col, _ = _bsr_args()
     with pytest.raises(RuntimeError, match=r"bsr_sddmm: x and dy must have the same number of rows M"):

@@ -82,8 +82,8 @@ def test_bad_input():
     sc = SparseConv1d.from_dense(_pruned_conv1d(), format="csr")
     with pytest.raises(ValueError, match=r"x must be \[N, C, L\]"):
         sc(torch.randn(2, 16, 3, 5))
-    with pytest.raises(TypeError, match="nn.Linear, nn.Conv1d or nn.Conv2d"):
-        sparse_class(nn.Conv3d(2, 2, 1))
+    with pytest.raises(TypeError, match="nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d, got ConvTranspose1d"):
+        sparse_class(nn.ConvTranspose1d(2, 2, 1))
 
 
 class TCN(nn.Module):

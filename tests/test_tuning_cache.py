@@ -93,3 +93,20 @@ def test_concurrent_writers_neither_crash_nor_lose_entries(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], errors
     entries = TuningCache(path).entries
     assert set(entries) == {f"{me}-{i}" for me in writers for i in range(n)}
+
+
+def test_save_drops_entries_of_other_code_revisions(tmp_path):
+    """An upgrade or rebuild changes code_revision: entries measured before are never looked up again, so saving
+    drops them instead of letting the file grow with every revision (keys without a revision are kept)."""
+    from sparsekit.tuning_cache import code_revision
+
+    path = tmp_path / "cache.json"
+    entry = {"times_ms": {"dense": 1.0}, "notes": []}
+    old = TuningCache.key({"code": "0" * 12, "layer": 1})
+    cache = TuningCache(path)
+    cache.put(old, entry)
+    cache.put("plain", entry)
+    current = TuningCache.key({"code": code_revision(), "layer": 1})
+    cache.put(current, entry)
+    cache.save()
+    assert set(TuningCache(path).entries) == {"plain", current}

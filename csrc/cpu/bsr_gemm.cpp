@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/im2col.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -600,32 +599,35 @@ at::Tensor bsr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::
 }
 
 
-// y [B, n, Ho, Wo] = conv2d(x [B, C, H, W], W [n, C*kh*kw] BSR) (+ bias): conv_panels (panel.h), no im2col.
-at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                      const std::optional<at::Tensor>& bias_in, at::IntArrayRef kernel_size, at::IntArrayRef padding,
-                      at::IntArrayRef dilation, at::IntArrayRef stride) {
-  constexpr const char* op = "sparsekit::bsr_conv2d";
+// y [B, n, (Do,) Ho, Wo] = conv2d / conv3d(x [B, C, (D,) H, W], W [n, C*(kd*)kh*kw] BSR) (+ bias): conv_panels
+// (panel.h), no im2col; the op (its name in errors) fixes the spatial dims.
+at::Tensor bsr_conv(const char* op, const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col,
+                    const at::Tensor& values, const std::optional<at::Tensor>& bias_in, at::IntArrayRef kernel_size,
+                    at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef stride) {
   check_tensor(op, values, "values", 3);
   check_index(op, crow, "crow_indices");
   check_index(op, col, "col_indices");
   TORCH_CHECK(crow.numel() >= 1, op, ": crow_indices must have N/block_n + 1 >= 1 entries, got 0");
   const ConvGeom g = checked_conv_geom(op, x_in, values, kernel_size, padding, dilation, stride);
-  const int64_t K = g.C * g.kh * g.kw;
+  const size_t nd = kernel_size.size();
+  const int64_t K = g.K();
   const int64_t bn = values.size(1), bk = values.size(2), n = (crow.numel() - 1) * bn;
   check_block(op, bn, bk);
-  TORCH_CHECK(K % bk == 0, op, ": C*kh*kw (K=", K, ") must be a multiple of block_k=", bk, " (values.size(2))");
+  TORCH_CHECK(K % bk == 0, op, ": C*prod(kernel_size) (K=", K, ") must be a multiple of block_k=", bk,
+              " (values.size(2))");
   check_blocks(op, crow, col, values, n / bn, K / bk);
   const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
-  const bool amx = x_in.scalar_type() == at::kBFloat16 && use_amx(true, WKind::kBF16, g.Ho() * g.Wo(), bn, bk);
-  if ((amx && !g.unit_stride()) || !use_fast(x_in.scalar_type())) {
-    // strided on AMX (amx_pack_conv reads stride-1 taps) and float64: im2col + the transposed-layout op
-    const at::Tensor cols = at::im2col(x_in, kernel_size, dilation, padding, stride);
-    return bsr_mm_xt(cols, crow, col, values, bias_in, n).reshape({g.B, n, g.Ho(), g.Wo()});
+  const std::vector<int64_t> y_shape = conv_out_shape(g, n, nd);
+  const bool amx = x_in.scalar_type() == at::kBFloat16 && use_amx(true, WKind::kBF16, g.outputs(), bn, bk);
+  if ((amx && nd == 2 && !g.unit_stride()) || !use_fast(x_in.scalar_type())) {
+    // strided 2-D on AMX (amx_pack_conv reads stride-1 taps) and float64: im2col + the transposed-layout op
+    const at::Tensor cols = conv_patches(x_in, kernel_size, padding, dilation, stride);
+    return bsr_mm_xt(cols, crow, col, values, bias_in, n).reshape(y_shape);
   }
-  if (amx) {
+  if (amx && nd == 2) {
     // AMX: the implicit im2col matrix packed straight from the image into VNNI row pairs (amx_pack_conv)
     const at::Tensor x = x_in.contiguous();
-    at::Tensor y = at::empty({g.B, n, g.Ho(), g.Wo()}, x.options());
+    at::Tensor y = at::empty(y_shape, x.options());
     if (g.B == 0 || n == 0) return y;
     const AmxConv ag{g.C, g.H, g.W, g.kh, g.kw, g.ph, g.pw, g.dh, g.dw, g.Ho(), g.Wo()};
     const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
@@ -639,20 +641,20 @@ at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
     return y;
   }
   const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty({g.B, n, g.Ho(), g.Wo()}, x.options());
+  at::Tensor y = at::empty(y_shape, x.options());
   if (g.B == 0 || n == 0) return y;
   const auto [fv, wk] = fast_values(values);
   const Isa isa = active_isa();
-  const int64_t threads = at::get_num_threads(), Mg = g.Ho() * g.Wq();
+  const int64_t threads = at::get_num_threads(), Mg = g.grid();
   const int64_t rows = n / bn;
   const int nv = choose_nv(isa, Mg, bn);
-  const int64_t MT = int64_t(nv) * vec_floats(isa), tiles = g.B * ((Mg + MT - 1) / MT);
+  const int64_t MT = int64_t(nv) * vec_floats(isa), tiles = g.slices() * ((Mg + MT - 1) / MT);
   const int32_t* cr = crow.const_data_ptr<int32_t>();
   const int32_t* cc = col.const_data_ptr<int32_t>();
   const std::vector<int64_t> bounds = balanced_chunks(cr, rows, (4 * threads + tiles - 1) / tiles, bn * bk, bn);
   const void* v = fv.const_data_ptr();
   const std::vector<float> bf = bias_vec(bias);
-  SPARSEKIT_DISPATCH_FAST(x.scalar_type(), "sparsekit_bsr_conv2d", [&] {
+  SPARSEKIT_DISPATCH_FAST(x.scalar_type(), "sparsekit_bsr_conv", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       conv_panels<scalar_t>(x.const_data_ptr<scalar_t>(), g, n, MT, bounds, bn, bf.empty() ? nullptr : bf.data(),
                             y.mutable_data_ptr<scalar_t>(), /*in_place=*/true,
@@ -664,6 +666,18 @@ at::Tensor bsr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
     }
   });
   return y;
+}
+
+at::Tensor bsr_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                      const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                      at::IntArrayRef dilation, at::IntArrayRef stride) {
+  return bsr_conv("sparsekit::bsr_conv2d", x, crow, col, values, bias, kernel_size, padding, dilation, stride);
+}
+
+at::Tensor bsr_conv3d(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                      const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                      at::IntArrayRef dilation, at::IntArrayRef stride) {
+  return bsr_conv("sparsekit::bsr_conv3d", x, crow, col, values, bias, kernel_size, padding, dilation, stride);
 }
 
 
@@ -848,5 +862,6 @@ TORCH_LIBRARY_IMPL(sparsekit, CPU, m) {
   m.impl("bsr_mm_t", &bsr_mm_t);
   m.impl("bsr_mm_xt", &bsr_mm_xt);
   m.impl("bsr_conv2d", &bsr_conv2d);
+  m.impl("bsr_conv3d", &bsr_conv3d);
   m.impl("bsr_sddmm", &bsr_sddmm);
 }

@@ -10,7 +10,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/im2col.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -347,32 +346,33 @@ at::Tensor csr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::
 }
 
 
-// y [B, n, Ho, Wo] = conv2d(x [B, C, H, W], W [n, C*kh*kw] CSR) (+ bias): conv_panels (panel.h), no im2col.
-at::Tensor csr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
-                      const std::optional<at::Tensor>& bias_in, at::IntArrayRef kernel_size, at::IntArrayRef padding,
-                      at::IntArrayRef dilation, at::IntArrayRef stride) {
-  constexpr const char* op = "sparsekit::csr_conv2d";
+// y [B, n, (Do,) Ho, Wo] = conv2d / conv3d(x [B, C, (D,) H, W], W [n, C*(kd*)kh*kw] CSR) (+ bias): conv_panels
+// (panel.h), no im2col; the op (its name in errors) fixes the spatial dims.
+at::Tensor csr_conv(const char* op, const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col,
+                    const at::Tensor& values, const std::optional<at::Tensor>& bias_in, at::IntArrayRef kernel_size,
+                    at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef stride) {
   check_tensor(op, values, "values", 1);
   check_indices(op, crow, col);
   const ConvGeom g = checked_conv_geom(op, x_in, values, kernel_size, padding, dilation, stride);
-  const int64_t K = g.C * g.kh * g.kw;
+  const int64_t K = g.K();
   const int64_t n = crow.numel() - 1;
   TORCH_CHECK(n >= 0, op, ": crow_indices must have n + 1 >= 1 entries");
   check_nnz(op, col, values);
   const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
+  const std::vector<int64_t> y_shape = conv_out_shape(g, n, kernel_size.size());
   if (!use_fast(x_in.scalar_type())) {  // float64: im2col + the transposed-layout op
-    const at::Tensor cols = at::im2col(x_in, kernel_size, dilation, padding, stride);
-    return csr_mm_xt(cols, crow, col, values, bias_in, n).reshape({g.B, n, g.Ho(), g.Wo()});
+    const at::Tensor cols = conv_patches(x_in, kernel_size, padding, dilation, stride);
+    return csr_mm_xt(cols, crow, col, values, bias_in, n).reshape(y_shape);
   }
   const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty({g.B, n, g.Ho(), g.Wo()}, x.options());
+  at::Tensor y = at::empty(y_shape, x.options());
   if (g.B == 0 || n == 0) return y;
   const auto [fv, wk] = fast_values(values);
   const Isa isa = active_isa();
-  const int64_t threads = at::get_num_threads(), Mg = g.Ho() * g.Wq();
+  const int64_t threads = at::get_num_threads(), Mg = g.grid();
   const int64_t W = vec_floats(isa);
   const int nv = csr_nv(Mg, W);
-  const int64_t MT = int64_t(nv) * W, tiles = g.B * ((Mg + MT - 1) / MT);
+  const int64_t MT = int64_t(nv) * W, tiles = g.slices() * ((Mg + MT - 1) / MT);
   const int32_t* cr = crow.const_data_ptr<int32_t>();
   const std::vector<int64_t> bounds = balanced_chunks(cr, n, (4 * threads + tiles - 1) / tiles, 1, 4);
   const void* v = fv.const_data_ptr();
@@ -389,6 +389,18 @@ at::Tensor csr_conv2d(const at::Tensor& x_in, const at::Tensor& crow, const at::
     }
   });
   return y;
+}
+
+at::Tensor csr_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                      const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                      at::IntArrayRef dilation, at::IntArrayRef stride) {
+  return csr_conv("sparsekit::csr_conv2d", x, crow, col, values, bias, kernel_size, padding, dilation, stride);
+}
+
+at::Tensor csr_conv3d(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+                      const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                      at::IntArrayRef dilation, at::IntArrayRef stride) {
+  return csr_conv("sparsekit::csr_conv3d", x, crow, col, values, bias, kernel_size, padding, dilation, stride);
 }
 
 
@@ -486,5 +498,6 @@ TORCH_LIBRARY_IMPL(sparsekit, CPU, m) {
   m.impl("csr_mm_t", &csr_mm_t);
   m.impl("csr_mm_xt", &csr_mm_xt);
   m.impl("csr_conv2d", &csr_conv2d);
+  m.impl("csr_conv3d", &csr_conv3d);
   m.impl("csr_sddmm", &csr_sddmm);
 }

@@ -4,7 +4,9 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/im2col.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -114,58 +116,120 @@ void store_panel_xt(const float* out, int64_t MT, int64_t rows, int64_t mc, cons
   }
 }
 
-// Direct convolution over M-panels, no im2col tensor: x [B, C, H, W] is copied once into a zero-padded fp32 image
-// split into its stride phases, xpad [B][C][sh][sw][Hq][Wq] (+ slack; Hq = ceil(Hp / sh), Wq = ceil(Wp / sw)): padded
-// pixel (i, j) goes to phase (i % sh, j % sw) at (i / sh, j / sw). A stride-s convolution is then a stride-1 one
-// over the phases (tap ky * dh = sh * a + ry reads phase row ry, shifted a rows), so outputs are computed on the
-// Ho x Wq grid of each image (Wq - Wo wasted columns per row), where weight column k = (c, ky, kx) of output m reads
-// xpad[b] at off[k] + m: every panel row is one contiguous run of MT floats, for any stride (with stride 1 the
-// phases are the padded image itself). Tasks = ((image, tile), chunk of `bounds`). in_place: the
-// kernel reads those runs straight from xpad (compute gets the tile's base and the row offsets); otherwise the
-// panel is packed per task in a thread-local buffer (L2-resident, no per-call image-sized panel tensor) and
-// compute gets it with rowoff = nullptr (rows MT apart). compute(xt, rowoff, u0, u1, out) fills
-// out[(u - u0) * unit + i][MT] for the units (block-rows / rows) [u0, u1).
+// Direct convolution over M-panels, no im2col tensor, in 2-D and 3-D (2-D: D = kd = 1, pd = 0, dd = sd = 1):
+// x [B, C, (D,) H, W] is copied once into a zero-padded fp32 image split into its stride phases,
+// xpad [B][C][sd][sh][sw][Dq][Hq][Wq] (+ slack; Dq = ceil(Dp / sd), Hq = ceil(Hp / sh), Wq = ceil(Wp / sw)): padded
+// voxel (z, i, j) goes to phase (z % sd, i % sh, j % sw) at (z / sd, i / sh, j / sw). A strided convolution is then
+// a stride-1 one over the phases (tap ky * dh = sh * a + ry reads phase row ry, shifted a rows). Each output slice
+// (image b, output depth od) is computed on an Ho x Wq grid (Wq - Wo wasted columns per row), where weight column
+// k = (c, kz, ky, kx) of output m reads xpad[b] at od * Hq * Wq + off[k] + m: every panel row is one contiguous run
+// of MT floats, for any stride (with stride 1 the phases are the padded image itself). Tasks = ((slice, tile),
+// chunk of `bounds`). in_place: the kernel reads those runs straight from xpad (compute gets the tile's base and
+// the row offsets); otherwise the panel is packed per task in a thread-local buffer (L2-resident, no per-call
+// image-sized panel tensor) and compute gets it with rowoff = nullptr (rows MT apart). compute(xt, rowoff, u0, u1,
+// out) fills out[(u - u0) * unit + i][MT] for the units (block-rows / rows) [u0, u1).
 struct ConvGeom {
-  int64_t B, C, H, W, kh, kw, ph, pw, dh, dw, sh, sw;
+  int64_t B, C, D, H, W, kd, kh, kw, pd, ph, pw, dd, dh, dw, sd, sh, sw;
+  int64_t Dp() const { return D + 2 * pd; }
   int64_t Hp() const { return H + 2 * ph; }
   int64_t Wp() const { return W + 2 * pw; }
+  int64_t Dq() const { return (Dp() + sd - 1) / sd; }  // depth of one stride phase
   int64_t Hq() const { return (Hp() + sh - 1) / sh; }  // rows of one stride phase
   int64_t Wq() const { return (Wp() + sw - 1) / sw; }
+  int64_t Do() const { return (Dp() - (kd - 1) * dd - 1) / sd + 1; }
   int64_t Ho() const { return (Hp() - (kh - 1) * dh - 1) / sh + 1; }
   int64_t Wo() const { return (Wp() - (kw - 1) * dw - 1) / sw + 1; }
-  bool unit_stride() const { return sh == 1 && sw == 1; }
+  int64_t K() const { return C * kd * kh * kw; }
+  int64_t grid() const { return Ho() * Wq(); }          // computed outputs per slice (image, output depth)
+  int64_t slices() const { return B * Do(); }
+  int64_t outputs() const { return Do() * Ho() * Wo(); }  // per image and output channel
+  bool unit_stride() const { return sd == 1 && sh == 1 && sw == 1; }
 };
 
-// Validates a conv call's x [B, C, H, W], values and kernel_size / padding / dilation / stride (op named in the
-// errors) and returns its geometry; shared by the BSR and CSR conv ops.
+// Validates a conv call's x [B, C, *spatial], values and kernel_size / padding / dilation / stride (one entry per
+// spatial dim: 2 or 3; op named in the errors) and returns its geometry; shared by the BSR and CSR conv ops.
 inline ConvGeom checked_conv_geom(const char* op, const at::Tensor& x, const at::Tensor& values,
                                   at::IntArrayRef kernel_size, at::IntArrayRef padding, at::IntArrayRef dilation,
                                   at::IntArrayRef stride) {
-  TORCH_CHECK(kernel_size.size() == 2 && padding.size() == 2 && dilation.size() == 2 && stride.size() == 2, op,
-              ": kernel_size, padding, dilation and stride must have 2 entries each");
-  check_tensor(op, x, "x", 4);
+  const size_t nd = kernel_size.size();
+  TORCH_CHECK((nd == 2 || nd == 3) && padding.size() == nd && dilation.size() == nd && stride.size() == nd, op,
+              ": kernel_size, padding, dilation and stride must have one entry per spatial dim (2 or 3) each");
+  check_tensor(op, x, "x", int64_t(nd) + 2);
   check_floating(op, x, "x");
   check_same_dtype(op, values, "values", x, "x");
   TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
-  const ConvGeom g{x.size(0), x.size(1), x.size(2), x.size(3), kernel_size[0], kernel_size[1],
-                   padding[0], padding[1], dilation[0], dilation[1], stride[0], stride[1]};
-  TORCH_CHECK(g.kh >= 1 && g.kw >= 1 && g.ph >= 0 && g.pw >= 0 && g.dh >= 1 && g.dw >= 1 && g.sh >= 1 && g.sw >= 1,
-              op, ": kernel_size, dilation and stride must be >= 1 and padding >= 0, got ", kernel_size, ", ",
-              padding, ", ", dilation, ", ", stride);
-  TORCH_CHECK(g.Hp() >= (g.kh - 1) * g.dh + 1 && g.Wp() >= (g.kw - 1) * g.dw + 1, op, ": output would be empty (",
-              "input ", g.H, "x", g.W, ", kernel ", kernel_size, ", padding ", padding, ", dilation ", dilation, ")");
+  constexpr int64_t kMax = int64_t(1) << 31;  // keeps the geometry's sums and products below 2^63
+  for (size_t d = 0; d < nd; ++d) {
+    TORCH_CHECK(kernel_size[d] >= 1 && dilation[d] >= 1 && stride[d] >= 1 && padding[d] >= 0, op,
+                ": kernel_size, dilation and stride must be >= 1 and padding >= 0, got ", kernel_size, ", ", padding,
+                ", ", dilation, ", ", stride);
+    TORCH_CHECK(kernel_size[d] < kMax && dilation[d] < kMax && stride[d] < kMax && padding[d] < kMax, op,
+                ": kernel_size, padding, dilation and stride must be < 2^31, got ", kernel_size, ", ", padding, ", ",
+                dilation, ", ", stride);
+    TORCH_CHECK(x.size(2 + d) + 2 * padding[d] >= (kernel_size[d] - 1) * dilation[d] + 1, op,
+                ": output would be empty (input ", x.sizes().slice(2), ", kernel ", kernel_size, ", padding ",
+                padding, ", dilation ", dilation, ")");
+  }
+  const size_t o = nd - 2;  // index of the H entry
+  auto depth = [&](at::IntArrayRef a, int64_t unit) { return nd == 3 ? a[0] : unit; };
+  const ConvGeom g{x.size(0), x.size(1), nd == 3 ? x.size(2) : 1, x.size(2 + o), x.size(3 + o),
+                   depth(kernel_size, 1), kernel_size[o], kernel_size[o + 1], depth(padding, 0), padding[o],
+                   padding[o + 1], depth(dilation, 1), dilation[o], dilation[o + 1], depth(stride, 1), stride[o],
+                   stride[o + 1]};
+  // the padded image conv_panels copies (B * C * sd*sh*sw * Dq*Hq*Wq floats) must be addressable: a huge padding
+  // with a huge stride gives a small output but would overflow its size
+  int64_t bytes = 1;
+  bool overflow = false;
+  for (int64_t f : {g.B, g.C, g.sd * g.Dq(), g.sh * g.Hq(), g.sw * g.Wq(), int64_t(sizeof(float))})
+    overflow |= __builtin_mul_overflow(bytes, f, &bytes);
+  TORCH_CHECK(!overflow, op, ": the padded input (padding ", padding, ", stride ", stride,
+              ") is too large to address");
   return g;
 }
 
-// The calling thread's grow-only scratch of at least `floats` floats for conv_panels' phase image, reused across
-// calls: a fresh image-sized allocation pays a page fault per 4 KiB page on every call (measured: up to half the
-// time of a 90%-sparse conv on this VM). Held until the thread exits; its size is the largest padded fp32 input
-// the thread has convolved.
-inline float* conv_scratch(size_t floats) {
+// y's shape for a conv of geometry g with n output channels: [B, n, (Do,) Ho, Wo].
+inline std::vector<int64_t> conv_out_shape(const ConvGeom& g, int64_t n, size_t nd) {
+  if (nd == 3) return {g.B, n, g.Do(), g.Ho(), g.Wo()};
+  return {g.B, n, g.Ho(), g.Wo()};
+}
+
+// The im2col patch matrix [B, C * prod(kernel), prod(out)] of a 2-D or 3-D convolution, which the *_mm_xt ops
+// take: the fallback of the conv ops where conv_panels does not run (float64; strided bf16 convs on AMX).
+inline at::Tensor conv_patches(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef padding,
+                               at::IntArrayRef dilation, at::IntArrayRef stride) {
+  const int64_t nd = int64_t(kernel_size.size());
+  if (nd == 2) return at::im2col(x, kernel_size, dilation, padding, stride);
+  std::vector<int64_t> pad;  // constant_pad_nd lists the last dim first
+  for (int64_t d = nd - 1; d >= 0; --d) pad.insert(pad.end(), {padding[d], padding[d]});
+  at::Tensor v = at::constant_pad_nd(x, pad, 0);
+  for (int64_t d = 0; d < nd; ++d) v = v.unfold(2 + d, dilation[d] * (kernel_size[d] - 1) + 1, stride[d]);
+  for (int64_t d = 0; d < nd; ++d) v = v.slice(2 + nd + d, 0, std::nullopt, dilation[d]);  // the dilated taps
+  std::vector<int64_t> perm{0, 1};  // [B, C, *out, *kernel] -> [B, C, *kernel, *out]
+  for (int64_t d = 0; d < nd; ++d) perm.push_back(2 + nd + d);
+  for (int64_t d = 0; d < nd; ++d) perm.push_back(2 + d);
+  int64_t taps = 1, outs = 1;
+  for (int64_t d = 0; d < nd; ++d) {
+    taps *= kernel_size[d];
+    outs *= v.size(2 + d);
+  }
+  return v.permute(perm).reshape({x.size(0), x.size(1) * taps, outs});
+}
+
+// Scratch for conv_panels' phase image: the calling thread's grow-only buffer, reused across calls (a fresh
+// image-sized allocation pays a page fault per 4 KiB page on every call: measured, up to half the time of a
+// 90%-sparse conv on this VM). Requests above kScratchKeep floats (64 MiB) get a one-off buffer in `once`, freed
+// with it, so a thread keeps at most that much between calls.
+inline float* conv_scratch(size_t floats, std::unique_ptr<float[]>& once) {
+  constexpr size_t kScratchKeep = size_t(16) << 20;
+  if (floats > kScratchKeep) {
+    once.reset(new float[floats]);
+    return once.get();
+  }
   thread_local std::unique_ptr<float[]> buf;
   thread_local size_t capacity = 0;
   if (floats > capacity) {
-    buf.reset();  // before the new allocation: the two never coexist
+    buf.reset();  // before the new allocation (the two never coexist); if it throws, nothing is kept
+    capacity = 0;
     buf.reset(new float[floats]);
     capacity = floats;
   }
@@ -175,55 +239,61 @@ inline float* conv_scratch(size_t floats) {
 template <typename T, typename F>
 void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std::vector<int64_t>& bounds,
                  int64_t unit, const float* bias, T* y, bool in_place, const F& compute) {
-  const int64_t Hq = g.Hq(), Wq = g.Wq(), Ho = g.Ho(), Wo = g.Wo(), K = g.C * g.kh * g.kw;
-  const int64_t plane = Hq * Wq, phases = g.sh * g.sw;
-  const int64_t Mg = Ho * Wq, tpi = (Mg + MT - 1) / MT, tiles = g.B * tpi, img = g.C * phases * plane;
+  const int64_t Dq = g.Dq(), Hq = g.Hq(), Wq = g.Wq(), Do = g.Do(), Ho = g.Ho(), Wo = g.Wo(), K = g.K();
+  const int64_t plane = Dq * Hq * Wq, phases = g.sd * g.sh * g.sw;
+  const int64_t Mg = g.grid(), tpi = (Mg + MT - 1) / MT, tiles = g.slices() * tpi, img = g.C * phases * plane;
   const int64_t slack = MT + (g.kw - 1) * g.dw / g.sw + 1;
   // reused scratch, not value-initialised (a serial memset of an image-sized buffer costs as much as the copy):
   // each (image, channel) slab is zeroed (padding, phase remainders) by the thread that fills it, while in cache
-  float* const xpad = conv_scratch(g.B * img + slack);
+  std::unique_ptr<float[]> once;
+  float* const xpad = conv_scratch(g.B * img + slack, once);
   std::fill(xpad + g.B * img, xpad + g.B * img + slack, 0.f);
-  at::parallel_for(0, g.B * g.C, grain_for(g.H * g.W), [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, g.B * g.C, grain_for(phases * plane), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const T* s = x + p * g.H * g.W;
       float* d = xpad + p * phases * plane;
       std::fill(d, d + phases * plane, 0.f);
-      for (int64_t i = 0; i < g.H; ++i) {
-        const int64_t pi = i + g.ph;
-        float* drow = d + (pi % g.sh) * g.sw * plane + (pi / g.sh) * Wq;
-        const T* srow = s + i * g.W;
-        if (g.sw == 1) {  // one phase: a plain (vectorised) row copy
-          for (int64_t j = 0; j < g.W; ++j) drow[g.pw + j] = static_cast<float>(srow[j]);
-          continue;
-        }
-        // input column j = t * sw + r lands in column phase (r + pw) % sw at index t + (r + pw) / sw
-        const int64_t full = g.W / g.sw, rest = g.W - full * g.sw;
-        auto dst = [&](int64_t r) { return drow + ((r + g.pw) % g.sw) * plane + (r + g.pw) / g.sw; };
-        if (g.sw == 2) {  // the common stride: a deinterleave the compiler vectorises
-          float* const d0 = dst(0);
-          float* const d1 = dst(1);
-          for (int64_t t = 0; t < full; ++t) {
-            d0[t] = static_cast<float>(srow[2 * t]);
-            d1[t] = static_cast<float>(srow[2 * t + 1]);
+      for (int64_t z = 0; z < g.D; ++z) {
+        const int64_t pz = z + g.pd;
+        for (int64_t i = 0; i < g.H; ++i) {
+          const int64_t pi = i + g.ph;
+          float* drow = d + ((pz % g.sd) * g.sh + pi % g.sh) * g.sw * plane + ((pz / g.sd) * Hq + pi / g.sh) * Wq;
+          const T* srow = x + ((p * g.D + z) * g.H + i) * g.W;
+          if (g.sw == 1) {  // one phase: a plain (vectorised) row copy
+            for (int64_t j = 0; j < g.W; ++j) drow[g.pw + j] = static_cast<float>(srow[j]);
+            continue;
           }
-        } else {
-          for (int64_t r = 0; r < g.sw; ++r) {
-            float* const d = dst(r);
-            for (int64_t t = 0; t < full; ++t) d[t] = static_cast<float>(srow[t * g.sw + r]);
+          // input column j = t * sw + r lands in column phase (r + pw) % sw at index t + (r + pw) / sw
+          const int64_t full = g.W / g.sw, rest = g.W - full * g.sw;
+          auto dst = [&](int64_t r) { return drow + ((r + g.pw) % g.sw) * plane + (r + g.pw) / g.sw; };
+          if (g.sw == 2) {  // the common stride: a deinterleave the compiler vectorises
+            float* const d0 = dst(0);
+            float* const d1 = dst(1);
+            for (int64_t t = 0; t < full; ++t) {
+              d0[t] = static_cast<float>(srow[2 * t]);
+              d1[t] = static_cast<float>(srow[2 * t + 1]);
+            }
+          } else {
+            for (int64_t r = 0; r < g.sw; ++r) {
+              float* const dr = dst(r);
+              for (int64_t t = 0; t < full; ++t) dr[t] = static_cast<float>(srow[t * g.sw + r]);
+            }
           }
+          for (int64_t r = 0; r < rest; ++r) dst(r)[full] = static_cast<float>(srow[full * g.sw + r]);
         }
-        for (int64_t r = 0; r < rest; ++r) dst(r)[full] = static_cast<float>(srow[full * g.sw + r]);
       }
     }
   });
   std::vector<int64_t> off(K);
   for (int64_t c = 0; c < g.C; ++c)
-    for (int64_t ky = 0; ky < g.kh; ++ky)
-      for (int64_t kx = 0; kx < g.kw; ++kx) {
-        const int64_t ty = ky * g.dh, tx = kx * g.dw;  // the tap's shift in padded pixels, split by phase
-        off[(c * g.kh + ky) * g.kw + kx] =
-            ((c * g.sh + ty % g.sh) * g.sw + tx % g.sw) * plane + (ty / g.sh) * Wq + tx / g.sw;
-      }
+    for (int64_t kz = 0; kz < g.kd; ++kz)
+      for (int64_t ky = 0; ky < g.kh; ++ky)
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          // the tap's shift in padded voxels, split by phase
+          const int64_t tz = kz * g.dd, ty = ky * g.dh, tx = kx * g.dw;
+          off[((c * g.kd + kz) * g.kh + ky) * g.kw + kx] =
+              (((c * g.sd + tz % g.sd) * g.sh + ty % g.sh) * g.sw + tx % g.sw) * plane +
+              ((tz / g.sd) * Hq + ty / g.sh) * Wq + tx / g.sw;
+        }
   const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
   const int64_t gunits = std::max<int64_t>(1, 64 / unit);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
@@ -231,8 +301,9 @@ void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std
     std::vector<int64_t> seg;  // runs of valid outputs in the tile: (panel column, output pixel, length)
     int64_t packed = -1;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t tile = t / chunks, c = t % chunks, b = tile / tpi, m0 = (tile % tpi) * MT;
-      const float* src = xpad + b * img + m0;
+      const int64_t tile = t / chunks, c = t % chunks, slice = tile / tpi, m0 = (tile % tpi) * MT;
+      const int64_t b = slice / Do, od = slice % Do;
+      const float* src = xpad + b * img + od * Hq * Wq + m0;
       if (tile != packed) {
         for (int64_t k = 0; !in_place && k < K; ++k) {
           const float* s = src + off[k];
@@ -259,7 +330,7 @@ void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std
           const int64_t n = u0 * unit + i;
           const float bv = bias ? bias[n] : 0.f;
           const float* o = out.data() + i * MT;
-          T* yr = y + (b * N + n) * Ho * Wo;
+          T* yr = y + (b * N + n) * Do * Ho * Wo + od * Ho * Wo;
           for (size_t q = 0; q < seg.size(); q += 3) {
             const float* os = o + seg[q];
             T* ys = yr + seg[q + 1];

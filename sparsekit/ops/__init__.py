@@ -2,16 +2,16 @@
 
     bsr_linear / csr_linear / nm_linear(x, w, bias=None, backend=None)   y = x @ W^T + bias
     sparse_linear(x, w, bias=None, backend=None)                          dispatch on w's format
-    sparse_conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1)
+    sparse_conv2d / sparse_conv3d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1)
     channel_gather_linear / channel_gather_conv2d / channel_scatter   channel-compacted layer helpers
 """
 
 from . import _library, _triton_ops  # noqa: F401  (registration side effects)
 from ._dispatch import BACKENDS, PRIORITY, all_reasons, choose
 from .channel import channel_gather_conv2d, channel_gather_linear, channel_scatter
-from .conv import sparse_conv2d
+from .conv import sparse_conv2d, sparse_conv3d
 from .linear import bsr_linear, channel_linear, csr_linear, nm_linear, sparse_linear
 
 __all__ = ["bsr_linear", "csr_linear", "nm_linear", "channel_linear", "sparse_linear", "sparse_conv2d",
-           "channel_gather_linear", "channel_gather_conv2d", "channel_scatter",
+           "sparse_conv3d",            "channel_gather_linear", "channel_gather_conv2d", "channel_scatter",
            "BACKENDS", "PRIORITY", "all_reasons", "choose"]

@@ -5,6 +5,8 @@ implementations, autograd formulas, and the pure-PyTorch reference as the Compos
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -111,16 +113,19 @@ def _fake_mm_xt(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Ten
     return xt.new_empty(xt.shape[0], n, xt.shape[2])
 
 
-def _fake_conv2d(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
-                 padding: list[int], dilation: list[int], stride: list[int] = (1, 1)) -> Tensor:
+def _fake_conv(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
+               padding: list[int], dilation: list[int], stride: list[int] | None = None) -> Tensor:
     n = (crow.shape[0] - 1) * (values.shape[1] if values.dim() == 3 else 1)
-    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
-    return x.new_empty(x.shape[0], n, ho, wo)
+    stride = stride or [1] * len(kernel_size)
+    torch._check(all(s >= 1 for s in stride), lambda: f"conv: stride must be >= 1, got {list(stride)}")
+    out = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+           for size, k, p, d, s in zip(x.shape[2:], kernel_size, padding, dilation, stride)]
+    return x.new_empty(x.shape[0], n, *out)
 
 
 for _fam in ("bsr", "csr"):
-    torch.library.register_fake(f"sparsekit::{_fam}_conv2d")(_fake_conv2d)
+    torch.library.register_fake(f"sparsekit::{_fam}_conv2d")(_fake_conv)
+    torch.library.register_fake(f"sparsekit::{_fam}_conv3d")(_fake_conv)
     torch.library.register_fake(f"sparsekit::{_fam}_mm")(_fake_mm)
     torch.library.register_fake(f"sparsekit::{_fam}_mm_t")(_fake_mm_t)
     torch.library.register_fake(f"sparsekit::{_fam}_mm_xt")(_fake_mm_xt)
@@ -194,26 +199,45 @@ def _conv_setup(ctx, inputs, output) -> None:
     x, crow, col, values, bias, kernel_size, padding, dilation, *stride = inputs
     ctx.save_for_backward(x, crow, col, values)
     ctx.has_bias = bias is not None
-    ctx.conv = (tuple(kernel_size), tuple(padding), tuple(dilation), tuple(stride[0]) if stride else (1, 1))
+    nd = len(kernel_size)
+    ctx.conv = (tuple(kernel_size), tuple(padding), tuple(dilation), tuple(stride[0]) if stride else (1,) * nd)
+
+
+def _col2im(dcols: Tensor, x_shape: torch.Size, kernel: tuple[int, ...], padding: tuple[int, ...],
+            dilation: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
+    """The adjoint of the patch matrix: dcols [B, L, C*prod(kernel)] summed back into the input's positions
+    (F.fold in 2-D; in 3-D a scatter-add through the patch matrix of the padded input's own flat indices)."""
+    from torch.nn.functional import fold
+
+    b, c = x_shape[:2]
+    if len(kernel) == 2:
+        return fold(dcols.transpose(1, 2), tuple(x_shape[2:]), kernel, dilation, padding, stride)
+    from .conv import _patches
+
+    padded = [n + 2 * p for n, p in zip(x_shape[2:], padding)]
+    index = torch.arange(c * math.prod(padded), device=dcols.device).reshape(1, c, *padded)
+    index = _patches(index, kernel, dilation, (0,) * len(kernel), stride).reshape(1, -1)   # same order as dcols
+    flat = dcols.new_zeros(b, c * math.prod(padded)).scatter_add_(1, index.expand(b, -1), dcols.reshape(b, -1))
+    inner = tuple(slice(p, p + n) for n, p in zip(x_shape[2:], padding))
+    return flat.reshape(b, c, *padded)[(slice(None), slice(None), *inner)]
 
 
 def _conv_backward(ctx, dy: Tensor):
-    """conv = W @ unfold(x) per image: dx = fold(W^T @ dy), dW = dy @ unfold(x)^T on W's pattern."""
-    from torch.nn.functional import fold, unfold
+    """conv = W @ im2col(x) per image: dx = col2im(W^T @ dy), dW = dy @ im2col(x)^T on W's pattern."""
+    from .conv import _patches
 
     x, crow, col, values = ctx.saved_tensors
     ks, pad, dil, st = ctx.conv
-    b, c, h, w = x.shape
-    n, length, k = dy.shape[1], dy.shape[2] * dy.shape[3], c * ks[0] * ks[1]
+    b, c = x.shape[:2]
+    n, length, k = dy.shape[1], math.prod(dy.shape[2:]), c * math.prod(ks)
     need_x, _, _, need_v, need_b = ctx.needs_input_grad[:5]
     dy2 = dy.reshape(b, n, length).transpose(1, 2).reshape(b * length, n).contiguous()
     db = None
-    dcols, dv = _sparse_grads(
-        dy2, lambda: unfold(x, ks, dil, pad, st).transpose(1, 2).reshape(b * length, k).contiguous(),
-        crow, col, values, k, need_x, need_v)
-    dx = None if dcols is None else fold(dcols.reshape(b, length, k).transpose(1, 2), (h, w), ks, dil, pad, st)
+    dcols, dv = _sparse_grads(dy2, lambda: _patches(x, ks, dil, pad, st).reshape(b * length, k).contiguous(),
+                              crow, col, values, k, need_x, need_v)
+    dx = None if dcols is None else _col2im(dcols.reshape(b, length, k), x.shape, ks, pad, dil, st)
     if ctx.has_bias and need_b:
-        db = dy.sum((0, 2, 3))
+        db = dy.sum((0, *range(2, dy.dim())))
     # one entry per input: the dispatcher drops a trailing stride equal to its default before autograd sees it
     return (dx, None, None, dv, db) + (None,) * (len(ctx.needs_input_grad) - 5)
 
@@ -265,8 +289,9 @@ torch.library.register_autograd("sparsekit::bsr_mm", indexed_backward, setup_con
 torch.library.register_autograd("sparsekit::csr_mm", indexed_backward, setup_context=setup_indexed)
 torch.library.register_autograd("sparsekit::bsr_mm_xt", _xt_backward, setup_context=setup_indexed)
 torch.library.register_autograd("sparsekit::csr_mm_xt", _xt_backward, setup_context=setup_indexed)
-torch.library.register_autograd("sparsekit::bsr_conv2d", _conv_backward, setup_context=_conv_setup)
-torch.library.register_autograd("sparsekit::csr_conv2d", _conv_backward, setup_context=_conv_setup)
+for _fam in ("bsr", "csr"):
+    for _nd in (2, 3):
+        torch.library.register_autograd(f"sparsekit::{_fam}_conv{_nd}d", _conv_backward, setup_context=_conv_setup)
 torch.library.register_autograd("sparsekit::nm_mm", _nm_backward, setup_context=_nm_setup)
 torch.library.register_autograd("sparsekit::channel_gather_conv2d", _channel_conv_backward,
                                 setup_context=_channel_conv_setup)

@@ -11,6 +11,8 @@ SCHEMAS: dict[str, str] = {
                  "-> Tensor",
     "bsr_conv2d": "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
                   "int[2] kernel_size, int[2] padding, int[2] dilation, int[2] stride=1) -> Tensor",
+    "bsr_conv3d": "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
+                  "int[3] kernel_size, int[3] padding, int[3] dilation, int[3] stride=1) -> Tensor",
     "bsr_sddmm": "(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, SymInt block_n, SymInt block_k) "
                  "-> Tensor",
     "csr_mm": "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, SymInt n) -> Tensor",
@@ -19,6 +21,8 @@ SCHEMAS: dict[str, str] = {
                  "-> Tensor",
     "csr_conv2d": "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
                   "int[2] kernel_size, int[2] padding, int[2] dilation, int[2] stride=1) -> Tensor",
+    "csr_conv3d": "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
+                  "int[3] kernel_size, int[3] padding, int[3] dilation, int[3] stride=1) -> Tensor",
     "csr_sddmm": "(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices) -> Tensor",
     "nm_mm": "(Tensor x, Tensor values, Tensor indices, Tensor? bias, int n, int m) -> Tensor",
     "nm_mm_t": "(Tensor dy, Tensor values, Tensor indices, int n, int m) -> Tensor",

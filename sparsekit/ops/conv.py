@@ -1,14 +1,14 @@
-"""Sparse 2-D convolution: a sparse weight over [C_out, C_in/groups * kh * kw] times im2col patches.
+"""Sparse 2-D and 3-D convolution: a sparse weight over [C_out, C_in/groups * prod(kernel)] times im2col patches.
 
-On CPU with a BSR/CSR weight, 1x1 convolutions without padding read the (subsampled) NCHW pixels as x^T
-[B, C_in, L] for *_mm_xt, which writes y^T = [B, C_out, L] directly; all others run the direct ops
-sparsekit::bsr_conv2d / csr_conv2d (im2col panels read from a padded copy of the image inside the kernel; a strided
-convolution as a stride-1 one over the image's stride phases): no unfold, no transposes of patches or outputs.
-bfloat16 BSR with blocks of 16-multiples runs on AMX tiles where the CPU has them (csrc/cpu/amx.h; the stride-1
-im2col matrix packed straight from the image, strided ones through im2col).
-Elsewhere, 1x1 convolutions without padding go straight to the sparse GEMM over channels-last pixels;
-the general case unfolds the input (F.unfold) and runs the sparse GEMM per group. Gradients flow through the
-sparse ops' autograd (x, the format's values and bias).
+On CPU with a BSR/CSR weight, 1x1(x1) convolutions without padding read the (subsampled) NCHW / NCDHW pixels as
+x^T [B, C_in, L] for *_mm_xt, which writes y^T = [B, C_out, L] directly; all others run the direct ops
+sparsekit::{bsr,csr}_conv2d / _conv3d (im2col panels read from a padded copy of the image inside the kernel; a
+strided convolution as a stride-1 one over the image's stride phases): no unfold, no transposes of patches or
+outputs. bfloat16 BSR with blocks of 16-multiples runs 2-D convs on AMX tiles where the CPU has them
+(csrc/cpu/amx.h; the stride-1 im2col matrix packed straight from the image, strided ones through im2col).
+Elsewhere, 1x1(x1) convolutions without padding go straight to the sparse GEMM over channels-last pixels;
+the general case builds the patch matrix (F.unfold in 2-D, strided views in 3-D) and runs the sparse GEMM per
+group. Gradients flow through the sparse ops' autograd (x, the format's values and bias).
 """
 
 from __future__ import annotations
@@ -25,36 +25,41 @@ from ._library import call_op, has_kernel
 from .linear import BACKEND_NAMES, _check_structure, check_bias, sparse_linear
 
 _Pair = int | tuple[int, int]
+_Triple = int | tuple[int, int, int]
+_ARITY = {2: "a pair", 3: "a triple"}
 
 
-def _pair(name: str, v: object, minimum: int) -> tuple[int, int]:
+def _ntuple(fn: str, name: str, v: object, minimum: int, nd: int) -> tuple[int, ...]:
     if isinstance(v, int) and not isinstance(v, bool):
-        v = (v, v)
-    if (not isinstance(v, (tuple, list)) or len(v) != 2
+        v = (v,) * nd
+    if (not isinstance(v, (tuple, list)) or len(v) != nd
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
-        raise TypeError(f"sparse_conv2d: {name} must be an int or a pair of ints, got {v!r}")
+        raise TypeError(f"{fn}: {name} must be an int or {_ARITY[nd]} of ints, got {v!r}")
     if min(v) < minimum:
-        raise ValueError(f"sparse_conv2d: {name} must be >= {minimum}, got {tuple(v)}")
-    return int(v[0]), int(v[1])
+        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {tuple(v)}")
+    return tuple(int(i) for i in v)
 
 
-def _kernel_size(w, c_in: int, groups: int, kernel_size: object) -> tuple[int, int]:
+def _kernel_size(fn: str, w, c_in: int, groups: int, kernel_size: object, nd: int) -> tuple[int, ...]:
     per_group = c_in // groups
     k = w.shape[1]
+    dims = "*".join(("kd", "kh", "kw")[3 - nd:])
     if kernel_size is not None:
-        kh, kw = _pair("kernel_size", kernel_size, 1)
-        if per_group * kh * kw != k:
-            raise ValueError(f"sparse_conv2d: w has K={k} columns but C_in/groups*kh*kw = "
-                             f"{per_group}*{kh}*{kw} = {per_group * kh * kw}")
-        return kh, kw
+        ks = _ntuple(fn, "kernel_size", kernel_size, 1, nd)
+        if per_group * math.prod(ks) != k:
+            raise ValueError(f"{fn}: w has K={k} columns but C_in/groups*{dims} = "
+                             f"{per_group}*{'*'.join(map(str, ks))} = {per_group * math.prod(ks)}")
+        return ks
     if k % per_group:
-        raise ValueError(f"sparse_conv2d: w has K={k} columns, not a multiple of C_in/groups={per_group} "
-                         f"(x has {c_in} channels, groups={groups}); w must be over [C_out, C_in/groups*kh*kw]")
-    side = math.isqrt(k // per_group)
-    if side * side != k // per_group:
-        raise ValueError(f"sparse_conv2d: cannot infer a square kernel from K={k} and C_in/groups={per_group}; "
-                         "pass kernel_size=(kh, kw)")
-    return side, side
+        raise ValueError(f"{fn}: w has K={k} columns, not a multiple of C_in/groups={per_group} "
+                         f"(x has {c_in} channels, groups={groups}); w must be over [C_out, C_in/groups*{dims}]")
+    taps = k // per_group
+    side = round(taps ** (1 / nd))
+    if side ** nd != taps:
+        shape = "square" if nd == 2 else "cubic"
+        raise ValueError(f"{fn}: cannot infer a {shape} kernel from K={k} and C_in/groups={per_group}; "
+                         f"pass kernel_size=({', '.join(dims.split('*'))})")
+    return (side,) * nd
 
 
 def group_starts(w: BSR | CSR, groups: int) -> tuple[int, ...]:
@@ -109,19 +114,109 @@ def conv_windows(x: Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...], 
     return x[(..., *[slice(None, None, dil) for dil in dilation])]     # the dilated taps of each window
 
 
-def _cpu_family(x: Tensor, w: object, backend: str | None) -> str | None:
-    """"bsr" / "csr" when the CPU conv ops (*_conv2d, *_mm_xt: no transposes of patches or outputs) can run
-    this call, else None: other devices/backends and mismatched dtypes or devices take the generic path (which
-    also raises the usual argument errors; bias was checked by sparse_conv2d).
+def _cpu_family(x: Tensor, w: object, backend: str | None, nd: int) -> str | None:
+    """"bsr" / "csr" when the CPU conv ops (*_conv2d / *_conv3d, *_mm_xt: no transposes of patches or outputs)
+    can run this call, else None: other devices/backends and mismatched dtypes or devices take the generic path
+    (which also raises the usual argument errors; bias was checked by the caller).
     """
     if not isinstance(w, (BSR, CSR)) or backend not in (None, "cpu") or x.device.type != "cpu":
         return None
     family = "bsr" if isinstance(w, BSR) else "csr"
-    if not (has_kernel(f"{family}_mm_xt", "CPU") and has_kernel(f"{family}_conv2d", "CPU")) \
+    if not (has_kernel(f"{family}_mm_xt", "CPU") and has_kernel(f"{family}_conv{nd}d", "CPU")) \
             or x.dtype not in _XT_DTYPES or x.dtype != w.dtype or w.device != x.device:
         return None
     _check_structure(f"{family}_linear", w)
     return family
+
+
+def _patches(x: Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...], padding: tuple[int, ...],
+             stride: tuple[int, ...]) -> Tensor:
+    """The im2col patch matrix [B, L, C*prod(kernel)] (rows: output positions; columns ordered (c, *taps) as the
+    weight's): F.unfold in 2-D, strided views of the padded input and one copy in 3-D."""
+    if len(kernel) == 2:
+        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+    if any(padding):
+        x = F.pad(x, [p for q in reversed(padding) for p in (q, q)])
+    v = conv_windows(x, kernel, dilation, stride)                          # [B, C, *out, *kernel]
+    nd = len(kernel)
+    b, c, out = v.shape[0], v.shape[1], v.shape[2:2 + nd]
+    v = v.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))    # [B, *out, C, *kernel]
+    return v.reshape(b, math.prod(out), c * math.prod(kernel))
+
+
+def _sparse_conv(fn: str, nd: int, x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Tensor | None,
+                 stride: object, padding: object, dilation: object, groups: int, kernel_size: object,
+                 backend: str | None) -> Tensor:
+    """sparse_conv2d (nd = 2) and sparse_conv3d (nd = 3); ``fn`` names the caller in errors."""
+    spatial = ("D", "H", "W")[3 - nd:]
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != nd + 2:
+        raise ValueError(f"{fn}: x must be {nd + 2}-D [B, C_in, {', '.join(spatial)}], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating tensor, got {x.dtype}")
+    dims = "*".join(("kd", "kh", "kw")[3 - nd:])
+    if not isinstance(w, (BSR, CSR, NM, ChannelIndex, Tensor)) or (isinstance(w, Tensor) and w.dim() != 2):
+        raise TypeError(f"{fn}: w must be a BSR, CSR, NM, ChannelIndex or 2-D Tensor over "
+                        f"[C_out, C_in/groups*{dims}], got {type(w).__name__}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
+    check_backend(fn, backend, BACKEND_NAMES)
+    b, c_in = x.shape[:2]
+    c_out = w.shape[0]
+    # once here: the per-group paths below slice the bias, which would hide a wrong length
+    check_bias(fn, bias, c_out, x, "C_out = w.shape[0]")
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"{fn}: groups={groups} must divide C_in={c_in} and C_out={c_out}")
+    stride, padding = _ntuple(fn, "stride", stride, 1, nd), _ntuple(fn, "padding", padding, 0, nd)
+    dilation = _ntuple(fn, "dilation", dilation, 1, nd)
+    kernel = _kernel_size(fn, w, c_in, groups, kernel_size, nd)
+    out = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation))
+    if min(out) < 1:
+        raise ValueError(f"{fn}: output would be empty ({'x'.join(map(str, out))}) for input "
+                         f"{'x'.join(map(str, x.shape[2:]))}, kernel {'x'.join(map(str, kernel))}, stride {stride}, "
+                         f"padding {padding}, dilation {dilation}")
+    pointwise = all(k == 1 for k in kernel) and not any(padding)
+    subsample = (slice(None), slice(None), *(slice(None, None, s) for s in stride))
+    length = math.prod(out)
+
+    starts = None if groups == 1 else _entry_starts(w, groups)
+    family = _cpu_family(x, w, backend, nd)
+    if family is not None:  # CPU BSR/CSR: per image, NCHW pixels (1x1) are already x^T
+        conv_op = getattr(torch.ops.sparsekit, f"{family}_conv{nd}d").default
+        xt_op = getattr(torch.ops.sparsekit, f"{family}_mm_xt").default
+        c_g, n_g = c_in // groups, c_out // groups
+        outs = []
+        for g in range(groups):
+            xg = x if groups == 1 else x[:, g * c_g:(g + 1) * c_g]
+            wg = w if groups == 1 else _rows(w, g * n_g, (g + 1) * n_g, starts[g:g + 2])
+            bias_g = bias if bias is None or groups == 1 else bias[g * n_g:(g + 1) * n_g]
+            if pointwise:  # the (subsampled) NC(D)HW pixels are x^T, read in place when fp32
+                xs = xg[subsample].reshape(b, c_g, length)
+                y = call_op(xt_op, xs, wg.crow_indices, wg.col_indices, wg.values, bias_g, n_g)
+            else:  # direct: im2col panels built per tile inside the kernel, no unfold (strides as phases)
+                y = call_op(conv_op, xg, wg.crow_indices, wg.col_indices, wg.values, bias_g, list(kernel),
+                            list(padding), list(dilation), list(stride))
+            outs.append(y.reshape(b, n_g, *out))
+        return outs[0] if groups == 1 else torch.cat(outs, dim=1)
+
+    if pointwise and groups == 1:
+        pix = x[subsample].movedim(1, -1)                                     # channels-last pixels
+        return sparse_linear(pix, w, bias, backend).movedim(-1, 1)           # [B, C_out, *out]
+
+    cols = _patches(x, kernel, dilation, padding, stride)                        # [B, L, C_in*prod(kernel)]
+    if groups == 1:
+        y = sparse_linear(cols, w, bias, backend)                                # [B, L, C_out]
+    else:
+        k_g, n_g = (c_in // groups) * math.prod(kernel), c_out // groups
+        outs = []
+        for g in range(groups):
+            bias_g = None if bias is None else bias[g * n_g:(g + 1) * n_g]
+            wg = _rows(w, g * n_g, (g + 1) * n_g, None if starts is None else starts[g:g + 2])
+            outs.append(sparse_linear(cols[..., g * k_g:(g + 1) * k_g], wg, bias_g, backend))
+        y = torch.cat(outs, dim=-1)
+    return y.transpose(1, 2).reshape(b, c_out, *out)
 
 
 def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Tensor | None = None,
@@ -131,68 +226,14 @@ def sparse_conv2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Te
 
     kernel_size defaults to the square kernel implied by the weight's K; pass it for non-square kernels.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"sparse_conv2d: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"sparse_conv2d: x must be 4-D [B, C_in, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"sparse_conv2d: x must be a floating tensor, got {x.dtype}")
-    if not isinstance(w, (BSR, CSR, NM, ChannelIndex, Tensor)) or (isinstance(w, Tensor) and w.dim() != 2):
-        raise TypeError("sparse_conv2d: w must be a BSR, CSR, NM, ChannelIndex or 2-D Tensor over "
-                        f"[C_out, C_in/groups*kh*kw], got {type(w).__name__}")
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"sparse_conv2d: groups must be a positive int, got {groups!r}")
-    check_backend("sparse_conv2d", backend, BACKEND_NAMES)
-    b, c_in, h, wd = x.shape
-    c_out = w.shape[0]
-    # once here: the per-group paths below slice the bias, which would hide a wrong length
-    check_bias("sparse_conv2d", bias, c_out, x, "C_out = w.shape[0]")
-    if c_in % groups or c_out % groups:
-        raise ValueError(f"sparse_conv2d: groups={groups} must divide C_in={c_in} and C_out={c_out}")
-    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
-    dilation = _pair("dilation", dilation, 1)
-    kh, kw = _kernel_size(w, c_in, groups, kernel_size)
-    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w_out = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if h_out < 1 or w_out < 1:
-        raise ValueError(f"sparse_conv2d: output would be empty ({h_out}x{w_out}) for input {h}x{wd}, "
-                         f"kernel {kh}x{kw}, stride {stride}, padding {padding}, dilation {dilation}")
+    return _sparse_conv("sparse_conv2d", 2, x, w, bias, stride, padding, dilation, groups, kernel_size, backend)
 
-    starts = None if groups == 1 else _entry_starts(w, groups)
-    family = _cpu_family(x, w, backend)
-    if family is not None:  # CPU BSR/CSR: per image, NCHW pixels (1x1) and unfolded patches are already x^T
-        conv_op = getattr(torch.ops.sparsekit, f"{family}_conv2d").default
-        xt_op = getattr(torch.ops.sparsekit, f"{family}_mm_xt").default
-        c_g, n_g = c_in // groups, c_out // groups
-        outs = []
-        for g in range(groups):
-            xg = x if groups == 1 else x[:, g * c_g:(g + 1) * c_g]
-            wg = w if groups == 1 else _rows(w, g * n_g, (g + 1) * n_g, starts[g:g + 2])
-            bias_g = bias if bias is None or groups == 1 else bias[g * n_g:(g + 1) * n_g]
-            if (kh, kw) == (1, 1) and padding == (0, 0):  # 1x1: the (subsampled) NCHW pixels are x^T, read
-                xs = xg[:, :, ::stride[0], ::stride[1]].reshape(b, c_g, h_out * w_out)   # in place when fp32
-                y = call_op(xt_op, xs, wg.crow_indices, wg.col_indices, wg.values, bias_g, n_g)
-            else:  # direct: im2col panels built per tile inside the kernel, no unfold (strides as phases)
-                y = call_op(conv_op, xg, wg.crow_indices, wg.col_indices, wg.values, bias_g, [kh, kw],
-                            list(padding), list(dilation), list(stride))
-            outs.append(y.reshape(b, n_g, h_out, w_out))
-        return outs[0] if groups == 1 else torch.cat(outs, dim=1)
 
-    if (kh, kw) == (1, 1) and padding == (0, 0) and groups == 1:
-        pix = x[:, :, ::stride[0], ::stride[1]].permute(0, 2, 3, 1)          # channels-last pixels
-        y = sparse_linear(pix, w, bias, backend)                              # [B, Ho, Wo, C_out]
-        return y.permute(0, 3, 1, 2)
+def sparse_conv3d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Tensor | None = None,
+                  stride: _Triple = 1, padding: _Triple = 0, dilation: _Triple = 1, groups: int = 1,
+                  kernel_size: _Triple | None = None, backend: str | None = None) -> Tensor:
+    """Conv3d of x [B, C_in, D, H, W] with a sparse weight over [C_out, C_in/groups*kd*kh*kw].
 
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, C_in*kh*kw, L]
-    cols = cols.transpose(1, 2)                                                      # [B, L, C_in*kh*kw]
-    if groups == 1:
-        y = sparse_linear(cols, w, bias, backend)                                    # [B, L, C_out]
-    else:
-        k_g, n_g = (c_in // groups) * kh * kw, c_out // groups
-        outs = []
-        for g in range(groups):
-            bias_g = None if bias is None else bias[g * n_g:(g + 1) * n_g]
-            wg = _rows(w, g * n_g, (g + 1) * n_g, None if starts is None else starts[g:g + 2])
-            outs.append(sparse_linear(cols[..., g * k_g:(g + 1) * k_g], wg, bias_g, backend))
-        y = torch.cat(outs, dim=-1)
-    return y.transpose(1, 2).reshape(b, c_out, h_out, w_out)
+    kernel_size defaults to the cubic kernel implied by the weight's K; pass it for other kernels.
+    """
+    return _sparse_conv("sparse_conv3d", 3, x, w, bias, stride, padding, dilation, groups, kernel_size, backend)

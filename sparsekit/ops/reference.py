@@ -6,6 +6,7 @@ every fast backend is tested against. They are differentiable through ordinary a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -48,8 +49,15 @@ def bsr_mm_xt(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tenso
 def bsr_conv2d(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
                padding: list[int], dilation: list[int], stride: Sequence[int] = (1, 1)) -> Tensor:
     n, c = (crow.numel() - 1) * values.shape[1], x.shape[1]
-    w = _dense_bsr(crow, col, values, n, c * kernel_size[0] * kernel_size[1]).reshape(n, c, *kernel_size)
+    w = _dense_bsr(crow, col, values, n, c * math.prod(kernel_size)).reshape(n, c, *kernel_size)
     return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
+
+
+def bsr_conv3d(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
+               padding: list[int], dilation: list[int], stride: Sequence[int] = (1, 1, 1)) -> Tensor:
+    n, c = (crow.numel() - 1) * values.shape[1], x.shape[1]
+    w = _dense_bsr(crow, col, values, n, c * math.prod(kernel_size)).reshape(n, c, *kernel_size)
+    return F.conv3d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
 
 
 def bsr_mm_t(dy: Tensor, crow: Tensor, col: Tensor, values: Tensor, k: int) -> Tensor:
@@ -76,8 +84,15 @@ def csr_mm_xt(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tenso
 def csr_conv2d(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
                padding: list[int], dilation: list[int], stride: Sequence[int] = (1, 1)) -> Tensor:
     n, c = crow.numel() - 1, x.shape[1]
-    w = _dense_csr(crow, col, values, n, c * kernel_size[0] * kernel_size[1]).reshape(n, c, *kernel_size)
+    w = _dense_csr(crow, col, values, n, c * math.prod(kernel_size)).reshape(n, c, *kernel_size)
     return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
+
+
+def csr_conv3d(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
+               padding: list[int], dilation: list[int], stride: Sequence[int] = (1, 1, 1)) -> Tensor:
+    n, c = crow.numel() - 1, x.shape[1]
+    w = _dense_csr(crow, col, values, n, c * math.prod(kernel_size)).reshape(n, c, *kernel_size)
+    return F.conv3d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
 
 
 def csr_mm_t(dy: Tensor, crow: Tensor, col: Tensor, values: Tensor, k: int) -> Tensor:
@@ -139,8 +154,10 @@ def channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tenso
 
 
 REFERENCES = {
-    "bsr_mm": bsr_mm, "bsr_mm_t": bsr_mm_t, "bsr_mm_xt": bsr_mm_xt, "bsr_conv2d": bsr_conv2d, "bsr_sddmm": bsr_sddmm,
-    "csr_mm": csr_mm, "csr_mm_t": csr_mm_t, "csr_mm_xt": csr_mm_xt, "csr_conv2d": csr_conv2d, "csr_sddmm": csr_sddmm,
+    "bsr_mm": bsr_mm, "bsr_mm_t": bsr_mm_t, "bsr_mm_xt": bsr_mm_xt, "bsr_conv2d": bsr_conv2d,
+    "bsr_conv3d": bsr_conv3d, "bsr_sddmm": bsr_sddmm,
+    "csr_mm": csr_mm, "csr_mm_t": csr_mm_t, "csr_mm_xt": csr_mm_xt, "csr_conv2d": csr_conv2d,
+    "csr_conv3d": csr_conv3d, "csr_sddmm": csr_sddmm,
     "nm_mm": nm_mm, "nm_mm_t": nm_mm_t, "nm_sddmm": nm_sddmm,
     "channel_gather_conv2d": channel_gather_conv2d,
 }
