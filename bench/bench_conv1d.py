@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,13 +36,13 @@ SHAPES = {
 PATTERNS = (("bsr", 0.8), ("bsr", 0.9), ("bsr", 0.95), ("csr", 0.9), ("csr", 0.95))
 
 
-def _pruned(shape: tuple, fmt: str, sparsity: float, gen: torch.Generator, device: str) -> nn.Conv1d:
-    c_in, c_out, k, stride, padding, dilation, _ = shape
-    conv = nn.Conv1d(c_in, c_out, k, stride, padding, dilation)
-    w = conv.weight.detach().view(c_out, -1)
+def prune_conv(conv: nn.Module, fmt: str, sparsity: float, gen: torch.Generator, device: str) -> nn.Module:
+    """``conv`` (any nn.ConvNd) with its weight, viewed as [C_out, C_in/groups * prod(kernel)], pruned in place:
+    whole 32x32 blocks (fmt "bsr") or single weights ("csr") at ``sparsity``; returned on ``device``, in eval."""
+    w = conv.weight.detach().view(conv.out_channels, -1)
     with torch.no_grad():
         if fmt == "bsr":
-            keep = torch.rand(c_out // 32, w.shape[1] // 32, generator=gen) >= sparsity
+            keep = torch.rand(w.shape[0] // 32, w.shape[1] // 32, generator=gen) >= sparsity
             keep = keep.repeat_interleave(32, 0).repeat_interleave(32, 1)
         else:
             keep = torch.rand(w.shape, generator=gen) >= sparsity
@@ -48,32 +50,69 @@ def _pruned(shape: tuple, fmt: str, sparsity: float, gen: torch.Generator, devic
     return conv.to(device).eval()
 
 
+def time_patterns(name: str, x: torch.Tensor, make_conv: Callable[[], nn.Module], sparse_cls: type,
+                  geometry: dict, reps: int, device: str, gen: torch.Generator) -> list[dict]:
+    """One row per PATTERNS entry: a fresh ``make_conv()`` pruned to it and its ``sparse_cls.from_dense``, timed
+    in one interleaved loop with the dense conv on ``x`` (the sparse output checked against it first)."""
+    fns, layers = {}, {}
+    for fmt, sparsity in PATTERNS:
+        dense = prune_conv(make_conv(), fmt, sparsity, gen, device)
+        sparse = sparse_cls.from_dense(dense, format=fmt, block=32)
+        with torch.no_grad():
+            ref, out = dense(x), sparse(x)
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3 * max(1.0, float(ref.abs().max())))
+        label = f"{fmt}{'32x32' if fmt == 'bsr' else ''}@{sparsity:.2f}"
+        # dense time does not depend on where the zeros are: one dense conv per shape is the baseline
+        fns.setdefault("dense", lambda d=dense: d(x))
+        fns[label] = lambda s=sparse: s(x)
+        layers[label] = sparsity
+    t = interleaved_median_ms(fns, warmup=3, reps=reps, device=device)
+    rows = []
+    for label, sparsity in layers.items():
+        rows.append({"shape": name, "conv": geometry, "batch": x.shape[0], "format": label.split("@")[0],
+                     "sparsity": sparsity, "dense_ms": t["dense"], "sparse_ms": t[label],
+                     "speedup": t["dense"] / t[label]})
+        print(f"{name} {label}: dense {t['dense']:.2f} ms, sparse {t[label]:.2f} ms, {rows[-1]['speedup']:.2f}x",
+              flush=True)
+    return rows
+
+
 def run(reps: int, batch: int, device: str) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, shape in SHAPES.items():
-        x = torch.randn(batch, shape[0], shape[-1], generator=gen).to(device)
-        fns, layers = {}, {}
-        for fmt, sparsity in PATTERNS:
-            dense = _pruned(shape, fmt, sparsity, gen, device)
-            sparse = SparseConv1d.from_dense(dense, format=fmt, block=32)
-            with torch.no_grad():
-                ref, out = dense(x), sparse(x)
-            torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3 * max(1.0, float(ref.abs().max())))
-            label = f"{fmt}{'32x32' if fmt == 'bsr' else ''}@{sparsity:.2f}"
-            # dense time does not depend on where the zeros are: one dense conv per shape is the baseline
-            fns.setdefault("dense", lambda d=dense, x=x: d(x))
-            fns[label] = lambda s=sparse, x=x: s(x)
-            layers[label] = sparsity
-        t = interleaved_median_ms(fns, warmup=3, reps=reps, device=device)
-        for label, sparsity in layers.items():
-            rows.append({"shape": name, "conv": dict(zip(("c_in", "c_out", "kernel", "stride", "padding",
-                                                          "dilation", "length"), shape)),
-                         "batch": batch, "format": label.split("@")[0], "sparsity": sparsity,
-                         "dense_ms": t["dense"], "sparse_ms": t[label], "speedup": t["dense"] / t[label]})
-            print(f"{name} {label}: dense {t['dense']:.2f} ms, sparse {t[label]:.2f} ms, "
-                  f"{rows[-1]['speedup']:.2f}x", flush=True)
+        c_in, c_out, k, stride, padding, dilation, length = shape
+        x = torch.randn(batch, c_in, length, generator=gen).to(device)
+        geometry = dict(zip(("c_in", "c_out", "kernel", "stride", "padding", "dilation", "length"), shape))
+        rows += time_patterns(name, x, partial(nn.Conv1d, c_in, c_out, k, stride, padding, dilation), SparseConv1d,
+                              geometry, reps, device, gen)
     return rows
+
+
+def check_args(a: argparse.Namespace) -> None:
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")
+    if a.reps < 1 or a.batch < 1:
+        raise SystemExit("--reps and --batch must be >= 1")
+
+
+def write_results(out: str, kind: str, title: str, device: str, reps: int, batch_note: str, geometry_header: str,
+                  describe: Callable[[dict], str], rows: list[dict]) -> None:
+    """<out>/<kind>_<machine>_<UTC stamp>.json (rows and machine) and .md (a table, ``describe(row["conv"])`` as
+    the geometry column), both printed."""
+    base, info, stamp, where = script_results(out, kind, device)
+    base.with_suffix(".json").write_text(json.dumps({"machine": info, "reps": reps, "rows": rows}, indent=1,
+                                                    default=str))
+    lines = [f"# {title} ({where}, fp32, torch {torch.__version__}, {stamp} UTC)", "",
+             f"{batch_note}; medians of {reps} interleaved samples; one dense conv per shape is the baseline.",
+             "", f"| shape | {geometry_header} | format | sparsity | dense ms | sparse ms | speedup |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {describe(r['conv'])} | {r['format']} | {r['sparsity']:.0%} | "
+                     f"{r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | {r['speedup']:.2f}x |")
+    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"results: {base}.json / .md")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,27 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = ap.parse_args(argv)
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")
-    if a.reps < 1 or a.batch < 1:
-        raise SystemExit("--reps and --batch must be >= 1")
+    check_args(a)
     rows = run(a.reps, a.batch, a.device)
-    base, info, stamp, where = script_results(a.out, "conv1d", a.device)
-    base.with_suffix(".json").write_text(json.dumps({"machine": info, "reps": a.reps, "rows": rows}, indent=1,
-                                                    default=str))
-    lines = [f"# SparseConv1d vs nn.Conv1d ({where}, fp32, torch {torch.__version__}, {stamp} UTC)", "",
-             f"Batch {a.batch}; medians of {a.reps} interleaved samples; one dense conv per shape is the baseline.",
-             "", "| shape | conv (C_in -> C_out, k, stride, padding, dilation, length) | format | sparsity | dense ms "
-             "| sparse ms | speedup |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        c = r["conv"]
-        geometry = (f"{c['c_in']} -> {c['c_out']}, k {c['kernel']}, s {c['stride']}, p {c['padding']}, "
-                    f"d {c['dilation']}, L {c['length']}")
-        lines.append(f"| {r['shape']} | {geometry} | {r['format']} | {r['sparsity']:.0%} | {r['dense_ms']:.2f} | "
-                     f"{r['sparse_ms']:.2f} | {r['speedup']:.2f}x |")
-    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"results: {base}.json / .md")
+    write_results(a.out, "conv1d", "SparseConv1d vs nn.Conv1d", a.device, a.reps, f"Batch {a.batch}",
+                  "conv (C_in -> C_out, k, stride, padding, dilation, length)",
+                  lambda c: (f"{c['c_in']} -> {c['c_out']}, k {c['kernel']}, s {c['stride']}, p {c['padding']}, "
+                             f"d {c['dilation']}, L {c['length']}"), rows)
     return 0
 
 

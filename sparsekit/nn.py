@@ -188,15 +188,20 @@ def _explicit_padding(conv: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
 class SparseConv2d(_SparseWeight):
     """nn.Conv2d with a sparse weight over [C_out, C_in/groups*kh*kw] (sparsekit.ops.sparse_conv2d)."""
 
-    def __init__(self, weight, bias: Tensor | None, format: str, in_channels: int, kernel_size: tuple[int, int],
-                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
-                 dilation: tuple[int, int] = (1, 1), groups: int = 1, backend: str | None = None) -> None:
+    def __init__(self, weight, bias: Tensor | None, format: str, in_channels: int, kernel_size: tuple[int, ...],
+                 stride: tuple[int, ...] | None = None, padding: tuple[int, ...] | None = None,
+                 dilation: tuple[int, ...] | None = None, groups: int = 1, backend: str | None = None) -> None:
+        """Geometry as tuples of one entry per spatial dim of ``kernel_size`` (stride and dilation default to 1,
+        padding to 0)."""
         super().__init__()
         self._init_weight(weight, _check_format(format), backend)
         self.out_channels = self.weight_shape[0]
         self.in_channels = in_channels
-        self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), tuple(padding)
-        self.dilation, self.groups = tuple(dilation), groups
+        nd = len(kernel_size)
+        self.kernel_size = tuple(kernel_size)
+        self.stride = tuple(stride) if stride is not None else (1,) * nd
+        self.padding = tuple(padding) if padding is not None else (0,) * nd
+        self.dilation, self.groups = (tuple(dilation) if dilation is not None else (1,) * nd), groups
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self._update_group_starts()
 

@@ -107,8 +107,11 @@ def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
         backend = None
     if spec["class"] == "SparseLinear":
         return SparseLinear(weight, bias, fmt, backend)
-    # (a Conv1d's saved geometry is its 2-D one)
-    conv = {"SparseConv1d": SparseConv1d, "SparseConv3d": SparseConv3d}.get(spec["class"], SparseConv2d)
+    convs = {"SparseConv1d": SparseConv1d, "SparseConv2d": SparseConv2d, "SparseConv3d": SparseConv3d}
+    if spec["class"] not in convs:
+        raise ValueError(f"{name}: the spec names class {spec['class']!r}; this sparsekit knows SparseLinear, "
+                         f"{', '.join(convs)}")
+    conv = convs[spec["class"]]    # (a Conv1d's saved geometry is its 2-D one)
     return conv(weight, bias, fmt, spec["in_channels"], tuple(spec["kernel_size"]), tuple(spec["stride"]),
                         tuple(spec["padding"]), tuple(spec["dilation"]), spec["groups"], backend)
 

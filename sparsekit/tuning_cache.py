@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,8 +45,8 @@ def device_name(device: torch.device) -> str:
 def code_revision() -> str:
     """A digest of the code that decides a layer's times: sparsekit's Python sources (dispatch, Triton kernels) and
     the built extension's bytes. A decision measured under other code is measured again, not reused: a cached
-    "dense" for a layer a newer kernel runs faster would hide the gain (and ``TuningCache.save`` drops such
-    entries, so the file does not grow with every upgrade)."""
+    "dense" for a layer a newer kernel runs faster would hide the gain (``TuningCache.save`` keeps the entries of
+    the few most recent revisions, so the file does not grow with every upgrade)."""
     digest = hashlib.sha1()
     package = Path(__file__).resolve().parent
     roots = [package]
@@ -64,13 +65,32 @@ def code_revision() -> str:
     return digest.hexdigest()[:12]
 
 
-def _current(key: str) -> bool:
-    """False for a sparsify key measured under another code revision (``code_revision``); True otherwise."""
+KEEP_REVISIONS = 4   # code revisions whose entries a saved cache keeps (other installs may share the file)
+
+
+def _revision(key: str) -> str | None:
+    """The code revision a sparsify key was measured under (None for keys without one)."""
     try:
         parts = json.loads(key)
     except ValueError:
-        return True
-    return not isinstance(parts, dict) or parts.get("code", code_revision()) == code_revision()
+        return None
+    return parts.get("code") if isinstance(parts, dict) else None
+
+
+def _recent_revisions(entries: dict[str, dict]) -> dict[str, dict]:
+    """``entries`` less those of all but the KEEP_REVISIONS most recently saved code revisions (the current one
+    always kept): entries of an older install are never looked up again, but a file several installs share
+    should not lose the others' entries on every save either."""
+    newest: dict[str, float] = {}
+    for key, entry in entries.items():
+        rev = _revision(key)
+        if rev is not None:
+            saved = entry.get("saved")
+            saved = float(saved) if isinstance(saved, (int, float)) and not isinstance(saved, bool) else 0.0
+            newest[rev] = max(newest.get(rev, 0.0), saved)
+    newest[code_revision()] = float("inf")
+    keep = set(sorted(newest, key=newest.get, reverse=True)[:KEEP_REVISIONS])
+    return {k: v for k, v in entries.items() if _revision(k) in keep or _revision(k) is None}
 
 
 def _valid_entry(entry: object) -> bool:
@@ -141,17 +161,17 @@ class TuningCache:
         return self.entries.get(key)
 
     def put(self, key: str, decision: dict) -> None:
-        self.entries[key] = decision
+        self.entries[key] = {**decision, "saved": time.time()}   # when: old revisions are dropped by age
 
     def save(self) -> None:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.path):
-            # entries other processes saved since this cache was read are kept (ours win on the same key), but
-            # not those measured under another code revision: they are never looked up again
+            # entries other processes saved since this cache was read are kept (ours win on the same key), those
+            # of old code revisions are not
             merged = {**_read_entries(self.path, warn=False), **self.entries}  # (warned when read)
-            self.entries = {k: v for k, v in merged.items() if _current(k)}
+            self.entries = _recent_revisions(merged)
             fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -61,3 +61,18 @@ def test_conv1d_writes_every_shape_and_pattern(tmp_path):
     assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows) and path.with_suffix(".md").exists()
     with pytest.raises(SystemExit, match="must be >= 1"):
         script.main(["--reps", "0", "--out", str(tmp_path)])
+
+
+def test_conv3d_writes_every_shape_and_pattern(tmp_path, monkeypatch):
+    script = load_bench_script("bench_conv3d")
+    small = {"tiny.conv3x3x3_s2": (32, 32, 3, 2, 1, (3, 6, 5)), "tiny.temporal": (32, 64, (3, 1, 1), 1, (1, 0, 0),
+                                                                                    (4, 3, 3))}
+    monkeypatch.setattr(script, "SHAPES", small)
+    assert script.main(["--reps", "1", "--batch", "1", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("conv3d_cpu-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["shape"], r["format"], r["sparsity"]) for r in rows} == {
+        (s, f, p) for s in small for f, p in (("bsr32x32", 0.8), ("bsr32x32", 0.9), ("bsr32x32", 0.95),
+                                             ("csr", 0.9), ("csr", 0.95))}
+    assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows)
+    assert "| tiny.temporal | 32 -> 64, k 3x1x1, s 1, p 1x0x0, 4x3x3 |" in path.with_suffix(".md").read_text()

@@ -121,6 +121,28 @@ def test_sparse_conv3d_matches_conv3d_with_gradients(backend, fmt, groups, kerne
     torch.testing.assert_close(grad_fmt.to_dense()[stored], rw.reshape(c_out, -1)[stored], rtol=1e-4, atol=1e-4)
 
 
+def test_empty_batch_backward_and_op_arity():
+    w = BSR.from_dense(torch.randn(4, 16) * (torch.rand(4, 16) < 0.5), (2, 2))
+    x = torch.randn(0, 2, 4, 4, 4, requires_grad=True)
+    sk.ops.sparse_conv3d(x, w, None, 2, 1, 1, kernel_size=2).sum().backward()
+    assert x.grad.shape == x.shape
+    if _extension.LOADED:   # each op takes its own number of spatial dims
+        with pytest.raises(RuntimeError, match="bsr_conv2d: kernel_size, padding, dilation and stride must have 2"):
+            torch.ops.sparsekit.bsr_conv2d(x.detach(), w.crow_indices, w.col_indices, w.values, None, [2, 2, 2],
+                                           [1, 1, 1], [1, 1, 1], [1, 1, 1])
+        with pytest.raises(RuntimeError, match="bsr_conv3d: x must be 5-D"):
+            torch.ops.sparsekit.bsr_conv3d(x.detach()[:, :, 0], w.crow_indices, w.col_indices, w.values, None,
+                                           [2, 2, 2], [1, 1, 1], [1, 1, 1], [1, 1, 1])
+
+
+def test_sparse_conv3d_built_directly_defaults_its_geometry_to_three_dims():
+    w = BSR.from_dense(torch.randn(8, 4 * 27), (4, 4))
+    layer = SparseConv3d(w, None, "bsr", 4, (3, 3, 3))
+    assert layer.stride == (1, 1, 1) and layer.padding == (0, 0, 0) and layer.dilation == (1, 1, 1)
+    x = torch.randn(1, 4, 5, 5, 5)
+    torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-4, atol=1e-4)
+
+
 def test_sparse_conv3d_errors_name_the_argument():
     w = BSR.from_dense(torch.randn(8, 4 * 27), (4, 4))
     with pytest.raises(ValueError, match=r"sparse_conv3d: x must be 5-D \[B, C_in, D, H, W\]"):

@@ -95,18 +95,23 @@ def test_concurrent_writers_neither_crash_nor_lose_entries(tmp_path):
     assert set(entries) == {f"{me}-{i}" for me in writers for i in range(n)}
 
 
-def test_save_drops_entries_of_other_code_revisions(tmp_path):
-    """An upgrade or rebuild changes code_revision: entries measured before are never looked up again, so saving
-    drops them instead of letting the file grow with every revision (keys without a revision are kept)."""
-    from sparsekit.tuning_cache import code_revision
+def test_save_keeps_only_the_most_recent_code_revisions(tmp_path):
+    """An upgrade or rebuild changes code_revision: entries of old revisions are never looked up again, so saving
+    keeps those of the KEEP_REVISIONS most recently saved revisions (the current one always; keys without a
+    revision too), and the file does not grow with every revision, while installs sharing it keep theirs."""
+    from sparsekit import tuning_cache
+    from sparsekit.tuning_cache import KEEP_REVISIONS, code_revision
 
     path = tmp_path / "cache.json"
-    entry = {"times_ms": {"dense": 1.0}, "notes": []}
-    old = TuningCache.key({"code": "0" * 12, "layer": 1})
     cache = TuningCache(path)
-    cache.put(old, entry)
+    entry = {"times_ms": {"dense": 1.0}, "notes": []}
+    old = [TuningCache.key({"code": f"{i:012d}", "layer": 1}) for i in range(KEEP_REVISIONS + 1)]
+    for i, key in enumerate(old):
+        cache.entries[key] = {**entry, "saved": 1000.0 + i}     # old[0] is the least recently saved
     cache.put("plain", entry)
     current = TuningCache.key({"code": code_revision(), "layer": 1})
     cache.put(current, entry)
     cache.save()
-    assert set(TuningCache(path).entries) == {"plain", current}
+    kept = set(TuningCache(path).entries)
+    assert kept == {"plain", current, *old[-(KEEP_REVISIONS - 1):]}
+    assert tuning_cache._revision("not json") is None

@@ -600,16 +600,15 @@ at::Tensor bsr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::
 
 
 // y [B, n, (Do,) Ho, Wo] = conv2d / conv3d(x [B, C, (D,) H, W], W [n, C*(kd*)kh*kw] BSR) (+ bias): conv_panels
-// (panel.h), no im2col; the op (its name in errors) fixes the spatial dims.
-at::Tensor bsr_conv(const char* op, const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col,
+// (panel.h), no im2col; op (named in errors) has nd spatial dims.
+at::Tensor bsr_conv(const char* op, size_t nd, const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col,
                     const at::Tensor& values, const std::optional<at::Tensor>& bias_in, at::IntArrayRef kernel_size,
                     at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef stride) {
   check_tensor(op, values, "values", 3);
   check_index(op, crow, "crow_indices");
   check_index(op, col, "col_indices");
   TORCH_CHECK(crow.numel() >= 1, op, ": crow_indices must have N/block_n + 1 >= 1 entries, got 0");
-  const ConvGeom g = checked_conv_geom(op, x_in, values, kernel_size, padding, dilation, stride);
-  const size_t nd = kernel_size.size();
+  const ConvGeom g = checked_conv_geom(op, nd, x_in, values, kernel_size, padding, dilation, stride);
   const int64_t K = g.K();
   const int64_t bn = values.size(1), bk = values.size(2), n = (crow.numel() - 1) * bn;
   check_block(op, bn, bk);
@@ -671,13 +670,13 @@ at::Tensor bsr_conv(const char* op, const at::Tensor& x_in, const at::Tensor& cr
 at::Tensor bsr_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                       const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef padding,
                       at::IntArrayRef dilation, at::IntArrayRef stride) {
-  return bsr_conv("sparsekit::bsr_conv2d", x, crow, col, values, bias, kernel_size, padding, dilation, stride);
+  return bsr_conv("sparsekit::bsr_conv2d", 2, x, crow, col, values, bias, kernel_size, padding, dilation, stride);
 }
 
 at::Tensor bsr_conv3d(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                       const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef padding,
                       at::IntArrayRef dilation, at::IntArrayRef stride) {
-  return bsr_conv("sparsekit::bsr_conv3d", x, crow, col, values, bias, kernel_size, padding, dilation, stride);
+  return bsr_conv("sparsekit::bsr_conv3d", 3, x, crow, col, values, bias, kernel_size, padding, dilation, stride);
 }
 
 

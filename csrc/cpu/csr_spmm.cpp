@@ -347,19 +347,19 @@ at::Tensor csr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::
 
 
 // y [B, n, (Do,) Ho, Wo] = conv2d / conv3d(x [B, C, (D,) H, W], W [n, C*(kd*)kh*kw] CSR) (+ bias): conv_panels
-// (panel.h), no im2col; the op (its name in errors) fixes the spatial dims.
-at::Tensor csr_conv(const char* op, const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col,
+// (panel.h), no im2col; op (named in errors) has nd spatial dims.
+at::Tensor csr_conv(const char* op, size_t nd, const at::Tensor& x_in, const at::Tensor& crow, const at::Tensor& col,
                     const at::Tensor& values, const std::optional<at::Tensor>& bias_in, at::IntArrayRef kernel_size,
                     at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef stride) {
   check_tensor(op, values, "values", 1);
   check_indices(op, crow, col);
-  const ConvGeom g = checked_conv_geom(op, x_in, values, kernel_size, padding, dilation, stride);
+  const ConvGeom g = checked_conv_geom(op, nd, x_in, values, kernel_size, padding, dilation, stride);
   const int64_t K = g.K();
   const int64_t n = crow.numel() - 1;
   TORCH_CHECK(n >= 0, op, ": crow_indices must have n + 1 >= 1 entries");
   check_nnz(op, col, values);
   const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
-  const std::vector<int64_t> y_shape = conv_out_shape(g, n, kernel_size.size());
+  const std::vector<int64_t> y_shape = conv_out_shape(g, n, nd);
   if (!use_fast(x_in.scalar_type())) {  // float64: im2col + the transposed-layout op
     const at::Tensor cols = conv_patches(x_in, kernel_size, padding, dilation, stride);
     return csr_mm_xt(cols, crow, col, values, bias_in, n).reshape(y_shape);
@@ -394,13 +394,13 @@ at::Tensor csr_conv(const char* op, const at::Tensor& x_in, const at::Tensor& cr
 at::Tensor csr_conv2d(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                       const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef padding,
                       at::IntArrayRef dilation, at::IntArrayRef stride) {
-  return csr_conv("sparsekit::csr_conv2d", x, crow, col, values, bias, kernel_size, padding, dilation, stride);
+  return csr_conv("sparsekit::csr_conv2d", 2, x, crow, col, values, bias, kernel_size, padding, dilation, stride);
 }
 
 at::Tensor csr_conv3d(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
                       const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef padding,
                       at::IntArrayRef dilation, at::IntArrayRef stride) {
-  return csr_conv("sparsekit::csr_conv3d", x, crow, col, values, bias, kernel_size, padding, dilation, stride);
+  return csr_conv("sparsekit::csr_conv3d", 3, x, crow, col, values, bias, kernel_size, padding, dilation, stride);
 }
 
 

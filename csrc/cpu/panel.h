@@ -147,13 +147,12 @@ struct ConvGeom {
 };
 
 // Validates a conv call's x [B, C, *spatial], values and kernel_size / padding / dilation / stride (one entry per
-// spatial dim: 2 or 3; op named in the errors) and returns its geometry; shared by the BSR and CSR conv ops.
-inline ConvGeom checked_conv_geom(const char* op, const at::Tensor& x, const at::Tensor& values,
+// spatial dim: nd = 2 or 3; op named in the errors) and returns its geometry; shared by the BSR and CSR conv ops.
+inline ConvGeom checked_conv_geom(const char* op, size_t nd, const at::Tensor& x, const at::Tensor& values,
                                   at::IntArrayRef kernel_size, at::IntArrayRef padding, at::IntArrayRef dilation,
                                   at::IntArrayRef stride) {
-  const size_t nd = kernel_size.size();
-  TORCH_CHECK((nd == 2 || nd == 3) && padding.size() == nd && dilation.size() == nd && stride.size() == nd, op,
-              ": kernel_size, padding, dilation and stride must have one entry per spatial dim (2 or 3) each");
+  TORCH_CHECK(kernel_size.size() == nd && padding.size() == nd && dilation.size() == nd && stride.size() == nd, op,
+              ": kernel_size, padding, dilation and stride must have ", nd, " entries each");
   check_tensor(op, x, "x", int64_t(nd) + 2);
   check_floating(op, x, "x");
   check_same_dtype(op, values, "values", x, "x");
@@ -217,10 +216,11 @@ inline at::Tensor conv_patches(const at::Tensor& x, at::IntArrayRef kernel_size,
 
 // Scratch for conv_panels' phase image: the calling thread's grow-only buffer, reused across calls (a fresh
 // image-sized allocation pays a page fault per 4 KiB page on every call: measured, up to half the time of a
-// 90%-sparse conv on this VM). Requests above kScratchKeep floats (64 MiB) get a one-off buffer in `once`, freed
+// 90%-sparse conv on this VM). Requests above kScratchKeep floats (256 MiB: batch 8 of a
+// 64-channel 16x56x56 video clip fits) get a one-off buffer in `once`, freed
 // with it, so a thread keeps at most that much between calls.
 inline float* conv_scratch(size_t floats, std::unique_ptr<float[]>& once) {
-  constexpr size_t kScratchKeep = size_t(16) << 20;
+  constexpr size_t kScratchKeep = size_t(64) << 20;
   if (floats > kScratchKeep) {
     once.reset(new float[floats]);
     return once.get();

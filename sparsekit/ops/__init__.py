@@ -13,5 +13,5 @@ from .conv import sparse_conv2d, sparse_conv3d
 from .linear import bsr_linear, channel_linear, csr_linear, nm_linear, sparse_linear
 
 __all__ = ["bsr_linear", "csr_linear", "nm_linear", "channel_linear", "sparse_linear", "sparse_conv2d",
-           "sparse_conv3d",            "channel_gather_linear", "channel_gather_conv2d", "channel_scatter",
+           "sparse_conv3d", "channel_gather_linear", "channel_gather_conv2d", "channel_scatter",
            "BACKENDS", "PRIORITY", "all_reasons", "choose"]

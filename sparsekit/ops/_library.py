@@ -5,6 +5,7 @@ implementations, autograd formulas, and the pure-PyTorch reference as the Compos
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -206,20 +207,20 @@ def _conv_setup(ctx, inputs, output) -> None:
 def _col2im(dcols: Tensor, x_shape: torch.Size, kernel: tuple[int, ...], padding: tuple[int, ...],
             dilation: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
     """The adjoint of the patch matrix: dcols [B, L, C*prod(kernel)] summed back into the input's positions
-    (F.fold in 2-D; in 3-D a scatter-add through the patch matrix of the padded input's own flat indices)."""
+    (F.fold in 2-D; in 3-D one strided add into the padded input per kernel tap)."""
     from torch.nn.functional import fold
 
     b, c = x_shape[:2]
     if len(kernel) == 2:
         return fold(dcols.transpose(1, 2), tuple(x_shape[2:]), kernel, dilation, padding, stride)
-    from .conv import _patches
-
     padded = [n + 2 * p for n, p in zip(x_shape[2:], padding)]
-    index = torch.arange(c * math.prod(padded), device=dcols.device).reshape(1, c, *padded)
-    index = _patches(index, kernel, dilation, (0,) * len(kernel), stride).reshape(1, -1)   # same order as dcols
-    flat = dcols.new_zeros(b, c * math.prod(padded)).scatter_add_(1, index.expand(b, -1), dcols.reshape(b, -1))
-    inner = tuple(slice(p, p + n) for n, p in zip(x_shape[2:], padding))
-    return flat.reshape(b, c, *padded)[(slice(None), slice(None), *inner)]
+    out = [(n - d * (k - 1) - 1) // s + 1 for n, k, d, s in zip(padded, kernel, dilation, stride)]
+    taps = dcols.reshape(b, *out, c, *kernel)                       # columns ordered (c, kd, kh, kw)
+    dx = dcols.new_zeros(b, c, *padded)
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        window = tuple(slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(tap, dilation, stride, out))
+        dx[(slice(None), slice(None), *window)] += taps[(..., *tap)].movedim(-1, 1)
+    return dx[(slice(None), slice(None), *(slice(p, p + n) for n, p in zip(x_shape[2:], padding)))]
 
 
 def _conv_backward(ctx, dy: Tensor):

@@ -68,7 +68,7 @@ def group_starts(w: BSR | CSR, groups: int) -> tuple[int, ...]:
     unit = w.block[0] if isinstance(w, BSR) else 1
     n_g = w.shape[0] // groups
     if n_g % unit:
-        raise ValueError(f"sparse_conv2d: with groups, each group's C_out ({n_g}) must be a multiple "
+        raise ValueError(f"sparse_conv: with groups, each group's C_out ({n_g}) must be a multiple "
                          f"of the block rows ({unit})")
     return tuple(int(v) for v in w.crow_indices[::n_g // unit].tolist()) if n_g else (0,) * (groups + 1)
 
@@ -100,7 +100,7 @@ def _rows(w, start: int, stop: int, entries: tuple[int, int] | None = None):
         lo, hi = entries
         return type(w)(values=w.values[lo:hi], crow_indices=(crow - lo).contiguous(),
                        col_indices=w.col_indices[lo:hi], shape=(stop - start, w.shape[1]))
-    raise ValueError(f"sparse_conv2d: groups > 1 is not supported for a {type(w).__name__} weight")
+    raise ValueError(f"sparse_conv: groups > 1 is not supported for a {type(w).__name__} weight")
 
 
 _XT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
