@@ -8,6 +8,8 @@ bert      BERT-base-sized encoder (hidden 768, 12 heads, FFN 3072, seq 128, batc
           Linear but the classifier pruned to 90% with 32x32 blocks (magnitude, layer scope), then sparsified.
 resnet50  ResNet-50 (batch 8, 224x224): 50% global channel pruning compacted (dependency graph), then 80% 32x32
           block sparsity in the remaining 3x3 convs, then sparsified.
+r3d18     R3D-18 (sparsekit.models; 3-D convs, 16x112x112 video clips, batch 8): the same as resnet50, the 3x3x3
+          convs block-sparse (SparseConv3d).
 hf-bert   the same pruning as bert on Hugging Face transformers' BertModel (BERT-base config, random weights, no
           download, no pooler; every Linear pruned): the user's own model, not ours (needs transformers).
 hf-gpt2   the same on transformers' GPT2Model (GPT-2 small config, seq 128), after sk.nn.conv1d_to_linear.
@@ -16,7 +18,7 @@ vit       ViT-B/16 built from torch's stock nn.TransformerEncoder (nn.MultiheadA
           included (sk.nn.mha_to_linear; the patch embedding stays dense), against the stock model and its fused
           eval kernels.
 
-Pruning (and ResNet-50's compaction) runs on CPU in float32; the models are then moved to --device/--dtype, where
+Pruning (and the CNNs' compaction) runs on CPU in float32; the models are then moved to --device/--dtype, where
 sparsify measures its candidates and the timing runs (CUDA: synchronised). Writes
 <--out, default bench/results>/sparsify_models_<machine>_<date>.json/.md with medians (interleaved dense/sparse
 runs), per-model speedup, and the Linear weight bytes after sparsify vs dense. A model whose sparsified output
@@ -166,20 +168,25 @@ def transformer(kind: str, reps: int, layers: int, device: str = "cpu", dtype: t
             **check, "sparsify_s": sparsify_s}
 
 
-def resnet50(reps: int, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 8,
-             compile_: bool = False, min_speedup: float = 1.1) -> dict:
+def _compacted_cnn(kind: str, reps: int, device: str, dtype: torch.dtype, batch: int, compile_: bool,
+                   min_speedup: float) -> dict:
+    """ResNet-50 (2-D) or R3D-18 (3-D, video clips): 50% global channel pruning compacted, then 80% 32x32 block
+    sparsity in the remaining 3x3(x3) convs, sparsified, timed against the dense original."""
     torch.manual_seed(0)
-    dense = sk.models.ResNet50().eval()
+    if kind == "resnet50":
+        dense, conv, label = sk.models.ResNet50().eval(), nn.Conv2d, f"ResNet-50, batch {batch}, 224x224"
+    else:
+        dense, conv, label = sk.models.R3D18().eval(), nn.Conv3d, f"R3D-18, batch {batch}, 16x112x112 clips"
     x = dense.example_input(batch)
     graph = DependencyGraph.build(dense, x[:1])
     # channel counts rounded to 32 so the remaining 3x3 convs take 32x32 blocks
     keep = graph.select(0.5, graph.group_scores("l1"), scope="global", round_to=32)
     small = compact(dense, x[:1], keep, graph=graph)
-    blockable = [m for m in small.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+    blockable = [m for m in small.modules() if isinstance(m, conv) and set(m.kernel_size) == {3}
                  and m.out_channels % 32 == 0 and m.in_channels % 32 == 0 and m.groups == 1]
     pruner = sk.prune.Pruner(small, x[:1], criterion="magnitude", granularity="block", block=(32, 32),
                              scope="layer", sparsity=0.8,
-                             ignore=[m for m in small.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                             ignore=[m for m in small.modules() if isinstance(m, (conv, nn.Linear))
                                      and m not in blockable])
     pruner.step()
     dense, _ = _place(dense, x, device, dtype)
@@ -190,10 +197,11 @@ def resnet50(reps: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
     sparsify_s = time.perf_counter() - t0
     check = _verify(small, fast, x, dtype)
     t = _timed(dense, fast, x, reps, device, compile_, extra={"compact": lambda: small(x)})
-    return {"model": f"ResNet-50, batch {batch}, 224x224", "pruning": "50% global channels compacted + 80% 32x32 "
-            "blocks in 3x3 convs", "device": device, "dtype": str(dtype).split(".")[-1], **t,
-            "compact_only_speedup": t["dense_ms"] / t["compact_ms"], "target": 2.5,
-            "sparse_layers": sum(isinstance(m, SparseConv2d) for m in fast.modules()),
+    return {"model": label, "pruning": f"50% global channels compacted + 80% 32x32 blocks in "
+            f"{'3x3' if conv is nn.Conv2d else '3x3x3'} convs", "device": device, "dtype": str(dtype).split(".")[-1],
+            **t, "compact_only_speedup": t["dense_ms"] / t["compact_ms"],
+            "target": 2.5 if kind == "resnet50" else None,      # issue 8 names ResNet-50 only
+            "sparse_layers": sum(isinstance(m, SparseConv2d) for m in fast.modules()),   # (SparseConv3d too)
             "choices": sorted({d.choice for d in report.layers}), **check, "sparsify_s": sparsify_s}
 
 
@@ -223,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     names = [n for n in a.models.split(",") if n]
     for name in names:
-        if name not in ("bert", "resnet50", "vit", "hf-bert", "hf-gpt2"):
-            raise SystemExit(f"--models: unknown model {name!r}; expected bert, resnet50, vit, hf-bert and/or "
-                             "hf-gpt2")
+        if name not in ("bert", "resnet50", "r3d18", "vit", "hf-bert", "hf-gpt2"):
+            raise SystemExit(f"--models: unknown model {name!r}; expected bert, resnet50, r3d18, vit, hf-bert "
+                             "and/or hf-gpt2")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")
     if a.reps < 1 or a.batch < 1 or a.layers < 1:
@@ -235,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[a.dtype]
     rows = []
     for name in names:
-        row = (resnet50(a.reps, a.device, dtype, a.batch, a.compile, a.min_speedup) if name == "resnet50"
-               else transformer(name, a.reps, a.layers, a.device, dtype, a.batch, a.compile, a.min_speedup))
+        if name in ("resnet50", "r3d18"):
+            row = _compacted_cnn(name, a.reps, a.device, dtype, a.batch, a.compile, a.min_speedup)
+        else:
+            row = transformer(name, a.reps, a.layers, a.device, dtype, a.batch, a.compile, a.min_speedup)
         print(json.dumps(row, indent=1))
         rows.append(row)
     base, info, stamp, where = script_results(a.out, "sparsify_models", a.device)

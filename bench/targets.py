@@ -521,6 +521,9 @@ TARGETS: list[Target] = [
     Target("8", "cpu", "the same pruning on a ViT-B/16 of torch's stock modules (nn.MultiheadAttention's packed "
            "q / k / v included, via sk.nn.mha_to_linear; not a target)",
            models_reported("cpu", "float32", ("ViT-B/16",))),
+    Target("8", "cpu", "the ResNet-50 recipe on a video model, R3D-18 (3-D convs, 16x112x112 clips, batch 8: 50% "
+           "channels compacted + 80% 32x32 blocks in 3x3x3 convs through SparseConv3d; not a target)",
+           models_reported("cpu", "float32", ("R3D-18",))),
     Target("8", "cpu", "the same two models in bfloat16 (not a target)",
            models_reported("cpu", "bfloat16", ("BERT-base encoder", "ResNet-50"))),
     Target("8", "cpu", "memory: peak RSS of a fresh process loading the saved 90% BSR encoder vs the dense one "

@@ -16,6 +16,7 @@ import pytest
 import torch
 from _scripts import load_bench_script
 
+import sparsekit as sk
 from sparsekit.nn import SparseLinear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,6 +325,21 @@ def test_bench_sparsify_models_hugging_face_models(skm, tmp_path):
     assert bert["sparse_layers"] == 6 and bert["linear_weight_bytes_pct"] < 15
     assert gpt2["model"].startswith("Hugging Face GPT2Model (1 layers)") and gpt2["verify_error"] is None
     assert gpt2["sparse_layers"] == 4 and gpt2["linear_weight_bytes_pct"] < 15
+
+
+def test_bench_sparsify_models_r3d18_compacts_and_sparsifies_conv3d(skm, tmp_path, monkeypatch):
+    """The video model (a narrow R3D-18 on small clips here): channels compacted through the 3-D dependency graph,
+    the remaining 3x3x3 convs block-sparse as SparseConv3d, outputs equal to the pruned model's."""
+    from functools import partial
+
+    monkeypatch.setattr(sk.models, "R3D18", partial(sk.models.R3D18, width=0.5, frames=8, image_size=32))
+    assert skm.main(["--models", "r3d18", "--reps", "1", "--batch", "1", "--min-speedup", "1e-6",
+                     "--out", str(tmp_path)]) == 0
+    import json
+
+    (row,) = json.loads(next(tmp_path.glob("sparsify_models_cpu-*.json")).read_text())["rows"]
+    assert row["model"].startswith("R3D-18, batch 1") and row["verify_error"] is None
+    assert row["sparse_layers"] > 0 and "3x3x3 convs" in row["pruning"] and row["target"] is None
 
 
 def test_bench_sparsify_models_vit_prunes_stock_attention(skm, tmp_path):

@@ -20,6 +20,7 @@ CASES = [
     ("resnet56", {"width": 0.25, "num_classes": 100}, (2, 100)),
     ("vgg16_bn", {"width": 0.125}, (2, 10)),
     ("resnet50", {"width": 0.125, "image_size": 64, "num_classes": 7}, (2, 7)),
+    ("r3d_18", {"width": 0.125, "frames": 8, "image_size": 16, "num_classes": 7}, (2, 7)),
     ("transformer", {"vocab": 50, "dim": 32, "heads": 4, "ffn": 64, "layers": 2, "num_classes": 3}, (2, 3)),
     ("bert_base", {"vocab": 50, "dim": 48, "heads": 4, "ffn": 96, "layers": 1}, (2, 2)),
     ("vit", {}, (2, 10)),
@@ -56,6 +57,7 @@ def test_parameter_counts_match_published():
     # option-B projections add 2 x (1x1 conv + BN) to the 0.27M of He et al.
     assert sum(p.numel() for p in models.ResNet20().parameters()) == 272474
     assert sum(p.numel() for p in models.ResNet50().parameters()) == 25557032  # torchvision's count
+    assert sum(p.numel() for p in models.R3D18().parameters()) == 33371472     # torchvision's r3d_18
 
 
 def test_resnet_cifar_projection_shortcuts():
@@ -120,6 +122,7 @@ def test_ffn_default_sizes_and_fc_alias():
     (models.LeNet5, {"image_size": 3}, ValueError),
     (models.LeNet5, {"num_classes": 2.5}, TypeError),
     (models.VGG16_BN, {"image_size": 16}, ValueError),
+    (models.R3D18, {"frames": 4}, ValueError),
     (models.TransformerEncoder, {"dim": 10, "heads": 4}, ValueError),
     (models.FFN, {"activation": "tanh"}, ValueError),
 ])
