@@ -1,6 +1,6 @@
 """SparseConv1d vs dense nn.Conv1d on 1-D convolutions of real audio / sequence models, CPU or CUDA.
 
-    python bench/bench_conv1d.py [--reps 15] [--batch 8] [--device cpu] [--out bench/results]
+    python bench/bench_conv1d.py [--reps 15] [--batch 8] [--device cpu] [--dtype float32] [--out bench/results]
 
 Shapes: wav2vec 2.0's feature encoder (512 -> 512 channels, kernel 3, stride 2, on 16 kHz audio after the first
 layers: 1599 frames), Whisper-base's second input conv (512 -> 512, kernel 3, stride 2, padding 1, 3000 mel
@@ -8,7 +8,7 @@ frames) and a TCN block (256 -> 256, kernel 3, dilation 4, 'same', 2048 steps). 
 blocks at 80 / 90 / 95% block sparsity; unstructured CSR at 90 / 95%), a pruned nn.Conv1d (weight viewed as
 [C_out, C_in * k]) and its SparseConv1d.from_dense run in one interleaved loop (medians after warm-up, CUDA
 synchronised) with torch's dense conv1d (oneDNN / cuDNN) on the same input; the sparse output is checked against
-it first. fp32. Writes <out>/conv1d_<machine>_<UTC stamp>.json / .md.
+it first. fp32 (or --dtype bfloat16). Writes <out>/conv1d_<machine>_<UTC stamp>.json / .md.
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ SHAPES = {
 PATTERNS = (("bsr", 0.8), ("bsr", 0.9), ("bsr", 0.95), ("csr", 0.9), ("csr", 0.95))
 
 
-def prune_conv(conv: nn.Module, fmt: str, sparsity: float, gen: torch.Generator, device: str) -> nn.Module:
+def prune_conv(conv: nn.Module, fmt: str, sparsity: float, gen: torch.Generator, device: str,
+               dtype: torch.dtype = torch.float32) -> nn.Module:
     """``conv`` (any nn.ConvNd) with its weight, viewed as [C_out, C_in/groups * prod(kernel)], pruned in place:
-    whole 32x32 blocks (fmt "bsr") or single weights ("csr") at ``sparsity``; returned on ``device``, in eval."""
+    whole 32x32 blocks (fmt "bsr") or single weights ("csr") at ``sparsity``; returned on ``device`` in ``dtype``,
+    in eval."""
     w = conv.weight.detach().view(conv.out_channels, -1)
     with torch.no_grad():
         if fmt == "bsr":
@@ -47,20 +49,22 @@ def prune_conv(conv: nn.Module, fmt: str, sparsity: float, gen: torch.Generator,
         else:
             keep = torch.rand(w.shape, generator=gen) >= sparsity
         w.mul_(keep)
-    return conv.to(device).eval()
+    return conv.to(device, dtype).eval()
 
 
 def time_patterns(name: str, x: torch.Tensor, make_conv: Callable[[], nn.Module], sparse_cls: type,
                   geometry: dict, reps: int, device: str, gen: torch.Generator) -> list[dict]:
     """One row per PATTERNS entry: a fresh ``make_conv()`` pruned to it and its ``sparse_cls.from_dense``, timed
-    in one interleaved loop with the dense conv on ``x`` (the sparse output checked against it first)."""
+    in one interleaved loop with the dense conv on ``x`` (the sparse output checked against it first; both in
+    ``x``'s dtype)."""
     fns, layers = {}, {}
+    tol = 1e-3 if x.dtype == torch.float32 else 3e-2
     for fmt, sparsity in PATTERNS:
-        dense = prune_conv(make_conv(), fmt, sparsity, gen, device)
+        dense = prune_conv(make_conv(), fmt, sparsity, gen, device, x.dtype)
         sparse = sparse_cls.from_dense(dense, format=fmt, block=32)
         with torch.no_grad():
             ref, out = dense(x), sparse(x)
-        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3 * max(1.0, float(ref.abs().max())))
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol * max(1.0, float(ref.abs().max())))
         label = f"{fmt}{'32x32' if fmt == 'bsr' else ''}@{sparsity:.2f}"
         # dense time does not depend on where the zeros are: one dense conv per shape is the baseline
         fns.setdefault("dense", lambda d=dense: d(x))
@@ -69,7 +73,8 @@ def time_patterns(name: str, x: torch.Tensor, make_conv: Callable[[], nn.Module]
     t = interleaved_median_ms(fns, warmup=3, reps=reps, device=device)
     rows = []
     for label, sparsity in layers.items():
-        rows.append({"shape": name, "conv": geometry, "batch": x.shape[0], "format": label.split("@")[0],
+        rows.append({"shape": name, "conv": geometry, "batch": x.shape[0], "dtype": str(x.dtype).split(".")[-1],
+                     "format": label.split("@")[0],
                      "sparsity": sparsity, "dense_ms": t["dense"], "sparse_ms": t[label],
                      "speedup": t["dense"] / t[label]})
         print(f"{name} {label}: dense {t['dense']:.2f} ms, sparse {t[label]:.2f} ms, {rows[-1]['speedup']:.2f}x",
@@ -77,33 +82,45 @@ def time_patterns(name: str, x: torch.Tensor, make_conv: Callable[[], nn.Module]
     return rows
 
 
-def run(reps: int, batch: int, device: str) -> list[dict]:
+def run(reps: int, batch: int, device: str, dtype: torch.dtype = torch.float32) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, shape in SHAPES.items():
         c_in, c_out, k, stride, padding, dilation, length = shape
-        x = torch.randn(batch, c_in, length, generator=gen).to(device)
+        x = torch.randn(batch, c_in, length, generator=gen).to(device, dtype)
         geometry = dict(zip(("c_in", "c_out", "kernel", "stride", "padding", "dilation", "length"), shape))
         rows += time_patterns(name, x, partial(nn.Conv1d, c_in, c_out, k, stride, padding, dilation), SparseConv1d,
                               geometry, reps, device, gen)
     return rows
 
 
-def check_args(a: argparse.Namespace) -> None:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_args(doc: str, batch: int, argv: list[str] | None) -> argparse.Namespace:
+    """The options bench_conv1d.py and bench_conv3d.py share, checked."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="both convs' dtype (default float32)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")
     if a.reps < 1 or a.batch < 1:
         raise SystemExit("--reps and --batch must be >= 1")
+    return a
 
 
-def write_results(out: str, kind: str, title: str, device: str, reps: int, batch_note: str, geometry_header: str,
-                  describe: Callable[[dict], str], rows: list[dict]) -> None:
+def write_results(out: str, kind: str, title: str, device: str, dtype: str, reps: int, batch_note: str,
+                  geometry_header: str, describe: Callable[[dict], str], rows: list[dict]) -> None:
     """<out>/<kind>_<machine>_<UTC stamp>.json (rows and machine) and .md (a table, ``describe(row["conv"])`` as
     the geometry column), both printed."""
     base, info, stamp, where = script_results(out, kind, device)
     base.with_suffix(".json").write_text(json.dumps({"machine": info, "reps": reps, "rows": rows}, indent=1,
                                                     default=str))
-    lines = [f"# {title} ({where}, fp32, torch {torch.__version__}, {stamp} UTC)", "",
+    lines = [f"# {title} ({where}, {dtype}, torch {torch.__version__}, {stamp} UTC)", "",
              f"{batch_note}; medians of {reps} interleaved samples; one dense conv per shape is the baseline.",
              "", f"| shape | {geometry_header} | format | sparsity | dense ms | sparse ms | speedup |",
              "|---|---|---|---|---|---|---|"]
@@ -116,15 +133,9 @@ def write_results(out: str, kind: str, title: str, device: str, reps: int, batch
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    a = ap.parse_args(argv)
-    check_args(a)
-    rows = run(a.reps, a.batch, a.device)
-    write_results(a.out, "conv1d", "SparseConv1d vs nn.Conv1d", a.device, a.reps, f"Batch {a.batch}",
+    a = parse_args(__doc__, 8, argv)
+    rows = run(a.reps, a.batch, a.device, DTYPES[a.dtype])
+    write_results(a.out, "conv1d", "SparseConv1d vs nn.Conv1d", a.device, a.dtype, a.reps, f"Batch {a.batch}",
                   "conv (C_in -> C_out, k, stride, padding, dilation, length)",
                   lambda c: (f"{c['c_in']} -> {c['c_out']}, k {c['kernel']}, s {c['stride']}, p {c['padding']}, "
                              f"d {c['dilation']}, L {c['length']}"), rows)

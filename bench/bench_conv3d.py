@@ -1,6 +1,6 @@
 """SparseConv3d vs dense nn.Conv3d on 3-D convolutions of real video / volumetric models, CPU or CUDA.
 
-    python bench/bench_conv3d.py [--reps 15] [--batch 2] [--device cpu] [--out bench/results]
+    python bench/bench_conv3d.py [--reps 15] [--batch 2] [--device cpu] [--dtype float32] [--out bench/results]
 
 Shapes (16-frame 112x112 clips for the video models, as in their papers): R3D-18's 3x3x3 convs (Tran et al.
 2018, "A Closer Look at Spatiotemporal Convolutions"): layer2 (128 channels, 8x28x28), the stride-2 entry of
@@ -9,12 +9,11 @@ layer3 (128 -> 256, to 4x14x14) and layer4 (512 channels, 2x7x7); R(2+1)D's temp
 blocks at 80 / 90 / 95% block sparsity; unstructured CSR at 90 / 95%), a pruned nn.Conv3d (weight viewed as
 [C_out, C_in * kd * kh * kw]) and its SparseConv3d.from_dense run in one interleaved loop (medians after warm-up,
 CUDA synchronised) with torch's dense conv3d (oneDNN / cuDNN) on the same input; the sparse output is checked
-against it first. fp32. Writes <out>/conv3d_<machine>_<UTC stamp>.json / .md.
+against it first. fp32 (or --dtype bfloat16). Writes <out>/conv3d_<machine>_<UTC stamp>.json / .md.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from functools import partial
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench_conv1d, also when loaded by path (tests)
-from bench_conv1d import check_args, time_patterns, write_results  # noqa: E402
+from bench_conv1d import DTYPES, parse_args, time_patterns, write_results  # noqa: E402
 
 from sparsekit.nn import SparseConv3d  # noqa: E402
 
@@ -41,12 +40,12 @@ def _dims(v: int | tuple[int, ...]) -> str:
     return "x".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
 
-def run(reps: int, batch: int, device: str) -> list[dict]:
+def run(reps: int, batch: int, device: str, dtype: torch.dtype = torch.float32) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, shape in SHAPES.items():
         c_in, c_out, k, stride, padding, size = shape
-        x = torch.randn(batch, c_in, *size, generator=gen).to(device)
+        x = torch.randn(batch, c_in, *size, generator=gen).to(device, dtype)
         geometry = dict(zip(("c_in", "c_out", "kernel", "stride", "padding", "input"), shape))
         rows += time_patterns(name, x, partial(nn.Conv3d, c_in, c_out, k, stride, padding), SparseConv3d, geometry,
                               reps, device, gen)
@@ -54,15 +53,9 @@ def run(reps: int, batch: int, device: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    a = ap.parse_args(argv)
-    check_args(a)
-    rows = run(a.reps, a.batch, a.device)
-    write_results(a.out, "conv3d", "SparseConv3d vs nn.Conv3d", a.device, a.reps, f"Batch {a.batch}",
+    a = parse_args(__doc__, 2, argv)
+    rows = run(a.reps, a.batch, a.device, DTYPES[a.dtype])
+    write_results(a.out, "conv3d", "SparseConv3d vs nn.Conv3d", a.device, a.dtype, a.reps, f"Batch {a.batch}",
                   "conv (C_in -> C_out, kernel, stride, padding, input D x H x W)",
                   lambda c: (f"{c['c_in']} -> {c['c_out']}, k {_dims(c['kernel'])}, s {_dims(c['stride'])}, "
                              f"p {_dims(c['padding'])}, {_dims(c['input'])}"), rows)

@@ -187,17 +187,19 @@ void pack_xt_avx512(const uint16_t* xt, int64_t M, int64_t m0, int64_t r0, int64
   }
 }
 
-// amx_pack_xt of a stride-1 convolution's implicit im2col matrix: K-row k = (c * kh + ky) * kw + kx holds, at
-// pixel m = ho * Wo + wo, x[c][ho + ky * dh - ph][wo + kx * dw - pw] (zero outside the image).
+// amx_pack_xt of a stride-1 convolution's implicit im2col matrix: K-row k = ((c * kd + kz) * kh + ky) * kw + kx
+// holds, at pixel m = (od * Ho + ho) * Wo + wo, x[c][od + kz * dd - pd][ho + ky * dh - ph][wo + kx * dw - pw] (zero
+// outside the image; 2-D: one depth).
 void pack_conv_avx512(const uint16_t* x, const AmxConv& g, int64_t r0, int64_t r1, int64_t ldv, uint32_t* xv) {
   const __m512i lo_idx = pair_index(0), hi_idx = pair_index(16);
   struct Tap {
-    const uint16_t* plane;
-    int64_t dy, dx;
+    const uint16_t* volume;
+    int64_t dz, dy, dx;
   };
   auto tap = [&](int64_t k) {
-    const int64_t kx = k % g.kw, ky = (k / g.kw) % g.kh, c = k / (g.kw * g.kh);
-    return Tap{x + c * g.H * g.W, ky * g.dh - g.ph, kx * g.dw - g.pw};
+    const int64_t kx = k % g.kw, ky = (k / g.kw) % g.kh, kz = (k / (g.kw * g.kh)) % g.kd;
+    const int64_t c = k / (g.kw * g.kh * g.kd);
+    return Tap{x + c * g.D * g.H * g.W, kz * g.dd - g.pd, ky * g.dh - g.ph, kx * g.dw - g.pw};
   };
   // lanes of output columns [wo0, wo0 + n) that fall inside the image for a tap's column shift dx
   auto cols_mask = [&](int64_t dx, int64_t wo0, int64_t n) {
@@ -207,21 +209,26 @@ void pack_conv_avx512(const uint16_t* x, const AmxConv& g, int64_t r0, int64_t r
   };
   for (int64_t r = r0; r < r1; ++r) {
     const Tap a = tap(2 * r), b = tap(2 * r + 1);
-    uint32_t* dst = xv + r * ldv;
-    for (int64_t wo0 = 0; wo0 < g.Wo; wo0 += 32) {  // masks depend on the column chunk only: hoisted out of ho
-      const int64_t n = std::min<int64_t>(32, g.Wo - wo0);
-      const __mmask32 ma = cols_mask(a.dx, wo0, n), mb = cols_mask(b.dx, wo0, n);
-      const __mmask16 m_lo = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
-      const __mmask16 m_hi = static_cast<__mmask16>(n >= 32 ? 0xFFFF : n <= 16 ? 0 : (1u << (n - 16)) - 1);
-      const uint16_t* pa = a.plane + a.dy * g.W + wo0 + a.dx;  // row ho of the tap at pa + ho * W
-      const uint16_t* pb = b.plane + b.dy * g.W + wo0 + b.dx;
-      for (int64_t ho = 0; ho < g.Ho; ++ho) {
-        const bool in_a = ho + a.dy >= 0 && ho + a.dy < g.H, in_b = ho + b.dy >= 0 && ho + b.dy < g.H;
-        const __m512i va = _mm512_maskz_loadu_epi16(in_a ? ma : 0, pa + ho * g.W);
-        const __m512i vb = _mm512_maskz_loadu_epi16(in_b ? mb : 0, pb + ho * g.W);
-        uint32_t* d = dst + ho * g.Wo + wo0;
-        _mm512_mask_storeu_epi32(d, m_lo, _mm512_permutex2var_epi16(va, lo_idx, vb));
-        if (m_hi) _mm512_mask_storeu_epi32(d + 16, m_hi, _mm512_permutex2var_epi16(va, hi_idx, vb));
+    for (int64_t od = 0; od < g.Do; ++od) {
+      const int64_t za = od + a.dz, zb = od + b.dz;  // the input depth each tap reads (outside: zeros)
+      const bool dep_a = za >= 0 && za < g.D, dep_b = zb >= 0 && zb < g.D;
+      uint32_t* dst = xv + r * ldv + od * g.Ho * g.Wo;
+      for (int64_t wo0 = 0; wo0 < g.Wo; wo0 += 32) {  // masks depend on the column chunk only: hoisted out of ho
+        const int64_t n = std::min<int64_t>(32, g.Wo - wo0);
+        const __mmask32 ma = dep_a ? cols_mask(a.dx, wo0, n) : 0, mb = dep_b ? cols_mask(b.dx, wo0, n) : 0;
+        const __mmask16 m_lo = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+        const __mmask16 m_hi = static_cast<__mmask16>(n >= 32 ? 0xFFFF : n <= 16 ? 0 : (1u << (n - 16)) - 1);
+        // row ho of a tap at p + ho * W (formed only for a depth inside the image)
+        const uint16_t* pa = dep_a ? a.volume + (za * g.H + a.dy) * g.W + wo0 + a.dx : x;
+        const uint16_t* pb = dep_b ? b.volume + (zb * g.H + b.dy) * g.W + wo0 + b.dx : x;
+        for (int64_t ho = 0; ho < g.Ho; ++ho) {
+          const bool in_a = ho + a.dy >= 0 && ho + a.dy < g.H, in_b = ho + b.dy >= 0 && ho + b.dy < g.H;
+          const __m512i va = _mm512_maskz_loadu_epi16(in_a ? ma : 0, pa + ho * g.W);
+          const __m512i vb = _mm512_maskz_loadu_epi16(in_b ? mb : 0, pb + ho * g.W);
+          uint32_t* d = dst + ho * g.Wo + wo0;
+          _mm512_mask_storeu_epi32(d, m_lo, _mm512_permutex2var_epi16(va, lo_idx, vb));
+          if (m_hi) _mm512_mask_storeu_epi32(d + 16, m_hi, _mm512_permutex2var_epi16(va, hi_idx, vb));
+        }
       }
     }
   }

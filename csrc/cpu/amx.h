@@ -56,13 +56,14 @@ void amx_store_bf16(const float* out, int64_t ldo, int64_t cols, int64_t mc, con
 // zero where m0 + j >= M); xt is one image's [K, M] bf16 bits.
 void amx_pack_xt(const uint16_t* xt, int64_t M, int64_t m0, int64_t r0, int64_t r1, int64_t ldv, uint32_t* xv);
 
-// A stride-1 convolution's geometry: one image x [C, H, W], kernel kh x kw, padding, dilation, output Ho x Wo.
+// A stride-1 convolution's geometry: one image x [C, D, H, W], kernel kd x kh x kw, padding, dilation, output
+// Do x Ho x Wo (2-D: D = kd = Do = 1, pd = 0, dd = 1).
 struct AmxConv {
-  int64_t C, H, W, kh, kw, ph, pw, dh, dw, Ho, Wo;
+  int64_t C, D, H, W, kd, kh, kw, pd, ph, pw, dd, dh, dw, Do, Ho, Wo;
 };
 
-// amx_pack_xt of the convolution's im2col matrix [C * kh * kw, Ho * Wo] (never materialized), for row pairs
-// [r0, r1) of one image; columns past Ho * Wo are left as they are (their results are never stored).
+// amx_pack_xt of the convolution's im2col matrix [C * kd * kh * kw, Do * Ho * Wo] (never materialized), for row
+// pairs [r0, r1) of one image; columns past Do * Ho * Wo are left as they are (their results are never stored).
 void amx_pack_conv(const uint16_t* x, const AmxConv& g, int64_t r0, int64_t r1, int64_t ldv, uint32_t* xv);
 
 // For block-rows r in [r0, r1) and j < 32: out[((r - r0) * bn + i) * 32 + j] = sum over the row's blocks b and
