@@ -225,12 +225,15 @@ class SparseConv2d(_SparseWeight):
         super()._load_from_state_dict(*args, **kwargs)
         self._update_group_starts()   # a loaded pattern may split differently between the groups
 
+    _DENSE: type[nn.Module] = nn.Conv2d   # the layer from_dense converts (SparseConv3d: nn.Conv3d)
+
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
                    m: int = 4, backend: str | None = None) -> SparseConv2d:
-        """Convert an nn.Conv2d; the weight is viewed as [C_out, C_in/groups*kh*kw] for the format."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        """Convert an nn.Conv2d (SparseConv3d: nn.Conv3d); the weight is viewed as [C_out, C_in/groups*kh*kw]
+        ([C_out, C_in/groups*kd*kh*kw]) for the format."""
+        if not isinstance(conv, cls._DENSE):
+            raise TypeError(f"conv must be an nn.{cls._DENSE.__name__}, got {type(conv).__name__}")
         padding = _explicit_padding(conv)
         w2d = conv.weight.detach().reshape(conv.out_channels, -1)
         fmt = _to_format(w2d, _check_format(format), block, n, m)
@@ -239,16 +242,20 @@ class SparseConv2d(_SparseWeight):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.sparse_weight()
+        three_d = len(self.kernel_size) == 3
         if isinstance(w, Tensor):  # dense fallback: torch's own conv (oneDNN / cuDNN)
             weight = w.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return sparse_conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                             kernel_size=self.kernel_size, backend=self.backend)
+            conv = F.conv3d if three_d else F.conv2d
+            return conv(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        sparse_conv = sparse_conv3d if three_d else sparse_conv2d
+        return sparse_conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                           kernel_size=self.kernel_size, backend=self.backend)
 
-    def to_dense(self) -> nn.Conv2d:
+    def to_dense(self) -> nn.Conv2d | nn.Conv3d:
         p = self.values if self.format != "dense" else self.weight2d
-        out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                        self.dilation, self.groups, bias=self.bias is not None, device=p.device, dtype=p.dtype)
+        conv = nn.Conv3d if len(self.kernel_size) == 3 else nn.Conv2d
+        out = conv(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                   self.groups, bias=self.bias is not None, device=p.device, dtype=p.dtype)
         with torch.no_grad():
             out.weight.copy_(self.dense_weight2d().reshape_as(out.weight))
             if self.bias is not None:
@@ -299,39 +306,14 @@ class SparseConv3d(SparseConv2d):
     """nn.Conv3d with a sparse weight over [C_out, C_in/groups*kd*kh*kw] (sparsekit.ops.sparse_conv3d); its
     geometry attributes are 3-tuples, its inputs Conv3d's ([N, C, D, H, W] or unbatched [C, D, H, W])."""
 
-    @classmethod
-    def from_dense(cls, conv: nn.Conv3d, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
-                   m: int = 4, backend: str | None = None) -> SparseConv3d:
-        """Convert an nn.Conv3d; the weight is viewed as [C_out, C_in/groups*kd*kh*kw] for the format."""
-        if not isinstance(conv, nn.Conv3d):
-            raise TypeError(f"conv must be an nn.Conv3d, got {type(conv).__name__}")
-        padding = _explicit_padding(conv)
-        w2d = conv.weight.detach().reshape(conv.out_channels, -1)
-        fmt = _to_format(w2d, _check_format(format), block, n, m)
-        return cls(fmt, conv.bias, format, conv.in_channels, conv.kernel_size, conv.stride, padding,
-                   conv.dilation, conv.groups, backend)
+    _DENSE = nn.Conv3d
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in (4, 5):
             raise ValueError(f"x must be [N, C, D, H, W] or unbatched [C, D, H, W], got shape {tuple(x.shape)}")
         if x.dim() == 4:
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        w = self.sparse_weight()
-        if isinstance(w, Tensor):  # dense fallback: torch's own conv
-            weight = w.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-            return F.conv3d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return sparse_conv3d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                             kernel_size=self.kernel_size, backend=self.backend)
-
-    def to_dense(self) -> nn.Conv3d:
-        p = self.values if self.format != "dense" else self.weight2d
-        out = nn.Conv3d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                        self.dilation, self.groups, bias=self.bias is not None, device=p.device, dtype=p.dtype)
-        with torch.no_grad():
-            out.weight.copy_(self.dense_weight2d().reshape_as(out.weight))
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
+        return super().forward(x)
 
 
 _SPARSE_TWINS = ((nn.Linear, SparseLinear), (nn.Conv1d, SparseConv1d), (nn.Conv2d, SparseConv2d),
