@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench_conv1d, also when loaded by path (tests)
+if str(Path(__file__).resolve().parent) not in sys.path:   # bench_conv1d, also when loaded by path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_conv1d import DTYPES, parse_args, time_patterns, write_results  # noqa: E402
 
 from sparsekit.nn import SparseConv3d  # noqa: E402

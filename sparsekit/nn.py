@@ -198,6 +198,9 @@ class SparseConv2d(_SparseWeight):
         self.out_channels = self.weight_shape[0]
         self.in_channels = in_channels
         nd = len(kernel_size)
+        for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+            if v is not None and len(v) != nd:
+                raise ValueError(f"{name} must have {nd} entries like kernel_size {tuple(kernel_size)}, got {v}")
         self.kernel_size = tuple(kernel_size)
         self.stride = tuple(stride) if stride is not None else (1,) * nd
         self.padding = tuple(padding) if padding is not None else (0,) * nd

@@ -36,7 +36,9 @@ SPEC_FILE = "sparsekit.json"
 def _module_spec(mod: SparseLinear | SparseConv2d | LinearMultiheadAttention) -> dict:
     if isinstance(mod, LinearMultiheadAttention):   # rebuilt from the fresh model's attention (same widths)
         return {"class": type(mod).__name__}
-    spec = {"class": type(mod).__name__, "format": mod.format, "weight_shape": list(mod.weight_shape),
+    # the sparsekit class (a user's subclass loads as it)
+    cls = next(c for c in (SparseLinear, SparseConv1d, SparseConv3d, SparseConv2d) if isinstance(mod, c))
+    spec = {"class": cls.__name__, "format": mod.format, "weight_shape": list(mod.weight_shape),
             "backend": mod.backend, "chosen_backend": getattr(mod, "chosen_backend", mod.backend),
             "has_bias": mod.bias is not None}
     if mod.format == "bsr":

@@ -78,7 +78,7 @@ def _revision(key: str) -> str | None:
 
 
 def _recent_revisions(entries: dict[str, dict]) -> dict[str, dict]:
-    """``entries`` less those of all but the KEEP_REVISIONS most recently saved code revisions (the current one
+    """``entries`` less those of all but the KEEP_REVISIONS most recently used code revisions (the current one
     always kept): entries of an older install are never looked up again, but a file several installs share
     should not lose the others' entries on every save either."""
     newest: dict[str, float] = {}
@@ -87,6 +87,7 @@ def _recent_revisions(entries: dict[str, dict]) -> dict[str, dict]:
         if rev is not None:
             saved = entry.get("saved")
             saved = float(saved) if isinstance(saved, (int, float)) and not isinstance(saved, bool) else 0.0
+            saved = saved if math.isfinite(saved) else 0.0
             newest[rev] = max(newest.get(rev, 0.0), saved)
     newest[code_revision()] = float("inf")
     keep = set(sorted(newest, key=newest.get, reverse=True)[:KEEP_REVISIONS])
@@ -158,7 +159,10 @@ class TuningCache:
         return json.dumps(parts, sort_keys=True, default=str)
 
     def get(self, key: str) -> dict | None:
-        return self.entries.get(key)
+        hit = self.entries.get(key)
+        if hit is not None:   # last used now: a revision still in use is not dropped as old (_recent_revisions)
+            hit["saved"] = time.time()
+        return hit
 
     def put(self, key: str, decision: dict) -> None:
         self.entries[key] = {**decision, "saved": time.time()}   # when: old revisions are dropped by age

@@ -43,7 +43,7 @@ def _weight(n, k, block, density, dtype, fmt, gen):
 
 
 @needs_ext
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "scalar"])   # amx: the best the CPU has (bf16 on AMX)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("fmt", ["bsr", "csr"])
 def test_conv3d_op_matches_conv3d(isa, dtype, fmt, monkeypatch):

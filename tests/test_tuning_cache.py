@@ -115,3 +115,13 @@ def test_save_keeps_only_the_most_recent_code_revisions(tmp_path):
     kept = set(TuningCache(path).entries)
     assert kept == {"plain", current, *old[-(KEEP_REVISIONS - 1):]}
     assert tuning_cache._revision("not json") is None
+    # a hit counts as use: the least recently saved revision kept, looked up again, outlives a newer one
+    cache = TuningCache(path)
+    oldest_kept, next_kept = old[-(KEEP_REVISIONS - 1)], old[-(KEEP_REVISIONS - 2)]
+    assert cache.get(oldest_kept) is not None
+    newer = TuningCache.key({"code": "f" * 12, "layer": 1})
+    cache.entries[newer] = {**entry, "saved": 2000.0}
+    cache.entries[old[0]] = {**entry, "saved": float("inf")}   # corrupt (non-finite) times count as never used
+    cache.save()
+    kept = set(TuningCache(path).entries)
+    assert oldest_kept in kept and newer in kept and next_kept not in kept and old[0] not in kept

@@ -617,13 +617,15 @@ at::Tensor bsr_conv(const char* op, size_t nd, const at::Tensor& x_in, const at:
   check_blocks(op, crow, col, values, n / bn, K / bk);
   const at::Tensor bias = checked_bias(op, bias_in, n, x_in, "x");
   const std::vector<int64_t> y_shape = conv_out_shape(g, n, nd);
-  // AMX packs each image's im2col matrix (K x outputs bf16) whole: past ~24 MiB it no longer stays in cache and
-  // the SIMD direct kernel wins (measured on 3-D convs: AMX 2-3x faster at 3-10 MiB, 1.2-1.4x slower at 41 MiB)
-  constexpr int64_t kAmxConvPackMax = int64_t(24) << 20;
+  // AMX packs each image's im2col matrix (K x outputs bf16) whole, and a tile of 32 outputs reads K/2 rows of it
+  // a row apart: for 3-D convs past ~24 MiB per image the SIMD direct kernel wins (measured: AMX 2-3x faster at
+  // 3-10 MiB, 1.2-1.4x slower at 41 MiB); strided 3-D convs stay on the SIMD direct kernel (the patch matrix
+  // into AMX was 1.2-1.7x slower at 95%). 2-D convs take AMX at any size (measured faster up to 14 MiB).
+  constexpr int64_t kAmxConv3dPackMax = int64_t(24) << 20;
   const bool amx = x_in.scalar_type() == at::kBFloat16 && use_amx(true, WKind::kBF16, g.outputs(), bn, bk) &&
-                   K * ((g.outputs() + 31) / 32 * 32) * 2 <= kAmxConvPackMax;
+                   (nd == 2 || (g.unit_stride() && K * ((g.outputs() + 31) / 32 * 32) * 2 <= kAmxConv3dPackMax));
   if ((amx && !g.unit_stride()) || !use_fast(x_in.scalar_type())) {
-    // strided on AMX (amx_pack_conv reads stride-1 taps) and float64: im2col + the transposed-layout op
+    // strided 2-D on AMX (amx_pack_conv reads stride-1 taps) and float64: im2col + the transposed-layout op
     const at::Tensor cols = conv_patches(x_in, kernel_size, padding, dilation, stride);
     return bsr_mm_xt(cols, crow, col, values, bias_in, n).reshape(y_shape);
   }

@@ -118,6 +118,7 @@ def _fake_conv(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tenso
                padding: list[int], dilation: list[int], stride: list[int] | None = None) -> Tensor:
     n = (crow.shape[0] - 1) * (values.shape[1] if values.dim() == 3 else 1)
     stride = stride or [1] * len(kernel_size)
+    torch._check(x.dim() == len(kernel_size) + 2, lambda: f"conv: x has {x.dim()} dims for a {len(kernel_size)}-D conv")
     torch._check(all(s >= 1 for s in stride), lambda: f"conv: stride must be >= 1, got {list(stride)}")
     out = [(size + 2 * p - d * (k - 1) - 1) // s + 1
            for size, k, p, d, s in zip(x.shape[2:], kernel_size, padding, dilation, stride)]

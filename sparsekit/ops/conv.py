@@ -4,8 +4,9 @@ On CPU with a BSR/CSR weight, 1x1(x1) convolutions without padding read the (sub
 x^T [B, C_in, L] for *_mm_xt, which writes y^T = [B, C_out, L] directly; all others run the direct ops
 sparsekit::{bsr,csr}_conv2d / _conv3d (im2col panels read from a padded copy of the image inside the kernel; a
 strided convolution as a stride-1 one over the image's stride phases): no unfold, no transposes of patches or
-outputs. bfloat16 BSR with blocks of 16-multiples runs 2-D convs on AMX tiles where the CPU has them
-(csrc/cpu/amx.h; the stride-1 im2col matrix packed straight from the image, strided ones through im2col).
+outputs. bfloat16 BSR with blocks of 16-multiples runs on AMX tiles where the CPU has them (csrc/cpu/amx.h; the
+stride-1 im2col matrix packed straight from the image, strided 2-D ones through im2col; 3-D ones only stride-1
+and up to 24 MiB of packed im2col per image, the rest on the SIMD direct kernel).
 Elsewhere, 1x1(x1) convolutions without padding go straight to the sparse GEMM over channels-last pixels;
 the general case builds the patch matrix (F.unfold in 2-D, strided views in 3-D) and runs the sparse GEMM per
 group. Gradients flow through the sparse ops' autograd (x, the format's values and bias).
