@@ -133,3 +133,23 @@ def test_bad_round_to_is_refused(bad):
         graph.select(0.5, round_to=bad)
     with pytest.raises(ValueError, match="round_to"):
         graph.round_keep({}, bad)
+
+
+def test_pruner_compact_round_to_adds_channels_back_with_their_weights():
+    """The channels Pruner.compact(round_to=...) adds back to reach a multiple come with their weights from
+    before pruning (they were all-zero channels, the masks' values, before), chosen by those weights; the masked
+    model and its masks are left as they were."""
+    torch.manual_seed(0)
+    model = sk.models.build("resnet20", width=0.5).eval()
+    x = model.example_input(2)
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.4)
+    pruner.step()
+    before, masks = model(x), {k: v.clone() for k, v in sk.prune.masks.get_masks(model).items()}
+    small = pruner.compact(round_to=8)
+    assert torch.equal(model(x), before)
+    assert all(torch.equal(masks[k], v) for k, v in sk.prune.masks.get_masks(model).items())
+    for name, conv in small.named_modules():
+        if isinstance(conv, nn.Conv2d):
+            assert conv.out_channels % 8 == 0 or conv.out_channels == dense[name].shape[0]
+            assert (conv.weight.flatten(1).abs().sum(1) > 0).all(), name        # no zero (masked) channel kept

@@ -50,7 +50,7 @@ from .._compat import set_submodule
 from .channel_select import ChannelSelect
 from .graph import QKV_PROJ, DependencyGraph, Group, attention_kind, in_proj_parts, set_heads, weight_dim
 from .linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
-from .masks import CHANNEL_NORMS, CONVS
+from .masks import CHANNEL_NORMS, CONVS, unmasked
 from .pruned_mha import PrunedMultiheadAttention
 
 __all__ = ["resize_module", "module_keeps", "member_masks", "member_tensor_masks", "mask_groups", "compact",
@@ -443,12 +443,16 @@ def keep_from_masks(model: nn.Module, graph: DependencyGraph, allow_empty: bool 
 def compact_from_masks(model: nn.Module, example_inputs: Any, round_to: int | None = None,
                        graph: DependencyGraph | None = None) -> tuple[nn.Module, dict[int, Tensor]]:
     """Compact a masked model: keep-sets from its channel masks (``keep_from_masks``). Returns
-    ``(small, keep)``; ``small`` equals ``mask_groups(model, example_inputs, keep)``."""
+    ``(small, keep)``; ``small`` equals ``mask_groups(model, example_inputs, keep)``. With ``round_to``, the
+    pruned channels added back to reach a multiple are the best-scoring (L1) by their weights from before
+    pruning, and come back with those weights (not the masks' zeros; the masks themselves are left as they are)."""
     graph = DependencyGraph.build(model, example_inputs) if graph is None else graph
     keep = keep_from_masks(model, graph)
-    if round_to is not None:
+    if round_to is None:
+        return compact(model, example_inputs, keep, graph=graph), keep
+    with unmasked(model):
         keep = graph.round_keep(keep, round_to, graph.group_scores())
-    small = compact(model, example_inputs, keep, graph=graph)
+        small = compact(model, example_inputs, keep, graph=graph)
     return small, keep
 
 

@@ -29,9 +29,10 @@ included). Or ``bake_masks`` before saving to get a plain state_dict any unmaske
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,7 @@ __all__ = [
     "num_to_remove", "unit_scores", "lowest_removed", "expand_units", "nm_keep", "layer_mask", "global_keep",
     "apply_mask", "apply_tensor_mask", "is_masked", "get_masks", "tensor_masks", "remove_masks",
     "remove_tensor_mask", "bake_masks", "load_masked_state_dict", "set_owned_mask", "release_owned_mask",
+    "unmasked",
 ]
 
 GRANULARITIES = ("element", "block", "nm", "channel")
@@ -323,6 +325,26 @@ def _set_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None:
     else:
         values = t if not parametrize.is_parametrized(module, tensor_name) else None
         parametrize.register_parametrization(module, tensor_name, WeightMask(mask, values))
+
+
+@contextlib.contextmanager
+def unmasked(model: nn.Module) -> Iterator[None]:
+    """Inside, every ``WeightMask`` of ``model`` reads through: its masked entries hold the values they had when
+    they were masked (what an un-prune gives back). On exit the masks are as before."""
+    saved = []
+    for mod in model.modules():
+        if not parametrize.is_parametrized(mod):
+            continue
+        for name in list(mod.parametrizations.keys()):
+            wm, original = _mask_param(mod, name), _masked_original(mod, name)
+            if wm is not None and original is not None:
+                saved.append((wm, original, wm.mask.clone()))
+                wm.update(torch.ones_like(wm.mask), original)
+    try:
+        yield
+    finally:
+        for wm, original, mask in saved:
+            wm.update(mask, original)
 
 
 def apply_mask(module: nn.Module, mask: Tensor, bias_mask: Tensor | None = None) -> None:

@@ -720,8 +720,9 @@ class Pruner:
     def compact(self, round_to: int | None = None) -> nn.Module:
         """A physically smaller plain model (same module classes) whose outputs equal this masked model's.
 
-        Needs granularity="channel". ``round_to`` (e.g. 8 or 16) keeps channel counts multiples of it, keeping
-        the highest-scoring (L1) extra channels (those are masked here, so outputs then differ). The model is
+        Needs granularity="channel". ``round_to`` (e.g. 8 or 16) keeps channel counts multiples of it, adding
+        back the highest-scoring (L1) pruned channels with their weights from before pruning (so outputs then
+        differ from this masked model's; its masks stay as they are). The model is
         traced with torch.fx, or torch.export where fx fails (sparsekit.prune.graph); coupled channels
         (residual adds, concat, BN, depthwise groups, attention heads) are removed together. An
         ``nn.MultiheadAttention`` that loses heads becomes a ``compact.PrunedMultiheadAttention`` (same forward
