@@ -90,8 +90,8 @@ def _recent_revisions(entries: dict[str, dict]) -> dict[str, dict]:
             saved = saved if math.isfinite(saved) else 0.0
             newest[rev] = max(newest.get(rev, 0.0), saved)
     newest[code_revision()] = float("inf")
-    keep = set(sorted(newest, key=newest.get, reverse=True)[:KEEP_REVISIONS])
-    return {k: v for k, v in entries.items() if _revision(k) in keep or _revision(k) is None}
+    keep = {None, *sorted(newest, key=newest.get, reverse=True)[:KEEP_REVISIONS]}   # None: keys without one
+    return {k: v for k, v in entries.items() if _revision(k) in keep}
 
 
 def _valid_entry(entry: object) -> bool:

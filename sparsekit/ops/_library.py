@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -120,9 +121,7 @@ def _fake_conv(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tenso
     stride = stride or [1] * len(kernel_size)
     torch._check(x.dim() == len(kernel_size) + 2, lambda: f"conv: x has {x.dim()} dims for a {len(kernel_size)}-D conv")
     torch._check(all(s >= 1 for s in stride), lambda: f"conv: stride must be >= 1, got {list(stride)}")
-    out = [(size + 2 * p - d * (k - 1) - 1) // s + 1
-           for size, k, p, d, s in zip(x.shape[2:], kernel_size, padding, dilation, stride)]
-    return x.new_empty(x.shape[0], n, *out)
+    return x.new_empty(x.shape[0], n, *reference.conv_out_size(x.shape[2:], kernel_size, stride, padding, dilation))
 
 
 for _fam in ("bsr", "csr"):
@@ -139,10 +138,9 @@ def _fake_channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias:
                                 dilation: list[int], groups: int) -> Tensor:
     torch._check((out_idx is None) == (n_out is None),
                  lambda: "channel_gather_conv2d: out_idx and n_out must be given together")
-    ho = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+    out = reference.conv_out_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     width = weight.shape[0] if out_idx is None else n_out
-    return torch.empty((x.shape[0], width, ho, wo), dtype=x.dtype, device=x.device,
+    return torch.empty((x.shape[0], width, *out), dtype=x.dtype, device=x.device,
                        memory_format=reference.channel_conv_memory_format(x))
 
 
@@ -205,17 +203,16 @@ def _conv_setup(ctx, inputs, output) -> None:
     ctx.conv = (tuple(kernel_size), tuple(padding), tuple(dilation), tuple(stride[0]) if stride else (1,) * nd)
 
 
-def _col2im(dcols: Tensor, x_shape: torch.Size, kernel: tuple[int, ...], padding: tuple[int, ...],
-            dilation: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
-    """The adjoint of the patch matrix: dcols [B, L, C*prod(kernel)] summed back into the input's positions
-    (F.fold in 2-D; in 3-D one strided add into the padded input per kernel tap)."""
+def _col2im(dcols: Tensor, x_shape: torch.Size, out: Sequence[int], kernel: tuple[int, ...],
+            padding: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
+    """The adjoint of the patch matrix: dcols [B, L = prod(out), C*prod(kernel)] summed back into the input's
+    positions (F.fold in 2-D; in 3-D one strided add into the padded input per kernel tap)."""
     from torch.nn.functional import fold
 
     b, c = x_shape[:2]
     if len(kernel) == 2:
         return fold(dcols.transpose(1, 2), tuple(x_shape[2:]), kernel, dilation, padding, stride)
     padded = [n + 2 * p for n, p in zip(x_shape[2:], padding)]
-    out = [(n - d * (k - 1) - 1) // s + 1 for n, k, d, s in zip(padded, kernel, dilation, stride)]
     taps = dcols.reshape(b, *out, c, *kernel)                       # columns ordered (c, kd, kh, kw)
     dx = dcols.new_zeros(b, c, *padded)
     for tap in itertools.product(*(range(k) for k in kernel)):
@@ -237,7 +234,7 @@ def _conv_backward(ctx, dy: Tensor):
     db = None
     dcols, dv = _sparse_grads(dy2, lambda: _patches(x, ks, dil, pad, st).reshape(b * length, k).contiguous(),
                               crow, col, values, k, need_x, need_v)
-    dx = None if dcols is None else _col2im(dcols.reshape(b, length, k), x.shape, ks, pad, dil, st)
+    dx = None if dcols is None else _col2im(dcols.reshape(b, length, k), x.shape, dy.shape[2:], ks, pad, dil, st)
     if ctx.has_bias and need_b:
         db = dy.sum((0, *range(2, dy.dim())))
     # one entry per input: the dispatcher drops a trailing stride equal to its default before autograd sees it

@@ -24,6 +24,7 @@ from ..formats import BSR, CSR, NM, ChannelIndex
 from ._dispatch import check_backend
 from ._library import call_op, has_kernel
 from .linear import BACKEND_NAMES, _check_structure, check_bias, sparse_linear
+from .reference import conv_out_size
 
 _Pair = int | tuple[int, int]
 _Triple = int | tuple[int, int, int]
@@ -172,8 +173,7 @@ def _sparse_conv(fn: str, nd: int, x: Tensor, w: BSR | CSR | NM | ChannelIndex |
     stride, padding = _ntuple(fn, "stride", stride, 1, nd), _ntuple(fn, "padding", padding, 0, nd)
     dilation = _ntuple(fn, "dilation", dilation, 1, nd)
     kernel = _kernel_size(fn, w, c_in, groups, kernel_size, nd)
-    out = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
-                for n, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation))
+    out = conv_out_size(x.shape[2:], kernel, stride, padding, dilation)
     if min(out) < 1:
         raise ValueError(f"{fn}: output would be empty ({'x'.join(map(str, out))}) for input "
                          f"{'x'.join(map(str, x.shape[2:]))}, kernel {'x'.join(map(str, kernel))}, stride {stride}, "

@@ -16,6 +16,13 @@ from torch import Tensor
 from ..formats import BSR, CSR, NM
 
 
+def conv_out_size(sizes: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int]) -> tuple[int, ...]:
+    """The output's spatial sizes of a convolution of input ``sizes`` (one entry per spatial dim everywhere)."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, k, s, p, d in zip(sizes, kernel, stride, padding, dilation))
+
+
 def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
     return y if bias is None else y + bias
 
@@ -140,10 +147,8 @@ def channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tenso
     if (out_idx is None) != (n_out is None):
         raise ValueError("channel_gather_conv2d: out_idx and n_out must be given together")
     if in_idx.numel() == 0:   # F.conv2d gets zero input channels wrong (returns zero output channels)
-        b, h, w = x.shape[0], x.shape[2], x.shape[3]
-        ho = (h + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
-        wo = (w + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
-        y = x.new_zeros(b, weight.shape[0], ho, wo)
+        out = conv_out_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+        y = x.new_zeros(x.shape[0], weight.shape[0], *out)
         if bias is not None:
             y = y + bias[:, None, None]
     else:

@@ -331,6 +331,8 @@ def _set_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None:
 def unmasked(model: nn.Module) -> Iterator[None]:
     """Inside, every ``WeightMask`` of ``model`` reads through: its masked entries hold the values they had when
     they were masked (what an un-prune gives back). On exit the masks are as before."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     saved = []
     for mod in model.modules():
         if not parametrize.is_parametrized(mod):
