@@ -142,6 +142,10 @@ def test_sparse_conv3d_built_directly_defaults_its_geometry_to_three_dims():
     w = BSR.from_dense(torch.randn(8, 4 * 27), (4, 4))
     layer = SparseConv3d(w, None, "bsr", 4, (3, 3, 3))
     assert layer.stride == (1, 1, 1) and layer.padding == (0, 0, 0) and layer.dilation == (1, 1, 1)
+    with pytest.raises(ValueError, match=r"stride must have 3 entries like kernel_size \(3, 3, 3\), got \(1, 1\)"):
+        SparseConv3d(w, None, "bsr", 4, (3, 3, 3), stride=(1, 1))
+    with pytest.raises(TypeError, match="conv must be an nn.Conv3d, got Conv2d"):
+        SparseConv3d.from_dense(nn.Conv2d(4, 8, 3))
     x = torch.randn(1, 4, 5, 5, 5)
     torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-4, atol=1e-4)
 
