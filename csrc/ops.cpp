@@ -11,6 +11,9 @@
 //   *_conv3d the same in 3-D: x [B, C, D, H, W], W over [N, C*kd*kh*kw] -> [B, N, Do, Ho, Wo]
 //            (autograd through F.unfold/F.fold and *_mm_t / *_sddmm)
 //   *_sddmm  dW = (dy^T @ x) restricted to W's pattern, returned in W's values layout
+//   csr_bitmap_mm  csr_mm for a CSR that carries a bitmap of its pattern (uint8 [N, 8 * ceil(K / 64)], bit k of
+//            row r set iff W[r, k] is stored): for few rows of x the CPU kernel expands each row's values by the
+//            bitmap instead of gathering x by col_indices (more rows: csr_mm); autograd as csr_mm's
 //   channel_gather_conv2d  y = conv2d(x[:, in_idx], weight [C_out, len(in_idx)/groups, kh, kw], bias, stride,
 //            padding, dilation, groups) for a layer whose input channels were compacted to in_idx (int32|int64)
 //            while x keeps them all; with out_idx (int32|int64 [C_out]) and n_out: a zero [B, n_out, Ho, Wo]
@@ -44,6 +47,7 @@ TORCH_LIBRARY(sparsekit, m) {
   m.def("csr_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, int[2] kernel_size, int[2] padding, int[2] dilation, int[2] stride=1) -> Tensor");
   m.def("csr_conv3d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, int[3] kernel_size, int[3] padding, int[3] dilation, int[3] stride=1) -> Tensor");
   m.def("csr_sddmm(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices) -> Tensor");
+  m.def("csr_bitmap_mm(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor bitmap, Tensor values, Tensor? bias, SymInt n) -> Tensor");
 
   m.def("nm_mm(Tensor x, Tensor values, Tensor indices, Tensor? bias, int n, int m) -> Tensor");
   m.def("nm_mm_t(Tensor dy, Tensor values, Tensor indices, int n, int m) -> Tensor");

@@ -130,7 +130,12 @@ class _Format:
 
     @classmethod
     def _tensor_fields(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "shape" and f.type in ("Tensor", Tensor)]
+        """Every tensor field, optional ones (``Tensor | None``, e.g. CSR.bitmap) included."""
+        return [f.name for f in fields(cls) if f.name != "shape" and f.type in ("Tensor", Tensor, "Tensor | None")]
+
+    def _present_tensors(self) -> list[str]:
+        """The tensor fields that hold a tensor (an optional one may be None)."""
+        return [name for name in self._tensor_fields() if getattr(self, name) is not None]
 
     @property
     def values_tensor(self) -> Tensor:
@@ -147,7 +152,7 @@ class _Format:
     @property
     def nbytes(self) -> int:
         """Bytes held by every tensor of the format (values and indices)."""
-        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._tensor_fields())
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._present_tensors())
 
     @property
     def density(self) -> float:
@@ -175,7 +180,9 @@ class _Format:
         kw = {}
         for name in self._tensor_fields():
             t = getattr(self, name)
-            if name == "values":
+            if t is None:
+                kw[name] = None
+            elif name == "values":
                 kw[name] = t.to(device=device, dtype=dtype)
             else:
                 kw[name] = t.to(device=device)
@@ -187,7 +194,7 @@ class _Format:
 
     def state_dict(self) -> dict[str, Tensor]:
         """Flat dict of tensors (shape and integer parameters stored as int64 tensors)."""
-        d = {name: getattr(self, name) for name in self._tensor_fields()}
+        d = {name: getattr(self, name) for name in self._present_tensors()}
         d["shape"] = torch.tensor(self.shape, dtype=torch.int64)
         for name, v in self._extra_fields().items():
             d[name] = torch.tensor(v, dtype=torch.int64)
@@ -196,13 +203,16 @@ class _Format:
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]):
         """Rebuild from ``state_dict()`` output and validate."""
-        missing = [f.name for f in fields(cls) if f.name not in state]
+        optional = {f.name for f in fields(cls) if f.type == "Tensor | None"}
+        missing = [f.name for f in fields(cls) if f.name not in state and f.name not in optional]
         if missing:
             raise ValueError(f"state is missing {missing} for {cls.__name__}; got keys {sorted(state)}")
         kw = {}
         for f in fields(cls):
-            v = state[f.name]
-            if f.name == "shape":
+            v = state.get(f.name)
+            if v is None:
+                kw[f.name] = None
+            elif f.name == "shape":
                 kw[f.name] = tuple(int(s) for s in v.tolist())
             elif f.name in cls._tensor_fields():
                 kw[f.name] = v.contiguous()   # validate() and the kernels need dense runs; a saved view may not be
@@ -308,17 +318,24 @@ class CSR(_Format):
     values       [nnz]
     crow_indices int32 [N + 1]
     col_indices  int16 [nnz] when K <= 32768, else int32; sorted within each row
+    bitmap       optional uint8 [N, 8 * ceil(K / 64)]: bit k % 8 of byte k / 8 of row r is set iff W[r, k] is
+                 stored. It lets the CPU kernel for skinny inputs (decoding, a few rows of x) expand each row's
+                 values into dense vectors instead of gathering x by col_indices (``sparsekit::csr_bitmap_mm``);
+                 K / 8 bytes per row (3% of the fp32 weight). ``from_dense(..., bitmap=True)`` or ``with_bitmap()``.
     """
 
     values: Tensor
     crow_indices: Tensor
     col_indices: Tensor
     shape: tuple[int, int]
+    bitmap: Tensor | None = None
 
     @classmethod
-    def from_dense(cls, weight: Tensor) -> CSR:
-        """Keep every nonzero element of ``weight``."""
+    def from_dense(cls, weight: Tensor, bitmap: bool = False) -> CSR:
+        """Keep every nonzero element of ``weight`` (with ``bitmap=True`` also the pattern's bitmap)."""
         weight = _check_weight(weight)
+        if not isinstance(bitmap, bool):
+            raise TypeError(f"bitmap must be a bool, got {type(bitmap).__name__}")
         n, k = weight.shape
         w = weight.detach()
         mask = w.ne(0)
@@ -328,7 +345,24 @@ class CSR(_Format):
         crow = torch.zeros(n + 1, dtype=torch.int32, device=w.device)
         crow[1:] = mask.sum(dim=1).cumsum(0)
         return cls(values=w[rows, cols].contiguous(), crow_indices=crow,
-                   col_indices=cols.to(_csr_col_dtype(k)).contiguous(), shape=(n, k))
+                   col_indices=cols.to(_csr_col_dtype(k)).contiguous(), shape=(n, k),
+                   bitmap=pack_bitmap(mask) if bitmap else None)
+
+    def pattern(self) -> Tensor:
+        """bool [N, K]: True where an element is stored (explicit zeros included)."""
+        n, k = self.shape
+        rows = _row_of_each_entry(self.crow_indices, self.nnz)
+        mask = torch.zeros(n, k, dtype=torch.bool, device=self.crow_indices.device)
+        return mask.index_put((rows, self.col_indices.long()), torch.ones_like(rows, dtype=torch.bool))
+
+    def with_bitmap(self) -> CSR:
+        """The same CSR (sharing its tensors) carrying the bitmap of its pattern."""
+        return CSR(values=self.values, crow_indices=self.crow_indices, col_indices=self.col_indices,
+                   shape=self.shape, bitmap=pack_bitmap(self.pattern()))
+
+    def without_bitmap(self) -> CSR:
+        """The same CSR (sharing its tensors) without a bitmap."""
+        return CSR(values=self.values, crow_indices=self.crow_indices, col_indices=self.col_indices, shape=self.shape)
 
     def to_dense(self) -> Tensor:
         n, k = self.shape
@@ -350,8 +384,39 @@ class CSR(_Format):
         if self.col_indices.dtype == torch.int16 and self.shape[1] > 2**15:
             raise ValueError(f"int16 col_indices cannot address K={self.shape[1]} columns; use int32")
         _check_cols_sorted(self.crow_indices, self.col_indices, self.shape[1])
+        if self.bitmap is not None:
+            n, k = self.shape
+            _check_index(self.bitmap, "bitmap", (torch.uint8,), 2)
+            if tuple(self.bitmap.shape) != bitmap_shape(n, k):
+                raise ValueError(f"bitmap must have shape {bitmap_shape(n, k)} ([N, 8 * ceil(K / 64)]), got "
+                                 f"{tuple(self.bitmap.shape)}")
+            if self.bitmap.device == self.crow_indices.device \
+                    and not torch.equal(unpack_bitmap(self.bitmap, k), self.pattern()):
+                raise ValueError("bitmap does not match crow_indices / col_indices: rebuild it with with_bitmap()")
         _check_same_device(self)
         return self
+
+
+def bitmap_shape(n: int, k: int) -> tuple[int, int]:
+    """Shape of a CSR bitmap for a weight [n, k]: each row padded to whole 64-bit words."""
+    return n, 8 * ((k + 63) // 64)
+
+
+def pack_bitmap(mask: Tensor) -> Tensor:
+    """bool [N, K] -> uint8 [N, 8 * ceil(K / 64)], bit k % 8 of byte k / 8 set iff mask[:, k] (little-endian)."""
+    n, k = mask.shape
+    width = bitmap_shape(n, k)[1] * 8
+    bits = torch.zeros(n, width, dtype=torch.uint8, device=mask.device)
+    bits[:, :k] = mask.to(torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (bits.view(n, width // 8, 8) * weights).sum(-1, dtype=torch.uint8).contiguous()
+
+
+def unpack_bitmap(bitmap: Tensor, k: int) -> Tensor:
+    """uint8 [N, B] -> bool [N, k]: the inverse of pack_bitmap."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmap.device)
+    bits = bitmap.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and(1).bool()
+    return bits.reshape(bitmap.shape[0], bitmap.shape[1] * 8)[:, :k]
 
 
 # -------------------------------------------------------------------------------------------------- NM
@@ -513,7 +578,7 @@ def _row_of_each_entry(crow: Tensor, nnz: int) -> Tensor:
 
 
 def _check_same_device(fmt: _Format) -> None:
-    devices = {getattr(fmt, f).device for f in fmt._tensor_fields()}
+    devices = {getattr(fmt, f).device for f in fmt._present_tensors()}
     if len(devices) > 1:
         raise ValueError(f"all tensors of a {type(fmt).__name__} must be on one device, "
                          f"got {sorted(map(str, devices))}")

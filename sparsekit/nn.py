@@ -33,11 +33,13 @@ _INDEX_FIELDS = {"bsr": ("crow_indices", "col_indices"), "csr": ("crow_indices",
                  "nm": ("indices",), "channel": ("indices",), "dense": ()}
 
 
-def _to_format(weight2d: Tensor, format: str, block, n: int, m: int):
+def _to_format(weight2d: Tensor, format: str, block, n: int, m: int, bitmap: bool = False):
+    if bitmap and format != "csr":
+        raise ValueError(f"bitmap=True is a CSR option (format='csr'), got format={format!r}")
     if format == "bsr":
         return BSR.from_dense(weight2d, block=block)
     if format == "csr":
-        return CSR.from_dense(weight2d)
+        return CSR.from_dense(weight2d, bitmap=bitmap)
     if format == "nm":
         return NM.from_dense(weight2d, n=n, m=m)
     if format == "channel":
@@ -66,6 +68,8 @@ class _SparseWeight(nn.Module):
         self.values = nn.Parameter(fmt.values.detach().clone())
         for name in _INDEX_FIELDS[format]:
             self.register_buffer(name, getattr(fmt, name).clone())
+        if format == "csr" and fmt.bitmap is not None:   # the skinny-x CPU kernel's index (CSR.bitmap)
+            self.register_buffer("bitmap", fmt.bitmap.clone())
         self.weight_shape = tuple(fmt.shape)
         self.nm = (fmt.n, fmt.m) if format == "nm" else None
 
@@ -77,7 +81,8 @@ class _SparseWeight(nn.Module):
         if self.format == "dense":
             return self.weight2d
         buffers = self._buffers
-        tensors = (self._parameters["values"], *(buffers[name] for name in _INDEX_FIELDS[self.format]))
+        tensors = (self._parameters["values"], *(buffers[name] for name in _INDEX_FIELDS[self.format]),
+                   buffers.get("bitmap"))
         cached = self.__dict__.get("_format_cache")
         if cached is not None and cached[0] == tuple(map(id, tensors)):
             return cached[1]
@@ -96,8 +101,9 @@ class _SparseWeight(nn.Module):
     def _build_format(self) -> BSR | CSR | NM | ChannelIndex:
         if self.format in ("bsr", "csr"):
             cls = BSR if self.format == "bsr" else CSR
+            extra = {"bitmap": self._buffers.get("bitmap")} if cls is CSR else {}
             return cls(values=self.values, crow_indices=self.crow_indices, col_indices=self.col_indices,
-                       shape=self.weight_shape)
+                       shape=self.weight_shape, **extra)
         if self.format == "nm":
             return NM(values=self.values, indices=self.indices, shape=self.weight_shape, n=self.nm[0], m=self.nm[1])
         return ChannelIndex(values=self.values, indices=self.indices, shape=self.weight_shape, dim=0)
@@ -121,7 +127,8 @@ class _SparseWeight(nn.Module):
 
     def _describe(self) -> str:
         w = self.sparse_weight()
-        extra = f", block={w.block}" if isinstance(w, BSR) else f", n:m={w.n}:{w.m}" if isinstance(w, NM) else ""
+        extra = f", block={w.block}" if isinstance(w, BSR) else f", n:m={w.n}:{w.m}" if isinstance(w, NM) \
+            else ", bitmap" if isinstance(w, CSR) and w.bitmap is not None else ""
         backend = f", backend={self.backend}" if self.backend else ""
         return f"format={self.format}{extra}, density={self.density:.3f}{backend}"
 
@@ -142,12 +149,16 @@ class SparseLinear(_SparseWeight):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
-                   m: int = 4, backend: str | None = None) -> SparseLinear:
+                   m: int = 4, backend: str | None = None, bitmap: bool = False) -> SparseLinear:
         """Convert an nn.Linear (typically pruned). BSR keeps nonzero blocks; CSR nonzero elements; NM requires an
-        n:m-sparse weight (see NM.prune); "channel" keeps the nonzero output rows; "dense" keeps it dense."""
+        n:m-sparse weight (see NM.prune); "channel" keeps the nonzero output rows; "dense" keeps it dense.
+        ``bitmap=True`` (CSR only) adds the pattern's bitmap, which the CPU kernel reads for inputs of up to 8
+        rows (token-by-token decoding) instead of gathering x by column index: faster there (CSR.bitmap)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        fmt = _to_format(linear.weight.detach(), _check_format(format), block, n, m)
+        if not isinstance(bitmap, bool):
+            raise TypeError(f"bitmap must be a bool, got {type(bitmap).__name__}")
+        fmt = _to_format(linear.weight.detach(), _check_format(format), block, n, m, bitmap)
         return cls(fmt, linear.bias, format, backend)
 
     def forward(self, x: Tensor) -> Tensor:

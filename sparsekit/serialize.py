@@ -45,6 +45,8 @@ def _module_spec(mod: SparseLinear | SparseConv2d | LinearMultiheadAttention) ->
         spec["block"] = list(mod.sparse_weight().block)
     if mod.format == "nm":
         spec["nm"] = list(mod.nm)
+    if mod.format == "csr":
+        spec["bitmap"] = "bitmap" in mod._buffers
     if isinstance(mod, SparseConv2d):
         spec.update(in_channels=mod.in_channels, kernel_size=list(mod.kernel_size), stride=list(mod.stride),
                     padding=list(mod.padding), dilation=list(mod.dilation), groups=mod.groups)
@@ -90,7 +92,7 @@ def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
                              f"{list(weight.block)} blocks")
     elif fmt == "csr":
         weight = CSR(values=get("values"), crow_indices=get("crow_indices"), col_indices=get("col_indices"),
-                     shape=shape)
+                     shape=shape, bitmap=get("bitmap") if spec.get("bitmap") else None)
     elif fmt == "nm":
         n, m = spec["nm"]
         weight = NM(values=get("values"), indices=get("indices"), shape=shape, n=n, m=m)

@@ -186,8 +186,13 @@ def _stored_elements(w: Tensor, label: str) -> int:
     return int(w.ne(0).sum())  # csr
 
 
+# inputs of up to this many rows run csr_bitmap_mm's own kernel on a CPU (csrc/cpu/csr_bitmap.cpp kMaxRows)
+BITMAP_MAX_ROWS = 8
+
+
 def _candidates(mod: nn.Module, w: Tensor, stats: dict, formats: tuple[str, ...], blocks: tuple[tuple[int, int], ...],
-                backend: str | None, exact: bool) -> dict[str, Callable[[], nn.Module]]:
+                backend: str | None, exact: bool, rows: int) -> dict[str, Callable[[], nn.Module]]:
+    """Factories of the sparse modules worth timing for layer ``mod`` (weight ``w``) on inputs of ``rows`` rows."""
     cls = sparse_class(mod)
     out: dict[str, Callable[[], nn.Module]] = {}
     if "bsr" in formats:
@@ -197,6 +202,9 @@ def _candidates(mod: nn.Module, w: Tensor, stats: dict, formats: tuple[str, ...]
                 out[f"bsr{b[0]}x{b[1]}"] = lambda b=b: cls.from_dense(mod, format="bsr", block=b, backend=backend)
     if "csr" in formats and 1 - stats["sparsity"] <= MAX_STORED_DENSITY:
         out["csr"] = lambda: cls.from_dense(mod, format="csr", backend=backend)
+        if cls is SparseLinear and w.device.type == "cpu" and rows <= BITMAP_MAX_ROWS and backend in (None, "cpu"):
+            # skinny inputs (decoding): the CPU kernel that expands rows by the pattern's bitmap (CSR.bitmap)
+            out["csr+bitmap"] = lambda: cls.from_dense(mod, format="csr", backend=backend, bitmap=True)
     if "nm" in formats:  # every n:m pattern the weight fits: the sparsest is not always the fastest kernel
         for label in stats["nm"]:
             n, m = map(int, label.split(":"))
@@ -420,7 +428,7 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
         if not bool(w.eq(0).any()):
             continue
         stats = pattern_stats(w, blocks)
-        factories = _candidates(mod, w, stats, formats, blocks, backend, exact)
+        factories = _candidates(mod, w, stats, formats, blocks, backend, exact, math.prod(inp.shape[:-1]))
         key = TuningCache.key({"device": report.device, "code": code_revision(), "dtype": str(inp.dtype), **_kind(mod),
                                "weight": list(w.shape), "input": list(inp.shape), "stats": stats,
                                "candidates": sorted(factories), "backend": backend, "exact": exact})

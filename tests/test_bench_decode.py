@@ -43,3 +43,10 @@ def test_decode_row_compacted(bd):
     row = bd.run(layers=2, prompt_len=4, new_tokens=3, reps=1, vocab=50, widths=TINY, sparsity=0.5,
                  method="compact")
     assert row["same_tokens"] and row["choices"] == ["compact"] and row["method"] == "compact"
+
+
+def test_decode_row_unstructured(bd):
+    row = bd.run(layers=2, prompt_len=4, new_tokens=3, reps=1, vocab=50, widths=TINY, sparsity=0.5,
+                 min_speedup=1e-9, method="unstructured")
+    assert row["same_tokens"] and row["sparse_layers"] == 7 * 2 and row["method"] == "unstructured"
+    assert set(row["choices"]) <= {"csr", "csr+bitmap"} and "single weights" in row["pruning"]

@@ -378,6 +378,23 @@ def test_csr_skinny_off_candidate_only_where_the_skinny_path_can_run():
     assert csr_skinny_off_candidates("csr", "cuda", 16, torch.float16, [other]) == []
 
 
+def test_csr_bitmap_candidate_for_few_rows_on_cpu():
+    from sparsekit.benchmark.sweep import csr_bitmap_candidates
+    from sparsekit.formats import CSR
+
+    w = torch.randn(16, 70)
+    w[torch.rand_like(w) < 0.6] = 0
+    fmt, x = CSR.from_dense(w), torch.randn(3, 70)
+    cpu = Candidate("sparsekit_cpu", "sparsekit", lambda: None, fmt.nbytes)
+    got = csr_bitmap_candidates("csr", "cpu", 3, fmt, x, [cpu])
+    assert [c.name for c in got] == ["sparsekit_cpu_bitmap"] and got[0].nbytes == fmt.nbytes + 16 * 16
+    if _extension.LOADED:
+        torch.testing.assert_close(got[0].fn(), x @ w.t())
+    for args in (("csr", "cpu", 9), ("csr", "cuda", 3), ("bsr", "cpu", 3)):
+        assert csr_bitmap_candidates(*args, fmt, x, [cpu]) == [], args
+    assert csr_bitmap_candidates("csr", "cpu", 3, fmt, x, []) == []
+
+
 @pytest.mark.parametrize("stop_at", [0, 1])
 def test_interrupted_sweep_keeps_the_finished_configurations(monkeypatch, tmp_path, stop_at):
     from sparsekit.benchmark import sweep

@@ -24,6 +24,9 @@ Candidates (``kind`` in brackets):
     sparsekit_cuda_noskinny      csr on CUDA, fp16/bf16, M <= 64 only: the cuda backend with its skinny
                      [sparsekit] tensor-core path switched off (SPARSEKIT_CSR_SKINNY=0 around each call: the
                                  generic CSR kernels), so one run times csr_mm with and without it
+    sparsekit_cpu_bitmap         csr on a CPU, M <= 8 only: the cpu backend on the same CSR carrying its
+                     [sparsekit] pattern's bitmap (CSR.with_bitmap(): csr_bitmap_mm expands rows by the bitmap
+                                 instead of gathering x); its bytes include the bitmap
 
 Every row carries ``speedup`` = dense_ms / ms (dense = torch eager), ``speedup_vs_best_dense`` (best of the dense
 kinds), ``ideal`` = 1 / (1 - sparsity), ``pct_ideal`` = 100 * speedup / ideal, and roofline figures against
@@ -306,6 +309,20 @@ def csr_skinny_off_candidates(family: str, device: str, m: int, dtype: torch.dty
                       note=f"{CSR_SKINNY_ENV}=0: generic CSR kernels") for c in cands if c.name == "sparsekit_cuda"]
 
 
+def csr_bitmap_candidates(family: str, device: str, m: int, fmt, x: Tensor, cands: list[Candidate]
+                          ) -> list[Candidate]:
+    """For a CSR product of at most 8 rows on a CPU, the cpu candidate again with the pattern's bitmap attached
+    (CSR.with_bitmap: sparsekit::csr_bitmap_mm expands rows instead of gathering x), so one run times both."""
+    from ..ops import csr_linear
+    from ..sparsify import BITMAP_MAX_ROWS
+
+    if family != "csr" or device != "cpu" or m > BITMAP_MAX_ROWS or not any(c.name == "sparsekit_cpu" for c in cands):
+        return []
+    fmt_bm = fmt.with_bitmap()
+    return [Candidate("sparsekit_cpu_bitmap", "sparsekit", lambda: csr_linear(x, fmt_bm, None, backend="cpu"),
+                      fmt_bm.nbytes, note="CSR.bitmap: rows expanded by the pattern's bitmap")]
+
+
 def _raiser(exc: BaseException) -> Callable[[], Tensor]:
     def fn() -> Tensor:
         raise exc
@@ -555,6 +572,7 @@ def _run_job(cfg: SweepConfig, op: str, shape: LinearShape | ConvShape, dtype_na
     cands += sk_cands
     if op == "linear":
         cands += csr_skinny_off_candidates(pattern.family, device, m, dtype, sk_cands)
+        cands += csr_bitmap_candidates(pattern.family, device, m, fmt, x, sk_cands)
     tol = TF32_TOLERANCE if (dtype == torch.float32 and cfg.tf32 and device == "cuda") else TOLERANCE[dtype]
     res, reps = measure(cands, tol, device, cfg)
     return make_rows(base, cands, res, reps, 2.0 * m * n * k, io_bytes, n * k * es, peak)

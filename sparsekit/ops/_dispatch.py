@@ -69,6 +69,18 @@ def _call_mm(fn: Callable, family: str, x: Tensor, w: Format, bias: Tensor | Non
     return call_op(fn, x, w.crow_indices, w.col_indices, w.values, bias, w.shape[0])
 
 
+def cpu_mm_call(family: str, w: Format, bias: Tensor | None) -> tuple[Callable, tuple]:
+    """The op the ``cpu`` backend runs for ``family`` and its arguments after x: ``<family>_mm``, or
+    ``csr_bitmap_mm`` for a CSR that carries a bitmap (its kernel reads the bitmap for skinny x)."""
+    if family == "nm":
+        return torch.ops.sparsekit.nm_mm.default, (w.values, w.indices, bias, w.n, w.m)
+    if family == "csr" and w.bitmap is not None:
+        return torch.ops.sparsekit.csr_bitmap_mm.default, (w.crow_indices, w.col_indices, w.bitmap, w.values, bias,
+                                                           w.shape[0])
+    return getattr(torch.ops.sparsekit, f"{family}_mm").default, (w.crow_indices, w.col_indices, w.values, bias,
+                                                                  w.shape[0])
+
+
 class Backend:
     """One way of running the ops. Subclasses set name/families/dtypes and implement ``mm``."""
 
@@ -176,6 +188,9 @@ class CppBackend(Backend):
         return reasons
 
     def mm(self, family: str, x: Tensor, w: Format, bias: Tensor | None) -> Tensor:
+        if self.dispatch_key == "CPU":
+            op, args = cpu_mm_call(family, w, bias)
+            return call_op(op, x, *args)
         return _call_mm(getattr(torch.ops.sparsekit, f"{family}_mm").default, family, x, w, bias)
 
     def variants(self, family: str, x: Tensor, w: Format) -> tuple[str, ...]:

@@ -96,6 +96,12 @@ def _fake_csr_sddmm(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor) -> Tensor:
     return dy.new_empty(col.shape[0])
 
 
+@torch.library.register_fake("sparsekit::csr_bitmap_mm")
+def _fake_csr_bitmap_mm(x: Tensor, crow: Tensor, col: Tensor, bitmap: Tensor, values: Tensor, bias: Tensor | None,
+                        n: int) -> Tensor:
+    return x.new_empty(x.shape[0], n)
+
+
 @torch.library.register_fake("sparsekit::nm_mm")
 def _fake_nm_mm(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int, m: int) -> Tensor:
     return x.new_empty(x.shape[0], values.shape[0])
@@ -167,15 +173,32 @@ def _sparse_grads(dy: Tensor, x, crow: Tensor, col: Tensor, values: Tensor, k: i
     return dx, dv
 
 
-def indexed_backward(ctx, dy: Tensor):
-    """Backward of bsr_mm / csr_mm."""
+def _indexed_grads(ctx, dy: Tensor, need_x: bool, need_v: bool, need_b: bool) -> tuple:
     x, crow, col, values = ctx.saved_tensors
     dy = dy.contiguous()
-    need_x, _, _, need_v, need_b, _ = ctx.needs_input_grad
     dx, dv = _sparse_grads(dy, x, crow, col, values, x.shape[1], need_x, need_v)
     db = dy.sum(0) if ctx.has_bias and need_b else None
+    return dx, dv, db
+
+
+def indexed_backward(ctx, dy: Tensor):
+    """Backward of bsr_mm / csr_mm."""
+    need_x, _, _, need_v, need_b, _ = ctx.needs_input_grad
+    dx, dv, db = _indexed_grads(ctx, dy, need_x, need_v, need_b)
     return dx, None, None, dv, db, None
 
+
+
+def _bitmap_setup(ctx, inputs, output) -> None:
+    x, crow, col, _bitmap, values, bias, n = inputs
+    setup_indexed(ctx, (x, crow, col, values, bias, n), output)
+
+
+def _bitmap_backward(ctx, dy: Tensor):
+    """Backward of csr_bitmap_mm: csr_mm's (the bitmap only changes how the forward reads the pattern)."""
+    need_x, _, _, _, need_v, need_b, _ = ctx.needs_input_grad
+    dx, dv, db = _indexed_grads(ctx, dy, need_x, need_v, need_b)
+    return dx, None, None, None, dv, db, None
 
 
 def _xt_backward(ctx, dyt: Tensor):
@@ -286,6 +309,7 @@ def _channel_conv_backward(ctx, dy: Tensor):
 
 torch.library.register_autograd("sparsekit::bsr_mm", indexed_backward, setup_context=setup_indexed)
 torch.library.register_autograd("sparsekit::csr_mm", indexed_backward, setup_context=setup_indexed)
+torch.library.register_autograd("sparsekit::csr_bitmap_mm", _bitmap_backward, setup_context=_bitmap_setup)
 torch.library.register_autograd("sparsekit::bsr_mm_xt", _xt_backward, setup_context=setup_indexed)
 torch.library.register_autograd("sparsekit::csr_mm_xt", _xt_backward, setup_context=setup_indexed)
 for _fam in ("bsr", "csr"):

@@ -24,6 +24,8 @@ SCHEMAS: dict[str, str] = {
     "csr_conv3d": "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
                   "int[3] kernel_size, int[3] padding, int[3] dilation, int[3] stride=1) -> Tensor",
     "csr_sddmm": "(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices) -> Tensor",
+    "csr_bitmap_mm": "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor bitmap, Tensor values, Tensor? bias, "
+                     "SymInt n) -> Tensor",
     "nm_mm": "(Tensor x, Tensor values, Tensor indices, Tensor? bias, int n, int m) -> Tensor",
     "nm_mm_t": "(Tensor dy, Tensor values, Tensor indices, int n, int m) -> Tensor",
     "nm_sddmm": "(Tensor dy, Tensor x, Tensor indices, int n, int m) -> Tensor",

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..formats import BSR, CSR, NM, ChannelIndex
-from ._dispatch import BACKENDS, CppBackend, Format, check_backend, choose, measure_enabled
+from ..formats import BSR, CSR, NM, ChannelIndex, bitmap_shape
+from ._dispatch import BACKENDS, CppBackend, Format, check_backend, choose, cpu_mm_call, measure_enabled
 from ._library import _needs_autograd_layer
 
 BACKEND_NAMES = tuple(sorted(BACKENDS))
@@ -66,6 +66,11 @@ def _check_structure(fn: str, w: Format) -> None:
     elif isinstance(w, CSR):
         if w.values.dim() != 1 or w.crow_indices.numel() != n + 1 or w.col_indices.numel() != w.nnz:
             raise ValueError(f"{fn}: w is an inconsistent CSR; call w.validate() for details")
+        if w.bitmap is not None and (not isinstance(w.bitmap, Tensor) or w.bitmap.dtype != torch.uint8
+                                     or tuple(w.bitmap.shape) != bitmap_shape(n, k)):
+            raise ValueError(f"{fn}: w.bitmap must be a uint8 tensor of shape {bitmap_shape(n, k)}, got "
+                             f"{getattr(w.bitmap, 'dtype', type(w.bitmap).__name__)} "
+                             f"{tuple(getattr(w.bitmap, 'shape', ()))}; rebuild it with w.with_bitmap()")
     elif isinstance(w, NM) and (tuple(w.values.shape) != (n, k // w.m * w.n) or w.indices.shape != w.values.shape):
         raise ValueError(f"{fn}: w is an inconsistent NM; call w.validate() for details")
 
@@ -86,8 +91,9 @@ class _RepeatCall:
         self.op, self.tail = op, tail
 
 
-def _format_tensors(w: Format) -> tuple[Tensor, ...]:
-    return (w.values, w.indices) if isinstance(w, NM) else (w.values, w.crow_indices, w.col_indices)
+def _format_tensors(w: Format) -> tuple[Tensor | None, ...]:
+    return (w.values, w.indices) if isinstance(w, NM) else (w.values, w.crow_indices, w.col_indices,
+                                                            getattr(w, "bitmap", None))
 
 
 def _repeat(w: Format, x: Tensor, bias: Tensor | None, backend: str | None) -> Tensor | None:
@@ -96,9 +102,7 @@ def _repeat(w: Format, x: Tensor, bias: Tensor | None, backend: str | None) -> T
     if rc is None or backend != rc.backend or bias is not rc.bias or type(x) is not Tensor or not x.is_cpu \
             or x.dtype != rc.dtype or x.dim() != 2 or x.shape[1] != rc.k:
         return None
-    tensors = rc.tensors
-    if tensors[0] is not w.values or tensors[-1] is not (w.indices if len(tensors) == 2 else w.col_indices) \
-            or (len(tensors) == 3 and tensors[1] is not w.crow_indices) or w.values.dtype != rc.dtype:
+    if not all(a is b for a, b in zip(rc.tensors, _format_tensors(w), strict=True)) or w.values.dtype != rc.dtype:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or w.values.requires_grad
                                     or (bias is not None and bias.requires_grad)):
@@ -114,9 +118,7 @@ def _remember(family: str, w: Format, x: Tensor, bias: Tensor | None, backend: s
     if not (isinstance(chosen, CppBackend) and chosen.device_type == "cpu" and type(x) is Tensor and x.is_cpu) \
             or measure_enabled("cpu") or _needs_autograd_layer((x, *_format_tensors(w), bias)):
         return
-    op = getattr(torch.ops.sparsekit, f"{family}_mm").default
-    tail = (w.values, w.indices, bias, w.n, w.m) if family == "nm" else \
-        (w.crow_indices, w.col_indices, w.values, bias, w.shape[0])
+    op, tail = cpu_mm_call(family, w, bias)
     w.__dict__["_repeat_call"] = _RepeatCall(backend, x, w, bias, op, tail)
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..formats import BSR, CSR, NM
+from ..formats import BSR, CSR, NM, unpack_bitmap
 
 
 def conv_out_size(sizes: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
@@ -82,6 +82,14 @@ def bsr_sddmm(dy: Tensor, x: Tensor, crow: Tensor, col: Tensor, block_n: int, bl
 # ------------------------------------------------------------------------------------------------- CSR
 def csr_mm(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int) -> Tensor:
     return _add_bias(x @ _dense_csr(crow, col, values, n, x.shape[1]).t(), bias)
+
+
+def csr_bitmap_mm(x: Tensor, crow: Tensor, col: Tensor, bitmap: Tensor, values: Tensor, bias: Tensor | None,
+                  n: int) -> Tensor:
+    # from the bitmap, as the CPU kernel reads it (col_indices serve the backward)
+    mask = unpack_bitmap(bitmap, x.shape[1])
+    dense = values.new_zeros(n, x.shape[1]).masked_scatter(mask, values)
+    return _add_bias(x @ dense.t(), bias)
 
 
 def csr_mm_xt(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int) -> Tensor:
@@ -162,7 +170,7 @@ REFERENCES = {
     "bsr_mm": bsr_mm, "bsr_mm_t": bsr_mm_t, "bsr_mm_xt": bsr_mm_xt, "bsr_conv2d": bsr_conv2d,
     "bsr_conv3d": bsr_conv3d, "bsr_sddmm": bsr_sddmm,
     "csr_mm": csr_mm, "csr_mm_t": csr_mm_t, "csr_mm_xt": csr_mm_xt, "csr_conv2d": csr_conv2d,
-    "csr_conv3d": csr_conv3d, "csr_sddmm": csr_sddmm,
+    "csr_conv3d": csr_conv3d, "csr_sddmm": csr_sddmm, "csr_bitmap_mm": csr_bitmap_mm,
     "nm_mm": nm_mm, "nm_mm_t": nm_mm_t, "nm_sddmm": nm_sddmm,
     "channel_gather_conv2d": channel_gather_conv2d,
 }
