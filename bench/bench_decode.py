@@ -50,9 +50,11 @@ def build(layers: int, vocab: int, widths: dict) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def run(layers: int = 8, prompt_len: int = 32, new_tokens: int = 32, sparsity: float = 0.9, reps: int = 5,
+def run(layers: int = 8, prompt_len: int = 32, new_tokens: int = 32, sparsity: float | None = None, reps: int = 5,
         device: str = "cpu", dtype: torch.dtype = torch.float32, vocab: int = 32000,
         widths: dict | None = None, min_speedup: float = 1.1, method: str = "block") -> dict:
+    if sparsity is None:
+        sparsity = 0.9 if method == "block" else 0.5
     dense = build(layers, vocab, widths or TINYLLAMA)
     prompt = torch.randint(0, vocab, (1, prompt_len))
     masked = copy.deepcopy(dense)
@@ -124,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if min(a.layers, a.prompt, a.new_tokens, a.reps, a.vocab) < 1:
         raise SystemExit("--layers, --prompt, --new-tokens, --reps and --vocab must be >= 1")
-    if a.sparsity is None:
-        a.sparsity = 0.9 if a.method == "block" else 0.5
-    if not 0 <= a.sparsity < 1:
+    if a.sparsity is not None and not 0 <= a.sparsity < 1:
         raise SystemExit(f"--sparsity must be in [0, 1), got {a.sparsity}")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")

@@ -344,9 +344,9 @@ class CSR(_Format):
             raise ValueError(f"weight has {rows.numel()} nonzeros; CSR supports at most 2**31 - 1")
         crow = torch.zeros(n + 1, dtype=torch.int32, device=w.device)
         crow[1:] = mask.sum(dim=1).cumsum(0)
-        return cls(values=w[rows, cols].contiguous(), crow_indices=crow,
-                   col_indices=cols.to(_csr_col_dtype(k)).contiguous(), shape=(n, k),
-                   bitmap=pack_bitmap(mask) if bitmap else None)
+        cols = cols.to(_csr_col_dtype(k)).contiguous()
+        return cls(values=w[rows, cols.long()].contiguous(), crow_indices=crow, col_indices=cols, shape=(n, k),
+                   bitmap=bitmap_from_indices(crow, cols, n, k) if bitmap else None)
 
     def pattern(self) -> Tensor:
         """bool [N, K]: True where an element is stored (explicit zeros included)."""
@@ -358,7 +358,7 @@ class CSR(_Format):
     def with_bitmap(self) -> CSR:
         """The same CSR (sharing its tensors) carrying the bitmap of its pattern."""
         return CSR(values=self.values, crow_indices=self.crow_indices, col_indices=self.col_indices,
-                   shape=self.shape, bitmap=pack_bitmap(self.pattern()))
+                   shape=self.shape, bitmap=bitmap_from_indices(self.crow_indices, self.col_indices, *self.shape))
 
     def without_bitmap(self) -> CSR:
         """The same CSR (sharing its tensors) without a bitmap."""
@@ -390,9 +390,10 @@ class CSR(_Format):
             if tuple(self.bitmap.shape) != bitmap_shape(n, k):
                 raise ValueError(f"bitmap must have shape {bitmap_shape(n, k)} ([N, 8 * ceil(K / 64)]), got "
                                  f"{tuple(self.bitmap.shape)}")
-            if self.bitmap.device == self.crow_indices.device \
-                    and not torch.equal(unpack_bitmap(self.bitmap, k), self.pattern()):
-                raise ValueError("bitmap does not match crow_indices / col_indices: rebuild it with with_bitmap()")
+            if self.bitmap.device == self.crow_indices.device and not torch.equal(
+                    self.bitmap, bitmap_from_indices(self.crow_indices, self.col_indices, n, k)):
+                raise ValueError("bitmap does not match crow_indices / col_indices (or sets bits past K): rebuild "
+                                 "it with with_bitmap()")
         _check_same_device(self)
         return self
 
@@ -410,6 +411,16 @@ def pack_bitmap(mask: Tensor) -> Tensor:
     bits[:, :k] = mask.to(torch.uint8)
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
     return (bits.view(n, width // 8, 8) * weights).sum(-1, dtype=torch.uint8).contiguous()
+
+
+def bitmap_from_indices(crow: Tensor, col: Tensor, n: int, k: int) -> Tensor:
+    """The bitmap of a CSR pattern from its indices, in O(nnz) (no [N, K] mask): pack_bitmap(pattern)."""
+    width = bitmap_shape(n, k)[1]
+    c = col.long()
+    byte = _row_of_each_entry(crow, c.numel()) * width + c.div(8, rounding_mode="floor")
+    bits = torch.ones_like(c, dtype=torch.uint8).bitwise_left_shift(c.remainder(8).to(torch.uint8))
+    # the bits of one byte are distinct columns: their sum is their OR
+    return torch.zeros(n * width, dtype=torch.uint8, device=col.device).index_add_(0, byte, bits).reshape(n, width)
 
 
 def unpack_bitmap(bitmap: Tensor, k: int) -> Tensor:

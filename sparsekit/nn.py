@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._compat import set_submodule
-from .formats import BSR, CSR, NM, ChannelIndex
+from .formats import BSR, CSR, NM, ChannelIndex, bitmap_from_indices
 from .ops import sparse_conv2d, sparse_conv3d, sparse_linear
 from .ops.conv import group_starts
 from .prune.graph import QKV_PROJ
@@ -97,6 +97,25 @@ class _SparseWeight(nn.Module):
         state = super().__getstate__()
         state.pop("_format_cache", None)
         return state
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A CSR layer's bitmap is derived from its indices: whether the layer keeps one is the layer's own setting,
+        # a state with or without one loads either way, and a kept one is rebuilt from the indices just loaded (a
+        # bitmap that disagreed with them would be read by the forward while the backward reads col_indices).
+        bitmap = self._buffers.pop("bitmap", None) if self.format == "csr" else None
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            if bitmap is not None:
+                self._buffers["bitmap"] = bitmap
+        if self.format != "csr":
+            return
+        unexpected_keys[:] = [k for k in unexpected_keys if k != prefix + "bitmap"]
+        crow, col = self._buffers["crow_indices"], self._buffers["col_indices"]
+        if bitmap is not None and not (crow.is_meta or col.is_meta):
+            self._buffers["bitmap"] = bitmap_from_indices(crow, col, *self.weight_shape)
 
     def _build_format(self) -> BSR | CSR | NM | ChannelIndex:
         if self.format in ("bsr", "csr"):

@@ -86,6 +86,17 @@ def test_csr_bitmap_errors():
         CSR(c.values, c.crow_indices, c.col_indices, c.shape, bitmap=c.bitmap[:, :8].contiguous()).validate()
     with pytest.raises(TypeError, match="bitmap must have dtype"):
         CSR(c.values, c.crow_indices, c.col_indices, c.shape, bitmap=c.bitmap.to(torch.int16)).validate()
+    moved = c.bitmap.clone()   # the same bit count per row, one bit in another column
+    row0 = unpack_bitmap(c.bitmap, 70)[0]
+    on, off = int(row0.nonzero()[0]), int((~row0).nonzero()[0])
+    moved[0, on // 8] ^= 1 << (on % 8)
+    moved[0, off // 8] ^= 1 << (off % 8)
+    with pytest.raises(ValueError, match="bitmap does not match"):
+        CSR(c.values, c.crow_indices, c.col_indices, c.shape, bitmap=moved).validate()
+    padding = c.bitmap.clone()
+    padding[2, 15] |= 0x80     # column 127 of a K = 70 weight
+    with pytest.raises(ValueError, match="bits past K"):
+        CSR(c.values, c.crow_indices, c.col_indices, c.shape, bitmap=padding).validate()
     with pytest.raises(ValueError, match="w.bitmap must be a uint8 tensor of shape"):
         sk.ops.csr_linear(torch.randn(1, 70), CSR(c.values, c.crow_indices, c.col_indices, c.shape,
                                                     bitmap=c.bitmap[:5].contiguous()))
@@ -100,9 +111,11 @@ def test_csr_bitmap_errors():
 def test_kernel_matches_reference(isa, dtype, monkeypatch):
     monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
     gen = torch.Generator().manual_seed(hash((isa, str(dtype))) % 10_000)
-    for n, k in ((9, 7), (17, 64), (33, 130), (40, 257)):
+    for n, k in ((9, 7), (17, 64), (33, 130), (40, 257), (12, 256)):
         for density in (0.0, 0.3, 0.7, 1.0):
             w = _weight(n, k, density, dtype, gen)
+            if k >= 192 and 0 < density < 1:
+                w[:, 64:128] = 0     # an all-zero 64-bit word between stored ones
             c = CSR.from_dense(w, bitmap=True)
             for m in (1, 2, 3, 5, 8, 9, 17):
                 x = torch.randn(m, k, generator=gen, dtype=torch.float64).to(dtype)
@@ -211,3 +224,65 @@ def test_sparsify_times_the_bitmap_for_skinny_inputs():
     assert "csr+bitmap" in report.layers[0].times_ms
     _, report = sk.sparsify(model, (torch.randn(16, 256),), cache=None)
     assert "csr+bitmap" not in report.layers[0].times_ms and "csr" in report.layers[0].times_ms
+
+
+_GUARD_PAGE = r"""
+import ctypes, mmap, os, torch
+import sparsekit
+from sparsekit.formats import CSR
+page = mmap.PAGESIZE
+buf = mmap.mmap(-1, 2 * page)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+libc = ctypes.CDLL(None)
+assert libc.mprotect(ctypes.c_void_p(addr + page), page, 0) == 0   # PROT_NONE after the first page
+for isa in ("", "avx512", "avx2", "scalar"):   # SPARSEKIT_CPU_ISA is read per call
+    os.environ["SPARSEKIT_CPU_ISA"] = isa
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        print("case", isa or "default", dtype, flush=True)   # the last line names the case that crashed
+        w = torch.zeros(3, 64, dtype=dtype)
+        w[0, 5], w[2, 0], w[2, 63] = 1.0, 2.0, 3.0
+        c = CSR.from_dense(w, bitmap=True)
+        size = torch.tensor([], dtype=dtype).element_size()
+        values = torch.frombuffer(buf, dtype=dtype, count=c.nnz, offset=page - c.nnz * size)  # ends at the guard
+        values.copy_(c.values)
+        for m in (1, 3, 8):
+            x = torch.ones(m, 64, dtype=dtype)
+            y = torch.ops.sparsekit.csr_bitmap_mm(x, c.crow_indices, c.col_indices, c.bitmap, values, None, 3)
+            assert y.float().tolist() == [[1.0, 0.0, 5.0]] * m, y
+print("ok")
+"""
+
+
+@needs_ext
+def test_kernel_never_reads_past_the_values(tmp_path):
+    """values ending right before an inaccessible page, under every ISA and dtype: any read past them is a
+    segfault of the child process."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "guard.py"
+    script.write_text(_GUARD_PAGE)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.endswith("ok\n"), (run.returncode, run.stdout[-300:],
+                                                                  run.stderr[-2000:])
+
+
+def test_state_dict_with_or_without_a_bitmap_loads_into_either_layer():
+    torch.manual_seed(8)
+    lin = nn.Linear(70, 12)
+    with torch.no_grad():
+        lin.weight[torch.rand_like(lin.weight) < 0.5] = 0
+    with_bm = sk.nn.SparseLinear.from_dense(lin, format="csr", bitmap=True)
+    plain = sk.nn.SparseLinear.from_dense(lin, format="csr")
+    plain.load_state_dict(with_bm.state_dict())          # strict: the extra bitmap is dropped
+    assert "bitmap" not in dict(plain.named_buffers())
+    with_bm.load_state_dict(plain.state_dict())          # strict: the missing bitmap is rebuilt
+    assert torch.equal(with_bm.bitmap, CSR.from_dense(lin.weight.detach(), bitmap=True).bitmap)
+    # another pattern with the same count per row: the kept bitmap follows the loaded indices
+    other = nn.Linear(70, 12)
+    with torch.no_grad():
+        other.weight.copy_(lin.weight.flip(1))
+    with_bm.load_state_dict(sk.nn.SparseLinear.from_dense(other, format="csr").state_dict())
+    x = torch.randn(2, 70)
+    torch.testing.assert_close(with_bm(x), other(x))
+    torch.testing.assert_close(with_bm.sparse_weight().validate().to_dense(), other.weight.detach())

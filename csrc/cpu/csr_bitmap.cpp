@@ -1,19 +1,22 @@
 // CPU kernel of sparsekit::csr_bitmap_mm: y = x @ W^T + bias for a CSR weight that carries a bitmap of its
-// pattern (sparsekit.formats.CSR.bitmap), for skinny x: LLM decoding, M up to a few dozen rows.
+// pattern (sparsekit.formats.CSR.bitmap), for skinny x: LLM decoding, up to kMaxRows rows (more: csr_mm).
 //
 // The gather kernels of csr_spmm.cpp fetch x[col[e]] per stored entry: at M = 1 that is one scalar
 // multiply-add and a 2-byte index per entry, slower than the dense GEMV down to ~80% sparsity. Here each row's
 // values are expanded into dense vectors in registers ("load sparse, compute dense", as Flash-LLM does in
-// shared memory on GPUs): a 16-bit piece of the bitmap says which of 16 columns are stored, one masked
-// expand-load (AVX-512 vexpandps; vpexpandw and vdpbf16ps for bfloat16) puts the next popcount values in
-// those lanes, and the vector is multiplied with 16 contiguous values of x. The work per row is K/16 vector
-// operations whatever the density, and the bytes per weight are 4d + 1/8 (fp32) or 2d + 1/8 (bf16) at density
-// d: at small M the product runs at memory speed, and reads fewer bytes than the dense weight down to d ~ 0.
+// shared memory on GPUs): a 16-bit piece of the bitmap says which of 16 columns are stored, the next popcount
+// values are loaded and expanded into those lanes (AVX-512 vexpandps; vpexpandw and vdpbf16ps for bfloat16; an
+// 8-lane permute table on AVX2), and the vector is multiplied with 16 contiguous values of x. The work per row
+// is K/16 vector operations whatever the density, and the bytes per weight are 4d + 1/8 (fp32) or 2d + 1/8
+// (bf16) at density d: at small M the product runs at memory speed down to ~90% sparsity, where the gather
+// kernels, whose work shrinks with d, catch up.
 //
 // bitmap: uint8 [N, 8 * ceil(K / 64)], bit k % 8 of byte k / 8 of row r set iff W[r, k] is stored; read as
-// little-endian 64-bit words. The values of row r are values[crow[r] : crow[r + 1]] in column order (CSR's own).
-// Each row's bit count is checked against crow (and bits past K against 0) before the row is read, so bad index
-// data raises instead of reading out of bounds.
+// 64-bit words. The values of row r are values[crow[r] : crow[r + 1]] in column order (CSR's own). Each row's
+// bit count is checked against crow (and bits past K against 0) before the row is read, so index data that
+// disagrees raises instead of reading out of bounds; that the bits sit in the columns col_indices names is
+// CSR.validate()'s check (O(N * K / 8)), not this op's. Like the dense product (and unlike the gather kernels,
+// which skip unstored columns), an inf or NaN anywhere in a row of x makes its outputs NaN (0 * inf).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -54,14 +57,19 @@ struct Job {
   int64_t words;
   const int32_t* crow;
   const void* v;
+  int64_t nnz;  // values past v[nnz - 1] are never read (a full-width load is taken only where it fits)
   const float* bias;
   float* out;
   int64_t N;
 };
 
+// Bytes 8w .. 8w + 7 of a bitmap row as one word, bit k % 64 = column 64w + k % 64, on any byte order.
 inline uint64_t word(const uint64_t* p) {
   uint64_t w;
   std::memcpy(&w, p, sizeof(w));
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  w = __builtin_bswap64(w);
+#endif
   return w;
 }
 
@@ -150,7 +158,7 @@ const ExpandTable& expand_table() {
 
 // The next n packed values as 8 fp32 lanes (lanes >= n unspecified); never reads past p + n.
 template <bool kBf16>
-inline __m256 load8(const void* base, int64_t e, int n, int64_t nnz) {
+inline __m256 load8(const void* base, int64_t e, int n, int64_t nnz) {  // (n: values left to take, <= 8)
   if constexpr (kBf16) {
     const uint16_t* p = static_cast<const uint16_t*>(base) + e;
     __m128i raw;
@@ -177,13 +185,16 @@ inline __m256 expand8(__m256 packed, unsigned mask) {
   return _mm256_and_ps(_mm256_permutevar8x32_ps(packed, idx), _mm256_castsi256_ps(on));
 }
 
+// MT < 4 keeps two accumulators per row of x (FMA latency); 8 rows one each (16 ymm registers in all).
 template <int MT, bool kBf16>
-void row(const Job& j, int64_t r, int64_t m0, int64_t nnz) {
+void row(const Job& j, int64_t r, int64_t m0) {
+  constexpr int NQ = MT >= 4 ? 1 : 2;
   const float* xp = static_cast<const float*>(j.xp) + m0 * j.ldx;
   const uint64_t* b = j.bm + r * j.words;
   int64_t e = j.crow[r];
-  __m256 acc[MT][2];
-  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  __m256 acc[MT][NQ];
+  for (int m = 0; m < MT; ++m)
+    for (int q = 0; q < NQ; ++q) acc[m][q] = _mm256_setzero_ps();
   for (int64_t w = 0; w < j.words; ++w) {
     const uint64_t bits = word(b + w);
     if (bits == 0) continue;
@@ -191,13 +202,16 @@ void row(const Job& j, int64_t r, int64_t m0, int64_t nnz) {
     for (int q = 0; q < 8; ++q) {
       const unsigned mask = unsigned(bits >> (8 * q)) & 0xFF;
       const int n = __builtin_popcount(mask);
-      const __m256 wv = expand8(load8<kBf16>(j.v, e, n, nnz), mask);
+      const __m256 wv = expand8(load8<kBf16>(j.v, e, n, j.nnz), mask);
       e += n;
-      for (int m = 0; m < MT; ++m) acc[m][q & 1] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xw + m * j.ldx + 8 * q), acc[m][q & 1]);
+      for (int m = 0; m < MT; ++m) {
+        acc[m][q % NQ] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xw + m * j.ldx + 8 * q), acc[m][q % NQ]);
+      }
     }
   }
   for (int m = 0; m < MT && m0 + m < j.M; ++m) {
-    const __m256 s = _mm256_add_ps(acc[m][0], acc[m][1]);
+    __m256 s = acc[m][0];
+    for (int q = 1; q < NQ; ++q) s = _mm256_add_ps(s, acc[m][q]);
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
@@ -206,14 +220,14 @@ void row(const Job& j, int64_t r, int64_t m0, int64_t nnz) {
 }
 
 template <bool kBf16>
-void rows(const Job& j, int64_t nnz, int64_t r0, int64_t r1) {
+void rows(const Job& j, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t m0 = 0; m0 < j.M; m0 += kTile) {
       switch (tile_rows(j.M - m0)) {
-        case 1: row<1, kBf16>(j, r, m0, nnz); break;
-        case 2: row<2, kBf16>(j, r, m0, nnz); break;
-        case 4: row<4, kBf16>(j, r, m0, nnz); break;
-        default: row<kTile, kBf16>(j, r, m0, nnz); break;
+        case 1: row<1, kBf16>(j, r, m0); break;
+        case 2: row<2, kBf16>(j, r, m0); break;
+        case 4: row<4, kBf16>(j, r, m0); break;
+        default: row<kTile, kBf16>(j, r, m0); break;
       }
     }
   }
@@ -227,20 +241,20 @@ void rows(const Job& j, int64_t nnz, int64_t r0, int64_t r1) {
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,popcnt")
 namespace avx512 {
 
-// The 16 values of a 16-column piece with the given mask, starting at packed position e: fp32 values are
-// expand-loaded (reads exactly popcount(mask) values); bf16 bits are loaded (masked to the first n), widened and
-// expanded.
+// The 16 values of a 16-column piece with the given mask, starting at packed position e (never reading past
+// v[nnz - 1]): loaded, then expanded into the mask's lanes. The load stays a separate instruction: GCC would fold
+// it into a memory-operand vexpandps, several times slower on Sapphire Rapids (the plain load is also faster than
+// a masked one, so it is taken wherever 16 values fit). bf16 bits are loaded masked, widened and expanded.
 template <bool kBf16>
-inline __m512 piece(const void* v, int64_t e, unsigned mask) {
+inline __m512 piece(const void* v, int64_t e, int64_t nnz, unsigned mask) {
+  const int n = __builtin_popcount(mask);
   if constexpr (kBf16) {
-    const int n = __builtin_popcount(mask);
     const __m256i raw = _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1u), static_cast<const uint16_t*>(v) + e);
     const __m512i wide = _mm512_maskz_expand_epi32(__mmask16(mask), _mm512_cvtepu16_epi32(raw));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   } else {
-    const int n = __builtin_popcount(mask);
-    (void)n;
-    __m512 raw = _mm512_loadu_ps(static_cast<const float*>(v) + e);
+    const float* p = static_cast<const float*>(v) + e;
+    __m512 raw = e + 16 <= nnz ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), p);
     __asm__("" : "+v"(raw));
     return _mm512_maskz_expand_ps(__mmask16(mask), raw);
   }
@@ -264,10 +278,10 @@ void row(const Job& j, int64_t r, int64_t m0) {
     const int64_t c1 = _mm_popcnt_u64(bits & 0xFFFFull), c2 = _mm_popcnt_u64(bits & 0xFFFFFFFFull),
                   c3 = _mm_popcnt_u64(bits & 0xFFFFFFFFFFFFull);
     _mm_prefetch(static_cast<const char*>(j.v) + (e << (kBf16 ? 1 : 2)) + kPrefetchBytes, _MM_HINT_T0);
-    const __m512 w0 = piece<kBf16>(j.v, e, unsigned(bits) & 0xFFFF);
-    const __m512 w1 = piece<kBf16>(j.v, e + c1, unsigned(bits >> 16) & 0xFFFF);
-    const __m512 w2 = piece<kBf16>(j.v, e + c2, unsigned(bits >> 32) & 0xFFFF);
-    const __m512 w3 = piece<kBf16>(j.v, e + c3, unsigned(bits >> 48));
+    const __m512 w0 = piece<kBf16>(j.v, e, j.nnz, unsigned(bits) & 0xFFFF);
+    const __m512 w1 = piece<kBf16>(j.v, e + c1, j.nnz, unsigned(bits >> 16) & 0xFFFF);
+    const __m512 w2 = piece<kBf16>(j.v, e + c2, j.nnz, unsigned(bits >> 32) & 0xFFFF);
+    const __m512 w3 = piece<kBf16>(j.v, e + c3, j.nnz, unsigned(bits >> 48));
     e += _mm_popcnt_u64(bits);
     const float* xw = xp + w * 64;
     for (int m = 0; m < MT; ++m) {
@@ -481,7 +495,8 @@ at::Tensor csr_bitmap_mm(const at::Tensor& x_in, const at::Tensor& crow, const a
               "crow[r + 1] - crow[r] and lie below K = ", K, ")");
   at::Tensor y = at::empty({M, n}, x.options());
   if (M == 0 || n == 0) return y;
-  const at::Tensor bias_f = bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor bias_f =
+      bias.defined() && x.scalar_type() != at::kDouble ? bias.to(at::kFloat).contiguous() : at::Tensor();
   const float* bf = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
   // the kernels write fp32 rows (bias added): into y itself for float32
   at::Tensor out = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble
@@ -509,15 +524,14 @@ at::Tensor csr_bitmap_mm(const at::Tensor& x_in, const at::Tensor& crow, const a
       const bool dot = false;
 #endif
       const at::Tensor xp = dot ? pack_x<scalar_t, uint16_t>(xd, M, K, Mp, ldx) : pack_x<scalar_t, float>(xd, M, K, Mp, ldx);
-      Job j{xp.const_data_ptr(), ldx, M, bm, words, c, v.const_data_ptr(), bf, out.mutable_data_ptr<float>(), n};
-      const int64_t nnz = v.numel();
+      Job j{xp.const_data_ptr(), ldx, M, bm, words, c, v.const_data_ptr(), v.numel(), bf,
+            out.mutable_data_ptr<float>(), n};
       at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
 #if SPARSEKIT_X86
         if (dot) return avx512bf16::rows(j, r0, r1);
         if (isa == Isa::kAvx512) return bf16 ? avx512::rows<true>(j, r0, r1) : avx512::rows<false>(j, r0, r1);
-        if (isa == Isa::kAvx2) return bf16 ? avx2::rows<true>(j, nnz, r0, r1) : avx2::rows<false>(j, nnz, r0, r1);
+        if (isa == Isa::kAvx2) return bf16 ? avx2::rows<true>(j, r0, r1) : avx2::rows<false>(j, r0, r1);
 #endif
-        (void)nnz;
         rows_portable(j, bf16, r0, r1);
       });
     }

@@ -74,7 +74,7 @@ def cpu_mm_call(family: str, w: Format, bias: Tensor | None) -> tuple[Callable, 
     ``csr_bitmap_mm`` for a CSR that carries a bitmap (its kernel reads the bitmap for skinny x)."""
     if family == "nm":
         return torch.ops.sparsekit.nm_mm.default, (w.values, w.indices, bias, w.n, w.m)
-    if family == "csr" and w.bitmap is not None:
+    if family == "csr" and w.bitmap is not None and has_kernel("csr_bitmap_mm", "CPU"):   # (an older _C: csr_mm)
         return torch.ops.sparsekit.csr_bitmap_mm.default, (w.crow_indices, w.col_indices, w.bitmap, w.values, bias,
                                                            w.shape[0])
     return getattr(torch.ops.sparsekit, f"{family}_mm").default, (w.crow_indices, w.col_indices, w.values, bias,
