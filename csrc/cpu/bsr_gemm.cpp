@@ -321,7 +321,7 @@ bool use_amx(bool bf16, WKind wk, int64_t M, int64_t bn, int64_t bk) {
 // y[M, N] = x[M, K] @ W^T (+ bias) for float32 / bfloat16 / float16 activations, fp32 accumulation, with
 // the run-time selected micro-kernels of simd.h. W is given as raw BSR arrays so the backward (dx = dy @ W)
 // can run the same code over the transposed blocks. v holds fp32 values or raw bf16 bits (wk).
-//   M small (2*M <= vector width): GEMV per row of x, reading each stored weight once per row.
+//   M small (2*M <= vector width): GEMV per (block-row, row of x), block-row outer: W read once from memory.
 //   otherwise: x packed into fp32 panels [tiles][K][MT]; tasks = (M tile, nonzero-balanced chunk of
 //   block-rows), M tile outermost so a thread's chunk reuses one panel; each block-row is computed as an
 //   fp32 panel [bn][MT] and transposed into y with the bias.
@@ -348,8 +348,8 @@ void bsr_mm_fast(const T* x, const int32_t* crow, const int32_t* col, const void
     at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
       std::vector<float> out(bn);
       for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t m = 0; m < M; ++m) {
-          for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
+        for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
+          for (int64_t m = 0; m < M; ++m) {   // the block-row stays in cache (L1 / L2) for the other rows of x
             bsr_gemv_row(isa, xr + m * K, col, crow[r], crow[r + 1], v, wk, bn, bk, out.data());
             T* yr = y + m * N + r * bn;
             for (int64_t i = 0; i < bn; ++i) {
