@@ -120,6 +120,9 @@ def _title(device_title: str, res: dict) -> str:
         model, _, layer = name.partition(".")
         by_model.setdefault(model, []).append(layer or model)
     parts += [f"{model} {'/'.join(layers)}" for model, layers in by_model.items()]
+    formats = cfg.get("formats") or []
+    if 0 < len(formats) < 3:   # a sweep restricted to some of bsr / csr / nm
+        parts.append(f"{'/'.join(f.upper() for f in formats)} only")
     if cls != "native":
         parts.append(f"{cls.upper()} class")
     sample_ms = cfg.get("min_sample_ms")
