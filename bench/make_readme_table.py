@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from sparsekit.benchmark.machine import cpu_isa_class
+from sparsekit.benchmark.patterns import PATTERN_KINDS
 from sparsekit.benchmark.report import find_results, machine_line, replace_marked_block, speedup_table
 from sparsekit.benchmark.shapes import get_shapes
 
@@ -121,7 +122,7 @@ def _title(device_title: str, res: dict) -> str:
         by_model.setdefault(model, []).append(layer or model)
     parts += [f"{model} {'/'.join(layers)}" for model, layers in by_model.items()]
     formats = cfg.get("formats") or []
-    if 0 < len(formats) < 3:   # a sweep restricted to some of bsr / csr / nm
+    if formats and set(formats) != set(PATTERN_KINDS) and not meta.get("quick"):   # restricted (not --quick's default)
         parts.append(f"{'/'.join(f.upper() for f in formats)} only")
     if cls != "native":
         parts.append(f"{cls.upper()} class")

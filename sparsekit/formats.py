@@ -416,9 +416,12 @@ def pack_bitmap(mask: Tensor) -> Tensor:
 def bitmap_from_indices(crow: Tensor, col: Tensor, n: int, k: int) -> Tensor:
     """The bitmap of a CSR pattern from its indices, in O(nnz) (no [N, K] mask): pack_bitmap(pattern)."""
     width = bitmap_shape(n, k)[1]
-    c = col.long()
-    byte = _row_of_each_entry(crow, c.numel()) * width + c.div(8, rounding_mode="floor")
-    bits = torch.ones_like(c, dtype=torch.uint8).bitwise_left_shift(c.remainder(8).to(torch.uint8))
+    itype = torch.int32 if n * width < 2**31 else torch.int64     # 9 bytes of temporaries per entry, not 24
+    counts = (crow[1:] - crow[:-1]).to(itype)
+    byte = torch.repeat_interleave(torch.arange(n, dtype=itype, device=col.device), counts, output_size=col.numel())
+    byte.mul_(width).add_(col.to(itype).div(8, rounding_mode="floor"))
+    bits = torch.ones(col.numel(), dtype=torch.uint8, device=col.device).bitwise_left_shift_(
+        col.remainder(8).to(torch.uint8))
     # the bits of one byte are distinct columns: their sum is their OR
     return torch.zeros(n * width, dtype=torch.uint8, device=col.device).index_add_(0, byte, bits).reshape(n, width)
 

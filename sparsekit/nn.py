@@ -104,6 +104,7 @@ class _SparseWeight(nn.Module):
         # a state with or without one loads either way, and a kept one is rebuilt from the indices just loaded (a
         # bitmap that disagreed with them would be read by the forward while the backward reads col_indices).
         bitmap = self._buffers.pop("bitmap", None) if self.format == "csr" else None
+        errors_before = len(error_msgs)
         try:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
@@ -114,7 +115,10 @@ class _SparseWeight(nn.Module):
             return
         unexpected_keys[:] = [k for k in unexpected_keys if k != prefix + "bitmap"]
         crow, col = self._buffers["crow_indices"], self._buffers["col_indices"]
-        if bitmap is not None and not (crow.is_meta or col.is_meta):
+        # (a state of another nnz fails to load its col_indices / values: load_state_dict reports that; the indices
+        # left may then disagree, and no bitmap is built from them)
+        if bitmap is not None and len(error_msgs) == errors_before and not (crow.is_meta or col.is_meta) \
+                and int(crow[-1]) == col.numel():
             self._buffers["bitmap"] = bitmap_from_indices(crow, col, *self.weight_shape)
 
     def _build_format(self) -> BSR | CSR | NM | ChannelIndex:

@@ -43,7 +43,7 @@ def test_csr_simd_paths(isa, dtype, index_dtype, monkeypatch):
         for density in (0.0, 0.3, 1.0):
             w = _csr(n, k, density, dtype, gen, index_dtype)
             dense = w.to_dense().double()
-            for m in (0, 1, 3, 9, 17, 70):
+            for m in (0, 1, 2, 3, 4, 8, 9, 17, 70):   # (2-8: the panel path since M = 1 alone takes the dot)
                 x = torch.randn(m, k, generator=gen, dtype=torch.float64).to(dtype)
                 bias = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
                 for b in (None, bias):

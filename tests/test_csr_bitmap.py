@@ -286,3 +286,15 @@ def test_state_dict_with_or_without_a_bitmap_loads_into_either_layer():
     x = torch.randn(2, 70)
     torch.testing.assert_close(with_bm(x), other(x))
     torch.testing.assert_close(with_bm.sparse_weight().validate().to_dense(), other.weight.detach())
+
+
+def test_state_of_another_nnz_is_reported_by_load_state_dict():
+    torch.manual_seed(9)
+    a, b = nn.Linear(64, 16), nn.Linear(64, 16)
+    with torch.no_grad():
+        a.weight[torch.rand_like(a.weight) < 0.7] = 0
+        b.weight[torch.rand_like(b.weight) < 0.3] = 0
+    layer = sk.nn.SparseLinear.from_dense(a, format="csr", bitmap=True)
+    other = sk.nn.SparseLinear.from_dense(b, format="csr").state_dict()
+    with pytest.raises(RuntimeError, match="size mismatch for values"):   # torch's own report, not a crash
+        layer.load_state_dict(other)

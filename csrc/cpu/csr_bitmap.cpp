@@ -45,7 +45,7 @@ namespace {
 using namespace sparsekit::cpu;
 
 constexpr int64_t kTile = 8;              // rows of x per pass over a row of W (accumulators: kTile vectors)
-constexpr int64_t kMaxRows = 8;           // above this M, csr_mm's kernels (x in panels, vectorized over M) win
+constexpr int64_t kMaxRows = 8;           // above this M csr_mm runs (its panel kernel, vectorized over M)
 constexpr int64_t kPrefetchBytes = 2048;  // how far ahead of the expand-loads the values are prefetched
 
 // What a kernel needs: x packed as xp [Mp][ldx] (fp32, or bf16 bits for the dot-product path), zero past K and

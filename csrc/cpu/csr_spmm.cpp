@@ -29,7 +29,9 @@ namespace {
 
 using namespace sparsekit::cpu;
 
-constexpr int64_t kScatterMaxM = 8;  // csr_mm_t below this M scatters instead of transposing W (measured)
+// csr_mm_t below this M scatters instead of transposing W (measured when csr_mm ran M <= 8 as gather dots; the
+// transposed product now takes the panel kernel from M = 2, which may move the best cut-off)
+constexpr int64_t kScatterMaxM = 8;
 
 // ------------------------------------------------------------------------------------------- checks
 void check_indices(const char* op, const at::Tensor& crow, const at::Tensor& col) {
@@ -235,19 +237,16 @@ void csr_fast(const T* x, bool xt, int64_t B, const int32_t* crow, const I* col,
   const std::vector<float> bf = bias_f32(bias, N);
   if (!xt && M == 1) {
     std::vector<float> xf;
-    const float* xr = as_f32(x, M * K, xf);
+    const float* xr = as_f32(x, K, xf);
     const std::vector<int64_t> bounds = balanced_chunks(crow, N, 4 * threads, 1, 2);
     const int64_t chunks = int64_t(bounds.size()) - 1;
-    const int64_t grain = M * (nnz + N) < kMinWork ? chunks : 1;
+    const int64_t grain = nnz + N < kMinWork ? chunks : 1;
     at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t m = 0; m < M; ++m) {
-          for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
-            const float s = wk == WKind::kBF16
-                                ? csr_dot(xr + m * K, crow, col, static_cast<const uint16_t*>(v), r)
-                                : csr_dot(xr + m * K, crow, col, static_cast<const float*>(v), r);
-            y[m * N + r] = static_cast<T>(s + (bias ? bf[r] : 0.f));
-          }
+        for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
+          const float s = wk == WKind::kBF16 ? csr_dot(xr, crow, col, static_cast<const uint16_t*>(v), r)
+                                             : csr_dot(xr, crow, col, static_cast<const float*>(v), r);
+          y[r] = static_cast<T>(s + (bias ? bf[r] : 0.f));
         }
       }
     });
