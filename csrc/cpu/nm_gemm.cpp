@@ -1,6 +1,7 @@
 // CPU kernels for the n:m ops (schemas and semantics in csrc/ops.cpp). W [N, K] keeps n values in every
 // group of m along K: values [N, K/m*n], indices uint8 [N, K/m*n] (position inside the group).
-// fp32 / bf16 / fp16 run as CSR products (csr_view below); float64 runs the loops here:
+// fp32 / bf16 / fp16 run as CSR products (csr_view below), or for up to 8 rows of x with m in {4, 8, 16, 32} and
+// n <= m / 2 on AVX-512 through nm_gemv.cpp, which reads the format directly; float64 runs the loops here:
 //   nm_mm     y  = x @ W^T + bias    parallel over (M tile, row of W): each task owns a tile of y
 //   nm_mm_t   dx = dy @ W            parallel over (M tile, chunk of groups): group g only feeds dx
 //                                    columns [g*m, (g+1)*m), so each task owns a tile of dx
@@ -22,6 +23,7 @@
 
 #include "checks.h"
 #include "csr.h"
+#include "nm_gemv.h"
 #include "tiles.h"
 #include "values.h"
 
@@ -44,9 +46,21 @@ int64_t check_pattern(const char* op, const at::Tensor& indices, int64_t n, int6
   const int64_t kept = indices.size(1);
   TORCH_CHECK(kept % n == 0, op, ": indices.size(1) (", kept, ") must be a multiple of n=", n,
               " (K/m groups of n kept values per row)");
+  // a branch-free (vectorized), parallel max first: this runs on every call, and a decoding product reads little
+  // more than the indices; the position is searched only when one is out of range
   const uint8_t* p = indices.const_data_ptr<uint8_t>();
-  for (int64_t e = 0; e < indices.numel(); ++e) {
-    TORCH_CHECK(p[e] < m, op, ": indices must lie in [0, m=", m, "), got ", int64_t(p[e]), " at flat position ", e);
+  const uint8_t hi = at::parallel_reduce(
+      0, indices.numel(), int64_t(1) << 16, uint8_t(0),
+      [&](int64_t e0, int64_t e1, uint8_t acc) {
+        for (int64_t e = e0; e < e1; ++e) acc = std::max(acc, p[e]);
+        return acc;
+      },
+      [](uint8_t a, uint8_t b) { return std::max(a, b); });
+  if (indices.numel() > 0 && hi >= m) {
+    for (int64_t e = 0; e < indices.numel(); ++e) {
+      TORCH_CHECK(p[e] < m, op, ": indices must lie in [0, m=", m, "), got ", int64_t(p[e]), " at flat position ",
+                  e);
+    }
   }
   return kept / n * m;
 }
@@ -175,6 +189,15 @@ at::Tensor nm_mm(const at::Tensor& x_in, const at::Tensor& values, const at::Ten
   const int64_t M = x_in.size(0), N = values.size(0);
   TORCH_CHECK(x_in.size(1) == K, op, ": x.size(1) must be K = values.size(1) / n * m = ", K, ", got ", x_in.size(1));
   const at::Tensor bias = checked_bias(op, bias_in, N, x_in, "x");
+  if (use_fast(x_in.scalar_type()) && nm_gemv_supported(M, n, m)) {   // decoding: no CSR view to build
+    const at::Tensor x = x_in.contiguous().to(at::kFloat);
+    const auto [fv, wk] = fast_values(values);
+    const at::Tensor bf = bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
+    at::Tensor out = at::empty({M, N}, x.options());
+    nm_gemv(x.const_data_ptr<float>(), M, K, fv.const_data_ptr(), wk == WKind::kBF16, indices.const_data_ptr<uint8_t>(),
+            N, n, m, bf.defined() ? bf.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>());
+    return out.to(x_in.scalar_type());
+  }
   if (use_fast(x_in.scalar_type())) {
     const auto [crow, col] = csr_view(indices, n, m, K);
     if (crow.defined()) return csr_mm_cpu(x_in, crow, col, values.reshape({-1}), bias_in, N);

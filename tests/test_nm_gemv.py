@@ -1,0 +1,52 @@
+"""nm_mm for few rows of x on AVX-512 (csrc/cpu/nm_gemv.cpp): the NM format read directly, in windows of 32 columns
+(positions + group bases index two registers of x). Every n:m it takes (m in 4, 8, 16, 32; n <= m / 2), K with a
+partial last window, empty and full groups, M = 1..8 (tiles of up to 4 rows of x) and past it, fp32 / bf16 / fp16,
+with and without bias, against the float64 reference and against the CSR route the other ISAs take.
+Tolerances: tests/_tolerance.py (eps(dtype) * 4 * sqrt(K) * max(1, |y|max))."""
+
+import pytest
+import torch
+from _tolerance import assert_close_to_reference
+
+from sparsekit import _extension
+from sparsekit.formats import NM
+
+pytestmark = pytest.mark.skipif(not _extension.LOADED, reason=f"sparsekit._C not loaded: {_extension.LOAD_ERROR}")
+
+PATTERNS = [(1, 4), (2, 4), (1, 8), (2, 8), (4, 8), (8, 16), (3, 16), (1, 32), (16, 32)]
+
+
+def _nm(rows, k, n, m, dtype, gen):
+    w = NM.prune(torch.randn(rows, k, generator=gen, dtype=torch.float64), n, m)
+    w[1] = 0                        # a row of explicit zeros
+    if k > m:
+        w[:, :m] = 0                # and a group of them in every row
+    return NM.from_dense(w.to(dtype), n, m)
+
+
+@pytest.mark.parametrize("isa", ["", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,m", PATTERNS)
+def test_small_m_matches_reference(n, m, dtype, isa, monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(n * 100 + m)
+    for k in sorted({m, 2 * m, 32, 64 + m, 96, 160 + 2 * m}):
+        if k % m:
+            continue
+        w = _nm(13, k, n, m, dtype, gen)
+        dense = w.to_dense().double()
+        for rows in (1, 2, 3, 4, 5, 7, 8, 9):
+            x = torch.randn(rows, k, generator=gen, dtype=torch.float64).to(dtype)
+            bias = torch.randn(13, generator=gen, dtype=torch.float64).to(dtype)
+            for b in (None, bias):
+                y = torch.ops.sparsekit.nm_mm(x, w.values, w.indices, b, n, m)
+                ref = x.double() @ dense.t() + (0 if b is None else b.double())
+                assert_close_to_reference(y, ref, dtype, k)
+
+
+def test_bad_position_is_named():
+    w = NM.from_dense(NM.prune(torch.randn(4, 16), 2, 4), 2, 4)
+    idx = w.indices.clone()
+    idx[2, 3] = 4
+    with pytest.raises(RuntimeError, match=r"indices must lie in \[0, m=4\), got 4 at flat position 19"):
+        torch.ops.sparsekit.nm_mm(torch.randn(1, 16), w.values, idx, None, 2, 4)
