@@ -1,8 +1,9 @@
-"""nm_mm for few rows of x on AVX-512 (csrc/cpu/nm_gemv.cpp): the NM format read directly, in windows of 32 columns
-(positions + group bases index two registers of x). Every n:m it takes (m in 4, 8, 16, 32; n <= m / 2), K with a
-partial last window, empty and full groups, M = 1..8 (tiles of up to 4 rows of x) and past it, fp32 / bf16 / fp16,
-with and without bias, against the float64 reference and against the CSR route the other ISAs take.
-Tolerances: tests/_tolerance.py (eps(dtype) * 4 * sqrt(K) * max(1, |y|max))."""
+"""nm_mm for few rows of x (csrc/cpu/nm_gemv.cpp): the NM format read directly, in windows of 32 columns on
+AVX-512 (positions + group bases index two registers of x) and 16 on AVX2 (two permutes and a blend). Every n:m
+it takes (n <= m / 2; m in 4, 8, 16, 32, AVX2 without 32), K with a partial last window, empty rows and groups,
+M = 1..8 (tiles of up to 4 rows of x) and past it, fp32 / bf16 / fp16, with and without bias, against the float64
+reference; SPARSEKIT_CPU_ISA=scalar (and m = 32 on AVX2) takes the CSR route. Tolerances: tests/_tolerance.py
+(eps(dtype) * 4 * sqrt(K) * max(1, |y|max))."""
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def _nm(rows, k, n, m, dtype, gen):
     return NM.from_dense(w.to(dtype), n, m)
 
 
-@pytest.mark.parametrize("isa", ["", "avx2"])
+@pytest.mark.parametrize("isa", ["", "avx2", "scalar"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,m", PATTERNS)
 def test_small_m_matches_reference(n, m, dtype, isa, monkeypatch):

@@ -170,10 +170,13 @@ std::pair<at::Tensor, at::Tensor> csr_view(const at::Tensor& indices, int64_t n,
   at::Tensor col = at::empty({N * kept}, at::TensorOptions().dtype(narrow ? at::kShort : at::kInt));
   const uint8_t* idx = indices.const_data_ptr<uint8_t>();
   auto fill = [&](auto* c) {
+    using I = std::remove_pointer_t<decltype(c)>;
     at::parallel_for(0, N, grain_for(kept), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t e = 0; e < kept; ++e)
-          c[r * kept + e] = static_cast<std::remove_pointer_t<decltype(c)>>((e / n) * m + idx[r * kept + e]);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t e = r * kept, g = 0; g < kept / n; ++g) {   // (no division per entry)
+          for (int64_t j = 0; j < n; ++j, ++e) c[e] = static_cast<I>(g * m + idx[e]);
+        }
+      }
     });
   };
   if (narrow) fill(col.mutable_data_ptr<int16_t>());

@@ -1,5 +1,5 @@
-// The n:m product for few rows of x (decoding) on AVX-512, straight from the NM format: y = x @ W^T + bias with
-// W's values [N, K/m*n] and uint8 positions, for m in {4, 8, 16, 32} and n <= m/2 (1:4, 2:4, 2:8, 4:8, ...).
+// The n:m product for few rows of x (decoding) on AVX-512 / AVX2, straight from the NM format: y = x @ W^T + bias
+// with W's values [N, K/m*n] and uint8 positions, for n <= m/2 and m in {4, 8, 16, 32} (AVX2: 4, 8, 16).
 //
 // nm_mm's general path runs n:m as CSR and builds the CSR column array per call (2 bytes per kept value): at
 // M = 1 that costs more than the product, and the gather GEMV then reads x by index one value at a time. Here a
@@ -29,8 +29,10 @@ namespace sparsekit::cpu {
 
 bool nm_gemv_supported(int64_t M, int64_t n, int64_t m) {
 #if SPARSEKIT_X86
-  return M >= 1 && M <= kNmGemvMaxRows && (m == 4 || m == 8 || m == 16 || m == 32) && 2 * n <= m &&
-         active_isa() == Isa::kAvx512;
+  if (M < 1 || M > kNmGemvMaxRows || 2 * n > m) return false;
+  const Isa isa = active_isa();
+  return (isa == Isa::kAvx512 && (m == 4 || m == 8 || m == 16 || m == 32)) ||
+         (isa == Isa::kAvx2 && (m == 4 || m == 8 || m == 16));
 #else
   (void)M, (void)n, (void)m;
   return false;
@@ -39,6 +41,7 @@ bool nm_gemv_supported(int64_t M, int64_t n, int64_t m) {
 
 #if SPARSEKIT_X86
 namespace {
+namespace avx512 {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
@@ -113,6 +116,91 @@ void rows(const float* xp, int64_t Kp, int64_t M, const void* v, const uint8_t* 
 
 #pragma GCC pop_options
 
+}  // namespace avx512
+
+// ------------------------------------------------------------------------------------------------ AVX2
+// The same over windows of 16 columns (m in 4, 8, 16; at most 8 kept values per window): each position picks from
+// the window's two registers of x (vpermps on both, a blend on position >= 8).
+namespace avx2 {
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// L (<= 8) kept values from position e, as fp32 lanes (lanes >= L zero); never reads past them.
+template <bool kBf16>
+inline __m256 load_values(const void* v, int64_t e, int L) {
+  if constexpr (kBf16) {
+    alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(tmp, static_cast<const uint16_t*>(v) + e, sizeof(uint16_t) * L);
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  } else {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(static_cast<const float*>(v) + e, _mm256_cmpgt_epi32(_mm256_set1_epi32(L), lane));
+  }
+}
+
+template <int MT, bool kBf16>
+void row(const float* xp, int64_t Kp, const void* v, const uint8_t* ir, int64_t e0, int64_t windows, int per_window,
+         int last_lanes, __m256i base, const float* bias, float* out, int64_t ldo, int64_t r) {
+  __m256 acc[MT][2];
+  for (int q = 0; q < MT; ++q) acc[q][0] = acc[q][1] = _mm256_setzero_ps();
+  auto window = [&](int64_t w, int L, auto a) {
+    constexpr int A = decltype(a)::value;
+    const int64_t e = w * per_window;
+    uint64_t raw = 0;
+    std::memcpy(&raw, ir + e, L);
+    const __m256i pos = _mm256_add_epi32(base, _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(raw))));
+    const __m256 hi = _mm256_castsi256_ps(_mm256_cmpgt_epi32(pos, _mm256_set1_epi32(7)));
+    const __m256 wv = load_values<kBf16>(v, e0 + e, L);
+    for (int q = 0; q < MT; ++q) {
+      const float* xw = xp + q * Kp + w * 16;
+      const __m256 xg = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xw), pos),
+                                         _mm256_permutevar8x32_ps(_mm256_loadu_ps(xw + 8), pos), hi);
+      acc[q][A] = _mm256_fmadd_ps(wv, xg, acc[q][A]);
+    }
+  };
+  int64_t w = 0;
+  for (; w + 2 < windows; w += 2) {
+    window(w, per_window, std::integral_constant<int, 0>());
+    window(w + 1, per_window, std::integral_constant<int, 1>());
+  }
+  for (; w < windows; ++w) window(w, w + 1 < windows ? per_window : last_lanes, std::integral_constant<int, 0>());
+  for (int q = 0; q < MT; ++q) {
+    const __m256 s = _mm256_add_ps(acc[q][0], acc[q][1]);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    out[q * ldo + r] = _mm_cvtss_f32(h) + (bias ? bias[r] : 0.f);
+  }
+}
+
+template <bool kBf16>
+void rows(const float* xp, int64_t Kp, int64_t M, const void* v, const uint8_t* idx, int64_t K, int64_t n,
+          int64_t m, const float* bias, float* out, int64_t ldo, int64_t r0, int64_t r1) {
+  const int64_t kept = K / m * n, windows = (K + 15) / 16;
+  const int per_window = int(16 / m * n), last_lanes = int((K - (windows - 1) * 16) / m * n);
+  alignas(32) int32_t base_lanes[8];
+  for (int l = 0; l < 8; ++l) base_lanes[l] = int32_t(l / n * m);
+  const __m256i base = _mm256_load_si256(reinterpret_cast<const __m256i*>(base_lanes));
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t q0 = 0; q0 < M; q0 += 4) {
+      const float* xq = xp + q0 * Kp;
+      float* oq = out + q0 * ldo;
+      const uint8_t* ir = idx + r * kept;
+      switch (M - q0 >= 4 ? 4 : M - q0) {
+        case 1: row<1, kBf16>(xq, Kp, v, ir, r * kept, windows, per_window, last_lanes, base, bias, oq, ldo, r); break;
+        case 2: row<2, kBf16>(xq, Kp, v, ir, r * kept, windows, per_window, last_lanes, base, bias, oq, ldo, r); break;
+        case 3: row<3, kBf16>(xq, Kp, v, ir, r * kept, windows, per_window, last_lanes, base, bias, oq, ldo, r); break;
+        default: row<4, kBf16>(xq, Kp, v, ir, r * kept, windows, per_window, last_lanes, base, bias, oq, ldo, r);
+      }
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+}  // namespace avx2
 }  // namespace
 
 void nm_gemv(const float* x, int64_t M, int64_t K, const void* v, bool bf16, const uint8_t* idx, int64_t N, int64_t n,
@@ -121,12 +209,14 @@ void nm_gemv(const float* x, int64_t M, int64_t K, const void* v, bool bf16, con
   const int64_t Kp = (K + 31) / 32 * 32;
   std::vector<float> xp(size_t(M * Kp), 0.f);
   for (int64_t q = 0; q < M; ++q) std::memcpy(xp.data() + q * Kp, x + q * K, sizeof(float) * K);
+  const bool wide = active_isa() == Isa::kAvx512;
   at::parallel_for(0, N, grain_for((K / m * n + 1) * M), [&](int64_t r0, int64_t r1) {
-    if (bf16) {
-      rows<true>(xp.data(), Kp, M, v, idx, K, n, m, bias, out, N, r0, r1);
-    } else {
-      rows<false>(xp.data(), Kp, M, v, idx, K, n, m, bias, out, N, r0, r1);
+    if (wide) {
+      return bf16 ? avx512::rows<true>(xp.data(), Kp, M, v, idx, K, n, m, bias, out, N, r0, r1)
+                  : avx512::rows<false>(xp.data(), Kp, M, v, idx, K, n, m, bias, out, N, r0, r1);
     }
+    return bf16 ? avx2::rows<true>(xp.data(), Kp, M, v, idx, K, n, m, bias, out, N, r0, r1)
+                : avx2::rows<false>(xp.data(), Kp, M, v, idx, K, n, m, bias, out, N, r0, r1);
   });
 }
 #else

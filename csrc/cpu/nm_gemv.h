@@ -1,4 +1,4 @@
-// The AVX-512 n:m product for few rows of x, straight from the NM format (nm_gemv.cpp; CPU-only header).
+// The AVX-512 / AVX2 n:m product for few rows of x, straight from the NM format (nm_gemv.cpp; CPU-only header).
 #pragma once
 
 #include <cstdint>
@@ -7,8 +7,8 @@ namespace sparsekit::cpu {
 
 constexpr int64_t kNmGemvMaxRows = 8;
 
-// Whether nm_gemv runs this product here: 1 <= M <= kNmGemvMaxRows, m in {4, 8, 16, 32}, n <= m / 2, and the
-// AVX-512 kernels selected (SPARSEKIT_CPU_ISA not lowered).
+// Whether nm_gemv runs this product here: 1 <= M <= kNmGemvMaxRows, n <= m / 2, and m in {4, 8, 16, 32} with the
+// AVX-512 kernels selected or m in {4, 8, 16} with the AVX2 ones (SPARSEKIT_CPU_ISA lowers the choice).
 bool nm_gemv_supported(int64_t M, int64_t n, int64_t m);
 
 // out [M, N] fp32 = x [M, K] (fp32) @ W^T (+ bias, fp32 [N] or null) for W's values [N, K/m*n] (fp32, or bf16
