@@ -51,3 +51,44 @@ def test_bad_position_is_named():
     idx[2, 3] = 4
     with pytest.raises(RuntimeError, match=r"indices must lie in \[0, m=4\), got 4 at flat position 19"):
         torch.ops.sparsekit.nm_mm(torch.randn(1, 16), w.values, idx, None, 2, 4)
+
+
+_GUARD_PAGE = r"""
+import ctypes, mmap, os, torch
+import sparsekit
+from sparsekit.formats import NM
+page = mmap.PAGESIZE
+libc = ctypes.CDLL(None)
+def guarded():
+    buf = mmap.mmap(-1, 2 * page)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(ctypes.c_void_p(addr + page), page, 0) == 0   # PROT_NONE after the first page
+    return buf
+vbuf, ibuf = guarded(), guarded()
+for isa in ("", "avx2"):
+    os.environ["SPARSEKIT_CPU_ISA"] = isa
+    for dtype in (torch.float32, torch.bfloat16):
+        for k in (40, 64):   # a partial and a full last window
+            print("case", isa or "default", dtype, k, flush=True)   # the last line names the case that crashed
+            w = NM.from_dense(NM.prune(torch.randn(3, k), 2, 4).to(dtype), 2, 4)
+            size = w.values.element_size()
+            vals = torch.frombuffer(vbuf, dtype=dtype, count=w.values.numel(), offset=page - w.values.numel() * size)
+            idx = torch.frombuffer(ibuf, dtype=torch.uint8, count=w.indices.numel(), offset=page - w.indices.numel())
+            vals.copy_(w.values.flatten()); idx.copy_(w.indices.flatten())
+            x = torch.randn(2, k).to(dtype)
+            y = torch.ops.sparsekit.nm_mm(x, vals.view(w.values.shape), idx.view(w.indices.shape), None, 2, 4)
+            torch.testing.assert_close(y.float(), (x.float() @ w.to_dense().float().t()), rtol=2e-2, atol=2e-2)
+print("ok")
+"""
+
+
+def test_kernel_never_reads_past_the_values_or_positions(tmp_path):
+    """values and positions each ending right before an inaccessible page: a read past them is a segfault."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "guard.py"
+    script.write_text(_GUARD_PAGE)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.endswith("ok\n"), (run.returncode, run.stdout[-300:],
+                                                                 run.stderr[-2000:])
