@@ -7,13 +7,15 @@ dense, greedy generation with the KV cache, in one interleaved loop.
     python bench/bench_decode.py --device cuda --dtype float16 --out gpu_out/results
     python bench/bench_decode.py --method compact          # structured: 50% of heads and MLP width removed
     python bench/bench_decode.py --method unstructured     # 50% of single weights (as SparseGPT / Wanda prune)
+    python bench/bench_decode.py --method nm               # 2:4 (the sparse tensor cores' pattern)
 
 Every step after the prompt multiplies one token's activations (M = 1) by every weight: decoding is the
 memory-bound GEMV case, where a 90%-sparse weight moves a tenth of the bytes. The lm_head (vocabulary
 projection) and the embeddings stay dense. --method compact removes whole key/value groups of the attention and
 MLP channels instead (the dependency graph), giving a smaller dense model. --method unstructured prunes single
 weights by magnitude in every Linear but lm_head (default 50%, the usual LLM unstructured setting) and lets
-sparsify choose among dense, CSR and CSR with its bitmap (the skinny-input kernel). The pruned model must generate the
+sparsify choose among dense, CSR and CSR with its bitmap (the skinny-input kernel); --method nm keeps the 2 largest
+of every 4 weights along K and lets it choose among dense, NM and the two CSRs. The pruned model must generate the
 same tokens as the masked one it came from (greedy; it computes the same products in another order, so a
 near-tie could flip a token: the row says so if it does).
 Writes <--out>/decode_<machine>_<date>.json/.md: medians of whole generate() calls, tokens/s, speedup.
@@ -62,6 +64,10 @@ def run(layers: int = 8, prompt_len: int = 32, new_tokens: int = 32, sparsity: f
         sk.prune.Pruner(masked, prompt, criterion="magnitude", granularity="block", block=(32, 32), scope="layer",
                         sparsity=sparsity, ignore=[masked.lm_head]).step()
         pruning = f"{sparsity:.0%} 32x32 blocks in every Linear but lm_head, magnitude"
+    elif method == "nm":
+        sk.prune.Pruner(masked, prompt, criterion="magnitude", granularity="nm", n=2, m=4,
+                        ignore=[masked.lm_head]).step()
+        pruning = "2:4 (2 largest of every 4 along K) in every Linear but lm_head"
     elif method == "unstructured":
         sk.prune.Pruner(masked, prompt, criterion="magnitude", granularity="element", scope="layer",
                         sparsity=sparsity, ignore=[masked.lm_head]).step()
@@ -75,9 +81,9 @@ def run(layers: int = 8, prompt_len: int = 32, new_tokens: int = 32, sparsity: f
     dense, masked = (m.to(device=device, dtype=dtype) for m in (dense, masked))   # masked: the reference
     prompt = prompt.to(device)
     t0 = time.perf_counter()
-    if method in ("block", "unstructured"):
+    if method != "compact":
         # the layers run at M = 1 while decoding: measure the candidates at that shape, not at the prompt's
-        formats = ["dense", "bsr"] if method == "block" else ["dense", "csr"]
+        formats = {"block": ["dense", "bsr"], "unstructured": ["dense", "csr"], "nm": ["dense", "nm", "csr"]}[method]
         fast, report = sk.sparsify(masked, prompt[:, :1], formats=formats, blocks=[(32, 32), (16, 16)],
                                    min_speedup=min_speedup, cache=False, reps=5, measure_model=False)
         choices = sorted({d.choice for d in report.layers})
@@ -109,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layers", type=int, default=8, help="decoder layers (TinyLlama has 22; default 8)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per call (default 32)")
-    ap.add_argument("--method", default="block", choices=["block", "compact", "unstructured"],
+    ap.add_argument("--method", default="block", choices=["block", "compact", "unstructured", "nm"],
                     help="block: 32x32 blocks, sparsified (default); compact: whole key/value groups and MLP "
-                         "channels removed through the dependency graph; unstructured: single weights, sparsified")
+                         "channels removed through the dependency graph; unstructured: single weights, sparsified; "
+                         "nm: 2:4, sparsified (--sparsity does not apply)")
     ap.add_argument("--sparsity", type=float, default=None,
                     help="fraction pruned (default 0.9 for block, 0.5 for compact and unstructured)")
     ap.add_argument("--reps", type=int, default=5)

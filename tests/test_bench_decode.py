@@ -50,3 +50,9 @@ def test_decode_row_unstructured(bd):
                  min_speedup=1e-9, method="unstructured")
     assert row["same_tokens"] and row["sparse_layers"] == 7 * 2 and row["method"] == "unstructured"
     assert set(row["choices"]) <= {"csr", "csr+bitmap"} and "single weights" in row["pruning"]
+
+
+def test_decode_row_nm(bd):
+    row = bd.run(layers=2, prompt_len=4, new_tokens=3, reps=1, vocab=50, widths=TINY, min_speedup=1e-9, method="nm")
+    assert row["same_tokens"] and row["sparse_layers"] == 7 * 2 and row["method"] == "nm"
+    assert set(row["choices"]) <= {"nm2:4", "nm1:4", "nm4:8", "csr", "csr+bitmap"} and "2:4" in row["pruning"]
