@@ -3,7 +3,8 @@
 bsr_mm (and bsr_mm_t, which runs it over the transposed blocks), bsr_sddmm (dW on the blocks, any M), bsr_mm_xt
 (1x1 and strided convolutions) and bsr_conv2d (stride-1 convolutions, the im2col matrix packed straight from the
 image) take the AMX path for bf16 activations and values when both block sides are multiples of 16 and M (pixels
-per image for convolutions) is at least 5; every other case runs the SIMD kernels (tests/test_cpu_simd.py).
+per image for convolutions) is at least 6 (kAmxMinRows); every other case runs the SIMD kernels
+(tests/test_cpu_simd.py).
 Shapes cover both tile slabs (16 and 32 output columns), both k-steps (16 and 32), several k-steps per block,
 partial last row tiles (M not a multiple of 32), empty block-rows, 0% and 100% density, a bias, and convolutions
 with padding, dilation, strides, non-square kernels and output rows wider than one 32-column chunk.

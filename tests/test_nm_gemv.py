@@ -92,3 +92,34 @@ def test_kernel_never_reads_past_the_values_or_positions(tmp_path):
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.endswith("ok\n"), (run.returncode, run.stdout[-300:],
                                                                  run.stderr[-2000:])
+
+
+@pytest.mark.parametrize("isa", ["", "avx2", "scalar"])
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 8), (1, 8), (2, 4)])
+def test_inf_in_an_unkept_column_stays_out(n, m, isa, monkeypatch):
+    """An inf in a column no row keeps must not reach any output (0 * inf): the windows' spare lanes (n/m < 1/2)
+    point at group starts, so every group keeps positions 1..n and the inf sits at the start of group 1."""
+    monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+    k = 64
+    w = torch.zeros(6, k)
+    for g in range(k // m):
+        w[:, g * m + 1: g * m + 1 + n] = torch.randn(6, n)
+    f = NM.from_dense(w, n, m)
+    x = torch.randn(2, k)
+    x[:, m] = float("inf")
+    y = torch.ops.sparsekit.nm_mm(x, f.values, f.indices, None, n, m)
+    assert torch.isfinite(y).all()
+    keep = w.ne(0).any(0)
+    torch.testing.assert_close(y, x[:, keep] @ w[:, keep].t())
+
+
+def test_many_rows_split_across_threads_and_a_bad_position_far_in():
+    gen = torch.Generator().manual_seed(3)
+    w = NM.from_dense(NM.prune(torch.randn(512, 1024, generator=gen), 2, 4), 2, 4)
+    x = torch.randn(3, 1024, generator=gen)
+    torch.testing.assert_close(torch.ops.sparsekit.nm_mm(x, w.values, w.indices, None, 2, 4),
+                               x @ w.to_dense().t(), rtol=1e-4, atol=1e-4)
+    idx = w.indices.clone()
+    idx[-1, -1] = 7          # flat position 262143: past the first chunks of the parallel range check
+    with pytest.raises(RuntimeError, match="got 7 at flat position 262143"):
+        torch.ops.sparsekit.nm_mm(x, w.values, idx, None, 2, 4)

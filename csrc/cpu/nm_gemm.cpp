@@ -1,7 +1,7 @@
 // CPU kernels for the n:m ops (schemas and semantics in csrc/ops.cpp). W [N, K] keeps n values in every
 // group of m along K: values [N, K/m*n], indices uint8 [N, K/m*n] (position inside the group).
-// fp32 / bf16 / fp16 run as CSR products (csr_view below), or for up to 8 rows of x with m in {4, 8, 16, 32} and
-// n <= m / 2 on AVX-512 through nm_gemv.cpp, which reads the format directly; float64 runs the loops here:
+// fp32 / bf16 / fp16 run as CSR products (csr_view below), or for up to 8 rows of x with n <= m / 2 on AVX-512 /
+// AVX2 through nm_gemv.cpp, which reads the format directly; float64 runs the loops here:
 //   nm_mm     y  = x @ W^T + bias    parallel over (M tile, row of W): each task owns a tile of y
 //   nm_mm_t   dx = dy @ W            parallel over (M tile, chunk of groups): group g only feeds dx
 //                                    columns [g*m, (g+1)*m), so each task owns a tile of dx
@@ -192,13 +192,15 @@ at::Tensor nm_mm(const at::Tensor& x_in, const at::Tensor& values, const at::Ten
   const int64_t M = x_in.size(0), N = values.size(0);
   TORCH_CHECK(x_in.size(1) == K, op, ": x.size(1) must be K = values.size(1) / n * m = ", K, ", got ", x_in.size(1));
   const at::Tensor bias = checked_bias(op, bias_in, N, x_in, "x");
-  if (use_fast(x_in.scalar_type()) && nm_gemv_supported(M, n, m)) {   // decoding: no CSR view to build
+  const Isa isa = active_isa();   // (read once: SPARSEKIT_CPU_ISA may change between calls)
+  if (use_fast(x_in.scalar_type()) && nm_gemv_supported(isa, M, n, m)) {   // decoding: no CSR view to build
     const at::Tensor x = x_in.contiguous().to(at::kFloat);
     const auto [fv, wk] = fast_values(values);
     const at::Tensor bf = bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor out = at::empty({M, N}, x.options());
-    nm_gemv(x.const_data_ptr<float>(), M, K, fv.const_data_ptr(), wk == WKind::kBF16, indices.const_data_ptr<uint8_t>(),
-            N, n, m, bf.defined() ? bf.const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>());
+    nm_gemv(isa, x.const_data_ptr<float>(), M, K, fv.const_data_ptr(), wk == WKind::kBF16,
+            indices.const_data_ptr<uint8_t>(), N, n, m, bf.defined() ? bf.const_data_ptr<float>() : nullptr,
+            out.mutable_data_ptr<float>());
     return out.to(x_in.scalar_type());
   }
   if (use_fast(x_in.scalar_type())) {

@@ -27,14 +27,13 @@
 
 namespace sparsekit::cpu {
 
-bool nm_gemv_supported(int64_t M, int64_t n, int64_t m) {
+bool nm_gemv_supported(Isa isa, int64_t M, int64_t n, int64_t m) {
 #if SPARSEKIT_X86
   if (M < 1 || M > kNmGemvMaxRows || 2 * n > m) return false;
-  const Isa isa = active_isa();
   return (isa == Isa::kAvx512 && (m == 4 || m == 8 || m == 16 || m == 32)) ||
          (isa == Isa::kAvx2 && (m == 4 || m == 8 || m == 16));
 #else
-  (void)M, (void)n, (void)m;
+  (void)isa, (void)M, (void)n, (void)m;
   return false;
 #endif
 }
@@ -72,7 +71,8 @@ void row(const float* xp, int64_t Kp, const void* v, const uint8_t* ir, int64_t 
     const __m512 wv = load_values<kBf16>(v, e0 + e, lanes);
     for (int q = 0; q < MT; ++q) {
       const float* xw = xp + q * Kp + w * 32;
-      const __m512 xg = _mm512_permutex2var_ps(_mm512_loadu_ps(xw), pos, _mm512_loadu_ps(xw + 16));
+      // lanes past the window's kept values stay 0 (an inf or NaN elsewhere in x must not reach them)
+      const __m512 xg = _mm512_maskz_permutex2var_ps(lanes, _mm512_loadu_ps(xw), pos, _mm512_loadu_ps(xw + 16));
       acc[q][A] = _mm512_fmadd_ps(wv, xg, acc[q][A]);
     }
   };
@@ -152,11 +152,15 @@ void row(const float* xp, int64_t Kp, const void* v, const uint8_t* ir, int64_t 
     std::memcpy(&raw, ir + e, L);
     const __m256i pos = _mm256_add_epi32(base, _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(raw))));
     const __m256 hi = _mm256_castsi256_ps(_mm256_cmpgt_epi32(pos, _mm256_set1_epi32(7)));
+    const __m256 used = _mm256_castsi256_ps(
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(L), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
     const __m256 wv = load_values<kBf16>(v, e0 + e, L);
     for (int q = 0; q < MT; ++q) {
       const float* xw = xp + q * Kp + w * 16;
-      const __m256 xg = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xw), pos),
-                                         _mm256_permutevar8x32_ps(_mm256_loadu_ps(xw + 8), pos), hi);
+      // lanes past the window's kept values stay 0 (an inf or NaN elsewhere in x must not reach them)
+      const __m256 xg = _mm256_and_ps(used, _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xw), pos),
+                                                             _mm256_permutevar8x32_ps(_mm256_loadu_ps(xw + 8), pos),
+                                                             hi));
       acc[q][A] = _mm256_fmadd_ps(wv, xg, acc[q][A]);
     }
   };
@@ -203,13 +207,13 @@ void rows(const float* xp, int64_t Kp, int64_t M, const void* v, const uint8_t* 
 }  // namespace avx2
 }  // namespace
 
-void nm_gemv(const float* x, int64_t M, int64_t K, const void* v, bool bf16, const uint8_t* idx, int64_t N, int64_t n,
-             int64_t m, const float* bias, float* out) {
+void nm_gemv(Isa isa, const float* x, int64_t M, int64_t K, const void* v, bool bf16, const uint8_t* idx, int64_t N,
+             int64_t n, int64_t m, const float* bias, float* out) {
   // x padded with zeros to whole windows of 32 columns (a partial last window's positions stay below K)
   const int64_t Kp = (K + 31) / 32 * 32;
   std::vector<float> xp(size_t(M * Kp), 0.f);
   for (int64_t q = 0; q < M; ++q) std::memcpy(xp.data() + q * Kp, x + q * K, sizeof(float) * K);
-  const bool wide = active_isa() == Isa::kAvx512;
+  const bool wide = isa == Isa::kAvx512;
   at::parallel_for(0, N, grain_for((K / m * n + 1) * M), [&](int64_t r0, int64_t r1) {
     if (wide) {
       return bf16 ? avx512::rows<true>(xp.data(), Kp, M, v, idx, K, n, m, bias, out, N, r0, r1)
@@ -220,7 +224,7 @@ void nm_gemv(const float* x, int64_t M, int64_t K, const void* v, bool bf16, con
   });
 }
 #else
-void nm_gemv(const float*, int64_t, int64_t, const void*, bool, const uint8_t*, int64_t, int64_t, int64_t,
+void nm_gemv(Isa, const float*, int64_t, int64_t, const void*, bool, const uint8_t*, int64_t, int64_t, int64_t,
              const float*, float*) {}
 #endif
 
