@@ -81,6 +81,22 @@ inline int64_t padded_rows(int64_t M) {
   return full + (rem ? tile_rows(rem) : 0);
 }
 
+// One ISA's kernel for a row of W times a tile of 1, 2, 4 or kTile rows of x from row m0.
+using RowFn = void (*)(const Job&, int64_t r, int64_t m0);
+struct RowKernels {
+  RowFn tile1, tile2, tile4, tile8;
+};
+
+// Rows [r0, r1) of y: every tile of x per row of W, while the row's values are in L1.
+void tiled_rows(const RowKernels& k, const Job& j, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t m0 = 0; m0 < j.M; m0 += kTile) {
+      const int t = tile_rows(j.M - m0);
+      (t == 1 ? k.tile1 : t == 2 ? k.tile2 : t == 4 ? k.tile4 : k.tile8)(j, r, m0);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------ portable
 // float64: plain loops over the set bits, y written directly.
 void rows_double(const double* xp, int64_t ldx, int64_t M, const uint64_t* bm, int64_t words, const int32_t* crow,
@@ -219,19 +235,9 @@ void row(const Job& j, int64_t r, int64_t m0) {
   }
 }
 
+// The row kernels for each tile size (tiled_rows).
 template <bool kBf16>
-void rows(const Job& j, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t m0 = 0; m0 < j.M; m0 += kTile) {
-      switch (tile_rows(j.M - m0)) {
-        case 1: row<1, kBf16>(j, r, m0); break;
-        case 2: row<2, kBf16>(j, r, m0); break;
-        case 4: row<4, kBf16>(j, r, m0); break;
-        default: row<kTile, kBf16>(j, r, m0); break;
-      }
-    }
-  }
-}
+constexpr RowKernels kernels() { return {&row<1, kBf16>, &row<2, kBf16>, &row<4, kBf16>, &row<kTile, kBf16>}; }
 
 }  // namespace avx2
 #pragma GCC pop_options
@@ -299,19 +305,9 @@ void row(const Job& j, int64_t r, int64_t m0) {
   }
 }
 
+// The row kernels for each tile size (tiled_rows).
 template <bool kBf16>
-void rows(const Job& j, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t m0 = 0; m0 < j.M; m0 += kTile) {
-      switch (tile_rows(j.M - m0)) {
-        case 1: row<1, kBf16>(j, r, m0); break;
-        case 2: row<2, kBf16>(j, r, m0); break;
-        case 4: row<4, kBf16>(j, r, m0); break;
-        default: row<kTile, kBf16>(j, r, m0); break;
-      }
-    }
-  }
-}
+constexpr RowKernels kernels() { return {&row<1, kBf16>, &row<2, kBf16>, &row<4, kBf16>, &row<kTile, kBf16>}; }
 
 }  // namespace avx512
 #pragma GCC pop_options
@@ -367,18 +363,7 @@ void row(const Job& j, int64_t r, int64_t m0) {
   }
 }
 
-void rows(const Job& j, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t m0 = 0; m0 < j.M; m0 += kTile) {
-      switch (tile_rows(j.M - m0)) {
-        case 1: row<1>(j, r, m0); break;
-        case 2: row<2>(j, r, m0); break;
-        case 4: row<4>(j, r, m0); break;
-        default: row<kTile>(j, r, m0); break;
-      }
-    }
-  }
-}
+constexpr RowKernels kernels() { return {&row<1>, &row<2>, &row<4>, &row<kTile>}; }
 
 }  // namespace avx512bf16
 #pragma GCC pop_options
@@ -528,9 +513,11 @@ at::Tensor csr_bitmap_mm(const at::Tensor& x_in, const at::Tensor& crow, const a
             out.mutable_data_ptr<float>(), n};
       at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
 #if SPARSEKIT_X86
-        if (dot) return avx512bf16::rows(j, r0, r1);
-        if (isa == Isa::kAvx512) return bf16 ? avx512::rows<true>(j, r0, r1) : avx512::rows<false>(j, r0, r1);
-        if (isa == Isa::kAvx2) return bf16 ? avx2::rows<true>(j, r0, r1) : avx2::rows<false>(j, r0, r1);
+        if (dot) return tiled_rows(avx512bf16::kernels(), j, r0, r1);
+        if (isa == Isa::kAvx512) {
+          return tiled_rows(bf16 ? avx512::kernels<true>() : avx512::kernels<false>(), j, r0, r1);
+        }
+        if (isa == Isa::kAvx2) return tiled_rows(bf16 ? avx2::kernels<true>() : avx2::kernels<false>(), j, r0, r1);
 #endif
         rows_portable(j, bf16, r0, r1);
       });

@@ -40,6 +40,27 @@ bool nm_gemv_supported(Isa isa, int64_t M, int64_t n, int64_t m) {
 
 #if SPARSEKIT_X86
 namespace {
+
+// Rows [r0, r1) of y for all M rows of x in tiles of up to 4 (a row of W stays in L1 between tiles):
+// row(std::integral_constant<int, MT>, x tile, out tile, the row's positions, its first value, r).
+template <typename Row>
+void tiled_rows(int64_t M, int64_t Kp, const float* xp, float* out, int64_t ldo, const uint8_t* idx, int64_t kept,
+                int64_t r0, int64_t r1, Row&& row) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t q0 = 0; q0 < M; q0 += 4) {
+      const float* xq = xp + q0 * Kp;
+      float* oq = out + q0 * ldo;
+      const uint8_t* ir = idx + r * kept;
+      switch (M - q0 >= 4 ? 4 : M - q0) {
+        case 1: row(std::integral_constant<int, 1>(), xq, oq, ir, r * kept, r); break;
+        case 2: row(std::integral_constant<int, 2>(), xq, oq, ir, r * kept, r); break;
+        case 3: row(std::integral_constant<int, 3>(), xq, oq, ir, r * kept, r); break;
+        default: row(std::integral_constant<int, 4>(), xq, oq, ir, r * kept, r);
+      }
+    }
+  }
+}
+
 namespace avx512 {
 
 #pragma GCC push_options
@@ -99,19 +120,10 @@ void rows(const float* xp, int64_t Kp, int64_t M, const void* v, const uint8_t* 
   const __mmask16 full = __mmask16((1u << per_window) - 1u);
   const int64_t last_groups = (K - (windows - 1) * 32) / m;                 // groups in the last window
   const __mmask16 last = __mmask16((1u << (last_groups * n)) - 1u);
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t q0 = 0; q0 < M; q0 += 4) {
-      const float* xq = xp + q0 * Kp;
-      float* oq = out + q0 * ldo;
-      const uint8_t* ir = idx + r * kept;
-      switch (M - q0 >= 4 ? 4 : M - q0) {
-        case 1: row<1, kBf16>(xq, Kp, v, ir, r * kept, windows, per_window, base, full, last, bias, oq, ldo, r); break;
-        case 2: row<2, kBf16>(xq, Kp, v, ir, r * kept, windows, per_window, base, full, last, bias, oq, ldo, r); break;
-        case 3: row<3, kBf16>(xq, Kp, v, ir, r * kept, windows, per_window, base, full, last, bias, oq, ldo, r); break;
-        default: row<4, kBf16>(xq, Kp, v, ir, r * kept, windows, per_window, base, full, last, bias, oq, ldo, r);
-      }
-    }
-  }
+  tiled_rows(M, Kp, xp, out, ldo, idx, kept, r0, r1, [&](auto mt, const float* xq, float* oq, const uint8_t* ir,
+                                                           int64_t e0, int64_t r) {
+    row<decltype(mt)::value, kBf16>(xq, Kp, v, ir, e0, windows, per_window, base, full, last, bias, oq, ldo, r);
+  });
 }
 
 #pragma GCC pop_options
@@ -187,19 +199,10 @@ void rows(const float* xp, int64_t Kp, int64_t M, const void* v, const uint8_t* 
   alignas(32) int32_t base_lanes[8];
   for (int l = 0; l < 8; ++l) base_lanes[l] = int32_t(l / n * m);
   const __m256i base = _mm256_load_si256(reinterpret_cast<const __m256i*>(base_lanes));
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t q0 = 0; q0 < M; q0 += 4) {
-      const float* xq = xp + q0 * Kp;
-      float* oq = out + q0 * ldo;
-      const uint8_t* ir = idx + r * kept;
-      switch (M - q0 >= 4 ? 4 : M - q0) {
-        case 1: row<1, kBf16>(xq, Kp, v, ir, r * kept, windows, per_window, last_lanes, base, bias, oq, ldo, r); break;
-        case 2: row<2, kBf16>(xq, Kp, v, ir, r * kept, windows, per_window, last_lanes, base, bias, oq, ldo, r); break;
-        case 3: row<3, kBf16>(xq, Kp, v, ir, r * kept, windows, per_window, last_lanes, base, bias, oq, ldo, r); break;
-        default: row<4, kBf16>(xq, Kp, v, ir, r * kept, windows, per_window, last_lanes, base, bias, oq, ldo, r);
-      }
-    }
-  }
+  tiled_rows(M, Kp, xp, out, ldo, idx, kept, r0, r1, [&](auto mt, const float* xq, float* oq, const uint8_t* ir,
+                                                           int64_t e0, int64_t r) {
+    row<decltype(mt)::value, kBf16>(xq, Kp, v, ir, e0, windows, per_window, last_lanes, base, bias, oq, ldo, r);
+  });
 }
 
 #pragma GCC pop_options
