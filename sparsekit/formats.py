@@ -116,6 +116,9 @@ def _check_cols_sorted(crow: Tensor, col: Tensor, ncols: int, name: str = "col_i
             raise ValueError(f"{name} must be strictly increasing within each row (sorted, no duplicates)")
 
 
+_OPTIONAL_TENSOR = "Tensor | None"   # the annotation of a tensor field that may be absent (CSR.bitmap)
+
+
 class _Format:
     """Shared plumbing for the dataclass formats: state_dict round trip, .to(), byte counts."""
 
@@ -131,7 +134,7 @@ class _Format:
     @classmethod
     def _tensor_fields(cls) -> list[str]:
         """Every tensor field, optional ones (``Tensor | None``, e.g. CSR.bitmap) included."""
-        return [f.name for f in fields(cls) if f.name != "shape" and f.type in ("Tensor", Tensor, "Tensor | None")]
+        return [f.name for f in fields(cls) if f.name != "shape" and f.type in ("Tensor", Tensor, _OPTIONAL_TENSOR)]
 
     def _present_tensors(self) -> list[str]:
         """The tensor fields that hold a tensor (an optional one may be None)."""
@@ -203,7 +206,7 @@ class _Format:
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]):
         """Rebuild from ``state_dict()`` output and validate."""
-        optional = {f.name for f in fields(cls) if f.type == "Tensor | None"}
+        optional = {f.name for f in fields(cls) if f.type == _OPTIONAL_TENSOR}
         missing = [f.name for f in fields(cls) if f.name not in state and f.name not in optional]
         if missing:
             raise ValueError(f"state is missing {missing} for {cls.__name__}; got keys {sorted(state)}")
@@ -348,13 +351,6 @@ class CSR(_Format):
         return cls(values=w[rows, cols.long()].contiguous(), crow_indices=crow, col_indices=cols, shape=(n, k),
                    bitmap=bitmap_from_indices(crow, cols, n, k) if bitmap else None)
 
-    def pattern(self) -> Tensor:
-        """bool [N, K]: True where an element is stored (explicit zeros included)."""
-        n, k = self.shape
-        rows = _row_of_each_entry(self.crow_indices, self.nnz)
-        mask = torch.zeros(n, k, dtype=torch.bool, device=self.crow_indices.device)
-        return mask.index_put((rows, self.col_indices.long()), torch.ones_like(rows, dtype=torch.bool))
-
     def with_bitmap(self) -> CSR:
         """The same CSR (sharing its tensors) carrying the bitmap of its pattern."""
         return CSR(values=self.values, crow_indices=self.crow_indices, col_indices=self.col_indices,
@@ -405,6 +401,9 @@ def bitmap_shape(n: int, k: int) -> tuple[int, int]:
 
 def pack_bitmap(mask: Tensor) -> Tensor:
     """bool [N, K] -> uint8 [N, 8 * ceil(K / 64)], bit k % 8 of byte k / 8 set iff mask[:, k] (little-endian)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
+        raise TypeError(f"mask must be a 2-D bool tensor [N, K], got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
     n, k = mask.shape
     width = bitmap_shape(n, k)[1] * 8
     bits = torch.zeros(n, width, dtype=torch.uint8, device=mask.device)
@@ -415,6 +414,13 @@ def pack_bitmap(mask: Tensor) -> Tensor:
 
 def bitmap_from_indices(crow: Tensor, col: Tensor, n: int, k: int) -> Tensor:
     """The bitmap of a CSR pattern from its indices, in O(nnz) (no [N, K] mask): pack_bitmap(pattern)."""
+    _check_index(crow, "crow", (torch.int32, torch.int64), 1)
+    _check_index(col, "col", (torch.int16, torch.int32, torch.int64), 1)
+    if crow.numel() != n + 1 or int(crow[-1]) != col.numel():
+        raise ValueError(f"crow must have n + 1 = {n + 1} entries ending at col.numel() = {col.numel()}, got "
+                         f"{crow.numel()} entries" + (f" ending at {int(crow[-1])}" if crow.numel() else ""))
+    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= k):
+        raise ValueError(f"col must lie in [0, k={k}), got range [{int(col.min())}, {int(col.max())}]")
     width = bitmap_shape(n, k)[1]
     itype = torch.int32 if n * width < 2**31 else torch.int64     # 9 bytes of temporaries per entry, not 24
     counts = (crow[1:] - crow[:-1]).to(itype)
@@ -428,6 +434,9 @@ def bitmap_from_indices(crow: Tensor, col: Tensor, n: int, k: int) -> Tensor:
 
 def unpack_bitmap(bitmap: Tensor, k: int) -> Tensor:
     """uint8 [N, B] -> bool [N, k]: the inverse of pack_bitmap."""
+    _check_index(bitmap, "bitmap", (torch.uint8,), 2)
+    if not isinstance(k, int) or not 0 <= k <= 8 * bitmap.shape[1]:
+        raise ValueError(f"k must be an int in [0, {8 * bitmap.shape[1]}] (the bitmap's bits per row), got {k!r}")
     shifts = torch.arange(8, dtype=torch.uint8, device=bitmap.device)
     bits = bitmap.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and(1).bool()
     return bits.reshape(bitmap.shape[0], bitmap.shape[1] * 8)[:, :k]

@@ -298,3 +298,22 @@ def test_state_of_another_nnz_is_reported_by_load_state_dict():
     other = sk.nn.SparseLinear.from_dense(b, format="csr").state_dict()
     with pytest.raises(RuntimeError, match="size mismatch for values"):   # torch's own report, not a crash
         layer.load_state_dict(other)
+
+
+def test_bitmap_helpers_name_bad_input():
+    from sparsekit.formats import bitmap_from_indices
+
+    with pytest.raises(TypeError, match="mask must be a 2-D bool tensor"):
+        pack_bitmap(torch.ones(3, 4))
+    with pytest.raises(TypeError, match="bitmap must have dtype"):
+        unpack_bitmap(torch.zeros(2, 8, dtype=torch.int32), 5)
+    with pytest.raises(ValueError, match=r"k must be an int in \[0, 64\]"):
+        unpack_bitmap(torch.zeros(2, 8, dtype=torch.uint8), 65)
+    crow, col = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([3, 9], dtype=torch.int16)
+    assert bitmap_from_indices(crow, col, 2, 10).shape == (2, 8)
+    with pytest.raises(ValueError, match=r"col must lie in \[0, k=8\)"):
+        bitmap_from_indices(crow, col, 2, 8)
+    with pytest.raises(ValueError, match="crow must have n \\+ 1 = 4 entries"):
+        bitmap_from_indices(crow, col, 3, 10)
+    with pytest.raises(TypeError, match="col must have dtype"):
+        bitmap_from_indices(crow, col.float(), 2, 10)
