@@ -52,6 +52,7 @@ from .graph import QKV_PROJ, DependencyGraph, Group, attention_kind, in_proj_par
 from .linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
 from .masks import CHANNEL_NORMS, CONVS, unmasked
 from .pruned_mha import PrunedMultiheadAttention
+from .recurrent import RECURRENT, hidden_unit_rows, index_masks, resize_recurrent, unit_index
 
 __all__ = ["resize_module", "module_keeps", "member_masks", "member_tensor_masks", "mask_groups", "compact",
            "compact_from_masks", "keep_from_masks", "compacted_widths", "apply_widths", "ChannelSelect",
@@ -75,6 +76,8 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
     keeps whole heads: ``keep_out`` indexes its packed q|k|v rows and it becomes a ``PrunedMultiheadAttention``."""
     if attention_kind(mod) == "mha":
         return _resize_mha(mod, keep_out, keep_in)
+    if isinstance(mod, RECURRENT):     # keep_out: hidden units (of every layer and direction)
+        return resize_recurrent(mod, keep_out, keep_in)
     cls = _base_class(mod)
     w = mod.weight.detach() if getattr(mod, "weight", None) is not None else None
     b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
@@ -130,7 +133,7 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
         return copy.deepcopy(mod)
     else:
         raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv1d/2d/3d, ConvTranspose2d, Linear, "
-                        "BatchNorm, GroupNorm, InstanceNorm, Embedding, PReLU)")
+                        "BatchNorm, GroupNorm, InstanceNorm, Embedding, PReLU, RNN, LSTM, GRU)")
     with torch.no_grad():
         for k, v in tensors.items():
             if v is None:
@@ -221,6 +224,8 @@ def module_keeps(graph: DependencyGraph, keep: Mapping[int, Tensor]) -> dict[str
 def _axis_size(mod: nn.Module, axis: str) -> int:
     if attention_kind(mod) == "mha" and axis == "out":
         return 3 * mod.num_heads * mod.head_dim
+    if isinstance(mod, RECURRENT):
+        return mod.hidden_size if axis == "out" else mod.input_size
     if isinstance(mod, nn.Embedding):
         return mod.embedding_dim
     if isinstance(mod, CHANNEL_NORMS):   # affine=False:
@@ -268,6 +273,9 @@ def member_tensor_masks(graph: DependencyGraph, keep: Mapping[int, Any],
         mod = graph.modules[name]
         if attention_kind(mod) == "mha":
             out[name] = _mha_masks(mod, ax["out"])
+            continue
+        if isinstance(mod, RECURRENT):
+            out[name] = index_masks(mod, ax.get("out"), ax.get("in"))
             continue
         if getattr(mod, "weight", None) is None:     # a norm without affine parameters: nothing to mask
             continue
@@ -333,6 +341,9 @@ def mask_groups(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any],
                 if attention_kind(mod) == "mha":
                     _zero_mha_rows(mod, idx)
                     continue
+                if isinstance(mod, RECURRENT):
+                    _zero_recurrent(mod, m.axis, idx)
+                    continue
                 if isinstance(mod, nn.Embedding):
                     mod.weight[:, idx] = 0
                     continue
@@ -349,6 +360,15 @@ def _zero_mha_rows(mod: nn.Module, rows: Tensor) -> None:
         t = getattr(mod, name)
         local = rows[(rows >= first) & (rows < first + t.shape[dim])] - first
         t.index_fill_(dim % t.dim(), local.to(t.device), 0.0)
+
+
+def _zero_recurrent(mod: nn.Module, axis: str, idx: Tensor) -> None:
+    """Zero hidden units ``idx`` (``out``: every row and column of theirs) or input features ``idx`` (``in``)."""
+    keep = torch.ones(_axis_size(mod, axis), dtype=torch.bool)
+    keep[idx] = False
+    kept = torch.nonzero(keep).reshape(-1)
+    for name, mk in index_masks(mod, *((kept, None) if axis == "out" else (None, kept))).items():
+        getattr(mod, name).masked_fill_(~mk.to(getattr(mod, name).device), 0.0)
 
 
 def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], round_to: int | None = None,
@@ -404,6 +424,13 @@ def _masked_rows(mod: nn.Module, masks: Mapping[str, Tensor]) -> Tensor | None:
             return None
         return torch.cat([masks[n].reshape(r, -1).any(1).cpu() if n in masks else torch.ones(r, dtype=torch.bool)
                           for n, r in parts])
+    if isinstance(mod, RECURRENT):     # per hidden unit: any of its gate rows kept in any layer or direction
+        if not any(n in masks for n in unit_index(mod)):
+            return None
+        def rows(name: str) -> Tensor:
+            t = getattr(mod, name)
+            return masks[name].cpu() if name in masks else torch.ones(t.shape, dtype=torch.bool)
+        return hidden_unit_rows(mod, rows).any(1)
     mk = masks.get("weight")
     if mk is None:
         return None
@@ -477,6 +504,8 @@ def compacted_widths(model: nn.Module) -> dict[str, dict]:
             spec[name] = {"in": mod.in_features, "out": mod.out_features}
         elif isinstance(mod, nn.ConvTranspose2d):
             spec[name] = {"in": mod.in_channels, "out": mod.out_channels}
+        elif isinstance(mod, RECURRENT):
+            spec[name] = {"in": mod.input_size, "hidden": mod.hidden_size}
         elif isinstance(mod, CHANNEL_NORMS):
             spec[name] = {"out": mod.num_features}
         elif isinstance(mod, nn.GroupNorm):
@@ -515,6 +544,9 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
         return resize_module(mod, out % mod.out_channels, torch.arange(w["in"]) % mod.in_channels)
     if isinstance(mod, nn.Embedding):
         return resize_module(mod, out % mod.embedding_dim)
+    if isinstance(mod, RECURRENT):
+        return resize_recurrent(mod, torch.arange(w["hidden"]) % mod.hidden_size,
+                                torch.arange(w["in"]) % mod.input_size)
     if isinstance(mod, nn.PReLU):
         return resize_module(mod, out % mod.num_parameters)
     n = mod.num_channels if isinstance(mod, nn.GroupNorm) else mod.num_features

@@ -21,17 +21,22 @@ from torch.nn.utils import parametrize
 
 from . import chains as _chains
 from . import masks as _masks
+from .recurrent import RECURRENT, unit_index
 
 __all__ = ["model_cost", "layer_positions"]
 
 
 def layer_positions(events: list[_chains.Event]) -> dict[str, int]:
     """Output positions per prunable layer call (H*W for a conv, tokens for a linear) from traced events; for a
-    transposed conv its input positions (each input pixel meets every weight once)."""
+    transposed conv its input positions (each input pixel meets every weight once); for a recurrent layer its
+    time steps."""
     out = {}
     for ev in events:
         if ev.kind == "module" and isinstance(ev.module, nn.ConvTranspose2d) and ev.inputs:
             out[ev.name] = int(torch.Size(ev.inputs[0].shape[2:]).numel())
+        if ev.kind == "module" and isinstance(ev.module, RECURRENT) and ev.inputs:
+            shape = ev.inputs[0].shape      # [T, B, I], [B, T, I] (batch_first) or unbatched [T, I]
+            out[ev.name] = int(shape[1] if ev.module.batch_first and len(shape) == 3 else shape[0])
         if ev.kind == "module" and isinstance(ev.module, _masks.PRUNABLE) and ev.output is not None:
             shape = ev.output.shape
             if isinstance(ev.module, _masks.CONVS):
@@ -41,11 +46,14 @@ def layer_positions(events: list[_chains.Event]) -> dict[str, int]:
     return out
 
 
-def _own_params(mod: nn.Module) -> int:
-    """Parameters a module holds itself, masked ones (a parametrization's ``original``) included."""
+def _own_params(mod: nn.Module, kept: bool = False) -> int:
+    """Parameters a module holds itself, masked ones (a parametrization's ``original``) included; ``kept``:
+    only the entries its masks keep (an embedding's removed features)."""
     n = sum(p.numel() for p in mod.parameters(recurse=False))
     if parametrize.is_parametrized(mod):
-        n += sum(plist.original.numel() for plist in mod.parametrizations.values())
+        for t, plist in mod.parametrizations.items():
+            p = _masks._mask_param(mod, t) if kept else None
+            n += int(plist.original.numel() if p is None else p.mask.sum())
     return n
 
 
@@ -107,13 +115,22 @@ def model_cost(model: nn.Module, example_inputs: Any, masks: Mapping[str, Tensor
             dense_params += mod.weight.numel() + (mod.out_channels if bias else 0)
             flops += kept * positions.get(name, 1)
             dense_flops += mod.weight.numel() * positions.get(name, 1)
+        elif isinstance(mod, RECURRENT):                # its hidden units go with their groups' masks
+            for t in unit_index(mod):
+                full = getattr(mod, t).numel()
+                p = _masks._mask_param(mod, t)
+                kept = float(full if p is None else p.mask.sum())
+                params += kept
+                dense_params += full
+                if t.startswith("weight"):
+                    flops += kept * positions.get(name, 1)
+                    dense_flops += full * positions.get(name, 1)
         elif mod in bn_keep:
             n_aff = _own_params(mod)
             params += n_aff * float(bn_keep[mod].float().mean())
             dense_params += n_aff
         elif not any(name.startswith(k + ".") for k in layers):
-            n = _own_params(mod)
-            params += n
-            dense_params += n
+            params += _own_params(mod, kept=True)
+            dense_params += _own_params(mod)
     return {"params": params, "dense_params": dense_params, "flops": flops, "dense_flops": dense_flops,
             "index_params": params + index_extra}

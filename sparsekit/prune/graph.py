@@ -40,6 +40,13 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
 * ConvTranspose2d (groups=1; weight ``[C_in, C_out, kh, kw]``, ``weight_dim`` maps member axes to its dims):
   ``in`` members on its input (weight dim 0) and a new output space (weight dim 1) like a conv's (the Pruner
   scores it by weight criteria only).
+* RNN / LSTM / GRU (``proj_size=0``; ``recurrent``): ``in`` members on its input features (the columns of
+  ``weight_ih_l0``) and a new space of ``hidden_size`` units, one member ``(rnn, "out", 0, hidden_size)``
+  standing for hidden unit ``j`` of every layer and direction (its gate rows, its recurrent column, the next
+  layer's input columns). The output ``[..., directions * hidden]`` holds one segment per direction, ``h_n``
+  / ``c_n`` one on their last dim. An initial state passed in must come from the same space (an encoder's
+  final state given to a decoder couples the two), else the hidden units are pinned; so are an LSTM's with
+  ``proj_size``, and a packed sequence's.
 * residual add / mul between tagged tensors: spaces merged (coarsened to a common unit); concat: segments
   appended (index offsets); ``chunk`` / ``tensor_split`` into k equal parts along channels (or ``split`` by a
   traced ``x.shape[d] // k``): the pieces keep their segments when the cuts fall on segment boundaries, and the
@@ -90,13 +97,14 @@ from torch.fx import _symbolic_trace
 
 from .._compat import set_submodule
 from .masks import BATCH_NORMS, CHANNEL_NORMS, CONVS, INSTANCE_NORMS
+from .recurrent import RECURRENT, hidden_unit_rows, input_columns
 
 __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind", "set_heads", "in_proj_parts",
            "is_leaf_module", "transformer_layers", "weight_dim", "NORMS", "QKV_PROJ"]
 
 NORMS = (*CHANNEL_NORMS, nn.GroupNorm, nn.LayerNorm)
 QKV_PROJ = ("q_proj", "k_proj", "v_proj")   # a LinearMultiheadAttention's in-projection Linears
-_LEAVES = (*CONVS, nn.ConvTranspose2d, nn.Linear, nn.Embedding, nn.MultiheadAttention,
+_LEAVES = (*CONVS, nn.ConvTranspose2d, nn.Linear, nn.Embedding, *RECURRENT, nn.MultiheadAttention,
            nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder,
            nn.Transformer, nn.PReLU) + NORMS
 # elementwise modules without per-channel state: channels pass through unchanged
@@ -714,6 +722,8 @@ class DependencyGraph:
             if mod.groups != 1:
                 self._pin(_Tag(1, [_Seg(s, 1)]), f"{name!r} (ConvTranspose2d, groups={mod.groups})")
             return _Tag(1, [_Seg(s, mod.out_channels)])
+        if isinstance(mod, RECURRENT):
+            return self._recurrent(n, mod, tag, shape)
         if isinstance(mod, nn.Linear):
             if x is not None:
                 if x.dim != len(shape) - 1:
@@ -837,6 +847,38 @@ class DependencyGraph:
         if isinstance(mod, nn.Flatten):
             return self._flatten(x, shape, mod.start_dim, n, where, tag)
         return self._unknown(n, [tag(a) for a in _flat_args(n.args)], where)
+
+    def _recurrent(self, n: fx.Node, mod: nn.Module, tag: Callable, shape: Any) -> Any:
+        """An RNN / LSTM / GRU call ``mod(x, hx=None)``: the tags of ``(output, h_n)`` / ``(output, (h_n, c_n))``."""
+        name, kind = n.target, type(mod).__name__
+        src = n.args[0]
+        x, in_shape = tag(src), self._shapes.get(src)
+        hx = n.args[1] if len(n.args) > 1 else n.kwargs.get("hx")
+        # the initial state's tensors (a getitem of another LSTM's output may hold the (h, c) pair)
+        hx_tags = [t for a in _flat_args(hx) for t in _flat_states(tag(a))] if hx is not None else []
+        h = mod.hidden_size
+        s = self._new(h)
+        self._add(_Seg(s, h), name, "out", 0)
+        if not (isinstance(in_shape, torch.Size) and isinstance(shape, list) and isinstance(shape[0], torch.Size)):
+            self._pin([x] + hx_tags + [_Tag(0, [_Seg(s, h)])], f"{name!r} ({kind}) runs on a packed sequence")
+            return None
+        if x is not None:
+            if x.dim != len(in_shape) - 1:
+                self._pin(x, f"{name!r} ({kind}) takes features on the last dim, not on these channels")
+            else:
+                self._feed(x, [name])
+        if getattr(mod, "proj_size", 0):    # its outputs and h_n are projections, not hidden units
+            self._pin(hx_tags + [_Tag(0, [_Seg(s, h)])], f"{name!r} (LSTM, proj_size={mod.proj_size}) is not resized")
+            return [None, [None, None]]
+        for t in hx_tags:
+            if isinstance(t, _Tag) and len(t.segs) == 1 and t.segs[0].span == h and t.segs[0].space is not None:
+                self._union(t.segs[0].space, s)
+            else:
+                self._pin([t, _Tag(0, [_Seg(s, h)])], f"{name!r} ({kind}) starts from an initial state of fixed "
+                                                      "width (passed in, or made by an untracked op)")
+        state = _Tag(len(shape[0]) - 1, [_Seg(s, h)])   # h_n / c_n: [layers * directions, (batch,) hidden]
+        out = _Tag(len(shape[0]) - 1, [_Seg(s, h)] * (2 if mod.bidirectional else 1))
+        return [out, [state, state]] if isinstance(mod, nn.LSTM) else [out, state]
 
     def _mha_heads(self, name: str, mod: nn.Module) -> int:
         """Head space of an ``"mha"`` module (packed q|k|v in-projection rows) or ``"mha_linear"`` one (rows of
@@ -1207,6 +1249,12 @@ class DependencyGraph:
         if attention_kind(mod) == "mha":
             rows = [_row_norms(getattr(mod, t).detach(), fn) for t, _, _ in in_proj_parts(mod) if "weight" in t]
             return torch.cat(rows)[m.offset:m.offset + m.span]
+        if isinstance(mod, RECURRENT):
+            if m.axis == "out":
+                v = hidden_unit_rows(mod, lambda t: getattr(mod, t).detach())
+            else:
+                v = torch.cat([getattr(mod, t).detach().t() for t in input_columns(mod)], 1)
+            return _row_norms(v, fn)[m.offset:m.offset + m.span]
         w = mod.weight.detach()
         if isinstance(mod, nn.Embedding):
             v = w.abs() if fn == "l1" else w.pow(2)
@@ -1441,6 +1489,11 @@ def _flat_args(args: Any) -> list:
         else:
             out.append(a)
     return out
+
+
+def _flat_states(t: Any) -> list[_Tag | None]:
+    """The tags of the tensors in a (nested) list, untagged ones as None."""
+    return [x for a in t for x in _flat_states(a)] if isinstance(t, (list, tuple)) else [t]
 
 
 def _flat_tags(t: Any) -> list[_Tag]:

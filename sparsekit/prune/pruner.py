@@ -21,9 +21,12 @@ from . import masks as _masks
 from . import schedules as _schedules
 from .graph import QKV_PROJ, _check_round_to, attention_kind, in_proj_parts
 from .linear_mha import is_stock_mha
+from .recurrent import RECURRENT, hidden_unit_rows, unit_index
 from .scores_reconstruction import refit_consumer
 
 __all__ = ["Pruner", "SCOPES", "check_example_inputs", "run_example", "execution_order"]
+# producers the Pruner scores through a stand-in Linear of their weights, by criteria reading weights alone
+_WEIGHT_VIEWS = (nn.Embedding, nn.ConvTranspose2d, *RECURRENT)
 
 
 SCOPES = ("layer", "global")
@@ -153,10 +156,12 @@ class Pruner:
     aggregate the criterion's channel scores over its *producers* (the pruned Linear / conv layers whose
     output rows it holds, ``nn.MultiheadAttention`` in-projections, and -- for criteria reading weights alone --
     ``nn.Embedding`` layers, whose features are the columns of their weight, scored as the rows of
-    ``weight.T`` like a Linear's neurons, and ``nn.ConvTranspose2d`` layers, whose output channels are dim 1
-    of their weight; ``ignore`` an embedding or a transposed conv to keep its channels): for producer ``m``
-    let ``s_m[u]`` be the mean score of unit ``u``'s rows (a head's ``head_dim`` rows of q, k and v are three
-    producers) and ``c_m`` the mean ``|s_m|``; the group scores ``mean_m(s_m / c_m) * mean_m(c_m)``. Dividing by ``c_m``
+    ``weight.T`` like a Linear's neurons, ``nn.ConvTranspose2d`` layers, whose output channels are dim 1
+    of their weight, and ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` layers, whose hidden units are scored as rows
+    holding each unit's gate rows of every layer and direction; ``ignore`` such a module to keep its
+    channels): for producer ``m`` let ``s_m[u]`` be the mean score of unit ``u``'s rows (a head's ``head_dim``
+    rows of q, k and v are three producers) and ``c_m`` the mean ``|s_m|``; the group scores
+    ``mean_m(s_m / c_m) * mean_m(c_m)``. Dividing by ``c_m``
     keeps a layer with large weights from outvoting the others; multiplying by the mean ``c_m`` keeps the
     criterion's scale, so ``scope="global"`` compares groups as the criterion compares layers (``l1_mean``
     stays comparable) and a one-producer group keeps its layer's scores exactly (the selection of plain
@@ -340,7 +345,7 @@ class Pruner:
             else:
                 raise TypeError(f"ignore[{i}] must be an nn.Module or a module name, "
                                 f"got {type(item).__name__}")
-            out |= {k for k, v in modules.items() if isinstance(v, (*_masks.PRUNABLE, nn.Embedding, nn.ConvTranspose2d))
+            out |= {k for k, v in modules.items() if isinstance(v, (*_masks.PRUNABLE, *_WEIGHT_VIEWS))
                     and (prefix == "" or k == prefix or k.startswith(prefix + "."))}
         return out
 
@@ -602,10 +607,9 @@ class Pruner:
         producers = set(self.layers)
         if self._scores_weight_views() or self._scores_head_taps():
             producers |= {a for a in attn if f"{a}.out_proj" in self.layers}
-        if self._scores_weight_views():   # an embedding's features, a transposed conv's outputs: scored as rows
-            producers |= {m.module for g in graph.prunable for m in g.members if m.axis == "out"
-                          and isinstance(self.model.get_submodule(m.module), (nn.Embedding, nn.ConvTranspose2d))
-                          } - self.ignored
+        if self._scores_weight_views():   # an embedding's features, a transposed conv's outputs, recurrent
+            producers |= {m.module for g in graph.prunable for m in g.members if m.axis == "out"   # hidden units
+                          and isinstance(self.model.get_submodule(m.module), _WEIGHT_VIEWS)} - self.ignored
         ignored = (set(self.ignored) | {a for a in attn if f"{a}.out_proj" in self.ignored}
                    | {q for q, a in linear_qkv.items() if f"{a}.out_proj" in self.ignored})
         groups = {}
@@ -626,10 +630,14 @@ class Pruner:
         """Per unit row of modules the criterion scores through a stand-in Linear: an attention module's packed
         q|k|v rows (each in-projection weight scored as a Linear), an ``nn.Embedding``'s features (its
         weight's columns, scored as the rows of ``weight.T``, like a Linear's output neurons), an
-        ``nn.ConvTranspose2d``'s output channels (dim 1 of its weight ``[C_in, C_out, kh, kw]``)."""
+        ``nn.ConvTranspose2d``'s output channels (dim 1 of its weight ``[C_in, C_out, kh, kw]``), a recurrent
+        layer's hidden units (``recurrent.hidden_unit_rows``: a unit's gate rows of every layer and direction)."""
         out = {}
         for name in sorted(names):
             mod = self.model.get_submodule(name)
+            if isinstance(mod, RECURRENT):
+                out[name] = self._recurrent_view_scores(name, mod)
+                continue
             by_column = isinstance(mod, (nn.Embedding, nn.ConvTranspose2d))
             tensors = ["weight"] if by_column else [t for t, _, _ in in_proj_parts(mod) if t.endswith("weight")]
             rows_first = (lambda t: t.transpose(0, 1).reshape(t.shape[1], -1)) if by_column else (lambda t: t)
@@ -647,6 +655,22 @@ class Pruner:
                     parts.append(_masks.unit_scores(self.criterion.score(view, ctx), "channel"))
             out[name] = torch.cat(parts)
         return out
+
+    def _recurrent_view_scores(self, name: str, mod: nn.Module) -> Tensor:
+        def weights(t: str) -> Tensor:
+            return getattr(mod, t).detach()
+
+        def keeps(t: str) -> Tensor:
+            p = _masks._mask_param(mod, t)
+            return torch.ones(getattr(mod, t).shape, dtype=torch.bool) if p is None else p.mask
+
+        w = hidden_unit_rows(mod, weights)
+        view = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        view.weight = nn.Parameter(w, requires_grad=False)
+        if any(_masks._mask_param(mod, t) is not None for t in unit_index(mod)):
+            _masks.apply_mask(view, hidden_unit_rows(mod, keeps))
+        ctx = _calibration.LayerContext(name=f"{name}.hidden", granularity="channel", seed=self.seed)
+        return _masks.unit_scores(self.criterion.score(view, ctx), "channel")
 
     def _group_unit_scores(self, scores: Mapping[str, Tensor]) -> dict[int, Tensor]:
         """Group id -> one score per unit, aggregated over its producers (see the class docstring)."""

@@ -1,0 +1,131 @@
+"""Hidden units of recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``): where a unit lives in the weights.
+
+A recurrent module has one ``hidden_size`` for all its layers and directions, so a *unit* ``j`` is hidden unit
+``j`` of every layer and direction: its rows ``g * H + j`` in each gate ``g`` of every ``weight_ih_l{k}``,
+``weight_hh_l{k}`` and bias (4 gates for an LSTM, 3 for a GRU, 1 for an RNN), column ``j`` of every
+``weight_hh_l{k}``, and columns ``d * H + j`` of the next layer's ``weight_ih_l{k+1}`` (``d`` = direction).
+Removing a unit takes all of them; the input features (``input_size``) are the columns of ``weight_ih_l0``.
+
+Zeroing a unit's gate rows (weights and biases) makes its state exactly 0 from a zero initial state: an LSTM's
+cell becomes ``0.5 * c`` (input gate 0.5 times ``tanh(0)``) and its output ``0.5 * tanh(c)``, a GRU's
+``0.5 * h`` (candidate ``tanh(0)``), an RNN's ``act(0)``; so the masked module equals the smaller one.
+
+    params = unit_index(lstm, keep_hidden, keep_in)   # {param name: (kept rows or None, kept columns or None)}
+    small = resize_recurrent(lstm, keep_hidden, keep_in)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = ["RECURRENT", "gates", "unit_index", "index_masks", "resize_recurrent", "hidden_unit_rows",
+           "input_columns"]
+
+RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
+
+
+def gates(mod: nn.Module) -> int:
+    """Gate blocks stacked in each weight's rows."""
+    if isinstance(mod, nn.LSTM):
+        return 4
+    return 3 if isinstance(mod, nn.GRU) else 1
+
+
+def _directions(mod: nn.Module) -> list[str]:
+    return ["", "_reverse"] if mod.bidirectional else [""]
+
+
+def unit_index(mod: nn.Module, keep_hidden: Tensor | None = None,
+               keep_in: Tensor | None = None) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+    """``{parameter name: (kept rows, kept columns)}`` of every weight and bias of ``mod`` when it keeps hidden
+    units ``keep_hidden`` and input features ``keep_in`` (``None``: all; in the result, ``None``: every row or
+    column of that parameter)."""
+    h, g = mod.hidden_size, gates(mod)
+    dirs = _directions(mod)
+    rows = None
+    cols_hh = cols_next = None
+    if keep_hidden is not None:
+        keep_hidden = torch.as_tensor(keep_hidden, dtype=torch.long).reshape(-1)
+        rows = (torch.arange(g).reshape(-1, 1) * h + keep_hidden).reshape(-1)
+        cols_hh = keep_hidden
+        cols_next = torch.cat([keep_hidden + d * h for d in range(len(dirs))])
+    out: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+    for layer in range(mod.num_layers):
+        for sfx in dirs:
+            out[f"weight_ih_l{layer}{sfx}"] = (rows, keep_in if layer == 0 else cols_next)
+            out[f"weight_hh_l{layer}{sfx}"] = (rows, cols_hh)
+            if mod.bias:
+                out[f"bias_ih_l{layer}{sfx}"] = (rows, None)
+                out[f"bias_hh_l{layer}{sfx}"] = (rows, None)
+    return out
+
+
+def index_masks(mod: nn.Module, keep_hidden: Tensor | None = None,
+                keep_in: Tensor | None = None) -> dict[str, Tensor]:
+    """Keep-masks (bool, the parameters' shapes) of the parameters ``unit_index`` changes."""
+    out = {}
+    for name, (rows, cols) in unit_index(mod, keep_hidden, keep_in).items():
+        if rows is None and cols is None:
+            continue
+        t = getattr(mod, name)
+        keep = torch.zeros(t.shape, dtype=torch.bool)
+        r = torch.arange(t.shape[0]) if rows is None else rows
+        keep[r] = True
+        if cols is not None:
+            c = torch.zeros(t.shape[1], dtype=torch.bool)
+            c[cols] = True
+            keep &= c
+        out[name] = keep
+    return out
+
+
+def resize_recurrent(mod: nn.Module, keep_hidden: Tensor | None = None, keep_in: Tensor | None = None) -> nn.Module:
+    """A new module of ``mod``'s class with ``len(keep_hidden)`` hidden units and ``len(keep_in)`` inputs, the
+    kept rows and columns copied (``None`` keeps all)."""
+    if getattr(mod, "proj_size", 0):
+        raise ValueError(f"an LSTM with proj_size={mod.proj_size} is not resized (its outputs are projections)")
+    if keep_hidden is None and keep_in is None:
+        return copy.deepcopy(mod)
+    w = mod.weight_ih_l0
+    h = mod.hidden_size if keep_hidden is None else len(keep_hidden)
+    i = mod.input_size if keep_in is None else len(keep_in)
+    if h < 1 or i < 1:
+        raise ValueError(f"a {type(mod).__name__} keeps at least one hidden unit and one input, got hidden {h}, "
+                         f"input {i}")
+    kwargs = {"nonlinearity": mod.nonlinearity} if isinstance(mod, nn.RNN) else {}
+    cls = parametrize.type_before_parametrizations(mod)   # a masked module's own class
+    new = cls(i, h, num_layers=mod.num_layers, bias=mod.bias, batch_first=mod.batch_first, dropout=mod.dropout,
+              bidirectional=mod.bidirectional, device=w.device, dtype=w.dtype, **kwargs)
+    with torch.no_grad():
+        for name, (rows, cols) in unit_index(mod, keep_hidden, keep_in).items():
+            t = getattr(mod, name).detach()
+            if rows is not None:
+                t = t.index_select(0, rows.to(t.device))
+            if cols is not None:
+                t = t.index_select(1, cols.to(t.device))
+            getattr(new, name).copy_(t)
+    new.train(mod.training)
+    new.requires_grad_(w.requires_grad)
+    return new
+
+
+def hidden_unit_rows(mod: nn.Module, get: Callable[[str], Tensor]) -> Tensor:
+    """``[hidden_size, n]``: row ``j`` holds every weight of unit ``j``'s gate rows (all layers, directions and
+    gates, input and recurrent weights), from ``get(parameter name)`` (the weights, or their masks)."""
+    h, g = mod.hidden_size, gates(mod)
+    parts = []
+    for name in unit_index(mod):
+        if name.startswith("weight"):
+            t = get(name)
+            parts.append(t.reshape(g, h, -1).transpose(0, 1).reshape(h, -1))
+    return torch.cat(parts, 1)
+
+
+def input_columns(mod: nn.Module) -> list[str]:
+    """The parameters whose columns are the input features (``weight_ih_l0`` of each direction)."""
+    return [f"weight_ih_l0{sfx}" for sfx in _directions(mod)]

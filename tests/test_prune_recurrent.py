@@ -1,0 +1,256 @@
+"""Structured pruning of recurrent layers: the hidden units of nn.RNN / nn.LSTM / nn.GRU removed physically."""
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit as sk
+from sparsekit.prune.compact import (
+    compact,
+    compacted_widths,
+    mask_groups,
+    resize_module,
+)
+from sparsekit.prune.cost import model_cost
+from sparsekit.prune.graph import DependencyGraph
+from sparsekit.prune.masks import apply_tensor_mask
+from sparsekit.prune.recurrent import index_masks, resize_recurrent, unit_index
+
+
+class Tagger(nn.Module):
+    """Embedding -> 2-layer bidirectional LSTM -> Linear -> GRU -> classifier on the last step."""
+
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(50, 16)
+        self.lstm = nn.LSTM(16, 24, num_layers=2, bidirectional=True, batch_first=batch_first, dropout=0.1)
+        self.fc = nn.Linear(48, 32)
+        self.gru = nn.GRU(32, 20, batch_first=batch_first)
+        self.head = nn.Linear(20, 5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        e = self.emb(tokens)
+        e = e if self.batch_first else e.transpose(0, 1)
+        y, (h, c) = self.lstm(e)
+        z, _ = self.gru(torch.relu(self.fc(y)))
+        return self.head(z[:, -1] if self.batch_first else z[-1])
+
+
+class Seq2Seq(nn.Module):
+    """An encoder LSTM's final (h, c) starts the decoder LSTM: both keep the same hidden units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 12)
+        self.enc = nn.LSTM(12, 16, num_layers=2)
+        self.dec = nn.LSTM(12, 16, num_layers=2)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        _, state = self.enc(self.inp(src))
+        y, _ = self.dec(self.inp(tgt), state)
+        return self.out(y)
+
+
+class RnnOnState(nn.Module):
+    """A tanh / ReLU RNN stack whose final hidden state (not the sequence) feeds the classifier."""
+
+    def __init__(self, nonlinearity: str = "tanh") -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, 10)
+        self.rnn = nn.RNN(10, 14, num_layers=3, nonlinearity=nonlinearity, bidirectional=True)
+        self.cls = nn.Linear(14, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.rnn(self.proj(x))
+        return self.cls(h[-1])
+
+
+class ZeroState(nn.Module):
+    """The tutorial pattern: an initial state of the full width made in forward (its width is fixed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(8, 12, batch_first=True)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0 = torch.zeros(1, x.size(0), 12)
+        y, _ = self.gru(x, h0)
+        return self.fc(y[:, -1])
+
+
+def _randomize_biases(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+def _hidden_sizes(model: nn.Module) -> dict[str, int]:
+    return {n: m.hidden_size for n, m in model.named_modules() if isinstance(m, (nn.RNN, nn.LSTM, nn.GRU))}
+
+
+@pytest.mark.parametrize("make, args", [
+    (lambda: Tagger(True), lambda: (torch.randint(0, 50, (3, 7)),)),
+    (lambda: Tagger(False), lambda: (torch.randint(0, 50, (3, 7)),)),
+    (Seq2Seq, lambda: (torch.randn(9, 2, 6), torch.randn(4, 2, 6))),
+    (lambda: RnnOnState("tanh"), lambda: (torch.randn(6, 3, 5),)),
+    (lambda: RnnOnState("relu"), lambda: (torch.randn(6, 3, 5),)),
+])
+def test_compacted_recurrent_model_equals_the_group_masked_one(make, args):
+    torch.manual_seed(0)
+    model, x = _randomize_biases(make()), args()
+    graph = DependencyGraph.build(model, x)
+    before = _hidden_sizes(model)
+    keep = graph.select(0.5, scope="layer")
+    small = compact(model, x, keep, graph=graph)
+    ref = mask_groups(model, x, keep, graph=graph)
+    sk.verify(ref, small, x, atol=1e-5)
+    after = _hidden_sizes(small)
+    assert all(after[k] == before[k] // 2 for k in before), (before, after)
+    assert not torch.allclose(ref(*x), model(*x), atol=1e-4)     # the pruning removed something that mattered
+
+
+def test_encoder_state_couples_the_decoder_hidden_units():
+    model = Seq2Seq()
+    graph = DependencyGraph.build(model, (torch.randn(5, 2, 6), torch.randn(3, 2, 6)))
+    (group,) = [g for g in graph.prunable if any(m.module == "enc" and m.axis == "out" for m in g.members)]
+    assert {(m.module, m.axis) for m in group.members} >= {("enc", "out"), ("dec", "out"), ("out", "in")}
+
+
+def test_a_fixed_width_initial_state_pins_the_hidden_units():
+    graph = DependencyGraph.build(ZeroState(), (torch.randn(2, 5, 8),))
+    (group,) = [g for g in graph.groups if any(m.module == "gru" and m.axis == "out" for m in g.members)]
+    assert not group.prunable and "initial state" in group.reason
+
+
+def test_projected_lstm_and_packed_sequences_are_pinned():
+    class Proj(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+            self.lstm = nn.LSTM(8, 10, proj_size=6)
+
+        def forward(self, x):
+            return self.lstm(self.fc(x))[0]
+
+    class Packed(nn.Module):      # a packed sequence comes in (packing itself cannot be traced)
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(4, 10)
+            self.fc = nn.Linear(10, 3)
+
+        def forward(self, packed):
+            return self.fc(self.gru(packed)[1])
+
+    graph = DependencyGraph.build(Proj(), (torch.randn(3, 2, 4),))
+    assert ("lstm", "out") not in {(m.module, m.axis) for g in graph.prunable for m in g.members}
+    assert ("lstm", "in") in {(m.module, m.axis) for g in graph.prunable for m in g.members}   # its inputs shrink
+    assert any("proj_size" in (g.reason or "") for g in graph.groups)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(3, 2, 4), torch.tensor([3, 2]))
+    graph = DependencyGraph.build(Packed(), (packed,))
+    (group,) = [g for g in graph.groups if ("gru", "out") in {(m.module, m.axis) for m in g.members}]
+    assert not group.prunable and "packed" in group.reason
+    with pytest.raises(ValueError, match="proj_size"):
+        resize_recurrent(nn.LSTM(8, 10, proj_size=6), torch.arange(5))
+
+
+@pytest.mark.parametrize("criterion, scope", [("l1", "global"), ("l1_mean", "global"), ("fpgm", "layer"),
+                                              ("l2", "layer")])
+def test_pruner_masks_then_compacts_recurrent_units(criterion, scope):
+    torch.manual_seed(1)
+    model = _randomize_biases(Tagger())
+    x = (torch.randint(0, 50, (4, 9)),)
+    dense_out = model(*x).detach()
+    pruner = sk.prune.Pruner(model, x, criterion=criterion, granularity="channel", sparsity=0.5, scope=scope)
+    pruner.step()
+    small = pruner.compact()
+    sk.verify(model, small, x, atol=1e-5)      # the masked model is the compacted one
+    if scope == "layer":
+        assert (small.lstm.hidden_size, small.gru.hidden_size) == (12, 10)
+    else:
+        assert small.lstm.hidden_size + small.gru.hidden_size < 44
+    assert small.lstm.input_size == small.emb.embedding_dim and small.fc.in_features == 2 * small.lstm.hidden_size
+    cost = model_cost(model, x)
+    n_small = sum(p.numel() for p in small.parameters())
+    assert cost["params"] == pytest.approx(n_small)
+    pruner.remove()                              # reversible: back to the dense model's outputs
+    torch.testing.assert_close(model(*x), dense_out, rtol=0, atol=0)
+
+
+def test_data_dependent_criteria_leave_recurrent_units_whole():
+    torch.manual_seed(2)
+    model = Tagger().eval()     # (the LSTM's dropout)
+    x = (torch.randint(0, 50, (4, 9)),)
+    pruner = sk.prune.Pruner(model, x, criterion="apoz", calib=[x[0]], granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    sk.verify(model, small, x, atol=1e-5)
+    assert small.lstm.hidden_size == 24 and small.gru.hidden_size == 20
+    assert small.fc.out_features < 32                  # the Linear between them is pruned
+
+
+def test_ignoring_a_recurrent_layer_keeps_its_units():
+    model = Tagger()
+    x = (torch.randint(0, 50, (2, 6)),)
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5, ignore=["lstm"])
+    pruner.step()
+    small = pruner.compact()
+    assert small.lstm.hidden_size == 24 and small.gru.hidden_size < 20
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(3)
+    model = _randomize_biases(Tagger())
+    x = (torch.randint(0, 50, (2, 6)),)
+    graph = DependencyGraph.build(model, x)
+    small = compact(model, x, graph.select(0.4), graph=graph)
+    sk.save(small, tmp_path / "tagger")
+    back = sk.load(tmp_path / "tagger", Tagger())
+    sk.verify(small, back.eval(), x, atol=0)
+    assert compacted_widths(back) == compacted_widths(small)
+    assert compacted_widths(small)["lstm"] == {"in": small.emb.embedding_dim, "hidden": small.lstm.hidden_size}
+
+
+@pytest.mark.parametrize("kind", [nn.RNN, nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_resize_keeps_the_units_rows_and_columns(kind, bidirectional):
+    torch.manual_seed(4)
+    mod = kind(7, 9, num_layers=2, bidirectional=bidirectional, bias=kind is not nn.GRU)
+    keep_h, keep_i = torch.tensor([0, 3, 4, 8]), torch.tensor([1, 2, 6])
+    small = resize_module(mod, keep_h, keep_i)
+    assert type(small) is kind and small.hidden_size == 4 and small.input_size == 3
+    # the same as zeroing what goes and running the big module on the kept inputs: equal kept outputs
+    big = kind(7, 9, num_layers=2, bidirectional=bidirectional, bias=kind is not nn.GRU)
+    big.load_state_dict(mod.state_dict())
+    with torch.no_grad():
+        for name, keep in index_masks(mod, keep_h, keep_i).items():
+            getattr(big, name).mul_(keep)
+    x = torch.randn(5, 2, 7)
+    x_big = torch.zeros_like(x)
+    x_big[..., keep_i] = x[..., keep_i]
+    dirs = 2 if bidirectional else 1
+    cols = torch.cat([keep_h + d * 9 for d in range(dirs)])
+    y_big, y_small = big(x_big)[0], small(x[..., keep_i])[0]
+    torch.testing.assert_close(y_small, y_big[..., cols])
+    torch.testing.assert_close(big(x_big)[0][..., [1, 2]], torch.zeros(5, 2, 2))    # removed units stay 0
+    # every parameter is listed, with rows g * H + j of every gate block
+    assert set(unit_index(mod)) == {n for n, _ in mod.named_parameters()}
+    rows = unit_index(mod, keep_h)["weight_hh_l0"][0]
+    g = {nn.RNN: 1, nn.LSTM: 4, nn.GRU: 3}[kind]
+    assert rows.tolist() == [b * 9 + j for b in range(g) for j in keep_h.tolist()]
+
+
+def test_masked_recurrent_weights_are_what_the_module_runs():
+    torch.manual_seed(5)
+    lstm = nn.LSTM(4, 6, num_layers=2)
+    x = torch.randn(3, 1, 4)
+    keep = index_masks(lstm, torch.tensor([0, 2, 5]))
+    ref = resize_recurrent(lstm, torch.tensor([0, 2, 5]))
+    for name, mk in keep.items():
+        apply_tensor_mask(lstm, name, mk)
+    torch.testing.assert_close(lstm(x)[0][..., [0, 2, 5]], ref(x)[0])
