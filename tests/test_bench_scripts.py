@@ -76,3 +76,19 @@ def test_conv3d_writes_every_shape_and_pattern(tmp_path, monkeypatch):
                                              ("csr", 0.9), ("csr", 0.95))}
     assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows)
     assert "| tiny.temporal | 32 -> 64, k 3x1x1, s 1, p 1x0x0, 4x3x3 |" in path.with_suffix(".md").read_text()
+
+
+def test_compact_rnn_prunes_every_recurrent_model(tmp_path):
+    """Each model's hidden units are halved (layer-wise), its compacted model verified inside the script."""
+    script = load_bench_script("bench_compact_rnn")
+    assert script.main(["--reps", "1", "--batch", "1", "--steps", "3", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("compact_rnn_cpu-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["model"] for r in rows] == list(script.MODELS)
+    for r in rows:
+        dense = int(r["dense_hidden"].split()[-1])
+        assert r["sparsekit_hidden"].endswith(f" {dense // 2}") and r["sparsekit_params"] < r["dense_params"] / 3
+        assert r["dense_ms"] > 0 and r["sparsekit_ms"] > 0 and r["torch_pruning"]
+    assert path.with_suffix(".md").exists()
+    with pytest.raises(SystemExit, match="sparsity"):
+        script.main(["--sparsity", "1.0", "--out", str(tmp_path)])

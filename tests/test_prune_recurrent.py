@@ -254,3 +254,30 @@ def test_masked_recurrent_weights_are_what_the_module_runs():
     for name, mk in keep.items():
         apply_tensor_mask(lstm, name, mk)
     torch.testing.assert_close(lstm(x)[0][..., [0, 2, 5]], ref(x)[0])
+
+
+def test_a_model_whose_only_pruned_layers_are_recurrent():
+    """Embedding -> GRU -> classifier: no Linear / conv is pruned (the classifier is ignored), yet channel pruning
+    has the GRU's hidden units and the embedding's features; element pruning has nothing and says so."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30, 12)
+            self.gru = nn.GRU(12, 16, batch_first=True)
+            self.out = nn.Linear(16, 4)
+
+        def forward(self, t):
+            return self.out(self.gru(self.emb(t))[0])
+
+    torch.manual_seed(6)
+    model = _randomize_biases(Tokens())
+    x = (torch.randint(0, 30, (2, 5)),)
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5, scope="layer")
+    pruner.step()
+    small = pruner.compact()
+    sk.verify(model, small, x, atol=1e-5)
+    assert (small.emb.embedding_dim, small.gru.hidden_size) == (6, 8)
+    with pytest.raises(ValueError, match="left to prune"):
+        sk.prune.Pruner(Tokens(), x, criterion="l1", granularity="element", sparsity=0.5, ignore=["out"])
+    with pytest.raises(ValueError, match=r"'apoz' scores Linear / conv layers.*\['emb', 'gru'\].*l1_mean"):
+        sk.prune.Pruner(Tokens(), x, criterion="apoz", calib=[x[0]], granularity="channel", sparsity=0.5)

@@ -249,9 +249,19 @@ class Pruner:
             ignore = [executed[-1]]  # the classifier: its outputs are the model's outputs
         self.ignored = self._resolve_ignore(ignore, modules)
         self.layers: dict[str, nn.Module] = {k: modules[k] for k in order if k not in self.ignored}
-        if not self.layers:
+        # channel pruning also scores embeddings, transposed convs and recurrent layers through their weights
+        views = [k for k, v in modules.items() if isinstance(v, _WEIGHT_VIEWS) and k not in self.ignored]
+        if not self.layers and not (self.granularity == "channel" and views):
             raise ValueError("no nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d left to prune in model (after ignore="
-                             f"{sorted(self.ignored)})")
+                             f"{sorted(self.ignored)}; with granularity='channel' also no nn.Embedding, "
+                             "nn.ConvTranspose2d, nn.RNN / LSTM / GRU)")
+        if not self.layers and not self._scores_weight_views():
+            weight_only = [n for n in _criteria.available() if not _criteria.get(n).data_dependent
+                           and set(_criteria.get(n).needs) <= {"seed"}]
+            raise ValueError(f"criterion {self.criterion.name!r} scores Linear / conv layers (from data, gradients, "
+                             f"a BatchNorm or a next layer); none is left to prune in model (after ignore="
+                             f"{sorted(self.ignored)}), and {views} are scored by criteria reading weights alone "
+                             f"({', '.join(weight_only)})")
         for name, mod in self.layers.items():
             _masks.check_layer(tuple(mod.weight.shape), self.granularity, block=self.block, n=self.n,
                                m=self.m, name=name)
