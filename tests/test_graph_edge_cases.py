@@ -524,6 +524,42 @@ def test_transposed_conv_input_channels_follow_their_producer(tmp_path):
     assert not g2.prunable and "ConvTranspose2d, groups=2" in g2.reason
 
 
+class _UpND(nn.Module):
+    """An encoder conv, a strided transposed conv (1-D or 3-D) and a conv after it, with a norm between."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        conv, up, bn = {1: (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d),
+                        3: (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d)}[dims]
+        self.enc, self.up, self.bn, self.dec, self.head = conv(2, 12, 3, padding=1), up(12, 10, 2, stride=2), \
+            bn(10), conv(10, 6, 3, padding=1), conv(6, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.dec(torch.relu(self.bn(self.up(torch.relu(self.enc(x))))))))
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_transposed_conv_1d_and_3d_compact_and_save(dims, tmp_path):
+    """ConvTranspose1d / 3d follow ConvTranspose2d's rule: inputs with their producer, outputs a new space scored
+    by their weight's dim-1 slices; compacted, verified, saved and loaded into a fresh model."""
+    torch.manual_seed(dims)
+    model = _randomize(_UpND(dims))
+    x = torch.randn(2, 2, *([16] if dims == 1 else [4, 4, 4]))
+    pruner = sk.prune.Pruner(model, (x,), criterion="l1", granularity="channel", sparsity=0.5, scope="layer")
+    pruner.step()
+    small = pruner.compact()
+    assert (small.enc.out_channels, small.up.in_channels, small.up.out_channels, small.bn.num_features,
+            small.dec.in_channels) == (6, 6, 5, 5, 5)
+    assert type(small.up) is {1: nn.ConvTranspose1d, 3: nn.ConvTranspose3d}[dims]
+    sk.verify(model, small, x, atol=1e-5)
+    by_l1 = model.up.weight.detach().abs().sum([d for d in range(dims + 2) if d != 1]).argsort(descending=True)[:5]
+    (up_group,) = [g for g in pruner._dependency_graph().groups if ("up", "out") in {(m.module, m.axis)
+                                                                                     for m in g.members}]
+    assert torch.equal(torch.nonzero(pruner._keep[up_group.id]).reshape(-1), by_l1.sort().values)
+    sk.save(small, tmp_path / "up")
+    sk.verify(small, sk.load(tmp_path / "up", _UpND(dims)).eval(), x, atol=0)
+
+
 class _Decoder(nn.Module):
     """An up-convolution coupled by a residual add to an encoder conv, through InstanceNorm and a per-channel
     PReLU, then padding and a spatial crop: the transposed-conv, InstanceNorm, PReLU and padding rules together."""

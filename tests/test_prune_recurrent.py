@@ -1,5 +1,7 @@
 """Structured pruning of recurrent layers: the hidden units of nn.RNN / nn.LSTM / nn.GRU removed physically."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -147,9 +149,11 @@ def test_projected_lstm_and_packed_sequences_are_pinned():
         def forward(self, packed):
             return self.fc(self.gru(packed)[1])
 
-    graph = DependencyGraph.build(Proj(), (torch.randn(3, 2, 4),))
-    assert ("lstm", "out") not in {(m.module, m.axis) for g in graph.prunable for m in g.members}
-    assert ("lstm", "in") in {(m.module, m.axis) for g in graph.prunable for m in g.members}   # its inputs shrink
+    proj, x = Proj(), torch.randn(3, 2, 4)
+    graph = DependencyGraph.build(proj, (x,))
+    assert not {("lstm", "out"), ("lstm", "in")} & {(m.module, m.axis) for g in graph.prunable for m in g.members}
+    sk.verify(proj, compact(proj, (x,), graph.select(0.5), graph=graph), (x,), atol=0)   # nothing to shrink
+    assert model_cost(proj, (x,))["params"] == sum(p.numel() for p in proj.parameters())   # weight_hr counted
     assert any("proj_size" in (g.reason or "") for g in graph.groups)
     packed = nn.utils.rnn.pack_padded_sequence(torch.randn(3, 2, 4), torch.tensor([3, 2]))
     graph = DependencyGraph.build(Packed(), (packed,))
@@ -281,3 +285,62 @@ def test_a_model_whose_only_pruned_layers_are_recurrent():
         sk.prune.Pruner(Tokens(), x, criterion="l1", granularity="element", sparsity=0.5, ignore=["out"])
     with pytest.raises(ValueError, match=r"'apoz' scores Linear / conv layers.*\['emb', 'gru'\].*l1_mean"):
         sk.prune.Pruner(Tokens(), x, criterion="apoz", calib=[x[0]], granularity="channel", sparsity=0.5)
+
+
+def test_fine_tuning_steps_between_pruning_and_compaction():
+    """A masked recurrent model trains (masked weights stay zero), can be copied after forwards with grad, and
+    compacts to the fine-tuned masked model."""
+    torch.manual_seed(7)
+    model = _randomize_biases(Tagger()).train()
+    for mod in model.modules():       # no dropout: the masked and compacted models are compared in train mode too
+        if isinstance(mod, nn.LSTM):
+            mod.dropout = 0.0
+    x = (torch.randint(0, 50, (4, 6)),)
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5, scope="layer")
+    pruner.step()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(*x).pow(2).mean().backward()
+        opt.step()
+    model(*x).sum().backward()            # a forward under grad right before copying
+    copy.deepcopy(model)
+    small = pruner.compact()
+    sk.verify(model.eval(), small.eval(), x, atol=1e-5)
+    assert small.lstm.hidden_size == 12
+
+
+def test_call_forms_input_keyword_carried_state_and_state_layout():
+    class Twice(nn.Module):       # one GRU run on two segments, the state carried from the first to the second
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 8)
+            self.gru = nn.GRU(8, 10, batch_first=True)
+            self.out = nn.Linear(10, 2)
+
+        def forward(self, a, b):
+            _, h = self.gru(input=self.fc(a))
+            y, _ = self.gru(self.fc(b), h)
+            return self.out(y)
+
+    torch.manual_seed(8)
+    model, x = _randomize_biases(Twice()), (torch.randn(2, 4, 5), torch.randn(2, 3, 5))
+    graph = DependencyGraph.build(model, x)
+    members = {(m.module, m.axis) for g in graph.prunable for m in g.members}
+    assert {("gru", "out"), ("fc", "out"), ("gru", "in")} <= members
+    keep = graph.select(0.5, scope="layer")
+    sk.verify(mask_groups(model, x, keep, graph=graph), compact(model, x, keep, graph=graph), x, atol=1e-5)
+
+    class StateOnWrongDim(nn.Module):     # a conv's channels land on the state's batch dim (batch = hidden = 12)
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 12, 1)
+            self.gru = nn.GRU(4, 12)
+            self.out = nn.Linear(12, 2)
+
+        def forward(self, a, z):
+            return self.out(self.gru(a, self.conv(z))[0])
+
+    graph = DependencyGraph.build(StateOnWrongDim(), (torch.randn(5, 12, 4), torch.randn(1, 3, 12)))
+    (group,) = [g for g in graph.groups if ("gru", "out") in {(m.module, m.axis) for m in g.members}]
+    assert not group.prunable and "initial state" in group.reason

@@ -50,7 +50,7 @@ from .._compat import set_submodule
 from .channel_select import ChannelSelect
 from .graph import QKV_PROJ, DependencyGraph, Group, attention_kind, in_proj_parts, set_heads, weight_dim
 from .linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
-from .masks import CHANNEL_NORMS, CONVS, unmasked
+from .masks import CHANNEL_NORMS, CONVS, TRANSPOSED_CONVS, unmasked
 from .pruned_mha import PrunedMultiheadAttention
 from .recurrent import RECURRENT, hidden_unit_rows, index_masks, resize_recurrent, unit_index
 
@@ -94,7 +94,7 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
         new = cls(in_c, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups, b is not None,
                   mod.padding_mode, **dd)
         tensors = {"weight": _sel(_sel(w, 0, keep_out), 1, keep_in), "bias": _sel(b, 0, keep_out)}
-    elif isinstance(mod, nn.ConvTranspose2d):
+    elif isinstance(mod, TRANSPOSED_CONVS):
         if mod.groups != 1:
             raise ValueError(f"a grouped transposed conv ({mod.groups} groups) is not resized")
         out_c = mod.out_channels if keep_out is None else keep_out.numel()
@@ -132,8 +132,8 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
     elif isinstance(mod, nn.LayerNorm) and keep_out is None:
         return copy.deepcopy(mod)
     else:
-        raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv1d/2d/3d, ConvTranspose2d, Linear, "
-                        "BatchNorm, GroupNorm, InstanceNorm, Embedding, PReLU, RNN, LSTM, GRU)")
+        raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
+                        "Linear, BatchNorm, GroupNorm, InstanceNorm, Embedding, PReLU, RNN, LSTM, GRU)")
     with torch.no_grad():
         for k, v in tensors.items():
             if v is None:
@@ -502,7 +502,7 @@ def compacted_widths(model: nn.Module) -> dict[str, dict]:
             spec[name] = {"in": mod.in_channels, "out": mod.out_channels, "groups": mod.groups}
         elif isinstance(mod, nn.Linear):
             spec[name] = {"in": mod.in_features, "out": mod.out_features}
-        elif isinstance(mod, nn.ConvTranspose2d):
+        elif isinstance(mod, TRANSPOSED_CONVS):
             spec[name] = {"in": mod.in_channels, "out": mod.out_channels}
         elif isinstance(mod, RECURRENT):
             spec[name] = {"in": mod.input_size, "hidden": mod.hidden_size}
@@ -540,7 +540,7 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
         return resize_module(mod, out % mod.out_channels, torch.arange(w["in"]) % mod.in_channels)
     if isinstance(mod, nn.Linear):
         return resize_module(mod, out % mod.out_features, torch.arange(w["in"]) % mod.in_features)
-    if isinstance(mod, nn.ConvTranspose2d):
+    if isinstance(mod, TRANSPOSED_CONVS):
         return resize_module(mod, out % mod.out_channels, torch.arange(w["in"]) % mod.in_channels)
     if isinstance(mod, nn.Embedding):
         return resize_module(mod, out % mod.embedding_dim)

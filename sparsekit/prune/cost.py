@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from . import chains as _chains
 from . import masks as _masks
-from .recurrent import RECURRENT, unit_index
+from .recurrent import RECURRENT, parameter_names
 
 __all__ = ["model_cost", "layer_positions"]
 
@@ -32,7 +32,7 @@ def layer_positions(events: list[_chains.Event]) -> dict[str, int]:
     time steps."""
     out = {}
     for ev in events:
-        if ev.kind == "module" and isinstance(ev.module, nn.ConvTranspose2d) and ev.inputs:
+        if ev.kind == "module" and isinstance(ev.module, _masks.TRANSPOSED_CONVS) and ev.inputs:
             out[ev.name] = int(torch.Size(ev.inputs[0].shape[2:]).numel())
         if ev.kind == "module" and isinstance(ev.module, RECURRENT) and ev.inputs:
             shape = ev.inputs[0].shape      # [T, B, I], [B, T, I] (batch_first) or unbatched [T, I]
@@ -106,7 +106,7 @@ def model_cost(model: nn.Module, example_inputs: Any, masks: Mapping[str, Tensor
                 index_extra += kept
         elif "parametrizations" in name.split("."):     # a mask's container: counted with its module
             continue
-        elif isinstance(mod, nn.ConvTranspose2d):       # its channels go with their groups' masks
+        elif isinstance(mod, _masks.TRANSPOSED_CONVS):  # its channels go with their groups' masks
             mask = masks.get(name)
             kept = float(mod.weight.numel() if mask is None else mask.sum())
             outs = mod.out_channels if mask is None else int(mask.any(0).flatten(1).any(1).sum())
@@ -116,7 +116,7 @@ def model_cost(model: nn.Module, example_inputs: Any, masks: Mapping[str, Tensor
             flops += kept * positions.get(name, 1)
             dense_flops += mod.weight.numel() * positions.get(name, 1)
         elif isinstance(mod, RECURRENT):                # its hidden units go with their groups' masks
-            for t in unit_index(mod):
+            for t in parameter_names(mod):
                 full = getattr(mod, t).numel()
                 p = _masks._mask_param(mod, t)
                 kept = float(full if p is None else p.mask.sum())

@@ -37,7 +37,7 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
   channels through; per-channel slopes are ``out`` members.
 * elementwise activations and dropouts, pooling, resampling (``Upsample``, ``interpolate``) and padding of
   the dims after the channels: channels pass through (padding that reaches the channel dim is unknown).
-* ConvTranspose2d (groups=1; weight ``[C_in, C_out, kh, kw]``, ``weight_dim`` maps member axes to its dims):
+* ConvTranspose1d / 2d / 3d (groups=1; weight ``[C_in, C_out, *kernel]``, ``weight_dim`` maps member axes to its dims):
   ``in`` members on its input (weight dim 0) and a new output space (weight dim 1) like a conv's (the Pruner
   scores it by weight criteria only).
 * RNN / LSTM / GRU (``proj_size=0``; ``recurrent``): ``in`` members on its input features (the columns of
@@ -45,8 +45,9 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
   standing for hidden unit ``j`` of every layer and direction (its gate rows, its recurrent column, the next
   layer's input columns). The output ``[..., directions * hidden]`` holds one segment per direction, ``h_n``
   / ``c_n`` one on their last dim. An initial state passed in must come from the same space (an encoder's
-  final state given to a decoder couples the two), else the hidden units are pinned; so are an LSTM's with
-  ``proj_size``, and a packed sequence's.
+  final state given to a decoder couples the two; a module run again on its own carried state keeps one
+  space), else the hidden units are pinned; so are a packed sequence's. An LSTM with ``proj_size`` is pinned
+  whole (inputs and hidden units).
 * residual add / mul between tagged tensors: spaces merged (coarsened to a common unit); concat: segments
   appended (index offsets); ``chunk`` / ``tensor_split`` into k equal parts along channels (or ``split`` by a
   traced ``x.shape[d] // k``): the pieces keep their segments when the cuts fall on segment boundaries, and the
@@ -96,7 +97,7 @@ from torch import Tensor, nn
 from torch.fx import _symbolic_trace
 
 from .._compat import set_submodule
-from .masks import BATCH_NORMS, CHANNEL_NORMS, CONVS, INSTANCE_NORMS
+from .masks import BATCH_NORMS, CHANNEL_NORMS, CONVS, INSTANCE_NORMS, TRANSPOSED_CONVS
 from .recurrent import RECURRENT, hidden_unit_rows, input_columns
 
 __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind", "set_heads", "in_proj_parts",
@@ -104,7 +105,7 @@ __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind",
 
 NORMS = (*CHANNEL_NORMS, nn.GroupNorm, nn.LayerNorm)
 QKV_PROJ = ("q_proj", "k_proj", "v_proj")   # a LinearMultiheadAttention's in-projection Linears
-_LEAVES = (*CONVS, nn.ConvTranspose2d, nn.Linear, nn.Embedding, *RECURRENT, nn.MultiheadAttention,
+_LEAVES = (*CONVS, *TRANSPOSED_CONVS, nn.Linear, nn.Embedding, *RECURRENT, nn.MultiheadAttention,
            nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder,
            nn.Transformer, nn.PReLU) + NORMS
 # elementwise modules without per-channel state: channels pass through unchanged
@@ -137,7 +138,7 @@ _REDUCE_FN = {"mean", "sum", "amax", "max", "amin", "min"}
 def weight_dim(mod: nn.Module, axis: str) -> int:
     """The weight dim a member's channels index: ``out`` -> 0 and ``in`` -> 1, swapped for a transposed conv
     (weight ``[C_in, C_out, *kernel]``)."""
-    if isinstance(mod, nn.ConvTranspose2d):
+    if isinstance(mod, TRANSPOSED_CONVS):
         return 1 if axis == "out" else 0
     return 0 if axis == "out" else 1
 
@@ -655,6 +656,8 @@ class DependencyGraph:
         and the spaces it makes are those of the first call."""
         name = n.target
         ins = [tag(a) for a in _flat_args(n.args) + list(n.kwargs.values())]
+        if isinstance(mod, RECURRENT):   # the initial state is coupled by the rule itself (a carried state differs)
+            ins = [tag(n.args[0] if n.args else n.kwargs.get("input"))]
         first = self._calls.get(name)
         before, selection = len(self._spaces), self.selections.get(name)
         out = self._module_rule(n, mod, tag, shape, users, where)
@@ -699,7 +702,7 @@ class DependencyGraph:
         name = n.target
         x = tag(n.args[0]) if n.args else None
         kind = attention_kind(mod)
-        if isinstance(mod, (*CONVS, nn.ConvTranspose2d)) and isinstance(shape, torch.Size) \
+        if isinstance(mod, (*CONVS, *TRANSPOSED_CONVS)) and isinstance(shape, torch.Size) \
                 and len(shape) == mod.weight.dim() - 1:
             # unbatched input [C, *spatial]: channels on dim 0, which no rule below follows
             reason = f"{name!r} runs on an unbatched input (channels on dim 0)"
@@ -710,17 +713,17 @@ class DependencyGraph:
             return _Tag(0, [_Seg(s, mod.out_channels)])
         if isinstance(mod, CONVS):
             return self._conv(name, mod, x, shape)
-        if isinstance(mod, nn.ConvTranspose2d):
+        if isinstance(mod, TRANSPOSED_CONVS):
             # its input channels follow the producer (weight dim 0); its outputs are a new space (the Pruner
             # scores it through a view of weight dim 1, with criteria reading weights alone)
             if mod.groups != 1:
-                self._pin(x, f"{name!r} (ConvTranspose2d, groups={mod.groups}) reads fixed input channels")
+                self._pin(x, f"{name!r} ({type(mod).__name__}, groups={mod.groups}) reads fixed input channels")
             else:
                 self._feed(x, [name])
             s = self._new(mod.out_channels)
             self._add(_Seg(s, mod.out_channels), name, "out", 0)
             if mod.groups != 1:
-                self._pin(_Tag(1, [_Seg(s, 1)]), f"{name!r} (ConvTranspose2d, groups={mod.groups})")
+                self._pin(_Tag(1, [_Seg(s, 1)]), f"{name!r} ({type(mod).__name__}, groups={mod.groups})")
             return _Tag(1, [_Seg(s, mod.out_channels)])
         if isinstance(mod, RECURRENT):
             return self._recurrent(n, mod, tag, shape)
@@ -851,7 +854,7 @@ class DependencyGraph:
     def _recurrent(self, n: fx.Node, mod: nn.Module, tag: Callable, shape: Any) -> Any:
         """An RNN / LSTM / GRU call ``mod(x, hx=None)``: the tags of ``(output, h_n)`` / ``(output, (h_n, c_n))``."""
         name, kind = n.target, type(mod).__name__
-        src = n.args[0]
+        src = n.args[0] if n.args else n.kwargs.get("input")
         x, in_shape = tag(src), self._shapes.get(src)
         hx = n.args[1] if len(n.args) > 1 else n.kwargs.get("hx")
         # the initial state's tensors (a getitem of another LSTM's output may hold the (h, c) pair)
@@ -862,16 +865,18 @@ class DependencyGraph:
         if not (isinstance(in_shape, torch.Size) and isinstance(shape, list) and isinstance(shape[0], torch.Size)):
             self._pin([x] + hx_tags + [_Tag(0, [_Seg(s, h)])], f"{name!r} ({kind}) runs on a packed sequence")
             return None
+        if getattr(mod, "proj_size", 0):    # its outputs and h_n are projections, and it is not resized at all
+            self._pin([x] + hx_tags + [_Tag(0, [_Seg(s, h)])], f"{name!r} (LSTM, proj_size={mod.proj_size}) is not "
+                                                               "resized")
+            return [None, [None, None]]
         if x is not None:
             if x.dim != len(in_shape) - 1:
                 self._pin(x, f"{name!r} ({kind}) takes features on the last dim, not on these channels")
             else:
                 self._feed(x, [name])
-        if getattr(mod, "proj_size", 0):    # its outputs and h_n are projections, not hidden units
-            self._pin(hx_tags + [_Tag(0, [_Seg(s, h)])], f"{name!r} (LSTM, proj_size={mod.proj_size}) is not resized")
-            return [None, [None, None]]
-        for t in hx_tags:
-            if isinstance(t, _Tag) and len(t.segs) == 1 and t.segs[0].span == h and t.segs[0].space is not None:
+        for t in hx_tags:       # a state has the input's rank, its hidden units on the last dim
+            if (isinstance(t, _Tag) and t.dim == len(in_shape) - 1 and len(t.segs) == 1 and t.segs[0].span == h
+                    and t.segs[0].space is not None):
                 self._union(t.segs[0].space, s)
             else:
                 self._pin([t, _Tag(0, [_Seg(s, h)])], f"{name!r} ({kind}) starts from an initial state of fixed "

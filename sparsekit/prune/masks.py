@@ -38,8 +38,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .recurrent import keep_copyable
+
 __all__ = [
-    "GRANULARITIES", "CONVS", "PRUNABLE", "BATCH_NORMS", "INSTANCE_NORMS", "CHANNEL_NORMS", "LINEAR_CONV2D",
+    "GRANULARITIES", "CONVS", "TRANSPOSED_CONVS", "PRUNABLE", "BATCH_NORMS", "INSTANCE_NORMS", "CHANNEL_NORMS",
+    "LINEAR_CONV2D",
     "WeightMask", "as_2d", "check_granularity", "check_sparsity", "check_block", "check_nm", "check_layer",
     "num_to_remove", "unit_scores", "lowest_removed", "expand_units", "nm_keep", "layer_mask", "global_keep",
     "apply_mask", "apply_tensor_mask", "is_masked", "get_masks", "tensor_masks", "remove_masks",
@@ -49,6 +52,7 @@ __all__ = [
 
 GRANULARITIES = ("element", "block", "nm", "channel")
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)   # weight [C_in, C_out / g, *k]
 PRUNABLE = (nn.Linear, *CONVS)   # a conv's weight [C_out, C_in / groups, *kernel], channels on dim 1
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -325,6 +329,7 @@ def _set_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None:
     else:
         values = t if not parametrize.is_parametrized(module, tensor_name) else None
         parametrize.register_parametrization(module, tensor_name, WeightMask(mask, values))
+        keep_copyable(module)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from .scores_reconstruction import refit_consumer
 
 __all__ = ["Pruner", "SCOPES", "check_example_inputs", "run_example", "execution_order"]
 # producers the Pruner scores through a stand-in Linear of their weights, by criteria reading weights alone
-_WEIGHT_VIEWS = (nn.Embedding, nn.ConvTranspose2d, *RECURRENT)
+_WEIGHT_VIEWS = (nn.Embedding, *_masks.TRANSPOSED_CONVS, *RECURRENT)
 
 
 SCOPES = ("layer", "global")
@@ -156,10 +156,10 @@ class Pruner:
     aggregate the criterion's channel scores over its *producers* (the pruned Linear / conv layers whose
     output rows it holds, ``nn.MultiheadAttention`` in-projections, and -- for criteria reading weights alone --
     ``nn.Embedding`` layers, whose features are the columns of their weight, scored as the rows of
-    ``weight.T`` like a Linear's neurons, ``nn.ConvTranspose2d`` layers, whose output channels are dim 1
-    of their weight, and ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` layers, whose hidden units are scored as rows
-    holding each unit's gate rows of every layer and direction; ``ignore`` such a module to keep its
-    channels): for producer ``m`` let ``s_m[u]`` be the mean score of unit ``u``'s rows (a head's ``head_dim``
+    ``weight.T`` like a Linear's neurons, ``nn.ConvTranspose1d`` / ``2d`` / ``3d`` layers, whose output
+    channels are dim 1 of their weight, and ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` layers, whose hidden units
+    are scored as rows holding each unit's gate rows of every layer and direction; ``ignore`` such a module to
+    keep its channels): for producer ``m`` let ``s_m[u]`` be the mean score of unit ``u``'s rows (a head's ``head_dim``
     rows of q, k and v are three producers) and ``c_m`` the mean ``|s_m|``; the group scores
     ``mean_m(s_m / c_m) * mean_m(c_m)``. Dividing by ``c_m``
     keeps a layer with large weights from outvoting the others; multiplying by the mean ``c_m`` keeps the
@@ -253,8 +253,8 @@ class Pruner:
         views = [k for k, v in modules.items() if isinstance(v, _WEIGHT_VIEWS) and k not in self.ignored]
         if not self.layers and not (self.granularity == "channel" and views):
             raise ValueError("no nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d left to prune in model (after ignore="
-                             f"{sorted(self.ignored)}; with granularity='channel' also no nn.Embedding, "
-                             "nn.ConvTranspose2d, nn.RNN / LSTM / GRU)")
+                             f"{sorted(self.ignored)})" + (f"; granularity='channel' would prune the channels of "
+                                                           f"{views}" if views else ""))
         if not self.layers and not self._scores_weight_views():
             weight_only = [n for n in _criteria.available() if not _criteria.get(n).data_dependent
                            and set(_criteria.get(n).needs) <= {"seed"}]
@@ -640,7 +640,7 @@ class Pruner:
         """Per unit row of modules the criterion scores through a stand-in Linear: an attention module's packed
         q|k|v rows (each in-projection weight scored as a Linear), an ``nn.Embedding``'s features (its
         weight's columns, scored as the rows of ``weight.T``, like a Linear's output neurons), an
-        ``nn.ConvTranspose2d``'s output channels (dim 1 of its weight ``[C_in, C_out, kh, kw]``), a recurrent
+        transposed conv's output channels (dim 1 of its weight ``[C_in, C_out, *kernel]``), a recurrent
         layer's hidden units (``recurrent.hidden_unit_rows``: a unit's gate rows of every layer and direction)."""
         out = {}
         for name in sorted(names):
@@ -648,7 +648,7 @@ class Pruner:
             if isinstance(mod, RECURRENT):
                 out[name] = self._recurrent_view_scores(name, mod)
                 continue
-            by_column = isinstance(mod, (nn.Embedding, nn.ConvTranspose2d))
+            by_column = isinstance(mod, (nn.Embedding, *_masks.TRANSPOSED_CONVS))
             tensors = ["weight"] if by_column else [t for t, _, _ in in_proj_parts(mod) if t.endswith("weight")]
             rows_first = (lambda t: t.transpose(0, 1).reshape(t.shape[1], -1)) if by_column else (lambda t: t)
             parts = []
@@ -672,7 +672,8 @@ class Pruner:
 
         def keeps(t: str) -> Tensor:
             p = _masks._mask_param(mod, t)
-            return torch.ones(getattr(mod, t).shape, dtype=torch.bool) if p is None else p.mask
+            w = getattr(mod, t)
+            return torch.ones(w.shape, dtype=torch.bool, device=w.device) if p is None else p.mask
 
         w = hidden_unit_rows(mod, weights)
         view = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")

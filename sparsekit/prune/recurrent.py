@@ -17,6 +17,7 @@ cell becomes ``0.5 * c`` (input gate 0.5 times ``tanh(0)``) and its output ``0.5
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 __all__ = ["RECURRENT", "gates", "unit_index", "index_masks", "resize_recurrent", "hidden_unit_rows",
-           "input_columns"]
+           "input_columns", "parameter_names", "keep_copyable"]
 
 RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 
@@ -124,6 +125,28 @@ def hidden_unit_rows(mod: nn.Module, get: Callable[[str], Tensor]) -> Tensor:
             t = get(name)
             parts.append(t.reshape(g, h, -1).transpose(0, 1).reshape(h, -1))
     return torch.cat(parts, 1)
+
+
+def parameter_names(mod: nn.Module) -> list[str]:
+    """Every weight and bias of a recurrent module (``unit_index``'s, plus an LSTM's ``weight_hr_l{k}``)."""
+    return list(mod._flat_weights_names)
+
+
+def _reread_flat_weights(mod: nn.Module, args: object, output: object) -> None:
+    # nn.RNNBase caches the tensors a forward ran on (_flat_weights); masked weights are parametrizations, so
+    # after a forward under grad those are non-leaf tensors, which copy.deepcopy refuses (a masked model could not
+    # be compacted or copied after a fine-tuning step). Re-read them without grad; the next forward re-reads them
+    # anyway (the parametrized tensors change identity on every access), and autograd keeps what it needs.
+    with torch.no_grad():
+        mod._flat_weights = [getattr(mod, n) if hasattr(mod, n) else None for n in mod._flat_weights_names]
+        mod._flat_weight_refs = [weakref.ref(w) if w is not None else None for w in mod._flat_weights]
+
+
+def keep_copyable(mod: nn.Module) -> None:
+    """Make a recurrent module with masked weights stay deep-copyable after forwards (once per module)."""
+    if isinstance(mod, nn.RNNBase) and not getattr(mod, "_sparsekit_copyable", False):
+        mod.register_forward_hook(_reread_flat_weights)
+        mod._sparsekit_copyable = True
 
 
 def input_columns(mod: nn.Module) -> list[str]:
