@@ -488,7 +488,7 @@ class _UNet(nn.Module):
 def test_transposed_conv_input_channels_follow_their_producer(tmp_path):
     """A ConvTranspose2d's weight is [C_in, C_out, kh, kw]: its input channels (dim 0) shrink with the layer
     that produces them; its outputs are a new space (concatenated here) that criteria reading weights score by
-    the weight's dim-1 slices, and data-dependent ones leave whole."""
+    the weight's dim-1 slices, and data-dependent ones by its output channels."""
     model = _randomize(_UNet())
     x = torch.randn(2, 3, 16, 16)
     graph = DependencyGraph.build(model, x)
@@ -510,11 +510,19 @@ def test_transposed_conv_input_channels_follow_their_producer(tmp_path):
     sk.verify(model, compacted, x, atol=1e-5)
     sk.save(compacted, tmp_path / "unet")
     sk.verify(compacted, sk.load(tmp_path / "unet", _UNet()).eval(), x, atol=0)
-    data = _randomize(_UNet())
+    data = _randomize(_UNet()).eval()
+    up_out = []
+    hook = data.up.register_forward_hook(lambda m, a, out: up_out.append(out.detach()))
+    data(x)
+    hook.remove()
+    by_mean = up_out[0].mean((0, 2, 3)).argsort(descending=True)[:4].sort().values
     ranked = sk.prune.Pruner(data, (x,), criterion="mean_activation", granularity="channel", sparsity=0.5,
-                             calib=[x])
-    ranked.step()
-    assert ranked.compact().up.out_channels == 8          # data-dependent criteria do not score it
+                             calib=[x], scope="layer")
+    ranked.step()                                          # data-dependent criteria read its output channels
+    (up_group,) = [g for g in ranked._dependency_graph().groups if ("up", "out") in {(m.module, m.axis)
+                                                                                     for m in g.members}]
+    assert torch.equal(torch.nonzero(ranked._keep[up_group.id]).reshape(-1), by_mean)
+    sk.verify(data, ranked.compact(), x, atol=1e-5)
     ignored = sk.prune.Pruner(_randomize(_UNet()), (x,), criterion="l1", granularity="channel", sparsity=0.5,
                               ignore=["up", "head"])      # ignore covers a transposed conv too
     ignored.step()
@@ -558,6 +566,26 @@ def test_transposed_conv_1d_and_3d_compact_and_save(dims, tmp_path):
     assert torch.equal(torch.nonzero(pruner._keep[up_group.id]).reshape(-1), by_l1.sort().values)
     sk.save(small, tmp_path / "up")
     sk.verify(small, sk.load(tmp_path / "up", _UpND(dims)).eval(), x, atol=0)
+
+
+@pytest.mark.parametrize("criterion", ["apoz", "entropy", "variance", "hrank", "taylor", "hessian"])
+def test_data_dependent_criteria_score_transposed_conv_outputs(criterion):
+    """Every data-dependent criterion that reads a layer's outputs or gradients scores a transposed conv's output
+    channels through a per-channel gate on its output; the masked model compacts to the same outputs."""
+    torch.manual_seed(3)
+    model = _randomize(_UNet()).eval()
+    x = torch.randn(3, 3, 16, 16)
+    target = torch.randint(0, 2, (3, 16, 16))
+    gradient = criterion in ("taylor", "hessian")
+    pruner = sk.prune.Pruner(model, (x,), criterion=criterion, granularity="channel", sparsity=0.5, scope="layer",
+                             calib=[(x, target)] if gradient else [x])
+    pruner.step()
+    (up_group,) = [g for g in pruner._dependency_graph().groups if ("up", "out") in {(m.module, m.axis)
+                                                                                     for m in g.members}]
+    assert up_group.id in pruner._selectable_groups() and int(pruner._keep[up_group.id].sum()) == 4
+    small = pruner.compact()
+    assert small.up.out_channels == 4
+    sk.verify(model, small, x, atol=1e-5)
 
 
 class _Decoder(nn.Module):

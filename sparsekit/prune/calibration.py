@@ -282,7 +282,8 @@ def _twice_differentiable(needs: set[str], granularity: str) -> Any:
 def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[str, Link],
             calib: Iterable[Any], needs: Iterable[str], *, granularity: str = "element",
             loss_fn: Callable[[Any, Any], Tensor] | None = None, seed: int = 0, max_rows: int = 1024,
-            events: list[Event] | None = None, heads: Iterable[str] = ()) -> dict[str, dict[str, Tensor]]:
+            events: list[Event] | None = None, heads: Iterable[str] = (),
+            outputs: Iterable[str] = ()) -> dict[str, dict[str, Tensor]]:
     """Run ``model`` over ``calib`` and return layer name -> accumulated statistics (see module doc).
 
     ``links`` come from ``chains.trace_links`` on the same model; ``events`` (the traced event list)
@@ -290,10 +291,12 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
     heads get statistics too, under their own name, as if each head were a channel of a layer whose weight
     is the heads' gates (``head_taps``): ``activations`` / ``rank`` of the head's output ``[tgt, head_dim]``
     per sample, ``grads`` / ``hessian`` of its gate (``taylor_chan`` is ``(sum of out_h * d loss / d out_h)**2``).
+    ``outputs``: transposed convs whose output channels get statistics the same way (their output channels as
+    the feature map, a gate per channel).
     """
     needs = set(needs) & set(DATA_NEEDS)
-    heads = list(heads)
-    acc: dict[str, dict[str, Any]] = {k: {} for k in list(layers) + heads}
+    heads, outputs = list(heads), list(outputs)
+    acc: dict[str, dict[str, Any]] = {k: {} for k in list(layers) + heads + outputs}
     feature_at: dict[int, list[str]] = {}
     consumer_at: dict[int, list[str]] = {}
     for name in layers:
@@ -341,7 +344,8 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
     batches = 0
     try:
         model.eval()
-        with Recorder(model, on_event) as rec, HeadTaps(model, heads, on_heads, gates=grad_needed) as taps:
+        with Recorder(model, on_event) as rec, HeadTaps(model, heads, on_heads, gates=grad_needed,
+                                                        outputs=outputs) as taps:
             for i, item in enumerate(calib):
                 inputs, target = split_batch(item, i)
                 rec.reset()
@@ -366,7 +370,8 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
                         _add(acc[k], "batches", torch.tensor(1.0))
                 batches += 1
         if fisher:    # per-sample passes, outside the Recorder (they are not events of the calib batches)
-            with attention_path(model), HeadTaps(model, heads, gates=True) as taps, torch.enable_grad():
+            with attention_path(model), HeadTaps(model, heads, gates=True, outputs=outputs) as taps, \
+                    torch.enable_grad():
                 for inputs, target in fisher_items:
                     _acc_fisher(acc, model, layers, inputs, target, loss_fn, taps)
     finally:

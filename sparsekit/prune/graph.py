@@ -38,8 +38,7 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
 * elementwise activations and dropouts, pooling, resampling (``Upsample``, ``interpolate``) and padding of
   the dims after the channels: channels pass through (padding that reaches the channel dim is unknown).
 * ConvTranspose1d / 2d / 3d (groups=1; weight ``[C_in, C_out, *kernel]``, ``weight_dim`` maps member axes to its dims):
-  ``in`` members on its input (weight dim 0) and a new output space (weight dim 1) like a conv's (the Pruner
-  scores it by weight criteria only).
+  ``in`` members on its input (weight dim 0) and a new output space (weight dim 1) like a conv's.
 * RNN / LSTM / GRU (``proj_size=0``; ``recurrent``): ``in`` members on its input features (the columns of
   ``weight_ih_l0``) and a new space of ``hidden_size`` units, one member ``(rnn, "out", 0, hidden_size)``
   standing for hidden unit ``j`` of every layer and direction (its gate rows, its recurrent column, the next

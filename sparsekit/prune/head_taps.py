@@ -1,4 +1,5 @@
-"""Per-head outputs of attention modules, for criteria that score heads from data.
+"""Per-head outputs of attention modules (and per-channel outputs of transposed convs), for criteria that score
+heads (channels) from data.
 
 ``attention_path(model)`` runs every stock ``nn.MultiheadAttention`` of ``model`` through
 ``PrunedMultiheadAttention``'s code (``pruned_mha.mha_forward``, same results) while it is active: its
@@ -15,6 +16,11 @@
   requires grad (new ones after ``new_gates()``): ``d loss / d gate_h`` is ``sum(out_h * d loss / d out_h)``,
   the first-order change of the loss when the head is removed (the head importance of Michel et al. 2019,
   'Are Sixteen Heads Really Better than One?'), and second-order statistics of the gate are the head's.
+
+``outputs`` names transposed convs (``nn.ConvTranspose1d`` / ``2d`` / ``3d``), whose output channels are scored
+the same way: ``on_heads(name, out)`` sees their output ``[batch, C_out, *spatial]`` and, with ``gates=True``,
+channel ``c`` is multiplied by ``gates[name][c]`` (a hook that runs before the ``Recorder``'s, so its product is
+not an event and the Recorder sees the gated output that the next layer reads).
 
 Enter ``HeadTaps`` inside a ``Recorder`` (its hooks must run after the Recorder's, so the torch calls they make
 are not recorded as events of the forward pass).
@@ -61,25 +67,30 @@ class HeadTaps:
     """Context manager reading (and gating) the per-head outputs of attention modules (see module doc)."""
 
     def __init__(self, model: nn.Module, names: Iterable[str], on_heads: Callable[[str, Tensor], None] | None = None,
-                 gates: bool = False) -> None:
-        self.model, self.names, self.on_heads, self.use_gates = model, list(names), on_heads, gates
+                 gates: bool = False, outputs: Iterable[str] = ()) -> None:
+        self.model, self.on_heads, self.use_gates = model, on_heads, gates
+        self.attention, self.outputs = list(names), list(outputs)
+        self.names = self.attention + self.outputs
         self.gates: dict[str, Tensor] = {}
         self._shape: dict[str, tuple[int, int]] = {}
         self._handles: list = []
 
     def new_gates(self) -> dict[str, Tensor]:
-        """Fresh gates (ones requiring grad, one per head) for the next forward pass."""
+        """Fresh gates (ones requiring grad, one per head / output channel) for the next forward pass."""
         for name in self.names:
             mod = self.model.get_submodule(name)
-            ref = mod.out_proj.weight
-            self.gates[name] = torch.ones(mod.num_heads, device=ref.device, dtype=ref.dtype, requires_grad=True)
+            ref, n = (mod.weight, mod.out_channels) if name in self.outputs else (mod.out_proj.weight, mod.num_heads)
+            self.gates[name] = torch.ones(n, device=ref.device, dtype=ref.dtype, requires_grad=True)
         return self.gates
 
     def __enter__(self) -> HeadTaps:
-        for name in self.names:
+        for name in self.attention:
             mod = self.model.get_submodule(name)
             self._handles.append(mod.register_forward_pre_hook(partial(self._query_shape, name), with_kwargs=True))
             self._handles.append(mod.out_proj.register_forward_pre_hook(partial(self._heads, name, mod)))
+        for name in self.outputs:
+            mod = self.model.get_submodule(name)
+            self._handles.append(mod.register_forward_hook(partial(self._channels, name), prepend=True))
         if self.use_gates:
             self.new_gates()
         return self
@@ -95,6 +106,13 @@ class HeadTaps:
             self._shape[name] = (q.shape[0], 1)
         else:
             self._shape[name] = (q.shape[1], q.shape[0]) if mod.batch_first else (q.shape[0], q.shape[1])
+
+    def _channels(self, name: str, _mod: nn.Module, _args: tuple, out: Tensor) -> Tensor | None:
+        if self.on_heads is not None:
+            self.on_heads(name, out)
+        if not self.use_gates:
+            return None
+        return out * self.gates[name].view(1, -1, *([1] * (out.dim() - 2)))
 
     def _heads(self, name: str, mod: nn.Module, _proj: nn.Module, args: tuple) -> tuple | None:
         x = args[0]

@@ -37,11 +37,13 @@ def _unit_indices(keep: Mapping[int, Tensor]) -> dict[int, Tensor]:
     return {gid: torch.nonzero(k).reshape(-1) for gid, k in keep.items()}
 
 
-def _gate_view(mha: nn.Module) -> nn.Module:
-    """What a criterion scoring an attention module's heads sees as the layer: weight = the heads' gates (ones,
-    ``[heads, 1]``); its statistics are the heads' (``calibration.collect(heads=...)``)."""
-    view = nn.Linear(1, mha.num_heads, bias=False, device="meta")
-    view.weight = nn.Parameter(torch.ones(mha.num_heads, 1), requires_grad=False)
+def _gate_view(mod: nn.Module) -> nn.Module:
+    """What a criterion scoring an attention module's heads (a transposed conv's output channels) sees as the
+    layer: weight = their gates (ones, ``[heads, 1]``); its statistics are theirs (``calibration.collect(heads=...,
+    outputs=...)``)."""
+    n = mod.out_channels if isinstance(mod, _masks.TRANSPOSED_CONVS) else mod.num_heads
+    view = nn.Linear(1, n, bias=False, device="meta")
+    view.weight = nn.Parameter(torch.ones(n, 1), requires_grad=False)
     return view
 
 
@@ -176,10 +178,12 @@ class Pruner:
     sees each head as one channel of a layer whose weight is a per-head gate (ones) on the heads' output
     before ``out_proj``, with the head's output ``[tokens, head_dim]`` as its feature map and the gate's
     gradient (``sum(out_h * d loss / d out_h)``) as its gradient (``head_taps``); a criterion needing
-    anything else (``bn``, ``consumer``) leaves heads whole. Per-layer selection remains where aggregation
-    does not apply: reconstruction criteria (``reconstruct=True``, ``lasso``, ``thinet``) refit each layer's
-    consumer for that layer's own selection along a plain chain, and ``distributed="sharded"`` ranks see only
-    their own layers; there a coupled unit goes only when every producer removed it.
+    anything else (``bn``, ``consumer``) leaves heads whole. A transposed conv's output channels are scored the
+    same way by data-dependent criteria (a gate per channel on its output, the output channel its feature map).
+    Per-layer selection remains where aggregation does not apply: reconstruction criteria (``reconstruct=True``,
+    ``lasso``, ``thinet``) refit each layer's consumer for that layer's own selection along a plain chain, and
+    ``distributed="sharded"`` ranks see only their own layers; there a coupled unit goes only when every
+    producer removed it.
 
     Several pruners may mask one model (e.g. one per layer to apply searched widths): each ANDs its masks with
     the ones already on a tensor, so a second pruner never unmasks what a first one removed (such as the
@@ -386,14 +390,14 @@ class Pruner:
         group selection with a data-dependent criterion, also one per attention module whose heads it scores
         (its per-head statistics, see ``calibration.collect``)."""
         needs = set(self.criterion.needs)
-        heads = self._tapped_heads()
+        heads, outputs = self._tapped_heads(), self._tapped_outputs()
         stats: dict[str, dict[str, Tensor]] = {k: {} for k in self.layers}
         if self.criterion.data_dependent or self.reconstruct:
             if self.reconstruct:
                 needs.add("consumer")
             stats = _calibration.collect(self.model, self.layers, self.links, self.calib, needs,
                                          granularity=self.granularity, loss_fn=self.loss_fn, seed=self.seed,
-                                         events=self._events, heads=heads)
+                                         events=self._events, heads=heads, outputs=outputs)
             if self.distributed == "replicated":
                 _dist.reduce_stats(stats)
         modules = dict(self.model.named_modules())
@@ -404,7 +408,7 @@ class Pruner:
             out[name] = _calibration.LayerContext(
                 name=name, granularity=self.granularity, seed=self.seed, link=link, bn=self._bn_of(name),
                 consumer=consumer, group=link.group if link is not None else 1, stats=stats[name])
-        for name in heads:
+        for name in heads + outputs:
             out[name] = _calibration.LayerContext(name=name, granularity=self.granularity, seed=self.seed,
                                                   stats=stats[name])
         return out
@@ -425,7 +429,7 @@ class Pruner:
 
     def _scores(self, ctxs: Mapping[str, _calibration.LayerContext]) -> dict[str, Tensor]:
         out = {name: self.criterion.score(_gate_view(self.model.get_submodule(name)), ctxs[name])
-               for name in self._tapped_heads()}    # one score per head
+               for name in self._tapped_heads() + self._tapped_outputs()}    # one score per head / channel
         for name, mod in self.layers.items():
             s = self.criterion.score(mod, ctxs[name])
             prev = self._masks.get(name)
@@ -592,6 +596,13 @@ class Pruner:
         return sorted({a for ms in self._selectable_groups().values() for m in ms
                        if (a := self._attention_of(m.module)) is not None})
 
+    def _tapped_outputs(self) -> list[str]:
+        """Transposed convs whose output channels the criterion scores from calibration data (``head_taps``)."""
+        if not self._scores_head_taps():
+            return []
+        return sorted({m.module for ms in self._selectable_groups().values() for m in ms
+                       if isinstance(self.model.get_submodule(m.module), _masks.TRANSPOSED_CONVS)})
+
     def _attention_of(self, member: str) -> str | None:
         """The attention module whose heads a producer member holds: the module itself (``"mha"``: its packed
         in-projection) or the parent of a ``LinearMultiheadAttention``'s q / k / v Linear; None otherwise."""
@@ -617,9 +628,12 @@ class Pruner:
         producers = set(self.layers)
         if self._scores_weight_views() or self._scores_head_taps():
             producers |= {a for a in attn if f"{a}.out_proj" in self.layers}
-        if self._scores_weight_views():   # an embedding's features, a transposed conv's outputs, recurrent
-            producers |= {m.module for g in graph.prunable for m in g.members if m.axis == "out"   # hidden units
-                          and isinstance(self.model.get_submodule(m.module), _WEIGHT_VIEWS)} - self.ignored
+        # an embedding's features, a transposed conv's outputs, recurrent hidden units: scored as rows by criteria
+        # reading weights alone; a transposed conv's outputs also by data-dependent ones, through gates (head_taps)
+        views = _WEIGHT_VIEWS if self._scores_weight_views() else \
+            _masks.TRANSPOSED_CONVS if self._scores_head_taps() else ()
+        producers |= {m.module for g in graph.prunable for m in g.members if m.axis == "out"
+                      and isinstance(self.model.get_submodule(m.module), views)} - self.ignored
         ignored = (set(self.ignored) | {a for a in attn if f"{a}.out_proj" in self.ignored}
                    | {q for q, a in linear_qkv.items() if f"{a}.out_proj" in self.ignored})
         groups = {}
@@ -692,7 +706,9 @@ class Pruner:
         rows.update(self._view_scores({a for a in attn if a not in scores}))
         for a in attn & set(scores):     # one score per head -> every packed q|k|v row of the head
             mod = self.model.get_submodule(a)
-            rows[a] = _masks.unit_scores(scores[a], "channel").repeat_interleave(mod.head_dim).repeat(3)
+            per_unit = _masks.unit_scores(scores[a], "channel")
+            rows[a] = per_unit if isinstance(mod, _masks.TRANSPOSED_CONVS) else \
+                per_unit.repeat_interleave(mod.head_dim).repeat(3)
         for m in members:                # a LinearMultiheadAttention's heads: those scores on its q / k / v rows
             a = self._attention_of(m.module)
             if a is not None and a != m.module and a in scores:
