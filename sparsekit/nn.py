@@ -47,6 +47,21 @@ def _to_format(weight2d: Tensor, format: str, block, n: int, m: int, bitmap: boo
     return weight2d.detach().clone()
 
 
+def _trained_weight(mod: nn.Module) -> Tensor:
+    """The weight tensor that trains: a sparse layer's values (weight2d for format "dense"), else .weight."""
+    if isinstance(mod, _SparseWeight):
+        return mod.weight2d if mod.format == "dense" else mod.values
+    return mod.weight
+
+
+def _same_trainability(new: nn.Module, src: nn.Module) -> nn.Module:
+    """A converted layer trains what its source trained: a frozen weight (or bias) stays frozen."""
+    _trained_weight(new).requires_grad_(_trained_weight(src).requires_grad)
+    if new.bias is not None and src.bias is not None:
+        new.bias.requires_grad_(src.bias.requires_grad)
+    return new
+
+
 def _check_format(format: object) -> str:
     if format not in FORMAT_NAMES:
         raise ValueError(f"format must be one of {FORMAT_NAMES}, got {format!r}")
@@ -182,7 +197,7 @@ class SparseLinear(_SparseWeight):
         if not isinstance(bitmap, bool):
             raise TypeError(f"bitmap must be a bool, got {type(bitmap).__name__}")
         fmt = _to_format(linear.weight.detach(), _check_format(format), block, n, m, bitmap)
-        return cls(fmt, linear.bias, format, backend)
+        return _same_trainability(cls(fmt, linear.bias, format, backend), linear)
 
     def forward(self, x: Tensor) -> Tensor:
         return sparse_linear(x, self.sparse_weight(), self.bias, self.backend)
@@ -196,7 +211,7 @@ class SparseLinear(_SparseWeight):
             out.weight.copy_(self.dense_weight2d())
             if self.bias is not None:
                 out.bias.copy_(self.bias)
-        return out
+        return _same_trainability(out, self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
@@ -228,6 +243,9 @@ class SparseConv2d(_SparseWeight):
         """Geometry as tuples of one entry per spatial dim of ``kernel_size`` (stride and dilation default to 1,
         padding to 0)."""
         super().__init__()
+        if format == "channel" and groups != 1:   # (sparse_conv2d has no grouped ChannelIndex path)
+            raise ValueError(f"format='channel' needs groups=1 (a conv of kept output channels), got groups={groups}; "
+                             "use bsr / csr / dense for a grouped conv")
         self._init_weight(weight, _check_format(format), backend)
         self.out_channels = self.weight_shape[0]
         self.in_channels = in_channels
@@ -274,8 +292,8 @@ class SparseConv2d(_SparseWeight):
         padding = _explicit_padding(conv)
         w2d = conv.weight.detach().reshape(conv.out_channels, -1)
         fmt = _to_format(w2d, _check_format(format), block, n, m)
-        return cls(fmt, conv.bias, format, conv.in_channels, conv.kernel_size, conv.stride, padding,
-                   conv.dilation, conv.groups, backend)
+        return _same_trainability(cls(fmt, conv.bias, format, conv.in_channels, conv.kernel_size, conv.stride,
+                                      padding, conv.dilation, conv.groups, backend), conv)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.sparse_weight()
@@ -297,7 +315,7 @@ class SparseConv2d(_SparseWeight):
             out.weight.copy_(self.dense_weight2d().reshape_as(out.weight))
             if self.bias is not None:
                 out.bias.copy_(self.bias)
-        return out
+        return _same_trainability(out, self)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -318,8 +336,9 @@ class SparseConv1d(SparseConv2d):
         (padding,) = _explicit_padding(conv)
         w2d = conv.weight.detach().reshape(conv.out_channels, -1)
         fmt = _to_format(w2d, _check_format(format), block, n, m)
-        return cls(fmt, conv.bias, format, conv.in_channels, (1, conv.kernel_size[0]), (1, conv.stride[0]),
-                   (0, padding), (1, conv.dilation[0]), conv.groups, backend)
+        return _same_trainability(cls(fmt, conv.bias, format, conv.in_channels, (1, conv.kernel_size[0]),
+                                      (1, conv.stride[0]), (0, padding), (1, conv.dilation[0]), conv.groups, backend),
+                                  conv)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in (2, 3):
@@ -336,7 +355,7 @@ class SparseConv1d(SparseConv2d):
             out.weight.copy_(self.dense_weight2d().reshape_as(out.weight))
             if self.bias is not None:
                 out.bias.copy_(self.bias)
-        return out
+        return _same_trainability(out, self)
 
 
 class SparseConv3d(SparseConv2d):

@@ -7,9 +7,12 @@
                              which attention modules are LinearMultiheadAttention (converted again on load)
 
 ``load(path, Model())`` re-applies the spec to a fresh instance of the original class: each recorded submodule is
-rebuilt from the stored tensors, then the whole state_dict is loaded. The dispatcher re-selects the backend on
-the loading machine (``chosen_backend`` is not applied); a forced backend that cannot run there is dropped with
-a warning.
+rebuilt from the stored tensors, then the whole state_dict is loaded; every tensor keeps the dtype it was saved
+in (a model saved in float16 loads as float16 into a float32 instance). The dispatcher re-selects the backend
+on the loading machine (``chosen_backend`` is not applied); a forced backend that cannot run there, or that
+this sparsekit does not know, is dropped with a warning. Non-persistent buffers (outside the state_dict) are
+stored too, under ``NONPERSISTENT`` + their name, for skeletons built on the meta device, which cannot
+compute them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .prune.linear_mha import LinearMultiheadAttention, disable_fused_transforme
 SPEC_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "sparsekit.json"
+NONPERSISTENT = "sparsekit.nonpersistent:"    # key prefix of the non-persistent buffers in the weights file
 
 
 def _module_spec(mod: SparseLinear | SparseConv2d | LinearMultiheadAttention) -> dict:
@@ -72,9 +76,48 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     spec["widths"] = compacted_widths(model)
     # safetensors refuses shared or non-contiguous storage: store contiguous copies
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors.update({NONPERSISTENT + k: v.detach().contiguous().clone() for k, v in _nonpersistent(model).items()})
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=1))
     return out
+
+
+def _nonpersistent(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers ``state_dict`` leaves out (``register_buffer(..., persistent=False)``), by full name."""
+    return {f"{n}.{b}" if n else b: mod._buffers[b] for n, mod in model.named_modules()
+            for b in mod._non_persistent_buffers_set if mod._buffers.get(b) is not None}
+
+
+def _tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Names of parameters shared by several modules (tied embeddings), one list per shared tensor."""
+    ties: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        ties.setdefault(id(p), []).append(n)
+    return [names for names in ties.values() if len(names) > 1]
+
+
+def _assign_meta_skeleton(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load ``tensors`` into a model built on the meta device by assignment: ties are re-made (assignment gives
+    every name its own tensor) and non-persistent buffers come from the file; a tensor left on meta is an error."""
+    ties = _tied_parameters(model)
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(NONPERSISTENT)}, strict=True,
+                          assign=True)
+    for names in ties:
+        shared = model.get_parameter(names[0])
+        for other in names[1:]:
+            owner, _, attr = other.rpartition(".")
+            setattr(model.get_submodule(owner), attr, shared)
+    for k, v in tensors.items():
+        if k.startswith(NONPERSISTENT):
+            owner, _, attr = k[len(NONPERSISTENT):].rpartition(".")
+            mod = model.get_submodule(owner)
+            if attr in mod._buffers:
+                mod._buffers[attr] = v
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"the meta-device skeleton keeps {left[:5]}{'...' if len(left) > 5 else ''} on meta after "
+                         "loading (tensors the saved file does not hold: saved by an older sparsekit, or made "
+                         "outside __init__); build the model on a real device instead")
 
 
 def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
@@ -104,6 +147,10 @@ def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
         weight.validate()
     bias = get("bias") if spec["has_bias"] else None
     backend = spec.get("backend")
+    if backend is not None and backend not in BACKENDS:
+        warnings.warn(f"{name}: backend {backend!r} was forced when saving but this sparsekit does not know it "
+                      f"(known: {', '.join(BACKENDS)}); letting the dispatcher choose", RuntimeWarning, stacklevel=3)
+        backend = None
     if backend is not None and BACKENDS[backend].environment_reasons():
         warnings.warn(f"{name}: backend {backend!r} was forced when saving but cannot run here "
                       f"({'; '.join(BACKENDS[backend].environment_reasons())}); letting the dispatcher choose",
@@ -165,7 +212,17 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
             new = _rebuild(name, mspec, tensors)
         set_submodule(model, name, new)
     disable_fused_transformer_paths(model)
-    if not on_meta:  # move, then copy: tied weights stay tied and non-persistent buffers follow
-        model.to(device)
-    model.load_state_dict(tensors, strict=True, assign=on_meta)
+    if on_meta:
+        _assign_meta_skeleton(model, tensors)
+        return model
+    model.to(device)      # move, then copy: tied weights stay tied and non-persistent buffers follow
+    saved = {k: v for k, v in tensors.items() if not k.startswith(NONPERSISTENT)}
+    # each tensor in its saved dtype (rebuilt sparse layers have it already); non-persistent buffers keep the
+    # values __init__ gave them, in the dtype they were saved in
+    dtypes = {k: v.dtype for k, v in saved.items()} | {k[len(NONPERSISTENT):]: v.dtype for k, v in tensors.items()
+                                                         if k.startswith(NONPERSISTENT)}
+    for k, t in (*model.state_dict(keep_vars=True).items(), *_nonpersistent(model).items()):
+        if k in dtypes and t.is_floating_point() and dtypes[k] != t.dtype:
+            t.data = t.data.to(dtypes[k])
+    model.load_state_dict(saved, strict=True)
     return model

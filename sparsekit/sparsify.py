@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils import _pytree as pytree
 
 from ._compat import set_submodule
 from .nn import FORMAT_NAMES, SPARSE_LAYERS, SparseConv2d, SparseLinear, sparse_class
@@ -36,9 +37,9 @@ from .prune.linear_mha import (
     restore_nested_tensors,
 )
 from .prune.masks import bake_masks
+from .prune.pruner import check_example_inputs, run_example
 from .timing import interleaved_median_ms
 from .tuning_cache import TuningCache, code_revision, device_name, resolve_cache
-from .verify import as_args
 
 DEFAULT_BLOCKS: tuple[tuple[int, int], ...] = ((1, 4), (4, 1), (16, 16), (32, 32), (64, 64))
 MAX_STORED_DENSITY = 0.75   # a format storing more than this fraction of the weight cannot beat dense
@@ -135,7 +136,7 @@ def capture_inputs(model: nn.Module, example_inputs: Any,
     hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n and predicate(m)]
     try:
         with torch.no_grad():
-            model(*as_args(example_inputs))
+            run_example(model, example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -370,6 +371,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     or when, timed on its real call, the converted module does not beat the stock one by ``min_speedup``. An
     attention converted beforehand (``sk.nn.mha_to_linear``) stays converted: its projections are layers.
 
+    example_inputs  a Tensor, a tuple/list of positional args or a dict of keyword args (as the Pruner and
+                 ``sk.verify`` take them); each layer is timed at the input shape it sees on them
     formats      non-empty subset of ("dense", "bsr", "csr", "nm", "channel"); None = all
     min_speedup  a sparse format must beat dense by this factor (positive, finite) to be chosen
     cache        None: the default JSON file (~/.cache/sparsekit/sparsify.json or $SPARSEKIT_CACHE_DIR);
@@ -387,7 +390,7 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     """
     formats, blocks = _check_args(model, formats, min_speedup, blocks, reps, backend,
                                   {"exact": exact, "inplace": inplace, "measure_model": measure_model})
-    args = as_args(example_inputs)
+    check_example_inputs(example_inputs)
     tcache: TuningCache = resolve_cache(cache)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
@@ -402,16 +405,17 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     hooks = [target.get_submodule(n).register_forward_pre_hook(_record_call(calls, n), with_kwargs=True)
              for n in exposed]
     try:
-        inputs = capture_inputs(target, args, is_layer)
+        inputs = capture_inputs(target, example_inputs, is_layer)
     except BaseException as exc:
         restore_dense_attention(target, exposed)      # (inplace=True: its attention and nested-tensor flags back)
         restore_nested_tensors(nested)
         if not isinstance(exc, (RuntimeError, ValueError, TypeError, IndexError)):
             raise
-        given = [tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__ for a in args]
+        given = pytree.tree_map(lambda a: tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__,
+                                example_inputs)
         raise ValueError(f"example_inputs: the model failed to run on them ({type(exc).__name__}: "
-                         f"{_first_line(exc, 200)}); expected inputs that model(*example_inputs) accepts, got "
-                         f"{given}") from exc
+                         f"{_first_line(exc, 200)}); expected inputs the model accepts (a Tensor, positional args "
+                         f"or a dict of keyword args), got {given}") from exc
     finally:
         for h in hooks:
             h.remove()
@@ -475,7 +479,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
         # parametrization costs about a dense forward again) and what sk.save stores
         bake_masks(target)
     if baseline is not None and report.layers:
-        t = interleaved_median_ms({"dense": lambda: baseline(*args), "sparse": lambda: target(*args)}, warmup=2,
+        t = interleaved_median_ms({"dense": lambda: run_example(baseline, example_inputs),
+                                   "sparse": lambda: run_example(target, example_inputs)}, warmup=2,
                                   reps=reps, device=device)
         report.dense_ms, report.sparse_ms = t["dense"], t["sparse"]
     return target, report

@@ -95,13 +95,13 @@ def _recent_revisions(entries: dict[str, dict]) -> dict[str, dict]:
 
 
 def _valid_entry(entry: object) -> bool:
-    """An entry sparsify can use: {"times_ms": {label: finite ms >= 0, ..., "dense": ...}, "notes": [str, ...]}."""
+    """An entry sparsify can use: {"times_ms": {label: finite ms > 0, ..., "dense": ...}, "notes": [str, ...]}."""
     if not isinstance(entry, dict):
         return False
     times, notes = entry.get("times_ms"), entry.get("notes", [])
     return (isinstance(times, dict) and "dense" in times
             and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                    and math.isfinite(v) and v >= 0 for k, v in times.items())
+                    and math.isfinite(v) and v > 0 for k, v in times.items())
             and isinstance(notes, list) and all(isinstance(n, str) for n in notes))
 
 

@@ -29,15 +29,6 @@ def _tensors(obj: Any, path: str = "output") -> Iterator[tuple[str, Tensor]]:
         yield from _tensors(obj.to_tuple(), path)
 
 
-def as_args(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a Tensor or a tuple/list of positional inputs, "
-                    f"got {type(example_inputs).__name__}")
-
-
 def _run_recording(model: nn.Module, example_inputs: Any) -> tuple[Any, dict[str, Tensor]]:
     """Run the model, recording each named submodule's (first tensor) output."""
     seen: dict[str, Tensor] = {}
@@ -59,7 +50,17 @@ def _run_recording(model: nn.Module, example_inputs: Any) -> tuple[Any, dict[str
 
 
 def _max_diff(a: Tensor, b: Tensor) -> float:
-    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    """Max |a - b|; equal infinities match, and a NaN on either side is an infinite difference (never within
+    any tolerance: a model that starts producing NaN is not the reference)."""
+    if not a.numel():
+        return 0.0
+    a, b = a.double(), b.double()
+    d = float(torch.where(a == b, 0.0, (a - b).abs()).max())
+    return math.inf if math.isnan(d) else d
+
+
+def _tolerance(ref: Tensor, atol: float, rtol: float) -> float:
+    return atol + rtol * float(ref.abs().max()) if ref.numel() and rtol else atol
 
 
 def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol: float = 1e-4,
@@ -90,12 +91,14 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol
         if a.shape != b.shape:
             raise VerificationError(f"{path}: shape {tuple(a.shape)} (reference) vs {tuple(b.shape)} (candidate)")
         diffs[path] = _max_diff(a, b)
-    bad = {p: d for p, d in diffs.items() if d > atol + rtol * float(ref_t[p].abs().max() if ref_t[p].numel() else 0)}
+    bad = {p: d for p, d in diffs.items() if d > _tolerance(ref_t[p], atol, rtol)}
     if bad:
         worst = max(bad, key=bad.get)
         first_layer = next((n for n in ref_seen if n in cand_seen and ref_seen[n].shape == cand_seen[n].shape
-                            and _max_diff(ref_seen[n], cand_seen[n]) > atol), None)
+                            and _max_diff(ref_seen[n], cand_seen[n]) > _tolerance(ref_seen[n], atol, rtol)), None)
         where = (f"; first layer off: {first_layer!r} (max |diff| "
                  f"{_max_diff(ref_seen[first_layer], cand_seen[first_layer]):.3g})") if first_layer else ""
-        raise VerificationError(f"{worst}: max |diff| {bad[worst]:.3g} > atol {atol}{where}")
+        nan = " (NaN where the other has a number)" if math.isinf(bad[worst]) else ""
+        raise VerificationError(f"{worst}: max |diff| {bad[worst]:.3g}{nan} > atol {atol}"
+                                f"{f' + rtol {rtol} * max|reference|' if rtol else ''}{where}")
     return diffs

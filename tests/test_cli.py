@@ -56,3 +56,26 @@ def test_sparsify_command_measures_a_saved_sparse_model_again(tmp_path, capsys):
     loaded = sk.load(tmp_path / "out", sk.models.FFN(dim=64, hidden=128, tokens=4))
     assert isinstance(loaded.fc1, SparseLinear) and loaded.fc1.format == "csr" and loaded.fc2.format == "csr"
     torch.testing.assert_close(loaded(x), fast(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("words, reps", [
+    (["--max-reps", "3"], (3, 3)),                   # only a maximum below the default minimum: the minimum follows
+    (["--quick", "--max-reps", "2"], (2, 2)),
+    (["--min-reps", "40"], (40, 40)),                # only a minimum above the default maximum: the maximum follows
+    (["--min-reps", "2", "--max-reps", "4"], (2, 4)),
+])
+def test_bench_reps_options_are_honoured(words, reps):
+    from sparsekit.benchmark.command import config_from_args
+
+    args = build_parser().parse_args(["bench", "kernels", *words])
+    cfg = config_from_args(args, "kernels", [])
+    assert (cfg.min_reps, cfg.max_reps) == reps
+
+
+def test_bench_refuses_non_finite_sample_and_budget_times(capsys):
+    for flag in ("--min-sample-ms", "--budget"):
+        for value in ("nan", "inf"):
+            with pytest.raises(SystemExit) as exc:      # argparse's error or config_from_args's
+                main(["bench", "kernels", flag, value, "--no-peaks", "--no-compile"])
+            said = f"{exc.value} {capsys.readouterr().err}"
+            assert "finite" in said or "> 0" in said, (flag, value, said)

@@ -208,3 +208,32 @@ def test_sparse_conv_to_dense_keeps_geometry():
     sc = SparseConv2d.from_dense(conv, format="csr")
     x = torch.randn(2, 16, 11, 11)
     torch.testing.assert_close(sc.to_dense()(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_layers_stay_frozen_through_from_dense_and_to_dense():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    lin.weight.requires_grad_(False)                      # a frozen weight, a trained bias
+    conv = nn.Conv2d(4, 8, 3).requires_grad_(False)
+    conv1d = nn.Conv1d(4, 8, 3).requires_grad_(False)
+    for fmt in ("csr", "dense"):
+        sl = SparseLinear.from_dense(lin, fmt)
+        trained = sl.values if fmt != "dense" else sl.weight2d
+        assert not trained.requires_grad and sl.bias.requires_grad
+        back = sl.to_dense()
+        assert not back.weight.requires_grad and back.bias.requires_grad
+        for cls, src in ((SparseConv2d, conv), (sk.nn.SparseConv1d, conv1d)):
+            sc = cls.from_dense(src, fmt)
+            assert not any(p.requires_grad for p in sc.parameters())
+            assert not any(p.requires_grad for p in sc.to_dense().parameters())
+
+
+def test_channel_format_refuses_a_grouped_conv():
+    conv = nn.Conv2d(8, 8, 3, groups=2)
+    with torch.no_grad():
+        conv.weight[::2] = 0                          # zeros: convert_modules tries it
+    with pytest.raises(ValueError, match="format='channel' needs groups=1"):
+        SparseConv2d.from_dense(conv, "channel")
+    converted = convert_modules(nn.Sequential(conv), format="channel")
+    assert isinstance(converted[0], nn.Conv2d)         # left dense, with the reason recorded
+    assert any("groups" in str(r) for r in getattr(converted, "sparsekit_skipped", {}).values())

@@ -243,3 +243,26 @@ def test_demo_block_from_the_newest_default_run(script, tmp_path):
     run("newer_on_gpu", "2026-03-01T00:00:00", True, device="cuda")
     block = script.demo_block(tmp_path, readme)
     assert "table of new" in block and "2026-02-01" in block and "(demo_new.json)" in block
+
+
+def test_break_even_below_the_sweep_and_points_where_sparsekit_failed(tg, tmp_path):
+    """'below' (already faster at the lowest sparsity measured) meets a break-even target only when that lowest
+    sparsity is itself within it; a point where sparsekit did not run (and torch did) fails an 'every
+    sparsity' target, a point where torch did not run is left out."""
+    rows = []
+    for s, v in ((0.9, 3.0), (0.95, 5.0)):
+        rows += _bert(s, (v, v), "bsr16x16")
+    _sweep(tmp_path, "late", rows)
+    be = _measure(tg, tmp_path, "BSR 16x16 break-even")
+    assert (be.value, be.status) == ("<= 0.90 / <= 0.90", tg.NOT_MET)
+    rows = _bert(0.5, (1.1, 1.1), "bsr16x16") + _bert(0.9, (3.0, 3.0), "bsr16x16")
+    rows += _bert(0.5, (0.4, 0.4), "bsr32x32", "torch_bsr") + _bert(0.9, (1.0, 1.0), "bsr32x32", "torch_bsr")
+    rows += [_row(shape, 512, "bsr32x32", 0.5, "sparsekit_cpu", None, status="mismatch") for shape in BERT]
+    rows += _bert(0.9, (6.0, 6.0), "bsr32x32")
+    rows += _bert(0.95, (9.0, 9.0), "bsr32x32")          # no torch_bsr row at 95%: left out
+    _sweep(tmp_path, "later", rows, date="2026-01-02T00:00:00+00:00")
+    be = _measure(tg, tmp_path, "BSR 16x16 break-even")
+    assert (be.value, be.status) == ("<= 0.50 / <= 0.50", tg.MET)
+    ratio = _measure(tg, tmp_path, "... >= 3x faster than torch.sparse BSR")
+    assert ratio.status == tg.NOT_MET and "2 where sparsekit did not run" in ratio.value
+    assert "2 where torch_bsr did not run" in ratio.value

@@ -80,3 +80,59 @@ def test_load_rejects_a_bad_map_location(tmp_path):
     out = sk.save(fast, tmp_path / "m")
     with pytest.raises(ValueError, match="map_location must be"):
         sk.load(out, TwoLayers(), map_location="nowhere")
+
+
+class TiedLM(nn.Module):
+    """An embedding tied to the output projection, and a non-persistent buffer that __init__ computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 32)
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 40, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("positions", torch.arange(32, dtype=torch.float32) / 32, persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mid(self.emb(t)) + self.positions)
+
+
+def test_meta_skeleton_keeps_ties_and_gets_non_persistent_buffers(tmp_path):
+    torch.manual_seed(1)
+    model = TiedLM().eval()
+    with torch.no_grad():
+        model.mid.weight.mul_((torch.rand(32, 32) < 0.2).float())
+    t = torch.randint(0, 40, (2, 5))
+    fast, _ = sk.sparsify(model, t, formats=["csr"], min_speedup=1e-9, cache=False, reps=1, measure_model=False)
+    assert isinstance(fast.mid, SparseLinear)
+    sk.save(fast, tmp_path / "lm")
+    with torch.device("meta"):
+        skeleton = TiedLM()
+    loaded = sk.load(tmp_path / "lm", skeleton)
+    assert loaded.head.weight is loaded.emb.weight                   # still one tensor
+    assert not any(b.is_meta for b in loaded.buffers())
+    torch.testing.assert_close(loaded(t), fast(t), rtol=0, atol=0)
+    eager = sk.load(tmp_path / "lm", TiedLM())
+    assert eager.head.weight is eager.emb.weight
+    torch.testing.assert_close(eager(t), fast(t), rtol=0, atol=0)
+
+
+def test_a_half_precision_model_loads_in_its_saved_dtype(tmp_path):
+    fast, x = _sparsified(["csr"])
+    fast = fast.half()
+    sk.save(fast, tmp_path / "half")
+    loaded = sk.load(tmp_path / "half", TwoLayers())          # a float32 instance
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
+    torch.testing.assert_close(loaded(x.half()), fast(x.half()), rtol=0, atol=0)
+
+
+def test_an_unknown_forced_backend_is_dropped_with_a_warning(tmp_path):
+    fast, x = _sparsified(["csr"])
+    out = sk.save(fast, tmp_path / "m")
+    spec = json.loads((out / "sparsekit.json").read_text())
+    spec["modules"]["a"]["backend"] = "some-future-backend"
+    (out / "sparsekit.json").write_text(json.dumps(spec))
+    with pytest.warns(RuntimeWarning, match="does not know it"):
+        loaded = sk.load(out, TwoLayers())
+    assert loaded.a.backend is None
+    torch.testing.assert_close(loaded(x), fast(x))

@@ -540,3 +540,25 @@ def test_report_says_why_sparse_layers_stayed_dense():
     blocky = SparsifyReport([layer("a", 0.5, blocks, "dense")], "cpu", "torch.float32", 1.1)
     assert "stayed dense" in str(blocky) and "single zeros" not in str(blocky)
     assert "stayed dense" not in str(SparsifyReport([layer("c", 0.5, blocks, "bsr32x32")], "cpu", "x", 1.1))
+
+
+def test_keyword_example_inputs_like_the_pruner_and_verify():
+    """A dict of keyword args (Hugging Face style) is accepted as example_inputs, as by Pruner and verify."""
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 64)
+
+        def forward(self, input_ids=None, scale=1.0):
+            return self.lin(input_ids) * scale
+
+    torch.manual_seed(0)
+    model = Keyword().eval()
+    with torch.no_grad():
+        model.lin.weight.mul_(torch.rand(64, 64) < 0.1)
+    inputs = {"input_ids": torch.randn(4, 64), "scale": 2.0}
+    fast, report = sk.sparsify(model, inputs, formats=["csr"], min_speedup=1e-9, cache=False, reps=1)
+    assert [r.choice for r in report.layers] == ["csr"] and report.dense_ms > 0 and report.sparse_ms > 0
+    sk.verify(model, fast, inputs)
+    with pytest.raises(ValueError, match="a dict of keyword args"):
+        sk.sparsify(model, {"wrong_name": torch.randn(4, 64)}, cache=False, reps=1)

@@ -26,6 +26,7 @@ ENTRY = {"times_ms": {"dense": 1.0, "csr": 0.5}, "notes": []}
         (b'{"k": {"times_ms": {"csr": 1.0}}}', "malformed entries"),  # no dense time
         (b'{"k": {"times_ms": {"dense": "fast"}, "notes": []}}', "malformed entries"),
         (b'{"k": []}', "malformed entries"),
+        (b'{"k": {"times_ms": {"dense": 1.0, "csr": 0.0}, "notes": []}}', "malformed entries"),  # 0 ms: no ratio
     ],
 )
 def test_a_corrupt_cache_file_starts_empty_with_a_warning_naming_it(tmp_path, content, match):

@@ -81,3 +81,29 @@ def test_verify_rejects_nan_and_negative_tolerances():
     for kw in ({"atol": float("nan")}, {"rtol": float("nan")}, {"rtol": -1.0}):
         with pytest.raises(ValueError):
             sk.verify(a, a, torch.randn(3, 8), **kw)
+
+
+def test_nan_in_the_candidate_is_never_within_tolerance():
+    """A NaN compares false with any tolerance: verify must flag it, not pass it; equal infinities match."""
+    class Scaled(nn.Module):
+        def __init__(self, factor: float) -> None:
+            super().__init__()
+            self.lin, self.factor = nn.Linear(4, 3), factor
+
+        def forward(self, x):
+            return self.lin(x) * self.factor
+
+    torch.manual_seed(0)
+    ref, bad = Scaled(1.0), Scaled(float("nan"))
+    bad.lin.load_state_dict(ref.lin.state_dict())
+    x = torch.randn(2, 4)
+    with pytest.raises(sk.VerificationError, match=r"output: max \|diff\| inf \(NaN"):
+        sk.verify(ref, bad, x, atol=1e9)
+    inf_a, inf_b = Scaled(float("inf")), Scaled(float("inf"))
+    inf_b.lin.load_state_dict(inf_a.lin.state_dict())
+    with torch.no_grad():
+        inf_a.lin.weight.abs_()
+        inf_b.lin.weight.copy_(inf_a.lin.weight)
+        inf_a.lin.bias.fill_(1.0)
+        inf_b.lin.bias.fill_(1.0)
+    assert sk.verify(inf_a, inf_b, x.abs(), atol=0) == {"output": 0.0}

@@ -180,11 +180,12 @@ def config_from_args(args: argparse.Namespace, suite: str, argv: list[str] | Non
         raise ValueError(f"--min-reps ({kw['min_reps']}) must be <= --max-reps ({kw['max_reps']})")
     if args.quick:
         cfg = SweepConfig.quick_defaults(**kw)
-        if cfg.min_reps > cfg.max_reps:    # only one of them given
-            cfg.max_reps = cfg.min_reps
     else:
         cfg = SweepConfig(**{"sparsities": DEFAULT_SPARSITIES, "blocks": DEFAULT_BLOCKS, **kw})
-        if cfg.min_reps > cfg.max_reps:
+    if cfg.min_reps > cfg.max_reps:    # only one of them given: the other follows it
+        if args.max_reps is not None:
+            cfg.min_reps = cfg.max_reps
+        else:
             cfg.max_reps = cfg.min_reps
     return cfg.validate()
 
@@ -215,12 +216,15 @@ def run_bench(args: argparse.Namespace, suite: str, argv: list[str] | None = Non
     from .sweep import run_kernel_sweep, save_results
 
     t0 = time.perf_counter()
-    if suite == "kernels":
-        results = run_kernel_sweep(cfg)
-    else:
-        from .whole_model import run_model_sweep
+    try:
+        if suite == "kernels":
+            results = run_kernel_sweep(cfg)
+        else:
+            from .whole_model import run_model_sweep
 
-        results = run_model_sweep(cfg)
+            results = run_model_sweep(cfg)
+    except ValueError as exc:       # e.g. nothing to run once every pattern was skipped
+        raise SystemExit(f"sparsekit bench {suite}: {exc}") from None
     elapsed = time.perf_counter() - t0
     results["meta"]["elapsed_s"] = round(elapsed, 1)
     paths = save_results(results, args.out, plots=args.plots)

@@ -171,11 +171,12 @@ class SweepConfig:
                              f"max_reps={self.max_reps!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
-        if not isinstance(self.budget_s, (int, float)) or self.budget_s <= 0:
+        if isinstance(self.budget_s, bool) or not isinstance(self.budget_s, (int, float)) \
+                or not math.isfinite(self.budget_s) or self.budget_s <= 0:
             raise ValueError(f"budget_s must be > 0 seconds, got {self.budget_s!r}")
         if isinstance(self.min_sample_ms, bool) or not isinstance(self.min_sample_ms, (int, float)) \
-                or self.min_sample_ms < 0:
-            raise ValueError(f"min_sample_ms must be a number >= 0, got {self.min_sample_ms!r}")
+                or not math.isfinite(self.min_sample_ms) or self.min_sample_ms < 0:
+            raise ValueError(f"min_sample_ms must be a finite number >= 0, got {self.min_sample_ms!r}")
         return self
 
     def selected_shapes(self, op: str) -> list[LinearShape | ConvShape]:
@@ -494,7 +495,9 @@ def run_kernel_sweep(cfg: SweepConfig) -> dict:
         notes: dict[str, str] = results["notes"]
         jobs = _jobs(cfg, notes)
         if not jobs:
-            raise ValueError(f"nothing to run: no shape of ops={cfg.ops} matches shapes={cfg.shapes}")
+            why = "; ".join(f"{k}: {v}" for k, v in notes.items())
+            raise ValueError(f"nothing to run: every pattern was skipped ({why[:400]})" if notes else
+                             f"nothing to run: no shape of ops={cfg.ops} matches shapes={cfg.shapes}")
         state: dict = {}
         with Progress(len(jobs), "sparsekit bench kernels", enabled=cfg.progress) as bar:
             for done, (op, shape, dtype, pattern, s) in enumerate(jobs):
