@@ -353,3 +353,17 @@ def test_hessian_fisher_is_per_sample_whatever_the_batching(monkeypatch):
     monkeypatch.setattr(calibration, "_vmap_sq_grads", no_vmap)
     loop, _ = fisher([(x, y)])
     torch.testing.assert_close(loop, one, rtol=1e-5, atol=1e-12)
+
+
+def test_random_channel_scores_do_not_depend_on_the_fan_in():
+    """Under a global channel threshold, random draws one score per channel: a layer with few inputs is not
+    emptied first (per-weight draws summed per channel grew with the fan-in)."""
+    net = nn.Sequential(nn.Linear(2, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 5))
+    removed_from_second = []
+    for seed in range(5):
+        p = Pruner(net, torch.randn(4, 2), criterion="random", granularity="channel", scope="global",
+                   sparsity=0.45, seed=seed)
+        keep = p.select(p.scores(), 0.45)
+        removed_from_second.append(int((~keep["2"].any(1)).sum()))
+        p.remove()
+    assert sum(removed_from_second) > 0, removed_from_second

@@ -90,6 +90,39 @@ def test_lottery_rewinds_surviving_weights(rewind):
     assert sum(int((~mk).sum()) for mk in ticket.pruner.masks.values()) == int(0.75 * total)
 
 
+def test_lottery_random_reinit_is_redrawn_every_round_and_covers_every_module():
+    """rewind="random": each round draws a new initialisation (seeded: the same for the same seed), the root
+    module and nn.MultiheadAttention's in-projection included."""
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.mha(x, x, x, need_weights=False)[0])
+
+    x = torch.randn(2, 4, 8)
+    firsts = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = Attn()
+        before = m.mha.in_proj_weight.detach().clone()
+        ticket = LotteryTicket(m, x, sparsity=0.75, rounds=2, rewind="random", ignore=["fc"], seed=3)
+        ticket.prune_round()
+        first = m.mha.out_proj.parametrizations.weight.original.detach().clone()
+        assert not torch.equal(m.mha.in_proj_weight.detach(), before * (m.mha.in_proj_weight != 0))
+        ticket.prune_round()
+        second = m.mha.out_proj.parametrizations.weight.original.detach()
+        assert not torch.equal(first, second)                 # a new draw in round 2
+        firsts.append(first)
+    assert torch.equal(*firsts)                               # seeded
+    root = nn.Linear(16, 4)
+    w0 = root.weight.detach().clone()
+    LotteryTicket(root, torch.randn(2, 16), sparsity=0.5, rounds=1, rewind="random", ignore=[]).prune_round()
+    assert not torch.equal(root.parametrizations.weight.original.detach(), w0)     # the root is re-drawn too
+
+
 def test_lottery_run_and_errors():
     torch.manual_seed(0)
     m = models.MLP([64, 32, 10])
@@ -163,6 +196,22 @@ def test_alpha_blend_with_batchnorm_chain_and_errors():
     assert b.widths == {"conv1": 3, "conv2": 8, "fc1": 60, "fc2": 42}
     with pytest.raises(ValueError, match="merge\\(\\) needs alpha == 0"):
         b.merge()
+    with pytest.raises(ValueError, match="is an nn.Sequential.*wrap it"):
+        AlphaBlend(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(2, 5), {"0": 4})
+
+    class Depthwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw, self.pw = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 6, 1)
+
+        def forward(self, x):
+            return self.pw(torch.relu(self.dw(x)))
+
+    dw = Depthwise()
+    with pytest.raises(ValueError, match="'dw' is a grouped conv \\(groups=4\\)"):
+        AlphaBlend(dw, torch.randn(2, 4, 5, 5), {"dw": 2})
+    with pytest.raises(TypeError, match="non-empty dict"):    # the float form leaves grouped layers out
+        AlphaBlend(dw, torch.randn(2, 4, 5, 5), 0.5)
 
 
 # ------------------------------------------------------------------------------------------- low rank
@@ -225,9 +274,11 @@ def test_abc_search_meets_budget_and_finds_the_redundant_layer():
 
 
 # -------------------------------------------------------------------------------------------- dynamic
-def test_channel_gate_compact_path_matches_dense_masked():
+@pytest.mark.parametrize("conv_kw", [dict(padding=1), dict(padding=1, padding_mode="reflect"),
+                                     dict(padding="same", dilation=2), dict(padding=1, padding_mode="circular")])
+def test_channel_gate_compact_path_matches_dense_masked(conv_kw):
     torch.manual_seed(0)
-    conv = nn.Conv2d(4, 8, 3, padding=1)
+    conv = nn.Conv2d(4, 8, 3, **conv_kw)
     gate = ChannelGate(conv, keep=0.5)
     with torch.no_grad():
         gate.predictor.weight.normal_()
@@ -306,3 +357,30 @@ def test_add_channel_gates_on_lenet():
         ChannelGate(nn.Linear(2, 2), keep=0.0)
     with pytest.raises(ValueError, match="not a module of model"):
         add_channel_gates(m, ["conv9"])
+
+
+def test_abc_search_returns_the_best_candidate_it_ever_scored_on_the_pruned_network():
+    """The best candidate evaluated is returned even when the colony later abandons it (limit); and the network
+    scored is the pruned one: a removed channel's BatchNorm outputs 0, not its shift."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                      nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3)).eval()
+    with torch.no_grad():
+        m[1].bias.fill_(0.5)
+    x = torch.randn(2, 3, 4, 4)
+    scored, leaks = [], []
+
+    def fitness(target, calib):
+        rows_kept = target[0].weight.detach().reshape(8, -1).ne(0).any(1)
+        with torch.no_grad():
+            bn_out = target[1](target[0](x))
+        leaks.append(float(bn_out[:, ~rows_kept].abs().max()) if (~rows_kept).any() else 0.0)
+        f = -abs(int(rows_kept.sum()) - 5) - abs(int(target[3].weight.detach().reshape(8, -1).ne(0).any(1).sum()) - 3)
+        scored.append(float(f))
+        return float(f)
+
+    res = abc_search(m, x, [(x, torch.zeros(2, dtype=torch.long))], budget=1.0, metric="params", colony=3,
+                     cycles=6, limit=1, seed=2, fitness=fitness)
+    assert res.fitness == max(scored) and res.history[-1] == max(scored)
+    assert all(a <= b for a, b in zip(res.history, res.history[1:]))        # best so far: never decreases
+    assert max(leaks) == 0.0

@@ -143,9 +143,10 @@ sddmm_warp_kernel(const T* __restrict__ dyT, const T* __restrict__ xT, Entries e
 // ------------------------------------------------------------------------------------------ host side
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// src [M, C] -> [C, Mp], Mp >= M, the pad columns zero.
+// src [M, C] -> [C, Mp], Mp >= M, the pad columns zero; always a fresh allocation: the kernels load it 16 bytes
+// at a time, and src.t().contiguous() of a one-column src is src itself, which may start at any element offset
 inline at::Tensor transposed_padded(const at::Tensor& src, int64_t Mp) {
-  if (Mp == src.size(0)) return src.t().contiguous();
+  if (Mp == src.size(0)) return at::empty({src.size(1), Mp}, src.options()).copy_(src.t());
   at::Tensor t = at::zeros({src.size(1), Mp}, src.options());
   t.narrow(1, 0, src.size(0)).copy_(src.t());
   return t;

@@ -31,9 +31,12 @@ def magnitude(module: nn.Module) -> Tensor:
 @register("random", needs=("seed",), doc="uniform random scores from a seed and the layer's name: the baseline "
                                   "(e.g. Frankle & Carbin 2019, 'The Lottery Ticket Hypothesis', random pruning)")
 def random(module: nn.Module, ctx: LayerContext) -> Tensor:
-    """Seeded uniform scores, different per layer, identical across runs for the same seed."""
+    """Seeded uniform scores, different per layer, identical across runs for the same seed: one per weight, or one
+    per output channel for channel granularity (a sum of per-weight draws would grow with the fan-in, and a
+    global threshold would then empty the layers with few inputs first)."""
     gen = torch.Generator().manual_seed(layer_seed(ctx.seed, ctx.name))
-    return torch.rand(_w(module).shape, generator=gen)
+    shape = _w(module).shape[:1] if ctx.granularity == "channel" else _w(module).shape
+    return torch.rand(shape, generator=gen)
 
 
 @register("l1", doc="L1 norm of each output channel/filter, sum of |w| (Li et al. 2017, "

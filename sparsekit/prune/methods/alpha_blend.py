@@ -70,6 +70,10 @@ class AlphaBlend:
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, widths: dict[str, int] | float) -> None:
+        if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            # the branches become a child of model (so that model.parameters() trains them): a Sequential would run it
+            raise ValueError(f"model is an nn.{type(model).__name__}, whose forward would run the branches added to "
+                             "it: wrap it in a Module whose forward calls it (e.g. a one-attribute nn.Module)")
         modules = dict(model.named_modules())
         prunable = [k for k, v in modules.items() if isinstance(v, _masks.LINEAR_CONV2D)]
         self.model = model
@@ -79,7 +83,8 @@ class AlphaBlend:
             if not 0.0 < widths < 1.0:
                 raise ValueError(f"widths as a fraction must be in (0, 1), got {widths!r}")
             widths = {k: max(1, round(widths * modules[k].weight.shape[0])) for k, lk in links.items()
-                      if lk.consumer is not None}
+                      if lk.consumer is not None and getattr(modules[k], "groups", 1) == 1
+                      and getattr(modules[lk.consumer], "groups", 1) == 1}
         if not isinstance(widths, dict) or not widths:
             raise TypeError(f"widths must be a non-empty dict name -> channels or a float, got {widths!r}")
         self.alpha = 1.0
@@ -91,6 +96,10 @@ class AlphaBlend:
                 raise ValueError(f"widths names {name!r}, which is not an nn.Linear/nn.Conv2d of model "
                                  f"(have {prunable})")
             mod, link = modules[name], links[name]
+            grouped = [n for n in (name, link.consumer) if n is not None and getattr(modules[n], "groups", 1) != 1]
+            if grouped:     # the merge's einsums rebuild groups=1 layers
+                raise ValueError(f"cannot blend {name!r}: {grouped[0]!r} is a grouped conv "
+                                 f"(groups={modules[grouped[0]].groups}); blending needs groups=1")
             if link.consumer is not None and not isinstance(modules[link.consumer], _masks.LINEAR_CONV2D):
                 raise ValueError(f"cannot blend {name!r}: its consumer {link.consumer!r} is an "
                                  f"nn.{type(modules[link.consumer]).__name__}; merging rebuilds Linear / Conv2d only")

@@ -111,8 +111,11 @@ class ChannelGate(nn.Module):
                                shape=tuple(w2.shape), dim=0)
             xi = x[i:i + 1]
             if isinstance(self.layer, nn.Conv2d):
-                y = sparse_conv2d(xi, fmt, None, self.layer.stride, self.layer.padding, self.layer.dilation,
-                                  kernel_size=self.layer.kernel_size)
+                conv, padding = self.layer, self.layer.padding
+                if conv.padding_mode != "zeros" or isinstance(padding, str):   # as nn.Conv2d pads: reflect /
+                    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode   # 'same' ...
+                    xi, padding = F.pad(xi, conv._reversed_padding_repeated_twice, mode=mode), 0
+                y = sparse_conv2d(xi, fmt, None, conv.stride, padding, conv.dilation, kernel_size=conv.kernel_size)
             else:
                 y = channel_linear(xi, fmt, None)
             scale = torch.zeros_like(gate[i]).index_copy(0, idx, gate[i, idx])

@@ -7,7 +7,8 @@ are kept) and resets the surviving weights according to ``rewind`` -- the initia
 * ``"init"``: back to the values at construction (the original lottery ticket);
 * ``"iteration"``: back to a snapshot the user took with ``snapshot()`` early in training ("later
   iteration", late rewinding);
-* ``"random"``: a fresh random initialisation (the control experiment: a random re-init of the ticket);
+* ``"random"``: a fresh random initialisation every round (the control experiment: a random re-init of the
+  ticket; seed 001's "set randomly each time"), seeded by ``seed`` and the round;
 * ``"finetune"``: no reset, training continues from the trained weights (fine-tuning).
 
     ticket = LotteryTicket(model, x, sparsity=0.9, rounds=3, rewind="init")
@@ -46,6 +47,20 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def _random_init(model: nn.Module, seed: int) -> dict[str, Tensor]:
+    """``_state`` of a freshly initialised copy of ``model`` (every module's own initialiser, the root's too;
+    ``nn.MultiheadAttention``'s is ``_reset_parameters``), drawn from ``seed`` without touching the caller's RNG."""
+    fresh = copy.deepcopy(model)
+    _masks.remove_masks(fresh)          # plain parameters to re-draw (the masks stay on the model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in fresh.modules():
+            reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
+            if callable(reset):
+                reset()
+    return _state(fresh)
+
+
 @torch.no_grad()
 def _load(model: nn.Module, state: dict[str, Tensor]) -> None:
     current = model.state_dict(keep_vars=True)
@@ -79,16 +94,9 @@ class LotteryTicket:
         self.pruner = Pruner(model, example_inputs, criterion=criterion, granularity=granularity, scope=scope,
                              sparsity=sparsity, ignore=ignore, schedule=Iterative(steps=rounds, mode="geometric"))
         self._rewind_state: dict[str, Tensor] | None = None
+        self._round = 0
         if rewind == "init":
             self._rewind_state = _state(model)
-        elif rewind == "random":
-            fresh = copy.deepcopy(model)
-            with torch.random.fork_rng(devices=[]):      # the caller's RNG stream is left alone
-                torch.manual_seed(layer_seed(seed, "lottery/random-reinit"))
-                for m in fresh.modules():
-                    if hasattr(m, "reset_parameters") and m is not fresh:
-                        m.reset_parameters()
-            self._rewind_state = _state(fresh)
 
     def snapshot(self) -> None:
         """Remember the current weights as the rewind point (``rewind="iteration"``: call it after a few
@@ -100,6 +108,9 @@ class LotteryTicket:
         if self.rewind == "iteration" and self._rewind_state is None:
             raise ValueError("rewind='iteration' needs ticket.snapshot() during the first round of training")
         target = self.pruner.step()
+        if self.rewind == "random":       # a new draw every round
+            self._rewind_state = _random_init(self.model, layer_seed(self.seed, f"lottery/random-reinit/{self._round}"))
+        self._round += 1
         if self.rewind != "finetune":
             _load(self.model, self._rewind_state)     # masks stay: pruned weights remain zero
         return target

@@ -4,7 +4,9 @@ Automatic Structure Search'; seed 000, sec. 2.2).
 Instead of choosing *which* channels matter, the artificial bee colony searches *how many* each layer
 keeps. As in the paper the search space is shrunk to ``choices`` (fractions of each layer's channels), a
 candidate is a vector of choice indices, and its fitness is the model's quality on calibration data with
-the channels of lowest L1 norm masked to those widths (optionally after a short ``finetune``). Candidates
+the channels of lowest L1 norm masked to those widths, and every member of a removed channel with them (its
+BatchNorm's scale and shift, the next layer's columns: the network scored is the pruned one; optionally after
+a short ``finetune``). The best candidate evaluated is returned, even if the colony later abandons it. Candidates
 over the budget (``"flops"`` or ``"params"`` kept, as a fraction of dense, counted after physical removal:
 ``prune.cost``) are repaired by narrowing random layers until they fit.
 
@@ -27,7 +29,9 @@ from torch import Tensor, nn
 from .. import masks as _masks
 from ..calibration import split_batch
 from ..chains import run_model, trace_events
+from ..compact import keep_from_masks, member_tensor_masks
 from ..cost import model_cost
+from ..graph import DependencyGraph, GraphError
 
 __all__ = ["SearchResult", "abc_search", "width_masks", "calib_fitness"]
 
@@ -126,6 +130,11 @@ def abc_search(model: nn.Module, example_inputs: Any, calib: Sequence[Any], budg
         return vec
 
     evaluations = 0
+    try:        # to mask every member of a removed channel (a BN after it would output its shift instead of 0)
+        graph = DependencyGraph.build(model, example_inputs)
+    except GraphError:
+        graph = None        # (untraceable: the producers' rows alone)
+    best: dict[str, Any] = {"fit": float("-inf"), "vec": None}
 
     def evaluate(vec: list[int]) -> float:
         nonlocal evaluations
@@ -136,12 +145,20 @@ def abc_search(model: nn.Module, example_inputs: Any, calib: Sequence[Any], budg
         try:
             for n, mk in masks.items():
                 _masks.apply_mask(target_modules[n], mk, _masks.as_2d(mk).any(1))
+            if graph is not None:
+                keep = keep_from_masks(target, graph, allow_empty=True)
+                for n, tensors in member_tensor_masks(graph, keep, allow_empty=True).items():
+                    for t, mk in tensors.items():
+                        _masks.apply_tensor_mask(target_modules[n], t, mk)
             if finetune is not None:
                 finetune(target)
-            return float(fitness(target, calib))
+            f = float(fitness(target, calib))
         finally:
             if target is model:
                 _masks.remove_masks(model)
+        if f > best["fit"]:
+            best.update(fit=f, vec=list(vec))
+        return f
 
     foods = [repair([rng.randint(0, top) for _ in names]) for _ in range(colony)]
     fits = [evaluate(f) for f in foods]
@@ -172,7 +189,6 @@ def abc_search(model: nn.Module, example_inputs: Any, calib: Sequence[Any], budg
             if trials[i] > limit:
                 foods[i] = repair([rng.randint(0, top) for _ in names])
                 fits[i], trials[i] = evaluate(foods[i]), 0
-        history.append(max(fits))
-    best = max(range(colony), key=lambda i: (fits[i], -i))
-    return SearchResult(widths=widths_of(foods[best]), fitness=fits[best], cost=cost_of(foods[best]),
+        history.append(best["fit"])
+    return SearchResult(widths=widths_of(best["vec"]), fitness=best["fit"], cost=cost_of(best["vec"]),
                         history=history, evaluations=evaluations)
