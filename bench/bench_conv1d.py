@@ -25,6 +25,8 @@ from torch import nn
 
 from sparsekit.benchmark.machine import script_results
 from sparsekit.nn import SparseConv1d
+from sparsekit.ops.conv_transpose import transposed_weight2d
+from sparsekit.prune.masks import TRANSPOSED_CONVS
 from sparsekit.timing import interleaved_median_ms
 
 # name: (C_in, C_out, kernel, stride, padding, dilation, length)
@@ -38,17 +40,21 @@ PATTERNS = (("bsr", 0.8), ("bsr", 0.9), ("bsr", 0.95), ("csr", 0.9), ("csr", 0.9
 
 def prune_conv(conv: nn.Module, fmt: str, sparsity: float, gen: torch.Generator, device: str,
                dtype: torch.dtype = torch.float32) -> nn.Module:
-    """``conv`` (any nn.ConvNd) with its weight, viewed as [C_out, C_in/groups * prod(kernel)], pruned in place:
-    whole 32x32 blocks (fmt "bsr") or single weights ("csr") at ``sparsity``; returned on ``device`` in ``dtype``,
-    in eval."""
-    w = conv.weight.detach().view(conv.out_channels, -1)
+    """``conv`` (any nn.ConvNd) with its weight, viewed as the GEMM matrix its sparse twin stores ([C_out,
+    C_in/groups * prod(kernel)]; a transposed conv's [C_out * prod(kernel), C_in]), pruned in place: whole 32x32
+    blocks (fmt "bsr") or single weights ("csr") at ``sparsity``; returned on ``device`` in ``dtype``, in eval."""
+    w = conv.weight.detach()
+    transposed = isinstance(conv, TRANSPOSED_CONVS)
+    rows, cols = transposed_weight2d(w).shape if transposed else (conv.out_channels, w.numel() // conv.out_channels)
     with torch.no_grad():
         if fmt == "bsr":
-            keep = torch.rand(w.shape[0] // 32, w.shape[1] // 32, generator=gen) >= sparsity
+            keep = torch.rand(rows // 32, cols // 32, generator=gen) >= sparsity
             keep = keep.repeat_interleave(32, 0).repeat_interleave(32, 1)
         else:
-            keep = torch.rand(w.shape, generator=gen) >= sparsity
-        w.mul_(keep)
+            keep = torch.rand(rows, cols, generator=gen) >= sparsity
+        # back to the weight's own layout ([C_in, C_out, *kernel] for a transposed conv)
+        w.mul_(keep.reshape(conv.out_channels, *conv.kernel_size, w.shape[0]).movedim(-1, 0) if transposed
+               else keep.reshape(w.shape))
     return conv.to(device, dtype).eval()
 
 

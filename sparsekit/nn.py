@@ -1,5 +1,5 @@
-"""SparseLinear, SparseConv1d, SparseConv2d and SparseConv3d: drop-in replacements for nn.Linear / nn.Conv1d /
-nn.Conv2d / nn.Conv3d holding a sparse-format weight.
+"""SparseLinear, SparseConv1d / 2d / 3d and SparseConvTranspose1d / 2d / 3d: drop-in replacements for nn.Linear,
+nn.Conv1d / 2d / 3d and nn.ConvTranspose1d / 2d / 3d holding a sparse-format weight.
 
 The format's values are an ``nn.Parameter`` (they train, the pattern stays fixed); its index tensors are
 buffers, so ``state_dict()`` holds everything as plain tensors. ``format="dense"`` keeps an ordinary dense weight
@@ -18,6 +18,7 @@ from ._compat import set_submodule
 from .formats import BSR, CSR, NM, ChannelIndex, bitmap_from_indices
 from .ops import sparse_conv2d, sparse_conv3d, sparse_linear
 from .ops.conv import group_starts
+from .ops.conv_transpose import sparse_conv_transpose2d, sparse_conv_transpose3d, transposed_weight2d
 from .prune.graph import QKV_PROJ
 from .prune.linear_mha import (
     LinearMultiheadAttention,
@@ -372,23 +373,148 @@ class SparseConv3d(SparseConv2d):
         return super().forward(x)
 
 
+class SparseConvTranspose2d(_SparseWeight):
+    """nn.ConvTranspose2d (groups=1) with a sparse weight over ``[C_out*kh*kw, C_in]`` (its weight ``[C_in, C_out,
+    kh, kw]`` as ``ops.conv_transpose.transposed_weight2d``; ``sparsekit.ops.sparse_conv_transpose2d``)."""
+
+    _DENSE: type[nn.Module] = nn.ConvTranspose2d
+
+    def __init__(self, weight, bias: Tensor | None, format: str, kernel_size: tuple[int, ...],
+                 stride: tuple[int, ...] | None = None, padding: tuple[int, ...] | None = None,
+                 output_padding: tuple[int, ...] | None = None, dilation: tuple[int, ...] | None = None,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        self._init_weight(weight, _check_format(format), backend)
+        nd, taps = len(kernel_size), 1
+        for k in kernel_size:
+            taps *= k
+        if self.weight_shape[0] % taps:
+            raise ValueError(f"weight has {self.weight_shape[0]} rows, not C_out * {taps} kernel taps")
+        for name, v in (("stride", stride), ("padding", padding), ("output_padding", output_padding),
+                        ("dilation", dilation)):
+            if v is not None and len(v) != nd:
+                raise ValueError(f"{name} must have {nd} entries like kernel_size {tuple(kernel_size)}, got {v}")
+        self.in_channels, self.out_channels = self.weight_shape[1], self.weight_shape[0] // taps
+        self.kernel_size = tuple(kernel_size)
+        self.stride = tuple(stride) if stride is not None else (1,) * nd
+        self.padding = tuple(padding) if padding is not None else (0,) * nd
+        self.output_padding = tuple(output_padding) if output_padding is not None else (0,) * nd
+        self.dilation = tuple(dilation) if dilation is not None else (1,) * nd
+        self.groups = 1
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    @classmethod
+    def _geometry(cls, conv: nn.Module) -> dict:
+        return {"kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding,
+                "output_padding": conv.output_padding, "dilation": conv.dilation}
+
+    @classmethod
+    def from_dense(cls, conv: nn.ConvTranspose2d, format: str = "bsr", block: int | tuple[int, int] = 32,
+                   n: int = 2, m: int = 4, backend: str | None = None) -> SparseConvTranspose2d:
+        """Convert an nn.ConvTranspose2d (1d / 3d for the other classes) with groups=1; its weight is viewed as
+        ``[C_out*prod(kernel), C_in]`` for the format (n:m and blocks run along C_in)."""
+        if not isinstance(conv, cls._DENSE):
+            raise TypeError(f"conv must be an nn.{cls._DENSE.__name__}, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(f"conv.groups must be 1 for a sparse transposed conv, got {conv.groups}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
+        fmt = _to_format(transposed_weight2d(conv.weight.detach()), _check_format(format), block, n, m)
+        return _same_trainability(cls(fmt, conv.bias, format, backend=backend, **cls._geometry(conv)), conv)
+
+    def _conv_args(self) -> tuple:
+        return self.stride, self.padding, self.output_padding, self.dilation
+
+    def forward(self, x: Tensor) -> Tensor:
+        nd = len(self.kernel_size)
+        if x.dim() not in (nd + 1, nd + 2):
+            dims = ", ".join(("D", "H", "W")[3 - nd:])
+            raise ValueError(f"x must be [N, C, {dims}] or unbatched [C, {dims}], got shape {tuple(x.shape)}")
+        if x.dim() == nd + 1:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        w = self.sparse_weight()
+        three_d = nd == 3
+        if isinstance(w, Tensor):  # dense fallback: torch's own transposed conv
+            weight = w.reshape(self.out_channels, *self.kernel_size, self.in_channels).movedim(-1, 0)
+            conv = F.conv_transpose3d if three_d else F.conv_transpose2d
+            stride, padding, output_padding, dilation = self._conv_args()
+            return conv(x, weight, self.bias, stride, padding, output_padding, 1, dilation)
+        op = sparse_conv_transpose3d if three_d else sparse_conv_transpose2d
+        return op(x, w, self.bias, *self._conv_args(), kernel_size=self.kernel_size, backend=self.backend)
+
+    def _dense_twin(self) -> nn.Module:
+        p = self.values if self.format != "dense" else self.weight2d
+        stride, padding, output_padding, dilation = self._conv_args()
+        return self._DENSE(self.in_channels, self.out_channels, self.kernel_size, stride, padding, output_padding,
+                           1, self.bias is not None, dilation, device=p.device, dtype=p.dtype)
+
+    def to_dense(self) -> nn.Module:
+        """An ordinary nn.ConvTranspose2d (1d / 3d) with the same weight (zeros where nothing is stored)."""
+        out = self._dense_twin()
+        w = self.dense_weight2d().reshape(self.out_channels, *self.kernel_size, self.in_channels).movedim(-1, 0)
+        with torch.no_grad():
+            out.weight.copy_(w.reshape_as(out.weight))
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return _same_trainability(out, self)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, output_padding={self.output_padding}, bias={self.bias is not None}, "
+                + self._describe())
+
+
+class SparseConvTranspose1d(SparseConvTranspose2d):
+    """nn.ConvTranspose1d with a sparse weight over ``[C_out*k, C_in]``: the 2-D kernels on a 1 x k view (its
+    geometry attributes are Conv2d-style pairs, ``(1, k)``); inputs and outputs are ConvTranspose1d's."""
+
+    _DENSE = nn.ConvTranspose1d
+
+    @classmethod
+    def _geometry(cls, conv: nn.Module) -> dict:
+        return {"kernel_size": (1, conv.kernel_size[0]), "stride": (1, conv.stride[0]), "padding": (0, conv.padding[0]),
+                "output_padding": (0, conv.output_padding[0]), "dilation": (1, conv.dilation[0])}
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() not in (2, 3):
+            raise ValueError(f"x must be [N, C, L] or unbatched [C, L], got shape {tuple(x.shape)}")
+        if x.dim() == 2:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        return super().forward(x.unsqueeze(2)).squeeze(2)
+
+    def _dense_twin(self) -> nn.Module:
+        p = self.values if self.format != "dense" else self.weight2d
+        return nn.ConvTranspose1d(self.in_channels, self.out_channels, self.kernel_size[1], self.stride[1],
+                                  self.padding[1], self.output_padding[1], 1, self.bias is not None, self.dilation[1],
+                                  device=p.device, dtype=p.dtype)
+
+
+class SparseConvTranspose3d(SparseConvTranspose2d):
+    """nn.ConvTranspose3d with a sparse weight over ``[C_out*kd*kh*kw, C_in]`` (``sparse_conv_transpose3d``)."""
+
+    _DENSE = nn.ConvTranspose3d
+
+
 _SPARSE_TWINS = ((nn.Linear, SparseLinear), (nn.Conv1d, SparseConv1d), (nn.Conv2d, SparseConv2d),
-                 (nn.Conv3d, SparseConv3d))
+                 (nn.Conv3d, SparseConv3d), (nn.ConvTranspose1d, SparseConvTranspose1d),
+                 (nn.ConvTranspose2d, SparseConvTranspose2d), (nn.ConvTranspose3d, SparseConvTranspose3d))
+SPARSE_MODULES = (SparseLinear, SparseConv2d, SparseConvTranspose2d)   # every Sparse* class derives from one
 SPARSE_LAYERS = tuple(dense for dense, _ in _SPARSE_TWINS)   # what the Sparse* modules replace
 
 
 def sparse_class(mod: nn.Module) -> type[_SparseWeight]:
-    """The Sparse* module that replaces ``mod`` (an nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d)."""
+    """The Sparse* module that replaces ``mod`` (an nn.Linear, nn.Conv1d / 2d / 3d or nn.ConvTranspose1d / 2d / 3d)."""
     for dense, sparse in _SPARSE_TWINS:
         if isinstance(mod, dense):
             return sparse
-    raise TypeError(f"mod must be an nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(mod).__name__}")
+    raise TypeError(f"mod must be an nn.Linear, nn.Conv1d / 2d / 3d or nn.ConvTranspose1d / 2d / 3d, got "
+                    f"{type(mod).__name__}")
 
 
 def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
                     m: int = 4, backend: str | None = None, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Replace (in place) every nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d whose weight has zeros by its Sparse*
-    twin in one format.
+    """Replace (in place) every nn.Linear / nn.Conv1d / 2d / 3d / nn.ConvTranspose1d / 2d / 3d whose weight has zeros
+    by its Sparse* twin in one format.
 
     Layers with no zeros, or whose shape the format cannot take (a block that does not divide, K not a multiple
     of m), stay dense and are listed in the returned model's ``sparsekit_skipped`` attribute with the reason.
@@ -462,6 +588,7 @@ def conv1d_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
     return target
 
 
-__all__ = ["SparseLinear", "SparseConv1d", "SparseConv2d", "SparseConv3d", "SPARSE_LAYERS", "sparse_class",
+__all__ = ["SparseLinear", "SparseConv1d", "SparseConv2d", "SparseConv3d", "SparseConvTranspose1d",
+           "SparseConvTranspose2d", "SparseConvTranspose3d", "SPARSE_LAYERS", "SPARSE_MODULES", "sparse_class",
            "convert_modules", "conv1d_to_linear", "mha_to_linear", "LinearMultiheadAttention",
            "disable_fused_transformer_paths", "FORMAT_NAMES"]

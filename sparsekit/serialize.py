@@ -1,7 +1,8 @@
 """sk.save / sk.load: a sparsified model as safetensors + a JSON spec. No pickled modules.
 
     path/model.safetensors   every tensor of model.state_dict() (sparse values and indices included)
-    path/sparsekit.json      which submodules are SparseLinear / SparseConv2d and with what format, BSR block
+    path/sparsekit.json      which submodules are SparseLinear / SparseConv* / SparseConvTranspose* and with what
+                             format, BSR block
                              shape, n:m, conv geometry, forced backend ("backend", null unless forced) and the
                              backend that ran the layer when sk.sparsify chose it ("chosen_backend", information);
                              which attention modules are LinearMultiheadAttention (converted again on load)
@@ -27,7 +28,16 @@ from torch import nn
 
 from ._compat import set_submodule
 from .formats import BSR, CSR, NM, ChannelIndex
-from .nn import SparseConv1d, SparseConv2d, SparseConv3d, SparseLinear
+from .nn import (
+    SPARSE_MODULES,
+    SparseConv1d,
+    SparseConv2d,
+    SparseConv3d,
+    SparseConvTranspose1d,
+    SparseConvTranspose2d,
+    SparseConvTranspose3d,
+    SparseLinear,
+)
 from .ops._dispatch import BACKENDS
 from .prune.linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
 
@@ -41,7 +51,8 @@ def _module_spec(mod: SparseLinear | SparseConv2d | LinearMultiheadAttention) ->
     if isinstance(mod, LinearMultiheadAttention):   # rebuilt from the fresh model's attention (same widths)
         return {"class": type(mod).__name__}
     # the sparsekit class (a user's subclass loads as it)
-    cls = next(c for c in (SparseLinear, SparseConv1d, SparseConv3d, SparseConv2d) if isinstance(mod, c))
+    cls = next(c for c in (SparseLinear, SparseConv1d, SparseConv3d, SparseConv2d, SparseConvTranspose1d,
+                           SparseConvTranspose3d, SparseConvTranspose2d) if isinstance(mod, c))
     spec = {"class": cls.__name__, "format": mod.format, "weight_shape": list(mod.weight_shape),
             "backend": mod.backend, "chosen_backend": getattr(mod, "chosen_backend", mod.backend),
             "has_bias": mod.bias is not None}
@@ -51,6 +62,9 @@ def _module_spec(mod: SparseLinear | SparseConv2d | LinearMultiheadAttention) ->
         spec["nm"] = list(mod.nm)
     if mod.format == "csr":
         spec["bitmap"] = "bitmap" in mod._buffers
+    if isinstance(mod, SparseConvTranspose2d):
+        spec.update(kernel_size=list(mod.kernel_size), stride=list(mod.stride), padding=list(mod.padding),
+                    output_padding=list(mod.output_padding), dilation=list(mod.dilation))
     if isinstance(mod, SparseConv2d):
         spec.update(in_channels=mod.in_channels, kernel_size=list(mod.kernel_size), stride=list(mod.stride),
                     padding=list(mod.padding), dilation=list(mod.dilation), groups=mod.groups)
@@ -71,7 +85,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     spec = {"sparsekit_spec": SPEC_VERSION, "torch": torch.__version__, "model_class": type(model).__name__,
             "modules": {n: _module_spec(m) for n, m in model.named_modules()
-                        if isinstance(m, (SparseLinear, SparseConv2d, LinearMultiheadAttention))}}
+                        if isinstance(m, (*SPARSE_MODULES, LinearMultiheadAttention))}}
     from .prune.compact import compacted_widths  # layer widths, so a compacted (smaller) model loads back
     spec["widths"] = compacted_widths(model)
     # safetensors refuses shared or non-contiguous storage: store contiguous copies
@@ -158,9 +172,15 @@ def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
         backend = None
     if spec["class"] == "SparseLinear":
         return SparseLinear(weight, bias, fmt, backend)
+    transposed = {c.__name__: c for c in (SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d)}
+    if spec["class"] in transposed:      # (a ConvTranspose1d's saved geometry is its 2-D one)
+        return transposed[spec["class"]](weight, bias, fmt, tuple(spec["kernel_size"]), tuple(spec["stride"]),
+                                         tuple(spec["padding"]), tuple(spec["output_padding"]),
+                                         tuple(spec["dilation"]), backend)
     convs = {"SparseConv1d": SparseConv1d, "SparseConv2d": SparseConv2d, "SparseConv3d": SparseConv3d}
     if spec["class"] not in convs:
         raise ValueError(f"{name}: the spec names class {spec['class']!r}; this sparsekit knows SparseLinear, "
+                         f"{', '.join(transposed)}, "
                          f"{', '.join(convs)}")
     conv = convs[spec["class"]]    # (a Conv1d's saved geometry is its 2-D one)
     return conv(weight, bias, fmt, spec["in_channels"], tuple(spec["kernel_size"]), tuple(spec["stride"]),

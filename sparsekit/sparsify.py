@@ -1,5 +1,5 @@
-"""sk.sparsify: swap every Linear/Conv1d/Conv2d/Conv3d whose weight has zeros for the format measured fastest at its
-real shape.
+"""sk.sparsify: swap every Linear / Conv1d / 2d / 3d / ConvTranspose1d / 2d / 3d whose weight has zeros for the
+format measured fastest at its real shape.
 
 For each layer: capture its real input (one run of example_inputs), list the candidate formats the zero pattern
 allows (dense; bsr with each block shape whose blocks are mostly empty; csr; nm with each n:m pattern the weight
@@ -7,8 +7,8 @@ fits; channel when whole output rows are zero), check each candidate's output ag
 side (interleaved medians), keep the fastest, and fall back to dense unless a sparse format beats it by
 ``min_speedup``. Timings go to a tuning cache keyed by device, dtype, shape, pattern statistics and sparsekit's code
 revision, so a second call on the same model is near-instant (and one after an upgrade measures again). Layers
-already sparsified (SparseLinear / SparseConv1d / 2d / 3d, e.g. from ``sk.load``) are turned back into dense
-candidates and measured again: the best format differs between machines.
+already sparsified (SparseLinear / SparseConv* / SparseConvTranspose*, e.g. from ``sk.load``) are turned back
+into dense candidates and measured again: the best format differs between machines.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 from ._compat import set_submodule
-from .nn import FORMAT_NAMES, SPARSE_LAYERS, SparseConv2d, SparseLinear, sparse_class
+from .nn import FORMAT_NAMES, SPARSE_LAYERS, SPARSE_MODULES, SparseLinear, sparse_class
 from .ops._dispatch import BACKENDS, recording_choices
+from .ops.conv_transpose import transposed_weight2d
 from .prune.graph import QKV_PROJ
 from .prune.linear_mha import (
     attention_children,
@@ -36,7 +37,7 @@ from .prune.linear_mha import (
     restore_dense_attention,
     restore_nested_tensors,
 )
-from .prune.masks import bake_masks
+from .prune.masks import TRANSPOSED_CONVS, bake_masks
 from .prune.pruner import check_example_inputs, run_example
 from .timing import interleaved_median_ms
 from .tuning_cache import TuningCache, code_revision, device_name, resolve_cache
@@ -145,8 +146,10 @@ def capture_inputs(model: nn.Module, example_inputs: Any,
 
 # ------------------------------------------------------------------------------------- the pattern
 def _weight2d(mod: nn.Module) -> Tensor:
+    """The weight as the GEMM matrix its sparse twin stores: [out, in * taps]; a transposed conv's [C_out * taps,
+    C_in]."""
     w = mod.weight.detach()
-    return w.reshape(w.shape[0], -1)
+    return transposed_weight2d(w) if isinstance(mod, TRANSPOSED_CONVS) else w.reshape(w.shape[0], -1)
 
 
 def _block_density(w: Tensor, block: tuple[int, int]) -> float | None:
@@ -223,6 +226,10 @@ def _kind(mod: nn.Module) -> dict:
     fast they run (the cache key holds it: a decision for a zero-padded conv must not be reused for a
     reflect-padded one, whose sparse candidates cannot be built)."""
     bias = {"bias": mod.bias is not None, "weight_dtype": str(mod.weight.dtype)}
+    if isinstance(mod, TRANSPOSED_CONVS):
+        return {"kind": f"conv_transpose{mod.weight.dim() - 2}d", "kernel": list(mod.kernel_size),
+                "stride": list(mod.stride), "padding": list(mod.padding), "output_padding": list(mod.output_padding),
+                "dilation": list(mod.dilation), "groups": mod.groups, "padding_mode": mod.padding_mode, **bias}
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return {"kind": f"conv{mod.weight.dim() - 2}d", "kernel": list(mod.kernel_size), "stride": list(mod.stride),
                 "padding": mod.padding if isinstance(mod.padding, str) else list(mod.padding),
@@ -239,7 +246,12 @@ def _plain_dense(mod: nn.Module) -> nn.Module:
     """
     w = mod.weight.detach()
     bias = mod.bias.detach() if mod.bias is not None else None
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(mod, TRANSPOSED_CONVS):
+        conv = next(c for c in TRANSPOSED_CONVS if isinstance(mod, c))
+        new = conv(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.output_padding,
+                   mod.groups, bias=bias is not None, dilation=mod.dilation, padding_mode=mod.padding_mode,
+                   device=w.device, dtype=w.dtype)
+    elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         conv = next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(mod, c))
         new = conv(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
                    mod.groups, bias=bias is not None, padding_mode=mod.padding_mode, device=w.device, dtype=w.dtype)
@@ -281,11 +293,11 @@ def _first_line(exc: BaseException, limit: int = 120) -> str:
 
 
 def _densify_sparse_layers(model: nn.Module) -> None:
-    """Turn every SparseLinear/SparseConv2d back into a plain nn.Linear/nn.Conv2d (same zeros), so that an
+    """Turn every Sparse* layer back into its plain nn.Linear / conv / transposed conv (same zeros), so that an
     already-sparsified model is measured again like any pruned one: its best formats and backends were measured
     on another machine, or with other inputs. A forced backend is dropped: the dispatcher re-selects."""
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, (SparseLinear, SparseConv2d)):
+        if isinstance(mod, SPARSE_MODULES):
             set_submodule(model, name, mod.to_dense())
 
 
@@ -308,7 +320,7 @@ def _backend_used(mod: nn.Module, inp: Tensor) -> str | None:
     """The backend that runs ``mod`` on ``inp`` on this machine (sk.save records it, as information): the
     dispatcher's pick, recorded while the layer runs once ("cpu" where the CPU kernels are called without the
     dispatcher: convolutions and repeated calls; "torch" for the dense and channel formats, plain torch GEMMs)."""
-    if not isinstance(mod, (SparseLinear, SparseConv2d)) or mod.format in ("dense", "channel"):
+    if not isinstance(mod, SPARSE_MODULES) or mod.format in ("dense", "channel"):
         return "torch"
     with recording_choices() as seen, torch.no_grad():
         mod(inp)
@@ -362,9 +374,10 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
              min_speedup: float = 1.1, cache: Any = None, blocks: list[tuple[int, int]] | None = None,
              reps: int = 7, backend: str | None = None, exact: bool = False, inplace: bool = False,
              measure_model: bool = True) -> tuple[nn.Module, SparsifyReport]:
-    """Return (fast_model, report). ``fast_model`` is a copy (``inplace=False``) in which every Linear/Conv1d/Conv2d/
-    Conv3d whose weight has zeros is replaced by the measured-fastest Sparse* twin (sparse_class), or left dense.
-    SparseLinear/SparseConv2d layers already in ``model`` (e.g. from ``sk.load``) are measured again from
+    """Return (fast_model, report). ``fast_model`` is a copy (``inplace=False``) in which every Linear / conv /
+    transposed conv (groups=1) whose weight has zeros is replaced by the measured-fastest Sparse* twin
+    (sparse_class), or left dense.
+    Sparse* layers already in ``model`` (e.g. from ``sk.load``) are measured again from
     their dense equivalent. ``fast_model`` is in eval mode; ``model`` is not run (nor changed, unless inplace).
     An ``nn.MultiheadAttention`` whose projections have zeros is measured as a ``LinearMultiheadAttention`` (its
     packed q / k / v as three Linear layers beside ``out_proj``); it stays stock when none of the four goes sparse
@@ -400,7 +413,7 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     # no nested tensors while layers are hooked or converted (put back for the encoders that stay stock)
     nested = no_nested_tensors(target)
     exposed = expose_sparse_attention(target)
-    is_layer = lambda m: isinstance(m, SPARSE_LAYERS) and not isinstance(m, (SparseLinear, SparseConv2d))
+    is_layer = lambda m: isinstance(m, SPARSE_LAYERS) and not isinstance(m, SPARSE_MODULES)
     calls: dict[str, tuple] = {}       # each converted attention's first call, to time it against the stock one
     hooks = [target.get_submodule(n).register_forward_pre_hook(_record_call(calls, n), with_kwargs=True)
              for n in exposed]

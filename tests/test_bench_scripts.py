@@ -92,3 +92,16 @@ def test_compact_rnn_prunes_every_recurrent_model(tmp_path):
     assert path.with_suffix(".md").exists()
     with pytest.raises(SystemExit, match="sparsity"):
         script.main(["--sparsity", "1.0", "--out", str(tmp_path)])
+
+
+def test_conv_transpose_writes_every_shape_and_pattern(tmp_path, monkeypatch):
+    script = load_bench_script("bench_conv_transpose")
+    # the smallest geometry of each dimensionality keeps the smoke run short
+    monkeypatch.setattr(script, "SHAPES", {"dcgan.g3_4x4_s2": (64, 32, 4, 2, 1, (4, 4)),
+                                           "unet3d.up_2x2x2_s2": (64, 32, 2, 2, 0, (2, 2, 2)),
+                                           "hifigan.up1_k16_s8": (64, 32, 16, 8, 4, (8,))})
+    assert script.main(["--reps", "1", "--batch", "1", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("conv_transpose_cpu-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["shape"] for r in rows} == set(script.SHAPES) and len(rows) == 3 * 5
+    assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows) and path.with_suffix(".md").exists()

@@ -27,12 +27,12 @@ def _pruned_conv1d(seed: int = 0, **kw) -> nn.Conv1d:
                                      dict(in_channels=5, out_channels=24, kernel_size=5, padding=3)])
 def test_matches_conv1d(format, fmt_kw, conv_kw):
     conv = _pruned_conv1d(**conv_kw)
+    if format == "channel" and conv.groups > 1:      # as for SparseConv2d: refused when built
+        with pytest.raises(ValueError, match="format='channel' needs groups=1"):
+            SparseConv1d.from_dense(conv, format=format, **fmt_kw)
+        return
     sc = SparseConv1d.from_dense(conv, format=format, **fmt_kw)
     x = torch.randn(3, conv.in_channels, 17)
-    if format == "channel" and conv.groups > 1:      # as for SparseConv2d: said, not computed wrongly
-        with pytest.raises(ValueError, match="groups > 1 is not supported for a ChannelIndex"):
-            sc(x)
-        return
     torch.testing.assert_close(sc(x), conv(x), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sc(x[0]), conv(x[0]), rtol=1e-4, atol=1e-4)      # unbatched [C, L]
     back = sc.to_dense()
@@ -82,8 +82,9 @@ def test_bad_input():
     sc = SparseConv1d.from_dense(_pruned_conv1d(), format="csr")
     with pytest.raises(ValueError, match=r"x must be \[N, C, L\]"):
         sc(torch.randn(2, 16, 3, 5))
-    with pytest.raises(TypeError, match="nn.Linear, nn.Conv1d, nn.Conv2d or nn.Conv3d, got ConvTranspose1d"):
-        sparse_class(nn.ConvTranspose1d(2, 2, 1))
+    with pytest.raises(TypeError, match="nn.Linear, nn.Conv1d / 2d / 3d or nn.ConvTranspose1d / 2d / 3d, got "
+                                        "Bilinear"):
+        sparse_class(nn.Bilinear(2, 2, 1))
 
 
 class TCN(nn.Module):

@@ -1,0 +1,164 @@
+"""Sparse transposed convolutions (ops.sparse_conv_transpose2d / 3d, SparseConvTranspose1d / 2d / 3d) against torch's
+conv_transpose*d: random geometry, odd sizes, every format, 0% and 100% sparsity, gradients, errors, sparsify and
+save / load."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekit as sk
+from sparsekit.formats import BSR, CSR, NM, ChannelIndex
+from sparsekit.nn import SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d, convert_modules
+from sparsekit.ops.conv_transpose import sparse_conv_transpose2d, sparse_conv_transpose3d, transposed_weight2d
+
+OPS = {2: (sparse_conv_transpose2d, F.conv_transpose2d), 3: (sparse_conv_transpose3d, F.conv_transpose3d)}
+# kernel, stride, padding, output_padding, dilation
+# (2, 2, *): taps tile the output (copied, no zero fill); (3, 3, 2, 2): disjoint taps, not tiling; others overlap
+GEOMETRY = [(2, 2, 0, 0, 1), (2, 2, 1, 0, 1), (3, 2, 1, 1, 1), (4, 2, 1, 0, 1), (3, 1, 1, 0, 2), (1, 1, 0, 0, 1),
+            (3, 3, 2, 2, 1)]
+
+
+def _weight(c_in: int, c_out: int, kernel: int, nd: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
+    w = torch.randn(c_in, c_out, *([kernel] * nd), generator=gen)
+    return w * (torch.rand(w.shape, generator=gen) >= sparsity)
+
+
+def _formats(w2d: torch.Tensor) -> dict:
+    out = {"dense": w2d, "csr": CSR.from_dense(w2d), "channel": ChannelIndex.from_dense(w2d, dim=0)}
+    if w2d.shape[0] % 4 == 0 and w2d.shape[1] % 4 == 0:
+        out["bsr4x4"] = BSR.from_dense(w2d, block=(4, 4))
+    if w2d.shape[1] % 4 == 0:
+        out["nm2:4"] = NM.from_dense(NM.prune(w2d, 2, 4), 2, 4)
+    return out
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("geometry", GEOMETRY)
+def test_every_format_matches_torch(nd, geometry):
+    k, s, p, op, d = geometry
+    gen = torch.Generator().manual_seed(k * 10 + s + nd)
+    c_in, c_out = 12, 5                          # odd widths: C_out * taps rows not a multiple of anything
+    size = [5, 4, 3][:nd] if nd == 3 else [5, 7]
+    x = torch.randn(2, c_in, *size, generator=gen)
+    w = _weight(c_in, c_out, k, nd, 0.7, gen)
+    bias = torch.randn(c_out, generator=gen)
+    ours, theirs = OPS[nd]
+    for name, fmt in _formats(transposed_weight2d(w)).items():
+        dense = fmt.to_dense() if not isinstance(fmt, torch.Tensor) else fmt
+        ref = theirs(x, dense.reshape(c_out, *([k] * nd), c_in).movedim(-1, 0), bias, s, p, op, 1, d)
+        y = ours(x, fmt, bias, s, p, op, d, kernel_size=k)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5, msg=f"{name} {geometry}")
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0])
+def test_no_and_all_zeros(sparsity):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 8, 3, 5, generator=gen)
+    w = _weight(8, 4, 3, 2, sparsity, gen)
+    ref = F.conv_transpose2d(x, w, None, 2, 1)
+    for fmt in (CSR.from_dense(transposed_weight2d(w)), BSR.from_dense(transposed_weight2d(w), block=(4, 4))):
+        torch.testing.assert_close(sparse_conv_transpose2d(x, fmt, None, 2, 1, kernel_size=3), ref, rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_bfloat16_matches_torch_within_rounding():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 16, 6, 6, generator=gen).bfloat16()
+    w = _weight(16, 8, 2, 2, 0.8, gen).bfloat16()
+    ref = F.conv_transpose2d(x.float(), w.float(), None, 2)
+    for fmt in (CSR.from_dense(transposed_weight2d(w)), BSR.from_dense(transposed_weight2d(w), block=(16, 16))):
+        y = sparse_conv_transpose2d(x, fmt, None, 2, kernel_size=2)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, output_padding", [(3, 2, 1, 1), (2, 2, 0, 0), (2, 2, 1, 0)])
+def test_gradients_match_torch_in_float64(kernel, stride, padding, output_padding):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = _weight(6, 3, kernel, 2, 0.5, gen).double()
+    bias = torch.randn(3, dtype=torch.float64, generator=gen, requires_grad=True)
+    csr = CSR.from_dense(transposed_weight2d(w))
+    values = csr.values.clone().requires_grad_(True)
+    fmt = CSR(values=values, crow_indices=csr.crow_indices, col_indices=csr.col_indices, shape=csr.shape)
+    y = sparse_conv_transpose2d(x, fmt, bias, stride, padding, output_padding, kernel_size=kernel)
+    grad = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    y.backward(grad)
+    wd = w.clone().requires_grad_(True)
+    x2, b2 = x.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
+    F.conv_transpose2d(x2, wd, b2, stride, padding, output_padding).backward(grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(bias.grad, b2.grad)
+    dense_grad = CSR(values=values.grad, crow_indices=csr.crow_indices, col_indices=csr.col_indices,
+                     shape=csr.shape).to_dense()
+    kept = transposed_weight2d(w) != 0
+    torch.testing.assert_close(dense_grad, transposed_weight2d(wd.grad) * kept)    # dW on the pattern only
+
+
+def test_bad_arguments_name_what_was_expected():
+    x = torch.randn(1, 8, 4, 4)
+    w = CSR.from_dense(transposed_weight2d(torch.randn(8, 4, 3, 3)))
+    with pytest.raises(ValueError, match="kernel_size is required"):
+        sparse_conv_transpose2d(x, w)
+    with pytest.raises(ValueError, match="groups must be 1"):
+        sparse_conv_transpose2d(x, w, kernel_size=3, groups=2)
+    with pytest.raises(ValueError, match="K=8 columns but x has C_in=6"):
+        sparse_conv_transpose2d(torch.randn(1, 6, 4, 4), w, kernel_size=3)
+    with pytest.raises(ValueError, match="N=36 rows, not a multiple of kh\\*kw = 25"):
+        sparse_conv_transpose2d(x, w, kernel_size=5)
+    with pytest.raises(ValueError, match="output_padding"):
+        sparse_conv_transpose2d(x, w, stride=2, output_padding=2, kernel_size=3)
+    with pytest.raises(ValueError, match="4-D"):
+        sparse_conv_transpose2d(x[0], w, kernel_size=3)
+    with pytest.raises(ValueError, match="bias"):
+        sparse_conv_transpose2d(x, w, torch.zeros(5), kernel_size=3)
+    with pytest.raises(ValueError, match="groups must be 1"):
+        SparseConvTranspose2d.from_dense(nn.ConvTranspose2d(8, 4, 3, groups=2))
+
+
+@pytest.mark.parametrize("cls, dense", [
+    (SparseConvTranspose1d, nn.ConvTranspose1d(16, 8, 4, 2, 1)),
+    (SparseConvTranspose2d, nn.ConvTranspose2d(16, 8, 3, 2, 1, 1)),
+    (SparseConvTranspose3d, nn.ConvTranspose3d(16, 8, 2, 2)),
+])
+def test_modules_round_trip_train_and_run_unbatched(cls, dense):
+    torch.manual_seed(4)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) < 0.25)
+    nd = dense.weight.dim() - 2
+    x = torch.randn(2, 16, *([5] * nd))
+    for fmt in ("csr", "bsr", "dense"):
+        sparse = cls.from_dense(dense, fmt, block=(8, 8))
+        torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sparse(x[0]), dense(x[0]), rtol=1e-5, atol=1e-5)
+        back = sparse.to_dense()
+        assert type(back) is type(dense) and torch.equal(back.weight, dense.weight)
+    sparse = cls.from_dense(dense, "csr")
+    sparse(x).square().mean().backward()         # the values train, the pattern stays
+    assert sparse.values.grad is not None and sparse.values.grad.abs().sum() > 0
+
+
+def test_sparsify_convert_save_and_load(tmp_path):
+    def decoder() -> nn.Module:
+        return nn.Sequential(nn.ConvTranspose2d(32, 16, 2, 2), nn.ReLU(), nn.Conv2d(16, 4, 3, padding=1))
+
+    torch.manual_seed(5)
+    model = decoder().eval()
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand_like(model[0].weight) < 0.1)
+    x = torch.randn(2, 32, 8, 8)
+    fast, report = sk.sparsify(model, x, formats=["csr", "bsr"], min_speedup=1e-9, cache=False, reps=2)
+    (row,) = [r for r in report.layers if r.name == "0"]
+    assert row.choice != "dense" and isinstance(fast[0], SparseConvTranspose2d)
+    sk.verify(model, fast, x)
+    sk.save(fast, tmp_path / "dec")
+    back = sk.load(tmp_path / "dec", decoder()).eval()
+    assert isinstance(back[0], SparseConvTranspose2d)
+    sk.verify(fast, back, x, atol=0)
+    converted = convert_modules(decoder(), format="csr")
+    assert isinstance(converted[0], nn.ConvTranspose2d) and converted.sparsekit_skipped["0"] == "no zeros"
+    grouped = nn.Sequential(nn.ConvTranspose2d(8, 8, 2, 2, groups=2))
+    with torch.no_grad():
+        grouped[0].weight[0] = 0
+    assert "groups must be 1" in convert_modules(grouped, format="csr").sparsekit_skipped["0"]
