@@ -83,16 +83,24 @@ def _load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
-def _example_input(model: nn.Module, batch: int, shape: str | None) -> torch.Tensor:
+def _example_input(model: nn.Module, batch: int | None, shape: str | None) -> torch.Tensor:
+    """``--input-shape`` (batch included) as random values, else the model's ``example_input(batch)``; floating
+    inputs in the model's dtype and on its device."""
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     if shape:
+        if batch is not None:
+            raise SystemExit("sparsekit sparsify: --batch and --input-shape both given; the shape's first entry is "
+                             "the batch")
         try:
             dims = [int(s) for s in shape.split(",")]
         except ValueError:
             raise SystemExit(f"sparsekit sparsify: --input-shape must be comma-separated ints, got {shape!r}") from None
-        return torch.randn(*dims)
-    if hasattr(model, "example_input"):
-        return model.example_input(batch)
-    raise SystemExit("sparsekit sparsify: the model has no example_input(); pass --input-shape B,C,H,W")
+        x = torch.randn(*dims)
+    elif hasattr(model, "example_input"):
+        x = model.example_input(8 if batch is None else batch)
+    else:
+        raise SystemExit("sparsekit sparsify: the model has no example_input(); pass --input-shape B,C,H,W")
+    return x.to(ref.device, ref.dtype) if ref is not None and x.is_floating_point() else x
 
 
 def add_sparsify_parser(sub) -> None:
@@ -105,8 +113,10 @@ def add_sparsify_parser(sub) -> None:
                                                   "or package.module:Class")
     p.add_argument("--model-kwargs", type=json_object_arg, default=None,
                    help="JSON object of constructor arguments")
-    p.add_argument("--batch", type=_positive_int, default=8, help="batch of the example input (default 8)")
-    p.add_argument("--input-shape", default=None, help="example input shape, e.g. 8,3,224,224")
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help="batch of the model's example_input() (default 8)")
+    p.add_argument("--input-shape", default=None,
+                   help="example input shape, batch first, e.g. 8,3,224,224 (random values in the model's dtype)")
     p.add_argument("--formats", type=formats_arg, default=None,
                    help="comma-separated subset of dense,bsr,csr,nm,channel (default: all)")
     p.add_argument("--min-speedup", type=min_speedup_arg, default=1.1,

@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 import sparsekit as sk
 from sparsekit.cli import build_parser, main
@@ -79,3 +80,16 @@ def test_bench_refuses_non_finite_sample_and_budget_times(capsys):
                 main(["bench", "kernels", flag, value, "--no-peaks", "--no-compile"])
             said = f"{exc.value} {capsys.readouterr().err}"
             assert "finite" in said or "> 0" in said, (flag, value, said)
+
+
+def test_sparsify_command_example_input_follows_the_model():
+    """--input-shape gives the batch itself (with --batch too it says so) and the input takes the model's dtype."""
+    from sparsekit.sparsify_command import _example_input
+
+    model = nn.Linear(8, 4).to(torch.bfloat16)
+    x = _example_input(model, None, "3,8")
+    assert x.shape == (3, 8) and x.dtype == torch.bfloat16
+    with pytest.raises(SystemExit, match="--batch and --input-shape"):
+        _example_input(model, 2, "3,8")
+    ffn = sk.models.FFN(dim=16, hidden=32, tokens=4).to(torch.bfloat16)
+    assert _example_input(ffn, 5, None).dtype == torch.bfloat16 and _example_input(ffn, 5, None).shape[0] == 5
