@@ -162,3 +162,34 @@ def test_sparsify_convert_save_and_load(tmp_path):
     with torch.no_grad():
         grouped[0].weight[0] = 0
     assert "groups must be 1" in convert_modules(grouped, format="csr").sparsekit_skipped["0"]
+
+
+def test_pruner_element_and_block_granularity_reach_transposed_convs():
+    """Weight / gradient criteria prune a transposed conv at element and block granularity (blocks over its
+    weight's own 2-D view [C_in, C_out * taps]); sparsify then runs it sparse. N:M leaves it dense, saying so."""
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.up = nn.Conv2d(32, 64, 3, padding=1), nn.ConvTranspose2d(64, 32, 2, 2)
+
+        def forward(self, x):
+            return self.up(torch.relu(self.c1(x)))
+
+    torch.manual_seed(6)
+    x = torch.randn(2, 32, 6, 6)
+    model = Up().eval()
+    pruner = sk.prune.Pruner(model, x, criterion="magnitude", granularity="block", block=(32, 32), sparsity=0.75,
+                             scope="layer")
+    pruner.step()
+    assert list(pruner.layers) == ["c1", "up"]
+    blocks = (model.up.weight.detach().reshape(64, 128) != 0).reshape(2, 32, 4, 32).any(3).any(1)
+    assert int(blocks.sum()) == 2                     # 8 blocks of 32x32, 6 removed
+    fast, report = sk.sparsify(model, x, formats=["bsr"], min_speedup=1e-9, cache=False, reps=1, measure_model=False)
+    assert isinstance(fast.up, SparseConvTranspose2d) and fast.up.format == "bsr"
+    sk.verify(model, fast, x)
+    taylor = sk.prune.Pruner(Up(), x, criterion="taylor", granularity="element", sparsity=0.5,
+                             calib=[(x, torch.randn(2, 32, 12, 12))], loss_fn=lambda out, t: (out - t).square().mean())
+    taylor.step()
+    assert "up" in taylor.layers and abs(float((taylor.model.up.weight == 0).float().mean()) - 0.5) < 0.01
+    with pytest.warns(UserWarning, match="transposed convs \\['up'\\] are not pruned: n:m"):
+        sk.prune.Pruner(Up(), x, criterion="magnitude", granularity="nm", n=2, m=4, sparsity=0.5)

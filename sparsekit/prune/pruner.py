@@ -64,14 +64,15 @@ def run_example(model: nn.Module, example_inputs: Any) -> Any:
     return model(*example_inputs)
 
 
-def execution_order(model: nn.Module, example_inputs: Any) -> list[str]:
-    """Names of the prunable modules in the order their last call happens during one forward pass.
+def execution_order(model: nn.Module, example_inputs: Any, types: tuple[type, ...] = _masks.PRUNABLE) -> list[str]:
+    """Names of the modules of ``types`` (default: the prunable Linear / conv layers) in the order their last call
+    happens during one forward pass.
 
     Runs under ``torch.no_grad`` in eval mode (no BN statistics updated, no dropout) and restores every
     module's training flag afterwards.
     """
     check_example_inputs(example_inputs)
-    names = {id(mod): name for name, mod in model.named_modules() if isinstance(mod, _masks.PRUNABLE)}
+    names = {id(mod): name for name, mod in model.named_modules() if isinstance(mod, types)}
     calls: list[str] = []
     hooks = [mod.register_forward_hook(lambda mod, _i, _o: calls.append(names[id(mod)]))
              for mod in model.modules() if id(mod) in names]
@@ -93,6 +94,29 @@ def execution_order(model: nn.Module, example_inputs: Any) -> list[str]:
     return sorted(last, key=last.__getitem__)
 
 
+def _layer_types(granularity: str, criterion: Any, reconstruct: bool) -> tuple[type, ...]:
+    """The module types a Pruner masks itself. Transposed convs join Linear / conv layers for element and block
+    pruning by criteria that read the weight (and its gradients) alone: their masks are weight-shaped (blocks in
+    the weight's own 2-D view ``[C_in, C_out * taps]``); n:m groups would have to run along dim 0 (the GEMM's
+    reduction dim, C_in), and activation / BN / next-layer statistics are traced for Linear / conv layers only.
+    (Channel pruning reaches them through the dependency graph.)"""
+    if granularity in ("element", "block") and not reconstruct and set(criterion.needs) <= {"seed", "grads",
+                                                                                           "hessian"}:
+        return (*_masks.PRUNABLE, *_masks.TRANSPOSED_CONVS)
+    return _masks.PRUNABLE
+
+
+def _warn_unpruned_transposed(modules: Mapping[str, nn.Module], ignored: set[str], granularity: str,
+                              criterion: Any) -> None:
+    names = [n for n, m in modules.items() if isinstance(m, _masks.TRANSPOSED_CONVS) and n not in ignored]
+    if names:
+        why = ("n:m groups would run along C_in, dim 0 of their weight" if granularity == "nm" else
+               f"criterion {criterion.name!r} reads statistics traced for Linear / conv layers only")
+        warnings.warn(f"the transposed convs {names[:3]}{'...' if len(names) > 3 else ''} are not pruned: {why}; "
+                      "element / block pruning by a weight or gradient criterion (magnitude, l1, taylor ...) "
+                      "reaches them", UserWarning, stacklevel=3)
+
+
 def _warn_unpruned_in_projections(modules: Mapping[str, nn.Module], ignored: set[str]) -> None:
     """``nn.MultiheadAttention`` keeps its q / k / v projections in one raw parameter, which element, block and
     N:M pruning (made for Linear / Conv layers) do not reach; say so, with the remedy."""
@@ -108,7 +132,8 @@ def _warn_unpruned_in_projections(modules: Mapping[str, nn.Module], ignored: set
 
 class Pruner:
     """Prune a model's ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` layers with masks (reversible
-    parametrizations).
+    parametrizations); element and block pruning by criteria reading weights (or their gradients) alone also
+    prune ``nn.ConvTranspose1d`` / ``2d`` / ``3d`` (blocks over their weight viewed as ``[C_in, C_out * taps]``).
 
     Args:
         model: the ``nn.Module`` to prune (modified in place by ``step``); a ``DistributedDataParallel``
@@ -245,9 +270,10 @@ class Pruner:
                 calib = list(calib)
         self.calib = calib
 
-        executed = execution_order(model, example_inputs)
+        types = _layer_types(self.granularity, self.criterion, self.reconstruct)
+        executed = execution_order(model, example_inputs, types)
         modules = dict(model.named_modules())
-        unexecuted = [k for k, v in modules.items() if isinstance(v, _masks.PRUNABLE) and k not in executed]
+        unexecuted = [k for k, v in modules.items() if isinstance(v, types) and k not in executed]
         order = executed + unexecuted
         if ignore is None and self.granularity == "channel" and executed:
             ignore = [executed[-1]]  # the classifier: its outputs are the model's outputs
@@ -271,6 +297,8 @@ class Pruner:
                                m=self.m, name=name)
         if self.granularity != "channel":
             _warn_unpruned_in_projections(modules, self.ignored)
+            if types == _masks.PRUNABLE:
+                _warn_unpruned_transposed(modules, self.ignored, self.granularity, self.criterion)
         self._events: list[_chains.Event] | None = None
         self.links: dict[str, _chains.Link] = {}
         if set(self.criterion.needs) - {"seed", "grads", "hessian"} or self.reconstruct:
