@@ -13,12 +13,18 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._compat import set_submodule
 from .formats import BSR, CSR, NM, ChannelIndex, bitmap_from_indices
 from .ops import sparse_conv2d, sparse_conv3d, sparse_linear
 from .ops.conv import group_starts
-from .ops.conv_transpose import sparse_conv_transpose2d, sparse_conv_transpose3d, transposed_weight2d
+from .ops.conv_transpose import (
+    conv_transpose_out_size,
+    sparse_conv_transpose2d,
+    sparse_conv_transpose3d,
+    transposed_weight2d,
+)
 from .prune.graph import QKV_PROJ
 from .prune.linear_mha import (
     LinearMultiheadAttention,
@@ -49,9 +55,12 @@ def _to_format(weight2d: Tensor, format: str, block, n: int, m: int, bitmap: boo
 
 
 def _trained_weight(mod: nn.Module) -> Tensor:
-    """The weight tensor that trains: a sparse layer's values (weight2d for format "dense"), else .weight."""
+    """The weight tensor that trains: a sparse layer's values (weight2d for format "dense"), a masked layer's
+    stored original (its .weight is recomputed, without grad under torch.no_grad), else .weight."""
     if isinstance(mod, _SparseWeight):
         return mod.weight2d if mod.format == "dense" else mod.values
+    if parametrize.is_parametrized(mod, "weight"):
+        return mod.parametrizations.weight.original
     return mod.weight
 
 
@@ -59,7 +68,8 @@ def _same_trainability(new: nn.Module, src: nn.Module) -> nn.Module:
     """A converted layer trains what its source trained: a frozen weight (or bias) stays frozen."""
     _trained_weight(new).requires_grad_(_trained_weight(src).requires_grad)
     if new.bias is not None and src.bias is not None:
-        new.bias.requires_grad_(src.bias.requires_grad)
+        bias = src.parametrizations.bias.original if parametrize.is_parametrized(src, "bias") else src.bias
+        new.bias.requires_grad_(bias.requires_grad)
     return new
 
 
@@ -422,25 +432,43 @@ class SparseConvTranspose2d(_SparseWeight):
         fmt = _to_format(transposed_weight2d(conv.weight.detach()), _check_format(format), block, n, m)
         return _same_trainability(cls(fmt, conv.bias, format, backend=backend, **cls._geometry(conv)), conv)
 
-    def _conv_args(self) -> tuple:
-        return self.stride, self.padding, self.output_padding, self.dilation
+    def _conv_args(self, output_padding: tuple[int, ...] | None = None) -> tuple:
+        return self.stride, self.padding, self.output_padding if output_padding is None else output_padding, \
+            self.dilation
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _output_padding(self, x: Tensor, output_size: object) -> tuple[int, ...]:
+        """The output_padding giving ``output_size`` (its last entries: the spatial sizes), as
+        nn.ConvTranspose2d.forward(x, output_size) takes it: at most stride - 1 beyond the smallest output."""
+        nd = len(self.kernel_size)
+        sizes = [int(v) for v in output_size][-nd:] if isinstance(output_size, (tuple, list, torch.Size)) else []
+        if len(sizes) != nd:
+            raise ValueError(f"output_size must end with the {nd} spatial sizes, got {output_size!r}")
+        least = conv_transpose_out_size(tuple(x.shape[-nd:]), self.kernel_size, self.stride, self.padding,
+                                        (0,) * nd, self.dilation)
+        pad = tuple(o - lo for o, lo in zip(sizes, least))
+        if any(not 0 <= p < s for p, s in zip(pad, self.stride)):
+            raise ValueError(f"output_size {tuple(sizes)} must be between {least} and "
+                             f"{tuple(lo + s - 1 for lo, s in zip(least, self.stride))} for input "
+                             f"{tuple(x.shape[-nd:])}")
+        return pad
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         nd = len(self.kernel_size)
         if x.dim() not in (nd + 1, nd + 2):
             dims = ", ".join(("D", "H", "W")[3 - nd:])
             raise ValueError(f"x must be [N, C, {dims}] or unbatched [C, {dims}], got shape {tuple(x.shape)}")
         if x.dim() == nd + 1:
-            return self.forward(x.unsqueeze(0)).squeeze(0)
+            return self.forward(x.unsqueeze(0), output_size).squeeze(0)
+        args = self._conv_args(None if output_size is None else self._output_padding(x, output_size))
         w = self.sparse_weight()
         three_d = nd == 3
         if isinstance(w, Tensor):  # dense fallback: torch's own transposed conv
             weight = w.reshape(self.out_channels, *self.kernel_size, self.in_channels).movedim(-1, 0)
             conv = F.conv_transpose3d if three_d else F.conv_transpose2d
-            stride, padding, output_padding, dilation = self._conv_args()
+            stride, padding, output_padding, dilation = args
             return conv(x, weight, self.bias, stride, padding, output_padding, 1, dilation)
         op = sparse_conv_transpose3d if three_d else sparse_conv_transpose2d
-        return op(x, w, self.bias, *self._conv_args(), kernel_size=self.kernel_size, backend=self.backend)
+        return op(x, w, self.bias, *args, kernel_size=self.kernel_size, backend=self.backend)
 
     def _dense_twin(self) -> nn.Module:
         p = self.values if self.format != "dense" else self.weight2d
@@ -460,8 +488,8 @@ class SparseConvTranspose2d(_SparseWeight):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, output_padding={self.output_padding}, bias={self.bias is not None}, "
-                + self._describe())
+                f"padding={self.padding}, output_padding={self.output_padding}, dilation={self.dilation}, "
+                f"bias={self.bias is not None}, " + self._describe())
 
 
 class SparseConvTranspose1d(SparseConvTranspose2d):
@@ -475,12 +503,16 @@ class SparseConvTranspose1d(SparseConvTranspose2d):
         return {"kernel_size": (1, conv.kernel_size[0]), "stride": (1, conv.stride[0]), "padding": (0, conv.padding[0]),
                 "output_padding": (0, conv.output_padding[0]), "dilation": (1, conv.dilation[0])}
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         if x.dim() not in (2, 3):
             raise ValueError(f"x must be [N, C, L] or unbatched [C, L], got shape {tuple(x.shape)}")
         if x.dim() == 2:
-            return self.forward(x.unsqueeze(0)).squeeze(0)
-        return super().forward(x.unsqueeze(2)).squeeze(2)
+            return self.forward(x.unsqueeze(0), output_size).squeeze(0)
+        if output_size is not None:     # its length, as the 1 x L view's
+            if not isinstance(output_size, (tuple, list, torch.Size)) or not output_size:
+                raise ValueError(f"output_size must end with the output length, got {output_size!r}")
+            output_size = (1, int(output_size[-1]))
+        return super().forward(x.unsqueeze(2), output_size).squeeze(2)
 
     def _dense_twin(self) -> nn.Module:
         p = self.values if self.format != "dense" else self.weight2d

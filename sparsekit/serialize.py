@@ -41,7 +41,8 @@ from .nn import (
 from .ops._dispatch import BACKENDS
 from .prune.linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2           # 2: the weights file also holds the non-persistent buffers (NONPERSISTENT keys)
+READABLE_SPECS = (1, 2)    # what load reads (a version-1 directory has no non-persistent buffers)
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "sparsekit.json"
 NONPERSISTENT = "sparsekit.nonpersistent:"    # key prefix of the non-persistent buffers in the weights file
@@ -208,9 +209,9 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
         raise FileNotFoundError(f"path must be a directory written by sparsekit.save (with {SPEC_FILE} and "
                                 f"{WEIGHTS_FILE}), got {str(src)!r}")
     spec = json.loads((src / SPEC_FILE).read_text())
-    if spec.get("sparsekit_spec") != SPEC_VERSION:
+    if spec.get("sparsekit_spec") not in READABLE_SPECS:
         raise ValueError(f"unsupported spec version {spec.get('sparsekit_spec')!r} (this sparsekit reads "
-                         f"{SPEC_VERSION})")
+                         f"{', '.join(map(str, READABLE_SPECS))})")
     if spec.get("model_class") not in (None, type(model).__name__):
         raise TypeError(f"model is a {type(model).__name__} but the saved model was a {spec['model_class']}")
     tensors = load_file(str(src / WEIGHTS_FILE), device=str(device))

@@ -50,8 +50,8 @@ def _run_recording(model: nn.Module, example_inputs: Any) -> tuple[Any, dict[str
 
 
 def _max_diff(a: Tensor, b: Tensor) -> float:
-    """Max |a - b|; equal infinities match, and a NaN on either side is an infinite difference (never within
-    any tolerance: a model that starts producing NaN is not the reference)."""
+    """Max |a - b|; equal infinities match, and a NaN on either side or an infinity facing anything else is an
+    infinite difference (never within any tolerance: a model that starts producing NaN is not the reference)."""
     if not a.numel():
         return 0.0
     a, b = a.double(), b.double()
@@ -60,7 +60,20 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
 
 
 def _tolerance(ref: Tensor, atol: float, rtol: float) -> float:
-    return atol + rtol * float(ref.abs().max()) if ref.numel() and rtol else atol
+    """atol + rtol * the largest finite |reference| (a NaN or inf there would make every difference pass)."""
+    if not rtol or not ref.numel():
+        return atol
+    finite = ref.detach().double().abs()
+    finite = finite[torch.isfinite(finite)]
+    return atol + rtol * (float(finite.max()) if finite.numel() else 0.0)
+
+
+def _non_finite_note(a: Tensor, b: Tensor) -> str:
+    """Why a difference is infinite: which side has a NaN, or an infinity the other side does not."""
+    nan_a, nan_b = bool(torch.isnan(a).any()), bool(torch.isnan(b).any())
+    if nan_a or nan_b:
+        return f" (NaN in the {'reference' if nan_a and not nan_b else 'candidate' if nan_b and not nan_a else 'both'})"
+    return " (an infinity where the other has another value)"
 
 
 def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol: float = 1e-4,
@@ -98,7 +111,7 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol
                             and _max_diff(ref_seen[n], cand_seen[n]) > _tolerance(ref_seen[n], atol, rtol)), None)
         where = (f"; first layer off: {first_layer!r} (max |diff| "
                  f"{_max_diff(ref_seen[first_layer], cand_seen[first_layer]):.3g})") if first_layer else ""
-        nan = " (NaN where the other has a number)" if math.isinf(bad[worst]) else ""
+        nan = _non_finite_note(ref_t[worst], cand_t[worst]) if math.isinf(bad[worst]) else ""
         raise VerificationError(f"{worst}: max |diff| {bad[worst]:.3g}{nan} > atol {atol}"
                                 f"{f' + rtol {rtol} * max|reference|' if rtol else ''}{where}")
     return diffs

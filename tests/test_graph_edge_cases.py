@@ -624,3 +624,37 @@ def test_decoder_residual_through_transposed_conv_norm_and_prelu(criterion, tmp_
     sk.verify(model, small, x, atol=1e-5)
     sk.save(small, tmp_path / "dec")
     sk.verify(small, sk.load(tmp_path / "dec", _Decoder()).eval(), x, atol=0)
+
+
+def test_a_criterion_needing_activations_and_gradients_scores_transposed_convs(monkeypatch):
+    """Gates are made before the event counter restarts: a criterion reading feature maps *and* gradients keeps
+    the calib batches' events aligned with the trace (the gates' torch.ones used to count as a step)."""
+    from sparsekit.prune import criteria
+
+    name = "test_act_and_grad"
+    monkeypatch.setattr(criteria, "_REGISTRY", dict(criteria._REGISTRY))     # registered for this test only
+
+    @criteria.register(name, needs=("activations", "grads"), data_dependent=True,
+                       doc="mean activation, with the Taylor statistics collected too (a test criterion)")
+    def _act_and_grad(module, ctx):     # both statistics are collected; the mean activation decides
+        return ctx.stat("act_sum") / ctx.stat("act_count") + 0.0 * ctx.stat("taylor_chan").sum()
+
+    torch.manual_seed(5)
+    model = _randomize(_UNet()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    pruner = sk.prune.Pruner(model, (x,), criterion=name, granularity="channel", sparsity=0.5, scope="layer",
+                             calib=[(x, torch.randint(0, 2, (2, 16, 16)))])
+    pruner.step()
+    sk.verify(model, pruner.compact(), x, atol=1e-5)
+
+
+def test_a_model_of_transposed_convs_only_prunes_with_data_dependent_criteria():
+    """No Linear / conv left to prune, but the transposed convs' outputs are scored through gates: accepted."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.ConvTranspose2d(8, 16, 2, 2), nn.ReLU(), nn.ConvTranspose2d(16, 4, 2, 2)).eval()
+    x = torch.randn(2, 8, 4, 4)
+    pruner = sk.prune.Pruner(model, x, criterion="mean_activation", calib=[x], granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert small[0].out_channels == 8 and small[2].in_channels == 8
+    sk.verify(model, small, x, atol=1e-5)

@@ -384,3 +384,11 @@ def test_abc_search_returns_the_best_candidate_it_ever_scored_on_the_pruned_netw
     assert res.fitness == max(scored) and res.history[-1] == max(scored)
     assert all(a <= b for a, b in zip(res.history, res.history[1:]))        # best so far: never decreases
     assert max(leaks) == 0.0
+
+
+def test_abc_search_says_when_no_fitness_is_comparable():
+    m = models.MLP([8, 16, 4])
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="no comparable value for any of the"):
+        abc_search(m, x[:2], [(x, torch.zeros(4, dtype=torch.long))], budget=0.8, colony=2, cycles=1,
+                   fitness=lambda model, calib: float("nan"))

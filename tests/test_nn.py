@@ -237,3 +237,20 @@ def test_channel_format_refuses_a_grouped_conv():
     converted = convert_modules(nn.Sequential(conv), format="channel")
     assert isinstance(converted[0], nn.Conv2d)         # left dense, with the reason recorded
     assert any("groups" in str(r) for r in getattr(converted, "sparsekit_skipped", {}).values())
+
+
+def test_a_masked_layer_converted_under_no_grad_still_trains():
+    """sparsify builds its candidates under torch.no_grad: a masked (parametrized) layer's trainability comes
+    from its stored original, not from the recomputed weight (which has no grad there)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    sk.prune.masks.apply_mask(lin, torch.rand(8, 16) > 0.5)
+    with torch.no_grad():
+        sl = SparseLinear.from_dense(lin, "csr")
+    assert sl.values.requires_grad and sl.bias.requires_grad
+    convt = nn.ConvTranspose2d(8, 4, 2, 2)
+    sk.prune.masks.apply_mask(convt, torch.rand(convt.weight.shape) > 0.5)
+    convt.parametrizations.weight.original.requires_grad_(False)
+    with torch.no_grad():
+        sc = sk.nn.SparseConvTranspose2d.from_dense(convt, "csr")
+    assert not sc.values.requires_grad and sc.bias.requires_grad

@@ -136,3 +136,21 @@ def test_an_unknown_forced_backend_is_dropped_with_a_warning(tmp_path):
         loaded = sk.load(out, TwoLayers())
     assert loaded.a.backend is None
     torch.testing.assert_close(loaded(x), fast(x))
+
+
+def test_spec_versions_read_and_refused(tmp_path):
+    """Version 2 stores non-persistent buffers too; a version-1 directory (without them) still loads, into an
+    eager skeleton; an unknown version is refused naming the ones this sparsekit reads."""
+    fast, x = _sparsified(["csr"])
+    out = sk.save(fast, tmp_path / "m")
+    spec = json.loads((out / "sparsekit.json").read_text())
+    assert spec["sparsekit_spec"] == 2
+    tensors = safetensors.torch.load_file(str(out / "model.safetensors"))
+    assert "sparsekit.nonpersistent:scale" in tensors
+    safetensors.torch.save_file({k: v for k, v in tensors.items() if not k.startswith("sparsekit.nonpersistent:")},
+                                str(out / "model.safetensors"))
+    (out / "sparsekit.json").write_text(json.dumps({**spec, "sparsekit_spec": 1}))
+    torch.testing.assert_close(sk.load(out, TwoLayers())(x), fast(x))
+    (out / "sparsekit.json").write_text(json.dumps({**spec, "sparsekit_spec": 99}))
+    with pytest.raises(ValueError, match="unsupported spec version 99 \\(this sparsekit reads 1, 2\\)"):
+        sk.load(out, TwoLayers())

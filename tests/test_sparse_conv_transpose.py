@@ -15,8 +15,9 @@ from sparsekit.ops.conv_transpose import sparse_conv_transpose2d, sparse_conv_tr
 OPS = {2: (sparse_conv_transpose2d, F.conv_transpose2d), 3: (sparse_conv_transpose3d, F.conv_transpose3d)}
 # kernel, stride, padding, output_padding, dilation
 # (2, 2, *): taps tile the output (copied, no zero fill); (3, 3, 2, 2): disjoint taps, not tiling; others overlap
-GEOMETRY = [(2, 2, 0, 0, 1), (2, 2, 1, 0, 1), (3, 2, 1, 1, 1), (4, 2, 1, 0, 1), (3, 1, 1, 0, 2), (1, 1, 0, 0, 1),
-            (3, 3, 2, 2, 1)]
+# (3, 1, 0, 1, 2): output_padding >= stride (allowed when dilation > stride)
+GEOMETRY = [(2, 2, 0, 0, 1), (2, 2, 1, 0, 1), (3, 2, 1, 1, 1), (4, 2, 1, 0, 1), (3, 1, 1, 0, 2), (3, 1, 0, 1, 2),
+            (1, 1, 0, 0, 1), (3, 3, 2, 2, 1)]
 
 
 def _weight(c_in: int, c_out: int, kernel: int, nd: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
@@ -193,3 +194,23 @@ def test_pruner_element_and_block_granularity_reach_transposed_convs():
     assert "up" in taylor.layers and abs(float((taylor.model.up.weight == 0).float().mean()) - 0.5) < 0.01
     with pytest.warns(UserWarning, match="transposed convs \\['up'\\] are not pruned: n:m"):
         sk.prune.Pruner(Up(), x, criterion="magnitude", granularity="nm", n=2, m=4, sparsity=0.5)
+
+
+@pytest.mark.parametrize("cls, dense, size", [
+    (SparseConvTranspose2d, nn.ConvTranspose2d(8, 4, 3, 2, 1), (5, 6)),
+    (SparseConvTranspose1d, nn.ConvTranspose1d(8, 4, 3, 2, 1), (7,)),
+    (SparseConvTranspose3d, nn.ConvTranspose3d(8, 4, 2, 3), (2, 3, 2)),
+])
+def test_output_size_as_nn_conv_transpose_takes_it(cls, dense, size):
+    """forward(x, output_size) picks the output padding (U-Net decoders matching a skip's odd size)."""
+    torch.manual_seed(7)
+    x = torch.randn(2, 8, *size)
+    sparse = cls.from_dense(dense, "csr")
+    for extra in range(max(dense.stride)):
+        target = [(n - 1) * s - 2 * p + dense.kernel_size[i] + min(extra, s - 1)
+                  for i, (n, s, p) in enumerate(zip(size, dense.stride, dense.padding))]
+        ref = dense(x, output_size=target)
+        torch.testing.assert_close(sparse(x, output_size=target), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sparse(x, output_size=[2, 4, *target]), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="output_size"):
+        sparse(x, output_size=[n * 10 for n in size])

@@ -97,8 +97,14 @@ def test_nan_in_the_candidate_is_never_within_tolerance():
     ref, bad = Scaled(1.0), Scaled(float("nan"))
     bad.lin.load_state_dict(ref.lin.state_dict())
     x = torch.randn(2, 4)
-    with pytest.raises(sk.VerificationError, match=r"output: max \|diff\| inf \(NaN"):
+    with pytest.raises(sk.VerificationError, match=r"output: max \|diff\| inf \(NaN in the candidate"):
         sk.verify(ref, bad, x, atol=1e9)
+    with pytest.raises(sk.VerificationError, match=r"NaN in the reference"):    # rtol: a NaN reference is no
+        sk.verify(bad, ref, x, atol=0.0, rtol=1e-3)                              # licence for anything
+    big = Scaled(float("inf"))
+    big.lin.load_state_dict(ref.lin.state_dict())
+    with pytest.raises(sk.VerificationError, match=r"an infinity where the other"):
+        sk.verify(big, ref, x, atol=0.0, rtol=1e-3)
     inf_a, inf_b = Scaled(float("inf")), Scaled(float("inf"))
     inf_b.lin.load_state_dict(inf_a.lin.state_dict())
     with torch.no_grad():

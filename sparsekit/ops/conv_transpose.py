@@ -40,14 +40,14 @@ def transposed_weight2d(weight: Tensor) -> Tensor:
     return weight.movedim(0, -1).reshape(-1, weight.shape[0])
 
 
-def _fold(cols: Tensor, out: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...],
-          padding: tuple[int, ...], stride: tuple[int, ...], c_out: int) -> Tensor:
-    """Sum the patch columns ``[B, C_out * prod(kernel), L]`` into ``[B, C_out, *out]``: one strided write per
+def _fold(cols: Tensor, sizes: tuple[int, ...], out: tuple[int, ...], kernel: tuple[int, ...],
+          dilation: tuple[int, ...], padding: tuple[int, ...], stride: tuple[int, ...], c_out: int) -> Tensor:
+    """Sum the patch columns ``[B, C_out * prod(kernel), L = prod(sizes)]`` (``sizes``: the input's spatial sizes)
+    into ``[B, C_out, *out]``: one strided write per
     kernel tap (F.fold runs this single-threaded here, 2x slower). Taps that cannot overlap (``d * (k - 1) <
     s``: U-Net's 2x2 stride-2 up-convolutions) are copied rather than added, into an uninitialised output
     where they tile it exactly."""
     b = cols.shape[0]
-    sizes = [(o + 2 * p - d * (k - 1) - 1) // s + 1 for o, k, s, p, d in zip(out, kernel, stride, padding, dilation)]
     taps = cols.reshape(b, c_out, *kernel, *sizes)
     disjoint = all(d * (k - 1) < s for k, d, s in zip(kernel, dilation, stride))
     tiled = disjoint and all(d == 1 and k == s and o + 2 * p == n * s
@@ -113,7 +113,7 @@ def _sparse_conv_transpose(fn: str, nd: int, x: Tensor, w: BSR | CSR | NM | Chan
                        w.shape[0])
     else:
         cols = sparse_linear(x.reshape(b, c_in, length).transpose(1, 2), w, None, backend).transpose(1, 2)
-    y = _fold(cols, out, kernel, dilation, padding, stride, c_out)
+    y = _fold(cols, tuple(x.shape[2:]), out, kernel, dilation, padding, stride, c_out)
     return y if bias is None else y + bias.reshape(1, -1, *([1] * nd))
 
 

@@ -348,6 +348,8 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
                                                         outputs=outputs) as taps:
             for i, item in enumerate(calib):
                 inputs, target = split_batch(item, i)
+                # fresh gates before the reset: their torch.ones would count as a step of the forward pass
+                gates = taps.new_gates() if batch_grads else {}
                 rec.reset()
                 if grad_needed and target is None:
                     raise ValueError(f"calib[{i}] is a plain batch, but this criterion needs gradients: "
@@ -356,7 +358,6 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
                     fisher_items.append((inputs, target))
                 if batch_grads:
                     with torch.enable_grad(), _twice_differentiable(needs, granularity):
-                        gates = taps.new_gates()
                         loss = loss_fn(run_model(model, inputs), target)
                         if not isinstance(loss, Tensor) or loss.dim() != 0:
                             raise ValueError(f"loss_fn must return a scalar tensor, got "

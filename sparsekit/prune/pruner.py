@@ -285,13 +285,15 @@ class Pruner:
             raise ValueError("no nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d left to prune in model (after ignore="
                              f"{sorted(self.ignored)})" + (f"; granularity='channel' would prune the channels of "
                                                            f"{views}" if views else ""))
-        if not self.layers and not self._scores_weight_views():
+        gated = [k for k in views if isinstance(modules[k], _masks.TRANSPOSED_CONVS)]   # scored through gates
+        if not self.layers and not self._scores_weight_views() and not (self._scores_head_taps() and gated):
             weight_only = [n for n in _criteria.available() if not _criteria.get(n).data_dependent
                            and set(_criteria.get(n).needs) <= {"seed"}]
             raise ValueError(f"criterion {self.criterion.name!r} scores Linear / conv layers (from data, gradients, "
                              f"a BatchNorm or a next layer); none is left to prune in model (after ignore="
                              f"{sorted(self.ignored)}), and {views} are scored by criteria reading weights alone "
-                             f"({', '.join(weight_only)})")
+                             f"({', '.join(weight_only)})" + (", or, for transposed convs, by activation / rank / "
+                                                              "taylor / hessian criteria" if gated else ""))
         for name, mod in self.layers.items():
             _masks.check_layer(tuple(mod.weight.shape), self.granularity, block=self.block, n=self.n,
                                m=self.m, name=name)

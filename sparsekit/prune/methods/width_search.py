@@ -17,6 +17,7 @@ over the budget (``"flops"`` or ``"params"`` kept, as a fraction of dense, count
 from __future__ import annotations
 
 import copy
+import math
 import random as _random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -181,8 +182,9 @@ def abc_search(model: nn.Module, example_inputs: Any, calib: Sequence[Any], budg
     for _ in range(cycles):
         for i in range(colony):                       # employed bees
             neighbour(i)
-        lo = min(fits)
-        weights = [f - lo + 1e-6 for f in fits]
+        finite = [f for f in fits if math.isfinite(f)]       # a NaN / inf fitness draws no onlooker
+        lo = min(finite, default=0.0)
+        weights = [f - lo + 1e-6 if math.isfinite(f) else 1e-6 for f in fits]
         for _ in range(colony):                       # onlooker bees
             neighbour(rng.choices(range(colony), weights=weights)[0])
         for i in range(colony):                       # scout bees
@@ -190,5 +192,8 @@ def abc_search(model: nn.Module, example_inputs: Any, calib: Sequence[Any], budg
                 foods[i] = repair([rng.randint(0, top) for _ in names])
                 fits[i], trials[i] = evaluate(foods[i]), 0
         history.append(best["fit"])
+    if best["vec"] is None:
+        raise ValueError(f"fitness gave no comparable value for any of the {evaluations} candidates (NaN or -inf "
+                         "every time): check the fitness function and calib")
     return SearchResult(widths=widths_of(best["vec"]), fitness=best["fit"], cost=cost_of(best["vec"]),
                         history=history, evaluations=evaluations)
