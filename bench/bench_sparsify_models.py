@@ -10,6 +10,9 @@ resnet50  ResNet-50 (batch 8, 224x224): 50% global channel pruning compacted (de
           block sparsity in the remaining 3x3 convs, then sparsified.
 r3d18     R3D-18 (sparsekit.models; 3-D convs, 16x112x112 video clips, batch 8): the same as resnet50, the 3x3x3
           convs block-sparse (SparseConv3d).
+unet      U-Net (sparsekit.models; 128x128 images, batch 2 unless --batch): the same as resnet50 through its
+          concatenated skips, the 3x3 convs and the 2x2 stride-2 up-convolutions block-sparse (SparseConv2d,
+          SparseConvTranspose2d).
 hf-bert   the same pruning as bert on Hugging Face transformers' BertModel (BERT-base config, random weights, no
           download, no pooler; every Linear pruned): the user's own model, not ours (needs transformers).
 hf-gpt2   the same on transformers' GPT2Model (GPT-2 small config, seq 128), after sk.nn.conv1d_to_linear.
@@ -43,7 +46,7 @@ from torch import nn
 
 import sparsekit as sk
 from sparsekit.benchmark.machine import script_results
-from sparsekit.nn import SparseConv2d, SparseLinear
+from sparsekit.nn import SparseConv2d, SparseConvTranspose2d, SparseLinear
 from sparsekit.prune.compact import compact
 from sparsekit.prune.graph import DependencyGraph
 from sparsekit.timing import interleaved_median_ms
@@ -170,11 +173,14 @@ def transformer(kind: str, reps: int, layers: int, device: str = "cpu", dtype: t
 
 def _compacted_cnn(kind: str, reps: int, device: str, dtype: torch.dtype, batch: int, compile_: bool,
                    min_speedup: float) -> dict:
-    """ResNet-50 (2-D) or R3D-18 (3-D, video clips): 50% global channel pruning compacted, then 80% 32x32 block
-    sparsity in the remaining 3x3(x3) convs, sparsified, timed against the dense original."""
+    """ResNet-50 (2-D), R3D-18 (3-D, video clips) or U-Net (2-D, with up-convolutions): 50% global channel
+    pruning compacted, then 80% 32x32 block sparsity in the remaining 3x3(x3) convs (and U-Net's transposed
+    convs), sparsified, timed against the dense original."""
     torch.manual_seed(0)
     if kind == "resnet50":
         dense, conv, label = sk.models.ResNet50().eval(), nn.Conv2d, f"ResNet-50, batch {batch}, 224x224"
+    elif kind == "unet":
+        dense, conv, label = sk.models.UNet().eval(), nn.Conv2d, f"U-Net, batch {batch}, 128x128"
     else:
         dense, conv, label = sk.models.R3D18().eval(), nn.Conv3d, f"R3D-18, batch {batch}, 16x112x112 clips"
     x = dense.example_input(batch)
@@ -182,11 +188,12 @@ def _compacted_cnn(kind: str, reps: int, device: str, dtype: torch.dtype, batch:
     # channel counts rounded to 32 so the remaining 3x3 convs take 32x32 blocks
     keep = graph.select(0.5, graph.group_scores("l1"), scope="global", round_to=32)
     small = compact(dense, x[:1], keep, graph=graph)
-    blockable = [m for m in small.modules() if isinstance(m, conv) and set(m.kernel_size) == {3}
+    blockable = [m for m in small.modules() if isinstance(m, (conv, nn.ConvTranspose2d))
+                 and (set(m.kernel_size) == {3} or isinstance(m, nn.ConvTranspose2d))
                  and m.out_channels % 32 == 0 and m.in_channels % 32 == 0 and m.groups == 1]
     pruner = sk.prune.Pruner(small, x[:1], criterion="magnitude", granularity="block", block=(32, 32),
                              scope="layer", sparsity=0.8,
-                             ignore=[m for m in small.modules() if isinstance(m, (conv, nn.Linear))
+                             ignore=[m for m in small.modules() if isinstance(m, (conv, nn.ConvTranspose2d, nn.Linear))
                                      and m not in blockable])
     pruner.step()
     dense, _ = _place(dense, x, device, dtype)
@@ -197,11 +204,12 @@ def _compacted_cnn(kind: str, reps: int, device: str, dtype: torch.dtype, batch:
     sparsify_s = time.perf_counter() - t0
     check = _verify(small, fast, x, dtype)
     t = _timed(dense, fast, x, reps, device, compile_, extra={"compact": lambda: small(x)})
-    return {"model": label, "pruning": f"50% global channels compacted + 80% 32x32 blocks in "
-            f"{'3x3' if conv is nn.Conv2d else '3x3x3'} convs", "device": device, "dtype": str(dtype).split(".")[-1],
+    where = {"resnet50": "3x3 convs", "r3d18": "3x3x3 convs", "unet": "3x3 convs and 2x2 up-convolutions"}[kind]
+    return {"model": label, "pruning": f"50% global channels compacted + 80% 32x32 blocks in {where}",
+            "device": device, "dtype": str(dtype).split(".")[-1],
             **t, "compact_only_speedup": t["dense_ms"] / t["compact_ms"],
             "target": 2.5 if kind == "resnet50" else None,      # issue 8 names ResNet-50 only
-            "sparse_layers": sum(isinstance(m, SparseConv2d) for m in fast.modules()),   # (SparseConv3d too)
+            "sparse_layers": sum(isinstance(m, (SparseConv2d, SparseConvTranspose2d)) for m in fast.modules()),
             "choices": sorted({d.choice for d in report.layers}), **check, "sparsify_s": sparsify_s}
 
 
@@ -212,13 +220,14 @@ def _ms(v: float) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="bert,resnet50",
-                    help="comma-separated: bert, resnet50, vit, hf-bert, hf-gpt2 (the Hugging Face models need "
-                         "transformers)")
+                    help="comma-separated: bert, resnet50, r3d18, unet, vit, hf-bert, hf-gpt2 (the Hugging Face "
+                         "models need transformers)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=12, help="transformer layers (12 = BERT-base, GPT-2 small)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where sparsify and timing run")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
-    ap.add_argument("--batch", type=int, default=8, help="batch size of both models (default 8)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="batch size of every model (default 8; U-Net 2)")
     ap.add_argument("--compile", action="store_true",
                     help="also time torch.compile'd dense and sparsified models in the same loop")
     ap.add_argument("--min-speedup", type=float, default=1.1,
@@ -231,22 +240,23 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     names = [n for n in a.models.split(",") if n]
     for name in names:
-        if name not in ("bert", "resnet50", "r3d18", "vit", "hf-bert", "hf-gpt2"):
-            raise SystemExit(f"--models: unknown model {name!r}; expected bert, resnet50, r3d18, vit, hf-bert "
-                             "and/or hf-gpt2")
+        if name not in ("bert", "resnet50", "r3d18", "unet", "vit", "hf-bert", "hf-gpt2"):
+            raise SystemExit(f"--models: unknown model {name!r}; expected bert, resnet50, r3d18, unet, vit, "
+                             "hf-bert and/or hf-gpt2")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")
-    if a.reps < 1 or a.batch < 1 or a.layers < 1:
+    if a.reps < 1 or (a.batch is not None and a.batch < 1) or a.layers < 1:
         raise SystemExit("--reps, --batch and --layers must be >= 1")
     if not a.min_speedup > 0:
         raise SystemExit(f"--min-speedup must be > 0, got {a.min_speedup}")
     dtype = DTYPES[a.dtype]
     rows = []
     for name in names:
-        if name in ("resnet50", "r3d18"):
-            row = _compacted_cnn(name, a.reps, a.device, dtype, a.batch, a.compile, a.min_speedup)
+        batch = a.batch if a.batch is not None else 2 if name == "unet" else 8
+        if name in ("resnet50", "r3d18", "unet"):
+            row = _compacted_cnn(name, a.reps, a.device, dtype, batch, a.compile, a.min_speedup)
         else:
-            row = transformer(name, a.reps, a.layers, a.device, dtype, a.batch, a.compile, a.min_speedup)
+            row = transformer(name, a.reps, a.layers, a.device, dtype, batch, a.compile, a.min_speedup)
         print(json.dumps(row, indent=1))
         rows.append(row)
     base, info, stamp, where = script_results(a.out, "sparsify_models", a.device)

@@ -9,7 +9,7 @@ from _norms import randomize_norms as _randomize
 from torch import nn
 
 import sparsekit as sk
-from sparsekit.models import VGG16_BN, LeNet5, ResNet20, ResNet50, ResNet56, TransformerEncoder
+from sparsekit.models import VGG16_BN, LeNet5, ResNet20, ResNet50, ResNet56, TransformerEncoder, UNet
 from sparsekit.prune.channel_select import ChannelSelect
 from sparsekit.prune.compact import (
     PrunedMultiheadAttention,
@@ -50,16 +50,21 @@ def _check(model, x, keep=None, graph=None, sparsity=0.5, verify_args=None):
     return graph, small, keep
 
 
-@pytest.mark.parametrize("name", ["lenet", "vgg", "resnet20", "resnet56", "resnet50"])
+@pytest.mark.parametrize("name", ["lenet", "vgg", "resnet20", "resnet56", "resnet50", "unet"])
 def test_cnn_models_random_and_l1(name):
     model = {"lenet": lambda: LeNet5(), "vgg": lambda: VGG16_BN(width=0.125),
              "resnet20": lambda: ResNet20(width=0.5), "resnet56": lambda: ResNet56(width=0.25),
-             "resnet50": lambda: ResNet50(width=0.25, image_size=32)}[name]()
+             "resnet50": lambda: ResNet50(width=0.25, image_size=32),
+             "unet": lambda: UNet(width=0.125, image_size=32)}[name]()     # skips concatenated, ConvTranspose2d
     _randomize(model)
     x = model.example_input(2)
     graph, small, _ = _check(model, x)                          # L1, global
     _check(model, x, keep=_random_keep(graph, 0.4, seed=1), graph=graph)
-    assert type(small.fc) is nn.Linear and small.fc.out_features == model.fc.out_features   # classifier intact
+    assert type(small.fc) is type(model.fc)                     # the classifier / output layer intact
+    assert small.fc.weight.shape[0] == model.fc.weight.shape[0]
+    if name == "unet":
+        assert all(up.in_channels < ref.in_channels and up.out_channels < ref.out_channels
+                   for up, ref in zip(small.ups, model.ups))
 
 
 def test_param_count_matches_prediction_for_a_chain():

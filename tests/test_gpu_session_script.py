@@ -342,6 +342,22 @@ def test_bench_sparsify_models_r3d18_compacts_and_sparsifies_conv3d(skm, tmp_pat
     assert row["sparse_layers"] > 0 and "3x3x3 convs" in row["pruning"] and row["target"] is None
 
 
+def test_bench_sparsify_models_unet_sparsifies_its_up_convolutions(skm, tmp_path, monkeypatch):
+    """A narrow U-Net: channels compacted through its concatenated skips and up-convolutions, then the 3x3 convs
+    and the transposed convs block-sparse (SparseConv2d / SparseConvTranspose2d), outputs equal to the pruned
+    model's."""
+    from functools import partial
+
+    monkeypatch.setattr(sk.models, "UNet", partial(sk.models.UNet, width=1.0, image_size=32))
+    assert skm.main(["--models", "unet", "--reps", "1", "--min-speedup", "1e-6", "--out", str(tmp_path)]) == 0
+    import json
+
+    (row,) = json.loads(next(tmp_path.glob("sparsify_models_cpu-*.json")).read_text())["rows"]
+    assert row["model"].startswith("U-Net, batch 2") and row["verify_error"] is None
+    assert "up-convolutions" in row["pruning"] and row["target"] is None
+    assert row["sparse_layers"] > 0
+
+
 def test_bench_sparsify_models_vit_prunes_stock_attention(skm, tmp_path):
     assert skm.main(["--models", "vit", "--layers", "1", "--reps", "1", "--batch", "1", "--min-speedup", "1e-6",
                      "--out", str(tmp_path)]) == 0

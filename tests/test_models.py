@@ -21,6 +21,7 @@ CASES = [
     ("vgg16_bn", {"width": 0.125}, (2, 10)),
     ("resnet50", {"width": 0.125, "image_size": 64, "num_classes": 7}, (2, 7)),
     ("r3d_18", {"width": 0.125, "frames": 8, "image_size": 16, "num_classes": 7}, (2, 7)),
+    ("unet", {"width": 0.125, "image_size": 32, "num_classes": 3}, (2, 3, 32, 32)),
     ("transformer", {"vocab": 50, "dim": 32, "heads": 4, "ffn": 64, "layers": 2, "num_classes": 3}, (2, 3)),
     ("bert_base", {"vocab": 50, "dim": 48, "heads": 4, "ffn": 96, "layers": 1}, (2, 2)),
     ("vit", {}, (2, 10)),
@@ -36,8 +37,10 @@ def test_forward_shape_and_fc(name, kwargs, out_shape):
     with torch.no_grad():
         y = model(x)
     assert tuple(y.shape) == out_shape
-    assert isinstance(model.fc, nn.Linear)
-    assert model.fc.out_features == out_shape[-1]
+    if isinstance(model.fc, nn.Conv2d):            # a segmentation net: per-pixel classes, channels on dim 1
+        assert model.fc.kernel_size == (1, 1) and model.fc.out_channels == out_shape[1]
+    else:
+        assert isinstance(model.fc, nn.Linear) and model.fc.out_features == out_shape[-1]
     assert torch.equal(x, model.example_input(batch=2))  # seeded: deterministic
 
 
@@ -58,6 +61,7 @@ def test_parameter_counts_match_published():
     assert sum(p.numel() for p in models.ResNet20().parameters()) == 272474
     assert sum(p.numel() for p in models.ResNet50().parameters()) == 25557032  # torchvision's count
     assert sum(p.numel() for p in models.R3D18().parameters()) == 33371472     # torchvision's r3d_18
+    assert sum(p.numel() for p in models.UNet().parameters()) == 31037698      # the common BN U-Net's count
 
 
 def test_resnet_cifar_projection_shortcuts():
@@ -123,6 +127,7 @@ def test_ffn_default_sizes_and_fc_alias():
     (models.LeNet5, {"num_classes": 2.5}, TypeError),
     (models.VGG16_BN, {"image_size": 16}, ValueError),
     (models.R3D18, {"frames": 4}, ValueError),
+    (models.UNet, {"image_size": 40}, ValueError),
     (models.TransformerEncoder, {"dim": 10, "heads": 4}, ValueError),
     (models.FFN, {"activation": "tanh"}, ValueError),
 ])

@@ -20,10 +20,11 @@ from .r3d import R3D18
 from .resnet import ResNet50
 from .resnet_cifar import ResNet20, ResNet56, ResNetCifar
 from .transformer import TransformerEncoder, bert_base_config
+from .unet import UNet
 from .vgg import VGG16_BN
 from .vit import VisionTransformer, vit_b_16_config
 
-__all__ = ["LeNet5", "MLP", "FFN", "ResNetCifar", "ResNet20", "ResNet56", "VGG16_BN", "ResNet50", "R3D18",
+__all__ = ["LeNet5", "MLP", "FFN", "ResNetCifar", "ResNet20", "ResNet56", "VGG16_BN", "ResNet50", "R3D18", "UNet",
            "TransformerEncoder", "bert_base_config", "VisionTransformer", "vit_b_16_config", "available", "build"]
 
 
@@ -45,6 +46,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vgg16_bn": VGG16_BN,
     "resnet50": ResNet50,
     "r3d_18": R3D18,
+    "unet": UNet,
     "transformer": TransformerEncoder,
     "bert_base": _bert_base,
     "vit": VisionTransformer,
