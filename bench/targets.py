@@ -532,6 +532,10 @@ TARGETS: list[Target] = [
     Target("8", "cpu", "the ResNet-50 recipe on a video model, R3D-18 (3-D convs, 16x112x112 clips, batch 8: 50% "
            "channels compacted + 80% 32x32 blocks in 3x3x3 convs through SparseConv3d; not a target)",
            models_reported("cpu", "float32", ("R3D-18",))),
+    Target("8", "cpu", "the ResNet-50 recipe on a segmentation model, U-Net (128x128, batch 2: 50% channels "
+           "compacted through its concatenated skips + 80% 32x32 blocks in its 3x3 convs and 2x2 up-convolutions, "
+           "through SparseConvTranspose2d; not a target)",
+           models_reported("cpu", "float32", ("U-Net",))),
     Target("8", "cpu", "the same two models in bfloat16 (not a target)",
            models_reported("cpu", "bfloat16", ("BERT-base encoder", "ResNet-50"))),
     Target("8", "cpu", "memory: peak RSS of a fresh process loading the saved 90% BSR encoder vs the dense one "
