@@ -2,10 +2,11 @@
 
     python bench/bench_compact.py                 # sparsity 0.5, 5 timed reps per model
     python bench/bench_compact.py --reps 3 --threads 2
+    python bench/bench_compact.py --model unet    # U-Net (batch 2, 128x128): concatenated skips, up-convolutions
 
 Variants, timed side by side in one run (round-robin over the models, median of ``--reps``):
 
-* dense                 the original ResNet-50
+* dense                 the original ResNet-50 (or U-Net)
 * sk-global             sparsekit: L1 group scores (mean over members, normalised per group), one global
                         threshold removing ``--sparsity`` of all prunable channel units, compacted
 * tp-global / tp-layer  Torch-Pruning (``torch-pruning`` on PyPI, if installed): MagnitudePruner L1,
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 import sparsekit as sk
-from sparsekit.models import ResNet50
+from sparsekit.models import ResNet50, UNet
 from sparsekit.prune.compact import compact, mask_groups
 from sparsekit.prune.graph import DependencyGraph
 
@@ -46,9 +47,9 @@ def params(m: torch.nn.Module) -> int:
 
 
 def layer_shapes(m: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Weight shape of every Conv2d / Linear / BatchNorm2d, by module name."""
+    """Weight shape of every Conv2d / ConvTranspose2d / Linear / BatchNorm2d, by module name."""
     return {n: tuple(mod.weight.shape) for n, mod in m.named_modules()
-            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d))}
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear, torch.nn.BatchNorm2d))}
 
 
 def width_note(a: torch.nn.Module, b: torch.nn.Module, b_label: str) -> str:
@@ -61,17 +62,19 @@ def width_note(a: torch.nn.Module, b: torch.nn.Module, b_label: str) -> str:
 
 
 def gmacs(m: torch.nn.Module, x: torch.Tensor) -> float:
-    """Multiply-accumulates of one forward pass on ``x`` (conv + linear), in G."""
+    """Multiply-accumulates of one forward pass on ``x`` (conv + transposed conv + linear), in G."""
     total = [0]
 
     def hook(mod, inp, out):
         if isinstance(mod, torch.nn.Conv2d):
             total[0] += out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, torch.nn.ConvTranspose2d):    # every input value meets C_out * kh * kw weights
+            total[0] += inp[0].numel() * mod.out_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
         elif isinstance(mod, torch.nn.Linear):
             total[0] += out.numel() * mod.in_features
 
-    hs = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, (torch.nn.Conv2d,
-                                                                                       torch.nn.Linear))]
+    hs = [mod.register_forward_hook(hook) for mod in m.modules()
+          if isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear))]
     with torch.no_grad():
         m(x)
     for h in hs:
@@ -139,25 +142,29 @@ def time_models(models: dict, x: torch.Tensor, reps: int) -> dict[str, list[floa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="resnet50", choices=["resnet50", "unet"])
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=None, help="default 8 (ResNet-50) / 2 (U-Net)")
+    ap.add_argument("--size", type=int, default=None, help="image side, default 224 (ResNet-50) / 128 (U-Net)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--round-to", type=int, default=0)
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    batch = a.batch or (8 if a.model == "resnet50" else 2)
+    size = a.size or (224 if a.model == "resnet50" else 128)
+    title = {"resnet50": "ResNet-50", "unet": "U-Net"}[a.model]
     torch.manual_seed(0)
-    model = ResNet50().eval()
+    model = (ResNet50() if a.model == "resnet50" else UNet()).eval()
     with torch.no_grad():      # trained-looking BN statistics so L1 choices are not all ties
         for mod in model.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.weight.uniform_(0.2, 1.0)
                 mod.bias.uniform_(-0.1, 0.1)
     x_small = torch.randn(1, 3, 64, 64)
-    x = torch.randn(a.batch, 3, a.size, a.size)
+    x = torch.randn(batch, 3, size, size)
     t0 = time.perf_counter()
     graph = DependencyGraph.build(model, x_small)
     scores = graph.group_scores()
@@ -193,20 +200,21 @@ def main(argv=None) -> int:
     for k, ts in times.items():
         med = statistics.median(ts)
         paired = statistics.median(d / t for d, t in zip(times["dense"], ts))   # same round, same load
-        rows.append({"model": k, "params": params(models[k]), "gmacs": gmacs(models[k], x[:1]) * a.batch,
+        rows.append({"model": k, "params": params(models[k]), "gmacs": gmacs(models[k], x[:1]) * batch,
                      "median_s": med, "min_s": min(ts),
                      "speedup": base / med, "speedup_paired": paired, "speedup_min": min(times["dense"]) / min(ts),
                      "times_s": ts, "note": notes.get(k, "")})
     now = dt.datetime.now()
     meta = {"machine": machine(), "date": now.isoformat(timespec="seconds"), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "loadavg_before": load, "loadavg_after": os.getloadavg(),
-            "batch": a.batch, "size": a.size, "reps": a.reps, "sparsity": a.sparsity, "round_to": a.round_to,
+            "net": a.model, "batch": batch, "size": size, "reps": a.reps, "sparsity": a.sparsity,
+            "round_to": a.round_to,
             "argv": sys.argv}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"compact_{meta['machine']}_{now:%Y%m%d-%H%M%S}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# ResNet-50 channel pruning + compaction, batch {a.batch}, {a.size}x{a.size}, CPU",
+    lines = [f"# {title} channel pruning + compaction, batch {batch}, {size}x{size}, CPU",
              "", f"machine {meta['machine']}, torch {torch.__version__}, {meta['threads']} threads, load average "
              f"before {load[0]:.2f} / after {meta['loadavg_after'][0]:.2f}, {a.reps} reps (median), "
              f"sparsity {a.sparsity}", "",

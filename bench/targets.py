@@ -393,9 +393,23 @@ def memory_peak(res: Results) -> Measured:
     return Measured(text, REPORTED, (run,))
 
 
-def _compact_rows(res: Results, names: tuple[str, ...]) -> tuple[Run | None, dict[str, dict]]:
-    run = res.newest("compact", "cpu", lambda r: set(names) <= {x.get("model") for x in r.rows})
+def _compact_rows(res: Results, names: tuple[str, ...], net: str = "resnet50") -> tuple[Run | None, dict[str, dict]]:
+    """The newest bench_compact.py run on ``net`` (files from before --model existed are ResNet-50 runs)."""
+    run = res.newest("compact", "cpu", lambda r: set(names) <= {x.get("model") for x in r.rows}
+                     and r.data.get("meta", {}).get("net", "resnet50") == net)
     return (run, {r["model"]: r for r in run.rows}) if run else (None, {})
+
+
+def compact_reported(net: str) -> Callable[[Results], Measured]:
+    """bench_compact.py --model ``net``: every variant's speedup over the dense model and its parameters."""
+    def measure(res: Results) -> Measured:
+        run, rows = _compact_rows(res, ("sk-global",), net)
+        if run is None:
+            return NOT_YET
+        order = [m for m in ("sk-global", "tp-global", "sk@tp-global", "sk-layer", "tp-layer") if m in rows]
+        return Measured(", ".join(f"{m} {_x(rows[m]['speedup'])} ({rows[m]['params'] / 1e6:.2f}M params)"
+                                  for m in order), REPORTED, (run,))
+    return measure
 
 
 def compact_speedup(model: str, threshold: float) -> Callable[[Results], Measured]:
@@ -545,6 +559,8 @@ TARGETS: list[Target] = [
     Target("7", "cpu", "... at equal parameter count at least as fast as Torch-Pruning, global",
            compact_vs("sk@tp-global", "tp-global", also="sk-global")),
     Target("7", "cpu", "... layer-wise recipes", compact_vs("sk-layer", "tp-layer")),
+    Target("7", "cpu", "U-Net (batch 2, 128x128), 50% channels compacted through its concatenated skips and "
+           "up-convolutions, sparsekit and Torch-Pruning side by side (not a target)", compact_reported("unet")),
     # issue 6: pruning accuracy (prune_digits.py)
     Target("6", "cpu", "LeNet-5 on digits, global structured pruning, iterative: >= 90% of parameters removed, "
            "<= 0.5 pt accuracy lost",

@@ -142,6 +142,19 @@ def _models(directory: Path, name: str, **bert) -> None:
     (directory / f"sparsify_models_{name}.json").write_text(json.dumps({"machine": machine, "rows": [row]}))
 
 
+def test_a_unet_compaction_run_does_not_count_for_resnet50(tg, tmp_path):
+    """bench_compact.py --model unet files fill the U-Net row only; a file without "net" is a ResNet-50 run."""
+    _compact(tmp_path, "")
+    rows = [{"model": m, "params": 7.8e6, "speedup": v, "note": ""} for m, v in
+            (("sk-global", 1.1), ("tp-global", 1.2), ("sk-layer", 1.3))]
+    (tmp_path / "compact_x_2.json").write_text(json.dumps({"meta": {"date": "2026-01-02T00:00:00", "net": "unet"},
+                                                           "rows": rows}))
+    resnet = _measure(tg, tmp_path, "ResNet-50, 50% global channel")
+    assert (resnet.value, resnet.status) == ("2.90x", tg.MET) and resnet.sources[0].path.name == "compact_x_1.json"
+    unet = _measure(tg, tmp_path, "U-Net (batch 2, 128x128), 50% channels")
+    assert unet.status == tg.REPORTED and unet.value.startswith("sk-global 1.10x (7.80M params), tp-global 1.20x")
+
+
 def test_model_speedup_needs_eager_and_best_vs_best_when_compiled(tg, tmp_path):
     bert = "BERT-base encoder (12 layers"
     _models(tmp_path, "a")
