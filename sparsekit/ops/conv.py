@@ -146,10 +146,9 @@ def _patches(x: Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...], padd
     return v.reshape(b, math.prod(out), c * math.prod(kernel))
 
 
-def _sparse_conv(fn: str, nd: int, x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Tensor | None,
-                 stride: object, padding: object, dilation: object, groups: int, kernel_size: object,
-                 backend: str | None) -> Tensor:
-    """sparse_conv2d (nd = 2) and sparse_conv3d (nd = 3); ``fn`` names the caller in errors."""
+def check_conv_operands(fn: str, nd: int, x: object, w: object, layout: str) -> None:
+    """x must be a floating ``[B, C_in, *spatial]`` Tensor with ``nd`` spatial dims, w a format or 2-D Tensor over
+    ``layout`` (its rows and columns in words, ``{dims}`` standing for the kernel's)."""
     spatial = ("D", "H", "W")[3 - nd:]
     if not isinstance(x, Tensor):
         raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -157,10 +156,17 @@ def _sparse_conv(fn: str, nd: int, x: Tensor, w: BSR | CSR | NM | ChannelIndex |
         raise ValueError(f"{fn}: x must be {nd + 2}-D [B, C_in, {', '.join(spatial)}], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{fn}: x must be a floating tensor, got {x.dtype}")
-    dims = "*".join(("kd", "kh", "kw")[3 - nd:])
     if not isinstance(w, (BSR, CSR, NM, ChannelIndex, Tensor)) or (isinstance(w, Tensor) and w.dim() != 2):
-        raise TypeError(f"{fn}: w must be a BSR, CSR, NM, ChannelIndex or 2-D Tensor over "
-                        f"[C_out, C_in/groups*{dims}], got {type(w).__name__}")
+        dims = "*".join(("kd", "kh", "kw")[3 - nd:])
+        raise TypeError(f"{fn}: w must be a BSR, CSR, NM, ChannelIndex or 2-D Tensor over {layout.format(dims=dims)}"
+                        f", got {type(w).__name__}")
+
+
+def _sparse_conv(fn: str, nd: int, x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Tensor | None,
+                 stride: object, padding: object, dilation: object, groups: int, kernel_size: object,
+                 backend: str | None) -> Tensor:
+    """sparse_conv2d (nd = 2) and sparse_conv3d (nd = 3); ``fn`` names the caller in errors."""
+    check_conv_operands(fn, nd, x, w, "[C_out, C_in/groups*{dims}]")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"{fn}: groups must be a positive int, got {groups!r}")
     check_backend(fn, backend, BACKEND_NAMES)

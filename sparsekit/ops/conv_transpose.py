@@ -20,7 +20,7 @@ from torch import Tensor
 from ..formats import BSR, CSR, NM, ChannelIndex
 from ._dispatch import check_backend
 from ._library import call_op
-from .conv import _cpu_family, _ntuple
+from .conv import _cpu_family, _ntuple, check_conv_operands
 from .linear import BACKEND_NAMES, check_bias, sparse_linear
 
 __all__ = ["sparse_conv_transpose2d", "sparse_conv_transpose3d", "conv_transpose_out_size", "transposed_weight2d"]
@@ -69,17 +69,8 @@ def _fold(cols: Tensor, sizes: tuple[int, ...], out: tuple[int, ...], kernel: tu
 def _sparse_conv_transpose(fn: str, nd: int, x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor,
                            bias: Tensor | None, stride: object, padding: object, output_padding: object,
                            dilation: object, groups: int, kernel_size: object, backend: str | None) -> Tensor:
-    spatial = ("D", "H", "W")[3 - nd:]
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != nd + 2:
-        raise ValueError(f"{fn}: x must be {nd + 2}-D [B, C_in, {', '.join(spatial)}], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{fn}: x must be a floating tensor, got {x.dtype}")
+    check_conv_operands(fn, nd, x, w, "[C_out*{dims}, C_in] (transposed_weight2d)")
     dims = "*".join(("kd", "kh", "kw")[3 - nd:])
-    if not isinstance(w, (BSR, CSR, NM, ChannelIndex, Tensor)) or (isinstance(w, Tensor) and w.dim() != 2):
-        raise TypeError(f"{fn}: w must be a BSR, CSR, NM, ChannelIndex or 2-D Tensor over "
-                        f"[C_out*{dims}, C_in] (transposed_weight2d), got {type(w).__name__}")
     if groups != 1:
         raise ValueError(f"{fn}: groups must be 1 (a grouped transposed conv has no sparse path), got {groups!r}")
     check_backend(fn, backend, BACKEND_NAMES)
