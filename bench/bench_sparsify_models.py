@@ -180,7 +180,8 @@ def _compacted_cnn(kind: str, reps: int, device: str, dtype: torch.dtype, batch:
     if kind == "resnet50":
         dense, conv, label = sk.models.ResNet50().eval(), nn.Conv2d, f"ResNet-50, batch {batch}, 224x224"
     elif kind == "unet":
-        dense, conv, label = sk.models.UNet().eval(), nn.Conv2d, f"U-Net, batch {batch}, 128x128"
+        dense, conv = sk.models.UNet().eval(), nn.Conv2d
+        label = f"U-Net, batch {batch}, {dense.image_size}x{dense.image_size}"
     else:
         dense, conv, label = sk.models.R3D18().eval(), nn.Conv3d, f"R3D-18, batch {batch}, 16x112x112 clips"
     x = dense.example_input(batch)
@@ -210,6 +211,7 @@ def _compacted_cnn(kind: str, reps: int, device: str, dtype: torch.dtype, batch:
             **t, "compact_only_speedup": t["dense_ms"] / t["compact_ms"],
             "target": 2.5 if kind == "resnet50" else None,      # issue 8 names ResNet-50 only
             "sparse_layers": sum(isinstance(m, (SparseConv2d, SparseConvTranspose2d)) for m in fast.modules()),
+            "sparse_transposed": sum(isinstance(m, SparseConvTranspose2d) for m in fast.modules()),
             "choices": sorted({d.choice for d in report.layers}), **check, "sparsify_s": sparsify_s}
 
 

@@ -383,6 +383,17 @@ class SparseConv3d(SparseConv2d):
         return super().forward(x)
 
 
+def _spatial_output_size(output_size: object, nd: int, x_dims: int) -> tuple[int, ...]:
+    """The ``nd`` spatial sizes of an ``output_size`` given as nn.ConvTranspose*d.forward takes it: those alone,
+    or the whole output shape (``x_dims`` entries)."""
+    ok = isinstance(output_size, (tuple, list, torch.Size)) and len(output_size) in (nd, x_dims) \
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in output_size)
+    if not ok:
+        raise ValueError(f"output_size must be the {nd} spatial size(s) or the whole {x_dims}-D output shape, got "
+                         f"{output_size!r}")
+    return tuple(output_size[-nd:])
+
+
 class SparseConvTranspose2d(_SparseWeight):
     """nn.ConvTranspose2d (groups=1) with a sparse weight over ``[C_out*kh*kw, C_in]`` (its weight ``[C_in, C_out,
     kh, kw]`` as ``ops.conv_transpose.transposed_weight2d``; ``sparsekit.ops.sparse_conv_transpose2d``)."""
@@ -437,12 +448,10 @@ class SparseConvTranspose2d(_SparseWeight):
             self.dilation
 
     def _output_padding(self, x: Tensor, output_size: object) -> tuple[int, ...]:
-        """The output_padding giving ``output_size`` (its last entries: the spatial sizes), as
+        """The output_padding giving ``output_size`` (the spatial sizes; already checked), as
         nn.ConvTranspose2d.forward(x, output_size) takes it: at most stride - 1 beyond the smallest output."""
         nd = len(self.kernel_size)
-        sizes = [int(v) for v in output_size][-nd:] if isinstance(output_size, (tuple, list, torch.Size)) else []
-        if len(sizes) != nd:
-            raise ValueError(f"output_size must end with the {nd} spatial sizes, got {output_size!r}")
+        sizes = [int(v) for v in output_size][-nd:]
         least = conv_transpose_out_size(tuple(x.shape[-nd:]), self.kernel_size, self.stride, self.padding,
                                         (0,) * nd, self.dilation)
         pad = tuple(o - lo for o, lo in zip(sizes, least))
@@ -457,6 +466,8 @@ class SparseConvTranspose2d(_SparseWeight):
         if x.dim() not in (nd + 1, nd + 2):
             dims = ", ".join(("D", "H", "W")[3 - nd:])
             raise ValueError(f"x must be [N, C, {dims}] or unbatched [C, {dims}], got shape {tuple(x.shape)}")
+        if output_size is not None:
+            output_size = _spatial_output_size(output_size, nd, x.dim())
         if x.dim() == nd + 1:
             return self.forward(x.unsqueeze(0), output_size).squeeze(0)
         args = self._conv_args(None if output_size is None else self._output_padding(x, output_size))
@@ -506,13 +517,10 @@ class SparseConvTranspose1d(SparseConvTranspose2d):
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         if x.dim() not in (2, 3):
             raise ValueError(f"x must be [N, C, L] or unbatched [C, L], got shape {tuple(x.shape)}")
+        length = None if output_size is None else _spatial_output_size(output_size, 1, x.dim())[0]
         if x.dim() == 2:
-            return self.forward(x.unsqueeze(0), output_size).squeeze(0)
-        if output_size is not None:     # its length, as the 1 x L view's
-            if not isinstance(output_size, (tuple, list, torch.Size)) or not output_size:
-                raise ValueError(f"output_size must end with the output length, got {output_size!r}")
-            output_size = (1, int(output_size[-1]))
-        return super().forward(x.unsqueeze(2), output_size).squeeze(2)
+            return self.forward(x.unsqueeze(0), None if length is None else [length]).squeeze(0)
+        return super().forward(x.unsqueeze(2), None if length is None else (1, length)).squeeze(2)
 
     def _dense_twin(self) -> nn.Module:
         p = self.values if self.format != "dense" else self.weight2d

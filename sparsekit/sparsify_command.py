@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 
 # ------------------------------------------------------------------ argument types (argparse -> parser.error)
@@ -100,7 +101,11 @@ def _example_input(model: nn.Module, batch: int | None, shape: str | None) -> to
         x = model.example_input(8 if batch is None else batch)
     else:
         raise SystemExit("sparsekit sparsify: the model has no example_input(); pass --input-shape B,C,H,W")
-    return x.to(ref.device, ref.dtype) if ref is not None and x.is_floating_point() else x
+    if ref is None:
+        return x
+    # (example_input may give a tuple or dict of tensors: each floating one follows the model)
+    return pytree.tree_map(lambda t: t.to(ref.device, ref.dtype) if isinstance(t, torch.Tensor)
+                           and t.is_floating_point() else t, x)
 
 
 def add_sparsify_parser(sub) -> None:

@@ -72,7 +72,7 @@ def _non_finite_note(a: Tensor, b: Tensor) -> str:
     """Why a difference is infinite: which side has a NaN, or an infinity the other side does not."""
     nan_a, nan_b = bool(torch.isnan(a).any()), bool(torch.isnan(b).any())
     if nan_a or nan_b:
-        return f" (NaN in the {'reference' if nan_a and not nan_b else 'candidate' if nan_b and not nan_a else 'both'})"
+        return f" (NaN in {'the reference' if not nan_b else 'the candidate' if not nan_a else 'both'})"
     return " (an infinity where the other has another value)"
 
 

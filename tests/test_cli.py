@@ -93,3 +93,17 @@ def test_sparsify_command_example_input_follows_the_model():
         _example_input(model, 2, "3,8")
     ffn = sk.models.FFN(dim=16, hidden=32, tokens=4).to(torch.bfloat16)
     assert _example_input(ffn, 5, None).dtype == torch.bfloat16 and _example_input(ffn, 5, None).shape[0] == 5
+
+    class Pair(nn.Module):            # example_input gives a tuple: each floating tensor follows the model
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x, ids):
+            return self.a(x) + ids.float().unsqueeze(-1)
+
+        def example_input(self, batch):
+            return torch.randn(batch, 4), torch.arange(batch)
+
+    x, ids = _example_input(Pair().to(torch.bfloat16), 3, None)
+    assert x.dtype == torch.bfloat16 and ids.dtype == torch.int64

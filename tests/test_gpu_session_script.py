@@ -353,9 +353,9 @@ def test_bench_sparsify_models_unet_sparsifies_its_up_convolutions(skm, tmp_path
     import json
 
     (row,) = json.loads(next(tmp_path.glob("sparsify_models_cpu-*.json")).read_text())["rows"]
-    assert row["model"].startswith("U-Net, batch 2") and row["verify_error"] is None
+    assert row["model"] == "U-Net, batch 2, 32x32" and row["verify_error"] is None
     assert "up-convolutions" in row["pruning"] and row["target"] is None
-    assert row["sparse_layers"] > 0
+    assert row["sparse_transposed"] > 0 and row["sparse_layers"] > row["sparse_transposed"]
 
 
 def test_bench_sparsify_models_vit_prunes_stock_attention(skm, tmp_path):

@@ -392,3 +392,11 @@ def test_abc_search_says_when_no_fitness_is_comparable():
     with pytest.raises(ValueError, match="no comparable value for any of the"):
         abc_search(m, x[:2], [(x, torch.zeros(4, dtype=torch.long))], budget=0.8, colony=2, cycles=1,
                    fitness=lambda model, calib: float("nan"))
+
+
+def test_abc_search_an_infinite_fitness_is_the_best():
+    m = models.MLP([8, 16, 4])
+    x = torch.randn(4, 8)
+    res = abc_search(m, x[:2], [(x, torch.zeros(4, dtype=torch.long))], budget=0.9, colony=3, cycles=2,
+                     fitness=lambda model, calib: float("inf"))
+    assert res.fitness == float("inf")

@@ -212,5 +212,44 @@ def test_output_size_as_nn_conv_transpose_takes_it(cls, dense, size):
         ref = dense(x, output_size=target)
         torch.testing.assert_close(sparse(x, output_size=target), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sparse(x, output_size=[2, 4, *target]), ref, rtol=1e-5, atol=1e-5)
+        unbatched = dense(x[0], output_size=target)
+        torch.testing.assert_close(sparse(x[0], output_size=target), unbatched, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sparse(x[0], output_size=[4, *target]), unbatched, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="output_size"):
         sparse(x, output_size=[n * 10 for n in size])
+    with pytest.raises(ValueError, match="output_size must be the"):        # neither spatial nor the whole shape
+        sparse(x, output_size=[9, 2, 4, *size])
+
+
+def test_cost_counts_index_entries_of_a_sparse_transposed_conv():
+    """model_cost's index_params charges an index per kept weight of an element-pruned transposed conv, as it
+    does for a conv (a sparse format stores one)."""
+    from sparsekit.prune.cost import model_cost
+
+    for layer in (nn.Conv2d(8, 8, 2, 2), nn.ConvTranspose2d(8, 8, 2, 2)):
+        model = nn.Sequential(layer)
+        x = torch.randn(1, 8, 4, 4)
+        sk.prune.Pruner(model, x, criterion="magnitude", granularity="element", sparsity=0.5).step()
+        cost = model_cost(model, x)
+        assert cost["params"] == 136 and cost["index_params"] == 136 + 128, (type(layer).__name__, cost)
+
+
+def test_channel_pruning_leaves_a_final_transposed_conv_as_the_output_layer():
+    """The default ignore is the last layer to run, a transposed conv included (it used to ignore the last conv,
+    which was then never pruned); a model with no prunable group warns at step()."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.ConvTranspose2d(16, 3, 2, 2))
+    x = torch.randn(2, 3, 8, 8)
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    assert pruner.ignored == {"4"}
+    pruner.step()
+    small = pruner.compact()
+    assert (small[0].out_channels, small[2].out_channels, small[4].out_channels) == (8, 8, 3)
+    sk.verify(model, small, x, atol=1e-5)
+    lone = nn.Sequential(nn.ConvTranspose2d(8, 4, 2, 2))
+    y = torch.randn(2, 8, 4, 4)
+    quiet = sk.prune.Pruner(lone, y, criterion="mean_activation", calib=[y], granularity="channel", sparsity=0.5,
+                            ignore=[])
+    with pytest.warns(UserWarning, match="no channel group can be pruned"):
+        quiet.step()

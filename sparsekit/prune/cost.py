@@ -115,6 +115,8 @@ def model_cost(model: nn.Module, example_inputs: Any, masks: Mapping[str, Tensor
             dense_params += mod.weight.numel() + (mod.out_channels if bias else 0)
             flops += kept * positions.get(name, 1)
             dense_flops += mod.weight.numel() * positions.get(name, 1)
+            if kept < mod.weight.numel():     # element / block zeros: an index per kept weight, as for convs
+                index_extra += kept
         elif isinstance(mod, RECURRENT):                # its hidden units go with their groups' masks
             for t in parameter_names(mod):
                 full = getattr(mod, t).numel()

@@ -271,12 +271,13 @@ class Pruner:
         self.calib = calib
 
         types = _layer_types(self.granularity, self.criterion, self.reconstruct)
-        executed = execution_order(model, example_inputs, types)
         modules = dict(model.named_modules())
+        ran = execution_order(model, example_inputs, (*_masks.PRUNABLE, *_masks.TRANSPOSED_CONVS))
+        executed = [k for k in ran if isinstance(modules[k], types)]
         unexecuted = [k for k, v in modules.items() if isinstance(v, types) and k not in executed]
         order = executed + unexecuted
-        if ignore is None and self.granularity == "channel" and executed:
-            ignore = [executed[-1]]  # the classifier: its outputs are the model's outputs
+        if ignore is None and self.granularity == "channel" and ran:
+            ignore = [ran[-1]]  # the classifier / output layer (a transposed conv too): its outputs are the model's
         self.ignored = self._resolve_ignore(ignore, modules)
         self.layers: dict[str, nn.Module] = {k: modules[k] for k in order if k not in self.ignored}
         # channel pruning also scores embeddings, transposed convs and recurrent layers through their weights
@@ -492,6 +493,10 @@ class Pruner:
         ctxs = self.contexts()
         scores = self._scores(ctxs)
         if self._grouped:
+            if not self._selectable_groups():
+                warnings.warn("no channel group can be pruned: every group is pinned (model outputs, LayerNorm "
+                              "streams ...), ignored, or has no producer this criterion scores; nothing is masked "
+                              "(graph.describe() says why per group)", UserWarning, stacklevel=2)
             keep = self._group_keep(scores, target)
             if self.distributed == "replicated":   # on the weights' device, as the backend may need
                 dev = next(iter(self.layers.values())).weight.device

@@ -182,9 +182,10 @@ def abc_search(model: nn.Module, example_inputs: Any, calib: Sequence[Any], budg
     for _ in range(cycles):
         for i in range(colony):                       # employed bees
             neighbour(i)
-        finite = [f for f in fits if math.isfinite(f)]       # a NaN / inf fitness draws no onlooker
-        lo = min(finite, default=0.0)
-        weights = [f - lo + 1e-6 if math.isfinite(f) else 1e-6 for f in fits]
+        finite = [f for f in fits if math.isfinite(f)]       # a NaN / -inf fitness draws (almost) no onlooker,
+        lo = min(finite, default=0.0)                        # a +inf one all of them
+        weights = ([1.0 if f == math.inf else 1e-6 for f in fits] if math.inf in fits else
+                   [f - lo + 1e-6 if math.isfinite(f) else 1e-6 for f in fits])
         for _ in range(colony):                       # onlooker bees
             neighbour(rng.choices(range(colony), weights=weights)[0])
         for i in range(colony):                       # scout bees
