@@ -186,16 +186,43 @@ def test_pruner_masks_then_compacts_recurrent_units(criterion, scope):
     torch.testing.assert_close(model(*x), dense_out, rtol=0, atol=0)
 
 
-def test_data_dependent_criteria_leave_recurrent_units_whole():
+@pytest.mark.parametrize("criterion", ["apoz", "mean_activation", "variance", "taylor", "hessian"])
+def test_data_dependent_criteria_score_single_layer_recurrent_units(criterion):
+    """A single-layer GRU's hidden units are scored through a gate on everything it returns (head_taps); the
+    2-layer LSTM's stay whole (an inner layer's units are not in its output)."""
     torch.manual_seed(2)
     model = Tagger().eval()     # (the LSTM's dropout)
     x = (torch.randint(0, 50, (4, 9)),)
-    pruner = sk.prune.Pruner(model, x, criterion="apoz", calib=[x[0]], granularity="channel", sparsity=0.5)
+    gradient = criterion in ("taylor", "hessian")
+    calib = [(x[0], torch.randint(0, 5, (4,)))] if gradient else [x[0]]
+    pruner = sk.prune.Pruner(model, x, criterion=criterion, calib=calib, granularity="channel", sparsity=0.5,
+                             scope="layer")
     pruner.step()
     small = pruner.compact()
     sk.verify(model, small, x, atol=1e-5)
-    assert small.lstm.hidden_size == 24 and small.gru.hidden_size == 20
-    assert small.fc.out_features < 32                  # the Linear between them is pruned
+    assert small.lstm.hidden_size == 24 and small.gru.hidden_size == 10
+    assert small.fc.out_features == 16                 # the Linear between them is pruned
+
+
+def test_a_recurrent_gate_sees_each_units_states_and_gates_every_output():
+    """head_taps on an LSTM (bidirectional, batch_first): unit j's feature map holds its states of both
+    directions; a zero gate on unit j zeroes it in the output of both directions and in h_n and c_n."""
+    from sparsekit.prune.head_taps import HeadTaps
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.LSTM(4, 6, batch_first=True, bidirectional=True))
+    x = torch.randn(2, 5, 4)
+    seen = {}
+    with HeadTaps(model, [], lambda name, fmap: seen.setdefault(name, fmap), gates=True, outputs=["0"]) as taps:
+        with torch.no_grad():
+            taps.gates["0"][2] = 0.0
+        out, (h, c) = model(x)
+    ref, _ = model(x)
+    assert seen["0"].shape == (2, 6, 2 * 5)
+    torch.testing.assert_close(seen["0"][:, 2, :5], ref[:, :, 2])               # forward direction, unit 2
+    torch.testing.assert_close(seen["0"][:, 2, 5:], ref[:, :, 6 + 2])           # backward direction
+    assert out[..., 2].abs().max() == 0 and out[..., 8].abs().max() == 0
+    assert h[..., 2].abs().max() == 0 and c[..., 2].abs().max() == 0
 
 
 def test_ignoring_a_recurrent_layer_keeps_its_units():
@@ -264,10 +291,10 @@ def test_a_model_whose_only_pruned_layers_are_recurrent():
     """Embedding -> GRU -> classifier: no Linear / conv is pruned (the classifier is ignored), yet channel pruning
     has the GRU's hidden units and the embedding's features; element pruning has nothing and says so."""
     class Tokens(nn.Module):
-        def __init__(self):
+        def __init__(self, layers: int = 1):
             super().__init__()
             self.emb = nn.Embedding(30, 12)
-            self.gru = nn.GRU(12, 16, batch_first=True)
+            self.gru = nn.GRU(12, 16, num_layers=layers, batch_first=True)
             self.out = nn.Linear(16, 4)
 
         def forward(self, t):
@@ -283,8 +310,11 @@ def test_a_model_whose_only_pruned_layers_are_recurrent():
     assert (small.emb.embedding_dim, small.gru.hidden_size) == (6, 8)
     with pytest.raises(ValueError, match="left to prune"):
         sk.prune.Pruner(Tokens(), x, criterion="l1", granularity="element", sparsity=0.5, ignore=["out"])
+    gated = sk.prune.Pruner(Tokens(), x, criterion="apoz", calib=[x[0]], granularity="channel", sparsity=0.5)
+    gated.step()                                 # a single-layer GRU: scored through its gate
+    assert gated.compact().gru.hidden_size == 8
     with pytest.raises(ValueError, match=r"'apoz' scores Linear / conv layers.*\['emb', 'gru'\].*l1_mean"):
-        sk.prune.Pruner(Tokens(), x, criterion="apoz", calib=[x[0]], granularity="channel", sparsity=0.5)
+        sk.prune.Pruner(Tokens(2), x, criterion="apoz", calib=[x[0]], granularity="channel", sparsity=0.5)
 
 
 def test_fine_tuning_steps_between_pruning_and_compaction():

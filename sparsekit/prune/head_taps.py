@@ -20,7 +20,12 @@ heads (channels) from data.
 ``outputs`` names transposed convs (``nn.ConvTranspose1d`` / ``2d`` / ``3d``), whose output channels are scored
 the same way: ``on_heads(name, out)`` sees their output ``[batch, C_out, *spatial]`` and, with ``gates=True``,
 channel ``c`` is multiplied by ``gates[name][c]`` (a hook that runs before the ``Recorder``'s, so its product is
-not an event and the Recorder sees the gated output that the next layer reads).
+not an event and the Recorder sees the gated output that the next layer reads). It may also name single-layer
+recurrent modules (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, ``num_layers=1``): ``on_heads`` sees hidden unit
+``j``'s states over time and directions as channel ``j`` (``[batch, hidden, directions * steps]``) and the gate
+multiplies unit ``j`` in everything the module returns (the output of every direction, ``h_n``, ``c_n``): its
+gradient is the first-order effect of the unit's outputs on the loss (not of its recurrent input to the other
+units).
 
 Enter ``HeadTaps`` inside a ``Recorder`` (its hooks must run after the Recorder's, so the torch calls they make
 are not recorded as events of the forward pass).
@@ -31,11 +36,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .pruned_mha import mha_forward
+from .recurrent import RECURRENT
 
 __all__ = ["attention_path", "HeadTaps"]
 
@@ -79,7 +86,12 @@ class HeadTaps:
         """Fresh gates (ones requiring grad, one per head / output channel) for the next forward pass."""
         for name in self.names:
             mod = self.model.get_submodule(name)
-            ref, n = (mod.weight, mod.out_channels) if name in self.outputs else (mod.out_proj.weight, mod.num_heads)
+            if isinstance(mod, RECURRENT):
+                ref, n = mod.weight_ih_l0, mod.hidden_size
+            elif name in self.outputs:
+                ref, n = mod.weight, mod.out_channels
+            else:
+                ref, n = mod.out_proj.weight, mod.num_heads
             self.gates[name] = torch.ones(n, device=ref.device, dtype=ref.dtype, requires_grad=True)
         return self.gates
 
@@ -107,12 +119,30 @@ class HeadTaps:
         else:
             self._shape[name] = (q.shape[1], q.shape[0]) if mod.batch_first else (q.shape[0], q.shape[1])
 
-    def _channels(self, name: str, _mod: nn.Module, _args: tuple, out: Tensor) -> Tensor | None:
+    def _channels(self, name: str, mod: nn.Module, _args: tuple, out: Any) -> Any:
+        if isinstance(mod, RECURRENT):
+            return self._hidden_units(name, mod, out)
         if self.on_heads is not None:
             self.on_heads(name, out)
         if not self.use_gates:
             return None
         return out * self.gates[name].view(1, -1, *([1] * (out.dim() - 2)))
+
+    def _hidden_units(self, name: str, mod: nn.Module, out: tuple) -> tuple | None:
+        y = out[0]                           # [T, B, D*H], [B, T, D*H] (batch_first) or unbatched [T, D*H]
+        if not isinstance(y, Tensor):        # a packed sequence: its units are pinned (graph), never tapped
+            return None
+        h = mod.hidden_size
+        if self.on_heads is not None:
+            seq = y.unsqueeze(1) if y.dim() == 2 else y if not mod.batch_first else y.transpose(0, 1)
+            steps, batch = seq.shape[:2]     # [T, B, D*H] -> [B, H, D*T]: a unit's states as one channel
+            self.on_heads(name, seq.reshape(steps, batch, -1, h).permute(1, 3, 2, 0).reshape(batch, h, -1))
+        if not self.use_gates:
+            return None
+        gate = self.gates[name]
+        state = out[1]
+        gated_state = tuple(s * gate for s in state) if isinstance(state, tuple) else state * gate
+        return (y * gate.repeat(y.shape[-1] // h), gated_state)
 
     def _heads(self, name: str, mod: nn.Module, _proj: nn.Module, args: tuple) -> tuple | None:
         x = args[0]

@@ -29,6 +29,13 @@ __all__ = ["Pruner", "SCOPES", "check_example_inputs", "run_example", "execution
 _WEIGHT_VIEWS = (nn.Embedding, *_masks.TRANSPOSED_CONVS, *RECURRENT)
 
 
+def _gated(mod: nn.Module) -> bool:
+    """Whether data-dependent criteria score ``mod``'s output channels through a gate on its output (head_taps):
+    a transposed conv, or a single-layer recurrent module (an inner layer's units are not in the output)."""
+    return isinstance(mod, _masks.TRANSPOSED_CONVS) or (isinstance(mod, RECURRENT) and mod.num_layers == 1
+                                                         and not getattr(mod, "proj_size", 0))
+
+
 SCOPES = ("layer", "global")
 
 
@@ -41,7 +48,8 @@ def _gate_view(mod: nn.Module) -> nn.Module:
     """What a criterion scoring an attention module's heads (a transposed conv's output channels) sees as the
     layer: weight = their gates (ones, ``[heads, 1]``); its statistics are theirs (``calibration.collect(heads=...,
     outputs=...)``)."""
-    n = mod.out_channels if isinstance(mod, _masks.TRANSPOSED_CONVS) else mod.num_heads
+    n = mod.out_channels if isinstance(mod, _masks.TRANSPOSED_CONVS) else \
+        mod.hidden_size if isinstance(mod, RECURRENT) else mod.num_heads
     view = nn.Linear(1, n, bias=False, device="meta")
     view.weight = nn.Parameter(torch.ones(n, 1), requires_grad=False)
     return view
@@ -203,8 +211,9 @@ class Pruner:
     sees each head as one channel of a layer whose weight is a per-head gate (ones) on the heads' output
     before ``out_proj``, with the head's output ``[tokens, head_dim]`` as its feature map and the gate's
     gradient (``sum(out_h * d loss / d out_h)``) as its gradient (``head_taps``); a criterion needing
-    anything else (``bn``, ``consumer``) leaves heads whole. A transposed conv's output channels are scored the
-    same way by data-dependent criteria (a gate per channel on its output, the output channel its feature map).
+    anything else (``bn``, ``consumer``) leaves heads whole. A transposed conv's output channels, and a
+    single-layer recurrent module's hidden units, are scored the same way by data-dependent criteria (a gate per
+    channel / unit on the module's outputs, which are its feature map).
     Per-layer selection remains where aggregation does not apply: reconstruction criteria (``reconstruct=True``,
     ``lasso``, ``thinet``) refit each layer's consumer for that layer's own selection along a plain chain, and
     ``distributed="sharded"`` ranks see only their own layers; there a coupled unit goes only when every
@@ -286,7 +295,7 @@ class Pruner:
             raise ValueError("no nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d left to prune in model (after ignore="
                              f"{sorted(self.ignored)})" + (f"; granularity='channel' would prune the channels of "
                                                            f"{views}" if views else ""))
-        gated = [k for k in views if isinstance(modules[k], _masks.TRANSPOSED_CONVS)]   # scored through gates
+        gated = [k for k in views if _gated(modules[k])]   # scored through gates by data-dependent criteria
         if not self.layers and not self._scores_weight_views() and not (self._scores_head_taps() and gated):
             weight_only = [n for n in _criteria.available() if not _criteria.get(n).data_dependent
                            and set(_criteria.get(n).needs) <= {"seed"}]
@@ -636,7 +645,7 @@ class Pruner:
         if not self._scores_head_taps():
             return []
         return sorted({m.module for ms in self._selectable_groups().values() for m in ms
-                       if isinstance(self.model.get_submodule(m.module), _masks.TRANSPOSED_CONVS)})
+                       if _gated(self.model.get_submodule(m.module))})
 
     def _attention_of(self, member: str) -> str | None:
         """The attention module whose heads a producer member holds: the module itself (``"mha"``: its packed
@@ -664,11 +673,15 @@ class Pruner:
         if self._scores_weight_views() or self._scores_head_taps():
             producers |= {a for a in attn if f"{a}.out_proj" in self.layers}
         # an embedding's features, a transposed conv's outputs, recurrent hidden units: scored as rows by criteria
-        # reading weights alone; a transposed conv's outputs also by data-dependent ones, through gates (head_taps)
-        views = _WEIGHT_VIEWS if self._scores_weight_views() else \
-            _masks.TRANSPOSED_CONVS if self._scores_head_taps() else ()
+        # reading weights alone; a transposed conv's outputs and a single-layer recurrent module's units also by
+        # data-dependent ones, through gates (head_taps)
+        def viewed(mod: nn.Module) -> bool:
+            if self._scores_weight_views():
+                return isinstance(mod, _WEIGHT_VIEWS)
+            return self._scores_head_taps() and _gated(mod)
+
         producers |= {m.module for g in graph.prunable for m in g.members if m.axis == "out"
-                      and isinstance(self.model.get_submodule(m.module), views)} - self.ignored
+                      and viewed(self.model.get_submodule(m.module))} - self.ignored
         ignored = (set(self.ignored) | {a for a in attn if f"{a}.out_proj" in self.ignored}
                    | {q for q, a in linear_qkv.items() if f"{a}.out_proj" in self.ignored})
         groups = {}
@@ -742,7 +755,7 @@ class Pruner:
         for a in attn & set(scores):     # one score per head -> every packed q|k|v row of the head
             mod = self.model.get_submodule(a)
             per_unit = _masks.unit_scores(scores[a], "channel")
-            rows[a] = per_unit if isinstance(mod, _masks.TRANSPOSED_CONVS) else \
+            rows[a] = per_unit if _gated(mod) else \
                 per_unit.repeat_interleave(mod.head_dim).repeat(3)
         for m in members:                # a LinearMultiheadAttention's heads: those scores on its q / k / v rows
             a = self._attention_of(m.module)
