@@ -37,6 +37,8 @@ def _worker(rank: int, store: str, out: str) -> None:
         p = Pruner(ddp, x, criterion="apoz", granularity="channel", sparsity=0.5, calib=_calib(rank))
         p.step()
         replicated = {k: v.clone() for k, v in p.masks.items()}
+        # the weights the masks were chosen from (the training step below moves them)
+        state = {k: v.detach().clone() for k, v in ddp.module.state_dict().items()}
         # one DDP training step keeps the masked weights at zero on every rank
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         ddp(x).square().mean().backward()
@@ -49,9 +51,20 @@ def _worker(rank: int, store: str, out: str) -> None:
         q = Pruner(model, x, criterion="l1_mean", granularity="channel", scope="global", sparsity=0.6,
                    ignore=others + ["fc"], distributed="sharded")
         q.step()
+        everything = [k for names in SHARDS.values() for k in names]
+        # a rank holding none of the layers takes part with no scores (rank 1 here)
+        lonely = Pruner(_model(), x, criterion="l1", granularity="channel", scope="global", sparsity=0.5,
+                        ignore=(everything if rank == 1 else SHARDS[1]) + ["fc"], distributed="sharded")
+        lonely.step()
+        try:      # a layer on both ranks: refused on both, neither waits for the other
+            Pruner(_model(), x, criterion="l1", granularity="channel", scope="global", sparsity=0.5,
+                   ignore=[k for k in everything if k != "conv1"] + ["fc"], distributed="sharded").step()
+            shared = None
+        except ValueError as e:
+            shared = str(e)
         parts: list = [None] * WORLD
         dist.all_gather_object(parts, {"replicated": replicated, "sharded": q.masks, "zero": zero_after_step,
-                                       "state": ddp.module.state_dict()})
+                                       "state": state, "lonely": lonely.masks, "shared": shared})
         if rank == 0:
             torch.save(parts, out)
     finally:
@@ -96,6 +109,16 @@ def test_sharded_global_threshold_spans_all_ranks(results):
                    scope="global", sparsity=0.6, ignore=SHARDS[1] + ["fc"])
     alone.step()
     assert any(not torch.equal(alone.masks[k], merged[k]) for k in SHARDS[0])
+
+
+def test_a_rank_without_layers_and_a_layer_on_two_ranks(results):
+    assert set(results[0]["lonely"]) == set(SHARDS[0]) and results[1]["lonely"] == {}
+    single = Pruner(_model(), torch.randn(2, 1, 8, 8), criterion="l1", granularity="channel", scope="global",
+                    sparsity=0.5, ignore=SHARDS[1] + ["fc"])
+    single.step()                      # rank 0 alone held every pruned layer: the same masks as one process
+    assert all(torch.equal(single.masks[k], results[0]["lonely"][k]) for k in SHARDS[0])
+    for r in range(WORLD):
+        assert "pruned on several ranks" in results[r]["shared"] and "conv1" in results[r]["shared"]
 
 
 def test_distributed_mode_needs_an_initialised_group():

@@ -804,3 +804,65 @@ def test_select_previews_the_group_selection_and_empty_groups_do_not_compact():
     assert not _rows_kept(q, "blocks.1.conv1").any()
     with pytest.raises(ValueError, match="every unit of group"):
         q.compact()
+
+
+def test_chains_end_at_multi_output_ops_and_at_a_conv_reading_token_features():
+    """A producer whose output is also chunked is not a plain chain (the chunk is a use); a Linear on
+    [batch, tokens, features] does not feed a conv over dim 1 (the tokens), even when the counts match."""
+    from sparsekit.prune.chains import trace_links
+
+    class Chunked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            h = self.c1(x)
+            a, _ = h.chunk(2, 1)
+            return self.c2(h) + a.sum()
+
+    class TokensThenConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.tok = nn.Linear(8, 16), nn.Conv1d(16, 16, 1)
+
+        def forward(self, x):           # x [4, 16, 8]: 16 tokens, the Linear makes 16 features
+            return self.tok(self.lin(x))
+
+    link = trace_links(Chunked(), torch.randn(1, 3, 6, 6), ["c1"])["c1"]
+    assert link.consumer is None and "2 operations" in link.reason
+    link = trace_links(TokensThenConv(), torch.randn(4, 16, 8), ["lin"])["lin"]
+    assert link.consumer is None and "not its features" in link.reason
+    with pytest.raises(ValueError, match="'thinet' reconstructs the layer that consumes.*not its features"):
+        Pruner(TokensThenConv(), torch.randn(4, 16, 8), criterion="thinet", granularity="channel", sparsity=0.5,
+               calib=[torch.randn(4, 16, 8)], ignore=["tok"])
+
+
+def test_masks_on_a_deep_copy_owners_after_a_load_and_masked_recurrent_loads():
+    """Masking a new tensor of a deep copy leaves the original's class alone; a loaded mask is the one owner
+    (an earlier owner's record does not come back); load_masked_state_dict keeps a recurrent module copyable."""
+    import copy
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(2, 8)
+    Pruner(m, x, sparsity=0.5).step()
+    c = copy.deepcopy(m)
+    Pruner(c, x, granularity="channel", sparsity=0.5).step()       # masks c's biases too
+    m(x)                                                             # the original still runs
+    assert not parametrize.is_parametrized(m[0], "bias") and parametrize.is_parametrized(c[0], "bias")
+
+    src, dst = nn.Sequential(nn.Linear(16, 16)), nn.Sequential(nn.Linear(16, 16))
+    masks.set_owned_mask(dst[0], "weight", "pruner", torch.rand(16, 16) > 0.25)
+    masks.apply_tensor_mask(src[0], "weight", torch.rand(16, 16) > 0.75)
+    dst.load_state_dict(src.state_dict())
+    loaded = dst[0].weight == 0
+    masks.set_owned_mask(dst[0], "weight", "user", torch.ones(16, 16, dtype=torch.bool))
+    assert torch.equal(dst[0].weight == 0, loaded)
+
+    lstm = nn.LSTM(4, 6)
+    masks.apply_tensor_mask(lstm, "weight_hh_l0", torch.rand(24, 6) > 0.5)
+    fresh = nn.LSTM(4, 6)
+    masks.load_masked_state_dict(fresh, lstm.state_dict())
+    fresh(torch.randn(3, 1, 4))[0].sum().backward()
+    copy.deepcopy(fresh)

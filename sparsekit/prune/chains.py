@@ -46,7 +46,8 @@ RESHAPING: tuple[type[nn.Module], ...] = (nn.MaxPool1d, nn.AvgPool1d, nn.Adaptiv
                                           nn.AdaptiveMaxPool3d, nn.Flatten)
 _ELEMENTWISE_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "hardswish",
                    "elu", "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "alpha_dropout",
-                   "feature_alpha_dropout", "batch_norm",
+                   "feature_alpha_dropout", "batch_norm", "mish", "hardtanh", "softplus", "selu", "celu",
+                   "hardsigmoid",
                    "contiguous", "clone", "detach"}
 _RESHAPING_FN = {"flatten", "view", "reshape", "max_pool1d", "avg_pool1d", "adaptive_avg_pool1d",
                  "adaptive_max_pool1d", "max_pool1d_with_indices", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
@@ -188,7 +189,10 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
-        if self.rec._depth == 0 and isinstance(out, Tensor):
+        # a call returning several tensors (chunk, split, unbind, topk ...) is a use of its input too: an event
+        # without an output (it ends a chain); sizes and other non-tensor results are not steps
+        several = isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) for o in out)
+        if self.rec._depth == 0 and (isinstance(out, Tensor) or several):
             flat = list(args) + list((kwargs or {}).values())
             flat = [a for x in flat for a in (x if isinstance(x, (list, tuple)) else (x,))]
             self.rec._emit("function", _fn_name(func), None, flat, out)
@@ -233,7 +237,9 @@ def _follow(events: Sequence[Event], start: int, name: str) -> Link:
     producer = events[start]
     link = Link(producer=name, event=start, feature=start)
     cur = producer.output
-    channels = cur.shape[1] if cur is not None and cur.dim() >= 2 else None
+    # a Linear's features are its output's last dim; a conv's channels dim 1
+    last_dim = isinstance(producer.module, nn.Linear) and cur is not None and cur.dim() > 2
+    channels = (cur.shape[-1] if last_dim else cur.shape[1]) if cur is not None and cur.dim() >= 2 else None
     shape_changed = False
     j = start
     while True:
@@ -250,6 +256,10 @@ def _follow(events: Sequence[Event], start: int, name: str) -> Link:
             return link
         ev = users[0]
         if ev.kind == "module" and isinstance(ev.module, PRUNABLE):
+            if last_dim and isinstance(ev.module, CONVS):
+                link.reason = (f"consumer {ev.name!r} is a conv, which reads dim 1 of the [..., tokens, features] "
+                               f"output of {name!r}, not its features")
+                return link
             return _attach_consumer(link, ev, cur, channels)
         if ev.output is None:
             link.reason = f"{ev.name!r} after {name!r} does not return a tensor"

@@ -94,6 +94,15 @@ def gather_scores(scores: Mapping[str, Tensor], shapes: Mapping[str, Sequence[in
     mine = [(k, scores[k].detach().cpu(), tuple(shapes[k])) for k in scores]
     parts: list[Any] = [None] * world_size(group)
     dist.all_gather_object(parts, mine, group=group)
+    holders: dict[str, list[int]] = {}
+    for r, part in enumerate(parts):
+        for k, _, _ in part:
+            holders.setdefault(k, []).append(r)
+    shared = {k: rs for k, rs in holders.items() if len(rs) > 1}
+    if shared:     # every rank sees the same parts: all of them raise, none waits for the others
+        raise ValueError(f"distributed='sharded': layers {sorted(shared)[:5]} are pruned on several ranks "
+                         f"({shared[sorted(shared)[0]]} for the first); each layer must belong to one rank "
+                         "(ignore= it on the others), else its copies could get different masks")
     merged, merged_shapes = {}, {}
     for r, part in enumerate(parts):
         for k, s, shape in part:

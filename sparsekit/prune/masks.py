@@ -299,6 +299,8 @@ class WeightMask(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self.pruned = None      # the loaded original holds the values to restore
+        if getattr(self, "owners", None):     # the loaded mask is the one owner now (set_owned_mask's record of
+            self.owners = {None: self.mask.detach().clone()}      # the masks before the load would bring them back)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.mask.shape)}, sparsity={1 - self.mask.float().mean().item():.4f}"
@@ -328,6 +330,8 @@ def _set_mask(module: nn.Module, tensor_name: str, mask: Tensor) -> None:
         existing.update(mask, _masked_original(module, tensor_name))
     else:
         values = t if not parametrize.is_parametrized(module, tensor_name) else None
+        if parametrize.is_parametrized(module):   # its class may be shared with a deep copy: adding a property
+            _own_parametrized_class(module)       # to it would reach the copy (or the original) too
         parametrize.register_parametrization(module, tensor_name, WeightMask(mask, values))
         keep_copyable(module)
 
@@ -491,7 +495,9 @@ def remove_masks(model: nn.Module) -> int:
 def bake_masks(model: nn.Module) -> int:
     """Make masks permanent: every masked tensor becomes a plain Parameter holding ``weight * mask``.
 
-    The Parameter objects are kept (optimizers stay valid). Returns the number of tensors baked.
+    The Parameter objects are kept (optimizers stay valid). Returns the number of tensors baked. The zeros are then
+    ordinary weights: training moves them (an optimizer's momentum at once), so bake after fine-tuning, or
+    fine-tune a sparsified model (its stored values train with the pattern fixed).
     """
     return _unmask(model, leave_parametrized=True)
 
@@ -515,7 +521,10 @@ def load_masked_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], s
             raise ValueError(f"state_dict key {key!r} names module {prefix!r}, which model does not have")
         mod = modules[prefix]
         if _mask_param(mod, tensor_name) is None:
+            if parametrize.is_parametrized(mod):
+                _own_parametrized_class(mod)
             parametrize.register_parametrization(
                 mod, tensor_name, WeightMask(torch.ones_like(value, dtype=torch.bool,
                                                              device=getattr(mod, tensor_name).device)))
+            keep_copyable(mod)
     return model.load_state_dict(state_dict, strict=strict)

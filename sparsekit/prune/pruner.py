@@ -291,12 +291,14 @@ class Pruner:
         self.layers: dict[str, nn.Module] = {k: modules[k] for k in order if k not in self.ignored}
         # channel pruning also scores embeddings, transposed convs and recurrent layers through their weights
         views = [k for k, v in modules.items() if isinstance(v, _WEIGHT_VIEWS) and k not in self.ignored]
-        if not self.layers and not (self.granularity == "channel" and views):
+        # (a "sharded" rank may hold none of the layers: it takes part in the collectives with no scores)
+        if not self.layers and not (self.granularity == "channel" and views) and self.distributed != "sharded":
             raise ValueError("no nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d left to prune in model (after ignore="
                              f"{sorted(self.ignored)})" + (f"; granularity='channel' would prune the channels of "
                                                            f"{views}" if views else ""))
         gated = [k for k in views if _gated(modules[k])]   # scored through gates by data-dependent criteria
-        if not self.layers and not self._scores_weight_views() and not (self._scores_head_taps() and gated):
+        if not self.layers and not self._scores_weight_views() and not (self._scores_head_taps() and gated) \
+                and self.distributed != "sharded":
             weight_only = [n for n in _criteria.available() if not _criteria.get(n).data_dependent
                            and set(_criteria.get(n).needs) <= {"seed"}]
             raise ValueError(f"criterion {self.criterion.name!r} scores Linear / conv layers (from data, gradients, "
@@ -577,7 +579,8 @@ class Pruner:
         self._applied = set()
 
     def bake(self) -> None:
-        """Make the masks permanent: pruned layers get plain Parameters holding the zeros."""
+        """Make the masks permanent: pruned layers get plain Parameters holding the zeros (training moves them
+        after this, an optimizer's momentum at once: bake when fine-tuning is done)."""
         for mod in self._touched_modules():
             _masks.bake_masks(mod)
 
