@@ -171,3 +171,19 @@ def test_amx_sddmm_matches_reference_and_avx512(block, monkeypatch):
             monkeypatch.setenv("SPARSEKIT_CPU_ISA", "avx512")
             dw_simd = torch.ops.sparsekit.bsr_sddmm(dy, x, w.crow_indices, w.col_indices, bn, bk)
             torch.testing.assert_close(dw.double(), dw_simd.double(), rtol=1e-2, atol=2e-2)
+
+
+@needs_amx
+def test_a_batch_of_large_images_is_packed_in_groups():
+    """Images whose packed im2col passes the AMX packing cap (64 MiB at once) are packed a group at a time: a
+    batch of three ~37 MB images runs as three groups and matches the dense conv (it used to pack the whole
+    batch: ~0.9 GB for a ResNet-50 layer1 conv at batch 256)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64 * 9, generator=gen)
+    w = w * (torch.rand(2, 18, generator=gen) > 0.5).repeat_interleave(32, 0).repeat_interleave(32, 1)
+    x = torch.randn(3, 64, 180, 180, generator=gen).bfloat16()
+    y = sk.ops.sparse_conv2d(x, BSR.from_dense(w.bfloat16(), block=(32, 32)), None, 1, 1)
+    ref = F.conv2d(x.float(), w.bfloat16().float().reshape(64, 64, 3, 3), None, 1, 1)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=0.05 * float(ref.abs().max()) / 10)

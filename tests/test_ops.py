@@ -302,3 +302,60 @@ def test_reference_mm_xt_and_conv2d_bias():
 def test_dense_weight_path_names_a_bias_of_the_wrong_length():
     with pytest.raises(ValueError, match=r"sparse_linear: bias must have shape \(3,\)"):
         sk.ops.sparse_linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(5))
+
+
+def _with_values(w, values):
+    fields = {k: getattr(w, k) for k in w.__dataclass_fields__ if k != "values"}
+    return type(w)(values=values, **fields)
+
+
+@pytest.mark.parametrize("fmt", ["bsr", "csr", "nm"])
+def test_second_order_gradients_through_the_cpu_kernels(fmt):
+    """The backward ops are differentiable too: create_graph=True (Hessian-vector products, the hessian
+    criterion) gives the reference's second-order gradients, not zeros."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 12, dtype=torch.float64)
+    w[torch.rand_like(w) < 0.5] = 0
+    sparse = {"bsr": lambda: BSR.from_dense(w, block=(4, 4)), "csr": lambda: CSR.from_dense(w),
+              "nm": lambda: NM.from_dense(NM.prune(w, 2, 4), 2, 4)}[fmt]()
+    op = {"bsr": sk.ops.bsr_linear, "csr": sk.ops.csr_linear, "nm": sk.ops.nm_linear}[fmt]
+    x = torch.randn(5, 12, dtype=torch.float64)
+    grads = {}
+    for backend in ("cpu", "reference"):
+        xv, v = x.clone().requires_grad_(True), sparse.values.clone().requires_grad_(True)
+        y = op(xv, _with_values(sparse, v), None, backend=backend)
+        (gx,) = torch.autograd.grad(y.square().sum(), xv, create_graph=True)
+        grads[backend] = torch.autograd.grad(gx.square().sum(), [v, xv])
+    for a, b in zip(grads["cpu"], grads["reference"]):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b)
+    inputs = (x[:3].clone().requires_grad_(True), sparse.values.clone().requires_grad_(True))
+    assert torch.autograd.gradgradcheck(lambda xx, vv: op(xx, _with_values(sparse, vv), None, backend="cpu"), inputs)
+
+
+def test_forward_mode_ad_is_refused_not_zero():
+    w = CSR.from_dense(torch.eye(4, 6))
+    x, t = torch.randn(3, 6), torch.randn(3, 6)
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda a: sk.ops.csr_linear(a, w), (x,), (t,))
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            sk.ops.csr_linear(fwAD.make_dual(x, t), w, backend="reference")
+        assert sk.ops.csr_linear(x, w).shape == (3, 4)          # plain tensors inside a dual level run
+
+
+def test_edge_inputs_of_the_linear_faces():
+    y = sk.ops.bsr_linear(torch.randn(2, 3, 0), BSR.from_dense(torch.zeros(8, 0), block=(4, 1)))
+    assert y.shape == (2, 3, 8) and not y.any()                      # K = 0 with a 3-D x, as F.linear
+    bad = BSR.from_dense(torch.randn(8, 8), block=(4, 4))
+    bad = BSR(values=bad.values.reshape(bad.values.shape[0], -1), crow_indices=bad.crow_indices,
+              col_indices=bad.col_indices, shape=bad.shape)
+    with pytest.raises(ValueError, match="inconsistent BSR"):
+        sk.ops.bsr_linear(torch.randn(2, 8), bad)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        sk.ops.sparse_linear([[1.0] * 4], torch.randn(3, 4), torch.randn(3))
+    with pytest.raises(TypeError, match="y must be a floating tensor"):
+        sk.ops.channel_scatter(torch.ones(2, 3, dtype=torch.int64), torch.arange(3), 5)
+    with pytest.raises(ValueError, match="n_out must be a non-negative int, got -1"):
+        sk.ops.channel_scatter(torch.ones(2, 3), torch.arange(3), -1)

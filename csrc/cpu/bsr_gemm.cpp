@@ -266,9 +266,10 @@ void bsr_mm_amx(const uint16_t* x, const int32_t* crow, const int32_t* col, cons
 // image's x^T packed into VNNI row pairs [K/2][Mp] (Mp = M rounded up to 32); tasks = (L2-sized chunk of
 // block-rows, 32 columns of one image), chunk-major; results land in y^T's own orientation (no transpose).
 // pack(b, r0, r1, Mp, xv_b) fills row pairs [r0, r1) of image b's packed x^T (Mp words apart).
+// One group of B images, all packed at once (bsr_xt_amx, below, splits a batch into such groups).
 template <typename Pack>
-void bsr_xt_amx(int64_t B, Pack&& pack, const int32_t* crow, const int32_t* col, const uint16_t* v,
-                const float* bias, uint16_t* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
+void bsr_xt_amx_group(int64_t B, Pack&& pack, const int32_t* crow, const int32_t* col, const uint16_t* v,
+                      const float* bias, uint16_t* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
   const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
   const int64_t Mp = (M + 31) / 32 * 32, tpi = Mp / 32, tiles = B * tpi, image = (K / 2) * Mp;
   at::Tensor xv_t = at::empty({B * image}, at::TensorOptions().dtype(at::kInt));
@@ -306,6 +307,23 @@ void bsr_xt_amx(int64_t B, Pack&& pack, const int32_t* crow, const int32_t* col,
       }
     }
   });
+}
+
+// Images are packed and computed in groups of at most kAmxPackBytes of packed x^T (a batch of large images
+// packed whole took B times an image's im2col matrix: ~0.9 GB for a ResNet-50 layer1 conv at batch 256).
+constexpr int64_t kAmxPackBytes = int64_t(64) << 20;
+
+template <typename Pack>
+void bsr_xt_amx(int64_t B, Pack&& pack, const int32_t* crow, const int32_t* col, const uint16_t* v,
+                const float* bias, uint16_t* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
+  const int64_t Mp = (M + 31) / 32 * 32, image = (K / 2) * Mp;
+  const int64_t per_group = std::max<int64_t>(1, kAmxPackBytes / std::max<int64_t>(1, image * 4));
+  for (int64_t g0 = 0; g0 < B; g0 += per_group) {
+    const int64_t Bg = std::min(per_group, B - g0);
+    bsr_xt_amx_group(Bg, [&](int64_t b, int64_t r0, int64_t r1, int64_t mp, uint32_t* xv) {
+      pack(g0 + b, r0, r1, mp, xv);
+    }, crow, col, v, bias, y + g0 * N * M, M, K, N, bn, bk);
+  }
 }
 
 // Whether bsr_mm_fast / bsr_xt_fast take the AMX path: bf16 activations and weights, blocks of 16-multiples, at
@@ -787,9 +805,9 @@ void bsr_sddmm_amx(const at::Tensor& dy, const at::Tensor& x, const int32_t* cro
 // forward (bsr_panel_row) with M as the contraction: the "block" is the [bn, M] slab of dy^T (fp32, or bf16 bits),
 // the "panel" x itself read in place (fp32; other dtypes converted once), row m at x + m * K + col * bk, the
 // vectors across kk. bk must be a multiple of the vector width (split into panels of at most 8 vectors).
-void bsr_sddmm_fast(const at::Tensor& dy, const at::Tensor& x_in, const int32_t* crow, const int32_t* col,
+// isa: the one read by the caller to choose this path (read once: bk was checked against its vector width)
+void bsr_sddmm_fast(Isa isa, const at::Tensor& dy, const at::Tensor& x_in, const int32_t* crow, const int32_t* col,
                     at::Tensor& out, int64_t bn, int64_t bk) {
-  const Isa isa = active_isa();
   const int W = vec_floats(isa);
   const int64_t M = dy.size(0), N = dy.size(1), K = x_in.size(1), rows = N / bn, nnzb = crow[rows];
   if (nnzb == 0) return;
@@ -814,7 +832,7 @@ void bsr_sddmm_fast(const at::Tensor& dy, const at::Tensor& x_in, const int32_t*
       float* dst = f32 ? out.mutable_data_ptr<float>() + b * bn * bk : block.data();
       for (int64_t k0 = 0; k0 < bk;) {  // panels of nv vectors, nv a power of two <= 8
         int nv = 8;
-        while (nv * W > bk - k0) nv /= 2;
+        while (nv > 1 && nv * W > bk - k0) nv /= 2;   // (bk is a multiple of W: one vector always fits)
         const int64_t mt = int64_t(nv) * W;
         bsr_panel_row(isa, nv, xf + int64_t(col[b]) * bk + k0, K, nullptr, &zero_col, 0, 1, slab, wk, bn, M,
                       panel.data());
@@ -848,8 +866,10 @@ at::Tensor bsr_sddmm(const at::Tensor& dy_in, const at::Tensor& x_in, const at::
     bsr_sddmm_amx(dy_in, x_in, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), out, block_n, block_k);
     return out;
   }
-  if (use_fast(dy_in.scalar_type()) && block_k % vec_floats(active_isa()) == 0) {
-    bsr_sddmm_fast(dy_in, x_in, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), out, block_n, block_k);
+  const Isa isa = active_isa();
+  if (use_fast(dy_in.scalar_type()) && block_k % vec_floats(isa) == 0) {
+    bsr_sddmm_fast(isa, dy_in, x_in, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), out, block_n,
+                   block_k);
     return out;
   }
   const at::Tensor dyT = to_acc(dy_in.t()).contiguous(), xT = to_acc(x_in.t()).contiguous();

@@ -57,10 +57,27 @@ def call_op(op, *args):
     Python autograd kernel (~5 µs, as much as a small kernel's work). Eager calls on plain tensors that need
     no gradient skip it; tracing (torch.compile / export: FakeTensors, subclasses) and functorch transforms
     take the ordinary path."""
-    if _needs_autograd_layer(args):
+    if _needs_autograd_layer(args) or torch.autograd.forward_ad._current_level >= 0:
+        _refuse_forward_ad(op, args)
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def _refuse_forward_ad(op, args: tuple) -> None:
+    """sparsekit's ops have reverse-mode formulas only: under forward-mode AD (torch.func.jvp / jacfwd,
+    torch.autograd.forward_ad dual tensors) their tangent would come out as zero or be dropped. Say so."""
+    jvp = False
+    if torch._C._are_functorch_transforms_active():
+        interp = torch._C._functorch.peek_interpreter_stack()
+        jvp = interp is not None and interp.key() == torch._C._functorch.TransformType.Jvp
+    if not jvp and torch.autograd.forward_ad._current_level >= 0:
+        jvp = any(isinstance(a, Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None
+                  for a in args)
+    if jvp:
+        raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp / jacfwd, forward_ad dual tensors) is "
+                                  "not supported by sparsekit's ops; use reverse mode (torch.autograd.grad, "
+                                  "torch.func.grad / jacrev)")
 
 
 def _needs_autograd_layer(args: tuple) -> bool:
@@ -187,6 +204,73 @@ def indexed_backward(ctx, dy: Tensor):
     dx, dv, db = _indexed_grads(ctx, dy, need_x, need_v, need_b)
     return dx, None, None, dv, db, None
 
+
+
+# The backward ops are differentiable too (second-order gradients: create_graph=True, Hessian-vector products).
+# z = dy @ W (*_mm_t): d dy = dz @ W^T (*_mm), dW = dy^T @ dz on the pattern (*_sddmm).
+# v = (dy^T @ x) on the pattern (*_sddmm), V the sparse matrix of v: d dy = x @ dV^T (*_mm), dx = dy @ dV (*_mm_t).
+def _mm_t_setup(ctx, inputs, output) -> None:
+    dy, crow, col, values, _k = inputs
+    ctx.save_for_backward(dy, crow, col, values)
+
+
+def _mm_t_backward(ctx, dz: Tensor):
+    dy, crow, col, values = ctx.saved_tensors
+    family = "bsr" if values.dim() == 3 else "csr"
+    need_dy, _, _, need_v, _ = ctx.needs_input_grad
+    dz = dz.contiguous()
+    d_dy = _op(f"{family}_mm")(dz, crow, col, values, None, dy.shape[1]) if need_dy else None
+    blocks = (values.shape[1], values.shape[2]) if family == "bsr" else ()
+    d_v = _op(f"{family}_sddmm")(dy, dz, crow, col, *blocks) if need_v else None
+    return d_dy, None, None, d_v, None
+
+
+def _sddmm_setup(ctx, inputs, output) -> None:
+    dy, x, crow, col, *blocks = inputs
+    ctx.save_for_backward(dy, x, crow, col)
+    ctx.blocks = tuple(blocks)
+
+
+def _sddmm_backward(ctx, dv: Tensor):
+    dy, x, crow, col = ctx.saved_tensors
+    family = "bsr" if ctx.blocks else "csr"
+    need_dy, need_x = ctx.needs_input_grad[:2]
+    dv = dv.contiguous()
+    d_dy = _op(f"{family}_mm")(x, crow, col, dv, None, dy.shape[1]) if need_dy else None
+    d_x = _op(f"{family}_mm_t")(dy, crow, col, dv, x.shape[1]) if need_x else None
+    return (d_dy, d_x, None, None) + (None,) * len(ctx.blocks)
+
+
+def _nm_t_setup(ctx, inputs, output) -> None:
+    dy, values, indices, n, m = inputs
+    ctx.save_for_backward(dy, values, indices)
+    ctx.nm = (n, m)
+
+
+def _nm_t_backward(ctx, dz: Tensor):
+    dy, values, indices = ctx.saved_tensors
+    n, m = ctx.nm
+    need_dy, need_v = ctx.needs_input_grad[:2]
+    dz = dz.contiguous()
+    d_dy = _op("nm_mm")(dz, values, indices, None, n, m) if need_dy else None
+    d_v = _op("nm_sddmm")(dy, dz, indices, n, m) if need_v else None
+    return d_dy, d_v, None, None, None
+
+
+def _nm_sddmm_setup(ctx, inputs, output) -> None:
+    dy, x, indices, n, m = inputs
+    ctx.save_for_backward(dy, x, indices)
+    ctx.nm = (n, m)
+
+
+def _nm_sddmm_backward(ctx, dv: Tensor):
+    dy, x, indices = ctx.saved_tensors
+    n, m = ctx.nm
+    need_dy, need_x = ctx.needs_input_grad[:2]
+    dv = dv.contiguous()
+    d_dy = _op("nm_mm")(x, dv, indices, None, n, m) if need_dy else None
+    d_x = _op("nm_mm_t")(dy, dv, indices, n, m) if need_x else None
+    return d_dy, d_x, None, None, None
 
 
 def _bitmap_setup(ctx, inputs, output) -> None:
@@ -316,6 +400,11 @@ for _fam in ("bsr", "csr"):
     for _nd in (2, 3):
         torch.library.register_autograd(f"sparsekit::{_fam}_conv{_nd}d", _conv_backward, setup_context=_conv_setup)
 torch.library.register_autograd("sparsekit::nm_mm", _nm_backward, setup_context=_nm_setup)
+for _fam in ("bsr", "csr"):
+    torch.library.register_autograd(f"sparsekit::{_fam}_mm_t", _mm_t_backward, setup_context=_mm_t_setup)
+    torch.library.register_autograd(f"sparsekit::{_fam}_sddmm", _sddmm_backward, setup_context=_sddmm_setup)
+torch.library.register_autograd("sparsekit::nm_mm_t", _nm_t_backward, setup_context=_nm_t_setup)
+torch.library.register_autograd("sparsekit::nm_sddmm", _nm_sddmm_backward, setup_context=_nm_sddmm_setup)
 torch.library.register_autograd("sparsekit::channel_gather_conv2d", _channel_conv_backward,
                                 setup_context=_channel_conv_setup)
 

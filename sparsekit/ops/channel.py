@@ -186,8 +186,10 @@ def channel_gather_linear(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tenso
     fn = "channel_gather_linear"
     x = _check_tensor(fn, x, "x")
     weight = _check_tensor(fn, weight, "weight")
-    if x.dim() < 1 or not x.is_floating_point():
-        raise ValueError(f"{fn}: x must be a floating tensor [..., K], got {x.dtype} {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating tensor [..., K], got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{fn}: x must be a tensor [..., K], got shape {tuple(x.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"{fn}: weight must be 2-D [Nc, Kc], got shape {tuple(weight.shape)}")
     _check_float(fn, weight, "weight", x.dtype, x.device)
@@ -242,8 +244,10 @@ def _conv_args(fn: str, x: object, in_idx: object, weight: object, bias: object,
     """Validated (x, in_idx, weight, bias, out_idx, n_out, stride, padding, dilation, groups) of the conv."""
     x = _check_tensor(fn, x, "x")
     weight = _check_tensor(fn, weight, "weight")
-    if x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"{fn}: x must be a floating 4-D [N, C, H, W] tensor, got {x.dtype} {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must be a floating 4-D [N, C, H, W] tensor, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must be a 4-D [N, C, H, W] tensor, got shape {tuple(x.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"{fn}: weight must be 4-D [Nc, Kc/groups, kh, kw], got shape {tuple(weight.shape)}")
     _check_float(fn, weight, "weight", x.dtype, x.device)
@@ -380,13 +384,17 @@ def channel_scatter(y: Tensor, out_idx: Tensor, n_out: int, bias: Tensor | None 
     """out = bias (full width n_out, broadcast along ``dim``; 0 without) with out[.., out_idx, ..] += y."""
     fn = "channel_scatter"
     y = _check_tensor(fn, y, "y")
-    if y.dim() < 1 or not y.is_floating_point():
-        raise ValueError(f"{fn}: y must be a floating tensor with at least 1 dim, got {y.dtype} {tuple(y.shape)}")
+    if not y.is_floating_point():
+        raise TypeError(f"{fn}: y must be a floating tensor, got {y.dtype}")
+    if y.dim() < 1:
+        raise ValueError(f"{fn}: y must have at least 1 dim, got shape {tuple(y.shape)}")
     if isinstance(dim, bool) or not isinstance(dim, int) or not -y.dim() <= dim < y.dim():
         raise ValueError(f"{fn}: dim must be an int in [{-y.dim()}, {y.dim()}), got {dim!r}")
     dim %= y.dim()
-    if isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 0:
-        raise TypeError(f"{fn}: n_out must be a non-negative int, got {n_out!r}")
+    if isinstance(n_out, bool) or not isinstance(n_out, int):
+        raise TypeError(f"{fn}: n_out must be a non-negative int, got {type(n_out).__name__} {n_out!r}")
+    if n_out < 0:
+        raise ValueError(f"{fn}: n_out must be a non-negative int, got {n_out}")
     c = int(y.shape[dim])
     out_idx = _check_index(fn, out_idx, "out_idx", n_out, y.device, unique=True)
     if out_idx.numel() != c:

@@ -7,6 +7,8 @@ chosen by the dispatcher (``backend=None``) or forced (``backend="cpu" | "cuda" 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -57,7 +59,7 @@ def _check_structure(fn: str, w: Format) -> None:
     """Cheap O(1) consistency checks of the format's tensors (the full check is w.validate())."""
     n, k = w.shape
     if isinstance(w, BSR):
-        bn, bk = w.block
+        bn, bk = w.block if w.values.dim() == 3 else (1, 1)     # (block reads values' dims 1 and 2)
         if w.values.dim() != 3 or n % bn or k % bk or w.crow_indices.numel() != n // bn + 1 \
                 or w.col_indices.numel() != w.nnzb:
             raise ValueError(f"{fn}: w is an inconsistent BSR (values {tuple(w.values.shape)}, crow "
@@ -135,7 +137,7 @@ def _linear(fn: str, family: str, fmt: type, x: Tensor, w: Format, bias: Tensor 
             _remember(family, w, x, bias, backend, chosen)
         return chosen.mm(family, x.contiguous(), w, bias)
     n, k = w.shape
-    x2 = x.reshape(-1, k).contiguous()
+    x2 = x.reshape(math.prod(x.shape[:-1]), k).contiguous()     # (-1 cannot be inferred when k == 0)
     y = choose(family, x2, w, backend).mm(family, x2, w, bias)
     return y.reshape(*x.shape[:-1], n)
 
@@ -179,7 +181,9 @@ def sparse_linear(x: Tensor, w: Format | ChannelIndex | Tensor, bias: Tensor | N
         # (SparseLinear(format="dense") calls this per forward: the checks run only where they could fail)
         if backend is not None:
             check_backend("sparse_linear", backend, BACKEND_NAMES)
-        if bias is not None and not (isinstance(bias, Tensor) and isinstance(x, Tensor) and bias.dtype == x.dtype
+        if not isinstance(x, Tensor):
+            raise TypeError(f"sparse_linear: x must be a torch.Tensor, got {type(x).__name__}")
+        if bias is not None and not (isinstance(bias, Tensor) and bias.dtype == x.dtype
                                      and bias.shape == w.shape[:1]):
             check_bias("sparse_linear", bias, w.shape[0] if w.dim() == 2 else None, x)   # names what is wrong
         return F.linear(x, w, bias)
