@@ -339,6 +339,11 @@ def test_forward_mode_ad_is_refused_not_zero():
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
         torch.func.jvp(lambda a: sk.ops.csr_linear(a, w), (x,), (t,))
     import torch.autograd.forward_ad as fwAD
+    sk.ops.csr_linear(x, w)
+    sk.ops.csr_linear(x, w)                         # remembered: the next call with x's layout is a repeat
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            sk.ops.csr_linear(fwAD.make_dual(x, t), w)
     with fwAD.dual_level():
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
             sk.ops.csr_linear(fwAD.make_dual(x, t), w, backend="reference")

@@ -109,7 +109,8 @@ def _repeat(w: Format, x: Tensor, bias: Tensor | None, backend: str | None) -> T
     if torch.is_grad_enabled() and (x.requires_grad or w.values.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return None
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
+            or torch.autograd.forward_ad._current_level >= 0:      # (forward AD: the full path refuses it)
         return None
     with torch._C._AutoDispatchBelowAutograd():
         return rc.op(x.contiguous(), *rc.tail)
