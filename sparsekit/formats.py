@@ -560,7 +560,7 @@ class ChannelIndex(_Format):
     def from_dense(cls, weight: Tensor, dim: int = 0) -> ChannelIndex:
         """Keep the rows (dim=0) or columns (dim=1) of ``weight`` that have a nonzero."""
         weight = _check_weight(weight)
-        if isinstance(dim, bool) or dim not in (0, 1):
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim not in (0, 1):
             raise ValueError(f"dim must be 0 (output channels) or 1 (input channels), got {dim!r}")
         w = weight.detach()
         keep = w.ne(0).any(dim=1 - dim).nonzero().flatten()
@@ -572,7 +572,7 @@ class ChannelIndex(_Format):
         return dense.index_copy(self.dim, self.indices, self.values)
 
     def validate(self) -> ChannelIndex:
-        if isinstance(self.dim, bool) or self.dim not in (0, 1):
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim not in (0, 1):
             raise ValueError(f"dim must be 0 or 1, got {self.dim!r}")
         _check_shape(self.shape)
         _check_index(self.indices, "indices", (torch.int64,), 1)

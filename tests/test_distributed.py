@@ -56,6 +56,12 @@ def _worker(rank: int, store: str, out: str) -> None:
         lonely = Pruner(_model(), x, criterion="l1", granularity="channel", scope="global", sparsity=0.5,
                         ignore=(everything if rank == 1 else SHARDS[1]) + ["fc"], distributed="sharded")
         lonely.step()
+        # the same with a gradient criterion: the empty rank differentiates nothing and still joins the gather
+        y = torch.randint(0, 10, (2,))
+        lonely_taylor = Pruner(_model(), x, criterion="taylor", granularity="channel", scope="global", sparsity=0.5,
+                               calib=[(x, y)], ignore=(everything if rank == 1 else SHARDS[1]) + ["fc"],
+                               distributed="sharded")
+        lonely_taylor.step()
         try:      # a layer on both ranks: refused on both, neither waits for the other
             Pruner(_model(), x, criterion="l1", granularity="channel", scope="global", sparsity=0.5,
                    ignore=[k for k in everything if k != "conv1"] + ["fc"], distributed="sharded").step()
@@ -64,7 +70,8 @@ def _worker(rank: int, store: str, out: str) -> None:
             shared = str(e)
         parts: list = [None] * WORLD
         dist.all_gather_object(parts, {"replicated": replicated, "sharded": q.masks, "zero": zero_after_step,
-                                       "state": state, "lonely": lonely.masks, "shared": shared})
+                                       "state": state, "lonely": lonely.masks, "shared": shared,
+                                       "lonely_taylor": lonely_taylor.masks})
         if rank == 0:
             torch.save(parts, out)
     finally:
@@ -113,6 +120,7 @@ def test_sharded_global_threshold_spans_all_ranks(results):
 
 def test_a_rank_without_layers_and_a_layer_on_two_ranks(results):
     assert set(results[0]["lonely"]) == set(SHARDS[0]) and results[1]["lonely"] == {}
+    assert set(results[0]["lonely_taylor"]) == set(SHARDS[0]) and results[1]["lonely_taylor"] == {}
     single = Pruner(_model(), torch.randn(2, 1, 8, 8), criterion="l1", granularity="channel", scope="global",
                     sparsity=0.5, ignore=SHARDS[1] + ["fc"])
     single.step()                      # rank 0 alone held every pruned layer: the same masks as one process

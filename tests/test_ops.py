@@ -320,15 +320,19 @@ def test_second_order_gradients_through_the_cpu_kernels(fmt):
               "nm": lambda: NM.from_dense(NM.prune(w, 2, 4), 2, 4)}[fmt]()
     op = {"bsr": sk.ops.bsr_linear, "csr": sk.ops.csr_linear, "nm": sk.ops.nm_linear}[fmt]
     x = torch.randn(5, 12, dtype=torch.float64)
-    grads = {}
-    for backend in ("cpu", "reference"):
-        xv, v = x.clone().requires_grad_(True), sparse.values.clone().requires_grad_(True)
-        y = op(xv, _with_values(sparse, v), None, backend=backend)
-        (gx,) = torch.autograd.grad(y.square().sum(), xv, create_graph=True)
-        grads[backend] = torch.autograd.grad(gx.square().sum(), [v, xv])
-    for a, b in zip(grads["cpu"], grads["reference"]):
-        assert b.abs().max() > 0
-        torch.testing.assert_close(a, b)
+    xv, v = x.clone().requires_grad_(True), sparse.values.clone().requires_grad_(True)
+    y = op(xv, _with_values(sparse, v), None, backend="cpu")
+    (gx,) = torch.autograd.grad(y.square().sum(), xv, create_graph=True)
+    g_v, g_x = torch.autograd.grad(gx.square().sum(), [v, xv])
+    # plain torch on the dense weight: the same second-order gradients, dW on the pattern
+    dense = sparse.to_dense().clone().requires_grad_(True)
+    xd = x.clone().requires_grad_(True)
+    (gxd,) = torch.autograd.grad((xd @ dense.T).square().sum(), xd, create_graph=True)
+    g_w, g_xd = torch.autograd.grad(gxd.square().sum(), [dense, xd])
+    assert g_x.abs().max() > 0 and g_v.abs().max() > 0
+    torch.testing.assert_close(g_x, g_xd)
+    stored = _with_values(sparse, torch.ones_like(sparse.values)).to_dense() != 0     # (explicit zeros included)
+    torch.testing.assert_close(_with_values(sparse, g_v).to_dense(), g_w * stored)
     inputs = (x[:3].clone().requires_grad_(True), sparse.values.clone().requires_grad_(True))
     assert torch.autograd.gradgradcheck(lambda xx, vv: op(xx, _with_values(sparse, vv), None, backend="cpu"), inputs)
 
@@ -338,12 +342,14 @@ def test_forward_mode_ad_is_refused_not_zero():
     x, t = torch.randn(3, 6), torch.randn(3, 6)
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
         torch.func.jvp(lambda a: sk.ops.csr_linear(a, w), (x,), (t,))
+    head, th = torch.randn(3, 4), torch.randn(3, 4)       # a sparse op on inputs the primal does not reach runs
+    _, tangent = torch.func.jvp(lambda h: h * 2 + sk.ops.csr_linear(x, w), (head,), (th,))
+    torch.testing.assert_close(tangent, 2 * th)
     import torch.autograd.forward_ad as fwAD
     sk.ops.csr_linear(x, w)
     sk.ops.csr_linear(x, w)                         # remembered: the next call with x's layout is a repeat
-    with fwAD.dual_level():
-        with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            sk.ops.csr_linear(fwAD.make_dual(x, t), w)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        sk.ops.csr_linear(fwAD.make_dual(x, t), w)
     with fwAD.dual_level():
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
             sk.ops.csr_linear(fwAD.make_dual(x, t), w, backend="reference")

@@ -833,6 +833,17 @@ def test_chains_end_at_multi_output_ops_and_at_a_conv_reading_token_features():
     assert link.consumer is None and "2 operations" in link.reason
     link = trace_links(TokensThenConv(), torch.randn(4, 16, 8), ["lin"])["lin"]
     assert link.consumer is None and "not its features" in link.reason
+
+    class TokensFlattened(nn.Module):     # [16, 3, 8] -> Linear -> [16, 3, 4] -> flatten -> Linear(12): strided
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(8, 4), nn.Linear(12, 5)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.lin(x)).flatten(1))
+
+    link = trace_links(TokensFlattened(), torch.randn(16, 3, 8), ["lin"])["lin"]
+    assert link.consumer is None and "no longer contiguous" in link.reason
     with pytest.raises(ValueError, match="'thinet' reconstructs the layer that consumes.*not its features"):
         Pruner(TokensThenConv(), torch.randn(4, 16, 8), criterion="thinet", granularity="channel", sparsity=0.5,
                calib=[torch.randn(4, 16, 8)], ignore=["tok"])
@@ -859,6 +870,14 @@ def test_masks_on_a_deep_copy_owners_after_a_load_and_masked_recurrent_loads():
     loaded = dst[0].weight == 0
     masks.set_owned_mask(dst[0], "weight", "user", torch.ones(16, 16, dtype=torch.bool))
     assert torch.equal(dst[0].weight == 0, loaded)
+
+    torch.manual_seed(1)
+    own = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    pruner = Pruner(own, x, criterion="l1", sparsity=0.5)
+    pruner.step()
+    own.load_state_dict(own.state_dict())       # a load keeps each owner: remove() still takes its masks off
+    pruner.remove()
+    assert not any(parametrize.is_parametrized(mod) for mod in own.modules())
 
     lstm = nn.LSTM(4, 6)
     masks.apply_tensor_mask(lstm, "weight_hh_l0", torch.rand(24, 6) > 0.5)

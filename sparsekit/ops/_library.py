@@ -67,17 +67,29 @@ def call_op(op, *args):
 def _refuse_forward_ad(op, args: tuple) -> None:
     """sparsekit's ops have reverse-mode formulas only: under forward-mode AD (torch.func.jvp / jacfwd,
     torch.autograd.forward_ad dual tensors) their tangent would come out as zero or be dropped. Say so."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
     jvp = False
     if torch._C._are_functorch_transforms_active():
-        interp = torch._C._functorch.peek_interpreter_stack()
-        jvp = interp is not None and interp.key() == torch._C._functorch.TransformType.Jvp
-    if not jvp and torch.autograd.forward_ad._current_level >= 0:
-        jvp = any(isinstance(a, Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None
-                  for a in args)
+        # a torch.func.jvp anywhere in the transform stack whose level some input carries (inputs that do not
+        # depend on the primals have a zero tangent, correctly: they run)
+        levels = {interp.level() for interp in torch._C._functorch.get_interpreter_stack() or ()
+                  if interp.key() == torch._C._functorch.TransformType.Jvp}
+        jvp = bool(levels) and any(_carries_level(t, levels) for t in tensors)
+    elif torch.autograd.forward_ad._current_level >= 0:
+        jvp = any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
     if jvp:
         raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp / jacfwd, forward_ad dual tensors) is "
                                   "not supported by sparsekit's ops; use reverse mode (torch.autograd.grad, "
                                   "torch.func.grad / jacrev)")
+
+
+def _carries_level(t: Tensor, levels: set[int]) -> bool:
+    """Whether functorch wrapper ``t`` (or a wrapper inside it) belongs to one of ``levels``."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if torch._C._functorch.maybe_get_level(t) in levels:
+            return True
+        t = torch._C._functorch.get_unwrapped(t)
+    return False
 
 
 def _needs_autograd_layer(args: tuple) -> bool:
@@ -181,12 +193,12 @@ def _sparse_grads(dy: Tensor, x, crow: Tensor, col: Tensor, values: Tensor, k: i
     *_mm_t / *_sddmm ops of W's family (BSR values are 3-D, CSR values 1-D). ``x`` may be a callable, so a
     caller builds it only when dW is needed."""
     family = "bsr" if values.dim() == 3 else "csr"
-    dx = _op(f"{family}_mm_t")(dy, crow, col, values, k) if need_x else None
+    dx = call_op(_op(f"{family}_mm_t"), dy, crow, col, values, k) if need_x else None
     dv = None
     if need_v:
         x = x() if callable(x) else x
         blocks = (values.shape[1], values.shape[2]) if family == "bsr" else ()
-        dv = _op(f"{family}_sddmm")(dy, x, crow, col, *blocks)
+        dv = call_op(_op(f"{family}_sddmm"), dy, x, crow, col, *blocks)
     return dx, dv
 
 
@@ -219,9 +231,9 @@ def _mm_t_backward(ctx, dz: Tensor):
     family = "bsr" if values.dim() == 3 else "csr"
     need_dy, _, _, need_v, _ = ctx.needs_input_grad
     dz = dz.contiguous()
-    d_dy = _op(f"{family}_mm")(dz, crow, col, values, None, dy.shape[1]) if need_dy else None
+    d_dy = call_op(_op(f"{family}_mm"), dz, crow, col, values, None, dy.shape[1]) if need_dy else None
     blocks = (values.shape[1], values.shape[2]) if family == "bsr" else ()
-    d_v = _op(f"{family}_sddmm")(dy, dz, crow, col, *blocks) if need_v else None
+    d_v = call_op(_op(f"{family}_sddmm"), dy, dz, crow, col, *blocks) if need_v else None
     return d_dy, None, None, d_v, None
 
 
@@ -236,8 +248,8 @@ def _sddmm_backward(ctx, dv: Tensor):
     family = "bsr" if ctx.blocks else "csr"
     need_dy, need_x = ctx.needs_input_grad[:2]
     dv = dv.contiguous()
-    d_dy = _op(f"{family}_mm")(x, crow, col, dv, None, dy.shape[1]) if need_dy else None
-    d_x = _op(f"{family}_mm_t")(dy, crow, col, dv, x.shape[1]) if need_x else None
+    d_dy = call_op(_op(f"{family}_mm"), x, crow, col, dv, None, dy.shape[1]) if need_dy else None
+    d_x = call_op(_op(f"{family}_mm_t"), dy, crow, col, dv, x.shape[1]) if need_x else None
     return (d_dy, d_x, None, None) + (None,) * len(ctx.blocks)
 
 
@@ -252,8 +264,8 @@ def _nm_t_backward(ctx, dz: Tensor):
     n, m = ctx.nm
     need_dy, need_v = ctx.needs_input_grad[:2]
     dz = dz.contiguous()
-    d_dy = _op("nm_mm")(dz, values, indices, None, n, m) if need_dy else None
-    d_v = _op("nm_sddmm")(dy, dz, indices, n, m) if need_v else None
+    d_dy = call_op(_op("nm_mm"), dz, values, indices, None, n, m) if need_dy else None
+    d_v = call_op(_op("nm_sddmm"), dy, dz, indices, n, m) if need_v else None
     return d_dy, d_v, None, None, None
 
 
@@ -268,8 +280,8 @@ def _nm_sddmm_backward(ctx, dv: Tensor):
     n, m = ctx.nm
     need_dy, need_x = ctx.needs_input_grad[:2]
     dv = dv.contiguous()
-    d_dy = _op("nm_mm")(x, dv, indices, None, n, m) if need_dy else None
-    d_x = _op("nm_mm_t")(dy, dv, indices, n, m) if need_x else None
+    d_dy = call_op(_op("nm_mm"), x, dv, indices, None, n, m) if need_dy else None
+    d_x = call_op(_op("nm_mm_t"), dy, dv, indices, n, m) if need_x else None
     return d_dy, d_x, None, None, None
 
 
@@ -360,8 +372,8 @@ def _nm_backward(ctx, dy: Tensor):
     n, m = ctx.nm
     dy = dy.contiguous()
     need_x, need_v, _, need_b, _, _ = ctx.needs_input_grad
-    dx = _op("nm_mm_t")(dy, values, indices, n, m) if need_x else None
-    dv = _op("nm_sddmm")(dy, x, indices, n, m) if need_v else None
+    dx = call_op(_op("nm_mm_t"), dy, values, indices, n, m) if need_x else None
+    dv = call_op(_op("nm_sddmm"), dy, x, indices, n, m) if need_v else None
     db = dy.sum(0) if ctx.has_bias and need_b else None
     return dx, dv, None, db, None, None
 

@@ -172,6 +172,8 @@ def _acc_grads(acc: dict[str, dict[str, Any]], layers: Mapping[str, nn.Module], 
     gates = gates or {}
     names = list(layers) + list(gates)
     params = [weight_param(layers[k]) for k in layers] + list(gates.values())
+    if not params:          # (a "sharded" rank holding no layer: nothing to differentiate)
+        return
     weights = [layers[k].weight.detach() for k in layers] + [g.detach() for g in gates.values()]
     hutch = "hessian" in needs and granularity == "channel"
     grads = torch.autograd.grad(loss, params, allow_unused=True, create_graph=hutch)
@@ -255,6 +257,8 @@ def _acc_fisher(acc: dict[str, dict[str, Any]], model: nn.Module, layers: Mappin
     (it shrinks with the batch size and depends on how ``calib`` is batched)."""
     pname = {id(p): n for n, p in model.named_parameters()}
     params = {k: weight_param(mod) for k, mod in layers.items()}
+    if not params and not taps.names:       # (a "sharded" rank holding no layer)
+        return
     sums: dict[str, Tensor] | None = None
     if not taps.names and all(id(p) in pname for p in params.values()):
         try:

@@ -260,6 +260,10 @@ def _follow(events: Sequence[Event], start: int, name: str) -> Link:
                 link.reason = (f"consumer {ev.name!r} is a conv, which reads dim 1 of the [..., tokens, features] "
                                f"output of {name!r}, not its features")
                 return link
+            if last_dim and shape_changed:      # flattened tokens x features: a feature's columns are strided
+                link.reason = (f"the [..., tokens, features] output of {name!r} is reshaped before {ev.name!r}: "
+                               "its features are no longer contiguous column groups")
+                return link
             return _attach_consumer(link, ev, cur, channels)
         if ev.output is None:
             link.reason = f"{ev.name!r} after {name!r} does not return a tensor"

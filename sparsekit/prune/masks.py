@@ -299,8 +299,8 @@ class WeightMask(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self.pruned = None      # the loaded original holds the values to restore
-        if getattr(self, "owners", None):     # the loaded mask is the one owner now (set_owned_mask's record of
-            self.owners = {None: self.mask.detach().clone()}      # the masks before the load would bring them back)
+        if getattr(self, "owners", None):     # every owner's record is the loaded mask now (the records from before
+            self.owners = {k: self.mask.detach().clone() for k in self.owners}    # the load would bring it back)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.mask.shape)}, sparsity={1 - self.mask.float().mean().item():.4f}"
