@@ -658,3 +658,96 @@ def test_a_model_of_transposed_convs_only_prunes_with_data_dependent_criteria():
     small = pruner.compact()
     assert small[0].out_channels == 8 and small[2].in_channels == 8
     sk.verify(model, small, x, atol=1e-5)
+
+
+class _KwargConv(nn.Module):          # a layer called with its input as a keyword
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.o = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.o(self.b(input=torch.relu(self.a(x))))
+
+
+class _TextCNN(nn.Module):            # max over time: (values, indices), the values feed the classifier
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv1d(4, 8, 3), nn.Conv1d(4, 8, 5), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.fc(torch.cat([self.c1(x).max(dim=2)[0], self.c2(x).max(dim=2).values], 1))
+
+
+class _ElementwiseMax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.o = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.o(torch.max(self.a(x), self.b(x)))
+
+
+class _ChunkSlice(nn.Module):          # a slice of the list of pieces, concatenated again
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Conv2d(3, 16, 1), nn.Conv2d(12, 3, 1)
+
+    def forward(self, x):
+        return self.o(torch.cat(self.a(x).chunk(4, 1)[1:], 1))
+
+
+class _SelectionPinned(nn.Module):     # a BN on a shared stream whose output an unknown op reads
+    def __init__(self):
+        super().__init__()
+        self.c0, self.bn, self.o, self.o2 = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 3, 1), \
+            nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        h = self.c0(x)
+        return self.o(torch.softmax(self.bn(h), 1)) + self.o2(h)
+
+
+class _SelectionCoarse(nn.Module):     # a selection with coarser units (GroupNorm) than its stream
+    def __init__(self):
+        super().__init__()
+        self.c0, self.bn, self.gn = nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.GroupNorm(4, 16)
+        self.o, self.o2 = nn.Conv2d(16, 3, 1), nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        h = self.c0(x)
+        return self.o(self.gn(self.bn(h))) + self.o2(h)
+
+
+@pytest.mark.parametrize("make, shape", [(_KwargConv, (2, 3, 6, 6)), (_TextCNN, (2, 4, 12)),
+                                         (_ElementwiseMax, (2, 3, 5, 5)), (_ChunkSlice, (2, 3, 5, 5)),
+                                         (_SelectionPinned, (2, 3, 4, 4)), (_SelectionCoarse, (2, 3, 6, 6))])
+def test_call_forms_tuple_results_slices_and_selections_compact_exactly(make, shape):
+    """Each used to crash compact or mis-shape an output: a keyword input, max over a dim (values, indices),
+    torch.max(a, b), a slice of chunk pieces, a pinned BatchNorm selection (its stream must keep every channel),
+    a selection with coarser units than its stream (graph.select's keep-sets must compact)."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = _randomize(make()).eval()
+        x = torch.randn(shape)
+        graph = DependencyGraph.build(model, x)
+        for sparsity in (0.5, 0.75):
+            for scope in ("global", "layer"):
+                keep = graph.select(sparsity, scope=scope)
+                sk.verify(mask_groups(model, x, keep, graph=graph), compact(model, x, keep, graph=graph), x,
+                          atol=1e-5)
+
+
+def test_a_conv_or_groupnorm_reading_token_features_pins_them():
+    class LinearThenConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.conv, self.gn, self.o = nn.Linear(8, 6), nn.Conv1d(5, 4, 1), nn.GroupNorm(5, 5), \
+                nn.Linear(6, 3)
+
+        def forward(self, x):            # x [2, 5, 8]: 5 tokens; the Linear's 6 features are on the last dim
+            h = self.lin(x)
+            return self.conv(self.gn(h)).sum() + self.o(h)
+
+    graph = DependencyGraph.build(LinearThenConv(), torch.randn(2, 5, 8))
+    (group,) = [g for g in graph.groups if ("lin", "out") in {(m.module, m.axis) for m in g.members}]
+    assert not group.prunable and "dim 1" in group.reason

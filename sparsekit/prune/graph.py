@@ -699,7 +699,8 @@ class DependencyGraph:
 
     def _module_rule(self, n: fx.Node, mod: nn.Module, tag: Callable, shape: Any, users: dict, where: str) -> Any:
         name = n.target
-        x = tag(n.args[0]) if n.args else None
+        # the input: the first positional argument, else the first keyword one (conv(input=h), attn(x=h))
+        x = tag(n.args[0]) if n.args else tag(next(iter(n.kwargs.values()))) if n.kwargs else None
         kind = attention_kind(mod)
         if isinstance(mod, (*CONVS, *TRANSPOSED_CONVS)) and isinstance(shape, torch.Size) \
                 and len(shape) == mod.weight.dim() - 1:
@@ -775,6 +776,9 @@ class DependencyGraph:
             self._feed(x, [name], "out")        # resized with them (num_features), sliced where it has tensors
             return x
         if isinstance(mod, nn.GroupNorm):
+            if x is not None and x.dim != 1:
+                self._pin(x, f"{name!r} (GroupNorm) normalises along dim 1, not along these channels")
+                return x
             if x is not None:
                 per = mod.num_channels // mod.num_groups
                 off = 0
@@ -912,6 +916,9 @@ class DependencyGraph:
         self._add(_Seg(s, layer.linear1.out_features), f"{name}.linear2", "in", 0)
 
     def _conv(self, name: str, mod: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: _Tag | None, shape: Any) -> _Tag:
+        if x is not None and x.dim != 1:    # e.g. a Linear's [N, T, C] output: the conv reads dim 1 (T)
+            self._pin(x, f"{name!r} ({type(mod).__name__}) reads its input channels on dim 1, not these channels")
+            x = None
         if mod.groups == 1:
             self._feed(x, [name])
             s = self._new(mod.out_channels)
@@ -977,7 +984,9 @@ class DependencyGraph:
         if fname == "getitem":
             src = args[0]
             if isinstance(x, list):
-                return x[args[1]] if isinstance(args[1], int) and args[1] < len(x) else None
+                if isinstance(args[1], slice) or (isinstance(args[1], int) and -len(x) <= args[1] < len(x)):
+                    return x[args[1]]          # a piece, or a list of pieces (chunk(4)[1:])
+                return self._unknown(n, in_tags, where)
             if isinstance(x, _Tag):
                 return self._index(x, args[1], shapes.get(src), shape, n, where)
             return None
@@ -1017,6 +1026,8 @@ class DependencyGraph:
             if fname == "slice" and tuple(shape) == tuple(in_shape):
                 return x
             return self._unknown(n, in_tags, where)
+        if fname in ("max", "min", "maximum", "minimum") and len(args) > 1 and isinstance(args[1], fx.Node):
+            return self._binary(n, args, tag, shapes, shape, where)        # torch.max(a, b): elementwise
         if fname in _REDUCE_FN:
             dims = args[1] if len(args) > 1 else n.kwargs.get("dim")
             keep = n.kwargs.get("keepdim", args[2] if len(args) > 2 else False)
@@ -1024,7 +1035,9 @@ class DependencyGraph:
                 nd = len(shapes.get(args[0]))
                 dims = [d % nd for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
                 if x.dim not in dims:
-                    return _Tag(x.dim if keep else x.dim - sum(d < x.dim for d in dims), x.segs)
+                    out = _Tag(x.dim if keep else x.dim - sum(d < x.dim for d in dims), x.segs)
+                    # max / min over a dim return (values, indices): the values carry the channels
+                    return [out, None] if isinstance(shape, list) else out
             return self._unknown(n, in_tags, where)
         if fname in _RESAMPLE_FN and isinstance(x, _Tag) and x.dim == 1:
             return x
@@ -1076,7 +1089,15 @@ class DependencyGraph:
         tensors = n.args[0]
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
         dim %= len(shape)
-        tg = [tag(a) for a in tensors]
+        if isinstance(tensors, fx.Node):       # one node holding a list (a slice of chunk pieces)
+            held, sizes = tag(tensors), shapes.get(tensors)
+            if not (isinstance(held, list) and isinstance(sizes, list) and len(held) == len(sizes)
+                    and all(isinstance(t, (_Tag, type(None))) for t in held)):
+                return self._unknown(n, [held], where)
+            tg, widths = held, [s[dim] for s in sizes]
+        else:
+            tg, widths = [tag(a) for a in tensors], [shapes[a][dim] if isinstance(shapes.get(a), torch.Size) else None
+                                                     for a in tensors]
         if any(t is not None and t.dim != dim for t in tg):
             ref = next(t for t in tg if t is not None)
             if all(t is not None and [s.span for s in t.segs] == [s.span for s in ref.segs] for t in tg):
@@ -1087,8 +1108,8 @@ class DependencyGraph:
                 return ref
             return self._unknown(n, tg, where)
         segs: list[_Seg] = []
-        for a, t in zip(tensors, tg):
-            segs += t.segs if t is not None else [_Seg(None, shapes[a][dim])]
+        for width, t in zip(widths, tg):
+            segs += t.segs if t is not None else [_Seg(None, width)]
         return _Tag(dim, segs)
 
     def _split(self, n: fx.Node, x: Any, args: list, shapes: dict, where: str, in_tags: list) -> Any:
@@ -1205,6 +1226,17 @@ class DependencyGraph:
 
     # ---------------------------------------------------------------------------------- finishing
     def _finish(self) -> None:
+        # a pinned selection keeps all its channels, so the stream it selects from must keep them all too (a
+        # selection loses every channel its stream loses); a stream may itself be a selection: until stable
+        changed = True
+        while changed:
+            changed = False
+            for bn, sel in self.selections.items():
+                reason = self._spaces[self._find(sel["space"])].pinned
+                for s, _span in sel["segs"] if reason else ():
+                    sp = None if s is None else self._spaces[self._find(s)]
+                    if sp is not None and not sp.pinned:
+                        sp.pinned, changed = f"{bn!r} selects from these channels and is pinned ({reason})", True
         roots = sorted({self._find(s) for s in range(len(self._spaces))})
         for r in roots:
             sp = self._spaces[r]
@@ -1378,12 +1410,32 @@ class DependencyGraph:
             short = min(min_keep, self.groups[gid].size) - int(eff[gid].sum())
             if short <= 0:
                 continue
-            in_stream = _stream_mask(self, sel["segs"], eff).reshape(self.groups[gid].size, -1).all(1)
+            size = self.groups[gid].size
+            stream = _stream_mask(self, sel["segs"], eff)
+            in_stream = stream.reshape(size, -1).all(1)
             extra = torch.nonzero(in_stream & ~eff[gid]).reshape(-1)
             if scores is not None and gid in scores:
                 extra = extra[torch.argsort(scores[gid][extra], descending=True, stable=True)]
+            if extra.numel() < short:      # coarser units than the stream's (a GroupNorm after the BN): none is
+                rest = torch.nonzero(~in_stream).reshape(-1)     # whole in the stream; bring the stream back
+                if scores is not None and gid in scores:        # for the best of the others
+                    rest = rest[torch.argsort(scores[gid][rest], descending=True, stable=True)]
+                for u in rest[:short - extra.numel()].tolist():
+                    self._keep_stream_channels(out, sel["segs"], u * (stream.numel() // size),
+                                               (u + 1) * (stream.numel() // size))
+                extra = torch.cat([extra, rest[:short - extra.numel()]])
             out[gid] = torch.unique(torch.cat([out[gid], extra[:short]]))
         return out
+
+    def _keep_stream_channels(self, out: dict[int, Tensor], segs: list, lo: int, hi: int) -> None:
+        """Add to ``out`` the units of the stream's groups that hold stream channels ``[lo, hi)``."""
+        pos = 0
+        for sgid, span in segs:
+            if sgid is not None and sgid in out and pos < hi and lo < pos + span:
+                per = span // self.groups[sgid].size
+                units = torch.arange(max(lo, pos) - pos, min(hi, pos + span) - pos) // per
+                out[sgid] = torch.unique(torch.cat([out[sgid], units]))
+            pos += span
 
     def round_keep(self, keep: Mapping[int, Tensor], round_to: int | None,
                    scores: Mapping[int, Tensor] | None = None) -> dict[int, Tensor]:
