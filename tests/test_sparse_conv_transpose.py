@@ -253,3 +253,10 @@ def test_channel_pruning_leaves_a_final_transposed_conv_as_the_output_layer():
                             ignore=[])
     with pytest.warns(UserWarning, match="no channel group can be pruned"):
         quiet.step()
+
+
+def test_transposed_weight2d_rejects_what_is_not_a_transposed_conv_weight():
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor, got list"):
+        transposed_weight2d([[1.0]])
+    with pytest.raises(ValueError, match=r"weight must be \[C_in, C_out, \*kernel\].*\(4, 6\)"):
+        transposed_weight2d(torch.zeros(4, 6))

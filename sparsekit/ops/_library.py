@@ -253,9 +253,10 @@ def _sddmm_backward(ctx, dv: Tensor):
     return (d_dy, d_x, None, None) + (None,) * len(ctx.blocks)
 
 
-def _nm_t_setup(ctx, inputs, output) -> None:
-    dy, values, indices, n, m = inputs
-    ctx.save_for_backward(dy, values, indices)
+def _nm_pair_setup(ctx, inputs, output) -> None:
+    """nm_mm_t (dy, values, indices, n, m) and nm_sddmm (dy, x, indices, n, m): three tensors and the pattern."""
+    a, b, indices, n, m = inputs
+    ctx.save_for_backward(a, b, indices)
     ctx.nm = (n, m)
 
 
@@ -267,12 +268,6 @@ def _nm_t_backward(ctx, dz: Tensor):
     d_dy = call_op(_op("nm_mm"), dz, values, indices, None, n, m) if need_dy else None
     d_v = call_op(_op("nm_sddmm"), dy, dz, indices, n, m) if need_v else None
     return d_dy, d_v, None, None, None
-
-
-def _nm_sddmm_setup(ctx, inputs, output) -> None:
-    dy, x, indices, n, m = inputs
-    ctx.save_for_backward(dy, x, indices)
-    ctx.nm = (n, m)
 
 
 def _nm_sddmm_backward(ctx, dv: Tensor):
@@ -415,8 +410,8 @@ torch.library.register_autograd("sparsekit::nm_mm", _nm_backward, setup_context=
 for _fam in ("bsr", "csr"):
     torch.library.register_autograd(f"sparsekit::{_fam}_mm_t", _mm_t_backward, setup_context=_mm_t_setup)
     torch.library.register_autograd(f"sparsekit::{_fam}_sddmm", _sddmm_backward, setup_context=_sddmm_setup)
-torch.library.register_autograd("sparsekit::nm_mm_t", _nm_t_backward, setup_context=_nm_t_setup)
-torch.library.register_autograd("sparsekit::nm_sddmm", _nm_sddmm_backward, setup_context=_nm_sddmm_setup)
+torch.library.register_autograd("sparsekit::nm_mm_t", _nm_t_backward, setup_context=_nm_pair_setup)
+torch.library.register_autograd("sparsekit::nm_sddmm", _nm_sddmm_backward, setup_context=_nm_pair_setup)
 torch.library.register_autograd("sparsekit::channel_gather_conv2d", _channel_conv_backward,
                                 setup_context=_channel_conv_setup)
 

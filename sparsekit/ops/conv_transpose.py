@@ -37,6 +37,11 @@ def conv_transpose_out_size(sizes: tuple[int, ...], kernel: tuple[int, ...], str
 def transposed_weight2d(weight: Tensor) -> Tensor:
     """A transposed conv's weight ``[C_in, C_out, *kernel]`` (groups=1) as the GEMM matrix ``[C_out *
     prod(kernel), C_in]`` these ops take."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"transposed_weight2d: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() < 3:
+        raise ValueError(f"transposed_weight2d: weight must be [C_in, C_out, *kernel] (3-D to 5-D), got shape "
+                         f"{tuple(weight.shape)}")
     return weight.movedim(0, -1).reshape(-1, weight.shape[0])
 
 
