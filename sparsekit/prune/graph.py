@@ -61,7 +61,10 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
   one head: q, k, v rows and the output projection's columns); Llama-style grouped-query attention
   (``q/k/v/o_proj``, ``num_heads``, ``num_key_value_heads``, ``head_dim``) one whose unit is a key/value group
   (its k and v rows, the query heads sharing it, their ``o_proj`` columns). Whether the module's forward still
-  runs with fewer heads is probed once; if not, the heads are pinned with the reason.
+  runs with fewer heads is probed once; if not, the heads are pinned with the reason. The attention weights
+  such a module returns (``output_attentions=True``) carry its heads on dim 1: returned by the model, they pin
+  them; a key / value cache shrinks with the heads (the compacted model makes and reads its own). A tuple
+  ``(h,) + outputs[1:]`` keeps its elements' channels.
 * ``nn.MultiheadAttention`` (and ``compact.PrunedMultiheadAttention``): a head space whose unit is one head:
   rows of ``in_proj_weight`` / ``in_proj_bias`` (or ``q/k/v_proj_weight``), member ``(mha, "out", ...)``
   over the packed q|k|v rows, and the columns of ``out_proj`` (``(mha.out_proj, "in", ...)``). The
@@ -575,16 +578,16 @@ class DependencyGraph:
                 self._add(seg, module, axis, off)
                 off += seg.span
 
-    def _out_proj(self, module: str, width: int, shape: Any) -> _Tag | list | None:
+    def _out_proj(self, module: str, width: int, shape: Any, heads: int, head_counts: tuple) -> _Tag | list | None:
         """An attention module's output: a new channel space, the rows of its output projection ``module``;
         the tag of its output, or of the first element when it returns a tuple (GPT-2 and Llama return
-        (output, cache / weights, ...))."""
+        (output, cache / weights, ...); the rest tagged by ``_head_extras``)."""
         o = self._new(width)
         self._add(_Seg(o, width), module, "out", 0)
         if isinstance(shape, torch.Size):
             return _Tag(len(shape) - 1, [_Seg(o, width)])
         if isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], torch.Size):
-            return [_Tag(len(shape[0]) - 1, [_Seg(o, width)])] + [None] * (len(shape) - 1)
+            return [_Tag(len(shape[0]) - 1, [_Seg(o, width)])] + _head_extras(shape[1:], heads, head_counts)
         return None
 
     def _add(self, seg: _Seg, module: str, axis: str, offset: int, span: int | None = None) -> None:
@@ -815,7 +818,7 @@ class DependencyGraph:
             s = self._new(h, "heads")
             for lin in ("query", "key", "value"):
                 self._add(_Seg(s, width), f"{name}.{lin}", "out", 0)
-            return [_Tag(len(shape[0]) - 1, [_Seg(s, width)])] + [None] * (len(shape) - 1)
+            return [_Tag(len(shape[0]) - 1, [_Seg(s, width)])] + _head_extras(shape[1:], s, (h,))
         if kind == "gqa":
             # unit = one key/value group: its k and v rows, its num_key_value_groups query heads' q rows and the
             # o_proj columns they feed (repeat_kv pairs query head j with key/value head j // groups)
@@ -824,7 +827,8 @@ class DependencyGraph:
             for lin in ("q_proj", "k_proj", "v_proj"):
                 self._add(_Seg(s, getattr(mod, lin).out_features), f"{name}.{lin}", "out", 0)
             self._add(_Seg(s, mod.q_proj.out_features), f"{name}.o_proj", "in", 0)
-            return self._out_proj(f"{name}.o_proj", mod.o_proj.out_features, shape)
+            return self._out_proj(f"{name}.o_proj", mod.o_proj.out_features, shape, s,
+                                  (mod.num_heads, mod.num_key_value_heads))
         if kind == "fused":
             qkv, proj = fused_parts(mod)
             self._feed(x, [f"{name}.{qkv}"])
@@ -834,7 +838,7 @@ class DependencyGraph:
             for i in range(3):
                 self._add(_Seg(s, inner), f"{name}.{qkv}", "out", i * inner)
             self._add(_Seg(s, inner), f"{name}.{proj}", "in", 0)
-            return self._out_proj(f"{name}.{proj}", getattr(mod, proj).out_features, shape)
+            return self._out_proj(f"{name}.{proj}", getattr(mod, proj).out_features, shape, s, (h,))
         if isinstance(mod, nn.PReLU):
             if x is None or mod.num_parameters == 1:      # one shared slope: elementwise
                 return x
@@ -997,6 +1001,8 @@ class DependencyGraph:
             if isinstance(x, _Tag) and isinstance(shape, torch.Size):
                 return x
             return self._unknown(n, in_tags, where)
+        if fname in ("add", "iadd") and isinstance(shape, list):    # tuple concatenation: outputs = (h,) + outs[1:]
+            return [t for a in args[:2] for t in _tuple_tags(a, tag, shapes)]
         if fname in _BINARY_FN:
             return self._binary(n, args, tag, shapes, shape, where)
         if fname in ("flatten",):
@@ -1217,7 +1223,7 @@ class DependencyGraph:
                     set_submodule(probe, sub_name, new)
                 set_heads(probe)
                 with torch.no_grad():
-                    probe(*a, **k)
+                    probe(*copy.deepcopy(a), **copy.deepcopy(k))     # a cache it updates stays as it was
             except Exception as e:  # noqa: BLE001 - the reason is reported on the group
                 reason = (f"{name!r} ({type(mod).__name__}) does not run with fewer heads "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
@@ -1509,6 +1515,31 @@ def _combine(rows: Tensor, reduce: str, normalize: bool) -> Tensor:
     out = rows / c.clamp_min(1e-30).unsqueeze(1)
     out = {"mean": out.mean(0), "sum": out.sum(0), "max": out.amax(0)}[reduce]
     return torch.where(torch.isfinite(out), out * c.mean(), out)
+
+
+def _head_extras(shapes: Any, space: int, head_counts: tuple) -> list:
+    """Tags of what an attention module returns after its output: its attention weights ``[B, heads, T, S]``
+    carry the head space on dim 1 (``head_counts``: the sizes dim 1 may have, query or key/value heads), so a
+    model that returns them (``output_attentions=True``) keeps its heads, pinned as an output. A key / value
+    cache (a tuple of tensors, or a ``Cache`` object) is left untagged: it is state the compacted model makes
+    and reads itself, and it shrinks with the heads."""
+    return [_Tag(1, [_Seg(space, s[1])]) if isinstance(s, torch.Size) and len(s) == 4 and s[1] in head_counts
+            else _mirror(s) for s in shapes]
+
+
+def _mirror(shape: Any) -> Any:
+    """No tags, in the structure of ``shape`` (a nested list stays indexable by later getitems)."""
+    return [_mirror(s) for s in shape] if isinstance(shape, list) else None
+
+
+def _tuple_tags(a: Any, tag: Callable, shapes: dict) -> list:
+    """The tags of a tuple operand of ``+``, one per element (a literal tuple of nodes, or a node)."""
+    if isinstance(a, fx.Node):
+        t = tag(a)
+        return t if isinstance(t, list) else [None] * len(shapes.get(a) or [])
+    if isinstance(a, (tuple, list)):
+        return [_tuple_tags(x, tag, shapes) if isinstance(x, (tuple, list)) else tag(x) for x in a]
+    return []
 
 
 def _weights_used(n: fx.Node) -> bool:
