@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import sparsekit as sk
 from sparsekit.prune.compact import (
@@ -187,9 +187,9 @@ def test_pruner_masks_then_compacts_recurrent_units(criterion, scope):
 
 
 @pytest.mark.parametrize("criterion", ["apoz", "mean_activation", "variance", "taylor", "hessian"])
-def test_data_dependent_criteria_score_single_layer_recurrent_units(criterion):
-    """A single-layer GRU's hidden units are scored through a gate on everything it returns (head_taps); the
-    2-layer LSTM's stay whole (an inner layer's units are not in its output)."""
+def test_data_dependent_criteria_score_recurrent_units(criterion):
+    """The hidden units of a single-layer GRU and of a 2-layer bidirectional LSTM are scored through a gate on
+    every layer's outputs (head_taps, the LSTM run one layer at a time)."""
     torch.manual_seed(2)
     model = Tagger().eval()     # (the LSTM's dropout)
     x = (torch.randint(0, 50, (4, 9)),)
@@ -200,7 +200,7 @@ def test_data_dependent_criteria_score_single_layer_recurrent_units(criterion):
     pruner.step()
     small = pruner.compact()
     sk.verify(model, small, x, atol=1e-5)
-    assert small.lstm.hidden_size == 24 and small.gru.hidden_size == 10
+    assert small.lstm.hidden_size == 12 and small.gru.hidden_size == 10
     assert small.fc.out_features == 16                 # the Linear between them is pruned
 
 
@@ -223,6 +223,79 @@ def test_a_recurrent_gate_sees_each_units_states_and_gates_every_output():
     torch.testing.assert_close(seen["0"][:, 2, 5:], ref[:, :, 6 + 2])           # backward direction
     assert out[..., 2].abs().max() == 0 and out[..., 8].abs().max() == 0
     assert h[..., 2].abs().max() == 0 and c[..., 2].abs().max() == 0
+
+
+@pytest.mark.parametrize("make", [lambda **k: nn.LSTM(5, 7, **k), lambda **k: nn.GRU(5, 7, **k),
+                                  lambda **k: nn.RNN(5, 7, nonlinearity="relu", **k)], ids=["lstm", "gru", "rnn_relu"])
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layer_by_layer_equals_the_module(make, layers, batch_first):
+    from sparsekit.prune.recurrent import layer_by_layer
+
+    torch.manual_seed(9)
+    for bidirectional, bias in ((False, True), (True, False)):
+        mod = make(num_layers=layers, bidirectional=bidirectional, bias=bias, batch_first=batch_first).eval()
+        d = 2 if bidirectional else 1
+        x = torch.randn(4, 3, 5)
+        h = torch.randn(layers * d, 4 if batch_first else 3, 7)
+        hx = (h, torch.randn_like(h)) if isinstance(mod, nn.LSTM) else h
+        for args in ((x,), (x, hx), (x[0],)):            # zero state, a given state, unbatched
+            torch.testing.assert_close(layer_by_layer(mod, *args), mod(*args))
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+def test_a_multi_layer_recurrent_gate_acts_on_every_layer(kind):
+    """Three layers, bidirectional: with the taps on, the module runs one layer at a time (ones: its own
+    outputs); unit j's feature map holds its states of every layer; a zero gate zeroes unit j in the output and in
+    every layer's final states and changes what the next layer reads; the gate's gradient is the derivative of
+    the loss in the gate (a finite difference)."""
+    from sparsekit.prune.head_taps import HeadTaps
+
+    torch.manual_seed(8)
+    model = nn.Sequential(kind(4, 6, num_layers=3, bidirectional=True)).double()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    ref_out, ref_state = model(x)
+    seen = {}
+    with HeadTaps(model, [], lambda name, fmap: seen.setdefault(name, fmap), gates=True, outputs=["0"]) as taps:
+        out, state = model(x)
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(state, ref_state)
+        assert seen["0"].shape == (2, 6, 2 * 3 * 5)
+        torch.testing.assert_close(seen["0"][:, 1, -5:], ref_out[:, :, 6 + 1].T)   # last layer, backward, unit 1
+
+        def loss(g: float) -> Tensor:
+            taps.new_gates()
+            with torch.no_grad():
+                taps.gates["0"][1] = g
+            out, _ = model(x)
+            return (out.sin() * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum()
+
+        loss(1.0).backward()
+        grad = taps.gates["0"].grad[1]
+        numeric = (loss(1.0 + 1e-6) - loss(1.0 - 1e-6)) / 2e-6
+        torch.testing.assert_close(grad, numeric.detach(), rtol=1e-5, atol=1e-7)
+        taps.new_gates()
+        with torch.no_grad():
+            taps.gates["0"][1] = 0.0
+            out, state = model(x)
+    h = state[0] if kind is nn.LSTM else state
+    assert out[..., [1, 7]].abs().max() == 0 and h[..., 1].abs().max() == 0
+    assert not torch.allclose(out, ref_out)         # the inner layers' unit 1 was zeroed for the next layer too
+    assert "forward" not in model[0].__dict__       # the module's own forward is back
+
+
+def test_data_dependent_criteria_leave_a_projected_lstm_whole():
+    class Projected(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lstm, self.out = nn.Embedding(30, 12), nn.LSTM(12, 16, proj_size=8), nn.Linear(8, 4)
+
+        def forward(self, t):
+            return self.out(self.lstm(self.emb(t))[0])
+
+    x = (torch.randint(0, 30, (5, 2)),)
+    with pytest.raises(ValueError, match=r"'apoz' scores Linear / conv layers.*\['emb', 'lstm'\].*l1_mean"):
+        sk.prune.Pruner(Projected(), x, criterion="apoz", calib=[x[0]], granularity="channel", sparsity=0.5)
 
 
 def test_ignoring_a_recurrent_layer_keeps_its_units():
@@ -311,10 +384,11 @@ def test_a_model_whose_only_pruned_layers_are_recurrent():
     with pytest.raises(ValueError, match="left to prune"):
         sk.prune.Pruner(Tokens(), x, criterion="l1", granularity="element", sparsity=0.5, ignore=["out"])
     gated = sk.prune.Pruner(Tokens(), x, criterion="apoz", calib=[x[0]], granularity="channel", sparsity=0.5)
-    gated.step()                                 # a single-layer GRU: scored through its gate
+    gated.step()                                 # scored through its gate
     assert gated.compact().gru.hidden_size == 8
-    with pytest.raises(ValueError, match=r"'apoz' scores Linear / conv layers.*\['emb', 'gru'\].*l1_mean"):
-        sk.prune.Pruner(Tokens(2), x, criterion="apoz", calib=[x[0]], granularity="channel", sparsity=0.5)
+    two = sk.prune.Pruner(Tokens(2), x, criterion="apoz", calib=[x[0]], granularity="channel", sparsity=0.5)
+    two.step()                                   # two layers: both layers' outputs gated
+    assert two.compact().gru.hidden_size == 8
 
 
 def test_fine_tuning_steps_between_pruning_and_compaction():

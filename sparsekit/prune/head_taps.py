@@ -20,12 +20,13 @@ heads (channels) from data.
 ``outputs`` names transposed convs (``nn.ConvTranspose1d`` / ``2d`` / ``3d``), whose output channels are scored
 the same way: ``on_heads(name, out)`` sees their output ``[batch, C_out, *spatial]`` and, with ``gates=True``,
 channel ``c`` is multiplied by ``gates[name][c]`` (a hook that runs before the ``Recorder``'s, so its product is
-not an event and the Recorder sees the gated output that the next layer reads). It may also name single-layer
-recurrent modules (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, ``num_layers=1``): ``on_heads`` sees hidden unit
-``j``'s states over time and directions as channel ``j`` (``[batch, hidden, directions * steps]``) and the gate
-multiplies unit ``j`` in everything the module returns (the output of every direction, ``h_n``, ``c_n``): its
-gradient is the first-order effect of the unit's outputs on the loss (not of its recurrent input to the other
-units).
+not an event and the Recorder sees the gated output that the next layer reads). It may also name recurrent
+modules (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``), which then run one layer at a time (``recurrent.layer_by_layer``,
+same results) while the taps are active: ``on_heads`` sees hidden unit ``j``'s states over layers, directions
+and time as channel ``j`` (``[batch, hidden, directions * layers * steps]``) and the gate multiplies unit ``j``
+in every layer's output (what the next layer reads, the last layer's being the module's) and final states
+(``h_n``, ``c_n``): its gradient is the first-order effect of the unit's outputs on the loss, summed over the
+layers (a unit is removed from all of them), not of its recurrent input to the other units of its layer.
 
 Enter ``HeadTaps`` inside a ``Recorder`` (its hooks must run after the Recorder's, so the torch calls they make
 are not recorded as events of the forward pass).
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .pruned_mha import mha_forward
-from .recurrent import RECURRENT
+from .recurrent import RECURRENT, layer_by_layer
 
 __all__ = ["attention_path", "HeadTaps"]
 
@@ -81,6 +82,7 @@ class HeadTaps:
         self.gates: dict[str, Tensor] = {}
         self._shape: dict[str, tuple[int, int]] = {}
         self._handles: list = []
+        self._forwards: list = []      # (recurrent module, its own instance `forward` or _MISSING)
 
     def new_gates(self) -> dict[str, Tensor]:
         """Fresh gates (ones requiring grad, one per head / output channel) for the next forward pass."""
@@ -102,7 +104,11 @@ class HeadTaps:
             self._handles.append(mod.out_proj.register_forward_pre_hook(partial(self._heads, name, mod)))
         for name in self.outputs:
             mod = self.model.get_submodule(name)
-            self._handles.append(mod.register_forward_hook(partial(self._channels, name), prepend=True))
+            if isinstance(mod, RECURRENT):
+                self._forwards.append((mod, mod.__dict__.get("forward", _MISSING)))
+                mod.forward = partial(self._hidden_units, name, mod, mod.forward)
+            else:
+                self._handles.append(mod.register_forward_hook(partial(self._channels, name), prepend=True))
         if self.use_gates:
             self.new_gates()
         return self
@@ -111,6 +117,12 @@ class HeadTaps:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for mod, fwd in self._forwards:
+            if fwd is _MISSING:
+                del mod.forward
+            else:
+                mod.forward = fwd
+        self._forwards.clear()
 
     def _query_shape(self, name: str, mod: nn.Module, args: tuple, kwargs: dict) -> None:
         q = args[0] if args else kwargs["query"]
@@ -120,29 +132,30 @@ class HeadTaps:
             self._shape[name] = (q.shape[1], q.shape[0]) if mod.batch_first else (q.shape[0], q.shape[1])
 
     def _channels(self, name: str, mod: nn.Module, _args: tuple, out: Any) -> Any:
-        if isinstance(mod, RECURRENT):
-            return self._hidden_units(name, mod, out)
         if self.on_heads is not None:
             self.on_heads(name, out)
         if not self.use_gates:
             return None
         return out * self.gates[name].view(1, -1, *([1] * (out.dim() - 2)))
 
-    def _hidden_units(self, name: str, mod: nn.Module, out: tuple) -> tuple | None:
-        y = out[0]                           # [T, B, D*H], [B, T, D*H] (batch_first) or unbatched [T, D*H]
-        if not isinstance(y, Tensor):        # a packed sequence: its units are pinned (graph), never tapped
-            return None
-        h = mod.hidden_size
-        if self.on_heads is not None:
-            seq = y.unsqueeze(1) if y.dim() == 2 else y if not mod.batch_first else y.transpose(0, 1)
-            steps, batch = seq.shape[:2]     # [T, B, D*H] -> [B, H, D*T]: a unit's states as one channel
-            self.on_heads(name, seq.reshape(steps, batch, -1, h).permute(1, 3, 2, 0).reshape(batch, h, -1))
-        if not self.use_gates:
-            return None
-        gate = self.gates[name]
-        state = out[1]
-        gated_state = tuple(s * gate for s in state) if isinstance(state, tuple) else state * gate
-        return (y * gate.repeat(y.shape[-1] // h), gated_state)
+    def _hidden_units(self, name: str, mod: nn.Module, forward: Callable, input: Any, hx: Any = None) -> Any:
+        if not isinstance(input, Tensor):    # a packed sequence: its units are pinned (graph), never tapped
+            return forward(input, hx)
+        h, outputs = mod.hidden_size, []
+        gate = self.gates[name] if self.use_gates else None
+
+        def on_layer(_k: int, out: Tensor, state: tuple) -> tuple:
+            outputs.append(out if mod.batch_first else out.transpose(0, 1))      # [B, T, D * H]
+            if gate is None:
+                return out, state
+            return out * gate.repeat(out.shape[-1] // h), tuple(s * gate for s in state)
+
+        result = layer_by_layer(mod, input, hx, on_layer)
+        if self.on_heads is not None:        # [B, L * T, D, H] -> [B, H, D * L * T]: a unit's states as one channel
+            seq = torch.cat(outputs, 1)
+            batch, steps = seq.shape[:2]
+            self.on_heads(name, seq.reshape(batch, steps, -1, h).permute(0, 3, 2, 1).reshape(batch, h, -1))
+        return result
 
     def _heads(self, name: str, mod: nn.Module, _proj: nn.Module, args: tuple) -> tuple | None:
         x = args[0]

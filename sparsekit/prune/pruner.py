@@ -30,9 +30,9 @@ _WEIGHT_VIEWS = (nn.Embedding, *_masks.TRANSPOSED_CONVS, *RECURRENT)
 
 
 def _gated(mod: nn.Module) -> bool:
-    """Whether data-dependent criteria score ``mod``'s output channels through a gate on its output (head_taps):
-    a transposed conv, or a single-layer recurrent module (an inner layer's units are not in the output)."""
-    return isinstance(mod, _masks.TRANSPOSED_CONVS) or (isinstance(mod, RECURRENT) and mod.num_layers == 1
+    """Whether data-dependent criteria score ``mod``'s output channels through a gate on its outputs (head_taps):
+    a transposed conv, or a recurrent module (a gate per hidden unit on every layer's outputs)."""
+    return isinstance(mod, _masks.TRANSPOSED_CONVS) or (isinstance(mod, RECURRENT)
                                                          and not getattr(mod, "proj_size", 0))
 
 
@@ -212,8 +212,9 @@ class Pruner:
     before ``out_proj``, with the head's output ``[tokens, head_dim]`` as its feature map and the gate's
     gradient (``sum(out_h * d loss / d out_h)``) as its gradient (``head_taps``); a criterion needing
     anything else (``bn``, ``consumer``) leaves heads whole. A transposed conv's output channels, and a
-    single-layer recurrent module's hidden units, are scored the same way by data-dependent criteria (a gate per
-    channel / unit on the module's outputs, which are its feature map).
+    recurrent module's hidden units, are scored the same way by data-dependent criteria (a gate per channel /
+    unit on the module's outputs, which are its feature map; a recurrent module runs one layer at a time while
+    scored, each layer's outputs gated).
     Per-layer selection remains where aggregation does not apply: reconstruction criteria (``reconstruct=True``,
     ``lasso``, ``thinet``) refit each layer's consumer for that layer's own selection along a plain chain, and
     ``distributed="sharded"`` ranks see only their own layers; there a coupled unit goes only when every
@@ -676,8 +677,8 @@ class Pruner:
         if self._scores_weight_views() or self._scores_head_taps():
             producers |= {a for a in attn if f"{a}.out_proj" in self.layers}
         # an embedding's features, a transposed conv's outputs, recurrent hidden units: scored as rows by criteria
-        # reading weights alone; a transposed conv's outputs and a single-layer recurrent module's units also by
-        # data-dependent ones, through gates (head_taps)
+        # reading weights alone; a transposed conv's outputs and a recurrent module's units also by data-dependent
+        # ones, through gates (head_taps)
         def viewed(mod: nn.Module) -> bool:
             if self._scores_weight_views():
                 return isinstance(mod, _WEIGHT_VIEWS)

@@ -21,11 +21,12 @@ import weakref
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import _VF, Tensor, nn
 from torch.nn.utils import parametrize
 
 __all__ = ["RECURRENT", "gates", "unit_index", "index_masks", "resize_recurrent", "hidden_unit_rows",
-           "input_columns", "parameter_names", "keep_copyable"]
+           "input_columns", "parameter_names", "keep_copyable", "layer_by_layer"]
 
 RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 
@@ -152,3 +153,46 @@ def keep_copyable(mod: nn.Module) -> None:
 def input_columns(mod: nn.Module) -> list[str]:
     """The parameters whose columns are the input features (``weight_ih_l0`` of each direction)."""
     return [f"weight_ih_l0{sfx}" for sfx in _directions(mod)]
+
+
+LayerHook = Callable[[int, Tensor, tuple[Tensor, ...]], tuple[Tensor, tuple[Tensor, ...]]]
+
+
+def layer_by_layer(mod: nn.Module, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None,
+                   on_layer: LayerHook | None = None) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+    """``mod(input, hx)`` for a recurrent module (no packed sequence, no ``proj_size``), one layer at a time, so
+    that ``on_layer(k, output, state)`` can read and replace layer ``k``'s output (``[T, B, D * H]``, or batch
+    first) and final state (``(h,)`` or ``(h, c)``, each ``[D, B, H]``) before the next layer reads the output.
+    The same results as ``mod`` (inter-layer dropout included, with its own random draws); the weights are read
+    through ``getattr``, so masks (parametrizations) apply."""
+    lstm = isinstance(mod, nn.LSTM)
+    if isinstance(mod, nn.GRU):
+        fn = _VF.gru
+    elif isinstance(mod, nn.RNN):
+        fn = _VF.rnn_tanh if mod.nonlinearity == "tanh" else _VF.rnn_relu
+    else:
+        fn = _VF.lstm
+    batched = input.dim() == 3
+    x = input if batched else input.unsqueeze(0 if mod.batch_first else 1)
+    d = 2 if mod.bidirectional else 1
+    if hx is None:
+        zeros = x.new_zeros(mod.num_layers * d, x.shape[0 if mod.batch_first else 1], mod.hidden_size)
+        hx = (zeros, zeros) if lstm else zeros
+    elif not batched:
+        hx = tuple(h.unsqueeze(1) for h in hx) if lstm else hx.unsqueeze(1)
+    weights = [getattr(mod, n) for n in mod._flat_weights_names]
+    per = len(weights) // mod.num_layers
+    states: list[tuple[Tensor, ...]] = []
+    for k in range(mod.num_layers):
+        h0 = tuple(h[k * d:(k + 1) * d] for h in hx) if lstm else hx[k * d:(k + 1) * d]
+        out, *state = fn(x, h0, weights[k * per:(k + 1) * per], mod.bias, 1, 0.0, mod.training, mod.bidirectional,
+                         mod.batch_first)
+        state = tuple(state)
+        if on_layer is not None:
+            out, state = on_layer(k, out, state)
+        states.append(state)
+        x = F.dropout(out, mod.dropout, True) if mod.training and mod.dropout and k < mod.num_layers - 1 else out
+    final = tuple(torch.cat(parts) for parts in zip(*states))
+    if not batched:
+        out, final = out.squeeze(0 if mod.batch_first else 1), tuple(s.squeeze(1) for s in final)
+    return out, final if lstm else final[0]
