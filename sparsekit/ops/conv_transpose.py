@@ -45,24 +45,38 @@ def transposed_weight2d(weight: Tensor) -> Tensor:
     return weight.movedim(0, -1).reshape(-1, weight.shape[0])
 
 
-def _fold(cols: Tensor, sizes: tuple[int, ...], out: tuple[int, ...], kernel: tuple[int, ...],
-          dilation: tuple[int, ...], padding: tuple[int, ...], stride: tuple[int, ...], c_out: int) -> Tensor:
-    """Sum the patch columns ``[B, C_out * prod(kernel), L = prod(sizes)]`` (``sizes``: the input's spatial sizes)
-    into ``[B, C_out, *out]``: one strided write per
-    kernel tap (F.fold runs this single-threaded here, 2x slower). Taps that cannot overlap (``d * (k - 1) <
-    s``: U-Net's 2x2 stride-2 up-convolutions) are copied rather than added, into an uninitialised output
-    where they tile it exactly."""
-    b = cols.shape[0]
-    taps = cols.reshape(b, c_out, *kernel, *sizes)
+def _tap_layout(kernel: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...],
+                padding: tuple[int, ...], out: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[bool, bool]:
+    """``(disjoint, tiled)``: the kernel taps cannot overlap in the output (``d * (k - 1) < s``: U-Net's 2x2
+    stride-2 up-convolutions), and they also cover every output pixel exactly once."""
     disjoint = all(d * (k - 1) < s for k, d, s in zip(kernel, dilation, stride))
     tiled = disjoint and all(d == 1 and k == s and o + 2 * p == n * s
                              for k, d, s, p, o, n in zip(kernel, dilation, stride, padding, out, sizes))
+    return disjoint, tiled
+
+
+def _fold(cols: Tensor, sizes: tuple[int, ...], out: tuple[int, ...], kernel: tuple[int, ...],
+          dilation: tuple[int, ...], padding: tuple[int, ...], stride: tuple[int, ...], c_out: int,
+          bias: Tensor | None = None) -> Tensor:
+    """Sum the patch columns ``[B, C_out * prod(kernel), L = prod(sizes)]`` (``sizes``: the input's spatial sizes)
+    into ``[B, C_out, *out]``: one strided write per kernel tap (F.fold runs this single-threaded here, 2x
+    slower). Disjoint taps are copied rather than added, into an uninitialised output where they tile it.
+    ``bias`` (``[C_out]``, or None) starts the output (the columns must not carry it then); for tiled taps the
+    caller puts it in the columns instead (the GEMM adds it), so the output is written once."""
+    b = cols.shape[0]
+    taps = cols.reshape(b, c_out, *kernel, *sizes)
+    disjoint, tiled = _tap_layout(kernel, dilation, stride, padding, out, sizes)
     shape = (b, c_out, *(o + 2 * p for o, p in zip(out, padding)))
-    padded = cols.new_empty(shape) if tiled else cols.new_zeros(shape)
+    if tiled:
+        padded = cols.new_empty(shape)
+    elif bias is not None:
+        padded = cols.new_empty(shape).copy_(bias.reshape(1, -1, *([1] * len(out))).expand(shape))
+    else:
+        padded = cols.new_zeros(shape)
     for tap in itertools.product(*(range(k) for k in kernel)):
         window = (slice(None), slice(None),
                   *(slice(t * d, t * d + s * (n - 1) + 1, s) for t, d, s, n in zip(tap, dilation, stride, sizes)))
-        if disjoint:
+        if disjoint and bias is None:
             padded[window] = taps[(slice(None), slice(None), *tap)]
         else:
             padded[window] += taps[(slice(None), slice(None), *tap)]
@@ -102,15 +116,19 @@ def _sparse_conv_transpose(fn: str, nd: int, x: Tensor, w: BSR | CSR | NM | Chan
         raise ValueError(f"{fn}: output would be empty ({'x'.join(map(str, out))}) for input "
                          f"{'x'.join(map(str, x.shape[2:]))}, kernel {kernel}, stride {stride}, padding {padding}")
     length = math.prod(x.shape[2:])
+    # where the taps tile the output every pixel is one column entry: the GEMM adds the bias (per row c_out, tap);
+    # elsewhere the bias starts the output (_fold). Either way the output is not read and written again for it.
+    tiled = _tap_layout(kernel, dilation, stride, padding, out, tuple(x.shape[2:]))[1]
+    row_bias = bias.repeat_interleave(taps) if bias is not None and tiled else None
     family = _cpu_family(x, w, backend, 2)
     if family is not None:     # NC(D)HW pixels are x^T: the columns come out as [B, C_out*taps, L]
         xt_op = getattr(torch.ops.sparsekit, f"{family}_mm_xt").default
-        cols = call_op(xt_op, x.reshape(b, c_in, length), w.crow_indices, w.col_indices, w.values, None,
+        cols = call_op(xt_op, x.reshape(b, c_in, length), w.crow_indices, w.col_indices, w.values, row_bias,
                        w.shape[0])
     else:
-        cols = sparse_linear(x.reshape(b, c_in, length).transpose(1, 2), w, None, backend).transpose(1, 2)
-    y = _fold(cols, tuple(x.shape[2:]), out, kernel, dilation, padding, stride, c_out)
-    return y if bias is None else y + bias.reshape(1, -1, *([1] * nd))
+        cols = sparse_linear(x.reshape(b, c_in, length).transpose(1, 2), w, row_bias, backend).transpose(1, 2)
+    return _fold(cols, tuple(x.shape[2:]), out, kernel, dilation, padding, stride, c_out,
+                 None if tiled else bias)
 
 
 def sparse_conv_transpose2d(x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor, bias: Tensor | None = None,
