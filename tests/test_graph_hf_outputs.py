@@ -146,3 +146,51 @@ def test_tuple_concatenation_carries_the_attention_weights_to_the_output(returns
     small = pruner.compact()
     sk.verify(model, small, x, atol=1e-5)
     assert (small.attn.num_heads < 4) is not returns_weights
+
+
+class _KeysOut(nn.Module):
+    """Fused-qkv attention that also returns its keys as ``[B, T, heads, head_dim]`` (heads on dim 2)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.num_heads, self.head_dim = heads, dim // heads
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
+        w = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / self.head_dim ** 0.5).softmax(-1)
+        return self.proj((w @ v.transpose(1, 2)).transpose(1, 2).reshape(b, t, -1)), k
+
+
+class _ReturnsKeys(nn.Module):
+    def __init__(self, returns_keys: bool) -> None:
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(8, 16), _KeysOut(), nn.Linear(16, 8)
+        self.returns_keys = returns_keys
+
+    def forward(self, x):
+        h, k = self.attn(self.inp(x))
+        return (self.out(h), k) if self.returns_keys else self.out(h)
+
+
+@pytest.mark.parametrize("tokens", [5, 4])     # 4: the tokens dim has the head count too
+@pytest.mark.parametrize("returns_keys", [False, True])
+def test_a_per_head_tensor_with_heads_on_another_dim(tokens, returns_keys):
+    torch.manual_seed(1)
+    model = _ReturnsKeys(returns_keys).eval()
+    x = torch.randn(2, tokens, 8)
+    (h,) = [g for g in DependencyGraph.build(model, x).groups if g.kind == "heads"]
+    assert h.prunable is not returns_keys, h.reason
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    sk.verify(model, pruner.compact(), x, atol=1e-5)
+
+
+def test_heads_probe_with_an_input_that_requires_grad():
+    """The probe copies the call's arguments (a non-leaf tensor requiring grad cannot be deep-copied): the heads
+    stay prunable."""
+    model = _Block(False).eval()
+    x = torch.randn(2, 5, 8, requires_grad=True) * 1.0
+    (h,) = [g for g in DependencyGraph.build(model, x).groups if g.kind == "heads"]
+    assert h.prunable, h.reason

@@ -448,3 +448,45 @@ def test_call_forms_input_keyword_carried_state_and_state_layout():
     graph = DependencyGraph.build(StateOnWrongDim(), (torch.randn(5, 12, 4), torch.randn(1, 3, 12)))
     (group,) = [g for g in graph.groups if ("gru", "out") in {(m.module, m.axis) for m in g.members}]
     assert not group.prunable and "initial state" in group.reason
+
+
+class _TimeMajorLSTM(nn.LSTM):
+    """An LSTM subclass with its own forward (batch-first outside, time-major inside)."""
+
+    def forward(self, x, hx=None):
+        out, state = super().forward(x.transpose(0, 1), hx)
+        return out.transpose(0, 1), state
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_recurrent_subclass_with_its_own_forward_keeps_it_while_tapped(layers):
+    """HeadTaps does not replace a subclass's own forward: a single-layer one is gated on what it returns, a
+    multi-layer one is not scored by data-dependent criteria (its inner layers cannot be reached)."""
+    from sparsekit.prune.head_taps import HeadTaps
+    from sparsekit.prune.pruner import _gated
+
+    torch.manual_seed(10)
+    model = nn.Sequential(_TimeMajorLSTM(4, 6, num_layers=layers))
+    x = torch.randn(2, 5, 4)
+    ref = model(x)[0]
+    assert _gated(model[0]) is (layers == 1)
+    seen = {}
+    with HeadTaps(model, [], lambda n, f: seen.setdefault(n, f), gates=True, outputs=["0"]):
+        torch.testing.assert_close(model(x)[0], ref)
+    assert seen["0"].shape[1] == 6 and seen["0"].numel() == 2 * 5 * 6     # (its own layout: batch, time unknown)
+
+
+def test_head_taps_restore_forward_on_a_failed_enter_and_refuse_nesting():
+    from sparsekit.prune.head_taps import HeadTaps
+    from sparsekit.prune.recurrent import layer_by_layer
+
+    model = nn.Sequential(nn.LSTM(4, 6, num_layers=2))
+    with pytest.raises(AttributeError), HeadTaps(model, [], gates=True, outputs=["0", "missing"]):
+        pass
+    assert "forward" not in model[0].__dict__
+    with HeadTaps(model, [], outputs=["0"]), pytest.raises(ValueError, match="already tapped"), \
+            HeadTaps(model, [], outputs=["0"]):
+        pass
+    assert "forward" not in model[0].__dict__
+    with pytest.raises(ValueError, match="proj_size"):
+        layer_by_layer(nn.LSTM(4, 6, proj_size=3), torch.randn(5, 2, 4))

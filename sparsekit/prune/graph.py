@@ -95,6 +95,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.fx import _symbolic_trace
 
@@ -578,7 +579,8 @@ class DependencyGraph:
                 self._add(seg, module, axis, off)
                 off += seg.span
 
-    def _out_proj(self, module: str, width: int, shape: Any, heads: int, head_counts: tuple) -> _Tag | list | None:
+    def _out_proj(self, n: fx.Node, module: str, width: int, shape: Any, heads: int,
+                  head_counts: tuple) -> _Tag | list | None:
         """An attention module's output: a new channel space, the rows of its output projection ``module``;
         the tag of its output, or of the first element when it returns a tuple (GPT-2 and Llama return
         (output, cache / weights, ...); the rest tagged by ``_head_extras``)."""
@@ -587,8 +589,28 @@ class DependencyGraph:
         if isinstance(shape, torch.Size):
             return _Tag(len(shape) - 1, [_Seg(o, width)])
         if isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], torch.Size):
-            return [_Tag(len(shape[0]) - 1, [_Seg(o, width)])] + _head_extras(shape[1:], heads, head_counts)
+            return [_Tag(len(shape[0]) - 1, [_Seg(o, width)])] + self._head_extras(n, shape, heads, head_counts)
         return None
+
+    def _head_extras(self, n: fx.Node, shape: list, space: int, head_counts: tuple) -> list:
+        """Tags of what an attention module returns after its output (``shape[1:]``): a tensor with one dim whose
+        size is a head count (``head_counts``: query or key/value heads; attention weights ``[B, heads, T, S]``)
+        carries the head space there, so a model that returns it (``output_attentions=True``) keeps its heads,
+        pinned as an output; with several such dims the heads are pinned if it is used at all. A key / value
+        cache (a tuple of tensors, or a ``Cache`` object) is left untagged: it is state the compacted model makes
+        and reads itself, and it shrinks with the heads."""
+        out = []
+        for i, s in enumerate(shape[1:], 1):
+            dims = _head_dims(s, head_counts) if isinstance(s, torch.Size) else []
+            if len(dims) == 1:
+                out.append(_Tag(dims[0], [_Seg(space, s[dims[0]])]))
+                continue
+            if len(dims) > 1 and _element_used(n, i, len(shape)):
+                sp = self._spaces[self._find(space)]
+                sp.pinned = sp.pinned or (f"{n.target!r} returns a per-head tensor of shape {tuple(s)} whose head "
+                                          "dim cannot be told from the others, and it is used")
+            out.append(_mirror(s))
+        return out
 
     def _add(self, seg: _Seg, module: str, axis: str, offset: int, span: int | None = None) -> None:
         if seg.space is None:
@@ -818,7 +840,7 @@ class DependencyGraph:
             s = self._new(h, "heads")
             for lin in ("query", "key", "value"):
                 self._add(_Seg(s, width), f"{name}.{lin}", "out", 0)
-            return [_Tag(len(shape[0]) - 1, [_Seg(s, width)])] + _head_extras(shape[1:], s, (h,))
+            return [_Tag(len(shape[0]) - 1, [_Seg(s, width)])] + self._head_extras(n, shape, s, (h,))
         if kind == "gqa":
             # unit = one key/value group: its k and v rows, its num_key_value_groups query heads' q rows and the
             # o_proj columns they feed (repeat_kv pairs query head j with key/value head j // groups)
@@ -827,7 +849,7 @@ class DependencyGraph:
             for lin in ("q_proj", "k_proj", "v_proj"):
                 self._add(_Seg(s, getattr(mod, lin).out_features), f"{name}.{lin}", "out", 0)
             self._add(_Seg(s, mod.q_proj.out_features), f"{name}.o_proj", "in", 0)
-            return self._out_proj(f"{name}.o_proj", mod.o_proj.out_features, shape, s,
+            return self._out_proj(n, f"{name}.o_proj", mod.o_proj.out_features, shape, s,
                                   (mod.num_heads, mod.num_key_value_heads))
         if kind == "fused":
             qkv, proj = fused_parts(mod)
@@ -838,7 +860,7 @@ class DependencyGraph:
             for i in range(3):
                 self._add(_Seg(s, inner), f"{name}.{qkv}", "out", i * inner)
             self._add(_Seg(s, inner), f"{name}.{proj}", "in", 0)
-            return self._out_proj(f"{name}.{proj}", getattr(mod, proj).out_features, shape, s, (h,))
+            return self._out_proj(n, f"{name}.{proj}", getattr(mod, proj).out_features, shape, s, (h,))
         if isinstance(mod, nn.PReLU):
             if x is None or mod.num_parameters == 1:      # one shared slope: elementwise
                 return x
@@ -1205,6 +1227,10 @@ class DependencyGraph:
                 sp.pinned = sp.pinned or f"{name!r} has a single head"
                 continue
             probe = copy.deepcopy(mod)
+            try:                # copies: a cache the probe updates stays as it was
+                copied_a, copied_k = pytree.tree_map(_probe_copy, (a, k))
+            except Exception:  # noqa: BLE001 - an object that cannot be copied: the call's own arguments
+                copied_a, copied_k = a, k
             reason = ""
             try:
                 members = [m for m in sp.members if m.module.startswith(name + ".")]
@@ -1223,7 +1249,7 @@ class DependencyGraph:
                     set_submodule(probe, sub_name, new)
                 set_heads(probe)
                 with torch.no_grad():
-                    probe(*copy.deepcopy(a), **copy.deepcopy(k))     # a cache it updates stays as it was
+                    probe(*copied_a, **copied_k)
             except Exception as e:  # noqa: BLE001 - the reason is reported on the group
                 reason = (f"{name!r} ({type(mod).__name__}) does not run with fewer heads "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
@@ -1517,14 +1543,9 @@ def _combine(rows: Tensor, reduce: str, normalize: bool) -> Tensor:
     return torch.where(torch.isfinite(out), out * c.mean(), out)
 
 
-def _head_extras(shapes: Any, space: int, head_counts: tuple) -> list:
-    """Tags of what an attention module returns after its output: its attention weights ``[B, heads, T, S]``
-    carry the head space on dim 1 (``head_counts``: the sizes dim 1 may have, query or key/value heads), so a
-    model that returns them (``output_attentions=True``) keeps its heads, pinned as an output. A key / value
-    cache (a tuple of tensors, or a ``Cache`` object) is left untagged: it is state the compacted model makes
-    and reads itself, and it shrinks with the heads."""
-    return [_Tag(1, [_Seg(space, s[1])]) if isinstance(s, torch.Size) and len(s) == 4 and s[1] in head_counts
-            else _mirror(s) for s in shapes]
+def _head_dims(shape: torch.Size, head_counts: tuple) -> list[int]:
+    """The dims of a tensor an attention module returns whose size is a head count (dim 0 is the batch)."""
+    return [d for d in range(1, len(shape)) if shape[d] in head_counts]
 
 
 def _mirror(shape: Any) -> Any:
@@ -1540,6 +1561,25 @@ def _tuple_tags(a: Any, tag: Callable, shapes: dict) -> list:
     if isinstance(a, (tuple, list)):
         return [_tuple_tags(x, tag, shapes) if isinstance(x, (tuple, list)) else tag(x) for x in a]
     return []
+
+
+def _probe_copy(v: Any) -> Any:
+    return v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+
+
+def _element_used(n: fx.Node, idx: int, length: int) -> bool:
+    """Whether element ``idx`` of the tuple ``n`` returns is read: by an index, a slice, or a use of the tuple."""
+    for u in n.users:
+        if u.op == "call_function" and _fn_name(u.target) == "getitem":
+            k = u.args[1]
+            if isinstance(k, int) and k % length != idx:
+                continue
+            if isinstance(k, slice) and idx not in range(*k.indices(length)):
+                continue
+            if not u.users:
+                continue
+        return True
+    return False
 
 
 def _weights_used(n: fx.Node) -> bool:

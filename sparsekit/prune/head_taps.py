@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .pruned_mha import mha_forward
-from .recurrent import RECURRENT, layer_by_layer
+from .recurrent import RECURRENT, layer_by_layer, stock_forward
 
 __all__ = ["attention_path", "HeadTaps"]
 
@@ -98,26 +98,38 @@ class HeadTaps:
         return self.gates
 
     def __enter__(self) -> HeadTaps:
-        for name in self.attention:
-            mod = self.model.get_submodule(name)
-            self._handles.append(mod.register_forward_pre_hook(partial(self._query_shape, name), with_kwargs=True))
-            self._handles.append(mod.out_proj.register_forward_pre_hook(partial(self._heads, name, mod)))
-        for name in self.outputs:
-            mod = self.model.get_submodule(name)
-            if isinstance(mod, RECURRENT):
-                self._forwards.append((mod, mod.__dict__.get("forward", _MISSING)))
-                mod.forward = partial(self._hidden_units, name, mod, mod.forward)
-            else:
-                self._handles.append(mod.register_forward_hook(partial(self._channels, name), prepend=True))
-        if self.use_gates:
-            self.new_gates()
+        try:
+            for name in self.attention:
+                mod = self.model.get_submodule(name)
+                self._handles.append(mod.register_forward_pre_hook(partial(self._query_shape, name),
+                                                                   with_kwargs=True))
+                self._handles.append(mod.out_proj.register_forward_pre_hook(partial(self._heads, name, mod)))
+            for name in self.outputs:
+                mod = self.model.get_submodule(name)
+                if isinstance(mod, RECURRENT) and stock_forward(mod):
+                    own = mod.__dict__.get("forward", _MISSING)
+                    if isinstance(own, partial) and getattr(own.func, "__name__", "") == "_hidden_units":
+                        raise ValueError(f"HeadTaps: {name!r} is already tapped by another HeadTaps (they do not "
+                                         "nest on one recurrent module)")
+                    self._forwards.append((mod, own))
+                    mod.forward = partial(self._hidden_units, name, mod, mod.forward)
+                elif isinstance(mod, RECURRENT):   # a subclass's own forward: gated on what it returns
+                    self._handles.append(mod.register_forward_hook(partial(self._recurrent_output, name),
+                                                                   prepend=True))
+                else:
+                    self._handles.append(mod.register_forward_hook(partial(self._channels, name), prepend=True))
+            if self.use_gates:
+                self.new_gates()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for mod, fwd in self._forwards:
+        for mod, fwd in reversed(self._forwards):
             if fwd is _MISSING:
                 del mod.forward
             else:
@@ -148,7 +160,8 @@ class HeadTaps:
             outputs.append(out if mod.batch_first else out.transpose(0, 1))      # [B, T, D * H]
             if gate is None:
                 return out, state
-            return out * gate.repeat(out.shape[-1] // h), tuple(s * gate for s in state)
+            g = gate.to(out.dtype)          # autocast: the module's output dtype stays
+            return out * g.repeat(out.shape[-1] // h), tuple(s * g for s in state)
 
         result = layer_by_layer(mod, input, hx, on_layer)
         if self.on_heads is not None:        # [B, L * T, D, H] -> [B, H, D * L * T]: a unit's states as one channel
@@ -156,6 +169,23 @@ class HeadTaps:
             batch, steps = seq.shape[:2]
             self.on_heads(name, seq.reshape(batch, steps, -1, h).permute(0, 3, 2, 1).reshape(batch, h, -1))
         return result
+
+    def _recurrent_output(self, name: str, mod: nn.Module, _args: tuple, out: Any) -> tuple | None:
+        """A single-layer recurrent module with its own forward: its returned ``(output, state)`` read and gated
+        (``pruner._gated`` leaves a multi-layer one whole: its inner layers cannot be reached)."""
+        y = out[0]                           # [T, B, D*H], [B, T, D*H] (batch_first) or unbatched [T, D*H]
+        if not isinstance(y, Tensor):        # a packed sequence: its units are pinned (graph), never tapped
+            return None
+        h = mod.hidden_size
+        if self.on_heads is not None:
+            seq = y.unsqueeze(1) if y.dim() == 2 else y if not mod.batch_first else y.transpose(0, 1)
+            steps, batch = seq.shape[:2]     # [T, B, D*H] -> [B, H, D*T]
+            self.on_heads(name, seq.reshape(steps, batch, -1, h).permute(1, 3, 2, 0).reshape(batch, h, -1))
+        if not self.use_gates:
+            return None
+        gate, state = self.gates[name].to(y.dtype), out[1]
+        gated_state = tuple(s * gate for s in state) if isinstance(state, tuple) else state * gate
+        return (y * gate.repeat(y.shape[-1] // h), gated_state)
 
     def _heads(self, name: str, mod: nn.Module, _proj: nn.Module, args: tuple) -> tuple | None:
         x = args[0]

@@ -21,7 +21,7 @@ from . import masks as _masks
 from . import schedules as _schedules
 from .graph import QKV_PROJ, _check_round_to, attention_kind, in_proj_parts
 from .linear_mha import is_stock_mha
-from .recurrent import RECURRENT, hidden_unit_rows, unit_index
+from .recurrent import RECURRENT, hidden_unit_rows, stock_forward, unit_index
 from .scores_reconstruction import refit_consumer
 
 __all__ = ["Pruner", "SCOPES", "check_example_inputs", "run_example", "execution_order"]
@@ -31,9 +31,10 @@ _WEIGHT_VIEWS = (nn.Embedding, *_masks.TRANSPOSED_CONVS, *RECURRENT)
 
 def _gated(mod: nn.Module) -> bool:
     """Whether data-dependent criteria score ``mod``'s output channels through a gate on its outputs (head_taps):
-    a transposed conv, or a recurrent module (a gate per hidden unit on every layer's outputs)."""
-    return isinstance(mod, _masks.TRANSPOSED_CONVS) or (isinstance(mod, RECURRENT)
-                                                         and not getattr(mod, "proj_size", 0))
+    a transposed conv, or a recurrent module (a gate per hidden unit on every layer's outputs; one with its own
+    forward only with a single layer: its inner layers cannot be reached)."""
+    return isinstance(mod, _masks.TRANSPOSED_CONVS) or (
+        isinstance(mod, RECURRENT) and not getattr(mod, "proj_size", 0) and (mod.num_layers == 1 or stock_forward(mod)))
 
 
 SCOPES = ("layer", "global")

@@ -16,6 +16,7 @@ cell becomes ``0.5 * c`` (input gate 0.5 times ``tanh(0)``) and its output ``0.5
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from torch import _VF, Tensor, nn
 from torch.nn.utils import parametrize
 
 __all__ = ["RECURRENT", "gates", "unit_index", "index_masks", "resize_recurrent", "hidden_unit_rows",
-           "input_columns", "parameter_names", "keep_copyable", "layer_by_layer"]
+           "input_columns", "parameter_names", "keep_copyable", "layer_by_layer", "stock_forward"]
 
 RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 
@@ -155,6 +156,11 @@ def input_columns(mod: nn.Module) -> list[str]:
     return [f"weight_ih_l0{sfx}" for sfx in _directions(mod)]
 
 
+def stock_forward(mod: nn.Module) -> bool:
+    """Whether ``mod`` runs torch's own RNN / LSTM / GRU forward (a subclass may define its own)."""
+    return type(mod).forward in (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)
+
+
 LayerHook = Callable[[int, Tensor, tuple[Tensor, ...]], tuple[Tensor, tuple[Tensor, ...]]]
 
 
@@ -164,7 +170,21 @@ def layer_by_layer(mod: nn.Module, input: Tensor, hx: Tensor | tuple[Tensor, Ten
     that ``on_layer(k, output, state)`` can read and replace layer ``k``'s output (``[T, B, D * H]``, or batch
     first) and final state (``(h,)`` or ``(h, c)``, each ``[D, B, H]``) before the next layer reads the output.
     The same results as ``mod`` (inter-layer dropout included, with its own random draws); the weights are read
-    through ``getattr``, so masks (parametrizations) apply."""
+    through ``getattr``, so masks (parametrizations) apply. cuDNN's RNN has no backward in eval mode, so a CUDA
+    module in eval mode runs torch's own kernels while gradients are recorded."""
+    if getattr(mod, "proj_size", 0):
+        raise ValueError(f"layer_by_layer: an LSTM with proj_size={mod.proj_size} is not supported (its layers' "
+                         "outputs are projections)")
+    if not isinstance(input, Tensor):
+        raise TypeError(f"layer_by_layer: input must be a Tensor (packed sequences are not supported), got "
+                        f"{type(input).__name__}")
+    no_cudnn = input.is_cuda and torch.is_grad_enabled() and not mod.training
+    with torch.backends.cudnn.flags(enabled=False) if no_cudnn else contextlib.nullcontext():
+        return _layer_by_layer(mod, input, hx, on_layer)
+
+
+def _layer_by_layer(mod: nn.Module, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None,
+                    on_layer: LayerHook | None) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
     lstm = isinstance(mod, nn.LSTM)
     if isinstance(mod, nn.GRU):
         fn = _VF.gru
