@@ -8,10 +8,13 @@ chosen by the dispatcher (``backend=None``) or forced (``backend="cpu" | "cuda" 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
+from torch.compiler import is_compiling as _is_compiling
 
 from ..formats import BSR, CSR, NM, ChannelIndex, bitmap_shape
 from ._dispatch import BACKENDS, CppBackend, Format, check_backend, choose, cpu_mm_call, measure_enabled
@@ -77,6 +80,10 @@ def _check_structure(fn: str, w: Format) -> None:
         raise ValueError(f"{fn}: w is an inconsistent NM; call w.validate() for details")
 
 
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
 class _RepeatCall:
     """A checked (w, bias, backend) combination of an eager CPU call on the C++ kernels that needed no autograd.
 
@@ -85,12 +92,13 @@ class _RepeatCall:
     dispatcher cost ~8 µs of Python, about as much as a GEMV's arithmetic. Kept on w (not a dataclass field,
     so never saved); anything that differs takes the full path, which refreshes it."""
 
-    __slots__ = ("backend", "dtype", "k", "bias", "tensors", "op", "tail")
+    __slots__ = ("backend", "dtype", "k", "bias", "tensors", "values", "op", "tail")
 
     def __init__(self, backend: str | None, x: Tensor, w: Format, bias: Tensor | None, op, tail: tuple) -> None:
         self.backend, self.dtype, self.k, self.bias = backend, x.dtype, x.shape[1], bias
         self.tensors = _format_tensors(w)
-        self.op, self.tail = op, tail
+        self.values = w.values
+        self.op, self.tail = op._op, tail     # the C++ callable of the OpOverload: one Python frame less
 
 
 def _format_tensors(w: Format) -> tuple[Tensor | None, ...]:
@@ -100,20 +108,21 @@ def _format_tensors(w: Format) -> tuple[Tensor | None, ...]:
 
 def _repeat(w: Format, x: Tensor, bias: Tensor | None, backend: str | None) -> Tensor | None:
     """The result of a repeated call (see _RepeatCall), or None when this call is not one."""
+    # (every check below is on the path of each call of a GEMV of a few dozen µs: kept to plain comparisons)
     rc = w.__dict__.get("_repeat_call")
-    if rc is None or backend != rc.backend or bias is not rc.bias or type(x) is not Tensor or not x.is_cpu \
-            or x.dtype != rc.dtype or x.dim() != 2 or x.shape[1] != rc.k:
+    if rc is None or type(x) is not Tensor or bias is not rc.bias or backend != rc.backend \
+            or x.dtype != rc.dtype or x.dim() != 2 or x.shape[1] != rc.k or not x.is_cpu:
         return None
-    if not all(a is b for a, b in zip(rc.tensors, _format_tensors(w), strict=True)) or w.values.dtype != rc.dtype:
+    values = rc.values
+    if not all(map(operator.is_, rc.tensors, _format_tensors(w))) or values.dtype != rc.dtype:
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or w.values.requires_grad
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return None
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
-            or torch.autograd.forward_ad._current_level >= 0:      # (forward AD: the full path refuses it)
+    if _is_compiling() or _functorch_active() or forward_ad._current_level >= 0:   # (forward AD: refused there)
         return None
-    with torch._C._AutoDispatchBelowAutograd():
-        return rc.op(x.contiguous(), *rc.tail)
+    with _BelowAutograd():
+        return rc.op(x if x.is_contiguous() else x.contiguous(), *rc.tail)
 
 
 def _remember(family: str, w: Format, x: Tensor, bias: Tensor | None, backend: str | None, chosen) -> None:
