@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from sparsekit.benchmark.machine import cpu_isa_class
+from sparsekit.benchmark.machine import ISA_ENV, cpu_isa_class
 from sparsekit.benchmark.patterns import PATTERN_KINDS
 from sparsekit.benchmark.report import find_results, machine_line, replace_marked_block, speedup_table
 from sparsekit.benchmark.shapes import get_shapes
@@ -184,8 +184,10 @@ def build_block(results_dir: Path, readme: Path, shapes: list[str] | None = None
             if lowered:     # AVX2-class runs: judged in the targets table, linked here rather than repeated
                 links = ", ".join(f"[{_title(title, _load(r)).split(': ', 1)[1]}]({_rel(r.with_suffix('.md'), readme)})"
                                   for r in lowered)
-                lines += [f"Also measured with a lowered instruction set (`bench/avx2_class.sh`; in the targets "
-                          f"table below): {links}.", ""]
+                forced = any(k in ISA_ENV for r in lowered for k in _load(r).get("meta", {}).get("env") or {})
+                how = ("with a lowered instruction set (`bench/avx2_class.sh`" if forced
+                       else "on a machine of that class (no AVX-512")
+                lines += [f"Also measured {how}; in the targets table below): {links}.", ""]
         if model is not None:
             lines += _section(title, model, readme, None)
     return "\n".join(lines).rstrip() + "\n"
