@@ -260,3 +260,22 @@ def test_transposed_weight2d_rejects_what_is_not_a_transposed_conv_weight():
         transposed_weight2d([[1.0]])
     with pytest.raises(ValueError, match=r"weight must be \[C_in, C_out, \*kernel\].*\(4, 6\)"):
         transposed_weight2d(torch.zeros(4, 6))
+
+
+def test_channel_format_with_a_bias_under_cpu_autocast():
+    """A channel-compacted weight with a bias under bf16 autocast: the bias follows the product's dtype (the
+    tiled 2x2 stride-2 case hands the bias to channel_linear, whose index_add mixed float32 and bf16)."""
+    gen = torch.Generator().manual_seed(11)
+    x, weight = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(4, 2, 2, 2, generator=gen)
+    weight[:, 1] = 0.0                                            # output channel 1 gone: compacted rows
+    bias = torch.randn(2, generator=gen)
+    w = ChannelIndex.from_dense(transposed_weight2d(weight), dim=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = sparse_conv_transpose2d(x, w, bias, 2, kernel_size=2)
+        ref = F.conv_transpose2d(x, weight, bias, 2)
+    assert ours.dtype == ref.dtype
+    torch.testing.assert_close(ours.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):        # the same through channel_linear directly
+        y = sk.ops.channel_linear(torch.randn(3, 4), ChannelIndex.from_dense(torch.randn(5, 4), dim=0),
+                                  torch.randn(5))
+    assert y.dtype == torch.bfloat16

@@ -177,7 +177,9 @@ def channel_linear(x: Tensor, w: ChannelIndex, bias: Tensor | None = None) -> Te
     if w.dim == 1:
         return F.linear(x.index_select(-1, w.indices), w.values, bias)
     kept = F.linear(x, w.values)
-    out = kept.new_zeros(*x.shape[:-1], w.shape[0]) if bias is None else bias.expand(*x.shape[:-1], -1).clone()
+    # (under autocast kept is in the autocast dtype, as F.linear with the bias would give: the bias follows)
+    out = kept.new_zeros(*x.shape[:-1], w.shape[0]) if bias is None else \
+        bias.to(kept.dtype).expand(*x.shape[:-1], -1).clone()
     return out.index_add(-1, w.indices, kept)
 
 
