@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from _hf import run_transformers_script
 from _norms import randomize_norms as _randomize
 from torch import nn
 
@@ -424,15 +425,7 @@ print("BERT-OK")
 
 
 def test_hf_bert_heads_and_ffn():
-    # a subprocess: importing transformers 4.x into this process breaks torch.compile guards in later tests
-    import importlib.util
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("transformers") is None:
-        pytest.skip("transformers is a test-only dependency: pip install --no-deps transformers (see README)")
-    r = subprocess.run([sys.executable, "-c", _BERT_SCRIPT], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "BERT-OK" in r.stdout, r.stderr[-3000:]
+    run_transformers_script(_BERT_SCRIPT, "BERT-OK")
 
 
 def test_compact_from_pruner_style_masks():

@@ -2,12 +2,9 @@
 heads (they would lose maps); key / value caches shrink with the heads; tuple concatenation ``(h,) + outs[1:]``
 keeps the channels it carries."""
 
-import importlib.util
-import subprocess
-import sys
-
 import pytest
 import torch
+from _hf import run_transformers_script
 from torch import nn
 
 import sparsekit as sk
@@ -95,11 +92,7 @@ print("HF-OUTPUTS-OK")
 
 
 def test_hf_attention_weights_pin_heads_and_caches_shrink():
-    # a subprocess: importing transformers 4.x into this process breaks torch.compile guards in later tests
-    if importlib.util.find_spec("transformers") is None:
-        pytest.skip("transformers is a test-only dependency: pip install --no-deps transformers (see README)")
-    r = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "HF-OUTPUTS-OK" in r.stdout, r.stderr[-3000:]
+    run_transformers_script(_SCRIPT, "HF-OUTPUTS-OK")
 
 
 class _Attention(nn.Module):
@@ -148,13 +141,8 @@ def test_tuple_concatenation_carries_the_attention_weights_to_the_output(returns
     assert (small.attn.num_heads < 4) is not returns_weights
 
 
-class _KeysOut(nn.Module):
-    """Fused-qkv attention that also returns its keys as ``[B, T, heads, head_dim]`` (heads on dim 2)."""
-
-    def __init__(self, dim: int = 16, heads: int = 4) -> None:
-        super().__init__()
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.num_heads, self.head_dim = heads, dim // heads
+class _KeysOut(_Attention):
+    """Fused-qkv attention that returns its keys as ``[B, T, heads, head_dim]`` (heads on dim 2)."""
 
     def forward(self, x):
         b, t, _ = x.shape
