@@ -124,11 +124,12 @@ class _Block(nn.Module):
         return outputs if self.returns_weights else outputs[0]
 
 
+@pytest.mark.parametrize("tokens", [5, 4])     # 4 tokens: [B, heads, T, T] has the head count on three dims
 @pytest.mark.parametrize("returns_weights", [False, True])
-def test_tuple_concatenation_carries_the_attention_weights_to_the_output(returns_weights):
+def test_tuple_concatenation_carries_the_attention_weights_to_the_output(returns_weights, tokens):
     torch.manual_seed(0)
     model = _Block(returns_weights).eval()
-    x = torch.randn(2, 5, 8)
+    x = torch.randn(2, tokens, 8)
     graph = DependencyGraph.build(model, x)
     (h,) = [g for g in graph.groups if g.kind == "heads"]
     assert h.prunable is not returns_weights

@@ -490,3 +490,37 @@ def test_head_taps_restore_forward_on_a_failed_enter_and_refuse_nesting():
     assert "forward" not in model[0].__dict__
     with pytest.raises(ValueError, match="proj_size"):
         layer_by_layer(nn.LSTM(4, 6, proj_size=3), torch.randn(5, 2, 4))
+
+
+class _ThreeOutputs(nn.LSTM):
+    """Returns (output, [h, c], mean output): more than (output, state), the state as a list."""
+
+    def forward(self, x, hx=None):
+        out, (h, c) = super().forward(x, hx)
+        return out, [h, c], out.mean()
+
+
+def test_recurrent_taps_keep_what_a_module_of_its_own_returns_and_an_instance_forward():
+    from sparsekit.prune.head_taps import HeadTaps
+
+    torch.manual_seed(12)
+    model = nn.Sequential(_ThreeOutputs(4, 6))
+    x = torch.randn(5, 2, 4)
+    with HeadTaps(model, [], gates=True, outputs=["0"]) as taps:
+        with torch.no_grad():
+            taps.gates["0"][3] = 0.0
+        out, state, mean = model(x)
+    assert isinstance(state, list) and state[0][..., 3].abs().max() == 0 and out[..., 3].abs().max() == 0
+    assert mean.dim() == 0
+    calls = []
+    lstm = nn.LSTM(4, 6, num_layers=2)
+    own = lstm.forward
+
+    def wrapped(*args, **kwargs):       # e.g. a device-alignment hook set on the instance
+        calls.append(1)
+        return own(*args, **kwargs)
+
+    lstm.forward = wrapped
+    with HeadTaps(nn.Sequential(lstm), [], gates=True, outputs=["0"]):
+        nn.Sequential(lstm)(x)
+    assert calls and lstm.forward is wrapped

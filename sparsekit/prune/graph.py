@@ -602,6 +602,8 @@ class DependencyGraph:
         out = []
         for i, s in enumerate(shape[1:], 1):
             dims = _head_dims(s, head_counts) if isinstance(s, torch.Size) else []
+            if len(dims) > 1 and len(s) == 4 and 1 in dims:
+                dims = [1]          # [B, heads, T, S] / [B, heads, T, D]: the attention convention when T = heads
             if len(dims) == 1:
                 out.append(_Tag(dims[0], [_Seg(space, s[dims[0]])]))
                 continue
@@ -1227,10 +1229,7 @@ class DependencyGraph:
                 sp.pinned = sp.pinned or f"{name!r} has a single head"
                 continue
             probe = copy.deepcopy(mod)
-            try:                # copies: a cache the probe updates stays as it was
-                copied_a, copied_k = pytree.tree_map(_probe_copy, (a, k))
-            except Exception:  # noqa: BLE001 - an object that cannot be copied: the call's own arguments
-                copied_a, copied_k = a, k
+            copied_a, copied_k = pytree.tree_map(_probe_copy, (a, k))   # a cache the probe updates stays as it was
             reason = ""
             try:
                 members = [m for m in sp.members if m.module.startswith(name + ".")]
@@ -1564,7 +1563,12 @@ def _tuple_tags(a: Any, tag: Callable, shapes: dict) -> list:
 
 
 def _probe_copy(v: Any) -> Any:
-    return v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+    if isinstance(v, Tensor):
+        return v.detach().clone()
+    try:
+        return copy.deepcopy(v)
+    except Exception:  # noqa: BLE001 - an object that cannot be copied is passed as it is
+        return v
 
 
 def _element_used(n: fx.Node, idx: int, length: int) -> bool:

@@ -106,14 +106,14 @@ class HeadTaps:
                 self._handles.append(mod.out_proj.register_forward_pre_hook(partial(self._heads, name, mod)))
             for name in self.outputs:
                 mod = self.model.get_submodule(name)
+                own = mod.__dict__.get("forward", _MISSING)
+                if isinstance(own, partial) and getattr(own.func, "__name__", "") == "_hidden_units":
+                    raise ValueError(f"HeadTaps: {name!r} is already tapped by another HeadTaps (they do not "
+                                     "nest on one recurrent module)")
                 if isinstance(mod, RECURRENT) and stock_forward(mod):
-                    own = mod.__dict__.get("forward", _MISSING)
-                    if isinstance(own, partial) and getattr(own.func, "__name__", "") == "_hidden_units":
-                        raise ValueError(f"HeadTaps: {name!r} is already tapped by another HeadTaps (they do not "
-                                         "nest on one recurrent module)")
                     self._forwards.append((mod, own))
                     mod.forward = partial(self._hidden_units, name, mod, mod.forward)
-                elif isinstance(mod, RECURRENT):   # a subclass's own forward: gated on what it returns
+                elif isinstance(mod, RECURRENT):   # a forward of its own (subclass, wrapper): gated on its results
                     self._handles.append(mod.register_forward_hook(partial(self._recurrent_output, name),
                                                                    prepend=True))
                 else:
@@ -184,8 +184,13 @@ class HeadTaps:
         if not self.use_gates:
             return None
         gate, state = self.gates[name].to(y.dtype), out[1]
-        gated_state = tuple(s * gate for s in state) if isinstance(state, tuple) else state * gate
-        return (y * gate.repeat(y.shape[-1] // h), gated_state)
+        if isinstance(state, (tuple, list)):
+            gated_state = [s * gate for s in state]
+            state = gated_state if isinstance(state, list) else tuple(gated_state)
+        else:
+            state = state * gate
+        res = (y * gate.repeat(y.shape[-1] // h), state, *out[2:])     # what else it returns stays
+        return list(res) if isinstance(out, list) else res
 
     def _heads(self, name: str, mod: nn.Module, _proj: nn.Module, args: tuple) -> tuple | None:
         x = args[0]

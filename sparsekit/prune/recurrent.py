@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -157,8 +157,20 @@ def input_columns(mod: nn.Module) -> list[str]:
 
 
 def stock_forward(mod: nn.Module) -> bool:
-    """Whether ``mod`` runs torch's own RNN / LSTM / GRU forward (a subclass may define its own)."""
-    return type(mod).forward in (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)
+    """Whether ``mod`` runs torch's own RNN / LSTM / GRU forward (a subclass may define its own, and a wrapper
+    may set one on the instance, as accelerate's hooks do)."""
+    return type(mod).forward in (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward) and "forward" not in mod.__dict__
+
+
+@contextlib.contextmanager
+def _cudnn_disabled() -> Iterator[None]:
+    # only the `enabled` flag (torch.backends.cudnn.flags would reset the others too); process-global state
+    saved = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = saved
 
 
 LayerHook = Callable[[int, Tensor, tuple[Tensor, ...]], tuple[Tensor, tuple[Tensor, ...]]]
@@ -171,7 +183,8 @@ def layer_by_layer(mod: nn.Module, input: Tensor, hx: Tensor | tuple[Tensor, Ten
     first) and final state (``(h,)`` or ``(h, c)``, each ``[D, B, H]``) before the next layer reads the output.
     The same results as ``mod`` (inter-layer dropout included, with its own random draws); the weights are read
     through ``getattr``, so masks (parametrizations) apply. cuDNN's RNN has no backward in eval mode, so a CUDA
-    module in eval mode runs torch's own kernels while gradients are recorded."""
+    module in eval mode runs torch's own kernels while gradients are recorded (cuDNN switched off for the call:
+    process-global, not thread-safe)."""
     if getattr(mod, "proj_size", 0):
         raise ValueError(f"layer_by_layer: an LSTM with proj_size={mod.proj_size} is not supported (its layers' "
                          "outputs are projections)")
@@ -179,7 +192,7 @@ def layer_by_layer(mod: nn.Module, input: Tensor, hx: Tensor | tuple[Tensor, Ten
         raise TypeError(f"layer_by_layer: input must be a Tensor (packed sequences are not supported), got "
                         f"{type(input).__name__}")
     no_cudnn = input.is_cuda and torch.is_grad_enabled() and not mod.training
-    with torch.backends.cudnn.flags(enabled=False) if no_cudnn else contextlib.nullcontext():
+    with _cudnn_disabled() if no_cudnn else contextlib.nullcontext():
         return _layer_by_layer(mod, input, hx, on_layer)
 
 
