@@ -243,14 +243,21 @@ def test_make_readme_table_links_lowered_isa_runs_instead_of_repeating_them(tiny
     """An AVX2-class sweep (bench/avx2_class.sh) of the same configuration gets one linking line, not a table of
     its own, and never replaces the native run's table."""
     results = tmp_path / "results"
-    save_results(tiny_results, results, plots=False)
+    native = copy.deepcopy(tiny_results)       # (the machine running the tests may itself be AVX2-class)
+    native["meta"] |= {"cpu_kernel_isa": "avx512", "env": {}}
+    save_results(native, results, plots=False)
     avx2 = copy.deepcopy(tiny_results)
-    avx2["meta"] |= {"cpu_kernel_isa": "avx2", "date": "2999-01-01T00:00:00+00:00"}
+    avx2["meta"] |= {"cpu_kernel_isa": "avx2", "date": "2999-01-01T00:00:00+00:00",
+                     "env": {"SPARSEKIT_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2"}}
     avx2_md = Path(save_results(avx2, results, plots=False)["report"]).name
     script = _load_script("make_readme_table")
     block = script.build_block(results, tmp_path / "README.md")
     assert block.count("#### CPU kernels") == 1 and "AVX2 class" not in block.split("Also measured")[0]
     assert "Also measured with a lowered instruction set" in block and avx2_md in block
+    avx2["meta"] |= {"env": {}, "date": "2999-01-02T00:00:00+00:00"}       # an AVX2 machine's own run
+    save_results(avx2, results, plots=False)
+    block = script.build_block(results, tmp_path / "README.md")
+    assert "Also measured on an AVX2-class machine" in block and "lowered" not in block
 
 
 # --------------------------------------------------------------------------------------------------- CLI
