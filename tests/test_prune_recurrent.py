@@ -524,3 +524,18 @@ def test_recurrent_taps_keep_what_a_module_of_its_own_returns_and_an_instance_fo
     with HeadTaps(nn.Sequential(lstm), [], gates=True, outputs=["0"]):
         nn.Sequential(lstm)(x)
     assert calls and lstm.forward is wrapped
+
+
+def test_stock_forward_and_the_cudnn_switch():
+    from sparsekit.prune.recurrent import _cudnn_disabled, stock_forward
+
+    lstm = nn.LSTM(4, 6, num_layers=2)
+    assert stock_forward(lstm)
+    lstm.forward = lstm.forward          # a hook removed, the bound method set back: still torch's forward
+    assert stock_forward(lstm)
+    lstm.forward = lambda *a, **k: None
+    assert not stock_forward(lstm)
+    before = torch.backends.cudnn.enabled
+    with _cudnn_disabled():
+        assert not torch.backends.cudnn.enabled
+    assert torch.backends.cudnn.enabled == before

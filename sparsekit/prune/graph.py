@@ -603,7 +603,9 @@ class DependencyGraph:
         for i, s in enumerate(shape[1:], 1):
             dims = _head_dims(s, head_counts) if isinstance(s, torch.Size) else []
             if len(dims) > 1 and len(s) == 4 and 1 in dims:
-                dims = [1]          # [B, heads, T, S] / [B, heads, T, D]: the attention convention when T = heads
+                # [B, heads, T, S] / [B, heads, T, D]: the attention convention when T = heads (a [B, T, heads, D]
+                # tensor with T = heads would be tagged on T: returned, it pins the heads either way)
+                dims = [1]
             if len(dims) == 1:
                 out.append(_Tag(dims[0], [_Seg(space, s[dims[0]])]))
                 continue
@@ -1563,10 +1565,8 @@ def _tuple_tags(a: Any, tag: Callable, shapes: dict) -> list:
 
 
 def _probe_copy(v: Any) -> Any:
-    if isinstance(v, Tensor):
-        return v.detach().clone()
     try:
-        return copy.deepcopy(v)
+        return v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
     except Exception:  # noqa: BLE001 - an object that cannot be copied is passed as it is
         return v
 

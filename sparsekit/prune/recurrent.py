@@ -156,21 +156,32 @@ def input_columns(mod: nn.Module) -> list[str]:
     return [f"weight_ih_l0{sfx}" for sfx in _directions(mod)]
 
 
+_STOCK_FORWARDS = (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)
+
+
 def stock_forward(mod: nn.Module) -> bool:
     """Whether ``mod`` runs torch's own RNN / LSTM / GRU forward (a subclass may define its own, and a wrapper
-    may set one on the instance, as accelerate's hooks do)."""
-    return type(mod).forward in (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward) and "forward" not in mod.__dict__
+    may set one on the instance, as accelerate's hooks do; the class's own method bound to ``mod`` and set back
+    on it, as such hooks leave it when removed, is still torch's)."""
+    own = mod.__dict__.get("forward")
+    if own is not None and not (getattr(own, "__self__", None) is mod
+                                and getattr(own, "__func__", None) in _STOCK_FORWARDS):
+        return False
+    return type(mod).forward in _STOCK_FORWARDS
 
 
 @contextlib.contextmanager
 def _cudnn_disabled() -> Iterator[None]:
-    # only the `enabled` flag (torch.backends.cudnn.flags would reset the others too); process-global state
-    saved = torch.backends.cudnn.enabled
-    torch.backends.cudnn.enabled = False
+    # only the `enabled` flag (torch.backends.cudnn.flags would reset the others too); process-global state.
+    # The mutation is allowed even after torch.backends.disable_global_flags() (as flags() itself does it).
+    allow = getattr(torch.backends, "__allow_nonbracketed_mutation", contextlib.nullcontext)
+    with allow():
+        saved, torch.backends.cudnn.enabled = torch.backends.cudnn.enabled, False
     try:
         yield
     finally:
-        torch.backends.cudnn.enabled = saved
+        with allow():
+            torch.backends.cudnn.enabled = saved
 
 
 LayerHook = Callable[[int, Tensor, tuple[Tensor, ...]], tuple[Tensor, tuple[Tensor, ...]]]
