@@ -166,8 +166,9 @@ def test_sparsify_convert_save_and_load(tmp_path):
 
 
 def test_pruner_element_and_block_granularity_reach_transposed_convs():
-    """Weight / gradient criteria prune a transposed conv at element and block granularity (blocks over its
-    weight's own 2-D view [C_in, C_out * taps]); sparsify then runs it sparse. N:M leaves it dense, saying so."""
+    """Weight / gradient criteria prune a transposed conv at element, block and n:m granularity (blocks over its
+    weight's own 2-D view [C_in, C_out * taps]; n:m along C_in); sparsify then runs it sparse. A criterion
+    reading activations leaves it dense, saying so."""
     class Up(nn.Module):
         def __init__(self):
             super().__init__()
@@ -192,8 +193,19 @@ def test_pruner_element_and_block_granularity_reach_transposed_convs():
                              calib=[(x, torch.randn(2, 32, 12, 12))], loss_fn=lambda out, t: (out - t).square().mean())
     taylor.step()
     assert "up" in taylor.layers and abs(float((taylor.model.up.weight == 0).float().mean()) - 0.5) < 0.01
-    with pytest.warns(UserWarning, match="transposed convs \\['up'\\] are not pruned: n:m"):
-        sk.prune.Pruner(Up(), x, criterion="magnitude", granularity="nm", n=2, m=4, sparsity=0.5)
+    nm_model = Up().eval()
+    nm = sk.prune.Pruner(nm_model, x, criterion="magnitude", granularity="nm", n=2, m=4)
+    nm.step()
+    gemm = transposed_weight2d(nm_model.up.weight.detach())          # [C_out * taps, C_in]: 2 of every 4 along C_in
+    assert "up" in nm.layers and torch.equal((gemm != 0).reshape(128, 16, 4).sum(-1), torch.full((128, 16), 2))
+    fast, _ = sk.sparsify(nm_model, x, formats=["nm"], min_speedup=1e-9, cache=False, reps=1, measure_model=False)
+    assert isinstance(fast.up, SparseConvTranspose2d) and fast.up.format == "nm"
+    sk.verify(nm_model, fast, x)
+    with pytest.warns(UserWarning, match="transposed convs \\['up'\\] are not pruned: criterion 'apoz'"):
+        sk.prune.Pruner(Up(), x, criterion="apoz", calib=[x], granularity="nm", n=2, m=4)
+    with pytest.raises(ValueError, match="m=3 does not divide"):
+        sk.prune.Pruner(Up(), x, criterion="magnitude", granularity="nm", n=2, m=3, sparsity=1 - 2 / 3,
+                        ignore=["c1"])
 
 
 @pytest.mark.parametrize("cls, dense, size", [

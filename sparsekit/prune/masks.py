@@ -44,7 +44,8 @@ __all__ = [
     "GRANULARITIES", "CONVS", "TRANSPOSED_CONVS", "PRUNABLE", "BATCH_NORMS", "INSTANCE_NORMS", "CHANNEL_NORMS",
     "LINEAR_CONV2D",
     "WeightMask", "as_2d", "check_granularity", "check_sparsity", "check_block", "check_nm", "check_layer",
-    "num_to_remove", "unit_scores", "lowest_removed", "expand_units", "nm_keep", "layer_mask", "global_keep",
+    "num_to_remove", "unit_scores", "lowest_removed", "expand_units", "nm_keep", "transposed_nm_keep", "layer_mask",
+    "global_keep",
     "apply_mask", "apply_tensor_mask", "is_masked", "get_masks", "tensor_masks", "remove_masks",
     "remove_tensor_mask", "bake_masks", "load_masked_state_dict", "set_owned_mask", "release_owned_mask",
     "unmasked",
@@ -195,6 +196,14 @@ def nm_keep(scores: Tensor, n: int, m: int) -> Tensor:
     top = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
     return keep.reshape(scores.shape)
+
+
+def transposed_nm_keep(scores: Tensor, n: int, m: int) -> Tensor:
+    """``nm_keep`` for a transposed conv's weight ``[C_in, C_out, *kernel]``: groups of ``m`` along C_in, the
+    reduction dim of the GEMM matrix ``[C_out * taps, C_in]`` its sparse twin runs (``transposed_weight2d``)."""
+    mat = scores.movedim(0, -1).reshape(-1, scores.shape[0])
+    check_layer(mat.shape, "nm", n=n, m=m, name="scores (as [C_out * taps, C_in])")
+    return nm_keep(mat, n, m).reshape(*scores.shape[1:], scores.shape[0]).movedim(-1, 0)
 
 
 def layer_mask(scores: Tensor, sparsity: float, granularity: str, *, shape: Sequence[int] | None = None,

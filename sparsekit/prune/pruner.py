@@ -4,6 +4,7 @@ layers."""
 from __future__ import annotations
 
 import difflib
+import math
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -104,13 +105,13 @@ def execution_order(model: nn.Module, example_inputs: Any, types: tuple[type, ..
 
 
 def _layer_types(granularity: str, criterion: Any, reconstruct: bool) -> tuple[type, ...]:
-    """The module types a Pruner masks itself. Transposed convs join Linear / conv layers for element and block
-    pruning by criteria that read the weight (and its gradients) alone: their masks are weight-shaped (blocks in
-    the weight's own 2-D view ``[C_in, C_out * taps]``); n:m groups would have to run along dim 0 (the GEMM's
-    reduction dim, C_in), and activation / BN / next-layer statistics are traced for Linear / conv layers only.
-    (Channel pruning reaches them through the dependency graph.)"""
-    if granularity in ("element", "block") and not reconstruct and set(criterion.needs) <= {"seed", "grads",
-                                                                                           "hessian"}:
+    """The module types a Pruner masks itself. Transposed convs join Linear / conv layers for element, block and
+    n:m pruning by criteria that read the weight (and its gradients) alone: their masks are weight-shaped (blocks
+    in the weight's own 2-D view ``[C_in, C_out * taps]``; n:m groups along C_in, dim 0, the reduction dim of
+    the GEMM their sparse twin runs); activation / BN / next-layer statistics are traced for Linear / conv
+    layers only. (Channel pruning reaches them through the dependency graph.)"""
+    if granularity in ("element", "block", "nm") and not reconstruct and set(criterion.needs) <= {"seed", "grads",
+                                                                                                 "hessian"}:
         return (*_masks.PRUNABLE, *_masks.TRANSPOSED_CONVS)
     return _masks.PRUNABLE
 
@@ -119,10 +120,9 @@ def _warn_unpruned_transposed(modules: Mapping[str, nn.Module], ignored: set[str
                               criterion: Any) -> None:
     names = [n for n, m in modules.items() if isinstance(m, _masks.TRANSPOSED_CONVS) and n not in ignored]
     if names:
-        why = ("n:m groups would run along C_in, dim 0 of their weight" if granularity == "nm" else
-               f"criterion {criterion.name!r} reads statistics traced for Linear / conv layers only")
+        why = f"criterion {criterion.name!r} reads statistics traced for Linear / conv layers only"
         warnings.warn(f"the transposed convs {names[:3]}{'...' if len(names) > 3 else ''} are not pruned: {why}; "
-                      "element / block pruning by a weight or gradient criterion (magnitude, l1, taylor ...) "
+                      "element / block / n:m pruning by a weight or gradient criterion (magnitude, l1, taylor ...) "
                       "reaches them", UserWarning, stacklevel=3)
 
 
@@ -309,8 +309,10 @@ class Pruner:
                              f"({', '.join(weight_only)})" + (", or, for transposed convs, by activation / rank / "
                                                               "taylor / hessian criteria" if gated else ""))
         for name, mod in self.layers.items():
-            _masks.check_layer(tuple(mod.weight.shape), self.granularity, block=self.block, n=self.n,
-                               m=self.m, name=name)
+            shape = tuple(mod.weight.shape)
+            if self.granularity == "nm" and isinstance(mod, _masks.TRANSPOSED_CONVS):   # groups along C_in
+                shape = (math.prod(shape[1:]), shape[0])
+            _masks.check_layer(shape, self.granularity, block=self.block, n=self.n, m=self.m, name=name)
         if self.granularity != "channel":
             _warn_unpruned_in_projections(modules, self.ignored)
             if types == _masks.PRUNABLE:
@@ -489,8 +491,10 @@ class Pruner:
             return self._row_masks(self._group_keep(scores, target))
         shapes = {k: tuple(self.layers[k].weight.shape) for k in scores}
         if self.scope == "layer":
-            return {k: _masks.layer_mask(s, target, self.granularity, shape=shapes[k], block=self.block,
-                                         n=self.n, m=self.m) for k, s in scores.items()}
+            return {k: _masks.transposed_nm_keep(s, self.n, self.m)
+                    if self.granularity == "nm" and isinstance(self.layers[k], _masks.TRANSPOSED_CONVS) else
+                    _masks.layer_mask(s, target, self.granularity, shape=shapes[k], block=self.block, n=self.n,
+                                      m=self.m) for k, s in scores.items()}
         min_keep = self.min_channels if self.granularity == "channel" else 0
         if self.distributed == "sharded":
             merged, merged_shapes, mine = _dist.gather_scores(scores, shapes)
