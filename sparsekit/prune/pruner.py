@@ -116,8 +116,7 @@ def _layer_types(granularity: str, criterion: Any, reconstruct: bool) -> tuple[t
     return _masks.PRUNABLE
 
 
-def _warn_unpruned_transposed(modules: Mapping[str, nn.Module], ignored: set[str], granularity: str,
-                              criterion: Any) -> None:
+def _warn_unpruned_transposed(modules: Mapping[str, nn.Module], ignored: set[str], criterion: Any) -> None:
     names = [n for n, m in modules.items() if isinstance(m, _masks.TRANSPOSED_CONVS) and n not in ignored]
     if names:
         why = f"criterion {criterion.name!r} reads statistics traced for Linear / conv layers only"
@@ -316,7 +315,7 @@ class Pruner:
         if self.granularity != "channel":
             _warn_unpruned_in_projections(modules, self.ignored)
             if types == _masks.PRUNABLE:
-                _warn_unpruned_transposed(modules, self.ignored, self.granularity, self.criterion)
+                _warn_unpruned_transposed(modules, self.ignored, self.criterion)
         self._events: list[_chains.Event] | None = None
         self.links: dict[str, _chains.Link] = {}
         if set(self.criterion.needs) - {"seed", "grads", "hessian"} or self.reconstruct:
