@@ -490,6 +490,10 @@ def test_head_taps_restore_forward_on_a_failed_enter_and_refuse_nesting():
     assert "forward" not in model[0].__dict__
     with pytest.raises(ValueError, match="proj_size"):
         layer_by_layer(nn.LSTM(4, 6, proj_size=3), torch.randn(5, 2, 4))
+    with pytest.raises(TypeError, match="mod must be an nn.RNN"):
+        layer_by_layer(nn.Linear(4, 6), torch.randn(5, 2, 4))
+    with pytest.raises(TypeError, match="input must be a Tensor"):
+        layer_by_layer(nn.LSTM(4, 6), [torch.randn(5, 2, 4)])
 
 
 class _ThreeOutputs(nn.LSTM):

@@ -92,12 +92,11 @@ class _RepeatCall:
     dispatcher cost ~8 µs of Python, about as much as a GEMV's arithmetic. Kept on w (not a dataclass field,
     so never saved); anything that differs takes the full path, which refreshes it."""
 
-    __slots__ = ("backend", "dtype", "k", "bias", "tensors", "values", "op", "tail")
+    __slots__ = ("backend", "dtype", "k", "bias", "tensors", "op", "tail")
 
     def __init__(self, backend: str | None, x: Tensor, w: Format, bias: Tensor | None, op, tail: tuple) -> None:
         self.backend, self.dtype, self.k, self.bias = backend, x.dtype, x.shape[1], bias
-        self.tensors = _format_tensors(w)
-        self.values = w.values
+        self.tensors = _format_tensors(w)      # values first
         self.op, self.tail = op._op, tail     # the C++ callable of the OpOverload: one Python frame less
 
 
@@ -113,7 +112,7 @@ def _repeat(w: Format, x: Tensor, bias: Tensor | None, backend: str | None) -> T
     if rc is None or type(x) is not Tensor or bias is not rc.bias or backend != rc.backend \
             or x.dtype != rc.dtype or x.dim() != 2 or x.shape[1] != rc.k or not x.is_cpu:
         return None
-    values = rc.values
+    values = rc.tensors[0]
     if not all(map(operator.is_, rc.tensors, _format_tensors(w))) or values.dtype != rc.dtype:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad

@@ -579,7 +579,7 @@ class DependencyGraph:
                 self._add(seg, module, axis, off)
                 off += seg.span
 
-    def _out_proj(self, n: fx.Node, module: str, width: int, shape: Any, heads: int,
+    def _out_proj(self, n: fx.Node, module: str, width: int, shape: Any, space: int,
                   head_counts: tuple) -> _Tag | list | None:
         """An attention module's output: a new channel space, the rows of its output projection ``module``;
         the tag of its output, or of the first element when it returns a tuple (GPT-2 and Llama return
@@ -589,7 +589,7 @@ class DependencyGraph:
         if isinstance(shape, torch.Size):
             return _Tag(len(shape) - 1, [_Seg(o, width)])
         if isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], torch.Size):
-            return [_Tag(len(shape[0]) - 1, [_Seg(o, width)])] + self._head_extras(n, shape, heads, head_counts)
+            return [_Tag(len(shape[0]) - 1, [_Seg(o, width)])] + self._head_extras(n, shape, space, head_counts)
         return None
 
     def _head_extras(self, n: fx.Node, shape: list, space: int, head_counts: tuple) -> list:
@@ -827,7 +827,7 @@ class DependencyGraph:
             self._pin([tag(a) for a in _flat_args(n.args) + list(n.kwargs.values())],
                       f"{name!r} ({type(mod).__name__}) keeps its embed_dim: its input and output width stay")
             s = self._mha_heads(name, mod)
-            if _weights_used(n):
+            if _element_used(n, 1, 2):      # (output, weights): the weights average over all heads
                 self._spaces[self._find(s)].pinned = (f"{name!r}: the attention weights it returns are used "
                                                       "(they average over all heads)")
             return [None, None]
@@ -1582,15 +1582,6 @@ def _element_used(n: fx.Node, idx: int, length: int) -> bool:
                 continue
             if not u.users:
                 continue
-        return True
-    return False
-
-
-def _weights_used(n: fx.Node) -> bool:
-    """Whether anything reads output [1] (the attention weights) of an attention call, or the whole tuple."""
-    for u in n.users:
-        if u.op == "call_function" and _fn_name(u.target) == "getitem" and (u.args[1] == 0 or not u.users):
-            continue
         return True
     return False
 

@@ -201,6 +201,8 @@ def nm_keep(scores: Tensor, n: int, m: int) -> Tensor:
 def transposed_nm_keep(scores: Tensor, n: int, m: int) -> Tensor:
     """``nm_keep`` for a transposed conv's weight ``[C_in, C_out, *kernel]``: groups of ``m`` along C_in, the
     reduction dim of the GEMM matrix ``[C_out * taps, C_in]`` its sparse twin runs (``transposed_weight2d``)."""
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"transposed_nm_keep: scores must be a torch.Tensor, got {type(scores).__name__}")
     if scores.dim() < 3:
         raise ValueError("n:m needs element scores (weight-shaped), got per-channel scores")
     mat = scores.movedim(0, -1).reshape(-1, scores.shape[0])

@@ -140,8 +140,9 @@ def _warn_unpruned_in_projections(modules: Mapping[str, nn.Module], ignored: set
 
 class Pruner:
     """Prune a model's ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` layers with masks (reversible
-    parametrizations); element and block pruning by criteria reading weights (or their gradients) alone also
-    prune ``nn.ConvTranspose1d`` / ``2d`` / ``3d`` (blocks over their weight viewed as ``[C_in, C_out * taps]``).
+    parametrizations); element, block and n:m pruning by criteria reading weights (or their gradients) alone also
+    prune ``nn.ConvTranspose1d`` / ``2d`` / ``3d`` (blocks over their weight viewed as ``[C_in, C_out * taps]``,
+    n:m groups along C_in).
 
     Args:
         model: the ``nn.Module`` to prune (modified in place by ``step``); a ``DistributedDataParallel``

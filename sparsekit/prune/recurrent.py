@@ -196,6 +196,8 @@ def layer_by_layer(mod: nn.Module, input: Tensor, hx: Tensor | tuple[Tensor, Ten
     through ``getattr``, so masks (parametrizations) apply. cuDNN's RNN has no backward in eval mode, so a CUDA
     module in eval mode runs torch's own kernels while gradients are recorded (cuDNN switched off for the call:
     process-global, not thread-safe)."""
+    if not isinstance(mod, RECURRENT):
+        raise TypeError(f"layer_by_layer: mod must be an nn.RNN, nn.LSTM or nn.GRU, got {type(mod).__name__}")
     if getattr(mod, "proj_size", 0):
         raise ValueError(f"layer_by_layer: an LSTM with proj_size={mod.proj_size} is not supported (its layers' "
                          "outputs are projections)")
