@@ -7,6 +7,9 @@
 //   *_mm_t   dx = dy @ W                  dy [M, N] -> dx [M, K]   (backward w.r.t. x)
 //   *_mm_xt  y^T = W @ x^T (+ bias[:, None]) xt [B, K, M] -> yt [B, N, M]  (convolutions: per image, im2col
 //            patches / NCHW pixels are already x^T; autograd goes through *_mm_t and *_sddmm)
+//   *_mm_xt_tiled  *_mm_xt for a transposed conv whose kernel equals its stride (no padding): rows (c, *tap) of
+//            y^T, columns (*pixel) of x, written straight into y [B, n / prod(kernel), *(sizes * kernel)] at
+//            y[b, c, *(pixel * kernel + tap)] (sizes: x's spatial dims, prod(sizes) = M; the taps tile the output)
 //   *_conv2d y = conv2d(x [B, C, H, W], W over [N, C*kh*kw], any stride, groups 1) (+ bias) -> [B, N, Ho, Wo]
 //   *_conv3d the same in 3-D: x [B, C, D, H, W], W over [N, C*kd*kh*kw] -> [B, N, Do, Ho, Wo]
 //            (autograd through F.unfold/F.fold and *_mm_t / *_sddmm)
@@ -37,6 +40,7 @@ TORCH_LIBRARY(sparsekit, m) {
   m.def("bsr_mm(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, SymInt n) -> Tensor");
   m.def("bsr_mm_t(Tensor dy, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt k) -> Tensor");
   m.def("bsr_mm_xt(Tensor xt, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, SymInt n) -> Tensor");
+  m.def("bsr_mm_xt_tiled(Tensor xt, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, SymInt n, SymInt[] sizes, int[] kernel) -> Tensor");
   m.def("bsr_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, int[2] kernel_size, int[2] padding, int[2] dilation, int[2] stride=1) -> Tensor");
   m.def("bsr_conv3d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, int[3] kernel_size, int[3] padding, int[3] dilation, int[3] stride=1) -> Tensor");
   m.def("bsr_sddmm(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices, SymInt block_n, SymInt block_k) -> Tensor");
@@ -44,6 +48,7 @@ TORCH_LIBRARY(sparsekit, m) {
   m.def("csr_mm(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, SymInt n) -> Tensor");
   m.def("csr_mm_t(Tensor dy, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt k) -> Tensor");
   m.def("csr_mm_xt(Tensor xt, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, SymInt n) -> Tensor");
+  m.def("csr_mm_xt_tiled(Tensor xt, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, SymInt n, SymInt[] sizes, int[] kernel) -> Tensor");
   m.def("csr_conv2d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, int[2] kernel_size, int[2] padding, int[2] dilation, int[2] stride=1) -> Tensor");
   m.def("csr_conv3d(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, int[3] kernel_size, int[3] padding, int[3] dilation, int[3] stride=1) -> Tensor");
   m.def("csr_sddmm(Tensor dy, Tensor x, Tensor crow_indices, Tensor col_indices) -> Tensor");

@@ -187,3 +187,25 @@ def test_a_batch_of_large_images_is_packed_in_groups():
     y = sk.ops.sparse_conv2d(x, BSR.from_dense(w.bfloat16(), block=(32, 32)), None, 1, 1)
     ref = F.conv2d(x.float(), w.bfloat16().float().reshape(64, 64, 3, 3), None, 1, 1)
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=0.05 * float(ref.abs().max()) / 10)
+
+
+@needs_amx
+@pytest.mark.parametrize("sizes,kernel", [((7, 5), (2, 2)), ((3, 4, 2), (2, 2, 2))])
+def test_amx_tiled_transposed_conv_matches_reference_and_avx512(sizes, kernel, monkeypatch):
+    """bsr_mm_xt_tiled on AMX (y^T from the AMX kernel, then rearranged) against the float64 reference and the
+    AVX-512 path, which stores through the tiling offsets."""
+    import math
+
+    gen = torch.Generator().manual_seed(len(sizes))
+    taps = math.prod(kernel)
+    w = _weight(3, 4, (32, 32), 0.5, gen)                     # [96 = 12 channels * taps, 128]
+    xt = torch.randn(2, 128, math.prod(sizes), generator=gen).to(torch.bfloat16)
+    bias = torch.randn(96, generator=gen).to(torch.bfloat16)
+    args = (xt, w.crow_indices, w.col_indices, w.values, bias, 96, list(sizes), list(kernel))
+    monkeypatch.delenv("SPARSEKIT_CPU_ISA", raising=False)
+    y = torch.ops.sparsekit.bsr_mm_xt_tiled(*args)
+    ref = sk.ops.reference.tile_taps(w.to_dense().double() @ xt.double() + bias.double()[:, None], sizes, kernel)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 96 // taps, *(s * k for s, k in zip(sizes, kernel)))
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=2e-2)
+    monkeypatch.setenv("SPARSEKIT_CPU_ISA", "avx512")
+    torch.testing.assert_close(y.double(), torch.ops.sparsekit.bsr_mm_xt_tiled(*args).double(), rtol=1e-2, atol=2e-2)

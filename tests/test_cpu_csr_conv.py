@@ -1,8 +1,11 @@
 """The SIMD CSR kernels (csr_mm, csr_mm_t) and the transposed-layout ops behind CPU convolutions
-(bsr_mm_xt, csr_mm_xt, sparse_conv2d) under every ISA this machine can run (SPARSEKIT_CPU_ISA lowers the choice).
+(bsr_mm_xt, csr_mm_xt, their *_tiled forms for transposed convs, sparse_conv2d) under every ISA this machine can
+run (SPARSEKIT_CPU_ISA lowers the choice).
 
 Tolerances as in test_cpu_simd.py: fp32 against a float64 reference; 16-bit types accumulate in fp32.
 """
+
+import math
 
 import pytest
 import torch
@@ -97,6 +100,80 @@ def test_mm_xt_gradcheck_and_opcheck(fmt):
     bias = torch.randn(8, generator=gen, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda a, vv, bb: op(a, w.crow_indices, w.col_indices, vv, bb, 8), (xt, v, bias))
     torch.library.opcheck(op, (xt.detach().float(), w.crow_indices, w.col_indices, w.values.float(), None, 8))
+
+
+def _tiled_reference(d, xt, bias, sizes, kernel):
+    """torch's conv_transpose*d with stride = kernel, the weight [n = C_out * taps, C_in] as its own
+    [C_in, C_out, *kernel]: the transposed conv the tiled ops compute."""
+    nd, c_in = len(sizes), d.shape[1]
+    w = d.double().reshape(-1, *kernel, c_in).movedim(-1, 0)
+    conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    y = conv(xt.double().reshape(xt.shape[0], c_in, *sizes), w, None, kernel)
+    if bias is not None:    # one bias per row (c, *tap) of W, as *_mm_xt takes it
+        y = y + sk.ops.reference.tile_taps(bias.double()[None, :, None].expand(xt.shape[0], -1, xt.shape[2]),
+                                           sizes, kernel)
+    return y
+
+
+TILED_CASES = [  # (sizes, kernel): 1-D to 3-D, odd sizes, rectangular kernels, a 1-tap kernel
+    ((7,), (3,)), ((5, 3), (2, 2)), ((4, 9), (3, 1)), ((1, 1), (2, 2)), ((3, 2, 5), (2, 1, 2)), ((6, 5), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("fmt", ["bsr", "csr"])
+def test_mm_xt_tiled_matches_conv_transpose(isa, dtype, fmt, monkeypatch):
+    monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(13)
+    rtol, atol = TOL[dtype]
+    op = getattr(torch.ops.sparsekit, f"{fmt}_mm_xt_tiled")
+    for sizes, kernel in TILED_CASES:
+        taps = math.prod(kernel)
+        block = (taps * 2, 4)              # rows of a block span several channels' taps
+        n, k = 3 * block[0], 3 * block[1]
+        for density in (0.0, 0.5, 1.0):
+            keep = torch.rand(n // block[0], k // block[1], generator=gen) < density
+            if 0 < density < 1:
+                keep[1] = False            # an empty block-row
+            mask = keep.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+            d = (torch.randn(n, k, generator=gen, dtype=torch.float64) * mask).to(dtype)
+            w = BSR.from_dense(d, block) if fmt == "bsr" else CSR.from_dense(d)
+            for b_ in (0, 1, 3):
+                xt = torch.randn(b_, k, math.prod(sizes), generator=gen, dtype=torch.float64).to(dtype)
+                bias = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+                for bb in (None, bias):
+                    y = op(xt, w.crow_indices, w.col_indices, w.values, bb, n, list(sizes), list(kernel))
+                    assert y.shape == (b_, n // taps, *(s * t for s, t in zip(sizes, kernel)))
+                    ref = _tiled_reference(d, xt, bb, sizes, kernel)
+                    torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=atol,
+                                               msg=f"{sizes} {kernel} {density} {b_} bias={bb is not None}")
+
+
+@pytest.mark.parametrize("fmt", ["bsr", "csr"])
+def test_mm_xt_tiled_gradcheck_opcheck_and_errors(fmt):
+    gen = torch.Generator().manual_seed(4)
+    d = torch.randn(8, 12, generator=gen, dtype=torch.float64) * (torch.rand(8, 12, generator=gen) < 0.5)
+    w = BSR.from_dense(d, (4, 4)) if fmt == "bsr" else CSR.from_dense(d)
+    op = getattr(torch.ops.sparsekit, f"{fmt}_mm_xt_tiled")
+    xt = torch.randn(2, 12, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = w.values.clone().requires_grad_(True)
+    bias = torch.randn(8, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda a, vv, bb: op(a, w.crow_indices, w.col_indices, vv, bb, 8, [2, 3], [2, 2]),
+                             (xt, v, bias))
+    for args in ((xt.detach().float(), w.crow_indices, w.col_indices, w.values.float(), None, 8, [3, 2], [2, 2]),
+                 (xt.detach().float(), w.crow_indices, w.col_indices, w.values.float(), bias.detach().float(), 8,
+                  [6], [4])):
+        torch.library.opcheck(op, args)
+    x32, v32 = xt.detach().float(), w.values.float()
+    with pytest.raises(RuntimeError, match=r"xt.size\(2\) \(M=6\) must be the product of sizes"):
+        op(x32, w.crow_indices, w.col_indices, v32, None, 8, [2, 2], [2, 2])
+    with pytest.raises(RuntimeError, match=r"n \(8\) must be a multiple of the kernel's taps"):
+        op(x32, w.crow_indices, w.col_indices, v32, None, 8, [6], [3])
+    with pytest.raises(RuntimeError, match="kernel must be >= 1"):
+        op(x32, w.crow_indices, w.col_indices, v32, None, 8, [6], [0])
+    with pytest.raises(RuntimeError, match="sizes and kernel must both have 1 to 3 entries"):
+        op(x32, w.crow_indices, w.col_indices, v32, None, 8, [2, 3], [2])
 
 
 CONV_CASES = [  # (c_in, c_out, hw, kernel, stride, padding, dilation, groups)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekit as sk
+from sparsekit import _extension
 from sparsekit.formats import BSR, CSR, NM, ChannelIndex
 from sparsekit.nn import SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d, convert_modules
 from sparsekit.ops.conv_transpose import sparse_conv_transpose2d, sparse_conv_transpose3d, transposed_weight2d
@@ -72,6 +73,28 @@ def test_bfloat16_matches_torch_within_rounding():
         y = sparse_conv_transpose2d(x, fmt, None, 2, kernel_size=2)
         assert y.dtype == torch.bfloat16
         torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason="the tiled store is a C++ CPU op")
+@pytest.mark.parametrize("fmt", ["bsr", "csr"])
+def test_tiled_geometries_take_the_tiled_op_and_others_the_columns(fmt):
+    """kernel == stride without padding: *_mm_xt_tiled (the GEMM stored at its output pixels); padding,
+    output_padding, dilation or overlapping taps: *_mm_xt and the strided adds."""
+    gen = torch.Generator().manual_seed(6)
+    cases = {(2, 2, 0, 0, 1): True, (3, 3, 0, 0, 1): True, (2, 2, 1, 0, 1): False, (2, 2, 0, 1, 1): False,
+             (2, 2, 0, 0, 2): False, (4, 2, 1, 0, 1): False}      # kernel, stride, padding, output_padding, dilation
+    for (k, s, p, op, d), tiled in cases.items():
+        x = torch.randn(2, 8, 5, 6, generator=gen)
+        w = _weight(8, 4, k, 2, 0.5, gen)
+        w2d = transposed_weight2d(w)
+        sparse = BSR.from_dense(w2d, block=(4, 4)) if fmt == "bsr" else CSR.from_dense(w2d)
+        bias = torch.randn(4, generator=gen)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            y = sparse_conv_transpose2d(x, sparse, bias, s, p, op, d, kernel_size=k)
+        ran = {e.name for e in prof.events()}
+        assert (f"sparsekit::{fmt}_mm_xt_tiled" in ran) == tiled, (k, s, p, op, d, sorted(ran))
+        assert (f"sparsekit::{fmt}_mm_xt" in ran) == (not tiled), (k, s, p, op, d)
+        torch.testing.assert_close(y, F.conv_transpose2d(x, w, bias, s, p, op, 1, d), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel, stride, padding, output_padding", [(3, 2, 1, 1), (2, 2, 0, 0), (2, 2, 1, 0)])

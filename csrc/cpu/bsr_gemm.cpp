@@ -24,6 +24,7 @@
 #include "tiles.h"
 #include "panel.h"
 #include "simd.h"
+#include "tap_tiling.h"
 #include "values.h"
 
 namespace {
@@ -503,15 +504,18 @@ void bsr_mm_fast(const T* x, const int32_t* crow, const int32_t* col, const void
 
 // y^T [B, N, M] = W @ x^T [B, K, M] (+ bias[:, None]) for convolutions (x^T per image = im2col patches or
 // NCHW pixels): M-panels are strided copies of x^T, each block-row's fp32 panel [bn][MT] is copied straight
-// into y^T. Tasks = (tile of an image's M, nonzero-balanced chunk of block-rows), tile outermost.
+// into y^T, or with `tiling` into a transposed conv's output (tap_tiling.h). Tasks = (tile of an image's M,
+// nonzero-balanced chunk of block-rows), tile outermost.
 template <typename T>
 void bsr_xt_fast(const T* xt, int64_t B, const int32_t* crow, const int32_t* col, const void* v, WKind wk,
-                 const T* bias, T* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
+                 const T* bias, T* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk,
+                 const TapTiling* tiling = nullptr) {
   const Isa isa = active_isa();
   const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
   if (B == 0 || M == 0 || N == 0) return;
   const int W = vec_floats(isa);
   if (use_amx(std::is_same_v<T, c10::BFloat16>, wk, M, bn, bk)) {
+    TORCH_INTERNAL_ASSERT(tiling == nullptr, "bsr_xt_fast: the AMX path stores plain y^T only");
     const std::vector<float> bf = bias_f32(bias, N);
     const uint16_t* xb = reinterpret_cast<const uint16_t*>(xt);
     auto pack = [&](int64_t b, int64_t r0, int64_t r1, int64_t Mp, uint32_t* xv) {
@@ -554,8 +558,13 @@ void bsr_xt_fast(const T* xt, int64_t B, const int32_t* crow, const int32_t* col
       }
       for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
         bsr_panel_row(isa, nv, xtile, ldx, nullptr, col, crow[r], crow[r + 1], v, wk, bn, bk, out.data());
-        store_panel_xt<T>(out.data(), MT, bn, mc, bias ? bf.data() + r * bn : nullptr, y + b * N * M + r * bn * M + m0,
-                          M);
+        const float* br = bias ? bf.data() + r * bn : nullptr;
+        if (tiling) {
+          store_panel_tiled<T>(out.data(), MT, bn, mc, br, y + b * tiling->image, tiling->row_off.data() + r * bn,
+                               tiling->col_off.data() + m0);
+        } else {
+          store_panel_xt<T>(out.data(), MT, bn, mc, br, y + b * N * M + r * bn * M + m0, M);
+        }
       }
     }
   });
@@ -617,6 +626,33 @@ at::Tensor bsr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::
   return y;
 }
 
+// bsr_mm_xt written straight into the output of a transposed conv whose taps tile it (tap_tiling.h): y [B, n /
+// prod(kernel), *(sizes * kernel)]; float64 and AMX compute y^T and rearrange it.
+at::Tensor bsr_mm_xt_tiled(const at::Tensor& xt_in, const at::Tensor& crow, const at::Tensor& col,
+                           const at::Tensor& values, const std::optional<at::Tensor>& bias_in, int64_t n,
+                           at::IntArrayRef sizes, at::IntArrayRef kernel) {
+  constexpr const char* op = "sparsekit::bsr_mm_xt_tiled";
+  const auto [bn, bk, bias] = check_bsr_mm_args(op, xt_in, "xt", 3, crow, col, values, bias_in, n);
+  const TapTiling tiling = tap_tiling(op, xt_in, n, sizes, kernel);
+  const int64_t B = xt_in.size(0), K = xt_in.size(1), M = xt_in.size(2);
+  if (!use_fast(xt_in.scalar_type())) {
+    return tile_taps(bsr_mm_xt(xt_in, crow, col, values, bias_in, n), tiling, sizes, kernel);
+  }
+  const auto [fv, wk] = fast_values(values);
+  if (use_amx(xt_in.scalar_type() == at::kBFloat16, wk, M, bn, bk)) {
+    return tile_taps(bsr_mm_xt(xt_in, crow, col, values, bias_in, n), tiling, sizes, kernel);
+  }
+  const at::Tensor xt = xt_in.contiguous();
+  at::Tensor y = at::empty(tiling.shape, xt.options());
+  SPARSEKIT_DISPATCH_FAST(xt.scalar_type(), "sparsekit_bsr_mm_xt_tiled", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      bsr_xt_fast<scalar_t>(xt.const_data_ptr<scalar_t>(), B, crow.const_data_ptr<int32_t>(),
+                            col.const_data_ptr<int32_t>(), fv.const_data_ptr(), wk, bias_ptr<scalar_t>(bias),
+                            y.mutable_data_ptr<scalar_t>(), M, K, n, bn, bk, &tiling);
+    }
+  });
+  return y;
+}
 
 // y [B, n, (Do,) Ho, Wo] = conv2d / conv3d(x [B, C, (D,) H, W], W [n, C*(kd*)kh*kw] BSR) (+ bias): conv_panels
 // (panel.h), no im2col; op (named in errors) has nd spatial dims.
@@ -888,6 +924,7 @@ TORCH_LIBRARY_IMPL(sparsekit, CPU, m) {
   m.impl("bsr_mm", &bsr_mm);
   m.impl("bsr_mm_t", &bsr_mm_t);
   m.impl("bsr_mm_xt", &bsr_mm_xt);
+  m.impl("bsr_mm_xt_tiled", &bsr_mm_xt_tiled);
   m.impl("bsr_conv2d", &bsr_conv2d);
   m.impl("bsr_conv3d", &bsr_conv3d);
   m.impl("bsr_sddmm", &bsr_sddmm);

@@ -23,6 +23,7 @@
 #include "tiles.h"
 #include "panel.h"
 #include "simd.h"
+#include "tap_tiling.h"
 #include "values.h"
 
 namespace {
@@ -190,7 +191,8 @@ void csr_sddmm_kernel(const A* dyT, const A* xT, const int32_t* crow, const I* c
 //                beats a gather dot per (row of x, row of W): 1.2-2.8x faster at M = 2..8 on LLaMA-7B's MLP
 //                (the dots read W once per row of x).
 //   xt == true:  y^T [B, N, M] = W @ x^T [B, K, M] (+ bias[:, None]) (convolutions): the panels are strided
-//                copies of x^T and the output panels are copied straight into y^T.
+//                copies of x^T and the output panels are copied straight into y^T, or with `tiling` into a
+//                transposed conv's output (tap_tiling.h).
 // Tasks = (M tile, nonzero-balanced chunk of rows), M tile outermost so a thread's chunk reuses one panel; rows
 // are computed kGroup at a time into one fp32 panel [rows][MT] and then stored.
 constexpr int64_t kGroup = 64;
@@ -229,7 +231,7 @@ int csr_nv(int64_t M, int64_t W) {
 
 template <typename T, typename I>
 void csr_fast(const T* x, bool xt, int64_t B, const int32_t* crow, const I* col, const void* v, WKind wk,
-              const T* bias, T* y, int64_t M, int64_t K, int64_t N) {
+              const T* bias, T* y, int64_t M, int64_t K, int64_t N, const TapTiling* tiling = nullptr) {
   const Isa isa = active_isa();
   const int64_t threads = at::get_num_threads(), nnz = crow[N];
   const int W = vec_floats(isa);
@@ -275,7 +277,10 @@ void csr_fast(const T* x, bool xt, int64_t B, const int32_t* crow, const I* col,
         const int64_t r1 = std::min(bounds[c + 1], r0 + kGroup);
         csr_panel_rows(isa, nv, xtile, nullptr, crow, col, v, wk, r0, r1, out.data());
         const float* br = bias ? bf.data() + r0 : nullptr;
-        if (xt) {
+        if (tiling) {
+          store_panel_tiled<T>(out.data(), MT, r1 - r0, mc, br, y + b * tiling->image, tiling->row_off.data() + r0,
+                               tiling->col_off.data() + m0);
+        } else if (xt) {
           store_panel_xt<T>(out.data(), MT, r1 - r0, mc, br, y + b * N * M + r0 * M + m0, M);
         } else {
           store_panel<T>(isa, out.data(), MT, r1 - r0, mc, br, y + m0 * N + r0, N, scratch);
@@ -289,7 +294,7 @@ void csr_fast(const T* x, bool xt, int64_t B, const int32_t* crow, const I* col,
 // checked for the column index type (check_structure), then csr_fast with the values as fast_values gives them.
 void csr_mm_fast(const char* op, const at::Tensor& x, bool xt, int64_t B, const at::Tensor& crow,
                  const at::Tensor& col, const at::Tensor& values, const at::Tensor& bias, at::Tensor& y, int64_t M,
-                 int64_t K, int64_t n) {
+                 int64_t K, int64_t n, const TapTiling* tiling = nullptr) {
   const auto [fv, wk] = fast_values(values);
   SPARSEKIT_DISPATCH_CSR(x, col, "sparsekit_csr_mm_fast", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -297,7 +302,7 @@ void csr_mm_fast(const char* op, const at::Tensor& x, bool xt, int64_t B, const 
       check_structure(op, crow.const_data_ptr<int32_t>(), c, n, values.numel(), K);
       csr_fast<scalar_t, index_t>(x.const_data_ptr<scalar_t>(), xt, B, crow.const_data_ptr<int32_t>(), c,
                                   fv.const_data_ptr(), wk, bias_ptr<scalar_t>(bias), y.mutable_data_ptr<scalar_t>(), M,
-                                  K, n);
+                                  K, n, tiling);
     }
   });
 }
@@ -346,6 +351,23 @@ at::Tensor csr_mm_xt(const at::Tensor& xt_in, const at::Tensor& crow, const at::
   return y;
 }
 
+// csr_mm_xt written straight into the output of a transposed conv whose taps tile it (tap_tiling.h): y [B, n /
+// prod(kernel), *(sizes * kernel)]; float64 computes y^T and rearranges it.
+at::Tensor csr_mm_xt_tiled(const at::Tensor& xt_in, const at::Tensor& crow, const at::Tensor& col,
+                           const at::Tensor& values, const std::optional<at::Tensor>& bias_in, int64_t n,
+                           at::IntArrayRef sizes, at::IntArrayRef kernel) {
+  constexpr const char* op = "sparsekit::csr_mm_xt_tiled";
+  check_csr_mm_args(op, xt_in, "xt", 3, crow, col, values, n);
+  const at::Tensor bias = checked_bias(op, bias_in, n, xt_in, "xt");
+  const TapTiling tiling = tap_tiling(op, xt_in, n, sizes, kernel);
+  if (!use_fast(xt_in.scalar_type())) {
+    return tile_taps(csr_mm_xt(xt_in, crow, col, values, bias_in, n), tiling, sizes, kernel);
+  }
+  const at::Tensor xt = xt_in.contiguous();
+  at::Tensor y = at::empty(tiling.shape, xt.options());
+  csr_mm_fast(op, xt, true, xt.size(0), crow, col, values, bias, y, xt.size(2), xt.size(1), n, &tiling);
+  return y;
+}
 
 // y [B, n, (Do,) Ho, Wo] = conv2d / conv3d(x [B, C, (D,) H, W], W [n, C*(kd*)kh*kw] CSR) (+ bias): conv_panels
 // (panel.h), no im2col; op (named in errors) has nd spatial dims.
@@ -498,6 +520,7 @@ TORCH_LIBRARY_IMPL(sparsekit, CPU, m) {
   m.impl("csr_mm", &csr_mm);
   m.impl("csr_mm_t", &csr_mm_t);
   m.impl("csr_mm_xt", &csr_mm_xt);
+  m.impl("csr_mm_xt_tiled", &csr_mm_xt_tiled);
   m.impl("csr_conv2d", &csr_conv2d);
   m.impl("csr_conv3d", &csr_conv3d);
   m.impl("csr_sddmm", &csr_sddmm);

@@ -150,6 +150,22 @@ def _fake_mm_xt(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Ten
     return xt.new_empty(xt.shape[0], n, xt.shape[2])
 
 
+def _fake_mm_xt_tiled(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int,
+                      sizes: list[int], kernel: list[int]) -> Tensor:
+    # the C++ op's checks (tap_tiling.h), so a traced call fails where the eager one would
+    torch._check(1 <= len(sizes) <= 3 and len(kernel) == len(sizes), lambda: f"mm_xt_tiled: sizes and kernel must "
+                 f"both have 1 to 3 entries (the spatial dims), got sizes={list(sizes)} and kernel={list(kernel)}")
+    torch._check(all(k >= 1 for k in kernel), lambda: f"mm_xt_tiled: kernel must be >= 1 in every dim, got "
+                 f"{list(kernel)}")
+    for size in sizes:
+        torch._check(size >= 0, lambda: f"mm_xt_tiled: sizes must be >= 0, got {list(sizes)}")
+    taps = math.prod(kernel)
+    torch._check(math.prod(sizes) == xt.shape[2], lambda: f"mm_xt_tiled: xt.size(2) must be prod(sizes) = "
+                 f"{math.prod(sizes)}")
+    torch._check(n % taps == 0, lambda: f"mm_xt_tiled: n must be a multiple of prod(kernel) = {taps}")
+    return xt.new_empty(xt.shape[0], n // taps, *(s * k for s, k in zip(sizes, kernel)))
+
+
 def _fake_conv(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
                padding: list[int], dilation: list[int], stride: list[int] | None = None) -> Tensor:
     n = (crow.shape[0] - 1) * (values.shape[1] if values.dim() == 3 else 1)
@@ -165,6 +181,7 @@ for _fam in ("bsr", "csr"):
     torch.library.register_fake(f"sparsekit::{_fam}_mm")(_fake_mm)
     torch.library.register_fake(f"sparsekit::{_fam}_mm_t")(_fake_mm_t)
     torch.library.register_fake(f"sparsekit::{_fam}_mm_xt")(_fake_mm_xt)
+    torch.library.register_fake(f"sparsekit::{_fam}_mm_xt_tiled")(_fake_mm_xt_tiled)
 
 
 @torch.library.register_fake("sparsekit::channel_gather_conv2d")
@@ -297,7 +314,7 @@ def _xt_backward(ctx, dyt: Tensor):
     xt, crow, col, values = ctx.saved_tensors
     b, k, m = xt.shape
     n = dyt.shape[1]
-    need_x, _, _, need_v, need_b, _ = ctx.needs_input_grad
+    need_x, _, _, need_v, need_b = ctx.needs_input_grad[:5]
     dy = dyt.transpose(1, 2).reshape(b * m, n).contiguous()
     db = None
     dx, dv = _sparse_grads(dy, lambda: xt.transpose(1, 2).reshape(b * m, k).contiguous(), crow, col, values, k,
@@ -307,6 +324,16 @@ def _xt_backward(ctx, dyt: Tensor):
     if ctx.has_bias and need_b:
         db = dyt.sum((0, 2))
     return dx, None, None, dv, db, None
+
+
+def _xt_tiled_setup(ctx, inputs, output) -> None:
+    setup_indexed(ctx, inputs[:6], output)
+    ctx.tiles = (tuple(inputs[6]), tuple(inputs[7]))
+
+
+def _xt_tiled_backward(ctx, dy: Tensor):
+    """*_mm_xt_tiled = tile_taps(*_mm_xt): dy's taps untiled back into columns, then *_mm_xt's backward."""
+    return _xt_backward(ctx, reference.untile_taps(dy, *ctx.tiles)) + (None, None)
 
 
 def _conv_setup(ctx, inputs, output) -> None:
@@ -403,6 +430,9 @@ torch.library.register_autograd("sparsekit::csr_mm", indexed_backward, setup_con
 torch.library.register_autograd("sparsekit::csr_bitmap_mm", _bitmap_backward, setup_context=_bitmap_setup)
 torch.library.register_autograd("sparsekit::bsr_mm_xt", _xt_backward, setup_context=setup_indexed)
 torch.library.register_autograd("sparsekit::csr_mm_xt", _xt_backward, setup_context=setup_indexed)
+for _fam in ("bsr", "csr"):
+    torch.library.register_autograd(f"sparsekit::{_fam}_mm_xt_tiled", _xt_tiled_backward,
+                                    setup_context=_xt_tiled_setup)
 for _fam in ("bsr", "csr"):
     for _nd in (2, 3):
         torch.library.register_autograd(f"sparsekit::{_fam}_conv{_nd}d", _conv_backward, setup_context=_conv_setup)

@@ -9,6 +9,8 @@ SCHEMAS: dict[str, str] = {
     "bsr_mm_t": "(Tensor dy, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt k) -> Tensor",
     "bsr_mm_xt": "(Tensor xt, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, SymInt n) "
                  "-> Tensor",
+    "bsr_mm_xt_tiled": "(Tensor xt, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
+                       "SymInt n, SymInt[] sizes, int[] kernel) -> Tensor",
     "bsr_conv2d": "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
                   "int[2] kernel_size, int[2] padding, int[2] dilation, int[2] stride=1) -> Tensor",
     "bsr_conv3d": "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
@@ -19,6 +21,8 @@ SCHEMAS: dict[str, str] = {
     "csr_mm_t": "(Tensor dy, Tensor crow_indices, Tensor col_indices, Tensor values, SymInt k) -> Tensor",
     "csr_mm_xt": "(Tensor xt, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, SymInt n) "
                  "-> Tensor",
+    "csr_mm_xt_tiled": "(Tensor xt, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
+                       "SymInt n, SymInt[] sizes, int[] kernel) -> Tensor",
     "csr_conv2d": "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
                   "int[2] kernel_size, int[2] padding, int[2] dilation, int[2] stride=1) -> Tensor",
     "csr_conv3d": "(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "

@@ -1,12 +1,15 @@
-"""Sparse transposed convolution: a sparse GEMM over the input pixels, then col2im (the adjoint of im2col).
+"""Sparse transposed convolution: a sparse GEMM over the input pixels, then col2im (the adjoint of im2col), or
+on CPU, where the kernel equals the stride, the GEMM stored straight into the output (``*_mm_xt_tiled``).
 
 A transposed conv's weight ``[C_in, C_out, *kernel]`` is used as the matrix ``W`` over ``[C_out * prod(kernel),
 C_in]`` (rows ordered ``(c_out, *taps)``; ``weight.movedim(0, -1).reshape(-1, C_in)``): every input pixel's
 channels ``x_p`` give the columns ``W @ x_p`` of one output patch, and the patches are summed into the output
 at stride ``stride`` (one strided write per kernel tap), the same as ``torch``'s ``conv_transpose*d``. On CPU
 with a BSR / CSR weight the NC(D)HW input already is ``x^T [B, C_in, L]`` for ``*_mm_xt``, which writes the
-columns as ``[B, C_out * prod(kernel), L]``: no transposes. Elsewhere the pixels go channels-last through
-``sparse_linear``. Gradients flow through the sparse ops' autograd and the strided writes'.
+columns as ``[B, C_out * prod(kernel), L]``: no transposes; where the kernel equals the stride (no padding) the
+taps tile the output and ``*_mm_xt_tiled`` stores each column entry straight at its output pixel (one write of
+the output, no columns tensor). Elsewhere the pixels go channels-last through ``sparse_linear``. Gradients flow
+through the sparse ops' autograd and the strided writes'.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import Tensor
 
 from ..formats import BSR, CSR, NM, ChannelIndex
 from ._dispatch import check_backend
-from ._library import call_op
+from ._library import call_op, has_kernel
 from .conv import _cpu_family, _ntuple, check_conv_operands
 from .linear import BACKEND_NAMES, check_bias, sparse_linear
 
@@ -121,6 +124,11 @@ def _sparse_conv_transpose(fn: str, nd: int, x: Tensor, w: BSR | CSR | NM | Chan
     tiled = _tap_layout(kernel, dilation, stride, padding, out, tuple(x.shape[2:]))[1]
     row_bias = bias.repeat_interleave(taps) if bias is not None and tiled else None
     family = _cpu_family(x, w, backend, 2)
+    if family is not None and tiled and not any(padding) and has_kernel(f"{family}_mm_xt_tiled", "CPU"):
+        # the GEMM stores every column entry straight at its output pixel: no columns tensor, no second pass
+        tiled_op = getattr(torch.ops.sparsekit, f"{family}_mm_xt_tiled").default
+        return call_op(tiled_op, x.reshape(b, c_in, length), w.crow_indices, w.col_indices, w.values, row_bias,
+                       w.shape[0], list(x.shape[2:]), list(kernel))
     if family is not None:     # NC(D)HW pixels are x^T: the columns come out as [B, C_out*taps, L]
         xt_op = getattr(torch.ops.sparsekit, f"{family}_mm_xt").default
         cols = call_op(xt_op, x.reshape(b, c_in, length), w.crow_indices, w.col_indices, w.values, row_bias,

@@ -27,6 +27,25 @@ def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
     return y if bias is None else y + bias
 
 
+def tile_taps(yt: Tensor, sizes: Sequence[int], kernel: Sequence[int]) -> Tensor:
+    """A transposed conv's columns ``y^T [B, C_out * prod(kernel), prod(sizes)]`` (rows ``(c, *tap)``, columns the
+    input pixels) as its output ``[B, C_out, *(sizes * kernel)]`` when the kernel equals the stride: output pixel
+    ``pixel * kernel + tap`` of channel c is row ``(c, *tap)``, column ``pixel`` (the taps tile the output)."""
+    nd, b, n = len(sizes), yt.shape[0], yt.shape[1]
+    c = n // math.prod(kernel)
+    order = [0, 1] + [i for d in range(nd) for i in (2 + nd + d, 2 + d)]
+    return yt.reshape(b, c, *kernel, *sizes).permute(order).reshape(b, c, *(s * k for s, k in zip(sizes, kernel)))
+
+
+def untile_taps(y: Tensor, sizes: Sequence[int], kernel: Sequence[int]) -> Tensor:
+    """The inverse of ``tile_taps``: ``[B, C_out, *(sizes * kernel)]`` back to ``[B, C_out * prod(kernel),
+    prod(sizes)]``."""
+    nd, b, c = len(sizes), y.shape[0], y.shape[1]
+    split = y.reshape(b, c, *(v for s, k in zip(sizes, kernel) for v in (s, k)))
+    order = [0, 1] + [3 + 2 * d for d in range(nd)] + [2 + 2 * d for d in range(nd)]
+    return split.permute(order).reshape(b, c * math.prod(kernel), math.prod(sizes))
+
+
 def _dense_bsr(crow: Tensor, col: Tensor, values: Tensor, n: int, k: int) -> Tensor:
     return BSR(values=values, crow_indices=crow, col_indices=col, shape=(int(n), int(k))).to_dense()
 
@@ -51,6 +70,11 @@ def _add_bias_rows(yt: Tensor, bias: Tensor | None) -> Tensor:
 
 def bsr_mm_xt(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int) -> Tensor:
     return _add_bias_rows(_dense_bsr(crow, col, values, n, xt.shape[1]) @ xt, bias)
+
+
+def bsr_mm_xt_tiled(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int,
+                    sizes: list[int], kernel: list[int]) -> Tensor:
+    return tile_taps(bsr_mm_xt(xt, crow, col, values, bias, n), sizes, kernel)
 
 
 def bsr_conv2d(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
@@ -94,6 +118,11 @@ def csr_bitmap_mm(x: Tensor, crow: Tensor, col: Tensor, bitmap: Tensor, values: 
 
 def csr_mm_xt(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int) -> Tensor:
     return _add_bias_rows(_dense_csr(crow, col, values, n, xt.shape[1]) @ xt, bias)
+
+
+def csr_mm_xt_tiled(xt: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, n: int,
+                    sizes: list[int], kernel: list[int]) -> Tensor:
+    return tile_taps(csr_mm_xt(xt, crow, col, values, bias, n), sizes, kernel)
 
 
 def csr_conv2d(x: Tensor, crow: Tensor, col: Tensor, values: Tensor, bias: Tensor | None, kernel_size: list[int],
@@ -167,10 +196,10 @@ def channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tenso
 
 
 REFERENCES = {
-    "bsr_mm": bsr_mm, "bsr_mm_t": bsr_mm_t, "bsr_mm_xt": bsr_mm_xt, "bsr_conv2d": bsr_conv2d,
-    "bsr_conv3d": bsr_conv3d, "bsr_sddmm": bsr_sddmm,
-    "csr_mm": csr_mm, "csr_mm_t": csr_mm_t, "csr_mm_xt": csr_mm_xt, "csr_conv2d": csr_conv2d,
-    "csr_conv3d": csr_conv3d, "csr_sddmm": csr_sddmm, "csr_bitmap_mm": csr_bitmap_mm,
+    "bsr_mm": bsr_mm, "bsr_mm_t": bsr_mm_t, "bsr_mm_xt": bsr_mm_xt, "bsr_mm_xt_tiled": bsr_mm_xt_tiled,
+    "bsr_conv2d": bsr_conv2d, "bsr_conv3d": bsr_conv3d, "bsr_sddmm": bsr_sddmm,
+    "csr_mm": csr_mm, "csr_mm_t": csr_mm_t, "csr_mm_xt": csr_mm_xt, "csr_mm_xt_tiled": csr_mm_xt_tiled,
+    "csr_conv2d": csr_conv2d, "csr_conv3d": csr_conv3d, "csr_sddmm": csr_sddmm, "csr_bitmap_mm": csr_bitmap_mm,
     "nm_mm": nm_mm, "nm_mm_t": nm_mm_t, "nm_sddmm": nm_sddmm,
     "channel_gather_conv2d": channel_gather_conv2d,
 }
