@@ -28,7 +28,6 @@ import copy
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 
 import sparsekit as sk
+from sparsekit.benchmark.machine import cpu_tag, machine_info
 from sparsekit.models import ResNet50, UNet
 from sparsekit.prune.compact import compact, mask_groups
 from sparsekit.prune.graph import DependencyGraph
@@ -80,20 +80,6 @@ def gmacs(m: torch.nn.Module, x: torch.Tensor) -> float:
     for h in hs:
         h.remove()
     return total[0] / 1e9
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    tag = "cpu-" + "-".join(cpu.lower().replace("(r)", "").replace("(tm)", "").split()[:3])
-    return f"{tag}-{torch.get_num_threads()}t"
 
 
 def sk_model(model, x_small, graph, scores, sparsity, round_to=None):
@@ -205,11 +191,13 @@ def main(argv=None) -> int:
                      "speedup": base / med, "speedup_paired": paired, "speedup_min": min(times["dense"]) / min(ts),
                      "times_s": ts, "note": notes.get(k, "")})
     now = dt.datetime.now()
-    meta = {"machine": machine(), "date": now.isoformat(timespec="seconds"), "torch": torch.__version__,
+    meta = {"machine": cpu_tag(), "date": now.isoformat(timespec="seconds"), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "loadavg_before": load, "loadavg_after": os.getloadavg(),
             "net": a.model, "batch": batch, "size": size, "reps": a.reps, "sparsity": a.sparsity,
             "round_to": a.round_to,
             "argv": sys.argv}
+    info = machine_info("cpu")     # the CPU class (bench/targets.py: which table these figures go in)
+    meta.update({k: info.get(k) for k in ("cpu_model", "cpu_kernel_isa", "env")})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"compact_{meta['machine']}_{now:%Y%m%d-%H%M%S}"

@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from sparsekit.benchmark.machine import ISA_ENV, cpu_isa_class
+from sparsekit.benchmark.machine import ISA_ENV, cpu_isa_class, machine_slug
 from sparsekit.benchmark.patterns import PATTERN_KINDS
 from sparsekit.benchmark.report import find_results, machine_line, replace_marked_block, speedup_table
 from sparsekit.benchmark.shapes import get_shapes
@@ -55,9 +55,11 @@ def _newest(results_dir: Path, device: str, suite: str) -> Path | None:
 
 def _newest_per_config(results_dir: Path, newest: Path, device: str, suite: str) -> list[Path]:
     """The newest full ``suite`` run on ``device`` of every distinct sweep configuration (ops, shapes, M,
-    dtypes, formats, blocks, sample batching, CPU class: e.g. linear M=512, GEMV M=1 hot and as single calls,
-    conv, a bf16 sweep, an AVX2-class run), oldest first; a re-run of a configuration replaces the earlier one."""
-    best: dict[str, tuple[str, Path]] = {}
+    dtypes, formats, blocks, sparsities, sample batching, timer, TF32, CPU class and whether it was forced, the
+    machine: e.g. linear M=512, GEMV M=1 hot and as single calls, conv, a bf16 sweep, an AVX2-class machine and
+    an AVX-512 one lowered to AVX2, an H100 and an H200), oldest first; a re-run of a configuration on the same
+    machine replaces the earlier one, a complete run an interrupted one whatever their dates."""
+    best: dict[str, tuple[tuple[bool, str], Path]] = {}
     for f in sorted(results_dir.glob("*.json")):
         try:
             meta = _load(f).get("meta", {})
@@ -66,13 +68,19 @@ def _newest_per_config(results_dir: Path, newest: Path, device: str, suite: str)
         if meta.get("device") != device or meta.get("suite") != suite or meta.get("quick"):
             continue
         cfg = meta.get("config", {})
-        fields = ("ops", "shapes", "m", "dtypes", "formats", "blocks", "min_sample_ms")
-        key = json.dumps({k: cfg.get(k) for k in fields} | {"isa": cpu_isa_class(meta)}, sort_keys=True)
-        date = str(meta.get("date", ""))
-        if key not in best or date >= best[key][0]:
-            best[key] = (date, f)
-    runs = [f for _, f in sorted(best.values(), key=lambda t: t[0])]
+        fields = ("ops", "shapes", "m", "dtypes", "formats", "blocks", "sparsities", "min_sample_ms", "timer", "tf32")
+        key = json.dumps({k: cfg.get(k) for k in fields} | {
+            "isa": cpu_isa_class(meta), "forced": _forced(meta), "machine": machine_slug(meta)}, sort_keys=True)
+        rank = (not meta.get("interrupted"), str(meta.get("date", "")))
+        if key not in best or rank >= best[key][0]:
+            best[key] = (rank, f)
+    runs = [f for _, f in sorted(best.values(), key=lambda t: t[0][1])]
     return runs or [newest]
+
+
+def _forced(meta: dict) -> bool:
+    """Whether an instruction-set variable was set for the run (bench/avx2_class.sh)."""
+    return any(k in ISA_ENV for k in meta.get("env") or {})
 
 
 def _shape_names(cfg: dict) -> list[str]:
@@ -142,6 +150,8 @@ def _section(title: str, path: Path, readme: Path, shapes: list[str] | None) -> 
     present = list(dict.fromkeys(r["shape"] for r in res["rows"]))
     pick = [s for s in (shapes or HEADLINE) if s in present] or present
     kind = "quick sweep (`--quick`)" if meta.get("quick") else "full sweep"
+    if meta.get("interrupted"):
+        kind += f", {meta['interrupted']}: the configurations after that point are missing"
     stem = path.stem
     out = [f"#### {title}", "", f"{machine_line(meta)}; {kind}.", "",
            speedup_table(res, shapes=pick), ""]
@@ -168,7 +178,7 @@ def _other_isa_links(title: str, runs: list[Path], readme: Path) -> list[str]:
     """One sentence of links per kind of non-native run: AVX2 class on such a machine, AVX2 class through
     bench/avx2_class.sh (both judged in the targets table's AVX2 table), other instruction-set settings."""
     def forced(r: Path) -> bool:
-        return any(k in ISA_ENV for k in _load(r).get("meta", {}).get("env") or {})
+        return _forced(_load(r).get("meta", {}))
 
     def isa(r: Path) -> str:
         return cpu_isa_class(_load(r).get("meta", {}))

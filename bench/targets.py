@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sparsekit.benchmark.machine import cpu_isa_class
+from sparsekit.benchmark.machine import ISA_ENV, cpu_isa_class, cpu_tag
 from sparsekit.benchmark.report import break_even, machine_line
 from sparsekit.benchmark.shapes import get_shapes, shape_names
 from sparsekit.benchmark.sweep import DTYPES
@@ -44,6 +44,7 @@ class Run:
     date: str          # as recorded; compared only between files of one kind
     quick: bool
     data: dict
+    inferred_isa: str | None = None   # Results: the class of an older file that recorded only its machine tag
 
     @property
     def rows(self) -> list[dict]:
@@ -54,14 +55,21 @@ class Run:
         return (self.data.get("meta") or {}).get("config") or {}
 
     @property
-    def isa_class(self) -> str:
-        """machine.cpu_isa_class of a CPU run ("avx2", "scalar", "mixed" or "native"); "native" for GPU runs."""
+    def recorded_isa(self) -> str | None:
+        """machine.cpu_isa_class of a CPU run from what it recorded ("avx2", "scalar", "mixed" or "native");
+        "native" for GPU runs; None when it recorded no instruction set."""
         if self.device != "cpu":
             return "native"
         for info in (self.data.get("meta"), self.data.get("machine")):
             if isinstance(info, dict) and (info.get("cpu_kernel_isa") or info.get("env")):
                 return cpu_isa_class({**info, "device": "cpu"})
-        return "native"
+        return None
+
+    @property
+    def isa_class(self) -> str:
+        """recorded_isa, else the class Results inferred from the machine, else "native" (a machine no run of
+        which recorded its class)."""
+        return self.recorded_isa or self.inferred_isa or "native"
 
     @property
     def machine(self) -> str:
@@ -87,6 +95,34 @@ def _run(path: Path, data: dict) -> Run | None:
     return Run(path, kind, device, date, bool(meta.get("quick") or data.get("quick")), data)
 
 
+def _machine_key(run: Run) -> str | None:
+    """machine.cpu_tag of the machine a CPU run recorded (its cpu model and threads, or bench_compact.py's tag)."""
+    for info in (run.data.get("meta"), run.data.get("machine")):
+        if isinstance(info, dict) and info.get("cpu_model"):
+            return cpu_tag(str(info["cpu_model"]), info.get("threads"))
+    meta = run.data.get("meta")
+    return meta.get("machine") if isinstance(meta, dict) and isinstance(meta.get("machine"), str) else None
+
+
+def _infer_legacy_isa(runs: list[Run]) -> list[Run]:
+    """Older CPU results that recorded no instruction set take the CPU class that runs of the same machine (cpu
+    model and threads, _machine_key) recorded without forcing one, when those agree on one class."""
+    classes: dict[str | None, set[str]] = {}
+    for run in runs:
+        env = [k for info in (run.data.get("meta"), run.data.get("machine")) if isinstance(info, dict)
+               for k in info.get("env") or {}]
+        if run.device == "cpu" and run.recorded_isa and not any(k in ISA_ENV for k in env):
+            classes.setdefault(_machine_key(run), set()).add(run.recorded_isa)
+    classes.pop(None, None)
+    out = []
+    for run in runs:
+        found = classes.get(_machine_key(run), set())
+        if run.device == "cpu" and run.recorded_isa is None and len(found) == 1:
+            run = replace(run, inferred_isa=next(iter(found)))
+        out.append(run)
+    return out
+
+
 class Results:
     """Every result file of a directory, loaded once."""
 
@@ -100,6 +136,7 @@ class Results:
             run = _run(path, data) if isinstance(data, dict) else None
             if run is not None:
                 self.runs.append(run)
+        self.runs = _infer_legacy_isa(self.runs)
 
     def newest(self, kind: str, device: str, has: Callable[[Run], bool] = lambda run: True,
                isa_class: str | None = None) -> Run | None:
@@ -359,10 +396,11 @@ def model_figure(device: str, dtype: str, model: str, key: str, threshold: float
     return measure
 
 
-def models_reported(device: str, dtype: str, models: tuple[str, ...]) -> Callable[[Results], Measured]:
+def models_reported(device: str, dtype: str, models: tuple[str, ...], isa_class: str | None = None
+                    ) -> Callable[[Results], Measured]:
     """The end-to-end speedups of several bench_sparsify_models.py models, without a verdict."""
     def measure(res: Results) -> Measured:
-        found = [(m, *_model_row(res, device, dtype, m)) for m in models]
+        found = [(m, *_model_row(res, device, dtype, m, isa_class)) for m in models]
         found = [(m, run, row) for m, run, row in found if row is not None]
         if not found:
             return NOT_YET
@@ -393,17 +431,19 @@ def memory_peak(res: Results) -> Measured:
     return Measured(text, REPORTED, (run,))
 
 
-def _compact_rows(res: Results, names: tuple[str, ...], net: str = "resnet50") -> tuple[Run | None, dict[str, dict]]:
-    """The newest bench_compact.py run on ``net`` (files from before --model existed are ResNet-50 runs)."""
+def _compact_rows(res: Results, names: tuple[str, ...], net: str = "resnet50", isa_class: str | None = None
+                  ) -> tuple[Run | None, dict[str, dict]]:
+    """The newest bench_compact.py run on ``net`` (files from before --model existed are ResNet-50 runs), of CPU
+    class ``isa_class`` (None: native first, as Results.newest)."""
     run = res.newest("compact", "cpu", lambda r: set(names) <= {x.get("model") for x in r.rows}
-                     and r.data.get("meta", {}).get("net", "resnet50") == net)
+                     and r.data.get("meta", {}).get("net", "resnet50") == net, isa_class)
     return (run, {r["model"]: r for r in run.rows}) if run else (None, {})
 
 
-def compact_reported(net: str) -> Callable[[Results], Measured]:
+def compact_reported(net: str, isa_class: str | None = None) -> Callable[[Results], Measured]:
     """bench_compact.py --model ``net``: every variant's speedup over the dense model and its parameters."""
     def measure(res: Results) -> Measured:
-        run, rows = _compact_rows(res, ("sk-global",), net)
+        run, rows = _compact_rows(res, ("sk-global",), net, isa_class)
         if run is None:
             return NOT_YET
         order = [m for m in ("sk-global", "tp-global", "sk@tp-global", "sk-layer", "tp-layer") if m in rows]
@@ -412,22 +452,23 @@ def compact_reported(net: str) -> Callable[[Results], Measured]:
     return measure
 
 
-def compact_speedup(model: str, threshold: float) -> Callable[[Results], Measured]:
+def compact_speedup(model: str, threshold: float, isa_class: str | None = None) -> Callable[[Results], Measured]:
     """bench_compact.py: the speedup of one compacted model over dense ResNet-50."""
     def measure(res: Results) -> Measured:
-        run, rows = _compact_rows(res, (model,))
+        run, rows = _compact_rows(res, (model,), isa_class=isa_class)
         if run is None:
             return NOT_YET
         return Measured(_x(rows[model]["speedup"]), _verdict([rows[model]["speedup"]], threshold), (run,))
     return measure
 
 
-def compact_vs(ours: str, theirs: str, also: str | None = None) -> Callable[[Results], Measured]:
+def compact_vs(ours: str, theirs: str, also: str | None = None, isa_class: str | None = None
+               ) -> Callable[[Results], Measured]:
     """bench_compact.py: sparsekit's model ``ours`` at least as fast as Torch-Pruning's ``theirs`` (no margin).
     When the file says both are one architecture (identical per-layer widths) the row gets that note instead
     of a verdict: their difference is run noise. ``also``: one more sparsekit model, shown for context."""
     def measure(res: Results) -> Measured:
-        run, rows = _compact_rows(res, (ours, theirs))
+        run, rows = _compact_rows(res, (ours, theirs), isa_class=isa_class)
         if run is None:
             return NOT_YET
         a, b = rows[ours], rows[theirs]
@@ -530,6 +571,20 @@ def cpu_model_targets(isa_class: str = "native", table: str = "cpu") -> list[Tar
     ]]
 
 
+def compact_targets(isa_class: str | None = None, table: str = "cpu") -> list[Target]:
+    """Issue 7's compaction targets (bench_compact.py) from the runs of one CPU class (None: native first)."""
+    return [
+        Target("7", table, "ResNet-50, 50% global channel pruning, compacted, >= 2.3x",
+               compact_speedup("sk-global", 2.3, isa_class)),
+        Target("7", table, "... at equal parameter count at least as fast as Torch-Pruning, global",
+               compact_vs("sk@tp-global", "tp-global", also="sk-global", isa_class=isa_class)),
+        Target("7", table, "... layer-wise recipes", compact_vs("sk-layer", "tp-layer", isa_class=isa_class)),
+        Target("7", table, "U-Net (batch 2, 128x128), 50% channels compacted through its concatenated skips and "
+               "up-convolutions, sparsekit and Torch-Pruning side by side (not a target)",
+               compact_reported("unet", isa_class)),
+    ]
+
+
 LARGE_24 = _gpu(("square.4096",), ("nm2:4",), 0.5, extra=("llama-7b.*", "llama3-8b.mlp*"))
 
 TARGETS: list[Target] = [
@@ -555,12 +610,7 @@ TARGETS: list[Target] = [
     Target("8", "cpu", "memory: peak RSS of a fresh process loading the saved 90% BSR encoder vs the dense one "
            "(over its import baseline)", memory_peak),
     # issue 7: structured compaction (bench_compact.py)
-    Target("7", "cpu", "ResNet-50, 50% global channel pruning, compacted, >= 2.3x", compact_speedup("sk-global", 2.3)),
-    Target("7", "cpu", "... at equal parameter count at least as fast as Torch-Pruning, global",
-           compact_vs("sk@tp-global", "tp-global", also="sk-global")),
-    Target("7", "cpu", "... layer-wise recipes", compact_vs("sk-layer", "tp-layer")),
-    Target("7", "cpu", "U-Net (batch 2, 128x128), 50% channels compacted through its concatenated skips and "
-           "up-convolutions, sparsekit and Torch-Pruning side by side (not a target)", compact_reported("unet")),
+    *compact_targets(),
     # issue 6: pruning accuracy (prune_digits.py)
     Target("6", "cpu", "LeNet-5 on digits, global structured pruning, iterative: >= 90% of parameters removed, "
            "<= 0.5 pt accuracy lost",
@@ -568,6 +618,9 @@ TARGETS: list[Target] = [
     # issues 3 and 8 again on issue 3's machine class (AVX2 + FMA): runs whose sparsekit kernels ran at AVX2
     *cpu_kernel_targets("avx2", "cpu-avx2"),
     *cpu_model_targets("avx2", "cpu-avx2"),
+    Target("8", "cpu-avx2", "the ResNet-50 recipe on U-Net, as in the table above (not a target)",
+           models_reported("cpu", "float32", ("U-Net",), "avx2")),
+    *compact_targets("avx2", "cpu-avx2"),
     # issue 4: GPU BSR, fp16, vs cuBLAS (dense eager) and torch.sparse
     Target("4", "cuda", "BSR 32x32, square M = N = K = 4096, fp16: >= 1.0x cuBLAS at 50%",
            speedup_at(_gpu(("square.4096",), ("bsr32x32",), 0.5), 1.0)),

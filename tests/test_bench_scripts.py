@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from _scripts import load_bench_script
 
+from sparsekit import _extension
+from sparsekit.ops import _library
+
 
 def test_train_step_writes_one_row_per_shape_and_format(tmp_path):
     script = load_bench_script("bench_train_step")
@@ -105,3 +108,29 @@ def test_conv_transpose_writes_every_shape_and_pattern(tmp_path, monkeypatch):
     rows = json.loads(path.read_text())["rows"]
     assert {r["shape"] for r in rows} == set(script.SHAPES) and len(rows) == 3 * 5
     assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows) and path.with_suffix(".md").exists()
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason="the tiled store is a C++ CPU op")
+def test_conv_transpose_tiled_ab_times_both_paths_and_restores_the_dispatch(tmp_path, monkeypatch):
+    script = load_bench_script("ab_conv_transpose_tiled")
+    monkeypatch.setattr(script, "SHAPES", {"unet.up_2x2_s2": (64, 32, 2, 2, 0, (3, 5)),
+                                           "dcgan.g3_4x4_s2": (64, 32, 4, 2, 1, (4, 4))})   # (not tiled: skipped)
+    assert script.main(["--reps", "1", "--batch", "1", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("conv_transpose_tiled_ab_cpu-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["shape"], r["format"]) for r in rows] == [("unet.up_2x2_s2", "bsr32x32"), ("unet.up_2x2_s2", "csr")]
+    assert all(r["dense_ms"] > 0 and r["fold_ms"] > 0 and r["tiled_ms"] > 0 for r in rows)
+    assert all(_library.has_kernel(f"{f}_mm_xt_tiled", "CPU") for f in ("bsr", "csr"))
+
+
+@pytest.mark.parametrize("name, shape", [("bench_linear", "bert-base.mlp_up"),
+                                         ("bench_conv", "resnet50.layer3.conv3x3")])
+def test_op_family_scripts_take_the_shape_options(name, shape, capsys):
+    """bench_linear.py / bench_conv.py fix --ops, and take --list-shapes / --shapes / --m like `sparsekit bench
+    kernels` (they crashed on every call when --ops was fixed)."""
+    script = load_bench_script(name)
+    assert script.main(["--list-shapes"]) == 0 and shape in capsys.readouterr().out
+    with pytest.raises(SystemExit):     # stops at the bad --sparsity, having taken --shapes and --m
+        script.main(["--shapes", shape, "--m", "4", "--sparsity", "1.5"])
+    err = capsys.readouterr().err
+    assert "--sparsity: '1.5' is not in [0, 1)" in err and "unrecognized" not in err

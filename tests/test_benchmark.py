@@ -24,6 +24,7 @@ from sparsekit.benchmark.report import (
     END_MARKER,
     START_MARKER,
     break_even,
+    find_results,
     load_results,
     replace_marked_block,
     summarize,
@@ -254,10 +255,55 @@ def test_make_readme_table_links_lowered_isa_runs_instead_of_repeating_them(tiny
     block = script.build_block(results, tmp_path / "README.md")
     assert block.count("#### CPU kernels") == 1 and "AVX2 class" not in block.split("Also measured")[0]
     assert "Also measured with a lowered instruction set" in block and avx2_md in block
-    avx2["meta"] |= {"env": {}, "date": "2999-01-02T00:00:00+00:00"}       # an AVX2 machine's own run
+    avx2["meta"] |= {"env": {}, "date": "2999-01-02T00:00:00+00:00", "cpu_model": "AMD EPYC"}   # an AVX2 machine
     save_results(avx2, results, plots=False)
+    block = script.build_block(results, tmp_path / "README.md")     # a run on another machine replaces nothing
+    assert "Also measured on an AVX2-class machine" in block and "Also measured with a lowered" in block
+
+
+def test_make_readme_table_keeps_a_complete_run_over_a_newer_interrupted_one(tiny_results, tmp_path):
+    results = tmp_path / "results"
+    save_results(tiny_results, results, plots=False)
+    cut = copy.deepcopy(tiny_results)
+    cut["meta"] |= {"date": "2999-01-01T00:00:00+00:00", "interrupted": "interrupted (SIGINT) after 1 of 4"}
+    cut_path = Path(save_results(cut, results, plots=False)["json"])
+    script = _load_script("make_readme_table")
     block = script.build_block(results, tmp_path / "README.md")
-    assert "Also measured on an AVX2-class machine" in block and "lowered" not in block
+    assert cut_path.stem not in block and "interrupted" not in block
+    assert find_results(results, device="cpu", suite="kernels").name != cut_path.name
+    for f in results.glob("*.json"):        # only the interrupted run left: shown, and said to be partial
+        if f != cut_path:
+            f.unlink()
+    block = script.build_block(results, tmp_path / "README.md")
+    assert cut_path.stem in block and "interrupted (SIGINT) after 1 of 4" in block
+
+
+def test_reports_name_a_plots_folder_only_when_plots_were_written(tiny_results, tmp_path):
+    paths = save_results(tiny_results, tmp_path, plots=False)
+    assert "PNG plots" not in Path(paths["report"]).read_text()
+    out = tmp_path / "report.md"
+    assert cli_main(["report", str(paths["json"]), "--out", str(out)]) == 0
+    assert "PNG plots" not in out.read_text()
+    (tmp_path / tiny_results["meta"]["stem"]).mkdir()
+    assert cli_main(["report", str(paths["json"]), "--out", str(out)]) == 0
+    assert "PNG plots" in out.read_text()
+
+
+def test_do_bench_timing_is_described_as_it_runs():
+    from sparsekit.benchmark.sweep import _timing_text
+
+    text = _timing_text(_tiny_config(timer="do_bench", device="cuda"))
+    assert "do_bench's own 25 ms warm-up and 100 ms of reps" in text and "reps (as many as fit" not in text
+
+
+def test_semi_structured_weight_bytes_are_its_packed_tensors():
+    from types import SimpleNamespace
+
+    from sparsekit.benchmark.sweep import _semi_structured_nbytes
+
+    ws = SimpleNamespace(packed=torch.zeros(64, 32, dtype=torch.float16), meta=torch.zeros(64, 2, dtype=torch.int16))
+    assert _semi_structured_nbytes(ws) == 64 * 32 * 2 + 64 * 2 * 2
+    assert _semi_structured_nbytes(SimpleNamespace(packed=torch.zeros(8, dtype=torch.int8), meta=None)) == 8
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -459,7 +505,8 @@ def test_tf32_settings_read_and_restore_under_the_new_api():
     matmul = torch.backends.cuda.matmul
     if not hasattr(matmul, "fp32_precision"):
         pytest.skip("this torch has no fp32_precision API")
-    before = matmul.fp32_precision
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    before = (torch.backends.fp32_precision, matmul.fp32_precision, getattr(conv, "fp32_precision", None))
     try:
         matmul.fp32_precision = "tf32"
         assert tf32_state()["cuda.matmul.allow_tf32"] is True
@@ -467,10 +514,17 @@ def test_tf32_settings_read_and_restore_under_the_new_api():
         assert old["matmul"] is True and tf32_state()["cuda.matmul.allow_tf32"] is False
         restore_tf32(old)
         assert tf32_state()["cuda.matmul.allow_tf32"] is True
+        # TF32 asked for globally: switching it off must reach cuDNN too (the legacy flag alone did not)
+        torch.backends.fp32_precision = "tf32"
+        old = set_tf32(False)
+        assert old["cudnn"] is True and tf32_state()["cudnn.allow_tf32"] is False
+        assert tf32_state()["cuda.matmul.allow_tf32"] is False
+        restore_tf32(old)
+        assert tf32_state()["cudnn.allow_tf32"] is True
     finally:
-        matmul.fp32_precision = before
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.fp32_precision, matmul.fp32_precision = before[:2]
+        if conv is not None:
+            conv.fp32_precision = before[2]
 
 
 def test_break_even_asymmetric_interpolation():

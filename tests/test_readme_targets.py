@@ -215,6 +215,29 @@ def test_mixed_instruction_sets_count_nowhere_and_single_table_targets_prefer_na
     assert tg.Results(tmp_path).newest("kernels", "cpu").path.name == "older-native.json"
 
 
+def test_results_without_an_instruction_set_take_their_machines_class(tg, tmp_path):
+    """Older bench_compact.py files record only a machine tag: they go in the table of the class that runs of
+    that machine recorded (the native one only when no run of that machine says otherwise)."""
+    _compact(tmp_path, "")
+    data = json.loads((tmp_path / "compact_x_1.json").read_text())
+    data["meta"]["machine"] = "cpu-amd-epyc-2t"
+    (tmp_path / "compact_x_1.json").write_text(json.dumps(data))
+    assert tg.Results(tmp_path).runs[0].isa_class == "native"
+    path = _sweep(tmp_path, "amd", _bert(0.9, (6.0, 6.5)))
+    sweep = json.loads(path.read_text())
+    sweep["meta"] |= {"cpu_model": "AMD EPYC", "threads": 2, "cpu_kernel_isa": "avx2", "env": {}}
+    path.write_text(json.dumps(sweep))
+    (compact,) = [r for r in tg.Results(tmp_path).runs if r.kind == "compact"]
+    assert (compact.recorded_isa, compact.isa_class) == (None, "avx2")
+    got = _measure(tg, tmp_path, "ResNet-50, 50% global channel", device="cpu-avx2")
+    assert got.status == tg.MET and got.sources[0].path.name == "compact_x_1.json"
+    native = {"cpu_kernel_isa": "avx512", "env": {}}
+    rows = [{"model": "sk-global", "params": 6.9e6, "speedup": 2.5, "note": ""}]
+    (tmp_path / "compact_y_1.json").write_text(json.dumps({"meta": {"date": "2025-01-01T00:00:00", **native},
+                                                           "rows": rows}))
+    assert _measure(tg, tmp_path, "ResNet-50, 50% global channel").value == "2.50x"    # the older native run
+
+
 def test_make_readme_table_writes_and_checks_both_blocks(script, tmp_path, capsys):
     from sparsekit.benchmark.report import END_MARKER, START_MARKER
 

@@ -82,11 +82,12 @@ def add_sweep_arguments(p: argparse.ArgumentParser, suite: str, ops: tuple[str, 
                    help="small sweep: sparsity 0.5,0.9,0.95, BSR 32x32 + CSR, few reps (< 2 min on a 2-core CPU)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help=f"where results (.json/.csv/.md) and plots go (default: {DEFAULT_OUT})")
-    if suite == "kernels" and ops is not None:
-        p.set_defaults(ops=ops)
-    elif suite == "kernels":
-        p.add_argument("--ops", type=_list_of("ops", _choice(_OPS, "op"), "linear,conv2d"), default=None,
-                       help="ops to sweep (default: linear,conv2d)")
+    if suite == "kernels":
+        if ops is None:
+            p.add_argument("--ops", type=_list_of("ops", _choice(_OPS, "op"), "linear,conv2d"), default=None,
+                           help="ops to sweep (default: linear,conv2d)")
+        else:       # a bench/*.py script of one op family
+            p.set_defaults(ops=ops)
         p.add_argument("--shapes", type=_list_of("shape names", str, "bert-base.mlp_up,llama-7b.*"), default=None,
                        help="shape names from sparsekit/benchmark/shapes.py (a 'prefix*' selects a family; "
                             "--list-shapes prints them); default: all (--quick: a small set)")
@@ -243,13 +244,15 @@ def run_bench(args: argparse.Namespace, suite: str, argv: list[str] | None = Non
 
 def run_report(args: argparse.Namespace) -> int:
     """`sparsekit report RESULTS [--out FILE]`."""
-    from .report import load_results, to_markdown
+    from .report import find_results, load_results, to_markdown
 
     try:
         results = load_results(args.results)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"sparsekit report: {exc}") from None
-    md = to_markdown(results, plots_dir=results["meta"].get("stem"))
+    stem = results["meta"].get("stem")
+    plotted = bool(stem) and (find_results(args.results).parent / str(stem)).is_dir()   # written beside the JSON
+    md = to_markdown(results, plots_dir=stem if plotted else None)
     if args.out:
         with open(args.out, "w") as f:
             f.write(md)

@@ -21,7 +21,7 @@ import torch
 
 from ..kernels._launch import cuda_matmul_allows_tf32, cudnn_allows_tf32
 
-__all__ = ["ISA_ENV", "cpu_isa_class", "machine_info", "machine_slug", "measure_peaks", "script_results",
+__all__ = ["ISA_ENV", "cpu_isa_class", "cpu_tag", "machine_info", "machine_slug", "measure_peaks", "script_results",
            "tf32_state"]
 
 # Environment variables that lower the instruction set of sparsekit's CPU kernels and of torch's own CPU paths
@@ -80,18 +80,31 @@ def _git_commit() -> str | None:
     return (head + ("-dirty" if dirty else "")) or None
 
 
+def _switch_tf32(new_api: object, legacy: object, enabled: bool) -> None:
+    """One TF32 switch through torch's precision API where it exists (``fp32_precision`` "tf32" / "ieee", torch >=
+    2.9: it outranks the legacy flag, so setting only ``allow_tf32`` under a global "tf32" changed nothing),
+    else the legacy ``allow_tf32``."""
+    if new_api is not None and hasattr(new_api, "fp32_precision"):
+        new_api.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        legacy.allow_tf32 = enabled
+
+
+def _switch_both(matmul: bool, cudnn: bool) -> None:
+    backends = torch.backends
+    _switch_tf32(backends.cuda.matmul, backends.cuda.matmul, matmul)
+    _switch_tf32(getattr(backends.cudnn, "conv", None), backends.cudnn, cudnn)
+
+
 def set_tf32(enabled: bool) -> dict[str, bool]:
-    """Let (or stop) cuBLAS and cuDNN use TF32 for fp32 work; returns the previous settings for restore_tf32.
-    Setting the legacy flags is accepted whichever API set them before (reading them is not: see above)."""
+    """Let (or stop) cuBLAS and cuDNN use TF32 for fp32 work; returns the previous settings for restore_tf32."""
     old = {"matmul": cuda_matmul_allows_tf32(), "cudnn": cudnn_allows_tf32()}
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+    _switch_both(enabled, enabled)
     return old
 
 
 def restore_tf32(old: dict[str, bool]) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = old["matmul"]
-    torch.backends.cudnn.allow_tf32 = old["cudnn"]
+    _switch_both(old["matmul"], old["cudnn"])
 
 
 def tf32_state() -> dict[str, object]:
@@ -152,6 +165,13 @@ def _sparsekit_version() -> str:
     from .. import __version__
 
     return __version__
+
+
+def cpu_tag(cpu_model: str | None = None, threads: int | None = None) -> str:
+    """'cpu-amd-epyc-2t': the first three words of the CPU model (this machine's by default) and the threads; the
+    machine in bench_compact.py's file names, by which bench/targets.py places its older results."""
+    words = (cpu_model or _cpu_model()).lower().replace("(r)", "").replace("(tm)", "").split()[:3]
+    return f"cpu-{'-'.join(words)}-{torch.get_num_threads() if threads is None else threads}t"
 
 
 def _slug(text: str) -> str:

@@ -65,8 +65,9 @@ def break_even(points: list[tuple[float, float]]) -> BreakEven:
 # ----------------------------------------------------------------------------------------------- loading
 def find_results(path: str | os.PathLike, device: str | None = None, suite: str | None = None,
                  prefer_full: bool = True, prefer_native: bool = False) -> Path:
-    """A results file: ``path`` itself, or the newest matching JSON in a directory (full sweeps before quick;
-    with ``prefer_native``, runs of the machine's own CPU class before ones with a lowered instruction set)."""
+    """A results file: ``path`` itself, or the newest matching JSON in a directory (complete sweeps before
+    interrupted ones, full before quick; with ``prefer_native``, runs of the machine's own CPU class first, before
+    ones with a lowered instruction set)."""
     p = Path(path)
     if p.is_file():
         return p
@@ -85,7 +86,8 @@ def find_results(path: str | os.PathLike, device: str | None = None, suite: str 
         if (device and meta.get("device") != device) or (suite and meta.get("suite") != suite):
             continue
         native = not prefer_native or cpu_isa_class(meta) == "native"
-        found.append((native, not (prefer_full and meta.get("quick")), str(meta.get("date", "")), f))
+        found.append((native, not meta.get("interrupted"), not (prefer_full and meta.get("quick")),
+                      str(meta.get("date", "")), f))
     if not found:
         what = " ".join(x for x in (device, suite) if x)
         raise FileNotFoundError(f"RESULTS: no {what + ' ' if what else ''}results .json in {str(p)!r}; "

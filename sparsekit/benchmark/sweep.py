@@ -221,6 +221,13 @@ def compile_dense(fn: Callable, mode: str) -> Callable:
     return torch.compile(fn, dynamic=False, mode=None if mode == "default" else mode)
 
 
+def _semi_structured_nbytes(ws: Tensor) -> int | None:
+    """Bytes of a torch semi-structured (2:4) weight: its packed values and metadata (for the roofline)."""
+    parts = [getattr(ws, name, None) for name in ("packed", "meta")]     # (cuSPARSELt packs both in `packed`)
+    nbytes = sum(p.numel() * p.element_size() for p in parts if isinstance(p, Tensor))
+    return nbytes or None
+
+
 def _sparse_nbytes(t: Tensor) -> int | None:
     if t.layout in (torch.sparse_bsr, torch.sparse_csr):
         return sum(a.numel() * a.element_size() for a in (t.values(), t.crow_indices(), t.col_indices()))
@@ -276,7 +283,7 @@ def _torch_sparse_candidates(pattern: Pattern, w: Tensor, x: Tensor, device: str
                 ws = to_sparse_semi_structured(w)
             except Exception as exc:   # unsupported dtype / shape / GPU: recorded, not fatal
                 return [Candidate("torch_2:4", "torch", _raiser(exc))]
-            out.append(Candidate("torch_2:4", "torch", lambda: F.linear(x, ws)))
+            out.append(Candidate("torch_2:4", "torch", lambda: F.linear(x, ws), _semi_structured_nbytes(ws)))
     return out
 
 
@@ -474,6 +481,9 @@ def _timing_text(cfg: SweepConfig) -> str:
     how = {"interleaved": "time.perf_counter around each sample, candidates round-robin in one loop" + repeat,
            "events": "CUDA events around each call (L2 flushed before each), candidates round-robin in one loop",
            "do_bench": "triton.testing.do_bench, median, per candidate"}[timer]
+    if timer == "do_bench":     # time_candidates leaves the reps to do_bench: the rep / budget settings do not apply
+        return (f"{how}, with do_bench's own 25 ms warm-up and 100 ms of reps (the warm-up, reps and budget "
+                "settings do not apply); no noise_pct")
     return (f"median over {cfg.min_reps}-{cfg.max_reps} reps (as many as fit {cfg.budget_s:g} s per "
             f"configuration) after {cfg.warmup} warm-up rounds; {how}; noise_pct = interquartile range / median")
 
@@ -634,5 +644,6 @@ def save_results(results: dict, out_dir: str | os.PathLike, plots: bool = True,
         from .report import to_markdown
 
         paths["report"] = out / f"{stem}.md"
-        Path(paths["report"]).write_text(to_markdown(results, plots_dir=f"{stem}"))
+        plotted = bool(paths["plots"]) and (out / stem).is_dir()
+        Path(paths["report"]).write_text(to_markdown(results, plots_dir=stem if plotted else None))
     return paths
