@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ._aliases import module_aliases, shared_weights
 from ._compat import set_submodule
 from .formats import BSR, CSR, NM, ChannelIndex, bitmap_from_indices
 from .ops import sparse_conv2d, sparse_conv3d, sparse_linear
@@ -25,6 +26,7 @@ from .ops.conv_transpose import (
     sparse_conv_transpose3d,
     transposed_weight2d,
 )
+from .ops.linear import BACKEND_NAMES
 from .prune.graph import QKV_PROJ
 from .prune.linear_mha import (
     LinearMultiheadAttention,
@@ -65,11 +67,13 @@ def _trained_weight(mod: nn.Module) -> Tensor:
 
 
 def _same_trainability(new: nn.Module, src: nn.Module) -> nn.Module:
-    """A converted layer trains what its source trained: a frozen weight (or bias) stays frozen."""
+    """A converted layer trains what its source trained: a frozen weight (or bias) stays frozen, and it is in the
+    source's train / eval mode (a fresh module is in training mode, which would flip an eval model's layers)."""
     _trained_weight(new).requires_grad_(_trained_weight(src).requires_grad)
     if new.bias is not None and src.bias is not None:
         bias = src.parametrizations.bias.original if parametrize.is_parametrized(src, "bias") else src.bias
         new.bias.requires_grad_(bias.requires_grad)
+    new.train(src.training)
     return new
 
 
@@ -79,12 +83,40 @@ def _check_format(format: object) -> str:
     return format  # type: ignore[return-value]
 
 
+def _check_backend(owner: str, backend: object) -> None:
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"{owner}: backend must be a str or None, got {type(backend).__name__}")
+    # a misspelt name would otherwise only fail at the first forward (whether the named backend can run a
+    # given call is still the op's check, per call)
+    if backend is not None and backend not in BACKEND_NAMES:
+        raise ValueError(f"{owner}: backend must be one of {list(BACKEND_NAMES)} or None, got {backend!r}")
+
+
+_FORMAT_CLASSES = {"bsr": BSR, "csr": CSR, "nm": NM, "channel": ChannelIndex}
+
+
+def _check_weight(owner: str, weight: object, format: str) -> None:
+    """The constructors' ``weight`` must be the object ``format`` names (else it fails later, deep in a forward or
+    an attribute read, far from the mistake)."""
+    if format == "dense":
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            got = f"a {weight.dim()}-D Tensor" if isinstance(weight, Tensor) else type(weight).__name__
+            raise TypeError(f"{owner}: weight must be a 2-D Tensor for format='dense', got {got}")
+        return
+    cls = _FORMAT_CLASSES[format]
+    if not isinstance(weight, cls):
+        raise TypeError(f"{owner}: weight must be a {cls.__name__} for format={format!r}, got "
+                        f"{type(weight).__name__}")
+    if cls is ChannelIndex and weight.dim != 0:   # the modules keep output rows (dim=0) only
+        raise ValueError(f"{owner}: weight must be a ChannelIndex with dim=0 (kept output rows), got dim={weight.dim}")
+
+
 class _SparseWeight(nn.Module):
     """Holds one weight in a format: values as a Parameter, indices as buffers, metadata as attributes."""
 
     def _init_weight(self, fmt, format: str, backend: str | None) -> None:
-        if backend is not None and not isinstance(backend, str):
-            raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+        _check_backend(type(self).__name__, backend)
+        _check_weight(type(self).__name__, fmt, format)
         self.format = format
         self.backend = backend
         if format == "dense":
@@ -307,6 +339,13 @@ class SparseConv2d(_SparseWeight):
                                       padding, conv.dilation, conv.groups, backend), conv)
 
     def forward(self, x: Tensor) -> Tensor:
+        # unbatched [C, H, W] as nn.Conv2d takes it (the sparse ops want a batch); SparseConv1d passes [N, C, 1, L]
+        # here and SparseConv3d checks its own input
+        if len(self.kernel_size) == 2 and isinstance(x, Tensor):
+            if x.dim() not in (3, 4):
+                raise ValueError(f"x must be [N, C, H, W] or unbatched [C, H, W], got shape {tuple(x.shape)}")
+            if x.dim() == 3:
+                return SparseConv2d.forward(self, x.unsqueeze(0)).squeeze(0)
         w = self.sparse_weight()
         three_d = len(self.kernel_size) == 3
         if isinstance(w, Tensor):  # dense fallback: torch's own conv (oneDNN / cuDNN)
@@ -329,8 +368,11 @@ class SparseConv2d(_SparseWeight):
         return _same_trainability(out, self)
 
     def extra_repr(self) -> str:
+        # (as nn.Conv2d: dilation only when it is not 1)
+        dilation = f"dilation={self.dilation}, " if any(d != 1 for d in self.dilation) else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}, " + self._describe())
+                f"padding={self.padding}, {dilation}groups={self.groups}, bias={self.bias is not None}, "
+                + self._describe())
 
 
 class SparseConv1d(SparseConv2d):
@@ -561,31 +603,45 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
     An ``nn.MultiheadAttention`` whose projections have zeros becomes a ``LinearMultiheadAttention`` (its q / k /
     v projections as Linear children, converted or skipped like any other; the stock module stays when none of
     the four converts). ``sparsekit.sparsify`` (measured per-layer choice) is the smarter sibling of this function.
+
+    A layer registered under several names (``nn.ModuleList([layer] * 3)``) is one layer: every name gets the same
+    sparse module (a name in ``skip`` keeps it dense under all of them). A layer whose weight Parameter another
+    layer or embedding also holds (tied weights) stays dense: a sparse copy would untie them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_format(format)
+    _check_backend("convert_modules", backend)   # (else every layer's from_dense refused it: all listed as skipped)
     skipped: dict[str, str] = {}
     # attention projections with zeros become nn.Linear children (LinearMultiheadAttention); the stock module
     # comes back where none of them converts
     exposed = expose_sparse_attention(model)
     inside_attention = attention_children(model)
+    # named_modules() lists a shared module once: swapping only that name would leave its other names dense
+    aliases = module_aliases(model)
+    tied = shared_weights(model, (*SPARSE_LAYERS, nn.Embedding))   # (tied embeddings / LM heads too)
     for name, mod in list(model.named_modules()):
         # masked (parametrized) layers count too
-        if not name or name in skip or not isinstance(mod, SPARSE_LAYERS):
+        names = aliases[id(mod)]
+        if not name or any(a in skip for a in names) or not isinstance(mod, SPARSE_LAYERS):
             continue
-        if name in inside_attention:
-            skipped[name] = "inside nn.MultiheadAttention, whose projections have no zeros"
-            continue
-        if not bool((mod.weight == 0).any()):
-            skipped[name] = "no zeros"
-            continue
-        try:
-            new = sparse_class(mod).from_dense(mod, format=format, block=block, n=n, m=m, backend=backend)
-        except ValueError as exc:
-            skipped[name] = str(exc).split(". ")[0]
-            continue
-        set_submodule(model, name, new)
+        if any(a in inside_attention for a in names):
+            why = "inside nn.MultiheadAttention, whose projections have no zeros"
+        elif not bool((mod.weight == 0).any()):
+            why = "no zeros"
+        elif name in tied:
+            why = f"weight tied to {', '.join(tied[name])}: kept dense (a sparse copy would untie it)"
+        else:
+            try:
+                new = sparse_class(mod).from_dense(mod, format=format, block=block, n=n, m=m, backend=backend)
+            except ValueError as exc:
+                why = str(exc).split(". ")[0]
+            else:
+                for alias in names:
+                    set_submodule(model, alias, new)
+                continue
+        for alias in names:
+            skipped[alias] = why
     for name in restore_dense_attention(model, exposed):   # its q / k / v Linears are gone again
         why = [f"{p}: {skipped.pop(f'{name}.{p}')}" for p in QKV_PROJ if f"{name}.{p}" in skipped]
         skipped[f"{name}.in_proj_weight"] = "; ".join(why)

@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._aliases import module_aliases
 from ._compat import set_submodule
 from .formats import BSR, CSR, NM, ChannelIndex
 from .nn import (
+    SPARSE_LAYERS,
     SPARSE_MODULES,
     SparseConv1d,
     SparseConv2d,
@@ -37,6 +39,7 @@ from .nn import (
     SparseConvTranspose2d,
     SparseConvTranspose3d,
     SparseLinear,
+    sparse_class,
 )
 from .ops._dispatch import BACKENDS
 from .prune.linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
@@ -84,9 +87,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
                          "bake them first (pruner.bake() or sparsekit.prune.masks.bake_masks(model)) or sparsify")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    aliases = module_aliases(model)
+    modules = {}
+    for n, m in model.named_modules():
+        if isinstance(m, (*SPARSE_MODULES, LinearMultiheadAttention)):
+            modules[n] = _module_spec(m)
+            if len(aliases[id(m)]) > 1:    # one module under several names (a shared layer): rebuilt once
+                modules[n]["aliases"] = aliases[id(m)][1:]
     spec = {"sparsekit_spec": SPEC_VERSION, "torch": torch.__version__, "model_class": type(model).__name__,
-            "modules": {n: _module_spec(m) for n, m in model.named_modules()
-                        if isinstance(m, (*SPARSE_MODULES, LinearMultiheadAttention))}}
+            "modules": modules}
     from .prune.compact import compacted_widths  # layer widths, so a compacted (smaller) model loads back
     spec["widths"] = compacted_widths(model)
     # safetensors refuses shared or non-contiguous storage: store contiguous copies
@@ -190,6 +199,8 @@ def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
 
 def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.device = "cpu") -> nn.Module:
     """Re-apply a saved spec and weights to ``model`` (a fresh instance of the original class); returns it.
+    A saved Sparse* layer is rebuilt and returned itself (``model``: an instance of its class or of the dense
+    layer it replaced, e.g. ``nn.Linear(768, 3072)``).
 
     ``model`` may be built on the meta device (``with torch.device("meta"): model = Model()``): the saved
     tensors are then assigned instead of copied, so no dense weight is ever allocated in the loading process
@@ -212,7 +223,11 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
     if spec.get("sparsekit_spec") not in READABLE_SPECS:
         raise ValueError(f"unsupported spec version {spec.get('sparsekit_spec')!r} (this sparsekit reads "
                          f"{', '.join(map(str, READABLE_SPECS))})")
-    if spec.get("model_class") not in (None, type(model).__name__):
+    root = spec["modules"].get("")     # the saved model is itself a Sparse* layer
+    given = type(model).__name__
+    if root is not None and isinstance(model, SPARSE_LAYERS) and not isinstance(model, SPARSE_MODULES):
+        given = sparse_class(model).__name__   # its dense original names the class too
+    if spec.get("model_class") not in (None, given):
         raise TypeError(f"model is a {type(model).__name__} but the saved model was a {spec['model_class']}")
     tensors = load_file(str(src / WEIGHTS_FILE), device=str(device))
     on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))  # (the skeleton, before rebuilding)
@@ -231,7 +246,11 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
             new = LinearMultiheadAttention.from_module(mod)   # (its children follow)
         else:
             new = _rebuild(name, mspec, tensors)
-        set_submodule(model, name, new)
+        if not name:      # a saved Sparse* layer: the rebuilt one is the model (returned instead of ``model``)
+            model = new
+            continue
+        for alias in (name, *mspec.get("aliases", [])):
+            set_submodule(model, alias, new)
     disable_fused_transformer_paths(model)
     if on_meta:
         _assign_meta_skeleton(model, tensors)

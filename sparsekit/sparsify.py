@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
+from ._aliases import module_aliases, shared_weights
 from ._compat import set_submodule
 from .nn import FORMAT_NAMES, SPARSE_LAYERS, SPARSE_MODULES, SparseLinear, sparse_class
 from .ops._dispatch import BACKENDS, recording_choices
@@ -40,7 +41,7 @@ from .prune.linear_mha import (
 from .prune.masks import TRANSPOSED_CONVS, bake_masks
 from .prune.pruner import check_example_inputs, run_example
 from .timing import interleaved_median_ms
-from .tuning_cache import TuningCache, code_revision, device_name, resolve_cache
+from .tuning_cache import TuningCache, code_revision, device_name, kernel_switches, resolve_cache
 
 DEFAULT_BLOCKS: tuple[tuple[int, int], ...] = ((1, 4), (4, 1), (16, 16), (32, 32), (64, 64))
 MAX_STORED_DENSITY = 0.75   # a format storing more than this fraction of the weight cannot beat dense
@@ -296,9 +297,12 @@ def _densify_sparse_layers(model: nn.Module) -> None:
     """Turn every Sparse* layer back into its plain nn.Linear / conv / transposed conv (same zeros), so that an
     already-sparsified model is measured again like any pruned one: its best formats and backends were measured
     on another machine, or with other inputs. A forced backend is dropped: the dispatcher re-selects."""
-    for name, mod in list(model.named_modules()):
+    for names in module_aliases(model).values():
+        mod = model.get_submodule(names[0])
         if isinstance(mod, SPARSE_MODULES):
-            set_submodule(model, name, mod.to_dense())
+            dense = mod.to_dense()
+            for name in names:      # a layer registered under several names is one layer
+                set_submodule(model, name, dense)
 
 
 def _dense_baseline(model: nn.Module) -> nn.Module:
@@ -307,7 +311,9 @@ def _dense_baseline(model: nn.Module) -> nn.Module:
     The module tree is copied with every parameter and buffer shared (no weight copied; ``model`` itself is
     neither run nor changed: a train-mode model would update its BatchNorm statistics), then each masked
     Linear/Conv2d is replaced by a plain one with its mask baked in (``_plain_dense``): a pruner's
-    parametrizations cost about half a dense forward again, which would count as sparsify's speedup."""
+    parametrizations cost about half a dense forward again, which would count as sparsify's speedup. Other
+    masked tensors (norms, nn.MultiheadAttention's in_proj_weight) stay parametrized here and are timed under
+    ``parametrize.cached()`` (computed once, as if baked)."""
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
     base = copy.deepcopy(model, memo)
     for name, mod in list(base.named_modules()):
@@ -389,7 +395,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     formats      non-empty subset of ("dense", "bsr", "csr", "nm", "channel"); None = all
     min_speedup  a sparse format must beat dense by this factor (positive, finite) to be chosen
     cache        None: the default JSON file (~/.cache/sparsekit/sparsify.json or $SPARSEKIT_CACHE_DIR);
-                 False: in memory; a path; or a TuningCache
+                 False: in memory; a file path (a directory: its sparsify.json); or a TuningCache. A file
+                 that cannot be written costs a RuntimeWarning, not the run
     blocks       BSR block shapes to try (those that divide the weight and leave blocks mostly empty)
     reps         timed rounds per candidate (interleaved medians)
     backend      force a backend for the sparse candidates (a name in sparsekit.ops.BACKENDS; default: the
@@ -433,6 +440,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
         for h in hooks:
             h.remove()
     inside_mha = attention_children(target)
+    aliases = module_aliases(target)
+    tied = shared_weights(target, (*SPARSE_LAYERS, nn.Embedding))   # (tied embeddings / LM heads too)
     first = next(iter(inputs.values()), None)
     device = first.device if first is not None else torch.device("cpu")
     report = SparsifyReport([], device_name(device), str(first.dtype if first is not None else torch.float32),
@@ -446,7 +455,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
             continue
         stats = pattern_stats(w, blocks)
         factories = _candidates(mod, w, stats, formats, blocks, backend, exact, math.prod(inp.shape[:-1]))
-        key = TuningCache.key({"device": report.device, "code": code_revision(), "dtype": str(inp.dtype), **_kind(mod),
+        key = TuningCache.key({"device": device_name(inp.device), "switches": kernel_switches(inp.device),
+                               "code": code_revision(), "dtype": str(inp.dtype), **_kind(mod),
                                "weight": list(w.shape), "input": list(inp.shape), "stats": stats,
                                "candidates": sorted(factories), "backend": backend, "exact": exact})
         notes: list[str] = []
@@ -462,6 +472,12 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
         sparse_times = {k: v for k, v in times.items() if k in factories}
         best = min(sparse_times, key=sparse_times.get) if sparse_times else "dense"
         choice = best if best != "dense" and times["dense"] / sparse_times[best] >= min_speedup else "dense"
+        if choice != "dense" and name in tied:
+            notes.append(f"weight tied to {', '.join(tied[name])}: kept dense (a sparse copy would untie it)")
+            choice = "dense"
+        others = [a for a in aliases[id(mod)] if a != name]
+        if others:
+            notes.append(f"the same module as {', '.join(others)}")
         used = "torch"
         if choice != "dense":
             try:  # a cached choice is built here for the first time: it may still fail
@@ -470,7 +486,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
                 notes.append(f"{choice} could not be built ({_first_line(exc)}); kept dense")
                 choice = "dense"
             else:
-                set_submodule(target, name, new)
+                for alias in (name, *others):
+                    set_submodule(target, alias, new)
                 used = new.chosen_backend = _backend_used(new, inp)   # sk.save records it (information only)
         report.layers.append(LayerDecision(
             name=name, kind=_kind(mod)["kind"], weight_shape=tuple(mod.weight.shape), input_shape=tuple(inp.shape),
@@ -492,9 +509,12 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
         # parametrization costs about a dense forward again) and what sk.save stores
         bake_masks(target)
     if baseline is not None and report.layers:
-        t = interleaved_median_ms({"dense": lambda: run_example(baseline, example_inputs),
-                                   "sparse": lambda: run_example(target, example_inputs)}, warmup=2,
-                                  reps=reps, device=device)
+        # masks the baseline still carries (norms, attention's packed projections) are computed once for the
+        # whole loop, as if baked: the result has them baked (bake_masks above)
+        with parametrize.cached():
+            t = interleaved_median_ms({"dense": lambda: run_example(baseline, example_inputs),
+                                       "sparse": lambda: run_example(target, example_inputs)}, warmup=2,
+                                      reps=reps, device=device)
         report.dense_ms, report.sparse_ms = t["dense"], t["sparse"]
     return target, report
 

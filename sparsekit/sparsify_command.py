@@ -6,6 +6,9 @@ import argparse
 import importlib
 import json
 import math
+import pickle
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -49,38 +52,100 @@ def json_object_arg(text: str) -> dict:
     return value
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _build_model(spec: str, kwargs: dict | None) -> nn.Module:
     kwargs = kwargs or {}
+    # (a constructor refusing the kwargs raises TypeError / ValueError: name both options, not a traceback)
+    given = f"--model {spec!r}" + (f" with --model-kwargs {json.dumps(kwargs)}" if kwargs else "")
     if ":" in spec:   # "package.module:Class"
         mod_name, _, cls_name = spec.partition(":")
-        try:
+        try:   # (an empty module name, ":Foo", is a ValueError)
             cls = getattr(importlib.import_module(mod_name), cls_name)
-        except (ImportError, AttributeError) as exc:
-            raise SystemExit(f"sparsekit sparsify: --model {spec!r} could not be imported ({exc})") from None
-        return cls(**kwargs)
-    from . import models
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise SystemExit(f"sparsekit sparsify: --model {spec!r} could not be imported ({exc}); expected "
+                             "package.module:Class") from None
+        try:
+            model = cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"sparsekit sparsify: {given} could not be built ({exc})") from None
+    else:
+        from . import models
 
-    try:
-        return models.build(spec, **kwargs)
-    except ValueError as exc:
-        raise SystemExit(f"sparsekit sparsify: --model {spec!r}: {exc}") from None
+        try:
+            model = models.build(spec, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"sparsekit sparsify: {given}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise SystemExit(f"sparsekit sparsify: --model {spec!r} must build an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _match_dtypes(model: nn.Module, state: Mapping) -> None:
+    """Give ``model`` the checkpoint's floating dtypes before loading it (load_state_dict would cast an fp16 / bf16
+    checkpoint to the fresh model's fp32 and the model would be measured and saved in fp32), as sk.load does."""
+    floating = {v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    if len(floating) == 1:   # the usual case (model.half()): non-persistent buffers follow too
+        model.to(next(iter(floating)))
+    own = model.state_dict(keep_vars=True)
+    for k, v in state.items():   # a mixed checkpoint (fp32 norms beside bf16 weights): each tensor its own dtype
+        t = own.get(k)
+        if isinstance(v, torch.Tensor) and isinstance(t, torch.Tensor) and v.is_floating_point() \
+                and t.is_floating_point() and t.dtype != v.dtype:
+            t.data = t.data.to(v.dtype)
 
 
 def _load_weights(model: nn.Module, path: Path) -> nn.Module:
     from .serialize import SPEC_FILE, load
 
+    if not path.exists():
+        raise SystemExit(f"sparsekit sparsify: WEIGHTS {str(path)!r} does not exist; expected a sparsekit.save "
+                         "directory, a .safetensors or a .pt/.pth state_dict")
     if path.is_dir() and (path / SPEC_FILE).is_file():
-        return load(path, model)
+        try:
+            return load(path, model)
+        except (ValueError, TypeError, RuntimeError, OSError) as exc:
+            raise SystemExit(f"sparsekit sparsify: WEIGHTS {str(path)!r} does not load into --model "
+                             f"({_first_line(exc)})") from None
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise SystemExit(f"sparsekit sparsify: WEIGHTS {str(path)!r} could not be read as safetensors "
+                             f"({_first_line(exc)})") from None
     elif path.suffix in (".pt", ".pth"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            # (a whole pickled module: its classes are not among the weights-only unpickler's allowed globals)
+            why = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |\n|$)", str(exc))
+            raise SystemExit(f"sparsekit sparsify: WEIGHTS {str(path)!r} is not a weights-only state_dict "
+                             f"({why.group(1) if why else _first_line(exc)}); save model.state_dict() rather than "
+                             "the whole module (or use a .safetensors file)") from None
+        except (RuntimeError, OSError, EOFError) as exc:
+            raise SystemExit(f"sparsekit sparsify: WEIGHTS {str(path)!r} could not be read by torch.load "
+                             f"({_first_line(exc)})") from None
     else:
         raise SystemExit(f"sparsekit sparsify: WEIGHTS must be a sparsekit.save directory, a .safetensors or a "
                          f".pt/.pth state_dict, got {str(path)!r}")
-    model.load_state_dict(state)
+    if not isinstance(state, Mapping):
+        raise SystemExit(f"sparsekit sparsify: WEIGHTS {str(path)!r} must hold a state_dict (a dict of tensors), "
+                         f"got {type(state).__name__}")
+    _match_dtypes(model, state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:   # missing / unexpected keys, other shapes: the wrong --model or --model-kwargs
+        # (its first line only says "Error(s) in loading state_dict": the keys follow)
+        said = " ".join(str(exc).split())
+        said = said if len(said) <= 400 else said[:400] + " ..."
+        raise SystemExit(f"sparsekit sparsify: WEIGHTS {str(path)!r} does not fit --model ({said}); check --model "
+                         "and --model-kwargs") from None
     return model
 
 
@@ -95,7 +160,10 @@ def _example_input(model: nn.Module, batch: int | None, shape: str | None) -> to
         try:
             dims = [int(s) for s in shape.split(",")]
         except ValueError:
-            raise SystemExit(f"sparsekit sparsify: --input-shape must be comma-separated ints, got {shape!r}") from None
+            dims = []
+        if not dims or any(d <= 0 for d in dims):
+            raise SystemExit(f"sparsekit sparsify: --input-shape must be comma-separated positive ints such as "
+                             f"8,3,224,224, got {shape!r}")
         x = torch.randn(*dims)
     elif hasattr(model, "example_input"):
         x = model.example_input(8 if batch is None else batch)

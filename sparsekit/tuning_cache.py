@@ -1,9 +1,10 @@
 """The tuning cache of sparsify decisions: which format won for a layer, keyed by what decides it.
 
-Key = device (type and name), dtype, layer kind and geometry, the layer's real input shape, the weight's
-pattern statistics (rounded) and the revision of sparsekit's code (``code_revision``), so that a second sparsify of
-the same model — or of another model with the same layer — is near-instant, while an upgrade or rebuild that
-changes the kernels measures again. Stored as JSON (human-readable, no pickling).
+Key = device (type and name), the kernel switches set (``kernel_switches``), dtype, layer kind and geometry, the
+layer's real input shape, the weight's pattern statistics (rounded) and the revision of sparsekit's code
+(``code_revision``), so that a second sparsify of the same model — or of another model with the same layer — is
+near-instant, while an upgrade or rebuild that changes the kernels measures again. Stored as JSON (human-readable,
+no pickling).
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ try:  # advisory lock between processes sharing the file (POSIX); elsewhere the 
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-DEFAULT_PATH = Path(os.environ.get("SPARSEKIT_CACHE_DIR", Path.home() / ".cache" / "sparsekit")) / "sparsify.json"
+CACHE_FILE = "sparsify.json"
+
+
+def default_path() -> Path:
+    """``$SPARSEKIT_CACHE_DIR/sparsify.json`` (read per call), else ``~/.cache/sparsekit/sparsify.json``."""
+    return Path(os.environ.get("SPARSEKIT_CACHE_DIR") or Path.home() / ".cache" / "sparsekit").expanduser() / CACHE_FILE
 
 
 def device_name(device: torch.device) -> str:
@@ -39,6 +45,20 @@ def device_name(device: torch.device) -> str:
     from .info import _cpu_kernel_isa, _cpu_model
 
     return f"cpu:{_cpu_model()}:{torch.get_num_threads()}t:{_cpu_kernel_isa() or 'no-ext'}"
+
+
+# Switches that change which kernels serve the same layer (read per call by the kernels or the dispatcher): a
+# decision measured under other settings is measured again, not reused.
+KERNEL_SWITCHES = ("SPARSEKIT_BSR_TC", "SPARSEKIT_NM_SP", "SPARSEKIT_CSR_SKINNY", "SPARSEKIT_CHANNEL_CONV_TC",
+                   "SPARSEKIT_TRITON_CONFIGS", "SPARSEKIT_TRITON_AUTOTUNE")
+
+
+def kernel_switches(device: torch.device) -> dict[str, object]:
+    """The KERNEL_SWITCHES set in the environment and whether the dispatcher measures backends on ``device``'s
+    type (``SPARSEKIT_MEASURE_BACKENDS`` / ``set_measure``), for the tuning key."""
+    from .ops._dispatch import measure_enabled
+
+    return {**{k: os.environ[k] for k in KERNEL_SWITCHES if k in os.environ}, "measure": measure_enabled(device.type)}
 
 
 @functools.cache
@@ -168,8 +188,17 @@ class TuningCache:
         self.entries[key] = {**decision, "saved": time.time()}   # when: old revisions are dropped by age
 
     def save(self) -> None:
+        """Write the entries to the file (merged with what other processes saved); a file that cannot be written
+        costs only the measuring next time: a RuntimeWarning says so, the entries stay in memory."""
         if self.path is None:
             return
+        try:
+            self._save()
+        except OSError as exc:
+            warnings.warn(f"sparsify tuning cache {str(self.path)!r} could not be written ({type(exc).__name__}: "
+                          f"{exc}); the decisions were kept in memory only", RuntimeWarning, stacklevel=2)
+
+    def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.path):
             # entries other processes saved since this cache was read are kept (ours win on the same key), those
@@ -188,14 +217,18 @@ class TuningCache:
 
 
 def resolve_cache(cache: object) -> TuningCache:
-    """cache=None -> the default file; False -> in memory only; a path -> that file; a TuningCache -> itself."""
+    """cache=None -> the default file (``default_path``); False -> in memory only; a path -> that file (``~``
+    expanded; an existing directory -> its ``sparsify.json``); a TuningCache -> itself."""
     if isinstance(cache, TuningCache):
         return cache
     if cache is None:
-        return TuningCache(DEFAULT_PATH)
+        return TuningCache(default_path())
     if cache is False:
         return TuningCache(None)
     if isinstance(cache, (str, os.PathLike)):
-        return TuningCache(cache)
+        path = Path(cache).expanduser()
+        if str(cache) == "":
+            raise ValueError("cache: an empty path; expected a file or directory path, None or False")
+        return TuningCache(path / CACHE_FILE if path.is_dir() else path)
     raise TypeError(f"cache must be None (default file), False (memory only), a path or a TuningCache, "
                     f"got {type(cache).__name__}")

@@ -562,3 +562,105 @@ def test_keyword_example_inputs_like_the_pruner_and_verify():
     sk.verify(model, fast, inputs)
     with pytest.raises(ValueError, match="a dict of keyword args"):
         sk.sparsify(model, {"wrong_name": torch.randn(4, 64)}, cache=False, reps=1)
+
+
+def test_the_baseline_computes_the_masks_it_still_carries_once(monkeypatch):
+    """Masks the baseline keeps (a norm, attention's packed in_proj_weight) are timed as if baked: under
+    parametrize.cached(), so the whole-model speedup is not sparsify's for work the result never does."""
+    from torch.nn.utils import parametrize
+
+    sparsify_mod = importlib.import_module("sparsekit.sparsify")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.LayerNorm(64)).eval()
+    _block_mask_(model[0], 0.5)
+    sk.prune.masks.apply_tensor_mask(model[1], "weight", torch.rand(64) > 0.3)
+    seen = []
+    real = sparsify_mod.interleaved_median_ms
+    monkeypatch.setattr(sparsify_mod, "interleaved_median_ms",
+                        lambda fns, **kw: seen.append(parametrize._cache_enabled) or real(fns, **kw))
+    sk.sparsify(model, torch.randn(8, 32), min_speedup=1e-9, cache=False, reps=2)
+    assert seen[-1]           # the whole-model loop (the last one) ran with the parametrizations cached
+    assert parametrize.is_parametrized(model[1], "weight")      # the user's model keeps its mask
+
+
+def test_a_layer_registered_under_several_names_is_swapped_at_each():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    _block_mask_(lin, 0.2)
+    model = nn.Sequential(lin, nn.ReLU(), lin, nn.ReLU(), lin).eval()
+    x = torch.randn(4, 64)
+    fast, report = sk.sparsify(model, x, min_speedup=1e-9, cache=False, reps=2)
+    assert isinstance(fast[0], SparseLinear) and fast[0] is fast[2] is fast[4]
+    (d,) = report.layers
+    assert "the same module as 2, 4" in d.notes
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_tied_weights_stay_dense_and_tied():
+    torch.manual_seed(0)
+    enc, dec = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)
+    _block_mask_(enc, 0.2)
+    dec.weight = enc.weight
+    model = nn.Sequential(enc, nn.ReLU(), dec).eval()
+    fast, report = sk.sparsify(model, torch.randn(4, 64), min_speedup=1e-9, cache=False, reps=2)
+    assert type(fast[0]) is nn.Linear and fast[0].weight is fast[2].weight
+    assert all(any("weight tied to" in n for n in d.notes) for d in report.layers)
+
+
+def test_an_unwritable_or_directory_cache_costs_a_warning_not_the_run(tmp_path, monkeypatch):
+    net, x = _net()
+    fast, _ = sk.sparsify(net, x, min_speedup=1e-9, cache=tmp_path, reps=2)    # a directory: its sparsify.json
+    assert (tmp_path / "sparsify.json").is_file() and isinstance(fast.fc1, SparseLinear)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.warns(RuntimeWarning, match="could not be written"):
+        fast, _ = sk.sparsify(net, x, min_speedup=1e-9, cache=blocker / "sub" / "c.json", reps=2)
+    assert isinstance(fast.fc1, SparseLinear)
+    monkeypatch.setenv("SPARSEKIT_CACHE_DIR", str(tmp_path / "env"))      # read per call
+    sk.sparsify(net, x, min_speedup=1e-9, cache=None, reps=2)
+    assert (tmp_path / "env" / "sparsify.json").is_file()
+
+
+def test_cache_key_names_the_kernel_switches(monkeypatch):
+    from sparsekit.tuning_cache import kernel_switches
+
+    monkeypatch.delenv("SPARSEKIT_BSR_TC", raising=False)
+    off = kernel_switches(torch.device("cpu"))
+    monkeypatch.setenv("SPARSEKIT_BSR_TC", "0")
+    on = kernel_switches(torch.device("cpu"))
+    assert on != off and on["SPARSEKIT_BSR_TC"] == "0" and "measure" in on
+
+
+def test_save_and_load_a_shared_layer_and_a_bare_sparse_layer(tmp_path):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    _block_mask_(lin, 0.2)
+    x = torch.randn(4, 64)
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.Linear(64, 64)
+            self.layers = nn.ModuleList([layer, layer, layer])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model = Shared().eval()
+    model.layers[0].load_state_dict(lin.state_dict())
+    fast, _ = sk.sparsify(model, x, min_speedup=1e-9, cache=False, reps=2)
+    sk.save(fast, tmp_path / "shared")
+    back = sk.load(tmp_path / "shared", Shared().eval())
+    assert isinstance(back.layers[1], SparseLinear) and back.layers[0] is back.layers[2]
+    torch.testing.assert_close(back(x), model(x), rtol=1e-4, atol=1e-4)
+
+    bare = SparseLinear.from_dense(lin, format="csr")
+    sk.save(bare, tmp_path / "bare")
+    for skeleton in (nn.Linear(64, 64), bare):        # the dense layer it replaced, or its own class
+        got = sk.load(tmp_path / "bare", skeleton)
+        assert isinstance(got, SparseLinear) and got.format == "csr"
+        torch.testing.assert_close(got(x), lin(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="saved model was a SparseLinear"):
+        sk.load(tmp_path / "bare", nn.Conv2d(3, 3, 1))
