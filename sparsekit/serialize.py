@@ -53,7 +53,7 @@ NONPERSISTENT = "sparsekit.nonpersistent:"    # key prefix of the non-persistent
 
 def _module_spec(mod: SparseLinear | SparseConv2d | LinearMultiheadAttention) -> dict:
     if isinstance(mod, LinearMultiheadAttention):   # rebuilt from the fresh model's attention (same widths)
-        return {"class": type(mod).__name__}
+        return {"class": type(mod).__name__, **({"sparsify_converted": True} if mod.sparsify_converted else {})}
     # the sparsekit class (a user's subclass loads as it)
     cls = next(c for c in (SparseLinear, SparseConv1d, SparseConv3d, SparseConv2d, SparseConvTranspose1d,
                            SparseConvTranspose3d, SparseConvTranspose2d) if isinstance(mod, c))
@@ -244,6 +244,7 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
             if isinstance(mod, LinearMultiheadAttention):    # a skeleton converted by sk.nn.mha_to_linear already
                 continue
             new = LinearMultiheadAttention.from_module(mod)   # (its children follow)
+            new.sparsify_converted = bool(mspec.get("sparsify_converted", False))
         else:
             new = _rebuild(name, mspec, tensors)
         if not name:      # a saved Sparse* layer: the rebuilt one is the model (returned instead of ``model``)

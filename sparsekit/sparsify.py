@@ -31,6 +31,7 @@ from .ops._dispatch import BACKENDS, recording_choices
 from .ops.conv_transpose import transposed_weight2d
 from .prune.graph import QKV_PROJ
 from .prune.linear_mha import (
+    LinearMultiheadAttention,
     attention_children,
     disable_fused_transformer_paths,
     expose_sparse_attention,
@@ -294,15 +295,28 @@ def _first_line(exc: BaseException, limit: int = 120) -> str:
 
 
 def _densify_sparse_layers(model: nn.Module) -> None:
-    """Turn every Sparse* layer back into its plain nn.Linear / conv / transposed conv (same zeros), so that an
-    already-sparsified model is measured again like any pruned one: its best formats and backends were measured
-    on another machine, or with other inputs. A forced backend is dropped: the dispatcher re-selects."""
+    """Turn every Sparse* layer back into its plain nn.Linear / conv / transposed conv (same zeros), and every
+    attention an earlier sparsify converted back into the stock module, so that an already-sparsified model is
+    measured again like any pruned one: its best formats and backends were measured on another machine, or with
+    other inputs. A forced backend is dropped: the dispatcher re-selects."""
     for names in module_aliases(model).values():
         mod = model.get_submodule(names[0])
         if isinstance(mod, SPARSE_MODULES):
             dense = mod.to_dense()
             for name in names:      # a layer registered under several names is one layer
                 set_submodule(model, name, dense)
+    # an attention a sparsify converted to get at its projections goes back to the stock module, whose packed,
+    # fused path is measured against the converted one again (expose_sparse_attention converts it anew)
+    converted = [(names, mod) for names in module_aliases(model).values()
+                 if isinstance(mod := model.get_submodule(names[0]), LinearMultiheadAttention)
+                 and mod.sparsify_converted]
+    for names, mod in converted:
+        try:
+            stock = mod.to_stock()
+        except TypeError:     # masked projections since (a user's pruning): measured as they are
+            continue
+        for name in names:
+            set_submodule(model, name, stock)
 
 
 def _dense_baseline(model: nn.Module) -> nn.Module:
@@ -497,6 +511,9 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     tcache.save()
     _keep_faster_attention(target, exposed, calls, report, reps, device)
     restored = restore_dense_attention(target, exposed)
+    for name in exposed:
+        if name not in restored:      # kept converted: a later sparsify (a loaded model) packs it back first
+            target.get_submodule(name).sparsify_converted = True
     for d in report.layers:     # (a converted attention kept converted has its timing note already)
         parent = d.name.rpartition(".")[0]
         if parent in restored:

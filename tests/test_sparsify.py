@@ -664,3 +664,52 @@ def test_save_and_load_a_shared_layer_and_a_bare_sparse_layer(tmp_path):
         torch.testing.assert_close(got(x), lin(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="saved model was a SparseLinear"):
         sk.load(tmp_path / "bare", nn.Conv2d(3, 3, 1))
+
+
+def _attention_model():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True).eval()
+    sk.prune.masks.apply_tensor_mask(layer.self_attn, "in_proj_weight",
+                                     torch.rand_like(layer.self_attn.in_proj_weight) > 0.9)
+    return layer, torch.randn(2, 10, 64)
+
+
+def test_a_loaded_model_gets_its_stock_attention_back_before_measuring(tmp_path):
+    """An attention sparsify converted (to reach its projections) is packed back when the saved model is
+    sparsified again, so stock vs converted is decided anew on this machine."""
+    from sparsekit.prune.linear_mha import LinearMultiheadAttention
+
+    layer, x = _attention_model()
+    fast, _ = sk.sparsify(layer, x, min_speedup=1e-9, cache=False, reps=2, measure_model=False)
+    if not isinstance(fast.self_attn, LinearMultiheadAttention):
+        pytest.skip("the converted attention lost to the stock one on this machine even at min_speedup=1e-9")
+    assert fast.self_attn.sparsify_converted
+    fresh = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True).eval()
+    loaded = sk.load(sk.save(fast, tmp_path / "m"), fresh)
+    assert isinstance(loaded.self_attn, LinearMultiheadAttention) and loaded.self_attn.sparsify_converted
+    again, _ = sk.sparsify(loaded, x, min_speedup=1e9, cache=False, reps=2, measure_model=False)
+    assert type(again.self_attn) is nn.MultiheadAttention       # nothing beats dense: the stock module
+    torch.testing.assert_close(again(x), layer(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["stock", "kdim", "pruned"])
+def test_linear_attention_to_stock_inverts_from_module(kind):
+    from sparsekit.prune.linear_mha import LinearMultiheadAttention
+    from sparsekit.prune.pruned_mha import PrunedMultiheadAttention
+
+    torch.manual_seed(1)
+    mha = nn.MultiheadAttention(32, 4, bias=True, add_bias_kv=True, batch_first=True,
+                                kdim=24 if kind == "kdim" else None, vdim=20 if kind == "kdim" else None).eval()
+    if kind == "pruned":
+        mha = PrunedMultiheadAttention.from_module(mha, torch.tensor([0, 2])).eval()
+    q = torch.randn(2, 5, 32)
+    kv = (torch.randn(2, 7, 24), torch.randn(2, 7, 20)) if kind == "kdim" else (q, q)
+    back = LinearMultiheadAttention.from_module(mha).to_stock()
+    assert type(back) is type(mha)
+    assert (back.in_proj_weight is None) == (kind == "kdim")       # packed exactly when q, k, v share a width
+    for got, ref in zip(back(q, *kv), mha(q, *kv)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    masked = LinearMultiheadAttention.from_module(mha)
+    sk.prune.masks.apply_tensor_mask(masked.q_proj, "weight", torch.ones_like(masked.q_proj.weight, dtype=torch.bool))
+    with pytest.raises(TypeError, match="plain nn.Linear projections"):
+        masked.to_stock()

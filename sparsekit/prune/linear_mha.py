@@ -50,6 +50,9 @@ class LinearMultiheadAttention(MhaForward):
     _qkv_same_embed_dim = False
     in_proj_weight = None
     in_proj_bias = None
+    # set by sparsify on the attentions it converted itself (sk.save records it): sparsifying the model again (on
+    # another machine) packs them back first (to_stock), so stock vs converted is measured again
+    sparsify_converted = False
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
@@ -122,6 +125,44 @@ class LinearMultiheadAttention(MhaForward):
             new.bias_v.requires_grad_(mod.bias_v.requires_grad)
         new.out_proj = mod.out_proj      # (shared as it is: its flags and masks stay the user's)
         new.train(mod.training)
+        return new
+
+    def to_stock(self) -> nn.Module:
+        """The inverse of ``from_module``: the ``nn.MultiheadAttention`` (a ``PrunedMultiheadAttention`` when heads
+        were removed) computing the same outputs, q / k / v packed back (copies; ``out_proj`` taken over as it
+        is). The projections must be plain, unmasked ``nn.Linear`` layers."""
+        projections = [getattr(self, p) for p in (*QKV_PROJ, "out_proj")]
+        if not all(isinstance(p, nn.Linear) and not parametrize.is_parametrized(p) for p in projections):
+            raise TypeError(f"to_stock needs plain nn.Linear projections (unmasked), got "
+                            f"{[type(p).__name__ for p in projections]}")
+        q = self.q_proj.weight
+        bias = self.q_proj.bias is not None
+        inner = self.num_heads * self.head_dim
+        packed = self.kdim == self.vdim == self.embed_dim
+        dd = {"device": q.device, "dtype": q.dtype}
+        if inner == self.embed_dim and self.orig_heads == self.num_heads:
+            new = nn.MultiheadAttention(self.embed_dim, self.num_heads, self.dropout, bias, self.bias_k is not None,
+                                        self.add_zero_attn, self.kdim, self.vdim, self.batch_first, **dd)
+        else:
+            new = PrunedMultiheadAttention(self.embed_dim, self.num_heads, self.head_dim, self.dropout, bias,
+                                           self.bias_k is not None, self.add_zero_attn, self.kdim, self.vdim,
+                                           self.batch_first, packed=packed, orig_heads=self.orig_heads, **dd)
+        weights = [p.weight for p in (self.q_proj, self.k_proj, self.v_proj)]
+        with torch.no_grad():
+            if new.in_proj_weight is not None:
+                new.in_proj_weight.copy_(torch.cat(weights))
+            else:
+                for name, w in zip(("q_proj_weight", "k_proj_weight", "v_proj_weight"), weights):
+                    getattr(new, name).copy_(w)
+            if bias:
+                new.in_proj_bias.copy_(torch.cat([p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]))
+            if self.bias_k is not None:
+                new.bias_k.copy_(self.bias_k)
+                new.bias_v.copy_(self.bias_v)
+            if isinstance(new, PrunedMultiheadAttention):
+                new.head_index.copy_(self.head_index)
+        new.out_proj = self.out_proj
+        new.train(self.training)
         return new
 
 
