@@ -26,6 +26,7 @@ from sparsekit.benchmark.machine import ISA_ENV, cpu_isa_class, machine_slug
 from sparsekit.benchmark.patterns import PATTERN_KINDS
 from sparsekit.benchmark.report import find_results, machine_line, replace_marked_block, speedup_table
 from sparsekit.benchmark.shapes import get_shapes
+from sparsekit.benchmark.sweep import DEFAULT_SPARSITIES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/targets.py, also when loaded by path (tests)
 import targets  # noqa: E402
@@ -134,6 +135,13 @@ def _title(device_title: str, res: dict) -> str:
         parts.append(f"{'/'.join(f.upper() for f in formats)} only")
     if cls != "native":
         parts.append(f"{cls.upper()} class")
+    sparsities = cfg.get("sparsities")
+    if sparsities and not meta.get("quick") and tuple(sparsities) != tuple(DEFAULT_SPARSITIES):
+        parts.append("sparsity " + "/".join(f"{s:g}" for s in sparsities))
+    if cfg.get("timer") not in (None, "auto"):
+        parts.append(f"timer {cfg['timer']}")
+    if cfg.get("tf32"):
+        parts.append("TF32 on")
     sample_ms = cfg.get("min_sample_ms")
     if meta.get("device") == "cpu" and sample_ms == 0:
         parts.append("single cold calls (--min-sample-ms 0)")
@@ -143,10 +151,10 @@ def _title(device_title: str, res: dict) -> str:
     return f"{device_title} kernels: " + ", ".join(p for p in parts if p)
 
 
-def _section(title: str, path: Path, readme: Path, shapes: list[str] | None) -> list[str]:
+def _section(title: str, path: Path, readme: Path, shapes: list[str] | None, suffix: str = "") -> list[str]:
     res = _load(path)
     meta = res["meta"]
-    title = _title(title, res)
+    title = _title(title, res) + suffix
     present = list(dict.fromkeys(r["shape"] for r in res["rows"]))
     pick = [s for s in (shapes or HEADLINE) if s in present] or present
     kind = "quick sweep (`--quick`)" if meta.get("quick") else "full sweep"
@@ -212,8 +220,10 @@ def build_block(results_dir: Path, readme: Path, shapes: list[str] | None = None
         if kernels is not None:
             runs = _newest_per_config(results_dir, kernels, device, "kernels")
             native = [r for r in runs if cpu_isa_class(_load(r).get("meta", {})) == "native"] or runs
-            for run in native:
-                lines += _section(title, run, readme, shapes)
+            titles = [_title(title, _load(r)) for r in native]
+            for run, head in zip(native, titles):     # the same configuration on two machines: name the machine
+                suffix = f" ({machine_slug(_load(run)['meta'])})" if titles.count(head) > 1 else ""
+                lines += _section(title, run, readme, shapes, suffix)
             others = [r for r in runs if r not in native]
             if others:      # AVX2-class runs: judged in the targets table, linked here rather than repeated
                 lines += _other_isa_links(title, others, readme)

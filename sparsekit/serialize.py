@@ -44,8 +44,9 @@ from .nn import (
 from .ops._dispatch import BACKENDS
 from .prune.linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
 
-SPEC_VERSION = 2           # 2: the weights file also holds the non-persistent buffers (NONPERSISTENT keys)
-READABLE_SPECS = (1, 2)    # what load reads (a version-1 directory has no non-persistent buffers)
+SPEC_VERSION = 3           # 2: the weights file also holds the non-persistent buffers (NONPERSISTENT keys);
+                           # 3: a module's "aliases", a saved Sparse* layer as the root ("") entry
+READABLE_SPECS = (1, 2, 3)  # what load reads (a version-1 directory has no non-persistent buffers)
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "sparsekit.json"
 NONPERSISTENT = "sparsekit.nonpersistent:"    # key prefix of the non-persistent buffers in the weights file

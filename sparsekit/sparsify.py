@@ -325,15 +325,28 @@ def _dense_baseline(model: nn.Module) -> nn.Module:
     The module tree is copied with every parameter and buffer shared (no weight copied; ``model`` itself is
     neither run nor changed: a train-mode model would update its BatchNorm statistics), then each masked
     Linear/Conv2d is replaced by a plain one with its mask baked in (``_plain_dense``): a pruner's
-    parametrizations cost about half a dense forward again, which would count as sparsify's speedup. Other
-    masked tensors (norms, nn.MultiheadAttention's in_proj_weight) stay parametrized here and are timed under
-    ``parametrize.cached()`` (computed once, as if baked)."""
+    parametrizations cost about half a dense forward again, which would count as sparsify's speedup. Every other
+    parametrized module (a masked norm, nn.MultiheadAttention's in_proj_weight) gets its values baked into
+    tensors of its own (``_bake_copy``)."""
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
     base = copy.deepcopy(model, memo)
     for name, mod in list(base.named_modules()):
         if name and isinstance(mod, SPARSE_LAYERS) and parametrize.is_parametrized(mod):
             set_submodule(base, name, _plain_dense(mod))
+        elif parametrize.is_parametrized(mod):
+            _bake_copy(mod)
     return base.eval()
+
+
+def _bake_copy(mod: nn.Module) -> None:
+    """Bake a *copied* module's parametrizations into new tensors of its own. Not remove_parametrizations: the
+    copy shares parametrize's generated class with the original (deleting its properties would strip the
+    original too) and leave_parametrized=True writes into the shared original tensors."""
+    values = {name: getattr(mod, name).detach().clone() for name in mod.parametrizations}
+    del mod._modules["parametrizations"]
+    mod.__class__ = mod.__class__.__bases__[0]     # parametrize's class derives from the module's own
+    for name, value in values.items():
+        mod._parameters[name] = nn.Parameter(value, requires_grad=False)
 
 
 def _backend_used(mod: nn.Module, inp: Tensor) -> str | None:
@@ -462,13 +475,15 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
                             float(min_speedup))
     for name, inp in inputs.items():
         mod = target.get_submodule(name)
-        if name in inside_mha:
+        if any(a in inside_mha for a in aliases[id(mod)]):
             continue  # nn.MultiheadAttention reads its projection weights directly
         w = _weight2d(mod)
         if not bool(w.eq(0).any()):
             continue
         stats = pattern_stats(w, blocks)
         factories = _candidates(mod, w, stats, formats, blocks, backend, exact, math.prod(inp.shape[:-1]))
+        if name in tied:     # no candidate to time: only dense is measured (a sparse copy would untie the weight)
+            factories = {}
         key = TuningCache.key({"device": device_name(inp.device), "switches": kernel_switches(inp.device),
                                "code": code_revision(), "dtype": str(inp.dtype), **_kind(mod),
                                "weight": list(w.shape), "input": list(inp.shape), "stats": stats,
@@ -486,9 +501,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
         sparse_times = {k: v for k, v in times.items() if k in factories}
         best = min(sparse_times, key=sparse_times.get) if sparse_times else "dense"
         choice = best if best != "dense" and times["dense"] / sparse_times[best] >= min_speedup else "dense"
-        if choice != "dense" and name in tied:
+        if name in tied:
             notes.append(f"weight tied to {', '.join(tied[name])}: kept dense (a sparse copy would untie it)")
-            choice = "dense"
         others = [a for a in aliases[id(mod)] if a != name]
         if others:
             notes.append(f"the same module as {', '.join(others)}")
@@ -526,12 +540,9 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
         # parametrization costs about a dense forward again) and what sk.save stores
         bake_masks(target)
     if baseline is not None and report.layers:
-        # masks the baseline still carries (norms, attention's packed projections) are computed once for the
-        # whole loop, as if baked: the result has them baked (bake_masks above)
-        with parametrize.cached():
-            t = interleaved_median_ms({"dense": lambda: run_example(baseline, example_inputs),
-                                       "sparse": lambda: run_example(target, example_inputs)}, warmup=2,
-                                      reps=reps, device=device)
+        t = interleaved_median_ms({"dense": lambda: run_example(baseline, example_inputs),
+                                   "sparse": lambda: run_example(target, example_inputs)}, warmup=2,
+                                  reps=reps, device=device)
         report.dense_ms, report.sparse_ms = t["dense"], t["sparse"]
     return target, report
 

@@ -564,23 +564,39 @@ def test_keyword_example_inputs_like_the_pruner_and_verify():
         sk.sparsify(model, {"wrong_name": torch.randn(4, 64)}, cache=False, reps=1)
 
 
-def test_the_baseline_computes_the_masks_it_still_carries_once(monkeypatch):
-    """Masks the baseline keeps (a norm, attention's packed in_proj_weight) are timed as if baked: under
-    parametrize.cached(), so the whole-model speedup is not sparsify's for work the result never does."""
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_baseline_bakes_every_mask_it_carries(exact, monkeypatch):
+    """Masks beyond the swapped layers (a norm, attention's packed in_proj_weight) are baked in the baseline's own
+    tensors, so the whole-model speedup is not sparsify's for mask work the result never does; the user's model
+    keeps its masks and values, and the returned model is timed as it is (exact=True keeps its masks)."""
     from torch.nn.utils import parametrize
 
     sparsify_mod = importlib.import_module("sparsekit.sparsify")
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.LayerNorm(64)).eval()
+
+
+    class Block(nn.Sequential):
+        def forward(self, x):
+            h = self[1](self[0](x))
+            return self[2](h, h, h)[0]
+
+    model = Block(nn.Linear(32, 64), nn.LayerNorm(64), nn.MultiheadAttention(64, 4, batch_first=True)).eval()
+    attn = model[2]
     _block_mask_(model[0], 0.5)
     sk.prune.masks.apply_tensor_mask(model[1], "weight", torch.rand(64) > 0.3)
-    seen = []
-    real = sparsify_mod.interleaved_median_ms
-    monkeypatch.setattr(sparsify_mod, "interleaved_median_ms",
-                        lambda fns, **kw: seen.append(parametrize._cache_enabled) or real(fns, **kw))
-    sk.sparsify(model, torch.randn(8, 32), min_speedup=1e-9, cache=False, reps=2)
-    assert seen[-1]           # the whole-model loop (the last one) ran with the parametrizations cached
-    assert parametrize.is_parametrized(model[1], "weight")      # the user's model keeps its mask
+    sk.prune.masks.apply_tensor_mask(attn, "in_proj_weight", torch.rand(192, 64) > 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bases = []
+    real = sparsify_mod._dense_baseline
+    monkeypatch.setattr(sparsify_mod, "_dense_baseline", lambda m: bases.append(real(m)) or bases[-1])
+    x = torch.randn(2, 5, 32)
+    sk.sparsify(model, x, min_speedup=1e-9, cache=False, reps=2, exact=exact)
+    (base,) = bases
+    assert not any(parametrize.is_parametrized(m) for m in base.modules())
+    assert type(base[1]) is nn.LayerNorm and type(base[2]) is nn.MultiheadAttention
+    assert parametrize.is_parametrized(model[1], "weight") and parametrize.is_parametrized(attn, "in_proj_weight")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())    # nothing written into it
+    torch.testing.assert_close(base(x), model(x))
 
 
 def test_a_layer_registered_under_several_names_is_swapped_at_each():
@@ -605,6 +621,31 @@ def test_tied_weights_stay_dense_and_tied():
     fast, report = sk.sparsify(model, torch.randn(4, 64), min_speedup=1e-9, cache=False, reps=2)
     assert type(fast[0]) is nn.Linear and fast[0].weight is fast[2].weight
     assert all(any("weight tied to" in n for n in d.notes) for d in report.layers)
+    assert all(list(d.times_ms) == ["dense"] for d in report.layers)     # no candidate was timed for nothing
+
+
+def test_an_attention_registered_under_two_names_stays_one_module():
+    torch.manual_seed(0)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = self.b = nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x):
+            h = self.a(x, x, x)[0]
+            return self.b(h, h, h)[0]
+
+    model = Twice().eval()
+    with torch.no_grad():
+        for w in (model.a.in_proj_weight, model.a.out_proj.weight):
+            w.mul_(torch.rand_like(w) > 0.8)
+    x = torch.randn(2, 6, 32)
+    for min_speedup in (1e-9, 1e9):
+        fast, _ = sk.sparsify(model, x, formats=["dense", "csr"], min_speedup=min_speedup, cache=False, reps=2,
+                              measure_model=False)
+        assert fast.a is fast.b
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_an_unwritable_or_directory_cache_costs_a_warning_not_the_run(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._aliases import module_aliases
 from .._compat import set_submodule
 from .graph import QKV_PROJ, attention_kind
 from .masks import _mask_param, _masked_original, apply_tensor_mask
@@ -195,10 +196,13 @@ def _convert_attention(model: nn.Module, wanted: Callable[[nn.Module], bool]) ->
     """Replace (in place) every stock attention of ``model`` that ``wanted`` picks by a
     ``LinearMultiheadAttention``; returns name -> the module it replaced."""
     replaced = {}
+    aliases = module_aliases(model)
     for name, mod in list(model.named_modules()):
         if name and is_stock_mha(mod) and wanted(mod):
             replaced[name] = mod
-            set_submodule(model, name, LinearMultiheadAttention.from_module(mod))
+            new = LinearMultiheadAttention.from_module(mod)
+            for alias in aliases[id(mod)]:      # one attention under several names stays one module
+                set_submodule(model, alias, new)
     return replaced
 
 
@@ -275,10 +279,12 @@ def restore_dense_attention(model: nn.Module, exposed: dict[str, nn.Module]) -> 
     ``nn.Linear`` (nothing was made sparse: the stock module runs its fused kernels); returns those names.
     Its ``out_proj``, shared with the converted module, is the one the model holds now."""
     restored = []
+    aliases = module_aliases(model)
     for name, original in exposed.items():
         mod = model.get_submodule(name)
         if all(isinstance(getattr(mod, p), nn.Linear) for p in (*QKV_PROJ, "out_proj")):
             original.out_proj = mod.out_proj
-            set_submodule(model, name, original)
+            for alias in aliases[id(mod)]:
+                set_submodule(model, alias, original)
             restored.append(name)
     return restored
