@@ -139,12 +139,13 @@ def test_an_unknown_forced_backend_is_dropped_with_a_warning(tmp_path):
 
 
 def test_spec_versions_read_and_refused(tmp_path):
-    """Version 2 stores non-persistent buffers too; a version-1 directory (without them) still loads, into an
-    eager skeleton; an unknown version is refused naming the ones this sparsekit reads."""
+    """Version 2 stores non-persistent buffers too (version 3: module aliases, a root Sparse* layer); a version-1
+    directory (without them) still loads, into an eager skeleton; an unknown version is refused naming the ones
+    this sparsekit reads."""
     fast, x = _sparsified(["csr"])
     out = sk.save(fast, tmp_path / "m")
     spec = json.loads((out / "sparsekit.json").read_text())
-    assert spec["sparsekit_spec"] == 2
+    assert spec["sparsekit_spec"] == 3
     tensors = safetensors.torch.load_file(str(out / "model.safetensors"))
     assert "sparsekit.nonpersistent:scale" in tensors
     safetensors.torch.save_file({k: v for k, v in tensors.items() if not k.startswith("sparsekit.nonpersistent:")},
@@ -152,5 +153,5 @@ def test_spec_versions_read_and_refused(tmp_path):
     (out / "sparsekit.json").write_text(json.dumps({**spec, "sparsekit_spec": 1}))
     torch.testing.assert_close(sk.load(out, TwoLayers())(x), fast(x))
     (out / "sparsekit.json").write_text(json.dumps({**spec, "sparsekit_spec": 99}))
-    with pytest.raises(ValueError, match="unsupported spec version 99 \\(this sparsekit reads 1, 2\\)"):
+    with pytest.raises(ValueError, match="unsupported spec version 99 \\(this sparsekit reads 1, 2, 3\\)"):
         sk.load(out, TwoLayers())
