@@ -281,12 +281,13 @@ class BSR(_Format):
         return cls(values=values, crow_indices=crow, col_indices=cols.to(torch.int32).contiguous(), shape=(n, k))
 
     def to_dense(self) -> Tensor:
-        """The dense [N, K] weight (differentiable w.r.t. values)."""
+        """The dense [N, K] weight (differentiable w.r.t. values). A block stored twice counts twice (summed, as
+        the kernels and torch's uncoalesced sparse tensors do)."""
         n, k = self.shape
         bn, bk = self.block
         rows = _row_of_each_entry(self.crow_indices, self.nnzb)
         dense = self.values.new_zeros(n // bn, k // bk, bn, bk)
-        dense = dense.index_put((rows, self.col_indices.long()), self.values)
+        dense = dense.index_put((rows, self.col_indices.long()), self.values, accumulate=True)
         return dense.transpose(1, 2).reshape(n, k)
 
     def validate(self) -> BSR:
@@ -361,10 +362,11 @@ class CSR(_Format):
         return CSR(values=self.values, crow_indices=self.crow_indices, col_indices=self.col_indices, shape=self.shape)
 
     def to_dense(self) -> Tensor:
+        """The dense [N, K] weight; an entry stored twice counts twice (summed, as the kernels do)."""
         n, k = self.shape
         rows = _row_of_each_entry(self.crow_indices, self.nnz)
         dense = self.values.new_zeros(n, k)
-        return dense.index_put((rows, self.col_indices.long()), self.values)
+        return dense.index_put((rows, self.col_indices.long()), self.values, accumulate=True)
 
     def validate(self) -> CSR:
         _check_shape(self.shape)
@@ -425,6 +427,13 @@ def bitmap_from_indices(crow: Tensor, col: Tensor, n: int, k: int) -> Tensor:
     itype = torch.int32 if n * width < 2**31 else torch.int64     # 9 bytes of temporaries per entry, not 24
     counts = (crow[1:] - crow[:-1]).to(itype)
     byte = torch.repeat_interleave(torch.arange(n, dtype=itype, device=col.device), counts, output_size=col.numel())
+    # the kernels give a row's k-th stored value to its k-th set bit: the values must be in column order
+    unsorted = (byte[1:] == byte[:-1]) & (col[1:] <= col[:-1])
+    if bool(unsorted.any()):
+        at = int(unsorted.nonzero()[0, 0])
+        raise ValueError(f"col must be strictly increasing within each row for a bitmap (values are matched to its "
+                         f"bits in column order), got column {int(col[at + 1])} after {int(col[at])} in row "
+                         f"{int(byte[at])}; sort each row's columns (and values) first")
     byte.mul_(width).add_(col.to(itype).div(8, rounding_mode="floor"))
     bits = torch.ones(col.numel(), dtype=torch.uint8, device=col.device).bitwise_left_shift_(
         col.remainder(8).to(torch.uint8))
@@ -506,7 +515,8 @@ class NM(_Format):
         g = k // self.m
         dense = self.values.new_zeros(rows, g, self.m)
         idx = self.indices.long().reshape(rows, g, self.n)
-        return dense.scatter(-1, idx, self.values.reshape(rows, g, self.n)).reshape(rows, k)
+        # (a position given twice in a group counts twice, as the kernels sum it)
+        return dense.scatter_add(-1, idx, self.values.reshape(rows, g, self.n)).reshape(rows, k)
 
     @property
     def density(self) -> float:

@@ -288,3 +288,39 @@ def test_conv2d_op_gradcheck_and_opcheck(fmt):
                                    [1, 0], [1, 1], stride))
     torch.autograd.gradcheck(lambda a, vv: op(a, w.crow_indices, w.col_indices, vv, None, [3, 3], [1, 0], [1, 1]),
                              (x, v))
+
+
+def test_mm_xt_tiled_refuses_sizes_whose_output_overflows():
+    """A kernel whose products wrap int64 must be refused, not turned into wild output offsets."""
+    xt = torch.randn(1, 4, 3)
+    w = BSR.from_dense(torch.ones(4, 4), (4, 4))
+    for sizes, kernel in (([1, 1], [2**32, 2**32]), ([1, 3], [3, 6148914691236517206])):
+        with pytest.raises(RuntimeError, match="more elements than int64 holds"):
+            torch.ops.sparsekit.bsr_mm_xt_tiled(xt[..., :1] if sizes == [1, 1] else xt, w.crow_indices,
+                                                w.col_indices, w.values, None, 4, sizes, kernel)
+
+
+def test_csr_conv_checks_the_pattern_of_an_empty_batch_too():
+    x = torch.randn(0, 2, 5, 5)
+    crow = torch.tensor([0, 3, 1], dtype=torch.int32)          # not monotone
+    col = torch.tensor([99, -5, 0], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="crow_indices|col_indices"):
+        torch.ops.sparsekit.csr_conv2d(x, crow, col, torch.randn(3), None, [3, 3], [1, 1], [1, 1])
+
+
+def test_duplicate_entries_count_twice_in_every_kernel_and_the_reference():
+    """A column (or block) stored twice in a row is summed, by the kernels and by to_dense / the reference."""
+    x = torch.randn(3, 8, dtype=torch.float64)
+    crow = torch.tensor([0, 2, 3], dtype=torch.int32)
+    col = torch.tensor([1, 1, 4], dtype=torch.int32)
+    values = torch.tensor([2.0, 3.0, 7.0], dtype=torch.float64)
+    csr = CSR(values=values, crow_indices=crow, col_indices=col, shape=(2, 8))
+    dense = csr.to_dense()
+    assert dense[0, 1] == 5.0
+    torch.testing.assert_close(torch.ops.sparsekit.csr_mm(x, crow, col, values, None, 2), x @ dense.t())
+    bvals = torch.randn(2, 2, 4, dtype=torch.float64)
+    bsr = BSR(values=bvals, crow_indices=torch.tensor([0, 2], dtype=torch.int32),
+              col_indices=torch.tensor([1, 1], dtype=torch.int32), shape=(2, 8))
+    torch.testing.assert_close(bsr.to_dense()[:, 4:], bvals[0] + bvals[1])
+    torch.testing.assert_close(torch.ops.sparsekit.bsr_mm(x, bsr.crow_indices, bsr.col_indices, bvals, None, 2),
+                               x @ bsr.to_dense().t())

@@ -317,3 +317,11 @@ def test_bitmap_helpers_name_bad_input():
         bitmap_from_indices(crow, col, 3, 10)
     with pytest.raises(TypeError, match="col must have dtype"):
         bitmap_from_indices(crow, col.float(), 2, 10)
+
+
+def test_a_bitmap_needs_each_rows_columns_in_order():
+    """The kernels give a row's k-th value to its k-th set bit: unsorted columns would silently permute values."""
+    w = CSR(values=torch.tensor([1.0, 10.0]), crow_indices=torch.tensor([0, 2], dtype=torch.int32),
+            col_indices=torch.tensor([3, 0], dtype=torch.int16), shape=(1, 4))
+    with pytest.raises(ValueError, match="strictly increasing within each row"):
+        w.with_bitmap()

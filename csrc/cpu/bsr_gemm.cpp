@@ -514,8 +514,9 @@ void bsr_xt_fast(const T* xt, int64_t B, const int32_t* crow, const int32_t* col
   const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
   if (B == 0 || M == 0 || N == 0) return;
   const int W = vec_floats(isa);
-  if (use_amx(std::is_same_v<T, c10::BFloat16>, wk, M, bn, bk)) {
-    TORCH_INTERNAL_ASSERT(tiling == nullptr, "bsr_xt_fast: the AMX path stores plain y^T only");
+  // (the AMX path stores plain y^T only: a tiled call that gets here runs the SIMD kernels, e.g. when
+  // SPARSEKIT_CPU_ISA changed since bsr_mm_xt_tiled chose)
+  if (tiling == nullptr && use_amx(std::is_same_v<T, c10::BFloat16>, wk, M, bn, bk)) {
     const std::vector<float> bf = bias_f32(bias, N);
     const uint16_t* xb = reinterpret_cast<const uint16_t*>(xt);
     auto pack = [&](int64_t b, int64_t r0, int64_t r1, int64_t Mp, uint32_t* xv) {

@@ -389,7 +389,12 @@ at::Tensor csr_conv(const char* op, size_t nd, const at::Tensor& x_in, const at:
   }
   const at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty(y_shape, x.options());
-  if (g.B == 0 || n == 0) return y;
+  if (g.B == 0 || n == 0) {   // nothing to compute; the pattern is still checked, as for any batch
+    SPARSEKIT_DISPATCH_CSR(x, col, "sparsekit_csr_conv_check", [&] {
+      check_structure(op, crow.const_data_ptr<int32_t>(), col.const_data_ptr<index_t>(), n, values.numel(), K);
+    });
+    return y;
+  }
   const auto [fv, wk] = fast_values(values);
   const Isa isa = active_isa();
   const int64_t threads = at::get_num_threads(), Mg = g.grid();

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -27,12 +28,19 @@ inline TapTiling tap_tiling(const char* op, const at::Tensor& xt, int64_t n, at:
   const size_t nd = sizes.size();
   TORCH_CHECK(nd >= 1 && nd <= 3 && kernel.size() == nd, op, ": sizes and kernel must both have 1 to 3 entries "
               "(the spatial dims), got sizes=", sizes, " and kernel=", kernel);
+  // every product below is checked: the offsets address the output, so a wrapped one would write out of bounds
+  auto mul = [&](int64_t a, int64_t b) {
+    int64_t r = 0;
+    TORCH_CHECK(!__builtin_mul_overflow(a, b, &r), op, ": the output of sizes ", sizes, " times kernel ", kernel,
+                " (n=", n, ") has more elements than int64 holds");
+    return r;
+  };
   int64_t pixels = 1, taps = 1;
   for (size_t d = 0; d < nd; ++d) {
     TORCH_CHECK(sizes[d] >= 0, op, ": sizes must be >= 0, got ", sizes);
     TORCH_CHECK(kernel[d] >= 1, op, ": kernel must be >= 1 in every dim, got ", kernel);
-    pixels *= sizes[d];
-    taps *= kernel[d];
+    pixels = mul(pixels, sizes[d]);
+    taps = mul(taps, kernel[d]);
   }
   TORCH_CHECK(pixels == xt.size(2), op, ": xt.size(2) (M=", xt.size(2), ") must be the product of sizes ", sizes,
               " (", pixels, ")");
@@ -43,9 +51,10 @@ inline TapTiling tap_tiling(const char* op, const at::Tensor& xt, int64_t n, at:
   int64_t per_channel = 1;
   for (size_t d = nd; d-- > 0;) {
     out_stride[d] = per_channel;
-    per_channel *= sizes[d] * kernel[d];
+    per_channel = mul(per_channel, mul(sizes[d], kernel[d]));
   }
-  t.image = c_out * per_channel;
+  t.image = mul(c_out, per_channel);   // (then every offset, < image, fits too)
+  mul(t.image, std::max<int64_t>(1, xt.size(0)));
   t.shape = {xt.size(0), c_out};
   for (size_t d = 0; d < nd; ++d) t.shape.push_back(sizes[d] * kernel[d]);
   t.row_off.resize(n);
