@@ -443,7 +443,7 @@ def _bad(**kwargs):
     ({"granularity": "block", "block": (8, "8")}, TypeError, "block must be an int or a pair"),
     ({"granularity": "block", "block": 0}, ValueError, "block sides must be positive"),
     ({"scope": "network"}, ValueError, "scope must be one of"),
-    ({"scope": "global", "granularity": "channel", "criterion": "lasso"}, ValueError, "ranks within a layer"),
+    ({"scope": "global", "granularity": "channel", "criterion": "lasso"}, ValueError, "do not compare across layers"),
     ({"scope": "global", "granularity": "nm", "ignore": ["conv1"]}, ValueError, "global threshold"),
     ({"ignore": [nn.Linear(2, 2)]}, ValueError, r"ignore\[0\] \(Linear\) is not a submodule"),
     ({"ignore": ["layer1.0.conv3"]}, ValueError, r"not a module name.*did you mean"),

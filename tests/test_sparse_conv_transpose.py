@@ -226,7 +226,7 @@ def test_pruner_element_and_block_granularity_reach_transposed_convs():
     sk.verify(nm_model, fast, x)
     with pytest.warns(UserWarning, match="transposed convs \\['up'\\] are not pruned: criterion 'apoz'"):
         sk.prune.Pruner(Up(), x, criterion="apoz", calib=[x], granularity="nm", n=2, m=4)
-    with pytest.raises(ValueError, match="per-channel scores"):     # fpgm scores filters, not weights
+    with pytest.raises(ValueError, match="criterion 'fpgm' gives one score per output channel"):   # (filters)
         sk.prune.Pruner(Up(), x, criterion="fpgm", granularity="nm", n=2, m=4, ignore=["c1"]).step()
     with pytest.raises(ValueError, match="m=3 does not divide"):
         sk.prune.Pruner(Up(), x, criterion="magnitude", granularity="nm", n=2, m=3, sparsity=1 - 2 / 3,

@@ -23,15 +23,18 @@ need            statistics (``LayerContext.stats`` keys)
                 ``LayerContext.consumer`` is that layer, ``group`` its input columns per channel
 ==============  =============================================================================================
 
-``calib`` is an iterable of batches: a Tensor (or dict of keyword args, or tuple of positional args) per
-batch, or ``(input, target)`` pairs; gradient-based needs (``grads``, ``hessian``) require the pairs and
-use ``loss_fn(model(input), target)`` (default cross-entropy). The model runs in eval mode (BN running
-statistics, no dropout); training flags are restored afterwards.
+``calib`` is an iterable of batches: a Tensor (or dict of keyword args) per batch, a one-element list or tuple
+``[input]`` (what ``DataLoader(TensorDataset(x))`` yields), or ``(input, target)`` pairs, where ``input`` may
+itself be a tuple of positional args (``((x, mask), target)``; a bare 2-tuple is always read as a pair, its
+second element the target, which criteria without gradients ignore); gradient-based needs (``grads``,
+``hessian``) require the pairs and use ``loss_fn(model(input), target)`` (default cross-entropy). The model
+runs in eval mode (BN running statistics, no dropout); training flags are restored afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -88,15 +91,20 @@ def weight_param(module: nn.Module) -> Tensor:
     return module.weight
 
 
+_DONE = object()     # the end of a calib iterator
+
+
 def split_batch(item: Any, index: int = 0) -> tuple[Any, Any]:
     """``(inputs, target)`` of one ``calib`` item (``target`` None for a plain batch)."""
     if isinstance(item, (Tensor, Mapping)):
         return item, None
+    if isinstance(item, (tuple, list)) and len(item) == 1:     # DataLoader(TensorDataset(x)) yields [x]
+        return item[0], None
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return item[0], item[1]
-    raise TypeError(f"calib[{index}] must be a Tensor, a dict of keyword args or an (input, target) pair, "
-                    f"got {type(item).__name__}"
-                    + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
+    raise TypeError(f"calib[{index}] must be a Tensor, a dict of keyword args, [input] or an (input, target) pair "
+                    f"(several positional args go in a tuple: ((a, b), target) or ((a, b), None)), got "
+                    f"{type(item).__name__}" + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
 
 
 def _add(acc: dict[str, Any], key: str, value: Tensor) -> None:
@@ -345,15 +353,27 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
     fisher_items: list[tuple[Any, Any]] = []
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     modes = {mod: mod.training for mod in model.modules()}
+    # a frozen layer is still scored from its gradient: it needs one while calibrating (restored after)
+    frozen = [p for p in dict.fromkeys(weight_param(m) for m in layers.values()) if not p.requires_grad] \
+        if grad_needed else []
     batches = 0
     try:
         model.eval()
+        for p in frozen:
+            p.requires_grad_(True)
         with Recorder(model, on_event) as rec, HeadTaps(model, heads, on_heads, gates=grad_needed,
                                                         outputs=outputs) as taps:
-            for i, item in enumerate(calib):
-                inputs, target = split_batch(item, i)
-                # fresh gates before the reset: their torch.ones would count as a step of the forward pass
-                gates = taps.new_gates() if batch_grads else {}
+            with rec.quiet():
+                batches_of = iter(calib)      # (a DataLoader seeds its sampler here)
+            for i in itertools.count():
+                # fetching a batch (a DataLoader's getitem / stack) and making fresh gates are no steps of the
+                # forward pass
+                with rec.quiet():
+                    item = next(batches_of, _DONE)
+                    if item is _DONE:
+                        break
+                    inputs, target = split_batch(item, i)
+                    gates = taps.new_gates() if batch_grads else {}
                 rec.reset()
                 if grad_needed and target is None:
                     raise ValueError(f"calib[{i}] is a plain batch, but this criterion needs gradients: "
@@ -382,6 +402,8 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
     finally:
         for mod, mode in modes.items():
             mod.training = mode
+        for p in frozen:
+            p.requires_grad_(False)
     if batches == 0:
         raise ValueError("calib is empty: pass at least one batch")
     for stats in acc.values():

@@ -23,7 +23,8 @@ unknown op) leaves ``consumer=None`` with the ``reason``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +127,15 @@ class Recorder:
 
     def reset(self) -> None:
         self.counter = 0
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Torch calls inside are not events (e.g. a DataLoader fetching the next batch: its getitem / stack)."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
 
     def _enter_quiet(self, _mod: nn.Module, _args: tuple) -> None:
         self._depth += 1

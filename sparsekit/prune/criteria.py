@@ -25,19 +25,22 @@ magnitude         -           |w| (Han et al. 2015)
 random            seed        seeded uniform scores (the baseline of every pruning paper)
 l1 / l2           -           filter L1 / squared L2 norm (Li et al. 2017)
 l1_mean           -           filter L1 norm / number of its weights (Salama et al. 2019, seed 003)
-fpgm              -           sum of distances to the other filters (He et al. 2019)
-mean_variance     -           mean/variance filter clustering (Gong et al. 2020)
+fpgm              -           sum of distances to the other filters (He et al. 2019); layer scope
+mean_variance     -           mean/variance filter clustering (Gong et al. 2020); layer scope
 bn_scale          bn          |gamma| of the following BatchNorm (Liu et al. 2017, network slimming)
 apoz              activations 1 - average percentage of zeros (Hu et al. 2016)
 mean_activation   activations mean activation (Molchanov et al. 2017)
 entropy           activations entropy of the pooled activation (Luo & Wu 2017)
 variance          activations activation variance (Polyak & Wolf 2015)
-hrank             rank        average feature-map rank (Lin et al. 2020)
+hrank             rank        average feature-map rank (Lin et al. 2020); layer scope
 taylor            grads       first-order Taylor (g*w)^2 (Molchanov et al. 2019)
 hessian           hessian     OBD diag-Fisher per element; HAP Hutchinson trace per channel
-lasso             consumer    LASSO channel selection + least squares (He et al. 2017)
-thinet            consumer    greedy next-layer reconstruction + least squares (Luo et al. 2017)
+lasso             consumer    LASSO channel selection + least squares (He et al. 2017); layer scope
+thinet            consumer    greedy next-layer reconstruction + least squares (Luo et al. 2017);
+                              layer scope
 ================  ==========  =================================================================
+
+``layer scope``: the scores rank filters within their layer only, so ``scope='global'`` is refused.
 
 Scores are computed from ``module.weight`` as the forward pass sees it, i.e. *after* any mask already
 applied, so pruned entries score 0 and iterative pruning is monotone.
@@ -93,7 +96,9 @@ class Criterion:
                              f"the weight's shape {tuple(weight.shape)} (element scores) or "
                              f"({weight.shape[0]},) (one score per output channel)")
         out = out.detach()
-        if not out.is_floating_point():
+        if not out.is_floating_point() or out.dtype in (torch.float16, torch.bfloat16):
+            # (half-precision element scores summed per channel / block in their own dtype collapse into ties,
+            # which the lower index then breaks: "remove the first channels")
             out = out.to(torch.float32)
         if not bool(torch.isfinite(out).all()):
             raise ValueError(f"criterion {self.name!r} returned non-finite scores (nan/inf)")

@@ -100,7 +100,7 @@ from torch import Tensor, nn
 from torch.fx import _symbolic_trace
 
 from .._compat import set_submodule
-from .masks import BATCH_NORMS, CHANNEL_NORMS, CONVS, INSTANCE_NORMS, TRANSPOSED_CONVS
+from .masks import BATCH_NORMS, CHANNEL_NORMS, CONVS, INSTANCE_NORMS, TRANSPOSED_CONVS, floor_product
 from .recurrent import RECURRENT, hidden_unit_rows, input_columns
 
 __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind", "set_heads", "in_proj_parts",
@@ -1390,7 +1390,7 @@ class DependencyGraph:
         keep: dict[int, Tensor] = {}
         if scope == "layer":
             for g in groups:
-                k = max(min_keep, g.size - int(math.floor(sparsity * g.size + 1e-9)))
+                k = max(min_keep, g.size - floor_product(sparsity, g.size))
                 keep[g.id] = torch.sort(torch.argsort(scores[g.id], descending=True, stable=True)[:k]).values
         elif scope == "global":
             flat, owner = [], []
@@ -1405,7 +1405,7 @@ class DependencyGraph:
             if not flat:
                 return {}
             allf = torch.cat(flat)
-            k = int(math.floor(sparsity * allf.numel() + 1e-9))
+            k = floor_product(sparsity, allf.numel())
             removed = torch.zeros(allf.numel(), dtype=torch.bool)
             removed[torch.argsort(allf, stable=True)[:k]] = True
             removed &= torch.isfinite(allf)

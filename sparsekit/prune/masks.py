@@ -133,7 +133,15 @@ def as_2d(t: Tensor) -> Tensor:
 
 def num_to_remove(sparsity: float, units: int) -> int:
     """``floor(sparsity * units)``, robust to float rounding: how many units a layer loses."""
-    return min(units, int(math.floor(sparsity * units + _EPS)))
+    return min(units, floor_product(sparsity, units))
+
+
+def floor_product(fraction: float, count: int) -> int:
+    """``floor(fraction * count)`` where a product within rounding of an integer counts as that integer
+    (0.29 * 100 == 28.999999999999996 -> 29; also for counts of 1e8, where an absolute epsilon is too small)."""
+    x = fraction * count
+    nearest = round(x)
+    return int(nearest) if abs(x - nearest) <= _EPS * max(1.0, abs(x)) else int(math.floor(x))
 
 
 def unit_scores(scores: Tensor, granularity: str, *, block: tuple[int, int] = (32, 32)) -> Tensor:

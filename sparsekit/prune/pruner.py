@@ -314,6 +314,7 @@ class Pruner:
                 shape = (math.prod(shape[1:]), shape[0])
             _masks.check_layer(shape, self.granularity, block=self.block, n=self.n, m=self.m, name=name)
         if self.granularity != "channel":
+            self._check_element_scores()
             _warn_unpruned_in_projections(modules, self.ignored)
             if types == _masks.PRUNABLE:
                 _warn_unpruned_transposed(modules, self.ignored, self.criterion)
@@ -362,6 +363,16 @@ class Pruner:
         return None
 
     # ------------------------------------------------------------------------------------ validation
+    def _check_element_scores(self, scores: Tensor | None = None) -> None:
+        """Element / block / n:m masks need a score per weight: a criterion that gives one per output channel is
+        refused naming it, at construction where it reads weights only (one layer is scored), else at the
+        first step()."""
+        if scores is None and not self.criterion.needs and self.layers:
+            scores = self.criterion.score(next(iter(self.layers.values())))
+        if scores is not None and scores.dim() == 1:
+            raise ValueError(f"criterion {self.criterion.name!r} gives one score per output channel; use "
+                             f"granularity='channel', got {self.granularity!r}")
+
     def _check_combination(self) -> None:
         g, s = self.granularity, self.scope
         if g == "nm":
@@ -376,7 +387,7 @@ class Pruner:
                              "in each group, so one global threshold has no meaning")
         if s == "global" and not self.criterion.comparable:
             raise ValueError(f"scope='global' with criterion {self.criterion.name!r} is not supported: its scores "
-                             "are ranks within a layer and do not compare across layers; use scope='layer'")
+                             "do not compare across layers (ranks or distances within a layer); use scope='layer'")
         if (self.criterion.reconstructs or self.reconstruct) and g != "channel":
             raise ValueError(f"criterion {self.criterion.name!r} (reconstruct=True) selects whole channels; "
                              f"use granularity='channel', got {g!r}")
@@ -405,8 +416,13 @@ class Pruner:
             else:
                 raise TypeError(f"ignore[{i}] must be an nn.Module or a module name, "
                                 f"got {type(item).__name__}")
-            out |= {k for k, v in modules.items() if isinstance(v, (*_masks.PRUNABLE, *_WEIGHT_VIEWS))
-                    and (prefix == "" or k == prefix or k.startswith(prefix + "."))}
+            found = {k for k, v in modules.items() if isinstance(v, (*_masks.PRUNABLE, *_WEIGHT_VIEWS))
+                     and (prefix == "" or k == prefix or k.startswith(prefix + "."))}
+            if not found:     # (a norm's channels follow the layer that produces them)
+                warnings.warn(f"ignore[{i}] = {prefix!r} ({type(modules[prefix]).__name__}) holds no prunable layer, "
+                              "so it changes nothing; to keep channels, ignore the layer that produces them",
+                              UserWarning, stacklevel=3)
+            out |= found
         return out
 
     # ------------------------------------------------------------------------------------------ steps
@@ -523,9 +539,20 @@ class Pruner:
             self._keep, self._target = keep, target
             self._steps += 1
             return target
+        if self.granularity != "channel":
+            for s in scores.values():
+                self._check_element_scores(s)
         masks = self._select(scores, target)
         if self.distributed == "replicated":
             masks = _dist.broadcast_masks(masks)
+        emptied = [k for k, m in masks.items() if m.numel() and not bool(m.any())]
+        if emptied and self.scope == "global" and target < 1.0:
+            # one threshold over layers of very different score scales can take every unit of a layer: it then
+            # outputs only its bias (a classifier whose weights are small, for instance)
+            warnings.warn(f"global {self.granularity} pruning at {target:.0%} removed every weight of "
+                          f"{emptied[:5]}{' ...' if len(emptied) > 5 else ''}: their scores all lie below the global "
+                          "threshold; ignore= them, use scope='layer', or a criterion whose scores compare across "
+                          "layers (l1_mean)", UserWarning, stacklevel=2)
         for name, mask in masks.items():
             self._apply_tensor(name, "weight", mask)
             if self.granularity == "channel" and self.layers[name].bias is not None:

@@ -62,9 +62,13 @@ def entropy(module: nn.Module, ctx: LayerContext) -> Tensor:
     return torch.where(span > 1e-12, h, torch.zeros_like(h))
 
 
-@register("hrank", needs=("rank",), doc="average rank of each channel's feature maps over calib; low-rank "
-                                        "maps carry less information (Lin et al. 2020, 'HRank: Filter "
-                                        "Pruning using High-Rank Feature Map')")
+# Not comparable across layers: a feature map's rank is at most min(H, W) (a linear layer's at most 1), so a global
+# threshold removes the channels of the layers with the smallest maps first, whatever they carry. HRank (Lin et al.
+# 2020) prunes each layer to its own preset rate; dividing by min(H, W) would be a criterion of our own, not the
+# paper's, so global scope is refused (Pruner: scope="layer").
+@register("hrank", needs=("rank",), comparable=False,
+          doc="average rank of each channel's feature maps over calib; low-rank maps carry less information "
+              "(Lin et al. 2020, 'HRank: Filter Pruning using High-Rank Feature Map')")
 def hrank(module: nn.Module, ctx: LayerContext) -> Tensor:
     """Per channel: mean over ``calib`` samples of the matrix rank of its H x W feature map (Lin et al.
     2020). For a linear layer a neuron's map is one number: rank 1 if nonzero, else 0."""

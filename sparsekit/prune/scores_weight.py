@@ -70,17 +70,34 @@ def l1_mean(module: nn.Module) -> Tensor:
     return w.abs() / count.reshape((-1,) + (1,) * (w.dim() - 1))
 
 
-@register("fpgm", doc="filter pruning via geometric median: a filter's summed Euclidean distance to the other "
-                      "filters of its layer; the most replaceable (nearest the median) go first (He et al. "
-                      "2019, 'Filter Pruning via Geometric Median for Deep CNN Acceleration')")
+# Not comparable across layers: a filter's distance sum grows with the number of filters in its layer and with
+# their norms, so one global threshold empties the small / small-weight layers first. FPGM itself (He et al. 2019)
+# prunes a fixed fraction of every layer; a normalised variant (e.g. / (C - 1) / mean norm) would be a
+# criterion of our own, not the paper's, so global scope is refused (Pruner: scope="layer").
+@register("fpgm", comparable=False,
+          doc="filter pruning via geometric median: a filter's summed Euclidean distance to the other "
+              "filters of its layer; the most replaceable (nearest the median) go first (He et al. "
+              "2019, 'Filter Pruning via Geometric Median for Deep CNN Acceleration')")
 def fpgm(module: nn.Module) -> Tensor:
-    """Per channel: sum over j of ||F_c - F_j||_2; the filters closest to the layer's geometric median
-    (smallest sum) carry information the others already have (He et al. 2019)."""
+    """Per channel: sum over j of ||F_c - F_j||_2 over the layer's remaining filters; the filters closest to
+    the layer's geometric median (smallest sum) carry information the others already have (He et al. 2019).
+    Filters an earlier step removed (all their weights masked) are left out of every sum and score 0."""
     rows = _rows(module).double()
-    return torch.cdist(rows, rows).sum(1)
+    keep = _mask_param(module, "weight")
+    if keep is None:
+        return torch.cdist(rows, rows).sum(1)
+    # a removed filter is a zero row: counted, it would add each filter's own norm to its sum and so rank the
+    # remaining filters by norm rather than by their distance to the median of the filters that are left
+    alive = as_2d(keep.mask).any(1).to(rows.device)
+    out = rows.new_zeros(rows.shape[0])
+    live = rows[alive]
+    out[alive] = torch.cdist(live, live).sum(1)
+    return out
 
 
-@register("mean_variance", doc="filters clustered by (mean |w|, variance of w); the low cluster is "
+# (scaled by the layer's own maxima and split by a per-layer 2-means: a score says where a filter stands in its
+# layer, so one global threshold over layers has no meaning; the paper clusters each layer on its own)
+@register("mean_variance", comparable=False, doc="filters clustered by (mean |w|, variance of w); the low cluster is "
                                "redundant (Gong et al. 2020, 'CNN model pruning combined with tensor "
                                "decomposition compression', seed 000 sec. 4.2)")
 def mean_variance(module: nn.Module) -> Tensor:

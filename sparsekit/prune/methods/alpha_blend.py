@@ -38,10 +38,14 @@ __all__ = ["AlphaBlend"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _STATELESS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU,
+              nn.SELU, nn.CELU, nn.Mish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
               nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
               nn.AdaptiveMaxPool2d)
 _FN_REPLAY = {"relu": torch.relu, "relu_": torch.relu}
 _FN_SKIP = {"flatten", "view", "reshape", "contiguous"}
+# the module forms of _FN_SKIP: the narrow branch stays [N, k, ...] through them (its channels on dim 1), and the
+# consumer hook maps it back to C channels and reshapes it to the consumer's input, flattened or not
+_MODULE_SKIP = (nn.Flatten, nn.Unflatten)
 
 
 def _on_channels(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -123,9 +127,11 @@ class AlphaBlend:
                             if getattr(bn, attr, None) is not None:
                                 getattr(small, attr).copy_(getattr(bn, attr)[keep])
                     branch.bns[str(idx)] = small
-                elif ev.kind == "module" and not isinstance(ev.module, _STATELESS):
+                elif ev.kind == "module" and not isinstance(ev.module, (*_STATELESS, *_MODULE_SKIP)):
                     raise ValueError(f"cannot blend {name!r}: its chain passes {ev.name!r} "
-                                     f"({type(ev.module).__name__}), which has state")
+                                     f"({type(ev.module).__name__}), which the narrow branch cannot replay on "
+                                     "its channels; it replays BatchNorm, stateless activations, dropout, 2-D "
+                                     "pooling and flatten only")
                 elif ev.kind == "function" and ev.name not in _FN_REPLAY and ev.name not in _FN_SKIP:
                     raise ValueError(f"cannot blend {name!r}: its chain calls torch function {ev.name!r}")
             self.widths[name], self.links[name] = k, link
@@ -149,6 +155,8 @@ class AlphaBlend:
             y = _on_channels(out, br.a_weight, br.a_bias)
             for idx in self.links[name].path:
                 ev = self._events[idx]
+                if ev.kind == "module" and isinstance(ev.module, _MODULE_SKIP):
+                    continue
                 if ev.kind == "module":
                     y = br.bns[str(idx)](y) if str(idx) in br.bns else ev.module(y)
                 elif ev.name in _FN_REPLAY:

@@ -49,7 +49,8 @@ def factorize(layer: nn.Module, rank: int | None = None, energy: float | None = 
     if not isinstance(layer, _masks.LINEAR_CONV2D):
         raise TypeError(f"layer must be an nn.Linear or nn.Conv2d, got {type(layer).__name__}")
     if _masks.is_masked(layer):
-        raise ValueError("layer is masked: bake the masks first (pruner.bake()) so the SVD sees the zeros")
+        raise ValueError(f"layer (weight {tuple(layer.weight.shape)}) is masked: bake the masks first "
+                         "(pruner.bake()) so the SVD sees the zeros")
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         raise ValueError(f"grouped convolutions are not factorised (groups={layer.groups})")
     w = layer.weight.detach()
@@ -82,12 +83,19 @@ def low_rank(model: nn.Module, rank: int | None = None, energy: float | None = N
     modules = dict(model.named_modules())
     names = [k for k, v in modules.items() if isinstance(v, _masks.LINEAR_CONV2D)] if layers is None else list(layers)
     ignore = set(ignore)
-    report = {}
+    todo = []
+    # every layer is checked before any is replaced, so an error leaves the model as it was
     for name in names:
         if name not in modules or not isinstance(modules[name], _masks.LINEAR_CONV2D):
             raise ValueError(f"layers names {name!r}, which is not an nn.Linear/nn.Conv2d of model")
         if name in ignore or (isinstance(modules[name], nn.Conv2d) and modules[name].groups != 1):
             continue
+        if _masks.is_masked(modules[name]):
+            raise ValueError(f"layer {name!r} is masked: bake the masks first (pruner.bake() or "
+                             f"masks.bake_masks(model)) so the SVD sees the zeros, or pass ignore=[{name!r}]")
+        todo.append(name)
+    report = {}
+    for name in todo:
         layer = modules[name]
         new = factorize(layer, rank, energy)
         before = sum(p.numel() for p in layer.parameters())

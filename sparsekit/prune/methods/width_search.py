@@ -16,10 +16,11 @@ over the budget (``"flops"`` or ``"params"`` kept, as a fraction of dense, count
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random as _random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,20 +61,34 @@ def width_masks(model: nn.Module, widths: dict[str, int]) -> dict[str, Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def _training_flags_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every module's ``training`` flag on exit (also on an exception): per module, not one
+    ``model.train(mode)``, so a model with some submodules frozen in eval mode gets back exactly its own flags."""
+    modes = {mod: mod.training for mod in model.modules()}
+    try:
+        yield
+    finally:
+        for mod, mode in modes.items():
+            mod.training = mode
+
+
 @torch.no_grad()
 def calib_fitness(model: nn.Module, calib: Iterable[Any]) -> float:
-    """Accuracy on ``(input, target)`` pairs minus 1e-3 x mean cross-entropy (a tie-breaker)."""
-    model.eval()
+    """Accuracy on ``(input, target)`` pairs minus 1e-3 x mean cross-entropy (a tie-breaker), in eval mode;
+    the model's training flags are restored afterwards."""
     correct = total = 0
     loss = 0.0
-    for i, item in enumerate(calib):
-        x, y = split_batch(item, i)
-        if y is None:
-            raise ValueError(f"calib[{i}] must be an (input, target) pair for the default fitness")
-        out = run_model(model, x)
-        correct += int((out.argmax(-1) == y).sum())
-        total += int(y.numel())
-        loss += float(F.cross_entropy(out, y, reduction="sum"))
+    with _training_flags_kept(model):
+        model.eval()
+        for i, item in enumerate(calib):
+            x, y = split_batch(item, i)
+            if y is None:
+                raise ValueError(f"calib[{i}] must be an (input, target) pair for the default fitness")
+            out = run_model(model, x)
+            correct += int((out.argmax(-1) == y).sum())
+            total += int(y.numel())
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
     return correct / max(1, total) - 1e-3 * loss / max(1, total)
 
 
@@ -88,6 +103,7 @@ def abc_search(model: nn.Module, example_inputs: Any, calib: Sequence[Any], budg
     calib)`` defaults to ``calib_fitness``; ``finetune(model)`` (optional) trains a masked copy before it is
     scored, as ABCPruner does for a few epochs. ``colony`` food sources, ``cycles`` rounds of employed,
     onlooker and scout bees; a source not improved ``limit`` times is abandoned. Deterministic for a seed.
+    Every module's ``training`` flag is restored after each candidate is scored (also when scoring raises).
     """
     if metric not in ("flops", "params"):
         raise ValueError(f"metric must be 'flops' or 'params', got {metric!r}")
@@ -143,20 +159,23 @@ def abc_search(model: nn.Module, example_inputs: Any, calib: Sequence[Any], budg
         masks = width_masks(model, widths_of(vec))
         target = copy.deepcopy(model) if finetune is not None else model
         target_modules = dict(target.named_modules())
-        try:
-            for n, mk in masks.items():
-                _masks.apply_mask(target_modules[n], mk, _masks.as_2d(mk).any(1))
-            if graph is not None:
-                keep = keep_from_masks(target, graph, allow_empty=True)
-                for n, tensors in member_tensor_masks(graph, keep, allow_empty=True).items():
-                    for t, mk in tensors.items():
-                        _masks.apply_tensor_mask(target_modules[n], t, mk)
-            if finetune is not None:
-                finetune(target)
-            f = float(fitness(target, calib))
-        finally:
-            if target is model:
-                _masks.remove_masks(model)
+        # a fitness may switch the model to eval mode (calib_fitness restores it, a user's may not): every
+        # candidate starts from, and the search returns, the model's own flags
+        with _training_flags_kept(model):
+            try:
+                for n, mk in masks.items():
+                    _masks.apply_mask(target_modules[n], mk, _masks.as_2d(mk).any(1))
+                if graph is not None:
+                    keep = keep_from_masks(target, graph, allow_empty=True)
+                    for n, tensors in member_tensor_masks(graph, keep, allow_empty=True).items():
+                        for t, mk in tensors.items():
+                            _masks.apply_tensor_mask(target_modules[n], t, mk)
+                if finetune is not None:
+                    finetune(target)
+                f = float(fitness(target, calib))
+            finally:
+                if target is model:
+                    _masks.remove_masks(model)
         if f > best["fit"]:
             best.update(fit=f, vec=list(vec))
         return f
