@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._aliases import module_aliases
 from .._compat import set_submodule
 from .channel_select import ChannelSelect
 from .graph import QKV_PROJ, DependencyGraph, Group, attention_kind, in_proj_parts, set_heads, weight_dim
@@ -143,8 +144,10 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
                 raise ValueError(f"resize_module: {k} shape {tuple(v.shape)} vs expected {tuple(cur.shape)}")
             cur.copy_(v)
     new.train(mod.training)
-    if w is not None and not mod.weight.requires_grad:
-        new.requires_grad_(False)
+    for k, v in new.named_parameters(recurse=False):     # each tensor trains as its original did (BitFit ...)
+        src = getattr(mod, k, None)
+        if isinstance(src, Tensor):
+            v.requires_grad_(src.requires_grad)
     return new
 
 
@@ -387,8 +390,11 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
     plan = module_keeps(graph, keep)
     small = copy.deepcopy(model)
     mods = dict(small.named_modules())
+    aliases = module_aliases(small)
     for name, ax in plan.items():
-        set_submodule(small, name, resize_module(mods[name], ax.get("out"), ax.get("in")))
+        new = resize_module(mods[name], ax.get("out"), ax.get("in"))
+        for alias in aliases[id(mods[name])]:      # a module registered under several names is one module
+            set_submodule(small, alias, new)
     # channel selection before BNs that read a shared stream
     eff = _effective_keep(graph, keep)
     for bn, sel in graph.selections.items():
@@ -401,7 +407,9 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
         index = pos[own]
         if torch.equal(index, torch.arange(int(stream.sum()))):
             continue      # the BN reads the whole compacted stream in order: nothing to select
-        set_submodule(small, bn, ChannelSelect(index, small.get_submodule(bn)))
+        select = ChannelSelect(index, small.get_submodule(bn))
+        for alias in aliases.get(id(select.module), [bn]):
+            set_submodule(small, alias, select)
     q_rows = {m.module: g.id for g in graph.groups for m in g.members if m.axis == "out"}
     for name, mod in small.named_modules():
         if attention_kind(mod) in ("hf", "fused", "gqa", "mha_linear"):
@@ -585,7 +593,9 @@ def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:
             raise ValueError(f"widths name module {name!r}, which the given {type(model).__name__} lacks") from None
         same = compacted_widths(nn.ModuleDict({"m": mod})).get("m") == w
         if not same:
-            set_submodule(model, inner, _blank(mod, w))
+            blank = _blank(mod, w)
+            for alias in module_aliases(model).get(id(mod), [inner]):
+                set_submodule(model, alias, blank)
     for name, w in selects.items():
         select = ChannelSelect(torch.zeros(w["select"], dtype=torch.long), model.get_submodule(name), w["dim"])
         set_submodule(model, name, select)

@@ -459,6 +459,22 @@ def _trace(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, tuple
 _MISSING = object()
 
 
+def _size_follows(n: fx.Node, args: tuple, dim: int) -> bool:
+    """Whether a traced view / reshape's size at the channel position ``dim`` follows the tensor: ``-1`` or
+    computed from it (``x.size(1)``, ``x.shape``), not a number written in the code (``x.view(-1, 16 * 5 * 5)``
+    would break once the channels shrink). Graphs rebuilt from torch.export hold concrete sizes only: not
+    decidable there, taken as following."""
+    if isinstance(n.target, torch._ops.OpOverload):
+        return True
+    sizes = n.kwargs.get("shape", args[1:] if n.op == "call_method" else args[1:2])
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        sizes = sizes[0]
+    if dim >= len(sizes):
+        return False
+    size = sizes[dim]
+    return isinstance(size, fx.Node) or size == -1
+
+
 def _fn_name(target: Any) -> str:
     if isinstance(target, str):
         return target
@@ -1022,6 +1038,11 @@ class DependencyGraph:
             return None
         # x ** c with a constant c (GPT-2's tanh GELU is written with torch.pow): elementwise, like the ones below
         scalar_pow = fname in ("pow", "pow_") and len(args) > 1 and isinstance(args[1], (int, float))
+        # 1 / x of a removed (zeroed) channel is inf, and inf * 0 NaN downstream in the masked model, which the
+        # compacted one (without the channel) would not match: such channels stay
+        if fname in ("rsqrt", "reciprocal") or (scalar_pow and args[1] < 0):
+            self._pin(in_tags, f"{where}: takes 1 / x of the channels")
+            return None
         if scalar_pow or fname in _PASS_FN or (n.op == "call_method" and fname in (
                 "relu", "sigmoid", "contiguous", "float", "clone", "detach", "to", "gelu")):
             if isinstance(x, _Tag) and isinstance(shape, torch.Size):
@@ -1040,7 +1061,7 @@ class DependencyGraph:
             return self._flatten(x, shape, start % len(in_shape), n, where, tag)
         if fname in ("view", "reshape"):
             in_shape = shapes.get(args[0])
-            if isinstance(x, _Tag) and in_shape is not None:
+            if isinstance(x, _Tag) and in_shape is not None and _size_follows(n, args, x.dim):
                 if tuple(in_shape) == tuple(shape):
                     return x
                 if (len(shape) == x.dim + 1 and tuple(shape[:x.dim]) == tuple(in_shape[:x.dim])):
@@ -1099,6 +1120,10 @@ class DependencyGraph:
             return None
         out = known[0][0]
         out = _Tag(out.dim + nd - len(known[0][1]), out.segs)
+        divisor = args[1] if _fn_name(n.target) in ("truediv", "div") and len(args) > 1 else None
+        if isinstance(divisor, fx.Node) and tag(divisor) is not None:
+            # x / h with h's channels: a removed channel divides by zero in the masked model (see rsqrt)
+            self._pin(tag(divisor), f"{where}: divides by the channels")
         for a, t in zip(tensors, tg):
             s = shapes[a]
             if t is None:
