@@ -1,5 +1,6 @@
-"""Review fixes of compaction: a view with a literal channel count pins those channels, a module registered under
-two names is resized under both (compact and sk.load of the widths), each tensor keeps its requires_grad."""
+"""Review fixes of compaction: a view with a literal channel count pins those channels (shapes computed from the
+tensor follow them), a module or BatchNorm registered under two names is resized / selected under both (compact
+and sk.load of the widths), each tensor keeps its requires_grad."""
 
 import pytest
 import torch
@@ -76,30 +77,66 @@ def test_each_resized_tensor_trains_as_its_original_did():
         n: n.endswith("bias") for n, _ in small.named_parameters()}
 
 
-class Normalised(nn.Module):
+class Reshaped(nn.Module):
     def __init__(self, how: str):
         super().__init__()
         self.how = how
         self.c1, self.c2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
 
     def forward(self, x):
-        h = self.c1(x)
-        if self.how == "div":
-            h = h / h.abs().amax((2, 3), keepdim=True)
-        else:
-            h = h * torch.rsqrt(h.pow(2).mean((2, 3), keepdim=True))
+        h = torch.relu(self.c1(x))
+        if self.how == "view_shape":
+            h = h.view(h.shape)
+        elif self.how == "view_size":
+            h = h.view(size=tuple(h.size()))
+        elif self.how == "reshape_fn":
+            h = torch.reshape(h, h.shape)
+        else:    # a hand-written swish divides by 1 + exp(-h), never zero: no reason to keep channels
+            h = h / (1 + torch.exp(-h))
         return self.c2(h)
 
 
-def test_channels_a_model_divides_by_are_not_pruned():
-    """1 / x of a removed (zero) channel is inf in the masked model (NaN after the next layer), which the
-    compacted model could not match: those channels stay."""
+@pytest.mark.parametrize("how", ["view_shape", "view_size", "reshape_fn", "swish"])
+def test_shapes_computed_from_the_tensor_and_safe_divisions_still_compact(how):
+    torch.manual_seed(0)
+    model = Reshaped(how).eval()
     x = torch.randn(2, 3, 8, 8)
-    for how in ("div", "rsqrt"):
-        torch.manual_seed(0)
-        model = Normalised(how).eval()
-        pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
-        with pytest.warns(UserWarning, match="no channel group can be pruned"):
-            pruner.step()
-        assert bool(torch.isfinite(model(x)).all())
-        sk.verify(model, pruner.compact(), x)
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert small.c1.out_channels == 4
+    sk.verify(model, small, x)
+
+
+class SharedNorm(nn.Module):
+    """A BatchNorm under two names that reads a residual stream: compaction gives it a ChannelSelect."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.seq = nn.Sequential(self.bn, nn.ReLU(), nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 16, 1))
+
+    def forward(self, x):
+        h = self.c1(x)
+        return h + self.seq(h)
+
+
+def test_a_shared_norm_gets_its_channel_select_under_every_name(tmp_path):
+    torch.manual_seed(0)
+    model = SharedNorm().eval()
+    with torch.no_grad():
+        for bn in (model.bn, model.seq[3]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 6, 6)
+    graph = sk.prune.graph.DependencyGraph.build(model, x)
+    keep = {g.id: torch.arange(0, g.size, 2) for g in graph.groups if g.prunable}
+    small = sk.prune.compact.compact(model, x, keep, graph=graph)
+    assert small.bn is small.seq[0] and type(small.bn).__name__ == "ChannelSelect"
+    reference = sk.prune.compact.mask_groups(model, x, keep, graph=graph)
+    torch.testing.assert_close(small(x), reference(x), rtol=1e-4, atol=1e-4)
+    back = sk.load(sk.save(small, tmp_path / "m"), SharedNorm().eval())
+    assert back.bn is back.seq[0]
+    torch.testing.assert_close(back(x), small(x))

@@ -90,6 +90,7 @@ def test_per_channel_criteria_at_element_granularity_are_refused_naming_the_crit
 def test_floor_of_sparsity_times_units_for_huge_layers():
     assert [num_to_remove(s, 10**8) for s in (0.29, 0.57, 0.58)] == [29_000_000, 57_000_000, 58_000_000]
     assert num_to_remove(0.29, 100) == 29 and num_to_remove(0.5, 3) == 1 and num_to_remove(0.999999, 10) == 9
+    assert num_to_remove(0.13782171237277108, 635894) == 87639      # 87639.99996757: not rounded up
 
 
 def test_ignoring_a_module_without_prunable_layers_warns():

@@ -408,7 +408,7 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
         if torch.equal(index, torch.arange(int(stream.sum()))):
             continue      # the BN reads the whole compacted stream in order: nothing to select
         select = ChannelSelect(index, small.get_submodule(bn))
-        for alias in aliases.get(id(select.module), [bn]):
+        for alias in aliases.get(id(mods[bn]), [bn]):     # (the BN's names before it was resized)
             set_submodule(small, alias, select)
     q_rows = {m.module: g.id for g in graph.groups for m in g.members if m.axis == "out"}
     for name, mod in small.named_modules():
@@ -597,8 +597,10 @@ def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:
             for alias in module_aliases(model).get(id(mod), [inner]):
                 set_submodule(model, alias, blank)
     for name, w in selects.items():
-        select = ChannelSelect(torch.zeros(w["select"], dtype=torch.long), model.get_submodule(name), w["dim"])
-        set_submodule(model, name, select)
+        inner = model.get_submodule(name)
+        select = ChannelSelect(torch.zeros(w["select"], dtype=torch.long), inner, w["dim"])
+        for alias in module_aliases(model).get(id(inner), [name]):
+            set_submodule(model, alias, select)
     for _, mod in model.named_modules():
         if attention_kind(mod) in ("hf", "fused", "gqa"):
             set_heads(mod)

@@ -96,9 +96,7 @@ class Criterion:
                              f"the weight's shape {tuple(weight.shape)} (element scores) or "
                              f"({weight.shape[0]},) (one score per output channel)")
         out = out.detach()
-        if not out.is_floating_point() or out.dtype in (torch.float16, torch.bfloat16):
-            # (half-precision element scores summed per channel / block in their own dtype collapse into ties,
-            # which the lower index then breaks: "remove the first channels")
+        if not out.is_floating_point():
             out = out.to(torch.float32)
         if not bool(torch.isfinite(out).all()):
             raise ValueError(f"criterion {self.name!r} returned non-finite scores (nan/inf)")

@@ -466,10 +466,14 @@ def _size_follows(n: fx.Node, args: tuple, dim: int) -> bool:
     decidable there, taken as following."""
     if isinstance(n.target, torch._ops.OpOverload):
         return True
-    sizes = n.kwargs.get("shape", args[1:] if n.op == "call_method" else args[1:2])
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+    sizes = n.kwargs.get("shape", n.kwargs.get("size"))
+    if sizes is None:     # torch.reshape(x, shape); x.view(*sizes) / x.view(sizes) / Tensor.view(x, ...)
+        sizes = args[1:2] if n.target is torch.reshape else args[1:]
+    if isinstance(sizes, (tuple, list)) and len(sizes) == 1:
         sizes = sizes[0]
-    if dim >= len(sizes):
+    if isinstance(sizes, fx.Node):     # the whole shape computed from a tensor (x.view(h.shape), x.size())
+        return True
+    if not isinstance(sizes, (tuple, list, torch.Size)) or dim >= len(sizes):
         return False
     size = sizes[dim]
     return isinstance(size, fx.Node) or size == -1
@@ -1038,11 +1042,6 @@ class DependencyGraph:
             return None
         # x ** c with a constant c (GPT-2's tanh GELU is written with torch.pow): elementwise, like the ones below
         scalar_pow = fname in ("pow", "pow_") and len(args) > 1 and isinstance(args[1], (int, float))
-        # 1 / x of a removed (zeroed) channel is inf, and inf * 0 NaN downstream in the masked model, which the
-        # compacted one (without the channel) would not match: such channels stay
-        if fname in ("rsqrt", "reciprocal") or (scalar_pow and args[1] < 0):
-            self._pin(in_tags, f"{where}: takes 1 / x of the channels")
-            return None
         if scalar_pow or fname in _PASS_FN or (n.op == "call_method" and fname in (
                 "relu", "sigmoid", "contiguous", "float", "clone", "detach", "to", "gelu")):
             if isinstance(x, _Tag) and isinstance(shape, torch.Size):
@@ -1120,10 +1119,6 @@ class DependencyGraph:
             return None
         out = known[0][0]
         out = _Tag(out.dim + nd - len(known[0][1]), out.segs)
-        divisor = args[1] if _fn_name(n.target) in ("truediv", "div") and len(args) > 1 else None
-        if isinstance(divisor, fx.Node) and tag(divisor) is not None:
-            # x / h with h's channels: a removed channel divides by zero in the masked model (see rsqrt)
-            self._pin(tag(divisor), f"{where}: divides by the channels")
         for a, t in zip(tensors, tg):
             s = shapes[a]
             if t is None:

@@ -59,7 +59,6 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 CHANNEL_NORMS = (*BATCH_NORMS, *INSTANCE_NORMS)   # per-channel parameters over [N, C, ...]
 LINEAR_CONV2D = (nn.Linear, nn.Conv2d)   # what the procedures that rebuild layers (methods/) handle
-_EPS = 1e-9  # floor(0.29 * 100) must be 29, not 28 (0.29 * 100 == 28.999999999999996)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -137,11 +136,12 @@ def num_to_remove(sparsity: float, units: int) -> int:
 
 
 def floor_product(fraction: float, count: int) -> int:
-    """``floor(fraction * count)`` where a product within rounding of an integer counts as that integer
-    (0.29 * 100 == 28.999999999999996 -> 29; also for counts of 1e8, where an absolute epsilon is too small)."""
-    x = fraction * count
+    """``floor(fraction * count)`` where a product a few float roundings from an integer is that integer
+    (0.29 * 100 == 28.999999999999996 -> 29; 1 / 216 * 216 -> 1); tolerances in ulps of the product hold at
+    any count (an absolute epsilon is too small at 1e8 units, a relative one rounds 87639.99997 up)."""
+    x = float(fraction) * count
     nearest = round(x)
-    return int(nearest) if abs(x - nearest) <= _EPS * max(1.0, abs(x)) else int(math.floor(x))
+    return int(nearest) if abs(x - nearest) <= 4 * math.ulp(max(1.0, abs(nearest))) else math.floor(x)
 
 
 def unit_scores(scores: Tensor, granularity: str, *, block: tuple[int, int] = (32, 32)) -> Tensor:

@@ -494,6 +494,10 @@ class Pruner:
                for name in self._tapped_heads() + self._tapped_outputs()}    # one score per head / channel
         for name, mod in self.layers.items():
             s = self.criterion.score(mod, ctxs[name])
+            if self.granularity in ("channel", "block") and s.dtype in (torch.float16, torch.bfloat16):
+                # half-precision scores summed per channel / block in their own dtype collapse into ties, which
+                # the lower index then breaks ("remove the first channels"); element scores stay as they are
+                s = s.float()
             prev = self._masks.get(name)
             if prev is not None:  # units removed before score lowest: they stay removed
                 low = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
