@@ -636,13 +636,12 @@ at::Tensor bsr_mm_xt_tiled(const at::Tensor& xt_in, const at::Tensor& crow, cons
   const auto [bn, bk, bias] = check_bsr_mm_args(op, xt_in, "xt", 3, crow, col, values, bias_in, n);
   const TapTiling tiling = tap_tiling(op, xt_in, n, sizes, kernel);
   const int64_t B = xt_in.size(0), K = xt_in.size(1), M = xt_in.size(2);
-  if (!use_fast(xt_in.scalar_type())) {
+  // float64 and the AMX path (bf16 values) store plain y^T: computed so, then rearranged
+  const WKind stored = values.scalar_type() == at::kBFloat16 ? WKind::kBF16 : WKind::kF32;
+  if (!use_fast(xt_in.scalar_type()) || use_amx(xt_in.scalar_type() == at::kBFloat16, stored, M, bn, bk)) {
     return tile_taps(bsr_mm_xt(xt_in, crow, col, values, bias_in, n), tiling, sizes, kernel);
   }
   const auto [fv, wk] = fast_values(values);
-  if (use_amx(xt_in.scalar_type() == at::kBFloat16, wk, M, bn, bk)) {
-    return tile_taps(bsr_mm_xt(xt_in, crow, col, values, bias_in, n), tiling, sizes, kernel);
-  }
   const at::Tensor xt = xt_in.contiguous();
   at::Tensor y = at::empty(tiling.shape, xt.options());
   SPARSEKIT_DISPATCH_FAST(xt.scalar_type(), "sparsekit_bsr_mm_xt_tiled", [&] {

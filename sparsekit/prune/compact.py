@@ -145,7 +145,9 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
             cur.copy_(v)
     new.train(mod.training)
     for k, v in new.named_parameters(recurse=False):     # each tensor trains as its original did (BitFit ...)
-        src = getattr(mod, k, None)
+        # (a masked tensor's stored original: reading the computed one costs a product, and under no_grad
+        # it would never require grad)
+        src = mod.parametrizations[k].original if parametrize.is_parametrized(mod, k) else getattr(mod, k, None)
         if isinstance(src, Tensor):
             v.requires_grad_(src.requires_grad)
     return new
