@@ -6,10 +6,11 @@ every alias, or the other names keep running the old module."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["module_aliases", "shared_weights"]
+__all__ = ["module_aliases", "shared_weights", "tied_layers", "retie"]
 
 
 def module_aliases(model: nn.Module) -> dict[int, list[str]]:
@@ -38,3 +39,26 @@ def shared_weights(model: nn.Module, types: tuple[type, ...]) -> dict[str, list[
             for _, name in group:
                 out[name] = [other for _, other in group if other != name]
     return out
+
+
+def tied_layers(model: nn.Module) -> list[list[str]]:
+    """Names of the layers (Linear, Embedding, convs) holding one weight Parameter, one list per weight."""
+    from .prune.masks import CONVS, TRANSPOSED_CONVS
+    ties = shared_weights(model, (nn.Linear, nn.Embedding, *CONVS, *TRANSPOSED_CONVS))
+    return [list(names) for names in dict.fromkeys(tuple(sorted([n, *others])) for n, others in ties.items())]
+
+
+def retie(model: nn.Module, ties: list[list[str]], same_values: bool = True) -> list[list[str]]:
+    """Make the layers of each list in ``ties`` (``tied_layers`` of the model before it was rebuilt) hold one
+    weight Parameter again, the first one's, where their weights have one shape (and, with ``same_values``,
+    equal values); returns the lists left untied."""
+    untied = []
+    for names in ties:
+        mods = [model.get_submodule(n) for n in names]
+        weights = [m.weight for m in mods]
+        if any(w.shape != weights[0].shape or (same_values and not torch.equal(w, weights[0])) for w in weights):
+            untied.append(names)
+            continue
+        for m in mods[1:]:
+            m.weight = weights[0]
+    return untied

@@ -31,6 +31,11 @@ cross-attention). An ``nn.TransformerEncoder`` holding one stops converting
 padded batches to nested tensors (its fast path assumes a stock attention): outputs at padded positions are
 then computed rather than zeroed.
 
+Resized layers are copies of the originals (``module_copy.resized_copy``), not rebuilt through their
+constructors: a subclass keeps its class, attributes and hooks (state of its own sized like a cut dim is a
+ValueError: it cannot be cut). A weight tied across layers is one Parameter again in the compacted model (and
+after ``sk.load``).
+
 Save / load: ``compacted_widths(model)`` is a JSON-able spec of every resized module and selection;
 ``apply_widths(fresh, widths)`` rebuilds those shapes in a fresh instance of the original class, after which
 ``load_state_dict`` of the compacted weights succeeds (``sk.save`` / ``sk.load`` call these).
@@ -39,19 +44,20 @@ Save / load: ``compacted_widths(model)`` is a JSON-able spec of every resized mo
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from .._aliases import module_aliases
+from .._aliases import module_aliases, retie, tied_layers
 from .._compat import set_submodule
 from .channel_select import ChannelSelect
 from .graph import QKV_PROJ, DependencyGraph, Group, attention_kind, in_proj_parts, set_heads, weight_dim
 from .linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
 from .masks import CHANNEL_NORMS, CONVS, TRANSPOSED_CONVS, unmasked
+from .module_copy import resized_copy
 from .pruned_mha import PrunedMultiheadAttention
 from .recurrent import RECURRENT, hidden_unit_rows, index_masks, resize_recurrent, unit_index
 
@@ -61,96 +67,78 @@ __all__ = ["resize_module", "module_keeps", "member_masks", "member_tensor_masks
 
 
 
-def _base_class(mod: nn.Module) -> type:
-    return parametrize.type_before_parametrizations(mod)
-
-
 def _sel(t: Tensor | None, dim: int, idx: Tensor | None) -> Tensor | None:
-    if t is None or idx is None:
-        return t
-    return t.detach().index_select(dim, idx.to(t.device))
+    """Entries ``idx`` of ``t`` along ``dim`` (all of them when ``idx`` is None), in a tensor of their own."""
+    return _cut(t, idx, None) if dim == 0 else _cut(t, None, idx)
+
+
+def _cut(t: Tensor | None, rows: Tensor | None = None, cols: Tensor | None = None) -> Tensor | None:
+    """Rows ``rows`` and columns ``cols`` of ``t`` (``None``: all) in a tensor of their own."""
+    if t is None:
+        return None
+    out = t.detach()
+    if rows is None and cols is None:
+        return out.clone()
+    if rows is not None:
+        out = out.index_select(0, rows.to(t.device))
+    return out if cols is None else out.index_select(1, cols.to(t.device))
 
 
 def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tensor | None = None) -> nn.Module:
-    """A new module of the same class keeping indices ``keep_out`` (weight dim 0 / channels / embedding dim)
-    and ``keep_in`` (weight dim 1) of ``mod``; ``None`` keeps everything. An attention module (``"mha"``)
+    """A copy of ``mod`` keeping indices ``keep_out`` (weight dim 0 / channels / embedding dim) and ``keep_in``
+    (weight dim 1); ``None`` keeps everything. The copy is of ``mod``'s class (a subclass too, with its attributes
+    and hooks: ``module_copy.resized_copy``), its masks baked in. An attention module (``"mha"``)
     keeps whole heads: ``keep_out`` indexes its packed q|k|v rows and it becomes a ``PrunedMultiheadAttention``."""
     if attention_kind(mod) == "mha":
         return _resize_mha(mod, keep_out, keep_in)
     if isinstance(mod, RECURRENT):     # keep_out: hidden units (of every layer and direction)
         return resize_recurrent(mod, keep_out, keep_in)
-    cls = _base_class(mod)
     w = mod.weight.detach() if getattr(mod, "weight", None) is not None else None
     b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
-    dd = {"device": w.device if w is not None else None, "dtype": w.dtype if w is not None else None}
     if isinstance(mod, CONVS):
-        out_c = mod.out_channels if keep_out is None else keep_out.numel()
-        in_c = mod.in_channels if keep_in is None else keep_in.numel()
-        groups = mod.groups
-        if groups > 1:
+        sizes = {"out_channels": _size(mod.out_channels, keep_out), "in_channels": _size(mod.in_channels, keep_in)}
+        if mod.groups > 1:
             if keep_in is not None:
-                raise ValueError(f"a grouped conv ({groups} groups) loses whole groups, not input columns")
-            groups = groups * out_c // mod.out_channels
-            in_c = mod.in_channels // mod.groups * groups
-        new = cls(in_c, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups, b is not None,
-                  mod.padding_mode, **dd)
-        tensors = {"weight": _sel(_sel(w, 0, keep_out), 1, keep_in), "bias": _sel(b, 0, keep_out)}
+                raise ValueError(f"a grouped conv ({mod.groups} groups) loses whole groups, not input columns")
+            sizes["groups"] = mod.groups * sizes["out_channels"] // mod.out_channels
+            sizes["in_channels"] = mod.in_channels // mod.groups * sizes["groups"]
+        tensors = {"weight": _cut(w, keep_out, keep_in), "bias": _sel(b, 0, keep_out)}
     elif isinstance(mod, TRANSPOSED_CONVS):
         if mod.groups != 1:
             raise ValueError(f"a grouped transposed conv ({mod.groups} groups) is not resized")
-        out_c = mod.out_channels if keep_out is None else keep_out.numel()
-        in_c = mod.in_channels if keep_in is None else keep_in.numel()
-        new = cls(in_c, out_c, mod.kernel_size, mod.stride, mod.padding, mod.output_padding, 1, b is not None,
-                  mod.dilation, mod.padding_mode, **dd)
-        tensors = {"weight": _sel(_sel(w, 0, keep_in), 1, keep_out), "bias": _sel(b, 0, keep_out)}
+        sizes = {"out_channels": _size(mod.out_channels, keep_out), "in_channels": _size(mod.in_channels, keep_in)}
+        tensors = {"weight": _cut(w, keep_in, keep_out), "bias": _sel(b, 0, keep_out)}
     elif isinstance(mod, nn.Linear):
-        out_f = mod.out_features if keep_out is None else keep_out.numel()
-        in_f = mod.in_features if keep_in is None else keep_in.numel()
-        new = cls(in_f, out_f, bias=b is not None, **dd)
-        tensors = {"weight": _sel(_sel(w, 0, keep_out), 1, keep_in), "bias": _sel(b, 0, keep_out)}
+        sizes = {"out_features": _size(mod.out_features, keep_out), "in_features": _size(mod.in_features, keep_in)}
+        tensors = {"weight": _cut(w, keep_out, keep_in), "bias": _sel(b, 0, keep_out)}
     elif isinstance(mod, CHANNEL_NORMS):
-        n = mod.num_features if keep_out is None else keep_out.numel()
-        new = cls(n, mod.eps, mod.momentum, mod.affine, mod.track_running_stats, **dd)
+        sizes = {"num_features": _size(mod.num_features, keep_out)}
         tensors = {"weight": _sel(w, 0, keep_out), "bias": _sel(b, 0, keep_out),
                    "running_mean": _sel(mod.running_mean, 0, keep_out),
                    "running_var": _sel(mod.running_var, 0, keep_out)}
         if mod.num_batches_tracked is not None:
-            tensors["num_batches_tracked"] = mod.num_batches_tracked.detach()
+            tensors["num_batches_tracked"] = mod.num_batches_tracked.detach().clone()
     elif isinstance(mod, nn.GroupNorm):
-        n = mod.num_channels if keep_out is None else keep_out.numel()
-        g = mod.num_groups * n // mod.num_channels
-        new = cls(g, n, mod.eps, mod.affine, **dd)
+        n = _size(mod.num_channels, keep_out)
+        sizes = {"num_channels": n, "num_groups": mod.num_groups * n // mod.num_channels}
         tensors = {"weight": _sel(w, 0, keep_out), "bias": _sel(b, 0, keep_out)}
     elif isinstance(mod, nn.Embedding):
-        d = mod.embedding_dim if keep_out is None else keep_out.numel()
-        new = cls(mod.num_embeddings, d, mod.padding_idx, mod.max_norm, mod.norm_type, mod.scale_grad_by_freq,
-                  mod.sparse, **dd)
+        sizes = {"embedding_dim": _size(mod.embedding_dim, keep_out)}
         tensors = {"weight": _sel(w, 1, keep_out)}
     elif isinstance(mod, nn.PReLU):
         per_channel = mod.num_parameters > 1 and keep_out is not None
-        new = cls(keep_out.numel() if per_channel else mod.num_parameters, **dd)
-        tensors = {"weight": _sel(w, 0, keep_out) if per_channel else w}
+        sizes = {"num_parameters": keep_out.numel() if per_channel else mod.num_parameters}
+        tensors = {"weight": _sel(w, 0, keep_out if per_channel else None)}
     elif isinstance(mod, nn.LayerNorm) and keep_out is None:
         return copy.deepcopy(mod)
     else:
         raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
                         "Linear, BatchNorm, GroupNorm, InstanceNorm, Embedding, PReLU, RNN, LSTM, GRU)")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            if v is None:
-                continue
-            cur = getattr(new, k)
-            if cur.shape != v.shape:
-                raise ValueError(f"resize_module: {k} shape {tuple(v.shape)} vs expected {tuple(cur.shape)}")
-            cur.copy_(v)
-    new.train(mod.training)
-    for k, v in new.named_parameters(recurse=False):     # each tensor trains as its original did (BitFit ...)
-        # (a masked tensor's stored original: reading the computed one costs a product, and under no_grad
-        # it would never require grad)
-        src = mod.parametrizations[k].original if parametrize.is_parametrized(mod, k) else getattr(mod, k, None)
-        if isinstance(src, Tensor):
-            v.requires_grad_(src.requires_grad)
-    return new
+    return resized_copy(mod, tensors, sizes)
+
+
+def _size(n: int, keep: Tensor | None) -> int:
+    return n if keep is None else keep.numel()
 
 
 def _resize_mha(mod: nn.Module, keep_out: Tensor | None, keep_in: Tensor | None) -> nn.Module:
@@ -393,6 +381,7 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
     small = copy.deepcopy(model)
     mods = dict(small.named_modules())
     aliases = module_aliases(small)
+    ties = tied_layers(small)
     for name, ax in plan.items():
         new = resize_module(mods[name], ax.get("out"), ax.get("in"))
         for alias in aliases[id(mods[name])]:      # a module registered under several names is one module
@@ -422,6 +411,9 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
     disable_fused_transformer_paths(small)   # a PrunedMultiheadAttention has no packed weights to hand them
     from .masks import bake_masks
     bake_masks(small)
+    for names in retie(small, ties):     # (the graph couples a tied weight's channels: only differing masks get here)
+        warnings.warn(f"{names} held one weight, masked differently: the compacted model holds one weight each",
+                      RuntimeWarning, stacklevel=2)
     small._sparsekit_keep = {k: v.clone() for k, v in keep.items()}  # type: ignore[attr-defined]
     return small
 
@@ -570,18 +562,18 @@ def _blank_conv(mod: nn.Conv1d | nn.Conv2d | nn.Conv3d, in_c: Any, out_c: Any, g
             raise ValueError(f"widths of a {type(mod).__name__}: {what!r} must be a positive int, got {v!r}")
     if in_c % groups or out_c % groups:
         raise ValueError(f"widths of a {type(mod).__name__}: groups={groups} must divide in={in_c} and out={out_c}")
-    w = mod.weight
-    new = _base_class(mod)(in_c, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups,
-                           mod.bias is not None, mod.padding_mode, device=w.device, dtype=w.dtype)
-    new.train(mod.training)
-    new.requires_grad_(w.requires_grad)
-    return new
+    w, b = mod.weight, mod.bias
+    tensors = {"weight": w.new_zeros(out_c, in_c // groups, *w.shape[2:]),
+               "bias": None if b is None else b.new_zeros(out_c)}
+    sizes = {"in_channels": in_c, "out_channels": out_c, "groups": groups}
+    return resized_copy(mod, tensors, sizes)
 
 
 def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:
     """Rebuild the compacted shapes ``widths`` (from ``compacted_widths``) in ``model``, a fresh instance of
     the original class; then ``model.load_state_dict(compacted.state_dict())`` works. Returns ``model``."""
     selects = {n: w for n, w in widths.items() if "select" in w}
+    ties = tied_layers(model)
     for name, w in widths.items():
         if name in selects:
             continue
@@ -603,6 +595,7 @@ def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:
         select = ChannelSelect(torch.zeros(w["select"], dtype=torch.long), inner, w["dim"])
         for alias in module_aliases(model).get(id(inner), [name]):
             set_submodule(model, alias, select)
+    retie(model, ties, same_values=False)     # (a tie whose layers got different widths stays broken, as saved)
     for _, mod in model.named_modules():
         if attention_kind(mod) in ("hf", "fused", "gqa"):
             set_heads(mod)

@@ -78,6 +78,9 @@ span)`` (axis ``"out"``: weight dim 0, bias, norm params; ``"in"``: weight dim 1
   keys and values from the memory stream, which keeps its width), plus a prunable feed-forward space per
   layer (``linear1`` rows, ``linear2`` columns); their LayerNorms pin the streams.
 * embeddings: a new space on the embedding dim; model outputs and anything an unknown op touches: pinned.
+* a weight tied across layers (``dec.weight = enc.weight``, the tied word language model): its holders' members
+  along each of its dims are coupled position by position (the embedding dim, the LSTM's units and the decoder's
+  inputs become one group); a dim one holder does not cut (an embedding's vocabulary rows) is pinned for all.
 
 Pinned groups (``prunable=False``, ``reason``) are never pruned: this is what keeps the classifier intact.
 """
@@ -99,6 +102,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.fx import _symbolic_trace
 
+from .._aliases import tied_layers
 from .._compat import set_submodule
 from .masks import BATCH_NORMS, CHANNEL_NORMS, CONVS, INSTANCE_NORMS, TRANSPOSED_CONVS, floor_product
 from .recurrent import RECURRENT, hidden_unit_rows, input_columns
@@ -144,6 +148,11 @@ def weight_dim(mod: nn.Module, axis: str) -> int:
     if isinstance(mod, TRANSPOSED_CONVS):
         return 1 if axis == "out" else 0
     return 0 if axis == "out" else 1
+
+
+def _tensor_dim(mod: nn.Module, axis: str) -> int:
+    """The weight dim of a member (``weight_dim``; an embedding's channels are its weight's dim 1)."""
+    return 1 if isinstance(mod, nn.Embedding) else weight_dim(mod, axis)
 
 
 class GraphError(RuntimeError):
@@ -1278,7 +1287,33 @@ class DependencyGraph:
                 sp.pinned = sp.pinned or reason
 
     # ---------------------------------------------------------------------------------- finishing
+    def _couple_tied(self) -> None:
+        """A weight held by several layers (a tied embedding and decoder, ``dec.weight = enc.weight``) has one
+        set of channels along each dim: the spaces of its holders' members along a dim are coupled position by
+        position; where the holders' layouts along a dim differ (one has no member there, as an embedding's
+        vocabulary rows, or the offsets differ) those spaces are pinned."""
+        for names in tied_layers(self.model):
+            for dim in (0, 1):
+                roots = [r for r in range(len(self._spaces)) if self._spaces[r].parent is None]  # (as merged so far)
+                layouts = {name: sorted((m.offset, m.span, r) for r in roots for m in self._spaces[r].members
+                                        if m.module == name and _tensor_dim(self.modules[name], m.axis) == dim)
+                           for name in names}
+                if not any(layouts.values()):
+                    continue
+                if len({tuple((o, span) for o, span, _ in lay) for lay in layouts.values()}) == 1:
+                    first, *rest = layouts.values()
+                    for entries in rest:
+                        for (_, _, a), (_, _, b) in zip(first, entries):
+                            self._union(a, b)
+                    continue
+                reason = f"{sorted(names)} hold one weight tensor whose dim {dim} they cut differently"
+                for lay in layouts.values():
+                    for _, _, r in lay:
+                        sp = self._spaces[self._find(r)]
+                        sp.pinned = sp.pinned or reason
+
     def _finish(self) -> None:
+        self._couple_tied()
         # a pinned selection keeps all its channels, so the stream it selects from must keep them all too (a
         # selection loses every channel its stream loses); a stream may itself be a selection: until stable
         changed = True

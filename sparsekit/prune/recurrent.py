@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import _VF, Tensor, nn
-from torch.nn.utils import parametrize
+
+from .module_copy import resized_copy
 
 __all__ = ["RECURRENT", "gates", "unit_index", "index_masks", "resize_recurrent", "hidden_unit_rows",
            "input_columns", "parameter_names", "keep_copyable", "layer_by_layer", "stock_forward"]
@@ -88,22 +89,18 @@ def index_masks(mod: nn.Module, keep_hidden: Tensor | None = None,
 
 
 def resize_recurrent(mod: nn.Module, keep_hidden: Tensor | None = None, keep_in: Tensor | None = None) -> nn.Module:
-    """A new module of ``mod``'s class with ``len(keep_hidden)`` hidden units and ``len(keep_in)`` inputs, the
-    kept rows and columns copied (``None`` keeps all)."""
+    """A copy of ``mod`` (its class, attributes and hooks: ``module_copy.resized_copy``) with ``len(keep_hidden)``
+    hidden units and ``len(keep_in)`` inputs, the kept rows and columns copied (``None`` keeps all)."""
     if getattr(mod, "proj_size", 0):
         raise ValueError(f"an LSTM with proj_size={mod.proj_size} is not resized (its outputs are projections)")
     if keep_hidden is None and keep_in is None:
         return copy.deepcopy(mod)
-    w = mod.weight_ih_l0
     h = mod.hidden_size if keep_hidden is None else len(keep_hidden)
     i = mod.input_size if keep_in is None else len(keep_in)
     if h < 1 or i < 1:
         raise ValueError(f"a {type(mod).__name__} keeps at least one hidden unit and one input, got hidden {h}, "
                          f"input {i}")
-    kwargs = {"nonlinearity": mod.nonlinearity} if isinstance(mod, nn.RNN) else {}
-    cls = parametrize.type_before_parametrizations(mod)   # a masked module's own class
-    new = cls(i, h, num_layers=mod.num_layers, bias=mod.bias, batch_first=mod.batch_first, dropout=mod.dropout,
-              bidirectional=mod.bidirectional, device=w.device, dtype=w.dtype, **kwargs)
+    tensors = {}
     with torch.no_grad():
         for name, (rows, cols) in unit_index(mod, keep_hidden, keep_in).items():
             t = getattr(mod, name).detach()
@@ -111,9 +108,10 @@ def resize_recurrent(mod: nn.Module, keep_hidden: Tensor | None = None, keep_in:
                 t = t.index_select(0, rows.to(t.device))
             if cols is not None:
                 t = t.index_select(1, cols.to(t.device))
-            getattr(new, name).copy_(t)
-    new.train(mod.training)
-    new.requires_grad_(w.requires_grad)
+            tensors[name] = t.clone() if rows is None and cols is None else t
+    # (the flat-weight caches hold the old tensors: made again from the new ones)
+    new = resized_copy(mod, tensors, {"hidden_size": h, "input_size": i}, skip=("_flat_weights", "_flat_weight_refs"))
+    new._init_flat_weights()
     return new
 
 

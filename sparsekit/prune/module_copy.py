@@ -1,0 +1,88 @@
+"""A resized copy of a layer that stays the layer it was: its class (a user's subclass too), its hooks and its
+other attributes carry over; only its tensors are swapped for smaller ones and its size attributes updated.
+
+Compaction used to rebuild a layer through its class's constructor, which drops a subclass's state and hooks and
+fails outright when the subclass's constructor takes other arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = ["resized_copy"]
+
+
+def _own_tensors(mod: nn.Module) -> list[Tensor]:
+    """``mod``'s own parameters and buffers, with a masked tensor's stored original and its mask."""
+    out = [t for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None]
+    if parametrize.is_parametrized(mod):
+        out += [t for t in (*mod.parametrizations.parameters(), *mod.parametrizations.buffers())]
+    return out
+
+
+def _stored(plist: nn.Module) -> Tensor:
+    """What a parametrized tensor stores: its original (the first, for a parametrization with several, as
+    ``parametrizations.weight_norm``'s ``original0`` / ``original1``)."""
+    return plist.original if plist.is_tensor else plist.original0
+
+
+def _register(mod: nn.Module, name: str, value: Tensor, src: Tensor | None) -> None:
+    """``value`` as ``mod``'s parameter ``name`` if ``src`` (the tensor it replaces) was one, else as a buffer."""
+    if isinstance(src, nn.Parameter):
+        mod._parameters[name] = nn.Parameter(value, src.requires_grad)
+    else:
+        mod._buffers[name] = value
+
+
+def resized_copy(mod: nn.Module, tensors: Mapping[str, Tensor | None], sizes: Mapping[str, int],
+                 skip: Iterable[str] = ()) -> nn.Module:
+    """A copy of ``mod`` holding ``tensors`` (new values of its own parameters / buffers of those names; ``None``
+    leaves one absent, as a bias-free layer's) and with the attributes ``sizes`` set.
+
+    Masks and other parametrizations are dropped: a parametrized tensor not in ``tensors`` keeps its computed
+    value. Each parameter requires grad as the original did. Hooks are the same callables (shallow copies of the
+    hook dicts); submodules and plain attributes are deep copies; attributes named in ``skip`` are left out (the
+    caller rebuilds them). Another tensor of ``mod`` with a dim of a size being changed (a subclass's per-channel
+    state, the ``weight_g`` of the deprecated hook-based ``weight_norm``) cannot be cut along with it: ValueError.
+    """
+    base = parametrize.type_before_parametrizations(mod)
+    masked = dict(mod.parametrizations.items()) if parametrize.is_parametrized(mod) else {}
+    new = base.__new__(base)
+    memo: dict[int, Any] = {id(mod): new}
+    memo.update({id(t): t for t in _own_tensors(mod)})     # shared, never copied: replaced or cloned below
+    skip = set(skip)
+    state = {}
+    for key, value in mod.__dict__.items():
+        if key in skip or key in tensors:    # (a plain attribute of that name: hook-based weight_norm's weight)
+            continue
+        if key in ("_parameters", "_buffers"):
+            state[key] = copy.copy(value)
+        elif key == "_modules":
+            state[key] = type(value)((k, copy.deepcopy(m)) for k, m in value.items() if k != "parametrizations")
+        elif "hook" in key:
+            state[key] = copy.copy(value)
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__dict__.update(state)
+    for name, plist in masked.items():
+        if name not in tensors:      # a parametrized tensor kept whole: its computed value
+            _register(new, name, getattr(mod, name).detach().clone(), _stored(plist))
+    for name, value in tensors.items():
+        if value is not None:        # (None: absent in the original too, e.g. no bias)
+            src = _stored(masked[name]) if name in masked else mod._parameters.get(name, mod._buffers.get(name))
+            _register(new, name, value.detach(), src)
+    changed = {getattr(mod, key) for key, size in sizes.items() if getattr(mod, key) != size}
+    for name, t in (*new._parameters.items(), *new._buffers.items()):
+        if name not in tensors and t is not None and changed.intersection(t.shape):
+            raise ValueError(f"cannot resize a {base.__name__}: it holds {name!r} of shape {tuple(t.shape)}, which "
+                             f"sparsekit does not know how to cut (it resizes {sorted(tensors)}); prune without this "
+                             "layer (ignore=...) or move that state out of it (the deprecated hook-based "
+                             "nn.utils.weight_norm: use nn.utils.parametrizations.weight_norm)")
+    for key, value in sizes.items():
+        setattr(new, key, value)
+    return new

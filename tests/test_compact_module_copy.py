@@ -1,0 +1,179 @@
+"""Compaction keeps what a layer is (its subclass, attributes, hooks) and keeps weights tied across layers."""
+
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit as sk
+from sparsekit._aliases import retie, tied_layers
+from sparsekit.prune import Pruner
+from sparsekit.prune.compact import resize_module
+from sparsekit.prune.graph import DependencyGraph
+
+
+class ScaledConv(nn.Conv2d):
+    """A subclass whose constructor takes other arguments than Conv2d's, with state of its own."""
+
+    def __init__(self, channels_in: int, channels_out: int, gain: float) -> None:
+        super().__init__(channels_in, channels_out, 3, padding=1)
+        self.gain = gain
+        self.tag = {"role": "stem"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.gain
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = ScaledConv(3, 16, gain=0.5)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv1(x)))
+        return self.head(self.conv2(h).mean((2, 3)))
+
+
+def test_subclass_state_and_hooks_survive_compaction() -> None:
+    torch.manual_seed(0)
+    model = Net().eval()
+    seen = []
+    model.conv1.register_forward_hook(lambda mod, args, out: seen.append(out.shape[1]))
+    x = torch.randn(2, 3, 8, 8)
+    pruner = Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    seen.clear()
+    small = pruner.compact()
+    conv = small.conv1
+    assert type(conv) is ScaledConv and conv.gain == 0.5 and conv.tag == {"role": "stem"}
+    assert conv.out_channels == 8 and conv.weight.shape == (8, 3, 3, 3)
+    assert conv.tag is not model.conv1.tag            # a copy, not shared with the original
+    diff = sk.verify(model, small, x, atol=1e-5)
+    assert max(diff.values()) <= 1e-5
+    assert seen == [16, 8]                             # the hook ran on the masked and on the compacted layer
+    assert model.conv1.weight.shape == (16, 3, 3, 3)   # the original is untouched, still masked
+    assert torch.nn.utils.parametrize.is_parametrized(model.conv1, "weight")
+    with tempfile.TemporaryDirectory() as d:
+        sk.save(small, f"{d}/net")
+        back = sk.load(f"{d}/net", Net().eval())
+    assert type(back.conv1) is ScaledConv and back.conv1.gain == 0.5 and back.conv1.out_channels == 8
+    assert torch.equal(back(x), small(x))
+
+
+def test_resize_module_copies_and_keeps_requires_grad() -> None:
+    lin = nn.Linear(6, 5)
+    lin.bias.requires_grad_(False)
+    lin.register_forward_pre_hook(lambda mod, args: None)
+    new = resize_module(lin, torch.tensor([0, 3]), torch.tensor([1, 2, 5]))
+    assert (new.out_features, new.in_features) == (2, 3)
+    assert torch.equal(new.weight, lin.weight.detach()[[0, 3]][:, [1, 2, 5]])
+    assert new.weight.requires_grad and not new.bias.requires_grad
+    assert len(new._forward_pre_hooks) == 1 and new._forward_pre_hooks is not lin._forward_pre_hooks
+    assert lin.weight.shape == (5, 6)
+    same = resize_module(lin)                          # nothing cut: a copy with storage of its own
+    assert same.weight.data_ptr() != lin.weight.data_ptr()
+
+
+def test_extra_per_channel_state_is_an_error() -> None:
+    class Gained(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(4, 6)
+            self.gain = nn.Parameter(torch.ones(6))
+
+    with pytest.raises(ValueError, match="'gain' of shape \\(6,\\)"):
+        resize_module(Gained(), torch.tensor([0, 1, 2]))
+    scalar = Gained()
+    scalar.gain = nn.Parameter(torch.ones(1))          # state of another size is carried over as it is
+    assert resize_module(scalar, torch.tensor([0, 1])).gain.shape == (1,)
+
+
+def test_recurrent_subclass_keeps_its_attributes() -> None:
+    class TaggedGRU(nn.GRU):
+        def __init__(self) -> None:
+            super().__init__(5, 8, num_layers=2, batch_first=True)
+            self.note = "encoder"
+
+    gru = TaggedGRU()
+    new = resize_module(gru, torch.tensor([0, 2, 4, 6]))
+    assert type(new) is TaggedGRU and new.note == "encoder" and new.hidden_size == 4
+    out, h = new(torch.randn(2, 3, 5))
+    assert out.shape == (2, 3, 4) and h.shape == (2, 2, 4)
+
+
+class TiedLM(nn.Module):
+    """The tied word-language-model (encoder embedding and decoder share one weight)."""
+
+    def __init__(self, vocab: int = 40, dim: int = 24) -> None:
+        super().__init__()
+        self.enc = nn.Embedding(vocab, dim)
+        self.rnn = nn.LSTM(dim, dim, batch_first=True)
+        self.dec = nn.Linear(dim, vocab)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.rnn(self.enc(x))[0])
+
+
+def test_tied_weights_are_one_group_and_stay_tied() -> None:
+    torch.manual_seed(0)
+    model = TiedLM()
+    x = torch.randint(0, 40, (2, 7))
+    graph = DependencyGraph.build(model, x)
+    (group,) = [g for g in graph.groups if any(m.module == "enc" for m in g.members)]
+    assert {(m.module, m.axis) for m in group.members} == {("enc", "out"), ("rnn", "in"), ("rnn", "out"),
+                                                           ("dec", "in")}
+    pruner = Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert small.enc.weight is small.dec.weight and small.enc.weight.shape == (40, 12)
+    assert max(sk.verify(model, small, x, atol=1e-5).values()) <= 1e-5
+    with tempfile.TemporaryDirectory() as d:
+        sk.save(small, f"{d}/lm")
+        back = sk.load(f"{d}/lm", TiedLM())
+    assert back.enc.weight is back.dec.weight
+    assert torch.equal(back(x), small(x))
+    torch.optim.SGD(small.parameters(), lr=0.1).zero_grad()
+    small(x).sum().backward()
+    torch.optim.SGD(small.parameters(), lr=0.1).step()
+    assert small.enc.weight is small.dec.weight
+
+
+def test_retie_reports_weights_that_differ() -> None:
+    model = TiedLM()
+    assert tied_layers(model) == [["dec", "enc"]]
+    model.dec.weight = nn.Parameter(model.enc.weight.detach() + 1)
+    assert retie(model, [["dec", "enc"]]) == [["dec", "enc"]]
+    assert model.dec.weight is not model.enc.weight
+    assert retie(model, [["dec", "enc"]], same_values=False) == []
+    assert model.enc.weight is model.dec.weight
+
+
+def test_weight_norm_parametrization_is_baked_and_the_hook_based_one_refused() -> None:
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(4, 6))
+    new = resize_module(normed, torch.tensor([0, 2, 5]))
+    assert type(new) is nn.Linear and not torch.nn.utils.parametrize.is_parametrized(new)
+    assert torch.allclose(new.weight, normed.weight.detach()[[0, 2, 5]])
+    with pytest.warns(FutureWarning):
+        hooked = nn.utils.weight_norm(nn.Linear(4, 6))
+    with pytest.raises(ValueError, match="weight_g.*parametrizations.weight_norm"):
+        resize_module(hooked, torch.tensor([0, 2, 5]))
+
+
+def test_tied_weight_cut_differently_is_pinned() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.b.weight = self.a.weight      # a's inputs are the model's (fixed); b's are a's outputs
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    graph = DependencyGraph.build(Twice(), torch.randn(3, 8))
+    (group,) = [g for g in graph.groups if ("a", "out") in {(m.module, m.axis) for m in g.members}]
+    assert {(m.module, m.axis) for m in group.members} == {("a", "out"), ("b", "in"), ("b", "out"), ("head", "in")}
+    assert not group.prunable and "dim 1 they cut differently" in group.reason
