@@ -19,6 +19,7 @@ import sys
 
 import pytest
 import torch
+from _profile import kernel_names
 from _tolerance import assert_close_to_reference as _close
 
 from sparsekit.formats import CSR
@@ -109,11 +110,21 @@ def test_forced_skinny_misaligned_x(monkeypatch, dtype):
 @pytest.mark.parametrize("mode", ["0", "1", "force"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_modes_and_declined_cases(monkeypatch, mode, dtype):
-    """Every mode gives right answers; fp32 and M > 64 are never taken by the path (generic kernel)."""
+    """Every mode gives right answers; fp32, M > 64 and mode "0" never take the path, "force" takes it otherwise."""
     monkeypatch.setenv(ENV, mode)
     for m in (16, 65):
         w = _csr(96, 200, 0.3, dtype, seed=m, col_dtype=torch.int16, empty_rows=(5,))
-        _check(w, _rand(m, 200, seed=m, dtype=dtype), _rand(96, seed=3, dtype=dtype), dtype)
+        x, bias = _rand(m, 200, seed=m, dtype=dtype), _rand(96, seed=3, dtype=dtype)
+        _check(w, x, bias, dtype)
+        args = (x, w.crow_indices, w.col_indices, w.values, bias, 96)
+        names = kernel_names(lambda args=args: torch.ops.sparsekit.csr_mm(*args))
+        if names is None:
+            continue     # (the profiler records no CUDA kernels here: values checked only)
+        skinny = any("csr_skinny_kernel" in name for name in names)
+        if mode == "0" or dtype == torch.float32 or m > 64:
+            assert not skinny, sorted(names)
+        elif mode == "force":
+            assert skinny, sorted(names)
 
 
 def test_invalid_mode_raises(monkeypatch):

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from _profile import kernel_names
 from _tolerance import assert_close_to_reference
 
 from sparsekit.formats import NM
@@ -58,9 +59,10 @@ def _check(got, x, w, bias, dtype):
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("m", [1, 7, 16, 33, 128])
-def test_forced_sparse_tensor_core_matches_reference(monkeypatch, m, shape, dtype, with_bias):
-    monkeypatch.setenv("SPARSEKIT_NM_SP", "force")
+@pytest.mark.parametrize("m", [1, 7, 16, 20, 32, 33, 128])     # every tile shape: NT 1, 2, 4 and 8
+@pytest.mark.parametrize("mode", ["force", "0"])                  # "0": the generic kernel on the same inputs
+def test_forced_sparse_tensor_core_matches_reference(monkeypatch, mode, m, shape, dtype, with_bias):
+    monkeypatch.setenv("SPARSEKIT_NM_SP", mode)
     n, k = shape
     w = _weight(n, k, dtype, seed=m + n)
     x = _rand(m, k, seed=1, dtype=dtype)
@@ -87,29 +89,30 @@ def test_forced_sparse_tensor_core_misaligned_operands(monkeypatch, m, operand, 
     _check(torch.ops.sparsekit.nm_mm(x, values, indices, bias, 2, 4), x, w, bias, dtype)
 
 
-def _kernel_names(fn):
-    """Names of the CUDA kernels fn launches, or None when the profiler sees no kernels here."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()  # outside the profile: any first-use probe
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names = {e.name for e in prof.events()}
-    return names if any("kernel" in name for name in names) else None
-
-
 @pytest.mark.parametrize("mode, sparse", [("force", True), ("0", False)])
 def test_env_selects_the_kernel(monkeypatch, mode, sparse):
     monkeypatch.setenv("SPARSEKIT_NM_SP", mode)
     w = _weight(128, 256, torch.float16, seed=0)
     x = _rand(20, 256, seed=1, dtype=torch.float16)
-    names = _kernel_names(lambda: torch.ops.sparsekit.nm_mm(x, w.values, w.indices, None, 2, 4))
+    _check(torch.ops.sparsekit.nm_mm(x, w.values, w.indices, None, 2, 4), x, w, None, torch.float16)
+    names = kernel_names(lambda: torch.ops.sparsekit.nm_mm(x, w.values, w.indices, None, 2, 4))
     if names is None:
         pytest.skip("the profiler records no CUDA kernels on this machine")
     assert any("nm24_sp_kernel" in name for name in names) == sparse, sorted(names)
     assert any("nm_gemm_kernel" in name for name in names) == (not sparse), sorted(names)
+
+
+def test_generic_kernel_sums_a_position_given_twice(monkeypatch):
+    """An NM that NM.validate refuses (a position twice in a group) still computes what the reference does
+    on the generic kernel (the CPU kernels sum it too)."""
+    monkeypatch.setenv("SPARSEKIT_NM_SP", "0")
+    w = _weight(64, 128, torch.float32, seed=3)
+    indices = w.indices.clone()
+    indices[:, 1::2] = indices[:, 0::2]          # both entries of every group at the first one's position
+    x = _rand(9, 128, seed=1, dtype=torch.float32)
+    got = torch.ops.sparsekit.nm_mm(x, w.values, indices, None, 2, 4)
+    ref = reference.nm_mm(x.double(), w.values.double(), indices, None, 2, 4)
+    assert_close_to_reference(got, ref, torch.float32, 128)
 
 
 _PROBE_CALL = """

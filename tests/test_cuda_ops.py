@@ -42,6 +42,12 @@ def _rand(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEV, dtype)
 
 
+def _shifted(t):
+    buf = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    buf[1:] = t
+    return buf[1:]
+
+
 def _csr(n, k, density, dtype, seed=0, empty_rows=(), col_dtype=None, misalign=False):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g, dtype=torch.float64) * (torch.rand(n, k, generator=g) < density)
@@ -52,11 +58,22 @@ def _csr(n, k, density, dtype, seed=0, empty_rows=(), col_dtype=None, misalign=F
     c = CSR.from_dense(w).to(DEV)
     col = c.col_indices if col_dtype is None else c.col_indices.to(col_dtype)
     values = c.values
-    if misalign:  # a contiguous view one element into its storage: the kernels' scalar (unaligned) path
-        buf = torch.empty(values.numel() + 1, device=DEV, dtype=dtype)
-        buf[1:] = values
-        values = buf[1:]
+    if misalign:  # contiguous views one element into their storage: the kernels' scalar (unaligned) path
+        values, col = _shifted(values), _shifted(col)
     return CSR(values=values, crow_indices=c.crow_indices, col_indices=col, shape=c.shape)
+
+
+# the specialised paths (tensor-core BSR, skinny CSR, 2:4 on sparse tensor cores) take these calls once their
+# probes pass; "generic" turns them off so the generic kernels are compared with the reference too
+_SWITCHES = ("SPARSEKIT_BSR_TC", "SPARSEKIT_CSR_SKINNY", "SPARSEKIT_NM_SP")
+
+
+@pytest.fixture(params=["default", "generic"])
+def kernel_paths(request, monkeypatch):
+    if request.param == "generic":
+        for switch in _SWITCHES:
+            monkeypatch.setenv(switch, "0")
+    return request.param
 
 
 # ------------------------------------------------------------------------------------------------- CSR
@@ -69,7 +86,7 @@ CSR_CASES = [  # (M, N, K, density)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CSR_CASES)
 @pytest.mark.parametrize("col_dtype", [torch.int16, torch.int32])
-def test_csr_ops_match_reference(case, dtype, col_dtype):
+def test_csr_ops_match_reference(case, dtype, col_dtype, kernel_paths):
     M, N, K, density = case
     w = _csr(N, K, density, dtype, seed=M, empty_rows=(0, N // 2), col_dtype=col_dtype)
     x, dy, bias = _rand(M, K, seed=1, dtype=dtype), _rand(M, N, seed=2, dtype=dtype), _rand(N, seed=3, dtype=dtype)
@@ -99,11 +116,13 @@ def test_csr_int32_columns_beyond_int16(m):
            reference.csr_sddmm(dy.double(), x.double(), w.crow_indices, w.col_indices), torch.float32, m)
 
 
+@pytest.mark.parametrize("col_dtype", [None, torch.int16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m", [4, 17, 50])
-def test_csr_misaligned_values(m, dtype):
+def test_csr_misaligned_values(monkeypatch, m, dtype, col_dtype):
+    monkeypatch.setenv("SPARSEKIT_CSR_SKINNY", "0")   # the tiled kernel's scalar strips (skinny M loads no vectors)
     N, K = 77, 91
-    w = _csr(N, K, 0.4, dtype, seed=m, misalign=True)
+    w = _csr(N, K, 0.4, dtype, seed=m, col_dtype=col_dtype, misalign=True)
     x = _rand(m, K, seed=6, dtype=dtype)
     y = _op("csr_mm")(x, w.crow_indices, w.col_indices, w.values, None, N)
     _close(y, reference.csr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(), None, N), dtype, K)
@@ -175,7 +194,7 @@ NM_CASES = [  # (M, N, K, n, m)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", NM_CASES)
-def test_nm_ops_match_reference(case, dtype):
+def test_nm_ops_match_reference(case, dtype, kernel_paths):
     M, N, K, n, m = case
     g = torch.Generator().manual_seed(M)
     w = NM.from_dense(NM.prune(torch.randn(N, K, generator=g, dtype=torch.float64), n, m).to(dtype), n, m).to(DEV)
@@ -193,7 +212,7 @@ def test_nm_ops_match_reference(case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (1, 4), (4, 1), (16, 32)])
 @pytest.mark.parametrize("M", [1, 37, 130])
-def test_bsr_ops_match_reference(block, M, dtype):
+def test_bsr_ops_match_reference(block, M, dtype, kernel_paths):
     N, K = 192, 256
     bn, bk = block
     g = torch.Generator().manual_seed(M)

@@ -544,7 +544,9 @@ at::Tensor channel_conv_run(const at::Tensor& x, const at::Tensor& in_idx_in, co
   G.H = static_cast<int>(H);
   G.W = static_cast<int>(W);
   G.Wo = static_cast<int>(Wo);
-  G.P = checked_int(op, Ho * Wo, "output pixels per image");
+  // (a tile's pixel offsets p0 + pl run up to a tile past P, in int)
+  TORCH_CHECK(Ho * Wo <= INT_MAX - kTileP, op, ": output pixels per image (", Ho * Wo, ") is too large for this kernel");
+  G.P = static_cast<int>(Ho * Wo);
   G.sh = checked_int(op, std::min<int64_t>(stride[0], kMaxSide), "stride");
   G.sw = checked_int(op, std::min<int64_t>(stride[1], kMaxSide), "stride");
   G.ph = static_cast<int>(padding[0]);

@@ -22,7 +22,9 @@
 // and, through the PTX, newer GPUs, not 7.x; the dispatcher's cuda backend says so rather than failing with
 // "no kernel image is available".)
 //
-// Index data is trusted here (checking it would need a device sync); sparsekit.formats validates it.
+// Index data is trusted here (checking it would need a device sync); sparsekit.formats validates it (NM.validate:
+// positions strictly increasing in each group). The generic kernels sum a position given twice, as the reference
+// does; the mma.sp path needs valid positions (its 2-bit metadata cannot say "twice").
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -89,16 +91,19 @@ nm_gemm_kernel(const T* __restrict__ in, const T* __restrict__ values, const uin
     const int64_t w_row0 = kTrans ? j0 : o0, k_lo = kTrans ? o0 : j0;
     const int w_rows = kTrans ? kRC : kTO, k_len = kTrans ? kTO : kRC;
     const int64_t g_lo = k_lo / m, g_hi = std::min<int64_t>(groups - 1, (k_lo + k_len - 1) / m);
-    const int64_t ne = (g_hi - g_lo + 1) * n;  // stored entries per W row in the overlapping groups
-    for (int64_t idx = tid; idx < w_rows * ne; idx += kThreads) {
-      const int ri = static_cast<int>(idx / ne);
-      const int64_t e = g_lo * n + idx % ne, row = w_row0 + ri;
-      if (row < N) {
-        const int64_t pos = row * kept + e;
-        const int64_t kk = (e / n) * m + indices[pos] - k_lo;
+    const int64_t ng = g_hi - g_lo + 1;  // groups per W row overlapping the chunk
+    // one thread per (W row, group): its n entries are added in turn, so a position given twice sums, as the
+    // reference and the CPU kernels do (groups own disjoint columns: no two threads write one slot)
+    for (int64_t idx = tid; idx < w_rows * ng; idx += kThreads) {
+      const int ri = static_cast<int>(idx / ng);
+      const int64_t grp = g_lo + idx % ng, row = w_row0 + ri;
+      if (row >= N) continue;
+      for (int e = 0; e < n; ++e) {
+        const int64_t pos = row * kept + grp * n + e;
+        const int64_t kk = grp * m + indices[pos] - k_lo;
         if (kk >= 0 && kk < k_len) {
           const A v = static_cast<A>(values[pos]);
-          if (kTrans) b_s[ri][kk] = v; else b_s[kk][ri] = v;
+          if (kTrans) b_s[ri][kk] += v; else b_s[kk][ri] += v;
         }
       }
     }
