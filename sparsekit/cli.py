@@ -1,4 +1,4 @@
-"""The `sparsekit` command: info | demo | bench | report."""
+"""The `sparsekit` command: info | demo | bench | report | sparsify."""
 
 from __future__ import annotations
 
