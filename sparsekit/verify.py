@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from .prune.pruner import check_example_inputs, run_example
 
-
 # Hugging Face's key / value cache: a compacted attention keeps fewer heads in it, by design (the outputs computed
 # from it are compared); a Cache object is not a tensor container here either
 CACHE_KEY = "past_key_values"

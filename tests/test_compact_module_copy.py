@@ -177,3 +177,24 @@ def test_tied_weight_cut_differently_is_pinned() -> None:
     (group,) = [g for g in graph.groups if ("a", "out") in {(m.module, m.axis) for m in g.members}]
     assert {(m.module, m.axis) for m in group.members} == {("a", "out"), ("b", "in"), ("b", "out"), ("head", "in")}
     assert not group.prunable and "dim 1 they cut differently" in group.reason
+
+
+def test_hooks_bound_to_the_layer_follow_the_copy() -> None:
+    class Counting(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(4, 6)
+            self.calls = 0
+            self.register_forward_hook(self._count)
+            self._register_load_state_dict_pre_hook(lambda mod, *args: setattr(mod, "loaded", True),
+                                                    with_module=True)
+
+        def _count(self, mod, args, out) -> None:
+            self.calls += 1
+
+    lin = Counting()
+    new = resize_module(lin, torch.tensor([1, 4]))
+    new(torch.randn(2, 4))
+    assert new.calls == 1 and lin.calls == 0
+    del lin                                          # the copy's hooks do not need the original alive
+    new.load_state_dict(new.state_dict())
+    assert new.loaded

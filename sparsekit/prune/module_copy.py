@@ -8,6 +8,8 @@ fails outright when the subclass's constructor takes other arguments.
 from __future__ import annotations
 
 import copy
+import types
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,6 +33,19 @@ def _stored(plist: nn.Module) -> Tensor:
     return plist.original if plist.is_tensor else plist.original0
 
 
+def _moved_hooks(hooks: dict, old: nn.Module, new: nn.Module) -> dict:
+    """A copy of a hook dict of ``old`` for ``new``: the same callables, but a method of ``old`` itself, and a hook
+    registered ``with_module`` (which holds a weak reference to its module), now refer to ``new``."""
+    out = copy.copy(hooks)
+    for key, hook in hooks.items():
+        if getattr(hook, "__self__", None) is old:
+            out[key] = types.MethodType(hook.__func__, new)
+        elif getattr(hook, "with_module", False) and callable(getattr(hook, "module", None)) and hook.module() is old:
+            out[key] = copy.copy(hook)
+            out[key].module = weakref.ref(new)
+    return out
+
+
 def _register(mod: nn.Module, name: str, value: Tensor, src: Tensor | None) -> None:
     """``value`` as ``mod``'s parameter ``name`` if ``src`` (the tensor it replaces) was one, else as a buffer."""
     if isinstance(src, nn.Parameter):
@@ -45,10 +60,11 @@ def resized_copy(mod: nn.Module, tensors: Mapping[str, Tensor | None], sizes: Ma
     leaves one absent, as a bias-free layer's) and with the attributes ``sizes`` set.
 
     Masks and other parametrizations are dropped: a parametrized tensor not in ``tensors`` keeps its computed
-    value. Each parameter requires grad as the original did. Hooks are the same callables (shallow copies of the
-    hook dicts); submodules and plain attributes are deep copies; attributes named in ``skip`` are left out (the
-    caller rebuilds them). Another tensor of ``mod`` with a dim of a size being changed (a subclass's per-channel
-    state, the ``weight_g`` of the deprecated hook-based ``weight_norm``) cannot be cut along with it: ValueError.
+    value. Each parameter requires grad as the original did. Hooks are the same callables (those bound to ``mod``
+    itself rebound to the copy); submodules and plain attributes are deep copies; attributes named in ``skip``
+    are left out (the caller rebuilds them). Another tensor of ``mod`` with a dim of a size being changed (a
+    subclass's per-channel state, the ``weight_g`` of the deprecated hook-based ``weight_norm``) cannot be cut
+    along with it: ValueError.
     """
     base = parametrize.type_before_parametrizations(mod)
     masked = dict(mod.parametrizations.items()) if parametrize.is_parametrized(mod) else {}
@@ -65,7 +81,7 @@ def resized_copy(mod: nn.Module, tensors: Mapping[str, Tensor | None], sizes: Ma
         elif key == "_modules":
             state[key] = type(value)((k, copy.deepcopy(m)) for k, m in value.items() if k != "parametrizations")
         elif "hook" in key:
-            state[key] = copy.copy(value)
+            state[key] = _moved_hooks(value, mod, new) if isinstance(value, dict) else value
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
