@@ -301,14 +301,46 @@ def test_cuda_tf32_follows_torch_flag(tf32_flags):
 
 @pytest.mark.cuda
 @compiled_only
-def test_cuda_non_default_device_and_large_grid():
-    # many block-rows x row tiles (grouped order with a partial last group), on the last visible device
-    dev = f"cuda:{torch.cuda.device_count() - 1}"
+def test_cuda_large_grid():
+    # many block-rows x row tiles (grouped order with a partial last group)
+    dev = "cuda"
     w = make_bsr(4096, 256, (16, 16), density=0.2, dtype=torch.float16, device=dev)
     x = torch.randn(3000, 256, device=dev, dtype=torch.float16)
     y = _kernel().bsr_mm(x, w.crow_indices, w.col_indices, w.values, None, 4096)
     expect = reference_bsr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(), None, 4096)
     torch.testing.assert_close(y.double(), expect, atol=4e-2, rtol=1e-2)
+
+
+@pytest.mark.cuda
+@compiled_only
+def test_cuda_second_device_while_the_current_is_the_first():
+    """Every Triton launcher runs on the tensors' device, not the current one (device guard): tensors on cuda:1
+    while cuda:0 is current, forward, split-K, backward, SDDMM and N:M."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    import sparsekit as sk
+    from sparsekit.formats import NM
+    from sparsekit.ops import reference as R
+
+    torch.cuda.set_device(0)
+    dev = "cuda:1"
+    w = make_bsr(512, 256, (32, 32), density=0.3, dtype=torch.float16, device=dev)
+    values = w.values.clone().requires_grad_()
+    wt = BSR(values=values, crow_indices=w.crow_indices, col_indices=w.col_indices, shape=w.shape)
+    x = torch.randn(8, 256, device=dev, dtype=torch.float16, requires_grad=True)
+    y = sk.ops.bsr_linear(x, wt, backend="triton")
+    assert y.device == torch.device(dev)
+    expect = reference_bsr_mm(x.detach().double(), w.crow_indices, w.col_indices, w.values.double(), None, 512)
+    close(y, expect, torch.float16, 6.0)
+    y.float().sum().backward()
+    dy = torch.ones(8, 512, device=dev, dtype=torch.float64)
+    close(x.grad, R.bsr_mm_t(dy, w.crow_indices, w.col_indices, w.values.double(), 256), torch.float16, 6.0)
+    close(values.grad, R.bsr_sddmm(dy, x.detach().double(), w.crow_indices, w.col_indices, 32, 32),
+          torch.float16, 6.0)
+    nm = NM.from_dense(NM.prune(torch.randn(96, 256), 2, 4), 2, 4).to(device=dev, dtype=torch.float16)
+    close(sk.ops.nm_linear(x.detach(), nm, backend="triton"),
+          R.nm_mm(x.detach().double(), nm.values.double(), nm.indices, None, 2, 4), torch.float16, 6.0)
+    assert torch.cuda.current_device() == 0
 
 
 @needs_runner

@@ -208,6 +208,15 @@ def test_nm_mm_matches_reference(dtype, m, nm):
 
 
 @needs_runner
+def test_non_contiguous_format_tensors_are_a_reason_not_a_launch_error():
+    w = make_bsr(32, 64, (16, 16), 0.5, torch.float32)
+    strided = w.values.transpose(1, 2).contiguous().transpose(1, 2)     # same shape, not contiguous
+    loose = BSR(values=strided, crow_indices=w.crow_indices, col_indices=w.col_indices, shape=w.shape)
+    assert "non-contiguous values" in " ".join(sk.ops.all_reasons("bsr", randn(2, 64), loose)["triton"])
+    assert not sk.ops.all_reasons("bsr", randn(2, 64), w)["triton"]
+
+
+@needs_runner
 def test_nm_linear_triton_autograd_and_dispatch():
     dense = NM.prune(randn(24, 32, device="cpu"), 2, 4)
     w = NM.from_dense(dense, 2, 4).to(device=DEVICE)
@@ -447,21 +456,26 @@ def test_channel_triton_rejects_unsupported_conv_and_grad():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("block", [(16, 16), (32, 32), (64, 64), (128, 128), (32, 128)], ids=lambda b: f"{b[0]}x{b[1]}")
 @pytest.mark.parametrize("m", [1, 8, 64, 300])
-def test_cuda_split_k_and_backward(m, block, dtype):
+@pytest.mark.parametrize("precision", [None, "tf32"])   # fp32 dots: torch's default (ieee), and TF32 (wgmma tf32)
+def test_cuda_split_k_and_backward(m, block, dtype, precision):
     from sparsekit.kernels import k_bsr_mm, k_bsr_mm_t, k_bsr_sddmm
 
+    if precision is not None and dtype != torch.float32:
+        pytest.skip("input_precision concerns fp32 dots only")
+    p = {} if precision is None else {"input_precision": precision}
     w = make_bsr(1024, 1024, block, 0.3, dtype, seed=m, empty_rows=(0,), device="cuda")
     x, dy = randn(m, 1024, dtype=dtype, device="cuda"), randn(m, 1024, dtype=dtype, seed=2, device="cuda")
-    scale = 1.0 if dtype == torch.float32 else 6.0
+    tol_dtype = torch.float16 if precision == "tf32" else dtype    # (TF32 keeps fp16's 10 mantissa bits)
+    scale = 1.0 if tol_dtype == torch.float32 else 6.0
     expect = R.bsr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(), None, 1024)
     for split_k in (None, 1, 4):
-        y = k_bsr_mm.bsr_mm(x, w.crow_indices, w.col_indices, w.values, None, 1024, split_k=split_k)
-        close(y, expect, dtype, scale)
-    close(k_bsr_mm_t.bsr_mm_t(dy, w.crow_indices, w.col_indices, w.values, 1024),
-          R.bsr_mm_t(dy.double(), w.crow_indices, w.col_indices, w.values.double(), 1024), dtype, scale)
+        y = k_bsr_mm.bsr_mm(x, w.crow_indices, w.col_indices, w.values, None, 1024, split_k=split_k, **p)
+        close(y, expect, tol_dtype, scale)
+    close(k_bsr_mm_t.bsr_mm_t(dy, w.crow_indices, w.col_indices, w.values, 1024, **p),
+          R.bsr_mm_t(dy.double(), w.crow_indices, w.col_indices, w.values.double(), 1024), tol_dtype, scale)
     for split in (None, 1, 4):
-        close(k_bsr_sddmm.bsr_sddmm(dy, x, w.crow_indices, w.col_indices, *block, split=split),
-              R.bsr_sddmm(dy.double(), x.double(), w.crow_indices, w.col_indices, *block), dtype,
+        close(k_bsr_sddmm.bsr_sddmm(dy, x, w.crow_indices, w.col_indices, *block, split=split, **p),
+              R.bsr_sddmm(dy.double(), x.double(), w.crow_indices, w.col_indices, *block), tol_dtype,
               scale * (m ** 0.5))
 
 
@@ -473,9 +487,17 @@ def test_cuda_training_step(dtype):
     values = w.values.clone().requires_grad_()
     wt = BSR(values=values, crow_indices=w.crow_indices, col_indices=w.col_indices, shape=w.shape)
     x = randn(4, 64, 256, dtype=dtype, device="cuda").requires_grad_()
-    for _ in range(2):   # the second step hits the transposed-metadata cache
-        sk.ops.bsr_linear(x, wt, backend="triton").float().square().mean().backward()
-    assert torch.isfinite(values.grad).all() and torch.isfinite(x.grad).all()
+    bias = randn(512, dtype=dtype, seed=4, device="cuda").requires_grad_()
+    ref_values = w.values.double().requires_grad_()
+    ref_w = BSR(values=ref_values, crow_indices=w.crow_indices, col_indices=w.col_indices, shape=w.shape)
+    ref_x, ref_bias = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    for _ in range(2):   # the second step hits the transposed-metadata cache; gradients accumulate over both
+        sk.ops.bsr_linear(x, wt, bias, backend="triton").float().square().mean().backward()
+        sk.ops.bsr_linear(ref_x, ref_w, ref_bias, backend="reference").square().mean().backward()
+    # (a mean over 4*64*512 outputs: gradients are small; compared relative to their own scale)
+    for got, ref in ((values.grad, ref_values.grad), (x.grad, ref_x.grad), (bias.grad, ref_bias.grad)):
+        assert got is not None and got.dtype == dtype
+        torch.testing.assert_close(got.double(), ref, atol=2e-2 * float(ref.abs().max()), rtol=2e-2)
 
 
 @pytest.mark.cuda
@@ -483,20 +505,37 @@ def test_cuda_training_step(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8)], ids=lambda p: f"{p[0]}of{p[1]}")
 @pytest.mark.parametrize("m", [1, 33, 1000])
-def test_cuda_nm(m, nm, dtype):
+@pytest.mark.parametrize("precision", [None, "tf32"])
+def test_cuda_nm(m, nm, dtype, precision):
     from sparsekit.kernels import k_nm_mm
 
+    if precision is not None and dtype != torch.float32:
+        pytest.skip("input_precision concerns fp32 dots only")
+    p = {} if precision is None else {"input_precision": precision}
     w = NM.from_dense(NM.prune(torch.randn(1000, 1024), *nm), *nm).to(device="cuda", dtype=dtype)
     x, b = randn(m, 1024, dtype=dtype, device="cuda"), randn(1000, dtype=dtype, seed=3, device="cuda")
-    close(k_nm_mm.nm_mm(x, w.values, w.indices, b, *nm),
-          R.nm_mm(x.double(), w.values.double(), w.indices, b.double(), *nm), dtype,
-          1.0 if dtype == torch.float32 else 6.0)
+    tol_dtype = torch.float16 if precision == "tf32" else dtype    # (TF32 keeps fp16's 10 mantissa bits)
+    close(k_nm_mm.nm_mm(x, w.values, w.indices, b, *nm, **p),
+          R.nm_mm(x.double(), w.values.double(), w.indices, b.double(), *nm), tol_dtype,
+          1.0 if tol_dtype == torch.float32 else 6.0)
 
 
 @pytest.mark.cuda
 @compiled_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
-def test_cuda_channel(dtype):
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_cuda_channel(dtype, tf32):
+    if tf32 and dtype != torch.float32:
+        pytest.skip("TF32 concerns fp32 dots only")
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")  # the kernel's fp32 dots follow it
+    try:
+        _channel_case(dtype, tf32)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def _channel_case(dtype, tf32):
     in_idx = torch.randperm(256, device="cuda")[:160].sort().values
     out_idx = torch.randperm(384, device="cuda")[:200]
     x = randn(8, 256, 14, 14, dtype=dtype, device="cuda")
@@ -506,7 +545,8 @@ def test_cuda_channel(dtype):
     ref = sk.ops.channel_gather_conv2d(x.double(), in_idx, w.double(), b.double(), out_idx=out_idx, n_out=384,
                                        backend="reference")
     got = sk.ops.channel_gather_conv2d(x, in_idx, w, b, out_idx=out_idx, n_out=384, backend="triton")
-    close(got, ref, dtype, 1.0 if dtype == torch.float32 else 6.0)
+    tol_dtype = torch.float16 if tf32 else dtype    # (TF32 keeps fp16's 10 mantissa bits)
+    close(got, ref, tol_dtype, 1.0 if tol_dtype == torch.float32 else 6.0)
     y = randn(8, 200, 14, 14, dtype=dtype, device="cuda")
     bb = randn(384, dtype=dtype, seed=5, device="cuda")
     close(sk.ops.channel_scatter(y, out_idx, 384, bb, dim=1, backend="triton"),

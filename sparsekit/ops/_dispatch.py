@@ -339,6 +339,11 @@ class TritonBackend(Backend):
             reasons.append(f"runs on cuda tensors, got {x.device.type}")
         if isinstance(w, BSR) and any(b not in self.block_sides for b in w.block):
             reasons.append(f"block {w.block} not supported (each side must be one of {self.block_sides})")
+        # (the launchers read the format's tensors as dense arrays: a strided view would be refused there)
+        loose = [n for n in ("values", "crow_indices", "col_indices", "indices")
+                 if isinstance(getattr(w, n, None), Tensor) and not getattr(w, n).is_contiguous()]
+        if loose:
+            reasons.append(f"needs contiguous format tensors, got non-contiguous {', '.join(loose)}")
         if isinstance(w, NM):
             if w.indices.dtype != torch.uint8:
                 reasons.append(f"NM indices must be uint8, got {w.indices.dtype}")
