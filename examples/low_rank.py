@@ -22,11 +22,12 @@ print(f"SVD 90% energy: {accuracy(svd, xt, yt):.2f}%, {n(svd)} params, ranks {[r
 train(svd, x, y, epochs=2, lr=1e-3)
 print(f"  fine-tuned: {accuracy(svd, xt, yt):.2f}%")
 
-both = copy.deepcopy(model)
-pruner = Pruner(both, x[:2], criterion="l1_mean", granularity="channel", scope="global", sparsity=0.4)
+masked = copy.deepcopy(model)
+pruner = Pruner(masked, x[:2], criterion="l1_mean", granularity="channel", scope="global", sparsity=0.4)
 pruner.step()
-train(both, x, y, epochs=2, lr=1e-3)
-pruner.bake()                                          # zeros become part of the weights the SVD sees
+train(masked, x, y, epochs=2, lr=1e-3)
+both = pruner.compact()                                # channels out first: the SVD factorises the smaller layers
 report = low_rank(both, energy=0.95)
 train(both, x, y, epochs=2, lr=1e-3)
-print(f"channels + SVD: {accuracy(both, xt, yt):.2f}%, ranks {[r for r, _, _ in report.values()]}")
+print(f"channels + SVD: {accuracy(both, xt, yt):.2f}%, {n(both)} params, ranks "
+      f"{[r for r, _, _ in report.values()]}")

@@ -3,6 +3,8 @@ dynamic gates."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -240,13 +242,22 @@ def test_low_rank_on_a_model_and_combined_with_channel_pruning():
     p = Pruner(m, x, criterion="l1", granularity="channel", sparsity=0.75)
     p.step()
     y_masked = m(x).detach()
-    with pytest.raises(ValueError, match="bake the masks first"):
+    with pytest.raises(ValueError, match="compact the pruned model first"):
         low_rank(m, energy=1.0)
-    p.bake()
-    report = low_rank(m, energy=1.0)                                 # lossless: rank = kept channels
+    small = p.compact()                                              # channels first, then the SVD
+    torch.testing.assert_close(small(x), y_masked, atol=1e-4, rtol=1e-4)
+    compacted = sum(q.numel() for q in small.parameters())
+    report = low_rank(small, energy=0.6)                             # factors of the 12-wide layers
+    assert report and all(rank < 12 for rank, _, _ in report.values())
+    assert sum(q.numel() for q in small.parameters()) < compacted
+    baked = copy.deepcopy(m)
+    masks.bake_masks(baked)
+    with pytest.warns(RuntimeWarning, match="all-zero output rows"):   # full-width factors: the zeros revive
+        report = low_rank(baked, energy=1.0)                         # lossless: rank = kept channels
     assert report["layers.0"][0] == 12 and report["layers.2"][0] <= 12
-    torch.testing.assert_close(m(x), y_masked, atol=1e-4, rtol=1e-4)
-    assert all(after < before for _, before, after in report.values())
+    torch.testing.assert_close(baked(x), y_masked, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="grouped conv"):
+        low_rank(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), energy=0.5, layers=["0"])
 
 
 # --------------------------------------------------------------------------------------- width search
@@ -400,3 +411,26 @@ def test_abc_search_an_infinite_fitness_is_the_best():
     res = abc_search(m, x[:2], [(x, torch.zeros(4, dtype=torch.long))], budget=0.9, colony=3, cycles=2,
                      fitness=lambda model, calib: float("inf"))
     assert res.fitness == float("inf")
+
+
+def test_alpha_blend_trains_through_inplace_relu_in_float64_and_keeps_bn_counts():
+    class Wrap(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    torch.manual_seed(0)
+    m = Wrap(nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 4))).double()
+    x = torch.randn(6, 8, dtype=torch.float64)
+    blend = AlphaBlend(m, x[:2], widths={"net.0": 4})
+    blend.set_alpha(0.5)
+    m(x).sum().backward()                                   # the in-place ReLU does not clobber the branch input
+    branch = m.alpha_blend["net__0"]
+    assert branch.a_weight.grad is not None and branch.a_weight.dtype == torch.float64
+    c = Wrap(nn.Sequential(nn.Conv2d(2, 8, 3), nn.BatchNorm2d(8, momentum=None), nn.ReLU(), nn.Conv2d(8, 3, 1)))
+    c.net[1].num_batches_tracked.fill_(50)
+    AlphaBlend(c, torch.randn(2, 2, 6, 6), widths={"net.0": 4})
+    assert int(c.alpha_blend["net__0"].bns["1"].num_batches_tracked) == 50   # the cumulative average keeps its count

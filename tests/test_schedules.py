@@ -96,3 +96,13 @@ def test_nm_refuses_a_schedule():
     m = _mlp()
     with pytest.raises(ValueError, match="schedule=None"):
         Pruner(m, m.example_input(), granularity="nm", sparsity=0.5, schedule=Iterative(steps=2))
+
+
+def test_oneshot_has_one_step_and_nan_penalty_is_refused():
+    from sparsekit.prune.methods import bn_l1_penalty
+
+    for steps in (0, 5, True):
+        with pytest.raises(ValueError, match="OneShot has steps=1"):
+            OneShot(steps=steps)
+    with pytest.raises(ValueError, match="strength must be a float >= 0"):
+        bn_l1_penalty(torch.nn.BatchNorm1d(3), strength=math.nan)

@@ -7,7 +7,10 @@ step's target. ``Pruner(schedule=...)`` takes
 * ``Iterative(steps=k)``: k equal increments (``mode="linear"``), or k steps that each remove the same
   fraction of what is left (``mode="geometric"``, the lottery-ticket rounds of Frankle & Carbin 2019);
 * ``AGP(steps=n, initial=0.0)``: Zhu & Gupta's automated gradual pruning (2017, 'To prune, or not to
-  prune'), ``s_t = s_f + (s_i - s_f) * (1 - (t + 1) / n) ** 3``: fast at first, slow at the end;
+  prune'), ``s_t = s_f + (s_i - s_f) * (1 - (t + 1) / n) ** 3``: fast at first, slow at the end. The paper
+  counts n + 1 events from t0, the first pruning to ``s_i``; here the n steps are the events after it (with
+  ``initial=0``, the default, that first event prunes nothing and the two agree), so ``initial`` is where the
+  curve starts, above every step's target;
 * a callable ``schedule(t) -> target`` (kept for custom schedules).
 
 After its last step a schedule stays at the final sparsity (``done(t)`` is True from then on).
@@ -46,6 +49,10 @@ class OneShot(Schedule):
     """Prune to the final sparsity in one step."""
 
     steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps != 1 or isinstance(self.steps, bool):
+            raise ValueError(f"OneShot has steps=1, got {self.steps!r} (Iterative(steps=k) prunes in k steps)")
 
     def target(self, t: int, final: float) -> float:
         return final

@@ -57,11 +57,11 @@ def _on_channels(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
 
 
 class _Branch(nn.Module):
-    def __init__(self, channels: int, width: int, keep: Tensor) -> None:
+    def __init__(self, channels: int, width: int, keep: Tensor, like: Tensor) -> None:
         super().__init__()
-        eye = torch.eye(channels)
+        eye = torch.eye(channels, dtype=like.dtype, device=like.device)     # (the layer's dtype and device)
         self.a_weight = nn.Parameter(eye[keep].clone())           # [k, C]
-        self.a_bias = nn.Parameter(torch.zeros(width))
+        self.a_bias = nn.Parameter(torch.zeros(width, dtype=like.dtype, device=like.device))
         self.e_weight = nn.Parameter(eye[:, keep].clone())        # [C, k]
         self.bns = nn.ModuleDict()
 
@@ -115,17 +115,22 @@ class AlphaBlend:
                 raise ValueError(f"widths[{name!r}] must be an int in [1, {c}) (it has {c} channels), got {k!r}")
             l1 = mod.weight.detach().reshape(c, -1).abs().sum(1)
             keep = torch.sort(torch.sort(l1, descending=True, stable=True).indices[:k]).values
-            branch = _Branch(c, k, keep)
+            branch = _Branch(c, k, keep.to(mod.weight.device), mod.weight)
             for idx in link.path:
                 ev = self._events[idx]
                 if ev.kind == "module" and isinstance(ev.module, _BN):
                     bn = ev.module
                     small = type(bn)(k, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                                      track_running_stats=bn.track_running_stats)
+                    ref = next((t for t in (*bn.parameters(), *bn.buffers()) if t.is_floating_point()), None)
+                    if ref is not None:
+                        small.to(device=ref.device, dtype=ref.dtype)
                     with torch.no_grad():
                         for attr in ("weight", "bias", "running_mean", "running_var"):
                             if getattr(bn, attr, None) is not None:
-                                getattr(small, attr).copy_(getattr(bn, attr)[keep])
+                                getattr(small, attr).copy_(getattr(bn, attr)[keep.to(ref.device)])
+                        if getattr(bn, "num_batches_tracked", None) is not None:   # (momentum=None averages by it)
+                            small.num_batches_tracked.copy_(bn.num_batches_tracked)
                     branch.bns[str(idx)] = small
                 elif ev.kind == "module" and not isinstance(ev.module, (*_STATELESS, *_MODULE_SKIP)):
                     raise ValueError(f"cannot blend {name!r}: its chain passes {ev.name!r} "
@@ -152,7 +157,8 @@ class AlphaBlend:
             if self.alpha >= 1.0:
                 return
             br = self._branch(name)
-            y = _on_channels(out, br.a_weight, br.a_bias)
+            # (a copy: autograd keeps the branch's input, and an in-place activation next would overwrite `out`)
+            y = _on_channels(out.clone(), br.a_weight, br.a_bias)
             for idx in self.links[name].path:
                 ev = self._events[idx]
                 if ev.kind == "module" and isinstance(ev.module, _MODULE_SKIP):

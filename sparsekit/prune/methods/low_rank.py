@@ -8,13 +8,17 @@ A weight viewed as ``[out, in*kh*kw]`` is ``U S V^T``; keeping ``r`` singular va
 
 each factor taking ``sqrt(S)``. ``rank`` fixes ``r``; ``energy`` keeps the smallest ``r`` whose singular
 values hold that fraction of ``sum S^2``. A layer is replaced only when the factors have fewer parameters.
-Combined with channel pruning, bake the masks first: removed rows/columns lower the rank the SVD finds.
+Combined with channel pruning (seed 000's fusion: channels first, then SVD), compact first: the SVD then
+factorises the smaller layers. Baked masks instead leave full-width factors whose removed channels are zero rows
+and columns only until training moves them (a layer with such zeros gets a warning).
 
-    report = low_rank(model, energy=0.9)          # {layer: (rank, params before, params after)}
+    small = pruner.compact()                      # after channel pruning, if any
+    report = low_rank(small, energy=0.9)          # {layer: (rank, params before, params after)}
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -49,8 +53,8 @@ def factorize(layer: nn.Module, rank: int | None = None, energy: float | None = 
     if not isinstance(layer, _masks.LINEAR_CONV2D):
         raise TypeError(f"layer must be an nn.Linear or nn.Conv2d, got {type(layer).__name__}")
     if _masks.is_masked(layer):
-        raise ValueError(f"layer (weight {tuple(layer.weight.shape)}) is masked: bake the masks first "
-                         "(pruner.bake()) so the SVD sees the zeros")
+        raise ValueError(f"layer (weight {tuple(layer.weight.shape)}) is masked: compact the pruned model first "
+                         "(pruner.compact()), or bake the masks (pruner.bake()) so the SVD sees the zeros")
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         raise ValueError(f"grouped convolutions are not factorised (groups={layer.groups})")
     w = layer.weight.detach()
@@ -88,12 +92,17 @@ def low_rank(model: nn.Module, rank: int | None = None, energy: float | None = N
     for name in names:
         if name not in modules or not isinstance(modules[name], _masks.LINEAR_CONV2D):
             raise ValueError(f"layers names {name!r}, which is not an nn.Linear/nn.Conv2d of model")
-        if name in ignore or (isinstance(modules[name], nn.Conv2d) and modules[name].groups != 1):
+        grouped = isinstance(modules[name], nn.Conv2d) and modules[name].groups != 1
+        if grouped and layers is not None and name not in ignore:
+            raise ValueError(f"layers names {name!r}, a grouped conv (groups={modules[name].groups}): grouped "
+                             "convolutions are not factorised")
+        if name in ignore or grouped:
             continue
         if _masks.is_masked(modules[name]):
-            raise ValueError(f"layer {name!r} is masked: bake the masks first (pruner.bake() or "
-                             f"masks.bake_masks(model)) so the SVD sees the zeros, or pass ignore=[{name!r}]")
+            raise ValueError(f"layer {name!r} is masked: compact the pruned model first (small = pruner.compact(); "
+                             f"low_rank(small, ...)), or bake the masks (pruner.bake()), or pass ignore=[{name!r}]")
         todo.append(name)
+    _warn_zero_channels(modules, todo)
     report = {}
     for name in todo:
         layer = modules[name]
@@ -105,3 +114,17 @@ def low_rank(model: nn.Module, rank: int | None = None, energy: float | None = N
         set_submodule(model, name, new)
         report[name] = (new[0].weight.shape[0], before, after)
     return report
+
+
+def _warn_zero_channels(modules: dict[str, nn.Module], names: list[str]) -> None:
+    """Warn about layers holding all-zero output rows or input channels (baked channel pruning): their factors
+    keep the full width."""
+    for name in names:
+        w = modules[name].weight.detach()
+        rows = int((w.reshape(w.shape[0], -1).abs().sum(1) == 0).sum())
+        cols = int((w.transpose(0, 1).reshape(w.shape[1], -1).abs().sum(1) == 0).sum())
+        if rows or cols:
+            warnings.warn(f"low_rank: {name!r} has {rows} all-zero output rows and {cols} all-zero input channels "
+                          "(baked channel pruning?): its factors keep the full width and training brings those "
+                          "channels back; compact the pruned model first (pruner.compact())", RuntimeWarning,
+                          stacklevel=3)

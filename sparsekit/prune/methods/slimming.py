@@ -12,6 +12,7 @@ shrink towards 0, then prune the channels with the smallest |gamma| under one gl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,7 +30,7 @@ _BN = BATCH_NORMS
 def bn_l1_penalty(model: nn.Module, strength: float = 1e-4, modules: Iterable[nn.Module] | None = None) -> Tensor:
     """``strength * sum |gamma|`` over the affine BatchNorm layers of ``model`` (or ``modules``): the
     sparsity-inducing term added to the training loss. Differentiable; 0 if there is no BatchNorm."""
-    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or strength < 0:
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 <= strength < math.inf:
         raise ValueError(f"strength must be a float >= 0, got {strength!r}")
     mods = list(model.modules() if modules is None else modules)
     scales = [m.weight for m in mods if isinstance(m, _BN) and m.weight is not None]
