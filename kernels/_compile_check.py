@@ -5,8 +5,10 @@ below (every kernel in kernels/k_*.py: BSR forward and split-K, BSR dx and SDDMM
 through the whole NVIDIA pipeline ttir -> ttgir -> llir -> ptx -> cubin (cubin via the ptxas that
 ships inside the triton wheel; no CUDA toolkit or driver needed). Each case uses the launch config the
 launcher would pick on that arch (kernels/_configs.py), so a table entry that needs more shared memory
-than the GPU has is reported too. Returns a list of failure messages (empty = all good) and prints one
-line per compile.
+than the GPU has is reported too, and so is one whose cubin spills more than SPILL_LIMIT bytes of registers
+per thread to local memory (read off ptxas -v: the report of the ptxas run Triton makes anyway, or after a
+cache hit a ptxas -v run on the cached PTX). Returns a list of failure messages (empty = all good) and prints
+one line per compile.
 
 Run: python -m sparsekit.kernels._compile_check [--fresh] [--full]   (exit status 1 on any failure)
 
@@ -16,10 +18,14 @@ so when it is set the check re-runs itself in a subprocess without it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 
 from ._configs import interpreting  # torch only, no triton
@@ -54,6 +60,15 @@ NM_CASES = (("float16", (2, 4), 4096, True, None), ("bfloat16", (2, 4), 16, Fals
 # channel gather GEMM: (dtype, M, has_bias, has_out_idx, precision)
 CHANNEL_CASES = (("float16", 4096, True, False, None), ("bfloat16", 32, False, True, None),
                  ("float32", 4096, True, True, "tf32"))
+
+# the compile fails a case whose cubin spills more than this many bytes per thread (ptxas -v "bytes spill
+# stores"): the launch tables in kernels/_configs.py are sized so that none of their rows spills (a few bytes
+# at most). Rows of a measured table (tuned_sm*.json, $SPARSEKIT_TRITON_CONFIGS) are reported, not failed: they
+# were timed as they are.
+SPILL_LIMIT = 64
+# kernel name (the first word of a case's description) -> the _configs family whose table chose its config
+_FAMILY = {"_bsr_mm_kernel": "bsr_mm", "_bsr_mm_splitk_kernel": "bsr_mm", "_bsr_mm_t_kernel": "bsr_mm",
+           "_bsr_sddmm_kernel": "bsr_sddmm", "_nm_mm_kernel": "nm_mm", "_channel_mm_kernel": "channel_mm"}
 
 _TL_TYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _RESULT_TAG = "SPARSEKIT_COMPILE_CHECK_RESULT "
@@ -213,20 +228,93 @@ def _extra_sources(cc: int, smem: int) -> list[tuple]:
     return out
 
 
-def _compile(src, target, options, ptx_only: bool):
+@contextlib.contextmanager
+def _knob(group, name: str, value):
+    """Set the Triton knob ``group.name`` for the block, then restore it exactly: its override or its absence,
+    and the environment variable that setting an environment-backed knob writes (its value or its absence)."""
+    key = getattr(type(group).__dict__.get(name), "key", None)
+    had, old = name in group.__dict__, group.__dict__.get(name)
+    old_env = os.environ.get(key) if key else None
+    setattr(group, name, value)
+    try:
+        yield
+    finally:
+        if had:
+            group.__dict__[name] = old
+        else:
+            group.__dict__.pop(name, None)
+        if key and old_env is None:
+            os.environ.pop(key, None)
+        elif key:
+            os.environ[key] = old_env
+
+
+def _compile(src, target, options, ptx_only: bool, log: list[str] | None = None):
+    """triton.compile of one case, with no stages hook.
+
+    The normal path compiles down to cubin through Triton's cache as configured. ``log`` (a list) receives the
+    ``ptxas -v`` report of that compile (Triton runs ptxas with -v and prints the report when its
+    dump_ptxas_log knob is set; captured here): registers and spills. It is empty on a cache hit (no ptxas ran).
+
+    ptx_only=True stops at PTX (the fallback when the bundled ptxas cannot run): the cubin stage is replaced by
+    one that produces an empty binary (``asm["cubin"] == b""``; removing the stage makes Triton 3.6 raise
+    KeyError 'cubin' after writing the cache entry), in a throwaway cache directory: the stages hook is not
+    part of Triton's cache key, so an entry written to the real cache would be found by every later compile
+    with the same key (this check's and JIT launches sharing the directory), which would then get no cubin.
+    """
     import triton
     from triton import knobs
 
-    hook = None
-    if ptx_only:
-        def hook(backend, stages, options, language, capability):
-            stages.pop("cubin", None)
-    old = knobs.runtime.add_stages_inspection_hook
-    knobs.runtime.add_stages_inspection_hook = hook
-    try:
+    if not ptx_only:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_knob(knobs.runtime, "add_stages_inspection_hook", None))
+            out = None
+            if log is not None and "dump_ptxas_log" in type(knobs.nvidia).__dict__:
+                stack.enter_context(_knob(knobs.nvidia, "dump_ptxas_log", True))
+                out = stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            kernel = triton.compile(src, target=target, options=options)
+        if log is not None:
+            log.append(out.getvalue() if out is not None else "")
+        return kernel
+
+    def hook(backend, stages, options, language, capability):
+        stages["cubin"] = lambda module, metadata: b""
+
+    with tempfile.TemporaryDirectory(prefix="sparsekit-ptx-only-") as tmp, \
+            _knob(knobs.runtime, "add_stages_inspection_hook", hook), _knob(knobs.cache, "dir", tmp):
         return triton.compile(src, target=target, options=options)
-    finally:
-        knobs.runtime.add_stages_inspection_hook = old
+
+
+def _parse_ptxas(report: str) -> tuple[int, int] | None:
+    """(registers, bytes of spill stores) per thread from a ``ptxas -v`` report, None if it has neither."""
+    regs = [int(v) for v in re.findall(r"Used (\d+) registers", report)]
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill stores", report)]
+    if not regs or not spills:
+        return None
+    return max(regs), sum(spills)
+
+
+def _ptxas_usage(kernel, cc: int, log: str) -> tuple[int, int] | None:
+    """(registers, bytes of spill stores) of a compiled case: from the report of the ptxas run that built its cubin
+    (``log``, see _compile) or, after a cache hit (no ptxas ran), from running the bundled ptxas -v on its PTX
+    again with Triton's flags. None when neither works (no cubin, ptxas missing)."""
+    found = _parse_ptxas(log)
+    if found is not None or not kernel.asm.get("cubin") or not kernel.asm.get("ptx"):
+        return found
+    try:
+        from triton import knobs
+        from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+        with tempfile.TemporaryDirectory(prefix="sparsekit-ptxas-") as tmp:
+            ptx = os.path.join(tmp, "kernel.ptx")
+            with open(ptx, "w") as f:
+                f.write(kernel.asm["ptx"])
+            cmd = [knobs.nvidia.ptxas.path, "-lineinfo", "-v", f"--gpu-name={sm_arch_from_capability(cc)}", ptx,
+                   "-o", os.path.join(tmp, "kernel.cubin")]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+    except Exception:  # noqa: BLE001 - the spill figure is optional
+        return None
+    return _parse_ptxas(proc.stderr + proc.stdout) if proc.returncode == 0 else None
 
 
 def _full_cases(cc: int, smem: int) -> list[tuple]:
@@ -254,6 +342,8 @@ def check_all(verbose: bool = True, fresh: bool = False, full: bool = False) -> 
     full=True compiles every distinct config of the table in kernels/_configs.py (all 16 block shapes,
     every M bucket, fp16 and fp32: a few hundred compiles, a minute or two) instead of CASES.
     If the bundled ptxas cannot run, falls back to stopping at PTX and says so in a failure message.
+    A case whose cubin spills more than SPILL_LIMIT bytes per thread (ptxas -v) fails, unless its config came
+    from a measured table.
     """
     if interpreting():
         if verbose:
@@ -274,6 +364,8 @@ def check_all(verbose: bool = True, fresh: bool = False, full: bool = False) -> 
         return ["k_bsr_mm was imported while TRITON_INTERPRET=1 was set, so its kernels are interpreter "
                 "objects; run the compile check in a fresh process without TRITON_INTERPRET"]
 
+    from ._configs import tuned_tables
+
     failures: list[str] = []
     old_always = knobs.compilation.always_compile
     knobs.compilation.always_compile = bool(fresh)
@@ -284,10 +376,12 @@ def check_all(verbose: bool = True, fresh: bool = False, full: bool = False) -> 
             target = GPUTarget("cuda", cc, 32)
             jobs = [_bsr_mm_sources(*case, cc, smem) for case in (_full_cases(cc, smem) if full else CASES)]
             jobs += _extra_sources(cc, smem)
+            measured = tuned_tables(cc // 10)
             for src, options, desc in jobs:
                 t0 = time.perf_counter()
+                log: list[str] = []
                 try:
-                    kernel = _compile(src, target, options, ptx_only)
+                    kernel = _compile(src, target, options, ptx_only, log)
                 except Exception as exc:  # noqa: BLE001 - every compiler error becomes a message
                     msg = str(exc).strip().splitlines()
                     if not ptx_only and "ptxas" in str(exc):
@@ -315,9 +409,19 @@ def check_all(verbose: bool = True, fresh: bool = False, full: bool = False) -> 
                 if shared > smem:
                     failures.append(f"{desc}: needs {shared} B of shared memory, sm{cc} allows {smem} B "
                                     "(fix the table in kernels/_configs.py)")
+                usage = _ptxas_usage(kernel, cc, "".join(log)) if stage == "cubin" else None
+                regs = f", {usage[0]} registers, spills {usage[1]} B" if usage else ""
+                if usage and usage[1] > SPILL_LIMIT:
+                    family = _FAMILY.get(desc.split()[0])
+                    if family in measured:
+                        regs += " (a measured table's row: not failed)"
+                    else:
+                        failures.append(f"{desc}: spills {usage[1]} B per thread to local memory ({usage[0]} "
+                                        f"registers; more than {SPILL_LIMIT} B): give its row in kernels/_configs.py "
+                                        "a smaller tile or more warps")
                 if verbose:
                     size = len(kernel.asm.get(stage, b""))
-                    print(f"ok   {desc}: {stage} {size} B, shared {shared} B ({dt:.1f}s)")
+                    print(f"ok   {desc}: {stage} {size} B, shared {shared} B{regs} ({dt:.1f}s)")
     finally:
         knobs.compilation.always_compile = old_always
     if verbose:

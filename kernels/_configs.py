@@ -148,6 +148,16 @@ def bsr_mm_config(m: int, bn: int, bk: int, dtype: torch.dtype, device: torch.de
     block_m, num_warps, num_stages = row[_bucket(m)]
     elem = torch.empty((), dtype=dtype).element_size()
     block_m, num_stages = _fit(block_m, num_stages, bn, bk, elem, major, smem)
+    if elem == 4 and bk >= 128:
+        # fp32 with a 128-deep K step: the "ieee" dot (an FMA loop, torch's default) spilled with big tiles (ptxas
+        # -v, bytes of spill stores per thread; see NM_MM_TABLE for how): bsr_mm sm90 bn 64 BLOCK_M 128 w4: 1480,
+        # bn 128 BLOCK_M 64 w4: 860, bn 32 BLOCK_M 128 w4: 172; sm80 1300 / 720 / 72 and bn 128 BLOCK_M 128 w8: 700;
+        # split-K sm90 bn 128 BLOCK_M 64 w4: 13524; bsr_mm_t up to 508. So 8 warps from 4096 outputs and at most
+        # 8192 outputs: every such bsr_mm / split-K / bsr_mm_t config then spills at most 48 B (sm80 and sm90).
+        if block_m * bn >= 4096:
+            num_warps = max(num_warps, 8)
+        while block_m * bn > 8192 and block_m > 16:
+            block_m //= 2
     return KernelConfig(block_m=block_m, num_warps=num_warps, num_stages=num_stages, group_m=8)
 
 
@@ -227,6 +237,22 @@ BSR_SDDMM_TABLE: dict[tuple[int, int], tuple[int, int, int]] = {
 }
 
 
+def _sddmm_smem(block_m: int, stages: int, bn: int, bk: int, elem: int) -> int:
+    """Shared memory of k_bsr_sddmm: ``stages`` buffers of the dy and x tiles, plus the fp32 [bn, bk] result."""
+    return stages * block_m * (bn + bk) * elem + bn * bk * 4
+
+
+def _fit_sddmm(block_m: int, stages: int, bn: int, bk: int, elem: int, smem: int) -> tuple[int, int]:
+    """(BLOCK_M, stages) lowered until they fit ~90% of ``smem``: stages down to 1, then BLOCK_M halved (down to
+    16), so that a measured row too big for this device (or for 4-byte elements) still launches."""
+    budget = smem * 0.9
+    while stages > 1 and _sddmm_smem(block_m, stages, bn, bk, elem) > budget:
+        stages -= 1
+    while block_m > 16 and _sddmm_smem(block_m, stages, bn, bk, elem) > budget:
+        block_m //= 2
+    return block_m, stages
+
+
 def bsr_sddmm_config(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype, device: torch.device | None = None,
                      arch: tuple[int, int] | None = None) -> TileConfig:
     """Config for ``k_bsr_sddmm``: the M step, warps, stages, and a split of M over programs (fp32 atomics)
@@ -240,8 +266,7 @@ def bsr_sddmm_config(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype, de
     block_m, warps, stages = tuned_tables(major).get("bsr_sddmm", {}).get(bn * bk) \
         or BSR_SDDMM_TABLE.get((major, bn * bk), (32, 4, 3))
     elem = torch.empty((), dtype=dtype).element_size()
-    while stages > 1 and stages * block_m * (bn + bk) * elem + bn * bk * 4 > smem * 0.9:
-        stages -= 1
+    block_m, stages = _fit_sddmm(block_m, stages, bn, bk, elem, smem)
     sms = sm_count(device, major) if device is not None else _SM_FALLBACK.get(major, 108)
     split = 1
     if 0 < nnzb < 2 * sms:
@@ -249,16 +274,83 @@ def bsr_sddmm_config(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype, de
     return TileConfig(block_m=block_m, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, split=split)
 
 
-# nm_mm and channel_mm: (arch major) -> one (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M bucket
+# nm_mm and channel_mm: (arch major) -> one (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M bucket, for
+# 2-byte elements (fp16/bf16); 4-byte (fp32) tiles follow from them by _FP32_RULE, then every tile (measured rows
+# too) is fitted to the device's shared memory (_fit_tile).
+#
+# Sized by registers, not only shared memory. Measured without a GPU: triton.compile for GPUTarget sm80 / sm90 with
+# triton 3.6 and its bundled ptxas, reading ptxas -v (what the compile check reads, _compile_check.SPILL_LIMIT);
+# figures are bytes of spill stores / registers per thread, 2:4 with bias unless said otherwise, old -> new row.
+# Not timed (no GPU): among the rows that do not spill, the biggest tile, more warps rather than a smaller tile.
+#   nm_mm (the weight tile is densified in registers; it is not cp.async-pipelined, stages hardly matter):
+#     sm80 16x64x128 w4: 0/240 (4:8 28, 3:5 316)  -> w8: 0/203 (4:8 0/223, 3:5 0/249)
+#     sm80 32x64x128 w4: 324                      -> w8: 0/250 (4:8 0/249)
+#     sm80 64x64x64 w4: 404                       -> w8: 0/228 (4:8 0/255)
+#     sm80 64x128x64 w4: 4732 (at 32 registers)   -> 64x128x32 w8: 0/167 (4:8 0/234; 64x128x64 w8: 80)
+#     sm80 128x128x64 w8: 388                     -> 128x128x16 w8: 0/166 (4:8 0/197; 128x128x32 w8: 0/246, 4:8 128)
+#     sm90 16x64x128 w4: 0/255 (4:8 20)           -> w8: 0/205 (4:8 0/161)
+#     sm90 32x64x128 w4: 96                       -> w8: 0/246 (4:8 0/233)
+#     sm90 64x64x64 w4: 104                       -> w8: 0/218 (4:8 0/241)
+#     sm90 128x128x64 w8: 120 (w16: 56)           -> 128x128x32 w8: 0/242 (4:8 36/255)
+#     bf16 = fp16. fp32 used to halve BLOCK_K only: input_precision "ieee" (torch's default, TF32 off: an FMA dot)
+#     spilled 5-12 KB in every bucket on both arches (sm90 16x64x64: 5028, 128x128x32 w8: 11128), "tf32" up to 900.
+#     Now fp32 takes BLOCK_K 16 and at most 1024 outputs per warp: ieee / tf32, sm80: 16x64x16 w8 0/110 / 0/101,
+#     32x64x16 w8 4/128 / 0/112, 64x64x16 w8 0/186 / 0/122, 64x128x16 w8 0/255 / 0/165, 128x64x16 w8 0/255 / 0/151;
+#     sm90: 0/110 / 0/95, 0/143 / 0/101, 0/188 / 0/116, 128x64x16 w8 0/255 / 0/146 (ieee 4:8 at most 8 B; ieee
+#     128x128x16 spills 5888 at w8 and 2488 at w16, 64x128x16 w4 5728).
+#   channel_mm (the x tile is gathered through the index vector): rows up to 64x64 do not spill (fp16 0/155-208,
+#   fp32 ieee / tf32 0/94-227);
+#     sm80 64x128x32 w4: fp16 0/255, ieee 36, tf32 52 -> w8: fp16 0/128, fp32 (BLOCK_K 16) 0/115
+#     128x128 w8: sm80 (BLOCK_K 32) fp16 84, ieee 148, tf32 60; sm90 (BLOCK_K 64) fp16 184, ieee (32) 168, tf32 48
+#       -> 128x128x32 w16, fp32 BLOCK_K 16: sm80 fp16 16/128, ieee 0/110, tf32 0/120; sm90 fp16 0/128, ieee 20/128,
+#          tf32 0/128 (fp32 with BLOCK_K 32 at w16 still spills 60-88; 128x64x32 w8 would not spill either)
 #                 M<=16                M<=32                M<=64                M<=128               M>128
 NM_MM_TABLE: dict[int, tuple[tuple[int, int, int, int, int], ...]] = {
-    8: ((16, 64, 128, 4, 3), (32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)),
-    9: ((16, 64, 128, 4, 3), (32, 64, 128, 4, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 3)),
+    8: ((16, 64, 128, 8, 3), (32, 64, 128, 8, 3), (64, 64, 64, 8, 3), (64, 128, 32, 8, 3), (128, 128, 16, 8, 3)),
+    9: ((16, 64, 128, 8, 3), (32, 64, 128, 8, 3), (64, 64, 64, 8, 3), (128, 128, 32, 8, 3), (128, 128, 32, 8, 3)),
 }
 CHANNEL_MM_TABLE: dict[int, tuple[tuple[int, int, int, int, int], ...]] = {
-    8: ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3)),
-    9: ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 3)),
+    8: ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 8, 4), (128, 128, 32, 16, 3)),
+    9: ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 16, 3), (128, 128, 32, 16, 3)),
 }
+# 4-byte elements, per family: (BLOCK_K, most outputs per warp); BLOCK_K None = half the 2-byte row's (not below 16)
+_FP32_RULE = {"nm_mm": (16, 1024), "channel_mm": (None, None)}
+_MIN_SIDE = 16
+
+
+def _tile_smem(bm: int, bn: int, bk: int, stages: int, elem: int) -> int:
+    """Shared memory a GEMM-like tile needs (model): ``stages`` buffers of the x and w tiles, or the epilogue's
+    [BLOCK_M, BLOCK_N] layout conversion, whichever is larger."""
+    return max(stages * (bm + bn) * bk * elem, bm * bn * elem)
+
+
+def _fit_tile(family: str, bm: int, bn: int, bk: int, warps: int, stages: int, elem: int,
+              smem: int) -> TileConfig:
+    """A (hand-written or measured) row made launchable: the 4-byte rule (_FP32_RULE), then stages lowered (down to
+    2), then BLOCK_K halved (down to 16), then the larger of BLOCK_M / BLOCK_N (BLOCK_N on a tie), until the tile
+    fits ~90% of ``smem``."""
+    if elem == 4:
+        k32, per_warp = _FP32_RULE[family]
+        bk = k32 if k32 is not None else max(_MIN_SIDE, bk // 2)
+        while per_warp is not None and bm * bn > per_warp * warps and max(bm, bn) > _MIN_SIDE:
+            if bn >= bm:
+                bn //= 2
+            else:
+                bm //= 2
+    budget = smem * 0.9
+    while stages > 2 and _tile_smem(bm, bn, bk, stages, elem) > budget:
+        stages -= 1
+    while _tile_smem(bm, bn, bk, stages, elem) > budget:
+        if bk > _MIN_SIDE:
+            bk //= 2
+        elif max(bm, bn) > _MIN_SIDE:
+            if bn >= bm:
+                bn //= 2
+            else:
+                bm //= 2
+        else:
+            break
+    return TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
 
 
 def _tile_config(family: str, table: dict, m: int, dtype: torch.dtype, device: torch.device | None,
@@ -272,11 +364,7 @@ def _tile_config(family: str, table: dict, m: int, dtype: torch.dtype, device: t
     rows = tuned_tables(major).get(family) or table.get(major, table[8])
     bm, bn, bk, warps, stages = rows[_bucket(m)]
     elem = torch.empty((), dtype=dtype).element_size()
-    if elem == 4 and bk > 32:   # fp32 tiles: halve the K step (twice the bytes per element)
-        bk //= 2
-    while stages > 2 and stages * (bm + bn) * bk * elem > smem * 0.9:
-        stages -= 1
-    return TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+    return _fit_tile(family, bm, bn, bk, warps, stages, elem, smem)
 
 
 def nm_mm_config(m: int, dtype: torch.dtype, device: torch.device | None = None,
@@ -336,6 +424,19 @@ def _tile_row(value: object, where: str, source: str) -> tuple[int, int, int, in
     return bm, bn, bk, warps, stages
 
 
+def _check_tile_smem(row: tuple[int, int, int, int, int], major: int, where: str, source: str) -> None:
+    """A tile row that needs more shared memory than any GPU of its arch has, even at 2 stages of 2-byte elements,
+    cannot have been measured there: refuse it (rows that fit only in fp16, or only on the arch's bigger GPUs, are
+    fitted at launch by _fit_tile)."""
+    bm, bn, bk, _warps, stages = row
+    need = _tile_smem(bm, bn, bk, min(stages, 2), 2)
+    most = _SMEM_FALLBACK.get(major, max(_SMEM_FALLBACK.values()))
+    if need > most:
+        raise ValueError(f"{source}: {where} = {list(row)} needs ~{need // 1024} KB of shared memory (2 stages of "
+                         f"fp16 [BLOCK_M + BLOCK_N, BLOCK_K] tiles), more than an sm{major}x GPU has "
+                         f"({most // 1024} KB): not a row the tuner can have measured")
+
+
 def _per_bucket(value: object, where: str, source: str, row) -> tuple:
     if not isinstance(value, list) or len(value) != len(M_BUCKETS):
         raise ValueError(f"{source}: {where} must be a list of {len(M_BUCKETS)} rows, one per M bucket (M <= "
@@ -385,6 +486,8 @@ def validate_tuned(data: object, source: str = "<table>") -> dict:
     for family in ("nm_mm", "channel_mm"):
         if family in data:
             out[family] = _per_bucket(data[family], family, source, _tile_row)
+            for i, row in enumerate(out[family]):
+                _check_tile_smem(row, major, f"{family}[{i}]", source)
     if isinstance(data.get("measured"), (list, str, int, float)):
         raise ValueError(f"{source}: measured must be an object (the timings), got {type(data['measured']).__name__}")
     return out
@@ -514,9 +617,8 @@ def bsr_sddmm_candidates(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype
     for bm in (32, 64, 128):
         for warps in (2, 4, 8):
             for stages in (2, 3, 4):
-                while stages > 1 and stages * bm * (bn + bk) * elem + bn * bk * 4 > smem * 0.9:
-                    stages -= 1
-                out.append(TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                fbm, fst = _fit_sddmm(bm, stages, bn, bk, elem, smem)
+                out.append(TileConfig(block_m=fbm, block_n=bn, block_k=bk, num_warps=warps, num_stages=fst,
                                       split=first.split))
     return _nearest_first(out)
 
@@ -524,7 +626,7 @@ def bsr_sddmm_candidates(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype
 def tile_candidates(family: str, m: int, dtype: torch.dtype, arch: tuple[int, int]) -> list[TileConfig]:
     """Configs of ``k_nm_mm`` (family "nm_mm") or ``k_channel._channel_mm_kernel`` ("channel_mm") worth timing:
     the table's first, then BLOCK_M from the M bucket x (BLOCK_N, BLOCK_K) in (64, 64), (64, 128), (128, 64),
-    (128, 32) x 4/8 warps x 3/4 stages, fitted to the shared memory (fp32 halves BLOCK_K as the table's rows do)."""
+    (128, 32) x 4/8 warps x 3/4 stages, fitted as the table's rows are (_fit_tile: the fp32 rule, shared memory)."""
     if family not in ("nm_mm", "channel_mm"):
         raise ValueError(f"family must be 'nm_mm' or 'channel_mm', got {family!r}")
     major, smem = arch
@@ -533,11 +635,7 @@ def tile_candidates(family: str, m: int, dtype: torch.dtype, arch: tuple[int, in
     out = [_tile_config(family, table, m, dtype, None, arch)]
     for bm in _block_ms(m):
         for bn, bk in ((64, 64), (64, 128), (128, 64), (128, 32)):
-            if elem == 4 and bk > 32:
-                bk //= 2
             for warps in (4, 8):
                 for stages in (3, 4):
-                    while stages > 2 and stages * (bm + bn) * bk * elem > smem * 0.9:
-                        stages -= 1
-                    out.append(TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages))
+                    out.append(_fit_tile(family, bm, bn, bk, warps, stages, elem, smem))
     return _nearest_first(out)

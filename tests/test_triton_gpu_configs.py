@@ -17,10 +17,18 @@ BLOCK_C / BLOCK_I in the launcher rather than from a table).
 Run: `pytest -m triton --triton-interpret tests/test_triton_gpu_configs.py`. Without --triton-interpret on a
 CUDA machine the same tests run compiled, each with the config its table gives for that GPU's arch and the
 test's dtype (the others are skipped: a sm90 tile may not fit a sm80's shared memory).
+
+The tests at the end run anywhere (no interpreter, no GPU): the tables' rows fit shared memory (sm80, sm86/89,
+sm90) and follow the fp32 rules that keep them from spilling registers; measured rows too big for the device are
+shrunk, or refused when no GPU of their arch could hold them; and the compile check (kernels/_compile_check.py,
+triton.compile for sm80 without a GPU) fails on register spills and falls back to PTX without poisoning Triton's
+cache when ptxas fails.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -35,7 +43,8 @@ from sparsekit.ops import reference as R
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-pytestmark = [pytest.mark.triton, needs_runner]
+# the kernel tests below need a runner (needs_runner); the config and compile-check tests at the end run on any CPU
+pytestmark = [pytest.mark.triton]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 _DTYPE_OF = {"float32": "fp32", "float16": "fp16"}
@@ -228,6 +237,7 @@ def pattern_bsr(block: tuple[int, int], cols_per_row: list[list[int]], n_cols: i
 
 
 # --------------------------------------------------------------------------------------------- BSR
+@needs_runner
 @pytest.mark.parametrize("entry, dt", _params(BSR_MM, checker=True))
 def test_bsr_mm(monkeypatch, entry, dt):
     from sparsekit.kernels import k_bsr_mm
@@ -247,6 +257,7 @@ def test_bsr_mm(monkeypatch, entry, dt):
     assert y[:, bn:2 * bn].eq(b[bn:2 * bn]).all()   # the empty block-row is exactly the bias
 
 
+@needs_runner
 @pytest.mark.parametrize("block_m", sorted({e.key[1] for e in BSR_MM}), ids=lambda v: f"BM{v}")
 def test_bsr_mm_grouped_order_many_row_tiles(monkeypatch, block_m):
     # more row tiles than GROUP_M with the GPU tile heights: a full group, then a partial one, partial last tile
@@ -274,6 +285,7 @@ def _split_k_params():
     return out
 
 
+@needs_runner
 @pytest.mark.parametrize("entry, dt, split", _split_k_params())
 def test_bsr_mm_split_k(monkeypatch, entry, dt, split):
     from sparsekit.kernels import k_bsr_mm
@@ -299,6 +311,7 @@ def test_bsr_mm_split_k(monkeypatch, entry, dt, split):
         assert y[:, bn:2 * bn].eq(b[bn:2 * bn]).all()
 
 
+@needs_runner
 @pytest.mark.parametrize("entry, dt", _params(BSR_MM_T, checker=True))
 def test_bsr_mm_t(monkeypatch, entry, dt):
     from sparsekit.kernels import k_bsr_mm_t
@@ -318,6 +331,7 @@ def test_bsr_mm_t(monkeypatch, entry, dt):
     assert dx[:, bk:2 * bk].eq(0).all()   # the empty block-column writes exact zeros
 
 
+@needs_runner
 @pytest.mark.parametrize("entry, dt", _params(SDDMM, checker=True))
 def test_bsr_sddmm(monkeypatch, entry, dt):
     from sparsekit.kernels import k_bsr_sddmm
@@ -339,6 +353,7 @@ def test_bsr_sddmm(monkeypatch, entry, dt):
 
 
 # ------------------------------------------------------------------------------------------------ N:M
+@needs_runner
 @pytest.mark.parametrize("entry, dt, nm", _params(NM_MM, [("2of4", (2, 4)), ("3of5", (3, 5))]))
 def test_nm_mm(monkeypatch, entry, dt, nm):
     from sparsekit.kernels import k_nm_mm
@@ -362,6 +377,7 @@ def test_nm_mm(monkeypatch, entry, dt, nm):
 
 
 # -------------------------------------------------------------------------------------------- channel
+@needs_runner
 @pytest.mark.parametrize("entry, dt", _params(CHANNEL_MM))
 def test_channel_mm(monkeypatch, entry, dt):
     from sparsekit.kernels import k_channel
@@ -393,6 +409,7 @@ def test_channel_mm(monkeypatch, entry, dt):
         assert grid == (2 * 2 * batch,)
 
 
+@needs_runner
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("block_c, block_i, inner", SCATTER, ids=[f"C{c}xI{i}-inner{n}" for c, i, n in SCATTER])
 def test_channel_scatter(monkeypatch, dt, block_c, block_i, inner):
@@ -424,3 +441,220 @@ def test_enumeration_covers_the_tables():
     assert {e.key[2] for e in SDDMM} >= {1, C.SPLIT_K_MAX}
     assert max(e.key[0] for e in NM_MM) == 128 and max(e.key[0] for e in CHANNEL_MM) == 128
     assert {bi for _, bi, _ in SCATTER} >= {2, 128}
+
+
+# ------------------------------------------------------------------- table sizing (CPU: no kernel runs)
+# sm86 / sm89 report major 8 with 99 KB of shared memory per block: the tables' sm80 rows must fit there too
+_ARCHS = [(cc // 10, smem) for cc, smem in TARGETS] + [(8, 99 * 1024)]
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@pytest.fixture
+def no_tuned(monkeypatch, tmp_path):
+    """The hand-written tables only (no $SPARSEKIT_TRITON_CONFIGS, no shipped tuned_sm*.json)."""
+    monkeypatch.delenv(C.TUNED_ENV, raising=False)
+    monkeypatch.setattr(C, "tuned_path", lambda major: tmp_path / f"tuned_sm{major}0.json")
+    C.reload_tuned()
+    yield tmp_path
+    C.reload_tuned()
+
+
+@pytest.mark.parametrize("arch", _ARCHS, ids=lambda a: f"sm{a[0]}x-{a[1] // 1024}K")
+def test_tile_rows_fit_shared_memory_and_follow_the_fp32_rule(no_tuned, arch):
+    _major, smem = arch
+    for family, config_fn in (("nm_mm", C.nm_mm_config), ("channel_mm", C.channel_mm_config)):
+        for m in C.M_BUCKETS:
+            half = config_fn(m, torch.float16, arch=arch)
+            assert config_fn(m, torch.bfloat16, arch=arch) == half
+            full = config_fn(m, torch.float32, arch=arch)
+            for cfg, elem in ((half, 2), (full, 4)):
+                assert C._tile_smem(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages, elem) <= 0.9 * smem
+                assert cfg.num_stages >= 2 and min(cfg.block_m, cfg.block_n, cfg.block_k) >= 16
+            assert full.num_warps == half.num_warps
+            if family == "nm_mm":
+                # the "ieee" FMA dot spills KBs with wider K steps or more outputs per warp (see NM_MM_TABLE)
+                assert full.block_k == 16 and full.block_m * full.block_n <= 1024 * full.num_warps
+                assert (full.block_m, full.block_n) in ((half.block_m, half.block_n), (half.block_m, half.block_n // 2),
+                                                        (half.block_m // 2, half.block_n))
+            else:
+                assert full.block_k == max(16, half.block_k // 2)
+                assert (full.block_m, full.block_n) == (half.block_m, half.block_n)
+
+
+def test_the_rows_measured_without_spills():
+    """The rows the register measurements in kernels/_configs.py are about (a change there must re-measure)."""
+    a100, h100 = (8, 163 * 1024), (9, 227 * 1024)
+    fp16, fp32 = torch.float16, torch.float32
+    assert C.nm_mm_config(1, fp16, arch=a100) == C.TileConfig(16, 64, 128, 8, 3)
+    assert C.nm_mm_config(100, fp16, arch=a100) == C.TileConfig(64, 128, 32, 8, 3)
+    assert C.nm_mm_config(4096, fp16, arch=a100) == C.TileConfig(128, 128, 16, 8, 3)
+    assert C.nm_mm_config(4096, fp16, arch=h100) == C.TileConfig(128, 128, 32, 8, 3)
+    assert C.nm_mm_config(4096, fp32, arch=h100) == C.TileConfig(128, 64, 16, 8, 3)
+    assert C.nm_mm_config(1, fp32, arch=h100) == C.TileConfig(16, 64, 16, 8, 3)
+    assert C.channel_mm_config(4096, fp16, arch=h100) == C.TileConfig(128, 128, 32, 16, 3)
+    assert C.channel_mm_config(4096, fp32, arch=a100) == C.TileConfig(128, 128, 16, 16, 3)
+    # bsr_mm, fp32 with a 128-deep K step: 8 warps from 4096 outputs, at most 8192 outputs
+    assert C.bsr_mm_config(4096, 128, 128, fp32, arch=a100) == C.KernelConfig(64, 8, 4)
+    assert C.bsr_mm_config(4096, 32, 128, fp32, arch=h100) == C.KernelConfig(128, 8, 4)
+    assert C.bsr_mm_config(4096, 128, 128, fp16, arch=a100) == C.KernelConfig(128, 8, 5)   # fp16 unchanged
+    assert C.bsr_mm_config(4096, 32, 64, fp32, arch=h100).num_warps == 4                    # K step 64 unchanged
+
+
+def _tuned(tmp_path, monkeypatch, **families) -> None:
+    table = {"format": C.TUNED_FORMAT, "version": C.TUNED_VERSION, "arch_major": 9, "m_buckets": list(C.M_BUCKETS),
+             **families}
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(C.TUNED_ENV, str(path))
+    C.reload_tuned()
+
+
+@pytest.mark.parametrize("family", ["nm_mm", "channel_mm"])
+def test_a_measured_tile_row_too_big_for_the_device_is_shrunk(no_tuned, monkeypatch, family):
+    # [128, 128, 128, 8, 4]: 256 KB at 4 stages of fp16; an H100 holds 3 stages, a 99 KB sm89 not even 2 (nor a
+    # 48 KB part in fp32): there the tile shrinks (BLOCK_K first) instead of failing at launch
+    _tuned(no_tuned, monkeypatch, **{family: [[128, 128, 128, 8, 4]] * 5})
+    config_fn = C.nm_mm_config if family == "nm_mm" else C.channel_mm_config
+    assert config_fn(4096, torch.float16, arch=(9, 227 * 1024)) == C.TileConfig(128, 128, 128, 8, 3)
+    small = (9, 99 * 1024)
+    cfg = config_fn(4096, torch.float16, arch=small)
+    assert cfg == C.TileConfig(128, 128, 64, 8, 2)
+    for dtype, elem in ((torch.float16, 2), (torch.float32, 4)):
+        for arch in ((9, 227 * 1024), small, (9, 48 * 1024)):
+            c = config_fn(4096, dtype, arch=arch)
+            assert C._tile_smem(c.block_m, c.block_n, c.block_k, c.num_stages, elem) <= 0.9 * arch[1]
+    # the tuner's candidates are fitted the same way
+    for c in C.tile_candidates(family, 4096, torch.float32, (9, 48 * 1024)):
+        assert C._tile_smem(c.block_m, c.block_n, c.block_k, c.num_stages, 4) <= 0.9 * 48 * 1024
+
+
+def test_a_tile_row_no_gpu_of_the_arch_can_hold_is_refused(no_tuned, monkeypatch):
+    # nm_mm [256, 256, 256, 8, 2]: ~512 KB even at 2 stages of fp16; it used to load and fail at launch with
+    # OutOfResources (no fallback outside autotune)
+    _tuned(no_tuned, monkeypatch, nm_mm=[[64, 64, 64, 4, 3]] * 4 + [[256, 256, 256, 8, 2]])
+    with pytest.raises(ValueError, match=r"nm_mm\[4\] = \[256, 256, 256, 8, 2\] needs ~512 KB of shared memory.*"
+                                         r"sm9x GPU has \(227 KB\).*named by"):
+        C.nm_mm_config(4096, torch.float16, arch=(9, 227 * 1024))
+
+
+def test_a_measured_sddmm_row_too_big_shrinks_block_m(no_tuned, monkeypatch):
+    # bsr_sddmm used to stop at 1 stage: BLOCK_M 256 of 128x128 fp32 blocks needs 320 KB at 1 stage
+    _tuned(no_tuned, monkeypatch, bsr_sddmm={"16384": [256, 8, 4]})
+    for arch in ((9, 227 * 1024), (8, 99 * 1024)):
+        for dtype in _ALL_DTYPES:
+            cfg = C.bsr_sddmm_config(4096, 10**6, 128, 128, dtype, arch=arch)
+            elem = dtype.itemsize
+            assert C._sddmm_smem(cfg.block_m, cfg.num_stages, 128, 128, elem) <= 0.9 * arch[1]
+            assert cfg.num_stages >= 1 and cfg.block_m >= 16 and cfg.num_warps == 8
+    assert C.bsr_sddmm_config(4096, 10**6, 128, 128, torch.float32, arch=(8, 99 * 1024)).block_m == 16
+    cfg = C.bsr_sddmm_config(4096, 10**6, 128, 128, torch.float16, arch=(9, 227 * 1024))   # fits at 1 stage
+    assert (cfg.block_m, cfg.num_stages) == (256, 1)
+
+
+@pytest.mark.parametrize("arch", _ARCHS, ids=lambda a: f"sm{a[0]}x-{a[1] // 1024}K")
+def test_hand_written_bsr_rows_fit_shared_memory(no_tuned, arch):
+    major, smem = arch
+    for dtype in _ALL_DTYPES:
+        elem = dtype.itemsize
+        for bn in _SIDES:
+            for bk in _SIDES:
+                for m in C.M_BUCKETS:
+                    cfg = C.bsr_mm_config(m, bn, bk, dtype, arch=arch)
+                    assert C.smem_bytes(cfg.block_m, cfg.num_stages, bn, bk, elem, major) <= 0.9 * smem
+                    s = C.bsr_sddmm_config(m * 64, 10**6, bn, bk, dtype, arch=arch)
+                    assert C._sddmm_smem(s.block_m, s.num_stages, bn, bk, elem) <= 0.9 * smem
+
+
+# ------------------------------------------------------------- the compile check (CPU: triton.compile, no GPU)
+compile_only = pytest.mark.skipif(INTERPRET, reason="compiles kernels: run without --triton-interpret")
+
+
+def _scatter_job(dtype: str):
+    """(src, options) of the cheapest kernel to compile (the channel scatter), as the compile check builds it."""
+    from sparsekit.kernels import _compile_check as CC
+
+    return next((src, opts) for src, opts, desc in CC._extra_sources(80, 163 * 1024)
+                if desc.startswith("_channel_scatter_kernel") and dtype in desc)
+
+
+@pytest.fixture
+def triton_cache(monkeypatch, tmp_path):
+    """A Triton cache directory of the test's own (TRITON_CACHE_DIR, no knob override)."""
+    from triton import knobs
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delitem(knobs.cache.__dict__, "dir", raising=False)
+    return tmp_path / "cache"
+
+
+@compile_only
+def test_ptx_only_compile_leaves_the_cache_alone(triton_cache):
+    from sparsekit.kernels import _compile_check as CC
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    src, opts = _scatter_job("float16")
+    target = GPUTarget("cuda", 80, 32)
+    kernel = CC._compile(src, target, opts, True)
+    assert ".entry _channel_scatter_kernel" in kernel.asm["ptx"] and not kernel.asm["cubin"]
+    assert not triton_cache.exists() or not any(triton_cache.iterdir())   # written to a throwaway directory
+    assert knobs.cache.dir == str(triton_cache) and "dir" not in knobs.cache.__dict__
+    assert knobs.runtime.add_stages_inspection_hook is None
+    # the same key compiled for real afterwards (in Triton 3.6 this raised KeyError 'cubin' when the PTX-only
+    # entry had gone to the shared cache); the ptxas -v report comes along
+    log: list[str] = []
+    kernel = CC._compile(src, target, opts, False, log)
+    assert kernel.asm["cubin"][:4] == b"\x7fELF"
+    regs, spills = CC._ptxas_usage(kernel, 80, log[0])
+    assert 0 < regs <= 255 and spills == 0
+    again: list[str] = []
+    cached = CC._compile(src, target, opts, False, again)           # a cache hit: no ptxas ran, ptxas -v re-run
+    assert again == [""] and CC._ptxas_usage(cached, 80, "") == (regs, spills)
+
+
+@compile_only
+def test_check_falls_back_to_ptx_when_ptxas_fails_and_the_cache_stays_usable(triton_cache, monkeypatch, tmp_path):
+    from sparsekit.kernels import _compile_check as CC
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    # a ptxas that reports the real version (the cache key) but fails every compile
+    fake = tmp_path / "ptxas"
+    fake.write_text(f'#!/bin/sh\n[ "$1" = --version ] && exec "{knobs.nvidia.ptxas.path}" --version\n'
+                    'echo "ptxas fatal: simulated failure" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    jobs = [(*_scatter_job(dt), f"_channel_scatter_kernel sm80 {dt}") for dt in ("float16", "bfloat16")]
+    monkeypatch.setattr(CC, "TARGETS", ((80, 163 * 1024),))
+    monkeypatch.setattr(CC, "CASES", ())
+    monkeypatch.setattr(CC, "_extra_sources", lambda cc, smem: jobs)
+    monkeypatch.setenv("TRITON_PTXAS_PATH", str(fake))
+    failures = CC.check_all(verbose=False)
+    assert len(failures) == 1 and "cubin generation failed (ptxas)" in failures[0]
+    monkeypatch.delenv("TRITON_PTXAS_PATH")
+    for src, opts, _ in jobs:   # the same keys, the real ptxas, the same cache directory
+        assert CC._compile(src, GPUTarget("cuda", 80, 32), opts, False).asm["cubin"][:4] == b"\x7fELF"
+
+
+@compile_only
+def test_check_fails_on_spills_above_the_limit(triton_cache, monkeypatch):
+    from sparsekit.kernels import _compile_check as CC
+
+    jobs = [(*_scatter_job("float16"), "_channel_scatter_kernel sm80 float16")]
+    monkeypatch.setattr(CC, "TARGETS", ((80, 163 * 1024),))
+    monkeypatch.setattr(CC, "CASES", ())
+    monkeypatch.setattr(CC, "_extra_sources", lambda cc, smem: jobs)
+    assert CC.check_all(verbose=False) == []
+    monkeypatch.setattr(CC, "SPILL_LIMIT", -1)   # every kernel "spills" more than that
+    [failure] = CC.check_all(verbose=False)
+    assert re.search(r"spills 0 B per thread to local memory \(\d+ registers; more than -1 B\)", failure)
+
+
+def test_parse_ptxas_report():
+    from sparsekit.kernels._compile_check import _parse_ptxas
+
+    report = ("ptxas info    : Compiling entry function '_nm_mm_kernel' for 'sm_90a'\n"
+              "ptxas info    : Function properties for _nm_mm_kernel\n"
+              "    2536 bytes stack frame, 5028 bytes spill stores, 4544 bytes spill loads\n"
+              "ptxas info    : Used 32 registers, used 1 barriers, 2536 bytes cumulative stack size\n")
+    assert _parse_ptxas(report) == (32, 5028)
+    assert _parse_ptxas("") is None
