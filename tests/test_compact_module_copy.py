@@ -8,7 +8,7 @@ from torch import nn
 
 import sparsekit as sk
 from sparsekit._aliases import retie, tied_layers
-from sparsekit.prune import Pruner
+from sparsekit.prune import Pruner, masks
 from sparsekit.prune.compact import resize_module
 from sparsekit.prune.graph import DependencyGraph
 
@@ -198,3 +198,80 @@ def test_hooks_bound_to_the_layer_follow_the_copy() -> None:
     del lin                                          # the copy's hooks do not need the original alive
     new.load_state_dict(new.state_dict())
     assert new.loaded
+
+
+def test_copy_drops_the_compile_wrapper_and_keeps_hook_handles_and_parameter_order() -> None:
+    class Handled(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(4, 6)
+            self.calls = 0
+            self.handle = self.register_forward_hook(self._count)
+
+        def _count(self, mod, args, out) -> None:
+            self.calls += 1
+
+    lin = Handled()
+    lin.compile(backend="eager")
+    new = resize_module(lin, torch.tensor([0, 5]))
+    assert new._compiled_call_impl is None                  # the wrapper would call the original layer
+    assert new(torch.randn(3, 4)).shape == (3, 2) and new.calls == 1
+    new.handle.remove()                                      # the handle reaches the copy's hook dict
+    new(torch.randn(3, 4))
+    assert new.calls == 1
+    masked = nn.Linear(4, 6)
+    masks.apply_mask(masked, torch.ones(6, 4, dtype=torch.bool))           # weight only, not the bias
+    assert [n for n, _ in resize_module(masked, torch.tensor([1, 2])).named_parameters()] == ["weight", "bias"]
+
+
+def test_per_channel_plain_tensor_attribute_is_refused_and_extra_state_copied() -> None:
+    class Scaled(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(4, 6)
+            self.scale = torch.ones(6)                        # a plain attribute, not a buffer
+            self.register_buffer("step", torch.zeros(()))
+
+    with pytest.raises(ValueError, match="'scale' of shape \\(6,\\)"):
+        resize_module(Scaled(), torch.tensor([0, 1]))
+    keep = Scaled()
+    del keep.scale
+    new = resize_module(keep, torch.tensor([0, 1]))
+    assert new.step.data_ptr() != keep.step.data_ptr()      # a copy, not the original's buffer
+
+
+def test_tied_layer_called_twice_stays_prunable() -> None:
+    class TwiceTied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e, self.mid, self.dec = nn.Embedding(30, 16), nn.Linear(16, 16), nn.Linear(16, 30)
+            self.dec.weight = self.e.weight
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.dec(torch.relu(self.mid(self.e(a) + self.e(b))))
+
+    torch.manual_seed(0)
+    model = TwiceTied()
+    args = (torch.randint(0, 30, (2, 5)), torch.randint(0, 30, (2, 5)))
+    pruner = Pruner(model, args, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert small.e.weight is small.dec.weight and small.e.weight.shape == (30, 8)
+    assert max(sk.verify(model, small, args, atol=1e-5).values()) <= 1e-5
+
+
+def test_compacted_and_baked_rnn_hold_no_sparsekit_hook() -> None:
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru, self.head = nn.GRU(6, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.gru(x)[0])
+
+    model, x = Tagger(), torch.randn(2, 5, 6)
+    pruner = Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert not small.gru._forward_hooks and not hasattr(small.gru, "_sparsekit_copyable")
+    torch.jit.script(small)                                    # (the hook's object type made scripting fail)
+    pruner.bake()
+    assert not model.gru._forward_hooks

@@ -1295,8 +1295,9 @@ class DependencyGraph:
         for names in tied_layers(self.model):
             for dim in (0, 1):
                 roots = [r for r in range(len(self._spaces)) if self._spaces[r].parent is None]  # (as merged so far)
-                layouts = {name: sorted((m.offset, m.span, r) for r in roots for m in self._spaces[r].members
-                                        if m.module == name and _tensor_dim(self.modules[name], m.axis) == dim)
+                # (a set: a layer called twice has each member twice)
+                layouts = {name: sorted({(m.offset, m.span, r) for r in roots for m in self._spaces[r].members
+                                         if m.module == name and _tensor_dim(self.modules[name], m.axis) == dim})
                            for name in names}
                 if not any(layouts.values()):
                     continue
@@ -1306,7 +1307,9 @@ class DependencyGraph:
                         for (_, _, a), (_, _, b) in zip(first, entries):
                             self._union(a, b)
                     continue
-                reason = f"{sorted(names)} hold one weight tensor whose dim {dim} they cut differently"
+                idle = [n for n in names if not any(m.module == n for r in roots for m in self._spaces[r].members)]
+                reason = (f"{sorted(names)} hold one weight tensor and {idle} is not called in the traced forward"
+                          if idle else f"{sorted(names)} hold one weight tensor whose dim {dim} they cut differently")
                 for lay in layouts.values():
                     for _, _, r in lay:
                         sp = self._spaces[self._find(r)]

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .recurrent import keep_copyable
+from .recurrent import drop_copy_hook, keep_copyable
 
 __all__ = [
     "GRANULARITIES", "CONVS", "TRANSPOSED_CONVS", "PRUNABLE", "BATCH_NORMS", "INSTANCE_NORMS", "CHANNEL_NORMS",
@@ -490,6 +490,8 @@ def _unmask(model: nn.Module, leave_parametrized: bool) -> int:
         for tensor_name in _masked_tensor_names(mod):
             _unmask_tensor(mod, tensor_name, leave_parametrized, name or "model")
             count += 1
+        if not parametrize.is_parametrized(mod):
+            drop_copy_hook(mod)
     return count
 
 

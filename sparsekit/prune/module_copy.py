@@ -60,31 +60,36 @@ def resized_copy(mod: nn.Module, tensors: Mapping[str, Tensor | None], sizes: Ma
     leaves one absent, as a bias-free layer's) and with the attributes ``sizes`` set.
 
     Masks and other parametrizations are dropped: a parametrized tensor not in ``tensors`` keeps its computed
-    value. Each parameter requires grad as the original did. Hooks are the same callables (those bound to ``mod``
-    itself rebound to the copy); submodules and plain attributes are deep copies; attributes named in ``skip``
-    are left out (the caller rebuilds them). Another tensor of ``mod`` with a dim of a size being changed (a
-    subclass's per-channel state, the ``weight_g`` of the deprecated hook-based ``weight_norm``) cannot be cut
-    along with it: ValueError.
+    value. Each parameter requires grad as the original did; parameters and buffers come in ``tensors``' order,
+    then the others (copies). Hooks are the same callables (those bound to ``mod`` itself rebound to the copy,
+    and hook handles kept on it refer to the copy's hooks); submodules and plain attributes are deep copies;
+    attributes named in ``skip`` are left out (the caller rebuilds them), and so is a ``module.compile()``
+    wrapper (it calls the original: compile the copy again). Another tensor of ``mod`` with a dim of a size
+    being changed (a subclass's per-channel state, the ``weight_g`` of the deprecated hook-based
+    ``weight_norm``) cannot be cut along with it: ValueError.
     """
     base = parametrize.type_before_parametrizations(mod)
     masked = dict(mod.parametrizations.items()) if parametrize.is_parametrized(mod) else {}
     new = base.__new__(base)
     memo: dict[int, Any] = {id(mod): new}
     memo.update({id(t): t for t in _own_tensors(mod)})     # shared, never copied: replaced or cloned below
-    skip = set(skip)
-    state = {}
+    skip = {*skip, *tensors, "_compiled_call_impl"}       # (a plain attribute named as a tensor: hook-based
+    state = {}                                            # weight_norm's weight)
+    for key, value in mod.__dict__.items():               # hook dicts first: handles kept on the module follow
+        if "hook" in key and isinstance(value, dict):
+            state[key] = memo[id(value)] = _moved_hooks(value, mod, new)
     for key, value in mod.__dict__.items():
-        if key in skip or key in tensors:    # (a plain attribute of that name: hook-based weight_norm's weight)
+        if key in skip or key in state:
             continue
         if key in ("_parameters", "_buffers"):
             state[key] = copy.copy(value)
         elif key == "_modules":
-            state[key] = type(value)((k, copy.deepcopy(m)) for k, m in value.items() if k != "parametrizations")
-        elif "hook" in key:
-            state[key] = _moved_hooks(value, mod, new) if isinstance(value, dict) else value
+            state[key] = type(value)((k, copy.deepcopy(m, memo)) for k, m in value.items() if k != "parametrizations")
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
+    if "_compiled_call_impl" in mod.__dict__:
+        new._compiled_call_impl = None
     for name, plist in masked.items():
         if name not in tensors:      # a parametrized tensor kept whole: its computed value
             _register(new, name, getattr(mod, name).detach().clone(), _stored(plist))
@@ -92,9 +97,20 @@ def resized_copy(mod: nn.Module, tensors: Mapping[str, Tensor | None], sizes: Ma
         if value is not None:        # (None: absent in the original too, e.g. no bias)
             src = _stored(masked[name]) if name in masked else mod._parameters.get(name, mod._buffers.get(name))
             _register(new, name, value.detach(), src)
+    for store in (new._parameters, new._buffers):         # the others: copies, not the original's tensors
+        for name, t in store.items():
+            if name not in tensors and t is not None and t is (mod._parameters.get(name, mod._buffers.get(name))):
+                store[name] = nn.Parameter(t.detach().clone(), t.requires_grad) if isinstance(t, nn.Parameter) \
+                    else t.detach().clone()
+        order = [n for n in tensors if n in store] + [n for n in store if n not in tensors]
+        items = [(n, store[n]) for n in order]
+        store.clear()
+        store.update(items)
     changed = {getattr(mod, key) for key, size in sizes.items() if getattr(mod, key) != size}
-    for name, t in (*new._parameters.items(), *new._buffers.items()):
-        if name not in tensors and t is not None and changed.intersection(t.shape):
+    held = [(n, t) for n, t in (*new._parameters.items(), *new._buffers.items()) if n not in tensors]
+    held += [(n, t) for n, t in new.__dict__.items() if isinstance(t, Tensor)]
+    for name, t in held:
+        if t is not None and changed.intersection(t.shape):
             raise ValueError(f"cannot resize a {base.__name__}: it holds {name!r} of shape {tuple(t.shape)}, which "
                              f"sparsekit does not know how to cut (it resizes {sorted(tensors)}); prune without this "
                              "layer (ignore=...) or move that state out of it (the deprecated hook-based "

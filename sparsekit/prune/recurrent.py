@@ -28,7 +28,7 @@ from torch import _VF, Tensor, nn
 from .module_copy import resized_copy
 
 __all__ = ["RECURRENT", "gates", "unit_index", "index_masks", "resize_recurrent", "hidden_unit_rows",
-           "input_columns", "parameter_names", "keep_copyable", "layer_by_layer", "stock_forward"]
+           "input_columns", "parameter_names", "keep_copyable", "drop_copy_hook", "layer_by_layer", "stock_forward"]
 
 RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 
@@ -112,6 +112,7 @@ def resize_recurrent(mod: nn.Module, keep_hidden: Tensor | None = None, keep_in:
     # (the flat-weight caches hold the old tensors: made again from the new ones)
     new = resized_copy(mod, tensors, {"hidden_size": h, "input_size": i}, skip=("_flat_weights", "_flat_weight_refs"))
     new._init_flat_weights()
+    drop_copy_hook(new)
     return new
 
 
@@ -140,6 +141,14 @@ def _reread_flat_weights(mod: nn.Module, args: object, output: object) -> None:
     with torch.no_grad():
         mod._flat_weights = [getattr(mod, n) if hasattr(mod, n) else None for n in mod._flat_weights_names]
         mod._flat_weight_refs = [weakref.ref(w) if w is not None else None for w in mod._flat_weights]
+
+
+def drop_copy_hook(mod: nn.Module) -> None:
+    """Undo ``keep_copyable`` on a recurrent module whose weights are plain again (the hook is sparsekit's, and
+    torch.jit.script refuses a module holding it)."""
+    if mod.__dict__.pop("_sparsekit_copyable", False):
+        for key in [k for k, hook in mod._forward_hooks.items() if hook is _reread_flat_weights]:
+            del mod._forward_hooks[key]
 
 
 def keep_copyable(mod: nn.Module) -> None:
