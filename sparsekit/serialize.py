@@ -121,10 +121,29 @@ def _tied_parameters(model: nn.Module) -> list[list[str]]:
     return [names for names in ties.values() if len(names) > 1]
 
 
+def _saved_ties(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[list[str]]:
+    """The ties of ``model`` (``_tied_parameters``) that the saved model had too (equal saved tensors); a weight
+    the fresh model ties but the saved one held as separate tensors (untied by its user, or masked differently
+    before compaction) gets a Parameter of its own under each name, so that loading gives each its values."""
+    kept = []
+    for names in _tied_parameters(model):
+        first = tensors.get(names[0])
+        if first is not None and all(n in tensors and tensors[n].shape == first.shape and torch.equal(tensors[n], first)
+                                     for n in names[1:]):
+            kept.append(names)
+            continue
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            mod = model.get_submodule(owner)
+            p = getattr(mod, attr)
+            setattr(mod, attr, nn.Parameter(torch.empty_like(p), p.requires_grad))   # (values: loaded next)
+    return kept
+
+
 def _assign_meta_skeleton(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Load ``tensors`` into a model built on the meta device by assignment: ties are re-made (assignment gives
     every name its own tensor) and non-persistent buffers come from the file; a tensor left on meta is an error."""
-    ties = _tied_parameters(model)
+    ties = _saved_ties(model, tensors)
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(NONPERSISTENT)}, strict=True,
                           assign=True)
     for names in ties:
@@ -259,6 +278,7 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
         return model
     model.to(device)      # move, then copy: tied weights stay tied and non-persistent buffers follow
     saved = {k: v for k, v in tensors.items() if not k.startswith(NONPERSISTENT)}
+    _saved_ties(model, saved)
     # each tensor in its saved dtype (rebuilt sparse layers have it already); non-persistent buffers keep the
     # values __init__ gave them, in the dtype they were saved in
     dtypes = {k: v.dtype for k, v in saved.items()} | {k[len(NONPERSISTENT):]: v.dtype for k, v in tensors.items()

@@ -275,3 +275,25 @@ def test_compacted_and_baked_rnn_hold_no_sparsekit_hook() -> None:
     torch.jit.script(small)                                    # (the hook's object type made scripting fail)
     pruner.bake()
     assert not model.gru._forward_hooks
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_load_keeps_weights_the_saved_model_held_apart(meta: bool) -> None:
+    torch.manual_seed(0)
+    model = TiedLM()
+    model.dec.weight = nn.Parameter(model.enc.weight.detach() * 2)     # untied by its user after __init__ tied it
+    x = torch.randint(0, 40, (2, 7))
+    pruner = Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert small.enc.weight is not small.dec.weight
+    with tempfile.TemporaryDirectory() as d:
+        sk.save(small, f"{d}/lm")
+        if meta:
+            with torch.device("meta"):
+                fresh = TiedLM()
+        else:
+            fresh = TiedLM()
+        back = sk.load(f"{d}/lm", fresh)
+    assert back.enc.weight is not back.dec.weight
+    assert torch.equal(back(x), small(x))
