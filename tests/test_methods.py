@@ -92,6 +92,22 @@ def test_lottery_rewinds_surviving_weights(rewind):
     assert sum(int((~mk).sum()) for mk in ticket.pruner.masks.values()) == int(0.75 * total)
 
 
+@pytest.mark.parametrize("rewind", ["init", "finetune"])
+def test_lottery_round_clears_the_optimizer_state_with_the_rewind(rewind):
+    torch.manual_seed(0)
+    m = models.MLP([16, 8, 4])
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    ticket = LotteryTicket(m, x[:2], sparsity=0.5, rounds=2, rewind=rewind)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    F.cross_entropy(m(x), y).backward()
+    opt.step()
+    assert opt.state
+    ticket.prune_round(opt)
+    assert bool(opt.state) == (rewind == "finetune")        # a rewound ticket trains as a fresh run
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        ticket.prune_round("adam")
+
+
 def test_lottery_random_reinit_is_redrawn_every_round_and_covers_every_module():
     """rewind="random": each round draws a new initialisation (seeded: the same for the same seed), the root
     module and nn.MultiheadAttention's in-projection included."""

@@ -13,8 +13,8 @@ are kept) and resets the surviving weights according to ``rewind`` -- the initia
 
     ticket = LotteryTicket(model, x, sparsity=0.9, rounds=3, rewind="init")
     for r in range(ticket.rounds):
-        train(model)
-        ticket.prune_round()
+        train(model, opt)
+        ticket.prune_round(opt)       # (opt's momentum / Adam state is cleared with the rewind)
     train(model)          # the winning ticket
 """
 
@@ -103,8 +103,15 @@ class LotteryTicket:
         training iterations, before the first ``prune_round``)."""
         self._rewind_state = _state(self.model)
 
-    def prune_round(self) -> float:
-        """Prune to this round's target, then reset the surviving weights; returns the target sparsity."""
+    def prune_round(self, optimizer: torch.optim.Optimizer | None = None) -> float:
+        """Prune to this round's target, then reset the surviving weights; returns the target sparsity.
+
+        ``optimizer`` (the one training ``model``): its per-parameter state (momentum, Adam's moments) is cleared
+        with the rewind, so the next round trains as a fresh run from the rewound weights does (the paper
+        retrains from scratch); with ``rewind="finetune"`` it is kept. Without it, pass a new optimizer to the
+        next round yourself."""
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if self.rewind == "iteration" and self._rewind_state is None:
             raise ValueError("rewind='iteration' needs ticket.snapshot() during the first round of training")
         target = self.pruner.step()
@@ -113,6 +120,8 @@ class LotteryTicket:
         self._round += 1
         if self.rewind != "finetune":
             _load(self.model, self._rewind_state)     # masks stay: pruned weights remain zero
+            if optimizer is not None:
+                optimizer.state.clear()
         return target
 
     def run(self, train_fn: Callable[[nn.Module], None]) -> nn.Module:
