@@ -175,7 +175,7 @@ def test_low_rank_names_the_masked_layer_and_changes_nothing():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     masks.apply_mask(m[2], torch.rand(32, 32) > 0.5)
-    with pytest.raises(ValueError, match=r"layer '2' is masked: bake the masks first"):
+    with pytest.raises(ValueError, match=r"layer '2' is masked: compact the pruned model first"):
         low_rank(m, rank=2)
     assert all(isinstance(m[i], nn.Linear) for i in (0, 2, 4))      # '0' came first and was not factorised either
     report = low_rank(m, rank=2, ignore=["2"])
