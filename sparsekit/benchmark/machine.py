@@ -121,6 +121,16 @@ def _float32_matmul_precision() -> str | None:
         return None
 
 
+def _thp_mode() -> str | None:
+    """The kernel's transparent huge page mode ("always", "madvise" or "never"; None where it cannot be read)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    chosen = [w.strip("[]") for w in text.split() if w.startswith("[")]
+    return chosen[0] if chosen else None
+
+
 def machine_info(device: str) -> dict[str, object]:
     """Machine, versions and settings, recorded with every result file."""
     from .. import _extension
@@ -149,8 +159,12 @@ def machine_info(device: str) -> dict[str, object]:
         "cpu_kernel_isa": torch.ops.sparsekit.cpu_kernel_isa() if _extension.LOADED
         and hasattr(torch.ops.sparsekit, "cpu_kernel_isa") else None,
         "tf32": tf32_state(),
+        # (THP_MEM_ALLOC_ENABLE: torch's CPU allocator asks for huge pages; with tens of MB of fresh output per
+        # call, page faults otherwise cost as much as the arithmetic of a sparse layer)
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRITON_INTERPRET",
-                                           "CUDA_VISIBLE_DEVICES", *ISA_ENV) if k in os.environ},
+                                           "CUDA_VISIBLE_DEVICES", "THP_MEM_ALLOC_ENABLE", *ISA_ENV)
+                if k in os.environ},
+        "transparent_hugepage": _thp_mode(),
         "loadavg_start": load,
     }
     if device == "cuda" and torch.cuda.is_available():
@@ -201,6 +215,8 @@ def script_results(out: str | Path, prefix: str, device: str) -> tuple[Path, dic
     forced = [f"{k}={v}" for k, v in info["env"].items() if k in ISA_ENV]
     if forced:
         where += f", instruction sets forced: {' '.join(forced)}"
+    if info["env"].get("THP_MEM_ALLOC_ENABLE"):
+        where += ", THP_MEM_ALLOC_ENABLE=1 (huge pages)"
     return out / f"{prefix}_{machine}_{stamp}", info, stamp, where
 
 
