@@ -97,3 +97,12 @@ def test_global_keep_min_keep_holds_at_high_sparsity():
     scores = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([0.1, 0.2])}
     keep = masks.global_keep(scores, 0.9, "channel", shapes={"a": (3, 4), "b": (2, 4)}, min_keep=1)
     assert keep["a"][:, 0].tolist() == [False, False, True] and keep["b"][:, 0].tolist() == [False, True]
+
+
+def test_global_keep_warns_when_min_keep_caps_the_target():
+    from sparsekit.prune.masks import global_keep
+
+    scores = {"a": torch.rand(4, 3), "b": torch.rand(4, 3)}
+    with pytest.warns(UserWarning, match=r"reaches 50.0% of the units, not 90.0%.*keeps at least 2"):
+        keep = global_keep(scores, 0.9, "channel", min_keep=2)
+    assert all(int(k[:, 0].sum()) == 2 for k in keep.values())

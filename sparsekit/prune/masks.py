@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -265,7 +266,12 @@ def global_keep(scores: Mapping[str, Tensor], sparsity: float, granularity: str,
             protected += top.numel()
         flats.append(f)
     flat = torch.cat(flats) if flats else torch.zeros(0, dtype=torch.float64)
-    k = min(num_to_remove(sparsity, flat.numel()), flat.numel() - protected)
+    wanted = num_to_remove(sparsity, flat.numel())
+    k = min(wanted, flat.numel() - protected)
+    if k < wanted:
+        warnings.warn(f"global pruning reaches {k / flat.numel():.1%} of the units, not {sparsity:.1%}: every layer "
+                      f"keeps at least {min_keep} (min_channels / min_keep), {protected} of {flat.numel()} in all",
+                      UserWarning, stacklevel=3)
     keep = lowest_removed(flat, k)
     out, start = {}, 0
     for name, u in zip(names, units):
