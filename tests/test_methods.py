@@ -450,3 +450,15 @@ def test_alpha_blend_trains_through_inplace_relu_in_float64_and_keeps_bn_counts(
     c.net[1].num_batches_tracked.fill_(50)
     AlphaBlend(c, torch.randn(2, 2, 6, 6), widths={"net.0": 4})
     assert int(c.alpha_blend["net__0"].bns["1"].num_batches_tracked) == 50   # the cumulative average keeps its count
+
+
+def test_bools_are_not_fractions():
+    from sparsekit.prune.methods import abc_search, svd_rank
+
+    with pytest.raises(ValueError, match="energy must be a float"):
+        svd_rank(torch.ones(3), energy=True)
+    with pytest.raises(ValueError, match="step must be in"):
+        AlphaBlend.alphas(True)
+    m = models.MLP([8, 8, 2])
+    with pytest.raises(ValueError, match="budget must be a fraction"):
+        abc_search(m, torch.randn(2, 8), [torch.randn(2, 8)], budget=True)

@@ -189,7 +189,7 @@ class AlphaBlend:
     @staticmethod
     def alphas(step: float = 0.1) -> list[float]:
         """The step schedule of the paper: 1, 1 - step, ..., 0 (``step`` rounded to divide 1 evenly)."""
-        if not isinstance(step, (int, float)) or not 0.0 < step <= 1.0:
+        if not isinstance(step, (int, float)) or isinstance(step, bool) or not 0.0 < step <= 1.0:
             raise ValueError(f"step must be in (0, 1], got {step!r}")
         n = max(1, round(1.0 / step))
         return [round(1.0 - i / n, 10) for i in range(n + 1)]

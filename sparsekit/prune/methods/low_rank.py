@@ -41,7 +41,7 @@ def svd_rank(singular_values: Tensor, rank: int | None = None, energy: float | N
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {rank!r}")
         return min(rank, nonzero)
-    if not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
+    if not isinstance(energy, (int, float)) or isinstance(energy, bool) or not 0.0 < energy <= 1.0:
         raise ValueError(f"energy must be a float in (0, 1], got {energy!r}")
     frac = torch.cumsum(s2, 0) / s2.sum().clamp_min(1e-300)
     return min(nonzero, int((frac < energy - 1e-12).sum()) + 1)

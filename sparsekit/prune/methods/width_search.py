@@ -107,7 +107,7 @@ def abc_search(model: nn.Module, example_inputs: Any, calib: Sequence[Any], budg
     """
     if metric not in ("flops", "params"):
         raise ValueError(f"metric must be 'flops' or 'params', got {metric!r}")
-    if not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0.0 < budget <= 1.0:
         raise ValueError(f"budget must be a fraction in (0, 1] of the dense {metric}, got {budget!r}")
     if any(_masks.is_masked(m) for m in model.modules()):
         raise ValueError("model is already masked: search widths on an unpruned model")
