@@ -6,11 +6,13 @@ every alias, or the other names keep running the old module."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["module_aliases", "shared_weights", "tied_layers", "retie"]
+__all__ = ["module_aliases", "shared_weights", "tied_layers", "equal_classes", "retie"]
 
 
 def module_aliases(model: nn.Module) -> dict[int, list[str]]:
@@ -48,17 +50,32 @@ def tied_layers(model: nn.Module) -> list[list[str]]:
     return [list(names) for names in dict.fromkeys(tuple(sorted([n, *others])) for n, others in ties.items())]
 
 
+def equal_classes(names: list[str], same: Callable[[str, str], bool]) -> list[list[str]]:
+    """``names`` split into classes of names ``same`` finds equal (to each class's first), in order."""
+    classes: list[list[str]] = []
+    for name in names:
+        for cls in classes:
+            if same(cls[0], name):
+                cls.append(name)
+                break
+        else:
+            classes.append([name])
+    return classes
+
+
 def retie(model: nn.Module, ties: list[list[str]], same_values: bool = True) -> list[list[str]]:
     """Make the layers of each list in ``ties`` (``tied_layers`` of the model before it was rebuilt) hold one
-    weight Parameter again, the first one's, where their weights have one shape (and, with ``same_values``,
-    equal values); returns the lists left untied."""
-    untied = []
+    weight Parameter again, class by class: layers whose weights have one shape (and, with ``same_values``,
+    equal values) share the first one's. Returns the lists that split into several classes."""
+    split = []
     for names in ties:
-        mods = [model.get_submodule(n) for n in names]
-        weights = [m.weight for m in mods]
-        if any(w.shape != weights[0].shape or (same_values and not torch.equal(w, weights[0])) for w in weights):
-            untied.append(names)
-            continue
-        for m in mods[1:]:
-            m.weight = weights[0]
-    return untied
+        mods = {n: model.get_submodule(n) for n in names}
+        w = {n: m.weight for n, m in mods.items()}
+        classes = equal_classes(names, lambda a, b, w=w: w[a].shape == w[b].shape
+                                and (not same_values or torch.equal(w[a], w[b])))
+        for cls in classes:
+            for n in cls[1:]:
+                mods[n].weight = w[cls[0]]
+        if len(classes) > 1:
+            split.append(names)
+    return split

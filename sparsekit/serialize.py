@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._aliases import module_aliases
+from ._aliases import equal_classes, module_aliases
 from ._compat import set_submodule
 from .formats import BSR, CSR, NM, ChannelIndex
 from .nn import (
@@ -122,21 +122,23 @@ def _tied_parameters(model: nn.Module) -> list[list[str]]:
 
 
 def _saved_ties(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[list[str]]:
-    """The ties of ``model`` (``_tied_parameters``) that the saved model had too (equal saved tensors); a weight
-    the fresh model ties but the saved one held as separate tensors (untied by its user, or masked differently
-    before compaction) gets a Parameter of its own under each name, so that loading gives each its values."""
+    """The ties of ``model`` (``_tied_parameters``) as the saved model had them: the names of one tie whose saved
+    tensors are equal stay tied, and each other class of equal tensors gets a Parameter of its own (a weight the
+    fresh model ties in ``__init__`` but the saved one held apart: untied by its user, or masked differently
+    before compaction), so that loading gives each its values. Returns the ties kept (2 names or more)."""
     kept = []
     for names in _tied_parameters(model):
-        first = tensors.get(names[0])
-        if first is not None and all(n in tensors and tensors[n].shape == first.shape and torch.equal(tensors[n], first)
-                                     for n in names[1:]):
-            kept.append(names)
-            continue
-        for name in names[1:]:
-            owner, _, attr = name.rpartition(".")
-            mod = model.get_submodule(owner)
-            p = getattr(mod, attr)
-            setattr(mod, attr, nn.Parameter(torch.empty_like(p), p.requires_grad))   # (values: loaded next)
+        classes = equal_classes(names, lambda a, b: a in tensors and b in tensors
+                                and tensors[a].shape == tensors[b].shape and torch.equal(tensors[a], tensors[b]))
+        for i, cls in enumerate(classes):
+            if i:       # (the first class keeps the fresh model's Parameter)
+                first = model.get_parameter(cls[0])
+                fresh = nn.Parameter(torch.empty_like(first), first.requires_grad)   # (values: loaded next)
+                for name in cls:
+                    owner, _, attr = name.rpartition(".")
+                    setattr(model.get_submodule(owner), attr, fresh)
+            if len(cls) > 1:
+                kept.append(cls)
     return kept
 
 

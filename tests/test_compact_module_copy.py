@@ -297,3 +297,65 @@ def test_load_keeps_weights_the_saved_model_held_apart(meta: bool) -> None:
         back = sk.load(f"{d}/lm", fresh)
     assert back.enc.weight is not back.dec.weight
     assert torch.equal(back(x), small(x))
+
+
+def test_copies_reference_the_rest_of_the_model_rather_than_copying_it() -> None:
+    class Noted(nn.Linear):
+        pass
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = Noted(6, 8), Noted(8, 8), nn.Linear(8, 2)
+            shared = {"calls": 0}
+            self.a.shared = self.b.shared = shared            # state two layers share
+            object.__setattr__(self.a, "parent", self)      # a reference to the model (not a submodule)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(3, 6)
+    pruner = Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert small.a.out_features == 4 and small.a.parent is small
+    assert small.a.shared is small.b.shared
+
+
+def test_square_layer_state_of_a_kept_size_is_left_with_a_warning() -> None:
+    class Scaled(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(16, 16)
+            self.register_buffer("in_scale", torch.ones(16))     # per input: the inputs stay
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x * self.in_scale)
+
+    with pytest.warns(RuntimeWarning, match="'in_scale' of shape \\(16,\\) is left as it is"):
+        new = resize_module(Scaled(), torch.arange(8))
+    assert new(torch.randn(2, 16)).shape == (2, 8)
+
+
+def test_load_keeps_the_part_of_a_three_way_tie_the_saved_model_kept() -> None:
+    class Three(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.d1, self.d2 = nn.Embedding(20, 8), nn.Linear(8, 20), nn.Linear(8, 20)
+            self.d1.weight = self.d2.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.emb(x)
+            return self.d1(h) + self.d2(h)
+
+    model, x = Three(), torch.randint(0, 20, (2, 5))
+    model.d2.weight = nn.Parameter(model.emb.weight.detach() * 2)
+    with tempfile.TemporaryDirectory() as d:
+        sk.save(model, f"{d}/m")
+        back = sk.load(f"{d}/m", Three())
+        with torch.device("meta"):
+            skeleton = Three()
+        meta = sk.load(f"{d}/m", skeleton)
+    for loaded in (back, meta):
+        assert loaded.d1.weight is loaded.emb.weight and loaded.d2.weight is not loaded.emb.weight
+        assert torch.equal(loaded(x), model(x))

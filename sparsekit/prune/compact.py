@@ -84,15 +84,17 @@ def _cut(t: Tensor | None, rows: Tensor | None = None, cols: Tensor | None = Non
     return out if cols is None else out.index_select(1, cols.to(t.device))
 
 
-def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tensor | None = None) -> nn.Module:
+def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tensor | None = None,
+                  within: nn.Module | None = None) -> nn.Module:
     """A copy of ``mod`` keeping indices ``keep_out`` (weight dim 0 / channels / embedding dim) and ``keep_in``
     (weight dim 1); ``None`` keeps everything. The copy is of ``mod``'s class (a subclass too, with its attributes
-    and hooks: ``module_copy.resized_copy``), its masks baked in. An attention module (``"mha"``)
+    and hooks: ``module_copy.resized_copy``; ``within``, the model it is part of, is referenced rather than copied),
+    its masks baked in. An attention module (``"mha"``)
     keeps whole heads: ``keep_out`` indexes its packed q|k|v rows and it becomes a ``PrunedMultiheadAttention``."""
     if attention_kind(mod) == "mha":
         return _resize_mha(mod, keep_out, keep_in)
     if isinstance(mod, RECURRENT):     # keep_out: hidden units (of every layer and direction)
-        return resize_recurrent(mod, keep_out, keep_in)
+        return resize_recurrent(mod, keep_out, keep_in, within)
     w = mod.weight.detach() if getattr(mod, "weight", None) is not None else None
     b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
     if isinstance(mod, CONVS):
@@ -134,7 +136,7 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
     else:
         raise TypeError(f"cannot resize a {type(mod).__name__} (resizable: Conv1d/2d/3d, ConvTranspose1d/2d/3d, "
                         "Linear, BatchNorm, GroupNorm, InstanceNorm, Embedding, PReLU, RNN, LSTM, GRU)")
-    return resized_copy(mod, tensors, sizes)
+    return resized_copy(mod, tensors, sizes, within=within)
 
 
 def _size(n: int, keep: Tensor | None) -> int:
@@ -383,7 +385,7 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
     aliases = module_aliases(small)
     ties = tied_layers(small)
     for name, ax in plan.items():
-        new = resize_module(mods[name], ax.get("out"), ax.get("in"))
+        new = resize_module(mods[name], ax.get("out"), ax.get("in"), within=small)
         for alias in aliases[id(mods[name])]:      # a module registered under several names is one module
             set_submodule(small, alias, new)
     # channel selection before BNs that read a shared stream
@@ -412,8 +414,8 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
     from .masks import bake_masks
     bake_masks(small)
     for names in retie(small, ties):     # (the graph couples a tied weight's channels: only differing masks get here)
-        warnings.warn(f"{names} held one weight, masked differently: the compacted model holds one weight each",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{names} held one weight, masked differently: the compacted model ties only those whose "
+                      "weights are still equal", RuntimeWarning, stacklevel=2)
     small._sparsekit_keep = {k: v.clone() for k, v in keep.items()}  # type: ignore[attr-defined]
     return small
 
@@ -519,15 +521,15 @@ def compacted_widths(model: nn.Module) -> dict[str, dict]:
     return spec
 
 
-def _blank(mod: nn.Module, w: dict) -> nn.Module:
+def _blank(mod: nn.Module, w: dict, within: nn.Module | None = None) -> nn.Module:
     """Resize ``mod`` to the widths ``w`` (values are placeholders until load_state_dict)."""
     out = torch.arange(w["out"]) if "out" in w else None
     if "heads" in w:
         if attention_kind(mod) == "mha_linear":     # q / k / v rows and out_proj columns of the first heads
             rows = torch.arange(w["heads"] * mod.head_dim)
             for p in QKV_PROJ:
-                setattr(mod, p, resize_module(getattr(mod, p), rows, None))
-            mod.out_proj = resize_module(mod.out_proj, None, rows)
+                setattr(mod, p, resize_module(getattr(mod, p), rows, None, within))
+            mod.out_proj = resize_module(mod.out_proj, None, rows, within)
             mod.num_heads = w["heads"]
             mod.head_index = mod.head_index[:w["heads"]].clone()    # (loaded with the state dict)
             return mod
@@ -536,26 +538,27 @@ def _blank(mod: nn.Module, w: dict) -> nn.Module:
         return PrunedMultiheadAttention.from_module(mod, torch.arange(w["heads"]))
     if isinstance(mod, CONVS):
         if "groups" in w:       # the saved groups: a conv compacted twice need not follow the original class's
-            return _blank_conv(mod, w["in"], w["out"], w["groups"])
+            return _blank_conv(mod, w["in"], w["out"], w["groups"], within)
         if mod.groups > 1:
-            return resize_module(mod, torch.arange(w["out"]) % mod.out_channels)
-        return resize_module(mod, out % mod.out_channels, torch.arange(w["in"]) % mod.in_channels)
+            return resize_module(mod, torch.arange(w["out"]) % mod.out_channels, within=within)
+        return resize_module(mod, out % mod.out_channels, torch.arange(w["in"]) % mod.in_channels, within=within)
     if isinstance(mod, nn.Linear):
-        return resize_module(mod, out % mod.out_features, torch.arange(w["in"]) % mod.in_features)
+        return resize_module(mod, out % mod.out_features, torch.arange(w["in"]) % mod.in_features, within=within)
     if isinstance(mod, TRANSPOSED_CONVS):
-        return resize_module(mod, out % mod.out_channels, torch.arange(w["in"]) % mod.in_channels)
+        return resize_module(mod, out % mod.out_channels, torch.arange(w["in"]) % mod.in_channels, within=within)
     if isinstance(mod, nn.Embedding):
-        return resize_module(mod, out % mod.embedding_dim)
+        return resize_module(mod, out % mod.embedding_dim, within=within)
     if isinstance(mod, RECURRENT):
         return resize_recurrent(mod, torch.arange(w["hidden"]) % mod.hidden_size,
-                                torch.arange(w["in"]) % mod.input_size)
+                                torch.arange(w["in"]) % mod.input_size, within)
     if isinstance(mod, nn.PReLU):
-        return resize_module(mod, out % mod.num_parameters)
+        return resize_module(mod, out % mod.num_parameters, within=within)
     n = mod.num_channels if isinstance(mod, nn.GroupNorm) else mod.num_features
-    return resize_module(mod, out % n)
+    return resize_module(mod, out % n, within=within)
 
 
-def _blank_conv(mod: nn.Conv1d | nn.Conv2d | nn.Conv3d, in_c: Any, out_c: Any, groups: Any) -> nn.Module:
+def _blank_conv(mod: nn.Conv1d | nn.Conv2d | nn.Conv3d, in_c: Any, out_c: Any, groups: Any,
+                within: nn.Module | None = None) -> nn.Module:
     """A conv like ``mod`` with ``in_c`` / ``out_c`` channels in ``groups`` groups (placeholder values)."""
     for what, v in (("in", in_c), ("out", out_c), ("groups", groups)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -566,7 +569,7 @@ def _blank_conv(mod: nn.Conv1d | nn.Conv2d | nn.Conv3d, in_c: Any, out_c: Any, g
     tensors = {"weight": w.new_zeros(out_c, in_c // groups, *w.shape[2:]),
                "bias": None if b is None else b.new_zeros(out_c)}
     sizes = {"in_channels": in_c, "out_channels": out_c, "groups": groups}
-    return resized_copy(mod, tensors, sizes)
+    return resized_copy(mod, tensors, sizes, within=within)
 
 
 def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:
@@ -587,7 +590,7 @@ def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:
             raise ValueError(f"widths name module {name!r}, which the given {type(model).__name__} lacks") from None
         same = compacted_widths(nn.ModuleDict({"m": mod})).get("m") == w
         if not same:
-            blank = _blank(mod, w)
+            blank = _blank(mod, w, model)
             for alias in module_aliases(model).get(id(mod), [inner]):
                 set_submodule(model, alias, blank)
     for name, w in selects.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import types
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -54,8 +55,27 @@ def _register(mod: nn.Module, name: str, value: Tensor, src: Tensor | None) -> N
         mod._buffers[name] = value
 
 
+def _shared_with(within: nn.Module | None, mod: nn.Module) -> dict[int, Any]:
+    """Deep-copy memo entries for what the rest of ``within`` holds (its modules, tensors and the other modules'
+    plain attributes): referenced by the copy as they are (a parent reference, a dict two layers share)."""
+    if within is None:
+        return {}
+    memo: dict[int, Any] = {}
+    for other in within.modules():
+        if other is mod:
+            continue
+        memo[id(other)] = other
+        for t in (*other._parameters.values(), *other._buffers.values()):
+            if t is not None:
+                memo[id(t)] = t
+        for key, value in other.__dict__.items():
+            if not key.startswith("_") and key != "training":
+                memo[id(value)] = value
+    return memo
+
+
 def resized_copy(mod: nn.Module, tensors: Mapping[str, Tensor | None], sizes: Mapping[str, int],
-                 skip: Iterable[str] = ()) -> nn.Module:
+                 skip: Iterable[str] = (), within: nn.Module | None = None) -> nn.Module:
     """A copy of ``mod`` holding ``tensors`` (new values of its own parameters / buffers of those names; ``None``
     leaves one absent, as a bias-free layer's) and with the attributes ``sizes`` set.
 
@@ -63,7 +83,9 @@ def resized_copy(mod: nn.Module, tensors: Mapping[str, Tensor | None], sizes: Ma
     value. Each parameter requires grad as the original did; parameters and buffers come in ``tensors``' order,
     then the others (copies). Hooks are the same callables (those bound to ``mod`` itself rebound to the copy,
     and hook handles kept on it refer to the copy's hooks); submodules and plain attributes are deep copies;
-    attributes named in ``skip`` are left out (the caller rebuilds them), and so is a ``module.compile()``
+    what the rest of ``within`` (the model ``mod`` is part of) holds stays shared rather than copied (a parent
+    reference, state two layers share, another layer's weight); attributes named in ``skip`` are left out (the
+    caller rebuilds them), and so is a ``module.compile()``
     wrapper (it calls the original: compile the copy again). Another tensor of ``mod`` with a dim of a size
     being changed (a subclass's per-channel state, the ``weight_g`` of the deprecated hook-based
     ``weight_norm``) cannot be cut along with it: ValueError.
@@ -71,7 +93,8 @@ def resized_copy(mod: nn.Module, tensors: Mapping[str, Tensor | None], sizes: Ma
     base = parametrize.type_before_parametrizations(mod)
     masked = dict(mod.parametrizations.items()) if parametrize.is_parametrized(mod) else {}
     new = base.__new__(base)
-    memo: dict[int, Any] = {id(mod): new}
+    memo: dict[int, Any] = _shared_with(within, mod)
+    memo[id(mod)] = new
     memo.update({id(t): t for t in _own_tensors(mod)})     # shared, never copied: replaced or cloned below
     skip = {*skip, *tensors, "_compiled_call_impl"}       # (a plain attribute named as a tensor: hook-based
     state = {}                                            # weight_norm's weight)
@@ -107,14 +130,22 @@ def resized_copy(mod: nn.Module, tensors: Mapping[str, Tensor | None], sizes: Ma
         store.clear()
         store.update(items)
     changed = {getattr(mod, key) for key, size in sizes.items() if getattr(mod, key) != size}
+    # (a size both changed and kept, a square Linear losing outputs only: such a tensor may be per input)
+    kept = {getattr(mod, key) for key, size in sizes.items() if getattr(mod, key) == size}
     held = [(n, t) for n, t in (*new._parameters.items(), *new._buffers.items()) if n not in tensors]
     held += [(n, t) for n, t in new.__dict__.items() if isinstance(t, Tensor)]
     for name, t in held:
-        if t is not None and changed.intersection(t.shape):
-            raise ValueError(f"cannot resize a {base.__name__}: it holds {name!r} of shape {tuple(t.shape)}, which "
-                             f"sparsekit does not know how to cut (it resizes {sorted(tensors)}); prune without this "
-                             "layer (ignore=...) or move that state out of it (the deprecated hook-based "
-                             "nn.utils.weight_norm: use nn.utils.parametrizations.weight_norm)")
+        if t is None or not changed.intersection(t.shape):
+            continue
+        if not (changed - kept).intersection(t.shape):
+            warnings.warn(f"resizing a {base.__name__}: {name!r} of shape {tuple(t.shape)} is left as it is (its "
+                          "size is also one the layer keeps; if it runs along a cut dim, the resized layer fails)",
+                          RuntimeWarning, stacklevel=3)
+            continue
+        raise ValueError(f"cannot resize a {base.__name__}: it holds {name!r} of shape {tuple(t.shape)}, which "
+                         f"sparsekit does not know how to cut (it resizes {sorted(tensors)}); prune without this "
+                         "layer (ignore=...) or move that state out of it (the deprecated hook-based "
+                         "nn.utils.weight_norm: use nn.utils.parametrizations.weight_norm)")
     for key, value in sizes.items():
         setattr(new, key, value)
     return new

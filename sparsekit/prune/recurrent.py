@@ -88,7 +88,8 @@ def index_masks(mod: nn.Module, keep_hidden: Tensor | None = None,
     return out
 
 
-def resize_recurrent(mod: nn.Module, keep_hidden: Tensor | None = None, keep_in: Tensor | None = None) -> nn.Module:
+def resize_recurrent(mod: nn.Module, keep_hidden: Tensor | None = None, keep_in: Tensor | None = None,
+                     within: nn.Module | None = None) -> nn.Module:
     """A copy of ``mod`` (its class, attributes and hooks: ``module_copy.resized_copy``) with ``len(keep_hidden)``
     hidden units and ``len(keep_in)`` inputs, the kept rows and columns copied (``None`` keeps all)."""
     if getattr(mod, "proj_size", 0):
@@ -110,7 +111,8 @@ def resize_recurrent(mod: nn.Module, keep_hidden: Tensor | None = None, keep_in:
                 t = t.index_select(1, cols.to(t.device))
             tensors[name] = t.clone() if rows is None and cols is None else t
     # (the flat-weight caches hold the old tensors: made again from the new ones)
-    new = resized_copy(mod, tensors, {"hidden_size": h, "input_size": i}, skip=("_flat_weights", "_flat_weight_refs"))
+    new = resized_copy(mod, tensors, {"hidden_size": h, "input_size": i}, skip=("_flat_weights", "_flat_weight_refs"),
+                       within=within)
     new._init_flat_weights()
     drop_copy_hook(new)
     return new
