@@ -359,3 +359,8 @@ def test_load_keeps_the_part_of_a_three_way_tie_the_saved_model_kept() -> None:
     for loaded in (back, meta):
         assert loaded.d1.weight is loaded.emb.weight and loaded.d2.weight is not loaded.emb.weight
         assert torch.equal(loaded(x), model(x))
+
+
+def test_within_must_be_a_module() -> None:
+    with pytest.raises(TypeError, match="within must be the nn.Module"):
+        resize_module(nn.Linear(4, 6), torch.tensor([0, 1]), within="model")

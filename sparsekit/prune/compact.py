@@ -57,7 +57,7 @@ from .channel_select import ChannelSelect
 from .graph import QKV_PROJ, DependencyGraph, Group, attention_kind, in_proj_parts, set_heads, weight_dim
 from .linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
 from .masks import CHANNEL_NORMS, CONVS, TRANSPOSED_CONVS, unmasked
-from .module_copy import resized_copy
+from .module_copy import cut, resized_copy
 from .pruned_mha import PrunedMultiheadAttention
 from .recurrent import RECURRENT, hidden_unit_rows, index_masks, resize_recurrent, unit_index
 
@@ -69,19 +69,7 @@ __all__ = ["resize_module", "module_keeps", "member_masks", "member_tensor_masks
 
 def _sel(t: Tensor | None, dim: int, idx: Tensor | None) -> Tensor | None:
     """Entries ``idx`` of ``t`` along ``dim`` (all of them when ``idx`` is None), in a tensor of their own."""
-    return _cut(t, idx, None) if dim == 0 else _cut(t, None, idx)
-
-
-def _cut(t: Tensor | None, rows: Tensor | None = None, cols: Tensor | None = None) -> Tensor | None:
-    """Rows ``rows`` and columns ``cols`` of ``t`` (``None``: all) in a tensor of their own."""
-    if t is None:
-        return None
-    out = t.detach()
-    if rows is None and cols is None:
-        return out.clone()
-    if rows is not None:
-        out = out.index_select(0, rows.to(t.device))
-    return out if cols is None else out.index_select(1, cols.to(t.device))
+    return cut(t, idx, None) if dim == 0 else cut(t, None, idx)
 
 
 def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tensor | None = None,
@@ -104,15 +92,15 @@ def resize_module(mod: nn.Module, keep_out: Tensor | None = None, keep_in: Tenso
                 raise ValueError(f"a grouped conv ({mod.groups} groups) loses whole groups, not input columns")
             sizes["groups"] = mod.groups * sizes["out_channels"] // mod.out_channels
             sizes["in_channels"] = mod.in_channels // mod.groups * sizes["groups"]
-        tensors = {"weight": _cut(w, keep_out, keep_in), "bias": _sel(b, 0, keep_out)}
+        tensors = {"weight": cut(w, keep_out, keep_in), "bias": _sel(b, 0, keep_out)}
     elif isinstance(mod, TRANSPOSED_CONVS):
         if mod.groups != 1:
             raise ValueError(f"a grouped transposed conv ({mod.groups} groups) is not resized")
         sizes = {"out_channels": _size(mod.out_channels, keep_out), "in_channels": _size(mod.in_channels, keep_in)}
-        tensors = {"weight": _cut(w, keep_in, keep_out), "bias": _sel(b, 0, keep_out)}
+        tensors = {"weight": cut(w, keep_in, keep_out), "bias": _sel(b, 0, keep_out)}
     elif isinstance(mod, nn.Linear):
         sizes = {"out_features": _size(mod.out_features, keep_out), "in_features": _size(mod.in_features, keep_in)}
-        tensors = {"weight": _cut(w, keep_out, keep_in), "bias": _sel(b, 0, keep_out)}
+        tensors = {"weight": cut(w, keep_out, keep_in), "bias": _sel(b, 0, keep_out)}
     elif isinstance(mod, CHANNEL_NORMS):
         sizes = {"num_features": _size(mod.num_features, keep_out)}
         tensors = {"weight": _sel(w, 0, keep_out), "bias": _sel(b, 0, keep_out),

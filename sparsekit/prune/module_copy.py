@@ -17,7 +17,19 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["resized_copy"]
+__all__ = ["resized_copy", "cut"]
+
+
+def cut(t: Tensor | None, rows: Tensor | None = None, cols: Tensor | None = None) -> Tensor | None:
+    """Rows ``rows`` and columns ``cols`` of ``t`` (``None``: all) in a tensor of their own."""
+    if t is None:
+        return None
+    out = t.detach()
+    if rows is None and cols is None:
+        return out.clone()
+    if rows is not None:
+        out = out.index_select(0, rows.to(t.device))
+    return out if cols is None else out.index_select(1, cols.to(t.device))
 
 
 def _own_tensors(mod: nn.Module) -> list[Tensor]:
@@ -85,19 +97,22 @@ def resized_copy(mod: nn.Module, tensors: Mapping[str, Tensor | None], sizes: Ma
     and hook handles kept on it refer to the copy's hooks); submodules and plain attributes are deep copies;
     what the rest of ``within`` (the model ``mod`` is part of) holds stays shared rather than copied (a parent
     reference, state two layers share, another layer's weight); attributes named in ``skip`` are left out (the
-    caller rebuilds them), and so is a ``module.compile()``
-    wrapper (it calls the original: compile the copy again). Another tensor of ``mod`` with a dim of a size
+    caller rebuilds them), and so is a ``module.compile()`` wrapper (it calls the original: compile the copy
+    again). Another tensor of ``mod`` with a dim of a size
     being changed (a subclass's per-channel state, the ``weight_g`` of the deprecated hook-based
     ``weight_norm``) cannot be cut along with it: ValueError.
     """
+    if within is not None and not isinstance(within, nn.Module):
+        raise TypeError(f"within must be the nn.Module the layer is part of, or None, got {type(within).__name__}")
     base = parametrize.type_before_parametrizations(mod)
     masked = dict(mod.parametrizations.items()) if parametrize.is_parametrized(mod) else {}
     new = base.__new__(base)
     memo: dict[int, Any] = _shared_with(within, mod)
     memo[id(mod)] = new
     memo.update({id(t): t for t in _own_tensors(mod)})     # shared, never copied: replaced or cloned below
-    skip = {*skip, *tensors, "_compiled_call_impl"}       # (a plain attribute named as a tensor: hook-based
-    state = {}                                            # weight_norm's weight)
+    # (a plain attribute named as one of ``tensors`` is dropped: the hook-based weight_norm's computed weight)
+    skip = {*skip, *tensors, "_compiled_call_impl"}
+    state = {}
     for key, value in mod.__dict__.items():               # hook dicts first: handles kept on the module follow
         if "hook" in key and isinstance(value, dict):
             state[key] = memo[id(value)] = _moved_hooks(value, mod, new)

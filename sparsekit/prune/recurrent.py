@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import _VF, Tensor, nn
 
-from .module_copy import resized_copy
+from .module_copy import cut, resized_copy
 
 __all__ = ["RECURRENT", "gates", "unit_index", "index_masks", "resize_recurrent", "hidden_unit_rows",
            "input_columns", "parameter_names", "keep_copyable", "drop_copy_hook", "layer_by_layer", "stock_forward"]
@@ -101,15 +101,8 @@ def resize_recurrent(mod: nn.Module, keep_hidden: Tensor | None = None, keep_in:
     if h < 1 or i < 1:
         raise ValueError(f"a {type(mod).__name__} keeps at least one hidden unit and one input, got hidden {h}, "
                          f"input {i}")
-    tensors = {}
-    with torch.no_grad():
-        for name, (rows, cols) in unit_index(mod, keep_hidden, keep_in).items():
-            t = getattr(mod, name).detach()
-            if rows is not None:
-                t = t.index_select(0, rows.to(t.device))
-            if cols is not None:
-                t = t.index_select(1, cols.to(t.device))
-            tensors[name] = t.clone() if rows is None and cols is None else t
+    tensors = {name: cut(getattr(mod, name), rows, cols)
+               for name, (rows, cols) in unit_index(mod, keep_hidden, keep_in).items()}
     # (the flat-weight caches hold the old tensors: made again from the new ones)
     new = resized_copy(mod, tensors, {"hidden_size": h, "input_size": i}, skip=("_flat_weights", "_flat_weight_refs"),
                        within=within)
