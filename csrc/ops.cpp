@@ -62,5 +62,8 @@ TORCH_LIBRARY(sparsekit, m) {
   // products run on AMX tiles (both honour SPARSEKIT_CPU_ISA, read per call).
   m.def("cpu_kernel_isa() -> str");
 
+  // The pointwise part of one recurrent step (LinearRecurrent): mode 0 LSTM, 1 GRU, 2 RNN_TANH, 3 RNN_RELU.
+  m.def("rnn_cell(Tensor gi, Tensor gh, Tensor h, Tensor? c, int mode) -> (Tensor, Tensor)");
+
   m.def("channel_gather_conv2d(Tensor x, Tensor in_idx, Tensor weight, Tensor? bias, Tensor? out_idx, int? n_out, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
 }

@@ -36,6 +36,7 @@ from .prune.linear_mha import (
     mha_to_linear,
     restore_dense_attention,
 )
+from .prune.linear_rnn import LinearRecurrent, expose_sparse_recurrent, restore_dense_recurrent, rnn_to_linear
 
 FORMAT_NAMES = ("dense", "bsr", "csr", "nm", "channel")
 _INDEX_FIELDS = {"bsr": ("crow_indices", "col_indices"), "csr": ("crow_indices", "col_indices"),
@@ -602,7 +603,10 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
     of m), stay dense and are listed in the returned model's ``sparsekit_skipped`` attribute with the reason.
     An ``nn.MultiheadAttention`` whose projections have zeros becomes a ``LinearMultiheadAttention`` (its q / k /
     v projections as Linear children, converted or skipped like any other; the stock module stays when none of
-    the four converts). ``sparsekit.sparsify`` (measured per-layer choice) is the smarter sibling of this function.
+    the four converts), and an ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` whose weights have zeros a
+    ``LinearRecurrent`` (the same, for its weight matrices; unlike ``sparsify``, nothing checks that the
+    converted module is faster than the stock one). ``sparsekit.sparsify`` (measured per-layer choice) is the
+    smarter sibling of this function.
 
     A layer registered under several names (``nn.ModuleList([layer] * 3)``) is one layer: every name gets the same
     sparse module (a name in ``skip`` keeps it dense under all of them). A layer whose weight Parameter another
@@ -616,6 +620,7 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
     # attention projections with zeros become nn.Linear children (LinearMultiheadAttention); the stock module
     # comes back where none of them converts
     exposed = expose_sparse_attention(model)
+    exposed_rnn = expose_sparse_recurrent(model)   # (the same for recurrent modules: LinearRecurrent)
     inside_attention = attention_children(model)
     # named_modules() lists a shared module once: swapping only that name would leave its other names dense
     aliases = module_aliases(model)
@@ -645,6 +650,10 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
     for name in restore_dense_attention(model, exposed):   # its q / k / v Linears are gone again
         why = [f"{p}: {skipped.pop(f'{name}.{p}')}" for p in QKV_PROJ if f"{name}.{p}" in skipped]
         skipped[f"{name}.in_proj_weight"] = "; ".join(why)
+    for name in restore_dense_recurrent(model, exposed_rnn):   # its Linears are gone again: their weights' names
+        for child in [k for k in skipped if k.startswith(f"{name}.")]:
+            kind, _, suffix = child[len(name) + 1:].partition("_")
+            skipped[f"{name}.weight_{kind}_{suffix}"] = skipped.pop(child)
     disable_fused_transformer_paths(model)
     model.sparsekit_skipped = skipped
     return model
@@ -686,5 +695,6 @@ def conv1d_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 __all__ = ["SparseLinear", "SparseConv1d", "SparseConv2d", "SparseConv3d", "SparseConvTranspose1d",
            "SparseConvTranspose2d", "SparseConvTranspose3d", "SPARSE_LAYERS", "SPARSE_MODULES", "sparse_class",
-           "convert_modules", "conv1d_to_linear", "mha_to_linear", "LinearMultiheadAttention",
+           "convert_modules", "conv1d_to_linear", "mha_to_linear", "LinearMultiheadAttention", "rnn_to_linear",
+           "LinearRecurrent",
            "disable_fused_transformer_paths", "FORMAT_NAMES"]

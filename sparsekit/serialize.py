@@ -43,6 +43,7 @@ from .nn import (
 )
 from .ops._dispatch import BACKENDS
 from .prune.linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
+from .prune.linear_rnn import LinearRecurrent
 
 SPEC_VERSION = 3           # 2: the weights file also holds the non-persistent buffers (NONPERSISTENT keys);
                            # 3: a module's "aliases", a saved Sparse* layer as the root ("") entry
@@ -52,8 +53,11 @@ SPEC_FILE = "sparsekit.json"
 NONPERSISTENT = "sparsekit.nonpersistent:"    # key prefix of the non-persistent buffers in the weights file
 
 
-def _module_spec(mod: SparseLinear | SparseConv2d | LinearMultiheadAttention) -> dict:
-    if isinstance(mod, LinearMultiheadAttention):   # rebuilt from the fresh model's attention (same widths)
+_CONVERTED = {"LinearMultiheadAttention": LinearMultiheadAttention, "LinearRecurrent": LinearRecurrent}
+
+
+def _module_spec(mod: SparseLinear | SparseConv2d | LinearMultiheadAttention | LinearRecurrent) -> dict:
+    if isinstance(mod, tuple(_CONVERTED.values())):   # rebuilt from the fresh model's stock module (same widths)
         return {"class": type(mod).__name__, **({"sparsify_converted": True} if mod.sparsify_converted else {})}
     # the sparsekit class (a user's subclass loads as it)
     cls = next(c for c in (SparseLinear, SparseConv1d, SparseConv3d, SparseConv2d, SparseConvTranspose1d,
@@ -91,7 +95,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     aliases = module_aliases(model)
     modules = {}
     for n, m in model.named_modules():
-        if isinstance(m, (*SPARSE_MODULES, LinearMultiheadAttention)):
+        if isinstance(m, (*SPARSE_MODULES, *_CONVERTED.values())):
             modules[n] = _module_spec(m)
             if len(aliases[id(m)]) > 1:    # one module under several names (a shared layer): rebuilt once
                 modules[n]["aliases"] = aliases[id(m)][1:]
@@ -261,11 +265,11 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
             model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the saved spec has a sparse module {name!r} that the given model lacks") from None
-        if mspec["class"] == "LinearMultiheadAttention":
-            mod = model.get_submodule(name)
-            if isinstance(mod, LinearMultiheadAttention):    # a skeleton converted by sk.nn.mha_to_linear already
+        if mspec["class"] in _CONVERTED:
+            mod, cls = model.get_submodule(name), _CONVERTED[mspec["class"]]
+            if isinstance(mod, cls):    # a skeleton converted by sk.nn.mha_to_linear / rnn_to_linear already
                 continue
-            new = LinearMultiheadAttention.from_module(mod)   # (its children follow)
+            new = cls.from_module(mod)   # (its children follow)
             new.sparsify_converted = bool(mspec.get("sparsify_converted", False))
         else:
             new = _rebuild(name, mspec, tensors)

@@ -39,6 +39,7 @@ from .prune.linear_mha import (
     restore_dense_attention,
     restore_nested_tensors,
 )
+from .prune.linear_rnn import LinearRecurrent, expose_sparse_recurrent, restore_dense_recurrent
 from .prune.masks import TRANSPOSED_CONVS, bake_masks
 from .prune.pruner import check_example_inputs, run_example
 from .timing import interleaved_median_ms
@@ -64,7 +65,7 @@ class LayerDecision:
     notes: list[str] = field(default_factory=list)
     backend: str | None = None   # what runs the chosen format here ("torch" for dense/channel GEMMs)
     scattered: bool = False      # single zeros: no block pattern fits but 1x4 / 4x1 (``_scattered``)
-    stock_attention: bool = False   # a projection of an attention kept stock after timing it whole
+    stock_attention: bool = False   # a layer of an attention / recurrent module kept stock after timing it whole
 
 
 @dataclass
@@ -308,7 +309,7 @@ def _densify_sparse_layers(model: nn.Module) -> None:
     # an attention a sparsify converted to get at its projections goes back to the stock module, whose packed,
     # fused path is measured against the converted one again (expose_sparse_attention converts it anew)
     converted = [(names, mod) for names in module_aliases(model).values()
-                 if isinstance(mod := model.get_submodule(names[0]), LinearMultiheadAttention)
+                 if isinstance(mod := model.get_submodule(names[0]), (LinearMultiheadAttention, LinearRecurrent))
                  and mod.sparsify_converted]
     for names, mod in converted:
         try:
@@ -447,14 +448,17 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     # no nested tensors while layers are hooked or converted (put back for the encoders that stay stock)
     nested = no_nested_tensors(target)
     exposed = expose_sparse_attention(target)
+    # so do the weight matrices of recurrent modules with zeros (LinearRecurrent)
+    exposed_rnn = expose_sparse_recurrent(target)
     is_layer = lambda m: isinstance(m, SPARSE_LAYERS) and not isinstance(m, SPARSE_MODULES)
     calls: dict[str, tuple] = {}       # each converted attention's first call, to time it against the stock one
     hooks = [target.get_submodule(n).register_forward_pre_hook(_record_call(calls, n), with_kwargs=True)
-             for n in exposed]
+             for n in (*exposed, *exposed_rnn)]
     try:
         inputs = capture_inputs(target, example_inputs, is_layer)
     except BaseException as exc:
         restore_dense_attention(target, exposed)      # (inplace=True: its attention and nested-tensor flags back)
+        restore_dense_recurrent(target, exposed_rnn)
         restore_nested_tensors(nested)
         if not isinstance(exc, (RuntimeError, ValueError, TypeError, IndexError)):
             raise
@@ -523,15 +527,17 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
             speedup=times["dense"] / times[choice], cached=hit is not None, notes=notes, backend=used,
             scattered=_scattered(stats)))
     tcache.save()
-    _keep_faster_attention(target, exposed, calls, report, reps, device)
-    restored = restore_dense_attention(target, exposed)
-    for name in exposed:
+    _keep_faster_converted(target, exposed, calls, report, reps, device)
+    _keep_faster_converted(target, exposed_rnn, calls, report, reps, device)
+    restored = {n: "nn.MultiheadAttention" for n in restore_dense_attention(target, exposed)}
+    restored.update({n: f"nn.{type(exposed_rnn[n]).__name__}" for n in restore_dense_recurrent(target, exposed_rnn)})
+    for name in (*exposed, *exposed_rnn):
         if name not in restored:      # kept converted: a later sparsify (a loaded model) packs it back first
             target.get_submodule(name).sparsify_converted = True
-    for d in report.layers:     # (a converted attention kept converted has its timing note already)
+    for d in report.layers:     # (a converted module kept converted has its timing note already)
         parent = d.name.rpartition(".")[0]
         if parent in restored:
-            d.notes.append(f"nothing in {parent} beat dense: it stays an nn.MultiheadAttention")
+            d.notes.append(f"nothing in {parent} beat dense: it stays an {restored[parent]}")
     restore_nested_tensors(nested)
     disable_fused_transformer_paths(target)
     if not exact:
@@ -553,16 +559,16 @@ def _record_call(calls: dict[str, tuple], name: str) -> Callable:
     return hook
 
 
-def _keep_faster_attention(target: nn.Module, exposed: dict[str, nn.Module], calls: dict[str, tuple],
+def _keep_faster_converted(target: nn.Module, exposed: dict[str, nn.Module], calls: dict[str, tuple],
                            report: SparsifyReport, reps: int, device: torch.device) -> None:
-    """Time every converted attention that got sparse projections against the stock module it replaced, on its
-    recorded call (same loop, medians); the stock module comes back (and leaves ``exposed``) unless the
-    converted one beats it by ``min_speedup`` too: one packed q|k|v GEMM and fused kernels can outweigh a sparse
-    projection."""
+    """Time every converted attention / recurrent module that got sparse layers against the stock module it
+    replaced, on its recorded call (same loop, medians); the stock module comes back (and leaves ``exposed``)
+    unless the converted one beats it by ``min_speedup`` too: one packed q|k|v GEMM and fused kernels (an
+    attention's, oneDNN's or cuDNN's fused RNN) can outweigh a sparse layer."""
     for name, original in list(exposed.items()):
         mod = target.get_submodule(name)
-        projections = [getattr(mod, p) for p in (*QKV_PROJ, "out_proj")]
-        if name not in calls or not any(isinstance(p, SparseLinear) for p in projections):
+        layers = [getattr(mod, p) for p in _converted_layers(mod)]
+        if name not in calls or not any(isinstance(p, SPARSE_MODULES) for p in layers):
             continue
         a, kw = calls[name]
         fns = {"stock": lambda m=original, a=a, kw=kw: m(*a, **kw), "converted": lambda m=mod, a=a, kw=kw: m(*a, **kw)}
@@ -572,14 +578,22 @@ def _keep_faster_attention(target: nn.Module, exposed: dict[str, nn.Module], cal
         if not keep:
             set_submodule(target, name, original)
             del exposed[name]
+        stock = f"nn.{type(original).__name__}"
         for d in report.layers:
             if d.name.rpartition(".")[0] != name:
                 continue
-            d.notes.append(f"{name} with its sparse projections took {t['converted']:.2f} ms, the stock "
-                           f"nn.MultiheadAttention {t['stock']:.2f} ms"
-                           + ("" if keep else f" (not {report.min_speedup}x faster): it stays stock"))
+            d.notes.append(f"{name} with its sparse layers took {t['converted']:.2f} ms, the stock {stock} "
+                           f"{t['stock']:.2f} ms" + ("" if keep else f" (not {report.min_speedup}x faster): it stays "
+                                                                      "stock"))
             if not keep:
                 d.choice, d.speedup, d.backend, d.stock_attention = "dense", 1.0, "torch", True
+
+
+def _converted_layers(mod: nn.Module) -> list[str]:
+    """The Linear children of a converted attention / recurrent module."""
+    if isinstance(mod, LinearRecurrent):
+        return mod.layer_names()
+    return [*QKV_PROJ, "out_proj"]
 
 
 def _fitting_blocks(stats: dict) -> dict[str, float]:

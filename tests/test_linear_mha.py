@@ -365,7 +365,7 @@ def test_load_into_a_converted_skeleton(tmp_path):
 def test_a_converted_attention_not_faster_than_the_stock_one_is_put_back():
     """sparsify times the converted attention (sparse projections) against the stock module on its real call;
     here the threshold cannot be met, so the stock module and dense decisions come back."""
-    from sparsekit.sparsify import LayerDecision, SparsifyReport, _keep_faster_attention
+    from sparsekit.sparsify import LayerDecision, SparsifyReport, _keep_faster_converted
 
     net = _AttnNet().eval()
     original = net.attn
@@ -378,7 +378,7 @@ def test_a_converted_attention_not_faster_than_the_stock_one_is_put_back():
                              {"dense": 1.0, "csr": 0.5}, "csr", 2.0, backend="sparsekit_cpu")
     report = SparsifyReport([decision], "cpu", "torch.float32", min_speedup=1e9)
     exposed = {"attn": original}
-    _keep_faster_attention(net, exposed, {"attn": ((h, h, h), {"need_weights": False})}, report, 3,
+    _keep_faster_converted(net, exposed, {"attn": ((h, h, h), {"need_weights": False})}, report, 3,
                            torch.device("cpu"))
     assert net.attn is original and exposed == {}
     assert (decision.choice, decision.speedup, decision.backend) == ("dense", 1.0, "torch")

@@ -445,6 +445,32 @@ torch.library.register_autograd("sparsekit::nm_sddmm", _nm_sddmm_backward, setup
 torch.library.register_autograd("sparsekit::channel_gather_conv2d", _channel_conv_backward,
                                 setup_context=_channel_conv_setup)
 
+@torch.library.register_fake("sparsekit::rnn_cell")
+def _fake_rnn_cell(gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None, mode: int) -> tuple[Tensor, Tensor]:
+    hidden = gi.shape[1] // (4 if mode == 0 else 3 if mode == 1 else 1)
+    return gi.new_empty(gi.shape[0], hidden), gi.new_empty((gi.shape[0], hidden) if mode == 0 else (0,))
+
+
+def _rnn_cell_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:3], inputs[3] if inputs[3] is not None else None)
+    ctx.mode = inputs[4]
+
+
+def _rnn_cell_backward(ctx, dh: Tensor, dc: Tensor):
+    # the gates are recomputed by the reference under autograd (a pointwise step: cheap next to the products)
+    gi, gh, h, c = ctx.saved_tensors
+    ins = [t.detach().requires_grad_() if t is not None else None for t in (gi, gh, h, c)]
+    with torch.enable_grad():
+        outs = reference.rnn_cell(*ins, ctx.mode)
+    pairs = [(o, g) for o, g in zip(outs, (dh, dc)) if g is not None and o.numel()]
+    wrt = [t for t in ins if t is not None]
+    grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+    it = iter(grads)
+    return (*(next(it) if t is not None else None for t in ins), None)
+
+
+torch.library.register_autograd("sparsekit::rnn_cell", _rnn_cell_backward, setup_context=_rnn_cell_setup)
+
 for _name in SCHEMAS:  # fill the cache now, outside any torch.compile trace
     for _key in ("CPU", "CUDA"):
         has_kernel(_name, _key)

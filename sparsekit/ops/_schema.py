@@ -33,6 +33,7 @@ SCHEMAS: dict[str, str] = {
     "nm_mm": "(Tensor x, Tensor values, Tensor indices, Tensor? bias, int n, int m) -> Tensor",
     "nm_mm_t": "(Tensor dy, Tensor values, Tensor indices, int n, int m) -> Tensor",
     "nm_sddmm": "(Tensor dy, Tensor x, Tensor indices, int n, int m) -> Tensor",
+    "rnn_cell": "(Tensor gi, Tensor gh, Tensor h, Tensor? c, int mode) -> (Tensor, Tensor)",
     "channel_gather_conv2d": "(Tensor x, Tensor in_idx, Tensor weight, Tensor? bias, Tensor? out_idx, int? n_out, "
                              "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor",
 }

@@ -195,11 +195,34 @@ def channel_gather_conv2d(x: Tensor, in_idx: Tensor, weight: Tensor, bias: Tenso
     return y.contiguous(memory_format=channel_conv_memory_format(x))
 
 
+RNN_MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")   # rnn_cell's mode numbers
+
+
+def rnn_cell(gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None, mode: int) -> tuple[Tensor, Tensor]:
+    """One recurrent step's gates from its input projection ``gi`` and recurrent projection ``gh`` (both
+    ``[rows, gates * H]``, biases included) and state ``h`` (``c``: an LSTM's cell state, ``[rows, H]``), in torch's
+    gate orders (LSTM i f g o, GRU r z n): ``(h_new, c_new)``, ``c_new`` empty unless an LSTM (whose step reads
+    ``c`` only: its ``h`` may be a projection of another width)."""
+    if mode == 0:
+        i, f, g, o = (gi + gh).chunk(4, 1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c_new), c_new
+    if mode == 1:
+        ir, iz, i_n = gi.chunk(3, 1)
+        hr, hz, h_n = gh.chunk(3, 1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        cand = torch.tanh(i_n + r * h_n)
+        h_new = cand + z * (h - cand)
+    else:
+        h_new = torch.tanh(gi + gh) if mode == 2 else torch.relu(gi + gh)
+    return h_new, gi.new_empty(0)
+
+
 REFERENCES = {
     "bsr_mm": bsr_mm, "bsr_mm_t": bsr_mm_t, "bsr_mm_xt": bsr_mm_xt, "bsr_mm_xt_tiled": bsr_mm_xt_tiled,
     "bsr_conv2d": bsr_conv2d, "bsr_conv3d": bsr_conv3d, "bsr_sddmm": bsr_sddmm,
     "csr_mm": csr_mm, "csr_mm_t": csr_mm_t, "csr_mm_xt": csr_mm_xt, "csr_mm_xt_tiled": csr_mm_xt_tiled,
     "csr_conv2d": csr_conv2d, "csr_conv3d": csr_conv3d, "csr_sddmm": csr_sddmm, "csr_bitmap_mm": csr_bitmap_mm,
     "nm_mm": nm_mm, "nm_mm_t": nm_mm_t, "nm_sddmm": nm_sddmm,
-    "channel_gather_conv2d": channel_gather_conv2d,
+    "channel_gather_conv2d": channel_gather_conv2d, "rnn_cell": rnn_cell,
 }

@@ -56,6 +56,7 @@ from .._compat import set_submodule
 from .channel_select import ChannelSelect
 from .graph import QKV_PROJ, DependencyGraph, Group, attention_kind, in_proj_parts, set_heads, weight_dim
 from .linear_mha import LinearMultiheadAttention, disable_fused_transformer_paths
+from .linear_rnn import LinearRecurrent
 from .masks import CHANNEL_NORMS, CONVS, TRANSPOSED_CONVS, unmasked
 from .module_copy import cut, resized_copy
 from .pruned_mha import PrunedMultiheadAttention
@@ -482,6 +483,8 @@ def compacted_widths(model: nn.Module) -> dict[str, dict]:
     # q / k / v projections of a LinearMultiheadAttention follow from its heads: the fresh model lacks them
     implied = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention)
                for p in QKV_PROJ}
+    # so do a LinearRecurrent's Linears from its stock module's widths
+    implied |= {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LinearRecurrent) for c in m.layer_names()}
     for name, mod in model.named_modules():
         if name in implied:
             continue
@@ -496,7 +499,7 @@ def compacted_widths(model: nn.Module) -> dict[str, dict]:
             spec[name] = {"in": mod.in_features, "out": mod.out_features}
         elif isinstance(mod, TRANSPOSED_CONVS):
             spec[name] = {"in": mod.in_channels, "out": mod.out_channels}
-        elif isinstance(mod, RECURRENT):
+        elif isinstance(mod, (*RECURRENT, LinearRecurrent)):
             spec[name] = {"in": mod.input_size, "hidden": mod.hidden_size}
         elif isinstance(mod, CHANNEL_NORMS):
             spec[name] = {"out": mod.num_features}
@@ -539,6 +542,8 @@ def _blank(mod: nn.Module, w: dict, within: nn.Module | None = None) -> nn.Modul
     if isinstance(mod, RECURRENT):
         return resize_recurrent(mod, torch.arange(w["hidden"]) % mod.hidden_size,
                                 torch.arange(w["in"]) % mod.input_size, within)
+    if isinstance(mod, LinearRecurrent):     # a skeleton converted by rnn_to_linear: resized as its stock module
+        return LinearRecurrent.from_module(_blank(mod.to_stock(), w, within))
     if isinstance(mod, nn.PReLU):
         return resize_module(mod, out % mod.num_parameters, within=within)
     n = mod.num_channels if isinstance(mod, nn.GroupNorm) else mod.num_features

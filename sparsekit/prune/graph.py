@@ -104,6 +104,7 @@ from torch.fx import _symbolic_trace
 
 from .._aliases import tied_layers
 from .._compat import set_submodule
+from .linear_rnn import LinearRecurrent
 from .masks import BATCH_NORMS, CHANNEL_NORMS, CONVS, INSTANCE_NORMS, TRANSPOSED_CONVS, floor_product
 from .recurrent import RECURRENT, hidden_unit_rows, input_columns
 
@@ -112,7 +113,7 @@ __all__ = ["GraphError", "Member", "Group", "DependencyGraph", "attention_kind",
 
 NORMS = (*CHANNEL_NORMS, nn.GroupNorm, nn.LayerNorm)
 QKV_PROJ = ("q_proj", "k_proj", "v_proj")   # a LinearMultiheadAttention's in-projection Linears
-_LEAVES = (*CONVS, *TRANSPOSED_CONVS, nn.Linear, nn.Embedding, *RECURRENT, nn.MultiheadAttention,
+_LEAVES = (*CONVS, *TRANSPOSED_CONVS, nn.Linear, nn.Embedding, *RECURRENT, LinearRecurrent, nn.MultiheadAttention,
            nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer, nn.TransformerDecoder,
            nn.Transformer, nn.PReLU) + NORMS
 # elementwise modules without per-channel state: channels pass through unchanged
@@ -785,6 +786,11 @@ class DependencyGraph:
             return _Tag(1, [_Seg(s, mod.out_channels)])
         if isinstance(mod, RECURRENT):
             return self._recurrent(n, mod, tag, shape)
+        if isinstance(mod, LinearRecurrent):   # its Linears inside a time loop: the rules follow stock modules
+            self._pin([tag(a) for a in _flat_args(n.args) + list(n.kwargs.values())],
+                      f"{name!r} (LinearRecurrent) keeps its widths: prune hidden units on the stock "
+                      f"nn.{mod.stock_class.__name__} and compact before rnn_to_linear")
+            return [None, [None, None]] if mod.mode == "LSTM" else [None, None]
         if isinstance(mod, nn.Linear):
             if x is not None:
                 if x.dim != len(shape) - 1:

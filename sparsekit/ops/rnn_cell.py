@@ -1,0 +1,65 @@
+"""``rnn_cell``: the pointwise part of one recurrent step, fused on CPU.
+
+``LinearRecurrent`` runs its recurrent product (``h @ W_hh^T``, sparse or dense) every time step; the gates
+after it are ~10 small elementwise ops, whose dispatch cost more than a 90%-sparse product at batch sizes of a
+few rows. ``sparsekit::rnn_cell`` (csrc/cpu/rnn_cell.cpp) computes them in one pass for fp32 / bf16 CPU tensors
+that need no gradient; everything else (gradients, CUDA, other dtypes, torch.compile, which fuses the reference
+itself) runs the reference ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._library import has_kernel
+
+__all__ = ["rnn_cell", "fused_cell", "MODES"]
+
+MODES = reference.RNN_MODES
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+
+
+def _check_mode(mode: object) -> int:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return MODES.index(mode)
+
+
+def fused_cell(mode: str, like: Tensor, needs_grad: bool) -> Callable[..., tuple[Tensor, Tensor | None]] | None:
+    """The fused C++ step ``cell(gi, gh, h, c) -> (h_new, c_new)`` for a recurrence whose tensors are all like
+    ``like`` (device, dtype) and need no gradient (``needs_grad`` False), or None where it cannot run (then
+    ``rnn_cell`` runs the reference). Checked once per sequence, not per step: the checks cost as much as a
+    step's arithmetic."""
+    code = _check_mode(mode)
+    if (needs_grad or like.device.type != "cpu" or like.dtype not in _FUSED_DTYPES or type(like) is not Tensor
+            or not has_kernel("rnn_cell", "CPU") or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()):
+        return None
+    raw = torch.ops.sparsekit.rnn_cell.default._op
+
+    def cell(gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        with _BelowAutograd():     # (nothing needs a gradient: skip the Python autograd formula's layer)
+            h_new, c_new = raw(gi, gh, h, c, code)
+        return h_new, (c_new if code == 0 else None)
+    return cell
+
+
+def rnn_cell(gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None, mode: str) -> tuple[Tensor, Tensor | None]:
+    """``(h_new, c_new)`` of one step of a ``mode`` ("LSTM", "GRU", "RNN_TANH", "RNN_RELU") recurrent layer from
+    its input projection ``gi`` and recurrent projection ``gh`` (``[rows, gates * H]``, biases included), state
+    ``h`` and (LSTM) cell state ``c`` (``[rows, H]``); ``c_new`` is None unless an LSTM. Fused on CPU (fp32 /
+    bf16, no gradient needed), the reference ops otherwise."""
+    code = _check_mode(mode)
+    tensors = (gi, gh, h) if c is None else (gi, gh, h, c)
+    same = all(t.dtype == gi.dtype and t.device == gi.device for t in tensors)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    cell = fused_cell(mode, gi, needs_grad) if same else None
+    if cell is not None:
+        return cell(gi, gh, h, c)
+    h_new, c_new = reference.rnn_cell(gi, gh, h, c, code)
+    return h_new, (c_new if code == 0 else None)
