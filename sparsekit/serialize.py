@@ -268,6 +268,7 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
         if mspec["class"] in _CONVERTED:
             mod, cls = model.get_submodule(name), _CONVERTED[mspec["class"]]
             if isinstance(mod, cls):    # a skeleton converted by sk.nn.mha_to_linear / rnn_to_linear already
+                mod.sparsify_converted = bool(mspec.get("sparsify_converted", False))
                 continue
             new = cls.from_module(mod)   # (its children follow)
             new.sparsify_converted = bool(mspec.get("sparsify_converted", False))

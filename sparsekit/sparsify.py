@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -126,15 +127,21 @@ class SparsifyReport:
 
 
 # ------------------------------------------------------------------------------------------ capture
-def capture_inputs(model: nn.Module, example_inputs: Any,
-                   predicate: Callable[[nn.Module], bool]) -> dict[str, Tensor]:
-    """The first input tensor each matching submodule sees when the model runs on example_inputs."""
+def capture_inputs(model: nn.Module, example_inputs: Any, predicate: Callable[[nn.Module], bool],
+                   second_call: Iterable[str] = ()) -> dict[str, Tensor]:
+    """The first input tensor each matching submodule sees when the model runs on example_inputs (for the names
+    in ``second_call``, the input of its second call when it has one: a recurrent weight's first input is the
+    initial state)."""
     seen: dict[str, Tensor] = {}
+    later = set(second_call)
+    counts: dict[str, int] = {}
 
     def record(name: str):
         def hook(_mod, inp, _out) -> None:  # returning a value would replace the module's output
             if inp and isinstance(inp[0], Tensor):
-                seen.setdefault(name, inp[0].detach())
+                counts[name] = counts.get(name, 0) + 1
+                if name not in seen or (name in later and counts[name] == 2):
+                    seen[name] = inp[0].detach()
         return hook
 
     hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n and predicate(m)]
@@ -328,7 +335,9 @@ def _dense_baseline(model: nn.Module) -> nn.Module:
     Linear/Conv2d is replaced by a plain one with its mask baked in (``_plain_dense``): a pruner's
     parametrizations cost about half a dense forward again, which would count as sparsify's speedup. Every other
     parametrized module (a masked norm, nn.MultiheadAttention's in_proj_weight) gets its values baked into
-    tensors of its own (``_bake_copy``)."""
+    tensors of its own (``_bake_copy``). A recurrent module converted to a ``LinearRecurrent`` (by the user, to
+    prune its weights) is timed as the stock module it computes: dense, torch's fused RNN kernel is its best
+    path, and the converted module's Python time loop is several times slower."""
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
     base = copy.deepcopy(model, memo)
     for name, mod in list(base.named_modules()):
@@ -336,6 +345,12 @@ def _dense_baseline(model: nn.Module) -> nn.Module:
             set_submodule(base, name, _plain_dense(mod))
         elif parametrize.is_parametrized(mod):
             _bake_copy(mod)
+    converted = [(names, mod) for names in module_aliases(base).values()
+                 if names[0] and isinstance(mod := base.get_submodule(names[0]), LinearRecurrent)]
+    for names, mod in converted:
+        stock = mod.to_stock()       # (its children are plain Linear layers by now)
+        for name in names:
+            set_submodule(base, name, stock)
     return base.eval()
 
 
@@ -454,8 +469,21 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     calls: dict[str, tuple] = {}       # each converted attention's first call, to time it against the stock one
     hooks = [target.get_submodule(n).register_forward_pre_hook(_record_call(calls, n), with_kwargs=True)
              for n in (*exposed, *exposed_rnn)]
+    # a recurrent weight's first input is the initial state (zeros, unless given): its second call is measured
+    recurrent = {f"{n}.{c}" for n in exposed_rnn for c in target.get_submodule(n).layer_names() if c[:2] == "hh"}
     try:
-        inputs = capture_inputs(target, example_inputs, is_layer)
+        try:
+            inputs = capture_inputs(target, example_inputs, is_layer, second_call=recurrent)
+        except Exception as exc:
+            if not exposed_rnn:
+                raise
+            # model code may use the stock module in ways the converted one does not mirror: keep it stock
+            warnings.warn(f"sparsify: the model failed to run with its recurrent modules {sorted(exposed_rnn)} "
+                          f"converted ({type(exc).__name__}: {_first_line(exc)}); they stay stock nn.RNN / LSTM "
+                          "/ GRU modules (dense)", RuntimeWarning, stacklevel=2)
+            restore_dense_recurrent(target, exposed_rnn)
+            exposed_rnn, calls = {}, {k: v for k, v in calls.items() if k in exposed}
+            inputs = capture_inputs(target, example_inputs, is_layer)
     except BaseException as exc:
         restore_dense_attention(target, exposed)      # (inplace=True: its attention and nested-tensor flags back)
         restore_dense_recurrent(target, exposed_rnn)
@@ -576,7 +604,8 @@ def _keep_faster_converted(target: nn.Module, exposed: dict[str, nn.Module], cal
             t = interleaved_median_ms(fns, warmup=2, reps=reps, device=device)
         keep = t["stock"] / t["converted"] >= report.min_speedup
         if not keep:
-            set_submodule(target, name, original)
+            for alias in module_aliases(target)[id(mod)]:      # (one module under several names stays one)
+                set_submodule(target, alias, original)
             del exposed[name]
         stock = f"nn.{type(original).__name__}"
         for d in report.layers:

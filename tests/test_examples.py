@@ -21,12 +21,13 @@ EXACT = {
     "slimming.py": r"same outputs as the masked model \(max \|diff\| (\S+)\)",
     "vit_attention.py": r"sparsified == block-pruned: max \|diff\| (\S+)",
     "video_conv3d.py": r"sparsified == pruned: max \|diff\| (\S+)",
+    "sparse_lstm.py": r"sparsified == block-pruned: max \|diff\| (\S+)",
 }
 
 
 def test_every_example_is_listed():
     assert {"alpha_blend.py", "dynamic_gates.py", "lottery_ticket.py", "low_rank.py", "slimming.py",
-            "width_search.py", "vit_attention.py", "video_conv3d.py"} <= set(SCRIPTS)
+            "width_search.py", "vit_attention.py", "video_conv3d.py", "sparse_lstm.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.slow

@@ -391,3 +391,176 @@ def test_convert_modules_and_the_dependency_graph():
         pruner = sk.prune.Pruner(net, x, granularity="channel", sparsity=0.5)
         text = pruner._dependency_graph().describe()
     assert "(LinearRecurrent) keeps its widths" in text
+
+
+def test_the_whole_model_baseline_runs_the_stock_module():
+    """A model the user converted (to prune its recurrent weights) is timed against the stock module it computes,
+    torch's fused kernel, not against the converted module's slower dense time loop."""
+    from sparsekit.sparsify import _dense_baseline
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 64)
+    conv = rnn_to_linear(Tagger(num_layers=2))
+    pruner = sk.prune.Pruner(conv, x, granularity="block", block=(16, 16), sparsity=0.5, ignore=["head"])
+    pruner.step()
+    base = _dense_baseline(conv)
+    assert type(base.rnn) is nn.LSTM and isinstance(conv.rnn, LinearRecurrent)
+    with torch.no_grad():
+        torch.testing.assert_close(base(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+def test_only_the_projection_training_gets_the_stock_gradients():
+    """The fused step runs below autograd: not while an LSTM's projection (which feeds every later step) trains."""
+    torch.manual_seed(0)
+    m = nn.LSTM(4, 6, proj_size=3)
+    lin = LinearRecurrent.from_module(m)
+    for p in (*m.parameters(), *lin.parameters()):
+        p.requires_grad_(False)
+    m.weight_hr_l0.requires_grad_(True)
+    lin.hr_l0.weight.requires_grad_(True)
+    x = torch.randn(5, 2, 4)
+    for mod in (m, lin):
+        out, (h, _) = mod(x)
+        (out.pow(2).sum() + h.sum()).backward()
+    torch.testing.assert_close(lin.hr_l0.weight.grad, m.weight_hr_l0.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_nan_and_autocast_and_forward_mode_like_the_stock_module():
+    torch.manual_seed(0)
+    rnn = nn.RNN(3, 4, nonlinearity="relu").eval()
+    lin = LinearRecurrent.from_module(rnn)
+    x = torch.randn(3, 1, 3)
+    x[0, 0, 0] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(lin(x)[0]).all() and torch.isnan(rnn(x)[0]).all()
+    for cls in (nn.GRU, nn.LSTM):
+        rnn = cls(8, 16).eval()
+        lin = LinearRecurrent.from_module(rnn)
+        x = torch.randn(4, 2, 8)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = lin(x)[0]
+        torch.testing.assert_close(out.float(), rnn(x)[0], atol=3e-2, rtol=3e-2)
+    import torch.autograd.forward_ad as fwad
+    rnn = nn.GRU(3, 4)
+    lin = LinearRecurrent.from_module(rnn)
+    for p in (*rnn.parameters(), *lin.parameters()):
+        p.requires_grad_(False)
+    x, t = torch.randn(3, 2, 3), torch.randn(3, 2, 3)
+    tangents = []
+    for mod in (rnn, lin):
+        with fwad.dual_level():
+            out = mod(fwad.make_dual(x, t))[0]
+            tangents.append(fwad.unpack_dual(out).tangent)
+    assert tangents[1] is not None
+    torch.testing.assert_close(tangents[1], tangents[0], atol=1e-5, rtol=1e-5)
+
+
+def test_stock_attributes_model_code_reads():
+    torch.manual_seed(0)
+    for m in (nn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2), nn.GRU(3, 4, bias=False),
+              nn.RNN(3, 4, nonlinearity="relu", num_layers=2)):
+        lin = LinearRecurrent.from_module(m)
+        assert lin._flat_weights_names == m._flat_weights_names
+        for n in m._flat_weights_names:
+            assert torch.equal(getattr(lin, n), getattr(m, n)), n
+        assert [[tuple(t.shape) for t in ws] for ws in lin.all_weights] == \
+            [[tuple(t.shape) for t in ws] for ws in m.all_weights]
+    assert lin.nonlinearity == "relu"
+    lin.hh_l0 = SparseLinear.from_dense(lin.hh_l0, "csr")
+    assert torch.equal(lin.weight_hh_l0, m.weight_hh_l0)       # a sparse child's dense view
+    with pytest.raises(AttributeError, match="nonlinearity"):
+        _ = LinearRecurrent("GRU", 3, 4).nonlinearity
+    with pytest.raises(AttributeError, match="no attribute 'weight_hh_l5'"):
+        _ = lin.weight_hh_l5
+    # an LSTM state given as a list, a sequence of no steps
+    lstm = LinearRecurrent.from_module(nn.LSTM(3, 4))
+    h = [torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)]
+    lstm(torch.randn(5, 2, 3), h)
+    with pytest.raises(ValueError, match="at least one time step"):
+        lstm(torch.randn(0, 2, 3))
+
+
+class _ReadsWeights(nn.Module):
+    def __init__(self, stock_only: bool):
+        super().__init__()
+        self.rnn, self.head, self.stock_only = nn.GRU(32, 32), nn.Linear(32, 4), stock_only
+
+    def forward(self, x):
+        if self.stock_only:
+            assert len(self.rnn._flat_weights) == 4    # nothing the converted module mirrors
+        h0 = x.new_zeros(1, x.shape[1], 32, dtype=self.rnn.weight_ih_l0.dtype)
+        return self.head(self.rnn(x, h0)[0])
+
+
+def test_sparsify_runs_model_code_reading_the_weights_and_keeps_what_it_cannot_convert():
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 32)
+    for stock_only in (False, True):
+        model = _ReadsWeights(stock_only).eval()
+        with torch.no_grad():
+            model.rnn.weight_hh_l0[:, :16] = 0
+        if stock_only:
+            with pytest.warns(RuntimeWarning, match="stay stock"):
+                fast, report = sk.sparsify(model, x, formats=["dense", "csr"], min_speedup=1e-9, cache=False,
+                                           reps=1, measure_model=False)
+            assert type(fast.rnn) is nn.GRU
+        else:
+            fast, report = sk.sparsify(model, x, formats=["dense", "csr"], min_speedup=1e-9, cache=False, reps=1,
+                                       measure_model=False)
+            assert isinstance(fast.rnn, LinearRecurrent)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_recurrent_weights_are_measured_on_a_later_step_and_shared_modules_stay_one():
+    from sparsekit.sparsify import capture_inputs
+
+    torch.manual_seed(0)
+    lin = LinearRecurrent.from_module(nn.GRU(4, 8))
+    x = torch.randn(3, 2, 4)
+    first = capture_inputs(lin, x, lambda m: isinstance(m, nn.Linear))
+    second = capture_inputs(lin, x, lambda m: isinstance(m, nn.Linear), second_call={"hh_l0"})
+    assert not first["hh_l0"].any() and second["hh_l0"].any()      # the initial state vs the first step's
+    # a converted module registered under two names goes back to stock under both
+    net = nn.Module()
+    net.enc = net.dec = nn.LSTM(64, 64)
+    original = net.enc
+    net.enc = net.dec = LinearRecurrent.from_module(original)
+    net.enc.hh_l0 = SparseLinear.from_dense(net.enc.hh_l0, "csr")
+    net.forward = lambda h: net.dec(net.enc(h)[0])[0]
+    report = SparsifyReport([], "cpu", "torch.float32", min_speedup=1e9)
+    _keep_faster_converted(net, {"enc": original}, {"enc": ((torch.randn(4, 2, 64),), {})}, report, 1,
+                           torch.device("cpu"))
+    assert net.enc is original and net.dec is original
+
+
+def test_rnn_cell_edge_cases():
+    op = torch.ops.sparsekit.rnn_cell.default
+    empty = op(torch.zeros(2, 0), torch.zeros(2, 0), torch.zeros(2, 0), None, 2)
+    assert empty[0].shape == (2, 0)
+    nan, inf = float("nan"), float("inf")
+    gi = torch.tensor([[0.0, -inf, 0.0, 0.0], [inf, inf, -inf, inf]])
+    c = torch.tensor([[inf], [1.0]])
+    with torch.no_grad():
+        got = op(gi, torch.zeros(2, 4), torch.zeros(2, 1), c, 0)
+    want = reference.rnn_cell(gi, torch.zeros(2, 4), torch.zeros(2, 1), c, 0)
+    torch.testing.assert_close(got[0], want[0], equal_nan=True)
+    torch.testing.assert_close(got[1], want[1], equal_nan=True)
+    assert torch.isnan(op(torch.tensor([[nan]]), torch.zeros(1, 1), torch.zeros(1, 1), None, 3)[0]).all()
+    # second order: the backward recomputes through differentiable ops
+    args = [torch.randn(2, 8, dtype=torch.float64, requires_grad=True), torch.randn(2, 8, dtype=torch.float64,
+            requires_grad=True), torch.randn(2, 2, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64,
+                                                                                     requires_grad=True)]
+    assert torch.autograd.gradgradcheck(lambda gi, gh, c: op(gi, gh, args[2], c, 0), [args[0], args[1], args[3]])
+
+
+def test_a_converted_skeleton_keeps_the_saved_sparsify_flag(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 64)
+    model = _block_pruned(Tagger(), x)
+    fast, _ = sk.sparsify(model, x, formats=["dense", "bsr"], min_speedup=1e-9, cache=False, reps=1,
+                          measure_model=False)
+    sk.save(fast, tmp_path / "m")
+    loaded = sk.load(tmp_path / "m", rnn_to_linear(Tagger()))
+    assert loaded.rnn.sparsify_converted

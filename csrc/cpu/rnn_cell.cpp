@@ -8,7 +8,7 @@
 // exp is a vectorizable polynomial (Cephes' expf: range reduction by ln 2, degree-5 polynomial, 2^n from the
 // exponent bits), so the loops compile to AVX2 (under `#pragma GCC target`, chosen at run time like the
 // micro-kernels) or to the portable vector width; sigmoid(x) = 1 / (1 + exp(-x)), tanh(x) = 2 sigmoid(2x) - 1
-// (x - x^3 / 3 near 0, where that form loses relative precision). fp32 and bf16 (computed in fp32, rounded to
+// (its Taylor series near 0, where that form loses relative precision). fp32 and bf16 (computed in fp32, rounded to
 // nearest even once); float64 / float16 through std::exp / std::tanh. Modes: 0 LSTM, 1 GRU, 2 RNN_TANH,
 // 3 RNN_RELU (torch's gate orders: i f g o, r z n).
 #include <ATen/Dispatch.h>
@@ -91,7 +91,7 @@ void row_exact(int64_t mode, int64_t H, const T* gi, const T* gh, const T* h, co
       h_out[j] = T(cand + z * (Acc(h[j]) - cand));
     } else {
       const Acc x = pre(j);
-      h_out[j] = T(mode == kRnnTanh ? std::tanh(x) : (x > Acc(0) ? x : Acc(0)));
+      h_out[j] = T(mode == kRnnTanh ? std::tanh(x) : (x <= Acc(0) ? Acc(0) : x));  // (NaN stays NaN)
     }
   }
 }
@@ -151,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_cell(const at::Tensor& gi, const at::Tens
   const at::Tensor c_c = lstm ? c.contiguous() : c;
   at::Tensor h_out = at::empty({rows, H}, gi.options());
   at::Tensor c_out = lstm ? at::empty({rows, H}, gi.options()) : at::empty({0}, gi.options());
+  if (rows == 0 || H == 0) return {h_out, c_out};
   const RowFn fn = row_fn();
   const int64_t G = gates * H;
   const int64_t grain = std::max<int64_t>(1, kParallelCells / H);  // rows per thread

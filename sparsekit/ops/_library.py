@@ -457,16 +457,22 @@ def _rnn_cell_setup(ctx, inputs, output) -> None:
 
 
 def _rnn_cell_backward(ctx, dh: Tensor, dc: Tensor):
-    # the gates are recomputed by the reference under autograd (a pointwise step: cheap next to the products)
-    gi, gh, h, c = ctx.saved_tensors
-    ins = [t.detach().requires_grad_() if t is not None else None for t in (gi, gh, h, c)]
+    # the gates are recomputed by the reference under autograd (a pointwise step: cheap next to the products); a
+    # second-order graph (create_graph) is built from the saved inputs themselves, else from detached copies
+    saved = ctx.saved_tensors
+    create = torch.is_grad_enabled()
+    need = ctx.needs_input_grad[:4]
+    if create:
+        ins = list(saved)
+    else:
+        ins = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(saved, need)]
     with torch.enable_grad():
         outs = reference.rnn_cell(*ins, ctx.mode)
-    pairs = [(o, g) for o, g in zip(outs, (dh, dc)) if g is not None and o.numel()]
-    wrt = [t for t in ins if t is not None]
-    grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-    it = iter(grads)
-    return (*(next(it) if t is not None else None for t in ins), None)
+    pairs = [(o, g) for o, g in zip(outs, (dh, dc)) if g is not None and o.numel() and o.requires_grad]
+    wrt = [t for t, n in zip(ins, need) if n and t is not None]
+    grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True,
+                                     create_graph=create) if pairs and wrt else [None] * len(wrt))
+    return (*(next(grads) if n and t is not None else None for t, n in zip(ins, need)), None)
 
 
 torch.library.register_autograd("sparsekit::rnn_cell", _rnn_cell_backward, setup_context=_rnn_cell_setup)

@@ -32,13 +32,14 @@ def _check_mode(mode: object) -> int:
 
 def fused_cell(mode: str, like: Tensor, needs_grad: bool) -> Callable[..., tuple[Tensor, Tensor | None]] | None:
     """The fused C++ step ``cell(gi, gh, h, c) -> (h_new, c_new)`` for a recurrence whose tensors are all like
-    ``like`` (device, dtype) and need no gradient (``needs_grad`` False), or None where it cannot run (then
+    ``like`` (device, dtype) and need no gradient (``needs_grad`` False; nor a forward-mode tangent), or None
+    where it cannot run (then
     ``rnn_cell`` runs the reference). Checked once per sequence, not per step: the checks cost as much as a
     step's arithmetic."""
     code = _check_mode(mode)
     if (needs_grad or like.device.type != "cpu" or like.dtype not in _FUSED_DTYPES or type(like) is not Tensor
             or not has_kernel("rnn_cell", "CPU") or torch.compiler.is_compiling()
-            or torch._C._are_functorch_transforms_active()):
+            or torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0):
         return None
     raw = torch.ops.sparsekit.rnn_cell.default._op
 

@@ -123,6 +123,45 @@ class LinearRecurrent(nn.Module):
         kinds = ("ih", "hh", "hr") if self.proj_size else ("ih", "hh")
         return [f"{kind}_l{k}{sfx}" for k in range(self.num_layers) for sfx in self._directions() for kind in kinds]
 
+    # -------------------------------------------------- what model code reads on the stock module
+    def __getattr__(self, name: str) -> Any:
+        # weight_ih_l0, bias_hh_l1_reverse, weight_hr_l0 ...: the child's tensor (a SparseLinear's dense view)
+        kind, sep, rest = name.partition("_")
+        if sep and kind in ("weight", "bias") and rest[:3] in ("ih_", "hh_", "hr_"):
+            child = self._modules.get(rest)
+            if child is not None:
+                if kind == "weight" and not isinstance(getattr(child, "weight", None), Tensor):
+                    return child.dense_weight2d()
+                return getattr(child, kind)
+        return super().__getattr__(name)
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        """The stock module's parameter names, in its order (per layer and direction: w_ih, w_hh, b_ih, b_hh,
+        w_hr)."""
+        names = []
+        for k in range(self.num_layers):
+            for sfx in self._directions():
+                tail = f"l{k}{sfx}"
+                names += [f"weight_ih_{tail}", f"weight_hh_{tail}"]
+                names += [f"bias_ih_{tail}", f"bias_hh_{tail}"] if self.bias else []
+                names += [f"weight_hr_{tail}"] if self.proj_size else []
+        return names
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """Per layer and direction, its tensors in the stock module's order."""
+        per = len(self._flat_weights_names) // (self.num_layers * len(self._directions()))
+        names = self._flat_weights_names
+        return [[getattr(self, n) for n in names[i:i + per]] for i in range(0, len(names), per)]
+
+    @property
+    def nonlinearity(self) -> str:
+        """An RNN's activation ("tanh" or "relu"), as nn.RNN has it."""
+        if not self.mode.startswith("RNN_"):
+            raise AttributeError(f"'LinearRecurrent' ({self.mode}) has no attribute 'nonlinearity'")
+        return self.mode[4:].lower()
+
     def flatten_parameters(self) -> None:
         """Nothing to do (models call the stock module's ``flatten_parameters()`` in their forward): the weights
         are separate Linear layers."""
@@ -204,6 +243,8 @@ class LinearRecurrent(nn.Module):
             x = input if batched else input.unsqueeze(1)
             if batched and self.batch_first:
                 x = x.transpose(0, 1)
+            if x.shape[0] == 0:
+                raise ValueError(f"input must have at least one time step, got shape {tuple(input.shape)}")
             batch = x.shape[1]
             steps = [batch] * x.shape[0]
             data = x.reshape(x.shape[0] * batch, x.shape[2])
@@ -244,7 +285,7 @@ class LinearRecurrent(nn.Module):
             h0 = data.new_zeros(layers, batch, out)
             return h0, (data.new_zeros(layers, batch, self.hidden_size) if lstm else [None] * layers)
         states = hx if lstm else (hx,)
-        if lstm and not (isinstance(hx, tuple) and len(hx) == 2):
+        if lstm and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
             raise TypeError(f"hx must be a tuple (h_0, c_0) for an LSTM, got {type(hx).__name__}")
         widths = (out, self.hidden_size) if lstm else (out,)
         fixed = []
@@ -267,9 +308,14 @@ class LinearRecurrent(nn.Module):
         gi = getattr(self, f"ih_l{k}{sfx}")(data)       # every step's input projection in one product
         hh = getattr(self, f"hh_l{k}{sfx}")
         hr = getattr(self, f"hr_l{k}{sfx}") if self.proj_size else None
+        # the fused step runs below autograd: only when nothing of this layer's recurrence needs a gradient
+        # (hr's weights feed every later step), and on a state of gi's dtype (autocast gives bf16 projections
+        # of an fp32 state: the reference ops promote)
         needs_grad = torch.is_grad_enabled() and (gi.requires_grad or h.requires_grad or (
-            c is not None and c.requires_grad) or any(p.requires_grad for p in hh.parameters()))
-        fused = fused_cell(self.mode, gi, needs_grad)
+            c is not None and c.requires_grad) or any(p.requires_grad for m in (hh, hr) if m is not None
+                                                      for p in m.parameters()))
+        same = h.dtype == gi.dtype and (c is None or c.dtype == gi.dtype)
+        fused = fused_cell(self.mode, gi, needs_grad) if same else None
         starts = [0]
         for n in steps[:-1]:
             starts.append(starts[-1] + n)
