@@ -30,7 +30,7 @@ __all__ = ["MET", "NOT_MET", "NOT_MEASURED", "REPORTED", "Run", "Results", "Meas
 
 MET, NOT_MET, NOT_MEASURED, REPORTED = "met", "not met", "not measured yet", "reported"
 # result files that are not `sparsekit bench` sweeps, by file-name prefix (a sweep says its suite in meta)
-SCRIPT_KINDS = ("sparsify_models", "memory", "compact", "prune_digits", "train_step")
+SCRIPT_KINDS = ("sparsify_models", "memory", "compact", "prune_digits", "train_step", "sparse_rnn")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -74,7 +74,8 @@ class Run:
     @property
     def machine(self) -> str:
         """The hardware and torch version, without date or load (those are in the file)."""
-        meta = self.data.get("meta") if self.kind not in ("sparsify_models", "memory") else self.data.get("machine")
+        meta = self.data.get("meta") if self.kind not in ("sparsify_models", "memory", "sparse_rnn") \
+            else self.data.get("machine")
         if isinstance(meta, dict) and meta.get("device"):      # machine_info() metadata: reuse report's line
             parts = machine_line(meta).split("; ")       # "CPU: <hardware>", "torch <version>", ..., forced ISAs
             return ", ".join(parts[:2] + [p for p in parts if p.startswith("instruction sets forced")])
@@ -452,6 +453,28 @@ def compact_reported(net: str, isa_class: str | None = None) -> Callable[[Result
     return measure
 
 
+def sparse_rnn_reported(sparsity: float, isa_class: str | None = None) -> Callable[[Results], Measured]:
+    """bench_sparse_rnn.py: each recurrent model's whole-model speedup at ``sparsity``, 32x32 blocks and (where
+    measured) unstructured, without a verdict."""
+    def pick(res: Results, granularity: str) -> tuple[Run | None, list[dict]]:
+        def rows(run: Run) -> list[dict]:
+            return [r for r in run.rows if r.get("granularity") == granularity
+                    and abs(r.get("sparsity", 0) - sparsity) < 1e-9]
+        run = res.newest("sparse_rnn", "cpu", lambda r: bool(rows(r)), isa_class)
+        return run, rows(run) if run is not None else []
+
+    def measure(res: Results) -> Measured:
+        block, brows = pick(res, "block")
+        elem, erows = pick(res, "element")
+        if block is None:
+            return NOT_YET
+        text = ", ".join(f"{r['model']} {_x(r['speedup'])}" for r in brows)
+        if erows:
+            text += "; unstructured (CSR): " + ", ".join(f"{r['model']} {_x(r['speedup'])}" for r in erows)
+        return Measured(text, REPORTED, tuple(r for r in (block, elem) if r is not None))
+    return measure
+
+
 def compact_speedup(model: str, threshold: float, isa_class: str | None = None) -> Callable[[Results], Measured]:
     """bench_compact.py: the speedup of one compacted model over dense ResNet-50."""
     def measure(res: Results) -> Measured:
@@ -621,6 +644,10 @@ TARGETS: list[Target] = [
     Target("8", "cpu-avx2", "the ResNet-50 recipe on U-Net, as in the table above (not a target)",
            models_reported("cpu", "float32", ("U-Net",), "avx2")),
     *compact_targets("avx2", "cpu-avx2"),
+    Target("8", "cpu-avx2", "recurrent models (bench_sparse_rnn.py: a 2-layer LSTM acoustic model, hidden 1024; a "
+           "2-layer bidirectional GRU tagger, hidden 512; a 1-layer LSTM, hidden 1024; batch 8, 100 steps): every "
+           "recurrent weight matrix 90% pruned, sparsified (LinearRecurrent) vs the stock model's oneDNN kernels "
+           "(not a target)", sparse_rnn_reported(0.9, "avx2")),
     # issue 4: GPU BSR, fp16, vs cuBLAS (dense eager) and torch.sparse
     Target("4", "cuda", "BSR 32x32, square M = N = K = 4096, fp16: >= 1.0x cuBLAS at 50%",
            speedup_at(_gpu(("square.4096",), ("bsr32x32",), 0.5), 1.0)),

@@ -97,6 +97,27 @@ def test_compact_rnn_prunes_every_recurrent_model(tmp_path):
         script.main(["--sparsity", "1.0", "--out", str(tmp_path)])
 
 
+def test_sparse_rnn_sparsifies_every_recurrent_model(tmp_path):
+    """Each model's recurrent weights are pruned to the sparsity, sparsified and verified inside the script; the
+    row says what was converted, and bench/targets.py reads the file."""
+    script = load_bench_script("bench_sparse_rnn")
+    assert script.main(["--reps", "1", "--batch", "1", "--steps", "3", "--models", "lstm-1layer", "tagger-bigru",
+                        "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("sparse_rnn_cpu-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["model"], r["sparsity"], r["granularity"]) for r in rows] == [
+        ("lstm-1layer", 0.9, "block"), ("tagger-bigru", 0.9, "block")]
+    for r in rows:
+        assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and isinstance(r["converted"], list)
+        assert any(d["name"].split(".")[-1].startswith("hh_l0") for d in r["layers"])
+    assert path.with_suffix(".md").exists()
+    targets = load_bench_script("make_readme_table").targets   # (dataclasses need it imported as a module)
+    measured = targets.sparse_rnn_reported(0.9)(targets.Results(tmp_path))
+    assert measured.status == targets.REPORTED and "lstm-1layer" in measured.value
+    with pytest.raises(SystemExit, match="sparsity"):
+        script.main(["--sparsity", "1.0", "--out", str(tmp_path)])
+
+
 def test_conv_transpose_writes_every_shape_and_pattern(tmp_path, monkeypatch):
     script = load_bench_script("bench_conv_transpose")
     # the smallest geometry of each dimensionality keeps the smoke run short

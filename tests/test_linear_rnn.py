@@ -564,3 +564,23 @@ def test_a_converted_skeleton_keeps_the_saved_sparsify_flag(tmp_path):
     sk.save(fast, tmp_path / "m")
     loaded = sk.load(tmp_path / "m", rnn_to_linear(Tagger()))
     assert loaded.rnn.sparsify_converted
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_on_cuda_matches_the_stock_cudnn_module(dtype):
+    """On a GPU the sparse products run on the CUDA / Triton backends and the gates as torch ops (the fused step
+    is CPU only); fp16 against cuDNN's LSTM."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 64)
+    model = _block_pruned(Tagger(num_layers=2, bidirectional=True), x).cuda().to(dtype)
+    xc = x.cuda().to(dtype)
+    fast, _ = sk.sparsify(model, xc, formats=["dense", "bsr"], min_speedup=1e-9, cache=False, reps=1,
+                          measure_model=False)
+    assert isinstance(fast.rnn, LinearRecurrent) and isinstance(fast.rnn.hh_l0, SparseLinear)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        torch.testing.assert_close(fast(xc), model(xc), atol=tol, rtol=tol)
+    packed = pack_padded_sequence(xc, torch.tensor([8, 3, 5, 1]), enforce_sorted=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.rnn(packed)[0].data, model.rnn(packed)[0].data, atol=tol, rtol=tol)
