@@ -130,8 +130,8 @@ class SparsifyReport:
 def capture_inputs(model: nn.Module, example_inputs: Any, predicate: Callable[[nn.Module], bool],
                    second_call: Iterable[str] = ()) -> dict[str, Tensor]:
     """The first input tensor each matching submodule sees when the model runs on example_inputs (for the names
-    in ``second_call``, the input of its second call when it has one: a recurrent weight's first input is the
-    initial state)."""
+    in ``second_call``, the largest input of its later calls when it has any: a recurrent weight's first input is
+    the initial state)."""
     seen: dict[str, Tensor] = {}
     later = set(second_call)
     counts: dict[str, int] = {}
@@ -140,7 +140,9 @@ def capture_inputs(model: nn.Module, example_inputs: Any, predicate: Callable[[n
         def hook(_mod, inp, _out) -> None:  # returning a value would replace the module's output
             if inp and isinstance(inp[0], Tensor):
                 counts[name] = counts.get(name, 0) + 1
-                if name not in seen or (name in later and counts[name] == 2):
+                n = counts[name]
+                # (a packed sequence's later steps have fewer rows: the largest of calls 2, 3, ... is kept)
+                if name not in seen or (name in later and n >= 2 and (n == 2 or inp[0].shape[0] > seen[name].shape[0])):
                     seen[name] = inp[0].detach()
         return hook
 
@@ -330,7 +332,8 @@ def _densify_sparse_layers(model: nn.Module) -> None:
 def _dense_baseline(model: nn.Module) -> nn.Module:
     """What the whole model is timed against: a plain dense eval-mode stand-in for ``model``.
 
-    The module tree is copied with every parameter and buffer shared (no weight copied; ``model`` itself is
+    The module tree is copied with every parameter and buffer shared (no weight copied but a converted recurrent
+    module's, below; ``model`` itself is
     neither run nor changed: a train-mode model would update its BatchNorm statistics), then each masked
     Linear/Conv2d is replaced by a plain one with its mask baked in (``_plain_dense``): a pruner's
     parametrizations cost about half a dense forward again, which would count as sparsify's speedup. Every other
@@ -346,9 +349,11 @@ def _dense_baseline(model: nn.Module) -> nn.Module:
         elif parametrize.is_parametrized(mod):
             _bake_copy(mod)
     converted = [(names, mod) for names in module_aliases(base).values()
-                 if names[0] and isinstance(mod := base.get_submodule(names[0]), LinearRecurrent)]
+                 if isinstance(mod := base.get_submodule(names[0]), LinearRecurrent)]
     for names, mod in converted:
-        stock = mod.to_stock()       # (its children are plain Linear layers by now)
+        stock = mod.to_stock()       # (its children are plain Linear layers by now; their weights are copied)
+        if not names[0]:
+            return stock.eval()      # (the model is itself a LinearRecurrent)
         for name in names:
             set_submodule(base, name, stock)
     return base.eval()
@@ -469,8 +474,17 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     calls: dict[str, tuple] = {}       # each converted attention's first call, to time it against the stock one
     hooks = [target.get_submodule(n).register_forward_pre_hook(_record_call(calls, n), with_kwargs=True)
              for n in (*exposed, *exposed_rnn)]
-    # a recurrent weight's first input is the initial state (zeros, unless given): its second call is measured
-    recurrent = {f"{n}.{c}" for n in exposed_rnn for c in target.get_submodule(n).layer_names() if c[:2] == "hh"}
+    # a recurrent module the user converted (to prune its weights) is timed against its stock form too, as are
+    # the ones converted here (unless exact=True must keep its masked children)
+    converted_rnn = {n: m.to_stock(masked_values=True) for n, m in target.named_modules()
+                     if isinstance(m, LinearRecurrent) and n not in exposed_rnn and n
+                     and all(isinstance(getattr(m, c), nn.Linear) for c in m.layer_names())
+                     and not (exact and any(parametrize.is_parametrized(getattr(m, c)) for c in m.layer_names()))}
+    hooks += [target.get_submodule(n).register_forward_pre_hook(_record_call(calls, n), with_kwargs=True)
+              for n in converted_rnn]
+    # a recurrent weight's first input is the initial state (zeros, unless given): a later call is measured
+    recurrent = {f"{n}.{c}" for n, m in target.named_modules() if isinstance(m, LinearRecurrent)
+                 for c in m.layer_names() if c[:2] == "hh"}
     try:
         try:
             inputs = capture_inputs(target, example_inputs, is_layer, second_call=recurrent)
@@ -478,12 +492,13 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
             if not exposed_rnn:
                 raise
             # model code may use the stock module in ways the converted one does not mirror: keep it stock
-            warnings.warn(f"sparsify: the model failed to run with its recurrent modules {sorted(exposed_rnn)} "
-                          f"converted ({type(exc).__name__}: {_first_line(exc)}); they stay stock nn.RNN / LSTM "
-                          "/ GRU modules (dense)", RuntimeWarning, stacklevel=2)
             restore_dense_recurrent(target, exposed_rnn)
-            exposed_rnn, calls = {}, {k: v for k, v in calls.items() if k in exposed}
-            inputs = capture_inputs(target, example_inputs, is_layer)
+            failed, exposed_rnn = sorted(exposed_rnn), {}
+            calls = {k: v for k, v in calls.items() if k not in failed}
+            inputs = capture_inputs(target, example_inputs, is_layer, second_call=recurrent)
+            warnings.warn(f"sparsify: the model failed to run with its recurrent modules {failed} converted "
+                          f"({type(exc).__name__}: {_first_line(exc)}); they stay stock nn.RNN / LSTM / GRU "
+                          "modules (dense)", RuntimeWarning, stacklevel=2)
     except BaseException as exc:
         restore_dense_attention(target, exposed)      # (inplace=True: its attention and nested-tensor flags back)
         restore_dense_recurrent(target, exposed_rnn)
@@ -557,6 +572,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     tcache.save()
     _keep_faster_converted(target, exposed, calls, report, reps, device)
     _keep_faster_converted(target, exposed_rnn, calls, report, reps, device)
+    # (one the user converted is compared even with no sparse layer: its dense time loop is the slower one)
+    _keep_faster_converted(target, converted_rnn, calls, report, reps, device, always=True)
     restored = {n: "nn.MultiheadAttention" for n in restore_dense_attention(target, exposed)}
     restored.update({n: f"nn.{type(exposed_rnn[n]).__name__}" for n in restore_dense_recurrent(target, exposed_rnn)})
     for name in (*exposed, *exposed_rnn):
@@ -588,15 +605,16 @@ def _record_call(calls: dict[str, tuple], name: str) -> Callable:
 
 
 def _keep_faster_converted(target: nn.Module, exposed: dict[str, nn.Module], calls: dict[str, tuple],
-                           report: SparsifyReport, reps: int, device: torch.device) -> None:
+                           report: SparsifyReport, reps: int, device: torch.device, always: bool = False) -> None:
     """Time every converted attention / recurrent module that got sparse layers against the stock module it
     replaced, on its recorded call (same loop, medians); the stock module comes back (and leaves ``exposed``)
     unless the converted one beats it by ``min_speedup`` too: one packed q|k|v GEMM and fused kernels (an
-    attention's, oneDNN's or cuDNN's fused RNN) can outweigh a sparse layer."""
+    attention's, oneDNN's or cuDNN's fused RNN) can outweigh a sparse layer. ``always``: also when none of its
+    layers went sparse."""
     for name, original in list(exposed.items()):
         mod = target.get_submodule(name)
         layers = [getattr(mod, p) for p in _converted_layers(mod)]
-        if name not in calls or not any(isinstance(p, SPARSE_MODULES) for p in layers):
+        if name not in calls or not (always or any(isinstance(p, SPARSE_MODULES) for p in layers)):
             continue
         a, kw = calls[name]
         fns = {"stock": lambda m=original, a=a, kw=kw: m(*a, **kw), "converted": lambda m=mod, a=a, kw=kw: m(*a, **kw)}

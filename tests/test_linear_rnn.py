@@ -584,3 +584,80 @@ def test_on_cuda_matches_the_stock_cudnn_module(dtype):
     packed = pack_padded_sequence(xc, torch.tensor([8, 3, 5, 1]), enforce_sorted=False)
     with torch.no_grad():
         torch.testing.assert_close(fast.rnn(packed)[0].data, model.rnn(packed)[0].data, atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------------------------------------ second review
+def test_a_module_the_user_converted_is_compared_with_its_stock_form():
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 64)
+    conv = rnn_to_linear(_block_pruned(Tagger(), x))
+    slow, report = sk.sparsify(conv, x, formats=["dense", "bsr"], min_speedup=1e9, cache=False, reps=1,
+                               measure_model=False)
+    assert type(slow.rnn) is nn.LSTM            # not 1e9x faster than the stock LSTM
+    assert any("the stock nn.LSTM" in n for d in report.layers for n in d.notes)
+    plain = rnn_to_linear(Tagger())             # no zeros at all: its dense time loop against the stock module
+    back, _ = sk.sparsify(plain, x, min_speedup=1e9, cache=False, reps=1, measure_model=False)
+    assert type(back.rnn) is nn.LSTM
+    kept, _ = sk.sparsify(conv, x, formats=["dense", "bsr"], min_speedup=1e-9, cache=False, reps=1,
+                          measure_model=False)
+    assert isinstance(kept.rnn, LinearRecurrent) and isinstance(kept.rnn.hh_l0, SparseLinear)
+    with torch.no_grad():
+        for m in (slow, back, kept):
+            ref = plain if m is back else conv
+            torch.testing.assert_close(m(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_on_a_stock_module_keep_running_on_the_converted_one():
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 64)
+    model = _block_pruned(Tagger(nn.GRU), x)
+    handle = model.rnn.register_forward_hook(lambda mod, args, out: (out[0] * 2, out[1]))
+    fast, _ = sk.sparsify(model, x, formats=["dense", "bsr"], min_speedup=1e-9, cache=False, reps=1,
+                          measure_model=False)
+    assert isinstance(fast.rnn, LinearRecurrent)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+    handle.remove()
+    lin = LinearRecurrent.from_module(model.rnn)
+    assert not lin._forward_hooks                  # (one handle removes the hook from both)
+
+
+def test_packed_sequences_are_measured_at_the_full_batch():
+    from sparsekit.sparsify import capture_inputs
+
+    lin = LinearRecurrent.from_module(nn.GRU(4, 8, bidirectional=True))
+    x = torch.randn(6, 8, 4)
+    packed = pack_padded_sequence(x, torch.tensor([6, 6, 5, 4, 3, 2, 1, 1]))
+    seen = capture_inputs(lin, (packed,), lambda m: isinstance(m, nn.Linear),
+                          second_call={"hh_l0", "hh_l0_reverse"})
+    # the largest later call: forward, step 1 (six sequences last two steps or more); reverse, step 0 (all eight)
+    assert seen["hh_l0"].shape[0] == 6 and seen["hh_l0_reverse"].shape[0] == 8
+    assert seen["hh_l0"].any() and seen["hh_l0_reverse"].any()
+
+
+def test_bad_inputs_raise_without_the_conversion_warning_and_subclasses_stay():
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 64)
+    model = _block_pruned(Tagger(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(ValueError, match="example_inputs"):
+            sk.sparsify(model, torch.randn(8, 2, 7), cache=False, reps=1, measure_model=False)
+
+    class MyLSTM(nn.LSTM):
+        pass
+    sub = Tagger()
+    sub.rnn = MyLSTM(64, 64)
+    sub.rnn.load_state_dict(model.rnn.state_dict())
+    fast, _ = sk.sparsify(sub.eval(), x, min_speedup=1e-9, cache=False, reps=1, measure_model=False)
+    assert type(fast.rnn) is MyLSTM
+
+
+def test_mirrored_names_are_read_only_and_a_bare_converted_module_is_timed_as_stock():
+    from sparsekit.sparsify import _dense_baseline
+
+    lin = LinearRecurrent.from_module(nn.LSTM(3, 4, proj_size=2))
+    with pytest.raises(AttributeError, match="assign hh_l0.weight instead"):
+        lin.weight_hh_l0 = torch.zeros(8, 2)
+    assert not hasattr(lin, "bias_hr_l0") and hasattr(lin, "bias_hh_l0")
+    assert type(_dense_baseline(lin)) is nn.LSTM

@@ -28,6 +28,7 @@ from .._aliases import module_aliases
 from .._compat import set_submodule
 from .graph import QKV_PROJ, attention_kind
 from .masks import _mask_param, _masked_original, apply_tensor_mask
+from .module_copy import share_call_hooks
 from .pruned_mha import MhaForward, PrunedMultiheadAttention
 
 __all__ = ["LinearMultiheadAttention", "mha_to_linear", "disable_fused_transformer_paths", "is_stock_mha",
@@ -126,6 +127,7 @@ class LinearMultiheadAttention(MhaForward):
             new.bias_v.requires_grad_(mod.bias_v.requires_grad)
         new.out_proj = mod.out_proj      # (shared as it is: its flags and masks stay the user's)
         new.train(mod.training)
+        share_call_hooks(new, mod)       # (a hook on the stock module keeps running where it is replaced)
         return new
 
     def to_stock(self) -> nn.Module:
@@ -164,6 +166,7 @@ class LinearMultiheadAttention(MhaForward):
                 new.head_index.copy_(self.head_index)
         new.out_proj = self.out_proj
         new.train(self.training)
+        share_call_hooks(new, self)
         return new
 
 

@@ -30,6 +30,7 @@ from .._aliases import module_aliases
 from .._compat import set_submodule
 from ..ops.rnn_cell import fused_cell, rnn_cell
 from .masks import _mask_param, _masked_original, apply_tensor_mask
+from .module_copy import share_call_hooks
 from .recurrent import RECURRENT, stock_forward
 
 __all__ = ["LinearRecurrent", "rnn_to_linear", "is_stock_recurrent", "expose_sparse_recurrent",
@@ -126,14 +127,26 @@ class LinearRecurrent(nn.Module):
     # -------------------------------------------------- what model code reads on the stock module
     def __getattr__(self, name: str) -> Any:
         # weight_ih_l0, bias_hh_l1_reverse, weight_hr_l0 ...: the child's tensor (a SparseLinear's dense view)
-        kind, sep, rest = name.partition("_")
-        if sep and kind in ("weight", "bias") and rest[:3] in ("ih_", "hh_", "hr_"):
-            child = self._modules.get(rest)
-            if child is not None:
-                if kind == "weight" and not isinstance(getattr(child, "weight", None), Tensor):
-                    return child.dense_weight2d()
-                return getattr(child, kind)
+        child = self._mirrored(name)
+        if child is not None:
+            if name.startswith("weight") and not isinstance(getattr(child, "weight", None), Tensor):
+                return child.dense_weight2d()
+            return getattr(child, name.partition("_")[0])
         return super().__getattr__(name)
+
+    def _mirrored(self, name: str) -> nn.Module | None:
+        """The child a stock parameter name (``weight_hh_l0``, ``bias_ih_l1_reverse``) reads from, if any."""
+        kind, sep, rest = name.partition("_")
+        if not sep or kind not in ("weight", "bias") or rest[:3] not in ("ih_", "hh_", "hr_") or (
+                kind == "bias" and (rest.startswith("hr_") or not self.__dict__.get("bias", True))):
+            return None
+        return self.__dict__.get("_modules", {}).get(rest)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._mirrored(name) is not None:       # (a stock name would shadow the child's tensor, unread)
+            raise AttributeError(f"{name} of a LinearRecurrent is its child's tensor: assign "
+                                 f"{name.partition('_')[2]}.{name.partition('_')[0]} instead")
+        super().__setattr__(name, value)
 
     @property
     def _flat_weights_names(self) -> list[str]:
@@ -194,14 +207,18 @@ class LinearRecurrent(nn.Module):
                 if mask is not None:
                     apply_tensor_mask(linear, mine, mask.mask)
         new.train(mod.training)
+        share_call_hooks(new, mod)       # (a hook on the stock module keeps running where it is replaced)
         return new
 
-    def to_stock(self) -> nn.Module:
+    def to_stock(self, masked_values: bool = False) -> nn.Module:
         """The inverse of ``from_module``: the stock ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` computing the same
-        outputs (weights copied). The children must be plain, unmasked ``nn.Linear`` layers."""
+        outputs (weights copied; the hooks shared; a subclass converted with ``from_module`` comes back as its
+        torch class). The children must be unmasked ``nn.Linear`` layers, or with ``masked_values`` masked ones
+        too, whose masked values are copied (the masks themselves are not carried over)."""
         children = [getattr(self, n) for n in self.layer_names()]
-        if not all(type(c) is nn.Linear and not parametrize.is_parametrized(c) for c in children):
-            raise TypeError(f"to_stock needs plain nn.Linear children (unmasked), got "
+        plain = [isinstance(c, nn.Linear) and (masked_values or not parametrize.is_parametrized(c)) for c in children]
+        if not all(plain):
+            raise TypeError(f"to_stock needs nn.Linear children{'' if masked_values else ' (unmasked)'}, got "
                             f"{sorted({type(c).__name__ for c in children})}")
         w = children[0].weight
         kw = {k: getattr(self, k) for k in ("input_size", "hidden_size", "num_layers", "bias", "batch_first",
@@ -222,6 +239,7 @@ class LinearRecurrent(nn.Module):
                     dst.copy_(src)
                 dst.requires_grad_(src.requires_grad)
         new.train(self.training)
+        share_call_hooks(new, self)
         return new
 
     # ------------------------------------------------------------------------------------------ forward
@@ -379,7 +397,9 @@ def expose_sparse_recurrent(model: nn.Module) -> dict[str, nn.Module]:
     """Replace (in place) every stock recurrent module of ``model`` whose weight matrices hold zeros by a
     ``LinearRecurrent``; returns name -> the module it replaced (for ``restore_dense_recurrent``)."""
     def has_zeros(mod: nn.Module) -> bool:
-        return any(bool(getattr(mod, n).eq(0).any()) for n in mod._flat_weights_names if n.startswith("weight"))
+        # (torch's own classes only: a subclass's attributes and methods would not survive to_stock)
+        return type(mod) in _STOCK.values() and any(
+            bool(getattr(mod, n).eq(0).any()) for n in mod._flat_weights_names if n.startswith("weight"))
     return _convert(model, has_zeros)
 
 

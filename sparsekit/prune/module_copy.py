@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["resized_copy", "cut"]
+__all__ = ["share_call_hooks", "resized_copy", "cut"]
 
 
 def cut(t: Tensor | None, rows: Tensor | None = None, cols: Tensor | None = None) -> Tensor | None:
@@ -44,6 +44,19 @@ def _stored(plist: nn.Module) -> Tensor:
     """What a parametrized tensor stores: its original (the first, for a parametrization with several, as
     ``parametrizations.weight_norm``'s ``original0`` / ``original1``)."""
     return plist.original if plist.is_tensor else plist.original0
+
+
+_CALL_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def share_call_hooks(new: nn.Module, old: nn.Module) -> None:
+    """Give ``new`` (a module computing what ``old`` computes, e.g. a converted attention or recurrent module)
+    the very hook dicts of ``old``: its forward / backward hooks run on ``new`` too, and a handle removes a hook
+    from both."""
+    for key in _CALL_HOOKS:
+        if isinstance(old.__dict__.get(key), dict):
+            new.__dict__[key] = old.__dict__[key]
 
 
 def _moved_hooks(hooks: dict, old: nn.Module, new: nn.Module) -> dict:
