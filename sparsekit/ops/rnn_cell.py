@@ -17,7 +17,7 @@ from torch import Tensor
 from . import reference
 from ._library import has_kernel
 
-__all__ = ["rnn_cell", "fused_cell", "MODES"]
+__all__ = ["rnn_cell", "fused_cell", "below_autograd", "MODES"]
 
 MODES = reference.RNN_MODES
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
@@ -33,9 +33,9 @@ def _check_mode(mode: object) -> int:
 def fused_cell(mode: str, like: Tensor, needs_grad: bool) -> Callable[..., tuple[Tensor, Tensor | None]] | None:
     """The fused C++ step ``cell(gi, gh, h, c) -> (h_new, c_new)`` for a recurrence whose tensors are all like
     ``like`` (device, dtype) and need no gradient (``needs_grad`` False; nor a forward-mode tangent), or None
-    where it cannot run (then
-    ``rnn_cell`` runs the reference). Checked once per sequence, not per step: the checks cost as much as a
-    step's arithmetic."""
+    where it cannot run (then ``rnn_cell`` runs the reference). Call it under ``below_autograd()`` (nothing needs
+    a gradient: the Python autograd formula's layer is skipped; a recurrence enters it once, not per step).
+    Checked once per sequence, not per step: the checks cost as much as a step's arithmetic."""
     code = _check_mode(mode)
     if (needs_grad or like.device.type != "cpu" or like.dtype not in _FUSED_DTYPES or type(like) is not Tensor
             or not has_kernel("rnn_cell", "CPU") or torch.compiler.is_compiling()
@@ -44,10 +44,14 @@ def fused_cell(mode: str, like: Tensor, needs_grad: bool) -> Callable[..., tuple
     raw = torch.ops.sparsekit.rnn_cell.default._op
 
     def cell(gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        with _BelowAutograd():     # (nothing needs a gradient: skip the Python autograd formula's layer)
-            h_new, c_new = raw(gi, gh, h, c, code)
+        h_new, c_new = raw(gi, gh, h, c, code)
         return h_new, (c_new if code == 0 else None)
     return cell
+
+
+def below_autograd() -> torch._C._AutoDispatchBelowAutograd:
+    """The context ``fused_cell``'s step runs in."""
+    return _BelowAutograd()
 
 
 def rnn_cell(gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None, mode: str) -> tuple[Tensor, Tensor | None]:
@@ -61,6 +65,7 @@ def rnn_cell(gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None, mode: str) -> 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     cell = fused_cell(mode, gi, needs_grad) if same else None
     if cell is not None:
-        return cell(gi, gh, h, c)
+        with _BelowAutograd():
+            return cell(gi, gh, h, c)
     h_new, c_new = reference.rnn_cell(gi, gh, h, c, code)
     return h_new, (c_new if code == 0 else None)

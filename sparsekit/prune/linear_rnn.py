@@ -16,6 +16,7 @@ call. Channel pruning (hidden units) works on the stock modules: prune and compa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Any
@@ -28,7 +29,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .._aliases import module_aliases
 from .._compat import set_submodule
-from ..ops.rnn_cell import fused_cell, rnn_cell
+from ..ops.rnn_cell import below_autograd, fused_cell, rnn_cell
 from .masks import _mask_param, _masked_original, apply_tensor_mask
 from .module_copy import share_call_hooks
 from .recurrent import RECURRENT, stock_forward
@@ -334,23 +335,22 @@ class LinearRecurrent(nn.Module):
                                                       for p in m.parameters()))
         same = h.dtype == gi.dtype and (c is None or c.dtype == gi.dtype)
         fused = fused_cell(self.mode, gi, needs_grad) if same else None
-        starts = [0]
-        for n in steps[:-1]:
-            starts.append(starts[-1] + n)
+        parts = gi.split(steps)          # each step's rows (one call; a slice per step costs as much again)
         outs: list[Tensor | None] = [None] * len(steps)
-        for t in (reversed(range(len(steps))) if reverse else range(len(steps))):
-            n = steps[t]
-            g = gi[starts[t]:starts[t] + n]
-            h_t = h if n == h.shape[0] else h[:n]
-            c_t = None if c is None else c if n == c.shape[0] else c[:n]
-            gh = hh(h_t)
-            h_new, c_new = fused(g, gh, h_t, c_t) if fused is not None else rnn_cell(g, gh, h_t, c_t, self.mode)
-            if hr is not None:
-                h_new = hr(h_new)
-            if c is not None:
-                c = c_new if n == c.shape[0] else torch.cat([c_new, c[n:]])
-            h = h_new if n == h.shape[0] else torch.cat([h_new, h[n:]])
-            outs[t] = h_new
+        with below_autograd() if fused is not None else contextlib.nullcontext():
+            for t in (reversed(range(len(steps))) if reverse else range(len(steps))):
+                n = steps[t]
+                h_t = h if n == h.shape[0] else h[:n]
+                c_t = None if c is None else c if n == c.shape[0] else c[:n]
+                gh = hh(h_t)
+                h_new, c_new = fused(parts[t], gh, h_t, c_t) if fused is not None else \
+                    rnn_cell(parts[t], gh, h_t, c_t, self.mode)
+                if hr is not None:
+                    h_new = hr(h_new)
+                if c is not None:
+                    c = c_new if n == c.shape[0] else torch.cat([c_new, c[n:]])
+                h = h_new if n == h.shape[0] else torch.cat([h_new, h[n:]])
+                outs[t] = h_new
         return torch.cat(outs), h, c
 
     def extra_repr(self) -> str:
