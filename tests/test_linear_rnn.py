@@ -661,3 +661,11 @@ def test_mirrored_names_are_read_only_and_a_bare_converted_module_is_timed_as_st
         lin.weight_hh_l0 = torch.zeros(8, 2)
     assert not hasattr(lin, "bias_hr_l0") and hasattr(lin, "bias_hh_l0")
     assert type(_dense_baseline(lin)) is nn.LSTM
+
+
+def test_element_pruning_of_a_stock_recurrent_module_says_how_to_reach_it():
+    x = torch.randn(3, 2, 64)
+    with pytest.warns(UserWarning, match="rnn_to_linear"):
+        sk.prune.Pruner(Tagger(), x, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"rnn_to_linear\(model\) gives \['rnn'\] Linear layers"):
+        sk.prune.Pruner(Tagger(), x, sparsity=0.5, ignore=["head"])

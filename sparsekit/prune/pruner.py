@@ -138,6 +138,18 @@ def _warn_unpruned_in_projections(modules: Mapping[str, nn.Module], ignored: set
                       UserWarning, stacklevel=3)
 
 
+def _warn_unpruned_recurrent(modules: Mapping[str, nn.Module], ignored: set[str]) -> None:
+    """``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` hand their flat weights to a fused kernel; element, block and N:M
+    pruning do not reach them. Say so, with the remedy."""
+    names = [n for n, m in modules.items() if n and isinstance(m, RECURRENT) and n not in ignored]
+    if names:
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        warnings.warn(f"the weights of {len(names)} recurrent module(s) ({names[:3]}{more}) are not pruned at this "
+                      "granularity: nn.RNN / LSTM / GRU keep them as flat parameters, not Linear layers. Convert the "
+                      "model first, model = sparsekit.nn.rnn_to_linear(model), to prune them as Linear layers (same "
+                      "outputs; sk.sparsify and sk.save handle it)", UserWarning, stacklevel=3)
+
+
 class Pruner:
     """Prune a model's ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` layers with masks (reversible
     parametrizations); element, block and n:m pruning by criteria reading weights (or their gradients) alone also
@@ -295,9 +307,12 @@ class Pruner:
         views = [k for k, v in modules.items() if isinstance(v, _WEIGHT_VIEWS) and k not in self.ignored]
         # (a "sharded" rank may hold none of the layers: it takes part in the collectives with no scores)
         if not self.layers and not (self.granularity == "channel" and views) and self.distributed != "sharded":
+            recurrent = [k for k, v in modules.items() if isinstance(v, RECURRENT) and k not in self.ignored]
             raise ValueError("no nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d left to prune in model (after ignore="
                              f"{sorted(self.ignored)})" + (f"; granularity='channel' would prune the channels of "
-                                                           f"{views}" if views else ""))
+                                                           f"{views}" if views else "")
+                             + (f"; sparsekit.nn.rnn_to_linear(model) gives {recurrent} Linear layers to prune"
+                                if recurrent else ""))
         gated = [k for k in views if _gated(modules[k])]   # scored through gates by data-dependent criteria
         if not self.layers and not self._scores_weight_views() and not (self._scores_head_taps() and gated) \
                 and self.distributed != "sharded":
@@ -316,6 +331,7 @@ class Pruner:
         if self.granularity != "channel":
             self._check_element_scores()
             _warn_unpruned_in_projections(modules, self.ignored)
+            _warn_unpruned_recurrent(modules, self.ignored)
             if types == _masks.PRUNABLE:
                 _warn_unpruned_transposed(modules, self.ignored, self.criterion)
         self._events: list[_chains.Event] | None = None
