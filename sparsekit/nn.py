@@ -9,6 +9,7 @@ buffers, so ``state_dict()`` holds everything as plain tensors. ``format="dense"
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from .ops import sparse_conv2d, sparse_conv3d, sparse_linear
 from .ops.conv import group_starts
 from .ops.conv_transpose import (
     conv_transpose_out_size,
+    grouped_weight,
     sparse_conv_transpose2d,
     sparse_conv_transpose3d,
     transposed_weight2d,
@@ -438,15 +440,17 @@ def _spatial_output_size(output_size: object, nd: int, x_dims: int) -> tuple[int
 
 
 class SparseConvTranspose2d(_SparseWeight):
-    """nn.ConvTranspose2d (groups=1) with a sparse weight over ``[C_out*kh*kw, C_in]`` (its weight ``[C_in, C_out,
-    kh, kw]`` as ``ops.conv_transpose.transposed_weight2d``; ``sparsekit.ops.sparse_conv_transpose2d``)."""
+    """nn.ConvTranspose2d with a sparse weight over ``[C_out*kh*kw, C_in]`` (its weight ``[C_in, C_out, kh, kw]``
+    as ``ops.conv_transpose.transposed_weight2d``; ``sparsekit.ops.sparse_conv_transpose2d``). A grouped one
+    stores the equal ungrouped weight (zero between the groups, which its format must not store: its blocks or
+    n:m groups lie within a group's channels)."""
 
     _DENSE: type[nn.Module] = nn.ConvTranspose2d
 
     def __init__(self, weight, bias: Tensor | None, format: str, kernel_size: tuple[int, ...],
                  stride: tuple[int, ...] | None = None, padding: tuple[int, ...] | None = None,
                  output_padding: tuple[int, ...] | None = None, dilation: tuple[int, ...] | None = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, groups: int = 1) -> None:
         super().__init__()
         self._init_weight(weight, _check_format(format), backend)
         nd, taps = len(kernel_size), 1
@@ -464,26 +468,45 @@ class SparseConvTranspose2d(_SparseWeight):
         self.padding = tuple(padding) if padding is not None else (0,) * nd
         self.output_padding = tuple(output_padding) if output_padding is not None else (0,) * nd
         self.dilation = tuple(dilation) if dilation is not None else (1,) * nd
-        self.groups = 1
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 \
+                or self.in_channels % groups or self.out_channels % groups:
+            raise ValueError(f"groups must be a positive int dividing C_in = {self.in_channels} and C_out = "
+                             f"{self.out_channels}, got {groups!r}")
+        self.groups = groups
+        if groups > 1:
+            self._check_within_groups(taps)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def _check_within_groups(self, taps: int) -> None:
+        """A grouped layer's format stores nothing between its groups: a stored zero there would train."""
+        w = self.sparse_weight()
+        if isinstance(w, Tensor):
+            return      # dense: the groups' blocks are read out of it (forward, to_dense)
+        stored = dataclasses.replace(w, values=torch.ones_like(w.values)).to_dense() != 0
+        rows = torch.arange(stored.shape[0], device=stored.device) // (taps * (self.out_channels // self.groups))
+        cols = torch.arange(stored.shape[1], device=stored.device) // (self.in_channels // self.groups)
+        if bool((stored & (rows[:, None] != cols[None, :])).any()):
+            raise ValueError(f"weight: a {self.format} layout of this grouped transposed conv (groups={self.groups}) "
+                             f"stores entries between its groups; choose blocks (or n:m groups) within a group: "
+                             f"dividing C_in / groups = {self.in_channels // self.groups} columns and C_out / groups "
+                             f"* taps = {self.out_channels // self.groups * taps} rows")
 
     @classmethod
     def _geometry(cls, conv: nn.Module) -> dict:
         return {"kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding,
-                "output_padding": conv.output_padding, "dilation": conv.dilation}
+                "output_padding": conv.output_padding, "dilation": conv.dilation, "groups": conv.groups}
 
     @classmethod
     def from_dense(cls, conv: nn.ConvTranspose2d, format: str = "bsr", block: int | tuple[int, int] = 32,
                    n: int = 2, m: int = 4, backend: str | None = None) -> SparseConvTranspose2d:
-        """Convert an nn.ConvTranspose2d (1d / 3d for the other classes) with groups=1; its weight is viewed as
-        ``[C_out*prod(kernel), C_in]`` for the format (n:m and blocks run along C_in)."""
+        """Convert an nn.ConvTranspose2d (1d / 3d for the other classes); its weight is viewed as
+        ``[C_out*prod(kernel), C_in]`` for the format (n:m and blocks run along C_in; a grouped conv's as the
+        equal ungrouped weight, whose blocks or n:m groups must lie within a group)."""
         if not isinstance(conv, cls._DENSE):
             raise TypeError(f"conv must be an nn.{cls._DENSE.__name__}, got {type(conv).__name__}")
-        if conv.groups != 1:
-            raise ValueError(f"conv.groups must be 1 for a sparse transposed conv, got {conv.groups}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
-        fmt = _to_format(transposed_weight2d(conv.weight.detach()), _check_format(format), block, n, m)
+        fmt = _to_format(transposed_weight2d(conv.weight.detach(), conv.groups), _check_format(format), block, n, m)
         return _same_trainability(cls(fmt, conv.bias, format, backend=backend, **cls._geometry(conv)), conv)
 
     def _conv_args(self, output_padding: tuple[int, ...] | None = None) -> tuple:
@@ -518,9 +541,11 @@ class SparseConvTranspose2d(_SparseWeight):
         three_d = nd == 3
         if isinstance(w, Tensor):  # dense fallback: torch's own transposed conv
             weight = w.reshape(self.out_channels, *self.kernel_size, self.in_channels).movedim(-1, 0)
+            if self.groups > 1:
+                weight = grouped_weight(weight, self.groups)
             conv = F.conv_transpose3d if three_d else F.conv_transpose2d
             stride, padding, output_padding, dilation = args
-            return conv(x, weight, self.bias, stride, padding, output_padding, 1, dilation)
+            return conv(x, weight, self.bias, stride, padding, output_padding, self.groups, dilation)
         op = sparse_conv_transpose3d if three_d else sparse_conv_transpose2d
         return op(x, w, self.bias, *args, kernel_size=self.kernel_size, backend=self.backend)
 
@@ -528,12 +553,14 @@ class SparseConvTranspose2d(_SparseWeight):
         p = self.values if self.format != "dense" else self.weight2d
         stride, padding, output_padding, dilation = self._conv_args()
         return self._DENSE(self.in_channels, self.out_channels, self.kernel_size, stride, padding, output_padding,
-                           1, self.bias is not None, dilation, device=p.device, dtype=p.dtype)
+                           self.groups, self.bias is not None, dilation, device=p.device, dtype=p.dtype)
 
     def to_dense(self) -> nn.Module:
         """An ordinary nn.ConvTranspose2d (1d / 3d) with the same weight (zeros where nothing is stored)."""
         out = self._dense_twin()
         w = self.dense_weight2d().reshape(self.out_channels, *self.kernel_size, self.in_channels).movedim(-1, 0)
+        if self.groups > 1:
+            w = grouped_weight(w, self.groups)
         with torch.no_grad():
             out.weight.copy_(w.reshape_as(out.weight))
             if self.bias is not None:
@@ -543,7 +570,8 @@ class SparseConvTranspose2d(_SparseWeight):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, output_padding={self.output_padding}, dilation={self.dilation}, "
-                f"bias={self.bias is not None}, " + self._describe())
+                + (f"groups={self.groups}, " if self.groups > 1 else "") + f"bias={self.bias is not None}, "
+                + self._describe())
 
 
 class SparseConvTranspose1d(SparseConvTranspose2d):
@@ -555,7 +583,7 @@ class SparseConvTranspose1d(SparseConvTranspose2d):
     @classmethod
     def _geometry(cls, conv: nn.Module) -> dict:
         return {"kernel_size": (1, conv.kernel_size[0]), "stride": (1, conv.stride[0]), "padding": (0, conv.padding[0]),
-                "output_padding": (0, conv.output_padding[0]), "dilation": (1, conv.dilation[0])}
+                "output_padding": (0, conv.output_padding[0]), "dilation": (1, conv.dilation[0]), "groups": conv.groups}
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         if x.dim() not in (2, 3):
@@ -568,8 +596,8 @@ class SparseConvTranspose1d(SparseConvTranspose2d):
     def _dense_twin(self) -> nn.Module:
         p = self.values if self.format != "dense" else self.weight2d
         return nn.ConvTranspose1d(self.in_channels, self.out_channels, self.kernel_size[1], self.stride[1],
-                                  self.padding[1], self.output_padding[1], 1, self.bias is not None, self.dilation[1],
-                                  device=p.device, dtype=p.dtype)
+                                  self.padding[1], self.output_padding[1], self.groups, self.bias is not None,
+                                  self.dilation[1], device=p.device, dtype=p.dtype)
 
 
 class SparseConvTranspose3d(SparseConvTranspose2d):

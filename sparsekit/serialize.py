@@ -73,7 +73,7 @@ def _module_spec(mod: SparseLinear | SparseConv2d | LinearMultiheadAttention | L
         spec["bitmap"] = "bitmap" in mod._buffers
     if isinstance(mod, SparseConvTranspose2d):
         spec.update(kernel_size=list(mod.kernel_size), stride=list(mod.stride), padding=list(mod.padding),
-                    output_padding=list(mod.output_padding), dilation=list(mod.dilation))
+                    output_padding=list(mod.output_padding), dilation=list(mod.dilation), groups=mod.groups)
     if isinstance(mod, SparseConv2d):
         spec.update(in_channels=mod.in_channels, kernel_size=list(mod.kernel_size), stride=list(mod.stride),
                     padding=list(mod.padding), dilation=list(mod.dilation), groups=mod.groups)
@@ -212,7 +212,7 @@ def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
     if spec["class"] in transposed:      # (a ConvTranspose1d's saved geometry is its 2-D one)
         return transposed[spec["class"]](weight, bias, fmt, tuple(spec["kernel_size"]), tuple(spec["stride"]),
                                          tuple(spec["padding"]), tuple(spec["output_padding"]),
-                                         tuple(spec["dilation"]), backend)
+                                         tuple(spec["dilation"]), backend, spec.get("groups", 1))
     convs = {"SparseConv1d": SparseConv1d, "SparseConv2d": SparseConv2d, "SparseConv3d": SparseConv3d}
     if spec["class"] not in convs:
         raise ValueError(f"{name}: the spec names class {spec['class']!r}; this sparsekit knows SparseLinear, "

@@ -161,7 +161,7 @@ def _weight2d(mod: nn.Module) -> Tensor:
     """The weight as the GEMM matrix its sparse twin stores: [out, in * taps]; a transposed conv's [C_out * taps,
     C_in]."""
     w = mod.weight.detach()
-    return transposed_weight2d(w) if isinstance(mod, TRANSPOSED_CONVS) else w.reshape(w.shape[0], -1)
+    return transposed_weight2d(w, mod.groups) if isinstance(mod, TRANSPOSED_CONVS) else w.reshape(w.shape[0], -1)
 
 
 def _block_density(w: Tensor, block: tuple[int, int]) -> float | None:
@@ -429,7 +429,7 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
              reps: int = 7, backend: str | None = None, exact: bool = False, inplace: bool = False,
              measure_model: bool = True) -> tuple[nn.Module, SparsifyReport]:
     """Return (fast_model, report). ``fast_model`` is a copy (``inplace=False``) in which every Linear / conv /
-    transposed conv (groups=1) whose weight has zeros is replaced by the measured-fastest Sparse* twin
+    transposed conv whose weight has zeros is replaced by the measured-fastest Sparse* twin
     (sparse_class), or left dense.
     Sparse* layers already in ``model`` (e.g. from ``sk.load``) are measured again from
     their dense equivalent. ``fast_model`` is in eval mode; ``model`` is not run (nor changed, unless inplace).

@@ -137,8 +137,8 @@ def test_bad_arguments_name_what_was_expected():
         sparse_conv_transpose2d(x[0], w, kernel_size=3)
     with pytest.raises(ValueError, match="bias"):
         sparse_conv_transpose2d(x, w, torch.zeros(5), kernel_size=3)
-    with pytest.raises(ValueError, match="groups must be 1"):
-        SparseConvTranspose2d.from_dense(nn.ConvTranspose2d(8, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="stores entries between its groups.*C_in / groups = 4"):
+        SparseConvTranspose2d.from_dense(nn.ConvTranspose2d(8, 4, 3, groups=2), "bsr", block=(36, 8))
 
 
 @pytest.mark.parametrize("cls, dense", [
@@ -185,7 +185,41 @@ def test_sparsify_convert_save_and_load(tmp_path):
     grouped = nn.Sequential(nn.ConvTranspose2d(8, 8, 2, 2, groups=2))
     with torch.no_grad():
         grouped[0].weight[0] = 0
-    assert "groups must be 1" in convert_modules(grouped, format="csr").sparsekit_skipped["0"]
+    assert isinstance(convert_modules(grouped, format="csr")[0], SparseConvTranspose2d)
+
+
+@pytest.mark.parametrize("cls, dense", [
+    (SparseConvTranspose1d, nn.ConvTranspose1d(16, 24, 4, 2, 1, groups=4)),
+    (SparseConvTranspose2d, nn.ConvTranspose2d(16, 8, 3, 2, 1, 1, groups=2)),
+    (SparseConvTranspose3d, nn.ConvTranspose3d(16, 16, 2, 2, groups=16)),     # depthwise
+])
+def test_grouped_transposed_convs(cls, dense, tmp_path):
+    """A grouped transposed conv runs as the equal ungrouped one (zero between the groups, never stored):
+    same outputs, round trip, training, save / load, sparsify."""
+    torch.manual_seed(6)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) < 0.3)
+    nd = dense.weight.dim() - 2
+    x = torch.randn(2, 16, *([4] * nd))
+    for fmt, block in (("csr", 8), ("bsr", (4, 1)), ("dense", 8)):
+        sparse = cls.from_dense(dense, fmt, block=block)
+        assert sparse.groups == dense.groups
+        torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-5)
+        back = sparse.to_dense()
+        assert back.groups == dense.groups and torch.equal(back.weight, dense.weight)
+        sparse(x).square().mean().backward()
+        assert torch.equal(sparse.to_dense().weight != 0, dense.weight != 0) or fmt == "dense"
+    model = nn.Sequential(dense).eval()
+    fast, report = sk.sparsify(model, x, formats=["csr"], min_speedup=1e-9, cache=False, reps=1,
+                               measure_model=False)
+    assert isinstance(fast[0], cls) and fast[0].groups == dense.groups
+    sk.verify(model, fast, x)
+    sk.save(fast, tmp_path / "g")
+    loaded = sk.load(tmp_path / "g", nn.Sequential(type(dense)(dense.in_channels, dense.out_channels,
+                                                              dense.kernel_size, dense.stride, dense.padding,
+                                                              dense.output_padding, dense.groups)))
+    assert loaded[0].groups == dense.groups
+    sk.verify(fast, loaded, x, atol=0)
 
 
 def test_pruner_element_and_block_granularity_reach_transposed_convs():

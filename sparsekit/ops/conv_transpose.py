@@ -37,15 +37,36 @@ def conv_transpose_out_size(sizes: tuple[int, ...], kernel: tuple[int, ...], str
                  for n, k, s, p, op, d in zip(sizes, kernel, stride, padding, output_padding, dilation))
 
 
-def transposed_weight2d(weight: Tensor) -> Tensor:
-    """A transposed conv's weight ``[C_in, C_out, *kernel]`` (groups=1) as the GEMM matrix ``[C_out *
-    prod(kernel), C_in]`` these ops take."""
+def transposed_weight2d(weight: Tensor, groups: int = 1) -> Tensor:
+    """A transposed conv's weight ``[C_in, C_out / groups, *kernel]`` as the GEMM matrix ``[C_out *
+    prod(kernel), C_in]`` these ops take (a grouped one as the equal ungrouped weight: block-diagonal, zero
+    between the groups, ``ungrouped_weight``)."""
     if not isinstance(weight, Tensor):
         raise TypeError(f"transposed_weight2d: weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() < 3:
         raise ValueError(f"transposed_weight2d: weight must be [C_in, C_out, *kernel] (3-D to 5-D), got shape "
                          f"{tuple(weight.shape)}")
+    if groups != 1:
+        weight = ungrouped_weight(weight, groups)
     return weight.movedim(0, -1).reshape(-1, weight.shape[0])
+
+
+def ungrouped_weight(weight: Tensor, groups: int) -> Tensor:
+    """A grouped transposed conv's weight ``[C_in, C_out / groups, *kernel]`` as the ungrouped one ``[C_in, C_out,
+    *kernel]`` computing the same: input channels of group g feed only its output channels."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"groups must be a positive int dividing C_in = {weight.shape[0]}, got {groups!r}")
+    cin, cout = weight.shape[0] // groups, weight.shape[1]
+    full = weight.new_zeros(weight.shape[0], cout * groups, *weight.shape[2:])
+    for g in range(groups):
+        full[g * cin:(g + 1) * cin, g * cout:(g + 1) * cout] = weight[g * cin:(g + 1) * cin]
+    return full
+
+
+def grouped_weight(full: Tensor, groups: int) -> Tensor:
+    """The inverse of ``ungrouped_weight``: each group's block of ``[C_in, C_out, *kernel]``, concatenated."""
+    cin, cout = full.shape[0] // groups, full.shape[1] // groups
+    return torch.cat([full[g * cin:(g + 1) * cin, g * cout:(g + 1) * cout] for g in range(groups)])
 
 
 def _tap_layout(kernel: tuple[int, ...], dilation: tuple[int, ...], stride: tuple[int, ...],
