@@ -53,7 +53,7 @@ def measuring(monkeypatch):
 
 @pytest.fixture
 def fakes(monkeypatch, measuring):
-    slow, fast = FakeBackend("slow", delay=0.004), FakeBackend("fast")
+    slow, fast = FakeBackend("slow", delay=0.02), FakeBackend("fast")   # (well above a loaded machine's noise)
     backends = {"slow": slow, "fast": fast, "reference": ReferenceBackend()}
     monkeypatch.setattr(_dispatch, "BACKENDS", backends)
     monkeypatch.setattr(_dispatch, "PRIORITY", {"cpu": ("slow", "fast", "reference")})
@@ -223,7 +223,8 @@ class VariantFake(FakeBackend):
 
 
 def test_kernel_variants_are_measured_as_candidates_of_their_own(measuring, monkeypatch):
-    multi = VariantFake("multi", {"slow": 0.004, "fast": 0.0, "slower": 0.006})
+    # (sleeps well above scheduling noise on a loaded 2-core machine: the 0-delay variant must win every time)
+    multi = VariantFake("multi", {"slow": 0.02, "fast": 0.0, "slower": 0.03})
     monkeypatch.setattr(_dispatch, "BACKENDS", {"multi": multi, "reference": ReferenceBackend()})
     monkeypatch.setattr(_dispatch, "PRIORITY", {"cpu": ("multi", "reference")})
     dense, w = _bsr()
@@ -242,7 +243,7 @@ def test_kernel_variants_are_measured_as_candidates_of_their_own(measuring, monk
 
 def test_kernel_variants_compete_with_other_backends_and_the_loser_releases(fakes, monkeypatch):
     slow, fast = fakes
-    multi = VariantFake("multi", {"a": 0.004, "b": 0.006})
+    multi = VariantFake("multi", {"a": 0.02, "b": 0.03})
     monkeypatch.setattr(_dispatch, "BACKENDS", {**_dispatch.BACKENDS, "multi": multi})
     monkeypatch.setattr(_dispatch, "PRIORITY", {"cpu": ("multi", "slow", "fast", "reference")})
     _, w = _bsr()
@@ -436,7 +437,7 @@ def test_measured_choice_never_returns_a_path_this_call_does_not_offer(measuring
     that a training call cannot use): the second call must get one of its own paths (it got a KeyError)."""
     x = torch.randn(4, 8)
     key = ("test_helper", 4, 8)
-    slow = lambda: time.sleep(0.002)  # noqa: E731
+    slow = lambda: time.sleep(0.02)  # noqa: E731
     fast = lambda: None  # noqa: E731
     assert _dispatch.measured_choice(key, x, {"fused": fast, "unfused": slow}, "unfused") == "fused"
     assert _dispatch.measured_choice(key, x, {"other": slow, "unfused": fast}, "unfused") == "unfused"
