@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -27,7 +28,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                      block=args.block, unstructured=args.unstructured, formats=args.formats,
                      min_speedup=args.min_speedup, batch=args.batch, tokens=args.tokens, reps=args.reps,
                      backend=args.backend, save=not args.no_save)
-    result = run_demo(cfg)
+    if args.out is not None:     # (before the run: an unwritable --out failed only at its end)
+        from .sparsify_command import _check_out
+
+        _check_out(Path(args.out), "sparsekit demo")
+    try:
+        result = run_demo(cfg)
+    except ValueError as exc:    # a bad option value (width, block, reps, criterion, backend ...): named, no traceback
+        raise SystemExit(f"sparsekit demo: {exc}") from None
     text = format_result(result)
     print(text)
     if args.out is not None:
@@ -59,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--channel-criterion", default="l1", help="criterion of the channel stage (default l1)")
     pd.add_argument("--sparsity", type=float, default=0.9,
                     help="block sparsity of the compacted model's weights (default 0.9)")
-    pd.add_argument("--criterion", default="magnitude", help="criterion of the block stage (default magnitude)")
+    pd.add_argument("--criterion", default="magnitude",
+                    help="criterion of the block and unstructured stages (default magnitude)")
     pd.add_argument("--block", type=int, default=32, help="block side of the block stage (default 32)")
     pd.add_argument("--unstructured", type=float, default=0.95,
                     help="element sparsity of the unstructured stage, on the compacted model (default 0.95)")
@@ -67,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="formats sparsify may choose, comma-separated (default: all of dense,bsr,csr,nm,channel)")
     pd.add_argument("--min-speedup", type=min_speedup_arg, default=1.1,
                     help="a sparse format must beat dense by this factor to be kept (default 1.1)")
-    pd.add_argument("--batch", type=int, default=8)
-    pd.add_argument("--tokens", type=int, default=64)
-    pd.add_argument("--reps", type=int, default=10)
-    pd.add_argument("--backend", default=None, help="force a backend (cpu, triton, reference, cuda)")
+    pd.add_argument("--batch", type=int, default=8, help="sequences per input (default 8)")
+    pd.add_argument("--tokens", type=int, default=64, help="tokens per sequence (default 64)")
+    pd.add_argument("--reps", type=int, default=10,
+                    help="timed rounds per stage (default 10; sparsify's per-layer timing takes max(3, reps // 2))")
+    pd.add_argument("--backend", default=None,
+                    help="force a backend (cpu, cuda, triton, cusparselt, reference; default: the dispatcher's)")
     pd.add_argument("--no-save", action="store_true", help="skip the sk.save -> sk.load round trip")
     pd.add_argument("--out", default=None, metavar="DIR",
                     help="also write the table (.txt) and its data (.json, with machine and versions) to DIR, e.g. "

@@ -6,8 +6,11 @@ import argparse
 import importlib
 import json
 import math
+import os
 import pickle
 import re
+import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -63,6 +66,8 @@ def _build_model(spec: str, kwargs: dict | None) -> nn.Module:
     given = f"--model {spec!r}" + (f" with --model-kwargs {json.dumps(kwargs)}" if kwargs else "")
     if ":" in spec:   # "package.module:Class"
         mod_name, _, cls_name = spec.partition(":")
+        if os.getcwd() not in sys.path and "" not in sys.path:  # (the console script lacks it; python -m has it)
+            sys.path.insert(0, os.getcwd())
         try:   # (an empty module name, ":Foo", is a ValueError)
             cls = getattr(importlib.import_module(mod_name), cls_name)
         except (ImportError, AttributeError, ValueError) as exc:
@@ -105,8 +110,13 @@ def _load_weights(model: nn.Module, path: Path) -> nn.Module:
         raise SystemExit(f"sparsekit sparsify: WEIGHTS {str(path)!r} does not exist; expected a sparsekit.save "
                          "directory, a .safetensors or a .pt/.pth state_dict")
     if path.is_dir() and (path / SPEC_FILE).is_file():
+        from safetensors import SafetensorError
+
         try:
             return load(path, model)
+        except (SafetensorError, json.JSONDecodeError, AttributeError, KeyError) as exc:
+            raise SystemExit(f"sparsekit sparsify: WEIGHTS {str(path)!r} is not a readable sparsekit.save directory "
+                             f"({type(exc).__name__}: {_first_line(exc)})") from None
         except (ValueError, TypeError, RuntimeError, OSError) as exc:
             raise SystemExit(f"sparsekit sparsify: WEIGHTS {str(path)!r} does not load into --model "
                              f"({_first_line(exc)})") from None
@@ -124,10 +134,12 @@ def _load_weights(model: nn.Module, path: Path) -> nn.Module:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             # (a whole pickled module: its classes are not among the weights-only unpickler's allowed globals)
-            why = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |\n|$)", str(exc))
+            why = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\. |\n|$)", str(exc))
+            reason = why.group(1) if why else _first_line(exc)
+            advice = ("save model.state_dict() rather than the whole module (or use a .safetensors file)"
+                      if "Unsupported global" in str(exc) else "the file may be damaged or not a torch.save file")
             raise SystemExit(f"sparsekit sparsify: WEIGHTS {str(path)!r} is not a weights-only state_dict "
-                             f"({why.group(1) if why else _first_line(exc)}); save model.state_dict() rather than "
-                             "the whole module (or use a .safetensors file)") from None
+                             f"({reason}); {advice}") from None
         except (RuntimeError, OSError, EOFError) as exc:
             raise SystemExit(f"sparsekit sparsify: WEIGHTS {str(path)!r} could not be read by torch.load "
                              f"({_first_line(exc)})") from None
@@ -204,10 +216,29 @@ def run(args: argparse.Namespace) -> int:
     from .serialize import save
     from .sparsify import sparsify
 
+    _check_out(args.out)         # (before minutes of measuring)
     model = _load_weights(_build_model(args.model, args.model_kwargs), args.weights).eval()
     x = _example_input(model, args.batch, args.input_shape)
-    fast, report = sparsify(model, x, formats=args.formats, min_speedup=args.min_speedup, exact=args.exact)
+    try:
+        fast, report = sparsify(model, x, formats=args.formats, min_speedup=args.min_speedup, exact=args.exact)
+    except ValueError as exc:
+        if "example_inputs" not in str(exc):
+            raise
+        given = "--input-shape" if args.input_shape else "--batch / the model's example_input()"
+        raise SystemExit(f"sparsekit sparsify: the model did not run on the example input of shape "
+                         f"{tuple(x.shape)} ({given}): {_first_line(exc)}") from None
     save(fast, args.out)
     print(json.dumps(report.to_dict(), indent=1, default=str) if args.json else report)
-    print(f"saved to {args.out}")
+    print(f"saved to {args.out}", file=sys.stderr if args.json else sys.stdout)   # (stdout stays JSON)
     return 0
+
+
+def _check_out(out: Path, command: str = "sparsekit sparsify") -> None:
+    """--out must be a directory this process can write (created if needed)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise SystemExit(f"{command}: --out {str(out)!r} is not a writable directory "
+                         f"({type(exc).__name__}: {exc.strerror or exc})") from None

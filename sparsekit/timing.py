@@ -17,7 +17,10 @@ def _sync(device: torch.device | str | None) -> None:
 
 def median_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10, min_time_s: float = 0.0,
               device: torch.device | str | None = None) -> float:
-    """Median milliseconds of fn() over `reps` runs (more if `min_time_s` is not reached), after `warmup` runs."""
+    """Median milliseconds of fn() over `reps` runs (more if `min_time_s` is not reached, up to 10 * reps runs),
+    after `warmup` runs."""
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps!r}")
     with torch.no_grad():
         for _ in range(warmup):
             fn()
@@ -61,9 +64,12 @@ def interleaved_samples_ms(fns: dict[str, Callable[[], object]], warmup: int = 3
     With ``min_sample_ms`` > 0, a fn whose single call is shorter than that is called back-to-back enough
     times to fill it and the sample is the mean per call (timeit-style): microsecond calls are then not
     dominated by timer and interpreter noise, and the operands stay cache-resident across the calls of one
-    sample, for every candidate alike. 0 times single calls."""
-    if min_sample_ms < 0:
-        raise ValueError(f"min_sample_ms must be >= 0, got {min_sample_ms!r}")
+    sample, for every candidate alike. 0 times single calls. Each round starts one fn later than the previous
+    one, so that no fn always runs right after the same other one (whose cache footprint it would inherit)."""
+    if not math.isfinite(min_sample_ms) or min_sample_ms < 0:
+        raise ValueError(f"min_sample_ms must be a finite number >= 0, got {min_sample_ms!r}")
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps!r}")
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
         for _ in range(warmup):
@@ -71,9 +77,10 @@ def interleaved_samples_ms(fns: dict[str, Callable[[], object]], warmup: int = 3
                 fn()
         _sync(device)
         calls = _calls_per_sample(fns, min_sample_ms, device)
-        for _ in range(reps):
-            for k, fn in fns.items():
-                n = calls[k]
+        keys = list(fns)
+        for r in range(reps if keys else 0):
+            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+                fn, n = fns[k], calls[k]
                 t0 = time.perf_counter()
                 for _ in range(n):
                     fn()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -58,15 +59,21 @@ def kernel_switches(device: torch.device) -> dict[str, object]:
     type (``SPARSEKIT_MEASURE_BACKENDS`` / ``set_measure``), for the tuning key."""
     from .ops._dispatch import measure_enabled
 
-    return {**{k: os.environ[k] for k in KERNEL_SWITCHES if k in os.environ}, "measure": measure_enabled(device.type)}
+    switches = {**{k: os.environ[k] for k in KERNEL_SWITCHES if k in os.environ},
+                "measure": measure_enabled(device.type)}
+    if device.type == "cuda":   # fp32 products (cuBLAS, cuDNN, the Triton kernels' input precision) follow these
+        switches.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
+                        fp32_precision=torch.get_float32_matmul_precision())
+    return switches
 
 
 @functools.cache
 def code_revision() -> str:
-    """A digest of the code that decides a layer's times: sparsekit's Python sources (dispatch, Triton kernels) and
-    the built extension's bytes. A decision measured under other code is measured again, not reused: a cached
-    "dense" for a layer a newer kernel runs faster would hide the gain (``TuningCache.save`` keeps the entries of
-    the few most recent revisions, so the file does not grow with every upgrade)."""
+    """A digest of the code that decides a layer's times: sparsekit's Python sources (dispatch, Triton kernels),
+    the built extension's bytes and the installed torch / Triton versions. A decision measured under other code
+    is measured again, not reused: a cached "dense" for a layer a newer kernel runs faster would hide the gain
+    (``TuningCache.save`` keeps the entries of the few most recent revisions, so the file does not grow with
+    every upgrade)."""
     digest = hashlib.sha1()
     package = Path(__file__).resolve().parent
     roots = [package]
@@ -77,6 +84,10 @@ def code_revision() -> str:
         for f in sorted(root.rglob("*.py")):
             digest.update(f.relative_to(root).as_posix().encode())
             digest.update(f.read_bytes())
+    for name in ("torch", "triton"):         # the dense baseline and the Triton kernels are theirs
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            digest.update(f"{name}={importlib.metadata.version(name)}".encode())
+    digest.update(torch.__version__.encode())
     for f in sorted(package.glob("_C*")):   # its bytes, not its mtime: a reinstall of the same build keeps the cache
         digest.update(f.name.encode())
         with open(f, "rb") as fh:
@@ -134,7 +145,7 @@ def _read_entries(path: Path, warn: bool = True) -> dict[str, dict]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError and UnicodeDecodeError
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
         data, problem = {}, f"is unreadable ({type(exc).__name__}: {exc}); starting with an empty cache"
     if not isinstance(data, dict):
         problem = f"holds a JSON {type(data).__name__}, expected an object of entries; starting with an empty cache"
@@ -207,6 +218,7 @@ class TuningCache:
             self.entries = _recent_revisions(merged)
             fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
             try:
+                os.chmod(tmp, 0o644)     # (mkstemp's 0600 would keep other installs sharing the file out)
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     json.dump(self.entries, f, indent=1, sort_keys=True)
                 os.replace(tmp, self.path)

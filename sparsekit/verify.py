@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from .prune.pruner import check_example_inputs, run_example
 
@@ -20,18 +23,63 @@ class VerificationError(AssertionError):
     """Raised by verify() when outputs differ; the message names the worst output and the first layer off."""
 
 
-def _tensors(obj: Any, path: str = "output") -> Iterator[tuple[str, Tensor]]:
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _leaves(obj: Any, path: str = "output") -> Iterator[tuple[str, Any]]:
+    """Every tensor and every other leaf (numbers, strings, None, objects) of an output, with its path: through
+    tuples, lists, dicts (Hugging Face's ModelOutput is one) and dataclasses."""
     if isinstance(obj, Tensor):
         yield path, obj
     elif isinstance(obj, (tuple, list)):
         for i, o in enumerate(obj):
-            yield from _tensors(o, f"{path}[{i}]")
+            yield from _leaves(o, f"{path}[{i}]")
     elif isinstance(obj, dict):
         for k, o in obj.items():
             if k != CACHE_KEY:
-                yield from _tensors(o, f"{path}[{k!r}]")
-    elif hasattr(obj, "to_tuple"):  # Hugging Face ModelOutput
-        yield from _tensors(obj.to_tuple(), path)
+                yield from _leaves(o, f"{path}[{k!r}]")
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _leaves(getattr(obj, f.name), f"{path}.{f.name}")
+    elif hasattr(obj, "to_tuple"):  # a ModelOutput-like object that is not a dict
+        yield from _leaves(obj.to_tuple(), path)
+    else:
+        yield path, obj
+
+
+def _tensors(obj: Any, path: str = "output") -> Iterator[tuple[str, Tensor]]:
+    return ((p, v) for p, v in _leaves(obj, path) if isinstance(v, Tensor))
+
+
+def _same_leaf(a: Any, b: Any, tol: float) -> bool:
+    """Two non-tensor leaves match: numbers within the tolerance, anything else by ==."""
+    if isinstance(a, (int, float, complex)) and isinstance(b, (int, float, complex)) \
+            and not isinstance(a, bool) and not isinstance(b, bool):
+        return a == b or abs(a - b) <= tol
+    try:
+        same = a == b
+    except Exception:                    # noqa: BLE001 -- an object without a usable ==
+        return False
+    return same is True or (isinstance(same, bool) and same)
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Both models in eval mode (no BatchNorm statistics updated, no dropout), their flags restored after."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _cloned(example_inputs: Any) -> Any:
+    """A copy of the inputs' tensors, so that a forward changing its input in place changes neither the other
+    run's input nor the caller's."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, example_inputs)
 
 
 def _run_recording(model: nn.Module, example_inputs: Any) -> tuple[Any, dict[str, Tensor]]:
@@ -56,10 +104,12 @@ def _run_recording(model: nn.Module, example_inputs: Any) -> tuple[Any, dict[str
 
 def _max_diff(a: Tensor, b: Tensor) -> float:
     """Max |a - b|; equal infinities match, and a NaN on either side or an infinity facing anything else is an
-    infinite difference (never within any tolerance: a model that starts producing NaN is not the reference)."""
+    infinite difference (never within any tolerance: a model that starts producing NaN is not the reference).
+    Complex outputs are compared as complex numbers."""
     if not a.numel():
         return 0.0
-    a, b = a.double(), b.double()
+    wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
+    a, b = a.to(wide), b.to(wide)
     d = float(torch.where(a == b, 0.0, (a - b).abs()).max())
     return math.inf if math.isnan(d) else d
 
@@ -86,6 +136,10 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol
     """Run both models on example_inputs (a Tensor, a tuple/list of positional args or a dict of keyword args,
     as the Pruner takes them) and compare every output tensor.
 
+    Both run in eval mode under no_grad, each on its own copy of the inputs (their training flags are restored
+    after; a train-mode reference would update its BatchNorm statistics). The outputs' structure must match,
+    through tuples, lists, dicts and dataclasses; non-tensor leaves (numbers within atol, anything else by
+    ``==``) must match too, and there must be a tensor to compare.
     Returns {output path: max abs difference}. Raises VerificationError naming the worst output and the first
     submodule (same name in both models, same output shape) whose output differs by more than the tolerance.
     A key / value cache (Hugging Face's ``past_key_values``) is not compared: a model whose attention lost heads
@@ -100,11 +154,23 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol
         if not math.isfinite(tol) or tol < 0:   # a NaN tolerance would let every difference pass
             raise ValueError(f"{name} must be a finite non-negative number, got {tol!r}")
     check_example_inputs(example_inputs)
-    ref_out, ref_seen = _run_recording(reference, example_inputs)
-    cand_out, cand_seen = _run_recording(candidate, example_inputs)
-    ref_t, cand_t = dict(_tensors(ref_out)), dict(_tensors(cand_out))
+    with _eval_mode(reference, candidate):
+        ref_out, ref_seen = _run_recording(reference, _cloned(example_inputs))
+        cand_out, cand_seen = _run_recording(candidate, _cloned(example_inputs))
+    ref_all, cand_all = dict(_leaves(ref_out)), dict(_leaves(cand_out))
+    if ref_all.keys() != cand_all.keys():
+        raise VerificationError(f"outputs differ in structure: reference {sorted(ref_all)} vs candidate "
+                                f"{sorted(cand_all)}")
+    ref_t = {p: v for p, v in ref_all.items() if isinstance(v, Tensor)}
+    cand_t = {p: v for p, v in cand_all.items() if isinstance(v, Tensor)}
     if ref_t.keys() != cand_t.keys():
-        raise VerificationError(f"outputs differ in structure: reference {sorted(ref_t)} vs candidate {sorted(cand_t)}")
+        raise VerificationError(f"outputs differ in structure (tensors): reference {sorted(ref_t)} vs candidate "
+                                f"{sorted(cand_t)}")
+    if not ref_t:
+        raise VerificationError(f"no tensor outputs to compare (the reference returned {type(ref_out).__name__})")
+    for path, a in ref_all.items():
+        if not isinstance(a, Tensor) and not _same_leaf(a, cand_all[path], atol):
+            raise VerificationError(f"{path}: {a!r} (reference) vs {cand_all[path]!r} (candidate)")
     diffs = {}
     for path, a in ref_t.items():
         b = cand_t[path]

@@ -107,3 +107,33 @@ def test_sparsify_command_example_input_follows_the_model():
 
     x, ids = _example_input(Pair().to(torch.bfloat16), 3, None)
     assert x.dtype == torch.bfloat16 and ids.dtype == torch.int64
+
+
+def test_sparsify_command_errors_name_the_option_and_json_stays_json(tmp_path, capsys, monkeypatch):
+    import json
+
+    model = sk.models.FFN(dim=16, hidden=32, tokens=4)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    (tmp_path / "junk.pt").write_bytes(b"garbage" * 10)
+    (tmp_path / "afile").write_text("")
+    argv = ["sparsify", str(tmp_path / "w.pt"), "--model", "ffn", "--model-kwargs",
+            '{"dim": 16, "hidden": 32, "tokens": 4}']
+    with pytest.raises(SystemExit, match=r"--out .*afile.* is not a writable directory"):
+        main([*argv, "--out", str(tmp_path / "afile")])
+    with pytest.raises(SystemExit, match=r"did not run on the example input of shape \(2, 7\) \(--input-shape\)"):
+        main([*argv, "--input-shape", "2,7", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="Unsupported operand.*damaged or not a torch.save file"):
+        main(["sparsify", str(tmp_path / "junk.pt"), "--model", "ffn", "--out", str(tmp_path / "o")])
+    monkeypatch.setenv("SPARSEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    capsys.readouterr()
+    assert main([*argv, "--batch", "2", "--json", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr()
+    assert "layers" in json.loads(out.out) and "saved to" in out.err
+
+
+def test_demo_option_errors_are_named_without_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match="sparsekit demo: width must be a positive number"):
+        main(["demo", "--width", "0"])
+    with pytest.raises(SystemExit, match="--out .* is not a writable directory"):
+        (tmp_path / "f").write_text("")
+        main(["demo", "--out", str(tmp_path / "f")])

@@ -113,3 +113,67 @@ def test_nan_in_the_candidate_is_never_within_tolerance():
         inf_a.lin.bias.fill_(1.0)
         inf_b.lin.bias.fill_(1.0)
     assert sk.verify(inf_a, inf_b, x.abs(), atol=0) == {"output": 0.0}
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+def test_outputs_verify_cannot_see_fail_instead_of_passing():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        loss: float
+
+    class Net(torch.nn.Module):
+        def __init__(self, shift=0.0, loss=1.0):
+            super().__init__()
+            self.fc, self.shift, self.loss = torch.nn.Linear(4, 4), shift, loss
+
+        def forward(self, x):
+            return Out(self.fc(x) + self.shift, self.loss)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    a = Net()
+    b = Net(shift=100.0)
+    b.fc = a.fc
+    with pytest.raises(AssertionError, match=r"output\.logits"):
+        sk.verify(a, b, x)
+    c = Net(loss=6.0)
+    c.fc = a.fc
+    with pytest.raises(AssertionError, match=r"output\.loss: 1\.0 \(reference\) vs 6\.0"):
+        sk.verify(a, c, x)
+
+    class Nothing(torch.nn.Module):
+        def forward(self, x):
+            return None
+    with pytest.raises(AssertionError, match="no tensor outputs"):
+        sk.verify(Nothing(), Nothing(), x)
+
+    class Complex(torch.nn.Module):
+        def __init__(self, sign):
+            super().__init__()
+            self.sign = sign
+
+        def forward(self, x):
+            return torch.complex(x, self.sign * x)
+    with pytest.raises(AssertionError, match="max"):
+        sk.verify(Complex(1.0), Complex(-1.0), x)
+
+
+def test_verify_runs_both_in_eval_on_copies_of_the_inputs():
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5))
+    fast = copy.deepcopy(model).eval()
+    x = torch.randn(8, 4)
+    sk.verify(model, fast, x)                        # a fresh (train-mode) reference against an eval candidate
+    assert model.training and int(model[1].num_batches_tracked) == 0
+
+    class InPlace(torch.nn.Module):
+        def forward(self, x):
+            return x.mul_(2)
+    before = x.clone()
+    sk.verify(InPlace(), InPlace(), x)
+    assert torch.equal(x, before)
