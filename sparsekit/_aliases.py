@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["module_aliases", "shared_weights", "tied_layers", "equal_classes", "retie"]
+__all__ = ["module_aliases", "replace_modules", "shared_weights", "tied_layers", "equal_classes", "retie"]
 
 
 def module_aliases(model: nn.Module) -> dict[int, list[str]]:
@@ -21,6 +21,23 @@ def module_aliases(model: nn.Module) -> dict[int, list[str]]:
     for name, mod in model.named_modules(remove_duplicate=False):
         names.setdefault(id(mod), []).append(name)
     return names
+
+
+def replace_modules(model: nn.Module, pick: Callable[[nn.Module], bool],
+                    build: Callable[[nn.Module], nn.Module]) -> dict[str, nn.Module]:
+    """Replace (in place) every submodule of ``model`` (not the root) that ``pick`` selects by ``build(it)``, under
+    every name it has (one module shared by two names stays one); returns its first name -> the module replaced."""
+    from ._compat import set_submodule
+
+    replaced = {}
+    aliases = module_aliases(model)
+    for name, mod in list(model.named_modules()):   # (lists a shared module once)
+        if name and pick(mod):
+            replaced[name] = mod
+            new = build(mod)
+            for alias in aliases[id(mod)]:
+                set_submodule(model, alias, new)
+    return replaced
 
 
 def shared_weights(model: nn.Module, types: tuple[type, ...]) -> dict[str, list[str]]:

@@ -480,8 +480,8 @@ class SparseConvTranspose2d(_SparseWeight):
     def _check_within_groups(self, taps: int) -> None:
         """A grouped layer's format stores nothing between its groups: a stored zero there would train."""
         w = self.sparse_weight()
-        if isinstance(w, Tensor):
-            return      # dense: the groups' blocks are read out of it (forward, to_dense)
+        if isinstance(w, Tensor) or w.values.is_meta:
+            return      # dense: the groups' blocks are read out of it (forward, to_dense); meta: nothing to read
         stored = dataclasses.replace(w, values=torch.ones_like(w.values)).to_dense() != 0
         rows = torch.arange(stored.shape[0], device=stored.device) // (taps * (self.out_channels // self.groups))
         cols = torch.arange(stored.shape[1], device=stored.device) // (self.in_channels // self.groups)

@@ -30,7 +30,6 @@ from ._compat import set_submodule
 from .nn import FORMAT_NAMES, SPARSE_LAYERS, SPARSE_MODULES, SparseLinear, sparse_class
 from .ops._dispatch import BACKENDS, recording_choices
 from .ops.conv_transpose import transposed_weight2d
-from .prune.graph import QKV_PROJ
 from .prune.linear_mha import (
     LinearMultiheadAttention,
     attention_children,
@@ -613,7 +612,7 @@ def _keep_faster_converted(target: nn.Module, exposed: dict[str, nn.Module], cal
     layers went sparse."""
     for name, original in list(exposed.items()):
         mod = target.get_submodule(name)
-        layers = [getattr(mod, p) for p in _converted_layers(mod)]
+        layers = [getattr(mod, p) for p in mod.layer_names()]
         if name not in calls or not (always or any(isinstance(p, SPARSE_MODULES) for p in layers)):
             continue
         a, kw = calls[name]
@@ -634,13 +633,6 @@ def _keep_faster_converted(target: nn.Module, exposed: dict[str, nn.Module], cal
                                                                       "stock"))
             if not keep:
                 d.choice, d.speedup, d.backend, d.stock_attention = "dense", 1.0, "torch", True
-
-
-def _converted_layers(mod: nn.Module) -> list[str]:
-    """The Linear children of a converted attention / recurrent module."""
-    if isinstance(mod, LinearRecurrent):
-        return mod.layer_names()
-    return [*QKV_PROJ, "out_proj"]
 
 
 def _fitting_blocks(stats: dict) -> dict[str, float]:

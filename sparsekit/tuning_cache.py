@@ -84,10 +84,9 @@ def code_revision() -> str:
         for f in sorted(root.rglob("*.py")):
             digest.update(f.relative_to(root).as_posix().encode())
             digest.update(f.read_bytes())
-    for name in ("torch", "triton"):         # the dense baseline and the Triton kernels are theirs
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            digest.update(f"{name}={importlib.metadata.version(name)}".encode())
-    digest.update(torch.__version__.encode())
+    digest.update(f"torch={torch.__version__}".encode())     # the dense baseline and the Triton kernels are theirs
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        digest.update(f"triton={importlib.metadata.version('triton')}".encode())
     for f in sorted(package.glob("_C*")):   # its bytes, not its mtime: a reinstall of the same build keeps the cache
         digest.update(f.name.encode())
         with open(f, "rb") as fh:

@@ -183,6 +183,14 @@ def test_rnn_cell_op_checks_and_gradients():
     assert torch.autograd.gradcheck(lambda *a: op(*a, 0), args)
     with pytest.raises(ValueError, match="mode must be one of"):
         rnn_cell(gi, gh, h, c, "lstm")
+    with pytest.raises(ValueError, match=r"c must have shape \(3, 2\)"):
+        rnn_cell(gi, gh, h, torch.randn(3, 5), "LSTM")
+    with pytest.raises(ValueError, match=r"gi and gh must both be \[rows, 3 \* H\]"):
+        rnn_cell(gi, gh, h, None, "GRU")
+    with pytest.raises(ValueError, match="takes c=None"):
+        rnn_cell(gi[:, :2], gh[:, :2], h, c, "RNN_TANH")
+    with pytest.raises(TypeError, match="h must be a Tensor"):
+        rnn_cell(gi, gh, None, c, "LSTM")
     with pytest.raises(RuntimeError, match="c must be given for an LSTM"):
         op(gi, gh, h, None, 0)
     with pytest.raises(RuntimeError, match=r"h must have shape \[3, 2\]"):

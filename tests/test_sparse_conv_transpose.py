@@ -220,6 +220,10 @@ def test_grouped_transposed_convs(cls, dense, tmp_path):
                                                               dense.output_padding, dense.groups)))
     assert loaded[0].groups == dense.groups
     sk.verify(fast, loaded, x, atol=0)
+    with torch.device("meta"):                   # a meta skeleton (nothing to check the groups against there)
+        skeleton = nn.Sequential(type(dense)(dense.in_channels, dense.out_channels, dense.kernel_size, dense.stride,
+                                             dense.padding, dense.output_padding, dense.groups))
+    sk.verify(fast, sk.load(tmp_path / "g", skeleton), x, atol=0)
 
 
 def test_pruner_element_and_block_granularity_reach_transposed_convs():

@@ -54,12 +54,34 @@ def below_autograd() -> torch._C._AutoDispatchBelowAutograd:
     return _BelowAutograd()
 
 
+def _check_step(gi: object, gh: object, h: object, c: object, code: int) -> None:
+    """Shapes and types of one step's operands, named (the fused op's and the reference's own errors are not)."""
+    gates = (4, 3, 1, 1)[code]
+    for name, t in (("gi", gi), ("gh", gh), ("h", h)) + ((("c", c),) if code == 0 else ()):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"rnn_cell: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"rnn_cell: {name} must be a 2-D floating tensor, got {t.dim()}-D {t.dtype}")
+    if code != 0 and c is not None:
+        raise ValueError(f"rnn_cell: c is an LSTM's cell state; mode {MODES[code]!r} takes c=None")
+    rows, width = gi.shape
+    hidden = width // gates
+    if width % gates or tuple(gh.shape) != (rows, width):
+        raise ValueError(f"rnn_cell: gi and gh must both be [rows, {gates} * H], got {tuple(gi.shape)} and "
+                         f"{tuple(gh.shape)}")
+    states = [("c", c, hidden)] if code == 0 else [("h", h, hidden)]   # (an LSTM's h may be a projection)
+    for name, t, size in states:
+        if tuple(t.shape) != (rows, size):
+            raise ValueError(f"rnn_cell: {name} must have shape {(rows, size)}, got {tuple(t.shape)}")
+
+
 def rnn_cell(gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None, mode: str) -> tuple[Tensor, Tensor | None]:
     """``(h_new, c_new)`` of one step of a ``mode`` ("LSTM", "GRU", "RNN_TANH", "RNN_RELU") recurrent layer from
     its input projection ``gi`` and recurrent projection ``gh`` (``[rows, gates * H]``, biases included), state
     ``h`` and (LSTM) cell state ``c`` (``[rows, H]``); ``c_new`` is None unless an LSTM. Fused on CPU (fp32 /
     bf16, no gradient needed), the reference ops otherwise."""
     code = _check_mode(mode)
+    _check_step(gi, gh, h, c, code)
     tensors = (gi, gh, h) if c is None else (gi, gh, h, c)
     same = all(t.dtype == gi.dtype and t.device == gi.device for t in tensors)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .._aliases import module_aliases
+from .._aliases import module_aliases, replace_modules
 from .._compat import set_submodule
 from .graph import QKV_PROJ, attention_kind
 from .masks import _mask_param, _masked_original, apply_tensor_mask
@@ -130,11 +130,15 @@ class LinearMultiheadAttention(MhaForward):
         share_call_hooks(new, mod)       # (a hook on the stock module keeps running where it is replaced)
         return new
 
+    def layer_names(self) -> list[str]:
+        """The names of the projection children (the Linear layers sparsify measures)."""
+        return [*QKV_PROJ, "out_proj"]
+
     def to_stock(self) -> nn.Module:
         """The inverse of ``from_module``: the ``nn.MultiheadAttention`` (a ``PrunedMultiheadAttention`` when heads
         were removed) computing the same outputs, q / k / v packed back (copies; ``out_proj`` taken over as it
         is). The projections must be plain, unmasked ``nn.Linear`` layers."""
-        projections = [getattr(self, p) for p in (*QKV_PROJ, "out_proj")]
+        projections = [getattr(self, p) for p in self.layer_names()]
         if not all(isinstance(p, nn.Linear) and not parametrize.is_parametrized(p) for p in projections):
             raise TypeError(f"to_stock needs plain nn.Linear projections (unmasked), got "
                             f"{[type(p).__name__ for p in projections]}")
@@ -198,15 +202,7 @@ def mha_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
 def _convert_attention(model: nn.Module, wanted: Callable[[nn.Module], bool]) -> dict[str, nn.Module]:
     """Replace (in place) every stock attention of ``model`` that ``wanted`` picks by a
     ``LinearMultiheadAttention``; returns name -> the module it replaced."""
-    replaced = {}
-    aliases = module_aliases(model)
-    for name, mod in list(model.named_modules()):
-        if name and is_stock_mha(mod) and wanted(mod):
-            replaced[name] = mod
-            new = LinearMultiheadAttention.from_module(mod)
-            for alias in aliases[id(mod)]:      # one attention under several names stays one module
-                set_submodule(model, alias, new)
-    return replaced
+    return replace_modules(model, lambda m: is_stock_mha(m) and wanted(m), LinearMultiheadAttention.from_module)
 
 
 def attention_children(model: nn.Module) -> set[str]:
@@ -285,7 +281,7 @@ def restore_dense_attention(model: nn.Module, exposed: dict[str, nn.Module]) -> 
     aliases = module_aliases(model)
     for name, original in exposed.items():
         mod = model.get_submodule(name)
-        if all(isinstance(getattr(mod, p), nn.Linear) for p in (*QKV_PROJ, "out_proj")):
+        if all(isinstance(getattr(mod, p), nn.Linear) for p in mod.layer_names()):
             original.out_proj = mod.out_proj
             for alias in aliases[id(mod)]:
                 set_submodule(model, alias, original)

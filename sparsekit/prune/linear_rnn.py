@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from .._aliases import module_aliases
+from .._aliases import module_aliases, replace_modules
 from .._compat import set_submodule
 from ..ops.rnn_cell import below_autograd, fused_cell, rnn_cell
 from .masks import _mask_param, _masked_original, apply_tensor_mask
@@ -48,6 +49,7 @@ def is_stock_recurrent(mod: nn.Module) -> bool:
 
 
 def _stock_kwargs(mod: nn.Module) -> dict[str, Any]:
+    """The stock constructor's arguments of ``mod`` (a stock recurrent module or a LinearRecurrent)."""
     kw = {k: getattr(mod, k) for k in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
                                        "bidirectional")}
     if mod.mode == "LSTM":
@@ -84,19 +86,12 @@ class LinearRecurrent(nn.Module):
             raise ValueError(f"mode must be one of {tuple(_STOCK)}, got {mode!r}")
         if proj_size and mode != "LSTM":
             raise ValueError(f"proj_size is an LSTM option, got proj_size={proj_size!r} with mode {mode!r}")
-        kw = dict(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, bias=bias,
-                  batch_first=batch_first, dropout=dropout, bidirectional=bidirectional)
-        if mode == "LSTM":
-            kw["proj_size"] = proj_size
-        if mode.startswith("RNN_"):
-            kw["nonlinearity"] = mode[4:].lower()
-        _STOCK[mode](**kw, device="meta")      # torch's own argument checks (and messages), allocating nothing
         self.mode = mode
-        for k, v in kw.items():
-            if k != "nonlinearity":
-                setattr(self, k, v)
-        self.dropout = float(dropout)
+        self.input_size, self.hidden_size, self.num_layers, self.bias = input_size, hidden_size, num_layers, bias
+        self.batch_first, self.dropout, self.bidirectional = batch_first, dropout, bidirectional
         self.proj_size = proj_size
+        _STOCK[mode](**_stock_kwargs(self), device="meta")   # torch's own argument checks (and messages), no memory
+        self.dropout = float(dropout)
         dd = {"device": device, "dtype": dtype}
         out = proj_size or hidden_size
         gates = _GATES[mode] * hidden_size
@@ -222,13 +217,7 @@ class LinearRecurrent(nn.Module):
             raise TypeError(f"to_stock needs nn.Linear children{'' if masked_values else ' (unmasked)'}, got "
                             f"{sorted({type(c).__name__ for c in children})}")
         w = children[0].weight
-        kw = {k: getattr(self, k) for k in ("input_size", "hidden_size", "num_layers", "bias", "batch_first",
-                                            "dropout", "bidirectional")}
-        if self.mode == "LSTM":
-            kw["proj_size"] = self.proj_size
-        if self.mode.startswith("RNN_"):
-            kw["nonlinearity"] = self.mode[4:].lower()
-        new = self.stock_class(**kw, device=w.device, dtype=w.dtype)
+        new = self.stock_class(**_stock_kwargs(self), device=w.device, dtype=w.dtype)
         for child in self.layer_names():
             kind, _, suffix = child.partition("_")
             for mine in ("weight", "bias"):
@@ -380,17 +369,9 @@ def rnn_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
     return target
 
 
-def _convert(model: nn.Module, wanted) -> dict[str, nn.Module]:
+def _convert(model: nn.Module, wanted: Callable[[nn.Module], bool]) -> dict[str, nn.Module]:
     """Replace (in place) every stock recurrent module ``wanted`` picks; returns name -> the module it replaced."""
-    replaced = {}
-    aliases = module_aliases(model)
-    for name, mod in list(model.named_modules()):
-        if name and is_stock_recurrent(mod) and wanted(mod) and not any(a in replaced for a in aliases[id(mod)]):
-            replaced[name] = mod
-            new = LinearRecurrent.from_module(mod)
-            for alias in aliases[id(mod)]:      # one module under several names stays one module
-                set_submodule(model, alias, new)
-    return replaced
+    return replace_modules(model, lambda m: is_stock_recurrent(m) and wanted(m), LinearRecurrent.from_module)
 
 
 def expose_sparse_recurrent(model: nn.Module) -> dict[str, nn.Module]:
