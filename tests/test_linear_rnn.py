@@ -162,6 +162,23 @@ def test_rnn_cell_fused_matches_reference():
             assert got[1] is None
 
 
+def test_rnn_cell_rows_split_across_threads_match_reference():
+    # 19 rows x 1001 cells: the op splits the rows into chunks of 8 (a shorter last one) on two threads
+    torch.manual_seed(0)
+    for mode, gates in [("LSTM", 4), ("GRU", 3)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            gi, gh = torch.randn(19, gates * 1001, dtype=dtype), torch.randn(19, gates * 1001, dtype=dtype)
+            h, c = torch.randn(19, 1001, dtype=dtype), torch.randn(19, 1001, dtype=dtype) if mode == "LSTM" else None
+            with torch.no_grad():
+                got = rnn_cell(gi, gh, h, c, mode)
+            wide = [t.double() if t is not None else None for t in (gi, gh, h, c)]
+            want = reference.rnn_cell(*wide, reference.RNN_MODES.index(mode))
+            tol = 1e-6 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(got[0].double(), want[0], atol=tol * 4, rtol=tol)
+            if mode == "LSTM":
+                torch.testing.assert_close(got[1].double(), want[1], atol=tol * 4, rtol=tol)
+
+
 def test_rnn_cell_tanh_is_accurate_across_its_range():
     x = torch.linspace(-30, 30, 60001)
     z = torch.zeros_like(x)[:, None]
