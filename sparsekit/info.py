@@ -8,7 +8,7 @@ import platform
 import torch
 
 from . import _extension
-from .benchmark.machine import ISA_ENV
+from .benchmark.machine import ISA_ENV, _cpu_caches, _cpu_model
 from .ops import _cusparselt
 from .ops._dispatch import (
     BACKENDS,
@@ -33,17 +33,6 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_features() -> dict[str, bool]:
@@ -139,7 +128,7 @@ def info() -> dict:
                       "cpu_kernels": [f for f in FAMILIES if _extension.LOADED and has_kernel(f"{f}_mm", "CPU")],
                       "cuda_kernels": [f for f in FAMILIES if _extension.LOADED and has_kernel(f"{f}_mm", "CUDA")],
                       "cpu_isa": _cpu_kernel_isa()},
-        "cpu": {"model": _cpu_model(), "threads": torch.get_num_threads(),
+        "cpu": {"model": _cpu_model(), "caches": _cpu_caches(), "threads": torch.get_num_threads(),
                 "torch_capability": torch.backends.cpu.get_cpu_capability(), **cpu_features()},
         "gpu": _gpu(),
         "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "OMP_NUM_THREADS", "SPARSEKIT_BUILD_EXT", *ISA_ENV)
@@ -191,9 +180,10 @@ def format_info(d: dict) -> str:
            f"{', '.join(ext['cuda_kernels']) or 'none'}" if ext["loaded"] else "")
         + (f"  CPU kernel ISA: {ext['cpu_isa']}" + (" (bf16 BSR on AMX tiles)" if "amx" in ext["cpu_isa"] else "")
            if ext.get("cpu_isa") else ""),
-        f"CPU: {d['cpu']['model']}, {d['cpu']['threads']} threads, torch uses {d['cpu']['torch_capability']}; "
+        f"CPU: {d['cpu']['model']}" + (f" ({d['cpu']['caches']})" if d["cpu"]["caches"] else "")
+        + f", {d['cpu']['threads']} threads, torch uses {d['cpu']['torch_capability']}; "
         + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in d["cpu"].items()
-                   if k not in ("model", "threads", "torch_capability")),
+                   if k not in ("model", "caches", "threads", "torch_capability")),
         "GPU: " + (f"{d['gpu']['name']} (compute capability {d['gpu']['capability']})" if d["gpu"]["available"]
                    else f"none ({d['gpu']['reason']})"),
     ]

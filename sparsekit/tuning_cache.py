@@ -39,13 +39,15 @@ def default_path() -> Path:
 
 
 def device_name(device: torch.device) -> str:
-    """The device as tuning decisions depend on it; on CPU the model, the thread count and the instruction set the
-    CPU kernels run with (``SPARSEKIT_CPU_ISA``, AMX), so a decision measured under other kernels is not reused."""
+    """The device as tuning decisions depend on it; on CPU the model and its cache sizes (a VM may name its CPU
+    just 'AMD EPYC'), the thread count and the instruction set the CPU kernels run with (``SPARSEKIT_CPU_ISA``,
+    AMX), so a decision measured on another machine or under other kernels is not reused."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    from .info import _cpu_kernel_isa, _cpu_model
+    from .benchmark.machine import _cpu_caches, _cpu_model
+    from .info import _cpu_kernel_isa
 
-    return f"cpu:{_cpu_model()}:{torch.get_num_threads()}t:{_cpu_kernel_isa() or 'no-ext'}"
+    return f"cpu:{_cpu_model()} ({_cpu_caches()}):{torch.get_num_threads()}t:{_cpu_kernel_isa() or 'no-ext'}"
 
 
 # Switches that change which kernels serve the same layer (read per call by the kernels or the dispatcher): a

@@ -126,3 +126,16 @@ def test_save_keeps_only_the_most_recent_code_revisions(tmp_path):
     cache.save()
     kept = set(TuningCache(path).entries)
     assert oldest_kept in kept and newer in kept and next_kept not in kept and old[0] not in kept
+
+
+def test_cpu_device_key_names_the_cache_sizes():
+    # a VM may name its CPU just "AMD EPYC": the cache sizes tell two such machines apart in the key
+    from pathlib import Path
+
+    from sparsekit.benchmark.machine import _cpu_caches
+    from sparsekit.tuning_cache import device_name
+
+    caches = _cpu_caches()
+    if Path("/sys/devices/system/cpu/cpu0/cache/index0/size").exists():
+        assert caches.startswith("L1") and "L2 " in caches, caches
+    assert f"({caches})" in device_name(torch.device("cpu"))

@@ -57,6 +57,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_caches() -> str:
+    """'L1d 32K L1i 32K L2 512K L3 32768K' from sysfs (cpu0), '' where it is not readable: with the model name
+    (which a VM may give as just 'AMD EPYC'), it tells machines apart whose tuning decisions differ."""
+    parts = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        parts.append(f"L{level}{ {'Data': 'd', 'Instruction': 'i'}.get(kind, '')} {size}")
+    return " ".join(parts)
+
+
 def _version(module: str) -> str | None:
     try:
         mod = __import__(module)
@@ -144,6 +157,7 @@ def machine_info(device: str) -> dict[str, object]:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
         "cpu_model": _cpu_model(),
+        "cpu_caches": _cpu_caches(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
