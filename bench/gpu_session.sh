@@ -13,7 +13,8 @@
 #                    info`; a stripped copy of the built sparsekit/_C*.so as $OUT/prebuilt.tgz
 #   test             pytest -m cuda, one pytest per file (a CUDA error that poisons the context stays in its
 #                    file), --maxfail instead of -x (one run shows more than the first failure), the self-check
-#                    files first: they say whether the never-validated tensor-core paths work on this GPU
+#                    files first (with CUDA_LAUNCH_BLOCKING=1): they say whether the never-validated tensor-core
+#                    paths work on this GPU; a path that faults: rerun its test under `compute-sanitizer`
 #   bench-targets-1  large M: (a) BSR fp16 square 4096 blocks 16-128, (e) CSR fp16 90% square 4096 vs cuSPARSE,
 #                    (b) BSR fp16 32/64 on the BERT / LLaMA MLP shapes
 #   bench-targets-2  (c) decode M=16 BSR32, (d) 2:4 at large M vs torch's semi-structured, (f) skinny CSR 80%
@@ -367,8 +368,12 @@ stage_test() {
     local xmls=() name
     for f in "${files[@]}"; do
         name=$(basename "$f" .py)
+        # the self-check files run the never-validated tensor-core paths: synchronous launches make a fault
+        # name the launch that made it (not a later one), at no cost that matters to a correctness test
+        local sync=()
+        [[ " ${SELFCHECK_FILES[*]} " == *" $f "* ]] && sync=(env CUDA_LAUNCH_BLOCKING=1)
         step "$name" "pytest -m cuda $f" "$CAP_TEST_FILE" 30 \
-            "$PY" -m pytest "$f" -m cuda -q -rfE -p no:cacheprovider --maxfail="$PYTEST_MAXFAIL" \
+            ${sync[@]+"${sync[@]}"} "$PY" -m pytest "$f" -m cuda -q -rfE -p no:cacheprovider --maxfail="$PYTEST_MAXFAIL" \
             --junitxml="${W:-.}/junit/$name.xml" ${extra[@]+"${extra[@]}"}
         xmls+=("${W:-.}/junit/$name.xml")
     done

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("80", "90a")  # A100, H100 (90a: the arch-specific features wgmma/TMA need)
 # Same as setup.py's extra_compile_args["nvcc"] so the check sees what the build sees.
-SETUP_NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
+SETUP_NVCC_FLAGS = ["-O3", "-lineinfo"]
 # torch.utils.cpp_extension.COMMON_NVCC_FLAGS, used when this torch does not expose it.
 DEFAULT_TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                             "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",

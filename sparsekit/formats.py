@@ -9,6 +9,12 @@ and through safetensors without pickling.
     CSR           compressed sparse rows: only the nonzero elements are stored
     NM            n:m semi-structured: n kept values in every group of m along K, with their positions
     ChannelIndex  whole rows (output channels) or columns (input channels) removed: a compact dense block
+
+``from_dense`` builds a valid object. One built from its arrays directly must keep the invariants each class
+lists (indices in range, sorted and unique within a row, NM positions strictly ascending in a group):
+``validate()`` checks them, in O(nnz), so the ops do not on every call. The kernels assume them: a repeated or
+unsorted index gives wrong results on some paths (the CUDA tensor-core kernels drop a repeat that the others
+add), so call ``validate()`` once on such an object before use.
 """
 
 from __future__ import annotations
@@ -239,7 +245,7 @@ class BSR(_Format):
 
     values       [nnzb, bn, bk]   the stored blocks, row-major inside a block
     crow_indices int32 [N/bn + 1] block-row pointers
-    col_indices  int32 [nnzb]     block-column index of each stored block, sorted within a block-row
+    col_indices  int32 [nnzb]     block-column index of each stored block, sorted and unique within a block-row
     """
 
     values: Tensor
@@ -321,7 +327,7 @@ class CSR(_Format):
 
     values       [nnz]
     crow_indices int32 [N + 1]
-    col_indices  int16 [nnz] when K <= 32768, else int32; sorted within each row
+    col_indices  int16 [nnz] when K <= 32768, else int32; sorted and unique within each row
     bitmap       optional uint8 [N, 8 * ceil(K / 64)]: bit k % 8 of byte k / 8 of row r is set iff W[r, k] is
                  stored. It lets the CPU kernel for skinny inputs (decoding, a few rows of x) expand each row's
                  values into dense vectors instead of gathering x by col_indices (``sparsekit::csr_bitmap_mm``);
@@ -467,7 +473,7 @@ def _check_nm(n: object, m: object) -> tuple[int, int]:
 class NM(_Format):
     """n:m semi-structured sparsity along K: in every group of m consecutive inputs at most n are nonzero.
 
-    values  [N, K/m*n]        the kept values, groups in order, positions ascending inside a group
+    values  [N, K/m*n]        the kept values, groups in order, positions strictly ascending inside a group
     indices uint8 [N, K/m*n]  position (0..m-1) of each kept value inside its group
     """
 

@@ -97,7 +97,10 @@ def test_dry_run_all_prints_commands_for_every_stage(dry_all):
                     if "pytest.mark.cuda" in p.read_text())
     assert sorted(files) == marked, "every test file with a cuda marker runs exactly once"
     for argv in tests:
-        assert argv[argv.index("-m", 2) + 1] == "cuda" and any(a.startswith("--junitxml=") for a in argv)
+        assert argv[argv.index("-m", argv.index("pytest")) + 1] == "cuda"
+        assert any(a.startswith("--junitxml=") for a in argv)
+    blocking = [c for c in tests if "CUDA_LAUNCH_BLOCKING=1" in c]
+    assert [c[c.index("pytest") + 1] for c in blocking] == selfcheck
 
     labels = {label for s in ("bench-targets-1", "bench-targets-2", "bench-models")
               for label in _commands(sections[s])}
