@@ -180,3 +180,43 @@ def test_low_rank_names_the_masked_layer_and_changes_nothing():
     assert all(isinstance(m[i], nn.Linear) for i in (0, 2, 4))      # '0' came first and was not factorised either
     report = low_rank(m, rank=2, ignore=["2"])
     assert set(report) == {"0", "4"}
+
+
+# ---------------------------------------------------------------------------------- second pruning review
+def test_cost_counts_every_call_of_a_shared_layer_and_a_converted_rnn_like_the_stock_one():
+    import sparsekit as sk
+    from sparsekit.prune.cost import model_cost
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.c(self.a(self.a(x)))
+
+    assert model_cost(Twice(), torch.randn(1, 8))["dense_flops"] == 2 * 64 + 16
+
+    class Seq(nn.Module):
+        def __init__(self, rnn: nn.Module) -> None:
+            super().__init__()
+            self.r = rnn
+
+        def forward(self, x):
+            return self.r(x)[0]
+
+    x = torch.randn(1, 5, 8)
+    for rnn in (nn.LSTM(8, 16, batch_first=True), nn.GRU(8, 16, num_layers=2, bidirectional=True, batch_first=True)):
+        stock = Seq(rnn)
+        want = model_cost(stock, x)["dense_flops"]
+        assert model_cost(sk.nn.rnn_to_linear(stock), x)["dense_flops"] == want
+
+
+def test_taylor_scores_of_fp16_weights_do_not_underflow():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).half()
+    x = torch.randn(16, 64).half()
+    calib = [(torch.randn(16, 64).half(), torch.randint(0, 10, (16,))) for _ in range(2)]
+    scores = Pruner(model, x, criterion="taylor", granularity="element", sparsity=0.5, calib=calib).scores()
+    # (fp16 products squared underflowed to 0: almost every score was a tie, the pruned weights picked by index)
+    assert (scores["0"] == 0).float().mean() < 0.05

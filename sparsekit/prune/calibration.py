@@ -188,7 +188,9 @@ def _acc_grads(acc: dict[str, dict[str, Any]], layers: Mapping[str, nn.Module], 
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     if "grads" in needs:
         for k, g, w in zip(names, grads, weights):
-            prod = g.detach() * w
+            # (in fp16 the squares underflow to 0 before _add widens them: the scores become ties)
+            wide = torch.promote_types(w.dtype, torch.float32)
+            prod = g.detach().to(wide) * w.to(wide)
             _add(acc[k], "taylor_elem", prod * prod)
             _add(acc[k], "taylor_chan", prod.reshape(prod.shape[0], -1).sum(1).square())
     if hutch:

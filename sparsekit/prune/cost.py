@@ -27,22 +27,33 @@ __all__ = ["model_cost", "layer_positions"]
 
 
 def layer_positions(events: list[_chains.Event]) -> dict[str, int]:
-    """Output positions per prunable layer call (H*W for a conv, tokens for a linear) from traced events; for a
-    transposed conv its input positions (each input pixel meets every weight once); for a recurrent layer its
-    time steps."""
-    out = {}
+    """Output positions per prunable layer (H*W for a conv, tokens for a linear) from traced events, summed over
+    its calls (a layer run twice does its products twice); for a transposed conv its input positions (each input
+    pixel meets every weight once); for a recurrent layer its time steps."""
+    out: dict[str, int] = {}
     for ev in events:
-        if ev.kind == "module" and isinstance(ev.module, _masks.TRANSPOSED_CONVS) and ev.inputs:
-            out[ev.name] = int(torch.Size(ev.inputs[0].shape[2:]).numel())
-        if ev.kind == "module" and isinstance(ev.module, RECURRENT) and ev.inputs:
+        if ev.kind != "module":
+            continue
+        n = None
+        if isinstance(ev.module, _masks.TRANSPOSED_CONVS) and ev.inputs:
+            n = int(torch.Size(ev.inputs[0].shape[2:]).numel())
+        elif isinstance(ev.module, RECURRENT) and ev.inputs:
             shape = ev.inputs[0].shape      # [T, B, I], [B, T, I] (batch_first) or unbatched [T, I]
-            out[ev.name] = int(shape[1] if ev.module.batch_first and len(shape) == 3 else shape[0])
-        if ev.kind == "module" and isinstance(ev.module, _masks.PRUNABLE) and ev.output is not None:
+            n = int(shape[1] if ev.module.batch_first and len(shape) == 3 else shape[0])
+        elif isinstance(ev.module, _masks.PRUNABLE) and ev.output is not None:
             shape = ev.output.shape
             if isinstance(ev.module, _masks.CONVS):
-                out[ev.name] = int(torch.Size(shape[2:]).numel())
+                n = int(torch.Size(shape[2:]).numel())
             else:
-                out[ev.name] = int(torch.Size(shape[1:-1]).numel()) if len(shape) > 2 else 1
+                n = int(torch.Size(shape[1:-1]).numel()) if len(shape) > 2 else 1
+        if n is not None:
+            out[ev.name] = out.get(ev.name, 0) + n
+    # a LinearRecurrent's input projection runs once over all the time steps ([T * B, I] rows), its recurrent one
+    # once per step: per sample the input projection does as many products as the recurrent one
+    for name in list(out):
+        head, _, tail = name.rpartition(".")
+        if tail.startswith("ih_l") and (sibling := f"{head}.hh_{tail[3:]}" if head else f"hh_{tail[3:]}") in out:
+            out[name] = out[sibling]
     return out
 
 
