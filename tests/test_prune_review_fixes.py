@@ -220,3 +220,75 @@ def test_taylor_scores_of_fp16_weights_do_not_underflow():
     scores = Pruner(model, x, criterion="taylor", granularity="element", sparsity=0.5, calib=calib).scores()
     # (fp16 products squared underflowed to 0: almost every score was a tie, the pruned weights picked by index)
     assert (scores["0"] == 0).float().mean() < 0.05
+
+
+def _conv_flatten_linear() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+
+@pytest.mark.parametrize("criterion", ["lasso", "thinet"])
+def test_reconstruction_keeps_the_consumer_when_nothing_is_removed_and_remove_undoes_it(criterion):
+    import copy
+
+    from sparsekit.prune.calibration import weight_param
+
+    torch.manual_seed(0)
+    ref = _conv_flatten_linear()
+    x, calib = torch.randn(2, 3, 6, 6), [torch.randn(32, 3, 6, 6) for _ in range(4)]
+    m = copy.deepcopy(ref)
+    Pruner(m, x, criterion=criterion, granularity="channel", sparsity=0.0, calib=calib).step()
+    # (the refit used to pull the Linear's 288 inputs towards the least-norm fit of 128 samples)
+    assert torch.equal(m[5].weight, ref[5].weight) and torch.equal(m[2].weight, ref[2].weight)
+
+    m = copy.deepcopy(ref)
+    p = Pruner(m, x, criterion=criterion, granularity="channel", sparsity=0.5,
+                schedule=Iterative(2), calib=calib)
+    p.step()
+    p.step()
+    assert not torch.equal(m[5].weight, ref[5].weight)
+    # fine-tuning moves the refit consumer's kept weights: remove() keeps that and undoes the refit
+    tuned = 0.5 * masks._mask_param(m[5], "weight").mask
+    with torch.no_grad():
+        weight_param(m[5]).add_(tuned)
+    p.remove()
+    test = torch.randn(16, 3, 6, 6)
+    with torch.no_grad():
+        m[5].weight.sub_(tuned)
+        torch.testing.assert_close(m(test), ref(test))
+
+
+def test_remove_restores_the_running_statistics_of_masked_norm_channels():
+    import copy
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10))
+    with torch.no_grad():
+        for _ in range(5):
+            m(torch.randn(16, 3, 4, 4))
+    ref = copy.deepcopy(m)
+    p = Pruner(m, torch.randn(4, 3, 4, 4), criterion="l1", granularity="channel", sparsity=0.5)
+    p.step()
+    removed = ~p.masks["0"].reshape(8, -1).any(1)
+    with torch.no_grad():    # fine-tuning passes: the masked channels' inputs are 0, their variance decays
+        for _ in range(30):
+            m(torch.randn(16, 3, 4, 4))
+    assert bool((m[1].running_var[removed] < 0.1).all())
+    p.remove()
+    assert torch.equal(m[1].running_var[removed], ref[1].running_var[removed])
+    assert torch.equal(m[1].running_mean[removed], ref[1].running_mean[removed])
+
+
+def test_alpha_blend_fraction_that_rounds_to_full_width_skips_the_layer():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 40), nn.ReLU(), nn.Linear(40, 2))
+
+        def forward(self, x):
+            return self.f(x)
+
+    blend = AlphaBlend(Net(), torch.randn(2, 4), widths=0.95)   # 8 -> 8 (skipped), 40 -> 38
+    assert blend.widths == {"f.2": 38}
+    with pytest.raises(ValueError, match="full width"):
+        AlphaBlend(Net(), torch.randn(2, 4), widths=0.99)

@@ -342,8 +342,12 @@ class Pruner:
         self._keep: dict[int, Tensor] = {}      # group id -> unit keep-mask of the last grouped step
         self._coupled: set[str] = set()          # masked modules other than self.layers (norms, attention ...)
         self._groups: dict[int, list] | None = None
-        # (module, tensor) -> (its mask before this pruner first masked it or None, this pruner's last mask)
         self._applied: set[tuple[str, str]] = set()   # (module, tensor) this pruner masked
+        # what remove() puts back besides the masked values: a norm's running statistics of the channels this
+        # pruner masked (mean, var as they were when masked, and this pruner's last keep-mask), and what the
+        # least-squares refits (lasso, thinet) added to each consumer's weight
+        self._norm_stats: dict[str, list[Tensor]] = {}
+        self._refit_undo: dict[nn.Module, Tensor] = {}
         self._owner = f"Pruner-{uuid.uuid4().hex}"      # its name among a tensor's mask owners
         self._target = 0.0
         self._steps = 0
@@ -579,8 +583,12 @@ class Pruner:
                 self._apply_tensor(name, "bias", _masks.as_2d(mask).any(dim=1))
         if self.reconstruct:
             for name, mask in masks.items():
-                if ctxs[name].consumer is not None:
+                consumer = ctxs[name].consumer
+                if consumer is not None:
+                    param = _calibration.weight_param(consumer)
+                    before = param.detach().clone()
                     refit_consumer(_masks.as_2d(mask).any(dim=1), ctxs[name])
+                    self._refit_undo[consumer] = self._refit_undo.get(consumer, 0) + (before - param.detach())
         if self.granularity == "channel":
             self._mask_coupled_members()   # ``masks`` stays the selection; the model also masks coupled members
         self._masks = masks
@@ -623,19 +631,33 @@ class Pruner:
         """Un-prune: drop this pruner's masks from every pruned layer (and the coupled norms / consumers a
         channel step masked) and restore the original weights: masked entries get back the values they had
         when they were masked (not what an optimizer's momentum or weight decay made of the stored originals
-        since; see ``masks.WeightMask``), kept entries keep their trained values. Masks another ``Pruner``
+        since; see ``masks.WeightMask``), kept entries keep their trained values; the masked channels of a
+        BatchNorm get back their running statistics, and a reconstruction step's refit of the next layer
+        (lasso, thinet) is undone (what training changed since stays). Masks another ``Pruner``
         (or the user) put on the same tensors stay. The pruner starts over: ``masks`` is empty and a schedule
         restarts at step 0."""
         for name, t in self._applied:   # (a tensor baked or unmasked by someone else is left as it is)
             _masks.release_owned_mask(self.model.get_submodule(name), t, self._owner)
+        with torch.no_grad():
+            # a masked channel's running statistics decayed towards 0 in training (its input was 0): restored,
+            # it would be divided by ~sqrt(eps)
+            for name, (mean, var, kept) in self._norm_stats.items():
+                mod = self.model.get_submodule(name)
+                mod.running_mean[~kept] = mean[~kept]
+                mod.running_var[~kept] = var[~kept]
+            # the refits changed the consumers' kept columns to make up for the removed channels (and zeroed
+            # those): undone, keeping whatever training changed since
+            for consumer, delta in self._refit_undo.items():
+                _calibration.weight_param(consumer).add_(delta)
         self._masks, self._keep, self._coupled, self._target, self._steps = {}, {}, set(), 0.0, 0
-        self._applied = set()
+        self._applied, self._norm_stats, self._refit_undo = set(), {}, {}
 
     def bake(self) -> None:
         """Make the masks permanent: pruned layers get plain Parameters holding the zeros (training moves them
         after this, an optimizer's momentum at once: bake when fine-tuning is done)."""
         for mod in self._touched_modules():
             _masks.bake_masks(mod)
+        self._norm_stats, self._refit_undo = {}, {}   # (nothing left for remove() to restore)
 
     # ------------------------------------------------------------------------------ structured removal
     def _apply_tensor(self, name: str, tensor: str, mask: Tensor) -> None:
@@ -643,8 +665,20 @@ class Pruner:
         (another Pruner on the same model, e.g. per-layer widths; the user): a second Pruner must not unmask
         the consumer columns of a first one's removed channels, and either may be removed first. Entries this
         pruner masked before are decided by ``mask`` alone, so a lower target can bring them back."""
-        _masks.set_owned_mask(self.model.get_submodule(name), tensor, self._owner, mask)
+        module = self.model.get_submodule(name)
+        if tensor == "weight" and isinstance(getattr(module, "running_var", None), Tensor):
+            self._remember_norm_stats(name, module, mask)
+        _masks.set_owned_mask(module, tensor, self._owner, mask)
         self._applied.add((name, tensor))
+
+    def _remember_norm_stats(self, name: str, norm: nn.Module, keep: Tensor) -> None:
+        """Keep the running statistics of the channels ``keep`` masks now and did not before, for remove()."""
+        mean, var = norm.running_mean.detach(), norm.running_var.detach()
+        keep = keep.to(device=mean.device, dtype=torch.bool).reshape(mean.shape)
+        saved = self._norm_stats.setdefault(name, [mean.clone(), var.clone(), torch.ones_like(keep)])
+        newly = saved[2] & ~keep
+        saved[0][newly], saved[1][newly] = mean[newly], var[newly]
+        saved[2] = keep.clone()
 
     def _touched_modules(self) -> list[nn.Module]:
         extra = [self.model.get_submodule(n) for n in self._coupled]

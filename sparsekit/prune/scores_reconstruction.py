@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .calibration import LayerContext, weight_param
 from .criteria import register
+from .masks import _mask_param
 
 __all__ = ["channel_gram", "lasso_path_scores", "thinet_order", "refit_consumer", "lasso", "thinet",
            "LASSO_STEPS"]
@@ -114,19 +115,26 @@ def refit_consumer(keep: Tensor, ctx: LayerContext) -> None:
     """Least-squares refit of the consumer on the kept channels: ``W' = argmin ||X W^T - X_k W'^T||``.
 
     ``keep`` is the producer's channel keep-mask ``[C]``; columns of removed channels become 0, the kept
-    ones ``W_k' = W M[:, k] M[k, k]^-1`` with ``M = X^T X`` (a tiny ridge keeps it solvable). The
-    consumer's stored weight (the unmasked original if it is masked itself) is overwritten.
+    ones solve ``(M_kk + r I) W_k'^T = M_k: W^T + r W_k^T`` with ``M = X^T X``: the small ridge ``r`` pulls towards
+    the current weights, not towards 0, so directions the calibration data does not reach keep their weights
+    (a Linear after a flatten has more inputs than calibration samples) and nothing changes when every channel
+    is kept. The consumer's stored weight (the unmasked original if it is masked itself) is overwritten where
+    the consumer does not mask it.
     """
     if ctx.consumer is None:
         raise ValueError(f"layer {ctx.name!r} has no consumer to refit")
     m = ctx.stat("gram") / ctx.stat("rows")
     wq = _consumer_2d(ctx)
     cols = keep.to(torch.bool).repeat_interleave(wq.shape[1] // keep.numel())
-    if not bool(cols.any()):
+    if not bool(cols.any()) or bool(cols.all()):
         return
     mkk = m[cols][:, cols]
-    ridge = 1e-6 * (mkk.diagonal().mean().clamp_min(1e-12)) * torch.eye(mkk.shape[0], dtype=mkk.dtype)
+    r = 1e-6 * mkk.diagonal().mean().clamp_min(1e-12)
+    ridge = r * torch.eye(mkk.shape[0], dtype=mkk.dtype)
     new = torch.zeros_like(wq)
-    new[:, cols] = torch.linalg.solve(mkk + ridge, m[cols] @ wq.T).T
+    new[:, cols] = torch.linalg.solve(mkk + ridge, m[cols] @ wq.T + r * wq[:, cols].T).T
     param = weight_param(ctx.consumer)
+    mask = _mask_param(ctx.consumer, "weight")
+    if mask is not None:   # entries the consumer masks keep their stored values (un-pruning gives those back)
+        new = torch.where(mask.mask.reshape(new.shape), new, param.detach().reshape(new.shape).to(new.dtype))
     param.copy_(new.reshape(param.shape).to(param.dtype))

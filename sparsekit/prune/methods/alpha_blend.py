@@ -86,9 +86,15 @@ class AlphaBlend:
         if isinstance(widths, float):
             if not 0.0 < widths < 1.0:
                 raise ValueError(f"widths as a fraction must be in (0, 1), got {widths!r}")
-            widths = {k: max(1, round(widths * modules[k].weight.shape[0])) for k, lk in links.items()
+            fraction = widths
+            widths = {k: max(1, round(fraction * modules[k].weight.shape[0])) for k, lk in links.items()
                       if lk.consumer is not None and getattr(modules[k], "groups", 1) == 1
                       and getattr(modules[lk.consumer], "groups", 1) == 1}
+            # a layer the fraction rounds back to its full width has nothing to narrow: it keeps no branch
+            widths = {k: w for k, w in widths.items() if w < modules[k].weight.shape[0]}
+            if not widths:
+                raise ValueError(f"widths={fraction!r} rounds every blendable layer back to its full width: "
+                                 "use a smaller fraction or a dict name -> channels")
         if not isinstance(widths, dict) or not widths:
             raise TypeError(f"widths must be a non-empty dict name -> channels or a float, got {widths!r}")
         self.alpha = 1.0
