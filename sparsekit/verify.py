@@ -102,15 +102,18 @@ def _run_recording(model: nn.Module, example_inputs: Any) -> tuple[Any, dict[str
     return out, seen
 
 
-def _max_diff(a: Tensor, b: Tensor) -> float:
+def _max_diff(a: Tensor, b: Tensor, equal_nan: bool = False) -> float:
     """Max |a - b|; equal infinities match, and a NaN on either side or an infinity facing anything else is an
-    infinite difference (never within any tolerance: a model that starts producing NaN is not the reference).
-    Complex outputs are compared as complex numbers."""
+    infinite difference (never within any tolerance: a model that starts producing NaN is not the reference),
+    except NaN facing NaN with ``equal_nan``. Complex outputs are compared as complex numbers."""
     if not a.numel():
         return 0.0
     wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
     a, b = a.to(wide), b.to(wide)
-    d = float(torch.where(a == b, 0.0, (a - b).abs()).max())
+    same = a == b
+    if equal_nan:
+        same |= a.isnan() & b.isnan()
+    d = float(torch.where(same, 0.0, (a - b).abs()).max())
     return math.inf if math.isnan(d) else d
 
 
@@ -132,7 +135,7 @@ def _non_finite_note(a: Tensor, b: Tensor) -> str:
 
 
 def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol: float = 1e-4,
-           rtol: float = 0.0) -> dict[str, float]:
+           rtol: float = 0.0, equal_nan: bool = False) -> dict[str, float]:
     """Run both models on example_inputs (a Tensor, a tuple/list of positional args or a dict of keyword args,
     as the Pruner takes them) and compare every output tensor.
 
@@ -140,8 +143,10 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol
     after; a train-mode reference would update its BatchNorm statistics). The outputs' structure must match,
     through tuples, lists, dicts and dataclasses; non-tensor leaves (numbers within atol, anything else by
     ``==``) must match too, and there must be a tensor to compare.
-    Returns {output path: max abs difference}. Raises VerificationError naming the worst output and the first
-    submodule (same name in both models, same output shape) whose output differs by more than the tolerance.
+    A NaN fails against anything, another NaN too unless ``equal_nan`` (a model whose reference output has NaN
+    by design, e.g. fully masked attention rows). Returns {output path: max abs difference}. Raises
+    VerificationError naming the worst output and the first submodule (same name in both models, same output
+    shape) whose output differs by more than the tolerance.
     A key / value cache (Hugging Face's ``past_key_values``) is not compared: a model whose attention lost heads
     caches fewer of them.
     """
@@ -153,6 +158,8 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol
             raise TypeError(f"{name} must be a number, got {type(tol).__name__} {tol!r}")
         if not math.isfinite(tol) or tol < 0:   # a NaN tolerance would let every difference pass
             raise ValueError(f"{name} must be a finite non-negative number, got {tol!r}")
+    if not isinstance(equal_nan, bool):
+        raise TypeError(f"equal_nan must be a bool, got {type(equal_nan).__name__} {equal_nan!r}")
     check_example_inputs(example_inputs)
     with _eval_mode(reference, candidate):
         ref_out, ref_seen = _run_recording(reference, _cloned(example_inputs))
@@ -176,14 +183,15 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol
         b = cand_t[path]
         if a.shape != b.shape:
             raise VerificationError(f"{path}: shape {tuple(a.shape)} (reference) vs {tuple(b.shape)} (candidate)")
-        diffs[path] = _max_diff(a, b)
+        diffs[path] = _max_diff(a, b, equal_nan)
     bad = {p: d for p, d in diffs.items() if d > _tolerance(ref_t[p], atol, rtol)}
     if bad:
         worst = max(bad, key=bad.get)
         first_layer = next((n for n in ref_seen if n in cand_seen and ref_seen[n].shape == cand_seen[n].shape
-                            and _max_diff(ref_seen[n], cand_seen[n]) > _tolerance(ref_seen[n], atol, rtol)), None)
+                            and _max_diff(ref_seen[n], cand_seen[n], equal_nan) > _tolerance(ref_seen[n], atol, rtol)),
+                           None)
         where = (f"; first layer off: {first_layer!r} (max |diff| "
-                 f"{_max_diff(ref_seen[first_layer], cand_seen[first_layer]):.3g})") if first_layer else ""
+                 f"{_max_diff(ref_seen[first_layer], cand_seen[first_layer], equal_nan):.3g})") if first_layer else ""
         nan = _non_finite_note(ref_t[worst], cand_t[worst]) if math.isinf(bad[worst]) else ""
         raise VerificationError(f"{worst}: max |diff| {bad[worst]:.3g}{nan} > atol {atol}"
                                 f"{f' + rtol {rtol} * max|reference|' if rtol else ''}{where}")

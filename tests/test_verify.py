@@ -113,6 +113,15 @@ def test_nan_in_the_candidate_is_never_within_tolerance():
         inf_a.lin.bias.fill_(1.0)
         inf_b.lin.bias.fill_(1.0)
     assert sk.verify(inf_a, inf_b, x.abs(), atol=0) == {"output": 0.0}
+    nan_b = Scaled(float("nan"))         # NaN facing NaN: only with equal_nan; NaN facing a number never
+    nan_b.lin.load_state_dict(ref.lin.state_dict())
+    with pytest.raises(sk.VerificationError, match=r"NaN in both"):
+        sk.verify(bad, nan_b, x)
+    assert sk.verify(bad, nan_b, x, equal_nan=True) == {"output": 0.0}
+    with pytest.raises(sk.VerificationError, match=r"NaN in the candidate"):
+        sk.verify(ref, bad, x, equal_nan=True)
+    with pytest.raises(TypeError, match="equal_nan"):
+        sk.verify(ref, ref, x, equal_nan="yes")
 
 
 # ------------------------------------------------------------------------------------------ review fixes
