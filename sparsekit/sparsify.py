@@ -276,8 +276,11 @@ def _plain_dense(mod: nn.Module) -> nn.Module:
 
 
 def _measure(mod: nn.Module, inp: Tensor, factories: dict[str, Callable[[], nn.Module]], reps: int,
-             notes: list[str]) -> tuple[dict[str, float], dict[str, nn.Module]]:
+             notes: list[str]) -> tuple[dict[str, float], dict[str, nn.Module], bool]:
+    """Each candidate's median time (the ones that run and match dense), the built modules, and whether a
+    candidate failed at run time (RuntimeError: maybe transient, so the result is not for the cache)."""
     dense = _plain_dense(mod)
+    transient = False
     built: dict[str, nn.Module] = {"dense": dense}
     with torch.no_grad():
         ref = dense(inp)
@@ -285,8 +288,12 @@ def _measure(mod: nn.Module, inp: Tensor, factories: dict[str, Callable[[], nn.M
             try:
                 cand = make()
                 out = cand(inp)
-            except (ValueError, TypeError, RuntimeError) as exc:
+            except (ValueError, TypeError) as exc:     # the arguments: the same every call
                 notes.append(f"{label} skipped: {_first_line(exc)}")
+                continue
+            except RuntimeError as exc:
+                notes.append(f"{label} failed at run time: {_first_line(exc)}")
+                transient = True
                 continue
             tol = 1e-3 if inp.dtype == torch.float32 else 3e-2
             if not torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol * max(1.0, float(ref.abs().max()))):
@@ -295,7 +302,7 @@ def _measure(mod: nn.Module, inp: Tensor, factories: dict[str, Callable[[], nn.M
             built[label] = cand
     times = interleaved_median_ms({k: (lambda m=m: m(inp)) for k, m in built.items()}, warmup=2, reps=reps,
                                   device=inp.device)
-    return times, built
+    return times, built, transient
 
 
 def _first_line(exc: BaseException, limit: int = 120) -> str:
@@ -541,8 +548,11 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
             times = hit["times_ms"]
             notes = list(hit.get("notes", []))
         else:
-            times, built = _measure(mod, inp, factories, reps, notes)
-            tcache.put(key, {"times_ms": times, "notes": notes})
+            times, built, transient = _measure(mod, inp, factories, reps, notes)
+            if transient:   # (a run-time error may pass, out of memory for one: measured again next call)
+                notes.append("not cached: a candidate failed at run time")
+            else:
+                tcache.put(key, {"times_ms": times, "notes": notes})
             notes = list(notes)   # notes added below are about this call, not the stored measurement
         sparse_times = {k: v for k, v in times.items() if k in factories}
         best = min(sparse_times, key=sparse_times.get) if sparse_times else "dense"

@@ -87,6 +87,28 @@ def test_cache_makes_the_second_call_skip_measuring(tmp_path):
     assert len(TuningCache(path).entries) == 2
 
 
+def test_a_candidate_failing_at_run_time_is_not_cached(tmp_path, monkeypatch):
+    # a RuntimeError (out of memory, say) may not happen again: that measurement is not remembered
+    net, x = _net()
+    path = tmp_path / "cache.json"
+    plain = sk.nn.SparseLinear.forward
+
+    def flaky(self, inp):
+        if self.format == "csr":
+            raise RuntimeError("out of memory")
+        return plain(self, inp)
+
+    monkeypatch.setattr(sk.nn.SparseLinear, "forward", flaky)
+    _, first = sk.sparsify(net, x, cache=path, reps=2, measure_model=False)
+    fc1 = next(d for d in first.layers if d.name == "fc1")
+    assert "csr" not in fc1.times_ms and "not cached: a candidate failed at run time" in fc1.notes
+    monkeypatch.setattr(sk.nn.SparseLinear, "forward", plain)
+    _, second = sk.sparsify(net, x, cache=path, reps=2, measure_model=False)
+    fc1 = next(d for d in second.layers if d.name == "fc1")
+    assert not fc1.cached and "csr" in fc1.times_ms
+    assert next(d for d in second.layers if d.name == "conv").cached     # (the conv's candidates all ran)
+
+
 def test_masked_model_from_the_pruner():
     model = sk.models.FFN(dim=64, hidden=128, tokens=4).eval()
     x = model.example_input(2)
