@@ -37,18 +37,25 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10, min_tim
     return statistics.median(times)
 
 
-def _calls_per_sample(fns: dict[str, Callable[[], object]], min_sample_ms: float,
-                      device: torch.device | str | None) -> dict[str, int]:
-    """How many back-to-back calls of each fn fill ``min_sample_ms`` (1 when a single call already does)."""
+def calls_per_sample(fastest_ms: float, min_sample_ms: float) -> int:
+    """Back-to-back calls per sample for every candidate of a comparison: enough for the fastest one's calls to
+    fill ``min_sample_ms`` (1 when ``min_sample_ms`` is 0 or its single call already does)."""
     if min_sample_ms <= 0:
-        return {k: 1 for k in fns}
+        return 1
+    return max(1, min(_MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_ms / max(fastest_ms, 1e-6))))
+
+
+def _probe_ms(fns: dict[str, Callable[[], object]], device: torch.device | str | None) -> dict[str, float]:
+    """Each fn's time per call, the median of three single calls (one call can be an outlier)."""
     out = {}
     for k, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        ms = (time.perf_counter() - t0) * 1e3
-        out[k] = max(1, min(_MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_ms / max(ms, 1e-6))))
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[k] = statistics.median(times)
     return out
 
 
@@ -61,11 +68,13 @@ def interleaved_samples_ms(fns: dict[str, Callable[[], object]], warmup: int = 3
     """Milliseconds per call of each fn, measured round-robin in the same loop so machine noise hits all of
     them alike (after `warmup` rounds; under no_grad; CUDA synchronised around each sample).
 
-    With ``min_sample_ms`` > 0, a fn whose single call is shorter than that is called back-to-back enough
-    times to fill it and the sample is the mean per call (timeit-style): microsecond calls are then not
-    dominated by timer and interpreter noise, and the operands stay cache-resident across the calls of one
-    sample, for every candidate alike. 0 times single calls. Each round starts one fn later than the previous
-    one, so that no fn always runs right after the same other one (whose cache footprint it would inherit)."""
+    With ``min_sample_ms`` > 0 and the fastest fn's single call shorter than that, every fn is called
+    back-to-back the same number of times per sample (``calls_per_sample``: enough for the fastest to fill it)
+    and the sample is the mean per call (timeit-style): microsecond calls are then not dominated by timer and
+    interpreter noise, and every candidate is measured the same way, its operands cache-resident across the calls
+    of a sample (a count per fn would give the fast ones warm repeats and the slow ones cold single calls). 0
+    times single calls. Each round starts one fn later than the previous one, so that no fn always runs right
+    after the same other one (whose cache footprint it would inherit)."""
     if not math.isfinite(min_sample_ms) or min_sample_ms < 0:
         raise ValueError(f"min_sample_ms must be a finite number >= 0, got {min_sample_ms!r}")
     if reps < 1:
@@ -76,11 +85,12 @@ def interleaved_samples_ms(fns: dict[str, Callable[[], object]], warmup: int = 3
             for fn in fns.values():
                 fn()
         _sync(device)
-        calls = _calls_per_sample(fns, min_sample_ms, device)
+        n = calls_per_sample(min(_probe_ms(fns, device).values()), min_sample_ms) if fns and min_sample_ms > 0 \
+            else 1
         keys = list(fns)
         for r in range(reps if keys else 0):
             for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-                fn, n = fns[k], calls[k]
+                fn = fns[k]
                 t0 = time.perf_counter()
                 for _ in range(n):
                     fn()

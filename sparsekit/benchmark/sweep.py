@@ -475,8 +475,9 @@ def mark_interrupted(results: dict, done: int, total: int, what: str) -> None:
 
 def _timing_text(cfg: SweepConfig) -> str:
     timer = cfg.timer if cfg.timer != "auto" else ("events" if cfg.device == "cuda" else "interleaved")
-    repeat = (f"; a call under {cfg.min_sample_ms:g} ms is repeated back-to-back to fill one sample (mean per "
-              "call; its operands stay cache-resident within the sample, for dense and sparse alike)"
+    repeat = (f"; when the fastest candidate's call is under {cfg.min_sample_ms:g} ms, every candidate's calls are "
+              "repeated back-to-back the same number of times per sample, enough for the fastest to fill it (mean "
+              "per call; operands cache-resident within a sample, for dense and sparse alike)"
               if cfg.min_sample_ms > 0 else "; single calls (no back-to-back repeats)")
     how = {"interleaved": "time.perf_counter around each sample, candidates round-robin in one loop" + repeat,
            "events": "CUDA events around each call (L2 flushed before each), candidates round-robin in one loop",

@@ -2,7 +2,8 @@
 
 CPU: the method of ``sparsekit.timing.interleaved_median_ms`` (perf_counter around each sample, candidates
 round-robin in one loop so machine noise hits all of them alike, under no_grad, after warm-up rounds; a call
-shorter than ``min_sample_ms`` is repeated back-to-back within its sample), keeping the samples so the spread
+shorter than ``min_sample_ms`` makes every candidate's calls repeat back-to-back within their samples, the same
+number of times), keeping the samples so the spread
 can be reported too (``noise_pct`` = interquartile range / median). CUDA: the same
 round-robin with CUDA events around each call and an L2 flush before it, or ``triton.testing.do_bench``
 (median) per candidate with ``timer="do_bench"``.
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..timing import interleaved_samples_ms
+from ..timing import calls_per_sample, interleaved_samples_ms
 
 __all__ = ["TIMERS", "CUDA_TIMERS", "time_candidates"]
 
@@ -100,7 +101,9 @@ def time_candidates(fns: dict[str, Callable[[], object]], device: str = "cpu", t
         run = lambda f, warmup, reps: _perf_counter_interleaved(f, warmup, reps, device=device,   # noqa: E731
                                                                 min_sample_ms=min_sample_ms)
     first = run(fns, warmup=warmup, reps=1)
-    round_s = sum(max(v[0], min_sample_ms) for v in first.values()) / 1e3
+    per_call = {k: v[0] for k, v in first.items()}
+    calls = calls_per_sample(min(per_call.values()), min_sample_ms) if timer == "interleaved" else 1
+    round_s = calls * sum(per_call.values()) / 1e3      # (every candidate makes ``calls`` calls per sample)
     reps = max(min_reps, min(max_reps, math.ceil(budget_s / max(round_s, 1e-9))))
     samples = run(fns, warmup=0, reps=reps)
     return ({k: statistics.median(v) for k, v in samples.items()}, {k: _spread_pct(v) for k, v in samples.items()},
