@@ -393,6 +393,8 @@ def model_figure(device: str, dtype: str, model: str, key: str, threshold: float
             values.append(row["speedup_best"])
             text += (f"; under torch.compile {row['dense_compile_ms']:.0f} -> {row['sparse_compile_ms']:.0f} ms "
                      f"({_x(row['speedup_compiled'])}), best sparse vs best dense {_x(row['speedup_best'])}")
+        if row.get("verify_error"):     # (the script still times a model whose outputs are off: not a result)
+            return Measured(f"{text}; outputs differ from the dense model: {row['verify_error']}", NOT_MET, (run,))
         return Measured(text, _verdict(values, threshold, at_most), (run,))
     return measure
 

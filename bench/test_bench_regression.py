@@ -8,7 +8,8 @@ Not part of `make test` / `pytest` (testpaths is tests/); run explicitly:
 
 Each case first checks the sparse output against dense (same correctness guard as the sweeps), then times it.
 Dense cases are in the same group as the sparse ones so a regression of either shows up side by side; the
-sparsity, the ideal speedup 1/(1-s) and the backend go into extra_info.
+sparsity, the ideal speedup 1/(1-s) and the backend go into extra_info. TF32 is off; on CUDA each timed call ends
+with a synchronize.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("pytest_benchmark")
 
+from sparsekit.benchmark.machine import restore_tf32, set_tf32  # noqa: E402
 from sparsekit.benchmark.patterns import Pattern, make_weight, to_format  # noqa: E402
 from sparsekit.benchmark.shapes import get_shapes  # noqa: E402
 from sparsekit.benchmark.sweep import TOLERANCE, check_output  # noqa: E402
@@ -26,6 +28,25 @@ from sparsekit.ops import all_reasons, bsr_linear, csr_linear, nm_linear, sparse
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = "cpu" if DEVICE == "cpu" else None   # on CUDA: what the dispatcher picks
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 everywhere (cuDNN's default lets a dense fp32 conv run in TF32), as the sweeps' default; restored."""
+    old = set_tf32(False)
+    yield
+    restore_tf32(old)
+
+
+def _timed(fn):
+    """``fn`` and, on CUDA, a synchronize: pytest-benchmark would otherwise time the kernel launches only."""
+    if DEVICE != "cuda":
+        return fn
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+    return synced
 
 # (name, pattern, sparsity); "dense" times F.linear / F.conv2d on the same (zero-holding) weight
 CASES = [
@@ -72,7 +93,7 @@ def test_linear(benchmark, shape_m, case) -> None:
         ok, err = check_output(fn(), ref, TOLERANCE[torch.float32])
     assert ok, f"{name}: output differs from dense (max rel err {err:.3g})"
     with torch.no_grad():
-        benchmark(fn)
+        benchmark(_timed(fn))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -100,4 +121,4 @@ def test_conv(benchmark, shape_name, case) -> None:
         ok, err = check_output(fn(), ref, TOLERANCE[torch.float32])
     assert ok, f"{name}: output differs from dense (max rel err {err:.3g})"
     with torch.no_grad():
-        benchmark(fn)
+        benchmark(_timed(fn))

@@ -168,6 +168,13 @@ def test_model_speedup_needs_eager_and_best_vs_best_when_compiled(tg, tmp_path):
     assert "under torch.compile 500 -> 190 ms" in got.value
 
 
+def test_model_speedup_with_mismatched_outputs_is_not_met(tg, tmp_path):
+    # bench_sparsify_models.py still times a model whose outputs differ from dense: no verdict from that
+    _models(tmp_path, "a", verify_error="output: max |diff| 0.3 > atol 0.0001")
+    got = _measure(tg, tmp_path, "BERT-base encoder (12 layers")
+    assert got.status == tg.NOT_MET and "outputs differ from the dense model" in got.value
+
+
 def test_targets_block_one_table_per_device_with_links(tg, tmp_path):
     _sweep(tmp_path, "k", _bert(0.5, (1.3, 1.4)))
     (tmp_path / "k.md").write_text("report")

@@ -8,6 +8,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 __all__ = ["add_bench_parser", "add_report_parser", "add_sweep_arguments", "config_from_args", "run_bench",
            "run_report"]
@@ -213,9 +214,11 @@ def run_bench(args: argparse.Namespace, suite: str, argv: list[str] | None = Non
         cfg = config_from_args(args, suite, argv)
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"sparsekit bench {suite}: {exc}") from None
+    from ..sparsify_command import _check_out
     from .report import speedup_table
     from .sweep import run_kernel_sweep, save_results
 
+    _check_out(Path(args.out), f"sparsekit bench {suite}")     # (before the sweep: its results would be lost)
     t0 = time.perf_counter()
     try:
         if suite == "kernels":

@@ -87,7 +87,7 @@ def _speedup_figure(plt, results: dict, op: str, shape: str, dtype: str, rows: l
         ax.grid(True, which="both", alpha=0.25)
     axes[0][0].set_ylabel("speedup vs dense eager")
     r0 = rows[0]
-    mnk = f"M={r0['M']} N={r0['N']} K={r0['K']}"
+    mnk = f"M={r0['M']} N={r0['N']} K={r0['K']}" if r0.get("N") is not None else f"{r0['M']} tokens"
     fig.suptitle(_title(results, f"{op} {shape} ({mnk}), {dtype}; diamond = break-even, ring = noisy point"),
                  fontsize=9)
     handles, labels = {}, {}

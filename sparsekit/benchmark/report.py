@@ -1,15 +1,18 @@
 """Results -> markdown: break-even sparsity per format and shape, best speedup, % of the ideal 1/(1-s).
 
-Break-even is where a sparse candidate's speedup over dense crosses 1.0, by linear interpolation between the
-two measured sparsities around the first crossing (speedups 0.5 at s=0.5 and 1.5 at s=0.9 -> 0.7). If the
-lowest measured sparsity is already faster than dense it is reported as "<= s_min"; if no measured sparsity
-is, as "never (<= s_max)".
+Break-even is the sparsity from which a sparse candidate stays faster than dense: after the last measured
+sparsity where its speedup is below 1.0, by linear interpolation up to the next one (speedups 0.5 at s=0.5 and
+1.5 at s=0.9 -> 0.7). A curve that dips below 1.0 again after crossing it (a noisy or a genuinely slower point)
+is judged by that last dip, and marked "dips": the first crossing would claim sparsities that were measured
+slower than dense. If every measured sparsity is faster than dense it is "<= s_min"; if the highest is not, "never
+(up to s_max)". Non-finite speedups (a failed timing) are left out.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,29 +40,35 @@ class BreakEven:
     kind: str               # "interpolated" | "below" | "never" | "none" (no ok points)
     low: float | None = None
     high: float | None = None
+    dips: bool = False      # the curve is below 1.0 again somewhere above a sparsity where it was not
 
     def __str__(self) -> str:
+        note = " (dips)" if self.dips else ""
         if self.kind == "interpolated":
-            return f"{self.value:.2f}"
+            return f"{self.value:.2f}{note}"
         if self.kind == "below":
             return f"<= {self.value:.2f}"
         if self.kind == "never":
-            return f"never (<= {self.high:.2f})"
+            return f"never (up to {self.high:.2f}){note}"
         return "-"
 
 
 def break_even(points: list[tuple[float, float]]) -> BreakEven:
-    """Sparsity where speedup reaches 1.0, from (sparsity, speedup) points (any order)."""
-    pts = sorted((float(s), float(v)) for s, v in points if s is not None and v is not None)
+    """Sparsity from which the speedup stays at or above 1.0, from (sparsity, speedup) points (any order)."""
+    pts = sorted((float(s), float(v)) for s, v in points
+                 if s is not None and v is not None and math.isfinite(float(s)) and math.isfinite(float(v)))
     if not pts:
         return BreakEven(None, "none")
     lo, hi = pts[0][0], pts[-1][0]
-    if pts[0][1] >= 1.0:
-        return BreakEven(pts[0][0], "below", lo, hi)
-    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
-        if v0 < 1.0 <= v1:
-            return BreakEven(s0 + (1.0 - v0) * (s1 - s0) / (v1 - v0), "interpolated", lo, hi)
-    return BreakEven(None, "never", lo, hi)
+    below = [i for i, (_, v) in enumerate(pts) if v < 1.0]
+    if not below:
+        return BreakEven(lo, "below", lo, hi)
+    last = below[-1]
+    dips = any(v >= 1.0 for _, v in pts[:last])
+    if last == len(pts) - 1:
+        return BreakEven(None, "never", lo, hi, dips)
+    (s0, v0), (s1, v1) = pts[last], pts[last + 1]
+    return BreakEven(s0 + (1.0 - v0) * (s1 - s0) / (v1 - v0), "interpolated", lo, hi, dips)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -136,16 +145,19 @@ def group_key(row: dict) -> str:
 def summarize(rows: list[dict], kinds: tuple[str, ...] = ("sparsekit", "torch")) -> list[dict]:
     """One entry per (op, shape, dtype, format, candidate) of the given kinds: break-even, best, % ideal."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
+    for r in rows:     # (M and device too: results of several runs may be concatenated)
         if r.get("kind") in kinds:
-            groups[(r["op"], r["shape"], r["dtype"], group_key(r), r["candidate"])].append(r)
+            groups[(r["op"], r["shape"], r.get("M"), r.get("device"), r["dtype"], group_key(r),
+                    r["candidate"])].append(r)
     out = []
-    for (op, shape, dtype, fmt, cand), rs in groups.items():
-        ok = [r for r in rs if r.get("status") == "ok" and r.get("speedup") is not None]
+    for (op, shape, _, device, dtype, fmt, cand), rs in groups.items():
+        ok = [r for r in rs if r.get("status") == "ok" and _finite(r.get("speedup")) and _finite(r.get("sparsity"))]
         be = break_even([(r["sparsity"], r["speedup"]) for r in ok])
         best = max(ok, key=lambda r: r["speedup"]) if ok else None
-        failed = sorted({f"{r['status']}@{r['sparsity']:.2f}" for r in rs if r.get("status") != "ok"})
-        out.append({"op": op, "shape": shape, "dtype": dtype, "format": fmt, "candidate": cand,
+        failed = sorted({f"{r.get('status') if r.get('status') != 'ok' else 'no timing'}@"
+                         f"{_fmt(r.get('sparsity') if _finite(r.get('sparsity')) else r.get('target_sparsity'))}"
+                         for r in rs if r not in ok})
+        out.append({"op": op, "shape": shape, "device": device, "dtype": dtype, "format": fmt, "candidate": cand,
                     "M": rs[0].get("M"), "N": rs[0].get("N"), "K": rs[0].get("K"), "break_even": be,
                     "best_speedup": best["speedup"] if best else None,
                     "best_at": best["sparsity"] if best else None,
@@ -156,8 +168,13 @@ def summarize(rows: list[dict], kinds: tuple[str, ...] = ("sparsekit", "torch"))
                     "by_sparsity": {round(r["sparsity"], 4): r["speedup"] for r in ok},
                     "by_target": {round(r["target_sparsity"], 4): (r["speedup"], is_noisy(r)) for r in ok},
                     "failed": failed})
-    out.sort(key=lambda e: (_OP_ORDER.get(e["op"], 9), e["shape"], e["dtype"], e["format"], e["candidate"]))
+    out.sort(key=lambda e: (_OP_ORDER.get(e["op"], 9), e["shape"], e["M"] or 0, str(e["device"]), e["dtype"],
+                            e["format"], e["candidate"]))
     return out
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def is_noisy(r: dict) -> bool:

@@ -72,7 +72,7 @@ OPS = ("linear", "conv2d")
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 TF32_TOLERANCE = 1e-2
 
-ROW_FIELDS = ("suite", "op", "shape", "M", "N", "K", "geometry", "dtype", "pattern", "format", "block", "nm",
+ROW_FIELDS = ("suite", "device", "op", "shape", "M", "N", "K", "geometry", "dtype", "pattern", "format", "block", "nm",
               "target_sparsity", "sparsity", "candidate", "kind", "status", "ms", "noise_pct", "dense_ms",
               "dense_noise_pct", "best_dense_ms", "speedup", "speedup_vs_best_dense", "ideal", "pct_ideal",
               "rel_err", "reps", "flops", "bytes", "gflops_per_s", "pct_peak_flops", "gb_per_s", "pct_peak_bw",
@@ -162,6 +162,8 @@ class SweepConfig:
             raise ValueError(f"m must be a positive int or None, got {self.m!r}")
         if self.timer not in TIMERS:
             raise ValueError(f"timer must be one of {TIMERS}, got {self.timer!r}")
+        if self.tf32 and self.device != "cuda":   # (it would only flip CUDA flags and label the results "TF32 on")
+            raise ValueError(f"tf32 applies to CUDA fp32 products only, got tf32=True with device={self.device!r}")
         if self.timer in CUDA_TIMERS and self.device != "cuda":   # else the sweep fails at its first timing
             raise ValueError(f"timer={self.timer!r} times on a CUDA device and needs device='cuda', got "
                              f"device={self.device!r}; use timer='auto' or 'interleaved' on the CPU")
@@ -458,9 +460,9 @@ def new_results(suite: str, cfg: SweepConfig) -> dict:
     meta = machine_info(cfg.device)
     meta.update({"suite": suite, "quick": cfg.quick, "argv": cfg.argv or sys.argv,
                  "config": {k: v for k, v in asdict(cfg).items() if k != "argv"},   # shape objects -> dicts
-                 "timing": _timing_text(cfg), "dense_baseline": _dense_text(cfg)})
+                 "timing": _timing_text(cfg), "dense_baseline": _dense_text(cfg, suite)})
     peaks: dict[str, dict] = {}
-    if cfg.peaks:
+    if cfg.peaks and suite != "model":     # (model rows get no roofline: no FLOP / byte counts per layer)
         for d in cfg.dtypes:
             peaks[d] = measure_peaks(cfg.device, DTYPES[d])
     return {"schema": SCHEMA, "meta": meta, "peaks": peaks, "notes": {}, "rows": []}
@@ -489,9 +491,13 @@ def _timing_text(cfg: SweepConfig) -> str:
             f"configuration) after {cfg.warmup} warm-up rounds; {how}; noise_pct = interquartile range / median")
 
 
-def _dense_text(cfg: SweepConfig) -> str:
+def _dense_text(cfg: SweepConfig, suite: str = "kernels") -> str:
     lib = "cuBLAS/cuDNN" if cfg.device == "cuda" else "MKL/oneDNN"
     tf32 = "TF32 on" if cfg.tf32 else "TF32 off"
+    if suite == "model":
+        return (f"the dense model in eager mode (torch's own layers: {lib}, {tf32}); also under torch.compile("
+                f"dynamic=False, mode={cfg.compile_mode}); speedup is vs eager, speedup_vs_best_dense vs the faster "
+                "of the two")
     return (f"torch eager F.linear / F.conv2d ({lib}, {tf32}); also torch.compile(dynamic=False, "
             f"mode={cfg.compile_mode}) and, for conv, channels_last; speedup is vs eager, "
             "speedup_vs_best_dense vs the fastest dense variant")
@@ -549,7 +555,7 @@ def _run_job(cfg: SweepConfig, op: str, shape: LinearShape | ConvShape, dtype_na
     actual = 1.0 - int(torch.count_nonzero(w2d)) / w2d.numel()
     fmt = to_format(w2d, pattern)
     es = w2d.element_size()
-    base = {"suite": "kernels", "op": op, "shape": shape.name, "M": m, "N": n, "K": k,
+    base = {"suite": "kernels", "device": device, "op": op, "shape": shape.name, "M": m, "N": n, "K": k,
             "geometry": shape.describe(device, cfg.m), "dtype": dtype_name, "pattern": pattern.name,
             "format": pattern.family, "block": pattern.block_str,
             "nm": f"{pattern.n}:{pattern.m}" if pattern.kind == "nm" else "", "target_sparsity": target,

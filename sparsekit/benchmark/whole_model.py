@@ -52,14 +52,18 @@ class ModelSpec:
     batch_cpu: int
     batch_cuda: int
 
-    def build(self, device: str, quick: bool) -> nn.Module:
+    def build(self, device: str, quick: bool, seed: int = 0) -> nn.Module:
+        """The model, its weights drawn from ``seed`` (so are its magnitude masks: the same every run); the
+        caller's random state is left as it was."""
         from .. import models
 
-        if self.name == "ffn":
-            return models.FFN(dim=768, hidden=3072, tokens=64 if quick else 128)
-        cfg = {**models.bert_base_config(), "layers": 12 if device == "cuda" else (1 if quick else 2),
-               "seq_len": 64 if quick else 128}
-        return models.TransformerEncoder(**cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if self.name == "ffn":
+                return models.FFN(dim=768, hidden=3072, tokens=64 if quick else 128)
+            cfg = {**models.bert_base_config(), "layers": 12 if device == "cuda" else (1 if quick else 2),
+                   "seq_len": 64 if quick else 128}
+            return models.TransformerEncoder(**cfg)
 
     def batch(self, device: str, override: int | None) -> int:
         return override if override is not None else (self.batch_cuda if device == "cuda" else self.batch_cpu)
@@ -128,7 +132,7 @@ def run_model_sweep(cfg: SweepConfig) -> dict:
         plan = []
         for name in names:
             spec = MODELS[name]
-            master = spec.build(cfg.device, cfg.quick).eval()
+            master = spec.build(cfg.device, cfg.quick, cfg.seed).eval()
             k_min = min(m.in_features for m in master.modules() if isinstance(m, nn.Linear))
             for dtype in cfg.dtypes:
                 for p, s in _model_patterns(cfg, k_min, notes):
@@ -171,7 +175,8 @@ def _run_model_job(cfg, spec, master, dtype_name, p, s, notes, state, SparseLine
     pruned, actual = _prune(master, state["x_master"], p, p.sparsity(s), ignore)
     holder.load_state_dict(pruned.state_dict())
     tokens = x.shape[0] * (x.shape[1] if x.dim() >= 2 else 1)
-    base = {"suite": "model", "op": "model", "shape": spec.name, "M": tokens, "N": None, "K": None,
+    base = {"suite": "model", "device": device, "op": "model", "shape": spec.name, "M": tokens, "N": None,
+            "K": None,
             "geometry": f"{spec.label}, input {tuple(x.shape)}", "dtype": dtype_name, "pattern": p.name,
             "format": p.family, "block": p.block_str, "nm": f"{p.n}:{p.m}" if p.kind == "nm" else "",
             "target_sparsity": s, "sparsity": actual}
