@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._aliases import module_aliases, shared_weights
+from ._aliases import module_aliases, replace_modules, shared_weights
 from ._compat import set_submodule
-from .formats import BSR, CSR, NM, ChannelIndex, bitmap_from_indices
+from .formats import BSR, CSR, NM, ChannelIndex, _check_nm, _normalize_block, bitmap_from_indices
 from .ops import sparse_conv2d, sparse_conv3d, sparse_linear
 from .ops.conv import group_starts
 from .ops.conv_transpose import (
@@ -39,6 +40,7 @@ from .prune.linear_mha import (
     restore_dense_attention,
 )
 from .prune.linear_rnn import LinearRecurrent, expose_sparse_recurrent, restore_dense_recurrent, rnn_to_linear
+from .prune.module_copy import share_call_hooks
 
 FORMAT_NAMES = ("dense", "bsr", "csr", "nm", "channel")
 _INDEX_FIELDS = {"bsr": ("crow_indices", "col_indices"), "csr": ("crow_indices", "col_indices"),
@@ -71,13 +73,29 @@ def _trained_weight(mod: nn.Module) -> Tensor:
 
 def _same_trainability(new: nn.Module, src: nn.Module) -> nn.Module:
     """A converted layer trains what its source trained: a frozen weight (or bias) stays frozen, and it is in the
-    source's train / eval mode (a fresh module is in training mode, which would flip an eval model's layers)."""
+    source's train / eval mode (a fresh module is in training mode, which would flip an eval model's layers). It
+    also runs the source's forward (pre-)hooks and backward hooks: it shares their dicts, so a hook's handle
+    removes it from both (a pre-hook that rewrites the input would otherwise be dropped silently)."""
     _trained_weight(new).requires_grad_(_trained_weight(src).requires_grad)
     if new.bias is not None and src.bias is not None:
         bias = src.parametrizations.bias.original if parametrize.is_parametrized(src, "bias") else src.bias
         new.bias.requires_grad_(bias.requires_grad)
     new.train(src.training)
+    share_call_hooks(new, src)
     return new
+
+
+def _autocast_dtype(x: object) -> torch.dtype | None:
+    """The dtype torch.autocast runs nn.Linear / nn.Conv* in for input ``x``, or None outside autocast (or for an
+    input autocast leaves alone: not floating, or float64)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    try:
+        if not torch.is_autocast_enabled(x.device.type):
+            return None
+        return torch.get_autocast_dtype(x.device.type)
+    except RuntimeError:      # a device type autocast does not know (meta)
+        return None
 
 
 def _check_format(format: object) -> str:
@@ -134,6 +152,15 @@ class _SparseWeight(nn.Module):
         self.weight_shape = tuple(fmt.shape)
         self.nm = (fmt.n, fmt.m) if format == "nm" else None
 
+    def _init_bias(self, bias: object, outputs: int) -> None:
+        # (a wrong one would fail only at the first forward)
+        if bias is not None and not isinstance(bias, Tensor):
+            raise TypeError(f"{type(self).__name__}: bias must be a Tensor or None, got {type(bias).__name__}")
+        if bias is not None and tuple(bias.shape) != (outputs,):
+            raise ValueError(f"{type(self).__name__}: bias must have shape ({outputs},) (one per output), got "
+                             f"{tuple(bias.shape)}")
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
     def sparse_weight(self) -> BSR | CSR | NM | ChannelIndex | Tensor:
         """The weight as a format object sharing this module's tensors (the dense Parameter for "dense").
 
@@ -152,6 +179,22 @@ class _SparseWeight(nn.Module):
             self.__dict__["_format_cache"] = (tuple(map(id, tensors)), fmt)
         return fmt
 
+    def _autocast(self, x: Tensor, w: BSR | CSR | NM | ChannelIndex | Tensor,
+                  bias: Tensor | None) -> tuple[Tensor, BSR | CSR | NM | ChannelIndex | Tensor, Tensor | None]:
+        """x, the weight and the bias as torch.autocast casts them for nn.Linear / nn.Conv*: into its dtype (a
+        dense layer before hands on activations in it, and the sparse ops never cast silently). The casts are
+        differentiable: gradients reach the full-precision values. Unchanged outside autocast."""
+        dt = _autocast_dtype(x)
+        if dt is None:
+            return x, w, bias
+        # (autocast casts every floating argument but a float64 one)
+        cast = lambda t: t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        if isinstance(w, Tensor):
+            w = cast(w)
+        elif w.dtype not in (dt, torch.float64):
+            w = self._build_format(self.values.to(dt))    # (the same indices; torch.compile traces it)
+        return cast(x), w, cast(bias)
+
     def __getstate__(self) -> dict:
         # the cached format is keyed by tensor ids, which mean nothing in the copy (and it may hold the op faces'
         # per-call state): pickle, torch.save and deepcopy leave it out; the copy builds its own
@@ -166,12 +209,18 @@ class _SparseWeight(nn.Module):
         # bitmap that disagreed with them would be read by the forward while the backward reads col_indices).
         bitmap = self._buffers.pop("bitmap", None) if self.format == "csr" else None
         errors_before = len(error_msgs)
+        # a state of another pattern fails on the tensors whose shapes differ (values, col_indices) but copies
+        # those of the same shape (crow_indices): the layer's own indices come back then, so that it stays
+        # consistent (else a grouped conv's offsets, rebuilt next, and every later forward read a mixed pattern)
+        indices = {name: self._buffers[name].clone() for name in _INDEX_FIELDS[self.format]}
         try:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
         finally:
             if bitmap is not None:
                 self._buffers["bitmap"] = bitmap
+        if len(error_msgs) > errors_before:
+            self._buffers.update(indices)
         if self.format != "csr":
             return
         unexpected_keys[:] = [k for k in unexpected_keys if k != prefix + "bitmap"]
@@ -182,15 +231,17 @@ class _SparseWeight(nn.Module):
                 and int(crow[-1]) == col.numel():
             self._buffers["bitmap"] = bitmap_from_indices(crow, col, *self.weight_shape)
 
-    def _build_format(self) -> BSR | CSR | NM | ChannelIndex:
+    def _build_format(self, values: Tensor | None = None) -> BSR | CSR | NM | ChannelIndex:
+        """The format of this module's tensors (with ``values`` instead of its own: a cast of them)."""
+        values = self.values if values is None else values
         if self.format in ("bsr", "csr"):
             cls = BSR if self.format == "bsr" else CSR
             extra = {"bitmap": self._buffers.get("bitmap")} if cls is CSR else {}
-            return cls(values=self.values, crow_indices=self.crow_indices, col_indices=self.col_indices,
+            return cls(values=values, crow_indices=self.crow_indices, col_indices=self.col_indices,
                        shape=self.weight_shape, **extra)
         if self.format == "nm":
-            return NM(values=self.values, indices=self.indices, shape=self.weight_shape, n=self.nm[0], m=self.nm[1])
-        return ChannelIndex(values=self.values, indices=self.indices, shape=self.weight_shape, dim=0)
+            return NM(values=values, indices=self.indices, shape=self.weight_shape, n=self.nm[0], m=self.nm[1])
+        return ChannelIndex(values=values, indices=self.indices, shape=self.weight_shape, dim=0)
 
     def dense_weight2d(self) -> Tensor:
         w = self.sparse_weight()
@@ -214,7 +265,10 @@ class _SparseWeight(nn.Module):
         extra = f", block={w.block}" if isinstance(w, BSR) else f", n:m={w.n}:{w.m}" if isinstance(w, NM) \
             else ", bitmap" if isinstance(w, CSR) and w.bitmap is not None else ""
         backend = f", backend={self.backend}" if self.backend else ""
-        return f"format={self.format}{extra}, density={self.density:.3f}{backend}"
+        # (a dense or n:m density counts nonzero values, which meta tensors do not hold)
+        p = w if isinstance(w, Tensor) else w.values
+        density = "" if p.is_meta and self.format in ("dense", "nm") else f", density={self.density:.3f}"
+        return f"format={self.format}{extra}{density}{backend}"
 
 
 class SparseLinear(_SparseWeight):
@@ -229,7 +283,7 @@ class SparseLinear(_SparseWeight):
         super().__init__()
         self._init_weight(weight, _check_format(format), backend)
         self.out_features, self.in_features = self.weight_shape
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self._init_bias(bias, self.out_features)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
@@ -246,7 +300,7 @@ class SparseLinear(_SparseWeight):
         return _same_trainability(cls(fmt, linear.bias, format, backend), linear)
 
     def forward(self, x: Tensor) -> Tensor:
-        return sparse_linear(x, self.sparse_weight(), self.bias, self.backend)
+        return sparse_linear(*self._autocast(x, self.sparse_weight(), self.bias), self.backend)
 
     def to_dense(self) -> nn.Linear:
         """An ordinary nn.Linear with the same weight (zeros where nothing is stored)."""
@@ -280,30 +334,68 @@ def _explicit_padding(conv: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
     return tuple(conv.padding)  # type: ignore[return-value]
 
 
+def _spatial(cls: type, v: object, fill: int) -> object:
+    """An int geometry argument as one entry per spatial dim, as nn.Conv2d takes it (a 1-D class's geometry is its
+    1 x k view: ``(fill, v)``); anything else as given."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (fill, v) if cls._SPATIAL == 1 else (v,) * cls._SPATIAL
+    return v
+
+
+def _check_kernel_size(owner: str, kernel_size: object) -> tuple[int, ...]:
+    if not isinstance(kernel_size, (tuple, list)) or not kernel_size \
+            or not all(isinstance(k, int) and not isinstance(k, bool) for k in kernel_size):
+        raise TypeError(f"{owner}: kernel_size must be an int or a tuple of ints (one per spatial dim), got "
+                        f"{kernel_size!r}")
+    if min(kernel_size) < 1:
+        raise ValueError(f"{owner}: kernel_size must be positive, got {tuple(kernel_size)}")
+    return tuple(kernel_size)
+
+
 class SparseConv2d(_SparseWeight):
     """nn.Conv2d with a sparse weight over [C_out, C_in/groups*kh*kw] (sparsekit.ops.sparse_conv2d)."""
+
+    _SPATIAL = 2   # spatial dims an int geometry argument stands for (SparseConv3d: 3; SparseConv1d: its 1 x k view)
 
     def __init__(self, weight, bias: Tensor | None, format: str, in_channels: int, kernel_size: tuple[int, ...],
                  stride: tuple[int, ...] | None = None, padding: tuple[int, ...] | None = None,
                  dilation: tuple[int, ...] | None = None, groups: int = 1, backend: str | None = None) -> None:
         """Geometry as tuples of one entry per spatial dim of ``kernel_size`` (stride and dilation default to 1,
-        padding to 0)."""
+        padding to 0); an int stands for every dim, as nn.Conv2d takes it."""
         super().__init__()
+        owner = type(self).__name__
         if format == "channel" and groups != 1:   # (sparse_conv2d has no grouped ChannelIndex path)
             raise ValueError(f"format='channel' needs groups=1 (a conv of kept output channels), got groups={groups}; "
                              "use bsr / csr / dense for a grouped conv")
         self._init_weight(weight, _check_format(format), backend)
         self.out_channels = self.weight_shape[0]
+        # (a wrong geometry would otherwise fail only at the first forward, in the op)
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"{owner}: in_channels must be a positive int, got {in_channels!r}")
         self.in_channels = in_channels
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 \
+                or in_channels % groups or self.out_channels % groups:
+            raise ValueError(f"{owner}: groups must be a positive int dividing C_in = {in_channels} and C_out = "
+                             f"{self.out_channels}, got {groups!r}")
+        kernel_size = _check_kernel_size(owner, _spatial(type(self), kernel_size, 1))
+        stride, padding, dilation = (_spatial(type(self), v, fill) for v, fill in ((stride, 1), (padding, 0),
+                                                                                    (dilation, 1)))
         nd = len(kernel_size)
         for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):
             if v is not None and len(v) != nd:
-                raise ValueError(f"{name} must have {nd} entries like kernel_size {tuple(kernel_size)}, got {v}")
-        self.kernel_size = tuple(kernel_size)
+                raise ValueError(f"{name} must have {nd} entries like kernel_size {kernel_size}, got {v}")
+        taps = 1
+        for k in kernel_size:
+            taps *= k
+        if self.weight_shape[1] != in_channels // groups * taps:
+            raise ValueError(f"{owner}: weight must have C_in / groups * taps = {in_channels // groups * taps} "
+                             f"columns (in_channels={in_channels}, groups={groups}, kernel_size={kernel_size}), got "
+                             f"{self.weight_shape[1]}")
+        self.kernel_size = kernel_size
         self.stride = tuple(stride) if stride is not None else (1,) * nd
         self.padding = tuple(padding) if padding is not None else (0,) * nd
         self.dilation, self.groups = (tuple(dilation) if dilation is not None else (1,) * nd), groups
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self._init_bias(bias, self.out_channels)
         self._update_group_starts()
 
     def _update_group_starts(self) -> None:
@@ -316,8 +408,8 @@ class SparseConv2d(_SparseWeight):
                 and (self.out_channels // self.groups) % unit == 0:
             self._group_starts = group_starts(self._build_format(), self.groups)
 
-    def _build_format(self) -> BSR | CSR | NM | ChannelIndex:
-        fmt = super()._build_format()
+    def _build_format(self, values: Tensor | None = None) -> BSR | CSR | NM | ChannelIndex:
+        fmt = super()._build_format(values)
         if getattr(self, "_group_starts", None) is not None:
             fmt.__dict__["_group_starts"] = (self.groups, self._group_starts)
         return fmt
@@ -349,14 +441,14 @@ class SparseConv2d(_SparseWeight):
                 raise ValueError(f"x must be [N, C, H, W] or unbatched [C, H, W], got shape {tuple(x.shape)}")
             if x.dim() == 3:
                 return SparseConv2d.forward(self, x.unsqueeze(0)).squeeze(0)
-        w = self.sparse_weight()
+        x, w, bias = self._autocast(x, self.sparse_weight(), self.bias)
         three_d = len(self.kernel_size) == 3
         if isinstance(w, Tensor):  # dense fallback: torch's own conv (oneDNN / cuDNN)
             weight = w.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
             conv = F.conv3d if three_d else F.conv2d
-            return conv(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         sparse_conv = sparse_conv3d if three_d else sparse_conv2d
-        return sparse_conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups,
+        return sparse_conv(x, w, bias, self.stride, self.padding, self.dilation, self.groups,
                            kernel_size=self.kernel_size, backend=self.backend)
 
     def to_dense(self) -> nn.Conv2d | nn.Conv3d:
@@ -382,6 +474,8 @@ class SparseConv1d(SparseConv2d):
     """nn.Conv1d with a sparse weight over [C_out, C_in/groups*k]: the same kernels as SparseConv2d, run on the
     input viewed as [N, C, 1, L] with a 1 x k kernel. Its geometry attributes are those 2-D ones
     (``kernel_size == (1, k)``, ``stride == (1, s)`` ...); inputs and outputs are Conv1d's ([N, C, L] or [C, L])."""
+
+    _SPATIAL = 1
 
     @classmethod
     def from_dense(cls, conv: nn.Conv1d, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
@@ -419,6 +513,7 @@ class SparseConv3d(SparseConv2d):
     geometry attributes are 3-tuples, its inputs Conv3d's ([N, C, D, H, W] or unbatched [C, D, H, W])."""
 
     _DENSE = nn.Conv3d
+    _SPATIAL = 3
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in (4, 5):
@@ -446,13 +541,19 @@ class SparseConvTranspose2d(_SparseWeight):
     n:m groups lie within a group's channels)."""
 
     _DENSE: type[nn.Module] = nn.ConvTranspose2d
+    _SPATIAL = 2   # spatial dims an int geometry argument stands for (3d: 3; 1d: its 1 x k view)
 
     def __init__(self, weight, bias: Tensor | None, format: str, kernel_size: tuple[int, ...],
                  stride: tuple[int, ...] | None = None, padding: tuple[int, ...] | None = None,
                  output_padding: tuple[int, ...] | None = None, dilation: tuple[int, ...] | None = None,
                  backend: str | None = None, groups: int = 1) -> None:
+        """Geometry as tuples of one entry per spatial dim of ``kernel_size``; an int stands for every dim, as
+        nn.ConvTranspose2d takes it."""
         super().__init__()
         self._init_weight(weight, _check_format(format), backend)
+        kernel_size = _check_kernel_size(type(self).__name__, _spatial(type(self), kernel_size, 1))
+        stride, padding, output_padding, dilation = (_spatial(type(self), v, fill) for v, fill in (
+            (stride, 1), (padding, 0), (output_padding, 0), (dilation, 1)))
         nd, taps = len(kernel_size), 1
         for k in kernel_size:
             taps *= k
@@ -461,9 +562,9 @@ class SparseConvTranspose2d(_SparseWeight):
         for name, v in (("stride", stride), ("padding", padding), ("output_padding", output_padding),
                         ("dilation", dilation)):
             if v is not None and len(v) != nd:
-                raise ValueError(f"{name} must have {nd} entries like kernel_size {tuple(kernel_size)}, got {v}")
+                raise ValueError(f"{name} must have {nd} entries like kernel_size {kernel_size}, got {v}")
         self.in_channels, self.out_channels = self.weight_shape[1], self.weight_shape[0] // taps
-        self.kernel_size = tuple(kernel_size)
+        self.kernel_size = kernel_size
         self.stride = tuple(stride) if stride is not None else (1,) * nd
         self.padding = tuple(padding) if padding is not None else (0,) * nd
         self.output_padding = tuple(output_padding) if output_padding is not None else (0,) * nd
@@ -475,7 +576,7 @@ class SparseConvTranspose2d(_SparseWeight):
         self.groups = groups
         if groups > 1:
             self._check_within_groups(taps)
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self._init_bias(bias, self.out_channels)
 
     def _check_within_groups(self, taps: int) -> None:
         """A grouped layer's format stores nothing between its groups: a stored zero there would train."""
@@ -537,7 +638,7 @@ class SparseConvTranspose2d(_SparseWeight):
         if x.dim() == nd + 1:
             return self.forward(x.unsqueeze(0), output_size).squeeze(0)
         args = self._conv_args(None if output_size is None else self._output_padding(x, output_size))
-        w = self.sparse_weight()
+        x, w, bias = self._autocast(x, self.sparse_weight(), self.bias)
         three_d = nd == 3
         if isinstance(w, Tensor):  # dense fallback: torch's own transposed conv
             weight = w.reshape(self.out_channels, *self.kernel_size, self.in_channels).movedim(-1, 0)
@@ -545,9 +646,9 @@ class SparseConvTranspose2d(_SparseWeight):
                 weight = grouped_weight(weight, self.groups)
             conv = F.conv_transpose3d if three_d else F.conv_transpose2d
             stride, padding, output_padding, dilation = args
-            return conv(x, weight, self.bias, stride, padding, output_padding, self.groups, dilation)
+            return conv(x, weight, bias, stride, padding, output_padding, self.groups, dilation)
         op = sparse_conv_transpose3d if three_d else sparse_conv_transpose2d
-        return op(x, w, self.bias, *args, kernel_size=self.kernel_size, backend=self.backend)
+        return op(x, w, bias, *args, kernel_size=self.kernel_size, backend=self.backend)
 
     def _dense_twin(self) -> nn.Module:
         p = self.values if self.format != "dense" else self.weight2d
@@ -579,6 +680,7 @@ class SparseConvTranspose1d(SparseConvTranspose2d):
     geometry attributes are Conv2d-style pairs, ``(1, k)``); inputs and outputs are ConvTranspose1d's."""
 
     _DENSE = nn.ConvTranspose1d
+    _SPATIAL = 1
 
     @classmethod
     def _geometry(cls, conv: nn.Module) -> dict:
@@ -604,6 +706,7 @@ class SparseConvTranspose3d(SparseConvTranspose2d):
     """nn.ConvTranspose3d with a sparse weight over ``[C_out*kd*kh*kw, C_in]`` (``sparse_conv_transpose3d``)."""
 
     _DENSE = nn.ConvTranspose3d
+    _SPATIAL = 3
 
 
 _SPARSE_TWINS = ((nn.Linear, SparseLinear), (nn.Conv1d, SparseConv1d), (nn.Conv2d, SparseConv2d),
@@ -622,6 +725,19 @@ def sparse_class(mod: nn.Module) -> type[_SparseWeight]:
                     f"{type(mod).__name__}")
 
 
+def _overridden_forward(mod: nn.Module) -> str | None:
+    """Why ``mod`` (an instance of SPARSE_LAYERS) must stay dense, or None: its class overrides the forward of the
+    torch layer it derives from (timm's StdConv2d standardising its weight, a Linear scaling its output), which
+    its Sparse* twin, running the stock computation, would drop silently. (A masked layer's parametrize class
+    adds no forward of its own.)"""
+    base = next(dense for dense, _ in _SPARSE_TWINS if isinstance(mod, dense))
+    for attr in ("forward", "_conv_forward"):     # (the stock conv forward calls _conv_forward)
+        if getattr(type(mod), attr, None) is not getattr(base, attr, None):
+            return (f"{parametrize.type_before_parametrizations(mod).__name__} overrides nn.{base.__name__}.{attr}: "
+                    "kept dense (its sparse twin would run the stock computation)")
+    return None
+
+
 def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
                     m: int = 4, backend: str | None = None, skip: tuple[str, ...] = ()) -> nn.Module:
     """Replace (in place) every nn.Linear / nn.Conv1d / 2d / 3d / nn.ConvTranspose1d / 2d / 3d whose weight has zeros
@@ -638,12 +754,26 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
 
     A layer registered under several names (``nn.ModuleList([layer] * 3)``) is one layer: every name gets the same
     sparse module (a name in ``skip`` keeps it dense under all of them). A layer whose weight Parameter another
-    layer or embedding also holds (tied weights) stays dense: a sparse copy would untie them.
+    layer or embedding also holds (tied weights) stays dense: a sparse copy would untie them; so does a subclass
+    that overrides the layer's forward (its own computation would be lost). A converted layer keeps its hooks,
+    train / eval mode and frozen (requires_grad=False) tensors.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, SPARSE_LAYERS):      # (the root is never replaced: the conversion is in place)
+        raise ValueError(f"model must contain the layers to convert, got a bare {type(model).__name__}; wrap it "
+                         f"(nn.Sequential(layer)) or convert it with {sparse_class(model).__name__}.from_dense(layer)")
     _check_format(format)
     _check_backend("convert_modules", backend)   # (else every layer's from_dense refused it: all listed as skipped)
+    # the format's own arguments, once (else each layer's from_dense refused them: all listed as skipped)
+    if format == "bsr":
+        _normalize_block(block, (0, 0))      # (its type and range; whether it divides a weight is per layer)
+    if format == "nm":
+        _check_nm(n, m)
+    if isinstance(skip, (str, bytes)) or not isinstance(skip, Iterable):
+        raise TypeError(f"skip must be a tuple or list of module names, got {type(skip).__name__} {skip!r}"
+                        + (f"; for one name pass ({skip!r},)" if isinstance(skip, str) else ""))
+    skip = tuple(skip)
     skipped: dict[str, str] = {}
     # attention projections with zeros become nn.Linear children (LinearMultiheadAttention); the stock module
     # comes back where none of them converts
@@ -658,8 +788,11 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
         names = aliases[id(mod)]
         if not name or any(a in skip for a in names) or not isinstance(mod, SPARSE_LAYERS):
             continue
+        custom = _overridden_forward(mod)
         if any(a in inside_attention for a in names):
             why = "inside nn.MultiheadAttention, whose projections have no zeros"
+        elif custom:
+            why = custom
         elif not bool((mod.weight == 0).any()):
             why = "no zeros"
         elif name in tied:
@@ -689,35 +822,37 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
 
 def _is_hf_conv1d(mod: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2 and friends): y = x @ W + b with W [nx, nf], i.e. a Linear with its
-    weight transposed. Recognised by name and layout, so transformers need not be importable."""
+    weight transposed. Recognised by name and layout, so transformers need not be importable (older versions keep
+    no ``nx``: the weight's first dim is it)."""
     w = getattr(mod, "weight", None)
     return (type(mod).__name__ == "Conv1D" and isinstance(w, Tensor) and w.dim() == 2
-            and tuple(w.shape) == (getattr(mod, "nx", None), getattr(mod, "nf", None)))
+            and w.shape[1] == getattr(mod, "nf", None) and getattr(mod, "nx", w.shape[0]) == w.shape[0])
+
+
+def _conv1d_as_linear(mod: nn.Module) -> nn.Linear:
+    """The nn.Linear computing what HF Conv1D ``mod`` computes, trained, hooked and in the mode it was."""
+    w = mod.weight
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=mod.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w.t())
+        if mod.bias is not None:
+            lin.bias.copy_(mod.bias)
+    return _same_trainability(lin, mod)
 
 
 def conv1d_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace every Hugging Face ``Conv1D`` (GPT-2's attention and MLP projections) by the equivalent
-    ``nn.Linear`` (weight transposed, same bias, same outputs), so that pruning, compaction and ``sparsify``,
-    which work on nn.Linear / nn.Conv2d, see those layers. Returns the converted model (a copy unless
-    ``inplace``). A saved model loads back into a skeleton converted the same way:
+    ``nn.Linear`` (weight transposed, same bias, same outputs, its hooks, train / eval mode and frozen tensors
+    kept), so that pruning, compaction and ``sparsify``, which work on nn.Linear / nn.Conv2d, see those layers.
+    Returns the converted model (a copy unless ``inplace``). A Conv1D registered under several names becomes one
+    Linear under all of them. A saved model loads back into a skeleton converted the same way:
     ``sk.load(path, conv1d_to_linear(GPT2Model(config)))``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if _is_hf_conv1d(model):
         raise ValueError("model is itself a Conv1D: convert the model that contains it")
     target = model if inplace else copy.deepcopy(model)
-    for name, mod in list(target.named_modules()):
-        if not name or not _is_hf_conv1d(mod):
-            continue
-        w = mod.weight
-        lin = nn.Linear(w.shape[0], w.shape[1], bias=mod.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w.t())
-            if mod.bias is not None:
-                lin.bias.copy_(mod.bias)
-        lin.train(mod.training)
-        parent_name, _, child = name.rpartition(".")
-        setattr(target.get_submodule(parent_name) if parent_name else target, child, lin)
+    replace_modules(target, _is_hf_conv1d, _conv1d_as_linear)
     return target
 
 

@@ -39,6 +39,8 @@ from .nn import (
     SparseConvTranspose2d,
     SparseConvTranspose3d,
     SparseLinear,
+    _is_hf_conv1d,
+    _same_trainability,
     sparse_class,
 )
 from .ops._dispatch import BACKENDS
@@ -170,9 +172,15 @@ def _assign_meta_skeleton(model: nn.Module, tensors: dict[str, torch.Tensor]) ->
                          "outside __init__); build the model on a real device instead")
 
 
-def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
+def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor], weights: Path):
     prefix = f"{name}." if name else ""
-    get = lambda key: tensors[prefix + key]
+
+    def get(key: str) -> torch.Tensor:
+        if prefix + key not in tensors:
+            raise ValueError(f"{weights} has no tensor {prefix + key!r}, which the spec's {spec.get('class')} "
+                             f"{name!r} needs: a damaged or mismatched save")
+        return tensors[prefix + key]
+
     shape = tuple(spec["weight_shape"])
     fmt = spec["format"]
     if fmt == "dense":
@@ -223,6 +231,25 @@ def _rebuild(name: str, spec: dict, tensors: dict[str, torch.Tensor]):
                         tuple(spec["padding"]), tuple(spec["dilation"]), spec["groups"], backend)
 
 
+def _check_no_hf_conv1d(model: nn.Module, spec: dict, src: Path) -> None:
+    """A GPT-2-style save holds nn.Linear / Sparse* layers where the fresh model has transformers' Conv1D (whose
+    weight is the transposed one: a square one would load silently wrong)."""
+    found = []
+    for name in (*spec["modules"], *(spec.get("widths") or {})):   # (the saved Linears: sparse, then all by width)
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            continue     # (reported below, by name)
+        if _is_hf_conv1d(mod) and name not in found:
+            found.append(name)
+    if found:
+        more = ", ..." if len(found) > 3 else ""
+        raise ValueError(f"model has Hugging Face Conv1D layers ({', '.join(found[:3])}{more}) where the save at "
+                         f"{src} holds nn.Linear layers: it was converted with "
+                         "sparsekit.nn.conv1d_to_linear; convert the skeleton the same way: "
+                         "sk.load(path, sparsekit.nn.conv1d_to_linear(Model(config)))")
+
+
 def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.device = "cpu") -> nn.Module:
     """Re-apply a saved spec and weights to ``model`` (a fresh instance of the original class); returns it.
     A saved Sparse* layer is rebuilt and returned itself (``model``: an instance of its class or of the dense
@@ -231,7 +258,10 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
     ``model`` may be built on the meta device (``with torch.device("meta"): model = Model()``): the saved
     tensors are then assigned instead of copied, so no dense weight is ever allocated in the loading process
     (``bench/bench_memory.py`` measures the peak RSS this saves). Otherwise ``model`` is moved to
-    ``map_location`` first, so that the whole model (unsaved buffers included) ends there."""
+    ``map_location`` first, so that the whole model (unsaved buffers included) ends there. A rebuilt layer trains
+    what the skeleton's layer trained (a frozen one stays frozen), in its train / eval mode and with its hooks.
+    A damaged or mismatched save is a ValueError naming the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not isinstance(model, nn.Module):
@@ -245,7 +275,14 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
     if not (src / SPEC_FILE).is_file() or not (src / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"path must be a directory written by sparsekit.save (with {SPEC_FILE} and "
                                 f"{WEIGHTS_FILE}), got {str(src)!r}")
-    spec = json.loads((src / SPEC_FILE).read_text())
+    try:
+        spec = json.loads((src / SPEC_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{src / SPEC_FILE} is not valid JSON ({exc}): a damaged save; write it again with "
+                         "sparsekit.save") from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("modules"), dict):
+        raise ValueError(f"{src / SPEC_FILE} must hold a sparsekit.save spec (a JSON object with a 'modules' "
+                         f"object), got {type(spec).__name__}")
     if spec.get("sparsekit_spec") not in READABLE_SPECS:
         raise ValueError(f"unsupported spec version {spec.get('sparsekit_spec')!r} (this sparsekit reads "
                          f"{', '.join(map(str, READABLE_SPECS))})")
@@ -255,7 +292,12 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
         given = sparse_class(model).__name__   # its dense original names the class too
     if spec.get("model_class") not in (None, given):
         raise TypeError(f"model is a {type(model).__name__} but the saved model was a {spec['model_class']}")
-    tensors = load_file(str(src / WEIGHTS_FILE), device=str(device))
+    try:
+        tensors = load_file(str(src / WEIGHTS_FILE), device=str(device))
+    except SafetensorError as exc:
+        raise ValueError(f"{src / WEIGHTS_FILE} cannot be read ({exc}): a damaged or truncated save; write it again "
+                         "with sparsekit.save") from exc
+    _check_no_hf_conv1d(model, spec, src)
     on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))  # (the skeleton, before rebuilding)
     if spec.get("widths"):
         from .prune.compact import apply_widths  # re-create compacted layer widths in the fresh instance
@@ -273,7 +315,12 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
             new = cls.from_module(mod)   # (its children follow)
             new.sparsify_converted = bool(mspec.get("sparsify_converted", False))
         else:
-            new = _rebuild(name, mspec, tensors)
+            old = model.get_submodule(name)
+            new = _rebuild(name, mspec, tensors, src / WEIGHTS_FILE)
+            if isinstance(old, (*SPARSE_LAYERS, *SPARSE_MODULES)):
+                # what the skeleton's layer trains (a backbone its __init__ froze stays frozen), its train / eval
+                # mode and its hooks
+                _same_trainability(new, old)
         if not name:      # a saved Sparse* layer: the rebuilt one is the model (returned instead of ``model``)
             model = new
             continue

@@ -27,7 +27,15 @@ from torch.utils import _pytree as pytree
 
 from ._aliases import module_aliases, shared_weights
 from ._compat import set_submodule
-from .nn import FORMAT_NAMES, SPARSE_LAYERS, SPARSE_MODULES, SparseLinear, sparse_class
+from .nn import (
+    FORMAT_NAMES,
+    SPARSE_LAYERS,
+    SPARSE_MODULES,
+    SparseLinear,
+    _is_hf_conv1d,
+    _overridden_forward,
+    sparse_class,
+)
 from .ops._dispatch import BACKENDS, recording_choices
 from .ops.conv_transpose import transposed_weight2d
 from .prune.linear_mha import (
@@ -76,6 +84,7 @@ class SparsifyReport:
     min_speedup: float
     dense_ms: float | None = None
     sparse_ms: float | None = None
+    notes: list[str] = field(default_factory=list)   # about the model as a whole (layers it leaves out)
 
     @property
     def speedup(self) -> float | None:
@@ -100,6 +109,7 @@ class SparsifyReport:
             lines.append(f"{d.name:<{nw}}{shape:>{sw}}{inp:>{iw}}{d.sparsity:>9.3f}  {d.pattern:<{pw}}"
                          f"{d.choice:<{cw}}{d.speedup:>7.2f}x  {cands}{' (cached)' if d.cached else ''}")
             lines += [f"{'':<{nw}}note: {n}" for n in d.notes]
+        lines += [f"note: {n}" for n in self.notes]
         if self.speedup is not None:
             lines.append(f"whole model: dense {self.dense_ms:.2f} ms -> sparse {self.sparse_ms:.2f} ms "
                          f"({self.speedup:.2f}x)")
@@ -277,17 +287,21 @@ def _plain_dense(mod: nn.Module) -> nn.Module:
 
 def _measure(mod: nn.Module, inp: Tensor, factories: dict[str, Callable[[], nn.Module]], reps: int,
              notes: list[str]) -> tuple[dict[str, float], dict[str, nn.Module], bool]:
-    """Each candidate's median time (the ones that run and match dense), the built modules, and whether a
-    candidate failed at run time (RuntimeError: maybe transient, so the result is not for the cache)."""
+    """Each candidate's median time (the ones that run and match the layer), the built modules, and whether a
+    candidate failed at run time (RuntimeError: maybe transient, so the result is not for the cache).
+
+    Modules run through ``forward``: ``inp`` is what the layer's forward received (after its pre-hooks), and the
+    candidates share the layer's hooks (``from_dense`` keeps them), which would run, side effects and all, on
+    every timed call, while the plain dense baseline has none."""
     dense = _plain_dense(mod)
     transient = False
     built: dict[str, nn.Module] = {"dense": dense}
     with torch.no_grad():
-        ref = dense(inp)
+        ref = mod.forward(inp)      # the layer itself: what the candidates must compute
         for label, make in factories.items():
             try:
                 cand = make()
-                out = cand(inp)
+                out = cand.forward(inp)
             except (ValueError, TypeError) as exc:     # the arguments: the same every call
                 notes.append(f"{label} skipped: {_first_line(exc)}")
                 continue
@@ -297,10 +311,10 @@ def _measure(mod: nn.Module, inp: Tensor, factories: dict[str, Callable[[], nn.M
                 continue
             tol = 1e-3 if inp.dtype == torch.float32 else 3e-2
             if not torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol * max(1.0, float(ref.abs().max()))):
-                notes.append(f"{label} skipped: output differs from dense")
+                notes.append(f"{label} skipped: output differs from the dense layer's")
                 continue
             built[label] = cand
-    times = interleaved_median_ms({k: (lambda m=m: m(inp)) for k, m in built.items()}, warmup=2, reps=reps,
+    times = interleaved_median_ms({k: (lambda m=m: m.forward(inp)) for k, m in built.items()}, warmup=2, reps=reps,
                                   device=inp.device)
     return times, built, transient
 
@@ -383,7 +397,7 @@ def _backend_used(mod: nn.Module, inp: Tensor) -> str | None:
     if not isinstance(mod, SPARSE_MODULES) or mod.format in ("dense", "channel"):
         return "torch"
     with recording_choices() as seen, torch.no_grad():
-        mod(inp)
+        mod.forward(inp)        # (the layer alone: the user's hooks on it need not run again here)
     # the last pick is the real one (a call the dispatcher measures times every candidate first)
     return seen[-1] if seen else ("cpu" if inp.device.type == "cpu" else None)
 
@@ -393,6 +407,9 @@ def _check_args(model: object, formats: object, min_speedup: object, blocks: obj
                 backend: object, flags: dict[str, object]) -> tuple[tuple[str, ...], tuple[tuple[int, int], ...]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (*SPARSE_LAYERS, *SPARSE_MODULES)):     # (it swaps submodules: the root never is)
+        raise ValueError(f"model must contain the layers to sparsify, got a bare {type(model).__name__}; wrap it "
+                         "(sk.sparsify(nn.Sequential(layer), ...), then take [0] of the result)")
     on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if on_meta:
         raise ValueError(f"model has tensors on the meta device ({', '.join(on_meta[:3])}"
@@ -526,6 +543,11 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     device = first.device if first is not None else torch.device("cpu")
     report = SparsifyReport([], device_name(device), str(first.dtype if first is not None else torch.float32),
                             float(min_speedup))
+    hf = [n for n, m in target.named_modules() if n and _is_hf_conv1d(m)]
+    if hf:
+        report.notes.append(f"{len(hf)} Hugging Face Conv1D layer(s) left dense ({', '.join(hf[:3])}"
+                            f"{', ...' if len(hf) > 3 else ''}): sparsify swaps nn.Linear / conv layers; convert "
+                            "them first with sparsekit.nn.conv1d_to_linear(model)")
     for name, inp in inputs.items():
         mod = target.get_submodule(name)
         if any(a in inside_mha for a in aliases[id(mod)]):
@@ -535,8 +557,9 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
             continue
         stats = pattern_stats(w, blocks)
         factories = _candidates(mod, w, stats, formats, blocks, backend, exact, math.prod(inp.shape[:-1]))
-        if name in tied:     # no candidate to time: only dense is measured (a sparse copy would untie the weight)
-            factories = {}
+        custom = _overridden_forward(mod)
+        if name in tied or custom:     # no candidate to time: only dense is measured (a sparse copy would untie
+            factories = {}             # the weight, or drop the subclass's own forward)
         key = TuningCache.key({"device": device_name(inp.device), "switches": kernel_switches(inp.device),
                                "code": code_revision(), "dtype": str(inp.dtype), **_kind(mod),
                                "weight": list(w.shape), "input": list(inp.shape), "stats": stats,
@@ -559,6 +582,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
         choice = best if best != "dense" and times["dense"] / sparse_times[best] >= min_speedup else "dense"
         if name in tied:
             notes.append(f"weight tied to {', '.join(tied[name])}: kept dense (a sparse copy would untie it)")
+        if custom:
+            notes.append(custom)
         others = [a for a in aliases[id(mod)] if a != name]
         if others:
             notes.append(f"the same module as {', '.join(others)}")

@@ -1,6 +1,10 @@
 """Review fixes in sparsekit.nn and the `sparsekit sparsify` command: converted modules keep the source's
 train / eval mode, unbatched SparseConv2d input, shared and tied layers in convert_modules, dilation in the conv
-reprs, constructor checks of weight / format / backend, checkpoint dtypes and clear CLI errors."""
+reprs, constructor checks of weight / format / backend, checkpoint dtypes and clear CLI errors; then subclasses
+with a forward of their own, torch.autocast, hooks, a failed load_state_dict, conv1d_to_linear and the argument
+checks of convert_modules and the constructors."""
+
+import copy
 
 import pytest
 import torch
@@ -277,3 +281,256 @@ def test_sparsify_command_bad_inputs_exit_with_a_message(tmp_path, capsys, weigh
     assert "Traceback" not in message + capsys.readouterr().err
     for part in said:
         assert part in message, (part, message)
+
+
+# --------------------------------------------------------------------- 7. subclasses with their own forward
+class _StdConv2d(nn.Conv2d):
+    """timm-style weight standardisation: the conv's own computation, not nn.Conv2d's."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-6)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class _PaddedConv(nn.Conv2d):
+    def _conv_forward(self, x, weight, bias):      # (the stock forward calls it)
+        return super()._conv_forward(nn.functional.pad(x, (1, 1, 1, 1)), weight, bias)
+
+
+class _Renamed(nn.Linear):
+    """A subclass that keeps nn.Linear's forward: converted like one."""
+
+
+def test_convert_modules_keeps_a_subclass_with_its_own_forward_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(_zeroed(_StdConv2d(4, 4, 3, padding=1)), _zeroed(_PaddedConv(4, 4, 3)), nn.Flatten(),
+                          _zeroed(_ScaledLinear(64, 8)), _zeroed(_Renamed(8, 8))).eval()
+    x = torch.randn(2, 4, 4, 4)
+    want = model(x)
+    convert_modules(model, format="csr")
+    assert [type(m) for m in model[:4]] == [_StdConv2d, _PaddedConv, nn.Flatten, _ScaledLinear]
+    assert isinstance(model[4], SparseLinear)
+    assert model.sparsekit_skipped["0"].startswith("_StdConv2d overrides nn.Conv2d.forward: kept dense")
+    assert model.sparsekit_skipped["1"].startswith("_PaddedConv overrides nn.Conv2d._conv_forward")
+    assert model.sparsekit_skipped["3"].startswith("_ScaledLinear overrides nn.Linear.forward")
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_masked_plain_layer_still_converts():
+    # (parametrize's class derives from nn.Linear without a forward of its own)
+    model = nn.Sequential(nn.Linear(8, 8))
+    sk.prune.masks.apply_tensor_mask(model[0], "weight", torch.rand(8, 8) < 0.5)
+    convert_modules(model, format="csr")
+    assert isinstance(model[0], SparseLinear) and model.sparsekit_skipped == {}
+
+
+# ------------------------------------------------------------------------------------------- 8. autocast
+AUTOCAST = {   # the sparse layer's dense original, its class, the dense layer before it (autocast hands on bf16), x
+    "linear": (lambda: nn.Linear(16, 8), SparseLinear, lambda: nn.Linear(16, 16), (4, 16)),
+    "conv2d": (lambda: nn.Conv2d(4, 8, 3, padding=1), SparseConv2d, lambda: nn.Conv2d(4, 4, 1), (2, 4, 6, 6)),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(4, 8, 3, stride=2), SparseConvTranspose2d,
+                         lambda: nn.Conv2d(4, 4, 1), (2, 4, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("format", ["csr", "bsr", "dense"])
+@pytest.mark.parametrize("kind", list(AUTOCAST))
+def test_sparse_layers_run_under_cpu_autocast_like_dense_ones(format, kind):
+    make, cls, make_first, shape = AUTOCAST[kind]
+    torch.manual_seed(0)
+    dense = nn.Sequential(make_first(), _zeroed(make()))
+    sparse = nn.Sequential(copy.deepcopy(dense[0]), cls.from_dense(dense[1], format=format, block=2))
+    x = torch.randn(shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = dense(x), sparse(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+    got.float().sum().backward()
+    trained = sparse[1].weight2d if format == "dense" else sparse[1].values
+    # the float32 master values train
+    assert trained.dtype == torch.float32 and trained.grad is not None and trained.grad.dtype == torch.float32
+    assert bool(trained.grad.ne(0).any()) and sparse[1].bias.grad is not None
+    assert sparse(x).dtype == torch.float32          # outside autocast: as before
+
+
+def test_a_grouped_sparse_conv_keeps_its_groups_under_autocast():
+    torch.manual_seed(0)
+    conv = _zeroed(nn.Conv2d(8, 8, 3, padding=1, groups=2))
+    sparse = SparseConv2d.from_dense(conv, format="csr")
+    x = torch.randn(2, 8, 5, 5).bfloat16()        # (as a dense layer before hands it on under autocast)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = sparse(x), conv(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_a_sparse_layer_under_autocast_compiles_fullgraph():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), SparseLinear.from_dense(_zeroed(nn.Linear(16, 8)), format="csr"))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = compiled(x), model(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------------------------ 9. hooks
+def test_converted_layers_keep_their_hooks():
+    torch.manual_seed(0)
+    model = nn.Sequential(_zeroed(nn.Linear(8, 8)), nn.ReLU(), _zeroed(nn.Conv1d(8, 8, 1), seed=1)).eval()
+    seen = []
+    model[0].register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))      # rewrites the input
+    model[0].register_forward_hook(lambda mod, args, kwargs, out: seen.append("kw"), with_kwargs=True)
+    handle = model[2].register_forward_hook(lambda mod, args, out: seen.append("conv"))
+    x = torch.randn(3, 8)
+    want = model[0](x)
+    convert_modules(model, format="csr")
+    assert isinstance(model[0], SparseLinear)
+    seen.clear()
+    torch.testing.assert_close(model[0](x), want, rtol=1e-4, atol=1e-5)
+    model[2](torch.randn(1, 8, 4))
+    assert seen == ["kw", "conv"]
+    handle.remove()            # a handle taken on the dense layer removes the hook from the converted one
+    model[2](torch.randn(1, 8, 4))
+    assert seen == ["kw", "conv"]
+
+
+def test_converted_layers_keep_full_backward_hooks():
+    grads = []
+    dense = _zeroed(nn.Linear(8, 8))
+    dense.register_full_backward_hook(lambda mod, grad_in, grad_out: grads.append(grad_out[0].shape))
+    sparse = SparseLinear.from_dense(dense, format="csr")
+    sparse(torch.randn(2, 8, requires_grad=True)).sum().backward()
+    assert grads == [(2, 8)]
+
+
+# --------------------------------------------------------------- 10. a failed load keeps the layer consistent
+@pytest.mark.parametrize("cls, make", [(SparseConv2d, lambda: nn.Conv2d(8, 8, 3, groups=2)),
+                                       (SparseConvTranspose2d, lambda: nn.ConvTranspose2d(8, 8, 3, groups=2)),
+                                       (SparseLinear, lambda: nn.Linear(16, 8))], ids=["conv", "transpose", "linear"])
+@pytest.mark.parametrize("format", ["csr", "bsr"])
+def test_a_failed_load_of_another_pattern_leaves_the_layer_as_it_was(cls, make, format):
+    torch.manual_seed(0)
+    sparse_src, dense_dst = make(), make()
+    with torch.no_grad():
+        sparse_src.weight.mul_(torch.rand_like(sparse_src.weight) < 0.1)
+        dense_dst.weight.mul_(torch.rand_like(dense_dst.weight) < 0.5)
+    src = cls.from_dense(sparse_src, format=format, block=1)
+    dst = cls.from_dense(dense_dst, format=format, block=1)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        dst.load_state_dict(src.state_dict())
+    with torch.no_grad():        # (the bias has one shape in both: torch loads it)
+        dense_dst.bias.copy_(sparse_src.bias)
+    x = torch.randn(1, 8, 6, 6) if cls is not SparseLinear else torch.randn(3, 16)
+    assert int(dst.crow_indices[-1]) == dst.col_indices.numel()
+    torch.testing.assert_close(dst(x), dense_dst(x), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- 11. conv1d_to_linear
+class Conv1D(nn.Module):
+    """transformers' Conv1D (recognised by name and layout): y = x @ W + b, W [nx, nf]."""
+
+    def __init__(self, nf, nx, keep_nx=True):
+        super().__init__()
+        self.nf = nf
+        if keep_nx:            # (older transformers keep no nx)
+            self.nx = nx
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class _Gpt(nn.Module):
+    def __init__(self, keep_nx=True):
+        super().__init__()
+        shared = Conv1D(6, 4, keep_nx)
+        self.a, self.b = shared, shared
+        self.frozen = Conv1D(6, 4, keep_nx).requires_grad_(False)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) + self.frozen(x)
+
+
+@pytest.mark.parametrize("keep_nx", [True, False])
+def test_conv1d_to_linear_keeps_shared_frozen_and_hooked_layers(keep_nx):
+    torch.manual_seed(0)
+    model = _Gpt(keep_nx).eval()
+    calls = []
+    model.frozen.register_forward_hook(lambda mod, args, out: calls.append(1))
+    x = torch.randn(2, 4)
+    want = model(x)
+    out = sk.nn.conv1d_to_linear(model)
+    assert type(out.a) is nn.Linear and out.a is out.b              # one layer under both names
+    assert not out.frozen.weight.requires_grad and not out.frozen.bias.requires_grad and out.a.weight.requires_grad
+    assert not out.a.training
+    calls.clear()
+    torch.testing.assert_close(out(x), want, rtol=1e-5, atol=1e-5)
+    assert calls == [1]
+
+
+# --------------------------------------------------------------------------------- 12. argument checks
+def test_convert_modules_checks_skip_block_n_m_and_the_root():
+    model = nn.Sequential()
+    model.add_module("a", _zeroed(nn.Linear(8, 8)))
+    model.add_module("ab", _zeroed(nn.Linear(8, 8), seed=1))
+    with pytest.raises(TypeError, match=r"skip must be a tuple or list of module names, got str 'ab'; .*\('ab',\)"):
+        convert_modules(model, format="csr", skip="ab")
+    with pytest.raises(ValueError, match=r"block must have both sides in \[1, 128\], got \(0, 0\)"):
+        convert_modules(model, format="bsr", block=0)
+    with pytest.raises(ValueError, match="n must satisfy 1 <= n < m"):
+        convert_modules(model, format="nm", n=4, m=4)
+    assert type(model.a) is nn.Linear and type(model.ab) is nn.Linear      # nothing converted on a bad call
+    convert_modules(model, format="csr", skip=["ab"])
+    assert isinstance(model.a, SparseLinear) and type(model.ab) is nn.Linear
+    with pytest.raises(ValueError, match=r"got a bare Linear; wrap it \(nn.Sequential\(layer\)\) or .*"
+                                         r"SparseLinear.from_dense"):
+        convert_modules(_zeroed(nn.Linear(8, 8)), format="csr")
+
+
+def test_sparse_constructors_check_groups_bias_and_take_an_int_kernel_size():
+    w = torch.randn(6, 36)
+    for groups in (0, 3, True):
+        with pytest.raises(ValueError, match=f"SparseConv2d: groups must be a positive int dividing C_in = 4 and "
+                                             f"C_out = 6, got {groups}"):
+            SparseConv2d(w, None, "dense", 4, (3, 3), groups=groups)
+    with pytest.raises(ValueError, match=r"SparseConv2d: weight must have C_in / groups \* taps = 45 columns"):
+        SparseConv2d(w, None, "dense", 5, (3, 3))
+    with pytest.raises(ValueError, match=r"SparseLinear: bias must have shape \(6,\) \(one per output\), got \(5,\)"):
+        SparseLinear(torch.randn(6, 8), torch.randn(5), "dense")
+    with pytest.raises(ValueError, match=r"SparseConvTranspose2d: bias must have shape \(6,\)"):
+        SparseConvTranspose2d(torch.randn(54, 4), torch.randn(4), "dense", (3, 3))
+    with pytest.raises(TypeError, match="SparseLinear: bias must be a Tensor or None, got list"):
+        SparseLinear(torch.randn(6, 8), [0.0] * 6, "dense")
+    with pytest.raises(TypeError, match=r"kernel_size must be an int or a tuple of ints .* got 3.0"):
+        SparseConv2d(w, None, "dense", 4, 3.0)
+    torch.manual_seed(0)
+    for conv, cls, x in [(nn.Conv2d(4, 6, 3, stride=2, padding=1), SparseConv2d, torch.randn(1, 4, 7, 7)),
+                         (nn.Conv1d(4, 6, 3, stride=2, padding=1), SparseConv1d, torch.randn(1, 4, 9)),
+                         (nn.Conv3d(2, 4, 3, padding=1), SparseConv3d, torch.randn(1, 2, 3, 4, 4))]:
+        sparse = cls(conv.weight.detach().reshape(conv.out_channels, -1), conv.bias, "dense", conv.in_channels,
+                     3, 2 if cls is not SparseConv3d else 1, 1)     # ints, as nn.Conv*d takes them
+        torch.testing.assert_close(sparse(x), conv(x), rtol=1e-4, atol=1e-5)
+    ct = nn.ConvTranspose2d(4, 6, 3, stride=2)
+    sparse = SparseConvTranspose2d(sk.ops.conv_transpose.transposed_weight2d(ct.weight.detach(), 1), ct.bias,
+                                   "dense", 3, 2)
+    assert sparse.kernel_size == (3, 3) and sparse.stride == (2, 2)
+    torch.testing.assert_close(sparse(x := torch.randn(1, 4, 5, 5)), ct(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("format", ["dense", "nm", "csr", "bsr", "channel"])
+def test_repr_of_a_layer_on_meta_tensors(format):
+    lin = nn.Linear(8, 8)
+    with torch.no_grad():
+        lin.weight.copy_(NM.prune(lin.weight, 2, 4))
+    text = repr(SparseLinear.from_dense(lin, format=format, block=2).to("meta"))
+    assert f"format={format}" in text
+    assert ("density" in text) is (format not in ("dense", "nm"))

@@ -155,3 +155,96 @@ def test_spec_versions_read_and_refused(tmp_path):
     (out / "sparsekit.json").write_text(json.dumps({**spec, "sparsekit_spec": 99}))
     with pytest.raises(ValueError, match="unsupported spec version 99 \\(this sparsekit reads 1, 2, 3\\)"):
         sk.load(out, TwoLayers())
+
+
+class FrozenBackbone(nn.Module):
+    """A model whose __init__ freezes part of itself (a backbone under a trained head), and hooks a layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+        self.backbone.requires_grad_(False)
+        self.calls: list[int] = []
+        self.backbone.register_forward_hook(lambda mod, args, out: self.calls.append(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_load_keeps_the_skeletons_frozen_layers_mode_and_hooks(tmp_path, on_meta):
+    torch.manual_seed(0)
+    model = FrozenBackbone()
+    with torch.no_grad():
+        model.backbone.weight[:, :8] = 0
+        model.head.weight[:, :8] = 0
+    sk.nn.convert_modules(model, format="csr")
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    sk.save(model, tmp_path / "m")
+    with torch.device("meta" if on_meta else "cpu"):
+        skeleton = FrozenBackbone().eval()
+    loaded = sk.load(tmp_path / "m", skeleton)
+    assert isinstance(loaded.backbone, SparseLinear) and isinstance(loaded.head, SparseLinear)
+    assert [p.requires_grad for p in loaded.backbone.parameters()] == [False, False]
+    assert all(p.requires_grad for p in loaded.head.parameters())
+    assert not loaded.backbone.training and not loaded.head.training      # the skeleton's mode
+    loaded(torch.randn(2, 16))
+    assert loaded.calls == [1]                                            # its hook runs on the rebuilt layer
+
+
+def test_a_damaged_save_is_a_value_error_naming_the_file(tmp_path):
+    fast, _ = _sparsified(["csr"])
+    out = sk.save(fast, tmp_path / "m")
+    weights, spec_file = out / "model.safetensors", out / "sparsekit.json"
+    spec, data = spec_file.read_text(), weights.read_bytes()
+    tensors = safetensors.torch.load_file(str(weights))
+    safetensors.torch.save_file({k: v for k, v in tensors.items() if k != "a.col_indices"}, str(weights))
+    with pytest.raises(ValueError, match=f"{weights} has no tensor 'a.col_indices', which the spec's SparseLinear"):
+        sk.load(out, TwoLayers())
+    weights.write_bytes(data[:500])
+    with pytest.raises(ValueError, match=f"{weights} cannot be read .*damaged or truncated"):
+        sk.load(out, TwoLayers())
+    weights.write_bytes(data)
+    for text, said in (("{not json", "is not valid JSON"), ("[]", "must hold a sparsekit.save spec .* got list")):
+        spec_file.write_text(text)
+        with pytest.raises(ValueError, match=f"{spec_file} {said}"):
+            sk.load(out, TwoLayers())
+    spec_file.write_text(spec)
+    sk.load(out, TwoLayers())          # (whole again: loads)
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D (recognised by name and layout): y = x @ W + b, W [nx, nf]."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+class GptBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_fc, self.c_proj = Conv1D(32, 8), Conv1D(8, 8)     # c_proj: square, would load transposed silently
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_fc(self.c_proj(x))
+
+
+def test_a_save_of_converted_conv1d_layers_refuses_an_unconverted_skeleton(tmp_path):
+    torch.manual_seed(0)
+    model = sk.nn.conv1d_to_linear(GptBlock())
+    with torch.no_grad():
+        model.c_fc.weight.mul_(torch.rand_like(model.c_fc.weight) < 0.2)
+    sk.nn.convert_modules(model, format="csr")
+    sk.save(model, tmp_path / "gpt")
+    with pytest.raises(ValueError, match=r"Hugging Face Conv1D layers \(c_fc, c_proj\) .* "
+                                         r"sparsekit.nn.conv1d_to_linear"):
+        sk.load(tmp_path / "gpt", GptBlock())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(sk.load(tmp_path / "gpt", sk.nn.conv1d_to_linear(GptBlock()))(x), model(x))

@@ -776,3 +776,71 @@ def test_linear_attention_to_stock_inverts_from_module(kind):
     sk.prune.masks.apply_tensor_mask(masked.q_proj, "weight", torch.ones_like(masked.q_proj.weight, dtype=torch.bool))
     with pytest.raises(TypeError, match="plain nn.Linear projections"):
         masked.to_stock()
+
+
+class _ScaledLinear(nn.Linear):
+    """A subclass with a forward of its own: its sparse twin would drop the scale."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_a_subclass_with_its_own_forward_stays_dense_with_a_note():
+    torch.manual_seed(0)
+    model = nn.Sequential(_ScaledLinear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    for lin in (model[0], model[2]):
+        _block_mask_(lin, 0.2)
+    x = torch.randn(4, 64)
+    fast, report = sk.sparsify(model, x, min_speedup=1e-9, cache=False, reps=1, measure_model=False)
+    assert type(fast[0]) is _ScaledLinear and isinstance(fast[2], SparseLinear)
+    first = next(d for d in report.layers if d.name == "0")
+    assert first.choice == "dense" and list(first.times_ms) == ["dense"]
+    assert any(n.startswith("_ScaledLinear overrides nn.Linear.forward: kept dense") for n in first.notes)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_candidates_are_checked_against_the_layer_itself():
+    from sparsekit.sparsify import _measure
+
+    torch.manual_seed(0)
+    layer = _ScaledLinear(64, 64).eval()
+    _block_mask_(layer, 0.2)
+    notes: list[str] = []
+    times, built, _ = _measure(layer, torch.randn(4, 64), {"csr": lambda: SparseLinear.from_dense(layer, "csr")},
+                               1, notes)
+    assert list(built) == ["dense"] and notes == ["csr skipped: output differs from the dense layer's"]
+
+
+def test_hooks_stay_on_the_chosen_layer_and_do_not_run_while_measuring():
+    net, x = _net()
+    calls = []
+    net.fc1.register_forward_hook(lambda mod, args, out: calls.append(type(mod).__name__))
+    fast, _ = sk.sparsify(net, x, min_speedup=1e-9, cache=False, reps=2, measure_model=False)
+    assert isinstance(fast.fc1, SparseLinear)
+    assert calls == ["Linear"]          # the one run that captures each layer's input
+    fast(x)
+    assert calls == ["Linear", "SparseLinear"]
+
+
+def test_a_bare_layer_is_refused_and_hf_conv1d_layers_are_noted():
+    lin = nn.Linear(64, 64)
+    _block_mask_(lin, 0.2)
+    with pytest.raises(ValueError, match=r"model must contain the layers to sparsify, got a bare Linear; wrap it"):
+        sk.sparsify(lin, torch.randn(4, 64), cache=False, reps=1)
+    with pytest.raises(ValueError, match="got a bare SparseLinear"):
+        sk.sparsify(SparseLinear.from_dense(lin, "csr"), torch.randn(4, 64), cache=False, reps=1)
+
+    class Conv1D(nn.Module):      # transformers' Conv1D (recognised by name and layout): y = x @ W + b
+        def __init__(self):
+            super().__init__()
+            self.nf, self.nx = 64, 64
+            self.weight = nn.Parameter(torch.randn(64, 64))
+            self.bias = nn.Parameter(torch.zeros(64))
+
+        def forward(self, x):
+            return x @ self.weight + self.bias
+
+    model = nn.Sequential(Conv1D(), lin).eval()
+    _, report = sk.sparsify(model, torch.randn(4, 64), min_speedup=1e-9, cache=False, reps=1, measure_model=False)
+    assert len(report.notes) == 1 and "1 Hugging Face Conv1D layer(s) left dense (0)" in report.notes[0]
+    assert "sparsekit.nn.conv1d_to_linear(model)" in str(report)

@@ -57,6 +57,9 @@ def share_call_hooks(new: nn.Module, old: nn.Module) -> None:
     for key in _CALL_HOOKS:
         if isinstance(old.__dict__.get(key), dict):
             new.__dict__[key] = old.__dict__[key]
+    # which kind its backward hooks are (register_full_backward_hook sets it): unset, torch runs none of them
+    if old.__dict__.get("_is_full_backward_hook") is not None:
+        new.__dict__["_is_full_backward_hook"] = old.__dict__["_is_full_backward_hook"]
 
 
 def _moved_hooks(hooks: dict, old: nn.Module, new: nn.Module) -> dict:
