@@ -91,10 +91,11 @@ class AlphaBlend:
                       if lk.consumer is not None and getattr(modules[k], "groups", 1) == 1
                       and getattr(modules[lk.consumer], "groups", 1) == 1}
             # a layer the fraction rounds back to its full width has nothing to narrow: it keeps no branch
-            widths = {k: w for k, w in widths.items() if w < modules[k].weight.shape[0]}
-            if not widths:
+            narrower = {k: w for k, w in widths.items() if w < modules[k].weight.shape[0]}
+            if widths and not narrower:
                 raise ValueError(f"widths={fraction!r} rounds every blendable layer back to its full width: "
                                  "use a smaller fraction or a dict name -> channels")
+            widths = narrower
         if not isinstance(widths, dict) or not widths:
             raise TypeError(f"widths must be a non-empty dict name -> channels or a float, got {widths!r}")
         self.alpha = 1.0
