@@ -148,17 +148,24 @@ def bsr_mm_config(m: int, bn: int, bk: int, dtype: torch.dtype, device: torch.de
     block_m, num_warps, num_stages = row[_bucket(m)]
     elem = torch.empty((), dtype=dtype).element_size()
     block_m, num_stages = _fit(block_m, num_stages, bn, bk, elem, major, smem)
+    block_m, num_warps = _fit_registers(block_m, num_warps, bn, bk, elem)
+    return KernelConfig(block_m=block_m, num_warps=num_warps, num_stages=num_stages, group_m=8)
+
+
+def _fit_registers(block_m: int, num_warps: int, bn: int, bk: int, elem: int) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) of a bsr_mm / split-K / bsr_mm_t config (table row or tuning candidate) that does not
+    spill registers: fp32 with a 128-deep K step gets 8 warps from 4096 outputs and at most 8192 outputs.
+
+    Why: the "ieee" dot (an FMA loop, torch's default) spilled with big tiles (ptxas -v, bytes of spill stores per
+    thread; see NM_MM_TABLE for how): bsr_mm sm90 bn 64 BLOCK_M 128 w4: 1480, bn 128 BLOCK_M 64 w4: 860, bn 32
+    BLOCK_M 128 w4: 172; sm80 1300 / 720 / 72 and bn 128 BLOCK_M 128 w8: 700; split-K sm90 bn 128 BLOCK_M 64 w4:
+    13524; bsr_mm_t up to 508. With the rule every such config spills at most 48 B (sm80 and sm90)."""
     if elem == 4 and bk >= 128:
-        # fp32 with a 128-deep K step: the "ieee" dot (an FMA loop, torch's default) spilled with big tiles (ptxas
-        # -v, bytes of spill stores per thread; see NM_MM_TABLE for how): bsr_mm sm90 bn 64 BLOCK_M 128 w4: 1480,
-        # bn 128 BLOCK_M 64 w4: 860, bn 32 BLOCK_M 128 w4: 172; sm80 1300 / 720 / 72 and bn 128 BLOCK_M 128 w8: 700;
-        # split-K sm90 bn 128 BLOCK_M 64 w4: 13524; bsr_mm_t up to 508. So 8 warps from 4096 outputs and at most
-        # 8192 outputs: every such bsr_mm / split-K / bsr_mm_t config then spills at most 48 B (sm80 and sm90).
         if block_m * bn >= 4096:
             num_warps = max(num_warps, 8)
         while block_m * bn > 8192 and block_m > 16:
             block_m //= 2
-    return KernelConfig(block_m=block_m, num_warps=num_warps, num_stages=num_stages, group_m=8)
+    return block_m, num_warps
 
 
 # ---------------------------------------------------------------------------------- split-K (decode shapes)
@@ -196,9 +203,10 @@ def bsr_mm_split_k(m: int, n_block_rows: int, nnzb: int, bn: int, bk: int, devic
     per SM; then split so that the grid reaches about two waves, keeping at least 2 stored blocks per
     program on average (the atomics of a split that has nothing to do are skipped, but its launch is
     not free). Uses nnzb (a shape, no GPU sync) rather than the per-row counts. Under the interpreter
-    the answer is 1 (tests force split_k explicitly). Not measured on a GPU yet (none here).
+    the answer is 1 (tests force split_k explicitly), and under torch.use_deterministic_algorithms(True) too
+    (split-K adds fp32 partials with atomics, in an order that varies). Not measured on a GPU yet (none here).
     """
-    if m > SPLIT_K_MAX_M or n_block_rows == 0 or nnzb == 0:
+    if m > SPLIT_K_MAX_M or n_block_rows == 0 or nnzb == 0 or torch.are_deterministic_algorithms_enabled():
         return 1
     if sms is None:
         if interpreting() or device is None or torch.device(device).type != "cuda":
@@ -237,18 +245,22 @@ BSR_SDDMM_TABLE: dict[tuple[int, int], tuple[int, int, int]] = {
 }
 
 
-def _sddmm_smem(block_m: int, stages: int, bn: int, bk: int, elem: int) -> int:
-    """Shared memory of k_bsr_sddmm: ``stages`` buffers of the dy and x tiles, plus the fp32 [bn, bk] result."""
-    return stages * block_m * (bn + bk) * elem + bn * bk * 4
+def _sddmm_smem(block_m: int, stages: int, bn: int, bk: int, elem: int, major: int) -> int:
+    """Shared memory of k_bsr_sddmm: the pipeline buffers of the dy^T and x tiles, or the epilogue's [bn, bk] layout
+    conversion, whichever is larger. Triton 3.6 keeps ``stages - 1`` buffers on sm80 (at least one: an unpipelined
+    dot still stages its operands there) and ``stages`` on sm90; this matches kernel.metadata.shared of
+    triton.compile for sm80/sm90 (fp16/fp32, BLOCK_M 16-256, 16x16 to 128x128 blocks, split 1 and 4) or exceeds it."""
+    buffers = (max(stages - 1, 1) if major < 9 else stages) * block_m * (bn + bk) * elem
+    return max(buffers, bn * bk * elem)
 
 
-def _fit_sddmm(block_m: int, stages: int, bn: int, bk: int, elem: int, smem: int) -> tuple[int, int]:
+def _fit_sddmm(block_m: int, stages: int, bn: int, bk: int, elem: int, major: int, smem: int) -> tuple[int, int]:
     """(BLOCK_M, stages) lowered until they fit ~90% of ``smem``: stages down to 1, then BLOCK_M halved (down to
     16), so that a measured row too big for this device (or for 4-byte elements) still launches."""
     budget = smem * 0.9
-    while stages > 1 and _sddmm_smem(block_m, stages, bn, bk, elem) > budget:
+    while stages > 1 and _sddmm_smem(block_m, stages, bn, bk, elem, major) > budget:
         stages -= 1
-    while block_m > 16 and _sddmm_smem(block_m, stages, bn, bk, elem) > budget:
+    while block_m > 16 and _sddmm_smem(block_m, stages, bn, bk, elem, major) > budget:
         block_m //= 2
     return block_m, stages
 
@@ -256,7 +268,8 @@ def _fit_sddmm(block_m: int, stages: int, bn: int, bk: int, elem: int, smem: int
 def bsr_sddmm_config(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype, device: torch.device | None = None,
                      arch: tuple[int, int] | None = None) -> TileConfig:
     """Config for ``k_bsr_sddmm``: the M step, warps, stages, and a split of M over programs (fp32 atomics)
-    when there are too few stored blocks to fill the GPU and M is long."""
+    when there are too few stored blocks to fill the GPU and M is long; never under
+    torch.use_deterministic_algorithms(True) (the atomics' order varies from run to run)."""
     if arch is None and interpreting():
         return TileConfig(block_m=16, block_n=bn, block_k=bk, num_warps=1, num_stages=1, split=1)
     if arch is None:
@@ -266,10 +279,10 @@ def bsr_sddmm_config(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype, de
     block_m, warps, stages = tuned_tables(major).get("bsr_sddmm", {}).get(bn * bk) \
         or BSR_SDDMM_TABLE.get((major, bn * bk), (32, 4, 3))
     elem = torch.empty((), dtype=dtype).element_size()
-    block_m, stages = _fit_sddmm(block_m, stages, bn, bk, elem, smem)
+    block_m, stages = _fit_sddmm(block_m, stages, bn, bk, elem, major, smem)
     sms = sm_count(device, major) if device is not None else _SM_FALLBACK.get(major, 108)
     split = 1
-    if 0 < nnzb < 2 * sms:
+    if 0 < nnzb < 2 * sms and not torch.are_deterministic_algorithms_enabled():
         split = max(1, min(SPLIT_K_MAX, _pow2_floor(min(-(-2 * sms // nnzb), m // (4 * block_m) or 1))))
     return TileConfig(block_m=block_m, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, split=split)
 
@@ -594,7 +607,8 @@ def bsr_mm_candidates(m: int, bn: int, bk: int, dtype: torch.dtype, arch: tuple[
     """Configs of ``_bsr_mm_kernel`` (and bsr_mm_t's, sides swapped) worth timing for M rows and (bn x bk) blocks on
     ``arch`` = (major, shared memory bytes): the table's own choice first, then BLOCK_M from the M bucket, 2-8
     warps, 3/5/7 stages (one, two or three pipeline buffers, see the module docstring), each fitted to the shared
-    memory as the table's rows are, duplicates dropped, nearest to the table's first."""
+    memory and to the fp32 register rule (_fit_registers) as the table's rows are, duplicates dropped, nearest to
+    the table's first."""
     major, smem = arch
     elem = torch.empty((), dtype=dtype).element_size()
     out = [bsr_mm_config(m, bn, bk, dtype, arch=arch)]
@@ -602,7 +616,8 @@ def bsr_mm_candidates(m: int, bn: int, bk: int, dtype: torch.dtype, arch: tuple[
         for warps in (2, 4, 8):
             for stages in (3, 5, 7):
                 fbm, fst = _fit(bm, stages, bn, bk, elem, major, smem)
-                out.append(KernelConfig(block_m=fbm, num_warps=warps, num_stages=fst, group_m=8))
+                fbm, fw = _fit_registers(fbm, warps, bn, bk, elem)
+                out.append(KernelConfig(block_m=fbm, num_warps=fw, num_stages=fst, group_m=8))
     return _nearest_first(out)
 
 
@@ -617,7 +632,7 @@ def bsr_sddmm_candidates(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype
     for bm in (32, 64, 128):
         for warps in (2, 4, 8):
             for stages in (2, 3, 4):
-                fbm, fst = _fit_sddmm(bm, stages, bn, bk, elem, smem)
+                fbm, fst = _fit_sddmm(bm, stages, bn, bk, elem, major, smem)
                 out.append(TileConfig(block_m=fbm, block_n=bn, block_k=bk, num_warps=warps, num_stages=fst,
                                       split=first.split))
     return _nearest_first(out)

@@ -6,6 +6,7 @@ dot precision, and the device context of a launch. Imports torch only (never tri
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -14,8 +15,9 @@ from torch import Tensor
 from ._configs import interpreting
 
 __all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_activation", "check_int", "check_index", "check_bias",
-           "check_grid", "check_optional_positive_int", "check_runnable", "cuda_matmul_allows_tf32",
-           "cudnn_allows_tf32", "default_input_precision", "device_ctx", "INPUT_PRECISIONS", "resolve_input_precision"]
+           "check_grid", "check_optional_positive_int", "check_runnable", "check_deterministic",
+           "cuda_matmul_allows_tf32", "cudnn_allows_tf32", "default_input_precision", "device_ctx", "INPUT_PRECISIONS",
+           "resolve_input_precision"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -82,6 +84,19 @@ def check_runnable(device: torch.device, subject: str) -> None:
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         raise ValueError(f"{subject} on {device}; the Triton kernel runs on CUDA tensors (CPU tensors only under "
                          "TRITON_INTERPRET=1)")
+
+
+def check_deterministic(what: str, fix: str) -> None:
+    """torch's rule for an op without a deterministic implementation, under ``torch.use_deterministic_algorithms(
+    True)``: a RuntimeError, or a warning with ``warn_only=True``. For the splits the caller forced (fp32 atomics,
+    whose order varies from run to run); the default splits are 1 in that mode (kernels/_configs.py)."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = f"{what} adds fp32 partials with atomics (run-to-run differences in the last bits)"
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(f"{msg}, but torch.use_deterministic_algorithms(True, warn_only=True) is set", stacklevel=3)
+        return
+    raise RuntimeError(f"{msg}, but torch.use_deterministic_algorithms(True) is set: {fix}")
 
 
 def _fp32_setting(getter: Callable[[], object]) -> str | None:

@@ -5,6 +5,7 @@ compiles to the same code as one that spells them out.
 
     grouped_pid     the grouped ("L2 swizzle") program order of the 2-D output-tile kernels
     row_tile        the int64 row indices and the row mask of a BLOCK_M tile of rows
+    DYNAMIC_M       ``do_not_specialize`` of every kernel that takes the row count M
 
 Importing this module imports triton.
 """
@@ -12,7 +13,15 @@ Importing this module imports triton.
 import triton
 import triton.language as tl
 
-__all__ = ["grouped_pid", "row_tile"]
+__all__ = ["grouped_pid", "row_tile", "DYNAMIC_M"]
+
+# Triton compiles an int argument equal to 1, or divisible by 16, into a binary of its own. For the row count M (the
+# batch) that would mean a new compile and module load whenever the batch crosses those classes: extra compiles in
+# a decode loop, and a failure inside torch.cuda.graph capture when M differs from the eager warm-up's (a kernel
+# must be compiled and loaded before capture). M is only a mask bound, a loop bound and a tile count in these
+# kernels, so the specialisation buys nothing. BLOCK_M and the split factors still follow M's bucket
+# (kernels/_configs.py): under capture every captured shape must have run once eagerly first.
+DYNAMIC_M = ["M"]
 
 
 @triton.jit

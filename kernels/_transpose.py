@@ -12,7 +12,8 @@ fixed-size tensor (bincount would sync on CUDA to find its length) and the sort 
 
 The sparse pattern of a layer is fixed during training, so ``cached_transpose_meta`` memoises the result
 per index tensors (keyed on data_ptr, version counter, shape and device, and checked against weak
-references, so a freed tensor whose memory is reused, or an in-place edit of the indices, recomputes).
+references, so a freed tensor whose memory is reused, or an in-place edit of the indices, recomputes);
+not while a CUDA graph is being captured (then it computes without the cache).
 This module imports torch only.
 """
 
@@ -64,10 +65,20 @@ def _key(t: Tensor) -> tuple:
     return (t.data_ptr(), t._version, tuple(t.shape), str(t.device))
 
 
+def _capturing(t: Tensor) -> bool:
+    """Whether ops on ``t`` are being recorded into a CUDA graph (torch.cuda.graph capture) rather than run."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def cached_transpose_meta(crow: Tensor, col: Tensor, n_block_rows: int, n_block_cols: int
                           ) -> tuple[Tensor, Tensor, Tensor]:
     """``bsr_transpose_meta`` memoised per (crow, col) tensors: a training loop with a fixed block pattern
-    computes it once, not every backward. Falls back to computing when the tensors are fakes/traced."""
+    computes it once, not every backward. Falls back to computing when the tensors are fakes/traced, and while a
+    CUDA graph is captured (the graph then recomputes it on every replay)."""
+    if _capturing(crow):
+        # captured ops are recorded, not run: cached, these tensors would reach later eager calls uninitialised.
+        # Nor is a cached entry used: the graph would keep reading its memory after an eviction freed it.
+        return bsr_transpose_meta(crow, col, n_block_rows, n_block_cols)
     try:
         key = (_key(crow), _key(col), int(n_block_rows), int(n_block_cols))
     except (RuntimeError, NotImplementedError):   # fake / functional tensors have no real data_ptr

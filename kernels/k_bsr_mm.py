@@ -16,7 +16,14 @@ small M gives too few programs to fill the GPU, each walking a whole block-row. 
 crow[r] + s, crow[r] + s + SPLIT_K, ... (strided, so uneven block-rows still balance) and atomically adds
 its fp32 partial [BLOCK_M, bn] into an fp32 buffer that starts as zeros (or the bias); one cast to x's
 dtype follows (none for fp32). The order of the atomic adds is not fixed, so split-K results can differ
-in the last bits from run to run; pass ``split_k=1`` for bitwise reproducibility.
+in the last bits from run to run; pass ``split_k=1`` for bitwise reproducibility. Under
+``torch.use_deterministic_algorithms(True)`` the default is 1, and a forced split_k > 1 raises (warns with
+``warn_only=True``), as torch's own nondeterministic ops do.
+
+CUDA graphs: the kernels here, like every kernel in kernels/ that takes M, are not specialised on M
+(_tiles.DYNAMIC_M), so one binary serves every M of a launch config. The config (BLOCK_M) and split_k still follow
+M, and a kernel cannot be compiled and loaded while torch.cuda.graph captures: run each captured shape once
+eagerly first.
 
 Precision: fp16/bf16 inputs use tensor-core dots with fp32 accumulation. fp32 inputs use TF32 tensor
 cores on the GPU when torch lets cuBLAS use TF32 (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, or
@@ -50,6 +57,7 @@ from ._launch import (
     SUPPORTED_DTYPES,
     check_activation,
     check_bias,
+    check_deterministic,
     check_grid,
     check_index,
     check_int,
@@ -59,7 +67,7 @@ from ._launch import (
     device_ctx,
     resolve_input_precision,
 )
-from ._tiles import grouped_pid, row_tile
+from ._tiles import DYNAMIC_M, grouped_pid, row_tile
 
 __all__ = ["bsr_mm", "SUPPORTED_BLOCK_SIDES", "SUPPORTED_DTYPES"]
 
@@ -85,7 +93,7 @@ def bsr_row_tile(pid_m, M, BLOCK_M: tl.constexpr, BN: tl.constexpr, BK: tl.const
     return rows, mask_m, offs_n, offs_k
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DYNAMIC_M)
 def _bsr_mm_kernel(
     x_ptr, crow_ptr, col_ptr, val_ptr, bias_ptr, y_ptr,
     M, N, K,
@@ -124,7 +132,7 @@ def _bsr_mm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DYNAMIC_M)
 def _bsr_mm_splitk_kernel(
     x_ptr, crow_ptr, col_ptr, val_ptr, acc_ptr,
     M, N, K,
@@ -193,8 +201,8 @@ def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
     input_precision  fp32 only: "ieee", "tf32" or "tf32x3"; default follows
                  torch's cuBLAS TF32 setting (_launch.default_input_precision: TF32 tensor cores when on).
     split_k      None: the launcher decides (split-K only for M <= 64 when the plain grid would leave
-                 the GPU idle, kernels/_configs.bsr_mm_split_k); 1: never; 2..SPLIT_LIMIT (64): force that many
-                 splits.
+                 the GPU idle, kernels/_configs.bsr_mm_split_k; never under torch.use_deterministic_algorithms(True));
+                 1: never; 2..SPLIT_LIMIT (64): force that many splits (refused in deterministic mode).
     config       the launch config (BLOCK_M, warps, stages); None: the table's (_configs.bsr_mm_config), or the
                  fastest candidate under SPARSEKIT_TRITON_AUTOTUNE=1 (_autotune). bench/tune_triton.py passes it.
 
@@ -234,7 +242,9 @@ def bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
     if m == 0 or n == 0:
         return torch.empty((m, n), dtype=x.dtype, device=device)
     if split_k is None:
-        split_k = bsr_mm_split_k(m, n // bn, nnzb, bn, bk, device)
+        split_k = bsr_mm_split_k(m, n // bn, nnzb, bn, bk, device)   # 1 under deterministic algorithms
+    if split_k > 1:
+        check_deterministic(f"bsr_mm with split_k={split_k}", "pass split_k=1, or None (then it is 1)")
     cfg = config
     if cfg is None:
         cfg = _autotune.pick(

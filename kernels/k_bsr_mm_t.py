@@ -20,7 +20,7 @@ from torch import Tensor
 from . import _autotune
 from ._configs import KernelConfig, arch_of, bsr_mm_candidates, bsr_mm_config, interpreting, m_bucket
 from ._launch import check_index, check_int, check_runnable, device_ctx, resolve_input_precision
-from ._tiles import grouped_pid
+from ._tiles import DYNAMIC_M, grouped_pid
 from ._transpose import cached_transpose_meta
 from .k_bsr_mm import bsr_row_tile, check_bsr_operands
 
@@ -37,7 +37,7 @@ def _bsr_mm_t_acc_block(acc, dy_tile_ptrs, mask_m, t_row_ptr, t_perm_ptr, val_pt
     return tl.dot(dy_tile, blk, acc, input_precision=INPUT_PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DYNAMIC_M)
 def _bsr_mm_t_kernel(
     dy_ptr, t_crow_ptr, t_row_ptr, t_perm_ptr, val_ptr, dx_ptr,
     M, N, K,

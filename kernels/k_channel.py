@@ -28,7 +28,7 @@ from torch import Tensor
 from . import _autotune
 from ._configs import TileConfig, arch_of, channel_mm_config, interpreting, m_bucket, tile_candidates
 from ._launch import SUPPORTED_DTYPES, check_grid, check_runnable, device_ctx, resolve_input_precision
-from ._tiles import grouped_pid, row_tile
+from ._tiles import DYNAMIC_M, grouped_pid, row_tile
 
 __all__ = ["channel_mm", "channel_scatter"]
 
@@ -47,7 +47,7 @@ def _channel_mm_step(acc, x_base, in_idx_ptr, w_ptr, rows, cols, mask_m, mask_n,
     return tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DYNAMIC_M)
 def _channel_mm_kernel(
     x_ptr, in_idx_ptr, w_ptr, bias_ptr, out_idx_ptr, y_ptr,
     M, NC, KC,

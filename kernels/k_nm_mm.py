@@ -33,7 +33,7 @@ from ._launch import (
     device_ctx,
     resolve_input_precision,
 )
-from ._tiles import grouped_pid, row_tile
+from ._tiles import DYNAMIC_M, grouped_pid, row_tile
 
 __all__ = ["nm_mm"]
 
@@ -58,7 +58,7 @@ def _nm_mm_step(acc, x_ptr, val_ptr, idx_ptr, rows, wrows, mask_m, mask_n, k0, K
     return tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DYNAMIC_M)
 def _nm_mm_kernel(
     x_ptr, val_ptr, idx_ptr, bias_ptr, y_ptr,
     M, N, K, KC,

@@ -349,6 +349,34 @@ def test_cuda_build_probe_passes_and_is_skipped_while_tracing(fake_gpu, monkeypa
     assert _dispatch._CUDA_BUILD == {1: []}
 
 
+def test_rocm_torch_gets_a_reason_from_the_gpu_backends(fake_gpu, monkeypatch):
+    """On a ROCm build of torch AMD GPUs are "cuda" devices: the cuda and triton backends (NVIDIA kernels, tables,
+    TF32 rules) decline them with a reason, without a probe launch, and the dispatcher falls back."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(_dispatch, "_probe_cuda_build", lambda index: fake_gpu.append(index))
+    monkeypatch.setattr(_dispatch, "has_kernel", lambda op, key: True)
+    monkeypatch.setattr(_dispatch._extension, "LOADED", True)
+    monkeypatch.setattr(_dispatch, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(_dispatch, "_triton_import_error", lambda: None)
+    _, w = _bsr()
+    x = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float16, shape=(4, 48))
+    monkeypatch.setattr(torch.version, "hip", None)   # a CUDA build: both can run
+    assert _dispatch.BACKENDS["triton"].not_supported_reasons("bsr", x, w) == []
+    assert _dispatch.BACKENDS["cuda"].not_supported_reasons("bsr", x, w) == [] and fake_gpu == [0]
+    monkeypatch.setattr(_dispatch, "_CUDA_BUILD", {})
+    fake_gpu.clear()
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    reason = "ROCm (torch.version.hip) is not supported by sparsekit's GPU kernels"
+    assert _dispatch.BACKENDS["triton"].not_supported_reasons("bsr", x, w) == [reason]
+    assert _dispatch.BACKENDS["cuda"].not_supported_reasons("bsr", x, w) == [reason]
+    assert _dispatch.cuda_build_reasons(torch.device("cuda", 0)) == [reason] and fake_gpu == []   # no probe
+    assert _dispatch._first_usable("bsr", x, w).name == "reference"
+    # CPU tensors are not AMD GPUs: the interpreter and the cpu backend are not affected
+    cpu_x = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, shape=(4, 48))
+    assert reason not in _dispatch.BACKENDS["triton"].not_supported_reasons("bsr", cpu_x, w)
+
+
 # --------------------------------------------------------------------------- real backends (interpreter)
 @pytest.mark.triton
 def test_measures_cpu_and_triton_under_the_interpreter(measuring, monkeypatch):

@@ -538,15 +538,18 @@ def test_a_tile_row_no_gpu_of_the_arch_can_hold_is_refused(no_tuned, monkeypatch
 
 
 def test_a_measured_sddmm_row_too_big_shrinks_block_m(no_tuned, monkeypatch):
-    # bsr_sddmm used to stop at 1 stage: BLOCK_M 256 of 128x128 fp32 blocks needs 320 KB at 1 stage
+    # bsr_sddmm used to stop at 1 stage: BLOCK_M 256 of 128x128 fp32 blocks needs 256 KB at 1 stage
     _tuned(no_tuned, monkeypatch, bsr_sddmm={"16384": [256, 8, 4]})
     for arch in ((9, 227 * 1024), (8, 99 * 1024)):
         for dtype in _ALL_DTYPES:
             cfg = C.bsr_sddmm_config(4096, 10**6, 128, 128, dtype, arch=arch)
             elem = dtype.itemsize
-            assert C._sddmm_smem(cfg.block_m, cfg.num_stages, 128, 128, elem) <= 0.9 * arch[1]
+            assert C._sddmm_smem(cfg.block_m, cfg.num_stages, 128, 128, elem, arch[0]) <= 0.9 * arch[1]
             assert cfg.num_stages >= 1 and cfg.block_m >= 16 and cfg.num_warps == 8
-    assert C.bsr_sddmm_config(4096, 10**6, 128, 128, torch.float32, arch=(8, 99 * 1024)).block_m == 16
+    # (the table is sm9x's: a 99 KB sm8x part keeps its hand-written row, which fits as it is in fp32 too)
+    assert C.bsr_sddmm_config(4096, 10**6, 128, 128, torch.float32, arch=(8, 99 * 1024)) == \
+        C.TileConfig(32, 128, 128, 8, 3)
+    assert C.bsr_sddmm_config(4096, 10**6, 128, 128, torch.float32, arch=(9, 99 * 1024)).block_m == 64
     cfg = C.bsr_sddmm_config(4096, 10**6, 128, 128, torch.float16, arch=(9, 227 * 1024))   # fits at 1 stage
     assert (cfg.block_m, cfg.num_stages) == (256, 1)
 
@@ -562,11 +565,63 @@ def test_hand_written_bsr_rows_fit_shared_memory(no_tuned, arch):
                     cfg = C.bsr_mm_config(m, bn, bk, dtype, arch=arch)
                     assert C.smem_bytes(cfg.block_m, cfg.num_stages, bn, bk, elem, major) <= 0.9 * smem
                     s = C.bsr_sddmm_config(m * 64, 10**6, bn, bk, dtype, arch=arch)
-                    assert C._sddmm_smem(s.block_m, s.num_stages, bn, bk, elem) <= 0.9 * smem
+                    assert C._sddmm_smem(s.block_m, s.num_stages, bn, bk, elem, major) <= 0.9 * smem
+
+
+def test_sddmm_smem_model_and_sm86_stages(no_tuned):
+    """The SDDMM model counts what Triton 3.6 allocates (kernel.metadata.shared of the compile, see
+    test_sddmm_smem_model_covers_the_compiled_kernel): stages - 1 buffers of the dy^T and x tiles on sm80 (at least
+    one), stages on sm90, or the [bn, bk] epilogue. It used to count stages buffers plus an fp32 [bn, bk] (about 3x),
+    which left 99 KB sm86/sm89 parts one stage (no pipelining) for 128x128 fp16 blocks."""
+    assert C._sddmm_smem(64, 3, 128, 128, 2, 8) == 65536 and C._sddmm_smem(64, 3, 128, 128, 2, 9) == 98304
+    assert C._sddmm_smem(64, 1, 128, 128, 2, 8) == C._sddmm_smem(64, 2, 128, 128, 2, 8) == 32768
+    assert C._sddmm_smem(16, 2, 128, 128, 2, 9) == 128 * 128 * 2   # the epilogue's [bn, bk] tile
+    sm86 = C.bsr_sddmm_config(4096, 10**6, 128, 128, torch.float16, arch=(8, 99 * 1024))
+    assert (sm86.block_m, sm86.num_stages) == C.BSR_SDDMM_TABLE[(8, 128 * 128)][::2]   # the table's row, unchanged
+
+
+@pytest.mark.parametrize("arch", _ARCHS, ids=lambda a: f"sm{a[0]}x-{a[1] // 1024}K")
+def test_bsr_mm_candidates_follow_the_fp32_register_rule(no_tuned, arch):
+    """The tuning / autotune candidates get the fp32 register rule the table rows get (_configs._fit_registers):
+    with a 128-deep K step, 8 warps from 4096 outputs and at most 8192 outputs (bigger tiles spilled KBs)."""
+    for bn in _SIDES:
+        for m in C.M_BUCKETS:
+            for c in C.bsr_mm_candidates(m, bn, 128, torch.float32, arch):
+                assert c.block_m * bn <= 8192 or c.block_m == 16, (bn, m, c)
+                assert c.block_m * bn < 4096 or c.num_warps >= 8, (bn, m, c)
+            # 2-byte elements are left alone: the 2-warp candidates stay
+            assert any(c.num_warps == 2 for c in C.bsr_mm_candidates(m, bn, 128, torch.float16, arch))
 
 
 # ------------------------------------------------------------- the compile check (CPU: triton.compile, no GPU)
 compile_only = pytest.mark.skipif(INTERPRET, reason="compiles kernels: run without --triton-interpret")
+
+
+@compile_only
+@pytest.mark.parametrize("cc", [80, 90])
+def test_sddmm_smem_model_covers_the_compiled_kernel(triton_cache, cc):
+    """kernel.metadata.shared of the SDDMM kernel never exceeds _configs._sddmm_smem (what _fit_sddmm sizes by)."""
+    from sparsekit.kernels import _compile_check as CC
+    from sparsekit.kernels import k_bsr_sddmm
+    from triton.backends.compiler import GPUTarget
+
+    # (dtype, BLOCK_M, stages, (bn, bk), split): the pipelined, unpipelined, epilogue-bound and split cases
+    cases = (("float16", 64, 1, (128, 128), 1), ("float16", 64, 3, (128, 128), 1), ("float32", 128, 1, (128, 128), 1),
+             ("float16", 16, 2, (128, 128), 4), ("float16", 128, 1, (16, 16), 1))
+    for dtype, block_m, stages, (bn, bk), split in cases:
+        t = CC._TL_TYPE[dtype]
+        sig = {"dy_ptr": f"*{t}", "x_ptr": f"*{t}", "row_ptr": "*i32", "col_ptr": "*i32",
+               "out_ptr": "*fp32" if split > 1 else f"*{t}", "M": "i32", "N": "i32", "K": "i32",
+               "BLOCK_M": "constexpr", "BN": "constexpr", "BK": "constexpr", "SPLIT": "constexpr",
+               "INPUT_PRECISION": "constexpr", "WHILE_LOOP": "constexpr"}
+        ce = {"BLOCK_M": block_m, "BN": bn, "BK": bk, "SPLIT": split,
+              "INPUT_PRECISION": "tf32" if dtype == "float32" else "ieee", "WHILE_LOOP": False}
+        src = CC._src(k_bsr_sddmm._bsr_sddmm_kernel, sig, ce, ["dy_ptr", "x_ptr", "row_ptr", "col_ptr", "out_ptr", "N",
+                                                                "K"])
+        kernel = CC._compile(src, GPUTarget("cuda", cc, 32), {"num_warps": 4, "num_stages": stages}, ptx_only=True)
+        elem = 4 if dtype == "float32" else 2
+        assert int(kernel.metadata.shared) <= C._sddmm_smem(block_m, stages, bn, bk, elem, cc // 10), \
+            (dtype, block_m, stages, bn, bk, split)
 
 
 def _scatter_job(dtype: str):

@@ -55,6 +55,53 @@ def test_split_k_choice():
     assert bsr_mm_split_k(4, 1, 10_000, 32, 32, sms=132) <= 16
 
 
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for the test, the previous setting restored after it."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_default_splits_are_1_under_deterministic_algorithms(deterministic):
+    """split-K and the SDDMM split of M add fp32 partials with atomics (the order varies run to run): the defaults
+    do not split under torch.use_deterministic_algorithms(True)."""
+    from sparsekit.kernels._configs import bsr_mm_split_k, bsr_sddmm_config
+
+    h100 = (9, 227 * 1024)
+    assert bsr_mm_split_k(1, 8, 8 * 64, 32, 32, sms=132) == 1
+    assert bsr_sddmm_config(4096, 8, 32, 32, torch.float16, arch=h100).split == 1
+    torch.use_deterministic_algorithms(False)   # the same shapes split otherwise
+    assert bsr_mm_split_k(1, 8, 8 * 64, 32, 32, sms=132) > 1
+    assert bsr_sddmm_config(4096, 8, 32, 32, torch.float16, arch=h100).split > 1
+
+
+@needs_runner
+def test_forced_splits_follow_torchs_deterministic_rule(deterministic):
+    """A forced split under deterministic algorithms raises as torch's nondeterministic ops do (a warning with
+    warn_only=True); split None and 1 run."""
+    from sparsekit.kernels import k_bsr_mm, k_bsr_sddmm
+
+    w = make_bsr(64, 128, (16, 32), 0.6, torch.float32)
+    x, dy = randn(40, 128), randn(40, 64, seed=2)
+    args = (w.crow_indices, w.col_indices, w.values, None, 64)
+    expect = R.bsr_mm(x.double(), w.crow_indices, w.col_indices, w.values.double(), None, 64)
+    for split_k in (None, 1):
+        close(k_bsr_mm.bsr_mm(x, *args, split_k=split_k), expect, torch.float32)
+    with pytest.raises(RuntimeError, match=r"bsr_mm with split_k=2 .*atomics.*use_deterministic_algorithms\(True\)"):
+        k_bsr_mm.bsr_mm(x, *args, split_k=2)
+    sddmm = (dy, x, w.crow_indices, w.col_indices, 16, 32)
+    ref = k_bsr_sddmm.bsr_sddmm(*sddmm)
+    with pytest.raises(RuntimeError, match=r"bsr_sddmm with split=2 .*use_deterministic_algorithms\(True\)"):
+        k_bsr_sddmm.bsr_sddmm(*sddmm, split=2)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    with pytest.warns(UserWarning, match="bsr_mm with split_k=2"):
+        close(k_bsr_mm.bsr_mm(x, *args, split_k=2), expect, torch.float32)
+    with pytest.warns(UserWarning, match="bsr_sddmm with split=2"):
+        close(k_bsr_sddmm.bsr_sddmm(*sddmm, split=2), ref, torch.float32)
+
+
 @needs_runner
 def test_split_k_argument_checked():
     from sparsekit.kernels import k_bsr_mm
@@ -96,6 +143,62 @@ def test_transpose_meta_cache_hits_and_invalidates():
     assert _transpose.cached_transpose_meta(crow, col, 4, 4) is a
     col.add_(0)   # in-place edit bumps the version counter: recomputed
     assert _transpose.cached_transpose_meta(crow, col, 4, 4) is not a
+
+
+def test_transpose_meta_is_not_cached_while_a_cuda_graph_is_captured(monkeypatch):
+    """Captured ops are recorded, not run: metadata computed during capture must not reach the cache (a later eager
+    call would read uninitialised tensors), and a cached entry is not handed to the graph (an eviction would free
+    memory the graph keeps reading)."""
+    from sparsekit.kernels import _transpose
+
+    _transpose.clear_cache()
+    w = make_bsr(64, 64, (16, 16), 0.5, torch.float32, seed=8, device="cpu")
+    crow, col = w.crow_indices.clone(), w.col_indices.clone()
+    expect = _transpose.bsr_transpose_meta(crow, col, 4, 4)
+    monkeypatch.setattr(_transpose, "_capturing", lambda t: True)
+    a = _transpose.cached_transpose_meta(crow, col, 4, 4)
+    assert all(torch.equal(u, v) for u, v in zip(a, expect))
+    assert not _transpose._cache and _transpose.cached_transpose_meta(crow, col, 4, 4) is not a
+    monkeypatch.setattr(_transpose, "_capturing", lambda t: False)
+    eager = _transpose.cached_transpose_meta(crow, col, 4, 4)
+    assert _transpose.cached_transpose_meta(crow, col, 4, 4) is eager and len(_transpose._cache) == 1
+    monkeypatch.setattr(_transpose, "_capturing", lambda t: True)
+    assert _transpose.cached_transpose_meta(crow, col, 4, 4) is not eager
+    _transpose.clear_cache()
+
+
+def test_transpose_capture_check_asks_cuda_for_cuda_tensors_only(monkeypatch):
+    from sparsekit.kernels import _transpose
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with FakeTensorMode():   # a CUDA tensor without a GPU
+        on_gpu = torch.zeros(3, dtype=torch.int32, device="cuda")
+    assert _transpose._capturing(on_gpu) and not _transpose._capturing(torch.zeros(3, dtype=torch.int32))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not _transpose._capturing(on_gpu)
+
+
+def test_kernels_are_not_specialised_on_m():
+    """Triton compiles separate binaries for an int argument == 1 or divisible by 16; for the row count M that
+    meant a compile per batch-size class (and a failure inside CUDA-graph capture). Every kernel taking M opts out,
+    and the JIT's binder then gives M = 1, 16 and 17 the same specialisation."""
+    from sparsekit.kernels import k_bsr_mm, k_bsr_mm_t, k_bsr_sddmm, k_channel, k_nm_mm
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    kernels = (k_bsr_mm._bsr_mm_kernel, k_bsr_mm._bsr_mm_splitk_kernel, k_bsr_mm_t._bsr_mm_t_kernel,
+               k_bsr_sddmm._bsr_sddmm_kernel, k_nm_mm._nm_mm_kernel, k_channel._channel_mm_kernel)
+    for kernel in kernels:
+        # under TRITON_INTERPRET=1 the module holds an interpreter object: build the JIT function it stands for
+        jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
+        assert [p.name for p in jit.params if p.do_not_specialize] == ["M"], jit.fn.__name__
+        if kernel is k_bsr_mm._bsr_mm_kernel:
+            binder = create_function_from_signature(jit.signature, jit.params, CUDABackend)
+            t, i = torch.zeros(16), torch.zeros(16, dtype=torch.int32)
+            specs = {m: binder(t, i, i, t, None, t, m, 64, 64, HAS_BIAS=False, BLOCK_M=16, BN=16, BK=16, GROUP_M=8,
+                               INPUT_PRECISION="ieee")[1] for m in (1, 16, 17)}
+            assert specs[1] == specs[16] == specs[17] and specs[1][6] == ("i32", None)   # M: argument 6
 
 
 def test_transpose_meta_empty():

@@ -35,7 +35,8 @@ unfused PyTorch path (sparsekit.ops.channel).
 
 The ``cuda`` backend also checks that sparsekit._C holds code this GPU can run (``cuda_build_reasons``: one probe
 launch per device), so a GPU outside the TORCH_CUDA_ARCH_LIST the extension was built for gets a reason, not
-"no kernel image is available" from every call.
+"no kernel image is available" from every call. On a ROCm build of torch (AMD GPUs appear as "cuda" devices) the
+``cuda`` and ``triton`` backends give ``ROCM_REASON`` for them (``rocm_reasons``), so the dispatcher falls back.
 
 The pick is remembered per key in a plain dict (``_CHOSEN``), so the cached case costs one key build and one
 dict lookup per call.
@@ -241,12 +242,26 @@ DEFAULT_CUDA_ARCH_LIST = "8.0+PTX;9.0a"   # setup.py's default TORCH_CUDA_ARCH_L
 _CUDA_BUILD: dict[int, list[str]] = {}    # device index -> cuda_build_reasons
 
 
+ROCM_REASON = "ROCm (torch.version.hip) is not supported by sparsekit's GPU kernels"
+
+
+def rocm_reasons() -> list[str]:
+    """[ROCM_REASON] on a ROCm build of torch, [] otherwise. There AMD GPUs are "cuda" devices, so without this the
+    ``cuda`` and ``triton`` backends would take them, with kernels, launch tables and TF32 rules written for NVIDIA
+    GPUs (mma.sync / wgmma, sm80/sm90 shared memory)."""
+    return [ROCM_REASON] if getattr(torch.version, "hip", None) else []
+
+
 def cuda_build_reasons(device: torch.device) -> list[str]:
-    """Why sparsekit._C's CUDA kernels cannot run on ``device`` (empty: they can). The extension holds code for
-    the TORCH_CUDA_ARCH_LIST it was built with only (default: sm_80 and sm_90a machine code, compute_80 PTX that
-    newer GPUs compile at load time; nothing for 7.x), and every launch on another GPU fails with "no kernel image
-    is available". Probed once per device with a one-entry csr_mm, remembered for the process; not probed (and
-    assumed fine) while tracing, under a dispatch mode or functorch transform, or while a CUDA graph is captured."""
+    """Why sparsekit._C's CUDA kernels cannot run on ``device`` (empty: they can). On a ROCm build of torch:
+    rocm_reasons(), without a probe. Otherwise the extension holds code for the TORCH_CUDA_ARCH_LIST it was built
+    with only (default: sm_80 and sm_90a machine code, compute_80 PTX that newer GPUs compile at load time; nothing
+    for 7.x), and every launch on another GPU fails with "no kernel image is available". Probed once per device with
+    a one-entry csr_mm, remembered for the process; not probed (and assumed fine) while tracing, under a dispatch
+    mode or functorch transform, or while a CUDA graph is captured."""
+    rocm = rocm_reasons()
+    if rocm:
+        return rocm
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx in _CUDA_BUILD:
         return _CUDA_BUILD[idx]
@@ -327,9 +342,13 @@ class TritonBackend(Backend):
     def input_reasons(self, family: str, x: Tensor, w: Format) -> list[str]:
         reasons = []
         if x.device.type == "cuda":
-            major, minor = _capability(x.device)
-            if major < 8:
-                reasons.append(f"needs compute capability >= 8.0, the GPU has {major}.{minor}")
+            rocm = rocm_reasons()
+            if rocm:
+                reasons += rocm
+            else:
+                major, minor = _capability(x.device)
+                if major < 8:
+                    reasons.append(f"needs compute capability >= 8.0, the GPU has {major}.{minor}")
         elif x.device.type == "cpu":
             if not triton_interpreting():
                 reasons.append("runs on CUDA tensors; on CPU only with TRITON_INTERPRET=1 (the interpreter, for tests)")

@@ -11,6 +11,9 @@ the kernel module is imported on the first call. The autograd of bsr_mm_triton r
 Triton ops above (CUDA, or CPU under TRITON_INTERPRET=1), so training with a fixed block pattern stays on
 Triton. nm_mm_triton's backward reuses the registered
 ``nm_mm_t`` / ``nm_sddmm`` ops (C++ kernels where built, the reference otherwise).
+
+Under torch.cuda.graph capture, each captured shape must have run once eagerly first: the kernels compile one
+binary per launch config, and the config (BLOCK_M, the split-K / SDDMM splits) follows M (kernels/_tiles.DYNAMIC_M).
 """
 
 # no `from __future__ import annotations` here: torch.library.custom_op reads the schema from the annotations,
