@@ -17,6 +17,7 @@ from .ops._dispatch import (
     PRIORITY,
     cuda_build_reasons,
     measure_enabled,
+    rocm_reasons,
     triton_interpreting,
 )
 from .ops._library import has_kernel
@@ -86,6 +87,9 @@ def backend_status() -> dict[str, dict]:
         if name == "triton" and not gpu:
             reasons.append("no CUDA GPU visible" + (" (TRITON_INTERPRET=1: CPU tensors run in the interpreter)"
                                                    if triton_interpreting() else ""))
+        if name == "triton" and gpu and rocm_reasons():   # (the dispatcher declines AMD GPUs: say so here too)
+            reasons += rocm_reasons()
+            usable_gpu = False
         if name == "cusparselt":
             if not gpu:
                 reasons.append("no CUDA GPU visible")

@@ -377,6 +377,20 @@ def test_rocm_torch_gets_a_reason_from_the_gpu_backends(fake_gpu, monkeypatch):
     assert reason not in _dispatch.BACKENDS["triton"].not_supported_reasons("bsr", cpu_x, w)
 
 
+def test_sparsekit_info_says_triton_declines_an_amd_gpu(monkeypatch):
+    from sparsekit import info as info_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 4))
+    monkeypatch.setattr(info_mod, "cuda_build_reasons", lambda device: [])
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133")
+    triton = info_mod.backend_status()["triton"]
+    if _dispatch.BACKENDS["triton"].environment_reasons():
+        pytest.skip("triton is not importable here")
+    assert not triton["usable"] and _dispatch.ROCM_REASON in triton["reasons"]
+
+
 # --------------------------------------------------------------------------- real backends (interpreter)
 @pytest.mark.triton
 def test_measures_cpu_and_triton_under_the_interpreter(measuring, monkeypatch):
@@ -527,3 +541,4 @@ def test_cuda_graph_capture_of_the_triton_path(family):
     torch.cuda.synchronize()
     ref = F.linear(x.double(), dense.to(device="cuda", dtype=torch.float16).double())
     torch.testing.assert_close(y.double(), ref, atol=2e-2, rtol=1e-2)
+
