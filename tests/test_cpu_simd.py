@@ -20,7 +20,7 @@ from sparsekit.formats import BSR
 pytestmark = pytest.mark.skipif(not _extension.LOADED, reason=f"sparsekit._C not loaded: {_extension.LOAD_ERROR}")
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
-BLOCKS = [(1, 4), (4, 1), (3, 5), (8, 16), (16, 16), (32, 32), (32, 16), (16, 8), (16, 20), (64, 64)]
+BLOCKS = [(1, 4), (4, 1), (3, 5), (8, 16), (16, 16), (32, 32), (32, 16), (16, 8), (16, 20), (64, 64), (3, 32)]
 
 
 def _weight(rows, cols, block, density, dtype, gen):
