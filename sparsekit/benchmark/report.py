@@ -151,12 +151,16 @@ def summarize(rows: list[dict], kinds: tuple[str, ...] = ("sparsekit", "torch"))
                     r["candidate"])].append(r)
     out = []
     for (op, shape, _, device, dtype, fmt, cand), rs in groups.items():
-        ok = [r for r in rs if r.get("status") == "ok" and _finite(r.get("speedup")) and _finite(r.get("sparsity"))]
+        ok, failed_at = [], set()
+        for r in rs:
+            if r.get("status") == "ok" and _finite(r.get("speedup")) and _finite(r.get("sparsity")):
+                ok.append(r)
+            else:     # (named by its status, or "no timing" when its speedup or sparsity is missing / not finite)
+                where = r.get("sparsity") if _finite(r.get("sparsity")) else r.get("target_sparsity")
+                failed_at.add(f"{r.get('status') if r.get('status') != 'ok' else 'no timing'}@{_fmt(where)}")
         be = break_even([(r["sparsity"], r["speedup"]) for r in ok])
         best = max(ok, key=lambda r: r["speedup"]) if ok else None
-        failed = sorted({f"{r.get('status') if r.get('status') != 'ok' else 'no timing'}@"
-                         f"{_fmt(r.get('sparsity') if _finite(r.get('sparsity')) else r.get('target_sparsity'))}"
-                         for r in rs if r not in ok})
+        failed = sorted(failed_at)
         out.append({"op": op, "shape": shape, "device": device, "dtype": dtype, "format": fmt, "candidate": cand,
                     "M": rs[0].get("M"), "N": rs[0].get("N"), "K": rs[0].get("K"), "break_even": be,
                     "best_speedup": best["speedup"] if best else None,
