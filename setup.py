@@ -52,6 +52,13 @@ def get_extensions() -> tuple[list, dict]:
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG"]
     link_flags = ["-fopenmp"]
+    if sys.platform.startswith("linux"):
+        # the C++ runtime torch itself loads, as a shared library: some toolchains' g++ links libstdc++
+        # statically by default (a portable-binaries build, e.g. the GPU machines' /opt/gcc), and a second,
+        # private libstdc++ inside _C never initialises its locale facets -- the first error message that
+        # formats a number (TORCH_CHECK(..., n)) then segfaults. Named before g++'s implicit libraries, the
+        # shared one resolves every std:: symbol (tests/test_build_linkage.py checks the built module)
+        link_flags.append("-l:libstdc++.so.6")
     define_macros = []
     if _want_cuda(torch):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
