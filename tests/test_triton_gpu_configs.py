@@ -481,7 +481,7 @@ def test_tile_rows_fit_shared_memory_and_follow_the_fp32_rule(no_tuned, arch):
                 assert (full.block_m, full.block_n) == (half.block_m, half.block_n)
 
 
-def test_the_rows_measured_without_spills():
+def test_the_rows_measured_without_spills(no_tuned):
     """The rows the register measurements in kernels/_configs.py are about (a change there must re-measure)."""
     a100, h100 = (8, 163 * 1024), (9, 227 * 1024)
     fp16, fp32 = torch.float16, torch.float32

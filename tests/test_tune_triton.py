@@ -456,3 +456,14 @@ def test_measure_row_survives_a_failing_table_config(tt):
 
     res = tt.measure_row(run, ["table", "a", "b", "wrong"], torch.device("cpu"), torch.float16, timer)
     assert res["best"] == "b" and "shared memory" in res["errors"]["table"] and "wrong" in res["errors"]
+
+
+def test_the_tables_shipped_in_kernels_are_valid():
+    """Every tuned_sm<major>0.json shipped next to kernels/_configs.py loads (the launchers would raise on first
+    use otherwise) and is filed under the arch it was measured on."""
+    shipped = sorted(Path(C.__file__).parent.glob("tuned_sm*0.json"))
+    assert shipped, "no tuned_sm*0.json next to kernels/_configs.py (package_data must ship them)"
+    for path in shipped:
+        table = C.load_tuned(str(path))
+        assert path.name == f"tuned_sm{table['arch_major']}0.json"
+        assert set(C.FAMILIES) <= set(table)
