@@ -664,3 +664,41 @@ def test_check_grid_names_the_launch_limits():
     for grid in ((2**31, 1), (1, 65536), (1, 1, 65536)):
         with pytest.raises(ValueError, match=r"channel_mm: the problem is too large for one launch"):
             check_grid("channel_mm", grid)
+
+
+# ------------------------------------------------------------------------------------------ eager fast path
+@needs_runner
+@pytest.mark.parametrize("family", ["bsr", "nm"])
+def test_eager_calls_skip_the_custom_op_layer_only_where_nothing_must_see_it(monkeypatch, family):
+    """An eager call that needs no gradient runs the Triton op's body directly (the custom-op layer costs tens of
+    microseconds per call); a gradient, or a torch dispatch mode watching the ops, takes the registered op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sparsekit.ops import _triton_ops
+
+    if family == "bsr":
+        w, face = make_bsr(64, 96, (16, 32), 0.5, torch.float32), sk.ops.bsr_linear
+    else:
+        w, face = NM.from_dense(NM.prune(randn(64, 96), 2, 4), 2, 4).to(DEVICE), sk.ops.nm_linear
+    x, b = randn(5, 96), randn(64, seed=3)
+    body = _triton_ops.EAGER[family]
+    calls = []
+    monkeypatch.setitem(_triton_ops.EAGER, family, lambda *a: (calls.append(1), body(*a))[1])
+    expected = torch.nn.functional.linear(x, w.to_dense(), b)
+    close(face(x, w, b, backend="triton"), expected, torch.float32)
+    assert len(calls) == 1
+
+    class Seen(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Seen.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        close(face(x, w, b, backend="triton"), expected, torch.float32)
+    assert len(calls) == 1 and any(f"{family}_mm_triton" in op for op in Seen.ops), Seen.ops
+
+    xg = x.clone().requires_grad_()
+    face(xg, w, b, backend="triton").sum().backward()
+    assert len(calls) == 1 and xg.grad is not None and torch.isfinite(xg.grad).all()

@@ -64,10 +64,11 @@ Format = BSR | CSR | NM
 FAMILY_OF = {BSR: "bsr", CSR: "csr", NM: "nm"}
 
 
-def _call_mm(fn: Callable, family: str, x: Tensor, w: Format, bias: Tensor | None) -> Tensor:
+def _call_mm(fn: Callable, family: str, x: Tensor, w: Format, bias: Tensor | None,
+             eager: Callable | None = None) -> Tensor:
     if family == "nm":
-        return call_op(fn, x, w.values, w.indices, bias, w.n, w.m)
-    return call_op(fn, x, w.crow_indices, w.col_indices, w.values, bias, w.shape[0])
+        return call_op(fn, x, w.values, w.indices, bias, w.n, w.m, eager=eager)
+    return call_op(fn, x, w.crow_indices, w.col_indices, w.values, bias, w.shape[0], eager=eager)
 
 
 def cpu_mm_call(family: str, w: Format, bias: Tensor | None) -> tuple[Callable, tuple]:
@@ -373,7 +374,7 @@ class TritonBackend(Backend):
     def mm(self, family: str, x: Tensor, w: Format, bias: Tensor | None) -> Tensor:
         from . import _triton_ops
 
-        return _call_mm(_triton_ops.OPS[family], family, x, w, bias)
+        return _call_mm(_triton_ops.OPS[family], family, x, w, bias, eager=_triton_ops.EAGER[family])
 
 
 class CusparseltBackend(Backend):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -50,18 +50,26 @@ def has_kernel(name: str, dispatch_key: str) -> bool:
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
-def call_op(op, *args):
+def call_op(op, *args, eager: Callable | None = None):
     """``op(*args)``, below torch's (Python) autograd layer when no gradient can flow through the call.
 
     Every sparsekit op's autograd formula is registered from Python, so even under no_grad each call pays a
     Python autograd kernel (~5 µs, as much as a small kernel's work). Eager calls on plain tensors that need
     no gradient skip it; tracing (torch.compile / export: FakeTensors, subclasses) and functorch transforms
-    take the ordinary path."""
+    take the ordinary path. ``eager``: the body of a Python-defined op (torch.library.custom_op), run directly
+    on that fast path unless a torch function / dispatch mode is active (which must see the op): the custom-op
+    layer alone costs tens of microseconds per call."""
     if _needs_autograd_layer(args) or torch.autograd.forward_ad._current_level >= 0:
         _refuse_forward_ad(op, args)
         return op(*args)
+    if eager is not None and not _modes_active():
+        return eager(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def _modes_active() -> bool:
+    return torch._C._len_torch_function_stack() > 0 or torch._C._len_torch_dispatch_stack() > 0
 
 
 def _refuse_forward_ad(op, args: tuple) -> None:

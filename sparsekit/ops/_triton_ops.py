@@ -31,12 +31,15 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
-@torch.library.custom_op("sparsekit::bsr_mm_triton", mutates_args=(), device_types=("cuda", "cpu"))
-def bsr_mm_triton(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Tensor | None,
-                  n: int) -> Tensor:
+def _bsr_mm(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Tensor | None,
+            n: int) -> Tensor:
     from ..kernels import k_bsr_mm
 
     return k_bsr_mm.bsr_mm(x.contiguous(), crow_indices, col_indices, values, _contiguous(bias), n)
+
+
+bsr_mm_triton = torch.library.custom_op("sparsekit::bsr_mm_triton", mutates_args=(),
+                                        device_types=("cuda", "cpu"))(_bsr_mm)
 
 
 @bsr_mm_triton.register_fake
@@ -83,11 +86,14 @@ def _bsr_triton_backward(ctx, dy: Tensor):
 bsr_mm_triton.register_autograd(_bsr_triton_backward, setup_context=setup_indexed)
 
 
-@torch.library.custom_op("sparsekit::nm_mm_triton", mutates_args=(), device_types=("cuda", "cpu"))
-def nm_mm_triton(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int, m: int) -> Tensor:
+def _nm_mm(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int, m: int) -> Tensor:
     from ..kernels import k_nm_mm
 
     return k_nm_mm.nm_mm(x.contiguous(), values, indices, _contiguous(bias), n, m)
+
+
+nm_mm_triton = torch.library.custom_op("sparsekit::nm_mm_triton", mutates_args=(),
+                                       device_types=("cuda", "cpu"))(_nm_mm)
 
 
 @nm_mm_triton.register_fake
@@ -99,3 +105,6 @@ def _(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, n: int, m
 nm_mm_triton.register_autograd(_nm_backward, setup_context=_nm_setup)
 
 OPS = {"bsr": bsr_mm_triton, "nm": nm_mm_triton}
+# the ops' bodies, which an eager call that needs no autograd, tracing or mode runs directly (_library.call_op): the
+# custom-op layer costs tens of microseconds of Python per call, more than a small layer's kernel
+EAGER = {"bsr": _bsr_mm, "nm": _nm_mm}
