@@ -143,10 +143,17 @@ def bsr_mm_config(m: int, bn: int, bk: int, dtype: torch.dtype, device: torch.de
         dev = torch.device(device) if device is not None else torch.device("cuda")
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         arch = _device_info(index)
-    major, smem = arch
+    return _bsr_mm_row_config(_bucket(m), bn, bk, dtype.itemsize, *arch, os.environ.get(TUNED_ENV))
+
+
+# Memoized per (bucket, block, element size, arch, $SPARSEKIT_TRITON_CONFIGS): every launch asks, and working the
+# row out again cost ~25 us of host time per call on an H100's host (more than a small layer's kernel).
+# reload_tuned() forgets them with the tables.
+@functools.cache
+def _bsr_mm_row_config(bucket: int, bn: int, bk: int, elem: int, major: int, smem: int,
+                       tuned_env: str | None) -> KernelConfig:
     row = tuned_tables(major).get("bsr_mm", {}).get(bn) or BSR_MM_TABLE.get((major, bn), _DEFAULT_ROW)
-    block_m, num_warps, num_stages = row[_bucket(m)]
-    elem = torch.empty((), dtype=dtype).element_size()
+    block_m, num_warps, num_stages = row[bucket]
     block_m, num_stages = _fit(block_m, num_stages, bn, bk, elem, major, smem)
     block_m, num_warps = _fit_registers(block_m, num_warps, bn, bk, elem)
     return KernelConfig(block_m=block_m, num_warps=num_warps, num_stages=num_stages, group_m=8)
@@ -278,7 +285,7 @@ def bsr_sddmm_config(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype, de
     major, smem = arch
     block_m, warps, stages = tuned_tables(major).get("bsr_sddmm", {}).get(bn * bk) \
         or BSR_SDDMM_TABLE.get((major, bn * bk), (32, 4, 3))
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     block_m, stages = _fit_sddmm(block_m, stages, bn, bk, elem, major, smem)
     sms = sm_count(device, major) if device is not None else _SM_FALLBACK.get(major, 108)
     split = 1
@@ -326,6 +333,7 @@ CHANNEL_MM_TABLE: dict[int, tuple[tuple[int, int, int, int, int], ...]] = {
     8: ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 32, 4, 4), (64, 128, 32, 8, 4), (128, 128, 32, 16, 3)),
     9: ((16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 16, 3), (128, 128, 32, 16, 3)),
 }
+_TILE_TABLES = {"nm_mm": NM_MM_TABLE, "channel_mm": CHANNEL_MM_TABLE}
 # 4-byte elements, per family: (BLOCK_K, most outputs per warp); BLOCK_K None = half the 2-byte row's (not below 16)
 _FP32_RULE = {"nm_mm": (16, 1024), "channel_mm": (None, None)}
 _MIN_SIDE = 16
@@ -366,30 +374,35 @@ def _fit_tile(family: str, bm: int, bn: int, bk: int, warps: int, stages: int, e
     return TileConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
 
 
-def _tile_config(family: str, table: dict, m: int, dtype: torch.dtype, device: torch.device | None,
+def _tile_config(family: str, m: int, dtype: torch.dtype, device: torch.device | None,
                  arch: tuple[int, int] | None) -> TileConfig:
     if arch is None and interpreting():
         return TileConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)
     if arch is None:
         dev = torch.device(device) if device is not None else torch.device("cuda")
         arch = _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
-    major, smem = arch
+    return _tile_row_config(family, _bucket(m), dtype.itemsize, *arch, os.environ.get(TUNED_ENV))
+
+
+@functools.cache
+def _tile_row_config(family: str, bucket: int, elem: int, major: int, smem: int, tuned_env: str | None) -> TileConfig:
+    """_tile_config's row, memoized as _bsr_mm_row_config (the family names its hand-written table)."""
+    table = _TILE_TABLES[family]
     rows = tuned_tables(major).get(family) or table.get(major, table[8])
-    bm, bn, bk, warps, stages = rows[_bucket(m)]
-    elem = torch.empty((), dtype=dtype).element_size()
+    bm, bn, bk, warps, stages = rows[bucket]
     return _fit_tile(family, bm, bn, bk, warps, stages, elem, smem)
 
 
 def nm_mm_config(m: int, dtype: torch.dtype, device: torch.device | None = None,
                  arch: tuple[int, int] | None = None) -> TileConfig:
     """Config for ``k_nm_mm``: [BLOCK_M, BLOCK_N] output tile, BLOCK_K dense columns per step."""
-    return _tile_config("nm_mm", NM_MM_TABLE, m, dtype, device, arch)
+    return _tile_config("nm_mm", m, dtype, device, arch)
 
 
 def channel_mm_config(m: int, dtype: torch.dtype, device: torch.device | None = None,
                       arch: tuple[int, int] | None = None) -> TileConfig:
     """Config for ``k_channel._channel_mm_kernel`` (gathered-input GEMM)."""
-    return _tile_config("channel_mm", CHANNEL_MM_TABLE, m, dtype, device, arch)
+    return _tile_config("channel_mm", m, dtype, device, arch)
 
 
 # ------------------------------------------------------------------------------ measured tables (JSON)
@@ -546,9 +559,12 @@ def tuned_tables(major: int) -> dict:
 
 
 def reload_tuned() -> None:
-    """Forget the tables read so far (the next launch reads the files again)."""
+    """Forget the tables read so far and the configs worked out from them (the next launch reads the files
+    again)."""
     _cached.cache_clear()
     _shipped.cache_clear()
+    _bsr_mm_row_config.cache_clear()
+    _tile_row_config.cache_clear()
 
 
 def hand_written_tables(major: int) -> dict:
@@ -610,7 +626,7 @@ def bsr_mm_candidates(m: int, bn: int, bk: int, dtype: torch.dtype, arch: tuple[
     memory and to the fp32 register rule (_fit_registers) as the table's rows are, duplicates dropped, nearest to
     the table's first."""
     major, smem = arch
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     out = [bsr_mm_config(m, bn, bk, dtype, arch=arch)]
     for bm in _block_ms(m):
         for warps in (2, 4, 8):
@@ -626,7 +642,7 @@ def bsr_sddmm_candidates(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype
     """Configs of ``k_bsr_sddmm`` worth timing: the table's first, then BLOCK_M (the M step) 32/64/128, 2-8 warps,
     2-4 stages, fitted to the shared memory; the split of M as the table's rule gives it."""
     major, smem = arch
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     first = bsr_sddmm_config(m, nnzb, bn, bk, dtype, arch=arch)
     out = [first]
     for bm in (32, 64, 128):
@@ -645,9 +661,8 @@ def tile_candidates(family: str, m: int, dtype: torch.dtype, arch: tuple[int, in
     if family not in ("nm_mm", "channel_mm"):
         raise ValueError(f"family must be 'nm_mm' or 'channel_mm', got {family!r}")
     major, smem = arch
-    table = NM_MM_TABLE if family == "nm_mm" else CHANNEL_MM_TABLE
-    elem = torch.empty((), dtype=dtype).element_size()
-    out = [_tile_config(family, table, m, dtype, None, arch)]
+    elem = dtype.itemsize
+    out = [_tile_config(family, m, dtype, None, arch)]
     for bm in _block_ms(m):
         for bn, bk in ((64, 64), (64, 128), (128, 64), (128, 32)):
             for warps in (4, 8):

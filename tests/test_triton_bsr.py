@@ -378,3 +378,16 @@ def test_bsr_sddmm_block_sides_must_be_ints():
     x = torch.randn(8, 64, device=DEVICE)
     with pytest.raises(TypeError, match="block_n must be an int, got float"):
         k_bsr_sddmm.bsr_sddmm(x, x, w.crow_indices, w.col_indices, 16.5, 16)
+
+
+def test_device_ctx_enters_a_cuda_device_only_when_it_is_not_the_current_one(monkeypatch):
+    """Entering torch.cuda.device costs microseconds per launch: skipped for CPU tensors (the interpreter) and for
+    the current device, kept for another GPU (so a tensor on cuda:1 launches there)."""
+    import contextlib
+
+    from sparsekit.kernels import _launch
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert isinstance(_launch.device_ctx(torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(_launch.device_ctx(torch.device("cuda", 0)), contextlib.nullcontext)
+    assert isinstance(_launch.device_ctx(torch.device("cuda", 1)), torch.cuda.device)

@@ -467,3 +467,23 @@ def test_the_tables_shipped_in_kernels_are_valid():
         table = C.load_tuned(str(path))
         assert path.name == f"tuned_sm{table['arch_major']}0.json"
         assert set(C.FAMILIES) <= set(table)
+
+
+def test_configs_are_memoized_until_reload(tables, monkeypatch):
+    """A launch config is worked out once per (bucket, block, dtype, arch, table): a table rewritten in place is
+    read again only after reload_tuned(), the configs with it."""
+    path = tables / "mine.json"
+    table = _table(9)
+    table["bsr_mm"]["32"][0] = [32, 8, 3]
+    table["nm_mm"][0] = [16, 128, 64, 8, 4]
+    monkeypatch.setenv(C.TUNED_ENV, str(_write(path, table)))
+    fp16 = torch.float16
+    assert C.bsr_mm_config(8, 32, 32, fp16, arch=H100) == C.KernelConfig(32, 8, 3)
+    assert C.nm_mm_config(1, fp16, arch=H100) == C.TileConfig(16, 128, 64, 8, 4)
+    table["bsr_mm"]["32"][0] = [16, 4, 4]
+    table["nm_mm"][0] = [16, 64, 64, 4, 3]
+    _write(path, table)
+    assert C.bsr_mm_config(8, 32, 32, fp16, arch=H100) == C.KernelConfig(32, 8, 3)
+    C.reload_tuned()
+    assert C.bsr_mm_config(8, 32, 32, fp16, arch=H100) == C.KernelConfig(16, 4, 4)
+    assert C.nm_mm_config(1, fp16, arch=H100) == C.TileConfig(16, 64, 64, 4, 3)
