@@ -9,8 +9,9 @@
 # Stages (`all` runs them in this order):
 #   build            preflight (versions, GPU, nvcc, ninja, modules); `pip install --no-index --no-build-isolation
 #                    --no-deps -e .` with FORCE_CUDA=1, MAX_JOBS=16 and TORCH_CUDA_ARCH_LIST set to this GPU's
-#                    arch only ("9.0a" on H100/H200: half the nvcc time of setup.py's "8.0+PTX;9.0a"); `sparsekit
-#                    info`; a stripped copy of the built sparsekit/_C*.so as $OUT/prebuilt.tgz
+#                    arch only ("9.0a" on H100/H200: half the nvcc time of setup.py's "8.0+PTX;9.0a"); the
+#                    linkage test; `sparsekit info`; a stripped copy of the built sparsekit/_C*.so as
+#                    $OUT/prebuilt.tgz
 #   test             pytest -m cuda, one pytest per file (a CUDA error that poisons the context stays in its
 #                    file), --maxfail instead of -x (one run shows more than the first failure), the self-check
 #                    files first (with CUDA_LAUNCH_BLOCKING=1): they say whether the never-validated tensor-core
@@ -26,7 +27,8 @@
 #                    runs the measured configs against the reference. Copy the file to kernels/ and commit it
 #   bench-models     fp16 whole models: sk.sparsify of the BERT-base encoder and ViT-B/16 (90% 32x32 blocks) and ResNet-50
 #                    (compact 50% + 80% blocks), eager and compiled, then `sparsekit bench model` on the
-#                    BERT-base-width encoder, then greedy decoding of a TinyLlama-shaped model (bench_decode.py)
+#                    BERT-base-width encoder, then greedy decoding of a TinyLlama-shaped model (bench_decode.py),
+#                    then kernel time against call and host time per call (bench_launch_overhead.py)
 #   all              every stage in order (tune after bench-targets), with no overall time budget (a machine with
 #                    no per-call limit)
 #
@@ -311,6 +313,9 @@ stage_build() {
     step pip-install "build the extension (CPU + CUDA for $ARCHS) and install sparsekit editable" "$CAP_BUILD" 60 \
         env FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="$ARCHS" \
         "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e .
+    # a toolchain that links libstdc++ statically made every numeric C++ error message segfault (the first session)
+    step linkage "the built _C uses the shared libstdc++ torch loads (tests/test_build_linkage.py)" 120 10 \
+        "$PY" -m pytest tests/test_build_linkage.py -q -rfE -p no:cacheprovider
     step info "sparsekit info (which backends are usable and why not)" 120 5 "${SK[@]}" info
     [[ $DRY_RUN == 1 || ! -f $W/info.log ]] || { note '```'; cat "$W/info.log" >>"$SUMMARY"; note '```'; }
     step info-json "sparsekit info --json" 60 5 sh -c "$(quoted "${SK[@]}" info --json) > $(printf %q "${W:-.}")/info.json"
@@ -472,6 +477,12 @@ stage_bench_models() {
             "$CAP_MODELS" 90 "$PY" bench/bench_decode.py --device cuda --dtype float16 --layers 22 --new-tokens 64 \
             --reps 5 --out "${W:-.}/results"
         [[ $DRY_RUN == 1 || ! -f $W/m3.log ]] || { note '```'; grep '^|' "$W/m3.log" >>"$SUMMARY" || true; note '```'; }
+    fi
+    if selected m4; then
+        step m4 "kernel time against call and host time per call (fp16, 32x32 blocks, triton and cuda): which layers are host-bound" \
+            "$CAP_MODELS" 60 "$PY" bench/bench_launch_overhead.py --backends triton,cuda --dtype float16 \
+            --out "${W:-.}/results"
+        [[ $DRY_RUN == 1 || ! -f $W/m4.log ]] || { note '```'; grep -E 'kernel .* call .* host' "$W/m4.log" >>"$SUMMARY" || true; note '```'; }
     fi
     stage_end
 }

@@ -22,7 +22,7 @@ from sparsekit.nn import SparseLinear
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_session.sh"
 STAGES = ("build", "test", "bench-targets-1", "bench-targets-2", "tune", "bench-models")
-BENCH_LABELS = ("a", "b", "c", "d", "d2", "e", "f", "m1", "m2", "m3")
+BENCH_LABELS = ("a", "b", "c", "d", "d2", "e", "f", "m1", "m2", "m3", "m4")
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -116,6 +116,7 @@ def test_dry_run_bench_commands_parse_and_validate(dry_all):
 
     skm = load_bench_script("bench_sparsify_models")
     bdc = load_bench_script("bench_decode")
+    blo = load_bench_script("bench_launch_overhead")
     proc, _ = dry_all
     seen = set()
     for lines in _sections(proc.stdout).values():
@@ -135,6 +136,11 @@ def test_dry_run_bench_commands_parse_and_validate(dry_all):
                 parser = (skm if argv[i].endswith("bench_sparsify_models.py") else bdc).build_parser()
                 ns = parser.parse_args(argv[i + 1:])
                 assert (ns.device, ns.dtype) == ("cuda", "float16")
+                seen.add(label)
+            elif any(a.endswith("bench/bench_launch_overhead.py") for a in argv):
+                i = [i for i, a in enumerate(argv) if a.endswith("bench/bench_launch_overhead.py")][0]
+                ns = blo.build_parser().parse_args(argv[i + 1:])
+                assert ns.dtype == "float16" and "triton" in ns.backends.split(",")
                 seen.add(label)
     assert seen == set(BENCH_LABELS)
 
