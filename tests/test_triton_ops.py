@@ -699,6 +699,17 @@ def test_eager_calls_skip_the_custom_op_layer_only_where_nothing_must_see_it(mon
         close(face(x, w, b, backend="triton"), expected, torch.float32)
     assert len(calls) == 1 and any(f"{family}_mm_triton" in op for op in Seen.ops), Seen.ops
 
+    class Sub(torch.Tensor):   # a bias subclass with its own __torch_function__ sees the op too
+        pass
+
+    got = face(x, w, b.as_subclass(Sub), backend="triton")
+    assert len(calls) == 1 and type(got) is Sub
+    close(got.as_subclass(torch.Tensor), expected, torch.float32)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        close(face(x, w, b, backend="triton"), expected, torch.float32)
+    assert len(calls) == 2 and f"sparsekit::{family}_mm_triton" in {e.name for e in prof.events()}
+
     xg = x.clone().requires_grad_()
     face(xg, w, b, backend="triton").sum().backward()
-    assert len(calls) == 1 and xg.grad is not None and torch.isfinite(xg.grad).all()
+    assert len(calls) == 2 and xg.grad is not None and torch.isfinite(xg.grad).all()

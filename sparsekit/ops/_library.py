@@ -62,7 +62,10 @@ def call_op(op, *args, eager: Callable | None = None):
     if _needs_autograd_layer(args) or torch.autograd.forward_ad._current_level >= 0:
         _refuse_forward_ad(op, args)
         return op(*args)
-    if eager is not None and not _modes_active():
+    if eager is not None and not _modes_active() and _all_plain(args):
+        if torch.autograd._profiler_enabled():   # a trace still names the op
+            with torch.autograd.profiler.record_function(getattr(op, "_qualname", None) or str(op)):
+                return eager(*args)
         return eager(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
@@ -70,6 +73,11 @@ def call_op(op, *args, eager: Callable | None = None):
 
 def _modes_active() -> bool:
     return torch._C._len_torch_function_stack() > 0 or torch._C._len_torch_dispatch_stack() > 0
+
+
+def _all_plain(args: tuple) -> bool:
+    # a tensor subclass anywhere (a weight or bias with __torch_function__ / __torch_dispatch__) must see the op
+    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, Tensor))
 
 
 def _refuse_forward_ad(op, args: tuple) -> None:
