@@ -8,6 +8,8 @@ Environment:
                           for newer GPUs (10.x, 12.x) at load time; 7.x needs "7.5" added. On a GPU the built code
                           cannot run, the dispatcher's cuda backend says so: sparsekit.ops._dispatch.cuda_build_reasons)
   MAX_JOBS                parallel compile jobs (read by torch's BuildExtension)
+  SPARSEKIT_SHARED_LIBSTDCXX=0  do not name the shared libstdc++ at link time (default: named on Linux, so that a
+                          g++ that links it statically by default does not put a private copy into _C)
 
 Install with `pip install --no-build-isolation .` so that the torch already installed is used.
 """
@@ -36,6 +38,15 @@ def _want_cuda(torch_mod) -> bool:
     return torch_mod.version.cuda is not None and CUDA_HOME is not None
 
 
+def _links_libstdcxx() -> bool:
+    """Whether the build uses libstdc++ (not clang's libc++, which torch's wheels do not use either);
+    SPARSEKIT_SHARED_LIBSTDCXX=0 leaves the C++ runtime to the compiler's defaults."""
+    if os.environ.get("SPARSEKIT_SHARED_LIBSTDCXX", "1") == "0":
+        return False
+    flags = " ".join(os.environ.get(v, "") for v in ("CXXFLAGS", "CFLAGS", "LDFLAGS"))
+    return "-stdlib=libc++" not in flags
+
+
 def get_extensions() -> tuple[list, dict]:
     """Return (ext_modules, cmdclass); empty when the extension is switched off or torch is missing."""
     if os.environ.get("SPARSEKIT_BUILD_EXT", "1") == "0":
@@ -52,7 +63,7 @@ def get_extensions() -> tuple[list, dict]:
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG"]
     link_flags = ["-fopenmp"]
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux") and _links_libstdcxx():
         # the C++ runtime torch itself loads, as a shared library: some toolchains' g++ links libstdc++
         # statically by default (a portable-binaries build, e.g. the GPU machines' /opt/gcc), and a second,
         # private libstdc++ inside _C never initialises its locale facets -- the first error message that
