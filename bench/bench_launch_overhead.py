@@ -80,10 +80,12 @@ def call_and_host_us(fn: Callable[[], object], calls: int, reps: int) -> tuple[f
 
 
 def run(sparsities: list[float], backends: list[str], dtype: torch.dtype, block: int = 32, calls: int = 100,
-        reps: int = 5, shapes: list[tuple[str, int, int, int]] | None = None) -> list[dict]:
+        reps: int = 5, shapes: list[tuple[str, int, int, int]] | None = None, rows: list | None = None) -> list[dict]:
+    """The rows, appended to ``rows`` as they are measured (a caller stopped midway keeps what was done); a
+    candidate that raises gets a row with its error instead of times."""
     from sparsekit.kernels import k_bsr_mm
 
-    rows = []
+    rows = [] if rows is None else rows
     for name, m, n, k in shapes or SHAPES:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         w_dense = torch.randn(n, k, device="cuda", dtype=dtype)
@@ -96,13 +98,17 @@ def run(sparsities: list[float], backends: list[str], dtype: torch.dtype, block:
                     candidates["triton launcher"] = lambda x=x, w=w, n=n: k_bsr_mm.bsr_mm(
                         x, w.crow_indices, w.col_indices, w.values, None, n)
             for label, fn in candidates.items():
-                for _ in range(10):   # compile / first-use checks / autotuning out of the way
-                    fn()
-                call, host = call_and_host_us(fn, calls, reps)
-                kern = kernel_us(fn, min(calls, 20))
-                rows.append({"shape": name, "M": m, "N": n, "K": k, "sparsity": sparsity, "candidate": label,
-                             "kernel_us": kern, "call_us": call, "host_us": host,
-                             "host_bound": host > kern})
+                row = {"shape": name, "M": m, "N": n, "K": k, "sparsity": sparsity, "candidate": label}
+                try:
+                    for _ in range(10):   # compile / first-use checks / autotuning out of the way
+                        fn()
+                    call, host = call_and_host_us(fn, calls, reps)
+                    kern = kernel_us(fn, min(calls, 20))
+                except (RuntimeError, ValueError, TypeError) as exc:   # e.g. a backend refusing the shape
+                    rows.append({**row, "error": f"{type(exc).__name__}: {exc}"})
+                    print(f"{name:28s} {sparsity:4.2f} {label:16s} not measured: {rows[-1]['error']}", flush=True)
+                    continue
+                rows.append({**row, "kernel_us": kern, "call_us": call, "host_us": host, "host_bound": host > kern})
                 print(f"{name:28s} {sparsity:4.2f} {label:16s} kernel {kern:8.1f} us  call {call:8.1f} us  "
                       f"host {host:8.1f} us{'  host-bound' if host > kern else ''}", flush=True)
     return rows
@@ -113,6 +119,10 @@ def markdown(rows: list[dict], where: str, stamp: str, dtype: str) -> str:
              "| shape (M x N x K) | sparsity | candidate | kernel us | call us | host us | host-bound |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} ({r['M']} x {r['N']} x {r['K']}) | {r['sparsity']:.0%} | {r['candidate']} | "
+                         f"not measured: {r['error'][:120]} | | | |")
+            continue
         lines.append(f"| {r['shape']} ({r['M']} x {r['N']} x {r['K']}) | {r['sparsity']:.0%} | {r['candidate']} | "
                      f"{r['kernel_us']:.1f} | {r['call_us']:.1f} | {r['host_us']:.1f} | "
                      f"{'yes' if r['host_bound'] else 'no'} |")
@@ -144,11 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     if not all(0.0 <= s < 1.0 for s in sparsities):
         p.error(f"--sparsity values must be in [0, 1), got {a.sparsity!r}")
     backends = [b for b in a.backends.split(",") if b]
-    rows = run(sparsities, backends, DTYPES[a.dtype], calls=a.calls, reps=a.reps)
-    base, info, stamp, where = script_results(a.out, "launch_overhead", "cuda")
-    base.with_suffix(".json").write_text(json.dumps({"machine": info, "dtype": a.dtype, "rows": rows}, indent=1))
-    base.with_suffix(".md").write_text(markdown(rows, where, stamp, a.dtype))
-    print(f"results: {base}.json / .md")
+    rows: list[dict] = []
+    try:
+        run(sparsities, backends, DTYPES[a.dtype], calls=a.calls, reps=a.reps, rows=rows)
+    finally:   # stopped at a time limit (SIGINT): what was measured is still written
+        base, info, stamp, where = script_results(a.out, "launch_overhead", "cuda")
+        base.with_suffix(".json").write_text(json.dumps({"machine": info, "dtype": a.dtype, "rows": rows}, indent=1))
+        base.with_suffix(".md").write_text(markdown(rows, where, stamp, a.dtype))
+        print(f"results: {base}.json / .md ({len(rows)} rows)")
     return 0
 
 
