@@ -211,7 +211,7 @@ def bsr_mm_split_k(m: int, n_block_rows: int, nnzb: int, bn: int, bk: int, devic
     program on average (the atomics of a split that has nothing to do are skipped, but its launch is
     not free). Uses nnzb (a shape, no GPU sync) rather than the per-row counts. Under the interpreter
     the answer is 1 (tests force split_k explicitly), and under torch.use_deterministic_algorithms(True) too
-    (split-K adds fp32 partials with atomics, in an order that varies). Not measured on a GPU yet (none here).
+    (split-K adds fp32 partials with atomics, in an order that varies). The rule itself is not tuned on a GPU yet.
     """
     if m > SPLIT_K_MAX_M or n_block_rows == 0 or nnzb == 0 or torch.are_deterministic_algorithms_enabled():
         return 1
