@@ -152,7 +152,7 @@ def bsr_mm_config(m: int, bn: int, bk: int, dtype: torch.dtype, device: torch.de
 @functools.cache
 def _bsr_mm_row_config(bucket: int, bn: int, bk: int, elem: int, major: int, smem: int,
                        tuned_env: str | None) -> KernelConfig:
-    row = tuned_tables(major).get("bsr_mm", {}).get(bn) or BSR_MM_TABLE.get((major, bn), _DEFAULT_ROW)
+    row = _tuned_for(major, elem).get("bsr_mm", {}).get(bn) or BSR_MM_TABLE.get((major, bn), _DEFAULT_ROW)
     block_m, num_warps, num_stages = row[bucket]
     block_m, num_stages = _fit(block_m, num_stages, bn, bk, elem, major, smem)
     block_m, num_warps = _fit_registers(block_m, num_warps, bn, bk, elem)
@@ -283,9 +283,9 @@ def bsr_sddmm_config(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype, de
         dev = torch.device(device) if device is not None else torch.device("cuda")
         arch = _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
     major, smem = arch
-    block_m, warps, stages = tuned_tables(major).get("bsr_sddmm", {}).get(bn * bk) \
-        or BSR_SDDMM_TABLE.get((major, bn * bk), (32, 4, 3))
     elem = dtype.itemsize
+    block_m, warps, stages = _tuned_for(major, elem).get("bsr_sddmm", {}).get(bn * bk) \
+        or BSR_SDDMM_TABLE.get((major, bn * bk), (32, 4, 3))
     block_m, stages = _fit_sddmm(block_m, stages, bn, bk, elem, major, smem)
     sms = sm_count(device, major) if device is not None else _SM_FALLBACK.get(major, 108)
     split = 1
@@ -388,7 +388,7 @@ def _tile_config(family: str, m: int, dtype: torch.dtype, device: torch.device |
 def _tile_row_config(family: str, bucket: int, elem: int, major: int, smem: int, tuned_env: str | None) -> TileConfig:
     """_tile_config's row, memoized as _bsr_mm_row_config (the family names its hand-written table)."""
     table = _TILE_TABLES[family]
-    rows = tuned_tables(major).get(family) or table.get(major, table[8])
+    rows = _tuned_for(major, elem).get(family) or table.get(major, table[8])
     bm, bn, bk, warps, stages = rows[bucket]
     return _fit_tile(family, bm, bn, bk, warps, stages, elem, smem)
 
@@ -414,6 +414,7 @@ BLOCK_SIDES = (16, 32, 64, 128)
 # informative fields of a table file (what it was measured on), not validated beyond their JSON type
 _INFO_KEYS = ("device", "capability", "smem", "sms", "dtype", "torch", "triton", "created", "shapes", "measured")
 _WARPS = (1, 2, 4, 8, 16)
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}   # a table's "dtype": the element size its rows serve
 
 
 def tuned_path(major: int) -> Path:
@@ -516,6 +517,10 @@ def validate_tuned(data: object, source: str = "<table>") -> dict:
                 _check_tile_smem(row, major, f"{family}[{i}]", source)
     if isinstance(data.get("measured"), (list, str, int, float)):
         raise ValueError(f"{source}: measured must be an object (the timings), got {type(data['measured']).__name__}")
+    if "dtype" in data:   # what the rows were timed in: decides which element size they serve (_tuned_for)
+        if data["dtype"] not in _DTYPE_BYTES:
+            raise ValueError(f"{source}: dtype must be one of {sorted(_DTYPE_BYTES)}, got {data['dtype']!r}")
+        out["dtype"] = data["dtype"]
     return out
 
 
@@ -556,6 +561,16 @@ def tuned_tables(major: int) -> dict:
             return table
     shipped = _shipped(major)
     return _cached(shipped) if shipped is not None else {}
+
+
+def _tuned_for(major: int, elem: int) -> dict:
+    """The measured table for arch ``major`` if it was measured at element size ``elem`` (its "dtype": fp16 and
+    bf16 share 2-byte rows), else {}: a row timed in fp16, refitted for fp32, can spill registers (the compile
+    check showed 1.4 KB per thread for channel_mm), so 4-byte launches keep the hand-written rows, which were
+    sized against spills, unless the table was measured in fp32. A table that names no dtype serves every size."""
+    table = tuned_tables(major)
+    measured = table.get("dtype")
+    return table if measured is None or _DTYPE_BYTES.get(measured) == elem else {}
 
 
 def reload_tuned() -> None:

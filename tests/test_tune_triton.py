@@ -487,3 +487,27 @@ def test_configs_are_memoized_until_reload(tables, monkeypatch):
     C.reload_tuned()
     assert C.bsr_mm_config(8, 32, 32, fp16, arch=H100) == C.KernelConfig(16, 4, 4)
     assert C.nm_mm_config(1, fp16, arch=H100) == C.TileConfig(16, 64, 64, 4, 3)
+
+
+@pytest.mark.parametrize("measured_in", ["float16", "float32", None])
+def test_a_table_serves_the_element_size_it_was_measured_in(tables, monkeypatch, measured_in):
+    """Rows timed in fp16 (bf16 shares them) keep 4-byte launches on the hand-written rows, which were sized
+    against register spills, and the other way round; a table that names no dtype serves both."""
+    table = _table(9)
+    table["bsr_mm"]["32"][0] = [32, 8, 3]
+    table["nm_mm"][0] = [16, 128, 64, 8, 4]
+    if measured_in is not None:
+        table["dtype"] = measured_in
+    monkeypatch.setenv(C.TUNED_ENV, str(_write(tables / "mine.json", table)))
+    measured = C.KernelConfig(32, 8, 3)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        serves = measured_in is None or (dtype == torch.float32) == (measured_in == "float32")
+        got = C.bsr_mm_config(8, 32, 32, dtype, arch=H100)
+        assert (got == measured) == serves, (dtype, got)
+        if dtype != torch.float32:   # (an fp32 nm_mm row is refitted by the fp32 rule either way)
+            assert (C.nm_mm_config(1, dtype, arch=H100) == C.TileConfig(16, 128, 64, 8, 4)) == serves
+
+
+def test_a_table_with_an_unknown_dtype_is_refused(tables):
+    with pytest.raises(ValueError, match=r"mine\.json: dtype must be one of \['bfloat16', 'float16', 'float32'\]"):
+        C.load_tuned(str(_write(tables / "mine.json", _table(9, dtype="float64"))))
