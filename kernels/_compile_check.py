@@ -411,9 +411,10 @@ def check_all(verbose: bool = True, fresh: bool = False, full: bool = False) -> 
                 usage = _ptxas_usage(kernel, cc, "".join(log)) if stage == "cubin" else None
                 regs = f", {usage[0]} registers, spills {usage[1]} B" if usage else ""
                 if usage and usage[1] > SPILL_LIMIT:
-                    family = _FAMILY.get(desc.split()[0])
+                    words = desc.split()   # "<kernel> sm<cc> <dtype> ..."
+                    family = _FAMILY.get(words[0])
                     # exempt only where the launchers use the measured row: its arch and element size
-                    elem = _DTYPE_BYTES.get(desc.split()[2]) if len(desc.split()) > 2 else None
+                    elem = _DTYPE_BYTES.get(words[2]) if len(words) > 2 else None
                     if elem is not None and family in _tuned_for(cc // 10, elem):
                         regs += " (a measured table's row: not failed)"
                     else:

@@ -102,6 +102,12 @@ def _device_info(index: int) -> tuple[int, int]:
     return major, int(smem)
 
 
+def _cuda_arch(device: torch.device | str | None) -> tuple[int, int]:
+    """_device_info of a CUDA ``device`` (None or no index: the current device)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    return _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
 def _buffers(stages: int, major: int, block_m: int) -> int:
     """Shared-memory buffers Triton 3.6 allocates for this kernel (see the module docstring)."""
     n = 1 if stages <= 4 else 1 + (stages - 3) // 2
@@ -140,9 +146,7 @@ def bsr_mm_config(m: int, bn: int, bk: int, dtype: torch.dtype, device: torch.de
     if arch is None and interpreting():
         return KernelConfig(block_m=16, num_warps=1, num_stages=1, group_m=8)
     if arch is None:
-        dev = torch.device(device) if device is not None else torch.device("cuda")
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        arch = _device_info(index)
+        arch = _cuda_arch(device)
     return _bsr_mm_row_config(_bucket(m), bn, bk, dtype.itemsize, *arch, os.environ.get(TUNED_ENV))
 
 
@@ -280,8 +284,7 @@ def bsr_sddmm_config(m: int, nnzb: int, bn: int, bk: int, dtype: torch.dtype, de
     if arch is None and interpreting():
         return TileConfig(block_m=16, block_n=bn, block_k=bk, num_warps=1, num_stages=1, split=1)
     if arch is None:
-        dev = torch.device(device) if device is not None else torch.device("cuda")
-        arch = _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
+        arch = _cuda_arch(device)
     major, smem = arch
     elem = dtype.itemsize
     block_m, warps, stages = _tuned_for(major, elem).get("bsr_sddmm", {}).get(bn * bk) \
@@ -379,8 +382,7 @@ def _tile_config(family: str, m: int, dtype: torch.dtype, device: torch.device |
     if arch is None and interpreting():
         return TileConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)
     if arch is None:
-        dev = torch.device(device) if device is not None else torch.device("cuda")
-        arch = _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
+        arch = _cuda_arch(device)
     return _tile_row_config(family, _bucket(m), dtype.itemsize, *arch, os.environ.get(TUNED_ENV))
 
 
@@ -601,7 +603,7 @@ def arch_of(device: torch.device) -> tuple[int, int]:
     dev = torch.device(device)
     if dev.type != "cuda":
         return 9, _SMEM_FALLBACK[9]
-    return _device_info(dev.index if dev.index is not None else torch.cuda.current_device())
+    return _cuda_arch(dev)
 
 
 def m_bucket(m: int) -> int:
