@@ -113,7 +113,8 @@ def backend_status() -> dict[str, dict]:
 
 
 def _cpu_kernel_isa() -> str | None:
-    """The instruction set the CPU kernels run with now ("avx512+amx", "avx2", ...); None without the extension
+    """The instruction set the CPU kernels run with now ("avx512+amx+bf16dot", "avx512+bf16dot", "avx2", ...: AMX
+    tiles and AVX512-BF16 dot products for bfloat16 where the CPU has them); None without the extension
     (or with an extension built before the op existed)."""
     if not _extension.LOADED or not hasattr(torch.ops.sparsekit, "cpu_kernel_isa"):
         return None

@@ -1,4 +1,7 @@
-"""bfloat16 BSR on AMX tiles (csrc/cpu/amx.cpp), on CPUs that have AMX-BF16 (Sapphire Rapids and later).
+"""bfloat16 BSR on AMX tiles (csrc/cpu/amx.cpp), on CPUs that have AMX-BF16 (Sapphire Rapids and later), and on
+AVX512-BF16 pair panels (csrc/cpu/bf16_dot.cpp: the same packed row pairs of x^T for convolutions, vdpbf16ps
+instead of tiles) on CPUs that have those but no AMX (AMD Zen 4 / 5): the tests marked needs_fast_bf16 run on
+either, against the float64 reference and the plain AVX-512 kernels.
 
 bsr_mm (and bsr_mm_t, which runs it over the transposed blocks), bsr_sddmm (dW on the blocks, any M), bsr_mm_xt
 (1x1 and strided convolutions) and bsr_conv2d (stride-1 convolutions, the im2col matrix packed straight from the
@@ -33,6 +36,9 @@ def _isa() -> str:
 
 needs_amx = pytest.mark.skipif(not _extension.LOADED or "amx" not in _isa(),
                                reason="this CPU (or OS) gives no AMX-BF16 tiles: the AMX path cannot run here")
+needs_fast_bf16 = pytest.mark.skipif(
+    not _extension.LOADED or not ("amx" in _isa() or "bf16dot" in _isa()),
+    reason="this CPU has neither AMX-BF16 tiles nor AVX512-BF16: bfloat16 runs the widening AVX-512 / AVX2 kernels")
 
 
 def _weight(rows, cols, block, density, gen):
@@ -46,7 +52,7 @@ def _weight(rows, cols, block, density, gen):
     return BSR.from_dense(w.to(torch.bfloat16), block)
 
 
-@needs_amx
+@needs_fast_bf16
 @pytest.mark.parametrize("block", BLOCKS)
 def test_amx_matches_reference_and_avx512(block, monkeypatch):
     gen = torch.Generator().manual_seed(hash(block) % 10_000)
@@ -68,7 +74,7 @@ def test_amx_matches_reference_and_avx512(block, monkeypatch):
             torch.testing.assert_close(y.double(), y_simd.double(), rtol=1e-2, atol=1e-2)
 
 
-@needs_amx
+@needs_fast_bf16
 def test_amx_backward_dx_and_values():
     gen = torch.Generator().manual_seed(7)
     w = _weight(6, 5, (32, 32), 0.5, gen)
@@ -87,7 +93,7 @@ def test_amx_backward_dx_and_values():
     torch.testing.assert_close(values.grad.double(), ref_blocks, rtol=1e-2, atol=5e-2)
 
 
-@needs_amx
+@needs_fast_bf16
 def test_amx_propagates_nan_and_inf():
     w = BSR.from_dense(torch.ones(32, 32, dtype=torch.bfloat16), (32, 32))
     x = torch.ones(32, 32, dtype=torch.bfloat16)
@@ -122,7 +128,7 @@ CONVS = [  # (C_in, C_out, kernel, stride, padding, dilation, H, W, batch)
 ]
 
 
-@needs_amx
+@needs_fast_bf16
 @pytest.mark.parametrize("conv", CONVS, ids=[f"{c[2][0]}x{c[2][1]}s{c[3]}p{c[4]}d{c[5]}" for c in CONVS])
 @pytest.mark.parametrize("block", [(16, 16), (32, 32), (16, 32)])
 def test_amx_conv_matches_reference_and_avx512(conv, block, monkeypatch):
@@ -151,6 +157,37 @@ def test_amx_conv_matches_reference_and_avx512(conv, block, monkeypatch):
         torch.testing.assert_close(y.double(), y_simd.double(), rtol=1e-2, atol=2e-2)
 
 
+CONVS_3D = [  # (C_in, C_out, kernel, stride, padding, dilation, (D, H, W), batch)
+    (16, 32, (3, 3, 3), 1, 1, 1, (5, 6, 7), 2),
+    (32, 16, (1, 3, 3), 1, (0, 1, 1), 1, (3, 9, 9), 1),
+    (16, 32, (3, 3, 3), 2, 1, 1, (7, 7, 7), 1),       # strided: phases (AMX: the direct SIMD kernel)
+]
+
+
+@needs_fast_bf16
+@pytest.mark.parametrize("conv", CONVS_3D, ids=["3x3x3", "1x3x3", "3x3x3s2"])
+def test_bf16_conv3d_matches_reference_and_avx512(conv, monkeypatch):
+    import torch.nn.functional as F
+
+    c_in, c_out, kernel, stride, padding, dilation, size, batch = conv
+    k = c_in * kernel[0] * kernel[1] * kernel[2]
+    gen = torch.Generator().manual_seed(len(size) + c_in)
+    for density in (0.0, 0.5, 1.0):
+        w = _weight(c_out // 16, k // 16, (16, 16), density, gen)
+        x = torch.randn(batch, c_in, *size, generator=gen).to(torch.bfloat16)
+        bias = torch.randn(c_out, generator=gen).to(torch.bfloat16)
+        monkeypatch.delenv("SPARSEKIT_CPU_ISA", raising=False)
+        y = sk.ops.sparse_conv3d(x, w, bias, stride=stride, padding=padding, dilation=dilation, kernel_size=kernel,
+                                 backend="cpu")
+        ref = F.conv3d(x.double(), w.to_dense().double().reshape(c_out, c_in, *kernel), bias.double(),
+                       stride=stride, padding=padding, dilation=dilation)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=2e-2, msg=f"density {density}")
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", "avx512")
+        y_simd = sk.ops.sparse_conv3d(x, w, bias, stride=stride, padding=padding, dilation=dilation,
+                                      kernel_size=kernel, backend="cpu")
+        torch.testing.assert_close(y.double(), y_simd.double(), rtol=1e-2, atol=2e-2)
+
+
 @needs_amx
 @pytest.mark.parametrize("block", [(16, 16), (32, 32), (32, 16), (16, 32), (48, 16), (64, 64)])
 def test_amx_sddmm_matches_reference_and_avx512(block, monkeypatch):
@@ -173,9 +210,9 @@ def test_amx_sddmm_matches_reference_and_avx512(block, monkeypatch):
             torch.testing.assert_close(dw.double(), dw_simd.double(), rtol=1e-2, atol=2e-2)
 
 
-@needs_amx
+@needs_fast_bf16
 def test_a_batch_of_large_images_is_packed_in_groups():
-    """Images whose packed im2col passes the AMX packing cap (64 MiB at once) are packed a group at a time: a
+    """Images whose packed im2col passes the packing cap (64 MiB at once) are packed a group at a time: a
     batch of three ~37 MB images runs as three groups and matches the dense conv (it used to pack the whole
     batch: ~0.9 GB for a ResNet-50 layer1 conv at batch 256)."""
     import torch.nn.functional as F

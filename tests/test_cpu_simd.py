@@ -10,6 +10,8 @@ Tolerances: float32 rtol=1e-5/atol=1e-4 against the float64 reference on the sam
 (fp32 accumulation, one rounding of the output to bfloat16).
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,11 +41,23 @@ def _block_rows(w):
     return torch.repeat_interleave(torch.arange(counts.numel()), counts.long())
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def _set_isa(monkeypatch, isa):
+    """"best": SPARSEKIT_CPU_ISA unset (AMX, or AVX512-BF16 pair panels, for bfloat16 where the CPU has them)."""
+    if isa == "best":
+        monkeypatch.delenv("SPARSEKIT_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+
+
+# bfloat16 also unlowered ("best"): its AMX and AVX512-BF16 kernels run only then
+ISA_DTYPES = [(isa, dtype) for isa in ("avx512", "avx2", "scalar")
+              for dtype in (torch.float32, torch.bfloat16, torch.float16)] + [("best", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("isa,dtype", ISA_DTYPES)
 @pytest.mark.parametrize("block", BLOCKS)
 def test_bsr_simd_paths(isa, dtype, block, monkeypatch):
-    monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)
+    _set_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(hash((isa, block)) % 10_000)
     bn, bk = block
     rows, cols = max(2, 96 // max(bn, 8)), max(2, 80 // max(bk, 8))
@@ -69,12 +83,13 @@ def test_bsr_simd_paths(isa, dtype, block, monkeypatch):
             torch.testing.assert_close(dw.double(), ref_blocks, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# the N-vectorized path: M >= 256 with K <= 1024, or M >= 512 (smaller M take the M-panel path, tested above)
+@pytest.mark.parametrize("isa,dtype", [(isa, dtype) for isa in ("avx512", "avx2", "scalar")
+                                       for dtype in (torch.float32, torch.bfloat16)] + [("best", torch.bfloat16)])
+# the N-vectorized path: M >= 256 with K <= 1024, or M >= 512 (smaller M take the M-panel path, tested above;
+# bf16 unlowered takes AMX or the pair panels instead where the CPU has them)
 @pytest.mark.parametrize("m,cols", [(260, 3), (515, 40)])
 def test_bsr_n_vectorized_path(isa, dtype, m, cols, monkeypatch):
-    monkeypatch.setenv("SPARSEKIT_CPU_ISA", isa)     # (bf16 under the "avx512" ISA name: no AMX)
+    _set_isa(monkeypatch, isa)     # (bf16 under the "avx512" ISA name: no AMX, no AVX512-BF16)
     gen = torch.Generator().manual_seed(m)
     rtol, atol = TOL[dtype]
     for block in [(16, 16), (32, 32), (32, 16)]:
@@ -94,3 +109,48 @@ def test_isa_variable_is_case_insensitive_and_a_typo_keeps_the_best(monkeypatch)
     assert torch.ops.sparsekit.cpu_kernel_isa() == "scalar"
     monkeypatch.setenv("SPARSEKIT_CPU_ISA", "avx-512")       # not a name: ignored, with a (once per process) warning
     assert torch.ops.sparsekit.cpu_kernel_isa() == best
+
+
+def _bf16_dot_cpu(monkeypatch):
+    monkeypatch.delenv("SPARSEKIT_CPU_ISA", raising=False)
+    return "+bf16dot" in torch.ops.sparsekit.cpu_kernel_isa()
+
+
+@pytest.mark.parametrize("block", [(2, 2), (6, 4), (16, 16), (32, 32), (64, 8), (3, 32)])
+def test_bf16_pair_panels_agree_with_the_widening_kernels(block, monkeypatch):
+    """On an AVX512-BF16 CPU without AMX, bfloat16 BSR products run on vdpbf16ps pair panels (csrc/cpu/bf16_dot.cpp);
+    SPARSEKIT_CPU_ISA=avx512 gives the fp32-widening kernels. Both accumulate in fp32, so they agree to the
+    output's bfloat16 rounding (forward and the transposed product of the backward), for M that fill 1, 2 and 4
+    vectors of the panel, tails included, with empty block-rows and bias."""
+    if not _bf16_dot_cpu(monkeypatch) or "amx" in torch.ops.sparsekit.cpu_kernel_isa():
+        pytest.skip("needs a CPU with AVX512-BF16 and without AMX (AMX takes these shapes)")
+    gen = torch.Generator().manual_seed(block[0] * 100 + block[1])
+    bn, bk = block
+    rows, cols = max(3, 96 // bn), max(2, 128 // bk)
+    w = _weight(rows, cols, block, 0.5, torch.bfloat16, gen)
+    n, k = rows * bn, cols * bk
+    bias = torch.randn(n, generator=gen).bfloat16()
+    for m in (9, 16, 17, 40, 100):
+        x = torch.randn(m, k, generator=gen).bfloat16()
+        dy = torch.randn(m, n, generator=gen).bfloat16()
+        monkeypatch.delenv("SPARSEKIT_CPU_ISA", raising=False)
+        y = torch.ops.sparsekit.bsr_mm(x, w.crow_indices, w.col_indices, w.values, bias, n)
+        dx = torch.ops.sparsekit.bsr_mm_t(dy, w.crow_indices, w.col_indices, w.values, k)
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", "avx512")
+        y_wide = torch.ops.sparsekit.bsr_mm(x, w.crow_indices, w.col_indices, w.values, bias, n)
+        dx_wide = torch.ops.sparsekit.bsr_mm_t(dy, w.crow_indices, w.col_indices, w.values, k)
+        torch.testing.assert_close(y.float(), y_wide.float(), rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(dx.float(), dx_wide.float(), rtol=1e-2, atol=1e-2)
+        ref = x.double() @ w.to_dense().double().t() + bias.double()
+        torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_kernel_isa_names_the_bf16_dot_products_only_when_unlowered(monkeypatch):
+    """"+bf16dot" in cpu_kernel_isa() means bfloat16 products take vdpbf16ps; lowering the ISA switches it off."""
+    has = _bf16_dot_cpu(monkeypatch)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "avx512_bf16" not in cpuinfo.read_text():
+        assert not has
+    for lowered in ("avx512", "avx2", "scalar"):
+        monkeypatch.setenv("SPARSEKIT_CPU_ISA", lowered)
+        assert "bf16dot" not in torch.ops.sparsekit.cpu_kernel_isa()

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "amx.h"
+#include "bf16_dot.h"
 #include "checks.h"
 #include "tiles.h"
 #include "panel.h"
@@ -263,6 +264,42 @@ void bsr_mm_amx(const uint16_t* x, const int32_t* crow, const int32_t* col, cons
   });
 }
 
+// Packs the row pairs of B images' x^T that some block reads (pack(b, r0, r1, Mp, xv_b) fills pairs [r0, r1) of
+// image b, Mp words apart; image b's at xv + b * image): at 90% block sparsity a third or more of the
+// block-columns are empty in every block-row, and their rows are never read.
+template <typename Pack>
+void pack_used_pairs(int64_t B, Pack&& pack, const int32_t* col, int64_t nnzb, int64_t K, int64_t bk, int64_t Mp,
+                     uint32_t* xv, int64_t image) {
+  std::vector<char> used(K / bk, 0);
+  for (int64_t b = 0; b < nnzb; ++b) used[col[b]] = 1;
+  std::vector<std::pair<int64_t, int64_t>> runs;   // runs of used block-columns, as row-pair ranges
+  for (int64_t c = 0; c < K / bk; ++c) {
+    if (!used[c]) continue;
+    if (!runs.empty() && runs.back().second == c * bk / 2) runs.back().second = (c + 1) * bk / 2;
+    else runs.emplace_back(c * bk / 2, (c + 1) * bk / 2);
+  }
+  const int64_t nruns = int64_t(runs.size());
+  at::parallel_for(0, B * nruns, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) pack(q / nruns, runs[q % nruns].first, runs[q % nruns].second, Mp,
+                                          xv + (q / nruns) * image);
+  });
+}
+
+// Images are packed and computed in groups of at most kPackGroupBytes of packed x^T (a batch of large images
+// packed whole took B times an image's im2col matrix: ~0.9 GB for a ResNet-50 layer1 conv at batch 256):
+// run(g0, Bg, pack_g) for each group of Bg images from g0, pack_g packing the group's image b as pack(g0 + b).
+constexpr int64_t kPackGroupBytes = int64_t(64) << 20;
+
+template <typename Pack, typename Run>
+void in_pack_groups(int64_t B, int64_t image_bytes, Pack&& pack, Run&& run) {
+  const int64_t per_group = std::max<int64_t>(1, kPackGroupBytes / std::max<int64_t>(1, image_bytes));
+  for (int64_t g0 = 0; g0 < B; g0 += per_group) {
+    run(g0, std::min(per_group, B - g0), [&](int64_t b, int64_t r0, int64_t r1, int64_t mp, uint32_t* xv) {
+      pack(g0 + b, r0, r1, mp, xv);
+    });
+  }
+}
+
 // y^T [B, N, M] = W @ x^T [B, K, M] (+ bias[:, None]) for bfloat16 on AMX tiles (amx.h, transposed layout): each
 // image's x^T packed into VNNI row pairs [K/2][Mp] (Mp = M rounded up to 32); tasks = (L2-sized chunk of
 // block-rows, 32 columns of one image), chunk-major; results land in y^T's own orientation (no transpose).
@@ -275,21 +312,7 @@ void bsr_xt_amx_group(int64_t B, Pack&& pack, const int32_t* crow, const int32_t
   const int64_t Mp = (M + 31) / 32 * 32, tpi = Mp / 32, tiles = B * tpi, image = (K / 2) * Mp;
   at::Tensor xv_t = at::empty({B * image}, at::TensorOptions().dtype(at::kInt));
   uint32_t* xv = reinterpret_cast<uint32_t*>(xv_t.mutable_data_ptr<int32_t>());
-  // only the block-columns some block references are packed (at 90% block sparsity a third or more of them
-  // are empty in every block-row); runs of used block-columns, as row-pair ranges
-  std::vector<char> used(K / bk, 0);
-  for (int64_t b = 0; b < nnzb; ++b) used[col[b]] = 1;
-  std::vector<std::pair<int64_t, int64_t>> runs;
-  for (int64_t c = 0; c < K / bk; ++c) {
-    if (!used[c]) continue;
-    if (!runs.empty() && runs.back().second == c * bk / 2) runs.back().second = (c + 1) * bk / 2;
-    else runs.emplace_back(c * bk / 2, (c + 1) * bk / 2);
-  }
-  const int64_t nruns = int64_t(runs.size());
-  at::parallel_for(0, B * nruns, 1, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) pack(q / nruns, runs[q % nruns].first, runs[q % nruns].second, Mp,
-                                          xv + (q / nruns) * image);
-  });
+  pack_used_pairs(B, pack, col, nnzb, K, bk, Mp, xv, image);
   const std::vector<int64_t> bounds = amx_chunks(crow, rows, bn, bk, K, tiles, threads);
   const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
   const int64_t grain = B * M * nnzb * bn * bk < kMinWork ? tasks : 1;
@@ -310,21 +333,13 @@ void bsr_xt_amx_group(int64_t B, Pack&& pack, const int32_t* crow, const int32_t
   });
 }
 
-// Images are packed and computed in groups of at most kAmxPackBytes of packed x^T (a batch of large images
-// packed whole took B times an image's im2col matrix: ~0.9 GB for a ResNet-50 layer1 conv at batch 256).
-constexpr int64_t kAmxPackBytes = int64_t(64) << 20;
-
 template <typename Pack>
 void bsr_xt_amx(int64_t B, Pack&& pack, const int32_t* crow, const int32_t* col, const uint16_t* v,
                 const float* bias, uint16_t* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
-  const int64_t Mp = (M + 31) / 32 * 32, image = (K / 2) * Mp;
-  const int64_t per_group = std::max<int64_t>(1, kAmxPackBytes / std::max<int64_t>(1, image * 4));
-  for (int64_t g0 = 0; g0 < B; g0 += per_group) {
-    const int64_t Bg = std::min(per_group, B - g0);
-    bsr_xt_amx_group(Bg, [&](int64_t b, int64_t r0, int64_t r1, int64_t mp, uint32_t* xv) {
-      pack(g0 + b, r0, r1, mp, xv);
-    }, crow, col, v, bias, y + g0 * N * M, M, K, N, bn, bk);
-  }
+  const int64_t Mp = (M + 31) / 32 * 32;
+  in_pack_groups(B, (K / 2) * Mp * 4, pack, [&](int64_t g0, int64_t Bg, auto&& pack_g) {
+    bsr_xt_amx_group(Bg, pack_g, crow, col, v, bias, y + g0 * N * M, M, K, N, bn, bk);
+  });
 }
 
 // Whether bsr_mm_fast / bsr_xt_fast take the AMX path: bf16 activations and weights, blocks of 16-multiples, at
@@ -337,10 +352,105 @@ bool use_amx(bool bf16, WKind wk, int64_t M, int64_t bn, int64_t bk) {
   return bf16 && wk == WKind::kBF16 && M >= kAmxMinRows && amx_block_ok(bn, bk) && amx_enabled();
 }
 
+// ------------------------------------------------------------------------- AVX512-BF16 pair panels
+// Whether a product takes the pair panels (bf16_dot.h; bsr_mm_fast, bsr_xt_fast and the direct convolution, each
+// from kPairMinRows rows / pixels): bf16 activations and weights, an even block_k,
+// blocks of more than one row (1-row blocks keep the K-blocked fp32 kernel, whose panel walk they need), and
+// vdpbf16ps available without AMX having been chosen (use_amx is asked first).
+bool use_pair_panels(bool bf16, WKind wk, int64_t bn, int64_t bk) {
+  return bf16 && wk == WKind::kBF16 && bk % 2 == 0 && bn > 1 && bf16_dot_enabled();
+}
+
+// From this many rows of x the pair panels beat the bf16 GEMV (which widens W and x to fp32 and walks a block-row
+// once per row of x): measured on a Zen 5 EPYC, BERT-base MLP shapes, BSR 32, 50% / 90%, same-run medians, the
+// GEMV is 1.3-2x faster at M = 1-2, and the pair panels 1.2-2.4x faster at M = 3-8.
+constexpr int64_t kPairMinRows = 3;
+
+// Vectors of 16 rows of x per pair panel (bsr_pair_panel_row takes 1, 2 or 4).
+inline int pair_nv(int64_t M, int64_t bn) { return std::min(choose_nv(Isa::kAvx512, M, bn), 4); }
+
+// y = x @ W^T (+ bias) for bfloat16 x and values on vdpbf16ps: x packed into pair panels [tiles][K/2][MT];
+// tasks = (M tile, nonzero-balanced chunk of block-rows), M tile outermost, as in bsr_mm_fast's M-panel path.
+void bsr_mm_pairs(const uint16_t* x, const int32_t* crow, const int32_t* col, const uint16_t* v, const float* bias,
+                  c10::BFloat16* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
+  const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
+  const int nv = pair_nv(M, bn);
+  const int64_t MT = int64_t(nv) * 16, tiles = (M + MT - 1) / MT, P = K / 2;
+  at::Tensor xp_t = at::empty({tiles * P * MT}, at::TensorOptions().dtype(at::kInt));
+  uint32_t* xp = reinterpret_cast<uint32_t*>(xp_t.mutable_data_ptr<int32_t>());
+  at::parallel_for(0, tiles, grain_for(P * MT), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      pack_pair_panel(x + t * MT * K, K, std::min(MT, M - t * MT), K, MT, xp + t * P * MT);
+    }
+  });
+  const int64_t want = (4 * threads + tiles - 1) / tiles;
+  const std::vector<int64_t> bounds = balanced_chunks(crow, rows, want, bn * bk, bn);
+  const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
+  const int64_t grain = M * nnzb * bn * bk < kMinWork ? tasks : 1;
+  const int64_t group = std::max<int64_t>(1, (64 + bn - 1) / bn);   // >= 64 contiguous outputs per row of y
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> out(group * bn * MT), scratch;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t tile = t / chunks, c = t % chunks, m0 = tile * MT, mc = std::min(MT, M - m0);
+      const uint32_t* xt = xp + tile * P * MT;
+      for (int64_t r0 = bounds[c]; r0 < bounds[c + 1]; r0 += group) {
+        const int64_t r1 = std::min(bounds[c + 1], r0 + group), cols = (r1 - r0) * bn;
+        for (int64_t r = r0; r < r1; ++r) {
+          bsr_pair_panel_row(nv, xt, MT, col, crow[r], crow[r + 1], v, bn, bk, out.data() + (r - r0) * bn * MT);
+        }
+        store_panel<c10::BFloat16>(Isa::kAvx512, out.data(), MT, cols, mc, bias ? bias + r0 * bn : nullptr,
+                                   y + m0 * N + r0 * bn, N, scratch);
+      }
+    }
+  });
+}
+
+// y^T [B, N, M] = W @ x^T [B, K, M] (+ bias[:, None]) for bfloat16 on vdpbf16ps, one group of images: each image's
+// x^T packed as row pairs [K/2][Mp] (amx_pack_xt / amx_pack_conv words; Mp = M rounded up to the panel width and
+// to 32) and read in place as pair panels Mp words apart; tasks = (MT columns of one image, nonzero-balanced chunk
+// of block-rows), columns outermost; each block-row's fp32 panel [bn][MT] is stored straight into y^T.
+template <typename Pack>
+void bsr_xt_pairs_group(int64_t B, Pack&& pack, const int32_t* crow, const int32_t* col, const uint16_t* v,
+                        const float* bias, c10::BFloat16* y, int64_t M, int64_t K, int64_t N, int64_t bn,
+                        int64_t bk) {
+  const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
+  const int nv = pair_nv(M, bn);
+  const int64_t MT = int64_t(nv) * 16, width = std::max<int64_t>(MT, 32), Mp = (M + width - 1) / width * width;
+  const int64_t tpi = (M + MT - 1) / MT, tiles = B * tpi, image = (K / 2) * Mp;
+  at::Tensor xv_t = at::empty({B * image}, at::TensorOptions().dtype(at::kInt));
+  uint32_t* xv = reinterpret_cast<uint32_t*>(xv_t.mutable_data_ptr<int32_t>());
+  pack_used_pairs(B, pack, col, nnzb, K, bk, Mp, xv, image);
+  const std::vector<int64_t> bounds = balanced_chunks(crow, rows, (4 * threads + tiles - 1) / tiles, bn * bk, bn);
+  const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
+  const int64_t grain = B * M * nnzb * bn * bk < kMinWork ? tasks : 1;
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> out(bn * MT);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t tile = t / chunks, c = t % chunks, b = tile / tpi, m0 = (tile % tpi) * MT;
+      const int64_t mc = std::min(MT, M - m0);
+      for (int64_t r = bounds[c]; r < bounds[c + 1]; ++r) {
+        bsr_pair_panel_row(nv, xv + b * image + m0, Mp, col, crow[r], crow[r + 1], v, bn, bk, out.data());
+        store_panel_xt<c10::BFloat16>(out.data(), MT, bn, mc, bias ? bias + r * bn : nullptr,
+                                      y + b * N * M + r * bn * M + m0, M);
+      }
+    }
+  });
+}
+
+template <typename Pack>
+void bsr_xt_pairs(int64_t B, Pack&& pack, const int32_t* crow, const int32_t* col, const uint16_t* v,
+                  const float* bias, c10::BFloat16* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
+  const int64_t width = std::max<int64_t>(int64_t(pair_nv(M, bn)) * 16, 32), Mp = (M + width - 1) / width * width;
+  in_pack_groups(B, (K / 2) * Mp * 4, pack, [&](int64_t g0, int64_t Bg, auto&& pack_g) {
+    bsr_xt_pairs_group(Bg, pack_g, crow, col, v, bias, y + g0 * N * M, M, K, N, bn, bk);
+  });
+}
+
 // ------------------------------------------------------------------------------- SIMD fast path
 // y[M, N] = x[M, K] @ W^T (+ bias) for float32 / bfloat16 / float16 activations, fp32 accumulation, with
 // the run-time selected micro-kernels of simd.h. W is given as raw BSR arrays so the backward (dx = dy @ W)
 // can run the same code over the transposed blocks. v holds fp32 values or raw bf16 bits (wk).
+//   bfloat16 with AMX (M >= kAmxMinRows) or AVX512-BF16 (M >= kPairMinRows): bsr_mm_amx / bsr_mm_pairs.
 //   M small (2*M <= vector width): GEMV per (block-row, row of x), block-row outer: W read once from memory.
 //   otherwise: x packed into fp32 panels [tiles][K][MT]; tasks = (M tile, nonzero-balanced chunk of
 //   block-rows), M tile outermost so a thread's chunk reuses one panel; each block-row is computed as an
@@ -357,6 +467,12 @@ void bsr_mm_fast(const T* x, const int32_t* crow, const int32_t* col, const void
     const std::vector<float> bf = bias_f32(bias, N);
     bsr_mm_amx(reinterpret_cast<const uint16_t*>(x), crow, col, static_cast<const uint16_t*>(v),
                bias ? bf.data() : nullptr, reinterpret_cast<uint16_t*>(y), M, K, N, bn, bk);
+    return;
+  }
+  if (M >= kPairMinRows && use_pair_panels(std::is_same_v<T, c10::BFloat16>, wk, bn, bk)) {
+    const std::vector<float> bf = bias_f32(bias, N);
+    bsr_mm_pairs(reinterpret_cast<const uint16_t*>(x), crow, col, static_cast<const uint16_t*>(v),
+                 bias ? bf.data() : nullptr, reinterpret_cast<c10::BFloat16*>(y), M, K, N, bn, bk);
     return;
   }
   if (2 * M <= W) {
@@ -525,6 +641,18 @@ void bsr_xt_fast(const T* xt, int64_t B, const int32_t* crow, const int32_t* col
     bsr_xt_amx(B, pack, crow, col, static_cast<const uint16_t*>(v), bias ? bf.data() : nullptr,
                reinterpret_cast<uint16_t*>(y), M, K, N, bn, bk);
     return;
+  }
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (tiling == nullptr && M >= kPairMinRows && use_pair_panels(true, wk, bn, bk)) {
+      const std::vector<float> bf = bias_f32(bias, N);
+      const uint16_t* xb = reinterpret_cast<const uint16_t*>(xt);
+      auto pack = [&](int64_t b, int64_t r0, int64_t r1, int64_t Mp, uint32_t* xv) {
+        amx_pack_xt(xb + b * K * M, M, 0, r0, r1, Mp, xv);
+      };
+      bsr_xt_pairs(B, pack, crow, col, static_cast<const uint16_t*>(v), bias ? bf.data() : nullptr, y, M, K, N, bn,
+                   bk);
+      return;
+    }
   }
   const int nv = choose_nv(isa, M, bn);
   const int64_t MT = int64_t(nv) * W, tpi = (M + MT - 1) / MT, tiles = B * tpi;
@@ -708,13 +836,29 @@ at::Tensor bsr_conv(const char* op, size_t nd, const at::Tensor& x_in, const at:
   const Isa isa = active_isa();
   const int64_t threads = at::get_num_threads(), Mg = g.grid();
   const int64_t rows = n / bn;
-  const int nv = choose_nv(isa, Mg, bn);
-  const int64_t MT = int64_t(nv) * vec_floats(isa), tiles = g.slices() * ((Mg + MT - 1) / MT);
+  // bfloat16 on AVX512-BF16 (no AMX): pair panels packed per tile from the padded image (bf16_dot.h)
+  const bool pairs = x.scalar_type() == at::kBFloat16 && Mg >= kPairMinRows && use_pair_panels(true, wk, bn, bk);
+  const int nv = pairs ? pair_nv(Mg, bn) : choose_nv(isa, Mg, bn);
+  const int64_t MT = int64_t(nv) * (pairs ? 16 : vec_floats(isa)), tiles = g.slices() * ((Mg + MT - 1) / MT);
   const int32_t* cr = crow.const_data_ptr<int32_t>();
   const int32_t* cc = col.const_data_ptr<int32_t>();
   const std::vector<int64_t> bounds = balanced_chunks(cr, rows, (4 * threads + tiles - 1) / tiles, bn * bk, bn);
   const void* v = fv.const_data_ptr();
   const std::vector<float> bf = bias_vec(bias);
+  if (pairs) {
+    const uint16_t* v16 = static_cast<const uint16_t*>(v);
+    std::vector<char> used(K / 2, 0);   // at 90% block sparsity many block-columns are empty in every block-row
+    for (int64_t b = 0; b < cr[rows]; ++b) std::fill_n(used.begin() + cc[b] * bk / 2, bk / 2, char(1));
+    conv_panels<at::BFloat16, true>(x.const_data_ptr<at::BFloat16>(), g, n, MT, bounds, bn,
+                                    bf.empty() ? nullptr : bf.data(), y.mutable_data_ptr<at::BFloat16>(),
+                                    /*in_place=*/false,
+                                    [&](const uint32_t* xt, const int64_t*, int64_t u0, int64_t u1, float* out) {
+                                      for (int64_t r = u0; r < u1; ++r)
+                                        bsr_pair_panel_row(nv, xt, MT, cc, cr[r], cr[r + 1], v16, bn, bk,
+                                                           out + (r - u0) * bn * MT);
+                                    }, &used);
+    return y;
+  }
   SPARSEKIT_DISPATCH_FAST(x.scalar_type(), "sparsekit_bsr_conv", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       conv_panels<scalar_t>(x.const_data_ptr<scalar_t>(), g, n, MT, bounds, bn, bf.empty() ? nullptr : bf.data(),

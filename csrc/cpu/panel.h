@@ -127,7 +127,9 @@ void store_panel_xt(const float* out, int64_t MT, int64_t rows, int64_t mc, cons
 // chunk of `bounds`). in_place: the kernel reads those runs straight from xpad (compute gets the tile's base and
 // the row offsets); otherwise the panel is packed per task in a thread-local buffer (L2-resident, no per-call
 // image-sized panel tensor) and compute gets it with rowoff = nullptr (rows MT apart). compute(xt, rowoff, u0, u1,
-// out) fills out[(u - u0) * unit + i][MT] for the units (block-rows / rows) [u0, u1).
+// out) fills out[(u - u0) * unit + i][MT] for the units (block-rows / rows) [u0, u1). kPairs (bfloat16, not in
+// place): the per-task panel holds K/2 rows of bf16 pairs (bf16_dot.h), which compute gets as a const uint32_t*;
+// used_pairs (K/2 flags, may be null) leaves the rows no block reads unpacked.
 struct ConvGeom {
   int64_t B, C, D, H, W, kd, kh, kw, pd, ph, pw, dd, dh, dw, sd, sh, sw;
   int64_t Dp() const { return D + 2 * pd; }
@@ -236,9 +238,11 @@ inline float* conv_scratch(size_t floats, std::unique_ptr<float[]>& once) {
   return buf.get();
 }
 
-template <typename T, typename F>
+template <typename T, bool kPairs = false, typename F>
 void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std::vector<int64_t>& bounds,
-                 int64_t unit, const float* bias, T* y, bool in_place, const F& compute) {
+                 int64_t unit, const float* bias, T* y, bool in_place, const F& compute,
+                 const std::vector<char>* used_pairs = nullptr) {
+  static_assert(!kPairs || std::is_same_v<T, c10::BFloat16>, "conv_panels: pair panels hold bfloat16 pairs");
   const int64_t Dq = g.Dq(), Hq = g.Hq(), Wq = g.Wq(), Do = g.Do(), Ho = g.Ho(), Wo = g.Wo(), K = g.K();
   const int64_t plane = Dq * Hq * Wq, phases = g.sd * g.sh * g.sw;
   const int64_t Mg = g.grid(), tpi = (Mg + MT - 1) / MT, tiles = g.slices() * tpi, img = g.C * phases * plane;
@@ -297,7 +301,8 @@ void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std
   const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
   const int64_t gunits = std::max<int64_t>(1, 64 / unit);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> xtile(in_place ? 0 : K * MT), out(gunits * unit * MT);
+    std::vector<float> xtile(in_place || kPairs ? 0 : K * MT), out(gunits * unit * MT);
+    std::vector<uint32_t> xpairs(kPairs ? K / 2 * MT : 0);
     std::vector<int64_t> seg;  // runs of valid outputs in the tile: (panel column, output pixel, length)
     int64_t packed = -1;
     for (int64_t t = t0; t < t1; ++t) {
@@ -305,10 +310,24 @@ void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std
       const int64_t b = slice / Do, od = slice % Do;
       const float* src = xpad + b * img + od * Hq * Wq + m0;
       if (tile != packed) {
-        for (int64_t k = 0; !in_place && k < K; ++k) {
+        for (int64_t k = 0; !in_place && !kPairs && k < K; ++k) {
           const float* s = src + off[k];
           float* d = xtile.data() + k * MT;
           for (int64_t j = 0; j < MT; ++j) d[j] = s[j];
+        }
+        // pair panels: rows 2p and 2p + 1 interleaved as bf16 pairs (the padded image's floats are widened
+        // bfloat16, so their high halves are the inputs exactly)
+        for (int64_t p = 0; kPairs && p < K / 2; ++p) {
+          if (used_pairs && !(*used_pairs)[p]) continue;   // no stored block reads these rows
+          const float* s0 = src + off[2 * p];
+          const float* s1 = src + off[2 * p + 1];
+          uint32_t* d = xpairs.data() + p * MT;
+          for (int64_t j = 0; j < MT; ++j) {
+            uint32_t lo, hi;
+            std::memcpy(&lo, s0 + j, sizeof(lo));
+            std::memcpy(&hi, s1 + j, sizeof(hi));
+            d[j] = (lo >> 16) | (hi & 0xFFFF0000u);
+          }
         }
         seg.clear();
         int64_t oy = m0 / Wq, ox = m0 - oy * Wq;
@@ -321,7 +340,9 @@ void conv_panels(const T* x, const ConvGeom& g, int64_t N, int64_t MT, const std
       }
       for (int64_t u0 = bounds[c]; u0 < bounds[c + 1]; u0 += gunits) {
         const int64_t u1 = std::min(bounds[c + 1], u0 + gunits);
-        if (in_place) {
+        if constexpr (kPairs) {
+          compute(xpairs.data(), nullptr, u0, u1, out.data());
+        } else if (in_place) {
           compute(src, off.data(), u0, u1, out.data());
         } else {
           compute(xtile.data(), nullptr, u0, u1, out.data());

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "amx.h"
+#include "bf16_dot.h"
 
 #include <cctype>
 #include <cstdlib>
@@ -233,7 +234,7 @@ void csr_sddmm_rows(Isa isa, const float* dyT, const float* xT, int64_t M, const
 namespace {
 std::string cpu_kernel_isa() {
   using namespace sparsekit::cpu;
-  return std::string(isa_name(active_isa())) + (amx_enabled() ? "+amx" : "");
+  return std::string(isa_name(active_isa())) + (amx_enabled() ? "+amx" : "") + (bf16_dot_enabled() ? "+bf16dot" : "");
 }
 }  // namespace
 
