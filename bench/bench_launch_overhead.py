@@ -1,10 +1,10 @@
 """Where a sparse call's time goes on a GPU: the kernels alone against the whole call, shape by shape.
 
     python bench/bench_launch_overhead.py --out gpu_out/results                  # CUDA only
-    python bench/bench_launch_overhead.py --backends triton,cuda --sparsity 0.9
+    python bench/bench_launch_overhead.py --backends triton,cuda --sparsity 0.9 --blocks 32,64
 
-For each shape and sparsity (32x32 blocks, fp16 by default) it times, in one run, the dense F.linear (cuBLAS)
-and the sparse op ``sk.ops.bsr_linear(x, w, backend=b)`` for each backend (and, for triton, its launcher
+For each shape, block size and sparsity (32x32 blocks by default, fp16) it times, in one run, the dense F.linear
+(cuBLAS) and the sparse op ``sk.ops.bsr_linear(x, w, backend=b)`` for each backend (and, for triton, its launcher
 ``kernels/k_bsr_mm.bsr_mm`` called directly), three ways:
 
     kernel  GPU time of the kernels a call launches (torch.profiler), median over the calls
@@ -98,7 +98,7 @@ def run(sparsities: list[float], backends: list[str], dtype: torch.dtype, block:
                     candidates["triton launcher"] = lambda x=x, w=w, n=n: k_bsr_mm.bsr_mm(
                         x, w.crow_indices, w.col_indices, w.values, None, n)
             for label, fn in candidates.items():
-                row = {"shape": name, "M": m, "N": n, "K": k, "sparsity": sparsity, "candidate": label}
+                row = {"shape": name, "M": m, "N": n, "K": k, "block": block, "sparsity": sparsity, "candidate": label}
                 try:
                     for _ in range(10):   # compile / first-use checks / autotuning out of the way
                         fn()
@@ -106,25 +106,26 @@ def run(sparsities: list[float], backends: list[str], dtype: torch.dtype, block:
                     kern = kernel_us(fn, min(calls, 20))
                 except (RuntimeError, ValueError, TypeError) as exc:   # e.g. a backend refusing the shape
                     rows.append({**row, "error": f"{type(exc).__name__}: {exc}"})
-                    print(f"{name:28s} {sparsity:4.2f} {label:16s} not measured: {rows[-1]['error']}", flush=True)
+                    print(f"{name:28s} {block:3d} {sparsity:4.2f} {label:16s} not measured: {rows[-1]['error']}",
+                          flush=True)
                     continue
                 rows.append({**row, "kernel_us": kern, "call_us": call, "host_us": host, "host_bound": host > kern})
-                print(f"{name:28s} {sparsity:4.2f} {label:16s} kernel {kern:8.1f} us  call {call:8.1f} us  "
+                print(f"{name:28s} {block:3d} {sparsity:4.2f} {label:16s} kernel {kern:8.1f} us  call {call:8.1f} us  "
                       f"host {host:8.1f} us{'  host-bound' if host > kern else ''}", flush=True)
     return rows
 
 
 def markdown(rows: list[dict], where: str, stamp: str, dtype: str) -> str:
-    lines = [f"# Kernel time against call time, {dtype}, 32x32 blocks", "", f"{where}; {stamp} UTC", "",
-             "| shape (M x N x K) | sparsity | candidate | kernel us | call us | host us | host-bound |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"# Kernel time against call time, {dtype}", "", f"{where}; {stamp} UTC", "",
+             "| shape (M x N x K) | block | sparsity | candidate | kernel us | call us | host us | host-bound |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = (f"| {r['shape']} ({r['M']} x {r['N']} x {r['K']}) | {r.get('block', 32)}x{r.get('block', 32)} | "
+                f"{r['sparsity']:.0%} | {r['candidate']} |")
         if "error" in r:
-            lines.append(f"| {r['shape']} ({r['M']} x {r['N']} x {r['K']}) | {r['sparsity']:.0%} | {r['candidate']} | "
-                         f"not measured: {r['error'][:120]} | | | |")
+            lines.append(f"{head} not measured: {r['error'][:120]} | | | |")
             continue
-        lines.append(f"| {r['shape']} ({r['M']} x {r['N']} x {r['K']}) | {r['sparsity']:.0%} | {r['candidate']} | "
-                     f"{r['kernel_us']:.1f} | {r['call_us']:.1f} | {r['host_us']:.1f} | "
+        lines.append(f"{head} {r['kernel_us']:.1f} | {r['call_us']:.1f} | {r['host_us']:.1f} | "
                      f"{'yes' if r['host_bound'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sparsity", default="0.5,0.9", help="comma-separated block sparsities (default 0.5,0.9)")
     p.add_argument("--backends", default="triton", help="comma-separated sk.ops backends (default triton)")
+    p.add_argument("--blocks", default="32", help="comma-separated square block sides (default 32)")
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     p.add_argument("--calls", type=int, default=100, help="back-to-back calls per timing (default 100)")
     p.add_argument("--reps", type=int, default=5, help="timings per candidate, median taken (default 5)")
@@ -154,9 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     if not all(0.0 <= s < 1.0 for s in sparsities):
         p.error(f"--sparsity values must be in [0, 1), got {a.sparsity!r}")
     backends = [b for b in a.backends.split(",") if b]
+    try:
+        blocks = [int(b) for b in a.blocks.split(",")]
+    except ValueError:
+        p.error(f"--blocks must be comma-separated ints, got {a.blocks!r}")
+    if not all(b in (16, 32, 64, 128) for b in blocks):
+        p.error(f"--blocks must be among 16, 32, 64, 128 (they divide every shape), got {a.blocks!r}")
     rows: list[dict] = []
     try:
-        run(sparsities, backends, DTYPES[a.dtype], calls=a.calls, reps=a.reps, rows=rows)
+        for block in blocks:
+            run(sparsities, backends, DTYPES[a.dtype], block=block, calls=a.calls, reps=a.reps, rows=rows)
     finally:   # stopped at a time limit (SIGINT): what was measured is still written
         base, info, stamp, where = script_results(a.out, "launch_overhead", "cuda")
         base.with_suffix(".json").write_text(json.dumps({"machine": info, "dtype": a.dtype, "rows": rows}, indent=1))

@@ -479,10 +479,16 @@ stage_bench_models() {
         [[ $DRY_RUN == 1 || ! -f $W/m3.log ]] || { note '```'; grep '^|' "$W/m3.log" >>"$SUMMARY" || true; note '```'; }
     fi
     if selected m4; then
-        step m4 "kernel time against call and host time per call (fp16, 32x32 blocks, triton and cuda): which layers are host-bound" \
-            "$CAP_MODELS" 60 "$PY" bench/bench_launch_overhead.py --backends triton,cuda --dtype float16 \
+        step m4 "kernel time against call and host time per call (fp16, 32x32 and 64x64 blocks, triton and cuda): which layers are host-bound" \
+            "$CAP_MODELS" 60 "$PY" bench/bench_launch_overhead.py --backends triton,cuda --dtype float16 --blocks 32,64 \
             --out "${W:-.}/results"
         [[ $DRY_RUN == 1 || ! -f $W/m4.log ]] || { note '```'; grep -E 'kernel .* call .* host' "$W/m4.log" >>"$SUMMARY" || true; note '```'; }
+    fi
+    if selected m5; then
+        step m5 "sk.sparsify(cuda_graphs=True) end to end, fp16, batch 32: the m1 models with layers chosen and timed as CUDA-graph replays (no host time), beside eager" \
+            "$CAP_MODELS" 90 "$PY" bench/bench_sparsify_models.py --models bert,resnet50,vit --device cuda --dtype float16 --batch 32 --reps 20 --cuda-graphs \
+            --out "${W:-.}/results"
+        [[ $DRY_RUN == 1 || ! -f $W/m5.log ]] || { note '```'; grep '^|' "$W/m5.log" >>"$SUMMARY" || true; note '```'; }
     fi
     stage_end
 }

@@ -50,7 +50,7 @@ from .prune.linear_mha import (
 from .prune.linear_rnn import LinearRecurrent, expose_sparse_recurrent, restore_dense_recurrent
 from .prune.masks import TRANSPOSED_CONVS, bake_masks
 from .prune.pruner import check_example_inputs, run_example
-from .timing import interleaved_median_ms
+from .timing import graph_replay_median_ms, interleaved_median_ms
 from .tuning_cache import TuningCache, code_revision, device_name, kernel_switches, resolve_cache
 
 DEFAULT_BLOCKS: tuple[tuple[int, int], ...] = ((1, 4), (4, 1), (16, 16), (32, 32), (64, 64))
@@ -285,8 +285,20 @@ def _plain_dense(mod: nn.Module) -> nn.Module:
     return new.eval()
 
 
+def _median_ms(fns: dict[str, Callable[[], object]], reps: int, device: torch.device, cuda_graphs: bool,
+               notes: list[str]) -> dict[str, float]:
+    """Interleaved medians (ms) of ``fns``: eager calls, or with ``cuda_graphs`` CUDA-graph replays (what the calls
+    cost inside a graphed model); a set that cannot be captured is timed eagerly, with a note."""
+    if cuda_graphs:
+        try:
+            return graph_replay_median_ms(fns, warmup=2, reps=reps)
+        except RuntimeError as exc:
+            notes.append(f"CUDA-graph capture failed ({_first_line(exc)}): timed eagerly")
+    return interleaved_median_ms(fns, warmup=2, reps=reps, device=device)
+
+
 def _measure(mod: nn.Module, inp: Tensor, factories: dict[str, Callable[[], nn.Module]], reps: int,
-             notes: list[str]) -> tuple[dict[str, float], dict[str, nn.Module], bool]:
+             notes: list[str], cuda_graphs: bool = False) -> tuple[dict[str, float], dict[str, nn.Module], bool]:
     """Each candidate's median time (the ones that run and match the layer), the built modules, and whether a
     candidate failed at run time (RuntimeError: maybe transient, so the result is not for the cache).
 
@@ -314,8 +326,8 @@ def _measure(mod: nn.Module, inp: Tensor, factories: dict[str, Callable[[], nn.M
                 notes.append(f"{label} skipped: output differs from the dense layer's")
                 continue
             built[label] = cand
-    times = interleaved_median_ms({k: (lambda m=m: m.forward(inp)) for k, m in built.items()}, warmup=2, reps=reps,
-                                  device=inp.device)
+    times = _median_ms({k: (lambda m=m: m.forward(inp)) for k, m in built.items()}, reps, inp.device, cuda_graphs,
+                       notes)
     return times, built, transient
 
 
@@ -450,7 +462,7 @@ def _check_args(model: object, formats: object, min_speedup: object, blocks: obj
 def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[str, ...] | None = None,
              min_speedup: float = 1.1, cache: Any = None, blocks: list[tuple[int, int]] | None = None,
              reps: int = 7, backend: str | None = None, exact: bool = False, inplace: bool = False,
-             measure_model: bool = True) -> tuple[nn.Module, SparsifyReport]:
+             measure_model: bool = True, cuda_graphs: bool = False) -> tuple[nn.Module, SparsifyReport]:
     """Return (fast_model, report). ``fast_model`` is a copy (``inplace=False``) in which every Linear / conv /
     transposed conv whose weight has zeros is replaced by the measured-fastest Sparse* twin
     (sparse_class), or left dense.
@@ -478,10 +490,22 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
                  blocks whose stored zeros become trainable and bakes every mask left in the model (a layer
                  kept dense becomes a plain layer with its zeros baked in: what it was timed as)
     measure_model  also time the whole model: a plain dense eval-mode copy (masks baked) against the result
+    cuda_graphs  (CUDA only) time every candidate, and the whole model, as CUDA-graph replays: the speeds of a model
+                 run under CUDA graphs (torch.compile(mode="reduce-overhead"), torch.cuda.make_graphed_callables),
+                 where the host's per-call time (Python, launches) is gone. The default times eager calls, host
+                 time included, so a small layer whose kernel beats dense but whose call does not stays dense;
+                 with cuda_graphs it goes sparse, and is then faster only when the model runs under graphs
     """
     formats, blocks = _check_args(model, formats, min_speedup, blocks, reps, backend,
-                                  {"exact": exact, "inplace": inplace, "measure_model": measure_model})
+                                  {"exact": exact, "inplace": inplace, "measure_model": measure_model,
+                                   "cuda_graphs": cuda_graphs})
     check_example_inputs(example_inputs)
+    if cuda_graphs:
+        kinds = sorted({t.device.type for t in (*model.parameters(), *model.buffers(),
+                                                *pytree.tree_leaves(example_inputs)) if isinstance(t, Tensor)})
+        if kinds != ["cuda"]:
+            raise ValueError(f"cuda_graphs=True times CUDA-graph replays: the model and example_inputs must be on a "
+                             f"CUDA device, got devices {kinds}")
     tcache: TuningCache = resolve_cache(cache)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
@@ -543,6 +567,10 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
     device = first.device if first is not None else torch.device("cpu")
     report = SparsifyReport([], device_name(device), str(first.dtype if first is not None else torch.float32),
                             float(min_speedup))
+    if cuda_graphs:
+        report.notes.append("timed as CUDA-graph replays (cuda_graphs=True): the speeds of this model run under CUDA "
+                            "graphs, e.g. torch.compile(mode=\"reduce-overhead\"); eager calls also pay their host "
+                            "time")
     hf = [n for n, m in target.named_modules() if n and _is_hf_conv1d(m)]
     if hf:
         report.notes.append(f"{len(hf)} Hugging Face Conv1D layer(s) left dense ({', '.join(hf[:3])}"
@@ -563,7 +591,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
         key = TuningCache.key({"device": device_name(inp.device), "switches": kernel_switches(inp.device),
                                "code": code_revision(), "dtype": str(inp.dtype), **_kind(mod),
                                "weight": list(w.shape), "input": list(inp.shape), "stats": stats,
-                               "candidates": sorted(factories), "backend": backend, "exact": exact})
+                               "candidates": sorted(factories), "backend": backend, "exact": exact,
+                               **({"timing": "cuda_graphs"} if cuda_graphs else {})})
         notes: list[str] = []
         built: dict[str, nn.Module] = {}
         hit = tcache.get(key)
@@ -571,7 +600,7 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
             times = hit["times_ms"]
             notes = list(hit.get("notes", []))
         else:
-            times, built, transient = _measure(mod, inp, factories, reps, notes)
+            times, built, transient = _measure(mod, inp, factories, reps, notes, cuda_graphs)
             if transient:   # (a run-time error may pass, out of memory for one: measured again next call)
                 notes.append("not cached: a candidate failed at run time")
             else:
@@ -604,10 +633,10 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
             speedup=times["dense"] / times[choice], cached=hit is not None, notes=notes, backend=used,
             scattered=_scattered(stats)))
     tcache.save()
-    _keep_faster_converted(target, exposed, calls, report, reps, device)
-    _keep_faster_converted(target, exposed_rnn, calls, report, reps, device)
+    _keep_faster_converted(target, exposed, calls, report, reps, device, cuda_graphs=cuda_graphs)
+    _keep_faster_converted(target, exposed_rnn, calls, report, reps, device, cuda_graphs=cuda_graphs)
     # (one the user converted is compared even with no sparse layer: its dense time loop is the slower one)
-    _keep_faster_converted(target, converted_rnn, calls, report, reps, device, always=True)
+    _keep_faster_converted(target, converted_rnn, calls, report, reps, device, always=True, cuda_graphs=cuda_graphs)
     restored = {n: "nn.MultiheadAttention" for n in restore_dense_attention(target, exposed)}
     restored.update({n: f"nn.{type(exposed_rnn[n]).__name__}" for n in restore_dense_recurrent(target, exposed_rnn)})
     for name in (*exposed, *exposed_rnn):
@@ -625,9 +654,8 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
         # parametrization costs about a dense forward again) and what sk.save stores
         bake_masks(target)
     if baseline is not None and report.layers:
-        t = interleaved_median_ms({"dense": lambda: run_example(baseline, example_inputs),
-                                   "sparse": lambda: run_example(target, example_inputs)}, warmup=2,
-                                  reps=reps, device=device)
+        t = _median_ms({"dense": lambda: run_example(baseline, example_inputs),
+                        "sparse": lambda: run_example(target, example_inputs)}, reps, device, cuda_graphs, report.notes)
         report.dense_ms, report.sparse_ms = t["dense"], t["sparse"]
     return target, report
 
@@ -639,7 +667,8 @@ def _record_call(calls: dict[str, tuple], name: str) -> Callable:
 
 
 def _keep_faster_converted(target: nn.Module, exposed: dict[str, nn.Module], calls: dict[str, tuple],
-                           report: SparsifyReport, reps: int, device: torch.device, always: bool = False) -> None:
+                           report: SparsifyReport, reps: int, device: torch.device, always: bool = False,
+                           cuda_graphs: bool = False) -> None:
     """Time every converted attention / recurrent module that got sparse layers against the stock module it
     replaced, on its recorded call (same loop, medians); the stock module comes back (and leaves ``exposed``)
     unless the converted one beats it by ``min_speedup`` too: one packed q|k|v GEMM and fused kernels (an
@@ -653,7 +682,7 @@ def _keep_faster_converted(target: nn.Module, exposed: dict[str, nn.Module], cal
         a, kw = calls[name]
         fns = {"stock": lambda m=original, a=a, kw=kw: m(*a, **kw), "converted": lambda m=mod, a=a, kw=kw: m(*a, **kw)}
         with parametrize.cached():   # masked weights computed once per call, as the baked model will hold them
-            t = interleaved_median_ms(fns, warmup=2, reps=reps, device=device)
+            t = _median_ms(fns, reps, device, cuda_graphs, report.notes)
         keep = t["stock"] / t["converted"] >= report.min_speedup
         if not keep:
             for alias in module_aliases(target)[id(mod)]:      # (one module under several names stays one)

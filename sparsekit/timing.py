@@ -104,3 +104,68 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], warmup: int = 3,
     """Median ms of each fn from ``interleaved_samples_ms``."""
     return {k: statistics.median(v)
             for k, v in interleaved_samples_ms(fns, warmup, reps, device, min_sample_ms).items()}
+
+
+def _output_bytes(out: object) -> int:
+    """Bytes of the tensors in a call's output (a tensor, or a tuple / list / dict of them)."""
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    if isinstance(out, (tuple, list)):
+        return sum(_output_bytes(o) for o in out)
+    if isinstance(out, dict):
+        return sum(_output_bytes(o) for o in out.values())
+    return 0
+
+
+def graph_replay_median_ms(fns: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 10,
+                           calls_per_graph: int = 20, max_graph_mib: int = 256) -> dict[str, float]:
+    """Median ms per call of each CUDA fn when it runs inside a CUDA graph: what it costs in a model run under CUDA
+    graphs (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.make_graphed_callables``), where the host's
+    per-call work (Python, argument checks, kernel launches) is gone and only the GPU time is left.
+
+    Each fn runs ``warmup`` times eagerly on a side stream (backends chosen, kernels compiled: nothing can be
+    measured or compiled during a capture), then ``calls_per_graph`` back-to-back calls of it (fewer when their
+    outputs would pass ``max_graph_mib`` MiB: the graph keeps each one) are captured into one graph, so that even a
+    microsecond kernel's replay is not a single launch waiting on the host. The graphs are replayed round-robin,
+    ``reps`` rounds, CUDA events around each replay; a sample is the replay's time / its calls. A fn that cannot be
+    captured (it synchronises, or allocates outside the graph's pool) raises torch's RuntimeError."""
+    if reps < 1 or warmup < 1 or calls_per_graph < 1:
+        raise ValueError(f"warmup, reps and calls_per_graph must be >= 1, got {warmup}, {reps}, {calls_per_graph}")
+    if not fns:
+        return {}
+    graphs: dict[str, tuple[torch.cuda.CUDAGraph, int]] = {}
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        out_bytes = {}
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                for k, fn in fns.items():
+                    out_bytes[k] = _output_bytes(fn())
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        for k, fn in fns.items():
+            calls = max(1, min(calls_per_graph, (max_graph_mib << 20) // max(1, out_bytes[k])))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    fn()
+            graphs[k] = (graph, calls)
+        for graph, _ in graphs.values():
+            graph.replay()
+        torch.cuda.synchronize()
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        keys = list(fns)
+        for r in range(reps):
+            events = []
+            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+                graph, calls = graphs[k]
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                events.append((k, start, end, calls))
+            torch.cuda.synchronize()
+            for k, start, end, calls in events:
+                times[k].append(start.elapsed_time(end) / calls)
+    return {k: statistics.median(v) for k, v in times.items()}

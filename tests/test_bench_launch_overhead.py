@@ -20,13 +20,21 @@ def test_without_a_gpu_it_says_so(lo, monkeypatch, capsys):
 
 
 def test_markdown_marks_host_bound_rows(lo):
-    rows = [{"shape": "s", "M": 16, "N": 64, "K": 64, "sparsity": 0.9, "candidate": "sk.ops triton",
+    rows = [{"shape": "s", "M": 16, "N": 64, "K": 64, "block": 32, "sparsity": 0.9, "candidate": "sk.ops triton",
              "kernel_us": 5.0, "call_us": 120.0, "host_us": 118.0, "host_bound": True}]
-    rows.append({"shape": "s", "M": 16, "N": 64, "K": 64, "sparsity": 0.9, "candidate": "sk.ops cuda",
+    rows.append({"shape": "s", "M": 16, "N": 64, "K": 64, "block": 64, "sparsity": 0.9, "candidate": "sk.ops cuda",
                  "error": "ValueError: backend='cuda' cannot run this call"})
     text = lo.markdown(rows, "GPU X", "20261123-000000", "float16")
-    assert "| s (16 x 64 x 64) | 90% | sk.ops triton | 5.0 | 120.0 | 118.0 | yes |" in text
-    assert "| s (16 x 64 x 64) | 90% | sk.ops cuda | not measured: ValueError: backend='cuda'" in text
+    assert "| s (16 x 64 x 64) | 32x32 | 90% | sk.ops triton | 5.0 | 120.0 | 118.0 | yes |" in text
+    assert "| s (16 x 64 x 64) | 64x64 | 90% | sk.ops cuda | not measured: ValueError: backend='cuda'" in text
+
+
+def test_blocks_are_checked(lo, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):
+        lo.main(["--blocks", "48"])
+    with pytest.raises(SystemExit):
+        lo.main(["--blocks", "a"])
 
 
 @pytest.mark.cuda

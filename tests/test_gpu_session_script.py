@@ -22,7 +22,7 @@ from sparsekit.nn import SparseLinear
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_session.sh"
 STAGES = ("build", "test", "bench-targets-1", "bench-targets-2", "tune", "bench-models")
-BENCH_LABELS = ("a", "b", "c", "d", "d2", "e", "f", "m1", "m2", "m3", "m4")
+BENCH_LABELS = ("a", "b", "c", "d", "d2", "e", "f", "m1", "m2", "m3", "m4", "m5")
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
