@@ -3,6 +3,7 @@
     python bench/bench_sparsify_models.py [--models bert,resnet50] [--reps 5] [--layers 12]
     python bench/bench_sparsify_models.py --device cuda --dtype float16 --batch 32 --out gpu_out/results
     python bench/bench_sparsify_models.py --compile        # also both models under torch.compile
+    python bench/bench_sparsify_models.py --device cuda --dtype float16 --cuda-graphs   # also as CUDA-graph replays
 
 bert      BERT-base-sized encoder (hidden 768, 12 heads, FFN 3072, seq 128, batch 8; sparsekit.models), every
           Linear but the classifier pruned to 90% with 32x32 blocks (magnitude, layer scope), then sparsified.
@@ -31,11 +32,21 @@ differs from the pruned dense one by more than the dtype's tolerance is still ti
 the sparse ops go through their fake implementations) to the same interleaved loop, and reports the speedup of
 the compiled pair and of the best sparse variant over the best dense one (dense compiled is not always faster
 than eager: the slower is still shown).
+
+On CPU the dense original is also timed with every nn.Linear on oneDNN with its weight prepacked (dense_onednn:
+torch.ops.mkldnn._reorder_linear_weight + _linear_pointwise; F.linear runs MKL, which on AMD CPUs takes its AVX2
+path, 2.2-2.4x slower in fp32 on a Zen 5 EPYC); "best sparse vs best dense" counts it among the dense variants.
+
+--cuda-graphs (CUDA): sparsify times its candidates as CUDA-graph replays (sk.sparsify(cuda_graphs=True): a layer
+is judged by its kernels, not by the host time of an eager call), and the dense original and the sparsified model
+are also timed as CUDA-graph replays (sparsekit.timing.graph_replay_median_ms), beside the eager calls: the speeds
+of the two models run under CUDA graphs (torch.compile(mode="reduce-overhead"), torch.cuda.make_graphed_callables).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -49,7 +60,7 @@ from sparsekit.benchmark.machine import script_results
 from sparsekit.nn import SparseConv2d, SparseConvTranspose2d, SparseLinear
 from sparsekit.prune.compact import compact
 from sparsekit.prune.graph import DependencyGraph
-from sparsekit.timing import interleaved_median_ms
+from sparsekit.timing import graph_replay_median_ms, interleaved_median_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -76,13 +87,53 @@ def _verify(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, dtype: 
     return {"verify_max_diff": max(diffs.values()), "verify_error": None}
 
 
+class _OneDNNLinear(nn.Module):
+    """A dense nn.Linear on oneDNN with its weight prepacked once for ``rows`` rows of input (the kernels
+    torch.compile's CPU weight freezing calls)."""
+
+    def __init__(self, lin: nn.Linear, rows: int):
+        super().__init__()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), rows)
+        # the layer's own parameters stay readable (nn.TransformerEncoderLayer's fused path reads them)
+        self.weight, self.bias = lin.weight, lin.bias
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def _onednn_dense(dense: nn.Module, rows: int) -> nn.Module | None:
+    """A copy of ``dense`` with every nn.Linear on oneDNN, prepacked (None where torch has no oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    model = copy.deepcopy(dense)
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    try:
+        for name, lin in linears:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, _OneDNNLinear(lin, rows))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+    return model
+
+
 def _timed(dense: nn.Module, fast: nn.Module, x: torch.Tensor, reps: int, device: str, compile_: bool,
-           extra: dict | None = None) -> dict:
+           extra: dict | None = None, graphs: bool = False) -> dict:
     """Interleaved medians of dense and sparse (and ``extra``), plus their torch.compile'd versions with
     ``compile_``: {"dense_ms", "sparse_ms", ..., "dense_compile_ms", "sparse_compile_ms", "dense_compile_s",
-    "sparse_compile_s", "speedup_compiled", "speedup_best"}."""
+    "sparse_compile_s", "speedup_compiled", "speedup_best"}; with ``graphs`` also dense and sparse as CUDA-graph
+    replays: {"dense_graph_ms", "sparse_graph_ms", "speedup_graphs"} (or "graph_error")."""
     fns = {"dense": lambda: dense(x), "sparse": lambda: fast(x), **(extra or {})}
     out: dict = {}
+    onednn = _onednn_dense(dense, x.numel() // x.shape[-1] if x.dim() > 1 else 1) if device == "cpu" else None
+    if onednn is not None:
+        try:
+            with torch.no_grad():
+                onednn(x)
+        except RuntimeError as exc:   # (an op the prepacked copy cannot take): reported, not fatal
+            out["onednn_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        else:
+            fns["dense_onednn"] = lambda: onednn(x)
     if compile_:
         torch._dynamo.reset()
         dense_c = torch.compile(dense, dynamic=False)
@@ -101,9 +152,22 @@ def _timed(dense: nn.Module, fast: nn.Module, x: torch.Tensor, reps: int, device
     t = interleaved_median_ms(fns, warmup=1, reps=reps, device=device)
     out |= {f"{k}_ms": v for k, v in t.items()}
     out["speedup"] = t["dense"] / t["sparse"]
+    best_dense = min(t[k] for k in ("dense", "dense_compile", "dense_onednn") if k in t)
+    if "dense_onednn" in t:
+        out["speedup_vs_onednn"] = t["dense_onednn"] / t["sparse"]
     if compile_:
         out["speedup_compiled"] = t["dense_compile"] / t["sparse_compile"]
-        out["speedup_best"] = min(t["dense"], t["dense_compile"]) / min(t["sparse"], t["sparse_compile"])
+    if compile_ or "dense_onednn" in t:
+        out["speedup_best"] = best_dense / min(t[k] for k in ("sparse", "sparse_compile") if k in t)
+    if graphs:
+        try:
+            g = graph_replay_median_ms({"dense": lambda: dense(x), "sparse": lambda: fast(x)}, warmup=2, reps=reps,
+                                       calls_per_graph=1)
+        except RuntimeError as exc:   # a model that cannot be captured is a result to report
+            out["graph_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+        else:
+            out |= {"dense_graph_ms": g["dense"], "sparse_graph_ms": g["sparse"],
+                    "speedup_graphs": g["dense"] / g["sparse"]}
     return out
 
 
@@ -136,7 +200,7 @@ def _transformer_model(kind: str, layers: int, batch: int) -> tuple[nn.Module, t
 
 
 def transformer(kind: str, reps: int, layers: int, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                batch: int = 8, compile_: bool = False, min_speedup: float = 1.1) -> dict:
+                batch: int = 8, compile_: bool = False, min_speedup: float = 1.1, graphs: bool = False) -> dict:
     dense, x, keep_dense, label = _transformer_model(kind, layers, batch)
     # nn.MultiheadAttention's packed q / k / v become Linear layers to be pruned; the stock model (its fused
     # eval kernels) stays the dense baseline
@@ -148,10 +212,10 @@ def transformer(kind: str, reps: int, layers: int, device: str = "cpu", dtype: t
     masked, x = _place(masked, x, device, dtype)
     t0 = time.perf_counter()
     fast, report = sk.sparsify(masked, x, formats=["dense", "bsr"], blocks=[(32, 32), (16, 16)], cache=False,
-                               reps=3, measure_model=False, min_speedup=min_speedup)
+                               reps=3, measure_model=False, min_speedup=min_speedup, cuda_graphs=graphs)
     sparsify_s = time.perf_counter() - t0
     check = _verify(masked, fast, x, dtype)
-    t = _timed(dense, fast, x, reps, device, compile_)
+    t = _timed(dense, fast, x, reps, device, compile_, graphs=graphs)
     lin_dense = sum(m.weight.numel() * m.weight.element_size() for n, m in sk.nn.mha_to_linear(dense).named_modules()
                     if isinstance(m, nn.Linear) and n not in keep_dense)     # (attention's q / k / v included)
     # the Linear weights after sparsify, the ones left dense included (all dense would read 100%, not 0%)
@@ -172,7 +236,7 @@ def transformer(kind: str, reps: int, layers: int, device: str = "cpu", dtype: t
 
 
 def _compacted_cnn(kind: str, reps: int, device: str, dtype: torch.dtype, batch: int, compile_: bool,
-                   min_speedup: float) -> dict:
+                   min_speedup: float, graphs: bool = False) -> dict:
     """ResNet-50 (2-D), R3D-18 (3-D, video clips) or U-Net (2-D, with up-convolutions): 50% global channel
     pruning compacted, then 80% 32x32 block sparsity in the remaining 3x3(x3) convs (and U-Net's transposed
     convs), sparsified, timed against the dense original."""
@@ -201,10 +265,10 @@ def _compacted_cnn(kind: str, reps: int, device: str, dtype: torch.dtype, batch:
     small, x = _place(small, x, device, dtype)
     t0 = time.perf_counter()
     fast, report = sk.sparsify(small, x, formats=["dense", "bsr"], blocks=[(32, 32)], cache=False, reps=3,
-                               measure_model=False, min_speedup=min_speedup)
+                               measure_model=False, min_speedup=min_speedup, cuda_graphs=graphs)
     sparsify_s = time.perf_counter() - t0
     check = _verify(small, fast, x, dtype)
-    t = _timed(dense, fast, x, reps, device, compile_, extra={"compact": lambda: small(x)})
+    t = _timed(dense, fast, x, reps, device, compile_, extra={"compact": lambda: small(x)}, graphs=graphs)
     where = {"resnet50": "3x3 convs", "r3d18": "3x3x3 convs", "unet": "3x3 convs and 2x2 up-convolutions"}[kind]
     return {"model": label, "pruning": f"50% global channels compacted + 80% 32x32 blocks in {where}",
             "device": device, "dtype": str(dtype).split(".")[-1],
@@ -232,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="batch size of every model (default 8; U-Net 2)")
     ap.add_argument("--compile", action="store_true",
                     help="also time torch.compile'd dense and sparsified models in the same loop")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="CUDA: sparsify times CUDA-graph replays, and both models are also timed as replays")
     ap.add_argument("--min-speedup", type=float, default=1.1,
                     help="sk.sparsify's min_speedup: a layer goes sparse only if it beats dense by this (default 1.1)")
     ap.add_argument("--out", default=str(RESULTS), metavar="DIR", help="where the .json/.md go (default bench/results)")
@@ -247,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                              "hf-bert and/or hf-gpt2")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device cuda: CUDA is not available (torch {torch.__version__})")
+    if a.cuda_graphs and a.device != "cuda":
+        raise SystemExit("--cuda-graphs needs --device cuda (CUDA graphs are a CUDA feature)")
     if a.reps < 1 or (a.batch is not None and a.batch < 1) or a.layers < 1:
         raise SystemExit("--reps, --batch and --layers must be >= 1")
     if not a.min_speedup > 0:
@@ -256,9 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         batch = a.batch if a.batch is not None else 2 if name == "unet" else 8
         if name in ("resnet50", "r3d18", "unet"):
-            row = _compacted_cnn(name, a.reps, a.device, dtype, batch, a.compile, a.min_speedup)
+            row = _compacted_cnn(name, a.reps, a.device, dtype, batch, a.compile, a.min_speedup, a.cuda_graphs)
         else:
-            row = transformer(name, a.reps, a.layers, a.device, dtype, batch, a.compile, a.min_speedup)
+            row = transformer(name, a.reps, a.layers, a.device, dtype, batch, a.compile, a.min_speedup, a.cuda_graphs)
         print(json.dumps(row, indent=1))
         rows.append(row)
     base, info, stamp, where = script_results(a.out, "sparsify_models", a.device)
@@ -269,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         note = (f"Linear weights {r['linear_weight_bytes_pct']:.1f}% of dense bytes (target <= 15%)"
                 if "linear_weight_bytes_pct" in r else f"compaction alone {r['compact_only_speedup']:.2f}x")
+        if "speedup_vs_onednn" in r:
+            note += (f"; vs the dense model's Linears on oneDNN, prepacked ({_ms(r['dense_onednn_ms'])} ms): "
+                     f"{r['speedup_vs_onednn']:.2f}x")
         if r.get("compile_error"):
             note += f"; torch.compile FAILED: {r['compile_error'][:200]}"
         if r.get("verify_error"):
@@ -283,6 +354,13 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"| {r['model']} | {_ms(r['dense_compile_ms'])} | {_ms(r['sparse_compile_ms'])} | "
                   f"{r['speedup_compiled']:.2f}x | {r['speedup_best']:.2f}x | "
                   f"{r['dense_compile_s']:.0f} / {r['sparse_compile_s']:.0f} |" for r in compiled]
+    graphed = [r for r in rows if "speedup_graphs" in r or "graph_error" in r]
+    if graphed:
+        lines += ["", "As CUDA-graph replays (host time gone; sparsify chose its layers the same way), same run:", "",
+                  "| model | dense graph ms | sparse graph ms | speedup under CUDA graphs |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | FAILED: {r['graph_error'][:200]} | - | - |" if "graph_error" in r else
+                  f"| {r['model']} | {_ms(r['dense_graph_ms'])} | {_ms(r['sparse_graph_ms'])} | "
+                  f"{r['speedup_graphs']:.2f}x |" for r in graphed]
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"results: {base}.json / .md")

@@ -71,6 +71,13 @@ def test_sweep_rows_are_well_formed(tiny_results):
     assert {"bsr16x16", "bsr1x4", "csr", "nm2:4"} <= pats
     cands = {r["candidate"] for r in rows}
     assert {"dense", "torch_bsr", "torch_csr", "dense_cl"} <= cands
+    if torch.backends.mkldnn.is_available():    # linear's prepacked oneDNN dense counts as a dense variant
+        onednn = [r for r in rows if r["candidate"] == "dense_onednn"]
+        assert onednn and all(r["op"] == "linear" and r["kind"] == "dense" and r["status"] == "ok" for r in onednn)
+        for r in rows:
+            if r["op"] == "linear" and r.get("ms") and r["kind"] != "dense":
+                assert r["best_dense_ms"] <= next(o["ms"] for o in onednn if o["pattern"] == r["pattern"]
+                                                  and o["target_sparsity"] == r["target_sparsity"])
     assert "sparsekit_reference" not in cands                 # densify + matmul: only with include_reference
     if _extension.LOADED:
         assert "sparsekit_cpu" in cands

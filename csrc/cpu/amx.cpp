@@ -1,6 +1,7 @@
 // bfloat16 BSR on Intel AMX tiles: the VNNI packing of the blocks, the tile kernel and the bf16 store (amx.h).
 // Only the functions inside the `#pragma GCC target` region use AMX / AVX-512; they run only after
-// amx_enabled() said yes, so the library still loads and runs on any x86-64 (and builds on arm64: stubs).
+// amx_enabled() said yes (the x^T packers, AVX-512 only, also after bf16_dot_enabled(): bf16_dot.h), so the
+// library still loads and runs on any x86-64 (and builds on arm64: stubs).
 #include "amx.h"
 #include "simd.h"
 

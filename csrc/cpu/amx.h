@@ -53,7 +53,8 @@ void amx_store_bf16(const float* out, int64_t ldo, int64_t cols, int64_t mc, con
 // come back as fp32 panels out[row][32] (32 columns of y^T), in y^T's own orientation.
 
 // xv[r * ldv + j] = bf16 pair (xt[2r][m0 + j], xt[2r + 1][m0 + j]) for r in [r0, r1), j < ldv (a multiple of 32;
-// zero where m0 + j >= M); xt is one image's [K, M] bf16 bits.
+// zero where m0 + j >= M); xt is one image's [K, M] bf16 bits. AVX-512 BW only: the AVX512-BF16 pair panels
+// (bf16_dot.h) read these words too, on CPUs without AMX.
 void amx_pack_xt(const uint16_t* xt, int64_t M, int64_t m0, int64_t r0, int64_t r1, int64_t ldv, uint32_t* xv);
 
 // A stride-1 convolution's geometry: one image x [C, D, H, W], kernel kd x kh x kw, padding, dilation, output

@@ -17,7 +17,7 @@ from .report import break_even, group_key, is_noisy
 
 __all__ = ["plot_results"]
 
-_DENSE_STYLE = {"dense_compile": ("0.45", "--"), "dense_cl": ("0.65", ":")}
+_DENSE_STYLE = {"dense_compile": ("0.45", "--"), "dense_cl": ("0.65", ":"), "dense_onednn": ("0.3", "-.")}
 
 
 def _safe(name: str) -> str:

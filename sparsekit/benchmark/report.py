@@ -266,14 +266,16 @@ def to_markdown(results: dict, plots_dir: str | None = None) -> str:
     if meta.get("interrupted"):
         out.append(f"- **incomplete**: {meta['interrupted']}; only the configurations finished before are here")
     out += ["", "Speedup = dense eager ms / candidate ms (same run, same loop); ideal = 1/(1-sparsity); "
-            "'best vs fastest dense' divides by the fastest dense variant (eager, torch.compile, channels_last) "
+            "'best vs fastest dense' divides by the fastest dense variant (eager, torch.compile, channels_last, "
+            "oneDNN prepacked) "
             "instead; "
             "columns are target sparsities (n:m: the pattern nearest the target; break-even and best use the actual "
             "sparsity).", ""]
     ops = sorted({r["op"] for r in rows}, key=lambda o: _OP_ORDER.get(o, 9))
     for op in ops:
         out += [f"## {op}", "", speedup_table({"rows": [r for r in rows if r["op"] == op]}), ""]
-    dense = [r for r in rows if r.get("candidate") in ("dense_compile", "dense_cl") and r.get("speedup")]
+    variants = ("dense_compile", "dense_cl", "dense_onednn")
+    dense = [r for r in rows if r.get("candidate") in variants and r.get("speedup")]
     if dense:
         out += ["## dense variants vs dense eager (median over all configurations)", "",
                 "| shape | dtype | variant | speedup |", "|---|---|---|---|"]

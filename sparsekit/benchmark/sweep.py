@@ -9,6 +9,10 @@ Candidates (``kind`` in brackets):
 
     dense            [dense]     torch eager: F.linear / F.conv2d (MKL/oneDNN on CPU, cuBLAS/cuDNN on CUDA)
     dense_cl         [dense]     conv only: F.conv2d on channels_last tensors
+    dense_onednn     [dense]     linear on CPU: oneDNN with the weight prepacked once for this M
+                                 (torch.ops.mkldnn._reorder_linear_weight + _linear_pointwise, the kernels
+                                 torch.compile's CPU weight freezing calls); F.linear runs MKL, which on AMD CPUs
+                                 takes its AVX2 path: measured 2.2-2.4x slower in fp32 on a Zen 5 EPYC
     dense_compile    [dense]     torch.compile of the same call (dynamic=False), compiled once per shape/dtype
     torch_bsr        [torch]     W.to_sparse_bsr(block); y = (W_bsr @ x.T).T  (torch.sparse.mm; on CPU this is
                                  ~2x faster than F.linear with a sparse weight); linear only
@@ -261,6 +265,19 @@ def _sparsekit_candidates(family: str, x_probe: Tensor, fmt, run: Callable[[str]
     return out
 
 
+def _onednn_candidates(device: str, w: Tensor, x: Tensor, m: int, notes: dict[str, str]) -> list[Candidate]:
+    """dense_onednn (CPU linear): oneDNN's linear with ``w`` prepacked for ``m`` rows, where torch has it."""
+    if device != "cpu" or not torch.backends.mkldnn.is_available():
+        return []
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:   # (a torch without it, a dtype it lacks)
+        notes.setdefault(f"dense_onednn/{w.dtype}", f"oneDNN prepacked linear unavailable: {str(exc)[:120]}")
+        return []
+    return [Candidate("dense_onednn", "dense", lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none",
+                                                                                          [], ""))]
+
+
 def _torch_sparse_candidates(pattern: Pattern, w: Tensor, x: Tensor, device: str,
                              notes: dict[str, str]) -> list[Candidate]:
     out = []
@@ -498,8 +515,10 @@ def _dense_text(cfg: SweepConfig, suite: str = "kernels") -> str:
         return (f"the dense model in eager mode (torch's own layers: {lib}, {tf32}); also under torch.compile("
                 f"dynamic=False, mode={cfg.compile_mode}); speedup is vs eager, speedup_vs_best_dense vs the faster "
                 "of the two")
+    onednn = ("; for linear, oneDNN with the weight prepacked (dense_onednn: on AMD CPUs F.linear's MKL takes its "
+              "AVX2 path)" if cfg.device == "cpu" else "")
     return (f"torch eager F.linear / F.conv2d ({lib}, {tf32}); also torch.compile(dynamic=False, "
-            f"mode={cfg.compile_mode}) and, for conv, channels_last; speedup is vs eager, "
+            f"mode={cfg.compile_mode}) and, for conv, channels_last{onednn}; speedup is vs eager, "
             "speedup_vs_best_dense vs the fastest dense variant")
 
 
@@ -569,6 +588,7 @@ def _run_job(cfg: SweepConfig, op: str, shape: LinearShape | ConvShape, dtype_na
         if cfg.compile:
             compiled = state["compiled"]
             cands.append(Candidate("dense_compile", "dense", lambda: compiled(x, w2d)))
+        cands += _onednn_candidates(device, w2d, x, m, notes)
         if cfg.torch_sparse:
             cands += _torch_sparse_candidates(pattern, w2d, x, device, notes)
         face = {"bsr": bsr_linear, "csr": csr_linear, "nm": nm_linear}[pattern.family]
