@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 
 from sparsekit.benchmark.machine import ISA_ENV, cpu_isa_class, cpu_tag
@@ -105,21 +106,36 @@ def _machine_key(run: Run) -> str | None:
     return meta.get("machine") if isinstance(meta, dict) and isinstance(meta.get("machine"), str) else None
 
 
+def _when(run: Run) -> datetime | None:
+    try:
+        return datetime.fromisoformat(run.date[:19])
+    except ValueError:
+        return None
+
+
 def _infer_legacy_isa(runs: list[Run]) -> list[Run]:
     """Older CPU results that recorded no instruction set take the CPU class that runs of the same machine (cpu
-    model and threads, _machine_key) recorded without forcing one, when those agree on one class."""
-    classes: dict[str | None, set[str]] = {}
+    model and threads, _machine_key) recorded without forcing one: the one class they agree on, or, where one tag
+    names several machines (a VM's "AMD EPYC" was a Zen 3 with AVX2 and later a Zen 5 with AVX-512), the class of
+    the recorded run nearest in time."""
+    recorded: dict[str | None, list[Run]] = {}
     for run in runs:
         env = [k for info in (run.data.get("meta"), run.data.get("machine")) if isinstance(info, dict)
                for k in info.get("env") or {}]
         if run.device == "cpu" and run.recorded_isa and not any(k in ISA_ENV for k in env):
-            classes.setdefault(_machine_key(run), set()).add(run.recorded_isa)
-    classes.pop(None, None)
+            recorded.setdefault(_machine_key(run), []).append(run)
+    recorded.pop(None, None)
     out = []
     for run in runs:
-        found = classes.get(_machine_key(run), set())
-        if run.device == "cpu" and run.recorded_isa is None and len(found) == 1:
-            run = replace(run, inferred_isa=next(iter(found)))
+        found = recorded.get(_machine_key(run), [])
+        classes = {r.recorded_isa for r in found}
+        if run.device == "cpu" and run.recorded_isa is None and classes:
+            when = _when(run)
+            if len(classes) == 1:
+                run = replace(run, inferred_isa=next(iter(classes)))
+            elif when is not None and any(_when(r) for r in found):
+                nearest = min((r for r in found if _when(r)), key=lambda r: abs((_when(r) - when).total_seconds()))
+                run = replace(run, inferred_isa=nearest.recorded_isa)
         out.append(run)
     return out
 

@@ -245,6 +245,23 @@ def test_results_without_an_instruction_set_take_their_machines_class(tg, tmp_pa
     assert _measure(tg, tmp_path, "ResNet-50, 50% global channel").value == "2.50x"    # the older native run
 
 
+def test_a_machine_tag_with_two_classes_takes_the_nearest_recorded_run(tg, tmp_path):
+    """One VM tag ("AMD EPYC", 2 threads) was an AVX2 machine and later an AVX-512 one: an older file that recorded
+    only the tag takes the class of the recorded run nearest in time."""
+    _compact(tmp_path, "")     # dated 2026-01-01
+    data = json.loads((tmp_path / "compact_x_1.json").read_text())
+    data["meta"]["machine"] = "cpu-amd-epyc-2t"
+    (tmp_path / "compact_x_1.json").write_text(json.dumps(data))
+    for name, date, isa in (("old", "2026-01-01T05:00:00+00:00", "avx2"), ("new", "2026-03-01T00:00:00+00:00",
+                                                                          "avx512+bf16dot")):
+        path = _sweep(tmp_path, name, _bert(0.9, (6.0, 6.5)), date=date)
+        sweep = json.loads(path.read_text())
+        sweep["meta"] |= {"cpu_model": "AMD EPYC", "threads": 2, "cpu_kernel_isa": isa, "env": {}}
+        path.write_text(json.dumps(sweep))
+    (compact,) = [r for r in tg.Results(tmp_path).runs if r.kind == "compact"]
+    assert (compact.recorded_isa, compact.isa_class) == (None, "avx2")
+
+
 def test_make_readme_table_writes_and_checks_both_blocks(script, tmp_path, capsys):
     from sparsekit.benchmark.report import END_MARKER, START_MARKER
 
