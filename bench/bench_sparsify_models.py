@@ -33,9 +33,11 @@ the sparse ops go through their fake implementations) to the same interleaved lo
 the compiled pair and of the best sparse variant over the best dense one (dense compiled is not always faster
 than eager: the slower is still shown).
 
-On CPU the dense original is also timed with every nn.Linear on oneDNN with its weight prepacked (dense_onednn:
-torch.ops.mkldnn._reorder_linear_weight + _linear_pointwise; F.linear runs MKL, which on AMD CPUs takes its AVX2
-path, 2.2-2.4x slower in fp32 on a Zen 5 EPYC); "best sparse vs best dense" counts it among the dense variants.
+On CPU the dense original is also timed with every nn.Linear on oneDNN with its weight prepacked for the rows it
+sees (dense_onednn: torch.ops.mkldnn._reorder_linear_weight + _linear_pointwise; F.linear runs MKL, which on AMD
+CPUs takes its AVX2 path, 2.2-2.4x slower in fp32 on a Zen 5 EPYC); "best sparse vs best dense" counts it among
+the dense variants. Not for a model whose Linears never run as modules (a stock nn.TransformerEncoderLayer's fused
+eval path): the row says why.
 
 --cuda-graphs (CUDA): sparsify times its candidates as CUDA-graph replays (sk.sparsify(cuda_graphs=True): a layer
 is judged by its kernels, not by the host time of an eager call), and the dense original and the sparsified model
@@ -88,8 +90,8 @@ def _verify(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, dtype: 
 
 
 class _OneDNNLinear(nn.Module):
-    """A dense nn.Linear on oneDNN with its weight prepacked once for ``rows`` rows of input (the kernels
-    torch.compile's CPU weight freezing calls)."""
+    """A dense nn.Linear on oneDNN with its weight prepacked once for ``rows`` rows of input
+    (torch.ops.mkldnn._reorder_linear_weight / _linear_pointwise)."""
 
     def __init__(self, lin: nn.Linear, rows: int):
         super().__init__()
@@ -97,24 +99,48 @@ class _OneDNNLinear(nn.Module):
         # the layer's own parameters stay readable (nn.TransformerEncoderLayer's fused path reads them)
         self.weight, self.bias = lin.weight, lin.bias
         self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def _onednn_dense(dense: nn.Module, rows: int) -> nn.Module | None:
-    """A copy of ``dense`` with every nn.Linear on oneDNN, prepacked (None where torch has no oneDNN)."""
+def _onednn_dense(dense: nn.Module, x: torch.Tensor) -> tuple[nn.Module | None, str]:
+    """(a copy of ``dense`` with every nn.Linear on oneDNN, each weight prepacked for the rows the layer sees on
+    ``x``, or None; why not). None too where no swapped layer runs (nn.TransformerEncoderLayer's fused eval path
+    reads the weights itself: that copy would be the MKL model under another name)."""
     if not torch.backends.mkldnn.is_available():
-        return None
-    model = copy.deepcopy(dense)
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+        return None, "torch has no oneDNN here"
+    rows: dict[str, int] = {}
+
+    def seen(name: str):
+        def hook(_mod: nn.Module, inp: tuple, _out: object) -> None:   # (a hook's return value replaces the output)
+            rows.setdefault(name, inp[0].numel() // inp[0].shape[-1])
+        return hook
+
+    hooks = [m.register_forward_hook(seen(n)) for n, m in dense.named_modules() if type(m) is nn.Linear]
     try:
-        for name, lin in linears:
+        with torch.no_grad():
+            dense(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    model = copy.deepcopy(dense)
+    swapped = []
+    try:
+        for name, rows_seen in rows.items():
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, _OneDNNLinear(lin, rows))
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return None
-    return model
+            layer = _OneDNNLinear(model.get_submodule(name), rows_seen)
+            setattr(model.get_submodule(parent) if parent else model, child, layer)
+            swapped.append(layer)
+        with torch.no_grad():
+            model(x)
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:
+        return None, f"{type(exc).__name__}: {str(exc)[:200]}"
+    if not any(layer.calls for layer in swapped):
+        return None, "no nn.Linear of the model runs as a module (fused paths read the weights)"
+    return model, ""
 
 
 def _timed(dense: nn.Module, fast: nn.Module, x: torch.Tensor, reps: int, device: str, compile_: bool,
@@ -125,13 +151,10 @@ def _timed(dense: nn.Module, fast: nn.Module, x: torch.Tensor, reps: int, device
     replays: {"dense_graph_ms", "sparse_graph_ms", "speedup_graphs"} (or "graph_error")."""
     fns = {"dense": lambda: dense(x), "sparse": lambda: fast(x), **(extra or {})}
     out: dict = {}
-    onednn = _onednn_dense(dense, x.numel() // x.shape[-1] if x.dim() > 1 else 1) if device == "cpu" else None
-    if onednn is not None:
-        try:
-            with torch.no_grad():
-                onednn(x)
-        except RuntimeError as exc:   # (an op the prepacked copy cannot take): reported, not fatal
-            out["onednn_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if device == "cpu":
+        onednn, why = _onednn_dense(dense, x)
+        if onednn is None:      # reported, not fatal
+            out["onednn_note"] = why
         else:
             fns["dense_onednn"] = lambda: onednn(x)
     if compile_:

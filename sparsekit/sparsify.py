@@ -291,7 +291,7 @@ def _median_ms(fns: dict[str, Callable[[], object]], reps: int, device: torch.de
     cost inside a graphed model); a set that cannot be captured is timed eagerly, with a note."""
     if cuda_graphs:
         try:
-            return graph_replay_median_ms(fns, warmup=2, reps=reps)
+            return graph_replay_median_ms(fns, warmup=2, reps=reps, device=device)
         except RuntimeError as exc:
             notes.append(f"CUDA-graph capture failed ({_first_line(exc)}): timed eagerly")
     return interleaved_median_ms(fns, warmup=2, reps=reps, device=device)
@@ -501,11 +501,15 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
                                    "cuda_graphs": cuda_graphs})
     check_example_inputs(example_inputs)
     if cuda_graphs:
-        kinds = sorted({t.device.type for t in (*model.parameters(), *model.buffers(),
-                                                *pytree.tree_leaves(example_inputs)) if isinstance(t, Tensor)})
-        if kinds != ["cuda"]:
-            raise ValueError(f"cuda_graphs=True times CUDA-graph replays: the model and example_inputs must be on a "
-                             f"CUDA device, got devices {kinds}")
+        # the model's tensors and its floating-point inputs on CUDA (integer ones such as the lengths of a packed
+        # sequence may stay on the CPU), and at least one tensor there
+        weights = [*model.parameters(), *model.buffers()]
+        inputs = [t for t in pytree.tree_leaves(example_inputs) if isinstance(t, Tensor)]
+        must = weights + [t for t in inputs if t.is_floating_point()]
+        kinds = sorted({t.device.type for t in must})
+        if not all(t.is_cuda for t in must) or not any(t.is_cuda for t in weights + inputs):
+            raise ValueError(f"cuda_graphs=True times CUDA-graph replays: the model and its floating-point "
+                             f"example_inputs must be on a CUDA device, got devices {kinds or ['none']}")
     tcache: TuningCache = resolve_cache(cache)
     target = model if inplace else copy.deepcopy(model)
     target.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -118,7 +119,8 @@ def _output_bytes(out: object) -> int:
 
 
 def graph_replay_median_ms(fns: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 10,
-                           calls_per_graph: int = 20, max_graph_mib: int = 256) -> dict[str, float]:
+                           calls_per_graph: int = 20, max_graph_mib: int = 256,
+                           device: torch.device | str | None = None) -> dict[str, float]:
     """Median ms per call of each CUDA fn when it runs inside a CUDA graph: what it costs in a model run under CUDA
     graphs (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.make_graphed_callables``), where the host's
     per-call work (Python, argument checks, kernel launches) is gone and only the GPU time is left.
@@ -127,12 +129,20 @@ def graph_replay_median_ms(fns: dict[str, Callable[[], object]], warmup: int = 3
     measured or compiled during a capture), then ``calls_per_graph`` back-to-back calls of it (fewer when their
     outputs would pass ``max_graph_mib`` MiB: the graph keeps each one) are captured into one graph, so that even a
     microsecond kernel's replay is not a single launch waiting on the host. The graphs are replayed round-robin,
-    ``reps`` rounds, CUDA events around each replay; a sample is the replay's time / its calls. A fn that cannot be
-    captured (it synchronises, or allocates outside the graph's pool) raises torch's RuntimeError."""
+    ``reps`` rounds, CUDA events around each replay; a sample is the replay's time / its calls. ``device``: the CUDA
+    device the fns run on (None: the current one). A fn that cannot be captured (it synchronises, or allocates
+    outside the graph's pool) raises a RuntimeError naming it and the capture's first error, with the caller's
+    stream restored."""
     if reps < 1 or warmup < 1 or calls_per_graph < 1:
         raise ValueError(f"warmup, reps and calls_per_graph must be >= 1, got {warmup}, {reps}, {calls_per_graph}")
     if not fns:
         return {}
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+        return _graph_replay(fns, warmup, reps, calls_per_graph, max_graph_mib)
+
+
+def _graph_replay(fns: dict[str, Callable[[], object]], warmup: int, reps: int, calls_per_graph: int,
+                  max_graph_mib: int) -> dict[str, float]:
     graphs: dict[str, tuple[torch.cuda.CUDAGraph, int]] = {}
     with torch.no_grad():
         side = torch.cuda.Stream()
@@ -147,9 +157,16 @@ def graph_replay_median_ms(fns: dict[str, Callable[[], object]], warmup: int = 3
         for k, fn in fns.items():
             calls = max(1, min(calls_per_graph, (max_graph_mib << 20) // max(1, out_bytes[k])))
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(calls):
-                    fn()
+            caller = torch.cuda.current_stream()
+            try:
+                with torch.cuda.graph(graph):
+                    for _ in range(calls):
+                        fn()
+            except RuntimeError as exc:
+                # a failed capture's exit raises again (invalidated capture) before it restores the stream
+                torch.cuda.set_stream(caller)
+                first = exc.__context__ if isinstance(exc.__context__, Exception) else exc
+                raise RuntimeError(f"CUDA-graph capture of {k!r} failed: {first}") from exc
             graphs[k] = (graph, calls)
         for graph, _ in graphs.values():
             graph.replay()

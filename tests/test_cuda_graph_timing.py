@@ -68,6 +68,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: _Stream())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda _s: None)
 
 
 def _recording(log, name, nbytes, sleep_s=0.0):
@@ -97,6 +98,20 @@ def test_graph_replay_warms_up_captures_several_calls_and_divides_by_them(fake_c
     assert sum(1 for n, what in log if n == "small" and what == "run") == 2 + 5 * (1 + 3)
     for k in fns:
         assert 1.5 < t[k] < 50, (k, t[k])
+
+
+def test_a_failed_capture_names_the_fn_and_the_first_error(fake_cuda, monkeypatch):
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_stream", restored.append)
+
+    def syncs():
+        if _FakeGraph.capturing is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return torch.ones(2)
+
+    with pytest.raises(RuntimeError, match="capture of 'bad' failed: operation not permitted"):
+        timing.graph_replay_median_ms({"bad": syncs}, warmup=1, reps=1)
+    assert len(restored) == 1      # the caller's stream is put back
 
 
 def test_graph_replay_checks_its_arguments(fake_cuda):
@@ -133,6 +148,8 @@ def test_sparsify_cuda_graphs_needs_a_cuda_model_and_a_bool():
     x = torch.randn(8, 256)
     with pytest.raises(ValueError, match=r"cuda_graphs=True .* CUDA device, got devices \['cpu'\]"):
         sk.sparsify(model, x, cuda_graphs=True, cache=False)
+    with pytest.raises(ValueError, match=r"got devices \['none'\]"):     # no tensor anywhere
+        sk.sparsify(nn.Sequential(nn.ReLU()), {"not_a_tensor": 1}, cuda_graphs=True, cache=False)
     with pytest.raises(TypeError, match="cuda_graphs must be a bool"):
         sk.sparsify(model, x, cuda_graphs="yes", cache=False)
 

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <string>
 
+#include "amx.h"
 #include "simd.h"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__) && \
@@ -35,7 +36,7 @@ bool cpu_has_bf16_dot() {
 }
 
 bool bf16_dot_enabled() {
-  if (!cpu_has_bf16_dot() || active_isa() != Isa::kAvx512) return false;
+  if (!cpu_has_bf16_dot() || active_isa() != Isa::kAvx512 || amx_enabled()) return false;
   const std::string want = requested_isa();
   return want.empty() || want == "amx";
 }

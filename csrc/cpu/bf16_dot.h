@@ -13,8 +13,9 @@
 
 namespace sparsekit::cpu {
 
-// Whether the pair-panel kernels may run: the CPU has AVX512-BF16 and SPARSEKIT_CPU_ISA is unset or "amx"
-// ("avx512" asks for the plain AVX-512 kernels, "avx2" / "scalar" for lower ones). Built for x86-64 Linux with
+// Whether the pair-panel kernels may run: the CPU has AVX512-BF16 but AMX is not in use (amx_enabled(): where it
+// is, the AMX kernels and, for what they do not take, the widening ones run), and SPARSEKIT_CPU_ISA is unset or
+// "amx" ("avx512" asks for the plain AVX-512 kernels, "avx2" / "scalar" for lower ones). Built for x86-64 Linux with
 // GCC >= 11 / clang >= 12, as the AMX kernels are (the convolutions share their x^T packers, amx.h).
 bool bf16_dot_enabled();
 

@@ -29,7 +29,6 @@
 #include <optional>
 #include <type_traits>
 
-#include "bf16_dot.h"
 #include "checks.h"
 #include "csr.h"
 #include "simd.h"
@@ -372,7 +371,7 @@ constexpr RowKernels kernels() { return {&row<1>, &row<2>, &row<4>, &row<kTile>}
 bool has_bf16_dot() {
   static const bool ok = [] {
     __builtin_cpu_init();
-    return cpu_has_bf16_dot() && __builtin_cpu_supports("avx512vbmi2");
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2");
   }();
   return ok;
 }
@@ -504,7 +503,8 @@ at::Tensor csr_bitmap_mm(const at::Tensor& x_in, const at::Tensor& crow, const a
       const at::Tensor v = std::is_same_v<scalar_t, at::Half> ? values.to(at::kFloat).contiguous() : values;
       const Isa isa = active_isa();
 #if SPARSEKIT_X86
-      const bool dot = bf16 && bf16_dot_enabled() && has_bf16_dot();
+      const std::string want = requested_isa();
+      const bool dot = bf16 && isa == Isa::kAvx512 && has_bf16_dot() && (want.empty() || want == "amx");
 #else
       const bool dot = false;
 #endif

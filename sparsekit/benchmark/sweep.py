@@ -10,9 +10,9 @@ Candidates (``kind`` in brackets):
     dense            [dense]     torch eager: F.linear / F.conv2d (MKL/oneDNN on CPU, cuBLAS/cuDNN on CUDA)
     dense_cl         [dense]     conv only: F.conv2d on channels_last tensors
     dense_onednn     [dense]     linear on CPU: oneDNN with the weight prepacked once for this M
-                                 (torch.ops.mkldnn._reorder_linear_weight + _linear_pointwise, the kernels
-                                 torch.compile's CPU weight freezing calls); F.linear runs MKL, which on AMD CPUs
-                                 takes its AVX2 path: measured 2.2-2.4x slower in fp32 on a Zen 5 EPYC
+                                 (torch.ops.mkldnn._reorder_linear_weight + _linear_pointwise); F.linear runs
+                                 MKL, which on AMD CPUs takes its AVX2 path: measured 2.2-2.4x slower in fp32 on a
+                                 Zen 5 EPYC (torch.compile with weight freezing did not speed up a dense BERT there)
     dense_compile    [dense]     torch.compile of the same call (dynamic=False), compiled once per shape/dtype
     torch_bsr        [torch]     W.to_sparse_bsr(block); y = (W_bsr @ x.T).T  (torch.sparse.mm; on CPU this is
                                  ~2x faster than F.linear with a sparse weight); linear only
