@@ -352,6 +352,29 @@ bool use_amx(bool bf16, WKind wk, int64_t M, int64_t bn, int64_t bk) {
   return bf16 && wk == WKind::kBF16 && M >= kAmxMinRows && amx_block_ok(bn, bk) && amx_enabled();
 }
 
+// The M-panel task loop of bsr_mm_fast and bsr_mm_pairs: tasks = (M tile of MT rows, nonzero-balanced chunk of
+// block-rows), M tile outermost so a thread's chunk reuses one panel; block-rows are computed `group` at a time
+// (>= 64 contiguous outputs per row of y: one output per row for 1xk blocks would thrash cache and TLB), each by
+// row(tile, r, out) into an fp32 panel [bn][MT], and the group's panels are transposed into y with the bias.
+template <typename T, typename Row>
+void panel_tasks(Isa isa, int64_t tiles, const std::vector<int64_t>& bounds, int64_t grain, int64_t MT, int64_t M,
+                 int64_t N, int64_t bn, const float* bias, T* y, Row&& row) {
+  const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
+  const int64_t group = std::max<int64_t>(1, (64 + bn - 1) / bn);
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> out(group * bn * MT), scratch;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t tile = t / chunks, c = t % chunks, m0 = tile * MT, mc = std::min(MT, M - m0);
+      for (int64_t r0 = bounds[c]; r0 < bounds[c + 1]; r0 += group) {
+        const int64_t r1 = std::min(bounds[c + 1], r0 + group);
+        for (int64_t r = r0; r < r1; ++r) row(tile, r, out.data() + (r - r0) * bn * MT);
+        store_panel<T>(isa, out.data(), MT, (r1 - r0) * bn, mc, bias ? bias + r0 * bn : nullptr, y + m0 * N + r0 * bn,
+                       N, scratch);
+      }
+    }
+  });
+}
+
 // ------------------------------------------------------------------------- AVX512-BF16 pair panels
 // Whether a product takes the pair panels (bf16_dot.h; bsr_mm_fast, bsr_xt_fast and the direct convolution, each
 // from kPairMinRows rows / pixels): bf16 activations and weights, an even block_k,
@@ -385,23 +408,9 @@ void bsr_mm_pairs(const uint16_t* x, const int32_t* crow, const int32_t* col, co
   });
   const int64_t want = (4 * threads + tiles - 1) / tiles;
   const std::vector<int64_t> bounds = balanced_chunks(crow, rows, want, bn * bk, bn);
-  const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
-  const int64_t grain = M * nnzb * bn * bk < kMinWork ? tasks : 1;
-  const int64_t group = std::max<int64_t>(1, (64 + bn - 1) / bn);   // >= 64 contiguous outputs per row of y
-  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> out(group * bn * MT), scratch;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t tile = t / chunks, c = t % chunks, m0 = tile * MT, mc = std::min(MT, M - m0);
-      const uint32_t* xt = xp + tile * P * MT;
-      for (int64_t r0 = bounds[c]; r0 < bounds[c + 1]; r0 += group) {
-        const int64_t r1 = std::min(bounds[c + 1], r0 + group), cols = (r1 - r0) * bn;
-        for (int64_t r = r0; r < r1; ++r) {
-          bsr_pair_panel_row(nv, xt, MT, col, crow[r], crow[r + 1], v, bn, bk, out.data() + (r - r0) * bn * MT);
-        }
-        store_panel<c10::BFloat16>(Isa::kAvx512, out.data(), MT, cols, mc, bias ? bias + r0 * bn : nullptr,
-                                   y + m0 * N + r0 * bn, N, scratch);
-      }
-    }
+  const int64_t grain = M * nnzb * bn * bk < kMinWork ? tiles * (int64_t(bounds.size()) - 1) : 1;
+  panel_tasks(Isa::kAvx512, tiles, bounds, grain, MT, M, N, bn, bias, y, [&](int64_t tile, int64_t r, float* out) {
+    bsr_pair_panel_row(nv, xp + tile * P * MT, MT, col, crow[r], crow[r + 1], v, bn, bk, out);
   });
 }
 
@@ -572,9 +581,6 @@ void bsr_mm_fast(const T* x, const int32_t* crow, const int32_t* col, const void
   const std::vector<int64_t> bounds = balanced_chunks(crow, rows, want, bn * bk, bn);
   const int64_t chunks = int64_t(bounds.size()) - 1, tasks = tiles * chunks;
   const int64_t grain = M * nnzb * bn * bk < kMinWork ? tasks : 1;
-  // block-rows are computed `group` at a time into one fp32 panel, so the transpose into y writes runs of
-  // >= 64 contiguous outputs per row of y (one output per row for 1xk blocks would thrash cache and TLB)
-  const int64_t group = std::max<int64_t>(1, (64 + bn - 1) / bn);
   // 1-row blocks whose panel exceeds kKblockPanel bytes: K-blocked (bsr_kblock_rows), the block-rows of a task
   // kKblockRows at a time (their partial sums, kKblockRows * MT floats, stay in L2), each such group then stored
   // 8 rows of y at a time (the kernel prefetched those rows of y during its last chunk).
@@ -600,22 +606,10 @@ void bsr_mm_fast(const T* x, const int32_t* crow, const int32_t* col, const void
     });
     return;
   }
-  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> out(group * bn * MT), scratch;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t tile = t / chunks, c = t % chunks, m0 = tile * MT, mc = std::min(MT, M - m0);
-      const float* xt = xp + tile * K * MT;
-      for (int64_t r0 = bounds[c]; r0 < bounds[c + 1]; r0 += group) {
-        const int64_t r1 = std::min(bounds[c + 1], r0 + group), cols = (r1 - r0) * bn;
-        for (int64_t r = r0; r < r1; ++r) {
-          bsr_panel_row(isa, nv, xt, MT, nullptr, col, crow[r], crow[r + 1], v, wk, bn, bk,
-                        out.data() + (r - r0) * bn * MT);
-        }
-        store_panel<T>(isa, out.data(), MT, cols, mc, bias ? bf.data() + r0 * bn : nullptr, y + m0 * N + r0 * bn, N,
-                       scratch);
-      }
-    }
-  });
+  panel_tasks(isa, tiles, bounds, grain, MT, M, N, bn, bias ? bf.data() : nullptr, y,
+              [&](int64_t tile, int64_t r, float* out) {
+                bsr_panel_row(isa, nv, xp + tile * K * MT, MT, nullptr, col, crow[r], crow[r + 1], v, wk, bn, bk, out);
+              });
 }
 
 // y^T [B, N, M] = W @ x^T [B, K, M] (+ bias[:, None]) for convolutions (x^T per image = im2col patches or
