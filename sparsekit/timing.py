@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -108,14 +109,8 @@ def interleaved_median_ms(fns: dict[str, Callable[[], object]], warmup: int = 3,
 
 
 def _output_bytes(out: object) -> int:
-    """Bytes of the tensors in a call's output (a tensor, or a tuple / list / dict of them)."""
-    if isinstance(out, torch.Tensor):
-        return out.numel() * out.element_size()
-    if isinstance(out, (tuple, list)):
-        return sum(_output_bytes(o) for o in out)
-    if isinstance(out, dict):
-        return sum(_output_bytes(o) for o in out.values())
-    return 0
+    """Bytes of the tensors in a call's output (a tensor, or any pytree of them)."""
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
 def graph_replay_median_ms(fns: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 10,
@@ -133,8 +128,9 @@ def graph_replay_median_ms(fns: dict[str, Callable[[], object]], warmup: int = 3
     device the fns run on (None: the current one). A fn that cannot be captured (it synchronises, or allocates
     outside the graph's pool) raises a RuntimeError naming it and the capture's first error, with the caller's
     stream restored."""
-    if reps < 1 or warmup < 1 or calls_per_graph < 1:
-        raise ValueError(f"warmup, reps and calls_per_graph must be >= 1, got {warmup}, {reps}, {calls_per_graph}")
+    if reps < 1 or warmup < 1 or calls_per_graph < 1 or max_graph_mib < 1:
+        raise ValueError(f"warmup, reps, calls_per_graph and max_graph_mib must be >= 1, got {warmup}, {reps}, "
+                         f"{calls_per_graph}, {max_graph_mib}")
     if not fns:
         return {}
     with torch.cuda.device(device) if device is not None else contextlib.nullcontext():

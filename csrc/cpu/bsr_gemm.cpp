@@ -267,11 +267,17 @@ void bsr_mm_amx(const uint16_t* x, const int32_t* crow, const int32_t* col, cons
 // Packs the row pairs of B images' x^T that some block reads (pack(b, r0, r1, Mp, xv_b) fills pairs [r0, r1) of
 // image b, Mp words apart; image b's at xv + b * image): at 90% block sparsity a third or more of the
 // block-columns are empty in every block-row, and their rows are never read.
+// used[c] = 1 for the block-columns c < cols that some stored block (col[0 .. nnzb)) is in.
+inline std::vector<char> used_block_columns(const int32_t* col, int64_t nnzb, int64_t cols) {
+  std::vector<char> used(cols, 0);
+  for (int64_t b = 0; b < nnzb; ++b) used[col[b]] = 1;
+  return used;
+}
+
 template <typename Pack>
 void pack_used_pairs(int64_t B, Pack&& pack, const int32_t* col, int64_t nnzb, int64_t K, int64_t bk, int64_t Mp,
                      uint32_t* xv, int64_t image) {
-  std::vector<char> used(K / bk, 0);
-  for (int64_t b = 0; b < nnzb; ++b) used[col[b]] = 1;
+  const std::vector<char> used = used_block_columns(col, nnzb, K / bk);
   std::vector<std::pair<int64_t, int64_t>> runs;   // runs of used block-columns, as row-pair ranges
   for (int64_t c = 0; c < K / bk; ++c) {
     if (!used[c]) continue;
@@ -418,13 +424,13 @@ void bsr_mm_pairs(const uint16_t* x, const int32_t* crow, const int32_t* col, co
 // x^T packed as row pairs [K/2][Mp] (amx_pack_xt / amx_pack_conv words; Mp = M rounded up to the panel width and
 // to 32) and read in place as pair panels Mp words apart; tasks = (MT columns of one image, nonzero-balanced chunk
 // of block-rows), columns outermost; each block-row's fp32 panel [bn][MT] is stored straight into y^T.
+// nv: pair_nv(M, bn); Mp: M rounded up to a multiple of the panel width nv * 16 and of 32 (bsr_xt_pairs).
 template <typename Pack>
 void bsr_xt_pairs_group(int64_t B, Pack&& pack, const int32_t* crow, const int32_t* col, const uint16_t* v,
-                        const float* bias, c10::BFloat16* y, int64_t M, int64_t K, int64_t N, int64_t bn,
-                        int64_t bk) {
+                        const float* bias, c10::BFloat16* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk,
+                        int nv, int64_t Mp) {
   const int64_t rows = N / bn, nnzb = crow[rows], threads = at::get_num_threads();
-  const int nv = pair_nv(M, bn);
-  const int64_t MT = int64_t(nv) * 16, width = std::max<int64_t>(MT, 32), Mp = (M + width - 1) / width * width;
+  const int64_t MT = int64_t(nv) * 16;
   const int64_t tpi = (M + MT - 1) / MT, tiles = B * tpi, image = (K / 2) * Mp;
   at::Tensor xv_t = at::empty({B * image}, at::TensorOptions().dtype(at::kInt));
   uint32_t* xv = reinterpret_cast<uint32_t*>(xv_t.mutable_data_ptr<int32_t>());
@@ -449,9 +455,10 @@ void bsr_xt_pairs_group(int64_t B, Pack&& pack, const int32_t* crow, const int32
 template <typename Pack>
 void bsr_xt_pairs(int64_t B, Pack&& pack, const int32_t* crow, const int32_t* col, const uint16_t* v,
                   const float* bias, c10::BFloat16* y, int64_t M, int64_t K, int64_t N, int64_t bn, int64_t bk) {
-  const int64_t width = std::max<int64_t>(int64_t(pair_nv(M, bn)) * 16, 32), Mp = (M + width - 1) / width * width;
+  const int nv = pair_nv(M, bn);
+  const int64_t width = std::max<int64_t>(int64_t(nv) * 16, 32), Mp = (M + width - 1) / width * width;
   in_pack_groups(B, (K / 2) * Mp * 4, pack, [&](int64_t g0, int64_t Bg, auto&& pack_g) {
-    bsr_xt_pairs_group(Bg, pack_g, crow, col, v, bias, y + g0 * N * M, M, K, N, bn, bk);
+    bsr_xt_pairs_group(Bg, pack_g, crow, col, v, bias, y + g0 * N * M, M, K, N, bn, bk, nv, Mp);
   });
 }
 
@@ -841,8 +848,10 @@ at::Tensor bsr_conv(const char* op, size_t nd, const at::Tensor& x_in, const at:
   const std::vector<float> bf = bias_vec(bias);
   if (pairs) {
     const uint16_t* v16 = static_cast<const uint16_t*>(v);
-    std::vector<char> used(K / 2, 0);   // at 90% block sparsity many block-columns are empty in every block-row
-    for (int64_t b = 0; b < cr[rows]; ++b) std::fill_n(used.begin() + cc[b] * bk / 2, bk / 2, char(1));
+    // at 90% block sparsity many block-columns are empty in every block-row: their pairs are not packed
+    const std::vector<char> cols_used = used_block_columns(cc, cr[rows], K / bk);
+    std::vector<char> used(K / 2);
+    for (int64_t p = 0; p < K / 2; ++p) used[p] = cols_used[2 * p / bk];
     conv_panels<at::BFloat16, true>(x.const_data_ptr<at::BFloat16>(), g, n, MT, bounds, bn,
                                     bf.empty() ? nullptr : bf.data(), y.mutable_data_ptr<at::BFloat16>(),
                                     /*in_place=*/false,
