@@ -117,13 +117,28 @@ def _max_diff(a: Tensor, b: Tensor, equal_nan: bool = False) -> float:
     return math.inf if math.isnan(d) else d
 
 
+def _largest_finite(ref: Tensor) -> float:
+    """The largest finite |reference| (0 when there is none)."""
+    finite = ref.detach().double().abs()
+    finite = finite[torch.isfinite(finite)]
+    return float(finite.max()) if finite.numel() else 0.0
+
+
 def _tolerance(ref: Tensor, atol: float, rtol: float) -> float:
     """atol + rtol * the largest finite |reference| (a NaN or inf there would make every difference pass)."""
     if not rtol or not ref.numel():
         return atol
-    finite = ref.detach().double().abs()
-    finite = finite[torch.isfinite(finite)]
-    return atol + rtol * (float(finite.max()) if finite.numel() else 0.0)
+    return atol + rtol * _largest_finite(ref)
+
+
+def _scale_note(ref: Tensor, diff: float) -> str:
+    """Where the outputs are large (an untrained model whose activations grow layer by layer), a difference
+    over atol can be float rounding: then say so, against the reference's scale."""
+    scale = _largest_finite(ref)
+    if not math.isfinite(diff) or scale <= 1.0 or diff / scale >= 1e-5:
+        return ""
+    return (f" (the reference reaches |{scale:.3g}|: {diff / scale:.2g} of that; float rounding alone reaches that "
+            "at this scale: pass rtol= (e.g. rtol=1e-5) to compare relative to it)")
 
 
 def _non_finite_note(a: Tensor, b: Tensor) -> str:
@@ -194,5 +209,6 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs: Any, atol
                  f"{_max_diff(ref_seen[first_layer], cand_seen[first_layer], equal_nan):.3g})") if first_layer else ""
         nan = _non_finite_note(ref_t[worst], cand_t[worst]) if math.isinf(bad[worst]) else ""
         raise VerificationError(f"{worst}: max |diff| {bad[worst]:.3g}{nan} > atol {atol}"
-                                f"{f' + rtol {rtol} * max|reference|' if rtol else ''}{where}")
+                                f"{f' + rtol {rtol} * max|reference|' if rtol else ''}"
+                                f"{_scale_note(ref_t[worst], bad[worst])}{where}")
     return diffs

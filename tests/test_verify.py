@@ -76,6 +76,29 @@ def test_verify_tolerance_boundaries():
     sk.verify(a, b, x, atol=0.0, rtol=3e-3 / ymax)
 
 
+def test_verify_names_the_scale_of_large_outputs():
+    """An untrained deep model's outputs can reach 1e8, where float rounding alone passes atol: the error says
+    how large the difference is against the reference and points at rtol; small outputs get no such note."""
+    torch.manual_seed(0)
+    a = nn.Linear(8, 4)
+    with torch.no_grad():
+        a.weight.mul_(1e8)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.bias.add_(50.0)
+    x = torch.randn(3, 8)
+    with pytest.raises(sk.VerificationError, match=r"the reference reaches \|[0-9.e+]+\|: [0-9.e-]+ of that; float "
+                                                    r"rounding alone reaches that at this scale: pass rtol="):
+        sk.verify(a, b, x)
+    sk.verify(a, b, x, rtol=1e-5)
+    small = copy.deepcopy(b)
+    with torch.no_grad():
+        small.weight.div_(1e8)
+    with pytest.raises(sk.VerificationError) as err:
+        sk.verify(small, nn.Linear(8, 4), x)
+    assert "reaches" not in str(err.value)
+
+
 def test_verify_rejects_nan_and_negative_tolerances():
     a = nn.Linear(8, 4)
     for kw in ({"atol": float("nan")}, {"rtol": float("nan")}, {"rtol": -1.0}):
