@@ -43,12 +43,13 @@ def replace_modules(model: nn.Module, pick: Callable[[nn.Module], bool],
 def shared_weights(model: nn.Module, types: tuple[type, ...]) -> dict[str, list[str]]:
     """``name -> the other modules' names`` for every module of ``types`` whose ``weight`` Parameter another
     distinct module of ``types`` also holds (tied weights; one module under several names is not tying)."""
+    from .prune.module_copy import stored_original
     holders: dict[int, list[tuple[int, str]]] = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, types):
             continue
         # a masked layer's weight is computed; the Parameter it holds is the parametrization's original
-        weight = (mod.parametrizations.weight.original if parametrize.is_parametrized(mod, "weight")
+        weight = (stored_original(mod.parametrizations.weight) if parametrize.is_parametrized(mod, "weight")
                   else getattr(mod, "weight", None))
         if isinstance(weight, nn.Parameter):
             holders.setdefault(id(weight), []).append((id(mod), name))

@@ -40,7 +40,7 @@ from .prune.linear_mha import (
     restore_dense_attention,
 )
 from .prune.linear_rnn import LinearRecurrent, expose_sparse_recurrent, restore_dense_recurrent, rnn_to_linear
-from .prune.module_copy import share_call_hooks
+from .prune.module_copy import share_call_hooks, stored_original
 
 FORMAT_NAMES = ("dense", "bsr", "csr", "nm", "channel")
 _INDEX_FIELDS = {"bsr": ("crow_indices", "col_indices"), "csr": ("crow_indices", "col_indices"),
@@ -67,7 +67,7 @@ def _trained_weight(mod: nn.Module) -> Tensor:
     if isinstance(mod, _SparseWeight):
         return mod.weight2d if mod.format == "dense" else mod.values
     if parametrize.is_parametrized(mod, "weight"):
-        return mod.parametrizations.weight.original
+        return stored_original(mod.parametrizations.weight)
     return mod.weight
 
 
@@ -78,7 +78,7 @@ def _same_trainability(new: nn.Module, src: nn.Module) -> nn.Module:
     removes it from both (a pre-hook that rewrites the input would otherwise be dropped silently)."""
     _trained_weight(new).requires_grad_(_trained_weight(src).requires_grad)
     if new.bias is not None and src.bias is not None:
-        bias = src.parametrizations.bias.original if parametrize.is_parametrized(src, "bias") else src.bias
+        bias = stored_original(src.parametrizations.bias) if parametrize.is_parametrized(src, "bias") else src.bias
         new.bias.requires_grad_(bias.requires_grad)
     new.train(src.training)
     share_call_hooks(new, src)

@@ -364,3 +364,47 @@ def test_load_keeps_the_part_of_a_three_way_tie_the_saved_model_kept() -> None:
 def test_within_must_be_a_module() -> None:
     with pytest.raises(TypeError, match="within must be the nn.Module"):
         resize_module(nn.Linear(4, 6), torch.tensor([0, 1]), within="model")
+
+
+class WeightNormed(nn.Module):
+    """wav2vec 2.0 / HiFi-GAN style: convs under nn.utils.parametrizations.weight_norm (two stored tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 16, 3, padding=1))
+        self.conv2 = nn.utils.parametrizations.weight_norm(nn.Conv1d(16, 8, 3, padding=1), dim=2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean(-1))
+
+
+def test_weight_normed_layers_prune_compact_unmask_and_bake() -> None:
+    """A mask stacks on weight_norm's parametrization: channel pruning compacts it (the computed weight, baked),
+    remove() drops the mask and keeps weight_norm, bake() leaves the masked value as a plain Parameter."""
+    torch.manual_seed(0)
+    model = WeightNormed().eval()
+    x = torch.randn(2, 4, 10)
+    dense_out = model(x).detach()
+    pruner = Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    kinds = [type(p).__name__ for p in model.conv1.parametrizations.weight]
+    assert kinds == ["_WeightNorm", "WeightMask"]
+    small = pruner.compact()
+    assert small.conv1.out_channels == 8 and small.conv2.in_channels == 8
+    assert not torch.nn.utils.parametrize.is_parametrized(small.conv1)
+    sk.verify(model, small, x, atol=1e-5)
+
+    pruner.remove()
+    assert [type(p).__name__ for p in model.conv1.parametrizations.weight] == ["_WeightNorm"]
+    torch.testing.assert_close(model(x), dense_out)
+
+    pruner = Pruner(model, x, criterion="magnitude", granularity="element", sparsity=0.5)
+    pruner.step()
+    masked_out, masked_w = model(x).detach(), model.conv2.weight.detach().clone()
+    pruner.bake()
+    assert not torch.nn.utils.parametrize.is_parametrized(model.conv2)
+    assert isinstance(model.conv2.weight, nn.Parameter)
+    torch.testing.assert_close(model.conv2.weight.detach(), masked_w)
+    torch.testing.assert_close(model(x), masked_out)
+    assert float((model.conv2.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)

@@ -50,6 +50,7 @@ from ..ops.conv import conv_windows
 from .chains import Event, Link, Recorder, run_model
 from .head_taps import HeadTaps, attention_path
 from .masks import CONVS
+from .module_copy import stored_original
 
 __all__ = ["NEEDS", "LayerContext", "split_batch", "collect", "weight_param", "layer_seed"]
 
@@ -87,7 +88,7 @@ def weight_param(module: nn.Module) -> Tensor:
     """The leaf Parameter behind ``module.weight`` (the unmasked original when masked)."""
     params = getattr(module, "parametrizations", None)
     if params is not None and "weight" in params:
-        return params.weight.original
+        return stored_original(params.weight)
     return module.weight
 
 

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from . import chains as _chains
 from . import masks as _masks
+from .module_copy import stored_originals
 from .recurrent import RECURRENT, parameter_names
 
 __all__ = ["model_cost", "layer_positions"]
@@ -64,7 +65,7 @@ def _own_params(mod: nn.Module, kept: bool = False) -> int:
     if parametrize.is_parametrized(mod):
         for t, plist in mod.parametrizations.items():
             p = _masks._mask_param(mod, t) if kept else None
-            n += int(plist.original.numel() if p is None else p.mask.sum())
+            n += int(sum(t.numel() for t in stored_originals(plist)) if p is None else p.mask.sum())
     return n
 
 

@@ -879,7 +879,12 @@ class DependencyGraph:
             s = self._new(h, "heads")
             for lin in ("query", "key", "value"):
                 self._add(_Seg(s, width), f"{name}.{lin}", "out", 0)
-            return [_Tag(len(shape[0]) - 1, [_Seg(s, width)])] + self._head_extras(n, shape, s, (h,))
+            if isinstance(shape, torch.Size):       # the context alone (MobileViT's attention), not a tuple
+                return _Tag(len(shape) - 1, [_Seg(s, width)])
+            if isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], torch.Size):
+                return [_Tag(len(shape[0]) - 1, [_Seg(s, width)])] + self._head_extras(n, shape, s, (h,))
+            self._pin([_Tag(0, [_Seg(s, width)])], f"{name!r} ({type(mod).__name__}) returns no tensor first")
+            return None
         if kind == "gqa":
             # unit = one key/value group: its k and v rows, its num_key_value_groups query heads' q rows and the
             # o_proj columns they feed (repeat_kv pairs query head j with key/value head j // groups)

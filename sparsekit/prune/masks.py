@@ -481,8 +481,20 @@ def _own_parametrized_class(mod: nn.Module) -> None:
 def _unmask_tensor(mod: nn.Module, tensor_name: str, leave_parametrized: bool, label: str) -> None:
     plist = getattr(mod.parametrizations, tensor_name)
     if not all(isinstance(p, WeightMask) for p in plist):
-        raise ValueError(f"{label}.{tensor_name} has other parametrizations besides "
-                         f"WeightMask ({[type(p).__name__ for p in plist]}); remove those first")
+        kinds, parts = [type(p).__name__ for p in plist], list(plist)
+        first = next(i for i, p in enumerate(parts) if isinstance(p, WeightMask))
+        if first == 0 or not all(isinstance(p, WeightMask) for p in parts[first:]):
+            raise ValueError(f"{label}.{tensor_name} has other parametrizations after its WeightMask ({kinds}); "
+                             "remove those first")
+        # masks on top of another parametrization (weight_norm's magnitude and direction): un-masking drops the
+        # masks and leaves the others as they are; baking leaves the computed, masked value as a plain Parameter
+        if leave_parametrized:
+            parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=True)
+        else:
+            for i in reversed(range(len(plist))):
+                if isinstance(plist[i], WeightMask):
+                    del plist[i]
+        return
     if not leave_parametrized:
         plist[0].restore(plist.original)     # the values at masking time, not the optimizer's drift
     parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=leave_parametrized)
@@ -513,7 +525,8 @@ def remove_tensor_mask(module: nn.Module, tensor_name: str) -> bool:
 def remove_masks(model: nn.Module) -> int:
     """Un-prune: drop every ``WeightMask`` in ``model`` and restore the original (unmasked) values.
 
-    Returns the number of tensors unmasked. Masked entries come back with the values they had when they were
+    Returns the number of tensors unmasked. A mask on top of another parametrization (``weight_norm``) is
+    dropped, the other left as it is (its stored tensors were never masked). Otherwise masked entries come back with the values they had when they were
     masked, even after an optimizer with momentum, weight decay or Adam moved the stored originals (the
     forward pass never saw those moves); kept entries keep their trained values. After a ``state_dict`` load
     the masked entries come back as loaded (the values at masking time are not saved).
@@ -524,7 +537,9 @@ def remove_masks(model: nn.Module) -> int:
 def bake_masks(model: nn.Module) -> int:
     """Make masks permanent: every masked tensor becomes a plain Parameter holding ``weight * mask``.
 
-    The Parameter objects are kept (optimizers stay valid). Returns the number of tensors baked. The zeros are then
+    The Parameter objects are kept (optimizers stay valid), but where the mask sits on top of another
+    parametrization (``parametrizations.weight_norm``'s magnitude and direction), the tensor becomes one new plain
+    Parameter holding the computed, masked value. Returns the number of tensors baked. The zeros are then
     ordinary weights: training moves them (an optimizer's momentum at once), so bake after fine-tuning, or
     fine-tune a sparsified model (its stored values train with the pattern fixed).
     """

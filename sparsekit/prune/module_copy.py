@@ -40,10 +40,18 @@ def _own_tensors(mod: nn.Module) -> list[Tensor]:
     return out
 
 
-def _stored(plist: nn.Module) -> Tensor:
+def stored_original(plist: nn.Module) -> Tensor:
     """What a parametrized tensor stores: its original (the first, for a parametrization with several, as
     ``parametrizations.weight_norm``'s ``original0`` / ``original1``)."""
     return plist.original if plist.is_tensor else plist.original0
+
+
+def stored_originals(plist: nn.Module) -> list[Tensor]:
+    """Every tensor a parametrized tensor stores: ``[original]``, or ``original0``, ``original1``, ... (weight_norm
+    stores its magnitude and direction)."""
+    if plist.is_tensor:
+        return [plist.original]
+    return [t for i in range(plist.ntensors) if (t := getattr(plist, f"original{i}", None)) is not None]
 
 
 _CALL_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
@@ -146,10 +154,10 @@ def resized_copy(mod: nn.Module, tensors: Mapping[str, Tensor | None], sizes: Ma
         new._compiled_call_impl = None
     for name, plist in masked.items():
         if name not in tensors:      # a parametrized tensor kept whole: its computed value
-            _register(new, name, getattr(mod, name).detach().clone(), _stored(plist))
+            _register(new, name, getattr(mod, name).detach().clone(), stored_original(plist))
     for name, value in tensors.items():
         if value is not None:        # (None: absent in the original too, e.g. no bias)
-            src = _stored(masked[name]) if name in masked else mod._parameters.get(name, mod._buffers.get(name))
+            src = stored_original(masked[name]) if name in masked else mod._parameters.get(name, mod._buffers.get(name))
             _register(new, name, value.detach(), src)
     for store in (new._parameters, new._buffers):         # the others: copies, not the original's tensors
         for name, t in store.items():
