@@ -41,6 +41,7 @@ from .prune.linear_mha import (
 )
 from .prune.linear_rnn import LinearRecurrent, expose_sparse_recurrent, restore_dense_recurrent, rnn_to_linear
 from .prune.module_copy import share_call_hooks, stored_original
+from .weight_view import DenseWeightView
 
 FORMAT_NAMES = ("dense", "bsr", "csr", "nm", "channel")
 _INDEX_FIELDS = {"bsr": ("crow_indices", "col_indices"), "csr": ("crow_indices", "col_indices"),
@@ -247,6 +248,24 @@ class _SparseWeight(nn.Module):
         w = self.sparse_weight()
         return w if isinstance(w, Tensor) else w.to_dense()
 
+    def stored_weight(self) -> Tensor:
+        """The Parameter holding the weight's values (the dense one for format "dense")."""
+        return self.values if self.format != "dense" else self.weight2d
+
+    def stock_weight_shape(self) -> tuple[int, ...]:
+        """The shape of the weight of the layer this one replaces (``nn.Linear``: ``[out, in]``)."""
+        raise NotImplementedError
+
+    def dense_stock_weight(self) -> Tensor:
+        """A new dense tensor holding what the replaced layer's weight would (zeros where nothing is stored)."""
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> DenseWeightView:
+        """The replaced layer's weight as a read-only view: shape, dtype and device without a dense copy; computing
+        with it builds one (sparsekit.weight_view)."""
+        return DenseWeightView(self)
+
     @property
     def density(self) -> float:
         w = self.sparse_weight()
@@ -274,9 +293,10 @@ class _SparseWeight(nn.Module):
 class SparseLinear(_SparseWeight):
     """nn.Linear with a sparse weight: y = x @ W^T + b through sparsekit.ops.
 
-    It has no dense ``.weight``: code that reads one fails. Placed by hand into an ``nn.TransformerEncoderLayer``
-    (whose fused eval path reads ``linear1.weight``), call ``sk.nn.disable_fused_transformer_paths(model)``
-    afterwards; ``convert_modules``, ``sparsify`` and ``sk.load`` do.
+    Its ``.weight`` is a read-only ``DenseWeightView`` (shape, dtype and device of nn.Linear's weight without a
+    dense copy; computing with it builds one; sparsekit.weight_view). Placed by hand into an
+    ``nn.TransformerEncoderLayer`` (whose fused eval path reads ``linear1.weight``), call
+    ``sk.nn.disable_fused_transformer_paths(model)`` afterwards; ``convert_modules``, ``sparsify`` and ``sk.load`` do.
     """
 
     def __init__(self, weight, bias: Tensor | None, format: str, backend: str | None = None) -> None:
@@ -302,13 +322,19 @@ class SparseLinear(_SparseWeight):
     def forward(self, x: Tensor) -> Tensor:
         return sparse_linear(*self._autocast(x, self.sparse_weight(), self.bias), self.backend)
 
+    def stock_weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    def dense_stock_weight(self) -> Tensor:
+        return self.dense_weight2d()
+
     def to_dense(self) -> nn.Linear:
         """An ordinary nn.Linear with the same weight (zeros where nothing is stored)."""
-        p = self.values if self.format != "dense" else self.weight2d
+        p = self.stored_weight()
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=p.device,
                         dtype=p.dtype)
         with torch.no_grad():
-            out.weight.copy_(self.dense_weight2d())
+            out.weight.copy_(self.dense_stock_weight())
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return _same_trainability(out, self)
@@ -451,13 +477,22 @@ class SparseConv2d(_SparseWeight):
         return sparse_conv(x, w, bias, self.stride, self.padding, self.dilation, self.groups,
                            kernel_size=self.kernel_size, backend=self.backend)
 
+    def _stock_kernel(self) -> tuple[int, ...]:
+        return self.kernel_size
+
+    def stock_weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels // self.groups, *self._stock_kernel())
+
+    def dense_stock_weight(self) -> Tensor:
+        return self.dense_weight2d().reshape(self.stock_weight_shape())
+
     def to_dense(self) -> nn.Conv2d | nn.Conv3d:
-        p = self.values if self.format != "dense" else self.weight2d
+        p = self.stored_weight()
         conv = nn.Conv3d if len(self.kernel_size) == 3 else nn.Conv2d
         out = conv(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
                    self.groups, bias=self.bias is not None, device=p.device, dtype=p.dtype)
         with torch.no_grad():
-            out.weight.copy_(self.dense_weight2d().reshape_as(out.weight))
+            out.weight.copy_(self.dense_stock_weight())
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return _same_trainability(out, self)
@@ -497,12 +532,15 @@ class SparseConv1d(SparseConv2d):
             return self.forward(x.unsqueeze(0)).squeeze(0)
         return super().forward(x.unsqueeze(2)).squeeze(2)
 
+    def _stock_kernel(self) -> tuple[int, ...]:
+        return self.kernel_size[1:]     # (1, k): nn.Conv1d's (k,)
+
     def to_dense(self) -> nn.Conv1d:
-        p = self.values if self.format != "dense" else self.weight2d
+        p = self.stored_weight()
         out = nn.Conv1d(self.in_channels, self.out_channels, self.kernel_size[1], self.stride[1], self.padding[1],
                         self.dilation[1], self.groups, bias=self.bias is not None, device=p.device, dtype=p.dtype)
         with torch.no_grad():
-            out.weight.copy_(self.dense_weight2d().reshape_as(out.weight))
+            out.weight.copy_(self.dense_stock_weight())
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return _same_trainability(out, self)
@@ -651,19 +689,28 @@ class SparseConvTranspose2d(_SparseWeight):
         return op(x, w, bias, *args, kernel_size=self.kernel_size, backend=self.backend)
 
     def _dense_twin(self) -> nn.Module:
-        p = self.values if self.format != "dense" else self.weight2d
+        p = self.stored_weight()
         stride, padding, output_padding, dilation = self._conv_args()
         return self._DENSE(self.in_channels, self.out_channels, self.kernel_size, stride, padding, output_padding,
                            self.groups, self.bias is not None, dilation, device=p.device, dtype=p.dtype)
 
-    def to_dense(self) -> nn.Module:
-        """An ordinary nn.ConvTranspose2d (1d / 3d) with the same weight (zeros where nothing is stored)."""
-        out = self._dense_twin()
+    def _stock_kernel(self) -> tuple[int, ...]:
+        return self.kernel_size
+
+    def stock_weight_shape(self) -> tuple[int, ...]:
+        return (self.in_channels, self.out_channels // self.groups, *self._stock_kernel())
+
+    def dense_stock_weight(self) -> Tensor:
         w = self.dense_weight2d().reshape(self.out_channels, *self.kernel_size, self.in_channels).movedim(-1, 0)
         if self.groups > 1:
             w = grouped_weight(w, self.groups)
+        return w.reshape(self.stock_weight_shape())
+
+    def to_dense(self) -> nn.Module:
+        """An ordinary nn.ConvTranspose2d (1d / 3d) with the same weight (zeros where nothing is stored)."""
+        out = self._dense_twin()
         with torch.no_grad():
-            out.weight.copy_(w.reshape_as(out.weight))
+            out.weight.copy_(self.dense_stock_weight())
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return _same_trainability(out, self)
@@ -695,8 +742,11 @@ class SparseConvTranspose1d(SparseConvTranspose2d):
             return self.forward(x.unsqueeze(0), None if length is None else [length]).squeeze(0)
         return super().forward(x.unsqueeze(2), None if length is None else (1, length)).squeeze(2)
 
+    def _stock_kernel(self) -> tuple[int, ...]:
+        return self.kernel_size[1:]     # (1, k): nn.ConvTranspose1d's (k,)
+
     def _dense_twin(self) -> nn.Module:
-        p = self.values if self.format != "dense" else self.weight2d
+        p = self.stored_weight()
         return nn.ConvTranspose1d(self.in_channels, self.out_channels, self.kernel_size[1], self.stride[1],
                                   self.padding[1], self.output_padding[1], self.groups, self.bias is not None,
                                   self.dilation[1], device=p.device, dtype=p.dtype)
@@ -859,5 +909,5 @@ def conv1d_to_linear(model: nn.Module, inplace: bool = False) -> nn.Module:
 __all__ = ["SparseLinear", "SparseConv1d", "SparseConv2d", "SparseConv3d", "SparseConvTranspose1d",
            "SparseConvTranspose2d", "SparseConvTranspose3d", "SPARSE_LAYERS", "SPARSE_MODULES", "sparse_class",
            "convert_modules", "conv1d_to_linear", "mha_to_linear", "LinearMultiheadAttention", "rnn_to_linear",
-           "LinearRecurrent",
+           "LinearRecurrent", "DenseWeightView",
            "disable_fused_transformer_paths", "FORMAT_NAMES"]

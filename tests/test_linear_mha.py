@@ -459,14 +459,16 @@ def test_native_linear_attention_compacts_and_loads(tmp_path):
     sk.verify(small, sk.load(tmp_path, Native()), x, atol=0)
 
 
-def test_a_hand_placed_sparse_linear_needs_the_fused_path_off():
+def test_a_hand_placed_sparse_linear_runs_with_the_fused_path_on_or_off():
+    """torch's fused eval kernel reads linear1.weight: a SparseLinear's weight view carries __torch_function__, so
+    torch's own check steps aside to the module path (it read a missing attribute before the view)."""
     enc = _block_pruned_encoder(attention=False, mlp=True)
     x = torch.randn(2, 6, E)
     with torch.no_grad():
         ref = enc(x)
     enc.layers[0].linear1 = SparseLinear.from_dense(enc.layers[0].linear1, format="bsr", block=4)
-    with torch.no_grad(), pytest.raises(AttributeError, match="weight"):
-        enc(x)                      # the fused eval kernel reads linear1.weight
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), ref, atol=1e-4, rtol=1e-4)
     assert sk.nn.disable_fused_transformer_paths(enc) == 1
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         sk.nn.disable_fused_transformer_paths("encoder")

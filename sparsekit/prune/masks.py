@@ -526,10 +526,11 @@ def remove_masks(model: nn.Module) -> int:
     """Un-prune: drop every ``WeightMask`` in ``model`` and restore the original (unmasked) values.
 
     Returns the number of tensors unmasked. A mask on top of another parametrization (``weight_norm``) is
-    dropped, the other left as it is (its stored tensors were never masked). Otherwise masked entries come back with the values they had when they were
-    masked, even after an optimizer with momentum, weight decay or Adam moved the stored originals (the
-    forward pass never saw those moves); kept entries keep their trained values. After a ``state_dict`` load
-    the masked entries come back as loaded (the values at masking time are not saved).
+    dropped, the other left as it is (its stored tensors were never masked). Otherwise masked entries come back
+    with the values they had when they were masked, even after an optimizer with momentum, weight decay or Adam
+    moved the stored originals (the forward pass never saw those moves); kept entries keep their trained values.
+    After a ``state_dict`` load the masked entries come back as loaded (the values at masking time are not
+    saved).
     """
     return _unmask(model, leave_parametrized=False)
 
