@@ -319,6 +319,10 @@ def set_heads(mod: nn.Module) -> None:
         if qkv == "c_attn":     # GPT-2 splits q|k|v at split_size and merges the heads back to embed_dim wide
             mod.split_size = mod.embed_dim = heads * mod.head_dim
     elif kind == "gqa":         # whole key/value groups go: num_key_value_groups (query heads per group) stays
+        if getattr(mod, "hidden_size", None) == mod.num_heads * mod.head_dim:
+            # Qwen2 (transformers 4.4x) views the heads' output as [B, T, hidden_size] before o_proj: that is the
+            # heads' width there (the probe tells a module that also uses it as the model width: pinned)
+            mod.hidden_size = mod.q_proj.out_features
         mod.num_heads = mod.q_proj.out_features // mod.head_dim
         mod.num_key_value_heads = mod.k_proj.out_features // mod.head_dim
     elif kind == "mha_linear":  # (compact also selects its head_index: which original heads are left)
