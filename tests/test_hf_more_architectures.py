@@ -2,7 +2,9 @@
 what once failed there: Qwen2's attention views its heads' output as ``hidden_size`` wide (its heads were pinned),
 MobileViT's attention returns its context alone (the graph crashed), wav2vec 2.0's positional conv is under
 ``parametrizations.weight_norm`` (masks assumed one stored tensor), and ViT / T5 read a layer's ``.weight.dtype``
-in their forward (a sparse layer had none)."""
+in their forward (a sparse layer had none); Gemma, which HFTracer does not trace, fell back to torch.export,
+which failed on the key / value cache object handed to its attention layers; Gemma-2's static cache kept the
+original number of key / value heads."""
 
 from __future__ import annotations
 
@@ -34,6 +36,27 @@ assert (attn.num_key_value_heads, attn.num_heads, attn.o_proj.in_features) == (1
 with tempfile.TemporaryDirectory() as d:
     sk.save(small, d)
     sk.verify(small, sk.load(d, qwen().eval()), ids, atol=1e-5)
+
+# Gemma (which HFTracer does not support): torch.export traces it with use_cache off, the model keeps its cache
+gemma = lambda: T.GemmaModel(T.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+model, small = compact_half(gemma, ids)
+assert model.config.use_cache and small.layers[0].self_attn.num_key_value_heads == 1
+with torch.no_grad():
+    assert small(ids).past_key_values is not None
+
+# Gemma-2 allocates its (static) cache from config.num_key_value_heads: the compacted model's config follows, and
+# so does a fresh model's that the saved one loads into
+gemma2 = lambda: T.Gemma2Model(T.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              head_dim=8))
+model, small = compact_half(gemma2, ids)          # (verify runs both with their caches)
+assert (model.config.num_key_value_heads, small.config.num_key_value_heads) == (2, 1)
+with tempfile.TemporaryDirectory() as d:
+    sk.save(small, d)
+    loaded = sk.load(d, gemma2().eval())
+    assert loaded.config.num_key_value_heads == 1
+    sk.verify(small, loaded, ids, atol=1e-5)
 
 # MobileViT: an attention of the query / key / value kind returning a tensor, not a tuple
 mvit = lambda: T.MobileViTModel(T.MobileViTConfig(image_size=64, hidden_sizes=[24, 32, 40],

@@ -393,9 +393,11 @@ def compact(model: nn.Module, example_inputs: Any, keep: Mapping[int, Any], roun
         for alias in aliases.get(id(mods[bn]), [bn]):     # (the BN's names before it was resized)
             set_submodule(small, alias, select)
     q_rows = {m.module: g.id for g in graph.groups for m in g.members if m.axis == "out"}
-    for name, mod in small.named_modules():
+    for mod in small.modules():
         if attention_kind(mod) in ("hf", "fused", "gqa", "mha_linear"):
             set_heads(mod)
+    sync_kv_heads_config(small)
+    for name, mod in small.named_modules():
         gid = q_rows.get(f"{name}.q_proj")
         if attention_kind(mod) == "mha_linear" and gid is not None:   # which original heads are left (3-D masks)
             mod.head_index = mod.head_index[eff[gid].to(mod.head_index.device)]
@@ -477,6 +479,19 @@ def compact_from_masks(model: nn.Module, example_inputs: Any, round_to: int | No
 
 
 # ------------------------------------------------------------------------------------------ save / load
+def sync_kv_heads_config(model: nn.Module) -> None:
+    """A Hugging Face model whose grouped-query attention layers all kept the same number of key / value heads
+    gets that number in its ``config.num_key_value_heads``: static caches (Gemma-2's HybridCache,
+    ``cache_implementation="static"``) are allocated from the config. Layers left with different numbers leave
+    the config as it is (a dynamic cache follows the tensors; a static one cannot hold them)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "num_key_value_heads", None) is None:
+        return
+    counts = {mod.num_key_value_heads for mod in model.modules() if attention_kind(mod) == "gqa"}
+    if len(counts) == 1:
+        config.num_key_value_heads = counts.pop()
+
+
 def compacted_widths(model: nn.Module) -> dict[str, dict]:
     """JSON-able shapes of every resizable module and every ``ChannelSelect`` in ``model``."""
     spec: dict[str, dict] = {}
@@ -595,5 +610,6 @@ def apply_widths(model: nn.Module, widths: Mapping[str, dict]) -> nn.Module:
     for _, mod in model.named_modules():
         if attention_kind(mod) in ("hf", "fused", "gqa"):
             set_heads(mod)
+    sync_kv_heads_config(model)
     disable_fused_transformer_paths(model)
     return model

@@ -87,11 +87,12 @@ Pinned groups (``prunable=False``, ``reason``) are never pruned: this is what ke
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -461,7 +462,8 @@ def _trace(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, tuple
     from .export_graph import export_failure, export_trace
 
     try:   # fallback: torch.export on the example inputs, rebuilt as a module-level graph
-        gm, flat = export_trace(model, args, kwargs, is_leaf_module)
+        with _no_hf_cache(model, kwargs):
+            gm, flat = export_trace(model, args, kwargs, is_leaf_module)
         return gm, flat, {}
     except Exception as e:  # noqa: BLE001 - both attempts are reported
         raise GraphError(f"torch.fx could not trace {type(model).__name__}: {fx_error}; the torch.export fallback "
@@ -471,6 +473,23 @@ def _trace(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, tuple
 
 
 _MISSING = object()
+
+
+@contextlib.contextmanager
+def _no_hf_cache(model: nn.Module, kwargs: Mapping) -> Iterator[None]:
+    """A Hugging Face model traced by torch.export with ``config.use_cache`` off, as HFTracer traces it, unless a
+    cache is among the inputs: its attention layers (leaves) would otherwise be handed a ``Cache`` object, which
+    export cannot take (Gemma, which HFTracer does not support, failed so). The model keeps its own setting."""
+    config = getattr(model, "config", None)
+    saved = getattr(config, "use_cache", _MISSING)
+    if not type(model).__module__.startswith("transformers.") or saved is _MISSING or "past_key_values" in kwargs:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = saved
 
 
 def _size_follows(n: fx.Node, args: tuple, dim: int) -> bool:
