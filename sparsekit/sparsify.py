@@ -34,6 +34,7 @@ from .nn import (
     SparseLinear,
     _is_hf_conv1d,
     _overridden_forward,
+    acts_as_stock,
     sparse_class,
 )
 from .ops._dispatch import BACKENDS, recording_choices
@@ -590,6 +591,9 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
         stats = pattern_stats(w, blocks)
         factories = _candidates(mod, w, stats, formats, blocks, backend, exact, math.prod(inp.shape[:-1]))
         custom = _overridden_forward(mod)
+        as_stock = bool(custom) and acts_as_stock(mod, inp)
+        if as_stock:
+            custom = None
         if name in tied or custom:     # no candidate to time: only dense is measured (a sparse copy would untie
             factories = {}             # the weight, or drop the subclass's own forward)
         key = TuningCache.key({"device": device_name(inp.device), "switches": kernel_switches(inp.device),
@@ -617,6 +621,10 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
             notes.append(f"weight tied to {', '.join(tied[name])}: kept dense (a sparse copy would untie it)")
         if custom:
             notes.append(custom)
+        if as_stock:
+            notes.append(f"{parametrize.type_before_parametrizations(mod).__name__} overrides its forward but holds "
+                         "nothing of its own and gave the stock layer's output on this layer's input: measured as "
+                         "the stock layer")
         others = [a for a in aliases[id(mod)] if a != name]
         if others:
             notes.append(f"the same module as {', '.join(others)}")

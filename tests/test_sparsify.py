@@ -799,6 +799,56 @@ def test_a_subclass_with_its_own_forward_stays_dense_with_a_note():
     torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+class _MatmulLinear(nn.Linear):
+    """Falcon's FalconLinear: nn.Linear's function written out (x @ W^T + b), nothing of its own."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class _LoraLinear(nn.Linear):
+    """loralib-style: an adapter of its own, zero at the start (equal to nn.Linear only until it trains)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n, n)
+        self.lora_a, self.lora_b = nn.Parameter(torch.randn(4, n)), nn.Parameter(torch.zeros(n, 4))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.lora_a.T @ self.lora_b.T
+
+
+class _GainLinear(nn.Linear):
+    """A plain attribute of its own that the forward reads (1.0 now, set otherwise later)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n, n)
+        self.gain = 1.0
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+
+def test_a_subclass_that_computes_the_stock_function_is_sparsified():
+    """A forward of its own that gives the stock output on the layer's real input, with no state of its own, runs
+    as the stock layer (Falcon's Linears); one with an adapter or an attribute of its own stays dense, as does one
+    whose output differs (the scaled one)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_MatmulLinear(64, 64), _LoraLinear(64), _GainLinear(64), _ScaledLinear(64, 64)).eval()
+    for lin in model:
+        _block_mask_(lin, 0.2)
+    x = torch.randn(4, 64)
+    ref = model(x).detach()
+    fast, report = sk.sparsify(model, x, min_speedup=1e-9, cache=False, reps=1, measure_model=False)
+    assert isinstance(fast[0], SparseLinear) and [type(m) for m in fast[1:]] == [_LoraLinear, _GainLinear,
+                                                                                  _ScaledLinear]
+    first = next(d for d in report.layers if d.name == "0")
+    assert any("_MatmulLinear overrides its forward but holds nothing of its own" in n for n in first.notes)
+    torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-4)
+    from sparsekit.nn import acts_as_stock
+    assert acts_as_stock(_MatmulLinear(8, 8), torch.randn(3, 8))
+    assert not acts_as_stock(_MatmulLinear(8, 8), torch.randn(3, 7))     # does not run on it
+
+
 def test_candidates_are_checked_against_the_layer_itself():
     from sparsekit.sparsify import _measure
 
