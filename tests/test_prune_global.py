@@ -106,3 +106,42 @@ def test_global_keep_warns_when_min_keep_caps_the_target():
     with pytest.warns(UserWarning, match=r"reaches 50.0% of the units, not 90.0%.*keeps at least 2"):
         keep = global_keep(scores, 0.9, "channel", min_keep=2)
     assert all(int(k[:, 0].sum()) == 2 for k in keep.values())
+
+
+def test_max_sparsity_caps_what_the_global_threshold_takes_from_one_layer():
+    """Plain l1 over layers of different scales strips the small one; max_sparsity keeps a share of every layer
+    (channels and elements alike), and the total falls short of the target with a warning when the cap binds."""
+    m = _lenet()
+    with torch.no_grad():
+        m.conv1.weight.mul_(1e-3)                       # its filters all score lowest
+    p = Pruner(m, m.example_input(), criterion="l1", granularity="channel", scope="global", sparsity=0.4)
+    p.step()
+    assert _kept_channels(p)["conv1"] == 1              # min_channels alone
+    q = Pruner(_lenet(), m.example_input(), criterion="l1", granularity="channel", scope="global", sparsity=0.4,
+               max_sparsity=0.5)
+    with torch.no_grad():
+        q.model.conv1.weight.mul_(1e-3)
+    q.step()
+    kept = _kept_channels(q)
+    for name, c in kept.items():
+        n = q.layers[name].weight.shape[0]
+        assert n - c <= math.floor(0.5 * n), name
+    total = sum(q.layers[k].weight.shape[0] for k in kept)
+    assert total - sum(kept.values()) == math.floor(0.4 * total)   # the cap moved the removals elsewhere
+
+    e = _lenet()
+    with torch.no_grad():
+        e.conv2.weight.mul_(1e-3)
+    r = Pruner(e, e.example_input(), criterion="magnitude", granularity="element", scope="global", sparsity=0.5,
+               max_sparsity=0.7, ignore=[])
+    r.step()
+    assert float((~r.masks["conv2"]).float().mean()) == pytest.approx(0.7, abs=0.01)
+    with pytest.warns(UserWarning, match="max_sparsity"):
+        masks.global_keep({"a": torch.rand(2, 5), "b": torch.rand(2, 5)}, 0.9, "element", max_sparsity=0.5)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, 1.5, -0.1, "0.5", True])
+def test_max_sparsity_validated(bad):
+    m = _lenet()
+    with pytest.raises(ValueError, match="max_sparsity must be a number in"):
+        Pruner(m, m.example_input(), granularity="channel", scope="global", max_sparsity=bad)

@@ -131,6 +131,15 @@ def as_2d(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def check_max_sparsity(max_sparsity: object) -> float:
+    """A per-layer cap on global pruning: a number in (0, 1]."""
+    if isinstance(max_sparsity, bool) or not isinstance(max_sparsity, (int, float)) \
+            or not 0.0 < max_sparsity <= 1.0:
+        raise ValueError(f"max_sparsity must be a number in (0, 1] (the most of one layer's units that global "
+                         f"pruning removes), got {max_sparsity!r}")
+    return float(max_sparsity)
+
+
 def num_to_remove(sparsity: float, units: int) -> int:
     """``floor(sparsity * units)``, robust to float rounding: how many units a layer loses."""
     return min(units, floor_product(sparsity, units))
@@ -238,14 +247,16 @@ def layer_mask(scores: Tensor, sparsity: float, granularity: str, *, shape: Sequ
 
 def global_keep(scores: Mapping[str, Tensor], sparsity: float, granularity: str, *,
                 shapes: Mapping[str, Sequence[int]] | None = None,
-                block: tuple[int, int] = (32, 32), min_keep: int = 0) -> dict[str, Tensor]:
+                block: tuple[int, int] = (32, 32), min_keep: int = 0, max_sparsity: float = 1.0) -> dict[str, Tensor]:
     """One threshold over all layers: remove ``floor(sparsity * total units)`` lowest-scoring units.
 
     ``scores`` maps layer name -> scores (its order breaks ties). Units must be comparable across layers:
     element and block (same block everywhere) are; channel scores are when the criterion makes them so
     (``l1_mean`` divides each filter's L1 norm by its number of weights, Salama et al. 2019).
     ``min_keep`` units of every layer (its highest-scoring ones) are never removed, so no layer loses all
-    its channels; the number removed is capped accordingly.
+    its channels, and no layer loses more than ``floor(max_sparsity * its units)`` (one threshold over layers
+    whose scores differ in scale can otherwise empty some: a network's stem under plain L1); the number removed
+    is capped accordingly.
     """
     granularity = check_granularity(granularity)
     if granularity == "nm":
@@ -254,14 +265,16 @@ def global_keep(scores: Mapping[str, Tensor], sparsity: float, granularity: str,
     sparsity = check_sparsity(sparsity)
     if not isinstance(min_keep, int) or isinstance(min_keep, bool) or min_keep < 0:
         raise ValueError(f"min_keep must be an int >= 0, got {min_keep!r}")
+    max_sparsity = check_max_sparsity(max_sparsity)
     names = list(scores)
     units = [unit_scores(scores[k], granularity, block=block).to(torch.float64) for k in names]
     flats = []
     protected = 0
     for u in units:
         f = u.reshape(-1).clone()
-        if min_keep:
-            top = torch.sort(f, stable=True).indices[-min_keep:]
+        kept = min(f.numel(), max(min_keep, f.numel() - floor_product(max_sparsity, f.numel())))
+        if kept:
+            top = torch.sort(f, stable=True).indices[-kept:]
             f[top] = float("inf")
             protected += top.numel()
         flats.append(f)
@@ -270,7 +283,9 @@ def global_keep(scores: Mapping[str, Tensor], sparsity: float, granularity: str,
     k = min(wanted, flat.numel() - protected)
     if k < wanted:
         warnings.warn(f"global pruning reaches {k / flat.numel():.1%} of the units, not {sparsity:.1%}: every layer "
-                      f"keeps at least {min_keep} (min_channels / min_keep), {protected} of {flat.numel()} in all",
+                      f"keeps at least {min_keep} (min_channels / min_keep)"
+                      f"{f' and {1 - max_sparsity:.0%} of its units (max_sparsity)' if max_sparsity < 1 else ''}, "
+                      f"{protected} of {flat.numel()} in all",
                       UserWarning, stacklevel=3)
     keep = lowest_removed(flat, k)
     out, start = {}, 0

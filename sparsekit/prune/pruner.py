@@ -191,6 +191,11 @@ class Pruner:
             asks for; ``lasso`` and ``thinet`` do).
         min_channels: units (channels; heads of head groups) every channel group keeps under global channel
             pruning (default 1; 0 is the pure threshold, which may empty a group: then compact() refuses).
+        max_sparsity: under ``scope="global"``, the most of one layer's units (channels: of one channel group's)
+            the threshold removes, in (0, 1] (default 1.0: no cap). One threshold over layers whose scores
+            differ in scale can strip some almost bare (plain ``l1`` over a torchvision RegNet left its stem one
+            filter of 32); ``max_sparsity=0.8`` keeps every layer at 20% or more, as Torch-Pruning's
+            ``max_pruning_ratio`` does. The total then falls short of ``sparsity`` if the cap binds (warned).
         distributed: ``None`` (single process; ``"replicated"`` for a DDP model), ``"replicated"`` or
             ``"sharded"`` (see ``sparsekit.prune.distributed``).
 
@@ -245,7 +250,8 @@ class Pruner:
                  schedule: str | _schedules.Schedule | Callable[[int], float] | None = None,
                  block: int | tuple[int, int] = (32, 32), n: int = 2, m: int = 4, *,
                  loss_fn: Callable[[Any, Any], Tensor] | None = None, seed: int = 0,
-                 reconstruct: bool | None = None, min_channels: int = 1, distributed: str | None = None) -> None:
+                 reconstruct: bool | None = None, min_channels: int = 1, max_sparsity: float = 1.0,
+                 distributed: str | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         model, wrapped = _dist.unwrap(model)
@@ -273,6 +279,7 @@ class Pruner:
         if not isinstance(min_channels, int) or isinstance(min_channels, bool) or min_channels < 0:
             raise ValueError(f"min_channels must be an int >= 0, got {min_channels!r}")
         self.min_channels = min_channels
+        self.max_sparsity = _masks.check_max_sparsity(max_sparsity)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be a callable (output, target) -> loss, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
@@ -539,10 +546,10 @@ class Pruner:
         if self.distributed == "sharded":
             merged, merged_shapes, mine = _dist.gather_scores(scores, shapes)
             keep = _masks.global_keep(merged, target, self.granularity, shapes=merged_shapes, block=self.block,
-                                      min_keep=min_keep)
+                                      min_keep=min_keep, max_sparsity=self.max_sparsity)
             return {k: keep[mine + k] for k in scores}
         return _masks.global_keep(scores, target, self.granularity, shapes=shapes, block=self.block,
-                                  min_keep=min_keep)
+                                  min_keep=min_keep, max_sparsity=self.max_sparsity)
 
     def step(self) -> float:
         """Compute masks for the current target and apply them; returns that target."""
@@ -874,7 +881,7 @@ class Pruner:
             return {gid: _masks.lowest_removed(s, _masks.num_to_remove(target, s.numel())) for gid, s in units.items()}
         keep = _masks.global_keep({str(gid): s for gid, s in units.items()}, target, "channel",
                                   shapes={str(gid): (s.numel(), 1) for gid, s in units.items()},
-                                  min_keep=self.min_channels)
+                                  min_keep=self.min_channels, max_sparsity=self.max_sparsity)
         return {int(k): v[:, 0] for k, v in keep.items()}
 
     def _row_masks(self, keep: Mapping[int, Tensor]) -> dict[str, Tensor]:
