@@ -625,3 +625,35 @@ def test_torch_transformer_encoder_heads_compact_and_save(tmp_path, batch_first,
     back = sk.load(tmp_path / "enc", _randomize(TorchEncoder(batch_first, norm_first), seed=5))
     assert isinstance(back.enc.layers[1].self_attn, PrunedMultiheadAttention)
     sk.verify(small, back.eval(), (x, pad), atol=0)
+
+
+class _RepVggBlock(nn.Module):
+    """RepVGG's training-time block: 3x3 conv + 1x1 conv + a BatchNorm of the input itself (its identity branch)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv3 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.conv1 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv3(x) + self.conv1(x) + self.identity(x))
+
+
+def test_a_chain_of_selections_keeps_each_groups_share():
+    """Each block's identity BatchNorm reads the previous block's output and adds into its own: its channels are
+    a selection out of the previous stream. Chosen independently, the selections compounded along the chain until
+    a block kept no channel (timm's repvgg_a0 failed so); chosen within the stream, every block keeps half."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), *[_RepVggBlock(16) for _ in range(8)],
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.running_var, 0.5, 1.5)
+    x = torch.randn(2, 3, 8, 8)
+    pruner = sk.prune.Pruner(model, x, criterion="l1_mean", granularity="channel", scope="layer", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert [small[i].conv3[0].out_channels for i in range(1, 9)] == [8] * 8
+    sk.verify(model, small, x, atol=1e-4)

@@ -1508,8 +1508,38 @@ class DependencyGraph:
                 start += g.size
         else:
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-        keep = self.keep_selections(keep, scores, min_keep)
+        keep = self.keep_selections(self.fit_selections(keep, scores), scores, min_keep)
         return self.round_keep(keep, round_to, scores)
+
+    def fit_selections(self, keep: Mapping[int, Tensor], scores: Mapping[int, Tensor] | None = None
+                       ) -> dict[int, Tensor]:
+        """``keep`` where every selection group keeps as many units as it chose, taken among the units its stream
+        keeps (its best-scoring there; lowest index without ``scores``): all of them where the stream keeps
+        fewer.
+
+        A selection group (the channels a ``ChannelSelect`` picks out of a shared stream) chosen independently of
+        its stream loses both what it dropped and what the stream dropped (``compact`` intersects them); along
+        a chain of selections, each reading the one before (RepVGG's identity BatchNorm branch in every block),
+        that compounds until a group keeps nothing. Picked within the stream, a group keeps its own share.
+        """
+        from .compact import _effective_keep, _stream_mask
+
+        out = {k: torch.as_tensor(v) for k, v in keep.items()}
+        out = {k: (torch.nonzero(v) if v.dtype == torch.bool else v.to(torch.long)).reshape(-1) for k, v in out.items()}
+        for sel in self.selections.values():
+            gid = sel["group"]
+            if gid not in out:
+                continue
+            size = self.groups[gid].size
+            eff = _effective_keep(self, out)      # per selection: its stream may hold an earlier one
+            stream = _stream_mask(self, sel["segs"], eff)
+            in_stream = torch.nonzero(stream.reshape(size, -1).all(1)).reshape(-1)
+            if scores is not None and gid in scores:
+                in_stream = in_stream[torch.argsort(scores[gid][in_stream], descending=True, stable=True)]
+            picked = in_stream[:out[gid].numel()]
+            if picked.numel():        # (none in the stream: keep_selections brings some back)
+                out[gid] = torch.sort(picked).values
+        return out
 
     def keep_selections(self, keep: Mapping[int, Tensor], scores: Mapping[int, Tensor] | None = None,
                         min_keep: int = 1) -> dict[int, Tensor]:

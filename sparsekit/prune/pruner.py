@@ -878,11 +878,20 @@ class Pruner:
         """Group id -> bool unit keep-mask at ``target`` for every selectable group."""
         units = self._group_unit_scores(scores)
         if self.scope == "layer":
-            return {gid: _masks.lowest_removed(s, _masks.num_to_remove(target, s.numel())) for gid, s in units.items()}
-        keep = _masks.global_keep({str(gid): s for gid, s in units.items()}, target, "channel",
-                                  shapes={str(gid): (s.numel(), 1) for gid, s in units.items()},
-                                  min_keep=self.min_channels, max_sparsity=self.max_sparsity)
-        return {int(k): v[:, 0] for k, v in keep.items()}
+            keep = {gid: _masks.lowest_removed(s, _masks.num_to_remove(target, s.numel())) for gid, s in units.items()}
+        else:
+            keep = _masks.global_keep({str(gid): s for gid, s in units.items()}, target, "channel",
+                                      shapes={str(gid): (s.numel(), 1) for gid, s in units.items()},
+                                      min_keep=self.min_channels, max_sparsity=self.max_sparsity)
+            keep = {int(k): v[:, 0] for k, v in keep.items()}
+        # selection groups (channels picked out of a shared stream) choose among what their stream keeps
+        graph = self._dependency_graph()
+        fitted = graph.keep_selections(graph.fit_selections(keep, units), units, self.min_channels)
+        out = {}
+        for gid, mask in keep.items():
+            out[gid] = torch.zeros_like(mask)
+            out[gid][fitted[gid]] = True
+        return out
 
     def _row_masks(self, keep: Mapping[int, Tensor]) -> dict[str, Tensor]:
         """Layer name -> weight-shaped keep-mask of the output rows the group selection ``keep`` keeps."""
