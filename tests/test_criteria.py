@@ -7,6 +7,8 @@ it), the constant channel that variance/entropy/HRank must find has a *high* mea
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,6 +234,52 @@ def test_consumer_criteria_need_a_plain_chain():
         Pruner(m, m.example_input(), criterion="thinet", granularity="channel", calib=[m.example_input(4)])
     with pytest.raises(ValueError, match="granularity='channel'"):
         Pruner(_net(), torch.randn(2, 3, 8, 8), criterion="lasso", calib=_calib())
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "hessian"])
+def test_gradient_criteria_on_plain_batches_with_a_loss_of_ones_own(criterion):
+    """A self-supervised loss needs no target: loss_fn gets (output, None) for plain batches, and the scores
+    equal those from pairs whose target the loss ignores."""
+    loss = lambda out, y: out.float().pow(2).mean()     # noqa: E731
+    got = Pruner(_net(), torch.randn(2, 3, 8, 8), criterion=criterion, granularity="element", calib=_calib(),
+                 loss_fn=loss, seed=3).scores()
+    paired = [(x, torch.zeros(8, dtype=torch.long)) for x in _calib()]
+    want = Pruner(_net(), torch.randn(2, 3, 8, 8), criterion=criterion, granularity="element", calib=paired,
+                  loss_fn=loss, seed=3).scores()
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k])
+
+
+_Output = collections.namedtuple("_Output", "logits loss")
+
+
+class _WithLoss(nn.Module):
+    """A Hugging Face-style model: given labels, its output carries .loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 4)
+
+    def forward(self, x, labels=None):
+        logits = self.fc2(torch.relu(self.fc1(x)))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return _Output(logits, loss)
+
+
+def test_gradient_criteria_take_the_loss_a_model_returns_for_labels_in_its_inputs():
+    torch.manual_seed(0)
+    model = _WithLoss()
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    calib = [{"x": x, "labels": y}]
+    got = Pruner(model, {"x": x}, criterion="taylor", granularity="channel", calib=calib, ignore=[]).scores()
+    want = Pruner(model, {"x": x}, criterion="taylor", granularity="channel", calib=[({"x": x}, y)], ignore=[],
+                  loss_fn=lambda out, t: nn.functional.cross_entropy(out.logits, t)).scores()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+    with pytest.raises(ValueError, match="returned no .loss"):
+        Pruner(model, {"x": x}, criterion="taylor", granularity="channel", calib=[{"x": x, "labels": None}],
+               ignore=[]).step()
 
 
 def test_bn_scale_needs_a_batchnorm():

@@ -95,6 +95,24 @@ def weight_param(module: nn.Module) -> Tensor:
 _DONE = object()     # the end of a calib iterator
 
 
+def default_loss(output: Any, target: Any) -> Tensor:
+    """Cross-entropy of ``output`` against ``target``; without a target, the loss the model returned (a Hugging
+    Face output computes ``.loss`` when its inputs hold ``labels``)."""
+    if target is None:
+        loss = getattr(output, "loss", None)
+        if not isinstance(loss, Tensor):
+            raise ValueError("this criterion needs gradients, and the calib batch has no target while the model "
+                             "returned no .loss: pass (input, target) pairs, inputs with labels (Hugging Face), or "
+                             "a loss_fn")
+        return loss
+    return F.cross_entropy(output, target)
+
+
+def _may_hold_labels(inputs: Any) -> bool:
+    """Keyword inputs naming labels: a Hugging Face model then returns its own ``.loss``."""
+    return isinstance(inputs, Mapping) and any("label" in str(k) for k in inputs)
+
+
 def split_batch(item: Any, index: int = 0) -> tuple[Any, Any]:
     """``(inputs, target)`` of one ``calib`` item (``target`` None for a plain batch)."""
     if isinstance(item, (Tensor, Mapping)):
@@ -354,7 +372,8 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
     fisher = "hessian" in needs and granularity != "channel"
     batch_grads = "grads" in needs or ("hessian" in needs and not fisher)
     fisher_items: list[tuple[Any, Any]] = []
-    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    own_loss = loss_fn is not None
+    loss_fn = default_loss if loss_fn is None else loss_fn
     modes = {mod: mod.training for mod in model.modules()}
     # a frozen layer is still scored from its gradient: it needs one while calibrating (restored after)
     frozen = [p for p in dict.fromkeys(weight_param(m) for m in layers.values()) if not p.requires_grad] \
@@ -378,9 +397,11 @@ def collect(model: nn.Module, layers: Mapping[str, nn.Module], links: Mapping[st
                     inputs, target = split_batch(item, i)
                     gates = taps.new_gates() if batch_grads else {}
                 rec.reset()
-                if grad_needed and target is None:
-                    raise ValueError(f"calib[{i}] is a plain batch, but this criterion needs gradients: "
-                                     "pass (input, target) pairs (loss_fn(model(input), target) is used)")
+                if grad_needed and target is None and not own_loss and not _may_hold_labels(inputs):
+                    raise ValueError(f"calib[{i}] is a plain batch, but this criterion needs gradients: pass "
+                                     "(input, target) pairs (loss_fn(model(input), target) is used), inputs with "
+                                     "labels to a model that returns its .loss (Hugging Face), or a loss_fn that "
+                                     "takes (output, None)")
                 if fisher:
                     fisher_items.append((inputs, target))
                 if batch_grads:

@@ -185,7 +185,9 @@ class Pruner:
             ``AGP(steps=n, initial=0.0)``) or a callable ``schedule(step_index) -> target sparsity`` with
             ``step_index`` counting ``step()`` calls from 0.
         block, n, m: pattern parameters for ``"block"`` and ``"nm"``.
-        loss_fn: ``loss_fn(output, target)`` for gradient-based criteria (default cross-entropy).
+        loss_fn: ``loss_fn(output, target)`` for gradient-based criteria; it gets ``target=None`` for plain
+            batches (a self-supervised loss). Default: cross-entropy against the pair's target, and for a batch
+            without one the ``.loss`` the model returns (a Hugging Face model given ``labels`` in its inputs).
         seed: seed for randomised criteria (``random``, the Hutchinson probes, row sampling).
         reconstruct: refit the next layer by least squares after masking (default: what the criterion
             asks for; ``lasso`` and ``thinet`` do).
