@@ -753,3 +753,75 @@ def test_a_conv_or_groupnorm_reading_token_features_pins_them():
     graph = DependencyGraph.build(LinearThenConv(), torch.randn(2, 5, 8))
     (group,) = [g for g in graph.groups if ("lin", "out") in {(m.module, m.axis) for m in g.members}]
     assert not group.prunable and "dim 1" in group.reason
+
+
+def drop_path(x: torch.Tensor, p: float = 0.1, training: bool = False) -> torch.Tensor:
+    """timm's / torchvision's stochastic depth: whole samples dropped (training) or passed (eval)."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) >= p
+    return x * keep / (1 - p)
+
+
+torch.fx.wrap("drop_path")      # as torchvision wraps stochastic_depth: one call in the traced graph
+
+
+class _DropPathNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a, self.b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + drop_path(self.b(torch.relu(self.a(h))), 0.1, self.training)
+        return self.head(h.mean((2, 3)))
+
+
+def test_stochastic_depth_passes_the_residual_stream_through():
+    """An EfficientNet / ConvNeXt / Swin residual under stochastic depth: the stream (stem + block output) is one
+    prunable group (the function was an unknown op, which kept every such stream whole)."""
+    torch.manual_seed(0)
+    model = _DropPathNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph.build(model, x)
+    stream = next(g for g in graph.groups if any(m.module == "stem" for m in g.members))
+    assert stream.prunable and {m.module for m in stream.members} >= {"stem", "b", "a", "head"}
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert small.stem.out_channels == 8
+    sk.verify(model, small, x, atol=1e-5)
+
+
+class _TimmAttention(nn.Module):
+    """timm's Attention (1.0): fused qkv, proj, num_heads, head_dim, and the heads' output viewed attn_dim wide."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.attn_dim = heads * self.head_dim
+        self.qkv, self.proj = nn.Linear(dim, 3 * self.attn_dim), nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+
+
+def test_timm_style_attention_loses_whole_heads():
+    """Its forward views the heads' output attn_dim wide: compaction updates that width with num_heads (the head
+    probe failed on it, which kept every timm ViT's heads whole)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), _TimmAttention(32, 4), nn.Linear(32, 3)).eval()
+    x = torch.randn(2, 5, 8)
+    graph = DependencyGraph.build(model, x)
+    heads = next(g for g in graph.groups if g.kind == "heads")
+    assert heads.prunable, heads.reason
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert (small[1].num_heads, small[1].attn_dim, small[1].proj.in_features) == (2, 16, 16)
+    sk.verify(model, small, x, atol=1e-5)

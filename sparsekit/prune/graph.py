@@ -139,7 +139,9 @@ _PASS_FN = {"relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "leaky_
             "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "neg", "abs", "exp",
             "alias", "to_copy", "square", "sqrt", "rsqrt", "erf", "softplus", "selu", "celu", "softsign",
             "logsigmoid", "log_sigmoid", "hardsigmoid", "hardshrink", "softshrink", "tanhshrink", "threshold", "rrelu",
-            "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout"}
+            "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout",
+            # stochastic depth (torchvision.ops.stochastic_depth, timm's drop_path): whole samples dropped or scaled
+            "stochastic_depth", "drop_path"}
 _BINARY_FN = {"add", "iadd", "sub", "isub", "mul", "imul", "truediv", "div", "add_", "mul_"}
 _REDUCE_FN = {"mean", "sum", "amax", "max", "amin", "min"}
 
@@ -317,6 +319,8 @@ def set_heads(mod: nn.Module) -> None:
         qkv, _ = fused_parts(mod)
         heads = getattr(mod, qkv).out_features // 3 // mod.head_dim
         setattr(mod, _heads_attr(mod), heads)
+        if isinstance(getattr(mod, "attn_dim", None), int):   # timm's Attention views its heads' output that wide
+            mod.attn_dim = heads * mod.head_dim
         if qkv == "c_attn":     # GPT-2 splits q|k|v at split_size and merges the heads back to embed_dim wide
             mod.split_size = mod.embed_dim = heads * mod.head_dim
     elif kind == "gqa":         # whole key/value groups go: num_key_value_groups (query heads per group) stays
