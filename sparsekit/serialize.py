@@ -18,6 +18,7 @@ compute them.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import warnings
@@ -105,8 +106,12 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             "modules": modules}
     from .prune.compact import compacted_widths  # layer widths, so a compacted (smaller) model loads back
     spec["widths"] = compacted_widths(model)
+    state = model.state_dict()
+    # each module's state-dict version (a module whose _load_from_state_dict converts older layouts reads it;
+    # torchvision's MNASNet refuses a state without one)
+    spec["state_dict_metadata"] = {k: dict(v) for k, v in getattr(state, "_metadata", {}).items()}
     # safetensors refuses shared or non-contiguous storage: store contiguous copies
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
     tensors.update({NONPERSISTENT + k: v.detach().contiguous().clone() for k, v in _nonpersistent(model).items()})
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=1))
@@ -148,12 +153,19 @@ def _saved_ties(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[list
     return kept
 
 
-def _assign_meta_skeleton(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def _with_metadata(tensors: dict[str, torch.Tensor], metadata: dict | None) -> dict[str, torch.Tensor]:
+    """The persistent tensors as a state dict carrying the saved per-module versions (``state_dict()._metadata``)."""
+    state = collections.OrderedDict((k, v) for k, v in tensors.items() if not k.startswith(NONPERSISTENT))
+    if metadata:
+        state._metadata = collections.OrderedDict(metadata)   # type: ignore[attr-defined]
+    return state
+
+
+def _assign_meta_skeleton(model: nn.Module, tensors: dict[str, torch.Tensor], metadata: dict | None) -> None:
     """Load ``tensors`` into a model built on the meta device by assignment: ties are re-made (assignment gives
     every name its own tensor) and non-persistent buffers come from the file; a tensor left on meta is an error."""
     ties = _saved_ties(model, tensors)
-    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(NONPERSISTENT)}, strict=True,
-                          assign=True)
+    model.load_state_dict(_with_metadata(tensors, metadata), strict=True, assign=True)
     for names in ties:
         shared = model.get_parameter(names[0])
         for other in names[1:]:
@@ -328,10 +340,10 @@ def load(path: str | os.PathLike, model: nn.Module, map_location: str | torch.de
             set_submodule(model, alias, new)
     disable_fused_transformer_paths(model)
     if on_meta:
-        _assign_meta_skeleton(model, tensors)
+        _assign_meta_skeleton(model, tensors, spec.get("state_dict_metadata"))
         return model
     model.to(device)      # move, then copy: tied weights stay tied and non-persistent buffers follow
-    saved = {k: v for k, v in tensors.items() if not k.startswith(NONPERSISTENT)}
+    saved = _with_metadata(tensors, spec.get("state_dict_metadata"))
     _saved_ties(model, saved)
     # each tensor in its saved dtype (rebuilt sparse layers have it already); non-persistent buffers keep the
     # values __init__ gave them, in the dtype they were saved in

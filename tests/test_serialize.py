@@ -248,3 +248,43 @@ def test_a_save_of_converted_conv1d_layers_refuses_an_unconverted_skeleton(tmp_p
         sk.load(tmp_path / "gpt", GptBlock())
     x = torch.randn(3, 8)
     torch.testing.assert_close(sk.load(tmp_path / "gpt", sk.nn.conv1d_to_linear(GptBlock()))(x), model(x))
+
+
+class _Versioned(nn.Module):
+    """torchvision's MNASNet: _load_from_state_dict reads the state's version and refuses a state without one."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.loaded_version = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs) -> None:
+        version = local_metadata.get("version")
+        if version not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {version}")
+        self.loaded_version = version
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_save_keeps_each_modules_state_dict_version(tmp_path, meta):
+    torch.manual_seed(0)
+    model = nn.Sequential(_Versioned(), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].fc.weight[:, :8] = 0
+    fast = sk.nn.convert_modules(model, format="csr")
+    sk.save(fast, tmp_path)
+    if meta:
+        with torch.device("meta"):
+            skeleton = nn.Sequential(_Versioned(), nn.ReLU(), nn.Linear(16, 4))
+    else:
+        skeleton = nn.Sequential(_Versioned(), nn.ReLU(), nn.Linear(16, 4))
+    back = sk.load(tmp_path, skeleton)
+    assert back[0].loaded_version == 2
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(back(x), fast(x))
