@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from ._aliases import module_aliases, replace_modules, shared_weights
 from ._compat import set_submodule
+from ._stock_layers import overridden_forward
 from .formats import BSR, CSR, NM, ChannelIndex, _check_nm, _normalize_block, bitmap_from_indices
 from .ops import sparse_conv2d, sparse_conv3d, sparse_linear
 from .ops.conv import group_starts
@@ -775,52 +776,6 @@ def sparse_class(mod: nn.Module) -> type[_SparseWeight]:
                     f"{type(mod).__name__}")
 
 
-def _overridden_forward(mod: nn.Module) -> str | None:
-    """Why ``mod`` (an instance of SPARSE_LAYERS) must stay dense, or None: its class overrides the forward of the
-    torch layer it derives from (timm's StdConv2d standardising its weight, a Linear scaling its output), which
-    its Sparse* twin, running the stock computation, would drop silently. (A masked layer's parametrize class
-    adds no forward of its own.)"""
-    base = next(dense for dense, _ in _SPARSE_TWINS if isinstance(mod, dense))
-    for attr in ("forward", "_conv_forward"):     # (the stock conv forward calls _conv_forward)
-        if getattr(type(mod), attr, None) is not getattr(base, attr, None):
-            return (f"{parametrize.type_before_parametrizations(mod).__name__} overrides nn.{base.__name__}.{attr}: "
-                    "kept dense (its sparse twin would run the stock computation)")
-    return None
-
-
-_STOCK_ATTRS: dict[type, frozenset[str]] = {}
-
-
-def _stock_attrs(base: type[nn.Module]) -> frozenset[str]:
-    """Instance attribute names of a freshly made ``base`` layer (nn.Linear, nn.Conv2d ...)."""
-    if base not in _STOCK_ATTRS:
-        _STOCK_ATTRS[base] = frozenset(vars(base(1, 1) if base is nn.Linear else base(1, 1, 1)))
-    return _STOCK_ATTRS[base]
-
-
-def acts_as_stock(mod: nn.Module, inp: Tensor) -> bool:
-    """Whether a layer whose class overrides the stock forward (``_overridden_forward``) still computes the stock
-    layer's function, as Falcon's ``FalconLinear`` (``input @ self.weight.T + self.bias``) does: it holds nothing
-    the stock layer does not (no parameter, buffer, submodule or attribute of its own: a LoRA layer's zero-started
-    adapter is one, a scale factor another) and, on ``inp`` (the layer's real input), its output equals the stock
-    forward's to float rounding. Then its sparse twin computes what it does."""
-    base = next(dense for dense, _ in _SPARSE_TWINS if isinstance(mod, dense))
-    own = {n for n, _ in mod.named_parameters(recurse=False)} | {n for n, _ in mod.named_buffers(recurse=False)}
-    if own - {"weight", "bias"} or set(mod._modules) - {"parametrizations"}:
-        return False
-    if any(not a.startswith("_") for a in set(vars(mod)) - _stock_attrs(base)):
-        return False        # (private ones are bookkeeping: transformers marks every module _is_hf_initialized)
-    with torch.no_grad():
-        try:
-            got, want = mod(inp), base.forward(mod, inp)
-        except Exception:  # noqa: BLE001 - it does not run as the stock layer: keep it as it is
-            return False
-    if not isinstance(got, Tensor) or got.shape != want.shape or got.dtype != want.dtype:
-        return False
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
-
-
 def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[int, int] = 32, n: int = 2,
                     m: int = 4, backend: str | None = None, skip: tuple[str, ...] = ()) -> nn.Module:
     """Replace (in place) every nn.Linear / nn.Conv1d / 2d / 3d / nn.ConvTranspose1d / 2d / 3d whose weight has zeros
@@ -871,7 +826,7 @@ def convert_modules(model: nn.Module, format: str = "bsr", block: int | tuple[in
         names = aliases[id(mod)]
         if not name or any(a in skip for a in names) or not isinstance(mod, SPARSE_LAYERS):
             continue
-        custom = _overridden_forward(mod)
+        custom = overridden_forward(mod)
         if any(a in inside_attention for a in names):
             why = "inside nn.MultiheadAttention, whose projections have no zeros"
         elif custom:

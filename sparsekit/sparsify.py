@@ -27,14 +27,13 @@ from torch.utils import _pytree as pytree
 
 from ._aliases import module_aliases, shared_weights
 from ._compat import set_submodule
+from ._stock_layers import acts_as_stock, overridden_forward
 from .nn import (
     FORMAT_NAMES,
     SPARSE_LAYERS,
     SPARSE_MODULES,
     SparseLinear,
     _is_hf_conv1d,
-    _overridden_forward,
-    acts_as_stock,
     sparse_class,
 )
 from .ops._dispatch import BACKENDS, recording_choices
@@ -590,7 +589,7 @@ def sparsify(model: nn.Module, example_inputs: Any, formats: list[str] | tuple[s
             continue
         stats = pattern_stats(w, blocks)
         factories = _candidates(mod, w, stats, formats, blocks, backend, exact, math.prod(inp.shape[:-1]))
-        custom = _overridden_forward(mod)
+        custom = overridden_forward(mod)
         as_stock = bool(custom) and acts_as_stock(mod, inp)
         if as_stock:
             custom = None

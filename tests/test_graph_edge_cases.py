@@ -825,3 +825,39 @@ def test_timm_style_attention_loses_whole_heads():
     small = pruner.compact()
     assert (small[1].num_heads, small[1].attn_dim, small[1].proj.in_features) == (2, 16, 16)
     sk.verify(model, small, x, atol=1e-5)
+
+
+class _StdConv(nn.Conv2d):
+    """timm's StdConv2d: each filter standardised over its inputs, so removing an input changes every filter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _HandLinear(nn.Linear):
+    """Falcon's FalconLinear: nn.Linear's function written out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T + self.bias
+
+
+def test_a_layer_computing_its_own_forward_keeps_its_channels():
+    """The StdConv's inputs and outputs stay whole (cut, its standardisation would change); the hand-written
+    Linear is cut like a Linear; the compacted model verifies."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), _StdConv(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 1), nn.Flatten(2), _HandLinear(16, 24), nn.ReLU(),
+                          nn.Linear(24, 4)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    graph = DependencyGraph.build(model, x)
+    std = [g for g in graph.groups if any(m.module == "2" for m in g.members)]
+    assert len(std) == 2 and all(not g.prunable and "computes its own forward" in g.reason for g in std)
+    hand = next(g for g in graph.groups if any(m.module == "6" and m.axis == "out" for m in g.members))
+    assert hand.prunable
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert (small[2].in_channels, small[2].out_channels, small[6].out_features) == (16, 16, 12)
+    sk.verify(model, small, x, atol=1e-5)

@@ -844,7 +844,7 @@ def test_a_subclass_that_computes_the_stock_function_is_sparsified():
     first = next(d for d in report.layers if d.name == "0")
     assert any("_MatmulLinear overrides its forward but holds nothing of its own" in n for n in first.notes)
     torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-4)
-    from sparsekit.nn import acts_as_stock
+    from sparsekit._stock_layers import acts_as_stock
     assert acts_as_stock(_MatmulLinear(8, 8), torch.randn(3, 8))
     assert not acts_as_stock(_MatmulLinear(8, 8), torch.randn(3, 7))     # does not run on it
 

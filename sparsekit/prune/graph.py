@@ -105,6 +105,7 @@ from torch.fx import _symbolic_trace
 
 from .._aliases import tied_layers
 from .._compat import set_submodule
+from .._stock_layers import STOCK_LAYERS, acts_as_stock, overridden_forward
 from .linear_rnn import LinearRecurrent
 from .masks import BATCH_NORMS, CHANNEL_NORMS, CONVS, INSTANCE_NORMS, TRANSPOSED_CONVS, floor_product
 from .recurrent import RECURRENT, hidden_unit_rows, input_columns
@@ -538,13 +539,20 @@ class _Recorder(fx.Interpreter):
         super().__init__(gm)
         self.shapes: dict[fx.Node, Any] = {}
         self.attn_args: dict[str, tuple] = {}
+        self.own_forward_inputs: dict[str, Tensor] = {}   # layers whose class overrides the stock forward
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         self.shapes[n] = _meta(out)
-        if n.op == "call_module" and attention_kind(self.module.get_submodule(n.target)) in ("hf", "fused", "gqa"):
-            a, k = self.fetch_args_kwargs_from_env(n)
-            self.attn_args[n.target] = (a, k)
+        if n.op == "call_module":
+            mod = self.module.get_submodule(n.target)
+            if attention_kind(mod) in ("hf", "fused", "gqa"):
+                a, k = self.fetch_args_kwargs_from_env(n)
+                self.attn_args[n.target] = (a, k)
+            elif isinstance(mod, STOCK_LAYERS) and overridden_forward(mod) and n.target not in self.own_forward_inputs:
+                a, _ = self.fetch_args_kwargs_from_env(n)
+                if a and isinstance(a[0], Tensor):
+                    self.own_forward_inputs[n.target] = a[0]
         return out
 
 
@@ -708,6 +716,7 @@ class DependencyGraph:
             g = cls(model)
             g._propagate(gm, rec.shapes)
             g._probe_heads(rec.attn_args)
+            g._pin_own_forwards(rec.own_forward_inputs)
             g._finish()
         finally:
             for m, mode in modes.items():
@@ -1353,6 +1362,22 @@ class DependencyGraph:
                         sp = self._spaces[self._find(r)]
                         sp.pinned = sp.pinned or reason
 
+    def _pin_own_forwards(self, inputs: Mapping[str, Tensor]) -> None:
+        """A layer whose class overrides the stock forward is cut only where cutting it gives what the uncut one
+        gives on the kept channels (``_cuts_like_stock``, probed on its real input): an output scaled afterwards
+        cuts so, a weight standardised over its inputs (timm's StdConv2d) or state per channel that compaction
+        cannot cut (NFNet's ScaledStdConv2d gain, an adapter) does not, and its channels stay."""
+        for name, inp in inputs.items():
+            mod = self.modules[name]
+            if _cuts_like_stock(mod, inp):
+                continue
+            reason = (f"{name!r} ({type(mod).__name__}) computes its own forward, which gives other outputs once "
+                      "cut")
+            for r in range(len(self._spaces)):
+                sp = self._spaces[r]
+                if sp.parent is None and any(m.module == name for m in sp.members):
+                    sp.pinned = sp.pinned or reason
+
     def _finish(self) -> None:
         self._couple_tied()
         # a pinned selection keeps all its channels, so the stream it selects from must keep them all too (a
@@ -1688,6 +1713,42 @@ def _tuple_tags(a: Any, tag: Callable, shapes: dict) -> list:
     if isinstance(a, (tuple, list)):
         return [_tuple_tags(x, tag, shapes) if isinstance(x, (tuple, list)) else tag(x) for x in a]
     return []
+
+
+def _cuts_like_stock(mod: nn.Module, inp: Tensor) -> bool:
+    """Whether ``mod`` (a Linear / conv subclass with its own forward) cut by one output and one input channel
+    (``compact.resize_module``) gives, on ``inp`` without that input channel, what the whole layer gives on the kept
+    outputs with that channel zeroed, as a stock layer does. A cut it refuses (state it cannot cut) or an input
+    without a channel dim to cut is False."""
+    from .compact import resize_module
+
+    if acts_as_stock(mod, inp):
+        return True
+    linear = isinstance(mod, nn.Linear)
+    ch = inp.dim() - 1 if linear else 1
+    if not linear and inp.dim() != mod.weight.dim():     # (an unbatched conv input: not probed)
+        return False
+    n_out = mod.weight.shape[weight_dim(mod, "out")]
+    n_in = inp.shape[ch]
+    keep_out = torch.arange(1, n_out) if n_out > 1 else None
+    keep_in = torch.arange(1, n_in) if n_in > 1 and getattr(mod, "groups", 1) == 1 else None
+    try:
+        cut = resize_module(mod, keep_out, keep_in)
+        with torch.no_grad():
+            zeroed = inp.clone()
+            if keep_in is not None:
+                zeroed.narrow(ch, 0, 1).zero_()
+            want = mod(zeroed)
+            got = cut(zeroed.index_select(ch, keep_in) if keep_in is not None else zeroed)
+    except Exception:  # noqa: BLE001 - a layer that cannot be cut (or run cut) keeps its channels
+        return False
+    out_ch = want.dim() - 1 if linear else 1
+    if keep_out is not None:
+        want = want.index_select(out_ch, keep_out)
+    if not isinstance(got, Tensor) or got.shape != want.shape:
+        return False
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
 
 
 def _probe_copy(v: Any) -> Any:
