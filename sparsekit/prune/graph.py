@@ -1553,8 +1553,7 @@ class DependencyGraph:
         """
         from .compact import _effective_keep, _stream_mask
 
-        out = {k: torch.as_tensor(v) for k, v in keep.items()}
-        out = {k: (torch.nonzero(v) if v.dtype == torch.bool else v.to(torch.long)).reshape(-1) for k, v in out.items()}
+        out = _kept_indices(keep)
         for sel in self.selections.values():
             gid = sel["group"]
             if gid not in out:
@@ -1584,8 +1583,7 @@ class DependencyGraph:
 
         if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 0:
             raise ValueError(f"min_keep must be an int >= 0, got {min_keep!r}")
-        out = {k: torch.as_tensor(v) for k, v in keep.items()}
-        out = {k: (torch.nonzero(v) if v.dtype == torch.bool else v.to(torch.long)).reshape(-1) for k, v in out.items()}
+        out = _kept_indices(keep)
         for sel in self.selections.values():
             gid = sel["group"]
             if gid not in out:
@@ -1713,6 +1711,12 @@ def _tuple_tags(a: Any, tag: Callable, shapes: dict) -> list:
     if isinstance(a, (tuple, list)):
         return [_tuple_tags(x, tag, shapes) if isinstance(x, (tuple, list)) else tag(x) for x in a]
     return []
+
+
+def _kept_indices(keep: Mapping[int, Any]) -> dict[int, Tensor]:
+    """Group id -> kept unit indices (long), from indices or bool masks."""
+    out = {k: torch.as_tensor(v) for k, v in keep.items()}
+    return {k: (torch.nonzero(v) if v.dtype == torch.bool else v.to(torch.long)).reshape(-1) for k, v in out.items()}
 
 
 def _cuts_like_stock(mod: nn.Module, inp: Tensor) -> bool:
