@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["STOCK_LAYERS", "stock_base", "overridden_forward", "acts_as_stock"]
+__all__ = ["STOCK_LAYERS", "stock_base", "overridden_forward", "acts_as_stock", "run_alone", "same_output"]
 
 STOCK_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                 nn.ConvTranspose3d)
@@ -46,6 +46,22 @@ def _stock_attrs(base: type[nn.Module]) -> frozenset[str]:
     return _STOCK_ATTRS[base]
 
 
+def run_alone(mod: nn.Module, inp: Tensor, forward: object = None) -> object:
+    """``mod``'s forward (or ``forward(mod, x)``) on a copy of ``inp``, without grad and without its hooks: a probe
+    must neither change the caller's tensor (a forward that clamps its input in place) nor fire the model's hooks."""
+    with torch.no_grad():
+        return (forward or type(mod).forward)(mod, inp.clone())
+
+
+def same_output(got: object, want: Tensor) -> bool:
+    """``got`` equals ``want`` to the rounding of their dtype (two ways of writing one product differ there)."""
+    if not isinstance(got, Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+        return False
+    rtol = max(1e-4, 16 * torch.finfo(want.dtype).eps) if want.is_floating_point() else 0.0
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    return bool(torch.allclose(got, want, rtol=rtol, atol=0.1 * rtol * max(scale, 1.0)))
+
+
 def acts_as_stock(mod: nn.Module, inp: Tensor) -> bool:
     """Whether a layer whose class overrides the stock forward (``overridden_forward``) still computes the stock
     layer's function, as Falcon's ``FalconLinear`` (``input @ self.weight.T + self.bias``) does: it holds nothing
@@ -58,12 +74,8 @@ def acts_as_stock(mod: nn.Module, inp: Tensor) -> bool:
         return False
     if any(not a.startswith("_") for a in set(vars(mod)) - _stock_attrs(base)):
         return False        # (private ones are bookkeeping: transformers marks every module _is_hf_initialized)
-    with torch.no_grad():
-        try:
-            got, want = mod(inp), base.forward(mod, inp)
-        except Exception:  # noqa: BLE001 - it does not run as the stock layer: keep it as it is
-            return False
-    if not isinstance(got, Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+    try:
+        got, want = run_alone(mod, inp), run_alone(mod, inp, base.forward)
+    except Exception:  # noqa: BLE001 - it does not run as the stock layer: keep it as it is
         return False
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
+    return same_output(got, want)

@@ -25,8 +25,12 @@ from torch import Tensor, nn
 __all__ = ["DenseWeightView"]
 
 
-def _writes(name: str, kwargs: dict) -> bool:
-    return (name.endswith("_") and not name.endswith("__")) or kwargs.get("out") is not None
+def _in_place(name: str) -> bool:
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _holds_view(tree: Any) -> bool:
+    return any(isinstance(leaf, DenseWeightView) for leaf in pytree.tree_leaves(tree))
 
 
 class DenseWeightView:
@@ -78,20 +82,76 @@ class DenseWeightView:
     # ---- computing with it: a fresh dense copy
     def dense(self) -> Tensor:
         """The dense weight (a new tensor each call; differentiable with respect to the stored values)."""
-        return self._layer.dense_stock_weight()
+        w = self._layer.dense_stock_weight()
+        return w.clone() if self._layer.format == "dense" else w     # (never the stored Parameter itself)
+
+    def requires_grad_(self, requires_grad: bool = True) -> DenseWeightView:
+        """Freeze or unfreeze the stored values (what the layer trains), as on a dense weight."""
+        self._layer.stored_weight().requires_grad_(requires_grad)
+        return self
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", str(func))
-        if _writes(name, kwargs):
+        # (reading the view into another tensor, x.add_(view) or out=buf, is fine)
+        if (_in_place(name) and args and isinstance(args[0], DenseWeightView)) or _holds_view(kwargs.get("out")):
             raise TypeError(f"{name} would write into the dense view of a sparse layer's weight, a temporary copy: "
                             "change the layer's values, or convert it with to_dense() first")
         args, kwargs = pytree.tree_map(lambda a: a.dense() if isinstance(a, DenseWeightView) else a, (args, kwargs))
         return func(*args, **kwargs)
 
+    # Python looks operators up on the class, past __getattr__: each runs on a dense copy
+    def __getitem__(self, index: Any) -> Tensor:
+        return self.dense()[index]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __iter__(self) -> Any:
+        return iter(self.dense())
+
+    def __neg__(self) -> Tensor:
+        return -self.dense()
+
+    def __add__(self, other: Any) -> Tensor:
+        return self.dense().__add__(other)
+
+    def __radd__(self, other: Any) -> Tensor:
+        return self.dense().__radd__(other)
+
+    def __sub__(self, other: Any) -> Tensor:
+        return self.dense().__sub__(other)
+
+    def __rsub__(self, other: Any) -> Tensor:
+        return self.dense().__rsub__(other)
+
+    def __mul__(self, other: Any) -> Tensor:
+        return self.dense().__mul__(other)
+
+    def __rmul__(self, other: Any) -> Tensor:
+        return self.dense().__rmul__(other)
+
+    def __truediv__(self, other: Any) -> Tensor:
+        return self.dense().__truediv__(other)
+
+    def __rtruediv__(self, other: Any) -> Tensor:
+        return self.dense().__rtruediv__(other)
+
+    def __matmul__(self, other: Any) -> Tensor:
+        return self.dense().__matmul__(other)
+
+    def __rmatmul__(self, other: Any) -> Tensor:
+        return self.dense().__rmatmul__(other)
+
+    def __pow__(self, other: Any) -> Tensor:
+        return self.dense().__pow__(other)
+
+    def __rpow__(self, other: Any) -> Tensor:
+        return self.dense().__rpow__(other)
+
     def __getattr__(self, name: str) -> Any:
-        if name == "data" or _writes(name, {}):
+        if name == "data" or _in_place(name):
             raise TypeError(f"{type(self._layer).__name__}.weight.{name}: the weight is a read-only dense view of "
                             "the sparse values (writes would go to a temporary copy); change the layer's values, or "
                             "convert it with to_dense() first")

@@ -657,3 +657,23 @@ def test_a_chain_of_selections_keeps_each_groups_share():
     small = pruner.compact()
     assert [small[i].conv3[0].out_channels for i in range(1, 9)] == [8] * 8
     sk.verify(model, small, x, atol=1e-4)
+
+
+def test_a_chain_of_selections_keeps_removed_units_removed_across_steps():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), *[_RepVggBlock(16) for _ in range(4)],
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    pruner = sk.prune.Pruner(model, x, criterion="l1_mean", granularity="channel", scope="layer", sparsity=0.75,
+                             schedule=sk.prune.Iterative(steps=3))
+    before = None
+    for _ in range(3):
+        pruner.step()
+        with torch.no_grad():      # which channels of each block's 3x3 conv are kept
+            now = {i: model[i].conv3[0].weight.flatten(1).abs().sum(1) > 0 for i in range(1, 5)}
+        if before is not None:
+            assert all(bool((now[i] & ~before[i]).sum() == 0) for i in now)    # nothing comes back
+        before = now
+    small = pruner.compact()
+    assert [small[i].conv3[0].out_channels for i in range(1, 5)] == [4] * 4
+    sk.verify(model, small, x, atol=1e-4)

@@ -394,6 +394,10 @@ def test_weight_normed_layers_prune_compact_unmask_and_bake() -> None:
     assert small.conv1.out_channels == 8 and small.conv2.in_channels == 8
     assert not torch.nn.utils.parametrize.is_parametrized(small.conv1)
     sk.verify(model, small, x, atol=1e-5)
+    masked_out = model(x).detach()
+    with masks.unmasked(model):          # reads through the stacked masks too
+        torch.testing.assert_close(model(x), dense_out)
+    torch.testing.assert_close(model(x), masked_out)
 
     pruner.remove()
     assert [type(p).__name__ for p in model.conv1.parametrizations.weight] == ["_WeightNorm"]

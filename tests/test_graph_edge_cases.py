@@ -861,3 +861,43 @@ def test_a_layer_computing_its_own_forward_keeps_its_channels():
     small = pruner.compact()
     assert (small[2].in_channels, small[2].out_channels, small[6].out_features) == (16, 16, 12)
     sk.verify(model, small, x, atol=1e-5)
+
+
+class _SamePadConv(nn.Conv2d):
+    """timm's Conv2dSame: TF-style 'same' padding in its own forward; cut like any conv, depthwise too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_an_own_forward_conv_that_cuts_like_one_is_pruned(groups):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), _SamePadConv(16, 16, 3, groups=groups), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 16, 4)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    graph = DependencyGraph.build(model, x)
+    own = [g for g in graph.groups if any(m.module == "2" for m in g.members)]
+    assert own and all(g.prunable for g in own), [g.reason for g in own]
+    pruner = sk.prune.Pruner(model, x, criterion="l1", granularity="channel", sparsity=0.5)
+    pruner.step()
+    small = pruner.compact()
+    assert small[2].out_channels < 16
+    sk.verify(model, small, x, atol=1e-5)
+
+
+def test_probing_an_own_forward_layer_leaves_its_input_and_hooks_alone():
+    from sparsekit._stock_layers import acts_as_stock
+
+    class Clamping(nn.Linear):
+        def forward(self, x):
+            return F.linear(x.clamp_(-0.1, 0.1), self.weight, self.bias)
+
+    layer = Clamping(8, 4)
+    calls = []
+    layer.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(3, 8) * 5
+    before = x.clone()
+    assert not acts_as_stock(layer, x)          # it clamps: not nn.Linear's function
+    torch.testing.assert_close(x, before)
+    assert not calls

@@ -51,12 +51,16 @@ gemma2 = lambda: T.Gemma2Model(T.Gemma2Config(vocab_size=64, hidden_size=32, int
                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                               head_dim=8))
 model, small = compact_half(gemma2, ids)          # (verify runs both with their caches)
-assert (model.config.num_key_value_heads, small.config.num_key_value_heads) == (2, 1)
+assert (model.config.num_key_value_heads, model.config.num_attention_heads) == (2, 4)
+assert (small.config.num_key_value_heads, small.config.num_attention_heads, small.config.head_dim) == (1, 2, 8)
 with tempfile.TemporaryDirectory() as d:
     sk.save(small, d)
-    loaded = sk.load(d, gemma2().eval())
-    assert loaded.config.num_key_value_heads == 1
+    shared = T.Gemma2Model(model.config).eval()     # a skeleton sharing the original's config object
+    loaded = sk.load(d, shared)
+    assert loaded.config.num_key_value_heads == 1 and model.config.num_key_value_heads == 2
     sk.verify(small, loaded, ids, atol=1e-5)
+    rebuilt = sk.load(d, T.Gemma2Model(small.config).eval())   # a skeleton from the compacted config
+    sk.verify(small, rebuilt, ids, atol=1e-5)
 
 # MobileViT: an attention of the query / key / value kind returning a tensor, not a tuple
 mvit = lambda: T.MobileViTModel(T.MobileViTConfig(image_size=64, hidden_sizes=[24, 32, 40],

@@ -66,6 +66,28 @@ def test_computing_with_the_view_matches_and_trains_the_values():
     torch.testing.assert_close(x @ sparse.weight.T, x @ dense.weight.detach().T)
 
 
+@pytest.mark.parametrize("format", ["csr", "dense"])
+def test_the_view_reads_as_a_tensor_would(format):
+    """Indexing, operators, reading it into another tensor and freezing work as on a dense weight; a copy taken
+    from it (format "dense" too) is not the stored Parameter."""
+    dense = _pruned(nn.Linear(16, 8))
+    sparse = SparseLinear.from_dense(dense, format=format)
+    w, ref = sparse.weight, dense.weight.detach()
+    torch.testing.assert_close(w[0], ref[0])
+    assert len(w) == 8 and len(list(iter(w))) == 8
+    for got, want in ((w * 2, ref * 2), (2 * w, 2 * ref), (w + 1, ref + 1), (1 - w, 1 - ref), (-w, -ref),
+                      (w @ torch.ones(16), ref @ torch.ones(16)), (w / 2, ref / 2), (w ** 2, ref ** 2)):
+        torch.testing.assert_close(got, want)
+    buf = torch.zeros(8, 16)
+    buf.add_(w)
+    with torch.no_grad():
+        torch.add(w, 0, out=buf)
+    torch.testing.assert_close(buf, ref)
+    assert w.requires_grad_(False) is w and not sparse.stored_weight().requires_grad
+    w.detach().zero_()
+    torch.testing.assert_close(sparse.weight.dense(), ref)
+
+
 def test_writes_through_the_view_raise():
     sparse = SparseLinear.from_dense(_pruned(nn.Linear(16, 8)), format="csr")
     before = sparse.values.detach().clone()
@@ -74,7 +96,7 @@ def test_writes_through_the_view_raise():
     with pytest.raises(TypeError, match="read-only dense view"):
         _ = sparse.weight.data
     with pytest.raises(TypeError, match="would write into the dense view"):
-        torch.add(sparse.weight, 1, out=torch.empty(8, 16))
+        torch.add(torch.ones(8, 16), 1, out=sparse.weight)
     with pytest.raises(TypeError, match="read-only dense view"):
         nn.init.zeros_(sparse.weight)
     torch.testing.assert_close(sparse.values, before)

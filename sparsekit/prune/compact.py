@@ -480,16 +480,27 @@ def compact_from_masks(model: nn.Module, example_inputs: Any, round_to: int | No
 
 # ------------------------------------------------------------------------------------------ save / load
 def sync_kv_heads_config(model: nn.Module) -> None:
-    """A Hugging Face model whose grouped-query attention layers all kept the same number of key / value heads
-    gets that number in its ``config.num_key_value_heads``: static caches (Gemma-2's HybridCache,
-    ``cache_implementation="static"``) are allocated from the config. Layers left with different numbers leave
-    the config as it is (a dynamic cache follows the tensors; a static one cannot hold them)."""
+    """A Hugging Face model whose grouped-query attention layers all kept the same heads gets them in its config
+    (``num_key_value_heads``, ``num_attention_heads`` and ``head_dim``, which no longer follows from
+    ``hidden_size``): static caches (Gemma-2's HybridCache, ``cache_implementation="static"``) are allocated from
+    it, and a model built from it has these attention widths. The config is copied first (a skeleton built from
+    another model's config object shares it) and the copy given to every module that held the old one. Layers
+    left with different numbers leave the config as it is (a dynamic cache follows the tensors)."""
     config = getattr(model, "config", None)
     if getattr(config, "num_key_value_heads", None) is None:
         return
-    counts = {mod.num_key_value_heads for mod in model.modules() if attention_kind(mod) == "gqa"}
-    if len(counts) == 1:
-        config.num_key_value_heads = counts.pop()
+    widths = {(m.num_key_value_heads, m.num_heads, m.head_dim) for m in model.modules() if attention_kind(m) == "gqa"}
+    if len(widths) != 1:
+        return
+    kv, heads, head_dim = widths.pop()
+    if (config.num_key_value_heads, config.num_attention_heads, getattr(config, "head_dim", head_dim)) == \
+            (kv, heads, head_dim):
+        return
+    new = copy.deepcopy(config)
+    new.num_key_value_heads, new.num_attention_heads, new.head_dim = kv, heads, head_dim
+    for mod in model.modules():
+        if getattr(mod, "config", None) is config:
+            mod.config = new
 
 
 def compacted_widths(model: nn.Module) -> dict[str, dict]:

@@ -105,7 +105,7 @@ from torch.fx import _symbolic_trace
 
 from .._aliases import tied_layers
 from .._compat import set_submodule
-from .._stock_layers import STOCK_LAYERS, acts_as_stock, overridden_forward
+from .._stock_layers import STOCK_LAYERS, acts_as_stock, overridden_forward, run_alone, same_output
 from .linear_rnn import LinearRecurrent
 from .masks import BATCH_NORMS, CHANNEL_NORMS, CONVS, INSTANCE_NORMS, TRANSPOSED_CONVS, floor_product
 from .recurrent import RECURRENT, hidden_unit_rows, input_columns
@@ -1563,7 +1563,10 @@ class DependencyGraph:
             stream = _stream_mask(self, sel["segs"], eff)
             in_stream = torch.nonzero(stream.reshape(size, -1).all(1)).reshape(-1)
             if scores is not None and gid in scores:
-                in_stream = in_stream[torch.argsort(scores[gid][in_stream], descending=True, stable=True)]
+                s = scores[gid][in_stream]
+                # (units an earlier step removed score -inf: they stay removed, even where the stream kept them)
+                in_stream = in_stream[s > float("-inf")][torch.argsort(s[s > float("-inf")], descending=True,
+                                                                       stable=True)]
             picked = in_stream[:out[gid].numel()]
             if picked.numel():        # (none in the stream: keep_selections brings some back)
                 out[gid] = torch.sort(picked).values
@@ -1732,27 +1735,22 @@ def _cuts_like_stock(mod: nn.Module, inp: Tensor) -> bool:
     ch = inp.dim() - 1 if linear else 1
     if not linear and inp.dim() != mod.weight.dim():     # (an unbatched conv input: not probed)
         return False
-    n_out = mod.weight.shape[weight_dim(mod, "out")]
-    n_in = inp.shape[ch]
-    keep_out = torch.arange(1, n_out) if n_out > 1 else None
-    keep_in = torch.arange(1, n_in) if n_in > 1 and getattr(mod, "groups", 1) == 1 else None
+    n_out, n_in = (mod.out_features, mod.in_features) if linear else (mod.out_channels, mod.in_channels)
+    groups = getattr(mod, "groups", 1)
+    # one channel off each side; a grouped (depthwise) conv loses its first group whole, inputs and outputs
+    cut_out, cut_in = (n_out // groups, n_in // groups) if groups > 1 else (1, 1)
+    if n_out <= cut_out or n_in <= cut_in:
+        return False
+    keep_out, keep_in = torch.arange(cut_out, n_out), torch.arange(cut_in, n_in)
+    zeroed = inp.clone()
+    zeroed.narrow(ch, 0, cut_in).zero_()
     try:
-        cut = resize_module(mod, keep_out, keep_in)
-        with torch.no_grad():
-            zeroed = inp.clone()
-            if keep_in is not None:
-                zeroed.narrow(ch, 0, 1).zero_()
-            want = mod(zeroed)
-            got = cut(zeroed.index_select(ch, keep_in) if keep_in is not None else zeroed)
+        cut = resize_module(mod, keep_out, keep_in if groups == 1 else None)   # (groups follow the outputs)
+        want = run_alone(mod, zeroed)
+        got = run_alone(cut, zeroed.index_select(ch, keep_in))
     except Exception:  # noqa: BLE001 - a layer that cannot be cut (or run cut) keeps its channels
         return False
-    out_ch = want.dim() - 1 if linear else 1
-    if keep_out is not None:
-        want = want.index_select(out_ch, keep_out)
-    if not isinstance(got, Tensor) or got.shape != want.shape:
-        return False
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
+    return isinstance(want, Tensor) and same_output(got, want.index_select(want.dim() - 1 if linear else 1, keep_out))
 
 
 def _probe_copy(v: Any) -> Any:

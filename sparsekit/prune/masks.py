@@ -384,7 +384,7 @@ def unmasked(model: nn.Module) -> Iterator[None]:
     they were masked (what an un-prune gives back). On exit the masks are as before."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    saved = []
+    saved, stacked = [], []
     for mod in model.modules():
         if not parametrize.is_parametrized(mod):
             continue
@@ -393,11 +393,16 @@ def unmasked(model: nn.Module) -> Iterator[None]:
             if wm is not None and original is not None:
                 saved.append((wm, original, wm.mask.clone()))
                 wm.update(torch.ones_like(wm.mask), original)
+            elif wm is not None:     # on top of another parametrization (weight_norm): its input is never masked
+                stacked.append((wm, wm.mask.clone()))
+                wm.mask.fill_(True)
     try:
         yield
     finally:
         for wm, original, mask in saved:
             wm.update(mask, original)
+        for wm, mask in stacked:
+            wm.mask.copy_(mask)
 
 
 def apply_mask(module: nn.Module, mask: Tensor, bias_mask: Tensor | None = None) -> None:
