@@ -296,8 +296,7 @@ class SparseLinear(_SparseWeight):
 
     Its ``.weight`` is a read-only ``DenseWeightView`` (shape, dtype and device of nn.Linear's weight without a
     dense copy; computing with it builds one; sparsekit.weight_view). Placed by hand into an
-    ``nn.TransformerEncoderLayer`` (whose fused eval path reads ``linear1.weight``), call
-    ``sk.nn.disable_fused_transformer_paths(model)`` afterwards; ``convert_modules``, ``sparsify`` and ``sk.load`` do.
+    ``nn.TransformerEncoderLayer``, it needs nothing more: the view makes torch's fused-path check step aside.
     """
 
     def __init__(self, weight, bias: Tensor | None, format: str, backend: str | None = None) -> None:
@@ -359,6 +358,11 @@ def _explicit_padding(conv: nn.Conv1d | nn.Conv2d) -> tuple[int, ...]:
             pads.append(d * (k - 1) // 2)
         return tuple(pads)  # type: ignore[return-value]
     return tuple(conv.padding)  # type: ignore[return-value]
+
+
+def _stock_kernel(layer: nn.Module) -> tuple[int, ...]:
+    """A sparse conv's kernel as the layer it replaces has it: a 1-D one keeps its 1 x k view as ``(1, k)``."""
+    return layer.kernel_size[1:] if layer._SPATIAL == 1 else layer.kernel_size
 
 
 def _spatial(cls: type, v: object, fill: int) -> object:
@@ -478,11 +482,8 @@ class SparseConv2d(_SparseWeight):
         return sparse_conv(x, w, bias, self.stride, self.padding, self.dilation, self.groups,
                            kernel_size=self.kernel_size, backend=self.backend)
 
-    def _stock_kernel(self) -> tuple[int, ...]:
-        return self.kernel_size
-
     def stock_weight_shape(self) -> tuple[int, ...]:
-        return (self.out_channels, self.in_channels // self.groups, *self._stock_kernel())
+        return (self.out_channels, self.in_channels // self.groups, *_stock_kernel(self))
 
     def dense_stock_weight(self) -> Tensor:
         return self.dense_weight2d().reshape(self.stock_weight_shape())
@@ -532,9 +533,6 @@ class SparseConv1d(SparseConv2d):
         if x.dim() == 2:
             return self.forward(x.unsqueeze(0)).squeeze(0)
         return super().forward(x.unsqueeze(2)).squeeze(2)
-
-    def _stock_kernel(self) -> tuple[int, ...]:
-        return self.kernel_size[1:]     # (1, k): nn.Conv1d's (k,)
 
     def to_dense(self) -> nn.Conv1d:
         p = self.stored_weight()
@@ -695,11 +693,8 @@ class SparseConvTranspose2d(_SparseWeight):
         return self._DENSE(self.in_channels, self.out_channels, self.kernel_size, stride, padding, output_padding,
                            self.groups, self.bias is not None, dilation, device=p.device, dtype=p.dtype)
 
-    def _stock_kernel(self) -> tuple[int, ...]:
-        return self.kernel_size
-
     def stock_weight_shape(self) -> tuple[int, ...]:
-        return (self.in_channels, self.out_channels // self.groups, *self._stock_kernel())
+        return (self.in_channels, self.out_channels // self.groups, *_stock_kernel(self))
 
     def dense_stock_weight(self) -> Tensor:
         w = self.dense_weight2d().reshape(self.out_channels, *self.kernel_size, self.in_channels).movedim(-1, 0)
@@ -742,9 +737,6 @@ class SparseConvTranspose1d(SparseConvTranspose2d):
         if x.dim() == 2:
             return self.forward(x.unsqueeze(0), None if length is None else [length]).squeeze(0)
         return super().forward(x.unsqueeze(2), None if length is None else (1, length)).squeeze(2)
-
-    def _stock_kernel(self) -> tuple[int, ...]:
-        return self.kernel_size[1:]     # (1, k): nn.ConvTranspose1d's (k,)
 
     def _dense_twin(self) -> nn.Module:
         p = self.stored_weight()

@@ -39,6 +39,9 @@ class DenseWeightView:
     __slots__ = ("_layer",)
 
     def __init__(self, layer: nn.Module) -> None:
+        if not (isinstance(layer, nn.Module) and hasattr(layer, "stored_weight")):
+            raise TypeError("layer must be a sparsekit sparse layer (SparseLinear, SparseConv*, SparseConvTranspose*), "
+                            f"got {type(layer).__name__}")
         self._layer = layer
 
     # ---- metadata: read from the stored values, no dense copy
@@ -114,42 +117,6 @@ class DenseWeightView:
     def __neg__(self) -> Tensor:
         return -self.dense()
 
-    def __add__(self, other: Any) -> Tensor:
-        return self.dense().__add__(other)
-
-    def __radd__(self, other: Any) -> Tensor:
-        return self.dense().__radd__(other)
-
-    def __sub__(self, other: Any) -> Tensor:
-        return self.dense().__sub__(other)
-
-    def __rsub__(self, other: Any) -> Tensor:
-        return self.dense().__rsub__(other)
-
-    def __mul__(self, other: Any) -> Tensor:
-        return self.dense().__mul__(other)
-
-    def __rmul__(self, other: Any) -> Tensor:
-        return self.dense().__rmul__(other)
-
-    def __truediv__(self, other: Any) -> Tensor:
-        return self.dense().__truediv__(other)
-
-    def __rtruediv__(self, other: Any) -> Tensor:
-        return self.dense().__rtruediv__(other)
-
-    def __matmul__(self, other: Any) -> Tensor:
-        return self.dense().__matmul__(other)
-
-    def __rmatmul__(self, other: Any) -> Tensor:
-        return self.dense().__rmatmul__(other)
-
-    def __pow__(self, other: Any) -> Tensor:
-        return self.dense().__pow__(other)
-
-    def __rpow__(self, other: Any) -> Tensor:
-        return self.dense().__rpow__(other)
-
     def __getattr__(self, name: str) -> Any:
         if name == "data" or _in_place(name):
             raise TypeError(f"{type(self._layer).__name__}.weight.{name}: the weight is a read-only dense view of "
@@ -162,3 +129,16 @@ class DenseWeightView:
     def __repr__(self) -> str:
         return (f"DenseWeightView(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
                 f"of a {type(self._layer).__name__} with format={self._layer.format!r})")
+
+
+def _on_dense(op: str) -> Any:
+    def method(self: DenseWeightView, other: Any) -> Tensor:
+        return getattr(self.dense(), op)(other)
+
+    method.__name__ = op
+    return method
+
+
+for _op in ("add", "sub", "mul", "truediv", "matmul", "pow"):      # arithmetic either way round, on a dense copy
+    for _name in (f"__{_op}__", f"__r{_op}__"):
+        setattr(DenseWeightView, _name, _on_dense(_name))

@@ -88,6 +88,11 @@ def test_the_view_reads_as_a_tensor_would(format):
     torch.testing.assert_close(sparse.weight.dense(), ref)
 
 
+def test_a_view_of_anything_but_a_sparse_layer_is_refused():
+    with pytest.raises(TypeError, match="layer must be a sparsekit sparse layer.*got Linear"):
+        DenseWeightView(nn.Linear(2, 2))
+
+
 def test_writes_through_the_view_raise():
     sparse = SparseLinear.from_dense(_pruned(nn.Linear(16, 8)), format="csr")
     before = sparse.values.detach().clone()

@@ -651,10 +651,16 @@ class DependencyGraph:
         (output, cache / weights, ...); the rest tagged by ``_head_extras``)."""
         o = self._new(width)
         self._add(_Seg(o, width), module, "out", 0)
+        return self._attention_output(n, shape, _Seg(o, width), space, head_counts)
+
+    def _attention_output(self, n: fx.Node, shape: Any, seg: _Seg, heads: int, head_counts: tuple) -> Any:
+        """The tags of what an attention module returns: its output (channels ``seg`` on the last dim) alone or
+        first in a tuple (the rest tagged by ``_head_extras``); anything else pins those channels."""
         if isinstance(shape, torch.Size):
-            return _Tag(len(shape) - 1, [_Seg(o, width)])
+            return _Tag(len(shape) - 1, [seg])
         if isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], torch.Size):
-            return [_Tag(len(shape[0]) - 1, [_Seg(o, width)])] + self._head_extras(n, shape, space, head_counts)
+            return [_Tag(len(shape[0]) - 1, [seg])] + self._head_extras(n, shape, heads, head_counts)
+        self._pin(_Tag(0, [seg]), f"{n.target!r} returns no tensor first")
         return None
 
     def _head_extras(self, n: fx.Node, shape: list, space: int, head_counts: tuple) -> list:
@@ -915,12 +921,7 @@ class DependencyGraph:
             s = self._new(h, "heads")
             for lin in ("query", "key", "value"):
                 self._add(_Seg(s, width), f"{name}.{lin}", "out", 0)
-            if isinstance(shape, torch.Size):       # the context alone (MobileViT's attention), not a tuple
-                return _Tag(len(shape) - 1, [_Seg(s, width)])
-            if isinstance(shape, (tuple, list)) and shape and isinstance(shape[0], torch.Size):
-                return [_Tag(len(shape[0]) - 1, [_Seg(s, width)])] + self._head_extras(n, shape, s, (h,))
-            self._pin([_Tag(0, [_Seg(s, width)])], f"{name!r} ({type(mod).__name__}) returns no tensor first")
-            return None
+            return self._attention_output(n, shape, _Seg(s, width), s, (h,))   # (MobileViT's: the context alone)
         if kind == "gqa":
             # unit = one key/value group: its k and v rows, its num_key_value_groups query heads' q rows and the
             # o_proj columns they feed (repeat_kv pairs query head j with key/value head j // groups)
@@ -1563,10 +1564,10 @@ class DependencyGraph:
             stream = _stream_mask(self, sel["segs"], eff)
             in_stream = torch.nonzero(stream.reshape(size, -1).all(1)).reshape(-1)
             if scores is not None and gid in scores:
-                s = scores[gid][in_stream]
                 # (units an earlier step removed score -inf: they stay removed, even where the stream kept them)
-                in_stream = in_stream[s > float("-inf")][torch.argsort(s[s > float("-inf")], descending=True,
-                                                                       stable=True)]
+                s = scores[gid][in_stream]
+                alive = s > float("-inf")
+                in_stream = in_stream[alive][torch.argsort(s[alive], descending=True, stable=True)]
             picked = in_stream[:out[gid].numel()]
             if picked.numel():        # (none in the stream: keep_selections brings some back)
                 out[gid] = torch.sort(picked).values
